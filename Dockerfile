@@ -1,0 +1,41 @@
+# pscnn: one image for the parameter server, the workers and the evaluator.
+#   docker build -t pscnn .            (or: docker compose build)
+# The image holds the package and its runtime dependencies only: no data, no dev tools.
+# MNIST is read from MNIST_DIR or downloaded at run time into PSCNN_CACHE_DIR (a volume).
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- build stage: install the package into a self-contained virtual environment ----
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+# .dockerignore lets through only pyproject.toml, README.md and the package folders.
+COPY . .
+RUN python -m venv /opt/pscnn \
+ && /opt/pscnn/bin/pip install --no-cache-dir . \
+ && /opt/pscnn/bin/pip uninstall -y -q setuptools pip \
+ && find /opt/pscnn -name '__pycache__' -prune -exec rm -rf {} + \
+ && /opt/pscnn/bin/pscnn --help >/dev/null
+
+# ---- runtime stage ----
+FROM ${PYTHON_IMAGE}
+ARG PSCNN_UID=10001
+RUN groupadd --system --gid "${PSCNN_UID}" pscnn \
+ && useradd --system --uid "${PSCNN_UID}" --gid pscnn --home-dir /home/pscnn --create-home \
+        --shell /usr/sbin/nologin pscnn \
+ && mkdir -p /data/mnist /data/runs \
+ && chown pscnn:pscnn /data/mnist /data/runs
+COPY --from=build /opt/pscnn /opt/pscnn
+ENV PATH=/opt/pscnn/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PSCNN_CACHE_DIR=/data/mnist
+USER pscnn
+WORKDIR /home/pscnn
+# 5555: the parameter server's ZeroMQ port (only the server binds it).
+EXPOSE 5555
+# `docker stop` sends SIGINT (see docker-compose.yml: stop_signal), which Python turns into
+# KeyboardInterrupt even as PID 1.
+STOPSIGNAL SIGINT
+ENTRYPOINT ["pscnn"]
+CMD ["--help"]

@@ -1,0 +1,37 @@
+# pscnn: every target sets itself up from pyproject.toml on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MNIST_DIR ?= $(abspath ../shared/mnist)
+export MNIST_DIR
+
+# Re-install only when pyproject.toml changed since the last install.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plot]'
+	touch $@
+
+.PHONY: venv run test test-fast bench compose-test clean
+venv: $(VENV)/.installed
+
+# The main job: a single-machine distributed run (server + 2 workers + evaluator).
+run: venv
+	$(VENV)/bin/pscnn run --workers 2 --mode sync --epochs 3 --out runs/make-run
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+# torch 2.13.0 (CPU) is only a reference for benchmarks; it lies on local disk here.
+bench: venv
+	$(PY) -m pip install -q torch==2.13.0 || echo "torch 2.13.0 unavailable: benchmarks run without the reference"
+	$(PY) benchmarks/bench_engine.py
+
+compose-test:
+	bash tests/compose/run_compose_test.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,0 +1,204 @@
+"""Engine benchmark: pscnn's training step and inference vs references.
+
+Measures, at one BLAS thread, in one process, interleaved trial by trial so
+that machine noise hits every contender alike:
+
+* pscnn "seed" model training step (forward + backward + SGD-momentum update)
+  at batch 64, and inference at batch 1000, in images/s;
+* the same model in PyTorch 2.13 CPU (NCHW and channels_last), when torch is
+  installed;
+* a straightforward float64 NCHW im2col implementation with Python loops over
+  kernel offsets (``cnn_core.reference``);
+* where pscnn's step time goes, layer by layer.
+
+Results are medians over trials; the ratios are what to compare across
+machines.  OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on the build machines,
+they halve numpy's sgemm speed) are removed for this process unless
+``--keep-openblas-env`` is given: a user's machine has neither.
+
+    python benchmarks/bench_engine.py [--trials 7] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+_OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def _reexec_without_openblas_env(argv) -> None:
+    """Restart this script without the OPENBLAS_* overrides (they are read at load)."""
+    if "--keep-openblas-env" in argv or not any(v in os.environ for v in _OPENBLAS_VARS):
+        return
+    env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
+    os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv if argv is None else argv
+    _reexec_without_openblas_env(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=7)
+    p.add_argument("--steps", type=int, default=15, help="training steps per trial")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--infer-batch", type=int, default=1000)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--keep-openblas-env", action="store_true")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv[1:])
+
+    import numpy as np
+    from threadpoolctl import threadpool_info, threadpool_limits
+    threadpool_limits(1)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cnn_core import build_model, softmax_cross_entropy
+    from cnn_core.backend import tune_host_allocator
+    tune_host_allocator()
+    from cnn_core.optim import build_optimizer
+    from cnn_core.reference import ReferenceModel
+
+    blas = [f"{i['internal_api']} {i.get('architecture', '')} threads={i['num_threads']}" for i in threadpool_info()]
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
+    yb = rng.integers(0, 10, args.batch)
+    xi = rng.standard_normal((args.infer_batch, 1, 28, 28)).astype(np.float32)
+
+    model = build_model("seed", seed=0)
+    opt = build_optimizer({"name": "sgd", "lr": 0.01, "momentum": 0.9})
+
+    def pscnn_step():
+        _, d = softmax_cross_entropy(model.forward(xb, train=True), yb)
+        opt.step(model.params, model.backward(d))
+
+    ref_model = build_model("seed", seed=0, dtype="float64")
+    ref = ReferenceModel(ref_model)
+    ref_opt = build_optimizer({"name": "sgd", "lr": 0.01, "momentum": 0.9})
+    xb64 = xb.astype(np.float64)
+
+    def reference_step():
+        _, grads = ref.loss_and_grads(xb64, yb)
+        ref_opt.step(ref.params, grads)
+
+    train = {"pscnn": pscnn_step, "reference_f64_loops": reference_step}
+    infer = {"pscnn": lambda: model.forward(xi, train=False)}
+
+    torch_version = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+            print("torch not installed: no PyTorch reference (pip install torch==2.13.0)")
+        if torch is not None:
+            torch_version = torch.__version__
+            torch.set_num_threads(1)
+            for fmt, mf in (("torch_nchw", torch.contiguous_format), ("torch_channels_last", torch.channels_last)):
+                net = _torch_seed_model(torch).to(memory_format=mf)
+                topt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+                tx = torch.from_numpy(xb).contiguous(memory_format=mf)
+                ty = torch.from_numpy(yb)
+                txi = torch.from_numpy(xi).contiguous(memory_format=mf)
+
+                def torch_step(net=net, topt=topt, tx=tx, ty=ty):
+                    topt.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(net(tx), ty).backward()
+                    topt.step()
+
+                def torch_infer(net=net, txi=txi):
+                    with torch.inference_mode():
+                        net.eval()
+                        net(txi)
+                        net.train()
+
+                train[fmt] = torch_step
+                infer[fmt] = torch_infer
+
+    def rate(fn, images, reps):
+        fn()                                   # warm: allocator, caches
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return images * reps / (time.perf_counter() - t)
+
+    train_rates = {k: [] for k in train}
+    infer_rates = {k: [] for k in infer}
+    from tqdm import tqdm
+    for _ in tqdm(range(args.trials), desc="trials", file=sys.stderr):
+        for name, fn in train.items():
+            reps = 1 if name.startswith("reference") else args.steps
+            train_rates[name].append(rate(fn, args.batch, reps))
+        for name, fn in infer.items():
+            infer_rates[name].append(rate(fn, args.infer_batch, 2))
+
+    med = {"train": {k: float(np.median(v)) for k, v in train_rates.items()},
+           "infer": {k: float(np.median(v)) for k, v in infer_rates.items()}}
+    breakdown = _layer_breakdown(model, xb, yb, softmax_cross_entropy, opt, np)
+    result = {"batch": args.batch, "infer_batch": args.infer_batch, "trials": args.trials,
+              "blas": blas, "torch": torch_version, "cpu_count": os.cpu_count(),
+              "images_per_second": med, "step_breakdown_ms": breakdown}
+
+    print(f"\nBLAS: {'; '.join(blas)}; torch: {torch_version}; medians of {args.trials} trials")
+    print(f"training step, batch {args.batch}, 1 thread:")
+    base = med["train"]["pscnn"]
+    for name, v in med["train"].items():
+        print(f"  {name:<22}{v:>9,.0f} img/s   pscnn / this = {base / v:5.2f}x")
+    print(f"inference, batch {args.infer_batch}, 1 thread:")
+    base = med["infer"]["pscnn"]
+    for name, v in med["infer"].items():
+        print(f"  {name:<22}{v:>9,.0f} img/s   pscnn / this = {base / v:5.2f}x")
+    total = sum(breakdown.values())
+    print("where a pscnn training step goes (ms, median):")
+    for name, ms in sorted(breakdown.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<22}{ms:7.2f}  {100 * ms / total:5.1f}%")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+def _layer_breakdown(model, xb, yb, loss_fn, opt, np, reps: int = 9) -> dict:
+    """Median ms per layer (forward + backward), loss and optimizer update."""
+    times: dict = {}
+
+    def timed(key, fn):
+        t = time.perf_counter()
+        out = fn()
+        times.setdefault(key, []).append((time.perf_counter() - t) * 1e3)
+        return out
+
+    for _ in range(reps):
+        h = model.xp.asarray(xb).transpose(0, 2, 3, 1)
+        caches = [None] * len(model.layers)
+        for idx in model._order:           # the model's execution order (ReLU/pool swapped)
+            layer = model.layers[idx]
+            h, caches[idx] = timed(layer.name, lambda layer=layer, h=h: layer.forward(h, True))
+        _, d = timed("loss", lambda h=h: loss_fn(h, yb))
+        grads = {}
+        for pos in range(len(model._order) - 1, -1, -1):
+            i = model._order[pos]
+            layer = model.layers[i]
+            d, g = timed(layer.name, lambda layer=layer, d=d, i=i, pos=pos: layer.backward(d, caches[i], need_dx=pos > 0))
+            grads.update({f"{layer.name}.{k}": v for k, v in g.items()})
+        timed("sgd_update", lambda grads=grads: opt.step(model.params, grads))
+    # each layer appears twice per rep (forward, backward): sum per rep, then median
+    out = {}
+    for key, vals in times.items():
+        per_rep = len(vals) // reps
+        sums = [sum(vals[i * per_rep:(i + 1) * per_rep]) for i in range(reps)]
+        out[key] = float(np.median(sums))
+    return out
+
+
+def _torch_seed_model(torch):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Checkpoints: one ``.npz`` file holding named arrays plus a JSON ``meta`` dict.
+
+Layout of the zip archive (readable by ``np.load(path, allow_pickle=False)``)::
+
+    <name>.npy      one member per array; names may contain '.' and '/'
+    __meta__.npy    the UTF-8 JSON text of ``meta`` as a 1-d uint8 array
+
+No pickle anywhere: object arrays are refused when writing and reading.  Files
+are written atomically (a temporary file in the same folder, fsync, then
+``os.replace``), so a crash mid-write leaves the previous checkpoint intact and
+a reader never sees half a file.
+
+:func:`save_model_checkpoint` / :func:`load_model_checkpoint` add the pscnn
+model layout on top: ``param/<name>`` (``model.params``), ``state/<name>``
+(``model.state``, e.g. BatchNorm statistics) and ``optim/<key>``
+(``optimizer.state_dict()``), with the model spec, dtype, optimizer config,
+step, metrics and free-form ``extra`` in ``meta``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+import zipfile
+import zlib
+
+import numpy as np
+
+from . import backend
+from .errors import CheckpointError, ConfigError, PscnnError, SpecError
+
+META_KEY = "__meta__"
+FORMAT = "pscnn-checkpoint"
+VERSION = 1
+
+
+# ---------------------------------------------------------------------- raw files
+def save_checkpoint(path, arrays: dict, meta: dict) -> None:
+    """Write ``arrays`` (name -> array, NumPy or CuPy) and ``meta`` (JSON-able dict) to ``path``.
+
+    The file is written exactly at ``path`` (no suffix is added); missing parent
+    folders are created.  Raises CheckpointError for a reserved or empty name,
+    an object array or a ``meta`` that JSON cannot encode.
+    """
+    path = os.fspath(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: meta must be a dict, got {type(meta).__name__}")
+    try:
+        meta_bytes = json.dumps(meta, sort_keys=True).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: meta is not JSON-serializable: {exc}") from None
+    host = {}
+    for name, value in arrays.items():
+        if not isinstance(name, str) or not name or name == META_KEY:
+            raise CheckpointError(f"checkpoint {path}: invalid array name {name!r}")
+        value = np.asarray(backend.to_numpy(value))
+        if value.dtype.hasobject:
+            raise CheckpointError(f"checkpoint {path}: array {name} has dtype object, which would need pickle")
+        host[name] = value
+    host[META_KEY] = np.frombuffer(meta_bytes, dtype=np.uint8)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    # Not tempfile.mkstemp: its files are mode 0600 and would keep that after the
+    # rename; O_EXCL with mode 0666 gives the usual umask-derived permissions.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot write in {folder}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            # What np.savez does, without its keyword-argument interface (an array
+            # named "file" would collide with it) and with pickling disabled.
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name, value in host.items():
+                    with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, value, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"checkpoint {path}: cannot write: {exc.strerror or exc}") from exc
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """Read a file written by :func:`save_checkpoint`: ``(arrays, meta)``.
+
+    Arrays come back as NumPy arrays, in the order they were saved.  Raises
+    CheckpointError naming the file if it is missing, not a zip archive,
+    truncated or corrupt, lacks the meta record, has malformed meta JSON, or
+    holds object (pickled) arrays.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path}: is a folder, not a checkpoint file")
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise CheckpointError(f"checkpoint {path}: unexpected member {info.filename!r} "
+                                          f"(not an .npy array)")
+                name = info.filename[:-len(".npy")]
+                with zf.open(info) as member:
+                    try:
+                        arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+                    except ValueError as exc:
+                        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                            raise CheckpointError(f"checkpoint {path}: array {name} holds Python objects "
+                                                  f"(pickled data is refused)") from None
+                        raise
+    except CheckpointError:
+        raise
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"checkpoint {path}: not a valid .npz archive (truncated or corrupt): {exc}") from None
+    except (ValueError, EOFError, OSError, zlib.error, NotImplementedError) as exc:
+        raise CheckpointError(f"checkpoint {path}: corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+    raw = arrays.pop(META_KEY, None)
+    if raw is None:
+        raise CheckpointError(f"checkpoint {path}: no {META_KEY} record (not a pscnn checkpoint?)")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"checkpoint {path}: {META_KEY} must be a 1-d uint8 array, "
+                              f"got {raw.dtype} {raw.shape}")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {META_KEY} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: {META_KEY} must be a JSON object, got {type(meta).__name__}")
+    return arrays, meta
+
+
+# ---------------------------------------------------------------------- models
+def save_model_checkpoint(path, model, optimizer=None, step: int = 0, metrics: dict | None = None,
+                          extra: dict | None = None) -> None:
+    """Save ``model`` (weights, state, spec, dtype) and optionally ``optimizer`` to ``path``.
+
+    ``step`` is the training step (or server version) it was taken at;
+    ``metrics`` and ``extra`` are JSON-able dicts stored in meta as they are.
+    """
+    arrays = {}
+    for name, value in model.params.items():
+        arrays[f"param/{name}"] = value
+    for name, value in model.state.items():
+        arrays[f"state/{name}"] = value
+    if optimizer is not None:
+        for key, value in optimizer.state_dict().items():
+            arrays[f"optim/{key}"] = value
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_spec": model.spec,
+        "dtype": np.dtype(model.dtype).name,
+        "optimizer": optimizer.config() if optimizer is not None else None,
+        "step": int(step),
+        "metrics": metrics or {},
+        "extra": extra or {},
+    }
+    save_checkpoint(path, arrays, meta)
+
+
+def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu"):
+    """Load a checkpoint written by :func:`save_model_checkpoint`: ``(model, optimizer, meta)``.
+
+    * ``model`` None: built from the stored spec and dtype on ``device``;
+      otherwise its names and shapes must match the checkpoint exactly.
+    * ``optimizer`` None: built from the stored config if there is one (else
+      the result is None); otherwise it must be of the stored kind, and keeps
+      its own hyperparameters while taking the stored state.  An optimizer
+      given for a checkpoint saved without one is returned unchanged.
+
+    Arrays are copied into ``model.params`` / ``model.state`` in place (onto
+    the GPU for a CuPy model).  Everything is checked before anything is
+    copied, so on CheckpointError the model and optimizer are left unchanged.
+    """
+    path = os.fspath(path)
+    arrays, meta = load_checkpoint(path)
+    where = f"checkpoint {path}"
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{where}: version {meta.get('version')!r} is not supported "
+                              f"(this pscnn reads version {VERSION})")
+    groups = {"param": {}, "state": {}, "optim": {}}
+    for key, value in arrays.items():
+        prefix, sep, name = key.partition("/")
+        if not sep or prefix not in groups or not name:
+            raise CheckpointError(f"{where}: unexpected array {key!r} (expected param/, state/ or optim/ names)")
+        groups[prefix][name] = value
+
+    if model is None:
+        from .model import build_model  # noqa: PLC0415  (model imports heavy layer code)
+        try:
+            model = build_model(meta.get("model_spec"), dtype=meta.get("dtype", "float32"), device=device)
+        except (SpecError, ConfigError) as exc:
+            raise CheckpointError(f"{where}: stored model cannot be built: {exc}") from None
+    _check_arrays(where, "param", groups["param"], model.params)
+    _check_arrays(where, "state", groups["state"], model.state)
+
+    saved_opt = meta.get("optimizer")
+    if optimizer is None and saved_opt is not None:
+        from .optim import build_optimizer  # noqa: PLC0415
+        try:
+            optimizer = build_optimizer(saved_opt)
+        except ConfigError as exc:
+            raise CheckpointError(f"{where}: stored optimizer cannot be built: {exc}") from None
+    elif optimizer is not None and saved_opt is not None and saved_opt.get("name") != optimizer.name:
+        raise CheckpointError(f"{where}: holds {saved_opt.get('name')} optimizer state "
+                              f"but the given optimizer is {optimizer.name}")
+    if optimizer is not None and saved_opt is not None:
+        # load_state_dict validates fully before it changes anything, so it goes
+        # first: a bad optimizer state must not leave a half-loaded model.
+        try:
+            optimizer.load_state_dict(groups["optim"], params=model.params)
+        except PscnnError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+
+    _copy_into(model.params, groups["param"])
+    _copy_into(model.state, groups["state"])
+    return model, optimizer, meta
+
+
+def _check_arrays(where: str, kind: str, saved: dict, target: dict) -> None:
+    """Same names, shapes and a castable dtype in ``saved`` as in ``target`` (the model's)."""
+    missing = [n for n in target if n not in saved]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: {kind} {missing[0]} is missing{more}; the model expects it")
+    unexpected = [n for n in saved if n not in target]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{where}: {kind} {unexpected[0]}{more} is not in the model")
+    for name, want in target.items():
+        got = saved[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{where}: {kind} {name} has shape {tuple(got.shape)} "
+                                  f"but the model expects {tuple(want.shape)}")
+        if not np.can_cast(got.dtype, want.dtype, casting="same_kind"):
+            raise CheckpointError(f"{where}: {kind} {name} has dtype {got.dtype}, "
+                                  f"which cannot be stored in the model's {want.dtype}")
+
+
+def _copy_into(target: dict, saved: dict) -> None:
+    """Copy host arrays into the model's arrays in place (the layers hold the same objects)."""
+    for name, dst in target.items():
+        src = saved[name]
+        xp = backend.get_array_module(dst)
+        if xp is np:
+            np.copyto(dst, src, casting="same_kind")
+        else:
+            dst[...] = xp.asarray(src, dtype=dst.dtype)

@@ -1,0 +1,742 @@
+"""MNIST: reading and verifying IDX files, downloading them, and batching.
+
+Where the data comes from, in order of precedence (:func:`resolve_mnist_dir`):
+
+1. an explicit ``mnist_dir`` argument, or
+2. the ``MNIST_DIR`` environment variable -- both name a folder that already
+   holds the four files; it may be read-only and is never written to;
+3. the download cache (:func:`default_cache_dir`), filled from the mirrors in
+   ``PSCNN_MNIST_MIRRORS`` (comma-separated) or :data:`DEFAULT_MIRRORS`.
+
+Every load checks the md5 of the *decompressed* bytes against the official
+release, so a corrupt or foreign file is caught before it trains a model
+(about 0.1 s of md5 for the 47 MB of training images; decompression costs
+more than hashing).  Files may be gzip-compressed or raw: gzip is detected by
+its magic bytes, not by the file name.
+
+Shuffling is a pure function of ``(seed, epoch)`` (:func:`epoch_permutation`),
+so the parameter server and every worker agree on the batches of an epoch
+without exchanging index lists.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .backend import resolve_dtype
+from .errors import ConfigError, DataError, ShapeError
+
+__all__ = [
+    "MNIST_FILES",
+    "DEFAULT_MIRRORS",
+    "MEAN",
+    "STD",
+    "read_idx",
+    "download_file",
+    "download_mnist",
+    "default_cache_dir",
+    "resolve_mnist_dir",
+    "load_mnist",
+    "normalize",
+    "epoch_permutation",
+    "batch_index",
+    "iterate_batches",
+]
+
+log = logging.getLogger(__name__)
+
+#: The four files of the official release.  ``md5`` is the digest of the
+#: decompressed IDX bytes: re-compressed copies (different gzip headers) of
+#: the same data still match it.  Looked up at call time, so tests may patch it.
+MNIST_FILES: dict[str, dict] = {
+    "train-images": {
+        "filename": "train-images-idx3-ubyte.gz",
+        "md5": "6bbc9ace898e44ae57da46a324031adb",
+        "count": 60000,
+        "item_shape": (28, 28),
+        "magic": 0x00000803,
+        "split": "train",
+    },
+    "train-labels": {
+        "filename": "train-labels-idx1-ubyte.gz",
+        "md5": "a25bea736e30d166cdddb491f175f624",
+        "count": 60000,
+        "item_shape": (),
+        "magic": 0x00000801,
+        "split": "train",
+    },
+    "test-images": {
+        "filename": "t10k-images-idx3-ubyte.gz",
+        "md5": "2646ac647ad5339dbf082846283269ea",
+        "count": 10000,
+        "item_shape": (28, 28),
+        "magic": 0x00000803,
+        "split": "test",
+    },
+    "test-labels": {
+        "filename": "t10k-labels-idx1-ubyte.gz",
+        "md5": "27ae3e4e09519cfbb04c329615203637",
+        "count": 10000,
+        "item_shape": (),
+        "magic": 0x00000801,
+        "split": "test",
+    },
+}
+
+#: Base URLs tried in order.  yann.lecun.com comes last: it is often slow or
+#: refuses downloads outright, while the two buckets serve the same files.
+DEFAULT_MIRRORS: tuple[str, ...] = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+#: Mean and standard deviation of the training pixels scaled to [0, 1].
+MEAN, STD = 0.1307, 0.3081
+
+SPLITS = ("train", "test")
+NUM_CLASSES = 10
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
+_MAX_BACKOFF_S = 30.0
+_USER_AGENT = "pscnn-mnist-downloader/0.1"
+
+# IDX element type codes (third byte of the magic number) -> big-endian dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+# --------------------------------------------------------------------------- #
+# IDX files
+# --------------------------------------------------------------------------- #
+def read_idx(path, expected_md5: str | None = None, expected_count: int | None = None) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or raw) into a NumPy array.
+
+    The file is rejected with a one-line :class:`DataError` naming it when it
+    is missing, not decodable gzip, has a bad magic number or header, holds
+    fewer or more data bytes than its header declares, holds a different
+    number of items than ``expected_count``, or when the md5 of its
+    decompressed bytes differs from ``expected_md5``.
+
+    Args:
+        path: the file.  Compression is detected from the gzip magic bytes.
+        expected_md5: hex md5 of the decompressed content, or ``None``.
+        expected_count: required length of the first dimension, or ``None``.
+
+    Returns:
+        A writable, native-byte-order array of the shape in the header,
+        e.g. ``(60000, 28, 28)`` uint8 for images or ``(60000,)`` uint8 for
+        labels.
+    """
+    path = Path(path)
+    content = _read_content(path)
+
+    if len(content) < 4:
+        raise DataError(f"{path}: truncated IDX header: {len(content)} bytes, need at least 4")
+    magic = int.from_bytes(content[:4], "big")
+    type_code, ndim = content[2], content[3]
+    if content[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(
+            f"{path}: not an IDX file: magic number 0x{magic:08x} "
+            f"(expected 0x00000801 for labels or 0x00000803 for images)"
+        )
+    header_len = 4 + 4 * ndim
+    if len(content) < header_len:
+        raise DataError(
+            f"{path}: truncated IDX header: {len(content)} bytes, the {ndim} dimensions need {header_len}"
+        )
+    dims = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_code]
+
+    # Python ints: the product of four uint32 dims overflows int64.
+    expected_bytes = math.prod(dims) * dtype.itemsize
+    actual_bytes = len(content) - header_len
+    shape_txt = "x".join(map(str, dims))
+    if actual_bytes < expected_bytes:
+        raise DataError(
+            f"{path}: truncated: header declares {shape_txt} ({expected_bytes} data bytes) "
+            f"but only {actual_bytes} follow"
+        )
+    if actual_bytes > expected_bytes:
+        raise DataError(
+            f"{path}: {actual_bytes - expected_bytes} unexpected trailing bytes after the "
+            f"{shape_txt} data the header declares"
+        )
+    if expected_count is not None and dims[0] != expected_count:
+        raise DataError(f"{path}: holds {dims[0]} items, expected {expected_count}")
+    if expected_md5 is not None:
+        digest = hashlib.md5(content).hexdigest()
+        if digest != expected_md5.lower():
+            raise DataError(
+                f"{path}: checksum mismatch: md5 of the decompressed content is {digest}, "
+                f"expected {expected_md5.lower()} (corrupt, or not the official file)"
+            )
+
+    arr = np.frombuffer(content, dtype=dtype, count=math.prod(dims), offset=header_len)
+    # astype copies: the result owns writable memory in native byte order
+    # instead of a read-only view over the decompressed bytes.
+    return arr.reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _read_content(path: Path) -> bytes:
+    """The file's bytes, decompressed when they start with the gzip magic."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not an IDX file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {_one_line(exc.strerror or exc)}") from None
+    if raw[:2] != _GZIP_MAGIC:
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt or truncated gzip data: {_one_line(exc)}") from None
+
+
+def _content_md5(path: Path) -> str:
+    """md5 of the file's decompressed content, streamed (no full copy in memory)."""
+    digest = hashlib.md5()
+    try:
+        with open(path, "rb") as fh:
+            is_gzip = fh.read(2) == _GZIP_MAGIC
+            fh.seek(0)
+            stream = gzip.GzipFile(fileobj=fh) if is_gzip else fh
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt or truncated gzip data: {_one_line(exc)}") from None
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- #
+# Downloading
+# --------------------------------------------------------------------------- #
+class _AttemptFailed(Exception):
+    """One download attempt from one URL failed; ``transient`` says retry it."""
+
+    def __init__(self, reason: str, transient: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+def download_file(
+    urls: str | Sequence[str],
+    dest,
+    md5: str,
+    retries: int = 3,
+    timeout: float = 30,
+    progress: bool = True,
+    *,
+    backoff: float = 1.0,
+) -> Path:
+    """Download one file, verify it, and move it into place atomically.
+
+    The URLs (mirrors of the same file) are tried in order.  A mirror that
+    fails permanently (HTTP 4xx, wrong checksum) is dropped; one that fails
+    transiently (HTTP 5xx/408/429, timeout, connection error, cut-off
+    transfer) is tried again in the next round, after ``backoff * 2**k``
+    seconds (capped at 30 s).  There are ``1 + retries`` rounds.
+
+    Each attempt writes a temporary file next to ``dest``, checks the md5 of
+    its decompressed content, and only then ``os.replace``-s it onto
+    ``dest``.  So ``dest`` is never seen half-written or unverified, and
+    several processes may download into the same cache at once: the last
+    rename wins, and all of them wrote the same verified bytes.
+
+    Args:
+        urls: one URL or a sequence of mirror URLs of the file.
+        dest: where the file ends up; its folder is created.
+        md5: hex md5 of the *decompressed* content (of the raw bytes when the
+            file is not gzip).
+        retries: extra rounds over the transiently failing mirrors.
+        timeout: seconds each socket operation may block.
+        progress: show a tqdm progress bar (only on a terminal).
+        backoff: first delay between rounds, in seconds.
+
+    Returns:
+        ``dest`` as a Path.
+
+    Raises:
+        DataError: every mirror failed (the message lists each one's last
+            failure), or ``dest``'s folder cannot be written.
+    """
+    url_list = [urls] if isinstance(urls, str) else list(urls)
+    if not url_list or not all(isinstance(u, str) and u for u in url_list):
+        raise ConfigError(f"urls must be a non-empty URL or sequence of URLs, got {urls!r}")
+    md5 = _check_md5(md5)
+    retries = _check_int("retries", retries, 0)
+    if not timeout > 0:
+        raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if not backoff >= 0:
+        raise ConfigError(f"backoff must be >= 0 seconds, got {backoff!r}")
+
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{dest.parent}: cannot create download folder: {_one_line(exc.strerror or exc)}") from None
+
+    failures: dict[str, str] = {}
+    pending = url_list
+    for round_ in range(retries + 1):
+        if round_:
+            delay = min(backoff * 2 ** (round_ - 1), _MAX_BACKOFF_S)
+            log.warning("download of %s failed (%s); retrying in %.1f s", dest.name,
+                        "; ".join(failures[u] for u in pending), delay)
+            time.sleep(delay)
+        still_transient = []
+        for url in pending:
+            try:
+                _fetch_verified(url, dest, md5, timeout, progress)
+                return dest
+            except _AttemptFailed as exc:
+                failures[url] = exc.reason
+                if exc.transient:
+                    still_transient.append(url)
+        pending = still_transient
+        if not pending:
+            break
+    tried = "; ".join(f"{url}: {reason}" for url, reason in failures.items())
+    raise DataError(f"{dest}: download failed from every mirror ({tried})")
+
+
+def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bool) -> None:
+    """One attempt: stream ``url`` into a temp file, verify, rename onto ``dest``."""
+    # A unique name in dest's folder: os.replace is only atomic within one
+    # file system, and concurrent downloaders must not share a temp file.
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    try:
+        try:
+            # O_EXCL: never follow or clobber something already there.  Mode
+            # 0o666 lets the umask decide, like a normally created file (a
+            # shared cache stays readable by the other users).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as exc:
+            raise DataError(f"{tmp}: cannot create temporary file: {_one_line(exc.strerror or exc)}") from None
+        with os.fdopen(fd, "wb") as out:
+            _stream_to(url, out, dest, timeout, progress)
+            try:
+                out.flush()
+                os.fsync(out.fileno())  # the renamed file must not be empty after a crash
+            except OSError as exc:
+                raise DataError(f"{tmp}: cannot write download: {_one_line(exc.strerror or exc)}") from None
+        try:
+            digest = _content_md5(tmp)
+        except DataError as exc:
+            # Typically a transfer cut off without a Content-Length to notice it.
+            raise _AttemptFailed(f"downloaded data unreadable ({_one_line(exc)})", transient=True) from None
+        if digest != md5:
+            raise _AttemptFailed(f"checksum mismatch: md5 of decompressed content {digest}, expected {md5}",
+                                 transient=False)
+        os.replace(tmp, dest)
+        tmp = None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _stream_to(url: str, out, dest: Path, timeout: float, progress: bool) -> None:
+    """Copy the body of ``url`` into the open file ``out``, with a progress bar.
+
+    Network problems become :class:`_AttemptFailed`; local write errors
+    become :class:`DataError` (no mirror can fix a full disk).
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001  (classified below)
+        raise _network_failure(exc, timeout) from None
+    with response:
+        # None without a Content-Length (file:// responses have no attribute at all).
+        total = getattr(response, "length", None)
+        received = 0
+        # disable=None: tqdm shows the bar only when stderr is a terminal.
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                  disable=None if progress else True, file=sys.stderr) as bar:
+            while True:
+                try:
+                    chunk = response.read(_CHUNK)
+                except Exception as exc:  # noqa: BLE001
+                    raise _network_failure(exc, timeout) from None
+                if not chunk:
+                    break
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise DataError(f"{dest}: cannot write download: {_one_line(exc.strerror or exc)}") from None
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received != total:
+        raise _AttemptFailed(f"transfer cut off after {received} of {total} bytes", transient=True)
+
+
+def _network_failure(exc: Exception, timeout: float) -> _AttemptFailed:
+    """Describe a failed request in one line and say whether retrying may help."""
+    if isinstance(exc, urllib.error.HTTPError):
+        exc.close()
+        # 408/429 and 5xx are the server's momentary trouble; other 4xx
+        # (404, 403 ...) will answer the same next time.
+        transient = exc.code >= 500 or exc.code in (408, 429)
+        return _AttemptFailed(f"HTTP {exc.code} {_one_line(exc.reason)}", transient)
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            return _AttemptFailed(f"timed out after {timeout} s", transient=True)
+        if isinstance(reason, FileNotFoundError):  # a file:// mirror without the file
+            return _AttemptFailed("file not found", transient=False)
+        # Socket errors (refused, reset, DNS) come as OSError reasons and may
+        # pass; a string reason ("unknown url type") or a local file's
+        # permission problem will not.
+        transient = isinstance(reason, OSError) and not isinstance(reason, (PermissionError, IsADirectoryError))
+        return _AttemptFailed(_one_line(getattr(reason, "strerror", None) or reason), transient)
+    if isinstance(exc, TimeoutError):
+        return _AttemptFailed(f"timed out after {timeout} s", transient=True)
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return _AttemptFailed(f"{type(exc).__name__}: {_one_line(exc)}", transient=True)
+    # ValueError for a malformed URL or an unknown scheme: retrying cannot help.
+    return _AttemptFailed(f"{type(exc).__name__}: {_one_line(exc)}", transient=False)
+
+
+def download_mnist(
+    cache_dir=None,
+    mirrors: str | Sequence[str] | None = None,
+    retries: int = 3,
+    timeout: float = 30,
+    progress: bool = True,
+    *,
+    files: Iterable[str] | None = None,
+    backoff: float = 1.0,
+) -> Path:
+    """Download whichever MNIST files are missing from, or bad in, ``cache_dir``.
+
+    A file already there is kept when the md5 of its decompressed content
+    matches; otherwise it is downloaded again and atomically replaced.
+
+    Args:
+        cache_dir: the folder; default :func:`default_cache_dir`.
+        mirrors: base URL(s) that hold the files under their official names;
+            default ``PSCNN_MNIST_MIRRORS`` (comma-separated), else
+            :data:`DEFAULT_MIRRORS`.
+        retries, timeout, progress, backoff: as in :func:`download_file`.
+        files: logical names (keys of :data:`MNIST_FILES`) to fetch; default all four.
+
+    Returns:
+        ``cache_dir`` as a Path.
+    """
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    bases = _mirror_list(mirrors)
+    for name in _check_file_names(files):
+        info = MNIST_FILES[name]
+        dest = folder / info["filename"]
+        if dest.is_file():
+            try:
+                if _content_md5(dest) == info["md5"]:
+                    continue
+            except DataError:
+                pass
+            log.warning("%s is corrupt or not the official file; downloading it again", dest)
+        download_file([base + info["filename"] for base in bases], dest, info["md5"],
+                      retries=retries, timeout=timeout, progress=progress, backoff=backoff)
+    return folder
+
+
+def default_cache_dir() -> Path:
+    """Where downloads go: ``$PSCNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/pscnn/mnist``,
+    else ``~/.cache/pscnn/mnist``.  ``PSCNN_CACHE_DIR`` names the MNIST folder itself."""
+    explicit = os.environ.get("PSCNN_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "pscnn" / "mnist"
+
+
+def _mirror_list(mirrors) -> list[str]:
+    """Base URLs, each ending in '/', from the argument, the environment or the defaults."""
+    if mirrors is None:
+        env = os.environ.get("PSCNN_MNIST_MIRRORS")
+        if env is not None and env.strip():
+            mirrors = [m.strip() for m in env.split(",") if m.strip()]
+        else:
+            mirrors = DEFAULT_MIRRORS
+    elif isinstance(mirrors, str):  # one mirror, not a sequence of characters
+        mirrors = [mirrors]
+    mirrors = list(mirrors)
+    if not mirrors or not all(isinstance(m, str) and m.strip("/") for m in mirrors):
+        raise ConfigError(f"mirrors must be one or more base URLs, got {mirrors!r}")
+    return [m if m.endswith("/") else m + "/" for m in mirrors]
+
+
+# --------------------------------------------------------------------------- #
+# Locating the data
+# --------------------------------------------------------------------------- #
+def resolve_mnist_dir(mnist_dir=None, download: bool = True, *, files: Iterable[str] | None = None) -> Path:
+    """The folder to read MNIST from, downloading into the cache if needed.
+
+    Precedence: ``mnist_dir`` > ``$MNIST_DIR`` > :func:`default_cache_dir`.
+    A given folder (argument or ``MNIST_DIR``) must already hold the files
+    (``.gz`` or decompressed); it is never written to, so it may be
+    read-only or shared.  Only the cache is ever downloaded into.
+
+    Args:
+        mnist_dir: a folder holding the files, or ``None``.
+        download: fetch files missing from the cache (else raise).
+        files: logical names that must be present; default all four.
+
+    Raises:
+        DataError: a given folder does not exist or lacks a file (the message
+            names both), or the cache lacks one and ``download`` is false.
+    """
+    return _resolve(mnist_dir, download, _check_file_names(files))[0]
+
+
+def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
+    """``(folder, is_cache)``; see :func:`resolve_mnist_dir`."""
+    if mnist_dir is not None or os.environ.get("MNIST_DIR"):
+        source = "mnist_dir" if mnist_dir is not None else "MNIST_DIR"
+        folder = Path(mnist_dir if mnist_dir is not None else os.environ["MNIST_DIR"]).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"{folder}: MNIST folder (from {source}) does not exist or is not a folder")
+        missing = [MNIST_FILES[n]["filename"] for n in names if _find_file(folder, n) is None]
+        if missing:
+            raise DataError(f"{folder}: MNIST folder (from {source}) lacks {', '.join(missing)}")
+        return folder, False
+
+    folder = default_cache_dir()
+    missing_names = [n for n in names if _find_file(folder, n) is None]
+    if missing_names:
+        if not download:
+            missing = ", ".join(MNIST_FILES[n]["filename"] for n in missing_names)
+            raise DataError(f"{folder}: MNIST cache lacks {missing} and download=False "
+                            f"(set MNIST_DIR to a folder holding the files, or allow downloading)")
+        download_mnist(folder, files=missing_names)
+    return folder, True
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    """The file for logical ``name`` in ``folder``: the .gz, else its decompressed twin."""
+    filename = MNIST_FILES[name]["filename"]
+    for candidate in (filename, filename.removesuffix(".gz")):
+        path = folder / candidate
+        if path.is_file():
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+def normalize(images_uint8, dtype="float32") -> np.ndarray:
+    """Scale raw pixels to the model's input: ``(x / 255 - MEAN) / STD``.
+
+    Args:
+        images_uint8: ``(N, H, W)`` or ``(N, 1, H, W)`` uint8 pixels.
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Returns:
+        A new ``(N, 1, H, W)`` array of ``dtype``.
+    """
+    images = np.asarray(images_uint8)
+    if images.dtype != np.uint8:
+        raise ShapeError(f"normalize expects uint8 pixels, got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim != 4 or images.shape[1] != 1:
+        raise ShapeError(f"normalize expects images of shape (N, H, W) or (N, 1, H, W), got {images.shape}")
+    out = images.astype(resolve_dtype(dtype))
+    # One multiply and one subtract in place, rather than three temporaries.
+    out *= 1.0 / (255.0 * STD)
+    out -= MEAN / STD
+    return out
+
+
+_normalize = normalize  # load_mnist's ``normalize`` flag shadows the function
+
+
+def load_mnist(
+    split: str = "train",
+    mnist_dir=None,
+    limit: int | None = None,
+    dtype="float32",
+    normalize: bool = True,
+    download: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of MNIST, verified against the official md5 digests.
+
+    Args:
+        split: ``"train"`` (60000 items) or ``"test"`` (10000).
+        mnist_dir: folder holding the files; see :func:`resolve_mnist_dir`.
+        limit: keep only the first ``limit`` items (all when ``None`` or
+            larger than the split).
+        dtype: float dtype of normalized images.
+        normalize: scale images with :func:`normalize`; when false the
+            images are the raw uint8 pixels (``dtype`` is then unused).
+        download: allow downloading missing files into the cache.
+
+    Returns:
+        ``(x, y)``: ``x`` of shape ``(N, 1, 28, 28)`` (``dtype``, or uint8
+        when not normalized) and ``y`` of shape ``(N,)`` int64 in ``0..9``.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if limit is not None:
+        limit = _check_int("limit", limit, 0)
+    if normalize:
+        resolve_dtype(dtype)  # fail on a bad dtype before reading 47 MB
+    names = [f"{split}-images", f"{split}-labels"]
+    folder, is_cache = _resolve(mnist_dir, download, names)
+
+    images = _read_mnist_file(folder, names[0], repair=is_cache and download)
+    labels = _read_mnist_file(folder, names[1], repair=is_cache and download)
+    if labels.max(initial=0) >= NUM_CLASSES:
+        raise DataError(f"{_find_file(folder, names[1])}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}")
+    if len(images) != len(labels):  # only possible with patched MNIST_FILES counts
+        raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = _normalize(images, dtype) if normalize else images[:, None]
+    return x, labels.astype(np.int64)
+
+
+def _read_mnist_file(folder: Path, name: str, repair: bool) -> np.ndarray:
+    """Read and check one MNIST file; a bad file in the cache is downloaded again once."""
+    info = MNIST_FILES[name]
+    path = _find_file(folder, name)
+    try:
+        arr = read_idx(path, expected_md5=info["md5"], expected_count=info["count"])
+    except DataError as exc:
+        if not repair:
+            raise
+        log.warning("%s; downloading it again", exc)
+        # No unlink: download_mnist replaces a bad .gz atomically (another
+        # process may be reading it), and a fresh .gz shadows a bad raw twin.
+        download_mnist(folder, files=[name])
+        path = folder / info["filename"]
+        arr = read_idx(path, expected_md5=info["md5"], expected_count=info["count"])
+    if arr.shape[1:] != tuple(info["item_shape"]):
+        item = "x".join(map(str, info["item_shape"])) or "scalar"
+        raise DataError(f"{path}: items of shape {arr.shape[1:]}, expected {item} ({name})")
+    if arr.dtype != np.uint8:
+        raise DataError(f"{path}: element type {arr.dtype}, expected uint8 ({name})")
+    return arr
+
+
+# --------------------------------------------------------------------------- #
+# Shuffling and batching
+# --------------------------------------------------------------------------- #
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of ``n`` items for ``epoch``: a pure function of its arguments.
+
+    Seeding with the pair ``[seed, epoch]`` gives every epoch an independent
+    stream without any state carried between epochs, so a restarted server
+    or any worker recomputes exactly the same order.
+
+    Returns:
+        ``(n,)`` int64, a permutation of ``0..n-1``.
+    """
+    n = _check_int("n", n, 0)
+    seed = _check_int("seed", seed, 0)
+    epoch = _check_int("epoch", epoch, 0)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_index(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = False) -> list[np.ndarray]:
+    """The epoch's batches as index arrays into the dataset.
+
+    Consecutive ``batch_size`` slices of :func:`epoch_permutation`; every
+    index appears exactly once, in a final short batch unless ``drop_last``
+    (which drops those ``n % batch_size`` indices instead).
+
+    Returns:
+        A list of ``ceil(n / batch_size)`` (``floor`` with ``drop_last``)
+        int64 arrays of shape ``(batch_size,)`` (the last possibly shorter).
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    perm = epoch_permutation(n, seed, epoch)
+    stop = len(perm) - len(perm) % batch_size if drop_last else len(perm)
+    return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def iterate_batches(x, y, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                    drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(xb, yb)`` batches of aligned rows of ``x`` and ``y``.
+
+    Args:
+        x: ``(N, ...)`` inputs; y: ``(N, ...)`` targets.
+        batch_size: rows per batch (the last may be shorter unless ``drop_last``).
+        seed, epoch: pick the order through :func:`batch_index` when ``shuffle``.
+        shuffle: false yields the rows in order (as views, no copying).
+
+    Yields:
+        ``(xb, yb)`` with ``xb.shape == (B, ...)`` and ``yb.shape == (B, ...)``.
+    """
+    # Validate now, not at the first next(): a generator would defer the error.
+    batch_size = _check_int("batch_size", batch_size, 1)
+    if len(x) != len(y):
+        raise ShapeError(f"x and y differ in length: {len(x)} vs {len(y)}")
+    n = len(x)
+    if shuffle:
+        batches = batch_index(n, batch_size, seed, epoch, drop_last=drop_last)
+        return ((x[idx], y[idx]) for idx in batches)
+    stop = n - n % batch_size if drop_last else n
+    return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, stop, batch_size))
+
+
+# --------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------- #
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_md5(md5) -> str:
+    if not isinstance(md5, str) or len(md5) != 32 or any(c not in "0123456789abcdefABCDEF" for c in md5):
+        raise ConfigError(f"md5 must be 32 hex digits, got {md5!r}")
+    return md5.lower()
+
+
+def _check_file_names(files) -> list[str]:
+    if files is None:
+        return list(MNIST_FILES)
+    names = [files] if isinstance(files, str) else list(files)
+    unknown = [n for n in names if n not in MNIST_FILES]
+    if unknown:
+        raise ConfigError(f"unknown MNIST file name(s) {unknown}: expected some of {list(MNIST_FILES)}")
+    return names
+
+
+def _one_line(obj) -> str:
+    """``str(obj)`` with newlines folded, so error messages stay one line."""
+    return " ".join(str(obj).split())

@@ -1,0 +1,107 @@
+"""Numerical gradient checks: analytic backward vs central differences.
+
+Everything runs in float64.  For a layer, the scalar checked is
+``sum(forward(x) * R)`` with a fixed random ``R``, whose gradient w.r.t. the
+output is exactly ``R``; for a model it is the softmax cross-entropy loss.
+Layers that draw random numbers (dropout) get their generator reset before
+every forward pass, so each pass sees the same mask.
+
+The report maps each parameter (and ``"input"``) to its worst relative error
+``|a - n| / max(|a| + |n|, 1e-12)`` over all checked entries.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .losses import softmax_cross_entropy
+
+
+def _relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+    denom = np.maximum(np.abs(analytic) + np.abs(numeric), 1e-12)
+    return float(np.max(np.abs(analytic - numeric) / denom)) if analytic.size else 0.0
+
+
+def _reset_rngs(layers, seed: int = 1234) -> None:
+    for layer in layers:
+        if getattr(layer, "rng", None) is not None:
+            layer.rng = np.random.default_rng(seed)
+        _reset_rngs(getattr(layer, "layers", []), seed)
+
+
+def _numeric_grad(f, arr: np.ndarray, eps: float, max_entries: int | None, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Central differences of scalar ``f()`` w.r.t. ``arr`` (perturbed in place).
+
+    Returns (flat indices checked, numeric gradient at those indices).
+    """
+    flat = arr.reshape(-1)
+    idx = np.arange(flat.size)
+    if max_entries is not None and flat.size > max_entries:
+        idx = np.sort(rng.choice(flat.size, size=max_entries, replace=False))
+    num = np.empty(idx.size)
+    for k, i in enumerate(idx):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f()
+        flat[i] = old - eps
+        minus = f()
+        flat[i] = old
+        num[k] = (plus - minus) / (2 * eps)
+    return idx, num
+
+
+def gradcheck_layer(layer, x: np.ndarray, train: bool = True, eps: float = 1e-6,
+                    max_entries: int | None = 200, seed: int = 0) -> dict:
+    """Check a *built* float64 layer at input ``x`` (channels-last for images).
+
+    Returns ``{"input": err, "<param>": err, ...}`` (worst relative errors).
+    """
+    rng = np.random.default_rng(seed)
+    x = np.array(x, dtype=np.float64)
+    state0 = {k: v.copy() for k, v in layer.state.items()}
+
+    def run(inp):
+        for k, v in state0.items():   # BatchNorm's running stats must not drift between passes
+            layer.state[k][...] = v
+        _reset_rngs([layer])
+        return layer.forward(inp, train)
+
+    out, _ = run(x)
+    r = rng.standard_normal(out.shape)
+    out, cache = run(x)
+    dx, grads = layer.backward(r, cache, need_dx=True)
+    report = {}
+    idx, num = _numeric_grad(lambda: float(np.sum(run(x)[0] * r)), x, eps, max_entries, rng)
+    report["input"] = _relative_error(np.asarray(dx).reshape(-1)[idx], num)
+    for name, p in layer.parameters.items():
+        idx, num = _numeric_grad(lambda: float(np.sum(run(x)[0] * r)), p, eps, max_entries, rng)
+        report[name] = _relative_error(np.asarray(grads[name]).reshape(-1)[idx], num)
+    return report
+
+
+def gradcheck_model(model, x: np.ndarray, y: np.ndarray, train: bool = True, eps: float = 1e-6,
+                    max_entries: int | None = 100, seed: int = 0) -> dict:
+    """Check a float64 model's ``backward`` against the loss's central differences.
+
+    Returns ``{"<param name>": worst relative error, ...}``.
+    """
+    if model.dtype != np.float64:
+        raise ValueError("gradcheck_model needs a float64 model (build_model(..., dtype='float64'))")
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, dtype=np.float64)
+    state0 = {k: v.copy() for k, v in model.state.items()}
+
+    def loss_and_grad():
+        for k, v in state0.items():
+            model.state[k][...] = v
+        _reset_rngs(model.layers)
+        return softmax_cross_entropy(model.forward(x, train=train), y)
+
+    _, dlogits = loss_and_grad()
+    grads = model.backward(dlogits) if train else None
+    if grads is None:
+        raise ValueError("gradcheck_model needs train=True (backward uses the training-mode caches)")
+    report = {}
+    for name, p in model.params.items():
+        idx, num = _numeric_grad(lambda: loss_and_grad()[0], p, eps, max_entries, rng)
+        report[name] = _relative_error(np.asarray(grads[name]).reshape(-1)[idx], num)
+    return report

@@ -1,0 +1,542 @@
+"""The network's layers, each with a hand-derived forward and backward.
+
+Conventions (CS231n style, so the caller owns all per-step memory):
+
+* ``forward(x, train) -> (out, cache)``; ``backward(dout, cache, need_dx)
+  -> (dx, grads)``.  ``grads`` has the same keys as ``parameters``; a layer
+  never updates its own parameters (optimizers do that, on the parameter
+  server in a distributed run).
+* ``parameters`` holds trained arrays (``"weight"``, ``"bias"``), ``state``
+  holds non-trained ones (BatchNorm running statistics).  The model exposes
+  both under dotted names (``"conv1.weight"``) as the *same* array objects, so
+  updating them in place changes the layer.
+* Image tensors are channels-last, (N, H, W, C), inside the network (see
+  ``im2col.py`` for why); weights keep the usual (out, in, kh, kw) layout so
+  checkpoints compare directly with other frameworks.  :class:`Model` converts
+  its (N, C, H, W) input once, and :class:`Flatten` emits (C, H, W) order.
+* ``build(in_shape, xp, dtype, rng)`` infers shapes (``in_shape`` excludes the
+  batch axis) and He-initializes parameters; it returns the output shape.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import get_array_module as _xp
+from .errors import ShapeError, SpecError
+from .im2col import col2im_gemm, conv_output_size, im2col, pad_nhwc
+
+
+def _pair(value, what: str) -> tuple[int, int]:
+    """An int or a 2-sequence of ints -> (a, b), with a clear error otherwise."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+        return int(value[0]), int(value[1])
+    raise SpecError(f"{what} must be an int or a pair of ints, got {value!r}")
+
+
+class Layer:
+    """Base class: a layer without parameters or state."""
+
+    type_name = "layer"
+
+    def __init__(self, name: str | None = None):
+        self.name = name or self.type_name
+        self.parameters: dict = {}
+        self.state: dict = {}
+        self.in_shape: tuple | None = None
+        self.out_shape: tuple | None = None
+
+    def build(self, in_shape: tuple, xp, dtype, rng) -> tuple:
+        self.in_shape = tuple(in_shape)
+        self.out_shape = self._infer(self.in_shape)
+        self._init(xp, dtype, rng)
+        return self.out_shape
+
+    def _infer(self, in_shape: tuple) -> tuple:
+        return in_shape
+
+    def _init(self, xp, dtype, rng) -> None:
+        """Create parameters/state; ``rng`` is a NumPy Generator (init runs on the host)."""
+
+    def config(self) -> dict:
+        """Hyper-parameters that, with ``type`` and ``name``, rebuild this layer."""
+        return {}
+
+    def spec(self) -> dict:
+        return {"type": self.type_name, "name": self.name, **self.config()}
+
+    def forward(self, x, train: bool = True):
+        raise NotImplementedError
+
+    def backward(self, dout, cache, need_dx: bool = True):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}: {self.in_shape} -> {self.out_shape})"
+
+
+def _he_normal(rng, shape, fan_in: int, xp, dtype):
+    """He (Kaiming) normal init, std = sqrt(2 / fan_in), drawn on the host."""
+    w = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+    return xp.asarray(w.astype(dtype))
+
+
+# --------------------------------------------------------------------------- conv / dense
+
+class Conv2D(Layer):
+    """2-D convolution via im2col + one GEMM.
+
+    x: (N, H, W, C_in) -> out: (N, Ho, Wo, C_out).
+    parameters: ``weight`` (C_out, C_in, kh, kw), ``bias`` (C_out,).
+    """
+
+    type_name = "conv2d"
+
+    def __init__(self, out_channels: int, kernel=3, stride=1, padding=0, name=None):
+        super().__init__(name)
+        if not isinstance(out_channels, (int, np.integer)) or out_channels < 1:
+            raise SpecError(f"conv2d {self.name}: out_channels must be a positive int, got {out_channels!r}")
+        self.out_channels = int(out_channels)
+        self.kernel = _pair(kernel, f"conv2d {self.name}: kernel")
+        self.stride = _pair(stride, f"conv2d {self.name}: stride")
+        self.padding = _pair(padding, f"conv2d {self.name}: padding")
+        if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
+            raise SpecError(f"conv2d {self.name}: kernel and stride must be >= 1 and padding >= 0")
+
+    def config(self):
+        return {"out_channels": self.out_channels, "kernel": list(self.kernel),
+                "stride": list(self.stride), "padding": list(self.padding)}
+
+    def _infer(self, in_shape):
+        if len(in_shape) != 3:
+            raise SpecError(f"conv2d {self.name}: needs an image input (H, W, C), got shape {in_shape}")
+        h, w, _ = in_shape
+        ho = conv_output_size(h, self.kernel[0], self.stride[0], self.padding[0])
+        wo = conv_output_size(w, self.kernel[1], self.stride[1], self.padding[1])
+        if ho < 1 or wo < 1:
+            raise SpecError(f"conv2d {self.name}: kernel {self.kernel} does not fit input {in_shape[:2]}")
+        return (ho, wo, self.out_channels)
+
+    def _init(self, xp, dtype, rng):
+        c_in = self.in_shape[2]
+        kh, kw = self.kernel
+        self.parameters["weight"] = _he_normal(rng, (self.out_channels, c_in, kh, kw), c_in * kh * kw, xp, dtype)
+        self.parameters["bias"] = xp.zeros(self.out_channels, dtype=dtype)
+
+    def forward(self, x, train=True):
+        n = x.shape[0]
+        kh, kw = self.kernel
+        sh, sw = self.stride
+        ph, pw = self.padding
+        weight = self.parameters["weight"]
+        xpad = pad_nhwc(x, ph, pw)
+        cols = im2col(xpad, kh, kw, sh, sw)                       # (N*Ho*Wo, kh*kw*C)
+        wmat = weight.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)  # (kh*kw*C, O)
+        out = cols @ wmat
+        out += self.parameters["bias"]
+        ho, wo, _ = self.out_shape
+        return out.reshape(n, ho, wo, self.out_channels), (xpad.shape, cols, wmat)
+
+    def backward(self, dout, cache, need_dx=True):
+        padded_shape, cols, wmat = cache
+        o = self.out_channels
+        dout2 = dout.reshape(-1, o)                               # (N*Ho*Wo, O)
+        c_in = self.in_shape[2]
+        kh, kw = self.kernel
+        dweight = (cols.T @ dout2).reshape(kh, kw, c_in, o).transpose(3, 2, 0, 1)
+        grads = {"weight": dweight.copy(), "bias": dout2.sum(axis=0)}
+        if not need_dx:
+            return None, grads
+        dxpad = col2im_gemm(dout2, wmat, padded_shape, kh, kw, *self.stride)
+        ph, pw = self.padding
+        h, w, _ = self.in_shape
+        return dxpad[:, ph:ph + h, pw:pw + w, :], grads
+
+
+class Dense(Layer):
+    """Fully connected layer.  x: (N, D) -> out: (N, units).
+
+    parameters: ``weight`` (D, units), ``bias`` (units,).
+    """
+
+    type_name = "dense"
+
+    def __init__(self, units: int, name=None):
+        super().__init__(name)
+        if not isinstance(units, (int, np.integer)) or units < 1:
+            raise SpecError(f"dense {self.name}: units must be a positive int, got {units!r}")
+        self.units = int(units)
+
+    def config(self):
+        return {"units": self.units}
+
+    def _infer(self, in_shape):
+        if len(in_shape) != 1:
+            raise SpecError(f"dense {self.name}: needs a flat input (D,), got shape {in_shape}; add a flatten layer")
+        return (self.units,)
+
+    def _init(self, xp, dtype, rng):
+        d = self.in_shape[0]
+        self.parameters["weight"] = _he_normal(rng, (d, self.units), d, xp, dtype)
+        self.parameters["bias"] = xp.zeros(self.units, dtype=dtype)
+
+    def forward(self, x, train=True):
+        out = x @ self.parameters["weight"]
+        out += self.parameters["bias"]
+        return out, x
+
+    def backward(self, dout, cache, need_dx=True):
+        x = cache
+        grads = {"weight": x.T @ dout, "bias": dout.sum(axis=0)}
+        dx = dout @ self.parameters["weight"].T if need_dx else None
+        return dx, grads
+
+
+# --------------------------------------------------------------------------- pooling / reshaping
+
+class MaxPool2D(Layer):
+    """Max pooling.  x: (N, H, W, C) -> out: (N, Ho, Wo, C).
+
+    The gradient of each window goes to its *first* maximum in row-major
+    window order (as in PyTorch), so ties never double-count.
+    """
+
+    type_name = "maxpool2d"
+
+    def __init__(self, kernel=2, stride=None, name=None):
+        super().__init__(name)
+        self.kernel = _pair(kernel, f"maxpool2d {self.name}: kernel")
+        self.stride = _pair(stride if stride is not None else kernel, f"maxpool2d {self.name}: stride")
+        if min(self.kernel) < 1 or min(self.stride) < 1:
+            raise SpecError(f"maxpool2d {self.name}: kernel and stride must be >= 1")
+
+    def config(self):
+        return {"kernel": list(self.kernel), "stride": list(self.stride)}
+
+    def _infer(self, in_shape):
+        if len(in_shape) != 3:
+            raise SpecError(f"maxpool2d {self.name}: needs an image input (H, W, C), got shape {in_shape}")
+        h, w, c = in_shape
+        ho = conv_output_size(h, self.kernel[0], self.stride[0], 0)
+        wo = conv_output_size(w, self.kernel[1], self.stride[1], 0)
+        if ho < 1 or wo < 1:
+            raise SpecError(f"maxpool2d {self.name}: kernel {self.kernel} does not fit input {in_shape[:2]}")
+        return (ho, wo, c)
+
+    def _windows(self, x):
+        """Yield the strided view of every kernel offset, in row-major order."""
+        kh, kw = self.kernel
+        sh, sw = self.stride
+        ho, wo, _ = self.out_shape
+        for i in range(kh):
+            for j in range(kw):
+                yield (slice(None), slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
+
+    def forward(self, x, train=True):
+        xp = _xp(x)
+        out = None
+        for win in self._windows(x):
+            out = x[win].copy() if out is None else xp.maximum(out, x[win], out=out)
+        return out, (x, out)
+
+    def backward(self, dout, cache, need_dx=True):
+        x, out = cache
+        xp = _xp(x)
+        kh, kw = self.kernel
+        sh, sw = self.stride
+        ho, wo, _ = self.out_shape
+        h, w, _ = self.in_shape
+        if sh < kh or sw < kw:                    # overlapping windows accumulate
+            dx = xp.zeros_like(x)
+            taken = xp.zeros(out.shape, dtype=bool)
+            for win in self._windows(x):
+                hit = x[win] == out
+                hit &= ~taken
+                taken |= hit
+                dx[win] += dout * hit
+            return dx, {}
+        # Disjoint windows: each input pixel is written exactly once, so no
+        # zero-fill is needed where the windows tile the whole input.
+        covered = sh == kh and sw == kw and ho * kh == h and wo * kw == w
+        dx = xp.empty_like(x) if covered else xp.zeros_like(x)
+        taken = None                              # windows whose max was already routed
+        for win in self._windows(x):
+            hit = xp.equal(x[win], out)
+            if taken is None:
+                taken = hit
+            else:
+                xp.greater(hit, taken, out=hit)   # hit & ~taken, in one pass
+                taken |= hit
+            xp.multiply(dout, hit, out=dx[win])
+        return dx, {}
+
+
+class Flatten(Layer):
+    """(N, H, W, C) -> (N, C*H*W), in (C, H, W) order like NCHW frameworks.
+
+    Keeping the NCHW flattening order makes ``fc1.weight`` mean the same thing
+    here as in PyTorch, so weights can be compared or exchanged directly.
+    """
+
+    type_name = "flatten"
+
+    def _infer(self, in_shape):
+        if len(in_shape) == 3:
+            h, w, c = in_shape
+            return (c * h * w,)
+        return (int(np.prod(in_shape)),)
+
+    def forward(self, x, train=True):
+        if x.ndim == 4:
+            return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1), x.shape
+        return x.reshape(x.shape[0], -1), x.shape
+
+    def backward(self, dout, cache, need_dx=True):
+        shape = cache
+        if len(shape) == 4:
+            n, h, w, c = shape
+            return dout.reshape(n, c, h, w).transpose(0, 2, 3, 1), {}
+        return dout.reshape(shape), {}
+
+
+# --------------------------------------------------------------------------- activations
+
+class ReLU(Layer):
+    """max(x, 0), elementwise; any shape."""
+
+    type_name = "relu"
+
+    def forward(self, x, train=True):
+        out = _xp(x).maximum(x, 0)
+        return out, out          # out > 0 exactly where x > 0: no need to keep x
+
+    def backward(self, dout, cache, need_dx=True):
+        return dout * (cache > 0), {}
+
+
+class LeakyReLU(Layer):
+    """x if x > 0 else alpha * x; any shape."""
+
+    type_name = "leaky_relu"
+
+    def __init__(self, alpha: float = 0.01, name=None):
+        super().__init__(name)
+        self.alpha = float(alpha)
+
+    def config(self):
+        return {"alpha": self.alpha}
+
+    def forward(self, x, train=True):
+        positive = x > 0
+        return _xp(x).where(positive, x, x * x.dtype.type(self.alpha)), positive
+
+    def backward(self, dout, cache, need_dx=True):
+        return _xp(dout).where(cache, dout, dout * dout.dtype.type(self.alpha)), {}
+
+
+class ELU(Layer):
+    """x if x > 0 else alpha * (exp(x) - 1); any shape."""
+
+    type_name = "elu"
+
+    def __init__(self, alpha: float = 1.0, name=None):
+        super().__init__(name)
+        self.alpha = float(alpha)
+
+    def config(self):
+        return {"alpha": self.alpha}
+
+    def forward(self, x, train=True):
+        xp = _xp(x)
+        alpha = x.dtype.type(self.alpha)
+        neg = alpha * xp.expm1(xp.minimum(x, 0))   # minimum(): no overflow for large x
+        return xp.where(x > 0, x, neg), (x, neg)
+
+    def backward(self, dout, cache, need_dx=True):
+        x, neg = cache
+        alpha = x.dtype.type(self.alpha)
+        return _xp(x).where(x > 0, dout, dout * (neg + alpha)), {}   # d/dx = alpha*exp(x) = neg + alpha
+
+
+class SiLU(Layer):
+    """Swish: x * sigmoid(x); any shape."""
+
+    type_name = "silu"
+
+    def forward(self, x, train=True):
+        sig = _sigmoid(x)
+        return x * sig, (x, sig)
+
+    def backward(self, dout, cache, need_dx=True):
+        x, sig = cache
+        one = x.dtype.type(1)
+        return dout * (sig * (one + x * (one - sig))), {}
+
+
+def _sigmoid(x):
+    """Numerically stable logistic function (no overflow for large |x|)."""
+    xp = _xp(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- regularization / normalization
+
+class Dropout(Layer):
+    """Inverted dropout: zero with probability p, scale survivors by 1/(1-p).
+
+    At evaluation (``train=False``) it is the identity, so inference needs no
+    rescaling.  Masks come from ``self.rng`` (set by the model from its seed).
+    """
+
+    type_name = "dropout"
+
+    def __init__(self, p: float = 0.5, name=None):
+        super().__init__(name)
+        if not 0.0 <= float(p) < 1.0:
+            raise SpecError(f"dropout {self.name}: p must be in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.rng = None
+
+    def config(self):
+        return {"p": self.p}
+
+    def _init(self, xp, dtype, rng):
+        self.rng = _device_rng(xp, int(rng.integers(2**31)))
+
+    def forward(self, x, train=True):
+        if not train or self.p == 0.0:
+            return x, None
+        keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p
+        mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
+        return x * mask, mask
+
+    def backward(self, dout, cache, need_dx=True):
+        return (dout if cache is None else dout * cache), {}
+
+
+class BatchNorm2D(Layer):
+    """Batch normalization over (N, H, W) for each channel; x: (N, H, W, C).
+
+    parameters: ``weight`` (gamma, (C,)), ``bias`` (beta, (C,)).
+    state: ``running_mean``, ``running_var`` (C,), updated in training mode as
+    ``r = (1 - momentum) * r + momentum * batch_stat`` (unbiased variance, as in
+    PyTorch); evaluation mode normalizes with them.
+    """
+
+    type_name = "batchnorm2d"
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name=None):
+        super().__init__(name)
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+
+    def config(self):
+        return {"momentum": self.momentum, "eps": self.eps}
+
+    def _infer(self, in_shape):
+        if len(in_shape) != 3:
+            raise SpecError(f"batchnorm2d {self.name}: needs an image input (H, W, C), got shape {in_shape}")
+        return in_shape
+
+    def _init(self, xp, dtype, rng):
+        c = self.in_shape[2]
+        self.parameters["weight"] = xp.ones(c, dtype=dtype)
+        self.parameters["bias"] = xp.zeros(c, dtype=dtype)
+        self.state["running_mean"] = xp.zeros(c, dtype=dtype)
+        self.state["running_var"] = xp.ones(c, dtype=dtype)
+
+    def forward(self, x, train=True):
+        xp = _xp(x)
+        gamma, beta = self.parameters["weight"], self.parameters["bias"]
+        if not train:
+            inv_std = 1 / xp.sqrt(self.state["running_var"] + x.dtype.type(self.eps))
+            return (x - self.state["running_mean"]) * (gamma * inv_std) + beta, None
+        m = x.shape[0] * x.shape[1] * x.shape[2]
+        mean = x.mean(axis=(0, 1, 2))
+        centered = x - mean
+        var = (centered * centered).mean(axis=(0, 1, 2))
+        inv_std = 1 / xp.sqrt(var + x.dtype.type(self.eps))
+        xhat = centered * inv_std
+        mom = x.dtype.type(self.momentum)
+        self.state["running_mean"] *= 1 - mom
+        self.state["running_mean"] += mom * mean
+        self.state["running_var"] *= 1 - mom
+        self.state["running_var"] += mom * var * x.dtype.type(m / max(m - 1, 1))
+        return xhat * gamma + beta, (xhat, inv_std)
+
+    def backward(self, dout, cache, need_dx=True):
+        if cache is None:
+            raise ShapeError(f"batchnorm2d {self.name}: backward after an evaluation-mode forward")
+        xhat, inv_std = cache
+        gamma = self.parameters["weight"]
+        grads = {"weight": (dout * xhat).sum(axis=(0, 1, 2)), "bias": dout.sum(axis=(0, 1, 2))}
+        if not need_dx:
+            return None, grads
+        # dx = gamma*inv_std * (dout - mean(dout) - xhat * mean(dout*xhat)), means over (N,H,W)
+        m = dout.shape[0] * dout.shape[1] * dout.shape[2]
+        dx = dout - grads["bias"] / m - xhat * (grads["weight"] / m)
+        dx *= gamma * inv_std
+        return dx, grads
+
+
+class Residual(Layer):
+    """Residual block: out = x + f(x), with f a sequence of layers.
+
+    f must keep the shape.  Parameters and state of the inner layers appear as
+    ``"<block>.<inner>.<param>"`` (e.g. ``"res1.conv_a.weight"``).
+    """
+
+    type_name = "residual"
+
+    def __init__(self, layers: list, name=None):
+        super().__init__(name)
+        self.layers = layers
+
+    def spec(self):
+        return {"type": self.type_name, "name": self.name, "layers": [lyr.spec() for lyr in self.layers]}
+
+    def build(self, in_shape, xp, dtype, rng):
+        self.in_shape = tuple(in_shape)
+        shape = self.in_shape
+        for layer in self.layers:
+            shape = layer.build(shape, xp, dtype, rng)
+            for k, v in layer.parameters.items():
+                self.parameters[f"{layer.name}.{k}"] = v
+            for k, v in layer.state.items():
+                self.state[f"{layer.name}.{k}"] = v
+        if shape != self.in_shape:
+            raise SpecError(f"residual {self.name}: the inner layers map {self.in_shape} to {shape}; "
+                            "a residual block must keep the shape")
+        self.out_shape = shape
+        return shape
+
+    def forward(self, x, train=True):
+        caches = []
+        h = x
+        for layer in self.layers:
+            h, cache = layer.forward(h, train)
+            caches.append(cache)
+        return x + h, caches
+
+    def backward(self, dout, cache, need_dx=True):
+        grads = {}
+        d = dout
+        for layer, c in zip(reversed(self.layers), reversed(cache)):
+            d, g = layer.backward(d, c, need_dx=True)
+            for k, v in g.items():
+                grads[f"{layer.name}.{k}"] = v
+        return dout + d, grads
+
+
+def _device_rng(xp, seed: int):
+    """A Generator on the array module's device (NumPy or CuPy)."""
+    return xp.random.default_rng(seed)
+
+
+LAYER_TYPES = {cls.type_name: cls for cls in
+               (Conv2D, Dense, MaxPool2D, Flatten, ReLU, LeakyReLU, ELU, SiLU, Dropout, BatchNorm2D, Residual)}

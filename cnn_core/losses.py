@@ -1,0 +1,36 @@
+"""Softmax cross-entropy: the loss, and its gradient next to it."""
+from __future__ import annotations
+
+from .backend import get_array_module
+from .errors import ShapeError
+
+
+def softmax_cross_entropy(logits, y):
+    """Mean softmax cross-entropy and its gradient.
+
+    logits: (N, K) float; y: (N,) integer labels in [0, K).
+    Returns ``(loss, dlogits)``: ``loss`` a Python float (mean over N),
+    ``dlogits`` (N, K) in the logits' dtype, = (softmax(logits) - onehot(y)) / N.
+    """
+    xp = get_array_module(logits)
+    if logits.ndim != 2:
+        raise ShapeError(f"softmax_cross_entropy: logits must be (N, K), got shape {tuple(logits.shape)}")
+    n, k = logits.shape
+    y = xp.asarray(y)
+    if y.shape != (n,):
+        raise ShapeError(f"softmax_cross_entropy: labels must have shape ({n},), got {tuple(y.shape)}")
+    if y.dtype.kind not in "iu":
+        raise ShapeError(f"softmax_cross_entropy: labels must be integers, got dtype {y.dtype}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ShapeError(f"softmax_cross_entropy: labels must lie in [0, {k}), got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    shifted = logits - logits.max(axis=1, keepdims=True)   # exp() cannot overflow
+    exp = xp.exp(shifted)
+    sums = exp.sum(axis=1, keepdims=True)
+    rows = xp.arange(n)
+    log_likelihood = shifted[rows, y] - xp.log(sums[:, 0])
+    loss = float(-log_likelihood.mean()) if n else 0.0
+    dlogits = exp / sums
+    dlogits[rows, y] -= 1
+    dlogits /= max(n, 1)
+    return loss, dlogits.astype(logits.dtype, copy=False)

@@ -1,0 +1,169 @@
+"""Classification metrics: accuracy, confusion matrix, per-class scores, evaluation.
+
+Inputs may be NumPy or CuPy arrays; results are Python floats / NumPy arrays
+(and plain lists in :func:`evaluate`, which is JSON-ready).  Classes with no
+samples score 0 rather than NaN, and no division warnings are emitted.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+from .errors import ConfigError, ShapeError
+
+
+def _labels(arr, what: str) -> np.ndarray:
+    """A 1-d integer NumPy array of labels, or ShapeError naming ``what``."""
+    arr = np.asarray(backend.to_numpy(arr))
+    if arr.ndim != 1:
+        raise ShapeError(f"{what} must be 1-d (N,) labels, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ShapeError(f"{what} must hold integer labels, got dtype {arr.dtype}")
+    return arr
+
+
+def accuracy(logits_or_pred, y) -> float:
+    """Fraction of correct predictions.
+
+    ``logits_or_pred``: (N, K) scores (argmax taken) or (N,) predicted labels;
+    ``y``: (N,) true labels.
+    """
+    pred = np.asarray(backend.to_numpy(logits_or_pred))
+    if pred.ndim == 2:
+        pred = pred.argmax(axis=1)
+    pred = _labels(pred, "accuracy: predictions")
+    y = _labels(y, "accuracy: labels")
+    if pred.shape != y.shape:
+        raise ShapeError(f"accuracy: {pred.shape[0]} predictions for {y.shape[0]} labels")
+    if y.size == 0:
+        raise ShapeError("accuracy: no samples")
+    return float(np.count_nonzero(pred == y)) / y.size
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int = 10) -> np.ndarray:
+    """(C, C) int64 counts: ``cm[i, j]`` = samples of true class i predicted as j.
+
+    ``y_true``, ``y_pred``: (N,) integer labels in [0, num_classes).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ConfigError(f"confusion_matrix: num_classes must be a positive integer, got {num_classes!r}")
+    c = int(num_classes)
+    y_true = _labels(y_true, "confusion_matrix: y_true")
+    y_pred = _labels(y_pred, "confusion_matrix: y_pred")
+    if y_true.shape != y_pred.shape:
+        raise ShapeError(f"confusion_matrix: y_true has {y_true.shape[0]} labels but y_pred has {y_pred.shape[0]}")
+    for what, arr in (("y_true", y_true), ("y_pred", y_pred)):
+        if arr.size and (arr.min() < 0 or arr.max() >= c):
+            bad = arr[(arr < 0) | (arr >= c)][0]
+            raise ShapeError(f"confusion_matrix: {what} holds label {int(bad)} outside [0, {c})")
+    # Each (true, pred) pair gets a cell index true*C + pred; one bincount counts them all.
+    flat = y_true.astype(np.int64) * c + y_pred.astype(np.int64)
+    return np.bincount(flat, minlength=c * c).astype(np.int64).reshape(c, c)
+
+
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den as float64, 0 where den == 0 (no warnings)."""
+    out = np.zeros(num.shape, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _check_cm(cm) -> np.ndarray:
+    cm = np.asarray(backend.to_numpy(cm))
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ShapeError(f"confusion matrix must be square (C, C), got shape {cm.shape}")
+    return cm
+
+
+def per_class_accuracy(cm) -> np.ndarray:
+    """(C,) float64: correct / total for each true class (row); 0 for a class with no samples."""
+    cm = _check_cm(cm)
+    return _safe_ratio(np.diag(cm), cm.sum(axis=1))
+
+
+def precision_recall(cm) -> tuple[np.ndarray, np.ndarray]:
+    """``(precision, recall)``, each (C,) float64, from a confusion matrix (rows true).
+
+    precision[k] = cm[k, k] / column k sum (0 if k was never predicted);
+    recall[k] = cm[k, k] / row k sum (0 if k has no samples).
+    """
+    cm = _check_cm(cm)
+    diag = np.diag(cm)
+    return _safe_ratio(diag, cm.sum(axis=0)), _safe_ratio(diag, cm.sum(axis=1))
+
+
+class RunningMean:
+    """A weighted running mean, e.g. of per-batch losses weighted by batch size.
+
+    >>> m = RunningMean(); m.update(2.0, count=3); m.update(4.0); m.mean
+    2.5
+    """
+
+    def __init__(self):
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value, count: int = 1) -> None:
+        """Add ``value`` (a mean over ``count`` samples) to the running mean."""
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ConfigError(f"RunningMean.update: count must be a non-negative integer, got {count!r}")
+        self.total += float(value) * int(count)
+        self.count += int(count)
+
+    @property
+    def mean(self) -> float:
+        """The mean so far; NaN before the first sample."""
+        return self.total / self.count if self.count else math.nan
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def __repr__(self) -> str:
+        return f"RunningMean(mean={self.mean:.6g}, count={self.count})"
+
+
+def evaluate(model, x, y, batch_size: int = 1000) -> dict:
+    """Loss and classification metrics of ``model`` on ``(x, y)``, in evaluation mode.
+
+    ``x``: (N, C, H, W) float (NumPy or on the model's device); ``y``: (N,) int labels.
+    Returns JSON-able Python types: ``loss`` (mean cross-entropy), ``accuracy``,
+    ``confusion_matrix`` (C lists of C ints, rows true), ``per_class_accuracy``,
+    ``precision``, ``recall`` (lists of C floats) and ``count`` (N).
+    """
+    from .losses import softmax_cross_entropy  # noqa: PLC0415  (keeps metrics importable alone)
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
+    n = len(x)
+    y_host = _labels(y, "evaluate: labels")
+    if y_host.shape[0] != n:
+        raise ShapeError(f"evaluate: {n} inputs but {y_host.shape[0]} labels")
+    if n == 0:
+        raise ShapeError("evaluate: no samples")
+    xp = model.xp
+    loss = RunningMean()
+    preds = []
+    num_classes = None
+    for start in range(0, n, batch_size):
+        xb = xp.asarray(x[start:start + batch_size])
+        yb = y_host[start:start + batch_size]
+        logits = model.forward(xb, train=False)
+        batch_loss, _ = softmax_cross_entropy(logits, xp.asarray(yb))
+        loss.update(batch_loss, count=len(yb))
+        preds.append(backend.to_numpy(logits.argmax(axis=1)))
+        num_classes = logits.shape[1]
+    y_pred = np.concatenate(preds)
+    cm = confusion_matrix(y_host, y_pred, num_classes=num_classes)
+    precision, recall = precision_recall(cm)
+    return {
+        "loss": loss.mean,
+        "accuracy": float(np.trace(cm)) / n,
+        "confusion_matrix": cm.tolist(),
+        "per_class_accuracy": per_class_accuracy(cm).tolist(),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "count": int(n),
+    }

@@ -1,0 +1,537 @@
+"""Optimizers: SGD (momentum, Nesterov), AdaGrad, RMSProp, Adam, AdamW.
+
+Each optimizer is a per-parameter update rule in the CS231n style,
+``update(w, dw, state, lr) -> (w, state)``, with one ``state`` dict per
+parameter name, plus :meth:`Optimizer.step` that applies the rule to a whole
+``params`` dict.  That split is what the parameter server needs: it owns the
+weights and the optimizer state, receives gradients and calls ``step``.
+
+Conventions
+-----------
+* ``w`` is updated **in place** (the model's layers hold the same arrays) and
+  the gradient arrays are never modified.
+* Arrays may be NumPy or CuPy; scalars are Python floats, so float32 weights
+  stay float32 (no float64 promotion) and the update costs no temporaries:
+  each optimizer keeps two scratch buffers sized to its largest parameter.
+* ``step`` number ``t`` (0 for the first update) gets ``lr = schedule(t)``.
+
+Regularization
+--------------
+``l2`` and ``l1`` add ``l2 * w + l1 * sign(w)`` to the gradient before the
+rule sees it (the gradients of ``0.5 * l2 * ||w||^2 + l1 * ||w||_1``), for every
+optimizer.  For adaptive methods such a coupled penalty is rescaled per
+coordinate by the running gradient statistics, so weights with large
+gradients are barely decayed.  AdamW's ``weight_decay`` is *decoupled*
+(Loshchilov & Hutter): it shrinks the weights directly, ``w *= 1 - lr *
+weight_decay``, outside the adaptive rescaling, which is what usually works
+better with Adam.  Penalties apply to every parameter passed in, biases included.
+
+The update formulas match ``torch.optim`` (SGD, Adagrad, RMSprop, Adam, AdamW)
+with the same hyperparameters; ``tests/test_optim.py`` checks them by hand and
+against torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from . import backend
+from .errors import CheckpointError, ConfigError, ShapeError
+from .schedules import Schedule, build_schedule
+
+
+def _number(value, what: str, low: float, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = True) -> float:
+    """``value`` as a float in the interval [low, high) (ends as flagged), else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        left = "(" if low_open else "["
+        right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        raise ConfigError(f"{what} must lie in {left}{low}, {right}, got {value!r}")
+    return value
+
+
+def _describe(arr) -> str:
+    kind = "cupy" if backend.get_array_module(arr) is not np else "numpy"
+    return f"{kind} {arr.dtype} {tuple(arr.shape)}"
+
+
+class Optimizer:
+    """Base class of the optimizers.
+
+    Parameters
+    ----------
+    lr : base learning rate (> 0).
+    schedule : a schedule config (dict, name, JSON text), a
+        :class:`~cnn_core.schedules.Schedule` built with the same ``lr``, or
+        ``None`` for a constant rate.
+    l2, l1 : coupled penalties added to the gradient (see the module docs).
+    **hyper : the optimizer's own hyperparameters (``HYPER`` lists them with defaults).
+
+    Attributes
+    ----------
+    state : dict name -> per-parameter state dict (arrays shaped like the parameter).
+    t : number of ``step`` calls applied so far.
+
+    An optimizer is not thread-safe (it mutates ``t``, its state and scratch
+    buffers): apply updates from one thread, or hold a lock around ``step``.
+    """
+
+    name = ""
+    HYPER: dict = {}          # hyperparameter -> default
+    SLOTS: tuple = ()         # per-parameter arrays shaped like the parameter
+    COUNTERS: tuple = ()      # per-parameter integer counters
+
+    def __init__(self, lr: float = 0.01, schedule=None, l2: float = 0.0, l1: float = 0.0, **hyper):
+        unknown = sorted(set(hyper) - set(self.HYPER))
+        if unknown:
+            valid = ["lr", "schedule", "l2", "l1", *self.HYPER]
+            raise ConfigError(f"{self.name}: unknown hyperparameter(s) {unknown}; valid: {valid}")
+        self.lr = _number(lr, f"{self.name}: lr", 0.0, low_open=True, high=None)
+        if isinstance(schedule, Schedule) and schedule.base_lr != self.lr:
+            raise ConfigError(f"{self.name}: schedule was built for lr={schedule.base_lr} "
+                              f"but the optimizer's lr is {self.lr}")
+        self.schedule = build_schedule(schedule, self.lr)
+        self.l2 = _number(l2, f"{self.name}: l2", 0.0)
+        self.l1 = _number(l1, f"{self.name}: l1", 0.0)
+        self.hyper = {**self.HYPER, **hyper}
+        self._validate_hyper()
+        self.state: dict[str, dict] = {}
+        self.t = 0
+        self._workspace: dict = {}
+        # After load_state_dict without params, the arrays are NumPy and are moved
+        # next to the parameters (CuPy, their dtype) on the next step.
+        self._state_on_host = False
+
+    # ------------------------------------------------------------------ subclass API
+    def _validate_hyper(self) -> None:
+        """Check ``self.hyper`` and copy it to attributes (subclasses)."""
+
+    def _rule(self, w, g, state: dict, lr: float, tmp) -> None:
+        """Apply the update to ``w`` in place given the regularized gradient ``g``.
+
+        ``tmp`` is a scratch array shaped like ``w``; ``g`` must not be written
+        (it may be the caller's gradient array).
+        """
+        raise NotImplementedError
+
+    def _slots(self) -> tuple:
+        """Names of the per-parameter arrays of this configuration."""
+        return self.SLOTS
+
+    # ------------------------------------------------------------------ updates
+    def update(self, w, dw, state: dict, lr: float):
+        """One update of one parameter: ``w`` (any shape) in place, given ``dw`` (same shape).
+
+        ``state`` is this parameter's state dict, filled on first use (zeros
+        shaped like ``w``) and updated in place.  Returns ``(w, state)``.
+        """
+        xp = backend.get_array_module(w)
+        for slot in self._slots():
+            if slot not in state:
+                state[slot] = xp.zeros_like(w)
+        for counter in self.COUNTERS:
+            state.setdefault(counter, 0)
+        need_reg = self.l2 != 0.0 or self.l1 != 0.0
+        gbuf, tmp = self._scratch(w)
+        if need_reg:
+            # g = dw + l2 * w + l1 * sign(w), built in a scratch buffer: the
+            # caller's gradient stays untouched.
+            if self.l2:
+                xp.multiply(w, self.l2, out=gbuf)
+                gbuf += dw
+            else:
+                xp.copyto(gbuf, dw)
+            if self.l1:
+                xp.sign(w, out=tmp)
+                tmp *= self.l1
+                gbuf += tmp
+            g = gbuf
+        else:
+            g, tmp = dw, gbuf
+        self._rule(w, g, state, float(lr), tmp)
+        return w, state
+
+    def step(self, params: dict, grads: dict) -> float:
+        """Update every parameter in ``params`` in place from ``grads``; returns the lr used.
+
+        ``grads`` must have exactly the names of ``params`` with the same
+        shapes, dtypes and array module (ShapeError naming the parameter
+        otherwise, raised before anything changes).
+        """
+        self._check_grads(params, grads)
+        if self._state_on_host:
+            self._place_state(params, error=ShapeError)
+        lr = self.schedule(self.t)
+        for name, w in params.items():
+            state = self.state.get(name)
+            if state is None:
+                state = self.state[name] = {}
+            self.update(w, grads[name], state, lr)
+        self.t += 1
+        return lr
+
+    def current_lr(self) -> float:
+        """The rate the next ``step`` will use."""
+        return self.schedule(self.t)
+
+    def _check_grads(self, params: dict, grads: dict) -> None:
+        missing = [n for n in params if n not in grads]
+        if missing:
+            raise ShapeError(f"{self.name}.step: no gradient for parameter {missing[0]}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = [n for n in grads if n not in params]
+        if extra:
+            raise ShapeError(f"{self.name}.step: gradient {extra[0]} has no matching parameter"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        slots = self._slots()
+        for name, w in params.items():
+            dw = grads[name]
+            if not hasattr(dw, "dtype"):
+                raise ShapeError(f"{self.name}.step: gradient for {name} is a {type(dw).__name__}, not an array")
+            if (dw.shape != w.shape or dw.dtype != w.dtype
+                    or backend.get_array_module(dw) is not backend.get_array_module(w)):
+                raise ShapeError(f"{self.name}.step: gradient for {name} is {_describe(dw)} "
+                                 f"but the parameter is {_describe(w)}")
+            # A parameter that changed shape under the same name (a rebuilt model)
+            # would otherwise broadcast silently or fail deep inside numpy.
+            state = self.state.get(name)
+            slot = state.get(slots[0]) if state and slots else None
+            if slot is not None and slot.shape != w.shape:
+                raise ShapeError(f"{self.name}.step: parameter {name} has shape {tuple(w.shape)} "
+                                 f"but its optimizer state has shape {tuple(slot.shape)}")
+
+    def _scratch(self, w):
+        """Two scratch arrays shaped like ``w``: views into one flat buffer reused across calls."""
+        xp = backend.get_array_module(w)
+        key = (xp.__name__, w.dtype)
+        buf = self._workspace.get(key)
+        size = w.size
+        if buf is None or buf.size < 2 * size:
+            buf = self._workspace[key] = xp.empty(2 * size, dtype=w.dtype)
+        return buf[:size].reshape(w.shape), buf[size:2 * size].reshape(w.shape)
+
+    # ------------------------------------------------------------------ config / state
+    def config(self) -> dict:
+        """JSON-able config; ``build_optimizer(opt.config())`` rebuilds an equal (fresh) optimizer."""
+        return {"name": self.name, "lr": self.lr, "schedule": self.schedule.config(),
+                "l2": self.l2, "l1": self.l1, **self.hyper}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The optimizer's state as flat NumPy arrays (copies).
+
+        Keys: ``"t"`` (0-d int64), ``"<slot>/<param name>"`` for each array slot
+        (e.g. ``"m/conv1.weight"``) and ``"<counter>/<param name>"`` (0-d int64)
+        for per-parameter counters such as Adam's ``step``.
+        """
+        out = {"t": np.array(self.t, dtype=np.int64)}
+        for name, state in self.state.items():
+            for slot in self._slots():
+                if slot in state:
+                    # Copy: the live arrays keep changing in place after this call.
+                    out[f"{slot}/{name}"] = np.array(backend.to_numpy(state[slot]), copy=True)
+            for counter in self.COUNTERS:
+                if counter in state:
+                    out[f"{counter}/{name}"] = np.array(state[counter], dtype=np.int64)
+        return out
+
+    def load_state_dict(self, arrays: dict, params: dict | None = None) -> None:
+        """Restore the state written by :meth:`state_dict`.
+
+        The names and shapes are checked against ``params`` when given (and the
+        arrays moved to their device and dtype), else against the state this
+        optimizer already has, if any.  Raises CheckpointError on any mismatch,
+        leaving the optimizer unchanged.
+        """
+        who = f"{self.name} optimizer state"
+        if "t" not in arrays:
+            raise CheckpointError(f"{who}: missing the step counter 't'")
+        t = self._counter(arrays["t"], f"{who}: 't'")
+        slots, counters = self._slots(), self.COUNTERS
+        new: dict[str, dict] = {}
+        for key, value in arrays.items():
+            if key == "t":
+                continue
+            kind, sep, name = key.partition("/")
+            if not sep or not name or kind not in slots + counters:
+                valid = ", ".join(f"'{s}/<param>'" for s in slots + counters) or "none (only 't')"
+                raise CheckpointError(f"{who}: unexpected key {key!r}; expected 't' and {valid}")
+            if kind in counters:
+                new.setdefault(name, {})[kind] = self._counter(value, f"{who}: {key!r}")
+                continue
+            value = np.asarray(backend.to_numpy(value))
+            if value.dtype.kind != "f":
+                raise CheckpointError(f"{who}: {key!r} must be floating point, got dtype {value.dtype}")
+            new.setdefault(name, {})[kind] = value
+        for name, state in new.items():
+            absent = [k for k in slots + counters if k not in state]
+            if absent:
+                raise CheckpointError(f"{who}: parameter {name} lacks {', '.join(f'{k!r}' for k in absent)}")
+            shapes = {tuple(state[s].shape) for s in slots}
+            if len(shapes) > 1:
+                raise CheckpointError(f"{who}: slots of parameter {name} disagree in shape: {sorted(shapes)}")
+        if params is not None:
+            self._match(new, params, who)
+        elif self.state and slots:
+            # Already running: the loaded state must fit the parameters seen so far.
+            self._match(new, {n: s[slots[0]] for n, s in self.state.items() if slots[0] in s}, who)
+        # Own copies: the caller's arrays must not alias the live state.
+        for state in new.values():
+            for slot in slots:
+                state[slot] = np.array(state[slot], copy=True)
+        self.state, self.t = new, t
+        self._state_on_host = True
+        if params is not None:
+            self._place_state(params, error=CheckpointError)
+
+    def _match(self, new: dict, reference: dict, who: str) -> None:
+        """Names and shapes of the loaded state against ``reference`` (name -> array)."""
+        slots = self._slots()
+        if not slots:                                 # stateless rule: nothing per parameter
+            return
+        missing = [n for n in reference if n not in new]
+        if missing and new:                           # an empty state is a fresh start (t only)
+            raise CheckpointError(f"{who}: no state for parameter {missing[0]}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = [n for n in new if n not in reference]
+        if extra:
+            raise CheckpointError(f"{who}: state for {extra[0]}, which is not a parameter"
+                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        for name, state in new.items():
+            want = reference[name]
+            got = tuple(state[slots[0]].shape)
+            if got != tuple(want.shape):
+                raise CheckpointError(f"{who}: {slots[0]}/{name} has shape {got} "
+                                      f"but the parameter has shape {tuple(want.shape)}")
+
+    def _place_state(self, params: dict, error) -> None:
+        """Move host-side state next to ``params`` (array module and dtype); all-or-nothing."""
+        slots = self._slots()
+        for name, state in self.state.items():
+            w = params.get(name)
+            if w is None:
+                raise error(f"{self.name} optimizer state: state for {name}, which is not a parameter")
+            for slot in slots:
+                if tuple(state[slot].shape) != tuple(w.shape):
+                    raise error(f"{self.name} optimizer state: {slot}/{name} has shape "
+                                f"{tuple(state[slot].shape)} but the parameter has shape {tuple(w.shape)}")
+        for name, state in self.state.items():
+            w = params[name]
+            xp = backend.get_array_module(w)
+            for slot in slots:
+                state[slot] = xp.asarray(state[slot], dtype=w.dtype)
+        self._state_on_host = False
+
+    @staticmethod
+    def _counter(value, what: str) -> int:
+        value = np.asarray(backend.to_numpy(value))
+        if value.shape != () or value.dtype.kind not in "iu" or int(value) < 0:
+            raise CheckpointError(f"{what} must be a non-negative 0-d integer array, "
+                                  f"got {value.dtype} {value.shape}")
+        return int(value)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum.
+
+    With ``momentum`` mu > 0 the velocity is kept in gradient units (as in
+    torch; equivalent to CS231n's ``v = mu v - lr g`` for a constant lr, and
+    better behaved when the schedule changes lr)::
+
+        v = mu * v + g
+        w -= lr * v                    # plain momentum
+        w -= lr * (g + mu * v)         # Nesterov: look ahead along the new velocity
+    """
+
+    name = "sgd"
+    HYPER = {"momentum": 0.0, "nesterov": False}
+
+    def _validate_hyper(self) -> None:
+        self.momentum = _number(self.hyper["momentum"], "sgd: momentum", 0.0, 1.0)
+        if not isinstance(self.hyper["nesterov"], bool):
+            raise ConfigError(f"sgd: nesterov must be true or false, got {self.hyper['nesterov']!r}")
+        self.nesterov = self.hyper["nesterov"]
+        if self.nesterov and self.momentum == 0.0:
+            raise ConfigError("sgd: nesterov=True needs momentum > 0")
+        self.hyper["momentum"] = self.momentum
+
+    def _slots(self) -> tuple:
+        return ("velocity",) if self.momentum else ()
+
+    def _rule(self, w, g, state, lr, tmp):
+        xp = backend.get_array_module(w)
+        if not self.momentum:
+            xp.multiply(g, lr, out=tmp)
+            w -= tmp
+            return
+        v = state["velocity"]
+        v *= self.momentum
+        v += g
+        if self.nesterov:
+            xp.multiply(v, self.momentum, out=tmp)
+            tmp += g
+            tmp *= lr
+        else:
+            xp.multiply(v, lr, out=tmp)
+        w -= tmp
+
+
+class AdaGrad(Optimizer):
+    """AdaGrad: per-coordinate rates shrinking with the summed squared gradients.
+
+    ``cache += g**2;  w -= lr * g / (sqrt(cache) + eps)``.
+    """
+
+    name = "adagrad"
+    HYPER = {"eps": 1e-8}
+    SLOTS = ("cache",)
+
+    def _validate_hyper(self) -> None:
+        self.eps = self.hyper["eps"] = _number(self.hyper["eps"], "adagrad: eps", 0.0, low_open=True)
+
+    def _rule(self, w, g, state, lr, tmp):
+        xp = backend.get_array_module(w)
+        cache = state["cache"]
+        xp.multiply(g, g, out=tmp)
+        cache += tmp
+        xp.sqrt(cache, out=tmp)
+        tmp += self.eps
+        xp.divide(g, tmp, out=tmp)
+        tmp *= lr
+        w -= tmp
+
+
+class RMSProp(Optimizer):
+    """RMSProp: AdaGrad with a leaky (exponential moving) average of squared gradients.
+
+    ``cache = rho * cache + (1 - rho) * g**2;  w -= lr * g / (sqrt(cache) + eps)``
+    (torch's ``alpha`` is ``rho``).
+    """
+
+    name = "rmsprop"
+    HYPER = {"rho": 0.99, "eps": 1e-8}
+    SLOTS = ("cache",)
+
+    def _validate_hyper(self) -> None:
+        self.rho = self.hyper["rho"] = _number(self.hyper["rho"], "rmsprop: rho", 0.0, 1.0)
+        self.eps = self.hyper["eps"] = _number(self.hyper["eps"], "rmsprop: eps", 0.0, low_open=True)
+
+    def _rule(self, w, g, state, lr, tmp):
+        xp = backend.get_array_module(w)
+        cache = state["cache"]
+        cache *= self.rho
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - self.rho
+        cache += tmp
+        xp.sqrt(cache, out=tmp)
+        tmp += self.eps
+        xp.divide(g, tmp, out=tmp)
+        tmp *= lr
+        w -= tmp
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (Kingma & Ba)::
+
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g**2
+        w -= lr * (m / (1 - beta1**k)) / (sqrt(v / (1 - beta2**k)) + eps)
+
+    where ``k`` is this parameter's update count (state ``"step"``, from 1).
+    The bias corrections are folded into two scalars, so the array work is
+    ``w -= (lr * sqrt(c2) / c1) * m / (sqrt(v) + eps * sqrt(c2))`` (the same
+    value, one pass fewer).
+    """
+
+    name = "adam"
+    HYPER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    SLOTS = ("m", "v")
+    COUNTERS = ("step",)
+
+    def _validate_hyper(self) -> None:
+        self.beta1 = self.hyper["beta1"] = _number(self.hyper["beta1"], f"{self.name}: beta1", 0.0, 1.0)
+        self.beta2 = self.hyper["beta2"] = _number(self.hyper["beta2"], f"{self.name}: beta2", 0.0, 1.0)
+        self.eps = self.hyper["eps"] = _number(self.hyper["eps"], f"{self.name}: eps", 0.0, low_open=True)
+
+    def _rule(self, w, g, state, lr, tmp):
+        xp = backend.get_array_module(w)
+        k = state["step"] = state["step"] + 1
+        m, v = state["m"], state["v"]
+        m *= self.beta1
+        xp.multiply(g, 1.0 - self.beta1, out=tmp)
+        m += tmp
+        v *= self.beta2
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - self.beta2
+        v += tmp
+        c1 = 1.0 - self.beta1 ** k
+        c2_sqrt = math.sqrt(1.0 - self.beta2 ** k)
+        xp.sqrt(v, out=tmp)
+        tmp += self.eps * c2_sqrt
+        xp.divide(m, tmp, out=tmp)
+        tmp *= lr * c2_sqrt / c1
+        w -= tmp
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter).
+
+    Before the Adam step, ``w *= 1 - lr * weight_decay`` with the scheduled lr
+    (as in torch.optim.AdamW).  Unlike ``l2`` this decay does not pass through
+    the gradient, so Adam's per-coordinate rescaling does not weaken it.
+    """
+
+    name = "adamw"
+    HYPER = {**Adam.HYPER, "weight_decay": 0.01}
+
+    def _validate_hyper(self) -> None:
+        super()._validate_hyper()
+        self.weight_decay = self.hyper["weight_decay"] = _number(
+            self.hyper["weight_decay"], "adamw: weight_decay", 0.0)
+
+    def _rule(self, w, g, state, lr, tmp):
+        # g (including any coupled l2/l1) was computed from the weights before decay.
+        if self.weight_decay:
+            w *= 1.0 - lr * self.weight_decay
+        super()._rule(w, g, state, lr, tmp)
+
+
+OPTIMIZERS = {cls.name: cls for cls in (SGD, AdaGrad, RMSProp, Adam, AdamW)}
+
+
+def build_optimizer(config: dict | str, **overrides) -> Optimizer:
+    """An optimizer from a name (``"adam"``), a config dict (``opt.config()``) or its JSON text.
+
+    ``overrides`` replace config entries (``build_optimizer("sgd", lr=0.1,
+    momentum=0.9)``).  Unknown names or keys raise ConfigError listing the valid ones.
+    """
+    if isinstance(config, str):
+        text = config.strip()
+        if text.startswith("{"):
+            try:
+                config = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"optimizer config is not valid JSON: {exc}") from None
+        else:
+            config = {"name": text}
+    if not isinstance(config, dict):
+        raise ConfigError(f"optimizer config must be a name or a dict, got {type(config).__name__}")
+    config = {**config, **overrides}
+    name = config.pop("name", None)
+    if name is None:
+        raise ConfigError(f"optimizer config needs a 'name': one of {sorted(OPTIMIZERS)}")
+    cls = OPTIMIZERS.get(str(name).lower())
+    if cls is None:
+        raise ConfigError(f"unknown optimizer {name!r}: expected one of {sorted(OPTIMIZERS)}")
+    return cls(**config)

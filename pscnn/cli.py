@@ -1,0 +1,341 @@
+"""The ``pscnn`` command: one entry point, one subcommand per role.
+
+    pscnn train       single-process training (the baseline)
+    pscnn server      the parameter server
+    pscnn worker      a trainer worker
+    pscnn evaluator   the evaluator
+    pscnn run         server + N workers + evaluator on this machine
+    pscnn status      ask a server for its progress (a container healthcheck)
+    pscnn bench ...   throughput-scaling experiments
+
+Every flag can also come from the environment as ``PSCNN_<FLAG>`` (upper case,
+dashes as underscores: ``--batch-size`` <- ``PSCNN_BATCH_SIZE``); a flag on the
+command line wins.  That is how containers are configured.
+
+Heavy modules (numpy, zmq) are imported only after the arguments are parsed,
+so that ``--threads`` can set the BLAS thread count before numpy loads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+ENV_PREFIX = "PSCNN_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class CliError(Exception):
+    """A bad flag or environment value; printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- flag groups
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and optimizer")
+    g.add_argument("--model", default="seed", help="preset (seed, light) or a JSON spec (default: seed)")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adagrad", "rmsprop", "adam", "adamw"])
+    g.add_argument("--lr", type=_positive_float, default=0.05, help="base learning rate (default: 0.05)")
+    g.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                   help="AdamW's decoupled weight decay (default: 0.01)")
+    g.add_argument("--l2", type=_non_negative_float, default=0.0, help="L2 penalty added to gradients")
+    g.add_argument("--l1", type=_non_negative_float, default=0.0, help="L1 penalty added to gradients")
+    g.add_argument("--schedule", default="constant",
+                   help="constant, cosine, step, or a JSON schedule config (default: constant)")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up updates")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and dropout (default: 0)")
+
+
+def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
+    g = p.add_argument_group("data")
+    if train:
+        g.add_argument("--batch-size", type=_positive_int, default=64, help="images per update (default: 64)")
+        g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set")
+        g.add_argument("--train-limit", type=_non_negative_int, default=0,
+                       help="use the first N training images (0: all 60,000)")
+    g.add_argument("--test-limit", type=_non_negative_int, default=0,
+                   help="score the first N test images (0: all 10,000)")
+    g.add_argument("--mnist-dir", default=None,
+                   help="folder holding the MNIST .gz files (default: $MNIST_DIR, else download to the cache)")
+
+
+def add_compute_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy (cpu) or CuPy (gpu)")
+    g.add_argument("--threads", type=_positive_int, default=1, help="BLAS threads (default: 1)")
+
+
+def add_log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log verbosity (default: INFO)")
+
+
+def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
+    g = p.add_argument_group("parameter server")
+    if bind:
+        g.add_argument("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
+    g.add_argument("--mode", default="sync", choices=["sync", "async", "ssp"],
+                   help="consistency: sync (BSP), async, or ssp (bounded staleness)")
+    g.add_argument("--staleness", type=_non_negative_int, default=2,
+                   help="ssp: how many versions a worker may run ahead of the slowest (default: 2)")
+    g.add_argument("--checkpoint-every", type=_non_negative_float, default=30.0,
+                   help="seconds between checkpoints, 0 = only at the end (default: 30)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    g.add_argument("--lease-timeout", type=_positive_float, default=30.0,
+                   help="seconds before an unfinished batch is handed out again (default: 30)")
+    g.add_argument("--peer-timeout", type=_positive_float, default=10.0,
+                   help="seconds of silence before a worker is declared dead (default: 10)")
+    g.add_argument("--final-eval-timeout", type=_non_negative_float, default=120.0,
+                   help="seconds to wait for the evaluator's final report (default: 120)")
+    g.add_argument("--max-workers", type=_positive_int, default=1024, help="refuse workers beyond this")
+
+
+def add_client_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--server", default="tcp://localhost:5555", help="server endpoint (default: tcp://localhost:5555)")
+    g.add_argument("--name", default=None, help="a readable id for logs (default: host-pid)")
+    g.add_argument("--give-up-after", type=_positive_float, default=600.0,
+                   help="exit with status 1 after this many seconds without reaching the server (default: 600)")
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pscnn", description="Data-parallel CNN training through a ZeroMQ parameter server.",
+        epilog="Every flag can also be set as PSCNN_<FLAG> in the environment (e.g. PSCNN_BATCH_SIZE=128).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="single-process training (the baseline)")
+    add_model_flags(p)
+    add_data_flags(p)
+    add_compute_flags(p)
+    p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
+    p.add_argument("--log-every", type=_positive_int, default=50, help="updates between metrics lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_flags(p)
+
+    p = sub.add_parser("server", help="the parameter server")
+    add_server_flags(p)
+    add_model_flags(p)
+    add_data_flags(p)
+    p.add_argument("--out", default="runs/server", help="run folder (default: runs/server)")
+    add_log_flags(p)
+
+    p = sub.add_parser("worker", help="a trainer worker")
+    add_client_flags(p)
+    add_compute_flags(p)
+    p.add_argument("--mnist-dir", default=None, help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
+    p.add_argument("--compute-ms", type=_non_negative_float, default=None,
+                   help="benchmarks: sleep this long instead of computing, push zero gradients")
+    add_log_flags(p)
+
+    p = sub.add_parser("evaluator", help="scores the newest weights on the test set")
+    add_client_flags(p)
+    add_compute_flags(p)
+    p.add_argument("--every", type=_positive_float, default=10.0, help="seconds between evaluations (default: 10)")
+    p.add_argument("--test-limit", type=_non_negative_int, default=0, help="first N test images (0: all)")
+    p.add_argument("--mnist-dir", default=None, help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
+    add_log_flags(p)
+
+    p = sub.add_parser("run", help="server + N workers + evaluator on this machine")
+    p.add_argument("--workers", type=_positive_int, default=2, help="trainer processes (default: 2)")
+    p.add_argument("--port", type=_non_negative_int, default=0, help="server port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--eval-every", type=_positive_float, default=10.0, help="seconds between evaluations")
+    p.add_argument("--no-evaluator", action="store_true", help="run without an evaluator")
+    add_server_flags(p, bind=False)
+    add_model_flags(p)
+    add_data_flags(p)
+    add_compute_flags(p)
+    p.add_argument("--out", default="runs/run", help="run folder (default: runs/run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_flags(p)
+
+    p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")
+    p.add_argument("--server", default="tcp://localhost:5555")
+    p.add_argument("--timeout", type=_positive_float, default=2.0, help="seconds to wait (default: 2)")
+
+    p = sub.add_parser("bench", help="throughput-scaling experiments")
+    from pscnn.bench import add_bench_parsers  # noqa: PLC0415  (argparse only, no numpy)
+    add_bench_parsers(p)
+    return parser
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
+    """Make ``PSCNN_<DEST>`` the default of every flag (recursively into subcommands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_env_defaults(sub, environ)
+            continue
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        key = ENV_PREFIX + action.dest.upper()
+        if key not in environ:
+            continue
+        raw = environ[key]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            low = raw.strip().lower()
+            if low not in _TRUE | _FALSE:
+                raise CliError(f"{key}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+            on = low in _TRUE
+            action.default = on if isinstance(action, argparse._StoreTrueAction) else not on
+            continue
+        try:
+            value = action.type(raw) if action.type else raw
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise CliError(f"{key}={raw!r}: {exc}") from None
+        if action.choices is not None and value not in action.choices:
+            raise CliError(f"{key}={raw!r}: expected one of {', '.join(map(str, action.choices))}")
+        action.default = value
+
+
+def optimizer_config(args) -> dict:
+    """The optimizer config dict (cnn_core.optim.build_optimizer) from the flags."""
+    cfg = {"name": args.optimizer, "lr": args.lr, "l2": args.l2, "l1": args.l1}
+    if args.optimizer == "sgd":
+        cfg.update(momentum=args.momentum, nesterov=args.nesterov)
+    if args.optimizer == "adamw" and args.weight_decay is not None:
+        cfg["weight_decay"] = args.weight_decay
+    cfg["schedule"] = schedule_config(args.schedule, args.warmup_steps)
+    return cfg
+
+
+def schedule_config(text: str, warmup_steps: int) -> dict:
+    """``--schedule`` (a name or JSON) and ``--warmup-steps`` -> a schedule config dict.
+
+    ``cosine`` without ``total_steps`` gets it filled in later from the run's
+    length (key ``"total_steps": "auto"``).
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--schedule is not valid JSON: {exc}") from None
+    elif text == "cosine":
+        cfg = {"name": "cosine", "total_steps": "auto"}
+    elif text == "step":
+        cfg = {"name": "step", "step_size": "auto"}
+    else:
+        cfg = {"name": text}
+    if warmup_steps:
+        cfg["warmup_steps"] = warmup_steps
+    return cfg
+
+
+def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
+    """Replace ``"auto"`` lengths in a schedule config by the run's update count."""
+    sched = dict(opt_cfg.get("schedule") or {})
+    if sched.get("total_steps") == "auto":
+        sched["total_steps"] = max(1, total_updates)
+    if sched.get("step_size") == "auto":             # decay 10x at one and two thirds
+        sched["step_size"] = max(1, total_updates // 3)
+    return {**opt_cfg, "schedule": sched}
+
+
+def set_blas_threads(threads: int) -> None:
+    """Pin BLAS/OpenMP threads; effective only before numpy is imported."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)-7s {role}: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        apply_env_defaults(parser)
+    except CliError as exc:
+        print(f"pscnn: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        set_blas_threads(args.threads)
+    try:
+        return int(_dispatch(args) or 0)
+    except KeyboardInterrupt:
+        print("pscnn: interrupted", file=sys.stderr)
+        return 130
+    except CliError as exc:
+        print(f"pscnn: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from cnn_core.errors import PscnnError  # noqa: PLC0415
+        if isinstance(exc, PscnnError):
+            print(f"pscnn: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _dispatch(args) -> int:
+    from cnn_core.backend import tune_host_allocator  # noqa: PLC0415
+    tune_host_allocator()
+    cmd = args.command
+    if cmd == "train":
+        setup_logging(args.log_level, "train")
+        from cnn_core.training import train_from_args  # noqa: PLC0415
+        return train_from_args(args)
+    if cmd == "server":
+        setup_logging(args.log_level, "server")
+        from server.server import serve_from_args  # noqa: PLC0415
+        return serve_from_args(args)
+    if cmd == "worker":
+        setup_logging(args.log_level, "worker")
+        from worker.trainer import run_trainer_from_args  # noqa: PLC0415
+        return run_trainer_from_args(args)
+    if cmd == "evaluator":
+        setup_logging(args.log_level, "evaluator")
+        from worker.evaluator import run_evaluator_from_args  # noqa: PLC0415
+        return run_evaluator_from_args(args)
+    if cmd == "run":
+        setup_logging(args.log_level, "run")
+        from pscnn.launcher import run_from_args  # noqa: PLC0415
+        return run_from_args(args)
+    if cmd == "status":
+        from worker.client import status_from_args  # noqa: PLC0415
+        return status_from_args(args)
+    if cmd == "bench":
+        from pscnn.bench import run_bench_from_args  # noqa: PLC0415
+        return run_bench_from_args(args)
+    raise CliError(f"unknown command {cmd!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

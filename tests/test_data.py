@@ -1,0 +1,705 @@
+"""Tests of cnn_core.data: IDX reading and checks, the downloader, batching.
+
+Real-MNIST tests read the folder named by MNIST_DIR (CI sets it to
+../shared/mnist).  Everything else builds tiny IDX files in tmp_path and
+serves them from a local http.server, so no test touches the network or the
+user's cache.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import os
+import socket
+import stat
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnn_core import data
+from cnn_core.errors import ConfigError, DataError, ShapeError
+
+REAL_MNIST = os.environ.get("MNIST_DIR")
+needs_real_mnist = pytest.mark.skipif(
+    not REAL_MNIST, reason="MNIST_DIR is not set: no folder with the real MNIST files to test against"
+)
+
+# Known facts about the official release, independent of this code.
+TRAIN_FIRST_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+TEST_FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+# --------------------------------------------------------------------------- #
+# helpers and fixtures
+# --------------------------------------------------------------------------- #
+def idx_bytes(arr: np.ndarray) -> bytes:
+    """Serialize ``arr`` (uint8 or big-endian-able int32) as an IDX file."""
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
+    header = bytes([0, 0, codes[arr.dtype], arr.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def md5(b: bytes) -> str:
+    return hashlib.md5(b).hexdigest()
+
+
+def snapshot(folder: Path) -> dict:
+    """Name -> (size, mtime_ns, mode) of every entry: any write shows up."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode) for p in folder.iterdir()}
+
+
+def assert_one_line_naming(exc_info, path) -> str:
+    msg = str(exc_info.value)
+    assert str(path) in msg, msg
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """No test sees the caller's MNIST_DIR/cache/mirrors; the cache is in tmp_path.
+
+    The mirrors point at a closed local port, so a test that downloads by
+    mistake fails fast instead of reaching the internet.
+    """
+    for var in ("MNIST_DIR", "XDG_CACHE_HOME", "PSCNN_MNIST_MIRRORS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PSCNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "DEFAULT_MIRRORS", ("http://127.0.0.1:1/not-a-mirror/",))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch):
+    """A folder holding four small but valid MNIST-format .gz files.
+
+    MNIST_FILES is patched with their md5s and counts, so every check the real
+    data goes through runs here too, in milliseconds.
+    Returns ``(folder, {name: array}, {name: decompressed bytes})``.
+    """
+    rng = np.random.default_rng(1234)
+    counts = {"train": 12, "test": 5}
+    arrays = {}
+    for split, n in counts.items():
+        arrays[f"{split}-images"] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}-labels"] = rng.integers(0, 10, size=n, dtype=np.uint8)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    raw = {}
+    for name, arr in arrays.items():
+        raw[name] = idx_bytes(arr)
+        (folder / data.MNIST_FILES[name]["filename"]).write_bytes(gzip.compress(raw[name]))
+        monkeypatch.setitem(data.MNIST_FILES[name], "md5", md5(raw[name]))
+        monkeypatch.setitem(data.MNIST_FILES[name], "count", len(arr))
+    return folder, arrays, raw
+
+
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1 with scripted responses per path.
+
+    ``route(path, *responses)``: each response is ``(status, body)`` or
+    ``(status, body, declared_length)``; they are served in order and the
+    last one repeats.  Unrouted paths get 404.  ``hits`` counts requests.
+    """
+
+    def __init__(self):
+        self.routes: dict[str, list] = {}
+        self.hits: Counter = Counter()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802  (http.server's naming)
+                with server._lock:
+                    server.hits[self.path] += 1
+                    script = server.routes.get(self.path, [(404, b"not found")])
+                    response = script.pop(0) if len(script) > 1 else script[0]
+                status, body, *declared = response
+                self.send_response(status)
+                self.send_header("Content-Length", str(declared[0] if declared else len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
+        self.thread.start()
+
+    def route(self, path: str, *responses) -> None:
+        self.routes[path] = list(responses)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(request):
+    srv = LocalServer()
+    request.addfinalizer(srv.close)
+    return srv
+
+
+def fetch(urls, dest, md5_hex, **kw):
+    """download_file with test-friendly defaults (no bar, short backoff)."""
+    kw.setdefault("progress", False)
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("timeout", 5)
+    return data.download_file(urls, dest, md5_hex, **kw)
+
+
+@pytest.fixture
+def payload():
+    """A small gzip'd IDX file: ``(gz bytes, md5 of the decompressed bytes)``."""
+    raw = idx_bytes(np.arange(200, dtype=np.uint8).reshape(8, 5, 5))
+    return gzip.compress(raw), md5(raw)
+
+
+# --------------------------------------------------------------------------- #
+# the real MNIST files
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def real_train():
+    return data.load_mnist("train", mnist_dir=REAL_MNIST, download=False)
+
+
+@needs_real_mnist
+def test_real_train_split(real_train):
+    x, y = real_train
+    assert x.shape == (60000, 1, 28, 28) and x.dtype == np.float32
+    assert y.shape == (60000,) and y.dtype == np.int64
+    assert y[:10].tolist() == TRAIN_FIRST_LABELS
+    assert np.bincount(y, minlength=10).tolist() == TRAIN_CLASS_COUNTS
+    # MEAN/STD are the training set's own statistics, so it normalizes to 0/1.
+    assert abs(float(x.mean())) < 1e-3
+    assert abs(float(x.std()) - 1.0) < 1e-3
+    assert float(x.min()) == pytest.approx(-data.MEAN / data.STD, abs=1e-5)
+    assert float(x.max()) == pytest.approx((1 - data.MEAN) / data.STD, abs=1e-5)
+
+
+@needs_real_mnist
+def test_real_test_split_via_env_never_writes(monkeypatch, isolated_env):
+    folder = Path(REAL_MNIST)
+    before = snapshot(folder)
+    monkeypatch.setenv("MNIST_DIR", REAL_MNIST)
+    x, y = data.load_mnist("test")
+    assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
+    assert y[:10].tolist() == TEST_FIRST_LABELS
+    assert set(np.unique(y).tolist()) == set(range(10))
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1.0) < 0.05  # other split: roughly 0/1
+    assert snapshot(folder) == before
+    assert not isolated_env.exists(), "nothing may be downloaded when MNIST_DIR is set"
+
+
+@needs_real_mnist
+def test_real_files_pass_md5_and_count():
+    for info in data.MNIST_FILES.values():
+        arr = data.read_idx(Path(REAL_MNIST) / info["filename"], info["md5"], info["count"])
+        assert arr.shape == (info["count"], *info["item_shape"]) and arr.dtype == np.uint8
+        assert arr.flags.writeable
+
+
+@needs_real_mnist
+def test_real_file_checksum_mismatch_names_file():
+    path = Path(REAL_MNIST) / data.MNIST_FILES["test-labels"]["filename"]
+    with pytest.raises(DataError, match="checksum mismatch") as exc:
+        data.read_idx(path, expected_md5="0" * 32)
+    assert_one_line_naming(exc, path)
+
+
+@needs_real_mnist
+def test_real_limit_and_raw_pixels(real_train):
+    x_raw, y = data.load_mnist("train", mnist_dir=REAL_MNIST, limit=100, normalize=False)
+    assert x_raw.shape == (100, 1, 28, 28) and x_raw.dtype == np.uint8
+    np.testing.assert_array_equal(y, real_train[1][:100])
+    np.testing.assert_allclose(data.normalize(x_raw), real_train[0][:100], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# read_idx on generated files
+# --------------------------------------------------------------------------- #
+IMAGES = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+
+
+def test_read_idx_raw_and_gzip_detected_by_content_not_suffix(tmp_path):
+    raw = idx_bytes(IMAGES)
+    gz_named_idx = tmp_path / "images.idx"
+    raw_named_gz = tmp_path / "images.gz"
+    gz_named_idx.write_bytes(gzip.compress(raw))
+    raw_named_gz.write_bytes(raw)
+    for path in (gz_named_idx, raw_named_gz):
+        arr = data.read_idx(path, expected_md5=md5(raw), expected_count=3)
+        np.testing.assert_array_equal(arr, IMAGES)
+        assert arr.dtype == np.uint8
+
+
+def test_read_idx_labels_and_multibyte_types(tmp_path):
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    (tmp_path / "l").write_bytes(idx_bytes(labels))
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "l"), labels)
+    ints = np.array([[-2, 70000], [1, 2**31 - 1]], dtype=np.int32)
+    (tmp_path / "i").write_bytes(idx_bytes(ints))
+    arr = data.read_idx(tmp_path / "i")
+    np.testing.assert_array_equal(arr, ints)
+    assert arr.dtype.isnative  # big-endian on disk, native in memory
+
+
+GOOD = idx_bytes(IMAGES)
+CORRUPTIONS = {
+    "unknown element type": (b"\x00\x00\x0a\x03" + GOOD[4:], "not an IDX file: magic number 0x00000a03"),
+    "zero dimensions": (b"\x00\x00\x08\x00" + GOOD[4:], "not an IDX file: magic number 0x00000800"),
+    "magic not starting with zeros": (b"PK\x03\x04" + GOOD[4:], "not an IDX file"),
+    "empty": (b"", "truncated IDX header"),
+    "header cut in the dims": (GOOD[:10], "truncated IDX header"),
+    "data cut short": (GOOD[:-7], "truncated: header declares 3x4x5 (60 data bytes) but only 53 follow"),
+    "trailing bytes": (GOOD + b"\x00" * 5, "5 unexpected trailing bytes"),
+}
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_read_idx_rejects_malformed_files(tmp_path, case, compress):
+    content, expected = CORRUPTIONS[case]
+    path = tmp_path / "bad-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(content) if compress else content)
+    with pytest.raises(DataError) as exc:
+        data.read_idx(path)
+    assert expected in assert_one_line_naming(exc, path)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda gz: gz[: len(gz) // 2],                    # download cut off
+    lambda gz: gz[:10] + b"\xff" * (len(gz) - 10),   # deflate stream garbage
+    lambda gz: gz[:-8] + b"\x00" * 8,               # CRC/length trailer wrong
+], ids=["truncated", "garbage", "bad-crc"])
+def test_read_idx_rejects_corrupt_gzip(tmp_path, mangle):
+    path = tmp_path / "images.gz"
+    path.write_bytes(mangle(gzip.compress(GOOD)))
+    with pytest.raises(DataError, match="corrupt or truncated gzip") as exc:
+        data.read_idx(path)
+    assert_one_line_naming(exc, path)
+
+
+def test_read_idx_checksum_and_count(tmp_path):
+    path = tmp_path / "images"
+    path.write_bytes(GOOD)
+    with pytest.raises(DataError, match=f"md5 of the decompressed content is {md5(GOOD)}") as exc:
+        data.read_idx(path, expected_md5="f" * 32)
+    assert_one_line_naming(exc, path)
+    with pytest.raises(DataError, match="holds 3 items, expected 60000") as exc:
+        data.read_idx(path, expected_count=60000)
+    assert_one_line_naming(exc, path)
+    # md5 of the gzip wrapper is not what is checked: the decompressed bytes are.
+    path.write_bytes(gzip.compress(GOOD))
+    data.read_idx(path, expected_md5=md5(GOOD).upper())
+
+
+def test_read_idx_missing_file_and_directory(tmp_path):
+    missing = tmp_path / "nope-idx1-ubyte.gz"
+    with pytest.raises(DataError, match="file not found") as exc:
+        data.read_idx(missing)
+    assert_one_line_naming(exc, missing)
+    with pytest.raises(DataError, match="is a directory") as exc:
+        data.read_idx(tmp_path)
+    assert_one_line_naming(exc, tmp_path)
+
+
+# --------------------------------------------------------------------------- #
+# normalize and load_mnist on tiny files
+# --------------------------------------------------------------------------- #
+def test_normalize_values_shapes_and_dtypes():
+    imgs = np.array([[[0, 255], [51, 0]]], dtype=np.uint8)  # (1, 2, 2)
+    out = data.normalize(imgs)
+    assert out.shape == (1, 1, 2, 2) and out.dtype == np.float32
+    expected = (imgs[:, None] / 255.0 - data.MEAN) / data.STD
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    out64 = data.normalize(imgs[:, None], dtype="float64")  # (N, 1, H, W) accepted too
+    assert out64.dtype == np.float64 and out64.shape == (1, 1, 2, 2)
+    np.testing.assert_allclose(out64, expected, rtol=1e-12)
+    with pytest.raises(ShapeError, match="uint8"):
+        data.normalize(imgs.astype(np.float32))
+    with pytest.raises(ShapeError, match=r"\(N, H, W\)"):
+        data.normalize(np.zeros((2, 3, 28, 28), dtype=np.uint8))
+    with pytest.raises(ConfigError, match="dtype"):
+        data.normalize(imgs, dtype="int8")
+
+
+def test_load_mnist_tiny_folder(tiny_mnist):
+    folder, arrays, _ = tiny_mnist
+    x, y = data.load_mnist("train", mnist_dir=folder)
+    assert x.shape == (12, 1, 28, 28) and x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, data.normalize(arrays["train-images"]))
+    np.testing.assert_array_equal(y, arrays["train-labels"])
+
+    x, y = data.load_mnist("test", mnist_dir=folder, limit=3, dtype="float64")
+    assert x.shape == (3, 1, 28, 28) and x.dtype == np.float64
+    np.testing.assert_array_equal(y, arrays["test-labels"][:3])
+    assert len(data.load_mnist("test", mnist_dir=folder, limit=10**6)[0]) == 5  # limit clamps like a slice
+    x, y = data.load_mnist("test", mnist_dir=folder, limit=0)
+    assert x.shape == (0, 1, 28, 28) and y.shape == (0,)
+    x, _ = data.load_mnist("test", mnist_dir=folder, normalize=False)
+    np.testing.assert_array_equal(x[:, 0], arrays["test-images"])
+
+
+def test_load_mnist_reads_decompressed_files(tiny_mnist, tmp_path):
+    src, arrays, raw = tiny_mnist
+    folder = tmp_path / "unzipped"
+    folder.mkdir()
+    for name in ("test-images", "test-labels"):  # only the split being loaded is needed
+        (folder / data.MNIST_FILES[name]["filename"].removesuffix(".gz")).write_bytes(raw[name])
+    x, y = data.load_mnist("test", mnist_dir=folder)
+    np.testing.assert_array_equal(y, arrays["test-labels"])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        data.load_mnist("train", mnist_dir=folder)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"split": "val"}, "split must be 'train' or 'test'"),
+    ({"limit": -1}, "limit must be >= 0"),
+    ({"limit": 2.5}, "limit must be an integer"),
+    ({"dtype": "int8"}, "unsupported dtype"),
+])
+def test_load_mnist_validates_arguments(tiny_mnist, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.load_mnist(mnist_dir=tiny_mnist[0], **kwargs)
+
+
+def test_load_mnist_rejects_out_of_range_labels(tiny_mnist, monkeypatch):
+    folder, _, _ = tiny_mnist
+    bad = idx_bytes(np.array([1, 2, 10, 3, 4], dtype=np.uint8))
+    path = folder / data.MNIST_FILES["test-labels"]["filename"]
+    path.write_bytes(gzip.compress(bad))
+    monkeypatch.setitem(data.MNIST_FILES["test-labels"], "md5", md5(bad))
+    with pytest.raises(DataError, match="label 10 outside 0..9") as exc:
+        data.load_mnist("test", mnist_dir=folder)
+    assert_one_line_naming(exc, path)
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Make any download attempt fail the test loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"unexpected download: {args}")
+    monkeypatch.setattr(data, "download_file", refuse)
+
+
+def test_mnist_dir_read_only_never_written(tiny_mnist, monkeypatch, isolated_env, no_download):
+    folder, arrays, _ = tiny_mnist
+    for p in folder.iterdir():
+        p.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        before = snapshot(folder)
+        monkeypatch.setenv("MNIST_DIR", str(folder))
+        assert data.resolve_mnist_dir() == folder
+        for split in ("train", "test"):
+            _, y = data.load_mnist(split)
+            np.testing.assert_array_equal(y, arrays[f"{split}-labels"])
+        # A corrupt file there is reported, not "repaired" by a download.
+        monkeypatch.setitem(data.MNIST_FILES["test-images"], "md5", "0" * 32)
+        with pytest.raises(DataError, match="checksum mismatch") as exc:
+            data.load_mnist("test")
+        assert_one_line_naming(exc, folder / "t10k-images-idx3-ubyte.gz")
+        # Root (CI) ignores the permission bits, so compare contents and times
+        # instead of relying on a PermissionError.
+        assert snapshot(folder) == before
+        assert not isolated_env.exists()
+    finally:
+        folder.chmod(0o755)
+
+
+def test_mnist_dir_missing_file_names_folder_and_file(tiny_mnist, monkeypatch, no_download):
+    folder, _, _ = tiny_mnist
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv("MNIST_DIR", str(folder))
+    with pytest.raises(DataError, match="lacks train-labels-idx1-ubyte.gz") as exc:
+        data.load_mnist("train")
+    msg = assert_one_line_naming(exc, folder)
+    assert "MNIST_DIR" in msg
+    data.load_mnist("test")  # the other split is complete and still loads
+    monkeypatch.setenv("MNIST_DIR", str(folder / "absent"))
+    with pytest.raises(DataError, match="does not exist") as exc:
+        data.resolve_mnist_dir()
+    assert_one_line_naming(exc, folder / "absent")
+
+
+def test_explicit_dir_beats_env_beats_cache(tiny_mnist, monkeypatch, isolated_env, no_download):
+    folder, _, _ = tiny_mnist
+    monkeypatch.setenv("MNIST_DIR", str(folder / "absent"))
+    assert data.resolve_mnist_dir(folder) == folder
+    monkeypatch.setenv("MNIST_DIR", str(folder))
+    assert data.resolve_mnist_dir() == folder
+    monkeypatch.delenv("MNIST_DIR")
+    with pytest.raises(DataError, match="MNIST cache lacks .*download=False") as exc:
+        data.resolve_mnist_dir(download=False)
+    assert_one_line_naming(exc, isolated_env)
+
+
+def test_default_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("PSCNN_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("PSCNN_CACHE_DIR")
+    assert data.default_cache_dir() == tmp_path / "xdg" / "pscnn" / "mnist"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "pscnn" / "mnist"
+
+
+# --------------------------------------------------------------------------- #
+# downloading from a local server
+# --------------------------------------------------------------------------- #
+def test_download_good_file(server, payload, tmp_path):
+    gz, digest = payload
+    server.route("/m/f.gz", (200, gz))
+    dest = tmp_path / "dl" / "f.gz"  # the folder is created
+    assert fetch(server.url("/m/f.gz"), dest, digest) == dest
+    assert dest.read_bytes() == gz
+    assert os.listdir(dest.parent) == ["f.gz"]  # no temp file left behind
+    assert stat.S_IMODE(dest.stat().st_mode) & 0o044, "a cache file must not be private to its creator"
+
+
+def test_download_raw_file_checks_raw_md5(server, tmp_path):
+    raw = idx_bytes(IMAGES)
+    server.route("/f", (200, raw))
+    fetch([server.url("/f")], tmp_path / "f", md5(raw))
+    assert (tmp_path / "f").read_bytes() == raw
+
+
+def test_download_bad_checksum_leaves_nothing(server, payload, tmp_path):
+    gz, _ = payload
+    server.route("/f.gz", (200, gz))
+    dest = tmp_path / "f.gz"
+    with pytest.raises(DataError, match="checksum mismatch") as exc:
+        fetch(server.url("/f.gz"), dest, "0" * 32, retries=3)
+    msg = assert_one_line_naming(exc, dest)
+    assert server.url("/f.gz") in msg
+    assert server.hits["/f.gz"] == 1, "a wrong checksum is not retried: the mirror serves other bytes"
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_download_keeps_existing_file(server, payload, tmp_path):
+    gz, _ = payload
+    server.route("/f.gz", (200, gz))
+    dest = tmp_path / "f.gz"
+    dest.write_bytes(b"previous content")
+    with pytest.raises(DataError):
+        fetch(server.url("/f.gz"), dest, "0" * 32)
+    assert dest.read_bytes() == b"previous content"
+    assert os.listdir(tmp_path) == ["f.gz"]
+
+
+def test_download_404_then_second_mirror(server, payload, tmp_path):
+    gz, digest = payload
+    server.route("/good/f.gz", (200, gz))
+    urls = [server.url("/missing/f.gz"), server.url("/good/f.gz")]
+    fetch(urls, tmp_path / "f.gz", digest)
+    assert (tmp_path / "f.gz").read_bytes() == gz
+    assert server.hits == {"/missing/f.gz": 1, "/good/f.gz": 1}
+
+
+def test_download_retries_transient_500(server, payload, tmp_path, caplog):
+    gz, digest = payload
+    server.route("/f.gz", (500, b"oops"), (200, gz))
+    fetch(server.url("/f.gz"), tmp_path / "f.gz", digest, retries=2)
+    assert server.hits["/f.gz"] == 2
+    assert (tmp_path / "f.gz").read_bytes() == gz
+    assert "HTTP 500" in caplog.text and "retrying" in caplog.text
+
+
+def test_download_retries_cut_off_transfer(server, tmp_path):
+    # Raw bytes: a cut-off gzip would also fail to decompress, but a cut-off
+    # raw file is only caught by comparing with the Content-Length.
+    raw = idx_bytes(IMAGES)
+    server.route("/f", (200, raw[:30], len(raw)), (200, raw))
+    fetch(server.url("/f"), tmp_path / "f", md5(raw), retries=1)
+    assert server.hits["/f"] == 2
+    assert os.listdir(tmp_path) == ["f"]
+    server.route("/g", (200, raw[:30], len(raw)))
+    with pytest.raises(DataError, match=f"transfer cut off after 30 of {len(raw)} bytes"):
+        fetch(server.url("/g"), tmp_path / "g", md5(raw), retries=0)
+
+
+def test_download_gives_up_after_retries(server, payload, tmp_path):
+    _, digest = payload
+    server.route("/f.gz", (503, b"busy"))
+    with socket.socket() as s:  # a port with nothing listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/f.gz"
+    dest = tmp_path / "f.gz"
+    with pytest.raises(DataError, match="download failed from every mirror") as exc:
+        fetch([server.url("/f.gz"), dead, server.url("/gone.gz")], dest, digest, retries=2)
+    msg = assert_one_line_naming(exc, dest)
+    assert "HTTP 503" in msg and "HTTP 404" in msg and dead in msg
+    assert server.hits["/f.gz"] == 3  # 1 + retries rounds
+    assert server.hits["/gone.gz"] == 1  # a 404 is not retried
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_hopeless_urls_are_not_retried(tmp_path, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(data.time, "sleep", sleeps.append)
+    with pytest.raises(DataError) as exc:
+        fetch(["nope://host/f.gz", (tmp_path / "absent.gz").as_uri()], tmp_path / "f.gz", "0" * 32, retries=3)
+    msg = assert_one_line_naming(exc, tmp_path / "f.gz")
+    assert "unknown url type" in msg and "file not found" in msg
+    assert sleeps == []
+
+
+def test_download_from_file_url(tmp_path, payload):
+    gz, digest = payload
+    src = tmp_path / "mirror" / "f.gz"
+    src.parent.mkdir()
+    src.write_bytes(gz)
+    fetch(src.parent.as_uri() + "/f.gz", tmp_path / "f.gz", digest)
+    assert (tmp_path / "f.gz").read_bytes() == gz
+
+
+def test_concurrent_downloads_into_one_cache(server, payload, tmp_path):
+    gz, digest = payload
+    server.route("/f.gz", (200, gz))
+    dest = tmp_path / "f.gz"
+    errors = []
+
+    def worker():
+        try:
+            fetch(server.url("/f.gz"), dest, digest)
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert dest.read_bytes() == gz
+    assert os.listdir(tmp_path) == ["f.gz"]
+
+
+def test_download_file_validates_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="md5 must be 32 hex digits"):
+        fetch("http://127.0.0.1:1/x", tmp_path / "x", "abc")
+    with pytest.raises(ConfigError, match="urls"):
+        fetch([], tmp_path / "x", "0" * 32)
+    with pytest.raises(ConfigError, match="retries must be >= 0"):
+        fetch("http://127.0.0.1:1/x", tmp_path / "x", "0" * 32, retries=-1)
+
+
+@pytest.fixture
+def mnist_mirror(server, tiny_mnist):
+    """The tiny files served under /mnist/ by the local server."""
+    folder, arrays, _ = tiny_mnist
+    for info in data.MNIST_FILES.values():
+        server.route(f"/mnist/{info['filename']}", (200, (folder / info["filename"]).read_bytes()))
+    return server, arrays
+
+
+def test_load_mnist_downloads_into_cache_and_repairs(mnist_mirror, monkeypatch, isolated_env):
+    server, arrays = mnist_mirror
+    monkeypatch.setenv("PSCNN_MNIST_MIRRORS", " , " + server.url("/mnist"))  # blanks skipped, '/' added
+    x, y = data.load_mnist("test", download=True)
+    np.testing.assert_array_equal(y, arrays["test-labels"])
+    assert sorted(os.listdir(isolated_env)) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    assert server.hits["/mnist/t10k-images-idx3-ubyte.gz"] == 1
+    assert server.hits["/mnist/train-images-idx3-ubyte.gz"] == 0  # only the split asked for
+
+    data.load_mnist("test")  # cached: no new request
+    assert server.hits["/mnist/t10k-images-idx3-ubyte.gz"] == 1
+
+    (isolated_env / "t10k-labels-idx1-ubyte.gz").write_bytes(b"corrupted")
+    _, y = data.load_mnist("test")  # a bad cache file is fetched again
+    np.testing.assert_array_equal(y, arrays["test-labels"])
+    assert server.hits["/mnist/t10k-labels-idx1-ubyte.gz"] == 2
+
+    (isolated_env / "t10k-labels-idx1-ubyte.gz").write_bytes(b"corrupted")
+    with pytest.raises(DataError, match="not an IDX file"):  # but not when downloads are off
+        data.load_mnist("test", download=False)
+
+
+def test_download_mnist_fetches_only_missing_or_bad(mnist_mirror, tmp_path):
+    server, _ = mnist_mirror
+    cache = tmp_path / "c"
+    mirror = server.url("/mnist/")
+    assert data.download_mnist(cache, mirrors=mirror, progress=False) == cache
+    assert sorted(os.listdir(cache)) == sorted(i["filename"] for i in data.MNIST_FILES.values())
+    assert all(server.hits[f"/mnist/{i['filename']}"] == 1 for i in data.MNIST_FILES.values())
+
+    (cache / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"not the images"))
+    data.download_mnist(cache, mirrors=[server.url("/absent/"), mirror], progress=False)
+    assert server.hits["/mnist/train-images-idx3-ubyte.gz"] == 2
+    assert server.hits["/mnist/train-labels-idx1-ubyte.gz"] == 1  # good files are kept
+    data.read_idx(cache / "train-images-idx3-ubyte.gz", data.MNIST_FILES["train-images"]["md5"])
+
+
+# --------------------------------------------------------------------------- #
+# shuffling and batching
+# --------------------------------------------------------------------------- #
+def test_epoch_permutation_is_a_seeded_pure_function():
+    p = data.epoch_permutation(1000, seed=7, epoch=3)
+    assert p.dtype == np.int64 and np.array_equal(np.sort(p), np.arange(1000))
+    np.testing.assert_array_equal(p, data.epoch_permutation(1000, 7, 3))
+    # The documented contract the parameter server relies on:
+    np.testing.assert_array_equal(p, np.random.default_rng([7, 3]).permutation(1000))
+    assert not np.array_equal(p, data.epoch_permutation(1000, 7, 4))
+    assert not np.array_equal(p, data.epoch_permutation(1000, 8, 3))
+    assert data.epoch_permutation(0, 0, 0).shape == (0,)
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        data.epoch_permutation(10, -1, 0)
+
+
+@pytest.mark.parametrize("n, bs", [(0, 4), (1, 4), (10, 3), (12, 4), (7, 100), (60000, 128)])
+def test_batch_index_covers_every_index_once(n, bs):
+    batches = data.batch_index(n, bs, seed=1, epoch=2)
+    assert len(batches) == -(-n // bs)
+    assert all(len(b) == bs for b in batches[:-1])
+    everything = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
+    np.testing.assert_array_equal(everything, data.epoch_permutation(n, 1, 2))
+    assert np.array_equal(np.sort(everything), np.arange(n))
+
+    dropped = data.batch_index(n, bs, seed=1, epoch=2, drop_last=True)
+    assert len(dropped) == n // bs and all(len(b) == bs for b in dropped)
+    assert [b.tolist() for b in dropped] == [b.tolist() for b in batches[: n // bs]]
+
+
+def test_batch_index_validates_batch_size():
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ConfigError, match="batch_size"):
+            data.batch_index(10, bad, 0, 0)
+
+
+def test_iterate_batches_keeps_rows_aligned():
+    n = 23
+    y = np.arange(n)
+    x = (y * 10).reshape(n, 1).astype(np.float32)
+    seen = []
+    for xb, yb in data.iterate_batches(x, y, 5, seed=3, epoch=1):
+        np.testing.assert_array_equal(xb[:, 0], yb * 10)
+        seen.extend(yb.tolist())
+    assert seen == data.epoch_permutation(n, 3, 1).tolist()
+
+    ordered = list(data.iterate_batches(x, y, 5, shuffle=False, drop_last=True))
+    assert [yb.tolist() for _, yb in ordered] == [list(range(i, i + 5)) for i in range(0, 20, 5)]
+    assert np.shares_memory(ordered[0][0], x), "unshuffled batches are views"
+
+
+def test_iterate_batches_validates_eagerly():
+    # Errors surface at the call, not at the first next() of a generator.
+    with pytest.raises(ShapeError, match="differ in length: 3 vs 2"):
+        data.iterate_batches(np.zeros(3), np.zeros(2), 1)
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        data.iterate_batches(np.zeros(3), np.zeros(3), 0)

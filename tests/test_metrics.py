@@ -1,0 +1,186 @@
+"""Metrics against hand-computed confusion matrices, and evaluate() on a real model."""
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from cnn_core.errors import ConfigError, ShapeError
+from cnn_core.losses import softmax_cross_entropy
+from cnn_core.metrics import (RunningMean, accuracy, confusion_matrix, evaluate, per_class_accuracy,
+                              precision_recall)
+from cnn_core.model import build_model
+
+# 3 classes, 8 samples.  Class 2 is never predicted; pairs (true, pred):
+# (0,0) (0,0) (0,1) (1,1) (1,1) (1,0) (2,1) (2,0)
+Y_TRUE = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+Y_PRED = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+CM = [[2, 1, 0],
+      [1, 2, 0],
+      [1, 1, 0]]
+
+
+def test_accuracy_from_labels_and_logits():
+    assert accuracy(Y_PRED, Y_TRUE) == 4 / 8
+    logits = np.eye(3)[Y_PRED] * 5.0 - 1.0          # argmax == Y_PRED
+    assert accuracy(logits, Y_TRUE) == 0.5
+    assert accuracy(np.array([1, 2]), np.array([1, 2])) == 1.0
+    assert isinstance(accuracy(Y_PRED, Y_TRUE), float)
+
+
+def test_accuracy_errors():
+    with pytest.raises(ShapeError, match="3 predictions for 2 labels"):
+        accuracy(np.array([0, 1, 2]), np.array([0, 1]))
+    with pytest.raises(ShapeError, match="no samples"):
+        accuracy(np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+    with pytest.raises(ShapeError, match="must hold integer labels"):
+        accuracy(np.array([0.0, 1.0]), np.array([0, 1]))
+
+
+def test_confusion_matrix_hand_computed():
+    cm = confusion_matrix(Y_TRUE, Y_PRED, num_classes=3)
+    assert cm.dtype == np.int64 and cm.shape == (3, 3)
+    assert cm.tolist() == CM
+    # Default 10 classes: the same counts in the top-left corner, zeros elsewhere.
+    cm10 = confusion_matrix(Y_TRUE, Y_PRED)
+    assert cm10.shape == (10, 10) and cm10[:3, :3].tolist() == CM and cm10.sum() == 8
+    assert confusion_matrix(np.zeros(0, dtype=int), np.zeros(0, dtype=int), 2).tolist() == [[0, 0], [0, 0]]
+
+
+def test_confusion_matrix_matches_a_loop():
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 10, 500), rng.integers(0, 10, 500)
+    expected = np.zeros((10, 10), dtype=np.int64)
+    for t, q in zip(y, p, strict=True):
+        expected[t, q] += 1
+    np.testing.assert_array_equal(confusion_matrix(y, p), expected)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((Y_TRUE, Y_PRED[:-1], 3), ShapeError, "y_true has 8 labels but y_pred has 7"),
+    ((Y_TRUE, Y_PRED, 2), ShapeError, r"y_true holds label 2 outside \[0, 2\)"),
+    ((Y_TRUE, -Y_PRED, 3), ShapeError, r"y_pred holds label -1 outside \[0, 3\)"),
+    ((Y_TRUE.reshape(2, 4), Y_PRED.reshape(2, 4), 3), ShapeError, "y_true must be 1-d"),
+    ((Y_TRUE, Y_PRED, 0), ConfigError, "num_classes must be a positive integer"),
+])
+def test_confusion_matrix_errors(args, error, message):
+    with pytest.raises(error, match=message):
+        confusion_matrix(*args)
+
+
+def test_per_class_accuracy_and_precision_recall():
+    cm = np.array(CM)
+    np.testing.assert_allclose(per_class_accuracy(cm), [2 / 3, 2 / 3, 0.0])
+    precision, recall = precision_recall(cm)
+    # columns: predicted 0 -> 2 of 4 right, predicted 1 -> 2 of 4, class 2 never predicted -> 0
+    np.testing.assert_allclose(precision, [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(recall, [2 / 3, 2 / 3, 0.0])
+
+
+def test_empty_classes_give_zero_without_warnings():
+    cm = np.array([[3, 0, 0], [0, 0, 0], [1, 0, 0]])   # class 1: no samples, never predicted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acc = per_class_accuracy(cm)
+        precision, recall = precision_recall(cm)
+    np.testing.assert_allclose(acc, [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(precision, [0.75, 0.0, 0.0])
+    np.testing.assert_allclose(recall, [1.0, 0.0, 0.0])
+    with pytest.raises(ShapeError, match="must be square"):
+        precision_recall(np.zeros((2, 3)))
+
+
+def test_running_mean():
+    m = RunningMean()
+    assert math.isnan(m.mean) and m.count == 0
+    m.update(2.0, count=3)
+    m.update(4.0)
+    assert m.mean == 2.5 and m.count == 4
+    m.update(np.float32(10.0), count=0)              # an empty batch changes nothing
+    assert m.mean == 2.5
+    m.reset()
+    assert m.count == 0 and math.isnan(m.mean)
+    with pytest.raises(ConfigError, match="count must be a non-negative integer"):
+        m.update(1.0, count=-1)
+
+
+class FixedLogits:
+    """A stand-in model returning preset logits, to check evaluate's bookkeeping exactly."""
+
+    xp = np
+
+    def __init__(self, logits):
+        self.logits = logits
+        self.batches = []
+
+    def forward(self, x, train=True):
+        assert train is False
+        idx = x[:, 0, 0, 0].astype(int)                 # each input carries its own index
+        self.batches.append(len(idx))
+        return self.logits[idx]
+
+
+def test_evaluate_hand_computed_with_batches():
+    logits = np.eye(3)[Y_PRED] * 2.0                    # predicts Y_PRED
+    x = np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1)
+    model = FixedLogits(logits)
+    result = evaluate(model, x, Y_TRUE, batch_size=3)
+    assert model.batches == [3, 3, 2]
+    expected_loss = softmax_cross_entropy(logits, Y_TRUE)[0]
+    # Per sample: -log softmax = log(e^2 + 2) - (2 if right else 0)
+    by_hand = np.mean([math.log(math.exp(2) + 2) - (2.0 if t == p else 0.0)
+                       for t, p in zip(Y_TRUE, Y_PRED, strict=True)])
+    assert result["loss"] == pytest.approx(by_hand, rel=1e-12)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert result["accuracy"] == 0.5 and result["count"] == 8
+    assert result["confusion_matrix"] == CM
+    assert result["per_class_accuracy"] == pytest.approx([2 / 3, 2 / 3, 0.0])
+    assert result["precision"] == pytest.approx([0.5, 0.5, 0.0])
+    assert result["recall"] == pytest.approx([2 / 3, 2 / 3, 0.0])
+    json.dumps(result)                                   # plain Python types only
+    assert all(type(v) is float for v in result["precision"])
+    assert type(result["confusion_matrix"][0][0]) is int
+
+
+def test_evaluate_real_model_matches_direct_computation():
+    model = build_model("light", seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 50)
+    result = evaluate(model, x, y, batch_size=16)
+    logits = model.forward(x, train=False)
+    loss, _ = softmax_cross_entropy(logits, y)
+    assert result["count"] == 50
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["accuracy"] == accuracy(logits, y)
+    assert result["confusion_matrix"] == confusion_matrix(y, logits.argmax(axis=1)).tolist()
+    assert len(result["per_class_accuracy"]) == 10
+
+
+def test_evaluate_errors():
+    model = FixedLogits(np.zeros((4, 3)))
+    x = np.zeros((4, 1, 1, 1), dtype=np.float32)
+    with pytest.raises(ShapeError, match="4 inputs but 3 labels"):
+        evaluate(model, x, np.zeros(3, dtype=int))
+    with pytest.raises(ShapeError, match="no samples"):
+        evaluate(model, x[:0], np.zeros(0, dtype=int))
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        evaluate(model, x, np.zeros(4, dtype=int), batch_size=0)
+
+
+@pytest.mark.gpu
+def test_evaluate_on_gpu_matches_cpu():
+    from cnn_core.backend import cupy_module
+    if cupy_module() is None:
+        pytest.skip("needs CuPy and a CUDA device")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    cpu = evaluate(build_model("light", seed=0), x, y, batch_size=16)
+    gpu = evaluate(build_model("light", seed=0, device="gpu"), x, y, batch_size=16)
+    json.dumps(gpu)
+    assert gpu["count"] == 40 and np.sum(gpu["confusion_matrix"]) == 40
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-4)
+    # float32 on two devices: allow one near-tied argmax to flip.
+    assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 1 / 40
