@@ -1,0 +1,243 @@
+"""``pscnn run``: a server, N trainer workers and an evaluator on this machine.
+
+Each role is its own process (``python -m pscnn.cli ...``), exactly as in a
+multi-host deployment, talking over TCP on 127.0.0.1.  The launcher shows one
+progress bar fed by the server's ``status`` answers, writes each child's log
+to ``OUT/logs/``, and on Ctrl-C stops the workers and the evaluator, then the
+server (which writes a checkpoint, so ``--resume`` continues the run).
+
+:class:`LocalCluster` is the same machinery as a context manager, for tests
+and benchmarks: start a server and clients, kill or add some, wait, clean up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from pscnn import protocol as P
+
+log = logging.getLogger("pscnn.run")
+
+# Flags of `pscnn run` passed through to `pscnn server` unchanged.
+SERVER_FLAGS = ("mode", "staleness", "checkpoint_every", "resume", "lease_timeout", "peer_timeout",
+                "final_eval_timeout", "max_workers", "model", "optimizer", "lr", "momentum", "nesterov",
+                "weight_decay", "l2", "l1", "schedule", "warmup_steps", "seed", "batch_size", "epochs",
+                "train_limit", "test_limit", "mnist_dir", "out", "log_level")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flags_from(args, dests) -> list[str]:
+    """argparse values -> command-line flags (None skipped, booleans as bare flags)."""
+    out = []
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def child_env(threads: int = 1) -> dict:
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def query_status(endpoint: str, timeout: float = 1.0, ctx=None) -> dict | None:
+    """The server's progress dict, or None if it does not answer within ``timeout``."""
+    ctx = ctx or zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
+        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+            return None
+        reply = P.decode(sock.recv_multipart(copy=False))
+        return reply.body.get("progress")
+    finally:
+        sock.close(linger=0)
+
+
+class LocalCluster:
+    """Processes of one run on this machine, with their logs in ``out/logs``."""
+
+    def __init__(self, out: str | Path, port: int | None = None, threads: int = 1):
+        self.out = Path(out)
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.env = child_env(threads)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._files = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        """Start ``pscnn <argv>`` as ``name``; its output goes to logs/<name>.log."""
+        fh = open(self.logs / f"{name}.log", "ab")
+        self._files.append(fh)
+        proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                env=self.env, start_new_session=True)   # Ctrl-C reaches only the launcher
+        self.procs[name] = proc
+        return proc
+
+    def start_server(self, flags: list[str], name: str = "server") -> subprocess.Popen:
+        return self.start(name, ["server", "--bind", self.endpoint, *flags])
+
+    def start_worker(self, name: str, flags: list[str] = ()) -> subprocess.Popen:
+        return self.start(name, ["worker", "--server", self.endpoint, "--name", name, *flags])
+
+    def start_evaluator(self, flags: list[str] = (), name: str = "evaluator") -> subprocess.Popen:
+        return self.start(name, ["evaluator", "--server", self.endpoint, "--name", name, *flags])
+
+    def status(self, timeout: float = 1.0) -> dict | None:
+        return query_status(self.endpoint, timeout)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.logs / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def wait(self, name: str, timeout: float) -> int | None:
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+
+    def stop_all(self, grace: float = 10.0, order=("worker", "evaluator", "server")) -> dict:
+        """SIGTERM in ``order`` of name prefixes, SIGKILL what outlives ``grace``; exit codes."""
+        for prefix in order:
+            group = [n for n in self.procs if n.startswith(prefix)]
+            for n in group:
+                self.kill(n, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for n in group:
+                if self.wait(n, max(0.1, deadline - time.monotonic())) is None:
+                    self.kill(n, signal.SIGKILL)
+                    self.wait(n, 5)
+        return {n: p.returncode for n, p in self.procs.items()}
+
+    def close(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        for fh in self._files:
+            fh.close()
+        self._files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_from_args(args) -> int:
+    """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
+    from tqdm import tqdm  # noqa: PLC0415
+    cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads)
+    client_flags = ["--device", args.device, "--threads", str(args.threads), "--log-level", args.log_level]
+    if args.mnist_dir:
+        client_flags += ["--mnist-dir", args.mnist_dir]
+    print(f"pscnn run: server on {cluster.endpoint}, {args.workers} workers, mode {args.mode}, "
+          f"logs in {cluster.logs}", file=sys.stderr)
+    with cluster:
+        cluster.start_server(flags_from(args, SERVER_FLAGS))
+        for i in range(args.workers):
+            cluster.start_worker(f"worker-{i}", client_flags)
+        if not args.no_evaluator:
+            cluster.start_evaluator([*client_flags, "--every", str(args.eval_every),
+                                     "--test-limit", str(args.test_limit)])
+        bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True)
+        try:
+            status = _follow(cluster, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            print("\npscnn run: interrupted; stopping workers, evaluator, then the server (it checkpoints)",
+                  file=sys.stderr)
+            cluster.stop_all()
+            print(f"pscnn run: stopped. Continue with the same command plus --resume (run folder {args.out})",
+                  file=sys.stderr)
+            return 130
+        bar.close()
+        codes = {}
+        for name in cluster.procs:      # clients exit right after the server told them to stop
+            code = cluster.wait(name, timeout=args.peer_timeout + 10)
+            codes[name] = code
+        failed = {n: c for n, c in codes.items() if c not in (0,)}
+        for name, code in failed.items():
+            print(f"pscnn run: {name} exited with {code}; last lines of its log:\n{cluster.log_tail(name)}",
+                  file=sys.stderr)
+        if status != 0:
+            return status
+    print_report(Path(args.out) / "summary.json")
+    return 1 if failed else 0
+
+
+def _follow(cluster: LocalCluster, bar) -> int:
+    """Update the bar from the server's status until the server exits; its exit code."""
+    server = cluster.procs["server"]
+    while server.poll() is None:
+        st = cluster.status(timeout=0.5)
+        if st:
+            if bar.total != st["batches_total"]:
+                bar.total = st["batches_total"]
+            bar.n = st["batches_done"]
+            acc = st.get("test_accuracy")
+            bar.set_postfix_str(f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}, "
+                                f"{st['images_per_second']:.0f} img/s, "
+                                f"loss {st['loss']:.3f}" if st.get("loss") is not None else "starting", refresh=False)
+            if acc is not None:
+                bar.set_description(f"test acc {acc:.4f}", refresh=False)
+            bar.refresh()
+        time.sleep(0.5)
+    code = server.returncode
+    if code != 0:
+        print(f"pscnn run: the server exited with {code}; last lines of its log:\n{cluster.log_tail('server')}",
+              file=sys.stderr)
+    return code
+
+
+def print_report(summary_path: Path) -> None:
+    """The final report of a run, from its summary.json."""
+    try:
+        s = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"pscnn run: no summary ({exc})", file=sys.stderr)
+        return
+    acc = s.get("test_accuracy")
+    stale = s.get("staleness", {})
+    print(f"\nrun finished: mode {s['mode']}, {s['workers']} workers, {s['epochs']} epochs")
+    print(f"  test accuracy      {acc:.4f}" if isinstance(acc, float) else "  test accuracy      n/a")
+    print(f"  test loss          {s.get('test_loss'):.4f}" if isinstance(s.get("test_loss"), float) else "", end="")
+    print(f"\n  updates            {s['updates']:,}  ({s['samples_applied']:,} samples)")
+    print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
+    print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)}")
+    print(f"  evaluations        {len(s.get('evaluations', []))}")
+    pca = s.get("per_class_accuracy")
+    if pca:
+        print("  per-class accuracy " + " ".join(f"{i}:{a:.3f}" for i, a in enumerate(pca)))
+    print(f"  results in         {summary_path.parent}")

@@ -1,0 +1,1 @@
+"""The parameter server: holds the weights, leases batches, applies gradients."""

@@ -1,0 +1,659 @@
+"""The parameter server: one ZeroMQ ROUTER socket, one thread, one event loop.
+
+What it does per message type (see ``pscnn/protocol.py``):
+
+* ``hello``  registers a trainer or the evaluator and answers with the model
+  spec and the run's data settings;
+* ``work``   leases the next batch (``task``, with weights when newer) or asks
+  to ``wait``;
+* ``push``   validates a gradient, applies it according to the consistency
+  mode, and answers with the next ``task``: one round trip per step;
+* ``pull`` / ``eval_report``  serve the evaluator, whose work never blocks
+  the trainers (its reports are just logged);
+* ``status`` / ``heartbeat``  answer at once.
+
+Reliability: every client request carries (worker id, sequence number).  A
+request seen again (a client resend) gets the cached reply, or nothing while
+its reply is still parked, so a retried push is never applied twice.
+Liveness: any message counts as a heartbeat; a worker silent for
+``peer_timeout`` is declared dead and its leases go back to the queue; a lease
+older than ``lease_timeout`` is requeued too.
+
+Consistency (``--mode``):
+
+* ``async``  apply each gradient on arrival;
+* ``sync``   BSP: the workers holding a lease of the current version form the
+  round; their gradients are averaged (weighted by batch size) and applied
+  once all of them arrived, or the dead ones were dropped;
+* ``ssp``    apply on arrival, but a worker more than ``staleness`` pushes
+  ahead of the slowest live one gets its next task only when it catches up.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket as pysocket
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
+from cnn_core.errors import CheckpointError, ConfigError
+from cnn_core.model import resolve_spec
+from cnn_core.runlog import RunWriter, make_plots
+from pscnn import protocol as P
+
+from .store import ParameterStore
+from .work import WorkQueue
+
+log = logging.getLogger("pscnn.server")
+
+MNIST_TRAIN_SIZE = 60_000
+MNIST_TEST_SIZE = 10_000
+CHECKPOINT_NAME = "checkpoint.npz"
+
+
+@dataclass
+class ServerConfig:
+    bind: str = "tcp://*:5555"
+    mode: str = "sync"
+    staleness: int = 2
+    epochs: int = 1
+    batch_size: int = 64
+    model: object = "seed"
+    optimizer: dict = field(default_factory=lambda: {"name": "sgd", "lr": 0.05, "momentum": 0.9})
+    seed: int = 0
+    train_limit: int = 0
+    test_limit: int = 0
+    mnist_dir: str | None = None
+    out: str = "runs/server"
+    checkpoint_every: float = 30.0
+    resume: bool = False
+    lease_timeout: float = 30.0
+    peer_timeout: float = 10.0
+    final_eval_timeout: float = 120.0
+    max_workers: int = 1024
+    log_steps: bool = True
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Peer:
+    wid: str
+    role: str
+    name: str
+    rid: bytes
+    joined: float
+    last_seen: float
+    last_seq: int = -1
+    cached_reply: list | None = None    # frames of the reply to last_seq (resent on duplicates)
+    pending: bool = False               # last_seq's reply is parked (sync barrier / ssp)
+    parked_since: float = 0.0
+    parked_ack: dict | None = None
+    known_version: int = -1             # newest weights version this peer was sent
+    clock: int = 0                      # ssp: pushes applied
+    pushes: int = 0
+    samples: int = 0
+    told_to_stop: bool = False
+
+
+class ParameterServer:
+    def __init__(self, cfg: ServerConfig):
+        if cfg.mode not in ("sync", "async", "ssp"):
+            raise ConfigError(f"unknown mode {cfg.mode!r}: expected sync, async or ssp")
+        self.cfg = cfg
+        self.num_samples = min(cfg.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
+        self.spec = resolve_spec(cfg.model)
+        self.store = ParameterStore(self.spec, cfg.optimizer, seed=cfg.seed)
+        self.spec = self.store.model.spec
+        self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.peers: dict[str, Peer] = {}
+        self.contributors: set[str] = set()
+        self.samples_applied = 0
+        self.staleness = Counter()
+        self.evaluations: list[dict] = []
+        self.final_eval: dict | None = None
+        self.losses = deque(maxlen=50)
+        self.rate_window = deque(maxlen=200)        # (time, samples_applied)
+        self.round_members: dict[str, tuple[int, int]] = {}   # sync: wid -> (epoch, batch)
+        self.round_arrived: dict[str, dict] = {}                # sync: wid -> push info
+        self.rejected = Counter()
+        self.train_seconds_before = 0.0             # from earlier incarnations (resume)
+        self.t_start = time.monotonic()
+        self.t_train_end: float | None = None
+        self.t_finish_start: float | None = None
+        self.summary_written = False
+        self._stop_requested = False
+        self._last_checkpoint = time.monotonic()
+        self.writer = None
+        self.ctx = zmq.Context.instance()
+        self.sock = None
+        if cfg.resume:
+            self._resume()
+
+    # ================================================================== lifecycle
+    def serve(self) -> int:
+        """Run until training is over and every client was told to stop.  Returns 0."""
+        self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
+                                resume=self.cfg.resume)
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
+        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.setsockopt(zmq.RCVHWM, 10_000)
+        self.sock.bind(self.cfg.bind)
+        log.info("listening on %s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
+                 "optimizer %s", self.cfg.bind, self.cfg.mode,
+                 f" (staleness {self.cfg.staleness})" if self.cfg.mode == "ssp" else "",
+                 self.cfg.epochs, self.work.batches_per_epoch, self.cfg.batch_size,
+                 self.cfg.model if isinstance(self.cfg.model, str) else "custom",
+                 f"{self.store.model.num_parameters():,}", self.store.optimizer.config()["name"])
+        old_handlers = self._install_signal_handlers()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        last_housekeeping = 0.0
+        try:
+            while True:
+                events = dict(poller.poll(50))
+                if self.sock in events:
+                    for _ in range(256):        # drain a burst before housekeeping
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_frames(frames)
+                now = time.monotonic()
+                if now - last_housekeeping >= 0.05:
+                    last_housekeeping = now
+                    if self._housekeeping(now):
+                        break
+                if self._stop_requested:
+                    log.warning("interrupted: writing a checkpoint; continue later with --resume")
+                    self._checkpoint()
+                    break
+        finally:
+            self._restore_signal_handlers(old_handlers)
+            self.sock.close(linger=1000)
+            self.writer.close()
+        return 0
+
+    def _install_signal_handlers(self):
+        def on_signal(signum, _frame):
+            self._stop_requested = True
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[sig] = signal.signal(sig, on_signal)
+            except ValueError:          # not the main thread (tests): no handlers
+                pass
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    # ================================================================== dispatch
+    def _on_frames(self, frames) -> None:
+        if len(frames) < 2:
+            return                      # a ROUTER always prefixes the routing id; nothing to answer
+        rid = frames[0].bytes
+        try:
+            msg = P.decode(frames[1:])
+        except P.ProtocolError as exc:
+            self._reject(rid, None, exc)
+            return
+        now = time.monotonic()
+        if msg.type == P.STATUS:
+            self._send(rid, P.Message(P.STATUS, body={"progress": self.progress()}))
+            return
+        if msg.type == P.HELLO:
+            self._on_hello(rid, msg, now)
+            return
+        peer = self.peers.get(msg.wid)
+        if peer is None:
+            self._reject(rid, msg, P.ProtocolError(
+                f"unknown worker id {msg.wid!r}: send hello first (the server may have restarted)",
+                "unknown_worker"))
+            return
+        peer.last_seen = now
+        if msg.type == P.HEARTBEAT:     # from the client's heartbeat socket: no sequence number
+            self._send(rid, P.Message(P.HEARTBEAT, body={"version": self.store.version,
+                                                         "done": self.work.done}))
+            return
+        if msg.seq == peer.last_seq:    # a resend: same answer, never a second application
+            peer.rid = rid
+            if peer.cached_reply is not None:
+                P.send_frames(self.sock, peer.cached_reply, rid)
+            return
+        if msg.seq < peer.last_seq:
+            log.debug("ignoring late duplicate seq %d from %s", msg.seq, peer.name)
+            return
+        peer.rid = rid
+        peer.last_seq = msg.seq
+        peer.cached_reply = None
+        peer.pending = True
+        handler = {P.WORK: self._on_work, P.PUSH: self._on_push, P.PULL: self._on_pull,
+                   P.EVAL_REPORT: self._on_eval_report, P.BYE: self._on_bye}.get(msg.type)
+        allowed = {"trainer": (P.WORK, P.PUSH, P.BYE), "evaluator": (P.PULL, P.EVAL_REPORT, P.BYE)}[peer.role]
+        if handler is None or msg.type not in allowed:
+            self._reply(peer, P.Message(P.ERROR, body={
+                "code": "unexpected_type", "message": f"a {peer.role} may not send {msg.type!r}"}))
+            self.rejected["unexpected_type"] += 1
+            log.warning("rejected %s from %s: a %s may not send it", msg.type, peer.name, peer.role)
+            return
+        handler(peer, msg, now)
+
+    def _reject(self, rid: bytes, msg, exc: P.ProtocolError) -> None:
+        self.rejected[exc.code] += 1
+        who = msg.wid if msg is not None and msg.wid else rid.hex()[:16]
+        log.warning("rejected message from %s: %s", who, exc)
+        self._send(rid, P.Message(P.ERROR, seq=msg.seq if msg is not None else 0,
+                                  body={"code": exc.code, "message": str(exc)[:1000]}))
+
+    def _send(self, rid: bytes, msg: P.Message) -> list:
+        frames = P.encode(msg)
+        P.send_frames(self.sock, frames, rid)
+        return frames
+
+    def _reply(self, peer: Peer, msg: P.Message) -> None:
+        """Answer the peer's current request; the reply is kept for resends."""
+        msg.wid = ""
+        msg.seq = peer.last_seq
+        peer.cached_reply = self._send(peer.rid, msg)
+        peer.pending = False
+
+    # ================================================================== joining / leaving
+    def _on_hello(self, rid: bytes, msg: P.Message, now: float) -> None:
+        wid = msg.wid
+        if not wid:
+            self._reject(rid, msg, P.ProtocolError("hello: 'wid' (the client id) must not be empty"))
+            return
+        old = self.peers.get(wid)
+        if old is not None and old.last_seq == msg.seq and old.cached_reply is not None:
+            P.send_frames(self.sock, old.cached_reply, rid)     # a resent hello
+            return
+        if old is None and sum(p.role == "trainer" for p in self.peers.values()) >= self.cfg.max_workers \
+                and msg.body["role"] == "trainer":
+            self._reject(rid, msg, P.ProtocolError(f"server full ({self.cfg.max_workers} workers)", "full"))
+            return
+        if old is not None:
+            self._drop_peer(old, "rejoined")
+        name = msg.body.get("name") or wid
+        peer = Peer(wid=wid, role=msg.body["role"], name=name, rid=rid, joined=now, last_seen=now,
+                    last_seq=msg.seq)
+        if self.cfg.mode == "ssp":
+            clocks = [p.clock for p in self.peers.values() if p.role == "trainer"]
+            peer.clock = min(clocks) if clocks else 0
+        self.peers[wid] = peer
+        log.info("%s joined: %s (host %s, pid %s, device %s)", peer.role, name, msg.body.get("host", "?"),
+                 msg.body.get("pid", "?"), msg.body.get("device", "?"))
+        self.writer.log("join", worker=name, role=peer.role, version=self.store.version)
+        run = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "num_samples": self.num_samples,
+               "epochs": self.cfg.epochs, "mode": self.cfg.mode, "test_limit": self.cfg.test_limit}
+        self._reply(peer, P.Message(P.WELCOME, body={
+            "worker_id": wid, "role": peer.role, "model": self.spec, "run": run,
+            "incarnation": self.incarnation, "heartbeat_s": max(0.2, self.cfg.peer_timeout / 5)}))
+
+    def _on_bye(self, peer: Peer, msg: P.Message, now: float) -> None:
+        self._reply(peer, P.Message(P.ACK))
+        self._drop_peer(peer, f"left ({msg.body.get('reason', 'bye')})")
+
+    def _drop_peer(self, peer: Peer, why: str) -> None:
+        """Forget a peer: requeue its leases, take it out of barriers."""
+        self.peers.pop(peer.wid, None)
+        requeued = self.work.release_worker(peer.wid)
+        level = logging.WARNING if "dead" in why else logging.INFO
+        log.log(level, "%s %s %s%s", peer.role, peer.name, why,
+                f"; requeued batches {requeued}" if requeued else "")
+        self.writer.log("leave", worker=peer.name, reason=why, requeued=requeued, version=self.store.version)
+        if self.cfg.mode == "sync":            # an arrived gradient stays in the round
+            self.round_members.pop(peer.wid, None)
+            self._maybe_close_round(time.monotonic())
+        elif self.cfg.mode == "ssp":
+            self._release_parked(time.monotonic())
+
+    # ================================================================== trainers
+    def _on_work(self, peer: Peer, msg: P.Message, now: float) -> None:
+        self._give_task(peer, now, held_s=0.0, ack=None)
+
+    def _give_task(self, peer: Peer, now: float, held_s: float, ack: dict | None) -> None:
+        """Answer a trainer's current request with a task, a wait, or stop."""
+        if self.work.done:
+            peer.told_to_stop = True
+            body = {"version": self.store.version, "reason": "training finished"}
+            if ack is not None:
+                body["ack"] = ack
+            self._reply(peer, P.Message(P.STOP, body=body))
+            return
+        if self.cfg.mode == "ssp" and not self._ssp_may_proceed(peer):
+            peer.parked_since = peer.parked_since or now
+            peer.parked_ack = ack
+            return                      # parked: answered by _release_parked
+        lease = self.work.lease(peer.wid, now)
+        if lease is None:
+            body = {"retry_s": 0.05, "held_s": held_s, "reason": "epoch draining"}
+            if ack is not None:
+                body["ack"] = ack
+            self._reply(peer, P.Message(P.WAIT, body=body))
+            return
+        if self.cfg.mode == "sync":
+            self.round_members[peer.wid] = (lease.epoch, lease.batch)
+        body = {"version": self.store.version, "epoch": lease.epoch, "batch": lease.batch,
+                "lease": lease.lease_id, "held_s": held_s}
+        if ack is not None:
+            body["ack"] = ack
+        arrays = {}
+        if peer.known_version != self.store.version:
+            _, arrays = self.store.snapshot()
+            peer.known_version = self.store.version
+        self._reply(peer, P.Message(P.TASK, body=body, arrays=arrays))
+
+    def _on_push(self, peer: Peer, msg: P.Message, now: float) -> None:
+        b = msg.body
+        try:
+            grads, state = self.store.check_push_arrays(msg.arrays)
+        except P.ProtocolError as exc:
+            self.rejected[exc.code] += 1
+            requeued = self.work.release(b["epoch"], b["batch"])
+            if self.cfg.mode == "sync":
+                self.round_members.pop(peer.wid, None)
+            log.warning("rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"], b["batch"],
+                        exc, "; batch requeued" if requeued else "")
+            self._reply(peer, P.Message(P.ERROR, body={"code": exc.code, "message": str(exc)[:1000]}))
+            if self.cfg.mode == "sync":
+                self._maybe_close_round(now)
+            return
+        if not self.work.is_live(b["epoch"], b["batch"]):
+            self._give_task(peer, now, 0.0, {"applied": False, "reason": "batch already applied or epoch over"})
+            return
+        if self.cfg.mode == "sync":
+            self._push_sync(peer, msg, grads, state, now)
+            return
+        staleness = self.store.version - b["base_version"]
+        lr = self.store.apply(grads, state)
+        self._applied([(peer, b)], lr, [staleness], now)
+        if self.cfg.mode == "ssp":
+            peer.clock += 1
+        self._give_task(peer, now, 0.0, {"applied": True, "staleness": staleness})
+        if self.cfg.mode == "ssp":
+            self._release_parked(now)
+
+    def _applied(self, contributions: list, lr: float, staleness: list, now: float) -> None:
+        """Bookkeeping after one optimizer step over ``[(peer or None, push body), ...]``.
+
+        async/ssp: one push; sync: a round (a member that died after pushing is
+        None here, but its batch was in the average and counts as applied).
+        """
+        samples = 0
+        for p, body in contributions:
+            self.work.complete(body["epoch"], body["batch"])
+            samples += body["count"]
+            self.losses.append(body["loss"])
+            if p is not None:
+                p.pushes += 1
+                p.samples += body["count"]
+                self.contributors.add(p.name)
+        for s in staleness:
+            self.staleness[s] += 1
+        self.samples_applied += samples
+        self.rate_window.append((now, self.samples_applied))
+        if self.cfg.log_steps:
+            timings = [body["timing"] for _, body in contributions]
+            mean = {k: float(np.mean([t.get(k, 0.0) for t in timings])) for k in P.TIMING_FIELDS}
+            self.writer.log("step", version=self.store.version, epoch=contributions[0][1]["epoch"],
+                            workers=[p.name for p, _ in contributions if p is not None], samples=samples, lr=lr,
+                            loss=float(np.mean([body["loss"] for _, body in contributions])),
+                            accuracy=sum(body["correct"] for _, body in contributions) / max(samples, 1),
+                            staleness=staleness, **mean)
+        if self.work.done and self.t_train_end is None:
+            self.t_train_end = now
+            log.info("training finished: %d updates, %d samples applied", self.store.version, self.samples_applied)
+
+    # ---------------------------------------------------------------- sync (BSP)
+    def _push_sync(self, peer: Peer, msg: P.Message, grads: dict, state: dict, now: float) -> None:
+        b = msg.body
+        member = self.round_members.get(peer.wid)
+        if b["base_version"] != self.store.version or member != (b["epoch"], b["batch"]):
+            # computed against an older version (the worker was dropped from that round,
+            # and its batch requeued then)
+            self._give_task(peer, now, 0.0, {"applied": False, "reason": "stale round"})
+            return
+        self.store.accumulate(grads, state, b["count"])
+        self.round_arrived[peer.wid] = b
+        peer.parked_since = now
+        self._maybe_close_round(now)
+
+    def _maybe_close_round(self, now: float) -> None:
+        if not self.round_arrived or any(w not in self.round_arrived for w in self.round_members):
+            return
+        contributions = [(self.peers.get(w), b) for w, b in self.round_arrived.items()]
+        lr = self.store.apply_accumulated()
+        self._applied(contributions, lr, [0] * len(contributions), now)
+        self.round_members.clear()
+        self.round_arrived.clear()
+        for p, _ in contributions:
+            if p is not None:
+                held = now - p.parked_since
+                p.parked_since = 0.0
+                self._give_task(p, now, held, {"applied": True, "staleness": 0})
+
+    # ---------------------------------------------------------------- ssp
+    def _ssp_may_proceed(self, peer: Peer) -> bool:
+        clocks = [p.clock for p in self.peers.values() if p.role == "trainer"]
+        return not clocks or peer.clock - min(clocks) <= self.cfg.staleness
+
+    def _release_parked(self, now: float) -> None:
+        for p in list(self.peers.values()):
+            if p.role == "trainer" and p.pending and p.parked_since and self._ssp_may_proceed(p):
+                held = now - p.parked_since
+                p.parked_since = 0.0
+                self._give_task(p, now, held, p.parked_ack)
+
+    # ================================================================== evaluator
+    def _on_pull(self, peer: Peer, msg: P.Message, now: float) -> None:
+        version, arrays = self.store.snapshot()
+        done = self.work.done
+        body = {"version": version, "epoch": self.work.epoch, "done": done, "updates": version}
+        if msg.body["have_version"] == version:
+            arrays = {}
+        if done:
+            peer.told_to_stop = True
+        self._reply(peer, P.Message(P.WEIGHTS, body=body, arrays=arrays))
+
+    def _on_eval_report(self, peer: Peer, msg: P.Message, now: float) -> None:
+        m = msg.body["metrics"]
+        acc = m.get("test_accuracy")
+        if not isinstance(acc, (int, float)) or not 0 <= acc <= 1:
+            self._reply(peer, P.Message(P.ERROR, body={"code": "bad_metrics",
+                                                       "message": "eval_report: test_accuracy must be in [0, 1]"}))
+            log.warning("rejected eval_report from %s: test_accuracy=%r", peer.name, acc)
+            return
+        record = {"seconds": round(self._train_clock(now), 3), "version": msg.body["version"],
+                  "test_accuracy": float(acc), "test_loss": m.get("test_loss"), "final": msg.body["final"]}
+        self.evaluations.append(record)
+        self.writer.log("eval", **record, per_class_accuracy=m.get("per_class_accuracy"))
+        log.info("evaluation of version %d: test accuracy %.4f, loss %s%s", record["version"], acc,
+                 f"{m['test_loss']:.4f}" if isinstance(m.get("test_loss"), (int, float)) else "?",
+                 " (final)" if record["final"] else "")
+        if msg.body["final"] and msg.body["version"] == self.store.version:
+            self.final_eval = m
+        self._reply(peer, P.Message(P.ACK))
+
+    # ================================================================== housekeeping
+    def _housekeeping(self, now: float) -> bool:
+        """Leases, dead peers, checkpoints and the end of the run.  True: exit the loop."""
+        for worker, batch in self.work.expire(now):
+            peer = self.peers.get(worker)
+            log.warning("lease of batch %d (epoch %d) held by %s expired; requeued", batch, self.work.epoch,
+                        peer.name if peer else worker)
+            if self.cfg.mode == "sync" and self.round_members.get(worker, (None, None))[1] == batch:
+                self.round_members.pop(worker, None)
+                self._maybe_close_round(now)
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > self.cfg.peer_timeout:
+                self._drop_peer(peer, f"declared dead (silent for {now - peer.last_seen:.1f} s)")
+        if self.cfg.checkpoint_every and now - self._last_checkpoint >= self.cfg.checkpoint_every \
+                and not self.work.done:
+            self._checkpoint()
+        if self.work.done:
+            return self._finish(now)
+        return False
+
+    def _finish(self, now: float) -> bool:
+        if self.t_finish_start is None:
+            self.t_finish_start = now
+            self._checkpoint()
+            for p in list(self.peers.values()):     # parked trainers (ssp) learn it is over
+                if p.role == "trainer" and p.pending and p.parked_since:
+                    p.parked_since = 0.0
+                    self._give_task(p, now, 0.0, p.parked_ack)
+            if not any(p.role == "evaluator" for p in self.peers.values()):
+                log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
+        if self.final_eval is None and now - self.t_finish_start < self.cfg.final_eval_timeout:
+            return False
+        if not self.summary_written:
+            if self.final_eval is None:
+                log.warning("no final evaluation from an evaluator; scoring the final weights here")
+                self.final_eval = self._evaluate_here()
+            self._write_summary(now)
+        # linger until every live client was told to stop (they exit on it), bounded by peer_timeout
+        waiting = [p for p in self.peers.values() if not p.told_to_stop]
+        return not waiting or now - self.t_finish_start > self.cfg.final_eval_timeout + self.cfg.peer_timeout
+
+    def _evaluate_here(self) -> dict:
+        try:
+            from cnn_core.data import load_mnist   # noqa: PLC0415
+            from cnn_core.metrics import evaluate  # noqa: PLC0415
+            x, y = load_mnist("test", mnist_dir=self.cfg.mnist_dir, limit=self.cfg.test_limit or None)
+            m = evaluate(self.store.model, x, y)
+            record = {"seconds": round(self._train_clock(time.monotonic()), 3), "version": self.store.version,
+                      "test_accuracy": m["accuracy"], "test_loss": m["loss"], "final": True}
+            self.evaluations.append(record)
+            self.writer.log("eval", **record, per_class_accuracy=m["per_class_accuracy"], by="server")
+            return {"test_accuracy": m["accuracy"], "test_loss": m["loss"], **m}
+        except Exception as exc:    # the run's weights are saved either way
+            log.error("could not evaluate the final weights: %s", exc)
+            return {}
+
+    def _train_clock(self, now: float) -> float:
+        end = self.t_train_end if self.t_train_end is not None else now
+        return self.train_seconds_before + (end - self.t_start)
+
+    def _write_summary(self, now: float) -> None:
+        m = self.final_eval or {}
+        train_s = self._train_clock(now)
+        total = sum(self.staleness.values())
+        summary = {
+            "test_accuracy": m.get("test_accuracy"), "test_loss": m.get("test_loss"),
+            "per_class_accuracy": m.get("per_class_accuracy"), "confusion_matrix": m.get("confusion_matrix"),
+            "precision": m.get("precision"), "recall": m.get("recall"),
+            "epochs": self.cfg.epochs, "mode": self.cfg.mode,
+            "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
+            "workers": len(self.contributors), "worker_ids": sorted(self.contributors),
+            "updates": self.store.version, "samples_applied": self.samples_applied,
+            "samples_seen": self.samples_applied,
+            "staleness": {"mean": (sum(k * v for k, v in self.staleness.items()) / total) if total else 0.0,
+                          "max": max(self.staleness) if total else 0,
+                          "histogram": {str(k): v for k, v in sorted(self.staleness.items())}},
+            "evaluations": [{"seconds": e["seconds"], "version": e["version"], "test_accuracy": e["test_accuracy"]}
+                            for e in self.evaluations],
+            "wall_seconds": round(self.train_seconds_before + (now - self.t_start), 3),
+            "train_seconds": round(train_s, 3),
+            "train_images_per_second": self.samples_applied / train_s if train_s > 0 else 0.0,
+            "batch_size": self.cfg.batch_size, "model": self.cfg.model, "optimizer": self.store.optimizer.config(),
+            "rejected_messages": dict(self.rejected), "lease_requeues": self.work.requeued_total,
+            "device": "cpu (server)", "config": self.cfg.to_json(),
+        }
+        self.writer.write_summary(summary)
+        save_model_checkpoint(os.path.join(self.cfg.out, "model.npz"), self.store.model, None,
+                              step=self.store.version, metrics={"test_accuracy": m.get("test_accuracy")})
+        try:
+            make_plots(self.cfg.out)
+        except Exception as exc:   # plots are a convenience; the run's results are written
+            log.warning("plots failed: %s", exc)
+        self.summary_written = True
+        acc = m.get("test_accuracy")
+        log.info("run complete: %d updates, test accuracy %s, %.1f img/s; wrote %s", self.store.version,
+                 f"{acc:.4f}" if isinstance(acc, float) else "n/a", summary["train_images_per_second"],
+                 self.cfg.out)
+
+    # ================================================================== checkpoints
+    def _checkpoint(self) -> None:
+        path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
+        extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
+                 "staleness": {str(k): v for k, v in self.staleness.items()},
+                 "evaluations": self.evaluations, "contributors": sorted(self.contributors),
+                 "train_seconds": self._train_clock(time.monotonic()), "mode": self.cfg.mode}
+        t = time.perf_counter()
+        save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
+        self._last_checkpoint = time.monotonic()
+        log.info("checkpoint written: version %d, epoch %d (%d/%d batches) in %.0f ms", self.store.version,
+                 self.work.epoch, len(self.work.applied), self.work.batches_per_epoch,
+                 (time.perf_counter() - t) * 1e3)
+        self.writer.log("checkpoint", version=self.store.version, epoch=self.work.epoch)
+
+    def _resume(self) -> None:
+        path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume: no checkpoint at {path}")
+        _, _, meta = load_model_checkpoint(path, model=self.store.model, optimizer=self.store.optimizer)
+        extra = meta.get("extra", {})
+        work = extra.get("work", {})
+        if work.get("num_samples") != self.num_samples or work.get("batch_size") != self.cfg.batch_size:
+            raise CheckpointError(f"--resume: {path} was written for {work.get('num_samples')} samples in batches "
+                                  f"of {work.get('batch_size')}, this run has {self.num_samples} / "
+                                  f"{self.cfg.batch_size}")
+        self.store.version = int(meta["step"])
+        self.work = WorkQueue(self.num_samples, self.cfg.batch_size, self.cfg.epochs, self.cfg.lease_timeout,
+                              epoch=int(work["epoch"]), applied=work.get("applied", []))
+        self.samples_applied = int(extra.get("samples_applied", 0))
+        self.staleness = Counter({int(k): v for k, v in extra.get("staleness", {}).items()})
+        self.evaluations = list(extra.get("evaluations", []))
+        self.contributors = set(extra.get("contributors", []))
+        self.train_seconds_before = float(extra.get("train_seconds", 0.0))
+        log.info("resumed from %s: version %d, epoch %d with %d/%d batches applied", path, self.store.version,
+                 self.work.epoch, len(self.work.applied), self.work.batches_per_epoch)
+
+    # ================================================================== status
+    def progress(self) -> dict:
+        now = time.monotonic()
+        rate = 0.0
+        recent = [(t, s) for t, s in self.rate_window if now - t <= 5.0]
+        if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+            rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+        last = self.evaluations[-1] if self.evaluations else None
+        return {"version": self.store.version, **self.work.progress(), "done": self.work.done,
+                "finished": self.summary_written, "mode": self.cfg.mode,
+                "samples_applied": self.samples_applied, "images_per_second": rate,
+                "loss": float(np.mean(self.losses)) if self.losses else None,
+                "test_accuracy": last["test_accuracy"] if last else None,
+                "eval_version": last["version"] if last else None,
+                "trainers": sum(p.role == "trainer" for p in self.peers.values()),
+                "evaluators": sum(p.role == "evaluator" for p in self.peers.values()),
+                "contributors": len(self.contributors), "incarnation": self.incarnation,
+                "host": pysocket.gethostname()}
+
+
+def serve_from_args(args) -> int:
+    """``pscnn server``: build the config from the CLI flags and serve."""
+    from pscnn.cli import optimizer_config, resolve_auto_schedule  # noqa: PLC0415
+    num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
+    updates = args.epochs * -(-num_samples // args.batch_size)
+    cfg = ServerConfig(bind=args.bind, mode=args.mode, staleness=args.staleness, epochs=args.epochs,
+                       batch_size=args.batch_size, model=args.model,
+                       optimizer=resolve_auto_schedule(optimizer_config(args), updates), seed=args.seed,
+                       train_limit=args.train_limit, test_limit=args.test_limit, mnist_dir=args.mnist_dir,
+                       out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                       lease_timeout=args.lease_timeout, peer_timeout=args.peer_timeout,
+                       final_eval_timeout=args.final_eval_timeout, max_workers=args.max_workers)
+    return ParameterServer(cfg).serve()

@@ -1,0 +1,136 @@
+"""Work distribution: leased batches of a seeded per-epoch permutation.
+
+Epoch ``e`` of the run is ``cnn_core.data.batch_index(n, batch_size, seed, e)``:
+a permutation of the training set cut into batches.  A worker's shard is the
+set of batches it leases.  Each batch of each epoch is *applied* exactly once:
+
+* ``lease`` hands out the next pending batch (with a deadline);
+* ``complete`` marks a batch applied, only if it is not applied yet: a second
+  push for the same batch (a retried or expired lease) returns False and its
+  gradient is dropped;
+* an expired lease, or every lease of a worker that died or left, goes back to
+  the front of the queue.
+
+Workers compute a batch's indices themselves from (seed, epoch, batch), so a
+lease is three integers on the wire.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class Lease:
+    epoch: int
+    batch: int
+    lease_id: int
+    worker: str
+    deadline: float
+    size: int
+
+
+class WorkQueue:
+    def __init__(self, num_samples: int, batch_size: int, epochs: int, lease_timeout: float,
+                 epoch: int = 0, applied=()):
+        if num_samples < 1 or batch_size < 1 or epochs < 1:
+            raise ValueError("num_samples, batch_size and epochs must all be >= 1")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.lease_timeout = lease_timeout
+        self.batches_per_epoch = math.ceil(num_samples / batch_size)
+        self.epoch = epoch
+        self.applied: set[int] = set(applied)            # batches of the current epoch already applied
+        self.leases: dict[int, Lease] = {}               # batch -> its current lease
+        self.pending: deque[int] = deque()
+        self._next_lease_id = 1
+        self.requeued_total = 0
+        self._fill_pending()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.epochs
+
+    def batch_size_of(self, batch: int) -> int:
+        return min(self.batch_size, self.num_samples - batch * self.batch_size)
+
+    def progress(self) -> dict:
+        total = self.epochs * self.batches_per_epoch
+        finished = min(self.epoch, self.epochs) * self.batches_per_epoch + (0 if self.done else len(self.applied))
+        return {"epoch": self.epoch, "epochs": self.epochs, "batches_per_epoch": self.batches_per_epoch,
+                "applied_in_epoch": len(self.applied), "batches_done": finished, "batches_total": total,
+                "in_flight": len(self.leases), "pending": len(self.pending)}
+
+    def is_live(self, epoch: int, batch: int) -> bool:
+        """Would a gradient for (epoch, batch) still be applied?"""
+        return epoch == self.epoch and not self.done and batch not in self.applied \
+            and 0 <= batch < self.batches_per_epoch
+
+    # ------------------------------------------------------------------ changes
+    def lease(self, worker: str, now: float) -> Lease | None:
+        """The next pending batch for ``worker``, or None (epoch draining, or done)."""
+        if self.done or not self.pending:
+            return None
+        batch = self.pending.popleft()
+        lease = Lease(self.epoch, batch, self._next_lease_id, worker, now + self.lease_timeout,
+                      self.batch_size_of(batch))
+        self._next_lease_id += 1
+        self.leases[batch] = lease
+        return lease
+
+    def complete(self, epoch: int, batch: int) -> bool:
+        """Mark (epoch, batch) applied.  False (and nothing changes) if it is not live.
+
+        Returns True when the batch counts; the epoch advances once all of its
+        batches are applied.
+        """
+        if not self.is_live(epoch, batch):
+            return False
+        self.applied.add(batch)
+        self.leases.pop(batch, None)
+        try:
+            self.pending.remove(batch)      # a requeued batch finished by its old holder
+        except ValueError:
+            pass
+        if len(self.applied) == self.batches_per_epoch:
+            self.epoch += 1
+            self.applied = set()
+            self.leases.clear()
+            self._fill_pending()
+        return True
+
+    def release(self, epoch: int, batch: int) -> bool:
+        """Give one leased batch back to the queue (a rejected push).  True if requeued."""
+        lease = self.leases.get(batch)
+        if lease is None or lease.epoch != epoch:
+            return False
+        del self.leases[batch]
+        self.pending.appendleft(batch)
+        self.requeued_total += 1
+        return True
+
+    def release_worker(self, worker: str) -> list[int]:
+        """Requeue every batch leased by ``worker`` (it died or left)."""
+        batches = [b for b, lease in self.leases.items() if lease.worker == worker]
+        for b in batches:
+            self.release(self.epoch, b)
+        return batches
+
+    def expire(self, now: float) -> list[tuple[str, int]]:
+        """Requeue leases past their deadline; returns [(worker, batch), ...]."""
+        expired = [(lease.worker, b) for b, lease in self.leases.items() if lease.deadline < now]
+        for _, b in expired:
+            self.release(self.epoch, b)
+        return expired
+
+    def state_dict(self) -> dict:
+        """JSON-able position, for checkpoints (leases are not saved: they requeue)."""
+        return {"epoch": self.epoch, "applied": sorted(self.applied), "num_samples": self.num_samples,
+                "batch_size": self.batch_size, "epochs": self.epochs}
+
+    def _fill_pending(self) -> None:
+        if not self.done:
+            self.pending = deque(b for b in range(self.batches_per_epoch) if b not in self.applied)

@@ -1,0 +1,1 @@
+"""The server's clients: trainer workers and the evaluator."""

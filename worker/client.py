@@ -1,0 +1,219 @@
+"""The client side of the protocol, with reliability in its own layer.
+
+:class:`Client` gives trainers and the evaluator one call, :meth:`Client.request`,
+which sends a message and returns the server's answer, whatever happens in
+between (the "Lazy Pirate" pattern):
+
+* each request carries (worker id, sequence number); on silence it is resent
+  with the *same* number every ``resend_s`` (the server answers a resend from
+  its reply cache and never applies a push twice);
+* after ``reconnect_s`` of silence the socket is closed and reopened (ZeroMQ
+  would otherwise keep stale messages queued) and resends back off
+  exponentially, up to ``max_backoff_s``;
+* after ``give_up_after`` seconds without any answer, :class:`ServerUnreachable`;
+* a server that does not know this client (it restarted) answers
+  ``unknown_worker``: the client says hello again and raises :class:`Rejoined`
+  so the caller restarts its loop from a fresh task.
+
+A background thread sends heartbeats on its own socket, so a trainer stays
+alive at the server during a long computation, and logs when the server stops
+answering them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket as pysocket
+import threading
+import time
+import uuid
+
+import zmq
+
+from pscnn import protocol as P
+
+log = logging.getLogger("pscnn.client")
+
+
+class ServerUnreachable(Exception):
+    """No answer from the server for ``give_up_after`` seconds."""
+
+
+class ServerError(Exception):
+    """The server rejected a request (an ``error`` reply)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Rejoined(Exception):
+    """The server had forgotten us (restart); we said hello again.  ``welcome`` is its answer."""
+
+    def __init__(self, welcome: P.Message):
+        super().__init__("rejoined the server")
+        self.welcome = welcome
+
+
+class Client:
+    def __init__(self, endpoint: str, role: str, name: str | None = None, device: str = "cpu",
+                 give_up_after: float = 600.0, resend_s: float = 1.0, reconnect_s: float = 3.0,
+                 max_backoff_s: float = 5.0, heartbeat: bool = True):
+        self.endpoint = endpoint
+        self.role = role
+        host = pysocket.gethostname()
+        self.name = name or f"{role}-{host}-{os.getpid()}"
+        self.wid = f"{self.name}-{uuid.uuid4().hex[:8]}"
+        self.device = device
+        self.give_up_after = give_up_after
+        self.resend_s = resend_s
+        self.reconnect_s = reconnect_s
+        self.max_backoff_s = max_backoff_s
+        self.ctx = zmq.Context.instance()
+        self.sock = None
+        self.seq = 0
+        self.welcome: P.Message | None = None
+        self.heartbeat_s = 2.0
+        self._want_heartbeat = heartbeat
+        self._hb_thread = None
+        self._closing = threading.Event()
+        self.last_rtt_s = 0.0
+
+    # ------------------------------------------------------------------ public API
+    def connect(self) -> P.Message:
+        """Say hello (retrying until the server answers); returns the welcome."""
+        self.welcome = self._hello()
+        if self._want_heartbeat and self._hb_thread is None:
+            self._hb_thread = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+            self._hb_thread.start()
+        return self.welcome
+
+    def request(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> P.Message:
+        """Send one request and return the answer (see the module docs for failures)."""
+        reply = self._roundtrip(P.Message(mtype, self.wid, self._next_seq(), body or {}, arrays or {}))
+        if reply.type == P.ERROR:
+            if reply.body["code"] == "unknown_worker":
+                log.warning("the server does not know us (it restarted?); joining again")
+                self.welcome = self._hello()
+                raise Rejoined(self.welcome)
+            raise ServerError(reply.body["code"], reply.body["message"])
+        return reply
+
+    def close(self, say_bye: bool = False, reason: str = "done") -> None:
+        self._closing.set()
+        if say_bye and self.sock is not None:
+            try:
+                self._roundtrip(P.Message(P.BYE, self.wid, self._next_seq(), {"reason": reason}),
+                                give_up_after=2.0)
+            except (ServerUnreachable, P.ProtocolError):
+                pass
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=2 * self.heartbeat_s)
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    # ------------------------------------------------------------------ internals
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _hello(self) -> P.Message:
+        body = {"role": self.role, "name": self.name, "pid": os.getpid(), "host": pysocket.gethostname(),
+                "device": self.device}
+        reply = self._roundtrip(P.Message(P.HELLO, self.wid, self._next_seq(), body))
+        if reply.type == P.ERROR:
+            raise ServerError(reply.body["code"], reply.body["message"])
+        if reply.type != P.WELCOME:
+            raise ServerError("unexpected_reply", f"expected welcome, got {reply.type}")
+        self.heartbeat_s = float(reply.body["heartbeat_s"])
+        return reply
+
+    def _open(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        # A fixed routing id: the server (ROUTER_HANDOVER) reaches us across reconnects.
+        self.sock.setsockopt(zmq.ROUTING_ID, self.wid.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.connect(self.endpoint)
+
+    def _roundtrip(self, msg: P.Message, give_up_after: float | None = None) -> P.Message:
+        """Send ``msg`` until its reply (same seq) arrives; resend/reconnect/back off on silence."""
+        limit = self.give_up_after if give_up_after is None else give_up_after
+        if self.sock is None:
+            self._open()
+        frames = P.encode(msg)
+        t0 = time.monotonic()
+        last_answer = t0
+        backoff = self.resend_s
+        self.sock.send_multipart(frames, copy=False)
+        sent_at = t0
+        while True:
+            now = time.monotonic()
+            if now - last_answer > limit:
+                raise ServerUnreachable(f"no answer from {self.endpoint} for {limit:.0f} s")
+            wait = max(0.0, sent_at + backoff - now)
+            if self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
+                reply_frames = self.sock.recv_multipart(copy=False)
+                try:
+                    reply = P.decode(reply_frames)
+                except P.ProtocolError as exc:
+                    log.warning("ignoring a malformed reply: %s", exc)
+                    continue
+                if reply.seq == msg.seq or reply.type == P.ERROR and reply.seq == 0:
+                    self.last_rtt_s = time.monotonic() - t0
+                    return reply
+                continue                    # an answer to an earlier resend: already handled
+            now = time.monotonic()
+            if now - sent_at >= backoff:
+                if now - t0 >= self.reconnect_s:
+                    log.info("no answer from %s for %.1f s; reconnecting", self.endpoint, now - t0)
+                    self._open()
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                self.sock.send_multipart(frames, copy=False)
+                sent_at = now
+
+    def _heartbeats(self) -> None:
+        """Background: a heartbeat every heartbeat_s on a socket of its own."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        frames = P.encode(P.Message(P.HEARTBEAT, self.wid, 0, {}))
+        silent_since = None
+        try:
+            while not self._closing.wait(self.heartbeat_s):
+                sock.send_multipart(frames, copy=False)
+                if sock.poll(int(self.heartbeat_s * 1000), zmq.POLLIN):
+                    while sock.poll(0, zmq.POLLIN):
+                        sock.recv_multipart()
+                    if silent_since is not None:
+                        log.info("server answers heartbeats again")
+                    silent_since = None
+                elif silent_since is None:
+                    silent_since = time.monotonic()
+                    log.warning("server did not answer a heartbeat")
+        finally:
+            sock.close(linger=0)
+
+
+def status_from_args(args) -> int:
+    """``pscnn status``: print the server's progress as JSON; exit 0 if it answered."""
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(args.server)
+    try:
+        P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
+        if not sock.poll(int(args.timeout * 1000), zmq.POLLIN):
+            print(f"pscnn status: no answer from {args.server} within {args.timeout:g} s", file=sys.stderr)
+            return 1
+        reply = P.decode(sock.recv_multipart(copy=False))
+        print(json.dumps(reply.body.get("progress", {}), indent=2, sort_keys=True))
+        return 0
+    finally:
+        sock.close(linger=0)

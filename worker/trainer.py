@@ -1,0 +1,162 @@
+"""A trainer worker: lease a batch, compute its gradient, push it, repeat.
+
+One round trip per step: the push carries the gradient (and BatchNorm
+statistics) and its reply carries the next task, plus the weights when the
+server has newer ones.  The worker computes a batch's indices itself from
+(seed, epoch, batch) with the same ``cnn_core.data.batch_index`` the server
+uses, so a task is three integers.
+
+Each push reports the batch's compute time and the previous round trip split
+into communication (``rtt - held``) and waiting (``held``: time the server
+parked the request at a sync barrier or an SSP bound).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import numpy as np
+
+from cnn_core import backend
+from cnn_core.data import batch_index, load_mnist
+from cnn_core.losses import softmax_cross_entropy
+from cnn_core.model import build_model
+from pscnn import protocol as P
+
+from .client import Client, Rejoined, ServerError, ServerUnreachable
+
+log = logging.getLogger("pscnn.worker")
+
+
+class Trainer:
+    def __init__(self, client: Client, device: str = "cpu", mnist_dir: str | None = None,
+                 compute_ms: float | None = None):
+        self.client = client
+        self.device = device
+        self.mnist_dir = mnist_dir
+        self.compute_ms = compute_ms
+        self.model = None
+        self.run: dict = {}
+        self.data = None
+        self._epoch_batches: tuple[int, list] | None = None
+        self.steps = 0
+        self.samples = 0
+
+    def setup(self, welcome: P.Message) -> None:
+        """Build the model from the server's spec and load this run's training data."""
+        run = welcome.body["run"]
+        if self.model is None or welcome.body["model"] != self.model.spec:
+            seed = (run["seed"] * 1_000_003 + hash(self.client.wid)) % 2**31   # own dropout masks
+            self.model = build_model(welcome.body["model"], seed=seed, device=self.device)
+        if self.data is None and self.compute_ms is None:
+            x, y = load_mnist("train", mnist_dir=self.mnist_dir, limit=run["num_samples"])
+            self.data = (self.model.xp.asarray(x), self.model.xp.asarray(y))
+        self.run = run
+
+    def batch(self, epoch: int, batch: int):
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            n, bs = self.run["num_samples"], self.run["batch_size"]
+            self._epoch_batches = (epoch, batch_index(n, bs, self.run["seed"], epoch))
+        idx = self._epoch_batches[1][batch]
+        x, y = self.data
+        return x[idx], y[idx]
+
+    def load_weights(self, arrays: dict) -> None:
+        xp = self.model.xp
+        for name, arr in arrays.items():
+            target = self.model.params.get(name)
+            if target is None:
+                target = self.model.state[name]
+            target[...] = xp.asarray(arr)
+
+    def compute(self, body: dict) -> tuple[dict, dict]:
+        """Gradient of one leased batch -> (push body fields, arrays)."""
+        t0 = time.perf_counter()
+        if self.compute_ms is not None:            # synthetic: a fixed compute time, zero gradients
+            time.sleep(self.compute_ms / 1000)
+            grads = {k: np.zeros(v.shape, np.float32) for k, v in self.model.params.items()}
+            count = min(self.run["batch_size"], self.run["num_samples"] - body["batch"] * self.run["batch_size"])
+            return {"loss": 0.0, "correct": 0, "count": count, "compute_s": time.perf_counter() - t0}, grads
+        xb, yb = self.batch(body["epoch"], body["batch"])
+        logits = self.model.forward(xb, train=True)
+        loss, dlogits = softmax_cross_entropy(logits, yb)
+        grads = self.model.backward(dlogits)
+        correct = int((logits.argmax(axis=1) == yb).sum())
+        arrays = {k: backend.to_numpy(v) for k, v in grads.items()}
+        arrays.update({k: backend.to_numpy(v) for k, v in self.model.state.items()})
+        return {"loss": loss, "correct": correct, "count": int(len(yb)),
+                "compute_s": time.perf_counter() - t0}, arrays
+
+    def loop(self) -> int:
+        """Work until the server says stop.  Returns the exit status."""
+        reply = self.client.request(P.WORK)
+        timing = {"comm_s": 0.0, "wait_s": 0.0}
+        while True:
+            try:
+                if reply.type == P.STOP:
+                    log.info("server says %s after %d steps (%d samples); exiting",
+                             reply.body["reason"], self.steps, self.samples)
+                    return 0
+                if reply.type == P.WAIT:
+                    time.sleep(reply.body["retry_s"])
+                    reply = self.client.request(P.WORK)
+                    continue
+                if reply.type != P.TASK:
+                    log.warning("unexpected %s reply; asking for work", reply.type)
+                    reply = self.client.request(P.WORK)
+                    continue
+                body = reply.body
+                if reply.arrays:
+                    self.load_weights(reply.arrays)
+                result, arrays = self.compute(body)
+                push = {"epoch": body["epoch"], "batch": body["batch"], "lease": body["lease"],
+                        "base_version": body["version"], "loss": float(result["loss"]),
+                        "correct": result["correct"], "count": result["count"],
+                        "timing": {"compute_s": result["compute_s"], **timing}}
+                reply = self.client.request(P.PUSH, push, arrays)
+                held = float(reply.body.get("held_s", 0.0))
+                timing = {"comm_s": max(0.0, self.client.last_rtt_s - held), "wait_s": held}
+                self.steps += 1
+                self.samples += result["count"]
+            except Rejoined as exc:
+                self.setup(exc.welcome)
+                reply = self.client.request(P.WORK)
+            except ServerError as exc:
+                log.warning("server rejected our request: %s; asking for new work", exc)
+                reply = self.client.request(P.WORK)
+
+
+def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mnist_dir: str | None = None,
+                give_up_after: float = 600.0, compute_ms: float | None = None) -> int:
+    client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after)
+    _exit_on_sigterm()
+    try:
+        welcome = client.connect()
+        log.info("joined %s as %s", endpoint, client.wid)
+        trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms)
+        trainer.setup(welcome)
+        status = trainer.loop()
+        client.close()
+        return status
+    except ServerUnreachable as exc:
+        log.error("%s; giving up", exc)
+        client.close()
+        return 1
+    except SystemExit:                          # SIGTERM: leave politely so our lease is requeued at once
+        client.close(say_bye=True, reason="terminated")
+        return 0
+
+
+def _exit_on_sigterm() -> None:
+    def on_term(signum, frame):
+        raise SystemExit(0)
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:                          # not the main thread (tests)
+        pass
+
+
+def run_trainer_from_args(args) -> int:
+    return run_trainer(args.server, name=args.name, device=args.device, mnist_dir=args.mnist_dir,
+                       give_up_after=args.give_up_after, compute_ms=args.compute_ms)
