@@ -12,6 +12,7 @@ or its JSON text.  Layers without a name get ``<type><k>`` (``relu1``, ...).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import numpy as np
@@ -78,7 +79,7 @@ def _make_layer(entry, counters: dict):
         raise SpecError(f"model spec: each layer must be a dict with a 'type', got {entry!r}")
     entry = dict(entry)
     kind = entry.pop("type")
-    cls = LAYER_TYPES.get(kind)
+    cls = LAYER_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise SpecError(f"model spec: unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
     counters[kind] = counters.get(kind, 0) + 1
@@ -88,10 +89,17 @@ def _make_layer(entry, counters: dict):
         if not isinstance(inner, list) or not inner:
             raise SpecError(f"residual {name}: needs a non-empty 'layers' list")
         inner_counters: dict = {}
-        return Residual([_make_layer(e, inner_counters) for e in inner], name=name, **entry)
+        layers = [_make_layer(e, inner_counters) for e in inner]
+        names = [layer.name for layer in layers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:   # inner names key the block's parameters: a duplicate would hide one layer's
+            raise SpecError(f"residual {name}: duplicate layer names {dupes}")
+        cls = functools.partial(Residual, layers)      # built, with its errors, below
     try:
         return cls(name=name, **entry)
-    except TypeError as exc:
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as exc:   # unknown keyword, or float("abc") for p/alpha/momentum
         raise SpecError(f"layer {name} ({kind}): {exc}") from None
 
 

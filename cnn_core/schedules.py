@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 
 from .errors import ConfigError
 
 
 def _positive_float(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{what} must be a number, got {value!r}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
@@ -40,8 +41,9 @@ def _int_at_least(value, lowest: int, what: str) -> int:
     # Floats such as 1000.0 from a hand-written JSON file are accepted when integral.
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{what} must be an integer, got {value!r}")
+    value = int(value)
     if value < lowest:
         raise ConfigError(f"{what} must be >= {lowest}, got {value}")
     return value
@@ -125,7 +127,7 @@ class CosineSchedule(Schedule):
     def __init__(self, base_lr: float, total_steps: int, min_lr: float = 0.0):
         super().__init__(base_lr)
         self.total_steps = _int_at_least(total_steps, 1, "cosine schedule: total_steps")
-        if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not math.isfinite(min_lr):
+        if isinstance(min_lr, bool) or not isinstance(min_lr, numbers.Real) or not math.isfinite(min_lr):
             raise ConfigError(f"cosine schedule: min_lr must be a finite number, got {min_lr!r}")
         self.min_lr = float(min_lr)
         if not 0 <= self.min_lr <= self.base_lr:

@@ -157,6 +157,8 @@ class ParameterServer:
                  self.cfg.epochs, self.work.batches_per_epoch, self.cfg.batch_size,
                  self.cfg.model if isinstance(self.cfg.model, str) else "custom",
                  f"{self.store.model.num_parameters():,}", self.store.optimizer.config()["name"])
+        self.writer.log("start", incarnation=self.incarnation, version=self.store.version, resumed=self.cfg.resume,
+                        epoch=self.work.epoch)
         old_handlers = self._install_signal_handlers()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -364,7 +366,8 @@ class ParameterServer:
             grads, state = self.store.check_push_arrays(msg.arrays)
         except P.ProtocolError as exc:
             self.rejected[exc.code] += 1
-            requeued = self.work.release(b["epoch"], b["batch"])
+            lease = self.work.leases.get(b["batch"])     # requeue the pusher's own lease only
+            requeued = lease is not None and lease.worker == peer.wid and self.work.release(b["epoch"], b["batch"])
             if self.cfg.mode == "sync":
                 self.round_members.pop(peer.wid, None)
             log.warning("rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"], b["batch"],
@@ -412,6 +415,7 @@ class ParameterServer:
             mean = {k: float(np.mean([t.get(k, 0.0) for t in timings])) for k in P.TIMING_FIELDS}
             self.writer.log("step", version=self.store.version, epoch=contributions[0][1]["epoch"],
                             workers=[p.name for p, _ in contributions if p is not None], samples=samples, lr=lr,
+                            batches=[[body["epoch"], body["batch"]] for _, body in contributions],
                             loss=float(np.mean([body["loss"] for _, body in contributions])),
                             accuracy=sum(body["correct"] for _, body in contributions) / max(samples, 1),
                             staleness=staleness, **mean)

@@ -60,9 +60,11 @@ skip() {
 }
 
 # ---------------------------------------------------------------------------- cleanup
+exec 3>&1 4>&2          # the script's own stdout/stderr, for the cleanup trap
 cleanup() {
     local rc=$?
     set +e
+    exec 1>&3 2>&4
     trap - EXIT INT TERM
     if [ "$rc" -ne 0 ] && [ -n "$DOCKERD_PID" ] && [ -S "$SOCK" ]; then
         for p in "${PROJECTS[@]}"; do
@@ -72,6 +74,8 @@ cleanup() {
             fi
         done
     fi
+    log "cleanup: removing what this test made (containers, volumes, images, dockerd, data-root)"
+    if [ -n "$BG_PID" ]; then kill -TERM "$BG_PID" 2>/dev/null; wait "$BG_PID" 2>/dev/null; fi
     if [ -n "$DOCKERD_PID" ]; then
         if [ -S "$SOCK" ]; then
             for p in "${PROJECTS[@]}"; do
@@ -119,6 +123,18 @@ dc() {
         -f "$REPO/docker-compose.yml" -f "$REPO/docker-compose.ci.yml" "$@"
 }
 ok() { passed=$((passed + 1)); log "PASS: $current"; }
+
+# Long waits run in the background so that a TERM/INT reaches the cleanup trap at once
+# (bash runs traps only between foreground commands). Sets BG_RC. No redirection on the
+# call itself: a trap running inside it would inherit it.
+BG_PID=""
+in_background() {     # in_background OUTFILE COMMAND...
+    local out=$1; shift
+    "$@" >"$out" 2>&1 &
+    BG_PID=$!
+    set +e; wait "$BG_PID"; BG_RC=$?; set -e
+    BG_PID=""
+}
 
 # container id of the (single) server of project $1
 server_cid() { docker ps -aq --filter "label=com.docker.compose.project=$1" --filter "label=com.docker.compose.service=server"; }
@@ -256,8 +272,8 @@ user=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
 uid=$(docker run --rm --network host --entrypoint id "$IMAGE" -u)
 [ "$uid" != "0" ] || die "container runs as uid 0"
 found=$(docker run --rm --network host --entrypoint sh "$IMAGE" -c \
-    'find / -xdev \( -name "*-ubyte*" -o -name "*.npz" \) 2>/dev/null | head -5')
-[ -z "$found" ] || die "MNIST-like data baked into the image: $found"
+    'find / -xdev -name "*-ubyte*" 2>/dev/null | head -5; find /data/mnist /data/runs -mindepth 1 | head -5')
+[ -z "$found" ] || die "data baked into the image: $found"
 docker run --rm --network host "$IMAGE" --help >/dev/null || die "'pscnn --help' fails in the image"
 ok
 
@@ -265,17 +281,17 @@ ok
 current="docker compose up --scale worker=4 trains to completion"
 P=${PROJECTS[0]}
 PSCNN_PORT=$(free_port)
-log "[$P] docker compose up --scale worker=4 --exit-code-from server (port $PSCNN_PORT, timeout ${RUN_TIMEOUT}s)"
+log "[$P] docker compose up --scale worker=4 --abort-on-container-failure (port $PSCNN_PORT, timeout ${RUN_TIMEOUT}s)"
 t_up=$(date +%s)
-set +e
-timeout "$RUN_TIMEOUT" docker compose -p "$P" --project-directory "$REPO" \
+in_background "$WORK/up.log" timeout "$RUN_TIMEOUT" docker compose -p "$P" --project-directory "$REPO" \
     -f "$REPO/docker-compose.yml" -f "$REPO/docker-compose.ci.yml" \
-    up --scale worker=4 --no-build --pull never --exit-code-from server >"$WORK/up.log" 2>&1
-up_rc=$?
-set -e
+    up --scale worker=4 --no-build --pull never --abort-on-container-failure
+up_rc=$BG_RC
 log "[$P] up returned $up_rc after $(( $(date +%s) - t_up ))s"
 if [ "$up_rc" -ne 0 ]; then tail -40 "$WORK/up.log"; die "docker compose up exited $up_rc"; fi
 [ -z "$(docker ps -q --filter "label=com.docker.compose.project=$P")" ] || die "containers still running after up returned"
+bad=$(docker ps -a --filter "label=com.docker.compose.project=$P" --format '{{.Names}} {{.Status}}' | grep -v 'Exited (0)' || true)
+[ -z "$bad" ] || die "containers that did not exit 0: $bad"
 nets=$(docker network ls --format '{{.Name}}' | sort | tr '\n' ' ')
 [ "$nets" = "host none " ] || die "unexpected networks exist: $nets"
 dc "$P" cp server:/data/runs/ci/summary.json "$WORK/summary-up.json" >/dev/null 2>&1 \
@@ -338,7 +354,9 @@ dc "$P" up -d --no-build --pull never --no-recreate --scale worker=5 >>"$WORK/sc
 [ "$(docker inspect -f '{{.State.Running}}' "$sid")" = "true" ] \
     || die "training ended before the 5th worker was added (raise PSCNN_CI_SCALE_TRAIN_LIMIT)"
 st=$(server_status "$P"); log "[$P] after scaling: ${st:-<no answer>}"
-code=$(timeout "$RUN_TIMEOUT" docker wait "$sid") || die "server did not finish within ${RUN_TIMEOUT}s"
+in_background "$WORK/server-exit" timeout "$RUN_TIMEOUT" docker wait "$sid"
+[ "$BG_RC" -eq 0 ] || die "server did not finish within ${RUN_TIMEOUT}s"
+code=$(cat "$WORK/server-exit")
 [ "$code" = "0" ] || die "server exited $code"
 # workers and evaluator finish on their own once the server says training is over
 for c in $(docker ps -q --filter "label=com.docker.compose.project=$P"); do

@@ -1,0 +1,392 @@
+"""The run folder: ``config.json``, ``metrics.jsonl``, ``summary.json`` and plots.
+
+Shared by ``pscnn train`` and the parameter server, so it knows nothing about
+either: a run is a folder holding
+
+    config.json      the run's configuration, written when the run starts
+    metrics.jsonl    one JSON object per line, appended as the run goes
+    summary.json     the final results, written once at the end
+    *.png            plots drawn from the two files above (:func:`make_plots`)
+
+Every metrics line is ``{"kind": ..., "seconds": ..., **fields}``: ``kind``
+says what the record is, ``seconds`` is the time since the run started.  The
+kinds the plots understand are
+
+    "step"           ``step``, ``loss``: training loss vs update count
+    "epoch", "eval"  ``test_accuracy`` (else ``accuracy``), optionally
+                     ``step``: test accuracy vs update count and vs time
+
+and any other kind is stored and ignored by the plots.
+
+The files are strict JSON: NumPy/CuPy scalars and arrays become Python
+numbers and lists, and NaN or infinity become ``null`` (what JavaScript's
+``JSON.stringify`` does), so ``jq`` and other strict readers accept them.
+JSON files are replaced atomically, so a reader never sees half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+
+__all__ = ["RunWriter", "read_metrics", "make_plots", "to_jsonable", "write_json_atomic",
+           "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LEARNING_CURVES_FILE = "learning_curves.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+
+
+# --------------------------------------------------------------------------- JSON
+def to_jsonable(obj):
+    """``obj`` with everything turned into types :func:`json.dumps` writes as strict JSON.
+
+    NumPy and CuPy scalars become Python scalars, arrays become (nested)
+    lists, tuples and sets become lists, paths become strings, dict keys
+    become strings, and non-finite floats (NaN, +-inf) become ``None``.
+    Anything else that JSON cannot hold raises TypeError naming its type:
+    silently writing ``str(obj)`` would hide a bug in the caller.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)                       # also flattens int subclasses (IntEnum)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):           # np.float32(1.5), np.int64(3), np.bool_ ...
+        return to_jsonable(obj.item())
+    if isinstance(obj, dict):
+        return {_json_key(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        items = [to_jsonable(v) for v in obj]
+        with contextlib.suppress(TypeError):  # a stable order when the items allow one
+            items.sort()
+        return items
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.ndarray) or backend.get_array_module(obj) is not np:
+        # tolist() gives Python scalars; the recursion then maps NaN to None.
+        return to_jsonable(np.asarray(backend.to_numpy(obj)).tolist())
+    raise TypeError(f"cannot store a {type(obj).__module__}.{type(obj).__qualname__} in JSON: {obj!r:.80}")
+
+
+def _json_key(key) -> str:
+    if isinstance(key, str):
+        return key
+    value = to_jsonable(key)
+    if isinstance(value, (list, dict)):
+        raise TypeError(f"cannot use a {type(key).__name__} as a JSON object key")
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _dumps(obj, **kwargs) -> str:
+    # allow_nan=False: to_jsonable already mapped non-finite floats to None,
+    # so this only guards against a future bug producing invalid JSON.
+    return json.dumps(to_jsonable(obj), allow_nan=False, **kwargs)
+
+
+def write_json_atomic(path, obj) -> Path:
+    """Write ``obj`` (made JSON-able) to ``path`` atomically; returns ``path`` as a Path.
+
+    The text goes to a temporary file in the same folder, is fsync-ed, and is
+    then renamed over ``path`` (``os.replace`` is atomic within a file
+    system), so readers see the old file or the new one, never a mix, and a
+    crash leaves the previous version intact.
+    """
+    path = Path(path)
+    text = _dumps(obj, indent=2) + "\n"       # serialize first: a TypeError leaves no temp file
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- writing
+class RunWriter:
+    """Writes one run folder: ``config.json`` now, metrics lines as they come, the summary at the end.
+
+    Args:
+        out_dir: the run folder; created with its parents if missing.
+        config: the run's configuration, written to ``config.json`` at once
+            (atomically, replacing any previous one).
+        resume: append to an existing ``metrics.jsonl`` instead of starting
+            it afresh, and continue its clock: ``seconds`` goes on from the
+            last record's value, so curves against time stay continuous
+            across restarts.  A torn last line (the previous process died
+            mid-write) is cut off first, so it cannot swallow the next record.
+
+    ``log`` may be called from several threads (a server's handlers); each
+    record is one ``write`` of one line under a lock, flushed at once so that
+    ``tail -f`` and a crash both see every record logged so far.  Usable as a
+    context manager, which closes it.
+    """
+
+    def __init__(self, out_dir, config: dict, resume: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.out_dir / CONFIG_FILE
+        self.metrics_path = self.out_dir / METRICS_FILE
+        self.summary_path = self.out_dir / SUMMARY_FILE
+        write_json_atomic(self.config_path, config)
+        offset = 0.0
+        if resume and self.metrics_path.exists():
+            offset = _repair_and_last_seconds(self.metrics_path)
+        self._offset = offset
+        self._start = time.monotonic()
+        self._lock = threading.Lock()
+        # Line-buffered text would flush per line too, but an explicit flush
+        # after each record keeps that guarantee independent of the mode.
+        self._fh = open(self.metrics_path, "a" if resume else "w", encoding="utf-8")
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since the run started (including earlier runs when resumed)."""
+        return self._offset + (time.monotonic() - self._start)
+
+    def log(self, kind: str, **fields) -> dict:
+        """Append ``{"kind": kind, "seconds": <since start>, **fields}`` to metrics.jsonl.
+
+        Values are converted with :func:`to_jsonable`.  A ``seconds`` field
+        given by the caller replaces the clock's.  Returns the record as
+        written (plain Python types).
+        """
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"RunWriter.log: kind must be a non-empty string, got {kind!r}")
+        record = to_jsonable({"kind": kind, "seconds": round(self.seconds, 3), **fields})
+        line = json.dumps(record, allow_nan=False) + "\n"
+        with self._lock:
+            if self._fh is None:
+                raise ValueError(f"RunWriter.log: {self.metrics_path} is closed")
+            self._fh.write(line)
+            self._fh.flush()
+        return record
+
+    def write_summary(self, summary: dict) -> Path:
+        """Write ``summary.json`` atomically (JSON-able conversion as in :meth:`log`); returns its path."""
+        return write_json_atomic(self.summary_path, summary)
+
+    def close(self) -> None:
+        """Close metrics.jsonl; calling it again does nothing."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunWriter({str(self.out_dir)!r})"
+
+
+def _repair_and_last_seconds(path: Path) -> float:
+    """Cut a torn last line off ``path``; return the largest ``seconds`` recorded (0 if none)."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        end = data.rfind(b"\n") + 1           # 0 when there is no complete line at all
+        if end < len(data):
+            log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
+                        path, len(data) - end)
+            fh.truncate(end)
+    last = 0.0
+    for record in _parse_lines(data[:end].decode("utf-8", errors="replace").splitlines(), path):
+        seconds = record.get("seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            last = max(last, float(seconds))
+    return last
+
+
+# --------------------------------------------------------------------------- reading
+def read_metrics(path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file (or of the one in a run folder ``path``).
+
+    Blank lines are skipped; a line that is not a JSON object (typically the
+    torn last line of a run that was killed) is skipped with a warning rather
+    than making the whole history unreadable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return list(_parse_lines(fh, path))
+
+
+def _parse_lines(lines, path):
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            log.warning("%s:%d: skipping a malformed line (%s)", path, number, exc)
+            continue
+        if isinstance(record, dict):
+            yield record
+        else:
+            log.warning("%s:%d: skipping a line that is not a JSON object", path, number)
+
+
+# --------------------------------------------------------------------------- plots
+def make_plots(out_dir) -> list[Path]:
+    """Draw the run folder's plots from its metrics.jsonl and summary.json.
+
+    * ``learning_curves.png``: training loss vs update (``"step"`` records),
+      test accuracy vs update and vs seconds (``"epoch"``/``"eval"`` records);
+    * ``confusion_matrix.png``: summary.json's ``confusion_matrix`` with the
+      counts written in the cells.
+
+    A plot whose data is missing is skipped.  Returns the paths written; ``[]``
+    when matplotlib is not installed.  Never raises: plots are a by-product,
+    so any error is logged as a warning and the run goes on.
+    """
+    try:
+        # The object-oriented API (Figure + its own Agg canvas) needs no pyplot:
+        # no global backend switch, no GUI, and safe in a process that uses
+        # matplotlib interactively elsewhere.
+        from matplotlib.figure import Figure  # noqa: PLC0415  (optional dependency)
+    except ImportError:
+        log.debug("matplotlib is not installed; no plots")
+        return []
+    except Exception as exc:  # noqa: BLE001  (a broken install must not fail the run)
+        log.warning("matplotlib cannot be imported (%s: %s); no plots", type(exc).__name__, exc)
+        return []
+
+    out_dir = Path(out_dir)
+    written = []
+    for name, draw in ((LEARNING_CURVES_FILE, _draw_learning_curves),
+                       (CONFUSION_MATRIX_FILE, _draw_confusion_matrix)):
+        try:
+            fig = draw(Figure, out_dir)
+            if fig is not None:
+                written.append(_save_figure(fig, out_dir / name))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not draw %s: %s: %s", out_dir / name, type(exc).__name__, exc)
+    return written
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Save as PNG via a temporary file and a rename, so a viewer never loads half an image."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return path
+
+
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _draw_learning_curves(Figure, out_dir: Path):
+    metrics_path = out_dir / METRICS_FILE
+    if not metrics_path.exists():
+        return None
+    records = read_metrics(metrics_path)
+    loss = [(r.get("step"), r.get("loss")) for r in records if r.get("kind") == "step"]
+    loss = [(s, v) for s, v in ((_number(s), _number(v)) for s, v in loss) if s is not None and v is not None]
+    evals = [r for r in records if r.get("kind") in ("epoch", "eval")]
+    acc_by_step, acc_by_time = [], []
+    for r in evals:
+        acc = _number(r.get("test_accuracy", r.get("accuracy")))
+        if acc is None:
+            continue
+        if _number(r.get("step")) is not None:
+            acc_by_step.append((_number(r["step"]), 100 * acc))
+        if _number(r.get("seconds")) is not None:
+            acc_by_time.append((_number(r["seconds"]), 100 * acc))
+    if not loss and not acc_by_step and not acc_by_time:
+        return None
+
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    ax_loss, ax_step, ax_time = fig.subplots(1, 3)
+    _curve(ax_loss, loss, "update", "training loss", "Training loss", log_y=True)
+    _curve(ax_step, acc_by_step, "update", "test accuracy (%)", "Test accuracy vs updates", marker="o")
+    _curve(ax_time, acc_by_time, "seconds since start", "test accuracy (%)", "Test accuracy vs time",
+           marker="o")
+    return fig
+
+
+def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False):
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if not points:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        return
+    xs, ys = zip(*sorted(points))
+    ax.plot(xs, ys, marker=marker, markersize=4 if marker else None)
+    if log_y and min(ys) > 0:
+        ax.set_yscale("log")                  # a loss falls over decades; linear hides the tail
+    if marker and len(points) <= 20:          # few evaluations: print the value at each
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8)
+
+
+def _draw_confusion_matrix(Figure, out_dir: Path):
+    summary_path = out_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        return None
+    with open(summary_path, encoding="utf-8") as fh:
+        summary = json.load(fh)
+    cm = summary.get("confusion_matrix") if isinstance(summary, dict) else None
+    if not cm:
+        return None
+    cm = np.asarray(cm, dtype=np.int64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion_matrix in {summary_path} is not square: shape {cm.shape}")
+    k = cm.shape[0]
+    fig = Figure(figsize=(1.0 + 0.62 * k, 0.6 + 0.62 * k), layout="constrained")
+    ax = fig.subplots()
+    # Colour by row fraction, not raw count: classes differ in size, and the
+    # question a confusion matrix answers is "where do class i's samples go".
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows != 0)
+    image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    acc = _number(summary.get("test_accuracy"))
+    ax.set_title("Confusion matrix" + (f" (test accuracy {100 * acc:.2f}%)" if acc is not None else ""))
+    return fig

@@ -1,0 +1,157 @@
+"""The engine on a CUDA GPU (CuPy) agrees with the CPU engine.
+
+Every test here but the last is skipped unless
+``cnn_core.backend.gpu_available()``; the last runs
+``benchmarks/gpu_check.py --cpu-dry-run`` (numpy only, tiny counts) so the
+one-shot GPU script cannot rot unnoticed on machines without a GPU.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnn_core import PRESETS, build_model, softmax_cross_entropy, to_numpy
+from cnn_core.backend import gpu_available
+
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA device")]
+
+
+def gpu_test(fn):
+    for mark in needs_gpu:
+        fn = mark(fn)
+    return fn
+
+SMALL_SPEC = {
+    "input_shape": [2, 11, 10],
+    "layers": [   # no conv bias feeds a BatchNorm directly: such a bias has an exactly 0 gradient
+        {"type": "conv2d", "name": "c1", "out_channels": 4, "kernel": 3, "stride": 2, "padding": 1},
+        {"type": "leaky_relu", "alpha": 0.1},
+        {"type": "batchnorm2d", "name": "bn1"},
+        {"type": "residual", "name": "res", "layers": [
+            {"type": "batchnorm2d", "name": "bn"},
+            {"type": "conv2d", "name": "ca", "out_channels": 4, "kernel": 3, "padding": 1},
+            {"type": "elu"},
+            {"type": "conv2d", "name": "cb", "out_channels": 4, "kernel": [3, 1], "padding": [1, 0]},
+        ]},
+        {"type": "silu"},
+        {"type": "conv2d", "name": "c2", "out_channels": 3, "kernel": [2, 3], "padding": 1},
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 3, "stride": 2},
+        {"type": "flatten"},
+        {"type": "dropout", "p": 0.0},
+        {"type": "dense", "name": "fc", "units": 5},
+    ],
+}
+
+
+def no_dropout(spec):
+    spec = copy.deepcopy(PRESETS[spec] if isinstance(spec, str) else spec)
+    for layer in spec["layers"]:
+        if layer["type"] == "dropout":
+            layer["p"] = 0.0
+    return spec
+
+
+def scaled_err(a, b):
+    a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def gpu_cpu_pair(spec, dtype, batch, seed=0):
+    gpu = build_model(spec, seed=seed, dtype=dtype, device="gpu")
+    cpu = build_model(spec, seed=seed, dtype=dtype, device="cpu")
+    rng = np.random.default_rng(seed + 1)
+    for k, v in cpu.params.items():
+        if k.endswith("bias"):
+            v[...] = 0.1 * rng.standard_normal(v.shape)
+            gpu.params[k][...] = gpu.xp.asarray(v)
+    c, h, w = cpu.spec["input_shape"]
+    x = rng.standard_normal((batch, c, h, w)).astype(dtype)
+    y = rng.integers(0, cpu.num_classes, batch)
+    return gpu, cpu, x, y
+
+
+@gpu_test
+@pytest.mark.parametrize("spec,dtype,tol", [
+    ("light", "float32", 1e-4),
+    ("light", "float64", 1e-11),
+    (SMALL_SPEC, "float32", 1e-4),
+    (SMALL_SPEC, "float64", 1e-11),
+])
+def test_gpu_matches_cpu(spec, dtype, tol):
+    gpu, cpu, x, y = gpu_cpu_pair(no_dropout(spec), dtype, batch=8)
+    import cupy
+    assert all(isinstance(v, cupy.ndarray) for v in gpu.params.values())
+    for k, v in cpu.params.items():
+        np.testing.assert_array_equal(to_numpy(gpu.params[k]), v)       # same init on the host
+    assert scaled_err(gpu.forward(x, train=False), cpu.forward(x, train=False)) < tol
+    res = {}
+    for name, m in (("gpu", gpu), ("cpu", cpu)):
+        logits = m.forward(m.xp.asarray(x), train=True)
+        loss, d = softmax_cross_entropy(logits, y)
+        res[name] = (logits, loss, m.backward(d))
+    assert isinstance(res["gpu"][0], cupy.ndarray) and res["gpu"][0].dtype == np.dtype(dtype)
+    assert scaled_err(res["gpu"][0], res["cpu"][0]) < tol
+    assert res["gpu"][1] == pytest.approx(res["cpu"][1], rel=tol)
+    assert list(res["gpu"][2]) == list(cpu.params)
+    for k, g in res["cpu"][2].items():
+        assert res["gpu"][2][k].shape == g.shape and res["gpu"][2][k].dtype == g.dtype, k
+        assert scaled_err(res["gpu"][2][k], g) < tol, k
+    for k, v in cpu.state.items():
+        assert scaled_err(gpu.state[k], v) < tol, k
+
+
+@gpu_test
+def test_gpu_dropout_masks_statistics_and_determinism():
+    a, b = (build_model("light", seed=4, device="gpu") for _ in range(2))
+    x = np.random.default_rng(5).standard_normal((16, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(to_numpy(a.forward(x, train=True)), to_numpy(b.forward(x, train=True)))
+    layer = a.layers[9]
+    out, mask = layer.forward(a.xp.ones((64, 1000), dtype=np.float32), train=True)
+    out = to_numpy(out)
+    assert abs((out == 0).mean() - 0.25) < 0.01
+    np.testing.assert_allclose(out[out != 0], 1 / 0.75, rtol=1e-6)
+
+
+@gpu_test
+def test_gpu_maxpool_ties_match_cpu():
+    spec = {"input_shape": [2, 9, 9], "layers": [
+        {"type": "maxpool2d", "kernel": 3, "stride": 2}, {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 2, "stride": 2}, {"type": "flatten"}, {"type": "dense", "units": 3}]}
+    gpu, cpu, _, y = gpu_cpu_pair(spec, "float64", batch=4)
+    x = np.random.default_rng(6).integers(-1, 2, (4, 2, 9, 9)).astype(np.float64)
+    grads = {}
+    for name, m in (("gpu", gpu), ("cpu", cpu)):
+        _, d = softmax_cross_entropy(m.forward(x, train=True), y)
+        grads[name] = m.backward(d)
+    for k, g in grads["cpu"].items():
+        np.testing.assert_allclose(to_numpy(grads["gpu"][k]), g, rtol=1e-12, atol=1e-15)
+
+
+@gpu_test
+def test_gpu_in_place_updates_and_predict():
+    model = build_model("light", seed=0, device="gpu")
+    x = np.random.default_rng(7).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    out0 = to_numpy(model.forward(x, train=False))
+    model.params["fc2.bias"][...] += 1
+    np.testing.assert_allclose(to_numpy(model.forward(x, train=False)), out0 + 1, rtol=1e-5, atol=1e-5)
+    pred = model.predict(x, batch_size=2)
+    assert pred.shape == (5,)
+    np.testing.assert_array_equal(to_numpy(pred), out0.argmax(axis=1))
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gc.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_check.py"), "--cpu-dry-run",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["dry_run"] and not res["failures"]
+    assert len(res["checks"]) == 5 and all(c["ok"] for c in res["checks"].values())
+    assert res["timings"]["pscnn train b8"] > 0 and res["breakdown_ms"]["conv2"] > 0

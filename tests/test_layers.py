@@ -1,0 +1,634 @@
+"""Layers one by one: gradient checks, hand-computed values, im2col/col2im.
+
+All gradient checks run in float64 with central differences (eps = 1e-6),
+whose truncation + rounding error is ~1e-9 relative for O(1) gradients, so a
+correct backward scores far below the 1e-6 bound used here.  Inputs to the
+piecewise layers (ReLU family, max pooling) are built to stay well away from
+kinks and ties (>= 1e-2 apart), so the finite differences never cross one.
+"""
+import numpy as np
+import pytest
+
+from cnn_core import reference
+from cnn_core.errors import ShapeError, SpecError
+from cnn_core.gradcheck import gradcheck_layer
+from cnn_core.im2col import col2im, col2im_gemm, conv_output_size, im2col, pad_nhwc
+from cnn_core.layers import (ELU, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D, ReLU,
+                             Residual, SiLU)
+
+F64 = np.float64
+TOL = 1e-6
+
+
+def built(layer, in_shape, seed=0, dtype=F64):
+    layer.build(in_shape, np, dtype, np.random.default_rng(seed))
+    return layer
+
+
+def assert_gradcheck(layer, x, train=True, tol=TOL, expect=None, **kw):
+    report = gradcheck_layer(layer, x, train=train, **kw)
+    assert set(report) == {"input", *layer.parameters}
+    if expect is not None:
+        assert set(layer.parameters) == set(expect)
+    bad = {k: v for k, v in report.items() if not v < tol}
+    assert not bad, f"gradient check failed: {report}"
+    return report
+
+
+def away_from_zero(rng, shape, low=0.05, high=2.0):
+    """Random values with |x| in [low, high] and random signs (no kinks within eps)."""
+    return rng.uniform(low, high, shape) * rng.choice([-1.0, 1.0], shape)
+
+
+def distinct_values(rng, shape, gap=0.01):
+    """A random permutation of evenly spaced values: no ties, every pair >= gap apart."""
+    n = int(np.prod(shape))
+    return ((rng.permutation(n) - n / 2) * gap).reshape(shape)
+
+
+# --------------------------------------------------------------------------- Conv2D
+
+CONV_CASES = [
+    # (H, W, C_in), C_out, kernel, stride, padding
+    ((5, 5, 1), 2, 3, 1, 0),
+    ((6, 6, 2), 3, 3, 1, 1),
+    ((7, 9, 3), 4, 3, 2, 1),
+    ((7, 9, 2), 3, (3, 2), 1, 2),
+    ((7, 9, 2), 3, 3, 2, 2),
+    ((8, 6, 2), 3, (3, 2), (2, 1), (1, 2)),
+    ((6, 7, 2), 2, 1, 2, 0),             # stride > kernel: skipped pixels get zero gradient
+]
+
+
+@pytest.mark.parametrize("in_shape,c_out,kernel,stride,padding", CONV_CASES)
+def test_conv2d_gradcheck(in_shape, c_out, kernel, stride, padding):
+    rng = np.random.default_rng(1)
+    layer = built(Conv2D(c_out, kernel, stride, padding), in_shape)
+    layer.parameters["bias"][...] = rng.standard_normal(c_out)
+    x = rng.standard_normal((2, *in_shape))
+    assert_gradcheck(layer, x, expect={"weight", "bias"}, max_entries=None)
+
+
+@pytest.mark.parametrize("in_shape,c_out,kernel,stride,padding", CONV_CASES)
+def test_conv2d_output_shape_and_param_shapes(in_shape, c_out, kernel, stride, padding):
+    layer = built(Conv2D(c_out, kernel, stride, padding), in_shape)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    ho = (in_shape[0] + 2 * ph - kh) // sh + 1
+    wo = (in_shape[1] + 2 * pw - kw) // sw + 1
+    assert layer.out_shape == (ho, wo, c_out)
+    assert layer.parameters["weight"].shape == (c_out, in_shape[2], kh, kw)
+    assert layer.parameters["bias"].shape == (c_out,)
+    out, _ = layer.forward(np.zeros((3, *in_shape)))
+    assert out.shape == (3, ho, wo, c_out)
+
+
+@pytest.mark.parametrize("in_shape,c_out,kernel,stride,padding",
+                         [c for c in CONV_CASES if isinstance(c[3], int) and isinstance(c[4], int)])
+def test_conv2d_matches_nchw_reference(in_shape, c_out, kernel, stride, padding):
+    """Forward and backward equal the straightforward NCHW im2col (square stride/padding)."""
+    rng = np.random.default_rng(2)
+    layer = built(Conv2D(c_out, kernel, stride, padding), in_shape)
+    layer.parameters["bias"][...] = rng.standard_normal(c_out)
+    w, b = layer.parameters["weight"], layer.parameters["bias"]
+    x_nchw = rng.standard_normal((3, in_shape[2], in_shape[0], in_shape[1]))
+    out, cache = layer.forward(np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1)))
+    ref_out, ref_cache = reference.conv2d_forward(x_nchw, w, b, stride, padding)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), ref_out, rtol=1e-12, atol=1e-12)
+
+    dout_nchw = rng.standard_normal(ref_out.shape)
+    dx, grads = layer.backward(np.ascontiguousarray(dout_nchw.transpose(0, 2, 3, 1)), cache)
+    rdx, rdw, rdb = reference.conv2d_backward(dout_nchw, ref_cache)
+    np.testing.assert_allclose(dx.transpose(0, 3, 1, 2), rdx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads["weight"], rdw, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads["bias"], rdb, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_hand_values():
+    """A 1x1-channel 3x3 input with a 2x2 kernel: each output is a hand-summed window."""
+    layer = built(Conv2D(1, 2), (3, 3, 1))
+    layer.parameters["weight"][...] = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
+    layer.parameters["bias"][...] = 0.5
+    x = np.arange(9.0).reshape(1, 3, 3, 1)      # [[0,1,2],[3,4,5],[6,7,8]]
+    out, cache = layer.forward(x)
+    # top-left: 0*1 + 1*2 + 3*3 + 4*4 = 27; each step right adds 1*(1+2+3+4) = 10, down adds 3*10
+    np.testing.assert_allclose(out[0, :, :, 0], [[27.5, 37.5], [57.5, 67.5]])
+    dx, grads = layer.backward(np.ones_like(out), cache)
+    # each input pixel receives the sum of the kernel taps that touch it
+    np.testing.assert_allclose(dx[0, :, :, 0], [[1, 3, 2], [4, 10, 6], [3, 7, 4]])
+    np.testing.assert_allclose(grads["weight"][0, 0], [[0 + 1 + 3 + 4, 1 + 2 + 4 + 5], [3 + 4 + 6 + 7, 4 + 5 + 7 + 8]])
+    np.testing.assert_allclose(grads["bias"], [4.0])
+
+
+def test_conv2d_backward_without_dx():
+    layer = built(Conv2D(2, 3, padding=1), (4, 4, 1))
+    out, cache = layer.forward(np.random.default_rng(0).standard_normal((2, 4, 4, 1)))
+    dx, grads = layer.backward(np.ones_like(out), cache, need_dx=False)
+    assert dx is None and set(grads) == {"weight", "bias"}
+
+
+def test_conv2d_bad_config_and_input():
+    with pytest.raises(SpecError, match="out_channels"):
+        Conv2D(0)
+    with pytest.raises(SpecError, match="kernel"):
+        Conv2D(2, kernel=(3, 3, 3))
+    with pytest.raises(SpecError, match="padding"):
+        Conv2D(2, padding=-1)
+    with pytest.raises(SpecError, match="does not fit"):
+        built(Conv2D(2, kernel=5), (4, 6, 1))
+    with pytest.raises(SpecError, match="image input"):
+        built(Conv2D(2), (16,))
+
+
+# --------------------------------------------------------------------------- Dense
+
+def test_dense_gradcheck_and_values():
+    rng = np.random.default_rng(3)
+    layer = built(Dense(4), (6,))
+    assert layer.parameters["weight"].shape == (6, 4) and layer.parameters["bias"].shape == (4,)
+    layer.parameters["bias"][...] = rng.standard_normal(4)
+    x = rng.standard_normal((5, 6))
+    out, _ = layer.forward(x)
+    np.testing.assert_allclose(out, x @ layer.parameters["weight"] + layer.parameters["bias"], rtol=1e-14)
+    assert_gradcheck(layer, x, expect={"weight", "bias"}, max_entries=None)
+
+
+def test_dense_he_init_statistics():
+    layer = built(Dense(500), (200,), seed=7)
+    w = layer.parameters["weight"]
+    assert abs(w.std() - np.sqrt(2 / 200)) < 0.02 * np.sqrt(2 / 200)
+    assert abs(w.mean()) < 5 * np.sqrt(2 / 200) / np.sqrt(w.size)
+    assert np.all(layer.parameters["bias"] == 0)
+
+
+def test_dense_needs_flat_input():
+    with pytest.raises(SpecError, match="flatten"):
+        built(Dense(3), (4, 4, 1))
+
+
+# --------------------------------------------------------------------------- MaxPool2D
+
+@pytest.mark.parametrize("in_shape,kernel,stride", [
+    ((4, 6, 2), 2, 2),           # disjoint, tiles the input
+    ((7, 7, 2), 3, 2),           # overlapping
+    ((5, 7, 2), 2, 2),           # disjoint, last row/column left over
+    ((8, 7, 2), 3, 3),           # disjoint, not divisible: leftover rows and a column
+    ((7, 8, 1), 2, 3),           # stride > kernel: gaps between windows
+    ((6, 7, 2), (3, 2), (2, 1)),  # non-square, overlapping along W
+])
+def test_maxpool_gradcheck(in_shape, kernel, stride):
+    rng = np.random.default_rng(4)
+    layer = built(MaxPool2D(kernel, stride), in_shape)
+    x = distinct_values(rng, (2, *in_shape))
+    assert_gradcheck(layer, x, max_entries=None)
+
+
+def test_maxpool_leftover_rows_get_zero_gradient():
+    rng = np.random.default_rng(5)
+    layer = built(MaxPool2D(3, 3), (8, 7, 2))
+    assert layer.out_shape == (2, 2, 2)
+    x = distinct_values(rng, (2, 8, 7, 2))
+    x[:, 6:, :, :] += 100.0          # the largest values sit where no window reaches
+    x[:, :, 6:, :] += 100.0
+    out, cache = layer.forward(x)
+    assert out.max() < 50.0
+    dx, _ = layer.backward(np.ones_like(out), cache)
+    assert np.all(dx[:, 6:, :, :] == 0) and np.all(dx[:, :, 6:, :] == 0)
+    # exactly one input per window receives the gradient
+    assert dx.sum() == out.size and np.count_nonzero(dx) == out.size
+
+
+def test_maxpool_forward_hand_values():
+    layer = built(MaxPool2D(2, 2), (4, 4, 1))
+    x = np.array([[1, 5, 2, 0], [3, 4, 8, 7], [0, -1, -3, -2], [-4, 6, -5, -9]], dtype=F64).reshape(1, 4, 4, 1)
+    out, _ = layer.forward(x)
+    np.testing.assert_array_equal(out[0, :, :, 0], [[5, 8], [6, -2]])
+
+
+def test_maxpool_ties_disjoint_go_to_first_maximum():
+    layer = built(MaxPool2D(2, 2), (4, 4, 1))
+    x = np.array([[1, 3, 2, 2],
+                  [3, 0, 2, 2],
+                  [0, 0, 7, 1],
+                  [0, 0, 7, 7]], dtype=F64).reshape(1, 4, 4, 1)
+    out, cache = layer.forward(x)
+    np.testing.assert_array_equal(out[0, :, :, 0], [[3, 2], [0, 7]])
+    dout = np.array([[10.0, 20.0], [30.0, 40.0]]).reshape(1, 2, 2, 1)
+    dx, _ = layer.backward(dout, cache)
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[0, 10, 20, 0],
+                                                   [0, 0, 0, 0],
+                                                   [30, 0, 40, 0],
+                                                   [0, 0, 0, 0]])
+
+
+def test_maxpool_ties_overlapping_go_to_first_maximum():
+    layer = built(MaxPool2D(3, 2), (5, 5, 1))
+    dout = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+    # constant input: every window's first maximum is its top-left pixel
+    out, cache = layer.forward(np.ones((1, 5, 5, 1)))
+    dx, _ = layer.backward(dout, cache)
+    expected = np.zeros((5, 5))
+    expected[0, 0], expected[0, 2], expected[2, 0], expected[2, 2] = 1, 2, 3, 4
+    np.testing.assert_array_equal(dx[0, :, :, 0], expected)
+    # (1,1) and (2,2) tie in window (0,0), where (1,1) comes first; the other
+    # three windows contain only (2,2), so it collects their gradients (shared pixel)
+    x = np.zeros((1, 5, 5, 1))
+    x[0, 1, 1, 0] = x[0, 2, 2, 0] = 5.0
+    out, cache = layer.forward(x)
+    np.testing.assert_array_equal(out[0, :, :, 0], 5.0)
+    dx, _ = layer.backward(dout, cache)
+    expected = np.zeros((5, 5))
+    expected[1, 1], expected[2, 2] = 1, 2 + 3 + 4
+    np.testing.assert_array_equal(dx[0, :, :, 0], expected)
+
+
+@pytest.mark.parametrize("k,s,hw", [(2, 2, 6), (2, 2, 7), (3, 2, 7), (3, 3, 8)])
+def test_maxpool_many_ties_match_reference_argmax(k, s, hw):
+    """Integer inputs with many ties: same routing as an explicit first-argmax."""
+    rng = np.random.default_rng(6)
+    x_nchw = rng.integers(0, 3, (3, 2, hw, hw)).astype(F64)
+    layer = built(MaxPool2D(k, s), (hw, hw, 2))
+    out, cache = layer.forward(np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1)))
+    ref_out, ref_cache = reference.maxpool_forward(x_nchw, k, s)
+    np.testing.assert_array_equal(out.transpose(0, 3, 1, 2), ref_out)
+    dout = rng.standard_normal(ref_out.shape)
+    dx, _ = layer.backward(np.ascontiguousarray(dout.transpose(0, 2, 3, 1)), cache)
+    np.testing.assert_array_equal(dx.transpose(0, 3, 1, 2), reference.maxpool_backward(dout, ref_cache))
+
+
+def test_maxpool_kernel_too_large():
+    with pytest.raises(SpecError, match="does not fit"):
+        built(MaxPool2D(5), (4, 4, 1))
+
+
+# --------------------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("layer,fn", [
+    (ReLU(), lambda x: np.maximum(x, 0)),
+    (LeakyReLU(0.1), lambda x: np.where(x > 0, x, 0.1 * x)),
+    (LeakyReLU(), lambda x: np.where(x > 0, x, 0.01 * x)),
+    (ELU(), lambda x: np.where(x > 0, x, np.exp(x) - 1)),
+    (ELU(0.7), lambda x: np.where(x > 0, x, 0.7 * (np.exp(x) - 1))),
+    (SiLU(), lambda x: x / (1 + np.exp(-x))),
+], ids=["relu", "leaky0.1", "leaky_default", "elu", "elu0.7", "silu"])
+def test_activation_values_and_gradcheck(layer, fn):
+    rng = np.random.default_rng(7)
+    built(layer, (3, 4, 2))
+    x = away_from_zero(rng, (2, 3, 4, 2), high=4.0)
+    out, _ = layer.forward(x)
+    np.testing.assert_allclose(out, fn(x), rtol=1e-14, atol=1e-15)
+    assert_gradcheck(layer, x, max_entries=None)
+
+
+def test_activations_on_flat_input():
+    rng = np.random.default_rng(8)
+    x = away_from_zero(rng, (4, 6))
+    for layer in (ReLU(), LeakyReLU(0.2), ELU(), SiLU()):
+        assert_gradcheck(built(layer, (6,)), x, max_entries=None)
+
+
+def test_activation_hand_derivatives():
+    x = np.array([[-2.0, -0.5, 0.5, 3.0]])
+    d = np.ones_like(x)
+    cases = {
+        "relu": (ReLU(), [0, 0, 1, 1]),
+        "leaky": (LeakyReLU(0.1), [0.1, 0.1, 1, 1]),
+        "elu": (ELU(1.0), [np.exp(-2.0), np.exp(-0.5), 1, 1]),
+        "silu": (SiLU(), [s * (1 + v * (1 - s)) for v, s in ((v, 1 / (1 + np.exp(-v))) for v in x[0])]),
+    }
+    for name, (layer, expected) in cases.items():
+        built(layer, (4,))
+        _, cache = layer.forward(x)
+        dx, grads = layer.backward(d, cache)
+        assert grads == {}
+        np.testing.assert_allclose(dx[0], expected, rtol=1e-14, err_msg=name)
+
+
+def test_activations_extreme_inputs_do_not_overflow():
+    x = np.array([[-1000.0, -50.0, 50.0, 1000.0]])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):   # underflow to 0 is fine
+        elu_out, _ = built(ELU(), (4,)).forward(x)
+        silu_layer = built(SiLU(), (4,))
+        silu_out, cache = silu_layer.forward(x)
+        dx, _ = silu_layer.backward(np.ones_like(x), cache)
+    np.testing.assert_allclose(elu_out[0], [-1.0, np.expm1(-50.0), 50.0, 1000.0])
+    np.testing.assert_allclose(silu_out[0], [0.0, -50.0 / (1 + np.exp(50.0)), 50.0, 1000.0], atol=1e-300)
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx[0, [0, 3]], [0.0, 1.0], atol=1e-12)
+
+
+def test_activations_keep_float32():
+    x = np.random.default_rng(9).standard_normal((2, 5)).astype(np.float32)
+    for layer in (ReLU(), LeakyReLU(0.1), ELU(), SiLU()):
+        built(layer, (5,), dtype=np.float32)
+        out, cache = layer.forward(x)
+        dx, _ = layer.backward(np.ones_like(x), cache)
+        assert out.dtype == np.float32 and dx.dtype == np.float32, layer
+
+
+# --------------------------------------------------------------------------- Flatten
+
+def test_flatten_uses_chw_order():
+    layer = built(Flatten(), (3, 4, 5))
+    assert layer.out_shape == (60,)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 4, 5))           # (N, H, W, C)
+    out, cache = layer.forward(x)
+    assert out.shape == (2, 60)
+    for n, h, w, c in [(0, 0, 0, 0), (1, 2, 3, 4), (0, 1, 0, 3), (1, 0, 2, 1)]:
+        assert out[n, c * 3 * 4 + h * 4 + w] == x[n, h, w, c]
+    np.testing.assert_array_equal(out, x.transpose(0, 3, 1, 2).reshape(2, -1))
+    dout = rng.standard_normal(out.shape)
+    dx, _ = layer.backward(dout, cache)
+    assert dx.shape == x.shape
+    for n, h, w, c in [(0, 0, 0, 0), (1, 2, 3, 4), (0, 1, 0, 3)]:
+        assert dx[n, h, w, c] == dout[n, c * 3 * 4 + h * 4 + w]
+    assert_gradcheck(layer, x, max_entries=None)
+
+
+def test_flatten_flat_input_is_identity():
+    layer = built(Flatten(), (7,))
+    x = np.arange(14.0).reshape(2, 7)
+    out, cache = layer.forward(x)
+    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(layer.backward(out, cache)[0], x)
+
+
+# --------------------------------------------------------------------------- Dropout
+
+def test_dropout_train_mask_scaling_and_backward():
+    p = 0.3
+    layer = built(Dropout(p), (50, 40), seed=11)
+    x = np.random.default_rng(12).uniform(1.0, 2.0, (4, 50, 40))
+    out, cache = layer.forward(x, train=True)
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], x[kept] / (1 - p), rtol=1e-15)
+    frac_dropped = 1 - kept.mean()
+    assert abs(frac_dropped - p) < 5 * np.sqrt(p * (1 - p) / x.size)      # 8000 Bernoulli draws
+    dout = np.random.default_rng(13).standard_normal(x.shape)
+    dx, grads = layer.backward(dout, cache)
+    assert grads == {}
+    np.testing.assert_allclose(dx, np.where(kept, dout / (1 - p), 0.0), rtol=1e-15)
+
+
+def test_dropout_gradcheck_train_mode():
+    layer = built(Dropout(0.4), (3, 4, 2), seed=14)
+    x = np.random.default_rng(15).standard_normal((3, 3, 4, 2))
+    assert_gradcheck(layer, x, train=True, max_entries=None)
+
+
+def test_dropout_eval_is_identity():
+    layer = built(Dropout(0.5), (10,))
+    x = np.random.default_rng(16).standard_normal((3, 10))
+    out, cache = layer.forward(x, train=False)
+    np.testing.assert_array_equal(out, x)
+    dx, _ = layer.backward(np.ones_like(x), cache)
+    np.testing.assert_array_equal(dx, 1.0)
+
+
+def test_dropout_p0_is_identity_in_train_mode():
+    layer = built(Dropout(0.0), (10,))
+    x = np.random.default_rng(17).standard_normal((3, 10))
+    np.testing.assert_array_equal(layer.forward(x, train=True)[0], x)
+
+
+def test_dropout_inverted_scaling_preserves_expectation():
+    p = 0.5
+    layer = built(Dropout(p), (100_000,), seed=18)
+    x = np.full((1, 100_000), 3.0)
+    out, _ = layer.forward(x, train=True)
+    # each output is 0 or 6 with equal odds: mean 3, std 3; std of the mean = 3/sqrt(1e5) ~ 0.0095
+    assert abs(out.mean() - 3.0) < 5 * 3.0 / np.sqrt(x.size)
+    assert set(np.unique(out)) == {0.0, 6.0}
+
+
+def test_dropout_masks_deterministic_per_seed_and_fresh_per_call():
+    x = np.ones((2, 200))
+    a, b, c = (built(Dropout(0.5), (200,), seed=s) for s in (21, 21, 22))
+    a1, b1, c1 = (lyr.forward(x)[0] for lyr in (a, b, c))
+    np.testing.assert_array_equal(a1, b1)
+    assert not np.array_equal(a1, c1)
+    a2 = a.forward(x)[0]
+    assert not np.array_equal(a1, a2)          # a new mask every step
+    np.testing.assert_array_equal(a2, b.forward(x)[0])
+
+
+def test_dropout_float32_mask_dtype():
+    layer = built(Dropout(0.5), (20,), dtype=np.float32)
+    out, mask = layer.forward(np.ones((2, 20), dtype=np.float32))
+    assert out.dtype == np.float32 and mask.dtype == np.float32
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_bad_p(p):
+    with pytest.raises(SpecError, match="p must be in"):
+        Dropout(p)
+
+
+# --------------------------------------------------------------------------- BatchNorm2D
+
+def _bn(c=3, momentum=0.1, eps=1e-5, seed=19, shape=(4, 5)):
+    layer = built(BatchNorm2D(momentum, eps), (*shape, c))
+    rng = np.random.default_rng(seed)
+    layer.parameters["weight"][...] = rng.uniform(0.5, 1.5, c)
+    layer.parameters["bias"][...] = rng.standard_normal(c)
+    return layer, rng
+
+
+def test_batchnorm_train_gradcheck():
+    layer, rng = _bn()
+    x = rng.standard_normal((3, 4, 5, 3)) * 2 + 1
+    report = assert_gradcheck(layer, x, train=True, expect={"weight", "bias"}, max_entries=None)
+    assert set(report) == {"input", "weight", "bias"}
+
+
+def test_batchnorm_train_forward_normalizes():
+    layer, rng = _bn()
+    x = rng.standard_normal((3, 4, 5, 3)) * 3 - 2
+    out, _ = layer.forward(x, train=True)
+    g, b = layer.parameters["weight"], layer.parameters["bias"]
+    xhat = (out - b) / g
+    np.testing.assert_allclose(xhat.mean(axis=(0, 1, 2)), 0.0, atol=1e-12)
+    np.testing.assert_allclose((xhat ** 2).mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2)) / (x.var(axis=(0, 1, 2)) + 1e-5),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.25])
+def test_batchnorm_running_stats_update_by_hand(momentum):
+    layer, rng = _bn(c=2, momentum=momentum)
+    rm0, rv0 = np.array([0.5, -1.0]), np.array([2.0, 0.5])
+    layer.state["running_mean"][...] = rm0
+    layer.state["running_var"][...] = rv0
+    x = rng.standard_normal((3, 4, 5, 2)) * [1.0, 3.0] + [2.0, -1.0]
+    layer.forward(x, train=True)
+    m = 3 * 4 * 5
+    for c in range(2):
+        vals = x[..., c].ravel()
+        mean = sum(vals) / m
+        unbiased = sum((v - mean) ** 2 for v in vals) / (m - 1)
+        assert layer.state["running_mean"][c] == pytest.approx((1 - momentum) * rm0[c] + momentum * mean, rel=1e-13)
+        assert layer.state["running_var"][c] == pytest.approx((1 - momentum) * rv0[c] + momentum * unbiased, rel=1e-13)
+    # evaluation mode leaves them alone
+    before = {k: v.copy() for k, v in layer.state.items()}
+    layer.forward(x, train=False)
+    for k, v in layer.state.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_batchnorm_eval_uses_running_stats():
+    layer, rng = _bn(c=2, eps=1e-3)
+    rm, rv = np.array([1.5, -0.5]), np.array([4.0, 0.25])
+    layer.state["running_mean"][...] = rm
+    layer.state["running_var"][...] = rv
+    x = rng.standard_normal((2, 4, 5, 2))
+    out, cache = layer.forward(x, train=False)
+    g, b = layer.parameters["weight"], layer.parameters["bias"]
+    np.testing.assert_allclose(out, (x - rm) / np.sqrt(rv + 1e-3) * g + b, rtol=1e-13)
+    # batch statistics do not enter: one sample gives the same result as in the batch
+    np.testing.assert_allclose(layer.forward(x[:1], train=False)[0], out[:1], rtol=1e-14)
+    with pytest.raises(ShapeError, match="evaluation-mode"):
+        layer.backward(np.ones_like(out), cache)
+
+
+def test_batchnorm_needs_image_input():
+    with pytest.raises(SpecError, match="image input"):
+        built(BatchNorm2D(), (10,))
+
+
+# --------------------------------------------------------------------------- Residual
+
+def _res_block(c=3):
+    return Residual([Conv2D(c, 3, padding=1, name="conv_a"), ReLU(name="act"),
+                     Conv2D(c, 3, padding=1, name="conv_b")], name="res")
+
+
+def test_residual_gradcheck():
+    rng = np.random.default_rng(23)
+    layer = built(_res_block(), (5, 6, 3))
+    for k, v in layer.parameters.items():
+        if k.endswith("bias"):
+            v[...] = 0.1 * rng.standard_normal(v.shape)
+    assert set(layer.parameters) == {"conv_a.weight", "conv_a.bias", "conv_b.weight", "conv_b.bias"}
+    x = rng.standard_normal((2, 5, 6, 3))
+    assert_gradcheck(layer, x, max_entries=None)
+
+
+def test_residual_forward_is_x_plus_inner():
+    rng = np.random.default_rng(24)
+    layer = built(_res_block(), (4, 4, 3))
+    x = rng.standard_normal((2, 4, 4, 3))
+    out, _ = layer.forward(x)
+    h = x
+    for inner in layer.layers:
+        h, _ = inner.forward(h)
+    np.testing.assert_allclose(out, x + h, rtol=1e-14)
+    # parameters are the inner layers' own arrays
+    assert layer.parameters["conv_a.weight"] is layer.layers[0].parameters["weight"]
+
+
+def test_residual_with_batchnorm_exposes_state():
+    block = Residual([Conv2D(2, 3, padding=1, name="c"), BatchNorm2D(name="bn")], name="r")
+    layer = built(block, (4, 4, 2))
+    assert set(layer.state) == {"bn.running_mean", "bn.running_var"}
+    x = np.random.default_rng(25).standard_normal((3, 4, 4, 2))
+    report = gradcheck_layer(layer, x, max_entries=None)
+    # BatchNorm subtracts the per-channel mean, so a bias right before it has an
+    # exactly zero gradient: the relative error of two ~0 numbers is noise.
+    del report["c.bias"]
+    assert max(report.values()) < TOL, report
+    out, cache = layer.forward(x)
+    _, grads = layer.backward(np.random.default_rng(26).standard_normal(out.shape), cache)
+    assert np.max(np.abs(grads["c.bias"])) < 1e-12
+
+
+@pytest.mark.parametrize("inner", [
+    [Conv2D(4, 3, padding=1)],                # changes the channels
+    [Conv2D(3, 3)],                           # shrinks H and W
+    [MaxPool2D(2)],
+])
+def test_residual_shape_change_raises(inner):
+    with pytest.raises(SpecError, match="must keep the shape"):
+        built(Residual(inner, name="bad"), (6, 6, 3))
+
+
+# --------------------------------------------------------------------------- im2col / col2im
+
+IM2COL_CASES = [
+    # N, Hp, Wp, C, kh, kw, sh, sw
+    (2, 5, 5, 1, 3, 3, 1, 1),
+    (2, 7, 9, 3, 3, 2, 2, 1),
+    (1, 8, 6, 2, 2, 2, 2, 2),
+    (3, 9, 7, 2, 3, 3, 2, 3),
+    (2, 6, 7, 2, 1, 1, 2, 2),       # stride > kernel
+]
+
+
+def naive_im2col(x, kh, kw, sh, sw):
+    n, hp, wp, c = x.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    cols = np.zeros((n * ho * wo, kh * kw * c))
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                for a in range(kh):
+                    for e in range(kw):
+                        for ch in range(c):
+                            cols[(b * ho + i) * wo + j, (a * kw + e) * c + ch] = x[b, i * sh + a, j * sw + e, ch]
+    return cols
+
+
+@pytest.mark.parametrize("n,hp,wp,c,kh,kw,sh,sw", IM2COL_CASES)
+def test_im2col_matches_naive_loop(n, hp, wp, c, kh, kw, sh, sw):
+    x = np.random.default_rng(26).standard_normal((n, hp, wp, c))
+    np.testing.assert_array_equal(im2col(x, kh, kw, sh, sw), naive_im2col(x, kh, kw, sh, sw))
+    # a non-contiguous view gives the same result
+    x_t = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(im2col(x_t, kh, kw, sh, sw), naive_im2col(x, kh, kw, sh, sw))
+
+
+@pytest.mark.parametrize("n,hp,wp,c,kh,kw,sh,sw", IM2COL_CASES)
+def test_col2im_is_adjoint_of_im2col(n, hp, wp, c, kh, kw, sh, sw):
+    rng = np.random.default_rng(27)
+    x = rng.standard_normal((n, hp, wp, c))
+    cols = im2col(x, kh, kw, sh, sw)
+    d = rng.standard_normal(cols.shape)
+    lhs = np.sum(cols * d)
+    back = col2im(d, x.shape, kh, kw, sh, sw)
+    assert back.shape == x.shape
+    rhs = np.sum(x * back)
+    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("n,hp,wp,c,kh,kw,sh,sw", IM2COL_CASES)
+def test_col2im_gemm_equals_col2im_of_product(n, hp, wp, c, kh, kw, sh, sw):
+    rng = np.random.default_rng(28)
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    o = 4
+    d = rng.standard_normal((n * ho * wo, o))
+    wmat = rng.standard_normal((kh * kw * c, o))
+    np.testing.assert_allclose(col2im_gemm(d, wmat, (n, hp, wp, c), kh, kw, sh, sw),
+                               col2im(d @ wmat.T, (n, hp, wp, c), kh, kw, sh, sw), rtol=1e-12, atol=1e-12)
+
+
+def test_col2im_counts_window_coverage():
+    """col2im of all-ones columns = how many windows cover each pixel."""
+    ones = np.ones((4, 9))                              # 1 sample, 2x2 outputs, 3x3 kernel, 1 channel
+    cover = col2im(ones, (1, 5, 5, 1), 3, 3, 2, 2)[0, :, :, 0]
+    np.testing.assert_array_equal(cover, [[1, 1, 2, 1, 1],
+                                          [1, 1, 2, 1, 1],
+                                          [2, 2, 4, 2, 2],
+                                          [1, 1, 2, 1, 1],
+                                          [1, 1, 2, 1, 1]])
+
+
+def test_pad_and_output_size():
+    x = np.arange(6.0).reshape(1, 2, 3, 1)
+    p = pad_nhwc(x, 1, 2)
+    assert p.shape == (1, 4, 7, 1)
+    np.testing.assert_array_equal(p[0, 1:3, 2:5, 0], x[0, :, :, 0])
+    assert p.sum() == x.sum()
+    assert pad_nhwc(x, 0, 0) is x
+    assert conv_output_size(28, 3, 1, 1) == 28
+    assert conv_output_size(7, 3, 2, 1) == 4
+    assert conv_output_size(8, 3, 3, 0) == 2

@@ -1,0 +1,567 @@
+"""Whole models: presets, specs and their errors, forward/backward, gradient checks.
+
+Gradient checks run in float64 (central differences, eps = 1e-6); see
+test_layers.py for why 1e-6 is a safe bound for a correct backward.
+"""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cnn_core import PRESETS, build_model, softmax_cross_entropy
+from cnn_core.errors import ShapeError, SpecError
+from cnn_core.gradcheck import gradcheck_model
+from cnn_core.layers import Dropout, MaxPool2D, ReLU
+from cnn_core.model import execution_order
+from cnn_core.reference import ReferenceModel
+
+SEED_SHAPES = {
+    "conv1.weight": (32, 1, 3, 3), "conv1.bias": (32,),
+    "conv2.weight": (64, 32, 3, 3), "conv2.bias": (64,),
+    "fc1.weight": (3136, 128), "fc1.bias": (128,),
+    "fc2.weight": (128, 10), "fc2.bias": (10,),
+}
+LIGHT_SHAPES = {
+    "conv1.weight": (8, 1, 3, 3), "conv1.bias": (8,),
+    "conv2.weight": (16, 8, 3, 3), "conv2.bias": (16,),
+    "fc1.weight": (784, 32), "fc1.bias": (32,),
+    "fc2.weight": (32, 10), "fc2.bias": (10,),
+}
+
+# Every layer type, conv stride 2, a residual block and overlapping pooling, on a small input.
+SMALL_SPEC = {
+    "input_shape": [2, 9, 8],
+    "layers": [
+        {"type": "conv2d", "name": "c1", "out_channels": 4, "kernel": 3, "stride": 2, "padding": 1},  # (5,4,4)
+        {"type": "batchnorm2d", "name": "bn1"},
+        {"type": "leaky_relu", "alpha": 0.1},
+        {"type": "residual", "name": "res", "layers": [
+            {"type": "conv2d", "name": "ca", "out_channels": 4, "kernel": 3, "padding": 1},
+            {"type": "elu"},
+            {"type": "conv2d", "name": "cb", "out_channels": 4, "kernel": [3, 1], "padding": [1, 0]},
+        ]},
+        {"type": "silu"},
+        {"type": "conv2d", "name": "c2", "out_channels": 3, "kernel": [2, 3], "padding": 1},             # (6,4,3)
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 3, "stride": 2},                                                 # (2,1,3)
+        {"type": "flatten"},
+        {"type": "dropout", "p": 0.3},
+        {"type": "dense", "name": "fc", "units": 5},
+    ],
+}
+
+
+def with_dropout(spec, p):
+    spec = copy.deepcopy(PRESETS[spec] if isinstance(spec, str) else spec)
+    for layer in spec["layers"]:
+        if layer["type"] == "dropout":
+            layer["p"] = p
+    return spec
+
+
+def batch(n, shape=(1, 28, 28), classes=10, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, *shape)).astype(dtype), rng.integers(0, classes, n)
+
+
+# --------------------------------------------------------------------------- presets
+
+def test_seed_preset_names_shapes_and_count():
+    model = build_model("seed", seed=0)
+    assert {k: tuple(v.shape) for k, v in model.params.items()} == SEED_SHAPES
+    assert list(model.params) == list(SEED_SHAPES)            # layer order
+    assert model.num_parameters() == 421_642
+    assert 32 * 9 + 32 + 64 * 32 * 9 + 64 + 3136 * 128 + 128 + 128 * 10 + 10 == 421_642
+    assert all(v.dtype == np.float32 for v in model.params.values())
+    assert model.state == {} and model.num_classes == 10
+    assert [lyr.type_name for lyr in model.layers] == [
+        "conv2d", "relu", "maxpool2d", "conv2d", "relu", "maxpool2d", "flatten", "dense", "relu", "dropout", "dense"]
+    assert model.layers[9].p == 0.25
+    assert "421,642" in model.summary()
+
+
+def test_light_preset_names_shapes():
+    model = build_model("light", seed=0, dtype="float64")
+    assert {k: tuple(v.shape) for k, v in model.params.items()} == LIGHT_SHAPES
+    assert model.num_parameters() == 80 + 1168 + 25_120 + 330
+    assert all(v.dtype == np.float64 for v in model.params.values())
+
+
+def test_presets_are_not_aliased():
+    model = build_model("light")
+    model.spec["layers"][0]["out_channels"] = 99
+    assert PRESETS["light"]["layers"][0]["out_channels"] == 8
+    assert build_model("light").params["conv1.weight"].shape == (8, 1, 3, 3)
+
+
+def test_he_init_scale_and_zero_biases():
+    model = build_model("seed", seed=3, dtype="float64")
+    for name, fan_in in [("conv2.weight", 32 * 9), ("fc1.weight", 3136)]:
+        assert model.params[name].std() == pytest.approx(math.sqrt(2 / fan_in), rel=0.02)
+    for name in ("conv1.bias", "conv2.bias", "fc1.bias", "fc2.bias"):
+        assert np.all(model.params[name] == 0)
+
+
+# --------------------------------------------------------------------------- forward / backward
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_shapes_and_dtype(train):
+    model = build_model("light", seed=0)
+    x, _ = batch(5)
+    out = model.forward(x, train=train)
+    assert out.shape == (5, 10) and out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+
+
+def test_forward_casts_float64_input_to_model_dtype():
+    model = build_model("light", seed=0)
+    x, _ = batch(3)
+    out32 = model.forward(x, train=False)
+    out64in = model.forward(x.astype(np.float64), train=False)
+    assert out64in.dtype == np.float32
+    np.testing.assert_array_equal(out32, out64in)
+
+
+def test_backward_keys_shapes_and_leaves_params_alone():
+    model = build_model("light", seed=0)
+    before = {k: v.copy() for k, v in model.params.items()}
+    x, y = batch(6)
+    loss, d = softmax_cross_entropy(model.forward(x, train=True), y)
+    grads = model.backward(d)
+    assert list(grads) == list(model.params)
+    for k, g in grads.items():
+        assert g.shape == model.params[k].shape and g.dtype == np.float32, k
+        assert np.all(np.isfinite(g)) and np.any(g != 0), k
+        np.testing.assert_array_equal(model.params[k], before[k])
+    assert loss == pytest.approx(math.log(10), rel=0.5)
+
+
+def test_backward_needs_a_training_forward():
+    model = build_model("light", seed=0)
+    x, y = batch(2)
+    with pytest.raises(ShapeError, match="forward"):
+        model.backward(np.zeros((2, 10), dtype=np.float32))
+    model.forward(x, train=False)
+    with pytest.raises(ShapeError, match="forward"):
+        model.backward(np.zeros((2, 10), dtype=np.float32))
+    _, d = softmax_cross_entropy(model.forward(x, train=True), y)
+    model.backward(d)
+    with pytest.raises(ShapeError):      # caches are released after one backward
+        model.backward(d)
+
+
+def test_in_place_param_updates_change_the_model():
+    model = build_model("light", seed=0, dtype="float64")
+    x, _ = batch(4, dtype=np.float64)
+    out0 = model.forward(x, train=False)
+    model.params["fc2.bias"][...] += 1.5
+    np.testing.assert_allclose(model.forward(x, train=False), out0 + 1.5, rtol=1e-13, atol=1e-13)
+    model.params["conv1.weight"] *= 0.5           # also in place
+    out2 = model.forward(x, train=False)
+    assert np.max(np.abs(out2 - out0 - 1.5)) > 1e-3
+    assert model.params["conv1.weight"] is model.layers[0].parameters["weight"]
+
+
+def test_load_arrays_round_trip_and_errors():
+    a, b = build_model("light", seed=1), build_model("light", seed=2)
+    x, _ = batch(3)
+    assert not np.array_equal(a.forward(x, train=False), b.forward(x, train=False))
+    b.load_arrays({k: v.copy() for k, v in a.params.items()})
+    np.testing.assert_array_equal(a.forward(x, train=False), b.forward(x, train=False))
+    with pytest.raises(ShapeError, match="missing"):
+        b.load_arrays({"fc2.bias": np.zeros(10)})
+    bad = {k: v.copy() for k, v in a.params.items()}
+    bad["fc2.bias"] = np.zeros(11)
+    with pytest.raises(ShapeError, match="fc2.bias"):
+        b.load_arrays(bad)
+
+
+def test_predict_matches_argmax_in_batches():
+    model = build_model("light", seed=0)
+    x, _ = batch(25)
+    np.testing.assert_array_equal(model.predict(x, batch_size=7), model.forward(x, train=False).argmax(axis=1))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 28, 27), (2, 28, 28, 1), (1, 28, 28), (2, 3, 28, 28)])
+def test_wrong_input_shape_raises(shape):
+    model = build_model("light")
+    with pytest.raises(ShapeError, match=r"\(N, 1, 28, 28\)"):
+        model.forward(np.zeros(shape, dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, bool])
+def test_wrong_input_dtype_raises(dtype):
+    model = build_model("light")
+    with pytest.raises(ShapeError, match="floating point"):
+        model.forward(np.zeros((2, 1, 28, 28), dtype=dtype))
+
+
+# --------------------------------------------------------------------------- specs
+
+def test_build_from_dict_and_json_equal_preset():
+    ref = build_model("light", seed=5)
+    for spec in (PRESETS["light"], json.dumps(PRESETS["light"]), "  " + json.dumps(PRESETS["light"], indent=2)):
+        model = build_model(spec, seed=5)
+        for k, v in ref.params.items():
+            np.testing.assert_array_equal(model.params[k], v)
+
+
+@pytest.mark.parametrize("spec", ["seed", "light", SMALL_SPEC])
+def test_spec_round_trip(spec):
+    a = build_model(spec, seed=7, dtype="float64")
+    text = json.dumps(a.spec)                      # JSON-able
+    for again in (a.spec, text):
+        b = build_model(again, seed=7, dtype="float64")
+        assert b.spec == a.spec
+        assert list(b.params) == list(a.params) and list(b.state) == list(a.state)
+        for k, v in a.params.items():
+            np.testing.assert_array_equal(b.params[k], v)
+    assert all("name" in entry for entry in a.spec["layers"])
+
+
+def test_auto_names_and_nested_names():
+    model = build_model(SMALL_SPEC, dtype="float64")
+    names = [lyr.name for lyr in model.layers]
+    assert names == ["c1", "bn1", "leaky_relu1", "res", "silu1", "c2", "relu1", "maxpool1", "flatten1",
+                     "dropout1", "fc"]
+    assert list(model.state) == ["bn1.running_mean", "bn1.running_var"]
+    assert list(model.params) == ["c1.weight", "c1.bias", "bn1.weight", "bn1.bias",
+                                  "res.ca.weight", "res.ca.bias", "res.cb.weight", "res.cb.bias",
+                                  "c2.weight", "c2.bias", "fc.weight", "fc.bias"]
+    assert model.params["res.cb.weight"].shape == (4, 4, 3, 1)
+
+
+def _spec(*layers, input_shape=(1, 8, 8)):
+    return {"input_shape": list(input_shape), "layers": list(layers)}
+
+
+FLAT_TAIL = ({"type": "flatten"}, {"type": "dense", "units": 3})
+
+BAD_SPECS = [
+    ("nope", "unknown model preset 'nope'"),
+    ("{not json", "not valid JSON"),
+    (42, "preset name, dict or JSON"),
+    ({"layers": [{"type": "flatten"}, {"type": "dense", "units": 2}]}, "input_shape"),
+    (_spec(*FLAT_TAIL, input_shape=(1, 8)), "input_shape"),
+    (_spec(*FLAT_TAIL, input_shape=(1, 0, 8)), "input_shape"),
+    ({"input_shape": [1, 8, 8]}, "'layers' must be a non-empty list"),
+    (_spec(), "'layers' must be a non-empty list"),
+    (_spec({"type": "conv3d", "out_channels": 2}, *FLAT_TAIL), "unknown layer type 'conv3d'"),
+    (_spec({"type": ["relu"]}, *FLAT_TAIL), "unknown layer type"),
+    (_spec({"out_channels": 2}, *FLAT_TAIL), "must be a dict with a 'type'"),
+    (_spec("relu", *FLAT_TAIL), "must be a dict with a 'type'"),
+    (_spec({"type": "conv2d", "name": "big", "out_channels": 2, "kernel": 9}, *FLAT_TAIL), "big: kernel .* does not fit"),
+    (_spec({"type": "maxpool2d", "kernel": 9}, *FLAT_TAIL), "does not fit"),
+    (_spec({"type": "dense", "units": 3}), "add a flatten layer"),
+    (_spec({"type": "conv2d", "out_channels": 2}), "last layer must output"),
+    (_spec({"type": "relu", "name": "x"}, {"type": "flatten", "name": "x"}, {"type": "dense", "units": 2}),
+     r"duplicate layer names \['x'\]"),
+    (_spec({"type": "relu"}, {"type": "relu", "name": "relu1"}, *FLAT_TAIL), "duplicate layer names"),
+    (_spec({"type": "conv2d", "out_channels": 2, "kernal": 3}, *FLAT_TAIL), "conv1 .*kernal"),
+    (_spec({"type": "conv2d", "out_channels": 2.5}, *FLAT_TAIL), "out_channels must be a positive int"),
+    (_spec({"type": "conv2d", "out_channels": 2, "kernel": "3"}, *FLAT_TAIL), "kernel must be an int or a pair"),
+    (_spec({"type": "conv2d", "out_channels": 2, "stride": 0}, *FLAT_TAIL), "stride must be >= 1"),
+    (_spec({"type": "dropout", "p": 1.0}, *FLAT_TAIL), "p must be in"),
+    (_spec({"type": "dropout", "p": "half"}, *FLAT_TAIL), "dropout1 .*half"),
+    (_spec({"type": "dense", "units": 0}), "units must be a positive int"),
+    (_spec({"type": "batchnorm2d"}, {"type": "flatten"}, {"type": "batchnorm2d"}, {"type": "dense", "units": 2}),
+     "batchnorm2: needs an image input"),
+    (_spec({"type": "residual", "name": "r", "layers": [{"type": "conv2d", "out_channels": 3, "padding": 1}]},
+           *FLAT_TAIL), "residual r: .*must keep the shape"),
+    (_spec({"type": "residual", "layers": []}, *FLAT_TAIL), "non-empty 'layers'"),
+    (_spec({"type": "residual", "layers": [{"type": "relu"}], "extra": 1}, *FLAT_TAIL), "residual1 .*extra"),
+    (_spec({"type": "residual", "name": "r", "layers": [
+        {"type": "conv2d", "name": "c", "out_channels": 1, "padding": 1},
+        {"type": "conv2d", "name": "c", "out_channels": 1, "padding": 1}]}, *FLAT_TAIL),
+     r"residual r: duplicate layer names \['c'\]"),
+    (_spec({"type": "residual", "layers": [{"type": "softmax"}]}, *FLAT_TAIL), "unknown layer type 'softmax'"),
+]
+
+
+@pytest.mark.parametrize("spec,match", BAD_SPECS, ids=[f"bad{i}" for i in range(len(BAD_SPECS))])
+def test_bad_specs_raise_one_line_spec_error(spec, match):
+    with pytest.raises(SpecError, match=match) as info:
+        build_model(spec)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 300, message
+
+
+def test_bad_json_message_names_position():
+    with pytest.raises(SpecError, match="line 1 column"):
+        build_model('{"input_shape": [1, 8, 8], "layers": [}')
+
+
+def test_unknown_device_and_dtype():
+    from cnn_core.errors import ConfigError
+    with pytest.raises(ConfigError, match="device"):
+        build_model("light", device="tpu")
+    with pytest.raises(ConfigError, match="dtype"):
+        build_model("light", dtype="float16")
+
+
+# --------------------------------------------------------------------------- gradient checks
+#
+# Whole-model checks differentiate the mean cross-entropy (~2.3), so a central
+# difference carries ~1e-11 of rounding noise.  Relative to one entry that
+# noise is large where the true gradient is tiny, and where it is exactly 0
+# (a unit dropped by dropout, a dead ReLU) the per-entry relative error of
+# cnn_core.gradcheck.gradcheck_model reads 1.0 for a correct backward.  So the
+# error is measured against the parameter's gradient scale instead:
+#     max_i |analytic_i - numeric_i| / max_i |analytic_i|
+# which a correct backward keeps near 1e-8 and a wrong one (a missing term, a
+# transposed weight, a misrouted max) puts near 1e-1.
+
+def scaled_gradcheck(model, x, y, max_entries=40, eps=1e-6, seed=0):
+    """{param: max |a - n| / max |a|} over ``max_entries`` random entries per parameter."""
+    from cnn_core.gradcheck import _reset_rngs
+    rng = np.random.default_rng(seed)
+    state0 = {k: v.copy() for k, v in model.state.items()}
+
+    def loss_and_grad():
+        for k, v in state0.items():
+            model.state[k][...] = v
+        _reset_rngs(model.layers)          # the same dropout mask in every pass
+        return softmax_cross_entropy(model.forward(x, train=True), y)
+
+    _, d = loss_and_grad()
+    grads = model.backward(d)
+    report = {}
+    for name, p in model.params.items():
+        flat, g = p.reshape(-1), grads[name].reshape(-1)
+        idx = rng.choice(flat.size, size=min(max_entries, flat.size), replace=False)
+        idx = np.union1d(idx, [int(np.argmax(np.abs(g)))])      # always include the largest entry
+        worst = 0.0
+        for i in idx:
+            old = flat[i]
+            flat[i] = old + eps
+            plus = loss_and_grad()[0]
+            flat[i] = old - eps
+            minus = loss_and_grad()[0]
+            flat[i] = old
+            worst = max(worst, abs((plus - minus) / (2 * eps) - g[i]))
+        report[name] = worst / max(float(np.max(np.abs(g))), 1e-300)
+    return report, grads
+
+
+def test_small_model_gradcheck_float64():
+    """conv stride 2, batchnorm, residual, leaky_relu/elu/silu, relu+maxpool, dropout (train), dense."""
+    model = build_model(SMALL_SPEC, seed=1, dtype="float64")
+    rng = np.random.default_rng(2)
+    for k, v in model.params.items():             # non-trivial BN affine and biases
+        if k.endswith("bias") or k.startswith("bn1."):
+            v[...] += 0.3 * rng.standard_normal(v.shape)
+    x = rng.standard_normal((4, 2, 9, 8))
+    y = rng.integers(0, 5, 4)
+    report, grads = scaled_gradcheck(model, x, y, max_entries=60)
+    assert set(report) == set(model.params)
+    # c1.bias feeds straight into BatchNorm, which subtracts the batch mean: its
+    # exact gradient is 0, so there is no scale to measure against; check it is 0.
+    assert np.max(np.abs(grads["c1.bias"])) < 1e-12
+    del report["c1.bias"]
+    assert max(report.values()) < 1e-6, report
+
+
+def test_light_model_gradcheck_float64():
+    model = build_model("light", seed=3, dtype="float64")
+    rng = np.random.default_rng(4)
+    for k, v in model.params.items():
+        if k.endswith("bias"):
+            v[...] = 0.1 * rng.standard_normal(v.shape)
+    x = rng.standard_normal((3, 1, 28, 28))
+    y = np.array([0, 3, 9])
+    report, _ = scaled_gradcheck(model, x, y, max_entries=25)    # dropout active, mask fixed per pass
+    assert set(report) == set(LIGHT_SHAPES)
+    assert max(report.values()) < 1e-6, report
+
+
+def test_scaled_gradcheck_catches_a_wrong_backward(monkeypatch):
+    """The check above is not vacuous: a backward that drops ELU's alpha fails it."""
+    from cnn_core.layers import ELU
+    model = build_model(SMALL_SPEC, seed=1, dtype="float64")
+    x = np.random.default_rng(5).standard_normal((4, 2, 9, 8))
+    y = np.array([0, 1, 2, 3])
+    monkeypatch.setattr(ELU, "backward", lambda self, dout, cache, need_dx=True: (
+        np.where(cache[0] > 0, dout, dout * cache[1]), {}))
+    report, _ = scaled_gradcheck(model, x, y, max_entries=20)
+    assert report["res.ca.weight"] > 1e-3, report
+
+
+def test_gradcheck_model_rejects_float32():
+    with pytest.raises(ValueError, match="float64"):
+        gradcheck_model(build_model("light"), *batch(2))
+
+
+# --------------------------------------------------------------------------- vs the NCHW reference
+
+REF_SPEC = {   # overlapping pooling, conv stride 2 / padding 2, ReLU->MaxPool twice (swapped in execution)
+    "input_shape": [2, 13, 11],
+    "layers": [
+        {"type": "conv2d", "name": "conv1", "out_channels": 5, "kernel": 3, "stride": 2, "padding": 2},  # (8,7,5)
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 3, "stride": 2},                                                  # (3,3,5)
+        {"type": "conv2d", "name": "conv2", "out_channels": 6, "kernel": [2, 3], "padding": 1},           # (4,3,6)
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 2, "stride": 2},                                                  # (2,1,6)
+        {"type": "flatten"},
+        {"type": "dense", "name": "fc1", "units": 7},
+        {"type": "relu"},
+        {"type": "dropout", "p": 0.5},
+        {"type": "dense", "name": "fc2", "units": 4},
+    ],
+}
+
+
+def assert_grads_close(grads, ref_grads, rtol=1e-10):
+    assert set(grads) == set(ref_grads)
+    for k, g in grads.items():
+        scale = np.max(np.abs(ref_grads[k]))
+        assert scale > 0, k
+        err = np.max(np.abs(g - ref_grads[k])) / scale
+        assert err < rtol, f"{k}: {err}"
+
+
+@pytest.mark.parametrize("spec,shape,classes", [("seed", (1, 28, 28), 10), ("light", (1, 28, 28), 10),
+                                                (REF_SPEC, (2, 13, 11), 4)])
+def test_model_matches_reference_model(spec, shape, classes):
+    model = build_model(with_dropout(spec, 0.0), seed=11, dtype="float64")
+    rng = np.random.default_rng(12)
+    for k, v in model.params.items():
+        if k.endswith("bias"):
+            v[...] = 0.1 * rng.standard_normal(v.shape)
+    x, y = batch(8, shape, classes, seed=13, dtype=np.float64)
+    logits = model.forward(x, train=True)
+    loss, d = softmax_cross_entropy(logits, y)
+    grads = model.backward(d)
+    ref_loss, ref_grads = ReferenceModel(model).loss_and_grads(x, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_relu_maxpool_swap_exact_with_ties():
+    """Integer data and weights: many exact ties and all-nonpositive windows.
+
+    Pooling before the ReLU must route gradients exactly as ReLU-then-pool does
+    (the reference runs the original order).
+    """
+    spec = with_dropout(REF_SPEC, 0.0)
+    model = build_model(spec, seed=0, dtype="float64")
+    assert execution_order(model.layers) == [0, 2, 1, 3, 5, 4, 6, 7, 8, 9, 10]
+    rng = np.random.default_rng(14)
+    for k in ("conv1.weight", "conv2.weight"):
+        model.params[k][...] = rng.integers(-1, 2, model.params[k].shape)
+    model.params["conv1.bias"][...] = [0, -1, -5, 1, 0]
+    model.params["conv2.bias"][...] = [0, -2, 0, -9, 1, 0]
+    x = rng.integers(-1, 2, (6, 2, 13, 11)).astype(np.float64)
+    y = rng.integers(0, 4, 6)
+    loss, d = softmax_cross_entropy(model.forward(x, train=True), y)
+    grads = model.backward(d)
+    ref_loss, ref_grads = ReferenceModel(model).loss_and_grads(x, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    for k, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_execution_order_rules():
+    from cnn_core.layers import ELU, SiLU
+    mk = [ReLU(), MaxPool2D(), ReLU(), ReLU(), MaxPool2D(), SiLU(), MaxPool2D(), MaxPool2D(), ReLU(), ELU()]
+    assert execution_order(mk) == [1, 0, 2, 4, 3, 5, 6, 7, 8, 9]
+    assert execution_order([]) == []
+    assert execution_order([ReLU()]) == [0]
+
+
+# --------------------------------------------------------------------------- softmax cross-entropy
+
+def test_softmax_cross_entropy_hand_values():
+    logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [-1.0, 4.0, 0.5]])
+    y = np.array([2, 1, 0])
+    z = [math.exp(1) + math.exp(2) + math.exp(3), 3.0, math.exp(-1) + math.exp(4) + math.exp(0.5)]
+    expected = (-(3 - math.log(z[0])) + math.log(3) - (-1 - math.log(z[2]))) / 3
+    loss, d = softmax_cross_entropy(logits, y)
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(expected, rel=1e-14)
+    p = np.exp(logits) / np.array(z)[:, None]
+    p[np.arange(3), y] -= 1
+    np.testing.assert_allclose(d, p / 3, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(d.sum(axis=1), 0.0, atol=1e-15)
+
+
+def test_softmax_cross_entropy_gradient_finite_differences():
+    rng = np.random.default_rng(15)
+    logits = rng.standard_normal((4, 6)) * 3
+    y = rng.integers(0, 6, 4)
+    _, d = softmax_cross_entropy(logits, y)
+    eps = 1e-6
+    num = np.zeros_like(logits)
+    for idx in np.ndindex(logits.shape):
+        lp, lm = logits.copy(), logits.copy()
+        lp[idx] += eps
+        lm[idx] -= eps
+        num[idx] = (softmax_cross_entropy(lp, y)[0] - softmax_cross_entropy(lm, y)[0]) / (2 * eps)
+    np.testing.assert_allclose(d, num, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_large_logits_are_stable(dtype):
+    logits = np.array([[1e4, 0.0, -1e4], [-1e4, -1e4, -1e4 + 2.0], [1e4, 1e4, 0.0]], dtype=dtype)
+    y = np.array([0, 2, 1])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        loss, d = softmax_cross_entropy(logits, y)
+    # row 0: ~0; row 1: -log(e^2 / (2 + e^2)); row 2: log 2
+    expected = (0.0 + math.log(1 + 2 * math.exp(-2)) + math.log(2)) / 3
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert d.dtype == dtype and np.all(np.isfinite(d))
+    np.testing.assert_allclose(d[0], [0, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(d[2], [0.5 / 3, -0.5 / 3, 0], atol=1e-7)
+    loss_wrong, _ = softmax_cross_entropy(np.array([[1e4, 0.0]], dtype=dtype), np.array([1]))
+    assert loss_wrong == pytest.approx(1e4, rel=1e-6)
+
+
+@pytest.mark.parametrize("y,match", [
+    (np.array([0, 10, 1]), r"\[0, 10\)"),
+    (np.array([0, -1, 1]), r"\[0, 10\)"),
+    (np.array([0, 1]), r"shape \(3,\)"),
+    (np.array([[0], [1], [2]]), r"shape \(3,\)"),
+    (np.array([0.0, 1.0, 2.0]), "integers"),
+    (np.array([True, False, True]), "integers"),
+])
+def test_softmax_cross_entropy_label_validation(y, match):
+    with pytest.raises(ShapeError, match=match):
+        softmax_cross_entropy(np.zeros((3, 10)), y)
+
+
+def test_softmax_cross_entropy_needs_2d_logits():
+    with pytest.raises(ShapeError, match=r"\(N, K\)"):
+        softmax_cross_entropy(np.zeros(10), np.array([1]))
+
+
+def test_softmax_cross_entropy_accepts_lists_and_uint_labels():
+    logits = np.zeros((2, 4))
+    for y in ([1, 3], np.array([1, 3], dtype=np.uint8)):
+        loss, _ = softmax_cross_entropy(logits, y)
+        assert loss == pytest.approx(math.log(4))
+
+
+# --------------------------------------------------------------------------- determinism
+
+def test_same_seed_same_params_different_seed_different():
+    a, b, c = (build_model(SMALL_SPEC, seed=s) for s in (9, 9, 10))
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert any(not np.array_equal(a.params[k], c.params[k]) for k in a.params if k.endswith("weight"))
+
+
+def test_same_seed_same_dropout_masks():
+    a, b, c = (build_model("light", seed=s) for s in (21, 21, 22))
+    for lyr in c.layers:     # same weights for c, so only its masks differ
+        for k, v in lyr.parameters.items():
+            v[...] = a.params[f"{lyr.name}.{k}"]
+    x, _ = batch(8)
+    outs = {m: [m.forward(x, train=True) for _ in range(3)] for m in (a, b, c)}
+    for oa, ob, oc in zip(outs[a], outs[b], outs[c]):
+        np.testing.assert_array_equal(oa, ob)
+        assert not np.array_equal(oa, oc)
+    assert not np.array_equal(outs[a][0], outs[a][1])        # a fresh mask each step
+    np.testing.assert_array_equal(a.forward(x, train=False), c.forward(x, train=False))
+    assert isinstance(a.layers[9], Dropout)

@@ -1,0 +1,406 @@
+"""Unit tests of the wire protocol (pscnn/protocol.py): round trips and every validation path.
+
+No sockets except one in-process ZeroMQ pair (zero-copy receive); no server.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from pscnn import protocol as P
+
+PUSH_BODY = {"epoch": 0, "batch": 3, "lease": 7, "base_version": 2, "loss": 2.25, "correct": 10, "count": 64,
+             "timing": {"compute_s": 0.5, "comm_s": 0.01, "wait_s": 0.0}}
+
+# One valid body per message type, with every optional field present.
+FULL_BODIES = {
+    P.HELLO: {"role": "trainer", "name": "w0", "pid": 123, "host": "h", "device": "cpu"},
+    P.WELCOME: {"worker_id": "w0-1", "role": "trainer", "model": {"layers": [{"type": "relu"}]},
+                "run": {"seed": 0}, "incarnation": "abc", "heartbeat_s": 2},
+    P.WORK: {},
+    P.PUSH: PUSH_BODY,
+    P.TASK: {"version": 5, "epoch": 1, "batch": 2, "lease": 9, "held_s": 0.0, "ack": {"applied": True}},
+    P.WAIT: {"retry_s": 0.05, "held_s": 1.5, "reason": "epoch draining", "ack": {"applied": False}},
+    P.PULL: {"have_version": -1},
+    P.WEIGHTS: {"version": 3, "epoch": 0, "done": False, "updates": 3},
+    P.EVAL_REPORT: {"version": 3, "final": True, "metrics": {"test_accuracy": 0.9, "test_loss": 0.3}},
+    P.HEARTBEAT: {"version": 1, "done": False},
+    P.STATUS: {"progress": {"version": 1, "loss": None}},
+    P.BYE: {"reason": "done"},
+    P.ACK: {"ack": {"applied": True, "staleness": 0}},
+    P.STOP: {"version": 10, "reason": "training finished", "ack": {"applied": True}},
+    P.ERROR: {"code": "bad_message", "message": "nope"},
+}
+
+
+def _minimal(mtype: str) -> dict:
+    return {k: v for k, v in FULL_BODIES[mtype].items() if P.SCHEMAS[mtype][k][1]}
+
+
+def test_every_schema_has_a_test_body():
+    assert set(FULL_BODIES) == set(P.SCHEMAS)
+
+
+@pytest.mark.parametrize("mtype", sorted(P.SCHEMAS))
+@pytest.mark.parametrize("which", ["full", "minimal"])
+def test_round_trip_every_type(mtype, which):
+    body = FULL_BODIES[mtype] if which == "full" else _minimal(mtype)
+    msg = P.Message(mtype, "worker-1", 42, body, {"a": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    frames = P.encode(msg)
+    assert len(frames) == 2
+    out = P.decode([bytes(memoryview(f)) for f in frames])
+    assert (out.type, out.wid, out.seq, out.body) == (mtype, "worker-1", 42, body)
+    np.testing.assert_array_equal(out.arrays["a"], msg.arrays["a"])
+
+
+@pytest.mark.parametrize("dtype", P.ALLOWED_DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (5,), (2, 3, 4), (1,) * 8])
+def test_round_trip_arrays(dtype, shape):
+    rng = np.random.default_rng(0)
+    arr = (rng.standard_normal(shape) * 100).astype(dtype)
+    frames = P.encode(P.Message(P.ACK, arrays={"x": arr}))
+    out = P.decode([bytes(memoryview(f)) for f in frames]).arrays["x"]
+    assert out.dtype == np.dtype(dtype) and out.shape == shape
+    np.testing.assert_array_equal(out, arr)
+    assert not out.flags.writeable
+
+
+def test_round_trip_many_arrays_keeps_order_and_non_contiguous_input():
+    base = np.arange(24, dtype=np.float64).reshape(4, 6)
+    arrays = {"t": base.T, "s": base[:, ::2], "z": np.zeros(0, np.uint8), "i": np.array(7, np.int64)}
+    out = P.decode([bytes(memoryview(f)) for f in P.encode(P.Message(P.ACK, arrays=arrays))]).arrays
+    assert list(out) == ["t", "s", "z", "i"]
+    for k, v in arrays.items():
+        assert out[k].shape == v.shape
+        np.testing.assert_array_equal(out[k], v)
+
+
+def test_zero_copy_read_only_views_over_zmq():
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://test-protocol-zero-copy")
+        b.connect("inproc://test-protocol-zero-copy")
+        big = np.arange(100_000, dtype=np.float32)      # large enough to be sent as its own zmq buffer
+        P.send(a, P.Message(P.WEIGHTS, "", 1, FULL_BODIES[P.WEIGHTS],
+                            {"w": big, "s": np.array(2.5, np.float32), "e": np.zeros((0, 4), np.int32)}))
+        assert b.poll(5000)
+        frames = b.recv_multipart(copy=False)
+        msg = P.decode(frames)
+        w = msg.arrays["w"]
+        np.testing.assert_array_equal(w, big)
+        assert msg.arrays["s"].shape == () and float(msg.arrays["s"]) == 2.5
+        assert msg.arrays["e"].shape == (0, 4)
+        for arr in msg.arrays.values():
+            assert not arr.flags.writeable
+            with pytest.raises(ValueError):
+                arr[...] = 0
+        # a view of the received frame, not a copy
+        assert np.shares_memory(w, np.frombuffer(frames[1].buffer, dtype=np.uint8))
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+
+
+def test_encode_refuses_bad_dtype_bad_body_and_oversized_header():
+    with pytest.raises(P.ProtocolError, match="dtype"):
+        P.encode(P.Message(P.ACK, arrays={"c": np.zeros(2, np.complex64)}))
+    with pytest.raises(P.ProtocolError, match="missing field"):
+        P.encode(P.Message(P.PULL, body={}))
+    with pytest.raises(P.ProtocolError) as exc:
+        P.encode(P.Message(P.STATUS, body={"progress": {f"k{i}": "x" * 1000 for i in range(100)}}))
+    assert exc.value.code == "too_large"
+
+
+# ---------------------------------------------------------------- decode validation
+
+def _hdr(**over):
+    """A valid header map (a pull), with fields overridden; value ``...`` deletes a field."""
+    h = {"v": P.PROTOCOL_VERSION, "type": P.PULL, "wid": "w", "seq": 1, "body": {"have_version": 0}, "arrays": []}
+    for k, v in over.items():
+        if v is ...:
+            h.pop(k, None)
+        else:
+            h[k] = v
+    return h
+
+
+def _pack(h) -> bytes:
+    return msgpack.packb(h, use_bin_type=True)
+
+
+def _push(body_over=None, arrays=None, frames=None, **hdr_over):
+    body = {**PUSH_BODY, **(body_over or {})}
+    for k, v in list(body.items()):
+        if v is ...:
+            del body[k]
+    specs = arrays if arrays is not None else [["g", "float32", [2]]]
+    data = frames if frames is not None else [b"\0" * 8] * len(specs)
+    return [_pack(_hdr(type=P.PUSH, body=body, arrays=specs, **hdr_over)), *data]
+
+
+BIG = "x" * 5000
+CASES = {
+    # name: (frames, code, a substring of the message)
+    "empty message": ([], "bad_message", "empty"),
+    "garbage header": ([b"\xc1\xc1\xc1 not msgpack"], "bad_message", "msgpack"),
+    "truncated header": ([_pack(_hdr())[:-3]], "bad_message", "msgpack"),
+    "trailing bytes": ([_pack(_hdr()) + b"\x00"], "bad_message", "msgpack"),
+    "empty header frame": ([b""], "bad_message", "msgpack"),
+    "header is a list": ([_pack([1, "pull"])], "bad_message", "map"),
+    "header is an int": ([_pack(7)], "bad_message", "map"),
+    "int map key": ([b"\x81\x01\x02"], "bad_message", "msgpack"),
+    "unknown header key": ([_pack(_hdr(extra=1))], "bad_message", "unknown keys"),
+    "unknown header keys str and bytes": ([_pack({**_hdr(), "zz": 1, b"yy": 2})], "bad_message", "unknown keys"),
+    "oversized header": ([_pack(_hdr(wid="x" * (P.MAX_HEADER_BYTES + 10)))], "too_large", "limit"),
+    "wrong version": ([_pack(_hdr(v=2))], "bad_version", "version"),
+    "no version": ([_pack(_hdr(v=...))], "bad_version", "version"),
+    "version as bool": ([_pack(_hdr(v=True))], "bad_version", "version"),
+    "version as float": ([_pack(_hdr(v=1.0))], "bad_version", "version"),
+    "version as string": ([_pack(_hdr(v="1"))], "bad_version", "version"),
+    "unknown type": ([_pack(_hdr(type="launch_missiles"))], "unknown_type", "launch_missiles"),
+    "no type": ([_pack(_hdr(type=...))], "unknown_type", "type"),
+    "type is a list": ([_pack(_hdr(type=["pull"]))], "unknown_type", "type"),
+    "type is a map": ([_pack(_hdr(type={"a": 1}))], "unknown_type", "type"),
+    "type is bytes": ([_pack(_hdr(type=b"pull"))], "unknown_type", "type"),
+    "wid too long": ([_pack(_hdr(wid="w" * (P.MAX_NAME_LEN + 1)))], "bad_message", "wid"),
+    "wid not a string": ([_pack(_hdr(wid=12))], "bad_message", "wid"),
+    "wid bytes": ([_pack(_hdr(wid=b"w"))], "bad_message", "wid"),
+    "negative seq": ([_pack(_hdr(seq=-1))], "bad_message", "seq"),
+    "bool seq": ([_pack(_hdr(seq=True))], "bad_message", "seq"),
+    "float seq": ([_pack(_hdr(seq=1.5))], "bad_message", "seq"),
+    "string seq": ([_pack(_hdr(seq=BIG * 10))], "bad_message", "seq"),
+    "body not a map": ([_pack(_hdr(body=[1, 2]))], "bad_message", "body must be a map"),
+    "body nil": ([_pack(_hdr(body=None))], "bad_message", "body must be a map"),
+    "missing field": ([_pack(_hdr(body={}))], "bad_message", "missing field 'have_version'"),
+    "unknown field": ([_pack(_hdr(body={"have_version": 0, "please": 1}))], "bad_message", "unknown fields"),
+    "unknown bytes field": ([_pack(_hdr(body={"have_version": 0, b"x": 1, "y": 2}))], "bad_message",
+                            "unknown fields"),
+    "bool where int": ([_pack(_hdr(body={"have_version": True}))], "bad_message", "have_version"),
+    "float where int": ([_pack(_hdr(body={"have_version": 1.0}))], "bad_message", "have_version"),
+    "string where int": ([_pack(_hdr(body={"have_version": "1"}))], "bad_message", "have_version"),
+    "int where bool": ([_pack(_hdr(type=P.WEIGHTS, body={**FULL_BODIES[P.WEIGHTS], "done": 1}))],
+                       "bad_message", "done"),
+    "NaN loss": (_push({"loss": float("nan")}), "bad_message", "loss"),
+    "Inf loss": (_push({"loss": float("inf")}), "bad_message", "loss"),
+    "-Inf held_s": ([_pack(_hdr(type=P.TASK, body={**FULL_BODIES[P.TASK], "held_s": -math.inf}))],
+                    "bad_message", "held_s"),
+    "string loss": (_push({"loss": "0.5"}), "bad_message", "loss"),
+    "huge string": ([_pack(_hdr(type=P.BYE, body={"reason": BIG}))], "bad_message", "reason"),
+    "dict where str": ([_pack(_hdr(type=P.BYE, body={"reason": {"a": 1}}))], "bad_message", "reason"),
+    "timing not a map": (_push({"timing": [1.0]}), "bad_message", "timing"),
+    "timing unknown key": (_push({"timing": {"compute_s": 1.0, "sleep_s": 1.0}}), "bad_message", "sleep_s"),
+    "timing negative": (_push({"timing": {"compute_s": -0.5}}), "bad_message", "compute_s"),
+    "timing NaN": (_push({"timing": {"comm_s": float("nan")}}), "bad_message", "comm_s"),
+    "timing string": (_push({"timing": {"wait_s": "1"}}), "bad_message", "wait_s"),
+    "timing bool": (_push({"timing": {"wait_s": True}}), "bad_message", "wait_s"),
+    "count zero": (_push({"count": 0, "correct": 0}), "bad_message", "count"),
+    "correct > count": (_push({"count": 4, "correct": 5}), "bad_message", "correct"),
+    "correct negative": (_push({"correct": -1}), "bad_message", "correct"),
+    "push missing timing": (_push({"timing": ...}), "bad_message", "timing"),
+    "hello bad role": ([_pack(_hdr(type=P.HELLO, body={"role": "admin"}))], "bad_message", "role"),
+    "hello role not str": ([_pack(_hdr(type=P.HELLO, body={"role": 1}))], "bad_message", "role"),
+    "arrays not a list": (_push(arrays={"g": 1}, frames=[]), "bad_message", "arrays"),
+    "spec not a triple": (_push(arrays=[["g", "float32"]]), "bad_message", "[name, dtype, shape]"),
+    "spec a string": (_push(arrays=["g"]), "bad_message", "[name, dtype, shape]"),
+    "spec four items": (_push(arrays=[["g", "float32", [2], 0]]), "bad_message", "[name, dtype, shape]"),
+    "spec empty name": (_push(arrays=[["", "float32", [2]]]), "bad_message", "name"),
+    "spec long name": (_push(arrays=[["n" * (P.MAX_NAME_LEN + 1), "float32", [2]]]), "bad_message", "name"),
+    "spec int name": (_push(arrays=[[5, "float32", [2]]]), "bad_message", "name"),
+    "dtype object": (_push(arrays=[["g", "object", [1]]]), "bad_message", "dtype"),
+    "dtype complex": (_push(arrays=[["g", "complex64", [1]]]), "bad_message", "dtype"),
+    "dtype float16": (_push(arrays=[["g", "float16", [4]]]), "bad_message", "dtype"),
+    "dtype big-endian": (_push(arrays=[["g", ">f4", [2]]]), "bad_message", "dtype"),
+    "dtype a list": (_push(arrays=[["g", ["float32"], [2]]]), "bad_message", "dtype"),
+    "dtype huge string": (_push(arrays=[["g", BIG * 10, [2]]]), "bad_message", "dtype"),
+    "negative dim": (_push(arrays=[["g", "float32", [-2]]]), "bad_message", "shape"),
+    "bool dim": (_push(arrays=[["g", "float32", [True, 2]]]), "bad_message", "shape"),
+    "float dim": (_push(arrays=[["g", "float32", [2.0]]]), "bad_message", "shape"),
+    "too many dims": (_push(arrays=[["g", "float32", [1] * 9]]), "bad_message", "shape"),
+    "shape not a list": (_push(arrays=[["g", "float32", 2]]), "bad_message", "shape"),
+    "dim 2**31": (_push(arrays=[["g", "uint8", [2**31]]]), "bad_message", "shape"),
+    "array over the size limit": (_push(arrays=[["g", "float32", [2**30]]]), "too_large", "exceed"),
+    "array whose size overflows int64": (_push(arrays=[["g", "uint8", [65536] * 4]], frames=[b""]),
+                                         "too_large", "exceed"),
+    "too many arrays": (_push(arrays=[[f"a{i}", "uint8", [0]] for i in range(P.MAX_ARRAYS + 1)]),
+                        "bad_message", "at most"),
+    "fewer frames than specs": (_push(frames=[]), "bad_message", "frames"),
+    "more frames than specs": (_push(frames=[b"\0" * 8, b"\0" * 8]), "bad_message", "frames"),
+    "frame too short": (_push(frames=[b"\0" * 7]), "bad_message", "bytes"),
+    "frame too long": (_push(frames=[b"\0" * 9]), "bad_message", "bytes"),
+    "0-d frame empty": (_push(arrays=[["g", "float64", []]], frames=[b""]), "bad_message", "bytes"),
+    "duplicate names": (_push(arrays=[["g", "float32", [2]], ["g", "float32", [2]]]), "bad_message", "twice"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_rejects(name):
+    frames, code, needle = CASES[name]
+    with pytest.raises(P.ProtocolError) as exc:
+        P.decode(frames)
+    err = exc.value
+    text = str(err)
+    assert err.code == code, f"{name}: code {err.code!r}, message {text!r}"
+    assert needle.lower() in text.lower(), f"{name}: {text!r} does not mention {needle!r}"
+    assert "\n" not in text and 0 < len(text) <= 300, f"{name}: not a short one-line message: {text!r}"
+    assert isinstance(err, ValueError)      # ProtocolError is also a ValueError (and a PscnnError)
+
+
+def test_bodies_of_other_types_are_validated_too():
+    """Every required field of every type is enforced, and wrong kinds are refused."""
+    wrong = {"int": "1", "float": "1.0", "str": 1, "bool": 0, "dict": [], "list": {}}
+    for mtype, schema in P.SCHEMAS.items():
+        for fname, (kind, required) in schema.items():
+            body = dict(FULL_BODIES[mtype])
+            body[fname] = wrong[kind]
+            with pytest.raises(P.ProtocolError, match=fname):
+                P.decode([_pack(_hdr(type=mtype, body=body))])
+            if required:
+                body.pop(fname)
+                with pytest.raises(P.ProtocolError, match="missing field"):
+                    P.decode([_pack(_hdr(type=mtype, body=body))])
+
+
+def test_boundaries_accepted():
+    # the largest names, a wid of exactly MAX_NAME_LEN, 8 dims, MAX_ARRAYS arrays, a 4096-char string
+    specs = [[f"a{i}", "uint8", [0]] for i in range(P.MAX_ARRAYS)]
+    msg = P.decode([_pack(_hdr(type=P.ACK, body={}, wid="w" * P.MAX_NAME_LEN, arrays=specs))]
+                   + [b""] * P.MAX_ARRAYS)
+    assert len(msg.arrays) == P.MAX_ARRAYS
+    msg = P.decode([_pack(_hdr(type=P.BYE, body={"reason": "r" * 4096}))])
+    assert len(msg.body["reason"]) == 4096
+    msg = P.decode(_push(arrays=[["n" * P.MAX_NAME_LEN, "uint8", [1] * 8]], frames=[b"\x07"]))
+    assert msg.arrays["n" * P.MAX_NAME_LEN].shape == (1,) * 8
+    # header keys other than v/type may be left out
+    msg = P.decode([_pack({"v": P.PROTOCOL_VERSION, "type": P.WORK})])
+    assert (msg.wid, msg.seq, msg.body, msg.arrays) == ("", 0, {}, {})
+    # ints are accepted where a float is expected, and a huge (uint64) seq is fine
+    msg = P.decode(_push({"loss": 3, "timing": {}}, seq=2**64 - 1))
+    assert msg.seq == 2**64 - 1 and msg.body["loss"] == 3
+
+
+# ---------------------------------------------------------------- fuzzing
+# hypothesis is not installed here: a seeded random loop instead.
+
+def _rand_value(rng: random.Random, depth: int = 0):
+    kinds = ["nil", "bool", "int", "bigint", "float", "special", "str", "bytes", "ext"]
+    if depth < 3:
+        kinds += ["list", "map"] * 2
+    k = rng.choice(kinds)
+    if k == "nil":
+        return None
+    if k == "bool":
+        return rng.random() < 0.5
+    if k == "int":
+        return rng.randint(-5, 300)
+    if k == "bigint":
+        return rng.choice([-(2**63), 2**63 - 1, 2**64 - 1, 2**31, -(2**31)])
+    if k == "float":
+        return rng.uniform(-1e6, 1e6)
+    if k == "special":
+        return rng.choice([math.nan, math.inf, -math.inf, -0.0, 1e308])
+    if k == "str":
+        return rng.choice(["", "v", "type", "pull", "push", "float32", "trainer", "x" * rng.randint(0, 5000),
+                           "\n\x00\u2603"])
+    if k == "bytes":
+        return rng.randbytes(rng.randint(0, 20))
+    if k == "ext":
+        return msgpack.ExtType(rng.randint(0, 127), rng.randbytes(rng.randint(0, 8)))
+    if k == "list":
+        return [_rand_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    keys = ["v", "type", "wid", "seq", "body", "arrays", "role", "timing", "count", "compute_s", b"v", "zz"]
+    return {rng.choice(keys): _rand_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _valid_frames(rng: random.Random) -> list:
+    mtype = rng.choice(sorted(P.SCHEMAS))
+    arrays = {}
+    for i in range(rng.randint(0, 3)):
+        dtype = rng.choice(P.ALLOWED_DTYPES)
+        shape = tuple(rng.randint(0, 3) for _ in range(rng.randint(0, 3)))
+        arrays[f"a{i}"] = np.ones(shape, dtype)
+    return [bytes(memoryview(f)) for f in P.encode(P.Message(mtype, "w", rng.randint(0, 9), FULL_BODIES[mtype],
+                                                              arrays))]
+
+
+def _mutate(rng: random.Random, frames: list) -> list:
+    frames = list(frames)
+    op = rng.randrange(6)
+    if op == 0:                                 # flip / overwrite some header bytes
+        h = bytearray(frames[0])
+        for _ in range(rng.randint(1, 4)):
+            h[rng.randrange(len(h))] = rng.randrange(256)
+        frames[0] = bytes(h)
+    elif op == 1:                               # cut the header short
+        frames[0] = frames[0][:rng.randrange(len(frames[0]))]
+    elif op == 2:                               # replace one header field by a random value
+        h = msgpack.unpackb(frames[0], raw=False)
+        h[rng.choice(["v", "type", "wid", "seq", "body", "arrays", "zz"])] = _rand_value(rng)
+        frames[0] = _pack(h)
+    elif op == 3:                               # replace one body field by a random value
+        h = msgpack.unpackb(frames[0], raw=False)
+        fields = list(P.SCHEMAS[h["type"]]) or ["zz"]
+        h["body"][rng.choice(fields)] = _rand_value(rng)
+        frames[0] = _pack(h)
+    elif op == 4:                               # add, drop or resize array frames
+        if len(frames) > 1 and rng.random() < 0.5:
+            i = rng.randrange(1, len(frames))
+            frames[i] = frames[i][:-1] if frames[i] and rng.random() < 0.5 else frames[i] + b"\0"
+        elif len(frames) > 1 and rng.random() < 0.5:
+            del frames[rng.randrange(1, len(frames))]
+        else:
+            frames.append(rng.randbytes(rng.randint(0, 16)))
+    else:                                       # mangle an array spec
+        h = msgpack.unpackb(frames[0], raw=False)
+        if h["arrays"]:
+            spec = h["arrays"][rng.randrange(len(h["arrays"]))]
+            spec[rng.randrange(3)] = _rand_value(rng)
+        else:
+            h["arrays"] = _rand_value(rng)
+        frames[0] = _pack(h)
+    return frames
+
+
+def _decode_only_protocol_errors(frames) -> None:
+    try:
+        msg = P.decode(frames)
+    except P.ProtocolError as exc:
+        assert isinstance(exc.code, str) and "\n" not in str(exc)
+        return
+    except Exception as exc:  # pragma: no cover - the failure being tested for
+        pytest.fail(f"decode raised {type(exc).__name__}: {exc} for frames {[bytes(f)[:80] for f in frames]!r}")
+    assert msg.type in P.SCHEMAS and isinstance(msg.body, dict)
+
+
+def test_fuzz_random_bytes():
+    rng = random.Random(1234)
+    for _ in range(3000):
+        n = rng.randint(1, 3)
+        _decode_only_protocol_errors([rng.randbytes(rng.randint(0, 64)) for _ in range(n)])
+
+
+def test_fuzz_random_msgpack_structures():
+    rng = random.Random(5678)
+    for _ in range(3000):
+        value = _rand_value(rng)
+        if isinstance(value, dict) and rng.random() < 0.7:      # often close to a real header
+            value = {**_hdr(type=rng.choice(sorted(P.SCHEMAS)), body=_rand_value(rng)), **value}
+        _decode_only_protocol_errors([_pack(value), *[rng.randbytes(rng.randint(0, 8))
+                                                      for _ in range(rng.randint(0, 2))]])
+
+
+def test_fuzz_mutated_valid_messages():
+    rng = random.Random(91011)
+    for _ in range(3000):
+        frames = _valid_frames(rng)
+        for _ in range(rng.randint(1, 3)):
+            try:
+                frames = _mutate(rng, frames)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
+                break                            # the previous mutation already broke the header
+        _decode_only_protocol_errors(frames)

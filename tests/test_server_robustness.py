@@ -1,0 +1,508 @@
+"""The parameter server against hostile, malformed and repeated messages.
+
+A real server runs as a subprocess (``LocalCluster``, loopback only); the tests
+talk to it with raw ZeroMQ DEALER sockets built from ``pscnn.protocol``.  For
+every bad input the server must answer with an ``error`` naming the problem,
+log a "rejected" line, keep serving, and leave the weights bit-identical.
+Retried pushes must be applied once.  No MNIST needed: the server never loads
+data unless it has to score the final weights itself.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import numpy as np
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from pscnn import protocol as P
+from pscnn.launcher import LocalCluster, query_status
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVER_FLAGS = ["--model", "light", "--train-limit", "640", "--batch-size", "64", "--epochs", "50",
+                "--mode", "async", "--checkpoint-every", "0", "--log-level", "INFO"]
+REPLY_TIMEOUT = 5.0
+
+PUSH_BODY = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.01, "comm_s": 0.0, "wait_s": 0.0}}
+
+
+# ---------------------------------------------------------------- helpers
+
+class Raw:
+    """A bare DEALER socket speaking the protocol by hand."""
+
+    def __init__(self, endpoint: str, wid: str | None = None):
+        self.endpoint = endpoint
+        self.wid = wid or f"raw-{uuid.uuid4().hex[:8]}"
+        self.seq = 0
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def frames(self, mtype: str, body: dict | None = None, arrays: dict | None = None,
+               seq: int | None = None, wid: str | None = None) -> list:
+        return P.encode(P.Message(mtype, self.wid if wid is None else wid,
+                                  self.next_seq() if seq is None else seq, body or {}, arrays or {}))
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def recv(self, timeout: float = REPLY_TIMEOUT):
+        """(decoded reply, its frames as bytes), or None on silence."""
+        if not self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+            return None
+        raw = self.sock.recv_multipart()
+        return P.decode(raw), raw
+
+    def call_frames(self, frames: list, timeout: float = REPLY_TIMEOUT):
+        self.send(frames)
+        got = self.recv(timeout)
+        assert got is not None, "the server did not answer"
+        return got
+
+    def call(self, mtype: str, body: dict | None = None, arrays: dict | None = None, **kw) -> P.Message:
+        return self.call_frames(self.frames(mtype, body, arrays, **kw))[0]
+
+    def hello(self, role: str) -> P.Message:
+        reply = self.call(P.HELLO, {"role": role, "name": self.wid, "pid": 1, "host": "test"})
+        assert reply.type == P.WELCOME, reply
+        return reply
+
+    def work(self) -> P.Message:
+        reply = self.call(P.WORK)
+        assert reply.type == P.TASK, f"expected a task, got {reply.type} {reply.body}"
+        return reply
+
+    def bye(self) -> None:
+        self.send(self.frames(P.BYE, {"reason": "test over"}))
+        self.recv(1.0)
+
+
+def push_body(task: P.Message, **over) -> dict:
+    b = task.body
+    return {"epoch": b["epoch"], "batch": b["batch"], "lease": b["lease"], "base_version": b["version"],
+            **PUSH_BODY, **over}
+
+
+def grads_like(weights: dict, value: float = 1e-3) -> dict:
+    return {k: np.full(v.shape, value, dtype=v.dtype) for k, v in weights.items()}
+
+
+class Server:
+    """One server subprocess plus the means to inspect it."""
+
+    def __init__(self, tmp_path, extra_flags=()):
+        self.cluster = LocalCluster(tmp_path / "run")
+        self.endpoint = self.cluster.endpoint
+        self.log_path = self.cluster.logs / "server.log"
+        self.sockets: list[Raw] = []
+        self.cluster.start_server([*SERVER_FLAGS, "--out", str(self.cluster.out), *extra_flags])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.cluster.procs["server"].poll() is not None:
+                pytest.fail(f"the server exited: {self.cluster.log_tail('server', 40)}")
+            if query_status(self.endpoint, timeout=0.5) is not None:
+                return
+        self.close()
+        pytest.fail(f"the server did not start: {self.cluster.log_tail('server', 40)}")
+
+    def client(self, role: str | None = None, wid: str | None = None) -> Raw:
+        c = Raw(self.endpoint, wid)
+        self.sockets.append(c)
+        if role:
+            c.hello(role)
+        return c
+
+    def status(self) -> dict:
+        st = query_status(self.endpoint, timeout=REPLY_TIMEOUT)
+        assert st is not None, f"no status answer; server log:\n{self.cluster.log_tail('server', 30)}"
+        return st
+
+    def alive(self) -> bool:
+        return self.cluster.procs["server"].poll() is None
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def wait_log(self, pattern: str, since: int, timeout: float = 5.0) -> str:
+        """The first new log line matching ``pattern`` (a regex), waiting for it."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(since)
+                text = fh.read().decode(errors="replace")
+            for line in text.splitlines():
+                if rx.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                pytest.fail(f"no log line matching {pattern!r}; new log:\n{text[-3000:]}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+        self.cluster.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("robust"), ["--peer-timeout", "30"])
+    yield s
+    s.close()
+
+
+def snapshot(server: Server) -> tuple[int, int, dict]:
+    """(version, batches_done, {name: weight bytes}) via status and a fresh evaluator's pull."""
+    st = server.status()
+    ev = server.client("evaluator")
+    reply = ev.call(P.PULL, {"have_version": -1})
+    assert reply.type == P.WEIGHTS and reply.arrays, reply
+    weights = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in reply.arrays.items()}
+    ev.bye()
+    assert reply.body["version"] == st["version"]
+    return st["version"], st["batches_done"], weights
+
+
+def assert_unchanged(server: Server, before) -> None:
+    assert server.alive()
+    after = snapshot(server)
+    assert after[0] == before[0], f"version changed: {before[0]} -> {after[0]}"
+    assert after[1] == before[1], f"batches_done changed: {before[1]} -> {after[1]}"
+    assert after[2].keys() == before[2].keys()
+    for k in before[2]:
+        assert after[2][k] == before[2][k], f"weights {k} changed"
+
+
+def expect_error(server: Server, sock: Raw, frames: list, code: str, needle: str, log_needle: str | None = None):
+    """Send ``frames``; the reply is an error (code, message mentioning needle) and the log says why."""
+    since = server.log_size()
+    reply, _ = sock.call_frames(frames)
+    assert reply.type == P.ERROR, f"expected an error, got {reply.type} {reply.body}"
+    assert reply.body["code"] == code, reply.body
+    assert needle.lower() in reply.body["message"].lower(), reply.body
+    line = server.wait_log(r"rejected.*" + re.escape(log_needle or needle), since)
+    return reply, line
+
+
+# ---------------------------------------------------------------- hostile input: decode-level
+
+def _hdr(**over) -> bytes:
+    import msgpack
+    h = {"v": P.PROTOCOL_VERSION, "type": P.PULL, "wid": "x", "seq": 1, "body": {"have_version": 0}, "arrays": []}
+    h.update(over)
+    return msgpack.packb(h, use_bin_type=True)
+
+
+DECODE_CASES = {
+    # name: (frames, code, needle in the reply and the log line)
+    "garbage frame": ([b"\xc1 this is not msgpack \xff"], "bad_message", "not valid msgpack"),
+    "empty frame": ([b""], "bad_message", "not valid msgpack"),
+    "truncated header": ([_hdr()[:-4]], "bad_message", "not valid msgpack"),
+    "header not a map": ([b"\x93\x01\x02\x03"], "bad_message", "header must be a map"),
+    "unknown header key": ([_hdr(admin=True)], "bad_message", "unknown keys"),
+    "other protocol version": ([_hdr(v=P.PROTOCOL_VERSION + 1)], "bad_version", "protocol version 2"),
+    "unknown message type": ([_hdr(type="shutdown")], "unknown_type", "unknown message type 'shutdown'"),
+    "type not a string": ([_hdr(type=["pull"])], "unknown_type", "unknown message type"),
+    "wrong field type": ([_hdr(body={"have_version": "latest"})], "bad_message", "'have_version' must be int"),
+    "bool for int": ([_hdr(body={"have_version": True})], "bad_message", "'have_version' must be int"),
+    "negative seq": ([_hdr(seq=-3)], "bad_message", "'seq' must be a non-negative"),
+    "unknown field": ([_hdr(body={"have_version": 0, "sudo": 1})], "bad_message", "unknown fields"),
+    "push NaN loss": ([_hdr(type=P.PUSH, body={"epoch": 0, "batch": 0, "lease": 1, "base_version": 0,
+                                               "loss": float("nan"), "correct": 0, "count": 1, "timing": {}})],
+                      "bad_message", "'loss' must be float"),
+    "hello bad role": ([_hdr(type=P.HELLO, body={"role": "root"})], "bad_message", "role must be one of"),
+    "frame count mismatch": ([_hdr(arrays=[["a", "float32", [2]]])], "bad_message", "frames followed"),
+    "frame length mismatch": ([_hdr(arrays=[["a", "float32", [2]]]), b"\0" * 7], "bad_message", "needs 8 bytes"),
+    "disallowed dtype": ([_hdr(arrays=[["a", "object", [1]]]), b"\0" * 8], "bad_message", "dtype 'object'"),
+    "header over 64 KiB": ([_hdr(wid="w" * 70_000)], "too_large", "over the"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_undecodable_messages_are_answered_with_an_error(server, name):
+    frames, code, needle = DECODE_CASES[name]
+    before = snapshot(server)
+    sock = server.client()
+    reply, _ = expect_error(server, sock, frames, code, needle)
+    assert reply.seq == 0           # the request could not be read: no sequence number to echo
+    assert_unchanged(server, before)
+
+
+def test_unknown_worker_is_told_to_say_hello(server):
+    before = snapshot(server)
+    sock = server.client()
+    for mtype, body in [(P.WORK, {}), (P.PULL, {"have_version": -1}), (P.HEARTBEAT, {}),
+                        (P.PUSH, {"epoch": 0, "batch": 0, "lease": 1, "base_version": 0, **PUSH_BODY})]:
+        frames = sock.frames(mtype, body, grads_like(before_weights_arrays(before)) if mtype == P.PUSH else None)
+        reply, _ = expect_error(server, sock, frames, "unknown_worker", "send hello first",
+                                log_needle=f"{sock.wid}: unknown worker id")
+        assert reply.seq == sock.seq
+    # an empty wid is refused on hello
+    expect_error(server, sock, sock.frames(P.HELLO, {"role": "trainer"}, wid=""), "bad_message", "must not be empty")
+    assert_unchanged(server, before)
+
+
+def before_weights_arrays(before) -> dict:
+    return {k: np.frombuffer(b, dtype=np.dtype(dt)).reshape(shape) for k, (dt, shape, b) in before[2].items()}
+
+
+@pytest.mark.parametrize("role,mtype,body", [
+    ("trainer", P.TASK, {"version": 0, "epoch": 0, "batch": 0, "lease": 1, "held_s": 0.0}),
+    ("trainer", P.WEIGHTS, {"version": 0, "epoch": 0, "done": True, "updates": 0}),
+    ("trainer", P.STOP, {"version": 0, "reason": "I say so"}),
+    ("trainer", P.ERROR, {"code": "x", "message": "y"}),
+    ("trainer", P.PULL, {"have_version": -1}),
+    ("trainer", P.EVAL_REPORT, {"version": 0, "final": True, "metrics": {"test_accuracy": 1.0}}),
+    ("evaluator", P.WORK, {}),
+    ("evaluator", P.WELCOME, {"worker_id": "x", "role": "trainer", "model": {}, "run": {}, "incarnation": "i",
+                              "heartbeat_s": 1.0}),
+])
+def test_a_type_the_role_may_not_send(server, role, mtype, body):
+    before = snapshot(server)
+    sock = server.client(role)
+    frames = sock.frames(mtype, body)
+    reply, _ = expect_error(server, sock, frames, "unexpected_type", f"a {role} may not send {mtype!r}",
+                            log_needle=f"{mtype} from {sock.wid}: a {role} may not send it")
+    assert reply.seq == sock.seq
+    # the connection stays usable: a valid request right after is served
+    if role == "trainer":
+        task = sock.work()
+        assert task.body["version"] == before[0]
+    else:
+        assert sock.call(P.PULL, {"have_version": before[0]}).type == P.WEIGHTS
+    sock.bye()
+    assert_unchanged(server, before)
+
+
+# ---------------------------------------------------------------- hostile pushes
+
+def _bad_push(case: str, weights: dict) -> dict:
+    g = grads_like(weights)
+    name = "fc1.weight"
+    if case == "unknown name":
+        g["fc9.weight"] = g.pop(name)
+    elif case == "extra name":
+        g["not_a_param"] = np.zeros(3, np.float32)
+    elif case == "missing gradient":
+        del g[name]
+    elif case == "no arrays at all":
+        g = {}
+    elif case == "wrong shape":
+        g[name] = np.zeros((32, 784), np.float32)
+    elif case == "wrong rank":
+        g[name] = np.zeros(784 * 32, np.float32)
+    elif case == "float64":
+        g[name] = g[name].astype(np.float64)
+    elif case == "int32":
+        g["fc1.bias"] = np.zeros(32, np.int32)
+    elif case == "NaN":
+        g[name][3, 4] = np.nan
+    elif case == "Inf":
+        g["conv1.bias"][0] = np.inf
+    elif case == "-Inf":
+        g["fc2.bias"][-1] = -np.inf
+    return g
+
+
+PUSH_CASES = {
+    "unknown name": ("bad_arrays", "unknown array 'fc9.weight'"),
+    "extra name": ("bad_arrays", "unknown array 'not_a_param'"),
+    "missing gradient": ("bad_arrays", "missing gradients for ['fc1.weight']"),
+    "no arrays at all": ("bad_arrays", "missing gradients"),
+    "wrong shape": ("bad_arrays", "'fc1.weight' has shape (32, 784), expected (784, 32)"),
+    "wrong rank": ("bad_arrays", "'fc1.weight' has shape (25088,)"),
+    "float64": ("bad_arrays", "'fc1.weight' has dtype float64, expected float32"),
+    "int32": ("bad_arrays", "'fc1.bias' has dtype int32"),
+    "NaN": ("non_finite", "'fc1.weight' contains NaN or Inf"),
+    "Inf": ("non_finite", "'conv1.bias' contains NaN or Inf"),
+    "-Inf": ("non_finite", "'fc2.bias' contains NaN or Inf"),
+}
+
+
+@pytest.mark.parametrize("case", list(PUSH_CASES))
+def test_bad_gradients_are_rejected_and_change_nothing(server, case):
+    code, needle = PUSH_CASES[case]
+    before = snapshot(server)
+    t = server.client("trainer")
+    task = t.work()
+    frames = t.frames(P.PUSH, push_body(task), _bad_push(case, task.arrays))
+    reply, line = expect_error(server, t, frames, code, needle, log_needle=f"from {t.wid} (epoch ")
+    assert needle in line and "batch requeued" in line, line
+    assert reply.seq == t.seq
+    assert_unchanged(server, before)
+    # the rejected batch went back to the queue: the next work request gets it again
+    again = t.work()
+    assert (again.body["epoch"], again.body["batch"]) == (task.body["epoch"], task.body["batch"])
+    t.bye()
+
+
+def test_a_bad_push_naming_another_workers_batch_leaves_that_lease_alone(server):
+    """A rejected push requeues the pusher's own lease only, never one held by another worker
+    (else, in sync mode, two workers could hold the same batch in one round and it would count twice)."""
+    holder, other = server.client("trainer"), server.client("trainer")
+    task = holder.work()
+    st = server.status()
+    frames = other.frames(P.PUSH, push_body(task), _bad_push("NaN", task.arrays))
+    _, line = expect_error(server, other, frames, "non_finite", "contains NaN", log_needle=f"from {other.wid} (epoch ")
+    assert "requeued" not in line, line
+    after = server.status()
+    assert (after["in_flight"], after["pending"]) == (st["in_flight"], st["pending"])
+    # the holder's push still counts
+    assert holder.call(P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"] is True
+    holder.bye()
+    other.bye()
+
+
+def test_oversized_message_drops_the_connection_and_the_server_carries_on(server):
+    before = snapshot(server)
+    t = server.client("trainer")
+    since = server.log_size()
+    big = np.empty(P.MAX_MESSAGE_BYTES + 1, np.uint8)        # one frame over ZMQ_MAXMSGSIZE
+    header = P.encode(P.Message(P.PUSH, t.wid, t.next_seq(), {"epoch": 0, "batch": 0, "lease": 1,
+                                                               "base_version": 0, **PUSH_BODY}))[0]
+    monitor = t.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        t.send([header, big])
+        # ZeroMQ's decoder refuses the frame by its length prefix and closes that connection ...
+        assert monitor.poll(10_000), "the server did not drop the connection"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        t.sock.disable_monitor()
+        monitor.close(linger=0)
+    # ... without an answer (the message never reached the server's code)
+    assert t.recv(timeout=0.5) is None
+    del big
+    # ... and the server is fine: status, a fresh trainer and evaluator are served, weights untouched
+    assert server.alive()
+    fresh = server.client("trainer")
+    assert fresh.work().body["version"] == before[0]
+    fresh.bye()
+    assert_unchanged(server, before)
+    assert "Traceback" not in server.log_path.read_bytes()[since:].decode(errors="replace")
+
+
+def test_hostile_eval_reports_keep_the_server_up(server):
+    before = snapshot(server)
+    ev = server.client("evaluator")
+    for metrics in [{"test_accuracy": 1.5}, {"test_accuracy": float("nan")}, {"test_accuracy": "high"},
+                    {}, {b"test_accuracy": 0.5}]:
+        expect_error(server, ev, ev.frames(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics}),
+                     "bad_metrics", "test_accuracy must be in [0, 1]", log_needle="eval_report from")
+    # well-formed accuracy, odd but msgpack-legal extras: logged, acknowledged, server stays up
+    for metrics in [{"test_accuracy": 0.5, "test_loss": b"\x00\x01", "per_class_accuracy": [b"x", None]},
+                    {"test_accuracy": 0.5, "test_loss": float("inf"), "per_class_accuracy": {"a": float("nan")}},
+                    {"test_accuracy": 0.5, "test_loss": "low", "confusion_matrix": [[1, 2], [3, 4]]}]:
+        reply = ev.call(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics})
+        assert reply.type in (P.ACK, P.ERROR), reply
+        assert server.alive(), server.cluster.log_tail("server", 30)
+    assert_unchanged(server, before)
+
+
+# ---------------------------------------------------------------- retries and duplicates
+
+def test_a_retried_push_is_applied_once_and_gets_the_cached_reply(server):
+    t = server.client("trainer")
+    task = t.work()
+    v0 = server.status()["version"]
+    frames = t.frames(P.PUSH, push_body(task), grads_like(task.arrays))
+    first, first_raw = t.call_frames(frames)
+    assert first.type == P.TASK and first.body["ack"]["applied"] is True, first.body
+    assert first.seq == t.seq
+    assert server.status()["version"] == v0 + 1
+    for _ in range(2):                                   # sent twice, then three times
+        again, again_raw = t.call_frames(frames)
+        assert again_raw == first_raw                    # byte-identical: the cached reply
+        assert server.status()["version"] == v0 + 1
+    # an older sequence number is ignored: no answer, no change, no new lease
+    progress = server.status()
+    t.send(t.frames(P.WORK, seq=t.seq - 1))
+    t.send(t.frames(P.PUSH, push_body(first), grads_like(task.arrays), seq=1))
+    assert t.recv(timeout=0.7) is None
+    after = server.status()
+    assert (after["version"], after["in_flight"], after["pending"]) == \
+        (progress["version"], progress["in_flight"], progress["pending"])
+    # the next sequence number is a new request again
+    reply = t.call(P.PUSH, push_body(first), grads_like(task.arrays))
+    assert reply.body["ack"]["applied"] is True
+    assert server.status()["version"] == v0 + 2
+    t.bye()
+
+
+def test_a_push_for_an_applied_batch_is_acknowledged_but_not_applied(server):
+    t = server.client("trainer")
+    task = t.work()
+    v0 = server.status()["version"]
+    grads = grads_like(task.arrays)
+    reply = t.call(P.PUSH, push_body(task), grads)
+    assert reply.body["ack"]["applied"] is True
+    assert server.status()["version"] == v0 + 1
+    before = snapshot(server)
+    # the same batch again, as a new request (new seq): acknowledged, not applied
+    reply = t.call(P.PUSH, push_body(task), grads)
+    assert reply.type in (P.TASK, P.WAIT), reply
+    assert reply.body["ack"]["applied"] is False, reply.body
+    assert "already applied" in reply.body["ack"]["reason"]
+    # a batch of an epoch that does not exist (yet), or out of range: the same
+    for over in ({"epoch": 49}, {"batch": 10_000}, {"epoch": 0, "batch": -1}):
+        reply = t.call(P.PUSH, push_body(task, **over), grads)
+        assert reply.body["ack"]["applied"] is False, (over, reply.body)
+    assert_unchanged(server, before)
+    t.bye()
+
+
+def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(tmp_path):
+    s = Server(tmp_path, ["--peer-timeout", "1"])
+    try:
+        def dead(worker: Raw, since: int):
+            s.wait_log(rf"{re.escape(worker.wid)} declared dead.*requeued batches", since, timeout=6.0)
+
+        # A: the replacement pushes first, the dead worker's late push is refused, then not applied
+        x, y = s.client(wid="x-" + uuid.uuid4().hex[:6]), s.client(wid="y-" + uuid.uuid4().hex[:6])
+        since = s.log_size()
+        x.hello("trainer")
+        tx = x.work()
+        dead(x, since)
+        y.hello("trainer")
+        ty = y.work()
+        assert (ty.body["epoch"], ty.body["batch"]) == (tx.body["epoch"], tx.body["batch"])   # requeued to y
+        v0 = s.status()["version"]
+        assert y.call(P.PUSH, push_body(ty), grads_like(ty.arrays)).body["ack"]["applied"] is True
+        assert s.status()["version"] == v0 + 1
+        reply = x.call(P.PUSH, push_body(tx), grads_like(tx.arrays))
+        assert reply.type == P.ERROR and reply.body["code"] == "unknown_worker"
+        x.hello("trainer")                                 # the client's reaction: rejoin, then retry
+        reply = x.call(P.PUSH, push_body(tx), grads_like(tx.arrays))
+        assert reply.body["ack"]["applied"] is False, reply.body
+        assert s.status()["version"] == v0 + 1
+        x.bye()
+        y.bye()
+
+        # B: the dead worker comes back first and finishes its batch; the replacement's push is dropped
+        x2, y2 = s.client(wid="x2-" + uuid.uuid4().hex[:6]), s.client(wid="y2-" + uuid.uuid4().hex[:6])
+        since = s.log_size()
+        x2.hello("trainer")
+        tx = x2.work()
+        dead(x2, since)
+        y2.hello("trainer")
+        ty = y2.work()
+        assert (ty.body["epoch"], ty.body["batch"]) == (tx.body["epoch"], tx.body["batch"])
+        v0 = s.status()["version"]
+        x2.hello("trainer")
+        assert x2.call(P.PUSH, push_body(tx), grads_like(tx.arrays)).body["ack"]["applied"] is True
+        assert y2.call(P.PUSH, push_body(ty), grads_like(ty.arrays)).body["ack"]["applied"] is False
+        assert s.status()["version"] == v0 + 1
+        assert s.alive()
+    finally:
+        s.close()
