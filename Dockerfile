@@ -7,15 +7,14 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # ---- build stage: install the package into a self-contained virtual environment ----
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # .dockerignore lets through only pyproject.toml, README.md and the package folders.
 COPY . .
 RUN python -m venv /opt/pscnn \
  && /opt/pscnn/bin/pip install --no-cache-dir . \
  && /opt/pscnn/bin/pip uninstall -y -q setuptools pip \
- && find /opt/pscnn -name '__pycache__' -prune -exec rm -rf {} + \
+ && find /opt/pscnn -type d -path '*/site-packages/numpy/*' -name tests -prune -exec rm -rf {} + \
  && /opt/pscnn/bin/pscnn --help >/dev/null
 
 # ---- runtime stage ----
@@ -34,8 +33,5 @@ USER pscnn
 WORKDIR /home/pscnn
 # 5555: the parameter server's ZeroMQ port (only the server binds it).
 EXPOSE 5555
-# `docker stop` sends SIGINT (see docker-compose.yml: stop_signal), which Python turns into
-# KeyboardInterrupt even as PID 1.
-STOPSIGNAL SIGINT
 ENTRYPOINT ["pscnn"]
 CMD ["--help"]

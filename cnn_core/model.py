@@ -36,7 +36,7 @@ def _cnn_preset(c1: int, c2: int, hidden: int) -> dict:
             {"type": "dense", "name": "fc1", "units": hidden},
             {"type": "relu"},
             {"type": "dropout", "p": 0.25},
-            {"type": "dense", "name": "fc2", "units": 10},
+            {"type": "dense", "name": "fc2", "units": 10, "init_scale": 0.1},
         ],
     }
 

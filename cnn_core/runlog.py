@@ -12,9 +12,10 @@ Every metrics line is ``{"kind": ..., "seconds": ..., **fields}``: ``kind``
 says what the record is, ``seconds`` is the time since the run started.  The
 kinds the plots understand are
 
-    "step"           ``step``, ``loss``: training loss vs update count
+    "step"           ``step`` (else ``version``, the parameter server's
+                     update count), ``loss``: training loss vs updates
     "epoch", "eval"  ``test_accuracy`` (else ``accuracy``), optionally
-                     ``step``: test accuracy vs update count and vs time
+                     ``step``/``version``: test accuracy vs updates and vs time
 
 and any other kind is stored and ignored by the plots.
 
@@ -38,8 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
+from .errors import PscnnError
 
-__all__ = ["RunWriter", "read_metrics", "make_plots", "to_jsonable", "write_json_atomic",
+__all__ = ["RunWriter", "RunLogError", "read_metrics", "make_plots", "to_jsonable", "write_json_atomic",
            "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE"]
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,14 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LEARNING_CURVES_FILE = "learning_curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+
+
+class RunLogError(PscnnError, OSError):
+    """A run folder file cannot be written (permissions, a full disk, a file where a folder should be)."""
+
+
+def _io_error(path, exc: OSError) -> RunLogError:
+    return RunLogError(f"{path}: cannot write: {exc.strerror or exc}")
 
 
 # --------------------------------------------------------------------------- JSON
@@ -95,10 +105,20 @@ def _json_key(key) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def _dumps(obj, **kwargs) -> str:
-    # allow_nan=False: to_jsonable already mapped non-finite floats to None,
-    # so this only guards against a future bug producing invalid JSON.
-    return json.dumps(to_jsonable(obj), allow_nan=False, **kwargs)
+def _pretty(value, indent: str = "") -> str:
+    """Indented JSON that keeps lists of numbers on one line.
+
+    ``json.dumps(indent=2)`` puts every number of a 10x10 confusion matrix on
+    its own line (over 100 lines); here a matrix reads as one row per line.
+    """
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {_pretty(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(v, (list, dict)) and v for v in value):
+        items = [inner + _pretty(v, inner) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + indent + "]"
+    return json.dumps(value, allow_nan=False)
 
 
 def write_json_atomic(path, obj) -> Path:
@@ -110,7 +130,7 @@ def write_json_atomic(path, obj) -> Path:
     crash leaves the previous version intact.
     """
     path = Path(path)
-    text = _dumps(obj, indent=2) + "\n"       # serialize first: a TypeError leaves no temp file
+    text = _pretty(to_jsonable(obj)) + "\n"   # serialize first: a TypeError leaves no temp file
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -118,9 +138,11 @@ def write_json_atomic(path, obj) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, PscnnError):
+            raise _io_error(path, exc) from exc
         raise
     return path
 
@@ -147,20 +169,25 @@ class RunWriter:
 
     def __init__(self, out_dir, config: dict, resume: bool = False):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _io_error(self.out_dir, exc) from exc
         self.config_path = self.out_dir / CONFIG_FILE
         self.metrics_path = self.out_dir / METRICS_FILE
         self.summary_path = self.out_dir / SUMMARY_FILE
         write_json_atomic(self.config_path, config)
-        offset = 0.0
-        if resume and self.metrics_path.exists():
-            offset = _repair_and_last_seconds(self.metrics_path)
+        try:
+            offset = 0.0
+            if resume and self.metrics_path.exists():
+                offset = _repair_and_last_seconds(self.metrics_path)
+            # Flushed explicitly after each record (see log), whatever the buffering.
+            self._fh = open(self.metrics_path, "a" if resume else "w", encoding="utf-8")
+        except OSError as exc:
+            raise _io_error(self.metrics_path, exc) from exc
         self._offset = offset
         self._start = time.monotonic()
         self._lock = threading.Lock()
-        # Line-buffered text would flush per line too, but an explicit flush
-        # after each record keeps that guarantee independent of the mode.
-        self._fh = open(self.metrics_path, "a" if resume else "w", encoding="utf-8")
 
     @property
     def seconds(self) -> float:
@@ -181,8 +208,11 @@ class RunWriter:
         with self._lock:
             if self._fh is None:
                 raise ValueError(f"RunWriter.log: {self.metrics_path} is closed")
-            self._fh.write(line)
-            self._fh.flush()
+            try:
+                self._fh.write(line)
+                self._fh.flush()
+            except OSError as exc:
+                raise _io_error(self.metrics_path, exc) from exc
         return record
 
     def write_summary(self, summary: dict) -> Path:
@@ -267,6 +297,11 @@ def make_plots(out_dir) -> list[Path]:
     when matplotlib is not installed.  Never raises: plots are a by-product,
     so any error is logged as a warning and the run goes on.
     """
+    mpl_log = logging.getLogger("matplotlib")
+    if mpl_log.level == logging.NOTSET:
+        # Its INFO chatter ("generated new fontManager" on a fresh machine)
+        # would appear in the run's log as if it were ours.
+        mpl_log.setLevel(logging.WARNING)
     try:
         # The object-oriented API (Figure + its own Agg canvas) needs no pyplot:
         # no global backend switch, no GUI, and safe in a process that uses
@@ -315,23 +350,30 @@ def _draw_learning_curves(Figure, out_dir: Path):
     if not metrics_path.exists():
         return None
     records = read_metrics(metrics_path)
-    loss = [(r.get("step"), r.get("loss")) for r in records if r.get("kind") == "step"]
-    loss = [(s, v) for s, v in ((_number(s), _number(v)) for s, v in loss) if s is not None and v is not None]
-    evals = [r for r in records if r.get("kind") in ("epoch", "eval")]
-    acc_by_step, acc_by_time = [], []
-    for r in evals:
-        acc = _number(r.get("test_accuracy", r.get("accuracy")))
-        if acc is None:
-            continue
-        if _number(r.get("step")) is not None:
-            acc_by_step.append((_number(r["step"]), 100 * acc))
-        if _number(r.get("seconds")) is not None:
-            acc_by_time.append((_number(r["seconds"]), 100 * acc))
+    loss, acc_by_step, acc_by_time = [], [], []
+    for r in records:
+        kind = r.get("kind")
+        updates = _number(r.get("step", r.get("version")))
+        if kind == "step":
+            value = _number(r.get("loss"))
+            if updates is not None and value is not None:
+                loss.append((updates, value))
+        elif kind in ("epoch", "eval"):
+            acc = _number(r.get("test_accuracy", r.get("accuracy")))
+            if acc is None:
+                continue
+            if updates is not None:
+                acc_by_step.append((updates, 100 * acc))
+            if _number(r.get("seconds")) is not None:
+                acc_by_time.append((_number(r["seconds"]), 100 * acc))
     if not loss and not acc_by_step and not acc_by_time:
         return None
 
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    # Fixed margins instead of a layout engine: constrained layout costs more
+    # than the drawing itself, and these figures have a known shape.
+    fig = Figure(figsize=(15, 4.2))
     ax_loss, ax_step, ax_time = fig.subplots(1, 3)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
     _curve(ax_loss, loss, "update", "training loss", "Training loss", log_y=True)
     _curve(ax_step, acc_by_step, "update", "test accuracy (%)", "Test accuracy vs updates", marker="o")
     _curve(ax_time, acc_by_time, "seconds since start", "test accuracy (%)", "Test accuracy vs time",
@@ -349,8 +391,8 @@ def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False):
         return
     xs, ys = zip(*sorted(points))
     ax.plot(xs, ys, marker=marker, markersize=4 if marker else None)
-    if log_y and min(ys) > 0:
-        ax.set_yscale("log")                  # a loss falls over decades; linear hides the tail
+    if log_y and min(ys) > 0 and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")                  # a loss falling over decades: linear would hide the tail
     if marker and len(points) <= 20:          # few evaluations: print the value at each
         for x, y in zip(xs, ys):
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6),
@@ -370,14 +412,16 @@ def _draw_confusion_matrix(Figure, out_dir: Path):
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"confusion_matrix in {summary_path} is not square: shape {cm.shape}")
     k = cm.shape[0]
-    fig = Figure(figsize=(1.0 + 0.62 * k, 0.6 + 0.62 * k), layout="constrained")
+    fig = Figure(figsize=(1.6 + 0.62 * k, 0.9 + 0.62 * k))
     ax = fig.subplots()
+    fig.subplots_adjust(left=0.09, right=0.8, bottom=0.09, top=0.93)
     # Colour by row fraction, not raw count: classes differ in size, and the
     # question a confusion matrix answers is "where do class i's samples go".
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows != 0)
     image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    cax = fig.add_axes((0.83, 0.09, 0.025, 0.84))
+    fig.colorbar(image, cax=cax, label="fraction of the true class")
     for i in range(k):
         for j in range(k):
             if cm[i, j]:

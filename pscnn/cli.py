@@ -66,7 +66,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and optimizer")
     g.add_argument("--model", default="seed", help="preset (seed, light) or a JSON spec (default: seed)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adagrad", "rmsprop", "adam", "adamw"])
-    g.add_argument("--lr", type=_positive_float, default=0.05, help="base learning rate (default: 0.05)")
+    g.add_argument("--lr", type=_positive_float, default=0.02, help="base learning rate (default: 0.02)")
     g.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default: 0.9)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     g.add_argument("--weight-decay", type=_non_negative_float, default=None,
@@ -76,7 +76,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="constant",
                    help="constant, cosine, step, or a JSON schedule config (default: constant)")
     g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up updates")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and dropout (default: 0)")
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of init, shuffling and dropout (default: 0)")
 
 
 def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
@@ -259,7 +259,9 @@ def schedule_config(text: str, warmup_steps: int) -> dict:
 
 def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
     """Replace ``"auto"`` lengths in a schedule config by the run's update count."""
-    sched = dict(opt_cfg.get("schedule") or {})
+    if not opt_cfg.get("schedule"):
+        return opt_cfg
+    sched = dict(opt_cfg["schedule"])
     if sched.get("total_steps") == "auto":
         sched["total_steps"] = max(1, total_updates)
     if sched.get("step_size") == "auto":             # decay 10x at one and two thirds

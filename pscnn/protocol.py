@@ -118,7 +118,9 @@ def encode(msg: Message) -> list:
     _check_body(msg.type, msg.body)
     specs, frames = [], []
     for name, arr in msg.arrays.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:      # (np.ascontiguousarray would turn a 0-d array into 1-d)
+            arr = np.array(arr, order="C")
         if arr.dtype.name not in ALLOWED_DTYPES:
             raise ProtocolError(f"array {name!r}: dtype {arr.dtype.name} is not one of {ALLOWED_DTYPES}")
         specs.append([name, arr.dtype.name, list(arr.shape)])
@@ -148,22 +150,22 @@ def decode(frames) -> Message:
         raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
-    unknown = sorted(set(header) - {"v", "type", "wid", "seq", "body", "arrays"})
+    unknown = sorted(set(header) - {"v", "type", "wid", "seq", "body", "arrays"}, key=repr)
     if unknown:
-        raise ProtocolError(f"header has unknown keys {unknown}")
+        raise ProtocolError(f"header has unknown keys {unknown}"[:200])
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks "
+    if not _is_int(version) or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}"[:100] + f" is not supported (this side speaks "
                             f"{PROTOCOL_VERSION})", "bad_version")
     mtype = header.get("type")
-    if mtype not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {mtype!r}", "unknown_type")
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {mtype!r}"[:200], "unknown_type")
     wid = header.get("wid", "")
     if not isinstance(wid, str) or len(wid) > MAX_NAME_LEN:
         raise ProtocolError(f"{mtype}: 'wid' must be a string of at most {MAX_NAME_LEN} characters")
     seq = header.get("seq", 0)
     if not _is_int(seq) or seq < 0:
-        raise ProtocolError(f"{mtype}: 'seq' must be a non-negative integer, got {seq!r}")
+        raise ProtocolError(f"{mtype}: 'seq' must be a non-negative integer, got {seq!r}"[:200])
     body = header.get("body", {})
     _check_body(mtype, body)
     specs = header.get("arrays", [])
@@ -177,11 +179,13 @@ def decode(frames) -> Message:
         if name in arrays:
             raise ProtocolError(f"{mtype}: array {name!r} appears twice")
         buf = _buffer(frame)
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        expected = math.prod(shape) * np.dtype(dtype).itemsize
         if len(buf) != expected:
             raise ProtocolError(f"{mtype}: array {name!r} {dtype}{tuple(shape)} needs {expected} bytes, "
                                 f"frame has {len(buf)}")
-        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arr.flags.writeable = False         # a view of the received frame: never written to
+        arrays[name] = arr
     return Message(mtype, wid, int(seq), body, arrays)
 
 
@@ -202,11 +206,12 @@ def _check_spec(mtype: str, spec):
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN:
         raise ProtocolError(f"{mtype}: array name must be a non-empty string of at most {MAX_NAME_LEN} chars")
     if dtype not in ALLOWED_DTYPES:
-        raise ProtocolError(f"{mtype}: array {name!r} has dtype {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
+        raise ProtocolError(f"{mtype}: array {name!r} has dtype {dtype!r}"[:200]
+                            + f"; allowed: {', '.join(ALLOWED_DTYPES)}")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(_is_int(d) and 0 <= d < 2**31 for d in shape)):
         raise ProtocolError(f"{mtype}: array {name!r} has an invalid shape {shape!r}"[:200])
-    if int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize > MAX_MESSAGE_BYTES:
+    if math.prod(shape) * np.dtype(dtype).itemsize > MAX_MESSAGE_BYTES:   # Python ints: no overflow
         raise ProtocolError(f"{mtype}: array {name!r} would exceed {MAX_MESSAGE_BYTES} bytes", "too_large")
     return name, dtype, shape
 

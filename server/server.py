@@ -477,10 +477,10 @@ class ParameterServer:
     def _on_eval_report(self, peer: Peer, msg: P.Message, now: float) -> None:
         m = msg.body["metrics"]
         acc = m.get("test_accuracy")
-        if not isinstance(acc, (int, float)) or not 0 <= acc <= 1:
-            self._reply(peer, P.Message(P.ERROR, body={"code": "bad_metrics",
-                                                       "message": "eval_report: test_accuracy must be in [0, 1]"}))
-            log.warning("rejected eval_report from %s: test_accuracy=%r", peer.name, acc)
+        problem = _metrics_problem(m)
+        if problem:
+            self._reply(peer, P.Message(P.ERROR, body={"code": "bad_metrics", "message": f"eval_report: {problem}"}))
+            log.warning("rejected eval_report from %s: %s", peer.name, problem)
             return
         record = {"seconds": round(self._train_clock(now), 3), "version": msg.body["version"],
                   "test_accuracy": float(acc), "test_loss": m.get("test_loss"), "final": msg.body["final"]}
@@ -646,6 +646,28 @@ class ParameterServer:
                 "evaluators": sum(p.role == "evaluator" for p in self.peers.values()),
                 "contributors": len(self.contributors), "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}
+
+
+def _metrics_problem(m: dict) -> str | None:
+    """Why an evaluator's metrics cannot be used (they are logged and end up in summary.json), or None."""
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def numbers(v):
+        return isinstance(v, list) and len(v) <= 1000 and all(num(x) for x in v)
+
+    acc = m.get("test_accuracy")
+    if not num(acc) or not 0 <= acc <= 1:
+        return "test_accuracy must be in [0, 1]"
+    if m.get("test_loss") is not None and not num(m["test_loss"]):
+        return "test_loss must be a number"
+    for key in ("per_class_accuracy", "precision", "recall"):
+        if m.get(key) is not None and not numbers(m[key]):
+            return f"{key} must be a list of numbers"
+    cm = m.get("confusion_matrix")
+    if cm is not None and not (isinstance(cm, list) and len(cm) <= 1000 and all(numbers(r) for r in cm)):
+        return "confusion_matrix must be a list of lists of numbers"
+    return None
 
 
 def serve_from_args(args) -> int:

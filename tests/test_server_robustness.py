@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -111,11 +112,14 @@ class Server:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.cluster.procs["server"].poll() is not None:
-                pytest.fail(f"the server exited: {self.cluster.log_tail('server', 40)}")
+                tail = self.cluster.log_tail("server", 40)
+                self.close()
+                pytest.fail(f"the server exited: {tail}")
             if query_status(self.endpoint, timeout=0.5) is not None:
                 return
+        tail = self.cluster.log_tail("server", 40)
         self.close()
-        pytest.fail(f"the server did not start: {self.cluster.log_tail('server', 40)}")
+        pytest.fail(f"the server did not start: {tail}")
 
     def client(self, role: str | None = None, wid: str | None = None) -> Raw:
         c = Raw(self.endpoint, wid)
@@ -199,7 +203,6 @@ def expect_error(server: Server, sock: Raw, frames: list, code: str, needle: str
 # ---------------------------------------------------------------- hostile input: decode-level
 
 def _hdr(**over) -> bytes:
-    import msgpack
     h = {"v": P.PROTOCOL_VERSION, "type": P.PULL, "wid": "x", "seq": 1, "body": {"have_version": 0}, "arrays": []}
     h.update(over)
     return msgpack.packb(h, use_bin_type=True)
@@ -393,20 +396,42 @@ def test_oversized_message_drops_the_connection_and_the_server_carries_on(server
     assert "Traceback" not in server.log_path.read_bytes()[since:].decode(errors="replace")
 
 
-def test_hostile_eval_reports_keep_the_server_up(server):
+def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
+    """Metrics go to metrics.jsonl and summary.json: anything JSON cannot hold would crash the server."""
     before = snapshot(server)
     ev = server.client("evaluator")
-    for metrics in [{"test_accuracy": 1.5}, {"test_accuracy": float("nan")}, {"test_accuracy": "high"},
-                    {}, {b"test_accuracy": 0.5}]:
-        expect_error(server, ev, ev.frames(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics}),
-                     "bad_metrics", "test_accuracy must be in [0, 1]", log_needle="eval_report from")
-    # well-formed accuracy, odd but msgpack-legal extras: logged, acknowledged, server stays up
-    for metrics in [{"test_accuracy": 0.5, "test_loss": b"\x00\x01", "per_class_accuracy": [b"x", None]},
-                    {"test_accuracy": 0.5, "test_loss": float("inf"), "per_class_accuracy": {"a": float("nan")}},
-                    {"test_accuracy": 0.5, "test_loss": "low", "confusion_matrix": [[1, 2], [3, 4]]}]:
+    deep = [0.5]
+    for _ in range(900):
+        deep = [deep]
+    ok = {"test_accuracy": 0.5}
+    for metrics, needle in [
+        ({"test_accuracy": 1.5}, "test_accuracy must be in [0, 1]"),
+        ({"test_accuracy": float("nan")}, "test_accuracy must be in [0, 1]"),
+        ({"test_accuracy": "high"}, "test_accuracy must be in [0, 1]"),
+        ({"test_accuracy": True}, "test_accuracy must be in [0, 1]"),
+        ({}, "test_accuracy must be in [0, 1]"),
+        ({b"test_accuracy": 0.5}, "test_accuracy must be in [0, 1]"),
+        ({**ok, "test_loss": b"\x00\x01"}, "test_loss must be a number"),
+        ({**ok, "test_loss": "low"}, "test_loss must be a number"),
+        ({**ok, "per_class_accuracy": [b"x", None]}, "per_class_accuracy must be a list of numbers"),
+        ({**ok, "per_class_accuracy": {"a": 1.0}}, "per_class_accuracy must be a list of numbers"),
+        ({**ok, "per_class_accuracy": deep}, "per_class_accuracy must be a list of numbers"),
+        ({**ok, "precision": [msgpack.ExtType(1, b"x")]}, "precision must be a list of numbers"),
+        ({**ok, "recall": [[0.5]]}, "recall must be a list of numbers"),
+        ({**ok, "confusion_matrix": [[1, 2], [3, b"4"]]}, "confusion_matrix must be a list of lists"),
+        ({**ok, "confusion_matrix": [1, 2]}, "confusion_matrix must be a list of lists"),
+    ]:
+        for final, version in ((False, 0), (True, before[0])):      # a final report of the current version too
+            expect_error(server, ev, ev.frames(P.EVAL_REPORT, {"version": version, "final": final,
+                                                               "metrics": metrics}),
+                         "bad_metrics", needle, log_needle=f"eval_report from {ev.wid}: {needle}")
+    # well-formed, with non-finite values and unknown extras: logged and acknowledged
+    for metrics in [{"test_accuracy": 0.5, "test_loss": float("inf"), "per_class_accuracy": [float("nan")] * 10},
+                    {"test_accuracy": 0, "test_loss": None, "confusion_matrix": [[1, 2], [3, 4]], "extra": b"x"}]:
         reply = ev.call(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics})
-        assert reply.type in (P.ACK, P.ERROR), reply
-        assert server.alive(), server.cluster.log_tail("server", 30)
+        assert reply.type == P.ACK, reply.body
+    assert server.alive(), server.cluster.log_tail("server", 30)
+    ev.bye()
     assert_unchanged(server, before)
 
 
@@ -460,6 +485,65 @@ def test_a_push_for_an_applied_batch_is_acknowledged_but_not_applied(server):
         assert reply.body["ack"]["applied"] is False, (over, reply.body)
     assert_unchanged(server, before)
     t.bye()
+
+
+def _random_value(rng):
+    return rng.choice([None, True, False, -1, 0, 7, 2**63 - 1, -(2**63), 1.5, -0.5, float("nan"), float("inf"),
+                       "", "x" * rng.randint(0, 5000), b"\x00\xff", [], [1, "a"], {}, {"a": b"b"},
+                       msgpack.ExtType(3, b"e")])
+
+
+def test_fuzzed_messages_never_crash_the_server_and_every_reply_is_valid(server):
+    """Seeded random mutations of valid client messages from registered and unknown senders."""
+    rng = __import__("random").Random(2024)
+    t, ev, stranger = server.client("trainer"), server.client("evaluator"), server.client()
+    weights = t.work().arrays
+    since = server.log_size()
+    bodies = {P.HELLO: {"role": "trainer", "name": "fuzz"}, P.WORK: {}, P.PULL: {"have_version": 0},
+              P.EVAL_REPORT: {"version": 0, "final": False, "metrics": {"test_accuracy": 0.5}},
+              P.HEARTBEAT: {}, P.STATUS: {}, P.PUSH: {"epoch": 0, "batch": 0, "lease": 1, "base_version": 0,
+                                                      **PUSH_BODY}}
+    sent = 0
+    for _ in range(400):
+        sock = rng.choice([t, t, ev, stranger])
+        mtype = rng.choice(sorted(bodies))
+        header = {"v": P.PROTOCOL_VERSION, "type": mtype, "wid": sock.wid, "seq": sock.next_seq(),
+                  "body": dict(bodies[mtype]), "arrays": []}
+        arrays = grads_like(weights) if mtype == P.PUSH and rng.random() < 0.7 else {}
+        op = rng.randrange(4)
+        if op == 0:
+            header[rng.choice(list(header))] = _random_value(rng)
+        elif op == 1 and header["body"]:
+            header["body"][rng.choice(list(header["body"]))] = _random_value(rng)
+        elif op == 2:
+            header["seq"] = rng.randint(0, sock.seq)                   # a resend or a late duplicate
+        header["arrays"] = [[k, v.dtype.name, list(v.shape)] for k, v in arrays.items()]
+        data = [v.tobytes() for v in arrays.values()]
+        if data and rng.random() < 0.3:                                 # corrupt one array frame
+            k = rng.randrange(len(data))
+            raw = bytearray(data[k])
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+            data[k] = bytes(raw) if rng.random() < 0.5 else bytes(raw[:-1])
+        try:
+            packed = msgpack.packb(header, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        sock.send([packed, *data])
+        sent += 1
+    assert sent > 300
+    # every reply decodes as a valid protocol message
+    replies = 0
+    for sock in (t, ev, stranger):
+        while (got := sock.recv(timeout=0.5)) is not None:
+            replies += 1
+            assert got[0].type in P.SCHEMAS
+    assert replies > 100
+    assert server.alive(), server.cluster.log_tail("server", 30)
+    server.status()
+    assert "Traceback" not in server.log_path.read_bytes()[since:].decode(errors="replace")
+    for sock in (t, ev):
+        sock.hello("trainer" if sock is t else "evaluator")
+        sock.bye()
 
 
 def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(tmp_path):

@@ -36,7 +36,8 @@ log = logging.getLogger("pscnn.client")
 
 
 class ServerUnreachable(Exception):
-    """No answer from the server for ``give_up_after`` seconds."""
+    """No answer from the server for ``give_up_after`` seconds (or, once it said
+    training is over, for ``reconnect_s``)."""
 
 
 class ServerError(Exception):
@@ -77,6 +78,7 @@ class Client:
         self._want_heartbeat = heartbeat
         self._hb_thread = None
         self._closing = threading.Event()
+        self.server_done = threading.Event()    # a heartbeat answer said training is over
         self.last_rtt_s = 0.0
 
     # ------------------------------------------------------------------ public API
@@ -155,6 +157,8 @@ class Client:
             now = time.monotonic()
             if now - last_answer > limit:
                 raise ServerUnreachable(f"no answer from {self.endpoint} for {limit:.0f} s")
+            if self.server_done.is_set() and now - t0 > self.reconnect_s:
+                raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
             wait = max(0.0, sent_at + backoff - now)
             if self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
                 reply_frames = self.sock.recv_multipart(copy=False)
@@ -188,7 +192,12 @@ class Client:
                 sock.send_multipart(frames, copy=False)
                 if sock.poll(int(self.heartbeat_s * 1000), zmq.POLLIN):
                     while sock.poll(0, zmq.POLLIN):
-                        sock.recv_multipart()
+                        try:
+                            answer = P.decode(sock.recv_multipart(copy=False))
+                        except P.ProtocolError:
+                            continue
+                        if answer.type == P.HEARTBEAT and answer.body.get("done"):
+                            self.server_done.set()
                     if silent_since is not None:
                         log.info("server answers heartbeats again")
                     silent_since = None

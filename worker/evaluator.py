@@ -73,10 +73,13 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             if done:
                 client.close(say_bye=True, reason="final evaluation sent")
                 return 0
-            time.sleep(every)
+            client.server_done.wait(every)      # wakes early when a heartbeat says training is over
     except ServerUnreachable as exc:
-        log.error("%s; giving up", exc)
         client.close()
+        if client.server_done.is_set():
+            log.warning("%s before our final evaluation; exiting", exc)
+            return 0
+        log.error("%s; giving up", exc)
         return 1
     except SystemExit:
         client.close(say_bye=True, reason="terminated")

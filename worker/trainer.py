@@ -140,8 +140,11 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         client.close()
         return status
     except ServerUnreachable as exc:
-        log.error("%s; giving up", exc)
         client.close()
+        if client.server_done.is_set():
+            log.info("%s; exiting", exc)
+            return 0
+        log.error("%s; giving up", exc)
         return 1
     except SystemExit:                          # SIGTERM: leave politely so our lease is requeued at once
         client.close(say_bye=True, reason="terminated")

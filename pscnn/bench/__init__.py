@@ -1,9 +1,55 @@
-"""``pscnn bench``: throughput-scaling experiments (filled in by the benchmark work)."""
+"""``pscnn bench``: throughput-scaling experiments.
+
+    pscnn bench scaling           throughput / efficiency vs workers (real or --compute-ms synthetic),
+                                  with the single-process baseline and PyTorch DDP in the same run
+    pscnn bench server            server capacity under synthetic no-compute clients, vs a raw
+                                  pyzmq zero-copy echo of the same payload
+    pscnn bench time-to-accuracy  wall time and images to reach a test accuracy, 1/2/4 workers
+
+Every benchmark writes ``<name>.csv``, ``<name>.json`` and PNG plots into
+``--out``, shows a progress bar, and runs for a bounded time (``--seconds``
+per point x points x ``--trials``).  The processes a benchmark starts run
+without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides of the build
+machines (they halve numpy's sgemm speed) unless ``--keep-openblas-env``.
+
+This module imports only argparse-level code: ``pscnn --help`` stays fast.
+"""
+from __future__ import annotations
+
+import sys
 
 
 def add_bench_parsers(parser) -> None:
-    parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    from . import scaling, server_bench, tta  # noqa: PLC0415  (argparse only)
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    scaling.add_parser(sub)
+    server_bench.add_parser(sub)
+    tta.add_parser(sub)
 
 
 def run_bench_from_args(args) -> int:
-    raise SystemExit(f"pscnn bench {args.bench}: not available")
+    from . import scaling, server_bench, tta  # noqa: PLC0415
+    runner = {"scaling": scaling.run, "server": server_bench.run, "time-to-accuracy": tta.run}.get(args.bench)
+    if runner is None:
+        print(f"pscnn bench: unknown benchmark {args.bench!r}", file=sys.stderr)
+        return 2
+    _terminate_cleanly()
+    try:
+        return int(runner(args) or 0)
+    except ValueError as exc:           # a bad list or option value
+        print(f"pscnn bench {args.bench}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM (and SIGINT, even where a background shell ignores it) unwind through the ``finally``
+    blocks, so the servers and workers a benchmark started are stopped, not orphaned."""
+    import signal  # noqa: PLC0415
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, on_signal)
+        except ValueError:              # not the main thread
+            pass

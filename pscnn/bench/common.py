@@ -1,0 +1,245 @@
+"""Shared pieces of the benchmarks: environment, machine facts, statistics, outputs.
+
+Nothing here imports numpy at module load, so ``pscnn --help`` stays fast.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Set on the build machines; they halve numpy's sgemm speed.  A user's machine has neither,
+# so benchmarks drop them for every process they start unless --keep-openblas-env.
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def parse_list(text: str, kind=int, what: str = "value") -> list:
+    """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(kind(part))
+        except ValueError:
+            raise ValueError(f"{what}: {part!r} is not a valid {kind.__name__}") from None
+    if not out:
+        raise ValueError(f"{what}: empty list")
+    return out
+
+
+def bench_env(threads: int = 1, keep_openblas: bool = False, base: dict | None = None) -> dict:
+    """Environment for a process a benchmark starts: BLAS threads pinned, OPENBLAS_* overrides dropped."""
+    env = dict(os.environ if base is None else base)
+    for var in BLAS_THREAD_VARS:
+        env[var] = str(threads)
+    if not keep_openblas:
+        for var in OPENBLAS_VARS:
+            env.pop(var, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    # the children must import this checkout's packages whatever their working folder
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def machine_info(keep_openblas: bool = False) -> dict:
+    """What the numbers were measured on."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    info = {"cpu_count": os.cpu_count(), "usable_cores": usable, "cpu_model": model,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_at_start": [round(v, 2) for v in load] if load else None,
+            "openblas_env_dropped": not keep_openblas and any(v in os.environ for v in OPENBLAS_VARS),
+            "openblas_env_present": {v: os.environ[v] for v in OPENBLAS_VARS if v in os.environ},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        import numpy  # noqa: PLC0415
+        import zmq  # noqa: PLC0415
+        info.update(numpy=numpy.__version__, pyzmq=zmq.__version__, libzmq=zmq.zmq_version())
+    except ImportError:
+        pass
+    return info
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def median(values) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(statistics.median(vals)) if vals else None
+
+
+def percentile(values, q: float) -> float | None:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    vals = sorted(values)
+    if not vals:
+        return None
+    pos = (len(vals) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    return float(vals[lo] + (vals[hi] - vals[lo]) * (pos - lo))
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """user + system CPU seconds of a process (all its threads), from /proc; None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- outputs
+
+def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
+    """``out/<name>.csv`` (one row per measurement) and ``out/<name>.json`` (meta + rows)."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
+    columns: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in columns:
+                columns.append(k)
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _csv_value(row.get(k)) for k in columns})
+    with open(json_path, "w") as fh:
+        json.dump({**meta, "rows": rows}, fh, indent=2, default=_json_default)
+        fh.write("\n")
+    return csv_path, json_path
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, separators=(",", ":"))
+    return "" if v is None else v
+
+
+def _json_default(obj):
+    try:
+        return float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None (plots skipped with a notice)."""
+    try:
+        import matplotlib  # noqa: PLC0415
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+        return plt
+    except ImportError:
+        print("pscnn bench: matplotlib is not installed; no plots (pip install matplotlib)", file=sys.stderr)
+        return None
+
+
+def progress(total: int | None, desc: str, disable: bool = False):
+    from tqdm import tqdm  # noqa: PLC0415
+    return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr, leave=True)
+
+
+def fmt(v, spec: str = ",.0f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def print_table(headers: list[str], rows: list[list], file=sys.stdout) -> None:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(widths[i]) if i else c.ljust(widths[i]) for i, c in enumerate(r)), file=file)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- server logs
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (a killed writer) is skipped."""
+    out = []
+    try:
+        with open(path) as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
+    except OSError:
+        pass
+    return out
+
+
+def record_kind(rec: dict) -> str | None:
+    for key in ("kind", "type", "event", "record"):
+        v = rec.get(key)
+        if isinstance(v, str):
+            return v
+    if "compute_s" in rec and "version" in rec:
+        return "step"
+    if "test_accuracy" in rec and "version" in rec:
+        return "eval"
+    return None
+
+
+def step_records(metrics_path: Path) -> list[dict]:
+    return [r for r in read_jsonl(metrics_path) if record_kind(r) == "step"]
+
+
+def eval_records(metrics_path: Path) -> list[dict]:
+    return [r for r in read_jsonl(metrics_path) if record_kind(r) == "eval"]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition", on_fail=None):
+    """Poll ``predicate()`` until it returns a truthy value (returned) or ``timeout`` (RuntimeError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = on_fail() if on_fail else ""
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{detail}" if detail else ""))
+        time.sleep(interval)

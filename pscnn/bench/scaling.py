@@ -1,0 +1,425 @@
+"""``pscnn bench scaling``: training throughput against the number of workers, and why.
+
+For every point (mode x workers x batch [x compute-ms]) a real server and N
+real workers run on this machine (:mod:`pscnn.bench.cluster`).  In the same
+run, interleaved trial by trial so that machine noise hits everything alike:
+
+* the single-process baseline: ``pscnn train``'s step rate at the same batch
+  size and thread count (:mod:`pscnn.bench.baseline`), so that
+  efficiency = throughput(N) / (N x baseline);
+* with torch installed, PyTorch DDP (gloo, CPU) with N processes on the same
+  model and batch (:mod:`pscnn.bench.ddp`), for ``--mode sync`` points.
+
+With ``--compute-ms X`` the workers sleep X ms instead of computing (and push
+zero gradients), so scaling to dozens of workers can be studied on a small
+machine; the ideal single worker then does 1000/X steps/s.
+
+Every point is compared with a simple model (Amdahl-style)::
+
+    async:  pushes/s = min( N / (c + r),              1 / s,  cores / (s + w) )
+    sync:   pushes/s = min( N / (c + r + (N-1) s),    1 / s,  cores / (s + w) )
+
+c: compute per step and r: the rest of one worker's cycle, both from the
+N = 1 point of the same series; s: the server's CPU time per push and w: a
+worker's CPU time per push, both measured from /proc over the windows.  The
+first term is the workers' demand, the second the server's capacity (one
+thread), the third the machine's cores.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import (cores, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
+                     write_outputs)
+
+NAME = "scaling"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("scaling", help="throughput and efficiency vs number of workers",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
+    p.add_argument("--mode", default="sync,async", help="consistency modes: sync, async, ssp (default: sync,async)")
+    p.add_argument("--batch", default="64", help="batch sizes (default: 64)")
+    p.add_argument("--compute-ms", default=None,
+                   help="synthetic workers: sleep X ms per step instead of computing (a list: 0,5,20)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured window per point (default: 10)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds after every worker pushed (default: 3)")
+    p.add_argument("--trials", type=int, default=3, help="trials; medians are reported (default: 3)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads per worker and baseline (default: 1)")
+    p.add_argument("--baseline-seconds", type=float, default=None,
+                   help="seconds per baseline measurement (default: --seconds)")
+    p.add_argument("--ddp", default="auto", choices=["auto", "on", "off"],
+                   help="PyTorch DDP reference for sync points (auto: when torch is installed)")
+    p.add_argument("--model", default="seed", help="model preset (default: seed)")
+    p.add_argument("--lr", type=float, default=0.05, help="server learning rate (default: 0.05)")
+    p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
+    p.add_argument("--out", default="runs/bench-scaling", help="output folder (default: runs/bench-scaling)")
+    p.add_argument("--keep-logs", action="store_true", help="keep every point's run folder and logs")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep-openblas-env", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+
+
+def run(args) -> int:
+    import os  # noqa: PLC0415
+
+    from .baseline import measure as _unused  # noqa: F401,PLC0415  (fail early if the engine is broken)
+    from .cluster import measure_point  # noqa: PLC0415
+    from .common import bench_env  # noqa: PLC0415
+
+    workers = parse_list(args.workers, int, "--workers")
+    modes = parse_list(args.mode, str, "--mode")
+    for m in modes:
+        if m not in ("sync", "async", "ssp"):
+            raise ValueError(f"--mode: unknown mode {m!r}")
+    batches = parse_list(args.batch, int, "--batch")
+    compute = parse_list(args.compute_ms, float, "--compute-ms") if args.compute_ms is not None else [None]
+    synthetic = compute != [None]
+    mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ncores = cores()
+    machine = machine_info(args.keep_openblas_env)
+    env = bench_env(args.threads, args.keep_openblas_env)
+    use_ddp = not synthetic and args.ddp != "off"
+    if use_ddp:
+        from .ddp import torch_available  # noqa: PLC0415
+        if not torch_available():
+            if args.ddp == "on":
+                raise ValueError("--ddp on: torch is not installed")
+            print("pscnn bench scaling: torch not installed, no DDP reference", file=sys.stderr)
+            use_ddp = False
+    ddp_worlds = sorted(set(workers)) if use_ddp and "sync" in modes else []
+    base_s = args.baseline_seconds or args.seconds
+
+    points = [dict(mode=m, workers=n, batch=b, compute_ms=c) for c in compute for b in batches
+              for m in modes for n in workers]
+    jobs_per_trial = len(points) + (0 if synthetic else len(batches)) + len(ddp_worlds) * len(batches)
+    rows, baselines, ddp_rows = [], [], []
+    bar = progress(jobs_per_trial * args.trials, "bench scaling", args.no_progress)
+    try:
+        for trial in range(args.trials):
+            if not synthetic:
+                for b in batches:
+                    bar.set_postfix_str(f"trial {trial + 1}: baseline b{b}")
+                    res = _baseline(args.model, b, base_s, mnist_dir, env)
+                    baselines.append({"trial": trial, "batch": b, **res})
+                    bar.update()
+            for pt in points:
+                bar.set_postfix_str(f"trial {trial + 1}: {pt['mode']} N={pt['workers']} b{pt['batch']}"
+                                    + (f" c={pt['compute_ms']:g}ms" if synthetic else ""))
+                res = measure_point(out / "points" / f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}",
+                                    seconds=args.seconds, warmup=args.warmup, threads=args.threads,
+                                    model=args.model, lr=args.lr, mnist_dir=mnist_dir,
+                                    keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, **pt)
+                rows.append({"trial": trial, **pt, "kind": "pscnn", **res})
+                bar.update()
+            for n in ddp_worlds:
+                for b in batches:
+                    bar.set_postfix_str(f"trial {trial + 1}: torch DDP N={n} b{b}")
+                    from .ddp import measure_ddp  # noqa: PLC0415
+                    res = measure_ddp(n, b, args.seconds, args.threads, args.model, env=env)
+                    ddp_rows.append({"trial": trial, "workers": n, "batch": b, **res})
+                    bar.update()
+    finally:
+        bar.close()
+
+    summary = summarize(rows, baselines, ddp_rows, ncores, synthetic)
+    meta = {"bench": NAME, "machine": machine, "cores": ncores, "synthetic": synthetic,
+            "config": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "baselines": baselines, "ddp": ddp_rows, "summary": summary,
+            "model_note": __doc__[__doc__.index("Every point"):].strip()}
+    csv_path, json_path = write_outputs(out, NAME, rows, meta)
+    (out / f"{NAME}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report(summary, ncores, synthetic, machine)
+    if not args.no_plots:
+        plot(summary, out, ncores, synthetic)
+    print(f"\nwrote {csv_path}, {json_path} and plots in {out}")
+    return 0
+
+
+def _baseline(model: str, batch: int, seconds: float, mnist_dir: str | None, env: dict) -> dict:
+    import subprocess  # noqa: PLC0415
+    cmd = [sys.executable, "-m", "pscnn.bench.baseline", "--model", model, "--batch", str(batch),
+           "--seconds", str(seconds)]
+    if mnist_dir:
+        cmd += ["--mnist-dir", mnist_dir]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds * 4 + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"baseline failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- summary
+
+def summarize(rows, baselines, ddp_rows, ncores: int, synthetic: bool) -> list[dict]:
+    """Medians per point, efficiencies, the model's predictions and the DDP ratios."""
+    keys = []
+    for r in rows:
+        k = (r["mode"], r["workers"], r["batch"], r["compute_ms"])
+        if k not in keys:
+            keys.append(k)
+    base_by_trial = {(b["trial"], b["batch"]): b["images_per_second"] for b in baselines}
+    base_med = {b: median([x["images_per_second"] for x in baselines if x["batch"] == b])
+                for b in {x["batch"] for x in baselines}}
+    ddp_by_trial = {(d["trial"], d["workers"], d["batch"]): d["images_per_second"] for d in ddp_rows}
+    base_cpu_by_trial = {(b["trial"], b["batch"]): b.get("images_per_cpu_second") for b in baselines}
+    ddp_cpu_by_trial = {(d["trial"], d["workers"], d["batch"]): d.get("images_per_cpu_second") for d in ddp_rows}
+    out = []
+    for mode, n, b, c in keys:
+        rs = [r for r in rows if (r["mode"], r["workers"], r["batch"], r["compute_ms"]) == (mode, n, b, c)]
+        s = {"mode": mode, "workers": n, "batch": b, "compute_ms": c, "trials": len(rs),
+             "oversubscribed": n > ncores}
+        for key in ("images_per_second", "updates_per_second", "step_compute_ms", "comm_ms", "wait_ms",
+                    "staleness_mean", "staleness_p50", "staleness_p99", "staleness_max", "server_cpu_fraction",
+                    "server_cpu_ms_per_push", "workers_cpu_fraction", "worker_cpu_ms_per_push",
+                    "cpu_share_per_worker", "images_per_cpu_second"):
+            s[key] = median([r.get(key) for r in rs])
+        hist: dict = {}
+        for r in rs:
+            for k, v in (r.get("staleness_hist") or {}).items():
+                hist[k] = hist.get(k, 0) + v
+        s["staleness_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+        if synthetic:
+            s["baseline_images_per_second"] = (b * 1000.0 / c) if c else None
+            s["efficiency"] = (s["images_per_second"] / (n * s["baseline_images_per_second"])
+                               if c and s["images_per_second"] is not None else None)
+        else:
+            s["baseline_images_per_second"] = base_med.get(b)
+            effs = [r["images_per_second"] / (n * base_by_trial[(r["trial"], b)])
+                    for r in rs if (r["trial"], b) in base_by_trial]
+            s["efficiency"] = median(effs)          # per-trial ratios, measured side by side
+            # per CPU-second instead of per wall second: immune to the share of the cores other
+            # processes of a shared machine take (see docs/scaling.md)
+            s["baseline_images_per_cpu_second"] = median([x.get("images_per_cpu_second") for x in baselines
+                                                          if x["batch"] == b])
+            s["baseline_cpu_fraction"] = median([x.get("cpu_fraction") for x in baselines if x["batch"] == b])
+            cpu_effs = [r["images_per_cpu_second"] / base_cpu_by_trial[(r["trial"], b)] for r in rs
+                        if r.get("images_per_cpu_second") and base_cpu_by_trial.get((r["trial"], b))]
+            s["cpu_efficiency"] = median(cpu_effs)
+            if ddp_rows:
+                ratios = [r["images_per_second"] / ddp_by_trial[(r["trial"], n, b)]
+                          for r in rs if (r["trial"], n, b) in ddp_by_trial]
+                s["ddp_images_per_second"] = median([ddp_by_trial[k] for k in ddp_by_trial if k[1:] == (n, b)])
+                s["pscnn_over_ddp"] = median(ratios)
+                s["ddp_images_per_cpu_second"] = median([d.get("images_per_cpu_second") for d in ddp_rows
+                                                         if (d["workers"], d["batch"]) == (n, b)])
+                s["ddp_cpu_fraction"] = median([d.get("cpu_fraction") for d in ddp_rows
+                                                if (d["workers"], d["batch"]) == (n, b)])
+                cpu_ratios = [r["images_per_cpu_second"] / ddp_cpu_by_trial[(r["trial"], n, b)] for r in rs
+                              if r.get("images_per_cpu_second") and ddp_cpu_by_trial.get((r["trial"], n, b))]
+                s["pscnn_over_ddp_per_cpu"] = median(cpu_ratios)
+        out.append(s)
+    _add_model(out, ncores)
+    return out
+
+
+def _add_model(summary: list[dict], ncores: int) -> None:
+    """The Amdahl-style prediction of each point (see the module docs)."""
+    for s in summary:
+        series = [x for x in summary if (x["mode"], x["batch"], x["compute_ms"]) ==
+                  (s["mode"], s["batch"], s["compute_ms"])]
+        one = next((x for x in series if x["workers"] == 1), None)
+        srv = median([x.get("server_cpu_ms_per_push") for x in series])
+        wrk = median([x.get("worker_cpu_ms_per_push") for x in series])
+        if one is None or not one.get("images_per_second") or srv is None:
+            continue
+        b = s["batch"]
+        cycle1 = 1e3 * b / one["images_per_second"]            # ms per step with one worker
+        c = one.get("step_compute_ms") or 0.0
+        r = max(0.0, cycle1 - c)
+        n = s["workers"]
+        demand = n / (c + r + ((n - 1) * srv if s["mode"] == "sync" else 0.0)) * 1e3   # pushes/s
+        server_cap = 1e3 / srv if srv > 0 else float("inf")
+        cpu_cap = ncores * 1e3 / (srv + (wrk or 0.0)) if srv + (wrk or 0.0) > 0 else float("inf")
+        pred = min(demand, server_cap, cpu_cap)
+        s["model_c_ms"], s["model_r_ms"], s["model_s_ms"], s["model_w_ms"] = c, r, srv, wrk
+        s["model_images_per_second"] = pred * b
+        s["model_bound"] = ("workers" if pred == demand else "server" if pred == server_cap else "cores")
+        if s.get("images_per_second"):
+            s["measured_over_model"] = s["images_per_second"] / s["model_images_per_second"]
+
+
+# --------------------------------------------------------------------------- report
+
+def report(summary, ncores: int, synthetic: bool, machine: dict) -> None:
+    print(f"\nmachine: {machine.get('cpu_model') or '?'}, {ncores} usable cores "
+          f"(* = workers outnumber cores); medians of trials")
+    headers = ["mode", "N", "batch"] + (["c ms"] if synthetic else []) + [
+        "img/s", "upd/s", "ideal img/s", "efficiency", "compute ms", "comm ms", "wait ms", "stale p50/p99/max",
+        "srv cpu", "model img/s", "meas/model", "bound"]
+    if not synthetic:
+        headers += ["cores/worker", "CPU eff"]
+    if any("pscnn_over_ddp" in s for s in summary):
+        headers += ["DDP img/s", "pscnn/DDP", "DDP cores", "pscnn/DDP per CPU"]
+    rows = []
+    for s in summary:
+        base = s.get("baseline_images_per_second")
+        row = [s["mode"], f"{s['workers']}{'*' if s['oversubscribed'] else ''}", s["batch"]]
+        if synthetic:
+            row.append(fmt(s["compute_ms"], "g"))
+        row += [fmt(s["images_per_second"]), fmt(s["updates_per_second"], ",.1f"),
+                fmt(base * s["workers"] if base else None), fmt(s["efficiency"], ".2f"),
+                fmt(s["step_compute_ms"], ".1f"), fmt(s["comm_ms"], ".1f"), fmt(s["wait_ms"], ".1f"),
+                f"{fmt(s['staleness_p50'], 'g')}/{fmt(s['staleness_p99'], 'g')}/{fmt(s['staleness_max'], 'g')}",
+                fmt(s.get("server_cpu_fraction"), ".0%"), fmt(s.get("model_images_per_second")),
+                fmt(s.get("measured_over_model"), ".2f"), s.get("model_bound", "-")]
+        if not synthetic:
+            row += [fmt(s.get("cpu_share_per_worker"), ".2f"), fmt(s.get("cpu_efficiency"), ".2f")]
+        if "DDP img/s" in headers:
+            row += [fmt(s.get("ddp_images_per_second")), fmt(s.get("pscnn_over_ddp"), ".2f"),
+                    fmt(s.get("ddp_cpu_fraction"), ".2f"), fmt(s.get("pscnn_over_ddp_per_cpu"), ".2f")]
+        rows.append(row)
+    print_table(headers, rows)
+    if not synthetic:
+        base = {s["batch"]: s.get("baseline_cpu_fraction") for s in summary}
+        print("cores/worker: the share of a core each worker process got (CPU s / wall s); "
+              "CPU eff: images per CPU-second (workers + server) / the baseline's")
+        print("baseline got " + ", ".join(f"{fmt(v, '.2f')} of a core (b{b})" for b, v in base.items()))
+        for s in summary:
+            if s["workers"] == 2 and s.get("efficiency") is not None:
+                verdict = "meets" if s["efficiency"] >= 0.85 else "misses"
+                print(f"{s['mode']} b{s['batch']}: 2 workers = {s['efficiency']:.2f} x (2 x single-process "
+                      f"baseline at the same batch and threads); {verdict} the 0.85 target"
+                      + (f" (per CPU-second: {s['cpu_efficiency']:.2f})" if s.get("cpu_efficiency") else ""))
+
+
+# --------------------------------------------------------------------------- plots
+
+def _series(summary):
+    keys = []
+    for s in summary:
+        k = (s["mode"], s["batch"], s["compute_ms"])
+        if k not in keys:
+            keys.append(k)
+    return [(k, sorted([s for s in summary if (s["mode"], s["batch"], s["compute_ms"]) == k],
+                       key=lambda s: s["workers"])) for k in keys]
+
+
+def _label(mode, batch, c, synthetic, nb: int) -> str:
+    text = mode
+    if nb > 1:
+        text += f" b{batch}"
+    if synthetic:
+        text += f" c={c:g}ms"
+    return text
+
+
+def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
+    plt = pyplot()
+    if plt is None:
+        return []
+    nb = len({s["batch"] for s in summary})
+    maxn = max(s["workers"] for s in summary)
+    logx = maxn >= 8
+    paths = []
+    series = _series(summary)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def shade(ax):
+        minn = min(s["workers"] for s in summary)
+        lo, hi = (minn / 1.25, maxn * 1.25) if logx else (minn - 0.3, maxn + 0.3)
+        if maxn > ncores:
+            ax.axvspan(ncores * 1.2 if logx else ncores + 0.5, hi, color="0.9", zorder=0,
+                       label=f"workers > {ncores} cores")
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlim(lo, hi)
+        ax.set_xticks(sorted({s["workers"] for s in summary}))
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+
+    # ---- throughput vs workers, with the ideal linear line
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+    shade(ax)
+    ideal_done = set()
+    for i, ((mode, b, c), pts) in enumerate(series):
+        col = colors[i % len(colors)]
+        xs = [p["workers"] for p in pts]
+        ys = [p["images_per_second"] for p in pts]
+        ax.plot(xs, ys, "o-", color=col, label=_label(mode, b, c, synthetic, nb))
+        model = [p.get("model_images_per_second") for p in pts]
+        if all(m is not None for m in model):
+            ax.plot(xs, model, ":", color=col, alpha=0.8)
+        base = pts[0].get("baseline_images_per_second")
+        if base and (b, c) not in ideal_done:
+            ideal_done.add((b, c))
+            ns = sorted({s["workers"] for s in summary})
+            ax.plot(ns, [n * base for n in ns], "--", color="0.4", lw=1,
+                    label="ideal: N x single process" if len(ideal_done) == 1 else None)
+        if pts[0].get("ddp_images_per_second") is not None and mode == "sync":
+            ax.plot(xs, [p.get("ddp_images_per_second") for p in pts], "s-.", color="tab:purple",
+                    label=f"PyTorch DDP (gloo){f' b{b}' if nb > 1 else ''}")
+    ax.set_xlabel("workers")
+    ax.set_ylabel("training images/s")
+    ax.set_title("Throughput vs workers" + (" (synthetic compute; dotted: model)" if synthetic
+                                             else " (dotted: model)"))
+    if synthetic:                       # the ideal lines span orders of magnitude
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "scaling_throughput.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    # ---- efficiency
+    if any(s.get("efficiency") is not None for s in summary):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+        shade(ax)
+        for i, ((mode, b, c), pts) in enumerate(series):
+            pts = [p for p in pts if p.get("efficiency") is not None]
+            if not pts:
+                continue
+            ax.plot([p["workers"] for p in pts], [p["efficiency"] for p in pts], "o-",
+                    color=colors[i % len(colors)], label=_label(mode, b, c, synthetic, nb))
+            cpu = [p for p in pts if p.get("cpu_efficiency") is not None]
+            if cpu:
+                ax.plot([p["workers"] for p in cpu], [p["cpu_efficiency"] for p in cpu], "^--",
+                        color=colors[i % len(colors)], alpha=0.7,
+                        label=_label(mode, b, c, synthetic, nb) + " per CPU-second")
+        ax.axhline(1.0, color="0.4", ls="--", lw=1)
+        if not synthetic:
+            ax.axhline(0.85, color="tab:red", ls=":", lw=1, label="0.85 target (2 workers)")
+        ax.set_xlabel("workers")
+        ax.set_ylabel("efficiency = throughput / (N x single)")
+        ax.set_ylim(0, 1.15)
+        ax.set_title("Scaling efficiency")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out / "scaling_efficiency.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
+
+    # ---- per-step time split, stacked bars
+    pts = [s for s in summary if s.get("comm_ms") is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(min(12.0, max(6.4, 0.3 * len(pts) + 2)), 4.2), dpi=90)
+        labels = [f"{_label(p['mode'], p['batch'], p['compute_ms'], synthetic, nb)}\nN={p['workers']}"
+                  f"{'*' if p['oversubscribed'] else ''}" for p in pts]
+        xs = list(range(len(pts)))
+        bottom = [0.0] * len(pts)
+        for key, col, name in (("step_compute_ms", "tab:blue", "compute"), ("comm_ms", "tab:orange",
+                                                                            "communication"),
+                               ("wait_ms", "tab:gray", "waiting (barrier / bound)")):
+            vals = [p.get(key) or 0.0 for p in pts]
+            ax.bar(xs, vals, bottom=bottom, color=col, label=name, width=0.7)
+            bottom = [a + v for a, v in zip(bottom, vals)]
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=6, rotation=90 if len(pts) > 12 else 0)
+        ax.set_ylabel("ms per step (mean over the window)")
+        ax.set_title("Where a worker's step goes (* = workers > cores)")
+        ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) > 0 else 1)
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        paths.append(out / "scaling_time_split.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    return paths

@@ -1,0 +1,281 @@
+"""``pscnn bench server``: the parameter server's capacity as synthetic clients grow.
+
+Synthetic clients (:mod:`pscnn.bench.synth`) do no compute: each keeps one
+full-model push in flight and pushes again as soon as the reply (the next
+task, with the newest weights) arrives, through the real server on loopback.
+Measured per client count: cycles/s (push + reply), MB/s (both directions),
+round-trip latency p50 / p99, and the server's CPU use.
+
+In the same run, interleaved trial by trial, the same clients run against a
+raw pyzmq ROUTER that echoes the same frames back without copying: the
+transport's limit on this machine.  ``server / echo`` is printed as a ratio.
+``--profile`` runs the server under cProfile at one client count and writes
+the top functions.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import (bench_env, cores, fmt, machine_info, median, parse_list, percentile, print_table,
+                     proc_cpu_seconds, progress, pyplot, write_outputs)
+
+NAME = "server"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("server", help="server capacity under synthetic no-compute clients vs raw zmq echo",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", default="1,4,16,64", help="synthetic client counts (default: 1,4,16,64)")
+    p.add_argument("--mode", default="async", choices=["async", "sync", "ssp"], help="server mode (default: async)")
+    p.add_argument("--batch", type=int, default=64, help="the run's batch size (samples per push; default 64)")
+    p.add_argument("--model", default="seed", help="model preset: sets the payload (default: seed, 1.7 MB)")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured window per point (default: 5)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of cycling before the window (default: 2)")
+    p.add_argument("--trials", type=int, default=3, help="trials; medians are reported (default: 3)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="client processes (0: min(clients, 4)); each runs clients/processes sockets")
+    p.add_argument("--no-echo", action="store_true", help="skip the raw pyzmq echo reference")
+    p.add_argument("--profile", type=int, default=None, metavar="CLIENTS",
+                   help="also profile the server (cProfile) with this many clients; top functions to "
+                        "server-profile.txt")
+    p.add_argument("--out", default="runs/bench-server", help="output folder (default: runs/bench-server)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep-openblas-env", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+
+
+def run(args) -> int:
+    clients = parse_list(args.clients, int, "--clients")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = bench_env(1, args.keep_openblas_env)
+    machine = machine_info(args.keep_openblas_env)
+    kinds = ["pscnn"] + ([] if args.no_echo else ["echo"])
+    rows = []
+    total = len(clients) * len(kinds) * args.trials + (1 if args.profile else 0)
+    bar = progress(total, "bench server", args.no_progress)
+    try:
+        for trial in range(args.trials):
+            for n in clients:
+                for kind in kinds:
+                    bar.set_postfix_str(f"trial {trial + 1}: {kind} x {n} clients")
+                    res = measure(kind, n, args, env, out)
+                    rows.append({"trial": trial, "kind": kind, "clients": n, **res})
+                    bar.update()
+        profile_text = None
+        if args.profile:
+            bar.set_postfix_str(f"profiling the server with {args.profile} clients")
+            res = measure("pscnn", args.profile, args, env, out, profile=out / "server.prof")
+            profile_text = _profile_report(out / "server.prof", out / "server-profile.txt", res)
+            bar.update()
+    finally:
+        bar.close()
+    summary = summarize(rows, clients)
+    meta = {"bench": NAME, "machine": machine, "cores": cores(), "config": vars(args), "summary": summary,
+            "payload_bytes": rows[0].get("model_bytes") if rows else None}
+    csv_path, json_path = write_outputs(out, NAME, rows, meta)
+    report(summary, machine, meta["payload_bytes"], args)
+    if profile_text:
+        print(f"\nserver profile ({args.profile} clients, cProfile, top by own time):\n{profile_text}")
+    if not args.no_plots:
+        plot(summary, out)
+    print(f"\nwrote {csv_path}, {json_path} and plots in {out}")
+    return 0
+
+
+def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None = None) -> dict:
+    """One point: a server (or the echo) and ``n`` synthetic clients; cycles in the window."""
+    from pscnn.launcher import free_port, query_status  # noqa: PLC0415
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    nproc = args.processes or min(n, 4)
+    nproc = max(1, min(nproc, n))
+    with tempfile.TemporaryDirectory(prefix="pscnn-bench-server-") as tmp:
+        tmp = Path(tmp)
+        if kind == "pscnn":
+            from .cluster import server_flags  # noqa: PLC0415
+            argv = ["-m", "pscnn.cli", "server", "--bind", endpoint,
+                    *server_flags(args.mode, args.batch, tmp / "run", model=args.model),
+                    "--max-workers", str(max(1024, n))]
+            if profile is not None:
+                argv = ["-m", "cProfile", "-o", str(profile), *argv]
+        else:
+            argv = ["-m", "pscnn.bench.synth", "echo", "--bind", endpoint]
+        log = open(tmp / "server.log", "wb")
+        server = subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
+        procs = []
+        try:
+            from .common import wait_for  # noqa: PLC0415
+            if kind == "pscnn":
+                wait_for(lambda: server.poll() is not None or query_status(endpoint, 0.5), 60,
+                         what="the server to answer")
+            else:
+                time.sleep(0.3)
+            if server.poll() is not None:
+                raise RuntimeError(f"{kind} server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+            lead = 1.5 + 0.05 * n                         # process start + hello
+            t_start = time.monotonic() + lead + args.warmup
+            t_end = t_start + args.seconds
+            for i in range(nproc):
+                count = n // nproc + (1 if i < n % nproc else 0)
+                cmd = [sys.executable, "-m", "pscnn.bench.synth", "clients", "--endpoint", endpoint, "--kind", kind,
+                       "--count", str(count), "--start", repr(t_start), "--end", repr(t_end), "--model", args.model,
+                       "--name", f"c{i}", "--result", str(tmp / f"clients-{i}.json")]
+                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            time.sleep(max(0.0, t_start - time.monotonic()))
+            cpu0 = proc_cpu_seconds(server.pid)
+            st0 = query_status(endpoint, 2.0) if kind == "pscnn" else None
+            time.sleep(max(0.0, t_end - time.monotonic()))
+            cpu1 = proc_cpu_seconds(server.pid)
+            st1 = query_status(endpoint, 2.0) if kind == "pscnn" else None
+            results = []
+            for i, p in enumerate(procs):
+                try:
+                    _, err = p.communicate(timeout=30 + n)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    _, err = p.communicate()
+                path = tmp / f"clients-{i}.json"
+                if p.returncode != 0 or not path.exists():
+                    raise RuntimeError(f"synthetic client process {i} failed ({p.returncode}):\n"
+                                       f"{err.decode(errors='replace')[-2000:]}")
+                results.append(json.loads(path.read_text()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(5)
+            if server.poll() is None:
+                server.terminate()
+                try:
+                    server.wait(30 if profile else 10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(5)
+            log.close()
+    window = args.seconds
+    cycles = sum(r["cycles"] for r in results)
+    lat = [v for r in results for v in r["latencies_ms"]]
+    errors: dict = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    res = {"processes": nproc, "window_s": window, "cycles": cycles, "cycles_per_second": cycles / window,
+           "mb_per_second": sum(r["bytes"] for r in results) / window / 1e6,
+           "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
+           "late_starts": sum(bool(r["late_start"]) for r in results), "errors": errors,
+           "model_bytes": results[0]["model_bytes"] if results else None}
+    if cpu0 is not None and cpu1 is not None:
+        res["server_cpu_fraction"] = (cpu1 - cpu0) / window
+        res["server_cpu_ms_per_cycle"] = 1e3 * (cpu1 - cpu0) / cycles if cycles else None
+    if st0 and st1:
+        res["server_updates_per_second"] = (st1["version"] - st0["version"]) / window
+    return res
+
+
+def _profile_report(prof: Path, text_path: Path, res: dict, top: int = 30) -> str | None:
+    import io  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+    if not prof.exists():
+        return None
+    buf = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buf)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    buf.write("\n\n--- by cumulative time ---\n")
+    stats.sort_stats("cumulative").print_stats(top)
+    header = (f"cycles/s under the profiler: {res['cycles_per_second']:.0f} (profiling slows the server; "
+              f"read the shares, not the rate)\n")
+    text = header + buf.getvalue()
+    text_path.write_text(text)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
+    return header + "\n".join(lines[start:start + 16])
+
+
+def summarize(rows, clients) -> list[dict]:
+    out = []
+    for n in clients:
+        s = {"clients": n}
+        for kind in ("pscnn", "echo"):
+            rs = [r for r in rows if r["clients"] == n and r["kind"] == kind]
+            if not rs:
+                continue
+            for key in ("cycles_per_second", "mb_per_second", "latency_p50_ms", "latency_p99_ms",
+                        "server_cpu_fraction", "server_cpu_ms_per_cycle", "server_updates_per_second"):
+                s[f"{kind}_{key}"] = median([r.get(key) for r in rs])
+            s[f"{kind}_late_starts"] = sum(r["late_starts"] for r in rs)
+        ratios = []
+        for t in {r["trial"] for r in rows}:
+            a = [r for r in rows if (r["trial"], r["clients"], r["kind"]) == (t, n, "pscnn")]
+            b = [r for r in rows if (r["trial"], r["clients"], r["kind"]) == (t, n, "echo")]
+            if a and b and b[0]["cycles_per_second"]:
+                ratios.append(a[0]["cycles_per_second"] / b[0]["cycles_per_second"])
+        s["server_over_echo"] = median(ratios)
+        out.append(s)
+    return out
+
+
+def report(summary, machine, payload, args) -> None:
+    mb = (payload or 0) / 1e6
+    print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; payload {mb:.2f} MB per "
+          f"direction ({args.model} model), mode {args.mode}; medians of {args.trials} trials")
+    headers = ["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "echo rt/s",
+               "echo MB/s", "echo p50", "echo p99", "server/echo"]
+    rows = [[s["clients"], fmt(s.get("pscnn_cycles_per_second")), fmt(s.get("pscnn_mb_per_second")),
+             fmt(s.get("pscnn_latency_p50_ms"), ".2f"), fmt(s.get("pscnn_latency_p99_ms"), ".2f"),
+             fmt(s.get("pscnn_server_cpu_fraction"), ".0%"), fmt(s.get("pscnn_server_cpu_ms_per_cycle"), ".2f"),
+             fmt(s.get("echo_cycles_per_second")), fmt(s.get("echo_mb_per_second")),
+             fmt(s.get("echo_latency_p50_ms"), ".2f"), fmt(s.get("echo_latency_p99_ms"), ".2f"),
+             fmt(s.get("server_over_echo"), ".2f")] for s in summary]
+    print_table(headers, rows)
+    late = sum(s.get("pscnn_late_starts", 0) + s.get("echo_late_starts", 0) for s in summary)
+    if late:
+        print(f"note: {late} client processes had not completed a cycle when a window opened "
+              "(raise --warmup)")
+
+
+def plot(summary, out: Path) -> list[Path]:
+    plt = pyplot()
+    if plt is None:
+        return []
+    xs = [s["clients"] for s in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=90)
+    ax = axes[0]
+    ax.plot(xs, [s.get("pscnn_cycles_per_second") for s in summary], "o-", label="pscnn server (push + pull)")
+    if any(s.get("echo_cycles_per_second") for s in summary):
+        ax.plot(xs, [s.get("echo_cycles_per_second") for s in summary], "s--", label="raw pyzmq echo (zero-copy)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("synthetic clients")
+    ax.set_ylabel("cycles/s (full model each way)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Server capacity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for kind, style, col in (("pscnn", "o-", "tab:blue"), ("echo", "s--", "tab:orange")):
+        if any(s.get(f"{kind}_latency_p50_ms") for s in summary):
+            ax.plot(xs, [s.get(f"{kind}_latency_p50_ms") for s in summary], style, color=col, label=f"{kind} p50")
+            ax.plot(xs, [s.get(f"{kind}_latency_p99_ms") for s in summary], style, color=col, alpha=0.45,
+                    label=f"{kind} p99")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("synthetic clients")
+    ax.set_ylabel("round-trip latency, ms")
+    ax.set_title("Latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "server_capacity.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,200 @@
+"""Synthetic clients for ``pscnn bench server``, and the raw zero-copy echo they are compared with.
+
+    python -m pscnn.bench.synth echo --bind tcp://127.0.0.1:PORT
+    python -m pscnn.bench.synth clients --endpoint E --kind pscnn|echo --count K \
+        --start T0 --end T1 --result out.json [--model seed] [--name c0]
+
+``clients`` runs ``count`` DEALER sockets in one thread, each with exactly
+one request in flight (a worker's pattern), and never computes:
+
+* ``pscnn``: the real protocol through :mod:`pscnn.protocol`: hello, work,
+  then push (zero gradients of the whole model) -> task (with the newest
+  weights) -> push ...; one *cycle* is one push and its reply;
+* ``echo``: the same frames (header + one frame per array, same sizes) sent
+  to the echo server, which returns them untouched; one cycle is one round
+  trip.  Both directions carry the model's size, as in a pscnn cycle.
+
+Cycles completing between the monotonic times T0 and T1 (CLOCK_MONOTONIC is
+shared by every process of the machine) are counted, with their latencies
+and bytes; the result is one JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+
+
+def run_echo(bind: str) -> int:
+    """A ROUTER that sends every message straight back, frames untouched (zero-copy both ways)."""
+    import signal  # noqa: PLC0415
+
+    import zmq  # noqa: PLC0415
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(bind)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not stop:
+        if sock.poll(100, zmq.POLLIN):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                sock.send_multipart(frames, copy=False)
+    sock.close(0)
+    ctx.term()
+    return 0
+
+
+def run_clients(args) -> int:
+    import numpy as np  # noqa: PLC0415
+    import zmq  # noqa: PLC0415
+
+    from cnn_core.model import build_model  # noqa: PLC0415
+    from pscnn import protocol as P  # noqa: PLC0415
+
+    model = build_model(args.model, seed=0)
+    zeros = {k: np.zeros(v.shape, np.float32) for k, v in model.params.items()}
+    for z in zeros.values():
+        z.flags.writeable = False          # shared by every socket, sent without copying
+    ctx = zmq.Context()
+    poller = zmq.Poller()
+    socks = {}
+    host_prefix = f"{args.name}-{os.getpid()}"
+    for i in range(args.count):
+        s = ctx.socket(zmq.DEALER)
+        wid = f"{host_prefix}-{i}-{uuid.uuid4().hex[:6]}"
+        s.setsockopt(zmq.ROUTING_ID, wid.encode())
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(args.endpoint)
+        poller.register(s, zmq.POLLIN)
+        socks[s] = {"wid": wid, "seq": 0, "sent_at": 0.0, "in_push": False, "retry_at": None,
+                    "batch_size": 64, "last_rtt": 0.0}
+
+    echo_frames = None
+    if args.kind == "echo":                 # the push's frames, built once
+        push = P.Message(P.PUSH, "echo", 1, {"epoch": 0, "batch": 0, "lease": 1, "base_version": 0, "loss": 0.0,
+                                             "correct": 0, "count": 64,
+                                             "timing": {"compute_s": 0.0, "comm_s": 0.0, "wait_s": 0.0}}, zeros)
+        echo_frames = P.encode(push)
+
+    def frame_bytes(frames) -> int:
+        return sum(len(f) if isinstance(f, (bytes, bytearray)) else getattr(f, "nbytes", None) or len(f)
+                   for f in frames)
+
+    def send(s, st, mtype, body=None, arrays=None):
+        st["seq"] += 1
+        frames = P.encode(P.Message(mtype, st["wid"], st["seq"], body or {}, arrays or {}))
+        st["in_push"] = mtype == P.PUSH
+        st["sent_bytes"] = frame_bytes(frames)
+        st["sent_at"] = time.monotonic()
+        s.send_multipart(frames, copy=False)
+
+    cycles, latencies, nbytes, errors = 0, [], 0, {}
+    first_cycle = None
+    started = time.monotonic()
+    for s, st in socks.items():
+        if echo_frames is not None:
+            st["sent_bytes"] = frame_bytes(echo_frames)
+            st["sent_at"] = time.monotonic()
+            s.send_multipart(echo_frames, copy=False)
+        else:
+            send(s, st, P.HELLO, {"role": "trainer", "name": st["wid"], "pid": os.getpid(), "host": "synthetic",
+                                  "device": "none"})
+    stop_sent = 0
+    while True:
+        now = time.monotonic()
+        if now >= args.end:
+            break
+        timeout = max(1, int(min(0.05, args.end - now) * 1000))
+        events = dict(poller.poll(timeout))
+        now = time.monotonic()
+        for s, st in socks.items():                        # WAIT replies: ask again when told
+            if st["retry_at"] is not None and now >= st["retry_at"]:
+                st["retry_at"] = None
+                send(s, st, P.WORK)
+        for s in events:
+            st = socks[s]
+            frames = s.recv_multipart(copy=False)
+            now = time.monotonic()
+            rtt = now - st["sent_at"]
+            if echo_frames is not None:
+                if args.start <= now <= args.end:
+                    cycles += 1
+                    latencies.append(rtt)
+                    nbytes += st["sent_bytes"] + frame_bytes(frames)
+                first_cycle = first_cycle or now
+                st["sent_at"] = time.monotonic()
+                s.send_multipart(echo_frames, copy=False)
+                continue
+            msg = P.decode(frames)
+            if msg.type in (P.TASK, P.WAIT, P.STOP) and st["in_push"]:
+                first_cycle = first_cycle or now
+                if args.start <= now <= args.end:
+                    cycles += 1
+                    latencies.append(rtt)
+                    nbytes += st["sent_bytes"] + frame_bytes(frames)
+            held = float(msg.body.get("held_s", 0.0)) if msg.type in (P.TASK, P.WAIT) else 0.0
+            if msg.type == P.WELCOME:
+                st["batch_size"] = int(msg.body["run"]["batch_size"])
+                send(s, st, P.WORK)
+            elif msg.type == P.TASK:
+                b = msg.body
+                send(s, st, P.PUSH, {"epoch": b["epoch"], "batch": b["batch"], "lease": b["lease"],
+                                     "base_version": b["version"], "loss": 0.0, "correct": 0,
+                                     "count": st["batch_size"],
+                                     "timing": {"compute_s": 0.0, "comm_s": max(0.0, rtt - held),
+                                                "wait_s": held}}, zeros)
+            elif msg.type == P.WAIT:
+                st["in_push"] = False
+                st["retry_at"] = now + float(msg.body["retry_s"])
+            elif msg.type == P.STOP:
+                stop_sent += 1
+                st["in_push"] = False
+            else:                                           # error: count it and ask for work again
+                code = msg.body.get("code", msg.type) if isinstance(msg.body, dict) else msg.type
+                errors[code] = errors.get(code, 0) + 1
+                send(s, st, P.WORK)
+    for s in socks:
+        s.close(0)
+    ctx.term()
+    result = {"count": args.count, "kind": args.kind, "cycles": cycles, "bytes": nbytes,
+              "latencies_ms": [round(v * 1e3, 4) for v in latencies], "errors": errors,
+              "first_cycle_after_s": (first_cycle - started) if first_cycle else None,
+              "late_start": first_cycle is None or first_cycle > args.start, "stopped": stop_sent,
+              "model_bytes": int(sum(z.nbytes for z in zeros.values()))}
+    with open(args.result, "w") as fh:
+        json.dump(result, fh)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("echo")
+    e.add_argument("--bind", required=True)
+    c = sub.add_parser("clients")
+    c.add_argument("--endpoint", required=True)
+    c.add_argument("--kind", choices=["pscnn", "echo"], default="pscnn")
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--start", type=float, required=True, help="monotonic time the window opens")
+    c.add_argument("--end", type=float, required=True, help="monotonic time the window closes")
+    c.add_argument("--model", default="seed")
+    c.add_argument("--name", default="synthetic")
+    c.add_argument("--result", required=True)
+    args = p.parse_args(argv)
+    if args.what == "echo":
+        return run_echo(args.bind)
+    return run_clients(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

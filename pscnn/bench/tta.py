@@ -1,0 +1,264 @@
+"""``pscnn bench time-to-accuracy``: wall time and images seen to reach a test accuracy.
+
+For every mode and worker count, a real run on this machine: ``pscnn server``,
+N ``pscnn worker`` processes and an evaluator that scores the newest weights
+every ``--eval-every`` seconds.  The run is stopped as soon as a score reaches
+``--target`` (or the epochs end, or ``--max-seconds`` pass).  From the
+server's ``metrics.jsonl``:
+
+* the first evaluated version whose test accuracy reaches the target, v*;
+* its time: when the server produced v* (its step record), counted from the
+  first update applied, so worker start-up (loading MNIST) is not included;
+* images seen: the samples applied up to v*.
+
+The evaluator samples versions every few seconds, so times are upper bounds
+by up to ``--eval-every`` plus one evaluation; it runs at nice +10, as in
+``pscnn run``, but on a 2-core machine it still takes some CPU from workers.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .common import (cores, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
+                     pyplot, step_records, write_outputs)
+
+NAME = "time_to_accuracy"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("time-to-accuracy", help="wall time and images to reach a test accuracy",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", type=float, default=0.99, help="test accuracy to reach (default: 0.99)")
+    p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
+    p.add_argument("--mode", default="sync,async", help="modes (default: sync,async)")
+    p.add_argument("--batch", type=int, default=64, help="batch size per worker step (default: 64)")
+    p.add_argument("--epochs", type=int, default=5, help="most epochs per run (default: 5)")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="most seconds per run (default: 600)")
+    p.add_argument("--eval-every", type=float, default=3.0, help="seconds between evaluations (default: 3)")
+    p.add_argument("--test-limit", type=int, default=0, help="score the first N test images (0: all 10,000)")
+    p.add_argument("--train-limit", type=int, default=0, help="train on the first N images (0: all)")
+    p.add_argument("--trials", type=int, default=1, help="runs per configuration (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads per worker (default: 1)")
+    p.add_argument("--model", default="seed", help="model preset (default: seed)")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
+    p.add_argument("--optimizer", default="sgd", help="optimizer (default: sgd, momentum 0.9)")
+    p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
+    p.add_argument("--out", default="runs/bench-tta", help="output folder (default: runs/bench-tta)")
+    p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep-openblas-env", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+
+
+def run(args) -> int:
+    import os  # noqa: PLC0415
+    workers = parse_list(args.workers, int, "--workers")
+    modes = parse_list(args.mode, str, "--mode")
+    if not 0 < args.target <= 1:
+        raise ValueError(f"--target must be in (0, 1], got {args.target}")
+    mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(args.keep_openblas_env)
+    rows, curves = [], {}
+    configs = [(t, m, n) for t in range(args.trials) for m in modes for n in workers]
+    bar = progress(len(configs), "bench time-to-accuracy", args.no_progress)
+    try:
+        for trial, mode, n in configs:
+            bar.set_postfix_str(f"trial {trial + 1}: {mode} N={n}")
+            row, curve = run_one(out / "runs" / f"{mode}-n{n}-t{trial}", mode, n, args, mnist_dir, bar)
+            rows.append({"trial": trial, "mode": mode, "workers": n, **row})
+            curves[f"{mode} N={n}" + (f" t{trial}" if args.trials > 1 else "")] = curve
+            bar.update()
+    finally:
+        bar.close()
+    summary = summarize(rows, modes, workers)
+    meta = {"bench": NAME, "machine": machine, "cores": cores(), "config": vars(args), "summary": summary,
+            "curves": curves}
+    csv_path, json_path = write_outputs(out, NAME, rows, meta)
+    report(summary, args, machine)
+    if not args.no_plots:
+        plot(summary, curves, out, args.target)
+    print(f"\nwrote {csv_path}, {json_path} and plots in {out}")
+    return 0
+
+
+def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict, list]:
+    from pscnn.launcher import LocalCluster, query_status  # noqa: PLC0415
+
+    from .cluster import worker_flags  # noqa: PLC0415
+    from .common import bench_env, wait_for  # noqa: PLC0415
+    if folder.exists():
+        shutil.rmtree(folder)
+    cluster = LocalCluster(folder, threads=args.threads)
+    cluster.env = bench_env(args.threads, args.keep_openblas_env, base=cluster.env)
+    server_out = folder / "server"
+    flags = ["--mode", mode, "--batch-size", str(args.batch), "--epochs", str(args.epochs),
+             "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit), "--model", args.model,
+             "--optimizer", args.optimizer, "--lr", str(args.lr), "--checkpoint-every", "0",
+             "--peer-timeout", "60", "--final-eval-timeout", "30", "--out", str(server_out),
+             "--log-level", "WARNING"]
+    if mnist_dir:
+        flags += ["--mnist-dir", mnist_dir]
+    reached_live = None
+    t_begin = time.monotonic()
+    best = None
+    try:
+        server = cluster.start_server(flags)
+        wait_for(lambda: server.poll() is not None or query_status(cluster.endpoint, 0.5), 120,
+                 what="the server", on_fail=lambda: cluster.log_tail("server"))
+        wflags = worker_flags(args.threads, None, mnist_dir)
+        for i in range(n):
+            cluster.start_worker(f"worker-{i}", wflags)
+        eflags = ["--every", str(args.eval_every), "--test-limit", str(args.test_limit), "--log-level", "WARNING",
+                  "--threads", str(args.threads)]
+        if mnist_dir:
+            eflags += ["--mnist-dir", mnist_dir]
+        cluster.start_evaluator(eflags)
+        while server.poll() is None:
+            st = query_status(cluster.endpoint, 2.0)
+            if st:
+                acc = st.get("test_accuracy")
+                if acc is not None:
+                    best = acc if best is None else max(best, acc)
+                bar.set_postfix_str(f"{mode} N={n}: epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}, "
+                                    f"v{st['version']}, acc {fmt(acc, '.4f')} (best {fmt(best, '.4f')})")
+                if acc is not None and acc >= args.target:
+                    reached_live = st
+                    break
+                if st.get("done"):
+                    # the final evaluation follows the end of the last epoch
+                    if st.get("finished"):
+                        break
+            if time.monotonic() - t_begin > args.max_seconds:
+                break
+            time.sleep(0.5)
+    finally:
+        cluster.stop_all(grace=10.0)
+        cluster.close()
+    steps = step_records(server_out / "metrics.jsonl")
+    evals = eval_records(server_out / "metrics.jsonl")
+    row, curve = analyse(steps, evals, args.target, args.batch)
+    row["stopped_by"] = ("target" if reached_live else "epochs" if server.returncode == 0 and row["epochs_run"]
+                         else "max-seconds")
+    row["run_wall_s"] = time.monotonic() - t_begin
+    if not args.keep_logs:
+        shutil.rmtree(folder, ignore_errors=True)
+    return row, curve
+
+
+def analyse(steps: list[dict], evals: list[dict], target: float, batch: int) -> tuple[dict, list]:
+    """Time and images to the first evaluated version reaching ``target``; the accuracy curve."""
+    steps = sorted(steps, key=lambda r: int(r.get("version", 0)))
+    has_time = bool(steps) and all("seconds" in r for r in steps)
+    t0 = float(steps[0]["seconds"]) if has_time else 0.0
+    cum, by_version = 0, {}
+    for r in steps:
+        cum += int(r.get("samples", batch))
+        by_version[int(r["version"])] = (float(r["seconds"]) if has_time else None, cum)
+
+    def at(version):
+        """(seconds since the first update, samples) when ``version`` was produced."""
+        if version in by_version:
+            t, s = by_version[version]
+            return (t - t0 if t is not None else None), s
+        earlier = [v for v in by_version if v <= version]
+        if earlier:
+            t, s = by_version[max(earlier)]
+            return (t - t0 if t is not None else None), s
+        return 0.0, 0
+
+    curve = []
+    reached = None
+    for e in sorted(evals, key=lambda r: (float(r.get("seconds", 0)), int(r.get("version", 0)))):
+        v = int(e["version"])
+        t, s = at(v)
+        if t is None:
+            t = float(e.get("seconds", 0.0))
+        acc = float(e["test_accuracy"])
+        curve.append([round(t, 3), s, v, acc])
+        if reached is None and acc >= target:
+            reached = (t, s, v, acc, float(e.get("seconds", 0.0)) - t0)
+    last = steps[-1] if steps else {}
+    row = {"reached": reached is not None,
+           "seconds_to_target": reached[0] if reached else None,
+           "images_to_target": reached[1] if reached else None,
+           "version_at_target": reached[2] if reached else None,
+           "accuracy_at_target": reached[3] if reached else None,
+           "eval_seconds_to_target": reached[4] if reached else None,
+           "best_accuracy": max((c[3] for c in curve), default=None),
+           "evaluations": len(curve), "updates": int(last.get("version", 0)),
+           "images_seen": cum, "train_seconds": (float(last["seconds"]) - t0) if has_time and steps else None,
+           "epochs_run": (int(last.get("epoch", 0)) + 1) if last else 0}
+    return row, curve
+
+
+def summarize(rows, modes, workers) -> list[dict]:
+    out = []
+    for m in modes:
+        for n in workers:
+            rs = [r for r in rows if r["mode"] == m and r["workers"] == n]
+            hit = [r for r in rs if r["reached"]]
+            out.append({"mode": m, "workers": n, "runs": len(rs), "reached": len(hit),
+                        "seconds_to_target": median([r["seconds_to_target"] for r in hit]),
+                        "images_to_target": median([r["images_to_target"] for r in hit]),
+                        "best_accuracy": median([r["best_accuracy"] for r in rs]),
+                        "updates_to_target": median([r["version_at_target"] for r in hit])})
+    base = {s["mode"]: s["seconds_to_target"] for s in out if s["workers"] == 1}
+    for s in out:
+        b = base.get(s["mode"])
+        s["speedup_vs_1"] = (b / s["seconds_to_target"]) if b and s["seconds_to_target"] else None
+    return out
+
+
+def report(summary, args, machine) -> None:
+    print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; target test accuracy "
+          f"{args.target} on {args.test_limit or 10000} test images; batch {args.batch}, {args.optimizer} lr {args.lr}")
+    headers = ["mode", "workers", "reached", "seconds", "images", "updates", "speed-up vs 1", "best acc"]
+    rows = [[s["mode"], s["workers"], f"{s['reached']}/{s['runs']}", fmt(s["seconds_to_target"], ".1f"),
+             fmt(s["images_to_target"]), fmt(s["updates_to_target"]), fmt(s["speedup_vs_1"], ".2f"),
+             fmt(s["best_accuracy"], ".4f")] for s in summary]
+    print_table(headers, rows)
+
+
+def plot(summary, curves, out: Path, target: float) -> list[Path]:
+    plt = pyplot()
+    if plt is None:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), dpi=90)
+    ax = axes[0]
+    for label, curve in curves.items():
+        if curve:
+            ax.plot([c[0] for c in curve], [c[3] for c in curve], ".-", label=label)
+    ax.axhline(target, color="0.3", ls="--", lw=1, label=f"target {target}")
+    accs = [c[3] for cv in curves.values() for c in cv]
+    if accs:
+        ax.set_ylim(max(0.0, min(min(accs), target) - 0.01), min(1.0, max(max(accs), target) + 0.003))
+    ax.set_xlabel("seconds since the first update")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy vs wall time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    labels = [f"{s['mode']}\nN={s['workers']}" for s in summary]
+    vals = [s["seconds_to_target"] or 0.0 for s in summary]
+    bars = ax.bar(range(len(summary)), vals, color=["tab:blue" if s["mode"] == "sync" else "tab:orange"
+                                                    for s in summary])
+    for b, s in zip(bars, summary):
+        if s["seconds_to_target"] is None:
+            ax.text(b.get_x() + b.get_width() / 2, 0, "not\nreached", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(summary)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel(f"seconds to {target} test accuracy")
+    ax.set_title("Time to accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = out / "time_to_accuracy.png"
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"plot: {path}", file=sys.stderr)
+    return [path]

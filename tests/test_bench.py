@@ -1,0 +1,224 @@
+"""``pscnn bench``: every subcommand in a tiny configuration writes well-formed outputs.
+
+These assert on the outputs' content and consistency, never on speed (the
+machines running tests are shared and noisy).  The benchmarks run as
+subprocesses, as a user runs them; OPENBLAS_* variables are left alone
+(``--keep-openblas-env``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(*argv, timeout=240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", "bench", *argv, "--no-progress",
+                           "--keep-openblas-env"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def assert_png(path: Path) -> None:
+    assert path.exists(), f"{path} missing"
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000, f"{path} is not a plausible PNG"
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_scaling_synthetic_workers(tmp_path):
+    """--compute-ms: sleeping workers, no MNIST needed; both modes, 1 and 2 workers."""
+    out = tmp_path / "scaling"
+    proc = bench("scaling", "--workers", "1,2", "--mode", "sync,async", "--compute-ms", "20", "--model", "light",
+                 "--seconds", "1.5", "--warmup", "0.5", "--trials", "1", "--out", str(out))
+    rows = read_csv(out / "scaling.csv")
+    assert len(rows) == 4
+    assert {(r["mode"], r["workers"]) for r in rows} == {("sync", "1"), ("sync", "2"), ("async", "1"),
+                                                         ("async", "2")}
+    for r in rows:
+        assert float(r["images_per_second"]) > 0 and float(r["updates_per_second"]) > 0
+        assert float(r["compute_ms"]) == 20
+        assert float(r["step_compute_ms"]) >= 19          # the worker slept that long per step
+        assert int(r["step_records"]) > 0
+        if r["mode"] == "sync":
+            assert int(r["staleness_max"]) == 0            # BSP: never stale
+            # a round of N pushes is one update
+            assert float(r["images_per_second"]) == pytest.approx(
+                float(r["updates_per_second"]) * 64 * int(r["workers"]), rel=0.05)
+    doc = json.loads((out / "scaling.json").read_text())
+    assert doc["synthetic"] is True and doc["cores"] >= 1 and doc["machine"]["usable_cores"] >= 1
+    summary = {(s["mode"], s["workers"]): s for s in doc["summary"]}
+    for s in summary.values():
+        assert s["baseline_images_per_second"] == pytest.approx(64 * 1000 / 20)
+        assert 0 < s["efficiency"] <= 1.05                # a worker cannot beat its own sleep
+        assert s["oversubscribed"] == (s["workers"] > doc["cores"])
+        assert s["model_images_per_second"] > 0 and s["model_bound"] in ("workers", "server", "cores")
+    assert summary[("async", 1)]["measured_over_model"] == pytest.approx(1.0)   # the model is fit at N=1
+    for name in ("scaling_throughput.png", "scaling_efficiency.png", "scaling_time_split.png"):
+        assert_png(out / name)
+    assert "efficiency" in proc.stdout and "img/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_scaling_real_with_baseline_and_ddp(tmp_path, mnist_dir):
+    """Real workers on MNIST, the single-process baseline in the same run, DDP when torch is there."""
+    out = tmp_path / "scaling"
+    bench("scaling", "--workers", "1", "--mode", "async", "--batch", "32", "--model", "light",
+                 "--seconds", "1.5", "--warmup", "0.5", "--trials", "1", "--mnist-dir", mnist_dir,
+                 "--out", str(out), timeout=300)
+    doc = json.loads((out / "scaling.json").read_text())
+    assert len(doc["baselines"]) == 1
+    b = doc["baselines"][0]
+    assert b["batch"] == 32 and b["data"] == "mnist" and b["images_per_second"] > 0
+    (s,) = doc["summary"]
+    assert s["baseline_images_per_second"] == pytest.approx(b["images_per_second"])
+    assert s["efficiency"] == pytest.approx(s["images_per_second"] / b["images_per_second"], rel=1e-6)
+    assert s["step_compute_ms"] > 0 and s["comm_ms"] >= 0 and s["wait_ms"] >= 0
+    try:
+        import torch  # noqa: F401
+        has_torch = True
+    except ImportError:
+        has_torch = False
+    # DDP is compared with sync points only: an async-only run has none
+    assert doc["ddp"] == []
+    assert "pscnn_over_ddp" not in s
+    assert_png(out / "scaling_throughput.png")
+    if has_torch:
+        out2 = tmp_path / "scaling-sync"
+        bench("scaling", "--workers", "1", "--mode", "sync", "--batch", "32", "--model", "light",
+              "--seconds", "1", "--warmup", "0.5", "--trials", "1", "--mnist-dir", mnist_dir, "--ddp", "on",
+              "--out", str(out2), timeout=300)
+        doc2 = json.loads((out2 / "scaling.json").read_text())
+        (d,) = doc2["ddp"]
+        assert d["world"] == 1 and d["batch"] == 32 and d["images_per_second"] > 0
+        (s2,) = doc2["summary"]
+        assert s2["pscnn_over_ddp"] == pytest.approx(s2["images_per_second"] / d["images_per_second"], rel=1e-6)
+
+
+def test_server_bench_with_echo_and_profile(tmp_path):
+    out = tmp_path / "server"
+    proc = bench("server", "--clients", "1,3", "--model", "light", "--seconds", "1", "--warmup", "0.5",
+                 "--trials", "1", "--profile", "2", "--out", str(out))
+    rows = read_csv(out / "server.csv")
+    assert {(r["kind"], r["clients"]) for r in rows} == {("pscnn", "1"), ("pscnn", "3"), ("echo", "1"),
+                                                         ("echo", "3")}
+    for r in rows:
+        assert int(r["cycles"]) > 0 and float(r["cycles_per_second"]) > 0
+        assert float(r["latency_p99_ms"]) >= float(r["latency_p50_ms"]) > 0
+        assert float(r["mb_per_second"]) > 0
+        assert json.loads(r["errors"] or "{}") == {}
+    doc = json.loads((out / "server.json").read_text())
+    payload = doc["payload_bytes"]
+    assert payload > 10_000                           # the light model's parameters, float32
+    for r in doc["rows"]:                             # every cycle moves the model both ways
+        assert r["mb_per_second"] * 1e6 == pytest.approx(2 * payload * r["cycles_per_second"], rel=0.05)
+        if r["kind"] == "pscnn":                      # the server applied what the clients counted
+            assert r["server_updates_per_second"] == pytest.approx(r["cycles_per_second"], rel=0.25)
+    for s in doc["summary"]:
+        assert s["server_over_echo"] > 0
+    assert (out / "server-profile.txt").read_text().count("ncalls") >= 1
+    assert_png(out / "server_capacity.png")
+    assert "server/echo" in proc.stdout
+
+
+@pytest.mark.slow
+def test_time_to_accuracy(tmp_path, mnist_dir):
+    out = tmp_path / "tta"
+    bench("time-to-accuracy", "--target", "0.5", "--workers", "1,2", "--mode", "async", "--model", "light",
+          "--train-limit", "3000", "--test-limit", "500", "--epochs", "3", "--eval-every", "0.5",
+          "--max-seconds", "90", "--mnist-dir", mnist_dir, "--out", str(out), timeout=300)
+    rows = read_csv(out / "time_to_accuracy.csv")
+    assert [(r["mode"], r["workers"]) for r in rows] == [("async", "1"), ("async", "2")]
+    doc = json.loads((out / "time_to_accuracy.json").read_text())
+    for r in doc["rows"]:
+        assert r["evaluations"] >= 1 and r["best_accuracy"] is not None
+        if r["reached"]:
+            assert r["accuracy_at_target"] >= 0.5
+            assert 0 < r["images_to_target"] <= r["images_seen"]
+            assert r["seconds_to_target"] >= 0
+    assert doc["rows"][0]["reached"], doc["rows"][0]       # one worker, light model, 3000 images: > 50%
+    assert set(doc["curves"]) == {"async N=1", "async N=2"}
+    assert_png(out / "time_to_accuracy.png")
+
+
+def test_bad_list_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", "bench", "scaling", "--workers", "1,x",
+                           "--out", str(tmp_path / "x"), "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--workers" in proc.stderr
+
+
+# --------------------------------------------------------------------------- pieces
+
+def test_split_from_log_window_and_staleness(tmp_path):
+    from pscnn.bench.cluster import split_from_log
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"kind": "join", "seconds": 0.0, "worker": "w"}]
+    for v in range(1, 11):
+        recs.append({"kind": "step", "seconds": v * 0.1, "version": v, "samples": 64, "staleness": [v % 3],
+                     "compute_s": 0.010, "comm_s": 0.002, "wait_s": 0.001 * (v > 5)})
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n{\"kind\": \"st")   # a torn last line
+    out = split_from_log(path, 5, 10)                  # versions 6..10
+    assert out["step_records"] == 5
+    assert out["step_compute_ms"] == pytest.approx(10.0) and out["wait_ms"] == pytest.approx(1.0)
+    assert out["staleness_hist"] == {"0": 2, "1": 2, "2": 1}     # 6,9 -> 0; 7,10 -> 1; 8 -> 2
+    assert out["staleness_max"] == 2
+
+
+def test_tta_analysis_uses_version_times():
+    from pscnn.bench.tta import analyse
+    steps = [{"kind": "step", "seconds": 10.0 + v, "version": v, "samples": 64, "epoch": 0} for v in range(1, 21)]
+    evals = [{"kind": "eval", "seconds": 16.5, "version": 5, "test_accuracy": 0.90},
+             {"kind": "eval", "seconds": 22.0, "version": 11, "test_accuracy": 0.991},
+             {"kind": "eval", "seconds": 28.0, "version": 17, "test_accuracy": 0.993}]
+    row, curve = analyse(steps, evals, 0.99, 64)
+    assert row["reached"] and row["version_at_target"] == 11
+    assert row["seconds_to_target"] == pytest.approx(10.0)     # version 11 at 21 s, first update at 11 s
+    assert row["images_to_target"] == 11 * 64
+    assert row["best_accuracy"] == 0.993 and len(curve) == 3
+    row, _ = analyse(steps, evals, 0.999, 64)
+    assert not row["reached"] and row["seconds_to_target"] is None
+
+
+def test_model_prediction_bounds():
+    from pscnn.bench.scaling import _add_model
+    pts = [{"mode": "async", "batch": 64, "compute_ms": 10.0, "workers": n, "images_per_second": ips,
+            "step_compute_ms": 10.0, "server_cpu_ms_per_push": 2.0, "worker_cpu_ms_per_push": 1.0}
+           for n, ips in ((1, 64 * 1000 / 12.5), (4, 64 * 300), (32, 64 * 480))]
+    _add_model(pts, ncores=16)
+    one, four, many = pts
+    assert one["model_r_ms"] == pytest.approx(2.5) and one["measured_over_model"] == pytest.approx(1.0)
+    assert four["model_images_per_second"] == pytest.approx(64 * 4 / 12.5e-3) and four["model_bound"] == "workers"
+    assert many["model_images_per_second"] == pytest.approx(64 * 500) and many["model_bound"] == "server"
+    _add_model(pts, ncores=1)                          # one core: cores / (s + w) = 333 pushes/s
+    assert pts[2]["model_bound"] == "cores" and pts[2]["model_images_per_second"] == pytest.approx(64 * 1000 / 3)
+
+
+def test_parse_list_and_outputs(tmp_path):
+    from pscnn.bench.common import parse_list, percentile, write_outputs
+    assert parse_list("1, 2,4") == [1, 2, 4]
+    assert parse_list("0.5,2", float) == [0.5, 2.0]
+    with pytest.raises(ValueError, match="--workers"):
+        parse_list("1,,a", int, "--workers")
+    assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5) and percentile([], 50) is None
+    csv_path, json_path = write_outputs(tmp_path, "x", [{"a": 1, "h": {"0": 3}}, {"a": 2.5, "b": None}], {"m": 1})
+    rows = read_csv(csv_path)
+    assert rows[0]["a"] == "1" and json.loads(rows[0]["h"]) == {"0": 3} and rows[1]["b"] == ""
+    assert json.loads(json_path.read_text())["rows"][1]["a"] == 2.5

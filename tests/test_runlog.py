@@ -1,0 +1,265 @@
+"""The run folder (cnn_core.runlog): config/metrics/summary files, JSON conversion, plots."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnn_core import runlog
+from cnn_core.runlog import RunWriter, make_plots, read_metrics, to_jsonable, write_json_atomic
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def strict_json(text: str):
+    """Parse as strict JSON: NaN/Infinity, which Python's json accepts by default, fail."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def leftover_temp_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- to_jsonable
+def test_to_jsonable_converts_numpy_types():
+    value = {
+        "f32": np.float32(1.5), "f64": np.float64(0.25), "i64": np.int64(7), "u8": np.uint8(255),
+        "bool": np.bool_(True), "arr": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "zero_d": np.array(3.0), "tuple": (1, np.int16(2)), "path": Path("runs/x"),
+        "nested": [{"deep": np.array([0.5, 1.5], dtype=np.float32)}],
+        np.int64(4): "numpy key", 5: "int key",
+    }
+    out = to_jsonable(value)
+    assert out == {
+        "f32": 1.5, "f64": 0.25, "i64": 7, "u8": 255, "bool": True, "arr": [[0, 1, 2], [3, 4, 5]],
+        "zero_d": 3.0, "tuple": [1, 2], "path": "runs/x", "nested": [{"deep": [0.5, 1.5]}],
+        "4": "numpy key", "5": "int key",
+    }
+    # Plain Python types all the way down, so the standard encoder takes it.
+    assert type(out["f32"]) is float and type(out["i64"]) is int and type(out["bool"]) is bool
+    assert type(out["arr"][0][0]) is int
+    json.dumps(out, allow_nan=False)
+
+
+def test_to_jsonable_maps_non_finite_floats_to_null():
+    out = to_jsonable({"nan": float("nan"), "inf": np.float32(np.inf), "arr": np.array([1.0, -np.inf, np.nan])})
+    assert out == {"nan": None, "inf": None, "arr": [1.0, None, None]}
+
+
+def test_to_jsonable_sets_are_sorted_lists():
+    assert to_jsonable({3, 1, 2}) == [1, 2, 3]
+
+
+def test_to_jsonable_refuses_unknown_objects():
+    with pytest.raises(TypeError, match="object"):
+        to_jsonable({"x": object()})
+    with pytest.raises(TypeError):
+        to_jsonable({(1, 2): "tuple key"})
+
+
+def test_write_json_atomic_leaves_no_temp_and_keeps_old_file_on_error(tmp_path):
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"a": np.int64(1)})
+    assert strict_json(path.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})
+    assert strict_json(path.read_text()) == {"a": 1}      # the previous version survives
+    assert leftover_temp_files(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- RunWriter
+def test_writer_creates_folder_config_and_records(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    config = {"lr": np.float32(0.5), "layers": (1, 2), "out": out}
+    with RunWriter(out, config) as writer:
+        assert strict_json((out / "config.json").read_text()) == {"lr": 0.5, "layers": [1, 2], "out": str(out)}
+        first = writer.log("step", step=np.int64(1), loss=np.float32(2.5), grads=np.zeros(2))
+        second = writer.log("epoch", epoch=1, test_accuracy=0.9)
+        # Flushed at once: a reader (tail -f, a crashed process's remains) sees both lines already.
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+    assert first["kind"] == "step" and first["step"] == 1 and first["loss"] == 2.5 and first["grads"] == [0.0, 0.0]
+    assert isinstance(first["seconds"], float) and 0 <= first["seconds"] <= second["seconds"]
+    records = [strict_json(line) for line in lines]
+    assert records == [first, second]
+    assert list(records[0])[:2] == ["kind", "seconds"]
+    assert read_metrics(out) == records == read_metrics(out / "metrics.jsonl")
+
+
+def test_writer_without_resume_truncates(tmp_path):
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", step=1)
+    with RunWriter(tmp_path, {"second": True}) as writer:
+        writer.log("step", step=2)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2]
+    assert strict_json((tmp_path / "config.json").read_text()) == {"second": True}
+
+
+def test_writer_resume_appends_and_continues_the_clock(tmp_path):
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", step=1)
+        writer.log("step", step=2, seconds=40.0)       # as if the first run lasted 40 s
+    with RunWriter(tmp_path, {}, resume=True) as writer:
+        assert writer.seconds >= 40.0
+        record = writer.log("step", step=3)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert record["seconds"] >= 40.0
+
+
+def test_writer_resume_without_previous_file_starts_one(tmp_path):
+    with RunWriter(tmp_path / "new", {}, resume=True) as writer:
+        writer.log("step", step=1)
+    assert [r["step"] for r in read_metrics(tmp_path / "new")] == [1]
+
+
+def test_writer_resume_cuts_a_torn_last_line(tmp_path, caplog):
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", step=1)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "step", "step": 2, "lo')     # the process died mid-write
+    with caplog.at_level(logging.WARNING), RunWriter(tmp_path, {}, resume=True) as writer:
+        writer.log("step", step=3)
+    assert "incomplete last line" in caplog.text
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [strict_json(line)["step"] for line in lines] == [1, 3]
+
+
+def test_writer_log_after_close_and_bad_kind(tmp_path):
+    writer = RunWriter(tmp_path, {})
+    with pytest.raises(ValueError, match="kind"):
+        writer.log("")
+    writer.close()
+    writer.close()                                     # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        writer.log("step", step=1)
+
+
+def test_writer_log_is_thread_safe(tmp_path):
+    with RunWriter(tmp_path, {}) as writer:
+        def work(tid):
+            for i in range(200):
+                writer.log("eval", thread=tid, i=i, payload="x" * 50)
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    records = read_metrics(tmp_path)                   # every line intact, none interleaved
+    assert len(records) == 800
+    assert sorted((r["thread"], r["i"]) for r in records) == [(t, i) for t in range(4) for i in range(200)]
+
+
+def test_write_summary_is_atomic_and_strict_json(tmp_path, monkeypatch):
+    with RunWriter(tmp_path, {}) as writer:
+        path = writer.write_summary({"test_accuracy": np.float64(0.95), "loss": float("nan"),
+                                     "confusion_matrix": np.eye(2, dtype=np.int64)})
+        assert path == tmp_path / "summary.json"
+        assert strict_json(path.read_text()) == {"test_accuracy": 0.95, "loss": None,
+                                                 "confusion_matrix": [[1, 0], [0, 1]]}
+
+        # A crash between writing the temp file and the rename leaves the old summary whole.
+        def crash(src, dst):
+            raise OSError("disk gone")
+        monkeypatch.setattr(runlog.os, "replace", crash)
+        with pytest.raises(OSError, match="disk gone"):
+            writer.write_summary({"test_accuracy": 0.5})
+    assert strict_json(path.read_text())["test_accuracy"] == 0.95
+    assert leftover_temp_files(tmp_path) == []
+
+
+def test_read_metrics_skips_malformed_lines(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "step", "step": 1}\n\nnot json\n[1, 2]\n{"kind": "step", "step": 2}\n{"kind": "st')
+    with caplog.at_level(logging.WARNING):
+        records = read_metrics(path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert "metrics.jsonl:3" in caplog.text and "metrics.jsonl:4" in caplog.text
+
+
+# --------------------------------------------------------------------------- plots
+def make_run(folder: Path, with_summary: bool = True) -> Path:
+    with RunWriter(folder, {"model": "light"}) as writer:
+        for step in range(10, 101, 10):
+            writer.log("step", step=step, epoch=1 + step // 50, loss=2.3 / step ** 0.5, lr=0.05,
+                       images_per_second=1000.0)
+        writer.log("epoch", epoch=1, step=50, test_accuracy=0.9, test_loss=0.3, seconds=5.0)
+        writer.log("eval", step=100, accuracy=0.95, seconds=9.0)        # the evaluator's spelling
+        if with_summary:
+            rng = np.random.default_rng(0)
+            cm = np.diag(rng.integers(80, 120, size=10)) + rng.integers(0, 3, size=(10, 10))
+            writer.write_summary({"test_accuracy": 0.95, "confusion_matrix": cm})
+    return folder
+
+
+def test_make_plots_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path)
+    paths = make_plots(run)
+    assert paths == [run / "learning_curves.png", run / "confusion_matrix.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    assert leftover_temp_files(run) == []
+
+
+def test_make_plots_skips_what_has_no_data(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path, with_summary=False)
+    assert make_plots(run) == [run / "learning_curves.png"]
+    assert make_plots(tmp_path / "empty") == []
+
+
+def test_make_plots_without_matplotlib_returns_empty(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    # A None entry in sys.modules makes "import matplotlib..." raise ImportError.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert make_plots(run) == []
+    assert not (run / "learning_curves.png").exists()
+
+
+def test_make_plots_never_raises(tmp_path, caplog):
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path)
+    (run / "summary.json").write_text('{"confusion_matrix": [[1, 2, 3]]}')        # not square
+    with caplog.at_level(logging.WARNING):
+        paths = make_plots(run)
+    assert paths == [run / "learning_curves.png"]
+    assert "confusion_matrix.png" in caplog.text and "not square" in caplog.text
+
+
+def test_make_plots_reads_the_servers_version_counter(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    with RunWriter(tmp_path, {}) as writer:                 # the parameter server's spelling
+        for version in range(1, 6):
+            writer.log("step", version=version, loss=1.0 / version, workers=["w0", "w1"])
+        writer.log("eval", version=5, test_accuracy=0.9, final=True)
+    drawn = {}
+    real = runlog._curve
+
+    def spy(ax, points, *args, **kwargs):
+        drawn[args[2]] = points
+        return real(ax, points, *args, **kwargs)
+    monkeypatch.setattr(runlog, "_curve", spy)
+    assert make_plots(tmp_path) == [tmp_path / "learning_curves.png"]
+    assert drawn["Training loss"] == [(float(v), 1.0 / v) for v in range(1, 6)]
+    assert drawn["Test accuracy vs updates"] == [(5.0, 90.0)]
+
+
+def test_make_plots_handles_null_values(tmp_path):
+    pytest.importorskip("matplotlib")
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", step=1, loss=float("nan"))                  # stored as null
+        writer.log("step", step=2, loss=1.0)
+        writer.log("epoch", epoch=1, step=2, test_accuracy=None)
+    assert make_plots(tmp_path) == [tmp_path / "learning_curves.png"]
+    assert (tmp_path / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
