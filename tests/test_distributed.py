@@ -87,24 +87,29 @@ def finish(cluster, timeout: float = 150.0) -> dict:
 
 @pytest.mark.parametrize("mode,extra", [("sync", {}), ("async", {}), ("ssp", {"staleness": 1})])
 def test_modes_train_to_accuracy_exactly_once(cluster, mnist_dir, mode, extra):
-    cluster.start_server(server_flags(cluster.out, mnist_dir, mode, **extra))
+    """Two epochs of 6,000 images on the light model: >= 85% on 2,000 test images in every mode.
+
+    (Measured here: sync 0.86-0.90, async 0.89, ssp 0.91; one epoch is too few
+    updates for async, whose staleness-1 gradients with momentum 0.9 land at 0.68-0.83.)
+    """
+    cluster.start_server(server_flags(cluster.out, mnist_dir, mode, epochs=2, **extra))
     for i in range(2):
         cluster.start_worker(f"worker-{i}", client_flags(mnist_dir))
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "1"])
     summary = finish(cluster)
     assert summary["mode"] == mode
     assert summary["test_accuracy"] >= 0.85, summary["test_accuracy"]
-    assert summary["samples_applied"] == TRAIN_LIMIT
+    assert summary["samples_applied"] == 2 * TRAIN_LIMIT
     assert summary["workers"] == 2 and len(summary["worker_ids"]) == 2
     assert summary["evaluations"] and summary["evaluations"][-1]["version"] == summary["updates"]
     assert all(set(e) == {"seconds", "version", "test_accuracy"} for e in summary["evaluations"])
-    per_epoch = -(-TRAIN_LIMIT // BATCH)
+    batches = 2 * -(-TRAIN_LIMIT // BATCH)
     if mode == "sync":
         assert summary["staleness"]["max"] == 0
-        assert per_epoch // 2 <= summary["updates"] <= per_epoch     # rounds of up to 2 batches
+        assert batches // 2 <= summary["updates"] < batches          # rounds of up to 2 batches
     else:
-        assert summary["updates"] == per_epoch                        # one update per batch
-    assert_exactly_once(cluster.out, epochs=1)
+        assert summary["updates"] == batches                          # one update per batch
+    assert_exactly_once(cluster.out, epochs=2)
     steps = [r for r in read_jsonl(cluster.out / "metrics.jsonl") if r["kind"] == "step"]
     assert all(r["compute_s"] >= 0 and r["comm_s"] >= 0 and r["wait_s"] >= 0 for r in steps)
     assert (cluster.out / "model.npz").exists() and (cluster.out / "checkpoint.npz").exists()

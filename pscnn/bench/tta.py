@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per worker (default: 1)")
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
-    p.add_argument("--optimizer", default="sgd", help="optimizer (default: sgd, momentum 0.9)")
+    p.add_argument("--optimizer", default="sgd", help="optimizer (default: sgd)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     p.add_argument("--out", default="runs/bench-tta", help="output folder (default: runs/bench-tta)")
     p.add_argument("--keep-logs", action="store_true")
@@ -99,7 +100,8 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
     server_out = folder / "server"
     flags = ["--mode", mode, "--batch-size", str(args.batch), "--epochs", str(args.epochs),
              "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit), "--model", args.model,
-             "--optimizer", args.optimizer, "--lr", str(args.lr), "--checkpoint-every", "0",
+             "--optimizer", args.optimizer, "--lr", str(args.lr), "--momentum", str(args.momentum),
+             "--checkpoint-every", "0",
              "--peer-timeout", "60", "--final-eval-timeout", "30", "--out", str(server_out),
              "--log-level", "WARNING"]
     if mnist_dir:
@@ -217,7 +219,8 @@ def summarize(rows, modes, workers) -> list[dict]:
 
 def report(summary, args, machine) -> None:
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; target test accuracy "
-          f"{args.target} on {args.test_limit or 10000} test images; batch {args.batch}, {args.optimizer} lr {args.lr}")
+          f"{args.target} on {args.test_limit or 10000} test images; batch {args.batch}, {args.optimizer} lr {args.lr}"
+          + (f" momentum {args.momentum}" if args.optimizer == "sgd" else ""))
     headers = ["mode", "workers", "reached", "seconds", "images", "updates", "speed-up vs 1", "best acc"]
     rows = [[s["mode"], s["workers"], f"{s['reached']}/{s['runs']}", fmt(s["seconds_to_target"], ".1f"),
              fmt(s["images_to_target"]), fmt(s["updates_to_target"]), fmt(s["speedup_vs_1"], ".2f"),
