@@ -144,19 +144,34 @@ class Model:
         self._order = execution_order(self.layers)
         self._caches = None
 
+    # Evaluation-mode forward passes run in chunks of this many images: the
+    # activations of a chunk stay in cache and reuse the same heap blocks; one
+    # 1000-image pass was measured 1.8x slower than four 250-image ones.
+    EVAL_CHUNK = 256
+
     # ------------------------------------------------------------------ compute
     def forward(self, x, train: bool = True):
         """x: (N, C, H, W) float -> logits (N, num_classes).
 
-        In training mode the per-layer caches are kept for :meth:`backward`.
+        In training mode the per-layer caches are kept for :meth:`backward`;
+        in evaluation mode large batches are processed EVAL_CHUNK at a time.
         """
         x = self._check_input(x)
+        if not train and x.shape[0] > self.EVAL_CHUNK:
+            self._caches = None
+            return self.xp.concatenate([self._run(x[i:i + self.EVAL_CHUNK], False)[0]
+                                        for i in range(0, x.shape[0], self.EVAL_CHUNK)])
+        h, caches = self._run(x, train)
+        self._caches = caches if train else None
+        return h
+
+    def _run(self, x, train: bool):
+        """The layers in execution order on a checked input -> (logits, caches)."""
         h = x.transpose(0, 2, 3, 1)            # NCHW -> NHWC (a view; a copy follows in conv1)
         caches = [None] * len(self.layers)
         for idx in self._order:
             h, caches[idx] = self.layers[idx].forward(h, train)
-        self._caches = caches if train else None
-        return h
+        return h, caches
 
     def backward(self, dlogits) -> dict:
         """dlogits: (N, num_classes) -> grads, same keys/shapes as ``params``.

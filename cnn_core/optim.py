@@ -159,12 +159,15 @@ class Optimizer:
         self._rule(w, g, state, float(lr), tmp)
         return w, state
 
-    def step(self, params: dict, grads: dict) -> float:
+    def step(self, params: dict, grads: dict, schedule_steps: int = 1) -> float:
         """Update every parameter in ``params`` in place from ``grads``; returns the lr used.
 
         ``grads`` must have exactly the names of ``params`` with the same
         shapes, dtypes and array module (ShapeError naming the parameter
-        otherwise, raised before anything changes).
+        otherwise, raised before anything changes).  ``schedule_steps``: how
+        far this update moves the learning-rate schedule; the parameter server
+        passes the number of batches a sync round averaged, so a schedule's
+        length is counted in batches whatever the number of workers.
         """
         self._check_grads(params, grads)
         if self._state_on_host:
@@ -175,7 +178,7 @@ class Optimizer:
             if state is None:
                 state = self.state[name] = {}
             self.update(w, grads[name], state, lr)
-        self.t += 1
+        self.t += schedule_steps
         return lr
 
     def current_lr(self) -> float:

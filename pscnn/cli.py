@@ -73,9 +73,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="AdamW's decoupled weight decay (default: 0.01)")
     g.add_argument("--l2", type=_non_negative_float, default=0.0, help="L2 penalty added to gradients")
     g.add_argument("--l1", type=_non_negative_float, default=0.0, help="L1 penalty added to gradients")
-    g.add_argument("--schedule", default="constant",
-                   help="constant, cosine, step, or a JSON schedule config (default: constant)")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up updates")
+    g.add_argument("--schedule", default="cosine",
+                   help="cosine (to 0 over the run), constant, step, or a JSON schedule config (default: cosine)")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=10,
+                   help="linear warm-up over this many batches (default: 10)")
     g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of init, shuffling and dropout (default: 0)")
 
 

@@ -26,6 +26,7 @@ class ParameterStore:
         self._grad_sum: dict | None = None     # sync mode: running sum of member gradients
         self._state_sum: dict | None = None
         self._sum_weight = 0
+        self._batches = 0
 
     @property
     def params(self) -> dict:
@@ -70,9 +71,9 @@ class ParameterStore:
         return grads, state
 
     # ------------------------------------------------------------------ updates
-    def apply(self, grads: dict, state: dict | None = None) -> float:
-        """One optimizer step (version + 1); adopts pushed model state.  Returns the lr."""
-        lr = self.optimizer.step(self.params, grads)
+    def apply(self, grads: dict, state: dict | None = None, batches: int = 1) -> float:
+        """One optimizer step (version + 1) for ``batches`` batches; adopts pushed state.  Returns the lr."""
+        lr = self.optimizer.step(self.params, grads, schedule_steps=batches)
         for name, arr in (state or {}).items():
             self.state[name][...] = arr
         self.version += 1
@@ -93,6 +94,7 @@ class ParameterStore:
                 else:
                     self._state_sum[k] = np.multiply(s, w)
         self._sum_weight += weight
+        self._batches += 1
 
     def apply_accumulated(self) -> float | None:
         """Sync mode: apply the sample-weighted mean of the accumulated gradients."""
@@ -103,12 +105,12 @@ class ParameterStore:
             g *= inv
         for s in self._state_sum.values():
             s *= inv
-        lr = self.apply(self._grad_sum, self._state_sum)
+        lr = self.apply(self._grad_sum, self._state_sum, batches=self._batches)
         self.discard_accumulated()
         return lr
 
     def discard_accumulated(self) -> None:
-        self._grad_sum, self._state_sum, self._sum_weight = None, None, 0
+        self._grad_sum, self._state_sum, self._sum_weight, self._batches = None, None, 0, 0
 
     # ------------------------------------------------------------------ replies
     def snapshot(self) -> tuple[int, dict]:

