@@ -18,10 +18,8 @@ step, metrics and free-form ``extra`` in ``meta``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 import zipfile
 import zlib
 
@@ -29,6 +27,7 @@ import numpy as np
 
 from . import backend
 from .errors import CheckpointError, ConfigError, PscnnError, SpecError
+from .fileio import atomic_write
 
 META_KEY = "__meta__"
 FORMAT = "pscnn-checkpoint"
@@ -60,47 +59,16 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
         host[name] = value
     host[META_KEY] = np.frombuffer(meta_bytes, dtype=np.uint8)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    # Not tempfile.mkstemp: its files are mode 0600 and would keep that after the
-    # rename; O_EXCL with mode 0666 gives the usual umask-derived permissions.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot write in {folder}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path, "wb") as fh:
             # What np.savez does, without its keyword-argument interface (an array
             # named "file" would collide with it) and with pickling disabled.
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for name, value in host.items():
                     with zf.open(name + ".npy", "w", force_zip64=True) as member:
                         np.lib.format.write_array(member, value, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"checkpoint {path}: cannot write: {exc.strerror or exc}") from exc
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot write: {exc.strerror or exc}") from exc
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:

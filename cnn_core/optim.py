@@ -32,12 +32,12 @@ against torch.
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
 from . import backend
+from .config import named_config
 from .errors import CheckpointError, ConfigError, ShapeError
 from .schedules import Schedule, build_schedule
 
@@ -519,17 +519,7 @@ def build_optimizer(config: dict | str, **overrides) -> Optimizer:
     ``overrides`` replace config entries (``build_optimizer("sgd", lr=0.1,
     momentum=0.9)``).  Unknown names or keys raise ConfigError listing the valid ones.
     """
-    if isinstance(config, str):
-        text = config.strip()
-        if text.startswith("{"):
-            try:
-                config = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"optimizer config is not valid JSON: {exc}") from None
-        else:
-            config = {"name": text}
-    if not isinstance(config, dict):
-        raise ConfigError(f"optimizer config must be a name or a dict, got {type(config).__name__}")
+    config = named_config(config, "optimizer config")
     config = {**config, **overrides}
     name = config.pop("name", None)
     if name is None:

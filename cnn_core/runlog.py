@@ -33,12 +33,12 @@ import math
 import os
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from . import backend
+from .fileio import atomic_write
 from .errors import PscnnError
 
 __all__ = ["RunWriter", "RunLogError", "read_metrics", "make_plots", "to_jsonable", "write_json_atomic",
@@ -131,19 +131,13 @@ def write_json_atomic(path, obj) -> Path:
     """
     path = Path(path)
     text = _pretty(to_jsonable(obj)) + "\n"   # serialize first: a TypeError leaves no temp file
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_write(path, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, PscnnError):
-            raise _io_error(path, exc) from exc
-        raise
+    except OSError as exc:
+        if isinstance(exc, PscnnError):
+            raise
+        raise _io_error(path, exc) from exc
     return path
 
 
@@ -329,13 +323,8 @@ def make_plots(out_dir) -> list[Path]:
 
 def _save_figure(fig, path: Path) -> Path:
     """Save as PNG via a temporary file and a rename, so a viewer never loads half an image."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
     return path
 
 

@@ -21,10 +21,10 @@ ramps the start and does not shift the rest of the schedule.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 
+from .config import named_config
 from .errors import ConfigError
 
 
@@ -190,18 +190,7 @@ def build_schedule(config: dict | str | Schedule | None, base_lr: float) -> Sche
         config = {"name": "constant"}
     elif isinstance(config, Schedule):
         config = config.config()
-    elif isinstance(config, str):
-        text = config.strip()
-        if text.startswith("{"):
-            try:
-                config = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"schedule config is not valid JSON: {exc}") from None
-        else:
-            config = {"name": text}
-    if not isinstance(config, dict):
-        raise ConfigError(f"schedule config must be a dict, name or None, got {type(config).__name__}")
-    config = dict(config)
+    config = named_config(config, "schedule config")
     name = config.pop("name", None)
     if name not in SCHEDULES:
         raise ConfigError(f"unknown schedule {name!r}: expected one of {sorted(SCHEDULES)}")

@@ -18,7 +18,6 @@ so that ``--threads`` can set the BLAS thread count before numpy loads.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -241,18 +240,12 @@ def schedule_config(text: str, warmup_steps: int) -> dict:
     ``cosine`` without ``total_steps`` gets it filled in later from the run's
     length (key ``"total_steps": "auto"``).
     """
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CliError(f"--schedule is not valid JSON: {exc}") from None
-    elif text == "cosine":
-        cfg = {"name": "cosine", "total_steps": "auto"}
-    elif text == "step":
-        cfg = {"name": "step", "step_size": "auto"}
-    else:
-        cfg = {"name": text}
+    from cnn_core.config import named_config  # noqa: PLC0415  (after --threads took effect)
+    cfg = named_config(text, "--schedule", CliError)
+    if cfg == {"name": "cosine"}:
+        cfg["total_steps"] = "auto"
+    elif cfg == {"name": "step"}:
+        cfg["step_size"] = "auto"
     if warmup_steps:
         cfg["warmup_steps"] = warmup_steps
     return cfg

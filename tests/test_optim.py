@@ -477,7 +477,7 @@ def test_schedule_config_round_trips(config):
     ({"name": "cosine", "total_steps": 10, "warmup_steps": -1}, "warmup_steps must be >= 0"),
     ({"name": "constant", "warmup_steps": True}, "warmup_steps must be an integer"),
     ("{oops", "schedule config is not valid JSON"),
-    ([1, 2], "schedule config must be a dict"),
+    ([1, 2], "schedule config must be a name or a dict"),
 ])
 def test_schedule_errors(config, message):
     with pytest.raises(ConfigError, match=message):

@@ -208,6 +208,16 @@ class Client:
             sock.close(linger=0)
 
 
+def exit_status_unreachable(client: Client, exc: ServerUnreachable, logger) -> int:
+    """Close ``client`` after the server went silent: 0 if it had said training was over."""
+    client.close()
+    if client.server_done.is_set():
+        logger.info("%s; exiting", exc)
+        return 0
+    logger.error("%s; giving up", exc)
+    return 1
+
+
 def status_from_args(args) -> int:
     """``pscnn status``: print the server's progress as JSON; exit 0 if it answered."""
     import json  # noqa: PLC0415

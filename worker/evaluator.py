@@ -17,7 +17,7 @@ from cnn_core.metrics import evaluate
 from cnn_core.model import build_model
 from pscnn import protocol as P
 
-from .client import Client, Rejoined, ServerError, ServerUnreachable
+from .client import Client, Rejoined, ServerError, ServerUnreachable, exit_status_unreachable
 from .trainer import _exit_on_sigterm
 
 log = logging.getLogger("pscnn.evaluator")
@@ -75,12 +75,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 return 0
             client.server_done.wait(every)      # wakes early when a heartbeat says training is over
     except ServerUnreachable as exc:
-        client.close()
-        if client.server_done.is_set():
-            log.warning("%s before our final evaluation; exiting", exc)
-            return 0
-        log.error("%s; giving up", exc)
-        return 1
+        return exit_status_unreachable(client, exc, log)
     except SystemExit:
         client.close(say_bye=True, reason="terminated")
         return 0

@@ -24,7 +24,7 @@ from cnn_core.losses import softmax_cross_entropy
 from cnn_core.model import build_model
 from pscnn import protocol as P
 
-from .client import Client, Rejoined, ServerError, ServerUnreachable
+from .client import Client, Rejoined, ServerError, ServerUnreachable, exit_status_unreachable
 
 log = logging.getLogger("pscnn.worker")
 
@@ -140,12 +140,7 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         client.close()
         return status
     except ServerUnreachable as exc:
-        client.close()
-        if client.server_done.is_set():
-            log.info("%s; exiting", exc)
-            return 0
-        log.error("%s; giving up", exc)
-        return 1
+        return exit_status_unreachable(client, exc, log)
     except SystemExit:                          # SIGTERM: leave politely so our lease is requeued at once
         client.close(say_bye=True, reason="terminated")
         return 0
