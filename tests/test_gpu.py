@@ -5,7 +5,7 @@ Every test here but the last is skipped unless
 ``benchmarks/gpu_check.py --cpu-dry-run`` (numpy only, tiny counts) so the
 one-shot GPU script cannot rot unnoticed on machines without a GPU.
 """
-import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,8 +14,14 @@ import sys
 import numpy as np
 import pytest
 
-from cnn_core import PRESETS, build_model, softmax_cross_entropy, to_numpy
+from cnn_core import build_model, softmax_cross_entropy, to_numpy
 from cnn_core.backend import gpu_available
+
+# Helpers shared with the one-shot GPU script (benchmarks/ is not a package).
+_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
+_spec = importlib.util.spec_from_file_location("gpu_check", _SCRIPT)
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA device")]
 
@@ -25,40 +31,9 @@ def gpu_test(fn):
         fn = mark(fn)
     return fn
 
-SMALL_SPEC = {
-    "input_shape": [2, 11, 10],
-    "layers": [   # no conv bias feeds a BatchNorm directly: such a bias has an exactly 0 gradient
-        {"type": "conv2d", "name": "c1", "out_channels": 4, "kernel": 3, "stride": 2, "padding": 1},
-        {"type": "leaky_relu", "alpha": 0.1},
-        {"type": "batchnorm2d", "name": "bn1"},
-        {"type": "residual", "name": "res", "layers": [
-            {"type": "batchnorm2d", "name": "bn"},
-            {"type": "conv2d", "name": "ca", "out_channels": 4, "kernel": 3, "padding": 1},
-            {"type": "elu"},
-            {"type": "conv2d", "name": "cb", "out_channels": 4, "kernel": [3, 1], "padding": [1, 0]},
-        ]},
-        {"type": "silu"},
-        {"type": "conv2d", "name": "c2", "out_channels": 3, "kernel": [2, 3], "padding": 1},
-        {"type": "relu"},
-        {"type": "maxpool2d", "kernel": 3, "stride": 2},
-        {"type": "flatten"},
-        {"type": "dropout", "p": 0.0},
-        {"type": "dense", "name": "fc", "units": 5},
-    ],
-}
-
-
-def no_dropout(spec):
-    spec = copy.deepcopy(PRESETS[spec] if isinstance(spec, str) else spec)
-    for layer in spec["layers"]:
-        if layer["type"] == "dropout":
-            layer["p"] = 0.0
-    return spec
-
-
-def scaled_err(a, b):
-    a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+SMALL_SPEC = {**gpu_check.SMALL_SPEC, "input_shape": [2, 11, 10]}   # the one-shot script's all-layer spec
+no_dropout = gpu_check.no_dropout
+scaled_err = gpu_check.scaled_err
 
 
 def gpu_cpu_pair(spec, dtype, batch, seed=0):
