@@ -246,9 +246,13 @@ class MaxPool2D(Layer):
 
     def forward(self, x, train=True):
         xp = _xp(x)
-        out = None
-        for win in self._windows(x):
-            out = x[win].copy() if out is None else xp.maximum(out, x[win], out=out)
+        wins = list(self._windows(x))
+        if len(wins) == 1:
+            out = x[wins[0]].copy()
+        else:                                   # the first maximum allocates: no separate copy pass
+            out = xp.maximum(x[wins[0]], x[wins[1]])
+            for win in wins[2:]:
+                xp.maximum(out, x[win], out=out)
         return out, (x, out)
 
     def backward(self, dout, cache, need_dx=True):

@@ -116,7 +116,7 @@ class ParameterServer:
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
         self.incarnation = uuid.uuid4().hex[:12]
         self.peers: dict[str, Peer] = {}
-        self.contributors: set[str] = set()
+        self.contributors: dict[str, str] = {}      # worker id -> name, of every worker whose gradient was applied
         self.samples_applied = 0
         self.staleness = Counter()
         self.evaluations: list[dict] = []
@@ -405,7 +405,7 @@ class ParameterServer:
             if p is not None:
                 p.pushes += 1
                 p.samples += body["count"]
-                self.contributors.add(p.name)
+                self.contributors[p.wid] = p.name
         for s in staleness:
             self.staleness[s] += 1
         self.samples_applied += samples
@@ -564,6 +564,7 @@ class ParameterServer:
             "epochs": self.cfg.epochs, "mode": self.cfg.mode,
             "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
             "workers": len(self.contributors), "worker_ids": sorted(self.contributors),
+            "worker_names": sorted(set(self.contributors.values())),
             "updates": self.store.version, "samples_applied": self.samples_applied,
             "samples_seen": self.samples_applied,
             "staleness": {"mean": (sum(k * v for k, v in self.staleness.items()) / total) if total else 0.0,
@@ -596,7 +597,7 @@ class ParameterServer:
         path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
         extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
                  "staleness": {str(k): v for k, v in self.staleness.items()},
-                 "evaluations": self.evaluations, "contributors": sorted(self.contributors),
+                 "evaluations": self.evaluations, "contributors": self.contributors,
                  "train_seconds": self._train_clock(time.monotonic()), "mode": self.cfg.mode}
         t = time.perf_counter()
         save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
@@ -623,7 +624,7 @@ class ParameterServer:
         self.samples_applied = int(extra.get("samples_applied", 0))
         self.staleness = Counter({int(k): v for k, v in extra.get("staleness", {}).items()})
         self.evaluations = list(extra.get("evaluations", []))
-        self.contributors = set(extra.get("contributors", []))
+        self.contributors = dict(extra.get("contributors", {}))
         self.train_seconds_before = float(extra.get("train_seconds", 0.0))
         log.info("resumed from %s: version %d, epoch %d with %d/%d batches applied", path, self.store.version,
                  self.work.epoch, len(self.work.applied), self.work.batches_per_epoch)
