@@ -36,6 +36,7 @@ MAX_ARRAYS = 256
 MAX_NAME_LEN = 128
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024          # also set as ZMQ_MAXMSGSIZE on the server
 ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}     # looked up per array on the hot path
 
 # ---------------------------------------------------------------- message types
 HELLO = "hello"              # client -> server: join (role, name, ...)
@@ -121,9 +122,10 @@ def encode(msg: Message) -> list:
         arr = np.asarray(arr)
         if not arr.flags.c_contiguous:      # (np.ascontiguousarray would turn a 0-d array into 1-d)
             arr = np.array(arr, order="C")
-        if arr.dtype.name not in ALLOWED_DTYPES:
-            raise ProtocolError(f"array {name!r}: dtype {arr.dtype.name} is not one of {ALLOWED_DTYPES}")
-        specs.append([name, arr.dtype.name, list(arr.shape)])
+        dtype = arr.dtype.name
+        if dtype not in _DTYPES:
+            raise ProtocolError(f"array {name!r}: dtype {dtype} is not one of {ALLOWED_DTYPES}")
+        specs.append([name, dtype, list(arr.shape)])
         frames.append(arr)
     header = msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.type, "wid": msg.wid, "seq": msg.seq,
                             "body": msg.body, "arrays": specs}, use_bin_type=True)
@@ -179,11 +181,11 @@ def decode(frames) -> Message:
         if name in arrays:
             raise ProtocolError(f"{mtype}: array {name!r} appears twice")
         buf = _buffer(frame)
-        expected = math.prod(shape) * np.dtype(dtype).itemsize
+        expected = math.prod(shape) * _DTYPES[dtype].itemsize
         if len(buf) != expected:
             raise ProtocolError(f"{mtype}: array {name!r} {dtype}{tuple(shape)} needs {expected} bytes, "
                                 f"frame has {len(buf)}")
-        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arr = np.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(shape)
         arr.flags.writeable = False         # a view of the received frame: never written to
         arrays[name] = arr
     return Message(mtype, wid, int(seq), body, arrays)
@@ -211,7 +213,7 @@ def _check_spec(mtype: str, spec):
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(_is_int(d) and 0 <= d < 2**31 for d in shape)):
         raise ProtocolError(f"{mtype}: array {name!r} has an invalid shape {shape!r}"[:200])
-    if math.prod(shape) * np.dtype(dtype).itemsize > MAX_MESSAGE_BYTES:   # Python ints: no overflow
+    if math.prod(shape) * _DTYPES[dtype].itemsize > MAX_MESSAGE_BYTES:   # Python ints: no overflow
         raise ProtocolError(f"{mtype}: array {name!r} would exceed {MAX_MESSAGE_BYTES} bytes", "too_large")
     return name, dtype, shape
 

@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
     p.add_argument("--optimizer", default="sgd", help="optimizer (default: sgd)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--schedule", default=None,
+                   help="learning-rate schedule passed to the server (default: the server's own default)")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     p.add_argument("--out", default="runs/bench-tta", help="output folder (default: runs/bench-tta)")
     p.add_argument("--keep-logs", action="store_true")
@@ -104,6 +106,8 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
              "--checkpoint-every", "0",
              "--peer-timeout", "60", "--final-eval-timeout", "30", "--out", str(server_out),
              "--log-level", "WARNING"]
+    if args.schedule:
+        flags += ["--schedule", args.schedule]
     if mnist_dir:
         flags += ["--mnist-dir", mnist_dir]
     stopped_by = "server exited"
@@ -220,7 +224,8 @@ def summarize(rows, modes, workers) -> list[dict]:
 def report(summary, args, machine) -> None:
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; target test accuracy "
           f"{args.target} on {args.test_limit or 10000} test images; batch {args.batch}, {args.optimizer} lr {args.lr}"
-          + (f" momentum {args.momentum}" if args.optimizer == "sgd" else ""))
+          + (f" momentum {args.momentum}" if args.optimizer == "sgd" else "")
+          + (f", schedule {args.schedule}" if args.schedule else ", the server's default schedule"))
     headers = ["mode", "workers", "reached", "seconds", "images", "updates", "speed-up vs 1", "best acc"]
     rows = [[s["mode"], s["workers"], f"{s['reached']}/{s['runs']}", fmt(s["seconds_to_target"], ".1f"),
              fmt(s["images_to_target"]), fmt(s["updates_to_target"]), fmt(s["speedup_vs_1"], ".2f"),
