@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-MNIST_DIR ?= $(abspath ../shared/mnist)
+# The build machines keep MNIST next to the project; elsewhere it is downloaded once.
+MNIST_DIR ?= $(if $(wildcard ../shared/mnist/train-images-idx3-ubyte.gz),$(abspath ../shared/mnist),)
 export MNIST_DIR
 
 # Re-install only when pyproject.toml changed since the last install.

@@ -162,6 +162,9 @@ def run_from_args(args) -> int:
     client_flags = ["--device", args.device, "--threads", str(args.threads), "--log-level", args.log_level]
     if args.mnist_dir:
         client_flags += ["--mnist-dir", args.mnist_dir]
+    def on_sigterm(signum, frame):                 # `kill` stops the run like Ctrl-C: children too
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_sigterm)
     print(f"pscnn run: server on {cluster.endpoint}, {args.workers} workers, mode {args.mode}, "
           f"logs in {cluster.logs}", file=sys.stderr)
     with cluster:

@@ -182,3 +182,29 @@ def test_pscnn_run_end_to_end(tmp_path, mnist_dir):
     assert summary["workers"] == 2 and summary["samples_applied"] == 3000
     assert {p.name for p in (out / "logs").iterdir()} == {"server.log", "worker-0.log", "worker-1.log",
                                                           "evaluator.log"}
+
+
+def test_pscnn_run_interrupted_stops_every_child(tmp_path, mnist_dir):
+    """Ctrl-C (SIGINT) on `pscnn run`: every child stops, the server checkpoints, exit 130."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--mode", "async", "--model", "light",
+         "--train-limit", "6000", "--epochs", "20", "--mnist-dir", mnist_dir, "--out", str(out),
+         "--no-progress", "--checkpoint-every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists()
+                 and '"kind": "step"' in (out / "metrics.jsonl").read_text(), 90, "training to start")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    assert (out / "checkpoint.npz").exists()
+    assert "interrupted: writing a checkpoint" in (out / "logs" / "server.log").read_text()
+    endpoint = err.split("server on ", 1)[1].split(",", 1)[0]          # every child names it
+    leftovers = subprocess.run(["pgrep", "-f", endpoint], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"processes left running: {leftovers}"
