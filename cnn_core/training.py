@@ -62,9 +62,15 @@ def default_config() -> dict:
     never disagree about a default.  ``threads`` is only recorded (BLAS
     threads must be set before NumPy is imported, which the CLI does).
     """
-    from pscnn.cli import build_parser, optimizer_config  # noqa: PLC0415  (argparse only, cheap)
+    from pscnn.cli import build_parser  # noqa: PLC0415  (argparse only, cheap)
 
-    args = build_parser().parse_args(["train"])
+    return config_from_args(build_parser().parse_args(["train"]), threads=None)
+
+
+def config_from_args(args, threads: int | None) -> dict:
+    """The :func:`train` config from parsed ``pscnn train`` flags."""
+    from pscnn.cli import optimizer_config  # noqa: PLC0415
+
     return {
         "model": args.model,
         "seed": args.seed,
@@ -77,7 +83,7 @@ def default_config() -> dict:
         "device": args.device,
         "out": args.out,
         "log_every": args.log_every,
-        "threads": None,
+        "threads": threads,
     }
 
 
@@ -337,22 +343,7 @@ def _platform(xp) -> dict:
 # --------------------------------------------------------------------------- command line
 def train_from_args(args) -> int:
     """``pscnn train``: the config from the parsed flags, :func:`train`, then the report on stdout."""
-    from pscnn.cli import optimizer_config  # noqa: PLC0415
-
-    config = {
-        "model": args.model,
-        "seed": args.seed,
-        "optimizer": optimizer_config(args),
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "train_limit": args.train_limit,
-        "test_limit": args.test_limit,
-        "mnist_dir": args.mnist_dir,
-        "device": args.device,
-        "out": args.out,
-        "log_every": args.log_every,
-        "threads": args.threads,
-    }
+    config = config_from_args(args, threads=args.threads)
     summary = train(config, progress=not args.no_progress)
     print(format_report(summary), flush=True)
     return 0

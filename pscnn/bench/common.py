@@ -20,6 +20,17 @@ OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
+    """The flags every bench shares: where results go, plots, progress, the OPENBLAS_* overrides."""
+    p.add_argument("--out", default=f"runs/bench-{name}", help=f"output folder (default: runs/bench-{name})")
+    if keep_logs:
+        p.add_argument("--keep-logs", action="store_true", help="keep every point's run folder and logs")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep-openblas-env", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+
+
 def parse_list(text: str, kind=int, what: str = "value") -> list:
     """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage."""
     out = []

@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (cores, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
+from .common import (add_output_flags, cores, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
                      write_outputs)
 
 NAME = "scaling"
@@ -56,12 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
     p.add_argument("--lr", type=float, default=0.05, help="server learning rate (default: 0.05)")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
-    p.add_argument("--out", default="runs/bench-scaling", help="output folder (default: runs/bench-scaling)")
-    p.add_argument("--keep-logs", action="store_true", help="keep every point's run folder and logs")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--keep-openblas-env", action="store_true",
-                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+    add_output_flags(p, "scaling", keep_logs=True)
 
 
 def run(args) -> int:

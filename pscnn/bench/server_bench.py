@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (bench_env, cores, fmt, machine_info, median, parse_list, percentile, print_table,
+from .common import (add_output_flags, bench_env, cores, fmt, machine_info, median, parse_list, percentile, print_table,
                      proc_cpu_seconds, progress, pyplot, write_outputs)
 
 NAME = "server"
@@ -43,11 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", type=int, default=None, metavar="CLIENTS",
                    help="also profile the server (cProfile) with this many clients; top functions to "
                         "server-profile.txt")
-    p.add_argument("--out", default="runs/bench-server", help="output folder (default: runs/bench-server)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--keep-openblas-env", action="store_true",
-                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+    add_output_flags(p, "server")
 
 
 def run(args) -> int:

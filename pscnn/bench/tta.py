@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (cores, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
+from .common import (add_output_flags, cores, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
                      pyplot, step_records, write_outputs)
 
 NAME = "time_to_accuracy"
@@ -49,12 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--schedule", default=None,
                    help="learning-rate schedule passed to the server (default: the server's own default)")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
-    p.add_argument("--out", default="runs/bench-tta", help="output folder (default: runs/bench-tta)")
-    p.add_argument("--keep-logs", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--keep-openblas-env", action="store_true",
-                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+    add_output_flags(p, "tta", keep_logs=True)
 
 
 def run(args) -> int:
