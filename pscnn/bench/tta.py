@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--trials", type=int, default=1, help="runs per configuration (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per worker (default: 1)")
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
+    p.add_argument("--lr", type=float, default=0.02, help="learning rate (default: 0.02, as pscnn server)")
     p.add_argument("--optimizer", default="sgd", help="optimizer (default: sgd)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--schedule", default=None,
