@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 
 import numpy as np
 
 from .backend import array_module, resolve_dtype
+from .config import named_config
 from .errors import ShapeError, SpecError
 from .layers import LAYER_TYPES, MaxPool2D, ReLU, Residual
 
@@ -54,16 +54,11 @@ def resolve_spec(spec) -> dict:
     if isinstance(spec, str):
         if spec in PRESETS:
             return copy.deepcopy(PRESETS[spec])
-        text = spec.strip()
-        if not text.startswith("{"):
+        if not spec.strip().startswith("{"):
             raise SpecError(f"unknown model preset {spec!r}: expected one of {sorted(PRESETS)} or a JSON spec")
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"model spec is not valid JSON: {exc}") from None
-    if not isinstance(spec, dict):
+    elif not isinstance(spec, dict):
         raise SpecError(f"model spec must be a preset name, dict or JSON object, got {type(spec).__name__}")
-    spec = copy.deepcopy(spec)
+    spec = copy.deepcopy(named_config(spec, "model spec", SpecError))
     shape = spec.get("input_shape")
     if (not isinstance(shape, list) or len(shape) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
