@@ -231,12 +231,15 @@ def print_report(summary_path: Path) -> None:
     except (OSError, ValueError) as exc:
         print(f"pscnn run: no summary ({exc})", file=sys.stderr)
         return
-    acc = s.get("test_accuracy")
+    def number(key: str) -> str:
+        value = s.get(key)
+        return f"{value:.4f}" if isinstance(value, float) else "n/a"
+
     stale = s.get("staleness", {})
     print(f"\nrun finished: mode {s['mode']}, {s['workers']} workers, {s['epochs']} epochs")
-    print(f"  test accuracy      {acc:.4f}" if isinstance(acc, float) else "  test accuracy      n/a")
-    print(f"  test loss          {s.get('test_loss'):.4f}" if isinstance(s.get("test_loss"), float) else "", end="")
-    print(f"\n  updates            {s['updates']:,}  ({s['samples_applied']:,} samples)")
+    print(f"  test accuracy      {number('test_accuracy')}")
+    print(f"  test loss          {number('test_loss')}")
+    print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} samples)")
     print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
     print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)}")
     print(f"  evaluations        {len(s.get('evaluations', []))}")
