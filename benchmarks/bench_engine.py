@@ -59,6 +59,7 @@ def main(argv=None) -> dict:
     tune_host_allocator()
     from cnn_core.optim import build_optimizer
     from cnn_core.reference import ReferenceModel
+    from pscnn.bench.torch_reference import torch_model
 
     blas = [f"{i['internal_api']} {i.get('architecture', '')} threads={i['num_threads']}" for i in threadpool_info()]
     rng = np.random.default_rng(0)
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
             torch_version = torch.__version__
             torch.set_num_threads(1)
             for fmt, mf in (("torch_nchw", torch.contiguous_format), ("torch_channels_last", torch.channels_last)):
-                net = _torch_seed_model(torch).to(memory_format=mf)
+                net = torch_model(torch, "seed").to(memory_format=mf)
                 topt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
                 tx = torch.from_numpy(xb).contiguous(memory_format=mf)
                 ty = torch.from_numpy(yb)
@@ -190,14 +191,6 @@ def _layer_breakdown(model, xb, yb, loss_fn, opt, np, reps: int = 9) -> dict:
         sums = [sum(vals[i * per_rep:(i + 1) * per_rep]) for i in range(reps)]
         out[key] = float(np.median(sums))
     return out
-
-
-def _torch_seed_model(torch):
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from cnn_core.backend import array_module, gpu_available, to_numpy  # noqa: E402
 from cnn_core.layers import Dropout  # noqa: E402
 from cnn_core.losses import softmax_cross_entropy  # noqa: E402
 from cnn_core.model import PRESETS, build_model  # noqa: E402
+from pscnn.bench.torch_reference import torch_model  # noqa: E402
 
 F32_TOL = 1e-4       # float32, GPU vs CPU: different summation orders (cuBLAS vs OpenBLAS), ~1e-6 seen
 F64_TOL = 1e-10      # float64: ~1e-13 expected
@@ -169,16 +170,8 @@ def pscnn_fns(dev, xp, batch, infer_batch, seed=0):
     return model, step, worker_step, infer, (xb, yb)
 
 
-def torch_seed_model(torch):
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(0.0), nn.Linear(128, 10))
-
-
 def torch_fns(torch, device, memory_format, batch, infer_batch):
-    net = torch_seed_model(torch).to(device).to(memory_format=memory_format)
+    net = torch_model(torch, "seed", dropout=0.0).to(device).to(memory_format=memory_format)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, generator=g).to(device).contiguous(memory_format=memory_format)

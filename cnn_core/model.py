@@ -212,12 +212,24 @@ class Model:
         extra = [n for n in arrays if n not in target]
         if missing or extra:
             raise ShapeError(f"model {kind}: missing {missing}, unexpected {extra}")
+        self.assign(arrays)
+
+    def assign(self, arrays: dict) -> None:
+        """Copy any subset of parameters and state (by name) into the model, in place.
+
+        What a worker does with the weights the server sends; unknown names or
+        wrong shapes raise ShapeError before anything is copied.
+        """
+        targets = {}
         for name, value in arrays.items():
-            if tuple(value.shape) != tuple(target[name].shape):
-                raise ShapeError(f"model {kind} {name}: shape {tuple(value.shape)}, "
-                                 f"expected {tuple(target[name].shape)}")
-        for name, value in arrays.items():
-            target[name][...] = self.xp.asarray(value)
+            target = self.params.get(name, self.state.get(name))
+            if target is None:
+                raise ShapeError(f"model has no parameter or state named {name!r}")
+            if tuple(value.shape) != tuple(target.shape):
+                raise ShapeError(f"model {name}: shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            targets[name] = target
+        for name, target in targets.items():
+            target[...] = self.xp.asarray(arrays[name])
 
     def num_parameters(self) -> int:
         return int(sum(v.size for v in self.params.values()))

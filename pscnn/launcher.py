@@ -21,9 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import zmq
-
-from pscnn import protocol as P
+from worker.client import query_status
 
 log = logging.getLogger("pscnn.run")
 
@@ -59,22 +57,6 @@ def child_env(threads: int = 1) -> dict:
         env[var] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def query_status(endpoint: str, timeout: float = 1.0, ctx=None) -> dict | None:
-    """The server's progress dict, or None if it does not answer within ``timeout``."""
-    ctx = ctx or zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
-        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-            return None
-        reply = P.decode(sock.recv_multipart(copy=False))
-        return reply.body.get("progress")
-    finally:
-        sock.close(linger=0)
 
 
 class LocalCluster:

@@ -565,3 +565,16 @@ def test_same_seed_same_dropout_masks():
     assert not np.array_equal(outs[a][0], outs[a][1])        # a fresh mask each step
     np.testing.assert_array_equal(a.forward(x, train=False), c.forward(x, train=False))
     assert isinstance(a.layers[9], Dropout)
+
+
+def test_assign_copies_a_subset_in_place_and_checks_everything_first():
+    model = build_model("light", seed=0)
+    w = model.params["fc2.weight"]
+    model.assign({"fc2.weight": np.ones(w.shape, np.float32)})
+    assert model.params["fc2.weight"] is w and np.all(w == 1)
+    before = model.params["fc1.bias"].copy()
+    with pytest.raises(ShapeError, match="no parameter or state named 'nope'"):
+        model.assign({"fc1.bias": np.zeros_like(before) + 5, "nope": np.zeros(3)})
+    with pytest.raises(ShapeError, match="fc1.bias: shape"):
+        model.assign({"fc1.bias": np.zeros(3, np.float32)})
+    np.testing.assert_array_equal(model.params["fc1.bias"], before)   # nothing copied on error

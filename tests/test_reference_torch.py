@@ -16,6 +16,7 @@ F = torch.nn.functional
 
 from cnn_core import PRESETS, build_model, softmax_cross_entropy  # noqa: E402
 from cnn_core.layers import ELU, BatchNorm2D, Conv2D, LeakyReLU, MaxPool2D, ReLU, SiLU  # noqa: E402
+from pscnn.bench.torch_reference import torch_model  # noqa: E402
 
 TOL = 1e-10
 
@@ -38,21 +39,10 @@ def rel_err(a, b):
 
 
 def torch_seed_model(model, dropout_p=0.25):
-    """The "seed" preset in torch, with ``model``'s weights."""
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(dropout_p), nn.Linear(128, 10),
-    ).double()
-    p = model.params
-    with torch.no_grad():
-        for idx, name in ((0, "conv1"), (3, "conv2")):
-            net[idx].weight.copy_(t(p[f"{name}.weight"]))
-            net[idx].bias.copy_(t(p[f"{name}.bias"]))
-        for idx, name in ((7, "fc1"), (10, "fc2")):
-            net[idx].weight.copy_(t(p[f"{name}.weight"].T))
-            net[idx].bias.copy_(t(p[f"{name}.bias"]))
-    return net, {"conv1": net[0], "conv2": net[3], "fc1": net[7], "fc2": net[10]}
+    """The "seed" preset in torch (float64), with ``model``'s weights; and its weighted modules by name."""
+    net = torch_model(torch, model.spec, dropout=dropout_p, copy_weights_from=model, dtype=torch.float64)
+    mods = {layer.name: mod for layer, mod in zip(model.layers, net) if layer.parameters}
+    return net, mods
 
 
 def seed_model_and_batch(dropout_p=0.25, n=6):

@@ -549,19 +549,20 @@ def test_fuzzed_messages_never_crash_the_server_and_every_reply_is_valid(server)
 def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(tmp_path):
     s = Server(tmp_path, ["--peer-timeout", "1"])
     try:
-        def dead(worker: Raw, since: int):
-            s.wait_log(rf"{re.escape(worker.wid)} declared dead.*requeued batches", since, timeout=6.0)
+        def lease_dies_and_moves(prefix: str):
+            """x leases a batch and goes silent until declared dead; y then gets the same batch."""
+            x, y = s.client(wid=f"x{prefix}-" + uuid.uuid4().hex[:6]), s.client(wid=f"y{prefix}-" + uuid.uuid4().hex[:6])
+            since = s.log_size()
+            x.hello("trainer")
+            tx = x.work()
+            s.wait_log(rf"{re.escape(x.wid)} declared dead.*requeued batches", since, timeout=6.0)
+            y.hello("trainer")
+            ty = y.work()
+            assert (ty.body["epoch"], ty.body["batch"]) == (tx.body["epoch"], tx.body["batch"])   # requeued to y
+            return x, y, tx, ty, s.status()["version"]
 
         # A: the replacement pushes first, the dead worker's late push is refused, then not applied
-        x, y = s.client(wid="x-" + uuid.uuid4().hex[:6]), s.client(wid="y-" + uuid.uuid4().hex[:6])
-        since = s.log_size()
-        x.hello("trainer")
-        tx = x.work()
-        dead(x, since)
-        y.hello("trainer")
-        ty = y.work()
-        assert (ty.body["epoch"], ty.body["batch"]) == (tx.body["epoch"], tx.body["batch"])   # requeued to y
-        v0 = s.status()["version"]
+        x, y, tx, ty, v0 = lease_dies_and_moves("")
         assert y.call(P.PUSH, push_body(ty), grads_like(ty.arrays)).body["ack"]["applied"] is True
         assert s.status()["version"] == v0 + 1
         reply = x.call(P.PUSH, push_body(tx), grads_like(tx.arrays))
@@ -574,15 +575,7 @@ def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(
         y.bye()
 
         # B: the dead worker comes back first and finishes its batch; the replacement's push is dropped
-        x2, y2 = s.client(wid="x2-" + uuid.uuid4().hex[:6]), s.client(wid="y2-" + uuid.uuid4().hex[:6])
-        since = s.log_size()
-        x2.hello("trainer")
-        tx = x2.work()
-        dead(x2, since)
-        y2.hello("trainer")
-        ty = y2.work()
-        assert (ty.body["epoch"], ty.body["batch"]) == (tx.body["epoch"], tx.body["batch"])
-        v0 = s.status()["version"]
+        x2, y2, tx, ty, v0 = lease_dies_and_moves("2")
         x2.hello("trainer")
         assert x2.call(P.PUSH, push_body(tx), grads_like(tx.arrays)).body["ack"]["applied"] is True
         assert y2.call(P.PUSH, push_body(ty), grads_like(ty.arrays)).body["ack"]["applied"] is False

@@ -218,21 +218,31 @@ def exit_status_unreachable(client: Client, exc: ServerUnreachable, logger) -> i
     return 1
 
 
+def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
+    """The server's progress dict, or None if it does not answer within ``timeout``.
+
+    A one-shot request: no hello, no retries (a healthcheck must not linger).
+    """
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
+        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+            return None
+        reply = P.decode(sock.recv_multipart(copy=False))
+        return reply.body.get("progress", {})
+    finally:
+        sock.close(linger=0)
+
+
 def status_from_args(args) -> int:
     """``pscnn status``: print the server's progress as JSON; exit 0 if it answered."""
     import json  # noqa: PLC0415
     import sys  # noqa: PLC0415
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(args.server)
-    try:
-        P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
-        if not sock.poll(int(args.timeout * 1000), zmq.POLLIN):
-            print(f"pscnn status: no answer from {args.server} within {args.timeout:g} s", file=sys.stderr)
-            return 1
-        reply = P.decode(sock.recv_multipart(copy=False))
-        print(json.dumps(reply.body.get("progress", {}), indent=2, sort_keys=True))
-        return 0
-    finally:
-        sock.close(linger=0)
+    progress = query_status(args.server, args.timeout)
+    if progress is None:
+        print(f"pscnn status: no answer from {args.server} within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    print(json.dumps(progress, indent=2, sort_keys=True))
+    return 0

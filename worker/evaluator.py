@@ -49,9 +49,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 have = scored = -1
                 continue
             if reply.arrays:
-                for name_, arr in reply.arrays.items():
-                    target = model.params[name_] if name_ in model.params else model.state[name_]
-                    target[...] = model.xp.asarray(arr)
+                model.assign(reply.arrays)
                 have = reply.body["version"]
             done = reply.body["done"]
             if have >= 0 and (have != scored or done):

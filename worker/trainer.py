@@ -62,14 +62,6 @@ class Trainer:
         x, y = self.data
         return x[idx], y[idx]
 
-    def load_weights(self, arrays: dict) -> None:
-        xp = self.model.xp
-        for name, arr in arrays.items():
-            target = self.model.params.get(name)
-            if target is None:
-                target = self.model.state[name]
-            target[...] = xp.asarray(arr)
-
     def compute(self, body: dict) -> tuple[dict, dict]:
         """Gradient of one leased batch -> (push body fields, arrays)."""
         t0 = time.perf_counter()
@@ -108,7 +100,7 @@ class Trainer:
                     continue
                 body = reply.body
                 if reply.arrays:
-                    self.load_weights(reply.arrays)
+                    self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
                 push = {"epoch": body["epoch"], "batch": body["batch"], "lease": body["lease"],
                         "base_version": body["version"], "loss": float(result["loss"]),

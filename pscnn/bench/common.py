@@ -176,6 +176,15 @@ def pyplot():
         return None
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (only reached when pyplot() succeeded)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def progress(total: int | None, desc: str, disable: bool = False):
     from tqdm import tqdm  # noqa: PLC0415
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr, leave=True)

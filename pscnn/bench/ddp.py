@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .torch_reference import torch_model
+
 
 def torch_available() -> bool:
     try:
@@ -26,15 +28,6 @@ def torch_available() -> bool:
         return importlib.util.find_spec("torch") is not None
     except (ImportError, ValueError):
         return False
-
-
-def torch_model(torch, preset: str = "seed"):
-    nn = torch.nn
-    c1, c2, hidden = {"seed": (32, 64, 128), "light": (8, 16, 32)}[preset]
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-        nn.Flatten(), nn.Linear(c2 * 49, hidden), nn.ReLU(), nn.Dropout(0.25), nn.Linear(hidden, 10))
 
 
 def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model: str = "seed",

@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (add_output_flags, cores, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
+from .common import (add_output_flags, cores, save_figure, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
                      write_outputs)
 
 NAME = "scaling"
@@ -379,10 +379,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "scaling_throughput.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "scaling_throughput.png"))
 
     # ---- efficiency
     if any(s.get("efficiency") is not None for s in summary):
@@ -408,10 +405,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_title("Scaling efficiency")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / "scaling_efficiency.png")
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "scaling_efficiency.png"))
 
     # ---- per-step time split, stacked bars
     pts = [s for s in summary if s.get("comm_ms") is not None]
@@ -434,8 +428,5 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) > 0 else 1)
         ax.legend(fontsize=7, ncol=3, loc="upper center")
         ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        paths.append(out / "scaling_time_split.png")
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "scaling_time_split.png"))
     return paths

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (add_output_flags, bench_env, cores, fmt, machine_info, median, parse_list, percentile, print_table,
+from .common import (add_output_flags, bench_env, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
                      proc_cpu_seconds, progress, pyplot, write_outputs)
 
 NAME = "server"
@@ -270,8 +270,4 @@ def plot(summary, out: Path) -> list[Path]:
     ax.set_title("Latency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "server_capacity.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out / "server_capacity.png")]

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (add_output_flags, cores, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
+from .common import (add_output_flags, cores, save_figure, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
                      pyplot, step_records, write_outputs)
 
 NAME = "time_to_accuracy"
@@ -259,9 +259,6 @@ def plot(summary, curves, out: Path, target: float) -> list[Path]:
     ax.set_ylabel(f"seconds to {target} test accuracy")
     ax.set_title("Time to accuracy")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = out / "time_to_accuracy.png"
-    fig.savefig(path)
-    plt.close(fig)
+    path = save_figure(fig, out / "time_to_accuracy.png")
     print(f"plot: {path}", file=sys.stderr)
     return [path]
