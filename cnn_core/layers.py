@@ -59,6 +59,14 @@ class Layer:
     def _infer(self, in_shape: tuple) -> tuple:
         return in_shape
 
+    def bind_parameter(self, key: str, array) -> None:
+        """Make ``array`` (same shape and dtype) the storage of parameter ``key``.
+
+        The model moves every parameter into one flat buffer after building
+        (cnn_core.flat) and hands each layer its view.
+        """
+        self.parameters[key] = array
+
     def _init(self, xp, dtype, rng) -> None:
         """Create parameters/state; ``rng`` is a NumPy Generator (init runs on the host)."""
 
@@ -526,6 +534,11 @@ class Residual(Layer):
                             "a residual block must keep the shape")
         self.out_shape = shape
         return shape
+
+    def bind_parameter(self, key, array):
+        inner, _, rest = key.partition(".")     # "<inner>.<param>", possibly nested
+        next(layer for layer in self.layers if layer.name == inner).bind_parameter(rest, array)
+        self.parameters[key] = array
 
     def forward(self, x, train=True):
         caches = []

@@ -19,6 +19,7 @@ import numpy as np
 from .backend import array_module, resolve_dtype
 from .config import named_config
 from .errors import ShapeError, SpecError
+from .flat import FlatArrays
 from .layers import LAYER_TYPES, MaxPool2D, ReLU, Residual
 
 
@@ -105,6 +106,8 @@ class Model:
     ----------
     params : dict name -> array, in layer order (``"conv1.weight"`` ...); the
         same arrays the layers compute with, so in-place updates change the model.
+        A :class:`~cnn_core.flat.FlatArrays`: every parameter is a view of one
+        buffer, ``params.flat`` (sent as one frame, updated in one pass).
     state : dict name -> array of non-trained state (BatchNorm statistics).
     spec : JSON-able spec that rebuilds this architecture.
     """
@@ -124,14 +127,18 @@ class Model:
         c, h, w = self.spec["input_shape"]
         shape = (h, w, c)                      # channels-last inside the network
         rng = np.random.default_rng(self.seed)
-        self.params: dict = {}
+        built: dict = {}
         self.state: dict = {}
         for layer in self.layers:
             shape = layer.build(shape, self.xp, self.dtype, rng)
             for k, v in layer.parameters.items():
-                self.params[f"{layer.name}.{k}"] = v
+                built[f"{layer.name}.{k}"] = v
             for k, v in layer.state.items():
                 self.state[f"{layer.name}.{k}"] = v
+        self.params = FlatArrays.pack(built, dtype=self.dtype)
+        for layer in self.layers:
+            for k in layer.parameters:
+                layer.bind_parameter(k, self.params[f"{layer.name}.{k}"])
         if len(shape) != 1:
             raise SpecError(f"model spec: the last layer must output (num_classes,), got shape {shape}")
         self.num_classes = shape[0]

@@ -39,6 +39,7 @@ import numpy as np
 from . import backend
 from .config import named_config
 from .errors import CheckpointError, ConfigError, ShapeError
+from .flat import FlatArrays, same_layout
 from .schedules import Schedule, build_schedule
 
 
@@ -139,9 +140,14 @@ class Optimizer:
                 state[slot] = xp.zeros_like(w)
         for counter in self.COUNTERS:
             state.setdefault(counter, 0)
-        need_reg = self.l2 != 0.0 or self.l1 != 0.0
         gbuf, tmp = self._scratch(w)
-        if need_reg:
+        self._regularized_rule(w, dw, state, float(lr), gbuf, tmp)
+        return w, state
+
+    def _regularized_rule(self, w, dw, state: dict, lr: float, gbuf, tmp) -> None:
+        """``_rule`` on ``dw`` plus the l2/l1 penalty; ``gbuf`` and ``tmp`` are scratch like ``w``."""
+        if self.l2 or self.l1:
+            xp = backend.get_array_module(w)
             # g = dw + l2 * w + l1 * sign(w), built in a scratch buffer: the
             # caller's gradient stays untouched.
             if self.l2:
@@ -153,33 +159,127 @@ class Optimizer:
                 xp.sign(w, out=tmp)
                 tmp *= self.l1
                 gbuf += tmp
-            g = gbuf
+            self._rule(w, gbuf, state, lr, tmp)
         else:
-            g, tmp = dw, gbuf
-        self._rule(w, g, state, float(lr), tmp)
-        return w, state
+            self._rule(w, dw, state, lr, gbuf)
 
-    def step(self, params: dict, grads: dict, schedule_steps: int = 1) -> float:
+    def step(self, params: dict, grads: dict, schedule_steps: int = 1, copy_to=None) -> float:
         """Update every parameter in ``params`` in place from ``grads``; returns the lr used.
 
         ``grads`` must have exactly the names of ``params`` with the same
         shapes, dtypes and array module (ShapeError naming the parameter
-        otherwise, raised before anything changes).  ``schedule_steps``: how
-        far this update moves the learning-rate schedule; the parameter server
-        passes the number of batches a sync round averaged, so a schedule's
-        length is counted in batches whatever the number of workers.
+        otherwise, raised before anything changes).  When both are
+        :class:`~cnn_core.flat.FlatArrays` of one layout (a model's params and
+        a gradient received by the parameter server), the rule runs once over
+        the whole buffer, block by block, with the same result.
+
+        ``schedule_steps``: how far this update moves the learning-rate
+        schedule; the parameter server passes the number of batches a sync
+        round averaged, so a schedule's length is counted in batches whatever
+        the number of workers.  ``copy_to``: a 1-d array of at least
+        ``params.flat.size`` elements (flat params only) that receives the
+        updated weights, each block copied while it is still in cache: the
+        parameter server's snapshot of the new version for a third of a
+        separate copy's cost.
         """
-        self._check_grads(params, grads)
+        flat = (same_layout(params, grads)
+                and backend.get_array_module(params.flat) is backend.get_array_module(grads.flat))
+        if not flat:
+            self._check_grads(params, grads)
+        if copy_to is not None and not (isinstance(params, FlatArrays) and copy_to.ndim == 1
+                                        and copy_to.shape[0] >= params.flat.shape[0]):
+            raise ShapeError(f"{self.name}.step: copy_to needs flat params and a 1-d array at least as long")
         if self._state_on_host:
             self._place_state(params, error=ShapeError)
         lr = self.schedule(self.t)
-        for name, w in params.items():
-            state = self.state.get(name)
-            if state is None:
-                state = self.state[name] = {}
-            self.update(w, grads[name], state, lr)
+        if not (flat and self._step_flat(params, grads, lr, copy_to)):
+            for name, w in params.items():
+                state = self.state.get(name)
+                if state is None:
+                    state = self.state[name] = {}
+                self.update(w, grads[name], state, lr)
+            if copy_to is not None:
+                copy_to[:params.flat.shape[0]] = params.flat
         self.t += schedule_steps
         return lr
+
+    # Elements per block of a flat update: the blocks of the weights, gradient,
+    # state and scratch stay in L2 cache across the rule's 4-8 passes (SGD with
+    # momentum over the seed model: 0.40 ms in blocks of 32-64K vs 0.56 ms whole,
+    # 0.60 ms in blocks of 8K, where the per-block Python overhead shows).
+    FLAT_BLOCK = 65536
+
+    def _step_flat(self, params, grads, lr: float, copy_to=None) -> bool:
+        """One update of a whole flat model (``params``, ``grads``: FlatArrays, same layout).
+
+        The per-name state arrays are views of one buffer per slot, so
+        ``state_dict`` and checkpoints see the usual per-name state.  Returns
+        False (nothing done) when the per-name counters disagree, which only a
+        hand-edited state can cause; ``step`` then updates name by name.
+        """
+        slots, counters = self._flat_state(params)
+        if counters is None:
+            return False
+        w, g = params.flat, grads.flat
+        xp = backend.get_array_module(w)
+        n = w.shape[0]
+        block = self.FLAT_BLOCK if xp is np else max(n, 1)    # one launch per pass on a GPU
+        scratch = self._workspace.get(("flat", xp.__name__, w.dtype))
+        if scratch is None or scratch.shape[0] < 2 * block:
+            scratch = self._workspace[("flat", xp.__name__, w.dtype)] = xp.empty(2 * block, dtype=w.dtype)
+        block_state = dict(counters)
+        for start in range(0, n, block):
+            end = min(start + block, n)
+            block_state = {**counters, **{slot: buf[start:end] for slot, buf in slots.items()}}
+            size = end - start
+            self._regularized_rule(w[start:end], g[start:end], block_state, lr,
+                                   scratch[:size], scratch[block:block + size])
+            if copy_to is not None:
+                copy_to[start:end] = w[start:end]
+        for state in self.state.values():
+            for counter in counters:
+                state[counter] = block_state[counter]
+        return True
+
+    def _flat_state(self, params) -> tuple[dict, dict | None]:
+        """({slot: flat buffer}, {counter: value}) for a flat update of ``params``.
+
+        The slot buffers are made (or rebuilt, adopting existing per-name
+        arrays, e.g. after ``load_state_dict``) whenever the per-name state
+        arrays are not exactly their views.  The counters are None when the
+        parameters' counters differ.
+        """
+        names = [name for name, _ in params.specs]
+        cached = self._workspace.get("flat_slots")
+        fresh = (cached is not None and cached.get("specs") == params.specs
+                 and all(self.state.get(name, {}).get(slot) is buf[name]
+                         for slot, buf in cached["slots"].items() for name in names))
+        if not fresh:
+            xp = backend.get_array_module(params.flat)
+            slots = {}
+            for slot in self._slots():
+                buf = FlatArrays.zeros(params.specs, params.flat.dtype, xp)
+                for name in names:
+                    old = self.state.get(name, {}).get(slot)
+                    if old is not None:
+                        if tuple(old.shape) != tuple(buf[name].shape):
+                            raise ShapeError(f"{self.name}.step: parameter {name} has shape "
+                                             f"{tuple(buf[name].shape)} but its optimizer state has shape "
+                                             f"{tuple(old.shape)}")
+                        buf[name][...] = old
+                slots[slot] = buf
+            for name in names:
+                state = self.state.setdefault(name, {})
+                for slot, buf in slots.items():
+                    state[slot] = buf[name]
+            cached = self._workspace["flat_slots"] = {"specs": params.specs, "slots": slots}
+        counters = {}
+        for counter in self.COUNTERS:
+            values = {self.state[name].get(counter, 0) for name in names}
+            if len(values) > 1:
+                return {}, None
+            counters[counter] = values.pop() if values else 0
+        return {slot: buf.flat for slot, buf in cached["slots"].items()}, counters
 
     def current_lr(self) -> float:
         """The rate the next ``step`` will use."""

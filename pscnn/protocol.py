@@ -4,14 +4,18 @@ Both sides import this module; no message is built anywhere else.
 
 A message is a ZeroMQ multipart message::
 
-    [header, array_0, array_1, ...]
+    [header, payload_0, payload_1, ...]
 
 * ``header`` is a small msgpack map: ``{"v": PROTOCOL_VERSION, "type": str,
   "wid": sender id, "seq": int, "body": {...}, "arrays": [[name, dtype,
   shape], ...]}``.
-* each following frame is the raw bytes of one array, C order, in the order
-  of ``arrays``; they are sent without copying (``copy=False``) and received
-  as read-only NumPy views of the ZeroMQ frames.
+* one payload frame per dtype, in the order the dtypes first appear in
+  ``arrays``: the raw bytes of that dtype's arrays back to back, C order, in
+  ``arrays`` order.  A model (all float32) is one frame: the sender hands over
+  a :class:`~cnn_core.flat.FlatArrays` buffer without copying
+  (``copy=False``), and the receiver gets read-only views of the ZeroMQ frame,
+  as a FlatArrays when the message has one dtype.  One frame instead of one per
+  parameter halved the server's cost of a push + reply (docs/scaling.md).
 
 No pickle anywhere.  :func:`decode` validates everything it is given: header
 size, msgpack well-formedness, the protocol version, the message type, the
@@ -29,8 +33,9 @@ import msgpack
 import numpy as np
 
 from cnn_core.errors import PscnnError
+from cnn_core.flat import FlatArrays
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2        # 2: one payload frame per dtype (1: one frame per array)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 256
 MAX_NAME_LEN = 128
@@ -109,24 +114,34 @@ class Message:
 # ---------------------------------------------------------------- encoding
 
 def encode(msg: Message) -> list:
-    """Message -> list of frames: the msgpack header, then one buffer per array.
+    """Message -> list of frames: the msgpack header, then one payload per dtype.
 
-    Arrays are passed as C-contiguous ndarrays (no copy when they already
-    are); give them to ``send_multipart(..., copy=False)``.  The caller must
-    not modify them in place until ZeroMQ has sent them (the server sends
+    A :class:`FlatArrays` of NumPy arrays goes out as its buffer, with no
+    copy; other arrays are packed (one copy per dtype with several arrays).
+    Give the frames to ``send_multipart(..., copy=False)``; the caller must not
+    modify the arrays in place until ZeroMQ has sent them (the server sends
     immutable snapshots for exactly that reason).
     """
     _check_body(msg.type, msg.body)
-    specs, frames = [], []
-    for name, arr in msg.arrays.items():
-        arr = np.asarray(arr)
-        if not arr.flags.c_contiguous:      # (np.ascontiguousarray would turn a 0-d array into 1-d)
-            arr = np.array(arr, order="C")
-        dtype = arr.dtype.name
+    arrays = msg.arrays
+    if isinstance(arrays, FlatArrays) and isinstance(arrays.flat, np.ndarray):
+        dtype = arrays.flat.dtype.name
         if dtype not in _DTYPES:
-            raise ProtocolError(f"array {name!r}: dtype {dtype} is not one of {ALLOWED_DTYPES}")
-        specs.append([name, dtype, list(arr.shape)])
-        frames.append(arr)
+            raise ProtocolError(f"arrays: dtype {dtype} is not one of {ALLOWED_DTYPES}")
+        specs = [[name, dtype, list(shape)] for name, shape in arrays.specs]
+        frames = [arrays.flat] if specs else []
+    else:
+        specs, groups = [], {}
+        for name, arr in arrays.items():
+            arr = np.asarray(arr)
+            dtype = arr.dtype.name
+            if dtype not in _DTYPES:
+                raise ProtocolError(f"array {name!r}: dtype {dtype} is not one of {ALLOWED_DTYPES}")
+            specs.append([name, dtype, list(arr.shape)])
+            groups.setdefault(dtype, []).append(arr)
+        frames = [np.array(group[0], order="C") if len(group) == 1 and not group[0].flags.c_contiguous
+                  else group[0] if len(group) == 1
+                  else np.concatenate([a.reshape(-1) for a in group]) for group in groups.values()]
     header = msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.type, "wid": msg.wid, "seq": msg.seq,
                             "body": msg.body, "arrays": specs}, use_bin_type=True)
     if len(header) > MAX_HEADER_BYTES:
@@ -138,8 +153,9 @@ def encode(msg: Message) -> list:
 def decode(frames) -> Message:
     """Frames (bytes or zmq.Frame) -> a validated :class:`Message`.
 
-    Array values are read-only NumPy views of the received frames (no copy).
-    Raises :class:`ProtocolError` naming the first problem found.
+    Array values are read-only NumPy views of the received frames (no copy);
+    ``arrays`` is a :class:`FlatArrays` over the payload when every array has
+    one dtype.  Raises :class:`ProtocolError` naming the first problem found.
     """
     if not frames:
         raise ProtocolError("empty message")
@@ -173,21 +189,34 @@ def decode(frames) -> Message:
     specs = header.get("arrays", [])
     if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
         raise ProtocolError(f"{mtype}: 'arrays' must be a list of at most {MAX_ARRAYS} specs")
-    if len(frames) - 1 != len(specs):
-        raise ProtocolError(f"{mtype}: header describes {len(specs)} arrays but {len(frames) - 1} frames followed")
-    arrays = {}
-    for spec, frame in zip(specs, frames[1:]):
+    groups: dict[str, list] = {}          # dtype -> [(name, shape), ...] in payload order
+    names = set()
+    for spec in specs:
         name, dtype, shape = _check_spec(mtype, spec)
-        if name in arrays:
+        if name in names:
             raise ProtocolError(f"{mtype}: array {name!r} appears twice")
+        names.add(name)
+        groups.setdefault(dtype, []).append((name, shape))
+    if len(frames) - 1 != len(groups):
+        raise ProtocolError(f"{mtype}: header describes {len(specs)} arrays of {len(groups)} dtype(s), "
+                            f"so expects {len(groups)} payload frames (one per dtype), got {len(frames) - 1}")
+    payloads = []
+    for (dtype, members), frame in zip(groups.items(), frames[1:]):
         buf = _buffer(frame)
-        expected = math.prod(shape) * _DTYPES[dtype].itemsize
+        expected = sum(math.prod(shape) for _, shape in members) * _DTYPES[dtype].itemsize
+        if expected > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"{mtype}: the {dtype} arrays would exceed {MAX_MESSAGE_BYTES} bytes", "too_large")
         if len(buf) != expected:
-            raise ProtocolError(f"{mtype}: array {name!r} {dtype}{tuple(shape)} needs {expected} bytes, "
-                                f"frame has {len(buf)}")
-        arr = np.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(shape)
-        arr.flags.writeable = False         # a view of the received frame: never written to
-        arrays[name] = arr
+            raise ProtocolError(f"{mtype}: {len(members)} {dtype} array(s) ({members[0][0]!r} ...) need "
+                                f"{expected} bytes, frame has {len(buf)}")
+        flat = np.frombuffer(buf, dtype=_DTYPES[dtype])
+        flat.flags.writeable = False            # a view of the received frame: never written to
+        payloads.append(FlatArrays(members, flat))
+    if len(payloads) == 1:
+        arrays = payloads[0]
+    else:
+        views = {name: payload[name] for payload in payloads for name in payload}
+        arrays = {spec[0]: views[spec[0]] for spec in specs}      # header order
     return Message(mtype, wid, int(seq), body, arrays)
 
 
@@ -253,6 +282,15 @@ def _check_body(mtype: str, body) -> None:
                                 f"count={body['count']}, correct={body['correct']}")
     if mtype == HELLO and body["role"] not in ROLES:
         raise ProtocolError(f"hello: role must be one of {ROLES}, got {body['role']!r}"[:200])
+
+
+def model_layout(model) -> tuple:
+    """The layout of a push and of a weights reply: every parameter, then the model state.
+
+    ``((name, shape), ...)``, the ``specs`` of the FlatArrays both sides send:
+    the server takes a push in this layout without copying it.
+    """
+    return model.params.specs + tuple((name, tuple(v.shape)) for name, v in model.state.items())
 
 
 # ---------------------------------------------------------------- socket helpers

@@ -412,11 +412,11 @@ class ParameterServer:
         self.rate_window.append((now, self.samples_applied))
         if self.cfg.log_steps:
             timings = [body["timing"] for _, body in contributions]
-            mean = {k: float(np.mean([t.get(k, 0.0) for t in timings])) for k in P.TIMING_FIELDS}
+            mean = {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in P.TIMING_FIELDS}
             self.writer.log("step", version=self.store.version, epoch=contributions[0][1]["epoch"],
                             workers=[p.name for p, _ in contributions if p is not None], samples=samples, lr=lr,
                             batches=[[body["epoch"], body["batch"]] for _, body in contributions],
-                            loss=float(np.mean([body["loss"] for _, body in contributions])),
+                            loss=sum(body["loss"] for _, body in contributions) / len(contributions),
                             accuracy=sum(body["correct"] for _, body in contributions) / max(samples, 1),
                             staleness=staleness, **mean)
         if self.work.done and self.t_train_end is None:

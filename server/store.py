@@ -7,14 +7,21 @@ are *applied* here, by a cnn_core optimizer; they are computed by workers.
 Replies carry immutable per-version snapshots: ZeroMQ sends array frames
 without copying, so the live arrays, which the optimizer changes in place,
 must never be handed to a socket.
+
+The hot path is flat (cnn_core.flat): the model's parameters are one buffer,
+a worker's push arrives as one frame laid out as :attr:`push_specs`, the
+optimizer updates the whole buffer in one blocked pass, and a snapshot is one
+copy sent as one frame.  Pushes laid out otherwise (any order of the same
+names) are accepted too, at the price of one copy.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from cnn_core.flat import FlatArrays
 from cnn_core.model import build_model
 from cnn_core.optim import build_optimizer
-from pscnn.protocol import ProtocolError
+from pscnn.protocol import ProtocolError, model_layout
 
 
 class ParameterStore:
@@ -22,14 +29,18 @@ class ParameterStore:
         self.model = build_model(model_spec, seed=seed, dtype="float32", device="cpu")
         self.optimizer = build_optimizer(optimizer_config)
         self.version = 0
-        self._snapshot: tuple[int, dict] | None = None
-        self._grad_sum: dict | None = None     # sync mode: running sum of member gradients
+        self._snapshot: tuple[int, FlatArrays] | None = None
+        self._grad_sum: FlatArrays | None = None     # sync mode: running sum of member gradients
         self._state_sum: dict | None = None
         self._sum_weight = 0
         self._batches = 0
+        # What a push carries, in order: every parameter's gradient, then the model state.
+        self.push_specs = model_layout(self.model)
+        self._num_params = self.params.flat.shape[0]
+        self.push_specs_size = self._num_params + sum(int(v.size) for v in self.state.values())
 
     @property
-    def params(self) -> dict:
+    def params(self) -> FlatArrays:
         return self.model.params
 
     @property
@@ -37,14 +48,26 @@ class ParameterStore:
         return self.model.state
 
     # ------------------------------------------------------------------ validation
-    def check_push_arrays(self, arrays: dict) -> tuple[dict, dict]:
+    def check_push_arrays(self, arrays: dict) -> tuple[FlatArrays, dict]:
         """Split a push's arrays into (grads, state) after checking every one.
 
         Gradients must name exactly the model's parameters with the same
         shapes, as float32, all finite; state arrays (BatchNorm statistics)
         must be known state names, same shapes, finite.  ProtocolError
         otherwise, naming the first offending array; nothing is changed.
+        ``grads`` is a FlatArrays laid out like :attr:`params` (a view of the
+        received frame when the push follows :attr:`push_specs`).
         """
+        if (isinstance(arrays, FlatArrays) and arrays.specs == self.push_specs
+                and arrays.flat.dtype == self.params.flat.dtype):
+            # One reduction instead of isfinite per element: a NaN or Inf makes the
+            # sum of squares non-finite.  (So can overflow: then the exact check decides.)
+            with np.errstate(over="ignore", invalid="ignore"):
+                square_sum = np.dot(arrays.flat, arrays.flat)
+            if not np.isfinite(square_sum):
+                self._check_finite(arrays)
+            grads = FlatArrays(self.params.specs, arrays.flat[:self._num_params])
+            return grads, {k: arrays[k] for k in self.state}
         grads, state = {}, {}
         for name, arr in arrays.items():
             if name in self.params:
@@ -65,29 +88,38 @@ class ParameterStore:
         missing = [n for n in self.params if n not in grads]
         if missing:
             raise ProtocolError(f"push: missing gradients for {missing[:5]}", "bad_arrays")
+        self._check_finite(arrays)
+        return FlatArrays.pack({name: grads[name] for name in self.params}), state
+
+    @staticmethod
+    def _check_finite(arrays: dict) -> None:
         for name, arr in arrays.items():
             if not np.isfinite(arr).all():
                 raise ProtocolError(f"push: {name!r} contains NaN or Inf; gradient rejected", "non_finite")
-        return grads, state
 
     # ------------------------------------------------------------------ updates
     def apply(self, grads: dict, state: dict | None = None, batches: int = 1) -> float:
-        """One optimizer step (version + 1) for ``batches`` batches; adopts pushed state.  Returns the lr."""
-        lr = self.optimizer.step(self.params, grads, schedule_steps=batches)
+        """One optimizer step (version + 1) for ``batches`` batches; adopts pushed state.  Returns the lr.
+
+        The new version's snapshot is written by the optimizer as it goes
+        (``copy_to``): every version is sent to at least the worker that made it.
+        """
+        buf = np.empty(self.push_specs_size, dtype=self.params.flat.dtype)
+        lr = self.optimizer.step(self.params, grads, schedule_steps=batches, copy_to=buf)
         for name, arr in (state or {}).items():
             self.state[name][...] = arr
         self.version += 1
+        self._snapshot = (self.version, self._freeze(buf))
         return lr
 
-    def accumulate(self, grads: dict, state: dict, weight: int) -> None:
-        """Sync mode: add one member's gradient, weighted by its batch size."""
+    def accumulate(self, grads: FlatArrays, state: dict, weight: int) -> None:
+        """Sync mode: add one member's gradient (as from check_push_arrays), weighted by its batch size."""
         w = np.float32(weight)
         if self._grad_sum is None:
-            self._grad_sum = {k: np.multiply(g, w) for k, g in grads.items()}
+            self._grad_sum = FlatArrays(grads.specs, np.multiply(grads.flat, w))
             self._state_sum = {k: np.multiply(s, w) for k, s in state.items()}
         else:
-            for k, g in grads.items():
-                self._grad_sum[k] += g * w if weight != 1 else g
+            self._grad_sum.flat += grads.flat * w if weight != 1 else grads.flat
             for k, s in state.items():
                 if k in self._state_sum:
                     self._state_sum[k] += s * w
@@ -101,8 +133,7 @@ class ParameterStore:
         if self._grad_sum is None:
             return None
         inv = np.float32(1.0 / self._sum_weight)
-        for g in self._grad_sum.values():
-            g *= inv
+        self._grad_sum.flat *= inv
         for s in self._state_sum.values():
             s *= inv
         lr = self.apply(self._grad_sum, self._state_sum, batches=self._batches)
@@ -113,12 +144,19 @@ class ParameterStore:
         self._grad_sum, self._state_sum, self._sum_weight, self._batches = None, None, 0, 0
 
     # ------------------------------------------------------------------ replies
-    def snapshot(self) -> tuple[int, dict]:
-        """(version, {name: array}) of params and state, copied once per version, never mutated."""
+    def snapshot(self) -> tuple[int, FlatArrays]:
+        """(version, params then state in one read-only buffer), copied once per version."""
         if self._snapshot is None or self._snapshot[0] != self.version:
-            arrays = {k: v.copy() for k, v in self.params.items()}
-            arrays.update({k: v.copy() for k, v in self.state.items()})
-            for arr in arrays.values():
-                arr.flags.writeable = False
-            self._snapshot = (self.version, arrays)
+            buf = np.empty(self.push_specs_size, dtype=self.params.flat.dtype)
+            buf[:self._num_params] = self.params.flat
+            self._snapshot = (self.version, self._freeze(buf))
         return self._snapshot
+
+    def _freeze(self, buf) -> FlatArrays:
+        """``buf`` holding the parameters: add the state, make it read-only, view it in model_layout."""
+        start = self._num_params
+        for value in self.state.values():          # model_layout: the state follows the parameters
+            buf[start:start + value.size] = value.reshape(-1)
+            start += value.size
+        buf.flags.writeable = False                  # before the views are made: they inherit it
+        return FlatArrays(self.push_specs, buf)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnn_core.errors import CheckpointError, ConfigError, ShapeError
+from cnn_core.flat import FlatArrays
 from cnn_core.optim import OPTIMIZERS, SGD, Adam, AdamW, Optimizer, build_optimizer
 from cnn_core.schedules import (ConstantSchedule, CosineSchedule, StepSchedule, WarmupSchedule,
                                 build_schedule)
@@ -299,6 +300,73 @@ def test_restored_optimizer_continues_bit_exactly(config):
         opt_c.step(params_c, g)
     for name in params_a:
         np.testing.assert_array_equal(params_c[name], params_a[name], err_msg=name)
+
+
+FLAT_CONFIGS = [
+    {"name": "sgd", "lr": 0.05, "momentum": 0.9, "l2": 1e-3},
+    {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "l1": 1e-3},
+    {"name": "sgd", "lr": 0.05},
+    {"name": "adagrad", "lr": 0.05},
+    {"name": "rmsprop", "lr": 0.01, "rho": 0.5},
+    {"name": "adam", "lr": 0.01, "l2": 1e-2},
+    {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+]
+
+
+@pytest.mark.parametrize("config", FLAT_CONFIGS, ids=lambda c: c["name"])
+def test_flat_update_equals_per_name_update_bit_for_bit(config, monkeypatch):
+    # A block of 5 elements: blocks straddle parameter boundaries and the last one is short.
+    monkeypatch.setattr(Optimizer, "FLAT_BLOCK", 5)
+    grads = _grad_stream(3, _fresh_params(), 6)
+    per_name, opt_a = _fresh_params(), build_optimizer(config)
+    flat, opt_b = FlatArrays.pack(_fresh_params()), build_optimizer(config)
+    for g in grads:
+        opt_a.step(per_name, g)
+        opt_b.step(flat, FlatArrays.pack(g))
+    for name in per_name:
+        np.testing.assert_array_equal(flat[name], per_name[name], err_msg=name)
+    sd_a, sd_b = opt_a.state_dict(), opt_b.state_dict()
+    assert set(sd_a) == set(sd_b)
+    for key in sd_a:
+        np.testing.assert_array_equal(sd_b[key], sd_a[key], err_msg=key)
+    # The per-name state arrays are views of one buffer per slot (what makes it one pass).
+    def owner(a):
+        while a.base is not None:
+            a = a.base
+        return a
+
+    for slot in opt_b._slots():
+        assert len({id(owner(opt_b.state[name][slot])) for name in flat}) == 1
+        assert owner(opt_b.state["conv1.weight"][slot]).size == flat.flat.size
+
+
+@pytest.mark.parametrize("config", FLAT_CONFIGS[:1] + FLAT_CONFIGS[5:6], ids=lambda c: c["name"])
+def test_flat_update_adopts_loaded_state_and_mixes_with_per_name_steps(config):
+    grads = _grad_stream(4, _fresh_params(), 6)
+    reference, opt_ref = _fresh_params(), build_optimizer(config)
+    for g in grads:
+        opt_ref.step(reference, g)
+    # Per-name steps, a checkpoint, then flat steps resumed from it.
+    params, opt = _fresh_params(), build_optimizer(config)
+    for g in grads[:2]:
+        opt.step(params, g)
+    flat = FlatArrays.pack(params)
+    opt.step(flat, FlatArrays.pack(grads[2]))                  # per-name state adopted into flat buffers
+    restored = build_optimizer(config)
+    restored.load_state_dict(opt.state_dict(), params=flat)    # ... and again after a checkpoint load
+    for g in grads[3:]:
+        restored.step(flat, FlatArrays.pack(g))
+    for name in reference:
+        np.testing.assert_array_equal(flat[name], reference[name], err_msg=name)
+
+
+def test_flat_update_rejects_state_of_another_shape():
+    params = FlatArrays.pack({"w": np.ones(3)})
+    opt = SGD(lr=0.1, momentum=0.9)
+    opt.step({"w": np.ones(4)}, {"w": np.ones(4)})
+    with pytest.raises(ShapeError, match=r"parameter w has shape \(3,\) but its optimizer state has shape \(4,\)"):
+        opt.step(params, FlatArrays.pack({"w": np.ones(3)}))
+    np.testing.assert_array_equal(params["w"], 1.0)
 
 
 def test_state_dict_layout():

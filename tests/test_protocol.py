@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
+from cnn_core.flat import FlatArrays, same_layout
 from pscnn import protocol as P
 
 PUSH_BODY = {"epoch": 0, "batch": 3, "lease": 7, "base_version": 2, "loss": 2.25, "correct": 10, "count": 64,
@@ -78,6 +79,27 @@ def test_round_trip_many_arrays_keeps_order_and_non_contiguous_input():
     for k, v in arrays.items():
         assert out[k].shape == v.shape
         np.testing.assert_array_equal(out[k], v)
+
+
+def test_one_payload_frame_per_dtype_in_header_order():
+    arrays = {"a": np.array([1, 2], np.float32), "i": np.array([7], np.int64), "b": np.array([3, 4, 5], np.float32)}
+    frames = P.encode(P.Message(P.ACK, arrays=arrays))
+    assert len(frames) == 3                     # header, the float32 payload, the int64 payload
+    np.testing.assert_array_equal(np.frombuffer(frames[1], np.float32), [1, 2, 3, 4, 5])
+    out = P.decode([bytes(memoryview(f)) for f in frames]).arrays
+    assert list(out) == ["a", "i", "b"] and not isinstance(out, FlatArrays)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(out[k], v)
+
+
+def test_flat_arrays_travel_as_their_buffer_and_arrive_flat():
+    model = FlatArrays.pack({"w": np.ones((3, 2), np.float32), "b": np.arange(2, dtype=np.float32)})
+    frames = P.encode(P.Message(P.ACK, arrays=model))
+    assert len(frames) == 2 and frames[1] is model.flat        # no copy on the way out
+    out = P.decode([bytes(memoryview(f)) for f in frames]).arrays
+    assert isinstance(out, FlatArrays) and same_layout(out, model)
+    np.testing.assert_array_equal(out.flat, model.flat)
+    assert not out.flat.flags.writeable and not out["w"].flags.writeable
 
 
 def test_zero_copy_read_only_views_over_zmq():
@@ -158,10 +180,11 @@ CASES = {
     "unknown header key": ([_pack(_hdr(extra=1))], "bad_message", "unknown keys"),
     "unknown header keys str and bytes": ([_pack({**_hdr(), "zz": 1, b"yy": 2})], "bad_message", "unknown keys"),
     "oversized header": ([_pack(_hdr(wid="x" * (P.MAX_HEADER_BYTES + 10)))], "too_large", "limit"),
-    "wrong version": ([_pack(_hdr(v=2))], "bad_version", "version"),
+    "wrong version": ([_pack(_hdr(v=P.PROTOCOL_VERSION + 1))], "bad_version", "version"),
+    "previous version (a frame per array)": ([_pack(_hdr(v=1))], "bad_version", "version"),
     "no version": ([_pack(_hdr(v=...))], "bad_version", "version"),
     "version as bool": ([_pack(_hdr(v=True))], "bad_version", "version"),
-    "version as float": ([_pack(_hdr(v=1.0))], "bad_version", "version"),
+    "version as float": ([_pack(_hdr(v=float(P.PROTOCOL_VERSION)))], "bad_version", "version"),
     "version as string": ([_pack(_hdr(v="1"))], "bad_version", "version"),
     "unknown type": ([_pack(_hdr(type="launch_missiles"))], "unknown_type", "launch_missiles"),
     "no type": ([_pack(_hdr(type=...))], "unknown_type", "type"),
@@ -234,6 +257,10 @@ CASES = {
     "frame too short": (_push(frames=[b"\0" * 7]), "bad_message", "bytes"),
     "frame too long": (_push(frames=[b"\0" * 9]), "bad_message", "bytes"),
     "0-d frame empty": (_push(arrays=[["g", "float64", []]], frames=[b""]), "bad_message", "bytes"),
+    "second dtype's frame too short": (_push(arrays=[["g", "float32", [2]], ["i", "int64", [1]]],
+                                             frames=[b"\0" * 8, b"\0" * 4]), "bad_message", "'i'"),
+    "a frame per array, not per dtype": (_push(arrays=[["g", "float32", [2]], ["h", "float32", [1]]],
+                                               frames=[b"\0" * 8, b"\0" * 4]), "bad_message", "one per dtype"),
     "duplicate names": (_push(arrays=[["g", "float32", [2]], ["g", "float32", [2]]]), "bad_message", "twice"),
 }
 
@@ -269,8 +296,7 @@ def test_bodies_of_other_types_are_validated_too():
 def test_boundaries_accepted():
     # the largest names, a wid of exactly MAX_NAME_LEN, 8 dims, MAX_ARRAYS arrays, a 4096-char string
     specs = [[f"a{i}", "uint8", [0]] for i in range(P.MAX_ARRAYS)]
-    msg = P.decode([_pack(_hdr(type=P.ACK, body={}, wid="w" * P.MAX_NAME_LEN, arrays=specs))]
-                   + [b""] * P.MAX_ARRAYS)
+    msg = P.decode([_pack(_hdr(type=P.ACK, body={}, wid="w" * P.MAX_NAME_LEN, arrays=specs)), b""])
     assert len(msg.arrays) == P.MAX_ARRAYS
     msg = P.decode([_pack(_hdr(type=P.BYE, body={"reason": "r" * 4096}))])
     assert len(msg.body["reason"]) == 4096

@@ -16,10 +16,10 @@ import logging
 import signal
 import time
 
-import numpy as np
 
 from cnn_core import backend
 from cnn_core.data import batch_index, load_mnist
+from cnn_core.flat import FlatArrays
 from cnn_core.losses import softmax_cross_entropy
 from cnn_core.model import build_model
 from pscnn import protocol as P
@@ -67,18 +67,26 @@ class Trainer:
         t0 = time.perf_counter()
         if self.compute_ms is not None:            # synthetic: a fixed compute time, zero gradients
             time.sleep(self.compute_ms / 1000)
-            grads = {k: np.zeros(v.shape, np.float32) for k, v in self.model.params.items()}
             count = min(self.run["batch_size"], self.run["num_samples"] - body["batch"] * self.run["batch_size"])
-            return {"loss": 0.0, "correct": 0, "count": count, "compute_s": time.perf_counter() - t0}, grads
+            return ({"loss": 0.0, "correct": 0, "count": count, "compute_s": time.perf_counter() - t0},
+                    self.push_arrays({k: self.model.xp.zeros_like(v) for k, v in self.model.params.items()}))
         xb, yb = self.batch(body["epoch"], body["batch"])
         logits = self.model.forward(xb, train=True)
         loss, dlogits = softmax_cross_entropy(logits, yb)
         grads = self.model.backward(dlogits)
         correct = int((logits.argmax(axis=1) == yb).sum())
-        arrays = {k: backend.to_numpy(v) for k, v in grads.items()}
-        arrays.update({k: backend.to_numpy(v) for k, v in self.model.state.items()})
         return {"loss": loss, "correct": correct, "count": int(len(yb)),
-                "compute_s": time.perf_counter() - t0}, arrays
+                "compute_s": time.perf_counter() - t0}, self.push_arrays(grads)
+
+    def push_arrays(self, grads: dict) -> FlatArrays:
+        """Gradients, then the model state, in one host buffer.
+
+        The layout the server expects (``ParameterStore.push_specs``): the push
+        leaves as one frame without a further copy, and the server validates
+        and applies it in place.  On a GPU it is one device-to-host transfer.
+        """
+        packed = FlatArrays.pack({**grads, **self.model.state}, dtype=self.model.dtype)
+        return FlatArrays(packed.specs, backend.to_numpy(packed.flat))
 
     def loop(self) -> int:
         """Work until the server says stop.  Returns the exit status."""

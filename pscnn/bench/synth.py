@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -58,13 +59,14 @@ def run_clients(args) -> int:
     import numpy as np  # noqa: PLC0415
     import zmq  # noqa: PLC0415
 
+    from cnn_core.flat import FlatArrays  # noqa: PLC0415
     from cnn_core.model import build_model  # noqa: PLC0415
     from pscnn import protocol as P  # noqa: PLC0415
 
     model = build_model(args.model, seed=0)
-    zeros = {k: np.zeros(v.shape, np.float32) for k, v in model.params.items()}
-    for z in zeros.values():
-        z.flags.writeable = False          # shared by every socket, sent without copying
+    buffer = np.zeros(sum(math.prod(shape) for _, shape in P.model_layout(model)), np.float32)
+    buffer.flags.writeable = False          # shared by every socket, sent without copying
+    zeros = FlatArrays(P.model_layout(model), buffer)
     ctx = zmq.Context()
     poller = zmq.Poller()
     socks = {}
@@ -170,7 +172,7 @@ def run_clients(args) -> int:
               "latencies_ms": [round(v * 1e3, 4) for v in latencies], "errors": errors,
               "first_cycle_after_s": (first_cycle - started) if first_cycle else None,
               "late_start": first_cycle is None or first_cycle > args.start, "stopped": stop_sent,
-              "model_bytes": int(sum(z.nbytes for z in zeros.values()))}
+              "model_bytes": int(zeros.flat.nbytes)}
     with open(args.result, "w") as fh:
         json.dump(result, fh)
     return 0
