@@ -185,7 +185,18 @@ def run_from_args(args) -> int:
 def _follow(cluster: LocalCluster, bar) -> int:
     """Update the bar from the server's status until the server exits; its exit code."""
     server = cluster.procs["server"]
+    workers = [p for n, p in cluster.procs.items() if n.startswith("worker")]
     while server.poll() is None:
+        if workers and all(p.poll() is not None for p in workers) and any(p.returncode for p in workers):
+            # Every trainer is gone and not because the server told it to stop:
+            # nobody is left to train, so don't wait on the server forever.
+            for name, proc in cluster.procs.items():
+                if name.startswith("worker") and proc.returncode:
+                    print(f"pscnn run: {name} exited with {proc.returncode}; last lines of its log:\n"
+                          f"{cluster.log_tail(name)}", file=sys.stderr)
+            print("pscnn run: every worker has exited; stopping the server (it checkpoints)", file=sys.stderr)
+            cluster.stop_all()
+            return 1
         st = cluster.status(timeout=0.5)
         if st:
             if bar.total != st["batches_total"]:

@@ -63,7 +63,7 @@ ERROR = "error"              # server -> client: your message was rejected (code
 ROLES = ("trainer", "evaluator")
 
 # Body schemas: field -> (type, required).  Types: int, float (int accepted,
-# must be finite), str, bool, dict, list.  Unknown fields are rejected.
+# must be finite), float_or_nil, str, bool, dict, list.  Unknown fields are rejected.
 _TIMING = "dict"
 SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     HELLO: {"role": ("str", True), "name": ("str", False), "pid": ("int", False),
@@ -72,8 +72,8 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
               "run": ("dict", True), "incarnation": ("str", True), "heartbeat_s": ("float", True)},
     WORK: {},
     PUSH: {"epoch": ("int", True), "batch": ("int", True), "lease": ("int", True),
-           "base_version": ("int", True), "loss": ("float", True), "correct": ("int", True),
-           "count": ("int", True), "timing": (_TIMING, True)},
+           "base_version": ("int", True), "loss": ("float_or_nil", True),     # nil: NaN or Inf
+           "correct": ("int", True), "count": ("int", True), "timing": (_TIMING, True)},
     TASK: {"version": ("int", True), "epoch": ("int", True), "batch": ("int", True),
            "lease": ("int", True), "held_s": ("float", True), "ack": ("dict", False)},
     WAIT: {"retry_s": ("float", True), "held_s": ("float", True), "reason": ("str", True),
@@ -250,6 +250,7 @@ def _check_spec(mtype: str, spec):
 _CHECKS = {
     "int": _is_int,
     "float": lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v),
+    "float_or_nil": lambda v: v is None or _CHECKS["float"](v),
     "str": lambda v: isinstance(v, str) and len(v) <= 4096,
     "bool": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict),

@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import socket as pysocket
+import sys
 import time
 import uuid
 from collections import Counter, deque
@@ -48,7 +49,7 @@ from cnn_core.model import resolve_spec
 from cnn_core.runlog import RunWriter, make_plots
 from pscnn import protocol as P
 
-from .store import ParameterStore
+from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
 
 log = logging.getLogger("pscnn.server")
@@ -131,6 +132,8 @@ class ParameterServer:
         self.t_train_end: float | None = None
         self.t_finish_start: float | None = None
         self.summary_written = False
+        self.failure: str | None = None             # why the run stopped early (divergence)
+        self.nonfinite_streak = 0                   # pushes rejected as non-finite since the last update
         self._stop_requested = False
         self._last_checkpoint = time.monotonic()
         self.writer = None
@@ -139,9 +142,30 @@ class ParameterServer:
         if cfg.resume:
             self._resume()
 
+    @property
+    def over(self) -> bool:
+        """No more training: every epoch applied, or the run failed."""
+        return self.work.done or self.failure is not None
+
+    # Consecutive non-finite pushes (gradient or loss) that mean the weights
+    # themselves are broken, not one faulty worker: healthy pushes reset the count.
+    NONFINITE_LIMIT = 8
+
+    def _fail(self, reason: str, now: float) -> None:
+        """Stop training for good: trainers are told to stop, the summary records why."""
+        if self.failure is None:
+            self.failure = reason
+            self.t_train_end = self.t_train_end or now
+            log.error("%s", reason)
+            self.writer.log("failed", version=self.store.version, reason=reason)
+
     # ================================================================== lifecycle
     def serve(self) -> int:
-        """Run until training is over and every client was told to stop.  Returns 0."""
+        """Run until training is over and every client was told to stop.
+
+        Returns 0, or 1 when training failed (diverged): the summary and the
+        log say why, and the last periodic checkpoint is kept.
+        """
         self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
                                 resume=self.cfg.resume)
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -186,6 +210,9 @@ class ParameterServer:
             self._restore_signal_handlers(old_handlers)
             self.sock.close(linger=1000)
             self.writer.close()
+        if self.failure is not None:
+            print(f"pscnn server: {self.failure}", file=sys.stderr)
+            return 1
         return 0
 
     def _install_signal_handlers(self):
@@ -230,7 +257,7 @@ class ParameterServer:
         peer.last_seen = now
         if msg.type == P.HEARTBEAT:     # from the client's heartbeat socket: no sequence number
             self._send(rid, P.Message(P.HEARTBEAT, body={"version": self.store.version,
-                                                         "done": self.work.done}))
+                                                         "done": self.over}))
             return
         if msg.seq == peer.last_seq:    # a resend: same answer, never a second application
             peer.rid = rid
@@ -330,9 +357,9 @@ class ParameterServer:
 
     def _give_task(self, peer: Peer, now: float, held_s: float, ack: dict | None) -> None:
         """Answer a trainer's current request with a task, a wait, or stop."""
-        if self.work.done:
+        if self.over:
             peer.told_to_stop = True
-            body = {"version": self.store.version, "reason": "training finished"}
+            body = {"version": self.store.version, "reason": self.failure or "training finished"}
             if ack is not None:
                 body["ack"] = ack
             self._reply(peer, P.Message(P.STOP, body=body))
@@ -363,9 +390,13 @@ class ParameterServer:
     def _on_push(self, peer: Peer, msg: P.Message, now: float) -> None:
         b = msg.body
         try:
+            if b["loss"] is None:
+                raise P.ProtocolError("push: the loss is NaN or Inf; gradient rejected", "non_finite")
             grads, state = self.store.check_push_arrays(msg.arrays)
         except P.ProtocolError as exc:
             self.rejected[exc.code] += 1
+            if exc.code == "non_finite":
+                self.nonfinite_streak += 1
             lease = self.work.leases.get(b["batch"])     # requeue the pusher's own lease only
             requeued = lease is not None and lease.worker == peer.wid and self.work.release(b["epoch"], b["batch"])
             if self.cfg.mode == "sync":
@@ -373,7 +404,11 @@ class ParameterServer:
             log.warning("rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"], b["batch"],
                         exc, "; batch requeued" if requeued else "")
             self._reply(peer, P.Message(P.ERROR, body={"code": exc.code, "message": str(exc)[:1000]}))
-            if self.cfg.mode == "sync":
+            if self.nonfinite_streak >= self.NONFINITE_LIMIT:
+                self._fail(f"training diverged: the last {self.nonfinite_streak} pushes had a NaN or Inf loss or "
+                           f"gradient (weights of version {self.store.version}). Lower --lr or --momentum, "
+                           "or add --warmup-steps", now)
+            elif self.cfg.mode == "sync":
                 self._maybe_close_round(now)
             return
         if not self.work.is_live(b["epoch"], b["batch"]):
@@ -383,7 +418,12 @@ class ParameterServer:
             self._push_sync(peer, msg, grads, state, now)
             return
         staleness = self.store.version - b["base_version"]
-        lr = self.store.apply(grads, state)
+        try:
+            lr = self.store.apply(grads, state)
+        except TrainingDiverged as exc:
+            self._fail(str(exc), now)
+            self._give_task(peer, now, 0.0, {"applied": False, "reason": "training diverged"})
+            return
         self._applied([(peer, b)], lr, [staleness], now)
         if self.cfg.mode == "ssp":
             peer.clock += 1
@@ -398,6 +438,7 @@ class ParameterServer:
         None here, but its batch was in the average and counts as applied).
         """
         samples = 0
+        self.nonfinite_streak = 0
         for p, body in contributions:
             self.work.complete(body["epoch"], body["batch"])
             samples += body["count"]
@@ -441,15 +482,20 @@ class ParameterServer:
         if not self.round_arrived or any(w not in self.round_arrived for w in self.round_members):
             return
         contributions = [(self.peers.get(w), b) for w, b in self.round_arrived.items()]
-        lr = self.store.apply_accumulated()
-        self._applied(contributions, lr, [0] * len(contributions), now)
+        try:
+            lr = self.store.apply_accumulated()
+            self._applied(contributions, lr, [0] * len(contributions), now)
+            ack = {"applied": True, "staleness": 0}
+        except TrainingDiverged as exc:
+            self._fail(str(exc), now)
+            ack = {"applied": False, "reason": "training diverged"}
         self.round_members.clear()
         self.round_arrived.clear()
         for p, _ in contributions:
             if p is not None:
                 held = now - p.parked_since
                 p.parked_since = 0.0
-                self._give_task(p, now, held, {"applied": True, "staleness": 0})
+                self._give_task(p, now, held, ack)
 
     # ---------------------------------------------------------------- ssp
     def _ssp_may_proceed(self, peer: Peer) -> bool:
@@ -466,7 +512,7 @@ class ParameterServer:
     # ================================================================== evaluator
     def _on_pull(self, peer: Peer, msg: P.Message, now: float) -> None:
         version, arrays = self.store.snapshot()
-        done = self.work.done
+        done = self.over
         body = {"version": version, "epoch": self.work.epoch, "done": done, "updates": version}
         if msg.body["have_version"] == version:
             arrays = {}
@@ -507,16 +553,17 @@ class ParameterServer:
             if now - peer.last_seen > self.cfg.peer_timeout:
                 self._drop_peer(peer, f"declared dead (silent for {now - peer.last_seen:.1f} s)")
         if self.cfg.checkpoint_every and now - self._last_checkpoint >= self.cfg.checkpoint_every \
-                and not self.work.done:
+                and not self.over:
             self._checkpoint()
-        if self.work.done:
+        if self.over:
             return self._finish(now)
         return False
 
     def _finish(self, now: float) -> bool:
         if self.t_finish_start is None:
             self.t_finish_start = now
-            self._checkpoint()
+            if self.failure is None:       # else the last periodic checkpoint stays: a state before the failure
+                self._checkpoint()
             for p in list(self.peers.values()):     # parked trainers (ssp) learn it is over
                 if p.role == "trainer" and p.pending and p.parked_since:
                     p.parked_since = 0.0
@@ -578,6 +625,7 @@ class ParameterServer:
             "batch_size": self.cfg.batch_size, "model": self.cfg.model, "optimizer": self.store.optimizer.config(),
             "rejected_messages": dict(self.rejected), "lease_requeues": self.work.requeued_total,
             "device": "cpu (server)", "config": self.cfg.to_json(),
+            "status": "diverged" if self.failure else "complete", "error": self.failure,
         }
         self.writer.write_summary(summary)
         save_model_checkpoint(os.path.join(self.cfg.out, "model.npz"), self.store.model, None,
@@ -637,7 +685,7 @@ class ParameterServer:
         if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
         last = self.evaluations[-1] if self.evaluations else None
-        return {"version": self.store.version, **self.work.progress(), "done": self.work.done,
+        return {"version": self.store.version, **self.work.progress(), "done": self.over,
                 "finished": self.summary_written, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,
                 "loss": float(np.mean(self.losses)) if self.losses else None,

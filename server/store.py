@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnn_core.errors import PscnnError
 from cnn_core.flat import FlatArrays
 from cnn_core.model import build_model
 from cnn_core.optim import build_optimizer
 from pscnn.protocol import ProtocolError, model_layout
+
+
+class TrainingDiverged(PscnnError):
+    """The weights became non-finite: a run cannot continue from there."""
 
 
 class ParameterStore:
@@ -104,8 +109,19 @@ class ParameterStore:
         The new version's snapshot is written by the optimizer as it goes
         (``copy_to``): every version is sent to at least the worker that made it.
         """
+        _, before = self.snapshot()
         buf = np.empty(self.push_specs_size, dtype=self.params.flat.dtype)
         lr = self.optimizer.step(self.params, grads, schedule_steps=batches, copy_to=buf)
+        new = buf[:self._num_params]
+        with np.errstate(over="ignore", invalid="ignore"):
+            square_sum = np.dot(new, new)
+        if not np.isfinite(square_sum) and not np.isfinite(new).all():
+            # Finite gradients, non-finite weights: the step size is too large for
+            # this model.  Keep the last finite weights for the record and stop.
+            self.params.flat[...] = before.flat[:self._num_params]
+            raise TrainingDiverged(f"training diverged: the update to version {self.version + 1} (lr {lr:.4g}) "
+                                   f"made the weights non-finite; kept version {self.version}. "
+                                   "Lower --lr or --momentum, or add --warmup-steps")
         for name, arr in (state or {}).items():
             self.state[name][...] = arr
         self.version += 1
@@ -136,9 +152,10 @@ class ParameterStore:
         self._grad_sum.flat *= inv
         for s in self._state_sum.values():
             s *= inv
-        lr = self.apply(self._grad_sum, self._state_sum, batches=self._batches)
-        self.discard_accumulated()
-        return lr
+        try:
+            return self.apply(self._grad_sum, self._state_sum, batches=self._batches)
+        finally:
+            self.discard_accumulated()
 
     def discard_accumulated(self) -> None:
         self._grad_sum, self._state_sum, self._sum_weight, self._batches = None, None, 0, 0

@@ -209,3 +209,44 @@ def test_pscnn_run_interrupted_stops_every_child(tmp_path, mnist_dir):
     endpoint = err.split("server on ", 1)[1].split(",", 1)[0]          # every child names it
     leftovers = subprocess.run(["pgrep", "-f", endpoint], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"processes left running: {leftovers}"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_diverging_run_stops_with_a_clear_error(cluster, mnist_dir, mode):
+    """lr 1e7: the weights or losses overflow within a few steps.  The server stops the run
+    (no worker crashes, nothing hangs), exits 1 with a one-line reason, and the
+    summary says so; the weights it keeps are finite."""
+    cluster.start_server(server_flags(cluster.out, mnist_dir, mode, epochs=3, lr=10_000_000, momentum=0,
+                                      warmup_steps=0, schedule="constant", checkpoint_every=0))
+    for i in range(2):
+        cluster.start_worker(f"worker-{i}", client_flags(mnist_dir))
+    cluster.start_evaluator([*client_flags(mnist_dir), "--every", "60"])
+    assert cluster.wait("server", 150) == 1, cluster.log_tail("server", 40)
+    for name in ("worker-0", "worker-1", "evaluator"):
+        assert cluster.wait(name, 30) == 0, f"{name}\n{cluster.log_tail(name, 40)}"
+    log = (cluster.logs / "server.log").read_text()
+    reason = [line for line in log.splitlines() if "ERROR" in line and "training diverged" in line]
+    assert reason and "Lower --lr" in reason[0], log[-3000:]
+    summary = json.loads((cluster.out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["error"].startswith("training diverged")
+    assert summary["updates"] < 3 * -(-TRAIN_LIMIT // BATCH)
+    import numpy as np  # noqa: PLC0415
+    with np.load(cluster.out / "model.npz", allow_pickle=False) as saved:
+        assert all(np.isfinite(saved[k]).all() for k in saved.files if saved[k].dtype.kind == "f")
+
+
+def test_pscnn_run_stops_when_every_worker_died(tmp_path, mnist_dir):
+    """Workers that cannot start (an empty MNIST folder) leave nobody to train: `pscnn run`
+    says so and exits 1 instead of waiting on the server forever."""
+    out, empty = tmp_path / "run", tmp_path / "no-mnist"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--model", "light", "--train-limit", "3000",
+         "--epochs", "1", "--mnist-dir", str(empty), "--out", str(out), "--no-progress", "--no-evaluator"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "every worker has exited" in proc.stderr
+    assert "worker-0 exited with" in proc.stderr
+    endpoint = proc.stderr.split("server on ", 1)[1].split(",", 1)[0]
+    leftovers = subprocess.run(["pgrep", "-f", endpoint], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"processes left running: {leftovers}"

@@ -280,7 +280,7 @@ def test_decode_rejects(name):
 
 def test_bodies_of_other_types_are_validated_too():
     """Every required field of every type is enforced, and wrong kinds are refused."""
-    wrong = {"int": "1", "float": "1.0", "str": 1, "bool": 0, "dict": [], "list": {}}
+    wrong = {"int": "1", "float": "1.0", "float_or_nil": "1.0", "str": 1, "bool": 0, "dict": [], "list": {}}
     for mtype, schema in P.SCHEMAS.items():
         for fname, (kind, required) in schema.items():
             body = dict(FULL_BODIES[mtype])
@@ -305,6 +305,8 @@ def test_boundaries_accepted():
     # header keys other than v/type may be left out
     msg = P.decode([_pack({"v": P.PROTOCOL_VERSION, "type": P.WORK})])
     assert (msg.wid, msg.seq, msg.body, msg.arrays) == ("", 0, {}, {})
+    # a push's loss may be nil (the worker's loss was NaN or Inf; the server rejects the push)
+    assert P.decode(_push({"loss": None})).body["loss"] is None
     # ints are accepted where a float is expected, and a huge (uint64) seq is fine
     msg = P.decode(_push({"loss": 3, "timing": {}}, seq=2**64 - 1))
     assert msg.seq == 2**64 - 1 and msg.body["loss"] == 3

@@ -4,7 +4,7 @@ import pytest
 
 from cnn_core.flat import FlatArrays
 from pscnn import protocol as P
-from server.store import ParameterStore
+from server.store import ParameterStore, TrainingDiverged
 
 BN_SPEC = {"input_shape": [1, 6, 6], "layers": [
     {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3, "padding": 1},
@@ -97,3 +97,15 @@ def test_sync_rounds_apply_the_sample_weighted_mean():
     b.apply(mean)
     np.testing.assert_allclose(a.params.flat, b.params.flat, rtol=1e-6, atol=1e-7)
     assert a.optimizer.t == 2 and b.optimizer.t == 1                 # two batches move the schedule twice
+
+
+def test_an_update_that_makes_the_weights_non_finite_is_refused():
+    store = ParameterStore("light", {"name": "sgd", "lr": 1e10})
+    before = store.params.flat.copy()
+    arrays = push_of(store)
+    arrays["fc1.weight"][...] = 1e30                  # finite, but lr * g overflows float32
+    grads, state = store.check_push_arrays(received(arrays))
+    with pytest.raises(TrainingDiverged, match="made the weights non-finite; kept version 0"):
+        store.apply(grads, state)
+    np.testing.assert_array_equal(store.params.flat, before)
+    assert store.version == 0 and store.snapshot()[0] == 0

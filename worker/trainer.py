@@ -13,6 +13,7 @@ parked the request at a sync barrier or an SSP bound).
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 
@@ -28,6 +29,12 @@ from .client import Client, Rejoined, ServerError, ServerUnreachable, exit_statu
 
 log = logging.getLogger("pscnn.worker")
 
+
+
+def _finite_or_none(loss) -> float | None:
+    """The push's loss: None for NaN or Inf, which the server rejects (and counts towards divergence)."""
+    loss = float(loss)
+    return loss if math.isfinite(loss) else None
 
 class Trainer:
     def __init__(self, client: Client, device: str = "cpu", mnist_dir: str | None = None,
@@ -111,7 +118,7 @@ class Trainer:
                     self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
                 push = {"epoch": body["epoch"], "batch": body["batch"], "lease": body["lease"],
-                        "base_version": body["version"], "loss": float(result["loss"]),
+                        "base_version": body["version"], "loss": _finite_or_none(result["loss"]),
                         "correct": result["correct"], "count": result["count"],
                         "timing": {"compute_s": result["compute_s"], **timing}}
                 reply = self.client.request(P.PUSH, push, arrays)
