@@ -111,9 +111,9 @@ class ParameterStore:
         """
         _, before = self.snapshot()
         buf = np.empty(self.push_specs_size, dtype=self.params.flat.dtype)
-        lr = self.optimizer.step(self.params, grads, schedule_steps=batches, copy_to=buf)
         new = buf[:self._num_params]
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):    # overflow is detected just below
+            lr = self.optimizer.step(self.params, grads, schedule_steps=batches, copy_to=buf)
             square_sum = np.dot(new, new)
         if not np.isfinite(square_sum) and not np.isfinite(new).all():
             # Finite gradients, non-finite weights: the step size is too large for

@@ -23,9 +23,13 @@ BIG_EPOCHS = 100_000            # a run that never ends within a benchmark windo
 
 
 def server_flags(mode: str, batch: int, out: Path, model: str = "seed", lr: float = 0.05, epochs: int = BIG_EPOCHS,
-                 train_limit: int = 0, mnist_dir: str | None = None, extra: list[str] = ()) -> list[str]:
+                 train_limit: int = 0, mnist_dir: str | None = None, extra: list[str] = (),
+                 optimizer: str = "sgd") -> list[str]:
+    """Flags of a throughput benchmark's server: momentum SGD at a constant rate by default,
+    the update the single-process baseline makes, whatever the mode's default optimizer."""
     flags = ["--mode", mode, "--batch-size", str(batch), "--epochs", str(epochs), "--train-limit", str(train_limit),
-             "--model", model, "--lr", str(lr), "--schedule", "constant", "--checkpoint-every", "0",
+             "--model", model, "--optimizer", optimizer, "--lr", str(lr), "--schedule", "constant",
+             "--checkpoint-every", "0",
              "--peer-timeout", "60",
              "--lease-timeout", "120", "--final-eval-timeout", "0", "--out", str(out), "--log-level", "WARNING",
              *extra]

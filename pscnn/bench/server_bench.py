@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default="async", choices=["async", "sync", "ssp"], help="server mode (default: async)")
     p.add_argument("--batch", type=int, default=64, help="the run's batch size (samples per push; default 64)")
     p.add_argument("--model", default="seed", help="model preset: sets the payload (default: seed, 1.7 MB)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adagrad", "rmsprop", "adam", "adamw"],
+                   help="the server's update rule (default: sgd with momentum 0.9; adam is what async runs "
+                        "use by default)")
     p.add_argument("--seconds", type=float, default=5.0, help="measured window per point (default: 5)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of cycling before the window (default: 2)")
     p.add_argument("--trials", type=int, default=3, help="trials; medians are reported (default: 3)")
@@ -97,7 +100,8 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
         if kind == "pscnn":
             from .cluster import server_flags  # noqa: PLC0415
             argv = ["-m", "pscnn.cli", "server", "--bind", endpoint,
-                    *server_flags(args.mode, args.batch, tmp / "run", model=args.model),
+                    *server_flags(args.mode, args.batch, tmp / "run", model=args.model, optimizer=args.optimizer,
+                                  lr=0.001 if args.optimizer.startswith("adam") else 0.05),
                     "--max-workers", str(max(1024, n))]
             if profile is not None:
                 argv = ["-m", "cProfile", "-o", str(profile), *argv]
@@ -220,7 +224,8 @@ def summarize(rows, clients) -> list[dict]:
 def report(summary, machine, payload, args) -> None:
     mb = (payload or 0) / 1e6
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; payload {mb:.2f} MB per "
-          f"direction ({args.model} model), mode {args.mode}; medians of {args.trials} trials")
+          f"direction ({args.model} model), mode {args.mode}, optimizer {args.optimizer}; medians of {args.trials} "
+          "trials")
     headers = ["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "echo rt/s",
                "echo MB/s", "echo p50", "echo p99", "server/echo"]
     rows = [[s["clients"], fmt(s.get("pscnn_cycles_per_second")), fmt(s.get("pscnn_mb_per_second")),

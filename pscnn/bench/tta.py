@@ -43,9 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--trials", type=int, default=1, help="runs per configuration (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per worker (default: 1)")
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
-    p.add_argument("--lr", type=float, default=0.02, help="learning rate (default: 0.02, as pscnn server)")
-    p.add_argument("--optimizer", default="sgd", help="optimizer (default: sgd)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the server's for the optimizer)")
+    p.add_argument("--optimizer", default="auto",
+                   help="optimizer (default: auto, as pscnn server: sgd for sync, adam for async and ssp)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the server's, 0.9)")
     p.add_argument("--schedule", default=None,
                    help="learning-rate schedule passed to the server (default: the server's own default)")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
@@ -97,10 +98,13 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
     server_out = folder / "server"
     flags = ["--mode", mode, "--batch-size", str(args.batch), "--epochs", str(args.epochs),
              "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit), "--model", args.model,
-             "--optimizer", args.optimizer, "--lr", str(args.lr), "--momentum", str(args.momentum),
-             "--checkpoint-every", "0",
+             "--optimizer", args.optimizer, "--checkpoint-every", "0",
              "--peer-timeout", "60", "--final-eval-timeout", "30", "--out", str(server_out),
              "--log-level", "WARNING"]
+    if args.lr is not None:
+        flags += ["--lr", str(args.lr)]
+    if args.momentum is not None:
+        flags += ["--momentum", str(args.momentum)]
     if args.schedule:
         flags += ["--schedule", args.schedule]
     if mnist_dir:
@@ -218,8 +222,9 @@ def summarize(rows, modes, workers) -> list[dict]:
 
 def report(summary, args, machine) -> None:
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; target test accuracy "
-          f"{args.target} on {args.test_limit or 10000} test images; batch {args.batch}, {args.optimizer} lr {args.lr}"
-          + (f" momentum {args.momentum}" if args.optimizer == "sgd" else "")
+          f"{args.target} on {args.test_limit or 10000} test images; batch {args.batch}, optimizer {args.optimizer}"
+          + (f" lr {args.lr}" if args.lr is not None else " (default lr)")
+          + (f" momentum {args.momentum}" if args.momentum is not None else "")
           + (f", schedule {args.schedule}" if args.schedule else ", the server's default schedule"))
     headers = ["mode", "workers", "reached", "seconds", "images", "updates", "speed-up vs 1", "best acc"]
     rows = [[s["mode"], s["workers"], f"{s['reached']}/{s['runs']}", fmt(s["seconds_to_target"], ".1f"),
