@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
-    """Make ``PSCNN_<DEST>`` the default of every flag (recursively into subcommands)."""
+    """Make ``PSCNN_<DEST>`` the default of every flag (recursively into subcommands); empty means unset."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -234,6 +234,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> N
         if key not in environ:
             continue
         raw = environ[key]
+        if not raw.strip():             # set but empty (compose's ${VAR:-}): the flag's own default
+            continue
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             low = raw.strip().lower()
             if low not in _TRUE | _FALSE:

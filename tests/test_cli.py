@@ -42,3 +42,8 @@ def test_every_optimizer_has_a_default_rate():
     choices = next(a.choices for a in parser._subparsers._group_actions[0].choices["train"]._actions
                    if a.dest == "optimizer")
     assert set(choices) == {"auto", *DEFAULT_LR}
+
+
+def test_an_empty_variable_means_the_flags_default():
+    # docker compose passes ${PSCNN_LR:-} as an empty string when the user sets nothing
+    assert config(["run", "--mode", "async"], {"PSCNN_LR": "", "PSCNN_OPTIMIZER": " "})["lr"] == 0.001
