@@ -221,12 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
-    """Make ``PSCNN_<DEST>`` the default of every flag (recursively into subcommands); empty means unset."""
+def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ, argv=None) -> None:
+    """Make ``PSCNN_<DEST>`` the default of every flag; empty means unset.
+
+    Recurses into the subcommands that ``argv`` names (all of them when
+    ``argv`` is None): a variable meant for ``pscnn server`` must not break on
+    ``pscnn bench server``, whose flag of the same name takes other values.
+    """
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                apply_env_defaults(sub, environ)
+            if argv is None:
+                for sub in action.choices.values():
+                    apply_env_defaults(sub, environ)
+                continue
+            at = next((i for i, token in enumerate(argv) if token in action.choices), None)
+            if at is not None:
+                apply_env_defaults(action.choices[argv[at]], environ, argv[at + 1:])
             continue
         if not action.option_strings or action.dest in ("help",):
             continue
@@ -306,8 +316,9 @@ def setup_logging(level: str, role: str) -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        apply_env_defaults(parser)
+        apply_env_defaults(parser, argv=argv)
     except CliError as exc:
         print(f"pscnn: error: {exc}", file=sys.stderr)
         return 2

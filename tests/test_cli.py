@@ -1,7 +1,7 @@
 """pscnn.cli: how flags and PSCNN_* variables become an optimizer config (no processes)."""
 import pytest
 
-from pscnn.cli import DEFAULT_LR, apply_env_defaults, build_parser, optimizer_config
+from pscnn.cli import DEFAULT_LR, apply_env_defaults, build_parser, main, optimizer_config
 
 
 def config(argv, environ=None):
@@ -47,3 +47,13 @@ def test_every_optimizer_has_a_default_rate():
 def test_an_empty_variable_means_the_flags_default():
     # docker compose passes ${PSCNN_LR:-} as an empty string when the user sets nothing
     assert config(["run", "--mode", "async"], {"PSCNN_LR": "", "PSCNN_OPTIMIZER": " "})["lr"] == 0.001
+
+
+def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
+    # PSCNN_OPTIMIZER=auto is valid for `pscnn server`, not for `pscnn bench server`.
+    parser = build_parser()
+    apply_env_defaults(parser, {"PSCNN_OPTIMIZER": "auto"}, argv=["server", "--mode", "async"])
+    assert optimizer_config(parser.parse_args(["server", "--mode", "async"]))["name"] == "adam"
+    monkeypatch.setenv("PSCNN_OPTIMIZER", "auto")
+    assert main(["bench", "server", "--clients", "1"]) == 2
+    assert "PSCNN_OPTIMIZER='auto': expected one of sgd" in capsys.readouterr().err
