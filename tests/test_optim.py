@@ -269,6 +269,14 @@ def _fresh_params():
             "fc1.weight": rng.standard_normal((6, 2))}
 
 
+def _stepped(config, grads):
+    """(params, optimizer): a fresh optimizer of ``config`` applied to fresh params for each of ``grads``."""
+    params, opt = _fresh_params(), build_optimizer(config)
+    for g in grads:
+        opt.step(params, g)
+    return params, opt
+
+
 @pytest.mark.parametrize("config", [
     {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "l2": 1e-3},
     {"name": "sgd", "lr": 0.05},
@@ -279,14 +287,9 @@ def _fresh_params():
 ])
 def test_restored_optimizer_continues_bit_exactly(config):
     grads = _grad_stream(7, _fresh_params(), 8)
-    # Uninterrupted run.
-    params_a, opt_a = _fresh_params(), build_optimizer(config)
-    for g in grads:
-        opt_a.step(params_a, g)
+    params_a, opt_a = _stepped(config, grads)                # uninterrupted
     # Interrupted at step 4: state and config go through JSON / plain arrays.
-    params_b, opt_b = _fresh_params(), build_optimizer(config)
-    for g in grads[:4]:
-        opt_b.step(params_b, g)
+    params_b, opt_b = _stepped(config, grads[:4])
     saved = opt_b.state_dict()
     saved_params = {k: v.copy() for k, v in params_b.items()}
     saved_config = json.loads(json.dumps(opt_b.config()))
@@ -343,13 +346,9 @@ def test_flat_update_equals_per_name_update_bit_for_bit(config, monkeypatch):
 @pytest.mark.parametrize("config", FLAT_CONFIGS[:1] + FLAT_CONFIGS[5:6], ids=lambda c: c["name"])
 def test_flat_update_adopts_loaded_state_and_mixes_with_per_name_steps(config):
     grads = _grad_stream(4, _fresh_params(), 6)
-    reference, opt_ref = _fresh_params(), build_optimizer(config)
-    for g in grads:
-        opt_ref.step(reference, g)
+    reference, _ = _stepped(config, grads)
     # Per-name steps, a checkpoint, then flat steps resumed from it.
-    params, opt = _fresh_params(), build_optimizer(config)
-    for g in grads[:2]:
-        opt.step(params, g)
+    params, opt = _stepped(config, grads[:2])
     flat = FlatArrays.pack(params)
     opt.step(flat, FlatArrays.pack(grads[2]))                  # per-name state adopted into flat buffers
     restored = build_optimizer(config)
