@@ -179,8 +179,8 @@ class Optimizer:
         the number of workers.  ``copy_to``: a 1-d array of at least
         ``params.flat.size`` elements (flat params only) that receives the
         updated weights, each block copied while it is still in cache: the
-        parameter server's snapshot of the new version for a third of a
-        separate copy's cost.
+        parameter server's snapshot of the new version (for the seed model,
+        ~0.13 ms this way against 0.17 ms for a separate copy).
         """
         flat = (same_layout(params, grads)
                 and backend.get_array_module(params.flat) is backend.get_array_module(grads.flat))

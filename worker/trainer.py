@@ -88,7 +88,7 @@ class Trainer:
     def push_arrays(self, grads: dict) -> FlatArrays:
         """Gradients, then the model state, in one host buffer.
 
-        The layout the server expects (``ParameterStore.push_specs``): the push
+        The layout the server expects (``protocol.model_layout``): the push
         leaves as one frame without a further copy, and the server validates
         and applies it in place.  On a GPU it is one device-to-host transfer.
         """
