@@ -150,6 +150,10 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g.add_argument("--max-workers", type=_positive_int, default=1024, help="refuse workers beyond this")
 
 
+OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "
+                "leases; hides the round trip, gradients one version staler)")
+
+
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", default="tcp://localhost:5555", help="server endpoint (default: tcp://localhost:5555)")
@@ -188,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mnist-dir", default=None, help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
     p.add_argument("--compute-ms", type=_non_negative_float, default=None,
                    help="benchmarks: sleep this long instead of computing, push zero gradients")
+    p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
     add_log_flags(p)
 
     p = sub.add_parser("evaluator", help="scores the newest weights on the test set")
@@ -203,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_non_negative_int, default=0, help="server port on 127.0.0.1 (0: a free one)")
     p.add_argument("--eval-every", type=_positive_float, default=10.0, help="seconds between evaluations")
     p.add_argument("--no-evaluator", action="store_true", help="run without an evaluator")
+    p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
     add_server_flags(p, bind=False)
     add_model_flags(p)
     add_data_flags(p)

@@ -152,7 +152,7 @@ def run_from_args(args) -> int:
     with cluster:
         cluster.start_server(flags_from(args, SERVER_FLAGS))
         for i in range(args.workers):
-            cluster.start_worker(f"worker-{i}", client_flags)
+            cluster.start_worker(f"worker-{i}", [*client_flags, *(["--overlap"] if args.overlap else [])])
         if not args.no_evaluator:
             cluster.start_evaluator([*client_flags, "--every", str(args.eval_every),
                                      "--test-limit", str(args.test_limit)])

@@ -92,7 +92,26 @@ class Client:
 
     def request(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> P.Message:
         """Send one request and return the answer (see the module docs for failures)."""
-        reply = self._roundtrip(P.Message(mtype, self.wid, self._next_seq(), body or {}, arrays or {}))
+        return self._answer(self._roundtrip(P.Message(mtype, self.wid, self._next_seq(), body or {}, arrays or {})))
+
+    def submit(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> "Pending":
+        """Send one request now; ``.result()`` on the returned handle waits for its answer.
+
+        The caller works in between (a trainer computes its next batch while
+        its push travels).  One request in flight at a time: collect the
+        answer before the next ``request`` or ``submit``.  Resends and
+        reconnects happen inside ``result()``, as in :meth:`request`.
+        """
+        msg = P.Message(mtype, self.wid, self._next_seq(), body or {}, arrays or {})
+        if self.sock is None:
+            self._open()
+        frames = P.encode(msg)
+        sent_at = time.monotonic()
+        self.sock.send_multipart(frames, copy=False)
+        return Pending(self, msg, frames, sent_at)
+
+    def _answer(self, reply: P.Message) -> P.Message:
+        """A reply, or the exception that an error reply means."""
         if reply.type == P.ERROR:
             if reply.body["code"] == "unknown_worker":
                 log.warning("the server does not know us (it restarted?); joining again")
@@ -142,16 +161,23 @@ class Client:
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.sock.connect(self.endpoint)
 
-    def _roundtrip(self, msg: P.Message, give_up_after: float | None = None) -> P.Message:
-        """Send ``msg`` until its reply (same seq) arrives; resend/reconnect/back off on silence."""
+    def _roundtrip(self, msg: P.Message, give_up_after: float | None = None,
+                   sent: tuple[list, float] | None = None) -> P.Message:
+        """Send ``msg`` until its reply (same seq) arrives; resend/reconnect/back off on silence.
+
+        ``sent``: (frames, time) of a message already sent once (:meth:`submit`).
+        """
         limit = self.give_up_after if give_up_after is None else give_up_after
-        if self.sock is None:
-            self._open()
-        frames = P.encode(msg)
-        t0 = time.monotonic()
+        if sent is None:
+            if self.sock is None:
+                self._open()
+            frames = P.encode(msg)
+            t0 = time.monotonic()
+            self.sock.send_multipart(frames, copy=False)
+        else:
+            frames, t0 = sent
         last_answer = t0
         backoff = self.resend_s
-        self.sock.send_multipart(frames, copy=False)
         sent_at = t0
         while True:
             now = time.monotonic()
@@ -206,6 +232,17 @@ class Client:
                     log.warning("server did not answer a heartbeat")
         finally:
             sock.close(linger=0)
+
+
+class Pending:
+    """A request sent by :meth:`Client.submit`, whose answer is collected later."""
+
+    def __init__(self, client: Client, msg: P.Message, frames: list, sent_at: float):
+        self.client, self.msg, self.frames, self.sent_at = client, msg, frames, sent_at
+
+    def result(self) -> P.Message:
+        """Wait for the answer (resending on silence); raises like :meth:`Client.request`."""
+        return self.client._answer(self.client._roundtrip(self.msg, sent=(self.frames, self.sent_at)))
 
 
 def exit_status_unreachable(client: Client, exc: ServerUnreachable, logger) -> int:

@@ -117,11 +117,7 @@ class Trainer:
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
-                push = {"epoch": body["epoch"], "batch": body["batch"], "lease": body["lease"],
-                        "base_version": body["version"], "loss": _finite_or_none(result["loss"]),
-                        "correct": result["correct"], "count": result["count"],
-                        "timing": {"compute_s": result["compute_s"], **timing}}
-                reply = self.client.request(P.PUSH, push, arrays)
+                reply = self.client.request(P.PUSH, self._push_body(body, result, timing), arrays)
                 held = float(reply.body.get("held_s", 0.0))
                 timing = {"comm_s": max(0.0, self.client.last_rtt_s - held), "wait_s": held}
                 self.steps += 1
@@ -133,9 +129,74 @@ class Trainer:
                 log.warning("server rejected our request: %s; asking for new work", exc)
                 reply = self.client.request(P.WORK)
 
+    @staticmethod
+    def _push_body(task: dict, result: dict, timing: dict) -> dict:
+        return {"epoch": task["epoch"], "batch": task["batch"], "lease": task["lease"],
+                "base_version": task["version"], "loss": _finite_or_none(result["loss"]),
+                "correct": result["correct"], "count": result["count"],
+                "timing": {"compute_s": result["compute_s"], **timing}}
+
+    def loop_overlapped(self) -> int:
+        """:meth:`loop`, but each batch is computed while the previous push travels.
+
+        The trainer holds two leased batches: it computes one on the weights it
+        has while the push of the other is in flight, then collects that push's
+        answer (the next batch and newer weights) and sends the new push.  The
+        round trip hides behind the computation; each gradient is one version
+        staler.  Meant for async mode (a sync round or an ssp clock counts one
+        batch per worker).  Returns 0 when the server says stop.
+        """
+        tasks: list[dict] = []              # leased, not yet computed
+        pending = None                      # the push in flight
+        timing = {"comm_s": 0.0, "wait_s": 0.0}
+        while True:
+            try:
+                if pending is None and len(tasks) < 2:
+                    reply = self._answer_or_none(self.client.request, P.WORK)     # fill the pipeline
+                elif tasks:
+                    task = tasks.pop(0)
+                    result, arrays = self.compute(task)
+                    reply = None
+                    if pending is not None:
+                        reply, timing = self._collect(pending)
+                    pending = self.client.submit(P.PUSH, self._push_body(task, result, timing), arrays)
+                    self.steps += 1
+                    self.samples += result["count"]
+                else:                                             # nothing to compute: wait for the push
+                    (reply, timing), pending = self._collect(pending), None
+                if reply is None:
+                    continue
+                if reply.type == P.STOP:                          # a push still in flight is moot
+                    log.info("server says %s after %d steps (%d samples); exiting",
+                             reply.body["reason"], self.steps, self.samples)
+                    return 0
+                if reply.arrays:
+                    self.model.assign(reply.arrays)
+                if reply.type == P.TASK:
+                    tasks.append(reply.body)
+                elif reply.type == P.WAIT and not tasks and pending is None:
+                    time.sleep(reply.body["retry_s"])
+            except Rejoined as exc:                               # the server forgot our leases
+                self.setup(exc.welcome)
+                tasks, pending = [], None
+
+    def _collect(self, pending) -> tuple[P.Message | None, dict]:
+        """The answer to the push in flight (None if rejected), and the time spent waiting for it."""
+        waited = time.perf_counter()
+        reply = self._answer_or_none(pending.result)
+        return reply, {"comm_s": time.perf_counter() - waited, "wait_s": 0.0}
+
+    @staticmethod
+    def _answer_or_none(call, *args) -> P.Message | None:
+        try:
+            return call(*args)
+        except ServerError as exc:
+            log.warning("server rejected our request: %s; going on", exc)
+            return None
+
 
 def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mnist_dir: str | None = None,
-                give_up_after: float = 600.0, compute_ms: float | None = None) -> int:
+                give_up_after: float = 600.0, compute_ms: float | None = None, overlap: bool = False) -> int:
     client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after)
     _exit_on_sigterm()
     try:
@@ -143,7 +204,9 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         log.info("joined %s as %s", endpoint, client.wid)
         trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms)
         trainer.setup(welcome)
-        status = trainer.loop()
+        if overlap and trainer.run.get("mode") != "async":
+            log.warning("--overlap applies to async mode only; the server runs %s", trainer.run.get("mode"))
+        status = trainer.loop_overlapped() if overlap and trainer.run.get("mode") == "async" else trainer.loop()
         client.close()
         return status
     except ServerUnreachable as exc:
@@ -164,4 +227,4 @@ def _exit_on_sigterm() -> None:
 
 def run_trainer_from_args(args) -> int:
     return run_trainer(args.server, name=args.name, device=args.device, mnist_dir=args.mnist_dir,
-                       give_up_after=args.give_up_after, compute_ms=args.compute_ms)
+                       give_up_after=args.give_up_after, compute_ms=args.compute_ms, overlap=args.overlap)

@@ -38,8 +38,9 @@ def server_flags(mode: str, batch: int, out: Path, model: str = "seed", lr: floa
     return flags
 
 
-def worker_flags(threads: int, compute_ms: float | None, mnist_dir: str | None) -> list[str]:
-    flags = ["--threads", str(threads), "--log-level", "WARNING", "--give-up-after", "60"]
+def worker_flags(threads: int, compute_ms: float | None, mnist_dir: str | None, overlap: bool = False) -> list[str]:
+    flags = ["--threads", str(threads), "--log-level", "WARNING", "--give-up-after", "60",
+             *(["--overlap"] if overlap else [])]
     if compute_ms is not None:
         flags += ["--compute-ms", f"{compute_ms:g}"]
     if mnist_dir:
@@ -57,7 +58,7 @@ def _stamped_status(endpoint: str) -> tuple[float, dict | None, float | None]:
 def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: float, warmup: float,
                   threads: int = 1, compute_ms: float | None = None, model: str = "seed", lr: float = 0.05,
                   mnist_dir: str | None = None, keep_openblas: bool = False, startup_timeout: float = 120.0,
-                  keep_logs: bool = False) -> dict:
+                  keep_logs: bool = False, overlap: bool = False) -> dict:
     """Run one configuration and return its measurements (a flat dict)."""
     if out.exists():
         shutil.rmtree(out)
@@ -71,7 +72,7 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
                  what="the server to answer", on_fail=lambda: cluster.log_tail("server"))
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode}:\n{cluster.log_tail('server')}")
-        flags = worker_flags(threads, compute_ms, mnist_dir)
+        flags = worker_flags(threads, compute_ms, mnist_dir, overlap=overlap and mode == "async")
         for i in range(workers):
             cluster.start_worker(f"worker-{i}", flags)
 

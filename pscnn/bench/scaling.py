@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
     p.add_argument("--lr", type=float, default=0.05, help="server learning rate (default: 0.05)")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
+    p.add_argument("--overlap", action="store_true",
+                   help="async points: workers compute the next batch while a push travels (pscnn worker --overlap)")
     add_output_flags(p, "scaling", keep_logs=True)
 
 
@@ -110,7 +112,8 @@ def run(args) -> int:
                     res = measure_point(out / "points" / f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}",
                                         seconds=args.seconds, warmup=args.warmup, threads=args.threads,
                                         model=args.model, lr=args.lr, mnist_dir=mnist_dir,
-                                        keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, **pt)
+                                        keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs,
+                                        overlap=args.overlap, **pt)
                 except RuntimeError as exc:     # one failed point must not lose the others
                     print(f"\npscnn bench scaling: {pt}: {exc}", file=sys.stderr)
                     res = {"error": str(exc)[:500]}
