@@ -144,6 +144,20 @@ def test_worker_killed_mid_epoch(cluster, mnist_dir, mode, overlap):
         assert {w for r in steps for w in r["workers"]} == {"worker-0", "worker-1", "worker-2"}
 
 
+def test_overlapped_workers_get_through_short_epochs(cluster, mnist_dir):
+    """10 batches per epoch for 3 overlapping workers (two leases each): every epoch ends
+    with workers told to wait while others hold the last leases.  They must compute what
+    they hold rather than keep asking; leases never expire here (300 s), so a worker that
+    sat on its lease would stall the run past ``finish``'s timeout."""
+    cluster.start_server(server_flags(cluster.out, mnist_dir, "async", epochs=4, train_limit=640,
+                                      lease_timeout=300, final_eval_timeout=0))   # the server scores
+    for i in range(3):
+        cluster.start_worker(f"worker-{i}", [*client_flags(mnist_dir), "--overlap"])
+    summary = finish(cluster, timeout=120)
+    assert summary["samples_applied"] == 4 * 640
+    assert_exactly_once(cluster.out, epochs=4, num_samples=640)
+
+
 def test_worker_joining_mid_run_gets_work(cluster, mnist_dir):
     cluster.start_server(server_flags(cluster.out, mnist_dir, "async", epochs=2))
     cluster.start_worker("worker-0", client_flags(mnist_dir))

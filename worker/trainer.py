@@ -148,10 +148,11 @@ class Trainer:
         """
         tasks: list[dict] = []              # leased, not yet computed
         pending = None                      # the push in flight
+        more = True                         # False after a "wait": compute what we hold first
         timing = {"comm_s": 0.0, "wait_s": 0.0}
         while True:
             try:
-                if pending is None and len(tasks) < 2:
+                if pending is None and (not tasks or len(tasks) < 2 and more):
                     reply = self._answer_or_none(self.client.request, P.WORK)     # fill the pipeline
                 elif tasks:
                     task = tasks.pop(0)
@@ -172,13 +173,14 @@ class Trainer:
                     return 0
                 if reply.arrays:
                     self.model.assign(reply.arrays)
+                more = reply.type == P.TASK
                 if reply.type == P.TASK:
                     tasks.append(reply.body)
                 elif reply.type == P.WAIT and not tasks and pending is None:
                     time.sleep(reply.body["retry_s"])
             except Rejoined as exc:                               # the server forgot our leases
                 self.setup(exc.welcome)
-                tasks, pending = [], None
+                tasks, pending, more = [], None, True
 
     def _collect(self, pending) -> tuple[P.Message | None, dict]:
         """The answer to the push in flight (None if rejected), and the time spent waiting for it."""
