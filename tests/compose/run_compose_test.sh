@@ -339,6 +339,9 @@ PSCNN_PORT=$(free_port)
 # async: workers come and go without the server waiting on a fixed group
 export PSCNN_MODE=${PSCNN_CI_SCALE_MODE:-async}
 export PSCNN_TRAIN_LIMIT=${PSCNN_CI_SCALE_TRAIN_LIMIT:-60000}
+# long enough that the healthcheck (every 10 s) sees the server training: one epoch of the
+# light model took ~10 s here, and the check then raced the end of the run
+export PSCNN_EPOCHS=${PSCNN_CI_SCALE_EPOCHS:-3}
 log "[$P] 4 workers first, no server yet (port $PSCNN_PORT, mode $PSCNN_MODE)"
 dc "$P" up -d --no-build --pull never --no-deps --scale worker=4 worker >"$WORK/scale.log" 2>&1 \
     || { cat "$WORK/scale.log"; die "could not start the workers"; }
