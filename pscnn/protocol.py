@@ -14,8 +14,8 @@ A message is a ZeroMQ multipart message::
   ``arrays`` order.  A model (all float32) is one frame: the sender hands over
   a :class:`~cnn_core.flat.FlatArrays` buffer without copying
   (``copy=False``), and the receiver gets read-only views of the ZeroMQ frame,
-  as a FlatArrays when the message has one dtype.  One frame instead of one per
-  parameter halved the server's cost of a push + reply (docs/scaling.md).
+  as a FlatArrays when the message has one dtype.  A whole model is one frame
+  instead of one per parameter (docs/scaling.md, section 1, has the measurements).
 
 No pickle anywhere.  :func:`decode` validates everything it is given: header
 size, msgpack well-formedness, the protocol version, the message type, the
@@ -139,9 +139,9 @@ def encode(msg: Message) -> list:
                 raise ProtocolError(f"array {name!r}: dtype {dtype} is not one of {ALLOWED_DTYPES}")
             specs.append([name, dtype, list(arr.shape)])
             groups.setdefault(dtype, []).append(arr)
-        frames = [np.array(group[0], order="C") if len(group) == 1 and not group[0].flags.c_contiguous
-                  else group[0] if len(group) == 1
-                  else np.concatenate([a.reshape(-1) for a in group]) for group in groups.values()]
+        # A frame is raw bytes: one array as is (copied only if not C-contiguous), several packed.
+        frames = [np.ascontiguousarray(group[0]) if len(group) == 1 else np.concatenate([a.ravel() for a in group])
+                  for group in groups.values()]
     header = msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.type, "wid": msg.wid, "seq": msg.seq,
                             "body": msg.body, "arrays": specs}, use_bin_type=True)
     if len(header) > MAX_HEADER_BYTES:

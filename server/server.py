@@ -406,8 +406,7 @@ class ParameterServer:
             self._reply(peer, P.Message(P.ERROR, body={"code": exc.code, "message": str(exc)[:1000]}))
             if self.nonfinite_streak >= self.NONFINITE_LIMIT:
                 self._fail(f"training diverged: the last {self.nonfinite_streak} pushes had a NaN or Inf loss or "
-                           f"gradient (weights of version {self.store.version}). Lower --lr or --momentum, "
-                           "or add --warmup-steps", now)
+                           f"gradient (weights of version {self.store.version}). {TrainingDiverged.ADVICE}", now)
             elif self.cfg.mode == "sync":
                 self._maybe_close_round(now)
             return

@@ -25,8 +25,21 @@ from cnn_core.optim import build_optimizer
 from pscnn.protocol import ProtocolError, model_layout
 
 
+def _all_finite(flat) -> bool:
+    """No NaN or Inf in the 1-d float array ``flat``.
+
+    One reduction instead of ``isfinite`` per element: a NaN or Inf makes the
+    sum of squares non-finite; so can overflow, and then the exact check decides.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        square_sum = np.dot(flat, flat)
+    return bool(np.isfinite(square_sum)) or bool(np.isfinite(flat).all())
+
+
 class TrainingDiverged(PscnnError):
     """The weights became non-finite: a run cannot continue from there."""
+
+    ADVICE = "Lower --lr or --momentum, or add --warmup-steps"
 
 
 class ParameterStore:
@@ -65,12 +78,8 @@ class ParameterStore:
         """
         if (isinstance(arrays, FlatArrays) and arrays.specs == self.push_specs
                 and arrays.flat.dtype == self.params.flat.dtype):
-            # One reduction instead of isfinite per element: a NaN or Inf makes the
-            # sum of squares non-finite.  (So can overflow: then the exact check decides.)
-            with np.errstate(over="ignore", invalid="ignore"):
-                square_sum = np.dot(arrays.flat, arrays.flat)
-            if not np.isfinite(square_sum):
-                self._check_finite(arrays)
+            if not _all_finite(arrays.flat):
+                self._check_finite(arrays)                  # names the culprit
             grads = FlatArrays(self.params.specs, arrays.flat[:self._num_params])
             return grads, {k: arrays[k] for k in self.state}
         grads, state = {}, {}
@@ -111,17 +120,15 @@ class ParameterStore:
         """
         _, before = self.snapshot()
         buf = np.empty(self.push_specs_size, dtype=self.params.flat.dtype)
-        new = buf[:self._num_params]
         with np.errstate(over="ignore", invalid="ignore"):    # overflow is detected just below
             lr = self.optimizer.step(self.params, grads, schedule_steps=batches, copy_to=buf)
-            square_sum = np.dot(new, new)
-        if not np.isfinite(square_sum) and not np.isfinite(new).all():
+        if not _all_finite(buf[:self._num_params]):
             # Finite gradients, non-finite weights: the step size is too large for
             # this model.  Keep the last finite weights for the record and stop.
             self.params.flat[...] = before.flat[:self._num_params]
             raise TrainingDiverged(f"training diverged: the update to version {self.version + 1} (lr {lr:.4g}) "
                                    f"made the weights non-finite; kept version {self.version}. "
-                                   "Lower --lr or --momentum, or add --warmup-steps")
+                                   + TrainingDiverged.ADVICE)
         for name, arr in (state or {}).items():
             self.state[name][...] = arr
         self.version += 1

@@ -9,6 +9,9 @@ uses, so a task is three integers.
 Each push reports the batch's compute time and the previous round trip split
 into communication (``rtt - held``) and waiting (``held``: time the server
 parked the request at a sync barrier or an SSP bound).
+
+With ``--overlap`` (async) a trainer holds two leases and computes one batch
+while the push of the other travels (:meth:`Trainer.loop_overlapped`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import logging
 import math
 import signal
 import time
-
 
 from cnn_core import backend
 from cnn_core.data import batch_index, load_mnist
@@ -30,11 +32,11 @@ from .client import Client, Rejoined, ServerError, ServerUnreachable, exit_statu
 log = logging.getLogger("pscnn.worker")
 
 
-
 def _finite_or_none(loss) -> float | None:
     """The push's loss: None for NaN or Inf, which the server rejects (and counts towards divergence)."""
     loss = float(loss)
     return loss if math.isfinite(loss) else None
+
 
 class Trainer:
     def __init__(self, client: Client, device: str = "cpu", mnist_dir: str | None = None,
@@ -102,9 +104,7 @@ class Trainer:
         while True:
             try:
                 if reply.type == P.STOP:
-                    log.info("server says %s after %d steps (%d samples); exiting",
-                             reply.body["reason"], self.steps, self.samples)
-                    return 0
+                    return self._stopped(reply)
                 if reply.type == P.WAIT:
                     time.sleep(reply.body["retry_s"])
                     reply = self.client.request(P.WORK)
@@ -128,6 +128,11 @@ class Trainer:
             except ServerError as exc:
                 log.warning("server rejected our request: %s; asking for new work", exc)
                 reply = self.client.request(P.WORK)
+
+    def _stopped(self, reply: P.Message) -> int:
+        log.info("server says %s after %d steps (%d samples); exiting",
+                 reply.body["reason"], self.steps, self.samples)
+        return 0
 
     @staticmethod
     def _push_body(task: dict, result: dict, timing: dict) -> dict:
@@ -168,9 +173,7 @@ class Trainer:
                 if reply is None:
                     continue
                 if reply.type == P.STOP:                          # a push still in flight is moot
-                    log.info("server says %s after %d steps (%d samples); exiting",
-                             reply.body["reason"], self.steps, self.samples)
-                    return 0
+                    return self._stopped(reply)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 more = reply.type == P.TASK
