@@ -25,7 +25,18 @@ import numpy as np
 
 from .backend import get_array_module as _xp
 from .errors import ShapeError, SpecError
-from .im2col import col2im_gemm, conv_output_size, im2col, pad_nhwc
+from .im2col import col2im_gemm, conv_output_size, im2col, im2col_t_with_ones, pad_nhwc
+
+# A conv layer with at most this many input channels (grayscale or RGB input)
+# builds patch-major columns: see im2col_t_with_ones.
+PATCH_MAJOR_MAX_CHANNELS = 3
+
+
+def column_sums(a):
+    """(M, K) -> (K,): sums over rows as a GEMV, 5x faster than ``a.sum(axis=0)``
+    on a tall (50176, 32) float32 gradient (0.31 vs 1.57 ms), where numpy's
+    pairwise reduction walks the short rows one at a time."""
+    return _xp(a).ones(a.shape[0], dtype=a.dtype) @ a
 
 
 def _pair(value, what: str) -> tuple[int, int]:
@@ -140,28 +151,37 @@ class Conv2D(Layer):
         kh, kw = self.kernel
         sh, sw = self.stride
         ph, pw = self.padding
+        ho, wo, o = self.out_shape
         weight = self.parameters["weight"]
         xpad = pad_nhwc(x, ph, pw)
+        wmat = weight.transpose(2, 3, 1, 0).reshape(-1, o)          # (kh*kw*C, O)
+        if self.in_shape[2] <= PATCH_MAJOR_MAX_CHANNELS:
+            # Few input channels: patch-major columns with the bias folded in.
+            cols_t = im2col_t_with_ones(xpad, kh, kw, sh, sw)     # (kh*kw*C + 1, N*Ho*Wo)
+            out = cols_t.T @ _xp(x).concatenate([wmat, self.parameters["bias"][None]])
+            return out.reshape(n, ho, wo, o), (xpad.shape, cols_t, True)
         cols = im2col(xpad, kh, kw, sh, sw)                       # (N*Ho*Wo, kh*kw*C)
-        wmat = weight.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)  # (kh*kw*C, O)
         out = cols @ wmat
         out += self.parameters["bias"]
-        ho, wo, _ = self.out_shape
-        return out.reshape(n, ho, wo, self.out_channels), (xpad.shape, cols, wmat)
+        return out.reshape(n, ho, wo, o), (xpad.shape, cols, False)
 
     def backward(self, dout, cache, need_dx=True):
-        padded_shape, cols, wmat = cache
+        padded_shape, cols, patch_major = cache
         o = self.out_channels
         dout2 = dout.reshape(-1, o)                               # (N*Ho*Wo, O)
-        c_in = self.in_shape[2]
+        h, w, c_in = self.in_shape
         kh, kw = self.kernel
-        dweight = (cols.T @ dout2).reshape(kh, kw, c_in, o).transpose(3, 2, 0, 1)
-        grads = {"weight": dweight.copy(), "bias": dout2.sum(axis=0)}
+        if patch_major:
+            dweight_bias = cols @ dout2                           # (kh*kw*C + 1, O): last row is the bias's
+            dweight, dbias = dweight_bias[:-1], dweight_bias[-1]
+        else:
+            dweight, dbias = cols.T @ dout2, column_sums(dout2)
+        grads = {"weight": dweight.reshape(kh, kw, c_in, o).transpose(3, 2, 0, 1).copy(), "bias": dbias}
         if not need_dx:
             return None, grads
-        dxpad = col2im_gemm(dout2, wmat, padded_shape, kh, kw, *self.stride)
         ph, pw = self.padding
-        h, w, _ = self.in_shape
+        wmat = self.parameters["weight"].transpose(2, 3, 1, 0).reshape(-1, o)
+        dxpad = col2im_gemm(dout2, wmat, padded_shape, kh, kw, *self.stride)
         return dxpad[:, ph:ph + h, pw:pw + w, :], grads
 
 

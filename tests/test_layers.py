@@ -57,11 +57,22 @@ CONV_CASES = [
     ((7, 9, 2), 3, 3, 2, 2),
     ((8, 6, 2), 3, (3, 2), (2, 1), (1, 2)),
     ((6, 7, 2), 2, 1, 2, 0),             # stride > kernel: skipped pixels get zero gradient
+    ((6, 6, 5), 3, 3, 1, 1),
+    ((5, 6, 4), 2, (3, 2), 1, (1, 2)),   # padding == kernel width
+    ((5, 5, 4), 2, 1, 1, 1),             # 1x1 kernel with padding
 ]
 
 
+@pytest.fixture(params=["patch_major", "row_major"])
+def conv_columns(request, monkeypatch):
+    """Run a conv test through both column layouts, whatever C_in is."""
+    import cnn_core.layers as layers_module
+    monkeypatch.setattr(layers_module, "PATCH_MAJOR_MAX_CHANNELS", 64 if request.param == "patch_major" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("in_shape,c_out,kernel,stride,padding", CONV_CASES)
-def test_conv2d_gradcheck(in_shape, c_out, kernel, stride, padding):
+def test_conv2d_gradcheck(in_shape, c_out, kernel, stride, padding, conv_columns):
     rng = np.random.default_rng(1)
     layer = built(Conv2D(c_out, kernel, stride, padding), in_shape)
     layer.parameters["bias"][...] = rng.standard_normal(c_out)
@@ -86,7 +97,7 @@ def test_conv2d_output_shape_and_param_shapes(in_shape, c_out, kernel, stride, p
 
 @pytest.mark.parametrize("in_shape,c_out,kernel,stride,padding",
                          [c for c in CONV_CASES if isinstance(c[3], int) and isinstance(c[4], int)])
-def test_conv2d_matches_nchw_reference(in_shape, c_out, kernel, stride, padding):
+def test_conv2d_matches_nchw_reference(in_shape, c_out, kernel, stride, padding, conv_columns):
     """Forward and backward equal the straightforward NCHW im2col (square stride/padding)."""
     rng = np.random.default_rng(2)
     layer = built(Conv2D(c_out, kernel, stride, padding), in_shape)
