@@ -55,7 +55,7 @@ def im2col(x_padded, kh: int, kw: int, sh: int, sw: int):
     return windows.reshape(n * ho * wo, kh * kw * c)
 
 
-def im2col_t_with_ones(x_padded, kh: int, kw: int, sh: int, sw: int):
+def im2col_t_with_ones(x_padded, kh: int, kw: int, sh: int, sw: int, pool_windows=(1, 1)):
     """Patch-major column matrix of a padded NHWC tensor, plus a row of ones.
 
     x_padded: (N, Hp, Wp, C)  ->  cols_t: (kh*kw*C + 1, N*Ho*Wo), rows ordered
@@ -63,6 +63,12 @@ def im2col_t_with_ones(x_padded, kh: int, kw: int, sh: int, sw: int):
     final row of ones, so ``cols_t.T @ vstack([wmat, bias])`` adds the bias
     inside the GEMM and ``cols_t @ dout2d`` yields the bias gradient as its
     last row.
+
+    Output positions are ordered (n, ho, wo); with ``pool_windows=(gh, gw)``
+    (gh divides Ho, gw divides Wo) they are ordered window-major instead,
+    (a, b, n, ho', wo') with ho = gh*ho' + a and wo = gw*wo' + b: the GEMM's
+    output is then gh*gw contiguous blocks, one per position in a gh x gw
+    pooling window, which a following max pool reduces with contiguous passes.
 
     For a layer with few input channels (a grayscale or RGB input layer) each
     row is one long strided copy: measured 7x faster than :func:`im2col`
@@ -74,12 +80,19 @@ def im2col_t_with_ones(x_padded, kh: int, kw: int, sh: int, sw: int):
     n, hp, wp, c = x_padded.shape
     ho = (hp - kh) // sh + 1
     wo = (wp - kw) // sw + 1
+    gh, gw = pool_windows
+    hq, wq = ho // gh, wo // gw                   # output positions per window offset
     cols_t = xp.empty((kh * kw * c + 1, n * ho * wo), dtype=x_padded.dtype)
-    rows = cols_t[:-1].reshape(kh, kw, c, n, ho, wo)
+    rows = cols_t[:-1].reshape(kh, kw, c, gh, gw, n, hq, wq)
+    step_h, step_w = sh * gh, sw * gw
     for i in range(kh):
         for j in range(kw):
-            window = x_padded[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-            rows[i, j] = window.transpose(3, 0, 1, 2)
+            for a in range(gh):
+                for b in range(gw):
+                    top, left = i + a * sh, j + b * sw
+                    window = x_padded[:, top:top + step_h * (hq - 1) + 1:step_h,
+                                      left:left + step_w * (wq - 1) + 1:step_w, :]
+                    rows[i, j, :, a, b] = window.transpose(3, 0, 1, 2)
     cols_t[-1] = 1
     return cols_t
 

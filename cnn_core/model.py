@@ -20,7 +20,8 @@ from .backend import array_module, resolve_dtype
 from .config import named_config
 from .errors import ShapeError, SpecError
 from .flat import FlatArrays
-from .layers import LAYER_TYPES, MaxPool2D, ReLU, Residual
+from . import layers as layers_module
+from .layers import LAYER_TYPES, Conv2D, MaxPool2D, ReLU, Residual
 
 
 def _cnn_preset(c1: int, c2: int, hidden: int) -> dict:
@@ -144,6 +145,7 @@ class Model:
         self.num_classes = shape[0]
         self.spec["layers"] = [layer.spec() for layer in self.layers]   # names filled in
         self._order = execution_order(self.layers)
+        plan_conv_pool(self.layers, self._order)
         self._caches = None
 
     # Evaluation-mode forward passes run in chunks of this many images: the
@@ -271,6 +273,29 @@ def execution_order(layers) -> list[int]:
         else:
             pos += 1
     return order
+
+
+def plan_conv_pool(layers, order) -> None:
+    """Let a conv hand its output to the max pool that runs right after it window-major.
+
+    When a Conv2D with few input channels (patch-major columns, see
+    ``im2col_t_with_ones``) runs right before a MaxPool2D whose windows tile
+    its output exactly (stride == kernel, dividing Ho and Wo), the conv orders
+    its output positions by their offset in the pooling window, and the pool
+    reduces kh*kw contiguous blocks instead of strided views, forward and
+    backward.  Only the tensor passed between the two changes; the values,
+    gradients and every other layer are the same.
+    """
+    for first, second in zip(order, order[1:]):
+        conv, pool = layers[first], layers[second]
+        if type(conv) is not Conv2D or type(pool) is not MaxPool2D:
+            continue
+        ho, wo, _ = conv.out_shape
+        (kh, kw), (sh, sw) = pool.kernel, pool.stride
+        if (conv.in_shape[2] <= layers_module.PATCH_MAJOR_MAX_CHANNELS
+                and (sh, sw) == (kh, kw) and ho % kh == 0 and wo % kw == 0):
+            conv.pool_windows = (kh, kw)
+            pool.windows_first = True
 
 
 def build_model(spec="seed", seed: int = 0, dtype="float32", device: str = "cpu") -> Model:
