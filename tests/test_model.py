@@ -463,6 +463,72 @@ def test_relu_maxpool_swap_exact_with_ties():
         np.testing.assert_allclose(g, ref_grads[k], rtol=1e-10, atol=1e-13, err_msg=k)
 
 
+FUSED_SPEC = {   # two convs with few input channels, each followed by ReLU -> 2x2 pool: both fused
+    "input_shape": [1, 12, 8],
+    "layers": [
+        {"type": "conv2d", "name": "conv1", "out_channels": 3, "kernel": 3, "padding": 1},   # (12,8,3)
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 2},                                                  # (6,4,3)
+        {"type": "conv2d", "name": "conv2", "out_channels": 2, "kernel": 3, "padding": 1},   # needs dx
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 2},                                                  # (3,2,2)
+        {"type": "flatten"},
+        {"type": "dense", "name": "fc", "units": 4},
+    ],
+}
+
+
+def _fused_pairs(model):
+    return [(conv.name, conv.pool_windows) for conv in model.layers if getattr(conv, "pool_windows", None)]
+
+
+def test_conv_pool_plan():
+    assert _fused_pairs(build_model("seed")) == [("conv1", (2, 2))]          # conv2 has 32 input channels
+    seed = build_model("seed")
+    assert [p.windows_first for p in seed.layers if isinstance(p, MaxPool2D)] == [True, False]
+    assert _fused_pairs(build_model(FUSED_SPEC)) == [("conv1", (2, 2)), ("conv2", (2, 2))]
+    assert _fused_pairs(build_model(REF_SPEC)) == []                        # overlapping pool; 5 channels
+    odd = copy.deepcopy(FUSED_SPEC)
+    odd["input_shape"] = [1, 13, 8]               # conv1's 13 rows do not tile into 2x2 windows; conv2's 6 do
+    assert _fused_pairs(build_model(odd)) == [("conv2", (2, 2))]
+    overlapping = copy.deepcopy(FUSED_SPEC)
+    overlapping["input_shape"] = [1, 13, 9]       # pool1 (stride 1) leaves 12 x 8 for conv2
+    overlapping["layers"][2] = {"type": "maxpool2d", "kernel": 2, "stride": 1}
+    assert _fused_pairs(build_model(overlapping)) == [("conv2", (2, 2))]
+
+
+def test_fused_conv_pool_exact_with_ties():
+    """Integer data and weights (many exact ties), through both fused pairs, one of which
+    needs its input gradient: the same loss and gradients as the unfused NCHW reference."""
+    model = build_model(FUSED_SPEC, seed=0, dtype="float64")
+    rng = np.random.default_rng(15)
+    for k in ("conv1.weight", "conv2.weight"):
+        model.params[k][...] = rng.integers(-1, 2, model.params[k].shape)
+    model.params["conv1.bias"][...] = [0, -1, 1]
+    model.params["conv2.bias"][...] = [1, 0]
+    x = rng.integers(-1, 2, (5, 1, 12, 8)).astype(np.float64)
+    y = rng.integers(0, 4, 5)
+    logits = model.forward(x, train=True)
+    loss, d = softmax_cross_entropy(logits, y)
+    grads = model.backward(d)
+    ref_loss, ref_grads = ReferenceModel(model).loss_and_grads(x, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    for k, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[k], rtol=1e-10, atol=1e-13, err_msg=k)
+    np.testing.assert_array_equal(model.forward(x, train=False), logits)     # no dropout: eval == train
+
+
+def test_fused_conv_pool_gradcheck_float64():
+    model = build_model(FUSED_SPEC, seed=4, dtype="float64")
+    rng = np.random.default_rng(5)
+    for k, v in model.params.items():
+        if k.endswith("bias"):
+            v[...] = 0.1 * rng.standard_normal(v.shape)
+    x = rng.standard_normal((3, 1, 12, 8))
+    report, _ = scaled_gradcheck(model, x, np.array([0, 3, 1]), max_entries=30)
+    assert max(report.values()) < 1e-6, report
+
+
 def test_execution_order_rules():
     from cnn_core.layers import ELU, SiLU
     mk = [ReLU(), MaxPool2D(), ReLU(), ReLU(), MaxPool2D(), SiLU(), MaxPool2D(), MaxPool2D(), ReLU(), ELU()]
