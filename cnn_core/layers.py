@@ -136,6 +136,11 @@ class Conv2D(Layer):
         return {"out_channels": self.out_channels, "kernel": list(self.kernel),
                 "stride": list(self.stride), "padding": list(self.padding)}
 
+    @property
+    def patch_major(self) -> bool:
+        """Columns built by ``im2col_t_with_ones``: few input channels, or a pool takes the output window-major."""
+        return self.pool_windows is not None or self.in_shape[2] <= PATCH_MAJOR_MAX_CHANNELS
+
     def _infer(self, in_shape):
         if len(in_shape) != 3:
             raise SpecError(f"conv2d {self.name}: needs an image input (H, W, C), got shape {in_shape}")
@@ -162,8 +167,7 @@ class Conv2D(Layer):
         xpad = pad_nhwc(x, ph, pw)
         wmat = weight.transpose(2, 3, 1, 0).reshape(-1, o)          # (kh*kw*C, O)
         windows = self.pool_windows
-        if windows or self.in_shape[2] <= PATCH_MAJOR_MAX_CHANNELS:
-            # Few input channels: patch-major columns with the bias folded in.
+        if self.patch_major:                                      # the bias rides in the GEMM
             cols_t = im2col_t_with_ones(xpad, kh, kw, sh, sw, windows or (1, 1))   # (kh*kw*C + 1, N*Ho*Wo)
             out = cols_t.T @ _xp(x).concatenate([wmat, self.parameters["bias"][None]])
             if windows:

@@ -20,7 +20,6 @@ from .backend import array_module, resolve_dtype
 from .config import named_config
 from .errors import ShapeError, SpecError
 from .flat import FlatArrays
-from . import layers as layers_module
 from .layers import LAYER_TYPES, Conv2D, MaxPool2D, ReLU, Residual
 
 
@@ -292,8 +291,7 @@ def plan_conv_pool(layers, order) -> None:
             continue
         ho, wo, _ = conv.out_shape
         (kh, kw), (sh, sw) = pool.kernel, pool.stride
-        if (conv.in_shape[2] <= layers_module.PATCH_MAJOR_MAX_CHANNELS
-                and (sh, sw) == (kh, kw) and ho % kh == 0 and wo % kw == 0):
+        if conv.patch_major and (sh, sw) == (kh, kw) and ho % kh == 0 and wo % kw == 0:
             conv.pool_windows = (kh, kw)
             pool.windows_first = True
 
