@@ -518,6 +518,39 @@ def test_fused_conv_pool_exact_with_ties():
     np.testing.assert_array_equal(model.forward(x, train=False), logits)     # no dropout: eval == train
 
 
+def test_fused_equals_unfused_with_stride_2_and_non_square_windows():
+    """A stride-2 conv into a 2x2 pool and a conv into a 3x1 pool: fused and unfused
+    paths give the same loss and gradients (integer data: ties everywhere)."""
+    spec = {"input_shape": [2, 17, 13], "layers": [
+        {"type": "conv2d", "name": "conv1", "out_channels": 3, "kernel": 3, "stride": 2, "padding": 2},  # (10,8,3)
+        {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
+        {"type": "conv2d", "name": "conv2", "out_channels": 2, "kernel": 2, "padding": 1},              # (6,5,2)
+        {"type": "relu"}, {"type": "maxpool2d", "kernel": [3, 1], "stride": [3, 1]},
+        {"type": "flatten"}, {"type": "dense", "name": "fc", "units": 4}]}
+
+    def loss_and_grads(fused):
+        model = build_model(spec, seed=0, dtype="float64")
+        if not fused:
+            for layer in model.layers:
+                if isinstance(layer, MaxPool2D):
+                    layer.windows_first = False
+                elif hasattr(layer, "pool_windows"):
+                    layer.pool_windows = None
+        rng = np.random.default_rng(1)
+        for k in ("conv1.weight", "conv2.weight"):
+            model.params[k][...] = rng.integers(-1, 2, model.params[k].shape)
+        x = rng.integers(-1, 2, (4, 2, 17, 13)).astype(np.float64)
+        loss, d = softmax_cross_entropy(model.forward(x, train=True), rng.integers(0, 4, 4))
+        return model, loss, model.backward(d)
+
+    fused, loss, grads = loss_and_grads(True)
+    assert _fused_pairs(fused) == [("conv1", (2, 2)), ("conv2", (3, 1))]
+    _, ref_loss, ref_grads = loss_and_grads(False)
+    assert loss == pytest.approx(ref_loss, rel=1e-14)
+    for k, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
 def test_fused_conv_pool_gradcheck_float64():
     model = build_model(FUSED_SPEC, seed=4, dtype="float64")
     rng = np.random.default_rng(5)
