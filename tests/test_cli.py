@@ -13,7 +13,11 @@ def config(argv, environ=None):
 
 @pytest.mark.parametrize("argv,name,lr", [
     (["train"], "sgd", 0.02),
-    (["server", "--mode", "sync"], "sgd", 0.02),
+    (["server", "--mode", "sync"], "sgd", 0.04),          # an update averages every worker's batch
+    (["run"], "sgd", 0.04),                               # sync is the default mode
+    (["run", "--mode", "sync", "--optimizer", "sgd"], "sgd", 0.04),
+    (["run", "--mode", "sync", "--lr", "0.01"], "sgd", 0.01),
+    (["server", "--mode", "sync", "--optimizer", "adagrad"], "adagrad", 0.01),
     (["run", "--mode", "async"], "adam", 0.001),          # stale gradients: Adam by default
     (["server", "--mode", "ssp"], "adam", 0.001),
     (["run", "--mode", "async", "--momentum", "0.5"], "sgd", 0.02),   # momentum asked for: SGD
