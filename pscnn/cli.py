@@ -67,7 +67,7 @@ DEFAULT_LR = {"sgd": 0.02, "adagrad": 0.01, "rmsprop": 0.001, "adam": 0.001, "ad
 # Sync mode averages every worker's batch into one update (128 images with two
 # workers), so SGD's default there is twice pscnn train's, as the linear scaling
 # rule suggests. Full MNIST, 2 workers, 3 epochs: 99.06-99.25% at 0.04 against
-# 98.92-99.07% at 0.02; 4 workers at 0.04: 99.03% (docs/scaling.md).
+# 98.92-99.07% at 0.02; 4 workers at 0.04: 99.03% (README, "Distributed training").
 SYNC_DEFAULT_LR = {"sgd": 0.04}
 
 
