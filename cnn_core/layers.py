@@ -167,20 +167,22 @@ class Conv2D(Layer):
         xpad = pad_nhwc(x, ph, pw)
         wmat = weight.transpose(2, 3, 1, 0).reshape(-1, o)          # (kh*kw*C, O)
         windows = self.pool_windows
-        if self.patch_major:                                      # the bias rides in the GEMM
-            cols_t = im2col_t_with_ones(xpad, kh, kw, sh, sw, windows or (1, 1))   # (kh*kw*C + 1, N*Ho*Wo)
-            out = cols_t.T @ _xp(x).concatenate([wmat, self.parameters["bias"][None]])
-            if windows:
-                gh, gw = windows
-                return out.reshape(gh * gw, n, ho // gh, wo // gw, o), (xpad.shape, cols_t, True, windows)
-            return out.reshape(n, ho, wo, o), (xpad.shape, cols_t, True, None)
-        cols = im2col(xpad, kh, kw, sh, sw)                       # (N*Ho*Wo, kh*kw*C)
-        out = cols @ wmat
-        out += self.parameters["bias"]
-        return out.reshape(n, ho, wo, o), (xpad.shape, cols, False, None)
+        patch_major = self.patch_major
+        if patch_major:                                           # the bias rides in the GEMM
+            cols = im2col_t_with_ones(xpad, kh, kw, sh, sw, windows or (1, 1))   # (kh*kw*C + 1, N*Ho*Wo)
+            out = cols.T @ _xp(x).concatenate([wmat, self.parameters["bias"][None]])
+        else:
+            cols = im2col(xpad, kh, kw, sh, sw)                   # (N*Ho*Wo, kh*kw*C)
+            out = cols @ wmat
+            out += self.parameters["bias"]
+        cache = (xpad.shape, cols, wmat, patch_major, windows)
+        if windows:
+            gh, gw = windows
+            return out.reshape(gh * gw, n, ho // gh, wo // gw, o), cache
+        return out.reshape(n, ho, wo, o), cache
 
     def backward(self, dout, cache, need_dx=True):
-        padded_shape, cols, patch_major, windows = cache
+        padded_shape, cols, wmat, patch_major, windows = cache
         o = self.out_channels
         dout2 = dout.reshape(-1, o)                               # (N*Ho*Wo, O), in the columns' order
         h, w, c_in = self.in_shape
@@ -198,7 +200,6 @@ class Conv2D(Layer):
             n, hq, wq = dout.shape[1:4]
             dout2 = dout.reshape(gh, gw, n, hq, wq, o).transpose(2, 3, 0, 4, 1, 5).reshape(-1, o)
         ph, pw = self.padding
-        wmat = self.parameters["weight"].transpose(2, 3, 1, 0).reshape(-1, o)
         dxpad = col2im_gemm(dout2, wmat, padded_shape, kh, kw, *self.stride)
         return dxpad[:, ph:ph + h, pw:pw + w, :], grads
 
