@@ -49,6 +49,7 @@ class Trainer:
         self.run: dict = {}
         self.data = None
         self._epoch_batches: tuple[int, list] | None = None
+        self._zero_push: FlatArrays | None = None      # synthetic mode: built once, sent every step
         self.steps = 0
         self.samples = 0
 
@@ -58,6 +59,7 @@ class Trainer:
         if self.model is None or welcome.body["model"] != self.model.spec:
             seed = (run["seed"] * 1_000_003 + hash(self.client.wid)) % 2**31   # own dropout masks
             self.model = build_model(welcome.body["model"], seed=seed, device=self.device)
+            self._zero_push = None
         if self.data is None and self.compute_ms is None:
             x, y = load_mnist("train", mnist_dir=self.mnist_dir, limit=run["num_samples"])
             self.data = (self.model.xp.asarray(x), self.model.xp.asarray(y))
@@ -77,8 +79,12 @@ class Trainer:
         if self.compute_ms is not None:            # synthetic: a fixed compute time, zero gradients
             time.sleep(self.compute_ms / 1000)
             count = min(self.run["batch_size"], self.run["num_samples"] - body["batch"] * self.run["batch_size"])
+            if self._zero_push is None:             # read-only: sent without a copy, never changed
+                self._zero_push = self.push_arrays({k: self.model.xp.zeros_like(v)
+                                                    for k, v in self.model.params.items()})
+                self._zero_push.flat.flags.writeable = False
             return ({"loss": 0.0, "correct": 0, "count": count, "compute_s": time.perf_counter() - t0},
-                    self.push_arrays({k: self.model.xp.zeros_like(v) for k, v in self.model.params.items()}))
+                    self._zero_push)
         xb, yb = self.batch(body["epoch"], body["batch"])
         logits = self.model.forward(xb, train=True)
         loss, dlogits = softmax_cross_entropy(logits, yb)
