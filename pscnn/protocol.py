@@ -39,7 +39,7 @@ PROTOCOL_VERSION = 2        # 2: one payload frame per dtype (1: one frame per a
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 256
 MAX_NAME_LEN = 128
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024          # also set as ZMQ_MAXMSGSIZE on the server
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024          # the most any message's arrays may declare
 ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")
 _DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}     # looked up per array on the hot path
 
@@ -283,6 +283,20 @@ def _check_body(mtype: str, body) -> None:
                                 f"count={body['count']}, correct={body['correct']}")
     if mtype == HELLO and body["role"] not in ROLES:
         raise ProtocolError(f"hello: role must be one of {ROLES}, got {body['role']!r}"[:200])
+
+
+def max_frame_bytes(model_bytes: int) -> int:
+    """The largest frame a server whose model payload is ``model_bytes`` accepts.
+
+    The server sets it as ZMQ_MAXMSGSIZE, which ZeroMQ checks against a
+    frame's length prefix before reading it: a longer frame closes that
+    connection, unanswered, and never takes the server's memory.  Twice a
+    whole model (a push of every array as float64 is exactly that, and gets
+    an error reply naming the dtype) plus a header.  ZeroMQ has no bound on a
+    message's number of frames; :func:`decode` rejects any frame beyond the
+    header's arrays.
+    """
+    return min(2 * int(model_bytes) + MAX_HEADER_BYTES, MAX_MESSAGE_BYTES)
 
 
 def model_layout(model) -> tuple:

@@ -56,6 +56,7 @@ class ParameterStore:
         self.push_specs = model_layout(self.model)
         self._num_params = self.params.flat.shape[0]
         self.push_specs_size = self._num_params + sum(int(v.size) for v in self.state.values())
+        self.push_bytes = self.push_specs_size * self.params.flat.dtype.itemsize
 
     @property
     def params(self) -> FlatArrays:

@@ -432,3 +432,8 @@ def test_fuzz_mutated_valid_messages():
             except (ValueError, KeyError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
                 break                            # the previous mutation already broke the header
         _decode_only_protocol_errors(frames)
+
+
+def test_max_frame_bytes_leaves_room_for_a_float64_push_and_is_capped():
+    assert P.max_frame_bytes(1_000_000) == 2_000_000 + P.MAX_HEADER_BYTES
+    assert P.max_frame_bytes(10**9) == P.MAX_MESSAGE_BYTES

@@ -9,6 +9,7 @@ data unless it has to score the final weights itself.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -19,6 +20,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from cnn_core.model import build_model
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, query_status
 
@@ -309,6 +311,8 @@ def _bad_push(case: str, weights: dict) -> dict:
         g[name] = np.zeros(784 * 32, np.float32)
     elif case == "float64":
         g[name] = g[name].astype(np.float64)
+    elif case == "all float64":                  # twice the bytes: still under the frame limit
+        g = {k: v.astype(np.float64) for k, v in g.items()}
     elif case == "int32":
         g["fc1.bias"] = np.zeros(32, np.int32)
     elif case == "NaN":
@@ -328,6 +332,7 @@ PUSH_CASES = {
     "wrong shape": ("bad_arrays", "'fc1.weight' has shape (32, 784), expected (784, 32)"),
     "wrong rank": ("bad_arrays", "'fc1.weight' has shape (25088,)"),
     "float64": ("bad_arrays", "'fc1.weight' has dtype float64, expected float32"),
+    "all float64": ("bad_arrays", "'conv1.weight' has dtype float64, expected float32"),
     "int32": ("bad_arrays", "'fc1.bias' has dtype int32"),
     "NaN": ("non_finite", "'fc1.weight' contains NaN or Inf"),
     "Inf": ("non_finite", "'conv1.bias' contains NaN or Inf"),
@@ -373,7 +378,8 @@ def test_oversized_message_drops_the_connection_and_the_server_carries_on(server
     before = snapshot(server)
     t = server.client("trainer")
     since = server.log_size()
-    big = np.empty(P.MAX_MESSAGE_BYTES + 1, np.uint8)        # one frame over ZMQ_MAXMSGSIZE
+    model_bytes = 4 * sum(math.prod(shape) for _, shape in P.model_layout(build_model("light")))
+    big = np.empty(P.max_frame_bytes(model_bytes) + 1, np.uint8)     # one frame over ZMQ_MAXMSGSIZE
     header = P.encode(P.Message(P.PUSH, t.wid, t.next_seq(), {"epoch": 0, "batch": 0, "lease": 1,
                                                                "base_version": 0, **PUSH_BODY}))[0]
     monitor = t.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
