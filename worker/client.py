@@ -92,7 +92,7 @@ class Client:
 
     def request(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> P.Message:
         """Send one request and return the answer (see the module docs for failures)."""
-        return self._answer(self._roundtrip(P.Message(mtype, self.wid, self._next_seq(), body or {}, arrays or {})))
+        return self._answer(self._roundtrip(self._message(mtype, body, arrays)))
 
     def submit(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> "Pending":
         """Send one request now; ``.result()`` on the returned handle waits for its answer.
@@ -102,13 +102,21 @@ class Client:
         answer before the next ``request`` or ``submit``.  Resends and
         reconnects happen inside ``result()``, as in :meth:`request`.
         """
-        msg = P.Message(mtype, self.wid, self._next_seq(), body or {}, arrays or {})
+        msg = self._message(mtype, body, arrays)
+        return Pending(self, msg, *self._send_first(msg))
+
+    def _message(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> P.Message:
+        """The next request from this client: its id and a new sequence number."""
+        return P.Message(mtype, self.wid, self._next_seq(), body or {}, arrays or {})
+
+    def _send_first(self, msg: P.Message) -> tuple[list, float]:
+        """Send ``msg`` once, opening the socket if needed -> (its frames, for resends; the time sent)."""
         if self.sock is None:
             self._open()
         frames = P.encode(msg)
         sent_at = time.monotonic()
         self.sock.send_multipart(frames, copy=False)
-        return Pending(self, msg, frames, sent_at)
+        return frames, sent_at
 
     def _answer(self, reply: P.Message) -> P.Message:
         """A reply, or the exception that an error reply means."""
@@ -124,7 +132,7 @@ class Client:
         self._closing.set()
         if say_bye and self.sock is not None:
             try:
-                self._roundtrip(P.Message(P.BYE, self.wid, self._next_seq(), {"reason": reason}),
+                self._roundtrip(self._message(P.BYE, {"reason": reason}),
                                 give_up_after=2.0)
             except (ServerUnreachable, P.ProtocolError):
                 pass
@@ -142,7 +150,7 @@ class Client:
     def _hello(self) -> P.Message:
         body = {"role": self.role, "name": self.name, "pid": os.getpid(), "host": pysocket.gethostname(),
                 "device": self.device}
-        reply = self._roundtrip(P.Message(P.HELLO, self.wid, self._next_seq(), body))
+        reply = self._roundtrip(self._message(P.HELLO, body))
         if reply.type == P.ERROR:
             raise ServerError(reply.body["code"], reply.body["message"])
         if reply.type != P.WELCOME:
@@ -168,14 +176,7 @@ class Client:
         ``sent``: (frames, time) of a message already sent once (:meth:`submit`).
         """
         limit = self.give_up_after if give_up_after is None else give_up_after
-        if sent is None:
-            if self.sock is None:
-                self._open()
-            frames = P.encode(msg)
-            t0 = time.monotonic()
-            self.sock.send_multipart(frames, copy=False)
-        else:
-            frames, t0 = sent
+        frames, t0 = sent if sent is not None else self._send_first(msg)
         last_answer = t0
         backoff = self.resend_s
         sent_at = t0

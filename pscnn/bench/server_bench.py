@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pscnn.cli import DEFAULT_LR
+
 from .common import (add_output_flags, bench_env, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
                      proc_cpu_seconds, progress, pyplot, write_outputs)
 
@@ -34,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default="async", choices=["async", "sync", "ssp"], help="server mode (default: async)")
     p.add_argument("--batch", type=int, default=64, help="the run's batch size (samples per push; default 64)")
     p.add_argument("--model", default="seed", help="model preset: sets the payload (default: seed, 1.7 MB)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adagrad", "rmsprop", "adam", "adamw"],
+    p.add_argument("--optimizer", default="sgd", choices=list(DEFAULT_LR),
                    help="the server's update rule (default: sgd with momentum 0.9; adam is what async runs "
                         "use by default)")
     p.add_argument("--seconds", type=float, default=5.0, help="measured window per point (default: 5)")
@@ -101,7 +103,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             from .cluster import server_flags  # noqa: PLC0415
             argv = ["-m", "pscnn.cli", "server", "--bind", endpoint,
                     *server_flags(args.mode, args.batch, tmp / "run", model=args.model, optimizer=args.optimizer,
-                                  lr=0.001 if args.optimizer.startswith("adam") else 0.05),
+                                  lr=DEFAULT_LR[args.optimizer]),      # the update's cost, not its size, matters
                     "--max-workers", str(max(1024, n))]
             if profile is not None:
                 argv = ["-m", "cProfile", "-o", str(profile), *argv]
