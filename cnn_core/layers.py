@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import get_array_module as _xp
 from .errors import ShapeError, SpecError
-from .im2col import col2im_gemm, conv_output_size, im2col, im2col_t_with_ones, pad_nhwc
+from .im2col import col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, pad_nhwc
 
 # A conv layer with at most this many input channels (grayscale or RGB input)
 # builds patch-major columns: see im2col_t_with_ones.
@@ -138,8 +138,8 @@ class Conv2D(Layer):
 
     @property
     def patch_major(self) -> bool:
-        """Columns built by ``im2col_t_with_ones``: few input channels, or a pool takes the output window-major."""
-        return self.pool_windows is not None or self.in_shape[2] <= PATCH_MAJOR_MAX_CHANNELS
+        """Columns built by ``im2col_t_with_ones``: few input channels (see there); else ``im2col``."""
+        return self.in_shape[2] <= PATCH_MAJOR_MAX_CHANNELS
 
     def _infer(self, in_shape):
         if len(in_shape) != 3:
@@ -172,7 +172,7 @@ class Conv2D(Layer):
             cols = im2col_t_with_ones(xpad, kh, kw, sh, sw, windows or (1, 1))   # (kh*kw*C + 1, N*Ho*Wo)
             out = cols.T @ _xp(x).concatenate([wmat, self.parameters["bias"][None]])
         else:
-            cols = im2col(xpad, kh, kw, sh, sw)                   # (N*Ho*Wo, kh*kw*C)
+            cols = im2col(xpad, kh, kw, sh, sw, windows or (1, 1))   # (N*Ho*Wo, kh*kw*C)
             out = cols @ wmat
             out += self.parameters["bias"]
         cache = (xpad.shape, cols, wmat, patch_major, windows)
@@ -195,6 +195,8 @@ class Conv2D(Layer):
         grads = {"weight": dweight.reshape(kh, kw, c_in, o).transpose(3, 2, 0, 1).copy(), "bias": dbias}
         if not need_dx:
             return None, grads
+        if self.stride == (1, 1):
+            return conv_input_grad(dout, self.parameters["weight"], (h, w), self.padding, windows), grads
         if windows:                                               # window-major -> (N, Ho, Wo, O)
             gh, gw = windows
             n, hq, wq = dout.shape[1:4]

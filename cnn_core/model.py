@@ -277,13 +277,12 @@ def execution_order(layers) -> list[int]:
 def plan_conv_pool(layers, order) -> None:
     """Let a conv hand its output to the max pool that runs right after it window-major.
 
-    When a Conv2D with few input channels (patch-major columns, see
-    ``im2col_t_with_ones``) runs right before a MaxPool2D whose windows tile
-    its output exactly (stride == kernel, dividing Ho and Wo), the conv orders
-    its output positions by their offset in the pooling window, and the pool
-    reduces kh*kw contiguous blocks instead of strided views, forward and
-    backward.  Only the tensor passed between the two changes; the values,
-    gradients and every other layer are the same.
+    When a Conv2D runs right before a MaxPool2D whose windows tile its output
+    exactly (stride == kernel, dividing Ho and Wo), the conv orders its output
+    positions by their offset in the pooling window (its column matrix's rows,
+    at no extra cost), and the pool reduces kh*kw contiguous blocks instead of
+    strided views, forward and backward.  Only the tensor passed between the
+    two changes; the values, gradients and every other layer are the same.
     """
     for first, second in zip(order, order[1:]):
         conv, pool = layers[first], layers[second]
@@ -291,7 +290,7 @@ def plan_conv_pool(layers, order) -> None:
             continue
         ho, wo, _ = conv.out_shape
         (kh, kw), (sh, sw) = pool.kernel, pool.stride
-        if conv.patch_major and (sh, sw) == (kh, kw) and ho % kh == 0 and wo % kw == 0:
+        if (sh, sw) == (kh, kw) and ho % kh == 0 and wo % kw == 0:
             conv.pool_windows = (kh, kw)
             pool.windows_first = True
 

@@ -12,7 +12,7 @@ import pytest
 from cnn_core import reference
 from cnn_core.errors import ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_layer
-from cnn_core.im2col import col2im, col2im_gemm, conv_output_size, im2col, pad_nhwc
+from cnn_core.im2col import col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, pad_nhwc
 from cnn_core.layers import (ELU, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D, ReLU,
                              Residual, SiLU)
 
@@ -620,6 +620,45 @@ def test_col2im_gemm_equals_col2im_of_product(n, hp, wp, c, kh, kw, sh, sw):
     wmat = rng.standard_normal((kh * kw * c, o))
     np.testing.assert_allclose(col2im_gemm(d, wmat, (n, hp, wp, c), kh, kw, sh, sw),
                                col2im(d @ wmat.T, (n, hp, wp, c), kh, kw, sh, sw), rtol=1e-12, atol=1e-12)
+
+
+STRIDE1_CASES = [   # n, h, w, c_in, c_out, kh, kw, ph, pw
+    (2, 6, 5, 3, 4, 3, 3, 1, 1),       # "same"
+    (2, 6, 7, 2, 3, 3, 3, 0, 0),       # "valid": no kernel row sees every input row
+    (1, 5, 6, 2, 2, 3, 2, 2, 0),       # padding beyond the kernel: more outputs than inputs
+    (2, 4, 7, 3, 2, 2, 3, 1, 2),
+    (1, 5, 4, 2, 3, 1, 1, 1, 1),       # 1x1 kernel with padding
+    (2, 7, 5, 2, 2, 5, 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,o,kh,kw,ph,pw", STRIDE1_CASES)
+def test_conv_input_grad_equals_col2im_of_product(n, h, w, c, o, kh, kw, ph, pw):
+    """The row-shift input gradient of a stride-1 conv = col2im of dout @ W^T, unpadded;
+    window-major dout (for a 2x1 pool's windows) gives the same."""
+    rng = np.random.default_rng(29)
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    weight = rng.standard_normal((o, c, kh, kw))
+    dout = rng.standard_normal((n, ho, wo, o))
+    wmat = weight.transpose(2, 3, 1, 0).reshape(-1, o)
+    expected = col2im(dout.reshape(-1, o) @ wmat.T, (n, h + 2 * ph, w + 2 * pw, c), kh, kw, 1, 1)
+    expected = expected[:, ph:ph + h, pw:pw + w]
+    got = conv_input_grad(dout, weight, (h, w), (ph, pw))
+    assert got.shape == (n, h, w, c) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    if ho % 2 == 0:
+        window_major = dout.reshape(n, ho // 2, 2, wo, 1, o).transpose(2, 4, 0, 1, 3, 5).reshape(2, n, ho // 2, wo, o)
+        np.testing.assert_array_equal(conv_input_grad(window_major, weight, (h, w), (ph, pw), (2, 1)), got)
+
+
+@pytest.mark.parametrize("gh,gw", [(2, 2), (3, 1), (1, 2)])
+def test_im2col_window_major_rows(gh, gw):
+    """pool_windows reorders im2col's rows window-major: (a, b, n, ho', wo'), nothing else."""
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((2, 8, 6, 3))                   # 3x3 kernel, stride 1: 6 x 4 outputs
+    plain = im2col(x, 3, 3, 1, 1).reshape(2, 6 // gh, gh, 4 // gw, gw, 27)
+    expected = plain.transpose(2, 4, 0, 1, 3, 5).reshape(-1, 27)
+    np.testing.assert_array_equal(im2col(x, 3, 3, 1, 1, (gh, gw)), expected)
 
 
 def test_col2im_counts_window_coverage():

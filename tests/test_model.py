@@ -13,7 +13,7 @@ import pytest
 from cnn_core import PRESETS, build_model, softmax_cross_entropy
 from cnn_core.errors import ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_model
-from cnn_core.layers import Dropout, MaxPool2D, ReLU
+from cnn_core.layers import Conv2D, Dropout, MaxPool2D, ReLU
 from cnn_core.model import execution_order
 from cnn_core.reference import ReferenceModel
 
@@ -483,9 +483,10 @@ def _fused_pairs(model):
 
 
 def test_conv_pool_plan():
-    assert _fused_pairs(build_model("seed")) == [("conv1", (2, 2))]          # conv2 has 32 input channels
     seed = build_model("seed")
-    assert [p.windows_first for p in seed.layers if isinstance(p, MaxPool2D)] == [True, False]
+    assert _fused_pairs(seed) == [("conv1", (2, 2)), ("conv2", (2, 2))]
+    assert [conv.patch_major for conv in seed.layers if isinstance(conv, Conv2D)] == [True, False]  # 1 and 32 inputs
+    assert [p.windows_first for p in seed.layers if isinstance(p, MaxPool2D)] == [True, True]
     assert _fused_pairs(build_model(FUSED_SPEC)) == [("conv1", (2, 2)), ("conv2", (2, 2))]
     assert _fused_pairs(build_model(REF_SPEC)) == []                        # overlapping pool; 5 channels
     odd = copy.deepcopy(FUSED_SPEC)
