@@ -11,7 +11,8 @@ that machine noise hits every contender alike:
   kernel offsets (``cnn_core.reference``);
 * where pscnn's step time goes, layer by layer.
 
-Results are medians over trials; the ratios are what to compare across
+Rates are medians over trials; each ratio is the median of the per-trial
+ratios (the two contenders measured back to back), what to compare across
 machines.  OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on the build machines,
 they halve numpy's sgemm speed) are removed for this process unless
 ``--keep-openblas-env`` is given: a user's machine has neither.
@@ -43,6 +44,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=7)
     p.add_argument("--steps", type=int, default=15, help="training steps per trial")
+    p.add_argument("--reference-steps", type=int, default=3,
+                   help="float64 reference steps per trial (each is ~5x a pscnn step)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--infer-batch", type=int, default=1000)
     p.add_argument("--no-torch", action="store_true")
@@ -129,27 +132,28 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
     for _ in tqdm(range(args.trials), desc="trials", file=sys.stderr):
         for name, fn in train.items():
-            reps = 1 if name.startswith("reference") else args.steps
+            reps = args.reference_steps if name.startswith("reference") else args.steps
             train_rates[name].append(rate(fn, args.batch, reps))
         for name, fn in infer.items():
             infer_rates[name].append(rate(fn, args.infer_batch, 2))
 
     med = {"train": {k: float(np.median(v)) for k, v in train_rates.items()},
            "infer": {k: float(np.median(v)) for k, v in infer_rates.items()}}
+    ratios = {kind: {k: float(np.median(np.array(rates["pscnn"]) / np.array(v))) for k, v in rates.items()}
+              for kind, rates in (("train", train_rates), ("infer", infer_rates))}
     breakdown = _layer_breakdown(model, xb, yb, softmax_cross_entropy, opt, np)
     result = {"batch": args.batch, "infer_batch": args.infer_batch, "trials": args.trials,
               "blas": blas, "torch": torch_version, "cpu_count": os.cpu_count(),
-              "images_per_second": med, "step_breakdown_ms": breakdown}
+              "images_per_second": med, "pscnn_over": ratios, "step_breakdown_ms": breakdown}
 
-    print(f"\nBLAS: {'; '.join(blas)}; torch: {torch_version}; medians of {args.trials} trials")
+    print(f"\nBLAS: {'; '.join(blas)}; torch: {torch_version}; medians of {args.trials} trials "
+          "(ratios: the median of the per-trial ratios)")
     print(f"training step, batch {args.batch}, 1 thread:")
-    base = med["train"]["pscnn"]
-    for name, v in med["train"].items():
-        print(f"  {name:<22}{v:>9,.0f} img/s   pscnn / this = {base / v:5.2f}x")
-    print(f"inference, batch {args.infer_batch}, 1 thread:")
-    base = med["infer"]["pscnn"]
-    for name, v in med["infer"].items():
-        print(f"  {name:<22}{v:>9,.0f} img/s   pscnn / this = {base / v:5.2f}x")
+    for kind in ("train", "infer"):
+        if kind == "infer":
+            print(f"inference, batch {args.infer_batch}, 1 thread:")
+        for name, v in med[kind].items():
+            print(f"  {name:<22}{v:>9,.0f} img/s   pscnn / this = {ratios[kind][name]:5.2f}x")
     total = sum(breakdown.values())
     print("where a pscnn training step goes (ms, median):")
     for name, ms in sorted(breakdown.items(), key=lambda kv: -kv[1]):
