@@ -159,8 +159,9 @@ def conv_input_grad(dout, weight, in_hw, padding, pool_windows=None):
     are one GEMM over width-windows of dout (zero-padded by kw-1 columns on
     each side): (N*Ho*W, kw*O) @ (kw*O, kh*C).  The sum over i then adds kh
     slabs shifted by whole rows, each a run of W*C contiguous floats per row.
-    For the seed model's conv2 this is ~20% faster than :func:`col2im_gemm`,
-    whose nine K=64 GEMMs each add a slab shifted by a row and a column.
+    For the seed model's conv2 this is ~20% faster in isolation than
+    :func:`col2im_gemm`, whose nine K=64 GEMMs each add a slab shifted by a
+    row and a column.
     """
     xp = get_array_module(dout)
     o, c, kh, kw = weight.shape

@@ -519,9 +519,14 @@ def test_fused_conv_pool_exact_with_ties():
     np.testing.assert_array_equal(model.forward(x, train=False), logits)     # no dropout: eval == train
 
 
-def test_fused_equals_unfused_with_stride_2_and_non_square_windows():
+@pytest.mark.parametrize("columns", ["patch_major", "row_major"])
+def test_fused_equals_unfused_with_stride_2_and_non_square_windows(columns, monkeypatch):
     """A stride-2 conv into a 2x2 pool and a conv into a 3x1 pool: fused and unfused
-    paths give the same loss and gradients (integer data: ties everywhere)."""
+    paths give the same loss and gradients (integer data: ties everywhere), whichever
+    way the convs build their columns."""
+    import cnn_core.layers as layers_module
+    if columns == "row_major":
+        monkeypatch.setattr(layers_module, "PATCH_MAJOR_MAX_CHANNELS", 0)
     spec = {"input_shape": [2, 17, 13], "layers": [
         {"type": "conv2d", "name": "conv1", "out_channels": 3, "kernel": 3, "stride": 2, "padding": 2},  # (10,8,3)
         {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
@@ -546,6 +551,7 @@ def test_fused_equals_unfused_with_stride_2_and_non_square_windows():
 
     fused, loss, grads = loss_and_grads(True)
     assert _fused_pairs(fused) == [("conv1", (2, 2)), ("conv2", (3, 1))]
+    assert [conv.patch_major for conv in fused.layers if isinstance(conv, Conv2D)] == [columns == "patch_major"] * 2
     _, ref_loss, ref_grads = loss_and_grads(False)
     assert loss == pytest.approx(ref_loss, rel=1e-14)
     for k, g in grads.items():
