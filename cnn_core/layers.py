@@ -109,6 +109,11 @@ def _he_normal(rng, shape, fan_in: int, xp, dtype):
 class Conv2D(Layer):
     """2-D convolution via im2col + one GEMM.
 
+    The weight gradient is one more GEMM over the same columns; the input
+    gradient is :func:`~cnn_core.im2col.conv_input_grad` for stride 1 (one
+    GEMM, kh row-shifted adds) and :func:`~cnn_core.im2col.col2im_gemm`
+    otherwise.
+
     x: (N, H, W, C_in) -> out: (N, Ho, Wo, C_out).
     parameters: ``weight`` (C_out, C_in, kh, kw), ``bias`` (C_out,).
 
