@@ -126,14 +126,18 @@ class Trainer:
                 reply = self.client.request(P.PUSH, self._push_body(body, result, timing), arrays)
                 held = float(reply.body.get("held_s", 0.0))
                 timing = {"comm_s": max(0.0, self.client.last_rtt_s - held), "wait_s": held}
-                self.steps += 1
-                self.samples += result["count"]
+                self._count(result)
             except Rejoined as exc:
                 self.setup(exc.welcome)
                 reply = self.client.request(P.WORK)
             except ServerError as exc:
                 log.warning("server rejected our request: %s; asking for new work", exc)
                 reply = self.client.request(P.WORK)
+
+    def _count(self, result: dict) -> None:
+        """One more batch pushed (counted when sent; both loops report these at the end)."""
+        self.steps += 1
+        self.samples += result["count"]
 
     def _stopped(self, reply: P.Message) -> int:
         log.info("server says %s after %d steps (%d samples); exiting",
@@ -172,8 +176,7 @@ class Trainer:
                     if pending is not None:
                         reply, timing = self._collect(pending)
                     pending = self.client.submit(P.PUSH, self._push_body(task, result, timing), arrays)
-                    self.steps += 1
-                    self.samples += result["count"]
+                    self._count(result)
                 else:                                             # nothing to compute: wait for the push
                     (reply, timing), pending = self._collect(pending), None
                 if reply is None:
@@ -215,9 +218,10 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         log.info("joined %s as %s", endpoint, client.wid)
         trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms)
         trainer.setup(welcome)
-        if overlap and trainer.run.get("mode") != "async":
+        overlapped = overlap and trainer.run.get("mode") == "async"
+        if overlap and not overlapped:
             log.warning("--overlap applies to async mode only; the server runs %s", trainer.run.get("mode"))
-        status = trainer.loop_overlapped() if overlap and trainer.run.get("mode") == "async" else trainer.loop()
+        status = trainer.loop_overlapped() if overlapped else trainer.loop()
         client.close()
         return status
     except ServerUnreachable as exc:
