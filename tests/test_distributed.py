@@ -29,6 +29,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def checkpointed_version(path: Path) -> int:
+    """The newest version a running server's metrics.jsonl says it checkpointed (0: none yet).
+
+    Only complete lines are read: the server may be writing the last one."""
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return max((r["version"] for r in map(json.loads, lines) if r["kind"] == "checkpoint"), default=0)
+
+
 def lineage_batches(records: list[dict]) -> Counter:
     """(epoch, batch) -> times applied in the final weights' history.
 
@@ -181,7 +189,9 @@ def test_server_killed_and_resumed(cluster, mnist_dir):
         cluster.start_worker(f"worker-{i}", client_flags(mnist_dir))
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "2"])
     wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 60, 90, "60 batches applied")
-    wait_for(lambda: (cluster.out / "checkpoint.npz").exists(), 30, "a checkpoint")
+    # Not just any checkpoint: the first one may predate the first update (60 batches of
+    # the light model can take less than the 0.5 s between checkpoints).
+    wait_for(lambda: checkpointed_version(cluster.out / "metrics.jsonl") > 0, 30, "a checkpoint after updates")
     cluster.kill("server", signal.SIGKILL)
     cluster.procs.pop("server").wait(5)
     time.sleep(1.0)                       # clients notice the silence and start backing off
