@@ -187,25 +187,13 @@ def decode(frames) -> Message:
     body = header.get("body", {})
     _check_body(mtype, body)
     specs = header.get("arrays", [])
-    if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
-        raise ProtocolError(f"{mtype}: 'arrays' must be a list of at most {MAX_ARRAYS} specs")
-    groups: dict[str, list] = {}          # dtype -> [(name, shape), ...] in payload order
-    names = set()
-    for spec in specs:
-        name, dtype, shape = _check_spec(mtype, spec)
-        if name in names:
-            raise ProtocolError(f"{mtype}: array {name!r} appears twice")
-        names.add(name)
-        groups.setdefault(dtype, []).append((name, shape))
+    groups = _parse_specs(mtype, specs)
     if len(frames) - 1 != len(groups):
         raise ProtocolError(f"{mtype}: header describes {len(specs)} arrays of {len(groups)} dtype(s), "
                             f"so expects {len(groups)} payload frames (one per dtype), got {len(frames) - 1}")
     payloads = []
-    for (dtype, members), frame in zip(groups.items(), frames[1:]):
+    for (dtype, (members, expected)), frame in zip(groups.items(), frames[1:]):
         buf = _buffer(frame)
-        expected = sum(math.prod(shape) for _, shape in members) * _DTYPES[dtype].itemsize
-        if expected > MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"{mtype}: the {dtype} arrays would exceed {MAX_MESSAGE_BYTES} bytes", "too_large")
         if len(buf) != expected:
             raise ProtocolError(f"{mtype}: {len(members)} {dtype} array(s) ({members[0][0]!r} ...) need "
                                 f"{expected} bytes, frame has {len(buf)}")
@@ -218,6 +206,42 @@ def decode(frames) -> Message:
         views = {name: payload[name] for payload in payloads for name in payload}
         arrays = {spec[0]: views[spec[0]] for spec in specs}      # header order
     return Message(mtype, wid, int(seq), body, arrays)
+
+
+# repr(specs) -> _parse_specs' result.  Peers send the same one or two layouts
+# in every message; validating them afresh was ~2/3 of decoding a push.  repr
+# tells 1, 1.0 and True apart, so a cached layout is only reused for a list
+# that would validate the same way again.
+_SPEC_CACHE: dict = {}
+_SPEC_CACHE_MAX = 64
+
+
+def _parse_specs(mtype: str, specs) -> dict:
+    """Validated header ``arrays`` -> {dtype: (((name, shape), ...), payload bytes)}, in payload order."""
+    key = repr(specs) if isinstance(specs, list) and len(specs) <= MAX_ARRAYS else None
+    hit = _SPEC_CACHE.get(key) if key is not None else None
+    if hit is not None:
+        return hit
+    if key is None:
+        raise ProtocolError(f"{mtype}: 'arrays' must be a list of at most {MAX_ARRAYS} specs")
+    members: dict[str, list] = {}         # dtype -> [(name, shape), ...] in payload order
+    names = set()
+    for spec in specs:
+        name, dtype, shape = _check_spec(mtype, spec)
+        if name in names:
+            raise ProtocolError(f"{mtype}: array {name!r} appears twice")
+        names.add(name)
+        members.setdefault(dtype, []).append((name, tuple(shape)))
+    groups = {}
+    for dtype, group in members.items():
+        expected = sum(math.prod(shape) for _, shape in group) * _DTYPES[dtype].itemsize
+        if expected > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"{mtype}: the {dtype} arrays would exceed {MAX_MESSAGE_BYTES} bytes", "too_large")
+        groups[dtype] = (tuple(group), expected)
+    if len(_SPEC_CACHE) >= _SPEC_CACHE_MAX:     # a client cycling through layouts: start over
+        _SPEC_CACHE.clear()
+    _SPEC_CACHE[key] = groups
+    return groups
 
 
 def _buffer(frame):

@@ -278,6 +278,21 @@ def test_decode_rejects(name):
     assert isinstance(err, ValueError)      # ProtocolError is also a ValueError (and a PscnnError)
 
 
+def test_cached_layouts_do_not_admit_look_alikes():
+    """decode caches validated array layouts; specs equal to a cached one under == but of other
+    types (True or 2.0 for 2, bytes for a name) are still rejected, every time."""
+    good = _push(arrays=[["g", "float32", [2, 1]]])
+    for _ in range(2):                       # the second decode is served from the cache
+        assert P.decode(good).arrays["g"].shape == (2, 1)
+    look_alikes = {"bool dim": [["g", "float32", [2, True]]], "float dim": [["g", "float32", [2.0, 1]]],
+                   "bytes name": [[b"g", "float32", [2, 1]]], "tuple-ish spec": [["g", "float32", [2, 1], 0]]}
+    for name, specs in look_alikes.items():
+        for _ in range(2):
+            with pytest.raises(P.ProtocolError):
+                P.decode(_push(arrays=specs))
+        assert P.decode(good).arrays["g"].shape == (2, 1), name
+
+
 def test_bodies_of_other_types_are_validated_too():
     """Every required field of every type is enforced, and wrong kinds are refused."""
     wrong = {"int": "1", "float": "1.0", "float_or_nil": "1.0", "str": 1, "bool": 0, "dict": [], "list": {}}
