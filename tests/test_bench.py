@@ -223,3 +223,24 @@ def test_parse_list_and_outputs(tmp_path):
     rows = read_csv(csv_path)
     assert rows[0]["a"] == "1" and json.loads(rows[0]["h"]) == {"0": 3} and rows[1]["b"] == ""
     assert json.loads(json_path.read_text())["rows"][1]["a"] == 2.5
+
+
+def test_throughput_benchmarks_compare_one_update():
+    """The scaling bench's servers and its single-process baseline make the same update, one
+    gentle enough that stale async points stay finite (a diverged server loses the point)."""
+    import inspect
+
+    from pscnn.bench import baseline, scaling
+    from pscnn.bench.cluster import server_flags
+    from pscnn.bench.common import THROUGHPUT_LR, THROUGHPUT_MOMENTUM
+
+    flags = server_flags("async", 64, Path("unused"))
+    assert flags[flags.index("--optimizer") + 1] == "sgd"
+    assert float(flags[flags.index("--lr") + 1]) == THROUGHPUT_LR
+    assert float(flags[flags.index("--momentum") + 1]) == THROUGHPUT_MOMENTUM
+    assert "--momentum" not in server_flags("async", 64, Path("unused"), optimizer="adam")
+    params = inspect.signature(baseline.measure).parameters
+    assert (params["lr"].default, params["momentum"].default) == (THROUGHPUT_LR, THROUGHPUT_MOMENTUM)
+    cmd = scaling.baseline_command("seed", 64, 1.0, None, 0.003)      # a user's --lr reaches the baseline
+    assert float(cmd[cmd.index("--lr") + 1]) == 0.003
+    assert float(cmd[cmd.index("--momentum") + 1]) == THROUGHPUT_MOMENTUM

@@ -18,9 +18,11 @@ import os
 import sys
 import time
 
+from .common import THROUGHPUT_LR, THROUGHPUT_MOMENTUM
+
 
 def measure(model_name: str, batch: int, seconds: float, warmup_steps: int = 3, mnist_dir: str | None = None,
-            seed: int = 0, lr: float = 0.05, momentum: float = 0.9) -> dict:
+            seed: int = 0, lr: float = THROUGHPUT_LR, momentum: float = THROUGHPUT_MOMENTUM) -> dict:
     import numpy as np  # noqa: PLC0415
 
     from cnn_core.backend import tune_host_allocator  # noqa: PLC0415
@@ -82,8 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--mnist-dir", default=None)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--lr", type=float, default=THROUGHPUT_LR)
+    p.add_argument("--momentum", type=float, default=THROUGHPUT_MOMENTUM)
     args = p.parse_args(argv)
     res = measure(args.model, args.batch, args.seconds, args.warmup_steps, args.mnist_dir, lr=args.lr,
                   momentum=args.momentum)

@@ -17,18 +17,19 @@ from pathlib import Path
 
 from pscnn.launcher import LocalCluster, query_status
 
-from .common import bench_env, proc_cpu_seconds, step_records, wait_for
+from .common import THROUGHPUT_LR, THROUGHPUT_MOMENTUM, bench_env, proc_cpu_seconds, step_records, wait_for
 
 BIG_EPOCHS = 100_000            # a run that never ends within a benchmark window
 
 
-def server_flags(mode: str, batch: int, out: Path, model: str = "seed", lr: float = 0.05, epochs: int = BIG_EPOCHS,
+def server_flags(mode: str, batch: int, out: Path, model: str = "seed", lr: float = THROUGHPUT_LR, epochs: int = BIG_EPOCHS,
                  train_limit: int = 0, mnist_dir: str | None = None, extra: list[str] = (),
                  optimizer: str = "sgd") -> list[str]:
     """Flags of a throughput benchmark's server: momentum SGD at a constant rate by default,
     the update the single-process baseline makes, whatever the mode's default optimizer."""
     flags = ["--mode", mode, "--batch-size", str(batch), "--epochs", str(epochs), "--train-limit", str(train_limit),
              "--model", model, "--optimizer", optimizer, "--lr", str(lr), "--schedule", "constant",
+             *(["--momentum", str(THROUGHPUT_MOMENTUM)] if optimizer == "sgd" else []),
              "--checkpoint-every", "0",
              "--peer-timeout", "60",
              "--lease-timeout", "120", "--final-eval-timeout", "0", "--out", str(out), "--log-level", "WARNING",
@@ -56,7 +57,7 @@ def _stamped_status(endpoint: str) -> tuple[float, dict | None, float | None]:
 
 
 def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: float, warmup: float,
-                  threads: int = 1, compute_ms: float | None = None, model: str = "seed", lr: float = 0.05,
+                  threads: int = 1, compute_ms: float | None = None, model: str = "seed", lr: float = THROUGHPUT_LR,
                   mnist_dir: str | None = None, keep_openblas: bool = False, startup_timeout: float = 120.0,
                   keep_logs: bool = False, overlap: bool = False) -> dict:
     """Run one configuration and return its measurements (a flat dict)."""

@@ -19,6 +19,14 @@ from pathlib import Path
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
+# The update every throughput benchmark makes, in the single-process baseline and on the
+# server alike: momentum SGD at a constant rate (its cost does not depend on the values).
+# Gentle, because async points run stale: with --overlap, 3-4 versions at 2 workers and
+# 7-10 at 4. At lr 0.05 / momentum 0.9 one 2-worker trial in four diverged, and at 0.01 /
+# 0.9 a 4-worker one did; the server then stops training and the point is lost.
+THROUGHPUT_LR = 0.01
+THROUGHPUT_MOMENTUM = 0.5
+
 
 def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
     """The flags every bench shares: where results go, plots, progress, the OPENBLAS_* overrides."""

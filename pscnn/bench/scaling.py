@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (add_output_flags, cores, save_figure, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
+from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, add_output_flags, cores, save_figure, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
                      write_outputs)
 
 NAME = "scaling"
@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ddp", default="auto", choices=["auto", "on", "off"],
                    help="PyTorch DDP reference for sync points (auto: when torch is installed)")
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
-    p.add_argument("--lr", type=float, default=0.05, help="server learning rate (default: 0.05)")
+    p.add_argument("--lr", type=float, default=THROUGHPUT_LR,
+                   help=f"momentum-SGD learning rate of the servers and the baseline (default: {THROUGHPUT_LR})")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     p.add_argument("--overlap", action="store_true",
                    help="async points: workers compute the next batch while a push travels (pscnn worker --overlap)")
@@ -102,7 +103,7 @@ def run(args) -> int:
             if not synthetic:
                 for b in batches:
                     bar.set_postfix_str(f"trial {trial + 1}: baseline b{b}")
-                    res = _baseline(args.model, b, base_s, mnist_dir, env)
+                    res = _baseline(args.model, b, base_s, mnist_dir, env, args.lr)
                     baselines.append({"trial": trial, "batch": b, **res})
                     bar.update()
             for pt in points:
@@ -143,12 +144,16 @@ def run(args) -> int:
     return 0
 
 
-def _baseline(model: str, batch: int, seconds: float, mnist_dir: str | None, env: dict) -> dict:
-    import subprocess  # noqa: PLC0415
+def baseline_command(model: str, batch: int, seconds: float, mnist_dir: str | None, lr: float) -> list[str]:
+    """The single-process baseline, making the servers' update (momentum SGD at ``lr``)."""
     cmd = [sys.executable, "-m", "pscnn.bench.baseline", "--model", model, "--batch", str(batch),
-           "--seconds", str(seconds)]
-    if mnist_dir:
-        cmd += ["--mnist-dir", mnist_dir]
+           "--seconds", str(seconds), "--lr", repr(lr), "--momentum", repr(THROUGHPUT_MOMENTUM)]
+    return cmd + (["--mnist-dir", mnist_dir] if mnist_dir else [])
+
+
+def _baseline(model: str, batch: int, seconds: float, mnist_dir: str | None, env: dict, lr: float) -> dict:
+    import subprocess  # noqa: PLC0415
+    cmd = baseline_command(model, batch, seconds, mnist_dir, lr)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds * 4 + 120)
     if proc.returncode != 0:
         raise RuntimeError(f"baseline failed:\n{proc.stderr[-2000:]}")
