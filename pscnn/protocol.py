@@ -192,7 +192,7 @@ def decode(frames) -> Message:
         raise ProtocolError(f"{mtype}: header describes {len(specs)} arrays of {len(groups)} dtype(s), "
                             f"so expects {len(groups)} payload frames (one per dtype), got {len(frames) - 1}")
     payloads = []
-    for (dtype, (members, expected)), frame in zip(groups.items(), frames[1:]):
+    for (dtype, members, expected), frame in zip(groups, frames[1:]):
         buf = _buffer(frame)
         if len(buf) != expected:
             raise ProtocolError(f"{mtype}: {len(members)} {dtype} array(s) ({members[0][0]!r} ...) need "
@@ -216,8 +216,11 @@ _SPEC_CACHE: dict = {}
 _SPEC_CACHE_MAX = 64
 
 
-def _parse_specs(mtype: str, specs) -> dict:
-    """Validated header ``arrays`` -> {dtype: (((name, shape), ...), payload bytes)}, in payload order."""
+def _parse_specs(mtype: str, specs) -> tuple:
+    """Validated header ``arrays`` -> ((dtype, ((name, shape), ...), payload bytes), ...), in payload order.
+
+    Immutable all the way down: the cache hands the same object to every caller.
+    """
     key = repr(specs) if isinstance(specs, list) and len(specs) <= MAX_ARRAYS else None
     hit = _SPEC_CACHE.get(key) if key is not None else None
     if hit is not None:
@@ -232,12 +235,13 @@ def _parse_specs(mtype: str, specs) -> dict:
             raise ProtocolError(f"{mtype}: array {name!r} appears twice")
         names.add(name)
         members.setdefault(dtype, []).append((name, tuple(shape)))
-    groups = {}
+    groups = []
     for dtype, group in members.items():
         expected = sum(math.prod(shape) for _, shape in group) * _DTYPES[dtype].itemsize
         if expected > MAX_MESSAGE_BYTES:
             raise ProtocolError(f"{mtype}: the {dtype} arrays would exceed {MAX_MESSAGE_BYTES} bytes", "too_large")
-        groups[dtype] = (tuple(group), expected)
+        groups.append((dtype, tuple(group), expected))
+    groups = tuple(groups)
     if len(_SPEC_CACHE) >= _SPEC_CACHE_MAX:     # a client cycling through layouts: start over
         _SPEC_CACHE.clear()
     _SPEC_CACHE[key] = groups
