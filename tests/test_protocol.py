@@ -279,8 +279,8 @@ def test_decode_rejects(name):
 
 
 def test_cached_layouts_do_not_admit_look_alikes():
-    """decode caches validated array layouts; specs equal to a cached one under == but of other
-    types (True or 2.0 for 2, bytes for a name) are still rejected, every time."""
+    """decode caches validated array layouts; specs equal to a cached one under == (True or 2.0
+    for a dimension) and other near-misses are still rejected, every time."""
     good = _push(arrays=[["g", "float32", [2, 1]]])
     for _ in range(2):                       # the second decode is served from the cache
         assert P.decode(good).arrays["g"].shape == (2, 1)
