@@ -132,6 +132,11 @@ def test_server_bench_with_echo_and_profile(tmp_path):
         if r["kind"] == "pscnn":                      # the server applied what the clients counted
             # (its two status answers bracket the clients' window only roughly on a loaded machine)
             assert 0.5 < r["server_updates_per_second"] / r["cycles_per_second"] < 2.0
+        # CPU accounting from /proc: the main thread is part of the process; the machine's share is a share
+        assert 0 < r["server_main_thread_fraction"] <= r["server_cpu_fraction"] + 0.05     # 10 ms ticks
+        assert r["server_main_thread_ms_per_cycle"] == pytest.approx(
+            1e3 * r["server_main_thread_fraction"] * r["window_s"] / r["cycles"])
+        assert 0 < r["machine_busy_fraction"] <= 1
     for s in doc["summary"]:
         assert s["server_over_echo"] > 0
     assert (out / "server-profile.txt").read_text().count("ncalls") >= 1

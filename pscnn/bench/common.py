@@ -126,11 +126,27 @@ def percentile(values, q: float) -> float | None:
     return float(vals[lo] + (vals[hi] - vals[lo]) * (pos - lo))
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """user + system CPU seconds of a process (all its threads), from /proc; None elsewhere."""
+def proc_cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """user + system CPU seconds of a process (all its threads), or of its thread ``tid``
+    (a process's main thread has ``tid == pid``), from /proc; None elsewhere."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, summed over cores, from
+    /proc/stat (idle and iowait count as not busy); None elsewhere.  Two samples tell how
+    busy the machine was in between: whether a benchmark ran out of cores."""
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+        total = sum(ticks[:8])                 # user nice system idle iowait irq softirq steal
+        busy = total - ticks[3] - ticks[4]
+        return busy / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from pscnn.cli import DEFAULT_LR
 
 from .common import (add_output_flags, bench_env, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
-                     proc_cpu_seconds, progress, pyplot, write_outputs)
+                     machine_cpu_seconds, proc_cpu_seconds, progress, pyplot, write_outputs)
 
 NAME = "server"
 
@@ -131,10 +131,10 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                        "--name", f"c{i}", "--result", str(tmp / f"clients-{i}.json")]
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             time.sleep(max(0.0, t_start - time.monotonic()))
-            cpu0 = proc_cpu_seconds(server.pid)
+            cpu0 = _cpu_sample(server.pid)
             st0 = query_status(endpoint, 2.0) if kind == "pscnn" else None
             time.sleep(max(0.0, t_end - time.monotonic()))
-            cpu1 = proc_cpu_seconds(server.pid)
+            cpu1 = _cpu_sample(server.pid)
             st1 = query_status(endpoint, 2.0) if kind == "pscnn" else None
             results = []
             for i, p in enumerate(procs):
@@ -173,12 +173,34 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
            "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
            "late_starts": sum(bool(r["late_start"]) for r in results), "errors": errors,
            "model_bytes": results[0]["model_bytes"] if results else None}
-    if cpu0 is not None and cpu1 is not None:
-        res["server_cpu_fraction"] = (cpu1 - cpu0) / window
-        res["server_cpu_ms_per_cycle"] = 1e3 * (cpu1 - cpu0) / cycles if cycles else None
+    res.update(_cpu_use(cpu0, cpu1, window, cycles))
     if st0 and st1:
         res["server_updates_per_second"] = (st1["version"] - st0["version"]) / window
     return res
+
+
+def _cpu_sample(pid: int) -> dict:
+    """CPU seconds so far: the server process, its main thread, and the machine (busy, total)."""
+    return {"process": proc_cpu_seconds(pid), "main_thread": proc_cpu_seconds(pid, pid),
+            "machine": machine_cpu_seconds()}
+
+
+def _cpu_use(before: dict, after: dict, window: float, cycles: int) -> dict:
+    """Where the window's CPU went.  The server's main thread runs the whole event loop
+    (decode, validation, the update, replies), so at ~100% of a core it is the bottleneck;
+    ZeroMQ's I/O threads make up the rest of the process.  The machine's busy share says
+    whether the clients, the server and everything else ran out of cores."""
+    out = {}
+    for key in ("process", "main_thread"):
+        if before[key] is not None and after[key] is not None:
+            used = after[key] - before[key]
+            prefix = "server_cpu" if key == "process" else "server_main_thread"
+            out[f"{prefix}_fraction"] = used / window
+            out[f"{prefix}_ms_per_cycle"] = 1e3 * used / cycles if cycles else None
+    if before["machine"] is not None and after["machine"] is not None:
+        busy, total = (a - b for a, b in zip(after["machine"], before["machine"]))
+        out["machine_busy_fraction"] = busy / total if total > 0 else None
+    return out
 
 
 def _profile_report(prof: Path, text_path: Path, res: dict, top: int = 30) -> str | None:
@@ -209,7 +231,8 @@ def summarize(rows, clients) -> list[dict]:
             if not rs:
                 continue
             for key in ("cycles_per_second", "mb_per_second", "latency_p50_ms", "latency_p99_ms",
-                        "server_cpu_fraction", "server_cpu_ms_per_cycle", "server_updates_per_second"):
+                        "server_cpu_fraction", "server_cpu_ms_per_cycle", "server_main_thread_fraction",
+                        "server_main_thread_ms_per_cycle", "machine_busy_fraction", "server_updates_per_second"):
                 s[f"{kind}_{key}"] = median([r.get(key) for r in rs])
             s[f"{kind}_late_starts"] = sum(r["late_starts"] for r in rs)
         ratios = []
@@ -228,15 +251,19 @@ def report(summary, machine, payload, args) -> None:
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; payload {mb:.2f} MB per "
           f"direction ({args.model} model), mode {args.mode}, optimizer {args.optimizer}; medians of {args.trials} "
           "trials")
-    headers = ["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "echo rt/s",
-               "echo MB/s", "echo p50", "echo p99", "server/echo"]
+    headers = ["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "main thread",
+               "machine busy", "echo rt/s", "echo MB/s", "echo p50", "echo p99", "echo busy", "server/echo"]
     rows = [[s["clients"], fmt(s.get("pscnn_cycles_per_second")), fmt(s.get("pscnn_mb_per_second")),
              fmt(s.get("pscnn_latency_p50_ms"), ".2f"), fmt(s.get("pscnn_latency_p99_ms"), ".2f"),
              fmt(s.get("pscnn_server_cpu_fraction"), ".0%"), fmt(s.get("pscnn_server_cpu_ms_per_cycle"), ".2f"),
+             fmt(s.get("pscnn_server_main_thread_fraction"), ".0%"), fmt(s.get("pscnn_machine_busy_fraction"), ".0%"),
              fmt(s.get("echo_cycles_per_second")), fmt(s.get("echo_mb_per_second")),
              fmt(s.get("echo_latency_p50_ms"), ".2f"), fmt(s.get("echo_latency_p99_ms"), ".2f"),
-             fmt(s.get("server_over_echo"), ".2f")] for s in summary]
+             fmt(s.get("echo_machine_busy_fraction"), ".0%"), fmt(s.get("server_over_echo"), ".2f")]
+            for s in summary]
     print_table(headers, rows)
+    print("server cpu: the server process, all threads, as a share of one core; main thread: its event loop "
+          "(decode, checks, update, replies), the serial part; machine busy: every core, everything running")
     late = sum(s.get("pscnn_late_starts", 0) + s.get("echo_late_starts", 0) for s in summary)
     if late:
         print(f"note: {late} client processes had not completed a cycle when a window opened "
