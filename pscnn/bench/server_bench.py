@@ -37,8 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=64, help="the run's batch size (samples per push; default 64)")
     p.add_argument("--model", default="seed", help="model preset: sets the payload (default: seed, 1.7 MB)")
     p.add_argument("--optimizer", default="sgd", choices=list(DEFAULT_LR),
-                   help="the server's update rule (default: sgd with momentum 0.9; adam is what async runs "
-                        "use by default)")
+                   help="the server's update rule (default: sgd with momentum, the throughput benchmarks' "
+                        "update; adam is what async runs use by default)")
     p.add_argument("--seconds", type=float, default=5.0, help="measured window per point (default: 5)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of cycling before the window (default: 2)")
     p.add_argument("--trials", type=int, default=3, help="trials; medians are reported (default: 3)")
