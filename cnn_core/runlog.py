@@ -61,6 +61,16 @@ def _io_error(path, exc: OSError) -> RunLogError:
     return RunLogError(f"{path}: cannot write: {exc.strerror or exc}")
 
 
+def make_folder(path) -> Path:
+    """Create the folder ``path`` (and its parents) if needed; RunLogError, one line, if it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _io_error(path, exc) from None
+    return path
+
+
 # --------------------------------------------------------------------------- JSON
 def to_jsonable(obj):
     """``obj`` with everything turned into types :func:`json.dumps` writes as strict JSON.
@@ -162,11 +172,7 @@ class RunWriter:
     """
 
     def __init__(self, out_dir, config: dict, resume: bool = False):
-        self.out_dir = Path(out_dir)
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _io_error(self.out_dir, exc) from exc
+        self.out_dir = make_folder(out_dir)
         self.config_path = self.out_dir / CONFIG_FILE
         self.metrics_path = self.out_dir / METRICS_FILE
         self.summary_path = self.out_dir / SUMMARY_FILE

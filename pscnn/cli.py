@@ -33,32 +33,73 @@ class CliError(Exception):
 
 # --------------------------------------------------------------------------- flag groups
 
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _port(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0-65535, got {value}")
+    return value
+
+
+def _endpoint(text: str, bind: bool) -> str:
+    """A ZeroMQ endpoint pscnn can use: tcp://HOST:PORT (PORT 1-65535), or ipc://PATH.
+
+    ZeroMQ itself would take a port of 99999 as 34463 (modulo 65536), and say
+    no more than "Invalid argument" for the rest.
+    """
+    example = "tcp://*:5555" if bind else "tcp://HOST:5555"
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme == "ipc" and rest:
+        return text
+    host, colon, port = rest.rpartition(":")
+    if not sep or scheme != "tcp" or not colon or not host or any(ch.isspace() or ch == "/" for ch in host):
+        raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (e.g. {example}) or ipc://PATH, got {text!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number, 1-65535")
+    return text
+
+
+def _bind_endpoint(text: str) -> str:
+    return _endpoint(text, bind=True)
+
+
+def _server_endpoint(text: str) -> str:
+    return _endpoint(text, bind=False)
 
 
 # Each optimizer's default learning rate: one rate for all would be 20x too
@@ -144,7 +185,8 @@ def add_log_flags(p: argparse.ArgumentParser) -> None:
 def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g = p.add_argument_group("parameter server")
     if bind:
-        g.add_argument("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
+        g.add_argument("--bind", type=_bind_endpoint, default="tcp://*:5555",
+                       help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
     g.add_argument("--mode", default="sync", choices=["sync", "async", "ssp"],
                    help="consistency: sync (BSP), async, or ssp (bounded staleness)")
     g.add_argument("--staleness", type=_non_negative_int, default=2,
@@ -167,7 +209,8 @@ OVERLAP_HELP = ("async mode: compute the next batch while the previous push trav
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--server", default="tcp://localhost:5555", help="server endpoint (default: tcp://localhost:5555)")
+    g.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
+                   help="server endpoint (default: tcp://localhost:5555)")
     g.add_argument("--name", default=None, help="a readable id for logs (default: host-pid)")
     g.add_argument("--give-up-after", type=_positive_float, default=600.0,
                    help="exit with status 1 after this many seconds without reaching the server (default: 600)")
@@ -216,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="server + N workers + evaluator on this machine")
     p.add_argument("--workers", type=_positive_int, default=2, help="trainer processes (default: 2)")
-    p.add_argument("--port", type=_non_negative_int, default=0, help="server port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (0: a free one)")
     p.add_argument("--eval-every", type=_positive_float, default=10.0, help="seconds between evaluations")
     p.add_argument("--no-evaluator", action="store_true", help="run without an evaluator")
     p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
@@ -229,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(p)
 
     p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")
-    p.add_argument("--server", default="tcp://localhost:5555")
+    p.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555")
     p.add_argument("--timeout", type=_positive_float, default=2.0, help="seconds to wait (default: 2)")
 
     p = sub.add_parser("bench", help="throughput-scaling experiments")

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from cnn_core.runlog import make_folder
 from worker.client import query_status
 
 log = logging.getLogger("pscnn.run")
@@ -65,7 +66,7 @@ class LocalCluster:
     def __init__(self, out: str | Path, port: int | None = None, threads: int = 1):
         self.out = Path(out)
         self.logs = self.out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        make_folder(self.logs)
         self.port = port or free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.env = child_env(threads)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
+import zmq
 
 from cnn_core.errors import PscnnError
 from cnn_core.flat import FlatArrays
@@ -337,6 +338,30 @@ def model_layout(model) -> tuple:
 
 
 # ---------------------------------------------------------------- socket helpers
+
+class EndpointError(PscnnError, OSError):
+    """A ZeroMQ endpoint that cannot be bound or connected: malformed, in use, not an address of this host."""
+
+
+def bind(socket, endpoint: str) -> None:
+    """``socket.bind(endpoint)``; EndpointError (one line, naming the endpoint) if it cannot."""
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise EndpointError(f"cannot bind {endpoint}: {zmq.strerror(exc.errno)}") from None
+
+
+def connect(socket, endpoint: str) -> None:
+    """``socket.connect(endpoint)``; EndpointError if the endpoint is malformed.
+
+    A well-formed endpoint with nothing behind it is not an error: ZeroMQ
+    connects in the background, and the clients' timeouts handle silence.
+    """
+    try:
+        socket.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise EndpointError(f"cannot connect to {endpoint}: {zmq.strerror(exc.errno)}") from None
+
 
 def send(socket, msg: Message, routing_id: bytes | None = None) -> None:
     """Send ``msg`` (zero-copy for arrays); ``routing_id`` for a ROUTER socket."""

@@ -174,7 +174,11 @@ class ParameterServer:
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
-        self.sock.bind(self.cfg.bind)
+        try:
+            P.bind(self.sock, self.cfg.bind)
+        except P.EndpointError:
+            self.sock.close(linger=0)
+            raise
         log.info("listening on %s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
                  "optimizer %s", self.cfg.bind, self.cfg.mode,
                  f" (staleness {self.cfg.staleness})" if self.cfg.mode == "ssp" else "",

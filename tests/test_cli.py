@@ -61,3 +61,44 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     monkeypatch.setenv("PSCNN_OPTIMIZER", "auto")
     assert main(["bench", "server", "--clients", "1"]) == 2
     assert "PSCNN_OPTIMIZER='auto': expected one of sgd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["server", "--bind", "garbage"], ("argument --bind: expected tcp://HOST:PORT (e.g. tcp://*:5555) or ipc://PATH, "
+                                       "got 'garbage'")),
+    (["server", "--bind", "tcp://:5555"], "argument --bind: expected tcp://HOST:PORT"),
+    (["server", "--bind", "udp://*:5555"], "argument --bind: expected tcp://HOST:PORT"),
+    (["server", "--bind", "tcp://*:99999"], "'tcp://*:99999': the port must be a number, 1-65535"),  # zmq: 34463
+    (["server", "--bind", "tcp://*:0"], "the port must be a number, 1-65535"),
+    (["server", "--bind", "tcp://*:http"], "the port must be a number, 1-65535"),
+    (["worker", "--server", "localhost:5555"], "argument --server: expected tcp://HOST:PORT (e.g. tcp://HOST:5555)"),
+    (["evaluator", "--server", "tcp://a b:5555"], "argument --server: expected tcp://HOST:PORT"),
+    (["status", "--server", "tcp://x"], "argument --server: expected tcp://HOST:PORT"),
+    (["run", "--port", "70000"], "argument --port: must be a TCP port, 0-65535, got 70000"),
+    (["run", "--workers", "two"], "argument --workers: must be an integer, got 'two'"),
+    (["train", "--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
+])
+def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["server", "--bind", "tcp://*:5555"], ["server", "--bind", "tcp://127.0.0.1:1"],
+                                  ["server", "--bind", "ipc:///tmp/pscnn.ipc"], ["worker", "--server", "tcp://[::1]:5555"],
+                                  ["status", "--server", "tcp://server:65535"]])
+def test_good_endpoints_pass_unchanged(argv):
+    args = build_parser().parse_args(argv)
+    assert getattr(args, argv[1].lstrip("-")) == argv[2]
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("PSCNN_BIND", "tcp://*", "PSCNN_BIND='tcp://*': expected tcp://HOST:PORT"),
+    ("PSCNN_WORKERS", "abc", "PSCNN_WORKERS='abc': must be an integer, got 'abc'"),
+])
+def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, capsys, monkeypatch):
+    monkeypatch.setenv(key, value)
+    assert main(["server" if key == "PSCNN_BIND" else "run"]) == 2
+    assert needle in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import msgpack
 import numpy as np
@@ -452,3 +453,19 @@ def test_fuzz_mutated_valid_messages():
 def test_max_frame_bytes_leaves_room_for_a_float64_push_and_is_capped():
     assert P.max_frame_bytes(1_000_000) == 2_000_000 + P.MAX_HEADER_BYTES
     assert P.max_frame_bytes(10**9) == P.MAX_MESSAGE_BYTES
+
+
+def test_bind_and_connect_errors_are_one_line_naming_the_endpoint():
+    ctx = zmq.Context.instance()
+    first, second = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    try:
+        first.bind("tcp://127.0.0.1:*")
+        endpoint = first.getsockopt(zmq.LAST_ENDPOINT).decode()
+        with pytest.raises(P.EndpointError, match=rf"^cannot bind {re.escape(endpoint)}: Address already in use$"):
+            P.bind(second, endpoint)
+        with pytest.raises(P.EndpointError, match="^cannot connect to tcp://nowhere: Invalid argument$"):
+            P.connect(second, "tcp://nowhere")
+        P.connect(second, endpoint)             # nothing wrong: no error
+    finally:
+        first.close(0)
+        second.close(0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 import time
 import uuid
 
@@ -22,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cnn_core.model import build_model
 from pscnn import protocol as P
-from pscnn.launcher import LocalCluster, query_status
+from pscnn.launcher import LocalCluster, child_env, query_status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -552,6 +554,27 @@ def test_fuzzed_messages_never_crash_the_server_and_every_reply_is_valid(server)
         sock.hello("trainer" if sock is t else "evaluator")
         sock.bye()
 
+
+
+def test_a_second_server_on_a_port_in_use_exits_with_one_line_and_the_first_serves_on(server, tmp_path):
+    second = subprocess.run([sys.executable, "-m", "pscnn.cli", "server", *SERVER_FLAGS, "--bind", server.endpoint,
+                             "--out", str(tmp_path / "second")],
+                            capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert second.stderr.strip().splitlines()[-1] == f"pscnn: error: cannot bind {server.endpoint}: Address already in use"
+    assert "Traceback" not in second.stderr
+    assert server.alive()
+    server.status()
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    run = subprocess.run([sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--out", str(blocker / "run")],
+                         capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == f"pscnn: error: {blocker / 'run' / 'logs'}: cannot write: Not a directory"
+    assert "Traceback" not in run.stderr
 
 def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(tmp_path):
     s = Server(tmp_path, ["--peer-timeout", "1"])

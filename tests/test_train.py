@@ -252,7 +252,7 @@ def test_bad_model_one_line_error(tmp_path, model, fragment):
     (["--epochs", "-1"], {}, ["--epochs", "must be >= 1"]),
     (["--lr", "0"], {}, ["--lr", "must be > 0"]),
     (["--optimizer", "sgdd"], {}, ["--optimizer", "invalid choice: 'sgdd'"]),
-    ([], {"PSCNN_EPOCHS": "abc"}, ["PSCNN_EPOCHS='abc'", "invalid literal"]),
+    ([], {"PSCNN_EPOCHS": "abc"}, ["PSCNN_EPOCHS='abc'", "must be an integer, got 'abc'"]),
     ([], {"PSCNN_BATCH_SIZE": "0"}, ["PSCNN_BATCH_SIZE='0'", "must be >= 1"]),
     ([], {"PSCNN_NO_PROGRESS": "maybe"}, ["PSCNN_NO_PROGRESS='maybe'", "expected one of"]),
 ])

@@ -167,7 +167,7 @@ class Client:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.sock.connect(self.endpoint)
+        P.connect(self.sock, self.endpoint)
 
     def _roundtrip(self, msg: P.Message, give_up_after: float | None = None,
                    sent: tuple[list, float] | None = None) -> P.Message:
@@ -211,7 +211,7 @@ class Client:
         """Background: a heartbeat every heartbeat_s on a socket of its own."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.endpoint)
+        P.connect(sock, self.endpoint)
         frames = P.encode(P.Message(P.HEARTBEAT, self.wid, 0, {}))
         silent_since = None
         try:
@@ -263,8 +263,8 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
     """
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
     try:
+        P.connect(sock, endpoint)
         P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             return None

@@ -155,7 +155,8 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
 
 def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
     """``out/<name>.csv`` (one row per measurement) and ``out/<name>.json`` (meta + rows)."""
-    out.mkdir(parents=True, exist_ok=True)
+    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
+    make_folder(out)
     csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
     columns: list[str] = []
     for row in rows:

@@ -78,7 +78,8 @@ def run(args) -> int:
     synthetic = compute != [None]
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
+    make_folder(out)
     ncores = cores()
     machine = machine_info(args.keep_openblas_env)
     env = bench_env(args.threads, args.keep_openblas_env)

@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     clients = parse_list(args.clients, int, "--clients")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
+    make_folder(out)
     env = bench_env(1, args.keep_openblas_env)
     machine = machine_info(args.keep_openblas_env)
     kinds = ["pscnn"] + ([] if args.no_echo else ["echo"])

@@ -61,7 +61,8 @@ def run(args) -> int:
         raise ValueError(f"--target must be in (0, 1], got {args.target}")
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
+    make_folder(out)
     machine = machine_info(args.keep_openblas_env)
     rows, curves = [], {}
     configs = [(t, m, n) for t in range(args.trials) for m in modes for n in workers]
