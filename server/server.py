@@ -7,7 +7,9 @@ What it does per message type (see ``pscnn/protocol.py``):
 * ``work``   leases the next batch (``task``, with weights when newer) or asks
   to ``wait``;
 * ``push``   validates a gradient, applies it according to the consistency
-  mode, and answers with the next ``task``: one round trip per step;
+  mode, and answers with the next ``task``: one round trip per step.  It
+  counts only for a batch its sender was leased this epoch; a push for a
+  batch applied already is acknowledged and dropped;
 * ``pull`` / ``eval_report``  serve the evaluator, whose work never blocks
   the trainers (its reports are just logged);
 * ``status`` / ``heartbeat``  answer at once.
@@ -397,6 +399,11 @@ class ParameterServer:
             if b["loss"] is None:
                 raise P.ProtocolError("push: the loss is NaN or Inf; gradient rejected", "non_finite")
             grads, state = self.store.check_push_arrays(msg.arrays)
+            live = self.work.is_live(b["epoch"], b["batch"])
+            if live and not self.work.granted(peer.wid, b["epoch"], b["batch"], b["lease"]):
+                raise P.ProtocolError(f"push: batch {b['batch']} of epoch {b['epoch']} was not leased to this worker "
+                                      f"under lease {b['lease']} (a lease from before a server restart?); "
+                                      "not applied", "not_leased")
         except P.ProtocolError as exc:
             self.rejected[exc.code] += 1
             if exc.code == "non_finite":
@@ -414,7 +421,7 @@ class ParameterServer:
             elif self.cfg.mode == "sync":
                 self._maybe_close_round(now)
             return
-        if not self.work.is_live(b["epoch"], b["batch"]):
+        if not live:
             self._give_task(peer, now, 0.0, {"applied": False, "reason": "batch already applied or epoch over"})
             return
         if self.cfg.mode == "sync":

@@ -9,7 +9,11 @@ set of batches it leases.  Each batch of each epoch is *applied* exactly once:
   push for the same batch (a retried or expired lease) returns False and its
   gradient is dropped;
 * an expired lease, or every lease of a worker that died or left, goes back to
-  the front of the queue.
+  the front of the queue;
+* ``granted`` tells whether a worker was ever given a lease: a push counts
+  only for the batch of a lease its sender holds or held this epoch (a late
+  push under an expired lease still counts), never for a batch another
+  worker is computing or one nobody was given yet.
 
 Workers compute a batch's indices themselves from (seed, epoch, batch), so a
 lease is three integers on the wire.
@@ -44,6 +48,7 @@ class WorkQueue:
         self.epoch = epoch
         self.applied: set[int] = set(applied)            # batches of the current epoch already applied
         self.leases: dict[int, Lease] = {}               # batch -> its current lease
+        self.grants: dict[int, tuple[str, int]] = {}     # lease id -> (worker, batch): this epoch's leases
         self.pending: deque[int] = deque()
         self._next_lease_id = 1
         self.requeued_total = 0
@@ -69,6 +74,10 @@ class WorkQueue:
         return epoch == self.epoch and not self.done and batch not in self.applied \
             and 0 <= batch < self.batches_per_epoch
 
+    def granted(self, worker: str, epoch: int, batch: int, lease_id) -> bool:
+        """Was ``worker`` given lease ``lease_id`` for (epoch, batch), this epoch (current or since expired)?"""
+        return epoch == self.epoch and self.grants.get(lease_id) == (worker, batch)
+
     # ------------------------------------------------------------------ changes
     def lease(self, worker: str, now: float) -> Lease | None:
         """The next pending batch for ``worker``, or None (epoch draining, or done)."""
@@ -79,6 +88,7 @@ class WorkQueue:
                       self.batch_size_of(batch))
         self._next_lease_id += 1
         self.leases[batch] = lease
+        self.grants[lease.lease_id] = (worker, batch)
         return lease
 
     def complete(self, epoch: int, batch: int) -> bool:
@@ -99,6 +109,7 @@ class WorkQueue:
             self.epoch += 1
             self.applied = set()
             self.leases.clear()
+            self.grants.clear()
             self._fill_pending()
         return True
 

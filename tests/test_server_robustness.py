@@ -376,6 +376,39 @@ def test_a_bad_push_naming_another_workers_batch_leaves_that_lease_alone(server)
     other.bye()
 
 
+
+def test_a_push_for_a_batch_the_sender_was_not_leased_is_refused_and_changes_nothing(server):
+    """Another worker's batch, a batch nobody was given yet, or a made-up lease id: the
+    gradient was not computed on that batch's data, so it must not count as that batch."""
+    holder, other = server.client("trainer"), server.client("trainer")
+    task = holder.work()
+    mine = other.work()
+    before = snapshot(server)
+    st = server.status()
+    pending = (task.body["batch"] + 2) % st["batches_per_epoch"]        # not handed out yet
+    assert pending not in (task.body["batch"], mine.body["batch"])
+    cases = [(push_body(task), False),                                  # the holder's batch and lease
+             (push_body(mine, batch=task.body["batch"]), False),         # the holder's batch, own lease
+             (push_body(mine, batch=pending), False),                    # a pending batch
+             # its own batch under a lease never given: refused, and like any refused
+             # push it sends the sender's own lease of that batch back to the queue
+             (push_body(mine, lease=mine.body["lease"] + 1000), True)]
+    for body, requeued in cases:
+        frames = other.frames(P.PUSH, body, grads_like(task.arrays))
+        reply, line = expect_error(server, other, frames, "not_leased", "was not leased to this worker",
+                                   log_needle=f"from {other.wid} (epoch ")
+        assert f"batch {body['batch']} of epoch {body['epoch']}" in reply.body["message"]
+        assert ("batch requeued" in line) == requeued, line
+        if not requeued:
+            after = server.status()
+            assert (after["in_flight"], after["pending"]) == (st["in_flight"], st["pending"])
+    assert_unchanged(server, before)
+    # the real holders' pushes still count (other's lease of its batch was requeued, not revoked)
+    assert holder.call(P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"] is True
+    assert other.call(P.PUSH, push_body(mine), grads_like(mine.arrays or task.arrays)).body["ack"]["applied"] is True
+    holder.bye()
+    other.bye()
+
 def test_oversized_message_drops_the_connection_and_the_server_carries_on(server):
     before = snapshot(server)
     t = server.client("trainer")
