@@ -404,6 +404,12 @@ class ParameterServer:
                 raise P.ProtocolError(f"push: batch {b['batch']} of epoch {b['epoch']} was not leased to this worker "
                                       f"under lease {b['lease']} (a lease from before a server restart?); "
                                       "not applied", "not_leased")
+            if live and b["count"] != self.work.batch_size_of(b["batch"]):
+                # The weight of the gradient in a sync round, and the samples counted:
+                # a worker that read other data than the server's run must not count.
+                raise P.ProtocolError(f"push: count {b['count']}, but batch {b['batch']} has "
+                                      f"{self.work.batch_size_of(b['batch'])} samples in this run; not applied",
+                                      "bad_count")
         except P.ProtocolError as exc:
             self.rejected[exc.code] += 1
             if exc.code == "non_finite":

@@ -409,6 +409,19 @@ def test_a_push_for_a_batch_the_sender_was_not_leased_is_refused_and_changes_not
     holder.bye()
     other.bye()
 
+
+@pytest.mark.parametrize("count", [63, 65, 10**9])
+def test_a_push_whose_count_is_not_its_batch_size_is_refused(server, count):
+    """The count weighs the gradient in a sync round and is what samples_applied adds up."""
+    t = server.client("trainer")
+    task = t.work()
+    before = snapshot(server)
+    frames = t.frames(P.PUSH, push_body(task, count=count, correct=0), grads_like(task.arrays))
+    reply, _ = expect_error(server, t, frames, "bad_count", f"count {count}, but batch {task.body['batch']} has 64 "
+                                                            "samples in this run", log_needle=f"from {t.wid} (epoch ")
+    assert_unchanged(server, before)
+    t.bye()
+
 def test_oversized_message_drops_the_connection_and_the_server_carries_on(server):
     before = snapshot(server)
     t = server.client("trainer")

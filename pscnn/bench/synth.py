@@ -79,7 +79,7 @@ def run_clients(args) -> int:
         s.connect(args.endpoint)
         poller.register(s, zmq.POLLIN)
         socks[s] = {"wid": wid, "seq": 0, "sent_at": 0.0, "in_push": False, "retry_at": None,
-                    "batch_size": 64, "last_rtt": 0.0}
+                    "batch_size": 64, "num_samples": 0, "last_rtt": 0.0}
 
     echo_frames = None
     if args.kind == "echo":                 # the push's frames, built once
@@ -147,12 +147,14 @@ def run_clients(args) -> int:
             held = float(msg.body.get("held_s", 0.0)) if msg.type in (P.TASK, P.WAIT) else 0.0
             if msg.type == P.WELCOME:
                 st["batch_size"] = int(msg.body["run"]["batch_size"])
+                st["num_samples"] = int(msg.body["run"]["num_samples"])
                 send(s, st, P.WORK)
             elif msg.type == P.TASK:
                 b = msg.body
                 send(s, st, P.PUSH, {"epoch": b["epoch"], "batch": b["batch"], "lease": b["lease"],
                                      "base_version": b["version"], "loss": 0.0, "correct": 0,
-                                     "count": st["batch_size"],
+                                     "count": min(st["batch_size"],               # the last batch is short
+                                                  st["num_samples"] - b["batch"] * st["batch_size"]),
                                      "timing": {"compute_s": 0.0, "comm_s": max(0.0, rtt - held),
                                                 "wait_s": held}}, zeros)
             elif msg.type == P.WAIT:
