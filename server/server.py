@@ -410,6 +410,10 @@ class ParameterServer:
                 raise P.ProtocolError(f"push: count {b['count']}, but batch {b['batch']} has "
                                       f"{self.work.batch_size_of(b['batch'])} samples in this run; not applied",
                                       "bad_count")
+            if live and not 0 <= b["base_version"] <= self.store.version:
+                # staleness = version - base_version: what the run reports and sync's rounds match on
+                raise P.ProtocolError(f"push: base version {b['base_version']} is not one this server made "
+                                      f"(0-{self.store.version}); not applied", "bad_version")
         except P.ProtocolError as exc:
             self.rejected[exc.code] += 1
             if exc.code == "non_finite":

@@ -422,6 +422,20 @@ def test_a_push_whose_count_is_not_its_batch_size_is_refused(server, count):
     assert_unchanged(server, before)
     t.bye()
 
+
+@pytest.mark.parametrize("ahead", [1, 10**12, None])
+def test_a_push_from_a_version_the_server_never_made_is_refused(server, ahead):
+    """Staleness is version - base_version: a base from the future (or negative) would make it up."""
+    t = server.client("trainer")
+    task = t.work()
+    before = snapshot(server)
+    base = -1 if ahead is None else task.body["version"] + ahead
+    frames = t.frames(P.PUSH, push_body(task, base_version=base), grads_like(task.arrays))
+    expect_error(server, t, frames, "bad_version", f"base version {base} is not one this server made",
+                 log_needle=f"from {t.wid} (epoch ")
+    assert_unchanged(server, before)
+    t.bye()
+
 def test_oversized_message_drops_the_connection_and_the_server_carries_on(server):
     before = snapshot(server)
     t = server.client("trainer")
