@@ -400,20 +400,8 @@ class ParameterServer:
                 raise P.ProtocolError("push: the loss is NaN or Inf; gradient rejected", "non_finite")
             grads, state = self.store.check_push_arrays(msg.arrays)
             live = self.work.is_live(b["epoch"], b["batch"])
-            if live and not self.work.granted(peer.wid, b["epoch"], b["batch"], b["lease"]):
-                raise P.ProtocolError(f"push: batch {b['batch']} of epoch {b['epoch']} was not leased to this worker "
-                                      f"under lease {b['lease']} (a lease from before a server restart?); "
-                                      "not applied", "not_leased")
-            if live and b["count"] != self.work.batch_size_of(b["batch"]):
-                # The weight of the gradient in a sync round, and the samples counted:
-                # a worker that read other data than the server's run must not count.
-                raise P.ProtocolError(f"push: count {b['count']}, but batch {b['batch']} has "
-                                      f"{self.work.batch_size_of(b['batch'])} samples in this run; not applied",
-                                      "bad_count")
-            if live and not 0 <= b["base_version"] <= self.store.version:
-                # staleness = version - base_version: what the run reports and sync's rounds match on
-                raise P.ProtocolError(f"push: base version {b['base_version']} is not one this server made "
-                                      f"(0-{self.store.version}); not applied", "bad_version")
+            if live:
+                self._check_claims(peer, b)
         except P.ProtocolError as exc:
             self.rejected[exc.code] += 1
             if exc.code == "non_finite":
@@ -450,6 +438,21 @@ class ParameterServer:
         self._give_task(peer, now, 0.0, {"applied": True, "staleness": staleness})
         if self.cfg.mode == "ssp":
             self._release_parked(now)
+
+    def _check_claims(self, peer: Peer, b: dict) -> None:
+        """ProtocolError unless what a push says of itself holds: that its sender was leased
+        the batch, the batch's size, and a version this server made."""
+        epoch, batch = b["epoch"], b["batch"]
+        if not self.work.granted(peer.wid, epoch, batch, b["lease"]):
+            raise P.ProtocolError(f"push: batch {batch} of epoch {epoch} was not leased to this worker under lease "
+                                  f"{b['lease']} (a lease from before a server restart?); not applied", "not_leased")
+        size = self.work.batch_size_of(batch)
+        if b["count"] != size:      # a sync round's weight, and the samples counted: other data must not count
+            raise P.ProtocolError(f"push: count {b['count']}, but batch {batch} has {size} samples in this run; "
+                                  "not applied", "bad_count")
+        if not 0 <= b["base_version"] <= self.store.version:       # staleness counts from it
+            raise P.ProtocolError(f"push: base version {b['base_version']} is not one this server made "
+                                  f"(0-{self.store.version}); not applied", "bad_version")
 
     def _applied(self, contributions: list, lr: float, staleness: list, now: float) -> None:
         """Bookkeeping after one optimizer step over ``[(peer or None, push body), ...]``.
