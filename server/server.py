@@ -544,11 +544,14 @@ class ParameterServer:
         self._reply(peer, P.Message(P.WEIGHTS, body=body, arrays=arrays))
 
     def _on_eval_report(self, peer: Peer, msg: P.Message, now: float) -> None:
-        m = msg.body["metrics"]
+        m, version = msg.body["metrics"], msg.body["version"]
         acc = m.get("test_accuracy")
-        problem = _metrics_problem(m)
+        code, problem = "bad_metrics", _metrics_problem(m)
+        if not 0 <= version <= self.store.version:          # the evaluation history is indexed by it
+            code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
         if problem:
-            self._reply(peer, P.Message(P.ERROR, body={"code": "bad_metrics", "message": f"eval_report: {problem}"}))
+            self.rejected[code] += 1
+            self._reply(peer, P.Message(P.ERROR, body={"code": code, "message": f"eval_report: {problem}"}))
             log.warning("rejected eval_report from %s: %s", peer.name, problem)
             return
         record = {"seconds": round(self._train_clock(now), 3), "version": msg.body["version"],

@@ -494,6 +494,11 @@ def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
             expect_error(server, ev, ev.frames(P.EVAL_REPORT, {"version": version, "final": final,
                                                                "metrics": metrics}),
                          "bad_metrics", needle, log_needle=f"eval_report from {ev.wid}: {needle}")
+    # a version the server never made: the evaluation history would list it
+    for version in (-1, before[0] + 1, 2**62):
+        needle = f"version {version} is not one this server made (0-{before[0]})"
+        expect_error(server, ev, ev.frames(P.EVAL_REPORT, {"version": version, "final": True, "metrics": ok}),
+                     "bad_version", needle, log_needle=f"eval_report from {ev.wid}: {needle}")
     # well-formed, with non-finite values and unknown extras: logged and acknowledged
     for metrics in [{"test_accuracy": 0.5, "test_loss": float("inf"), "per_class_accuracy": [float("nan")] * 10},
                     {"test_accuracy": 0, "test_loss": None, "confusion_matrix": [[1, 2], [3, 4]], "extra": b"x"}]:
