@@ -64,11 +64,12 @@ ERROR = "error"              # server -> client: your message was rejected (code
 ROLES = ("trainer", "evaluator")
 
 # Body schemas: field -> (type, required).  Types: int, float (int accepted,
-# must be finite), float_or_nil, str, bool, dict, list.  Unknown fields are rejected.
+# must be finite), float_or_nil, str, line (a str without control characters:
+# the server logs it), bool, dict, list.  Unknown fields are rejected.
 _TIMING = "dict"
 SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
-    HELLO: {"role": ("str", True), "name": ("str", False), "pid": ("int", False),
-            "host": ("str", False), "device": ("str", False)},
+    HELLO: {"role": ("str", True), "name": ("line", False), "pid": ("int", False),
+            "host": ("line", False), "device": ("line", False)},
     WELCOME: {"worker_id": ("str", True), "role": ("str", True), "model": ("dict", True),
               "run": ("dict", True), "incarnation": ("str", True), "heartbeat_s": ("float", True)},
     WORK: {},
@@ -85,7 +86,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     EVAL_REPORT: {"version": ("int", True), "final": ("bool", True), "metrics": ("dict", True)},
     HEARTBEAT: {"version": ("int", False), "done": ("bool", False)},
     STATUS: {"progress": ("dict", False)},
-    BYE: {"reason": ("str", False)},
+    BYE: {"reason": ("line", False)},
     ACK: {"ack": ("dict", False)},
     STOP: {"version": ("int", True), "reason": ("str", True), "ack": ("dict", False)},
     ERROR: {"code": ("str", True), "message": ("str", True)},
@@ -180,8 +181,8 @@ def decode(frames) -> Message:
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"unknown message type {mtype!r}"[:200], "unknown_type")
     wid = header.get("wid", "")
-    if not isinstance(wid, str) or len(wid) > MAX_NAME_LEN:
-        raise ProtocolError(f"{mtype}: 'wid' must be a string of at most {MAX_NAME_LEN} characters")
+    if not isinstance(wid, str) or len(wid) > MAX_NAME_LEN or not wid.isprintable():
+        raise ProtocolError(f"{mtype}: 'wid' must be a string of at most {MAX_NAME_LEN} printable characters")
     seq = header.get("seq", 0)
     if not _is_int(seq) or seq < 0:
         raise ProtocolError(f"{mtype}: 'seq' must be a non-negative integer, got {seq!r}"[:200])
@@ -281,6 +282,9 @@ _CHECKS = {
     "float": lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v),
     "float_or_nil": lambda v: v is None or _CHECKS["float"](v),
     "str": lambda v: isinstance(v, str) and len(v) <= 4096,
+    # what the server writes into its log as it is: no newline or other control
+    # character may forge or hide a log line
+    "line": lambda v: isinstance(v, str) and len(v) <= 4096 and v.isprintable(),
     "bool": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, list),

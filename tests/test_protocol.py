@@ -195,6 +195,14 @@ CASES = {
     "wid too long": ([_pack(_hdr(wid="w" * (P.MAX_NAME_LEN + 1)))], "bad_message", "wid"),
     "wid not a string": ([_pack(_hdr(wid=12))], "bad_message", "wid"),
     "wid bytes": ([_pack(_hdr(wid=b"w"))], "bad_message", "wid"),
+    "wid with a newline (a forged log line)": ([_pack(_hdr(wid="w\n12:00:00 INFO server: x"))], "bad_message",
+                                               "printable"),
+    "hello name with a newline": ([_pack(_hdr(type=P.HELLO, body={"role": "trainer", "name": "a\nb"}))],
+                                  "bad_message", "'name' must be line"),
+    "hello host with an escape code": ([_pack(_hdr(type=P.HELLO, body={"role": "trainer", "host": "\x1b[2J"}))],
+                                       "bad_message", "'host' must be line"),
+    "bye reason with a carriage return": ([_pack(_hdr(type=P.BYE, body={"reason": "done\rINFO fake"}))],
+                                          "bad_message", "'reason' must be line"),
     "negative seq": ([_pack(_hdr(seq=-1))], "bad_message", "seq"),
     "bool seq": ([_pack(_hdr(seq=True))], "bad_message", "seq"),
     "float seq": ([_pack(_hdr(seq=1.5))], "bad_message", "seq"),
@@ -296,7 +304,7 @@ def test_cached_layouts_do_not_admit_look_alikes():
 
 def test_bodies_of_other_types_are_validated_too():
     """Every required field of every type is enforced, and wrong kinds are refused."""
-    wrong = {"int": "1", "float": "1.0", "float_or_nil": "1.0", "str": 1, "bool": 0, "dict": [], "list": {}}
+    wrong = {"int": "1", "float": "1.0", "float_or_nil": "1.0", "str": 1, "line": "a\tb", "bool": 0, "dict": [], "list": {}}
     for mtype, schema in P.SCHEMAS.items():
         for fname, (kind, required) in schema.items():
             body = dict(FULL_BODIES[mtype])
