@@ -94,6 +94,14 @@ def _endpoint(text: str, bind: bool) -> str:
     return text
 
 
+def _name(text: str) -> str:
+    """A worker's readable name: it goes into the server's log lines as it is."""
+    if not text.isprintable() or len(text) > 4096:
+        raise argparse.ArgumentTypeError(f"must be printable (no tabs, newlines or other control characters) and "
+                                         f"at most 4096 characters, got {text[:100]!r}")
+    return text
+
+
 def _bind_endpoint(text: str) -> str:
     return _endpoint(text, bind=True)
 
@@ -211,7 +219,7 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
                    help="server endpoint (default: tcp://localhost:5555)")
-    g.add_argument("--name", default=None, help="a readable id for logs (default: host-pid)")
+    g.add_argument("--name", type=_name, default=None, help="a readable id for logs (default: host-pid)")
     g.add_argument("--give-up-after", type=_positive_float, default=600.0,
                    help="exit with status 1 after this many seconds without reaching the server (default: 600)")
 

@@ -77,6 +77,7 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     (["run", "--port", "70000"], "argument --port: must be a TCP port, 0-65535, got 70000"),
     (["run", "--workers", "two"], "argument --workers: must be an integer, got 'two'"),
     (["train", "--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
+    (["worker", "--name", "w1\nfake"], "argument --name: must be printable"),
 ])
 def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
