@@ -55,6 +55,7 @@ __all__ = [
     "normalize",
     "epoch_permutation",
     "batch_index",
+    "batch_length",
     "iterate_batches",
 ]
 
@@ -683,6 +684,15 @@ def batch_index(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool 
     perm = epoch_permutation(n, seed, epoch)
     stop = len(perm) - len(perm) % batch_size if drop_last else len(perm)
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def batch_length(n: int, batch_size: int, batch: int) -> int:
+    """Samples in batch number ``batch`` of :func:`batch_index` (without ``drop_last``).
+
+    ``batch_size``, or fewer for the last batch of an epoch; what a worker's
+    push must report as its count and what the parameter server weighs it by.
+    """
+    return max(0, min(batch_size, n - batch * batch_size))
 
 
 def iterate_batches(x, y, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,

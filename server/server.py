@@ -554,7 +554,7 @@ class ParameterServer:
             self._reply(peer, P.Message(P.ERROR, body={"code": code, "message": f"eval_report: {problem}"}))
             log.warning("rejected eval_report from %s: %s", peer.name, problem)
             return
-        record = {"seconds": round(self._train_clock(now), 3), "version": msg.body["version"],
+        record = {"seconds": round(self._train_clock(now), 3), "version": version,
                   "test_accuracy": float(acc), "test_loss": m.get("test_loss"), "final": msg.body["final"]}
         self.evaluations.append(record)
         self.writer.log("eval", **record, per_class_accuracy=m.get("per_class_accuracy"))

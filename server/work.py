@@ -10,10 +10,10 @@ set of batches it leases.  Each batch of each epoch is *applied* exactly once:
   gradient is dropped;
 * an expired lease, or every lease of a worker that died or left, goes back to
   the front of the queue;
-* ``granted`` tells whether a worker was ever given a lease: a push counts
-  only for the batch of a lease its sender holds or held this epoch (a late
-  push under an expired lease still counts), never for a batch another
-  worker is computing or one nobody was given yet.
+* ``granted`` checks what a push claims: it counts only for the batch of a
+  lease its sender holds or held this epoch (a late push under an expired
+  lease still counts), never for a batch another worker is computing or one
+  nobody was given yet.
 
 Workers compute a batch's indices themselves from (seed, epoch, batch), so a
 lease is three integers on the wire.
@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+
+from cnn_core.data import batch_length
 
 
 @dataclass
@@ -60,7 +62,7 @@ class WorkQueue:
         return self.epoch >= self.epochs
 
     def batch_size_of(self, batch: int) -> int:
-        return min(self.batch_size, self.num_samples - batch * self.batch_size)
+        return batch_length(self.num_samples, self.batch_size, batch)
 
     def progress(self) -> dict:
         total = self.epochs * self.batches_per_epoch

@@ -703,3 +703,10 @@ def test_iterate_batches_validates_eagerly():
         data.iterate_batches(np.zeros(3), np.zeros(2), 1)
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         data.iterate_batches(np.zeros(3), np.zeros(3), 0)
+
+
+@pytest.mark.parametrize("n, bs", [(10, 4), (12, 4), (1, 64), (60_000, 64)])
+def test_batch_length_is_each_batchs_size(n, bs):
+    sizes = [len(b) for b in data.batch_index(n, bs, seed=0, epoch=0)]
+    assert [data.batch_length(n, bs, i) for i in range(len(sizes))] == sizes
+    assert data.batch_length(n, bs, len(sizes)) == 0              # past the end: no samples

@@ -21,7 +21,7 @@ import signal
 import time
 
 from cnn_core import backend
-from cnn_core.data import batch_index, load_mnist
+from cnn_core.data import batch_index, batch_length, load_mnist
 from cnn_core.flat import FlatArrays
 from cnn_core.losses import softmax_cross_entropy
 from cnn_core.model import build_model
@@ -78,7 +78,7 @@ class Trainer:
         t0 = time.perf_counter()
         if self.compute_ms is not None:            # synthetic: a fixed compute time, zero gradients
             time.sleep(self.compute_ms / 1000)
-            count = min(self.run["batch_size"], self.run["num_samples"] - body["batch"] * self.run["batch_size"])
+            count = batch_length(self.run["num_samples"], self.run["batch_size"], body["batch"])
             if self._zero_push is None:             # read-only: sent without a copy, never changed
                 self._zero_push = self.push_arrays({k: self.model.xp.zeros_like(v)
                                                     for k, v in self.model.params.items()})

@@ -59,6 +59,7 @@ def run_clients(args) -> int:
     import numpy as np  # noqa: PLC0415
     import zmq  # noqa: PLC0415
 
+    from cnn_core.data import batch_length  # noqa: PLC0415
     from cnn_core.flat import FlatArrays  # noqa: PLC0415
     from cnn_core.model import build_model  # noqa: PLC0415
     from pscnn import protocol as P  # noqa: PLC0415
@@ -153,8 +154,7 @@ def run_clients(args) -> int:
                 b = msg.body
                 send(s, st, P.PUSH, {"epoch": b["epoch"], "batch": b["batch"], "lease": b["lease"],
                                      "base_version": b["version"], "loss": 0.0, "correct": 0,
-                                     "count": min(st["batch_size"],               # the last batch is short
-                                                  st["num_samples"] - b["batch"] * st["batch_size"]),
+                                     "count": batch_length(st["num_samples"], st["batch_size"], b["batch"]),
                                      "timing": {"compute_s": 0.0, "comm_s": max(0.0, rtt - held),
                                                 "wait_s": held}}, zeros)
             elif msg.type == P.WAIT:
