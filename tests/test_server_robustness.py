@@ -376,7 +376,6 @@ def test_a_bad_push_naming_another_workers_batch_leaves_that_lease_alone(server)
     other.bye()
 
 
-
 def test_a_push_for_a_batch_the_sender_was_not_leased_is_refused_and_changes_nothing(server):
     """Another worker's batch, a batch nobody was given yet, or a made-up lease id: the
     gradient was not computed on that batch's data, so it must not count as that batch."""
@@ -417,8 +416,8 @@ def test_a_push_whose_count_is_not_its_batch_size_is_refused(server, count):
     task = t.work()
     before = snapshot(server)
     frames = t.frames(P.PUSH, push_body(task, count=count, correct=0), grads_like(task.arrays))
-    reply, _ = expect_error(server, t, frames, "bad_count", f"count {count}, but batch {task.body['batch']} has 64 "
-                                                            "samples in this run", log_needle=f"from {t.wid} (epoch ")
+    expect_error(server, t, frames, "bad_count", f"count {count}, but batch {task.body['batch']} has 64 samples in this run",
+                 log_needle=f"from {t.wid} (epoch ")
     assert_unchanged(server, before)
     t.bye()
 
@@ -435,6 +434,7 @@ def test_a_push_from_a_version_the_server_never_made_is_refused(server, ahead):
                  log_needle=f"from {t.wid} (epoch ")
     assert_unchanged(server, before)
     t.bye()
+
 
 def test_oversized_message_drops_the_connection_and_the_server_carries_on(server):
     before = snapshot(server)
@@ -620,7 +620,6 @@ def test_fuzzed_messages_never_crash_the_server_and_every_reply_is_valid(server)
         sock.bye()
 
 
-
 def test_a_second_server_on_a_port_in_use_exits_with_one_line_and_the_first_serves_on(server, tmp_path):
     second = subprocess.run([sys.executable, "-m", "pscnn.cli", "server", *SERVER_FLAGS, "--bind", server.endpoint,
                              "--out", str(tmp_path / "second")],
@@ -640,6 +639,7 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == f"pscnn: error: {blocker / 'run' / 'logs'}: cannot write: Not a directory"
     assert "Traceback" not in run.stderr
+
 
 def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(tmp_path):
     s = Server(tmp_path, ["--peer-timeout", "1"])
