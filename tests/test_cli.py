@@ -88,7 +88,8 @@ def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
 
 
 @pytest.mark.parametrize("argv", [["server", "--bind", "tcp://*:5555"], ["server", "--bind", "tcp://127.0.0.1:1"],
-                                  ["server", "--bind", "ipc:///tmp/pscnn.ipc"], ["worker", "--server", "tcp://[::1]:5555"],
+                                  ["server", "--bind", "ipc:///tmp/pscnn.ipc"],
+                                  ["worker", "--server", "tcp://[::1]:5555"],
                                   ["status", "--server", "tcp://server:65535"]])
 def test_good_endpoints_pass_unchanged(argv):
     args = build_parser().parse_args(argv)
