@@ -304,7 +304,8 @@ def test_cached_layouts_do_not_admit_look_alikes():
 
 def test_bodies_of_other_types_are_validated_too():
     """Every required field of every type is enforced, and wrong kinds are refused."""
-    wrong = {"int": "1", "float": "1.0", "float_or_nil": "1.0", "str": 1, "line": "a\tb", "bool": 0, "dict": [], "list": {}}
+    wrong = {"int": "1", "float": "1.0", "float_or_nil": "1.0", "str": 1, "line": "a\tb", "bool": 0, "dict": [],
+             "list": {}}
     for mtype, schema in P.SCHEMAS.items():
         for fname, (kind, required) in schema.items():
             body = dict(FULL_BODIES[mtype])

@@ -416,8 +416,8 @@ def test_a_push_whose_count_is_not_its_batch_size_is_refused(server, count):
     task = t.work()
     before = snapshot(server)
     frames = t.frames(P.PUSH, push_body(task, count=count, correct=0), grads_like(task.arrays))
-    expect_error(server, t, frames, "bad_count", f"count {count}, but batch {task.body['batch']} has 64 samples in this run",
-                 log_needle=f"from {t.wid} (epoch ")
+    needle = f"count {count}, but batch {task.body['batch']} has 64 samples in this run"
+    expect_error(server, t, frames, "bad_count", needle, log_needle=f"from {t.wid} (epoch ")
     assert_unchanged(server, before)
     t.bye()
 
@@ -625,7 +625,8 @@ def test_a_second_server_on_a_port_in_use_exits_with_one_line_and_the_first_serv
                              "--out", str(tmp_path / "second")],
                             capture_output=True, text=True, timeout=120, env=child_env(), check=False)
     assert second.returncode == 1, second.stderr[-2000:]
-    assert second.stderr.strip().splitlines()[-1] == f"pscnn: error: cannot bind {server.endpoint}: Address already in use"
+    last_line = second.stderr.strip().splitlines()[-1]
+    assert last_line == f"pscnn: error: cannot bind {server.endpoint}: Address already in use"
     assert "Traceback" not in second.stderr
     assert server.alive()
     server.status()
