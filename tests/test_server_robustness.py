@@ -638,7 +638,8 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--out", str(blocker / "run")],
                          capture_output=True, text=True, timeout=120, env=child_env(), check=False)
     assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1] == f"pscnn: error: {blocker / 'run' / 'logs'}: cannot write: Not a directory"
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line == f"pscnn: error: {blocker / 'run' / 'logs'}: cannot write: Not a directory"
     assert "Traceback" not in run.stderr
 
 
