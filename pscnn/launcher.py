@@ -169,6 +169,9 @@ def run_from_args(args) -> int:
                   file=sys.stderr)
             return 130
         bar.close()
+        if status != 0:                 # the server failed (and said why): the clients have nobody to work for
+            cluster.stop_all(grace=5.0)
+            return status
         codes = {}
         for name in cluster.procs:      # clients exit right after the server told them to stop
             code = cluster.wait(name, timeout=args.peer_timeout + 10)
@@ -177,8 +180,6 @@ def run_from_args(args) -> int:
         for name, code in failed.items():
             print(f"pscnn run: {name} exited with {code}; last lines of its log:\n{cluster.log_tail(name)}",
                   file=sys.stderr)
-        if status != 0:
-            return status
     print_report(Path(args.out) / "summary.json")
     return 1 if failed else 0
 

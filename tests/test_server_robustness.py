@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -631,6 +632,22 @@ def test_a_second_server_on_a_port_in_use_exits_with_one_line_and_the_first_serv
     assert server.alive()
     server.status()
 
+
+
+def test_pscnn_run_on_a_port_in_use_reports_the_server_once_and_stops_the_rest(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "pscnn.cli", "run", "--port", str(port), "--workers", "2",
+                              "--model", "light", "--train-limit", "640", "--out", str(tmp_path / "run"),
+                              "--no-progress"],
+                             capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+    assert run.returncode == 1, run.stderr[-2000:]
+    error = f"pscnn: error: cannot bind tcp://127.0.0.1:{port}: Address already in use"
+    assert run.stderr.count(f"the server exited with 1; last lines of its log:\n{error}") == 1, run.stderr[-2000:]
+    assert "worker-0 exited" not in run.stderr and "evaluator exited" not in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path):
     blocker = tmp_path / "a-file"
