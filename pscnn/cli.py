@@ -23,6 +23,7 @@ import os
 import sys
 
 ENV_PREFIX = "PSCNN_"
+MODES = ("sync", "async", "ssp")        # the server's consistency modes
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -32,6 +33,8 @@ class CliError(Exception):
 
 
 # --------------------------------------------------------------------------- flag groups
+# Flag types (argparse ``type=``), also used by ``pscnn bench``'s flags: one clear
+# message for each kind of bad value.
 
 def _number(text: str, kind: type):
     try:
@@ -41,28 +44,28 @@ def _number(text: str, kind: type):
                                          f"got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = _number(text, float)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
@@ -148,32 +151,32 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", default="auto", choices=["auto", *DEFAULT_LR],
                    help="auto (default): sgd with momentum, but adam for --mode async and ssp, where stale "
                         "gradients make momentum SGD unstable (measured in docs/scaling.md)")
-    g.add_argument("--lr", type=_positive_float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="base learning rate (default: " + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items())
                         + "; " + ", ".join(f"{v:g} for {k}" for k, v in SYNC_DEFAULT_LR.items())
                         + " in --mode sync, whose updates average every worker's batch)")
-    g.add_argument("--momentum", type=_non_negative_float, default=None,
+    g.add_argument("--momentum", type=non_negative_float, default=None,
                    help="SGD momentum (default: 0.9); implies --optimizer sgd under auto")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD; implies sgd under auto)")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=None,
+    g.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help="AdamW's decoupled weight decay (default: 0.01)")
-    g.add_argument("--l2", type=_non_negative_float, default=0.0, help="L2 penalty added to gradients")
-    g.add_argument("--l1", type=_non_negative_float, default=0.0, help="L1 penalty added to gradients")
+    g.add_argument("--l2", type=non_negative_float, default=0.0, help="L2 penalty added to gradients")
+    g.add_argument("--l1", type=non_negative_float, default=0.0, help="L1 penalty added to gradients")
     g.add_argument("--schedule", default="cosine",
                    help="cosine (to 0 over the run), constant, step, or a JSON schedule config (default: cosine)")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=10,
+    g.add_argument("--warmup-steps", type=non_negative_int, default=10,
                    help="linear warm-up over this many batches (default: 10)")
-    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of init, shuffling and dropout (default: 0)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of init, shuffling and dropout (default: 0)")
 
 
 def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
     g = p.add_argument_group("data")
     if train:
-        g.add_argument("--batch-size", type=_positive_int, default=64, help="images per update (default: 64)")
-        g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set")
-        g.add_argument("--train-limit", type=_non_negative_int, default=0,
+        g.add_argument("--batch-size", type=positive_int, default=64, help="images per update (default: 64)")
+        g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set")
+        g.add_argument("--train-limit", type=non_negative_int, default=0,
                        help="use the first N training images (0: all 60,000)")
-    g.add_argument("--test-limit", type=_non_negative_int, default=0,
+    g.add_argument("--test-limit", type=non_negative_int, default=0,
                    help="score the first N test images (0: all 10,000)")
     g.add_argument("--mnist-dir", default=None,
                    help="folder holding the MNIST .gz files (default: $MNIST_DIR, else download to the cache)")
@@ -182,7 +185,7 @@ def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
 def add_compute_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compute")
     g.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy (cpu) or CuPy (gpu)")
-    g.add_argument("--threads", type=_positive_int, default=1, help="BLAS threads (default: 1)")
+    g.add_argument("--threads", type=positive_int, default=1, help="BLAS threads (default: 1)")
 
 
 def add_log_flags(p: argparse.ArgumentParser) -> None:
@@ -195,20 +198,20 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     if bind:
         g.add_argument("--bind", type=_bind_endpoint, default="tcp://*:5555",
                        help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
-    g.add_argument("--mode", default="sync", choices=["sync", "async", "ssp"],
+    g.add_argument("--mode", default="sync", choices=MODES,
                    help="consistency: sync (BSP), async, or ssp (bounded staleness)")
-    g.add_argument("--staleness", type=_non_negative_int, default=2,
+    g.add_argument("--staleness", type=non_negative_int, default=2,
                    help="ssp: how many versions a worker may run ahead of the slowest (default: 2)")
-    g.add_argument("--checkpoint-every", type=_non_negative_float, default=30.0,
+    g.add_argument("--checkpoint-every", type=non_negative_float, default=30.0,
                    help="seconds between checkpoints, 0 = only at the end (default: 30)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    g.add_argument("--lease-timeout", type=_positive_float, default=30.0,
+    g.add_argument("--lease-timeout", type=positive_float, default=30.0,
                    help="seconds before an unfinished batch is handed out again (default: 30)")
-    g.add_argument("--peer-timeout", type=_positive_float, default=10.0,
+    g.add_argument("--peer-timeout", type=positive_float, default=10.0,
                    help="seconds of silence before a worker is declared dead (default: 10)")
-    g.add_argument("--final-eval-timeout", type=_non_negative_float, default=120.0,
+    g.add_argument("--final-eval-timeout", type=non_negative_float, default=120.0,
                    help="seconds to wait for the evaluator's final report (default: 120)")
-    g.add_argument("--max-workers", type=_positive_int, default=1024, help="refuse workers beyond this")
+    g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse workers beyond this")
 
 
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "
@@ -220,7 +223,7 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
                    help="server endpoint (default: tcp://localhost:5555)")
     g.add_argument("--name", type=_name, default=None, help="a readable id for logs (default: host-pid)")
-    g.add_argument("--give-up-after", type=_positive_float, default=600.0,
+    g.add_argument("--give-up-after", type=positive_float, default=600.0,
                    help="exit with status 1 after this many seconds without reaching the server (default: 600)")
 
 
@@ -237,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     add_compute_flags(p)
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
-    p.add_argument("--log-every", type=_positive_int, default=50, help="updates between metrics lines")
+    p.add_argument("--log-every", type=positive_int, default=50, help="updates between metrics lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_flags(p)
 
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_flags(p)
     add_compute_flags(p)
     p.add_argument("--mnist-dir", default=None, help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
-    p.add_argument("--compute-ms", type=_non_negative_float, default=None,
+    p.add_argument("--compute-ms", type=non_negative_float, default=None,
                    help="benchmarks: sleep this long instead of computing, push zero gradients")
     p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
     add_log_flags(p)
@@ -260,15 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluator", help="scores the newest weights on the test set")
     add_client_flags(p)
     add_compute_flags(p)
-    p.add_argument("--every", type=_positive_float, default=10.0, help="seconds between evaluations (default: 10)")
-    p.add_argument("--test-limit", type=_non_negative_int, default=0, help="first N test images (0: all)")
+    p.add_argument("--every", type=positive_float, default=10.0, help="seconds between evaluations (default: 10)")
+    p.add_argument("--test-limit", type=non_negative_int, default=0, help="first N test images (0: all)")
     p.add_argument("--mnist-dir", default=None, help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
     add_log_flags(p)
 
     p = sub.add_parser("run", help="server + N workers + evaluator on this machine")
-    p.add_argument("--workers", type=_positive_int, default=2, help="trainer processes (default: 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="trainer processes (default: 2)")
     p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (0: a free one)")
-    p.add_argument("--eval-every", type=_positive_float, default=10.0, help="seconds between evaluations")
+    p.add_argument("--eval-every", type=positive_float, default=10.0, help="seconds between evaluations")
     p.add_argument("--no-evaluator", action="store_true", help="run without an evaluator")
     p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
     add_server_flags(p, bind=False)
@@ -281,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")
     p.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555")
-    p.add_argument("--timeout", type=_positive_float, default=2.0, help="seconds to wait (default: 2)")
+    p.add_argument("--timeout", type=positive_float, default=2.0, help="seconds to wait (default: 2)")
 
     p = sub.add_parser("bench", help="throughput-scaling experiments")
     from pscnn.bench import add_bench_parsers  # noqa: PLC0415  (argparse only, no numpy)

@@ -50,6 +50,7 @@ from cnn_core.errors import CheckpointError, ConfigError
 from cnn_core.model import resolve_spec
 from cnn_core.runlog import RunWriter, make_plots
 from pscnn import protocol as P
+from pscnn.cli import MODES
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -109,8 +110,8 @@ class Peer:
 
 class ParameterServer:
     def __init__(self, cfg: ServerConfig):
-        if cfg.mode not in ("sync", "async", "ssp"):
-            raise ConfigError(f"unknown mode {cfg.mode!r}: expected sync, async or ssp")
+        if cfg.mode not in MODES:
+            raise ConfigError(f"unknown mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
         self.cfg = cfg
         self.num_samples = min(cfg.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
         self.spec = resolve_spec(cfg.model)

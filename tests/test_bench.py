@@ -249,3 +249,28 @@ def test_throughput_benchmarks_compare_one_update():
     cmd = scaling.baseline_command("seed", 64, 1.0, None, 0.003)      # a user's --lr reaches the baseline
     assert float(cmd[cmd.index("--lr") + 1]) == 0.003
     assert float(cmd[cmd.index("--momentum") + 1]) == THROUGHPUT_MOMENTUM
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["scaling", "--workers", "0,2"], "--workers: every value must be >= 1, got 0"),
+    (["scaling", "--compute-ms", "5,-1"], "--compute-ms: every value must be >= 0, got -1"),
+    (["scaling", "--compute-ms", "nan"], "--compute-ms: every value must be >= 0, got nan"),
+    (["scaling", "--mode", "sync,bsp"], "--mode: 'bsp' is not one of sync, async, ssp"),
+    (["time-to-accuracy", "--mode", "foo"], "--mode: 'foo' is not one of sync, async, ssp"),
+    (["time-to-accuracy", "--workers", "-1"], "--workers: every value must be >= 1, got -1"),
+    (["server", "--clients", "4,0"], "--clients: every value must be >= 1, got 0"),
+    (["server", "--trials", "0"], "argument --trials: must be >= 1, got 0"),
+    (["server", "--seconds", "-1"], "argument --seconds: must be > 0, got -1"),
+    (["scaling", "--threads", "x"], "argument --threads: must be an integer, got 'x'"),
+    (["time-to-accuracy", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+])
+def test_bad_bench_flags_are_one_line_usage_errors_before_anything_runs(argv, needle, tmp_path, capsys):
+    from pscnn.cli import main
+    out = tmp_path / "out"
+    try:
+        code = main(["bench", *argv, "--out", str(out), "--no-progress"])
+    except SystemExit as exc:           # argparse's own errors
+        code = exc.code
+    assert code == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()             # nothing ran, nothing written

@@ -39,17 +39,22 @@ def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
 
 
-def parse_list(text: str, kind=int, what: str = "value") -> list:
-    """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage."""
+def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None) -> list:
+    """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage, a number under ``low``, or a value not in ``choices``."""
     out = []
     for part in str(text).split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            out.append(kind(part))
+            value = kind(part)
         except ValueError:
             raise ValueError(f"{what}: {part!r} is not a valid {kind.__name__}") from None
+        if low is not None and not value >= low:
+            raise ValueError(f"{what}: every value must be >= {low}, got {part}")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{what}: {part!r} is not one of {', '.join(choices)}")
+        out.append(value)
     if not out:
         raise ValueError(f"{what}: empty list")
     return out

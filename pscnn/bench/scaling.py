@@ -31,6 +31,8 @@ import json
 import sys
 from pathlib import Path
 
+from pscnn.cli import MODES, non_negative_float, positive_float, positive_int
+
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, add_output_flags, cores, save_figure, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
                      write_outputs)
 
@@ -45,16 +47,16 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", default="64", help="batch sizes (default: 64)")
     p.add_argument("--compute-ms", default=None,
                    help="synthetic workers: sleep X ms per step instead of computing (a list: 0,5,20)")
-    p.add_argument("--seconds", type=float, default=10.0, help="measured window per point (default: 10)")
-    p.add_argument("--warmup", type=float, default=3.0, help="seconds after every worker pushed (default: 3)")
-    p.add_argument("--trials", type=int, default=3, help="trials; medians are reported (default: 3)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads per worker and baseline (default: 1)")
-    p.add_argument("--baseline-seconds", type=float, default=None,
+    p.add_argument("--seconds", type=positive_float, default=10.0, help="measured window per point (default: 10)")
+    p.add_argument("--warmup", type=non_negative_float, default=3.0, help="seconds after every worker pushed (default: 3)")
+    p.add_argument("--trials", type=positive_int, default=3, help="trials; medians are reported (default: 3)")
+    p.add_argument("--threads", type=positive_int, default=1, help="BLAS threads per worker and baseline (default: 1)")
+    p.add_argument("--baseline-seconds", type=positive_float, default=None,
                    help="seconds per baseline measurement (default: --seconds)")
     p.add_argument("--ddp", default="auto", choices=["auto", "on", "off"],
                    help="PyTorch DDP reference for sync points (auto: when torch is installed)")
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
-    p.add_argument("--lr", type=float, default=THROUGHPUT_LR,
+    p.add_argument("--lr", type=positive_float, default=THROUGHPUT_LR,
                    help=f"momentum-SGD learning rate of the servers and the baseline (default: {THROUGHPUT_LR})")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     p.add_argument("--overlap", action="store_true",
@@ -68,13 +70,10 @@ def run(args) -> int:
     from .cluster import measure_point  # noqa: PLC0415
     from .common import bench_env  # noqa: PLC0415
 
-    workers = parse_list(args.workers, int, "--workers")
-    modes = parse_list(args.mode, str, "--mode")
-    for m in modes:
-        if m not in ("sync", "async", "ssp"):
-            raise ValueError(f"--mode: unknown mode {m!r}")
-    batches = parse_list(args.batch, int, "--batch")
-    compute = parse_list(args.compute_ms, float, "--compute-ms") if args.compute_ms is not None else [None]
+    workers = parse_list(args.workers, int, "--workers", low=1)
+    modes = parse_list(args.mode, str, "--mode", choices=MODES)
+    batches = parse_list(args.batch, int, "--batch", low=1)
+    compute = parse_list(args.compute_ms, float, "--compute-ms", low=0) if args.compute_ms is not None else [None]
     synthetic = compute != [None]
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     out = Path(args.out)

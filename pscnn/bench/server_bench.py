@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pscnn.cli import DEFAULT_LR
+from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
 from .common import (add_output_flags, bench_env, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
                      machine_cpu_seconds, proc_cpu_seconds, progress, pyplot, write_outputs)
@@ -33,26 +33,26 @@ def add_parser(sub) -> None:
     p = sub.add_parser("server", help="server capacity under synthetic no-compute clients vs raw zmq echo",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="1,4,16,64", help="synthetic client counts (default: 1,4,16,64)")
-    p.add_argument("--mode", default="async", choices=["async", "sync", "ssp"], help="server mode (default: async)")
-    p.add_argument("--batch", type=int, default=64, help="the run's batch size (samples per push; default 64)")
+    p.add_argument("--mode", default="async", choices=MODES, help="server mode (default: async)")
+    p.add_argument("--batch", type=positive_int, default=64, help="the run's batch size (samples per push; default 64)")
     p.add_argument("--model", default="seed", help="model preset: sets the payload (default: seed, 1.7 MB)")
     p.add_argument("--optimizer", default="sgd", choices=list(DEFAULT_LR),
                    help="the server's update rule (default: sgd with momentum, the throughput benchmarks' "
                         "update; adam is what async runs use by default)")
-    p.add_argument("--seconds", type=float, default=5.0, help="measured window per point (default: 5)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of cycling before the window (default: 2)")
-    p.add_argument("--trials", type=int, default=3, help="trials; medians are reported (default: 3)")
-    p.add_argument("--processes", type=int, default=0,
+    p.add_argument("--seconds", type=positive_float, default=5.0, help="measured window per point (default: 5)")
+    p.add_argument("--warmup", type=non_negative_float, default=2.0, help="seconds of cycling before the window (default: 2)")
+    p.add_argument("--trials", type=positive_int, default=3, help="trials; medians are reported (default: 3)")
+    p.add_argument("--processes", type=non_negative_int, default=0,
                    help="client processes (0: min(clients, 4)); each runs clients/processes sockets")
     p.add_argument("--no-echo", action="store_true", help="skip the raw pyzmq echo reference")
-    p.add_argument("--profile", type=int, default=None, metavar="CLIENTS",
+    p.add_argument("--profile", type=positive_int, default=None, metavar="CLIENTS",
                    help="also profile the server (cProfile) with this many clients; top functions to "
                         "server-profile.txt")
     add_output_flags(p, "server")
 
 
 def run(args) -> int:
-    clients = parse_list(args.clients, int, "--clients")
+    clients = parse_list(args.clients, int, "--clients", low=1)
     out = Path(args.out)
     from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
     make_folder(out)

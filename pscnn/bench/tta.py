@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from pscnn.cli import MODES, non_negative_float, non_negative_int, positive_float, positive_int
+
 from .common import (add_output_flags, cores, save_figure, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
                      pyplot, step_records, write_outputs)
 
@@ -34,19 +36,19 @@ def add_parser(sub) -> None:
     p.add_argument("--target", type=float, default=0.99, help="test accuracy to reach (default: 0.99)")
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
     p.add_argument("--mode", default="sync,async", help="modes (default: sync,async)")
-    p.add_argument("--batch", type=int, default=64, help="batch size per worker step (default: 64)")
-    p.add_argument("--epochs", type=int, default=5, help="most epochs per run (default: 5)")
-    p.add_argument("--max-seconds", type=float, default=600.0, help="most seconds per run (default: 600)")
-    p.add_argument("--eval-every", type=float, default=3.0, help="seconds between evaluations (default: 3)")
-    p.add_argument("--test-limit", type=int, default=0, help="score the first N test images (0: all 10,000)")
-    p.add_argument("--train-limit", type=int, default=0, help="train on the first N images (0: all)")
-    p.add_argument("--trials", type=int, default=1, help="runs per configuration (default: 1)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads per worker (default: 1)")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch size per worker step (default: 64)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="most epochs per run (default: 5)")
+    p.add_argument("--max-seconds", type=positive_float, default=600.0, help="most seconds per run (default: 600)")
+    p.add_argument("--eval-every", type=positive_float, default=3.0, help="seconds between evaluations (default: 3)")
+    p.add_argument("--test-limit", type=non_negative_int, default=0, help="score the first N test images (0: all 10,000)")
+    p.add_argument("--train-limit", type=non_negative_int, default=0, help="train on the first N images (0: all)")
+    p.add_argument("--trials", type=positive_int, default=1, help="runs per configuration (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="BLAS threads per worker (default: 1)")
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the server's for the optimizer)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the server's for the optimizer)")
     p.add_argument("--optimizer", default="auto",
                    help="optimizer (default: auto, as pscnn server: sgd for sync, adam for async and ssp)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the server's, 0.9)")
+    p.add_argument("--momentum", type=non_negative_float, default=None, help="SGD momentum (default: the server's, 0.9)")
     p.add_argument("--schedule", default=None,
                    help="learning-rate schedule passed to the server (default: the server's own default)")
     p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
@@ -55,8 +57,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import os  # noqa: PLC0415
-    workers = parse_list(args.workers, int, "--workers")
-    modes = parse_list(args.mode, str, "--mode")
+    workers = parse_list(args.workers, int, "--workers", low=1)
+    modes = parse_list(args.mode, str, "--mode", choices=MODES)
     if not 0 < args.target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {args.target}")
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
