@@ -41,13 +41,15 @@ def _reexec_without_openblas_env(argv) -> None:
 def main(argv=None) -> dict:
     argv = sys.argv if argv is None else argv
     _reexec_without_openblas_env(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from pscnn.cli import positive_int  # noqa: PLC0415  (argparse only: numpy loads after the flags)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=7)
-    p.add_argument("--steps", type=int, default=15, help="training steps per trial")
-    p.add_argument("--reference-steps", type=int, default=3,
+    p.add_argument("--trials", type=positive_int, default=7)
+    p.add_argument("--steps", type=positive_int, default=15, help="training steps per trial")
+    p.add_argument("--reference-steps", type=positive_int, default=3,
                    help="float64 reference steps per trial (each is ~5x a pscnn step)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--infer-batch", type=int, default=1000)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--infer-batch", type=positive_int, default=1000)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--keep-openblas-env", action="store_true")
     p.add_argument("--json", help="write the results here")
@@ -56,7 +58,6 @@ def main(argv=None) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_info, threadpool_limits
     threadpool_limits(1)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from cnn_core import build_model, softmax_cross_entropy
     from cnn_core.backend import tune_host_allocator
     tune_host_allocator()

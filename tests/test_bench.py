@@ -274,3 +274,21 @@ def test_bad_bench_flags_are_one_line_usage_errors_before_anything_runs(argv, ne
     assert code == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()             # nothing ran, nothing written
+
+
+def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
+    """benchmarks/bench_engine.py end to end at a toy size: the JSON it writes (no timing is asserted)."""
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "1", "--steps", "1",
+                           "--reference-steps", "1", "--batch", "8", "--infer-batch", "16", "--no-torch",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["images_per_second"]["train"]) == {"pscnn", "reference_f64_loops"}
+    assert set(doc["images_per_second"]["infer"]) == {"pscnn"}
+    assert all(v > 0 for kind in doc["images_per_second"].values() for v in kind.values())
+    assert doc["pscnn_over"]["train"]["pscnn"] == 1.0
+    assert {"conv1", "conv2", "fc1", "fc2", "sgd_update", "loss"} <= set(doc["step_breakdown_ms"])
+    bad = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "argument --trials: must be >= 1, got 0" in bad.stderr
