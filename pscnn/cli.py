@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=2, help="trainer processes (default: 2)")
     p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (0: a free one)")
     p.add_argument("--eval-every", type=positive_float, default=10.0, help="seconds between evaluations")
-    p.add_argument("--no-evaluator", action="store_true", help="run without an evaluator")
+    p.add_argument("--no-evaluator", action="store_true",
+                   help="run without an evaluator (the server scores the final weights itself)")
     p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
     add_server_flags(p, bind=False)
     add_model_flags(p)

@@ -150,6 +150,8 @@ def run_from_args(args) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     print(f"pscnn run: server on {cluster.endpoint}, {args.workers} workers, mode {args.mode}, "
           f"logs in {cluster.logs}", file=sys.stderr)
+    if args.no_evaluator:           # none will come: the server scores the final weights itself, at once
+        args.final_eval_timeout = 0.0
     with cluster:
         cluster.start_server(flags_from(args, SERVER_FLAGS))
         for i in range(args.workers):

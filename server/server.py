@@ -595,13 +595,15 @@ class ParameterServer:
                 if p.role == "trainer" and p.pending and p.parked_since:
                     p.parked_since = 0.0
                     self._give_task(p, now, 0.0, p.parked_ack)
-            if not any(p.role == "evaluator" for p in self.peers.values()):
+            if self.cfg.final_eval_timeout and not any(p.role == "evaluator" for p in self.peers.values()):
                 log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
         if self.final_eval is None and now - self.t_finish_start < self.cfg.final_eval_timeout:
             return False
         if not self.summary_written:
             if self.final_eval is None:
-                log.warning("no final evaluation from an evaluator; scoring the final weights here")
+                # --final-eval-timeout 0 asks for exactly this (pscnn run --no-evaluator)
+                log.log(logging.WARNING if self.cfg.final_eval_timeout else logging.INFO,
+                        "no final evaluation from an evaluator; scoring the final weights here")
                 self.final_eval = self._evaluate_here()
             self._write_summary(now)
         # linger until every live client was told to stop (they exit on it), bounded by peer_timeout

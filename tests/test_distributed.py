@@ -221,6 +221,23 @@ def test_pscnn_run_end_to_end(tmp_path, mnist_dir):
                                                           "evaluator.log"}
 
 
+
+def test_pscnn_run_without_evaluator_scores_the_final_weights_at_once(tmp_path, mnist_dir):
+    """--no-evaluator: the server must not wait (120 s by default) for an evaluator that never comes."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--model", "light", "--train-limit", "640",
+         "--epochs", "1", "--test-limit", "500", "--mnist-dir", mnist_dir, "--out", str(out), "--no-progress",
+         "--no-evaluator"],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "logs" / "server.log").read_text()
+    assert "waiting up to" not in log, log[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_applied"] == 640 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["evaluations"][-1]["version"] == summary["updates"]        # the final weights
+    assert {p.name for p in (out / "logs").iterdir()} == {"server.log", "worker-0.log"}
+
 def test_pscnn_run_interrupted_stops_every_child(tmp_path, mnist_dir):
     """Ctrl-C (SIGINT) on `pscnn run`: every child stops, the server checkpoints, exit 130."""
     out = tmp_path / "run"
