@@ -578,7 +578,10 @@ class ParameterServer:
                 self._maybe_close_round(now)
         for peer in list(self.peers.values()):
             if now - peer.last_seen > self.cfg.peer_timeout:
-                self._drop_peer(peer, f"declared dead (silent for {now - peer.last_seen:.1f} s)")
+                silent = f"silent for {now - peer.last_seen:.1f} s"
+                # one that was told the run is over has simply exited, as told (trainers say no bye then)
+                self._drop_peer(peer, f"gone after being told to stop ({silent})" if peer.told_to_stop
+                                else f"declared dead ({silent})")
         if self.cfg.checkpoint_every and now - self._last_checkpoint >= self.cfg.checkpoint_every \
                 and not self.over:
             self._checkpoint()

@@ -660,6 +660,23 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+
+def test_a_trainer_that_exits_when_told_the_run_is_over_is_not_declared_dead(tmp_path):
+    """Trainers exit on STOP without a bye; while the server waits for the final evaluation,
+    their silence is expected, not a death to warn about."""
+    s = Server(tmp_path, ["--train-limit", "64", "--epochs", "1", "--peer-timeout", "1",
+                          "--final-eval-timeout", "30"])
+    try:
+        t = s.client("trainer")
+        task = t.work()
+        since = s.log_size()
+        assert t.call(P.PUSH, push_body(task), grads_like(task.arrays)).type == P.STOP    # the only batch
+        line = s.wait_log(rf"{re.escape(t.wid)} gone after being told to stop", since, timeout=10.0)
+        assert " INFO " in line, line
+        assert "declared dead" not in s.log_path.read_text()
+    finally:
+        s.close()
+
 def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(tmp_path):
     s = Server(tmp_path, ["--peer-timeout", "1"])
     try:
