@@ -158,10 +158,15 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
 
 # --------------------------------------------------------------------------- outputs
 
+def output_folder(path) -> Path:
+    """A benchmark's ``--out`` folder, made if needed; one line (RunLogError) if it cannot be."""
+    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
+    return make_folder(path)
+
+
 def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
     """``out/<name>.csv`` (one row per measurement) and ``out/<name>.json`` (meta + rows)."""
-    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
-    make_folder(out)
+    output_folder(out)
     csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
     columns: list[str] = []
     for row in rows:

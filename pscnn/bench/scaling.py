@@ -34,7 +34,7 @@ from pathlib import Path
 from pscnn.cli import MODES, non_negative_float, positive_float, positive_int
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, add_output_flags, cores, save_figure, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
-                     write_outputs)
+                     output_folder, write_outputs)
 
 NAME = "scaling"
 
@@ -76,9 +76,7 @@ def run(args) -> int:
     compute = parse_list(args.compute_ms, float, "--compute-ms", low=0) if args.compute_ms is not None else [None]
     synthetic = compute != [None]
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
-    out = Path(args.out)
-    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
-    make_folder(out)
+    out = output_folder(args.out)
     ncores = cores()
     machine = machine_info(args.keep_openblas_env)
     env = bench_env(args.threads, args.keep_openblas_env)

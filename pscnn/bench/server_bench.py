@@ -24,7 +24,7 @@ from pathlib import Path
 from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
 from .common import (add_output_flags, bench_env, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
-                     machine_cpu_seconds, proc_cpu_seconds, progress, pyplot, write_outputs)
+                     machine_cpu_seconds, proc_cpu_seconds, progress, pyplot, output_folder, write_outputs)
 
 NAME = "server"
 
@@ -53,9 +53,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     clients = parse_list(args.clients, int, "--clients", low=1)
-    out = Path(args.out)
-    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
-    make_folder(out)
+    out = output_folder(args.out)
     env = bench_env(1, args.keep_openblas_env)
     machine = machine_info(args.keep_openblas_env)
     kinds = ["pscnn"] + ([] if args.no_echo else ["echo"])

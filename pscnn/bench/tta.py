@@ -25,7 +25,7 @@ from pathlib import Path
 from pscnn.cli import MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
 from .common import (add_output_flags, cores, save_figure, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
-                     pyplot, step_records, write_outputs)
+                     pyplot, step_records, output_folder, write_outputs)
 
 NAME = "time_to_accuracy"
 
@@ -62,9 +62,7 @@ def run(args) -> int:
     if not 0 < args.target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {args.target}")
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
-    out = Path(args.out)
-    from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
-    make_folder(out)
+    out = output_folder(args.out)
     machine = machine_info(args.keep_openblas_env)
     rows, curves = [], {}
     configs = [(t, m, n) for t in range(args.trials) for m in modes for n in workers]
