@@ -81,6 +81,12 @@ class Layer:
     def _init(self, xp, dtype, rng) -> None:
         """Create parameters/state; ``rng`` is a NumPy Generator (init runs on the host)."""
 
+    def reseed(self, xp, rng) -> None:
+        """Restart this layer's own random stream (dropout masks) from the Generator ``rng``.
+
+        Layers without randomness ignore it; see :meth:`cnn_core.model.Model.reseed`.
+        """
+
     def config(self) -> dict:
         """Hyper-parameters that, with ``type`` and ``name``, rebuild this layer."""
         return {}
@@ -484,6 +490,9 @@ class Dropout(Layer):
         return {"p": self.p}
 
     def _init(self, xp, dtype, rng):
+        self.reseed(xp, rng)
+
+    def reseed(self, xp, rng):
         self.rng = _device_rng(xp, int(rng.integers(2**31)))
 
     def forward(self, x, train=True):
@@ -592,6 +601,10 @@ class Residual(Layer):
                             "a residual block must keep the shape")
         self.out_shape = shape
         return shape
+
+    def reseed(self, xp, rng):
+        for layer in self.layers:
+            layer.reseed(xp, rng)
 
     def bind_parameter(self, key, array):
         inner, _, rest = key.partition(".")     # "<inner>.<param>", possibly nested

@@ -147,6 +147,20 @@ class Model:
         plan_conv_pool(self.layers, self._order)
         self._caches = None
 
+    def reseed(self, seed) -> None:
+        """Restart every random stream of the network (dropout masks) from ``seed``.
+
+        ``seed``: an int or a sequence of ints (a NumPy SeedSequence entropy).
+        A trainer reseeds with ``(run seed, epoch, batch)`` before each batch,
+        so a batch's gradient depends on the weights and the batch alone, not
+        on which worker computed it or what that worker computed before: a sync
+        run is then the same computation whatever the timing (see
+        ``server/server.py``).
+        """
+        rng = np.random.default_rng(seed)
+        for layer in self.layers:
+            layer.reseed(self.xp, rng)
+
     # Evaluation-mode forward passes run in chunks of this many images: the
     # activations of a chunk stay in cache and reuse the same heap blocks; one
     # 1000-image pass was measured 1.8x slower than four 250-image ones.

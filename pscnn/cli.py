@@ -212,6 +212,13 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g.add_argument("--final-eval-timeout", type=non_negative_float, default=120.0,
                    help="seconds to wait for the evaluator's final report (default: 120)")
     g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse workers beyond this")
+    g.add_argument("--wait-for-workers", type=non_negative_int, default=None, metavar="N",
+                   help="hand out no work until N trainers ask for it (or --start-timeout passed), so all "
+                        "start together; in sync mode with a fixed set of workers, runs are then "
+                        "bit-for-bit repeatable (default: 0, start at once; pscnn run: its --workers)")
+    g.add_argument("--start-timeout", type=positive_float, default=60.0,
+                   help="seconds after the first trainer asked for work to wait for --wait-for-workers before starting "
+                        "with those there (default: 60)")
 
 
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "

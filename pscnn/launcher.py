@@ -28,7 +28,7 @@ log = logging.getLogger("pscnn.run")
 
 # Flags of `pscnn run` passed through to `pscnn server` unchanged.
 SERVER_FLAGS = ("mode", "staleness", "checkpoint_every", "resume", "lease_timeout", "peer_timeout",
-                "final_eval_timeout", "max_workers", "model", "optimizer", "lr", "momentum", "nesterov",
+                "final_eval_timeout", "max_workers", "wait_for_workers", "start_timeout", "model", "optimizer", "lr", "momentum", "nesterov",
                 "weight_decay", "l2", "l1", "schedule", "warmup_steps", "seed", "batch_size", "epochs",
                 "train_limit", "test_limit", "mnist_dir", "out", "log_level")
 
@@ -152,6 +152,8 @@ def run_from_args(args) -> int:
           f"logs in {cluster.logs}", file=sys.stderr)
     if args.no_evaluator:           # none will come: the server scores the final weights itself, at once
         args.final_eval_timeout = 0.0
+    if args.wait_for_workers is None:   # every worker starts from the first version, in the same round
+        args.wait_for_workers = args.workers
     with cluster:
         cluster.start_server(flags_from(args, SERVER_FLAGS))
         for i in range(args.workers):

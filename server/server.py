@@ -25,10 +25,20 @@ Consistency (``--mode``):
 
 * ``async``  apply each gradient on arrival;
 * ``sync``   BSP: the workers holding a lease of the current version form the
-  round; their gradients are averaged (weighted by batch size) and applied
-  once all of them arrived, or the dead ones were dropped;
+  round; their gradients are averaged (weighted by batch size, summed in
+  batch order) and applied once all of them arrived, or the dead ones were
+  dropped.  A trainer that finds no batch left in the epoch is parked, not
+  told to retry, and gets its next task when the round closes, with the
+  others;
 * ``ssp``    apply on arrival, but a worker more than ``staleness`` pushes
   ahead of the slowest live one gets its next task only when it catches up.
+
+The start barrier (``wait_for_workers`` N, which ``pscnn run`` sets to its
+``--workers``): no work is handed out until N trainers are asking for it, or
+``start_timeout`` seconds after the first one did.  With it, and dropout
+seeded per batch by the workers, a sync run with a fixed set of workers is the
+same computation whatever the timing: each round is the next N batches of the
+epoch's permutation, so two runs on one machine end with bit-identical weights.
 """
 from __future__ import annotations
 
@@ -82,6 +92,8 @@ class ServerConfig:
     peer_timeout: float = 10.0
     final_eval_timeout: float = 120.0
     max_workers: int = 1024
+    wait_for_workers: int = 0
+    start_timeout: float = 60.0
     log_steps: bool = True
 
     def to_json(self) -> dict:
@@ -112,6 +124,9 @@ class ParameterServer:
     def __init__(self, cfg: ServerConfig):
         if cfg.mode not in MODES:
             raise ConfigError(f"unknown mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
+        if cfg.wait_for_workers > cfg.max_workers:
+            raise ConfigError(f"--wait-for-workers {cfg.wait_for_workers} exceeds --max-workers {cfg.max_workers}: "
+                              "the run could never start with all of them")
         self.cfg = cfg
         self.num_samples = min(cfg.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
         self.spec = resolve_spec(cfg.model)
@@ -128,7 +143,9 @@ class ParameterServer:
         self.losses = deque(maxlen=50)
         self.rate_window = deque(maxlen=200)        # (time, samples_applied)
         self.round_members: dict[str, tuple[int, int]] = {}   # sync: wid -> (epoch, batch)
-        self.round_arrived: dict[str, dict] = {}                # sync: wid -> push info
+        self.round_arrived: dict[str, tuple] = {}               # sync: wid -> (push body, grads, state)
+        self.started = cfg.wait_for_workers <= 1     # the start barrier: see _maybe_start
+        self.first_ready_at: float | None = None
         self.rejected = Counter()
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.t_start = time.monotonic()
@@ -352,30 +369,49 @@ class ParameterServer:
         log.log(level, "%s %s %s%s", peer.role, peer.name, why,
                 f"; requeued batches {requeued}" if requeued else "")
         self.writer.log("leave", worker=peer.name, reason=why, requeued=requeued, version=self.store.version)
+        now = time.monotonic()
         if self.cfg.mode == "sync":            # an arrived gradient stays in the round
             self.round_members.pop(peer.wid, None)
-            self._maybe_close_round(time.monotonic())
-        elif self.cfg.mode == "ssp":
-            self._release_parked(time.monotonic())
+            self._maybe_close_round(now)
+        if self.cfg.mode != "async":           # its requeued batches, or the SSP bound it held back
+            self._release_parked(now)
 
     # ================================================================== trainers
     def _on_work(self, peer: Peer, msg: P.Message, now: float) -> None:
-        self._give_task(peer, now, held_s=0.0, ack=None)
+        self._give_task(peer, now, ack=None)
 
-    def _give_task(self, peer: Peer, now: float, held_s: float, ack: dict | None) -> None:
-        """Answer a trainer's current request with a task, a wait, or stop."""
+    def _park(self, peer: Peer, now: float, ack: dict | None) -> None:
+        """Leave the trainer's request unanswered for now: :meth:`_release_parked` retries it."""
+        peer.parked_since = peer.parked_since or now
+        peer.parked_ack = ack
+
+    def _give_task(self, peer: Peer, now: float, ack: dict | None) -> None:
+        """Answer a trainer's current request with a task, a wait, or stop, or park it.
+
+        The reply's ``held_s`` is how long the request was parked (at the start
+        barrier, a sync round, an SSP bound).
+        """
         if self.over:
             peer.told_to_stop = True
+            peer.parked_since = 0.0
             body = {"version": self.store.version, "reason": self.failure or "training finished"}
             if ack is not None:
                 body["ack"] = ack
             self._reply(peer, P.Message(P.STOP, body=body))
             return
+        if not self.started:
+            self._park(peer, now, ack)
+            self._maybe_start(now)      # this request may be the last one awaited
+            return
         if self.cfg.mode == "ssp" and not self._ssp_may_proceed(peer):
-            peer.parked_since = peer.parked_since or now
-            peer.parked_ack = ack
-            return                      # parked: answered by _release_parked
+            self._park(peer, now, ack)
+            return
         lease = self.work.lease(peer.wid, now)
+        if lease is None and self.cfg.mode == "sync":
+            self._park(peer, now, ack)  # the epoch is draining: the next task comes when the round closes
+            return
+        held_s = now - peer.parked_since if peer.parked_since else 0.0
+        peer.parked_since = 0.0
         if lease is None:
             body = {"retry_s": 0.05, "held_s": held_s, "reason": "epoch draining"}
             if ack is not None:
@@ -421,7 +457,7 @@ class ParameterServer:
                 self._maybe_close_round(now)
             return
         if not live:
-            self._give_task(peer, now, 0.0, {"applied": False, "reason": "batch already applied or epoch over"})
+            self._give_task(peer, now, {"applied": False, "reason": "batch already applied or epoch over"})
             return
         if self.cfg.mode == "sync":
             self._push_sync(peer, msg, grads, state, now)
@@ -431,12 +467,12 @@ class ParameterServer:
             lr = self.store.apply(grads, state)
         except TrainingDiverged as exc:
             self._fail(str(exc), now)
-            self._give_task(peer, now, 0.0, {"applied": False, "reason": "training diverged"})
+            self._give_task(peer, now, {"applied": False, "reason": "training diverged"})
             return
         self._applied([(peer, b)], lr, [staleness], now)
         if self.cfg.mode == "ssp":
             peer.clock += 1
-        self._give_task(peer, now, 0.0, {"applied": True, "staleness": staleness})
+        self._give_task(peer, now, {"applied": True, "staleness": staleness})
         if self.cfg.mode == "ssp":
             self._release_parked(now)
 
@@ -495,17 +531,21 @@ class ParameterServer:
         if b["base_version"] != self.store.version or member != (b["epoch"], b["batch"]):
             # computed against an older version (the worker was dropped from that round,
             # and its batch requeued then)
-            self._give_task(peer, now, 0.0, {"applied": False, "reason": "stale round"})
+            self._give_task(peer, now, {"applied": False, "reason": "stale round"})
             return
-        self.store.accumulate(grads, state, b["count"])
-        self.round_arrived[peer.wid] = b
+        self.round_arrived[peer.wid] = (b, grads, state)     # the received frames, kept until the round closes
         peer.parked_since = now
         self._maybe_close_round(now)
 
     def _maybe_close_round(self, now: float) -> None:
         if not self.round_arrived or any(w not in self.round_arrived for w in self.round_members):
             return
-        contributions = [(self.peers.get(w), b) for w, b in self.round_arrived.items()]
+        # Summed in batch order, not arrival order: float addition does not
+        # associate, and the sum must not depend on which worker was faster.
+        arrived = sorted(self.round_arrived.items(), key=lambda item: (item[1][0]["epoch"], item[1][0]["batch"]))
+        for _, (b, grads, state) in arrived:
+            self.store.accumulate(grads, state, b["count"])
+        contributions = [(self.peers.get(w), b) for w, (b, _, _) in arrived]
         try:
             lr = self.store.apply_accumulated()
             self._applied(contributions, lr, [0] * len(contributions), now)
@@ -517,9 +557,8 @@ class ParameterServer:
         self.round_arrived.clear()
         for p, _ in contributions:
             if p is not None:
-                held = now - p.parked_since
-                p.parked_since = 0.0
-                self._give_task(p, now, held, ack)
+                self._give_task(p, now, ack)
+        self._release_parked(now)       # those that found the epoch draining: a new one may have begun
 
     # ---------------------------------------------------------------- ssp
     def _ssp_may_proceed(self, peer: Peer) -> bool:
@@ -527,11 +566,33 @@ class ParameterServer:
         return not clocks or peer.clock - min(clocks) <= self.cfg.staleness
 
     def _release_parked(self, now: float) -> None:
+        """Retry every parked task request (not pushes waiting for their sync round)."""
         for p in list(self.peers.values()):
-            if p.role == "trainer" and p.pending and p.parked_since and self._ssp_may_proceed(p):
-                held = now - p.parked_since
-                p.parked_since = 0.0
-                self._give_task(p, now, held, p.parked_ack)
+            if p.role == "trainer" and p.pending and p.parked_since and p.wid not in self.round_arrived:
+                self._give_task(p, now, p.parked_ack)
+
+    def _maybe_start(self, now: float) -> None:
+        """Lift the start barrier once ``wait_for_workers`` trainers are asking for work, or
+        ``start_timeout`` seconds after the first one did (a server may be up long before its
+        workers, and a worker asks only once its data is loaded)."""
+        if self.started:
+            return
+        ready = sum(p.role == "trainer" and p.pending and bool(p.parked_since) for p in self.peers.values())
+        if not ready:
+            return
+        self.first_ready_at = self.first_ready_at or now
+        waited = now - self.first_ready_at
+        if ready < self.cfg.wait_for_workers and waited < self.cfg.start_timeout:
+            return
+        self.started = True
+        if ready < self.cfg.wait_for_workers:
+            log.warning("starting with %d of the %d trainers waited for: no more asked for work within %.0f s",
+                        ready, self.cfg.wait_for_workers, self.cfg.start_timeout)
+        else:
+            log.info("all %d trainers waited for are ready (%.1f s after the first): handing out work",
+                     ready, waited)
+        self.writer.log("started", trainers=ready, waited_s=round(waited, 3), version=self.store.version)
+        self._release_parked(now)
 
     # ================================================================== evaluator
     def _on_pull(self, peer: Peer, msg: P.Message, now: float) -> None:
@@ -569,13 +630,17 @@ class ParameterServer:
     # ================================================================== housekeeping
     def _housekeeping(self, now: float) -> bool:
         """Leases, dead peers, checkpoints and the end of the run.  True: exit the loop."""
-        for worker, batch in self.work.expire(now):
+        expired = self.work.expire(now)
+        for worker, batch in expired:
             peer = self.peers.get(worker)
             log.warning("lease of batch %d (epoch %d) held by %s expired; requeued", batch, self.work.epoch,
                         peer.name if peer else worker)
             if self.cfg.mode == "sync" and self.round_members.get(worker, (None, None))[1] == batch:
                 self.round_members.pop(worker, None)
                 self._maybe_close_round(now)
+        if expired and self.cfg.mode == "sync":
+            self._release_parked(now)           # a trainer parked at a draining epoch takes them
+        self._maybe_start(now)
         for peer in list(self.peers.values()):
             if now - peer.last_seen > self.cfg.peer_timeout:
                 silent = f"silent for {now - peer.last_seen:.1f} s"
@@ -594,10 +659,9 @@ class ParameterServer:
             self.t_finish_start = now
             if self.failure is None:       # else the last periodic checkpoint stays: a state before the failure
                 self._checkpoint()
-            for p in list(self.peers.values()):     # parked trainers (ssp) learn it is over
+            for p in list(self.peers.values()):     # parked trainers learn it is over
                 if p.role == "trainer" and p.pending and p.parked_since:
-                    p.parked_since = 0.0
-                    self._give_task(p, now, 0.0, p.parked_ack)
+                    self._give_task(p, now, p.parked_ack)
             if self.cfg.final_eval_timeout and not any(p.role == "evaluator" for p in self.peers.values()):
                 log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
         if self.final_eval is None and now - self.t_finish_start < self.cfg.final_eval_timeout:
@@ -723,7 +787,7 @@ class ParameterServer:
                 "loss": float(np.mean(self.losses)) if self.losses else None,
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
-                "trainers": sum(p.role == "trainer" for p in self.peers.values()),
+                "started": self.started, "trainers": sum(p.role == "trainer" for p in self.peers.values()),
                 "evaluators": sum(p.role == "evaluator" for p in self.peers.values()),
                 "contributors": len(self.contributors), "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}
@@ -762,5 +826,6 @@ def serve_from_args(args) -> int:
                        train_limit=args.train_limit, test_limit=args.test_limit, mnist_dir=args.mnist_dir,
                        out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                        lease_timeout=args.lease_timeout, peer_timeout=args.peer_timeout,
-                       final_eval_timeout=args.final_eval_timeout, max_workers=args.max_workers)
+                       final_eval_timeout=args.final_eval_timeout, max_workers=args.max_workers,
+                       wait_for_workers=args.wait_for_workers or 0, start_timeout=args.start_timeout)
     return ParameterServer(cfg).serve()

@@ -222,6 +222,37 @@ def test_pscnn_run_end_to_end(tmp_path, mnist_dir):
 
 
 
+def test_a_sync_run_is_repeatable_bit_for_bit(tmp_path, mnist_dir):
+    """`pscnn run --mode sync` twice: the same rounds and bit-identical final weights.
+
+    3 workers and 16 batches an epoch: each epoch ends with a one-batch round while
+    the other two workers find the epoch draining; workers start at different
+    times and run at different speeds.  The start barrier, dropout masks seeded
+    per batch and rounds summed in batch order leave timing nothing to decide.
+    """
+    import numpy as np
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "pscnn.cli", "run", "--workers", "3", "--mode", "sync", "--model", "light",
+             "--train-limit", "1000", "--epochs", "2", "--test-limit", "500", "--mnist-dir", mnist_dir,
+             "--out", str(out), "--no-progress", "--no-evaluator"],
+            capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rounds = [s["batches"] for s in read_jsonl(out / "metrics.jsonl") if s["kind"] == "step"]
+        with np.load(out / "model.npz", allow_pickle=False) as z:
+            runs.append((rounds, {k: z[k] for k in z.files}, json.loads((out / "summary.json").read_text())))
+    (rounds_a, weights_a, summary_a), (rounds_b, weights_b, summary_b) = runs
+    assert rounds_a == rounds_b
+    assert rounds_a[:2] == [[[0, 0], [0, 1], [0, 2]], [[0, 3], [0, 4], [0, 5]]]   # all three from the start
+    assert [[0, 15]] in rounds_a and [[1, 15]] in rounds_a                           # the short rounds
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:
+        np.testing.assert_array_equal(weights_a[k], weights_b[k], err_msg=k)
+    assert summary_a["test_accuracy"] == summary_b["test_accuracy"]
+
+
 def test_pscnn_run_without_evaluator_scores_the_final_weights_at_once(tmp_path, mnist_dir):
     """--no-evaluator: the server must not wait (120 s by default) for an evaluator that never comes."""
     out = tmp_path / "run"

@@ -673,6 +673,36 @@ def test_same_seed_same_dropout_masks():
     assert isinstance(a.layers[9], Dropout)
 
 
+def test_reseed_makes_the_dropout_masks_a_function_of_the_seed_alone():
+    """What a trainer relies on: after ``reseed(s)`` the masks depend on s, not on
+    the model's build seed or on what it computed before (dropout inside a
+    residual block included)."""
+    spec = {"input_shape": [1, 6, 6], "layers": [
+        {"type": "flatten"}, {"type": "dense", "units": 16}, {"type": "dropout", "p": 0.5},
+        {"type": "residual", "layers": [{"type": "dense", "units": 16}, {"type": "dropout", "p": 0.5}]},
+        {"type": "dense", "units": 3}]}
+    a, b = build_model(spec, seed=1), build_model(spec, seed=2)
+    b.assign(a.params)
+    x = np.random.default_rng(0).standard_normal((5, 1, 6, 6)).astype(np.float32)
+    b.forward(x, train=True)                         # b's streams have moved on; a's have not
+    a.reseed((7, 0, 3))
+    b.reseed((7, 0, 3))
+    out_a = a.forward(x, train=True)
+    np.testing.assert_array_equal(out_a, b.forward(x, train=True))
+    a.reseed((7, 0, 3))
+    np.testing.assert_array_equal(out_a, a.forward(x, train=True))   # the same masks again
+    a.reseed((7, 0, 4))
+    assert not np.array_equal(out_a, a.forward(x, train=True))       # another batch, other masks
+    b.reseed((7, 0, 3))                              # the residual's inner dropout is reseeded too:
+    b.layers[2].p = 0.0                              # with the outer one off, only it is left to differ
+    a.reseed((7, 0, 3))
+    a.layers[2].p = 0.0
+    np.testing.assert_array_equal(a.forward(x, train=True), b.forward(x, train=True))
+    a.reseed((7, 0, 3))
+    b.reseed((7, 0, 5))
+    assert not np.array_equal(a.forward(x, train=True), b.forward(x, train=True))
+
+
 def test_assign_copies_a_subset_in_place_and_checks_everything_first():
     model = build_model("light", seed=0)
     w = model.params["fc2.weight"]

@@ -6,6 +6,10 @@ every bad input the server must answer with an ``error`` naming the problem,
 log a "rejected" line, keep serving, and leave the weights bit-identical.
 Retried pushes must be applied once.  No MNIST needed: the server never loads
 data unless it has to score the final weights itself.
+
+The same raw sockets check what must not depend on timing: the start barrier,
+sync rounds summed in batch order, and a trainer parked (not told to retry)
+when a sync epoch is draining.
 """
 from __future__ import annotations
 
@@ -712,5 +716,115 @@ def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(
         assert y2.call(P.PUSH, push_body(ty), grads_like(ty.arrays)).body["ack"]["applied"] is False
         assert s.status()["version"] == v0 + 1
         assert s.alive()
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------- the start barrier and sync rounds
+# Plain SGD at rate 1 with a constant schedule: an update subtracts the mean gradient exactly.
+SYNC_FLAGS = ["--mode", "sync", "--optimizer", "sgd", "--momentum", "0", "--lr", "1", "--schedule", "constant",
+              "--warmup-steps", "0"]
+
+
+def trainers(server: Server, n: int) -> list[Raw]:
+    return [server.client("trainer") for _ in range(n)]
+
+
+def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
+    s = Server(tmp_path, [*SYNC_FLAGS, "--wait-for-workers", "2"])
+    try:
+        a, b = trainers(s, 2)
+        a.send(a.frames(P.WORK))
+        assert a.recv(timeout=1.0) is None, "a task before the second trainer asked for one"
+        assert s.status()["started"] is False       # b has joined, but is not ready (loading its data)
+        since = s.log_size()
+        b.send(b.frames(P.WORK))
+        got = a.recv()
+        assert got is not None and got[0].type == P.TASK, got
+        task_a, task_b = got[0], b.recv()[0]
+        assert {task_a.body["batch"], task_b.body["batch"]} == {0, 1}
+        assert task_a.body["version"] == task_b.body["version"] == 0
+        assert task_a.body["held_s"] >= 0.9             # parked from its request until b's
+        assert s.status()["started"] is True
+        s.wait_log(r"all 2 trainers waited for are ready", since)
+    finally:
+        s.close()
+
+
+def test_the_start_barrier_gives_up_start_timeout_after_the_first_request(tmp_path):
+    s = Server(tmp_path, ["--wait-for-workers", "3", "--start-timeout", "1"])
+    try:
+        since = s.log_size()
+        (a,) = trainers(s, 1)
+        assert a.work().body["batch"] == 0
+        line = s.wait_log(r"starting with 1 of the 3 trainers waited for", since)
+        assert " WARNING " in line, line
+    finally:
+        s.close()
+
+
+def test_a_sync_trainer_that_finds_the_epoch_draining_is_parked_until_the_round_closes(tmp_path):
+    """3 batches an epoch, 2 trainers: the round {2} has one member; the other trainer
+    gets no 'wait' to retry at a time of its own but its next task together with the
+    member's, from the next epoch, so rounds do not depend on timing."""
+    s = Server(tmp_path, [*SYNC_FLAGS, "--train-limit", "192", "--epochs", "2", "--wait-for-workers", "2"])
+    try:
+        a, b = trainers(s, 2)
+        a.send(a.frames(P.WORK))
+        tb = b.work()
+        ta = a.recv()[0]
+        by_batch = {ta.body["batch"]: (a, ta), tb.body["batch"]: (b, tb)}
+        (p0, t0), (p1, t1) = by_batch[0], by_batch[1]
+        p0.send(p0.frames(P.PUSH, push_body(t0), grads_like(t0.arrays)))
+        p1.send(p1.frames(P.PUSH, push_body(t1), grads_like(t0.arrays)))      # closes the round {0, 1}
+        t2 = p0.recv()[0]
+        assert t2.type == P.TASK and (t2.body["epoch"], t2.body["batch"], t2.body["version"]) == (0, 2, 1), t2.body
+        assert p1.recv(timeout=1.0) is None, "the trainer left without a batch was not parked"
+        p0.send(p0.frames(P.PUSH, push_body(t2), grads_like(t0.arrays)))      # the round {2} closes the epoch
+        next0, got1 = p0.recv()[0], p1.recv()
+        assert got1 is not None, "the parked trainer was not given work when the round closed"
+        next1 = got1[0]
+        assert next0.type == next1.type == P.TASK, (next0.body, next1.body)
+        assert {next0.body["batch"], next1.body["batch"]} == {0, 1}
+        assert next0.body["epoch"] == next1.body["epoch"] == 1
+        assert next0.body["version"] == next1.body["version"] == 2
+        assert next1.body["ack"] == {"applied": True, "staleness": 0}        # its push's ack, kept while parked
+        assert next1.body["held_s"] >= 0.9
+    finally:
+        s.close()
+
+
+def test_a_sync_round_is_summed_in_batch_order_whatever_order_its_pushes_arrive_in(tmp_path):
+    """Float addition does not associate: 64 + 2^-18 + 2^-18 is 64 in float32 when
+    summed left to right, 64 + 2^-17 from the right.  Pushes arrive as batch 2, 1, 0;
+    the update must be the batch-order sum's, so no worker's speed changes a run."""
+    s = Server(tmp_path, [*SYNC_FLAGS, "--wait-for-workers", "3"])
+    try:
+        clients = trainers(s, 3)
+        for c in clients:
+            c.send(c.frames(P.WORK))
+        tasks = {}
+        for c in clients:
+            task = c.recv()[0]
+            tasks[task.body["batch"]] = (c, task)
+        assert sorted(tasks) == [0, 1, 2]
+        w0 = tasks[0][1].arrays
+        value = {0: 1.0, 1: 2.0 ** -24, 2: 2.0 ** -24}
+        for batch in (2, 1, 0):
+            c, task = tasks[batch]
+            c.send(c.frames(P.PUSH, push_body(task), grads_like(w0, value[batch])))
+        replies = {batch: tasks[batch][0].recv()[0] for batch in (2, 1, 0)}
+        assert all(r.type == P.TASK and r.body["version"] == 1 for r in replies.values())
+        w1 = next(r.arrays for r in replies.values() if r.arrays)
+
+        def mean(order):                 # as ParameterStore.accumulate / apply_accumulated do it
+            total = np.multiply(np.float32(value[order[0]]), np.float32(64))
+            for b in order[1:]:
+                total += np.float32(value[b]) * np.float32(64)
+            return total * np.float32(1.0 / 192)
+
+        assert mean((0, 1, 2)) != mean((2, 1, 0))        # the case tells the two orders apart
+        for k in w0:
+            np.testing.assert_array_equal(w1[k], w0[k] - mean((0, 1, 2)), err_msg=k)
     finally:
         s.close()

@@ -1,4 +1,4 @@
-"""worker.trainer.Trainer without sockets: what a synthetic (--compute-ms) step pushes."""
+"""worker.trainer.Trainer without sockets: what a step (real or synthetic, --compute-ms) pushes."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,3 +33,22 @@ def test_synthetic_steps_push_one_read_only_zero_buffer_in_the_model_layout():
     trainer.setup(welcome("seed"))                      # a server with another model: a new buffer
     _, third = trainer.compute(task)
     assert third.specs == P.model_layout(trainer.model) and third.flat.size > first.flat.size
+
+
+def test_a_batch_gradient_depends_on_the_weights_and_the_batch_not_the_worker(mnist_dir):
+    """Dropout masks are seeded from (run seed, epoch, batch): two workers with different
+    histories push bit-identical gradients for the same batch, so a sync round's sum does
+    not depend on which worker computed which batch."""
+    trainers = []
+    for wid in ("w-a", "w-b"):
+        t = Trainer(SimpleNamespace(wid=wid), mnist_dir=mnist_dir)
+        t.setup(welcome("light"))
+        trainers.append(t)
+    a, b = trainers
+    a.compute({"epoch": 0, "batch": 3})                 # a's dropout stream has moved on; b's has not
+    task = {"epoch": 0, "batch": 5}
+    (result_a, push_a), (result_b, push_b) = a.compute(task), b.compute(task)
+    assert result_a["loss"] == result_b["loss"]
+    np.testing.assert_array_equal(push_a.flat, push_b.flat)
+    _, other_epoch = b.compute({"epoch": 1, "batch": 5})  # other images, other masks
+    assert not np.array_equal(push_a.flat, other_epoch.flat)

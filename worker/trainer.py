@@ -4,7 +4,9 @@ One round trip per step: the push carries the gradient (and BatchNorm
 statistics) and its reply carries the next task, plus the weights when the
 server has newer ones.  The worker computes a batch's indices itself from
 (seed, epoch, batch) with the same ``cnn_core.data.batch_index`` the server
-uses, so a task is three integers.
+uses, so a task is three integers.  Its dropout masks are seeded from the
+same triple (``Model.reseed``): a batch's gradient is a function of the
+weights and the batch, whichever worker computes it.
 
 Each push reports the batch's compute time and the previous round trip split
 into communication (``rtt - held``) and waiting (``held``: time the server
@@ -57,8 +59,7 @@ class Trainer:
         """Build the model from the server's spec and load this run's training data."""
         run = welcome.body["run"]
         if self.model is None or welcome.body["model"] != self.model.spec:
-            seed = (run["seed"] * 1_000_003 + hash(self.client.wid)) % 2**31   # own dropout masks
-            self.model = build_model(welcome.body["model"], seed=seed, device=self.device)
+            self.model = build_model(welcome.body["model"], seed=run["seed"], device=self.device)
             self._zero_push = None
         if self.data is None and self.compute_ms is None:
             x, y = load_mnist("train", mnist_dir=self.mnist_dir, limit=run["num_samples"])
@@ -86,6 +87,7 @@ class Trainer:
             return ({"loss": 0.0, "correct": 0, "count": count, "compute_s": time.perf_counter() - t0},
                     self._zero_push)
         xb, yb = self.batch(body["epoch"], body["batch"])
+        self.model.reseed((self.run["seed"], body["epoch"], body["batch"]))    # the batch's own dropout masks
         logits = self.model.forward(xb, train=True)
         loss, dlogits = softmax_cross_entropy(logits, yb)
         grads = self.model.backward(dlogits)
