@@ -272,8 +272,9 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
     prog.reset_window()                   # the window must not include the last evaluation
     start = time.perf_counter()
     try:
-        for xb, yb in iterate_batches(x, y, cfg["batch_size"], cfg["seed"], epoch - 1):
+        for batch, (xb, yb) in enumerate(iterate_batches(x, y, cfg["batch_size"], cfg["seed"], epoch - 1)):
             xb, yb = xp.asarray(xb), xp.asarray(yb)
+            model.reseed((cfg["seed"], epoch - 1, batch))     # dropout masks as a pscnn trainer draws them
             logits = model.forward(xb, train=True)
             loss, dlogits = softmax_cross_entropy(logits, yb)
             if not math.isfinite(loss):

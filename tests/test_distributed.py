@@ -253,6 +253,35 @@ def test_a_sync_run_is_repeatable_bit_for_bit(tmp_path, mnist_dir):
     assert summary_a["test_accuracy"] == summary_b["test_accuracy"]
 
 
+def test_one_worker_runs_compute_exactly_what_pscnn_train_does(tmp_path, mnist_dir):
+    """The whole distributed path (leases, the wire, the server's optimizer and
+    schedule, the sync round) against the single-process trainer: with one worker,
+    sync and async runs end with the weights of `pscnn train`, bit for bit.
+
+    1,000 images make a last batch of 40 in each epoch; momentum SGD with L2, a
+    cosine schedule and warm-up: the server must apply exactly what was computed.
+    """
+    import numpy as np
+    flags = ["--model", "light", "--train-limit", "1000", "--test-limit", "500", "--epochs", "2",
+             "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--l2", "0.0005", "--batch-size", "64",
+             "--seed", "3", "--threads", "1", "--mnist-dir", mnist_dir, "--no-progress"]
+    commands = {"train": ["train"], "sync": ["run", "--workers", "1", "--mode", "sync", "--no-evaluator"],
+                "async": ["run", "--workers", "1", "--mode", "async", "--no-evaluator"]}
+    weights = {}
+    for name, command in commands.items():
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *command, *flags, "--out", str(out)],
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with np.load(out / "model.npz", allow_pickle=False) as z:
+            weights[name] = {k: z[k] for k in z.files if k.startswith("param/")}
+    assert len(weights["train"]) == 8
+    for name in ("sync", "async"):
+        assert weights[name].keys() == weights["train"].keys()
+        for k, v in weights["train"].items():
+            np.testing.assert_array_equal(weights[name][k], v, err_msg=f"{name}: {k}")
+
+
 def test_pscnn_run_without_evaluator_scores_the_final_weights_at_once(tmp_path, mnist_dir):
     """--no-evaluator: the server must not wait (120 s by default) for an evaluator that never comes."""
     out = tmp_path / "run"
