@@ -10,6 +10,7 @@ Exactly-once accounting is checked on the server's metrics.jsonl: each
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -251,6 +252,47 @@ def test_a_sync_run_is_repeatable_bit_for_bit(tmp_path, mnist_dir):
     for k in weights_a:
         np.testing.assert_array_equal(weights_a[k], weights_b[k], err_msg=k)
     assert summary_a["test_accuracy"] == summary_b["test_accuracy"]
+
+
+def test_an_interrupted_and_resumed_sync_run_ends_where_an_uninterrupted_one_does(tmp_path, mnist_dir):
+    """Ctrl-C mid-run, then the same command with --resume: the checkpoint holds the
+    weights, the optimizer's state and the epoch's position exactly, and the rounds
+    go on as they would have, so the final weights are bit-identical to a run that
+    was never stopped."""
+    import numpy as np
+    from pscnn.launcher import free_port, query_status
+    flags = ["run", "--workers", "2", "--mode", "sync", "--model", "seed", "--train-limit", "3000", "--epochs", "2",
+             "--test-limit", "500", "--mnist-dir", mnist_dir, "--no-progress", "--no-evaluator",
+             "--checkpoint-every", "0"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(whole)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(stopped), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def some_rounds_done():
+            status = query_status(f"tcp://127.0.0.1:{port}", timeout=0.5)
+            return status is not None and status["version"] >= 6
+        wait_for(some_rounds_done, 120, "a few sync rounds", interval=0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err[-2000:]        # stopped mid-run (2 epochs are 48 rounds)
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(stopped), "--resume"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = [line for line in (stopped / "logs" / "server.log").read_text().splitlines() if "resumed from" in line]
+    assert resumed and 6 <= int(re.search(r"version (\d+)", resumed[0]).group(1)) < 48, resumed   # mid-way
+    with np.load(whole / "model.npz", allow_pickle=False) as a, np.load(stopped / "model.npz", allow_pickle=False) as b:
+        params = [k for k in a.files if k.startswith("param/")]
+        assert len(params) == 8 and params == [k for k in b.files if k.startswith("param/")]
+        for k in params:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_one_worker_runs_compute_exactly_what_pscnn_train_does(tmp_path, mnist_dir):
