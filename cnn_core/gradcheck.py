@@ -27,10 +27,10 @@ def _relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
 
 
 def _reset_rngs(layers, seed: int = 1234) -> None:
+    """The same dropout masks for every forward pass of a check."""
+    rng = np.random.default_rng(seed)
     for layer in layers:
-        if getattr(layer, "rng", None) is not None:
-            layer.rng = np.random.default_rng(seed)
-        _reset_rngs(getattr(layer, "layers", []), seed)
+        layer.reseed(rng)
 
 
 def _numeric_grad(f, arr: np.ndarray, eps: float, max_entries: int | None, rng) -> tuple[np.ndarray, np.ndarray]:

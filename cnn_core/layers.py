@@ -26,6 +26,7 @@ import numpy as np
 from .backend import get_array_module as _xp
 from .errors import ShapeError, SpecError
 from .im2col import col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, pad_nhwc
+from .rng import uniform
 
 # A conv layer with at most this many input channels (grayscale or RGB input)
 # builds patch-major columns: see im2col_t_with_ones.
@@ -81,8 +82,8 @@ class Layer:
     def _init(self, xp, dtype, rng) -> None:
         """Create parameters/state; ``rng`` is a NumPy Generator (init runs on the host)."""
 
-    def reseed(self, xp, rng) -> None:
-        """Restart this layer's own random stream (dropout masks) from the Generator ``rng``.
+    def reseed(self, rng) -> None:
+        """Restart this layer's own random stream (dropout masks) from the NumPy Generator ``rng``.
 
         Layers without randomness ignore it; see :meth:`cnn_core.model.Model.reseed`.
         """
@@ -474,7 +475,10 @@ class Dropout(Layer):
     """Inverted dropout: zero with probability p, scale survivors by 1/(1-p).
 
     At evaluation (``train=False``) it is the identity, so inference needs no
-    rescaling.  Masks come from ``self.rng`` (set by the model from its seed).
+    rescaling.  Draw k of masks since the last (re)seed is
+    ``cnn_core.rng.uniform(key, k) >= p``: counter-based, so reseeding costs
+    nothing and CPU and GPU draw the same masks.  ``key`` comes from the model's
+    seed, then from each :meth:`~cnn_core.model.Model.reseed`.
     """
 
     type_name = "dropout"
@@ -484,21 +488,23 @@ class Dropout(Layer):
         if not 0.0 <= float(p) < 1.0:
             raise SpecError(f"dropout {self.name}: p must be in [0, 1), got {p!r}")
         self.p = float(p)
-        self.rng = None
+        self.key: int | None = None
+        self.draws = 0
 
     def config(self):
         return {"p": self.p}
 
     def _init(self, xp, dtype, rng):
-        self.reseed(xp, rng)
+        self.reseed(rng)
 
-    def reseed(self, xp, rng):
-        self.rng = _device_rng(xp, int(rng.integers(2**31)))
+    def reseed(self, rng):
+        self.key, self.draws = int(rng.integers(2**63)), 0
 
     def forward(self, x, train=True):
         if not train or self.p == 0.0:
             return x, None
-        keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p
+        keep = uniform(_xp(x), self.key, self.draws, x.shape, x.dtype) >= self.p
+        self.draws += 1
         mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
         return x * mask, mask
 
@@ -602,9 +608,9 @@ class Residual(Layer):
         self.out_shape = shape
         return shape
 
-    def reseed(self, xp, rng):
+    def reseed(self, rng):
         for layer in self.layers:
-            layer.reseed(xp, rng)
+            layer.reseed(rng)
 
     def bind_parameter(self, key, array):
         inner, _, rest = key.partition(".")     # "<inner>.<param>", possibly nested
@@ -627,11 +633,6 @@ class Residual(Layer):
             for k, v in g.items():
                 grads[f"{layer.name}.{k}"] = v
         return dout + d, grads
-
-
-def _device_rng(xp, seed: int):
-    """A Generator on the array module's device (NumPy or CuPy)."""
-    return xp.random.default_rng(seed)
 
 
 LAYER_TYPES = {cls.type_name: cls for cls in

@@ -159,7 +159,7 @@ class Model:
         """
         rng = np.random.default_rng(seed)
         for layer in self.layers:
-            layer.reseed(self.xp, rng)
+            layer.reseed(rng)
 
     # Evaluation-mode forward passes run in chunks of this many images: the
     # activations of a chunk stay in cache and reuse the same heap blocks; one

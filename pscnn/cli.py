@@ -217,8 +217,8 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                         "start together; in sync mode with a fixed set of workers, runs are then "
                         "bit-for-bit repeatable (default: 0, start at once; pscnn run: its --workers)")
     g.add_argument("--start-timeout", type=positive_float, default=60.0,
-                   help="seconds after the first trainer asked for work to wait for --wait-for-workers before starting "
-                        "with those there (default: 60)")
+                   help="seconds after the first trainer asked for work to wait for --wait-for-workers, "
+                        "then start with those there (default: 60)")
 
 
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "

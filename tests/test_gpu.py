@@ -93,6 +93,22 @@ def test_gpu_dropout_masks_statistics_and_determinism():
 
 
 @gpu_test
+def test_gpu_draws_the_cpu_dropout_masks():
+    """cnn_core.rng is integer arithmetic: the same (key, counter) gives the same masks on both."""
+    import cupy
+    from cnn_core.rng import uniform
+    for dtype in (np.float32, np.float64):
+        np.testing.assert_array_equal(to_numpy(uniform(cupy, 99, 4, (64, 128), dtype)),
+                                      uniform(np, 99, 4, (64, 128), dtype))
+    gpu, cpu = (build_model("light", seed=4, device=d) for d in ("gpu", "cpu"))
+    x = np.ones((8, 32), dtype=np.float32)
+    for model in (gpu, cpu):
+        model.reseed((0, 2, 5))
+    np.testing.assert_array_equal(to_numpy(gpu.layers[9].forward(gpu.xp.asarray(x))[0]),
+                                  cpu.layers[9].forward(x)[0])
+
+
+@gpu_test
 def test_gpu_maxpool_ties_match_cpu():
     spec = {"input_shape": [2, 9, 9], "layers": [
         {"type": "maxpool2d", "kernel": 3, "stride": 2}, {"type": "relu"},
