@@ -94,6 +94,27 @@ def finish(cluster, timeout: float = 150.0) -> dict:
     return json.loads((cluster.out / "summary.json").read_text())
 
 
+def pscnn_cli(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m pscnn.cli ARGS``, which must exit 0."""
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str) -> str:
+    """Ctrl-C (SIGINT) on ``proc`` once ``predicate()`` holds; its stderr.  Killed if anything fails."""
+    try:
+        wait_for(predicate, timeout, what, interval=0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return err
+
+
 @pytest.mark.parametrize("mode,extra", [("sync", {}), ("async", {}), ("ssp", {"staleness": 1})])
 def test_modes_train_to_accuracy_exactly_once(cluster, mnist_dir, mode, extra):
     """Two epochs of 6,000 images on the light model, scored on 2,000 test images:
@@ -209,12 +230,9 @@ def test_server_killed_and_resumed(cluster, mnist_dir):
 def test_pscnn_run_end_to_end(tmp_path, mnist_dir):
     """The single-machine launcher: `pscnn run --workers 2` exits 0 and prints the report."""
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--mode", "sync", "--model", "light",
-         "--train-limit", "3000", "--epochs", "1", "--test-limit", "1000", "--mnist-dir", mnist_dir,
-         "--out", str(out), "--no-progress", "--eval-every", "2"],
-        capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = pscnn_cli("run", "--workers", "2", "--mode", "sync", "--model", "light", "--train-limit", "3000",
+                     "--epochs", "1", "--test-limit", "1000", "--mnist-dir", mnist_dir, "--out", out,
+                     "--no-progress", "--eval-every", "2")
     assert "run finished: mode sync, 2 workers" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["samples_applied"] == 3000
@@ -235,12 +253,9 @@ def test_a_sync_run_is_repeatable_bit_for_bit(tmp_path, mnist_dir):
     runs = []
     for name in ("first", "second"):
         out = tmp_path / name
-        proc = subprocess.run(
-            [sys.executable, "-m", "pscnn.cli", "run", "--workers", "3", "--mode", "sync", "--model", "light",
-             "--train-limit", "1000", "--epochs", "2", "--test-limit", "500", "--mnist-dir", mnist_dir,
-             "--out", str(out), "--no-progress", "--no-evaluator"],
-            capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        pscnn_cli("run", "--workers", "3", "--mode", "sync", "--model", "light", "--train-limit", "1000",
+                  "--epochs", "2", "--test-limit", "500", "--mnist-dir", mnist_dir, "--out", out, "--no-progress",
+                  "--no-evaluator")
         rounds = [s["batches"] for s in read_jsonl(out / "metrics.jsonl") if s["kind"] == "step"]
         with np.load(out / "model.npz", allow_pickle=False) as z:
             runs.append((rounds, {k: z[k] for k in z.files}, json.loads((out / "summary.json").read_text())))
@@ -265,27 +280,18 @@ def test_an_interrupted_and_resumed_sync_run_ends_where_an_uninterrupted_one_doe
              "--test-limit", "500", "--mnist-dir", mnist_dir, "--no-progress", "--no-evaluator",
              "--checkpoint-every", "0"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(whole)],
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pscnn_cli(*flags, "--out", whole)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(stopped), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        def some_rounds_done():
-            status = query_status(f"tcp://127.0.0.1:{port}", timeout=0.5)
-            return status is not None and status["version"] >= 6
-        wait_for(some_rounds_done, 120, "a few sync rounds", interval=0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+
+    def some_rounds_done():
+        status = query_status(f"tcp://127.0.0.1:{port}", timeout=0.5)
+        return status is not None and status["version"] >= 6
+
+    err = interrupt_when(proc, some_rounds_done, 120, "a few sync rounds")
     assert proc.returncode == 130, err[-2000:]        # stopped mid-run (2 epochs are 48 rounds)
-    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(stopped), "--resume"],
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pscnn_cli(*flags, "--out", stopped, "--resume")
     resumed = [line for line in (stopped / "logs" / "server.log").read_text().splitlines() if "resumed from" in line]
     assert resumed and 6 <= int(re.search(r"version (\d+)", resumed[0]).group(1)) < 48, resumed   # mid-way
     with np.load(whole / "model.npz", allow_pickle=False) as a, np.load(stopped / "model.npz", allow_pickle=False) as b:
@@ -312,9 +318,7 @@ def test_one_worker_runs_compute_exactly_what_pscnn_train_does(tmp_path, mnist_d
     weights = {}
     for name, command in commands.items():
         out = tmp_path / name
-        proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *command, *flags, "--out", str(out)],
-                              capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        pscnn_cli(*command, *flags, "--out", out)
         with np.load(out / "model.npz", allow_pickle=False) as z:
             weights[name] = {k: z[k] for k in z.files if k.startswith("param/")}
     assert len(weights["train"]) == 8
@@ -327,12 +331,8 @@ def test_one_worker_runs_compute_exactly_what_pscnn_train_does(tmp_path, mnist_d
 def test_pscnn_run_without_evaluator_scores_the_final_weights_at_once(tmp_path, mnist_dir):
     """--no-evaluator: the server must not wait (120 s by default) for an evaluator that never comes."""
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--model", "light", "--train-limit", "640",
-         "--epochs", "1", "--test-limit", "500", "--mnist-dir", mnist_dir, "--out", str(out), "--no-progress",
-         "--no-evaluator"],
-        capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pscnn_cli("run", "--workers", "1", "--model", "light", "--train-limit", "640", "--epochs", "1",
+              "--test-limit", "500", "--mnist-dir", mnist_dir, "--out", out, "--no-progress", "--no-evaluator")
     log = (out / "logs" / "server.log").read_text()
     assert "waiting up to" not in log, log[-2000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -348,15 +348,8 @@ def test_pscnn_run_interrupted_stops_every_child(tmp_path, mnist_dir):
          "--train-limit", "6000", "--epochs", "20", "--mnist-dir", mnist_dir, "--out", str(out),
          "--no-progress", "--checkpoint-every", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: (out / "metrics.jsonl").exists()
-                 and '"kind": "step"' in (out / "metrics.jsonl").read_text(), 90, "training to start")
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    err = interrupt_when(proc, lambda: (out / "metrics.jsonl").exists()
+                         and '"kind": "step"' in (out / "metrics.jsonl").read_text(), 90, "training to start")
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err
     assert (out / "checkpoint.npz").exists()
