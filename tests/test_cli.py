@@ -78,6 +78,8 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     (["run", "--workers", "two"], "argument --workers: must be an integer, got 'two'"),
     (["train", "--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
     (["worker", "--name", "w1\nfake"], "argument --name: must be printable"),
+    (["server", "--wait-for-workers", "-1"], "argument --wait-for-workers: must be >= 0, got -1"),
+    (["run", "--start-timeout", "0"], "argument --start-timeout: must be > 0, got 0"),
 ])
 def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -85,6 +87,13 @@ def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys):
+    assert main(["server", "--wait-for-workers", "5", "--max-workers", "2", "--bind", "tcp://127.0.0.1:1",
+                 "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "--wait-for-workers 5 exceeds --max-workers 2" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv", [["server", "--bind", "tcp://*:5555"], ["server", "--bind", "tcp://127.0.0.1:1"],
