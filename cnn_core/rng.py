@@ -62,12 +62,12 @@ def uniform(xp, key: int, counter: int, shape, dtype=np.float32):
         zk, tk = z[:k], tmp[:k]
         xp.add(steps[:k], xp.uint64((start + lo * GOLDEN) & _MASK), out=zk)    # the SplitMix64 states
         for shift, factor in ((30, _MIX1), (27, _MIX2)):
-            xp.right_shift(zk, shift, out=tk)
+            xp.right_shift(zk, xp.uint64(shift), out=tk)     # uint64 shifts: no promotion to int64
             zk ^= tk
             zk *= xp.uint64(factor)
-        xp.right_shift(zk, 31, out=tk)
+        xp.right_shift(zk, xp.uint64(31), out=tk)
         zk ^= tk
-        xp.right_shift(zk, 64 - bits, out=tk)                  # the top bits, as the float's mantissa
+        xp.right_shift(zk, xp.uint64(64 - bits), out=tk)       # the top bits, as the float's mantissa
         part = out[lo:lo + k]
         part[...] = tk
         part *= dtype.type(2.0 ** -bits)

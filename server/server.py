@@ -205,6 +205,9 @@ class ParameterServer:
                  self.cfg.epochs, self.work.batches_per_epoch, self.cfg.batch_size,
                  self.cfg.model if isinstance(self.cfg.model, str) else "custom",
                  f"{self.store.model.num_parameters():,}", self.store.optimizer.config()["name"])
+        if not self.started:
+            log.info("handing out no work until %d trainers ask for it (at most %.0f s after the first)",
+                     self.cfg.wait_for_workers, self.cfg.start_timeout)
         self.writer.log("start", incarnation=self.incarnation, version=self.store.version, resumed=self.cfg.resume,
                         epoch=self.work.epoch)
         old_handlers = self._install_signal_handlers()

@@ -733,6 +733,7 @@ def trainers(server: Server, n: int) -> list[Raw]:
 def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
     s = Server(tmp_path, [*SYNC_FLAGS, "--wait-for-workers", "2"])
     try:
+        s.wait_log(r"handing out no work until 2 trainers ask for it \(at most 60 s after the first\)", 0)
         a, b = trainers(s, 2)
         a.send(a.frames(P.WORK))
         assert a.recv(timeout=1.0) is None, "a task before the second trainer asked for one"
