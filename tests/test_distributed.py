@@ -18,7 +18,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pscnn.launcher import free_port, query_status
 
 pytestmark = pytest.mark.slow
 
@@ -249,7 +252,6 @@ def test_a_sync_run_is_repeatable_bit_for_bit(tmp_path, mnist_dir):
     times and run at different speeds.  The start barrier, dropout masks seeded
     per batch and rounds summed in batch order leave timing nothing to decide.
     """
-    import numpy as np
     runs = []
     for name in ("first", "second"):
         out = tmp_path / name
@@ -274,8 +276,6 @@ def test_an_interrupted_and_resumed_sync_run_ends_where_an_uninterrupted_one_doe
     weights, the optimizer's state and the epoch's position exactly, and the rounds
     go on as they would have, so the final weights are bit-identical to a run that
     was never stopped."""
-    import numpy as np
-    from pscnn.launcher import free_port, query_status
     flags = ["run", "--workers", "2", "--mode", "sync", "--model", "seed", "--train-limit", "3000", "--epochs", "2",
              "--test-limit", "500", "--mnist-dir", mnist_dir, "--no-progress", "--no-evaluator",
              "--checkpoint-every", "0"]
@@ -309,7 +309,6 @@ def test_one_worker_runs_compute_exactly_what_pscnn_train_does(tmp_path, mnist_d
     1,000 images make a last batch of 40 in each epoch; momentum SGD with L2, a
     cosine schedule and warm-up: the server must apply exactly what was computed.
     """
-    import numpy as np
     flags = ["--model", "light", "--train-limit", "1000", "--test-limit", "500", "--epochs", "2",
              "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--l2", "0.0005", "--batch-size", "64",
              "--seed", "3", "--threads", "1", "--mnist-dir", mnist_dir, "--no-progress"]
@@ -378,7 +377,6 @@ def test_diverging_run_stops_with_a_clear_error(cluster, mnist_dir, mode):
     summary = json.loads((cluster.out / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["error"].startswith("training diverged")
     assert summary["updates"] < 3 * -(-TRAIN_LIMIT // BATCH)
-    import numpy as np  # noqa: PLC0415
     with np.load(cluster.out / "model.npz", allow_pickle=False) as saved:
         assert all(np.isfinite(saved[k]).all() for k in saved.files if saved[k].dtype.kind == "f")
 
