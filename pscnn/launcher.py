@@ -166,9 +166,12 @@ def run_from_args(args) -> int:
             status = _follow(cluster, bar)
         except KeyboardInterrupt:
             bar.close()
-            print("\npscnn run: interrupted; stopping workers, evaluator, then the server (it checkpoints)",
-                  file=sys.stderr)
-            cluster.stop_all()
+            print("\npscnn run: interrupted; stopping the server (it checkpoints), then the workers and the "
+                  "evaluator", file=sys.stderr)
+            # The server first, so its checkpoint holds whole sync rounds only: a worker leaving first
+            # would close the round in progress without it, and the resumed run would differ from one
+            # never stopped.  The workers' unfinished batches are simply computed again.
+            cluster.stop_all(order=("server", "worker", "evaluator"))
             print(f"pscnn run: stopped. Continue with the same command plus --resume (run folder {args.out})",
                   file=sys.stderr)
             return 130

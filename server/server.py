@@ -794,7 +794,9 @@ class ParameterServer:
                 "loss": float(np.mean(self.losses)) if self.losses else None,
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
-                "started": self.started, "trainers": sum(p.role == "trainer" for p in self.peers.values()),
+                "started": self.started, "round_members": len(self.round_members),
+                "round_arrived": len(self.round_arrived),
+                "trainers": sum(p.role == "trainer" for p in self.peers.values()),
                 "evaluators": sum(p.role == "evaluator" for p in self.peers.values()),
                 "contributors": len(self.contributors), "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}

@@ -730,6 +730,14 @@ def trainers(server: Server, n: int) -> list[Raw]:
     return [server.client("trainer") for _ in range(n)]
 
 
+def wait_status(server: Server, predicate, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while not predicate(st := server.status()):
+        assert time.monotonic() < deadline, f"status never matched: {st}"
+        time.sleep(0.02)
+    return st
+
+
 def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
     s = Server(tmp_path, [*SYNC_FLAGS, "--wait-for-workers", "2"])
     try:
@@ -811,7 +819,9 @@ def test_a_sync_round_is_summed_in_batch_order_whatever_order_its_pushes_arrive_
         assert sorted(tasks) == [0, 1, 2]
         w0 = tasks[0][1].arrays
         value = {0: 1.0, 1: 2.0 ** -24, 2: 2.0 ** -24}
-        for batch in (2, 1, 0):
+        for arrived, batch in enumerate((2, 1, 0)):
+            if arrived:                  # each push in before the next is sent: they arrive as 2, 1, 0
+                wait_status(s, lambda st, n=arrived: st["round_arrived"] == n)
             c, task = tasks[batch]
             c.send(c.frames(P.PUSH, push_body(task), grads_like(w0, value[batch])))
         replies = {batch: tasks[batch][0].recv()[0] for batch in (2, 1, 0)}
