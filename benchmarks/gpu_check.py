@@ -17,13 +17,16 @@ Checks (exit status 1 if any fails):
   BatchNorm running statistics.  (The finite-difference gradcheck helper is
   CPU-only; agreement with the CPU engine, itself gradchecked and compared
   with PyTorch in tests/, stands in for it.)
+* dropout on the device: the fraction dropped, and masks identical to the
+  CPU's for the same (key, counter) (``cnn_core/rng.py``).
 
 Timings (medians of ``--trials`` trials, ``cupy.cuda.Device().synchronize()``
 around each): "seed" training step (forward + loss + backward + SGD-momentum
 update, inputs already on the device) at batch 64 and 256, a worker-style step
 (host batch in, gradients back to the host) at batch 64, inference at batch
 1000; the same in PyTorch CUDA (NCHW and channels_last, float32 with TF32 off,
-cudnn.benchmark on), and where a pscnn step spends its time, layer by layer.
+cudnn.benchmark on), where a pscnn step spends its time, layer by layer, and
+what a batch's reseeded dropout masks cost against a new device generator.
 Exit status: 0 all checks passed, 1 a check failed, 2 no usable GPU.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ from cnn_core.backend import array_module, gpu_available, to_numpy  # noqa: E402
 from cnn_core.layers import Dropout  # noqa: E402
 from cnn_core.losses import softmax_cross_entropy  # noqa: E402
 from cnn_core.model import PRESETS, build_model  # noqa: E402
+from cnn_core.rng import uniform  # noqa: E402
 from pscnn.bench.torch_reference import torch_model  # noqa: E402
 
 F32_TOL = 1e-4       # float32, GPU vs CPU: different summation orders (cuBLAS vs OpenBLAS), ~1e-6 seen
@@ -308,6 +312,17 @@ def main(argv=None) -> int:
     print(f"  {'ok  ' if ok else 'FAIL'} dropout p=0.3 on {dev}: dropped {frac:.4f}, survivors scaled 1/0.7")
     if not ok:
         failures.append(f"dropout: dropped fraction {frac}")
+    # cnn_core.rng is integer arithmetic: a (key, counter) draws the same masks on both devices
+    try:
+        same = all(np.array_equal(to_numpy(uniform(xp, 99, 4, (64, 128), dt)), uniform(np, 99, 4, (64, 128), dt))
+                   for dt in (np.float32, np.float64))
+    except Exception as exc:
+        same = False
+        print(f"  dropout masks: EXCEPTION {type(exc).__name__}: {exc}")
+    results["checks"]["dropout masks equal the cpu's"] = {"ok": same}
+    print(f"  {'ok  ' if same else 'FAIL'} dropout masks on {dev} equal the cpu's (cnn_core.rng)")
+    if not same:
+        failures.append("dropout masks differ from the cpu's")
 
     # ---------------------------------------------------------------- timings
     batches = (8, 16) if dry else (64, 256)
@@ -364,6 +379,26 @@ def main(argv=None) -> int:
             print("  torch sees no CUDA device: no PyTorch comparison")
     results["torch"] = torch_info
     results["timings"] = rates
+
+    # What a trainer pays per batch for its reseeded dropout masks (64 x 128, the seed model's),
+    # against a fresh device generator per batch, which initializes its cuRAND states each time.
+    def per_call_us(fn, n=3 if dry else 200):
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / n * 1e6
+
+    try:
+        mask_us = {"cnn_core.rng (SplitMix64)": per_call_us(lambda: uniform(xp, 1, 2, (64, 128))),
+                   "a new default_rng per batch": per_call_us(
+                       lambda: xp.random.default_rng(7).random((64, 128), dtype=np.float32))}
+        results["dropout_mask_us"] = mask_us
+        print("  dropout mask per batch (us): " + ", ".join(f"{k} {v:,.0f}" for k, v in mask_us.items()))
+    except Exception as exc:
+        print(f"  dropout mask timing: EXCEPTION {type(exc).__name__}: {exc}")
 
     def ratio(kind, b):
         ours = rates.get(f"pscnn {kind} b{b}")
