@@ -144,5 +144,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert "PASS" in proc.stdout
     res = json.loads(out.read_text())
     assert res["dry_run"] and not res["failures"]
-    assert len(res["checks"]) == 5 and all(c["ok"] for c in res["checks"].values())
+    assert len(res["checks"]) == 6 and all(c["ok"] for c in res["checks"].values())
+    assert res["checks"]["dropout masks equal the cpu's"]["ok"]
     assert res["timings"]["pscnn train b8"] > 0 and res["breakdown_ms"]["conv2"] > 0
+    assert set(res["dropout_mask_us"]) == {"cnn_core.rng (SplitMix64)", "a new default_rng per batch"}
+    assert all(v > 0 for v in res["dropout_mask_us"].values())
