@@ -2,8 +2,9 @@
 
 A pscnn trainer reseeds its model's dropout before every batch (from the run
 seed, the epoch and the batch; see ``Model.reseed``).  A stateful generator
-makes that expensive on a GPU: a new CuPy ``Generator`` initializes tens of
-thousands of cuRAND states on the device every time.  Here reseeding is
+makes that expensive on a GPU: a new CuPy ``Generator`` initializes its
+cuRAND states on the device every time (32,768 XORWOW states by default, in
+CuPy's source; ``benchmarks/gpu_check.py`` times both).  Here reseeding is
 setting two integers, and a draw is a few elementwise integer passes that run
 unchanged on NumPy and CuPy, so CPU and GPU draw *identical* masks.
 
@@ -35,7 +36,7 @@ def mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-# On the CPU a draw runs in chunks that stay in L2 cache across its ten passes:
+# On the CPU a draw runs in chunks that stay in L2 cache across its dozen passes:
 # 5.8 against 13.7 ms for 1.6M values in one piece (NumPy's own Generator: 3.9).
 # On a GPU it is one piece: each pass is one kernel launch.
 CPU_CHUNK = 1 << 15
