@@ -839,3 +839,40 @@ def test_a_sync_round_is_summed_in_batch_order_whatever_order_its_pushes_arrive_
             np.testing.assert_array_equal(w1[k], w0[k] - mean((0, 1, 2)), err_msg=k)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("holder", ["dies", "is too slow"])
+def test_a_parked_sync_trainer_takes_over_the_last_batch_when_its_holder(tmp_path, holder):
+    """The epoch is draining: p0 holds its last batch, p1 is parked.  p0 goes silent and is
+    declared dead, or stays alive but outlives its lease; either way the batch goes back to
+    the queue and to p1 at once, so the round and the epoch still close."""
+    timeouts = ["--peer-timeout", "1"] if holder == "dies" else ["--peer-timeout", "30", "--lease-timeout", "1"]
+    s = Server(tmp_path, [*SYNC_FLAGS, "--train-limit", "192", "--epochs", "1", "--wait-for-workers", "2",
+                          *timeouts])
+    try:
+        a, b = trainers(s, 2)
+        a.send(a.frames(P.WORK))
+        tb = b.work()
+        ta = a.recv()[0]
+        by_batch = {ta.body["batch"]: (a, ta), tb.body["batch"]: (b, tb)}
+        (p0, t0), (p1, t1) = by_batch[0], by_batch[1]
+        p0.send(p0.frames(P.PUSH, push_body(t0), grads_like(t0.arrays)))
+        p1.send(p1.frames(P.PUSH, push_body(t1), grads_like(t0.arrays)))
+        assert p0.recv()[0].body["batch"] == 2                       # p0 holds the last batch; p1 is parked
+        beats = [s.client(wid=p.wid) for p in ((p1,) if holder == "dies" else (p0, p1))]   # heartbeat sockets
+        since = s.log_size()
+        got, deadline = None, time.monotonic() + 15
+        while got is None and time.monotonic() < deadline:
+            for beat in beats:
+                beat.send(beat.frames(P.HEARTBEAT))
+                beat.recv(0.1)
+            got = p1.recv(timeout=0.2)
+        assert got is not None, f"the parked trainer never got the batch:\n{s.log_path.read_text()[-2000:]}"
+        task = got[0]
+        assert task.type == P.TASK and (task.body["epoch"], task.body["batch"], task.body["version"]) == (0, 2, 1)
+        why = rf"{re.escape(p0.wid)} declared dead.*requeued batches \[2\]" if holder == "dies" else \
+            rf"lease of batch 2 \(epoch 0\) held by {re.escape(p0.wid)} expired; requeued"
+        s.wait_log(why, since)
+        assert p1.call(P.PUSH, push_body(task), grads_like(t0.arrays)).type == P.STOP     # the run is complete
+    finally:
+        s.close()
