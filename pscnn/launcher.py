@@ -212,9 +212,14 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 bar.total = st["batches_total"]
             bar.n = st["batches_done"]
             acc = st.get("test_accuracy")
-            bar.set_postfix_str(f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}, "
-                                f"{st['images_per_second']:.0f} img/s, "
-                                f"loss {st['loss']:.3f}" if st.get("loss") is not None else "starting", refresh=False)
+            if st.get("started") is False:      # the start barrier: workers still loading their data
+                state = f"waiting for the workers: {st['ready']} of {len(workers)} ready"
+            elif st.get("loss") is None:
+                state = "starting"
+            else:
+                state = (f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}, "
+                         f"{st['images_per_second']:.0f} img/s, loss {st['loss']:.3f}")
+            bar.set_postfix_str(state, refresh=False)
             if acc is not None:
                 bar.set_description(f"test acc {acc:.4f}", refresh=False)
             bar.refresh()

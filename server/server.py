@@ -578,13 +578,17 @@ class ParameterServer:
             if p.role == "trainer" and p.pending and p.parked_since and p.wid not in self.round_arrived:
                 self._give_task(p, now, p.parked_ack)
 
+    def _ready_trainers(self) -> int:
+        """Trainers whose request for work waits at the start barrier."""
+        return sum(p.role == "trainer" and p.pending and bool(p.parked_since) for p in self.peers.values())
+
     def _maybe_start(self, now: float) -> None:
         """Lift the start barrier once ``wait_for_workers`` trainers are asking for work, or
         ``start_timeout`` seconds after the first one did (a server may be up long before its
         workers, and a worker asks only once its data is loaded)."""
         if self.started:
             return
-        ready = sum(p.role == "trainer" and p.pending and bool(p.parked_since) for p in self.peers.values())
+        ready = self._ready_trainers()
         if not ready:
             return
         self.first_ready_at = self.first_ready_at or now
@@ -794,7 +798,8 @@ class ParameterServer:
                 "loss": float(np.mean(self.losses)) if self.losses else None,
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
-                "started": self.started, "round_members": len(self.round_members),
+                "started": self.started, "ready": 0 if self.started else self._ready_trainers(),
+                "round_members": len(self.round_members),
                 "round_arrived": len(self.round_arrived),
                 "trainers": sum(p.role == "trainer" for p in self.peers.values()),
                 "evaluators": sum(p.role == "evaluator" for p in self.peers.values()),

@@ -745,7 +745,8 @@ def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
         a, b = trainers(s, 2)
         a.send(a.frames(P.WORK))
         assert a.recv(timeout=1.0) is None, "a task before the second trainer asked for one"
-        assert s.status()["started"] is False       # b has joined, but is not ready (loading its data)
+        st = s.status()
+        assert st["started"] is False and st["ready"] == 1 and st["trainers"] == 2   # b is loading its data
         since = s.log_size()
         b.send(b.frames(P.WORK))
         got = a.recv()
@@ -754,7 +755,8 @@ def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
         assert {task_a.body["batch"], task_b.body["batch"]} == {0, 1}
         assert task_a.body["version"] == task_b.body["version"] == 0
         assert task_a.body["held_s"] >= 0.9             # parked from its request until b's
-        assert s.status()["started"] is True
+        st = s.status()
+        assert st["started"] is True and st["ready"] == 0
         s.wait_log(r"all 2 trainers waited for are ready", since)
     finally:
         s.close()
