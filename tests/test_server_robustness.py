@@ -730,6 +730,25 @@ def trainers(server: Server, n: int) -> list[Raw]:
     return [server.client("trainer") for _ in range(n)]
 
 
+def into_a_draining_epoch(server: Server):
+    """Two trainers and 3 batches an epoch: both start, push batches 0 and 1, the round closes.
+
+    Returns (p0, p1, t2, weights): p0 holds the epoch's last batch (task t2), p1 found
+    none left and is parked; weights are version 0's, for the shapes of a gradient.
+    """
+    a, b = trainers(server, 2)
+    a.send(a.frames(P.WORK))
+    tb = b.work()
+    ta = a.recv()[0]
+    by_batch = {ta.body["batch"]: (a, ta), tb.body["batch"]: (b, tb)}
+    (p0, t0), (p1, t1) = by_batch[0], by_batch[1]
+    p0.send(p0.frames(P.PUSH, push_body(t0), grads_like(t0.arrays)))
+    p1.send(p1.frames(P.PUSH, push_body(t1), grads_like(t0.arrays)))      # closes the round {0, 1}
+    t2 = p0.recv()[0]
+    assert t2.type == P.TASK and (t2.body["epoch"], t2.body["batch"], t2.body["version"]) == (0, 2, 1), t2.body
+    return p0, p1, t2, t0.arrays
+
+
 def wait_status(server: Server, predicate, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while not predicate(st := server.status()):
@@ -780,18 +799,9 @@ def test_a_sync_trainer_that_finds_the_epoch_draining_is_parked_until_the_round_
     member's, from the next epoch, so rounds do not depend on timing."""
     s = Server(tmp_path, [*SYNC_FLAGS, "--train-limit", "192", "--epochs", "2", "--wait-for-workers", "2"])
     try:
-        a, b = trainers(s, 2)
-        a.send(a.frames(P.WORK))
-        tb = b.work()
-        ta = a.recv()[0]
-        by_batch = {ta.body["batch"]: (a, ta), tb.body["batch"]: (b, tb)}
-        (p0, t0), (p1, t1) = by_batch[0], by_batch[1]
-        p0.send(p0.frames(P.PUSH, push_body(t0), grads_like(t0.arrays)))
-        p1.send(p1.frames(P.PUSH, push_body(t1), grads_like(t0.arrays)))      # closes the round {0, 1}
-        t2 = p0.recv()[0]
-        assert t2.type == P.TASK and (t2.body["epoch"], t2.body["batch"], t2.body["version"]) == (0, 2, 1), t2.body
+        p0, p1, t2, weights = into_a_draining_epoch(s)
         assert p1.recv(timeout=1.0) is None, "the trainer left without a batch was not parked"
-        p0.send(p0.frames(P.PUSH, push_body(t2), grads_like(t0.arrays)))      # the round {2} closes the epoch
+        p0.send(p0.frames(P.PUSH, push_body(t2), grads_like(weights)))        # the round {2} closes the epoch
         next0, got1 = p0.recv()[0], p1.recv()
         assert got1 is not None, "the parked trainer was not given work when the round closed"
         next1 = got1[0]
@@ -852,15 +862,7 @@ def test_a_parked_sync_trainer_takes_over_the_last_batch_when_its_holder(tmp_pat
     s = Server(tmp_path, [*SYNC_FLAGS, "--train-limit", "192", "--epochs", "1", "--wait-for-workers", "2",
                           *timeouts])
     try:
-        a, b = trainers(s, 2)
-        a.send(a.frames(P.WORK))
-        tb = b.work()
-        ta = a.recv()[0]
-        by_batch = {ta.body["batch"]: (a, ta), tb.body["batch"]: (b, tb)}
-        (p0, t0), (p1, t1) = by_batch[0], by_batch[1]
-        p0.send(p0.frames(P.PUSH, push_body(t0), grads_like(t0.arrays)))
-        p1.send(p1.frames(P.PUSH, push_body(t1), grads_like(t0.arrays)))
-        assert p0.recv()[0].body["batch"] == 2                       # p0 holds the last batch; p1 is parked
+        p0, p1, _, weights = into_a_draining_epoch(s)                # p0 holds the last batch; p1 is parked
         beats = [s.client(wid=p.wid) for p in ((p1,) if holder == "dies" else (p0, p1))]   # heartbeat sockets
         since = s.log_size()
         got, deadline = None, time.monotonic() + 15
@@ -875,6 +877,6 @@ def test_a_parked_sync_trainer_takes_over_the_last_batch_when_its_holder(tmp_pat
         why = rf"{re.escape(p0.wid)} declared dead.*requeued batches \[2\]" if holder == "dies" else \
             rf"lease of batch 2 \(epoch 0\) held by {re.escape(p0.wid)} expired; requeued"
         s.wait_log(why, since)
-        assert p1.call(P.PUSH, push_body(task), grads_like(t0.arrays)).type == P.STOP     # the run is complete
+        assert p1.call(P.PUSH, push_body(task), grads_like(weights)).type == P.STOP     # the run is complete
     finally:
         s.close()
