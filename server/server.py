@@ -548,13 +548,7 @@ class ParameterServer:
         arrived = sorted(self.round_arrived.items(), key=lambda item: (item[1][0]["epoch"], item[1][0]["batch"]))
         contributions = [(self.peers.get(w), b) for w, (b, _, _) in arrived]
         try:
-            if len(arrived) == 1:       # the mean of one gradient is itself: no rounding through the weights
-                _, (_, grads, state) = arrived[0]
-                lr = self.store.apply(grads, state)
-            else:
-                for _, (b, grads, state) in arrived:
-                    self.store.accumulate(grads, state, b["count"])
-                lr = self.store.apply_accumulated()
+            lr = self.store.apply_mean([(grads, state, b["count"]) for _, (b, grads, state) in arrived])
             self._applied(contributions, lr, [0] * len(contributions), now)
             ack = {"applied": True, "staleness": 0}
         except TrainingDiverged as exc:

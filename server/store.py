@@ -48,10 +48,6 @@ class ParameterStore:
         self.optimizer = build_optimizer(optimizer_config)
         self.version = 0
         self._snapshot: tuple[int, FlatArrays] | None = None
-        self._grad_sum: FlatArrays | None = None     # sync mode: running sum of member gradients
-        self._state_sum: dict | None = None
-        self._sum_weight = 0
-        self._batches = 0
         # What a push carries, in order: every parameter's gradient, then the model state.
         self.push_specs = model_layout(self.model)
         self._num_params = self.params.flat.shape[0]
@@ -136,37 +132,33 @@ class ParameterStore:
         self._snapshot = (self.version, self._freeze(buf))
         return lr
 
-    def accumulate(self, grads: FlatArrays, state: dict, weight: int) -> None:
-        """Sync mode: add one member's gradient (as from check_push_arrays), weighted by its batch size."""
-        w = np.float32(weight)
-        if self._grad_sum is None:
-            self._grad_sum = FlatArrays(grads.specs, np.multiply(grads.flat, w))
-            self._state_sum = {k: np.multiply(s, w) for k, s in state.items()}
-        else:
-            self._grad_sum.flat += grads.flat * w if weight != 1 else grads.flat
-            for k, s in state.items():
-                if k in self._state_sum:
-                    self._state_sum[k] += s * w
+    def apply_mean(self, members: list) -> float:
+        """Sync mode: one step with the sample-weighted mean of a round's gradients.
+
+        ``members``: ``[(grads, state, weight), ...]`` as from check_push_arrays,
+        each weighted by its batch size, summed in the order given (float
+        addition does not associate: the caller fixes the order).  The mean of
+        one gradient is that gradient, applied as it is, with no rounding
+        through ``weight`` and ``1 / weight``.  Returns the lr.
+        """
+        if len(members) == 1:
+            grads, state, _ = members[0]
+            return self.apply(grads, state)
+        (first, first_state, w0), rest = members[0], members[1:]
+        total = FlatArrays(first.specs, np.multiply(first.flat, np.float32(w0)))
+        state_sum = {k: np.multiply(v, np.float32(w0)) for k, v in first_state.items()}
+        for grads, state, weight in rest:
+            total.flat += grads.flat * np.float32(weight)
+            for k, v in state.items():
+                if k in state_sum:
+                    state_sum[k] += v * np.float32(weight)
                 else:
-                    self._state_sum[k] = np.multiply(s, w)
-        self._sum_weight += weight
-        self._batches += 1
-
-    def apply_accumulated(self) -> float | None:
-        """Sync mode: apply the sample-weighted mean of the accumulated gradients."""
-        if self._grad_sum is None:
-            return None
-        inv = np.float32(1.0 / self._sum_weight)
-        self._grad_sum.flat *= inv
-        for s in self._state_sum.values():
-            s *= inv
-        try:
-            return self.apply(self._grad_sum, self._state_sum, batches=self._batches)
-        finally:
-            self.discard_accumulated()
-
-    def discard_accumulated(self) -> None:
-        self._grad_sum, self._state_sum, self._sum_weight, self._batches = None, None, 0, 0
+                    state_sum[k] = np.multiply(v, np.float32(weight))
+        inv = np.float32(1.0 / sum(weight for _, _, weight in members))
+        total.flat *= inv
+        for v in state_sum.values():
+            v *= inv
+        return self.apply(total, state_sum, batches=len(members))
 
     # ------------------------------------------------------------------ replies
     def snapshot(self) -> tuple[int, FlatArrays]:

@@ -840,7 +840,7 @@ def test_a_sync_round_is_summed_in_batch_order_whatever_order_its_pushes_arrive_
         assert all(r.type == P.TASK and r.body["version"] == 1 for r in replies.values())
         w1 = next(r.arrays for r in replies.values() if r.arrays)
 
-        def mean(order):                 # as ParameterStore.accumulate / apply_accumulated do it
+        def mean(order):                 # as ParameterStore.apply_mean does it
             total = np.multiply(np.float32(value[order[0]]), np.float32(64))
             for b in order[1:]:
                 total += np.float32(value[b]) * np.float32(64)

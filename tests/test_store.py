@@ -89,10 +89,11 @@ def test_apply_updates_the_model_in_place_and_snapshots_are_frozen_per_version()
 def test_sync_rounds_apply_the_sample_weighted_mean():
     a, b = make_store(), make_store()
     g1, g2 = push_of(a, seed=1), push_of(a, seed=2)
+    members = []
     for grads in (g1, g2):
         flat, state = a.check_push_arrays(received(grads))
-        a.accumulate(flat, state, weight=64 if grads is g1 else 16)
-    a.apply_accumulated()
+        members.append((flat, state, 64 if grads is g1 else 16))
+    a.apply_mean(members)
     mean = FlatArrays.pack({k: (64 * g1[k] + 16 * g2[k]) / np.float32(80) for k in b.params})
     b.apply(mean)
     np.testing.assert_allclose(a.params.flat, b.params.flat, rtol=1e-6, atol=1e-7)
