@@ -167,9 +167,15 @@ class RunWriter:
 
     ``log`` may be called from several threads (a server's handlers); each
     record is one ``write`` of one line under a lock, flushed at once so that
-    ``tail -f`` and a crash both see every record logged so far.  Usable as a
-    context manager, which closes it.
+    ``tail -f`` and a crash both see every record logged so far.  Records made
+    at every training step go through :meth:`log_deferred` instead: they wait
+    in memory for the next :meth:`flush` (a parameter server calls it every
+    50 ms), ``log`` or ``close``, so that writing them costs no system call
+    per step.  Usable as a context manager, which closes it.
     """
+
+    # Deferred records written at once when this many are waiting.
+    DEFERRED_MAX = 256
 
     def __init__(self, out_dir, config: dict, resume: bool = False):
         self.out_dir = make_folder(out_dir)
@@ -188,6 +194,7 @@ class RunWriter:
         self._offset = offset
         self._start = time.monotonic()
         self._lock = threading.Lock()
+        self._deferred: list[str] = []        # lines logged with log_deferred, not yet written
 
     @property
     def seconds(self) -> float:
@@ -195,32 +202,61 @@ class RunWriter:
         return self._offset + (time.monotonic() - self._start)
 
     def log(self, kind: str, **fields) -> dict:
-        """Append ``{"kind": kind, "seconds": <since start>, **fields}`` to metrics.jsonl.
+        """Append ``{"kind": kind, "seconds": <since start>, **fields}`` to metrics.jsonl, flushed.
 
-        Values are converted with :func:`to_jsonable`.  A ``seconds`` field
-        given by the caller replaces the clock's.  Returns the record as
-        written (plain Python types).
+        Values JSON cannot write as they are (NumPy scalars and arrays, NaN,
+        sets, paths) are converted with :func:`to_jsonable`.  A ``seconds``
+        field given by the caller replaces the clock's.  Returns the record
+        as written.  Deferred records are written first, in order.
         """
+        record, line = self._line(kind, fields)
+        self._write(line, flush=True)
+        return record
+
+    def log_deferred(self, kind: str, **fields) -> dict:
+        """:meth:`log` for frequent records: written by the next flush, log or close."""
+        record, line = self._line(kind, fields)
+        self._write(line, flush=False)
+        return record
+
+    def flush(self) -> None:
+        """Write the deferred records now."""
+        self._write("", flush=True)
+
+    def _line(self, kind: str, fields: dict) -> tuple[dict, str]:
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"RunWriter.log: kind must be a non-empty string, got {kind!r}")
-        record = to_jsonable({"kind": kind, "seconds": round(self.seconds, 3), **fields})
-        line = json.dumps(record, allow_nan=False) + "\n"
+        record = {"kind": kind, "seconds": round(self.seconds, 3), **fields}
+        try:        # the usual record holds only JSON's own types: no conversion pass
+            line = json.dumps(record, allow_nan=False)
+        except (TypeError, ValueError):
+            record = to_jsonable(record)
+            line = json.dumps(record, allow_nan=False)
+        return record, line + "\n"
+
+    def _write(self, line: str, flush: bool) -> None:
         with self._lock:
             if self._fh is None:
                 raise ValueError(f"RunWriter.log: {self.metrics_path} is closed")
+            if line:
+                self._deferred.append(line)
+            if not (flush or len(self._deferred) >= self.DEFERRED_MAX) or not self._deferred:
+                return
+            text, self._deferred = "".join(self._deferred), []
             try:
-                self._fh.write(line)
+                self._fh.write(text)        # whole lines only, in one write
                 self._fh.flush()
             except OSError as exc:
                 raise _io_error(self.metrics_path, exc) from exc
-        return record
 
     def write_summary(self, summary: dict) -> Path:
         """Write ``summary.json`` atomically (JSON-able conversion as in :meth:`log`); returns its path."""
         return write_json_atomic(self.summary_path, summary)
 
     def close(self) -> None:
-        """Close metrics.jsonl; calling it again does nothing."""
+        """Write the deferred records and close metrics.jsonl; calling it again does nothing."""
+        if self._fh is not None:
+            self.flush()
         with self._lock:
             if self._fh is not None:
                 self._fh.close()

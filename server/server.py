@@ -517,12 +517,13 @@ class ParameterServer:
         if self.cfg.log_steps:
             timings = [body["timing"] for _, body in contributions]
             mean = {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in P.TIMING_FIELDS}
-            self.writer.log("step", version=self.store.version, epoch=contributions[0][1]["epoch"],
-                            workers=[p.name for p, _ in contributions if p is not None], samples=samples, lr=lr,
-                            batches=[[body["epoch"], body["batch"]] for _, body in contributions],
-                            loss=sum(body["loss"] for _, body in contributions) / len(contributions),
-                            accuracy=sum(body["correct"] for _, body in contributions) / max(samples, 1),
-                            staleness=staleness, **mean)
+            self.writer.log_deferred(
+                "step", version=self.store.version, epoch=contributions[0][1]["epoch"],
+                workers=[p.name for p, _ in contributions if p is not None], samples=samples, lr=lr,
+                batches=[[body["epoch"], body["batch"]] for _, body in contributions],
+                loss=sum(body["loss"] for _, body in contributions) / len(contributions),
+                accuracy=sum(body["correct"] for _, body in contributions) / max(samples, 1),
+                staleness=staleness, **mean)
         if self.work.done and self.t_train_end is None:
             self.t_train_end = now
             log.info("training finished: %d updates, %d samples applied", self.store.version, self.samples_applied)
@@ -634,7 +635,8 @@ class ParameterServer:
 
     # ================================================================== housekeeping
     def _housekeeping(self, now: float) -> bool:
-        """Leases, dead peers, checkpoints and the end of the run.  True: exit the loop."""
+        """Leases, dead peers, checkpoints, step records and the end of the run.  True: exit the loop."""
+        self.writer.flush()
         expired = self.work.expire(now)
         for worker, batch in expired:
             peer = self.peers.get(worker)
@@ -749,6 +751,7 @@ class ParameterServer:
                  "evaluations": self.evaluations, "contributors": self.contributors,
                  "train_seconds": self._train_clock(time.monotonic()), "mode": self.cfg.mode}
         t = time.perf_counter()
+        self.writer.flush()     # every step record the checkpoint includes is on disk before it
         save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
         self._last_checkpoint = time.monotonic()
         log.info("checkpoint written: version %d, epoch %d (%d/%d batches) in %.0f ms", self.store.version,

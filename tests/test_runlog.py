@@ -142,6 +142,33 @@ def test_writer_log_after_close_and_bad_kind(tmp_path):
         writer.log("step", step=1)
 
 
+def test_deferred_records_wait_for_flush_log_or_close_in_order(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    writer = RunWriter(tmp_path, {})
+    first = writer.log_deferred("step", step=1, loss=np.float32(0.5))     # converted like log's
+    writer.log_deferred("step", step=2, loss=float("nan"))
+    assert path.read_text() == ""                      # nothing written yet
+    writer.flush()
+    assert [strict_json(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert first["loss"] == 0.5 and strict_json(path.read_text().splitlines()[1])["loss"] is None
+    writer.log_deferred("step", step=3)
+    writer.log("checkpoint", version=3)                 # flushed at once, after the step before it
+    assert [r["kind"] for r in read_metrics(path)] == ["step", "step", "step", "checkpoint"]
+    writer.log_deferred("step", step=4)
+    writer.close()
+    assert [r.get("step") for r in read_metrics(path)][-1] == 4
+    with pytest.raises(ValueError, match="closed"):
+        writer.log_deferred("step", step=5)
+
+    # A long burst is written in whole lines, DEFERRED_MAX at a time, without a flush.
+    monkeypatch.setattr(RunWriter, "DEFERRED_MAX", 3)
+    with RunWriter(tmp_path / "burst", {}) as writer:
+        for step in range(7):
+            writer.log_deferred("step", step=step)
+        assert [r["step"] for r in read_metrics(tmp_path / "burst")] == [0, 1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(tmp_path / "burst")] == list(range(7))
+
+
 def test_writer_log_is_thread_safe(tmp_path):
     with RunWriter(tmp_path, {}) as writer:
         def work(tid):

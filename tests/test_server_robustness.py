@@ -13,6 +13,7 @@ when a sync epoch is draining.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import socket
@@ -541,6 +542,26 @@ def test_a_retried_push_is_applied_once_and_gets_the_cached_reply(server):
     reply = t.call(P.PUSH, push_body(first), grads_like(task.arrays))
     assert reply.body["ack"]["applied"] is True
     assert server.status()["version"] == v0 + 2
+    t.bye()
+
+
+def test_a_step_record_reaches_metrics_jsonl_while_the_server_runs(server):
+    """Step records are written in batches (no system call per step), but within a
+    housekeeping tick: ``tail -f`` and a crash lose at most the last ~50 ms."""
+    t = server.client("trainer")
+    task = t.work()
+    reply = t.call(P.PUSH, push_body(task), grads_like(task.arrays))
+    assert reply.body["ack"]["applied"] is True
+    version = server.status()["version"]
+    metrics = server.cluster.out / "metrics.jsonl"
+
+    def logged() -> bool:
+        lines = metrics.read_text().split("\n")[:-1]          # complete lines only
+        return any(r["kind"] == "step" and r["version"] == version for r in map(json.loads, lines))
+    deadline = time.monotonic() + 5
+    while not logged():
+        assert time.monotonic() < deadline, "the step record was not written within 5 s"
+        time.sleep(0.05)
     t.bye()
 
 
