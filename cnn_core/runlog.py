@@ -240,14 +240,19 @@ class RunWriter:
                 raise ValueError(f"RunWriter.log: {self.metrics_path} is closed")
             if line:
                 self._deferred.append(line)
-            if not (flush or len(self._deferred) >= self.DEFERRED_MAX) or not self._deferred:
-                return
-            text, self._deferred = "".join(self._deferred), []
-            try:
-                self._fh.write(text)        # whole lines only, in one write
-                self._fh.flush()
-            except OSError as exc:
-                raise _io_error(self.metrics_path, exc) from exc
+            if flush or len(self._deferred) >= self.DEFERRED_MAX:
+                self._write_deferred()
+
+    def _write_deferred(self) -> None:
+        """Write and flush the waiting lines (the caller holds the lock)."""
+        if not self._deferred:
+            return
+        text, self._deferred = "".join(self._deferred), []
+        try:
+            self._fh.write(text)        # whole lines only, in one write
+            self._fh.flush()
+        except OSError as exc:
+            raise _io_error(self.metrics_path, exc) from exc
 
     def write_summary(self, summary: dict) -> Path:
         """Write ``summary.json`` atomically (JSON-able conversion as in :meth:`log`); returns its path."""
@@ -255,12 +260,13 @@ class RunWriter:
 
     def close(self) -> None:
         """Write the deferred records and close metrics.jsonl; calling it again does nothing."""
-        if self._fh is not None:
-            self.flush()
         with self._lock:
             if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+                try:
+                    self._write_deferred()
+                finally:                # closed even when the last write fails
+                    self._fh.close()
+                    self._fh = None
 
     def __enter__(self) -> RunWriter:
         return self

@@ -169,6 +169,19 @@ def test_deferred_records_wait_for_flush_log_or_close_in_order(tmp_path, monkeyp
     assert [r["step"] for r in read_metrics(tmp_path / "burst")] == list(range(7))
 
 
+def test_a_deferred_record_that_cannot_be_written_fails_close_in_one_line_and_still_closes(tmp_path):
+    writer = RunWriter(tmp_path, {})
+    writer.log_deferred("step", step=1)
+
+    def disk_full(_text):
+        raise OSError(28, "No space left on device")
+    writer._fh.write = disk_full
+    with pytest.raises(runlog.RunLogError, match=r"metrics.jsonl: cannot write: No space left on device"):
+        writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.log("step", step=2)
+
+
 def test_writer_log_is_thread_safe(tmp_path):
     with RunWriter(tmp_path, {}) as writer:
         def work(tid):
