@@ -94,6 +94,28 @@ def precision_recall(cm) -> tuple[np.ndarray, np.ndarray]:
     return _safe_ratio(diag, cm.sum(axis=0)), _safe_ratio(diag, cm.sum(axis=1))
 
 
+# Test accuracies a run's summary reports the time to (MNIST's usual milestones).
+ACCURACY_MILESTONES = (0.90, 0.95, 0.98, 0.99)
+
+
+def time_to_accuracy(evaluations, milestones=ACCURACY_MILESTONES) -> dict:
+    """The first evaluation at or above each milestone that a run reached.
+
+    evaluations: ``[{"seconds", "version", "test_accuracy"}, ...]`` in the
+    order they were made  ->  ``{"0.99": {"seconds": s, "version": v}, ...}``,
+    keyed by the milestone as a string (JSON keys are strings), milestones
+    never reached left out.  An accuracy that is not a number is skipped.
+    """
+    scored = [e for e in evaluations if isinstance(e.get("test_accuracy"), (int, float))
+              and not isinstance(e["test_accuracy"], bool) and math.isfinite(e["test_accuracy"])]
+    reached = {}
+    for milestone in milestones:
+        first = next((e for e in scored if e["test_accuracy"] >= milestone), None)
+        if first is not None:
+            reached[f"{milestone:g}"] = {"seconds": first["seconds"], "version": first["version"]}
+    return reached
+
+
 class RunningMean:
     """A weighted running mean, e.g. of per-batch losses weighted by batch size.
 

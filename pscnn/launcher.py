@@ -250,6 +250,10 @@ def print_report(summary_path: Path) -> None:
     print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
     print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)}")
     print(f"  evaluations        {len(s.get('evaluations', []))}")
+    reached = s.get("time_to_accuracy") or {}
+    if reached:
+        print("  time to accuracy   " + ", ".join(f"{float(m):.0%}: {r['seconds']:.1f} s" for m, r in reached.items())
+              + "  (the first evaluation at or above)")
     pca = s.get("per_class_accuracy")
     if pca:
         print("  per-class accuracy " + " ".join(f"{i}:{a:.3f}" for i, a in enumerate(pca)))

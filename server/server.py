@@ -57,6 +57,7 @@ import zmq
 
 from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
 from cnn_core.errors import CheckpointError, ConfigError
+from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import resolve_spec
 from cnn_core.runlog import RunWriter, make_plots
 from pscnn import protocol as P
@@ -722,6 +723,7 @@ class ParameterServer:
                           "histogram": {str(k): v for k, v in sorted(self.staleness.items())}},
             "evaluations": [{"seconds": e["seconds"], "version": e["version"], "test_accuracy": e["test_accuracy"]}
                             for e in self.evaluations],
+            "time_to_accuracy": time_to_accuracy(self.evaluations),
             "wall_seconds": round(self.train_seconds_before + (now - self.t_start), 3),
             "train_seconds": round(train_s, 3),
             "train_images_per_second": self.samples_applied / train_s if train_s > 0 else 0.0,

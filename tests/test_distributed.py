@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pscnn.launcher import free_port, query_status
+from pscnn.launcher import free_port, print_report, query_status
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +138,10 @@ def test_modes_train_to_accuracy_exactly_once(cluster, mnist_dir, mode, extra):
     assert summary["worker_names"] == ["worker-0", "worker-1"]
     assert summary["evaluations"] and summary["evaluations"][-1]["version"] == summary["updates"]
     assert all(set(e) == {"seconds", "version", "test_accuracy"} for e in summary["evaluations"])
+    for milestone in (0.9, 0.95, 0.98, 0.99):
+        first = next((e for e in summary["evaluations"] if e["test_accuracy"] >= milestone), None)
+        assert summary["time_to_accuracy"].get(f"{milestone:g}") == \
+            (first and {"seconds": first["seconds"], "version": first["version"]})
     batches = 2 * -(-TRAIN_LIMIT // BATCH)
     if mode == "sync":
         assert summary["staleness"]["max"] == 0
@@ -228,6 +232,22 @@ def test_server_killed_and_resumed(cluster, mnist_dir):
     assert_exactly_once(cluster.out, epochs=2)
     assert summary["test_accuracy"] >= 0.80        # async, uninterrupted: 0.87-0.88 (as in the modes test)
     assert "resumed from" in (cluster.logs / "server.log").read_text()
+
+
+def test_the_final_report_gives_the_time_to_each_accuracy_milestone_reached(tmp_path, capsys):
+    summary = {"mode": "sync", "workers": 2, "epochs": 3, "test_accuracy": 0.9915, "test_loss": 0.0265,
+               "updates": 1407, "samples_applied": 180000, "train_images_per_second": 2317.0,
+               "train_seconds": 77.7, "staleness": {"mean": 0.0, "max": 0}, "evaluations": [{}] * 8,
+               "time_to_accuracy": {"0.9": {"seconds": 16.5, "version": 300},
+                                    "0.99": {"seconds": 67.21, "version": 1170}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    print_report(tmp_path / "summary.json")
+    out = capsys.readouterr().out
+    assert "  time to accuracy   90%: 16.5 s, 99%: 67.2 s  (the first evaluation at or above)\n" in out
+    del summary["time_to_accuracy"]                     # a summary from before the field: no such line
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    print_report(tmp_path / "summary.json")
+    assert "time to accuracy" not in capsys.readouterr().out
 
 
 def test_pscnn_run_end_to_end(tmp_path, mnist_dir):

@@ -9,7 +9,7 @@ import pytest
 from cnn_core.errors import ConfigError, ShapeError
 from cnn_core.losses import softmax_cross_entropy
 from cnn_core.metrics import (RunningMean, accuracy, confusion_matrix, evaluate, per_class_accuracy,
-                              precision_recall)
+                              precision_recall, time_to_accuracy)
 from cnn_core.model import build_model
 
 # 3 classes, 8 samples.  Class 2 is never predicted; pairs (true, pred):
@@ -184,3 +184,21 @@ def test_evaluate_on_gpu_matches_cpu():
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-4)
     # float32 on two devices: allow one near-tied argmax to flip.
     assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 1 / 40
+
+
+def test_time_to_accuracy_is_the_first_evaluation_at_or_above_each_milestone():
+    history = [{"seconds": 3.5, "version": 0, "test_accuracy": 0.06},
+               {"seconds": 16.5, "version": 300, "test_accuracy": 0.9764},     # 90% and 95% at once
+               {"seconds": 29.3, "version": 560, "test_accuracy": 0.98},        # exactly 98%: reached
+               {"seconds": 42.0, "version": 820, "test_accuracy": None},        # a NaN, stored as null
+               {"seconds": 54.7, "version": 1070, "test_accuracy": 0.9750},     # a dip changes nothing
+               {"seconds": 67.2, "version": 1170, "test_accuracy": 0.9914},
+               {"seconds": 77.7, "version": 1407, "test_accuracy": 0.9915}]
+    assert time_to_accuracy(history) == {"0.9": {"seconds": 16.5, "version": 300},
+                                         "0.95": {"seconds": 16.5, "version": 300},
+                                         "0.98": {"seconds": 29.3, "version": 560},
+                                         "0.99": {"seconds": 67.2, "version": 1170}}
+    assert list(time_to_accuracy(history)) == ["0.9", "0.95", "0.98", "0.99"]
+    assert time_to_accuracy(history[:3], milestones=(0.5, 0.99)) == {"0.5": {"seconds": 16.5, "version": 300}}
+    assert time_to_accuracy([]) == {}
+    json.dumps(time_to_accuracy(history), allow_nan=False)
