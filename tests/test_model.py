@@ -622,11 +622,15 @@ def test_softmax_cross_entropy_large_logits_are_stable(dtype):
     np.testing.assert_allclose(d[2], [0.5 / 3, -0.5 / 3, 0], atol=1e-7)
     loss_wrong, _ = softmax_cross_entropy(np.array([[1e4, 0.0]], dtype=dtype), np.array([1]))
     assert loss_wrong == pytest.approx(1e4, rel=1e-6)
+    # a -inf logit away from the label is a probability of 0, not a NaN
+    loss_inf, d_inf = softmax_cross_entropy(np.array([[0.0, -np.inf], [-np.inf, 1.0]], dtype=dtype), np.array([0, 1]))
+    assert loss_inf == 0.0
+    np.testing.assert_array_equal(d_inf, np.zeros((2, 2), dtype=dtype))
 
 
 @pytest.mark.parametrize("y,match", [
-    (np.array([0, 10, 1]), r"\[0, 10\)"),
-    (np.array([0, -1, 1]), r"\[0, 10\)"),
+    (np.array([0, 10, 1]), r"\[0, 10\), got range \[0, 10\]"),
+    (np.array([0, -1, 1]), r"\[0, 10\), got range \[-1, 1\]"),
     (np.array([0, 1]), r"shape \(3,\)"),
     (np.array([[0], [1], [2]]), r"shape \(3,\)"),
     (np.array([0.0, 1.0, 2.0]), "integers"),
