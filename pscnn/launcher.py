@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from cnn_core.runlog import make_folder
+from server.server import resume_checkpoint
 from worker.client import query_status
 
 log = logging.getLogger("pscnn.run")
@@ -141,6 +142,8 @@ class LocalCluster:
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
     from tqdm import tqdm  # noqa: PLC0415
+    if args.resume:                # before starting anything: the server would only fail the same way
+        resume_checkpoint(args.out)
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads)
     client_flags = ["--device", args.device, "--threads", str(args.threads), "--log-level", args.log_level]
     if args.mnist_dir:
@@ -199,6 +202,7 @@ def _follow(cluster: LocalCluster, bar) -> int:
         if workers and all(p.poll() is not None for p in workers) and any(p.returncode for p in workers):
             # Every trainer is gone and not because the server told it to stop:
             # nobody is left to train, so don't wait on the server forever.
+            bar.close()                         # before the messages, so they don't end under a stale bar
             for name, proc in cluster.procs.items():
                 if name.startswith("worker") and proc.returncode:
                     print(f"pscnn run: {name} exited with {proc.returncode}; last lines of its log:\n"
@@ -226,6 +230,7 @@ def _follow(cluster: LocalCluster, bar) -> int:
         time.sleep(0.5)
     code = server.returncode
     if code != 0:
+        bar.close()
         print(f"pscnn run: the server exited with {code}; last lines of its log:\n{cluster.log_tail('server')}",
               file=sys.stderr)
     return code

@@ -73,6 +73,14 @@ MNIST_TEST_SIZE = 10_000
 CHECKPOINT_NAME = "checkpoint.npz"
 
 
+def resume_checkpoint(out: str) -> str:
+    """The checkpoint ``--resume`` continues from in run folder ``out``; CheckpointError if there is none."""
+    path = os.path.join(out, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume: no checkpoint at {path}")
+    return path
+
+
 @dataclass
 class ServerConfig:
     bind: str = "tcp://*:5555"
@@ -762,9 +770,7 @@ class ParameterServer:
         self.writer.log("checkpoint", version=self.store.version, epoch=self.work.epoch)
 
     def _resume(self) -> None:
-        path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
-        if not os.path.exists(path):
-            raise CheckpointError(f"--resume: no checkpoint at {path}")
+        path = resume_checkpoint(self.cfg.out)
         _, _, meta = load_model_checkpoint(path, model=self.store.model, optimizer=self.store.optimizer)
         extra = meta.get("extra", {})
         work = extra.get("work", {})

@@ -96,6 +96,14 @@ def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys):
     assert "--wait-for-workers 5 exceeds --max-workers 2" in err and "Traceback" not in err
 
 
+def test_run_resume_without_a_checkpoint_fails_before_starting_anything(tmp_path, capsys):
+    out = tmp_path / "never-ran"
+    assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"pscnn: error: --resume: no checkpoint at {out / 'checkpoint.npz'}"
+    assert not out.exists()          # no server, workers or logs were started
+
+
 @pytest.mark.parametrize("argv", [["server", "--bind", "tcp://*:5555"], ["server", "--bind", "tcp://127.0.0.1:1"],
                                   ["server", "--bind", "ipc:///tmp/pscnn.ipc"],
                                   ["worker", "--server", "tcp://[::1]:5555"],
