@@ -144,16 +144,18 @@ class ParameterStore:
         if len(members) == 1:
             grads, state, _ = members[0]
             return self.apply(grads, state)
-        (first, first_state, w0), rest = members[0], members[1:]
-        total = FlatArrays(first.specs, np.multiply(first.flat, np.float32(w0)))
-        state_sum = {k: np.multiply(v, np.float32(w0)) for k, v in first_state.items()}
-        for grads, state, weight in rest:
-            total.flat += grads.flat * np.float32(weight)
+        total, state_sum = None, {}
+        for grads, state, weight in members:
+            w = np.float32(weight)
+            if total is None:
+                total = FlatArrays(grads.specs, grads.flat * w)
+            else:
+                total.flat += grads.flat * w
             for k, v in state.items():
                 if k in state_sum:
-                    state_sum[k] += v * np.float32(weight)
+                    state_sum[k] += v * w
                 else:
-                    state_sum[k] = np.multiply(v, np.float32(weight))
+                    state_sum[k] = v * w
         inv = np.float32(1.0 / sum(weight for _, _, weight in members))
         total.flat *= inv
         for v in state_sum.values():
