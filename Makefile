@@ -32,11 +32,15 @@ endif
 run: venv
 	$(VENV)/bin/pscnn run --workers 2 --mode sync --epochs 3 --out runs/make-run
 
+# The tests that need MNIST read $(MNIST_DIR); without one they use a copy downloaded once
+# into the cache (`pscnn download`). Where that fails (no network) they skip and say so.
+WITH_MNIST = MNIST_DIR="$${MNIST_DIR:-$$($(VENV)/bin/pscnn download)}"
+
 test: venv torch-reference
-	$(PY) -m pytest -q
+	$(WITH_MNIST) $(PY) -m pytest -q
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(WITH_MNIST) $(PY) -m pytest -q -m "not slow"
 
 # torch 2.13.0 (CPU) is only a reference for benchmarks; it lies on local disk here.
 bench: venv torch-reference

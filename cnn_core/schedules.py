@@ -1,6 +1,7 @@
 """Learning-rate schedules: ``lr = schedule(step)``.
 
-``step`` is the number of updates already applied (0 for the first update), so
+``step`` is the number of batches already applied (0 for the first update; a
+sync round that averages N batches advances it by N), so
 ``schedule(0)`` is the rate of the very first step.  Every schedule is a small
 object with ``__call__(step) -> float`` and ``config() -> dict``; the config
 holds everything but the base learning rate (which belongs to the optimizer),

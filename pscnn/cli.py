@@ -118,8 +118,9 @@ def _server_endpoint(text: str) -> str:
 DEFAULT_LR = {"sgd": 0.02, "adagrad": 0.01, "rmsprop": 0.001, "adam": 0.001, "adamw": 0.001}
 # Sync mode averages every worker's batch into one update (128 images with two
 # workers), so SGD's default there is twice pscnn train's, as the linear scaling
-# rule suggests. Full MNIST, 2 workers, 3 epochs: 99.06-99.25% at 0.04 against
-# 98.92-99.07% at 0.02; 4 workers at 0.04: 99.03% (README, "Distributed training").
+# rule suggests. Full MNIST, 2 workers, 3 epochs: 98.98-99.25% over ten runs at 0.04
+# (nine at 99.0% or above) against 98.92-99.07% over seven at 0.02 (two under);
+# 4 workers at 0.04: 99.03% (README, "Distributed training").
 SYNC_DEFAULT_LR = {"sgd": 0.04}
 
 
@@ -173,7 +174,7 @@ def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
     g = p.add_argument_group("data")
     if train:
         g.add_argument("--batch-size", type=positive_int, default=64, help="images per update (default: 64)")
-        g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set")
+        g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set (default: 1)")
         g.add_argument("--train-limit", type=non_negative_int, default=0,
                        help="use the first N training images (0: all 60,000)")
     g.add_argument("--test-limit", type=non_negative_int, default=0,
@@ -184,7 +185,7 @@ def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
 
 def add_compute_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compute")
-    g.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy (cpu) or CuPy (gpu)")
+    g.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="NumPy (cpu) or CuPy (gpu) (default: cpu)")
     g.add_argument("--threads", type=positive_int, default=1, help="BLAS threads (default: 1)")
 
 
@@ -199,9 +200,9 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
         g.add_argument("--bind", type=_bind_endpoint, default="tcp://*:5555",
                        help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
     g.add_argument("--mode", default="sync", choices=MODES,
-                   help="consistency: sync (BSP), async, or ssp (bounded staleness)")
+                   help="consistency: sync (BSP), async, or ssp (bounded staleness) (default: sync)")
     g.add_argument("--staleness", type=non_negative_int, default=2,
-                   help="ssp: how many versions a worker may run ahead of the slowest (default: 2)")
+                   help="ssp: how many pushes a worker may run ahead of the slowest live worker (default: 2)")
     g.add_argument("--checkpoint-every", type=non_negative_float, default=30.0,
                    help="seconds between checkpoints, 0 = only at the end (default: 30)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
@@ -211,7 +212,7 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                    help="seconds of silence before a worker is declared dead (default: 10)")
     g.add_argument("--final-eval-timeout", type=non_negative_float, default=120.0,
                    help="seconds to wait for the evaluator's final report (default: 120)")
-    g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse workers beyond this")
+    g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse workers beyond this (default: 1024)")
     g.add_argument("--wait-for-workers", type=non_negative_int, default=None, metavar="N",
                    help="hand out no work until N trainers ask for it (or --start-timeout passed), so all "
                         "start together; in sync mode with a fixed set of workers, runs are then "
@@ -229,7 +230,7 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
                    help="server endpoint (default: tcp://localhost:5555)")
-    g.add_argument("--name", type=_name, default=None, help="a readable id for logs (default: host-pid)")
+    g.add_argument("--name", type=_name, default=None, help="a readable id for logs (default: ROLE-HOST-PID, e.g. trainer-myhost-4242)")
     g.add_argument("--give-up-after", type=positive_float, default=600.0,
                    help="exit with status 1 after this many seconds without reaching the server (default: 600)")
 
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     add_compute_flags(p)
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
-    p.add_argument("--log-every", type=positive_int, default=50, help="updates between metrics lines")
+    p.add_argument("--log-every", type=positive_int, default=50, help="updates between metrics lines (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_flags(p)
 
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="server + N workers + evaluator on this machine")
     p.add_argument("--workers", type=positive_int, default=2, help="trainer processes (default: 2)")
     p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (0: a free one)")
-    p.add_argument("--eval-every", type=positive_float, default=10.0, help="seconds between evaluations")
+    p.add_argument("--eval-every", type=positive_float, default=10.0, help="seconds between evaluations (default: 10)")
     p.add_argument("--no-evaluator", action="store_true",
                    help="run without an evaluator (the server scores the final weights itself)")
     p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
@@ -291,8 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(p)
 
     p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")
-    p.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555")
+    p.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
+                   help="server endpoint (default: tcp://localhost:5555)")
     p.add_argument("--timeout", type=positive_float, default=2.0, help="seconds to wait (default: 2)")
+
+    p = sub.add_parser("download", help="fetch and verify MNIST; print the folder (for MNIST_DIR)",
+                       description="Download whichever of the four MNIST files are missing from, or corrupt "
+                                   "in, the folder, verify each one's checksum, and print the folder. "
+                                   "MNIST_DIR is not consulted: it names a folder that already holds the files.")
+    p.add_argument("--dir", default=None,
+                   help="the folder to fill (default: $PSCNN_CACHE_DIR, else ~/.cache/pscnn/mnist)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("bench", help="throughput-scaling experiments")
     from pscnn.bench import add_bench_parsers  # noqa: PLC0415  (argparse only, no numpy)
@@ -372,7 +382,11 @@ def schedule_config(text: str, warmup_steps: int) -> dict:
 
 
 def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
-    """Replace ``"auto"`` lengths in a schedule config by the run's update count."""
+    """Replace ``"auto"`` lengths in a schedule config by the run's length in batches.
+
+    ``total_updates``: epochs x batches per epoch, the steps the schedule
+    counts (a sync round advances it by the number of batches it averaged).
+    """
     if not opt_cfg.get("schedule"):
         return opt_cfg
     sched = dict(opt_cfg["schedule"])
@@ -445,6 +459,10 @@ def _dispatch(args) -> int:
         setup_logging(args.log_level, "run")
         from pscnn.launcher import run_from_args  # noqa: PLC0415
         return run_from_args(args)
+    if cmd == "download":
+        from cnn_core.data import download_mnist  # noqa: PLC0415
+        print(download_mnist(args.dir, progress=not args.no_progress))
+        return 0
     if cmd == "status":
         from worker.client import status_from_args  # noqa: PLC0415
         return status_from_args(args)

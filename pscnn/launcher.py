@@ -3,8 +3,9 @@
 Each role is its own process (``python -m pscnn.cli ...``), exactly as in a
 multi-host deployment, talking over TCP on 127.0.0.1.  The launcher shows one
 progress bar fed by the server's ``status`` answers, writes each child's log
-to ``OUT/logs/``, and on Ctrl-C stops the workers and the evaluator, then the
-server (which writes a checkpoint, so ``--resume`` continues the run).
+to ``OUT/logs/``, and on Ctrl-C stops the server first (it writes a checkpoint
+of whole sync rounds only, so ``--resume`` continues the run), then the workers
+and the evaluator.
 
 :class:`LocalCluster` is the same machinery as a context manager, for tests
 and benchmarks: start a server and clients, kill or add some, wait, clean up.

@@ -11,7 +11,8 @@ What it does per message type (see ``pscnn/protocol.py``):
   counts only for a batch its sender was leased this epoch; a push for a
   batch applied already is acknowledged and dropped;
 * ``pull`` / ``eval_report``  serve the evaluator, whose work never blocks
-  the trainers (its reports are just logged);
+  the trainers (its reports are logged, kept as the run's evaluation
+  history, and the final one becomes ``summary.json``'s test metrics);
 * ``status`` / ``heartbeat``  answer at once.
 
 Reliability: every client request carries (worker id, sequence number).  A

@@ -7,6 +7,7 @@ user's cache.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import http.server
@@ -644,6 +645,36 @@ def test_download_mnist_fetches_only_missing_or_bad(mnist_mirror, tmp_path):
     assert server.hits["/mnist/train-images-idx3-ubyte.gz"] == 2
     assert server.hits["/mnist/train-labels-idx1-ubyte.gz"] == 1  # good files are kept
     data.read_idx(cache / "train-images-idx3-ubyte.gz", data.MNIST_FILES["train-images"]["md5"])
+
+
+def test_pscnn_download_fills_the_cache_and_prints_it(mnist_mirror, monkeypatch, isolated_env, tmp_path, capsys):
+    from pscnn.cli import main
+    server, arrays = mnist_mirror
+    monkeypatch.setenv("PSCNN_MNIST_MIRRORS", server.url("/mnist"))
+    monkeypatch.setenv("MNIST_DIR", str(tmp_path / "elsewhere"))       # not consulted
+    assert main(["download", "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"{isolated_env}\n"          # one line: the folder, for MNIST_DIR
+    assert sorted(os.listdir(isolated_env)) == sorted(i["filename"] for i in data.MNIST_FILES.values())
+    monkeypatch.setenv("MNIST_DIR", str(isolated_env))
+    np.testing.assert_array_equal(data.load_mnist("train", download=False)[1], arrays["train-labels"])
+
+    assert main(["download", "--no-progress"]) == 0                   # verified, nothing fetched again
+    assert all(n == 1 for n in server.hits.values()) and capsys.readouterr().out == f"{isolated_env}\n"
+
+    folder = tmp_path / "chosen"
+    assert main(["download", "--dir", str(folder), "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"{folder}\n" and len(os.listdir(folder)) == 4
+
+
+def test_pscnn_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
+    from pscnn.cli import main
+    monkeypatch.setenv("PSCNN_MNIST_MIRRORS", "http://127.0.0.1:1/closed/")
+    monkeypatch.setattr(data, "download_file", functools.partial(data.download_file, retries=0, backoff=0.01))
+    assert main(["download", "--dir", str(tmp_path / "d"), "--no-progress"]) == 1
+    err = capsys.readouterr()
+    assert err.out == ""
+    lines = err.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pscnn: error:") and "train-images-idx3-ubyte.gz" in lines[0]
 
 
 # --------------------------------------------------------------------------- #

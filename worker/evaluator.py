@@ -2,7 +2,8 @@
 
 It runs in its own process at a lower CPU priority (nice +10), asks the
 server only for weights it has not seen, and sends each result as a small
-``eval_report`` that the server just logs, so it never slows the trainers.
+``eval_report`` that the server logs and keeps (the final one is the run's
+test result), so it never slows the trainers.
 When the server says training is over, it scores the final weights, reports
 them as final, says goodbye and exits 0.
 """

@@ -3,8 +3,9 @@
 One round trip per step: the push carries the gradient (and BatchNorm
 statistics) and its reply carries the next task, plus the weights when the
 server has newer ones.  The worker computes a batch's indices itself from
-(seed, epoch, batch) with the same ``cnn_core.data.batch_index`` the server
-uses, so a task is three integers.  Its dropout masks are seeded from the
+(seed, epoch, batch) with ``cnn_core.data.batch_index`` (the seeded per-epoch
+permutation whose batches the server leases out by number), so a task is
+three integers.  Its dropout masks are seeded from the
 same triple (``Model.reseed``): a batch's gradient is a function of the
 weights and the batch, whichever worker computes it.
 
