@@ -37,7 +37,10 @@ def _offsets(specs) -> list[int]:
 
 # specs -> (normalized specs, offsets).  A server sees the same few layouts on
 # every message; normalizing them each time cost more than the rest of a view.
+# Bounded: a peer cycling through made-up layouts must not pin the server's
+# memory (each may hold 256 long names), nor crowd out the real ones for good.
 _LAYOUTS: dict = {}
+_LAYOUTS_MAX = 64
 
 
 def _layout(specs) -> tuple[tuple, list[int]]:
@@ -48,8 +51,9 @@ def _layout(specs) -> tuple[tuple, list[int]]:
     if hit is None:
         norm = tuple((str(name), tuple(int(d) for d in shape)) for name, shape in specs)
         hit = (norm, _offsets(norm))
-        if len(_LAYOUTS) < 1024:
-            _LAYOUTS[norm] = hit
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:     # start over: the layouts in use come back at once
+            _LAYOUTS.clear()
+        _LAYOUTS[norm] = hit
     return hit
 
 

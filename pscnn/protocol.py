@@ -19,7 +19,9 @@ A message is a ZeroMQ multipart message::
 
 No pickle anywhere.  :func:`decode` validates everything it is given: header
 size, msgpack well-formedness, the protocol version, the message type, the
-body's fields and their types (per type, :data:`SCHEMAS`), the array specs
+body's fields and their types (per type, :data:`SCHEMAS`), how deeply maps and lists
+nest (:data:`MAX_DEPTH`: a deeper header would exhaust Python's recursion
+limit wherever it is printed or written out), the array specs
 (names, allowed dtypes, shapes), the frame count, and each frame's length.
 Anything wrong raises :class:`ProtocolError` with a one-line reason, which the
 server sends back as an ``error`` message and logs.
@@ -40,6 +42,7 @@ PROTOCOL_VERSION = 2        # 2: one payload frame per dtype (1: one frame per a
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 256
 MAX_NAME_LEN = 128
+MAX_DEPTH = 32              # maps and lists inside a header (a model spec with residual blocks: ~12)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024          # the most any message's arrays may declare
 ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")
 _DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}     # looked up per array on the hot path
@@ -65,7 +68,8 @@ ROLES = ("trainer", "evaluator")
 
 # Body schemas: field -> (type, required).  Types: int, float (int accepted,
 # must be finite), float_or_nil, str, line (a str without control characters:
-# the server logs it), bool, dict, list.  Unknown fields are rejected.
+# the receiver logs it, and a newline would forge a log line), bool, dict, list.
+# Unknown fields are rejected.
 _TIMING = "dict"
 SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     HELLO: {"role": ("str", True), "name": ("line", False), "pid": ("int", False),
@@ -78,7 +82,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
            "correct": ("int", True), "count": ("int", True), "timing": (_TIMING, True)},
     TASK: {"version": ("int", True), "epoch": ("int", True), "batch": ("int", True),
            "lease": ("int", True), "held_s": ("float", True), "ack": ("dict", False)},
-    WAIT: {"retry_s": ("float", True), "held_s": ("float", True), "reason": ("str", True),
+    WAIT: {"retry_s": ("float", True), "held_s": ("float", True), "reason": ("line", True),
            "ack": ("dict", False)},
     PULL: {"have_version": ("int", True)},
     WEIGHTS: {"version": ("int", True), "epoch": ("int", True), "done": ("bool", True),
@@ -88,8 +92,8 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     STATUS: {"progress": ("dict", False)},
     BYE: {"reason": ("line", False)},
     ACK: {"ack": ("dict", False)},
-    STOP: {"version": ("int", True), "reason": ("str", True), "ack": ("dict", False)},
-    ERROR: {"code": ("str", True), "message": ("str", True)},
+    STOP: {"version": ("int", True), "reason": ("line", True), "ack": ("dict", False)},
+    ERROR: {"code": ("line", True), "message": ("line", True)},
 }
 TIMING_FIELDS = ("compute_s", "comm_s", "wait_s")
 
@@ -111,6 +115,16 @@ class Message:
     seq: int = 0
     body: dict = field(default_factory=dict)
     arrays: dict = field(default_factory=dict)
+
+
+def error(code: str, message: str, seq: int = 0) -> Message:
+    """An ``error`` reply: ``code`` machine-readable, ``message`` one printable line.
+
+    Control characters (which may come from what the rejected message said
+    of itself) are escaped, so the receiver can log the line as it is.
+    """
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[:1000])
+    return Message(ERROR, seq=seq, body={"code": code, "message": line[:1000]})
 
 
 # ---------------------------------------------------------------- encoding
@@ -170,6 +184,8 @@ def decode(frames) -> Message:
         raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    if not _nesting_within(header, MAX_DEPTH):     # before anything formats it
+        raise ProtocolError(f"header nests maps and lists more than {MAX_DEPTH} deep")
     unknown = sorted(set(header) - {"v", "type", "wid", "seq", "body", "arrays"}, key=repr)
     if unknown:
         raise ProtocolError(f"header has unknown keys {unknown}"[:200])
@@ -248,6 +264,19 @@ def _parse_specs(mtype: str, specs) -> tuple:
         _SPEC_CACHE.clear()
     _SPEC_CACHE[key] = groups
     return groups
+
+
+def _nesting_within(container, limit: int) -> bool:
+    """Whether maps and lists nest at most ``limit`` deep, ``container`` (a map or list) being
+    the first level.  Level by level, without recursion."""
+    level, depth = [container], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return False
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list))]
+    return True
 
 
 def _buffer(frame):

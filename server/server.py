@@ -180,6 +180,9 @@ class ParameterServer:
     # Consecutive non-finite pushes (gradient or loss) that mean the weights
     # themselves are broken, not one faulty worker: healthy pushes reset the count.
     NONFINITE_LIMIT = 8
+    # Leases one trainer may hold at once: two with --overlap, one otherwise. A
+    # trainer asking for more is hoarding batches the others could compute.
+    MAX_LEASES_PER_WORKER = 2
 
     def _fail(self, reason: str, now: float) -> None:
         """Stop training for good: trainers are told to stop, the summary records why."""
@@ -233,7 +236,7 @@ class ParameterServer:
                             frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_frames(frames)
+                        self._on_frames_guarded(frames)
                 now = time.monotonic()
                 if now - last_housekeeping >= 0.05:
                     last_housekeeping = now
@@ -269,6 +272,27 @@ class ParameterServer:
             signal.signal(sig, handler)
 
     # ================================================================== dispatch
+    def _on_frames_guarded(self, frames) -> None:
+        """:meth:`_on_frames`, but a bug it hits costs one message, not the run.
+
+        Validation rejects bad input before this could happen; should a
+        message still raise, the server logs one line (the traceback at debug
+        level), answers with an error where it can, and keeps serving: the
+        weights and everything trained since the last checkpoint stay.
+        """
+        try:
+            self._on_frames(frames)
+        except Exception as exc:   # noqa: BLE001  (deliberately broad: see above)
+            self.rejected["internal_error"] += 1
+            rid = frames[0].bytes if frames else b""
+            log.error("internal error on a message from %s: %s: %s; still serving", rid.hex()[:16],
+                      type(exc).__name__, " ".join(str(exc).split())[:300])
+            log.debug("traceback", exc_info=True)
+            try:
+                self._send(rid, P.error("internal_error", f"the server failed on this message ({type(exc).__name__})"))
+            except Exception:      # noqa: BLE001  (the peer may be gone: nothing more to do)
+                pass
+
     def _on_frames(self, frames) -> None:
         if len(frames) < 2:
             return                      # a ROUTER always prefixes the routing id; nothing to answer
@@ -312,8 +336,7 @@ class ParameterServer:
                    P.EVAL_REPORT: self._on_eval_report, P.BYE: self._on_bye}.get(msg.type)
         allowed = {"trainer": (P.WORK, P.PUSH, P.BYE), "evaluator": (P.PULL, P.EVAL_REPORT, P.BYE)}[peer.role]
         if handler is None or msg.type not in allowed:
-            self._reply(peer, P.Message(P.ERROR, body={
-                "code": "unexpected_type", "message": f"a {peer.role} may not send {msg.type!r}"}))
+            self._reply(peer, P.error("unexpected_type", f"a {peer.role} may not send {msg.type!r}"))
             self.rejected["unexpected_type"] += 1
             log.warning("rejected %s from %s: a %s may not send it", msg.type, peer.name, peer.role)
             return
@@ -323,8 +346,7 @@ class ParameterServer:
         self.rejected[exc.code] += 1
         who = msg.wid if msg is not None and msg.wid else rid.hex()[:16]
         log.warning("rejected message from %s: %s", who, exc)
-        self._send(rid, P.Message(P.ERROR, seq=msg.seq if msg is not None else 0,
-                                  body={"code": exc.code, "message": str(exc)[:1000]}))
+        self._send(rid, P.error(exc.code, str(exc), msg.seq if msg is not None else 0))
 
     def _send(self, rid: bytes, msg: P.Message) -> list:
         frames = P.encode(msg)
@@ -348,9 +370,10 @@ class ParameterServer:
         if old is not None and old.last_seq == msg.seq and old.cached_reply is not None:
             P.send_frames(self.sock, old.cached_reply, rid)     # a resent hello
             return
-        if old is None and sum(p.role == "trainer" for p in self.peers.values()) >= self.cfg.max_workers \
-                and msg.body["role"] == "trainer":
-            self._reject(rid, msg, P.ProtocolError(f"server full ({self.cfg.max_workers} workers)", "full"))
+        role = msg.body["role"]
+        if (old is None or old.role != role) \
+                and sum(p.role == role for p in self.peers.values()) >= self.cfg.max_workers:
+            self._reject(rid, msg, P.ProtocolError(f"server full ({self.cfg.max_workers} {role}s)", "full"))
             return
         if old is not None:
             self._drop_peer(old, "rejoined")
@@ -419,6 +442,13 @@ class ParameterServer:
         if self.cfg.mode == "ssp" and not self._ssp_may_proceed(peer):
             self._park(peer, now, ack)
             return
+        held = self.work.held_by(peer.wid)
+        if len(held) >= self.MAX_LEASES_PER_WORKER:
+            self.rejected["too_many_leases"] += 1
+            log.warning("refused %s another batch: it holds leases on batches %s already", peer.name, held)
+            self._reply(peer, P.error("too_many_leases", f"this worker holds leases on batches {held} already; "
+                                                         "push their gradients before asking for more"))
+            return
         lease = self.work.lease(peer.wid, now)
         if lease is None and self.cfg.mode == "sync":
             self._park(peer, now, ack)  # the epoch is draining: the next task comes when the round closes
@@ -445,16 +475,19 @@ class ParameterServer:
 
     def _on_push(self, peer: Peer, msg: P.Message, now: float) -> None:
         b = msg.body
+        if self.over:               # diverged, or done: nothing is applied any more
+            self._give_task(peer, now, {"applied": False, "reason": "training is over"})
+            return
+        live = self.work.is_live(b["epoch"], b["batch"])
         try:
+            if live:                # first: only a batch the sender holds may count towards divergence
+                self._check_claims(peer, b)
             if b["loss"] is None:
                 raise P.ProtocolError("push: the loss is NaN or Inf; gradient rejected", "non_finite")
             grads, state = self.store.check_push_arrays(msg.arrays)
-            live = self.work.is_live(b["epoch"], b["batch"])
-            if live:
-                self._check_claims(peer, b)
         except P.ProtocolError as exc:
             self.rejected[exc.code] += 1
-            if exc.code == "non_finite":
+            if exc.code == "non_finite" and live:
                 self.nonfinite_streak += 1
             lease = self.work.leases.get(b["batch"])     # requeue the pusher's own lease only
             requeued = lease is not None and lease.worker == peer.wid and self.work.release(b["epoch"], b["batch"])
@@ -462,7 +495,7 @@ class ParameterServer:
                 self.round_members.pop(peer.wid, None)
             log.warning("rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"], b["batch"],
                         exc, "; batch requeued" if requeued else "")
-            self._reply(peer, P.Message(P.ERROR, body={"code": exc.code, "message": str(exc)[:1000]}))
+            self._reply(peer, P.error(exc.code, str(exc)))
             if self.nonfinite_streak >= self.NONFINITE_LIMIT:
                 self._fail(f"training diverged: the last {self.nonfinite_streak} pushes had a NaN or Inf loss or "
                            f"gradient (weights of version {self.store.version}). {TrainingDiverged.ADVICE}", now)
@@ -629,17 +662,18 @@ class ParameterServer:
             code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
         if problem:
             self.rejected[code] += 1
-            self._reply(peer, P.Message(P.ERROR, body={"code": code, "message": f"eval_report: {problem}"}))
+            self._reply(peer, P.error(code, f"eval_report: {problem}"))
             log.warning("rejected eval_report from %s: %s", peer.name, problem)
             return
+        final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
         record = {"seconds": round(self._train_clock(now), 3), "version": version,
-                  "test_accuracy": float(acc), "test_loss": m.get("test_loss"), "final": msg.body["final"]}
+                  "test_accuracy": float(acc), "test_loss": m.get("test_loss"), "final": final}
         self.evaluations.append(record)
         self.writer.log("eval", **record, per_class_accuracy=m.get("per_class_accuracy"))
         log.info("evaluation of version %d: test accuracy %.4f, loss %s%s", record["version"], acc,
                  f"{m['test_loss']:.4f}" if isinstance(m.get("test_loss"), (int, float)) else "?",
                  " (final)" if record["final"] else "")
-        if msg.body["final"] and msg.body["version"] == self.store.version:
+        if final:
             self.final_eval = m
         self._reply(peer, P.Message(P.ACK))
 

@@ -125,9 +125,13 @@ class WorkQueue:
         self.requeued_total += 1
         return True
 
+    def held_by(self, worker: str) -> list[int]:
+        """The batches ``worker`` holds leases on now."""
+        return [b for b, lease in self.leases.items() if lease.worker == worker]
+
     def release_worker(self, worker: str) -> list[int]:
         """Requeue every batch leased by ``worker`` (it died or left)."""
-        batches = [b for b, lease in self.leases.items() if lease.worker == worker]
+        batches = self.held_by(worker)
         for b in batches:
             self.release(self.epoch, b)
         return batches

@@ -81,3 +81,16 @@ def test_model_parameters_are_views_of_one_buffer_the_layers_use(spec):
     model.params.flat[...] = 0.0        # zero every parameter through the buffer
     after = model.forward(x, train=False)
     assert np.abs(before).max() > 0 and np.array_equal(after, np.zeros_like(after))
+
+
+def test_the_layout_cache_is_bounded_and_keeps_serving_the_layouts_in_use():
+    """A peer cycling through made-up layouts (each message of a server decodes one) must not
+    pin memory, nor crowd the model's own layout out of the cache for good."""
+    from cnn_core import flat
+    mine = (("w", (3, 2)), ("b", (2,)))
+    FlatArrays(mine, np.zeros(8, np.float32))
+    for i in range(5 * flat._LAYOUTS_MAX):
+        FlatArrays(((f"junk{i}-" + "x" * 100, (1,)),), np.zeros(1, np.float32))
+        assert len(flat._LAYOUTS) <= flat._LAYOUTS_MAX
+    FlatArrays(mine, np.zeros(8, np.float32))
+    assert mine in flat._LAYOUTS

@@ -459,6 +459,20 @@ def test_fuzz_mutated_valid_messages():
         _decode_only_protocol_errors(frames)
 
 
+def test_error_replies_are_one_printable_line_whatever_they_quote():
+    """An error quotes what a rejected message said of itself; the receiver logs it as it is."""
+    msg = P.error("bad_arrays", "push: unknown array 'a\nFORGED LINE\x1b[2J\u202e' " + "y" * 2000, seq=7)
+    assert msg.seq == 7 and msg.body["code"] == "bad_arrays"
+    text = msg.body["message"]
+    assert text.isprintable() and "\n" not in text and len(text) <= 1000
+    assert "a\\nFORGED LINE\\x1b[2J\\u202e" in text
+    assert P.decode(P.encode(msg)).body == msg.body
+    for mtype, field in ((P.STOP, "reason"), (P.WAIT, "reason"), (P.ERROR, "message")):
+        body = dict(FULL_BODIES[mtype], **{field: "done\n12:00:00 ERROR worker: FORGED"})
+        with pytest.raises(P.ProtocolError, match=f"field '{field}' must be line"):
+            P.encode(P.Message(mtype, body=body))
+
+
 def test_max_frame_bytes_leaves_room_for_a_float64_push_and_is_capped():
     assert P.max_frame_bytes(1_000_000) == 2_000_000 + P.MAX_HEADER_BYTES
     assert P.max_frame_bytes(10**9) == P.MAX_MESSAGE_BYTES
