@@ -98,10 +98,25 @@ def _endpoint(text: str, bind: bool) -> str:
 
 
 def _name(text: str) -> str:
-    """A worker's readable name: it goes into the server's log lines as it is."""
-    if not text.isprintable() or len(text) > 4096:
-        raise argparse.ArgumentTypeError(f"must be printable (no tabs, newlines or other control characters) and "
-                                         f"at most 4096 characters, got {text[:100]!r}")
+    """A worker's readable name: it goes into the server's log lines as it is.
+
+    The client id is NAME-xxxxxxxx (9 characters more), which the protocol caps
+    at 128 printable characters and ZeroMQ, as the socket's routing id, at 255
+    bytes of UTF-8: worker.client's MAX_NAME_CHARS and MAX_NAME_BYTES, written
+    out here because importing it would load zmq and numpy before --threads
+    takes effect (tests/test_client_replies.py checks that they agree).
+    """
+    max_chars, max_bytes = 119, 246
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be printable (no tabs, newlines or other control characters), "
+                                         f"got {text[:100]!r}")
+    if len(text) > max_chars:
+        raise argparse.ArgumentTypeError(f"must be at most {max_chars} characters (the client id built from it "
+                                         f"may have 128), got {len(text)}: {text[:40]!r}...")
+    size = len(text.encode())
+    if size > max_bytes:
+        raise argparse.ArgumentTypeError(f"must be at most {max_bytes} bytes in UTF-8 (the client id built from it "
+                                         f"may have 255), got {size}: {text[:40]!r}...")
     return text
 
 
@@ -212,7 +227,7 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                    help="seconds of silence before a worker is declared dead (default: 10)")
     g.add_argument("--final-eval-timeout", type=non_negative_float, default=120.0,
                    help="seconds to wait for the evaluator's final report (default: 120)")
-    g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse workers beyond this (default: 1024)")
+    g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse trainers beyond this many, and evaluators beyond as many (default: 1024)")
     g.add_argument("--wait-for-workers", type=non_negative_int, default=None, metavar="N",
                    help="hand out no work until N trainers ask for it (or --start-timeout passed), so all "
                         "start together; in sync mode with a fixed set of workers, runs are then "

@@ -117,14 +117,21 @@ class Message:
     arrays: dict = field(default_factory=dict)
 
 
-def error(code: str, message: str, seq: int = 0) -> Message:
-    """An ``error`` reply: ``code`` machine-readable, ``message`` one printable line.
+def one_line(text, limit: int = 300) -> str:
+    """``text`` as one printable line of at most ``limit`` characters, for a log or a reply.
 
-    Control characters (which may come from what the rejected message said
-    of itself) are escaped, so the receiver can log the line as it is.
+    Control characters are escaped (a newline from the other side must not
+    forge a log line), and a longer text is cut, ending in "...".
     """
-    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[:1000])
-    return Message(ERROR, seq=seq, body={"code": code, "message": line[:1000]})
+    text = str(text)
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return line if len(text) <= limit and len(line) <= limit else line[:limit - 3] + "..."
+
+
+def error(code: str, message: str, seq: int = 0) -> Message:
+    """An ``error`` reply: ``code`` machine-readable, ``message`` one printable line
+    (it may quote what the rejected message said of itself; the receiver logs it)."""
+    return Message(ERROR, seq=seq, body={"code": code, "message": one_line(message, 1000)})
 
 
 # ---------------------------------------------------------------- encoding

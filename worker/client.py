@@ -15,6 +15,15 @@ between (the "Lazy Pirate" pattern):
   ``unknown_worker``: the client says hello again and raises :class:`Rejoined`
   so the caller restarts its loop from a fresh task.
 
+What the server says is not trusted further than :func:`protocol.decode`
+checks it: a refusal is a :class:`ServerError`, a reply the client cannot use
+(the wrong type, a heartbeat period or a task that makes no sense) a
+:class:`BadReply`; both are :class:`~cnn_core.errors.PscnnError`, so the CLI
+prints one line.  The trainer and the evaluator survive a few of them in a row
+(:class:`FailureStreak`), not an endless run.  Numbers the client acts on are
+clamped (``heartbeat_s``, a wait's ``retry_s``), and text from the server is
+logged through :func:`protocol.one_line`.
+
 A background thread sends heartbeats on its own socket, so a trainer stays
 alive at the server during a long computation, and logs when the server stops
 answering them.
@@ -30,9 +39,44 @@ import uuid
 
 import zmq
 
+from cnn_core.errors import ConfigError, PscnnError
 from pscnn import protocol as P
 
 log = logging.getLogger("pscnn.client")
+
+# A client id (wid) is NAME-xxxxxxxx (8 hex digits, so a restarted worker of the
+# same name is a new peer).  The protocol caps a wid at MAX_NAME_LEN printable
+# characters and ZeroMQ caps a routing id (the wid in UTF-8) at 255 bytes.
+# pscnn.cli's --name check repeats these two numbers (it must not import zmq).
+WID_SUFFIX_LEN = 9
+MAX_NAME_CHARS = P.MAX_NAME_LEN - WID_SUFFIX_LEN
+MAX_NAME_BYTES = 255 - WID_SUFFIX_LEN
+
+# The heartbeat period the client accepts from a welcome.  The server sends
+# max(0.2, peer_timeout / 5); 0 would flood it, 1e300 overflows a thread timeout.
+HEARTBEAT_MIN_S, HEARTBEAT_MAX_S = 0.2, 60.0
+# The longest a "wait" may make a trainer sleep (the server sends 0.05): a
+# negative retry_s crashes time.sleep, a huge one parks the worker for good
+# while its heartbeats keep it alive at the server.
+MAX_RETRY_S = 2.0
+# Error or unusable replies in a row that a trainer or the evaluator survives.
+# A working server answers a trainer's work request with a task, wait or stop,
+# so a rejected push is followed by a good reply; five failures in a row mean
+# the server refuses everything, and retrying for ever would hide it.
+MAX_FAILURES_IN_A_ROW = 5
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a client's name (its wid must fit the protocol and ZeroMQ), or None."""
+    if not name.isprintable():
+        return "must be printable (no tabs, newlines or other control characters)"
+    if len(name) > MAX_NAME_CHARS:
+        return f"must be at most {MAX_NAME_CHARS} characters (the client id adds {WID_SUFFIX_LEN}), got {len(name)}"
+    size = len(name.encode())
+    if size > MAX_NAME_BYTES:
+        return (f"must be at most {MAX_NAME_BYTES} bytes in UTF-8 (a ZeroMQ routing id holds 255, the client id "
+                f"adds {WID_SUFFIX_LEN}), got {size}")
+    return None
 
 
 class ServerUnreachable(Exception):
@@ -40,12 +84,48 @@ class ServerUnreachable(Exception):
     training is over, for ``reconnect_s``)."""
 
 
-class ServerError(Exception):
-    """The server rejected a request (an ``error`` reply)."""
+class ServerError(PscnnError):
+    """The server rejected a request (an ``error`` reply).  ``request``: which one, for the message."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
+    def __init__(self, code: str, message: str, request: str | None = None):
+        self.code = P.one_line(code, 64)
+        self.message = P.one_line(message)
+        what = f"the server refused our {request}: " if request else ""
+        super().__init__(f"{what}{self.code}: {self.message}")
+
+
+class BadReply(PscnnError):
+    """The server answered with something this client cannot use: the wrong message
+    type, or fields that make no sense (a task outside the run, a welcome without a seed)."""
+
+
+class TooManyFailures(PscnnError):
+    """The server answered :data:`MAX_FAILURES_IN_A_ROW` requests in a row with an error
+    or an unusable reply, or forgot us again each time we joined."""
+
+
+class FailureStreak:
+    """Counts failed requests in a row: each is logged, the last of too many is raised.
+
+    ``reset()`` on every usable answer.  The caller retries after :meth:`failed`
+    returns; the streak bounds how often.
+    """
+
+    def __init__(self, endpoint: str, limit: int = MAX_FAILURES_IN_A_ROW):
+        self.endpoint = endpoint
+        self.limit = limit
+        self.count = 0
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def failed(self, exc: Exception, then: str) -> None:
+        """Count ``exc``; raise :class:`TooManyFailures` naming it if it is one too many."""
+        self.count += 1
+        if self.count >= self.limit:
+            raise TooManyFailures(f"giving up after {self.count} failed requests in a row to {self.endpoint}; "
+                                  f"the last: {exc}")
+        log.warning("%s; %s (%d of %d failures in a row)", exc, then, self.count, self.limit)
 
 
 class Rejoined(Exception):
@@ -63,8 +143,11 @@ class Client:
         self.endpoint = endpoint
         self.role = role
         host = pysocket.gethostname()
-        self.name = name or f"{role}-{host}-{os.getpid()}"
-        self.wid = f"{self.name}-{uuid.uuid4().hex[:8]}"
+        self.name = name or f"{role}-{host[:64]}-{os.getpid()}"     # [:64]: the wid must fit (MAX_NAME_CHARS)
+        problem = name_problem(self.name)
+        if problem:
+            raise ConfigError(f"client name {self.name[:60]!r}: {problem}")
+        self.wid = f"{self.name}-{uuid.uuid4().hex[:WID_SUFFIX_LEN - 1]}"
         self.device = device
         self.give_up_after = give_up_after
         self.resend_s = resend_s
@@ -92,7 +175,8 @@ class Client:
 
     def request(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> P.Message:
         """Send one request and return the answer (see the module docs for failures)."""
-        return self._answer(self._roundtrip(self._message(mtype, body, arrays)))
+        msg = self._message(mtype, body, arrays)
+        return self._answer(self._roundtrip(msg), msg.type)
 
     def submit(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> "Pending":
         """Send one request now; ``.result()`` on the returned handle waits for its answer.
@@ -118,14 +202,14 @@ class Client:
         self.sock.send_multipart(frames, copy=False)
         return frames, sent_at
 
-    def _answer(self, reply: P.Message) -> P.Message:
+    def _answer(self, reply: P.Message, request: str) -> P.Message:
         """A reply, or the exception that an error reply means."""
         if reply.type == P.ERROR:
             if reply.body["code"] == "unknown_worker":
                 log.warning("the server does not know us (it restarted?); joining again")
                 self.welcome = self._hello()
                 raise Rejoined(self.welcome)
-            raise ServerError(reply.body["code"], reply.body["message"])
+            raise ServerError(reply.body["code"], reply.body["message"], f"{request} request")
         return reply
 
     def close(self, say_bye: bool = False, reason: str = "done") -> None:
@@ -137,7 +221,7 @@ class Client:
             except (ServerUnreachable, P.ProtocolError):
                 pass
         if self._hb_thread is not None:
-            self._hb_thread.join(timeout=2 * self.heartbeat_s)
+            self._hb_thread.join(timeout=5.0)      # it notices _closing within a quarter second
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
@@ -152,10 +236,13 @@ class Client:
                 "device": self.device}
         reply = self._roundtrip(self._message(P.HELLO, body))
         if reply.type == P.ERROR:
-            raise ServerError(reply.body["code"], reply.body["message"])
+            raise ServerError(reply.body["code"], reply.body["message"], f"hello ({self.endpoint})")
         if reply.type != P.WELCOME:
-            raise ServerError("unexpected_reply", f"expected welcome, got {reply.type}")
-        self.heartbeat_s = float(reply.body["heartbeat_s"])
+            raise BadReply(f"{self.endpoint} answered our hello with {reply.type!r}, not a welcome")
+        asked = float(reply.body["heartbeat_s"])
+        self.heartbeat_s = min(max(asked, HEARTBEAT_MIN_S), HEARTBEAT_MAX_S)
+        if self.heartbeat_s != asked:
+            log.warning("the server asked for a heartbeat every %g s; sending one every %g s", asked, self.heartbeat_s)
         return reply
 
     def _open(self) -> None:
@@ -217,7 +304,10 @@ class Client:
         try:
             while not self._closing.wait(self.heartbeat_s):
                 sock.send_multipart(frames, copy=False)
-                if sock.poll(int(self.heartbeat_s * 1000), zmq.POLLIN):
+                answered = self._heartbeat_answered(sock)
+                if self._closing.is_set():
+                    break
+                if answered:
                     while sock.poll(0, zmq.POLLIN):
                         try:
                             answer = P.decode(sock.recv_multipart(copy=False))
@@ -234,6 +324,22 @@ class Client:
         finally:
             sock.close(linger=0)
 
+    def _heartbeat_answered(self, sock) -> bool:
+        """Whether an answer arrives within heartbeat_s; polled in short slices so close() need not wait it out."""
+        deadline = time.monotonic() + self.heartbeat_s
+        while not self._closing.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if sock.poll(int(min(left, 0.25) * 1000) + 1, zmq.POLLIN):
+                return True
+        return False
+
+
+def retry_delay(reply: P.Message) -> float:
+    """A wait's ``retry_s``, clamped to 0..MAX_RETRY_S."""
+    return min(max(float(reply.body["retry_s"]), 0.0), MAX_RETRY_S)
+
 
 class Pending:
     """A request sent by :meth:`Client.submit`, whose answer is collected later."""
@@ -243,7 +349,7 @@ class Pending:
 
     def result(self) -> P.Message:
         """Wait for the answer (resending on silence); raises like :meth:`Client.request`."""
-        return self.client._answer(self.client._roundtrip(self.msg, sent=(self.frames, self.sent_at)))
+        return self.client._answer(self.client._roundtrip(self.msg, sent=(self.frames, self.sent_at)), self.msg.type)
 
 
 def exit_status_unreachable(client: Client, exc: ServerUnreachable, logger) -> int:

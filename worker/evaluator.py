@@ -6,6 +6,10 @@ server only for weights it has not seen, and sends each result as a small
 test result), so it never slows the trainers.
 When the server says training is over, it scores the final weights, reports
 them as final, says goodbye and exits 0.
+
+A welcome whose model or run settings cannot be used ends it with one line; a
+pull answered with an error or anything but weights is retried, up to
+``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
 """
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ import os
 import time
 
 from cnn_core.data import load_mnist
+from cnn_core.errors import PscnnError
 from cnn_core.metrics import evaluate
-from cnn_core.model import build_model
 from pscnn import protocol as P
 
-from .client import Client, Rejoined, ServerError, ServerUnreachable, exit_status_unreachable
-from .trainer import _exit_on_sigterm
+from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
+                     exit_status_unreachable)
+from .trainer import _exit_on_sigterm, check_model_fits, check_run, model_from_welcome
 
 log = logging.getLogger("pscnn.evaluator")
 
@@ -36,19 +41,26 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
     _exit_on_sigterm()
     try:
         welcome = client.connect()
-        model = build_model(welcome.body["model"], device=device)
-        limit = test_limit or welcome.body["run"].get("test_limit") or None
+        run = check_run(welcome.body["run"])
+        model = model_from_welcome(welcome.body["model"], device)
+        limit = test_limit or run.get("test_limit") or None
         x, y = load_mnist("test", mnist_dir=mnist_dir, limit=limit)
+        check_model_fits(model, x, y)
         log.info("joined %s; scoring %d test images every %g s", endpoint, len(y), every)
+        failures = FailureStreak(endpoint)
         have = -1
         scored = -1
         while True:
             try:
-                reply = client.request(P.PULL, {"have_version": have})
+                reply = _weights(client.request(P.PULL, {"have_version": have}))
             except Rejoined as exc:
-                model = build_model(exc.welcome.body["model"], device=device)
-                have = scored = -1
+                failures.failed(exc, "pulling again")           # a server that forgets us every time
+                model, have, scored = model_from_welcome(exc.welcome.body["model"], device, data=(x, y)), -1, -1
                 continue
+            except (ServerError, BadReply) as exc:
+                failures.failed(exc, "pulling again")
+                continue
+            failures.reset()
             if reply.arrays:
                 model.assign(reply.arrays)
                 have = reply.body["version"]
@@ -64,7 +76,9 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                     client.request(P.EVAL_REPORT, {"version": have, "final": done, "metrics": metrics})
                 except ServerError as exc:
                     log.warning("server rejected our report: %s", exc)
-                except Rejoined:
+                except Rejoined as exc:                          # a new server: its own model and versions
+                    failures.failed(exc, "pulling again")
+                    model, have, scored = model_from_welcome(exc.welcome.body["model"], device, data=(x, y)), -1, -1
                     continue
                 scored = have
                 log.info("version %d: test accuracy %.4f, loss %.4f (%.1f s)%s", have, m["accuracy"], m["loss"],
@@ -78,6 +92,20 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
     except SystemExit:
         client.close(say_bye=True, reason="terminated")
         return 0
+    except PscnnError:                          # refused, or a server we cannot use: the CLI prints one line
+        client.close(say_bye=client.welcome is not None, reason="error")
+        raise
+    finally:
+        client.close()
+
+
+def _weights(reply: P.Message) -> P.Message:
+    """A pull's answer if it is usable weights, else BadReply."""
+    if reply.type != P.WEIGHTS:
+        raise BadReply(f"the server answered our pull with {reply.type!r}, not weights")
+    if reply.body["version"] < 0:
+        raise BadReply(f"the server sent weights of version {reply.body['version']}, below 0")
+    return reply
 
 
 def run_evaluator_from_args(args) -> int:

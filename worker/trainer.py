@@ -15,6 +15,11 @@ parked the request at a sync barrier or an SSP bound).
 
 With ``--overlap`` (async) a trainer holds two leases and computes one batch
 while the push of the other travels (:meth:`Trainer.loop_overlapped`).
+
+The welcome's run settings and model, and each task, are checked before use: a
+bad welcome ends the worker with one line; a bad task, an error reply or a
+reply of the wrong type is logged and skipped, up to
+``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
 """
 from __future__ import annotations
 
@@ -25,14 +30,60 @@ import time
 
 from cnn_core import backend
 from cnn_core.data import batch_index, batch_length, load_mnist
+from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays
 from cnn_core.losses import softmax_cross_entropy
 from cnn_core.model import build_model
 from pscnn import protocol as P
 
-from .client import Client, Rejoined, ServerError, ServerUnreachable, exit_status_unreachable
+from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
+                     exit_status_unreachable, retry_delay)
 
 log = logging.getLogger("pscnn.worker")
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_run(run: dict, required: tuple = ()) -> dict:
+    """The welcome's ``run`` settings, or BadReply naming the first one that is missing or wrong.
+
+    ``required``: the keys this role reads; the others are checked when present.
+    """
+    lows = {"seed": 0, "batch_size": 1, "num_samples": 1, "epochs": 1, "test_limit": 0}
+    for key in required:
+        if key not in run:
+            raise BadReply(f"the server's welcome has no run setting {key!r}")
+    for key, low in lows.items():
+        if key in run and not (_is_int(run[key], low) or key == "test_limit" and run[key] is None):
+            raise BadReply(f"the server's welcome has run setting {key!r} = {P.one_line(repr(run[key]), 80)}, "
+                           f"not an integer >= {low}")
+    if "mode" in run and not isinstance(run["mode"], str):
+        raise BadReply(f"the server's welcome has run setting 'mode' = {P.one_line(repr(run['mode']), 80)}, not a string")
+    return run
+
+
+def model_from_welcome(spec, device: str, seed: int = 0, data=None):
+    """The server's model, or BadReply if its spec cannot be built (or, given ``data``
+    (x, y), does not take those images or cannot score those labels)."""
+    try:
+        model = build_model(spec, seed=seed, device=device)
+    except PscnnError as exc:                   # SpecError: the server's spec, not ours
+        raise BadReply(f"the server's model spec cannot be built: {P.one_line(exc)}") from None
+    if data is not None:
+        check_model_fits(model, *data)
+    return model
+
+
+def check_model_fits(model, x, y) -> None:
+    """BadReply unless ``model`` takes images shaped like ``x`` and has an output for every label in ``y``."""
+    if tuple(model.spec["input_shape"]) != tuple(x.shape[1:]):
+        raise BadReply(f"the server's model takes input {list(model.spec['input_shape'])}, "
+                       f"but the images are {list(x.shape[1:])}")
+    labels = int(y.max()) + 1 if len(y) else 0
+    if model.num_classes < labels:
+        raise BadReply(f"the server's model has {model.num_classes} outputs, but the labels go up to {labels - 1}")
 
 
 def _finite_or_none(loss) -> float | None:
@@ -55,17 +106,40 @@ class Trainer:
         self._zero_push: FlatArrays | None = None      # synthetic mode: built once, sent every step
         self.steps = 0
         self.samples = 0
+        self._failures: FailureStreak | None = None      # loop_overlapped's, for _answer_or_none
 
     def setup(self, welcome: P.Message) -> None:
-        """Build the model from the server's spec and load this run's training data."""
-        run = welcome.body["run"]
+        """Build the model from the server's spec and load this run's training data.
+
+        BadReply (or DataError) when the welcome's settings cannot be used.
+        """
+        run = check_run(welcome.body["run"], required=("seed", "batch_size", "num_samples"))
         if self.model is None or welcome.body["model"] != self.model.spec:
-            self.model = build_model(welcome.body["model"], seed=run["seed"], device=self.device)
+            self.model = model_from_welcome(welcome.body["model"], self.device, seed=run["seed"])
             self._zero_push = None
-        if self.data is None and self.compute_ms is None:
-            x, y = load_mnist("train", mnist_dir=self.mnist_dir, limit=run["num_samples"])
-            self.data = (self.model.xp.asarray(x), self.model.xp.asarray(y))
+        if self.compute_ms is None:
+            if self.data is None or len(self.data[1]) != run["num_samples"]:     # a restarted server may differ
+                x, y = load_mnist("train", mnist_dir=self.mnist_dir, limit=run["num_samples"])
+                if len(y) != run["num_samples"]:
+                    raise DataError(f"the server's run trains on {run['num_samples']} images, but this worker's "
+                                    f"MNIST training set has {len(y)}")
+                self.data = (self.model.xp.asarray(x), self.model.xp.asarray(y))
+            check_model_fits(self.model, *self.data)
         self.run = run
+        self._epoch_batches = None          # seed, sizes or data may have changed
+
+    def check_task(self, reply: P.Message) -> dict:
+        """The body of a task that fits this run, or BadReply: the wrong reply type, or a field out of range."""
+        if reply.type != P.TASK:
+            raise BadReply(f"the server answered with {reply.type!r}, not a task, wait or stop")
+        body = reply.body
+        batches = -(-self.run["num_samples"] // self.run["batch_size"])
+        problems = [f"{key} {body[key]} < 0" for key in ("epoch", "lease", "version") if body[key] < 0]
+        if not 0 <= body["batch"] < batches:
+            problems.append(f"batch {body['batch']} is not one of the run's {batches} batches per epoch")
+        if problems:
+            raise BadReply(f"bad task from the server: {'; '.join(problems)}")
+        return body
 
     def batch(self, epoch: int, batch: int):
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
@@ -107,35 +181,41 @@ class Trainer:
         return FlatArrays(packed.specs, backend.to_numpy(packed.flat))
 
     def loop(self) -> int:
-        """Work until the server says stop.  Returns the exit status."""
-        reply = self.client.request(P.WORK)
+        """Work until the server says stop.  Returns the exit status.
+
+        Raises TooManyFailures after too many failed requests in a row.
+        """
+        failures = FailureStreak(self.client.endpoint)
         timing = {"comm_s": 0.0, "wait_s": 0.0}
+        reply = None                        # None: ask for work
         while True:
             try:
+                if reply is None:
+                    reply = self.client.request(P.WORK)
                 if reply.type == P.STOP:
                     return self._stopped(reply)
                 if reply.type == P.WAIT:
-                    time.sleep(reply.body["retry_s"])
-                    reply = self.client.request(P.WORK)
+                    failures.reset()
+                    time.sleep(retry_delay(reply))
+                    reply = None
                     continue
-                if reply.type != P.TASK:
-                    log.warning("unexpected %s reply; asking for work", reply.type)
-                    reply = self.client.request(P.WORK)
-                    continue
-                body = reply.body
+                body = self.check_task(reply)
+                failures.reset()
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
+                reply = None                # a refused push: ask for new work
                 reply = self.client.request(P.PUSH, self._push_body(body, result, timing), arrays)
                 held = float(reply.body.get("held_s", 0.0))
                 timing = {"comm_s": max(0.0, self.client.last_rtt_s - held), "wait_s": held}
                 self._count(result)
             except Rejoined as exc:
+                failures.failed(exc, "asking for new work")      # a server that forgets us every time
                 self.setup(exc.welcome)
-                reply = self.client.request(P.WORK)
-            except ServerError as exc:
-                log.warning("server rejected our request: %s; asking for new work", exc)
-                reply = self.client.request(P.WORK)
+                reply = None
+            except (ServerError, BadReply) as exc:
+                failures.failed(exc, "asking for new work")
+                reply = None
 
     def _count(self, result: dict) -> None:
         """One more batch pushed (counted when sent; both loops report these at the end)."""
@@ -144,7 +224,7 @@ class Trainer:
 
     def _stopped(self, reply: P.Message) -> int:
         log.info("server says %s after %d steps (%d samples); exiting",
-                 reply.body["reason"], self.steps, self.samples)
+                 P.one_line(reply.body["reason"]), self.steps, self.samples)
         return 0
 
     @staticmethod
@@ -162,8 +242,10 @@ class Trainer:
         answer (the next batch and newer weights) and sends the new push.  The
         round trip hides behind the computation; each gradient is one version
         staler.  Meant for async mode (a sync round or an ssp clock counts one
-        batch per worker).  Returns 0 when the server says stop.
+        batch per worker).  Returns 0 when the server says stop; raises
+        TooManyFailures after too many failed requests in a row.
         """
+        self._failures = FailureStreak(self.client.endpoint)
         tasks: list[dict] = []              # leased, not yet computed
         pending = None                      # the push in flight
         more = True                         # False after a "wait": compute what we hold first
@@ -172,6 +254,7 @@ class Trainer:
             try:
                 if pending is None and (not tasks or len(tasks) < 2 and more):
                     reply = self._answer_or_none(self.client.request, P.WORK)     # fill the pipeline
+                    more = more and reply is not None       # refused: compute what we hold before asking again
                 elif tasks:
                     task = tasks.pop(0)
                     result, arrays = self.compute(task)
@@ -186,14 +269,22 @@ class Trainer:
                     continue
                 if reply.type == P.STOP:                          # a push still in flight is moot
                     return self._stopped(reply)
+                if reply.type != P.WAIT:
+                    try:
+                        task = self.check_task(reply)
+                    except BadReply as exc:
+                        self._failures.failed(exc, "going on")
+                        more = False
+                        continue
+                    tasks.append(task)
+                self._failures.reset()
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 more = reply.type == P.TASK
-                if reply.type == P.TASK:
-                    tasks.append(reply.body)
-                elif reply.type == P.WAIT and not tasks and pending is None:
-                    time.sleep(reply.body["retry_s"])
+                if reply.type == P.WAIT and not tasks and pending is None:
+                    time.sleep(retry_delay(reply))
             except Rejoined as exc:                               # the server forgot our leases
+                self._failures.failed(exc, "asking for new work")
                 self.setup(exc.welcome)
                 tasks, pending, more = [], None, True
 
@@ -203,12 +294,12 @@ class Trainer:
         reply = self._answer_or_none(pending.result)
         return reply, {"comm_s": time.perf_counter() - waited, "wait_s": 0.0}
 
-    @staticmethod
-    def _answer_or_none(call, *args) -> P.Message | None:
+    def _answer_or_none(self, call, *args) -> P.Message | None:
+        """``call(*args)``, or None when the server refused it (counted in the failure streak)."""
         try:
             return call(*args)
         except ServerError as exc:
-            log.warning("server rejected our request: %s; going on", exc)
+            self._failures.failed(exc, "going on")
             return None
 
 
@@ -223,15 +314,19 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         trainer.setup(welcome)
         overlapped = overlap and trainer.run.get("mode") == "async"
         if overlap and not overlapped:
-            log.warning("--overlap applies to async mode only; the server runs %s", trainer.run.get("mode"))
-        status = trainer.loop_overlapped() if overlapped else trainer.loop()
-        client.close()
-        return status
+            log.warning("--overlap applies to async mode only; the server runs %s",
+                        P.one_line(trainer.run.get("mode")))
+        return trainer.loop_overlapped() if overlapped else trainer.loop()
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
     except SystemExit:                          # SIGTERM: leave politely so our lease is requeued at once
         client.close(say_bye=True, reason="terminated")
         return 0
+    except PscnnError:                          # refused, or a server we cannot use: the CLI prints one line
+        client.close(say_bye=client.welcome is not None, reason="error")    # (bounded) our leases go back at once
+        raise
+    finally:
+        client.close()
 
 
 def _exit_on_sigterm() -> None:

@@ -1,0 +1,471 @@
+"""The client side (worker.client, worker.trainer, worker.evaluator) against a server that misbehaves.
+
+A fake server, a ZeroMQ ROUTER on 127.0.0.1 served by a thread of this test,
+answers each request from a script: replies built with ``pscnn.protocol``, or
+packed by hand where the protocol would refuse to build them.  Opposite it runs
+the real client code, either in this process (``Client``, ``Trainer.loop``),
+where the test looks at what it did, or as ``pscnn worker`` / ``pscnn
+evaluator`` subprocesses, where the test looks at the exit status and stderr:
+one ``pscnn: error:`` line, no traceback.  Every wait is bounded
+(``--give-up-after``, subprocess timeouts, the fake's poll), and a script
+ends in silence where a client that loops for ever would otherwise hang the
+test: the client then gives up after ``give_up_after`` and the test fails.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import msgpack
+import pytest
+import zmq
+
+from cnn_core.errors import ConfigError
+from cnn_core.model import build_model
+from pscnn import protocol as P
+from pscnn.cli import _name, build_parser
+from pscnn.launcher import LocalCluster, child_env, query_status
+from worker import client as client_module
+from worker.client import (HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_FAILURES_IN_A_ROW, MAX_NAME_BYTES, MAX_NAME_CHARS,
+                           MAX_RETRY_S, BadReply, Client, ServerError, TooManyFailures)
+from worker.trainer import Trainer
+
+pytestmark = pytest.mark.timeout(120)
+
+LIGHT = build_model("light").spec
+RUN = {"seed": 0, "batch_size": 64, "num_samples": 640, "epochs": 1, "mode": "async", "test_limit": 0}
+BATCHES = 10                                # 640 samples in batches of 64
+GIVE_UP_S = 5.0                             # how long a client waits on a silent fake
+
+
+# ---------------------------------------------------------------- replies
+
+def welcome(run: dict | None = None, model=None, heartbeat_s: float = 1.0) -> tuple:
+    return (P.WELCOME, {"worker_id": "w", "role": "trainer", "model": LIGHT if model is None else model,
+                        "run": dict(RUN) if run is None else run, "incarnation": "fake", "heartbeat_s": heartbeat_s})
+
+
+def task(**over) -> tuple:
+    return (P.TASK, {"version": 0, "epoch": 0, "batch": 0, "lease": 1, "held_s": 0.0, **over})
+
+
+def wait(retry_s: float) -> tuple:
+    return (P.WAIT, {"retry_s": retry_s, "held_s": 0.0, "reason": "test"})
+
+
+def error(code: str, message: str) -> tuple:
+    return (P.ERROR, {"code": code, "message": message})
+
+
+def weights(done: bool) -> tuple:
+    model = build_model("light")
+    return (P.WEIGHTS, {"version": 3, "epoch": 0, "done": done, "updates": 3}, {**model.params, **model.state})
+
+
+def message(reply: tuple) -> P.Message:
+    mtype, body, *arrays = reply
+    return P.Message(mtype, body=body, arrays=arrays[0] if arrays else {})
+
+
+STOP = (P.STOP, {"version": 0, "reason": "training finished"})
+ACK = (P.ACK, {})
+SILENCE = None                              # no answer: the client resends, then gives up
+
+
+class Unchecked:
+    """A reply whose header is packed by hand: what pscnn.protocol would refuse to build."""
+
+    def __init__(self, mtype: str, body: dict):
+        self.mtype, self.body = mtype, body
+
+    def frames(self, seq: int) -> list:
+        return [msgpack.packb({"v": P.PROTOCOL_VERSION, "type": self.mtype, "wid": "", "seq": seq,
+                               "body": self.body, "arrays": []}, use_bin_type=True)]
+
+
+# ---------------------------------------------------------------- the fake server
+
+class FakeServer:
+    """A ROUTER that answers each request of a type with the next of that type's scripted replies.
+
+    The last reply of a list is repeated; hello defaults to a good welcome, bye
+    to an ack; heartbeats are answered (not done), not scripted.  A resend (the
+    same wid and seq) gets the same reply again, as from the real server's
+    cache, except after a hand-packed reply, which the client may have dropped
+    as malformed: then it gets the next one.  ``received``: the decoded
+    requests, resends and heartbeats left out.
+    """
+
+    def __init__(self, **replies):
+        self.replies = {P.HELLO: [welcome()], P.BYE: [ACK], **{k: list(v) for k, v in replies.items()}}
+        self.received: list[P.Message] = []
+        self.problems: list[str] = []
+        self._last: tuple = (None, None, None)          # wid, seq, frames of the last reply (None: not cached)
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)        # a client that reconnects keeps its id, as on the server
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fake-server", daemon=True)
+        self._thread.start()
+
+    def of_type(self, mtype: str) -> list[P.Message]:
+        return [m for m in self.received if m.type == mtype]
+
+    def _next(self, mtype: str):
+        queue = self.replies.get(mtype)
+        if not queue:
+            self.problems.append(f"unscripted {mtype}")
+            return SILENCE
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.sock.poll(50, zmq.POLLIN):
+                    continue
+                rid, *frames = self.sock.recv_multipart()
+                try:
+                    msg = P.decode(frames)
+                except P.ProtocolError as exc:
+                    self.problems.append(f"undecodable request: {exc}")
+                    continue
+                if msg.type == P.HEARTBEAT:
+                    out = P.encode(P.Message(P.HEARTBEAT, body={"done": False}))
+                    self.sock.send_multipart([rid, *out])
+                    continue
+                wid, seq, cached = self._last
+                if (msg.wid, msg.seq) == (wid, seq) and cached is not None:
+                    self.sock.send_multipart([rid, *cached])
+                    continue
+                self.received.append(msg)
+                reply = self._next(msg.type)
+                if reply is SILENCE:
+                    self._last = (msg.wid, msg.seq, None)
+                    continue
+                if isinstance(reply, Unchecked):
+                    out, cached = reply.frames(msg.seq), None
+                else:
+                    out = message(reply)
+                    out.seq = msg.seq
+                    out = cached = [bytes(f) for f in P.encode(out)]
+                self._last = (msg.wid, msg.seq, cached)
+                self.sock.send_multipart([rid, *out])
+        finally:
+            self.sock.close(linger=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the fake server did not stop"
+
+
+@pytest.fixture
+def fake():
+    """fake(**replies) -> a started FakeServer; all of them are stopped afterwards."""
+    servers: list[FakeServer] = []
+
+    def start(**replies) -> FakeServer:
+        servers.append(FakeServer(**replies))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+    for server in servers:
+        assert not server.problems, server.problems
+
+
+@pytest.fixture
+def connect():
+    """connect(server, name=None, heartbeat=False) -> a Client that said hello; all closed afterwards."""
+    clients: list[Client] = []
+
+    def make(server: FakeServer, name: str | None = None, heartbeat: bool = False) -> Client:
+        c = Client(server.endpoint, "trainer", name=name, give_up_after=GIVE_UP_S, heartbeat=heartbeat)
+        clients.append(c)
+        c.connect()
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+def trainer_on(client: Client) -> Trainer:
+    t = Trainer(client, compute_ms=0.0)     # synthetic: no MNIST, zero gradients
+    t.setup(message(welcome()))
+    return t
+
+
+def run_loop(trainer: Trainer, overlapped: bool) -> int:
+    return trainer.loop_overlapped() if overlapped else trainer.loop()
+
+
+LOOPS = pytest.mark.parametrize("overlapped", [False, True], ids=["loop", "overlapped"])
+
+
+# ---------------------------------------------------------------- the CLI as a subprocess
+
+def pscnn(role: str, endpoint: str, *flags: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "pscnn.cli", role, "--server", endpoint, "--give-up-after", str(GIVE_UP_S), *flags]
+    if role == "worker":
+        argv += ["--compute-ms", "0"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=90, env=child_env(), check=False)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The process exited 1 and its stderr ends with one ``pscnn: error:`` line holding each needle."""
+    tail = proc.stderr[-3000:]
+    assert proc.returncode == 1, tail
+    assert "Traceback" not in proc.stderr, tail
+    lines = proc.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("pscnn: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], tail
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def clean_exit(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+# ================================================================ 1: a server that refuses us
+
+def test_a_full_server_refuses_a_worker_with_one_line(tmp_path):
+    cluster = LocalCluster(tmp_path / "run")
+    holder = zmq.Context.instance().socket(zmq.DEALER)
+    holder.setsockopt(zmq.LINGER, 0)
+    try:
+        cluster.start_server(["--model", "light", "--train-limit", "640", "--batch-size", "64", "--mode", "async",
+                              "--checkpoint-every", "0", "--max-workers", "1", "--peer-timeout", "120",
+                              "--out", str(cluster.out)])         # the holder below stays "alive" throughout
+        deadline = time.monotonic() + 60
+        while query_status(cluster.endpoint, timeout=0.5) is None:
+            assert cluster.procs["server"].poll() is None and time.monotonic() < deadline, cluster.log_tail("server")
+        holder.connect(cluster.endpoint)                  # the one trainer the server takes
+        holder.send_multipart(P.encode(P.Message(P.HELLO, "holder-1", 1, {"role": "trainer"})))
+        assert holder.poll(10_000, zmq.POLLIN), cluster.log_tail("server")
+        assert P.decode(holder.recv_multipart()).type == P.WELCOME
+
+        proc = pscnn("worker", cluster.endpoint)
+        one_error_line(proc, "refused our hello", "full: server full (1 ")
+    finally:
+        holder.close(linger=0)
+        cluster.close()
+
+
+def test_a_hello_answered_with_a_task_is_one_line(fake):
+    server = fake(hello=[task()])
+    one_error_line(pscnn("worker", server.endpoint), "answered our hello with 'task', not a welcome")
+
+
+# ================================================================ 2: names whose client id cannot fit
+
+@pytest.mark.parametrize("name,limit", [("x" * (MAX_NAME_CHARS + 1), f"at most {MAX_NAME_CHARS} characters"),
+                                        ("x" * 130, f"at most {MAX_NAME_CHARS} characters"),
+                                        ("é" * 125, f"at most {MAX_NAME_CHARS} characters"),
+                                        ("€" * (MAX_NAME_BYTES // 3 + 1), f"at most {MAX_NAME_BYTES} bytes")])
+def test_the_cli_refuses_a_name_whose_client_id_cannot_fit(capsys, name, limit):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["worker", "--name", name])
+    assert exit_.value.code == 2
+    assert limit in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["x" * MAX_NAME_CHARS, "€" * (MAX_NAME_BYTES // 3)],
+                         ids=["longest-ascii", "most-bytes"])
+def test_the_longest_names_the_cli_takes_make_clients_the_server_can_reach(fake, connect, name):
+    assert _name(name) == name                          # the CLI's numbers are the client's
+    server = fake()
+    c = connect(server, name=name)
+    hello = server.of_type(P.HELLO)[0]
+    assert hello.wid == c.wid and hello.wid.startswith(name) and len(hello.wid) <= P.MAX_NAME_LEN
+    with pytest.raises(ConfigError, match="client name"):
+        Client(server.endpoint, "trainer", name=name + "x")
+
+
+# ================================================================ 3: error replies, bounded
+
+@LOOPS
+def test_a_trainer_gives_up_after_so_many_error_replies_in_a_row(fake, connect, overlapped):
+    # silence after the limit: a trainer that kept on asking would give up as unreachable instead
+    server = fake(work=[error("boom", "no")] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    trainer = trainer_on(connect(server))
+    with pytest.raises(TooManyFailures, match=f"{MAX_FAILURES_IN_A_ROW} failed requests in a row.*boom: no"):
+        run_loop(trainer, overlapped)
+    assert len(server.of_type(P.WORK)) == MAX_FAILURES_IN_A_ROW
+
+
+@LOOPS
+def test_fewer_error_replies_in_a_row_are_survived(fake, connect, overlapped):
+    # a task starts the count again; the refused push and the errors after it make one too few
+    errors = [error("boom", "no")] * (MAX_FAILURES_IN_A_ROW - 1)
+    server = fake(work=[*errors, task(), *errors[1:], STOP], push=[error("stale", "lease moved")])
+    assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    assert len(server.of_type(P.PUSH)) == 1
+
+
+def test_a_worker_answered_only_with_errors_exits_with_one_line(fake):
+    server = fake(work=[error("boom", "no")] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "refused our work request: boom: no")
+
+
+@LOOPS
+def test_a_server_that_forgets_the_trainer_every_time_is_given_up(fake, connect, overlapped):
+    server = fake(work=[error("unknown_worker", "who?")] * (2 * MAX_FAILURES_IN_A_ROW) + [SILENCE])
+    trainer = trainer_on(connect(server))
+    with pytest.raises(TooManyFailures, match="rejoined"):
+        run_loop(trainer, overlapped)
+    assert len(server.of_type(P.HELLO)) == 1 + MAX_FAILURES_IN_A_ROW
+
+
+# ================================================================ 5: a wait's retry_s
+
+@LOOPS
+def test_a_waits_retry_s_is_clamped(fake, connect, monkeypatch, overlapped):
+    server = fake(work=[wait(-1.0), wait(1e9), STOP])
+    trainer = trainer_on(connect(server))
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)     # record, do not sleep (-1 would raise, 1e9 hang)
+    assert run_loop(trainer, overlapped) == 0
+    assert 0.0 in slept and MAX_RETRY_S in slept
+    assert all(0.0 <= s <= MAX_RETRY_S for s in slept), slept
+
+
+# ================================================================ 6: tasks that do not fit the run
+
+BAD_TASKS = {"batch past the epoch": ({"batch": 10**6}, "batch 1000000"),
+             "batch = batches per epoch": ({"batch": BATCHES}, f"batch {BATCHES} is not one of the run's {BATCHES}"),
+             "negative batch": ({"batch": -1}, "batch -1"),
+             "negative epoch": ({"epoch": -1}, "epoch -1 < 0"),
+             "negative lease": ({"lease": -1}, "lease -1 < 0"),
+             "negative version": ({"version": -1}, "version -1 < 0")}
+
+
+@LOOPS
+@pytest.mark.parametrize("case", BAD_TASKS)
+def test_a_bad_task_is_skipped_and_logged(fake, connect, caplog, case, overlapped):
+    fields, needle = BAD_TASKS[case]
+    server = fake(work=[task(**fields), STOP], push=[STOP])
+    with caplog.at_level(logging.WARNING, logger="pscnn.client"):
+        assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    assert not server.of_type(P.PUSH)
+    assert len(server.of_type(P.WORK)) == 2
+    assert any("bad task" in r.getMessage() and needle in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_worker_given_only_bad_tasks_exits_with_one_line(fake):
+    server = fake(work=[task(batch=10**6)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "bad task", "batch 1000000")
+
+
+def test_a_reply_of_the_wrong_type_is_skipped(fake, connect):
+    server = fake(work=[(P.WEIGHTS, {"version": 0, "epoch": 0, "done": False, "updates": 0}), STOP])
+    assert trainer_on(connect(server)).loop() == 0
+    assert len(server.of_type(P.WORK)) == 2
+
+
+# ================================================================ 7: welcomes the client cannot use
+
+BAD_WELCOMES = {"no run settings": (welcome(run={}), "no run setting 'seed'"),
+                "seed not an int": (welcome(run={**RUN, "seed": "x"}), "'seed' = 'x'"),
+                "negative seed": (welcome(run={**RUN, "seed": -1}), "'seed' = -1"),
+                "batch size 0": (welcome(run={**RUN, "batch_size": 0}), "'batch_size' = 0, not an integer >= 1"),
+                "bool num_samples": (welcome(run={**RUN, "num_samples": True}), "'num_samples' = True"),
+                "mode not a string": (welcome(run={**RUN, "mode": 3}), "'mode' = 3"),
+                "test_limit not an int": (welcome(run={**RUN, "test_limit": "all"}), "'test_limit' = 'all'"),
+                "empty model": (welcome(model={}), "model spec cannot be built"),
+                "unknown layer": (welcome(model={"input_shape": [1, 28, 28], "layers": [{"type": "magic"}]}),
+                                  "unknown layer type 'magic'")}
+
+
+@pytest.mark.parametrize("case", BAD_WELCOMES)
+def test_a_bad_welcome_is_refused_naming_the_setting(case):
+    reply, needle = BAD_WELCOMES[case]
+    trainer = Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0)
+    with pytest.raises(BadReply, match="the server's") as exc:
+        trainer.setup(message(reply))
+    assert needle in str(exc.value)
+
+
+def test_a_model_that_does_not_take_mnist_is_refused(mnist_dir):
+    spec = {"input_shape": [3, 32, 32], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}
+    trainer = Trainer(SimpleNamespace(wid="w-1"), mnist_dir=mnist_dir)
+    with pytest.raises(BadReply, match=r"takes input \[3, 32, 32\], but the images are \[1, 28, 28\]"):
+        trainer.setup(message(welcome(model=spec)))
+
+
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+def test_a_bad_welcome_ends_the_cli_with_one_line(fake, role):
+    run = {} if role == "worker" else {**RUN, "test_limit": "all"}
+    server = fake(hello=[welcome(run=run)])
+    one_error_line(pscnn(role, server.endpoint), "welcome", "'seed'" if role == "worker" else "'test_limit'")
+
+
+# ================================================================ 8: heartbeat periods
+
+@pytest.mark.parametrize("asked,used", [(0.0, HEARTBEAT_MIN_S), (-5.0, HEARTBEAT_MIN_S), (1e300, HEARTBEAT_MAX_S),
+                                        (1.5, 1.5)])
+def test_the_heartbeat_period_is_clamped(fake, connect, asked, used):
+    c = connect(fake(hello=[welcome(heartbeat_s=asked)]), heartbeat=True)
+    assert c.heartbeat_s == used
+
+
+def test_a_huge_heartbeat_period_does_not_crash_the_worker(fake):
+    server = fake(hello=[welcome(heartbeat_s=1e300)], work=[STOP])
+    clean_exit(pscnn("worker", server.endpoint))
+
+
+# ================================================================ 9: the evaluator's pulls
+
+@pytest.mark.parametrize("reply,needle", [(task(), "answered our pull with 'task', not weights"),
+                                          (error("boom", "no"), "refused our pull request: boom: no")],
+                         ids=["task", "error"])
+def test_an_evaluator_answered_with_no_weights_exits_with_one_line(fake, mnist_dir, reply, needle):
+    server = fake(pull=[reply] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    proc = pscnn("evaluator", server.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "100")
+    one_error_line(proc, "failed requests in a row", needle)
+    assert len(server.of_type(P.PULL)) == MAX_FAILURES_IN_A_ROW
+
+
+def test_an_evaluator_survives_a_bad_pull_reply_and_scores_the_next(fake, mnist_dir):
+    server = fake(pull=[task(), error("boom", "no"), weights(done=True)], eval_report=[ACK])
+    clean_exit(pscnn("evaluator", server.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "100"))
+    reports = server.of_type(P.EVAL_REPORT)
+    assert len(reports) == 1 and reports[0].body["final"] and reports[0].body["version"] == 3
+
+
+# ================================================================ 10: the server's words in our log
+
+FORGED = "12:00:00 ERROR   worker: FORGED"
+
+
+def test_a_stop_reason_is_logged_on_one_line(caplog):
+    trainer = Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0)
+    with caplog.at_level(logging.INFO, logger="pscnn.worker"):
+        trainer._stopped(P.Message(P.STOP, body={"version": 0, "reason": f"finished\n{FORGED}\x1b[2J"}))
+    (record,) = caplog.records
+    assert "\n" not in record.getMessage() and "\x1b" not in record.getMessage()
+    assert "finished\\n" + FORGED in record.getMessage()
+
+
+def test_an_error_reply_is_one_line():
+    exc = ServerError("bo\nom", f"no\n{FORGED}", "work request")
+    assert str(exc) == f"the server refused our work request: bo\\nom: no\\n{FORGED}"
+    assert P.one_line("x" * 1000, 10) == "x" * 7 + "..." and P.one_line("x" * 10, 10) == "x" * 10
+
+
+def test_a_stop_reason_with_a_newline_forges_no_log_line(fake):
+    # Refused by decode where the protocol requires a line (the client resends and gets
+    # the plain stop); logged escaped where it does not.
+    server = fake(work=[Unchecked(P.STOP, {"version": 0, "reason": f"finished\n{FORGED}"}), STOP])
+    proc = pscnn("worker", server.endpoint)
+    clean_exit(proc)
+    assert not any(line.startswith(FORGED) for line in proc.stderr.splitlines()), proc.stderr
