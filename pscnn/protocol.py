@@ -384,11 +384,31 @@ class EndpointError(PscnnError, OSError):
 
 
 def bind(socket, endpoint: str) -> None:
-    """``socket.bind(endpoint)``; EndpointError (one line, naming the endpoint) if it cannot."""
+    """``socket.bind(endpoint)``; EndpointError (one line, naming the endpoint) if it cannot.
+
+    An ``ipc://`` path where another process listens is refused: ZeroMQ would
+    unlink its socket file and take the address over silently (TCP says "in use").
+    """
+    if endpoint.startswith("ipc://") and _unix_socket_listening(endpoint[len("ipc://"):]):
+        raise EndpointError(f"cannot bind {endpoint}: another process is listening there")
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as exc:
         raise EndpointError(f"cannot bind {endpoint}: {zmq.strerror(exc.errno)}") from None
+
+
+def _unix_socket_listening(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path`` (a stale file: no)."""
+    import socket as pysocket  # noqa: PLC0415  (only for ipc:// endpoints)
+    probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:                 # no such file, refused (stale), not a socket, path too long
+        return False
+    finally:
+        probe.close()
 
 
 def connect(socket, endpoint: str) -> None:

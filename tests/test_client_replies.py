@@ -469,3 +469,31 @@ def test_a_stop_reason_with_a_newline_forges_no_log_line(fake):
     proc = pscnn("worker", server.endpoint)
     clean_exit(proc)
     assert not any(line.startswith(FORGED) for line in proc.stderr.splitlines()), proc.stderr
+
+
+# ================================================================ a request the server holds back
+
+def test_a_request_held_back_while_heartbeats_are_answered_is_not_silence(fake):
+    """At the start barrier (or a sync round) the server holds a trainer's request for as long
+    as it takes: a client whose heartbeats are answered must not give up, nor reconnect."""
+    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE] * 5 + [STOP])
+    client = Client(server.endpoint, "trainer", give_up_after=2.0, heartbeat=True)
+    try:
+        client.connect()
+        t0 = time.monotonic()
+        reply = client.request(P.WORK)                 # answered after ~5 resends, 1 s apart
+        assert reply.type == P.STOP
+        assert time.monotonic() - t0 > 2.0             # longer than give_up_after: heartbeats counted
+    finally:
+        client.close()
+
+
+def test_status_answered_with_an_error_is_not_a_healthy_server(fake, capsys):
+    """A healthcheck must fail when what answers is not a pscnn server of this protocol."""
+    from pscnn.cli import main
+    server = fake(status=[error("bad_version", "protocol version 2 is not supported (this side speaks 3)")])
+    with pytest.raises(BadReply, match=r"answered a status request with 'error' \(bad_version: protocol version 2"):
+        query_status(server.endpoint, timeout=5.0)
+    assert main(["status", "--server", server.endpoint, "--timeout", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pscnn: error:") and "bad_version" in err[0], err

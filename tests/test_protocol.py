@@ -478,6 +478,25 @@ def test_max_frame_bytes_leaves_room_for_a_float64_push_and_is_capped():
     assert P.max_frame_bytes(10**9) == P.MAX_MESSAGE_BYTES
 
 
+def test_an_ipc_endpoint_in_use_is_refused_and_a_stale_one_is_taken(tmp_path):
+    """ZeroMQ would unlink a live ipc socket file and take the address over silently."""
+    ctx = zmq.Context.instance()
+    endpoint = f"ipc://{tmp_path}/pscnn.ipc"
+    first, second = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    try:
+        P.bind(first, endpoint)
+        with pytest.raises(P.EndpointError, match=rf"^cannot bind {re.escape(endpoint)}: another process is listening"):
+            P.bind(second, endpoint)
+        import socket as pysocket
+        stale = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        stale.bind(f"{tmp_path}/stale.ipc")
+        stale.close()                            # the file stays, nobody listens: what a crash leaves
+        P.bind(second, f"ipc://{tmp_path}/stale.ipc")
+    finally:
+        first.close(0)
+        second.close(0)
+
+
 def test_bind_and_connect_errors_are_one_line_naming_the_endpoint():
     ctx = zmq.Context.instance()
     first, second = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)

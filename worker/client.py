@@ -11,6 +11,8 @@ between (the "Lazy Pirate" pattern):
   would otherwise keep stale messages queued) and resends back off
   exponentially, up to ``max_backoff_s``;
 * after ``give_up_after`` seconds without any answer, :class:`ServerUnreachable`;
+  an answered heartbeat counts as an answer: a request the server holds back
+  on purpose (at the start barrier, a sync round, an SSP bound) is not silence;
 * a server that does not know this client (it restarted) answers
   ``unknown_worker``: the client says hello again and raises :class:`Rejoined`
   so the caller restarts its loop from a fresh task.
@@ -162,6 +164,7 @@ class Client:
         self._hb_thread = None
         self._closing = threading.Event()
         self.server_done = threading.Event()    # a heartbeat answer said training is over
+        self.heard_at = 0.0                     # monotonic time of the last answered heartbeat
         self.last_rtt_s = 0.0
 
     # ------------------------------------------------------------------ public API
@@ -264,12 +267,13 @@ class Client:
         """
         limit = self.give_up_after if give_up_after is None else give_up_after
         frames, t0 = sent if sent is not None else self._send_first(msg)
-        last_answer = t0
         backoff = self.resend_s
         sent_at = t0
         while True:
             now = time.monotonic()
-            if now - last_answer > limit:
+            # Silence since the request, or since the last answered heartbeat: a server that
+            # answers those is alive and holds the request back on purpose.
+            if now - max(t0, self.heard_at) > limit:
                 raise ServerUnreachable(f"no answer from {self.endpoint} for {limit:.0f} s")
             if self.server_done.is_set() and now - t0 > self.reconnect_s:
                 raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
@@ -287,7 +291,7 @@ class Client:
                 continue                    # an answer to an earlier resend: already handled
             now = time.monotonic()
             if now - sent_at >= backoff:
-                if now - t0 >= self.reconnect_s:
+                if now - max(t0, self.heard_at) >= self.reconnect_s:
                     log.info("no answer from %s for %.1f s; reconnecting", self.endpoint, now - t0)
                     self._open()
                     backoff = min(backoff * 2, self.max_backoff_s)
@@ -308,6 +312,7 @@ class Client:
                 if self._closing.is_set():
                     break
                 if answered:
+                    self.heard_at = time.monotonic()
                     while sock.poll(0, zmq.POLLIN):
                         try:
                             answer = P.decode(sock.recv_multipart(copy=False))
@@ -366,6 +371,8 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
     """The server's progress dict, or None if it does not answer within ``timeout``.
 
     A one-shot request: no hello, no retries (a healthcheck must not linger).
+    BadReply if what answers is not a pscnn server of this protocol version
+    (its error reply must not pass for a healthy server).
     """
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -375,6 +382,10 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             return None
         reply = P.decode(sock.recv_multipart(copy=False))
+        if reply.type != P.STATUS:          # e.g. an error: another protocol version answered
+            raise BadReply(f"{endpoint} answered a status request with {reply.type!r}"
+                           + (f" ({P.one_line(reply.body['code'])}: {P.one_line(reply.body['message'])})"
+                              if reply.type == P.ERROR else ""))
         return reply.body.get("progress", {})
     finally:
         sock.close(linger=0)
