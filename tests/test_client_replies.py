@@ -497,3 +497,15 @@ def test_status_answered_with_an_error_is_not_a_healthy_server(fake, capsys):
     assert main(["status", "--server", server.endpoint, "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pscnn: error:") and "bad_version" in err[0], err
+
+
+# ================================================================ what a worker checks before connecting
+
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+def test_a_missing_mnist_folder_fails_at_once_without_a_server(role, tmp_path):
+    """Nothing listens at the endpoint: the worker would retry for --give-up-after seconds;
+    its own missing data is known before that, and said in one line."""
+    argv = [sys.executable, "-m", "pscnn.cli", role, "--server", "tcp://127.0.0.1:9", "--give-up-after", "60",
+            "--mnist-dir", str(tmp_path / "absent")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=50, env=child_env(), check=False)
+    one_error_line(proc, str(tmp_path / "absent"), "does not exist")

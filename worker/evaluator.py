@@ -24,7 +24,7 @@ from pscnn import protocol as P
 
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
                      exit_status_unreachable)
-from .trainer import _exit_on_sigterm, check_model_fits, check_run, model_from_welcome
+from .trainer import _exit_on_sigterm, check_local_setup, check_model_fits, check_run, model_from_welcome
 
 log = logging.getLogger("pscnn.evaluator")
 
@@ -37,6 +37,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             os.nice(nice)
         except OSError:
             pass
+    check_local_setup(device, mnist_dir, "test")
     client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after)
     _exit_on_sigterm()
     try:

@@ -29,7 +29,7 @@ import signal
 import time
 
 from cnn_core import backend
-from cnn_core.data import batch_index, batch_length, load_mnist
+from cnn_core.data import batch_index, batch_length, load_mnist, resolve_mnist_dir
 from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays
 from cnn_core.losses import softmax_cross_entropy
@@ -84,6 +84,18 @@ def check_model_fits(model, x, y) -> None:
     labels = int(y.max()) + 1 if len(y) else 0
     if model.num_classes < labels:
         raise BadReply(f"the server's model has {model.num_classes} outputs, but the labels go up to {labels - 1}")
+
+
+def check_local_setup(device: str, mnist_dir, split: str | None) -> None:
+    """What a worker can check before it reaches the server: the device, and that the MNIST
+    ``split`` is there (downloaded into the cache if need be; None: no data needed).
+
+    A missing folder or GPU then fails at once, in one line, instead of after
+    the connection (or after ``--give-up-after`` of retrying a server that is down).
+    """
+    backend.array_module(device)
+    if split is not None:
+        resolve_mnist_dir(mnist_dir, files=[f"{split}-images", f"{split}-labels"])
 
 
 def _finite_or_none(loss) -> float | None:
@@ -305,6 +317,7 @@ class Trainer:
 
 def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mnist_dir: str | None = None,
                 give_up_after: float = 600.0, compute_ms: float | None = None, overlap: bool = False) -> int:
+    check_local_setup(device, mnist_dir, None if compute_ms is not None else "train")
     client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after)
     _exit_on_sigterm()
     try:
