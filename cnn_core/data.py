@@ -128,23 +128,34 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+# What the magic numbers of the MNIST release hold, for messages naming a file of the wrong kind.
+_MNIST_KINDS = {0x00000801: "labels", 0x00000803: "images"}
+
 
 # --------------------------------------------------------------------------- #
 # IDX files
 # --------------------------------------------------------------------------- #
-def read_idx(path, expected_md5: str | None = None, expected_count: int | None = None) -> np.ndarray:
+def read_idx(path, expected_md5: str | None = None, expected_count: int | None = None, *,
+             expected_magic: int | None = None, expected_item_shape: Sequence[int] | None = None) -> np.ndarray:
     """Read an IDX file (gzip-compressed or raw) into a NumPy array.
 
     The file is rejected with a one-line :class:`DataError` naming it when it
-    is missing, not decodable gzip, has a bad magic number or header, holds
-    fewer or more data bytes than its header declares, holds a different
-    number of items than ``expected_count``, or when the md5 of its
-    decompressed bytes differs from ``expected_md5``.
+    is missing, not decodable gzip, has a bad magic number or header, has a
+    magic number other than ``expected_magic``, declares a different number
+    of items than ``expected_count`` or items of another shape than
+    ``expected_item_shape``, holds fewer or more data bytes than its header
+    declares, or when the md5 of its decompressed bytes differs from
+    ``expected_md5``.  The header is checked before the sizes, so a file of
+    the wrong kind is reported as such, not as truncated.
 
     Args:
         path: the file.  Compression is detected from the gzip magic bytes.
         expected_md5: hex md5 of the decompressed content, or ``None``.
         expected_count: required length of the first dimension, or ``None``.
+        expected_magic: required magic number (element type and number of
+            dimensions), e.g. ``0x00000803`` for MNIST images, or ``None``.
+        expected_item_shape: required dimensions after the first, e.g.
+            ``(28, 28)``, or ``None``.
 
     Returns:
         A writable, native-byte-order array of the shape in the header,
@@ -163,18 +174,28 @@ def read_idx(path, expected_md5: str | None = None, expected_count: int | None =
             f"{path}: not an IDX file: magic number 0x{magic:08x} "
             f"(expected 0x00000801 for labels or 0x00000803 for images)"
         )
+    dtype = _IDX_DTYPES[type_code]
+    if expected_magic is not None and magic != expected_magic:
+        # Before any size: the dimensions of a file of another kind mean nothing here.
+        raise DataError(f"{path}: magic 0x{magic:08x} is {_magic_kind(magic, dtype, ndim)}, "
+                        f"expected {_MNIST_KINDS.get(expected_magic, 'magic')} (0x{expected_magic:08x})")
     header_len = 4 + 4 * ndim
     if len(content) < header_len:
         raise DataError(
             f"{path}: truncated IDX header: {len(content)} bytes, the {ndim} dimensions need {header_len}"
         )
     dims = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_DTYPES[type_code]
+    shape_txt = "x".join(map(str, dims))
+    if expected_item_shape is not None and dims[1:] != tuple(expected_item_shape):
+        item = "x".join(map(str, expected_item_shape)) or "scalar"
+        raise DataError(f"{path}: header declares {shape_txt}: items of shape {'x'.join(map(str, dims[1:]))}, "
+                        f"expected {item} items")
+    if expected_count is not None and dims[0] != expected_count:
+        raise DataError(f"{path}: holds {dims[0]} items, expected {expected_count}")
 
     # Python ints: the product of four uint32 dims overflows int64.
     expected_bytes = math.prod(dims) * dtype.itemsize
     actual_bytes = len(content) - header_len
-    shape_txt = "x".join(map(str, dims))
     if actual_bytes < expected_bytes:
         raise DataError(
             f"{path}: truncated: header declares {shape_txt} ({expected_bytes} data bytes) "
@@ -185,8 +206,6 @@ def read_idx(path, expected_md5: str | None = None, expected_count: int | None =
             f"{path}: {actual_bytes - expected_bytes} unexpected trailing bytes after the "
             f"{shape_txt} data the header declares"
         )
-    if expected_count is not None and dims[0] != expected_count:
-        raise DataError(f"{path}: holds {dims[0]} items, expected {expected_count}")
     if expected_md5 is not None:
         digest = hashlib.md5(content).hexdigest()
         if digest != expected_md5.lower():
@@ -199,6 +218,14 @@ def read_idx(path, expected_md5: str | None = None, expected_count: int | None =
     # astype copies: the result owns writable memory in native byte order
     # instead of a read-only view over the decompressed bytes.
     return arr.reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _magic_kind(magic: int, dtype: np.dtype, ndim: int) -> str:
+    """What an IDX magic number says the file is, in words."""
+    kind = _MNIST_KINDS.get(magic)
+    if kind is not None:
+        return f"an {kind} file" if kind[0] in "aeiou" else f"a {kind} file"
+    return f"a {dtype.name} IDX file with {ndim} dimension{'' if ndim == 1 else 's'}"
 
 
 def _read_content(path: Path) -> bytes:
@@ -525,12 +552,14 @@ def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
         folder = Path(mnist_dir if mnist_dir is not None else os.environ["MNIST_DIR"]).expanduser()
         if not folder.is_dir():
             raise DataError(f"{folder}: MNIST folder (from {source}) does not exist or is not a folder")
+        _check_not_directories(folder, names)
         missing = [MNIST_FILES[n]["filename"] for n in names if _find_file(folder, n) is None]
         if missing:
             raise DataError(f"{folder}: MNIST folder (from {source}) lacks {', '.join(missing)}")
         return folder, False
 
     folder = default_cache_dir()
+    _check_not_directories(folder, names)
     missing_names = [n for n in names if _find_file(folder, n) is None]
     if missing_names:
         if not download:
@@ -539,6 +568,23 @@ def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
                             f"(set MNIST_DIR to a folder holding the files, or allow downloading)")
         download_mnist(folder, files=missing_names)
     return folder, True
+
+
+def _check_not_directories(folder: Path, names: list[str]) -> None:
+    """DataError for a file that is there only as a directory (or another non-file).
+
+    Without this it would read as missing, and a download could not replace it.
+    """
+    for name in names:
+        if _find_file(folder, name) is not None:
+            continue
+        filename = MNIST_FILES[name]["filename"]
+        for candidate in (filename, filename.removesuffix(".gz")):
+            path = folder / candidate
+            if path.is_dir():
+                raise DataError(f"{path}: is a directory, not the MNIST file {filename}")
+            if path.exists():
+                raise DataError(f"{path}: is not a regular file, not the MNIST file {filename}")
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
@@ -631,8 +677,11 @@ def _read_mnist_file(folder: Path, name: str, repair: bool) -> np.ndarray:
     """Read and check one MNIST file; a bad file in the cache is downloaded again once."""
     info = MNIST_FILES[name]
     path = _find_file(folder, name)
+    # Kind and shape first: a labels file in the images' place is named as such.
+    checks = {"expected_md5": info["md5"], "expected_count": info["count"], "expected_magic": info["magic"],
+              "expected_item_shape": tuple(info["item_shape"])}
     try:
-        arr = read_idx(path, expected_md5=info["md5"], expected_count=info["count"])
+        arr = read_idx(path, **checks)
     except DataError as exc:
         if not repair:
             raise
@@ -641,12 +690,7 @@ def _read_mnist_file(folder: Path, name: str, repair: bool) -> np.ndarray:
         # process may be reading it), and a fresh .gz shadows a bad raw twin.
         download_mnist(folder, files=[name])
         path = folder / info["filename"]
-        arr = read_idx(path, expected_md5=info["md5"], expected_count=info["count"])
-    if arr.shape[1:] != tuple(info["item_shape"]):
-        item = "x".join(map(str, info["item_shape"])) or "scalar"
-        raise DataError(f"{path}: items of shape {arr.shape[1:]}, expected {item} ({name})")
-    if arr.dtype != np.uint8:
-        raise DataError(f"{path}: element type {arr.dtype}, expected uint8 ({name})")
+        arr = read_idx(path, **checks)
     return arr
 
 

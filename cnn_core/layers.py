@@ -51,6 +51,18 @@ def _pair(value, what: str) -> tuple[int, int]:
     raise SpecError(f"{what} must be an int or a pair of ints, got {value!r}")
 
 
+def _is_int(value) -> bool:
+    """An integer, but not a bool: JSON's ``true`` must not pass as 1."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _not_bool(value, what: str):
+    """``value``, unless it is a bool (``float(True)`` would make it 1.0); for the number options."""
+    if isinstance(value, (bool, np.bool_)):
+        raise SpecError(f"{what} must be a number, got {value!r}")
+    return value
+
+
 class Layer:
     """Base class: a layer without parameters or state."""
 
@@ -71,6 +83,14 @@ class Layer:
 
     def _infer(self, in_shape: tuple) -> tuple:
         return in_shape
+
+    def plan(self, in_shape: tuple) -> tuple[tuple, int]:
+        """(output shape, parameter count) for ``in_shape``, allocating nothing.
+
+        The model sizes every layer this way first, so that an absurd spec is
+        refused before the memory for it is requested.
+        """
+        return self._infer(tuple(in_shape)), 0
 
     def bind_parameter(self, key: str, array) -> None:
         """Make ``array`` (same shape and dtype) the storage of parameter ``key``.
@@ -136,7 +156,7 @@ class Conv2D(Layer):
 
     def __init__(self, out_channels: int, kernel=3, stride=1, padding=0, name=None):
         super().__init__(name)
-        if not isinstance(out_channels, (int, np.integer)) or out_channels < 1:
+        if not _is_int(out_channels) or out_channels < 1:
             raise SpecError(f"conv2d {self.name}: out_channels must be a positive int, got {out_channels!r}")
         self.out_channels = int(out_channels)
         self.kernel = _pair(kernel, f"conv2d {self.name}: kernel")
@@ -153,6 +173,10 @@ class Conv2D(Layer):
     def patch_major(self) -> bool:
         """Columns built by ``im2col_t_with_ones``: few input channels (see there); else ``im2col``."""
         return self.in_shape[2] <= PATCH_MAJOR_MAX_CHANNELS
+
+    def plan(self, in_shape):
+        out_shape = self._infer(tuple(in_shape))
+        return out_shape, self.out_channels * (in_shape[2] * self.kernel[0] * self.kernel[1] + 1)
 
     def _infer(self, in_shape):
         if len(in_shape) != 3:
@@ -232,9 +256,9 @@ class Dense(Layer):
 
     def __init__(self, units: int, init_scale: float = 1.0, name=None):
         super().__init__(name)
-        if not isinstance(units, (int, np.integer)) or units < 1:
+        if not _is_int(units) or units < 1:
             raise SpecError(f"dense {self.name}: units must be a positive int, got {units!r}")
-        if not isinstance(init_scale, (int, float)) or not init_scale >= 0:
+        if not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool) or not init_scale >= 0:
             raise SpecError(f"dense {self.name}: init_scale must be a number >= 0, got {init_scale!r}")
         self.units = int(units)
         self.init_scale = float(init_scale)
@@ -242,6 +266,10 @@ class Dense(Layer):
     def config(self):
         return {"units": self.units} if self.init_scale == 1.0 else {"units": self.units,
                                                                        "init_scale": self.init_scale}
+
+    def plan(self, in_shape):
+        out_shape = self._infer(tuple(in_shape))
+        return out_shape, (in_shape[0] + 1) * self.units
 
     def _infer(self, in_shape):
         if len(in_shape) != 1:
@@ -411,7 +439,7 @@ class LeakyReLU(Layer):
 
     def __init__(self, alpha: float = 0.01, name=None):
         super().__init__(name)
-        self.alpha = float(alpha)
+        self.alpha = float(_not_bool(alpha, f"leaky_relu {self.name}: alpha"))
 
     def config(self):
         return {"alpha": self.alpha}
@@ -431,7 +459,7 @@ class ELU(Layer):
 
     def __init__(self, alpha: float = 1.0, name=None):
         super().__init__(name)
-        self.alpha = float(alpha)
+        self.alpha = float(_not_bool(alpha, f"elu {self.name}: alpha"))
 
     def config(self):
         return {"alpha": self.alpha}
@@ -486,7 +514,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, name=None):
         super().__init__(name)
-        if not 0.0 <= float(p) < 1.0:
+        if not 0.0 <= float(_not_bool(p, f"dropout {self.name}: p")) < 1.0:
             raise SpecError(f"dropout {self.name}: p must be in [0, 1), got {p!r}")
         self.p = float(p)
         self.key: int | None = None
@@ -526,11 +554,15 @@ class BatchNorm2D(Layer):
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name=None):
         super().__init__(name)
-        self.momentum = float(momentum)
-        self.eps = float(eps)
+        self.momentum = float(_not_bool(momentum, f"batchnorm2d {self.name}: momentum"))
+        self.eps = float(_not_bool(eps, f"batchnorm2d {self.name}: eps"))
 
     def config(self):
         return {"momentum": self.momentum, "eps": self.eps}
+
+    def plan(self, in_shape):
+        out_shape = self._infer(tuple(in_shape))
+        return out_shape, 2 * in_shape[2]
 
     def _infer(self, in_shape):
         if len(in_shape) != 3:
@@ -603,11 +635,22 @@ class Residual(Layer):
                 self.parameters[f"{layer.name}.{k}"] = v
             for k, v in layer.state.items():
                 self.state[f"{layer.name}.{k}"] = v
-        if shape != self.in_shape:
-            raise SpecError(f"residual {self.name}: the inner layers map {self.in_shape} to {shape}; "
-                            "a residual block must keep the shape")
+        self._check_kept(self.in_shape, shape)
         self.out_shape = shape
         return shape
+
+    def plan(self, in_shape):
+        shape, count = tuple(in_shape), 0
+        for layer in self.layers:
+            shape, n = layer.plan(shape)
+            count += n
+        self._check_kept(tuple(in_shape), shape)
+        return shape, count
+
+    def _check_kept(self, in_shape, out_shape) -> None:
+        if out_shape != in_shape:
+            raise SpecError(f"residual {self.name}: the inner layers map {in_shape} to {out_shape}; "
+                            "a residual block must keep the shape")
 
     def reseed(self, rng):
         for layer in self.layers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 
 import numpy as np
 
@@ -41,6 +42,11 @@ def _cnn_preset(c1: int, c2: int, hidden: int) -> dict:
         ],
     }
 
+
+#: The most parameters a model may have: 400 MB of float32 weights, as much again
+#: for each gradient and optimizer slot.  Checked from the spec alone, so that a
+#: typo like ``"units": 100000000`` is one line, not an allocation failure.
+MAX_PARAMETERS = 100_000_000
 
 PRESETS = {
     # Conv(1->32)-ReLU-Pool-Conv(32->64)-ReLU-Pool-Dense(3136->128)-ReLU-Dropout-Dense(128->10)
@@ -79,7 +85,21 @@ def _make_layer(entry, counters: dict):
     if cls is None:
         raise SpecError(f"model spec: unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
     counters[kind] = counters.get(kind, 0) + 1
-    name = entry.pop("name", None) or f"{kind.replace('2d', '')}{counters[kind]}"
+    name = entry.pop("name", None)
+    if name is not None and (not isinstance(name, str) or "." in name):
+        # Parameters are named "<layer>.<param>": a dot would make that ambiguous.
+        raise SpecError(f"{kind} layer: name must be a string without '.', got {name!r}")
+    name = name or f"{kind.replace('2d', '')}{counters[kind]}"
+    options, required = _options(cls)
+    unknown = [key for key in entry if key not in options]
+    if unknown:
+        listed = f"options: {', '.join(options)}" if options else "it takes no options"
+        raise SpecError(f"{kind} {name!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))} ({listed})")
+    missing = [key for key in required if key not in entry]
+    if missing:
+        raise SpecError(f"{kind} {name!r}: missing option{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(repr, missing))}")
     if cls is Residual:
         inner = entry.pop("layers", None)
         if not isinstance(inner, list) or not inner:
@@ -97,6 +117,26 @@ def _make_layer(entry, counters: dict):
         raise
     except (TypeError, ValueError) as exc:   # unknown keyword, or float("abc") for p/alpha/momentum
         raise SpecError(f"layer {name} ({kind}): {exc}") from None
+
+
+def _options(cls) -> tuple[list[str], list[str]]:
+    """(the options, the required ones) of a layer type: its constructor's keywords but ``name``."""
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name not in ("self", "name")]
+    return [p.name for p in params], [p.name for p in params if p.default is inspect.Parameter.empty]
+
+
+def _check_size(layers, shape: tuple) -> None:
+    """SpecError when the layers on input ``shape`` would exceed MAX_PARAMETERS; allocates nothing."""
+    total = 0
+    for layer in layers:
+        shape, count = layer.plan(shape)
+        total += count
+        if count > MAX_PARAMETERS:
+            raise SpecError(f"model spec: {layer.type_name} {layer.name!r} would have {count:,} parameters, "
+                            f"more than the {MAX_PARAMETERS:,} a model may have")
+        if total > MAX_PARAMETERS:
+            raise SpecError(f"model spec: the model would have {total:,} parameters by {layer.type_name} "
+                            f"{layer.name!r} ({count:,}), more than the {MAX_PARAMETERS:,} a model may have")
 
 
 class Model:
@@ -126,6 +166,7 @@ class Model:
             raise SpecError(f"model spec: duplicate layer names {dupes}")
         c, h, w = self.spec["input_shape"]
         shape = (h, w, c)                      # channels-last inside the network
+        _check_size(self.layers, shape)
         rng = np.random.default_rng(self.seed)
         built: dict = {}
         self.state: dict = {}

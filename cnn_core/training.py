@@ -8,12 +8,20 @@
     metrics.jsonl        "start"; "step" every ``log_every`` updates and at the
                          end of each epoch; "epoch" after each test evaluation
     model.npz            final weights and optimizer state (load_model_checkpoint)
-    summary.json         final test metrics, throughput, configuration
+    summary.json         final test metrics, throughput, configuration; "status"
+                         is "complete", or "diverged" with the reason in "error"
     learning_curves.png, confusion_matrix.png   when matplotlib is installed
 
 Epochs are numbered from 1 in records and messages; the shuffling of epoch
 ``e`` is :func:`cnn_core.data.batch_index` with ``epoch = e - 1``, the same
 order the parameter server hands out, so both runs see the same batches.
+
+A run diverges when a training loss is NaN or infinite, when an update makes
+the weights non-finite, or when the weights, still finite, make the test loss
+non-finite: it stops there, model.npz keeps the last finite weights (without
+optimizer state: that took the diverging step), summary.json says
+``"status": "diverged"`` and why, and :class:`DivergenceError` is raised
+(``pscnn train`` exits 1 with that one line), as the parameter server does.
 
 Throughput is measured over the training loop only (``train_seconds``):
 data loading, test evaluation, checkpointing and plotting are excluded, so
@@ -32,16 +40,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .backend import get_array_module
 from .checkpoint import save_model_checkpoint
-from .data import iterate_batches, load_mnist
-from .errors import ConfigError, PscnnError
+from .data import MNIST_FILES, NUM_CLASSES, iterate_batches, load_mnist
+from .errors import ConfigError, PscnnError, SpecError
 from .losses import softmax_cross_entropy
 from .metrics import evaluate
 from .model import build_model
 from .optim import build_optimizer
 from .runlog import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunWriter, make_plots, to_jsonable
 
-__all__ = ["train", "train_from_args", "default_config", "resolve_config", "format_report", "DivergenceError"]
+__all__ = ["train", "train_from_args", "default_config", "resolve_config", "format_report", "DivergenceError",
+           "check_model_fits_mnist"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +61,13 @@ _INT_KEYS = {"seed": 0, "batch_size": 1, "epochs": 1, "train_limit": 0, "test_li
 
 
 class DivergenceError(PscnnError):
-    """The training loss became NaN or infinite: the run cannot recover, so it stops."""
+    """The loss or the weights became NaN or infinite: the run cannot recover, so it stops.
+
+    ``summary``: what summary.json holds for the stopped run (``"status": "diverged"``),
+    or None when raised before the run folder was finished.
+    """
+
+    summary: dict | None = None
 
 
 # --------------------------------------------------------------------------- configuration
@@ -129,6 +145,7 @@ class _Progress:
         self.samples = 0              # training images consumed
         self.train_seconds = 0.0      # inside the training loop only
         self.eval_seconds = 0.0
+        self.lr = None                # of the last update applied
         self.reset_window()
 
     def reset_window(self) -> None:
@@ -161,15 +178,18 @@ def train(config: dict, progress: bool = True) -> dict:
     Returns the summary exactly as written to summary.json (plain JSON types).
 
     Raises a :class:`~cnn_core.errors.PscnnError` subclass for bad input
-    (config, spec, missing or corrupt data, an unwritable run folder) and
-    :class:`DivergenceError` when the loss stops being finite.  Nothing is
-    written before the model is built and the data is loaded, so such errors
-    leave no half-made run folder behind.
+    (config, spec, a model whose output width is not MNIST's 10 classes,
+    missing or corrupt data, an unwritable run folder) and
+    :class:`DivergenceError` when the loss or the weights stop being finite,
+    after writing the diverged run's model.npz and summary.json (see the
+    module docs).  Nothing is written before the model is built and the data
+    is loaded, so bad input leaves no half-made run folder behind.
     """
     wall_start = time.perf_counter()
     cfg = resolve_config(config)
     # Build the model before reading 47 MB of data: a bad spec or a missing GPU fails at once.
     model = build_model(cfg["model"], seed=cfg["seed"], device=cfg["device"])
+    check_model_fits_mnist(model)
     x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None)
     x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None)
     # iterate_batches keeps the short last batch, hence ceil.
@@ -190,54 +210,44 @@ def train(config: dict, progress: bool = True) -> dict:
     # On a GPU the test set is copied over once, not at every evaluation (a no-op on the CPU).
     x_test_dev = model.xp.asarray(x_test)
     prog = _Progress()
+    last_good = _LastGood(model)
+    result = last = None
+    diverged = None
     try:
-        for epoch in range(1, cfg["epochs"] + 1):
-            epoch_stats = _train_epoch(model, optimizer, writer, x_train, y_train, cfg, epoch, prog, progress)
-            eval_start = time.perf_counter()
-            result = evaluate(model, x_test_dev, y_test, batch_size=EVAL_BATCH)
-            eval_seconds = time.perf_counter() - eval_start
-            prog.eval_seconds += eval_seconds
-            last = writer.log("epoch", epoch=epoch, step=prog.step, **epoch_stats,
-                              test_loss=result["loss"], test_accuracy=result["accuracy"],
-                              eval_seconds=round(eval_seconds, 3))
-            log.info("epoch %d/%d: train loss %.4f, accuracy %.2f%% | test loss %.4f, accuracy %.2f%% | "
-                     "%.0f img/s", epoch, cfg["epochs"], last["train_loss"], 100 * last["train_accuracy"],
-                     result["loss"], 100 * result["accuracy"], last["images_per_second"])
-
-        metrics = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
-                   "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"]}
-        save_model_checkpoint(out_dir / CHECKPOINT_FILE, model, optimizer, step=prog.step, metrics=metrics,
-                              extra={"config": cfg, "epochs": cfg["epochs"], "samples_seen": prog.samples})
-        summary = to_jsonable({
-            "test_accuracy": result["accuracy"],
-            "test_loss": result["loss"],
-            "test_samples": result["count"],
-            "per_class_accuracy": result["per_class_accuracy"],
-            "confusion_matrix": result["confusion_matrix"],
-            "precision": result["precision"],
-            "recall": result["recall"],
-            "train_loss": last["train_loss"],
-            "train_accuracy": last["train_accuracy"],
-            "train_samples": len(x_train),
-            "epochs": cfg["epochs"],
-            "updates": prog.step,
-            "samples_seen": prog.samples,
-            "wall_seconds": time.perf_counter() - wall_start,
-            "train_seconds": prog.train_seconds,
-            "eval_seconds": prog.eval_seconds,
-            "train_images_per_second": prog.samples / prog.train_seconds,
-            "model": cfg["model"],
-            "parameters": model.num_parameters(),
-            "optimizer": cfg["optimizer"],
-            "batch_size": cfg["batch_size"],
-            "device": cfg["device"],
-            "seed": cfg["seed"],
-            "threads": cfg["threads"],
-            "checkpoint": CHECKPOINT_FILE,
-            "out": str(out_dir.resolve()),
-            "platform": _platform(model.xp),
-            "config": cfg,
-        })
+        try:
+            for epoch in range(1, cfg["epochs"] + 1):
+                result = last = None        # a diverged epoch reports no scores of an earlier one
+                epoch_stats = _train_epoch(model, optimizer, writer, x_train, y_train, cfg, epoch, prog,
+                                           progress, last_good)
+                eval_start = time.perf_counter()
+                with np.errstate(over="ignore", invalid="ignore"):    # a non-finite loss is caught below
+                    result = evaluate(model, x_test_dev, y_test, batch_size=EVAL_BATCH)
+                eval_seconds = time.perf_counter() - eval_start
+                prog.eval_seconds += eval_seconds
+                last = writer.log("epoch", epoch=epoch, step=prog.step, **epoch_stats,
+                                  test_loss=result["loss"], test_accuracy=result["accuracy"],
+                                  eval_seconds=round(eval_seconds, 3))
+                if not math.isfinite(result["loss"]):
+                    # Finite weights so large that the logits overflow: after the last
+                    # update no training loss would show it, and no later one recovers.
+                    writer.log("diverged", step=prog.step, epoch=epoch, loss=None, lr=prog.lr, reason="test loss")
+                    raise DivergenceError(
+                        f"training diverged by update {prog.step} (epoch {epoch}): the test loss is "
+                        f"{result['loss']}, the weights overflow the network; {_advice(optimizer, prog.lr)}")
+                log.info("epoch %d/%d: train loss %.4f, accuracy %.2f%% | test loss %.4f, accuracy %.2f%% | "
+                         "%.0f img/s", epoch, cfg["epochs"], last["train_loss"], 100 * last["train_accuracy"],
+                         result["loss"], 100 * result["accuracy"], last["images_per_second"])
+        except DivergenceError as exc:
+            diverged = exc
+        summary = _summary(cfg, model, prog, len(x_train), result, last, time.perf_counter() - wall_start,
+                           out_dir, diverged)
+        metrics = {"test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"],
+                   "train_loss": summary["train_loss"], "train_accuracy": summary["train_accuracy"]}
+        # A diverged run keeps its last finite weights but no optimizer state: that
+        # state took the diverging step, so resuming from it would diverge again.
+        save_model_checkpoint(out_dir / CHECKPOINT_FILE, model, None if diverged else optimizer, step=prog.step,
+                              metrics=metrics, extra={"config": cfg, "epochs": cfg["epochs"],
+                                                      "samples_seen": prog.samples, "status": summary["status"]})
         writer.write_summary(summary)
     except KeyboardInterrupt:
         # Say in the log why it ends here; the records so far stay valid.
@@ -245,8 +255,69 @@ def train(config: dict, progress: bool = True) -> dict:
         raise
     finally:
         writer.close()
+    if diverged is not None:
+        try:
+            make_plots(out_dir)             # the curves up to the divergence help choose a learning rate
+        except Exception as exc:  # noqa: BLE001  (the divergence is the error to report)
+            log.warning("plots failed: %s", exc)
+        diverged.summary = summary
+        raise diverged
     make_plots(out_dir)                     # last: it reads the files just written
     return summary                          # exactly what summary.json holds
+
+
+def check_model_fits_mnist(model) -> None:
+    """SpecError unless the model takes MNIST images and outputs one score per class.
+
+    :func:`train` and the parameter server call it before any data is read:
+    a mismatch is caught then, rather than at the first batch as a label range
+    error of the loss or an input shape error of the model.
+    """
+    image = [1, *MNIST_FILES["train-images"]["item_shape"]]
+    if list(model.spec["input_shape"]) != image:
+        raise SpecError(f"model spec: input_shape is {model.spec['input_shape']}, but MNIST images are {image}")
+    if model.num_classes != NUM_CLASSES:
+        raise SpecError(f"model spec: the last layer {model.layers[-1].name!r} outputs {model.num_classes} "
+                        f"values, but MNIST has {NUM_CLASSES} classes: the output width must be {NUM_CLASSES}")
+
+
+def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict | None, last: dict | None,
+             wall_seconds: float, out_dir: Path, diverged: DivergenceError | None) -> dict:
+    """The summary.json of a run; test and training scores are None where the run stopped before them."""
+    result = result or {}
+    last = last or {}
+    return to_jsonable({
+        "status": "diverged" if diverged else "complete",
+        "error": str(diverged) if diverged else None,
+        "test_accuracy": result.get("accuracy"),
+        "test_loss": result.get("loss"),
+        "test_samples": result.get("count"),
+        "per_class_accuracy": result.get("per_class_accuracy"),
+        "confusion_matrix": result.get("confusion_matrix"),
+        "precision": result.get("precision"),
+        "recall": result.get("recall"),
+        "train_loss": last.get("train_loss"),
+        "train_accuracy": last.get("train_accuracy"),
+        "train_samples": train_samples,
+        "epochs": cfg["epochs"],
+        "updates": prog.step,
+        "samples_seen": prog.samples,
+        "wall_seconds": wall_seconds,
+        "train_seconds": prog.train_seconds,
+        "eval_seconds": prog.eval_seconds,
+        "train_images_per_second": prog.samples / prog.train_seconds if prog.train_seconds > 0 else None,
+        "model": cfg["model"],
+        "parameters": model.num_parameters(),
+        "optimizer": cfg["optimizer"],
+        "batch_size": cfg["batch_size"],
+        "device": cfg["device"],
+        "seed": cfg["seed"],
+        "threads": cfg["threads"],
+        "checkpoint": CHECKPOINT_FILE,
+        "out": str(out_dir.resolve()),
+        "platform": _platform(model.xp),
+        "config": cfg,
+    })
 
 
 def _build_optimizer(opt_cfg: dict, planned_updates: int):
@@ -260,9 +331,72 @@ def _build_optimizer(opt_cfg: dict, planned_updates: int):
     return build_optimizer(opt_cfg)
 
 
+def _all_finite(flat) -> bool:
+    """No NaN or Inf in the 1-d array ``flat`` (NumPy or CuPy).
+
+    One reduction per update rather than ``isfinite`` per element (the
+    parameter server checks its weights the same way): a NaN or Inf makes the
+    sum of squares non-finite; so can overflow, and then the exact check decides.
+    """
+    xp = get_array_module(flat)
+    with np.errstate(over="ignore", invalid="ignore"):
+        square_sum = xp.dot(flat, flat)
+    return bool(xp.isfinite(square_sum)) or bool(xp.isfinite(flat).all())
+
+
+def _non_finite_part(model) -> str | None:
+    """What holds a NaN or Inf: "weights", "BatchNorm statistics", or None for neither.
+
+    The statistics too: activations whose variance overflows still give a
+    finite loss, but a model that cannot be saved or evaluated.
+    """
+    if not _all_finite(model.params.flat):
+        return "weights"
+    if not all(_all_finite(arr.ravel()) for arr in model.state.values()):
+        return "BatchNorm statistics"
+    return None
+
+
+class _LastGood:
+    """The weights and state (BatchNorm statistics) before the current batch, to go back to on divergence.
+
+    One copy of the flat weight buffer per update: a small fraction of a
+    forward and backward pass, and the only way to undo an in-place update.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.flat = model.xp.empty_like(model.params.flat)
+        self.state = {name: arr.copy() for name, arr in model.state.items()}
+
+    def save(self) -> None:
+        self.flat[...] = self.model.params.flat
+        for name, arr in self.model.state.items():
+            self.state[name][...] = arr
+
+    def restore(self) -> None:
+        self.model.params.flat[...] = self.flat
+        for name, arr in self.model.state.items():
+            arr[...] = self.state[name]
+
+
+def _advice(optimizer, lr: float | None = None) -> str:
+    """What to change after a divergence, naming the culprit setting."""
+    lr = optimizer.current_lr() if lr is None else lr
+    decay = optimizer.config().get("weight_decay") or 0.0
+    if lr * decay >= 1:     # AdamW multiplies the weights by 1 - lr * weight_decay at every update
+        return (f"lower the weight decay ({decay:g}) or the learning rate ({lr:g}): "
+                f"their product must stay below 1")
+    return f"lower the learning rate (it was {lr:g})"
+
+
 def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: int, prog: _Progress,
-                 progress: bool) -> dict:
-    """One pass over ``(x, y)``; "step" records on the way; returns the epoch's training statistics."""
+                 progress: bool, last_good: _LastGood) -> dict:
+    """One pass over ``(x, y)``; "step" records on the way; returns the epoch's training statistics.
+
+    Raises DivergenceError, with the model back at its last finite weights,
+    when a loss or an update is not finite.
+    """
     xp = model.xp
     bar = tqdm(total=len(x), desc=f"epoch {epoch}/{cfg['epochs']}", unit="img", file=sys.stderr,
                disable=None if progress else True, dynamic_ncols=True, leave=True)
@@ -275,19 +409,35 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
         for batch, (xb, yb) in enumerate(iterate_batches(x, y, cfg["batch_size"], cfg["seed"], epoch - 1)):
             xb, yb = xp.asarray(xb), xp.asarray(yb)
             model.reseed((cfg["seed"], epoch - 1, batch))     # dropout masks as a pscnn trainer draws them
-            logits = model.forward(xb, train=True)
-            loss, dlogits = softmax_cross_entropy(logits, yb)
+            last_good.save()
+            # Overflow on the way to a divergence is detected below and reported in
+            # one line: NumPy's warnings would only clutter it.
+            with np.errstate(over="ignore", invalid="ignore"):
+                logits = model.forward(xb, train=True)
+                loss, dlogits = softmax_cross_entropy(logits, yb)
             if not math.isfinite(loss):
                 # NaN or infinite weights never recover: stop instead of wasting the rest of the run.
+                last_good.restore()       # the BatchNorm statistics this forward pass updated
                 lr = optimizer.current_lr()
-                writer.log("diverged", step=prog.step + 1, epoch=epoch, loss=loss, lr=lr)
+                writer.log("diverged", step=prog.step + 1, epoch=epoch, loss=loss, lr=lr, reason="loss")
                 raise DivergenceError(f"training diverged at update {prog.step + 1} (epoch {epoch}): "
-                                      f"the loss is {loss}; lower the learning rate (it was {lr:g})")
+                                      f"the loss is {loss}; {_advice(optimizer, lr)}")
             # Accuracy on the batches as trained (dropout active): a cheap running
             # signal, not a substitute for the test evaluation.
             correct += int((logits.argmax(axis=1) == yb).sum())
-            lr = optimizer.step(model.params, model.backward(dlogits))
+            with np.errstate(over="ignore", invalid="ignore"):
+                lr = optimizer.step(model.params, model.backward(dlogits))
+            broken = _non_finite_part(model)
+            if broken:
+                # A finite loss and gradient, but a step too large for the weights
+                # (or a weight decay that blows them up): keep the last finite ones.
+                last_good.restore()
+                writer.log("diverged", step=prog.step + 1, epoch=epoch, loss=loss, lr=lr, reason=broken)
+                raise DivergenceError(f"training diverged at update {prog.step + 1} (epoch {epoch}): "
+                                      f"the {broken} became non-finite (loss {loss:.4g}); model.npz keeps "
+                                      f"those of update {prog.step}; {_advice(optimizer, lr)}")
             count = len(yb)
+            prog.lr = lr
             prog.step += 1
             prog.samples += count
             loss_sum += loss * count
@@ -304,6 +454,9 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
             _log_window(writer, prog, xp, epoch, lr, bar.disable)
         _sync(xp)
         seconds = max(time.perf_counter() - start, 1e-9)     # never 0 on a coarse clock
+    except DivergenceError:
+        prog.train_seconds += time.perf_counter() - start    # the summary's throughput counts these updates
+        raise
     finally:
         bar.close()
     prog.train_seconds += seconds
@@ -351,37 +504,58 @@ def train_from_args(args) -> int:
 
 
 def format_report(summary: dict) -> str:
-    """The human-readable end-of-run report of a summary dict (as :func:`train` returns)."""
+    """The human-readable end-of-run report of a summary dict (as :func:`train` returns).
+
+    Any field may be missing or null (a diverged run has no test scores, a NaN
+    loss is stored as null): it reads "n/a" and its section is left out.
+    """
+    get = summary.get
     lines = []
-    opt = summary.get("optimizer") or {}
-    epochs = summary["epochs"]
-    lines.append(f"{_model_name(summary['model'])} model, {opt.get('name', '?')} lr {opt.get('lr', '?')}, "
-                 f"batch {summary['batch_size']}, {epochs} epoch{'' if epochs == 1 else 's'} "
-                 f"({summary['updates']:,} updates) on {summary['train_samples']:,} training images, "
-                 f"{summary['device']}")
-    lines.append(f"test accuracy {100 * summary['test_accuracy']:.2f}%, loss {summary['test_loss']:.4f} "
-                 f"({summary['test_samples']:,} test images)")
-    lines.append(f"training {summary['train_images_per_second']:,.0f} img/s "
-                 f"({summary['samples_seen']:,} images in {summary['train_seconds']:.1f} s; "
-                 f"{summary['wall_seconds']:.1f} s in all)")
+    opt = get("optimizer") or {}
+    epochs = get("epochs")
+    model = _model_name(get("model")) if get("model") is not None else "?"
+    lines.append(f"{model} model, {opt.get('name', '?')} lr {opt.get('lr', '?')}, "
+                 f"batch {get('batch_size', '?')}, {_fmt(epochs, 'd')} epoch{'' if epochs == 1 else 's'} "
+                 f"({_fmt(get('updates'), ',')} updates) on {_fmt(get('train_samples'), ',')} training images, "
+                 f"{get('device', '?')}")
+    if get("status") == "diverged":
+        lines.append(f"DIVERGED: {get('error') or 'training diverged'}")
+    lines.append(f"test accuracy {_fmt(get('test_accuracy'), '.2f', 100)}%, loss {_fmt(get('test_loss'), '.4f')} "
+                 f"({_fmt(get('test_samples'), ',')} test images)")
+    lines.append(f"training {_fmt(get('train_images_per_second'), ',.0f')} img/s "
+                 f"({_fmt(get('samples_seen'), ',')} images in {_fmt(get('train_seconds'), '.1f')} s; "
+                 f"{_fmt(get('wall_seconds'), '.1f')} s in all)")
 
-    cm = np.asarray(summary["confusion_matrix"], dtype=np.int64)
-    k = cm.shape[0]
-    width = max(4, len(str(int(cm.max(initial=0)))) + 1)
-    lines.append("")
-    lines.append("confusion matrix (rows: true class, columns: predicted)")
-    lines.append("      " + "".join(f"{j:>{width}}" for j in range(k)))
-    for i in range(k):
-        lines.append(f"  {i:>2}  " + "".join(f"{int(v):>{width}}" for v in cm[i]))
-    lines.append("")
-    per_class = summary["per_class_accuracy"]
-    lines.append("per-class accuracy: " + "  ".join(f"{i}: {100 * a:.1f}%" for i, a in enumerate(per_class)))
-    worst = int(np.argmin(per_class))
-    lines.append(f"weakest class: {worst} ({100 * per_class[worst]:.1f}%)")
+    cm = get("confusion_matrix")
+    if cm:
+        cm = np.asarray(cm, dtype=np.int64)
+        k = cm.shape[0]
+        width = max(4, len(str(int(cm.max(initial=0)))) + 1)
+        lines.append("")
+        lines.append("confusion matrix (rows: true class, columns: predicted)")
+        lines.append("      " + "".join(f"{j:>{width}}" for j in range(k)))
+        for i in range(k):
+            lines.append(f"  {i:>2}  " + "".join(f"{int(v):>{width}}" for v in cm[i]))
+    per_class = get("per_class_accuracy")
+    if per_class and all(_is_number(a) for a in per_class):
+        lines.append("")
+        lines.append("per-class accuracy: " + "  ".join(f"{i}: {100 * a:.1f}%" for i, a in enumerate(per_class)))
+        worst = int(np.argmin(per_class))
+        lines.append(f"weakest class: {worst} ({100 * per_class[worst]:.1f}%)")
 
-    out = Path(summary["out"])
-    present = [name for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE, CONFIG_FILE,
-                                 "learning_curves.png", "confusion_matrix.png") if (out / name).exists()]
-    lines.append("")
-    lines.append(f"files in {out}: {', '.join(present)}")
+    if get("out"):
+        out = Path(get("out"))
+        present = [name for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE, CONFIG_FILE,
+                                     "learning_curves.png", "confusion_matrix.png") if (out / name).exists()]
+        lines.append("")
+        lines.append(f"files in {out}: {', '.join(present)}")
     return "\n".join(lines)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value, spec: str, scale: float = 1) -> str:
+    """``value * scale`` formatted with ``spec``, or "n/a" for a missing or non-finite value."""
+    return format(value * scale if scale != 1 else value, spec) if _is_number(value) else "n/a"

@@ -390,6 +390,86 @@ def test_load_mnist_rejects_out_of_range_labels(tiny_mnist, monkeypatch):
     assert_one_line_naming(exc, path)
 
 
+def _labels_carrying_images_magic(folder: Path, split: str) -> Path:
+    """The reviewer's file: the images file's header (and some of its pixels) where the labels belong."""
+    images = gzip.decompress((folder / data.MNIST_FILES[f"{split}-images"]["filename"]).read_bytes())
+    path = folder / data.MNIST_FILES[f"{split}-labels"]["filename"]
+    path.write_bytes(gzip.compress(images[:len(images) // 2]))
+    return path
+
+
+def test_mnist_file_of_the_wrong_kind_is_named_before_its_sizes(tiny_mnist):
+    folder, arrays, _ = tiny_mnist
+    path = _labels_carrying_images_magic(folder, "test")
+    with pytest.raises(DataError) as exc:
+        data.load_mnist("test", mnist_dir=folder)
+    msg = assert_one_line_naming(exc, path)
+    assert msg.endswith("magic 0x00000803 is an images file, expected labels (0x00000801)"), msg
+    assert "truncated" not in msg
+
+    # Labels as 32-bit floats (type code 0x0D): the magic, not "truncated: header declares ...".
+    path.write_bytes(bytes([0, 0, 0x0D, 1]) + len(arrays["test-labels"]).to_bytes(4, "big")
+                     + arrays["test-labels"].astype(">f4").tobytes()[:7])
+    with pytest.raises(DataError) as exc:
+        data.load_mnist("test", mnist_dir=folder)
+    assert assert_one_line_naming(exc, path).endswith(
+        "magic 0x00000d01 is a float32 IDX file with 1 dimension, expected labels (0x00000801)")
+
+    # And labels where the images belong.
+    images = folder / data.MNIST_FILES["train-images"]["filename"]
+    images.write_bytes((folder / data.MNIST_FILES["train-labels"]["filename"]).read_bytes())
+    with pytest.raises(DataError) as exc:
+        data.load_mnist("train", mnist_dir=folder)
+    assert assert_one_line_naming(exc, images).endswith(
+        "magic 0x00000801 is a labels file, expected images (0x00000803)")
+
+
+def test_mnist_file_dimensions_checked_before_sizes(tiny_mnist):
+    folder, _, _ = tiny_mnist
+    path = folder / data.MNIST_FILES["test-images"]["filename"]
+    # Right magic, items of the wrong shape, and far fewer bytes than the header declares.
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros((5, 28, 27), dtype=np.uint8))[:100]))
+    with pytest.raises(DataError) as exc:
+        data.load_mnist("test", mnist_dir=folder)
+    msg = assert_one_line_naming(exc, path)
+    assert "items of shape 28x27, expected 28x28 items" in msg and "truncated" not in msg, msg
+    # A count other than the release's, cut short: the count is what is wrong.
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros((60000, 28, 28), dtype=np.uint8))[:5000]))
+    with pytest.raises(DataError) as exc:
+        data.load_mnist("test", mnist_dir=folder)
+    assert assert_one_line_naming(exc, path).endswith("holds 60000 items, expected 5")
+
+
+def test_read_idx_expected_magic_and_item_shape(tmp_path):
+    path = tmp_path / "images"
+    path.write_bytes(GOOD)
+    arr = data.read_idx(path, expected_magic=0x00000803, expected_item_shape=(4, 5))
+    np.testing.assert_array_equal(arr, IMAGES)
+    with pytest.raises(DataError, match=r"magic 0x00000803 is an images file, expected labels \(0x00000801\)"):
+        data.read_idx(path, expected_magic=0x00000801)
+    with pytest.raises(DataError, match="items of shape 4x5, expected 28x28 items"):
+        data.read_idx(path, expected_item_shape=(28, 28))
+
+
+def test_mnist_file_that_is_a_directory_is_named_as_one(tiny_mnist, monkeypatch, isolated_env):
+    folder, arrays, raw = tiny_mnist
+    path = folder / data.MNIST_FILES["test-images"]["filename"]
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError) as exc:
+        data.load_mnist("test", mnist_dir=folder)
+    msg = assert_one_line_naming(exc, path)
+    assert "is a directory" in msg and "lacks" not in msg, msg
+    # With its decompressed twin there, a file, that is read: the directory is no problem then.
+    (folder / "t10k-images-idx3-ubyte").write_bytes(raw["test-images"])
+    x, _ = data.load_mnist("test", mnist_dir=folder, normalize=False)
+    np.testing.assert_array_equal(x[:, 0], arrays["test-images"])
+    # In the download cache, a directory is reported too, not downloaded over.
+    (isolated_env / "t10k-labels-idx1-ubyte.gz").mkdir(parents=True)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: is a directory"):
+        data.load_mnist("test", download=False)
+
+
 @pytest.fixture
 def no_download(monkeypatch):
     """Make any download attempt fail the test loudly."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cnn_core import PRESETS, build_model, softmax_cross_entropy
+from cnn_core import model as model_module
 from cnn_core.errors import ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_model
 from cnn_core.layers import Conv2D, Dropout, MaxPool2D, ReLU
@@ -259,7 +260,7 @@ BAD_SPECS = [
     (_spec({"type": "relu", "name": "x"}, {"type": "flatten", "name": "x"}, {"type": "dense", "units": 2}),
      r"duplicate layer names \['x'\]"),
     (_spec({"type": "relu"}, {"type": "relu", "name": "relu1"}, *FLAT_TAIL), "duplicate layer names"),
-    (_spec({"type": "conv2d", "out_channels": 2, "kernal": 3}, *FLAT_TAIL), "conv1 .*kernal"),
+    (_spec({"type": "conv2d", "out_channels": 2, "kernal": 3}, *FLAT_TAIL), "conv2d 'conv1': unknown option 'kernal'"),
     (_spec({"type": "conv2d", "out_channels": 2.5}, *FLAT_TAIL), "out_channels must be a positive int"),
     (_spec({"type": "conv2d", "out_channels": 2, "kernel": "3"}, *FLAT_TAIL), "kernel must be an int or a pair"),
     (_spec({"type": "conv2d", "out_channels": 2, "stride": 0}, *FLAT_TAIL), "stride must be >= 1"),
@@ -271,7 +272,8 @@ BAD_SPECS = [
     (_spec({"type": "residual", "name": "r", "layers": [{"type": "conv2d", "out_channels": 3, "padding": 1}]},
            *FLAT_TAIL), "residual r: .*must keep the shape"),
     (_spec({"type": "residual", "layers": []}, *FLAT_TAIL), "non-empty 'layers'"),
-    (_spec({"type": "residual", "layers": [{"type": "relu"}], "extra": 1}, *FLAT_TAIL), "residual1 .*extra"),
+    (_spec({"type": "residual", "layers": [{"type": "relu"}], "extra": 1}, *FLAT_TAIL),
+     r"residual 'residual1': unknown option 'extra' \(options: layers\)"),
     (_spec({"type": "residual", "name": "r", "layers": [
         {"type": "conv2d", "name": "c", "out_channels": 1, "padding": 1},
         {"type": "conv2d", "name": "c", "out_channels": 1, "padding": 1}]}, *FLAT_TAIL),
@@ -286,6 +288,96 @@ def test_bad_specs_raise_one_line_spec_error(spec, match):
         build_model(spec)
     message = str(info.value)
     assert "\n" not in message and len(message) < 300, message
+
+
+def test_absurd_parameter_count_refused_before_allocating(monkeypatch):
+    """The reviewer's 78.5G-parameter dense layer: one line naming the layer, its count and the cap."""
+    import cnn_core.layers as layers_module
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a parameter was allocated before the size check")
+    monkeypatch.setattr(layers_module, "_he_normal", no_allocation)
+    spec = {"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 100_000_000}]}
+    with pytest.raises(SpecError) as info:
+        build_model(json.dumps(spec))
+    message = str(info.value)
+    assert "dense 'dense1'" in message and "78,500,000,000 parameters" in message, message
+    assert f"{model_module.MAX_PARAMETERS:,}" in message and "\n" not in message
+
+
+def test_parameter_cap_counts_the_whole_model(monkeypatch):
+    """Layers each under the cap but together over it; counted as build_model would allocate them."""
+    monkeypatch.setattr(model_module, "MAX_PARAMETERS", 1000)
+    spec = _spec({"type": "conv2d", "name": "c", "out_channels": 4, "kernel": 3},     # 40, to (6, 6, 4)
+                 {"type": "flatten"}, {"type": "dense", "name": "a", "units": 2},   # 145 x 2 = 290 (330)
+                 {"type": "dense", "name": "b", "units": 300},                      # 3 x 300 = 900 (1,230)
+                 {"type": "dense", "units": 3})                                     # 301 x 3 = 903 (2,133)
+    with pytest.raises(SpecError, match=r"would have 1,230 parameters by dense 'b' \(900\), more than the 1,000"):
+        build_model(spec)
+    monkeypatch.setattr(model_module, "MAX_PARAMETERS", 2133)
+    assert build_model(spec).num_parameters() == 2133                              # exactly at the cap: fine
+
+
+@pytest.mark.parametrize("spec", ["seed", "light", SMALL_SPEC])
+def test_planned_parameter_counts_match_the_built_model(spec):
+    model = build_model(spec)
+    c, h, w = model.spec["input_shape"]
+    shape = (h, w, c)
+    for layer in model.layers:
+        shape, count = layer.plan(shape)
+        assert shape == layer.out_shape, layer.name
+        assert count == sum(int(v.size) for v in layer.parameters.values()), layer.name
+
+
+BOOL_OPTIONS = [
+    ({"type": "conv2d", "out_channels": True}, "out_channels must be a positive int, got True"),
+    ({"type": "conv2d", "out_channels": 2, "kernel": True}, "kernel must be an int or a pair"),
+    ({"type": "conv2d", "out_channels": 2, "stride": [1, True]}, "stride must be an int or a pair"),
+    ({"type": "conv2d", "out_channels": 2, "padding": False}, "padding must be an int or a pair"),
+    ({"type": "maxpool2d", "kernel": True}, "kernel must be an int or a pair"),
+    ({"type": "maxpool2d", "stride": True}, "stride must be an int or a pair"),
+    ({"type": "dense", "units": True}, "units must be a positive int, got True"),
+    ({"type": "dense", "units": 3, "init_scale": True}, "init_scale must be a number"),
+    ({"type": "dropout", "p": False}, "p must be a number, got False"),
+    ({"type": "leaky_relu", "alpha": True}, "alpha must be a number, got True"),
+    ({"type": "elu", "alpha": True}, "alpha must be a number, got True"),
+    ({"type": "batchnorm2d", "momentum": True}, "momentum must be a number, got True"),
+    ({"type": "batchnorm2d", "eps": False}, "eps must be a number, got False"),
+]
+
+
+@pytest.mark.parametrize("layer, match", BOOL_OPTIONS, ids=[f"{lyr['type']}-{m.split()[0]}" for lyr, m in BOOL_OPTIONS])
+def test_booleans_are_not_numbers_in_any_layer_option(layer, match):
+    """JSON's true is not 1: every integer (and number) option of every layer refuses it."""
+    tail = (FLAT_TAIL if layer["type"] != "dense" else ({"type": "dense", "units": 3},))
+    head = ({"type": "flatten"},) if layer["type"] == "dense" else ()
+    with pytest.raises(SpecError, match=match):
+        build_model(_spec(*head, layer, *tail))
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"type": "maxpool2d", "name": "pool1", "size": 2},
+     "maxpool2d 'pool1': unknown option 'size' (options: kernel, stride)"),
+    ({"type": "conv2d", "out_channels": 2, "kernal": 3, "pad": 1},
+     "conv2d 'conv1': unknown options 'kernal', 'pad' (options: out_channels, kernel, stride, padding)"),
+    ({"type": "relu", "alpha": 0.1}, "relu 'relu1': unknown option 'alpha' (it takes no options)"),
+    ({"type": "conv2d", "kernel": 3}, "conv2d 'conv1': missing option 'out_channels'"),
+    ({"type": "residual", "name": "r"}, "residual 'r': missing option 'layers'"),
+])
+def test_unknown_and_missing_layer_options_are_named(layer, message):
+    """The spec's words, not Python's: no __init__(), no 'keyword argument'."""
+    with pytest.raises(SpecError) as info:
+        build_model(_spec(layer, *FLAT_TAIL))
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("name", [5, ["a"], "res.c"])
+def test_layer_names_must_be_strings_without_dots(name):
+    """A dot splits "<layer>.<param>": inside a residual block it used to end in a bare StopIteration."""
+    spec = _spec({"type": "residual", "name": "r", "layers": [
+        {"type": "conv2d", "name": name, "out_channels": 1, "padding": 1}]}, *FLAT_TAIL)
+    with pytest.raises(SpecError, match="name must be a string without '.'"):
+        build_model(spec)
 
 
 def test_bad_json_message_names_position():

@@ -33,6 +33,7 @@ from cnn_core.checkpoint import load_model_checkpoint
 from cnn_core.data import load_mnist
 from cnn_core.errors import ConfigError, DataError, SpecError
 from cnn_core.metrics import evaluate
+from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
 from cnn_core import training
 from cnn_core.training import DivergenceError, default_config, format_report, train
@@ -354,7 +355,123 @@ def test_divergence_stops_the_run(tmp_path, no_plots):
             train(cfg, progress=False)
     records = read_metrics(tmp_path / "run")
     assert records[-1]["kind"] == "diverged" and records[-1]["loss"] is None        # NaN stored as null
-    assert not (tmp_path / "run" / "summary.json").exists()
+    # The run folder says so (it used to hold no summary at all; see the test below).
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "diverged at update" in summary["error"]
+
+
+def params_all_finite(model) -> bool:
+    return all(np.isfinite(v).all() for v in model.params.values())
+
+
+@needs_real_mnist
+def test_update_making_weights_non_finite_keeps_the_last_finite_ones(tmp_path, no_plots):
+    """A finite loss, then an update that overflows the weights (AdamW's decay w *= 1 - lr * 1e300)."""
+    opt = {"name": "adamw", "lr": 0.001, "weight_decay": 1e300}
+    cfg = tiny_config(tmp_path, optimizer=opt, train_limit=128)
+    with pytest.raises(DivergenceError, match=r"diverged at update 1 \(epoch 1\): the weights became non-finite"
+                                              r".*lower the weight decay \(1e\+300\)") as info:
+        train(cfg, progress=False)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary == info.value.summary
+    assert summary["status"] == "diverged" and summary["error"] == str(info.value)
+    assert summary["updates"] == 0 and summary["test_accuracy"] is None and summary["test_loss"] is None
+    model, optimizer, meta = load_model_checkpoint(run / "model.npz")
+    assert params_all_finite(model) and optimizer is None and meta["step"] == 0
+    initial = build_model("light", seed=cfg["seed"])                   # the weights of update 0
+    for name, value in initial.params.items():
+        np.testing.assert_array_equal(model.params[name], value)
+    last = read_metrics(run)[-1]
+    assert last["kind"] == "diverged" and last["reason"] == "weights" and math.isfinite(last["loss"])
+
+
+BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "conv2d", "out_channels": 4, "kernel": 3, "stride": 2}, {"type": "batchnorm2d"}, {"type": "relu"},
+    {"type": "flatten"}, {"type": "dense", "units": 10}]}
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("lr, match", [
+    (1e20, r"the BatchNorm statistics became non-finite \(loss [0-9.e+]+\)"),   # the loss still finite
+    (1e37, r"the loss is nan"),                                                   # the forward pass overflows
+])
+def test_divergence_keeps_finite_batchnorm_statistics(tmp_path, no_plots, lr, match):
+    """Either way a forward pass overflowed the running variance: model.npz has the statistics from before it."""
+    cfg = tiny_config(tmp_path, model=BN_SPEC, seed=0, train_limit=256, test_limit=64, batch_size=32,
+                      optimizer={"name": "sgd", "lr": lr})
+    with pytest.raises(DivergenceError, match=match) as info, np.errstate(all="ignore"):
+        train(cfg, progress=False)
+    model, _, meta = load_model_checkpoint(tmp_path / "run" / "model.npz")
+    assert meta["step"] == info.value.summary["updates"] >= 1 and params_all_finite(model)
+    assert all(np.isfinite(v).all() for v in model.state.values())
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("flags", [["--lr", "1e9", "--l2", "1e9", "--warmup-steps", "0"],
+                                   ["--optimizer", "adamw", "--weight-decay", "1e9", "--lr", "1e9",
+                                    "--warmup-steps", "0"]], ids=["lr", "decay"])
+def test_divergence_on_the_only_update_is_a_one_line_error(tmp_path, flags):
+    """The reviewer's runs (at the flags' caps): one update, whose finite but huge weights make the
+    test loss NaN; no later training loss could show it, and format_report used to crash on it."""
+    out = tmp_path / "run"
+    proc = pscnn_train(["--model", "light", "--train-limit", "64", "--test-limit", "64", "--threads", "1",
+                        "--no-progress", *flags, "--out", str(out)], env=clean_env(MNIST_DIR=REAL_MNIST))
+    line = assert_one_line_error(proc, 1, "training diverged by update 1 (epoch 1): the test loss is nan",
+                                 "lower the")
+    assert "RuntimeWarning" not in proc.stderr and proc.stdout == ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and line.endswith(summary["error"])
+    model, _, _ = load_model_checkpoint(out / "model.npz")
+    assert params_all_finite(model)
+
+
+def test_format_report_tolerates_missing_metrics(tmp_path):
+    diverged = {"status": "diverged", "error": "training diverged at update 3 (epoch 1): the loss is nan",
+                "test_accuracy": None, "test_loss": None, "test_samples": None, "per_class_accuracy": None,
+                "confusion_matrix": None, "train_images_per_second": None, "model": "light", "epochs": 1,
+                "updates": 2, "train_samples": 64, "samples_seen": 128, "train_seconds": 0.5,
+                "wall_seconds": 1.0, "optimizer": {"name": "sgd", "lr": 1e30}, "batch_size": 64, "device": "cpu",
+                "out": str(tmp_path)}
+    report = format_report(diverged)
+    assert "DIVERGED: training diverged at update 3" in report
+    assert "test accuracy n/a%, loss n/a (n/a test images)" in report and "confusion matrix" not in report
+    # A NaN test loss next to real scores, and a summary with nothing in it at all.
+    cm = np.eye(10, dtype=int).tolist()
+    report = format_report({**diverged, "test_accuracy": 1.0, "test_loss": float("nan"), "test_samples": 10,
+                            "confusion_matrix": cm, "per_class_accuracy": [1.0] * 10})
+    assert "test accuracy 100.00%, loss n/a (10 test images)" in report and "weakest class: 0" in report
+    assert format_report({}).startswith("? model, ? lr ?")
+
+
+def test_model_output_width_must_be_the_number_of_classes(tmp_path):
+    """Checked when the model is built, before the data is read (mnist_dir here holds nothing)."""
+    spec = {"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "name": "out", "units": 5}]}
+    with pytest.raises(SpecError, match=r"last layer 'out' outputs 5 values, but MNIST has 10 classes"):
+        train({"model": spec, "mnist_dir": str(tmp_path), "out": str(tmp_path / "run")}, progress=False)
+    assert not (tmp_path / "run").exists()
+    proc = pscnn_train(["--model", json.dumps(spec), "--out", str(tmp_path / "run")],
+                       env=clean_env(MNIST_DIR=str(tmp_path)))
+    assert_one_line_error(proc, 1, "outputs 5 values", "10 classes")
+    # The input side too: 32x32 images are not what MNIST holds.
+    spec = {"input_shape": [1, 32, 32], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}
+    with pytest.raises(SpecError, match=r"input_shape is \[1, 32, 32\], but MNIST images are \[1, 28, 28\]"):
+        train({"model": spec, "mnist_dir": str(tmp_path), "out": str(tmp_path / "run")}, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("layers, fragment", [
+    ([{"type": "flatten"}, {"type": "dense", "units": 100_000_000}], "dense 'dense1' would have 78,500,000,000"),
+    ([{"type": "flatten"}, {"type": "dense", "units": True}], "units must be a positive int, got True"),
+    ([{"type": "maxpool2d", "name": "pool1", "size": 2}, {"type": "flatten"}, {"type": "dense", "units": 10}],
+     "maxpool2d 'pool1': unknown option 'size' (options: kernel, stride)"),
+])
+def test_reviewed_bad_specs_are_one_line_errors(tmp_path, layers, fragment):
+    spec = json.dumps({"input_shape": [1, 28, 28], "layers": layers})
+    proc = pscnn_train(["--model", spec, "--out", str(tmp_path / "run")], env=clean_env(MNIST_DIR=str(tmp_path)))
+    assert_one_line_error(proc, 1, fragment)
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
 def test_config_errors_leave_nothing_behind(tmp_path):
