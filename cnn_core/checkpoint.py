@@ -14,7 +14,10 @@ a reader never sees half a file.
 model layout on top: ``param/<name>`` (``model.params``), ``state/<name>``
 (``model.state``, e.g. BatchNorm statistics) and ``optim/<key>``
 (``optimizer.state_dict()``), with the model spec, dtype, optimizer config,
-step, metrics and free-form ``extra`` in ``meta``.
+step, metrics and free-form ``extra`` in ``meta``.  Loading refuses, with one
+line naming the file and the offending field or array, a meta field of the
+wrong type and any NaN or Inf in the weights, the model state or the
+optimizer state: a checkpoint may have been edited by hand.
 """
 from __future__ import annotations
 
@@ -151,7 +154,7 @@ def save_model_checkpoint(path, model, optimizer=None, step: int = 0, metrics: d
     save_checkpoint(path, arrays, meta)
 
 
-def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu"):
+def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu", check_meta=None):
     """Load a checkpoint written by :func:`save_model_checkpoint`: ``(model, optimizer, meta)``.
 
     * ``model`` None: built from the stored spec and dtype on ``device``;
@@ -161,9 +164,15 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu")
       its own hyperparameters while taking the stored state.  An optimizer
       given for a checkpoint saved without one is returned unchanged.
 
+    * ``check_meta``: called with ``meta`` once its format is known good and
+      before any array is looked at, so a caller can refuse a checkpoint for
+      what its meta says (raise CheckpointError) before the arrays'
+      mismatches are reported.
+
     Arrays are copied into ``model.params`` / ``model.state`` in place (onto
     the GPU for a CuPy model).  Everything is checked before anything is
     copied, so on CheckpointError the model and optimizer are left unchanged.
+    Floating-point weights, model state and optimizer state must be finite.
     """
     path = os.fspath(path)
     arrays, meta = load_checkpoint(path)
@@ -173,6 +182,12 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{where}: version {meta.get('version')!r} is not supported "
                               f"(this pscnn reads version {VERSION})")
+    saved_opt = meta.get("optimizer")
+    if saved_opt is not None and not (isinstance(saved_opt, dict) and isinstance(saved_opt.get("name"), str)):
+        raise CheckpointError(f"{where}: meta field 'optimizer' must be null or an object with a 'name' string, "
+                              f"got {_short(saved_opt)}")
+    if check_meta is not None:
+        check_meta(meta)
     groups = {"param": {}, "state": {}, "optim": {}}
     for key, value in arrays.items():
         prefix, sep, name = key.partition("/")
@@ -182,14 +197,17 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu")
 
     if model is None:
         from .model import build_model  # noqa: PLC0415  (model imports heavy layer code)
+        dtype = meta.get("dtype", "float32")
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{where}: meta field 'dtype' must be a string, got {_short(dtype)}")
         try:
-            model = build_model(meta.get("model_spec"), dtype=meta.get("dtype", "float32"), device=device)
+            model = build_model(meta.get("model_spec"), dtype=dtype, device=device)
         except (SpecError, ConfigError) as exc:
             raise CheckpointError(f"{where}: stored model cannot be built: {exc}") from None
     _check_arrays(where, "param", groups["param"], model.params)
     _check_arrays(where, "state", groups["state"], model.state)
+    _check_finite(where, "optimizer state", groups["optim"])
 
-    saved_opt = meta.get("optimizer")
     if optimizer is None and saved_opt is not None:
         from .optim import build_optimizer  # noqa: PLC0415
         try:
@@ -230,6 +248,20 @@ def _check_arrays(where: str, kind: str, saved: dict, target: dict) -> None:
         if not np.can_cast(got.dtype, want.dtype, casting="same_kind"):
             raise CheckpointError(f"{where}: {kind} {name} has dtype {got.dtype}, "
                                   f"which cannot be stored in the model's {want.dtype}")
+    _check_finite(where, kind, saved)
+
+
+def _check_finite(where: str, kind: str, arrays: dict) -> None:
+    """No NaN or Inf in the floating-point arrays of ``arrays``: a model cannot train on from them."""
+    for name, value in arrays.items():
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise CheckpointError(f"{where}: {kind} {name} holds NaN or Inf")
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, on one line: a hand-edited meta may hold anything."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _copy_into(target: dict, saved: dict) -> None:

@@ -43,7 +43,9 @@ epoch's permutation, so two runs on one machine end with bit-identical weights.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import signal
 import socket as pysocket
@@ -56,11 +58,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
-from cnn_core.errors import CheckpointError, ConfigError
+from cnn_core.checkpoint import load_checkpoint, load_model_checkpoint, save_model_checkpoint
+from cnn_core.errors import CheckpointError, ConfigError, PscnnError
 from cnn_core.metrics import time_to_accuracy
-from cnn_core.model import resolve_spec
-from cnn_core.runlog import RunWriter, make_plots
+from cnn_core.model import PRESETS, build_model, resolve_spec
+from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots
+from cnn_core.training import check_model_fits_mnist
 from pscnn import protocol as P
 from pscnn.cli import MODES
 
@@ -80,6 +83,104 @@ def resume_checkpoint(out: str) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint at {path}")
     return path
+
+
+def unfinished_run_warning(out: str) -> str | None:
+    """The warning for starting over in run folder ``out`` when it holds an unfinished run's checkpoint, else None.
+
+    A run is finished once its server wrote ``summary.json`` (complete or
+    diverged), and every checkpoint of the run is written before that; so the
+    checkpoint belongs to an unfinished run when there is no summary.json, or
+    only one older than the checkpoint (left by an earlier run in the folder,
+    which a new run started over does not remove).  A finished run's folder
+    reused without --resume (``make run`` twice) gets no warning.
+    """
+    path = os.path.join(out, CHECKPOINT_NAME)
+    summary = os.path.join(out, SUMMARY_FILE)
+    try:
+        if os.stat(summary).st_mtime_ns >= os.stat(path).st_mtime_ns:
+            return None
+    except FileNotFoundError:
+        if not os.path.exists(path):
+            return None
+    except OSError:
+        return None
+    try:
+        _, meta = load_checkpoint(path)
+        extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+        work = extra.get("work") if isinstance(extra.get("work"), dict) else {}
+        what = f"version {meta.get('step', '?')}, epoch {work.get('epoch', '?')} of {work.get('epochs', '?')}"
+    except CheckpointError as exc:
+        what = f"unreadable: {exc}"
+    return (f"{out} holds the checkpoint of an unfinished run ({what}; no summary.json written after it): "
+            f"starting over replaces it and that run's metrics.jsonl; to continue that run instead, stop this "
+            f"server and start it again with --resume (PSCNN_RESUME=1 in Compose)")
+
+
+# Run settings a checkpoint must share with the run that resumes it.  Workers compute
+# each batch's images from (seed, epoch, batch) over the training set cut in batches of
+# batch_size, so seed, training-set size and batch size fix what the rest of the epoch
+# trains on (its applied batches are indices into that permutation); the weights and
+# optimizer state fit one model; the mode decides what an update is (summary.json reports
+# one mode for the run, and a sync run's continuation is exact only in sync).  Allowed to
+# differ: --epochs (at least the epoch the checkpoint reached: more epochs train longer),
+# the optimizer's hyperparameters (lr, schedule: a warning lists what changed; the
+# optimizer kind must match, its state is the checkpoint's), --staleness, --test-limit
+# and everything about timeouts and workers.
+class _Bad(Exception):
+    """A checkpoint field that is missing or wrong: (field, problem)."""
+
+
+def _field(mapping: dict, key: str, where: str):
+    if key not in mapping:
+        raise _Bad(f"{where}{key}", "is missing (not a checkpoint of the pscnn server?)")
+    return mapping[key]
+
+
+def _int(value, field: str, lo: int = 0, hi: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Bad(field, f"must be an integer, got {_show(value)}")
+    if value < lo or (hi is not None and value > hi):
+        raise _Bad(field, f"is {value}, outside {lo}..{hi}" if hi is not None else f"is {value}, below {lo}")
+    return value
+
+
+def _number(value, field: str, lo: float = 0.0, hi: float | None = None) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise _Bad(field, f"must be a finite number, got {_show(value)}")
+    if value < lo or (hi is not None and value > hi):
+        raise _Bad(field, f"is {value}, outside {lo}..{hi}" if hi is not None else f"is {value}, below {lo}")
+    return float(value)
+
+
+def _mapping(value, field: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Bad(field, f"must be a JSON object, got {_show(value)}")
+    return value
+
+
+def _show(value, limit: int = 60) -> str:
+    text = " ".join(json.dumps(value).split()) if _jsonable(value) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _model_name(spec) -> str:
+    """A preset's name for a (normalized) spec, else 'a custom spec'."""
+    for name, preset in PRESETS.items():
+        try:
+            if build_model(preset, device="cpu").spec == spec:
+                return f"--model {name}"
+        except PscnnError:
+            pass
+    return "a custom --model spec"
 
 
 @dataclass
@@ -141,11 +242,18 @@ class ParameterServer:
         self.num_samples = min(cfg.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
         self.spec = resolve_spec(cfg.model)
         self.store = ParameterStore(self.spec, cfg.optimizer, seed=cfg.seed)
+        check_model_fits_mnist(self.store.model)      # else the first push fails, as a label range error
         self.spec = self.store.model.spec
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
         self.incarnation = uuid.uuid4().hex[:12]
         self.peers: dict[str, Peer] = {}
         self.contributors: dict[str, str] = {}      # worker id -> name, of every worker whose gradient was applied
+        # summary.json's "workers": the most distinct workers whose gradients were applied within
+        # one incarnation of the server (this one, or an earlier one, from the checkpoint).  Not
+        # len(contributors): a run stopped and resumed with new worker processes would count
+        # each worker once per incarnation (a 2-worker run resumed once reported 4).
+        self.incarnation_contributors: set[str] = set()
+        self.workers_before = 0
         self.samples_applied = 0
         self.staleness = Counter()
         self.evaluations: list[dict] = []
@@ -171,6 +279,10 @@ class ParameterServer:
         self.sock = None
         if cfg.resume:
             self._resume()
+        else:
+            warning = unfinished_run_warning(cfg.out)
+            if warning:
+                log.warning("%s", warning)
 
     @property
     def over(self) -> bool:
@@ -243,8 +355,15 @@ class ParameterServer:
                     if self._housekeeping(now):
                         break
                 if self._stop_requested:
-                    log.warning("interrupted: writing a checkpoint; continue later with --resume")
-                    self._checkpoint()
+                    if self.summary_written or self.failure is not None:
+                        # Finished: a checkpoint now would postdate summary.json and make the folder
+                        # look unfinished (see unfinished_run_warning); diverged: the last periodic
+                        # checkpoint, from before the failure, is the one to keep.
+                        log.info("interrupted after the run %s: no checkpoint written",
+                                 "diverged" if self.failure is not None else "finished")
+                    else:
+                        log.warning("interrupted: writing a checkpoint; continue later with --resume")
+                        self._checkpoint()
                     break
         finally:
             self._restore_signal_handlers(old_handlers)
@@ -553,6 +672,7 @@ class ParameterServer:
                 p.pushes += 1
                 p.samples += body["count"]
                 self.contributors[p.wid] = p.name
+                self.incarnation_contributors.add(p.wid)
         for s in staleness:
             self.staleness[s] += 1
         self.samples_applied += samples
@@ -757,7 +877,9 @@ class ParameterServer:
             "precision": m.get("precision"), "recall": m.get("recall"),
             "epochs": self.cfg.epochs, "mode": self.cfg.mode,
             "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
-            "workers": len(self.contributors), "worker_ids": sorted(self.contributors),
+            # the most workers at work within one incarnation (see __init__); worker_ids and
+            # worker_names list every worker whose gradient was applied, in any incarnation
+            "workers": self.workers_most, "worker_ids": sorted(self.contributors),
             "worker_names": sorted(set(self.contributors.values())),
             "updates": self.store.version, "samples_applied": self.samples_applied,
             "samples_seen": self.samples_applied,
@@ -794,7 +916,9 @@ class ParameterServer:
         extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
                  "staleness": {str(k): v for k, v in self.staleness.items()},
                  "evaluations": self.evaluations, "contributors": self.contributors,
-                 "train_seconds": self._train_clock(time.monotonic()), "mode": self.cfg.mode}
+                 "workers_most": self.workers_most,
+                 "train_seconds": self._train_clock(time.monotonic()), "mode": self.cfg.mode,
+                 "seed": self.cfg.seed}
         t = time.perf_counter()
         self.writer.flush()     # every step record the checkpoint includes is on disk before it
         save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
@@ -804,25 +928,170 @@ class ParameterServer:
                  (time.perf_counter() - t) * 1e3)
         self.writer.log("checkpoint", version=self.store.version, epoch=self.work.epoch)
 
+    @property
+    def workers_most(self) -> int:
+        """summary.json's "workers": the most distinct workers applied within one incarnation."""
+        return max(self.workers_before, len(self.incarnation_contributors))
+
     def _resume(self) -> None:
+        """Continue from ``OUT/checkpoint.npz``: every field read back is checked first.
+
+        CheckpointError (one line naming the file and the field or setting) for a
+        field of the wrong type or out of range, NaN or Inf in the arrays, or a
+        run setting that differs from the checkpoint's where a continuation
+        needs it to match (see the comment above :class:`_Bad`).
+        """
         path = resume_checkpoint(self.cfg.out)
-        _, _, meta = load_model_checkpoint(path, model=self.store.model, optimizer=self.store.optimizer)
-        extra = meta.get("extra", {})
-        work = extra.get("work", {})
-        if work.get("num_samples") != self.num_samples or work.get("batch_size") != self.cfg.batch_size:
-            raise CheckpointError(f"--resume: {path} was written for {work.get('num_samples')} samples in batches "
-                                  f"of {work.get('batch_size')}, this run has {self.num_samples} / "
-                                  f"{self.cfg.batch_size}")
-        self.store.version = int(meta["step"])
+        checked = {"warnings": []}
+
+        def check(meta: dict) -> None:
+            try:
+                checked.update(self._check_resume_meta(path, meta))
+            except _Bad as exc:
+                field, problem = exc.args
+                raise CheckpointError(f"--resume: checkpoint {path}: field {field} {problem}") from None
+
+        try:
+            load_model_checkpoint(path, model=self.store.model, optimizer=self.store.optimizer, check_meta=check)
+        except CheckpointError as exc:       # the loader's own findings (arrays, NaN, format): say where too
+            text = str(exc)
+            raise CheckpointError(text if text.startswith("--resume") else f"--resume: {text}") from None
+        self.store.version = checked["step"]
         self.work = WorkQueue(self.num_samples, self.cfg.batch_size, self.cfg.epochs, self.cfg.lease_timeout,
-                              epoch=int(work["epoch"]), applied=work.get("applied", []))
-        self.samples_applied = int(extra.get("samples_applied", 0))
-        self.staleness = Counter({int(k): v for k, v in extra.get("staleness", {}).items()})
-        self.evaluations = list(extra.get("evaluations", []))
-        self.contributors = dict(extra.get("contributors", {}))
-        self.train_seconds_before = float(extra.get("train_seconds", 0.0))
+                              epoch=checked["epoch"], applied=checked["applied"])
+        self.samples_applied = checked["samples_applied"]
+        self.staleness = Counter(checked["staleness"])
+        self.evaluations = checked["evaluations"]
+        self.contributors = checked["contributors"]
+        self.workers_before = checked["workers_most"]
+        self.train_seconds_before = checked["train_seconds"]
+        for warning in checked["warnings"]:     # only once the whole checkpoint was accepted
+            log.warning("%s", warning)
         log.info("resumed from %s: version %d, epoch %d with %d/%d batches applied", path, self.store.version,
                  self.work.epoch, len(self.work.applied), self.work.batches_per_epoch)
+
+    def _check_resume_meta(self, path: str, meta: dict) -> dict:
+        """The values ``_resume`` takes from ``meta``, checked; _Bad or CheckpointError otherwise."""
+        cfg = self.cfg
+        warnings = []
+
+        def mismatch(setting: str, theirs, ours, advice: str) -> CheckpointError:
+            return CheckpointError(f"--resume: checkpoint {path} was written with {setting} {theirs}, this run has "
+                                   f"{setting} {ours}: {advice}")
+
+        step = _int(_field(meta, "step", ""), "step")
+        extra = _mapping(_field(meta, "extra", ""), "extra")
+        work = _mapping(_field(extra, "work", "extra."), "extra.work")
+        num_samples = _int(_field(work, "num_samples", "extra.work."), "extra.work.num_samples", 1)
+        batch_size = _int(_field(work, "batch_size", "extra.work."), "extra.work.batch_size", 1)
+        run_epochs = _int(_field(work, "epochs", "extra.work."), "extra.work.epochs", 1)
+        epoch = _int(_field(work, "epoch", "extra.work."), "extra.work.epoch", 0, run_epochs)
+        mode = _field(extra, "mode", "extra.")
+        if mode not in MODES:
+            raise _Bad("extra.mode", f"must be one of {', '.join(MODES)}, got {_show(mode)}")
+        seed = extra.get("seed")            # absent from checkpoints of earlier versions of the server
+        if seed is not None:
+            seed = _int(seed, "extra.seed")
+
+        # The run's settings: those a correct continuation needs are the checkpoint's.
+        if seed is not None and seed != cfg.seed:
+            raise mismatch("--seed", seed, cfg.seed, f"workers derive each batch from the seed, so the rest of "
+                           f"epoch {epoch} would train on another permutation; resume with --seed {seed}")
+        if seed is None:
+            warnings.append(f"--resume: checkpoint {path} does not record its seed (an older pscnn wrote it): "
+                            f"make sure this run's --seed {cfg.seed} is the one it was written with")
+        if num_samples != self.num_samples:
+            raise CheckpointError(f"--resume: checkpoint {path} was written for a training set of {num_samples} "
+                                  f"images, this run has {self.num_samples} (--train-limit {cfg.train_limit}): the "
+                                  f"epoch's batches index that set; resume with --train-limit {num_samples}")
+        if batch_size != cfg.batch_size:
+            raise mismatch("--batch-size", batch_size, cfg.batch_size,
+                           f"the epoch's applied batches are batches of {batch_size}; resume with "
+                           f"--batch-size {batch_size}")
+        if mode != cfg.mode:
+            raise mismatch("--mode", mode, cfg.mode, f"resume with --mode {mode}, or start a new run in another "
+                           f"--out to train in {cfg.mode} mode")
+        spec = _field(meta, "model_spec", "")
+        if spec != self.spec:
+            try:
+                same = build_model(spec, device="cpu").spec == self.spec
+            except PscnnError as exc:
+                raise _Bad("model_spec", f"cannot be built: {exc}") from None
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                raise _Bad("model_spec", f"cannot be built ({type(exc).__name__}: {exc})") from None
+            if not same:
+                theirs, ours = _model_name(spec), _model_name(self.spec)
+                advice = f"resume with {theirs}" if theirs.startswith("--model ") else \
+                    "resume with the --model spec it was written with"
+                raise CheckpointError(f"--resume: checkpoint {path} holds weights of {theirs}, this run has {ours}: "
+                                      f"{advice}")
+        saved_opt = meta.get("optimizer")
+        ours_opt = self.store.optimizer.config()
+        if not isinstance(saved_opt, dict) or not isinstance(saved_opt.get("name"), str):
+            raise _Bad("optimizer", f"must be the optimizer's config (an object with a 'name'), got "
+                       f"{_show(saved_opt)}")
+        if saved_opt["name"] != ours_opt["name"]:
+            raise mismatch("--optimizer", saved_opt["name"], ours_opt["name"],
+                           f"its state is {saved_opt['name']}'s; resume with --optimizer {saved_opt['name']}")
+        changed = [f"{k} {_show(saved_opt.get(k))} -> {_show(ours_opt.get(k))}"
+                   for k in sorted(set(saved_opt) | set(ours_opt)) if saved_opt.get(k) != ours_opt.get(k)]
+        if changed:
+            warnings.append(f"--resume: this run's optimizer settings differ from the checkpoint's "
+                            f"({'; '.join(changed)}): training continues with this run's")
+        if epoch > cfg.epochs:
+            raise mismatch("--epochs", run_epochs, cfg.epochs, f"it has finished {epoch} epochs already; resume "
+                           f"with --epochs {run_epochs} (or more, to train longer)")
+        if run_epochs != cfg.epochs:
+            log.info("--resume: training for %d epochs; the checkpoint's run had %d", cfg.epochs, run_epochs)
+
+        # The position in the epoch and the counters.
+        batches = -(-num_samples // batch_size)
+        applied = _field(work, "applied", "extra.work.")
+        if not isinstance(applied, list):
+            raise _Bad("extra.work.applied", f"must be a list of batch numbers, got {_show(applied)}")
+        for b in applied:
+            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < batches:
+                raise _Bad("extra.work.applied", f"holds {_show(b)}, not a batch of the epoch (0..{batches - 1})")
+        if len(set(applied)) != len(applied):
+            raise _Bad("extra.work.applied", "lists a batch twice")
+        if applied and epoch == run_epochs:
+            raise _Bad("extra.work.applied", f"lists {len(applied)} applied batches after the run's last epoch "
+                       f"(extra.work.epoch is {epoch} of {run_epochs}: none can be)")
+        if len(applied) >= batches:
+            raise _Bad("extra.work.applied", f"lists all {batches} batches of epoch {epoch} (a finished epoch is "
+                       f"recorded as the next one's start, with none applied)")
+        samples_applied = _int(_field(extra, "samples_applied", "extra."), "extra.samples_applied")
+        train_seconds = _number(_field(extra, "train_seconds", "extra."), "extra.train_seconds")
+        staleness = {}
+        for k, v in _mapping(_field(extra, "staleness", "extra."), "extra.staleness").items():
+            if not (k.isascii() and k.isdigit()):
+                raise _Bad("extra.staleness", f"has key {_show(k)}: keys are staleness values (integers >= 0)")
+            staleness[int(k)] = _int(v, f"extra.staleness[{k}]")
+        contributors = _mapping(_field(extra, "contributors", "extra."), "extra.contributors")
+        for k, v in contributors.items():
+            if not isinstance(v, str):
+                raise _Bad(f"extra.contributors[{_show(k)}]", f"must be a worker name (a string), got {_show(v)}")
+        workers_most = extra.get("workers_most")     # absent from checkpoints of earlier versions
+        workers_most = len(contributors) if workers_most is None else _int(workers_most, "extra.workers_most")
+        evaluations = []
+        raw = _field(extra, "evaluations", "extra.")
+        if not isinstance(raw, list):
+            raise _Bad("extra.evaluations", f"must be a list, got {_show(raw)}")
+        for i, e in enumerate(raw):
+            where = f"extra.evaluations[{i}]"
+            e = _mapping(e, where)
+            loss = _field(e, "test_loss", where + ".")
+            if not isinstance(e.get("final"), bool):
+                raise _Bad(where + ".final", f"must be true or false, got {_show(e.get('final'))}")
+            evaluations.append({
+                "seconds": _number(_field(e, "seconds", where + "."), where + ".seconds"),
+                "version": _int(_field(e, "version", where + "."), where + ".version", 0, step),
+                "test_accuracy": _number(_field(e, "test_accuracy", where + "."), where + ".test_accuracy", 0, 1),
+                "test_loss": None if loss is None else _number(loss, where + ".test_loss", -math.inf),
+                "final": e["final"]})
+        return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
+                "train_seconds": train_seconds, "staleness": staleness, "contributors": dict(contributors),
+                "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings}
 
     # ================================================================== status
     def progress(self) -> dict:

@@ -1054,3 +1054,14 @@ def test_a_parked_sync_trainer_takes_over_the_last_batch_when_its_holder(tmp_pat
         assert p1.call(P.PUSH, push_body(task), grads_like(weights)).type == P.STOP     # the run is complete
     finally:
         s.close()
+
+
+def test_a_model_that_cannot_score_mnist_is_refused_before_the_server_starts(tmp_path, capsys):
+    """Five outputs for ten classes used to surface only at the first push, as a label range error."""
+    from pscnn.cli import main
+    from pscnn.launcher import free_port
+    spec = json.dumps({"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 5}]})
+    assert main(["server", "--bind", f"tcp://127.0.0.1:{free_port()}", "--model", spec,
+                 "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outputs 5 values, but MNIST has 10 classes" in err[0], err

@@ -1,0 +1,487 @@
+"""``pscnn server --resume`` against hand-edited checkpoints and changed settings;
+the warning for starting over on an unfinished run; the worker count after a resume.
+
+One real checkpoint is made once per module: a server subprocess (loopback only)
+in sync mode, two trainers speaking the protocol by hand (raw DEALER sockets)
+for three rounds, an evaluator's report, then SIGTERM, which checkpoints.  Each
+test copies that run folder and edits the copy's checkpoint (its ``__meta__``
+JSON or its arrays) with the checkpoint code itself.
+
+``pscnn server`` is run in-process through ``pscnn.cli.main`` with
+``ParameterServer.serve`` stubbed out: the flags, the config and the resume
+are the real ones, a refused checkpoint is one ``pscnn: error:`` line and exit
+1 (an exception escaping ``main`` would be a traceback), and an accepted one
+returns 0 at once instead of serving.  Two checks run the real command in a
+subprocess too.  No timed assertions: every wait is bounded and only fails
+the test when it runs out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from cnn_core.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint, save_model_checkpoint
+from cnn_core.errors import CheckpointError
+from cnn_core.model import build_model
+from cnn_core.optim import build_optimizer
+from pscnn import protocol as P
+from pscnn.cli import main
+from pscnn.launcher import LocalCluster, free_port, print_report, query_status
+from server.server import ParameterServer
+
+pytestmark = pytest.mark.timeout(300)
+
+# 10 batches of 64 an epoch, 2 epochs, sync rounds of two batches.
+FLAGS = ["--model", "light", "--train-limit", "640", "--batch-size", "64", "--epochs", "2", "--mode", "sync",
+         "--optimizer", "sgd", "--seed", "0", "--checkpoint-every", "0", "--test-limit", "256",
+         "--log-level", "INFO"]
+ROUNDS_BEFORE_STOP = 3
+REPLY_TIMEOUT = 10.0
+PUSH = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.01, "comm_s": 0.0, "wait_s": 0.0}}
+
+
+# ---------------------------------------------------------------- a client speaking the protocol by hand
+
+class Raw:
+    def __init__(self, endpoint: str, name: str):
+        self.wid = f"{name}-{uuid.uuid4().hex[:8]}"
+        self.seq = 0
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.weights = None
+        self.task = None
+        self.pushes = 0
+        self.stopped = False
+
+    def send(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> None:
+        self.seq += 1
+        self.sock.send_multipart(P.encode(P.Message(mtype, self.wid, self.seq, body or {}, arrays or {})), copy=False)
+
+    def recv(self, timeout: float = REPLY_TIMEOUT) -> P.Message:
+        assert self.sock.poll(int(timeout * 1000), zmq.POLLIN), f"{self.wid}: no reply from the server"
+        return P.decode(self.sock.recv_multipart())
+
+    def call(self, mtype: str, body: dict | None = None) -> P.Message:
+        self.send(mtype, body)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def train(endpoint: str, names: list[str], pushes_each: int | None) -> list[Raw]:
+    """Trainers ``names`` take tasks and push constant gradients: ``pushes_each`` times each
+    (then they hold their next task unpushed), or until told to stop (None)."""
+    clients = [Raw(endpoint, n) for n in names]
+    for c in clients:
+        assert c.call(P.HELLO, {"role": "trainer", "name": c.wid, "pid": 1, "host": "test"}).type == P.WELCOME
+    for c in clients:                  # both ask before either pushes: each sync round has both
+        c.send(P.WORK)
+    deadline = time.monotonic() + 120
+    while not all(c.stopped or (pushes_each is not None and c.pushes >= pushes_each and c.task) for c in clients):
+        assert time.monotonic() < deadline, "the trainers did not get through their work"
+        for c in clients:
+            if c.stopped or not c.sock.poll(20, zmq.POLLIN):
+                continue
+            reply = P.decode(c.sock.recv_multipart())
+            assert reply.type in (P.TASK, P.WAIT, P.STOP), (reply.type, reply.body)
+            if reply.type == P.STOP:
+                c.stopped = True
+            elif reply.type == P.WAIT:
+                time.sleep(reply.body.get("retry_s", 0.05))
+                c.send(P.WORK)
+            else:
+                c.weights = reply.arrays or c.weights
+                c.task = reply.body
+                if pushes_each is None or c.pushes < pushes_each:
+                    t = c.task
+                    c.send(P.PUSH, {"epoch": t["epoch"], "batch": t["batch"], "lease": t["lease"],
+                                    "base_version": t["version"], **PUSH},
+                           {k: np.full(v.shape, 1e-3, dtype=v.dtype) for k, v in c.weights.items()})
+                    c.pushes += 1
+                    c.task = None
+    return clients
+
+
+def start_server(out: Path, *flags: str) -> LocalCluster:
+    cluster = LocalCluster(out)
+    cluster.start_server([*FLAGS, "--out", str(out), *flags])
+    deadline = time.monotonic() + 60
+    while query_status(cluster.endpoint, timeout=0.5) is None:
+        if cluster.procs["server"].poll() is not None or time.monotonic() > deadline:
+            tail = cluster.log_tail("server", 30)
+            cluster.close()
+            pytest.fail(f"the server did not start:\n{tail}")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """A run folder whose server was stopped (SIGTERM) after 3 sync rounds of 2 trainers:
+    checkpoint version 3, epoch 0 with batches 0-5 applied, one evaluation, no summary.json."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    cluster = start_server(out)
+    clients = []
+    try:
+        clients = train(cluster.endpoint, ["w0", "w1"], ROUNDS_BEFORE_STOP)
+        ev = Raw(cluster.endpoint, "ev")
+        clients.append(ev)
+        assert ev.call(P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+        reply = ev.call(P.EVAL_REPORT, {"version": 2, "final": False,
+                                        "metrics": {"test_accuracy": 0.5, "test_loss": 1.5}})
+        assert reply.type == P.ACK, reply.body
+        st = query_status(cluster.endpoint, timeout=REPLY_TIMEOUT)
+        assert st["version"] == ROUNDS_BEFORE_STOP and st["applied_in_epoch"] == 2 * ROUNDS_BEFORE_STOP, st
+        cluster.kill("server", signal.SIGTERM)
+        assert cluster.wait("server", 60) == 0, cluster.log_tail("server", 30)
+    finally:
+        for c in clients:
+            c.close()
+        cluster.close()
+    assert (out / "checkpoint.npz").exists() and not (out / "summary.json").exists()
+    return out
+
+
+@pytest.fixture
+def run(interrupted, tmp_path) -> Path:
+    """A copy of the interrupted run's folder, to edit."""
+    return Path(shutil.copytree(interrupted, tmp_path / "run"))
+
+
+def edit_meta(folder: Path, change) -> None:
+    path = folder / "checkpoint.npz"
+    arrays, meta = load_checkpoint(path)
+    change(meta)
+    save_checkpoint(path, arrays, meta)
+
+
+def edit_arrays(folder: Path, change) -> None:
+    path = folder / "checkpoint.npz"
+    arrays, meta = load_checkpoint(path)
+    change(arrays)
+    save_checkpoint(path, arrays, meta)
+
+
+@pytest.fixture
+def server_cli(monkeypatch, capsys, caplog):
+    """``pscnn server FLAGS --out FOLDER ARGS`` in-process, serve() stubbed: (exit code, stderr lines, server)."""
+    made = []
+
+    def stub_serve(self):
+        made.append(self)
+        return 0
+
+    monkeypatch.setattr(ParameterServer, "serve", stub_serve)
+
+    def run_cli(folder: Path, *args: str, flags=FLAGS):
+        capsys.readouterr()
+        caplog.clear()
+        code = main(["server", "--bind", f"tcp://127.0.0.1:{free_port()}", *flags, "--out", str(folder), *args])
+        err = capsys.readouterr().err
+        return code, err.splitlines(), (made.pop() if made else None)
+
+    return run_cli
+
+
+def refused(result, *needles: str) -> str:
+    code, lines, srv = result
+    assert code == 1 and srv is None, f"accepted (exit {code}): {lines}"
+    assert len(lines) == 1 and lines[0].startswith("pscnn: error: --resume: "), lines
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+# ---------------------------------------------------------------- 1. every field read back is checked
+
+def _set(*keys, value):
+    def change(meta):
+        target = meta
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+    return change
+
+
+def _del(*keys):
+    def change(meta):
+        target = meta
+        for k in keys[:-1]:
+            target = target[k]
+        del target[keys[-1]]
+    return change
+
+
+def _eval(**over):
+    return _set("extra", "evaluations", value=[{"seconds": 1.0, "version": 2, "test_accuracy": 0.5,
+                                                "test_loss": 1.5, "final": False, **over}])
+
+
+META_EDITS = {
+    # the reviewer's tracebacks
+    "extra null": (_set("extra", value=None), "field extra must be a JSON object"),
+    "step not a number": (_set("step", value="x"), "field step must be an integer"),
+    "train_seconds text": (_set("extra", "train_seconds", value="abc"), "field extra.train_seconds must be a finite"),
+    "staleness key x": (_set("extra", "staleness", value={"x": 3}), "field extra.staleness has key \"x\""),
+    "contributors a list": (_set("extra", "contributors", value=[1, 2]), "field extra.contributors must be a JSON"),
+    "applied null": (_set("extra", "work", "applied", value=None), "field extra.work.applied must be a list"),
+    # the reviewer's silently accepted ones
+    "epoch 99": (_set("extra", "work", "epoch", value=99), "field extra.work.epoch is 99, outside 0..2"),
+    "applied out of the epoch": (_set("extra", "work", "applied", value=[99999, -1]),
+                                 "field extra.work.applied holds 99999, not a batch of the epoch (0..9)"),
+    "mode bogus": (_set("extra", "mode", value="bogus"), "field extra.mode must be one of sync, async, ssp"),
+    # more of the same
+    "applied twice": (_set("extra", "work", "applied", value=[0, 1, 1]), "field extra.work.applied lists a batch"),
+    "applied a whole epoch": (_set("extra", "work", "applied", value=list(range(10))),
+                              "field extra.work.applied lists all 10 batches of epoch 0"),
+    "applied after the last epoch": (lambda m: m["extra"]["work"].update(epoch=2, applied=[0]),
+                                     "field extra.work.applied lists 1 applied batches after the run's last epoch"),
+    "applied bool": (_set("extra", "work", "applied", value=[True]), "field extra.work.applied holds true"),
+    "epoch negative": (_set("extra", "work", "epoch", value=-1), "field extra.work.epoch is -1"),
+    "epochs zero": (_set("extra", "work", "epochs", value=0), "field extra.work.epochs is 0"),
+    "step negative": (_set("step", value=-4), "field step is -4"),
+    "step float": (_set("step", value=3.5), "field step must be an integer"),
+    "samples negative": (_set("extra", "samples_applied", value=-64), "field extra.samples_applied is -64"),
+    "samples text": (_set("extra", "samples_applied", value="many"), "field extra.samples_applied must be"),
+    "train_seconds NaN": (_set("extra", "train_seconds", value=float("nan")), "field extra.train_seconds must be"),
+    "train_seconds negative": (_set("extra", "train_seconds", value=-1.0), "field extra.train_seconds is -1.0"),
+    "staleness count negative": (_set("extra", "staleness", value={"0": -2}), "field extra.staleness[0] is -2"),
+    "staleness not a map": (_set("extra", "staleness", value=[0]), "field extra.staleness must be a JSON object"),
+    "contributor name": (_set("extra", "contributors", value={"w": 5}), "field extra.contributors[\"w\"] must be"),
+    "evaluations not a list": (_set("extra", "evaluations", value={}), "field extra.evaluations must be a list"),
+    "evaluation of a future version": (_eval(version=99), "field extra.evaluations[0].version is 99, outside 0..3"),
+    "evaluation accuracy 7": (_eval(test_accuracy=7), "field extra.evaluations[0].test_accuracy is 7, outside 0..1"),
+    "evaluation loss text": (_eval(test_loss="low"), "field extra.evaluations[0].test_loss must be"),
+    "evaluation final 1": (_eval(final=1), "field extra.evaluations[0].final must be true or false"),
+    "evaluation seconds missing": (lambda m: m["extra"]["evaluations"][0].pop("seconds"),
+                                   "field extra.evaluations[0].seconds is missing"),
+    "work missing": (_del("extra", "work"), "field extra.work is missing"),
+    "mode missing": (_del("extra", "mode"), "field extra.mode is missing"),
+    "seed text": (_set("extra", "seed", value="zero"), "field extra.seed must be an integer"),
+    "workers_most negative": (_set("extra", "workers_most", value=-1), "field extra.workers_most is -1"),
+    "optimizer null": (_set("optimizer", value=None), "optimizer"),
+    "optimizer a string": (_set("optimizer", value="sgd"), "'optimizer' must be null or an object"),
+    "model spec garbage": (_set("model_spec", value={"layers": 5}), "field model_spec cannot be built"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_EDITS))
+def test_a_hand_edited_checkpoint_field_is_refused_in_one_line_naming_it_and_the_file(run, server_cli, case):
+    change, needle = META_EDITS[case]
+    edit_meta(run, change)
+    refused(server_cli(run, "--resume"), needle, str(run / "checkpoint.npz"))
+
+
+def _poison(name: str, value: float):
+    def change(arrays):
+        a = arrays[name].copy()
+        a.reshape(-1)[0] = value
+        arrays[name] = a
+    return change
+
+
+@pytest.mark.parametrize("name,value,needle", [
+    ("param/fc1.weight", np.nan, "param fc1.weight holds NaN or Inf"),
+    ("param/conv1.bias", np.inf, "param conv1.bias holds NaN or Inf"),
+    ("optim/velocity/fc2.weight", -np.inf, "optimizer state velocity/fc2.weight holds NaN or Inf"),
+])
+def test_nan_or_inf_in_the_weights_or_the_optimizer_state_is_refused(run, server_cli, name, value, needle):
+    edit_arrays(run, _poison(name, value))
+    refused(server_cli(run, "--resume"), needle, str(run / "checkpoint.npz"))
+
+
+def test_the_real_command_refuses_a_bad_checkpoint_in_one_line_without_a_traceback(run):
+    edit_meta(run, _set("extra", "staleness", value={"x": 3}))
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", "server", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                           *FLAGS, "--out", str(run), "--resume"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("pscnn: error: --resume: checkpoint ") and "extra.staleness" in errors[0]
+
+
+def test_the_checkpoint_loader_refuses_a_malformed_optimizer_or_dtype_in_one_line(tmp_path):
+    """Not only the server: load_model_checkpoint itself, on meta fields it reads."""
+    model = build_model("light")
+    path = tmp_path / "m.npz"
+    save_model_checkpoint(path, model, build_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.9}))
+    arrays, meta = load_checkpoint(path)
+    for field, value, needle in (("optimizer", "sgd", "'optimizer' must be null or an object"),
+                                 ("optimizer", {"lr": 1}, "'optimizer' must be null or an object"),
+                                 ("dtype", 5, "'dtype' must be a string")):
+        save_checkpoint(path, arrays, {**meta, field: value})
+        with pytest.raises(CheckpointError, match=needle):
+            load_model_checkpoint(path)
+
+
+# ---------------------------------------------------------------- 2. the run's settings must match
+
+@pytest.mark.parametrize("flag,value,needles", [
+    ("--seed", "5", ["--seed 0, this run has --seed 5", "another permutation", "resume with --seed 0"]),
+    ("--batch-size", "32", ["--batch-size 64, this run has --batch-size 32", "resume with --batch-size 64"]),
+    ("--train-limit", "320", ["training set of 640 images, this run has 320", "resume with --train-limit 640"]),
+    ("--mode", "async", ["--mode sync, this run has --mode async", "resume with --mode sync"]),
+    ("--model", "seed", ["weights of --model light, this run has --model seed", "resume with --model light"]),
+    ("--optimizer", "adam", ["--optimizer sgd, this run has --optimizer adam", "resume with --optimizer sgd"]),
+])
+def test_a_setting_that_must_match_the_checkpoint_is_refused_naming_both_values(run, server_cli, flag, value,
+                                                                                 needles):
+    i = FLAGS.index(flag)
+    flags = [*FLAGS[:i], flag, value, *FLAGS[i + 2:]]
+    refused(server_cli(run, "--resume", flags=flags), str(run / "checkpoint.npz"), *needles)
+
+
+def test_fewer_epochs_than_the_checkpoint_finished_is_refused(run, server_cli):
+    edit_meta(run, lambda m: m["extra"]["work"].update(epoch=2, epochs=3, applied=[]))   # 2 of 3 done
+    i = FLAGS.index("--epochs")
+    flags = [*FLAGS[:i], "--epochs", "1", *FLAGS[i + 2:]]
+    refused(server_cli(run, "--resume", flags=flags), "--epochs 3, this run has --epochs 1",
+            "finished 2 epochs already", "resume with --epochs 3")
+
+
+def test_the_same_settings_resume_where_the_run_stopped_without_a_warning(run, server_cli, caplog):
+    code, lines, srv = server_cli(run, "--resume")
+    assert code == 0 and srv is not None, lines
+    assert srv.store.version == ROUNDS_BEFORE_STOP
+    assert (srv.work.epoch, sorted(srv.work.applied)) == (0, list(range(2 * ROUNDS_BEFORE_STOP)))
+    assert srv.samples_applied == 2 * ROUNDS_BEFORE_STOP * 64 and srv.staleness == {0: 2 * ROUNDS_BEFORE_STOP}
+    assert [e["version"] for e in srv.evaluations] == [2] and len(srv.contributors) == 2
+    assert warnings(caplog) == []
+
+
+def test_more_epochs_or_another_learning_rate_are_a_legitimate_continuation(run, server_cli, caplog):
+    """Training longer (more --epochs) and a changed lr keep the epoch's position; a
+    changed optimizer setting is said in one warning."""
+    i = FLAGS.index("--epochs")
+    flags = [*FLAGS[:i], "--epochs", "5", *FLAGS[i + 2:], "--lr", "0.01"]
+    code, lines, srv = server_cli(run, "--resume", flags=flags)
+    assert code == 0 and srv is not None, lines
+    assert (srv.work.epochs, srv.work.epoch, len(srv.work.applied)) == (5, 0, 2 * ROUNDS_BEFORE_STOP)
+    (warning,) = warnings(caplog)
+    assert "optimizer settings differ" in warning and "lr 0.04 -> 0.01" in warning, warning
+
+
+def test_a_checkpoint_without_the_seed_is_resumed_with_a_warning(run, server_cli, caplog):
+    """One written before the seed was recorded: accepted, the seed cannot be checked."""
+    edit_meta(run, _del("extra", "seed"))
+    code, lines, srv = server_cli(run, "--resume")
+    assert code == 0 and srv is not None, lines
+    (warning,) = warnings(caplog)
+    assert "does not record its seed" in warning and "--seed 0" in warning
+
+
+# ---------------------------------------------------------------- 3. starting over on an unfinished run
+
+def test_starting_over_on_an_unfinished_runs_checkpoint_warns_once(run, server_cli, caplog):
+    code, lines, srv = server_cli(run)                  # no --resume: starts over, as asked
+    assert code == 0 and srv is not None and srv.store.version == 0, lines
+    (warning,) = warnings(caplog)
+    assert str(run) in warning and f"version {ROUNDS_BEFORE_STOP}" in warning and "--resume" in warning, warning
+    assert "\n" not in warning
+
+
+# ---------------------------------------------------------------- 4. the worker count after a resume
+
+@pytest.fixture(scope="module")
+def finished(interrupted, tmp_path_factory, mnist_dir) -> Path:
+    """The interrupted run resumed by a new server and two new trainer processes (new
+    worker ids), to the end: the server scores the final weights itself."""
+    out = Path(shutil.copytree(interrupted, tmp_path_factory.mktemp("finished") / "run"))
+    cluster = start_server(out, "--resume", "--final-eval-timeout", "0", "--mnist-dir", mnist_dir)
+    clients = []
+    try:
+        clients = train(cluster.endpoint, ["w2", "w3"], None)
+        assert cluster.wait("server", 120) == 0, cluster.log_tail("server", 30)
+    finally:
+        for c in clients:
+            c.close()
+        cluster.close()
+    return out
+
+
+def test_a_resumed_two_worker_run_reports_two_workers(finished, capsys):
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["samples_applied"] == 2 * 640
+    assert len(summary["worker_ids"]) == 4               # every worker whose gradient was applied
+    assert summary["workers"] == 2                       # the most at work in one incarnation
+    print_report(finished / "summary.json")
+    assert "run finished: mode sync, 2 workers, 2 epochs" in capsys.readouterr().out
+
+
+def test_the_worker_count_survives_a_resume_that_applies_nothing(run, server_cli):
+    """A server resumed only to finish (no update left for it) still reports the
+    workers of the incarnation that trained."""
+    code, lines, srv = server_cli(run, "--resume")
+    assert code == 0 and srv is not None, lines
+    assert srv.workers_most == 2 and not srv.incarnation_contributors
+
+
+def test_a_finished_runs_folder_is_reused_without_a_warning(finished, tmp_path, server_cli, caplog):
+    """`make run` twice: the folder's checkpoint is the finished run's (summary.json after it)."""
+    folder = Path(shutil.copytree(finished, tmp_path / "again", copy_function=shutil.copy2))
+    code, lines, srv = server_cli(folder)
+    assert code == 0 and srv is not None, lines
+    assert warnings(caplog) == []
+
+
+def test_an_older_summary_does_not_hide_an_unfinished_run_started_over_since(finished, interrupted, tmp_path,
+                                                                            server_cli, caplog):
+    """A finished run's folder, started over, then stopped: its summary.json is the
+    earlier run's, older than the new checkpoint, which is an unfinished run's."""
+    folder = Path(shutil.copytree(finished, tmp_path / "again", copy_function=shutil.copy2))
+    shutil.copyfile(interrupted / "checkpoint.npz", folder / "checkpoint.npz")     # newer than the summary
+    summary_time = os.stat(folder / "summary.json").st_mtime_ns
+    os.utime(folder / "checkpoint.npz", ns=(summary_time + 10**9, summary_time + 10**9))
+    code, lines, srv = server_cli(folder)
+    assert code == 0 and srv is not None, lines
+    (warning,) = warnings(caplog)
+    assert str(folder) in warning and "--resume" in warning
+
+
+def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finished_one(interrupted, tmp_path,
+                                                                                      mnist_dir):
+    """SIGTERM while the server lingers after the summary (an evaluator was never told to
+    stop): a checkpoint then would be newer than summary.json, and the finished run's
+    folder would look unfinished to the next start."""
+    from server.server import unfinished_run_warning
+    out = Path(shutil.copytree(interrupted, tmp_path / "run"))
+    cluster = start_server(out, "--resume", "--final-eval-timeout", "0", "--peer-timeout", "60",
+                           "--mnist-dir", mnist_dir)
+    clients = []
+    try:
+        ev = Raw(cluster.endpoint, "ev")
+        clients.append(ev)
+        assert ev.call(P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+        clients += train(cluster.endpoint, ["w2", "w3"], None)
+        deadline = time.monotonic() + 60
+        while not (out / "summary.json").exists():
+            assert time.monotonic() < deadline and cluster.procs["server"].poll() is None, \
+                cluster.log_tail("server", 30)
+            time.sleep(0.05)
+        final_checkpoint = os.stat(out / "checkpoint.npz").st_mtime_ns
+        cluster.kill("server", signal.SIGTERM)
+        assert cluster.wait("server", 60) == 0, cluster.log_tail("server", 30)
+    finally:
+        for c in clients:
+            c.close()
+        cluster.close()
+    assert "interrupted after the run finished: no checkpoint written" in cluster.log_tail("server", 10)
+    assert os.stat(out / "checkpoint.npz").st_mtime_ns == final_checkpoint
+    assert unfinished_run_warning(str(out)) is None
