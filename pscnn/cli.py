@@ -32,6 +32,21 @@ class CliError(Exception):
     """A bad flag or environment value; printed as one line, exit status 2."""
 
 
+class _BadEnv:
+    """A PSCNN_<FLAG> value its flag rejects, kept as the flag's default.
+
+    It is an error only if the flag is not on the command line (the command
+    line wins), and it must not break ``--help``: :func:`parse_args` reports it
+    after parsing, when the namespace still holds it.
+    """
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __repr__(self) -> str:
+        return "<invalid environment value>"
+
+
 # --------------------------------------------------------------------------- flag groups
 # Flag types (argparse ``type=``), also used by ``pscnn bench``'s flags: one clear
 # message for each kind of bad value.
@@ -58,18 +73,53 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# The largest value a float flag takes.  Every one is seconds, milliseconds or
+# an optimizer coefficient, for which more than this is a typo; inf or 1e300
+# would overflow the timers, timestamps and messages they end up in (Event.wait,
+# the server's welcome) far from the flag.
+MAX_FLOAT = 1e9
+# Seconds that go to zmq's poll as milliseconds in a C int (at most 2^31 - 1,
+# 24.8 days): 1e9 s would overflow there too.
+MAX_POLL_SECONDS = 1e6
+
+
+def _at_most(text: str, value: float, cap: float) -> float:
+    if not value <= cap:                            # inf too; NaN was refused before
+        raise argparse.ArgumentTypeError(f"must be a finite number at most {cap:.0e}, got {text}".replace("e+0", "e"))
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+    return _at_most(text, value, MAX_FLOAT)
 
 
 def non_negative_float(text: str) -> float:
     value = _number(text, float)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _at_most(text, value, MAX_FLOAT)
+
+
+def poll_seconds(text: str) -> float:
+    """Seconds > 0 that one zmq poll waits (``pscnn status --timeout``)."""
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return _at_most(text, value, MAX_POLL_SECONDS)
+
+
+def _path(text: str) -> str:
+    """A file or folder flag's value: not empty.
+
+    An empty path would silently mean the current folder (Path("") is "."),
+    while an empty MNIST_DIR or PSCNN_<FLAG> means unset.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string (use . for the current folder)")
+    return text
 
 
 def _port(text: str) -> int:
@@ -139,6 +189,9 @@ DEFAULT_LR = {"sgd": 0.02, "adagrad": 0.01, "rmsprop": 0.001, "adam": 0.001, "ad
 SYNC_DEFAULT_LR = {"sgd": 0.04}
 
 
+DEFAULT_WARMUP_STEPS = 10
+
+
 def default_lr(name: str, mode: str | None) -> float:
     """The learning rate an optimizer gets without ``--lr``, in ``mode`` (None: ``pscnn train``)."""
     return SYNC_DEFAULT_LR.get(name, DEFAULT_LR[name]) if mode == "sync" else DEFAULT_LR[name]
@@ -180,8 +233,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l1", type=non_negative_float, default=0.0, help="L1 penalty added to gradients")
     g.add_argument("--schedule", default="cosine",
                    help="cosine (to 0 over the run), constant, step, or a JSON schedule config (default: cosine)")
-    g.add_argument("--warmup-steps", type=non_negative_int, default=10,
-                   help="linear warm-up over this many batches (default: 10)")
+    # None, not 10: a warmup_steps in a JSON --schedule wins over the default, not over a value given
+    g.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help=f"linear warm-up over this many batches (default: {DEFAULT_WARMUP_STEPS}, "
+                        "or the JSON --schedule's warmup_steps)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of init, shuffling and dropout (default: 0)")
 
 
@@ -194,7 +249,7 @@ def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
                        help="use the first N training images (0: all 60,000)")
     g.add_argument("--test-limit", type=non_negative_int, default=0,
                    help="score the first N test images (0: all 10,000)")
-    g.add_argument("--mnist-dir", default=None,
+    g.add_argument("--mnist-dir", type=_path, default=None,
                    help="folder holding the MNIST .gz files (default: $MNIST_DIR, else download to the cache)")
 
 
@@ -262,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_data_flags(p)
     add_compute_flags(p)
-    p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
+    p.add_argument("--out", type=_path, default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--log-every", type=positive_int, default=50, help="updates between metrics lines (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_flags(p)
@@ -271,13 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(p)
     add_model_flags(p)
     add_data_flags(p)
-    p.add_argument("--out", default="runs/server", help="run folder (default: runs/server)")
+    p.add_argument("--out", type=_path, default="runs/server", help="run folder (default: runs/server)")
     add_log_flags(p)
 
     p = sub.add_parser("worker", help="a trainer worker")
     add_client_flags(p)
     add_compute_flags(p)
-    p.add_argument("--mnist-dir", default=None, help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
+    p.add_argument("--mnist-dir", type=_path, default=None,
+                   help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
     p.add_argument("--compute-ms", type=non_negative_float, default=None,
                    help="benchmarks: sleep this long instead of computing, push zero gradients")
     p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
@@ -288,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_flags(p)
     p.add_argument("--every", type=positive_float, default=10.0, help="seconds between evaluations (default: 10)")
     p.add_argument("--test-limit", type=non_negative_int, default=0, help="first N test images (0: all)")
-    p.add_argument("--mnist-dir", default=None, help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
+    p.add_argument("--mnist-dir", type=_path, default=None,
+                   help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
     add_log_flags(p)
 
     p = sub.add_parser("run", help="server + N workers + evaluator on this machine")
@@ -302,20 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_data_flags(p)
     add_compute_flags(p)
-    p.add_argument("--out", default="runs/run", help="run folder (default: runs/run)")
+    p.add_argument("--out", type=_path, default="runs/run", help="run folder (default: runs/run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_flags(p)
 
     p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")
     p.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
                    help="server endpoint (default: tcp://localhost:5555)")
-    p.add_argument("--timeout", type=positive_float, default=2.0, help="seconds to wait (default: 2)")
+    p.add_argument("--timeout", type=poll_seconds, default=2.0, help="seconds to wait (default: 2)")
 
     p = sub.add_parser("download", help="fetch and verify MNIST; print the folder (for MNIST_DIR)",
                        description="Download whichever of the four MNIST files are missing from, or corrupt "
                                    "in, the folder, verify each one's checksum, and print the folder. "
                                    "MNIST_DIR is not consulted: it names a folder that already holds the files.")
-    p.add_argument("--dir", default=None,
+    p.add_argument("--dir", type=_path, default=None,
                    help="the folder to fill (default: $PSCNN_CACHE_DIR, else ~/.cache/pscnn/mnist)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -331,6 +388,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ, argv
     Recurses into the subcommands that ``argv`` names (all of them when
     ``argv`` is None): a variable meant for ``pscnn server`` must not break on
     ``pscnn bench server``, whose flag of the same name takes other values.
+    A value the flag rejects becomes a :class:`_BadEnv` default, which
+    :func:`parse_args` reports only if the command line did not set the flag.
     """
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -353,22 +412,79 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ, argv
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             low = raw.strip().lower()
             if low not in _TRUE | _FALSE:
-                raise CliError(f"{key}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+                action.default = _BadEnv(f"{key}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+                continue
             on = low in _TRUE
             action.default = on if isinstance(action, argparse._StoreTrueAction) else not on
             continue
         try:
             value = action.type(raw) if action.type else raw
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            raise CliError(f"{key}={raw!r}: {exc}") from None
+            action.default = _BadEnv(f"{key}={raw!r}: {exc}")
+            continue
         if action.choices is not None and value not in action.choices:
-            raise CliError(f"{key}={raw!r}: expected one of {', '.join(map(str, action.choices))}")
+            action.default = _BadEnv(f"{key}={raw!r}: expected one of {', '.join(map(str, action.choices))}")
+            continue
         action.default = value
+
+
+def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
+    """The command line over the ``PSCNN_<FLAG>`` variables; CliError for a bad variable.
+
+    A variable is checked only where it counts, for a flag the command line
+    did not give; ``--help`` and argparse's own errors exit (SystemExit) first.
+    """
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    apply_env_defaults(parser, environ, argv=argv)
+    args = parser.parse_args(argv)
+    for value in vars(args).values():
+        if isinstance(value, _BadEnv):
+            raise CliError(value.message)
+    return args
+
+
+def flag_variables(parser: argparse.ArgumentParser | None = None) -> set[str]:
+    """Every ``PSCNN_<FLAG>`` name that some subcommand's flag reads (what ``pscnn run``'s children
+    must not inherit: the launcher gives them their settings as flags)."""
+    names = set()
+    for action in (parser or build_parser())._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= flag_variables(sub)
+        elif action.option_strings and action.dest != "help":
+            names.add(ENV_PREFIX + action.dest.upper())
+    return names
+
+
+# Flags only some optimizers use, and which: given to another, they used to be dropped silently.
+OPTIMIZER_ONLY_FLAGS = {"momentum": ("sgd",), "nesterov": ("sgd",), "weight_decay": ("adamw",)}
+
+
+def check_optimizer_flags(args, name: str) -> None:
+    """CliError for a flag set (on the command line or as PSCNN_<FLAG>) that optimizer ``name`` does not use.
+
+    Their defaults are None/False, so a value here was given by the user.
+    """
+    for dest, takers in OPTIMIZER_ONLY_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None or value is False or name in takers:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if os.environ.get(ENV_PREFIX + dest.upper(), "").strip():
+            flag += f" (or {ENV_PREFIX + dest.upper()})"
+        if args.optimizer == "auto":
+            where = f"--mode {args.mode}" if hasattr(args, "mode") else "pscnn train"
+            chosen = f"--optimizer auto, which is {name} for {where}"
+        else:
+            chosen = f"--optimizer {name}"
+        raise CliError(f"{flag} is used only by --optimizer {' or '.join(takers)}, not by {chosen}")
 
 
 def optimizer_config(args) -> dict:
     """The optimizer config dict (cnn_core.optim.build_optimizer) from the flags."""
     name = resolve_optimizer(args)
+    check_optimizer_flags(args, name)
     lr = args.lr if args.lr is not None else default_lr(name, getattr(args, "mode", None))
     cfg = {"name": name, "lr": lr, "l2": args.l2, "l1": args.l1}
     if name == "sgd":
@@ -379,20 +495,29 @@ def optimizer_config(args) -> dict:
     return cfg
 
 
-def schedule_config(text: str, warmup_steps: int) -> dict:
+def schedule_config(text: str, warmup_steps: int | None = None) -> dict:
     """``--schedule`` (a name or JSON) and ``--warmup-steps`` -> a schedule config dict.
 
     ``cosine`` without ``total_steps`` gets it filled in later from the run's
-    length (key ``"total_steps": "auto"``).
+    length (key ``"total_steps": "auto"``).  ``warmup_steps`` None means the
+    flag was not given: the JSON's ``warmup_steps`` if it has one, else
+    :data:`DEFAULT_WARMUP_STEPS`; a given value the JSON contradicts is a CliError.
     """
     from cnn_core.config import named_config  # noqa: PLC0415  (after --threads took effect)
     cfg = named_config(text, "--schedule", CliError)
-    if cfg == {"name": "cosine"}:
+    rest = {k: v for k, v in cfg.items() if k != "warmup_steps"}
+    if rest == {"name": "cosine"}:
         cfg["total_steps"] = "auto"
-    elif cfg == {"name": "step"}:
+    elif rest == {"name": "step"}:
         cfg["step_size"] = "auto"
-    if warmup_steps:
-        cfg["warmup_steps"] = warmup_steps
+    if "warmup_steps" in cfg:
+        if warmup_steps is not None and cfg["warmup_steps"] != warmup_steps:
+            raise CliError(f"--warmup-steps {warmup_steps} contradicts --schedule's warmup_steps "
+                           f"{cfg['warmup_steps']!r}: give one of them")
+    else:
+        steps = DEFAULT_WARMUP_STEPS if warmup_steps is None else warmup_steps
+        if steps:
+            cfg["warmup_steps"] = steps
     return cfg
 
 
@@ -423,18 +548,27 @@ def setup_logging(level: str, role: str) -> None:
                         format=f"%(asctime)s %(levelname)-7s {role}: %(message)s", datefmt="%H:%M:%S")
 
 
+def check_run_folder(flag: str, path: str) -> None:
+    """RunLogError (exit 1) if ``path`` is a file: mkdir would say no more than "File exists".
+
+    (A file among its parents already gets "cannot write: Not a directory".)
+    """
+    from cnn_core.runlog import RunLogError  # noqa: PLC0415
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunLogError(f"{flag} {path} is a file, not a folder")
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        apply_env_defaults(parser, argv=argv)
+        args = parse_args(argv)
     except CliError as exc:
         print(f"pscnn: error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         set_blas_threads(args.threads)
     try:
+        if args.command in ("train", "server", "run"):
+            check_run_folder("--out", args.out)
         return int(_dispatch(args) or 0)
     except KeyboardInterrupt:
         print("pscnn: interrupted", file=sys.stderr)
@@ -488,4 +622,8 @@ def _dispatch(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m pscnn.cli` (how pscnn run starts its children) runs this file as __main__, while
+    # the modules it calls import pscnn.cli: a second copy, whose CliError __main__'s main() would
+    # not catch.  Run the copy everyone imports, so there is one CliError.
+    from pscnn.cli import main as _main
+    sys.exit(_main())

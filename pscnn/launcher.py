@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from cnn_core.runlog import make_folder
-from server.server import resume_checkpoint
+from server.server import CHECKPOINT_NAME, MNIST_TRAIN_SIZE, resume_checkpoint
 from worker.client import query_status
 
 log = logging.getLogger("pscnn.run")
@@ -55,7 +55,16 @@ def flags_from(args, dests) -> list[str]:
 
 
 def child_env(threads: int = 1) -> dict:
-    env = dict(os.environ)
+    """This environment for a child process, less the PSCNN_<FLAG> variables.
+
+    The children get every setting as a flag; a PSCNN_<FLAG> the parent was
+    started with would also reach flags the launcher leaves at their default
+    (PSCNN_COMPUTE_MS made every worker push zero gradients).  Settings that
+    are no flag (PSCNN_CACHE_DIR, PSCNN_MNIST_MIRRORS) stay.
+    """
+    from pscnn.cli import flag_variables  # noqa: PLC0415  (pscnn.cli imports nothing heavy)
+    flags = flag_variables()
+    env = {k: v for k, v in os.environ.items() if k not in flags}
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
@@ -140,44 +149,105 @@ class LocalCluster:
         self.close()
 
 
+def check_run_args(args) -> None:
+    """What the server would refuse, checked before any process starts: one line from ``pscnn run``
+    itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
+    instead of the server's log tail."""
+    from cnn_core.model import build_model, resolve_spec  # noqa: PLC0415
+    from cnn_core.optim import build_optimizer  # noqa: PLC0415
+    from pscnn.cli import CliError, optimizer_config, resolve_auto_schedule  # noqa: PLC0415
+    if args.workers > args.max_workers:
+        raise CliError(f"--workers {args.workers} exceeds --max-workers {args.max_workers}: the server "
+                       f"would refuse {args.workers - args.max_workers} of them")
+    if args.wait_for_workers is not None and args.wait_for_workers > args.max_workers:
+        raise CliError(f"--wait-for-workers {args.wait_for_workers} exceeds --max-workers {args.max_workers}: "
+                       "the run could never start with all of them")
+    num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)     # as serve_from_args
+    updates = args.epochs * -(-num_samples // args.batch_size)
+    build_optimizer(resolve_auto_schedule(optimizer_config(args), updates))
+    build_model(resolve_spec(args.model), seed=args.seed, dtype="float32", device="cpu")
+
+
+# Signals that stop `pscnn run` as Ctrl-C does, children included: `kill`, and SIGHUP when the
+# terminal closes or the SSH connection drops (the children, in their own sessions, get neither).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _say(text: str) -> None:
+    """A message on stderr that cannot fail: after SIGHUP the terminal may be gone (EIO)."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
-    from tqdm import tqdm  # noqa: PLC0415
     if args.resume:                # before starting anything: the server would only fail the same way
         resume_checkpoint(args.out)
+    check_run_args(args)
+    checkpoint = Path(args.out) / CHECKPOINT_NAME
+    checkpoint_before = _mtime(checkpoint)      # an older run's is no checkpoint of this one
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads)
+    def on_stop_signal(signum, frame):
+        raise KeyboardInterrupt
+    old_handlers = {sig: signal.signal(sig, on_stop_signal) for sig in STOP_SIGNALS}
+    try:
+        return _run(args, cluster, checkpoint, checkpoint_before)
+    finally:                            # main() may be called in-process (tests)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run(args, cluster: LocalCluster, checkpoint: Path, checkpoint_before: int | None) -> int:
+    from tqdm import tqdm  # noqa: PLC0415
     client_flags = ["--device", args.device, "--threads", str(args.threads), "--log-level", args.log_level]
     if args.mnist_dir:
         client_flags += ["--mnist-dir", args.mnist_dir]
-    def on_sigterm(signum, frame):                 # `kill` stops the run like Ctrl-C: children too
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_sigterm)
-    print(f"pscnn run: server on {cluster.endpoint}, {args.workers} workers, mode {args.mode}, "
-          f"logs in {cluster.logs}", file=sys.stderr)
     if args.no_evaluator:           # none will come: the server scores the final weights itself, at once
         args.final_eval_timeout = 0.0
     if args.wait_for_workers is None:   # every worker starts from the first version, in the same round
         args.wait_for_workers = args.workers
     with cluster:
-        cluster.start_server(flags_from(args, SERVER_FLAGS))
-        for i in range(args.workers):
-            cluster.start_worker(f"worker-{i}", [*client_flags, *(["--overlap"] if args.overlap else [])])
-        if not args.no_evaluator:
-            cluster.start_evaluator([*client_flags, "--every", str(args.eval_every),
-                                     "--test-limit", str(args.test_limit)])
-        bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True)
-        try:
+        bar = None
+        try:                            # from the first child on: a signal must stop every one started
+            print(f"pscnn run: server on {cluster.endpoint}, {args.workers} workers, mode {args.mode}, "
+                  f"logs in {cluster.logs}", file=sys.stderr)
+            cluster.start_server(flags_from(args, SERVER_FLAGS))
+            for i in range(args.workers):
+                cluster.start_worker(f"worker-{i}", [*client_flags, *(["--overlap"] if args.overlap else [])])
+            if not args.no_evaluator:
+                cluster.start_evaluator([*client_flags, "--every", str(args.eval_every),
+                                         "--test-limit", str(args.test_limit)])
+            bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True)
             status = _follow(cluster, bar)
         except KeyboardInterrupt:
-            bar.close()
-            print("\npscnn run: interrupted; stopping the server (it checkpoints), then the workers and the "
-                  "evaluator", file=sys.stderr)
+            for sig in STOP_SIGNALS:    # a second signal must not cut the shutdown short
+                signal.signal(sig, signal.SIG_IGN)
+            if bar is not None:
+                try:
+                    bar.close()
+                except OSError:
+                    pass
+            _say("\npscnn run: interrupted; stopping the server (it checkpoints), then the workers and the "
+                 "evaluator")
             # The server first, so its checkpoint holds whole sync rounds only: a worker leaving first
             # would close the round in progress without it, and the resumed run would differ from one
             # never stopped.  The workers' unfinished batches are simply computed again.
             cluster.stop_all(order=("server", "worker", "evaluator"))
-            print(f"pscnn run: stopped. Continue with the same command plus --resume (run folder {args.out})",
-                  file=sys.stderr)
+            written = _mtime(checkpoint)
+            if written is not None and (written != checkpoint_before or args.resume):
+                _say(f"pscnn run: stopped. Continue with the same command plus --resume (run folder {args.out})")
+            else:                       # stopped before the server's first checkpoint: --resume would fail
+                _say(f"pscnn run: stopped before the first checkpoint; the same command starts the run "
+                     f"again from the beginning (run folder {args.out})")
             return 130
         bar.close()
         if status != 0:                 # the server failed (and said why): the clients have nobody to work for

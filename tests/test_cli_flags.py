@@ -1,0 +1,423 @@
+"""pscnn.cli and pscnn run: bad values are one line before anything starts; flags, PSCNN_*
+variables and JSON configs combine as documented; `pscnn run` stops its children on SIGHUP.
+
+Most tests parse only; the ones that start processes run `python -m pscnn.cli`, as
+`pscnn run` starts its children, and kill whatever they started.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pscnn import launcher
+from pscnn.cli import (
+    MAX_FLOAT,
+    MAX_POLL_SECONDS,
+    CliError,
+    build_parser,
+    flag_variables,
+    main,
+    non_negative_float,
+    optimizer_config,
+    parse_args,
+    poll_seconds,
+    positive_float,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*argv, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m pscnn.cli ARGV`` in a clean environment (no PSCNN_* of the caller's)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PSCNN_")}
+    base["PYTHONPATH"] = str(ROOT) + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "pscnn.cli", *map(str, argv)], cwd=ROOT, capture_output=True,
+                          check=False, text=True, timeout=timeout, env={**base, **(env or {})})
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) -> None:
+    err = proc.stderr.strip()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err[-3000:]
+    assert needle in err, err
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ----------------------------------------------------------------- A: one CliError, run checks first
+
+def test_a_child_started_as_python_m_reports_a_bad_flag_in_one_line(tmp_path):
+    # `python -m pscnn.cli` is __main__; the server imports pscnn.cli: two CliError classes before the fix
+    proc = cli("server", "--schedule", "{bad", "--bind", f"tcp://127.0.0.1:{launcher.free_port()}",
+               "--out", tmp_path / "run")
+    one_line_error(proc, 2, "pscnn: error: --schedule is not valid JSON")
+
+
+@pytest.mark.parametrize("flags,code,needle", [
+    (["--schedule", "{bad"], 2, "--schedule is not valid JSON"),
+    (["--model", '{"layers": 3}'], 1, "model spec"),
+    (["--schedule", '{"name": "cosine", "warmup_steps": 5}'], 0, None),   # valid: gets past the checks
+    (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], 1, "nesterov=True needs momentum > 0"),
+    (["--schedule", '{"name": "step", "step_size": 5, "gamma": 7}'], 1, "gamma must be in (0, 1]"),
+])
+def test_pscnn_run_checks_model_schedule_and_optimizer_before_starting_anything(tmp_path, flags, code, needle,
+                                                                                   monkeypatch):
+    out = tmp_path / "run"
+    if code == 0:       # stop right where the processes would start
+        def no_cluster(*args, **kwargs):
+            raise RuntimeError("checks passed")
+        monkeypatch.setattr(launcher, "LocalCluster", no_cluster)
+        with pytest.raises(RuntimeError, match="checks passed"):
+            main(["run", *flags, "--out", str(out), "--no-progress"])
+        return
+    proc = cli("run", *flags, "--out", out, "--no-progress", timeout=120)
+    one_line_error(proc, code, needle)
+    assert not out.exists()              # no server, workers or logs were started
+
+
+# ----------------------------------------------------------------- B: finite floats, capped
+
+CAPS = {positive_float: MAX_FLOAT, non_negative_float: MAX_FLOAT, poll_seconds: MAX_POLL_SECONDS}
+
+
+def _float_flags(parser: argparse.ArgumentParser, path=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _float_flags(sub, (*path, name))
+        elif action.type in CAPS:
+            yield path, action.option_strings[0], CAPS[action.type]
+
+
+FLOAT_FLAGS = list(_float_flags(build_parser()))
+
+
+def test_every_float_flag_of_pscnn_is_range_checked():
+    found = {(cmd[0], flag) for cmd, flag, _ in FLOAT_FLAGS}
+    for expected in [("status", "--timeout"), ("run", "--eval-every"), ("run", "--peer-timeout"),
+                     ("worker", "--compute-ms"), ("evaluator", "--every"), ("train", "--lr"), ("bench", "--seconds")]:
+        assert expected in found
+    # pscnn's own float flags all use the checked types (pscnn bench's own parsers are not pscnn.cli's)
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        if name != "bench":
+            assert not [a.dest for a in sub._actions if a.type is float], name
+
+
+@pytest.mark.parametrize("command,flag,cap", FLOAT_FLAGS, ids=[" ".join((*c, f)) for c, f, _ in FLOAT_FLAGS])
+def test_float_flags_refuse_infinite_and_huge_values(command, flag, cap, capsys):
+    parser = build_parser()
+    cap_text = f"{cap:.0e}".replace("e+0", "e")         # 1e9, 1e6
+    for bad in ("inf", "-inf", "nan", "1e300", repr(cap * 1.5)):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*command, f"{flag}={bad}"])     # = form: -inf is no option
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be" in err and "Traceback" not in err
+        if not bad.startswith(("-", "nan")):
+            assert f"must be a finite number at most {cap_text}, got {bad}" in err
+    assert getattr(parser.parse_args([*command, flag, cap_text]), flag.lstrip("-").replace("-", "_")) == cap
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["status", "--timeout", "inf"], "argument --timeout: must be a finite number at most 1e6, got inf"),
+    (["status", "--timeout", "1e300"], "argument --timeout: must be a finite number at most 1e6, got 1e300"),
+    (["status", "--timeout", "1e9"], "argument --timeout: must be a finite number at most 1e6, got 1e9"),
+    (["run", "--eval-every", "inf"], "argument --eval-every: must be a finite number at most 1e9"),
+    (["run", "--peer-timeout", "inf"], "argument --peer-timeout: must be a finite number at most 1e9"),
+])
+def test_the_reported_infinite_values_are_usage_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, {})            # parsing only: without the check, main() would start the run
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_an_infinite_variable_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("PSCNN_TIMEOUT", "inf")
+    assert main(["status"]) == 2
+    assert capsys.readouterr().err.strip() == ("pscnn: error: PSCNN_TIMEOUT='inf': must be a finite number "
+                                               "at most 1e6, got inf")
+
+
+# ----------------------------------------------------------------- C: children get flags, not PSCNN_*
+
+def test_children_do_not_inherit_pscnn_flag_variables(monkeypatch):
+    for key, value in {"PSCNN_COMPUTE_MS": "1", "PSCNN_BATCH_SIZE": "7", "PSCNN_GIVE_UP_AFTER": "1",
+                       "PSCNN_MODE": "async", "PSCNN_CACHE_DIR": "/cache", "PSCNN_MNIST_MIRRORS": "http://m/",
+                       "MNIST_DIR": "/data"}.items():
+        monkeypatch.setenv(key, value)
+    env = launcher.child_env(threads=3)
+    for key in ("PSCNN_COMPUTE_MS", "PSCNN_BATCH_SIZE", "PSCNN_GIVE_UP_AFTER", "PSCNN_MODE"):
+        assert key not in env
+    assert env["PSCNN_CACHE_DIR"] == "/cache" and env["PSCNN_MNIST_MIRRORS"] == "http://m/"
+    assert env["MNIST_DIR"] == "/data" and env["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def test_the_settings_that_are_no_flags_are_not_taken_for_flags():
+    # every PSCNN_ name the code reads from the environment itself: each must survive child_env
+    read = set()
+    for folder in ("cnn_core", "server", "worker", "pscnn"):
+        for path in (ROOT / folder).rglob("*.py"):
+            read |= set(re.findall(r"environ(?:\.get\(|\[)\s*[\"'](PSCNN_\w+)", path.read_text()))
+    assert {"PSCNN_CACHE_DIR", "PSCNN_MNIST_MIRRORS"} <= read
+    assert not read & flag_variables()
+
+
+# ----------------------------------------------------------------- D: SIGHUP
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return state != "Z" and b"pscnn.cli" in cmdline
+
+
+@pytest.mark.slow
+def test_sighup_stops_every_child_with_a_checkpoint(tmp_path, mnist_dir):
+    out, port = tmp_path / "run", launcher.free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PSCNN_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--mode", "async", "--model", "light",
+         "--train-limit", "640", "--test-limit", "256", "--epochs", "1000", "--mnist-dir", mnist_dir,
+         "--out", str(out), "--port", str(port), "--no-progress", "--checkpoint-every", "0"],
+        cwd=ROOT, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: set[int] = set()
+    try:
+        def training():
+            status = launcher.query_status(f"tcp://127.0.0.1:{port}", timeout=0.5)
+            return status is not None and status.get("batches_done", 0) > 0
+        wait_for(training, 120, "training to start")
+        children = _children(proc.pid)
+        assert len(children) == 4               # server, 2 workers, evaluator
+        proc.send_signal(signal.SIGHUP)         # the terminal closed
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        left = [pid for pid in children if _alive(pid)]
+        for pid in left:                        # orphans (the defect): never leave them running
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"children left running after SIGHUP: {left}"
+    assert proc.returncode == 130, err[-3000:]
+    assert (out / "checkpoint.npz").exists()
+    assert "interrupted: writing a checkpoint" in (out / "logs" / "server.log").read_text()
+    assert "Continue with the same command plus --resume" in err
+
+
+# ----------------------------------------------------------------- E: the JSON schedule's warmup_steps
+
+def schedule(argv, environ=None) -> dict:
+    return optimizer_config(parse_args(argv, environ or {}))["schedule"]
+
+
+def test_a_json_schedules_warmup_steps_wins_over_the_flags_default():
+    assert schedule(["train", "--schedule", '{"name": "constant", "warmup_steps": 100}']) == \
+        {"name": "constant", "warmup_steps": 100}
+    assert schedule(["train", "--schedule", '{"name": "constant", "warmup_steps": 0}']) == \
+        {"name": "constant", "warmup_steps": 0}
+    # the same value twice is no conflict; the default still applies where the JSON says nothing
+    assert schedule(["train", "--schedule", '{"name": "constant", "warmup_steps": 7}', "--warmup-steps", "7"]) == \
+        {"name": "constant", "warmup_steps": 7}
+    assert schedule(["train", "--schedule", "constant"]) == {"name": "constant", "warmup_steps": 10}
+    assert schedule(["train", "--warmup-steps", "0", "--schedule", "constant"]) == {"name": "constant"}
+    assert schedule(["train"]) == {"name": "cosine", "total_steps": "auto", "warmup_steps": 10}
+
+
+def test_pscnn_run_hands_the_json_warmup_to_its_server_untouched():
+    args = parse_args(["run", "--schedule", '{"name": "constant", "warmup_steps": 100}'], {})
+    server_argv = ["server", *launcher.flags_from(args, launcher.SERVER_FLAGS)]
+    assert schedule(server_argv) == {"name": "constant", "warmup_steps": 100}
+
+
+@pytest.mark.parametrize("argv,environ", [
+    (["--warmup-steps", "5"], {}),
+    ([], {"PSCNN_WARMUP_STEPS": "5"}),
+])
+def test_an_explicit_warmup_that_contradicts_the_json_is_an_error(argv, environ, capsys, monkeypatch, tmp_path):
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", "--schedule", '{"name": "constant", "warmup_steps": 100}', *argv,
+                 "--mnist-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == ("pscnn: error: --warmup-steps 5 contradicts --schedule's "
+                                               "warmup_steps 100: give one of them")
+
+
+# ----------------------------------------------------------------- F: the command line wins
+
+def test_the_command_line_wins_over_a_bad_variable():
+    environ = {"PSCNN_BATCH_SIZE": "abc", "PSCNN_NESTEROV": "maybe"}
+    args = parse_args(["train", "--batch-size", "32", "--nesterov"], environ)
+    assert args.batch_size == 32 and args.nesterov is True
+    assert parse_args(["train", "--batch", "16", "--nesterov"], environ).batch_size == 16   # abbreviated
+    with pytest.raises(CliError, match=r"PSCNN_BATCH_SIZE='abc': must be an integer, got 'abc'"):
+        parse_args(["train", "--nesterov"], environ)
+    with pytest.raises(CliError, match=r"PSCNN_NESTEROV='maybe': expected one of 1/0"):
+        parse_args(["train", "--batch-size", "32"], environ)
+
+
+def test_a_bad_variable_does_not_break_help(capsys, monkeypatch):
+    monkeypatch.setenv("PSCNN_BATCH_SIZE", "abc")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    assert "usage: pscnn train" in capsys.readouterr().out
+
+
+def test_a_bad_variable_under_a_given_flag_lets_the_command_run(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PSCNN_BATCH_SIZE", "abc")
+    empty = tmp_path / "no-mnist"
+    empty.mkdir()
+    # gets past the flags to the data check (exit 1), not stopped by the variable (exit 2)
+    assert main(["train", "--batch-size", "32", "--mnist-dir", str(empty), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "PSCNN_BATCH_SIZE" not in err and str(empty) in err
+
+
+# ----------------------------------------------------------------- G: flags the optimizer would drop
+
+@pytest.mark.parametrize("argv,environ,needle", [
+    (["train", "--optimizer", "adam", "--nesterov", "--momentum", "0.5"], {},
+     "is used only by --optimizer sgd, not by --optimizer adam"),
+    (["train", "--optimizer", "adam", "--nesterov"], {}, "--nesterov is used only by --optimizer sgd"),
+    (["train", "--optimizer", "sgd", "--weight-decay", "0.1"], {},
+     "--weight-decay is used only by --optimizer adamw, not by --optimizer sgd"),
+    (["run", "--mode", "async", "--weight-decay", "0.1"], {},
+     "--weight-decay is used only by --optimizer adamw, not by --optimizer auto, which is adam for --mode async"),
+    (["train", "--weight-decay", "0.1"], {},
+     "--weight-decay is used only by --optimizer adamw, not by --optimizer auto, which is sgd for pscnn train"),
+    (["server", "--optimizer", "rmsprop"], {"PSCNN_MOMENTUM": "0.5"}, "--momentum"),
+])
+def test_flags_the_optimizer_does_not_use_are_errors(argv, environ, needle, monkeypatch):
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(CliError, match=re.escape(needle)):
+        optimizer_config(parse_args(argv, environ))
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--mode", "async"], ["train", "--optimizer", "adam"], ["train", "--optimizer", "adamw",
+                                                                   "--weight-decay", "0.1"],
+    ["run", "--mode", "async", "--momentum", "0.5"], ["train", "--optimizer", "sgd", "--nesterov"],
+    ["server", "--mode", "ssp", "--nesterov"],
+])
+def test_defaults_and_flags_the_optimizer_uses_are_fine(argv):
+    optimizer_config(parse_args(argv, {}))
+
+
+def test_a_dropped_optimizer_flag_is_a_usage_error(tmp_path, capsys):
+    assert main(["train", "--optimizer", "adam", "--momentum", "0.5", "--mnist-dir", str(tmp_path),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == ("pscnn: error: --momentum is used only by --optimizer sgd, "
+                                               "not by --optimizer adam")
+
+
+# ----------------------------------------------------------------- H: messages
+
+def test_run_more_workers_than_max_workers_names_workers(tmp_path):
+    out = tmp_path / "run"
+    proc = cli("run", "--workers", "3", "--max-workers", "1", "--out", out, "--no-progress", timeout=120)
+    one_line_error(proc, 2, "--workers 3 exceeds --max-workers 1")
+    assert "--wait-for-workers" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "run", "server"])
+def test_out_naming_a_file_says_so(command, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main([command, "--out", str(a_file), "--mnist-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"pscnn: error: --out {a_file} is a file, not a folder"
+
+
+@pytest.mark.parametrize("argv", [["train", "--mnist-dir", ""], ["run", "--mnist-dir", ""],
+                                  ["server", "--mnist-dir", " "], ["worker", "--mnist-dir", ""],
+                                  ["evaluator", "--mnist-dir", ""], ["download", "--dir", ""],
+                                  ["train", "--out", ""]])
+def test_empty_paths_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, {})            # parsing only: without the check, main() would start the command
+    assert exc.value.code == 2
+    assert f"argument {argv[1]}: must name a folder, got an empty string" in capsys.readouterr().err
+
+
+def test_an_empty_variable_still_means_the_default():
+    assert parse_args(["train"], {"PSCNN_MNIST_DIR": ""}).mnist_dir is None
+
+
+class _NoProcesses:
+    """LocalCluster's surface for run_from_args, starting nothing."""
+
+    def __init__(self, out, port=None, threads=1):
+        self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
+
+    start_server = start_worker = start_evaluator = lambda self, *a, **k: None
+
+    def stop_all(self, *a, **k):
+        return {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_interrupted_run_offers_resume_only_with_a_checkpoint(checkpointed, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+
+    def interrupted(cluster, bar):
+        if checkpointed:                # the server wrote one before it stopped
+            out.mkdir(exist_ok=True)
+            (out / "checkpoint.npz").write_bytes(b"")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launcher, "LocalCluster", _NoProcesses)
+    monkeypatch.setattr(launcher, "_follow", interrupted)
+    assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert ("--resume" in err) == checkpointed, err
+    if not checkpointed:
+        assert "stopped before the first checkpoint; the same command starts the run again" in err
+
+
+def test_an_old_runs_checkpoint_is_no_reason_to_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.npz").write_bytes(b"")               # left by an earlier run, not --resume'd
+
+    def interrupted(cluster, bar):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launcher, "LocalCluster", _NoProcesses)
+    monkeypatch.setattr(launcher, "_follow", interrupted)
+    assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
+    assert "--resume" not in capsys.readouterr().err
