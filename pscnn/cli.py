@@ -89,11 +89,15 @@ def _at_most(text: str, value: float, cap: float) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
+def _positive(text: str, cap: float) -> float:
     value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return _at_most(text, value, MAX_FLOAT)
+    return _at_most(text, value, cap)
+
+
+def positive_float(text: str) -> float:
+    return _positive(text, MAX_FLOAT)
 
 
 def non_negative_float(text: str) -> float:
@@ -104,11 +108,8 @@ def non_negative_float(text: str) -> float:
 
 
 def poll_seconds(text: str) -> float:
-    """Seconds > 0 that one zmq poll waits (``pscnn status --timeout``)."""
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return _at_most(text, value, MAX_POLL_SECONDS)
+    """Seconds > 0 that one zmq poll waits (``pscnn status --timeout``): its milliseconds are a C int."""
+    return _positive(text, MAX_POLL_SECONDS)
 
 
 def _path(text: str) -> str:

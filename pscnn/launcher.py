@@ -42,6 +42,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout: float, what: str = "condition", interval: float = 0.2, on_fail=None):
+    """Poll ``predicate()`` until it returns a truthy value (returned), for at most ``timeout``
+    seconds (then RuntimeError naming ``what``, and ``on_fail()``'s text, e.g. a log tail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = on_fail() if on_fail else ""
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{detail}" if detail else ""))
+        time.sleep(interval)
+
+
 def flags_from(args, dests) -> list[str]:
     """argparse values -> command-line flags (None skipped, booleans as bare flags)."""
     out = []

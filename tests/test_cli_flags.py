@@ -50,15 +50,6 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) ->
     assert needle in err, err
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
 
 # ----------------------------------------------------------------- A: one CliError, run checks first
 
@@ -216,7 +207,7 @@ def test_sighup_stops_every_child_with_a_checkpoint(tmp_path, mnist_dir):
         def training():
             status = launcher.query_status(f"tcp://127.0.0.1:{port}", timeout=0.5)
             return status is not None and status.get("batches_done", 0) > 0
-        wait_for(training, 120, "training to start")
+        launcher.wait_for(training, 120, "training to start")
         children = _children(proc.pid)
         assert len(children) == 4               # server, 2 workers, evaluator
         proc.send_signal(signal.SIGHUP)         # the terminal closed

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pscnn.launcher import free_port, print_report, query_status
+from pscnn.launcher import free_port, print_report, query_status, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -76,15 +76,6 @@ def server_flags(out: Path, mnist_dir: str, mode: str, epochs: int = 1, **extra)
 def client_flags(mnist_dir: str) -> list[str]:
     return ["--mnist-dir", mnist_dir, "--give-up-after", "60"]
 
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def finish(cluster, timeout: float = 150.0) -> dict:

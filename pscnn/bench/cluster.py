@@ -15,9 +15,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pscnn.launcher import LocalCluster, query_status
+from pscnn.launcher import LocalCluster, query_status, wait_for
 
-from .common import THROUGHPUT_LR, THROUGHPUT_MOMENTUM, bench_env, proc_cpu_seconds, step_records, wait_for
+from .common import THROUGHPUT_LR, THROUGHPUT_MOMENTUM, bench_env, proc_cpu_seconds, step_records
 
 BIG_EPOCHS = 100_000            # a run that never ends within a benchmark window
 

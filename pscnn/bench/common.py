@@ -286,15 +286,3 @@ def step_records(metrics_path: Path) -> list[dict]:
 def eval_records(metrics_path: Path) -> list[dict]:
     return [r for r in read_jsonl(metrics_path) if record_kind(r) == "eval"]
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition", on_fail=None):
-    """Poll ``predicate()`` until it returns a truthy value (returned) or ``timeout`` (RuntimeError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = on_fail() if on_fail else ""
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{detail}" if detail else ""))
-        time.sleep(interval)

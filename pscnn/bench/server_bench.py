@@ -112,7 +112,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
         server = subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
         procs = []
         try:
-            from .common import wait_for  # noqa: PLC0415
+            from pscnn.launcher import wait_for  # noqa: PLC0415
             if kind == "pscnn":
                 wait_for(lambda: server.poll() is not None or query_status(endpoint, 0.5), 60,
                          what="the server to answer")

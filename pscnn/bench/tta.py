@@ -91,7 +91,9 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
     from pscnn.launcher import LocalCluster, query_status  # noqa: PLC0415
 
     from .cluster import worker_flags  # noqa: PLC0415
-    from .common import bench_env, wait_for  # noqa: PLC0415
+    from pscnn.launcher import wait_for  # noqa: PLC0415
+
+    from .common import bench_env  # noqa: PLC0415
     if folder.exists():
         shutil.rmtree(folder)
     cluster = LocalCluster(folder, threads=args.threads)
