@@ -112,6 +112,14 @@ def poll_seconds(text: str) -> float:
     return _positive(text, MAX_POLL_SECONDS)
 
 
+def fraction(text: str) -> float:
+    """A share in (0, 1], e.g. a test accuracy to reach (NaN fails both bounds)."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
 def _path(text: str) -> str:
     """A file or folder flag's value: not empty.
 

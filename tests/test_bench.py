@@ -263,6 +263,8 @@ def test_throughput_benchmarks_compare_one_update():
     (["server", "--seconds", "-1"], "argument --seconds: must be > 0, got -1"),
     (["scaling", "--threads", "x"], "argument --threads: must be an integer, got 'x'"),
     (["time-to-accuracy", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["time-to-accuracy", "--target", "99"], "argument --target: must be a fraction in (0, 1], got 99"),
+    (["time-to-accuracy", "--target", "nan"], "argument --target: must be a fraction in (0, 1], got nan"),
 ])
 def test_bad_bench_flags_are_one_line_usage_errors_before_anything_runs(argv, needle, tmp_path, capsys):
     from pscnn.cli import main

@@ -509,3 +509,16 @@ def test_a_missing_mnist_folder_fails_at_once_without_a_server(role, tmp_path):
             "--mnist-dir", str(tmp_path / "absent")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=50, env=child_env(), check=False)
     one_error_line(proc, str(tmp_path / "absent"), "does not exist")
+
+
+def test_giving_up_on_malformed_replies_says_they_were_malformed(fake):
+    """The server answered, badly: "no answer" alone would send the user looking for a dead server."""
+    server = fake(work=[Unchecked(P.TASK, {"bogus": 1})])
+    client = Client(server.endpoint, "trainer", give_up_after=1.5, heartbeat=False)
+    try:
+        client.connect()
+        with pytest.raises(client_module.ServerUnreachable,
+                           match=r"no usable answer from .* for 2 s; its last reply was malformed: task: unknown fields"):
+            client.request(P.WORK)
+    finally:
+        client.close()

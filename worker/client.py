@@ -269,12 +269,14 @@ class Client:
         frames, t0 = sent if sent is not None else self._send_first(msg)
         backoff = self.resend_s
         sent_at = t0
+        malformed = None                    # the last reply we could not decode: "no answer" would mislead
         while True:
             now = time.monotonic()
             # Silence since the request, or since the last answered heartbeat: a server that
             # answers those is alive and holds the request back on purpose.
             if now - max(t0, self.heard_at) > limit:
-                raise ServerUnreachable(f"no answer from {self.endpoint} for {limit:.0f} s")
+                raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:.0f} s"
+                                        + (f"; its last reply was malformed: {malformed}" if malformed else ""))
             if self.server_done.is_set() and now - t0 > self.reconnect_s:
                 raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
             wait = max(0.0, sent_at + backoff - now)
@@ -283,7 +285,8 @@ class Client:
                 try:
                     reply = P.decode(reply_frames)
                 except P.ProtocolError as exc:
-                    log.warning("ignoring a malformed reply: %s", exc)
+                    malformed = P.one_line(exc, 200)
+                    log.warning("ignoring a malformed reply: %s", malformed)
                     continue
                 if reply.seq == msg.seq or reply.type == P.ERROR and reply.seq == 0:
                     self.last_rtt_s = time.monotonic() - t0

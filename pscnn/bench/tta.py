@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from pscnn.cli import MODES, non_negative_float, non_negative_int, positive_float, positive_int
+from pscnn.cli import MODES, fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
 from .common import (add_output_flags, cores, save_figure, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
                      pyplot, step_records, output_folder, write_outputs)
@@ -33,7 +33,7 @@ NAME = "time_to_accuracy"
 def add_parser(sub) -> None:
     p = sub.add_parser("time-to-accuracy", help="wall time and images to reach a test accuracy",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", type=float, default=0.99, help="test accuracy to reach (default: 0.99)")
+    p.add_argument("--target", type=fraction, default=0.99, help="test accuracy to reach (default: 0.99)")
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
     p.add_argument("--mode", default="sync,async", help="modes (default: sync,async)")
     p.add_argument("--batch", type=positive_int, default=64, help="batch size per worker step (default: 64)")
