@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from cnn_core.runlog import make_folder
-from server.server import CHECKPOINT_NAME, MNIST_TRAIN_SIZE, resume_checkpoint
+from server.server import CHECKPOINT_NAME, MNIST_TRAIN_SIZE, ParameterServer, config_from_args, unfinished_run_warning
 from worker.client import query_status
 
 log = logging.getLogger("pscnn.run")
@@ -204,9 +204,11 @@ def _mtime(path: Path) -> int | None:
 
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
-    if args.resume:                # before starting anything: the server would only fail the same way
-        resume_checkpoint(args.out)
     check_run_args(args)
+    if args.resume:     # every check the server's --resume makes, here, before anything starts
+        ParameterServer(config_from_args(args))
+    elif (warning := unfinished_run_warning(args.out)):     # on the terminal, not only in logs/server.log
+        _say(f"pscnn run: {warning}")
     checkpoint = Path(args.out) / CHECKPOINT_NAME
     checkpoint_before = _mtime(checkpoint)      # an older run's is no checkpoint of this one
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads)

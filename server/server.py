@@ -1140,10 +1140,15 @@ def _metrics_problem(m: dict) -> str | None:
 
 def serve_from_args(args) -> int:
     """``pscnn server``: build the config from the CLI flags and serve."""
+    return ParameterServer(config_from_args(args)).serve()
+
+
+def config_from_args(args) -> ServerConfig:
+    """The server's config from its CLI flags (or ``pscnn run``'s, which has no --bind)."""
     from pscnn.cli import optimizer_config, resolve_auto_schedule  # noqa: PLC0415
     num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
     updates = args.epochs * -(-num_samples // args.batch_size)
-    cfg = ServerConfig(bind=args.bind, mode=args.mode, staleness=args.staleness, epochs=args.epochs,
+    return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=args.staleness, epochs=args.epochs,
                        batch_size=args.batch_size, model=args.model,
                        optimizer=resolve_auto_schedule(optimizer_config(args), updates), seed=args.seed,
                        train_limit=args.train_limit, test_limit=args.test_limit, mnist_dir=args.mnist_dir,
@@ -1151,4 +1156,3 @@ def serve_from_args(args) -> int:
                        lease_timeout=args.lease_timeout, peer_timeout=args.peer_timeout,
                        final_eval_timeout=args.final_eval_timeout, max_workers=args.max_workers,
                        wait_for_workers=args.wait_for_workers or 0, start_timeout=args.start_timeout)
-    return ParameterServer(cfg).serve()

@@ -485,3 +485,25 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
     assert "interrupted after the run finished: no checkpoint written" in cluster.log_tail("server", 10)
     assert os.stat(out / "checkpoint.npz").st_mtime_ns == final_checkpoint
     assert unfinished_run_warning(str(out)) is None
+
+
+# ---------------------------------------------------------------- pscnn run --resume checks before it starts
+
+def test_pscnn_run_resume_refuses_a_mismatch_before_starting_anything(run, capsys):
+    """The same checks as the server's, made by `pscnn run` itself: one line on the terminal,
+    and no server, worker or evaluator started (no logs written) only to fail in a log."""
+    log = run / "logs" / "server.log"
+    before = log.stat().st_mtime_ns if log.exists() else None
+    code = main(["run", "--workers", "2", *FLAGS, "--seed", "5", "--out", str(run), "--resume", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "--seed 0" in err[0] and "--seed 5" in err[0], err
+    assert (log.stat().st_mtime_ns if log.exists() else None) == before     # no server started
+
+
+def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run, capsys, monkeypatch):
+    import pscnn.launcher as launcher
+    monkeypatch.setattr(launcher, "_run", lambda *a: 0)               # the warning comes before anything starts
+    assert main(["run", "--workers", "2", *FLAGS, "--out", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "pscnn run: " in err and str(run) in err and "--resume" in err, err
