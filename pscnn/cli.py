@@ -292,6 +292,8 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g.add_argument("--final-eval-timeout", type=non_negative_float, default=120.0,
                    help="seconds to wait for the evaluator's final report (default: 120)")
     g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse trainers beyond this many, and evaluators beyond as many (default: 1024)")
+    g.add_argument("--log-rejected", type=non_negative_int, default=20, metavar="N",
+                   help="log at most N rejected messages a second, counting the rest (0: all; default: 20)")
     g.add_argument("--wait-for-workers", type=non_negative_int, default=None, metavar="N",
                    help="hand out no work until N trainers ask for it (or --start-timeout passed), so all "
                         "start together; in sync mode with a fixed set of workers, runs are then "

@@ -30,7 +30,7 @@ log = logging.getLogger("pscnn.run")
 
 # Flags of `pscnn run` passed through to `pscnn server` unchanged.
 SERVER_FLAGS = ("mode", "staleness", "checkpoint_every", "resume", "lease_timeout", "peer_timeout",
-                "final_eval_timeout", "max_workers", "wait_for_workers", "start_timeout", "model", "optimizer",
+                "final_eval_timeout", "max_workers", "log_rejected", "wait_for_workers", "start_timeout", "model", "optimizer",
                 "lr", "momentum", "nesterov", "weight_decay", "l2", "l1", "schedule", "warmup_steps", "seed",
                 "batch_size", "epochs", "train_limit", "test_limit", "mnist_dir", "out", "log_level")
 

@@ -203,6 +203,7 @@ class ServerConfig:
     peer_timeout: float = 10.0
     final_eval_timeout: float = 120.0
     max_workers: int = 1024
+    log_rejected: int = 20              # rejected-message log lines a second (0: no limit)
     wait_for_workers: int = 0
     start_timeout: float = 60.0
     log_steps: bool = True
@@ -265,6 +266,8 @@ class ParameterServer:
         self.started = cfg.wait_for_workers <= 1     # the start barrier: see _maybe_start
         self.first_ready_at: float | None = None
         self.rejected = Counter()
+        self._rejected_window = [0.0, 0]            # [start, lines] of the current second
+        self._rejected_unlogged = 0
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.t_start = time.monotonic()
         self.t_train_end: float | None = None
@@ -456,15 +459,31 @@ class ParameterServer:
         allowed = {"trainer": (P.WORK, P.PUSH, P.BYE), "evaluator": (P.PULL, P.EVAL_REPORT, P.BYE)}[peer.role]
         if handler is None or msg.type not in allowed:
             self._reply(peer, P.error("unexpected_type", f"a {peer.role} may not send {msg.type!r}"))
-            self.rejected["unexpected_type"] += 1
-            log.warning("rejected %s from %s: a %s may not send it", msg.type, peer.name, peer.role)
+            self._rejected("unexpected_type", "rejected %s from %s: a %s may not send it", msg.type, peer.name,
+                           peer.role)
             return
         handler(peer, msg, now)
 
+    def _rejected(self, code: str, fmt: str, *args) -> None:
+        """Count a rejected message and log it, up to ``--log-rejected`` lines a second.
+
+        A flood of bad messages must not flood the log: beyond the limit they
+        are only counted (summary.json's ``rejected_messages``), and the
+        housekeeping says how many went unlogged.
+        """
+        self.rejected[code] += 1
+        now = time.monotonic()
+        if now - self._rejected_window[0] >= 1.0:
+            self._rejected_window = [now, 0]
+        self._rejected_window[1] += 1
+        if not self.cfg.log_rejected or self._rejected_window[1] <= self.cfg.log_rejected:
+            log.warning(fmt, *args)
+        else:
+            self._rejected_unlogged += 1
+
     def _reject(self, rid: bytes, msg, exc: P.ProtocolError) -> None:
-        self.rejected[exc.code] += 1
         who = msg.wid if msg is not None and msg.wid else rid.hex()[:16]
-        log.warning("rejected message from %s: %s", who, exc)
+        self._rejected(exc.code, "rejected message from %s: %s", who, exc)
         self._send(rid, P.error(exc.code, str(exc), msg.seq if msg is not None else 0))
 
     def _send(self, rid: bytes, msg: P.Message) -> list:
@@ -563,8 +582,8 @@ class ParameterServer:
             return
         held = self.work.held_by(peer.wid)
         if len(held) >= self.MAX_LEASES_PER_WORKER:
-            self.rejected["too_many_leases"] += 1
-            log.warning("refused %s another batch: it holds leases on batches %s already", peer.name, held)
+            self._rejected("too_many_leases", "refused %s another batch: it holds leases on batches %s already",
+                           peer.name, held)
             self._reply(peer, P.error("too_many_leases", f"this worker holds leases on batches {held} already; "
                                                          "push their gradients before asking for more"))
             return
@@ -605,15 +624,14 @@ class ParameterServer:
                 raise P.ProtocolError("push: the loss is NaN or Inf; gradient rejected", "non_finite")
             grads, state = self.store.check_push_arrays(msg.arrays)
         except P.ProtocolError as exc:
-            self.rejected[exc.code] += 1
             if exc.code == "non_finite" and live:
                 self.nonfinite_streak += 1
             lease = self.work.leases.get(b["batch"])     # requeue the pusher's own lease only
             requeued = lease is not None and lease.worker == peer.wid and self.work.release(b["epoch"], b["batch"])
             if self.cfg.mode == "sync":
                 self.round_members.pop(peer.wid, None)
-            log.warning("rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"], b["batch"],
-                        exc, "; batch requeued" if requeued else "")
+            self._rejected(exc.code, "rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"],
+                           b["batch"], exc, "; batch requeued" if requeued else "")
             self._reply(peer, P.error(exc.code, str(exc)))
             if self.nonfinite_streak >= self.NONFINITE_LIMIT:
                 self._fail(f"training diverged: the last {self.nonfinite_streak} pushes had a NaN or Inf loss or "
@@ -781,9 +799,8 @@ class ParameterServer:
         if not 0 <= version <= self.store.version:          # the evaluation history is indexed by it
             code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
         if problem:
-            self.rejected[code] += 1
             self._reply(peer, P.error(code, f"eval_report: {problem}"))
-            log.warning("rejected eval_report from %s: %s", peer.name, problem)
+            self._rejected(code, "rejected eval_report from %s: %s", peer.name, problem)
             return
         final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
         record = {"seconds": round(self._train_clock(now), 3), "version": version,
@@ -801,6 +818,10 @@ class ParameterServer:
     def _housekeeping(self, now: float) -> bool:
         """Leases, dead peers, checkpoints, step records and the end of the run.  True: exit the loop."""
         self.writer.flush()
+        if self._rejected_unlogged and now - self._rejected_window[0] >= 1.0:
+            log.warning("%d more rejected messages in a second were not logged one by one (summary.json's "
+                        "rejected_messages counts them all)", self._rejected_unlogged)
+            self._rejected_unlogged = 0
         expired = self.work.expire(now)
         for worker, batch in expired:
             peer = self.peers.get(worker)
@@ -1155,4 +1176,5 @@ def config_from_args(args) -> ServerConfig:
                        out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                        lease_timeout=args.lease_timeout, peer_timeout=args.peer_timeout,
                        final_eval_timeout=args.final_eval_timeout, max_workers=args.max_workers,
+                       log_rejected=args.log_rejected,
                        wait_for_workers=args.wait_for_workers or 0, start_timeout=args.start_timeout)

@@ -37,7 +37,8 @@ from server.server import ParameterServer
 pytestmark = pytest.mark.timeout(120)
 
 SERVER_FLAGS = ["--model", "light", "--train-limit", "640", "--batch-size", "64", "--epochs", "50",
-                "--mode", "async", "--checkpoint-every", "0", "--log-level", "INFO"]
+                "--mode", "async", "--checkpoint-every", "0", "--log-level", "INFO",
+                "--log-rejected", "0"]          # the tests read one log line per rejected message
 REPLY_TIMEOUT = 5.0
 
 PUSH_BODY = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.01, "comm_s": 0.0, "wait_s": 0.0}}
@@ -1065,3 +1066,26 @@ def test_a_model_that_cannot_score_mnist_is_refused_before_the_server_starts(tmp
                  "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "outputs 5 values, but MNIST has 10 classes" in err[0], err
+
+
+def test_a_flood_of_bad_messages_does_not_flood_the_log(tmp_path):
+    """Every bad message is answered and counted; the log takes at most --log-rejected of them a
+    second, then one line saying how many more there were."""
+    s = Server(tmp_path, ["--log-rejected", "20"])
+    try:
+        raw = s.client()
+        since = s.log_size()
+        flood = 200
+        for _ in range(flood):
+            raw.send([b"\xc1 not msgpack"])
+        replies = [raw.recv() for _ in range(flood)]
+        assert all(r is not None and r[0].type == P.ERROR for r in replies)
+        summary = s.wait_log(r"more rejected messages in a second were not logged one by one", since)
+        more = int(summary.split(" more rejected")[0].split()[-1])
+        with open(s.log_path, "rb") as fh:
+            fh.seek(since)
+            lines = fh.read().decode().count("rejected message from")
+        assert lines <= flood - more and lines + more >= flood and more > 0, (lines, more)
+        assert s.status()["done"] is False
+    finally:
+        s.close()
