@@ -221,6 +221,7 @@ class Peer:
     joined: float
     last_seen: float
     last_seq: int = -1
+    last_type: str = P.HELLO            # the type of request last_seq numbered
     cached_reply: list | None = None    # frames of the reply to last_seq (resent on duplicates)
     pending: bool = False               # last_seq's reply is parked (sync barrier / ssp)
     parked_since: float = 0.0
@@ -442,6 +443,13 @@ class ParameterServer:
             self._send(rid, P.Message(P.HEARTBEAT, body={"version": self.store.version,
                                                          "done": self.over}))
             return
+        if msg.seq == peer.last_seq and msg.type != peer.last_type:
+            # Not a resend: a new request under a used number, which the reply cache would
+            # answer with the old request's reply while dropping this one unseen.
+            self._reject(rid, msg, P.ProtocolError(
+                f"{msg.type}: sequence number {msg.seq} already numbered a {peer.last_type}; number each new "
+                "request higher", "bad_seq"))
+            return
         if msg.seq == peer.last_seq:    # a resend: same answer, never a second application
             peer.rid = rid
             if peer.cached_reply is not None:
@@ -452,6 +460,7 @@ class ParameterServer:
             return
         peer.rid = rid
         peer.last_seq = msg.seq
+        peer.last_type = msg.type
         peer.cached_reply = None
         peer.pending = True
         handler = {P.WORK: self._on_work, P.PUSH: self._on_push, P.PULL: self._on_pull,

@@ -693,6 +693,11 @@ def test_a_retried_push_is_applied_once_and_gets_the_cached_reply(server):
     reply = t.call(P.PUSH, push_body(first), grads_like(task.arrays))
     assert reply.body["ack"]["applied"] is True
     assert server.status()["version"] == v0 + 2
+    # a new request under the last number is no resend: refused, not answered from the cache
+    reply = t.call(P.WORK, seq=t.seq)
+    assert reply.type == P.ERROR and reply.body["code"] == "bad_seq", reply.body
+    assert f"sequence number {t.seq} already numbered a push" in reply.body["message"]
+    assert server.status()["version"] == v0 + 2
     t.bye()
 
 
