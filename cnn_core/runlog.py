@@ -61,6 +61,40 @@ def _io_error(path, exc: OSError) -> RunLogError:
     return RunLogError(f"{path}: cannot write: {exc.strerror or exc}")
 
 
+LOCK_FILE = ".pscnn.lock"
+
+
+def _lock_folder(folder: Path):
+    """Hold an exclusive lock on ``folder`` for this process (released by close, or by the
+    kernel when the process dies); RunLogError naming the holder if another process has it.
+
+    Two processes writing one run folder would interleave metrics.jsonl and
+    overwrite each other's checkpoint and summary without a word.
+    """
+    try:
+        import fcntl  # noqa: PLC0415  (POSIX; elsewhere the folder goes unlocked)
+    except ImportError:
+        return None
+    path = folder / LOCK_FILE
+    try:
+        fh = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise _io_error(path, exc) from exc
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise RunLogError(f"{folder}: another pscnn process (pid {holder}) is writing this run folder; "
+                          "choose another --out, or stop that process first") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
 def make_folder(path) -> Path:
     """Create the folder ``path`` (and its parents) if needed; RunLogError, one line, if it cannot be."""
     path = Path(path)
@@ -179,18 +213,23 @@ class RunWriter:
 
     def __init__(self, out_dir, config: dict, resume: bool = False):
         self.out_dir = make_folder(out_dir)
+        self._folder_lock = _lock_folder(self.out_dir)       # before anything in it is written
         self.config_path = self.out_dir / CONFIG_FILE
         self.metrics_path = self.out_dir / METRICS_FILE
         self.summary_path = self.out_dir / SUMMARY_FILE
-        write_json_atomic(self.config_path, config)
         try:
+            write_json_atomic(self.config_path, config)
             offset = 0.0
             if resume and self.metrics_path.exists():
                 offset = _repair_and_last_seconds(self.metrics_path)
             # Flushed explicitly after each record (see log), whatever the buffering.
             self._fh = open(self.metrics_path, "a" if resume else "w", encoding="utf-8")
-        except OSError as exc:
-            raise _io_error(self.metrics_path, exc) from exc
+        except BaseException as exc:
+            if self._folder_lock is not None:     # no writer: nobody holds the folder
+                self._folder_lock.close()
+            if isinstance(exc, OSError):
+                raise _io_error(self.metrics_path, exc) from exc
+            raise
         self._offset = offset
         self._start = time.monotonic()
         self._lock = threading.Lock()
@@ -267,6 +306,9 @@ class RunWriter:
                 finally:                # closed even when the last write fails
                     self._fh.close()
                     self._fh = None
+                    if self._folder_lock is not None:
+                        self._folder_lock.close()       # releases the lock
+                        self._folder_lock = None
 
     def __enter__(self) -> RunWriter:
         return self

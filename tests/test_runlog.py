@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnn_core import runlog
-from cnn_core.runlog import RunWriter, make_plots, read_metrics, to_jsonable, write_json_atomic
+from cnn_core.runlog import RunLogError, RunWriter, make_plots, read_metrics, to_jsonable, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -303,3 +303,23 @@ def test_make_plots_handles_null_values(tmp_path):
         writer.log("epoch", epoch=1, step=2, test_accuracy=None)
     assert make_plots(tmp_path) == [tmp_path / "learning_curves.png"]
     assert (tmp_path / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_two_writers_of_one_run_folder_are_refused_in_one_line(tmp_path):
+    """Two processes writing one folder would interleave metrics.jsonl and overwrite each
+    other's checkpoint and summary: the second is refused, naming the first's pid."""
+    import subprocess
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from cnn_core.runlog import RunWriter; "
+        f"w = RunWriter({str(out)!r}, {{}}); print('ready', flush=True); sys.stdin.read(); w.close()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(RunLogError, match=rf"another pscnn process \(pid {holder.pid}\) is writing this run folder"):
+            RunWriter(out, {"second": True})
+        assert json.loads((out / "config.json").read_text()) == {}          # the first's, untouched
+    finally:
+        holder.communicate("", timeout=30)
+    with RunWriter(out, {"third": True}):           # released when the first closed
+        pass
