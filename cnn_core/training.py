@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .backend import get_array_module
 from .checkpoint import save_model_checkpoint
 from .data import MNIST_FILES, NUM_CLASSES, iterate_batches, load_mnist
 from .errors import ConfigError, PscnnError, SpecError
+from .flat import all_finite
 from .losses import softmax_cross_entropy
 from .metrics import evaluate
 from .model import build_model
@@ -331,28 +331,15 @@ def _build_optimizer(opt_cfg: dict, planned_updates: int):
     return build_optimizer(opt_cfg)
 
 
-def _all_finite(flat) -> bool:
-    """No NaN or Inf in the 1-d array ``flat`` (NumPy or CuPy).
-
-    One reduction per update rather than ``isfinite`` per element (the
-    parameter server checks its weights the same way): a NaN or Inf makes the
-    sum of squares non-finite; so can overflow, and then the exact check decides.
-    """
-    xp = get_array_module(flat)
-    with np.errstate(over="ignore", invalid="ignore"):
-        square_sum = xp.dot(flat, flat)
-    return bool(xp.isfinite(square_sum)) or bool(xp.isfinite(flat).all())
-
-
 def _non_finite_part(model) -> str | None:
     """What holds a NaN or Inf: "weights", "BatchNorm statistics", or None for neither.
 
     The statistics too: activations whose variance overflows still give a
     finite loss, but a model that cannot be saved or evaluated.
     """
-    if not _all_finite(model.params.flat):
+    if not all_finite(model.params.flat):
         return "weights"
-    if not all(_all_finite(arr.ravel()) for arr in model.state.values()):
+    if not all(all_finite(arr.ravel()) for arr in model.state.values()):
         return "BatchNorm statistics"
     return None
 

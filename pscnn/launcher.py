@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from cnn_core.runlog import make_folder
-from server.server import CHECKPOINT_NAME, MNIST_TRAIN_SIZE, ParameterServer, config_from_args, unfinished_run_warning
+from server.server import CHECKPOINT_NAME, ParameterServer, config_from_args, unfinished_run_warning
 from worker.client import query_status
 
 log = logging.getLogger("pscnn.run")
@@ -169,17 +169,16 @@ def check_run_args(args) -> None:
     instead of the server's log tail."""
     from cnn_core.model import build_model, resolve_spec  # noqa: PLC0415
     from cnn_core.optim import build_optimizer  # noqa: PLC0415
-    from pscnn.cli import CliError, optimizer_config, resolve_auto_schedule  # noqa: PLC0415
+    from pscnn.cli import CliError  # noqa: PLC0415
     if args.workers > args.max_workers:
         raise CliError(f"--workers {args.workers} exceeds --max-workers {args.max_workers}: the server "
                        f"would refuse {args.workers - args.max_workers} of them")
     if args.wait_for_workers is not None and args.wait_for_workers > args.max_workers:
         raise CliError(f"--wait-for-workers {args.wait_for_workers} exceeds --max-workers {args.max_workers}: "
                        "the run could never start with all of them")
-    num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)     # as serve_from_args
-    updates = args.epochs * -(-num_samples // args.batch_size)
-    build_optimizer(resolve_auto_schedule(optimizer_config(args), updates))
-    build_model(resolve_spec(args.model), seed=args.seed, dtype="float32", device="cpu")
+    cfg = config_from_args(args)                    # the optimizer config as the server will build it
+    build_optimizer(cfg.optimizer)
+    build_model(resolve_spec(cfg.model), seed=cfg.seed, dtype="float32", device="cpu")
 
 
 # Signals that stop `pscnn run` as Ctrl-C does, children included: `kill`, and SIGHUP when the

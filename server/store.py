@@ -19,21 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from cnn_core.errors import PscnnError
-from cnn_core.flat import FlatArrays
+from cnn_core.flat import FlatArrays, all_finite
 from cnn_core.model import build_model
 from cnn_core.optim import build_optimizer
 from pscnn.protocol import ProtocolError, model_layout
-
-
-def _all_finite(flat) -> bool:
-    """No NaN or Inf in the 1-d float array ``flat``.
-
-    One reduction instead of ``isfinite`` per element: a NaN or Inf makes the
-    sum of squares non-finite; so can overflow, and then the exact check decides.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):
-        square_sum = np.dot(flat, flat)
-    return bool(np.isfinite(square_sum)) or bool(np.isfinite(flat).all())
 
 
 class TrainingDiverged(PscnnError):
@@ -75,7 +64,7 @@ class ParameterStore:
         """
         if (isinstance(arrays, FlatArrays) and arrays.specs == self.push_specs
                 and arrays.flat.dtype == self.params.flat.dtype):
-            if not _all_finite(arrays.flat):
+            if not all_finite(arrays.flat):
                 self._check_finite(arrays)                  # names the culprit
             grads = FlatArrays(self.params.specs, arrays.flat[:self._num_params])
             return grads, {k: arrays[k] for k in self.state}
@@ -119,7 +108,7 @@ class ParameterStore:
         buf = np.empty(self.push_specs_size, dtype=self.params.flat.dtype)
         with np.errstate(over="ignore", invalid="ignore"):    # overflow is detected just below
             lr = self.optimizer.step(self.params, grads, schedule_steps=batches, copy_to=buf)
-        if not _all_finite(buf[:self._num_params]):
+        if not all_finite(buf[:self._num_params]):
             # Finite gradients, non-finite weights: the step size is too large for
             # this model.  Keep the last finite weights for the record and stop.
             self.params.flat[...] = before.flat[:self._num_params]
