@@ -730,6 +730,11 @@ def batch_index(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool 
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in an epoch of ``n`` samples: the last one may be short (no ``drop_last``)."""
+    return -(-n // batch_size)
+
+
 def batch_length(n: int, batch_size: int, batch: int) -> int:
     """Samples in batch number ``batch`` of :func:`batch_index` (without ``drop_last``).
 

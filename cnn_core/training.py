@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import save_model_checkpoint
-from .data import MNIST_FILES, NUM_CLASSES, iterate_batches, load_mnist
+from .data import MNIST_FILES, NUM_CLASSES, batches_per_epoch, iterate_batches, load_mnist
 from .errors import ConfigError, PscnnError, SpecError
 from .flat import all_finite
 from .losses import softmax_cross_entropy
@@ -192,8 +192,7 @@ def train(config: dict, progress: bool = True) -> dict:
     check_model_fits_mnist(model)
     x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None)
     x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None)
-    # iterate_batches keeps the short last batch, hence ceil.
-    planned_updates = cfg["epochs"] * math.ceil(len(x_train) / cfg["batch_size"])
+    planned_updates = cfg["epochs"] * batches_per_epoch(len(x_train), cfg["batch_size"])   # as iterate_batches
     optimizer = _build_optimizer(cfg["optimizer"], planned_updates)
     cfg["optimizer"] = optimizer.config()    # every hyperparameter, defaults and schedule lengths filled in
 

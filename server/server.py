@@ -59,6 +59,7 @@ import numpy as np
 import zmq
 
 from cnn_core.checkpoint import load_checkpoint, load_model_checkpoint, save_model_checkpoint
+from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError
 from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
@@ -1075,7 +1076,7 @@ class ParameterServer:
             log.info("--resume: training for %d epochs; the checkpoint's run had %d", cfg.epochs, run_epochs)
 
         # The position in the epoch and the counters.
-        batches = -(-num_samples // batch_size)
+        batches = batches_per_epoch(num_samples, batch_size)
         applied = _field(work, "applied", "extra.work.")
         if not isinstance(applied, list):
             raise _Bad("extra.work.applied", f"must be a list of batch numbers, got {_show(applied)}")
@@ -1177,8 +1178,9 @@ def config_from_args(args) -> ServerConfig:
     """The server's config from its CLI flags (or ``pscnn run``'s, which has no --bind)."""
     from pscnn.cli import optimizer_config, resolve_auto_schedule  # noqa: PLC0415
     num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
-    updates = args.epochs * -(-num_samples // args.batch_size)
-    return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=args.staleness, epochs=args.epochs,
+    updates = args.epochs * batches_per_epoch(num_samples, args.batch_size)
+    return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=args.staleness,
+                       epochs=args.epochs,
                        batch_size=args.batch_size, model=args.model,
                        optimizer=resolve_auto_schedule(optimizer_config(args), updates), seed=args.seed,
                        train_limit=args.train_limit, test_limit=args.test_limit, mnist_dir=args.mnist_dir,

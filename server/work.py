@@ -20,11 +20,10 @@ lease is three integers on the wire.
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 
-from cnn_core.data import batch_length
+from cnn_core.data import batch_length, batches_per_epoch
 
 
 @dataclass
@@ -46,7 +45,7 @@ class WorkQueue:
         self.batch_size = batch_size
         self.epochs = epochs
         self.lease_timeout = lease_timeout
-        self.batches_per_epoch = math.ceil(num_samples / batch_size)
+        self.batches_per_epoch = batches_per_epoch(num_samples, batch_size)
         self.epoch = epoch
         self.applied: set[int] = set(applied)            # batches of the current epoch already applied
         self.leases: dict[int, Lease] = {}               # batch -> its current lease

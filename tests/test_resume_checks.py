@@ -17,6 +17,8 @@ the test when it runs out.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -127,29 +129,44 @@ def start_server(out: Path, *flags: str) -> LocalCluster:
     return cluster
 
 
+@contextlib.contextmanager
+def serving(out: Path, *flags: str):
+    """A server on ``out``, and a list for the clients a test connects: all closed afterwards."""
+    cluster = start_server(out, *flags)
+    clients: list[Raw] = []
+    try:
+        yield cluster, clients
+    finally:
+        for c in clients:
+            c.close()
+        cluster.close()
+
+
+def evaluator(endpoint: str, clients: list) -> Raw:
+    ev = Raw(endpoint, "ev")
+    clients.append(ev)
+    assert ev.call(P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+    return ev
+
+
+def stop_with_sigterm(cluster: LocalCluster) -> None:
+    cluster.kill("server", signal.SIGTERM)
+    assert cluster.wait("server", 60) == 0, cluster.log_tail("server", 30)
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> Path:
     """A run folder whose server was stopped (SIGTERM) after 3 sync rounds of 2 trainers:
     checkpoint version 3, epoch 0 with batches 0-5 applied, one evaluation, no summary.json."""
     out = tmp_path_factory.mktemp("resume") / "run"
-    cluster = start_server(out)
-    clients = []
-    try:
-        clients = train(cluster.endpoint, ["w0", "w1"], ROUNDS_BEFORE_STOP)
-        ev = Raw(cluster.endpoint, "ev")
-        clients.append(ev)
-        assert ev.call(P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
-        reply = ev.call(P.EVAL_REPORT, {"version": 2, "final": False,
-                                        "metrics": {"test_accuracy": 0.5, "test_loss": 1.5}})
+    with serving(out) as (cluster, clients):
+        clients += train(cluster.endpoint, ["w0", "w1"], ROUNDS_BEFORE_STOP)
+        reply = evaluator(cluster.endpoint, clients).call(
+            P.EVAL_REPORT, {"version": 2, "final": False, "metrics": {"test_accuracy": 0.5, "test_loss": 1.5}})
         assert reply.type == P.ACK, reply.body
         st = query_status(cluster.endpoint, timeout=REPLY_TIMEOUT)
         assert st["version"] == ROUNDS_BEFORE_STOP and st["applied_in_epoch"] == 2 * ROUNDS_BEFORE_STOP, st
-        cluster.kill("server", signal.SIGTERM)
-        assert cluster.wait("server", 60) == 0, cluster.log_tail("server", 30)
-    finally:
-        for c in clients:
-            c.close()
-        cluster.close()
+        stop_with_sigterm(cluster)
     assert (out / "checkpoint.npz").exists() and not (out / "summary.json").exists()
     return out
 
@@ -404,15 +421,9 @@ def finished(interrupted, tmp_path_factory, mnist_dir) -> Path:
     """The interrupted run resumed by a new server and two new trainer processes (new
     worker ids), to the end: the server scores the final weights itself."""
     out = Path(shutil.copytree(interrupted, tmp_path_factory.mktemp("finished") / "run"))
-    cluster = start_server(out, "--resume", "--final-eval-timeout", "0", "--mnist-dir", mnist_dir)
-    clients = []
-    try:
-        clients = train(cluster.endpoint, ["w2", "w3"], None)
+    with serving(out, "--resume", "--final-eval-timeout", "0", "--mnist-dir", mnist_dir) as (cluster, clients):
+        clients += train(cluster.endpoint, ["w2", "w3"], None)
         assert cluster.wait("server", 120) == 0, cluster.log_tail("server", 30)
-    finally:
-        for c in clients:
-            c.close()
-        cluster.close()
     return out
 
 
@@ -462,13 +473,9 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
     folder would look unfinished to the next start."""
     from server.server import unfinished_run_warning
     out = Path(shutil.copytree(interrupted, tmp_path / "run"))
-    cluster = start_server(out, "--resume", "--final-eval-timeout", "0", "--peer-timeout", "60",
-                           "--mnist-dir", mnist_dir)
-    clients = []
-    try:
-        ev = Raw(cluster.endpoint, "ev")
-        clients.append(ev)
-        assert ev.call(P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+    with serving(out, "--resume", "--final-eval-timeout", "0", "--peer-timeout", "60",
+                 "--mnist-dir", mnist_dir) as (cluster, clients):
+        evaluator(cluster.endpoint, clients)
         clients += train(cluster.endpoint, ["w2", "w3"], None)
         deadline = time.monotonic() + 60
         while not (out / "summary.json").exists():
@@ -476,12 +483,7 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
                 cluster.log_tail("server", 30)
             time.sleep(0.05)
         final_checkpoint = os.stat(out / "checkpoint.npz").st_mtime_ns
-        cluster.kill("server", signal.SIGTERM)
-        assert cluster.wait("server", 60) == 0, cluster.log_tail("server", 30)
-    finally:
-        for c in clients:
-            c.close()
-        cluster.close()
+        stop_with_sigterm(cluster)
     assert "interrupted after the run finished: no checkpoint written" in cluster.log_tail("server", 10)
     assert os.stat(out / "checkpoint.npz").st_mtime_ns == final_checkpoint
     assert unfinished_run_warning(str(out)) is None

@@ -29,7 +29,7 @@ import signal
 import time
 
 from cnn_core import backend
-from cnn_core.data import batch_index, batch_length, load_mnist, resolve_mnist_dir
+from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mnist, resolve_mnist_dir
 from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays
 from cnn_core.losses import softmax_cross_entropy
@@ -145,7 +145,7 @@ class Trainer:
         if reply.type != P.TASK:
             raise BadReply(f"the server answered with {reply.type!r}, not a task, wait or stop")
         body = reply.body
-        batches = -(-self.run["num_samples"] // self.run["batch_size"])
+        batches = batches_per_epoch(self.run["num_samples"], self.run["batch_size"])
         problems = [f"{key} {body[key]} < 0" for key in ("epoch", "lease", "version") if body[key] < 0]
         if not 0 <= body["batch"] < batches:
             problems.append(f"batch {body['batch']} is not one of the run's {batches} batches per epoch")
