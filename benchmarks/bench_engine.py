@@ -4,7 +4,11 @@ Measures, at one BLAS thread, in one process, interleaved trial by trial so
 that machine noise hits every contender alike:
 
 * pscnn "seed" model training step (forward + backward + SGD-momentum update)
-  at batch 64, and inference at batch 1000, in images/s;
+  at batch 64, and inference at batch 1000, in images/s.  The step is
+  ``Model.loss_and_grads``, what ``pscnn train`` and the trainers run (on the
+  CPU, chunks of ``Model.CPU_CHUNK`` images, each forward and backward while
+  its activations are in cache); ``pscnn_whole_batch`` is the same step as one
+  ``forward`` and one ``backward`` over the whole batch;
 * the same model in PyTorch 2.13 CPU (NCHW and channels_last), when torch is
   installed;
 * a straightforward float64 NCHW im2col implementation with Python loops over
@@ -74,9 +78,16 @@ def main(argv=None) -> dict:
     model = build_model("seed", seed=0)
     opt = build_optimizer({"name": "sgd", "lr": 0.01, "momentum": 0.9})
 
-    def pscnn_step():
-        _, d = softmax_cross_entropy(model.forward(xb, train=True), yb)
-        opt.step(model.params, model.backward(d))
+    def pscnn_step():                      # what pscnn train and the trainers run
+        _, _, grads = model.loss_and_grads(xb, yb)
+        opt.step(model.params, grads)
+
+    whole_model = build_model("seed", seed=0)
+    whole_opt = build_optimizer({"name": "sgd", "lr": 0.01, "momentum": 0.9})
+
+    def pscnn_whole_batch_step():          # the public forward/backward over the whole batch at once
+        _, d = softmax_cross_entropy(whole_model.forward(xb, train=True), yb)
+        whole_opt.step(whole_model.params, whole_model.backward(d))
 
     ref_model = build_model("seed", seed=0, dtype="float64")
     ref = ReferenceModel(ref_model)
@@ -87,7 +98,8 @@ def main(argv=None) -> dict:
         _, grads = ref.loss_and_grads(xb64, yb)
         ref_opt.step(ref.params, grads)
 
-    train = {"pscnn": pscnn_step, "reference_f64_loops": reference_step}
+    train = {"pscnn": pscnn_step, "pscnn_whole_batch": pscnn_whole_batch_step,
+             "reference_f64_loops": reference_step}
     infer = {"pscnn": lambda: model.forward(xi, train=False)}
 
     torch_version = None
@@ -142,7 +154,7 @@ def main(argv=None) -> dict:
            "infer": {k: float(np.median(v)) for k, v in infer_rates.items()}}
     ratios = {kind: {k: float(np.median(np.array(rates["pscnn"]) / np.array(v))) for k, v in rates.items()}
               for kind, rates in (("train", train_rates), ("infer", infer_rates))}
-    breakdown = _layer_breakdown(model, xb, yb, softmax_cross_entropy, opt, np)
+    breakdown = _layer_breakdown(model, xb, yb, opt, np)
     result = {"batch": args.batch, "infer_batch": args.infer_batch, "trials": args.trials,
               "blas": blas, "torch": torch_version, "cpu_count": os.cpu_count(),
               "images_per_second": med, "pscnn_over": ratios, "step_breakdown_ms": breakdown}
@@ -165,37 +177,45 @@ def main(argv=None) -> dict:
     return result
 
 
-def _layer_breakdown(model, xb, yb, loss_fn, opt, np, reps: int = 9) -> dict:
-    """Median ms per layer (forward + backward), loss and optimizer update."""
-    times: dict = {}
+def _layer_breakdown(model, xb, yb, opt, np, reps: int = 9) -> dict:
+    """Median ms per step: each layer (forward + backward, over all chunks),
+    the rest of ``loss_and_grads`` (the loss, summing the chunks' gradients),
+    and the optimizer update.  Times the layers in place, on the real path."""
+    current: dict = {}
 
-    def timed(key, fn):
-        t = time.perf_counter()
-        out = fn()
-        times.setdefault(key, []).append((time.perf_counter() - t) * 1e3)
-        return out
+    def timing(layer):
+        forward, backward = layer.forward, layer.backward
 
-    for _ in range(reps):
-        h = model.xp.asarray(xb).transpose(0, 2, 3, 1)
-        caches = [None] * len(model.layers)
-        for idx in model._order:           # the model's execution order (ReLU/pool swapped)
-            layer = model.layers[idx]
-            h, caches[idx] = timed(layer.name, lambda layer=layer, h=h: layer.forward(h, True))
-        _, d = timed("loss", lambda h=h: loss_fn(h, yb))
-        grads = {}
-        for pos in range(len(model._order) - 1, -1, -1):
-            i = model._order[pos]
-            layer = model.layers[i]
-            d, g = timed(layer.name, lambda layer=layer, d=d, i=i, pos=pos: layer.backward(d, caches[i], need_dx=pos > 0))
-            grads.update({f"{layer.name}.{k}": v for k, v in g.items()})
-        timed("sgd_update", lambda grads=grads: opt.step(model.params, grads))
-    # each layer appears twice per rep (forward, backward): sum per rep, then median
-    out = {}
-    for key, vals in times.items():
-        per_rep = len(vals) // reps
-        sums = [sum(vals[i * per_rep:(i + 1) * per_rep]) for i in range(reps)]
-        out[key] = float(np.median(sums))
-    return out
+        def timed_forward(x, train=True):
+            t = time.perf_counter()
+            out = forward(x, train)
+            current[layer.name] = current.get(layer.name, 0.0) + time.perf_counter() - t
+            return out
+
+        def timed_backward(d, cache, need_dx=True):
+            t = time.perf_counter()
+            out = backward(d, cache, need_dx)
+            current[layer.name] = current.get(layer.name, 0.0) + time.perf_counter() - t
+            return out
+        layer.forward, layer.backward = timed_forward, timed_backward
+
+    reps_ms = []
+    for layer in model.layers:
+        timing(layer)
+    try:
+        for _ in range(reps + 1):          # the first is a warm-up
+            current.clear()
+            t = time.perf_counter()
+            _, _, grads = model.loss_and_grads(xb, yb)
+            current["loss, chunk sums"] = time.perf_counter() - t - sum(current.values())
+            t = time.perf_counter()
+            opt.step(model.params, grads)
+            current["sgd_update"] = time.perf_counter() - t
+            reps_ms.append({k: v * 1e3 for k, v in current.items()})
+    finally:
+        for layer in model.layers:         # back to the class's methods
+            del layer.forward, layer.backward
+    return {key: float(np.median([rep[key] for rep in reps_ms[1:]])) for key in reps_ms[0]}
 
 
 if __name__ == "__main__":

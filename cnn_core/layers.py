@@ -67,6 +67,10 @@ class Layer:
     """Base class: a layer without parameters or state."""
 
     type_name = "layer"
+    # True for a layer whose output for one sample depends on the other samples
+    # of the batch (BatchNorm's batch statistics): Model.loss_and_grads then
+    # runs the batch whole instead of in chunks.
+    couples_samples = False
 
     def __init__(self, name: str | None = None):
         self.name = name or self.type_name
@@ -405,9 +409,10 @@ class Flatten(Layer):
         return (int(np.prod(in_shape)),)
 
     def forward(self, x, train=True):
+        features = self.out_shape[0]             # not -1: an empty batch has no size to infer it from
         if x.ndim == 4:
-            return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1), x.shape
-        return x.reshape(x.shape[0], -1), x.shape
+            return x.transpose(0, 3, 1, 2).reshape(x.shape[0], features), x.shape
+        return x.reshape(x.shape[0], features), x.shape
 
     def backward(self, dout, cache, need_dx=True):
         shape = cache
@@ -508,6 +513,11 @@ class Dropout(Layer):
     ``cnn_core.rng.uniform(key, k) >= p``: counter-based, so reseeding costs
     nothing and CPU and GPU draw the same masks.  ``key`` comes from the model's
     seed, then from each :meth:`~cnn_core.model.Model.reseed`.
+
+    ``sample_offset``, set by :meth:`~cnn_core.model.Model.loss_and_grads`
+    while it runs a batch in chunks: the index of ``x``'s first sample in the
+    batch, so each chunk draws its own rows of the batch's mask (and the
+    counter advances once per batch, not per chunk).
     """
 
     type_name = "dropout"
@@ -519,6 +529,7 @@ class Dropout(Layer):
         self.p = float(p)
         self.key: int | None = None
         self.draws = 0
+        self.sample_offset = 0
 
     def config(self):
         return {"p": self.p}
@@ -532,7 +543,8 @@ class Dropout(Layer):
     def forward(self, x, train=True):
         if not train or self.p == 0.0:
             return x, None
-        keep = uniform(_xp(x), self.key, self.draws, x.shape, x.dtype) >= self.p
+        per_sample = x[:1].size
+        keep = uniform(_xp(x), self.key, self.draws, x.shape, x.dtype, offset=self.sample_offset * per_sample) >= self.p
         self.draws += 1
         mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
         return x * mask, mask
@@ -551,6 +563,7 @@ class BatchNorm2D(Layer):
     """
 
     type_name = "batchnorm2d"
+    couples_samples = True
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name=None):
         super().__init__(name)
@@ -625,6 +638,10 @@ class Residual(Layer):
 
     def spec(self):
         return {"type": self.type_name, "name": self.name, "layers": [lyr.spec() for lyr in self.layers]}
+
+    @property
+    def couples_samples(self):
+        return any(layer.couples_samples for layer in self.layers)
 
     def build(self, in_shape, xp, dtype, rng):
         self.in_shape = tuple(in_shape)

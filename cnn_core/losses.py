@@ -5,12 +5,17 @@ from .backend import get_array_module
 from .errors import ShapeError
 
 
-def softmax_cross_entropy(logits, y):
+def softmax_cross_entropy(logits, y, total: int | None = None):
     """Mean softmax cross-entropy and its gradient.
 
     logits: (N, K) float; y: (N,) integer labels in [0, K).
     Returns ``(loss, dlogits)``: ``loss`` a Python float (mean over N),
     ``dlogits`` (N, K) in the logits' dtype, = (softmax(logits) - onehot(y)) / N.
+
+    ``total``: when these N rows are one chunk of a larger batch of ``total``
+    rows (``Model.loss_and_grads``), divide by ``total`` instead of N, so the
+    chunks' losses add up to the batch's mean and each row's gradient is
+    exactly the one the whole batch would give it.
     """
     xp = get_array_module(logits)
     if logits.ndim != 2:
@@ -19,6 +24,10 @@ def softmax_cross_entropy(logits, y):
     y = xp.asarray(y)
     if y.shape != (n,):
         raise ShapeError(f"softmax_cross_entropy: labels must have shape ({n},), got {tuple(y.shape)}")
+    if total is None:
+        total = n
+    elif not isinstance(total, int) or isinstance(total, bool) or total < max(n, 1):
+        raise ShapeError(f"softmax_cross_entropy: total must be an int >= the {n} rows given, got {total!r}")
     if y.dtype.kind not in "iu":
         raise ShapeError(f"softmax_cross_entropy: labels must be integers, got dtype {y.dtype}")
     shifted = logits - logits.max(axis=1, keepdims=True)   # exp() cannot overflow
@@ -32,8 +41,8 @@ def softmax_cross_entropy(logits, y):
         raise ShapeError(f"softmax_cross_entropy: labels must lie in [0, {k}), got range "
                          f"[{int(y.min())}, {int(y.max())}]")
     log_likelihood = xp.where(onehot, shifted, 0).sum(axis=1) - xp.log(sums[:, 0])
-    loss = float(-log_likelihood.mean()) if n else 0.0
+    loss = float(-log_likelihood.sum() / total) if n else 0.0
     dlogits = exp / sums
     dlogits -= onehot
-    dlogits /= max(n, 1)
+    dlogits /= max(total, 1)
     return loss, dlogits.astype(logits.dtype, copy=False)

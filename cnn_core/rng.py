@@ -42,12 +42,17 @@ def mix64(z: int) -> int:
 CPU_CHUNK = 1 << 15
 
 
-def uniform(xp, key: int, counter: int, shape, dtype=np.float32):
+def uniform(xp, key: int, counter: int, shape, dtype=np.float32, offset: int = 0):
     """Floats in [0, 1) of ``shape``, a pure function of ``(key, counter)``.
 
     ``xp``: numpy or cupy (where the array is made); ``key``, ``counter``:
     non-negative ints.  float32 values are multiples of 2**-24, float64 of
     2**-53, so every one is exact and strictly below 1.
+
+    ``offset``: where in the draw's element sequence to start.  Elements
+    ``offset .. offset + prod(shape) - 1`` of a larger draw are the same values
+    as that draw's slice, so a batch run in chunks (``Model.loss_and_grads``)
+    gets exactly the masks of the whole batch.
     """
     dtype = np.dtype(dtype)
     bits = 24 if dtype == np.float32 else 53
@@ -61,7 +66,7 @@ def uniform(xp, key: int, counter: int, shape, dtype=np.float32):
     for lo in range(0, n, chunk):
         k = min(chunk, n - lo)
         zk, tk = z[:k], tmp[:k]
-        xp.add(steps[:k], xp.uint64((start + lo * GOLDEN) & _MASK), out=zk)    # the SplitMix64 states
+        xp.add(steps[:k], xp.uint64((start + (offset + lo) * GOLDEN) & _MASK), out=zk)    # the SplitMix64 states
         for shift, factor in ((30, _MIX1), (27, _MIX2)):
             xp.right_shift(zk, xp.uint64(shift), out=tk)     # uint64 shifts: no promotion to int64
             zk ^= tk

@@ -44,7 +44,6 @@ from .checkpoint import save_model_checkpoint
 from .data import MNIST_FILES, NUM_CLASSES, batches_per_epoch, iterate_batches, load_mnist
 from .errors import ConfigError, PscnnError, SpecError
 from .flat import all_finite
-from .losses import softmax_cross_entropy
 from .metrics import evaluate
 from .model import build_model
 from .optim import build_optimizer
@@ -399,8 +398,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
             # Overflow on the way to a divergence is detected below and reported in
             # one line: NumPy's warnings would only clutter it.
             with np.errstate(over="ignore", invalid="ignore"):
-                logits = model.forward(xb, train=True)
-                loss, dlogits = softmax_cross_entropy(logits, yb)
+                loss, logits, grads = model.loss_and_grads(xb, yb)
             if not math.isfinite(loss):
                 # NaN or infinite weights never recover: stop instead of wasting the rest of the run.
                 last_good.restore()       # the BatchNorm statistics this forward pass updated
@@ -412,7 +410,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
             # signal, not a substitute for the test evaluation.
             correct += int((logits.argmax(axis=1) == yb).sum())
             with np.errstate(over="ignore", invalid="ignore"):
-                lr = optimizer.step(model.params, model.backward(dlogits))
+                lr = optimizer.step(model.params, grads)
             broken = _non_finite_part(model)
             if broken:
                 # A finite loss and gradient, but a step too large for the weights

@@ -286,11 +286,12 @@ def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert set(doc["images_per_second"]["train"]) == {"pscnn", "reference_f64_loops"}
+    assert set(doc["images_per_second"]["train"]) == {"pscnn", "pscnn_whole_batch", "reference_f64_loops"}
     assert set(doc["images_per_second"]["infer"]) == {"pscnn"}
     assert all(v > 0 for kind in doc["images_per_second"].values() for v in kind.values())
     assert doc["pscnn_over"]["train"]["pscnn"] == 1.0
-    assert {"conv1", "conv2", "fc1", "fc2", "sgd_update", "loss"} <= set(doc["step_breakdown_ms"])
+    assert {"conv1", "conv2", "fc1", "fc2", "sgd_update", "loss, chunk sums"} <= set(doc["step_breakdown_ms"])
+    assert all(v >= 0 for v in doc["step_breakdown_ms"].values())
     bad = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "argument --trials: must be >= 1, got 0" in bad.stderr

@@ -179,6 +179,24 @@ def test_load_arrays_round_trip_and_errors():
         b.load_arrays(bad)
 
 
+@pytest.mark.parametrize("n,chunk", [(100, 32), (64, 32), (7, 3), (5, 8), (0, 4)])
+def test_evaluation_in_chunks_equals_one_pass(n, chunk, monkeypatch):
+    """On the CPU an evaluation pass runs in near-equal chunks of at most CPU_CHUNK
+    images; the logits are those of one pass (float64: up to the GEMMs' rounding)."""
+    model = build_model(SMALL_SPEC, seed=3, dtype="float64")
+    x, _ = batch(n, (2, 9, 8), 5, seed=n, dtype=np.float64)
+    monkeypatch.setattr(model_module.Model, "CPU_CHUNK", 10_000)
+    whole = model.forward(x, train=False)
+    monkeypatch.setattr(model_module.Model, "CPU_CHUNK", chunk)
+    sizes = []
+    run = model._run
+    monkeypatch.setattr(model, "_run", lambda h, train: sizes.append(len(h)) or run(h, train))
+    np.testing.assert_allclose(model.forward(x, train=False), whole, rtol=1e-12, atol=1e-14)
+    count = max(1, -(-n // chunk))
+    assert len(sizes) == count and sum(sizes) == n and max(sizes) - min(sizes) <= 1
+    assert model._caches is None
+
+
 def test_predict_matches_argmax_in_batches():
     model = build_model("light", seed=0)
     x, _ = batch(25)
@@ -743,6 +761,103 @@ def test_softmax_cross_entropy_accepts_lists_and_uint_labels():
     for y in ([1, 3], np.array([1, 3], dtype=np.uint8)):
         loss, _ = softmax_cross_entropy(logits, y)
         assert loss == pytest.approx(math.log(4))
+
+
+# --------------------------------------------------------------------------- loss_and_grads
+
+def _whole_batch_step(model, x, y):
+    logits = model.forward(x, train=True)
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    return loss, logits, model.backward(dlogits)
+
+
+# A residual block with its own dropout, and dropout on images (inside the part
+# that runs in chunks): each chunk must draw its own rows of both masks.
+DROPOUT_SPEC = {"input_shape": [1, 8, 8], "layers": [
+    {"type": "conv2d", "name": "c1", "out_channels": 4, "kernel": 3, "padding": 1},
+    {"type": "relu"}, {"type": "maxpool2d", "kernel": 2}, {"type": "dropout", "p": 0.3},
+    {"type": "flatten"}, {"type": "dense", "name": "d1", "units": 12},
+    {"type": "residual", "name": "res", "layers": [
+        {"type": "dense", "name": "inner", "units": 12}, {"type": "dropout", "p": 0.5}]},
+    {"type": "dense", "name": "out", "units": 5}]}
+
+
+@pytest.mark.parametrize("spec,shape,classes", [("seed", (1, 28, 28), 10), (DROPOUT_SPEC, (1, 8, 8), 5)])
+@pytest.mark.parametrize("n,chunk", [(64, 32), (33, 32), (100, 32), (10, 3), (7, 1), (5, 8), (0, 4)])
+def test_loss_and_grads_in_chunks_equals_the_whole_batch(spec, shape, classes, n, chunk, monkeypatch):
+    """Chunks of at most CPU_CHUNK images, dropout masks included, give the whole
+    batch's loss, logits and gradients (float64: only the summation order differs),
+    two steps in a row (each dropout's counter advances once per batch)."""
+    monkeypatch.setattr(model_module.Model, "CPU_CHUNK", chunk)
+    chunked, whole = (build_model(spec, seed=4, dtype="float64") for _ in range(2))
+    for m in (chunked, whole):
+        m.reseed((1, 2, 3))
+    x, y = batch(n, shape, classes, seed=n, dtype=np.float64)
+    for _ in range(2):
+        loss, logits, grads = chunked.loss_and_grads(x, y)
+        want_loss, want_logits, want_grads = _whole_batch_step(whole, x, y)
+        assert loss == pytest.approx(want_loss, rel=1e-13)
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-12, atol=1e-14)   # BLAS may block rows differently
+        assert list(grads) == list(whole.params)
+        for k in grads:
+            np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-11, atol=1e-15, err_msg=k)
+    dropouts = [lyr for lyr in model_module._all_layers(chunked.layers) if isinstance(lyr, Dropout)]
+    assert len(dropouts) == (1 if spec == "seed" else 2)
+    assert all(lyr.draws == 2 and lyr.sample_offset == 0 for lyr in dropouts)
+    assert chunked._caches is None
+
+
+def test_loss_and_grads_runs_in_chunks_on_the_cpu(monkeypatch):
+    """The seed model at batch 64 runs as two chunks of 32, each forward then backward."""
+    model = build_model("seed", seed=0)
+    calls = []
+    forward, backward = model.layers[0].forward, model.layers[0].backward
+    monkeypatch.setattr(model.layers[0], "forward", lambda h, train: calls.append(("f", len(h))) or forward(h, train))
+    monkeypatch.setattr(model.layers[0], "backward",
+                        lambda d, c, need_dx: calls.append(("b", c[1].shape[1])) or backward(d, c, need_dx))
+    model.loss_and_grads(*batch(64))
+    assert calls == [("f", 32), ("b", 32 * 28 * 28), ("f", 32), ("b", 32 * 28 * 28)]
+
+
+def test_loss_and_grads_runs_batchnorm_models_whole(monkeypatch):
+    """Batch statistics couple the samples: such a model never runs in chunks, so its
+    gradients and running statistics are exactly those of one whole-batch step."""
+    monkeypatch.setattr(model_module.Model, "CPU_CHUNK", 2)
+    chunked, whole = (build_model(SMALL_SPEC, seed=5, dtype="float64") for _ in range(2))
+    x, y = batch(7, (2, 9, 8), 5, seed=1, dtype=np.float64)
+    loss, logits, grads = chunked.loss_and_grads(x, y)
+    want_loss, want_logits, want_grads = _whole_batch_step(whole, x, y)
+    assert loss == want_loss
+    np.testing.assert_array_equal(logits, want_logits)
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], want_grads[k])
+    for k in chunked.state:
+        np.testing.assert_array_equal(chunked.state[k], whole.state[k])
+
+
+def test_loss_and_grads_checks_labels_before_running(monkeypatch):
+    model = build_model("light", seed=0)
+    x, y = batch(64)
+    with pytest.raises(ShapeError, match=r"labels must have shape \(64,\), got \(63,\)"):
+        model.loss_and_grads(x, y[:63])
+    with pytest.raises(ShapeError, match=r"labels must lie in \[0, 10\)"):
+        model.loss_and_grads(x, np.full(64, 10))
+    with pytest.raises(ShapeError, match=r"model input must have shape"):
+        model.loss_and_grads(x[:, :, :27], y)
+    assert all(lyr.sample_offset == 0 for lyr in model.layers if isinstance(lyr, Dropout))
+
+
+def test_softmax_cross_entropy_total_divides_by_the_whole_batch():
+    """Two chunks with ``total`` add up to the whole batch's loss and gradient rows."""
+    logits = np.random.default_rng(3).standard_normal((6, 4))
+    y = np.array([0, 3, 1, 1, 2, 0])
+    loss, d = softmax_cross_entropy(logits, y)
+    parts = [softmax_cross_entropy(logits[a:b], y[a:b], total=6) for a, b in ((0, 2), (2, 6))]
+    assert parts[0][0] + parts[1][0] == pytest.approx(loss, rel=1e-15)
+    np.testing.assert_array_equal(np.concatenate([parts[0][1], parts[1][1]]), d)
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(ShapeError, match="total must be an int >= the 2 rows"):
+            softmax_cross_entropy(logits[:2], y[:2], total=bad)
 
 
 # --------------------------------------------------------------------------- determinism

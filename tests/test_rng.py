@@ -52,3 +52,15 @@ def test_chunks_do_not_change_the_numbers(monkeypatch):
     start = mix64(mix64(11) ^ mix64(2 + GOLDEN))
     for i in (6, 7, 2995, 2999):                              # either side of a chunk's edge, and the last
         assert whole.reshape(-1)[i] == (mix64(start + (i + 1) * GOLDEN) >> 11) * 2.0 ** -53
+
+
+def test_offset_draws_a_slice_of_the_larger_draw(monkeypatch):
+    """What a batch run in chunks relies on: rows lo..hi of a (N, F) draw are the
+    draw of shape (hi - lo, F) at offset lo * F, whatever the CPU chunking."""
+    import cnn_core.rng as rng
+    whole = uniform(np, 13, 4, (10, 300), np.float32)
+    monkeypatch.setattr(rng, "CPU_CHUNK", 128)               # chunk edges fall inside the rows
+    for lo, hi in ((0, 3), (3, 10), (7, 8), (9, 10)):
+        np.testing.assert_array_equal(uniform(np, 13, 4, (hi - lo, 300), np.float32, offset=lo * 300),
+                                      whole[lo:hi])
+    assert not np.array_equal(uniform(np, 13, 4, (2, 300), np.float32, offset=301), whole[1:3])

@@ -32,7 +32,6 @@ from cnn_core import backend
 from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mnist, resolve_mnist_dir
 from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays
-from cnn_core.losses import softmax_cross_entropy
 from cnn_core.model import build_model
 from pscnn import protocol as P
 
@@ -175,9 +174,7 @@ class Trainer:
                     self._zero_push)
         xb, yb = self.batch(body["epoch"], body["batch"])
         self.model.reseed((self.run["seed"], body["epoch"], body["batch"]))    # the batch's own dropout masks
-        logits = self.model.forward(xb, train=True)
-        loss, dlogits = softmax_cross_entropy(logits, yb)
-        grads = self.model.backward(dlogits)
+        loss, logits, grads = self.model.loss_and_grads(xb, yb)
         correct = int((logits.argmax(axis=1) == yb).sum())
         return {"loss": loss, "correct": correct, "count": int(len(yb)),
                 "compute_s": time.perf_counter() - t0}, self.push_arrays(grads)

@@ -26,7 +26,6 @@ def measure(model_name: str, batch: int, seconds: float, warmup_steps: int = 3, 
     import numpy as np  # noqa: PLC0415
 
     from cnn_core.backend import tune_host_allocator  # noqa: PLC0415
-    from cnn_core.losses import softmax_cross_entropy  # noqa: PLC0415
     from cnn_core.model import build_model  # noqa: PLC0415
     from cnn_core.optim import build_optimizer  # noqa: PLC0415
 
@@ -47,9 +46,8 @@ def measure(model_name: str, batch: int, seconds: float, warmup_steps: int = 3, 
 
     def step(i):
         idx = batches[i % len(batches)]
-        logits = model.forward(x[idx], train=True)
-        _, d = softmax_cross_entropy(logits, y[idx])
-        opt.step(model.params, model.backward(d))
+        _, _, grads = model.loss_and_grads(x[idx], y[idx])
+        opt.step(model.params, grads)
 
     for i in range(warmup_steps):
         step(i)
