@@ -7,6 +7,7 @@ Public API::
     logits = model.forward(x, train=True)             # x: (N, 1, 28, 28)
     loss, dlogits = softmax_cross_entropy(logits, y)  # y: (N,) int labels
     grads = model.backward(dlogits)                   # same keys/shapes as model.params
+    loss, logits, grads = model.loss_and_grads(x, y)  # the same step, in cache-sized chunks
 """
 from .backend import array_module, get_array_module, gpu_available, to_numpy
 from .errors import CheckpointError, ConfigError, DataError, PscnnError, ShapeError, SpecError
