@@ -189,6 +189,9 @@ class Model:
         self._order = execution_order(self.layers)
         plan_conv_pool(self.layers, self._order)
         self._caches = None
+        # What loss_and_grads needs to run a batch in chunks (see there).
+        self._couples_samples = any(layer.couples_samples for layer in self.layers)
+        self._dropouts = [layer for layer in _all_layers(self.layers) if type(layer) is Dropout]
 
     def reseed(self, seed) -> None:
         """Restart every random stream of the network (dropout masks) from ``seed``.
@@ -208,8 +211,8 @@ class Model:
     # activations stay in cache from one layer to the next and, in
     # loss_and_grads, until the chunk's backward reads them.  For the seed model,
     # against one pass over the whole batch: a training step at batch 64 (two
-    # chunks) 1.11-1.18x faster, inference at batch 1000 1.4-1.6x faster than in
-    # chunks of 256, the setting before (which was 1.8x faster than 1000 at once).
+    # chunks) 1.09-1.22x faster; inference at batch 1000 1.4-1.6x faster than in
+    # chunks of 256, the setting before (itself 1.8x faster than 1000 at once).
     CPU_CHUNK = 32
     # On a GPU a step is bound by kernel launches, which chunks would multiply:
     # training runs whole, evaluation in chunks of GPU_EVAL_CHUNK (for memory).
@@ -284,14 +287,14 @@ class Model:
         x = self._check_input(x)
         n = x.shape[0]
         bounds = self._chunk_bounds(n, train=True)
-        if len(bounds) == 2 or any(layer.couples_samples for layer in self.layers):
+        if len(bounds) == 2 or self._couples_samples:
             logits = self.forward(x, train=True)
             loss, dlogits = softmax_cross_entropy(logits, y)
             return loss, logits, self.backward(dlogits)
         y = self.xp.asarray(y)
         if y.shape != (n,):     # before any chunk runs (a chunk would name its own length)
             raise ShapeError(f"softmax_cross_entropy: labels must have shape ({n},), got {tuple(y.shape)}")
-        dropouts = [layer for layer in _all_layers(self.layers) if type(layer) is Dropout]
+        dropouts = self._dropouts
         draws = [layer.draws for layer in dropouts]
         loss, logits, grads = 0.0, [], None
         try:
