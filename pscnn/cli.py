@@ -59,18 +59,34 @@ def _number(text: str, kind: type):
                                          f"got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
+# The largest value an integer flag takes (counts: epochs, batch size, workers,
+# limits, ...), and a seed's.  Python's ints are unbounded, but every flag ends
+# up in a msgpack message (64-bit integers at most) or a NumPy computation: an
+# --epochs of 31 digits used to leave a server that failed every request.
+MAX_INT = 10**9
+MAX_SEED = 2**63 - 1
+
+
+def _int_in(text: str, low: int, high: int) -> int:
     value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_in(text, 1, MAX_INT)
 
 
 def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _int_in(text, 0, MAX_INT)
+
+
+def seed(text: str) -> int:
+    """A seed: any non-negative 64-bit signed integer (time-based seeds exceed MAX_INT)."""
+    return _int_in(text, 0, MAX_SEED)
 
 
 # The largest value a float flag takes.  Every one is seconds, milliseconds or
@@ -246,7 +262,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=non_negative_int, default=None,
                    help=f"linear warm-up over this many batches (default: {DEFAULT_WARMUP_STEPS}, "
                         "or the JSON --schedule's warmup_steps)")
-    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of init, shuffling and dropout (default: 0)")
+    g.add_argument("--seed", type=seed, default=0, help="seed of init, shuffling and dropout (default: 0)")
 
 
 def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:

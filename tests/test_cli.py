@@ -80,6 +80,12 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     (["worker", "--name", "w1\nfake"], "argument --name: must be printable"),
     (["server", "--wait-for-workers", "-1"], "argument --wait-for-workers: must be >= 0, got -1"),
     (["run", "--start-timeout", "0"], "argument --start-timeout: must be > 0, got 0"),
+    # integers end up in 64-bit msgpack fields: 31 digits used to leave a server failing every request
+    (["server", "--epochs", "1" + "0" * 30], "argument --epochs: must be at most 1000000000, got 1" + "0" * 30),
+    (["train", "--batch-size", "1000000001"], "argument --batch-size: must be at most 1000000000, got 1000000001"),
+    (["run", "--workers", "99999999999"], "argument --workers: must be at most 1000000000"),
+    (["server", "--seed", str(2**63)], f"argument --seed: must be at most {2**63 - 1}, got {2**63}"),
+    (["train", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
 ])
 def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -87,6 +93,14 @@ def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_integer_flags_take_their_largest_values():
+    """The caps are inclusive, and a seed may be any 64-bit signed integer (time-based ones exceed 1e9)."""
+    from pscnn.cli import MAX_INT, build_parser
+    args = build_parser().parse_args(["server", "--epochs", str(MAX_INT), "--seed", str(2**63 - 1)])
+    assert (args.epochs, args.seed) == (10**9, 2**63 - 1)
+    assert build_parser().parse_args(["train", "--seed", "1732700000"]).seed == 1732700000
 
 
 def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys):

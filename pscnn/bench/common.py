@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from pscnn.cli import MAX_FLOAT, MAX_INT
+
 # Set on the build machines; they halve numpy's sgemm speed.  A user's machine has neither,
 # so benchmarks drop them for every process they start unless --keep-openblas-env.
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -40,7 +42,10 @@ def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
 
 
 def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None) -> list:
-    """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage, a number under ``low``, or a value not in ``choices``."""
+    """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage, a number under ``low`` or
+    over the cap of a flag of its kind (``pscnn.cli.MAX_INT`` / ``MAX_FLOAT``; NaN
+    and inf too), or a value not in ``choices``."""
+    high = {int: MAX_INT, float: MAX_FLOAT}.get(kind)
     out = []
     for part in str(text).split(","):
         part = part.strip()
@@ -52,6 +57,9 @@ def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None)
             raise ValueError(f"{what}: {part!r} is not a valid {kind.__name__}") from None
         if low is not None and not value >= low:
             raise ValueError(f"{what}: every value must be >= {low}, got {part}")
+        if high is not None and not value <= high:
+            cap = high if kind is int else f"{high:.0e}".replace("e+0", "e")
+            raise ValueError(f"{what}: every value must be at most {cap}, got {part}")
         if choices is not None and value not in choices:
             raise ValueError(f"{what}: {part!r} is not one of {', '.join(choices)}")
         out.append(value)
