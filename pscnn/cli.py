@@ -99,9 +99,14 @@ MAX_FLOAT = 1e9
 MAX_POLL_SECONDS = 1e6
 
 
+def cap_text(cap) -> str:
+    """A flag's cap as its messages print it: 1000000000 for an int, 1e9 for a float."""
+    return str(cap) if isinstance(cap, int) else f"{cap:.0e}".replace("e+0", "e")
+
+
 def _at_most(text: str, value: float, cap: float) -> float:
     if not value <= cap:                            # inf too; NaN was refused before
-        raise argparse.ArgumentTypeError(f"must be a finite number at most {cap:.0e}, got {text}".replace("e+0", "e"))
+        raise argparse.ArgumentTypeError(f"must be a finite number at most {cap_text(cap)}, got {text}")
     return value
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pscnn.cli import MAX_FLOAT, MAX_INT
+from pscnn.cli import MAX_FLOAT, MAX_INT, cap_text
 
 # Set on the build machines; they halve numpy's sgemm speed.  A user's machine has neither,
 # so benchmarks drop them for every process they start unless --keep-openblas-env.
@@ -58,8 +58,7 @@ def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None)
         if low is not None and not value >= low:
             raise ValueError(f"{what}: every value must be >= {low}, got {part}")
         if high is not None and not value <= high:
-            cap = high if kind is int else f"{high:.0e}".replace("e+0", "e")
-            raise ValueError(f"{what}: every value must be at most {cap}, got {part}")
+            raise ValueError(f"{what}: every value must be at most {cap_text(high)}, got {part}")
         if choices is not None and value not in choices:
             raise ValueError(f"{what}: {part!r} is not one of {', '.join(choices)}")
         out.append(value)
