@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 
+from pscnn.names import name_problem
+
 ENV_PREFIX = "PSCNN_"
 MODES = ("sync", "async", "ssp")        # the server's consistency modes
 _TRUE = {"1", "true", "yes", "on"}
@@ -178,25 +180,11 @@ def _endpoint(text: str, bind: bool) -> str:
 
 
 def _name(text: str) -> str:
-    """A worker's readable name: it goes into the server's log lines as it is.
-
-    The client id is NAME-xxxxxxxx (9 characters more), which the protocol caps
-    at 128 printable characters and ZeroMQ, as the socket's routing id, at 255
-    bytes of UTF-8: worker.client's MAX_NAME_CHARS and MAX_NAME_BYTES, written
-    out here because importing it would load zmq and numpy before --threads
-    takes effect (tests/test_client_replies.py checks that they agree).
-    """
-    max_chars, max_bytes = 119, 246
-    if not text.isprintable():
-        raise argparse.ArgumentTypeError(f"must be printable (no tabs, newlines or other control characters), "
-                                         f"got {text[:100]!r}")
-    if len(text) > max_chars:
-        raise argparse.ArgumentTypeError(f"must be at most {max_chars} characters (the client id built from it "
-                                         f"may have 128), got {len(text)}: {text[:40]!r}...")
-    size = len(text.encode())
-    if size > max_bytes:
-        raise argparse.ArgumentTypeError(f"must be at most {max_bytes} bytes in UTF-8 (the client id built from it "
-                                         f"may have 255), got {size}: {text[:40]!r}...")
+    """A worker's readable name: it goes into the server's log lines as it is, and
+    the client id built from it must fit the protocol and ZeroMQ (``pscnn.names``)."""
+    problem = name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}: {text[:40]!r}{'...' if len(text) > 40 else ''}")
     return text
 
 

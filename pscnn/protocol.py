@@ -37,11 +37,11 @@ import zmq
 
 from cnn_core.errors import PscnnError
 from cnn_core.flat import FlatArrays
+from pscnn.names import MAX_NAME_LEN
 
 PROTOCOL_VERSION = 2        # 2: one payload frame per dtype (1: one frame per array)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 256
-MAX_NAME_LEN = 128
 MAX_DEPTH = 32              # maps and lists inside a header (a model spec with residual blocks: ~12)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024          # the most any message's arrays may declare
 ALLOWED_DTYPES = ("float32", "float64", "int64", "int32", "uint8")

@@ -30,8 +30,9 @@ from pscnn import protocol as P
 from pscnn.cli import _name, build_parser
 from pscnn.launcher import LocalCluster, child_env, query_status
 from worker import client as client_module
-from worker.client import (HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_FAILURES_IN_A_ROW, MAX_NAME_BYTES, MAX_NAME_CHARS,
-                           MAX_RETRY_S, BadReply, Client, ServerError, TooManyFailures)
+from pscnn.names import MAX_NAME_BYTES, MAX_NAME_CHARS
+from worker.client import (HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_FAILURES_IN_A_ROW, MAX_RETRY_S, BadReply, Client,
+                           ServerError, TooManyFailures)
 from worker.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(120)
@@ -282,7 +283,7 @@ def test_the_cli_refuses_a_name_whose_client_id_cannot_fit(capsys, name, limit):
 @pytest.mark.parametrize("name", ["x" * MAX_NAME_CHARS, "€" * (MAX_NAME_BYTES // 3)],
                          ids=["longest-ascii", "most-bytes"])
 def test_the_longest_names_the_cli_takes_make_clients_the_server_can_reach(fake, connect, name):
-    assert _name(name) == name                          # the CLI's numbers are the client's
+    assert _name(name) == name                          # the CLI takes it: one rule, pscnn.names
     server = fake()
     c = connect(server, name=name)
     hello = server.of_type(P.HELLO)[0]

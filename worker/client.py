@@ -43,16 +43,9 @@ import zmq
 
 from cnn_core.errors import ConfigError, PscnnError
 from pscnn import protocol as P
+from pscnn.names import WID_SUFFIX_LEN, name_problem
 
 log = logging.getLogger("pscnn.client")
-
-# A client id (wid) is NAME-xxxxxxxx (8 hex digits, so a restarted worker of the
-# same name is a new peer).  The protocol caps a wid at MAX_NAME_LEN printable
-# characters and ZeroMQ caps a routing id (the wid in UTF-8) at 255 bytes.
-# pscnn.cli's --name check repeats these two numbers (it must not import zmq).
-WID_SUFFIX_LEN = 9
-MAX_NAME_CHARS = P.MAX_NAME_LEN - WID_SUFFIX_LEN
-MAX_NAME_BYTES = 255 - WID_SUFFIX_LEN
 
 # The heartbeat period the client accepts from a welcome.  The server sends
 # max(0.2, peer_timeout / 5); 0 would flood it, 1e300 overflows a thread timeout.
@@ -66,19 +59,6 @@ MAX_RETRY_S = 2.0
 # so a rejected push is followed by a good reply; five failures in a row mean
 # the server refuses everything, and retrying for ever would hide it.
 MAX_FAILURES_IN_A_ROW = 5
-
-
-def name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a client's name (its wid must fit the protocol and ZeroMQ), or None."""
-    if not name.isprintable():
-        return "must be printable (no tabs, newlines or other control characters)"
-    if len(name) > MAX_NAME_CHARS:
-        return f"must be at most {MAX_NAME_CHARS} characters (the client id adds {WID_SUFFIX_LEN}), got {len(name)}"
-    size = len(name.encode())
-    if size > MAX_NAME_BYTES:
-        return (f"must be at most {MAX_NAME_BYTES} bytes in UTF-8 (a ZeroMQ routing id holds 255, the client id "
-                f"adds {WID_SUFFIX_LEN}), got {size}")
-    return None
 
 
 class ServerUnreachable(Exception):
@@ -145,7 +125,7 @@ class Client:
         self.endpoint = endpoint
         self.role = role
         host = pysocket.gethostname()
-        self.name = name or f"{role}-{host[:64]}-{os.getpid()}"     # [:64]: the wid must fit (MAX_NAME_CHARS)
+        self.name = name or f"{role}-{host[:64]}-{os.getpid()}"     # [:64]: the wid must fit (pscnn.names)
         problem = name_problem(self.name)
         if problem:
             raise ConfigError(f"client name {self.name[:60]!r}: {problem}")
