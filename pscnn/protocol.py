@@ -188,7 +188,9 @@ def decode(frames) -> Message:
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:   # msgpack raises several types for garbage
-        raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__})") from None
+        reason = " ".join(str(exc).split())[:120]
+        raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}"
+                            + (f": {reason})" if reason else ")")) from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     if not _nesting_within(header, MAX_DEPTH):     # before anything formats it
@@ -325,6 +327,17 @@ _CHECKS = {
     "dict": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, list),
 }
+# What each kind of field must be, as an error message says it.
+_KIND_TEXT = {
+    "int": "an integer",
+    "float": "a finite number",
+    "float_or_nil": "a finite number or nil",
+    "str": "a string of at most 4096 characters",
+    "line": "a string of at most 4096 printable characters (no newline or control character)",
+    "bool": "true or false",
+    "dict": "a map",
+    "list": "a list",
+}
 
 
 def _check_body(mtype: str, body) -> None:
@@ -340,7 +353,7 @@ def _check_body(mtype: str, body) -> None:
                 raise ProtocolError(f"{mtype}: missing field {name!r}")
             continue
         if not _CHECKS[kind](body[name]):
-            raise ProtocolError(f"{mtype}: field {name!r} must be {kind}, got {body[name]!r}"[:200])
+            raise ProtocolError(f"{mtype}: field {name!r} must be {_KIND_TEXT[kind]}, got {body[name]!r}"[:300])
     if mtype == PUSH:
         timing = body["timing"]
         for key, value in timing.items():
@@ -392,9 +405,18 @@ def bind(socket, endpoint: str) -> None:
     if endpoint.startswith("ipc://") and _unix_socket_listening(endpoint[len("ipc://"):]):
         raise EndpointError(f"cannot bind {endpoint}: another process is listening there")
     try:
+        _allow_ipv6(socket, endpoint)
         socket.bind(endpoint)
     except zmq.ZMQError as exc:
         raise EndpointError(f"cannot bind {endpoint}: {zmq.strerror(exc.errno)}") from None
+
+
+def _allow_ipv6(socket, endpoint: str) -> None:
+    """ZeroMQ sockets speak IPv4 only unless told otherwise: an IPv6 literal
+    (``tcp://[::1]:5555``) would fail to bind ("No such device") or connect
+    silently, forever."""
+    if endpoint.startswith("tcp://["):
+        socket.setsockopt(zmq.IPV6, 1)
 
 
 def _unix_socket_listening(path: str) -> bool:
@@ -418,9 +440,53 @@ def connect(socket, endpoint: str) -> None:
     connects in the background, and the clients' timeouts handle silence.
     """
     try:
+        _allow_ipv6(socket, endpoint)
         socket.connect(endpoint)
     except zmq.ZMQError as exc:
         raise EndpointError(f"cannot connect to {endpoint}: {zmq.strerror(exc.errno)}") from None
+
+
+# A message is a header and one payload frame per dtype; a ROUTER puts the
+# sender's routing id in front.
+MAX_FRAMES = 1 + len(ALLOWED_DTYPES)
+
+
+def recv_message(socket, flags: int = 0, routed: bool = False) -> tuple[list, int]:
+    """One whole message from ``socket`` -> (its first frames, its frame count).
+
+    At most MAX_FRAMES frames (one more with ``routed``: a ROUTER's routing
+    id) are kept, as zmq.Frames; the rest are received and dropped one by one.
+    ``recv_multipart`` would keep them all, and a message of two million empty
+    frames (4 MB on the wire) then cost the server 560 MB and eight seconds
+    before anything could refuse it.  The caller refuses a message whose count
+    is over the limit.  ``flags`` apply to the first frame (the rest of a
+    message arrives with it).
+    """
+    keep = MAX_FRAMES + (1 if routed else 0)
+    frame = socket.recv(flags, copy=False)
+    frames, count = [frame], 1
+    while frame.more:
+        frame = socket.recv(copy=False)
+        count += 1
+        if count <= keep:
+            frames.append(frame)
+    return frames, count
+
+
+def too_many_frames(count: int, routed: bool = False) -> ProtocolError | None:
+    """The error for a message of ``count`` frames (see :func:`recv_message`), or None if it is within the limit."""
+    if count <= MAX_FRAMES + (1 if routed else 0):
+        return None
+    return ProtocolError(f"a message has at most {MAX_FRAMES} frames (a header and one payload frame per dtype), "
+                         f"got {count - (1 if routed else 0)}", "too_large")
+
+
+def decode_message(frames: list, count: int) -> Message:
+    """:func:`decode` what :func:`recv_message` received from a DEALER (no routing id)."""
+    excess = too_many_frames(count)
+    if excess is not None:
+        raise excess
+    return decode(frames)
 
 
 def send(socket, msg: Message, routing_id: bytes | None = None) -> None:

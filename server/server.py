@@ -229,6 +229,9 @@ class Peer:
     parked_ack: dict | None = None
     known_version: int = -1             # newest weights version this peer was sent
     clock: int = 0                      # ssp: pushes applied
+    in_round: bool = False              # sync: its push waits in round_arrived for the round to close
+    clock_behind: bool = False          # ssp: a lease of it expired; its clock catches up at its next task
+    nonfinite_streak: int = 0           # its NaN/Inf pushes since its last applied one
     pushes: int = 0
     samples: int = 0
     told_to_stop: bool = False
@@ -260,6 +263,7 @@ class ParameterServer:
         self.samples_applied = 0
         self.staleness = Counter()
         self.evaluations: list[dict] = []
+        self._evaluation_at: dict[int, int] = {}    # version -> its record's index in evaluations
         self.final_eval: dict | None = None
         self.losses = deque(maxlen=50)
         self.rate_window = deque(maxlen=200)        # (time, samples_applied)
@@ -277,6 +281,7 @@ class ParameterServer:
         self.summary_written = False
         self.failure: str | None = None             # why the run stopped early (divergence)
         self.nonfinite_streak = 0                   # pushes rejected as non-finite since the last update
+        self.nonfinite_senders: set[str] = set()    # the trainers that sent them
         self._stop_requested = False
         self._last_checkpoint = time.monotonic()
         self.writer = None
@@ -294,8 +299,11 @@ class ParameterServer:
         """No more training: every epoch applied, or the run failed."""
         return self.work.done or self.failure is not None
 
-    # Consecutive non-finite pushes (gradient or loss) that mean the weights
-    # themselves are broken, not one faulty worker: healthy pushes reset the count.
+    # Consecutive non-finite pushes (gradient or loss), with no update between,
+    # that mean the weights themselves are broken, not one faulty worker: when
+    # every trainer connected sent some of them, or when there are four times
+    # as many (a trainer that sends nothing at all must not keep a broken run
+    # going).  Healthy pushes reset the count.
     NONFINITE_LIMIT = 8
     # Leases one trainer may hold at once: two with --overlap, one otherwise. A
     # trainer asking for more is hoarding batches the others could compute.
@@ -350,9 +358,13 @@ class ParameterServer:
                 if self.sock in events:
                     for _ in range(256):        # drain a burst before housekeeping
                         try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames, count = P.recv_message(self.sock, zmq.NOBLOCK, routed=True)
                         except zmq.Again:
                             break
+                        excess = P.too_many_frames(count, routed=True)
+                        if excess is not None:
+                            self._reject(frames[0].bytes, None, excess)
+                            continue
                         self._on_frames_guarded(frames)
                 now = time.monotonic()
                 if now - last_housekeeping >= 0.05:
@@ -445,11 +457,7 @@ class ParameterServer:
                                                          "done": self.over}))
             return
         if msg.seq == peer.last_seq and msg.type != peer.last_type:
-            # Not a resend: a new request under a used number, which the reply cache would
-            # answer with the old request's reply while dropping this one unseen.
-            self._reject(rid, msg, P.ProtocolError(
-                f"{msg.type}: sequence number {msg.seq} already numbered a {peer.last_type}; number each new "
-                "request higher", "bad_seq"))
+            self._reject(rid, msg, _seq_reused(msg, peer))
             return
         if msg.seq == peer.last_seq:    # a resend: same answer, never a second application
             peer.rid = rid
@@ -468,8 +476,8 @@ class ParameterServer:
                    P.EVAL_REPORT: self._on_eval_report, P.BYE: self._on_bye}.get(msg.type)
         allowed = {"trainer": (P.WORK, P.PUSH, P.BYE), "evaluator": (P.PULL, P.EVAL_REPORT, P.BYE)}[peer.role]
         if handler is None or msg.type not in allowed:
-            self._reply(peer, P.error("unexpected_type", f"a {peer.role} may not send {msg.type!r}"))
-            self._rejected("unexpected_type", "rejected %s from %s: a %s may not send it", msg.type, peer.name,
+            self._reply(peer, P.error("unexpected_type", f"{peer.role}s may not send {msg.type!r}"))
+            self._rejected("unexpected_type", "rejected %s from %s: %ss may not send it", msg.type, peer.name,
                            peer.role)
             return
         handler(peer, msg, now)
@@ -515,9 +523,13 @@ class ParameterServer:
             self._reject(rid, msg, P.ProtocolError("hello: 'wid' (the client id) must not be empty"))
             return
         old = self.peers.get(wid)
-        if old is not None and old.last_seq == msg.seq and old.cached_reply is not None:
-            P.send_frames(self.sock, old.cached_reply, rid)     # a resent hello
-            return
+        if old is not None and old.last_seq == msg.seq:
+            if old.last_type != P.HELLO:
+                self._reject(rid, msg, _seq_reused(msg, old))
+                return
+            if old.cached_reply is not None:
+                P.send_frames(self.sock, old.cached_reply, rid)     # a resent hello
+                return
         role = msg.body["role"]
         if (old is None or old.role != role) \
                 and sum(p.role == role for p in self.peers.values()) >= self.cfg.max_workers:
@@ -529,8 +541,7 @@ class ParameterServer:
         peer = Peer(wid=wid, role=msg.body["role"], name=name, rid=rid, joined=now, last_seen=now,
                     last_seq=msg.seq)
         if self.cfg.mode == "ssp":
-            clocks = [p.clock for p in self.peers.values() if p.role == "trainer"]
-            peer.clock = min(clocks) if clocks else 0
+            peer.clock = self._ssp_start_clock(peer)
         self.peers[wid] = peer
         log.info("%s joined: %s (host %s, pid %s, device %s)", peer.role, name, msg.body.get("host", "?"),
                  msg.body.get("pid", "?"), msg.body.get("device", "?"))
@@ -562,7 +573,22 @@ class ParameterServer:
 
     # ================================================================== trainers
     def _on_work(self, peer: Peer, msg: P.Message, now: float) -> None:
-        self._give_task(peer, now, ack=None)
+        if not self._awaits_round(peer, msg):
+            self._give_task(peer, now, ack=None)
+
+    def _awaits_round(self, peer: Peer, msg: P.Message) -> bool:
+        """Sync mode: refuse a new request from a trainer whose push waits for its round.
+
+        The round's reply (the next task) answers that push; answering a second
+        request too would lease the trainer a batch outside every round.
+        """
+        if not peer.in_round:
+            return False
+        problem = (f"your push of batch {self.round_arrived[peer.wid][0]['batch']} waits for its sync round; its reply brings the next "
+                   f"task, so wait for it before sending a {msg.type}")
+        self._rejected("round_pending", "rejected %s from %s: %s", msg.type, peer.name, problem)
+        self._reply(peer, P.error("round_pending", problem))
+        return True
 
     def _park(self, peer: Peer, now: float, ack: dict | None) -> None:
         """Leave the trainer's request unanswered for now: :meth:`_release_parked` retries it."""
@@ -597,6 +623,11 @@ class ParameterServer:
             self._reply(peer, P.error("too_many_leases", f"this worker holds leases on batches {held} already; "
                                                          "push their gradients before asking for more"))
             return
+        if self.cfg.mode == "ssp" and peer.clock_behind:
+            # Back after its lease expired: it must not hold the others back while it
+            # makes up pushes it never computed.
+            peer.clock = self._ssp_start_clock(peer)
+            peer.clock_behind = False
         lease = self.work.lease(peer.wid, now)
         if lease is None and self.cfg.mode == "sync":
             self._park(peer, now, ack)  # the epoch is draining: the next task comes when the round closes
@@ -623,11 +654,15 @@ class ParameterServer:
 
     def _on_push(self, peer: Peer, msg: P.Message, now: float) -> None:
         b = msg.body
+        if self._awaits_round(peer, msg):
+            return
         if self.over:               # diverged, or done: nothing is applied any more
             self._give_task(peer, now, {"applied": False, "reason": "training is over"})
             return
         live = self.work.is_live(b["epoch"], b["batch"])
         try:
+            if not live:            # a late push is fine; one for a batch that never was is not
+                self._check_batch_exists(b)
             if live:                # first: only a batch the sender holds may count towards divergence
                 self._check_claims(peer, b)
             if b["loss"] is None:
@@ -636,6 +671,8 @@ class ParameterServer:
         except P.ProtocolError as exc:
             if exc.code == "non_finite" and live:
                 self.nonfinite_streak += 1
+                self.nonfinite_senders.add(peer.wid)
+                peer.nonfinite_streak += 1
             lease = self.work.leases.get(b["batch"])     # requeue the pusher's own lease only
             requeued = lease is not None and lease.worker == peer.wid and self.work.release(b["epoch"], b["batch"])
             if self.cfg.mode == "sync":
@@ -643,10 +680,16 @@ class ParameterServer:
             self._rejected(exc.code, "rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"],
                            b["batch"], exc, "; batch requeued" if requeued else "")
             self._reply(peer, P.error(exc.code, str(exc)))
-            if self.nonfinite_streak >= self.NONFINITE_LIMIT:
-                self._fail(f"training diverged: the last {self.nonfinite_streak} pushes had a NaN or Inf loss or "
-                           f"gradient (weights of version {self.store.version}). {TrainingDiverged.ADVICE}", now)
-            elif self.cfg.mode == "sync":
+            if self._diverged():
+                self._fail(f"training diverged: the last {self.nonfinite_streak} pushes, from "
+                           f"{len(self.nonfinite_senders)} trainer(s), had a NaN or Inf loss or gradient (weights of "
+                           f"version {self.store.version}). {TrainingDiverged.ADVICE}", now)
+                return
+            if peer.nonfinite_streak == self.NONFINITE_LIMIT:
+                log.warning("%s sent %d NaN or Inf gradients in a row; not every trainer does, so the weights are "
+                            "fine and the run goes on, its batches going back to the queue (check that worker)",
+                            peer.name, peer.nonfinite_streak)
+            if self.cfg.mode == "sync":
                 self._maybe_close_round(now)
             return
         if not live:
@@ -668,6 +711,23 @@ class ParameterServer:
         self._give_task(peer, now, {"applied": True, "staleness": staleness})
         if self.cfg.mode == "ssp":
             self._release_parked(now)
+
+    def _diverged(self) -> bool:
+        """Whether the non-finite pushes since the last update mean broken weights (NONFINITE_LIMIT)."""
+        if self.nonfinite_streak < self.NONFINITE_LIMIT:
+            return False
+        trainers = {p.wid for p in self.peers.values() if p.role == "trainer"}
+        return trainers <= self.nonfinite_senders or self.nonfinite_streak >= 4 * self.NONFINITE_LIMIT
+
+    def _check_batch_exists(self, b: dict) -> None:
+        """ProtocolError unless (epoch, batch) names a batch of this run up to now."""
+        count = self.work.batches_per_epoch
+        if not 0 <= b["batch"] < count:
+            raise P.ProtocolError(f"push: batch {b['batch']} is not a batch of this run (0-{count - 1}); not applied",
+                                  "bad_batch")
+        if not 0 <= b["epoch"] <= self.work.epoch:
+            raise P.ProtocolError(f"push: epoch {b['epoch']} has not begun (the run is at epoch {self.work.epoch}); "
+                                  "not applied", "bad_batch")
 
     def _check_claims(self, peer: Peer, b: dict) -> None:
         """ProtocolError unless what a push says of itself holds: that its sender was leased
@@ -692,11 +752,13 @@ class ParameterServer:
         """
         samples = 0
         self.nonfinite_streak = 0
+        self.nonfinite_senders.clear()
         for p, body in contributions:
             self.work.complete(body["epoch"], body["batch"])
             samples += body["count"]
             self.losses.append(body["loss"])
             if p is not None:
+                p.nonfinite_streak = 0
                 p.pushes += 1
                 p.samples += body["count"]
                 self.contributors[p.wid] = p.name
@@ -729,6 +791,7 @@ class ParameterServer:
             self._give_task(peer, now, {"applied": False, "reason": "stale round"})
             return
         self.round_arrived[peer.wid] = (b, grads, state)     # the received frames, kept until the round closes
+        peer.in_round = True
         peer.parked_since = now
         self._maybe_close_round(now)
 
@@ -749,14 +812,37 @@ class ParameterServer:
         self.round_members.clear()
         self.round_arrived.clear()
         for p, _ in contributions:
-            if p is not None:
-                self._give_task(p, now, ack)
+            # The reply to the push, if that push is still the peer's request: not to a
+            # request since refused (answered already), nor to a peer that rejoined since.
+            if p is not None and p.in_round:
+                p.in_round = False
+                if p.pending:
+                    self._give_task(p, now, ack)
         self._release_parked(now)       # those that found the epoch draining: a new one may have begun
 
     # ---------------------------------------------------------------- ssp
+    def _ssp_floor(self) -> int | None:
+        """The slowest clock among the trainers at work (holding a lease), or None.
+
+        A trainer without a lease computes nothing that could go stale: it is
+        between tasks, told to wait, not yet asking, or hung with its lease
+        expired.  Counting it would let one silent trainer stall the run.
+        """
+        at_work = {lease.worker for lease in self.work.leases.values()}
+        return min((p.clock for p in self.peers.values() if p.wid in at_work and p.role == "trainer"), default=None)
+
+    def _ssp_start_clock(self, peer: Peer) -> int:
+        """The clock of a trainer that (re)starts from the newest weights (joining, or back
+        after its lease expired): the slowest at work, or with none at work the slowest of
+        the others; never lower than its own."""
+        floor = self._ssp_floor()
+        if floor is None:
+            floor = min((p.clock for p in self.peers.values() if p.role == "trainer" and p is not peer), default=0)
+        return max(peer.clock, floor)
+
     def _ssp_may_proceed(self, peer: Peer) -> bool:
-        clocks = [p.clock for p in self.peers.values() if p.role == "trainer"]
-        return not clocks or peer.clock - min(clocks) <= self.cfg.staleness
+        floor = self._ssp_floor()
+        return floor is None or peer.clock - floor <= self.cfg.staleness
 
     def _release_parked(self, now: float) -> None:
         """Retry every parked task request (not pushes waiting for their sync round)."""
@@ -805,7 +891,7 @@ class ParameterServer:
     def _on_eval_report(self, peer: Peer, msg: P.Message, now: float) -> None:
         m, version = msg.body["metrics"], msg.body["version"]
         acc = m.get("test_accuracy")
-        code, problem = "bad_metrics", _metrics_problem(m)
+        code, problem = "bad_metrics", _metrics_problem(m, self.store.model.num_classes)
         if not 0 <= version <= self.store.version:          # the evaluation history is indexed by it
             code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
         if problem:
@@ -813,16 +899,39 @@ class ParameterServer:
             self._rejected(code, "rejected eval_report from %s: %s", peer.name, problem)
             return
         final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
-        record = {"seconds": round(self._train_clock(now), 3), "version": version,
-                  "test_accuracy": float(acc), "test_loss": m.get("test_loss"), "final": final}
-        self.evaluations.append(record)
+        loss = m.get("test_loss")
+        record = {"seconds": round(self._train_clock(now), 3), "version": version, "test_accuracy": float(acc),
+                  "test_loss": loss if loss is not None and math.isfinite(loss) else None,    # JSON, checkpoints
+                  "final": final}
+        if not self._record_evaluation(record):
+            log.debug("evaluation of version %d from %s: that version is recorded already", version, peer.name)
+            self._reply(peer, P.Message(P.ACK))
+            return
         self.writer.log("eval", **record, per_class_accuracy=m.get("per_class_accuracy"))
         log.info("evaluation of version %d: test accuracy %.4f, loss %s%s", record["version"], acc,
-                 f"{m['test_loss']:.4f}" if isinstance(m.get("test_loss"), (int, float)) else "?",
+                 "?" if loss is None else f"{loss:.4f}",
                  " (final)" if record["final"] else "")
         if final:
             self.final_eval = m
         self._reply(peer, P.Message(P.ACK))
+
+    def _record_evaluation(self, record: dict) -> bool:
+        """Add ``record`` to the evaluation history: one record per version.
+
+        A version already recorded is not recorded again, except that a final
+        evaluation replaces the periodic one of the same version.  So the
+        history (kept in memory, in every checkpoint and in summary.json) grows
+        with training, never with the number of reports.  False: not recorded.
+        """
+        at = self._evaluation_at.get(record["version"])
+        if at is None:
+            self._evaluation_at[record["version"]] = len(self.evaluations)
+            self.evaluations.append(record)
+            return True
+        if record["final"] and not self.evaluations[at]["final"]:
+            self.evaluations[at] = record
+            return True
+        return False
 
     # ================================================================== housekeeping
     def _housekeeping(self, now: float) -> bool:
@@ -835,13 +944,16 @@ class ParameterServer:
         expired = self.work.expire(now)
         for worker, batch in expired:
             peer = self.peers.get(worker)
+            if peer is not None:
+                peer.clock_behind = True
             log.warning("lease of batch %d (epoch %d) held by %s expired; requeued", batch, self.work.epoch,
                         peer.name if peer else worker)
             if self.cfg.mode == "sync" and self.round_members.get(worker, (None, None))[1] == batch:
                 self.round_members.pop(worker, None)
                 self._maybe_close_round(now)
-        if expired and self.cfg.mode == "sync":
-            self._release_parked(now)           # a trainer parked at a draining epoch takes them
+        if expired and self.cfg.mode != "async":
+            self._release_parked(now)           # sync: a trainer parked at a draining epoch takes them;
+                                                # ssp: the expired holder no longer holds the others back
         self._maybe_start(now)
         for peer in list(self.peers.values()):
             if now - peer.last_seen > self.cfg.peer_timeout:
@@ -887,7 +999,7 @@ class ParameterServer:
             m = evaluate(self.store.model, x, y)
             record = {"seconds": round(self._train_clock(time.monotonic()), 3), "version": self.store.version,
                       "test_accuracy": m["accuracy"], "test_loss": m["loss"], "final": True}
-            self.evaluations.append(record)
+            self._record_evaluation(record)
             self.writer.log("eval", **record, per_class_accuracy=m["per_class_accuracy"], by="server")
             return {"test_accuracy": m["accuracy"], "test_loss": m["loss"], **m}
         except Exception as exc:    # the run's weights are saved either way
@@ -993,6 +1105,7 @@ class ParameterServer:
         self.samples_applied = checked["samples_applied"]
         self.staleness = Counter(checked["staleness"])
         self.evaluations = checked["evaluations"]
+        self._evaluation_at = {e["version"]: i for i, e in enumerate(self.evaluations)}
         self.contributors = checked["contributors"]
         self.workers_before = checked["workers_most"]
         self.train_seconds_before = checked["train_seconds"]
@@ -1147,31 +1260,67 @@ class ParameterServer:
                 "host": pysocket.gethostname()}
 
 
-def _metrics_problem(m: dict) -> str | None:
-    """Why an evaluator's metrics cannot be used (they are logged and end up in summary.json), or None."""
-    def num(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _seq_reused(msg: P.Message, peer: Peer) -> P.ProtocolError:
+    """A new request under the number of the peer's last one, of another type: not a resend.
 
-    def numbers(v):
-        return isinstance(v, list) and len(v) <= 1000 and all(num(x) for x in v)
+    The reply cache would answer it with the old request's reply and drop it unseen."""
+    return P.ProtocolError(f"{msg.type}: sequence number {msg.seq} already numbered a {peer.last_type}; "
+                           "number each new request higher", "bad_seq")
 
-    acc = m.get("test_accuracy")
-    if not num(acc) or not 0 <= acc <= 1:
-        return "test_accuracy must be in [0, 1]"
-    if m.get("test_loss") is not None and not num(m["test_loss"]):
-        return "test_loss must be a number"
+
+METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy", "precision", "recall", "confusion_matrix",
+               "count", "eval_seconds")
+
+
+def _metrics_problem(m: dict, classes: int) -> str | None:
+    """Why an evaluator's metrics cannot be used, or None.
+
+    They are logged, kept in checkpoints (whose loader accepts only finite
+    numbers: a NaN or infinite loss is kept as null) and written to
+    summary.json, so each must be what ``cnn_core.metrics.evaluate`` makes for
+    a model of ``classes`` classes.
+    """
+    def num(v, low=-math.inf, high=math.inf):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+
+    unknown = sorted(set(m) - set(METRIC_KEYS), key=str)
+    if unknown:
+        return f"unknown metrics {unknown}; known: {', '.join(METRIC_KEYS)}"[:300]
+    if not num(m.get("test_accuracy"), 0, 1):
+        return "test_accuracy must be a number in [0, 1]"
+    loss = m.get("test_loss")         # NaN or inf: a diverged model's loss, a real measurement
+    if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)
+                                 and (math.isnan(loss) or loss >= 0)):
+        return "test_loss must be a number >= 0 (NaN or inf for a diverged model) or nil"
     for key in ("per_class_accuracy", "precision", "recall"):
-        if m.get(key) is not None and not numbers(m[key]):
-            return f"{key} must be a list of numbers"
+        v = m.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == classes and all(num(x, 0, 1) for x in v)):
+            return f"{key} must be a list of {classes} numbers in [0, 1] (one per class)"
     cm = m.get("confusion_matrix")
-    if cm is not None and not (isinstance(cm, list) and len(cm) <= 1000 and all(numbers(r) for r in cm)):
-        return "confusion_matrix must be a list of lists of numbers"
+    if cm is not None and not (isinstance(cm, list) and len(cm) == classes and all(
+            isinstance(row, list) and len(row) == classes and all(num(x, 0) and x == int(x) for x in row)
+            for row in cm)):
+        return f"confusion_matrix must be {classes} rows of {classes} counts (integers >= 0)"
+    if m.get("count") is not None and not (num(m["count"], 0) and m["count"] == int(m["count"])):
+        return "count must be an integer >= 0"
+    if m.get("eval_seconds") is not None and not num(m["eval_seconds"], 0):
+        return "eval_seconds must be a finite number >= 0"
     return None
 
 
 def serve_from_args(args) -> int:
-    """``pscnn server``: build the config from the CLI flags and serve."""
-    return ParameterServer(config_from_args(args)).serve()
+    """``pscnn server``: build the config from the CLI flags and serve.
+
+    The server reads the test set only to score the final weights itself when
+    no evaluator does.  A folder given for it (--mnist-dir, MNIST_DIR) is read
+    now, so that a missing or corrupt file is a one-line error at the start,
+    not a run that ends with no test accuracy.
+    """
+    cfg = config_from_args(args)
+    if cfg.mnist_dir is not None or os.environ.get("MNIST_DIR"):
+        from cnn_core.data import load_mnist  # noqa: PLC0415
+        load_mnist("test", mnist_dir=cfg.mnist_dir, limit=cfg.test_limit or None, download=False)
+    return ParameterServer(cfg).serve()
 
 
 def config_from_args(args) -> ServerConfig:

@@ -130,6 +130,64 @@ def test_zero_copy_read_only_views_over_zmq():
         b.close(linger=0)
 
 
+def test_recv_message_keeps_at_most_max_frames_and_counts_them_all():
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://test-protocol-frame-count")
+        b.connect("inproc://test-protocol-frame-count")
+        good = P.encode(P.Message(P.WEIGHTS, "", 1, FULL_BODIES[P.WEIGHTS],
+                                  {"w": np.arange(3, dtype=np.float32), "i": np.arange(2)}))
+        a.send_multipart(good)
+        assert b.poll(5000)
+        frames, count = P.recv_message(b)
+        assert count == len(good) == 3 and [f.bytes for f in frames] == [bytes(g) for g in good]
+        assert P.decode_message(frames, count).arrays["i"].tolist() == [0, 1]
+        for extra, routed in ((5000, False), (P.MAX_FRAMES, False), (P.MAX_FRAMES, True)):
+            a.send_multipart([b"id"] * routed + [good[0]] + [b""] * extra)
+            assert b.poll(5000)
+            frames, count = P.recv_message(b, routed=routed)
+            assert count == 1 + routed + extra and len(frames) == P.MAX_FRAMES + routed
+            error = P.too_many_frames(count, routed=routed)
+            assert error.code == "too_large" and str(error).endswith(f"got {1 + extra}")
+            if not routed:
+                with pytest.raises(P.ProtocolError, match=f"at most {P.MAX_FRAMES} frames"):
+                    P.decode_message(frames, count)
+        assert P.too_many_frames(P.MAX_FRAMES) is None and P.too_many_frames(P.MAX_FRAMES + 1, routed=True) is None
+        assert not b.poll(50)                       # every frame of every message was taken
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+
+
+def test_ipv6_endpoints_bind_and_connect():
+    """ZeroMQ speaks IPv4 only unless told: without zmq.IPV6 a bind to [::1] fails and a connect waits forever."""
+    from pscnn.launcher import free_port
+    ctx = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        endpoint = f"tcp://[::1]:{free_port()}"
+        try:
+            P.bind(router, endpoint)
+        except P.EndpointError as exc:
+            if "No such device" in str(exc):
+                raise AssertionError(f"IPV6 not set on the socket: {exc}") from None
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        P.connect(dealer, endpoint)
+        P.send(dealer, P.Message(P.STATUS, "v6", 1, {}))
+        assert router.poll(5000), "nothing arrived over IPv6"
+        frames, count = P.recv_message(router, routed=True)
+        assert count == 2 and P.decode(frames[1:]).type == P.STATUS
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+
+
+def test_every_field_kind_has_a_description_for_errors():
+    assert set(P._KIND_TEXT) == set(P._CHECKS)
+    assert {kind for schema in P.SCHEMAS.values() for kind, _ in schema.values()} <= set(P._KIND_TEXT)
+
+
 def test_encode_refuses_bad_dtype_bad_body_and_oversized_header():
     with pytest.raises(P.ProtocolError, match="dtype"):
         P.encode(P.Message(P.ACK, arrays={"c": np.zeros(2, np.complex64)}))
@@ -198,11 +256,11 @@ CASES = {
     "wid with a newline (a forged log line)": ([_pack(_hdr(wid="w\n12:00:00 INFO server: x"))], "bad_message",
                                                "printable"),
     "hello name with a newline": ([_pack(_hdr(type=P.HELLO, body={"role": "trainer", "name": "a\nb"}))],
-                                  "bad_message", "'name' must be line"),
+                                  "bad_message", "'name' must be a string of at most 4096 printable"),
     "hello host with an escape code": ([_pack(_hdr(type=P.HELLO, body={"role": "trainer", "host": "\x1b[2J"}))],
-                                       "bad_message", "'host' must be line"),
+                                       "bad_message", "'host' must be a string of at most 4096 printable"),
     "bye reason with a carriage return": ([_pack(_hdr(type=P.BYE, body={"reason": "done\rINFO fake"}))],
-                                          "bad_message", "'reason' must be line"),
+                                          "bad_message", "'reason' must be a string of at most 4096 printable"),
     "negative seq": ([_pack(_hdr(seq=-1))], "bad_message", "seq"),
     "bool seq": ([_pack(_hdr(seq=True))], "bad_message", "seq"),
     "float seq": ([_pack(_hdr(seq=1.5))], "bad_message", "seq"),
@@ -469,7 +527,7 @@ def test_error_replies_are_one_printable_line_whatever_they_quote():
     assert P.decode(P.encode(msg)).body == msg.body
     for mtype, field in ((P.STOP, "reason"), (P.WAIT, "reason"), (P.ERROR, "message")):
         body = dict(FULL_BODIES[mtype], **{field: "done\n12:00:00 ERROR worker: FORGED"})
-        with pytest.raises(P.ProtocolError, match=f"field '{field}' must be line"):
+        with pytest.raises(P.ProtocolError, match=f"field '{field}' must be a string of at most 4096 printable"):
             P.encode(P.Message(mtype, body=body))
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -31,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cnn_core.model import build_model
 from pscnn import protocol as P
-from pscnn.launcher import LocalCluster, child_env, query_status
+from pscnn.launcher import LocalCluster, child_env, free_port, query_status
 from server.server import ParameterServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,7 +225,7 @@ def _hdr(**over) -> bytes:
 DECODE_CASES = {
     # name: (frames, code, needle in the reply and the log line)
     "garbage frame": ([b"\xc1 this is not msgpack \xff"], "bad_message", "not valid msgpack"),
-    "empty frame": ([b""], "bad_message", "not valid msgpack"),
+    "empty frame": ([b""], "bad_message", "not valid msgpack (ValueError: Unpack failed: incomplete input)"),
     "truncated header": ([_hdr()[:-4]], "bad_message", "not valid msgpack"),
     "header not a map": ([b"\x93\x01\x02\x03"], "bad_message", "header must be a map"),
     "unknown header key": ([_hdr(admin=True)], "bad_message", "unknown keys"),
@@ -232,13 +233,13 @@ DECODE_CASES = {
                                f"protocol version {P.PROTOCOL_VERSION + 1}"),
     "unknown message type": ([_hdr(type="shutdown")], "unknown_type", "unknown message type 'shutdown'"),
     "type not a string": ([_hdr(type=["pull"])], "unknown_type", "unknown message type"),
-    "wrong field type": ([_hdr(body={"have_version": "latest"})], "bad_message", "'have_version' must be int"),
-    "bool for int": ([_hdr(body={"have_version": True})], "bad_message", "'have_version' must be int"),
+    "wrong field type": ([_hdr(body={"have_version": "latest"})], "bad_message", "'have_version' must be an integer"),
+    "bool for int": ([_hdr(body={"have_version": True})], "bad_message", "'have_version' must be an integer"),
     "negative seq": ([_hdr(seq=-3)], "bad_message", "'seq' must be a non-negative"),
     "unknown field": ([_hdr(body={"have_version": 0, "sudo": 1})], "bad_message", "unknown fields"),
     "push NaN loss": ([_hdr(type=P.PUSH, body={"epoch": 0, "batch": 0, "lease": 1, "base_version": 0,
                                                "loss": float("nan"), "correct": 0, "count": 1, "timing": {}})],
-                      "bad_message", "'loss' must be float"),
+                      "bad_message", "'loss' must be a finite number"),
     "hello bad role": ([_hdr(type=P.HELLO, body={"role": "root"})], "bad_message", "role must be one of"),
     "frame count mismatch": ([_hdr(arrays=[["a", "float32", [2]]])], "bad_message", "expects 1 payload frames"),
     "frame length mismatch": ([_hdr(arrays=[["a", "float32", [2]]]), b"\0" * 7], "bad_message", "need 8 bytes"),
@@ -290,8 +291,8 @@ def test_a_type_the_role_may_not_send(server, role, mtype, body):
     before = snapshot(server)
     sock = server.client(role)
     frames = sock.frames(mtype, body)
-    reply, _ = expect_error(server, sock, frames, "unexpected_type", f"a {role} may not send {mtype!r}",
-                            log_needle=f"{mtype} from {sock.wid}: a {role} may not send it")
+    reply, _ = expect_error(server, sock, frames, "unexpected_type", f"{role}s may not send {mtype!r}",
+                            log_needle=f"{mtype} from {sock.wid}: {role}s may not send it")
     assert reply.seq == sock.seq
     # the connection stays usable: a valid request right after is served
     if role == "trainer":
@@ -475,26 +476,53 @@ def test_oversized_message_drops_the_connection_and_the_server_carries_on(server
     assert "Traceback" not in server.log_path.read_bytes()[since:].decode(errors="replace")
 
 
+def _good_metrics(classes: int = 10) -> dict:
+    """What cnn_core.metrics.evaluate makes, as an evaluator reports it."""
+    return {"test_accuracy": 0.5, "test_loss": 1.25, "per_class_accuracy": [0.5] * classes,
+            "precision": [0.25] * classes, "recall": [1.0] * classes,
+            "confusion_matrix": [[3] * classes for _ in range(classes)], "count": 30 * classes, "eval_seconds": 0.5}
+
+
 def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
-    """Metrics go to metrics.jsonl and summary.json: anything JSON cannot hold would crash the server."""
+    """Metrics go to the log, metrics.jsonl, every checkpoint (whose loader takes only finite
+    numbers) and summary.json: only what an evaluator makes of this model is accepted."""
     before = snapshot(server)
     ev = server.client("evaluator")
     ok = {"test_accuracy": 0.5}
+    nan, inf = float("nan"), float("inf")
+    in_01 = "test_accuracy must be a number in [0, 1]"
+    per_class = "per_class_accuracy must be a list of 10 numbers in [0, 1] (one per class)"
+    counts = "confusion_matrix must be 10 rows of 10 counts (integers >= 0)"
     for metrics, needle in [
-        ({"test_accuracy": 1.5}, "test_accuracy must be in [0, 1]"),
-        ({"test_accuracy": float("nan")}, "test_accuracy must be in [0, 1]"),
-        ({"test_accuracy": "high"}, "test_accuracy must be in [0, 1]"),
-        ({"test_accuracy": True}, "test_accuracy must be in [0, 1]"),
-        ({}, "test_accuracy must be in [0, 1]"),
-        ({b"test_accuracy": 0.5}, "test_accuracy must be in [0, 1]"),
-        ({**ok, "test_loss": b"\x00\x01"}, "test_loss must be a number"),
-        ({**ok, "test_loss": "low"}, "test_loss must be a number"),
-        ({**ok, "per_class_accuracy": [b"x", None]}, "per_class_accuracy must be a list of numbers"),
-        ({**ok, "per_class_accuracy": {"a": 1.0}}, "per_class_accuracy must be a list of numbers"),
-        ({**ok, "precision": [msgpack.ExtType(1, b"x")]}, "precision must be a list of numbers"),
-        ({**ok, "recall": [[0.5]]}, "recall must be a list of numbers"),
-        ({**ok, "confusion_matrix": [[1, 2], [3, b"4"]]}, "confusion_matrix must be a list of lists"),
-        ({**ok, "confusion_matrix": [1, 2]}, "confusion_matrix must be a list of lists"),
+        ({"test_accuracy": 1.5}, in_01),
+        ({"test_accuracy": nan}, in_01),
+        ({"test_accuracy": "high"}, in_01),
+        ({"test_accuracy": True}, in_01),
+        ({}, in_01),
+        ({b"test_accuracy": 0.5}, "unknown metrics [b'test_accuracy']"),
+        ({**ok, "extra": 1}, "unknown metrics ['extra']; known: test_accuracy, test_loss"),
+        ({**ok, "test_loss": b"\x00\x01"}, "test_loss must be a number >= 0 (NaN or inf for a diverged model)"),
+        ({**ok, "test_loss": "low"}, "test_loss must be a number >= 0"),
+        ({**ok, "test_loss": -inf}, "test_loss must be a number >= 0"),
+        ({**ok, "test_loss": -5.0}, "test_loss must be a number >= 0"),
+        ({**ok, "test_loss": True}, "test_loss must be a number >= 0"),
+        ({**ok, "per_class_accuracy": [b"x", None]}, per_class),
+        ({**ok, "per_class_accuracy": {"a": 1.0}}, per_class),
+        ({**ok, "per_class_accuracy": [0.5] * 9}, per_class),
+        ({**ok, "per_class_accuracy": [0.5] * 11}, per_class),
+        ({**ok, "per_class_accuracy": [nan] * 10}, per_class),
+        ({**ok, "per_class_accuracy": [0.5] * 9 + [-3]}, per_class),
+        ({**ok, "precision": [msgpack.ExtType(1, b"x")] * 10}, "precision must be a list of 10 numbers in [0, 1]"),
+        ({**ok, "precision": [inf] * 10}, "precision must be a list of 10 numbers in [0, 1]"),
+        ({**ok, "recall": [[0.5]] * 10}, "recall must be a list of 10 numbers in [0, 1]"),
+        ({**ok, "recall": [1e300] * 10}, "recall must be a list of 10 numbers in [0, 1]"),
+        ({**ok, "confusion_matrix": [[1, 2], [3, b"4"]]}, counts),
+        ({**ok, "confusion_matrix": [1, 2]}, counts),
+        ({**ok, "confusion_matrix": [[1] * 10] * 9 + [[1] * 9]}, counts),          # ragged
+        ({**ok, "confusion_matrix": [[1] * 10] * 9 + [[1] * 9 + [-1]]}, counts),
+        ({**ok, "confusion_matrix": [[1] * 10] * 9 + [[1] * 9 + [0.5]]}, counts),
+        ({**ok, "count": -1}, "count must be an integer >= 0"),
+        ({**ok, "eval_seconds": inf}, "eval_seconds must be a finite number >= 0"),
     ]:
         for final, version in ((False, 0), (True, before[0])):      # a final report of the current version too
             expect_error(server, ev, ev.frames(P.EVAL_REPORT, {"version": version, "final": final,
@@ -505,14 +533,80 @@ def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
         needle = f"version {version} is not one this server made (0-{before[0]})"
         expect_error(server, ev, ev.frames(P.EVAL_REPORT, {"version": version, "final": True, "metrics": ok}),
                      "bad_version", needle, log_needle=f"eval_report from {ev.wid}: {needle}")
-    # well-formed, with non-finite values and unknown extras: logged and acknowledged
-    for metrics in [{"test_accuracy": 0.5, "test_loss": float("inf"), "per_class_accuracy": [float("nan")] * 10},
-                    {"test_accuracy": 0, "test_loss": None, "confusion_matrix": [[1, 2], [3, 4]], "extra": b"x"}]:
+    # what an evaluator makes, in full and pared down, a diverged model's loss included: acknowledged
+    for metrics in [_good_metrics(), {"test_accuracy": 0, "test_loss": None}, {"test_accuracy": 1},
+                    {"test_accuracy": 0.1, "test_loss": nan}, {"test_accuracy": 0.1, "test_loss": inf}]:
         reply = ev.call(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics})
         assert reply.type == P.ACK, reply.body
     assert server.alive(), server.cluster.log_tail("server", 30)
     ev.bye()
     assert_unchanged(server, before)
+
+
+def test_a_flood_of_eval_reports_keeps_one_record_per_version(tmp_path):
+    """The evaluation history (memory, every checkpoint, summary.json) grows with training, not with
+    reports: a version already recorded is acknowledged, not recorded again.  The history the
+    server keeps, a NaN loss included, is one its --resume accepts (it refused NaN before)."""
+    srv = Server(tmp_path, ["--checkpoint-every", "0.2"])
+    try:
+        ev = srv.client("evaluator")
+        since = srv.log_size()
+        for i in range(300):        # the first, recorded, with a diverged model's NaN loss: kept as null
+            metrics = {**_good_metrics(), "test_accuracy": (i % 7) / 10, "test_loss": math.nan if i == 0 else 1.0}
+            reply = ev.call(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics})
+            assert reply.type == P.ACK, reply.body
+        mark = srv.log_size()
+        srv.wait_log(r"checkpoint written", mark)           # one written after the last report
+        with open(srv.log_path, "rb") as fh:
+            fh.seek(since)
+            lines = fh.read().decode(errors="replace").splitlines()
+        assert sum("evaluation of version 0:" in ln for ln in lines) == 1, lines[-20:]
+        records = [json.loads(ln) for ln in (srv.cluster.out / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["test_accuracy"], r["test_loss"]) for r in records if r.get("kind") == "eval"] == [(0.0, None)]
+        out = srv.cluster.out
+    finally:
+        srv.close()                                         # SIGKILL: the periodic checkpoint stays
+    resumed = Server(tmp_path / "again", ["--out", str(out), "--resume"])
+    try:
+        st = resumed.status()
+        assert (st["eval_version"], st["test_accuracy"]) == (0, 0.0), st
+    finally:
+        resumed.close()
+
+
+def test_a_message_of_too_many_frames_is_refused_without_keeping_them(server):
+    """recv_multipart would make an object of every frame before anything could refuse them."""
+    before = snapshot(server)
+    raw = server.client()
+    reply, _ = raw.call_frames(raw.frames(P.STATUS) + [b""] * 100_000)
+    assert reply.type == P.ERROR and reply.body["code"] == "too_large", reply.body
+    assert reply.body["message"] == (f"a message has at most {P.MAX_FRAMES} frames (a header and one payload "
+                                     "frame per dtype), got 100001")
+    assert_unchanged(server, before)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_server_given_a_bad_test_set_stops_at_the_start(tmp_path, mnist_dir, damage):
+    """The server scores the final weights itself when no evaluator does: a bad folder given for
+    that is a one-line error at the start, not a run that ends with no test accuracy."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        data = bytearray((Path(mnist_dir) / name).read_bytes())
+        if name.startswith("t10k-labels"):
+            if damage == "missing":
+                continue
+            data[len(data) // 2] ^= 0xFF                     # the gzip CRC no longer matches
+        (folder / name).write_bytes(bytes(data))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", "server", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                           "--model", "light", "--mnist-dir", str(folder), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pscnn: error: {folder}"), proc.stderr
+    assert ("lacks t10k-labels-idx1-ubyte.gz" if damage == "missing" else "t10k-labels-idx1-ubyte.gz") in lines[0]
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- retries and duplicates
@@ -650,22 +744,67 @@ def test_a_message_that_trips_a_server_bug_costs_that_message_only(monkeypatch, 
 
 
 def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
-    """Once eight NaN pushes in a row have stopped the run, a good push is told to stop, unapplied:
-    the weights in model.npz and summary.json are the last ones there will be."""
+    """Once eight NaN pushes in a row, from every trainer, have stopped the run, a good push is
+    told to stop, unapplied: the weights in model.npz and summary.json are the last ones there
+    will be."""
     s = Server(tmp_path, [])
     try:
         late, nan = s.client("trainer"), s.client("trainer")
         held = late.work()
         version = s.status()["version"]
-        for _ in range(ParameterServer.NONFINITE_LIMIT):
+        for _ in range(ParameterServer.NONFINITE_LIMIT - 1):
             task = nan.work()
             assert nan.call(P.PUSH, push_body(task, loss=None)).type == P.ERROR
+        assert not s.status()["done"]               # seven, from one of the two trainers
+        assert late.call(P.PUSH, push_body(held, loss=None)).type == P.ERROR
+        s.wait_log(r"ERROR.*training diverged: the last 8 pushes, from 2 trainer\(s\), had a NaN", 0)
         reply = late.call(P.PUSH, push_body(held), grads_like(held.arrays))
         assert reply.type == P.STOP and reply.body["ack"] == {"applied": False, "reason": "training is over"}, reply
         assert "training diverged" in reply.body["reason"]
         assert s.status()["version"] == version
     finally:
         s.close()
+
+
+def test_one_trainer_sending_nan_does_not_stop_a_healthy_run(tmp_path):
+    """A faulty trainer's NaN pushes are refused and its batches requeued, but the weights are
+    fine while another trainer is not sending NaN: the streak that stops a run must come from
+    every trainer, or be four times as long (a silent trainer must not keep a broken run going)."""
+    limit = ParameterServer.NONFINITE_LIMIT
+    s = Server(tmp_path, [])
+    try:
+        good, bad = s.client("trainer"), s.client("trainer")
+        since = s.log_size()
+        for _ in range(limit + 2):
+            task = bad.work()
+            assert bad.call(P.PUSH, push_body(task, loss=None)).type == P.ERROR
+        assert not s.status()["done"]
+        s.wait_log(rf"{bad.wid} sent {limit} NaN or Inf gradients in a row; not every trainer does", since)
+        task = good.work()
+        version = s.status()["version"]
+        reply = good.call(P.PUSH, push_body(task), grads_like(task.arrays))
+        assert reply.body["ack"]["applied"] is True and s.status()["version"] == version + 1
+        for i in range(4 * limit):                  # the count starts over after that update
+            assert not s.status()["done"], i
+            task = bad.work()
+            assert bad.call(P.PUSH, push_body(task, loss=None)).type == P.ERROR
+        s.wait_log(rf"training diverged: the last {4 * limit} pushes, from 1 trainer\(s\)", since)
+        assert s.status()["done"] and s.status()["version"] == version + 1
+    finally:
+        s.close()
+
+
+def test_a_hello_under_a_used_sequence_number_is_refused(server):
+    """Only a resent hello (same number, a hello) gets the cached welcome; a hello under the
+    number of another request is refused, and the peer keeps its lease."""
+    t = server.client("trainer")
+    task = t.work()
+    hello = {"role": "trainer", "name": t.wid, "pid": 1, "host": "test"}
+    expect_error(server, t, t.frames(P.HELLO, hello, seq=t.seq), "bad_seq",
+                 f"hello: sequence number {t.seq} already numbered a work; number each new request higher")
+    reply = t.call(P.PUSH, push_body(task), grads_like(task.arrays))
+    assert reply.body["ack"]["applied"] is True, reply.body
+    t.bye()
 
 
 def test_a_retried_push_is_applied_once_and_gets_the_cached_reply(server):
@@ -735,12 +874,14 @@ def test_a_push_for_an_applied_batch_is_acknowledged_but_not_applied(server):
     assert reply.type in (P.TASK, P.WAIT), reply
     assert reply.body["ack"]["applied"] is False, reply.body
     assert "already applied" in reply.body["ack"]["reason"]
-    # a batch of an epoch that does not exist (yet), or out of range: the same (each from a
-    # trainer that holds no lease: t holds the two its replies leased it, the most one may hold)
-    for over in ({"epoch": 49}, {"batch": 10_000}, {"epoch": 0, "batch": -1}):
+    # a batch of an epoch that has not begun, or out of range, never was: refused, and said so
+    epoch = server.status()["epoch"]
+    for over, needle in (({"epoch": epoch + 1}, f"epoch {epoch + 1} has not begun (the run is at epoch {epoch})"),
+                         ({"epoch": -1}, "epoch -1 has not begun"),
+                         ({"batch": 10_000}, "batch 10000 is not a batch of this run (0-9)"),
+                         ({"epoch": 0, "batch": -1}, "batch -1 is not a batch of this run (0-9)")):
         other = server.client("trainer")
-        reply = other.call(P.PUSH, push_body(task, **over), grads)
-        assert reply.body["ack"]["applied"] is False, (over, reply.body)
+        expect_error(server, other, other.frames(P.PUSH, push_body(task, **over), grads), "bad_batch", needle)
         other.bye()
     assert_unchanged(server, before)
     t.bye()
@@ -937,6 +1078,66 @@ def wait_status(server: Server, predicate, timeout: float = 10.0) -> dict:
     return st
 
 
+def test_sync_a_new_request_while_a_push_waits_for_its_round_is_refused(tmp_path):
+    """The round's reply (the next task) answers the waiting push.  A second request meanwhile
+    is refused; the round then answers nobody twice and leases no batch outside a round."""
+    s = Server(tmp_path, SYNC_FLAGS)
+    try:
+        a, b = trainers(s, 2)
+        a.send(a.frames(P.WORK))
+        tb = b.work()
+        ta = a.recv()[0]
+        a.send(a.frames(P.PUSH, push_body(ta), grads_like(ta.arrays)))
+        assert a.recv(timeout=0.5) is None                  # held for the round
+        expect_error(s, a, a.frames(P.WORK), "round_pending",
+                     f"your push of batch {ta.body['batch']} waits for its sync round; its reply brings the next "
+                     "task, so wait for it before sending a work")
+        reply = b.call(P.PUSH, push_body(tb), grads_like(ta.arrays))      # closes the round
+        assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+        assert a.recv(timeout=0.7) is None, "a second reply to an answered request"
+        st = s.status()
+        assert (st["version"], st["in_flight"], st["round_members"]) == (1, 1, 1), st
+        task = a.work()                                     # and a's next request is served
+        assert task.body["version"] == 1 and s.status()["in_flight"] == 2
+    finally:
+        s.close()
+
+
+def test_ssp_trainers_without_a_lease_do_not_hold_the_others_back(tmp_path):
+    """The staleness bound counts the trainers at work.  One that joined and never asks, or
+    one whose lease expired, computes nothing that could go stale: before, either stalled the
+    run for good.  Back at work, the late one starts from the slowest clock at work."""
+    s = Server(tmp_path, ["--mode", "ssp", "--staleness", "1", "--lease-timeout", "1", "--peer-timeout", "30",
+                         "--train-limit", "1280"])          # 20 batches: no epoch drains mid-test
+    try:
+        fast, idle = s.client("trainer"), s.client("trainer")        # idle: hello, then nothing
+        task = fast.work()
+        for _ in range(4):                                  # 4 pushes ahead of idle's clock, bound 1
+            task = fast.call(P.PUSH, push_body(task), grads_like(task.arrays))
+            assert task.type == P.TASK and task.body["ack"]["applied"] is True, task.body
+        hung = s.client("trainer")                          # joins at fast's clock (4)
+        held = hung.work()                                  # then falls silent, lease in hand
+        leased_at = time.monotonic()
+        task = fast.call(P.PUSH, push_body(task), grads_like(task.arrays))      # one ahead of hung: served
+        assert task.type == P.TASK, task.body
+        fast.send(fast.frames(P.PUSH, push_body(task), grads_like(task.arrays)))
+        assert fast.recv(timeout=0.3) is None               # two ahead: parked
+        task = fast.recv(timeout=5.0)[0]                    # until hung's lease expires
+        assert task.type == P.TASK and time.monotonic() - leased_at >= 0.9, task.body
+        s.wait_log(r"lease of batch %d \(epoch 0\) held by %s expired" % (held.body["batch"], hung.wid), 0)
+        back = hung.work()            # back at work at fast's clock (6), not its own (4): fast goes on
+        task = fast.call(P.PUSH, push_body(task), grads_like(task.arrays))
+        assert task.type == P.TASK and task.body["ack"]["applied"] is True, task.body
+        fast.send(fast.frames(P.PUSH, push_body(task), grads_like(task.arrays)))
+        assert fast.recv(timeout=0.3) is None               # the bound holds again: two ahead, parked
+        reply = hung.call(P.PUSH, push_body(back), grads_like(back.arrays))
+        assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+        task = fast.recv(timeout=5.0)[0]                    # released by hung's push
+        assert task.type == P.TASK and task.body["ack"]["applied"] is True, task.body
+    finally:
+        s.close()
+
+
 def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
     s = Server(tmp_path, [*SYNC_FLAGS, "--wait-for-workers", "2"])
     try:
@@ -1065,7 +1266,6 @@ def test_a_parked_sync_trainer_takes_over_the_last_batch_when_its_holder(tmp_pat
 def test_a_model_that_cannot_score_mnist_is_refused_before_the_server_starts(tmp_path, capsys):
     """Five outputs for ten classes used to surface only at the first push, as a label range error."""
     from pscnn.cli import main
-    from pscnn.launcher import free_port
     spec = json.dumps({"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 5}]})
     assert main(["server", "--bind", f"tcp://127.0.0.1:{free_port()}", "--model", spec,
                  "--out", str(tmp_path / "run")]) == 1

@@ -261,9 +261,8 @@ class Client:
                 raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
             wait = max(0.0, sent_at + backoff - now)
             if self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
-                reply_frames = self.sock.recv_multipart(copy=False)
                 try:
-                    reply = P.decode(reply_frames)
+                    reply = P.decode_message(*P.recv_message(self.sock))
                 except P.ProtocolError as exc:
                     malformed = P.one_line(exc, 200)
                     log.warning("ignoring a malformed reply: %s", malformed)
@@ -298,7 +297,7 @@ class Client:
                     self.heard_at = time.monotonic()
                     while sock.poll(0, zmq.POLLIN):
                         try:
-                            answer = P.decode(sock.recv_multipart(copy=False))
+                            answer = P.decode_message(*P.recv_message(sock))
                         except P.ProtocolError:
                             continue
                         if answer.type == P.HEARTBEAT and answer.body.get("done"):
@@ -364,7 +363,7 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
         P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             return None
-        reply = P.decode(sock.recv_multipart(copy=False))
+        reply = P.decode_message(*P.recv_message(sock))
         if reply.type != P.STATUS:          # e.g. an error: another protocol version answered
             raise BadReply(f"{endpoint} answered a status request with {reply.type!r}"
                            + (f" ({P.one_line(reply.body['code'])}: {P.one_line(reply.body['message'])})"
