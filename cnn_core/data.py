@@ -395,8 +395,10 @@ def _stream_to(url: str, out, dest: Path, timeout: float, progress: bool) -> Non
     Network problems become :class:`_AttemptFailed`; local write errors
     become :class:`DataError` (no mirror can fix a full disk).
     """
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
+        # Inside the try: Request itself raises ValueError for a URL without a
+        # scheme ("unknown url type") or with a malformed host ("[::1").
+        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         response = urllib.request.urlopen(request, timeout=timeout)
     except Exception as exc:  # noqa: BLE001  (classified below)
         raise _network_failure(exc, timeout) from None
@@ -548,14 +550,15 @@ def resolve_mnist_dir(mnist_dir=None, download: bool = True, *, files: Iterable[
 def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
     """``(folder, is_cache)``; see :func:`resolve_mnist_dir`."""
     if mnist_dir is not None or os.environ.get("MNIST_DIR"):
-        source = "mnist_dir" if mnist_dir is not None else "MNIST_DIR"
+        # Given by the caller (--mnist-dir, PSCNN_MNIST_DIR), or else by MNIST_DIR: say which.
+        what = "MNIST folder" if mnist_dir is not None else "MNIST folder (from MNIST_DIR)"
         folder = Path(mnist_dir if mnist_dir is not None else os.environ["MNIST_DIR"]).expanduser()
         if not folder.is_dir():
-            raise DataError(f"{folder}: MNIST folder (from {source}) does not exist or is not a folder")
+            raise DataError(f"{folder}: {what} does not exist or is not a folder")
         _check_not_directories(folder, names)
         missing = [MNIST_FILES[n]["filename"] for n in names if _find_file(folder, n) is None]
         if missing:
-            raise DataError(f"{folder}: MNIST folder (from {source}) lacks {', '.join(missing)}")
+            raise DataError(f"{folder}: {what} lacks {', '.join(missing)}")
         return folder, False
 
     folder = default_cache_dir()

@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module as _xp
+from .config import number_in
 from .errors import ShapeError, SpecError
 from .im2col import col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, pad_nhwc
 from .rng import uniform
@@ -54,13 +55,6 @@ def _pair(value, what: str) -> tuple[int, int]:
 def _is_int(value) -> bool:
     """An integer, but not a bool: JSON's ``true`` must not pass as 1."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _not_bool(value, what: str):
-    """``value``, unless it is a bool (``float(True)`` would make it 1.0); for the number options."""
-    if isinstance(value, (bool, np.bool_)):
-        raise SpecError(f"{what} must be a number, got {value!r}")
-    return value
 
 
 class Layer:
@@ -257,15 +251,17 @@ class Dense(Layer):
     """
 
     type_name = "dense"
+    # Beyond this the first logits overflow float32 (a run would then stop as
+    # "diverged", blaming the learning rate); 1 is He's own scale.
+    MAX_INIT_SCALE = 100.0
 
     def __init__(self, units: int, init_scale: float = 1.0, name=None):
         super().__init__(name)
         if not _is_int(units) or units < 1:
             raise SpecError(f"dense {self.name}: units must be a positive int, got {units!r}")
-        if not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool) or not init_scale >= 0:
-            raise SpecError(f"dense {self.name}: init_scale must be a number >= 0, got {init_scale!r}")
         self.units = int(units)
-        self.init_scale = float(init_scale)
+        self.init_scale = number_in(init_scale, f"dense {self.name}: init_scale", 0.0, self.MAX_INIT_SCALE,
+                                    high_open=False, error=SpecError)
 
     def config(self):
         return {"units": self.units} if self.init_scale == 1.0 else {"units": self.units,
@@ -444,7 +440,7 @@ class LeakyReLU(Layer):
 
     def __init__(self, alpha: float = 0.01, name=None):
         super().__init__(name)
-        self.alpha = float(_not_bool(alpha, f"leaky_relu {self.name}: alpha"))
+        self.alpha = number_in(alpha, f"leaky_relu {self.name}: alpha", 0.0, 1.0, high_open=False, error=SpecError)
 
     def config(self):
         return {"alpha": self.alpha}
@@ -464,7 +460,7 @@ class ELU(Layer):
 
     def __init__(self, alpha: float = 1.0, name=None):
         super().__init__(name)
-        self.alpha = float(_not_bool(alpha, f"elu {self.name}: alpha"))
+        self.alpha = number_in(alpha, f"elu {self.name}: alpha", 0.0, 100.0, high_open=False, error=SpecError)
 
     def config(self):
         return {"alpha": self.alpha}
@@ -524,9 +520,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, name=None):
         super().__init__(name)
-        if not 0.0 <= float(_not_bool(p, f"dropout {self.name}: p")) < 1.0:
-            raise SpecError(f"dropout {self.name}: p must be in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = number_in(p, f"dropout {self.name}: p", 0.0, 1.0, error=SpecError)
         self.key: int | None = None
         self.draws = 0
         self.sample_offset = 0
@@ -567,8 +561,10 @@ class BatchNorm2D(Layer):
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name=None):
         super().__init__(name)
-        self.momentum = float(_not_bool(momentum, f"batchnorm2d {self.name}: momentum"))
-        self.eps = float(_not_bool(eps, f"batchnorm2d {self.name}: eps"))
+        self.momentum = number_in(momentum, f"batchnorm2d {self.name}: momentum", 0.0, 1.0, high_open=False,
+                                  error=SpecError)
+        self.eps = number_in(eps, f"batchnorm2d {self.name}: eps", 0.0, 1.0, low_open=True, high_open=False,
+                             error=SpecError)
 
     def config(self):
         return {"momentum": self.momentum, "eps": self.eps}

@@ -68,6 +68,10 @@ def resolve_spec(spec) -> dict:
     elif not isinstance(spec, dict):
         raise SpecError(f"model spec must be a preset name, dict or JSON object, got {type(spec).__name__}")
     spec = copy.deepcopy(named_config(spec, "model spec", SpecError))
+    unknown = sorted(set(spec) - {"input_shape", "layers"}, key=str)
+    if unknown:                     # e.g. a "dtype" that would silently not apply
+        raise SpecError(f"model spec: unknown keys {unknown}; a spec has 'input_shape' and 'layers' "
+                        "(the dtype and device are chosen where the model is built)"[:300])
     shape = spec.get("input_shape")
     if (not isinstance(shape, list) or len(shape) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):

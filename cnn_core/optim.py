@@ -37,26 +37,12 @@ import math
 import numpy as np
 
 from . import backend
-from .config import named_config
+from .config import named_config, number_in
 from .errors import CheckpointError, ConfigError, ShapeError
 from .flat import FlatArrays, same_layout
 from .schedules import Schedule, build_schedule
 
 
-def _number(value, what: str, low: float, high: float | None = None, *,
-            low_open: bool = False, high_open: bool = True) -> float:
-    """``value`` as a float in the interval [low, high) (ends as flagged), else ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"{what} must be a number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value) and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        left = "(" if low_open else "["
-        right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
-        raise ConfigError(f"{what} must lie in {left}{low}, {right}, got {value!r}")
-    return value
 
 
 def _describe(arr) -> str:
@@ -95,13 +81,13 @@ class Optimizer:
         if unknown:
             valid = ["lr", "schedule", "l2", "l1", *self.HYPER]
             raise ConfigError(f"{self.name}: unknown hyperparameter(s) {unknown}; valid: {valid}")
-        self.lr = _number(lr, f"{self.name}: lr", 0.0, low_open=True, high=None)
+        self.lr = number_in(lr, f"{self.name}: lr", 0.0, low_open=True, high=None)
         if isinstance(schedule, Schedule) and schedule.base_lr != self.lr:
             raise ConfigError(f"{self.name}: schedule was built for lr={schedule.base_lr} "
                               f"but the optimizer's lr is {self.lr}")
         self.schedule = build_schedule(schedule, self.lr)
-        self.l2 = _number(l2, f"{self.name}: l2", 0.0)
-        self.l1 = _number(l1, f"{self.name}: l1", 0.0)
+        self.l2 = number_in(l2, f"{self.name}: l2", 0.0)
+        self.l1 = number_in(l1, f"{self.name}: l1", 0.0)
         self.hyper = {**self.HYPER, **hyper}
         self._validate_hyper()
         self.state: dict[str, dict] = {}
@@ -461,7 +447,7 @@ class SGD(Optimizer):
     HYPER = {"momentum": 0.0, "nesterov": False}
 
     def _validate_hyper(self) -> None:
-        self.momentum = _number(self.hyper["momentum"], "sgd: momentum", 0.0, 1.0)
+        self.momentum = number_in(self.hyper["momentum"], "sgd: momentum", 0.0, 1.0)
         if not isinstance(self.hyper["nesterov"], bool):
             raise ConfigError(f"sgd: nesterov must be true or false, got {self.hyper['nesterov']!r}")
         self.nesterov = self.hyper["nesterov"]
@@ -501,7 +487,7 @@ class AdaGrad(Optimizer):
     SLOTS = ("cache",)
 
     def _validate_hyper(self) -> None:
-        self.eps = self.hyper["eps"] = _number(self.hyper["eps"], "adagrad: eps", 0.0, low_open=True)
+        self.eps = self.hyper["eps"] = number_in(self.hyper["eps"], "adagrad: eps", 0.0, low_open=True)
 
     def _rule(self, w, g, state, lr, tmp):
         xp = backend.get_array_module(w)
@@ -527,8 +513,8 @@ class RMSProp(Optimizer):
     SLOTS = ("cache",)
 
     def _validate_hyper(self) -> None:
-        self.rho = self.hyper["rho"] = _number(self.hyper["rho"], "rmsprop: rho", 0.0, 1.0)
-        self.eps = self.hyper["eps"] = _number(self.hyper["eps"], "rmsprop: eps", 0.0, low_open=True)
+        self.rho = self.hyper["rho"] = number_in(self.hyper["rho"], "rmsprop: rho", 0.0, 1.0)
+        self.eps = self.hyper["eps"] = number_in(self.hyper["eps"], "rmsprop: eps", 0.0, low_open=True)
 
     def _rule(self, w, g, state, lr, tmp):
         xp = backend.get_array_module(w)
@@ -563,9 +549,9 @@ class Adam(Optimizer):
     COUNTERS = ("step",)
 
     def _validate_hyper(self) -> None:
-        self.beta1 = self.hyper["beta1"] = _number(self.hyper["beta1"], f"{self.name}: beta1", 0.0, 1.0)
-        self.beta2 = self.hyper["beta2"] = _number(self.hyper["beta2"], f"{self.name}: beta2", 0.0, 1.0)
-        self.eps = self.hyper["eps"] = _number(self.hyper["eps"], f"{self.name}: eps", 0.0, low_open=True)
+        self.beta1 = self.hyper["beta1"] = number_in(self.hyper["beta1"], f"{self.name}: beta1", 0.0, 1.0)
+        self.beta2 = self.hyper["beta2"] = number_in(self.hyper["beta2"], f"{self.name}: beta2", 0.0, 1.0)
+        self.eps = self.hyper["eps"] = number_in(self.hyper["eps"], f"{self.name}: eps", 0.0, low_open=True)
 
     def _rule(self, w, g, state, lr, tmp):
         xp = backend.get_array_module(w)
@@ -600,7 +586,7 @@ class AdamW(Adam):
 
     def _validate_hyper(self) -> None:
         super()._validate_hyper()
-        self.weight_decay = self.hyper["weight_decay"] = _number(
+        self.weight_decay = self.hyper["weight_decay"] = number_in(
             self.hyper["weight_decay"], "adamw: weight_decay", 0.0)
 
     def _rule(self, w, g, state, lr, tmp):

@@ -38,6 +38,11 @@ def _positive_float(value, what: str) -> float:
     return value
 
 
+# The most steps a schedule may name: exact in a float and in JSON, within
+# msgpack's 64-bit integers (1e300 would reach a checkpoint and the wire).
+MAX_STEPS = 2**53 - 1
+
+
 def _int_at_least(value, lowest: int, what: str) -> int:
     # Floats such as 1000.0 from a hand-written JSON file are accepted when integral.
     if isinstance(value, float) and value.is_integer():
@@ -47,6 +52,8 @@ def _int_at_least(value, lowest: int, what: str) -> int:
     value = int(value)
     if value < lowest:
         raise ConfigError(f"{what} must be >= {lowest}, got {value}")
+    if value > MAX_STEPS:
+        raise ConfigError(f"{what} must be at most {MAX_STEPS}, got {value:.3g}")
     return value
 
 

@@ -18,6 +18,7 @@ so that ``--threads`` can set the BLAS thread count before numpy loads.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -144,14 +145,15 @@ def fraction(text: str) -> float:
 
 
 def _path(text: str) -> str:
-    """A file or folder flag's value: not empty.
+    """A file or folder flag's value: not empty, ``~`` expanded.
 
     An empty path would silently mean the current folder (Path("") is "."),
-    while an empty MNIST_DIR or PSCNN_<FLAG> means unset.
+    while an empty MNIST_DIR or PSCNN_<FLAG> means unset.  A shell expands
+    ``~`` on a command line, but not in an environment file (Compose's).
     """
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string (use . for the current folder)")
-    return text
+    return os.path.expanduser(text)
 
 
 def _port(text: str) -> int:
@@ -176,6 +178,12 @@ def _endpoint(text: str, bind: bool) -> str:
         raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (e.g. {example}) or ipc://PATH, got {text!r}")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number, 1-65535")
+    if host.startswith("[") or host.endswith("]") or host.count(":"):
+        try:        # an IPv6 address goes in brackets, as in tcp://[::1]:5555
+            ipaddress.IPv6Address(host[1:-1] if host.startswith("[") and host.endswith("]") else "?")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: an IPv6 address goes in brackets, as in "
+                                             "tcp://[::1]:5555") from None
     return text
 
 

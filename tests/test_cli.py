@@ -74,6 +74,9 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     (["worker", "--server", "localhost:5555"], "argument --server: expected tcp://HOST:PORT (e.g. tcp://HOST:5555)"),
     (["evaluator", "--server", "tcp://a b:5555"], "argument --server: expected tcp://HOST:PORT"),
     (["status", "--server", "tcp://x"], "argument --server: expected tcp://HOST:PORT"),
+    (["worker", "--server", "tcp://[::1:5555"], "'tcp://[::1:5555': an IPv6 address goes in brackets, as in"),
+    (["worker", "--server", "tcp://::1:5555"], "'tcp://::1:5555': an IPv6 address goes in brackets"),
+    (["server", "--bind", "tcp://[nope]:5555"], "'tcp://[nope]:5555': an IPv6 address goes in brackets"),
     (["run", "--port", "70000"], "argument --port: must be a TCP port, 0-65535, got 70000"),
     (["run", "--workers", "two"], "argument --workers: must be an integer, got 'two'"),
     (["train", "--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
@@ -120,7 +123,8 @@ def test_run_resume_without_a_checkpoint_fails_before_starting_anything(tmp_path
 
 @pytest.mark.parametrize("argv", [["server", "--bind", "tcp://*:5555"], ["server", "--bind", "tcp://127.0.0.1:1"],
                                   ["server", "--bind", "ipc:///tmp/pscnn.ipc"],
-                                  ["worker", "--server", "tcp://[::1]:5555"],
+                                  ["worker", "--server", "tcp://[::1]:5555"], ["server", "--bind", "tcp://[::]:5555"],
+                                  ["worker", "--server", "tcp://[fe80::1%eth0]:5555"],
                                   ["status", "--server", "tcp://server:65535"]])
 def test_good_endpoints_pass_unchanged(argv):
     args = build_parser().parse_args(argv)

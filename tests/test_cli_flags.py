@@ -360,6 +360,13 @@ def test_empty_paths_are_refused(argv, capsys):
     assert f"argument {argv[1]}: must name a folder, got an empty string" in capsys.readouterr().err
 
 
+def test_a_tilde_in_a_path_variable_means_home(monkeypatch, tmp_path):
+    """A shell expands ~ on a command line, not in an environment file: PSCNN_OUT=~/runs/a."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_args(["train"], {"PSCNN_OUT": "~/runs/a"}).out == str(tmp_path / "runs" / "a")
+    assert parse_args(["server"], {"PSCNN_MNIST_DIR": "~/mnist"}).mnist_dir == str(tmp_path / "mnist")
+
+
 def test_an_empty_variable_still_means_the_default():
     assert parse_args(["train"], {"PSCNN_MNIST_DIR": ""}).mnist_dir is None
 

@@ -516,6 +516,10 @@ def test_mnist_dir_missing_file_names_folder_and_file(tiny_mnist, monkeypatch, n
     with pytest.raises(DataError, match="does not exist") as exc:
         data.resolve_mnist_dir()
     assert_one_line_naming(exc, folder / "absent")
+    # given explicitly (--mnist-dir): no internal argument name in the message
+    with pytest.raises(DataError) as exc:
+        data.resolve_mnist_dir(folder / "gone")
+    assert str(exc.value) == f"{folder / 'gone'}: MNIST folder does not exist or is not a folder"
 
 
 def test_explicit_dir_beats_env_beats_cache(tiny_mnist, monkeypatch, isolated_env, no_download):
@@ -635,9 +639,11 @@ def test_download_hopeless_urls_are_not_retried(tmp_path, monkeypatch):
     sleeps = []
     monkeypatch.setattr(data.time, "sleep", sleeps.append)
     with pytest.raises(DataError) as exc:
-        fetch(["nope://host/f.gz", (tmp_path / "absent.gz").as_uri()], tmp_path / "f.gz", "0" * 32, retries=3)
+        fetch(["nope://host/f.gz", (tmp_path / "absent.gz").as_uri(), "no-scheme/f.gz", "http://[::1/f.gz"],
+              tmp_path / "f.gz", "0" * 32, retries=3)
     msg = assert_one_line_naming(exc, tmp_path / "f.gz")
     assert "unknown url type" in msg and "file not found" in msg
+    assert "ValueError: unknown url type: 'no-scheme/f.gz'" in msg and "ValueError: Invalid IPv6 URL" in msg
     assert sleeps == []
 
 

@@ -433,7 +433,7 @@ def test_dropout_float32_mask_dtype():
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
 def test_dropout_bad_p(p):
-    with pytest.raises(SpecError, match="p must be in"):
+    with pytest.raises(SpecError, match=r"p must lie in \[0.0, 1.0\)"):
         Dropout(p)
 
 

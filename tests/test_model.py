@@ -282,8 +282,8 @@ BAD_SPECS = [
     (_spec({"type": "conv2d", "out_channels": 2.5}, *FLAT_TAIL), "out_channels must be a positive int"),
     (_spec({"type": "conv2d", "out_channels": 2, "kernel": "3"}, *FLAT_TAIL), "kernel must be an int or a pair"),
     (_spec({"type": "conv2d", "out_channels": 2, "stride": 0}, *FLAT_TAIL), "stride must be >= 1"),
-    (_spec({"type": "dropout", "p": 1.0}, *FLAT_TAIL), "p must be in"),
-    (_spec({"type": "dropout", "p": "half"}, *FLAT_TAIL), "dropout1 .*half"),
+    (_spec({"type": "dropout", "p": 1.0}, *FLAT_TAIL), "p must lie in"),
+    (_spec({"type": "dropout", "p": "half"}, *FLAT_TAIL), "dropout1: p must be a number, got 'half'"),
     (_spec({"type": "dense", "units": 0}), "units must be a positive int"),
     (_spec({"type": "batchnorm2d"}, {"type": "flatten"}, {"type": "batchnorm2d"}, {"type": "dense", "units": 2}),
      "batchnorm2: needs an image input"),
@@ -362,6 +362,39 @@ BOOL_OPTIONS = [
     ({"type": "batchnorm2d", "momentum": True}, "momentum must be a number, got True"),
     ({"type": "batchnorm2d", "eps": False}, "eps must be a number, got False"),
 ]
+
+
+NAN, INF = float("nan"), float("inf")
+NUMBER_OPTIONS = [
+    ({"type": "dense", "units": 3, "init_scale": INF}, r"init_scale must lie in \[0.0, 100.0\], got inf"),
+    ({"type": "dense", "units": 3, "init_scale": 1e308}, r"init_scale must lie in \[0.0, 100.0\], got 1e\+308"),
+    ({"type": "dense", "units": 3, "init_scale": "2"}, "init_scale must be a number, got '2'"),
+    ({"type": "dropout", "p": NAN}, r"p must lie in \[0.0, 1.0\), got nan"),
+    ({"type": "leaky_relu", "alpha": NAN}, r"alpha must lie in \[0.0, 1.0\], got nan"),
+    ({"type": "leaky_relu", "alpha": INF}, r"alpha must lie in \[0.0, 1.0\], got inf"),
+    ({"type": "leaky_relu", "alpha": "x"}, "alpha must be a number, got 'x'"),
+    ({"type": "elu", "alpha": INF}, r"alpha must lie in \[0.0, 100.0\], got inf"),
+    ({"type": "elu", "alpha": -1}, r"alpha must lie in \[0.0, 100.0\], got -1.0"),
+    ({"type": "batchnorm2d", "momentum": NAN}, r"momentum must lie in \[0.0, 1.0\], got nan"),
+    ({"type": "batchnorm2d", "eps": INF}, r"eps must lie in \(0.0, 1.0\], got inf"),
+    ({"type": "batchnorm2d", "eps": 0}, r"eps must lie in \(0.0, 1.0\], got 0.0"),
+]
+
+
+@pytest.mark.parametrize("layer, match", NUMBER_OPTIONS,
+                         ids=[f"{lyr['type']}-{m.split()[0]}-{i}" for i, (lyr, m) in enumerate(NUMBER_OPTIONS)])
+def test_number_options_must_be_finite_and_in_range(layer, match):
+    """A non-finite or absurd option would only show up later, as a NaN loss blamed on the learning rate."""
+    tail = (FLAT_TAIL if layer["type"] != "dense" else ({"type": "dense", "units": 3},))
+    head = ({"type": "flatten"},) if layer["type"] == "dense" else ()
+    with pytest.raises(SpecError, match=match):
+        build_model(_spec(*head, layer, *tail))
+
+
+def test_a_spec_with_unknown_keys_is_refused():
+    spec = _spec({"type": "flatten"}, {"type": "dense", "units": 10})
+    with pytest.raises(SpecError, match=r"model spec: unknown keys \['dtype'\]; a spec has 'input_shape' and"):
+        build_model({**spec, "dtype": "float16"})
 
 
 @pytest.mark.parametrize("layer, match", BOOL_OPTIONS, ids=[f"{lyr['type']}-{m.split()[0]}" for lyr, m in BOOL_OPTIONS])

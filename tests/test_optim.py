@@ -543,6 +543,9 @@ def test_schedule_config_round_trips(config):
     ({"name": "cosine", "total_steps": 10, "min_lr": 0.5}, r"min_lr must lie in \[0, lr=0.1\]"),
     ({"name": "cosine", "total_steps": 10, "warmup_steps": -1}, "warmup_steps must be >= 0"),
     ({"name": "constant", "warmup_steps": True}, "warmup_steps must be an integer"),
+    ({"name": "constant", "warmup_steps": 1e300}, r"warmup_steps must be at most 9007199254740991, got 1e\+300"),
+    ({"name": "step", "step_size": 10**20}, r"step_size must be at most 9007199254740991, got 1e\+20"),
+    ({"name": "cosine", "total_steps": 2**53}, "total_steps must be at most 9007199254740991"),
     ("{oops", "schedule config is not valid JSON"),
     ([1, 2], "schedule config must be a name or a dict"),
 ])
