@@ -274,27 +274,54 @@ def _run(args, cluster: LocalCluster, checkpoint: Path, checkpoint_before: int |
             codes[name] = code
         failed = {n: c for n, c in codes.items() if c not in (0,)}
         for name, code in failed.items():
-            print(f"pscnn run: {name} exited with {code}; last lines of its log:\n{cluster.log_tail(name)}",
-                  file=sys.stderr)
+            _say(child_exit_message(cluster, name, code))
     print_report(Path(args.out) / "summary.json")
     return 1 if failed else 0
 
 
+def child_exit_message(cluster: LocalCluster, name: str, code: int | None) -> str:
+    """What ``pscnn run`` says of a client (worker or evaluator) that exited with ``code``.
+
+    A child that stopped on the CLI's one-line error (``pscnn: error: ...``, its log's last line) gets
+    one line, that reason included; anything else (a traceback, a signal) the last lines of its log
+    below a first line.  Either way the log itself stays in OUT/logs/<name>.log."""
+    what = f"{name} exited with {code}"
+    if code is not None and code < 0:
+        try:
+            what += f" (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    tail = cluster.log_tail(name)
+    lines = [line for line in tail.splitlines() if line.strip()]
+    if lines and lines[-1].startswith("pscnn: error: "):
+        return f"pscnn run: {what}: {lines[-1][len('pscnn: error: '):]}"
+    return f"pscnn run: {what}; last lines of its log:\n{tail}"
+
+
 def _follow(cluster: LocalCluster, bar) -> int:
-    """Update the bar from the server's status until the server exits; its exit code."""
+    """Update the bar from the server's status until the server exits; its exit code.
+
+    The run is stopped at once (the server first, so that it checkpoints whole sync rounds, then the
+    clients; exit code 1) when nobody is left to train, or when the evaluator exits with an error
+    while the server still runs: the server would otherwise wait --final-eval-timeout for its final
+    report once training ends.  An evaluator that exits 0 was told to by the server (the run is over)."""
     server = cluster.procs["server"]
     workers = [p for n, p in cluster.procs.items() if n.startswith("worker")]
+    evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
     while server.poll() is None:
-        if workers and all(p.poll() is not None for p in workers) and any(p.returncode for p in workers):
-            # Every trainer is gone and not because the server told it to stop:
-            # nobody is left to train, so don't wait on the server forever.
+        # Every trainer gone and not because the server told it to stop: nobody is left to train.
+        workers_gone = bool(workers) and all(p.poll() is not None for p in workers) and any(p.returncode for p in workers)
+        evaluator_failed = evaluator is not None and evaluator.poll() not in (None, 0)
+        if workers_gone or evaluator_failed:
             bar.close()                         # before the messages, so they don't end under a stale bar
             for name, proc in cluster.procs.items():
-                if name.startswith("worker") and proc.returncode:
-                    print(f"pscnn run: {name} exited with {proc.returncode}; last lines of its log:\n"
-                          f"{cluster.log_tail(name)}", file=sys.stderr)
-            print("pscnn run: every worker has exited; stopping the server (it checkpoints)", file=sys.stderr)
-            cluster.stop_all()
+                if name != "server" and proc.poll():
+                    _say(child_exit_message(cluster, name, proc.returncode))
+            if workers_gone:
+                _say("pscnn run: every worker has exited; stopping the server (it checkpoints)")
+            else:
+                _say("pscnn run: the evaluator has failed; stopping the server (it checkpoints) and the workers")
+            cluster.stop_all(order=("server", "worker", "evaluator"))
             return 1
         st = cluster.status(timeout=0.5)
         if st:

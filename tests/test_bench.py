@@ -297,3 +297,159 @@ def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "argument --trials: must be >= 1, got 0" in bad.stderr
+
+
+# --------------------------------------------------------------------------- failures: one line, never a traceback
+
+# The smallest run of each bench: without the checks up front, a case below starts real processes, so
+# these bound how long it could take (a bench that hangs until --max-seconds, or runs and exits 0).
+TINY = {"server": ["--clients", "1", "--seconds", "0.2", "--warmup", "0", "--trials", "1", "--no-echo"],
+        "scaling": ["--compute-ms", "0", "--workers", "1", "--mode", "async", "--seconds", "0.5", "--warmup", "0",
+                    "--trials", "1"],
+        "time-to-accuracy": ["--workers", "1", "--mode", "sync", "--model", "light", "--max-seconds", "20",
+                             "--train-limit", "500", "--test-limit", "100"]}
+WRONG_INPUT = json.dumps({"input_shape": [3, 32, 32], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]})
+
+
+def bench_fails(*argv, timeout=120) -> subprocess.CompletedProcess:
+    """Run a bench as a user does, expecting it to fail: stdout and stderr, no assertion on the status."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "pscnn.cli", "bench", *argv, "--no-progress", "--no-plots",
+                           "--keep-openblas-env"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc, code: int, needle: str) -> str:
+    err = proc.stderr.strip()
+    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{err[-2000:]}"
+    assert "Traceback" not in proc.stderr, err
+    last = err.splitlines()[-1]
+    assert last.startswith("pscnn bench ") and ": error: " in last, err
+    assert needle in last, err
+    return last
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["server", "--model", "bogus"], "unknown model preset 'bogus'"),
+    (["scaling", "--model", "bogus"], "unknown model preset 'bogus'"),
+    (["time-to-accuracy", "--model", "bogus"], "unknown model preset 'bogus'"),
+    (["time-to-accuracy", "--model", WRONG_INPUT], "but MNIST images are [1, 28, 28]"),
+    (["time-to-accuracy", "--schedule", "foo"], "unknown schedule 'foo'"),
+    (["time-to-accuracy", "--momentum", "0.5", "--optimizer", "adam"],
+     "--momentum is used only by --optimizer sgd, not by --optimizer adam"),
+    (["time-to-accuracy", "--mnist-dir", "/nonexistent-pscnn-mnist"], "/nonexistent-pscnn-mnist: MNIST folder"),
+    (["scaling", "--workers", "2000"], "--workers 2000 exceeds --max-workers 1024"),
+])
+def test_what_a_server_or_worker_would_refuse_is_one_line_before_anything_starts(argv, needle, tmp_path):
+    """Bad model / optimizer / schedule / MNIST folder: refused by the checks the main CLI, the server
+    and the workers make themselves, in one line with exit status 2, before any process starts (they
+    used to give a traceback, an empty table with exit 0, or a hang until --max-seconds)."""
+    out = tmp_path / "out"
+    bench_name, rest = argv[0], argv[1:]
+    proc = bench_fails(bench_name, *TINY[bench_name], *rest, "--out", str(out), timeout=180)
+    assert_one_line_error(proc, 2, needle)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists()             # nothing ran, nothing written
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["time-to-accuracy", "--optimizer", "foo"], "argument --optimizer: invalid choice: 'foo'"),
+    (["scaling", "--mnist-dir", ""], "argument --mnist-dir: must name a folder, got an empty string"),
+    (["time-to-accuracy", "--mnist-dir", " "], "argument --mnist-dir: must name a folder, got an empty string"),
+])
+def test_bad_bench_flag_values_are_usage_errors(argv, needle, tmp_path, capsys):
+    from pscnn.cli import main
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:    # argparse's own errors
+        main(["bench", *argv, *TINY[argv[0]], "--out", str(out), "--no-progress", "--no-plots"])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_out_takes_the_main_clis_path_checks(tmp_path, monkeypatch, capsys):
+    """--out '' is refused (it would write into the current folder), and --out naming a file says so,
+    as ``pscnn train --out`` does, instead of "cannot write: File exists"."""
+    from pscnn.cli import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "scaling", *TINY["scaling"], "--out", "", "--no-progress", "--no-plots"])
+    assert info.value.code == 2
+    assert "argument --out: must name a folder, got an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []           # nothing written into the current folder
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    proc = bench_fails("scaling", *TINY["scaling"], "--out", str(afile))
+    assert_one_line_error(proc, 2, f"--out {afile} is a file, not a folder")
+    assert afile.read_text() == "keep me\n"
+
+
+def test_server_bench_server_that_dies_is_one_line_with_its_last_log_line(tmp_path, monkeypatch, capsys):
+    """A server that passed the checks but exits anyway (here: a stand-in that logs one line and exits
+    3): one line naming it, its exit status and its last log line; exit 1, no traceback."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.cli import main
+    real_popen = subprocess.Popen
+
+    def popen(cmd, *args, **kwargs):
+        if "server" in cmd:             # `python -m pscnn.cli server ...`, not the synthetic clients
+            cmd = [sys.executable, "-c", "import sys; print('starting'); print('bind: Address already in use');"
+                                         " sys.exit(3)"]
+        return real_popen(cmd, *args, **kwargs)
+    monkeypatch.setattr(server_bench.subprocess, "Popen", popen)
+    code = main(["bench", "server", *TINY["server"], "--model", "light", "--out", str(tmp_path / "out"),
+                 "--no-progress", "--no-plots"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert err.splitlines()[-1] == ("pscnn bench server: error: the pscnn server (1 clients) exited with 3: "
+                                    "bind: Address already in use"), err
+
+
+def test_scaling_exits_1_only_when_every_point_failed(tmp_path, monkeypatch, capsys):
+    """One failed point is reported and the others kept (exit 0); a run whose every point failed
+    measured nothing and exits 1 (it used to exit 0 with an empty table)."""
+    import pscnn.bench.cluster as cluster
+    from pscnn.cli import main
+
+    def one_fails(out, **point):
+        if point["workers"] == 2:
+            raise RuntimeError("timed out after 120 s waiting for 2 workers to push\nlog line\nworker-1: gave up")
+        return {"window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0,
+                "updates_per_second": 10.0, "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}
+    monkeypatch.setattr(cluster, "measure_point", one_fails)
+    out = tmp_path / "some"
+    argv = ["--compute-ms", "5", "--mode", "async", "--seconds", "0.5", "--warmup", "0", "--trials", "1",
+            "--model", "light", "--no-progress", "--no-plots"]
+    assert main(["bench", "scaling", "--workers", "1,2", *argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "async N=2 b64 c=5ms: timed out after 120 s waiting for 2 workers to push: worker-1: gave up" in err
+    rows = read_csv(out / "scaling.csv")
+    assert [(r["workers"], bool(r.get("error"))) for r in rows] == [("1", False), ("2", True)]
+
+    def all_fail(out, **point):
+        raise RuntimeError("the server exited with 1: boom")
+    monkeypatch.setattr(cluster, "measure_point", all_fail)
+    out = tmp_path / "none"
+    assert main(["bench", "scaling", "--workers", "1,2", *argv, "--out", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("pscnn bench scaling: error: every point failed (2 of 2") and last.endswith(
+        "the first: the server exited with 1: boom"), last
+    assert len(read_csv(out / "scaling.csv")) == 2      # the rows are still written, with their errors
+
+
+def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_dir):
+    """Training files that are there but corrupt pass the folder check; every worker then exits with
+    an error, and the bench stops that run at once (it polled until --max-seconds, then exited 0)."""
+    bad = tmp_path / "mnist"
+    bad.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (bad / name).write_bytes(b"junk")
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (bad / name).write_bytes((Path(mnist_dir) / name).read_bytes())
+    out = tmp_path / "tta"
+    proc = bench_fails("time-to-accuracy", *TINY["time-to-accuracy"], "--mnist-dir", str(bad), "--out", str(out))
+    last = assert_one_line_error(proc, 1, "every worker (1) failed; worker-0 exited with 1: ")
+    assert "train-" in last and f"logs in {out}" in last, last
+    (row,) = json.loads((out / "time_to_accuracy.json").read_text())["rows"]
+    assert not row["reached"] and "worker-0 exited with 1" in row["error"]

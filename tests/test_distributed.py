@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -393,10 +394,13 @@ def test_diverging_run_stops_with_a_clear_error(cluster, mnist_dir, mode):
 
 
 def test_pscnn_run_stops_when_every_worker_died(tmp_path, mnist_dir):
-    """Workers that cannot start (an empty MNIST folder) leave nobody to train: `pscnn run`
-    says so and exits 1 instead of waiting on the server forever."""
-    out, empty = tmp_path / "run", tmp_path / "no-mnist"
+    """Workers that cannot start (no training set: the server has the test set it checks at
+    its start) leave nobody to train: `pscnn run` says so and exits 1 instead of waiting on
+    the server forever."""
+    out, empty = tmp_path / "run", tmp_path / "test-set-only"
     empty.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(Path(mnist_dir) / name, empty / name)
     proc = subprocess.run(
         [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--model", "light", "--train-limit", "3000",
          "--epochs", "1", "--mnist-dir", str(empty), "--out", str(out), "--no-progress", "--no-evaluator"],

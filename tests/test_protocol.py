@@ -103,61 +103,60 @@ def test_flat_arrays_travel_as_their_buffer_and_arrive_flat():
     assert not out.flat.flags.writeable and not out["w"].flags.writeable
 
 
-def test_zero_copy_read_only_views_over_zmq():
+@pytest.fixture
+def pair(request):
+    """Two connected inproc PAIR sockets (sender, receiver), closed afterwards."""
     ctx = zmq.Context.instance()
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    try:
-        a.bind("inproc://test-protocol-zero-copy")
-        b.connect("inproc://test-protocol-zero-copy")
-        big = np.arange(100_000, dtype=np.float32)      # large enough to be sent as its own zmq buffer
-        P.send(a, P.Message(P.WEIGHTS, "", 1, FULL_BODIES[P.WEIGHTS],
-                            {"w": big, "s": np.array(2.5, np.float32), "e": np.zeros((0, 4), np.int32)}))
-        assert b.poll(5000)
-        frames = b.recv_multipart(copy=False)
-        msg = P.decode(frames)
-        w = msg.arrays["w"]
-        np.testing.assert_array_equal(w, big)
-        assert msg.arrays["s"].shape == () and float(msg.arrays["s"]) == 2.5
-        assert msg.arrays["e"].shape == (0, 4)
-        for arr in msg.arrays.values():
-            assert not arr.flags.writeable
-            with pytest.raises(ValueError):
-                arr[...] = 0
-        # a view of the received frame, not a copy
-        assert np.shares_memory(w, np.frombuffer(frames[1].buffer, dtype=np.uint8))
-    finally:
-        a.close(linger=0)
-        b.close(linger=0)
+    address = f"inproc://test-protocol-{request.node.name}"
+    a.bind(address)
+    b.connect(address)
+    yield a, b
+    a.close(linger=0)
+    b.close(linger=0)
 
 
-def test_recv_message_keeps_at_most_max_frames_and_counts_them_all():
-    ctx = zmq.Context.instance()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    try:
-        a.bind("inproc://test-protocol-frame-count")
-        b.connect("inproc://test-protocol-frame-count")
-        good = P.encode(P.Message(P.WEIGHTS, "", 1, FULL_BODIES[P.WEIGHTS],
-                                  {"w": np.arange(3, dtype=np.float32), "i": np.arange(2)}))
-        a.send_multipart(good)
+def test_zero_copy_read_only_views_over_zmq(pair):
+    a, b = pair
+    big = np.arange(100_000, dtype=np.float32)      # large enough to be sent as its own zmq buffer
+    P.send(a, P.Message(P.WEIGHTS, "", 1, FULL_BODIES[P.WEIGHTS],
+                        {"w": big, "s": np.array(2.5, np.float32), "e": np.zeros((0, 4), np.int32)}))
+    assert b.poll(5000)
+    frames = b.recv_multipart(copy=False)
+    msg = P.decode(frames)
+    w = msg.arrays["w"]
+    np.testing.assert_array_equal(w, big)
+    assert msg.arrays["s"].shape == () and float(msg.arrays["s"]) == 2.5
+    assert msg.arrays["e"].shape == (0, 4)
+    for arr in msg.arrays.values():
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError):
+            arr[...] = 0
+    # a view of the received frame, not a copy
+    assert np.shares_memory(w, np.frombuffer(frames[1].buffer, dtype=np.uint8))
+
+
+def test_recv_message_keeps_at_most_max_frames_and_counts_them_all(pair):
+    a, b = pair
+    good = P.encode(P.Message(P.WEIGHTS, "", 1, FULL_BODIES[P.WEIGHTS],
+                              {"w": np.arange(3, dtype=np.float32), "i": np.arange(2)}))
+    a.send_multipart(good)
+    assert b.poll(5000)
+    frames, count = P.recv_message(b)
+    assert count == len(good) == 3 and [f.bytes for f in frames] == [bytes(g) for g in good]
+    assert P.decode_message(frames, count).arrays["i"].tolist() == [0, 1]
+    for extra, routed in ((5000, False), (P.MAX_FRAMES, False), (P.MAX_FRAMES, True)):
+        a.send_multipart([b"id"] * routed + [good[0]] + [b""] * extra)
         assert b.poll(5000)
-        frames, count = P.recv_message(b)
-        assert count == len(good) == 3 and [f.bytes for f in frames] == [bytes(g) for g in good]
-        assert P.decode_message(frames, count).arrays["i"].tolist() == [0, 1]
-        for extra, routed in ((5000, False), (P.MAX_FRAMES, False), (P.MAX_FRAMES, True)):
-            a.send_multipart([b"id"] * routed + [good[0]] + [b""] * extra)
-            assert b.poll(5000)
-            frames, count = P.recv_message(b, routed=routed)
-            assert count == 1 + routed + extra and len(frames) == P.MAX_FRAMES + routed
-            error = P.too_many_frames(count, routed=routed)
-            assert error.code == "too_large" and str(error).endswith(f"got {1 + extra}")
-            if not routed:
-                with pytest.raises(P.ProtocolError, match=f"at most {P.MAX_FRAMES} frames"):
-                    P.decode_message(frames, count)
-        assert P.too_many_frames(P.MAX_FRAMES) is None and P.too_many_frames(P.MAX_FRAMES + 1, routed=True) is None
-        assert not b.poll(50)                       # every frame of every message was taken
-    finally:
-        a.close(linger=0)
-        b.close(linger=0)
+        frames, count = P.recv_message(b, routed=routed)
+        assert count == 1 + routed + extra and len(frames) == P.MAX_FRAMES + routed
+        error = P.too_many_frames(count, routed=routed)
+        assert error.code == "too_large" and str(error).endswith(f"got {1 + extra}")
+        if not routed:
+            with pytest.raises(P.ProtocolError, match=f"at most {P.MAX_FRAMES} frames"):
+                P.decode_message(frames, count)
+    assert P.too_many_frames(P.MAX_FRAMES) is None and P.too_many_frames(P.MAX_FRAMES + 1, routed=True) is None
+    assert not b.poll(50)                       # every frame of every message was taken
 
 
 def test_ipv6_endpoints_bind_and_connect():

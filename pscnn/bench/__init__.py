@@ -8,7 +8,9 @@
 
 Every benchmark writes ``<name>.csv``, ``<name>.json`` and PNG plots into
 ``--out``, shows a progress bar, and runs for a bounded time (``--seconds``
-per point x points x ``--trials``).  The processes a benchmark starts run
+per point x points x ``--trials``).  Bad options are found before anything
+starts (one line, exit 2); a server or worker that fails anyway is reported in
+one line, with its last log line (exit 1), never as a traceback.  The processes a benchmark starts run
 without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides of the build
 machines (they halve numpy's sgemm speed) unless ``--keep-openblas-env``.
 
@@ -34,11 +36,17 @@ def run_bench_from_args(args) -> int:
         print(f"pscnn bench: unknown benchmark {args.bench!r}", file=sys.stderr)
         return 2
     _terminate_cleanly()
+    from cnn_core.errors import PscnnError  # noqa: PLC0415
+
+    from .common import one_line  # noqa: PLC0415
     try:
         return int(runner(args) or 0)
-    except ValueError as exc:           # a bad list or option value
-        print(f"pscnn bench {args.bench}: error: {exc}", file=sys.stderr)
+    except ValueError as exc:           # a bad list or option value (OptionError: any check made up front)
+        print(f"pscnn bench {args.bench}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except (RuntimeError, PscnnError) as exc:   # a process it started failed (BenchError), a timeout, a write
+        print(f"pscnn bench {args.bench}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def _terminate_cleanly() -> None:

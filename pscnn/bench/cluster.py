@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pscnn.launcher import LocalCluster, query_status, wait_for
 
-from .common import THROUGHPUT_LR, THROUGHPUT_MOMENTUM, bench_env, proc_cpu_seconds, step_records
+from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, bench_env, last_line, process_failed, proc_cpu_seconds,
+                     step_records)
 
 BIG_EPOCHS = 100_000            # a run that never ends within a benchmark window
 
@@ -72,7 +73,7 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
         wait_for(lambda: server.poll() is not None or query_status(cluster.endpoint, 0.5), startup_timeout,
                  what="the server to answer", on_fail=lambda: cluster.log_tail("server"))
         if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}:\n{cluster.log_tail('server')}")
+            raise process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
         flags = worker_flags(threads, compute_ms, mnist_dir, overlap=overlap and mode == "async")
         for i in range(workers):
             cluster.start_worker(f"worker-{i}", flags)
@@ -80,8 +81,8 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
         def all_pushing():
             dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{dead[0]} exited with {cluster.procs[dead[0]].returncode}:\n"
-                                   f"{cluster.log_tail(dead[0])}")
+                raise process_failed(dead[0], cluster.procs[dead[0]].returncode, cluster.log_tail(dead[0]),
+                                     cluster.logs)
             st = query_status(cluster.endpoint, 1.0)
             return st if st and st["contributors"] >= workers else None
 
@@ -97,8 +98,9 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
         cpu_s1 = proc_cpu_seconds(server.pid)
         cpu_w1 = [proc_cpu_seconds(pid) for pid in worker_pids]
         if st0 is None or st1 is None:
-            raise RuntimeError("the server stopped answering status during the window:\n"
-                               + cluster.log_tail("server"))
+            said = last_line(cluster.log_tail("server"))
+            raise BenchError("the server stopped answering status during the window"
+                             + (f": {said}" if said else "") + f" (logs in {cluster.logs})")
     finally:
         cluster.stop_all(grace=5.0)
         cluster.close()

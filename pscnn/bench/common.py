@@ -12,9 +12,11 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager, redirect_stderr
+from io import StringIO
 from pathlib import Path
 
-from pscnn.cli import MAX_FLOAT, MAX_INT, cap_text
+from pscnn.cli import MAX_FLOAT, MAX_INT, _path, cap_text, check_run_folder
 
 # Set on the build machines; they halve numpy's sgemm speed.  A user's machine has neither,
 # so benchmarks drop them for every process they start unless --keep-openblas-env.
@@ -31,8 +33,12 @@ THROUGHPUT_MOMENTUM = 0.5
 
 
 def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
-    """The flags every bench shares: where results go, plots, progress, the OPENBLAS_* overrides."""
-    p.add_argument("--out", default=f"runs/bench-{name}", help=f"output folder (default: runs/bench-{name})")
+    """The flags every bench shares: where results go, plots, progress, the OPENBLAS_* overrides.
+
+    ``--out`` takes the main CLI's path type: an empty value would silently mean the current folder.
+    """
+    p.add_argument("--out", type=_path, default=f"runs/bench-{name}",
+                   help=f"output folder (default: runs/bench-{name})")
     if keep_logs:
         p.add_argument("--keep-logs", action="store_true", help="keep every point's run folder and logs")
     p.add_argument("--no-plots", action="store_true")
@@ -163,11 +169,105 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
         return None
 
 
+# --------------------------------------------------------------------------- checks and failures
+
+class OptionError(ValueError):
+    """A bad option, found before a benchmark starts anything: one line, exit status 2."""
+
+
+class BenchError(RuntimeError):
+    """A process a benchmark started failed: one line naming it and its last log line, exit status 1."""
+
+
+@contextmanager
+def checking_options():
+    """Every error raised inside is a bad option value (exit 2), whichever check found it: the main
+    CLI's (CliError), the engine's (SpecError, ConfigError, DataError) or a run folder's (RunLogError)."""
+    from cnn_core.errors import PscnnError  # noqa: PLC0415  (numpy loads after the flags)
+    from pscnn.cli import CliError  # noqa: PLC0415
+    try:
+        yield
+    except (CliError, PscnnError) as exc:
+        raise OptionError(one_line(exc)) from None
+
+
+def check_out(path) -> None:
+    """The main CLI's check of a run folder flag: ``--out`` must not be a file (mkdir would only say
+    "File exists").  RunLogError; inside :func:`checking_options` an OptionError."""
+    check_run_folder("--out", str(path))
+
+
+def check_server_flags(flags: list[str], workers: int | None = None) -> None:
+    """What ``pscnn server`` would refuse in ``flags`` (and with ``workers`` trainers), found before
+    anything starts.
+
+    The flags go through the main CLI's own parser (no PSCNN_<FLAG> variables:
+    the servers a benchmark starts do not see them either); then ``pscnn run``'s
+    own checks (:func:`pscnn.launcher.check_run_args`: the trainers against
+    ``--max-workers``, the optimizer, the model), and a
+    :class:`server.server.ParameterServer` is constructed, which checks the
+    mode, the model spec (and that it fits MNIST), the optimizer and its
+    schedule exactly as the real server does, without binding a socket or
+    writing anything.  CliError, SpecError or ConfigError.
+    """
+    from pscnn.cli import CliError, parse_args  # noqa: PLC0415
+    from pscnn.launcher import check_run_args  # noqa: PLC0415
+    from server.server import ParameterServer, config_from_args  # noqa: PLC0415
+    err = StringIO()
+    try:
+        with redirect_stderr(err):              # argparse prints a usage block, then exits
+            args = parse_args(["server", *flags], environ={})
+    except SystemExit:
+        raise CliError(last_line(err.getvalue()) or f"pscnn server refuses the flags {flags}") from None
+    if workers is not None:
+        args.workers = workers
+        check_run_args(args)
+    ParameterServer(config_from_args(args))
+
+
+def check_mnist(mnist_dir: str | None, splits) -> None:
+    """The MNIST ``splits`` (``"train"``, ``"test"``) are there, checked as a worker and the evaluator
+    check them before they connect (:func:`worker.trainer.check_local_setup`): a missing folder or
+    file is one line (DataError) here, not a run whose workers all die.  Downloads into the cache
+    when no folder is given and the cache lacks them, as the workers would."""
+    from worker.trainer import check_local_setup  # noqa: PLC0415
+    for split in splits:
+        check_local_setup("cpu", mnist_dir, split)
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    """The last non-empty line of a log (what a failed process said last), at most ``limit`` characters."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[-1]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def one_line(exc) -> str:
+    """An error's message as one line: a multi-line one (a heading, then a log tail) becomes
+    its first line and the log's last line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    head = lines[0].rstrip(":")
+    return f"{head}: {last_line(lines[-1])}"
+
+
+def process_failed(what: str, code, log_text: str, logs: Path | None = None) -> BenchError:
+    """The one-line error for a process that exited with ``code``: ``what``, the code, its last log
+    line, and where its whole log is (when it is kept)."""
+    said = last_line(log_text)
+    return BenchError(f"{what} exited with {code}" + (f": {said}" if said else " and logged nothing")
+                      + (f" (logs in {logs})" if logs is not None else ""))
+
+
 # --------------------------------------------------------------------------- outputs
 
 def output_folder(path) -> Path:
     """A benchmark's ``--out`` folder, made if needed; one line (RunLogError) if it cannot be."""
     from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
+    check_out(path)
     return make_folder(path)
 
 
@@ -236,8 +336,10 @@ def fmt(v, spec: str = ",.0f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def print_table(headers: list[str], rows: list[list], file=sys.stdout) -> None:
-    """A plain aligned text table."""
+def print_table(headers: list[str], rows: list[list], file=None) -> None:
+    """A plain aligned text table, on ``file`` (default: sys.stdout as it is at the call, which a test
+    or a caller may have replaced since this module was imported)."""
+    file = sys.stdout if file is None else file
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for j, r in enumerate(cells):

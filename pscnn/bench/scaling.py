@@ -31,10 +31,11 @@ import json
 import sys
 from pathlib import Path
 
-from pscnn.cli import MODES, non_negative_float, positive_float, positive_int
+from pscnn.cli import MODES, _path, non_negative_float, positive_float, positive_int
 
-from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, add_output_flags, cores, save_figure, fmt, machine_info, median, parse_list, print_table, progress, pyplot,
-                     output_folder, write_outputs)
+from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, add_output_flags, check_mnist, check_out,
+                     check_server_flags, checking_options, cores, save_figure, fmt, machine_info, median, one_line,
+                     parse_list, print_table, progress, pyplot, output_folder, write_outputs)
 
 NAME = "scaling"
 
@@ -58,7 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
     p.add_argument("--lr", type=positive_float, default=THROUGHPUT_LR,
                    help=f"momentum-SGD learning rate of the servers and the baseline (default: {THROUGHPUT_LR})")
-    p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
+    p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     p.add_argument("--overlap", action="store_true",
                    help="async points: workers compute the next batch while a push travels (pscnn worker --overlap)")
     add_output_flags(p, "scaling", keep_logs=True)
@@ -67,7 +68,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os  # noqa: PLC0415
 
-    from .cluster import measure_point  # noqa: PLC0415
+    from .cluster import measure_point, server_flags  # noqa: PLC0415
     from .common import bench_env  # noqa: PLC0415
 
     workers = parse_list(args.workers, int, "--workers", low=1)
@@ -76,6 +77,14 @@ def run(args) -> int:
     compute = parse_list(args.compute_ms, float, "--compute-ms", low=0) if args.compute_ms is not None else [None]
     synthetic = compute != [None]
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
+    with checking_options():            # what the servers, workers and baseline would refuse
+        check_out(args.out)
+        for mode in modes:
+            for b in batches:
+                check_server_flags(server_flags(mode, b, Path(args.out) / "unused", model=args.model, lr=args.lr,
+                                                mnist_dir=mnist_dir), workers=max(workers))
+        if not synthetic:               # sleeping workers read no data
+            check_mnist(mnist_dir, ["train"])
     out = output_folder(args.out)
     ncores = cores()
     machine = machine_info(args.keep_openblas_env)
@@ -114,8 +123,10 @@ def run(args) -> int:
                                         keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs,
                                         overlap=args.overlap, **pt)
                 except RuntimeError as exc:     # one failed point must not lose the others
-                    print(f"\npscnn bench scaling: {pt}: {exc}", file=sys.stderr)
-                    res = {"error": str(exc)[:500]}
+                    res = {"error": one_line(exc)}
+                    print(f"\npscnn bench scaling: {pt['mode']} N={pt['workers']} b{pt['batch']}"
+                          + (f" c={pt['compute_ms']:g}ms" if synthetic else "") + f": {res['error']}",
+                          file=sys.stderr)
                 rows.append({"trial": trial, **pt, "kind": "pscnn", **res})
                 bar.update()
             for n in ddp_worlds:
@@ -136,6 +147,10 @@ def run(args) -> int:
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     (out / f"{NAME}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, ncores, synthetic, machine)
+    failed = [r for r in rows if "error" in r]
+    if rows and len(failed) == len(rows):     # nothing was measured: not a result
+        raise BenchError(f"every point failed ({len(rows)} of {len(rows)}; rows in {csv_path}); "
+                         f"the first: {failed[0]['error']}")
     if not args.no_plots:
         plot(summary, out, ncores, synthetic)
     print(f"\nwrote {csv_path}, {json_path} and plots in {out}")

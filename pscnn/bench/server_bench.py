@@ -23,7 +23,8 @@ from pathlib import Path
 
 from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
-from .common import (add_output_flags, bench_env, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
+from .common import (BenchError, add_output_flags, bench_env, check_out, check_server_flags, checking_options, last_line,
+                     process_failed, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
                      machine_cpu_seconds, proc_cpu_seconds, progress, pyplot, output_folder, write_outputs)
 
 NAME = "server"
@@ -53,8 +54,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     clients = parse_list(args.clients, int, "--clients", low=1)
+    with checking_options():            # what the server would refuse, before anything starts
+        check_out(args.out)
+        check_server_flags(pscnn_server_flags(args, Path(args.out) / "unused", max([*clients, args.profile or 1])))
     out = output_folder(args.out)
-    env = bench_env(1, args.keep_openblas_env)
+    from pscnn.launcher import child_env  # noqa: PLC0415  (the children get every setting as a flag)
+    env = bench_env(1, args.keep_openblas_env, base=child_env(1))
     machine = machine_info(args.keep_openblas_env)
     kinds = ["pscnn"] + ([] if args.no_echo else ["echo"])
     rows = []
@@ -89,6 +94,14 @@ def run(args) -> int:
     return 0
 
 
+def pscnn_server_flags(args, run_folder: Path, clients: int) -> list[str]:
+    """The flags of the server measured with ``clients`` synthetic clients (bar --bind)."""
+    from .cluster import server_flags  # noqa: PLC0415
+    return [*server_flags(args.mode, args.batch, run_folder, model=args.model, optimizer=args.optimizer,
+                          lr=DEFAULT_LR[args.optimizer]),      # the update's cost, not its size, matters
+            "--max-workers", str(max(1024, clients))]
+
+
 def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None = None) -> dict:
     """One point: a server (or the echo) and ``n`` synthetic clients; cycles in the window."""
     from pscnn.launcher import free_port, query_status  # noqa: PLC0415
@@ -99,11 +112,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
     with tempfile.TemporaryDirectory(prefix="pscnn-bench-server-") as tmp:
         tmp = Path(tmp)
         if kind == "pscnn":
-            from .cluster import server_flags  # noqa: PLC0415
-            argv = ["-m", "pscnn.cli", "server", "--bind", endpoint,
-                    *server_flags(args.mode, args.batch, tmp / "run", model=args.model, optimizer=args.optimizer,
-                                  lr=DEFAULT_LR[args.optimizer]),      # the update's cost, not its size, matters
-                    "--max-workers", str(max(1024, n))]
+            argv = ["-m", "pscnn.cli", "server", "--bind", endpoint, *pscnn_server_flags(args, tmp / "run", n)]
             if profile is not None:
                 argv = ["-m", "cProfile", "-o", str(profile), *argv]
         else:
@@ -118,8 +127,10 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                          what="the server to answer")
             else:
                 time.sleep(0.3)
-            if server.poll() is not None:
-                raise RuntimeError(f"{kind} server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+            if server.poll() is not None:       # its log goes with the temporary folder: its last line here
+                log.flush()
+                raise process_failed(f"the {kind} server ({n} clients)", server.returncode,
+                                     (tmp / "server.log").read_text(errors="replace"))
             lead = 1.5 + 0.05 * n                         # process start + hello
             t_start = time.monotonic() + lead + args.warmup
             t_end = t_start + args.seconds
@@ -143,9 +154,12 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                     p.kill()
                     _, err = p.communicate()
                 path = tmp / f"clients-{i}.json"
-                if p.returncode != 0 or not path.exists():
-                    raise RuntimeError(f"synthetic client process {i} failed ({p.returncode}):\n"
-                                       f"{err.decode(errors='replace')[-2000:]}")
+                if p.returncode != 0:
+                    raise process_failed(f"synthetic client process {i} ({kind}, {n} clients)", p.returncode,
+                                         err.decode(errors="replace"))
+                if not path.exists():
+                    raise BenchError(f"synthetic client process {i} ({kind}, {n} clients) wrote no result "
+                                     f"{path.name}" + (f": {last_line(err.decode(errors='replace'))}" if err else ""))
                 results.append(json.loads(path.read_text()))
         finally:
             for p in procs:

@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from pscnn.cli import MODES, fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from pscnn.cli import DEFAULT_LR, MODES, _path, fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
-from .common import (add_output_flags, cores, save_figure, eval_records, fmt, machine_info, median, parse_list, print_table, progress,
-                     pyplot, step_records, output_folder, write_outputs)
+from .common import (BenchError, add_output_flags, check_mnist, check_out, check_server_flags, checking_options, cores,
+                     save_figure, eval_records, fmt, machine_info, median, one_line, parse_list, print_table, process_failed,
+                     progress, pyplot, step_records, output_folder, write_outputs)
 
 NAME = "time_to_accuracy"
 
@@ -46,12 +47,12 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=1, help="BLAS threads per worker (default: 1)")
     p.add_argument("--model", default="seed", help="model preset (default: seed)")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the server's for the optimizer)")
-    p.add_argument("--optimizer", default="auto",
+    p.add_argument("--optimizer", default="auto", choices=["auto", *DEFAULT_LR],
                    help="optimizer (default: auto, as pscnn server: sgd for sync, adam for async and ssp)")
     p.add_argument("--momentum", type=non_negative_float, default=None, help="SGD momentum (default: the server's, 0.9)")
     p.add_argument("--schedule", default=None,
                    help="learning-rate schedule passed to the server (default: the server's own default)")
-    p.add_argument("--mnist-dir", default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
+    p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     add_output_flags(p, "tta", keep_logs=True)
 
 
@@ -62,6 +63,11 @@ def run(args) -> int:
     if not 0 < args.target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {args.target}")
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
+    with checking_options():            # what the server, the workers and the evaluator would refuse
+        check_out(args.out)
+        for mode in modes:
+            check_server_flags(server_flags(mode, args, Path(args.out) / "unused", mnist_dir), workers=max(workers))
+        check_mnist(mnist_dir, ["train", "test"])       # the workers train, the evaluator scores
     out = output_folder(args.out)
     machine = machine_info(args.keep_openblas_env)
     rows, curves = [], {}
@@ -70,9 +76,14 @@ def run(args) -> int:
     try:
         for trial, mode, n in configs:
             bar.set_postfix_str(f"trial {trial + 1}: {mode} N={n}")
-            row, curve = run_one(out / "runs" / f"{mode}-n{n}-t{trial}", mode, n, args, mnist_dir, bar)
+            label = f"{mode} N={n}" + (f" t{trial}" if args.trials > 1 else "")
+            try:
+                row, curve = run_one(out / "runs" / f"{mode}-n{n}-t{trial}", mode, n, args, mnist_dir, bar)
+            except RuntimeError as exc:     # a failed run must not lose the others; the exit status says it
+                row, curve = {"reached": False, "best_accuracy": None, "error": one_line(exc)}, []
+                print(f"\npscnn bench time-to-accuracy: {label}: {row['error']}", file=sys.stderr)
             rows.append({"trial": trial, "mode": mode, "workers": n, **row})
-            curves[f"{mode} N={n}" + (f" t{trial}" if args.trials > 1 else "")] = curve
+            curves[label] = curve
             bar.update()
     finally:
         bar.close()
@@ -81,10 +92,50 @@ def run(args) -> int:
             "curves": curves}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     report(summary, args, machine)
+    failed = [r for r in rows if "error" in r]
+    if failed:                          # a run whose processes failed measured nothing
+        raise BenchError(f"{len(failed)} of {len(rows)} runs failed (rows in {csv_path}); "
+                         f"the first, {failed[0]['mode']} N={failed[0]['workers']}: {failed[0]['error']}")
     if not args.no_plots:
         plot(summary, curves, out, args.target)
     print(f"\nwrote {csv_path}, {json_path} and plots in {out}")
     return 0
+
+
+def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> list[str]:
+    """The flags of one run's ``pscnn server`` (bar --bind): the run the user asked for."""
+    flags = ["--mode", mode, "--batch-size", str(args.batch), "--epochs", str(args.epochs),
+             "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit), "--model", args.model,
+             "--optimizer", args.optimizer, "--checkpoint-every", "0",
+             "--peer-timeout", "60", "--final-eval-timeout", "30", "--out", str(server_out),
+             "--log-level", "WARNING"]
+    if args.lr is not None:
+        flags += ["--lr", str(args.lr)]
+    if args.momentum is not None:
+        flags += ["--momentum", str(args.momentum)]
+    if args.schedule:
+        flags += ["--schedule", args.schedule]
+    if mnist_dir:
+        flags += ["--mnist-dir", mnist_dir]
+    return flags
+
+
+def _failure(cluster, server, n: int) -> BenchError | None:
+    """The error of a run that cannot go on: its server exited with an error, or every worker or
+    the evaluator did (they retry a lost server themselves, so an exit is not a hiccup).  None
+    while it can; a server that exited with 0 finished."""
+    if server.poll() not in (None, 0):
+        return process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
+    workers = [name for name in cluster.procs if name.startswith("worker")]
+    failed = [name for name in workers if cluster.procs[name].poll() not in (None, 0)]
+    if workers and len(failed) == len(workers) == n:
+        name = failed[0]
+        return process_failed(f"every worker ({n}) failed; {name}", cluster.procs[name].returncode,
+                              cluster.log_tail(name), cluster.logs)
+    ev = cluster.procs.get("evaluator")
+    if ev is not None and ev.poll() not in (None, 0):
+        return process_failed("the evaluator", ev.returncode, cluster.log_tail("evaluator"), cluster.logs)
+    return None
 
 
 def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict, list]:
@@ -99,19 +150,7 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
     cluster = LocalCluster(folder, threads=args.threads)
     cluster.env = bench_env(args.threads, args.keep_openblas_env, base=cluster.env)
     server_out = folder / "server"
-    flags = ["--mode", mode, "--batch-size", str(args.batch), "--epochs", str(args.epochs),
-             "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit), "--model", args.model,
-             "--optimizer", args.optimizer, "--checkpoint-every", "0",
-             "--peer-timeout", "60", "--final-eval-timeout", "30", "--out", str(server_out),
-             "--log-level", "WARNING"]
-    if args.lr is not None:
-        flags += ["--lr", str(args.lr)]
-    if args.momentum is not None:
-        flags += ["--momentum", str(args.momentum)]
-    if args.schedule:
-        flags += ["--schedule", args.schedule]
-    if mnist_dir:
-        flags += ["--mnist-dir", mnist_dir]
+    flags = server_flags(mode, args, server_out, mnist_dir)
     stopped_by = "server exited"
     t_begin = time.monotonic()
     best = None
@@ -119,6 +158,8 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
         server = cluster.start_server(flags)
         wait_for(lambda: server.poll() is not None or query_status(cluster.endpoint, 0.5), 120,
                  what="the server", on_fail=lambda: cluster.log_tail("server"))
+        if server.poll() is not None:           # exited before it answered: nothing to measure
+            raise process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
         wflags = worker_flags(args.threads, None, mnist_dir)
         for i in range(n):
             cluster.start_worker(f"worker-{i}", wflags)
@@ -128,6 +169,9 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
             eflags += ["--mnist-dir", mnist_dir]
         cluster.start_evaluator(eflags)
         while server.poll() is None:
+            failure = _failure(cluster, server, n)
+            if failure is not None:
+                raise failure
             st = query_status(cluster.endpoint, 2.0)
             if st:
                 acc = st.get("test_accuracy")
@@ -146,6 +190,9 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
                 stopped_by = "max-seconds"
                 break
             time.sleep(0.5)
+        failure = _failure(cluster, server, n)      # the server may have exited with an error
+        if failure is not None:
+            raise failure
     finally:
         cluster.stop_all(grace=10.0)
         cluster.close()
