@@ -43,8 +43,6 @@ from .flat import FlatArrays, same_layout
 from .schedules import Schedule, build_schedule
 
 
-
-
 def _describe(arr) -> str:
     kind = "cupy" if backend.get_array_module(arr) is not np else "numpy"
     return f"{kind} {arr.dtype} {tuple(arr.shape)}"

@@ -310,7 +310,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
     evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
     while server.poll() is None:
         # Every trainer gone and not because the server told it to stop: nobody is left to train.
-        workers_gone = bool(workers) and all(p.poll() is not None for p in workers) and any(p.returncode for p in workers)
+        workers_gone = (bool(workers) and all(p.poll() is not None for p in workers)
+                        and any(p.returncode for p in workers))
         evaluator_failed = evaluator is not None and evaluator.poll() not in (None, 0)
         if workers_gone or evaluator_failed:
             bar.close()                         # before the messages, so they don't end under a stale bar

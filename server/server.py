@@ -584,8 +584,9 @@ class ParameterServer:
         """
         if not peer.in_round:
             return False
-        problem = (f"your push of batch {self.round_arrived[peer.wid][0]['batch']} waits for its sync round; its reply brings the next "
-                   f"task, so wait for it before sending a {msg.type}")
+        batch = self.round_arrived[peer.wid][0]["batch"]
+        problem = (f"your push of batch {batch} waits for its sync round; its reply brings the next task, "
+                   f"so wait for it before sending a {msg.type}")
         self._rejected("round_pending", "rejected %s from %s: %s", msg.type, peer.name, problem)
         self._reply(peer, P.error("round_pending", problem))
         return True
@@ -661,10 +662,10 @@ class ParameterServer:
             return
         live = self.work.is_live(b["epoch"], b["batch"])
         try:
-            if not live:            # a late push is fine; one for a batch that never was is not
-                self._check_batch_exists(b)
             if live:                # first: only a batch the sender holds may count towards divergence
                 self._check_claims(peer, b)
+            else:                   # a late push is fine; one for a batch that never was is not
+                self._check_batch_exists(b)
             if b["loss"] is None:
                 raise P.ProtocolError("push: the loss is NaN or Inf; gradient rejected", "non_finite")
             grads, state = self.store.check_push_arrays(msg.arrays)
@@ -900,9 +901,7 @@ class ParameterServer:
             return
         final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
         loss = m.get("test_loss")
-        record = {"seconds": round(self._train_clock(now), 3), "version": version, "test_accuracy": float(acc),
-                  "test_loss": loss if loss is not None and math.isfinite(loss) else None,    # JSON, checkpoints
-                  "final": final}
+        record = self._evaluation_record(now, version, acc, loss, final)
         if not self._record_evaluation(record):
             log.debug("evaluation of version %d from %s: that version is recorded already", version, peer.name)
             self._reply(peer, P.Message(P.ACK))
@@ -914,6 +913,12 @@ class ParameterServer:
         if final:
             self.final_eval = m
         self._reply(peer, P.Message(P.ACK))
+
+    def _evaluation_record(self, now: float, version: int, accuracy: float, loss, final: bool) -> dict:
+        """One entry of the evaluation history.  A diverged model's NaN or infinite loss is
+        kept as None: the history goes into JSON and every checkpoint."""
+        return {"seconds": round(self._train_clock(now), 3), "version": version, "test_accuracy": float(accuracy),
+                "test_loss": float(loss) if loss is not None and math.isfinite(loss) else None, "final": final}
 
     def _record_evaluation(self, record: dict) -> bool:
         """Add ``record`` to the evaluation history: one record per version.
@@ -997,8 +1002,7 @@ class ParameterServer:
             from cnn_core.metrics import evaluate  # noqa: PLC0415
             x, y = load_mnist("test", mnist_dir=self.cfg.mnist_dir, limit=self.cfg.test_limit or None)
             m = evaluate(self.store.model, x, y)
-            record = {"seconds": round(self._train_clock(time.monotonic()), 3), "version": self.store.version,
-                      "test_accuracy": m["accuracy"], "test_loss": m["loss"], "final": True}
+            record = self._evaluation_record(time.monotonic(), self.store.version, m["accuracy"], m["loss"], True)
             self._record_evaluation(record)
             self.writer.log("eval", **record, per_class_accuracy=m["per_class_accuracy"], by="server")
             return {"test_accuracy": m["accuracy"], "test_loss": m["loss"], **m}

@@ -339,7 +339,6 @@ def assert_one_line_error(proc, code: int, needle: str) -> str:
     (["time-to-accuracy", "--momentum", "0.5", "--optimizer", "adam"],
      "--momentum is used only by --optimizer sgd, not by --optimizer adam"),
     (["time-to-accuracy", "--mnist-dir", "/nonexistent-pscnn-mnist"], "/nonexistent-pscnn-mnist: MNIST folder"),
-    (["scaling", "--workers", "2000"], "--workers 2000 exceeds --max-workers 1024"),
 ])
 def test_what_a_server_or_worker_would_refuse_is_one_line_before_anything_starts(argv, needle, tmp_path):
     """Bad model / optimizer / schedule / MNIST folder: refused by the checks the main CLI, the server
@@ -351,6 +350,14 @@ def test_what_a_server_or_worker_would_refuse_is_one_line_before_anything_starts
     assert_one_line_error(proc, 2, needle)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not out.exists()             # nothing ran, nothing written
+
+
+def test_more_workers_than_a_server_takes_is_an_option_error():
+    """Checked in-process: were the check to regress, a subprocess would start 2000 workers."""
+    from pscnn.bench.cluster import server_flags
+    from pscnn.bench.common import OptionError, check_server_flags, checking_options
+    with pytest.raises(OptionError, match="--workers 2000 exceeds --max-workers 1024"), checking_options():
+        check_server_flags(server_flags("async", 64, Path("unused"), model="light"), workers=2000)
 
 
 @pytest.mark.parametrize("argv, needle", [

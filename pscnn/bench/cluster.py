@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pscnn.launcher import LocalCluster, query_status, wait_for
 
-from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, bench_env, last_line, process_failed, proc_cpu_seconds,
-                     step_records)
+from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, bench_env, last_line, process_failed,
+                     proc_cpu_seconds, step_records)
 
 BIG_EPOCHS = 100_000            # a run that never ends within a benchmark window
 

@@ -22,11 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from pscnn.cli import DEFAULT_LR, MODES, _path, fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, non_negative_float, non_negative_int, positive_float,
+                       positive_int)
 
 from .common import (BenchError, add_output_flags, check_mnist, check_out, check_server_flags, checking_options, cores,
-                     save_figure, eval_records, fmt, machine_info, median, one_line, parse_list, print_table, process_failed,
-                     progress, pyplot, step_records, output_folder, write_outputs)
+                     save_figure, eval_records, fmt, machine_info, median, one_line, parse_list, print_table,
+                     process_failed, progress, pyplot, step_records, output_folder, write_outputs)
 
 NAME = "time_to_accuracy"
 
