@@ -6,6 +6,7 @@
     pscnn evaluator   the evaluator
     pscnn run         server + N workers + evaluator on this machine
     pscnn status      ask a server for its progress (a container healthcheck)
+    pscnn download    fetch and verify MNIST into the cache
     pscnn bench ...   throughput-scaling experiments
 
 Every flag can also come from the environment as ``PSCNN_<FLAG>`` (upper case,
@@ -298,7 +299,7 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g.add_argument("--mode", default="sync", choices=MODES,
                    help="consistency: sync (BSP), async, or ssp (bounded staleness) (default: sync)")
     g.add_argument("--staleness", type=non_negative_int, default=2,
-                   help="ssp: how many pushes a worker may run ahead of the slowest live worker (default: 2)")
+                   help="ssp: how many pushes a worker may run ahead of the slowest worker at work (default: 2)")
     g.add_argument("--checkpoint-every", type=non_negative_float, default=30.0,
                    help="seconds between checkpoints, 0 = only at the end (default: 30)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
