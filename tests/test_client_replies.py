@@ -32,7 +32,7 @@ from pscnn.launcher import LocalCluster, child_env, query_status
 from worker import client as client_module
 from pscnn.names import MAX_NAME_BYTES, MAX_NAME_CHARS
 from worker.client import (HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_FAILURES_IN_A_ROW, MAX_RETRY_S, BadReply, Client,
-                           ServerError, TooManyFailures)
+                           ServerError, ServerUnreachable, TooManyFailures)
 from worker.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,6 +105,8 @@ class FakeServer:
         self.replies = {P.HELLO: [welcome()], P.BYE: [ACK], **{k: list(v) for k, v in replies.items()}}
         self.received: list[P.Message] = []
         self.problems: list[str] = []
+        # What a heartbeat gets: a message, or raw frames; a test may swap it at any time.
+        self.heartbeat_reply = lambda: P.Message(P.HEARTBEAT, body={"done": False})
         self._last: tuple = (None, None, None)          # wid, seq, frames of the last reply (None: not cached)
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -137,8 +139,8 @@ class FakeServer:
                     self.problems.append(f"undecodable request: {exc}")
                     continue
                 if msg.type == P.HEARTBEAT:
-                    out = P.encode(P.Message(P.HEARTBEAT, body={"done": False}))
-                    self.sock.send_multipart([rid, *out])
+                    out = self.heartbeat_reply()
+                    self.sock.send_multipart([rid, *(P.encode(out) if isinstance(out, P.Message) else out)])
                     continue
                 wid, seq, cached = self._last
                 if (msg.wid, msg.seq) == (wid, seq) and cached is not None:
@@ -485,6 +487,62 @@ def test_a_request_held_back_while_heartbeats_are_answered_is_not_silence(fake):
         reply = client.request(P.WORK)                 # answered after ~5 resends, 1 s apart
         assert reply.type == P.STOP
         assert time.monotonic() - t0 > 2.0             # longer than give_up_after: heartbeats counted
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("answer", [lambda: P.error("unknown_worker", "who?"), lambda: [b"garbage"],
+                                    lambda: P.Message(P.ACK)], ids=["error", "garbage", "ack"])
+def test_heartbeats_answered_with_anything_but_a_heartbeat_are_no_answer(fake, answer):
+    """Only a well-formed heartbeat reply says the server is alive and holds the request back on
+    purpose; anything else let a request wait for ever, with not a line logged."""
+    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE])
+    server.heartbeat_reply = answer
+    client = Client(server.endpoint, "trainer", give_up_after=1.0, heartbeat=True)
+    try:
+        client.connect()
+        with pytest.raises(ServerUnreachable, match="no usable answer from .* for 1 s"):
+            client.request(P.WORK)
+    finally:
+        client.close()
+
+
+def test_a_request_held_back_for_good_is_logged_and_given_up(fake, caplog, monkeypatch):
+    """Heartbeats answered, the request never: logged once it is held longer than give_up_after,
+    given up after HELD_LIMIT_FACTOR times that (it waited for ever)."""
+    import worker.client as client_module
+    monkeypatch.setattr(client_module, "HELD_LIMIT_FACTOR", 4)
+    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE])
+    client = Client(server.endpoint, "trainer", give_up_after=0.6, heartbeat=True)
+    try:
+        client.connect()
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="pscnn.client"), \
+                pytest.raises(ServerUnreachable, match="answered heartbeats but held our work request back for"):
+            client.request(P.WORK)
+        assert time.monotonic() - t0 >= 4 * 0.6
+        held = [r.getMessage() for r in caplog.records if "holds our work request back" in r.getMessage()]
+        assert len(held) == 1 and "waiting up to 2 s in all" in held[0], held
+    finally:
+        client.close()
+
+
+def test_the_done_flag_follows_the_heartbeats_and_a_new_welcome(fake):
+    """A restarted server trains again: what the last one said must not end the worker."""
+    server = fake(hello=[welcome(heartbeat_s=0.2)])
+    server.heartbeat_reply = lambda: P.Message(P.HEARTBEAT, body={"done": True})
+    client = Client(server.endpoint, "trainer", give_up_after=5.0, heartbeat=True)
+    try:
+        client.connect()
+        assert client.server_done.wait(5.0)
+        server.heartbeat_reply = lambda: P.Message(P.HEARTBEAT, body={"done": False})
+        deadline = time.monotonic() + 5.0
+        while client.server_done.is_set():
+            assert time.monotonic() < deadline, "a heartbeat saying done: false did not clear the flag"
+            time.sleep(0.05)
+        client.server_done.set()
+        client.connect()                            # a new welcome
+        assert not client.server_done.is_set()
     finally:
         client.close()
 

@@ -11,8 +11,12 @@ between (the "Lazy Pirate" pattern):
   would otherwise keep stale messages queued) and resends back off
   exponentially, up to ``max_backoff_s``;
 * after ``give_up_after`` seconds without any answer, :class:`ServerUnreachable`;
-  an answered heartbeat counts as an answer: a request the server holds back
-  on purpose (at the start barrier, a sync round, an SSP bound) is not silence;
+  an answered heartbeat (a well-formed heartbeat reply: garbage or an error
+  does not count) counts as an answer: a request the server holds back on
+  purpose (at the start barrier, a sync round, an SSP bound) is not silence,
+  but it is logged once it is held longer than ``give_up_after``, and given
+  up after HELD_LIMIT_FACTOR times that: a server whose heartbeats live on
+  while it never answers requests must not hold a worker for good;
 * a server that does not know this client (it restarted) answers
   ``unknown_worker``: the client says hello again and raises :class:`Rejoined`
   so the caller restarts its loop from a fresh task.
@@ -59,6 +63,10 @@ MAX_RETRY_S = 2.0
 # so a rejected push is followed by a good reply; five failures in a row mean
 # the server refuses everything, and retrying for ever would hide it.
 MAX_FAILURES_IN_A_ROW = 5
+# A request held back while heartbeats are answered gives up after this many
+# times give_up_after (600 s by default: 100 minutes).  What a working server
+# holds back for (a start barrier, a sync round, an SSP bound) takes seconds.
+HELD_LIMIT_FACTOR = 10
 
 
 class ServerUnreachable(Exception):
@@ -143,8 +151,8 @@ class Client:
         self._want_heartbeat = heartbeat
         self._hb_thread = None
         self._closing = threading.Event()
-        self.server_done = threading.Event()    # a heartbeat answer said training is over
-        self.heard_at = 0.0                     # monotonic time of the last answered heartbeat
+        self.server_done = threading.Event()    # the last heartbeat answer said training is over
+        self.heard_at = 0.0                     # monotonic time of the last well-formed heartbeat answer
         self.last_rtt_s = 0.0
 
     # ------------------------------------------------------------------ public API
@@ -218,6 +226,7 @@ class Client:
         body = {"role": self.role, "name": self.name, "pid": os.getpid(), "host": pysocket.gethostname(),
                 "device": self.device}
         reply = self._roundtrip(self._message(P.HELLO, body))
+        self.server_done.clear()                # a new welcome: what an earlier server said is over
         if reply.type == P.ERROR:
             raise ServerError(reply.body["code"], reply.body["message"], f"hello ({self.endpoint})")
         if reply.type != P.WELCOME:
@@ -250,13 +259,21 @@ class Client:
         backoff = self.resend_s
         sent_at = t0
         malformed = None                    # the last reply we could not decode: "no answer" would mislead
+        held_logged = False
         while True:
             now = time.monotonic()
             # Silence since the request, or since the last answered heartbeat: a server that
-            # answers those is alive and holds the request back on purpose.
+            # answers those is alive and holds the request back on purpose, up to a point.
             if now - max(t0, self.heard_at) > limit:
                 raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:.0f} s"
                                         + (f"; its last reply was malformed: {malformed}" if malformed else ""))
+            if now - t0 > limit and not held_logged:
+                held_logged = True
+                log.warning("the server holds our %s request back (%.0f s so far) while it answers heartbeats; "
+                            "waiting up to %.0f s in all", msg.type, now - t0, HELD_LIMIT_FACTOR * limit)
+            if now - t0 > HELD_LIMIT_FACTOR * limit:
+                raise ServerUnreachable(f"{self.endpoint} answered heartbeats but held our {msg.type} request "
+                                        f"back for {now - t0:.0f} s")
             if self.server_done.is_set() and now - t0 > self.reconnect_s:
                 raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
             wait = max(0.0, sent_at + backoff - now)
@@ -294,14 +311,21 @@ class Client:
                 if self._closing.is_set():
                     break
                 if answered:
-                    self.heard_at = time.monotonic()
+                    answered = False            # only a well-formed heartbeat reply counts
                     while sock.poll(0, zmq.POLLIN):
                         try:
                             answer = P.decode_message(*P.recv_message(sock))
                         except P.ProtocolError:
                             continue
-                        if answer.type == P.HEARTBEAT and answer.body.get("done"):
+                        if answer.type != P.HEARTBEAT:
+                            continue
+                        answered = True
+                        if answer.body.get("done"):
                             self.server_done.set()
+                        else:                   # a restarted server trains again
+                            self.server_done.clear()
+                if answered:
+                    self.heard_at = time.monotonic()
                     if silent_since is not None:
                         log.info("server answers heartbeats again")
                     silent_since = None
