@@ -619,6 +619,7 @@ class ParameterServer:
             return
         held = self.work.held_by(peer.wid)
         if len(held) >= self.MAX_LEASES_PER_WORKER:
+            peer.parked_since = 0.0     # answered now: a later task's held_s must not count this wait
             self._rejected("too_many_leases", "refused %s another batch: it holds leases on batches %s already",
                            peer.name, held)
             self._reply(peer, P.error("too_many_leases", f"this worker holds leases on batches {held} already; "

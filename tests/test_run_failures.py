@@ -137,8 +137,9 @@ def test_pscnn_run_stops_when_its_evaluator_fails_at_startup(tmp_path, mnist_dir
     assert "pscnn run: the evaluator has failed; stopping the server (it checkpoints) and the workers" in run.stderr
     assert "Traceback" not in run.stderr
     server_log = (out / "logs" / "server.log").read_text()
+    # (the 4 batches may all be applied before the evaluator's failure is seen: the server then
+    # waits for a final evaluation, and is stopped there, under the subprocess timeout of 100 s)
     assert "interrupted: writing a checkpoint" in server_log, server_log[-3000:]
-    assert "waiting up to" not in server_log, server_log[-3000:]
     assert (out / "checkpoint.npz").exists()
     assert not (out / "summary.json").exists()
     assert "run finished" not in run.stdout

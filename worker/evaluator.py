@@ -8,8 +8,13 @@ When the server says training is over, it scores the final weights, reports
 them as final, says goodbye and exits 0.
 
 A welcome whose model or run settings cannot be used ends it with one line; a
-pull answered with an error or anything but weights is retried, up to
-``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
+pull answered with an error, anything but weights, or weights the model cannot
+take (a name, shape or dtype it does not have, a NaN or Inf) or a "done" with
+nothing to score, is retried, up to ``client.MAX_FAILURES_IN_A_ROW`` in a row
+(then one line, exit status 1).  A periodic report the server refuses is a
+warning; a final one it refuses ends the evaluator with one line, exit status 1.
+The pull's answer says whether training is over: a heartbeat that said so
+wakes the evaluator early, but it never pulls more often than every T seconds.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from pscnn import protocol as P
 
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
                      exit_status_unreachable)
-from .trainer import _exit_on_sigterm, check_local_setup, check_model_fits, check_run, model_from_welcome
+from .trainer import (_exit_on_sigterm, check_local_setup, check_model_fits, check_run, check_weights,
+                      model_from_welcome)
 
 log = logging.getLogger("pscnn.evaluator")
 
@@ -52,8 +58,9 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
         have = -1
         scored = -1
         while True:
+            done_said = client.server_done.is_set()     # by a heartbeat, before this pull
             try:
-                reply = _weights(client.request(P.PULL, {"have_version": have}))
+                reply = _weights(client.request(P.PULL, {"have_version": have}), model, have)
             except Rejoined as exc:
                 failures.failed(exc, "pulling again")           # a server that forgets us every time
                 model, have, scored = model_from_welcome(exc.welcome.body["model"], device, data=(x, y)), -1, -1
@@ -74,8 +81,13 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                            "precision": m["precision"], "recall": m["recall"], "count": m["count"],
                            "eval_seconds": time.perf_counter() - t}
                 try:
-                    client.request(P.EVAL_REPORT, {"version": have, "final": done, "metrics": metrics})
-                except ServerError as exc:
+                    answer = client.request(P.EVAL_REPORT, {"version": have, "final": done, "metrics": metrics})
+                    if answer.type != P.ACK:
+                        raise BadReply(f"the server answered our eval_report with {answer.type!r}, not an ack")
+                except (ServerError, BadReply) as exc:
+                    if done:                    # the run's test result: not recorded
+                        raise FinalReportRefused(f"the final evaluation (version {have}) was not recorded: "
+                                                 f"{exc}") from None
                     log.warning("server rejected our report: %s", exc)
                 except Rejoined as exc:                          # a new server: its own model and versions
                     failures.failed(exc, "pulling again")
@@ -87,7 +99,10 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             if done:
                 client.close(say_bye=True, reason="final evaluation sent")
                 return 0
-            client.server_done.wait(every)      # wakes early when a heartbeat says training is over
+            if done_said:                       # the pull says otherwise, and it has the last word
+                time.sleep(every)
+            else:
+                client.server_done.wait(every)  # wakes early when a heartbeat says training is over
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
     except SystemExit:
@@ -100,12 +115,20 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
         client.close()
 
 
-def _weights(reply: P.Message) -> P.Message:
-    """A pull's answer if it is usable weights, else BadReply."""
+class FinalReportRefused(PscnnError):
+    """The server refused (or did not acknowledge) the final evaluation report."""
+
+
+def _weights(reply: P.Message, model, have: int) -> P.Message:
+    """A pull's answer if it is usable weights for ``model`` (``have``: the version it holds,
+    -1 for none), else BadReply."""
     if reply.type != P.WEIGHTS:
         raise BadReply(f"the server answered our pull with {reply.type!r}, not weights")
     if reply.body["version"] < 0:
         raise BadReply(f"the server sent weights of version {reply.body['version']}, below 0")
+    if have < 0 and reply.body["done"] and not reply.arrays:
+        raise BadReply("the server says training is over but sent no weights to score")
+    check_weights(model, reply.arrays)
     return reply
 
 

@@ -17,9 +17,16 @@ With ``--overlap`` (async) a trainer holds two leases and computes one batch
 while the push of the other travels (:meth:`Trainer.loop_overlapped`).
 
 The welcome's run settings and model, and each task, are checked before use: a
-bad welcome ends the worker with one line; a bad task, an error reply or a
+bad welcome ends the worker with one line; a bad task (a field outside the run,
+a ``held_s`` below 0 or longer than the request took; weights of a name, shape
+or dtype the model does not have, or with a NaN or Inf), an error reply or a
 reply of the wrong type is logged and skipped, up to
 ``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
+A usable answer to a work request ends a streak of failed work requests, but
+not of refused pushes: only a push the server accepted (its reply carries an
+``ack``) does, so a server that leases batches and refuses every push ends the
+worker too.  The exception: a push refused as NaN or Inf that really is (the
+server counts those and stops a diverging run itself).
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import time
 from cnn_core import backend
 from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mnist, resolve_mnist_dir
 from cnn_core.errors import DataError, PscnnError
-from cnn_core.flat import FlatArrays
+from cnn_core.flat import FlatArrays, all_finite
 from cnn_core.model import build_model
 from pscnn import protocol as P
 
@@ -39,6 +46,10 @@ from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, Ser
                      exit_status_unreachable, retry_delay)
 
 log = logging.getLogger("pscnn.worker")
+
+# How much longer than our own round trip a reply's held_s may say the server held
+# the request (the two clocks may drift a little); anything longer makes no sense.
+HELD_SLACK_S = 1.0
 
 
 def _is_int(value, low: int) -> bool:
@@ -85,6 +96,44 @@ def check_model_fits(model, x, y) -> None:
         raise BadReply(f"the server's model has {model.num_classes} outputs, but the labels go up to {labels - 1}")
 
 
+def check_weights(model, arrays, what: str = "weights") -> None:
+    """BadReply unless each of the server's ``arrays`` is a parameter or state of ``model``, of
+    its shape and dtype, and all are finite: what ``Model.assign`` would raise on, cast, or
+    load for the worker to train on or score.  One reduction over a FlatArrays' buffer."""
+    if not arrays:
+        return
+    for name, value in arrays.items():
+        target = model.params.get(name, model.state.get(name))
+        if target is None:
+            raise BadReply(f"the server sent {what} with an array {P.one_line(repr(name), 80)}: "
+                           "the model has no parameter or state of that name")
+        if tuple(value.shape) != tuple(target.shape):
+            raise BadReply(f"the server sent {what} with {P.one_line(repr(name), 80)} of shape "
+                           f"{list(value.shape)}, but the model's is {list(target.shape)}")
+        if value.dtype != target.dtype:
+            raise BadReply(f"the server sent {what} with {P.one_line(repr(name), 80)} of dtype "
+                           f"{value.dtype}, but the model's is {target.dtype}")
+    if isinstance(arrays, FlatArrays) and all_finite(arrays.flat):
+        return
+    for name, value in arrays.items():             # which one (or, several dtypes: each of them)
+        if not all_finite(value.reshape(-1)):
+            raise BadReply(f"the server sent {what} with NaN or Inf in {P.one_line(repr(name), 80)}")
+
+
+def _refused_as_non_finite(exc: Exception, push: P.Message) -> bool:
+    """Whether ``exc`` is the server refusing ``push`` for a NaN or Inf that it really has
+    (its loss sent as nil, or its arrays; checked only when refused so)."""
+    if not (isinstance(exc, ServerError) and exc.code == "non_finite"):
+        return False
+    if push.body.get("loss") is None:
+        return True
+    arrays = push.arrays
+    flat = arrays.flat if isinstance(arrays, FlatArrays) else None
+    if flat is not None:
+        return not all_finite(backend.to_numpy(flat))
+    return not all(all_finite(backend.to_numpy(v).reshape(-1)) for v in arrays.values())
+
+
 def check_local_setup(device: str, mnist_dir, split: str | None) -> None:
     """What a worker can check before it reaches the server: the device, and that the MNIST
     ``split`` is there (downloaded into the cache if need be; None: no data needed).
@@ -118,6 +167,7 @@ class Trainer:
         self.steps = 0
         self.samples = 0
         self._failures: FailureStreak | None = None      # loop_overlapped's, for _answer_or_none
+        self._refused_pushes = 0        # pushes refused (or answered unusably) since the server last accepted one
 
     def setup(self, welcome: P.Message) -> None:
         """Build the model from the server's spec and load this run's training data.
@@ -140,17 +190,62 @@ class Trainer:
         self._epoch_batches = None          # seed, sizes or data may have changed
 
     def check_task(self, reply: P.Message) -> dict:
-        """The body of a task that fits this run, or BadReply: the wrong reply type, or a field out of range."""
+        """The body of a task that fits this run, or BadReply: the wrong reply type, a field out of
+        range (an epoch or batch outside the run, a held_s below 0 or longer than the request
+        took), or weights the model cannot take (:func:`check_weights`)."""
         if reply.type != P.TASK:
             raise BadReply(f"the server answered with {reply.type!r}, not a task, wait or stop")
         body = reply.body
         batches = batches_per_epoch(self.run["num_samples"], self.run["batch_size"])
         problems = [f"{key} {body[key]} < 0" for key in ("epoch", "lease", "version") if body[key] < 0]
+        epochs = self.run.get("epochs")
+        if epochs is not None and body["epoch"] >= epochs:
+            problems.append(f"epoch {body['epoch']} is not one of the run's {epochs} epochs")
         if not 0 <= body["batch"] < batches:
             problems.append(f"batch {body['batch']} is not one of the run's {batches} batches per epoch")
+        held = self._held_problem(body)
+        if held:
+            problems.append(held)
         if problems:
             raise BadReply(f"bad task from the server: {'; '.join(problems)}")
+        check_weights(self.model, reply.arrays, "a task")
         return body
+
+    def check_held(self, reply: P.Message) -> float:
+        """A task's or wait's ``held_s`` (0 for a stop), or BadReply: below 0, or longer than
+        the request took (it goes into the next push's timing, which must be >= 0)."""
+        problem = self._held_problem(reply.body)
+        if problem:
+            raise BadReply(f"bad {reply.type} from the server: {problem}")
+        return float(reply.body.get("held_s", 0.0))
+
+    def _held_problem(self, body: dict) -> str | None:
+        held = body.get("held_s", 0.0)
+        if held < 0:
+            return f"held_s {held} < 0"
+        rtt = getattr(self.client, "last_rtt_s", None)          # the request's round trip, the reply's included
+        if isinstance(rtt, float) and held > rtt + HELD_SLACK_S:
+            return f"held_s {held:.6g} is longer than our request took ({rtt:.3g} s)"
+        return None
+
+    def _usable(self, failures: FailureStreak, reply: P.Message, from_push: bool) -> None:
+        """A usable reply: a push's ack ends the failure streak; any other usable answer
+        leaves in it only the refused pushes since the server last accepted one."""
+        if from_push and "ack" in reply.body:
+            self._refused_pushes = 0
+        if self._refused_pushes:
+            failures.count = self._refused_pushes
+        else:
+            failures.reset()
+
+    def _failed(self, failures: FailureStreak, exc: Exception, push: P.Message | None, then: str) -> None:
+        """Count a failure (raises TooManyFailures at the limit).  ``push``: the push it answers,
+        if any; its failure stays counted until the server accepts a push, unless the server
+        refused a push of ours that was NaN or Inf, as it must (its divergence check counts those
+        and stops the run itself: until then the trainer goes on with the next batch)."""
+        if push is not None and not _refused_as_non_finite(exc, push):
+            self._refused_pushes += 1
+        failures.failed(exc, then)
 
     def batch(self, epoch: int, batch: int):
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
@@ -195,35 +290,40 @@ class Trainer:
         Raises TooManyFailures after too many failed requests in a row.
         """
         failures = FailureStreak(self.client.endpoint)
+        self._refused_pushes = 0
         timing = {"comm_s": 0.0, "wait_s": 0.0}
         reply = None                        # None: ask for work
+        push = None                         # the push that reply (or the failure) answers; None: a work request
         while True:
             try:
                 if reply is None:
+                    push = None
                     reply = self.client.request(P.WORK)
                 if reply.type == P.STOP:
                     return self._stopped(reply)
                 if reply.type == P.WAIT:
-                    failures.reset()
+                    self.check_held(reply)
+                    self._usable(failures, reply, push is not None)
                     time.sleep(retry_delay(reply))
                     reply = None
                     continue
                 body = self.check_task(reply)
-                failures.reset()
+                self._usable(failures, reply, push is not None)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
+                push = P.Message(P.PUSH, body=self._push_body(body, result, timing), arrays=arrays)
                 reply = None                # a refused push: ask for new work
-                reply = self.client.request(P.PUSH, self._push_body(body, result, timing), arrays)
-                held = float(reply.body.get("held_s", 0.0))
-                timing = {"comm_s": max(0.0, self.client.last_rtt_s - held), "wait_s": held}
+                reply = self.client.request(P.PUSH, push.body, push.arrays)
                 self._count(result)
+                held = self.check_held(reply)
+                timing = {"comm_s": max(0.0, self.client.last_rtt_s - held), "wait_s": held}
             except Rejoined as exc:
-                failures.failed(exc, "asking for new work")      # a server that forgets us every time
+                self._failed(failures, exc, push, "asking for new work")    # a server that forgets us every time
                 self.setup(exc.welcome)
                 reply = None
             except (ServerError, BadReply) as exc:
-                failures.failed(exc, "asking for new work")
+                self._failed(failures, exc, push, "asking for new work")
                 reply = None
 
     def _count(self, result: dict) -> None:
@@ -255,11 +355,13 @@ class Trainer:
         TooManyFailures after too many failed requests in a row.
         """
         self._failures = FailureStreak(self.client.endpoint)
+        self._refused_pushes = 0
         tasks: list[dict] = []              # leased, not yet computed
         pending = None                      # the push in flight
         more = True                         # False after a "wait": compute what we hold first
         timing = {"comm_s": 0.0, "wait_s": 0.0}
         while True:
+            push = None                     # the push that reply (or the failure) answers; None: a work request
             try:
                 if pending is None and (not tasks or len(tasks) < 2 and more):
                     reply = self._answer_or_none(self.client.request, P.WORK)     # fill the pipeline
@@ -269,46 +371,50 @@ class Trainer:
                     result, arrays = self.compute(task)
                     reply = None
                     if pending is not None:
+                        push = pending.msg
                         reply, timing = self._collect(pending)
                     pending = self.client.submit(P.PUSH, self._push_body(task, result, timing), arrays)
                     self._count(result)
                 else:                                             # nothing to compute: wait for the push
+                    push = pending.msg
                     (reply, timing), pending = self._collect(pending), None
                 if reply is None:
                     continue
                 if reply.type == P.STOP:                          # a push still in flight is moot
                     return self._stopped(reply)
-                if reply.type != P.WAIT:
-                    try:
-                        task = self.check_task(reply)
-                    except BadReply as exc:
-                        self._failures.failed(exc, "going on")
-                        more = False
-                        continue
-                    tasks.append(task)
-                self._failures.reset()
+                try:
+                    if reply.type == P.WAIT:
+                        self.check_held(reply)
+                    else:
+                        tasks.append(self.check_task(reply))
+                except BadReply as exc:
+                    self._failed(self._failures, exc, push, "going on")
+                    more = False
+                    continue
+                self._usable(self._failures, reply, push is not None)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 more = reply.type == P.TASK
                 if reply.type == P.WAIT and not tasks and pending is None:
                     time.sleep(retry_delay(reply))
             except Rejoined as exc:                               # the server forgot our leases
-                self._failures.failed(exc, "asking for new work")
+                self._failed(self._failures, exc, push, "asking for new work")
                 self.setup(exc.welcome)
                 tasks, pending, more = [], None, True
 
     def _collect(self, pending) -> tuple[P.Message | None, dict]:
         """The answer to the push in flight (None if rejected), and the time spent waiting for it."""
         waited = time.perf_counter()
-        reply = self._answer_or_none(pending.result)
+        reply = self._answer_or_none(pending.result, push=pending.msg)
         return reply, {"comm_s": time.perf_counter() - waited, "wait_s": 0.0}
 
-    def _answer_or_none(self, call, *args) -> P.Message | None:
-        """``call(*args)``, or None when the server refused it (counted in the failure streak)."""
+    def _answer_or_none(self, call, *args, push: P.Message | None = None) -> P.Message | None:
+        """``call(*args)``, or None when the server refused it (counted in the failure streak;
+        ``push``: the push it answers, see :meth:`_failed`)."""
         try:
             return call(*args)
         except ServerError as exc:
-            self._failures.failed(exc, "going on")
+            self._failed(self._failures, exc, push, "going on")
             return None
 
 

@@ -1,0 +1,302 @@
+"""The trainer and the evaluator against a server whose replies pass the protocol but make no sense.
+
+Replies that decode fine but must not be used: weights with a NaN or Inf, of
+the wrong dtype, name or shape; a negative or impossible ``held_s``; a task of
+an epoch outside the run; a server that refuses every push; an evaluator told
+"done" with nothing to score, or whose final report is refused; heartbeats
+that say "done" while every pull says otherwise.  Each is refused as a bad
+reply (one escaped log line, counted towards ``MAX_FAILURES_IN_A_ROW``), and a
+server that keeps sending them ends the worker with one line and a non-zero
+status.
+
+The fake server and its helpers are those of ``test_client_replies``.  Every
+script that would keep a broken client busy ends in silence, so the client
+gives up after ``GIVE_UP_S`` and the test fails instead of hanging.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cnn_core.model import build_model
+from pscnn import protocol as P
+import test_client_replies
+from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, error,
+                                 one_error_line, pscnn, run_loop, task, trainer_on, welcome)
+from worker import evaluator as evaluator_module
+from worker.client import BadReply, TooManyFailures
+from worker.evaluator import FinalReportRefused, run_evaluator
+from worker.trainer import check_weights
+
+pytestmark = pytest.mark.timeout(120)
+
+fake = test_client_replies.fake            # the fixtures: fake(**replies) -> FakeServer; connect(server) -> Client
+connect = test_client_replies.connect
+
+PARAMS = {k: np.array(v) for k, v in build_model("light").params.items()}
+LAST = list(PARAMS)[-1]                     # 'fc2.bias'
+
+
+def task_with(arrays: dict, **over) -> tuple:
+    """A task carrying weights (the fake encodes them; one dtype: one FlatArrays frame)."""
+    return (*task(**over), arrays)
+
+
+def pull_reply(done: bool, arrays: dict | None = None, version: int = 3) -> tuple:
+    body = {"version": version, "epoch": 0, "done": done, "updates": version}
+    return (P.WEIGHTS, body, arrays) if arrays else (P.WEIGHTS, body)
+
+
+def with_value(name: str, value) -> dict:
+    """The light model's parameters with ``name`` filled with ``value``."""
+    return {k: np.full_like(v, value) if k == name else v for k, v in PARAMS.items()}
+
+
+def warnings_with(caplog, *needles: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and all(n in r.getMessage() for n in needles)]
+
+
+@pytest.fixture
+def evaluator(monkeypatch, mnist_dir):
+    """evaluator(server, every=...) -> run_evaluator in this process: no nice, no SIGTERM handler."""
+    monkeypatch.setattr(evaluator_module, "_exit_on_sigterm", lambda: None)
+
+    def start(server, every: float = 0.05) -> int:
+        return run_evaluator(server.endpoint, every=every, test_limit=100, mnist_dir=mnist_dir,
+                             give_up_after=GIVE_UP_S, nice=0)
+    return start
+
+
+# ================================================================ 1: a server that refuses every push
+
+@LOOPS
+@pytest.mark.parametrize("code", ["bad_push", "non_finite"])
+def test_a_server_that_refuses_every_push_ends_the_trainer(fake, connect, overlapped, code):
+    """A valid task answers each work request, an error each push: the tasks must not start
+    the count again, or the trainer asks and pushes for ever ("1 of 5" each time).  Our
+    pushes are finite: "non_finite" is no excuse."""
+    server = fake(work=[task()] * (4 * MAX_FAILURES_IN_A_ROW) + [SILENCE], push=[error(code, "refused")])
+    trainer = trainer_on(connect(server))
+    with pytest.raises(TooManyFailures, match=f"{MAX_FAILURES_IN_A_ROW} failed requests in a row.*{code}: refused"):
+        run_loop(trainer, overlapped)
+    assert MAX_FAILURES_IN_A_ROW <= len(server.of_type(P.PUSH)) <= MAX_FAILURES_IN_A_ROW + 1
+
+
+@LOOPS
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_a_trainer_whose_nan_pushes_are_refused_goes_on(fake, connect, monkeypatch, overlapped, bad):
+    """A diverging run: the server refuses each NaN push and decides itself when the run has
+    diverged (server.NONFINITE_LIMIT, more than MAX_FAILURES_IN_A_ROW); until then the
+    trainer goes on with the next batch."""
+    refused = [error("non_finite", "push: the loss is NaN or Inf; gradient rejected")] * (3 * MAX_FAILURES_IN_A_ROW)
+    server = fake(work=[task()], push=[*refused, STOP])
+    trainer = trainer_on(connect(server))
+    compute = trainer.compute
+
+    def diverged(body):
+        result, arrays = compute(body)
+        if bad == "loss":
+            return {**result, "loss": float("nan")}, arrays
+        return result, type(arrays)(arrays.specs, np.full_like(arrays.flat, np.inf))
+    monkeypatch.setattr(trainer, "compute", diverged)
+    assert run_loop(trainer, overlapped) == 0
+    assert len(server.of_type(P.PUSH)) == 3 * MAX_FAILURES_IN_A_ROW + 1
+
+
+@LOOPS
+def test_a_push_the_server_accepts_clears_the_refused_ones(fake, connect, overlapped):
+    """Four refused pushes, one acknowledged, four refused again: never five in a row."""
+    refused = [error("bad_push", "refused")] * (MAX_FAILURES_IN_A_ROW - 1)
+    accepted = (P.TASK, {**task()[1], "ack": {"applied": True, "staleness": 0}})
+    server = fake(work=[task()], push=[*refused, accepted, *refused, STOP])
+    assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    assert len(server.of_type(P.PUSH)) == 2 * (MAX_FAILURES_IN_A_ROW - 1) + 2
+
+
+def test_a_worker_whose_pushes_are_all_refused_exits_with_one_line(fake):
+    server = fake(work=[task()] * (4 * MAX_FAILURES_IN_A_ROW) + [SILENCE], push=[error("bad_push", "refused")])
+    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "bad_push: refused")
+
+
+# ================================================================ 2: weights that must not be trained on
+
+BAD_VALUES = {"nan": (with_value(LAST, np.nan), f"NaN or Inf in '{LAST}'"),
+              "inf": (with_value("conv1.weight", -np.inf), "NaN or Inf in 'conv1.weight'"),
+              "int64": ({k: np.ones(v.shape, np.int64) for k, v in PARAMS.items()},
+                        "'conv1.weight' of dtype int64, but the model's is float32"),
+              "float64": ({LAST: PARAMS[LAST].astype(np.float64)}, f"'{LAST}' of dtype float64")}
+
+
+@LOOPS
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_a_task_with_unusable_weight_values_is_refused(fake, connect, caplog, case, overlapped):
+    arrays, needle = BAD_VALUES[case]
+    server = fake(work=[task_with(arrays), STOP], push=[STOP])
+    trainer = trainer_on(connect(server))
+    before = trainer.model.params.flat.copy()
+    with caplog.at_level(logging.WARNING, logger="pscnn.client"):
+        assert run_loop(trainer, overlapped) == 0
+    assert not server.of_type(P.PUSH)                   # not trained on
+    np.testing.assert_array_equal(trainer.model.params.flat, before)        # not loaded either
+    (line,) = warnings_with(caplog, "the server sent a task", needle)
+    assert "1 of 5 failures in a row" in line and "\n" not in line
+
+
+def test_check_weights_finds_the_array_with_a_nan_in_one_flat_buffer():
+    model = build_model("light")
+    flat = P.decode(P.encode(P.Message(P.TASK, body=task()[1], arrays=with_value("fc1.weight", 1.0))))
+    assert type(flat.arrays).__name__ == "FlatArrays"
+    check_weights(model, flat.arrays)                   # finite: fine
+    one_nan = with_value("fc1.weight", 1.0)
+    one_nan["fc1.weight"][3, 4] = np.nan
+    decoded = P.decode(P.encode(P.Message(P.TASK, body=task()[1], arrays=one_nan))).arrays
+    with pytest.raises(BadReply, match=r"^the server sent weights with NaN or Inf in 'fc1\.weight'$"):
+        check_weights(model, decoded)
+
+
+def test_an_evaluator_does_not_score_nan_weights(fake, evaluator):
+    server = fake(pull=[pull_reply(True, with_value(LAST, np.nan))] * MAX_FAILURES_IN_A_ROW + [SILENCE],
+                  eval_report=[ACK])
+    with pytest.raises(TooManyFailures, match=f"failed requests in a row.*NaN or Inf in '{LAST}'"):
+        evaluator(server)
+    assert not server.of_type(P.EVAL_REPORT)
+    assert len(server.of_type(P.PULL)) == MAX_FAILURES_IN_A_ROW
+
+
+# ================================================================ 3: held_s
+
+HELD = {"negative task": (lambda: task(held_s=-5.0), "held_s -5.0 < 0"),
+        "negative wait": (lambda: (P.WAIT, {"retry_s": 0.0, "held_s": -5.0, "reason": "test"}), "held_s -5.0 < 0"),
+        "longer than the request": (lambda: task(held_s=1e9), "held_s 1e+09 is longer than our request took")}
+
+
+@LOOPS
+@pytest.mark.parametrize("case", HELD)
+def test_a_push_reply_with_an_impossible_held_s_is_refused(fake, connect, caplog, case, overlapped):
+    """held_s becomes the next push's wait_s: negative, the client's own encode refused it and
+    the worker died blaming itself; huge, it went to the server as a measurement."""
+    reply, needle = HELD[case]
+    server = fake(work=[task()], push=[reply(), STOP])
+    with caplog.at_level(logging.WARNING, logger="pscnn.client"):
+        assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    assert warnings_with(caplog, "from the server", needle), caplog.text
+    for push in server.of_type(P.PUSH):
+        assert 0.0 <= push.body["timing"].get("wait_s", 0.0) < 10.0, push.body
+
+
+def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):
+    server = fake(work=[task(held_s=-5.0)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "held_s -5.0 < 0")
+
+
+# ================================================================ 4: weights of names or shapes the model lacks
+
+WRONG = {"name": ({"nope.weight": np.zeros(3, np.float32)}, "an array 'nope.weight': the model has no parameter"),
+         "shape": ({"fc2.bias": np.zeros(3, np.float32)}, "'fc2.bias' of shape [3], but the model's is [10]")}
+
+
+@LOOPS
+@pytest.mark.parametrize("case", WRONG)
+def test_a_task_with_weights_the_model_lacks_is_a_bad_reply(fake, connect, caplog, case, overlapped):
+    arrays, needle = WRONG[case]
+    server = fake(work=[task_with(arrays), STOP], push=[STOP])
+    with caplog.at_level(logging.WARNING, logger="pscnn.client"):
+        assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    assert not server.of_type(P.PUSH)
+    assert warnings_with(caplog, "the server sent a task with", needle), caplog.text
+
+
+def test_a_worker_sent_only_weights_the_model_lacks_exits_with_one_line(fake):
+    server = fake(work=[task_with(WRONG["name"][0])] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "the server sent a task",
+                   "'nope.weight'")
+
+
+@pytest.mark.parametrize("case", WRONG)
+def test_an_evaluator_sent_weights_the_model_lacks_counts_bad_replies(fake, evaluator, case):
+    arrays, needle = WRONG[case]
+    server = fake(pull=[pull_reply(True, arrays)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    with pytest.raises(TooManyFailures, match="failed requests in a row") as exc:
+        evaluator(server)
+    assert "the server sent weights with" in str(exc.value) and needle in str(exc.value)
+    assert len(server.of_type(P.PULL)) == MAX_FAILURES_IN_A_ROW
+
+
+# ================================================================ 5: the final evaluation
+
+def test_done_with_no_weights_to_score_is_not_a_final_evaluation(fake, evaluator):
+    server = fake(pull=[pull_reply(True, version=0)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    with pytest.raises(TooManyFailures, match="training is over but sent no weights to score"):
+        evaluator(server)
+    assert not server.of_type(P.EVAL_REPORT)
+    assert not [m for m in server.of_type(P.BYE) if m.body.get("reason") == "final evaluation sent"]
+
+
+def test_a_refused_final_report_ends_the_evaluator_with_an_error(fake, evaluator):
+    server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[error("bad_report", "refused")])
+    with pytest.raises(FinalReportRefused,
+                       match=r"final evaluation \(version 3\) was not recorded.*bad_report: refused"):
+        evaluator(server)
+    (report,) = server.of_type(P.EVAL_REPORT)
+    assert report.body["final"]
+
+
+def test_a_final_report_answered_with_no_ack_ends_the_evaluator_with_an_error(fake, evaluator):
+    server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[STOP])
+    with pytest.raises(FinalReportRefused, match="answered our eval_report with 'stop', not an ack"):
+        evaluator(server)
+
+
+def test_a_refused_periodic_report_is_a_warning(fake, evaluator, caplog):
+    server = fake(pull=[pull_reply(False, PARAMS), pull_reply(True)], eval_report=[error("busy", "later"), ACK])
+    with caplog.at_level(logging.WARNING):
+        assert evaluator(server) == 0
+    assert [r.body["final"] for r in server.of_type(P.EVAL_REPORT)] == [False, True]
+    assert warnings_with(caplog, "server rejected our report", "busy: later")
+
+
+def test_the_cli_evaluator_whose_final_report_is_refused_exits_1_with_one_line(fake, mnist_dir):
+    server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[error("bad_report", "refused")])
+    proc = pscnn("evaluator", server.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "100")
+    one_error_line(proc, "final evaluation (version 3) was not recorded", "bad_report: refused")
+
+
+# ================================================================ 6: heartbeats say done, pulls say not
+
+def test_an_evaluator_told_done_by_heartbeats_only_still_pulls_every_t_seconds(fake, evaluator):
+    """The pull's answer is authoritative: a done flag from the heartbeats that every pull
+    contradicts must not make the evaluator pull in a tight loop."""
+    every, span = 0.5, 3.0
+    server = fake(hello=[welcome(heartbeat_s=0.2)], pull=[pull_reply(False, PARAMS), pull_reply(False)],
+                  eval_report=[ACK])
+    server.heartbeat_reply = lambda: P.Message(P.HEARTBEAT, body={"done": True})
+    flip = threading.Timer(span, lambda: server.replies.__setitem__(P.PULL, [pull_reply(True)]))
+    flip.start()
+    try:
+        t0 = time.monotonic()
+        assert evaluator(server, every=every) == 0
+        took = time.monotonic() - t0
+    finally:
+        flip.cancel()
+        flip.join()
+    pulls = len(server.of_type(P.PULL))
+    assert took >= span - 0.1
+    assert pulls <= span / every + 4, f"{pulls} pulls in {took:.1f} s"
+    assert server.of_type(P.EVAL_REPORT)[-1].body["final"]
+
+
+# ================================================================ 7: a task's epoch
+
+@LOOPS
+@pytest.mark.parametrize("epoch", [RUN["epochs"], 2**63 + 5])
+def test_a_task_of_an_epoch_past_the_run_is_refused(fake, connect, caplog, epoch, overlapped):
+    server = fake(work=[task(epoch=epoch), STOP], push=[STOP])
+    with caplog.at_level(logging.WARNING, logger="pscnn.client"):
+        assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    assert not server.of_type(P.PUSH)
+    assert warnings_with(caplog, "bad task", f"epoch {epoch} is not one of the run's {RUN['epochs']} epochs")
