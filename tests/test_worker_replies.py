@@ -227,6 +227,16 @@ def test_an_evaluator_sent_weights_the_model_lacks_counts_bad_replies(fake, eval
     assert len(server.of_type(P.PULL)) == MAX_FAILURES_IN_A_ROW
 
 
+def test_an_evaluator_refuses_weights_older_than_those_it_holds(fake, evaluator):
+    """Versions never go back at one server (a restarted one makes the evaluator rejoin first):
+    scoring version 2 after 5 would report an old model as the run's final one."""
+    server = fake(pull=[pull_reply(False, PARAMS, version=5)] + [pull_reply(True, PARAMS, version=2)]
+                  * MAX_FAILURES_IN_A_ROW + [SILENCE], eval_report=[ACK])
+    with pytest.raises(TooManyFailures, match="weights of version 2, older than the version 5 we hold"):
+        evaluator(server)
+    assert [r.body["version"] for r in server.of_type(P.EVAL_REPORT)] == [5]
+
+
 # ================================================================ 5: the final evaluation
 
 def test_done_with_no_weights_to_score_is_not_a_final_evaluation(fake, evaluator):

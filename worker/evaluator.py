@@ -121,13 +121,16 @@ class FinalReportRefused(PscnnError):
 
 def _weights(reply: P.Message, model, have: int) -> P.Message:
     """A pull's answer if it is usable weights for ``model`` (``have``: the version it holds,
-    -1 for none), else BadReply."""
+    -1 for none; versions never go back), else BadReply."""
     if reply.type != P.WEIGHTS:
         raise BadReply(f"the server answered our pull with {reply.type!r}, not weights")
     if reply.body["version"] < 0:
         raise BadReply(f"the server sent weights of version {reply.body['version']}, below 0")
     if have < 0 and reply.body["done"] and not reply.arrays:
         raise BadReply("the server says training is over but sent no weights to score")
+    if reply.body["version"] < have:        # a restarted server makes us rejoin (have: -1) first
+        raise BadReply(f"the server sent weights of version {reply.body['version']}, older than the "
+                       f"version {have} we hold")
     check_weights(model, reply.arrays)
     return reply
 
