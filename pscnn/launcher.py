@@ -279,18 +279,24 @@ def _run(args, cluster: LocalCluster, checkpoint: Path, checkpoint_before: int |
     return 1 if failed else 0
 
 
+def exit_text(name: str, code: int | None) -> str:
+    """``NAME exited with CODE``, naming the signal that killed it (a negative code)."""
+    text = f"{name} exited with {code}"
+    if code is not None and code < 0:
+        try:
+            text += f" (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return text
+
+
 def child_exit_message(cluster: LocalCluster, name: str, code: int | None) -> str:
     """What ``pscnn run`` says of a client (worker or evaluator) that exited with ``code``.
 
     A child that stopped on the CLI's one-line error (``pscnn: error: ...``, its log's last line) gets
     one line, that reason included; anything else (a traceback, a signal) the last lines of its log
     below a first line.  Either way the log itself stays in OUT/logs/<name>.log."""
-    what = f"{name} exited with {code}"
-    if code is not None and code < 0:
-        try:
-            what += f" (killed by {signal.Signals(-code).name})"
-        except ValueError:
-            pass
+    what = exit_text(name, code)
     tail = cluster.log_tail(name)
     lines = [line for line in tail.splitlines() if line.strip()]
     if lines and lines[-1].startswith("pscnn: error: "):

@@ -257,8 +257,9 @@ def one_line(exc) -> str:
 def process_failed(what: str, code, log_text: str, logs: Path | None = None) -> BenchError:
     """The one-line error for a process that exited with ``code``: ``what``, the code, its last log
     line, and where its whole log is (when it is kept)."""
+    from pscnn.launcher import exit_text  # noqa: PLC0415  (loads the server's modules)
     said = last_line(log_text)
-    return BenchError(f"{what} exited with {code}" + (f": {said}" if said else " and logged nothing")
+    return BenchError(exit_text(what, code) + (f": {said}" if said else " and logged nothing")
                       + (f" (logs in {logs})" if logs is not None else ""))
 
 
