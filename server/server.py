@@ -318,12 +318,8 @@ class ParameterServer:
             self.writer.log("failed", version=self.store.version, reason=reason)
 
     # ================================================================== lifecycle
-    def serve(self) -> int:
-        """Run until training is over and every client was told to stop.
-
-        Returns 0, or 1 when training failed (diverged): the summary and the
-        log say why, and the last periodic checkpoint is kept.
-        """
+    def open(self) -> None:
+        """Open the run folder and bind the socket: what serving needs before the first message."""
         self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
                                 resume=self.cfg.resume)
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -337,6 +333,14 @@ class ParameterServer:
         except P.EndpointError:
             self.sock.close(linger=0)
             raise
+
+    def serve(self) -> int:
+        """Run until training is over and every client was told to stop.
+
+        Returns 0, or 1 when training failed (diverged): the summary and the
+        log say why, and the last periodic checkpoint is kept.
+        """
+        self.open()
         log.info("listening on %s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
                  "optimizer %s", self.cfg.bind, self.cfg.mode,
                  f" (staleness {self.cfg.staleness})" if self.cfg.mode == "ssp" else "",

@@ -31,7 +31,8 @@ from pscnn.cli import _name, build_parser
 from pscnn.launcher import LocalCluster, child_env, query_status
 from worker import client as client_module
 from pscnn.names import MAX_NAME_BYTES, MAX_NAME_CHARS
-from worker.client import (HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_FAILURES_IN_A_ROW, MAX_RETRY_S, BadReply, Client,
+from worker.client import (FAILURE_PAUSE_S, HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_FAILURES_IN_A_ROW, MAX_RETRY_S,
+                           MIN_RETRY_S, BadReply, Client,
                            ServerError, ServerUnreachable, TooManyFailures)
 from worker.trainer import Trainer
 
@@ -307,6 +308,20 @@ def test_a_trainer_gives_up_after_so_many_error_replies_in_a_row(fake, connect, 
 
 
 @LOOPS
+def test_a_streak_of_failures_is_retried_after_a_growing_pause(fake, connect, monkeypatch, overlapped):
+    # One refusal is routine (a push whose lease moved on): the next request goes at once.
+    # From the second failure in a row on, the trainer pauses, twice as long each time.
+    server = fake(work=[error("boom", "no"), task(), error("boom", "no"), error("boom", "no"), STOP],
+                  push=[error("stale", "lease moved")])
+    trainer = trainer_on(connect(server))
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert run_loop(trainer, overlapped) == 0
+    pauses = [s for s in slept if s]                    # sleep(0): the task's (absent) synthetic compute
+    assert pauses == [FAILURE_PAUSE_S, 2 * FAILURE_PAUSE_S], slept
+
+
+@LOOPS
 def test_fewer_error_replies_in_a_row_are_survived(fake, connect, overlapped):
     # a task starts the count again; the refused push and the errors after it make one too few
     errors = [error("boom", "no")] * (MAX_FAILURES_IN_A_ROW - 1)
@@ -333,13 +348,14 @@ def test_a_server_that_forgets_the_trainer_every_time_is_given_up(fake, connect,
 
 @LOOPS
 def test_a_waits_retry_s_is_clamped(fake, connect, monkeypatch, overlapped):
-    server = fake(work=[wait(-1.0), wait(1e9), STOP])
+    # -1 would raise, 1e9 park the trainer for good, 0 make it ask again at once, for ever
+    server = fake(work=[wait(-1.0), wait(1e9), wait(0.0), STOP])
     trainer = trainer_on(connect(server))
     slept: list[float] = []
-    monkeypatch.setattr(time, "sleep", slept.append)     # record, do not sleep (-1 would raise, 1e9 hang)
+    monkeypatch.setattr(time, "sleep", slept.append)     # record, do not sleep
     assert run_loop(trainer, overlapped) == 0
-    assert 0.0 in slept and MAX_RETRY_S in slept
-    assert all(0.0 <= s <= MAX_RETRY_S for s in slept), slept
+    assert slept.count(MIN_RETRY_S) == 2 and MAX_RETRY_S in slept, slept
+    assert all(MIN_RETRY_S <= s <= MAX_RETRY_S for s in slept), slept
 
 
 # ================================================================ 6: tasks that do not fit the run
@@ -581,3 +597,28 @@ def test_giving_up_on_malformed_replies_says_they_were_malformed(fake):
             client.request(P.WORK)
     finally:
         client.close()
+
+
+def test_a_long_backoff_does_not_make_the_give_up_late(fake, monkeypatch):
+    """Each wait for a reply ends by the give-up moment: with resends 30 s apart, a client
+    told to give up after 1 s waited the whole 30 s before it looked at the clock again."""
+    import zmq
+    server = fake(work=[SILENCE])
+    client = Client(server.endpoint, "trainer", give_up_after=1.0, resend_s=30.0, reconnect_s=60.0,
+                    max_backoff_s=60.0, heartbeat=False)
+    waits_ms: list[int] = []
+    poll = zmq.Socket.poll
+
+    def recorded(sock, timeout=None, flags=zmq.POLLIN):
+        if sock is client.sock:
+            waits_ms.append(timeout)
+        return poll(sock, timeout, flags)
+
+    try:
+        client.connect()
+        monkeypatch.setattr(zmq.Socket, "poll", recorded)
+        with pytest.raises(ServerUnreachable, match="no usable answer from .* for 1 s"):
+            client.request(P.WORK)
+    finally:
+        client.close()
+    assert waits_ms and max(waits_ms) <= 1001, waits_ms

@@ -708,39 +708,92 @@ def test_max_workers_counts_a_peer_that_changes_role_and_caps_evaluators(tmp_pat
         s.close()
 
 
-def test_a_message_that_trips_a_server_bug_costs_that_message_only(monkeypatch, caplog):
+class InProcess:
+    """A ParameterServer run message by message in this process, to look at (or break) its
+    insides between two messages.  ``call(raw, mtype, ...)``: ``raw`` sends, the server handles
+    that one message, and the reply comes back (None when the server parks the request)."""
+
+    def __init__(self, out: Path, **config):
+        from server.server import ServerConfig
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.srv = ParameterServer(ServerConfig(**{"model": "light", "train_limit": 640, "mode": "async",
+                                                   "bind": self.endpoint, "out": str(out), **config}))
+        self.srv.open()
+        self.raws: list[Raw] = []
+
+    def client(self) -> Raw:
+        self.raws.append(Raw(self.endpoint))
+        return self.raws[-1]
+
+    def handle_one(self) -> None:
+        assert self.srv.sock.poll(5000), "no message reached the server"
+        self.srv._on_frames_guarded(self.srv.sock.recv_multipart(copy=False))
+
+    def call(self, raw: Raw, mtype: str, body: dict | None = None, arrays: dict | None = None) -> P.Message | None:
+        raw.send(raw.frames(mtype, body, arrays))
+        self.handle_one()
+        got = raw.recv(0.5)
+        return got and got[0]
+
+    def close(self) -> None:
+        for raw in self.raws:
+            raw.close()
+        self.srv.sock.close(linger=0)
+
+
+@pytest.fixture
+def in_process(tmp_path):
+    """in_process(**ServerConfig fields) -> an InProcess server, run folder in tmp_path; closed afterwards."""
+    servers: list[InProcess] = []
+
+    def start(**config) -> InProcess:
+        servers.append(InProcess(tmp_path / f"run{len(servers)}", **config))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_a_message_that_trips_a_server_bug_costs_that_message_only(in_process, monkeypatch, caplog):
     """The last line of defence: whatever escapes validation is logged in one line, answered
     with an error, and the server goes on (in-process, with a handler made to fail)."""
-    from server.server import ServerConfig
-    srv = ParameterServer(ServerConfig(model="light", train_limit=640, mode="async"))
-    ctx = zmq.Context.instance()
-    srv.sock, client = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    try:
-        port = srv.sock.bind_to_random_port("tcp://127.0.0.1")
-        client.setsockopt(zmq.LINGER, 0)
-        client.connect(f"tcp://127.0.0.1:{port}")
+    server = in_process()
+    client = server.client()
 
-        def ask_status():
-            client.send_multipart(P.encode(P.Message(P.STATUS)))
-            assert srv.sock.poll(5000), "no message reached the server"
-            srv._on_frames_guarded(srv.sock.recv_multipart(copy=False))
-            assert client.poll(5000), "the server did not answer"
-            return P.decode(client.recv_multipart())
+    def broken(frames):
+        raise RecursionError("maximum recursion depth exceeded\nwhile formatting")
+    monkeypatch.setattr(server.srv, "_on_frames", broken)
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        reply = server.call(client, P.STATUS)
+    assert reply.type == P.ERROR and reply.body["code"] == "internal_error", reply.body
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "RecursionError: maximum recursion depth exceeded while formatting; still serving" in errors[0]
+    monkeypatch.undo()
+    assert server.call(client, P.STATUS).type == P.STATUS and server.srv.rejected["internal_error"] == 1
 
-        def broken(frames):
-            raise RecursionError("maximum recursion depth exceeded\nwhile formatting")
-        monkeypatch.setattr(srv, "_on_frames", broken)
-        with caplog.at_level(logging.INFO, logger="pscnn.server"):
-            reply = ask_status()
-        assert reply.type == P.ERROR and reply.body["code"] == "internal_error", reply.body
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and "\n" not in errors[0], errors
-        assert "RecursionError: maximum recursion depth exceeded while formatting; still serving" in errors[0]
-        monkeypatch.undo()
-        assert ask_status().type == P.STATUS and srv.rejected["internal_error"] == 1
-    finally:
-        client.close(linger=0)
-        srv.sock.close(linger=0)
+
+def test_a_parked_request_answered_too_many_leases_leaves_no_wait_behind(in_process):
+    """A request parked (an SSP bound, the start barrier) and then refused a third lease was
+    answered: the wait must not be counted again in the held_s of the trainer's next task,
+    which becomes its push's wait_s, a measurement in metrics.jsonl."""
+    server = in_process()
+    hoarder = server.client()
+    assert server.call(hoarder, P.HELLO, {"role": "trainer", "name": hoarder.wid, "pid": 1, "host": "test"}).type \
+        == P.WELCOME
+    first, second = server.call(hoarder, P.WORK), server.call(hoarder, P.WORK)
+    assert first.type == second.type == P.TASK
+    peer = server.srv.peers[hoarder.wid]
+    # its next request, parked 100 s ago, now retried as the server retries parked requests
+    peer.last_seq, peer.last_type = hoarder.next_seq(), P.WORK
+    peer.pending, peer.parked_since = True, time.monotonic() - 100.0
+    server.srv._release_parked(time.monotonic())
+    refused = hoarder.recv(0.5)[0]
+    assert refused.type == P.ERROR and refused.body["code"] == "too_many_leases", refused.body
+    assert peer.parked_since == 0.0
+    reply = server.call(hoarder, P.PUSH, push_body(first), grads_like(first.arrays))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+    assert reply.body["held_s"] < 50.0, reply.body
 
 
 def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):

@@ -197,7 +197,10 @@ def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):
 # ================================================================ 4: weights of names or shapes the model lacks
 
 WRONG = {"name": ({"nope.weight": np.zeros(3, np.float32)}, "an array 'nope.weight': the model has no parameter"),
-         "shape": ({"fc2.bias": np.zeros(3, np.float32)}, "'fc2.bias' of shape [3], but the model's is [10]")}
+         "shape": ({"fc2.bias": np.zeros(3, np.float32)}, "'fc2.bias' of shape [3], but the model's is [10]"),
+         # the rest would stay as they were: half a model trained on, or scored as the server's
+         "missing": ({k: v for k, v in PARAMS.items() if k != LAST}, f"without 1 of the model's arrays (the first: "
+                                                                    f"'{LAST}')")}
 
 
 @LOOPS

@@ -58,11 +58,15 @@ HEARTBEAT_MIN_S, HEARTBEAT_MAX_S = 0.2, 60.0
 # negative retry_s crashes time.sleep, a huge one parks the worker for good
 # while its heartbeats keep it alive at the server.
 MAX_RETRY_S = 2.0
+# ... and the shortest: a retry_s of 0 would make the trainer ask again at once, for ever.
+MIN_RETRY_S = 0.01
 # Error or unusable replies in a row that a trainer or the evaluator survives.
 # A working server answers a trainer's work request with a task, wait or stop,
 # so a rejected push is followed by a good reply; five failures in a row mean
 # the server refuses everything, and retrying for ever would hide it.
 MAX_FAILURES_IN_A_ROW = 5
+# The pause after the second failure in a row; it doubles with each further one.
+FAILURE_PAUSE_S = 0.05
 # A request held back while heartbeats are answered gives up after this many
 # times give_up_after (600 s by default: 100 minutes).  What a working server
 # holds back for (a start barrier, a sync round, an SSP bound) takes seconds.
@@ -110,12 +114,20 @@ class FailureStreak:
         self.count = 0
 
     def failed(self, exc: Exception, then: str) -> None:
-        """Count ``exc``; raise :class:`TooManyFailures` naming it if it is one too many."""
+        """Count ``exc``; raise :class:`TooManyFailures` naming it if it is one too many.
+
+        From the second failure in a row on, pause before the caller retries
+        (FAILURE_PAUSE_S, doubling each time): one refusal is routine (a push
+        whose lease moved on), and the next request should go at once; a
+        streak means something is wrong, and may clear in a moment.
+        """
         self.count += 1
         if self.count >= self.limit:
             raise TooManyFailures(f"giving up after {self.count} failed requests in a row to {self.endpoint}; "
                                   f"the last: {exc}")
         log.warning("%s; %s (%d of %d failures in a row)", exc, then, self.count, self.limit)
+        if self.count > 1:
+            time.sleep(FAILURE_PAUSE_S * 2 ** (self.count - 2))
 
 
 class Rejoined(Exception):
@@ -276,7 +288,9 @@ class Client:
                                         f"back for {now - t0:.0f} s")
             if self.server_done.is_set() and now - t0 > self.reconnect_s:
                 raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
-            wait = max(0.0, sent_at + backoff - now)
+            # Until the next resend, but never past the moment we would give up: a backoff
+            # of max_backoff_s would otherwise make the give-up that much late.
+            wait = max(0.0, min(sent_at + backoff, max(t0, self.heard_at) + limit) - now)
             if self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
                 try:
                     reply = P.decode_message(*P.recv_message(self.sock))
@@ -348,8 +362,8 @@ class Client:
 
 
 def retry_delay(reply: P.Message) -> float:
-    """A wait's ``retry_s``, clamped to 0..MAX_RETRY_S."""
-    return min(max(float(reply.body["retry_s"]), 0.0), MAX_RETRY_S)
+    """A wait's ``retry_s``, clamped to MIN_RETRY_S..MAX_RETRY_S."""
+    return min(max(float(reply.body["retry_s"]), MIN_RETRY_S), MAX_RETRY_S)
 
 
 class Pending:

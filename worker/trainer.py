@@ -97,9 +97,10 @@ def check_model_fits(model, x, y) -> None:
 
 
 def check_weights(model, arrays, what: str = "weights") -> None:
-    """BadReply unless each of the server's ``arrays`` is a parameter or state of ``model``, of
-    its shape and dtype, and all are finite: what ``Model.assign`` would raise on, cast, or
-    load for the worker to train on or score.  One reduction over a FlatArrays' buffer."""
+    """BadReply unless the server's ``arrays`` (none: the weights we hold are the newest) are
+    every parameter and state of ``model``, each of its shape and dtype, all finite: what
+    ``Model.assign`` would raise on, cast, load for the worker to train on or score, or leave
+    as it was (a missing array).  One reduction over a FlatArrays' buffer."""
     if not arrays:
         return
     for name, value in arrays.items():
@@ -113,6 +114,10 @@ def check_weights(model, arrays, what: str = "weights") -> None:
         if value.dtype != target.dtype:
             raise BadReply(f"the server sent {what} with {P.one_line(repr(name), 80)} of dtype "
                            f"{value.dtype}, but the model's is {target.dtype}")
+    missing = [name for name in (*model.params, *model.state) if name not in arrays]
+    if missing:
+        raise BadReply(f"the server sent {what} without {len(missing)} of the model's arrays "
+                       f"(the first: {missing[0]!r})")
     if isinstance(arrays, FlatArrays) and all_finite(arrays.flat):
         return
     for name, value in arrays.items():             # which one (or, several dtypes: each of them)
