@@ -57,7 +57,10 @@ def get_array_module(arr):
 
 def resolve_dtype(dtype) -> np.dtype:
     """``"float32"``/``"float64"`` (or the numpy types) -> ``np.dtype``."""
-    key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:                                 # np.dtype(None) is float64: not a choice anyone made
+        key = dtype if isinstance(dtype, str) else np.dtype(dtype).name if dtype is not None else None
+    except TypeError:
+        key = None
     if key not in _DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}: expected 'float32' or 'float64'")
     return np.dtype(_DTYPES[key])

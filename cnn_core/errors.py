@@ -15,7 +15,7 @@ class SpecError(PscnnError, ValueError):
 
 
 class ShapeError(PscnnError, ValueError):
-    """An array has the wrong shape or dtype for where it is used."""
+    """An array has the wrong shape or dtype for where it is used (or NaN/Inf where values must be finite)."""
 
 
 class DataError(PscnnError, OSError):

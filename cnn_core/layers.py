@@ -592,6 +592,9 @@ class BatchNorm2D(Layer):
             inv_std = 1 / xp.sqrt(self.state["running_var"] + x.dtype.type(self.eps))
             return (x - self.state["running_mean"]) * (gamma * inv_std) + beta, None
         m = x.shape[0] * x.shape[1] * x.shape[2]
+        if m < 2:       # no batch variance: NaN (m = 0) or 0 (m = 1) in the running statistics for good
+            raise ShapeError(f"batchnorm2d {self.name}: a training batch needs more than one value per channel, "
+                             f"got {m} (batch {x.shape[0]} of {x.shape[1]}x{x.shape[2]})")
         mean = x.mean(axis=(0, 1, 2))
         centered = x - mean
         var = (centered * centered).mean(axis=(0, 1, 2))

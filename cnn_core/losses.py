@@ -8,7 +8,7 @@ from .errors import ShapeError
 def softmax_cross_entropy(logits, y, total: int | None = None):
     """Mean softmax cross-entropy and its gradient.
 
-    logits: (N, K) float; y: (N,) integer labels in [0, K).
+    logits: (N, K) float, K >= 1; y: (N,) integer labels in [0, K).
     Returns ``(loss, dlogits)``: ``loss`` a Python float (mean over N),
     ``dlogits`` (N, K) in the logits' dtype, = (softmax(logits) - onehot(y)) / N.
 
@@ -18,8 +18,12 @@ def softmax_cross_entropy(logits, y, total: int | None = None):
     exactly the one the whole batch would give it.
     """
     xp = get_array_module(logits)
-    if logits.ndim != 2:
-        raise ShapeError(f"softmax_cross_entropy: logits must be (N, K), got shape {tuple(logits.shape)}")
+    logits = xp.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ShapeError(f"softmax_cross_entropy: logits must be (N, K) with K >= 1 classes, "
+                         f"got shape {tuple(logits.shape)}")
+    if logits.dtype.kind != "f":       # the gradient, cast back to integers, would be all zeros
+        raise ShapeError(f"softmax_cross_entropy: logits must be floating point, got dtype {logits.dtype}")
     n, k = logits.shape
     y = xp.asarray(y)
     if y.shape != (n,):

@@ -477,7 +477,8 @@ class SGD(Optimizer):
 class AdaGrad(Optimizer):
     """AdaGrad: per-coordinate rates shrinking with the summed squared gradients.
 
-    ``cache += g**2;  w -= lr * g / (sqrt(cache) + eps)``.
+    ``cache += g**2;  w -= lr * g / (sqrt(cache) + eps)``.  The default eps is 1e-8
+    (torch's is 1e-10); with the same eps the updates match torch.optim.Adagrad's.
     """
 
     name = "adagrad"

@@ -12,7 +12,7 @@ import pytest
 
 from cnn_core import PRESETS, build_model, softmax_cross_entropy
 from cnn_core import model as model_module
-from cnn_core.errors import ShapeError, SpecError
+from cnn_core.errors import ConfigError, ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_model
 from cnn_core.layers import Conv2D, Dropout, MaxPool2D, ReLU
 from cnn_core.model import execution_order
@@ -215,6 +215,103 @@ def test_wrong_input_dtype_raises(dtype):
     model = build_model("light")
     with pytest.raises(ShapeError, match="floating point"):
         model.forward(np.zeros((2, 1, 28, 28), dtype=dtype))
+
+
+def _nan_pixel(x):
+    x = x.copy()
+    x[3, 0, 5, 7] = np.nan
+    return x
+
+
+X8, Y8 = batch(8)
+# What the engine's public calls refuse, each in one line naming the problem (an engine audit
+# found each of these a traceback from inside NumPy, or silently wrong).
+BAD_CALLS = {
+    "input a list": (lambda m: m.forward(X8.tolist()), ShapeError, r"must have shape \(N, 1, 28, 28\), got a list"),
+    "input with NaN": (lambda m: m.loss_and_grads(_nan_pixel(X8), Y8), ShapeError,
+                       r"model input contains NaN or Inf \(in sample 3 of 8"),
+    "input beyond float32": (lambda m: m.forward(np.full((2, 1, 28, 28), 1e300)), ShapeError,
+                             "NaN or Inf .*beyond float32"),
+    "predict batch 0": (lambda m: m.predict(X8, batch_size=0), ConfigError, "batch_size must be an int >= 1, got 0"),
+    "predict batch -1": (lambda m: m.predict(X8, batch_size=-1), ConfigError, "got -1"),
+    "predict batch 2.5": (lambda m: m.predict(X8, batch_size=2.5), ConfigError, "got 2.5"),
+    "predict a list": (lambda m: m.predict(X8.tolist()), ShapeError, "got a list"),
+    "dlogits of another K": (lambda m: (m.forward(X8), m.backward(np.zeros((8, 11), np.float32))), ShapeError,
+                             r"dlogits must have the logits' shape \(8, 10\), got \(8, 11\)"),
+    "dlogits 1-d": (lambda m: (m.forward(X8), m.backward(np.zeros(8, np.float32))), ShapeError, r"got \(8,\)"),
+    "dlogits of ints": (lambda m: (m.forward(X8), m.backward(np.zeros((8, 10), np.int64))), ShapeError,
+                        "dlogits must be floating point, got dtype int64"),
+    "assign a list": (lambda m: m.assign({"fc2.bias": [0.0] * 10}), ShapeError,
+                      "fc2.bias: needs a floating-point array, got list"),
+    "assign ints": (lambda m: m.assign({"fc2.bias": np.zeros(10, np.int64)}), ShapeError, "got int64"),
+    "reseed a string": (lambda m: m.reseed("abc"), ConfigError, "reseed: seed must be an int >= 0"),
+    "reseed negative": (lambda m: m.reseed(-5), ConfigError, "got -5"),
+    "reseed a float in a list": (lambda m: m.reseed([1, 2.5]), ConfigError, r"got \[1, 2.5\]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_calls_are_refused_in_one_line(case):
+    call, error, needle = BAD_CALLS[case]
+    model = build_model("light", seed=0)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(error, match=needle) as exc:
+        call(model)
+    assert "\n" not in str(exc.value)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_backward_casts_float64_dlogits_to_the_models_dtype():
+    model = build_model("light", seed=0)
+    logits = model.forward(X8)
+    grads = model.backward(softmax_cross_entropy(logits.astype(np.float64), Y8)[1])
+    assert {g.dtype for g in grads.values()} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("seed", ["abc", None, -1, 1.5, True])
+def test_a_model_seed_must_be_a_non_negative_int(seed):
+    with pytest.raises(ConfigError, match=f"model seed must be an int >= 0, got {seed!r}"):
+        build_model("light", seed=seed)
+
+
+def test_a_model_dtype_must_be_named():
+    with pytest.raises(ConfigError, match="unsupported dtype None"):
+        build_model("light", dtype=None)
+
+
+@pytest.mark.parametrize("n, hw", [(0, 4), (1, 1)])
+def test_batchnorm_refuses_a_training_batch_without_a_variance(n, hw):
+    """An empty batch (or one value per channel) has no variance: the running statistics
+    became NaN (or took a variance of 0) for good, and every later evaluation with them."""
+    model = build_model({"input_shape": [1, hw, hw], "layers": [
+        {"type": "conv2d", "out_channels": 2, "kernel": 1}, {"type": "batchnorm2d", "name": "bn"},
+        {"type": "flatten"}, {"type": "dense", "units": 3}]})
+    state = {k: v.copy() for k, v in model.state.items()}
+    with pytest.raises(ShapeError, match=f"batchnorm2d bn: a training batch needs more than one value per "
+                                         f"channel, got {n * hw * hw}"):
+        model.loss_and_grads(np.zeros((n, 1, hw, hw), np.float32), np.zeros(n, np.int64))
+    for k, v in model.state.items():
+        np.testing.assert_array_equal(v, state[k])
+    two = np.arange(2 * hw * hw, dtype=np.float32).reshape(2, 1, hw, hw)      # two values a channel: fine
+    model.loss_and_grads(two, np.zeros(2, np.int64))
+    assert all(np.isfinite(v).all() for v in model.state.values())
+
+
+@pytest.mark.parametrize("logits, needle", [
+    (np.array([[0, 5, 0], [3, 0, 0]]), "logits must be floating point, got dtype int64"),
+    (np.zeros((2, 0)), r"logits must be \(N, K\) with K >= 1 classes, got shape \(2, 0\)"),
+    (np.zeros(2), r"got shape \(2,\)")])
+def test_softmax_cross_entropy_refuses_logits_it_cannot_differentiate(logits, needle):
+    with pytest.raises(ShapeError, match=needle):
+        softmax_cross_entropy(logits, np.array([0, 0]))
+
+
+def test_softmax_cross_entropy_takes_logits_as_a_list():
+    loss, d = softmax_cross_entropy([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0]], [0, 0])
+    want_loss, want_d = softmax_cross_entropy(np.array([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0]]), np.array([0, 0]))
+    assert loss == want_loss
+    np.testing.assert_array_equal(d, want_d)
 
 
 # --------------------------------------------------------------------------- specs
