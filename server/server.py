@@ -319,9 +319,11 @@ class ParameterServer:
 
     # ================================================================== lifecycle
     def open(self) -> None:
-        """Open the run folder and bind the socket: what serving needs before the first message."""
-        self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
-                                resume=self.cfg.resume)
+        """Bind the socket, then open the run folder: what serving needs before the first message.
+
+        In that order: a server that cannot bind (the port is taken) must leave the
+        run folder as it was, an earlier run's metrics.jsonl included.
+        """
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.max_frame_bytes(self.store.push_bytes))
@@ -330,7 +332,9 @@ class ParameterServer:
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
         try:
             P.bind(self.sock, self.cfg.bind)
-        except P.EndpointError:
+            self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
+                                    resume=self.cfg.resume)
+        except BaseException:
             self.sock.close(linger=0)
             raise
 

@@ -1000,13 +1000,20 @@ def test_fuzzed_messages_never_crash_the_server_and_every_reply_is_valid(server)
 
 
 def test_a_second_server_on_a_port_in_use_exits_with_one_line_and_the_first_serves_on(server, tmp_path):
+    """... and leaves its run folder alone: it rewrote config.json and emptied metrics.jsonl
+    (an earlier run's history) before it found the port taken."""
+    earlier = tmp_path / "second"
+    earlier.mkdir()
+    (earlier / "metrics.jsonl").write_text('{"event": "step", "version": 1}\n')
     second = subprocess.run([sys.executable, "-m", "pscnn.cli", "server", *SERVER_FLAGS, "--bind", server.endpoint,
-                             "--out", str(tmp_path / "second")],
+                             "--out", str(earlier)],
                             capture_output=True, text=True, timeout=120, env=child_env(), check=False)
     assert second.returncode == 1, second.stderr[-2000:]
     last_line = second.stderr.strip().splitlines()[-1]
     assert last_line == f"pscnn: error: cannot bind {server.endpoint}: Address already in use"
     assert "Traceback" not in second.stderr
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.jsonl"]
+    assert (earlier / "metrics.jsonl").read_text() == '{"event": "step", "version": 1}\n'
     assert server.alive()
     server.status()
 
