@@ -200,16 +200,26 @@ class RunWriter:
             mid-write) is cut off first, so it cannot swallow the next record.
 
     ``log`` may be called from several threads (a server's handlers); each
-    record is one ``write`` of one line under a lock, flushed at once so that
+    record is one ``write`` of one line under a lock, unbuffered, so that
     ``tail -f`` and a crash both see every record logged so far.  Records made
     at every training step go through :meth:`log_deferred` instead: they wait
     in memory for the next :meth:`flush` (a parameter server calls it every
     50 ms), ``log`` or ``close``, so that writing them costs no system call
     per step.  Usable as a context manager, which closes it.
+
+    A write that fails (a full disk, a file system gone read-only) does not
+    stop the run: the bytes not written wait in memory, up to HELD_MAX_BYTES
+    (records beyond are counted and dropped), and go out with the next write
+    that succeeds; a warning says so once, and an info line when the file is
+    written again.  The file never holds a record twice or out of order.
+    Only :meth:`close` raises :class:`RunLogError` if they still cannot be
+    written: the run's last chance to keep them.
     """
 
     # Deferred records written at once when this many are waiting.
     DEFERRED_MAX = 256
+    # What may wait in memory while metrics.jsonl cannot be written (~300,000 step records).
+    HELD_MAX_BYTES = 64 << 20
 
     def __init__(self, out_dir, config: dict, resume: bool = False):
         self.out_dir = make_folder(out_dir)
@@ -222,8 +232,8 @@ class RunWriter:
             offset = 0.0
             if resume and self.metrics_path.exists():
                 offset = _repair_and_last_seconds(self.metrics_path)
-            # Flushed explicitly after each record (see log), whatever the buffering.
-            self._fh = open(self.metrics_path, "a" if resume else "w", encoding="utf-8")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if resume else os.O_TRUNC)
+            self._fd: int | None = os.open(self.metrics_path, flags, 0o644)
         except BaseException as exc:
             if self._folder_lock is not None:     # no writer: nobody holds the folder
                 self._folder_lock.close()
@@ -234,6 +244,9 @@ class RunWriter:
         self._start = time.monotonic()
         self._lock = threading.Lock()
         self._deferred: list[str] = []        # lines logged with log_deferred, not yet written
+        self._unwritten = b""                 # what a failed or partial write left behind
+        self._failing: str | None = None      # why the last write failed (None: it did not)
+        self._dropped = 0                     # records dropped while too much waited
 
     @property
     def seconds(self) -> float:
@@ -275,40 +288,64 @@ class RunWriter:
 
     def _write(self, line: str, flush: bool) -> None:
         with self._lock:
-            if self._fh is None:
+            if self._fd is None:
                 raise ValueError(f"RunWriter.log: {self.metrics_path} is closed")
             if line:
-                self._deferred.append(line)
+                if self._failing and len(self._unwritten) + len(line) > self.HELD_MAX_BYTES \
+                        and self._write_deferred() is not None:         # still failing: no room left
+                    self._dropped += 1
+                else:
+                    self._deferred.append(line)
             if flush or len(self._deferred) >= self.DEFERRED_MAX:
                 self._write_deferred()
 
-    def _write_deferred(self) -> None:
-        """Write and flush the waiting lines (the caller holds the lock)."""
-        if not self._deferred:
-            return
-        text, self._deferred = "".join(self._deferred), []
+    def _write_bytes(self, data: bytes) -> int:
+        """One ``write`` system call; returns how much of ``data`` it wrote."""
+        return os.write(self._fd, data)
+
+    def _write_deferred(self) -> OSError | None:
+        """Write the waiting lines (the caller holds the lock); the error if they could not all be."""
+        if self._deferred:
+            self._unwritten += "".join(self._deferred).encode("utf-8")
+            self._deferred = []
         try:
-            self._fh.write(text)        # whole lines only, in one write
-            self._fh.flush()
+            while self._unwritten:      # whole lines, in one write unless the disk fills up midway
+                written = self._write_bytes(self._unwritten)
+                self._unwritten = self._unwritten[written:]
         except OSError as exc:
-            raise _io_error(self.metrics_path, exc) from exc
+            if self._failing is None:
+                log.warning("%s: cannot write (%s); the run goes on, and its records wait in memory (up to "
+                            "%d MB) until the file can be written", self.metrics_path, exc.strerror or exc,
+                            self.HELD_MAX_BYTES >> 20)
+            self._failing = exc.strerror or str(exc)
+            return exc
+        if self._failing is not None:
+            log.info("%s: written again%s", self.metrics_path,
+                     f"; {self._dropped} records were dropped while it could not be" if self._dropped else "")
+            self._failing, self._dropped = None, 0
+        return None
 
     def write_summary(self, summary: dict) -> Path:
         """Write ``summary.json`` atomically (JSON-able conversion as in :meth:`log`); returns its path."""
         return write_json_atomic(self.summary_path, summary)
 
     def close(self) -> None:
-        """Write the deferred records and close metrics.jsonl; calling it again does nothing."""
+        """Write the waiting records and close metrics.jsonl; calling it again does nothing.
+
+        RunLogError if some records still cannot be written (it closes all the same).
+        """
         with self._lock:
-            if self._fh is not None:
+            if self._fd is not None:
                 try:
-                    self._write_deferred()
+                    failed = self._write_deferred()
                 finally:                # closed even when the last write fails
-                    self._fh.close()
-                    self._fh = None
+                    os.close(self._fd)
+                    self._fd = None
                     if self._folder_lock is not None:
                         self._folder_lock.close()       # releases the lock
                         self._folder_lock = None
+                if failed is not None:
+                    raise _io_error(self.metrics_path, failed) from failed
 
     def __enter__(self) -> RunWriter:
         return self

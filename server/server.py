@@ -284,6 +284,11 @@ class ParameterServer:
         self.nonfinite_senders: set[str] = set()    # the trainers that sent them
         self._stop_requested = False
         self._last_checkpoint = time.monotonic()
+        self.checkpointed_version: int | None = None  # of the last checkpoint written (this incarnation)
+        self._checkpoint_failing: str | None = None  # why the last checkpoint could not be written
+        self._final_write_since: float | None = None  # when the run's outputs first failed to be written
+        self._final_write_next = 0.0
+        self.write_error: str | None = None         # the run's outputs could not be written: exit 1
         self.writer = None
         self.ctx = zmq.Context.instance()
         self.sock = None
@@ -388,22 +393,26 @@ class ParameterServer:
                                  "diverged" if self.failure is not None else "finished")
                     else:
                         log.warning("interrupted: writing a checkpoint; continue later with --resume")
-                        self._checkpoint()
+                        if not self._checkpoint():
+                            self.write_error = (f"interrupted, and the checkpoint could not be written "
+                                                f"({P.one_line(self._checkpoint_failing)}); --resume would "
+                                                f"continue from {self._last_checkpoint_text()}")
                     break
         finally:
             self._restore_signal_handlers(old_handlers)
             self.sock.close(linger=1000)
             self.writer.close()
-        if self.failure is not None:
-            print(f"pscnn server: {self.failure}", file=sys.stderr)
-            return 1
-        return 0
+        for problem in (self.failure, self.write_error):
+            if problem is not None:
+                print(f"pscnn server: {problem}", file=sys.stderr)
+        return 1 if self.failure is not None or self.write_error is not None else 0
 
     def _install_signal_handlers(self):
         def on_signal(signum, _frame):
             self._stop_requested = True
         old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP: the terminal closed (an ssh session dropped): checkpoint and stop, as on SIGTERM
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             try:
                 old[sig] = signal.signal(sig, on_signal)
             except ValueError:          # not the main thread (tests): no handlers
@@ -986,7 +995,7 @@ class ParameterServer:
         if self.t_finish_start is None:
             self.t_finish_start = now
             if self.failure is None:       # else the last periodic checkpoint stays: a state before the failure
-                self._checkpoint()
+                self._checkpoint()          # tried again with the run's other outputs if it fails
             for p in list(self.peers.values()):     # parked trainers learn it is over
                 if p.role == "trainer" and p.pending and p.parked_since:
                     self._give_task(p, now, p.parked_ack)
@@ -1000,10 +1009,43 @@ class ParameterServer:
                 log.log(logging.WARNING if self.cfg.final_eval_timeout else logging.INFO,
                         "no final evaluation from an evaluator; scoring the final weights here")
                 self.final_eval = self._evaluate_here()
-            self._write_summary(now)
+            if not self._write_final(now):
+                return self.write_error is not None     # trying again, or given up
         # linger until every live client was told to stop (they exit on it), bounded by peer_timeout
         waiting = [p for p in self.peers.values() if not p.told_to_stop]
         return not waiting or now - self.t_finish_start > self.cfg.final_eval_timeout + self.cfg.peer_timeout
+
+    def _write_final(self, now: float) -> bool:
+        """Write the run's outputs: the final checkpoint (unless written or the run failed), then
+        summary.json, model.npz and the plots.  True once written.
+
+        While they cannot be (a full disk), the server keeps serving and tries
+        again every FINAL_WRITE_RETRY_S, for FINAL_WRITE_PATIENCE_S; then it
+        gives up, with :attr:`write_error` set (exit status 1).
+        """
+        if now < self._final_write_next:
+            return False
+        try:
+            if self.failure is None and self.checkpointed_version != self.store.version:
+                self._checkpoint(raise_errors=True)
+            self._write_summary(now)
+        except (OSError, PscnnError) as exc:
+            text = P.one_line(exc)
+            if self._final_write_since is None:
+                self._final_write_since = now
+                log.error("cannot write the run's outputs to %s: %s; trying again every %.0f s for %.0f s "
+                          "(free some space there)", self.cfg.out, text, self.FINAL_WRITE_RETRY_S,
+                          self.FINAL_WRITE_PATIENCE_S)
+            if now - self._final_write_since >= self.FINAL_WRITE_PATIENCE_S:
+                self.write_error = (f"the run's outputs could not be written to {self.cfg.out} for "
+                                    f"{now - self._final_write_since:.0f} s: {text}; --resume would continue "
+                                    f"from {self._last_checkpoint_text()}")
+                log.error("%s", self.write_error)
+            self._final_write_next = now + self.FINAL_WRITE_RETRY_S
+            return False
+        if self._final_write_since is not None:
+            log.info("the run's outputs are written after all")
+        return True
 
     def _evaluate_here(self) -> dict:
         try:
@@ -1067,7 +1109,45 @@ class ParameterServer:
                  self.cfg.out)
 
     # ================================================================== checkpoints
-    def _checkpoint(self) -> None:
+    # The run's final outputs (checkpoint, summary, model) that cannot be written
+    # (a full disk) are tried again every FINAL_WRITE_RETRY_S, for FINAL_WRITE_PATIENCE_S:
+    # time to free some space without losing the run.
+    FINAL_WRITE_RETRY_S = 5.0
+    FINAL_WRITE_PATIENCE_S = 300.0
+
+    def _checkpoint(self, raise_errors: bool = False) -> bool:
+        """Write OUT/checkpoint.npz; True if it was written.
+
+        One that cannot be written (a full disk, a folder gone) does not stop
+        the run: it is logged (once, until one is written again), the last
+        checkpoint written stays as it was (writes are atomic), and the next
+        one is tried after --checkpoint-every as usual.  ``raise_errors``: raise
+        instead (the run's final outputs, see :meth:`_write_final`).
+        """
+        try:
+            self._write_checkpoint()
+        except (OSError, PscnnError) as exc:
+            if raise_errors:
+                raise
+            self._last_checkpoint = time.monotonic()        # next try after the period
+            if self._checkpoint_failing is None:
+                log.warning("checkpoint not written: %s; training goes on, and --resume would continue from %s",
+                            P.one_line(exc), self._last_checkpoint_text())
+            self._checkpoint_failing = str(exc)
+            return False
+        if self._checkpoint_failing is not None:
+            log.info("checkpoint written again (version %d)", self.store.version)
+            self._checkpoint_failing = None
+        return True
+
+    def _last_checkpoint_text(self) -> str:
+        if self.checkpointed_version is not None:
+            return f"version {self.checkpointed_version}, the last checkpoint written"
+        if os.path.exists(os.path.join(self.cfg.out, CHECKPOINT_NAME)):
+            return "the checkpoint there already (from before this server started)"
+        return "nothing: no checkpoint was written yet"
+
+    def _write_checkpoint(self) -> None:
         path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
         extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
                  "staleness": {str(k): v for k, v in self.staleness.items()},
@@ -1079,6 +1159,7 @@ class ParameterServer:
         self.writer.flush()     # every step record the checkpoint includes is on disk before it
         save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
         self._last_checkpoint = time.monotonic()
+        self.checkpointed_version = self.store.version
         log.info("checkpoint written: version %d, epoch %d (%d/%d batches) in %.0f ms", self.store.version,
                  self.work.epoch, len(self.work.applied), self.work.batches_per_epoch,
                  (time.perf_counter() - t) * 1e3)

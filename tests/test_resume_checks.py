@@ -171,6 +171,18 @@ def interrupted(tmp_path_factory) -> Path:
     return out
 
 
+def test_a_server_whose_terminal_closed_checkpoints_as_on_sigterm(tmp_path):
+    """SIGHUP (the terminal closed, an ssh session dropped) killed the server at once: no
+    checkpoint, no line, everything since the last periodic checkpoint lost."""
+    out = tmp_path / "run"
+    with serving(out) as (cluster, clients):
+        clients += train(cluster.endpoint, ["w0", "w1"], 1)
+        cluster.kill("server", signal.SIGHUP)
+        assert cluster.wait("server", 60) == 0, cluster.log_tail("server", 30)
+        assert "interrupted: writing a checkpoint" in cluster.log_tail("server", 10)
+    assert load_checkpoint(out / "checkpoint.npz")[1]["step"] == 1
+
+
 @pytest.fixture
 def run(interrupted, tmp_path) -> Path:
     """A copy of the interrupted run's folder, to edit."""

@@ -169,17 +169,70 @@ def test_deferred_records_wait_for_flush_log_or_close_in_order(tmp_path, monkeyp
     assert [r["step"] for r in read_metrics(tmp_path / "burst")] == list(range(7))
 
 
-def test_a_deferred_record_that_cannot_be_written_fails_close_in_one_line_and_still_closes(tmp_path):
+def test_a_record_that_cannot_be_written_by_the_end_fails_close_in_one_line_and_still_closes(tmp_path):
     writer = RunWriter(tmp_path, {})
     writer.log_deferred("step", step=1)
 
-    def disk_full(_text):
+    def disk_full(_data):
         raise OSError(28, "No space left on device")
-    writer._fh.write = disk_full
+    writer._write_bytes = disk_full
+    writer.log("eval", step=1)                  # no error while the run goes on
     with pytest.raises(runlog.RunLogError, match=r"metrics.jsonl: cannot write: No space left on device"):
         writer.close()
     with pytest.raises(ValueError, match="closed"):
         writer.log("step", step=2)
+
+
+def test_records_wait_while_the_disk_is_full_and_go_out_once_in_order(tmp_path, caplog):
+    """A full disk must not end a run (a parameter server would lose every update since its last
+    checkpoint): the records wait in memory and are written, each once, when the disk has room."""
+    writer = RunWriter(tmp_path, {})
+    real = writer._write_bytes
+    disk = {"room": 0}                           # bytes the disk still takes; None: room enough
+
+    def filling(data):
+        if disk["room"] is None:
+            return real(data)
+        if disk["room"] == 0:
+            raise OSError(28, "No space left on device")
+        take, disk["room"] = min(disk["room"], len(data)), 0
+        return real(data[:take])                 # a partial write: the disk filled up midway
+    writer._write_bytes = filling
+    with caplog.at_level(logging.INFO, logger="cnn_core.runlog"):
+        for step in range(5):
+            writer.log("step", step=step)
+        disk["room"] = 30                        # half a record fits, then the disk is full again
+        writer.log_deferred("step", step=5)
+        writer.flush()
+        disk["room"] = None
+        writer.log("step", step=6)
+        writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(7))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot write (No space left on device); the run goes on" in warnings[0]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO][-1].endswith("written again")
+
+
+def test_what_waits_for_a_full_disk_is_bounded_and_the_dropped_records_counted(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(RunWriter, "HELD_MAX_BYTES", 1000)
+    writer = RunWriter(tmp_path, {})
+    real, full = writer._write_bytes, [True]
+
+    def filling(data):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        return real(data)
+    writer._write_bytes = filling
+    for step in range(100):                      # ~40 bytes each: about 25 fit in 1000
+        writer.log("step", step=step)
+    full[0] = False
+    with caplog.at_level(logging.INFO, logger="cnn_core.runlog"):
+        writer.log("step", step=100)
+    writer.close()
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    kept = len(steps) - 1
+    assert 10 < kept < 30 and steps == [*range(kept), 100], steps
+    assert f"{100 - kept} records were dropped while it could not be" in caplog.text
 
 
 def test_writer_log_is_thread_safe(tmp_path):

@@ -30,6 +30,8 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from cnn_core.checkpoint import load_checkpoint
+from cnn_core.errors import CheckpointError
 from cnn_core.model import build_model
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, query_status
@@ -794,6 +796,84 @@ def test_a_parked_request_answered_too_many_leases_leaves_no_wait_behind(in_proc
     reply = server.call(hoarder, P.PUSH, push_body(first), grads_like(first.arrays))
     assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
     assert reply.body["held_s"] < 50.0, reply.body
+
+
+def _disk_full(*_args, **_kwargs):
+    raise CheckpointError("checkpoint.npz: cannot write: No space left on device")
+
+
+def _trainer(server: InProcess) -> Raw:
+    raw = server.client()
+    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid, "pid": 1, "host": "test"}).type == P.WELCOME
+    return raw
+
+
+def _push_all(server: InProcess, raw: Raw) -> int:
+    """Work and push until the server says stop; the number of pushes applied."""
+    applied, reply = 0, server.call(raw, P.WORK)
+    while reply.type == P.TASK:
+        reply = server.call(raw, P.PUSH, push_body(reply), grads_like(reply.arrays or raw.weights))
+        raw.weights = getattr(raw, "weights", None) or {}
+        applied += reply.body["ack"]["applied"]
+    assert reply.type == P.STOP, reply.body
+    return applied
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(in_process, monkeypatch, caplog):
+    """A full disk at a periodic checkpoint ended the server: every update since the last
+    checkpoint lost, the workers left waiting.  Training goes on; one warning; the next
+    checkpoint that can be written is, and says so."""
+    import server.server as server_module
+    server = in_process(epochs=2)
+    raw = _trainer(server)
+    first = server.call(raw, P.WORK)
+    assert server.call(raw, P.PUSH, push_body(first), grads_like(first.arrays)).body["ack"]["applied"]
+    assert server.srv._checkpoint()
+    monkeypatch.setattr(server_module, "save_model_checkpoint", _disk_full)
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        assert not server.srv._checkpoint() and not server.srv._checkpoint()
+        task = server.call(raw, P.WORK)
+        assert server.call(raw, P.PUSH, push_body(task), grads_like(first.arrays)).body["ack"]["applied"]
+        monkeypatch.undo()
+        assert server.srv._checkpoint()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["checkpoint not written: checkpoint.npz: cannot write: No space left on device; training "
+                        "goes on, and --resume would continue from version 1, the last checkpoint written"], warnings
+    assert "checkpoint written again (version 2)" in caplog.text
+    assert load_checkpoint(Path(server.srv.cfg.out) / "checkpoint.npz")[1]["step"] == 2
+
+
+@pytest.mark.parametrize("disk_freed", [True, False], ids=["space freed", "never"])
+def test_the_runs_outputs_wait_for_a_full_disk_for_a_while(in_process, monkeypatch, caplog, disk_freed):
+    """At the end, outputs that cannot be written are tried again every FINAL_WRITE_RETRY_S for
+    FINAL_WRITE_PATIENCE_S (time to free some space), then the server exits 1 saying so."""
+    import server.server as server_module
+    server = in_process(epochs=1, final_eval_timeout=0.0)
+    srv = server.srv
+    raw = _trainer(server)
+    monkeypatch.setattr(server_module, "save_model_checkpoint", _disk_full)
+    assert _push_all(server, raw) == srv.work.batches_per_epoch
+    now = time.monotonic()
+    srv.final_eval = {"test_accuracy": 0.5, "test_loss": 1.0}       # as if the evaluator had reported
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        assert srv._housekeeping(now) is False
+        assert srv._housekeeping(now + 1) is False                    # not yet tried again
+        assert srv._housekeeping(now + srv.FINAL_WRITE_RETRY_S) is False
+        if disk_freed:
+            monkeypatch.undo()
+            srv._housekeeping(now + 2 * srv.FINAL_WRITE_RETRY_S)
+            assert srv.write_error is None and srv.summary_written
+            assert (Path(srv.cfg.out) / "model.npz").exists() and (Path(srv.cfg.out) / "summary.json").exists()
+            assert "the run's outputs are written after all" in caplog.text
+        else:
+            assert srv._housekeeping(now + srv.FINAL_WRITE_PATIENCE_S) is True
+            assert not srv.summary_written and not (Path(srv.cfg.out) / "model.npz").exists()
+            assert srv.write_error.startswith(f"the run's outputs could not be written to {srv.cfg.out} for 300 s: "
+                                              "checkpoint.npz: cannot write: No space left on device; --resume "
+                                              "would continue from nothing: no checkpoint was written yet")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors[0].endswith("trying again every 5 s for 300 s (free some space there)"), errors
+    assert len(errors) == (1 if disk_freed else 2), errors
 
 
 def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
