@@ -922,6 +922,11 @@ class ParameterServer:
         record = self._evaluation_record(now, version, acc, loss, final)
         if not self._record_evaluation(record):
             log.debug("evaluation of version %d from %s: that version is recorded already", version, peer.name)
+            if final and self.final_eval is None:
+                # A resumed run whose checkpoint holds its final evaluation already (the report
+                # came just before the end's checkpoint): it is the run's result all the same;
+                # else the server waited --final-eval-timeout and scored the weights itself.
+                self.final_eval = m
             self._reply(peer, P.Message(P.ACK))
             return
         self.writer.log("eval", **record, per_class_accuracy=m.get("per_class_accuracy"))
@@ -1203,6 +1208,8 @@ class ParameterServer:
         self.contributors = checked["contributors"]
         self.workers_before = checked["workers_most"]
         self.train_seconds_before = checked["train_seconds"]
+        if self.work.done:              # trained to the end already: this incarnation trains for 0 s
+            self.t_train_end = self.t_start
         for warning in checked["warnings"]:     # only once the whole checkpoint was accepted
             log.warning("%s", warning)
         log.info("resumed from %s: version %d, epoch %d with %d/%d batches applied", path, self.store.version,

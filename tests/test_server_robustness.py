@@ -748,8 +748,8 @@ def in_process(tmp_path):
     """in_process(**ServerConfig fields) -> an InProcess server, run folder in tmp_path; closed afterwards."""
     servers: list[InProcess] = []
 
-    def start(**config) -> InProcess:
-        servers.append(InProcess(tmp_path / f"run{len(servers)}", **config))
+    def start(out: Path | None = None, **config) -> InProcess:
+        servers.append(InProcess(out or tmp_path / f"run{len(servers)}", **config))
         return servers[-1]
     yield start
     for s in servers:
@@ -874,6 +874,33 @@ def test_the_runs_outputs_wait_for_a_full_disk_for_a_while(in_process, monkeypat
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors[0].endswith("trying again every 5 s for 300 s (free some space there)"), errors
     assert len(errors) == (1 if disk_freed else 2), errors
+
+
+def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_takes_the_evaluators_report(in_process):
+    """The evaluator's final report can come just before the end's checkpoint, which then holds
+    it.  Resumed from there, the report was "recorded already" and ignored: the server waited
+    --final-eval-timeout, scored the weights itself, and counted the wait as training time."""
+    first = in_process(epochs=1)
+    raw = _trainer(first)
+    _push_all(first, raw)
+    ev = first.client()
+    assert first.call(ev, P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+    version = first.srv.store.version
+    report = {"version": version, "final": True, "metrics": {"test_accuracy": 0.75, "test_loss": 0.5}}
+    assert first.call(ev, P.EVAL_REPORT, report).type == P.ACK
+    assert first.srv._checkpoint()                      # the end's checkpoint, after the report
+    first.srv.writer.close()
+    first.close()
+    trained_s = load_checkpoint(Path(first.srv.cfg.out) / "checkpoint.npz")[1]["extra"]["train_seconds"]
+
+    again = in_process(Path(first.srv.cfg.out), epochs=1, resume=True)
+    ev = again.client()
+    assert again.call(ev, P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+    assert again.call(ev, P.EVAL_REPORT, report).type == P.ACK
+    assert again.srv.final_eval == report["metrics"]
+    again.srv._housekeeping(time.monotonic() + 30)      # later: any training time would show
+    summary = json.loads((Path(again.srv.cfg.out) / "summary.json").read_text())
+    assert summary["test_accuracy"] == 0.75 and summary["train_seconds"] == pytest.approx(trained_s, abs=1e-3)
 
 
 def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):

@@ -16,6 +16,9 @@ gives up after ``GIVE_UP_S`` and the test fails instead of hanging.
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -24,9 +27,10 @@ import pytest
 
 from cnn_core.model import build_model
 from pscnn import protocol as P
+from pscnn.launcher import child_env
 import test_client_replies
 from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, error,
-                                 one_error_line, pscnn, run_loop, task, trainer_on, welcome)
+                                 one_error_line, pscnn, run_loop, task, trainer_on, wait, welcome)
 from worker import evaluator as evaluator_module
 from worker.client import BadReply, TooManyFailures
 from worker.evaluator import FinalReportRefused, run_evaluator
@@ -313,3 +317,37 @@ def test_a_task_of_an_epoch_past_the_run_is_refused(fake, connect, caplog, epoch
         assert run_loop(trainer_on(connect(server)), overlapped) == 0
     assert not server.of_type(P.PUSH)
     assert warnings_with(caplog, "bad task", f"epoch {epoch} is not one of the run's {RUN['epochs']} epochs")
+
+
+# ================================================================ 7: stopped by a signal
+
+STOPS = {"SIGTERM": (signal.SIGTERM, 0, "terminated"), "SIGHUP": (signal.SIGHUP, 0, "terminated"),
+         "Ctrl-C": (signal.SIGINT, 130, "interrupted")}
+
+
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+@pytest.mark.parametrize("how", STOPS)
+def test_a_worker_stopped_by_a_signal_says_goodbye(fake, mnist_dir, role, how):
+    """docker stop, a closed terminal, Ctrl-C: the server must hear a bye, so the worker's lease
+    goes back to the queue at once (SIGHUP killed it silently; Ctrl-C left without a word)."""
+    sig, status, reason = STOPS[how]
+    server = fake(work=[wait(0.2)], pull=[pull_reply(False, version=0)])
+    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", role, "--server", server.endpoint,
+                             "--give-up-after", str(GIVE_UP_S), "--mnist-dir", mnist_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        asked = P.WORK if role == "worker" else P.PULL
+        deadline = time.monotonic() + 60
+        while not server.of_type(asked):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=5)
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == status, err[-2000:]
+    assert "Traceback" not in err and "stopped by" in err, err[-2000:]
+    (bye,) = server.of_type(P.BYE)
+    assert bye.body["reason"] == reason

@@ -30,7 +30,7 @@ from pscnn import protocol as P
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
                      exit_status_unreachable)
 from .trainer import (_exit_on_sigterm, check_local_setup, check_model_fits, check_run, check_weights,
-                      model_from_welcome)
+                      leave_on_signal, model_from_welcome)
 
 log = logging.getLogger("pscnn.evaluator")
 
@@ -105,9 +105,8 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 client.server_done.wait(every)  # wakes early when a heartbeat says training is over
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
-    except SystemExit:
-        client.close(say_bye=True, reason="terminated")
-        return 0
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return leave_on_signal(client, exc)
     except PscnnError:                          # refused, or a server we cannot use: the CLI prints one line
         client.close(say_bye=client.welcome is not None, reason="error")
         raise

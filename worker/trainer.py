@@ -440,9 +440,8 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         return trainer.loop_overlapped() if overlapped else trainer.loop()
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
-    except SystemExit:                          # SIGTERM: leave politely so our lease is requeued at once
-        client.close(say_bye=True, reason="terminated")
-        return 0
+    except (SystemExit, KeyboardInterrupt) as exc:   # leave politely: our lease is requeued at once
+        return leave_on_signal(client, exc)
     except PscnnError:                          # refused, or a server we cannot use: the CLI prints one line
         client.close(say_bye=client.welcome is not None, reason="error")    # (bounded) our leases go back at once
         raise
@@ -451,12 +450,27 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
 
 
 def _exit_on_sigterm() -> None:
-    def on_term(signum, frame):
+    """SIGTERM (docker stop, pscnn run) and SIGHUP (the terminal closed) end a trainer or the
+    evaluator politely: a SystemExit, caught where it says goodbye, so the server requeues
+    its lease at once instead of after --peer-timeout; exit status 0."""
+    def on_signal(signum, frame):
         raise SystemExit(0)
-    try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:                          # not the main thread (tests)
-        pass
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, on_signal)
+        except ValueError:                      # not the main thread (tests)
+            pass
+
+
+def leave_on_signal(client: Client, exc: BaseException) -> int:
+    """The end of a worker stopped by a signal (``exc``): goodbye to the server, one line; 0 for
+    SIGTERM/SIGHUP, and Ctrl-C (KeyboardInterrupt) raised on, for the CLI's "interrupted" (130)."""
+    stopped_by = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "a signal"
+    log.info("stopped by %s; saying goodbye to the server", stopped_by)
+    client.close(say_bye=client.welcome is not None, reason="interrupted" if stopped_by == "Ctrl-C" else "terminated")
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    return 0
 
 
 def run_trainer_from_args(args) -> int:
