@@ -613,12 +613,24 @@ def main(argv=None) -> int:
         raise
 
 
+def _interrupt_on_terminate() -> None:
+    """SIGTERM and SIGHUP (the terminal closed) end ``pscnn train`` as Ctrl-C does: an
+    "interrupted" record in metrics.jsonl and one line, exit 130 (they killed it silently)."""
+    import signal  # noqa: PLC0415
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def _dispatch(args) -> int:
     from cnn_core.backend import tune_host_allocator  # noqa: PLC0415
     tune_host_allocator()
     cmd = args.command
     if cmd == "train":
         setup_logging(args.log_level, "train")
+        _interrupt_on_terminate()
         from cnn_core.training import train_from_args  # noqa: PLC0415
         return train_from_args(args)
     if cmd == "server":

@@ -524,3 +524,29 @@ def test_unwritable_run_folder_is_a_one_line_error(tmp_path):
     proc = pscnn_train(["--model", "light", "--train-limit", "64", "--out", str(blocker / "run")],
                        env=clean_env(MNIST_DIR=REAL_MNIST))
     assert_one_line_error(proc, 1, str(blocker / "run"), "cannot write")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP"])
+def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how):
+    """SIGTERM and SIGHUP (the terminal closed) killed `pscnn train` silently: now, as Ctrl-C,
+    an "interrupted" record ends metrics.jsonl and one line says so."""
+    import signal  # noqa: PLC0415
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", "train", "--model", "light", "--epochs", "50",
+                             "--train-limit", "2000", "--test-limit", "200", "--log-every", "1", "--no-progress",
+                             "--out", str(out)],
+                            cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or '"step"' not in (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=5)
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, how))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "pscnn: interrupted" and "Traceback" not in err, err[-2000:]
+    assert read_metrics(out)[-1]["kind"] == "interrupted"
