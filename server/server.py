@@ -289,6 +289,7 @@ class ParameterServer:
         self._final_write_since: float | None = None  # when the run's outputs first failed to be written
         self._final_write_next = 0.0
         self.write_error: str | None = None         # the run's outputs could not be written: exit 1
+        self._resumed_text: str | None = None
         self.writer = None
         self.ctx = zmq.Context.instance()
         self.sock = None
@@ -356,6 +357,8 @@ class ParameterServer:
                  self.cfg.epochs, self.work.batches_per_epoch, self.cfg.batch_size,
                  self.cfg.model if isinstance(self.cfg.model, str) else "custom",
                  f"{self.store.model.num_parameters():,}", self.store.optimizer.config()["name"])
+        if self._resumed_text:
+            log.info("%s", self._resumed_text)
         if not self.started:
             log.info("handing out no work until %d trainers ask for it (at most %.0f s after the first)",
                      self.cfg.wait_for_workers, self.cfg.start_timeout)
@@ -990,7 +993,7 @@ class ParameterServer:
                 self._drop_peer(peer, f"gone after being told to stop ({silent})" if peer.told_to_stop
                                 else f"declared dead ({silent})")
         if self.cfg.checkpoint_every and now - self._last_checkpoint >= self.cfg.checkpoint_every \
-                and not self.over:
+                and self.started and not self.over:     # at the start barrier nothing has changed yet
             self._checkpoint()
         if self.over:
             return self._finish(now)
@@ -1212,8 +1215,9 @@ class ParameterServer:
             self.t_train_end = self.t_start
         for warning in checked["warnings"]:     # only once the whole checkpoint was accepted
             log.warning("%s", warning)
-        log.info("resumed from %s: version %d, epoch %d with %d/%d batches applied", path, self.store.version,
-                 self.work.epoch, len(self.work.applied), self.work.batches_per_epoch)
+        # said once serving (pscnn run builds a server only to check its --resume first)
+        self._resumed_text = (f"resumed from {path}: version {self.store.version}, epoch {self.work.epoch} with "
+                              f"{len(self.work.applied)}/{self.work.batches_per_epoch} batches applied")
 
     def _check_resume_meta(self, path: str, meta: dict) -> dict:
         """The values ``_resume`` takes from ``meta``, checked; _Bad or CheckpointError otherwise."""

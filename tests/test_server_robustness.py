@@ -903,6 +903,20 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_takes_the_eva
     assert summary["test_accuracy"] == 0.75 and summary["train_seconds"] == pytest.approx(trained_s, abs=1e-3)
 
 
+def test_no_periodic_checkpoint_before_training_starts(in_process):
+    """At the start barrier nothing has changed: a version-0 checkpoint made the next run in the
+    folder warn of an "unfinished run"."""
+    server = in_process(wait_for_workers=2, checkpoint_every=1.0)
+    raw = _trainer(server)
+    assert server.call(raw, P.WORK) is None                  # parked: one trainer of the two
+    server.srv._housekeeping(time.monotonic() + 5.0)
+    assert not (Path(server.srv.cfg.out) / "checkpoint.npz").exists()
+    second = _trainer(server)
+    assert server.call(second, P.WORK).type == P.TASK         # the barrier lifts
+    server.srv._housekeeping(time.monotonic() + 10.0)
+    assert (Path(server.srv.cfg.out) / "checkpoint.npz").exists()
+
+
 def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
     """Once eight NaN pushes in a row, from every trainer, have stopped the run, a good push is
     told to stop, unapplied: the weights in model.npz and summary.json are the last ones there
