@@ -917,6 +917,114 @@ def test_no_periodic_checkpoint_before_training_starts(in_process):
     assert (Path(server.srv.cfg.out) / "checkpoint.npz").exists()
 
 
+def _evaluator(server: InProcess) -> Raw:
+    raw = server.client()
+    assert server.call(raw, P.HELLO, {"role": "evaluator", "name": raw.wid}).type == P.WELCOME
+    return raw
+
+
+def _report(server: InProcess, ev: Raw, version: int, final: bool, accuracy: float) -> None:
+    body = {"version": version, "final": final, "metrics": {"test_accuracy": accuracy, "test_loss": 1.0}}
+    assert server.call(ev, P.EVAL_REPORT, body).type == P.ACK
+
+
+def test_the_final_report_is_the_runs_result_and_replaces_the_periodic_one(in_process, caplog):
+    """The evaluator's final report is summary.json's test result: dropped, the server waited
+    --final-eval-timeout (120 s) and scored the weights itself.  A periodic report of the same
+    version before it must not keep the final one out."""
+    server = in_process(epochs=1, checkpoint_every=1.0)
+    _push_all(server, _trainer(server))
+    ev = _evaluator(server)
+    version = server.srv.store.version
+    _report(server, ev, version, False, 0.25)
+    _report(server, ev, version, True, 0.4321)
+    now = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        server.srv._housekeeping(now)
+    out = Path(server.srv.cfg.out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == 0.4321 and "no final evaluation" not in caplog.text
+    assert [(e["version"], e["final"]) for e in server.srv.evaluations] == [(version, True)]
+    # lingering after the end (a client not told to stop yet): no checkpoint newer than the
+    # summary, which would make the finished run's folder look unfinished
+    checkpoint = (out / "checkpoint.npz").stat().st_mtime_ns
+    server.srv._housekeeping(now + 5.0)
+    assert (out / "checkpoint.npz").stat().st_mtime_ns == checkpoint
+
+
+def test_a_diverged_run_keeps_its_last_good_checkpoint(in_process):
+    """The optimizer state took the diverging step (only the weights are rolled back): a
+    checkpoint written at or after the failure could not be resumed from."""
+    server = in_process(epochs=5, checkpoint_every=1.0, final_eval_timeout=0.0, test_limit=100)
+    raw = _trainer(server)
+    task = server.call(raw, P.WORK)
+    assert server.call(raw, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+    assert server.srv._checkpoint()
+    path = Path(server.srv.cfg.out) / "checkpoint.npz"
+    good = path.stat().st_mtime_ns
+    task = server.call(raw, P.WORK)
+    for _ in range(ParameterServer.NONFINITE_LIMIT):
+        reply = server.call(raw, P.PUSH, push_body(task, loss=None))
+        if reply.type == P.STOP:
+            break
+        task = reply if reply.type == P.TASK else server.call(raw, P.WORK)
+    assert server.srv.failure is not None
+    now = time.monotonic()
+    for later in (0.0, 5.0, 10.0):
+        server.srv._housekeeping(now + later)
+    assert path.stat().st_mtime_ns == good and load_checkpoint(path)[1]["step"] == 1
+    assert json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_a_sync_push_computed_on_an_older_version_does_not_join_the_round(in_process):
+    """A sync round averages gradients of the current weights (what makes a sync run repeatable):
+    a push claiming an older base version is answered as stale, and the round waits for the
+    others' current ones."""
+    server = in_process(mode="sync", epochs=2)
+    a, b = _trainer(server), _trainer(server)
+    a.send(a.frames(P.WORK))
+    server.handle_one()                               # parked: the barrier waits for both
+    task_b = server.call(b, P.WORK)
+    task_a = a.recv(0.5)[0]
+    assert task_a.type == task_b.type == P.TASK and server.srv.store.version == 0
+    assert server.call(a, P.PUSH, push_body(task_a), grads_like(task_a.arrays)) is None    # waits for b
+    reply_b = server.call(b, P.PUSH, push_body(task_b), grads_like(task_b.arrays))
+    reply_a = a.recv(0.5)[0]
+    assert server.srv.store.version == 1 and reply_a.type == reply_b.type == P.TASK
+    stale = server.call(a, P.PUSH, push_body(reply_a, base_version=0), grads_like(task_a.arrays))
+    assert stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
+    assert a.wid not in server.srv.round_arrived and server.srv.store.version == 1
+
+
+def test_a_hello_under_a_live_id_gives_its_leases_back(in_process, caplog):
+    """A client that says hello again under an id the server still knows starts afresh: its
+    old leases go back to the queue at once, not after --lease-timeout."""
+    server = in_process(epochs=2)
+    raw, other = _trainer(server), _trainer(server)
+    held = server.call(raw, P.WORK).body["batch"]
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid, "pid": 1, "host": "test"}).type \
+            == P.WELCOME
+    assert re.search(rf"rejoined.*requeued batches \[{held}\]", caplog.text), caplog.text
+    assert server.call(other, P.WORK).body["batch"] == held
+
+
+def test_a_resumed_server_keeps_one_evaluation_per_version(in_process):
+    """After --resume the evaluator scores the checkpoint's version again, which it usually
+    scored before: summary.json's history must not hold it twice."""
+    first = in_process(epochs=2)
+    raw = _trainer(first)
+    task = first.call(raw, P.WORK)
+    assert first.call(raw, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+    _report(first, _evaluator(first), 1, False, 0.3)
+    assert first.srv._checkpoint()
+    first.srv.writer.close()
+    first.close()
+    again = in_process(Path(first.srv.cfg.out), epochs=2, resume=True)
+    _report(again, _evaluator(again), 1, False, 0.31)
+    assert [e["version"] for e in again.srv.evaluations] == [1]
+
+
 def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
     """Once eight NaN pushes in a row, from every trainer, have stopped the run, a good push is
     told to stop, unapplied: the weights in model.npz and summary.json are the last ones there
