@@ -1456,7 +1456,9 @@ def test_the_start_barrier_gives_up_start_timeout_after_the_first_request(tmp_pa
     try:
         since = s.log_size()
         (a,) = trainers(s, 1)
-        assert a.work().body["batch"] == 0
+        a.send(a.frames(P.WORK))
+        got = a.recv(timeout=30.0)        # 1 s of barrier, and time to spare on a loaded machine
+        assert got is not None and got[0].body["batch"] == 0, got
         line = s.wait_log(r"starting with 1 of the 3 trainers waited for", since)
         assert " WARNING " in line, line
     finally:
