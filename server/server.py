@@ -348,7 +348,8 @@ class ParameterServer:
         """Run until training is over and every client was told to stop.
 
         Returns 0, or 1 when training failed (diverged): the summary and the
-        log say why, and the last periodic checkpoint is kept.
+        log say why, and the last periodic checkpoint is kept; or when the
+        run's outputs (or an interrupted run's checkpoint) could not be written.
         """
         self.open()
         log.info("listening on %s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
@@ -1139,7 +1140,7 @@ class ParameterServer:
                 raise
             self._last_checkpoint = time.monotonic()        # next try after the period
             if self._checkpoint_failing is None:
-                log.warning("checkpoint not written: %s; training goes on, and --resume would continue from %s",
+                log.warning("checkpoint not written: %s; the run goes on, and --resume would continue from %s",
                             P.one_line(exc), self._last_checkpoint_text())
             self._checkpoint_failing = str(exc)
             return False

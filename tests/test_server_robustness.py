@@ -837,7 +837,7 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(in_process, 
         monkeypatch.undo()
         assert server.srv._checkpoint()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["checkpoint not written: checkpoint.npz: cannot write: No space left on device; training "
+    assert warnings == ["checkpoint not written: checkpoint.npz: cannot write: No space left on device; the run "
                         "goes on, and --resume would continue from version 1, the last checkpoint written"], warnings
     assert "checkpoint written again (version 2)" in caplog.text
     assert load_checkpoint(Path(server.srv.cfg.out) / "checkpoint.npz")[1]["step"] == 2
