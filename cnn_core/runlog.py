@@ -244,7 +244,7 @@ class RunWriter:
         self._start = time.monotonic()
         self._lock = threading.Lock()
         self._deferred: list[str] = []        # lines logged with log_deferred, not yet written
-        self._unwritten = b""                 # what a failed or partial write left behind
+        self._unwritten = bytearray()         # what a failed or partial write left behind
         self._failing: str | None = None      # why the last write failed (None: it did not)
         self._dropped = 0                     # records dropped while too much waited
 
@@ -306,12 +306,12 @@ class RunWriter:
     def _write_deferred(self) -> OSError | None:
         """Write the waiting lines (the caller holds the lock); the error if they could not all be."""
         if self._deferred:
-            self._unwritten += "".join(self._deferred).encode("utf-8")
+            self._unwritten += "".join(self._deferred).encode("utf-8")      # in place: no copy of what waits
             self._deferred = []
         try:
             while self._unwritten:      # whole lines, in one write unless the disk fills up midway
                 written = self._write_bytes(self._unwritten)
-                self._unwritten = self._unwritten[written:]
+                del self._unwritten[:written]
         except OSError as exc:
             if self._failing is None:
                 log.warning("%s: cannot write (%s); the run goes on, and its records wait in memory (up to "

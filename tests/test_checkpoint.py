@@ -336,6 +336,29 @@ def test_bad_optimizer_state_leaves_model_unchanged(tmp_path, trained):
     _assert_unchanged(target, snap)
 
 
+def test_a_param_of_an_uncastable_dtype_is_refused_before_anything_is_loaded(tmp_path, trained):
+    """Checked up front, like the shapes: otherwise the optimizer state is loaded and then
+    copying the weights fails with a raw TypeError, leaving model and optimizer half loaded."""
+    model, opt = trained
+    path = tmp_path / "m.npz"
+    save_model_checkpoint(path, model, opt)
+    arrays, meta = load_checkpoint(path)
+    arrays["param/fc1.weight"] = arrays["param/fc1.weight"].astype(np.complex64)
+    save_checkpoint(path, arrays, meta)
+    target, target_opt = build_model(BN_SPEC, seed=42), Adam(lr=0.01)
+    train_steps(target, target_opt, seed=5)
+    snap, opt_snap = _snapshot(target), target_opt.state_dict()
+    with pytest.raises(CheckpointError, match=(
+            f"checkpoint {path}: param fc1.weight has dtype complex64, "
+            "which cannot be stored in the model's float32")):
+        load_model_checkpoint(path, model=target, optimizer=target_opt)
+    _assert_unchanged(target, snap)
+    after = target_opt.state_dict()
+    assert set(after) == set(opt_snap)
+    for key in opt_snap:
+        np.testing.assert_array_equal(after[key], opt_snap[key], err_msg=key)
+
+
 def test_optimizer_kind_mismatch(tmp_path, trained):
     model, opt = trained
     path = tmp_path / "m.npz"

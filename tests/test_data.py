@@ -264,6 +264,9 @@ CORRUPTIONS = {
     "unknown element type": (b"\x00\x00\x0a\x03" + GOOD[4:], "not an IDX file: magic number 0x00000a03"),
     "zero dimensions": (b"\x00\x00\x08\x00" + GOOD[4:], "not an IDX file: magic number 0x00000800"),
     "magic not starting with zeros": (b"PK\x03\x04" + GOOD[4:], "not an IDX file"),
+    # A valid type code and dimension count, but the magic's two leading bytes are not zero.
+    "first magic byte not zero": (b"\x01\x00\x08\x03" + GOOD[4:], "not an IDX file: magic number 0x01000803"),
+    "second magic byte not zero": (b"\x00\x01\x08\x03" + GOOD[4:], "not an IDX file: magic number 0x00010803"),
     "empty": (b"", "truncated IDX header"),
     "header cut in the dims": (GOOD[:10], "truncated IDX header"),
     "data cut short": (GOOD[:-7], "truncated: header declares 3x4x5 (60 data bytes) but only 53 follow"),
@@ -545,6 +548,15 @@ def test_default_cache_dir_precedence(monkeypatch, tmp_path):
     assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "pscnn" / "mnist"
 
 
+def test_default_cache_dir_ignores_a_relative_xdg_cache_home(monkeypatch, tmp_path):
+    """The XDG spec says a relative XDG_CACHE_HOME is invalid: honouring it would put the
+    cache in a different folder depending on where the command runs."""
+    monkeypatch.delenv("PSCNN_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "rel/cache")
+    assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "pscnn" / "mnist"
+
+
 # --------------------------------------------------------------------------- #
 # downloading from a local server
 # --------------------------------------------------------------------------- #
@@ -604,6 +616,30 @@ def test_download_retries_transient_500(server, payload, tmp_path, caplog):
     assert server.hits["/f.gz"] == 2
     assert (tmp_path / "f.gz").read_bytes() == gz
     assert "HTTP 500" in caplog.text and "retrying" in caplog.text
+
+
+@pytest.mark.parametrize("code", [429, 408])
+def test_download_retries_rate_limit_and_request_timeout(server, payload, tmp_path, caplog, code):
+    """429 (a throttled mirror, e.g. GCS) and 408 (a proxy) are momentary, like a 5xx."""
+    gz, digest = payload
+    server.route("/f.gz", (code, b"slow down"), (200, gz))
+    fetch(server.url("/f.gz"), tmp_path / "f.gz", digest, retries=2)
+    assert server.hits["/f.gz"] == 2
+    assert (tmp_path / "f.gz").read_bytes() == gz
+    assert f"HTTP {code}" in caplog.text and "retrying" in caplog.text
+
+
+def test_download_backoff_doubles_up_to_a_cap(server, payload, tmp_path, monkeypatch):
+    gz, digest = payload
+    sleeps = []
+    monkeypatch.setattr(data.time, "sleep", sleeps.append)
+    server.route("/f.gz", (503, b"busy"), (503, b"busy"), (503, b"busy"), (200, gz))
+    fetch(server.url("/f.gz"), tmp_path / "f.gz", digest, retries=3, backoff=1)
+    assert sleeps == [1, 2, 4] and server.hits["/f.gz"] == 4
+    sleeps.clear()
+    server.route("/g.gz", (503, b"busy"), (503, b"busy"), (503, b"busy"), (200, gz))
+    fetch(server.url("/g.gz"), tmp_path / "g.gz", digest, retries=3, backoff=8)
+    assert sleeps == [8, 16, data._MAX_BACKOFF_S] == [8, 16, 30]
 
 
 def test_download_retries_cut_off_transfer(server, tmp_path):

@@ -359,6 +359,30 @@ def test_flat_update_adopts_loaded_state_and_mixes_with_per_name_steps(config):
         np.testing.assert_array_equal(flat[name], reference[name], err_msg=name)
 
 
+def test_flat_update_with_disagreeing_per_parameter_counters_equals_the_per_name_update():
+    """One Adam step counter drives a flat update; a loaded state whose parameters have
+    different counters (a hand-edited state) must be updated name by name, each with its own
+    bias correction, not with one counter for all."""
+    rng = np.random.default_rng(5)
+    start = {"a": rng.standard_normal(4), "b": rng.standard_normal((2, 3))}
+    sd = {"t": np.array(5, dtype=np.int64),
+          "step/a": np.array(1, dtype=np.int64), "step/b": np.array(5, dtype=np.int64)}
+    for name, w in start.items():
+        sd[f"m/{name}"] = 0.1 * rng.standard_normal(w.shape)
+        sd[f"v/{name}"] = 0.01 + rng.random(w.shape)
+    grads = {name: rng.standard_normal(w.shape) for name, w in start.items()}
+    per_name, opt_a = {k: v.copy() for k, v in start.items()}, Adam(lr=0.01)
+    flat, opt_b = FlatArrays.pack(start), Adam(lr=0.01)
+    opt_a.load_state_dict(sd, params=per_name)
+    opt_b.load_state_dict(sd, params=flat)
+    opt_a.step(per_name, grads)
+    opt_b.step(flat, FlatArrays.pack(grads))
+    for name in start:
+        np.testing.assert_array_equal(flat[name], per_name[name], err_msg=name)
+    assert opt_b.state["a"]["step"] == 2 and opt_b.state["b"]["step"] == 6
+    assert opt_a.state["a"]["step"] == 2 and opt_a.state["b"]["step"] == 6
+
+
 def test_flat_update_rejects_state_of_another_shape():
     params = FlatArrays.pack({"w": np.ones(3)})
     opt = SGD(lr=0.1, momentum=0.9)
@@ -395,6 +419,26 @@ def test_load_state_dict_without_params_places_state_on_next_step():
     assert b.state["w"]["m"].dtype == np.float32
 
 
+def test_load_state_dict_copies_the_callers_arrays():
+    """The caller may reuse or change the dict it loaded from: the live state must not alias it."""
+    params = {"w": np.array([1.0, -2.0, 0.5])}
+    source = SGD(lr=0.1, momentum=0.9)
+    source.step(params, {"w": np.array([0.5, -1.0, 2.0])})
+    sd = source.state_dict()
+    untouched = {k: v.copy() for k, v in sd.items()}
+    loaded, reference = SGD(lr=0.1, momentum=0.9), SGD(lr=0.1, momentum=0.9)
+    loaded.load_state_dict(sd, params=params)
+    reference.load_state_dict(untouched, params=params)
+    sd["velocity/w"][...] = 99.0
+    p_loaded, p_reference = {"w": params["w"].copy()}, {"w": params["w"].copy()}
+    g = np.array([0.25, 0.25, -0.5])
+    loaded.step(p_loaded, {"w": g})
+    reference.step(p_reference, {"w": g})
+    np.testing.assert_array_equal(p_loaded["w"], p_reference["w"])
+    np.testing.assert_array_equal(loaded.state["w"]["velocity"], reference.state["w"]["velocity"])
+    np.testing.assert_array_equal(sd["velocity/w"], 99.0)       # and the step did not write into it
+
+
 def test_load_state_dict_errors():
     params = {"w": np.ones(3), "b": np.ones(2)}
     opt = Adam(lr=0.1)
@@ -414,6 +458,9 @@ def test_load_state_dict_errors():
     cases = [
         (broken(t=None), "missing the step counter 't'"),
         (broken(t=np.array(1.5)), "'t' must be a non-negative 0-d integer"),
+        (broken(t=np.array(-1)), "'t' must be a non-negative 0-d integer"),
+        # Adam's step -1 would make the first update's bias correction 1 - beta1**0 = 0.
+        (broken(step__w=np.array(-1)), "'step/w' must be a non-negative 0-d integer"),
         (broken(m__w=np.ones(4), v__w=np.ones(4)), r"m/w has shape \(4,\) but the parameter has shape \(3,\)"),
         (broken(m__w=np.ones(4)), "slots of parameter w disagree in shape"),
         (broken(v__b=None), "parameter b lacks 'v'"),
@@ -469,6 +516,9 @@ def test_build_optimizer_overrides_and_defaults():
     (({"name": "adam", "lr": -1},), r"adam: lr must lie in \(0.0, inf\)"),
     (({"name": "adam", "lr": "fast"},), "adam: lr must be a number"),
     (({"name": "adam", "l2": -0.1},), "adam: l2 must lie in"),
+    (({"name": "sgd", "l1": -0.1},), r"sgd: l1 must lie in \[0.0, inf\)"),
+    (({"name": "adam", "l1": float("nan")},), "adam: l1 must lie in"),
+    (({"name": "sgd", "l1": "0.1"},), "sgd: l1 must be a number"),
     (({"name": "adam", "beta2": 1.0},), "adam: beta2 must lie in"),
     (({"name": "rmsprop", "eps": 0},), "rmsprop: eps must lie in"),
     (({"name": "adamw", "weight_decay": -1},), "adamw: weight_decay must lie in"),
@@ -531,6 +581,13 @@ def test_schedule_config_round_trips(config):
     assert [again(s) for s in range(0, 60, 7)] == [sched(s) for s in range(0, 60, 7)]
 
 
+def test_schedules_with_other_base_rates_are_not_equal():
+    assert build_schedule("constant", 0.1) != build_schedule("constant", 0.2)
+    step = {"name": "step", "step_size": 5, "gamma": 0.5}
+    assert build_schedule(step, 0.1) != build_schedule(step, 0.2)
+    assert build_schedule(step, 0.1) == build_schedule(step, 0.1)
+
+
 @pytest.mark.parametrize("config, message", [
     ("linear", r"unknown schedule 'linear': expected one of \['constant', 'cosine', 'step'\]"),
     ("step", r"step schedule: missing required key\(s\) \['step_size'\]"),
@@ -559,6 +616,11 @@ def test_schedule_rejects_bad_steps_and_lr():
         ConstantSchedule(0.1)(-1)
     with pytest.raises(ConfigError, match="learning rate must be a positive finite number"):
         build_schedule(None, 0.0)
+    # Public API: Optimizer checks lr itself, build_schedule and the classes must too.
+    for make in (lambda: build_schedule("constant", float("inf")),
+                 lambda: StepSchedule(float("inf"), step_size=1, gamma=0.5)):
+        with pytest.raises(ConfigError, match="learning rate must be a positive finite number, got inf"):
+            make()
     assert StepSchedule(1.0, step_size=1, gamma=0.5)(np.int64(2)) == 0.25
 
 

@@ -314,6 +314,10 @@ CASES = {
     "shape not a list": (_push(arrays=[["g", "float32", 2]]), "bad_message", "shape"),
     "dim 2**31": (_push(arrays=[["g", "uint8", [2**31]]]), "bad_message", "shape"),
     "array over the size limit": (_push(arrays=[["g", "float32", [2**30]]]), "too_large", "exceed"),
+    # Each array is under the limit (160 MB), together they are over it: answered before the frame is read.
+    "arrays of one dtype over the size limit together": (
+        _push(arrays=[["g", "float32", [40_000_000]], ["h", "float32", [40_000_000]]], frames=[b""]),
+        "too_large", "float32 arrays would exceed"),
     "array whose size overflows int64": (_push(arrays=[["g", "uint8", [65536] * 4]], frames=[b""]),
                                          "too_large", "exceed"),
     "too many arrays": (_push(arrays=[[f"a{i}", "uint8", [0]] for i in range(P.MAX_ARRAYS + 1)]),

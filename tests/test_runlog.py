@@ -55,6 +55,12 @@ def test_to_jsonable_maps_non_finite_floats_to_null():
 
 def test_to_jsonable_sets_are_sorted_lists():
     assert to_jsonable({3, 1, 2}) == [1, 2, 3]
+    # Orders a set does not iterate in by itself: {8, 1} iterates as 8, 1 (hash buckets), and
+    # strings come out in PYTHONHASHSEED order, which changes from run to run.
+    assert list({8, 1}) == [8, 1] and to_jsonable({8, 1}) == [1, 8]
+    words = [f"w{i:02d}" for i in range(30)]
+    assert to_jsonable(set(words)) == words
+    assert to_jsonable(frozenset({"b", "c", "a"})) == ["a", "b", "c"]
 
 
 def test_to_jsonable_refuses_unknown_objects():
@@ -112,6 +118,19 @@ def test_writer_resume_appends_and_continues_the_clock(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert record["seconds"] >= 40.0
+
+
+def test_writer_resume_continues_from_the_largest_seconds_not_the_last(tmp_path):
+    """The server's eval records carry the train clock, which stops when training ends, so the
+    last line may hold a smaller ``seconds`` than an earlier one: the clock must not go back."""
+    with RunWriter(tmp_path, {}) as writer:
+        for step, seconds in ((1, 5.0), (2, 10.0), (3, 3.0)):
+            writer.log("step", step=step, seconds=seconds)
+    with RunWriter(tmp_path, {}, resume=True) as writer:
+        assert writer.seconds >= 10.0
+        record = writer.log("step", step=4)
+    assert record["seconds"] >= 10.0
+    assert [r["seconds"] for r in read_metrics(tmp_path)][:3] == [5.0, 10.0, 3.0]
 
 
 def test_writer_resume_without_previous_file_starts_one(tmp_path):

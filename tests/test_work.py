@@ -46,6 +46,18 @@ def test_a_push_counts_only_under_a_lease_its_sender_was_given_this_epoch():
     assert not q.granted("a", 0, a.batch, a.lease_id) and not q.granted("a", 1, a.batch, a.lease_id)
 
 
+def test_a_requeued_batch_completed_by_its_old_holder_leaves_the_queue():
+    """A late push under an expired lease is applied: the requeued batch must not be leased
+    again (another worker would compute it for nothing, and hold up a sync round)."""
+    q = queue()
+    a = q.lease("a", 0.0)
+    assert q.expire(10.0) == [("a", a.batch)] and list(q.pending) == [a.batch, 1, 2]
+    assert q.complete(0, a.batch)
+    assert a.batch not in q.pending and q.progress()["pending"] == q.batches_per_epoch - 1
+    assert [q.lease("b", 10.0).batch for _ in range(2)] == [1, 2]
+    assert q.lease("b", 10.0) is None
+
+
 def test_released_leases_go_to_the_front_and_only_the_workers_own():
     q = queue(num_samples=16)
     a1, b1, a2 = q.lease("a", 0.0), q.lease("b", 0.0), q.lease("a", 0.0)
@@ -54,6 +66,21 @@ def test_released_leases_go_to_the_front_and_only_the_workers_own():
     assert set(q.leases) == {b1.batch}
     assert q.release(0, b1.batch) and not q.release(0, b1.batch)
     assert q.requeued_total == 3
+
+
+def test_a_release_naming_an_old_epoch_leaves_this_epochs_lease_alone():
+    """A rejected push for (epoch 0, batch b) must not requeue the lease on batch b of epoch 1,
+    which its holder is still computing."""
+    q = queue()
+    for b in range(q.batches_per_epoch):
+        q.lease("w", 0.0)
+        q.complete(0, b)
+    assert q.epoch == 1
+    lease = q.lease("a", 0.0)
+    assert lease.batch == 0 and lease.epoch == 1
+    assert q.release(0, 0) is False
+    assert q.leases[0] is lease and 0 not in q.pending and q.requeued_total == 0
+    assert q.release(1, 0) is True and list(q.pending) == [0, 1, 2]
 
 
 def test_state_dict_resumes_the_epoch_and_leases_start_over():
