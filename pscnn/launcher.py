@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from cnn_core.runlog import make_folder
+from cnn_core.runlog import SUMMARY_FILE, make_folder
 from server.server import CHECKPOINT_NAME, ParameterServer, config_from_args, unfinished_run_warning
 from worker.client import query_status
+from worker.trainer import check_local_setup
 
 log = logging.getLogger("pscnn.run")
 
@@ -134,8 +135,9 @@ class LocalCluster:
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
 
-    def stop_all(self, grace: float = 10.0, order=("worker", "evaluator", "server")) -> dict:
-        """SIGTERM in ``order`` of name prefixes, SIGKILL what outlives ``grace``; exit codes."""
+    def stop_all(self, grace: float = 10.0, order=("worker", "evaluator", "server"), on_kill=None) -> dict:
+        """SIGTERM in ``order`` of name prefixes, SIGKILL what outlives ``grace`` (``on_kill(name)``
+        first, e.g. to say so); exit codes."""
         for prefix in order:
             group = [n for n in self.procs if n.startswith(prefix)]
             for n in group:
@@ -143,6 +145,8 @@ class LocalCluster:
             deadline = time.monotonic() + grace
             for n in group:
                 if self.wait(n, max(0.1, deadline - time.monotonic())) is None:
+                    if on_kill is not None:
+                        on_kill(n)
                     self.kill(n, signal.SIGKILL)
                     self.wait(n, 5)
         return {n: p.returncode for n, p in self.procs.items()}
@@ -184,6 +188,9 @@ def check_run_args(args) -> None:
 # Signals that stop `pscnn run` as Ctrl-C does, children included: `kill`, and SIGHUP when the
 # terminal closes or the SSH connection drops (the children, in their own sessions, get neither).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Every worker gone and the server silent this long (its own final scoring takes seconds):
+# it is stopped rather than waited on for ever.
+SILENT_SERVER_S = 60.0
 
 
 def _say(text: str) -> None:
@@ -201,27 +208,58 @@ def _mtime(path: Path) -> int | None:
         return None
 
 
+class RunOutputs:
+    """The run folder's checkpoint and summary.json, as `pscnn run` found them at its start: what an
+    older run left there is no output of this one."""
+
+    def __init__(self, out: str | Path, resume: bool):
+        self.out = Path(out)
+        self.checkpoint = self.out / CHECKPOINT_NAME
+        self.summary = self.out / SUMMARY_FILE
+        self.resume = resume
+        self.checkpoint_before = _mtime(self.checkpoint)
+        self.summary_before = _mtime(self.summary)
+
+    def finished(self) -> bool:
+        """Whether this run's server wrote summary.json: the run is over (complete or diverged).
+        As in unfinished_run_warning, the summary is written after every checkpoint of the run."""
+        written = _mtime(self.summary)
+        return written is not None and written != self.summary_before and written >= (_mtime(self.checkpoint) or 0)
+
+    def resume_hint(self) -> str | None:
+        """How to continue the run, stopped before its end: the same command plus --resume, once the
+        server wrote a checkpoint of this run (or of the run it resumed); None before that, or when
+        the run had finished."""
+        written = _mtime(self.checkpoint)
+        if self.finished() or written is None or (written == self.checkpoint_before and not self.resume):
+            return None
+        return f"pscnn run: stopped. Continue with the same command plus --resume (run folder {self.out})"
+
+
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
     check_run_args(args)
+    # The test set (the evaluator's, or the server's to score the final weights with --no-evaluator),
+    # checked as they would at their start: a bad MNIST folder is one line, before any process starts,
+    # not the server's log tail after every child was started.
+    check_local_setup(args.device, args.mnist_dir, "test")
     if args.resume:     # every check the server's --resume makes, here, before anything starts
         ParameterServer(config_from_args(args))
     elif (warning := unfinished_run_warning(args.out)):     # on the terminal, not only in logs/server.log
         _say(f"pscnn run: {warning}")
-    checkpoint = Path(args.out) / CHECKPOINT_NAME
-    checkpoint_before = _mtime(checkpoint)      # an older run's is no checkpoint of this one
+    outputs = RunOutputs(args.out, args.resume)
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads)
     def on_stop_signal(signum, frame):
         raise KeyboardInterrupt
-    old_handlers = {sig: signal.signal(sig, on_stop_signal) for sig in STOP_SIGNALS}
+    old_handlers = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
-        return _run(args, cluster, checkpoint, checkpoint_before)
+        return _run(args, cluster, outputs)
     finally:                            # main() may be called in-process (tests)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
 
 
-def _run(args, cluster: LocalCluster, checkpoint: Path, checkpoint_before: int | None) -> int:
+def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
     from tqdm import tqdm  # noqa: PLC0415
     client_flags = ["--device", args.device, "--threads", str(args.threads), "--log-level", args.log_level]
     if args.mnist_dir:
@@ -231,7 +269,7 @@ def _run(args, cluster: LocalCluster, checkpoint: Path, checkpoint_before: int |
     if args.wait_for_workers is None:   # every worker starts from the first version, in the same round
         args.wait_for_workers = args.workers
     with cluster:
-        bar = None
+        bar, codes = None, {}
         try:                            # from the first child on: a signal must stop every one started
             print(f"pscnn run: server on {cluster.endpoint}, {args.workers} workers, mode {args.mode}, "
                   f"logs in {cluster.logs}", file=sys.stderr)
@@ -243,40 +281,57 @@ def _run(args, cluster: LocalCluster, checkpoint: Path, checkpoint_before: int |
                                          "--test-limit", str(args.test_limit)])
             bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True)
             status = _follow(cluster, bar)
+            bar.close()
+            if status == 0:             # the clients exit right after the server told them to stop
+                codes = {name: cluster.wait(name, timeout=args.peer_timeout + 10) for name in cluster.procs}
         except KeyboardInterrupt:
-            for sig in STOP_SIGNALS:    # a second signal must not cut the shutdown short
-                signal.signal(sig, signal.SIG_IGN)
-            if bar is not None:
-                try:
-                    bar.close()
-                except OSError:
-                    pass
-            _say("\npscnn run: interrupted; stopping the server (it checkpoints), then the workers and the "
-                 "evaluator")
-            # The server first, so its checkpoint holds whole sync rounds only: a worker leaving first
-            # would close the round in progress without it, and the resumed run would differ from one
-            # never stopped.  The workers' unfinished batches are simply computed again.
-            cluster.stop_all(order=("server", "worker", "evaluator"))
-            written = _mtime(checkpoint)
-            if written is not None and (written != checkpoint_before or args.resume):
-                _say(f"pscnn run: stopped. Continue with the same command plus --resume (run folder {args.out})")
-            else:                       # stopped before the server's first checkpoint: --resume would fail
-                _say(f"pscnn run: stopped before the first checkpoint; the same command starts the run "
-                     f"again from the beginning (run folder {args.out})")
-            return 130
-        bar.close()
-        if status != 0:                 # the server failed (and said why): the clients have nobody to work for
-            cluster.stop_all(grace=5.0)
-            return status
-        codes = {}
-        for name in cluster.procs:      # clients exit right after the server told them to stop
-            code = cluster.wait(name, timeout=args.peer_timeout + 10)
-            codes[name] = code
-        failed = {n: c for n, c in codes.items() if c not in (0,)}
-        for name, code in failed.items():
+            return _interrupted(cluster, bar, outputs)
+        if status != 0:                 # the server failed, or was stopped (and _follow said why)
+            _stop(cluster, grace=5.0)
+            if (hint := outputs.resume_hint()):
+                _say(hint)
+            return status if status > 0 else 1      # killed by a signal: 1, not sys.exit(-9)'s 247
+        failed = {n: c for n, c in codes.items() if c != 0}
+        for name, code in failed.items():   # e.g. a worker killed mid-run: the others finished the run
             _say(child_exit_message(cluster, name, code))
-    print_report(Path(args.out) / "summary.json")
+    print_report(outputs.summary)
     return 1 if failed else 0
+
+
+def _interrupted(cluster: LocalCluster, bar, outputs: RunOutputs) -> int:
+    """Ctrl-C (or a STOP_SIGNAL): stop every child, the server first; 130 and how to continue the run,
+    or, when the run had finished already (its clients were still exiting), its report and 0."""
+    def still_stopping(signum, frame):  # a second signal must not cut the shutdown short: said once
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
+            signal.signal(sig, signal.SIG_IGN)
+        _say("pscnn run: still stopping (the server first, then the workers and the evaluator); please wait")
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, still_stopping)
+    if bar is not None:
+        try:
+            bar.close()
+        except OSError:
+            pass
+    _say("\npscnn run: interrupted; stopping the server (it checkpoints), then the workers and the evaluator")
+    # The server first, so its checkpoint holds whole sync rounds only: a worker leaving first
+    # would close the round in progress without it, and the resumed run would differ from one
+    # never stopped.  The workers' unfinished batches are simply computed again.
+    _stop(cluster, order=("server", "worker", "evaluator"))
+    if outputs.finished():          # summary.json written: nothing was left to continue
+        _say("pscnn run: the run had finished before the interrupt; its results are complete")
+        print_report(outputs.summary)
+        return 0
+    _say(outputs.resume_hint()      # else stopped before the server's first checkpoint: --resume would fail
+         or f"pscnn run: stopped before the first checkpoint; the same command starts the run again from the "
+            f"beginning (run folder {outputs.out})")
+    return 130
+
+
+def _stop(cluster: LocalCluster, order=("worker", "evaluator", "server"), grace: float = 10.0) -> None:
+    """``cluster.stop_all``, saying which child did not stop within ``grace`` and was killed (the
+    user would otherwise only see the stop take that much longer)."""
+    cluster.stop_all(grace, order, on_kill=lambda name: _say(
+        f"pscnn run: {name} did not stop within {grace:.0f} s of SIGTERM; killed it (SIGKILL)"))
 
 
 def exit_text(name: str, code: int | None) -> str:
@@ -293,10 +348,13 @@ def exit_text(name: str, code: int | None) -> str:
 def child_exit_message(cluster: LocalCluster, name: str, code: int | None) -> str:
     """What ``pscnn run`` says of a client (worker or evaluator) that exited with ``code``.
 
-    A child that stopped on the CLI's one-line error (``pscnn: error: ...``, its log's last line) gets
-    one line, that reason included; anything else (a traceback, a signal) the last lines of its log
-    below a first line.  Either way the log itself stays in OUT/logs/<name>.log."""
+    A child killed by a signal gets one line naming it: its log cannot say why.  A child that
+    stopped on the CLI's one-line error (``pscnn: error: ...``, its log's last line) gets one line,
+    that reason included; anything else (a traceback) the last lines of its log below a first line.
+    Either way the log itself stays in OUT/logs/<name>.log."""
     what = exit_text(name, code)
+    if code is not None and code < 0:
+        return f"pscnn run: {what}"
     tail = cluster.log_tail(name)
     lines = [line for line in tail.splitlines() if line.strip()]
     if lines and lines[-1].startswith("pscnn: error: "):
@@ -310,27 +368,39 @@ def _follow(cluster: LocalCluster, bar) -> int:
     The run is stopped at once (the server first, so that it checkpoints whole sync rounds, then the
     clients; exit code 1) when nobody is left to train, or when the evaluator exits with an error
     while the server still runs: the server would otherwise wait --final-eval-timeout for its final
-    report once training ends.  An evaluator that exits 0 was told to by the server (the run is over)."""
+    report once training ends.  An evaluator that exits 0 was told to by the server (the run is over).
+    Nobody is left to train when every worker has exited while the server, asked after that, still
+    has training to do: whatever their exit codes (a worker stopped by SIGTERM says bye and exits 0).
+    Once training is over they all exit, told to by the server, and it finishes the run: its final
+    evaluation and summary, even when a worker died on the way; unless it no longer answers
+    (SILENT_SERVER_S), which ends the run as if it had training left."""
     server = cluster.procs["server"]
     workers = [p for n, p in cluster.procs.items() if n.startswith("worker")]
     evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
+    silent_since = None                 # when the server last stopped answering, every worker gone
     while server.poll() is None:
-        # Every trainer gone and not because the server told it to stop: nobody is left to train.
-        workers_gone = (bool(workers) and all(p.poll() is not None for p in workers)
-                        and any(p.returncode for p in workers))
+        workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
+        st = cluster.status(timeout=0.5)    # after the workers' check: a worker told to stop left after `done`
+        now = time.monotonic()
+        silent_since = (silent_since or now) if workers_gone and st is None else None
+        untrained = workers_gone and (st is not None and not st.get("done")
+                                      or silent_since is not None and now - silent_since > SILENT_SERVER_S)
         evaluator_failed = evaluator is not None and evaluator.poll() not in (None, 0)
-        if workers_gone or evaluator_failed:
+        if untrained or evaluator_failed:
             bar.close()                         # before the messages, so they don't end under a stale bar
             for name, proc in cluster.procs.items():
                 if name != "server" and proc.poll():
                     _say(child_exit_message(cluster, name, proc.returncode))
-            if workers_gone:
-                _say("pscnn run: every worker has exited; stopping the server (it checkpoints)")
+            if untrained and st is None:
+                _say(f"pscnn run: every worker has exited and the server has not answered for "
+                     f"{SILENT_SERVER_S:.0f} s; stopping it (it checkpoints)")
+            elif untrained:
+                _say("pscnn run: every worker has exited before the end of training; stopping the server "
+                     "(it checkpoints)")
             else:
                 _say("pscnn run: the evaluator has failed; stopping the server (it checkpoints) and the workers")
-            cluster.stop_all(order=("server", "worker", "evaluator"))
+            _stop(cluster, order=("server", "worker", "evaluator"))
             return 1
-        st = cluster.status(timeout=0.5)
         if st:
             if bar.total != st["batches_total"]:
                 bar.total = st["batches_total"]
@@ -351,8 +421,9 @@ def _follow(cluster: LocalCluster, bar) -> int:
     code = server.returncode
     if code != 0:
         bar.close()
-        print(f"pscnn run: the server exited with {code}; last lines of its log:\n{cluster.log_tail('server')}",
-              file=sys.stderr)
+        # killed by a signal (kill -9, the OOM killer): its log cannot say why
+        tail = "" if code < 0 else f"; last lines of its log:\n{cluster.log_tail('server')}"
+        _say(f"pscnn run: {exit_text('the server', code)}{tail}")
     return code
 
 

@@ -15,17 +15,22 @@ that the order in which they exit is certain.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from tqdm import tqdm
 
-from pscnn.launcher import LocalCluster, _follow, free_port
+from pscnn import launcher
+from pscnn.cli import main
+from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
 
@@ -230,3 +235,278 @@ def test_follow_without_an_evaluator_waits_for_the_server(fake_cluster, tmp_path
     assert _follow(fake_cluster, tqdm(total=None, disable=True)) == 0
     assert not marker.exists()
     assert "stopping the server" not in capsys.readouterr().err
+
+
+def test_follow_stops_a_server_that_goes_silent_once_every_worker_has_gone(fake_cluster, tmp_path, capsys,
+                                                                         monkeypatch):
+    """With every worker gone, the launcher waits for the server to finish the run, as long as
+    it answers: one that never answers again is stopped, not waited on for ever."""
+    monkeypatch.setattr(launcher, "SILENT_SERVER_S", 1.0)
+    marker = tmp_path / "server-stopped"
+    start_fake(fake_cluster, "server", FAKE_SERVER, str(marker))     # answers no status request
+    start_fake(fake_cluster, "worker-0", "pass\n")
+    assert _follow(fake_cluster, tqdm(total=None, disable=True)) == 1
+    assert "every worker has exited and the server has not answered for 1 s; stopping it" in \
+        capsys.readouterr().err
+    assert marker.read_text() == "stopped"
+
+
+def test_follow_says_which_child_had_to_be_killed(fake_cluster, tmp_path, capsys):
+    """A worker that ignores SIGTERM when the run is stopped: it is killed after the 10 s grace
+    period, and _follow says so on one line (it said nothing: the user only saw a stop that took
+    10 s longer)."""
+    start_fake(fake_cluster, "server", FAKE_SERVER, str(tmp_path / "server-stopped"))
+    start_fake(fake_cluster, "worker-0", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                         "print('ready', flush=True)\nfor _ in range(600): time.sleep(0.1)\n")
+    start_fake(fake_cluster, "evaluator", "import sys, time\ntime.sleep(1)\nsys.exit(1)\n")
+    assert _follow(fake_cluster, tqdm(total=None, disable=True)) == 1
+    err = capsys.readouterr().err
+    killed = [line for line in err.splitlines() if "did not stop" in line]
+    assert killed == ["pscnn run: worker-0 did not stop within 10 s of SIGTERM; killed it (SIGKILL)"], err
+    assert fake_cluster.procs["worker-0"].returncode == -signal.SIGKILL
+
+
+# ------------------------------------------------ `pscnn run` when its children are signalled
+
+TINY_RUN = ["--model", "light", "--test-limit", "128", "--epochs", "1", "--no-progress", "--eval-every", "60"]
+
+
+@contextmanager
+def pscnn_run(tmp_path: Path, mnist_dir: str, *flags: str):
+    """`pscnn run` in a subprocess (its own session: the test signals it alone), and its endpoint;
+    afterwards it and every child still running (each names the endpoint) are killed."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "pscnn.cli", "run", "--port", str(port), "--mnist-dir", mnist_dir,
+            "--out", str(tmp_path / "run"), *TINY_RUN, *flags]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield proc, endpoint
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+        kill_all(processes_naming(endpoint))
+
+
+def wait_until_training(endpoint: str, proc: subprocess.Popen, timeout: float = 60) -> dict:
+    """The server's status once it applied a first batch (while the launcher still runs)."""
+    def training():
+        assert proc.poll() is None, "pscnn run ended early"
+        st = query_status(endpoint, 0.5)
+        return st if st and st.get("batches_done", 0) > 0 else None
+    return wait_for(training, timeout, "the first applied batch")
+
+
+def child_pid(endpoint: str, name: str) -> int:
+    """The pid of the launcher's child ``name`` (its command line names the endpoint, then the name)."""
+    text = f"{endpoint} --name {name}" if name != "server" else f"server --bind {endpoint}"
+    pids = wait_for(lambda: processes_naming(text), 10, name)
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
+    """Its exit code, stdout and stderr, within ``timeout`` (else the test fails: the launcher hangs)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pscnn run still running after {timeout:.0f} s")
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_a_killed_worker_does_not_stop_a_run_the_others_finish(tmp_path, mnist_dir):
+    """kill -9 of one worker: the other trains every batch and exits 0, told the run is over.
+    The launcher lets the server score and summarise the run (it stopped it during the final
+    evaluation: no summary, no report), prints the report, and exits 1 for the dead worker, which
+    it names on one line."""
+    with pscnn_run(tmp_path, mnist_dir, "--workers", "2", "--train-limit", "12000", "--peer-timeout", "2") \
+            as (proc, endpoint):
+        wait_until_training(endpoint, proc)
+        os.kill(child_pid(endpoint, "worker-0"), signal.SIGKILL)
+        code, out, err = finish(proc)
+    assert code == 1, err[-3000:]
+    assert [line for line in err.splitlines() if "worker-0" in line] == \
+           ["pscnn run: worker-0 exited with -9 (killed by SIGKILL)"], err[-3000:]
+    assert "stopping the server" not in err and "Traceback" not in err, err[-3000:]
+    assert (tmp_path / "run" / "summary.json").exists()
+    assert "run finished" in out
+
+
+@pytest.mark.slow
+def test_every_worker_stopped_politely_stops_the_run(tmp_path, mnist_dir):
+    """SIGTERM to each worker: each says bye and exits 0 with training far from over.  The launcher
+    waited for ever; it now stops the server (which checkpoints), says so, and exits 1 with the
+    --resume hint."""
+    with pscnn_run(tmp_path, mnist_dir, "--workers", "2", "--train-limit", "20000", "--epochs", "5") \
+            as (proc, endpoint):
+        wait_until_training(endpoint, proc)
+        for name in ("worker-0", "worker-1"):
+            os.kill(child_pid(endpoint, name), signal.SIGTERM)
+        code, _, err = finish(proc)
+    assert code == 1, err[-3000:]
+    assert "pscnn run: every worker has exited before the end of training; stopping the server (it checkpoints)" \
+        in err.splitlines(), err[-3000:]
+    assert f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})" \
+        in err.splitlines(), err[-3000:]
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "checkpoint.npz").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_server_is_named_with_its_signal_and_exit_1(tmp_path, mnist_dir):
+    """kill -9 of the server: `pscnn run` exited with status 247 (its return code -9) and said
+    "exited with -9".  It now names the signal, stops the clients, exits 1, and says that --resume
+    continues from the checkpoint the server wrote."""
+    with pscnn_run(tmp_path, mnist_dir, "--workers", "1", "--train-limit", "20000", "--epochs", "5",
+                   "--checkpoint-every", "0.2") as (proc, endpoint):
+        wait_until_training(endpoint, proc)
+        wait_for(lambda: (tmp_path / "run" / "checkpoint.npz").exists(), 20, "a checkpoint")
+        os.kill(child_pid(endpoint, "server"), signal.SIGKILL)
+        code, _, err = finish(proc)
+    assert code == 1, err[-3000:]
+    assert "pscnn run: the server exited with -9 (killed by SIGKILL)" in err.splitlines(), err[-3000:]
+    assert err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------ `pscnn run` interrupted, on stand-in processes
+
+SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
+           "updates": 4, "samples_applied": 256, "train_images_per_second": 1000.0, "train_seconds": 0.3,
+           "staleness": {"mean": 0.0, "max": 0}, "evaluations": []}
+
+
+class StandInCluster:
+    """LocalCluster's surface for run_from_args, with stand-in children: ``wait`` and ``stop_all``
+    run ``self.on_wait`` / ``self.on_stop`` (e.g. a signal to this process) when set."""
+
+    on_wait = on_stop = None
+
+    def __init__(self, out, port=None, threads=1):
+        self.out, self.logs, self.endpoint = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1"
+        self.procs = {"server": None, "worker-0": None}
+        self.stopped = False
+
+    def start_server(self, *a, **k):
+        pass
+
+    start_worker = start_evaluator = start_server
+
+    def wait(self, name, timeout):
+        if self.on_wait:
+            self.on_wait()
+        return 0
+
+    def stop_all(self, *a, **k):
+        if self.on_stop:
+            self.on_stop()
+            time.sleep(0.2)                 # the signal is handled in here
+        self.stopped = True
+        return {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def run_in_process(tmp_path, monkeypatch, follow, **hooks) -> tuple[int, StandInCluster]:
+    """`pscnn run` (main, in this process) on a StandInCluster, with ``follow`` for _follow."""
+    clusters = []
+
+    def cluster(*a, **k):
+        c = StandInCluster(*a, **k)
+        for name, hook in hooks.items():
+            setattr(c, name, hook)
+        clusters.append(c)
+        return c
+    monkeypatch.setattr(launcher, "LocalCluster", cluster)
+    monkeypatch.setattr(launcher, "_follow", follow)
+    code = main(["run", "--model", "light", "--out", str(tmp_path / "run"), "--no-progress"])
+    return code, clusters[0]
+
+
+def write_outputs(out: Path, summary: bool) -> None:
+    """A checkpoint, and (a moment later: summary.json is the run's last output) a summary."""
+    out.mkdir(exist_ok=True)
+    (out / "checkpoint.npz").write_bytes(b"")
+    if summary:
+        (out / "summary.json").write_text(json.dumps(SUMMARY))
+        later = (out / "checkpoint.npz").stat().st_mtime_ns + 1_000_000
+        os.utime(out / "summary.json", ns=(later, later))
+
+
+def test_ctrl_c_after_the_run_finished_prints_the_report(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the server lingers for its clients after writing summary.json: the run had
+    finished.  `pscnn run` said "Continue with ... --resume" and exited 130 without a report."""
+    def follow(cluster, bar):
+        write_outputs(tmp_path / "run", summary=True)
+        raise KeyboardInterrupt
+    code, _ = run_in_process(tmp_path, monkeypatch, follow)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "pscnn run: the run had finished before the interrupt" in err, err
+    assert "--resume" not in err.split("interrupted")[-1], err
+    assert "run finished: mode sync" in out
+
+
+def test_ctrl_c_while_waiting_for_the_clients_at_the_end_prints_the_report(tmp_path, monkeypatch, capsys):
+    """The server exited 0 (summary written); a signal while the launcher waits for its clients
+    to exit ended as a bare "pscnn: interrupted" (130)."""
+    def follow(cluster, bar):
+        write_outputs(tmp_path / "run", summary=True)
+        return 0
+
+    def interrupted():
+        raise KeyboardInterrupt
+    code, cluster = run_in_process(tmp_path, monkeypatch, follow, on_wait=interrupted)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "pscnn: interrupted" not in err and "the run had finished before the interrupt" in err, err
+    assert cluster.stopped                  # the clients still running were stopped
+    assert "run finished: mode sync" in out
+
+
+def test_a_second_ctrl_c_does_not_cut_the_shutdown_short(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while the server is being stopped (it writes its checkpoint): it raised
+    KeyboardInterrupt inside stop_all, and the cluster's close() SIGKILLed every child.  Now the
+    shutdown goes on, saying so once, and ends with the --resume hint."""
+    def follow(cluster, bar):
+        write_outputs(tmp_path / "run", summary=False)
+        raise KeyboardInterrupt
+
+    def second_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+    code, cluster = run_in_process(tmp_path, monkeypatch, follow, on_stop=second_ctrl_c)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert cluster.stopped, err
+    assert "pscnn: interrupted" not in err, err
+    assert err.count("still stopping") == 1, err
+    assert err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # restored
+
+
+def test_a_missing_mnist_folder_is_one_line_before_anything_starts(tmp_path):
+    """--mnist-dir naming no folder: every child was started, and the user got three lines (the start
+    line, "the server exited with 1; last lines of its log:", the reason).  Now `pscnn run` checks
+    the test set as the server and the evaluator would, and says why on one line, starting nothing."""
+    missing, port = tmp_path / "no-such-folder", free_port()
+    argv = [sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--model", "light", "--mnist-dir", str(missing),
+            "--out", str(tmp_path / "run"), "--port", str(port), "--no-progress"]
+    try:
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        leftovers = processes_naming(f"tcp://127.0.0.1:{port}")
+        kill_all(leftovers)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines() == [f"pscnn: error: {missing}: MNIST folder does not exist or is not a folder"]
+    assert not leftovers and not (tmp_path / "run" / "logs").exists()
