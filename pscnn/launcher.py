@@ -36,6 +36,11 @@ SERVER_FLAGS = ("mode", "staleness", "checkpoint_every", "resume", "lease_timeou
                 "batch_size", "epochs", "train_limit", "test_limit", "mnist_dir", "out", "log_level")
 
 
+def local_endpoint(port: int) -> str:
+    """Where a local cluster's server listens (loopback only)."""
+    return f"tcp://127.0.0.1:{port}"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -94,7 +99,7 @@ class LocalCluster:
         self.logs = self.out / "logs"
         make_folder(self.logs)
         self.port = port or free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.endpoint = local_endpoint(self.port)
         self.env = child_env(threads)
         self.procs: dict[str, subprocess.Popen] = {}
         self._files = []
@@ -165,6 +170,27 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_port_free(endpoint: str) -> None:
+    """EndpointError (one line) unless the server could bind ``endpoint`` now, checked as it binds.
+
+    A port taken by another pscnn server would otherwise fail only this run's server, after its
+    workers and evaluator, started at the same time, had joined that other server's run.
+    """
+    import zmq  # noqa: PLC0415
+
+    from pscnn import protocol as P  # noqa: PLC0415
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        P.bind(sock, endpoint)
+    except P.EndpointError as exc:
+        raise P.EndpointError(f"{exc} (another pscnn server or run on that port? leave --port out for a "
+                              "free one)") from None
+    finally:
+        sock.close(linger=0)
+        ctx.term()                      # the port is released before the server binds it
 
 
 def check_run_args(args) -> None:
@@ -247,6 +273,8 @@ def run_from_args(args) -> int:
         ParameterServer(config_from_args(args))
     elif (warning := unfinished_run_warning(args.out)):     # on the terminal, not only in logs/server.log
         _say(f"pscnn run: {warning}")
+    if args.port:                       # else the cluster takes a port that was free a moment ago
+        check_port_free(local_endpoint(args.port))
     outputs = RunOutputs(args.out, args.resume)
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads)
     def on_stop_signal(signum, frame):
