@@ -25,6 +25,8 @@ def config(argv, environ=None):
     (["run", "--mode", "sync", "--optimizer", "adam"], "adam", 0.001),
     (["train", "--optimizer", "adagrad"], "adagrad", 0.01),
     (["run", "--mode", "async", "--lr", "0.005"], "adam", 0.005),
+    (["server", "--mode", "ssp", "--optimizer", "sgd"], "sgd", 0.02),     # only sync averages a round's batches
+    (["run", "--mode", "async", "--optimizer", "sgd"], "sgd", 0.02),
 ])
 def test_auto_optimizer_and_per_optimizer_learning_rate(argv, name, lr):
     cfg = config(argv)
@@ -39,6 +41,12 @@ def test_auto_optimizer_and_per_optimizer_learning_rate(argv, name, lr):
 def test_environment_sets_the_optimizer_like_flags():
     assert config(["run", "--mode", "async"], {"PSCNN_OPTIMIZER": "sgd"})["name"] == "sgd"
     assert config(["server", "--mode", "async"], {"PSCNN_MOMENTUM": "0.7"})["momentum"] == 0.7
+
+
+def test_adamw_gets_the_weight_decay_given_and_its_own_default_otherwise():
+    assert config(["train", "--optimizer", "adamw", "--weight-decay", "0.1"])["weight_decay"] == 0.1
+    assert config(["server", "--optimizer", "adamw"], {"PSCNN_WEIGHT_DECAY": "0.2"})["weight_decay"] == 0.2
+    assert "weight_decay" not in config(["train", "--optimizer", "adamw"])     # AdamW's default (0.01)
 
 
 def test_every_optimizer_has_a_default_rate():
@@ -71,6 +79,7 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     (["server", "--bind", "tcp://*:99999"], "'tcp://*:99999': the port must be a number, 1-65535"),  # zmq: 34463
     (["server", "--bind", "tcp://*:0"], "the port must be a number, 1-65535"),
     (["server", "--bind", "tcp://*:http"], "the port must be a number, 1-65535"),
+    (["server", "--bind", "ipc://"], "argument --bind: expected tcp://HOST:PORT (e.g. tcp://*:5555) or ipc://PATH"),
     (["worker", "--server", "localhost:5555"], "argument --server: expected tcp://HOST:PORT (e.g. tcp://HOST:5555)"),
     (["evaluator", "--server", "tcp://a b:5555"], "argument --server: expected tcp://HOST:PORT"),
     (["status", "--server", "tcp://x"], "argument --server: expected tcp://HOST:PORT"),
@@ -89,6 +98,7 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     (["run", "--workers", "99999999999"], "argument --workers: must be at most 1000000000"),
     (["server", "--seed", str(2**63)], f"argument --seed: must be at most {2**63 - 1}, got {2**63}"),
     (["train", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["bench", "time-to-accuracy", "--target", "0"], "argument --target: must be a fraction in (0, 1], got 0"),
 ])
 def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:

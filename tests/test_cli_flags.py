@@ -29,6 +29,7 @@ from pscnn.cli import (
     parse_args,
     poll_seconds,
     positive_float,
+    resolve_auto_schedule,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +245,16 @@ def test_a_json_schedules_warmup_steps_wins_over_the_flags_default():
     assert schedule(["train"]) == {"name": "cosine", "total_steps": "auto", "warmup_steps": 10}
 
 
+def test_named_schedules_take_their_lengths_from_the_run():
+    """``--schedule step`` and ``cosine`` name no length: it is the run's, known only once its size is."""
+    assert schedule(["train", "--schedule", "step"]) == {"name": "step", "step_size": "auto", "warmup_steps": 10}
+    step = optimizer_config(parse_args(["train", "--schedule", "step"], {}))
+    assert resolve_auto_schedule(step, 300)["schedule"]["step_size"] == 100        # decay at 1/3 and 2/3
+    cosine = optimizer_config(parse_args(["train"], {}))
+    assert resolve_auto_schedule(cosine, 300)["schedule"]["total_steps"] == 300
+    assert resolve_auto_schedule(cosine, 0)["schedule"]["total_steps"] == 1
+
+
 def test_pscnn_run_hands_the_json_warmup_to_its_server_untouched():
     args = parse_args(["run", "--schedule", '{"name": "constant", "warmup_steps": 100}'], {})
     server_argv = ["server", *launcher.flags_from(args, launcher.SERVER_FLAGS)]
@@ -274,6 +285,15 @@ def test_the_command_line_wins_over_a_bad_variable():
         parse_args(["train", "--nesterov"], environ)
     with pytest.raises(CliError, match=r"PSCNN_NESTEROV='maybe': expected one of 1/0"):
         parse_args(["train", "--batch-size", "32"], environ)
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("Yes", True), (" on ", True),
+                                            ("0", False), ("false", False), ("NO", False), ("off", False)])
+def test_a_boolean_variable_sets_or_clears_its_flag(value, expected):
+    """Containers set switches as PSCNN_RESUME=1 (or true, yes, on); =0 (or false, no, off) leaves them off."""
+    assert parse_args(["server"], {"PSCNN_RESUME": value}).resume is expected
+    assert parse_args(["run"], {"PSCNN_NO_EVALUATOR": value}).no_evaluator is expected
+    assert parse_args(["run", "--no-evaluator"], {"PSCNN_NO_EVALUATOR": value}).no_evaluator is True
 
 
 def test_a_bad_variable_does_not_break_help(capsys, monkeypatch):
@@ -358,6 +378,12 @@ def test_empty_paths_are_refused(argv, capsys):
         parse_args(argv, {})            # parsing only: without the check, main() would start the command
     assert exc.value.code == 2
     assert f"argument {argv[1]}: must name a folder, got an empty string" in capsys.readouterr().err
+
+
+def test_port_zero_means_a_free_port_as_a_flag_and_as_a_variable():
+    assert parse_args(["run", "--port", "0"], {}).port == 0
+    assert parse_args(["run"], {"PSCNN_PORT": "0"}).port == 0
+    assert parse_args(["run"], {"PSCNN_PORT": "65535"}).port == 65535
 
 
 def test_a_tilde_in_a_path_variable_means_home(monkeypatch, tmp_path):

@@ -333,6 +333,8 @@ def test_fewer_error_replies_in_a_row_are_survived(fake, connect, overlapped):
 def test_a_worker_answered_only_with_errors_exits_with_one_line(fake):
     server = fake(work=[error("boom", "no")] * MAX_FAILURES_IN_A_ROW + [SILENCE])
     one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "refused our work request: boom: no")
+    (bye,) = server.of_type(P.BYE)                      # its lease goes back at once, not after --peer-timeout
+    assert bye.body["reason"] == "error"
 
 
 @LOOPS
@@ -356,6 +358,31 @@ def test_a_waits_retry_s_is_clamped(fake, connect, monkeypatch, overlapped):
     assert run_loop(trainer, overlapped) == 0
     assert slept.count(MIN_RETRY_S) == 2 and MAX_RETRY_S in slept, slept
     assert all(MIN_RETRY_S <= s <= MAX_RETRY_S for s in slept), slept
+
+
+def test_after_a_wait_an_overlapped_trainer_computes_what_it_holds_before_asking_again(fake, connect):
+    server = fake(work=[task(), wait(0.0), task(batch=1), STOP], push=[STOP])
+    assert trainer_on(connect(server)).loop_overlapped() == 0
+    assert [m.type for m in server.received if m.type in (P.WORK, P.PUSH)][:3] == [P.WORK, P.WORK, P.PUSH]
+
+
+# ================================================================ 5b: the worker's flags
+
+@pytest.mark.parametrize("mode,first", [("async", [P.WORK, P.WORK, P.PUSH]), ("sync", [P.WORK, P.PUSH])])
+def test_overlap_makes_a_worker_hold_two_leases_in_async_mode_only(fake, mode, first):
+    # two, not more (each is a version staler); and a sync round (or an ssp clock) counts one
+    # batch per worker: a second lease would wait for ever
+    server = fake(hello=[welcome(run={**RUN, "mode": mode})], work=[task(), task(batch=1), STOP], push=[STOP])
+    clean_exit(pscnn("worker", server.endpoint, "--overlap"))
+    assert [m.type for m in server.received if m.type in (P.WORK, P.PUSH)][:3] == first
+
+
+def test_a_worker_gives_up_after_its_give_up_after(fake):
+    server = fake(work=[SILENCE])
+    server.heartbeat_reply = lambda: [b"garbage"]       # no answer either: the server is silent
+    proc = pscnn("worker", server.endpoint)             # --give-up-after GIVE_UP_S
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no usable answer from {server.endpoint} for {GIVE_UP_S:.0f} s; giving up" in proc.stderr
 
 
 # ================================================================ 6: tasks that do not fit the run
@@ -459,6 +486,7 @@ def test_an_evaluator_survives_a_bad_pull_reply_and_scores_the_next(fake, mnist_
     clean_exit(pscnn("evaluator", server.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "100"))
     reports = server.of_type(P.EVAL_REPORT)
     assert len(reports) == 1 and reports[0].body["final"] and reports[0].body["version"] == 3
+    assert reports[0].body["metrics"]["count"] == 100     # --test-limit
 
 
 # ================================================================ 10: the server's words in our log
@@ -523,6 +551,37 @@ def test_heartbeats_answered_with_anything_but_a_heartbeat_are_no_answer(fake, a
         client.close()
 
 
+def test_silence_after_the_heartbeats_said_training_is_over_is_a_clean_exit(fake):
+    """The server finished and went away: the worker stops after reconnect_s, with status 0
+    (not after --give-up-after, nor with status 1 as for a server that died)."""
+    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE])
+    server.heartbeat_reply = lambda: P.Message(P.HEARTBEAT, body={"done": True})
+    proc = pscnn("worker", server.endpoint)
+    clean_exit(proc)
+    assert "the server finished training and stopped answering" in proc.stderr, proc.stderr[-3000:]
+
+
+class SeqZero(Unchecked):
+    """An error whose seq is 0: the server's answer to a request it could not read a seq from."""
+
+    def frames(self, seq: int) -> list:
+        return super().frames(0)
+
+
+def test_an_error_about_a_request_the_server_could_not_read_is_its_answer(fake, connect):
+    server = fake(work=[SeqZero(P.ERROR, {"code": "bad_version", "message": "protocol version 2 is not supported"})])
+    with pytest.raises(ServerError, match="refused our work request: bad_version: protocol version 2"):
+        connect(server).request(P.WORK)
+    assert len(server.of_type(P.WORK)) == 1             # answered at once: no resend, no waiting to give up
+
+
+def test_a_round_trip_is_timed(fake, connect):
+    client = connect(fake(work=[STOP]))
+    client.last_rtt_s = 0.0
+    client.request(P.WORK)
+    assert client.last_rtt_s > 0
+
+
 def test_a_request_held_back_for_good_is_logged_and_given_up(fake, caplog, monkeypatch):
     """Heartbeats answered, the request never: logged once it is held longer than give_up_after,
     given up after HELD_LIMIT_FACTOR times that (it waited for ever)."""
@@ -561,6 +620,20 @@ def test_the_done_flag_follows_the_heartbeats_and_a_new_welcome(fake):
         assert not client.server_done.is_set()
     finally:
         client.close()
+
+
+def test_status_prints_the_servers_progress_and_fails_when_nothing_answers(fake, capsys):
+    """``pscnn status`` is a container healthcheck: exit 0 with the progress as JSON, 1 on silence."""
+    import json
+
+    from pscnn.cli import main
+    server = fake(status=[(P.STATUS, {"progress": {"version": 12, "epoch": 1}})])
+    assert main(["status", "--server", server.endpoint, "--timeout", "5"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"version": 12, "epoch": 1}
+    silent = fake(status=[SILENCE])
+    assert main(["status", "--server", silent.endpoint, "--timeout", "0.2"]) == 1
+    out, err = capsys.readouterr()
+    assert not out and f"no answer from {silent.endpoint} within 0.2 s" in err
 
 
 def test_status_answered_with_an_error_is_not_a_healthy_server(fake, capsys):

@@ -6,7 +6,7 @@ import pytest
 
 from cnn_core import build_model
 from cnn_core.errors import ShapeError
-from cnn_core.flat import FlatArrays, same_layout
+from cnn_core.flat import FlatArrays, all_finite, same_layout
 
 
 def test_pack_lays_arrays_back_to_back_as_views():
@@ -51,6 +51,24 @@ def test_bad_buffers_and_dtypes_are_named():
         FlatArrays([("a", (2,)), ("a", (1,))], np.zeros(3))
     with pytest.raises(ShapeError, match="'b' has dtype float64, expected float32"):
         FlatArrays.pack({"a": np.zeros(2, np.float32), "b": np.zeros(2)})
+
+
+def test_pack_checks_against_the_dtype_asked_for():
+    with pytest.raises(ShapeError, match="'a' has dtype float32, expected float64"):
+        FlatArrays.pack({"a": np.zeros(2, np.float32)}, dtype=np.float64)
+    assert FlatArrays.pack({"a": np.zeros(2)}, dtype="float64").flat.dtype == np.float64
+    empty = FlatArrays.pack({}, dtype=np.float64)       # a model without state: no arrays, the same dtype
+    assert empty.flat.dtype == np.float64 and empty.flat.size == 0 and not empty
+
+
+def test_all_finite_is_exact_where_the_sum_of_squares_overflows():
+    huge = np.full(4, 1e30, np.float32)                 # finite; the sum of its squares is inf in float32
+    assert all_finite(huge)
+    for bad in (np.nan, np.inf, -np.inf):
+        other = huge.copy()
+        other[2] = bad
+        assert not all_finite(other)
+    assert all_finite(np.zeros(0, np.float32))
 
 
 def test_same_layout():

@@ -105,6 +105,14 @@ def test_running_mean():
         m.update(1.0, count=-1)
 
 
+def test_a_reset_running_mean_starts_over():
+    m = RunningMean()
+    m.update(10.0, count=5)
+    m.reset()
+    m.update(2.0, count=2)
+    assert m.mean == 2.0 and m.count == 2
+
+
 class FixedLogits:
     """A stand-in model returning preset logits, to check evaluate's bookkeeping exactly."""
 

@@ -58,6 +58,19 @@ def test_non_finite_values_are_named_on_the_fast_path(bad):
     assert exc.value.code == "non_finite"
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_are_named_on_the_slow_path_too(bad):
+    # A push in another order is repacked: a NaN let through there reaches the weights, and the
+    # run ends as diverged instead of the one push being refused.
+    store = make_store()
+    arrays = push_of(store)
+    arrays["conv2.weight"][1, 0, 2, 2] = bad
+    shuffled = dict(reversed(list(arrays.items())))
+    with pytest.raises(P.ProtocolError, match="'conv2.weight' contains NaN or Inf") as exc:
+        store.check_push_arrays(received(shuffled))
+    assert exc.value.code == "non_finite"
+
+
 def test_huge_but_finite_gradients_are_not_mistaken_for_nan():
     # Their sum of squares overflows float32; the exact check decides, and accepts.
     store = make_store()
@@ -98,6 +111,32 @@ def test_sync_rounds_apply_the_sample_weighted_mean():
     b.apply(mean)
     np.testing.assert_allclose(a.params.flat, b.params.flat, rtol=1e-6, atol=1e-7)
     assert a.optimizer.t == 2 and b.optimizer.t == 1                 # two batches move the schedule twice
+
+
+def test_a_sync_round_adopts_the_sample_weighted_mean_of_the_pushed_state():
+    # BatchNorm statistics are averaged like the gradients; summed, they would grow with the workers.
+    store = make_store(BN_SPEC)
+    members = []
+    for value, weight in ((0.5, 64), (0.9, 16)):
+        arrays = push_of(store, seed=weight)
+        arrays.update({k: np.full(v.shape, value, np.float32) for k, v in store.state.items()})
+        grads, state = store.check_push_arrays(received(arrays))
+        members.append((grads, state, weight))
+    store.apply_mean(members)
+    for name in ("bn1.running_mean", "bn1.running_var"):
+        np.testing.assert_allclose(store.state[name], (64 * 0.5 + 16 * 0.9) / 80, rtol=1e-6)
+        np.testing.assert_allclose(store.snapshot()[1][name], (64 * 0.5 + 16 * 0.9) / 80, rtol=1e-6)
+
+
+def test_a_sync_round_of_one_push_applies_that_gradient_as_it_is():
+    # No rounding through weight and 1 / weight: one worker's round is the plain update.
+    a, b = make_store(), make_store()
+    grads, state = a.check_push_arrays(received(push_of(a)))
+    a.apply_mean([(grads, state, 3)])                   # x 3 then x float32(1/3) would round
+    grads, state = b.check_push_arrays(received(push_of(b)))
+    b.apply(grads, state)
+    np.testing.assert_array_equal(a.params.flat, b.params.flat)
+    assert a.version == b.version == 1
 
 
 def test_an_update_that_makes_the_weights_non_finite_is_refused():

@@ -2,15 +2,19 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
+from cnn_core.data import batch_index
+from cnn_core.errors import DataError
 from cnn_core.model import build_model
 from pscnn import protocol as P
+from worker.client import BadReply
 from worker.trainer import Trainer
 
 
-def welcome(model: str) -> P.Message:
+def welcome(model: str, **over) -> P.Message:
     spec = build_model(model).spec
-    run = {"seed": 0, "batch_size": 64, "num_samples": 640, "epochs": 1, "mode": "async", "test_limit": 0}
+    run = {"seed": 0, "batch_size": 64, "num_samples": 640, "epochs": 1, "mode": "async", "test_limit": 0, **over}
     return P.Message(P.WELCOME, body={"worker_id": "w", "role": "trainer", "model": spec, "run": run,
                                       "incarnation": "x", "heartbeat_s": 1.0})
 
@@ -52,3 +56,70 @@ def test_a_batch_gradient_depends_on_the_weights_and_the_batch_not_the_worker(mn
     np.testing.assert_array_equal(push_a.flat, push_b.flat)
     _, other_epoch = b.compute({"epoch": 1, "batch": 5})  # other images, other masks
     assert not np.array_equal(push_a.flat, other_epoch.flat)
+
+
+def test_a_short_last_batch_is_counted_as_it_is_in_synthetic_steps():
+    trainer = Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0)
+    trainer.setup(welcome("light", num_samples=100))
+    task = {"epoch": 0, "batch": 0, "version": 0, "lease": 1}
+    assert trainer.compute(task)[0]["count"] == 64
+    assert trainer.compute({**task, "batch": 1})[0]["count"] == 36     # 100 = 64 + 36
+
+
+def test_a_batch_is_its_slice_of_the_epochs_permutation_of_the_runs_seed():
+    """The worker derives a batch's images itself, so it must use the permutation of the task's
+    epoch, and that of a restarted server's seed once it joined it."""
+    trainer = Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0)
+    trainer.setup(welcome("light"))
+    n = trainer.run["num_samples"]
+    trainer.data = (np.arange(n), np.arange(n))         # image i is i
+    for epoch, batch in [(0, 0), (0, 9), (1, 0), (1, 4), (0, 4)]:
+        x, y = trainer.batch(epoch, batch)
+        np.testing.assert_array_equal(x, batch_index(n, 64, 0, epoch)[batch])
+        np.testing.assert_array_equal(y, x)
+    trainer.setup(welcome("light", seed=7))             # the same model and size: the data stays
+    np.testing.assert_array_equal(trainer.batch(0, 4)[0], batch_index(n, 64, 7, 0)[4])      # epoch 0 again
+
+
+def test_a_step_reports_its_batch_size_and_its_correct_predictions(mnist_dir):
+    trainer = Trainer(SimpleNamespace(wid="w-1"), mnist_dir=mnist_dir)
+    trainer.setup(welcome("light", num_samples=100))
+    result, _ = trainer.compute({"epoch": 0, "batch": 1})
+    xb, yb = trainer.batch(0, 1)
+    trainer.model.reseed((0, 0, 1))                     # the same dropout masks: the same logits
+    _, logits, _ = trainer.model.loss_and_grads(xb, yb)
+    assert result["count"] == len(yb) == 36
+    assert result["correct"] == int((logits.argmax(axis=1) == yb).sum())
+
+
+def test_a_run_of_another_size_reloads_the_training_set_and_one_larger_than_mnist_is_refused(mnist_dir):
+    trainer = Trainer(SimpleNamespace(wid="w-1"), mnist_dir=mnist_dir)
+    trainer.setup(welcome("light", num_samples=640))
+    trainer.setup(welcome("light", num_samples=320))   # a restarted server trains on fewer images
+    assert len(trainer.data[0]) == len(trainer.data[1]) == 320
+    with pytest.raises(DataError, match="trains on 60001 images, but this worker's MNIST training set has 60000"):
+        trainer.setup(welcome("light", num_samples=60001))
+
+
+BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3, "padding": 1},
+    {"type": "batchnorm2d", "name": "bn1"}, {"type": "relu"}, {"type": "flatten"},
+    {"type": "dense", "name": "fc1", "units": 10}]}
+
+
+def test_a_push_carries_the_batchnorm_statistics_after_the_gradients():
+    """The server adopts the workers' BatchNorm statistics (it has no data to compute them):
+    without them in the push, it would evaluate and checkpoint the initial ones."""
+    trainer = Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0)
+    trainer.setup(welcome(BN_SPEC))
+    _, push = trainer.compute({"epoch": 0, "batch": 0, "version": 0, "lease": 1})
+    assert push.specs == P.model_layout(trainer.model)
+    assert list(push)[-2:] == ["bn1.running_mean", "bn1.running_var"]
+    np.testing.assert_array_equal(push["bn1.running_var"], trainer.model.state["bn1.running_var"])
+
+
+def test_a_model_with_fewer_outputs_than_the_labels_is_refused(mnist_dir):
+    spec = {"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 5}]}
+    trainer = Trainer(SimpleNamespace(wid="w-1"), mnist_dir=mnist_dir)
+    with pytest.raises(BadReply, match="the server's model has 5 outputs, but the labels go up to 9"):
+        trainer.setup(welcome(spec))

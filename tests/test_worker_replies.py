@@ -70,8 +70,8 @@ def evaluator(monkeypatch, mnist_dir):
     """evaluator(server, every=...) -> run_evaluator in this process: no nice, no SIGTERM handler."""
     monkeypatch.setattr(evaluator_module, "_exit_on_sigterm", lambda: None)
 
-    def start(server, every: float = 0.05) -> int:
-        return run_evaluator(server.endpoint, every=every, test_limit=100, mnist_dir=mnist_dir,
+    def start(server, every: float = 0.05, test_limit: int = 100) -> int:
+        return run_evaluator(server.endpoint, every=every, test_limit=test_limit, mnist_dir=mnist_dir,
                              give_up_after=GIVE_UP_S, nice=0)
     return start
 
@@ -151,6 +151,16 @@ def test_a_task_with_unusable_weight_values_is_refused(fake, connect, caplog, ca
     assert "1 of 5 failures in a row" in line and "\n" not in line
 
 
+@LOOPS
+def test_the_weights_a_task_carries_are_loaded_before_its_batch_is_computed(fake, connect, overlapped):
+    sent = with_value(LAST, 0.25)
+    server = fake(work=[task_with(sent), STOP], push=[STOP])
+    trainer = trainer_on(connect(server))
+    assert run_loop(trainer, overlapped) == 0
+    for name, value in sent.items():
+        np.testing.assert_array_equal(trainer.model.params[name], value)
+
+
 def test_check_weights_finds_the_array_with_a_nan_in_one_flat_buffer():
     model = build_model("light")
     flat = P.decode(P.encode(P.Message(P.TASK, body=task()[1], arrays=with_value("fc1.weight", 1.0))))
@@ -191,6 +201,41 @@ def test_a_push_reply_with_an_impossible_held_s_is_refused(fake, connect, caplog
     assert warnings_with(caplog, "from the server", needle), caplog.text
     for push in server.of_type(P.PUSH):
         assert 0.0 <= push.body["timing"].get("wait_s", 0.0) < 10.0, push.body
+
+
+def test_a_push_reports_the_time_held_as_waiting_and_the_rest_of_the_round_trip_as_communication(
+        fake, connect, monkeypatch):
+    server = fake(work=[task()], push=[task(held_s=0.2), STOP])
+    client = connect(server)
+    roundtrip = client._roundtrip
+
+    def round_trip_of_half_a_second(*args, **kwargs):
+        reply = roundtrip(*args, **kwargs)
+        client.last_rtt_s = 0.5
+        return reply
+    monkeypatch.setattr(client, "_roundtrip", round_trip_of_half_a_second)
+    assert trainer_on(client).loop() == 0
+    first, second = (push.body["timing"] for push in server.of_type(P.PUSH))
+    assert (first["comm_s"], first["wait_s"]) == (0.0, 0.0)             # no round trip before the first
+    assert second["wait_s"] == 0.2 and second["comm_s"] == pytest.approx(0.3)
+
+
+@LOOPS
+def test_a_push_names_the_task_it_answers(fake, connect, overlapped):
+    server = fake(work=[task(version=7, epoch=0, batch=3, lease=42)], push=[STOP])
+    assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    (push,) = server.of_type(P.PUSH)
+    assert {k: push.body[k] for k in ("epoch", "batch", "lease", "base_version", "count")} == \
+        {"epoch": 0, "batch": 3, "lease": 42, "base_version": 7, "count": 64}
+
+
+@LOOPS
+def test_a_trainer_that_rejoins_takes_the_new_servers_run(fake, connect, overlapped):
+    server = fake(hello=[welcome(), welcome(run={**RUN, "num_samples": 320})],
+                  work=[error("unknown_worker", "who?"), STOP])
+    trainer = trainer_on(connect(server))
+    assert run_loop(trainer, overlapped) == 0
+    assert len(server.of_type(P.HELLO)) == 2 and trainer.run["num_samples"] == 320
 
 
 def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):
@@ -254,6 +299,49 @@ def test_done_with_no_weights_to_score_is_not_a_final_evaluation(fake, evaluator
     assert not [m for m in server.of_type(P.BYE) if m.body.get("reason") == "final evaluation sent"]
 
 
+def test_an_evaluator_asks_for_newer_weights_only_and_scores_each_version_once(fake, evaluator):
+    server = fake(pull=[pull_reply(False, PARAMS), pull_reply(False), pull_reply(False), pull_reply(True)],
+                  eval_report=[ACK])
+    assert evaluator(server) == 0
+    assert [m.body["have_version"] for m in server.of_type(P.PULL)] == [-1, 3, 3, 3]
+    assert [(r.body["version"], r.body["final"]) for r in server.of_type(P.EVAL_REPORT)] == [(3, False), (3, True)]
+    (bye,) = server.of_type(P.BYE)
+    assert bye.body["reason"] == "final evaluation sent"
+
+
+def test_an_evaluator_that_rejoins_scores_the_new_servers_versions(fake, evaluator):
+    """A restarted server counts its versions again: version 2 there is no older than 5 here."""
+    server = fake(pull=[pull_reply(False, PARAMS, version=5), error("unknown_worker", "who?"),
+                        pull_reply(True, PARAMS, version=2)], eval_report=[ACK])
+    assert evaluator(server) == 0
+    assert [m.body["have_version"] for m in server.of_type(P.PULL)] == [-1, 5, -1]
+    assert [(r.body["version"], r.body["final"]) for r in server.of_type(P.EVAL_REPORT)] == [(5, False), (2, True)]
+
+
+def test_weights_of_a_negative_version_are_not_scored(fake, evaluator):
+    server = fake(pull=[pull_reply(True, PARAMS, version=-1)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    with pytest.raises(TooManyFailures, match="weights of version -1, below 0"):
+        evaluator(server)
+    assert not server.of_type(P.EVAL_REPORT)
+
+
+def test_an_evaluator_refuses_a_model_that_does_not_take_mnist_before_it_pulls(fake, evaluator):
+    spec = {"input_shape": [3, 32, 32], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}
+    server = fake(hello=[welcome(model=spec)])
+    with pytest.raises(BadReply, match=r"takes input \[3, 32, 32\], but the images are \[1, 28, 28\]"):
+        evaluator(server)
+    assert not server.of_type(P.PULL)
+
+
+def test_an_evaluator_scores_the_runs_test_limit_unless_given_its_own(fake, evaluator):
+    for test_limit, count in ((0, 50), (100, 100)):
+        server = fake(hello=[welcome(run={**RUN, "test_limit": 50})], pull=[pull_reply(True, PARAMS)],
+                      eval_report=[ACK])
+        assert evaluator(server, test_limit=test_limit) == 0
+        (report,) = server.of_type(P.EVAL_REPORT)
+        assert report.body["metrics"]["count"] == count
+
+
 def test_a_refused_final_report_ends_the_evaluator_with_an_error(fake, evaluator):
     server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[error("bad_report", "refused")])
     with pytest.raises(FinalReportRefused,
@@ -281,6 +369,17 @@ def test_the_cli_evaluator_whose_final_report_is_refused_exits_1_with_one_line(f
     server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[error("bad_report", "refused")])
     proc = pscnn("evaluator", server.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "100")
     one_error_line(proc, "final evaluation (version 3) was not recorded", "bad_report: refused")
+
+
+def test_the_evaluators_flags_reach_it(monkeypatch):
+    from pscnn.cli import parse_args
+    seen = {}
+    monkeypatch.setattr(evaluator_module, "run_evaluator", lambda endpoint, **kw: seen.update(kw, endpoint=endpoint) or 0)
+    args = parse_args(["evaluator", "--server", "tcp://127.0.0.1:1", "--every", "3.5", "--test-limit", "7",
+                       "--give-up-after", "9", "--name", "ev"], {})
+    assert evaluator_module.run_evaluator_from_args(args) == 0
+    assert seen == {"endpoint": "tcp://127.0.0.1:1", "every": 3.5, "test_limit": 7, "device": "cpu",
+                    "mnist_dir": None, "name": "ev", "give_up_after": 9.0}
 
 
 # ================================================================ 6: heartbeats say done, pulls say not
