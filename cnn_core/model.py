@@ -193,6 +193,7 @@ class Model:
         self._order = execution_order(self.layers)
         plan_conv_pool(self.layers, self._order)
         self._caches = None
+        self._dlogits_shape = None             # the logits' shape of the pass the caches are of
         # What loss_and_grads needs to run a batch in chunks (see there).
         self._couples_samples = any(layer.couples_samples for layer in self.layers)
         self._dropouts = [layer for layer in _all_layers(self.layers) if type(layer) is Dropout]
@@ -236,7 +237,10 @@ class Model:
         (the whole batch in one pass; :meth:`loss_and_grads` is the faster
         step); in evaluation mode the batch runs in chunks (``_chunk_bounds``).
         """
-        x = self._check_input(x)
+        return self._forward(self._check_input(x), train)
+
+    def _forward(self, x, train: bool):
+        """:meth:`forward` on an input :meth:`_check_input` has checked."""
         if train:
             h, self._caches = self._run(x, True)
             self._dlogits_shape = h.shape
@@ -298,7 +302,7 @@ class Model:
         n = x.shape[0]
         bounds = self._chunk_bounds(n, train=True)
         if len(bounds) == 2 or self._couples_samples:
-            logits = self.forward(x, train=True)
+            logits = self._forward(x, train=True)
             loss, dlogits = softmax_cross_entropy(logits, y)
             return loss, logits, self.backward(dlogits)
         y = self.xp.asarray(y)
@@ -333,7 +337,7 @@ class Model:
                 or batch_size < 1:
             raise ConfigError(f"predict: batch_size must be an int >= 1, got {batch_size!r}")
         x = self._check_input(x)
-        out = [self.forward(x[i:i + batch_size], train=False).argmax(axis=1)
+        out = [self._forward(x[i:i + batch_size], train=False).argmax(axis=1)
                for i in range(0, len(x), batch_size)]
         return self.xp.concatenate(out) if out else self.xp.zeros(0, dtype=np.int64)
 
