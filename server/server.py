@@ -290,6 +290,10 @@ class ParameterServer:
         self._final_write_next = 0.0
         self.write_error: str | None = None         # the run's outputs could not be written: exit 1
         self._resumed_text: str | None = None
+        # Why the last evaluator left, with a goodbye, while no other is connected: none is
+        # coming back for the final evaluation (pscnn run starts none again), so the end does
+        # not wait --final-eval-timeout for one.  A new evaluator's hello clears it.
+        self.evaluator_left: str | None = None
         self.writer = None
         self.ctx = zmq.Context.instance()
         self.sock = None
@@ -564,6 +568,8 @@ class ParameterServer:
         if self.cfg.mode == "ssp":
             peer.clock = self._ssp_start_clock(peer)
         self.peers[wid] = peer
+        if peer.role == "evaluator":
+            self.evaluator_left = None
         log.info("%s joined: %s (host %s, pid %s, device %s)", peer.role, name, msg.body.get("host", "?"),
                  msg.body.get("pid", "?"), msg.body.get("device", "?"))
         self.writer.log("join", worker=name, role=peer.role, version=self.store.version)
@@ -575,7 +581,10 @@ class ParameterServer:
 
     def _on_bye(self, peer: Peer, msg: P.Message, now: float) -> None:
         self._reply(peer, P.Message(P.ACK))
-        self._drop_peer(peer, f"left ({msg.body.get('reason', 'bye')})")
+        reason = msg.body.get("reason", "bye")
+        self._drop_peer(peer, f"left ({reason})")
+        if peer.role == "evaluator" and not any(p.role == "evaluator" for p in self.peers.values()):
+            self.evaluator_left = P.one_line(reason, 200)
 
     def _drop_peer(self, peer: Peer, why: str) -> None:
         """Forget a peer: requeue its leases, take it out of barriers."""
@@ -1009,8 +1018,12 @@ class ParameterServer:
                 if p.role == "trainer" and p.pending and p.parked_since:
                     self._give_task(p, now, p.parked_ack)
             if self.cfg.final_eval_timeout and not any(p.role == "evaluator" for p in self.peers.values()):
-                log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
-        if self.final_eval is None and now - self.t_finish_start < self.cfg.final_eval_timeout:
+                if self.evaluator_left is not None:
+                    log.info("the evaluator left (%s); scoring the final weights here", self.evaluator_left)
+                else:
+                    log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
+        if self.final_eval is None and self.evaluator_left is None \
+                and now - self.t_finish_start < self.cfg.final_eval_timeout:
             return False
         if not self.summary_written:
             if self.final_eval is None:

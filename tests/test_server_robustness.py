@@ -952,6 +952,28 @@ def test_the_final_report_is_the_runs_result_and_replaces_the_periodic_one(in_pr
     assert (out / "checkpoint.npz").stat().st_mtime_ns == checkpoint
 
 
+def test_an_evaluator_that_left_politely_is_not_waited_for_at_the_end(in_process, caplog):
+    """An evaluator stopped mid-run (SIGTERM: it says goodbye) is not coming back for the final
+    evaluation (pscnn run starts none again): the server scored the weights itself only after
+    --final-eval-timeout (120 s); now at once.  One that joins again is waited for as before."""
+    server = in_process(epochs=1, test_limit=100)
+    ev = _evaluator(server)
+    assert server.call(ev, P.BYE, {"reason": "terminated"}).type == P.ACK
+    _push_all(server, _trainer(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        server.srv._housekeeping(time.monotonic())
+    assert server.srv.summary_written, caplog.text
+    assert "the evaluator left (terminated); scoring the final weights here" in caplog.text
+
+    again = in_process(epochs=1, test_limit=100)
+    ev = _evaluator(again)
+    assert again.call(ev, P.BYE, {"reason": "terminated"}).type == P.ACK
+    _evaluator(again)                                     # a new one joins: it may report
+    _push_all(again, _trainer(again))
+    again.srv._housekeeping(time.monotonic())
+    assert not again.srv.summary_written
+
+
 def test_a_diverged_run_keeps_its_last_good_checkpoint(in_process):
     """The optimizer state took the diverging step (only the weights are rolled back): a
     checkpoint written at or after the failure could not be resumed from."""
