@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from cnn_core.runlog import SUMMARY_FILE, make_folder
-from server.server import CHECKPOINT_NAME, ParameterServer, config_from_args, unfinished_run_warning
+from server.server import (CHECKPOINT_NAME, ParameterServer, config_from_args, summary_after_checkpoint,
+                           unfinished_run_warning)
 from worker.client import query_status
 from worker.trainer import check_local_setup
 
@@ -247,10 +248,10 @@ class RunOutputs:
         self.summary_before = _mtime(self.summary)
 
     def finished(self) -> bool:
-        """Whether this run's server wrote summary.json: the run is over (complete or diverged).
-        As in unfinished_run_warning, the summary is written after every checkpoint of the run."""
+        """Whether this run's server wrote summary.json, after its last checkpoint: the run is over
+        (complete or diverged)."""
         written = _mtime(self.summary)
-        return written is not None and written != self.summary_before and written >= (_mtime(self.checkpoint) or 0)
+        return written is not None and written != self.summary_before and summary_after_checkpoint(self.out)
 
     def resume_hint(self) -> str | None:
         """How to continue the run, stopped before its end: the same command plus --resume, once the

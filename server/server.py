@@ -86,6 +86,20 @@ def resume_checkpoint(out: str) -> str:
     return path
 
 
+def summary_after_checkpoint(out: str) -> bool:
+    """Whether run folder ``out``'s summary.json is at least as new as its checkpoint (or there is
+    no checkpoint): the run it holds is finished, since a server writes every checkpoint of a run
+    before its summary.  False without a summary.json."""
+    try:
+        summary = os.stat(os.path.join(out, SUMMARY_FILE)).st_mtime_ns
+    except OSError:
+        return False
+    try:
+        return summary >= os.stat(os.path.join(out, CHECKPOINT_NAME)).st_mtime_ns
+    except OSError:
+        return True
+
+
 def unfinished_run_warning(out: str) -> str | None:
     """The warning for starting over in run folder ``out`` when it holds an unfinished run's checkpoint, else None.
 
@@ -97,14 +111,7 @@ def unfinished_run_warning(out: str) -> str | None:
     reused without --resume (``make run`` twice) gets no warning.
     """
     path = os.path.join(out, CHECKPOINT_NAME)
-    summary = os.path.join(out, SUMMARY_FILE)
-    try:
-        if os.stat(summary).st_mtime_ns >= os.stat(path).st_mtime_ns:
-            return None
-    except FileNotFoundError:
-        if not os.path.exists(path):
-            return None
-    except OSError:
+    if not os.path.exists(path) or summary_after_checkpoint(out):
         return None
     try:
         _, meta = load_checkpoint(path)
