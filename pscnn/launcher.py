@@ -316,15 +316,26 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
         except KeyboardInterrupt:
             return _interrupted(cluster, bar, outputs)
         if status != 0:                 # the server failed, or was stopped (and _follow said why)
-            _stop(cluster, grace=5.0)
-            if (hint := outputs.resume_hint()):
-                _say(hint)
-            return status if status > 0 else 1      # killed by a signal: 1, not sys.exit(-9)'s 247
+            return _ended_early(cluster, outputs, status)
         failed = {n: c for n, c in codes.items() if c != 0}
         for name, code in failed.items():   # e.g. a worker killed mid-run: the others finished the run
             _say(child_exit_message(cluster, name, code))
     print_report(outputs.summary)
     return 1 if failed else 0
+
+
+def _ended_early(cluster: LocalCluster, outputs: RunOutputs, status: int) -> int:
+    """The server exited with ``status`` != 0, or ``_follow`` stopped the run (1) and said why:
+    stop what is left; the run's report where the server had written its summary all the same
+    (diverged; or it finished the run while the launcher was stopping it, on a failed evaluator
+    that had said goodbye), else how to continue.  1, or the server's own exit code."""
+    _stop(cluster, grace=5.0)
+    if outputs.finished():
+        _say(f"pscnn run: the server had ended the run ({SUMMARY_FILE} written); its report follows")
+        print_report(outputs.summary)
+    elif (hint := outputs.resume_hint()):
+        _say(hint)
+    return status if status > 0 else 1      # killed by a signal: 1, not sys.exit(-9)'s 247
 
 
 def _interrupted(cluster: LocalCluster, bar, outputs: RunOutputs) -> int:
@@ -469,6 +480,8 @@ def print_report(summary_path: Path) -> None:
 
     stale = s.get("staleness", {})
     print(f"\nrun finished: mode {s['mode']}, {s['workers']} workers, {s['epochs']} epochs")
+    if s.get("status") == "diverged":
+        print(f"  status             diverged: {s.get('error')}")
     print(f"  test accuracy      {number('test_accuracy')}")
     print(f"  test loss          {number('test_loss')}")
     print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} samples)")
