@@ -588,6 +588,7 @@ def check_run_folder(flag: str, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    stop_with_launcher()
     try:
         args = parse_args(argv)
     except CliError as exc:
@@ -611,6 +612,33 @@ def main(argv=None) -> int:
             print(f"pscnn: error: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+# Set in each child's environment: the launcher's pid (see stop_with_launcher).
+LAUNCHER_PID_VARIABLE = "PSCNN_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1                    # <linux/prctl.h>
+
+
+def stop_with_launcher(environ=os.environ) -> None:
+    """In a child of a :class:`LocalCluster`: have the kernel send it SIGTERM when the launcher dies.
+
+    A launcher killed outright (kill -9, the OOM killer) cannot stop its children, and each runs in
+    its own session: they ran on with nobody to stop them, the server holding its port.  With
+    this, the server checkpoints and stops and the clients say goodbye, as on the launcher's own
+    Ctrl-C (all at once, not the server first).  Linux only (prctl PR_SET_PDEATHSIG); elsewhere,
+    or outside a launcher (no LAUNCHER_PID_VARIABLE), nothing.
+    """
+    launcher_pid = environ.pop(LAUNCHER_PID_VARIABLE, None)
+    if not launcher_pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        print(f"pscnn: warning: cannot follow the launcher (prctl: {os.strerror(ctypes.get_errno())}); "
+              "if it dies, stop this process yourself", file=sys.stderr)
+    elif str(os.getppid()) != launcher_pid:     # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _interrupt_on_terminate() -> None:

@@ -93,7 +93,10 @@ def child_env(threads: int = 1) -> dict:
 
 
 class LocalCluster:
-    """Processes of one run on this machine, with their logs in ``out/logs``."""
+    """Processes of one run on this machine, with their logs in ``out/logs``.
+
+    Each child stops (SIGTERM) when the process that started it dies: see
+    :func:`pscnn.cli.stop_with_launcher`."""
 
     def __init__(self, out: str | Path, port: int | None = None, threads: int = 1):
         self.out = Path(out)
@@ -101,7 +104,8 @@ class LocalCluster:
         make_folder(self.logs)
         self.port = port or free_port()
         self.endpoint = local_endpoint(self.port)
-        self.env = child_env(threads)
+        from pscnn.cli import LAUNCHER_PID_VARIABLE  # noqa: PLC0415  (pscnn.cli imports nothing heavy)
+        self.env = {**child_env(threads), LAUNCHER_PID_VARIABLE: str(os.getpid())}
         self.procs: dict[str, subprocess.Popen] = {}
         self._files = []
 

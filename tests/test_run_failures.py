@@ -285,11 +285,6 @@ def write_run_outputs(out: Path, *, summary: dict | None) -> None:
         (out / "summary.json").write_text(json.dumps(summary))
 
 
-FINISHED_SUMMARY = {"mode": "sync", "workers": 1, "epochs": 1, "status": "complete", "error": None,
-                    "test_accuracy": 0.5, "test_loss": 1.5, "updates": 4, "samples_applied": 256,
-                    "train_images_per_second": 700.0, "train_seconds": 0.4, "evaluations": []}
-
-
 @pytest.mark.parametrize("status", [
     "complete",
     "diverged",
@@ -300,13 +295,13 @@ def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(fake_clus
     --resume hint for a run that is over, and exits 1 either way."""
     outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
     error = "training diverged: the last 3 pushes, from worker-0, were not finite" if status == "diverged" else None
-    write_run_outputs(fake_cluster.out, summary={**FINISHED_SUMMARY, "status": status, "error": error})
+    write_run_outputs(fake_cluster.out, summary={**SUMMARY, "status": status, "error": error})
     assert launcher._ended_early(fake_cluster, outputs, 1) == 1
     captured = capsys.readouterr()
     assert "pscnn run: the server had ended the run (summary.json written); its report follows" in captured.err
     assert "--resume" not in captured.err
     assert "run finished: mode sync, 1 workers, 1 epochs" in captured.out
-    assert "test accuracy      0.5000" in captured.out
+    assert "test accuracy      0.9000" in captured.out
     assert ("status             diverged: training diverged" in captured.out) == (status == "diverged")
 
 
@@ -427,6 +422,53 @@ def test_a_killed_server_is_named_with_its_signal_and_exit_1(tmp_path, mnist_dir
     assert err.strip().splitlines()[-1] == \
         f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_the_children_stop_when_the_launcher_is_killed(tmp_path, mnist_dir):
+    """kill -9 of `pscnn run` itself, which then cannot stop its children (each in its own
+    session): they ran on, the server holding its port, with nobody to stop them.  The kernel now
+    sends each SIGTERM (PR_SET_PDEATHSIG): the server checkpoints and stops, the worker and the
+    evaluator say goodbye, and the same command plus --resume continues."""
+    with pscnn_run(tmp_path, mnist_dir, "--workers", "1", "--train-limit", "20000", "--epochs", "5") \
+            as (proc, endpoint):
+        wait_until_training(endpoint, proc)
+        pids = {name: child_pid(endpoint, name) for name in ("server", "worker-0", "evaluator")}
+        proc.kill()
+        wait_for(lambda: not processes_naming(endpoint), 30, "every child to stop",
+                 on_fail=lambda: f"still running: {processes_naming(endpoint)} of {pids}")
+    logs = tmp_path / "run" / "logs"
+    server_log = (logs / "server.log").read_text()
+    assert "interrupted: writing a checkpoint" in server_log, server_log[-3000:]
+    assert (tmp_path / "run" / "checkpoint.npz").exists()
+    for name in ("worker-0", "evaluator"):
+        assert "stopped by a signal; saying goodbye to the server" in (logs / f"{name}.log").read_text()
+
+
+def test_a_child_whose_launcher_is_already_gone_stops_at_once(tmp_path):
+    """A child started by a launcher that died before the child asked to follow it (its parent is
+    no longer that pid) stops itself at once (SIGTERM) instead of running on unwatched; the
+    variable is not passed on to processes it starts."""
+    code = ("import os, time\nfrom pscnn.cli import stop_with_launcher\n"
+            "stop_with_launcher()\nprint(os.environ.get('PSCNN_LAUNCHER_PID'), flush=True)\n"
+            "time.sleep(30)\nprint('still running', flush=True)\n")
+    def run_child(launcher_pid: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PSCNN_LAUNCHER_PID": str(launcher_pid)}
+        return subprocess.run([sys.executable, "-c", code.replace("time.sleep(30)", "time.sleep(30 if "
+                               f"{launcher_pid} != os.getppid() else 0)")],
+                              capture_output=True, text=True, timeout=60, env=env, check=False)
+    gone = run_child(os.getpid() + 1_000_000)       # not its parent: the launcher is gone
+    assert gone.returncode == -signal.SIGTERM, (gone.returncode, gone.stdout, gone.stderr)
+    assert "still running" not in gone.stdout
+    alive = run_child(os.getpid())                  # its parent: it runs on, the variable spent
+    assert alive.returncode == 0, alive.stderr
+    assert alive.stdout.split() == ["None", "still", "running"]
+
+
+def test_a_local_cluster_tells_its_children_to_follow_it(tmp_path):
+    """LocalCluster passes its own pid to every child it starts (what stop_with_launcher reads)."""
+    with LocalCluster(tmp_path / "run") as cluster:
+        assert cluster.env["PSCNN_LAUNCHER_PID"] == str(os.getpid())
 
 
 # ------------------------------------------------ `pscnn run` interrupted, on stand-in processes
