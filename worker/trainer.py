@@ -378,6 +378,8 @@ class Trainer:
                     if pending is not None:
                         push = pending.msg
                         reply, timing = self._collect(pending)
+                        if reply is not None and reply.type == P.STOP:    # over: no push for this batch
+                            return self._stopped(reply)
                     pending = self.client.submit(P.PUSH, self._push_body(task, result, timing), arrays)
                     self._count(result)
                 else:                                             # nothing to compute: wait for the push
