@@ -118,7 +118,8 @@ def test_modes_train_to_accuracy_exactly_once(cluster, mnist_dir, mode, extra):
     (Measured: sync, momentum SGD, 0.86-0.91; async and ssp with their default,
     Adam lr 0.001, 0.87 and 0.86; with momentum SGD they had given 0.89 and 0.91.)
     """
-    cluster.start_server(server_flags(cluster.out, mnist_dir, mode, epochs=2, **extra))
+    # (the start barrier: both workers join before the first batch, however slowly one starts)
+    cluster.start_server(server_flags(cluster.out, mnist_dir, mode, epochs=2, wait_for_workers=2, **extra))
     for i in range(2):
         cluster.start_worker(f"worker-{i}", client_flags(mnist_dir))
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "1"])
@@ -154,7 +155,7 @@ def test_worker_killed_mid_epoch(cluster, mnist_dir, mode, overlap):
     With ``--overlap`` each trainer holds two leases and computes one while the
     other's push travels; the killed one's two leases are both requeued.
     """
-    cluster.start_server(server_flags(cluster.out, mnist_dir, mode, epochs=2, peer_timeout=2))
+    cluster.start_server(server_flags(cluster.out, mnist_dir, mode, epochs=2, peer_timeout=2, wait_for_workers=3))
     for i in range(3):
         cluster.start_worker(f"worker-{i}", [*client_flags(mnist_dir), *(["--overlap"] if overlap else [])])
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "5"])
@@ -190,11 +191,19 @@ def test_overlapped_workers_get_through_short_epochs(cluster, mnist_dir):
 
 
 def test_worker_joining_mid_run_gets_work(cluster, mnist_dir):
-    cluster.start_server(server_flags(cluster.out, mnist_dir, "async", epochs=2))
+    """A worker started after 20 batches gets work and its pushes are applied.  worker-0 is paused
+    (SIGSTOP) until then, so that it cannot finish the run while the late one is still starting;
+    long timeouts keep it, silent meanwhile, from being declared dead."""
+    cluster.start_server(server_flags(cluster.out, mnist_dir, "async", epochs=2, peer_timeout=60, lease_timeout=60))
     cluster.start_worker("worker-0", client_flags(mnist_dir))
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "5"])
     wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 20, 90, "20 batches applied")
-    cluster.start_worker("worker-late", client_flags(mnist_dir))
+    cluster.kill("worker-0", signal.SIGSTOP)
+    try:
+        cluster.start_worker("worker-late", client_flags(mnist_dir))
+        wait_for(lambda: (st := cluster.status()) and st["contributors"] >= 2, 90, "worker-late's first push")
+    finally:
+        cluster.kill("worker-0", signal.SIGCONT)
     summary = finish(cluster)
     assert "worker-late" in summary["worker_names"] and summary["workers"] == 2
     steps = [r for r in read_jsonl(cluster.out / "metrics.jsonl") if r["kind"] == "step"]

@@ -179,6 +179,7 @@ def stop(*_):
     Path(sys.argv[1]).write_text("stopped")
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)          # READY: its handler is set
 for _ in range(600):
     if len(sys.argv) > 2 and Path(sys.argv[2]).exists():
         time.sleep(2)
@@ -187,14 +188,20 @@ for _ in range(600):
 sys.exit(3)
 """
 FAKE_WORKER = "import time\nfor _ in range(600): time.sleep(0.1)\n"     # until stopped (60 s at most)
+READY = 'print("ready", flush=True)'    # in a stand-in's code: start_fake waits for its line
 
 
 def start_fake(cluster: LocalCluster, name: str, code: str, *argv: str) -> subprocess.Popen:
-    fh = open(cluster.logs / f"{name}.log", "ab")  # noqa: SIM115  (as LocalCluster.start)
+    """A stand-in child; one whose code holds READY (after its signal handlers are set) is
+    waited for until it printed it, so that a signal from the launcher cannot come before them."""
+    log_path = cluster.logs / f"{name}.log"
+    fh = open(log_path, "ab")  # noqa: SIM115  (as LocalCluster.start)
     cluster._files.append(fh)                       # closed by cluster.close()
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=fh, stderr=subprocess.STDOUT,
                             start_new_session=True)
     cluster.procs[name] = proc
+    if READY in code:
+        wait_for(lambda: "ready" in log_path.read_text() or proc.poll() is not None, 30, f"{name} to be ready")
     return proc
 
 
@@ -274,7 +281,7 @@ def test_follow_says_which_child_had_to_be_killed(fake_cluster, tmp_path, capsys
     10 s longer)."""
     start_fake(fake_cluster, "server", FAKE_SERVER, str(tmp_path / "server-stopped"))
     start_fake(fake_cluster, "worker-0", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                         "print('ready', flush=True)\nfor _ in range(600): time.sleep(0.1)\n")
+                                         f"{READY}\nfor _ in range(600): time.sleep(0.1)\n")
     start_fake(fake_cluster, "evaluator", "import sys, time\ntime.sleep(1)\nsys.exit(1)\n")
     assert _follow(fake_cluster, tqdm(total=None, disable=True)) == 1
     err = capsys.readouterr().err
