@@ -298,10 +298,7 @@ def write_run_outputs(out: Path, *, summary: dict | None) -> None:
         (out / "summary.json").write_text(json.dumps(summary))
 
 
-@pytest.mark.parametrize("status", [
-    "complete",
-    "diverged",
-])
+@pytest.mark.parametrize("status", ["complete", "diverged"])
 def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(fake_cluster, tmp_path, capsys, status):
     """_follow stopped the run (a failed evaluator), but the server had finished it all the same,
     or it ended diverged (exit 1): the launcher prints the report from summary.json, not a
@@ -318,13 +315,13 @@ def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(fake_clus
     assert ("status             diverged: training diverged" in captured.out) == (status == "diverged")
 
 
-@pytest.mark.parametrize("signal_code, expected", [(1, 1), (-signal.SIGKILL, 1), (3, 3)])
-def test_a_run_stopped_before_its_end_says_how_to_continue(fake_cluster, capsys, signal_code, expected):
+@pytest.mark.parametrize("server_code, expected", [(1, 1), (-signal.SIGKILL, 1), (3, 3)])
+def test_a_run_stopped_before_its_end_says_how_to_continue(fake_cluster, capsys, server_code, expected):
     """Stopped (or the server failed) after a checkpoint and before a summary: the --resume hint,
     no report; the server's own exit code, or 1 for a server killed by a signal."""
     outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
     write_run_outputs(fake_cluster.out, summary=None)
-    assert launcher._ended_early(fake_cluster, outputs, signal_code) == expected
+    assert launcher._ended_early(fake_cluster, outputs, server_code) == expected
     captured = capsys.readouterr()
     assert f"Continue with the same command plus --resume (run folder {fake_cluster.out})" in captured.err
     assert "run finished" not in captured.out and "report follows" not in captured.err
