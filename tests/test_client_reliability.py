@@ -1,0 +1,501 @@
+"""The client's reliability layer (worker.client): resends, reconnects, backoff, deadlines, heartbeats.
+
+Two kinds of test.  The schedule tests run ``Client._roundtrip`` against a
+simulated network and a simulated clock: ``time.monotonic`` in worker.client
+is a counter that moves only when the client waits (a poll advances it by its
+timeout), and the sockets are stand-ins that record what is sent, when, and on
+which socket.  So a schedule of resends over a minute of silence is checked
+exactly, in milliseconds, with no real waiting and nothing that a slow machine
+could make flaky.  The other tests put a real ZeroMQ ROUTER on 127.0.0.1 (a
+free port), served by a thread of this test, opposite a real ``Client``: that
+the resend reaches the server under the same sequence number, that a silent
+server sees a new connection, that a duplicate reply is not taken for the
+next request's answer.  Every wait is bounded: the simulated clock refuses to
+run past a limit, and the real tests give up after a few seconds.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from pscnn import protocol as P
+from worker import client as client_module
+from worker.client import HELD_LIMIT_FACTOR, Client, ServerUnreachable
+
+pytestmark = pytest.mark.timeout(60)
+
+ENDPOINT = "tcp://127.0.0.1:9"              # never reached: the simulated network stands in for it
+
+
+# ================================================================ a simulated clock and network
+
+class OverTime(Exception):
+    """The simulated clock ran past the test's limit: the client would have waited for ever."""
+
+
+class SimSocket:
+    """A DEALER stand-in: records its options, what is sent on it, and each poll's timeout.
+
+    ``poll`` advances the simulated clock by its timeout unless ``net.on_poll``
+    delivers a reply first; a negative timeout is refused, since ZeroMQ takes
+    it to mean "wait for ever".
+    """
+
+    def __init__(self, net: "SimNet"):
+        self.net = net
+        self.options: dict = {}
+        self.endpoint = None
+        self.closed = False
+        self.inbox: list[list[bytes]] = []
+
+    def setsockopt(self, option, value) -> None:
+        self.options[option] = value
+
+    def connect(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def send_multipart(self, frames, copy: bool = True) -> None:
+        assert not self.closed, "sent on a closed socket"
+        self.net.sent.append((self.net.now, self, [bytes(f) for f in frames]))
+
+    def poll(self, timeout=None, flags=zmq.POLLIN) -> int:
+        assert timeout is not None and timeout >= 0, f"poll({timeout}): ZeroMQ would wait for ever"
+        self.net.polls.append(timeout)
+        if not self.inbox and self.net.on_poll is not None:
+            self.net.on_poll(self, timeout)
+        if self.inbox:
+            return zmq.POLLIN
+        self.net.advance(timeout / 1000)
+        return 0
+
+    def recv(self, flags: int = 0, copy: bool = True):
+        frames = self.inbox[0]
+        frame = frames.pop(0)
+        if not frames:
+            self.inbox.pop(0)
+        self.net.advance(self.net.recv_s)
+        return SimpleNamespace(buffer=frame, more=bool(frames))
+
+    def close(self, linger=None) -> None:
+        self.closed = True
+
+
+class SimNet:
+    """The simulated clock (``now``) and the sockets the client opened (it stands in for its zmq.Context)."""
+
+    def __init__(self, limit_s: float):
+        self.start = self.now = 1000.0
+        self.limit = self.start + limit_s
+        self.sockets: list[SimSocket] = []
+        self.sent: list[tuple] = []                 # (time, socket, frames)
+        self.polls: list[int] = []                  # each poll's timeout in ms
+        self.on_poll = None                         # (socket, timeout_ms) -> None; may fill socket.inbox
+        self.recv_s = 0.0                           # how long reading one reply takes
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        if self.now > self.limit:
+            raise OverTime(f"still waiting {self.now - self.start:.1f} s (simulated) after the request")
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def socket(self, kind) -> SimSocket:
+        assert kind == zmq.DEALER
+        self.sockets.append(SimSocket(self))
+        return self.sockets[-1]
+
+    def send_times(self) -> list[float]:
+        return [t - self.start for t, _, _ in self.sent]
+
+
+def reply_frames(mtype: str, seq: int, body: dict | None = None) -> list[bytes]:
+    return [bytes(f) for f in P.encode(P.Message(mtype, "", seq, body or {}))]
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    """sim(limit_s, **client_kwargs) -> (client, net): a Client whose clock and sockets are simulated."""
+
+    def make(limit_s: float, **kwargs) -> tuple[Client, SimNet]:
+        net = SimNet(limit_s)
+        monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=net.monotonic, sleep=net.advance))
+        client = Client(ENDPOINT, "trainer", heartbeat=False, **kwargs)
+        client.ctx = net
+        return client, net
+    return make
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 2) for a, b in zip(times, times[1:])]
+
+
+# ================================================================ the resend schedule
+
+def test_silence_is_met_with_resends_then_reconnects_that_back_off_up_to_the_cap(sim):
+    """The schedule on silence: resend every resend_s; from reconnect_s of silence on, each
+    resend goes on a freshly opened socket and the interval doubles, up to max_backoff_s;
+    give up at give_up_after.  A client whose backoff does not grow hammers a dead server
+    (and every other client's reconnect) for as long as it is down; one whose backoff has
+    no cap, or starts at the cap, notices a restarted server minutes late; one that
+    reconnects from the first resend throws away a reply that was merely slow."""
+    client, net = sim(60, give_up_after=30.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    with pytest.raises(ServerUnreachable, match="no usable answer from .* for 30 s"):
+        client.request(P.WORK)
+    assert gaps(net.send_times()) == [1.0, 1.0, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0], net.send_times()
+    assert len(net.polls) <= 2 * len(net.sent), f"{len(net.polls)} polls for {len(net.sent)} sends: a busy wait"
+    # given up at the deadline: not early, and not a backoff's length late
+    assert 30.0 < net.now - net.start < 30.1
+
+
+def test_every_resend_is_the_same_request_and_each_reconnect_opens_a_new_socket(sim):
+    """The server applies a push once per (worker id, seq): a resend under a new number would
+    be a second push of the same gradients.  A reconnect must close the old socket (ZeroMQ
+    would keep stale messages queued on it, and a long outage would leak one socket per
+    reconnect) and open a new one under the same routing id, so that the server's replies
+    (ROUTER_HANDOVER) reach the client across reconnects."""
+    client, net = sim(60, give_up_after=30.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    with pytest.raises(ServerUnreachable):
+        client.request(P.WORK)
+    first = net.sent[0][2]
+    assert P.decode(first).seq == client.seq
+    assert all(frames == first for _, _, frames in net.sent), "a resend differs from the request"
+    reconnect_at = [3.0, 5.0, 9.0, 14.0, 19.0, 24.0, 29.0]
+    assert len(net.sockets) == 1 + len(reconnect_at)
+    for sock in net.sockets:
+        assert sock.options.get(zmq.ROUTING_ID) == client.wid.encode() and sock.endpoint == ENDPOINT
+    assert all(sock.closed for sock in net.sockets[:-1]), "a reconnect left the old socket open"
+    # each resend from the first reconnect on goes out on a socket of its own, the newest at the time
+    on = [net.sockets.index(sock) for _, sock, _ in net.sent]
+    assert on == [0, 0, 0, *range(1, len(net.sockets))], on
+    assert [round(net.sent[i][0] - net.start) for i in range(3, len(net.sent))] == reconnect_at
+
+
+def test_a_request_held_back_while_heartbeats_are_answered_is_resent_without_reconnecting(sim):
+    """At a sync barrier the server holds a request for as long as the slowest worker takes,
+    and answers the heartbeats meanwhile.  The client resends (the server answers a resend
+    from its cache once it replies) but does not reconnect or back off: a reconnect would
+    drop the reply the server is about to send.  It gives up after HELD_LIMIT_FACTOR times
+    give_up_after, not at give_up_after, and not never."""
+    client, net = sim(100, give_up_after=2.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+
+    def heartbeats_answered(sock, timeout_ms):
+        client.heard_at = net.now           # what the heartbeat thread does on each answered heartbeat
+    net.on_poll = heartbeats_answered
+    with pytest.raises(ServerUnreachable, match="answered heartbeats but held our work request back"):
+        client.request(P.WORK)
+    assert len(net.sockets) == 1, "reconnected while the server answered heartbeats"
+    assert set(gaps(net.send_times())) == {1.0}, net.send_times()
+    assert len(net.polls) <= 2 * len(net.sent), f"{len(net.polls)} polls for {len(net.sent)} sends: a busy wait"
+    assert HELD_LIMIT_FACTOR * 2.0 < net.now - net.start < HELD_LIMIT_FACTOR * 2.0 + 1.1
+
+
+def test_silence_after_the_server_said_it_is_done_ends_the_request_after_reconnect_s(sim):
+    """Once the heartbeats said training is over, a silent server has finished and gone: the
+    worker stops after reconnect_s.  Waiting out give_up_after (10 minutes by default)
+    leaves every worker hanging at the end of each run; giving up at once would drop a
+    final answer that is merely slow."""
+    client, net = sim(100, give_up_after=60.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.server_done.set()
+
+    def done_heartbeats(sock, timeout_ms):
+        client.heard_at = net.now
+    net.on_poll = done_heartbeats
+    with pytest.raises(ServerUnreachable, match="the server finished training and stopped answering"):
+        client.request(P.WORK)
+    assert 3.0 < net.now - net.start < 3.0 + 1.1
+
+
+def test_a_stale_reply_read_late_is_skipped_and_the_next_wait_is_never_negative(sim):
+    """An answer to an earlier request (a duplicate the server sent for a resend) is dropped,
+    not returned as this request's answer: a trainer would act on an old task.  Reading it
+    may take the client past the moment of its next resend; the wait that follows must be
+    0, not negative: ZeroMQ takes a negative poll timeout as "wait for ever", and the
+    worker would hang."""
+    client, net = sim(60, give_up_after=30.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.seq = 40                         # this request is number 41; the stale reply answers number 40
+    net.recv_s = 0.5                        # a big reply, slow to read
+    # what each poll brings: (seconds until it arrives, its seq relative to the request's), or silence
+    script = iter([(0.9, -1), None, (0.1, 0)])
+
+    def deliver(sock, timeout_ms):
+        step = next(script, None)
+        if step is not None:
+            delay, offset = step
+            net.advance(delay)
+            seq = client.seq + offset
+            sock.inbox.append(reply_frames(P.STOP, seq, {"version": seq, "reason": "r"}))
+    net.on_poll = deliver
+    reply = client.request(P.WORK)
+    assert reply.seq == 41 and reply.body["version"] == 41, reply
+    assert len(net.sent) == 2                       # the request, and its resend once the stale reply was read
+    assert all(t >= 0 for t in net.polls), net.polls
+
+
+def test_goodbye_to_a_silent_server_is_given_up_after_two_seconds(sim):
+    """close(say_bye=True) runs as a worker exits, often because the server stopped answering:
+    the goodbye is given two seconds, not give_up_after (ten minutes by default), or every
+    worker of a dead server hangs that long on its way out."""
+    client, net = sim(100, give_up_after=600.0)
+    client._open()
+    client.close(say_bye=True, reason="error")
+    assert 2.0 < net.now - net.start < 2.1
+    assert {P.decode(frames).type for _, _, frames in net.sent} == {P.BYE}
+    assert client.sock is None and all(sock.closed for sock in net.sockets)
+
+
+# ================================================================ heartbeats
+
+def test_the_heartbeat_answer_is_awaited_in_short_slices(sim):
+    """The heartbeat thread waits up to heartbeat_s (up to HEARTBEAT_MAX_S, a minute) for an
+    answer, in polls of at most a quarter second so that close() is not held up: one long
+    poll would keep close() waiting until its join timed out, and leave the thread running after it."""
+    client, net = sim(100)
+    client.heartbeat_s = 30.0
+    sock = net.socket(zmq.DEALER)
+    assert client._heartbeat_answered(sock) is False
+    assert 29.9 < net.now - net.start < 30.3
+    assert net.polls and max(net.polls) <= 251, net.polls
+
+
+class StopAfter:
+    """Stands in for Client._closing: records each wait's timeout; "closing" from the ``n``-th wait on."""
+
+    def __init__(self, n: int):
+        self.n, self.waits = n, []
+
+    def wait(self, timeout=None) -> bool:
+        self.waits.append(timeout)
+        return len(self.waits) >= self.n
+
+    def is_set(self) -> bool:
+        return len(self.waits) >= self.n
+
+    def set(self) -> None:
+        self.n = 0
+
+
+def test_heartbeats_go_at_the_period_the_server_asked_for(sim):
+    """The server sets the heartbeat period (max(0.2, peer_timeout / 5)); a client that beat
+    at the fastest allowed period regardless would multiply the server's heartbeat load,
+    one that beat slower than asked would be declared dead by it."""
+    client, net = sim(100)
+    client.heartbeat_s = 1.5
+    client._closing = StopAfter(3)
+
+    answers: list[float] = []
+
+    def answered(sock, timeout_ms):         # the server answers each heartbeat once
+        if len(answers) < len(net.sent):
+            answers.append(net.now)
+            sock.inbox.append(reply_frames(P.HEARTBEAT, 0, {"done": False}))
+    net.on_poll = answered
+    client._heartbeats()
+    assert client._closing.waits == [1.5, 1.5, 1.5] and len(answers) == len(net.sent) == 2
+    assert client.heard_at > 0, "an answered heartbeat did not count"
+    assert net.sockets[0].closed
+
+
+# ================================================================ against a real ZeroMQ socket
+
+class Router:
+    """A ROUTER on a free port of 127.0.0.1, served by a thread: ``answer(rid, msg, accepted)`` -> replies.
+
+    ``requests`` holds (routing id, decoded message) for each request received,
+    resends included, heartbeats left out; ``accepted``: the connections the
+    socket accepted so far (a client that reconnects makes a new one).
+    """
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests: list[tuple[bytes, P.Message]] = []
+        self.accepted = 0
+        self.errors: list[str] = []
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="router", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(50))
+                if self.monitor in ready:
+                    if recv_monitor_message(self.monitor)["event"] == zmq.EVENT_ACCEPTED:
+                        self.accepted += 1
+                if self.sock not in ready:
+                    continue
+                rid, *frames = self.sock.recv_multipart()
+                msg = P.decode(frames)
+                if msg.type == P.HEARTBEAT:
+                    self.sock.send_multipart([rid, *P.encode(P.Message(P.HEARTBEAT, body={"done": False}))])
+                    continue
+                self.requests.append((rid, msg))
+                for mtype, body in self.answer(rid, msg, self.accepted):
+                    self.sock.send_multipart([rid, *P.encode(P.Message(mtype, "", msg.seq, body))])
+        except Exception as exc:                    # noqa: BLE001  (reported by close())
+            self.errors.append(repr(exc))
+        finally:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.sock.close(linger=0)
+
+    def of_type(self, mtype: str) -> list[tuple[bytes, P.Message]]:
+        return [(rid, m) for rid, m in self.requests if m.type == mtype]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the router thread did not stop"
+        assert not self.errors, self.errors
+
+
+WELCOME = (P.WELCOME, {"worker_id": "w", "role": "trainer", "model": {}, "run": {}, "incarnation": "t",
+                       "heartbeat_s": 0.2})
+STOP = (P.STOP, {"version": 0, "reason": "r"})
+ACK = (P.ACK, {})
+
+
+@pytest.fixture
+def router():
+    """router(answer) -> a started Router; clients(...) -> a Client; all closed afterwards."""
+    made: list = []
+
+    def start(answer) -> Router:
+        made.append(Router(answer))
+        return made[-1]
+    yield start
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def clients():
+    made: list[Client] = []
+
+    def make(endpoint: str, **kwargs) -> Client:
+        kwargs = {"give_up_after": 5.0, "heartbeat": False, **kwargs}
+        made.append(Client(endpoint, "trainer", **kwargs))
+        return made[-1]
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_a_request_the_server_missed_is_resent_under_the_same_sequence_number(router, clients):
+    """The first copy is lost; the resend is what the server answers.  Under a new number
+    the server would take the resend for a second request (a push applied twice)."""
+    def answer(rid, msg, accepted):
+        if msg.type == P.HELLO:
+            return [WELCOME]
+        return [STOP] if len(server.of_type(P.WORK)) > 1 else []    # ignore the first copy
+    server = router(answer)
+    client = clients(server.endpoint, resend_s=0.05, reconnect_s=5.0)
+    client.connect()
+    assert client.request(P.WORK).type == P.STOP
+    work = [m for _, m in server.of_type(P.WORK)]          # 2, or more on a slow machine: each a copy
+    assert len(work) >= 2 and {(m.wid, m.seq) for m in work} == {(client.wid, client.seq)}, work
+
+
+def test_a_silent_server_sees_the_client_reconnect_under_its_routing_id(router, clients):
+    """After reconnect_s of silence the client opens a new connection (a server that restarted,
+    or a connection ZeroMQ believes alive but is not, is reached again); the server knows it by
+    the same routing id as before, the worker id, so its reply reaches the new connection."""
+    def answer(rid, msg, accepted):
+        if msg.type == P.HELLO:
+            return [WELCOME]
+        return [STOP] if accepted >= 2 else []         # answer only once the client reconnected
+    server = router(answer)
+    client = clients(server.endpoint, resend_s=0.05, reconnect_s=0.2, max_backoff_s=0.4)
+    client.connect()
+    assert client.request(P.WORK).type == P.STOP
+    assert server.accepted >= 2
+    assert {rid for rid, _ in server.requests} == {client.wid.encode()}
+
+
+def test_a_duplicate_reply_is_not_taken_for_the_next_requests_answer(router, clients):
+    """The server answers each copy of a resent request (from its cache), so a duplicate of an
+    answer may still be queued when the next request goes out.  It carries the old sequence
+    number and must be dropped: a trainer that took it would compute an old task again."""
+    def answer(rid, msg, accepted):
+        if msg.type == P.HELLO:
+            return [WELCOME]
+        if len(server.of_type(P.WORK)) == 1:
+            return [(P.WAIT, {"retry_s": 0.05, "held_s": 0.0, "reason": "first"})] * 2    # and a duplicate
+        return [STOP]
+    server = router(answer)
+    client = clients(server.endpoint, resend_s=30.0, give_up_after=60.0)     # no resend within the test
+    client.connect()
+    assert client.request(P.WORK).type == P.WAIT
+    second = client.request(P.WORK)
+    assert second.type == P.STOP and second.seq == client.seq
+
+
+def test_a_submitted_request_is_sent_once(router, clients):
+    """submit() sends at once and result() collects the answer; result() must not send the
+    request again (a trainer's push carries its gradients: twice the traffic, every batch)."""
+    server = router(lambda rid, msg, accepted: [WELCOME] if msg.type == P.HELLO else [ACK])
+    client = clients(server.endpoint, resend_s=30.0, give_up_after=60.0)    # no resend within the test
+    client.connect()
+    pending = client.submit(P.WORK)
+    assert pending.result().type == P.ACK
+    client.request(P.WORK)                              # the next answer is its own, not a leftover
+    work = [m.seq for _, m in server.of_type(P.WORK)]
+    assert work == [pending.msg.seq, client.seq], work
+    assert server.accepted <= 1, "a new connection for a request: each one throws away what is queued"
+
+
+class SlowToNotice(threading.Event):
+    """Client._closing for a heartbeat thread that is busy when close() is called: it takes
+    0.3 s to notice (close() has to wait for it, not return with the thread still running)."""
+
+    def _busy(self) -> None:
+        if threading.current_thread().name == "heartbeat":
+            time.sleep(0.3)
+
+    def wait(self, timeout=None) -> bool:
+        if super().wait(timeout):
+            self._busy()
+            return True
+        return False
+
+    def is_set(self) -> bool:
+        if super().is_set():
+            self._busy()
+            return True
+        return False
+
+
+def test_connect_again_keeps_one_heartbeat_thread_and_close_stops_it_and_says_bye(router, clients):
+    """A worker that rejoins says hello again: it must not start a second heartbeat thread
+    (each one more socket and twice the heartbeats).  close() says goodbye (the server frees
+    the worker's lease at once instead of after its peer timeout), closes the request socket,
+    and returns only once the heartbeat thread has ended."""
+    server = router(lambda rid, msg, accepted: [WELCOME] if msg.type == P.HELLO else [ACK])
+    before = set(threading.enumerate())
+    client = clients(server.endpoint, heartbeat=True)
+    client._closing = SlowToNotice()
+    client.connect()
+    client.connect()
+    beating = [t for t in set(threading.enumerate()) - before if t.name == "heartbeat"]
+    assert len(beating) == 1, beating
+    sock = client.sock
+    client.close(say_bye=True, reason="done")
+    assert not beating[0].is_alive(), "close() returned with the heartbeat thread still running"
+    assert sock.closed and client.sock is None
+    (bye,) = [m for _, m in server.of_type(P.BYE)]
+    assert bye.body["reason"] == "done"
