@@ -49,6 +49,9 @@ FLAGS = ["--model", "light", "--train-limit", "640", "--batch-size", "64", "--ep
          "--optimizer", "sgd", "--seed", "0", "--checkpoint-every", "0", "--test-limit", "256",
          "--log-level", "INFO"]
 ROUNDS_BEFORE_STOP = 3
+# A start barrier for two trainers: else the server may take w0's first push before w1's request
+# (two connections, no order between them on a busy machine) and close a round of w0 alone.
+BOTH_IN_EVERY_ROUND = ("--wait-for-workers", "2")
 REPLY_TIMEOUT = 10.0
 PUSH = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.01, "comm_s": 0.0, "wait_s": 0.0}}
 
@@ -159,7 +162,7 @@ def interrupted(tmp_path_factory) -> Path:
     """A run folder whose server was stopped (SIGTERM) after 3 sync rounds of 2 trainers:
     checkpoint version 3, epoch 0 with batches 0-5 applied, one evaluation, no summary.json."""
     out = tmp_path_factory.mktemp("resume") / "run"
-    with serving(out) as (cluster, clients):
+    with serving(out, *BOTH_IN_EVERY_ROUND) as (cluster, clients):
         clients += train(cluster.endpoint, ["w0", "w1"], ROUNDS_BEFORE_STOP)
         reply = evaluator(cluster.endpoint, clients).call(
             P.EVAL_REPORT, {"version": 2, "final": False, "metrics": {"test_accuracy": 0.5, "test_loss": 1.5}})
@@ -175,7 +178,7 @@ def test_a_server_whose_terminal_closed_checkpoints_as_on_sigterm(tmp_path):
     """SIGHUP (the terminal closed, an ssh session dropped) killed the server at once: no
     checkpoint, no line, everything since the last periodic checkpoint lost."""
     out = tmp_path / "run"
-    with serving(out) as (cluster, clients):
+    with serving(out, *BOTH_IN_EVERY_ROUND) as (cluster, clients):
         clients += train(cluster.endpoint, ["w0", "w1"], 1)
         cluster.kill("server", signal.SIGHUP)
         assert cluster.wait("server", 60) == 0, cluster.log_tail("server", 30)
@@ -424,6 +427,29 @@ def test_starting_over_on_an_unfinished_runs_checkpoint_warns_once(run, server_c
     (warning,) = warnings(caplog)
     assert str(run) in warning and f"version {ROUNDS_BEFORE_STOP}" in warning and "--resume" in warning, warning
     assert "\n" not in warning
+
+
+def test_a_checkpoint_of_version_0_is_started_over_without_a_warning(tmp_path):
+    """A run stopped before its first update (every worker failed on its data) left a
+    checkpoint of version 0: starting over loses nothing, so nothing is said; from
+    version 1 on the warning stands."""
+    from server.server import unfinished_run_warning
+    save_checkpoint(tmp_path / "checkpoint.npz", {}, {"step": 0})
+    assert unfinished_run_warning(str(tmp_path)) is None
+    save_checkpoint(tmp_path / "checkpoint.npz", {}, {"step": 1, "extra": {"work": {"epoch": 0, "epochs": 3}}})
+    warning = unfinished_run_warning(str(tmp_path))
+    assert warning is not None and "(version 1, epoch 0 of 3;" in warning
+
+
+def test_checkpoint_version_reads_the_step_or_says_none(tmp_path):
+    from server.server import checkpoint_version
+    assert checkpoint_version(str(tmp_path)) is None                      # no checkpoint
+    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
+    assert checkpoint_version(str(tmp_path)) is None                      # unreadable
+    save_checkpoint(tmp_path / "checkpoint.npz", {}, {"step": "7"})
+    assert checkpoint_version(str(tmp_path)) is None                      # not a version
+    save_checkpoint(tmp_path / "checkpoint.npz", {}, {"step": 7})
+    assert checkpoint_version(str(tmp_path)) == 7
 
 
 # ---------------------------------------------------------------- 4. the worker count after a resume
