@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from cnn_core.runlog import SUMMARY_FILE, make_folder
-from server.server import (CHECKPOINT_NAME, ParameterServer, config_from_args, summary_after_checkpoint,
-                           unfinished_run_warning)
+from server.server import (CHECKPOINT_NAME, ParameterServer, checkpoint_version, config_from_args,
+                           summary_after_checkpoint, unfinished_run_warning)
 from worker.client import query_status
 from worker.trainer import check_local_setup
 
@@ -259,11 +259,14 @@ class RunOutputs:
 
     def resume_hint(self) -> str | None:
         """How to continue the run, stopped before its end: the same command plus --resume, once the
-        server wrote a checkpoint of this run (or of the run it resumed); None before that, or when
-        the run had finished."""
+        server wrote a checkpoint of this run (or of the run it resumed); that nothing was trained
+        when that checkpoint is of version 0; None before a checkpoint, or when the run had finished."""
         written = _mtime(self.checkpoint)
         if self.finished() or written is None or (written == self.checkpoint_before and not self.resume):
             return None
+        if checkpoint_version(self.out) == 0:     # e.g. every worker failed on its training set
+            return (f"pscnn run: stopped before the first update, with nothing to continue; once what is "
+                    f"reported above is fixed, the same command starts the run (run folder {self.out})")
         return f"pscnn run: stopped. Continue with the same command plus --resume (run folder {self.out})"
 
 

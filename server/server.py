@@ -86,6 +86,17 @@ def resume_checkpoint(out: str) -> str:
     return path
 
 
+def checkpoint_version(out: str) -> int | None:
+    """The version (updates applied) of run folder ``out``'s checkpoint; None when there is none
+    or it cannot be read."""
+    try:
+        _, meta = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
+    except CheckpointError:
+        return None
+    step = meta.get("step")
+    return step if isinstance(step, int) else None
+
+
 def summary_after_checkpoint(out: str) -> bool:
     """Whether run folder ``out``'s summary.json is at least as new as its checkpoint (or there is
     no checkpoint): the run it holds is finished, since a server writes every checkpoint of a run
@@ -108,18 +119,22 @@ def unfinished_run_warning(out: str) -> str | None:
     checkpoint belongs to an unfinished run when there is no summary.json, or
     only one older than the checkpoint (left by an earlier run in the folder,
     which a new run started over does not remove).  A finished run's folder
-    reused without --resume (``make run`` twice) gets no warning.
+    reused without --resume (``make run`` twice) gets no warning, nor does a checkpoint of
+    version 0 (a run stopped before its first update: there is nothing to lose).
     """
     path = os.path.join(out, CHECKPOINT_NAME)
     if not os.path.exists(path) or summary_after_checkpoint(out):
         return None
     try:
         _, meta = load_checkpoint(path)
+    except CheckpointError as exc:
+        what = f"unreadable: {exc}"
+    else:
+        if meta.get("step") == 0:       # no update was applied: starting over loses nothing
+            return None
         extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
         work = extra.get("work") if isinstance(extra.get("work"), dict) else {}
         what = f"version {meta.get('step', '?')}, epoch {work.get('epoch', '?')} of {work.get('epochs', '?')}"
-    except CheckpointError as exc:
-        what = f"unreadable: {exc}"
     return (f"{out} holds the checkpoint of an unfinished run ({what}; no summary.json written after it): "
             f"starting over replaces it and that run's metrics.jsonl; to continue that run instead, stop this "
             f"server and start it again with --resume (PSCNN_RESUME=1 in Compose)")

@@ -28,19 +28,23 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
+from cnn_core.checkpoint import save_checkpoint
 from pscnn import launcher
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
+from server.server import checkpoint_version
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
 
 
-def corrupt_test_labels(mnist_dir: str, dest: Path) -> Path:
-    """A copy of the four MNIST files in ``dest`` whose test labels fail gzip's CRC check."""
+def corrupt_test_labels(mnist_dir: str, dest: Path, corrupt: str = LABELS) -> Path:
+    """A copy of the four MNIST files in ``dest`` whose test labels (or file ``corrupt``) fail
+    gzip's CRC check."""
     dest.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", LABELS):
+    for name in (TRAIN_LABELS, "train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", LABELS):
         shutil.copyfile(Path(mnist_dir) / name, dest / name)
-    path = dest / LABELS
+    path = dest / corrupt
     data = bytearray(path.read_bytes())
     data[-8] ^= 0xFF                # the first byte of the CRC-32 in the gzip trailer: the data stays intact
     path.write_bytes(bytes(data))
@@ -127,6 +131,28 @@ def test_pscnn_run_with_corrupt_test_labels_exits_1_at_once(tmp_path, mnist_dir)
 
 
 @pytest.mark.slow
+def test_pscnn_run_whose_workers_fail_on_their_training_set_has_nothing_to_continue(tmp_path, mnist_dir):
+    """Corrupt training labels: the worker exits 1 naming the file, `pscnn run` stops the server
+    and exits 1; the server's checkpoint holds version 0, so the last line says that nothing was
+    trained and that the same command starts the run once the file is fixed (not --resume, which
+    would only start it over).  No child is left running."""
+    bad = corrupt_test_labels(mnist_dir, tmp_path / "mnist-bad", corrupt=TRAIN_LABELS)
+    out = tmp_path / "run"
+    run = run_tiny(bad, out, free_port())
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert not run.leftovers, f"processes left running: {run.leftovers}"
+    lines = run.stderr.strip().splitlines()
+    assert (f"pscnn run: worker-0 exited with 1: {bad / TRAIN_LABELS}: corrupt or truncated gzip data: "
+            "CRC check failed") in lines, run.stderr[-3000:]
+    assert "pscnn run: every worker has exited before the end of training; stopping the server (it checkpoints)" \
+        in lines, run.stderr[-3000:]
+    assert lines[-1] == ("pscnn run: stopped before the first update, with nothing to continue; once what is "
+                         f"reported above is fixed, the same command starts the run (run folder {out})"), lines
+    assert "--resume" not in run.stderr and "Traceback" not in run.stderr
+    assert checkpoint_version(str(out)) == 0
+
+
+@pytest.mark.slow
 def test_pscnn_run_stops_when_its_evaluator_fails_at_startup(tmp_path, mnist_dir):
     """Only the evaluator reads the corrupt test labels: it exits 1 while the server runs.
     `pscnn run` says so on one line (the evaluator, its exit code, the CRC error from its log),
@@ -164,7 +190,11 @@ def test_pscnn_run_stops_when_its_evaluator_fails_at_startup(tmp_path, mnist_dir
         assert "interrupted: writing a checkpoint" in server_log, server_log[-3000:]
         assert not (out / "summary.json").exists()
         assert "run finished" not in run.stdout
-        assert "Continue with the same command plus --resume" in run.stderr
+        if checkpoint_version(str(out)):    # the worker's first batches were applied before the stop
+            assert "Continue with the same command plus --resume" in run.stderr, run.stderr[-3000:]
+        else:
+            assert "pscnn run: stopped before the first update, with nothing to continue" in run.stderr, \
+                run.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- _follow on stand-in processes
@@ -327,6 +357,29 @@ def test_a_run_stopped_before_its_end_says_how_to_continue(fake_cluster, capsys,
     assert "run finished" not in captured.out and "report follows" not in captured.err
 
 
+def test_a_run_stopped_before_its_first_update_has_nothing_to_continue(fake_cluster, capsys):
+    """The server's checkpoint holds version 0 (every worker failed on a corrupt training set):
+    --resume would only start the run over, so the launcher says that nothing was trained and
+    that the same command starts the run once the reported problem is fixed."""
+    outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
+    save_checkpoint(fake_cluster.out / "checkpoint.npz", {}, {"step": 0})
+    assert launcher._ended_early(fake_cluster, outputs, 1) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "pscnn run: stopped before the first update, with nothing to continue; once what is reported above is "
+        f"fixed, the same command starts the run (run folder {fake_cluster.out})"), err
+    assert "--resume" not in err
+
+
+def test_a_run_stopped_after_updates_says_how_to_continue_from_its_checkpoint(fake_cluster, capsys):
+    """A readable checkpoint of version 3: the --resume hint."""
+    outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
+    save_checkpoint(fake_cluster.out / "checkpoint.npz", {}, {"step": 3})
+    assert launcher._ended_early(fake_cluster, outputs, 1) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {fake_cluster.out})"
+
+
 # ------------------------------------------------ `pscnn run` when its children are signalled
 
 TINY_RUN = ["--model", "light", "--test-limit", "128", "--epochs", "1", "--no-progress", "--eval-every", "60"]
@@ -424,7 +477,8 @@ def test_a_killed_server_is_named_with_its_signal_and_exit_1(tmp_path, mnist_dir
     with pscnn_run(tmp_path, mnist_dir, "--workers", "1", "--train-limit", "20000", "--epochs", "5",
                    "--checkpoint-every", "0.2") as (proc, endpoint):
         wait_until_training(endpoint, proc)
-        wait_for(lambda: (tmp_path / "run" / "checkpoint.npz").exists(), 20, "a checkpoint")
+        # of an applied update: one written at the start barrier holds version 0, nothing to continue
+        wait_for(lambda: checkpoint_version(str(tmp_path / "run")), 20, "a checkpoint of version 1 or later")
         os.kill(child_pid(endpoint, "server"), signal.SIGKILL)
         code, _, err = finish(proc)
     assert code == 1, err[-3000:]
