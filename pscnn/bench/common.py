@@ -155,18 +155,26 @@ def proc_cpu_seconds(pid: int, tid: int | None = None) -> float | None:
         return None
 
 
-def machine_cpu_seconds() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, summed over cores, from
+def machine_cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of the whole machine since boot, summed over cores, from
     /proc/stat (idle and iowait count as not busy); None elsewhere.  Two samples tell how
-    busy the machine was in between: whether a benchmark ran out of cores."""
+    busy the machine was in between (:func:`busy_fraction`): whether a benchmark ran out
+    of cores."""
     try:
         with open("/proc/stat") as fh:
             ticks = [int(v) for v in fh.readline().split()[1:]]
         total = sum(ticks[:8])                 # user nice system idle iowait irq softirq steal
-        busy = total - ticks[3] - ticks[4]
-        return busy / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
+        return total - ticks[3] - ticks[4], total
     except (OSError, IndexError, ValueError):
         return None
+
+
+def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time busy between two :func:`machine_cpu_ticks` samples,
+    in [0, 1] (the kernel's iowait count can step back); None without both or with no tick between."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return min(1.0, max(0.0, (after[0] - before[0]) / (after[1] - before[1])))
 
 
 # --------------------------------------------------------------------------- checks and failures

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
-from .common import (BenchError, add_output_flags, bench_env, check_out, check_server_flags, checking_options, last_line,
-                     process_failed, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
-                     machine_cpu_seconds, proc_cpu_seconds, progress, pyplot, output_folder, write_outputs)
+from .common import (BenchError, add_output_flags, bench_env, busy_fraction, check_out, check_server_flags,
+                     checking_options, last_line, process_failed, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
+                     machine_cpu_ticks, proc_cpu_seconds, progress, pyplot, output_folder, write_outputs)
 
 NAME = "server"
 
@@ -193,9 +193,9 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
 
 
 def _cpu_sample(pid: int) -> dict:
-    """CPU seconds so far: the server process, its main thread, and the machine (busy, total)."""
+    """CPU use so far: the server process's and its main thread's seconds, the machine's (busy, total) ticks."""
     return {"process": proc_cpu_seconds(pid), "main_thread": proc_cpu_seconds(pid, pid),
-            "machine": machine_cpu_seconds()}
+            "machine": machine_cpu_ticks()}
 
 
 def _cpu_use(before: dict, after: dict, window: float, cycles: int) -> dict:
@@ -210,9 +210,8 @@ def _cpu_use(before: dict, after: dict, window: float, cycles: int) -> dict:
             prefix = "server_cpu" if key == "process" else "server_main_thread"
             out[f"{prefix}_fraction"] = used / window
             out[f"{prefix}_ms_per_cycle"] = 1e3 * used / cycles if cycles else None
-    if before["machine"] is not None and after["machine"] is not None:
-        busy, total = (a - b for a, b in zip(after["machine"], before["machine"]))
-        out["machine_busy_fraction"] = busy / total if total > 0 else None
+    if (busy := busy_fraction(before["machine"], after["machine"])) is not None:
+        out["machine_busy_fraction"] = busy
     return out
 
 

@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     c.add_argument("--name", default="synthetic")
     c.add_argument("--result", required=True)
     args = p.parse_args(argv)
+    from cnn_core.backend import tune_host_allocator  # noqa: PLC0415
+    tune_host_allocator()       # as pscnn's entry points do: the echo and the clients stand in for its processes
     if args.what == "echo":
         return run_echo(args.bind)
     return run_clients(args)
