@@ -318,17 +318,30 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
             bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True)
             status = _follow(cluster, bar)
             bar.close()
-            if status == 0:             # the clients exit right after the server told them to stop
-                codes = {name: cluster.wait(name, timeout=args.peer_timeout + 10) for name in cluster.procs}
-        except KeyboardInterrupt:
+            if status != 0:             # the server failed, or was stopped (and _follow said why)
+                return _ended_early(cluster, outputs, status)
+            codes, late = _clients_exit(cluster, args.peer_timeout + 10)
+        except KeyboardInterrupt:       # also while _ended_early or _clients_exit stop children
             return _interrupted(cluster, bar, outputs)
-        if status != 0:                 # the server failed, or was stopped (and _follow said why)
-            return _ended_early(cluster, outputs, status)
-        failed = {n: c for n, c in codes.items() if c != 0}
+        failed = {n: c for n, c in codes.items() if c != 0 and n not in late}
         for name, code in failed.items():   # e.g. a worker killed mid-run: the others finished the run
             _say(child_exit_message(cluster, name, code))
     print_report(outputs.summary)
-    return 1 if failed else 0
+    return 1 if failed or late else 0
+
+
+def _clients_exit(cluster: LocalCluster, patience: float) -> tuple[dict, list]:
+    """The server exited 0 and told its clients to stop: (every child's exit code, the names of
+    those still running ``patience`` seconds later, which are then stopped, SIGTERM then
+    SIGKILL, and said so of)."""
+    deadline = time.monotonic() + patience
+    codes = {name: cluster.wait(name, max(0.0, deadline - time.monotonic())) for name in cluster.procs}
+    late = [name for name, code in codes.items() if code is None]
+    for name in late:
+        _say(f"pscnn run: {name} had not exited {patience:.0f} s after the run ended; stopping it")
+    if late:
+        _stop(cluster, order=tuple(late), grace=5.0)
+    return codes, late
 
 
 def _ended_early(cluster: LocalCluster, outputs: RunOutputs, status: int) -> int:
@@ -475,12 +488,23 @@ def _follow(cluster: LocalCluster, bar) -> int:
 
 
 def print_report(summary_path: Path) -> None:
-    """The final report of a run, from its summary.json."""
+    """The final report of a run, from its summary.json, on stdout; nothing where stdout is gone
+    (a closed terminal: EIO), as with :func:`_say`."""
     try:
         s = json.loads(summary_path.read_text())
     except (OSError, ValueError) as exc:
-        print(f"pscnn run: no summary ({exc})", file=sys.stderr)
+        _say(f"pscnn run: no summary ({exc})")
         return
+    try:
+        _print_report(s, summary_path)
+    except OSError:         # what is left in stdout's buffer goes to /dev/null, not to a failing final flush
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _print_report(s: dict, summary_path: Path) -> None:
     def number(key: str) -> str:
         value = s.get(key)
         return f"{value:.4f}" if isinstance(value, float) else "n/a"

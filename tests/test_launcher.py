@@ -1,0 +1,681 @@
+"""`pscnn run`'s launcher (pscnn.launcher) and the CLI helpers its children rely on, pinned on
+stand-ins: what each child is started with, how the children are stopped, what the user is told,
+and the exit codes.
+
+Found by a mutation audit of pscnn/launcher.py and pscnn/cli.py: each test here fails when one
+small change to the launcher (a dropped flag, a flipped check, a skipped kill) slips past the
+rest of the suite.  Nothing here trains: the children are tiny ``python -c`` stand-ins (each
+killed afterwards) or no processes at all, and nothing listens beyond 127.0.0.1.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pscnn import cli, launcher
+from pscnn.cli import CliError, main, parse_args
+from pscnn.launcher import LocalCluster, RunOutputs
+
+SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
+           "updates": 4, "samples_applied": 256, "train_images_per_second": 1000.0, "train_seconds": 0.3,
+           "staleness": {"mean": 0.0, "max": 0}, "evaluations": []}
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+def test_free_port_binds_loopback_and_returns_the_port_it_was_given(monkeypatch):
+    """free_port asks the system for a port on 127.0.0.1 (port 0) and returns exactly that port."""
+    calls = []
+
+    class FakeSocket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def bind(self, address):
+            calls.append(address)
+
+        def getsockname(self):
+            return ("127.0.0.1", 54321)
+    monkeypatch.setattr(launcher.socket, "socket", FakeSocket)
+    assert launcher.free_port() == 54321
+    assert calls == [("127.0.0.1", 0)]
+
+
+def test_free_port_is_bindable_on_loopback():
+    """The port free_port returns can be bound on 127.0.0.1 right away."""
+    port = launcher.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_wait_for_polls_past_falsy_values_and_returns_the_first_truthy_one():
+    """wait_for waits for a truthy value: False, 0 and empty answers mean 'not yet'."""
+    answers = iter([False, 0, "", [], {"ready": 1}])
+    assert launcher.wait_for(lambda: next(answers), timeout=30, what="x", interval=0) == {"ready": 1}
+
+
+def test_wait_for_names_what_it_waited_for_and_adds_the_on_fail_text():
+    """On timeout: RuntimeError naming ``what``, with ``on_fail()``'s text (e.g. a log tail) below."""
+    with pytest.raises(RuntimeError) as info:
+        launcher.wait_for(lambda: None, timeout=0, what="the server", interval=0, on_fail=lambda: "LOG TAIL")
+    assert "waiting for the server" in str(info.value)
+    assert str(info.value).splitlines()[-1] == "LOG TAIL"
+
+
+def test_child_env_makes_the_children_unbuffered_with_one_blas_thread_each(monkeypatch):
+    """Each child's output reaches its log as it is written (PYTHONUNBUFFERED), and every BLAS
+    library is pinned to the launcher's --threads (1 by default)."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    env = launcher.child_env()
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert [env[v] for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")] == ["1", "1", "1"]
+
+
+def test_exit_text_names_the_signal_only_for_a_negative_code():
+    """A negative exit code is a signal: named; a positive one is the child's own exit status."""
+    assert launcher.exit_text("worker-0", -signal.SIGKILL) == "worker-0 exited with -9 (killed by SIGKILL)"
+    assert launcher.exit_text("worker-0", 9) == "worker-0 exited with 9"
+    assert launcher.exit_text("worker-0", None) == "worker-0 exited with None"
+
+
+def test_say_survives_a_terminal_that_is_gone(monkeypatch):
+    """After SIGHUP the terminal may be gone: a message that cannot be written (EIO) is dropped,
+    not raised in the middle of the shutdown."""
+    class GoneTerminal:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(sys, "stderr", GoneTerminal())
+    launcher._say("pscnn run: interrupted")             # no exception
+
+
+def test_sighup_stops_pscnn_run_as_ctrl_c_does():
+    """SIGHUP (the terminal closed) and SIGTERM (kill) are the launcher's stop signals."""
+    assert set(launcher.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGHUP}
+
+
+# ------------------------------------------------------------------------------ LocalCluster
+
+class FakePopen:
+    """subprocess.Popen's stand-in: records how a child would have been started."""
+
+    started: list = []
+
+    def __init__(self, argv, **kwargs):
+        self.argv, self.kwargs, self.returncode = argv, kwargs, 0
+        FakePopen.started.append(self)
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_launcher(tmp_path, monkeypatch):
+    """Each child is `python -m pscnn.cli ...`, in a session of its own (Ctrl-C in the terminal
+    reaches the launcher alone, which stops the server first), with the launcher's pid to follow
+    and its output in logs/<name>.log."""
+    FakePopen.started = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    with LocalCluster(tmp_path / "run") as cluster:
+        cluster.start_server(["--mode", "sync"])
+    [child] = FakePopen.started
+    assert child.argv[:3] == [sys.executable, "-m", "pscnn.cli"]
+    assert child.argv[3:6] == ["server", "--bind", cluster.endpoint]
+    assert child.kwargs["start_new_session"] is True
+    assert child.kwargs["env"]["PSCNN_LAUNCHER_PID"] == str(os.getpid())
+    assert child.kwargs["stdout"].name == str(tmp_path / "run" / "logs" / "server.log")
+
+
+def test_a_restarted_child_appends_to_its_log(tmp_path, monkeypatch):
+    """A child started again under the same name (a server killed and resumed) adds to its log:
+    what the earlier one wrote, e.g. why it failed, stays."""
+    FakePopen.started = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    log = tmp_path / "run" / "logs" / "server.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("the earlier server's last words\n")
+    with LocalCluster(tmp_path / "run") as cluster:
+        cluster.start_server([])
+    assert log.read_text().startswith("the earlier server's last words\n")
+
+
+# A stand-in child: on SIGTERM it takes STOP_S seconds (as a server writing its checkpoint), then
+# exits 0; it says "ready" once its handler is set, and runs 60 s at most.
+SLOW_TO_STOP = """
+import signal, sys, time
+def stop(*_):
+    time.sleep(float(sys.argv[1]))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+for _ in range(600):
+    time.sleep(0.1)
+sys.exit(3)
+"""
+
+
+def kill_left(cluster: LocalCluster) -> None:
+    """SIGKILL whatever of ``cluster``'s children still runs (should close() fail to)."""
+    for proc in cluster.procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def add_child(cluster: LocalCluster, name: str, stop_s: float = 0.0) -> subprocess.Popen:
+    """A SLOW_TO_STOP stand-in as ``cluster``'s child ``name``, once its SIGTERM handler is set."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TO_STOP, str(stop_s)], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    cluster.procs[name] = proc
+    assert proc.stdout.readline() == b"ready\n"
+    proc.stdout.close()
+    return proc
+
+
+def test_stop_all_stops_every_child_of_each_group(tmp_path):
+    """stop_all sends SIGTERM to every child whose name has the prefix, all of them, not only
+    the first worker; each exits by itself (0), none is killed."""
+    with LocalCluster(tmp_path / "run") as cluster:
+        for name in ("server", "worker-0", "worker-1", "worker-2", "evaluator"):
+            add_child(cluster, name)
+        killed = []
+        codes = cluster.stop_all(grace=30, on_kill=killed.append)
+    assert codes == {"server": 0, "worker-0": 0, "worker-1": 0, "worker-2": 0, "evaluator": 0}
+    assert killed == []
+
+
+def test_stop_all_gives_a_child_its_grace_period_before_killing_it(tmp_path):
+    """A child that needs a moment after SIGTERM (the server writes its checkpoint) is waited for
+    up to ``grace`` seconds and exits by itself, not SIGKILLed at once."""
+    with LocalCluster(tmp_path / "run") as cluster:
+        add_child(cluster, "server", stop_s=1.0)
+        killed = []
+        codes = cluster.stop_all(grace=30, on_kill=killed.append)
+    assert codes == {"server": 0}
+    assert killed == []
+
+
+def test_close_kills_every_child_still_running(tmp_path):
+    """Leaving a LocalCluster (its with block, or close()) kills what is still running."""
+    cluster = LocalCluster(tmp_path / "run")
+    try:
+        proc = add_child(cluster, "worker-0")
+        cluster.close()
+        assert proc.poll() == -signal.SIGKILL
+    finally:
+        kill_left(cluster)
+
+
+# ------------------------------------------------------------------------------ RunOutputs
+
+def touch(path: Path, after: Path | None = None) -> None:
+    """Write ``path`` (a checkpoint or summary.json); newer than ``after`` by a millisecond."""
+    path.write_text(json.dumps(SUMMARY) if path.name == "summary.json" else "checkpoint")
+    if after is not None:
+        later = after.stat().st_mtime_ns + 1_000_000
+        os.utime(path, ns=(later, later))
+
+
+def test_an_earlier_runs_summary_is_not_this_runs_end(tmp_path):
+    """A folder holding a finished run (checkpoint, then summary.json) that is started over and
+    stopped before its first checkpoint: this run did not finish (the 130 path), nor is there a
+    checkpoint of it to resume."""
+    out = tmp_path / "run"
+    out.mkdir()
+    touch(out / "checkpoint.npz")
+    touch(out / "summary.json", after=out / "checkpoint.npz")
+    outputs = RunOutputs(out, resume=False)
+    assert not outputs.finished()
+    assert outputs.resume_hint() is None
+
+
+def test_a_summary_older_than_the_last_checkpoint_is_no_end(tmp_path):
+    """This run wrote summary.json, but its server wrote a checkpoint after it: a run that goes on
+    (its summary is always its last output), so not finished, and --resume continues it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    outputs = RunOutputs(out, resume=False)
+    touch(out / "summary.json")
+    touch(out / "checkpoint.npz", after=out / "summary.json")
+    assert not outputs.finished()
+    assert outputs.resume_hint() is not None
+
+
+def test_a_resumed_run_stopped_before_its_next_checkpoint_can_be_resumed_again(tmp_path):
+    """With --resume, the checkpoint it started from is still one to continue from."""
+    out = tmp_path / "run"
+    out.mkdir()
+    touch(out / "checkpoint.npz")
+    outputs = RunOutputs(out, resume=True)
+    assert outputs.resume_hint() == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {out})"
+
+
+def test_a_finished_run_gets_no_resume_hint(tmp_path):
+    """Checkpoint then summary.json, both of this run: the run is over; nothing to continue."""
+    out = tmp_path / "run"
+    out.mkdir()
+    outputs = RunOutputs(out, resume=False)
+    touch(out / "checkpoint.npz")
+    touch(out / "summary.json", after=out / "checkpoint.npz")
+    assert outputs.finished()
+    assert outputs.resume_hint() is None
+
+
+# ------------------------------------------------------------------------------ run_from_args, in process
+
+class RecordingCluster:
+    """LocalCluster's surface for run_from_args, starting nothing: records what would be started,
+    each stop_all's order, and answers ``wait`` from ``codes``."""
+
+    made: list = []
+    codes: dict = {}
+
+    def __init__(self, out, port=None, threads=1):
+        self.out, self.logs, self.endpoint = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1"
+        self.procs, self.started, self.stops = {}, {}, []
+        RecordingCluster.made.append(self)
+
+    def start_server(self, flags, name="server"):
+        self.started[name] = list(flags)
+        self.procs[name] = None
+
+    def start_worker(self, name, flags=()):
+        self.started[name] = list(flags)
+        self.procs[name] = None
+
+    def start_evaluator(self, flags=(), name="evaluator"):
+        self.started[name] = list(flags)
+        self.procs[name] = None
+
+    def wait(self, name, timeout):
+        return self.codes.get(name, 0)
+
+    def log_tail(self, name, lines=20):
+        return ""
+
+    def stop_all(self, grace=10.0, order=("worker", "evaluator", "server"), on_kill=None):
+        self.stops.append(tuple(order))
+        return {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def flag_value(flags: list[str], flag: str) -> str | None:
+    return flags[flags.index(flag) + 1] if flag in flags else None
+
+
+@pytest.fixture
+def run_in_process(tmp_path, monkeypatch):
+    """`pscnn run ARGV` through main(), on a RecordingCluster; ``follow`` stands for _follow
+    (default: writes a finished run's outputs and returns 0).  Returns (code, cluster)."""
+    RecordingCluster.made, RecordingCluster.codes = [], {}
+    monkeypatch.setattr(launcher, "LocalCluster", RecordingCluster)
+    monkeypatch.setattr(launcher, "check_local_setup", lambda *a: None)
+    out = tmp_path / "run"
+
+    def finished(cluster, bar):
+        out.mkdir(exist_ok=True)
+        touch(out / "checkpoint.npz")
+        touch(out / "summary.json", after=out / "checkpoint.npz")
+        return 0
+
+    def run(*argv, follow=finished, codes=None):
+        RecordingCluster.codes = codes or {}
+        monkeypatch.setattr(launcher, "_follow", follow)
+        code = main(["run", "--model", "light", "--out", str(out), "--no-progress", *argv])
+        return code, (RecordingCluster.made[0] if RecordingCluster.made else None)
+    return run
+
+
+def test_pscnn_run_hands_its_settings_to_the_children(run_in_process, tmp_path):
+    """The server waits for every worker (--wait-for-workers = --workers: they start together);
+    the workers get --overlap and the MNIST folder; the evaluator its --test-limit, --every and
+    the MNIST folder."""
+    code, cluster = run_in_process("--workers", "3", "--overlap", "--test-limit", "500", "--eval-every", "7",
+                                   "--mnist-dir", str(tmp_path))
+    assert code == 0
+    assert set(cluster.started) == {"server", "worker-0", "worker-1", "worker-2", "evaluator"}
+    assert flag_value(cluster.started["server"], "--wait-for-workers") == "3"
+    for name in ("worker-0", "worker-1", "worker-2"):
+        assert "--overlap" in cluster.started[name]
+        assert flag_value(cluster.started[name], "--mnist-dir") == str(tmp_path)
+    evaluator = cluster.started["evaluator"]
+    assert flag_value(evaluator, "--test-limit") == "500" and flag_value(evaluator, "--every") == "7.0"
+    assert flag_value(evaluator, "--mnist-dir") == str(tmp_path)
+
+
+def test_pscnn_run_without_an_evaluator_has_the_server_score_at_once(run_in_process):
+    """--no-evaluator: no evaluator is started, and the server waits 0 s for a final report
+    that none will send (else it would wait --final-eval-timeout, 120 s by default)."""
+    code, cluster = run_in_process("--workers", "1", "--no-evaluator")
+    assert code == 0
+    assert "evaluator" not in cluster.started
+    assert float(flag_value(cluster.started["server"], "--final-eval-timeout")) == 0.0
+
+
+def test_a_client_that_exited_with_an_error_at_the_end_makes_the_run_exit_1(run_in_process, capsys):
+    """The server finished the run (report printed), but worker-0 exited 1: the launcher names it
+    and exits 1."""
+    code, _ = run_in_process("--workers", "2", codes={"worker-0": 1})
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "pscnn run: worker-0 exited with 1" in captured.err
+    assert "run finished: mode" in captured.out
+
+
+@pytest.mark.parametrize("workers,max_workers,refused", [(2, 1, True), (2, 2, False)])
+def test_run_refuses_more_workers_than_the_server_admits(workers, max_workers, refused):
+    """--workers above --max-workers is refused before anything starts; equal is fine."""
+    args = parse_args(["run", "--model", "light", "--workers", str(workers), "--max-workers", str(max_workers)])
+    if refused:
+        with pytest.raises(CliError, match=f"--workers {workers} exceeds --max-workers {max_workers}"):
+            launcher.check_run_args(args)
+    else:
+        launcher.check_run_args(args)
+
+
+def test_run_refuses_a_start_barrier_the_server_could_never_lift():
+    """--wait-for-workers above --max-workers: one line from `pscnn run` itself (exit 2)."""
+    args = parse_args(["run", "--model", "light", "--workers", "1", "--wait-for-workers", "3", "--max-workers", "2"])
+    with pytest.raises(CliError, match="--wait-for-workers 3 exceeds --max-workers 2"):
+        launcher.check_run_args(args)
+
+
+def test_run_on_a_taken_port_is_one_line_before_anything_starts(run_in_process, capsys):
+    """--port naming a port in use: exit 1 with one line, and no cluster is made (no child started
+    to join whatever listens there)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, cluster = run_in_process("--workers", "1", "--port", str(port))
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert cluster is None
+    assert f"cannot bind tcp://127.0.0.1:{port}" in err and "another pscnn server or run" in err
+
+
+def test_an_interrupted_run_stops_the_server_first(run_in_process):
+    """Ctrl-C: the server is stopped first (its checkpoint then holds whole sync rounds), then the
+    workers and the evaluator."""
+    def interrupted(cluster, bar):
+        raise KeyboardInterrupt
+    code, cluster = run_in_process("--workers", "1", follow=interrupted)
+    assert code == 130
+    assert cluster.stops == [("server", "worker", "evaluator")]
+
+
+def test_a_run_ended_early_stops_the_children_left(tmp_path, capsys):
+    """The server exited with an error: _ended_early stops what is still running (the clients)."""
+    cluster = RecordingCluster(tmp_path / "run")
+    outputs = RunOutputs(tmp_path / "run", resume=False)
+    assert launcher._ended_early(cluster, outputs, 3) == 3
+    assert len(cluster.stops) == 1
+
+
+# ------------------------------------------------------------------------------ _follow, on stand-ins
+
+# A stand-in server: exits with the code written in the file argv[1], once it exists; 20 s at most.
+SERVER_UNTIL = """
+import sys, time
+from pathlib import Path
+for _ in range(200):
+    if Path(sys.argv[1]).exists():
+        sys.exit(int(Path(sys.argv[1]).read_text()))
+    time.sleep(0.1)
+sys.exit(3)
+"""
+
+
+class Bar:
+    """tqdm's surface for _follow, recording what it was shown."""
+
+    def __init__(self):
+        self.total, self.n, self.postfix, self.description, self.closed = None, 0, None, None, False
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+
+    def set_description(self, text, refresh=True):
+        self.description = text
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def stand_ins(tmp_path):
+    """A LocalCluster holding a SERVER_UNTIL server and a worker stand-in; ``end(code)`` lets the
+    server exit with ``code``.  Every process is killed afterwards."""
+    cluster = LocalCluster(tmp_path / "run")
+    marker = tmp_path / "server-exit-code"
+    log = open(cluster.logs / "server.log", "ab")  # noqa: SIM115  (closed by cluster.close())
+    cluster._files.append(log)
+    cluster.procs["server"] = subprocess.Popen([sys.executable, "-c", SERVER_UNTIL, str(marker)],
+                                               stdout=log, stderr=subprocess.STDOUT)
+    cluster.procs["worker-0"] = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(60)\n"])
+
+    def end(code: int) -> None:
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(str(code))
+        tmp.replace(marker)             # whole, at once
+    cluster.end = end
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.close()
+        finally:
+            kill_left(cluster)
+
+
+def test_follow_shows_progress_and_the_start_barrier_on_the_bar(stand_ins):
+    """The bar follows the server's status: its total and batches done, and while the start barrier
+    holds, how many workers are ready."""
+    bar, answers = Bar(), []
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 2:
+            stand_ins.end(0)
+        return {"started": False, "ready": 1, "batches_total": 40, "batches_done": 7, "done": False}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, bar) == 0
+    assert (bar.total, bar.n) == (40, 7)
+    assert bar.postfix == "waiting for the workers: 1 of 1 ready"
+
+
+def test_follow_stops_the_run_when_every_worker_left_before_the_end(stand_ins, capsys):
+    """Every worker gone while the server says training is not done: the run is stopped, the
+    server first (it checkpoints), and _follow returns 1."""
+    stops = []
+    stand_ins.stop_all = lambda grace, order, on_kill=None: stops.append(tuple(order)) or stand_ins.end(0)
+    stand_ins.procs["worker-0"].kill()
+    stand_ins.procs["worker-0"].wait(5)
+    stand_ins.status = lambda timeout=1.0: {"batches_total": 40, "batches_done": 7, "done": False}
+    assert launcher._follow(stand_ins, Bar()) == 1
+    assert "every worker has exited before the end of training; stopping the server" in capsys.readouterr().err
+    assert stops == [("server", "worker", "evaluator")]
+
+
+def test_follow_stops_the_server_first_when_the_evaluator_fails(stand_ins, capsys):
+    """An evaluator that exits 1: the run is stopped in the order server, workers, evaluator."""
+    stops = []
+    stand_ins.stop_all = lambda grace, order, on_kill=None: stops.append(tuple(order)) or stand_ins.end(0)
+    evaluator = subprocess.Popen([sys.executable, "-c", "import sys\nsys.exit(1)\n"])
+    evaluator.wait(30)
+    stand_ins.procs["evaluator"] = evaluator
+    stand_ins.status = lambda timeout=1.0: None
+    assert launcher._follow(stand_ins, Bar()) == 1
+    assert stops == [("server", "worker", "evaluator")]
+
+
+@pytest.mark.parametrize("code", [3, 1])
+def test_a_failed_server_is_reported_with_its_log_tail(tmp_path, capsys, code):
+    """A server that exits with an error code: its code and the last lines of its log (why); only
+    a server killed by a signal (its log cannot say why) gets the one line alone."""
+    with LocalCluster(tmp_path / "run") as cluster:
+        (cluster.logs / "server.log").write_text("pscnn: error: the reason\n")
+        server = subprocess.Popen([sys.executable, "-c", f"import sys\nsys.exit({code})\n"])
+        server.wait(30)
+        cluster.procs["server"] = server
+        assert launcher._follow(cluster, Bar()) == code
+    err = capsys.readouterr().err
+    assert f"pscnn run: the server exited with {code}; last lines of its log:\npscnn: error: the reason" in err
+
+
+# ------------------------------------------------------------------------------ pscnn.cli helpers
+
+def test_stop_with_launcher_asks_for_sigterm_when_the_launcher_dies(monkeypatch):
+    """In a child of a launcher: PR_SET_PDEATHSIG with SIGTERM (the server then checkpoints and the
+    clients say goodbye; SIGKILL would lose the checkpoint), and the variable is spent."""
+    calls = []
+
+    class Libc:
+        def prctl(self, *args):
+            calls.append(args)
+            return 0
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: Libc())
+    environ = {"PSCNN_LAUNCHER_PID": str(os.getppid())}     # its launcher is alive
+    cli.stop_with_launcher(environ)
+    assert calls == [(1, int(signal.SIGTERM), 0, 0, 0)]
+    assert "PSCNN_LAUNCHER_PID" not in environ
+
+
+def test_every_command_follows_its_launcher_first(monkeypatch, capsys):
+    """main() calls stop_with_launcher before anything else, even before parsing the command line."""
+    called = []
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: called.append(True))
+
+    def refuse(argv=None, environ=os.environ):
+        assert called, "stop_with_launcher was not called first"
+        raise CliError("bad flag")
+    monkeypatch.setattr(cli, "parse_args", refuse)
+    assert main(["status"]) == 2
+    assert called == [True]
+
+
+def test_main_exits_130_when_interrupted(monkeypatch, capsys):
+    """Ctrl-C in any command: "pscnn: interrupted" and exit 130 (128 + SIGINT), as shells expect."""
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert main(["status", "--server", "tcp://127.0.0.1:1"]) == 130
+    assert capsys.readouterr().err.strip() == "pscnn: interrupted"
+
+
+def test_pscnn_train_stops_on_sighup_as_on_sigterm():
+    """`pscnn train`: SIGTERM and SIGHUP (the terminal closed) both end it as Ctrl-C does."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        cli._interrupt_on_terminate()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with pytest.raises(KeyboardInterrupt):
+                signal.getsignal(sig)(sig, None)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------ found by the audit, fixed
+
+def test_a_signal_while_a_run_ended_early_stops_its_children_finishes_the_shutdown(run_in_process, capsys,
+                                                                                  tmp_path):
+    """The server exited 3, and a Ctrl-C (SIGTERM, SIGHUP) comes while the launcher stops the
+    others: _ended_early ran outside the handler, so the stop was cut short with a bare
+    "pscnn: interrupted" and the cluster's close() SIGKILLed every child.  Now it is an
+    interrupt like any other: every child stopped, the server first, and the --resume hint."""
+    out = tmp_path / "run"
+
+    def server_failed(cluster, bar):
+        out.mkdir(exist_ok=True)
+        touch(out / "checkpoint.npz")
+        interrupt_next_stop[0] = True
+        return 3
+
+    interrupt_next_stop = [False]
+    real_stop_all = RecordingCluster.stop_all
+
+    def stop_all(self, grace=10.0, order=("worker", "evaluator", "server"), on_kill=None):
+        real_stop_all(self, grace, order, on_kill)
+        if interrupt_next_stop[0]:
+            interrupt_next_stop[0] = False
+            raise KeyboardInterrupt
+        return {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RecordingCluster, "stop_all", stop_all)
+        code, cluster = run_in_process("--workers", "1", follow=server_failed)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "pscnn: interrupted" not in err
+    assert cluster.stops[-1] == ("server", "worker", "evaluator")
+    assert err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {out})", err
+
+
+def test_a_client_still_running_after_the_run_ended_is_stopped_and_named(run_in_process, capsys):
+    """The server exited 0, but worker-0 had not exited --peer-timeout + 10 s later: it was
+    reported as "exited with None" with its log, and left for close() to SIGKILL.  Now the
+    launcher says it had not exited, stops it (SIGTERM first), prints the report and exits 1."""
+    code, cluster = run_in_process("--workers", "2", "--peer-timeout", "1", codes={"worker-0": None})
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "pscnn run: worker-0 had not exited 11 s after the run ended; stopping it" in captured.err.splitlines()
+    assert "None" not in captured.err
+    assert cluster.stops == [("worker-0",)]
+    assert "run finished: mode" in captured.out
+
+
+def test_the_clients_share_one_deadline_to_exit(run_in_process, monkeypatch):
+    """Each client waited up to --peer-timeout + 10 s of its own: five hung clients kept the
+    launcher a minute.  The waits now share one deadline."""
+    timeouts, clock = [], [1000.0]
+
+    def wait(self, name, timeout):          # each client takes 10 s (of a simulated clock) to exit
+        timeouts.append(timeout)
+        clock[0] += 10.0
+        return 0
+    monkeypatch.setattr(RecordingCluster, "wait", wait)
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: clock[0])
+    code, _ = run_in_process("--workers", "3", "--peer-timeout", "20")
+    assert code == 0
+    assert timeouts == [30.0, 20.0, 10.0, 0.0, 0.0]
+
+
+def test_the_final_report_on_a_closed_terminal_is_no_traceback(tmp_path, monkeypatch, capsys):
+    """SIGHUP after the run finished, the terminal gone: print_report's writes raised EIO out
+    of main() (a traceback); now the report is dropped, as _say drops its lines."""
+    class GoneTerminal(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
+    monkeypatch.setattr(sys, "stdout", GoneTerminal())
+    launcher.print_report(tmp_path / "summary.json")        # no exception
