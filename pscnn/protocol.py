@@ -165,6 +165,7 @@ def encode(msg: Message) -> list:
         # A frame is raw bytes: one array as is (copied only if not C-contiguous), several packed.
         frames = [np.ascontiguousarray(group[0]) if len(group) == 1 else np.concatenate([a.ravel() for a in group])
                   for group in groups.values()]
+    _parse_specs(msg.type, specs)       # what decode would refuse is refused here, naming the sender's error
     header = msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.type, "wid": msg.wid, "seq": msg.seq,
                             "body": msg.body, "arrays": specs}, use_bin_type=True)
     if len(header) > MAX_HEADER_BYTES:

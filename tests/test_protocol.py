@@ -572,3 +572,172 @@ def test_bind_and_connect_errors_are_one_line_naming_the_endpoint():
     finally:
         first.close(0)
         second.close(0)
+
+
+# ======================================================================== boundaries and corners
+# Each test below pins one behaviour a mutation audit of pscnn/protocol.py found unchecked: an
+# exact size limit, a cache bound, a field kind's length limit, an encode path.
+
+WELCOME_BODY = {"worker_id": "w0-1", "role": "trainer", "model": {}, "run": {}, "incarnation": "abc",
+                "heartbeat_s": 2}
+
+
+def _header(mtype=P.PULL, body=None, arrays=()):
+    return {"v": P.PROTOCOL_VERSION, "type": mtype, "wid": "w", "seq": 1,
+            "body": {"have_version": 0} if body is None else body, "arrays": [list(a) for a in arrays]}
+
+
+def _status_header_of(size: int) -> dict:
+    """A valid status header whose msgpack encoding is exactly ``size`` bytes (size > ~300)."""
+    def header(n):
+        return _header(P.STATUS, body={"progress": {"pad": "x" * n}})
+    overhead = len(_pack(header(1000))) - 1000       # str16 framing: linear in n from 256 to 65535
+    h = header(size - overhead)
+    assert len(_pack(h)) == size
+    return h
+
+
+def _reject(frames):
+    with pytest.raises(P.ProtocolError) as exc:
+        P.decode(frames)
+    return exc.value
+
+
+# ---------------------------------------------------------------- size limits, exactly at the limit
+
+def test_decode_accepts_a_header_of_exactly_max_header_bytes_and_refuses_one_more():
+    """The header limit is inclusive: MAX_HEADER_BYTES passes, one byte more is too_large."""
+    at_limit = _pack(_status_header_of(P.MAX_HEADER_BYTES))
+    assert P.decode([at_limit]).type == P.STATUS
+    assert _reject([_pack(_status_header_of(P.MAX_HEADER_BYTES + 1))]).code == "too_large"
+
+
+def test_encode_sends_a_header_of_exactly_max_header_bytes_and_refuses_one_more():
+    """encode applies the same inclusive limit as decode: whatever one side sends, the other takes."""
+    h = _status_header_of(P.MAX_HEADER_BYTES)
+    frames = P.encode(P.Message(P.STATUS, h["wid"], h["seq"], h["body"]))
+    assert len(frames[0]) == P.MAX_HEADER_BYTES
+    h = _status_header_of(P.MAX_HEADER_BYTES + 1)
+    with pytest.raises(P.ProtocolError) as exc:
+        P.encode(P.Message(P.STATUS, h["wid"], h["seq"], h["body"]))
+    assert exc.value.code == "too_large"
+
+
+def test_one_array_of_exactly_max_message_bytes_is_not_too_large():
+    """An array of exactly MAX_MESSAGE_BYTES is within the limit: a missing frame is then a plain
+    bad_message about its length, not too_large (nothing is allocated either way)."""
+    err = _reject([_pack(_header(P.ACK, body={}, arrays=[["g", "uint8", [P.MAX_MESSAGE_BYTES]]])), b""])
+    assert err.code == "bad_message" and "bytes" in str(err)
+    err = _reject([_pack(_header(P.ACK, body={}, arrays=[["g", "uint8", [P.MAX_MESSAGE_BYTES + 1]]])), b""])
+    assert err.code == "too_large"
+
+
+def test_arrays_of_one_dtype_totalling_exactly_max_message_bytes_are_not_too_large():
+    """The per-dtype payload limit is inclusive too: two float32 halves of the limit pass the size check."""
+    half = P.MAX_MESSAGE_BYTES // 2 // 4
+    specs = [["g", "float32", [half]], ["h", "float32", [half]]]
+    err = _reject([_pack(_header(P.ACK, body={}, arrays=specs)), b""])
+    assert err.code == "bad_message" and "bytes" in str(err)
+    specs[1][2] = [half + 1]
+    assert _reject([_pack(_header(P.ACK, body={}, arrays=specs)), b""]).code == "too_large"
+
+
+def test_a_header_nested_one_level_past_max_depth_is_refused():
+    """MAX_DEPTH is 32 (a header nested deeper would exhaust Python's recursion where printed):
+    32 levels of maps and lists decode, 33 do not."""
+    def nested(levels):              # header map: level 1, body 2, progress 3, then lists 4 .. levels
+        value = []
+        for _ in range(levels - 4):
+            value = [value]
+        return _pack(_header(P.STATUS, body={"progress": {"deep": value}}))
+    assert P.MAX_DEPTH == 32
+    assert P.decode([nested(32)]).type == P.STATUS
+    err = _reject([nested(33)])
+    assert "more than 32 deep" in str(err)
+
+
+# ---------------------------------------------------------------- the layout cache
+
+def test_the_layout_cache_stays_bounded_when_a_client_cycles_through_layouts():
+    """A client sending ever new array layouts must not grow the decode cache without bound."""
+    P._SPEC_CACHE.clear()
+    for n in range(3 * P._SPEC_CACHE_MAX):
+        msg = P.decode([_pack(_header(P.ACK, body={}, arrays=[["g", "uint8", [n]]])), b"\0" * n])
+        assert msg.arrays["g"].shape == (n,)
+        assert len(P._SPEC_CACHE) <= P._SPEC_CACHE_MAX
+
+
+# ---------------------------------------------------------------- body fields
+
+def test_a_str_field_of_4096_characters_is_accepted_and_4097_refused():
+    """The 'str' kind (welcome's worker_id, incarnation, ...) is bounded at 4096 characters, inclusive."""
+    body = dict(WELCOME_BODY, incarnation="i" * 4096)
+    assert P.decode([_pack(_header(P.WELCOME, body=body))]).body["incarnation"] == "i" * 4096
+    body["incarnation"] = "i" * 4097
+    err = _reject([_pack(_header(P.WELCOME, body=body))])
+    assert "'incarnation' must be a string of at most 4096 characters" in str(err)
+    with pytest.raises(P.ProtocolError, match="incarnation"):
+        P.encode(P.Message(P.WELCOME, body=body))
+
+
+def test_a_push_whose_every_sample_is_correct_is_accepted():
+    """correct == count (a perfect batch) is valid; only correct > count is refused."""
+    body = dict(PUSH_BODY, correct=64, count=64)
+    frames = P.encode(P.Message(P.PUSH, body=body, arrays={"g": np.zeros(2, np.float32)}))
+    assert P.decode([bytes(memoryview(f)) for f in frames]).body["correct"] == 64
+    body = dict(PUSH_BODY, correct=1, count=1)
+    assert P.decode([bytes(memoryview(f)) for f in P.encode(P.Message(P.PUSH, body=body))]).body["count"] == 1
+
+
+# ---------------------------------------------------------------- one_line
+
+def test_one_line_stays_within_its_limit_when_escapes_lengthen_a_short_text():
+    """A text within the limit whose control characters expand when escaped is still cut to the limit."""
+    line = P.one_line("\n" * 10, 10)
+    assert len(line) <= 10 and line.endswith("...") and "\n" not in line
+    msg = P.error("bad_message", "\x00" * 999)            # each NUL escapes to 4 characters
+    assert len(msg.body["message"]) <= 1000 and msg.body["message"].isprintable()
+
+
+# ---------------------------------------------------------------- encode paths
+
+def test_encode_refuses_a_flat_arrays_buffer_of_a_dtype_the_protocol_lacks():
+    """A FlatArrays goes out as its buffer; its dtype is checked like any other array's."""
+    flat = FlatArrays.pack({"w": np.ones(3, np.float16)})
+    with pytest.raises(P.ProtocolError, match="float16"):
+        P.encode(P.Message(P.ACK, arrays=flat))
+
+
+def test_an_empty_flat_arrays_sends_no_payload_frame_and_decodes():
+    """No arrays, no payload frame: an empty FlatArrays encodes as the header alone."""
+    frames = P.encode(P.Message(P.ACK, arrays=FlatArrays.pack({})))
+    assert len(frames) == 1
+    msg = P.decode([bytes(memoryview(f)) for f in frames])
+    assert msg.type == P.ACK and len(msg.arrays) == 0
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided"])
+def test_a_lone_non_c_contiguous_array_arrives_in_c_order_over_zeromq(pair, layout):
+    """The only array of its dtype goes out as its own frame: a transposed (Fortran-ordered) or
+    strided array must still go out in C order, not as its memory lies."""
+    a, b = pair
+    base = np.arange(24, dtype=np.float64).reshape(4, 6)
+    arr = base.T if layout == "fortran" else base[:, ::2]
+    P.send(a, P.Message(P.ACK, arrays={"t": arr, "i": np.arange(3, dtype=np.int64)}))
+    assert b.poll(5000)
+    out = P.decode(b.recv_multipart(copy=False)).arrays
+    np.testing.assert_array_equal(out["t"], arr)
+    np.testing.assert_array_equal(out["i"], [0, 1, 2])
+
+
+@pytest.mark.parametrize("arrays, error", [
+    ({"": np.zeros(1, np.float32)}, "array name must be a non-empty string"),
+    ({"w" * 300: np.zeros(1, np.float32)}, "array name must be a non-empty string"),
+    ({"w": np.zeros((1,) * 9, np.float32)}, "has an invalid shape"),
+    ({f"a{i}": np.zeros(1, np.float32) for i in range(P.MAX_ARRAYS + 1)}, f"at most {P.MAX_ARRAYS} specs"),
+])
+def test_encode_refuses_arrays_that_decode_would_refuse(arrays, error):
+    """The sender's mistake is caught where it is made, in the same words, not as the
+    receiver's error reply (or a dropped message) later."""
+    with pytest.raises(P.ProtocolError, match=error):
+        P.encode(P.Message(P.ACK, arrays=arrays))

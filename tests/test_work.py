@@ -4,8 +4,8 @@ import pytest
 from server.work import WorkQueue
 
 
-def queue(num_samples=10, batch_size=4, epochs=2, lease_timeout=5.0):
-    return WorkQueue(num_samples, batch_size, epochs, lease_timeout)
+def queue(num_samples=10, batch_size=4, epochs=2, lease_timeout=5.0, **kw):
+    return WorkQueue(num_samples, batch_size, epochs, lease_timeout, **kw)
 
 
 def test_an_epoch_is_every_batch_once_and_the_last_one_short():
@@ -96,3 +96,127 @@ def test_state_dict_resumes_the_epoch_and_leases_start_over():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="must all be >= 1"):
         WorkQueue(0, 4, 1, 5.0)
+
+
+# ======================================================================== boundaries and corners
+# Each test below pins one behaviour a mutation audit of server/work.py found unchecked: batch and
+# epoch boundaries, lease deadlines, requeues after the first epoch, what progress() reports.
+
+def finish_epoch(q, worker="w", now=0.0):
+    """Lease and complete every batch of the current epoch."""
+    epoch = q.epoch
+    while q.epoch == epoch and not q.done:
+        lease = q.lease(worker, now)
+        assert q.complete(epoch, lease.batch)
+
+
+def test_batch_numbers_outside_the_epoch_are_never_live():
+    """Batch numbers run 0 .. batches_per_epoch - 1: a push for batch -1 or batches_per_epoch counts for nothing
+    (counted, it would fill the epoch's applied set without a real batch)."""
+    q = queue()
+    assert q.batches_per_epoch == 3
+    assert not q.is_live(0, 3) and not q.complete(0, 3)
+    assert not q.is_live(0, -1) and not q.complete(0, -1)
+    assert q.is_live(0, 2)
+    assert q.applied == set() and q.progress()["applied_in_epoch"] == 0
+
+
+def test_nothing_is_live_once_the_run_is_done():
+    """After the last epoch, a push naming the current epoch number (== epochs) is not applied,
+    and the queue does not count past its total."""
+    q = queue()
+    finish_epoch(q)
+    finish_epoch(q)
+    assert q.done and q.epoch == 2
+    assert not q.is_live(2, 0) and q.complete(2, 0) is False
+    assert q.epoch == 2 and q.applied == set()
+    assert q.progress()["batches_done"] == q.progress()["batches_total"] == 6
+
+
+def test_a_lease_of_this_epoch_does_not_grant_a_push_naming_another_epoch():
+    """granted() checks the epoch a push names, not only the lease id and batch."""
+    q = queue()
+    finish_epoch(q)
+    lease = q.lease("a", 0.0)
+    assert (lease.epoch, lease.batch) == (1, 0)
+    assert q.granted("a", 1, 0, lease.lease_id)
+    assert not q.granted("a", 0, 0, lease.lease_id)
+    assert not q.granted("a", 2, 0, lease.lease_id)
+
+
+def test_a_lease_runs_for_lease_timeout_and_expires_only_past_its_deadline():
+    """deadline = lease time + lease_timeout; expire() takes leases strictly past it."""
+    q = queue(lease_timeout=5.0)
+    lease = q.lease("a", 100.0)
+    assert lease.deadline == 105.0
+    assert q.expire(104.0) == [] and q.expire(105.0) == []
+    assert q.leases[lease.batch] is lease
+    assert q.expire(105.5) == [("a", lease.batch)] and lease.batch in q.pending
+
+
+def test_a_completed_batch_leaves_no_lease_behind():
+    """complete() drops the batch's lease: it is no longer in flight, held, or requeued when its
+    worker leaves (which would hand an applied batch out again)."""
+    q = queue()
+    a, b = q.lease("a", 0.0), q.lease("a", 0.0)
+    assert q.complete(0, a.batch)
+    assert a.batch not in q.leases and q.held_by("a") == [b.batch]
+    assert q.progress()["in_flight"] == 1
+    assert q.release_worker("a") == [b.batch]
+    assert list(q.pending) == [b.batch, 2] and q.requeued_total == 1
+    assert q.expire(1e9) == []
+
+
+def test_a_departed_workers_leases_are_requeued_in_a_later_epoch_too():
+    """release_worker() requeues the leases of the current epoch, whatever its number."""
+    q = queue()
+    finish_epoch(q)
+    lease = q.lease("a", 0.0)
+    assert q.release_worker("a") == [lease.batch]
+    assert lease.batch not in q.leases and list(q.pending) == [0, 1, 2] and q.requeued_total == 1
+
+
+def test_expired_leases_are_requeued_in_a_later_epoch_too():
+    """expire() requeues the leases of the current epoch, whatever its number."""
+    q = queue(lease_timeout=5.0)
+    finish_epoch(q)
+    lease = q.lease("a", 0.0)
+    assert q.expire(10.0) == [("a", lease.batch)]
+    assert lease.batch not in q.leases and list(q.pending) == [0, 1, 2] and q.requeued_total == 1
+
+
+def test_nothing_is_pending_once_the_run_is_done():
+    """progress() of a finished run has no pending batches (and none in flight)."""
+    q = queue()
+    finish_epoch(q)
+    finish_epoch(q)
+    p = q.progress()
+    assert q.done and p["pending"] == 0 and p["in_flight"] == 0 and len(q.pending) == 0
+
+
+@pytest.mark.parametrize("sizes", [(10, 4, 0), (10, 0, 1), (0, 4, 1), (10, 4, -1)])
+def test_every_size_below_one_is_refused(sizes):
+    """num_samples, batch_size and epochs must each be >= 1."""
+    with pytest.raises(ValueError, match="must all be >= 1"):
+        WorkQueue(*sizes, 5.0)
+
+
+def test_progress_counts_leases_in_flight_and_applied_batches_apart():
+    """in_flight is the leases outstanding now; applied_in_epoch only the batches applied."""
+    q = queue(num_samples=16)
+    a, b, c = (q.lease("w", 0.0) for _ in range(3))
+    p = q.progress()
+    assert (p["in_flight"], p["applied_in_epoch"], p["pending"], p["batches_done"]) == (3, 0, 1, 0)
+    q.complete(0, a.batch)
+    q.release(0, b.batch)
+    p = q.progress()
+    assert (p["in_flight"], p["applied_in_epoch"], p["pending"], p["batches_done"]) == (1, 1, 2, 1)
+
+
+def test_progress_of_a_queue_resumed_at_or_past_its_last_epoch_does_not_exceed_the_total():
+    """batches_done never exceeds batches_total, whatever epoch and applied set the queue resumes with."""
+    for kw in ({"epoch": 2}, {"epoch": 3}, {"epoch": 2, "applied": [0, 1]}):
+        q = queue(**kw)
+        p = q.progress()
+        assert q.done and p["batches_done"] == p["batches_total"] == 6, kw
+        assert q.lease("w", 0.0) is None and p["pending"] == 0
