@@ -499,7 +499,9 @@ def print_report(summary_path: Path) -> None:
         _print_report(s, summary_path)
     except OSError:         # what is left in stdout's buffer goes to /dev/null, not to a failing final flush
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         except (OSError, ValueError, AttributeError):
             pass
 

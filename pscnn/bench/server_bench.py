@@ -24,8 +24,9 @@ from pathlib import Path
 from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
 from .common import (BenchError, add_output_flags, bench_env, busy_fraction, check_out, check_server_flags,
-                     checking_options, last_line, process_failed, save_figure, cores, fmt, machine_info, median, parse_list, percentile, print_table,
-                     machine_cpu_ticks, proc_cpu_seconds, progress, pyplot, output_folder, write_outputs)
+                     checking_options, cores, fmt, last_line, machine_cpu_ticks, machine_info, median, output_folder,
+                     parse_list, percentile, print_table, proc_cpu_seconds, process_failed, progress, pyplot,
+                     save_figure, write_outputs)
 
 NAME = "server"
 
