@@ -17,6 +17,20 @@ def mnist_dir() -> str:
 
 
 @pytest.fixture
+def mnist_file_names(tmp_path, monkeypatch) -> str:
+    """MNIST_DIR set to a folder holding the four MNIST file names, empty: what `pscnn run`, the
+    server and the evaluator check before they start (that the files are there), for tests
+    that stop before any data is read.  They then pass with no MNIST and no network too."""
+    from cnn_core.data import MNIST_FILES
+    folder = tmp_path / "mnist-file-names"
+    folder.mkdir()
+    for spec in MNIST_FILES.values():
+        (folder / spec["filename"]).write_bytes(b"")
+    monkeypatch.setenv("MNIST_DIR", str(folder))
+    return str(folder)
+
+
+@pytest.fixture
 def cluster(tmp_path, mnist_dir):
     """A LocalCluster in a temporary run folder; every process it started is killed afterwards."""
     from pscnn.launcher import LocalCluster

@@ -123,7 +123,7 @@ def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys):
     assert "--wait-for-workers 5 exceeds --max-workers 2" in err and "Traceback" not in err
 
 
-def test_run_resume_without_a_checkpoint_fails_before_starting_anything(tmp_path, capsys):
+def test_run_resume_without_a_checkpoint_fails_before_starting_anything(tmp_path, capsys, mnist_file_names):
     out = tmp_path / "never-ran"
     assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err

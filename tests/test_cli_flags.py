@@ -68,7 +68,7 @@ def test_a_child_started_as_python_m_reports_a_bad_flag_in_one_line(tmp_path):
     (["--schedule", '{"name": "step", "step_size": 5, "gamma": 7}'], 1, "gamma must be in (0, 1]"),
 ])
 def test_pscnn_run_checks_model_schedule_and_optimizer_before_starting_anything(tmp_path, flags, code, needle,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, mnist_file_names):
     out = tmp_path / "run"
     if code == 0:       # stop right where the processes would start
         def no_cluster(*args, **kwargs):
@@ -416,7 +416,8 @@ class _NoProcesses:
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_interrupted_run_offers_resume_only_with_a_checkpoint(checkpointed, tmp_path, monkeypatch, capsys):
+def test_interrupted_run_offers_resume_only_with_a_checkpoint(checkpointed, tmp_path, monkeypatch, capsys,
+                                                              mnist_file_names):
     out = tmp_path / "run"
 
     def interrupted(cluster, bar):
@@ -433,7 +434,7 @@ def test_interrupted_run_offers_resume_only_with_a_checkpoint(checkpointed, tmp_
         assert "stopped before the first checkpoint; the same command starts the run again" in err
 
 
-def test_an_old_runs_checkpoint_is_no_reason_to_resume(tmp_path, monkeypatch, capsys):
+def test_an_old_runs_checkpoint_is_no_reason_to_resume(tmp_path, monkeypatch, capsys, mnist_file_names):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.npz").write_bytes(b"")               # left by an earlier run, not --resume'd

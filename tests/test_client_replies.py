@@ -449,7 +449,7 @@ def test_a_model_that_does_not_take_mnist_is_refused(mnist_dir):
 
 
 @pytest.mark.parametrize("role", ["worker", "evaluator"])
-def test_a_bad_welcome_ends_the_cli_with_one_line(fake, role):
+def test_a_bad_welcome_ends_the_cli_with_one_line(fake, role, mnist_file_names):
     run = {} if role == "worker" else {**RUN, "test_limit": "all"}
     server = fake(hello=[welcome(run=run)])
     one_error_line(pscnn(role, server.endpoint), "welcome", "'seed'" if role == "worker" else "'test_limit'")

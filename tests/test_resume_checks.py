@@ -529,7 +529,7 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
 
 # ---------------------------------------------------------------- pscnn run --resume checks before it starts
 
-def test_pscnn_run_resume_refuses_a_mismatch_before_starting_anything(run, capsys):
+def test_pscnn_run_resume_refuses_a_mismatch_before_starting_anything(run, capsys, mnist_file_names):
     """The same checks as the server's, made by `pscnn run` itself: one line on the terminal,
     and no server, worker or evaluator started (no logs written) only to fail in a log."""
     log = run / "logs" / "server.log"
@@ -541,7 +541,8 @@ def test_pscnn_run_resume_refuses_a_mismatch_before_starting_anything(run, capsy
     assert (log.stat().st_mtime_ns if log.exists() else None) == before     # no server started
 
 
-def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run, capsys, monkeypatch):
+def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run, capsys, monkeypatch,
+                                                                           mnist_file_names):
     import pscnn.launcher as launcher
     monkeypatch.setattr(launcher, "_run", lambda *a: 0)               # the warning comes before anything starts
     assert main(["run", "--workers", "2", *FLAGS, "--out", str(run), "--no-progress"]) == 0

@@ -38,9 +38,9 @@ LABELS = "t10k-labels-idx1-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
 
 
-def corrupt_test_labels(mnist_dir: str, dest: Path, corrupt: str = LABELS) -> Path:
-    """A copy of the four MNIST files in ``dest`` whose test labels (or file ``corrupt``) fail
-    gzip's CRC check."""
+def corrupt_mnist_copy(mnist_dir: str, dest: Path, corrupt: str = LABELS) -> Path:
+    """A copy of the four MNIST files in ``dest`` whose file ``corrupt`` (by default the test
+    labels) fails gzip's CRC check."""
     dest.mkdir()
     for name in (TRAIN_LABELS, "train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", LABELS):
         shutil.copyfile(Path(mnist_dir) / name, dest / name)
@@ -112,7 +112,7 @@ def test_pscnn_run_with_corrupt_test_labels_exits_1_at_once(tmp_path, mnist_dir)
     that reads the test set at its start, too).  `pscnn run` says which child failed and why on
     one line, with the CRC error, stops the rest and exits 1, instead of training on and then
     waiting 120 s for a final evaluation.  No child is left running."""
-    bad = corrupt_test_labels(mnist_dir, tmp_path / "mnist-bad")
+    bad = corrupt_mnist_copy(mnist_dir, tmp_path / "mnist-bad")
     out = tmp_path / "run"
     run = run_tiny(bad, out, free_port())
     assert run.returncode == 1, run.stderr[-3000:]
@@ -136,7 +136,7 @@ def test_pscnn_run_whose_workers_fail_on_their_training_set_has_nothing_to_conti
     and exits 1; the server's checkpoint holds version 0, so the last line says that nothing was
     trained and that the same command starts the run once the file is fixed (not --resume, which
     would only start it over).  No child is left running."""
-    bad = corrupt_test_labels(mnist_dir, tmp_path / "mnist-bad", corrupt=TRAIN_LABELS)
+    bad = corrupt_mnist_copy(mnist_dir, tmp_path / "mnist-bad", corrupt=TRAIN_LABELS)
     out = tmp_path / "run"
     run = run_tiny(bad, out, free_port())
     assert run.returncode == 1, run.stderr[-3000:]
@@ -162,7 +162,7 @@ def test_pscnn_run_stops_when_its_evaluator_fails_at_startup(tmp_path, mnist_dir
     does not wait for its final evaluation: it may score the final weights itself and finish the
     run before the launcher's SIGTERM comes (CI's 2 cores saw that).  The launcher then prints
     the run's report; the order is not the test's to choose, so both endings are checked."""
-    bad = corrupt_test_labels(mnist_dir, tmp_path / "mnist-bad")
+    bad = corrupt_mnist_copy(mnist_dir, tmp_path / "mnist-bad")
     out = tmp_path / "run"
     run = run_tiny(Path(mnist_dir), out, free_port(), evaluator_mnist=bad)
     assert run.returncode == 1, run.stderr[-3000:]
@@ -589,6 +589,7 @@ def run_in_process(tmp_path, monkeypatch, follow, **hooks) -> tuple[int, StandIn
         return c
     monkeypatch.setattr(launcher, "LocalCluster", cluster)
     monkeypatch.setattr(launcher, "_follow", follow)
+    monkeypatch.setattr(launcher, "check_local_setup", lambda *a: None)     # no child reads MNIST here
     code = main(["run", "--model", "light", "--out", str(tmp_path / "run"), "--no-progress"])
     return code, clusters[0]
 

@@ -1271,7 +1271,7 @@ def test_a_second_server_on_a_port_in_use_exits_with_one_line_and_the_first_serv
 
 
 
-def test_pscnn_run_on_a_port_in_use_is_one_line_before_anything_starts(tmp_path):
+def test_pscnn_run_on_a_port_in_use_is_one_line_before_anything_starts(tmp_path, mnist_file_names):
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -1287,7 +1287,7 @@ def test_pscnn_run_on_a_port_in_use_is_one_line_before_anything_starts(tmp_path)
                                                "out for a free one)"], run.stderr[-2000:]
     assert not (tmp_path / "run" / "logs").exists()
 
-def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path):
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, mnist_file_names):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     run = subprocess.run([sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--out", str(blocker / "run")],

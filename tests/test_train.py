@@ -527,14 +527,14 @@ def test_unwritable_run_folder_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP"])
-def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how):
+def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how, mnist_dir):
     """SIGTERM and SIGHUP (the terminal closed) killed `pscnn train` silently: now, as Ctrl-C,
     an "interrupted" record ends metrics.jsonl and one line says so."""
     import signal  # noqa: PLC0415
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", "train", "--model", "light", "--epochs", "50",
                              "--train-limit", "2000", "--test-limit", "200", "--log-every", "1", "--no-progress",
-                             "--out", str(out)],
+                             "--mnist-dir", mnist_dir, "--out", str(out)],
                             cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
