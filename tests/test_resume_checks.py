@@ -459,7 +459,8 @@ def finished(interrupted, tmp_path_factory, mnist_dir) -> Path:
     """The interrupted run resumed by a new server and two new trainer processes (new
     worker ids), to the end: the server scores the final weights itself."""
     out = Path(shutil.copytree(interrupted, tmp_path_factory.mktemp("finished") / "run"))
-    with serving(out, "--resume", "--final-eval-timeout", "0", "--mnist-dir", mnist_dir) as (cluster, clients):
+    with serving(out, "--resume", "--final-eval-timeout", "0", "--mnist-dir", mnist_dir,
+                 *BOTH_IN_EVERY_ROUND) as (cluster, clients):
         clients += train(cluster.endpoint, ["w2", "w3"], None)
         assert cluster.wait("server", 120) == 0, cluster.log_tail("server", 30)
     return out
@@ -512,7 +513,7 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
     from server.server import unfinished_run_warning
     out = Path(shutil.copytree(interrupted, tmp_path / "run"))
     with serving(out, "--resume", "--final-eval-timeout", "0", "--peer-timeout", "60",
-                 "--mnist-dir", mnist_dir) as (cluster, clients):
+                 "--mnist-dir", mnist_dir, *BOTH_IN_EVERY_ROUND) as (cluster, clients):
         evaluator(cluster.endpoint, clients)
         clients += train(cluster.endpoint, ["w2", "w3"], None)
         deadline = time.monotonic() + 60
