@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from cnn_core.checkpoint import save_checkpoint
 from pscnn import cli, launcher
 from pscnn.cli import CliError, main, parse_args
 from pscnn.launcher import LocalCluster, RunOutputs
@@ -226,9 +227,10 @@ def test_close_kills_every_child_still_running(tmp_path):
 
 # ------------------------------------------------------------------------------ RunOutputs
 
-def touch(path: Path, after: Path | None = None) -> None:
-    """Write ``path`` (a checkpoint or summary.json); newer than ``after`` by a millisecond."""
-    path.write_text(json.dumps(SUMMARY) if path.name == "summary.json" else "checkpoint")
+def touch(path: Path, after: Path | None = None, summary: dict | None = None) -> None:
+    """Write ``path`` (a checkpoint or summary.json: ``summary``, by default SUMMARY); newer than
+    ``after`` by a millisecond."""
+    path.write_text(json.dumps(summary or SUMMARY) if path.name == "summary.json" else "checkpoint")
     if after is not None:
         later = after.stat().st_mtime_ns + 1_000_000
         os.utime(path, ns=(later, later))
@@ -284,14 +286,17 @@ def test_a_finished_run_gets_no_resume_hint(tmp_path):
 
 class RecordingCluster:
     """LocalCluster's surface for run_from_args, starting nothing: records what would be started,
-    each stop_all's order, and answers ``wait`` from ``codes``."""
+    each stop_all's order, and answers ``wait`` from ``codes``.  ``hooks`` ``on_wait`` and
+    ``on_stop``, when given, run in ``wait`` and ``stop_all`` (e.g. a signal to this process)."""
 
     made: list = []
     codes: dict = {}
+    hooks: dict = {}
 
     def __init__(self, out, port=None, threads=1):
         self.out, self.logs, self.endpoint = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1"
         self.procs, self.started, self.stops = {}, {}, []
+        self.on_wait, self.on_stop = self.hooks.get("on_wait"), self.hooks.get("on_stop")
         RecordingCluster.made.append(self)
 
     def start_server(self, flags, name="server"):
@@ -307,6 +312,8 @@ class RecordingCluster:
         self.procs[name] = None
 
     def wait(self, name, timeout):
+        if self.on_wait:
+            self.on_wait()
         return self.codes.get(name, 0)
 
     def log_tail(self, name, lines=20):
@@ -314,6 +321,9 @@ class RecordingCluster:
 
     def stop_all(self, grace=10.0, order=("worker", "evaluator", "server"), on_kill=None):
         self.stops.append(tuple(order))
+        if self.on_stop:
+            self.on_stop()
+            time.sleep(0.2)                 # the signal is handled in here
         return {}
 
     def __enter__(self):
@@ -331,7 +341,8 @@ def flag_value(flags: list[str], flag: str) -> str | None:
 def run_in_process(tmp_path, monkeypatch):
     """`pscnn run ARGV` through main(), on a RecordingCluster; ``follow`` stands for _follow
     (default: writes a finished run's outputs and returns 0).  Returns (code, cluster)."""
-    RecordingCluster.made, RecordingCluster.codes = [], {}
+    for name in ("made", "codes", "hooks"):       # restored after the test: no hook outlives it
+        monkeypatch.setattr(RecordingCluster, name, [] if name == "made" else {})
     monkeypatch.setattr(launcher, "LocalCluster", RecordingCluster)
     monkeypatch.setattr(launcher, "check_local_setup", lambda *a: None)
     out = tmp_path / "run"
@@ -342,8 +353,8 @@ def run_in_process(tmp_path, monkeypatch):
         touch(out / "summary.json", after=out / "checkpoint.npz")
         return 0
 
-    def run(*argv, follow=finished, codes=None):
-        RecordingCluster.codes = codes or {}
+    def run(*argv, follow=finished, codes=None, **hooks):
+        RecordingCluster.codes, RecordingCluster.hooks = codes or {}, hooks
         monkeypatch.setattr(launcher, "_follow", follow)
         code = main(["run", "--model", "light", "--out", str(out), "--no-progress", *argv])
         return code, (RecordingCluster.made[0] if RecordingCluster.made else None)
@@ -434,6 +445,129 @@ def test_a_run_ended_early_stops_the_children_left(tmp_path, capsys):
     outputs = RunOutputs(tmp_path / "run", resume=False)
     assert launcher._ended_early(cluster, outputs, 3) == 3
     assert len(cluster.stops) == 1
+
+
+def write_run_outputs(out: Path, summary: dict | None = None) -> None:
+    """What a server leaves in run folder ``out``: its checkpoint, then (a run it ended) summary.json."""
+    out.mkdir(exist_ok=True)
+    touch(out / "checkpoint.npz")
+    if summary is not None:
+        touch(out / "summary.json", after=out / "checkpoint.npz", summary=summary)
+
+
+@pytest.mark.parametrize("status", ["complete", "diverged"])
+def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(tmp_path, capsys, status):
+    """_follow stopped the run (a failed evaluator), but the server had finished it all the same,
+    or it ended diverged (exit 1): the launcher prints the report from summary.json, not a
+    --resume hint for a run that is over, and exits 1 either way."""
+    cluster = RecordingCluster(tmp_path / "run")
+    outputs = RunOutputs(cluster.out, resume=False)
+    error = "training diverged: the last 3 pushes, from worker-0, were not finite" if status == "diverged" else None
+    write_run_outputs(cluster.out, summary={**SUMMARY, "status": status, "error": error})
+    assert launcher._ended_early(cluster, outputs, 1) == 1
+    captured = capsys.readouterr()
+    assert "pscnn run: the server had ended the run (summary.json written); its report follows" in captured.err
+    assert "--resume" not in captured.err
+    assert "run finished: mode sync, 1 workers, 1 epochs" in captured.out
+    assert "test accuracy      0.9000" in captured.out
+    assert ("status             diverged: training diverged" in captured.out) == (status == "diverged")
+
+
+@pytest.mark.parametrize("server_code, expected", [(1, 1), (-signal.SIGKILL, 1), (3, 3)])
+def test_a_run_stopped_before_its_end_says_how_to_continue(tmp_path, capsys, server_code, expected):
+    """Stopped (or the server failed) after a checkpoint and before a summary: the --resume hint,
+    no report; the server's own exit code, or 1 for a server killed by a signal."""
+    cluster = RecordingCluster(tmp_path / "run")
+    outputs = RunOutputs(cluster.out, resume=False)
+    write_run_outputs(cluster.out)
+    assert launcher._ended_early(cluster, outputs, server_code) == expected
+    captured = capsys.readouterr()
+    assert f"Continue with the same command plus --resume (run folder {cluster.out})" in captured.err
+    assert "run finished" not in captured.out and "report follows" not in captured.err
+
+
+def test_a_run_stopped_before_its_first_update_has_nothing_to_continue(tmp_path, capsys):
+    """The server's checkpoint holds version 0 (every worker failed on a corrupt training set):
+    --resume would only start the run over, so the launcher says that nothing was trained and
+    that the same command starts the run once the reported problem is fixed."""
+    cluster = RecordingCluster(tmp_path / "run")
+    outputs = RunOutputs(cluster.out, resume=False)
+    cluster.out.mkdir()
+    save_checkpoint(cluster.out / "checkpoint.npz", {}, {"step": 0})
+    assert launcher._ended_early(cluster, outputs, 1) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "pscnn run: stopped before the first update, with nothing to continue; once what is reported above is "
+        f"fixed, the same command starts the run (run folder {cluster.out})"), err
+    assert "--resume" not in err
+
+
+def test_a_run_stopped_after_updates_says_how_to_continue_from_its_checkpoint(tmp_path, capsys):
+    """A readable checkpoint of version 3: the --resume hint."""
+    cluster = RecordingCluster(tmp_path / "run")
+    outputs = RunOutputs(cluster.out, resume=False)
+    cluster.out.mkdir()
+    save_checkpoint(cluster.out / "checkpoint.npz", {}, {"step": 3})
+    assert launcher._ended_early(cluster, outputs, 1) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {cluster.out})"
+
+
+# ------------------------------------------------------------------------------ `pscnn run` interrupted
+
+def test_ctrl_c_after_the_run_finished_prints_the_report(run_in_process, tmp_path, capsys):
+    """Ctrl-C while the server lingers for its clients after writing summary.json: the run had
+    finished.  `pscnn run` said "Continue with ... --resume" and exited 130 without a report."""
+    def follow(cluster, bar):
+        write_run_outputs(tmp_path / "run", summary=SUMMARY)
+        raise KeyboardInterrupt
+    code, _ = run_in_process(follow=follow)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "pscnn run: the run had finished before the interrupt" in err, err
+    assert "--resume" not in err.split("interrupted")[-1], err
+    assert "run finished: mode sync" in out
+
+
+def test_ctrl_c_while_waiting_for_the_clients_at_the_end_prints_the_report(run_in_process, tmp_path, capsys):
+    """The server exited 0 (summary written); a signal while the launcher waits for its clients
+    to exit ended as a bare "pscnn: interrupted" (130)."""
+    def follow(cluster, bar):
+        write_run_outputs(tmp_path / "run", summary=SUMMARY)
+        return 0
+
+    def interrupted():
+        raise KeyboardInterrupt
+    code, cluster = run_in_process(follow=follow, on_wait=interrupted)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "pscnn: interrupted" not in err and "the run had finished before the interrupt" in err, err
+    assert cluster.stops                    # the clients still running were stopped
+    assert "run finished: mode sync" in out
+
+
+def test_a_second_ctrl_c_does_not_cut_the_shutdown_short(run_in_process, tmp_path, capsys):
+    """A second Ctrl-C while the server is being stopped (it writes its checkpoint): it raised
+    KeyboardInterrupt inside stop_all, and the cluster's close() SIGKILLed every child.  Now the
+    shutdown goes on, saying so once, and ends with the --resume hint."""
+    def follow(cluster, bar):
+        write_run_outputs(tmp_path / "run")
+        raise KeyboardInterrupt
+
+    def second_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT)     # (an earlier in-process `pscnn bench` may have set one)
+    code, cluster = run_in_process(follow=follow, on_stop=second_ctrl_c)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert cluster.stops, err
+    assert "pscnn: interrupted" not in err, err
+    assert err.count("still stopping") == 1, err
+    assert err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
+    assert signal.getsignal(signal.SIGINT) is before      # restored
 
 
 # ------------------------------------------------------------------------------ _follow, on stand-ins

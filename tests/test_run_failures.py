@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from cnn_core.checkpoint import save_checkpoint
 from pscnn import launcher
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
@@ -320,66 +319,6 @@ def test_follow_says_which_child_had_to_be_killed(fake_cluster, tmp_path, capsys
     assert fake_cluster.procs["worker-0"].returncode == -signal.SIGKILL
 
 
-def write_run_outputs(out: Path, *, summary: dict | None) -> None:
-    """A server's outputs in run folder ``out``: its checkpoint, then (a finished run) summary.json."""
-    (out / "checkpoint.npz").write_bytes(b"checkpoint")
-    time.sleep(0.01)                    # the summary is newer, as a server writes it
-    if summary is not None:
-        (out / "summary.json").write_text(json.dumps(summary))
-
-
-@pytest.mark.parametrize("status", ["complete", "diverged"])
-def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(fake_cluster, tmp_path, capsys, status):
-    """_follow stopped the run (a failed evaluator), but the server had finished it all the same,
-    or it ended diverged (exit 1): the launcher prints the report from summary.json, not a
-    --resume hint for a run that is over, and exits 1 either way."""
-    outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
-    error = "training diverged: the last 3 pushes, from worker-0, were not finite" if status == "diverged" else None
-    write_run_outputs(fake_cluster.out, summary={**SUMMARY, "status": status, "error": error})
-    assert launcher._ended_early(fake_cluster, outputs, 1) == 1
-    captured = capsys.readouterr()
-    assert "pscnn run: the server had ended the run (summary.json written); its report follows" in captured.err
-    assert "--resume" not in captured.err
-    assert "run finished: mode sync, 1 workers, 1 epochs" in captured.out
-    assert "test accuracy      0.9000" in captured.out
-    assert ("status             diverged: training diverged" in captured.out) == (status == "diverged")
-
-
-@pytest.mark.parametrize("server_code, expected", [(1, 1), (-signal.SIGKILL, 1), (3, 3)])
-def test_a_run_stopped_before_its_end_says_how_to_continue(fake_cluster, capsys, server_code, expected):
-    """Stopped (or the server failed) after a checkpoint and before a summary: the --resume hint,
-    no report; the server's own exit code, or 1 for a server killed by a signal."""
-    outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
-    write_run_outputs(fake_cluster.out, summary=None)
-    assert launcher._ended_early(fake_cluster, outputs, server_code) == expected
-    captured = capsys.readouterr()
-    assert f"Continue with the same command plus --resume (run folder {fake_cluster.out})" in captured.err
-    assert "run finished" not in captured.out and "report follows" not in captured.err
-
-
-def test_a_run_stopped_before_its_first_update_has_nothing_to_continue(fake_cluster, capsys):
-    """The server's checkpoint holds version 0 (every worker failed on a corrupt training set):
-    --resume would only start the run over, so the launcher says that nothing was trained and
-    that the same command starts the run once the reported problem is fixed."""
-    outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
-    save_checkpoint(fake_cluster.out / "checkpoint.npz", {}, {"step": 0})
-    assert launcher._ended_early(fake_cluster, outputs, 1) == 1
-    err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == (
-        "pscnn run: stopped before the first update, with nothing to continue; once what is reported above is "
-        f"fixed, the same command starts the run (run folder {fake_cluster.out})"), err
-    assert "--resume" not in err
-
-
-def test_a_run_stopped_after_updates_says_how_to_continue_from_its_checkpoint(fake_cluster, capsys):
-    """A readable checkpoint of version 3: the --resume hint."""
-    outputs = launcher.RunOutputs(fake_cluster.out, resume=False)
-    save_checkpoint(fake_cluster.out / "checkpoint.npz", {}, {"step": 3})
-    assert launcher._ended_early(fake_cluster, outputs, 1) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {fake_cluster.out})"
-
-
 # ------------------------------------------------ `pscnn run` when its children are signalled
 
 TINY_RUN = ["--model", "light", "--test-limit", "128", "--epochs", "1", "--no-progress", "--eval-every", "60"]
@@ -533,130 +472,6 @@ def test_a_local_cluster_tells_its_children_to_follow_it(tmp_path):
     """LocalCluster passes its own pid to every child it starts (what stop_with_launcher reads)."""
     with LocalCluster(tmp_path / "run") as cluster:
         assert cluster.env["PSCNN_LAUNCHER_PID"] == str(os.getpid())
-
-
-# ------------------------------------------------ `pscnn run` interrupted, on stand-in processes
-
-SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
-           "updates": 4, "samples_applied": 256, "train_images_per_second": 1000.0, "train_seconds": 0.3,
-           "staleness": {"mean": 0.0, "max": 0}, "evaluations": []}
-
-
-class StandInCluster:
-    """LocalCluster's surface for run_from_args, with stand-in children: ``wait`` and ``stop_all``
-    run ``self.on_wait`` / ``self.on_stop`` (e.g. a signal to this process) when set."""
-
-    on_wait = on_stop = None
-
-    def __init__(self, out, port=None, threads=1):
-        self.out, self.logs, self.endpoint = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1"
-        self.procs = {"server": None, "worker-0": None}
-        self.stopped = False
-
-    def start_server(self, *a, **k):
-        pass
-
-    start_worker = start_evaluator = start_server
-
-    def wait(self, name, timeout):
-        if self.on_wait:
-            self.on_wait()
-        return 0
-
-    def stop_all(self, *a, **k):
-        if self.on_stop:
-            self.on_stop()
-            time.sleep(0.2)                 # the signal is handled in here
-        self.stopped = True
-        return {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
-def run_in_process(tmp_path, monkeypatch, follow, **hooks) -> tuple[int, StandInCluster]:
-    """`pscnn run` (main, in this process) on a StandInCluster, with ``follow`` for _follow."""
-    clusters = []
-
-    def cluster(*a, **k):
-        c = StandInCluster(*a, **k)
-        for name, hook in hooks.items():
-            setattr(c, name, hook)
-        clusters.append(c)
-        return c
-    monkeypatch.setattr(launcher, "LocalCluster", cluster)
-    monkeypatch.setattr(launcher, "_follow", follow)
-    monkeypatch.setattr(launcher, "check_local_setup", lambda *a: None)     # no child reads MNIST here
-    code = main(["run", "--model", "light", "--out", str(tmp_path / "run"), "--no-progress"])
-    return code, clusters[0]
-
-
-def write_outputs(out: Path, summary: bool) -> None:
-    """A checkpoint, and (a moment later: summary.json is the run's last output) a summary."""
-    out.mkdir(exist_ok=True)
-    (out / "checkpoint.npz").write_bytes(b"")
-    if summary:
-        (out / "summary.json").write_text(json.dumps(SUMMARY))
-        later = (out / "checkpoint.npz").stat().st_mtime_ns + 1_000_000
-        os.utime(out / "summary.json", ns=(later, later))
-
-
-def test_ctrl_c_after_the_run_finished_prints_the_report(tmp_path, monkeypatch, capsys):
-    """Ctrl-C while the server lingers for its clients after writing summary.json: the run had
-    finished.  `pscnn run` said "Continue with ... --resume" and exited 130 without a report."""
-    def follow(cluster, bar):
-        write_outputs(tmp_path / "run", summary=True)
-        raise KeyboardInterrupt
-    code, _ = run_in_process(tmp_path, monkeypatch, follow)
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert "pscnn run: the run had finished before the interrupt" in err, err
-    assert "--resume" not in err.split("interrupted")[-1], err
-    assert "run finished: mode sync" in out
-
-
-def test_ctrl_c_while_waiting_for_the_clients_at_the_end_prints_the_report(tmp_path, monkeypatch, capsys):
-    """The server exited 0 (summary written); a signal while the launcher waits for its clients
-    to exit ended as a bare "pscnn: interrupted" (130)."""
-    def follow(cluster, bar):
-        write_outputs(tmp_path / "run", summary=True)
-        return 0
-
-    def interrupted():
-        raise KeyboardInterrupt
-    code, cluster = run_in_process(tmp_path, monkeypatch, follow, on_wait=interrupted)
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert "pscnn: interrupted" not in err and "the run had finished before the interrupt" in err, err
-    assert cluster.stopped                  # the clients still running were stopped
-    assert "run finished: mode sync" in out
-
-
-def test_a_second_ctrl_c_does_not_cut_the_shutdown_short(tmp_path, monkeypatch, capsys):
-    """A second Ctrl-C while the server is being stopped (it writes its checkpoint): it raised
-    KeyboardInterrupt inside stop_all, and the cluster's close() SIGKILLed every child.  Now the
-    shutdown goes on, saying so once, and ends with the --resume hint."""
-    def follow(cluster, bar):
-        write_outputs(tmp_path / "run", summary=False)
-        raise KeyboardInterrupt
-
-    def second_ctrl_c():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
-    before = signal.getsignal(signal.SIGINT)     # (an earlier in-process `pscnn bench` may have set one)
-    code, cluster = run_in_process(tmp_path, monkeypatch, follow, on_stop=second_ctrl_c)
-    err = capsys.readouterr().err
-    assert code == 130, err
-    assert cluster.stopped, err
-    assert "pscnn: interrupted" not in err, err
-    assert err.count("still stopping") == 1, err
-    assert err.strip().splitlines()[-1] == \
-        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
-    assert signal.getsignal(signal.SIGINT) is before      # restored
 
 
 def test_a_missing_mnist_folder_is_one_line_before_anything_starts(tmp_path):
