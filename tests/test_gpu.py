@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from cnn_core import build_model, softmax_cross_entropy, to_numpy
+from cnn_core import Model, build_model, softmax_cross_entropy, to_numpy
 from cnn_core.backend import gpu_available
 
 # Helpers shared with the one-shot GPU script (benchmarks/ is not a package).
@@ -133,6 +133,32 @@ def test_gpu_in_place_updates_and_predict():
     pred = model.predict(x, batch_size=2)
     assert pred.shape == (5,)
     np.testing.assert_array_equal(to_numpy(pred), out0.argmax(axis=1))
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float64", 1e-11)])
+def test_gpu_training_step_and_chunked_evaluation_match_cpu(dtype, tol):
+    """loss_and_grads runs whole on a GPU and in chunks of CPU_CHUNK on the CPU; evaluation in
+    chunks of GPU_EVAL_CHUNK on a GPU. Same values either way, dropout masks included."""
+    import cupy
+    gpu, cpu, x, y = gpu_cpu_pair("light", dtype, batch=2 * Model.CPU_CHUNK + 5)   # three CPU chunks
+    results = {}
+    for name, m in (("gpu", gpu), ("cpu", cpu)):
+        m.reseed((3, 1, 4))
+        results[name] = m.loss_and_grads(x, y)
+    (g_loss, g_logits, g_grads), (c_loss, c_logits, c_grads) = results["gpu"], results["cpu"]
+    assert isinstance(g_logits, cupy.ndarray) and g_logits.shape == c_logits.shape
+    assert scaled_err(g_logits, c_logits) < tol
+    assert float(g_loss) == pytest.approx(float(c_loss), rel=tol)
+    assert list(g_grads) == list(cpu.params)
+    for k, g in c_grads.items():
+        assert isinstance(g_grads[k], cupy.ndarray) and g_grads[k].dtype == g.dtype, k
+        assert scaled_err(g_grads[k], g) < tol, k
+    n_eval = 2 * gpu.GPU_EVAL_CHUNK + 3                                          # three GPU chunks
+    xe = np.random.default_rng(8).standard_normal((n_eval, 1, 28, 28)).astype(dtype)
+    g_eval = gpu.forward(xe, train=False)
+    assert isinstance(g_eval, cupy.ndarray) and g_eval.shape == (n_eval, 10)
+    assert scaled_err(g_eval, cpu.forward(xe, train=False)) < tol
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):
