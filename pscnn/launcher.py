@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cnn_core.runlog import SUMMARY_FILE, make_folder
@@ -109,12 +110,16 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self._files = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        """Start ``pscnn <argv>`` as ``name``; its output goes to logs/<name>.log."""
+    def start(self, name: str, argv: list[str], prefix: Sequence[str] = ()) -> subprocess.Popen:
+        """Start ``pscnn <argv>`` as ``name``; its output goes to logs/<name>.log.
+
+        ``prefix``: a command that runs the child in place (it must exec it, not fork),
+        e.g. ``ip netns exec HOST`` for another network namespace, or ``taskset -c 0``."""
         fh = open(self.logs / f"{name}.log", "ab")
         self._files.append(fh)
-        proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
-                                env=self.env, start_new_session=True)   # Ctrl-C reaches only the launcher
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "pscnn.cli", *argv], stdout=fh,
+                                stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)   # Ctrl-C reaches only the launcher
         self.procs[name] = proc
         return proc
 

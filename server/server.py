@@ -52,7 +52,7 @@ import socket as pysocket
 import sys
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +76,9 @@ log = logging.getLogger("pscnn.server")
 MNIST_TRAIN_SIZE = 60_000
 MNIST_TEST_SIZE = 10_000
 CHECKPOINT_NAME = "checkpoint.npz"
+# Dropped peers remembered (oldest forgotten first), so that a message from one, late from a
+# network that was cut, is refused with the reason and logged once, not as an unknown id each time.
+DROPPED_MEMORY = 4096
 
 
 def resume_checkpoint(out: str) -> str:
@@ -259,6 +262,15 @@ class Peer:
     told_to_stop: bool = False
 
 
+@dataclass
+class DroppedPeer:
+    """A peer the server forgot (declared dead, left, rejoined), until it says hello again."""
+    name: str
+    why: str
+    at: float                           # time.monotonic() when dropped
+    refused: int = 0                    # its messages refused since
+
+
 class ParameterServer:
     def __init__(self, cfg: ServerConfig):
         if cfg.mode not in MODES:
@@ -275,6 +287,7 @@ class ParameterServer:
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
         self.incarnation = uuid.uuid4().hex[:12]
         self.peers: dict[str, Peer] = {}
+        self.dropped: OrderedDict[str, DroppedPeer] = OrderedDict()    # worker id -> why it was dropped
         self.contributors: dict[str, str] = {}      # worker id -> name, of every worker whose gradient was applied
         # summary.json's "workers": the most distinct workers whose gradients were applied within
         # one incarnation of the server (this one, or an earlier one, from the checkpoint).  Not
@@ -494,9 +507,7 @@ class ParameterServer:
             return
         peer = self.peers.get(msg.wid)
         if peer is None:
-            self._reject(rid, msg, P.ProtocolError(
-                f"unknown worker id {msg.wid!r}: send hello first (the server may have restarted)",
-                "unknown_worker"))
+            self._refuse_unknown(rid, msg, now)
             return
         peer.last_seen = now
         if msg.type == P.HEARTBEAT:     # from the client's heartbeat socket: no sequence number
@@ -529,14 +540,39 @@ class ParameterServer:
             return
         handler(peer, msg, now)
 
-    def _rejected(self, code: str, fmt: str, *args) -> None:
+    def _refuse_unknown(self, rid: bytes, msg: P.Message, now: float) -> None:
+        """A message from a worker id that is not in the run: it must say hello (again).
+
+        A dropped peer's messages are refused with the reason and logged once: after a
+        network cut, what the peer sent meanwhile (heartbeats, resends) arrives in a burst.
+        """
+        gone = self.dropped.get(msg.wid)
+        if gone is None:
+            self._reject(rid, msg, P.ProtocolError(
+                f"unknown worker id {msg.wid!r}: send hello first (the server may have restarted)",
+                "unknown_worker"))
+            return
+        gone.refused += 1
+        ago = now - gone.at
+        if gone.refused == 1:
+            self._rejected("unknown_worker", "refusing messages from %s until it says hello again: dropped %.1f s "
+                           "ago (%s)", gone.name, ago, gone.why)
+        else:
+            self._rejected("unknown_worker", None)
+        self._send(rid, P.error("unknown_worker", f"worker id {msg.wid!r} ({gone.name}) was dropped from the run "
+                                f"{ago:.1f} s ago ({gone.why}): send hello to rejoin", msg.seq))
+
+    def _rejected(self, code: str, fmt: str | None, *args) -> None:
         """Count a rejected message and log it, up to ``--log-rejected`` lines a second.
 
         A flood of bad messages must not flood the log: beyond the limit they
         are only counted (summary.json's ``rejected_messages``), and the
-        housekeeping says how many went unlogged.
+        housekeeping says how many went unlogged.  ``fmt`` None: counted only
+        (what was said once already).
         """
         self.rejected[code] += 1
+        if fmt is None:
+            return
         now = time.monotonic()
         if now - self._rejected_window[0] >= 1.0:
             self._rejected_window = [now, 0]
@@ -592,8 +628,10 @@ class ParameterServer:
         self.peers[wid] = peer
         if peer.role == "evaluator":
             self.evaluator_left = None
-        log.info("%s joined: %s (host %s, pid %s, device %s)", peer.role, name, msg.body.get("host", "?"),
-                 msg.body.get("pid", "?"), msg.body.get("device", "?"))
+        gone = self.dropped.pop(wid, None)
+        back = f"; back {now - gone.at:.1f} s after it was dropped ({gone.why})" if gone and old is None else ""
+        log.info("%s joined: %s (host %s, pid %s, device %s)%s", peer.role, name, msg.body.get("host", "?"),
+                 msg.body.get("pid", "?"), msg.body.get("device", "?"), back)
         self.writer.log("join", worker=name, role=peer.role, version=self.store.version)
         run = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "num_samples": self.num_samples,
                "epochs": self.cfg.epochs, "mode": self.cfg.mode, "test_limit": self.cfg.test_limit}
@@ -611,6 +649,10 @@ class ParameterServer:
     def _drop_peer(self, peer: Peer, why: str) -> None:
         """Forget a peer: requeue its leases, take it out of barriers."""
         self.peers.pop(peer.wid, None)
+        self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())
+        self.dropped.move_to_end(peer.wid)
+        if len(self.dropped) > DROPPED_MEMORY:
+            self.dropped.popitem(last=False)
         requeued = self.work.release_worker(peer.wid)
         level = logging.WARNING if "dead" in why else logging.INFO
         log.log(level, "%s %s %s%s", peer.role, peer.name, why,

@@ -775,6 +775,45 @@ def test_a_message_that_trips_a_server_bug_costs_that_message_only(in_process, m
     assert server.call(client, P.STATUS).type == P.STATUS and server.srv.rejected["internal_error"] == 1
 
 
+def test_a_dropped_worker_is_told_why_and_its_burst_of_late_messages_is_logged_once(in_process, monkeypatch,
+                                                                                      caplog):
+    """After a network cut, what a dropped worker sent meanwhile (heartbeats, resends) arrives in
+    a burst (tests/test_network.py cuts a real cable): each message is refused with the reason
+    it was dropped, the log says so once per drop, and a hello brings the worker back."""
+    server = in_process()
+    raw = server.client()
+    hello = {"role": "trainer", "name": "worker-7", "pid": 1, "host": "test"}
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        for drop in range(2):
+            assert server.call(raw, P.HELLO, hello).type == P.WELCOME
+            assert server.call(raw, P.BYE, {"reason": f"cut {drop}"}).type == P.ACK
+            for mtype, body in [(P.WORK, {}), (P.PULL, {"have_version": -1}), (P.WORK, {})] * 2:
+                reply = server.call(raw, mtype, body)
+                assert reply.type == P.ERROR and reply.body["code"] == "unknown_worker", reply
+                assert f"worker id {raw.wid!r} (worker-7) was dropped from the run" in reply.body["message"]
+                assert f"(left (cut {drop})): send hello to rejoin" in reply.body["message"]
+        assert server.call(raw, P.HELLO, hello).type == P.WELCOME
+        assert server.call(raw, P.HELLO, hello).type == P.WELCOME     # again, while in the run
+    lines = [r.getMessage() for r in caplog.records]
+    refusals = [line for line in lines if "refusing messages from worker-7" in line]
+    assert len(refusals) == 2 and "(left (cut 0))" in refusals[0] and "(left (cut 1))" in refusals[1], refusals
+    assert not [line for line in lines if "unknown worker id" in line]
+    assert server.srv.rejected["unknown_worker"] == 12
+    joins = [line for line in lines if line.startswith("trainer joined: worker-7")]
+    assert len(joins) == 4 and "dropped" not in joins[0] and "dropped" not in joins[3], joins
+    assert re.search(r"; back \d+\.\d s after it was dropped \(left \(cut 1\)\)$", joins[2]), joins[2]
+    assert raw.wid not in server.srv.dropped            # back in the run: forgotten as dropped
+    # Only the newest DROPPED_MEMORY drops are remembered; an older one is an unknown id again.
+    monkeypatch.setattr("server.server.DROPPED_MEMORY", 2)
+    others = [server.client() for _ in range(3)]
+    for other in others:
+        assert server.call(other, P.HELLO, {**hello, "name": other.wid}).type == P.WELCOME
+        assert server.call(other, P.BYE, {"reason": "gone"}).type == P.ACK
+    assert list(server.srv.dropped) == [others[1].wid, others[2].wid]
+    assert "send hello first" in server.call(others[0], P.WORK).body["message"]
+    assert "was dropped from the run" in server.call(others[2], P.WORK).body["message"]
+
+
 def test_a_parked_request_answered_too_many_leases_leaves_no_wait_behind(in_process):
     """A request parked (an SSP bound, the start barrier) and then refused a third lease was
     answered: the wait must not be counted again in the held_s of the trainer's next task,

@@ -209,7 +209,8 @@ class Client:
         """A reply, or the exception that an error reply means."""
         if reply.type == P.ERROR:
             if reply.body["code"] == "unknown_worker":
-                log.warning("the server does not know us (it restarted?); joining again")
+                log.warning("the server does not know us: %s; joining again",
+                            P.one_line(reply.body["message"], 300))
                 self.welcome = self._hello()
                 raise Rejoined(self.welcome)
             raise ServerError(reply.body["code"], reply.body["message"], f"{request} request")

@@ -1,0 +1,247 @@
+"""Across a real network: the server and its trainers on hosts of their own, and a cable cut.
+
+On 127.0.0.1 a peer is there or gone: a killed process's sockets close, and the
+kernel says so.  A network fails in a way loopback cannot show: a cable cut
+between two live hosts leaves both ends' TCP connections open and silent,
+whatever was in flight is held back, and nobody is told.  When the cable is
+mended, TCP delivers what each side sent meanwhile (heartbeats, resent
+requests) in a burst.
+
+Each test here builds that.  Its hosts are Linux network namespaces: the
+server's, and one per trainer, each joined to the server's by a veth pair (a
+virtual cable) with addresses 10.213.<i+1>.1 (server side) and .2 (trainer
+side), which exist only inside these namespaces.  A cut drops every packet
+that arrives over the cable, at both ends (iptables in each namespace), so
+neither side learns of it.  The server binds ``tcp://*:PORT`` and the trainers
+connect to its address on their cable; the evaluator runs on the server's host.
+
+What must hold: the server declares a cut-off trainer dead within
+``--peer-timeout`` and requeues its lease; the others train on (sync: the
+round closes without it); once the cable is mended the trainer rejoins by
+itself and trains again; the run completes with every batch applied exactly
+once and every process exits 0; the burst of a dropped trainer's late messages
+is refused with the reason, logged once.
+
+Needs root, iproute2 and iptables (``.ci/run`` installs the last two); each
+test is skipped, with the reason, where the namespaces cannot be made or a cut
+does not hold (checked first, with a plain TCP connection over the cable).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pscnn.launcher import LocalCluster, wait_for
+from test_distributed import TRAIN_LIMIT, assert_exactly_once, client_flags, finish, server_flags
+
+pytestmark = pytest.mark.slow
+
+PORT = 5555                     # each namespace has its own ports: this one is free in a new one
+PEER_TIMEOUT = 2.0
+
+
+class CommandFailed(Exception):
+    pass
+
+
+def sh(*cmd: str, timeout: float = 20) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise CommandFailed(f"{' '.join(cmd)}: {(proc.stderr or proc.stdout).strip() or f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+class Hosts:
+    """A server host and ``count`` trainer hosts, each on a cable of its own to the server's.
+
+    Names carry this process's id, so that parallel test runs do not collide;
+    :meth:`close` deletes the namespaces, and their cables with them.
+    """
+
+    def __init__(self, count: int):
+        tag = os.getpid() % 100_000
+        self.server = f"pscnn{tag}srv"
+        self.trainers = [f"pscnn{tag}t{i}" for i in range(count)]
+        self.cables = [(f"ps{tag}s{i}", f"ps{tag}t{i}") for i in range(count)]   # (server end, trainer end)
+        self._made: list[str] = []
+
+    def up(self) -> None:
+        for ns in (self.server, *self.trainers):
+            sh("ip", "netns", "add", ns)
+            self._made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for i, (server_end, trainer_end) in enumerate(self.cables):
+            sh("ip", "link", "add", server_end, "type", "veth", "peer", "name", trainer_end)
+            sh("ip", "link", "set", server_end, "netns", self.server)
+            sh("ip", "link", "set", trainer_end, "netns", self.trainers[i])
+            for ns, end, host in ((self.server, server_end, 1), (self.trainers[i], trainer_end, 2)):
+                sh("ip", "-n", ns, "addr", "add", f"10.213.{i + 1}.{host}/24", "dev", end)
+                sh("ip", "-n", ns, "link", "set", end, "up")
+
+    def server_address(self, i: int) -> str:
+        """The server host's address on trainer host i's cable."""
+        return f"10.213.{i + 1}.1"
+
+    @staticmethod
+    def on(ns: str) -> list[str]:
+        """The command prefix that runs a program on host ``ns`` (it execs the program in place)."""
+        return ["ip", "netns", "exec", ns]
+
+    def _drop_arrivals(self, i: int, action: str) -> None:
+        server_end, trainer_end = self.cables[i]
+        for ns, end in ((self.server, server_end), (self.trainers[i], trainer_end)):
+            sh(*self.on(ns), "iptables", action, "INPUT", "-i", end, "-j", "DROP")
+
+    def cut(self, i: int) -> None:
+        self._drop_arrivals(i, "-A")
+
+    def mend(self, i: int) -> None:
+        self._drop_arrivals(i, "-D")
+
+    def close(self) -> None:
+        for ns in self._made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        self._made.clear()
+
+
+# A TCP connection across cable 0: exit 0 if it is made within 1.5 s (the trainer host connects).
+_PROBE_SERVER = "import socket,sys; s=socket.create_server(('0.0.0.0', int(sys.argv[1]))); s.settimeout(10); " \
+                "s.accept()"
+_PROBE_CLIENT = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5)"
+
+
+def connects(hosts: Hosts, port: int) -> bool:
+    listener = subprocess.Popen([*hosts.on(hosts.server), sys.executable, "-c", _PROBE_SERVER, str(port)])
+    try:
+        time.sleep(0.3)
+        client = subprocess.run([*hosts.on(hosts.trainers[0]), sys.executable, "-c", _PROBE_CLIENT,
+                                 hosts.server_address(0), str(port)], capture_output=True, timeout=20)
+        return client.returncode == 0
+    finally:
+        listener.kill()
+        listener.wait(10)
+
+
+@pytest.fixture
+def hosts():
+    """Two trainer hosts and the server's; skipped, saying why, where they cannot be made or cut."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"no {tool} (Debian: apt-get install iproute2 iptables)")
+    h = Hosts(2)
+    try:
+        try:
+            h.up()
+            if not connects(h, 7000):
+                pytest.skip("a TCP connection over a veth cable between two namespaces failed")
+            h.cut(0)
+            held = not connects(h, 7001)
+            h.mend(0)
+            if not held:
+                pytest.skip("iptables DROP in a namespace did not stop a TCP connection (no netfilter here?)")
+        except CommandFailed as exc:
+            pytest.skip(f"cannot make test hosts: {exc}")
+        yield h
+    finally:
+        h.close()
+
+
+def applied_steps(out) -> list[dict]:
+    """The server's ``step`` records so far (complete lines only: it may be writing the last)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [r for r in map(json.loads, lines) if r["kind"] == "step"]
+
+
+def start_run(cluster: LocalCluster, hosts: Hosts, mnist_dir: str, mode: str, epochs: int):
+    """The server and the evaluator on the server's host, trainer i on trainer host i."""
+    flags = server_flags(cluster.out, mnist_dir, mode, epochs=epochs, peer_timeout=PEER_TIMEOUT, wait_for_workers=2)
+    cluster.start("server", ["server", "--bind", f"tcp://*:{PORT}", *flags], prefix=hosts.on(hosts.server))
+    cluster.start("evaluator", ["evaluator", "--server", f"tcp://127.0.0.1:{PORT}", "--name", "evaluator",
+                                *client_flags(mnist_dir), "--every", "2"], prefix=hosts.on(hosts.server))
+    for i, ns in enumerate(hosts.trainers):
+        cluster.start(f"worker-{i}", ["worker", "--server", f"tcp://{hosts.server_address(i)}:{PORT}",
+                                      "--name", f"worker-{i}", *client_flags(mnist_dir)], prefix=hosts.on(ns))
+
+
+def server_log(cluster: LocalCluster) -> str:
+    return (cluster.logs / "server.log").read_text()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_trainer_cut_off_is_declared_dead_the_other_trains_on_and_it_rejoins_when_mended(
+        tmp_path, mnist_dir, hosts, mode):
+    """Cut worker-1's cable for longer than --peer-timeout, then mend it.
+
+    The run is sized (8 epochs of the light model on 6,000 images) so that
+    worker-0 alone cannot finish it before worker-1 is back: here about 12 s
+    of training is left at the mend, and worker-1 rejoined 0.8-1.0 s after it.
+    """
+    epochs = 8
+    with LocalCluster(tmp_path / "run", port=PORT) as cluster:
+        start_run(cluster, hosts, mnist_dir, mode, epochs)
+        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        hosts.cut(1)
+        wait_for(lambda: "worker-1 declared dead" in server_log(cluster), 10 * PEER_TIMEOUT,
+                 "worker-1 declared dead", on_fail=lambda: server_log(cluster)[-3000:])
+        dead_at = len(applied_steps(cluster.out))
+        # worker-0 trains on alone (sync: in rounds of one, once the barrier let worker-1 go)
+        wait_for(lambda: len(applied_steps(cluster.out)) >= dead_at + 10, 60, "10 updates without worker-1")
+        mended_at = len(applied_steps(cluster.out))
+        hosts.mend(1)
+        summary = finish(cluster, timeout=240)
+        steps = applied_steps(cluster.out)
+        log = server_log(cluster)
+
+    during = steps[dead_at + 1:mended_at]       # (a sync round closed by the drop may hold its last push)
+    assert during and all(s["workers"] == ["worker-0"] for s in during), [s["workers"] for s in during][:5]
+    assert any("worker-1" in s["workers"] for s in steps[mended_at:]), \
+        "worker-1 never trained again after the mend:\n" + log[-3000:]
+    assert summary["samples_applied"] == epochs * TRAIN_LIMIT
+    assert_exactly_once(cluster.out, epochs=epochs)
+    assert "worker-0 declared dead" not in log
+    assert "after it was dropped (declared dead" in log.split("worker-1 declared dead")[1]
+    # its late heartbeats and resends were refused with the reason, in one line
+    refusals = [line for line in log.splitlines() if "worker-1" in line and "refusing messages" in line]
+    assert len(refusals) <= 1, refusals
+    assert "unknown worker id" not in log
+    assert summary["test_accuracy"] >= 0.80, summary["test_accuracy"]
+
+
+def test_every_trainer_cut_off_the_run_waits_and_completes_when_mended(tmp_path, mnist_dir, hosts):
+    """Cut both trainers' cables (async): nothing is applied while both are away; once
+    mended, both rejoin and the run completes, every batch applied exactly once."""
+    epochs = 3
+    with LocalCluster(tmp_path / "run", port=PORT) as cluster:
+        start_run(cluster, hosts, mnist_dir, "async", epochs)
+        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        hosts.cut(0)
+        hosts.cut(1)
+        wait_for(lambda: all(f"worker-{i} declared dead" in server_log(cluster) for i in (0, 1)),
+                 10 * PEER_TIMEOUT, "both trainers declared dead", on_fail=lambda: server_log(cluster)[-3000:])
+        both_gone_at = len(applied_steps(cluster.out))
+        time.sleep(PEER_TIMEOUT)
+        assert len(applied_steps(cluster.out)) == both_gone_at       # no trainer, no update
+        hosts.mend(0)
+        hosts.mend(1)
+        summary = finish(cluster, timeout=240)
+        steps = applied_steps(cluster.out)
+        log = server_log(cluster)
+
+    assert {w for s in steps[both_gone_at:] for w in s["workers"]} == {"worker-0", "worker-1"}
+    assert summary["samples_applied"] == epochs * TRAIN_LIMIT
+    assert_exactly_once(cluster.out, epochs=epochs)
+    assert summary["evaluations"][-1]["version"] == summary["updates"]
+    assert log.count("after it was dropped (declared dead") == 2
+    assert summary["rejected_messages"].get("unknown_worker", 0) >= 2    # their late messages, refused
+
