@@ -262,6 +262,11 @@ class Peer:
     told_to_stop: bool = False
 
 
+def zmq_millis(seconds: float) -> int:
+    """Seconds as a ZeroMQ time option: whole milliseconds, at least 100, at most a C int."""
+    return int(min(max(seconds * 1000, 100), 2**31 - 1))
+
+
 @dataclass
 class DroppedPeer:
     """A peer the server forgot (declared dead, left, rejoined), until it says hello again."""
@@ -375,6 +380,12 @@ class ParameterServer:
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
+        # ZeroMQ's own heartbeats on each connection: one whose peer went silent (a cut cable, a
+        # host gone) is closed, and what was queued on it freed, soon after the peer is declared
+        # dead; TCP alone holds it open for ~15 minutes.  A live client's ZeroMQ answers them
+        # by itself (in its I/O thread), mid-computation too.
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, zmq_millis(self.cfg.peer_timeout / 5))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, zmq_millis(self.cfg.peer_timeout))
         try:
             P.bind(self.sock, self.cfg.bind)
             self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},

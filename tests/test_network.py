@@ -16,7 +16,8 @@ neither side learns of it.  The server binds ``tcp://*:PORT`` and the trainers
 connect to its address on their cable; the evaluator runs on the server's host.
 
 What must hold: the server declares a cut-off trainer dead within
-``--peer-timeout`` and requeues its lease; the others train on (sync: the
+``--peer-timeout``, requeues its lease and closes its connections (which TCP
+would keep for minutes); the others train on (sync: the
 round closes without it); once the cable is mended the trainer rejoins by
 itself and trains again; the run completes with every batch applied exactly
 once and every process exits 0; the burst of a dropped trainer's late messages
@@ -83,6 +84,11 @@ class Hosts:
             for ns, end, host in ((self.server, server_end, 1), (self.trainers[i], trainer_end, 2)):
                 sh("ip", "-n", ns, "addr", "add", f"10.213.{i + 1}.{host}/24", "dev", end)
                 sh("ip", "-n", ns, "link", "set", end, "up")
+
+    def connections_from(self, i: int) -> int:
+        """TCP connections the server host holds open (established) with trainer host i."""
+        lines = sh(*self.on(self.server), "ss", "-Htn", "state", "established").splitlines()
+        return sum(f"10.213.{i + 1}.2:" in line for line in lines)
 
     def server_address(self, i: int) -> str:
         """The server host's address on trainer host i's cable."""
@@ -190,10 +196,16 @@ def test_a_trainer_cut_off_is_declared_dead_the_other_trains_on_and_it_rejoins_w
         start_run(cluster, hosts, mnist_dir, mode, epochs)
         wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
                  on_fail=lambda: server_log(cluster)[-3000:])
+        assert hosts.connections_from(1) >= 2            # its request socket and its heartbeat socket
         hosts.cut(1)
         wait_for(lambda: "worker-1 declared dead" in server_log(cluster), 10 * PEER_TIMEOUT,
                  "worker-1 declared dead", on_fail=lambda: server_log(cluster)[-3000:])
         dead_at = len(applied_steps(cluster.out))
+        # ... and the server closes its connections to worker-1, still open for TCP (ZeroMQ's
+        # heartbeats, else TCP would hold them, and what was queued on them, for ~15 minutes)
+        wait_for(lambda: hosts.connections_from(1) == 0, 5 * PEER_TIMEOUT, "the server to close worker-1's "
+                 "connections", interval=0.1)
+        assert hosts.connections_from(0) >= 2
         # worker-0 trains on alone (sync: in rounds of one, once the barrier let worker-1 go)
         wait_for(lambda: len(applied_steps(cluster.out)) >= dead_at + 10, 60, "10 updates without worker-1")
         mended_at = len(applied_steps(cluster.out))
@@ -230,6 +242,8 @@ def test_every_trainer_cut_off_the_run_waits_and_completes_when_mended(tmp_path,
         wait_for(lambda: all(f"worker-{i} declared dead" in server_log(cluster) for i in (0, 1)),
                  10 * PEER_TIMEOUT, "both trainers declared dead", on_fail=lambda: server_log(cluster)[-3000:])
         both_gone_at = len(applied_steps(cluster.out))
+        wait_for(lambda: hosts.connections_from(0) + hosts.connections_from(1) == 0, 5 * PEER_TIMEOUT,
+                 "the server to close the trainers' connections", interval=0.1)
         time.sleep(PEER_TIMEOUT)
         assert len(applied_steps(cluster.out)) == both_gone_at       # no trainer, no update
         hosts.mend(0)
