@@ -526,6 +526,12 @@ def _print_report(s: dict, summary_path: Path) -> None:
     print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
     print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)}")
     print(f"  evaluations        {len(s.get('evaluations', []))}")
+    dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
+    requeued = s.get("lease_requeues") or 0
+    refused = sum((s.get("rejected_messages") or {}).values())
+    if dead or requeued or refused:     # what the run survived (this server's incarnation)
+        print(f"  faults             {dead} declared dead, {requeued} lease{'s' * (requeued != 1)} requeued, "
+              f"{refused} message{'s' * (refused != 1)} refused")
     reached = s.get("time_to_accuracy") or {}
     if reached:
         print("  time to accuracy   " + ", ".join(f"{float(m):.0%}: {r['seconds']:.1f} s" for m, r in reached.items())

@@ -293,6 +293,7 @@ class ParameterServer:
         self.incarnation = uuid.uuid4().hex[:12]
         self.peers: dict[str, Peer] = {}
         self.dropped: OrderedDict[str, DroppedPeer] = OrderedDict()    # worker id -> why it was dropped
+        self.drops = Counter()          # peers this server dropped, by why: "declared dead", "left", ...
         self.contributors: dict[str, str] = {}      # worker id -> name, of every worker whose gradient was applied
         # summary.json's "workers": the most distinct workers whose gradients were applied within
         # one incarnation of the server (this one, or an earlier one, from the checkpoint).  Not
@@ -661,6 +662,7 @@ class ParameterServer:
         """Forget a peer: requeue its leases, take it out of barriers."""
         self.peers.pop(peer.wid, None)
         self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())
+        self.drops[why.split(" (")[0]] += 1
         self.dropped.move_to_end(peer.wid)
         if len(self.dropped) > DROPPED_MEMORY:
             self.dropped.popitem(last=False)
@@ -1189,6 +1191,7 @@ class ParameterServer:
             "train_images_per_second": self.samples_applied / train_s if train_s > 0 else 0.0,
             "batch_size": self.cfg.batch_size, "model": self.cfg.model, "optimizer": self.store.optimizer.config(),
             "rejected_messages": dict(self.rejected), "lease_requeues": self.work.requeued_total,
+            "peers_dropped": dict(sorted(self.drops.items())),
             "device": "cpu (server)", "config": self.cfg.to_json(),
             "status": "diverged" if self.failure else "complete", "error": self.failure,
         }

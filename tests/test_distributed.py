@@ -167,6 +167,7 @@ def test_worker_killed_mid_epoch(cluster, mnist_dir, mode, overlap):
     assert_exactly_once(cluster.out, epochs=2)
     log = (cluster.logs / "server.log").read_text()
     assert "worker-1 declared dead" in log
+    assert summary["peers_dropped"]["declared dead"] >= 1 and summary["lease_requeues"] >= 1
     if overlap:
         # It still trains: 8 runs of this setup without the kill scored 0.81-0.84 (mean
         # staleness ~4.6 on 6,000 images); a broken overlap path scores near chance (0.1).
@@ -248,7 +249,17 @@ def test_the_final_report_gives_the_time_to_each_accuracy_milestone_reached(tmp_
     del summary["time_to_accuracy"]                     # a summary from before the field: no such line
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     print_report(tmp_path / "summary.json")
-    assert "time to accuracy" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "time to accuracy" not in out and "faults" not in out          # a run without any
+    summary.update(peers_dropped={"declared dead": 1, "left": 1}, lease_requeues=2,
+                   rejected_messages={"unknown_worker": 5, "bad_message": 1})
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    print_report(tmp_path / "summary.json")
+    assert "  faults             1 declared dead, 2 leases requeued, 6 messages refused\n" in capsys.readouterr().out
+    summary.update(lease_requeues=1, rejected_messages={"bad_message": 1})
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    print_report(tmp_path / "summary.json")
+    assert "  faults             1 declared dead, 1 lease requeued, 1 message refused\n" in capsys.readouterr().out
 
 
 def test_pscnn_run_end_to_end(tmp_path, mnist_dir):

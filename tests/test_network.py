@@ -221,6 +221,7 @@ def test_a_trainer_cut_off_is_declared_dead_the_other_trains_on_and_it_rejoins_w
     assert summary["samples_applied"] == epochs * TRAIN_LIMIT
     assert_exactly_once(cluster.out, epochs=epochs)
     assert "worker-0 declared dead" not in log
+    assert summary["peers_dropped"]["declared dead"] == 1 and summary["lease_requeues"] >= 1
     assert "after it was dropped (declared dead" in log.split("worker-1 declared dead")[1]
     # its late heartbeats and resends were refused with the reason, in one line
     refusals = [line for line in log.splitlines() if "worker-1" in line and "refusing messages" in line]
@@ -257,5 +258,6 @@ def test_every_trainer_cut_off_the_run_waits_and_completes_when_mended(tmp_path,
     assert_exactly_once(cluster.out, epochs=epochs)
     assert summary["evaluations"][-1]["version"] == summary["updates"]
     assert log.count("after it was dropped (declared dead") == 2
+    assert summary["peers_dropped"]["declared dead"] == 2
     assert summary["rejected_messages"].get("unknown_worker", 0) >= 2    # their late messages, refused
 
