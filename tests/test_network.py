@@ -21,7 +21,8 @@ would keep for minutes); the others train on (sync: the
 round closes without it); once the cable is mended the trainer rejoins by
 itself and trains again; the run completes with every batch applied exactly
 once and every process exits 0; the burst of a dropped trainer's late messages
-is refused with the reason, logged once.
+is refused with the reason, logged once.  A trainer cut off for longer than its
+``--give-up-after`` exits 1 with one line, and the run completes without it.
 
 Needs root, iproute2 and iptables (``.ci/run`` installs the last two); each
 test is skipped, with the reason, where the namespaces cannot be made or a cut
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,15 +169,18 @@ def applied_steps(out) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "step"]
 
 
-def start_run(cluster: LocalCluster, hosts: Hosts, mnist_dir: str, mode: str, epochs: int):
-    """The server and the evaluator on the server's host, trainer i on trainer host i."""
+def start_run(cluster: LocalCluster, hosts: Hosts, mnist_dir: str, mode: str, epochs: int,
+              trainer_flags: dict[int, list[str]] | None = None):
+    """The server and the evaluator on the server's host, trainer i on trainer host i (with
+    ``trainer_flags[i]`` added)."""
     flags = server_flags(cluster.out, mnist_dir, mode, epochs=epochs, peer_timeout=PEER_TIMEOUT, wait_for_workers=2)
     cluster.start("server", ["server", "--bind", f"tcp://*:{PORT}", *flags], prefix=hosts.on(hosts.server))
     cluster.start("evaluator", ["evaluator", "--server", f"tcp://127.0.0.1:{PORT}", "--name", "evaluator",
                                 *client_flags(mnist_dir), "--every", "2"], prefix=hosts.on(hosts.server))
     for i, ns in enumerate(hosts.trainers):
         cluster.start(f"worker-{i}", ["worker", "--server", f"tcp://{hosts.server_address(i)}:{PORT}",
-                                      "--name", f"worker-{i}", *client_flags(mnist_dir)], prefix=hosts.on(ns))
+                                      "--name", f"worker-{i}", *client_flags(mnist_dir),
+                                      *(trainer_flags or {}).get(i, [])], prefix=hosts.on(ns))
 
 
 def server_log(cluster: LocalCluster) -> str:
@@ -261,3 +266,26 @@ def test_every_trainer_cut_off_the_run_waits_and_completes_when_mended(tmp_path,
     assert summary["peers_dropped"]["declared dead"] == 2
     assert summary["rejected_messages"].get("unknown_worker", 0) >= 2    # their late messages, refused
 
+
+
+def test_a_trainer_cut_off_for_longer_than_give_up_after_exits_1_and_the_run_completes(tmp_path, mnist_dir, hosts):
+    """A cut longer than a trainer's --give-up-after ends it with one line and exit status 1,
+    for whatever runs it (Compose, Kubernetes) to restart it; the server and the other
+    trainer finish the run without it."""
+    epochs = 3
+    with LocalCluster(tmp_path / "run", port=PORT) as cluster:
+        start_run(cluster, hosts, mnist_dir, "async", epochs, trainer_flags={1: ["--give-up-after", "4"]})
+        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        hosts.cut(1)
+        assert cluster.wait("worker-1", 60) == 1, cluster.log_tail("worker-1", 20)
+        hosts.mend(1)
+        cluster.procs.pop("worker-1")
+        summary = finish(cluster, timeout=240)
+        last = cluster.log_tail("worker-1", 1)
+
+    assert re.search(rf"no usable answer from tcp://{re.escape(hosts.server_address(1))}:{PORT} for 4 s; giving up$",
+                     last), last
+    assert summary["samples_applied"] == epochs * TRAIN_LIMIT
+    assert_exactly_once(cluster.out, epochs=epochs)
+    assert summary["peers_dropped"]["declared dead"] == 1
