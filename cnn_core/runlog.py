@@ -16,6 +16,9 @@ kinds the plots understand are
                      update count), ``loss``: training loss vs updates
     "epoch", "eval"  ``test_accuracy`` (else ``accuracy``), optionally
                      ``step``/``version``: test accuracy vs updates and vs time
+    "step" with ``timeline`` (distributed runs): per push ``[worker,
+                     answered_s, arrived_s, compute_s]``: what each worker
+                     did, when (:func:`time_split`, ``timeline.png``)
 
 and any other kind is stored and ignored by the plots.
 
@@ -51,6 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LEARNING_CURVES_FILE = "learning_curves.png"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+TIMELINE_FILE = "timeline.png"
 
 
 class RunLogError(PscnnError, OSError):
@@ -412,7 +416,9 @@ def make_plots(out_dir) -> list[Path]:
     * ``learning_curves.png``: training loss vs update (``"step"`` records),
       test accuracy vs update and vs seconds (``"epoch"``/``"eval"`` records);
     * ``confusion_matrix.png``: summary.json's ``confusion_matrix`` with the
-      counts written in the cells.
+      counts written in the cells;
+    * ``timeline.png`` (distributed runs): each worker's computing, network
+      and waiting on the server over a stretch of the run (:func:`time_split`).
 
     A plot whose data is missing is skipped.  Returns the paths written; ``[]``
     when matplotlib is not installed.  Never raises: plots are a by-product,
@@ -438,7 +444,7 @@ def make_plots(out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
     for name, draw in ((LEARNING_CURVES_FILE, _draw_learning_curves),
-                       (CONFUSION_MATRIX_FILE, _draw_confusion_matrix)):
+                       (CONFUSION_MATRIX_FILE, _draw_confusion_matrix), (TIMELINE_FILE, _draw_timeline)):
         try:
             fig = draw(Figure, out_dir)
             if fig is not None:
@@ -550,3 +556,110 @@ def _draw_confusion_matrix(Figure, out_dir: Path):
     acc = _number(summary.get("test_accuracy"))
     ax.set_title("Confusion matrix" + (f" (test accuracy {100 * acc:.2f}%)" if acc is not None else ""))
     return fig
+
+
+# ---------------------------------------------------------------- the workers' timeline
+TIMELINE_PARTS = ("compute", "network", "server")
+_TIMELINE_COLOURS = {"compute": "tab:blue", "network": "tab:orange", "server": "0.75"}
+_TIMELINE_LABELS = {"compute": "computing (the worker's own measure)",
+                    "network": "network and (de)serialization (the rest of the way)",
+                    "server": "waiting on the server (a sync round, no batch free yet, the update)"}
+
+
+def time_split(records) -> dict:
+    """Each worker's cycles from the step records' ``timeline`` entries, split in three.
+
+    A worker's cycle runs from one answer of the server to the next, by the
+    server's clock.  From the answer to its push's arrival the worker computed
+    (``compute_s``, its own measure) and its messages travelled (the rest,
+    ``network``); from the arrival to the next answer it waited on the server
+    (``server``: a sync round, no batch free yet, the update).  Returns
+    ``{worker: [(start, end, part), ...]}`` in time order, parts in
+    TIMELINE_PARTS; the network time is drawn half before the computation and
+    half after.  The server stamps an answer before sending it and a push when
+    it reads it, so each window holds the computation (one clock on one
+    machine; the tests check it).  With ``--overlap`` a worker computes while
+    a push travels: there the computation fills its window, and the split is
+    approximate.
+    """
+    pushes: dict[str, list] = {}
+    for r in records:
+        if r.get("kind") != "step":
+            continue
+        for entry in r.get("timeline") or ():
+            if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) \
+                    and all(_number(v) is not None for v in entry[1:]) and entry[1] <= entry[2]:
+                pushes.setdefault(entry[0], []).append(tuple(float(v) for v in entry[1:]))
+    split: dict[str, list] = {}
+    for worker, items in pushes.items():
+        items.sort(key=lambda item: item[1])
+        spans = []
+        for i, (answered, arrived, compute) in enumerate(items):
+            compute = min(compute, arrived - answered)
+            travel = (arrived - answered - compute) / 2
+            spans += [(answered, answered + travel, "network"), (answered + travel, arrived - travel, "compute"),
+                      (arrived - travel, arrived, "network")]
+            if i + 1 < len(items) and items[i + 1][0] >= arrived:   # the answer to this push
+                spans.append((arrived, items[i + 1][0], "server"))
+        split[worker] = [span for span in spans if span[1] > span[0]]
+    return split
+
+
+def time_shares(split: dict) -> dict:
+    """``{part: fraction}`` of all the workers' time in :func:`time_split`'s spans."""
+    totals = dict.fromkeys(TIMELINE_PARTS, 0.0)
+    for spans in split.values():
+        for start, end, part in spans:
+            totals[part] += end - start
+    whole = sum(totals.values())
+    return {part: (t / whole if whole else 0.0) for part, t in totals.items()}
+
+
+def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: int = 12):
+    metrics_path = out_dir / METRICS_FILE
+    if not metrics_path.exists():
+        return None
+    split = time_split(read_metrics(metrics_path))
+    split = {w: spans for w, spans in split.items() if spans}
+    if not split:
+        return None
+    # A stretch from the middle of the run, about cycles_shown cycles of the busiest worker long.
+    busiest = max(split.values(), key=len)
+    starts = [s for s, _, part in busiest if part == "network"][::2]
+    mid = len(starts) // 2
+    t0 = starts[mid] if starts else busiest[0][0]
+    t1 = starts[min(mid + cycles_shown, len(starts) - 1)] if len(starts) > mid + 1 else busiest[-1][1]
+    if t1 <= t0:
+        t1 = busiest[-1][1]
+    workers = sorted(split)[:max_workers]
+    height = 1.8 + 0.4 * len(workers)                    # inches: 1.0 below the bars, 0.8 above
+    fig = Figure(figsize=(12, height))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=1.0 / height, top=1 - 0.8 / height)
+    for row, worker in enumerate(workers):
+        for part in TIMELINE_PARTS:
+            bars = [(max(s, t0), min(e, t1) - max(s, t0)) for s, e, p in split[worker] if p == part and e > t0 and s < t1]
+            ax.broken_barh(bars, (row - 0.35, 0.7), color=_TIMELINE_COLOURS[part],
+                           label=_TIMELINE_LABELS[part] if row == 0 else None)
+    ax.set_yticks(range(len(workers)))
+    ax.set_yticklabels(workers)
+    ax.set_ylim(len(workers) - 0.5, -0.5)
+    ax.set_xlim(t0, t1)
+    ax.set_xlabel("seconds since the run started (the server's clock)")
+    shares = time_shares(split)
+    mode = _summary_field(out_dir, "mode")
+    more = f"; {len(split) - len(workers)} more workers not shown" if len(split) > len(workers) else ""
+    ax.set_title(f"What each worker did, {t0:.2f}-{t1:.2f} s" + (f" (mode {mode})" if mode else "") +
+                 f"\nthe whole run: {100 * shares['compute']:.0f}% computing, {100 * shares['network']:.0f}% "
+                 f"network, {100 * shares['server']:.0f}% waiting on the server{more}", fontsize=10)
+    fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
+    return fig
+
+
+def _summary_field(out_dir: Path, key: str):
+    try:
+        with open(out_dir / SUMMARY_FILE, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return summary.get(key) if isinstance(summary, dict) else None

@@ -260,6 +260,8 @@ class Peer:
     pushes: int = 0
     samples: int = 0
     told_to_stop: bool = False
+    replied_at: float = 0.0             # when the server last answered it (time.monotonic())
+    push_window: tuple = (0.0, 0.0)     # its current push: (the answer before it, its arrival)
 
 
 def zmq_millis(seconds: float) -> int:
@@ -608,6 +610,7 @@ class ParameterServer:
         """Answer the peer's current request; the reply is kept for resends."""
         msg.wid = ""
         msg.seq = peer.last_seq
+        peer.replied_at = time.monotonic()      # before sending: a preemption here must not shrink its next push's window
         peer.cached_reply = self._send(peer.rid, msg)
         peer.pending = False
 
@@ -763,6 +766,7 @@ class ParameterServer:
 
     def _on_push(self, peer: Peer, msg: P.Message, now: float) -> None:
         b = msg.body
+        peer.push_window = (peer.replied_at, now)
         if self._awaits_round(peer, msg):
             return
         if self.over:               # diverged, or done: nothing is applied any more
@@ -885,10 +889,22 @@ class ParameterServer:
                 batches=[[body["epoch"], body["batch"]] for _, body in contributions],
                 loss=sum(body["loss"] for _, body in contributions) / len(contributions),
                 accuracy=sum(body["correct"] for _, body in contributions) / max(samples, 1),
-                staleness=staleness, **mean)
+                staleness=staleness, **mean, timeline=self._timeline(contributions))
         if self.work.done and self.t_train_end is None:
             self.t_train_end = now
             log.info("training finished: %d updates, %d samples applied", self.store.version, self.samples_applied)
+
+    def _timeline(self, contributions: list) -> list:
+        """A step record's ``timeline``: ``[worker, answered_s, arrived_s, compute_s]`` per push,
+        the times in the run's seconds by the server's clock (when it last answered that
+        worker, when this push arrived) and the worker's own compute time for it.  Between
+        answer and arrival the worker computed, and its messages travelled; from arrival to
+        the next answer it waited on the server (a sync round, the update).  The run
+        folder's timeline.png is drawn from these (:func:`cnn_core.runlog.make_plots`)."""
+        offset = self.writer.seconds - time.monotonic()
+        return [[p.name, round(p.push_window[0] + offset, 4), round(p.push_window[1] + offset, 4),
+                 round(body["timing"].get("compute_s", 0.0), 4)]
+                for p, body in contributions if p is not None and p.push_window[0] > 0]
 
     # ---------------------------------------------------------------- sync (BSP)
     def _push_sync(self, peer: Peer, msg: P.Message, grads: dict, state: dict, now: float) -> None:

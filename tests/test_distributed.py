@@ -145,6 +145,13 @@ def test_modes_train_to_accuracy_exactly_once(cluster, mnist_dir, mode, extra):
     steps = [r for r in read_jsonl(cluster.out / "metrics.jsonl") if r["kind"] == "step"]
     assert all(r["compute_s"] >= 0 and r["comm_s"] >= 0 and r["wait_s"] >= 0 for r in steps)
     assert (cluster.out / "model.npz").exists() and (cluster.out / "checkpoint.npz").exists()
+    # Each push's window by the server's clock holds the worker's own compute time (one machine,
+    # no --overlap), and ends before its update is logged: what timeline.png draws.
+    for r in steps:
+        assert sorted(e[0] for e in r["timeline"]) == sorted(r["workers"]), r
+        for _, answered, arrived, compute in r["timeline"]:
+            assert 0 < answered <= arrived <= r["seconds"] + 1e-3 and 0 < compute <= arrived - answered + 1e-3, r
+    assert (cluster.out / "timeline.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("mode,overlap", [("sync", False), ("async", False), ("async", True)],

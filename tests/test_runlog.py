@@ -377,6 +377,54 @@ def test_make_plots_handles_null_values(tmp_path):
     assert (tmp_path / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
 
 
+# The server's timeline entries: [worker, answered_s, arrived_s, compute_s] per push.
+TIMELINE_STEPS = [
+    {"kind": "step", "version": 1, "timeline": [["a", 1.0, 1.5, 0.3], ["b", 1.0, 1.2, 0.5]]},
+    {"kind": "eval", "timeline": [["a", 0.0, 9.0, 1.0]]},                   # not a step: ignored
+    {"kind": "step", "version": 2, "timeline": [["a", 1.6, 2.0, 0.2],
+                                                ["a", 3.0, 2.5, 0.1],          # arrived before the answer
+                                                ["b", 1.1], ["c", 1.0, None, 0.1], [7, 1.0, 2.0, 0.1], "x"]},
+]
+
+
+def test_time_split_lays_out_each_workers_cycles():
+    """Answer -> arrival: network, the worker's computation, network (halves of the rest);
+    arrival -> the next answer: at the server.  A computation longer than its window (another
+    clock, --overlap) fills it; malformed entries are skipped."""
+    split = runlog.time_split(TIMELINE_STEPS)
+    assert split == {
+        "a": [(1.0, pytest.approx(1.1), "network"), (pytest.approx(1.1), pytest.approx(1.4), "compute"),
+              (pytest.approx(1.4), 1.5, "network"), (1.5, 1.6, "server"),
+              (1.6, pytest.approx(1.7), "network"), (pytest.approx(1.7), pytest.approx(1.9), "compute"),
+              (pytest.approx(1.9), 2.0, "network")],
+        "b": [(1.0, 1.2, "compute")]}
+    shares = runlog.time_shares(split)
+    assert shares == {"compute": pytest.approx(0.7 / 1.2), "network": pytest.approx(0.4 / 1.2),
+                      "server": pytest.approx(0.1 / 1.2)}
+    assert runlog.time_shares({}) == {"compute": 0.0, "network": 0.0, "server": 0.0}
+
+
+def test_make_plots_draws_the_timeline_of_a_distributed_run(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    with RunWriter(tmp_path, {}) as writer:
+        for record in TIMELINE_STEPS:
+            writer.log(record["kind"], **{k: v for k, v in record.items() if k != "kind"})
+        writer.write_summary({"mode": "sync"})
+    titles = []
+    real = runlog._draw_timeline
+
+    def spy(Figure, out_dir, **kwargs):
+        fig = real(Figure, out_dir, **kwargs)
+        titles.append(fig.axes[0].get_title())
+        return fig
+    monkeypatch.setattr(runlog, "_draw_timeline", spy)
+    assert make_plots(tmp_path) == [tmp_path / "timeline.png"]            # (no loss, no learning curves)
+    assert (tmp_path / "timeline.png").read_bytes().startswith(PNG_MAGIC)
+    assert "(mode sync)" in titles[0] and "58% computing, 33% network, 8% waiting on the server" in titles[0], titles
+    single = make_run(tmp_path / "single")                      # pscnn train's records: no timeline
+    assert make_plots(single) == [single / "learning_curves.png", single / "confusion_matrix.png"]
+
+
 def test_two_writers_of_one_run_folder_are_refused_in_one_line(tmp_path):
     """Two processes writing one folder would interleave metrics.jsonl and overwrite each
     other's checkpoint and summary: the second is refused, naming the first's pid."""
