@@ -623,14 +623,15 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     split = {w: spans for w, spans in split.items() if spans}
     if not split:
         return None
-    # A stretch from the middle of the run, about cycles_shown cycles of the busiest worker long.
+    # A stretch from the middle of the run, about cycles_shown of the busiest worker's cycles long.
     busiest = max(split.values(), key=len)
-    starts = [s for s, _, part in busiest if part == "network"][::2]
-    mid = len(starts) // 2
-    t0 = starts[mid] if starts else busiest[0][0]
-    t1 = starts[min(mid + cycles_shown, len(starts) - 1)] if len(starts) > mid + 1 else busiest[-1][1]
+    first, last = busiest[0][0], busiest[-1][1]
+    computes = [start for start, _, part in busiest if part == "compute"] or [first]
+    cycle = (last - first) / len(computes)
+    t0 = max(first, computes[len(computes) // 2] - 0.1 * cycle)
+    t1 = min(last, t0 + cycles_shown * cycle)
     if t1 <= t0:
-        t1 = busiest[-1][1]
+        t0, t1 = first, last
     workers = sorted(split)[:max_workers]
     height = 1.8 + 0.4 * len(workers)                    # inches: 1.0 below the bars, 0.8 above
     fig = Figure(figsize=(12, height))
