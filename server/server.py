@@ -664,9 +664,8 @@ class ParameterServer:
     def _drop_peer(self, peer: Peer, why: str) -> None:
         """Forget a peer: requeue its leases, take it out of barriers."""
         self.peers.pop(peer.wid, None)
-        self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())
+        self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())   # not there: a hello took it out
         self.drops[why.split(" (")[0]] += 1
-        self.dropped.move_to_end(peer.wid)
         if len(self.dropped) > DROPPED_MEMORY:
             self.dropped.popitem(last=False)
         requeued = self.work.release_worker(peer.wid)
