@@ -141,7 +141,7 @@ def hosts():
     """Two trainer hosts and the server's; skipped, saying why, where they cannot be made or cut."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
-    for tool in ("ip", "iptables"):
+    for tool in ("ip", "ss", "iptables"):
         if shutil.which(tool) is None:
             pytest.skip(f"no {tool} (Debian: apt-get install iproute2 iptables)")
     h = Hosts(2)
