@@ -23,6 +23,8 @@ itself and trains again; the run completes with every batch applied exactly
 once and every process exits 0; the burst of a dropped trainer's late messages
 is refused with the reason, logged once.  A trainer cut off for longer than its
 ``--give-up-after`` exits 1 with one line, and the run completes without it.
+An evaluator cut off until training has finished comes back and scores the
+final weights, which the server waited for.
 
 Needs root, iproute2 and iptables (``.ci/run`` installs the last two); each
 test is skipped, with the reason, where the namespaces cannot be made or a cut
@@ -289,3 +291,36 @@ def test_a_trainer_cut_off_for_longer_than_give_up_after_exits_1_and_the_run_com
     assert summary["samples_applied"] == epochs * TRAIN_LIMIT
     assert_exactly_once(cluster.out, epochs=epochs)
     assert summary["peers_dropped"]["declared dead"] == 1
+
+
+def test_an_evaluator_cut_off_as_training_ends_comes_back_and_scores_the_final_weights(tmp_path, mnist_dir, hosts):
+    """The evaluator, on a host of its own, is cut off mid-run and kept away until training has
+    finished: the server declares it dead, waits (up to --final-eval-timeout) for an evaluator,
+    and the same one, back once mended, scores the final weights.  The server never scores
+    them itself."""
+    epochs = 3
+    with LocalCluster(tmp_path / "run", port=PORT) as cluster:
+        flags = server_flags(cluster.out, mnist_dir, "async", epochs=epochs, peer_timeout=PEER_TIMEOUT)
+        cluster.start("server", ["server", "--bind", f"tcp://*:{PORT}", *flags], prefix=hosts.on(hosts.server))
+        cluster.start("worker-0", ["worker", "--server", f"tcp://{hosts.server_address(0)}:{PORT}", "--name",
+                                   "worker-0", *client_flags(mnist_dir)], prefix=hosts.on(hosts.trainers[0]))
+        cluster.start("evaluator", ["evaluator", "--server", f"tcp://{hosts.server_address(1)}:{PORT}", "--name",
+                                    "evaluator", *client_flags(mnist_dir), "--every", "1"],
+                      prefix=hosts.on(hosts.trainers[1]))
+        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        hosts.cut(1)
+        wait_for(lambda: "evaluator declared dead" in server_log(cluster) and "training finished" in
+                 server_log(cluster), 120, "the evaluator declared dead and training finished",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        hosts.mend(1)
+        summary = finish(cluster, timeout=120)
+        log = server_log(cluster)
+
+    # (declared dead before or after training finished, as it happens: the server waits either way)
+    assert "evaluator joined: evaluator" in log.split("training finished")[1]
+    assert "after it was dropped (declared dead" in log
+    assert "scoring the final weights here" not in log
+    assert re.search(rf"evaluation of version {summary['updates']}: test accuracy [0-9.]+, loss [0-9.]+ \(final\)", log)
+    assert summary["evaluations"][-1]["version"] == summary["updates"]
+    assert_exactly_once(cluster.out, epochs=epochs)
