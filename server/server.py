@@ -1468,7 +1468,8 @@ class ParameterServer:
                 "round_arrived": len(self.round_arrived),
                 "trainers": sum(p.role == "trainer" for p in self.peers.values()),
                 "evaluators": sum(p.role == "evaluator" for p in self.peers.values()),
-                "contributors": len(self.contributors), "incarnation": self.incarnation,
+                "contributors": len(self.contributors), "declared_dead": self.drops["declared dead"],
+                "lease_requeues": self.work.requeued_total, "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}
 
 

@@ -1371,6 +1371,7 @@ def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(
 
         # A: the replacement pushes first, the dead worker's late push is refused, then not applied
         x, y, tx, ty, v0 = lease_dies_and_moves("")
+        assert s.status()["declared_dead"] == 1 and s.status()["lease_requeues"] == 1    # what pscnn status shows
         assert y.call(P.PUSH, push_body(ty), grads_like(ty.arrays)).body["ack"]["applied"] is True
         assert s.status()["version"] == v0 + 1
         reply = x.call(P.PUSH, push_body(tx), grads_like(tx.arrays))
