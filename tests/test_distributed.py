@@ -166,7 +166,10 @@ def test_worker_killed_mid_epoch(cluster, mnist_dir, mode, overlap):
     for i in range(3):
         cluster.start_worker(f"worker-{i}", [*client_flags(mnist_dir), *(["--overlap"] if overlap else [])])
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "5"])
-    wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 30, 90, "30 batches applied")
+    # (every worker's gradients applied first: a worker slow to start, on a loaded machine, could
+    # otherwise be killed before any of its pushes counted)
+    wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 30 and st["contributors"] == 3, 90,
+             "30 batches applied, some from each worker")
     cluster.kill("worker-1", signal.SIGKILL)
     cluster.procs.pop("worker-1").wait(5)
     summary = finish(cluster)
