@@ -639,7 +639,8 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     fig.subplots_adjust(left=0.1, right=0.98, bottom=1.0 / height, top=1 - 0.8 / height)
     for row, worker in enumerate(workers):
         for part in TIMELINE_PARTS:
-            bars = [(max(s, t0), min(e, t1) - max(s, t0)) for s, e, p in split[worker] if p == part and e > t0 and s < t1]
+            bars = [(max(s, t0), min(e, t1) - max(s, t0))
+                    for s, e, p in split[worker] if p == part and e > t0 and s < t1]
             ax.broken_barh(bars, (row - 0.35, 0.7), color=_TIMELINE_COLOURS[part],
                            label=_TIMELINE_LABELS[part] if row == 0 else None)
     ax.set_yticks(range(len(workers)))

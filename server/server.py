@@ -610,7 +610,7 @@ class ParameterServer:
         """Answer the peer's current request; the reply is kept for resends."""
         msg.wid = ""
         msg.seq = peer.last_seq
-        peer.replied_at = time.monotonic()      # before sending: a preemption here must not shrink its next push's window
+        peer.replied_at = time.monotonic()      # before sending: a preemption must not shrink the next push's window
         peer.cached_reply = self._send(peer.rid, msg)
         peer.pending = False
 
