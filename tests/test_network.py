@@ -13,13 +13,13 @@ virtual cable) with addresses 10.213.<i+1>.1 (server side) and .2 (trainer
 side), which exist only inside these namespaces.  A cut drops every packet
 that arrives over the cable, at both ends (iptables in each namespace), so
 neither side learns of it.  The server binds ``tcp://*:PORT`` and the trainers
-connect to its address on their cable; the evaluator runs on the server's host.
+connect to its address on their cable; the evaluator runs on the server's host,
+except in the test that cuts it off.
 
 What must hold: the server declares a cut-off trainer dead within
 ``--peer-timeout``, requeues its lease and closes its connections (which TCP
-would keep for minutes); the others train on (sync: the
-round closes without it); once the cable is mended the trainer rejoins by
-itself and trains again; the run completes with every batch applied exactly
+would keep for minutes); the others train on (sync: the round closes without
+it); once the cable is mended the trainer rejoins by itself and trains again; the run completes with every batch applied exactly
 once and every process exits 0; the burst of a dropped trainer's late messages
 is refused with the reason, logged once.  A trainer cut off for longer than its
 ``--give-up-after`` exits 1 with one line, and the run completes without it.
