@@ -17,8 +17,7 @@ connect to its address on their cable; the evaluator runs on the server's host,
 except in the test that cuts it off.
 
 What must hold: the server declares a cut-off trainer dead within
-``--peer-timeout``, requeues its lease and closes its connections (which TCP
-would keep for minutes); the others train on (sync: the round closes without
+``--peer-timeout`` and requeues its lease; the others train on (sync: the round closes without
 it); once the cable is mended the trainer rejoins by itself and trains again; the run completes with every batch applied exactly
 once and every process exits 0; the burst of a dropped trainer's late messages
 is refused with the reason, logged once.  A trainer cut off for longer than its
@@ -89,11 +88,6 @@ class Hosts:
                 sh("ip", "-n", ns, "addr", "add", f"10.213.{i + 1}.{host}/24", "dev", end)
                 sh("ip", "-n", ns, "link", "set", end, "up")
 
-    def connections_from(self, i: int) -> int:
-        """TCP connections the server host holds open (established) with trainer host i."""
-        lines = sh(*self.on(self.server), "ss", "-Htn", "state", "established").splitlines()
-        return sum(f"10.213.{i + 1}.2:" in line for line in lines)
-
     def server_address(self, i: int) -> str:
         """The server host's address on trainer host i's cable."""
         return f"10.213.{i + 1}.1"
@@ -143,7 +137,7 @@ def hosts():
     """Two trainer hosts and the server's; skipped, saying why, where they cannot be made or cut."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
-    for tool in ("ip", "ss", "iptables"):
+    for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
             pytest.skip(f"no {tool} (Debian: apt-get install iproute2 iptables)")
     h = Hosts(2)
@@ -203,16 +197,10 @@ def test_a_trainer_cut_off_is_declared_dead_the_other_trains_on_and_it_rejoins_w
         start_run(cluster, hosts, mnist_dir, mode, epochs)
         wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
                  on_fail=lambda: server_log(cluster)[-3000:])
-        assert hosts.connections_from(1) >= 2            # its request socket and its heartbeat socket
         hosts.cut(1)
         wait_for(lambda: "worker-1 declared dead" in server_log(cluster), 10 * PEER_TIMEOUT,
                  "worker-1 declared dead", on_fail=lambda: server_log(cluster)[-3000:])
         dead_at = len(applied_steps(cluster.out))
-        # ... and the server closes its connections to worker-1, still open for TCP (ZeroMQ's
-        # heartbeats, else TCP would hold them, and what was queued on them, for ~15 minutes)
-        wait_for(lambda: hosts.connections_from(1) == 0, 5 * PEER_TIMEOUT, "the server to close worker-1's "
-                 "connections", interval=0.1)
-        assert hosts.connections_from(0) >= 2
         # worker-0 trains on alone (sync: in rounds of one, once the barrier let worker-1 go)
         wait_for(lambda: len(applied_steps(cluster.out)) >= dead_at + 10, 60, "10 updates without worker-1")
         mended_at = len(applied_steps(cluster.out))
@@ -250,8 +238,6 @@ def test_every_trainer_cut_off_the_run_waits_and_completes_when_mended(tmp_path,
         wait_for(lambda: all(f"worker-{i} declared dead" in server_log(cluster) for i in (0, 1)),
                  10 * PEER_TIMEOUT, "both trainers declared dead", on_fail=lambda: server_log(cluster)[-3000:])
         both_gone_at = len(applied_steps(cluster.out))
-        wait_for(lambda: hosts.connections_from(0) + hosts.connections_from(1) == 0, 5 * PEER_TIMEOUT,
-                 "the server to close the trainers' connections", interval=0.1)
         time.sleep(PEER_TIMEOUT)
         assert len(applied_steps(cluster.out)) == both_gone_at       # no trainer, no update
         hosts.mend(0)
@@ -323,4 +309,26 @@ def test_an_evaluator_cut_off_as_training_ends_comes_back_and_scores_the_final_w
     assert "scoring the final weights here" not in log
     assert re.search(rf"evaluation of version {summary['updates']}: test accuracy [0-9.]+, loss [0-9.]+ \(final\)", log)
     assert summary["evaluations"][-1]["version"] == summary["updates"]
+    assert_exactly_once(cluster.out, epochs=epochs)
+
+
+def test_a_flapping_cable_leaves_the_server_serving_and_every_batch_applied_once(tmp_path, mnist_dir, hosts):
+    """worker-1's cable is cut for 1.2 s and mended for 0.5 s, eight times over (sync): silences
+    around --peer-timeout, resends and late duplicates over a real link, drops and rejoins.
+    The server must serve on: with ZeroMQ's own heartbeats on its socket (ZMQ_HEARTBEAT_IVL /
+    _TIMEOUT), libzmq 4.3.5 aborted it ("Assertion failed: !_io_error") in 2 of 4 such runs,
+    and in none of 5 without them.  The run completes with every batch applied once."""
+    epochs = 12
+    with LocalCluster(tmp_path / "run", port=PORT) as cluster:
+        start_run(cluster, hosts, mnist_dir, "sync", epochs)
+        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        for _ in range(8):
+            hosts.cut(1)
+            time.sleep(1.2)
+            hosts.mend(1)
+            time.sleep(0.5)
+        assert cluster.procs["server"].poll() is None, server_log(cluster)[-3000:]
+        summary = finish(cluster, timeout=240)
+    assert summary["samples_applied"] == epochs * TRAIN_LIMIT
     assert_exactly_once(cluster.out, epochs=epochs)

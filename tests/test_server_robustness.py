@@ -814,16 +814,6 @@ def test_a_dropped_worker_is_told_why_and_its_burst_of_late_messages_is_logged_o
     assert "was dropped from the run" in server.call(others[2], P.WORK).body["message"]
 
 
-def test_the_server_socket_heartbeats_each_connection_from_the_peer_timeout(in_process):
-    """ZeroMQ's own heartbeats close a silent connection (tests/test_network.py cuts a cable);
-    their times are whole milliseconds, at least 100, at most a C int."""
-    import zmq
-    from server.server import zmq_millis
-    assert (zmq_millis(2.0), zmq_millis(0.01), zmq_millis(1e9)) == (2000, 100, 2**31 - 1)
-    sock = in_process(peer_timeout=10.0).srv.sock
-    assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 2000 and sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 10_000
-
-
 def test_a_parked_request_answered_too_many_leases_leaves_no_wait_behind(in_process):
     """A request parked (an SSP bound, the start barrier) and then refused a third lease was
     answered: the wait must not be counted again in the held_s of the trainer's next task,
