@@ -114,22 +114,26 @@ class Hosts:
         self._made.clear()
 
 
-# A TCP connection across cable 0: exit 0 if it is made within 1.5 s (the trainer host connects).
-_PROBE_SERVER = "import socket,sys; s=socket.create_server(('0.0.0.0', int(sys.argv[1]))); s.settimeout(10); " \
-                "s.accept()"
+# A TCP connection across cable 0: exit 0 if it is made within 1.5 s (the trainer host connects
+# once the server host listens, which it says on stdout).
+_PROBE_SERVER = "import socket,sys; s=socket.create_server(('0.0.0.0', int(sys.argv[1]))); print('ready', " \
+                "flush=True); s.settimeout(10); s.accept()"
 _PROBE_CLIENT = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5)"
 
 
 def connects(hosts: Hosts, port: int) -> bool:
-    listener = subprocess.Popen([*hosts.on(hosts.server), sys.executable, "-c", _PROBE_SERVER, str(port)])
+    listener = subprocess.Popen([*hosts.on(hosts.server), sys.executable, "-c", _PROBE_SERVER, str(port)],
+                                stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)
+        if listener.stdout.readline().strip() != "ready":       # it could not listen there
+            return False
         client = subprocess.run([*hosts.on(hosts.trainers[0]), sys.executable, "-c", _PROBE_CLIENT,
                                  hosts.server_address(0), str(port)], capture_output=True, timeout=20)
         return client.returncode == 0
     finally:
         listener.kill()
         listener.wait(10)
+        listener.stdout.close()
 
 
 @pytest.fixture
