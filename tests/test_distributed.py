@@ -252,24 +252,21 @@ def test_the_final_report_gives_the_time_to_each_accuracy_milestone_reached(tmp_
                "train_seconds": 77.7, "staleness": {"mean": 0.0, "max": 0}, "evaluations": [{}] * 8,
                "time_to_accuracy": {"0.9": {"seconds": 16.5, "version": 300},
                                     "0.99": {"seconds": 67.21, "version": 1170}}}
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    print_report(tmp_path / "summary.json")
-    out = capsys.readouterr().out
-    assert "  time to accuracy   90%: 16.5 s, 99%: 67.2 s  (the first evaluation at or above)\n" in out
+
+    def report() -> str:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+        print_report(tmp_path / "summary.json")
+        return capsys.readouterr().out
+
+    assert "  time to accuracy   90%: 16.5 s, 99%: 67.2 s  (the first evaluation at or above)\n" in report()
     del summary["time_to_accuracy"]                     # a summary from before the field: no such line
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    print_report(tmp_path / "summary.json")
-    out = capsys.readouterr().out
+    out = report()
     assert "time to accuracy" not in out and "faults" not in out          # a run without any
     summary.update(peers_dropped={"declared dead": 1, "left": 1}, lease_requeues=2,
                    rejected_messages={"unknown_worker": 5, "bad_message": 1})
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    print_report(tmp_path / "summary.json")
-    assert "  faults             1 declared dead, 2 leases requeued, 6 messages refused\n" in capsys.readouterr().out
+    assert "  faults             1 declared dead, 2 leases requeued, 6 messages refused\n" in report()
     summary.update(lease_requeues=1, rejected_messages={"bad_message": 1})
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    print_report(tmp_path / "summary.json")
-    assert "  faults             1 declared dead, 1 lease requeued, 1 message refused\n" in capsys.readouterr().out
+    assert "  faults             1 declared dead, 1 lease requeued, 1 message refused\n" in report()
 
 
 def test_pscnn_run_end_to_end(tmp_path, mnist_dir):
