@@ -170,17 +170,30 @@ def applied_steps(out) -> list[dict]:
 
 
 def start_run(cluster: LocalCluster, hosts: Hosts, mnist_dir: str, mode: str, epochs: int,
-              trainer_flags: dict[int, list[str]] | None = None):
-    """The server and the evaluator on the server's host, trainer i on trainer host i (with
-    ``trainer_flags[i]`` added)."""
-    flags = server_flags(cluster.out, mnist_dir, mode, epochs=epochs, peer_timeout=PEER_TIMEOUT, wait_for_workers=2)
+              trainer_flags: dict[int, list[str]] | None = None, trainers: int = 2,
+              evaluator_host: int | None = None):
+    """The server on the server's host; trainer i (``trainer_flags[i]`` added) on trainer host i,
+    for i < ``trainers``, the run starting once all of them ask for work; the evaluator on the
+    server's host, or on trainer host ``evaluator_host``."""
+    flags = server_flags(cluster.out, mnist_dir, mode, epochs=epochs, peer_timeout=PEER_TIMEOUT,
+                         wait_for_workers=trainers)
     cluster.start("server", ["server", "--bind", f"tcp://*:{PORT}", *flags], prefix=hosts.on(hosts.server))
-    cluster.start("evaluator", ["evaluator", "--server", f"tcp://127.0.0.1:{PORT}", "--name", "evaluator",
-                                *client_flags(mnist_dir), "--every", "2"], prefix=hosts.on(hosts.server))
-    for i, ns in enumerate(hosts.trainers):
+    if evaluator_host is None:
+        evaluator_at, evaluator_ns = f"tcp://127.0.0.1:{PORT}", hosts.server
+    else:
+        evaluator_at = f"tcp://{hosts.server_address(evaluator_host)}:{PORT}"
+        evaluator_ns = hosts.trainers[evaluator_host]
+    cluster.start("evaluator", ["evaluator", "--server", evaluator_at, "--name", "evaluator",
+                                *client_flags(mnist_dir), "--every", "2"], prefix=hosts.on(evaluator_ns))
+    for i, ns in enumerate(hosts.trainers[:trainers]):
         cluster.start(f"worker-{i}", ["worker", "--server", f"tcp://{hosts.server_address(i)}:{PORT}",
                                       "--name", f"worker-{i}", *client_flags(mnist_dir),
                                       *(trainer_flags or {}).get(i, [])], prefix=hosts.on(ns))
+
+
+def wait_for_updates(cluster: LocalCluster, count: int = 20) -> None:
+    wait_for(lambda: len(applied_steps(cluster.out)) >= count, 120, f"{count} updates",
+             on_fail=lambda: server_log(cluster)[-3000:])
 
 
 def server_log(cluster: LocalCluster) -> str:
@@ -199,8 +212,7 @@ def test_a_trainer_cut_off_is_declared_dead_the_other_trains_on_and_it_rejoins_w
     epochs = 8
     with LocalCluster(tmp_path / "run", port=PORT) as cluster:
         start_run(cluster, hosts, mnist_dir, mode, epochs)
-        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
-                 on_fail=lambda: server_log(cluster)[-3000:])
+        wait_for_updates(cluster)
         hosts.cut(1)
         wait_for(lambda: "worker-1 declared dead" in server_log(cluster), 10 * PEER_TIMEOUT,
                  "worker-1 declared dead", on_fail=lambda: server_log(cluster)[-3000:])
@@ -235,8 +247,7 @@ def test_every_trainer_cut_off_the_run_waits_and_completes_when_mended(tmp_path,
     epochs = 3
     with LocalCluster(tmp_path / "run", port=PORT) as cluster:
         start_run(cluster, hosts, mnist_dir, "async", epochs)
-        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
-                 on_fail=lambda: server_log(cluster)[-3000:])
+        wait_for_updates(cluster)
         hosts.cut(0)
         hosts.cut(1)
         wait_for(lambda: all(f"worker-{i} declared dead" in server_log(cluster) for i in (0, 1)),
@@ -267,8 +278,7 @@ def test_a_trainer_cut_off_for_longer_than_give_up_after_exits_1_and_the_run_com
     epochs = 3
     with LocalCluster(tmp_path / "run", port=PORT) as cluster:
         start_run(cluster, hosts, mnist_dir, "async", epochs, trainer_flags={1: ["--give-up-after", "4"]})
-        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
-                 on_fail=lambda: server_log(cluster)[-3000:])
+        wait_for_updates(cluster)
         hosts.cut(1)
         assert cluster.wait("worker-1", 60) == 1, cluster.log_tail("worker-1", 20)
         hosts.mend(1)
@@ -290,15 +300,8 @@ def test_an_evaluator_cut_off_as_training_ends_comes_back_and_scores_the_final_w
     them itself."""
     epochs = 3
     with LocalCluster(tmp_path / "run", port=PORT) as cluster:
-        flags = server_flags(cluster.out, mnist_dir, "async", epochs=epochs, peer_timeout=PEER_TIMEOUT)
-        cluster.start("server", ["server", "--bind", f"tcp://*:{PORT}", *flags], prefix=hosts.on(hosts.server))
-        cluster.start("worker-0", ["worker", "--server", f"tcp://{hosts.server_address(0)}:{PORT}", "--name",
-                                   "worker-0", *client_flags(mnist_dir)], prefix=hosts.on(hosts.trainers[0]))
-        cluster.start("evaluator", ["evaluator", "--server", f"tcp://{hosts.server_address(1)}:{PORT}", "--name",
-                                    "evaluator", *client_flags(mnist_dir), "--every", "1"],
-                      prefix=hosts.on(hosts.trainers[1]))
-        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
-                 on_fail=lambda: server_log(cluster)[-3000:])
+        start_run(cluster, hosts, mnist_dir, "async", epochs, trainers=1, evaluator_host=1)
+        wait_for_updates(cluster)
         hosts.cut(1)
         wait_for(lambda: "evaluator declared dead" in server_log(cluster) and "training finished" in
                  server_log(cluster), 120, "the evaluator declared dead and training finished",
@@ -325,8 +328,7 @@ def test_a_flapping_cable_leaves_the_server_serving_and_every_batch_applied_once
     epochs = 12
     with LocalCluster(tmp_path / "run", port=PORT) as cluster:
         start_run(cluster, hosts, mnist_dir, "sync", epochs)
-        wait_for(lambda: len(applied_steps(cluster.out)) >= 20, 120, "20 updates",
-                 on_fail=lambda: server_log(cluster)[-3000:])
+        wait_for_updates(cluster)
         for _ in range(8):
             hosts.cut(1)
             time.sleep(1.2)
