@@ -200,7 +200,7 @@ def build_schedule(config: dict | str | Schedule | None, base_lr: float) -> Sche
         config = config.config()
     config = named_config(config, "schedule config")
     name = config.pop("name", None)
-    if name not in SCHEDULES:
+    if not isinstance(name, str) or name not in SCHEDULES:    # a list or dict is unhashable: no `in`
         raise ConfigError(f"unknown schedule {name!r}: expected one of {sorted(SCHEDULES)}")
     warmup = config.pop("warmup_steps", 0)
     unknown = sorted(set(config) - set(_KEYS[name]))

@@ -605,6 +605,8 @@ def test_schedules_with_other_base_rates_are_not_equal():
     ({"name": "cosine", "total_steps": 2**53}, "total_steps must be at most 9007199254740991"),
     ("{oops", "schedule config is not valid JSON"),
     ([1, 2], "schedule config must be a name or a dict"),
+    ({"name": ["cosine"], "total_steps": 10}, r"unknown schedule \['cosine'\]: expected one of"),
+    ({"name": {"step": 1}}, r"unknown schedule \{'step': 1\}: expected one of"),
 ])
 def test_schedule_errors(config, message):
     with pytest.raises(ConfigError, match=message):
