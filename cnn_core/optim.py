@@ -166,6 +166,9 @@ class Optimizer:
         parameter server's snapshot of the new version (for the seed model,
         ~0.13 ms this way against 0.17 ms for a separate copy).
         """
+        if (not isinstance(schedule_steps, (int, np.integer)) or isinstance(schedule_steps, (bool, np.bool_))
+                or schedule_steps < 0):     # else added to t after the update, failing only the next step
+            raise ConfigError(f"{self.name}.step: schedule_steps must be an int >= 0, got {schedule_steps!r}")
         flat = (same_layout(params, grads)
                 and backend.get_array_module(params.flat) is backend.get_array_module(grads.flat))
         if not flat:
@@ -184,7 +187,7 @@ class Optimizer:
                 self.update(w, grads[name], state, lr)
             if copy_to is not None:
                 copy_to[:params.flat.shape[0]] = params.flat
-        self.t += schedule_steps
+        self.t += int(schedule_steps)
         return lr
 
     # Elements per block of a flat update: the blocks of the weights, gradient,

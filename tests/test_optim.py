@@ -250,6 +250,19 @@ def test_step_rejects_mismatched_grads_and_changes_nothing():
     np.testing.assert_array_equal(params["conv1.bias"], 0.0)
 
 
+def test_step_rejects_a_bad_schedule_steps_before_updating():
+    # -3 or 1.5 used to be applied and added to t; only the next step then failed ("schedule step must be >= 0").
+    opt = SGD(lr=0.1, schedule={"name": "step", "step_size": 2, "gamma": 0.5})
+    params = {"w": np.ones(2)}
+    for bad in (-3, 1.5, True, "2", None):
+        with pytest.raises(ConfigError, match=f"sgd.step: schedule_steps must be an int >= 0, got {bad!r}"):
+            opt.step(params, {"w": np.ones(2)}, schedule_steps=bad)
+    assert opt.t == 0
+    np.testing.assert_array_equal(params["w"], 1.0)
+    assert opt.step(params, {"w": np.ones(2)}, schedule_steps=np.int64(3)) == 0.1
+    assert opt.t == 3 and type(opt.t) is int and opt.current_lr() == 0.05
+
+
 def test_step_rejects_a_parameter_that_changed_shape():
     opt = SGD(lr=0.1, momentum=0.9)
     opt.step({"w": np.ones(3)}, {"w": np.ones(3)})
