@@ -273,6 +273,9 @@ class Optimizer:
         return self.schedule(self.t)
 
     def _check_grads(self, params: dict, grads: dict) -> None:
+        for what, value in (("params", params), ("grads", grads)):
+            if not isinstance(value, dict):     # a list of arrays failed below in numpy ("truth value ... ambiguous")
+                raise ShapeError(f"{self.name}.step: {what} must be a dict name -> array, got {type(value).__name__}")
         missing = [n for n in params if n not in grads]
         if missing:
             raise ShapeError(f"{self.name}.step: no gradient for parameter {missing[0]}"

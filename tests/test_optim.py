@@ -242,10 +242,14 @@ def test_step_rejects_mismatched_grads_and_changes_nothing():
         ({**good, "conv1.bias": np.ones(3)}, "gradient for conv1.bias is numpy float64 (3,)"),
         ({**good, "conv1.weight": np.ones((2, 3), dtype=np.float32)}, "conv1.weight is numpy float32"),
         ({**good, "conv1.bias": [1.0, 1.0]}, "gradient for conv1.bias is a list"),
+        (list(good.values()), "grads must be a dict name -> array, got list"),
+        (None, "grads must be a dict name -> array, got NoneType"),
     ]
     for grads, message in cases:
         with pytest.raises(ShapeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             opt.step(params, grads)
+    with pytest.raises(ShapeError, match="params must be a dict name -> array, got list"):
+        opt.step(list(params.values()), good)
     assert opt.t == 0 and opt.state == {}
     np.testing.assert_array_equal(params["conv1.bias"], 0.0)
 
