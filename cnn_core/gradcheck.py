@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ShapeError
 from .losses import softmax_cross_entropy
 
 
@@ -60,6 +61,10 @@ def gradcheck_layer(layer, x: np.ndarray, train: bool = True, eps: float = 1e-6,
 
     Returns ``{"input": err, "<param>": err, ...}`` (worst relative errors).
     """
+    not64 = [k for k, v in layer.parameters.items() if v.dtype != np.float64]
+    if not64:   # a 1e-6 step is lost to float32 rounding: the report would flag a correct backward
+        raise ShapeError(f"gradcheck_layer needs a float64 layer (build it with dtype float64), "
+                         f"but {layer.name}.{not64[0]} is {layer.parameters[not64[0]].dtype}")
     rng = np.random.default_rng(seed)
     x = np.array(x, dtype=np.float64)
     state0 = {k: v.copy() for k, v in layer.state.items()}
@@ -90,7 +95,7 @@ def gradcheck_model(model, x: np.ndarray, y: np.ndarray, train: bool = True, eps
     Returns ``{"<param name>": worst relative error, ...}``.
     """
     if model.dtype != np.float64:
-        raise ValueError("gradcheck_model needs a float64 model (build_model(..., dtype='float64'))")
+        raise ShapeError("gradcheck_model needs a float64 model (build_model(..., dtype='float64'))")
     rng = np.random.default_rng(seed)
     x = np.asarray(x, dtype=np.float64)
     state0 = {k: v.copy() for k, v in model.state.items()}

@@ -132,6 +132,15 @@ def test_conv2d_hand_values():
     np.testing.assert_allclose(grads["bias"], [4.0])
 
 
+def test_gradcheck_layer_refuses_a_float32_layer():
+    # It used to run, and report 1.5e-2 for the weight of a correct float32 conv (the 1e-6 step rounds away).
+    layer = built(Conv2D(2, 3), (5, 5, 1), dtype=np.dtype(np.float32))
+    with pytest.raises(ShapeError, match="gradcheck_layer needs a float64 layer .* conv2d.weight is float32"):
+        gradcheck_layer(layer, np.random.default_rng(0).standard_normal((2, 5, 5, 1)))
+    assert_gradcheck(built(ReLU(), (5, 5, 1), dtype=np.dtype(np.float32)),     # no parameters: x is made float64
+                     away_from_zero(np.random.default_rng(1), (2, 5, 5, 1)))
+
+
 def test_conv2d_backward_without_dx():
     layer = built(Conv2D(2, 3, padding=1), (4, 4, 1))
     out, cache = layer.forward(np.random.default_rng(0).standard_normal((2, 4, 4, 1)))

@@ -629,7 +629,7 @@ def test_scaled_gradcheck_catches_a_wrong_backward(monkeypatch):
 
 
 def test_gradcheck_model_rejects_float32():
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(ShapeError, match="float64"):
         gradcheck_model(build_model("light"), *batch(2))
 
 
