@@ -206,7 +206,7 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu",
             raise CheckpointError(f"{where}: stored model cannot be built: {exc}") from None
     _check_arrays(where, "param", groups["param"], model.params)
     _check_arrays(where, "state", groups["state"], model.state)
-    _check_finite(where, "optimizer state", groups["optim"])
+    _check_finite(where, "optimizer state", groups["optim"], model.dtype)
 
     if optimizer is None and saved_opt is not None:
         from .optim import build_optimizer  # noqa: PLC0415
@@ -248,14 +248,22 @@ def _check_arrays(where: str, kind: str, saved: dict, target: dict) -> None:
         if not np.can_cast(got.dtype, want.dtype, casting="same_kind"):
             raise CheckpointError(f"{where}: {kind} {name} has dtype {got.dtype}, "
                                   f"which cannot be stored in the model's {want.dtype}")
-    _check_finite(where, kind, saved)
+    _check_finite(where, kind, saved, next((t.dtype for t in target.values()), None))
 
 
-def _check_finite(where: str, kind: str, arrays: dict) -> None:
-    """No NaN or Inf in the floating-point arrays of ``arrays``: a model cannot train on from them."""
+def _check_finite(where: str, kind: str, arrays: dict, dtype=None) -> None:
+    """No NaN or Inf in the floating-point arrays of ``arrays``: a model cannot train on from them.
+
+    ``dtype``: the model's; a value beyond its range (1e39 saved in float64,
+    loaded into float32) would be cast to Inf, so it is refused too.
+    """
+    limit = np.finfo(dtype).max if dtype is not None and np.dtype(dtype).kind == "f" else None
     for name, value in arrays.items():
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             raise CheckpointError(f"{where}: {kind} {name} holds NaN or Inf")
+        if limit is not None and value.dtype.kind == "f" and value.size and np.abs(value).max() > limit:
+            raise CheckpointError(f"{where}: {kind} {name} holds values beyond {np.dtype(dtype).name} "
+                                  f"(up to {float(np.abs(value).max()):.3g}), which would load as Inf")
 
 
 def _short(value, limit: int = 60) -> str:

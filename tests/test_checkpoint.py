@@ -359,6 +359,27 @@ def test_a_param_of_an_uncastable_dtype_is_refused_before_anything_is_loaded(tmp
         np.testing.assert_array_equal(after[key], opt_snap[key], err_msg=key)
 
 
+def test_float64_values_beyond_float32_are_refused_when_loading_into_float32(tmp_path):
+    """They used to load as Inf (a RuntimeWarning only), though loading refuses Inf in the weights."""
+    model = build_model(BN_SPEC, seed=3, dtype="float64")
+    opt = Adam(lr=0.01)
+    train_steps(model, opt, steps=1)
+    path = tmp_path / "m.npz"
+    save_model_checkpoint(path, model, opt)
+    arrays, meta = load_checkpoint(path)
+    for key, message in (("param/fc1.bias", "param fc1.bias holds values beyond float32 \\(up to 1e\\+39\\)"),
+                         ("optim/v/fc1.bias", "optimizer state v/fc1.bias holds values beyond float32")):
+        bad = {**arrays, key: np.full_like(arrays[key], 1e39)}
+        save_checkpoint(path, bad, meta)
+        target = build_model(BN_SPEC, seed=42)
+        snap = _snapshot(target)
+        with pytest.raises(CheckpointError, match=f"checkpoint {path}: {message}"):
+            load_model_checkpoint(path, model=target, optimizer=Adam(lr=0.01))
+        _assert_unchanged(target, snap)
+        loaded, _, _ = load_model_checkpoint(path)        # into a float64 model, as saved: fine
+        assert loaded.dtype == np.float64
+
+
 def test_optimizer_kind_mismatch(tmp_path, trained):
     model, opt = trained
     path = tmp_path / "m.npz"
