@@ -159,6 +159,8 @@ def evaluate(model, x, y, batch_size: int = 1000) -> dict:
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
+    if not hasattr(x, "__len__") or getattr(x, "ndim", 1) == 0:     # len() would raise a bare TypeError
+        raise ShapeError(f"evaluate: inputs must be an (N, C, H, W) array, got a {type(x).__name__}")
     n = len(x)
     y_host = _labels(y, "evaluate: labels")
     if y_host.shape[0] != n:

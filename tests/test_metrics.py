@@ -175,6 +175,9 @@ def test_evaluate_errors():
         evaluate(model, x[:0], np.zeros(0, dtype=int))
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         evaluate(model, x, np.zeros(4, dtype=int), batch_size=0)
+    for bad, kind in ((3.0, "float"), (None, "NoneType"), (np.float32(1), "float32"), (np.array(1.0), "ndarray")):
+        with pytest.raises(ShapeError, match=f"evaluate: inputs must be an \\(N, C, H, W\\) array, got a {kind}"):
+            evaluate(model, bad, np.zeros(1, dtype=int))      # was TypeError: ... has no len()
 
 
 @pytest.mark.gpu
