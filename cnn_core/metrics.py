@@ -19,6 +19,8 @@ def _labels(arr, what: str) -> np.ndarray:
     arr = np.asarray(backend.to_numpy(arr))
     if arr.ndim != 1:
         raise ShapeError(f"{what} must be 1-d (N,) labels, got shape {arr.shape}")
+    if arr.size == 0:               # np.asarray([]) is float64: no labels are no labels, whatever the dtype
+        return arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise ShapeError(f"{what} must hold integer labels, got dtype {arr.dtype}")
     return arr
@@ -71,9 +73,14 @@ def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def _check_cm(cm) -> np.ndarray:
+    """A (C, C) array of counts: non-negative integers (rates from anything else mean nothing)."""
     cm = np.asarray(backend.to_numpy(cm))
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ShapeError(f"confusion matrix must be square (C, C), got shape {cm.shape}")
+    if cm.dtype.kind not in "iu":
+        raise ShapeError(f"confusion matrix must hold integer counts, got dtype {cm.dtype}")
+    if cm.size and cm.min() < 0:
+        raise ShapeError(f"confusion matrix holds a negative count ({int(cm.min())})")
     return cm
 
 

@@ -91,6 +91,23 @@ def test_empty_classes_give_zero_without_warnings():
         precision_recall(np.zeros((2, 3)))
 
 
+@pytest.mark.parametrize("cm, message", [
+    (np.array([[1.5, 0], [0, 2]]), "must hold integer counts, got dtype float64"),
+    (np.array([[3, -1], [0, 2]]), r"holds a negative count \(-1\)"),
+])
+def test_confusion_matrix_counts_are_checked(cm, message):
+    for rates in (per_class_accuracy, precision_recall):
+        with pytest.raises(ShapeError, match=message):
+            rates(cm)
+
+
+def test_no_labels_give_an_empty_confusion_matrix():
+    """Empty lists are labels too (np.asarray([]) is float64, which read as a wrong dtype)."""
+    assert confusion_matrix([], [], 2).tolist() == [[0, 0], [0, 0]]
+    with pytest.raises(ShapeError, match="no samples"):
+        accuracy([], [])
+
+
 def test_running_mean():
     m = RunningMean()
     assert math.isnan(m.mean) and m.count == 0
