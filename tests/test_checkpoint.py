@@ -8,7 +8,7 @@ import pytest
 
 from cnn_core.checkpoint import (load_checkpoint, load_model_checkpoint, save_checkpoint,
                                  save_model_checkpoint)
-from cnn_core.errors import CheckpointError
+from cnn_core.errors import CheckpointError, ConfigError
 from cnn_core.model import build_model
 from cnn_core.optim import SGD, Adam, build_optimizer
 
@@ -198,6 +198,14 @@ def test_malformed_contents(tmp_path, members, message):
 
 
 # ---------------------------------------------------------------------- model checkpoints
+@pytest.mark.parametrize("step", [1.7, -1, True, "3"])
+def test_model_checkpoint_step_must_be_a_count(tmp_path, trained, step):
+    model, opt = trained
+    with pytest.raises(ConfigError, match="checkpoint step must be an int >= 0"):
+        save_model_checkpoint(tmp_path / "model.npz", model, opt, step=step)
+    assert not (tmp_path / "model.npz").exists()
+
+
 def test_model_round_trip_bit_exact(tmp_path, trained):
     model, opt = trained
     assert float(np.abs(model.state["bn1.running_mean"]).sum()) > 0   # statistics did move
