@@ -9,10 +9,31 @@ import numpy as np
 from .errors import ConfigError
 
 
+# How deep maps and lists may nest in a config or model spec: 10 residual blocks
+# one inside the other.  Deeper, copying or printing it would exhaust Python's
+# recursion; and a welcome message carries the spec two levels down in a header
+# that may nest 32 deep (pscnn.protocol.MAX_DEPTH).
+MAX_CONFIG_DEPTH = 24
+
+
+def nests_within(container, limit: int) -> bool:
+    """Whether maps and lists nest at most ``limit`` deep, ``container`` (a map or list) being
+    the first level.  Level by level, without recursion."""
+    level, depth = [container], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return False
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list))]
+    return True
+
+
 def named_config(value, what: str, error: type[Exception] = ConfigError) -> dict:
     """``"adam"`` -> ``{"name": "adam"}``; ``'{"name": ...}'`` -> the parsed dict; a dict -> a copy.
 
-    Anything else, or JSON that does not parse, raises ``error`` naming ``what``.
+    Anything else, JSON that does not parse, or maps and lists nested deeper than
+    :data:`MAX_CONFIG_DEPTH`, raises ``error`` naming ``what``.
     """
     if isinstance(value, str):
         text = value.strip()
@@ -22,8 +43,12 @@ def named_config(value, what: str, error: type[Exception] = ConfigError) -> dict
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise error(f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:          # thousands of brackets deep
+            raise error(f"{what} nests maps and lists more than {MAX_CONFIG_DEPTH} deep") from None
     if not isinstance(value, dict):
         raise error(f"{what} must be a name or a dict, got {type(value).__name__}")
+    if not nests_within(value, MAX_CONFIG_DEPTH):
+        raise error(f"{what} nests maps and lists more than {MAX_CONFIG_DEPTH} deep")
     return dict(value)
 
 

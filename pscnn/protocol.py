@@ -35,6 +35,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from cnn_core.config import nests_within
 from cnn_core.errors import PscnnError
 from cnn_core.flat import FlatArrays
 from pscnn.names import MAX_NAME_LEN
@@ -194,7 +195,7 @@ def decode(frames) -> Message:
                             + (f": {reason})" if reason else ")")) from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
-    if not _nesting_within(header, MAX_DEPTH):     # before anything formats it
+    if not nests_within(header, MAX_DEPTH):     # before anything formats it
         raise ProtocolError(f"header nests maps and lists more than {MAX_DEPTH} deep")
     unknown = sorted(set(header) - {"v", "type", "wid", "seq", "body", "arrays"}, key=repr)
     if unknown:
@@ -274,19 +275,6 @@ def _parse_specs(mtype: str, specs) -> tuple:
         _SPEC_CACHE.clear()
     _SPEC_CACHE[key] = groups
     return groups
-
-
-def _nesting_within(container, limit: int) -> bool:
-    """Whether maps and lists nest at most ``limit`` deep, ``container`` (a map or list) being
-    the first level.  Level by level, without recursion."""
-    level, depth = [container], 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return False
-        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
-                 if isinstance(child, (dict, list))]
-    return True
 
 
 def _buffer(frame):

@@ -12,11 +12,13 @@ import pytest
 
 from cnn_core import PRESETS, build_model, softmax_cross_entropy
 from cnn_core import model as model_module
+from cnn_core.config import nests_within
 from cnn_core.errors import ConfigError, ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_model
 from cnn_core.layers import Conv2D, Dropout, MaxPool2D, ReLU
 from cnn_core.model import execution_order
 from cnn_core.reference import ReferenceModel
+from pscnn import protocol as P
 
 SEED_SHAPES = {
     "conv1.weight": (32, 1, 3, 3), "conv1.bias": (32,),
@@ -531,6 +533,24 @@ def test_layer_names_must_be_strings_without_dots(name):
 def test_bad_json_message_names_position():
     with pytest.raises(SpecError, match="line 1 column"):
         build_model('{"input_shape": [1, 8, 8], "layers": [}')
+
+
+def _nested_residuals(depth):
+    block = {"type": "relu"}
+    for _ in range(depth):
+        block = {"type": "residual", "layers": [block]}
+    return {"input_shape": [1, 4, 4], "layers": [block, {"type": "flatten"}, {"type": "dense", "units": 2}]}
+
+
+def test_residual_blocks_nest_as_deep_as_a_header_carries_and_no_deeper():
+    """400 nested blocks exhausted Python's recursion (a RecursionError traceback from
+    `pscnn train --model`), and JSON thousands of brackets deep did in json.loads."""
+    assert build_model(_nested_residuals(10)).forward(np.ones((1, 1, 4, 4), np.float32)).shape == (1, 2)
+    assert nests_within({"body": {"model": _nested_residuals(10)}}, P.MAX_DEPTH)   # a welcome header
+    for spec in (_nested_residuals(11), json.dumps(_nested_residuals(400)),
+                 '{"input_shape": ' + "[" * 5000 + "]" * 5000 + "}"):
+        with pytest.raises(SpecError, match="model spec nests maps and lists more than 24 deep"):
+            build_model(spec)
 
 
 def test_unknown_device_and_dtype():

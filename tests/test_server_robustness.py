@@ -31,6 +31,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from cnn_core.checkpoint import load_checkpoint
+from cnn_core.config import nests_within
 from cnn_core.errors import CheckpointError
 from cnn_core.model import build_model
 from pscnn import protocol as P
@@ -637,8 +638,8 @@ def test_a_deeply_nested_header_is_refused_and_the_server_carries_on(server, whe
     assert "\n" not in server.wait_log(r"rejected message from .*more than 32 deep", since)
     above = 2 if where == "body" else 1                    # the header map, and the body map
     at_limit = msgpack.unpackb(_nested_header(P.MAX_DEPTH - above, where))
-    assert P._nesting_within(at_limit, P.MAX_DEPTH)
-    assert not P._nesting_within(msgpack.unpackb(_nested_header(P.MAX_DEPTH - above + 1, where)), P.MAX_DEPTH)
+    assert nests_within(at_limit, P.MAX_DEPTH)
+    assert not nests_within(msgpack.unpackb(_nested_header(P.MAX_DEPTH - above + 1, where)), P.MAX_DEPTH)
     assert_unchanged(server, before)
 
 
