@@ -1443,6 +1443,13 @@ class ParameterServer:
                 "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings}
 
     # ================================================================== status
+    def _mean_loss(self) -> float | None:
+        """The mean of the last losses applied, or None.  A loss is any finite number on the
+        wire, and two of 1.7e308 overflow: no NumPy warning in the log, no inf in the JSON."""
+        with np.errstate(over="ignore"):
+            mean = float(np.mean(self.losses)) if self.losses else None
+        return mean if mean is not None and math.isfinite(mean) else None
+
     def progress(self) -> dict:
         now = time.monotonic()
         rate = 0.0
@@ -1453,7 +1460,7 @@ class ParameterServer:
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
                 "finished": self.summary_written, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,
-                "loss": float(np.mean(self.losses)) if self.losses else None,
+                "loss": self._mean_loss(),
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
                 "started": self.started, "ready": 0 if self.started else self._ready_trainers(),

@@ -1661,3 +1661,22 @@ def test_a_flood_of_bad_messages_does_not_flood_the_log(tmp_path):
         assert s.status()["done"] is False
     finally:
         s.close()
+
+
+def test_finite_losses_that_sum_past_the_float_range_leave_status_well_formed(in_process):
+    """A loss is any finite number on the wire; two of 1.7e308 made the status mean overflow: a
+    NumPy RuntimeWarning in the server's log and "loss": Infinity in pscnn status's JSON."""
+    import warnings   # noqa: PLC0415
+    server = in_process()
+    raw = server.client()
+    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    task = server.call(raw, P.WORK)
+    weights = task.arrays
+    for _ in range(2):
+        task = server.call(raw, P.PUSH, push_body(task, loss=1.7e308), grads_like(weights))
+        assert task.type == P.TASK and task.body["ack"]["applied"] is True, task.body
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        progress = server.srv.progress()
+    assert progress["loss"] is None or math.isfinite(progress["loss"]), progress["loss"]
+    json.dumps(progress, allow_nan=False)
