@@ -12,8 +12,8 @@ set of batches it leases.  Each batch of each epoch is *applied* exactly once:
   the front of the queue;
 * ``granted`` checks what a push claims: it counts only for the batch of a
   lease its sender holds or held this epoch (a late push under an expired
-  lease still counts), never for a batch another worker is computing or one
-  nobody was given yet.
+  lease still counts, under one of the batch's last GRANTS_PER_BATCH leases),
+  never for a batch another worker is computing or one nobody was given yet.
 
 Workers compute a batch's indices themselves from (seed, epoch, batch), so a
 lease is three integers on the wire.
@@ -37,6 +37,11 @@ class Lease:
 
 
 class WorkQueue:
+    # A late push counts under one of its batch's last GRANTS_PER_BATCH leases; older ones are
+    # forgotten, or a trainer taking a batch and giving it back over and over (a refused push,
+    # hello and bye) would grow ``grants`` for as long as the epoch lasts.
+    GRANTS_PER_BATCH = 4
+
     def __init__(self, num_samples: int, batch_size: int, epochs: int, lease_timeout: float,
                  epoch: int = 0, applied=()):
         if num_samples < 1 or batch_size < 1 or epochs < 1:
@@ -50,6 +55,7 @@ class WorkQueue:
         self.applied: set[int] = set(applied)            # batches of the current epoch already applied
         self.leases: dict[int, Lease] = {}               # batch -> its current lease
         self.grants: dict[int, tuple[str, int]] = {}     # lease id -> (worker, batch): this epoch's leases
+        self._batch_grants: dict[int, deque] = {}        # batch -> its lease ids in grants, oldest first
         self.pending: deque[int] = deque()
         self._next_lease_id = 1
         self.requeued_total = 0
@@ -90,6 +96,10 @@ class WorkQueue:
         self._next_lease_id += 1
         self.leases[batch] = lease
         self.grants[lease.lease_id] = (worker, batch)
+        recent = self._batch_grants.setdefault(batch, deque())
+        recent.append(lease.lease_id)
+        if len(recent) > self.GRANTS_PER_BATCH:
+            del self.grants[recent.popleft()]
         return lease
 
     def complete(self, epoch: int, batch: int) -> bool:
@@ -111,6 +121,7 @@ class WorkQueue:
             self.applied = set()
             self.leases.clear()
             self.grants.clear()
+            self._batch_grants.clear()
             self._fill_pending()
         return True
 

@@ -1680,3 +1680,25 @@ def test_finite_losses_that_sum_past_the_float_range_leave_status_well_formed(in
         progress = server.srv.progress()
     assert progress["loss"] is None or math.isfinite(progress["loss"]), progress["loss"]
     json.dumps(progress, allow_nan=False)
+
+
+def test_a_trainer_leasing_and_giving_back_one_batch_over_and_over_does_not_grow_the_grants(in_process):
+    """Each lease was remembered until its epoch ended, so a trainer taking a batch and having
+    its push refused (the batch requeued, leased to it again), over and over, grew the server's
+    memory for as long as it liked: the epoch cannot end while it holds that batch."""
+    server = in_process()
+    raw = server.client()
+    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    task = server.call(raw, P.WORK)
+    weights = task.arrays
+    for _ in range(200):
+        reply = server.call(raw, P.PUSH, push_body(task, count=1, correct=0), grads_like(weights))
+        assert reply.type == P.ERROR and reply.body["code"] == "bad_count", reply.body
+        task = server.call(raw, P.WORK)
+        assert task.type == P.TASK and task.body["batch"] == 0, task.body       # the same batch again
+    work = server.srv.work
+    assert len(work.grants) < 200, "a grant kept for every lease of the epoch"
+    assert len(work.grants) <= work.batches_per_epoch * work.GRANTS_PER_BATCH
+    # the newest lease still counts
+    reply = server.call(raw, P.PUSH, push_body(task), grads_like(weights))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
