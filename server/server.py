@@ -76,6 +76,9 @@ log = logging.getLogger("pscnn.server")
 MNIST_TRAIN_SIZE = 60_000
 MNIST_TEST_SIZE = 10_000
 CHECKPOINT_NAME = "checkpoint.npz"
+# Messages handled before housekeeping, and replies the server queues for one peer's connection
+# (see open): a burst that one pass drains is answered in full.
+BURST = 256
 # Dropped peers remembered (oldest forgotten first), so that a message from one, late from a
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
 DROPPED_MEMORY = 4096
@@ -376,7 +379,11 @@ class ParameterServer:
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.max_frame_bytes(self.store.push_bytes))
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        # Replies queued for one peer (beyond BURST, ZeroMQ drops them).  Each pins the weights
+        # snapshot it carries, a model's size per version: with 10,000, a peer pulling while the
+        # run trained and never reading grew the server by a snapshot per version.  A client has
+        # one request in flight per socket, and resends it only after a second of silence.
+        self.sock.setsockopt(zmq.SNDHWM, BURST)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
         # No ZMQ_HEARTBEAT_IVL / _TIMEOUT, although they would close a cut-off peer's connections
         # (TCP keeps them for up to ~15 minutes): with them libzmq 4.3.5 aborted the server
@@ -419,7 +426,7 @@ class ParameterServer:
             while True:
                 events = dict(poller.poll(50))
                 if self.sock in events:
-                    for _ in range(256):        # drain a burst before housekeeping
+                    for _ in range(BURST):      # drain a burst before housekeeping
                         try:
                             frames, count = P.recv_message(self.sock, zmq.NOBLOCK, routed=True)
                         except zmq.Again:

@@ -53,12 +53,14 @@ PUSH_BODY = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.0
 class Raw:
     """A bare DEALER socket speaking the protocol by hand."""
 
-    def __init__(self, endpoint: str, wid: str | None = None):
+    def __init__(self, endpoint: str, wid: str | None = None, rcvhwm: int | None = None):
         self.endpoint = endpoint
         self.wid = wid or f"raw-{uuid.uuid4().hex[:8]}"
         self.seq = 0
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if rcvhwm is not None:              # a peer that reads (almost) nothing from its connection
+            self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.connect(endpoint)
 
     def close(self) -> None:
@@ -1702,3 +1704,22 @@ def test_a_trainer_leasing_and_giving_back_one_batch_over_and_over_does_not_grow
     # the newest lease still counts
     reply = server.call(raw, P.PUSH, push_body(task), grads_like(weights))
     assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+
+
+def test_replies_queued_for_a_peer_that_never_reads_are_bounded(in_process):
+    """Each queued reply pins the weights snapshot it carries (one per version: a model's size
+    each), and the server queued up to 10,000 replies for a peer: an evaluator pulling while
+    training ran and never reading grew the server by a snapshot per version.  Replies beyond
+    BURST are dropped now; the peer gets what the bounded queue and the kernel's buffers held."""
+    server = in_process()
+    ev = Raw(server.endpoint, rcvhwm=1)
+    server.raws.append(ev)
+    assert server.call(ev, P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+    sent = 1000                                  # weights replies: 107 MB of the light model
+    for _ in range(sent):
+        ev.send(ev.frames(P.PULL, {"have_version": -1}))
+        server.handle_one()
+    received = 0
+    while ev.recv(1.0) is not None:
+        received += 1
+    assert received < sent // 2, f"{received} of {sent} replies were queued for a peer that did not read"
