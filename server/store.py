@@ -133,7 +133,7 @@ class ParameterStore:
         if len(members) == 1:
             grads, state, _ = members[0]
             return self.apply(grads, state)
-        total, state_sum = None, {}
+        total, state_sum, state_weight = None, {}, {}
         for grads, state, weight in members:
             w = np.float32(weight)
             if total is None:
@@ -145,10 +145,12 @@ class ParameterStore:
                     state_sum[k] += v * w
                 else:
                     state_sum[k] = v * w
+                # a push may leave the state out: each array is the mean of those that sent it
+                state_weight[k] = state_weight.get(k, 0) + weight
         inv = np.float32(1.0 / sum(weight for _, _, weight in members))
         total.flat *= inv
-        for v in state_sum.values():
-            v *= inv
+        for k, v in state_sum.items():
+            v *= np.float32(1.0 / state_weight[k])
         return self.apply(total, state_sum, batches=len(members))
 
     # ------------------------------------------------------------------ replies

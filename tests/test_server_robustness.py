@@ -1723,3 +1723,30 @@ def test_replies_queued_for_a_peer_that_never_reads_are_bounded(in_process):
     while ev.recv(1.0) is not None:
         received += 1
     assert received < sent // 2, f"{received} of {sent} replies were queued for a peer that did not read"
+
+
+# A model with BatchNorm state (running statistics) that can score MNIST.
+BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3, "padding": 1},
+    {"type": "batchnorm2d", "name": "bn1"}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 4, "stride": 4},
+    {"type": "flatten"}, {"type": "dense", "name": "fc1", "units": 10}]}
+
+
+def test_a_sync_push_without_the_model_state_leaves_the_others_state_whole(in_process):
+    """A push may leave the state out (it is adopted as pushed), but a sync round divided every
+    state array's sum by the whole round's batch sizes: one trainer leaving it out halved the
+    running statistics the other trainers sent."""
+    server = in_process(mode="sync", model=BN_SPEC)
+    a, b = server.client(), server.client()
+    tasks = {}
+    for raw in (a, b):
+        assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+        tasks[raw.wid] = server.call(raw, P.WORK)
+    weights = {k: v for k, v in tasks[a.wid].arrays.items() if k in server.srv.store.params}
+    state = {k: np.full(v.shape, 0.5, np.float32) for k, v in server.srv.store.state.items()}
+    assert state
+    assert server.call(a, P.PUSH, push_body(tasks[a.wid]), {**grads_like(weights), **state}) is None  # in the round
+    reply = server.call(b, P.PUSH, push_body(tasks[b.wid]), grads_like(weights))   # no state: the round closes
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+    for name, value in server.srv.store.state.items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
