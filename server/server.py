@@ -357,7 +357,9 @@ class ParameterServer:
     # going).  Healthy pushes reset the count.
     NONFINITE_LIMIT = 8
     # Leases one trainer may hold at once: two with --overlap, one otherwise. A
-    # trainer asking for more is hoarding batches the others could compute.
+    # trainer asking for more is hoarding batches the others could compute.  Sync
+    # mode (no --overlap there) allows one: a round counts one batch per trainer,
+    # and a second lease would push the first out of it.
     MAX_LEASES_PER_WORKER = 2
 
     def _fail(self, reason: str, now: float) -> None:
@@ -727,7 +729,7 @@ class ParameterServer:
             self._park(peer, now, ack)
             return
         held = self.work.held_by(peer.wid)
-        if len(held) >= self.MAX_LEASES_PER_WORKER:
+        if len(held) >= (1 if self.cfg.mode == "sync" else self.MAX_LEASES_PER_WORKER):
             peer.parked_since = 0.0     # answered now: a later task's held_s must not count this wait
             self._rejected("too_many_leases", "refused %s another batch: it holds leases on batches %s already",
                            peer.name, held)
@@ -912,6 +914,12 @@ class ParameterServer:
         if b["base_version"] != self.store.version or member != (b["epoch"], b["batch"]):
             # computed against an older version (the worker was dropped from that round,
             # and its batch requeued then)
+            if member == (b["epoch"], b["batch"]):
+                # a member claiming another version: it leaves the round, and its batch goes
+                # back to the queue, or both would wait for its lease to expire
+                self.round_members.pop(peer.wid)
+                self.work.release(b["epoch"], b["batch"])
+                self._maybe_close_round(now)
             self._give_task(peer, now, {"applied": False, "reason": "stale round"})
             return
         self.round_arrived[peer.wid] = (b, grads, state)     # the received frames, kept until the round closes

@@ -1750,3 +1750,26 @@ def test_a_sync_push_without_the_model_state_leaves_the_others_state_whole(in_pr
     assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
     for name, value in server.srv.store.state.items():
         np.testing.assert_array_equal(value, state[name], err_msg=name)
+
+
+def test_a_sync_trainer_gets_one_lease_at_a_time(in_process):
+    """A sync round counts one batch per trainer.  A second work request (no trainer sends one in
+    sync mode: --overlap is async only) was leased a second batch that replaced the first in the
+    round; the first, leased and live, was then refused as a stale round when pushed, and held
+    the epoch's end back until its lease expired.  A push refused as a stale round while its
+    sender was that batch's member did the same."""
+    server = in_process(mode="sync")
+    raw = server.client()
+    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    first = server.call(raw, P.WORK)
+    assert first.type == P.TASK, first.body
+    second = server.call(raw, P.WORK)
+    assert second.type == P.ERROR and second.body["code"] == "too_many_leases", second.body
+    reply = server.call(raw, P.PUSH, push_body(first), grads_like(first.arrays))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+    # A member of the round claiming another base version leaves it, its batch requeued: the
+    # next task is its only lease, not a second one beside the batch it pushed.
+    stale = server.call(raw, P.PUSH, push_body(reply, base_version=0), grads_like(first.arrays))
+    assert stale.type == P.TASK and stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
+    assert server.srv.work.held_by(raw.wid) == [stale.body["batch"]]
+    assert server.srv.round_members == {raw.wid: (stale.body["epoch"], stale.body["batch"])}
