@@ -914,14 +914,21 @@ class ParameterServer:
         if b["base_version"] != self.store.version or member != (b["epoch"], b["batch"]):
             # computed against an older version (the worker was dropped from that round,
             # and its batch requeued then)
-            if member == (b["epoch"], b["batch"]):
-                # a member claiming another version: it leaves the round, and its batch goes
-                # back to the queue, or both would wait for its lease to expire
-                self.round_members.pop(peer.wid)
+            # A batch the pusher still holds goes back to the queue, and a member claiming
+            # another version leaves the round: neither waits for the lease to expire (nor
+            # the pusher, which may hold one lease in sync mode, for its next task).
+            lease = self.work.leases.get(b["batch"])
+            if lease is not None and lease.worker == peer.wid:
                 self.work.release(b["epoch"], b["batch"])
+            if member == (b["epoch"], b["batch"]):
+                self.round_members.pop(peer.wid)
                 self._maybe_close_round(now)
             self._give_task(peer, now, {"applied": False, "reason": "stale round"})
             return
+        # Computed: the batch waits in the round, no longer leased.  Requeued (its lease
+        # expiring while the round waits, its sender dropped), another trainer's push of it
+        # would join the round too, and the batch count twice in the mean.
+        self.work.leases.pop(b["batch"], None)
         self.round_arrived[peer.wid] = (b, grads, state)     # the received frames, kept until the round closes
         peer.in_round = True
         peer.parked_since = now

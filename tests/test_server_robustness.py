@@ -1773,3 +1773,31 @@ def test_a_sync_trainer_gets_one_lease_at_a_time(in_process):
     assert stale.type == P.TASK and stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
     assert server.srv.work.held_by(raw.wid) == [stale.body["batch"]]
     assert server.srv.round_members == {raw.wid: (stale.body["epoch"], stale.body["batch"])}
+
+
+def test_a_sync_batch_whose_push_waits_in_the_round_is_not_leased_again(in_process):
+    """A pushed batch waited in its round still leased: dropped with its sender (or its lease
+    expiring while the round waited for a slower trainer), it went back to the queue while its
+    gradient stayed in the round; another trainer was leased it, pushed it, and the round
+    counted the batch twice (192 samples applied for two batches of 64).  And a stale push of a
+    batch its sender still held left that lease in place, the sender refused its next task."""
+    server = in_process(mode="sync")
+    a, b, c = server.client(), server.client(), server.client()
+    for raw in (a, b, c):
+        assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    task_a, task_b = server.call(a, P.WORK), server.call(b, P.WORK)
+    weights = task_a.arrays
+    assert server.call(a, P.PUSH, push_body(task_a), grads_like(weights)) is None      # waits for b
+    assert server.call(a, P.HELLO, {"role": "trainer", "name": a.wid}).type == P.WELCOME   # a is dropped
+    task_c = server.call(c, P.WORK)
+    assert task_c.body["batch"] != task_a.body["batch"], "a's pushed batch was leased again"
+    later_a = server.call(a, P.WORK)             # rejoined, a is leased a batch the round does not wait for
+    assert server.call(c, P.PUSH, push_body(task_c), grads_like(weights)) is None
+    reply = server.call(b, P.PUSH, push_body(task_b), grads_like(weights))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+    assert server.srv.samples_applied == 3 * 64 and server.srv.work.applied == {0, 1, 2}
+    # a's push of that batch is stale now; the batch goes back to the queue and a gets a task
+    # (not too_many_leases: a sync trainer holds one lease)
+    stale = server.call(a, P.PUSH, push_body(later_a), grads_like(weights))
+    assert stale.type == P.TASK and stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
+    assert server.srv.work.held_by(a.wid) == [stale.body["batch"]]
