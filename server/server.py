@@ -787,8 +787,7 @@ class ParameterServer:
                 self.nonfinite_streak += 1
                 self.nonfinite_senders.add(peer.wid)
                 peer.nonfinite_streak += 1
-            lease = self.work.leases.get(b["batch"])     # requeue the pusher's own lease only
-            requeued = lease is not None and lease.worker == peer.wid and self.work.release(b["epoch"], b["batch"])
+            requeued = self.work.release(b["epoch"], b["batch"], holder=peer.wid)
             if self.cfg.mode == "sync":
                 self.round_members.pop(peer.wid, None)
             self._rejected(exc.code, "rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"],
@@ -912,23 +911,17 @@ class ParameterServer:
         b = msg.body
         member = self.round_members.get(peer.wid)
         if b["base_version"] != self.store.version or member != (b["epoch"], b["batch"]):
-            # computed against an older version (the worker was dropped from that round,
-            # and its batch requeued then)
-            # A batch the pusher still holds goes back to the queue, and a member claiming
-            # another version leaves the round: neither waits for the lease to expire (nor
-            # the pusher, which may hold one lease in sync mode, for its next task).
-            lease = self.work.leases.get(b["batch"])
-            if lease is not None and lease.worker == peer.wid:
-                self.work.release(b["epoch"], b["batch"])
+            # Computed against an older version (the worker was dropped from that round, and
+            # its batch requeued then).  A batch the pusher still holds goes back to the queue,
+            # and a member claiming another version leaves the round: neither waits for the
+            # lease to expire (nor the pusher, allowed one lease in sync mode, for its next task).
+            self.work.release(b["epoch"], b["batch"], holder=peer.wid)
             if member == (b["epoch"], b["batch"]):
                 self.round_members.pop(peer.wid)
                 self._maybe_close_round(now)
             self._give_task(peer, now, {"applied": False, "reason": "stale round"})
             return
-        # Computed: the batch waits in the round, no longer leased.  Requeued (its lease
-        # expiring while the round waits, its sender dropped), another trainer's push of it
-        # would join the round too, and the batch count twice in the mean.
-        self.work.leases.pop(b["batch"], None)
+        self.work.hand_in(b["epoch"], b["batch"])            # it waits in the round, no longer leased
         self.round_arrived[peer.wid] = (b, grads, state)     # the received frames, kept until the round closes
         peer.in_round = True
         peer.parked_since = now

@@ -125,10 +125,13 @@ class WorkQueue:
             self._fill_pending()
         return True
 
-    def release(self, epoch: int, batch: int) -> bool:
-        """Give one leased batch back to the queue (a rejected push).  True if requeued."""
+    def release(self, epoch: int, batch: int, holder: str | None = None) -> bool:
+        """Give one leased batch back to the queue (a rejected push).  True if requeued.
+
+        ``holder``: only if that worker holds the lease (a pusher gives back its own
+        lease, never one the batch was leased to since)."""
         lease = self.leases.get(batch)
-        if lease is None or lease.epoch != epoch:
+        if lease is None or lease.epoch != epoch or holder not in (None, lease.worker):
             return False
         del self.leases[batch]
         self.pending.appendleft(batch)
@@ -138,6 +141,14 @@ class WorkQueue:
     def held_by(self, worker: str) -> list[int]:
         """The batches ``worker`` holds leases on now."""
         return [b for b, lease in self.leases.items() if lease.worker == worker]
+
+    def hand_in(self, epoch: int, batch: int) -> None:
+        """(epoch, batch) was computed and waits to be applied (in a sync round): no longer
+        leased, so neither its lease expiring nor its worker dropping puts it back in the
+        queue, where another worker could compute it again and the round count it twice."""
+        lease = self.leases.get(batch)
+        if lease is not None and lease.epoch == epoch:
+            del self.leases[batch]
 
     def release_worker(self, worker: str) -> list[int]:
         """Requeue every batch leased by ``worker`` (it died or left)."""

@@ -220,3 +220,22 @@ def test_progress_of_a_queue_resumed_at_or_past_its_last_epoch_does_not_exceed_t
         p = q.progress()
         assert q.done and p["batches_done"] == p["batches_total"] == 6, kw
         assert q.lease("w", 0.0) is None and p["pending"] == 0
+
+
+def test_a_release_naming_its_holder_gives_back_only_that_holders_lease():
+    q = queue(num_samples=16)
+    a = q.lease("a", 0.0)
+    assert not q.release(0, a.batch, holder="b") and a.batch in q.leases
+    assert q.release(0, a.batch, holder="a") and list(q.pending)[0] == a.batch
+
+
+def test_a_handed_in_batch_is_neither_expired_nor_requeued_with_its_worker():
+    """A sync push waits in its round unleased: requeued, another worker could compute it again."""
+    q = queue(num_samples=16)
+    a, b = q.lease("a", 0.0), q.lease("a", 0.0)
+    q.hand_in(1, a.batch)                               # another epoch's: this epoch's lease stays
+    assert a.batch in q.leases
+    q.hand_in(0, a.batch)
+    assert q.expire(1e9) == [("a", b.batch)] and q.release_worker("a") == []
+    assert a.batch not in q.pending and q.is_live(0, a.batch)
+    assert q.complete(0, a.batch) and a.batch in q.applied
