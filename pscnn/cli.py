@@ -587,6 +587,23 @@ def check_run_folder(flag: str, path: str) -> None:
         raise RunLogError(f"{flag} {path} is a file, not a folder")
 
 
+def check_train_folder(path: str) -> None:
+    """RunLogError (exit 1) if ``path`` holds the checkpoint of an unfinished distributed run.
+
+    ``pscnn train`` there replaced that run's config.json and metrics.jsonl, and its summary.json,
+    newer than the checkpoint, made the run look finished: the next ``pscnn run`` in that folder
+    started over, replacing the checkpoint too, without the server's warning.
+    """
+    if not os.path.exists(os.path.join(path, "checkpoint.npz")):
+        return                          # no server's import (zmq) for the usual train folder
+    from cnn_core.runlog import RunLogError  # noqa: PLC0415
+    from server.server import unfinished_run_warning  # noqa: PLC0415
+    if unfinished_run_warning(path):
+        raise RunLogError(f"--out {path} holds the checkpoint of an unfinished distributed run, whose "
+                          "config.json and metrics.jsonl pscnn train would replace: choose another --out, "
+                          "or continue that run with pscnn run (or server) --resume")
+
+
 def main(argv=None) -> int:
     stop_with_launcher()
     try:
@@ -599,6 +616,8 @@ def main(argv=None) -> int:
     try:
         if args.command in ("train", "server", "run"):
             check_run_folder("--out", args.out)
+        if args.command == "train":
+            check_train_folder(args.out)
         return int(_dispatch(args) or 0)
     except KeyboardInterrupt:
         print("pscnn: interrupted", file=sys.stderr)

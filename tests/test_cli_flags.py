@@ -369,6 +369,21 @@ def test_out_naming_a_file_says_so(command, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"pscnn: error: --out {a_file} is a file, not a folder"
 
 
+def test_train_refuses_the_folder_of_an_unfinished_distributed_run(tmp_path, capsys, mnist_file_names):
+    # it replaced that run's config.json and metrics.jsonl, and its summary.json made the checkpoint look
+    # finished: the next `pscnn run` there started over, replacing the checkpoint without a warning
+    from cnn_core.checkpoint import save_checkpoint
+    out = tmp_path / "run"
+    save_checkpoint(out / "checkpoint.npz", {}, {"step": 7, "extra": {"work": {"epoch": 0, "epochs": 3}}})
+    (out / "metrics.jsonl").write_text('{"kind": "step"}\n')
+    assert main(["train", "--model", "light", "--out", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"pscnn: error: --out {out} holds the checkpoint of an unfinished distributed run, whose config.json "
+        "and metrics.jsonl pscnn train would replace: choose another --out, or continue that run with "
+        "pscnn run (or server) --resume")
+    assert (out / "metrics.jsonl").read_text() == '{"kind": "step"}\n' and not (out / "config.json").exists()
+
+
 @pytest.mark.parametrize("argv", [["train", "--mnist-dir", ""], ["run", "--mnist-dir", ""],
                                   ["server", "--mnist-dir", " "], ["worker", "--mnist-dir", ""],
                                   ["evaluator", "--mnist-dir", ""], ["download", "--dir", ""],
