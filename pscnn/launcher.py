@@ -262,14 +262,18 @@ class RunOutputs:
         written = _mtime(self.summary)
         return written is not None and written != self.summary_before and summary_after_checkpoint(self.out)
 
-    def resume_hint(self) -> str | None:
+    def resume_hint(self, interrupted: bool = False) -> str | None:
         """How to continue the run, stopped before its end: the same command plus --resume, once the
         server wrote a checkpoint of this run (or of the run it resumed); that nothing was trained
-        when that checkpoint is of version 0; None before a checkpoint, or when the run had finished."""
+        when that checkpoint is of version 0; None before a checkpoint, or when the run had finished.
+        ``interrupted``: stopped by the user (Ctrl-C), with no failure above to fix."""
         written = _mtime(self.checkpoint)
         if self.finished() or written is None or (written == self.checkpoint_before and not self.resume):
             return None
         if checkpoint_version(self.out) == 0:     # e.g. every worker failed on its training set
+            if interrupted:
+                return (f"pscnn run: stopped before the first update, with nothing to continue; the same "
+                        f"command starts the run again from the beginning (run folder {self.out})")
             return (f"pscnn run: stopped before the first update, with nothing to continue; once what is "
                     f"reported above is fixed, the same command starts the run (run folder {self.out})")
         return f"pscnn run: stopped. Continue with the same command plus --resume (run folder {self.out})"
@@ -386,7 +390,7 @@ def _interrupted(cluster: LocalCluster, bar, outputs: RunOutputs) -> int:
         _say("pscnn run: the run had finished before the interrupt; its results are complete")
         print_report(outputs.summary)
         return 0
-    _say(outputs.resume_hint()      # else stopped before the server's first checkpoint: --resume would fail
+    _say(outputs.resume_hint(interrupted=True)  # else stopped before the server's first checkpoint: --resume would fail
          or f"pscnn run: stopped before the first checkpoint; the same command starts the run again from the "
             f"beginning (run folder {outputs.out})")
     return 130

@@ -461,3 +461,20 @@ def test_an_old_runs_checkpoint_is_no_reason_to_resume(tmp_path, monkeypatch, ca
     assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
     stopped = capsys.readouterr().err.split("interrupted")[-1]     # (the start-over warning may name --resume)
     assert "stopped before the first checkpoint" in stopped and "--resume" not in stopped, stopped
+
+
+def test_ctrl_c_before_the_first_update_reports_no_problem_to_fix(tmp_path, monkeypatch, capsys, mnist_file_names):
+    # the server's checkpoint of version 0 got the hint meant for failed workers ("once what is reported
+    # above is fixed"), while nothing was reported: the user had pressed Ctrl-C
+    from cnn_core.checkpoint import save_checkpoint
+    out = tmp_path / "run"
+
+    def interrupted(cluster, bar):
+        save_checkpoint(out / "checkpoint.npz", {}, {"step": 0})       # written at the start barrier
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launcher, "LocalCluster", _NoProcesses)
+    monkeypatch.setattr(launcher, "_follow", interrupted)
+    assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "pscnn run: stopped before the first update, with nothing to continue; the same command starts the "
+        f"run again from the beginning (run folder {out})")
