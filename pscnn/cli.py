@@ -179,6 +179,9 @@ def _endpoint(text: str, bind: bool) -> str:
         raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (e.g. {example}) or ipc://PATH, got {text!r}")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number, 1-65535")
+    if not bind and host == "*":        # ZeroMQ's connect says no more than "Invalid argument", exit 1
+        raise argparse.ArgumentTypeError(f"{text!r}: * (every interface) is for --bind; name the server's "
+                                         "host, as in tcp://HOST:5555")
     if host.startswith("[") or host.endswith("]") or host.count(":"):
         try:        # an IPv6 address goes in brackets, as in tcp://[::1]:5555
             ipaddress.IPv6Address(host[1:-1] if host.startswith("[") and host.endswith("]") else "?")

@@ -85,6 +85,9 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     (["status", "--server", "tcp://x"], "argument --server: expected tcp://HOST:PORT"),
     (["worker", "--server", "tcp://[::1:5555"], "'tcp://[::1:5555': an IPv6 address goes in brackets, as in"),
     (["worker", "--server", "tcp://::1:5555"], "'tcp://::1:5555': an IPv6 address goes in brackets"),
+    # a bind address as the server's: exit 1 on zmq's "cannot connect to tcp://*:5555: Invalid argument"
+    (["worker", "--server", "tcp://*:5555"], "argument --server: 'tcp://*:5555': * (every interface) is for --bind"),
+    (["status", "--server", "tcp://*:5555"], "argument --server: 'tcp://*:5555': * (every interface) is for --bind"),
     (["server", "--bind", "tcp://[nope]:5555"], "'tcp://[nope]:5555': an IPv6 address goes in brackets"),
     (["run", "--port", "70000"], "argument --port: must be a TCP port, 0-65535, got 70000"),
     (["run", "--workers", "two"], "argument --workers: must be an integer, got 'two'"),
