@@ -216,6 +216,9 @@ def check_run_args(args) -> None:
     if args.wait_for_workers is not None and args.wait_for_workers > args.max_workers:
         raise CliError(f"--wait-for-workers {args.wait_for_workers} exceeds --max-workers {args.max_workers}: "
                        "the run could never start with all of them")
+    if getattr(args, "overlap", False) and args.mode != "async":
+        # the workers' log warning was all it did: each ran without it, the run unchanged
+        raise CliError(f"--overlap applies to --mode async only, not to --mode {args.mode}")
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
     build_optimizer(cfg.optimizer)
     build_model(resolve_spec(cfg.model), seed=cfg.seed, dtype="float32", device="cpu")

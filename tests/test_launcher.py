@@ -365,8 +365,8 @@ def test_pscnn_run_hands_its_settings_to_the_children(run_in_process, tmp_path):
     """The server waits for every worker (--wait-for-workers = --workers: they start together);
     the workers get --overlap and the MNIST folder; the evaluator its --test-limit, --every and
     the MNIST folder."""
-    code, cluster = run_in_process("--workers", "3", "--overlap", "--test-limit", "500", "--eval-every", "7",
-                                   "--mnist-dir", str(tmp_path))
+    code, cluster = run_in_process("--workers", "3", "--overlap", "--mode", "async", "--test-limit", "500",
+                                   "--eval-every", "7", "--mnist-dir", str(tmp_path))
     assert code == 0
     assert set(cluster.started) == {"server", "worker-0", "worker-1", "worker-2", "evaluator"}
     assert flag_value(cluster.started["server"], "--wait-for-workers") == "3"
@@ -412,6 +412,17 @@ def test_run_refuses_a_start_barrier_the_server_could_never_lift():
     """--wait-for-workers above --max-workers: one line from `pscnn run` itself (exit 2)."""
     args = parse_args(["run", "--model", "light", "--workers", "1", "--wait-for-workers", "3", "--max-workers", "2"])
     with pytest.raises(CliError, match="--wait-for-workers 3 exceeds --max-workers 2"):
+        launcher.check_run_args(args)
+
+
+@pytest.mark.parametrize("mode,refused", [("sync", True), ("ssp", True), ("async", False)])
+def test_run_refuses_overlap_outside_async_mode(mode, refused):
+    """--overlap with --mode sync or ssp: the workers only warned in their logs and ran without it."""
+    args = parse_args(["run", "--model", "light", "--overlap", "--mode", mode])
+    if refused:
+        with pytest.raises(CliError, match=f"--overlap applies to --mode async only, not to --mode {mode}"):
+            launcher.check_run_args(args)
+    else:
         launcher.check_run_args(args)
 
 
