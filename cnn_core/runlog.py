@@ -44,7 +44,7 @@ from . import backend
 from .fileio import atomic_write
 from .errors import PscnnError
 
-__all__ = ["RunWriter", "RunLogError", "read_metrics", "make_plots", "to_jsonable", "write_json_atomic",
+__all__ = ["RunWriter", "RunLogError", "check_folder_free", "read_metrics", "make_plots", "to_jsonable", "write_json_atomic",
            "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE"]
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,16 @@ def _lock_folder(folder: Path):
     fh.write(str(os.getpid()))
     fh.flush()
     return fh
+
+
+def check_folder_free(folder) -> None:
+    """RunLogError, as :class:`RunWriter` would raise it, if another process writes run folder
+    ``folder`` now; nothing is held afterwards (a check before starting processes that will write it)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        lock = _lock_folder(folder)
+        if lock is not None:
+            lock.close()
 
 
 def make_folder(path) -> Path:

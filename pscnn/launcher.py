@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cnn_core.runlog import SUMMARY_FILE, make_folder
+from cnn_core.runlog import SUMMARY_FILE, check_folder_free, make_folder
 from server.server import (CHECKPOINT_NAME, ParameterServer, checkpoint_version, config_from_args,
                            summary_after_checkpoint, unfinished_run_warning)
 from worker.client import query_status
@@ -285,6 +285,9 @@ class RunOutputs:
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
     check_run_args(args)
+    # A folder another run (or server) writes: its server refused it, but only after this run's
+    # clients had started and its logs had gone into that run's logs/, whose tail was then the report.
+    check_folder_free(args.out)
     # The test set (the evaluator's, or the server's to score the final weights with --no-evaluator),
     # checked as they would at their start: a bad MNIST folder is one line, before any process starts,
     # not the server's log tail after every child was started.

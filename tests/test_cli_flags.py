@@ -384,6 +384,24 @@ def test_train_refuses_the_folder_of_an_unfinished_distributed_run(tmp_path, cap
     assert (out / "metrics.jsonl").read_text() == '{"kind": "step"}\n' and not (out / "config.json").exists()
 
 
+def test_run_refuses_a_folder_another_process_writes_before_starting_anything(tmp_path, capsys, monkeypatch,
+                                                                              mnist_file_names):
+    # its server refused the folder, but only after the clients had started and the logs had gone into
+    # the other run's logs/: several lines of that run's server log, then the error
+    from cnn_core.runlog import RunWriter
+
+    def no_cluster(*args, **kwargs):
+        raise RuntimeError("processes started")
+    monkeypatch.setattr(launcher, "LocalCluster", no_cluster)
+    out = tmp_path / "run"
+    with RunWriter(out, {}):                # another run's server, writing the folder
+        assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"pscnn: error: {out}: another pscnn process (pid {os.getpid()}) is writing this run folder; "
+        "choose another --out, or stop that process first")
+    assert not (out / "logs").exists()
+
+
 @pytest.mark.parametrize("argv", [["train", "--mnist-dir", ""], ["run", "--mnist-dir", ""],
                                   ["server", "--mnist-dir", " "], ["worker", "--mnist-dir", ""],
                                   ["evaluator", "--mnist-dir", ""], ["download", "--dir", ""],
