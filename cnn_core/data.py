@@ -327,6 +327,8 @@ def download_file(
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:     # mkdir says no more than "File exists"
+        raise DataError(f"{dest.parent}: is a file, not a folder to download into") from None
     except OSError as exc:
         raise DataError(f"{dest.parent}: cannot create download folder: {_one_line(exc.strerror or exc)}") from None
 

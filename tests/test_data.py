@@ -799,6 +799,15 @@ def test_pscnn_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("pscnn: error:") and "train-images-idx3-ubyte.gz" in lines[0]
 
 
+def test_pscnn_download_into_a_file_says_it_is_one(tmp_path, capsys):
+    # it said "cannot create download folder: File exists"
+    from pscnn.cli import main
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["download", "--dir", str(a_file), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"pscnn: error: {a_file}: is a file, not a folder to download into"
+
+
 # --------------------------------------------------------------------------- #
 # shuffling and batching
 # --------------------------------------------------------------------------- #
