@@ -647,6 +647,21 @@ def test_status_answered_with_an_error_is_not_a_healthy_server(fake, capsys):
     assert len(err) == 1 and err[0].startswith("pscnn: error:") and "bad_version" in err[0], err
 
 
+def test_status_answered_by_something_else_names_the_endpoint(fake, capsys):
+    """Another service on the port: "pscnn: error: header is not valid msgpack (...)" named nothing."""
+    from pscnn.cli import main
+
+    class NotPscnn(Unchecked):
+        def frames(self, seq: int) -> list:
+            return [b"HTTP/1.0 200 OK\r\n\r\nhello"]
+    server = fake(status=[NotPscnn("", {})])
+    assert main(["status", "--server", server.endpoint, "--timeout", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"pscnn: error: {server.endpoint} answered a status request with what is not a pscnn message: "
+        "header is not valid msgpack"), err
+
+
 # ================================================================ what a worker checks before connecting
 
 @pytest.mark.parametrize("role", ["worker", "evaluator"])

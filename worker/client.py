@@ -402,7 +402,11 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
         P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             return None
-        reply = P.decode_message(*P.recv_message(sock))
+        try:
+            reply = P.decode_message(*P.recv_message(sock))
+        except P.ProtocolError as exc:      # e.g. another service on that port: say which endpoint
+            raise BadReply(f"{endpoint} answered a status request with what is not a pscnn message: "
+                           f"{exc}") from None
         if reply.type != P.STATUS:          # e.g. an error: another protocol version answered
             raise BadReply(f"{endpoint} answered a status request with {reply.type!r}"
                            + (f" ({P.one_line(reply.body['code'])}: {P.one_line(reply.body['message'])})"
