@@ -628,6 +628,12 @@ def main(argv=None) -> int:
     except CliError as exc:
         print(f"pscnn: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # stdout closed early (`pscnn status | head -1`): no traceback, and what is left in its buffer
+        # goes nowhere (the flush at exit would fail again)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except Exception as exc:
         from cnn_core.errors import PscnnError  # noqa: PLC0415
         if isinstance(exc, PscnnError):

@@ -799,6 +799,23 @@ def test_pscnn_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("pscnn: error:") and "train-images-idx3-ubyte.gz" in lines[0]
 
 
+def test_pscnn_download_into_a_closed_pipe_prints_no_traceback(mnist_dir):
+    # `pscnn download | true`, `pscnn status | head -1`: a BrokenPipeError traceback
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", "download", "--dir", mnist_dir, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()                 # the reader is gone before the folder is printed
+    try:
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_pscnn_download_into_a_file_says_it_is_one(tmp_path, capsys):
     # it said "cannot create download folder: File exists"
     from pscnn.cli import main
