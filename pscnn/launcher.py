@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cnn_core.runlog import SUMMARY_FILE, check_folder_free, make_folder
-from server.server import (CHECKPOINT_NAME, ParameterServer, checkpoint_version, config_from_args,
-                           summary_after_checkpoint, unfinished_run_warning)
+from server.server import (CHECKPOINT_NAME, ParameterServer, check_model_travels, checkpoint_version,
+                           config_from_args, summary_after_checkpoint, unfinished_run_warning)
 from worker.client import query_status
 from worker.trainer import check_local_setup
 
@@ -207,8 +207,8 @@ def check_run_args(args) -> None:
     """What the server would refuse, checked before any process starts: one line from ``pscnn run``
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
     instead of the server's log tail."""
-    from cnn_core.model import build_model, resolve_spec  # noqa: PLC0415
-    from cnn_core.optim import build_optimizer  # noqa: PLC0415
+    from cnn_core.model import resolve_spec  # noqa: PLC0415
+    from server.store import ParameterStore  # noqa: PLC0415
     from pscnn.cli import CliError  # noqa: PLC0415
     if args.workers > args.max_workers:
         raise CliError(f"--workers {args.workers} exceeds --max-workers {args.max_workers}: the server "
@@ -220,8 +220,8 @@ def check_run_args(args) -> None:
         # the workers' log warning was all it did: each ran without it, the run unchanged
         raise CliError(f"--overlap applies to --mode async only, not to --mode {args.mode}")
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
-    build_optimizer(cfg.optimizer)
-    build_model(resolve_spec(cfg.model), seed=cfg.seed, dtype="float32", device="cpu")
+    store = ParameterStore(resolve_spec(cfg.model), cfg.optimizer, seed=cfg.seed)     # model and optimizer
+    check_model_travels(store.model.spec, store.snapshot()[1])
 
 
 # Signals that stop `pscnn run` as Ctrl-C does, children included: `kill`, and SIGHUP when the

@@ -60,7 +60,7 @@ import zmq
 
 from cnn_core.checkpoint import load_checkpoint, load_model_checkpoint, save_model_checkpoint
 from cnn_core.data import batches_per_epoch
-from cnn_core.errors import CheckpointError, ConfigError, PscnnError
+from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots
@@ -144,6 +144,29 @@ def unfinished_run_warning(out: str) -> str | None:
     return (f"{out} holds the checkpoint of an unfinished run ({what}; no summary.json written after it): "
             f"starting over replaces it and that run's metrics.jsonl; to continue that run instead, stop this "
             f"server and start it again with --resume (PSCNN_RESUME=1 in Compose)")
+
+
+def check_model_travels(spec: dict, arrays) -> None:
+    """SpecError unless the messages that carry a model fit the protocol: the welcome (``spec``) and
+    a task (``arrays``: every parameter and state array, by name; ParameterStore.snapshot()).
+
+    A model past the protocol's limits (a spec of over 64 KB, more than 256 arrays, a name of over 128
+    characters) passed every check, then the server failed every hello or request with an internal
+    error.  The other fields at their largest, so that no run of this model fails.
+    """
+    name = "w" * P.MAX_NAME_LEN
+    run = {"seed": 2**63 - 1, "batch_size": 10**9, "num_samples": 10**9, "epochs": 10**9, "mode": "async",
+           "test_limit": 10**9}
+    welcome = P.Message(P.WELCOME, body={"worker_id": name, "role": "evaluator", "model": spec, "run": run,
+                                         "incarnation": uuid.uuid4().hex[:12], "heartbeat_s": 1.0})
+    task = P.Message(P.TASK, wid=name, body={"version": 2**62, "epoch": 10**9, "batch": 10**9, "lease": 2**62,
+                                             "held_s": 1.0, "ack": {"applied": False, "reason": "training diverged"}},
+                     arrays=arrays)
+    for msg in (welcome, task):
+        try:
+            P.encode(msg)
+        except P.ProtocolError as exc:
+            raise SpecError(f"model spec: the server could not send this model to its workers: {exc}") from None
 
 
 # Run settings a checkpoint must share with the run that resumes it.  Workers compute
@@ -289,6 +312,7 @@ class ParameterServer:
         self.store = ParameterStore(self.spec, cfg.optimizer, seed=cfg.seed)
         check_model_fits_mnist(self.store.model)      # else the first push fails, as a label range error
         self.spec = self.store.model.spec
+        check_model_travels(self.spec, self.store.snapshot()[1])
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
         self.incarnation = uuid.uuid4().hex[:12]
         self.peers: dict[str, Peer] = {}

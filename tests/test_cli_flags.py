@@ -7,6 +7,7 @@ Most tests parse only; the ones that start processes run `python -m pscnn.cli`, 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -52,6 +53,36 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) ->
 
 
 # ----------------------------------------------------------------- A: one CliError, run checks first
+
+def _spec(*layers) -> str:
+    return json.dumps({"input_shape": [1, 28, 28], "layers": [*layers, {"type": "flatten"},
+                                                               {"type": "dense", "units": 10}]})
+
+
+# Models the protocol cannot carry: they passed every check, then the server failed each hello or
+# request with an internal error (ProtocolError), and the run died on its clients' failures.
+UNSENDABLE = [
+    (_spec(*[{"type": "flatten"}, {"type": "dense", "units": 10}] * 129),
+     "'arrays' must be a list of at most 256 specs"),
+    (_spec(*[{"type": "relu", "name": f"r{i:05d}_" + "x" * 40} for i in range(1200)]),
+     "welcome header is"),
+    (_spec({"type": "relu"}, {"type": "flatten"}, {"type": "dense", "units": 10, "name": "n" * 130}),
+     "array name must be a non-empty string of at most 128 chars"),
+]
+
+
+@pytest.mark.parametrize("spec,needle", UNSENDABLE, ids=["arrays", "header", "name"])
+def test_a_model_the_protocol_cannot_carry_is_refused_before_anything_starts(spec, needle, tmp_path, monkeypatch,
+                                                                            mnist_file_names, capsys):
+    out = tmp_path / "run"
+    proc = cli("run", "--model", spec, "--out", out, "--no-progress", "--workers", "1", timeout=120,
+               env={"MNIST_DIR": mnist_file_names})
+    one_line_error(proc, 1, "pscnn: error: model spec: the server could not send this model to its workers: ")
+    assert needle in proc.stderr and not out.exists()
+    monkeypatch.delenv("MNIST_DIR")         # the server would read the test set first (to score at the end)
+    assert main(["server", "--model", spec, "--out", str(out), "--bind", "tcp://127.0.0.1:1"]) == 1
+    assert needle in capsys.readouterr().err and not out.exists()
+
 
 def test_a_child_started_as_python_m_reports_a_bad_flag_in_one_line(tmp_path):
     # `python -m pscnn.cli` is __main__; the server imports pscnn.cli: two CliError classes before the fix
