@@ -251,7 +251,7 @@ class RunWriter:
         except BaseException as exc:
             if self._folder_lock is not None:     # no writer: nobody holds the folder
                 self._folder_lock.close()
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError) and not isinstance(exc, RunLogError):    # config.json's names itself
                 raise _io_error(self.metrics_path, exc) from exc
             raise
         self._offset = offset

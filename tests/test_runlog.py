@@ -108,6 +108,14 @@ def test_writer_without_resume_truncates(tmp_path):
     assert strict_json((tmp_path / "config.json").read_text()) == {"second": True}
 
 
+def test_an_unwritable_config_json_is_named_once(tmp_path):
+    # it read "OUT/metrics.jsonl: cannot write: OUT/config.json: cannot write: Is a directory"
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(RunLogError) as exc:
+        RunWriter(tmp_path, {})
+    assert str(exc.value) == f"{tmp_path / 'config.json'}: cannot write: Is a directory"
+
+
 def test_writer_resume_appends_and_continues_the_clock(tmp_path):
     with RunWriter(tmp_path, {}) as writer:
         writer.log("step", step=1)
