@@ -114,6 +114,8 @@ def make_folder(path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:             # mkdir says no more than "File exists"
+        raise RunLogError(f"{path}: is a file, not a folder") from None
     except OSError as exc:
         raise _io_error(path, exc) from None
     return path

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cnn_core.runlog import SUMMARY_FILE, check_folder_free, make_folder
+from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
 from server.server import (CHECKPOINT_NAME, ParameterServer, check_model_travels, checkpoint_version,
                            config_from_args, summary_after_checkpoint, unfinished_run_warning)
 from worker.client import query_status
@@ -115,7 +115,10 @@ class LocalCluster:
 
         ``prefix``: a command that runs the child in place (it must exec it, not fork),
         e.g. ``ip netns exec HOST`` for another network namespace, or ``taskset -c 0``."""
-        fh = open(self.logs / f"{name}.log", "ab")
+        try:
+            fh = open(self.logs / f"{name}.log", "ab")
+        except OSError as exc:          # e.g. a folder there: one line, not a traceback
+            raise RunLogError(f"{self.logs / f'{name}.log'}: cannot write: {exc.strerror or exc}") from None
         self._files.append(fh)
         proc = subprocess.Popen([*prefix, sys.executable, "-m", "pscnn.cli", *argv], stdout=fh,
                                 stderr=subprocess.STDOUT, env=self.env,

@@ -397,6 +397,22 @@ def test_a_client_that_exited_with_an_error_at_the_end_makes_the_run_exit_1(run_
     assert "run finished: mode" in captured.out
 
 
+def test_an_unusable_logs_folder_or_log_file_is_one_line(tmp_path):
+    """OUT/logs a file: "OUT/logs: cannot write: File exists"; OUT/logs/server.log a folder: a traceback."""
+    from cnn_core.runlog import RunLogError
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "logs").write_text("x")
+    with pytest.raises(RunLogError) as exc:
+        LocalCluster(tmp_path / "a")
+    assert str(exc.value) == f"{tmp_path / 'a' / 'logs'}: is a file, not a folder"
+    (tmp_path / "b" / "logs" / "server.log").mkdir(parents=True)
+    with LocalCluster(tmp_path / "b") as cluster:
+        with pytest.raises(RunLogError) as exc:
+            cluster.start_server(["--model", "light"])
+        assert not cluster.procs                    # nothing was started
+    assert str(exc.value) == f"{tmp_path / 'b' / 'logs' / 'server.log'}: cannot write: Is a directory"
+
+
 @pytest.mark.parametrize("workers,max_workers,refused", [(2, 1, True), (2, 2, False)])
 def test_run_refuses_more_workers_than_the_server_admits(workers, max_workers, refused):
     """--workers above --max-workers is refused before anything starts; equal is fine."""
