@@ -44,8 +44,8 @@ from . import backend
 from .fileio import atomic_write
 from .errors import PscnnError
 
-__all__ = ["RunWriter", "RunLogError", "check_folder_free", "read_metrics", "make_plots", "to_jsonable", "write_json_atomic",
-           "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE"]
+__all__ = ["RunWriter", "RunLogError", "check_folder_free", "read_metrics", "make_plots", "to_jsonable",
+           "write_json_atomic", "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE"]
 
 log = logging.getLogger(__name__)
 

@@ -113,6 +113,15 @@ def test_pscnn_run_checks_model_schedule_and_optimizer_before_starting_anything(
     assert not out.exists()              # no server, workers or logs were started
 
 
+@pytest.mark.parametrize("flag,code", [("--schedule", 2), ("--model", 1)])
+def test_json_nested_too_deeply_is_one_line(flag, code, tmp_path, capsys, mnist_file_names):
+    # json's decoder raised RecursionError: a traceback
+    deep = '{"name": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert main(["train", flag, deep, "--out", str(tmp_path / "run"), "--no-progress"]) == code
+    what = "--schedule" if flag == "--schedule" else "model spec"
+    assert capsys.readouterr().err.strip() == f"pscnn: error: {what} nests maps and lists more than 24 deep"
+
+
 # ----------------------------------------------------------------- B: finite floats, capped
 
 CAPS = {positive_float: MAX_FLOAT, non_negative_float: MAX_FLOAT, poll_seconds: MAX_POLL_SECONDS}
