@@ -47,11 +47,16 @@ def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
 
 
-def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None) -> list:
+# Most synthetic clients (sockets) one `pscnn bench server` point opens: the server's default
+# --max-workers, which caps the other benchmarks' workers.  99,999,999 of them hung the bench.
+MAX_BENCH_PEERS = 1024
+
+
+def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None, high=None) -> list:
     """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage, a number under ``low`` or
-    over the cap of a flag of its kind (``pscnn.cli.MAX_INT`` / ``MAX_FLOAT``; NaN
-    and inf too), or a value not in ``choices``."""
-    high = {int: MAX_INT, float: MAX_FLOAT}.get(kind)
+    over ``high`` (by default the cap of a flag of its kind, ``pscnn.cli.MAX_INT`` /
+    ``MAX_FLOAT``; NaN and inf too), or a value not in ``choices``."""
+    high = {int: MAX_INT, float: MAX_FLOAT}.get(kind) if high is None else high
     out = []
     for part in str(text).split(","):
         part = part.strip()

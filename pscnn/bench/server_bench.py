@@ -23,10 +23,10 @@ from pathlib import Path
 
 from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
-from .common import (BenchError, add_output_flags, bench_env, busy_fraction, check_out, check_server_flags,
-                     checking_options, cores, fmt, last_line, machine_cpu_ticks, machine_info, median, output_folder,
-                     parse_list, percentile, print_table, proc_cpu_seconds, process_failed, progress, pyplot,
-                     save_figure, write_outputs)
+from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, busy_fraction, check_out,
+                     check_server_flags, checking_options, cores, fmt, last_line, machine_cpu_ticks, machine_info,
+                     median, output_folder, parse_list, percentile, print_table, proc_cpu_seconds, process_failed,
+                     progress, pyplot, save_figure, write_outputs)
 
 NAME = "server"
 
@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    clients = parse_list(args.clients, int, "--clients", low=1)
+    clients = parse_list(args.clients, int, "--clients", low=1, high=MAX_BENCH_PEERS)
     with checking_options():            # what the server would refuse, before anything starts
         check_out(args.out)
         check_server_flags(pscnn_server_flags(args, Path(args.out) / "unused", max([*clients, args.profile or 1])))
