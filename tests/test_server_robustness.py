@@ -740,6 +740,12 @@ class InProcess:
         got = raw.recv(0.5)
         return got and got[0]
 
+    def join_trainer(self) -> Raw:
+        """A new client, welcomed as a trainer."""
+        raw = self.client()
+        assert self.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+        return raw
+
     def close(self) -> None:
         for raw in self.raws:
             raw.close()
@@ -1670,8 +1676,7 @@ def test_finite_losses_that_sum_past_the_float_range_leave_status_well_formed(in
     NumPy RuntimeWarning in the server's log and "loss": Infinity in pscnn status's JSON."""
     import warnings   # noqa: PLC0415
     server = in_process()
-    raw = server.client()
-    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    raw = server.join_trainer()
     task = server.call(raw, P.WORK)
     weights = task.arrays
     for _ in range(2):
@@ -1689,8 +1694,7 @@ def test_a_trainer_leasing_and_giving_back_one_batch_over_and_over_does_not_grow
     its push refused (the batch requeued, leased to it again), over and over, grew the server's
     memory for as long as it liked: the epoch cannot end while it holds that batch."""
     server = in_process()
-    raw = server.client()
-    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    raw = server.join_trainer()
     task = server.call(raw, P.WORK)
     weights = task.arrays
     for _ in range(200):
@@ -1737,10 +1741,9 @@ def test_a_sync_push_without_the_model_state_leaves_the_others_state_whole(in_pr
     state array's sum by the whole round's batch sizes: one trainer leaving it out halved the
     running statistics the other trainers sent."""
     server = in_process(mode="sync", model=BN_SPEC)
-    a, b = server.client(), server.client()
+    a, b = server.join_trainer(), server.join_trainer()
     tasks = {}
     for raw in (a, b):
-        assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
         tasks[raw.wid] = server.call(raw, P.WORK)
     weights = {k: v for k, v in tasks[a.wid].arrays.items() if k in server.srv.store.params}
     state = {k: np.full(v.shape, 0.5, np.float32) for k, v in server.srv.store.state.items()}
@@ -1759,8 +1762,7 @@ def test_a_sync_trainer_gets_one_lease_at_a_time(in_process):
     the epoch's end back until its lease expired.  A push refused as a stale round while its
     sender was that batch's member did the same."""
     server = in_process(mode="sync")
-    raw = server.client()
-    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    raw = server.join_trainer()
     first = server.call(raw, P.WORK)
     assert first.type == P.TASK, first.body
     second = server.call(raw, P.WORK)
@@ -1782,9 +1784,7 @@ def test_a_sync_batch_whose_push_waits_in_the_round_is_not_leased_again(in_proce
     counted the batch twice (192 samples applied for two batches of 64).  And a stale push of a
     batch its sender still held left that lease in place, the sender refused its next task."""
     server = in_process(mode="sync")
-    a, b, c = server.client(), server.client(), server.client()
-    for raw in (a, b, c):
-        assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
+    a, b, c = server.join_trainer(), server.join_trainer(), server.join_trainer()
     task_a, task_b = server.call(a, P.WORK), server.call(b, P.WORK)
     weights = task_a.arrays
     assert server.call(a, P.PUSH, push_body(task_a), grads_like(weights)) is None      # waits for b
