@@ -360,6 +360,18 @@ def test_a_waits_retry_s_is_clamped(fake, connect, monkeypatch, overlapped):
     assert all(MIN_RETRY_S <= s <= MAX_RETRY_S for s in slept), slept
 
 
+@LOOPS
+def test_a_server_that_answers_only_wait_is_given_up(fake, connect, overlapped):
+    # Every request answered (heartbeats too), each with a wait: the trainer was parked for good.
+    # Like a request held back, it is given up after HELD_LIMIT_FACTOR times give_up_after.
+    server = fake(work=[wait(0.0)])
+    client = connect(server)
+    client.give_up_after = 0.05                 # given up after 0.5 s of waits
+    with pytest.raises(ServerUnreachable, match="answered every request with 'wait' for"):
+        run_loop(trainer_on(client), overlapped)
+    assert not server.of_type(P.PUSH)
+
+
 def test_after_a_wait_an_overlapped_trainer_computes_what_it_holds_before_asking_again(fake, connect):
     server = fake(work=[task(), wait(0.0), task(batch=1), STOP], push=[STOP])
     assert trainer_on(connect(server)).loop_overlapped() == 0

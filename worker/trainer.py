@@ -42,8 +42,8 @@ from cnn_core.flat import FlatArrays, all_finite
 from cnn_core.model import build_model
 from pscnn import protocol as P
 
-from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
-                     exit_status_unreachable, retry_delay)
+from .client import (HELD_LIMIT_FACTOR, BadReply, Client, FailureStreak, Rejoined, ServerError,
+                     ServerUnreachable, exit_status_unreachable, retry_delay)
 
 log = logging.getLogger("pscnn.worker")
 
@@ -173,6 +173,7 @@ class Trainer:
         self.samples = 0
         self._failures: FailureStreak | None = None      # loop_overlapped's, for _answer_or_none
         self._refused_pushes = 0        # pushes refused (or answered unusably) since the server last accepted one
+        self._waiting_since: float | None = None     # monotonic time of the first "wait" since the last task
 
     def setup(self, welcome: P.Message) -> None:
         """Build the model from the server's spec and load this run's training data.
@@ -243,6 +244,20 @@ class Trainer:
         else:
             failures.reset()
 
+    def _waited(self, reply: P.Message) -> None:
+        """Note a usable task or wait; ServerUnreachable once the server has said nothing but "wait" for
+        HELD_LIMIT_FACTOR times give_up_after: like a request held back for good (client._roundtrip),
+        a server that answers every request with a wait, and heartbeats too, must not park us for good."""
+        if reply.type != P.WAIT:
+            self._waiting_since = None
+            return
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif now - self._waiting_since > HELD_LIMIT_FACTOR * self.client.give_up_after:
+            raise ServerUnreachable(f"{self.client.endpoint} answered every request with 'wait' for "
+                                    f"{now - self._waiting_since:.0f} s")
+
     def _failed(self, failures: FailureStreak, exc: Exception, push: P.Message | None, then: str) -> None:
         """Count a failure (raises TooManyFailures at the limit).  ``push``: the push it answers,
         if any; its failure stays counted until the server accepts a push, unless the server
@@ -309,11 +324,13 @@ class Trainer:
                 if reply.type == P.WAIT:
                     self.check_held(reply)
                     self._usable(failures, reply, push is not None)
+                    self._waited(reply)
                     time.sleep(retry_delay(reply))
                     reply = None
                     continue
                 body = self.check_task(reply)
                 self._usable(failures, reply, push is not None)
+                self._waited(reply)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
@@ -399,6 +416,7 @@ class Trainer:
                     more = False
                     continue
                 self._usable(self._failures, reply, push is not None)
+                self._waited(reply)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 more = reply.type == P.TASK
