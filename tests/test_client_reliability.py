@@ -19,6 +19,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -59,7 +60,7 @@ class SimSocket:
     def connect(self, endpoint: str) -> None:
         self.endpoint = endpoint
 
-    def send_multipart(self, frames, copy: bool = True) -> None:
+    def send_multipart(self, frames, copy: bool = True, flags: int = 0) -> None:
         assert not self.closed, "sent on a closed socket"
         self.net.sent.append((self.net.now, self, [bytes(f) for f in frames]))
 
@@ -457,6 +458,28 @@ def test_a_submitted_request_is_sent_once(router, clients):
     work = [m.seq for _, m in server.of_type(P.WORK)]
     assert work == [pending.msg.seq, client.seq], work
     assert server.accepted <= 1, "a new connection for a request: each one throws away what is queued"
+
+
+def test_a_reply_frame_longer_than_any_message_is_refused_unread(router, clients, monkeypatch):
+    """A frame longer than the protocol allows (the server may announce any length) is refused by
+    ZeroMQ from its length prefix, closing the connection, instead of being received whole into
+    our memory and only then found malformed.  MAX_MESSAGE_BYTES made small: the test sends 2 MB."""
+    monkeypatch.setattr(P, "MAX_MESSAGE_BYTES", 1 << 20)
+    big = np.zeros(1 << 19, dtype=np.float32)             # 2 MB
+
+    def answer(rid, msg, accepted):
+        if msg.type == P.HELLO:
+            return [WELCOME]
+        header = P.encode(P.Message(P.ACK, "", msg.seq, {}))[0]
+        server.sock.send_multipart([rid, header, big], copy=False)
+        return []
+    server = router(answer)
+    client = clients(server.endpoint, give_up_after=1.0, resend_s=0.2)
+    client.connect()
+    with pytest.raises(ServerUnreachable) as exc:
+        client.request(P.WORK)
+    assert "malformed" not in str(exc.value), "the oversized reply was received"
+    assert server.accepted >= 2                             # the connection was closed, and made again
 
 
 class SlowToNotice(threading.Event):

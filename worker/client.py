@@ -202,8 +202,25 @@ class Client:
             self._open()
         frames = P.encode(msg)
         sent_at = time.monotonic()
-        self.sock.send_multipart(frames, copy=False)
+        self._send(frames)
         return frames, sent_at
+
+    def _send(self, frames: list) -> None:
+        """Send ``frames`` on the request socket, never blocking.
+
+        A connection ZeroMQ dropped for a protocol error (a frame over MAXMSGSIZE, see :meth:`_open`)
+        is not made again, and a DEALER with none blocks in send for good: reopen the socket.
+        A message that still cannot go is lost like one the server missed, and resent.
+        """
+        try:
+            self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.info("no connection to %s to send on; reconnecting", self.endpoint)
+            self._open()
+            try:
+                self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
     def _answer(self, reply: P.Message, request: str) -> P.Message:
         """A reply, or the exception that an error reply means."""
@@ -259,6 +276,9 @@ class Client:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        # No frame the protocol accepts is longer: a longer one is refused from its length prefix,
+        # closing the connection, before it takes our memory (as on the server, P.max_frame_bytes).
+        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         P.connect(self.sock, self.endpoint)
 
     def _roundtrip(self, msg: P.Message, give_up_after: float | None = None,
@@ -309,19 +329,28 @@ class Client:
                     log.info("no answer from %s for %.1f s; reconnecting", self.endpoint, now - t0)
                     self._open()
                     backoff = min(backoff * 2, self.max_backoff_s)
-                self.sock.send_multipart(frames, copy=False)
+                self._send(frames)
                 sent_at = now
 
     def _heartbeats(self) -> None:
         """Background: a heartbeat every heartbeat_s on a socket of its own."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        P.connect(sock, self.endpoint)
+        def open_socket():
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)     # an answer is a header alone (see _open)
+            P.connect(sock, self.endpoint)
+            return sock
+        sock = open_socket()
         frames = P.encode(P.Message(P.HEARTBEAT, self.wid, 0, {}))
         silent_since = None
         try:
             while not self._closing.wait(self.heartbeat_s):
-                sock.send_multipart(frames, copy=False)
+                try:
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                except zmq.Again:               # its connection dropped for good (see _send): a new one
+                    sock.close(linger=0)
+                    sock = open_socket()
+                    continue
                 answered = self._heartbeat_answered(sock)
                 if self._closing.is_set():
                     break
@@ -397,6 +426,7 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
     """
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)     # the answer is a header alone (see Client._open)
     try:
         P.connect(sock, endpoint)
         P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
