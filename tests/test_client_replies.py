@@ -441,7 +441,12 @@ BAD_WELCOMES = {"no run settings": (welcome(run={}), "no run setting 'seed'"),
                 "test_limit not an int": (welcome(run={**RUN, "test_limit": "all"}), "'test_limit' = 'all'"),
                 "empty model": (welcome(model={}), "model spec cannot be built"),
                 "unknown layer": (welcome(model={"input_shape": [1, 28, 28], "layers": [{"type": "magic"}]}),
-                                  "unknown layer type 'magic'")}
+                                  "unknown layer type 'magic'"),
+                # few parameters, but 10028 x 10028 values per channel and image: gigabytes a batch
+                "huge activations": (welcome(model={"input_shape": [1, 28, 28], "layers": [
+                    {"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 5000},
+                    {"type": "conv2d", "out_channels": 1, "kernel": 3, "stride": 10000},
+                    {"type": "flatten"}, {"type": "dense", "units": 10}]}), "values per image")}
 
 
 @pytest.mark.parametrize("case", BAD_WELCOMES)
