@@ -182,6 +182,17 @@ def test_an_evaluator_does_not_score_nan_weights(fake, evaluator):
     assert len(server.of_type(P.PULL)) == MAX_FAILURES_IN_A_ROW
 
 
+def test_an_evaluator_scores_finite_weights_that_overflow_without_numpys_warnings(fake, evaluator, recwarn):
+    """Finite weights are scored, and may overflow on the way: the final report says so (a NaN loss),
+    and NumPy's RuntimeWarnings (two lines each on stderr) are not printed, as in pscnn train."""
+    huge = {k: np.full_like(v, 3e38) if k.endswith("weight") else v for k, v in PARAMS.items()}
+    server = fake(pull=[pull_reply(True, huge)], eval_report=[ACK])
+    assert evaluator(server) == 0
+    [report] = server.of_type(P.EVAL_REPORT)
+    assert report.body["final"] and not np.isfinite(report.body["metrics"]["test_loss"])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+
+
 # ================================================================ 3: held_s
 
 HELD = {"negative task": (lambda: task(held_s=-5.0), "held_s -5.0 < 0"),

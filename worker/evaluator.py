@@ -22,6 +22,8 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from cnn_core.data import load_mnist
 from cnn_core.errors import PscnnError
 from cnn_core.metrics import evaluate
@@ -75,7 +77,10 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             done = reply.body["done"]
             if have >= 0 and (have != scored or done):
                 t = time.perf_counter()
-                m = evaluate(model, x, y)
+                # Finite weights may still overflow: the report says so (a NaN or Inf loss), and
+                # NumPy's warnings, a few lines each, would only clutter the log (as in pscnn train).
+                with np.errstate(over="ignore", invalid="ignore"):
+                    m = evaluate(model, x, y)
                 metrics = {"test_accuracy": m["accuracy"], "test_loss": m["loss"],
                            "per_class_accuracy": m["per_class_accuracy"], "confusion_matrix": m["confusion_matrix"],
                            "precision": m["precision"], "recall": m["recall"], "count": m["count"],

@@ -35,6 +35,8 @@ import math
 import signal
 import time
 
+import numpy as np
+
 from cnn_core import backend
 from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mnist, resolve_mnist_dir
 from cnn_core.errors import DataError, PscnnError
@@ -316,7 +318,8 @@ class Trainer:
                     self._zero_push)
         xb, yb = self.batch(body["epoch"], body["batch"])
         self.model.reseed((self.run["seed"], body["epoch"], body["batch"]))    # the batch's own dropout masks
-        loss, logits, grads = self.model.loss_and_grads(xb, yb)
+        with np.errstate(over="ignore", invalid="ignore"):     # a NaN or Inf loss: refused as such (see evaluator)
+            loss, logits, grads = self.model.loss_and_grads(xb, yb)
         correct = int((logits.argmax(axis=1) == yb).sum())
         return {"loss": loss, "correct": correct, "count": int(len(yb)),
                 "compute_s": time.perf_counter() - t0}, self.push_arrays(grads)
