@@ -15,6 +15,7 @@ import copy
 import functools
 import inspect
 import itertools
+import math
 
 import numpy as np
 
@@ -49,6 +50,12 @@ def _cnn_preset(c1: int, c2: int, hidden: int) -> dict:
 #: for each gradient and optimizer slot.  Checked from the spec alone, so that a
 #: typo like ``"units": 100000000`` is one line, not an allocation failure.
 MAX_PARAMETERS = 100_000_000
+#: The most values one image may take on its way through a model: every layer's
+#: output, and a convolution's padded input and im2col columns (the seed model:
+#: 0.16 M).  Parameters do not bound it: a conv padding of 5000 on 28x28 images
+#: has 40 weights, and a batch then asked for gigabytes.  64 M values are 256 MB
+#: of float32 per image; a deep model, 20 convs of 128 channels at 28x28, takes ~20 M.
+MAX_IMAGE_VALUES = 1 << 26
 
 PRESETS = {
     # Conv(1->32)-ReLU-Pool-Conv(32->64)-ReLU-Pool-Dense(3136->128)-ReLU-Dropout-Dense(128->10)
@@ -132,7 +139,8 @@ def _options(cls) -> tuple[list[str], list[str]]:
 
 
 def _check_size(layers, shape: tuple) -> None:
-    """SpecError when the layers on input ``shape`` would exceed MAX_PARAMETERS; allocates nothing."""
+    """SpecError when the layers on input ``shape`` would exceed MAX_PARAMETERS or
+    MAX_IMAGE_VALUES; allocates nothing."""
     total = 0
     for layer in layers:
         shape, count = layer.plan(shape)
@@ -143,6 +151,20 @@ def _check_size(layers, shape: tuple) -> None:
         if total > MAX_PARAMETERS:
             raise SpecError(f"model spec: the model would have {total:,} parameters by {layer.type_name} "
                             f"{layer.name!r} ({count:,}), more than the {MAX_PARAMETERS:,} a model may have")
+
+
+def _image_values(layers, shape: tuple) -> int:
+    """The values one image of ``shape`` takes through ``layers`` (planned, not built):
+    outputs, a convolution's padded input and columns, a residual block's inner layers."""
+    total = 0
+    for layer in layers:
+        out, _ = layer.plan(shape)
+        total += math.prod(out) + _image_values(getattr(layer, "layers", ()), shape)
+        if isinstance(layer, Conv2D):
+            (h, w, c), (kh, kw), (ph, pw) = shape, layer.kernel, layer.padding
+            total += (h + 2 * ph) * (w + 2 * pw) * c + out[0] * out[1] * c * kh * kw
+        shape = out
+    return total
 
 
 class Model:
@@ -173,6 +195,10 @@ class Model:
         c, h, w = self.spec["input_shape"]
         shape = (h, w, c)                      # channels-last inside the network
         _check_size(self.layers, shape)
+        values = _image_values(self.layers, shape)
+        if values > MAX_IMAGE_VALUES:
+            raise SpecError(f"model spec: one image would take {values:,} values through the layers, "
+                            f"more than the {MAX_IMAGE_VALUES:,} a model may take")
         rng = np.random.default_rng(self.seed)
         built: dict = {}
         self.state: dict = {}

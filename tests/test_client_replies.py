@@ -446,7 +446,7 @@ BAD_WELCOMES = {"no run settings": (welcome(run={}), "no run setting 'seed'"),
                 "huge activations": (welcome(model={"input_shape": [1, 28, 28], "layers": [
                     {"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 5000},
                     {"type": "conv2d", "out_channels": 1, "kernel": 3, "stride": 10000},
-                    {"type": "flatten"}, {"type": "dense", "units": 10}]}), "values per image")}
+                    {"type": "flatten"}, {"type": "dense", "units": 10}]}), "values through the layers")}
 
 
 @pytest.mark.parametrize("case", BAD_WELCOMES)

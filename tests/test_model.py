@@ -435,6 +435,27 @@ def test_parameter_cap_counts_the_whole_model(monkeypatch):
     assert build_model(spec).num_parameters() == 2133                              # exactly at the cap: fine
 
 
+def test_activations_too_big_for_memory_are_refused_before_allocating(monkeypatch):
+    """40 weights, but a padding of 5000 on 28x28: a batch asked for gigabytes (a MemoryError
+    traceback).  Counted per image: outputs, a conv's padded input and columns, residual insides."""
+    spec = _spec({"type": "conv2d", "out_channels": 4, "kernel": 3, "padding": 5000},
+                 {"type": "conv2d", "out_channels": 1, "kernel": 3, "stride": 10000}, *FLAT_TAIL,
+                 input_shape=(1, 28, 28))
+    with pytest.raises(SpecError, match=r"one image would take 1,809,412,431 values through the layers, "
+                                        r"more than the 67,108,864 a model may take"):
+        build_model(spec)
+    # (8x8 + padded 10x10 + columns 8x8x9) + 192 + 3; a residual block's insides count too
+    small = _spec({"type": "conv2d", "out_channels": 1, "kernel": 3, "padding": 1}, *FLAT_TAIL)
+    assert model_module._image_values(build_model(small).layers, (8, 8, 1)) == 64 + 100 + 576 + 64 + 3
+    block = _spec({"type": "residual", "layers": [{"type": "relu"}]}, *FLAT_TAIL)
+    assert model_module._image_values(build_model(block).layers, (8, 8, 1)) == 64 + 64 + 64 + 3
+    monkeypatch.setattr(model_module, "MAX_IMAGE_VALUES", 64 + 100 + 576 + 64 + 3)
+    build_model(small)                                                            # exactly at the cap: fine
+    monkeypatch.setattr(model_module, "MAX_IMAGE_VALUES", 64 + 100 + 576 + 64 + 2)
+    with pytest.raises(SpecError, match="one image would take 807 values"):
+        build_model(small)
+
+
 @pytest.mark.parametrize("spec", ["seed", "light", SMALL_SPEC])
 def test_planned_parameter_counts_match_the_built_model(spec):
     model = build_model(spec)

@@ -41,7 +41,6 @@ from cnn_core import backend
 from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mnist, resolve_mnist_dir
 from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays, all_finite
-from cnn_core.layers import Conv2D
 from cnn_core.model import build_model
 from pscnn import protocol as P
 
@@ -77,42 +76,17 @@ def check_run(run: dict, required: tuple = ()) -> dict:
     return run
 
 
-# The most values one image may take on its way through the server's model: every layer's
-# output, and a convolution's padded input and im2col columns (the seed model: ~0.1 M).  Its
-# parameters are bounded where it is built (cnn_core.model.MAX_PARAMETERS), its activations
-# nowhere: a conv padding of 5000 on 28x28 images built in an instant, and the first batch then
-# asked for gigabytes (a MemoryError traceback, or the OOM killer).  16 M values are 64 MB of
-# float32 per image, 2 GB for the 32 images of a CPU chunk (Model.CPU_CHUNK).
-MAX_IMAGE_VALUES = 1 << 24
-
-
 def model_from_welcome(spec, device: str, seed: int = 0, data=None):
-    """The server's model, or BadReply if its spec cannot be built, would take more than
-    MAX_IMAGE_VALUES per image (or, given ``data`` (x, y), does not take those images or
-    cannot score those labels)."""
+    """The server's model, or BadReply if its spec cannot be built (too big included: more
+    parameters or values per image than cnn_core.model allows) or, given ``data`` (x, y),
+    does not take those images or cannot score those labels."""
     try:
         model = build_model(spec, seed=seed, device=device)
     except PscnnError as exc:                   # SpecError: the server's spec, not ours
         raise BadReply(f"the server's model spec cannot be built: {P.one_line(exc)}") from None
-    values = _image_values(model.layers)        # from the shapes alone: nothing computed yet
-    if values > MAX_IMAGE_VALUES:
-        raise BadReply(f"the server's model would take {values:,} values per image through its layers, "
-                       f"more than the {MAX_IMAGE_VALUES:,} a worker takes")
     if data is not None:
         check_model_fits(model, *data)
     return model
-
-
-def _image_values(layers) -> int:
-    """The values one image takes through ``layers`` (built): outputs, a convolution's padded input
-    and columns, a residual block's inner layers."""
-    total = 0
-    for layer in layers:
-        total += math.prod(layer.out_shape) + _image_values(getattr(layer, "layers", ()))
-        if isinstance(layer, Conv2D):
-            (h, w, c), (kh, kw), (ph, pw) = layer.in_shape, layer.kernel, layer.padding
-            total += (h + 2 * ph) * (w + 2 * pw) * c + math.prod(layer.out_shape[:2]) * c * kh * kw
-    return total
 
 
 def check_model_fits(model, x, y) -> None:
