@@ -917,6 +917,9 @@ class ParameterServer:
         if self.work.done and self.t_train_end is None:
             self.t_train_end = now
             log.info("training finished: %d updates, %d samples applied", self.store.version, self.samples_applied)
+            # Now, before any reply says training is over: trainers told so exit for good, and a
+            # server killed before its end's checkpoint resumed from an older one with none left.
+            self._checkpoint()
 
     def _timeline(self, contributions: list) -> list:
         """A step record's ``timeline``: ``[worker, answered_s, arrived_s, compute_s]`` per push,
@@ -1136,8 +1139,10 @@ class ParameterServer:
     def _finish(self, now: float) -> bool:
         if self.t_finish_start is None:
             self.t_finish_start = now
-            if self.failure is None:       # else the last periodic checkpoint stays: a state before the failure
-                self._checkpoint()          # tried again with the run's other outputs if it fails
+            # else the last periodic checkpoint stays: a state before the failure; tried again with
+            # the run's other outputs if it fails (written already when training finished here)
+            if self.failure is None and self.checkpointed_version != self.store.version:
+                self._checkpoint()
             for p in list(self.peers.values()):     # parked trainers learn it is over
                 if p.role == "trainer" and p.pending and p.parked_since:
                     self._give_task(p, now, p.parked_ack)

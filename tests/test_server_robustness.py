@@ -952,6 +952,18 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_takes_the_eva
     assert summary["test_accuracy"] == 0.75 and summary["train_seconds"] == pytest.approx(trained_s, abs=1e-3)
 
 
+def test_the_end_is_checkpointed_before_any_trainer_is_told_training_is_over(in_process):
+    """A trainer told "training finished" exits for good.  The end's checkpoint came only with
+    the next housekeeping, after those replies: a server killed in between (kill -9 right after
+    the last update) resumed from an older checkpoint, with no trainer left to train the rest,
+    and waited for ever.  Here no housekeeping runs at all, as if the server died then."""
+    server = in_process(epochs=1, checkpoint_every=0)
+    assert _push_all(server, _trainer(server)) == server.srv.work.batches_per_epoch
+    meta = load_checkpoint(Path(server.srv.cfg.out) / "checkpoint.npz")[1]
+    assert meta["step"] == server.srv.store.version == server.srv.work.batches_per_epoch
+    assert meta["extra"]["work"]["epoch"] == 1 and meta["extra"]["work"]["applied"] == []
+
+
 def test_no_periodic_checkpoint_before_training_starts(in_process):
     """At the start barrier nothing has changed: a version-0 checkpoint made the next run in the
     folder warn of an "unfinished run"."""
