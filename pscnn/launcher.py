@@ -542,7 +542,7 @@ def _print_report(s: dict, summary_path: Path) -> None:
     dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
     requeued = s.get("lease_requeues") or 0
     refused = sum((s.get("rejected_messages") or {}).values())
-    if dead or requeued or refused:     # what the run survived (this server's incarnation)
+    if dead or requeued or refused:     # what the run survived (every incarnation of its server)
         print(f"  faults             {dead} declared dead, {requeued} lease{'s' * (requeued != 1)} requeued, "
               f"{refused} message{'s' * (refused != 1)} refused")
     reached = s.get("time_to_accuracy") or {}

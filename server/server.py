@@ -1305,6 +1305,9 @@ class ParameterServer:
                  "staleness": {str(k): v for k, v in self.staleness.items()},
                  "evaluations": self.evaluations, "contributors": self.contributors,
                  "workers_most": self.workers_most,
+                 # what the run survived so far (summary.json's), not only since the last restart
+                 "peers_dropped": dict(self.drops), "lease_requeues": self.work.requeued_total,
+                 "rejected_messages": dict(self.rejected),
                  "train_seconds": self._train_clock(time.monotonic()), "mode": self.cfg.mode,
                  "seed": self.cfg.seed}
         t = time.perf_counter()
@@ -1354,6 +1357,9 @@ class ParameterServer:
         self._evaluation_at = {e["version"]: i for i, e in enumerate(self.evaluations)}
         self.contributors = checked["contributors"]
         self.workers_before = checked["workers_most"]
+        self.drops = Counter(checked["peers_dropped"])
+        self.work.requeued_total = checked["lease_requeues"]
+        self.rejected = Counter(checked["rejected_messages"])
         self.train_seconds_before = checked["train_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s
             self.t_train_end = self.t_start
@@ -1466,6 +1472,11 @@ class ParameterServer:
                 raise _Bad(f"extra.contributors[{_show(k)}]", f"must be a worker name (a string), got {_show(v)}")
         workers_most = extra.get("workers_most")     # absent from checkpoints of earlier versions
         workers_most = len(contributors) if workers_most is None else _int(workers_most, "extra.workers_most")
+        counts = {}         # the fault counters (absent from checkpoints of earlier versions)
+        for key in ("peers_dropped", "rejected_messages"):
+            counts[key] = {k: _int(v, f"extra.{key}[{_show(k)}]")
+                           for k, v in _mapping(extra.get(key, {}), f"extra.{key}").items()}
+        lease_requeues = _int(extra.get("lease_requeues", 0), "extra.lease_requeues")
         evaluations = []
         raw = _field(extra, "evaluations", "extra.")
         if not isinstance(raw, list):
@@ -1484,7 +1495,8 @@ class ParameterServer:
                 "final": e["final"]})
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
                 "train_seconds": train_seconds, "staleness": staleness, "contributors": dict(contributors),
-                "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings}
+                "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings,
+                "lease_requeues": lease_requeues, **counts}
 
     # ================================================================== status
     def _mean_loss(self) -> float | None:

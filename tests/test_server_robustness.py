@@ -964,6 +964,28 @@ def test_the_end_is_checkpointed_before_any_trainer_is_told_training_is_over(in_
     assert meta["extra"]["work"]["epoch"] == 1 and meta["extra"]["work"]["applied"] == []
 
 
+def test_what_the_run_survived_is_counted_across_a_resume(in_process):
+    """summary.json's peers_dropped, lease_requeues and rejected_messages counted only since the
+    last restart: a run resumed after a worker was declared dead reported none, while its
+    metrics.jsonl listed the drop."""
+    first = in_process(epochs=2)
+    raw = _trainer(first)
+    assert first.call(raw, P.WORK).type == P.TASK
+    assert first.call(raw, P.BYE, {"reason": "cut"}).type == P.ACK               # its lease requeued
+    assert first.call(raw, P.WORK).body["code"] == "unknown_worker"              # refused
+    assert first.srv._checkpoint()
+    first.srv.writer.close()
+    first.close()
+
+    again = in_process(Path(first.srv.cfg.out), epochs=2, resume=True)
+    _push_all(again, _trainer(again))
+    again.srv.final_eval = {"test_accuracy": 0.5, "test_loss": 1.0}              # as if the evaluator had reported
+    again.srv._housekeeping(time.monotonic())
+    summary = json.loads((Path(again.srv.cfg.out) / "summary.json").read_text())
+    assert summary["peers_dropped"] == {"left": 1}
+    assert summary["lease_requeues"] == 1 and summary["rejected_messages"] == {"unknown_worker": 1}
+
+
 def test_no_periodic_checkpoint_before_training_starts(in_process):
     """At the start barrier nothing has changed: a version-0 checkpoint made the next run in the
     folder warn of an "unfinished run"."""
