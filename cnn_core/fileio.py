@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
+
+
+_TMP_ID_LEN = 12
+_TMP_NAME = re.compile(rf"^\..+\.[0-9a-f]{{{_TMP_ID_LEN}}}\.tmp$")
 
 
 @contextlib.contextmanager
@@ -22,7 +27,7 @@ def atomic_write(path, mode: str = "wb", encoding: str | None = None):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:_TMP_ID_LEN]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
@@ -35,6 +40,20 @@ def atomic_write(path, mode: str = "wb", encoding: str | None = None):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+    """Remove what :func:`atomic_write` left in ``folder`` when its process was killed mid-write
+    (a SIGKILL during a checkpoint: ``.checkpoint.npz.<id>.tmp``, as large as the checkpoint).
+    Only for a folder the caller alone writes (a run folder, under its lock).  Returns the names."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if _TMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return sorted(removed)
 
 
 def _fsync_folder(folder: str) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_stale_temporaries
 from .errors import PscnnError
 
 __all__ = ["RunWriter", "RunLogError", "check_folder_free", "read_metrics", "make_plots", "to_jsonable",
@@ -240,6 +240,9 @@ class RunWriter:
     def __init__(self, out_dir, config: dict, resume: bool = False):
         self.out_dir = make_folder(out_dir)
         self._folder_lock = _lock_folder(self.out_dir)       # before anything in it is written
+        stale = remove_stale_temporaries(self.out_dir)        # ours alone now: a killed writer's leftovers
+        if stale:
+            log.info("%s: removed %s, left by a process killed mid-write", self.out_dir, ", ".join(stale))
         self.config_path = self.out_dir / CONFIG_FILE
         self.metrics_path = self.out_dir / METRICS_FILE
         self.summary_path = self.out_dir / SUMMARY_FILE

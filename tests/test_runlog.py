@@ -108,6 +108,20 @@ def test_writer_without_resume_truncates(tmp_path):
     assert strict_json((tmp_path / "config.json").read_text()) == {"second": True}
 
 
+def test_a_writer_removes_what_a_killed_writer_left_half_written(tmp_path, caplog):
+    """A SIGKILL during a checkpoint left .checkpoint.npz.<id>.tmp (as large as the checkpoint)
+    for good; the next writer of the folder, which holds its lock, removes such files only."""
+    stale = tmp_path / ".checkpoint.npz.0123456789ab.tmp"
+    stale.write_bytes(b"x" * 100)
+    kept = [tmp_path / name for name in (".checkpoint.npz.tmp", "notes.0123456789ab.tmp", "checkpoint.npz")]
+    for path in kept:
+        path.write_bytes(b"keep")
+    with caplog.at_level(logging.INFO, logger="cnn_core.runlog"), RunWriter(tmp_path, {}, resume=True):
+        pass
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert "removed .checkpoint.npz.0123456789ab.tmp, left by a process killed mid-write" in caplog.text
+
+
 def test_an_unwritable_config_json_is_named_once(tmp_path):
     # it read "OUT/metrics.jsonl: cannot write: OUT/config.json: cannot write: Is a directory"
     (tmp_path / "config.json").mkdir()
