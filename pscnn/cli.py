@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in, the folder, verify each one's checksum, and print the folder. "
                                    "MNIST_DIR is not consulted: it names a folder that already holds the files.")
     p.add_argument("--dir", type=_path, default=None,
-                   help="the folder to fill (default: $PSCNN_CACHE_DIR, else ~/.cache/pscnn/mnist)")
+                   help="the folder to fill (default: $PSCNN_CACHE_DIR, else $XDG_CACHE_HOME/pscnn/mnist, "
+                        "else ~/.cache/pscnn/mnist)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("bench", help="throughput-scaling experiments")

@@ -8,7 +8,7 @@
 
 Every benchmark writes ``<name>.csv``, ``<name>.json`` and PNG plots into
 ``--out``, shows a progress bar, and runs for a bounded time (``--seconds``
-per point x points x ``--trials``).  Bad options are found before anything
+per point x points x ``--trials``; time-to-accuracy: ``--max-seconds`` per run).  Bad options are found before anything
 starts (one line, exit 2); a server or worker that fails anyway is reported in
 one line, with its last log line (exit 1), never as a traceback.  The processes a benchmark starts run
 without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides of the build

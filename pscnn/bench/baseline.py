@@ -1,6 +1,6 @@
 """The single-process baseline: ``pscnn train``'s step rate, in a process of its own.
 
-    python -m pscnn.bench.baseline --batch 64 --threads 1 --seconds 5 [--model seed] [--mnist-dir D]
+    OPENBLAS_NUM_THREADS=1 python -m pscnn.bench.baseline --batch 64 --seconds 5 [--model seed] [--mnist-dir D]
 
 One step is what a single-process ``pscnn train`` does per batch: forward,
 softmax cross-entropy, backward, and the SGD-momentum update, on real MNIST
