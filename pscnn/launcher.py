@@ -335,6 +335,8 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
                                          "--test-limit", str(args.test_limit)])
             bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True)
             status = _follow(cluster, bar)
+            if status == 0 and outputs.finished():
+                _finish_bar(bar, outputs.summary)
             bar.close()
             if status != 0:             # the server failed, or was stopped (and _follow said why)
                 return _ended_early(cluster, outputs, status)
@@ -346,6 +348,23 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
             _say(child_exit_message(cluster, name, code))
     print_report(outputs.summary)
     return 1 if failed or late else 0
+
+
+def _finish_bar(bar, summary_path: Path) -> None:
+    """The bar's last state from the run's summary.json.  The server ends the run between two of
+    _follow's status polls, and writes its summary after the final evaluation: the bar was left at
+    the last status seen (6/32 batches and no accuracy with --no-evaluator; the evaluation before the
+    final one otherwise), above a report with other figures."""
+    try:
+        s = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return                          # print_report says so
+    if s.get("status") == "complete" and bar.total:
+        bar.n = bar.total
+    acc = s.get("test_accuracy")
+    if isinstance(acc, float):
+        bar.set_description(f"test acc {acc:.4f}", refresh=False)
+    bar.refresh()
 
 
 def _clients_exit(cluster: LocalCluster, patience: float) -> tuple[dict, list]:

@@ -397,6 +397,23 @@ def test_a_client_that_exited_with_an_error_at_the_end_makes_the_run_exit_1(run_
     assert "run finished: mode" in captured.out
 
 
+def test_the_bar_ends_on_the_runs_final_figures(run_in_process, tmp_path):
+    """The server ends the run between two status polls: the bar was closed as last seen, 7 of 40
+    batches and the accuracy before the final evaluation, above a report saying 0.9."""
+    bars = []
+
+    def follow(cluster, bar):
+        bar.total, bar.n = 40, 7
+        bar.set_description("test acc 0.1380", refresh=False)
+        bars.append(bar)
+        write_run_outputs(tmp_path / "run", summary=SUMMARY)
+        return 0
+    code, _ = run_in_process(follow=follow)
+    assert code == 0
+    assert bars[0].n == 40
+    assert bars[0].desc.startswith("test acc 0.9000")
+
+
 def test_an_unusable_logs_folder_or_log_file_is_one_line(tmp_path):
     """OUT/logs a file: "OUT/logs: cannot write: File exists"; OUT/logs/server.log a folder: a traceback."""
     from cnn_core.runlog import RunLogError
