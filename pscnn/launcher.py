@@ -505,6 +505,9 @@ def _follow(cluster: LocalCluster, bar) -> int:
             acc = st.get("test_accuracy")
             if st.get("started") is False:      # the start barrier: workers still loading their data
                 state = f"waiting for the workers: {st['ready']} of {len(workers)} ready"
+                # what a resumed run had done before: not done at this run's rate (tqdm's batch/s
+                # and time left count from it; a resumed run's showed twice its rate)
+                bar.initial = st["batches_done"]
             elif st.get("loss") is None:
                 state = "starting"
             else:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tqdm import tqdm
 
 from cnn_core.checkpoint import save_checkpoint
 from pscnn import cli, launcher
@@ -687,6 +688,24 @@ def test_follow_shows_progress_and_the_start_barrier_on_the_bar(stand_ins):
     assert launcher._follow(stand_ins, bar) == 0
     assert (bar.total, bar.n) == (40, 7)
     assert bar.postfix == "waiting for the workers: 1 of 1 ready"
+
+
+def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
+    """A resumed run starts at the checkpoint's 408 of 938 batches: tqdm took them as done in this
+    run's time, and showed twice its batches/s and too short a time left."""
+    bar, answers = tqdm(total=None, file=io.StringIO()), []
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 3:
+            stand_ins.end(0)
+        if len(answers) == 1:
+            return {"started": False, "ready": 0, "batches_total": 938, "batches_done": 408, "done": False}
+        return {"started": True, "batches_total": 938, "batches_done": 500, "done": False, "loss": None}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, bar) == 0
+    assert (bar.n, bar.initial) == (500, 408)
+    assert bar.format_dict["initial"] == 408          # tqdm's rate: (n - initial) / elapsed
 
 
 def test_follow_stops_the_run_when_every_worker_left_before_the_end(stand_ins, capsys):
