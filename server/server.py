@@ -691,7 +691,8 @@ class ParameterServer:
         """Forget a peer: requeue its leases, take it out of barriers."""
         self.peers.pop(peer.wid, None)
         self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())   # not there: a hello took it out
-        self.drops[why.split(" (")[0]] += 1
+        if not self.over:   # what the run survived: not the evaluator's goodbye after the final evaluation,
+            self.drops[why.split(" (")[0]] += 1     # counted in summary.json when it came before the summary
         if len(self.dropped) > DROPPED_MEMORY:
             self.dropped.popitem(last=False)
         requeued = self.work.release_worker(peer.wid)

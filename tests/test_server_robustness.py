@@ -34,6 +34,7 @@ from cnn_core.checkpoint import load_checkpoint
 from cnn_core.config import nests_within
 from cnn_core.errors import CheckpointError
 from cnn_core.model import build_model
+from cnn_core.runlog import read_metrics
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, query_status, wait_for
 from server.server import ParameterServer
@@ -1033,6 +1034,22 @@ def test_the_final_report_is_the_runs_result_and_replaces_the_periodic_one(in_pr
     checkpoint = (out / "checkpoint.npz").stat().st_mtime_ns
     server.srv._housekeeping(now + 5.0)
     assert (out / "checkpoint.npz").stat().st_mtime_ns == checkpoint
+
+
+def test_the_evaluators_goodbye_after_the_final_evaluation_is_no_drop(in_process):
+    """The evaluator sends its final report, then says goodbye: summary.json's peers_dropped (what
+    the run survived) said {"left": 1} when that goodbye came before the summary was written, {}
+    when after; the leave itself is still logged."""
+    server = in_process(epochs=1)
+    _push_all(server, _trainer(server))
+    ev = _evaluator(server)
+    _report(server, ev, server.srv.store.version, True, 0.5)
+    assert server.call(ev, P.BYE, {"reason": "final evaluation sent"}).type == P.ACK
+    server.srv._housekeeping(time.monotonic())
+    out = Path(server.srv.cfg.out)
+    assert json.loads((out / "summary.json").read_text())["peers_dropped"] == {}
+    leaves = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "leave"]
+    assert [r["reason"] for r in leaves] == ["left (final evaluation sent)"]
 
 
 def test_an_evaluator_that_left_politely_is_not_waited_for_at_the_end(in_process, caplog):
