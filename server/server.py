@@ -341,6 +341,9 @@ class ParameterServer:
         self._rejected_unlogged = 0
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.t_start = time.monotonic()
+        # The training clock (throughput, time to accuracy) runs from the first batch handed out,
+        # as pscnn train's runs over its loop: not while the workers load their data.
+        self.t_train_start: float | None = None
         self.t_train_end: float | None = None
         self.t_finish_start: float | None = None
         self.summary_written = False
@@ -767,6 +770,8 @@ class ParameterServer:
             peer.clock = self._ssp_start_clock(peer)
             peer.clock_behind = False
         lease = self.work.lease(peer.wid, now)
+        if lease is not None and self.t_train_start is None:
+            self.t_train_start = now
         if lease is None and self.cfg.mode == "sync":
             self._park(peer, now, ack)  # the epoch is draining: the next task comes when the round closes
             return
@@ -1214,8 +1219,11 @@ class ParameterServer:
             return {}
 
     def _train_clock(self, now: float) -> float:
+        """Seconds of training, this incarnation's from its first batch handed out, earlier ones' added."""
+        if self.t_train_start is None:
+            return self.train_seconds_before
         end = self.t_train_end if self.t_train_end is not None else now
-        return self.train_seconds_before + (end - self.t_start)
+        return self.train_seconds_before + (end - self.t_train_start)
 
     def _write_summary(self, now: float) -> None:
         m = self.final_eval or {}
@@ -1363,7 +1371,7 @@ class ParameterServer:
         self.rejected = Counter(checked["rejected_messages"])
         self.train_seconds_before = checked["train_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s
-            self.t_train_end = self.t_start
+            self.t_train_start = self.t_train_end = self.t_start
         for warning in checked["warnings"]:     # only once the whole checkpoint was accepted
             log.warning("%s", warning)
         # said once serving (pscnn run builds a server only to check its --resume first)
