@@ -325,7 +325,7 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
     with cluster:
         bar, codes = None, {}
         try:                            # from the first child on: a signal must stop every one started
-            print(f"pscnn run: server on {cluster.endpoint}, {args.workers} workers, mode {args.mode}, "
+            print(f"pscnn run: server on {cluster.endpoint}, {counted(args.workers, 'worker')}, mode {args.mode}, "
                   f"logs in {cluster.logs}", file=sys.stderr)
             cluster.start_server(flags_from(args, SERVER_FLAGS))
             for i in range(args.workers):
@@ -546,13 +546,18 @@ def print_report(summary_path: Path) -> None:
             pass
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``: the report's counts."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _print_report(s: dict, summary_path: Path) -> None:
     def number(key: str) -> str:
         value = s.get(key)
         return f"{value:.4f}" if isinstance(value, float) else "n/a"
 
     stale = s.get("staleness", {})
-    print(f"\nrun finished: mode {s['mode']}, {s['workers']} workers, {s['epochs']} epochs")
+    print(f"\nrun finished: mode {s['mode']}, {counted(s['workers'], 'worker')}, {counted(s['epochs'], 'epoch')}")
     if s.get("status") == "diverged":
         print(f"  status             diverged: {s.get('error')}")
     print(f"  test accuracy      {number('test_accuracy')}")
@@ -565,8 +570,8 @@ def _print_report(s: dict, summary_path: Path) -> None:
     requeued = s.get("lease_requeues") or 0
     refused = sum((s.get("rejected_messages") or {}).values())
     if dead or requeued or refused:     # what the run survived (every incarnation of its server)
-        print(f"  faults             {dead} declared dead, {requeued} lease{'s' * (requeued != 1)} requeued, "
-              f"{refused} message{'s' * (refused != 1)} refused")
+        print(f"  faults             {dead} declared dead, {counted(requeued, 'lease')} requeued, "
+              f"{counted(refused, 'message')} refused")
     reached = s.get("time_to_accuracy") or {}
     if reached:
         print("  time to accuracy   " + ", ".join(f"{float(m):.0%}: {r['seconds']:.1f} s" for m, r in reached.items())

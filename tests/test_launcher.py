@@ -513,7 +513,7 @@ def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(tmp_path,
     captured = capsys.readouterr()
     assert "pscnn run: the server had ended the run (summary.json written); its report follows" in captured.err
     assert "--resume" not in captured.err
-    assert "run finished: mode sync, 1 workers, 1 epochs" in captured.out
+    assert "run finished: mode sync, 1 worker, 1 epoch" in captured.out
     assert "test accuracy      0.9000" in captured.out
     assert ("status             diverged: training diverged" in captured.out) == (status == "diverged")
 

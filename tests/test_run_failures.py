@@ -177,7 +177,7 @@ def test_pscnn_run_stops_when_its_evaluator_fails_at_startup(tmp_path, mnist_dir
         assert "the evaluator left (error); scoring the final weights here" in server_log, server_log[-3000:]
         assert "interrupted" not in server_log and "waiting up to" not in server_log, server_log[-3000:]
         assert json.loads((out / "summary.json").read_text())["status"] == "complete"
-        assert "run finished: mode sync, 1 workers, 1 epochs" in run.stdout, run.stdout
+        assert "run finished: mode sync, 1 worker, 1 epoch" in run.stdout, run.stdout
         # The launcher saw the evaluator's exit while the server ran (it stopped the server, then
         # found the summary), or only after the server had exited 0 (the evaluator, at nice +10,
         # can outlive its goodbye by a second on a busy machine): then it reports the run and
