@@ -834,6 +834,13 @@ class ParameterServer:
                             peer.name, peer.nonfinite_streak)
             if self.cfg.mode == "sync":
                 self._maybe_close_round(now)
+            elif self.cfg.mode == "ssp" and requeued:
+                # Its sender holds no lease now: the SSP bound it held may have moved (else a
+                # slowest trainer sending only NaN keeps the others parked until the run is
+                # declared diverged on its pushes alone), and back at work it starts from the
+                # slowest clock at work, as after an expired lease.
+                peer.clock_behind = True
+                self._release_parked(now)
             return
         if not live:
             self._give_task(peer, now, {"applied": False, "reason": "batch already applied or epoch over"})

@@ -1552,6 +1552,38 @@ def test_ssp_trainers_without_a_lease_do_not_hold_the_others_back(tmp_path):
         s.close()
 
 
+def test_ssp_a_refused_push_of_the_slowest_trainer_releases_the_ones_it_held_back(in_process):
+    """A refused push gives its batch back, so its sender holds back nobody until it asks again,
+    and then starts from the slowest clock at work (as after an expired lease).  The parked
+    trainers were not told: a slowest trainer sending only NaN kept a healthy one parked, and
+    its NaN pushes alone (32 in a row) then stopped the run as diverged."""
+    limit = ParameterServer.NONFINITE_LIMIT
+    server = in_process(mode="ssp", staleness=1, train_limit=3200, lease_timeout=1000.0)   # 50 batches
+    good, bad = server.join_trainer(), server.join_trainer()
+    task, held = server.call(good, P.WORK), server.call(bad, P.WORK)
+    weights = task.arrays
+    task = server.call(good, P.PUSH, push_body(task), grads_like(weights))
+    assert task.type == P.TASK, task.body
+    task = server.call(good, P.PUSH, push_body(task), grads_like(weights))
+    assert task is None                             # two ahead of bad: parked
+    clocks = {raw.wid: server.srv.peers[raw.wid] for raw in (good, bad)}
+    for i in range(4 * limit):
+        refused = server.call(bad, P.PUSH, push_body(held, loss=None), grads_like(weights))
+        assert refused.type == P.ERROR and refused.body["code"] == "non_finite", refused.body
+        if task is None:                            # released: bad holds nobody back without a lease
+            got = good.recv(0.5)
+            assert got is not None and got[0].type == P.TASK, (i, got and got[0].body)
+            task = got[0]
+        held = server.call(bad, P.WORK)
+        assert held.type == P.TASK, held.body
+        assert clocks[good.wid].clock - clocks[bad.wid].clock <= 1, i     # the bound, both at work
+        good.send(good.frames(P.PUSH, push_body(task), grads_like(weights)))
+        server.handle_one()
+        got = good.recv(0.05)                       # the next task, or parked
+        task = got and got[0]
+    assert server.srv.failure is None and server.srv.store.version == 2 + 4 * limit
+
+
 def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
     s = Server(tmp_path, [*SYNC_FLAGS, "--wait-for-workers", "2"])
     try:
