@@ -281,7 +281,7 @@ class Peer:
     known_version: int = -1             # newest weights version this peer was sent
     clock: int = 0                      # ssp: pushes applied
     in_round: bool = False              # sync: its push waits in round_arrived for the round to close
-    clock_behind: bool = False          # ssp: a lease of it expired; its clock catches up at its next task
+    clock_behind: bool = False          # ssp: joined, or a lease of it expired; its clock catches up at its next task
     nonfinite_streak: int = 0           # its NaN/Inf pushes since its last applied one
     pushes: int = 0
     samples: int = 0
@@ -669,6 +669,9 @@ class ParameterServer:
                     last_seq=msg.seq)
         if self.cfg.mode == "ssp":
             peer.clock = self._ssp_start_clock(peer)
+            # and again at its first task: a trainer asks for work only once its data is loaded,
+            # and with the clock it joined at it held back every trainer that pushed meanwhile
+            peer.clock_behind = True
         self.peers[wid] = peer
         if peer.role == "evaluator":
             self.evaluator_left = None

@@ -1552,6 +1552,25 @@ def test_ssp_trainers_without_a_lease_do_not_hold_the_others_back(tmp_path):
         s.close()
 
 
+def test_ssp_a_trainer_that_joined_and_asks_later_starts_from_the_slowest_clock_at_work(in_process):
+    """A trainer asks for work only once its training set is loaded.  It kept the clock it
+    joined at, so the trainers that pushed meanwhile were parked as soon as it asked, until it
+    had made up their pushes alone."""
+    server = in_process(mode="ssp", staleness=1, train_limit=1280, lease_timeout=1000.0)
+    fast = server.join_trainer()
+    task = server.call(fast, P.WORK)
+    weights = task.arrays
+    late = server.join_trainer()                    # joins at fast's clock (0), then loads its data
+    for _ in range(4):
+        task = server.call(fast, P.PUSH, push_body(task), grads_like(weights))
+        assert task.type == P.TASK and task.body["ack"]["applied"] is True, task.body
+    held = server.call(late, P.WORK)
+    assert held.type == P.TASK, held.body
+    assert server.srv.peers[late.wid].clock == server.srv.peers[fast.wid].clock == 4
+    task = server.call(fast, P.PUSH, push_body(task), grads_like(weights))       # one ahead of late: served
+    assert task is not None and task.type == P.TASK and task.body["ack"]["applied"] is True
+
+
 def test_ssp_a_refused_push_of_the_slowest_trainer_releases_the_ones_it_held_back(in_process):
     """A refused push gives its batch back, so its sender holds back nobody until it asks again,
     and then starts from the slowest clock at work (as after an expired lease).  The parked
