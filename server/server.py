@@ -781,6 +781,9 @@ class ParameterServer:
         held_s = now - peer.parked_since if peer.parked_since else 0.0
         peer.parked_since = 0.0
         if lease is None:
+            # ssp: without a lease it holds nobody back while the others finish the epoch, so
+            # back at work it starts from the slowest clock at work (not behind it, over the bound)
+            peer.clock_behind = self.cfg.mode == "ssp"
             body = {"retry_s": 0.05, "held_s": held_s, "reason": "epoch draining"}
             if ack is not None:
                 body["ack"] = ack
@@ -846,6 +849,8 @@ class ParameterServer:
                 self._release_parked(now)
             return
         if not live:
+            # ssp: its lease went with the batch, applied by another (it held nobody back since)
+            peer.clock_behind = self.cfg.mode == "ssp"
             self._give_task(peer, now, {"applied": False, "reason": "batch already applied or epoch over"})
             return
         if self.cfg.mode == "sync":

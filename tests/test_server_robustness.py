@@ -1571,6 +1571,50 @@ def test_ssp_a_trainer_that_joined_and_asks_later_starts_from_the_slowest_clock_
     assert task is not None and task.type == P.TASK and task.body["ack"]["applied"] is True
 
 
+def test_ssp_a_trainer_back_at_work_after_a_wait_or_a_batch_applied_by_another_starts_from_the_slowest_clock(
+        in_process):
+    """Told to wait (the epoch draining), or its lease gone with the batch another applied, a
+    trainer holds no lease and nobody back: the others push on.  It came back with its old clock,
+    and the others' next pushes were applied more than --staleness ahead of it."""
+    def push(server, raw, task, weights):
+        reply = server.call(raw, P.PUSH, push_body(task), grads_like(weights))
+        assert reply is not None and reply.type in (P.TASK, P.WAIT), reply and reply.body
+        return reply
+
+    # A wait: 3 batches an epoch
+    server = in_process(mode="ssp", staleness=1, train_limit=192, epochs=3, lease_timeout=1000.0)
+    a, b = server.join_trainer(), server.join_trainer()
+    ta, tb = server.call(a, P.WORK), server.call(b, P.WORK)
+    weights = ta.arrays
+    ta = push(server, a, ta, weights)               # a: clock 1, batch 2, the epoch's last
+    assert push(server, b, tb, weights).type == P.WAIT      # b: clock 1, no batch left
+    ta = push(server, a, push(server, a, ta, weights), weights)     # a: clock 3, epoch 1
+    assert server.call(b, P.WORK).type == P.TASK
+    clocks = server.srv.peers
+    assert clocks[b.wid].clock == clocks[a.wid].clock == 3
+    assert push(server, a, ta, weights).type in (P.TASK, P.WAIT)
+
+    # A batch applied by another: a's lease expires, b is leased the batch, a's late push counts
+    server = in_process(mode="ssp", staleness=1, train_limit=1280, lease_timeout=1000.0)
+    a, b = server.join_trainer(), server.join_trainer()
+    ta = server.call(a, P.WORK)
+    weights = ta.arrays
+    for lease in server.srv.work.leases.values():
+        lease.deadline = 0.0
+    server.srv._housekeeping(time.monotonic())
+    tb = server.call(b, P.WORK)
+    assert tb.body["batch"] == ta.body["batch"]
+    ta = push(server, a, ta, weights)
+    assert ta.body["ack"]["applied"] is True
+    for _ in range(3):                              # b holds no lease now: a is held back by nobody
+        ta = push(server, a, ta, weights)
+    reply = push(server, b, tb, weights)
+    assert reply.body["ack"] == {"applied": False, "reason": "batch already applied or epoch over"}
+    clocks = server.srv.peers
+    assert clocks[b.wid].clock == clocks[a.wid].clock == 4
+    assert push(server, a, ta, weights).type == P.TASK      # one ahead of b: served
+
+
 def test_ssp_a_refused_push_of_the_slowest_trainer_releases_the_ones_it_held_back(in_process):
     """A refused push gives its batch back, so its sender holds back nobody until it asks again,
     and then starts from the slowest clock at work (as after an expired lease).  The parked
