@@ -161,6 +161,17 @@ def test_the_weights_a_task_carries_are_loaded_before_its_batch_is_computed(fake
         np.testing.assert_array_equal(trainer.model.params[name], value)
 
 
+def test_an_overlapped_push_names_the_version_of_the_weights_its_batch_was_computed_on(fake, connect):
+    """Holding one task, an overlapped trainer asks for a second, whose reply brings newer weights,
+    and computes the first batch on those.  Its push named the first task's version, so the
+    server recorded the gradient as staler than it was."""
+    server = fake(work=[task_with(PARAMS, version=0, batch=0, lease=1),
+                        task_with(with_value(LAST, 0.25), version=5, batch=1, lease=2)], push=[STOP])
+    assert run_loop(trainer_on(connect(server)), True) == 0
+    (push,) = server.of_type(P.PUSH)
+    assert (push.body["batch"], push.body["base_version"]) == (0, 5)
+
+
 def test_check_weights_finds_the_array_with_a_nan_in_one_flat_buffer():
     model = build_model("light")
     flat = P.decode(P.encode(P.Message(P.TASK, body=task()[1], arrays=with_value("fc1.weight", 1.0))))

@@ -386,6 +386,7 @@ class Trainer:
         pending = None                      # the push in flight
         more = True                         # False after a "wait": compute what we hold first
         timing = {"comm_s": 0.0, "wait_s": 0.0}
+        version = 0                         # of the weights the model holds: a task's, or a later one's
         while True:
             push = None                     # the push that reply (or the failure) answers; None: a work request
             try:
@@ -393,7 +394,9 @@ class Trainer:
                     reply = self._answer_or_none(self.client.request, P.WORK)     # fill the pipeline
                     more = more and reply is not None       # refused: compute what we hold before asking again
                 elif tasks:
-                    task = tasks.pop(0)
+                    # Computed on the weights held now, which a second task's reply may have made
+                    # newer than this task's: the push names their version (staleness counts from it).
+                    task = {**tasks.pop(0), "version": version}
                     result, arrays = self.compute(task)
                     reply = None
                     if pending is not None:
@@ -423,6 +426,8 @@ class Trainer:
                 self._waited(reply)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
+                if reply.type == P.TASK:            # its weights, sent or (known already) held
+                    version = reply.body["version"]
                 more = reply.type == P.TASK
                 if reply.type == P.WAIT and not tasks and pending is None:
                     time.sleep(retry_delay(reply))
