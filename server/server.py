@@ -281,7 +281,8 @@ class Peer:
     known_version: int = -1             # newest weights version this peer was sent
     clock: int = 0                      # ssp: pushes applied
     in_round: bool = False              # sync: its push waits in round_arrived for the round to close
-    clock_behind: bool = False          # ssp: joined, or a lease of it expired; its clock catches up at its next task
+    clock_behind: bool = False          # ssp: held no lease for a while (joined, lease expired or gone with
+                                        # its batch, told to wait, push refused): catches up at its next task
     nonfinite_streak: int = 0           # its NaN/Inf pushes since its last applied one
     pushes: int = 0
     samples: int = 0
