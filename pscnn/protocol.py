@@ -135,6 +135,22 @@ def error(code: str, message: str, seq: int = 0) -> Message:
     return Message(ERROR, seq=seq, body={"code": code, "message": one_line(message, 1000)})
 
 
+def welcome(worker_id: str, role: str, model: dict, run: dict, incarnation: str, heartbeat_s: float) -> Message:
+    """The server's answer to a hello: the peer's id, the model spec and the run's settings."""
+    return Message(WELCOME, body={"worker_id": worker_id, "role": role, "model": model, "run": run,
+                                  "incarnation": incarnation, "heartbeat_s": heartbeat_s})
+
+
+def task(version: int, epoch: int, batch: int, lease: int, held_s: float, ack: dict | None = None,
+         arrays: dict | None = None) -> Message:
+    """A leased batch for a trainer, with the weights of ``version`` when the trainer lacks them
+    (``arrays``), and the ack of the push it answers, if any."""
+    body = {"version": version, "epoch": epoch, "batch": batch, "lease": lease, "held_s": held_s}
+    if ack is not None:
+        body["ack"] = ack
+    return Message(TASK, body=body, arrays=arrays or {})
+
+
 # ---------------------------------------------------------------- encoding
 
 def encode(msg: Message) -> list:

@@ -157,11 +157,9 @@ def check_model_travels(spec: dict, arrays) -> None:
     name = "w" * P.MAX_NAME_LEN
     run = {"seed": 2**63 - 1, "batch_size": 10**9, "num_samples": 10**9, "epochs": 10**9, "mode": "async",
            "test_limit": 10**9}
-    welcome = P.Message(P.WELCOME, body={"worker_id": name, "role": "evaluator", "model": spec, "run": run,
-                                         "incarnation": uuid.uuid4().hex[:12], "heartbeat_s": 1.0})
-    task = P.Message(P.TASK, wid=name, body={"version": 2**62, "epoch": 10**9, "batch": 10**9, "lease": 2**62,
-                                             "held_s": 1.0, "ack": {"applied": False, "reason": "training diverged"}},
-                     arrays=arrays)
+    welcome = P.welcome(name, "evaluator", spec, run, uuid.uuid4().hex[:12], 1.0)
+    task = P.task(2**62, 10**9, 10**9, 2**62, 1.0, {"applied": False, "reason": "training diverged"}, arrays)
+    task.wid = name
     for msg in (welcome, task):
         try:
             P.encode(msg)
@@ -683,9 +681,8 @@ class ParameterServer:
         self.writer.log("join", worker=name, role=peer.role, version=self.store.version)
         run = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "num_samples": self.num_samples,
                "epochs": self.cfg.epochs, "mode": self.cfg.mode, "test_limit": self.cfg.test_limit}
-        self._reply(peer, P.Message(P.WELCOME, body={
-            "worker_id": wid, "role": peer.role, "model": self.spec, "run": run,
-            "incarnation": self.incarnation, "heartbeat_s": max(0.2, self.cfg.peer_timeout / 5)}))
+        self._reply(peer, P.welcome(wid, peer.role, self.spec, run, self.incarnation,
+                                    max(0.2, self.cfg.peer_timeout / 5)))
 
     def _on_bye(self, peer: Peer, msg: P.Message, now: float) -> None:
         self._reply(peer, P.Message(P.ACK))
@@ -792,15 +789,11 @@ class ParameterServer:
             return
         if self.cfg.mode == "sync":
             self.round_members[peer.wid] = (lease.epoch, lease.batch)
-        body = {"version": self.store.version, "epoch": lease.epoch, "batch": lease.batch,
-                "lease": lease.lease_id, "held_s": held_s}
-        if ack is not None:
-            body["ack"] = ack
         arrays = {}
         if peer.known_version != self.store.version:
             _, arrays = self.store.snapshot()
             peer.known_version = self.store.version
-        self._reply(peer, P.Message(P.TASK, body=body, arrays=arrays))
+        self._reply(peer, P.task(self.store.version, lease.epoch, lease.batch, lease.lease_id, held_s, ack, arrays))
 
     def _on_push(self, peer: Peer, msg: P.Message, now: float) -> None:
         b = msg.body
