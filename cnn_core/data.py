@@ -20,6 +20,7 @@ without exchanging index lists.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -163,48 +164,57 @@ def read_idx(path, expected_md5: str | None = None, expected_count: int | None =
         labels.
     """
     path = Path(path)
-    content = _read_content(path)
+    # Streamed, the header first: no more data is read than the checked header
+    # declares, so a gzip bomb or a huge file cannot exhaust the memory.
+    with _open_content(path) as stream:
+        content = bytearray()
+        _read_into(stream, content, 4, path)
+        if len(content) < 4:
+            raise DataError(f"{path}: truncated IDX header: {len(content)} bytes, need at least 4")
+        magic = int.from_bytes(content[:4], "big")
+        type_code, ndim = content[2], content[3]
+        if content[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
+            raise DataError(
+                f"{path}: not an IDX file: magic number 0x{magic:08x} "
+                f"(expected 0x00000801 for labels or 0x00000803 for images)"
+            )
+        dtype = _IDX_DTYPES[type_code]
+        if expected_magic is not None and magic != expected_magic:
+            # Before any size: the dimensions of a file of another kind mean nothing here.
+            raise DataError(f"{path}: magic 0x{magic:08x} is {_magic_kind(magic, dtype, ndim)}, "
+                            f"expected {_MNIST_KINDS.get(expected_magic, 'magic')} (0x{expected_magic:08x})")
+        header_len = 4 + 4 * ndim
+        _read_into(stream, content, header_len - 4, path)
+        if len(content) < header_len:
+            raise DataError(
+                f"{path}: truncated IDX header: {len(content)} bytes, the {ndim} dimensions need {header_len}"
+            )
+        dims = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        shape_txt = "x".join(map(str, dims))
+        if expected_item_shape is not None and dims[1:] != tuple(expected_item_shape):
+            item = "x".join(map(str, expected_item_shape)) or "scalar"
+            raise DataError(f"{path}: header declares {shape_txt}: items of shape {'x'.join(map(str, dims[1:]))}, "
+                            f"expected {item} items")
+        if expected_count is not None and dims[0] != expected_count:
+            raise DataError(f"{path}: holds {dims[0]} items, expected {expected_count}")
 
-    if len(content) < 4:
-        raise DataError(f"{path}: truncated IDX header: {len(content)} bytes, need at least 4")
-    magic = int.from_bytes(content[:4], "big")
-    type_code, ndim = content[2], content[3]
-    if content[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(
-            f"{path}: not an IDX file: magic number 0x{magic:08x} "
-            f"(expected 0x00000801 for labels or 0x00000803 for images)"
-        )
-    dtype = _IDX_DTYPES[type_code]
-    if expected_magic is not None and magic != expected_magic:
-        # Before any size: the dimensions of a file of another kind mean nothing here.
-        raise DataError(f"{path}: magic 0x{magic:08x} is {_magic_kind(magic, dtype, ndim)}, "
-                        f"expected {_MNIST_KINDS.get(expected_magic, 'magic')} (0x{expected_magic:08x})")
-    header_len = 4 + 4 * ndim
-    if len(content) < header_len:
-        raise DataError(
-            f"{path}: truncated IDX header: {len(content)} bytes, the {ndim} dimensions need {header_len}"
-        )
-    dims = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    shape_txt = "x".join(map(str, dims))
-    if expected_item_shape is not None and dims[1:] != tuple(expected_item_shape):
-        item = "x".join(map(str, expected_item_shape)) or "scalar"
-        raise DataError(f"{path}: header declares {shape_txt}: items of shape {'x'.join(map(str, dims[1:]))}, "
-                        f"expected {item} items")
-    if expected_count is not None and dims[0] != expected_count:
-        raise DataError(f"{path}: holds {dims[0]} items, expected {expected_count}")
-
-    # Python ints: the product of four uint32 dims overflows int64.
-    expected_bytes = math.prod(dims) * dtype.itemsize
-    actual_bytes = len(content) - header_len
+        # Python ints: the product of four uint32 dims overflows int64.
+        expected_bytes = math.prod(dims) * dtype.itemsize
+        _read_into(stream, content, expected_bytes, path)
+        actual_bytes = len(content) - header_len
+        # One chunk more tells trailing bytes from none (a bomb's tail is not
+        # counted out), and reaching the end checks the gzip CRC.
+        _read_into(stream, content, _CHUNK, path)
+    trailing = len(content) - header_len - actual_bytes
     if actual_bytes < expected_bytes:
         raise DataError(
             f"{path}: truncated: header declares {shape_txt} ({expected_bytes} data bytes) "
             f"but only {actual_bytes} follow"
         )
-    if actual_bytes > expected_bytes:
+    if trailing:
         raise DataError(
-            f"{path}: {actual_bytes - expected_bytes} unexpected trailing bytes after the "
-            f"{shape_txt} data the header declares"
+            f"{path}: {'at least ' if trailing == _CHUNK else ''}{trailing} unexpected trailing bytes "
+            f"after the {shape_txt} data the header declares"
         )
     if expected_md5 is not None:
         digest = hashlib.md5(content).hexdigest()
@@ -215,8 +225,8 @@ def read_idx(path, expected_md5: str | None = None, expected_count: int | None =
             )
 
     arr = np.frombuffer(content, dtype=dtype, count=math.prod(dims), offset=header_len)
-    # astype copies: the result owns writable memory in native byte order
-    # instead of a read-only view over the decompressed bytes.
+    # astype copies: the result owns its memory in native byte order
+    # instead of a view over the decompressed bytes.
     return arr.reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -228,22 +238,40 @@ def _magic_kind(magic: int, dtype: np.dtype, ndim: int) -> str:
     return f"a {dtype.name} IDX file with {ndim} dimension{'' if ndim == 1 else 's'}"
 
 
-def _read_content(path: Path) -> bytes:
-    """The file's bytes, decompressed when they start with the gzip magic."""
+@contextlib.contextmanager
+def _open_content(path: Path):
+    """The file opened for reading its content: decompressed when it starts with the gzip magic."""
     try:
-        raw = path.read_bytes()
+        fh = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, not an IDX file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {_one_line(exc.strerror or exc)}") from None
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
+    with fh:
+        try:
+            is_gzip = fh.read(2) == _GZIP_MAGIC
+            fh.seek(0)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read: {_one_line(exc.strerror or exc)}") from None
+        yield gzip.GzipFile(fileobj=fh) if is_gzip else fh
+
+
+def _read_into(stream, buf: bytearray, n: int, path: Path) -> None:
+    """Append up to ``n`` more bytes of ``stream`` to ``buf`` (fewer at its end).
+
+    A chunk at a time: memory follows the bytes there are, not ``n`` (a
+    header may declare terabytes; ``read(n)`` would allocate them at once).
+    """
+    end = len(buf) + n
     try:
-        return gzip.decompress(raw)
+        while len(buf) < end and (chunk := stream.read(min(_CHUNK, end - len(buf)))):
+            buf += chunk
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt or truncated gzip data: {_one_line(exc)}") from None
+        if isinstance(stream, gzip.GzipFile):
+            raise DataError(f"{path}: corrupt or truncated gzip data: {_one_line(exc)}") from None
+        raise DataError(f"{path}: cannot read: {_one_line(getattr(exc, 'strerror', None) or exc)}") from None
 
 
 def _content_md5(path: Path) -> str:

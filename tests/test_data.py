@@ -322,6 +322,29 @@ def test_read_idx_missing_file_and_directory(tmp_path):
     assert_one_line_naming(exc, tmp_path)
 
 
+def test_gzip_bomb_is_rejected_without_decompressing_it(tiny_mnist):
+    # A valid header and 5 images, then 128 MiB of zeros in a 128 KiB .gz: read
+    # whole, it was all decompressed into memory before its size was checked.
+    import tracemalloc
+    import zlib
+    folder, arrays, raw = tiny_mnist
+    path = folder / data.MNIST_FILES["test-images"]["filename"]
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    path.write_bytes(bomb.compress(raw["test-images"]) + b"".join(bomb.compress(zeros) for _ in range(128))
+                     + bomb.flush())
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="unexpected trailing bytes after the 5x28x28 data") as exc:
+            data.load_mnist("test", mnist_dir=folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_line_naming(exc, path)
+    assert peak < 16 << 20, f"{peak} bytes allocated to reject a bomb"
+
+
 # --------------------------------------------------------------------------- #
 # normalize and load_mnist on tiny files
 # --------------------------------------------------------------------------- #
