@@ -390,13 +390,15 @@ def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bo
     # file system, and concurrent downloaders must not share a temp file.
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
     try:
-        try:
-            # O_EXCL: never follow or clobber something already there.  Mode
-            # 0o666 lets the umask decide, like a normally created file (a
-            # shared cache stays readable by the other users).
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except OSError as exc:
-            raise DataError(f"{tmp}: cannot create temporary file: {_one_line(exc.strerror or exc)}") from None
+        # O_EXCL: never follow or clobber something already there.  Mode
+        # 0o666 lets the umask decide, like a normally created file (a
+        # shared cache stays readable by the other users).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise DataError(f"{tmp}: cannot create temporary file: {_one_line(exc.strerror or exc)}") from None
+    # Only now is there a file to remove: unlinking one never created fails
+    # with EROFS, not ENOENT, on a read-only file system.
+    try:
         with os.fdopen(fd, "wb") as out:
             _stream_to(url, out, dest, timeout, progress)
             try:

@@ -737,6 +737,31 @@ def test_concurrent_downloads_into_one_cache(server, payload, tmp_path):
     assert os.listdir(tmp_path) == ["f.gz"]
 
 
+def test_download_into_a_read_only_file_system_is_one_error(server, payload, tmp_path, monkeypatch):
+    # On a read-only mount both creating the temp file and unlinking it (never
+    # created) fail with EROFS; the cleanup's OSError escaped as a traceback.
+    # Simulated, as tests cannot mount: the same two calls fail the same way.
+    import errno
+    gz, digest = payload
+    server.route("/f.gz", (200, gz))
+    real_open, real_unlink = os.open, Path.unlink
+
+    def read_only(real):
+        def call(path, *args, **kwargs):
+            if str(path).endswith(".part"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "open", read_only(real_open))
+    monkeypatch.setattr(Path, "unlink", read_only(real_unlink))
+    dest = tmp_path / "f.gz"
+    with pytest.raises(DataError, match="cannot create temporary file: Read-only file system") as exc:
+        fetch(server.url("/f.gz"), dest, digest)
+    assert_one_line_naming(exc, tmp_path)
+    assert server.hits["/f.gz"] == 0
+
+
 def test_download_file_validates_arguments(tmp_path):
     with pytest.raises(ConfigError, match="md5 must be 32 hex digits"):
         fetch("http://127.0.0.1:1/x", tmp_path / "x", "abc")
