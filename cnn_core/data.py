@@ -414,7 +414,10 @@ def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bo
         if digest != md5:
             raise _AttemptFailed(f"checksum mismatch: md5 of decompressed content {digest}, expected {md5}",
                                  transient=False)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:  # e.g. a directory in dest's place: no mirror can fix that
+            raise DataError(f"{dest}: cannot put the download in place: {_one_line(exc.strerror or exc)}") from None
         tmp = None
     finally:
         if tmp is not None:

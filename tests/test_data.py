@@ -762,6 +762,19 @@ def test_download_into_a_read_only_file_system_is_one_error(server, payload, tmp
     assert server.hits["/f.gz"] == 0
 
 
+def test_download_onto_a_directory_is_one_error(mnist_mirror, tmp_path):
+    # A directory where a file belongs in the cache: os.replace's
+    # IsADirectoryError escaped `pscnn download` as a traceback.
+    server, _ = mnist_mirror
+    cache = tmp_path / "c"
+    blocker = cache / data.MNIST_FILES["test-labels"]["filename"]
+    (blocker / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match="cannot put the download in place: Is a directory") as exc:
+        data.download_mnist(cache, mirrors=server.url("/mnist/"), progress=False, files=["test-labels"])
+    assert_one_line_naming(exc, blocker)
+    assert os.listdir(cache) == [blocker.name] and os.listdir(blocker) == ["sub"]  # no temp file left
+
+
 def test_download_file_validates_arguments(tmp_path):
     with pytest.raises(ConfigError, match="md5 must be 32 hex digits"):
         fetch("http://127.0.0.1:1/x", tmp_path / "x", "abc")
