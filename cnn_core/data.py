@@ -310,6 +310,7 @@ def download_file(
     progress: bool = True,
     *,
     backoff: float = 1.0,
+    size: int | None = None,
 ) -> Path:
     """Download one file, verify it, and move it into place atomically.
 
@@ -334,6 +335,9 @@ def download_file(
         timeout: seconds each socket operation may block.
         progress: show a tqdm progress bar (only on a terminal).
         backoff: first delay between rounds, in seconds.
+        size: bytes of the decompressed content, when known: a mirror that
+            sends more than any encoding of it can take (:func:`_max_download`)
+            is cut off and dropped, instead of filling the disk.
 
     Returns:
         ``dest`` as a Path.
@@ -351,6 +355,7 @@ def download_file(
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
     if not backoff >= 0:
         raise ConfigError(f"backoff must be >= 0 seconds, got {backoff!r}")
+    limit = None if size is None else _max_download(_check_int("size", size, 0))
 
     dest = Path(dest)
     try:
@@ -371,7 +376,7 @@ def download_file(
         still_transient = []
         for url in pending:
             try:
-                _fetch_verified(url, dest, md5, timeout, progress)
+                _fetch_verified(url, dest, md5, timeout, progress, limit)
                 return dest
             except _AttemptFailed as exc:
                 failures[url] = exc.reason
@@ -384,7 +389,7 @@ def download_file(
     raise DataError(f"{dest}: download failed from every mirror ({tried})")
 
 
-def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bool) -> None:
+def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bool, limit: int | None) -> None:
     """One attempt: stream ``url`` into a temp file, verify, rename onto ``dest``."""
     # A unique name in dest's folder: os.replace is only atomic within one
     # file system, and concurrent downloaders must not share a temp file.
@@ -400,7 +405,7 @@ def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bo
     # with EROFS, not ENOENT, on a read-only file system.
     try:
         with os.fdopen(fd, "wb") as out:
-            _stream_to(url, out, dest, timeout, progress)
+            _stream_to(url, out, dest, timeout, progress, limit)
             try:
                 out.flush()
                 os.fsync(out.fileno())  # the renamed file must not be empty after a crash
@@ -424,8 +429,10 @@ def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bo
             tmp.unlink(missing_ok=True)
 
 
-def _stream_to(url: str, out, dest: Path, timeout: float, progress: bool) -> None:
+def _stream_to(url: str, out, dest: Path, timeout: float, progress: bool, limit: int | None) -> None:
     """Copy the body of ``url`` into the open file ``out``, with a progress bar.
+
+    A body longer than ``limit`` bytes (declared or sent) is a permanent failure.
 
     Network problems become :class:`_AttemptFailed`; local write errors
     become :class:`DataError` (no mirror can fix a full disk).
@@ -440,17 +447,23 @@ def _stream_to(url: str, out, dest: Path, timeout: float, progress: bool) -> Non
     with response:
         # None without a Content-Length (file:// responses have no attribute at all).
         total = getattr(response, "length", None)
+        if limit is not None and total is not None and total > limit:
+            raise _AttemptFailed(f"Content-Length {total} is larger than the file can be ({limit} bytes)",
+                                 transient=False)
         received = 0
         # disable=None: tqdm shows the bar only when stderr is a terminal.
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                   disable=None if progress else True, file=sys.stderr) as bar:
             while True:
                 try:
-                    chunk = response.read(_CHUNK)
+                    # One byte past the limit at most: enough to know the body is too long.
+                    chunk = response.read(_CHUNK if limit is None else min(_CHUNK, limit + 1 - received))
                 except Exception as exc:  # noqa: BLE001
                     raise _network_failure(exc, timeout) from None
                 if not chunk:
                     break
+                if limit is not None and received + len(chunk) > limit:
+                    raise _AttemptFailed(f"body larger than the file can be ({limit} bytes)", transient=False)
                 try:
                     out.write(chunk)
                 except OSError as exc:
@@ -459,6 +472,16 @@ def _stream_to(url: str, out, dest: Path, timeout: float, progress: bool) -> Non
                 bar.update(len(chunk))
     if total is not None and received != total:
         raise _AttemptFailed(f"transfer cut off after {received} of {total} bytes", transient=True)
+
+
+def _max_download(size: int) -> int:
+    """Most bytes a download of ``size`` bytes of content may take: raw, or gzip'd.
+
+    Incompressible data grows by 5 bytes per deflate block (zlib's are 16 KiB;
+    1/64 allows blocks of 320 bytes), plus gzip's header with its optional
+    name and comment fields.
+    """
+    return size + size // 64 + (1 << 16)
 
 
 def _network_failure(exc: Exception, timeout: float) -> _AttemptFailed:
@@ -527,8 +550,14 @@ def download_mnist(
                 pass
             log.warning("%s is corrupt or not the official file; downloading it again", dest)
         download_file([base + info["filename"] for base in bases], dest, info["md5"],
-                      retries=retries, timeout=timeout, progress=progress, backoff=backoff)
+                      retries=retries, timeout=timeout, progress=progress, backoff=backoff, size=_content_size(info))
     return folder
+
+
+def _content_size(info: dict) -> int:
+    """Bytes of an MNIST file's decompressed content: its IDX header and data."""
+    itemsize = _IDX_DTYPES[info["magic"] >> 8 & 0xFF].itemsize
+    return 4 + 4 * (1 + len(info["item_shape"])) + info["count"] * math.prod(info["item_shape"]) * itemsize
 
 
 def default_cache_dir() -> Path:
