@@ -274,18 +274,32 @@ def _read_into(stream, buf: bytearray, n: int, path: Path) -> None:
         raise DataError(f"{path}: cannot read: {_one_line(getattr(exc, 'strerror', None) or exc)}") from None
 
 
-def _content_md5(path: Path) -> str:
-    """md5 of the file's decompressed content, streamed (no full copy in memory)."""
+class _ContentTooLarge(DataError):
+    """A file's decompressed content runs past the size it must have."""
+
+
+def _content_md5(path: Path, size: int | None = None) -> str:
+    """md5 of the file's decompressed content, streamed (no full copy in memory).
+
+    With ``size``, content running past it raises :class:`_ContentTooLarge`
+    within a chunk: a gzip bomb is not decompressed to its end.
+    """
     digest = hashlib.md5()
+    read = 0
     try:
         with open(path, "rb") as fh:
             is_gzip = fh.read(2) == _GZIP_MAGIC
             fh.seek(0)
             stream = gzip.GzipFile(fileobj=fh) if is_gzip else fh
             while chunk := stream.read(_CHUNK):
+                read += len(chunk)
+                if size is not None and read > size:
+                    break
                 digest.update(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: corrupt or truncated gzip data: {_one_line(exc)}") from None
+    if size is not None and read > size:
+        raise _ContentTooLarge(f"{path}: decompresses to more than the {size} bytes the file has")
     return digest.hexdigest()
 
 
@@ -336,8 +350,9 @@ def download_file(
         progress: show a tqdm progress bar (only on a terminal).
         backoff: first delay between rounds, in seconds.
         size: bytes of the decompressed content, when known: a mirror that
-            sends more than any encoding of it can take (:func:`_max_download`)
-            is cut off and dropped, instead of filling the disk.
+            sends more than any encoding of it can take (:func:`_max_download`),
+            or a file decompressing to more, is cut off and dropped, instead
+            of filling the disk or decompressing a gzip bomb to its end.
 
     Returns:
         ``dest`` as a Path.
@@ -355,7 +370,7 @@ def download_file(
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
     if not backoff >= 0:
         raise ConfigError(f"backoff must be >= 0 seconds, got {backoff!r}")
-    limit = None if size is None else _max_download(_check_int("size", size, 0))
+    size = None if size is None else _check_int("size", size, 0)
 
     dest = Path(dest)
     try:
@@ -376,7 +391,7 @@ def download_file(
         still_transient = []
         for url in pending:
             try:
-                _fetch_verified(url, dest, md5, timeout, progress, limit)
+                _fetch_verified(url, dest, md5, timeout, progress, size)
                 return dest
             except _AttemptFailed as exc:
                 failures[url] = exc.reason
@@ -389,7 +404,7 @@ def download_file(
     raise DataError(f"{dest}: download failed from every mirror ({tried})")
 
 
-def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bool, limit: int | None) -> None:
+def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bool, size: int | None) -> None:
     """One attempt: stream ``url`` into a temp file, verify, rename onto ``dest``."""
     # A unique name in dest's folder: os.replace is only atomic within one
     # file system, and concurrent downloaders must not share a temp file.
@@ -405,14 +420,16 @@ def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bo
     # with EROFS, not ENOENT, on a read-only file system.
     try:
         with os.fdopen(fd, "wb") as out:
-            _stream_to(url, out, dest, timeout, progress, limit)
+            _stream_to(url, out, dest, timeout, progress, None if size is None else _max_download(size))
             try:
                 out.flush()
                 os.fsync(out.fileno())  # the renamed file must not be empty after a crash
             except OSError as exc:
                 raise DataError(f"{tmp}: cannot write download: {_one_line(exc.strerror or exc)}") from None
         try:
-            digest = _content_md5(tmp)
+            digest = _content_md5(tmp, size)
+        except _ContentTooLarge as exc:
+            raise _AttemptFailed(f"downloaded data too large ({_one_line(exc)})", transient=False) from None
         except DataError as exc:
             # Typically a transfer cut off without a Content-Length to notice it.
             raise _AttemptFailed(f"downloaded data unreadable ({_one_line(exc)})", transient=True) from None
@@ -544,7 +561,7 @@ def download_mnist(
         dest = folder / info["filename"]
         if dest.is_file():
             try:
-                if _content_md5(dest) == info["md5"]:
+                if _content_md5(dest, _content_size(info)) == info["md5"]:
                     continue
             except DataError:
                 pass

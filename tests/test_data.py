@@ -797,6 +797,24 @@ def test_download_stops_at_what_the_file_can_be(mnist_mirror, tmp_path, declared
     assert os.listdir(cache) == []
 
 
+def test_download_of_a_gzip_bomb_is_not_decompressed_to_its_end(mnist_mirror, tmp_path):
+    # 64 KiB of gzip, 64 MiB of zeros: within what a download may take, but its
+    # md5 was taken over everything it decompressed to (a 47 MB bomb: 48 GB).
+    import zlib
+    server, _ = mnist_mirror
+    name = data.MNIST_FILES["test-labels"]["filename"]
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    gz = b"".join(bomb.compress(bytes(1 << 20)) for _ in range(64)) + bomb.flush()
+    server.route(f"/mnist/{name}", (200, gz))
+    cache = tmp_path / "c"
+    with pytest.raises(DataError, match=r"downloaded data too large \(.*decompresses to more than the 13 bytes") as exc:
+        data.download_mnist(cache, mirrors=server.url("/mnist/"), progress=False, files=["test-labels"],
+                            retries=1, backoff=0.01)
+    assert_one_line_naming(exc, cache / name)
+    assert server.hits[f"/mnist/{name}"] == 1, "a bomb is not fetched again"
+    assert os.listdir(cache) == []
+
+
 def test_download_file_validates_arguments(tmp_path):
     with pytest.raises(ConfigError, match="md5 must be 32 hex digits"):
         fetch("http://127.0.0.1:1/x", tmp_path / "x", "abc")
