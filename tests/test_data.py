@@ -780,38 +780,33 @@ def test_download_onto_a_directory_is_one_error(mnist_mirror, tmp_path):
     assert os.listdir(cache) == [blocker.name] and os.listdir(blocker) == ["sub"]  # no temp file left
 
 
-@pytest.mark.parametrize("declared", ["length", "none"])
-def test_download_stops_at_what_the_file_can_be(mnist_mirror, tmp_path, declared):
-    # A mirror streaming an endless body filled the disk before the md5 could
-    # say it was wrong; a Content-Length beyond any encoding of the file is as bad.
-    server, _ = mnist_mirror
-    name = data.MNIST_FILES["test-labels"]["filename"]
-    junk = bytes(16 << 20)
-    server.route(f"/mnist/{name}", (200, junk) if declared == "length" else (200, junk, None))
-    cache = tmp_path / "c"
-    with pytest.raises(DataError, match=r"larger than the file can be \(\d+ bytes\)") as exc:
-        data.download_mnist(cache, mirrors=server.url("/mnist/"), progress=False, files=["test-labels"],
-                            retries=1, backoff=0.01)
-    assert_one_line_naming(exc, cache / name)
-    assert server.hits[f"/mnist/{name}"] == 1, "a mirror sending too much is not retried"
-    assert os.listdir(cache) == []
-
-
-def test_download_of_a_gzip_bomb_is_not_decompressed_to_its_end(mnist_mirror, tmp_path):
-    # 64 KiB of gzip, 64 MiB of zeros: within what a download may take, but its
-    # md5 was taken over everything it decompressed to (a 47 MB bomb: 48 GB).
+def _gzip_bomb() -> bytes:
+    """64 KiB of gzip, 64 MiB of zeros."""
     import zlib
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    return b"".join(bomb.compress(bytes(1 << 20)) for _ in range(64)) + bomb.flush()
+
+
+@pytest.mark.parametrize("body, declared, message", [
+    # an endless body filled the disk before the md5 could say it was wrong; a
+    # Content-Length beyond any encoding of the file is as bad
+    (lambda: bytes(16 << 20), True, r"larger than the file can be \(\d+ bytes\)"),
+    (lambda: bytes(16 << 20), False, r"larger than the file can be \(\d+ bytes\)"),
+    # within what a download may take, but its md5 was taken over everything it
+    # decompressed to (a 47 MB bomb: 48 GB)
+    (_gzip_bomb, True, r"downloaded data too large \(.*decompresses to more than the 13 bytes"),
+], ids=["too-long", "too-long-undeclared", "gzip-bomb"])
+def test_a_mirror_sending_more_than_the_file_can_be_is_cut_off_and_dropped(mnist_mirror, tmp_path, body,
+                                                                           declared, message):
     server, _ = mnist_mirror
     name = data.MNIST_FILES["test-labels"]["filename"]
-    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
-    gz = b"".join(bomb.compress(bytes(1 << 20)) for _ in range(64)) + bomb.flush()
-    server.route(f"/mnist/{name}", (200, gz))
+    server.route(f"/mnist/{name}", (200, body()) if declared else (200, body(), None))
     cache = tmp_path / "c"
-    with pytest.raises(DataError, match=r"downloaded data too large \(.*decompresses to more than the 13 bytes") as exc:
+    with pytest.raises(DataError, match=message) as exc:
         data.download_mnist(cache, mirrors=server.url("/mnist/"), progress=False, files=["test-labels"],
                             retries=1, backoff=0.01)
     assert_one_line_naming(exc, cache / name)
-    assert server.hits[f"/mnist/{name}"] == 1, "a bomb is not fetched again"
+    assert server.hits[f"/mnist/{name}"] == 1, "such a mirror is not asked again"
     assert os.listdir(cache) == []
 
 
