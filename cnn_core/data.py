@@ -286,18 +286,15 @@ def _content_md5(path: Path, size: int | None = None) -> str:
     """
     digest = hashlib.md5()
     read = 0
-    try:
-        with open(path, "rb") as fh:
-            is_gzip = fh.read(2) == _GZIP_MAGIC
-            fh.seek(0)
-            stream = gzip.GzipFile(fileobj=fh) if is_gzip else fh
+    with _open_content(path) as stream:
+        try:
             while chunk := stream.read(_CHUNK):
                 read += len(chunk)
                 if size is not None and read > size:
                     break
                 digest.update(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt or truncated gzip data: {_one_line(exc)}") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path}: corrupt or truncated gzip data: {_one_line(exc)}") from None
     if size is not None and read > size:
         raise _ContentTooLarge(f"{path}: decompresses to more than the {size} bytes the file has")
     return digest.hexdigest()

@@ -239,16 +239,18 @@ class Trainer:
 
     def _usable(self, failures: FailureStreak, reply: P.Message, from_push: bool) -> None:
         """A usable reply: a push's ack ends the failure streak; any other usable answer
-        leaves in it only the refused pushes since the server last accepted one."""
+        leaves in it only the refused pushes since the server last accepted one.  A run of
+        waits is bounded too (:meth:`_waited`)."""
         if from_push and "ack" in reply.body:
             self._refused_pushes = 0
         if self._refused_pushes:
             failures.count = self._refused_pushes
         else:
             failures.reset()
+        self._waited(reply)
 
     def _waited(self, reply: P.Message) -> None:
-        """Note a usable task or wait; ServerUnreachable once the server has said nothing but "wait" for
+        """Note a usable task or wait (from :meth:`_usable`); ServerUnreachable once the server has said nothing but "wait" for
         HELD_LIMIT_FACTOR times give_up_after: like a request held back for good (client._roundtrip),
         a server that answers every request with a wait, and heartbeats too, must not park us for good."""
         if reply.type != P.WAIT:
@@ -328,13 +330,11 @@ class Trainer:
                 if reply.type == P.WAIT:
                     self.check_held(reply)
                     self._usable(failures, reply, push is not None)
-                    self._waited(reply)
                     time.sleep(retry_delay(reply))
                     reply = None
                     continue
                 body = self.check_task(reply)
                 self._usable(failures, reply, push is not None)
-                self._waited(reply)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
@@ -423,7 +423,6 @@ class Trainer:
                     more = False
                     continue
                 self._usable(self._failures, reply, push is not None)
-                self._waited(reply)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
                 if reply.type == P.TASK:            # its weights, sent or (known already) held
