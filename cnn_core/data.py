@@ -117,6 +117,14 @@ NUM_CLASSES = 10
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 _MAX_BACKOFF_S = 30.0
+# The low-speed limit (curl's --speed-limit / --speed-time): an attempt whose
+# mirror delivers fewer bytes than this per second, over a window of
+# ``timeout`` seconds, fails.  The per-operation timeout alone lets a mirror
+# that trickles a byte every few seconds hold a download for days.
+_MIN_BYTES_PER_S = 1024
+# A download's temporary file untouched this long belongs to a downloader that
+# was killed (a live one writes at least every ``timeout`` seconds, or fails).
+_ABANDONED_PART_S = 3600
 _USER_AGENT = "pscnn-mnist-downloader/0.1"
 
 # IDX element type codes (third byte of the magic number) -> big-endian dtype.
@@ -343,7 +351,9 @@ def download_file(
         md5: hex md5 of the *decompressed* content (of the raw bytes when the
             file is not gzip).
         retries: extra rounds over the transiently failing mirrors.
-        timeout: seconds each socket operation may block.
+        timeout: seconds each socket operation may block; also the window
+            over which a transfer must average 1 KiB/s (a mirror trickling
+            slower fails, transiently).
         progress: show a tqdm progress bar (only on a terminal).
         backoff: first delay between rounds, in seconds.
         size: bytes of the decompressed content, when known: a mirror that
@@ -377,6 +387,7 @@ def download_file(
     except OSError as exc:
         raise DataError(f"{dest.parent}: cannot create download folder: {_one_line(exc.strerror or exc)}") from None
 
+    _remove_abandoned_parts(dest)
     failures: dict[str, str] = {}
     pending = url_list
     for round_ in range(retries + 1):
@@ -401,11 +412,30 @@ def download_file(
     raise DataError(f"{dest}: download failed from every mirror ({tried})")
 
 
+def _part_prefix(dest: Path) -> str:
+    """How the names of ``dest``'s temporary download files start (they end in ``.part``)."""
+    return f".{dest.name}."
+
+
+def _remove_abandoned_parts(dest: Path) -> None:
+    """Remove temporary files of ``dest`` that a killed downloader left (a
+    shared cache is written by several processes, so only the long-untouched)."""
+    prefix, cutoff = _part_prefix(dest), time.time() - _ABANDONED_PART_S
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(dest.parent):
+            if not (entry.name.startswith(prefix) and entry.name.endswith(".part")):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    log.info("removed %s, left by a download that was killed", entry.path)
+
+
 def _fetch_verified(url: str, dest: Path, md5: str, timeout: float, progress: bool, size: int | None) -> None:
     """One attempt: stream ``url`` into a temp file, verify, rename onto ``dest``."""
     # A unique name in dest's folder: os.replace is only atomic within one
     # file system, and concurrent downloaders must not share a temp file.
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    tmp = dest.parent / f"{_part_prefix(dest)}{os.getpid()}.{secrets.token_hex(4)}.part"
     try:
         # O_EXCL: never follow or clobber something already there.  Mode
         # 0o666 lets the umask decide, like a normally created file (a
@@ -465,17 +495,28 @@ def _stream_to(url: str, out, dest: Path, timeout: float, progress: bool, limit:
             raise _AttemptFailed(f"Content-Length {total} is larger than the file can be ({limit} bytes)",
                                  transient=False)
         received = 0
+        # read1 returns what has arrived (read would wait for a whole chunk), so
+        # the low-speed check below runs however slowly the bytes come.
+        read_some = getattr(response, "read1", response.read)
+        window_start, window_received = time.monotonic(), 0
         # disable=None: tqdm shows the bar only when stderr is a terminal.
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                   disable=None if progress else True, file=sys.stderr) as bar:
             while True:
                 try:
                     # One byte past the limit at most: enough to know the body is too long.
-                    chunk = response.read(_CHUNK if limit is None else min(_CHUNK, limit + 1 - received))
+                    chunk = read_some(_CHUNK if limit is None else min(_CHUNK, limit + 1 - received))
                 except Exception as exc:  # noqa: BLE001
                     raise _network_failure(exc, timeout) from None
                 if not chunk:
                     break
+                elapsed = time.monotonic() - window_start
+                if elapsed >= timeout:
+                    window_bytes = received + len(chunk) - window_received
+                    if window_bytes < _MIN_BYTES_PER_S * elapsed:
+                        raise _AttemptFailed(f"transfer too slow: {window_bytes} bytes in {elapsed:.1f} s "
+                                             f"(the least is {_MIN_BYTES_PER_S} bytes/s)", transient=True)
+                    window_start, window_received = time.monotonic(), received + len(chunk)
                 if limit is not None and received + len(chunk) > limit:
                     raise _AttemptFailed(f"body larger than the file can be ({limit} bytes)", transient=False)
                 try:

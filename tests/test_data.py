@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -104,10 +105,12 @@ def tiny_mnist(tmp_path, monkeypatch):
 class LocalServer:
     """A threaded HTTP server on 127.0.0.1 with scripted responses per path.
 
-    ``route(path, *responses)``: each response is ``(status, body)`` or
+    ``route(path, *responses)``: each response is ``(status, body)``,
     ``(status, body, declared_length)`` (``None``: no Content-Length, the end of
-    the body is the end of the connection); they are served in order and the
-    last one repeats.  Unrouted paths get 404.  ``hits`` counts requests.
+    the body is the end of the connection) or ``(status, body, declared_length,
+    seconds_per_byte)`` (the body trickles out a byte at a time); they are
+    served in order and the last one repeats.  Unrouted paths get 404.
+    ``hits`` counts requests.
     """
 
     def __init__(self):
@@ -128,8 +131,14 @@ class LocalServer:
                     self.send_header("Content-Length", str(declared[0] if declared else len(body)))
                 self.end_headers()
                 try:
-                    self.wfile.write(body)
-                except OSError:  # a client that hangs up on an oversized body
+                    if len(declared) > 1:
+                        for i in range(len(body)):
+                            self.wfile.write(body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(declared[1])
+                    else:
+                        self.wfile.write(body)
+                except OSError:  # a client that hangs up on an oversized or slow body
                     pass
 
             def log_message(self, *args):  # keep pytest output clean
@@ -681,6 +690,41 @@ def test_download_retries_cut_off_transfer(server, tmp_path):
     server.route("/g", (200, raw[:30], len(raw)))
     with pytest.raises(DataError, match=f"transfer cut off after 30 of {len(raw)} bytes"):
         fetch(server.url("/g"), tmp_path / "g", md5(raw), retries=0)
+
+
+def test_a_mirror_trickling_under_the_low_speed_limit_is_given_up(server, payload, tmp_path):
+    # 200 bytes at 50 bytes/s: every read returns within the socket timeout, so
+    # only the low-speed limit (1 KiB/s over `timeout` seconds) ends the attempt
+    # before the mirror does; before it, the body ran its 4 s to a cut-off.
+    body, digest = payload
+    server.route("/slow.gz", (200, body[:200], len(body), 0.02))
+    dest = tmp_path / "f.gz"
+    with pytest.raises(DataError, match=r"transfer too slow: \d+ bytes in [\d.]+ s") as exc:
+        fetch(server.url("/slow.gz"), dest, digest, retries=0, timeout=0.5)
+    assert_one_line_naming(exc, dest)
+    assert os.listdir(tmp_path) == []
+    # A slow mirror is a transient failure: the next round tries it again.
+    server.route("/slow-then-fast.gz", (200, body[:200], len(body), 0.02), (200, body))
+    fetch(server.url("/slow-then-fast.gz"), dest, digest, retries=1, timeout=0.5)
+    assert server.hits["/slow-then-fast.gz"] == 2 and dest.read_bytes() == body
+
+
+def test_download_removes_only_long_abandoned_temporaries(server, payload, tmp_path):
+    # A downloader killed mid-transfer leaves its temporary file; the next
+    # download of that file removes it once nobody has written it for an hour,
+    # and leaves alone a recent one (another process may be downloading) and
+    # other files' temporaries.
+    body, digest = payload
+    server.route("/f.gz", (200, body))
+    abandoned, live = tmp_path / ".f.gz.4242.0a1b2c3d.part", tmp_path / ".f.gz.4343.0a1b2c3d.part"
+    other = tmp_path / ".g.gz.4242.0a1b2c3d.part"
+    for path in (abandoned, live, other):
+        path.write_bytes(b"half a download")
+    two_hours_ago = time.time() - 7200
+    for path in (abandoned, other):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    fetch(server.url("/f.gz"), tmp_path / "f.gz", digest)
+    assert sorted(os.listdir(tmp_path)) == sorted(["f.gz", live.name, other.name])
 
 
 def test_download_gives_up_after_retries(server, payload, tmp_path):
