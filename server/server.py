@@ -173,10 +173,10 @@ def check_model_travels(spec: dict, arrays) -> None:
 # trains on (its applied batches are indices into that permutation); the weights and
 # optimizer state fit one model; the mode decides what an update is (summary.json reports
 # one mode for the run, and a sync run's continuation is exact only in sync).  Allowed to
-# differ: --epochs (at least the epoch the checkpoint reached: more epochs train longer),
-# the optimizer's hyperparameters (lr, schedule: a warning lists what changed; the
-# optimizer kind must match, its state is the checkpoint's), --staleness, --test-limit
-# and everything about timeouts and workers.
+# differ: --epochs (at least the epochs the checkpoint finished, and the one under way if
+# any: more epochs train longer), the optimizer's hyperparameters (lr, schedule: a warning
+# lists what changed; the optimizer kind must match, its state is the checkpoint's),
+# --staleness, --test-limit and everything about timeouts and workers.
 class _Bad(Exception):
     """A checkpoint field that is missing or wrong: (field, problem)."""
 
@@ -1458,8 +1458,6 @@ class ParameterServer:
         if epoch > cfg.epochs:
             raise mismatch("--epochs", run_epochs, cfg.epochs, f"it has finished {epoch} epochs already; resume "
                            f"with --epochs {run_epochs} (or more, to train longer)")
-        if run_epochs != cfg.epochs:
-            log.info("--resume: training for %d epochs; the checkpoint's run had %d", cfg.epochs, run_epochs)
 
         # The position in the epoch and the counters.
         batches = batches_per_epoch(num_samples, batch_size)
@@ -1477,6 +1475,11 @@ class ParameterServer:
         if len(applied) >= batches:
             raise _Bad("extra.work.applied", f"lists all {batches} batches of epoch {epoch} (a finished epoch is "
                        f"recorded as the next one's start, with none applied)")
+        if applied and epoch == cfg.epochs:     # its weights hold those batches: the run would end past its end
+            raise mismatch("--epochs", run_epochs, cfg.epochs, f"it is {len(applied)} batches into epoch {epoch + 1} "
+                           f"already; resume with --epochs {epoch + 1} (or more, to train longer)")
+        if run_epochs != cfg.epochs:
+            log.info("--resume: training for %d epochs; the checkpoint's run had %d", cfg.epochs, run_epochs)
         samples_applied = _int(_field(extra, "samples_applied", "extra."), "extra.samples_applied")
         train_seconds = _number(_field(extra, "train_seconds", "extra."), "extra.train_seconds")
         staleness = {}

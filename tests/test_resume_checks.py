@@ -388,6 +388,25 @@ def test_fewer_epochs_than_the_checkpoint_finished_is_refused(run, server_cli):
             "finished 2 epochs already", "resume with --epochs 3")
 
 
+def test_fewer_epochs_than_the_one_under_way_is_refused(run, server_cli):
+    """Stopped 6 batches into epoch 2 of 2, resumed with --epochs 1: the run was taken as complete
+    at once, its weights holding those batches of a second epoch and its summary saying 1 epoch."""
+    edit_meta(run, lambda m: m["extra"]["work"].update(epoch=1))     # batches 0-5 of epoch 2 applied
+    i = FLAGS.index("--epochs")
+    flags = [*FLAGS[:i], "--epochs", "1", *FLAGS[i + 2:]]
+    refused(server_cli(run, "--resume", flags=flags), "--epochs 2, this run has --epochs 1",
+            "6 batches into epoch 2", "resume with --epochs 2")
+
+
+def test_as_many_epochs_as_the_checkpoint_finished_is_a_finished_run(run, server_cli):
+    edit_meta(run, lambda m: m["extra"]["work"].update(epoch=1, applied=[]))    # 1 of 2 done, none of epoch 2
+    i = FLAGS.index("--epochs")
+    flags = [*FLAGS[:i], "--epochs", "1", *FLAGS[i + 2:]]
+    code, lines, srv = server_cli(run, "--resume", flags=flags)
+    assert code == 0 and srv is not None, lines
+    assert (srv.work.epochs, srv.work.epoch, srv.work.applied) == (1, 1, set())
+
+
 def test_the_same_settings_resume_where_the_run_stopped_without_a_warning(run, server_cli, caplog):
     code, lines, srv = server_cli(run, "--resume")
     assert code == 0 and srv is not None, lines
