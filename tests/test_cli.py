@@ -1,7 +1,12 @@
 """pscnn.cli: how flags and PSCNN_* variables become an optimizer config (no processes)."""
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 
-from pscnn.cli import DEFAULT_LR, apply_env_defaults, build_parser, main, optimizer_config
+from pscnn.cli import (DEFAULT_LR, ENV_PREFIX, apply_env_defaults, build_parser, flag_variables, main, optimizer_config,
+                       parse_args)
 
 
 def config(argv, environ=None):
@@ -152,3 +157,41 @@ def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, caps
     monkeypatch.setenv(key, value)
     assert main(["server" if key == "PSCNN_BIND" else "run"]) == 2
     assert needle in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the documentation's command lines
+
+DOCS = [Path(__file__).resolve().parents[1] / name for name in
+        ("README.md", "docs/engine.md", "docs/scaling.md", "docs/deployment.md")]
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for every ``pscnn ...`` line in the docs' code blocks: what users paste."""
+    found = []
+    for path in DOCS:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), re.S):
+            for line in block.splitlines():
+                line = line.split(" #")[0].strip()      # a comment after the command
+                if line.startswith("pscnn ") and "|" not in line:      # not the diagram
+                    found.append((path.name, line))
+    return found
+
+
+def test_the_docs_quote_command_lines_pscnn_accepts():
+    """A renamed flag or subcommand leaves the docs telling users to run what now fails."""
+    commands = documented_commands()
+    assert len(commands) > 10, commands     # the extraction still finds them
+    for name, line in commands:
+        try:
+            parse_args(shlex.split(line)[1:], environ={})
+        except SystemExit as exc:
+            pytest.fail(f"{name}: `{line}` does not parse (exit {exc.code})")
+
+
+def test_every_flag_the_docs_name_is_a_pscnn_flag():
+    known = flag_variables()                # PSCNN_<FLAG> of every subcommand's flags
+    for path in DOCS[:3]:                   # deployment.md names docker's flags too
+        lines = [line for line in path.read_text().splitlines() if "docker" not in line]
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", "\n".join(lines)))
+        unknown = sorted(f for f in named if ENV_PREFIX + f[2:].replace("-", "_").upper() not in known)
+        assert not unknown, f"{path.name} names flags pscnn does not have: {unknown}"
