@@ -297,7 +297,8 @@ def run_from_args(args) -> int:
     check_local_setup(args.device, args.mnist_dir, "test")
     if args.resume:     # every check the server's --resume makes, here, before anything starts
         ParameterServer(config_from_args(args))
-    elif (warning := unfinished_run_warning(args.out)):     # on the terminal, not only in logs/server.log
+    elif (warning := unfinished_run_warning(args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):
+        # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
         _say(f"pscnn run: {warning}")
     if args.port:                       # else the cluster takes a port that was free a moment ago
         check_port_free(local_endpoint(args.port))

@@ -117,8 +117,13 @@ def summary_after_checkpoint(out: str) -> bool:
         return True
 
 
-def unfinished_run_warning(out: str) -> str | None:
+# How a server's user continues an unfinished run instead of starting over (unfinished_run_warning).
+SERVER_RESUME_ADVICE = "stop this server and start it again with --resume (PSCNN_RESUME=1 in Compose)"
+
+
+def unfinished_run_warning(out: str, resume_advice: str = SERVER_RESUME_ADVICE) -> str | None:
     """The warning for starting over in run folder ``out`` when it holds an unfinished run's checkpoint, else None.
+    ``resume_advice``: how to continue that run instead, for the command that warns.
 
     A run is finished once its server wrote ``summary.json`` (complete or
     diverged), and every checkpoint of the run is written before that; so the
@@ -142,8 +147,7 @@ def unfinished_run_warning(out: str) -> str | None:
         work = extra.get("work") if isinstance(extra.get("work"), dict) else {}
         what = f"version {meta.get('step', '?')}, epoch {work.get('epoch', '?')} of {work.get('epochs', '?')}"
     return (f"{out} holds the checkpoint of an unfinished run ({what}; no summary.json written after it): "
-            f"starting over replaces it and that run's metrics.jsonl; to continue that run instead, stop this "
-            f"server and start it again with --resume (PSCNN_RESUME=1 in Compose)")
+            f"starting over replaces it and that run's metrics.jsonl; to continue that run instead, {resume_advice}")
 
 
 def check_model_travels(spec: dict, arrays) -> None:

@@ -876,3 +876,18 @@ def test_the_final_report_on_a_closed_terminal_is_no_traceback(tmp_path, monkeyp
     (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
     monkeypatch.setattr(sys, "stdout", GoneTerminal())
     launcher.print_report(tmp_path / "summary.json")        # no exception
+
+
+def test_pscnn_run_in_an_unfinished_runs_folder_says_how_pscnn_run_continues_it(run_in_process, tmp_path, capsys):
+    """The warning printed by `pscnn run` before starting over told the user to 'stop this server and
+    start it again with --resume (PSCNN_RESUME=1 in Compose)': the server's advice, not the run's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    save_checkpoint(out / "checkpoint.npz", {}, {"step": 5, "extra": {"work": {"epoch": 0, "epochs": 1}}})
+    code, _ = run_in_process("--workers", "1")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    [warning] = [line for line in err.splitlines() if "unfinished run" in line]
+    assert warning.startswith(f"pscnn run: {out} holds the checkpoint of an unfinished run (version 5, ")
+    assert warning.endswith("to continue that run instead, stop this run (Ctrl-C) and run the same command "
+                            "plus --resume"), warning
