@@ -435,8 +435,10 @@ def make_plots(out_dir) -> list[Path]:
     * ``timeline.png`` (distributed runs): each worker's computing, network
       and waiting on the server over a stretch of the run (:func:`time_split`).
 
-    A plot whose data is missing is skipped.  Returns the paths written; ``[]``
-    when matplotlib is not installed.  Never raises: plots are a by-product,
+    A plot whose data is missing is skipped, and one of that name already in
+    the folder removed: it was drawn for an earlier run there, and would pass
+    for this one's.  Returns the paths written; ``[]`` when matplotlib is not
+    installed.  Never raises: plots are a by-product,
     so any error is logged as a warning and the run goes on.
     """
     mpl_log = logging.getLogger("matplotlib")
@@ -460,12 +462,18 @@ def make_plots(out_dir) -> list[Path]:
     written = []
     for name, draw in ((LEARNING_CURVES_FILE, _draw_learning_curves),
                        (CONFUSION_MATRIX_FILE, _draw_confusion_matrix), (TIMELINE_FILE, _draw_timeline)):
+        path = out_dir / name
         try:
             fig = draw(Figure, out_dir)
             if fig is not None:
-                written.append(_save_figure(fig, out_dir / name))
+                written.append(_save_figure(fig, path))
+                continue
         except Exception as exc:  # noqa: BLE001
-            log.warning("could not draw %s: %s: %s", out_dir / name, type(exc).__name__, exc)
+            log.warning("could not draw %s: %s: %s", path, type(exc).__name__, exc)
+        try:        # not drawn from this run's files: an earlier run's plot must not stand in for it
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s, drawn for an earlier run: %s", path, exc.strerror or exc)
     return written
 
 

@@ -351,6 +351,21 @@ def test_make_plots_skips_what_has_no_data(tmp_path):
     assert make_plots(tmp_path / "empty") == []
 
 
+def test_make_plots_removes_an_earlier_runs_plot_that_has_no_data_now(tmp_path):
+    """A run reusing a folder that stops before any step or test score (a divergence at its
+    first updates) left the earlier run's learning curves and confusion matrix in place,
+    passing for its own; a distributed run's timeline.png stayed under pscnn train's."""
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path)
+    (run / "timeline.png").write_bytes(PNG_MAGIC)            # a distributed run's, earlier
+    assert make_plots(run) == [run / "learning_curves.png", run / "confusion_matrix.png"]
+    with RunWriter(run, {"model": "light"}) as writer:       # the next run: no step, no score
+        writer.log("start")
+        writer.write_summary({"status": "diverged", "confusion_matrix": None})
+    assert make_plots(run) == []
+    assert list(run.glob("*.png")) == []
+
+
 def test_make_plots_without_matplotlib_returns_empty(tmp_path, monkeypatch):
     run = make_run(tmp_path)
     # A None entry in sys.modules makes "import matplotlib..." raise ImportError.
