@@ -5,8 +5,9 @@
 
     config.json          the resolved configuration (optimizer defaults and
                          "auto" schedule lengths filled in)
-    metrics.jsonl        "start"; "step" every ``log_every`` updates and at the
-                         end of each epoch; "epoch" after each test evaluation
+    metrics.jsonl        "start"; "step" every ``log_every`` updates, at the
+                         end of each epoch and before a divergence; "epoch"
+                         after each test evaluation
     model.npz            final weights and optimizer state (load_model_checkpoint)
     summary.json         final test metrics, throughput, configuration; "status"
                          is "complete", or "diverged" with the reason in "error"
@@ -402,6 +403,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
             if not math.isfinite(loss):
                 # NaN or infinite weights never recover: stop instead of wasting the rest of the run.
                 last_good.restore()       # the BatchNorm statistics this forward pass updated
+                _log_window(writer, prog, xp, epoch, prog.lr, bar.disable)    # the curve up to here
                 lr = optimizer.current_lr()
                 writer.log("diverged", step=prog.step + 1, epoch=epoch, loss=loss, lr=lr, reason="loss")
                 raise DivergenceError(f"training diverged at update {prog.step + 1} (epoch {epoch}): "
@@ -416,6 +418,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
                 # A finite loss and gradient, but a step too large for the weights
                 # (or a weight decay that blows them up): keep the last finite ones.
                 last_good.restore()
+                _log_window(writer, prog, xp, epoch, prog.lr, bar.disable)
                 writer.log("diverged", step=prog.step + 1, epoch=epoch, loss=loss, lr=lr, reason=broken)
                 raise DivergenceError(f"training diverged at update {prog.step + 1} (epoch {epoch}): "
                                       f"the {broken} became non-finite (loss {loss:.4g}); model.npz keeps "
@@ -434,8 +437,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
             bar.update(count)
             if prog.step % cfg["log_every"] == 0:
                 _log_window(writer, prog, xp, epoch, lr, bar.disable)
-        if prog.window_samples:           # the epoch's tail, so the curve covers all of it
-            _log_window(writer, prog, xp, epoch, lr, bar.disable)
+        _log_window(writer, prog, xp, epoch, lr, bar.disable)     # the epoch's tail, so the curve covers all of it
         _sync(xp)
         seconds = max(time.perf_counter() - start, 1e-9)     # never 0 on a coarse clock
     except DivergenceError:
@@ -449,7 +451,9 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
 
 
 def _log_window(writer: RunWriter, prog: _Progress, xp, epoch: int, lr: float, echo: bool) -> None:
-    """Write one "step" record for the updates since the last one (and log it when ``echo``)."""
+    """Write one "step" record for the updates since the last one, if any (and log it when ``echo``)."""
+    if not prog.window_samples:
+        return
     _sync(xp)
     elapsed = time.perf_counter() - prog.window_start
     loss = prog.window_loss / prog.window_samples

@@ -349,12 +349,17 @@ def test_epochs_and_auto_schedule(tmp_path, no_plots):
 
 @needs_real_mnist
 def test_divergence_stops_the_run(tmp_path, no_plots):
-    cfg = tiny_config(tmp_path, optimizer={"name": "sgd", "lr": 1e30})
+    cfg = tiny_config(tmp_path, optimizer={"name": "sgd", "lr": 1e30}, log_every=50)
     with pytest.raises(DivergenceError, match=r"diverged at update \d+ .*lower the learning rate"):
         with np.errstate(all="ignore"):
             train(cfg, progress=False)
     records = read_metrics(tmp_path / "run")
     assert records[-1]["kind"] == "diverged" and records[-1]["loss"] is None        # NaN stored as null
+    # The updates before it are on the curve, though fewer than log_every (they were dropped,
+    # leaving a diverged run with no step record to plot unless it got that far).
+    assert cfg["log_every"] > records[-1]["step"] - 1 >= 1
+    assert [(r["kind"], r.get("step")) for r in records[-2:]] == [("step", records[-1]["step"] - 1),
+                                                                ("diverged", records[-1]["step"])]
     # The run folder says so (it used to hold no summary at all; see the test below).
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged" and "diverged at update" in summary["error"]
