@@ -10,7 +10,8 @@
                          after each test evaluation
     model.npz            final weights and optimizer state (load_model_checkpoint)
     summary.json         final test metrics, throughput, configuration; "status"
-                         is "complete", or "diverged" with the reason in "error"
+                         is "complete", "diverged" with the reason in "error", or
+                         "interrupted" (Ctrl-C, SIGTERM, SIGHUP)
     learning_curves.png, confusion_matrix.png   when matplotlib is installed
 
 Epochs are numbered from 1 in records and messages; the shuffling of epoch
@@ -23,6 +24,13 @@ non-finite: it stops there, model.npz keeps the last finite weights (without
 optimizer state: that took the diverging step), summary.json says
 ``"status": "diverged"`` and why, and :class:`DivergenceError` is raised
 (``pscnn train`` exits 1 with that one line), as the parameter server does.
+
+A run interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM or SIGHUP under
+``pscnn train``) writes an "interrupted" record, model.npz with the weights of
+the last update applied (and the optimizer state, unless the interrupt came in
+the middle of an update) and summary.json saying ``"status": "interrupted"``,
+then raises KeyboardInterrupt again: training so far is not lost, and no file
+of an earlier run in the folder passes for this one's.
 
 Throughput is measured over the training loop only (``train_seconds``):
 data loading, test evaluation, checkpointing and plotting are excluded, so
@@ -182,7 +190,7 @@ def train(config: dict, progress: bool = True) -> dict:
     missing or corrupt data, an unwritable run folder) and
     :class:`DivergenceError` when the loss or the weights stop being finite,
     after writing the diverged run's model.npz and summary.json (see the
-    module docs).  Nothing is written before the model is built and the data
+    module docs); KeyboardInterrupt again after writing an interrupted one's.  Nothing is written before the model is built and the data
     is loaded, so bad input leaves no half-made run folder behind.
     """
     wall_start = time.perf_counter()
@@ -211,7 +219,9 @@ def train(config: dict, progress: bool = True) -> dict:
     prog = _Progress()
     last_good = _LastGood(model)
     result = last = None
-    diverged = None
+    diverged = interrupted = None
+    midway = False          # interrupted part-way through an update
+    epoch = 0
     try:
         try:
             for epoch in range(1, cfg["epochs"] + 1):
@@ -238,15 +248,25 @@ def train(config: dict, progress: bool = True) -> dict:
                          result["loss"], 100 * result["accuracy"], last["images_per_second"])
         except DivergenceError as exc:
             diverged = exc
+        except KeyboardInterrupt:
+            # Weights part-way through an update go back to before it; the optimizer
+            # state, which that update may have changed in part, is then not kept.
+            midway = last_good.step == prog.step
+            if midway:
+                last_good.restore()
+            interrupted = f"interrupted at update {prog.step} (epoch {epoch} of {cfg['epochs']})"
+            writer.log("interrupted", step=prog.step, samples_seen=prog.samples)
+        status = "diverged" if diverged else "interrupted" if interrupted else "complete"
         summary = _summary(cfg, model, prog, len(x_train), result, last, time.perf_counter() - wall_start,
-                           out_dir, diverged)
+                           out_dir, status, str(diverged) if diverged else interrupted)
         metrics = {"test_accuracy": summary["test_accuracy"], "test_loss": summary["test_loss"],
                    "train_loss": summary["train_loss"], "train_accuracy": summary["train_accuracy"]}
         # A diverged run keeps its last finite weights but no optimizer state: that
         # state took the diverging step, so resuming from it would diverge again.
-        save_model_checkpoint(out_dir / CHECKPOINT_FILE, model, None if diverged else optimizer, step=prog.step,
-                              metrics=metrics, extra={"config": cfg, "epochs": cfg["epochs"],
-                                                      "samples_seen": prog.samples, "status": summary["status"]})
+        save_model_checkpoint(out_dir / CHECKPOINT_FILE, model, None if diverged or midway else optimizer,
+                              step=prog.step, metrics=metrics,
+                              extra={"config": cfg, "epochs": cfg["epochs"], "samples_seen": prog.samples,
+                                     "status": summary["status"]})
         writer.write_summary(summary)
     except KeyboardInterrupt:
         # Say in the log why it ends here; the records so far stay valid.
@@ -254,11 +274,16 @@ def train(config: dict, progress: bool = True) -> dict:
         raise
     finally:
         writer.close()
-    if diverged is not None:
+    if diverged is not None or interrupted is not None:
         try:
             make_plots(out_dir)             # the curves up to the divergence help choose a learning rate
-        except Exception as exc:  # noqa: BLE001  (the divergence is the error to report)
+        except Exception as exc:  # noqa: BLE001  (the divergence or the interrupt is what to report)
             log.warning("plots failed: %s", exc)
+    if interrupted is not None:
+        log.warning("%s: %s holds the weights of that update, %s says \"interrupted\"", interrupted,
+                    out_dir / CHECKPOINT_FILE, out_dir / SUMMARY_FILE)
+        raise KeyboardInterrupt
+    if diverged is not None:
         diverged.summary = summary
         raise diverged
     make_plots(out_dir)                     # last: it reads the files just written
@@ -281,13 +306,16 @@ def check_model_fits_mnist(model) -> None:
 
 
 def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict | None, last: dict | None,
-             wall_seconds: float, out_dir: Path, diverged: DivergenceError | None) -> dict:
-    """The summary.json of a run; test and training scores are None where the run stopped before them."""
+             wall_seconds: float, out_dir: Path, status: str, error: str | None) -> dict:
+    """The summary.json of a run; test and training scores are None where the run stopped before them.
+
+    ``status``: "complete", "diverged" or "interrupted"; ``error`` says why it stopped early.
+    """
     result = result or {}
     last = last or {}
     return to_jsonable({
-        "status": "diverged" if diverged else "complete",
-        "error": str(diverged) if diverged else None,
+        "status": status,
+        "error": error,
         "test_accuracy": result.get("accuracy"),
         "test_loss": result.get("loss"),
         "test_samples": result.get("count"),
@@ -354,11 +382,16 @@ class _LastGood:
         self.model = model
         self.flat = model.xp.empty_like(model.params.flat)
         self.state = {name: arr.copy() for name, arr in model.state.items()}
+        self.step = None        # the update count the copy was taken at, once it is complete
 
-    def save(self) -> None:
+    def save(self, step: int) -> None:
+        """Copy the weights and state of update ``step``; until the next update is counted, ``step``
+        equal to the run's says the model may be part-way through that update."""
+        self.step = None
         self.flat[...] = self.model.params.flat
         for name, arr in self.model.state.items():
             self.state[name][...] = arr
+        self.step = step
 
     def restore(self) -> None:
         self.model.params.flat[...] = self.flat
@@ -395,7 +428,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
         for batch, (xb, yb) in enumerate(iterate_batches(x, y, cfg["batch_size"], cfg["seed"], epoch - 1)):
             xb, yb = xp.asarray(xb), xp.asarray(yb)
             model.reseed((cfg["seed"], epoch - 1, batch))     # dropout masks as a pscnn trainer draws them
-            last_good.save()
+            last_good.save(prog.step)
             # Overflow on the way to a divergence is detected below and reported in
             # one line: NumPy's warnings would only clutter it.
             with np.errstate(over="ignore", invalid="ignore"):
@@ -440,7 +473,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
         _log_window(writer, prog, xp, epoch, lr, bar.disable)     # the epoch's tail, so the curve covers all of it
         _sync(xp)
         seconds = max(time.perf_counter() - start, 1e-9)     # never 0 on a coarse clock
-    except DivergenceError:
+    except (DivergenceError, KeyboardInterrupt):
         prog.train_seconds += time.perf_counter() - start    # the summary's throughput counts these updates
         raise
     finally:

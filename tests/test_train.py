@@ -531,12 +531,16 @@ def test_unwritable_run_folder_is_a_one_line_error(tmp_path):
     assert_one_line_error(proc, 1, str(blocker / "run"), "cannot write")
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how, mnist_dir):
     """SIGTERM and SIGHUP (the terminal closed) killed `pscnn train` silently: now, as Ctrl-C,
-    an "interrupted" record ends metrics.jsonl and one line says so."""
+    an "interrupted" record ends metrics.jsonl and one line says so.  The folder has the
+    weights trained so far and a summary saying so: it had neither (the training was lost),
+    and a summary.json and model.npz of an earlier run in the folder passed for this one's."""
     import signal  # noqa: PLC0415
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"status": "complete", "test_accuracy": 0.99}')     # an earlier run's
     proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", "train", "--model", "light", "--epochs", "50",
                              "--train-limit", "2000", "--test-limit", "200", "--log-every", "1", "--no-progress",
                              "--mnist-dir", mnist_dir, "--out", str(out)],
@@ -554,4 +558,44 @@ def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how, mnist_d
             proc.communicate()
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "pscnn: interrupted" and "Traceback" not in err, err[-2000:]
-    assert read_metrics(out)[-1]["kind"] == "interrupted"
+    record = read_metrics(out)[-1]
+    assert record["kind"] == "interrupted" and record["step"] >= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["updates"] == record["step"]
+    assert summary["error"].startswith(f"interrupted at update {record['step']} (epoch ")
+    assert f"{summary['error']}: {out / 'model.npz'} holds the weights" in err
+    model, _, meta = load_model_checkpoint(out / "model.npz")
+    assert meta["step"] == record["step"] and params_all_finite(model)
+
+
+@needs_real_mnist
+def test_an_interrupt_part_way_through_an_update_keeps_the_weights_from_before_it(tmp_path, no_plots,
+                                                                                     monkeypatch):
+    """A Ctrl-C lands anywhere: in the optimizer's step, the weights are half updated, and
+    they go back to those of the last update counted, without the optimizer state."""
+    saved = {}
+    real_save = training._LastGood.save
+
+    def save(self, step):
+        real_save(self, step)
+        saved[step] = self.model.params.flat.copy()
+    monkeypatch.setattr(training._LastGood, "save", save)
+    checks = []
+
+    def interrupt_after_the_third_update(model):
+        checks.append(model.params.flat.copy())
+        if len(checks) == 3:
+            raise KeyboardInterrupt             # the update applied, not yet counted
+        return None
+    monkeypatch.setattr(training, "_non_finite_part", interrupt_after_the_third_update)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path), progress=False)
+    assert not np.array_equal(checks[2], saved[2])          # the interrupted update had moved them
+    model, optimizer, meta = load_model_checkpoint(tmp_path / "run" / "model.npz")
+    np.testing.assert_array_equal(model.params.flat, saved[2])
+    assert meta["step"] == 2 and optimizer is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["updates"] == 2
+    assert summary["error"] == "interrupted at update 2 (epoch 1 of 1)"
+    record = read_metrics(tmp_path / "run")[-1]
+    assert record["kind"] == "interrupted" and record["step"] == 2 and record["samples_seen"] == 2 * 64
