@@ -24,6 +24,9 @@ non-finite: it stops there, model.npz keeps the last finite weights (without
 optimizer state: that took the diverging step), summary.json says
 ``"status": "diverged"`` and why, and :class:`DivergenceError` is raised
 (``pscnn train`` exits 1 with that one line), as the parameter server does.
+A rate that kills the network without a NaN (the loss in the thousands, then
+stuck) is only warned about: an epoch whose mean training loss is over
+:data:`BLOWN_UP_LOSS` gets a warning naming the setting to lower.
 
 A run interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM or SIGHUP under
 ``pscnn train``) writes an "interrupted" record, model.npz with the weights of
@@ -65,6 +68,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.npz"
 EVAL_BATCH = 1000            # test images per forward pass: big enough to amortize, small in memory
+# An epoch's mean training loss above this (twice a uniform guess's, ln 10) is warned about: a
+# learning rate far too high kills the network without a NaN, the loss in the thousands for a while.
+BLOWN_UP_LOSS = 2 * math.log(NUM_CLASSES)
 _INT_KEYS = {"seed": 0, "batch_size": 1, "epochs": 1, "train_limit": 0, "test_limit": 0, "log_every": 1}
 
 
@@ -246,6 +252,10 @@ def train(config: dict, progress: bool = True) -> dict:
                 log.info("epoch %d/%d: train loss %.4f, accuracy %.2f%% | test loss %.4f, accuracy %.2f%% | "
                          "%.0f img/s", epoch, cfg["epochs"], last["train_loss"], 100 * last["train_accuracy"],
                          result["loss"], 100 * result["accuracy"], last["images_per_second"])
+                if last["train_loss"] > BLOWN_UP_LOSS:
+                    log.warning("epoch %d: the training loss (%.4g) is far above a uniform guess's (%.2f): "
+                                "the run is likely diverging; %s", epoch, last["train_loss"],
+                                math.log(NUM_CLASSES), _advice(optimizer, prog.lr))
         except DivergenceError as exc:
             diverged = exc
         except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import subprocess
@@ -363,6 +364,20 @@ def test_divergence_stops_the_run(tmp_path, no_plots):
     # The run folder says so (it used to hold no summary at all; see the test below).
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged" and "diverged at update" in summary["error"]
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("lr, warned", [(20.0, True), (0.02, False)])
+def test_a_blown_up_but_finite_loss_is_warned_about(tmp_path, no_plots, caplog, lr, warned):
+    """SGD at lr 20 kills the network without a NaN: the loss rose to thousands, the test
+    accuracy fell to chance, and the run ended "complete" with not a word about the rate."""
+    cfg = tiny_config(tmp_path, optimizer={"name": "sgd", "lr": lr, "momentum": 0.9})
+    with caplog.at_level(logging.WARNING, logger="cnn_core.training"):
+        summary = train(cfg, progress=False)
+    assert summary["status"] == "complete"
+    expected = (f"epoch 1: the training loss ({summary['train_loss']:.4g}) is far above a uniform guess's "
+                f"(2.30): the run is likely diverging; lower the learning rate (it was {lr:g})")
+    assert (expected in caplog.text) is warned, caplog.text
 
 
 def params_all_finite(model) -> bool:
