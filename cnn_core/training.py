@@ -558,8 +558,10 @@ def format_report(summary: dict) -> str:
                  f"{_fmt(get('wall_seconds'), '.1f')} s in all)")
 
     cm = get("confusion_matrix")
+    test_images = None              # per true class
     if cm:
         cm = np.asarray(cm, dtype=np.int64)
+        test_images = cm.sum(axis=1)
         k = cm.shape[0]
         width = max(4, len(str(int(cm.max(initial=0)))) + 1)
         lines.append("")
@@ -569,10 +571,15 @@ def format_report(summary: dict) -> str:
             lines.append(f"  {i:>2}  " + "".join(f"{int(v):>{width}}" for v in cm[i]))
     per_class = get("per_class_accuracy")
     if per_class and all(_is_number(a) for a in per_class):
+        # A class without test images scores 0 (cnn_core.metrics): "n/a" here, and never the weakest.
+        scored = [test_images is None or len(test_images) != len(per_class) or test_images[i] > 0
+                  for i in range(len(per_class))]
         lines.append("")
-        lines.append("per-class accuracy: " + "  ".join(f"{i}: {100 * a:.1f}%" for i, a in enumerate(per_class)))
-        worst = int(np.argmin(per_class))
-        lines.append(f"weakest class: {worst} ({100 * per_class[worst]:.1f}%)")
+        lines.append("per-class accuracy: " + "  ".join(f"{i}: {100 * a:.1f}%" if scored[i] else f"{i}: n/a"
+                                                        for i, a in enumerate(per_class)))
+        if any(scored):
+            worst = min((i for i in range(len(per_class)) if scored[i]), key=per_class.__getitem__)
+            lines.append(f"weakest class: {worst} ({100 * per_class[worst]:.1f}%)")
 
     if get("out"):
         out = Path(get("out"))

@@ -465,6 +465,19 @@ def test_format_report_tolerates_missing_metrics(tmp_path):
     assert format_report({}).startswith("? model, ? lr ?")
 
 
+def test_format_report_leaves_classes_without_test_images_out_of_the_weakest():
+    """--test-limit 8 left classes 3, 5, 6 and 8 without a test image: they scored 0% (metrics'
+    convention) and the report called class 3 the weakest, not class 4, half of it right."""
+    cm = np.zeros((10, 10), dtype=int)
+    for true, predicted in [(0, 0), (1, 1), (1, 1), (2, 2), (4, 4), (4, 9), (7, 7), (9, 9)]:
+        cm[true, predicted] += 1
+    per_class = [1.0, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 0.0, 1.0]
+    report = format_report({"confusion_matrix": cm.tolist(), "per_class_accuracy": per_class})
+    assert "per-class accuracy: 0: 100.0%  1: 100.0%  2: 100.0%  3: n/a  4: 50.0%  5: n/a  6: n/a  7: 100.0%  " \
+           "8: n/a  9: 100.0%" in report
+    assert "weakest class: 4 (50.0%)" in report
+
+
 def test_model_output_width_must_be_the_number_of_classes(tmp_path):
     """Checked when the model is built, before the data is read (mnist_dir here holds nothing)."""
     spec = {"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "name": "out", "units": 5}]}
