@@ -520,13 +520,17 @@ def _draw_learning_curves(Figure, out_dir: Path):
     ax_loss, ax_step, ax_time = fig.subplots(1, 3)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
     _curve(ax_loss, loss, "update", "training loss", "Training loss", log_y=True)
-    _curve(ax_step, acc_by_step, "update", "test accuracy (%)", "Test accuracy vs updates", marker="o")
+    _curve(ax_step, acc_by_step, "update", "test accuracy (%)", "Test accuracy vs updates", marker="o",
+           percent=True)
     _curve(ax_time, acc_by_time, "seconds since start", "test accuracy (%)", "Test accuracy vs time",
-           marker="o")
+           marker="o", percent=True)
     return fig
 
 
-def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False):
+def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False, percent=False):
+    """``points`` (x, y) as a line; ``percent``: y is a test accuracy in %, x counts from the
+    run's start (a single evaluation, one epoch, would otherwise get axes centred on it, reaching
+    past 100% and, over a fraction of a second, with tick labels running into each other)."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -538,6 +542,9 @@ def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False):
     ax.plot(xs, ys, marker=marker, markersize=4 if marker else None)
     if log_y and min(ys) > 0 and max(ys) / min(ys) > 20:
         ax.set_yscale("log")                  # a loss falling over decades: linear would hide the tail
+    if percent:
+        ax.set_xlim(left=0)
+        ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))
     if marker and len(points) <= 20:          # few evaluations: print the value at each
         for x, y in zip(xs, ys):
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6),

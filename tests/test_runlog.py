@@ -366,6 +366,23 @@ def test_make_plots_removes_an_earlier_runs_plot_that_has_no_data_now(tmp_path):
     assert list(run.glob("*.png")) == []
 
 
+def test_one_evaluation_plots_on_sensible_axes(tmp_path):
+    """One epoch (pscnn train's default) is one test accuracy: matplotlib centred its axes on it,
+    from 93.6% to 103.6% over updates 30.5 to 33.5, and at 0.189 s the time ticks ran into each
+    other ("0.18000.1825..."); the axes start at 0 updates and seconds, and stop at 100%."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        for step in (5, 10, 15):
+            writer.log("step", step=step, loss=2.0 / step)
+        writer.log("epoch", epoch=1, step=32, test_accuracy=0.9863, seconds=0.189)
+    fig = runlog._draw_learning_curves(figure.Figure, tmp_path)
+    _, by_step, by_time = fig.axes
+    for ax in (by_step, by_time):
+        low, high = ax.get_xlim()
+        assert low == 0 and high > 0
+        assert 98.63 < ax.get_ylim()[1] <= 100.5
+
+
 def test_make_plots_without_matplotlib_returns_empty(tmp_path, monkeypatch):
     run = make_run(tmp_path)
     # A None entry in sys.modules makes "import matplotlib..." raise ImportError.
