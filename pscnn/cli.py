@@ -19,6 +19,7 @@ so that ``--threads`` can set the BLAS thread count before numpy loads.
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import logging
 import os
@@ -27,6 +28,12 @@ import sys
 from pscnn.names import name_problem
 
 ENV_PREFIX = "PSCNN_"
+# Set in each child's environment: the launcher's pid (see stop_with_launcher).
+LAUNCHER_PID_VARIABLE = "PSCNN_LAUNCHER_PID"
+# The PSCNN_* settings that are no flag: read by the code itself (the MNIST cache and mirrors,
+# a launcher's pid), or by docker-compose.yml and the Dockerfile only (docs/deployment.md).
+OTHER_VARIABLES = frozenset({"PSCNN_CACHE_DIR", "PSCNN_MNIST_MIRRORS", LAUNCHER_PID_VARIABLE,
+                             "PSCNN_SERVER_HOST", "PSCNN_IMAGE", "PSCNN_UID"})
 MODES = ("sync", "async", "ssp")        # the server's consistency modes
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -468,6 +475,7 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
     did not give; ``--help`` and argparse's own errors exit (SystemExit) first.
     """
     parser = build_parser()
+    warn_unknown_variables(parser, environ)
     argv = sys.argv[1:] if argv is None else list(argv)
     apply_env_defaults(parser, environ, argv=argv)
     args = parser.parse_args(argv)
@@ -488,6 +496,23 @@ def flag_variables(parser: argparse.ArgumentParser | None = None) -> set[str]:
         elif action.option_strings and action.dest != "help":
             names.add(ENV_PREFIX + action.dest.upper())
     return names
+
+
+def warn_unknown_variables(parser: argparse.ArgumentParser, environ=os.environ) -> None:
+    """One warning line for each PSCNN_* name that is no pscnn setting: a misspelt
+    PSCNN_EPOCHS was ignored without a word, and the run trained 1 epoch.
+
+    A flag of another subcommand is no typo: a server container's healthcheck
+    (``pscnn status``) sees the server's PSCNN_MODE, PSCNN_EPOCHS, ...
+    """
+    known = flag_variables(parser) | OTHER_VARIABLES
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name in known:
+            continue
+        # compared without the prefix, which every name shares and would make all look close
+        close = difflib.get_close_matches(name.upper()[len(ENV_PREFIX):], [k[len(ENV_PREFIX):] for k in known], n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        print(f"pscnn: warning: {name} is not a pscnn setting{hint}; ignored", file=sys.stderr)
 
 
 # Flags only some optimizers use, and which: given to another, they used to be dropped silently.
@@ -643,8 +668,6 @@ def main(argv=None) -> int:
         raise
 
 
-# Set in each child's environment: the launcher's pid (see stop_with_launcher).
-LAUNCHER_PID_VARIABLE = "PSCNN_LAUNCHER_PID"
 PR_SET_PDEATHSIG = 1                    # <linux/prctl.h>
 
 

@@ -81,12 +81,13 @@ def child_env(threads: int = 1) -> dict:
 
     The children get every setting as a flag; a PSCNN_<FLAG> the parent was
     started with would also reach flags the launcher leaves at their default
-    (PSCNN_COMPUTE_MS made every worker push zero gradients).  Settings that
-    are no flag (PSCNN_CACHE_DIR, PSCNN_MNIST_MIRRORS) stay.
+    (PSCNN_COMPUTE_MS made every worker push zero gradients), and an unknown
+    PSCNN_* name, which the parent already warned about, would be warned about
+    again in every child's log.  Settings that are no flag (PSCNN_CACHE_DIR,
+    PSCNN_MNIST_MIRRORS) stay.
     """
-    from pscnn.cli import flag_variables  # noqa: PLC0415  (pscnn.cli imports nothing heavy)
-    flags = flag_variables()
-    env = {k: v for k, v in os.environ.items() if k not in flags}
+    from pscnn.cli import ENV_PREFIX, OTHER_VARIABLES  # noqa: PLC0415  (pscnn.cli imports nothing heavy)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX) or k in OTHER_VARIABLES}
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"

@@ -21,6 +21,7 @@ from pscnn import launcher
 from pscnn.cli import (
     MAX_FLOAT,
     MAX_POLL_SECONDS,
+    OTHER_VARIABLES,
     CliError,
     build_parser,
     flag_variables,
@@ -191,10 +192,11 @@ def test_an_infinite_variable_is_one_line(capsys, monkeypatch):
 def test_children_do_not_inherit_pscnn_flag_variables(monkeypatch):
     for key, value in {"PSCNN_COMPUTE_MS": "1", "PSCNN_BATCH_SIZE": "7", "PSCNN_GIVE_UP_AFTER": "1",
                        "PSCNN_MODE": "async", "PSCNN_CACHE_DIR": "/cache", "PSCNN_MNIST_MIRRORS": "http://m/",
-                       "MNIST_DIR": "/data"}.items():
+                       "MNIST_DIR": "/data", "PSCNN_EPOCH": "3"}.items():
         monkeypatch.setenv(key, value)
     env = launcher.child_env(threads=3)
-    for key in ("PSCNN_COMPUTE_MS", "PSCNN_BATCH_SIZE", "PSCNN_GIVE_UP_AFTER", "PSCNN_MODE"):
+    # a typo the launcher warned about is not warned about again in every child's log
+    for key in ("PSCNN_COMPUTE_MS", "PSCNN_BATCH_SIZE", "PSCNN_GIVE_UP_AFTER", "PSCNN_MODE", "PSCNN_EPOCH"):
         assert key not in env
     assert env["PSCNN_CACHE_DIR"] == "/cache" and env["PSCNN_MNIST_MIRRORS"] == "http://m/"
     assert env["MNIST_DIR"] == "/data" and env["OPENBLAS_NUM_THREADS"] == "3"
@@ -208,6 +210,28 @@ def test_the_settings_that_are_no_flags_are_not_taken_for_flags():
             read |= set(re.findall(r"environ(?:\.get\(|\[)\s*[\"'](PSCNN_\w+)", path.read_text()))
     assert {"PSCNN_CACHE_DIR", "PSCNN_MNIST_MIRRORS"} <= read
     assert not read & flag_variables()
+
+
+def test_a_pscnn_name_that_is_no_setting_is_warned_about(capsys):
+    # PSCNN_EPOCH=3 used to be ignored without a word: the run trained 1 epoch.  A flag of
+    # another command (PSCNN_WORKERS) is no typo: a server container's healthcheck sees them.
+    args = parse_args(["server"], {"PSCNN_EPOCH": "3", "PSCNN_FOO": "x", "pscnn_mode": "async",
+                                   "PSCNN_WORKERS": "2", "PSCNN_CACHE_DIR": "/cache", "PSCNN_LR": ""})
+    assert (args.epochs, args.mode) == (1, "sync")
+    assert capsys.readouterr().err.splitlines() == [
+        "pscnn: warning: PSCNN_EPOCH is not a pscnn setting (did you mean PSCNN_EPOCHS?); ignored",
+        "pscnn: warning: PSCNN_FOO is not a pscnn setting; ignored",
+        "pscnn: warning: pscnn_mode is not a pscnn setting (did you mean PSCNN_MODE?); ignored"]
+
+
+def test_every_pscnn_name_the_deployment_and_docs_mention_is_a_setting():
+    # else a user who sets one as documented is told it is ignored; PSCNN_CI_*: the compose test's own knobs
+    files = [ROOT / "Dockerfile", ROOT / "docker-compose.yml", ROOT / "docker-compose.ci.yml", ROOT / "README.md",
+             *(ROOT / "docs").glob("*.md"), *(p for d in ("cnn_core", "server", "worker", "pscnn")
+                                             for p in (ROOT / d).rglob("*.py"))]
+    mentioned = {name for path in files for name in re.findall(r"\bPSCNN_[A-Z0-9_]*[A-Z0-9]", path.read_text())}
+    unknown = {n for n in mentioned - flag_variables() - OTHER_VARIABLES if not n.startswith("PSCNN_CI_")}
+    assert "PSCNN_SERVER_HOST" in mentioned and not unknown
 
 
 # ----------------------------------------------------------------- D: SIGHUP
