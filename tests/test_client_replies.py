@@ -14,6 +14,8 @@ test: the client then gives up after ``give_up_after`` and the test fails.
 from __future__ import annotations
 
 import logging
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -689,6 +691,33 @@ def test_a_missing_mnist_folder_fails_at_once_without_a_server(role, tmp_path):
             "--mnist-dir", str(tmp_path / "absent")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=50, env=child_env(), check=False)
     one_error_line(proc, str(tmp_path / "absent"), "does not exist")
+
+
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+def test_sigterm_while_mnist_downloads_is_a_clean_stop(role, tmp_path):
+    """docker stop during the first run's download: in a container the role is PID 1, which
+    ignores a signal it has no handler for, so one must be there already.  Here (not PID 1)
+    the signal used to kill it outright, leaving the partial download in the cache."""
+    mirror = socket.create_server(("127.0.0.1", 0))        # takes the request, never answers
+    cache = tmp_path / "cache"
+    env = {**child_env(), "PSCNN_CACHE_DIR": str(cache),
+           "PSCNN_MNIST_MIRRORS": f"http://127.0.0.1:{mirror.getsockname()[1]}/"}
+    env.pop("MNIST_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", role, "--server", "tcp://127.0.0.1:9"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        mirror.settimeout(60)
+        conn, _ = mirror.accept()                           # the download is under way
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        mirror.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and not list(cache.glob(".*.part"))
 
 
 def test_giving_up_on_malformed_replies_says_they_were_malformed(fake):

@@ -40,6 +40,7 @@ log = logging.getLogger("pscnn.evaluator")
 def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, device: str = "cpu",
                   mnist_dir: str | None = None, name: str | None = None, give_up_after: float = 600.0,
                   nice: int = 10) -> int:
+    _exit_on_sigterm()      # before the setup, which may download MNIST (see _exit_on_sigterm)
     if nice:
         try:
             os.nice(nice)
@@ -47,7 +48,6 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             pass
     check_local_setup(device, mnist_dir, "test")
     client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after)
-    _exit_on_sigterm()
     try:
         welcome = client.connect()
         run = check_run(welcome.body["run"])

