@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("server", help="the parameter server")
     add_server_flags(p)
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue the run in OUT if it is unfinished (a server restarted after a crash: "
+                        "what Compose sets), else start a new one")
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("--out", type=_path, default="runs/server", help="run folder (default: runs/server)")

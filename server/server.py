@@ -53,7 +53,7 @@ import sys
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import zmq
@@ -1614,7 +1614,17 @@ def serve_from_args(args) -> int:
     if cfg.mnist_dir is not None or os.environ.get("MNIST_DIR"):
         from cnn_core.data import load_mnist  # noqa: PLC0415
         load_mnist("test", mnist_dir=cfg.mnist_dir, limit=cfg.test_limit or None, download=False)
-    return ParameterServer(cfg).serve()
+    if not (args.auto_resume and not cfg.resume and unfinished_run_warning(cfg.out)):
+        return ParameterServer(cfg).serve()
+    # A server restarted after a crash (Compose's restart: on-failure) continues its run:
+    # starting over would replace the checkpoint within --checkpoint-every.
+    log.info("--auto-resume: %s holds an unfinished run; continuing it", cfg.out)
+    try:
+        server = ParameterServer(replace(cfg, resume=True))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (--auto-resume: {cfg.out} holds an unfinished run; to start over "
+                              f"instead, run without --auto-resume, PSCNN_AUTO_RESUME=0)") from None
+    return server.serve()
 
 
 def config_from_args(args) -> ServerConfig:

