@@ -466,8 +466,10 @@ def _follow(cluster: LocalCluster, bar) -> int:
 
     The run is stopped at once (the server first, so that it checkpoints whole sync rounds, then the
     clients; exit code 1) when nobody is left to train, or when the evaluator exits with an error
-    while the server still runs: the server would otherwise wait --final-eval-timeout for its final
-    report once training ends.  An evaluator that exits 0 was told to by the server (the run is over).
+    while the server still trains: the server would otherwise wait --final-eval-timeout for its final
+    report once training ends.  One that fails once training is over (killed mid final evaluation)
+    does not stop the run: the server scores the final weights itself and writes the summary.
+    An evaluator that exits 0 was told to by the server (the run is over).
     Nobody is left to train when every worker has exited while the server, asked after that, still
     has training to do: whatever their exit codes (a worker stopped by SIGTERM says bye and exits 0).
     Once training is over they all exit, told to by the server, and it finishes the run: its final
@@ -477,14 +479,23 @@ def _follow(cluster: LocalCluster, bar) -> int:
     workers = [p for n, p in cluster.procs.items() if n.startswith("worker")]
     evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
     silent_since = None                 # when the server last stopped answering, every worker gone
+    trained = False                     # the server's last answer said training is over
     while server.poll() is None:
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
         st = cluster.status(timeout=0.5)    # after the workers' check: a worker told to stop left after `done`
         now = time.monotonic()
+        if st is not None:
+            trained = bool(st.get("done"))
         silent_since = (silent_since or now) if workers_gone and st is None else None
         untrained = workers_gone and (st is not None and not st.get("done")
                                       or silent_since is not None and now - silent_since > SILENT_SERVER_S)
         evaluator_failed = evaluator is not None and evaluator.poll() not in (None, 0)
+        if evaluator_failed and trained:
+            # The weights are final: stopping the server now would lose the run's results (no summary,
+            # only a checkpoint to --resume).  It scores them itself; the evaluator's exit is named at the end.
+            _say("pscnn run: the evaluator failed after training finished; the server scores the final "
+                 "weights itself (at once if the evaluator said goodbye, else after --final-eval-timeout)")
+            evaluator, evaluator_failed = None, False
         if untrained or evaluator_failed:
             bar.close()                         # before the messages, so they don't end under a stale bar
             for name, proc in cluster.procs.items():

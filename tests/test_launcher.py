@@ -733,6 +733,28 @@ def test_follow_stops_the_server_first_when_the_evaluator_fails(stand_ins, capsy
     assert stops == [("server", "worker", "evaluator")]
 
 
+def test_an_evaluator_killed_after_training_finished_does_not_stop_the_run(stand_ins, capsys):
+    """The evaluator killed during the final evaluation (the OOM killer): the run was stopped, the
+    server with it, so a finished training left no summary, only a checkpoint to --resume.  The
+    server scores the final weights itself; _follow waits for it to end the run."""
+    stops, answers = [], []
+    stand_ins.stop_all = lambda grace, order, on_kill=None: stops.append(tuple(order)) or stand_ins.end(0)
+    evaluator = subprocess.Popen([sys.executable, "-c", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"])
+    evaluator.wait(30)
+    stand_ins.procs["evaluator"] = evaluator
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 3:
+            stand_ins.end(0)            # the server wrote the summary and exits
+        return {"batches_total": 40, "batches_done": 40, "done": True} if len(answers) == 1 else None
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, Bar()) == 0
+    assert stops == []
+    assert "the evaluator failed after training finished; the server scores the final weights itself" \
+        in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("code", [3, 1])
 def test_a_failed_server_is_reported_with_its_log_tail(tmp_path, capsys, code):
     """A server that exits with an error code: its code and the last lines of its log (why); only
