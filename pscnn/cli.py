@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_flags(p)
     add_compute_flags(p)
     p.add_argument("--every", type=positive_float, default=10.0, help="seconds between evaluations (default: 10)")
-    p.add_argument("--test-limit", type=non_negative_int, default=0, help="first N test images (0: all)")
+    p.add_argument("--test-limit", type=non_negative_int, default=0,
+                   help="score the first N test images (0: as many as the server's --test-limit, whose 0 is all)")
     p.add_argument("--mnist-dir", type=_path, default=None,
                    help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
     add_log_flags(p)

@@ -364,6 +364,16 @@ def test_an_evaluator_scores_the_runs_test_limit_unless_given_its_own(fake, eval
         assert report.body["metrics"]["count"] == count
 
 
+def test_the_evaluators_help_says_what_test_limit_0_scores(capsys):
+    """--test-limit 0 scores the run's test set (the server's --test-limit), not all 10,000 images
+    as the help said."""
+    from pscnn.cli import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["evaluator", "--help"], {})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(0: as many as the server's --test-limit, whose 0 is all)" in text
+
+
 def test_a_refused_final_report_ends_the_evaluator_with_an_error(fake, evaluator):
     server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[error("bad_report", "refused")])
     with pytest.raises(FinalReportRefused,
