@@ -331,6 +331,8 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                         "then start with those there (default: 60)")
 
 
+# Seconds between evaluations, unless given (pscnn evaluator --every, pscnn run --eval-every).
+EVAL_EVERY_S = 10.0
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "
                 "leases; hides the round trip, gradients one version staler)")
 
@@ -384,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluator", help="scores the newest weights on the test set")
     add_client_flags(p)
     add_compute_flags(p)
-    p.add_argument("--every", type=positive_float, default=10.0, help="seconds between evaluations (default: 10)")
+    p.add_argument("--every", type=positive_float, default=EVAL_EVERY_S,
+                   help=f"seconds between evaluations (default: {EVAL_EVERY_S:g})")
     p.add_argument("--test-limit", type=non_negative_int, default=0,
                    help="score the first N test images (0: as many as the server's --test-limit, whose 0 is all)")
     p.add_argument("--mnist-dir", type=_path, default=None,
@@ -394,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="server + N workers + evaluator on this machine")
     p.add_argument("--workers", type=positive_int, default=2, help="trainer processes (default: 2)")
     p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (0: a free one)")
-    p.add_argument("--eval-every", type=positive_float, default=10.0, help="seconds between evaluations (default: 10)")
+    p.add_argument("--eval-every", type=positive_float, default=None,     # None: not given (see check_run_args)
+                   help=f"seconds between evaluations (default: {EVAL_EVERY_S:g})")
     p.add_argument("--no-evaluator", action="store_true",
                    help="run without an evaluator (the server scores the final weights itself)")
     p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)

@@ -220,6 +220,9 @@ def check_run_args(args) -> None:
     if args.wait_for_workers is not None and args.wait_for_workers > args.max_workers:
         raise CliError(f"--wait-for-workers {args.wait_for_workers} exceeds --max-workers {args.max_workers}: "
                        "the run could never start with all of them")
+    if getattr(args, "no_evaluator", False) and args.eval_every is not None:
+        # with no evaluator to give it to, it was dropped without a word (getattr: pscnn bench's server flags)
+        raise CliError("--eval-every sets the evaluator's period, and --no-evaluator starts none")
     if getattr(args, "overlap", False) and args.mode != "async":
         # the workers' log warning was all it did: each ran without it, the run unchanged
         raise CliError(f"--overlap applies to --mode async only, not to --mode {args.mode}")
@@ -333,8 +336,8 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
             for i in range(args.workers):
                 cluster.start_worker(f"worker-{i}", [*client_flags, *(["--overlap"] if args.overlap else [])])
             if not args.no_evaluator:
-                cluster.start_evaluator([*client_flags, "--every", str(args.eval_every),
-                                         "--test-limit", str(args.test_limit)])
+                cluster.start_evaluator([*client_flags, "--test-limit", str(args.test_limit),
+                                         *(["--every", str(args.eval_every)] if args.eval_every else [])])
             bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True)
             status = _follow(cluster, bar)
             if status == 0 and outputs.finished():

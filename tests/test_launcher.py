@@ -388,6 +388,16 @@ def test_pscnn_run_without_an_evaluator_has_the_server_score_at_once(run_in_proc
     assert float(flag_value(cluster.started["server"], "--final-eval-timeout")) == 0.0
 
 
+def test_pscnn_run_refuses_an_eval_every_that_no_evaluator_would_take(run_in_process, capsys):
+    """--eval-every with --no-evaluator was dropped without a word; without it the evaluator
+    keeps its own default period."""
+    code, cluster = run_in_process("--workers", "1", "--no-evaluator", "--eval-every", "5")
+    assert code == 2 and cluster is None
+    assert "--eval-every sets the evaluator's period, and --no-evaluator starts none" in capsys.readouterr().err
+    code, cluster = run_in_process("--workers", "1")
+    assert code == 0 and flag_value(cluster.started["evaluator"], "--every") is None
+
+
 def test_a_client_that_exited_with_an_error_at_the_end_makes_the_run_exit_1(run_in_process, capsys):
     """The server finished the run (report printed), but worker-0 exited 1: the launcher names it
     and exits 1."""
