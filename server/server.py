@@ -332,6 +332,9 @@ class ParameterServer:
         self.staleness = Counter()
         self.evaluations: list[dict] = []
         self._evaluation_at: dict[int, int] = {}    # version -> its record's index in evaluations
+        # The record of the newest version scored (status's test accuracy): not the last report, which
+        # a second, slower evaluator may send for an older version.
+        self.newest_evaluation: dict | None = None
         self.final_eval: dict | None = None
         self.losses = deque(maxlen=50)
         self.rate_window = deque(maxlen=200)        # (time, samples_applied)
@@ -1114,11 +1117,13 @@ class ParameterServer:
         if at is None:
             self._evaluation_at[record["version"]] = len(self.evaluations)
             self.evaluations.append(record)
-            return True
-        if record["final"] and not self.evaluations[at]["final"]:
+        elif record["final"] and not self.evaluations[at]["final"]:
             self.evaluations[at] = record
-            return True
-        return False
+        else:
+            return False
+        if self.newest_evaluation is None or record["version"] >= self.newest_evaluation["version"]:
+            self.newest_evaluation = record
+        return True
 
     # ================================================================== housekeeping
     def _housekeeping(self, now: float) -> bool:
@@ -1377,6 +1382,7 @@ class ParameterServer:
         self.staleness = Counter(checked["staleness"])
         self.evaluations = checked["evaluations"]
         self._evaluation_at = {e["version"]: i for i, e in enumerate(self.evaluations)}
+        self.newest_evaluation = max(self.evaluations, key=lambda e: e["version"], default=None)
         self.contributors = checked["contributors"]
         self.workers_before = checked["workers_most"]
         self.drops = Counter(checked["peers_dropped"])
@@ -1537,7 +1543,7 @@ class ParameterServer:
         recent = [(t, s) for t, s in self.rate_window if now - t <= 5.0]
         if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
-        last = self.evaluations[-1] if self.evaluations else None
+        last = self.newest_evaluation
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
                 "finished": self.summary_written, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,

@@ -1147,6 +1147,31 @@ def test_a_resumed_server_keeps_one_evaluation_per_version(in_process):
     assert [e["version"] for e in again.srv.evaluations] == [1]
 
 
+def test_status_shows_the_newest_version_scored_not_the_last_report(in_process):
+    """Two evaluators: a slower one reports an older version after the other's newer one.  Status
+    (pscnn run's bar, pscnn status) showed the older version's accuracy as the latest, and did so
+    again after --resume."""
+    first = in_process(epochs=2)
+    raw = _trainer(first)
+    task = first.call(raw, P.WORK)
+    weights = task.arrays
+    for _ in range(3):              # each push answered with the next task
+        task = first.call(raw, P.PUSH, push_body(task), grads_like(weights))
+        assert task.body["ack"]["applied"]
+    fast, slow = _evaluator(first), _evaluator(first)
+    _report(first, fast, 3, False, 0.5)
+    _report(first, slow, 1, False, 0.25)
+    progress = first.srv.progress()
+    assert (progress["eval_version"], progress["test_accuracy"]) == (3, 0.5)
+    assert [e["version"] for e in first.srv.evaluations] == [3, 1]      # the history as it came
+    assert first.srv._checkpoint()
+    first.srv.writer.close()
+    first.close()
+    again = in_process(Path(first.srv.cfg.out), epochs=2, resume=True)
+    progress = again.srv.progress()
+    assert (progress["eval_version"], progress["test_accuracy"]) == (3, 0.5)
+
+
 def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
     """Once eight NaN pushes in a row, from every trainer, have stopped the run, a good push is
     told to stop, unapplied: the weights in model.npz and summary.json are the last ones there
