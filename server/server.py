@@ -1249,6 +1249,8 @@ class ParameterServer:
         total = sum(self.staleness.values())
         summary = {
             "test_accuracy": m.get("test_accuracy"), "test_loss": m.get("test_loss"),
+            # as pscnn train's: the evaluator's own --test-limit, not config's, may have set how many
+            "test_samples": m.get("count"),
             "per_class_accuracy": m.get("per_class_accuracy"), "confusion_matrix": m.get("confusion_matrix"),
             "precision": m.get("precision"), "recall": m.get("recall"),
             "epochs": self.cfg.epochs, "mode": self.cfg.mode,

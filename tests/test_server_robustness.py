@@ -1036,6 +1036,19 @@ def test_the_final_report_is_the_runs_result_and_replaces_the_periodic_one(in_pr
     assert (out / "checkpoint.npz").stat().st_mtime_ns == checkpoint
 
 
+def test_the_summary_says_how_many_test_images_its_figures_come_from(in_process):
+    """An evaluator's --test-limit overrides the run's: summary.json gave a test accuracy with
+    config.test_limit 500 beside it, from 1,000 images, and said nothing of it (pscnn train's
+    summary has test_samples)."""
+    server = in_process(epochs=1, test_limit=500)
+    _push_all(server, _trainer(server))
+    body = {"version": server.srv.store.version, "final": True, "metrics": {**_good_metrics(), "count": 1000}}
+    assert server.call(_evaluator(server), P.EVAL_REPORT, body).type == P.ACK
+    server.srv._housekeeping(time.monotonic())
+    summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
+    assert (summary["test_samples"], summary["config"]["test_limit"]) == (1000, 500)
+
+
 def test_the_evaluators_goodbye_after_the_final_evaluation_is_no_drop(in_process):
     """The evaluator sends its final report, then says goodbye: summary.json's peers_dropped (what
     the run survived) said {"left": 1} when that goodbye came before the summary was written, {}
