@@ -364,6 +364,16 @@ def test_an_evaluator_scores_the_runs_test_limit_unless_given_its_own(fake, eval
         assert report.body["metrics"]["count"] == count
 
 
+def test_an_evaluator_that_rejoins_scores_the_new_servers_test_limit(fake, evaluator):
+    """A server restarted with --resume may have another --test-limit: the evaluator kept scoring
+    the first server's test set, and the run's final figures came from it."""
+    server = fake(hello=[welcome(run={**RUN, "test_limit": 50}), welcome(run={**RUN, "test_limit": 80})],
+                  pull=[pull_reply(False, PARAMS, version=5), error("unknown_worker", "who?"),
+                        pull_reply(True, PARAMS, version=2)], eval_report=[ACK])
+    assert evaluator(server, test_limit=0) == 0
+    assert [r.body["metrics"]["count"] for r in server.of_type(P.EVAL_REPORT)] == [50, 80]
+
+
 def test_the_evaluators_help_says_what_test_limit_0_scores(capsys):
     """--test-limit 0 scores the run's test set (the server's --test-limit), not all 10,000 images
     as the help said."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,12 +51,10 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
     client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after)
     try:
         welcome = client.connect()
-        run = check_run(welcome.body["run"])
         model = model_from_welcome(welcome.body["model"], device)
-        limit = test_limit or run.get("test_limit") or None
-        x, y = load_mnist("test", mnist_dir=mnist_dir, limit=limit)
-        check_model_fits(model, x, y)
-        log.info("joined %s; scoring %d test images every %g s", endpoint, len(y), every)
+        test = _test_set(check_run(welcome.body["run"]), test_limit, mnist_dir)
+        check_model_fits(model, test.x, test.y)
+        log.info("joined %s; scoring %d test images every %g s", endpoint, len(test.y), every)
         failures = FailureStreak(endpoint)
         have = -1
         scored = -1
@@ -65,7 +64,8 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 reply = _weights(client.request(P.PULL, {"have_version": have}), model, have)
             except Rejoined as exc:
                 failures.failed(exc, "pulling again")           # a server that forgets us every time
-                model, have, scored = model_from_welcome(exc.welcome.body["model"], device, data=(x, y)), -1, -1
+                model, test = _rejoined(exc.welcome, device, test_limit, mnist_dir, test)
+                have, scored = -1, -1
                 continue
             except (ServerError, BadReply) as exc:
                 failures.failed(exc, "pulling again")
@@ -80,7 +80,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 # Finite weights may still overflow: the report says so (a NaN or Inf loss), and
                 # NumPy's warnings, a few lines each, would only clutter the log (as in pscnn train).
                 with np.errstate(over="ignore", invalid="ignore"):
-                    m = evaluate(model, x, y)
+                    m = evaluate(model, test.x, test.y)
                 metrics = {"test_accuracy": m["accuracy"], "test_loss": m["loss"],
                            "per_class_accuracy": m["per_class_accuracy"], "confusion_matrix": m["confusion_matrix"],
                            "precision": m["precision"], "recall": m["recall"], "count": m["count"],
@@ -96,7 +96,8 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                     log.warning("server rejected our report: %s", exc)
                 except Rejoined as exc:                          # a new server: its own model and versions
                     failures.failed(exc, "pulling again")
-                    model, have, scored = model_from_welcome(exc.welcome.body["model"], device, data=(x, y)), -1, -1
+                    model, test = _rejoined(exc.welcome, device, test_limit, mnist_dir, test)
+                    have, scored = -1, -1
                     continue
                 scored = have
                 log.info("version %d: test accuracy %.4f, loss %.4f (%.1f s)%s", have, m["accuracy"], m["loss"],
@@ -117,6 +118,28 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
         raise
     finally:
         client.close()
+
+
+class _TestSet(NamedTuple):
+    limit: int | None           # the first N test images (None: all)
+    x: np.ndarray               # (N, 1, 28, 28) images
+    y: np.ndarray               # (N,) labels
+
+
+def _test_set(run: dict, test_limit: int, mnist_dir, held: _TestSet | None = None) -> _TestSet:
+    """The test images to score: the first ``test_limit``, or (0) as many as the run's --test-limit;
+    ``held``, the set loaded before, when it is those already."""
+    limit = test_limit or run.get("test_limit") or None
+    if held is not None and held.limit == limit:
+        return held
+    return _TestSet(limit, *load_mnist("test", mnist_dir=mnist_dir, limit=limit))
+
+
+def _rejoined(welcome: P.Message, device: str, test_limit: int, mnist_dir, held: _TestSet) -> tuple:
+    """(model, test set) for a new server's welcome: its model, and its run's test set (a server
+    resumed with another --test-limit scores another one)."""
+    test = _test_set(check_run(welcome.body["run"]), test_limit, mnist_dir, held)
+    return model_from_welcome(welcome.body["model"], device, data=(test.x, test.y)), test
 
 
 class FinalReportRefused(PscnnError):
