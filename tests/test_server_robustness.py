@@ -1049,6 +1049,24 @@ def test_the_summary_says_how_many_test_images_its_figures_come_from(in_process)
     assert (summary["test_samples"], summary["config"]["test_limit"]) == (1000, 500)
 
 
+def test_an_eval_line_in_metrics_jsonl_is_on_the_runs_clock_as_every_line(in_process, monkeypatch):
+    """Every metrics.jsonl line's seconds count from the run's start; an eval line's were the
+    training clock's (from the first batch handed out), so it came before the steps that made its
+    version, and pscnn bench time-to-accuracy's eval_seconds_to_target (eval line minus the first
+    step line) lost the workers' start-up.  Here the run's clock says 500 s and training has not
+    started (the start barrier)."""
+    from cnn_core.runlog import RunWriter
+    monkeypatch.setattr(RunWriter, "seconds", property(lambda self: 500.0))
+    server = in_process(wait_for_workers=2)
+    raw = _trainer(server)
+    assert server.call(raw, P.WORK) is None                  # parked: one trainer of the two
+    _report(server, _evaluator(server), 0, False, 0.25)
+    server.srv.writer.flush()
+    (line,) = [r for r in read_metrics(Path(server.srv.cfg.out) / "metrics.jsonl") if r["kind"] == "eval"]
+    assert line["seconds"] == 500.0 and line["train_seconds"] == 0.0
+    assert server.srv.evaluations[0]["seconds"] == 0.0       # the history (summary.json): training time
+
+
 def test_the_evaluators_goodbye_after_the_final_evaluation_is_no_drop(in_process):
     """The evaluator sends its final report, then says goodbye: summary.json's peers_dropped (what
     the run survived) said {"left": 1} when that goodbye came before the summary was written, {}
