@@ -76,6 +76,15 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     assert "PSCNN_OPTIMIZER='auto': expected one of sgd" in capsys.readouterr().err
 
 
+def error_line(err: str) -> str:
+    """The one error line that ends ``err`` (argparse's usage lines may stand above it), checked
+    to be the only line that says error: a needle found elsewhere in stderr does not count."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines, err
+    assert [line for line in lines if ": error: " in line] == lines[-1:], err
+    return lines[-1]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["server", "--bind", "garbage"], ("argument --bind: expected tcp://HOST:PORT (e.g. tcp://*:5555) or ipc://PATH, "
                                        "got 'garbage'")),
@@ -112,8 +121,9 @@ def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert needle in err and "Traceback" not in err
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"pscnn {' '.join(argv[:2] if argv[0] == 'bench' else argv[:1])}: error: "), line
+    assert needle in line, line
 
 
 def test_integer_flags_take_their_largest_values():
@@ -156,7 +166,10 @@ def test_good_endpoints_pass_unchanged(argv):
 def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, capsys, monkeypatch):
     monkeypatch.setenv(key, value)
     assert main(["server" if key == "PSCNN_BIND" else "run"]) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    line = error_line(err)
+    assert err.strip() == line and line.startswith("pscnn: error: "), err
+    assert needle in line, line
 
 
 # ------------------------------------------------------------------ the documentation's command lines
