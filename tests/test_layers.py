@@ -141,6 +141,29 @@ def test_gradcheck_layer_refuses_a_float32_layer():
                      away_from_zero(np.random.default_rng(1), (2, 5, 5, 1)))
 
 
+def test_gradcheck_layer_catches_a_wrong_backward(monkeypatch):
+    """Every layer check here asserts a report below TOL, which a vacuous checker also gives (with
+    an all-zero output weighting R, say, both gradients read 0): a backward 10% off in the input
+    gradient, or in one parameter's, must read far above it, and only where it is wrong."""
+    rng = np.random.default_rng(3)
+    layer = built(Dense(4), (6,))
+    layer.parameters["bias"][...] = rng.standard_normal(4)
+    x = rng.standard_normal((5, 6))
+    right = Dense.backward
+
+    def off_by(dx_scale: float, weight_scale: float):
+        def backward(self, dout, cache, need_dx=True):
+            dx, grads = right(self, dout, cache, need_dx)
+            return dx * dx_scale, {**grads, "weight": grads["weight"] * weight_scale}
+        return backward
+    monkeypatch.setattr(Dense, "backward", off_by(1.1, 1.0))
+    report = gradcheck_layer(layer, x, max_entries=None)
+    assert report["input"] > 1e-2 and report["weight"] < TOL and report["bias"] < TOL, report
+    monkeypatch.setattr(Dense, "backward", off_by(1.0, 1.1))
+    report = gradcheck_layer(layer, x, max_entries=None)
+    assert report["weight"] > 1e-2 and report["input"] < TOL and report["bias"] < TOL, report
+
+
 def test_conv2d_backward_without_dx():
     layer = built(Conv2D(2, 3, padding=1), (4, 4, 1))
     out, cache = layer.forward(np.random.default_rng(0).standard_normal((2, 4, 4, 1)))
