@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from pscnn.launcher import free_port, print_report, query_status, wait_for
+from test_run_failures import children_left_running
 
 pytestmark = pytest.mark.slow
 
@@ -380,21 +381,22 @@ def test_pscnn_run_without_evaluator_scores_the_final_weights_at_once(tmp_path, 
 
 def test_pscnn_run_interrupted_stops_every_child(tmp_path, mnist_dir):
     """Ctrl-C (SIGINT) on `pscnn run`: every child stops, the server checkpoints, exit 130."""
-    out = tmp_path / "run"
+    out, port = tmp_path / "run", free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--mode", "async", "--model", "light",
          "--train-limit", "6000", "--epochs", "20", "--mnist-dir", mnist_dir, "--out", str(out),
-         "--no-progress", "--checkpoint-every", "0"],
+         "--no-progress", "--checkpoint-every", "0", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err = interrupt_when(proc, lambda: (out / "metrics.jsonl").exists()
-                         and '"kind": "step"' in (out / "metrics.jsonl").read_text(), 90, "training to start")
+    try:
+        err = interrupt_when(proc, lambda: (out / "metrics.jsonl").exists()
+                             and '"kind": "step"' in (out / "metrics.jsonl").read_text(), 90, "training to start")
+    finally:
+        leftovers = children_left_running(port)
+    assert not leftovers, f"processes left running: {leftovers}"
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err
     assert (out / "checkpoint.npz").exists()
     assert "interrupted: writing a checkpoint" in (out / "logs" / "server.log").read_text()
-    endpoint = err.split("server on ", 1)[1].split(",", 1)[0]          # every child names it
-    leftovers = subprocess.run(["pgrep", "-f", endpoint], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"processes left running: {leftovers}"
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -428,13 +430,16 @@ def test_pscnn_run_stops_when_every_worker_died(tmp_path, mnist_dir):
     empty.mkdir()
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         shutil.copy(Path(mnist_dir) / name, empty / name)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--model", "light", "--train-limit", "3000",
-         "--epochs", "1", "--mnist-dir", str(empty), "--out", str(out), "--no-progress", "--no-evaluator"],
-        capture_output=True, text=True, timeout=120)
+    port = free_port()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--model", "light", "--train-limit", "3000",
+             "--epochs", "1", "--mnist-dir", str(empty), "--out", str(out), "--no-progress", "--no-evaluator",
+             "--port", str(port)],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        leftovers = children_left_running(port)
+    assert not leftovers, f"processes left running: {leftovers}"
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "every worker has exited" in proc.stderr
     assert "worker-0 exited with" in proc.stderr
-    endpoint = proc.stderr.split("server on ", 1)[1].split(",", 1)[0]
-    leftovers = subprocess.run(["pgrep", "-f", endpoint], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"processes left running: {leftovers}"

@@ -66,6 +66,15 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
+def children_left_running(port: int) -> list[int]:
+    """The processes of a `pscnn run --port PORT` still running once it has ended (every child
+    names the endpoint), killed: the test fails on them, and must not leave them to load the
+    machine for the tests after it."""
+    leftovers = processes_naming(f"tcp://127.0.0.1:{port}")
+    kill_all(leftovers)
+    return leftovers
+
+
 # `pscnn run`, in a subprocess, with its evaluator alone reading MNIST from EVALUATOR_MNIST (a flag
 # given last wins): the server and the workers read the intact copy, as with a server that does not
 # read the test set before it starts.
@@ -95,12 +104,10 @@ def run_tiny(mnist: Path, out: Path, port: int, evaluator_mnist: Path | None = N
     else:
         argv = [sys.executable, "-c", RUN_WITH_EVALUATOR_DIR, *flags]
         env["EVALUATOR_MNIST"] = str(evaluator_mnist)
-    endpoint = f"tcp://127.0.0.1:{port}"
     try:
         run = subprocess.run(argv, capture_output=True, text=True, timeout=100, env=env, check=False)
     finally:
-        leftovers = processes_naming(endpoint)
-        kill_all(leftovers)
+        leftovers = children_left_running(port)
     run.leftovers = leftovers
     return run
 
@@ -340,7 +347,7 @@ def pscnn_run(tmp_path: Path, mnist_dir: str, *flags: str):
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
-        kill_all(processes_naming(endpoint))
+        children_left_running(port)
 
 
 def wait_until_training(endpoint: str, proc: subprocess.Popen, timeout: float = 60) -> dict:
@@ -485,8 +492,7 @@ def test_a_missing_mnist_folder_is_one_line_before_anything_starts(tmp_path):
     try:
         run = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     finally:
-        leftovers = processes_naming(f"tcp://127.0.0.1:{port}")
-        kill_all(leftovers)
+        leftovers = children_left_running(port)
     assert run.returncode == 1, run.stderr[-3000:]
     assert run.stderr.strip().splitlines() == [f"pscnn: error: {missing}: MNIST folder does not exist or is not a folder"]
     assert not leftovers and not (tmp_path / "run" / "logs").exists()
