@@ -37,6 +37,7 @@ from worker.client import (FAILURE_PAUSE_S, HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MA
                            MIN_RETRY_S, BadReply, Client,
                            ServerError, ServerUnreachable, TooManyFailures)
 from worker.trainer import Trainer
+from test_server_robustness import start_serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -249,12 +250,9 @@ def test_a_full_server_refuses_a_worker_with_one_line(tmp_path):
     holder = zmq.Context.instance().socket(zmq.DEALER)
     holder.setsockopt(zmq.LINGER, 0)
     try:
-        cluster.start_server(["--model", "light", "--train-limit", "640", "--batch-size", "64", "--mode", "async",
-                              "--checkpoint-every", "0", "--max-workers", "1", "--peer-timeout", "120",
-                              "--out", str(cluster.out)])         # the holder below stays "alive" throughout
-        deadline = time.monotonic() + 60
-        while query_status(cluster.endpoint, timeout=0.5) is None:
-            assert cluster.procs["server"].poll() is None and time.monotonic() < deadline, cluster.log_tail("server")
+        start_serving(cluster, ["--model", "light", "--train-limit", "640", "--batch-size", "64", "--mode", "async",
+                                "--checkpoint-every", "0", "--max-workers", "1", "--peer-timeout", "120",
+                                "--out", str(cluster.out)])       # the holder below stays "alive" throughout
         holder.connect(cluster.endpoint)                  # the one trainer the server takes
         holder.send_multipart(P.encode(P.Message(P.HELLO, "holder-1", 1, {"role": "trainer"})))
         assert holder.poll(10_000, zmq.POLLIN), cluster.log_tail("server")

@@ -42,6 +42,7 @@ from pscnn import protocol as P
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
 from server.server import ParameterServer
+from test_server_robustness import start_serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -123,13 +124,7 @@ def train(endpoint: str, names: list[str], pushes_each: int | None) -> list[Raw]
 
 def start_server(out: Path, *flags: str) -> LocalCluster:
     cluster = LocalCluster(out)
-    cluster.start_server([*FLAGS, "--out", str(out), *flags])
-    deadline = time.monotonic() + 60
-    while query_status(cluster.endpoint, timeout=0.5) is None:
-        if cluster.procs["server"].poll() is not None or time.monotonic() > deadline:
-            tail = cluster.log_tail("server", 30)
-            cluster.close()
-            pytest.fail(f"the server did not start:\n{tail}")
+    start_serving(cluster, [*FLAGS, "--out", str(out), *flags])
     return cluster
 
 

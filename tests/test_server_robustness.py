@@ -120,6 +120,20 @@ def grads_like(weights: dict, value: float = 1e-3) -> dict:
     return {k: np.full(v.shape, value, dtype=v.dtype) for k, v in weights.items()}
 
 
+def start_serving(cluster: LocalCluster, flags: list[str], timeout: float = 60.0) -> None:
+    """Start ``cluster``'s server with ``flags`` and return once it answers a status request; if it
+    exits, or is silent for ``timeout`` s, close ``cluster`` and fail the test with the server's log."""
+    server = cluster.start_server(flags)
+    deadline = time.monotonic() + timeout
+    while query_status(cluster.endpoint, timeout=0.5) is None:
+        if server.poll() is not None or time.monotonic() > deadline:
+            tail = cluster.log_tail("server", 40)
+            cluster.close()
+            why = f"exited with {server.returncode}" if server.returncode is not None else \
+                f"did not answer within {timeout:.0f} s"
+            pytest.fail(f"the server {why}:\n{tail}")
+
+
 class Server:
     """One server subprocess plus the means to inspect it."""
 
@@ -128,18 +142,7 @@ class Server:
         self.endpoint = self.cluster.endpoint
         self.log_path = self.cluster.logs / "server.log"
         self.sockets: list[Raw] = []
-        self.cluster.start_server([*SERVER_FLAGS, "--out", str(self.cluster.out), *extra_flags])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.cluster.procs["server"].poll() is not None:
-                tail = self.cluster.log_tail("server", 40)
-                self.close()
-                pytest.fail(f"the server exited: {tail}")
-            if query_status(self.endpoint, timeout=0.5) is not None:
-                return
-        tail = self.cluster.log_tail("server", 40)
-        self.close()
-        pytest.fail(f"the server did not start: {tail}")
+        start_serving(self.cluster, [*SERVER_FLAGS, "--out", str(self.cluster.out), *extra_flags])
 
     def client(self, role: str | None = None, wid: str | None = None) -> Raw:
         c = Raw(self.endpoint, wid)
