@@ -42,7 +42,7 @@ from pscnn import protocol as P
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
 from server.server import ParameterServer
-from test_server_robustness import start_serving
+from test_server_robustness import Raw, grads_like, push_body, start_serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -55,47 +55,30 @@ ROUNDS_BEFORE_STOP = 3
 # (two connections, no order between them on a busy machine) and close a round of w0 alone.
 BOTH_IN_EVERY_ROUND = ("--wait-for-workers", "2")
 REPLY_TIMEOUT = 10.0
-PUSH = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.01, "comm_s": 0.0, "wait_s": 0.0}}
 
 
-# ---------------------------------------------------------------- a client speaking the protocol by hand
+# ---------------------------------------------------------------- clients speaking the protocol by hand
 
-class Raw:
+class HandTrainer(Raw):
+    """A trainer of raw frames (test_server_robustness.Raw): the weights and the task it holds,
+    its pushes so far, and whether it was told to stop."""
+
     def __init__(self, endpoint: str, name: str):
-        self.wid = f"{name}-{uuid.uuid4().hex[:8]}"
-        self.seq = 0
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.weights = None
-        self.task = None
+        super().__init__(endpoint, f"{name}-{uuid.uuid4().hex[:8]}")
+        self.weights: dict | None = None
+        self.task: P.Message | None = None
         self.pushes = 0
         self.stopped = False
 
-    def send(self, mtype: str, body: dict | None = None, arrays: dict | None = None) -> None:
-        self.seq += 1
-        self.sock.send_multipart(P.encode(P.Message(mtype, self.wid, self.seq, body or {}, arrays or {})), copy=False)
 
-    def recv(self, timeout: float = REPLY_TIMEOUT) -> P.Message:
-        assert self.sock.poll(int(timeout * 1000), zmq.POLLIN), f"{self.wid}: no reply from the server"
-        return P.decode(self.sock.recv_multipart())
-
-    def call(self, mtype: str, body: dict | None = None) -> P.Message:
-        self.send(mtype, body)
-        return self.recv()
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-
-
-def train(endpoint: str, names: list[str], pushes_each: int | None) -> list[Raw]:
+def train(endpoint: str, names: list[str], pushes_each: int | None) -> list[HandTrainer]:
     """Trainers ``names`` take tasks and push constant gradients: ``pushes_each`` times each
     (then they hold their next task unpushed), or until told to stop (None)."""
-    clients = [Raw(endpoint, n) for n in names]
+    clients = [HandTrainer(endpoint, n) for n in names]
     for c in clients:
-        assert c.call(P.HELLO, {"role": "trainer", "name": c.wid, "pid": 1, "host": "test"}).type == P.WELCOME
+        c.hello("trainer")
     for c in clients:                  # both ask before either pushes: each sync round has both
-        c.send(P.WORK)
+        c.send(c.frames(P.WORK))
     deadline = time.monotonic() + 120
     while not all(c.stopped or (pushes_each is not None and c.pushes >= pushes_each and c.task) for c in clients):
         assert time.monotonic() < deadline, "the trainers did not get through their work"
@@ -108,15 +91,12 @@ def train(endpoint: str, names: list[str], pushes_each: int | None) -> list[Raw]
                 c.stopped = True
             elif reply.type == P.WAIT:
                 time.sleep(reply.body.get("retry_s", 0.05))
-                c.send(P.WORK)
+                c.send(c.frames(P.WORK))
             else:
                 c.weights = reply.arrays or c.weights
-                c.task = reply.body
+                c.task = reply
                 if pushes_each is None or c.pushes < pushes_each:
-                    t = c.task
-                    c.send(P.PUSH, {"epoch": t["epoch"], "batch": t["batch"], "lease": t["lease"],
-                                    "base_version": t["version"], **PUSH},
-                           {k: np.full(v.shape, 1e-3, dtype=v.dtype) for k, v in c.weights.items()})
+                    c.send(c.frames(P.PUSH, push_body(c.task), grads_like(c.weights)))
                     c.pushes += 1
                     c.task = None
     return clients
@@ -142,9 +122,9 @@ def serving(out: Path, *flags: str):
 
 
 def evaluator(endpoint: str, clients: list) -> Raw:
-    ev = Raw(endpoint, "ev")
+    ev = Raw(endpoint, f"ev-{uuid.uuid4().hex[:8]}")
     clients.append(ev)
-    assert ev.call(P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+    ev.hello("evaluator")
     return ev
 
 
