@@ -262,6 +262,7 @@ def test_throughput_benchmarks_compare_one_update():
     (["server", "--trials", "0"], "argument --trials: must be >= 1, got 0"),
     (["server", "--clients", "4,10000000000"], "--clients: every value must be at most 1024, got 10000000000"),
     (["server", "--clients", "99999999"], "--clients: every value must be at most 1024, got 99999999"),    # hung
+    (["server", "--profile", "99999999"], "argument --profile: must be at most 1024, got 99999999"),     # hung
     (["scaling", "--compute-ms", "5,inf"], "--compute-ms: every value must be at most 1e9, got inf"),
     (["server", "--seconds", "-1"], "argument --seconds: must be > 0, got -1"),
     (["scaling", "--threads", "x"], "argument --threads: must be an integer, got 'x'"),

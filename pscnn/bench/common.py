@@ -16,7 +16,7 @@ from contextlib import contextmanager, redirect_stderr
 from io import StringIO
 from pathlib import Path
 
-from pscnn.cli import MAX_FLOAT, MAX_INT, _path, cap_text, check_run_folder
+from pscnn.cli import MAX_FLOAT, MAX_INT, _int_in, _path, cap_text, check_run_folder
 
 # Set on the build machines; they halve numpy's sgemm speed.  A user's machine has neither,
 # so benchmarks drop them for every process they start unless --keep-openblas-env.
@@ -50,6 +50,11 @@ def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
 # Most synthetic clients (sockets) one `pscnn bench server` point opens: the server's default
 # --max-workers, which caps the other benchmarks' workers.  99,999,999 of them hung the bench.
 MAX_BENCH_PEERS = 1024
+
+
+def bench_peers(text: str) -> int:
+    """A flag's count of synthetic clients (argparse type): 1 to :data:`MAX_BENCH_PEERS`."""
+    return _int_in(text, 1, MAX_BENCH_PEERS)
 
 
 def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None, high=None) -> list:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
-from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, busy_fraction, check_out,
-                     check_server_flags, checking_options, cores, fmt, last_line, machine_cpu_ticks, machine_info,
-                     median, output_folder, parse_list, percentile, print_table, proc_cpu_seconds, process_failed,
-                     progress, pyplot, save_figure, write_outputs)
+from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
+                     check_out, check_server_flags, checking_options, cores, fmt, last_line, machine_cpu_ticks,
+                     machine_info, median, output_folder, parse_list, percentile, print_table, proc_cpu_seconds,
+                     process_failed, progress, pyplot, save_figure, write_outputs)
 
 NAME = "server"
 
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--processes", type=non_negative_int, default=0,
                    help="client processes (0: min(clients, 4)); each runs clients/processes sockets")
     p.add_argument("--no-echo", action="store_true", help="skip the raw pyzmq echo reference")
-    p.add_argument("--profile", type=positive_int, default=None, metavar="CLIENTS",
+    p.add_argument("--profile", type=bench_peers, default=None, metavar="CLIENTS",
                    help="also profile the server (cProfile) with this many clients; top functions to "
                         "server-profile.txt")
     add_output_flags(p, "server")
