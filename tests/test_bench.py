@@ -264,6 +264,7 @@ def test_throughput_benchmarks_compare_one_update():
     (["server", "--clients", "99999999"], "--clients: every value must be at most 1024, got 99999999"),    # hung
     (["server", "--profile", "99999999"], "argument --profile: must be at most 1024, got 99999999"),     # hung
     (["scaling", "--compute-ms", "5,inf"], "--compute-ms: every value must be at most 1e9, got inf"),
+    (["scaling", "--batch", "70000"], "--batch: every value must be at most 60000, got 70000"),   # baseline crashed
     (["server", "--seconds", "-1"], "argument --seconds: must be > 0, got -1"),
     (["scaling", "--threads", "x"], "argument --threads: must be an integer, got 'x'"),
     (["time-to-accuracy", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),

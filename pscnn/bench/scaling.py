@@ -73,7 +73,9 @@ def run(args) -> int:
 
     workers = parse_list(args.workers, int, "--workers", low=1)
     modes = parse_list(args.mode, str, "--mode", choices=MODES)
-    batches = parse_list(args.batch, int, "--batch", low=1)
+    from cnn_core.data import MNIST_FILES  # noqa: PLC0415  (numpy loads after the flags)
+    # the baseline steps through whole batches of the training set: a larger batch has none
+    batches = parse_list(args.batch, int, "--batch", low=1, high=MNIST_FILES["train-images"]["count"])
     compute = parse_list(args.compute_ms, float, "--compute-ms", low=0) if args.compute_ms is not None else [None]
     synthetic = compute != [None]
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
