@@ -58,6 +58,8 @@ def main(argv=None) -> dict:
     p.add_argument("--keep-openblas-env", action="store_true")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv[1:])
+    if args.json is not None:           # checked now, not after minutes of measuring
+        _check_writable(p, "--json", args.json)
 
     import numpy as np
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -175,6 +177,19 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return result
+
+
+def _check_writable(parser, flag: str, path: str) -> None:
+    """A usage error (exit 2) unless a file can be written at ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.strip():
+        parser.error(f"argument {flag}: must name a file, got an empty string")
+    if os.path.isdir(path):
+        parser.error(f"argument {flag}: {path} is a folder, not a file")
+    if not os.path.isdir(folder):
+        parser.error(f"argument {flag}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"argument {flag}: {path} cannot be written")
 
 
 def _layer_breakdown(model, xb, yb, opt, np, reps: int = 9) -> dict:

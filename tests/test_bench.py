@@ -302,6 +302,23 @@ def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
     assert bad.returncode == 2 and "argument --trials: must be >= 1, got 0" in bad.stderr
 
 
+@pytest.mark.parametrize("where, needle", [
+    ("missing/engine.json", "argument --json: the folder {tmp}/missing does not exist"),
+    ("", "argument --json: {tmp} is a folder, not a file"),
+])
+def test_engine_benchmark_checks_its_json_path_before_measuring(where, needle, tmp_path):
+    """--json into a missing folder (or naming a folder) is a usage error at once: it used to be a
+    FileNotFoundError traceback after the whole benchmark had run, its results lost."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "1", "--steps", "1",
+                           "--reference-steps", "1", "--batch", "8", "--infer-batch", "16", "--no-torch",
+                           "--json", str(tmp_path / where) if where else str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(needle.format(tmp=tmp_path)), proc.stderr
+    assert "img/s" not in proc.stdout               # nothing was measured
+
+
 # --------------------------------------------------------------------------- failures: one line, never a traceback
 
 # The smallest run of each bench: without the checks up front, a case below starts real processes, so
