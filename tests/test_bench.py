@@ -465,6 +465,38 @@ def test_scaling_exits_1_only_when_every_point_failed(tmp_path, monkeypatch, cap
     assert len(read_csv(out / "scaling.csv")) == 2      # the rows are still written, with their errors
 
 
+def test_scaling_keeps_its_points_when_a_baseline_fails(tmp_path, monkeypatch, capsys, mnist_dir):
+    """A baseline that fails in one trial loses that trial's ratios, not the run: it used to end
+    the bench (exit 1, no CSV or JSON) with every point already measured thrown away."""
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.scaling as scaling
+    from pscnn.bench.common import process_failed
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
+    calls = []
+
+    def second_fails(model, batch, *rest):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise process_failed("the baseline (batch 64)", -9, "loading MNIST\n")
+        return {"images_per_second": 800.0, "images_per_cpu_second": 900.0, "cpu_fraction": 0.9}
+    monkeypatch.setattr(scaling, "_baseline", second_fails)
+    out = tmp_path / "out"
+    assert main(["bench", "scaling", "--workers", "1", "--mode", "async", "--seconds", "0.5", "--warmup", "0",
+                 "--trials", "2", "--model", "light", "--ddp", "off", "--mnist-dir", mnist_dir,
+                 "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "baseline b64: the baseline (batch 64) exited with -9 (killed by SIGKILL): loading MNIST" in err
+    assert len(read_csv(out / "scaling.csv")) == 2                  # both trials' points kept
+    doc = json.loads((out / "scaling.json").read_text())
+    assert ["error" in b for b in doc["baselines"]] == [False, True]
+    (s,) = doc["summary"]
+    assert s["efficiency"] == pytest.approx(640.0 / 800.0)          # the trial that has a baseline
+    assert s["baseline_images_per_second"] == 800.0
+
+
 def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_dir):
     """Training files that are there but corrupt pass the folder check; every worker then exits with
     an error, and the bench stops that run at once (it polled until --max-seconds, then exited 0)."""

@@ -35,7 +35,7 @@ from pscnn.cli import MODES, _path, non_negative_float, positive_float, positive
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, add_output_flags, check_mnist, check_out,
                      check_server_flags, checking_options, cores, save_figure, fmt, machine_info, median, one_line,
-                     parse_list, print_table, progress, pyplot, output_folder, write_outputs)
+                     parse_list, print_table, process_failed, progress, pyplot, output_folder, write_outputs)
 
 NAME = "scaling"
 
@@ -112,7 +112,10 @@ def run(args) -> int:
             if not synthetic:
                 for b in batches:
                     bar.set_postfix_str(f"trial {trial + 1}: baseline b{b}")
-                    res = _baseline(args.model, b, base_s, mnist_dir, env, args.lr)
+                    try:
+                        res = _baseline(args.model, b, base_s, mnist_dir, env, args.lr)
+                    except RuntimeError as exc:     # that trial's ratios are lost, not the run
+                        res = _failed(f"baseline b{b}", exc)
                     baselines.append({"trial": trial, "batch": b, **res})
                     bar.update()
             for pt in points:
@@ -125,17 +128,18 @@ def run(args) -> int:
                                         keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs,
                                         overlap=args.overlap, **pt)
                 except RuntimeError as exc:     # one failed point must not lose the others
-                    res = {"error": one_line(exc)}
-                    print(f"\npscnn bench scaling: {pt['mode']} N={pt['workers']} b{pt['batch']}"
-                          + (f" c={pt['compute_ms']:g}ms" if synthetic else "") + f": {res['error']}",
-                          file=sys.stderr)
+                    res = _failed(f"{pt['mode']} N={pt['workers']} b{pt['batch']}"
+                                  + (f" c={pt['compute_ms']:g}ms" if synthetic else ""), exc)
                 rows.append({"trial": trial, **pt, "kind": "pscnn", **res})
                 bar.update()
             for n in ddp_worlds:
                 for b in batches:
                     bar.set_postfix_str(f"trial {trial + 1}: torch DDP N={n} b{b}")
                     from .ddp import measure_ddp  # noqa: PLC0415
-                    res = measure_ddp(n, b, args.seconds, args.threads, args.model, env=env)
+                    try:
+                        res = measure_ddp(n, b, args.seconds, args.threads, args.model, env=env)
+                    except RuntimeError as exc:
+                        res = _failed(f"torch DDP N={n} b{b}", exc)
                     ddp_rows.append({"trial": trial, "workers": n, "batch": b, **res})
                     bar.update()
     finally:
@@ -169,10 +173,21 @@ def baseline_command(model: str, batch: int, seconds: float, mnist_dir: str | No
 def _baseline(model: str, batch: int, seconds: float, mnist_dir: str | None, env: dict, lr: float) -> dict:
     import subprocess  # noqa: PLC0415
     cmd = baseline_command(model, batch, seconds, mnist_dir, lr)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds * 4 + 120)
+    limit = seconds * 4 + 120
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"the baseline (batch {batch}) did not finish within {limit:g} s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"baseline failed:\n{proc.stderr[-2000:]}")
+        raise process_failed(f"the baseline (batch {batch})", proc.returncode, proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _failed(what: str, exc: Exception) -> dict:
+    """The row of a failed measurement (a point, a baseline, a DDP run): said on stderr, kept with
+    its error, so that the others are not lost."""
+    print(f"\npscnn bench scaling: {what}: {one_line(exc)}", file=sys.stderr)
+    return {"error": one_line(exc)}
 
 
 # --------------------------------------------------------------------------- summary
@@ -184,6 +199,8 @@ def summarize(rows, baselines, ddp_rows, ncores: int, synthetic: bool) -> list[d
         k = (r["mode"], r["workers"], r["batch"], r["compute_ms"])
         if k not in keys:
             keys.append(k)
+    baselines = [b for b in baselines if "error" not in b]      # a failed one measured nothing
+    ddp_rows = [d for d in ddp_rows if "error" not in d]
     base_by_trial = {(b["trial"], b["batch"]): b["images_per_second"] for b in baselines}
     base_med = {b: median([x["images_per_second"] for x in baselines if x["batch"] == b])
                 for b in {x["batch"] for x in baselines}}
