@@ -251,6 +251,9 @@ def test_throughput_benchmarks_compare_one_update():
     assert float(cmd[cmd.index("--momentum") + 1]) == THROUGHPUT_MOMENTUM
 
 
+SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0.3", "--warmup", "0"]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["scaling", "--workers", "0,2"], "--workers: every value must be >= 1, got 0"),
     (["scaling", "--compute-ms", "5,-1"], "--compute-ms: every value must be >= 0, got -1"),
@@ -265,6 +268,14 @@ def test_throughput_benchmarks_compare_one_update():
     (["server", "--profile", "99999999"], "argument --profile: must be at most 1024, got 99999999"),     # hung
     (["scaling", "--compute-ms", "5,inf"], "--compute-ms: every value must be at most 1e9, got inf"),
     (["scaling", "--batch", "70000"], "--batch: every value must be at most 60000, got 70000"),   # baseline crashed
+    # flags that did nothing in the run asked for (--ddp on: also with torch installed; short runs
+    # without the checks)
+    (["scaling", "--mode", "sync", "--overlap", *SHORT], "--overlap applies to --mode async only, not to --mode sync"),
+    (["scaling", "--baseline-seconds", "3", *SHORT], "--baseline-seconds: --compute-ms workers have no single"),
+    (["scaling", "--mode", "sync", "--ddp", "on", *SHORT],
+     "--ddp on: DDP is compared with --mode sync points of real workers, not with --compute-ms"),
+    (["scaling", "--mode", "async", "--ddp", "on", *SHORT[2:]], "--ddp on: DDP is compared with --mode sync points "
+                                                               "of real workers, not with --mode async"),
     (["server", "--seconds", "-1"], "argument --seconds: must be > 0, got -1"),
     (["scaling", "--threads", "x"], "argument --threads: must be an integer, got 'x'"),
     (["time-to-accuracy", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),

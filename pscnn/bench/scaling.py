@@ -33,9 +33,10 @@ from pathlib import Path
 
 from pscnn.cli import MODES, _path, non_negative_float, positive_float, positive_int
 
-from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, add_output_flags, check_mnist, check_out,
-                     check_server_flags, checking_options, cores, save_figure, fmt, machine_info, median, one_line,
-                     parse_list, print_table, process_failed, progress, pyplot, output_folder, write_outputs)
+from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_mnist,
+                     check_out, check_server_flags, checking_options, cores, save_figure, fmt, machine_info, median,
+                     one_line, parse_list, print_table, process_failed, progress, pyplot, output_folder,
+                     write_outputs)
 
 NAME = "scaling"
 
@@ -78,6 +79,22 @@ def run(args) -> int:
     batches = parse_list(args.batch, int, "--batch", low=1, high=MNIST_FILES["train-images"]["count"])
     compute = parse_list(args.compute_ms, float, "--compute-ms", low=0) if args.compute_ms is not None else [None]
     synthetic = compute != [None]
+    # flags that would do nothing in this run: refused, not silently dropped
+    if args.overlap and "async" not in modes:
+        raise OptionError(f"--overlap applies to --mode async only, not to --mode {args.mode}")
+    if synthetic and args.baseline_seconds is not None:
+        raise OptionError("--baseline-seconds: --compute-ms workers have no single-process baseline")
+    if args.ddp == "on" and (synthetic or "sync" not in modes):
+        raise OptionError("--ddp on: DDP is compared with --mode sync points of real workers, not with "
+                          + ("--compute-ms" if synthetic else f"--mode {args.mode}"))
+    use_ddp = not synthetic and "sync" in modes and args.ddp != "off"
+    if use_ddp:
+        from .ddp import torch_available  # noqa: PLC0415
+        if not torch_available():
+            if args.ddp == "on":
+                raise OptionError("--ddp on: torch is not installed")
+            print("pscnn bench scaling: torch not installed, no DDP reference", file=sys.stderr)
+            use_ddp = False
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     with checking_options():            # what the servers, workers and baseline would refuse
         check_out(args.out)
@@ -91,15 +108,7 @@ def run(args) -> int:
     ncores = cores()
     machine = machine_info(args.keep_openblas_env)
     env = bench_env(args.threads, args.keep_openblas_env)
-    use_ddp = not synthetic and args.ddp != "off"
-    if use_ddp:
-        from .ddp import torch_available  # noqa: PLC0415
-        if not torch_available():
-            if args.ddp == "on":
-                raise ValueError("--ddp on: torch is not installed")
-            print("pscnn bench scaling: torch not installed, no DDP reference", file=sys.stderr)
-            use_ddp = False
-    ddp_worlds = sorted(set(workers)) if use_ddp and "sync" in modes else []
+    ddp_worlds = sorted(set(workers)) if use_ddp else []
     base_s = args.baseline_seconds or args.seconds
 
     points = [dict(mode=m, workers=n, batch=b, compute_ms=c) for c in compute for b in batches
