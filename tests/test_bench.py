@@ -508,6 +508,32 @@ def test_scaling_keeps_its_points_when_a_baseline_fails(tmp_path, monkeypatch, c
     assert s["baseline_images_per_second"] == 800.0
 
 
+def test_the_last_line_names_only_the_plots_this_run_made(tmp_path, monkeypatch, capsys):
+    """Without matplotlib (or with --no-plots) the plots are skipped with a note, and the last
+    line no longer says "and plots in OUT": an older run's PNGs there are not this run's."""
+    import pscnn.bench.cluster as cluster
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0, "server_cpu_ms_per_push": 1.0})
+    argv = ["bench", "scaling", "--compute-ms", "5", "--workers", "1,2", "--mode", "async", "--seconds", "0.5",
+            "--warmup", "0", "--trials", "1", "--model", "light", "--no-progress"]
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)           # not installed: its import fails
+        assert main([*argv, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed; no plots" in captured.err
+    assert captured.out.strip().splitlines()[-1] == f"wrote {out / 'scaling.csv'}, {out / 'scaling.json'}"
+    assert not list(out.glob("*.png"))
+    assert main([*argv, "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(" and scaling_throughput.png, scaling_efficiency.png, scaling_time_split.png"), last
+    assert_png(out / "scaling_throughput.png")
+    assert main([*argv, "--out", str(out), "--no-plots"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("scaling.json")
+
+
 def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_dir):
     """Training files that are there but corrupt pass the folder check; every worker then exits with
     an error, and the bench stops that run at once (it polled until --max-seconds, then exited 0)."""

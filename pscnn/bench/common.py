@@ -346,6 +346,12 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def print_written(csv_path: Path, json_path: Path, plots: list[Path]) -> None:
+    """A benchmark's last line: the files it wrote, its plots named only when it made some (not
+    with --no-plots or without matplotlib: an older run's PNGs in --out are not this run's)."""
+    print(f"\nwrote {csv_path}, {json_path}" + (f" and {', '.join(p.name for p in plots)}" if plots else ""))
+
+
 def progress(total: int | None, desc: str, disable: bool = False):
     from tqdm import tqdm  # noqa: PLC0415
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr, leave=True)

@@ -35,8 +35,8 @@ from pscnn.cli import MODES, _path, non_negative_float, positive_float, positive
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_mnist,
                      check_out, check_server_flags, checking_options, cores, save_figure, fmt, machine_info, median,
-                     one_line, parse_list, print_table, process_failed, progress, pyplot, output_folder,
-                     write_outputs)
+                     one_line, parse_list, print_table, print_written, process_failed, progress, pyplot,
+                     output_folder, write_outputs)
 
 NAME = "scaling"
 
@@ -166,9 +166,7 @@ def run(args) -> int:
     if rows and len(failed) == len(rows):     # nothing was measured: not a result
         raise BenchError(f"every point failed ({len(rows)} of {len(rows)}; rows in {csv_path}); "
                          f"the first: {failed[0]['error']}")
-    if not args.no_plots:
-        plot(summary, out, ncores, synthetic)
-    print(f"\nwrote {csv_path}, {json_path} and plots in {out}")
+    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic))
     return 0
 
 

@@ -25,8 +25,8 @@ from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, p
 
 from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
                      check_out, check_server_flags, checking_options, cores, fmt, last_line, machine_cpu_ticks,
-                     machine_info, median, output_folder, parse_list, percentile, print_table, proc_cpu_seconds,
-                     process_failed, progress, pyplot, save_figure, write_outputs)
+                     machine_info, median, output_folder, parse_list, percentile, print_table, print_written,
+                     proc_cpu_seconds, process_failed, progress, pyplot, save_figure, write_outputs)
 
 NAME = "server"
 
@@ -89,9 +89,7 @@ def run(args) -> int:
     report(summary, machine, meta["payload_bytes"], args)
     if profile_text:
         print(f"\nserver profile ({args.profile} clients, cProfile, top by own time):\n{profile_text}")
-    if not args.no_plots:
-        plot(summary, out)
-    print(f"\nwrote {csv_path}, {json_path} and plots in {out}")
+    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out))
     return 0
 
 

@@ -27,7 +27,7 @@ from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, non_negative_float, n
 
 from .common import (BenchError, add_output_flags, check_mnist, check_out, check_server_flags, checking_options, cores,
                      save_figure, eval_records, fmt, machine_info, median, one_line, parse_list, print_table,
-                     process_failed, progress, pyplot, step_records, output_folder, write_outputs)
+                     print_written, process_failed, progress, pyplot, step_records, output_folder, write_outputs)
 
 NAME = "time_to_accuracy"
 
@@ -97,9 +97,7 @@ def run(args) -> int:
     if failed:                          # a run whose processes failed measured nothing
         raise BenchError(f"{len(failed)} of {len(rows)} runs failed (rows in {csv_path}); "
                          f"the first, {failed[0]['mode']} N={failed[0]['workers']}: {failed[0]['error']}")
-    if not args.no_plots:
-        plot(summary, curves, out, args.target)
-    print(f"\nwrote {csv_path}, {json_path} and plots in {out}")
+    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, curves, out, args.target))
     return 0
 
 
@@ -315,6 +313,4 @@ def plot(summary, curves, out: Path, target: float) -> list[Path]:
     ax.set_ylabel(f"seconds to {target} test accuracy")
     ax.set_title("Time to accuracy")
     ax.grid(alpha=0.3, axis="y")
-    path = save_figure(fig, out / "time_to_accuracy.png")
-    print(f"plot: {path}", file=sys.stderr)
-    return [path]
+    return [save_figure(fig, out / "time_to_accuracy.png")]
