@@ -203,6 +203,21 @@ def test_tta_analysis_uses_version_times():
     assert not row["reached"] and row["seconds_to_target"] is None
 
 
+def test_tta_speedup_is_the_median_of_per_trial_ratios():
+    """As every ratio column: trial by trial, the 1-worker run against the N-worker run beside it
+    (it was the ratio of the two medians: 10 s / 20 s = 0.5 here, where two trials of three saw 2x)."""
+    from pscnn.bench.tta import summarize
+    rows = [{"trial": t, "mode": "async", "workers": n, "reached": True, "seconds_to_target": secs,
+             "images_to_target": 640, "best_accuracy": 0.99, "version_at_target": 10}
+            for t, (one, two) in enumerate([(10.0, 5.0), (10.0, 20.0), (40.0, 20.0)])
+            for n, secs in ((1, one), (2, two))]
+    rows.append({"trial": 3, "mode": "async", "workers": 2, "reached": True, "seconds_to_target": 1.0,
+                 "images_to_target": 64, "best_accuracy": 0.99, "version_at_target": 1})   # no 1-worker run
+    one, two = summarize(rows, ["async"], [1, 2])
+    assert one["speedup_vs_1"] == 1.0
+    assert two["speedup_vs_1"] == pytest.approx(2.0)                  # median of 2, 0.5, 2
+
+
 def test_model_prediction_bounds():
     from pscnn.bench.scaling import _add_model
     pts = [{"mode": "async", "batch": 64, "compute_ms": 10.0, "workers": n, "images_per_second": ips,

@@ -262,10 +262,13 @@ def summarize(rows, modes, workers) -> list[dict]:
                         "images_to_target": median([r["images_to_target"] for r in hit]),
                         "best_accuracy": median([r["best_accuracy"] for r in rs]),
                         "updates_to_target": median([r["version_at_target"] for r in hit])})
-    base = {s["mode"]: s["seconds_to_target"] for s in out if s["workers"] == 1}
+    # a ratio column is the median of the per-trial ratios (the runs of one trial ran side by side),
+    # not the ratio of the medians
+    one = {(r["trial"], r["mode"]): r["seconds_to_target"] for r in rows if r["workers"] == 1 and r["reached"]}
     for s in out:
-        b = base.get(s["mode"])
-        s["speedup_vs_1"] = (b / s["seconds_to_target"]) if b and s["seconds_to_target"] else None
+        s["speedup_vs_1"] = median([one[(r["trial"], r["mode"])] / r["seconds_to_target"] for r in rows
+                                    if (r["mode"], r["workers"]) == (s["mode"], s["workers"]) and r["reached"]
+                                    and r["seconds_to_target"] and one.get((r["trial"], r["mode"]))])
     return out
 
 
