@@ -455,8 +455,42 @@ def test_server_bench_server_that_dies_is_one_line_with_its_last_log_line(tmp_pa
                  "--no-progress", "--no-plots"])
     err = capsys.readouterr().err.strip()
     assert code == 1, err
-    assert err.splitlines()[-1] == ("pscnn bench server: error: the pscnn server (1 clients) exited with 3: "
-                                    "bind: Address already in use"), err
+    last = err.splitlines()[-1]
+    assert last.startswith("pscnn bench server: error: every point failed (1 of 1; ") and last.endswith(
+        "the first: the pscnn server (1 clients) exited with 3: bind: Address already in use"), err
+
+
+def test_server_bench_keeps_its_points_when_one_fails(tmp_path, monkeypatch, capsys):
+    """A point whose server or clients failed is reported in one line and kept with its error; the
+    others, and the profile, are still measured and written (exit 0).  It used to end the bench with
+    exit 1 and no CSV or JSON, every point already measured lost."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.bench.common import BenchError
+    from pscnn.cli import main
+
+    def measure(kind, n, args, env, out, profile=None):
+        if (kind, n) == ("pscnn", 4):
+            raise BenchError("synthetic client process 1 (pscnn, 4 clients) exited with 1: boom")
+        if profile is not None:
+            raise BenchError("the pscnn server (2 clients) exited with -9 and logged nothing")
+        return {"processes": 1, "window_s": 1.0, "cycles": 100 * n, "cycles_per_second": 100.0 * n,
+                "mb_per_second": 1.0, "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0,
+                "errors": {}, "model_bytes": 1000}
+    monkeypatch.setattr(server_bench, "measure", measure)
+    out = tmp_path / "out"
+    assert main(["bench", "server", "--clients", "1,4", "--trials", "1", "--profile", "2", "--model", "light",
+                 "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "pscnn bench server: trial 1, pscnn x 4 clients: synthetic client process 1 (pscnn, 4 clients) " \
+           "exited with 1: boom" in err
+    assert "pscnn bench server: the profile with 2 clients: the pscnn server (2 clients) exited with -9" in err
+    rows = read_csv(out / "server.csv")
+    assert [(r["kind"], r["clients"], bool(r["error"])) for r in rows] == [
+        ("pscnn", "1", False), ("echo", "1", False), ("pscnn", "4", True), ("echo", "4", False)]
+    doc = json.loads((out / "server.json").read_text())
+    by_clients = {s["clients"]: s for s in doc["summary"]}
+    assert by_clients[1]["server_over_echo"] == 1.0 and by_clients[4]["server_over_echo"] is None
+    assert by_clients[4]["echo_cycles_per_second"] == 400.0 and doc["payload_bytes"] == 1000
 
 
 def test_scaling_exits_1_only_when_every_point_failed(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,9 @@ Every benchmark writes ``<name>.csv``, ``<name>.json`` and PNG plots into
 ``--out``, shows a progress bar, and runs for a bounded time (``--seconds``
 per point x points x ``--trials``; time-to-accuracy: ``--max-seconds`` per run).  Bad options are found before anything
 starts (one line, exit 2); a server or worker that fails anyway is reported in
-one line, with its last log line (exit 1), never as a traceback.  The processes a benchmark starts run
+one line, with its last log line, never as a traceback, and the other points are
+still measured and written (exit 1: time-to-accuracy when a run failed, the others
+when every point did).  The processes a benchmark starts run
 without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides of the build
 machines (they halve numpy's sgemm speed) unless ``--keep-openblas-env``.
 

@@ -272,6 +272,22 @@ def one_line(exc) -> str:
     return f"{head}: {last_line(lines[-1])}"
 
 
+def point_failed(bench: str, what: str, exc: Exception) -> dict:
+    """The row of a failed measurement (a point, a baseline, a reference run): said on stderr in one
+    line, kept with its error, so that the others are not lost."""
+    print(f"\npscnn bench {bench}: {what}: {one_line(exc)}", file=sys.stderr)
+    return {"error": one_line(exc)}
+
+
+def check_measured(rows: list[dict], csv_path: Path) -> None:
+    """BenchError if every point failed: nothing was measured, not a result (the rows, with their
+    errors, are in ``csv_path``)."""
+    failed = [r for r in rows if "error" in r]
+    if rows and len(failed) == len(rows):
+        raise BenchError(f"every point failed ({len(rows)} of {len(rows)}; rows in {csv_path}); "
+                         f"the first: {failed[0]['error']}")
+
+
 def process_failed(what: str, code, log_text: str, logs: Path | None = None) -> BenchError:
     """The one-line error for a process that exited with ``code``: ``what``, the code, its last log
     line, and where its whole log is (when it is kept)."""

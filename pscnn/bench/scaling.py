@@ -33,10 +33,10 @@ from pathlib import Path
 
 from pscnn.cli import MODES, _path, non_negative_float, positive_float, positive_int
 
-from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_mnist,
-                     check_out, check_server_flags, checking_options, cores, save_figure, fmt, machine_info, median,
-                     one_line, parse_list, print_table, print_written, process_failed, progress, pyplot,
-                     output_folder, write_outputs)
+from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
+                     check_mnist, check_out, check_server_flags, checking_options, cores, save_figure, fmt,
+                     machine_info, median, parse_list, point_failed, print_table, print_written, process_failed,
+                     progress, pyplot, output_folder, write_outputs)
 
 NAME = "scaling"
 
@@ -124,7 +124,7 @@ def run(args) -> int:
                     try:
                         res = _baseline(args.model, b, base_s, mnist_dir, env, args.lr)
                     except RuntimeError as exc:     # that trial's ratios are lost, not the run
-                        res = _failed(f"baseline b{b}", exc)
+                        res = point_failed(NAME, f"baseline b{b}", exc)
                     baselines.append({"trial": trial, "batch": b, **res})
                     bar.update()
             for pt in points:
@@ -137,8 +137,8 @@ def run(args) -> int:
                                         keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs,
                                         overlap=args.overlap, **pt)
                 except RuntimeError as exc:     # one failed point must not lose the others
-                    res = _failed(f"{pt['mode']} N={pt['workers']} b{pt['batch']}"
-                                  + (f" c={pt['compute_ms']:g}ms" if synthetic else ""), exc)
+                    res = point_failed(NAME, f"{pt['mode']} N={pt['workers']} b{pt['batch']}"
+                                       + (f" c={pt['compute_ms']:g}ms" if synthetic else ""), exc)
                 rows.append({"trial": trial, **pt, "kind": "pscnn", **res})
                 bar.update()
             for n in ddp_worlds:
@@ -148,7 +148,7 @@ def run(args) -> int:
                     try:
                         res = measure_ddp(n, b, args.seconds, args.threads, args.model, env=env)
                     except RuntimeError as exc:
-                        res = _failed(f"torch DDP N={n} b{b}", exc)
+                        res = point_failed(NAME, f"torch DDP N={n} b{b}", exc)
                     ddp_rows.append({"trial": trial, "workers": n, "batch": b, **res})
                     bar.update()
     finally:
@@ -162,10 +162,7 @@ def run(args) -> int:
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     (out / f"{NAME}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, ncores, synthetic, machine)
-    failed = [r for r in rows if "error" in r]
-    if rows and len(failed) == len(rows):     # nothing was measured: not a result
-        raise BenchError(f"every point failed ({len(rows)} of {len(rows)}; rows in {csv_path}); "
-                         f"the first: {failed[0]['error']}")
+    check_measured(rows, csv_path)
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic))
     return 0
 
@@ -188,13 +185,6 @@ def _baseline(model: str, batch: int, seconds: float, mnist_dir: str | None, env
     if proc.returncode != 0:
         raise process_failed(f"the baseline (batch {batch})", proc.returncode, proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _failed(what: str, exc: Exception) -> dict:
-    """The row of a failed measurement (a point, a baseline, a DDP run): said on stderr, kept with
-    its error, so that the others are not lost."""
-    print(f"\npscnn bench scaling: {what}: {one_line(exc)}", file=sys.stderr)
-    return {"error": one_line(exc)}
 
 
 # --------------------------------------------------------------------------- summary

@@ -24,9 +24,10 @@ from pathlib import Path
 from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
 
 from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
-                     check_out, check_server_flags, checking_options, cores, fmt, last_line, machine_cpu_ticks,
-                     machine_info, median, output_folder, parse_list, percentile, print_table, print_written,
-                     proc_cpu_seconds, process_failed, progress, pyplot, save_figure, write_outputs)
+                     check_measured, check_out, check_server_flags, checking_options, cores, fmt, last_line,
+                     machine_cpu_ticks, machine_info, median, output_folder, parse_list, percentile, point_failed,
+                     print_table, print_written, proc_cpu_seconds, process_failed, progress, pyplot, save_figure,
+                     write_outputs)
 
 NAME = "server"
 
@@ -71,22 +72,29 @@ def run(args) -> int:
             for n in clients:
                 for kind in kinds:
                     bar.set_postfix_str(f"trial {trial + 1}: {kind} x {n} clients")
-                    res = measure(kind, n, args, env, out)
+                    try:
+                        res = measure(kind, n, args, env, out)
+                    except RuntimeError as exc:     # one failed point must not lose the others
+                        res = point_failed(NAME, f"trial {trial + 1}, {kind} x {n} clients", exc)
                     rows.append({"trial": trial, "kind": kind, "clients": n, **res})
                     bar.update()
         profile_text = None
         if args.profile:
             bar.set_postfix_str(f"profiling the server with {args.profile} clients")
-            res = measure("pscnn", args.profile, args, env, out, profile=out / "server.prof")
-            profile_text = _profile_report(out / "server.prof", out / "server-profile.txt", res)
+            try:
+                res = measure("pscnn", args.profile, args, env, out, profile=out / "server.prof")
+                profile_text = _profile_report(out / "server.prof", out / "server-profile.txt", res)
+            except RuntimeError as exc:
+                point_failed(NAME, f"the profile with {args.profile} clients", exc)
             bar.update()
     finally:
         bar.close()
     summary = summarize(rows, clients)
     meta = {"bench": NAME, "machine": machine, "cores": cores(), "config": vars(args), "summary": summary,
-            "payload_bytes": rows[0].get("model_bytes") if rows else None}
+            "payload_bytes": next((r["model_bytes"] for r in rows if r.get("model_bytes")), None)}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     report(summary, machine, meta["payload_bytes"], args)
+    check_measured(rows, csv_path)
     if profile_text:
         print(f"\nserver profile ({args.profile} clients, cProfile, top by own time):\n{profile_text}")
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out))
@@ -234,6 +242,7 @@ def _profile_report(prof: Path, text_path: Path, res: dict, top: int = 30) -> st
 
 
 def summarize(rows, clients) -> list[dict]:
+    rows = [r for r in rows if "error" not in r]        # a failed point measured nothing
     out = []
     for n in clients:
         s = {"clients": n}
