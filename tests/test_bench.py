@@ -203,6 +203,21 @@ def test_tta_analysis_uses_version_times():
     assert not row["reached"] and row["seconds_to_target"] is None
 
 
+def test_tta_scoring_time_is_on_the_training_clock():
+    """A server's step records carry the log's clock (from the server's start), its eval records the
+    training clock (from the first batch handed out): the time the target's score was recorded
+    took the first update's log time off a training-clock time, and came out negative (a real run's
+    numbers below: -0.366 s)."""
+    from pscnn.bench.tta import analyse
+    steps = [{"kind": "step", "seconds": round(0.884 + 0.013 * v, 3), "version": v, "samples": 64, "epoch": 0}
+             for v in range(1, 41)]                      # version 1 at 0.897 s, 40 at 1.404 s of the log
+    evals = [{"kind": "eval", "seconds": 0.0, "version": 0, "test_accuracy": 0.135},
+             {"kind": "eval", "seconds": 0.531, "version": 40, "test_accuracy": 0.79}]
+    row, _ = analyse(steps, evals, 0.5, 64)
+    assert row["version_at_target"] == 40 and row["seconds_to_target"] == pytest.approx(0.507)
+    assert row["eval_seconds_to_target"] == pytest.approx(0.531)
+
+
 def test_tta_speedup_is_the_median_of_per_trial_ratios():
     """As every ratio column: trial by trial, the 1-worker run against the N-worker run beside it
     (it was the ratio of the two medians: 10 s / 20 s = 0.5 here, where two trials of three saw 2x)."""
