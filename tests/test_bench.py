@@ -262,6 +262,28 @@ def test_the_efficiency_plot_shows_every_point(tmp_path, monkeypatch):
     assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 1.35
 
 
+@pytest.mark.parametrize("computes, batches", [((2.0, 10.0), (64,)), ((10.0,), (64, 256)),
+                                               ((2.0, 10.0, 50.0, 100.0), (64,))])
+def test_the_time_split_plots_labels_do_not_overlap(computes, batches, tmp_path, monkeypatch):
+    """Twelve bars (2 compute times x 2 modes x 3 worker counts) had their labels written over each
+    other; many more are turned upright."""
+    pytest.importorskip("matplotlib")
+    import pscnn.bench.scaling as scaling
+    figures = {}
+    monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"mode": mode, "workers": n, "batch": b, "compute_ms": c, "oversubscribed": n > 2,
+                "images_per_second": 1000.0 * n, "efficiency": 0.9, "baseline_images_per_second": 1000.0,
+                "step_compute_ms": c, "comm_ms": 5.0, "wait_ms": 1.0}
+               for c in computes for b in batches for mode in ("async", "sync") for n in (1, 2, 4)]
+    scaling.plot(summary, tmp_path, ncores=2, synthetic=True)
+    fig = figures["scaling_time_split.png"]
+    fig.tight_layout()
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.axes[0].get_xticklabels()]
+    assert len(boxes) == len(summary)
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
 def test_parse_list_and_outputs(tmp_path):
     from pscnn.bench.common import parse_list, percentile, write_outputs
     assert parse_list("1, 2,4") == [1, 2, 4]

@@ -449,9 +449,11 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
     # ---- per-step time split, stacked bars
     pts = [s for s in summary if s.get("comm_ms") is not None]
     if pts:
-        fig, ax = plt.subplots(figsize=(min(12.0, max(6.4, 0.3 * len(pts) + 2)), 4.2), dpi=90)
         labels = [f"{_label(p['mode'], p['batch'], p['compute_ms'], synthetic, nb)}\nN={p['workers']}"
                   f"{'*' if p['oversubscribed'] else ''}" for p in pts]
+        # inches: room under each bar for its label (~0.05 in a character at 6 pt); upright past 16
+        width = len(pts) * (0.06 * max(len(line) for text in labels for line in text.split("\n")) + 0.15) + 1.5
+        fig, ax = plt.subplots(figsize=(min(16.0, max(6.4, width)), 4.2), dpi=90)
         xs = list(range(len(pts)))
         bottom = [0.0] * len(pts)
         for key, col, name in (("step_compute_ms", "tab:blue", "compute"), ("comm_ms", "tab:orange",
@@ -461,7 +463,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
             ax.bar(xs, vals, bottom=bottom, color=col, label=name, width=0.7)
             bottom = [a + v for a, v in zip(bottom, vals)]
         ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=6, rotation=90 if len(pts) > 12 else 0)
+        ax.set_xticklabels(labels, fontsize=6, rotation=90 if width > 16.0 else 0)
         ax.set_ylabel("ms per step (mean over the window)")
         ax.set_title("Where a worker's step goes (* = workers > cores)")
         ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) > 0 else 1)
