@@ -46,14 +46,20 @@ def main(argv=None) -> dict:
     argv = sys.argv if argv is None else argv
     _reexec_without_openblas_env(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from pscnn.cli import positive_int  # noqa: PLC0415  (argparse only: numpy loads after the flags)
+    from cnn_core.data import MNIST_FILES  # noqa: PLC0415  (after the re-exec: the OPENBLAS_* overrides are gone)
+    from pscnn.cli import _int_in, positive_int  # noqa: PLC0415
+
+    train_images, test_images = MNIST_FILES["train-images"]["count"], MNIST_FILES["test-images"]["count"]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=positive_int, default=7)
     p.add_argument("--steps", type=positive_int, default=15, help="training steps per trial")
     p.add_argument("--reference-steps", type=positive_int, default=3,
                    help="float64 reference steps per trial (each is ~5x a pscnn step)")
-    p.add_argument("--batch", type=positive_int, default=64)
-    p.add_argument("--infer-batch", type=positive_int, default=1000)
+    # at most an MNIST split's images, the most pscnn runs at once (a billion: a MemoryError traceback)
+    p.add_argument("--batch", type=lambda text: _int_in(text, 1, train_images), default=64,
+                   help=f"training batch (at most {train_images})")
+    p.add_argument("--infer-batch", type=lambda text: _int_in(text, 1, test_images), default=1000,
+                   help=f"inference batch (at most {test_images})")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--keep-openblas-env", action="store_true")
     p.add_argument("--json", help="write the results here")

@@ -380,6 +380,20 @@ def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
     assert bad.returncode == 2 and "argument --trials: must be >= 1, got 0" in bad.stderr
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--infer-batch", "1000000000"], "argument --infer-batch: must be at most 10000, got 1000000000"),
+    (["--batch", "1000000000"], "argument --batch: must be at most 60000, got 1000000000"),
+])
+def test_engine_benchmark_batches_stop_at_mnists_sizes(argv, needle):
+    """A batch larger than MNIST's split is a usage error: a billion images was a numpy MemoryError
+    traceback (5.7 TiB) once the flags were read."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "1", "--steps", "1",
+                           "--reference-steps", "1", "--no-torch", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(needle), proc.stderr
+
+
 @pytest.mark.parametrize("where, needle", [
     ("missing/engine.json", "argument --json: the folder {tmp}/missing does not exist"),
     ("", "argument --json: {tmp} is a folder, not a file"),
