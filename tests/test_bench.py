@@ -649,6 +649,34 @@ def test_the_last_line_names_only_the_plots_this_run_made(tmp_path, monkeypatch,
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("scaling.json")
 
 
+def test_a_worker_lost_during_the_window_fails_the_point(tmp_path, monkeypatch):
+    """A point is N workers' throughput: one that exited in the warm-up or the window (here killed as
+    the window opens) left N-1 pushing, and the point was reported as N workers' all the same."""
+    import signal
+
+    import pscnn.bench.cluster as cluster
+    from pscnn.bench.common import BenchError
+    started = []
+
+    class Recorded(cluster.LocalCluster):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+    real_status = cluster._stamped_status
+
+    def kill_one_at_the_window(endpoint):
+        if started[0].procs["worker-1"].poll() is None:
+            started[0].procs["worker-1"].send_signal(signal.SIGKILL)
+            started[0].procs["worker-1"].wait(10)
+        return real_status(endpoint)
+    monkeypatch.setattr(cluster, "LocalCluster", Recorded)
+    monkeypatch.setattr(cluster, "_stamped_status", kill_one_at_the_window)
+    with pytest.raises(BenchError, match=r"^worker-1 exited with -9 \(killed by SIGKILL\)"):
+        cluster.measure_point(tmp_path / "point", mode="async", workers=2, batch=64, seconds=0.5, warmup=0.2,
+                              compute_ms=5.0, model="light")
+    assert all(p.poll() is not None for p in started[0].procs.values())     # every process stopped
+
+
 def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_dir):
     """Training files that are there but corrupt pass the folder check; every worker then exits with
     an error, and the bench stops that run at once (it polled until --max-seconds, then exited 0)."""

@@ -78,11 +78,14 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
         for i in range(workers):
             cluster.start_worker(f"worker-{i}", flags)
 
-        def all_pushing():
+        def check_running():
             dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
             if dead:
                 raise process_failed(dead[0], cluster.procs[dead[0]].returncode, cluster.log_tail(dead[0]),
                                      cluster.logs)
+
+        def all_pushing():
+            check_running()
             st = query_status(cluster.endpoint, 1.0)
             return st if st and st["contributors"] >= workers else None
 
@@ -101,6 +104,7 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
             said = last_line(cluster.log_tail("server"))
             raise BenchError("the server stopped answering status during the window"
                              + (f": {said}" if said else "") + f" (logs in {cluster.logs})")
+        check_running()                 # a worker lost in the warm-up or the window: fewer than N measured
     finally:
         cluster.stop_all(grace=5.0)
         cluster.close()
