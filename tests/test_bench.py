@@ -677,6 +677,29 @@ def test_a_worker_lost_during_the_window_fails_the_point(tmp_path, monkeypatch):
     assert all(p.poll() is not None for p in started[0].procs.values())     # every process stopped
 
 
+def test_a_long_ddp_measurement_is_given_the_time_it_asks_for(monkeypatch):
+    """The DDP reference's processes were killed at a fixed 300 s, so every DDP run of --seconds 300
+    or more failed (as 'failed', not as a timeout); they get the baseline's limit, 4 x seconds + 120."""
+    from pscnn.bench import ddp
+    waits = []
+
+    class FakeRank:                     # a rank that finishes at once; rank 0 writes the result
+        def __init__(self, cmd, **kwargs):
+            self.cmd, self.returncode = cmd, 0
+
+        def communicate(self, timeout=None):
+            waits.append(timeout)
+            if self.cmd[self.cmd.index("--rank") + 1] == "0":
+                Path(self.cmd[self.cmd.index("--result") + 1]).write_text(json.dumps({"images_per_second": 1.0}))
+            return b"", None
+
+        def poll(self):
+            return self.returncode
+    monkeypatch.setattr(ddp.subprocess, "Popen", FakeRank)
+    assert ddp.measure_ddp(2, 64, 400.0) == {"images_per_second": 1.0}
+    assert len(waits) == 2 and min(waits) > 4 * 400
+
+
 def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_dir):
     """Training files that are there but corrupt pass the folder check; every worker then exits with
     an error, and the bench stops that run at once (it polled until --max-seconds, then exited 0)."""

@@ -189,6 +189,12 @@ def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None)
 
 # --------------------------------------------------------------------------- checks and failures
 
+def reference_limit(seconds: float) -> float:
+    """Wall seconds a reference run (the baseline, DDP) measuring ``seconds`` may take, its start-up
+    (imports, MNIST) and a loaded machine included, before it counts as failed."""
+    return 4 * seconds + 120
+
+
 class OptionError(ValueError):
     """A bad option, found before a benchmark starts anything: one line, exit status 2."""
 

@@ -31,10 +31,13 @@ def torch_available() -> bool:
 
 
 def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model: str = "seed",
-                env: dict | None = None, timeout: float = 300.0) -> dict:
+                env: dict | None = None) -> dict:
     """Aggregate images/s of ``world`` DDP processes (medians are the caller's business)."""
     from pscnn.launcher import free_port  # noqa: PLC0415
+
+    from .common import BenchError, reference_limit  # noqa: PLC0415
     port = free_port()
+    timeout = reference_limit(seconds)          # a fixed 300 s killed every run of --seconds 300 or more
     with tempfile.TemporaryDirectory(prefix="pscnn-ddp-") as tmp:
         result = Path(tmp) / "result.json"
         procs = []
@@ -44,7 +47,7 @@ def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model:
                    "--threads", str(threads), "--model", model, "--result", str(result)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
-        outputs = []
+        outputs, timed_out = [], False
         try:
             for p in procs:
                 try:
@@ -52,11 +55,14 @@ def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     out, _ = p.communicate()
+                    timed_out = True
                 outputs.append(out.decode(errors="replace"))
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
+        if timed_out:
+            raise BenchError(f"DDP run with {world} processes did not finish within {timeout:g} s")
         if any(p.returncode != 0 for p in procs) or not result.exists():
             tail = "\n".join(o[-1500:] for o in outputs)
             raise RuntimeError(f"DDP run with {world} processes failed:\n{tail}")

@@ -36,7 +36,7 @@ from pscnn.cli import MODES, _path, non_negative_float, positive_float, positive
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
                      check_mnist, check_out, check_server_flags, checking_options, cores, save_figure, fmt,
                      machine_info, median, parse_list, point_failed, print_table, print_written, process_failed,
-                     progress, pyplot, output_folder, write_outputs)
+                     progress, pyplot, output_folder, reference_limit, write_outputs)
 
 NAME = "scaling"
 
@@ -177,7 +177,7 @@ def baseline_command(model: str, batch: int, seconds: float, mnist_dir: str | No
 def _baseline(model: str, batch: int, seconds: float, mnist_dir: str | None, env: dict, lr: float) -> dict:
     import subprocess  # noqa: PLC0415
     cmd = baseline_command(model, batch, seconds, mnist_dir, lr)
-    limit = seconds * 4 + 120
+    limit = reference_limit(seconds)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
