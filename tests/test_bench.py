@@ -335,6 +335,9 @@ SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0
     (["server", "--profile", "99999999"], "argument --profile: must be at most 1024, got 99999999"),     # hung
     (["scaling", "--compute-ms", "5,inf"], "--compute-ms: every value must be at most 1e9, got inf"),
     (["scaling", "--batch", "70000"], "--batch: every value must be at most 60000, got 70000"),   # baseline crashed
+    (["server", "--clients", "4,1,4", "--trials", "1", "--seconds", "0.2", "--warmup", "0", "--no-echo"],
+     "--clients: 4 is given twice"),                                  # the table listed 4 clients twice
+    (["scaling", "--mode", "async,async", *SHORT], "--mode: async is given twice"),
     # flags that did nothing in the run asked for (--ddp on: also with torch installed; short runs
     # without the checks)
     (["scaling", "--mode", "sync", "--overlap", *SHORT], "--overlap applies to --mode async only, not to --mode sync"),

@@ -60,7 +60,8 @@ def bench_peers(text: str) -> int:
 def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None, high=None) -> list:
     """``"1,2,4"`` -> [1, 2, 4]; a clear error on garbage, a number under ``low`` or
     over ``high`` (by default the cap of a flag of its kind, ``pscnn.cli.MAX_INT`` /
-    ``MAX_FLOAT``; NaN and inf too), or a value not in ``choices``."""
+    ``MAX_FLOAT``; NaN and inf too), a value not in ``choices``, or one given twice (its
+    point measured twice a trial, listed twice in the tables)."""
     high = {int: MAX_INT, float: MAX_FLOAT}.get(kind) if high is None else high
     out = []
     for part in str(text).split(","):
@@ -77,6 +78,8 @@ def parse_list(text: str, kind=int, what: str = "value", low=None, choices=None,
             raise ValueError(f"{what}: every value must be at most {cap_text(high)}, got {part}")
         if choices is not None and value not in choices:
             raise ValueError(f"{what}: {part!r} is not one of {', '.join(choices)}")
+        if value in out:
+            raise ValueError(f"{what}: {part} is given twice")
         out.append(value)
     if not out:
         raise ValueError(f"{what}: empty list")
