@@ -720,6 +720,26 @@ def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_di
     assert not row["reached"] and "worker-0 exited with 1" in row["error"]
 
 
+def test_tta_that_loses_one_of_its_workers_fails_that_run(tmp_path, monkeypatch, capsys, mnist_dir):
+    """One worker of two exits with an error (here: refused flags): the run went on with the other
+    and its row stood for 2 workers; now that run fails in one line naming the worker (exit 1)."""
+    from pscnn.cli import main
+    from pscnn.launcher import LocalCluster
+    real_start = LocalCluster.start_worker
+
+    def start_worker(self, name, flags=()):
+        return real_start(self, name, [*flags, "--threads", "0"] if name == "worker-1" else flags)
+    monkeypatch.setattr(LocalCluster, "start_worker", start_worker)
+    out = tmp_path / "tta"
+    argv = [*TINY["time-to-accuracy"], "--mnist-dir", mnist_dir, "--target", "0.99", "--out", str(out)]
+    argv[argv.index("--workers") + 1] = "2"
+    assert main(["bench", "time-to-accuracy", *argv, "--no-progress", "--no-plots"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of 2 workers failed; worker-1 exited with 2: " in last and "--threads" in last, last
+    (row,) = json.loads((out / "time_to_accuracy.json").read_text())["rows"]
+    assert row["workers"] == 2 and "worker-1 exited with 2" in row["error"]
+
+
 @pytest.mark.parametrize("role, argv", [
     ("run_echo", ["echo", "--bind", "tcp://127.0.0.1:9"]),
     ("run_clients", ["clients", "--endpoint", "tcp://127.0.0.1:9", "--start", "0", "--end", "0", "--result", "r.json"]),

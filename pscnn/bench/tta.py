@@ -120,17 +120,18 @@ def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> li
 
 
 def _failure(cluster, server, n: int) -> BenchError | None:
-    """The error of a run that cannot go on: its server exited with an error, or every worker or
-    the evaluator did (they retry a lost server themselves, so an exit is not a hiccup).  None
-    while it can; a server that exited with 0 finished."""
+    """The error of a run that cannot measure what it stands for: its server exited with an error,
+    or a worker or the evaluator did (they retry a lost server themselves, so an exit is not a
+    hiccup; with a worker gone, the run is no longer one of ``n`` workers).  None while it can;
+    a server that exited with 0 finished."""
     if server.poll() not in (None, 0):
         return process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
-    workers = [name for name in cluster.procs if name.startswith("worker")]
-    failed = [name for name in workers if cluster.procs[name].poll() not in (None, 0)]
-    if workers and len(failed) == len(workers) == n:
+    failed = [name for name in cluster.procs
+              if name.startswith("worker") and cluster.procs[name].poll() not in (None, 0)]
+    if failed:
         name = failed[0]
-        return process_failed(f"every worker ({n}) failed; {name}", cluster.procs[name].returncode,
-                              cluster.log_tail(name), cluster.logs)
+        head = f"every worker ({n}) failed" if len(failed) == n else f"{len(failed)} of {n} workers failed"
+        return process_failed(f"{head}; {name}", cluster.procs[name].returncode, cluster.log_tail(name), cluster.logs)
     ev = cluster.procs.get("evaluator")
     if ev is not None and ev.poll() not in (None, 0):
         return process_failed("the evaluator", ev.returncode, cluster.log_tail("evaluator"), cluster.logs)
