@@ -562,6 +562,22 @@ def test_server_bench_keeps_its_points_when_one_fails(tmp_path, monkeypatch, cap
     assert by_clients[4]["echo_cycles_per_second"] == 400.0 and doc["payload_bytes"] == 1000
 
 
+def test_a_profile_the_server_did_not_write_is_said(tmp_path, monkeypatch, capsys):
+    """A profiled server killed after its grace period writes no profile: --profile then printed
+    nothing and wrote no server-profile.txt, without a word."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.cli import main
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+        "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+        "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0, "errors": {}, "model_bytes": 1000})
+    out = tmp_path / "out"
+    assert main(["bench", "server", *TINY["server"], "--profile", "2", "--model", "light", "--out", str(out),
+                 "--no-progress", "--no-plots"]) == 0
+    assert ("pscnn bench server: the profile with 2 clients: the profiled server wrote no server.prof: it did "
+            "not exit cleanly when stopped") in capsys.readouterr().err
+    assert not (out / "server-profile.txt").exists()
+
+
 def test_scaling_exits_1_only_when_every_point_failed(tmp_path, monkeypatch, capsys):
     """One failed point is reported and the others kept (exit 0); a run whose every point failed
     measured nothing and exits 1 (it used to exit 0 with an empty table)."""

@@ -222,11 +222,11 @@ def _cpu_use(before: dict, after: dict, window: float, cycles: int) -> dict:
     return out
 
 
-def _profile_report(prof: Path, text_path: Path, res: dict, top: int = 30) -> str | None:
+def _profile_report(prof: Path, text_path: Path, res: dict, top: int = 30) -> str:
     import io  # noqa: PLC0415
     import pstats  # noqa: PLC0415
-    if not prof.exists():
-        return None
+    if not prof.exists():               # cProfile writes it at a clean exit only
+        raise BenchError(f"the profiled server wrote no {prof.name}: it did not exit cleanly when stopped")
     buf = io.StringIO()
     stats = pstats.Stats(str(prof), stream=buf)
     stats.strip_dirs().sort_stats("tottime").print_stats(top)
