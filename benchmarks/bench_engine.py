@@ -68,7 +68,10 @@ def main(argv=None) -> dict:
         _check_writable(p, "--json", args.json)
 
     import numpy as np
-    from threadpoolctl import threadpool_info, threadpool_limits
+    try:                                   # a test extra, not a pscnn dependency
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        p.error("threadpoolctl is not installed: pip install threadpoolctl (it pins the BLAS to one thread)")
     threadpool_limits(1)
     from cnn_core import build_model, softmax_cross_entropy
     from cnn_core.backend import tune_host_allocator

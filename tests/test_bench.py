@@ -397,6 +397,19 @@ def test_engine_benchmark_batches_stop_at_mnists_sizes(argv, needle):
     assert proc.stderr.strip().splitlines()[-1].endswith(needle), proc.stderr
 
 
+def test_engine_benchmark_without_threadpoolctl_says_so(tmp_path):
+    """threadpoolctl comes with the test extra, not with pscnn: without it the script ended in a
+    ModuleNotFoundError traceback."""
+    fake = tmp_path / "threadpoolctl"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no threadpoolctl here')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "1", "--no-torch"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: threadpoolctl is not installed: pip install threadpoolctl" in proc.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("where, needle", [
     ("missing/engine.json", "argument --json: the folder {tmp}/missing does not exist"),
     ("", "argument --json: {tmp} is a folder, not a file"),
