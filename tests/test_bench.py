@@ -655,6 +655,25 @@ def test_scaling_keeps_its_points_when_a_baseline_fails(tmp_path, monkeypatch, c
     assert s["baseline_images_per_second"] == 800.0
 
 
+def test_every_point_and_trial_keeps_its_own_run_folder(tmp_path, monkeypatch):
+    """--keep-logs: "keep every point's run folder and logs"; every trial and every --compute-ms of a
+    point ran in one folder, each emptied by the next (and a failed point's "logs in" with it)."""
+    import pscnn.bench.cluster as cluster
+    from pscnn.cli import main
+    folders = []
+
+    def measure_point(out, **point):
+        folders.append(out.relative_to(tmp_path / "out"))
+        return {"window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0,
+                "updates_per_second": 10.0, "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}
+    monkeypatch.setattr(cluster, "measure_point", measure_point)
+    assert main(["bench", "scaling", "--compute-ms", "2,10", "--workers", "1", "--mode", "async", "--trials", "2",
+                 "--seconds", "0.5", "--warmup", "0", "--model", "light", "--keep-logs", "--no-progress",
+                 "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    assert len(folders) == 4 and len(set(folders)) == 4, folders
+    assert Path("points/async-n1-b64-c10-t1") in folders
+
+
 def test_the_last_line_names_only_the_plots_this_run_made(tmp_path, monkeypatch, capsys):
     """Without matplotlib (or with --no-plots) the plots are skipped with a note, and the last
     line no longer says "and plots in OUT": an older run's PNGs there are not this run's."""

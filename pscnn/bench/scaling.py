@@ -131,7 +131,11 @@ def run(args) -> int:
                 bar.set_postfix_str(f"trial {trial + 1}: {pt['mode']} N={pt['workers']} b{pt['batch']}"
                                     + (f" c={pt['compute_ms']:g}ms" if synthetic else ""))
                 try:
-                    res = measure_point(out / "points" / f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}",
+                    # a folder per point and trial: --keep-logs keeps them all, and a failed point's
+                    # "logs in" still holds its logs after the next trial
+                    folder = (f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}"
+                              + (f"-c{pt['compute_ms']:g}" if synthetic else "") + f"-t{trial}")
+                    res = measure_point(out / "points" / folder,
                                         seconds=args.seconds, warmup=args.warmup, threads=args.threads,
                                         model=args.model, lr=args.lr, mnist_dir=mnist_dir,
                                         keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs,
