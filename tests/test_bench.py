@@ -751,6 +751,19 @@ def test_a_long_ddp_measurement_is_given_the_time_it_asks_for(monkeypatch):
     assert len(waits) == 2 and min(waits) > 4 * 400
 
 
+def test_a_ddp_rank_takes_any_model_the_bench_takes(monkeypatch):
+    """pscnn bench scaling --model takes a JSON spec, and its PyTorch twin is built from the pscnn
+    model whatever its spec; the DDP ranks took only 'seed' or 'light', so every DDP run of such a
+    model failed on its ranks' arguments."""
+    from pscnn.bench import ddp
+    spec = json.dumps({"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]})
+    ranks = []
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")          # main sets it otherwise: this process's env
+    monkeypatch.setattr(ddp, "_run_rank", lambda args: ranks.append(args.model) or 0)
+    assert ddp.main(["--rank", "0", "--world", "1", "--port", "9", "--model", spec, "--result", "r.json"]) == 0
+    assert ranks == [spec]
+
+
 def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_dir):
     """Training files that are there but corrupt pass the folder check; every worker then exits with
     an error, and the bench stops that run at once (it polled until --max-seconds, then exited 0)."""

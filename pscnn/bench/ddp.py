@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--model", default="seed", choices=["seed", "light"])
+    p.add_argument("--model", default="seed", help="a preset or a JSON spec, as pscnn's --model")
     p.add_argument("--result", required=True)
     args = p.parse_args(argv)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
