@@ -575,6 +575,22 @@ def test_server_bench_keeps_its_points_when_one_fails(tmp_path, monkeypatch, cap
     assert by_clients[4]["echo_cycles_per_second"] == 400.0 and doc["payload_bytes"] == 1000
 
 
+def test_requests_the_server_refused_are_said_in_the_report(tmp_path, monkeypatch, capsys):
+    """The synthetic clients count the server's error replies; the table showed only the lower cycle
+    rate, the errors were in the CSV alone."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.cli import main
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+        "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+        "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0,
+        "errors": {"lease_expired": 3, "bad_version": 1} if n == 4 else {}, "model_bytes": 1000})
+    assert main(["bench", "server", "--clients", "1,4", "--trials", "2", "--model", "light", "--no-echo",
+                 "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: ")]
+    assert notes == ["note: with 4 clients the server answered 8 requests with an error (not counted as cycles): "
+                     "bad_version x 2, lease_expired x 6"]
+
+
 def test_a_profile_the_server_did_not_write_is_said(tmp_path, monkeypatch, capsys):
     """A profiled server killed after its grace period writes no profile: --profile then printed
     nothing and wrote no server-profile.txt, without a word."""

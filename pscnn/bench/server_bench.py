@@ -255,6 +255,11 @@ def summarize(rows, clients) -> list[dict]:
                         "server_main_thread_ms_per_cycle", "machine_busy_fraction", "server_updates_per_second"):
                 s[f"{kind}_{key}"] = median([r.get(key) for r in rs])
             s[f"{kind}_late_starts"] = sum(r["late_starts"] for r in rs)
+            errors: dict = {}
+            for r in rs:
+                for code, count in (r.get("errors") or {}).items():
+                    errors[code] = errors.get(code, 0) + count
+            s[f"{kind}_errors"] = errors
         ratios = []
         for t in {r["trial"] for r in rows}:
             a = [r for r in rows if (r["trial"], r["clients"], r["kind"]) == (t, n, "pscnn")]
@@ -284,6 +289,11 @@ def report(summary, machine, payload, args) -> None:
     print_table(headers, rows)
     print("server cpu: the server process, all threads, as a share of one core; main thread: its event loop "
           "(decode, checks, update, replies), the serial part; machine busy: every core, everything running")
+    for s in summary:                   # refused requests are not cycles: a low rate with a reason
+        if s.get("pscnn_errors"):
+            print(f"note: with {s['clients']} clients the server answered "
+                  f"{sum(s['pscnn_errors'].values())} requests with an error (not counted as cycles): "
+                  + ", ".join(f"{code} x {count}" for code, count in sorted(s["pscnn_errors"].items())))
     late = sum(s.get("pscnn_late_starts", 0) + s.get("echo_late_starts", 0) for s in summary)
     if late:
         print(f"note: {late} client processes had not completed a cycle when a window opened "
