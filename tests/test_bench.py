@@ -671,6 +671,29 @@ def test_scaling_keeps_its_points_when_a_baseline_fails(tmp_path, monkeypatch, c
     assert s["baseline_images_per_second"] == 800.0
 
 
+def test_trials_left_out_of_a_points_medians_are_said(tmp_path, monkeypatch, capsys):
+    """A stalled window and a failed trial are left out of a point's medians: the table gave the
+    medians of the rest as if of every trial (the counts were in the JSON alone)."""
+    import pscnn.bench.cluster as cluster
+    from pscnn.cli import main
+    calls = []
+
+    def measure_point(out, **point):
+        calls.append(point["workers"])
+        if calls.count(2) == 1 and point["workers"] == 2:
+            raise RuntimeError("the server exited with 1: boom")
+        updates = 0 if calls.count(2) == 2 and point["workers"] == 2 else 10
+        return {"window_s": 1.0, "updates": updates, "samples": 64 * updates, "images_per_second": 64.0 * updates,
+                "updates_per_second": float(updates), "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}
+    monkeypatch.setattr(cluster, "measure_point", measure_point)
+    assert main(["bench", "scaling", "--compute-ms", "5", "--workers", "1,2", "--mode", "async", "--trials", "3",
+                 "--seconds", "0.5", "--warmup", "0", "--model", "light", "--no-progress", "--no-plots",
+                 "--out", str(tmp_path / "out")]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: ")]
+    assert notes == ["note: async b64 c=5ms N=2: medians of 1 trials; left out: 1 stalled windows (no update "
+                     "in the window), 1 failed"]
+
+
 def test_every_point_and_trial_keeps_its_own_run_folder(tmp_path, monkeypatch):
     """--keep-logs: "keep every point's run folder and logs"; every trial and every --compute-ms of a
     point ran in one folder, each emptied by the next (and a failed point's "logs in" with it)."""

@@ -332,6 +332,11 @@ def report(summary, ncores: int, synthetic: bool, machine: dict) -> None:
                     fmt(s.get("ddp_cpu_fraction"), ".2f"), fmt(s.get("pscnn_over_ddp_per_cpu"), ".2f")]
         rows.append(row)
     print_table(headers, rows)
+    for s in summary:                   # the medians above stand for fewer trials than asked
+        if s["stalled_windows"] or s["failed"]:
+            print(f"note: {_label(s['mode'], s['batch'], s['compute_ms'], synthetic, 2)} N={s['workers']}: "
+                  f"medians of {s['trials']} trials; left out: {s['stalled_windows']} stalled windows "
+                  f"(no update in the window), {s['failed']} failed")
     if not synthetic:
         base = {s["batch"]: s.get("baseline_cpu_fraction") for s in summary}
         print("cores/worker: the share of a core each worker process got (CPU s / wall s); "
