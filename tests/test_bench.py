@@ -335,6 +335,9 @@ SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0
     (["server", "--profile", "99999999"], "argument --profile: must be at most 1024, got 99999999"),     # hung
     (["scaling", "--compute-ms", "5,inf"], "--compute-ms: every value must be at most 1e9, got inf"),
     (["scaling", "--batch", "70000"], "--batch: every value must be at most 60000, got 70000"),   # baseline crashed
+    (["scaling", "--compute-ms", "2,1e9", "--workers", "1", "--mode", "async", "--trials", "1", "--seconds", "5",
+      "--warmup", "0"], "--compute-ms 1e+09: a step that takes the whole --seconds 5 window or longer measures "
+                        "nothing"),
     (["server", "--clients", "4,1,4", "--trials", "1", "--seconds", "0.2", "--warmup", "0", "--no-echo"],
      "--clients: 4 is given twice"),                                  # the table listed 4 clients twice
     (["scaling", "--mode", "async,async", *SHORT], "--mode: async is given twice"),

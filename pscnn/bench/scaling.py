@@ -79,6 +79,9 @@ def run(args) -> int:
     batches = parse_list(args.batch, int, "--batch", low=1, high=MNIST_FILES["train-images"]["count"])
     compute = parse_list(args.compute_ms, float, "--compute-ms", low=0) if args.compute_ms is not None else [None]
     synthetic = compute != [None]
+    if synthetic and max(compute) >= 1e3 * args.seconds:    # 1e9 waited out the 2-minute start-up per point
+        raise OptionError(f"--compute-ms {max(compute):g}: a step that takes the whole --seconds "
+                          f"{args.seconds:g} window or longer measures nothing")
     # flags that would do nothing in this run: refused, not silently dropped
     if args.overlap and "async" not in modes:
         raise OptionError(f"--overlap applies to --mode async only, not to --mode {args.mode}")
