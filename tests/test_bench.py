@@ -218,6 +218,24 @@ def test_tta_scoring_time_is_on_the_training_clock():
     assert row["eval_seconds_to_target"] == pytest.approx(0.531)
 
 
+def test_tta_report_says_the_optimizer_and_test_images_each_run_had(capsys):
+    """The heading said "optimizer auto" (sgd for sync, adam for async, sgd for both with --momentum)
+    and "on 1000000000 test images" for --test-limit 1000000000 (MNIST has 10,000)."""
+    from argparse import Namespace
+
+    from pscnn.bench.tta import report
+    summary = [{"mode": m, "workers": 1, "runs": 1, "reached": 0, "seconds_to_target": None,
+                "images_to_target": None, "updates_to_target": None, "speedup_vs_1": None, "best_accuracy": 0.5}
+               for m in ("sync", "async")]
+    args = Namespace(target=0.99, test_limit=10**9, batch=64, optimizer="auto", lr=None, momentum=None, schedule=None)
+    report(summary, args, {})
+    head = capsys.readouterr().out.strip().splitlines()[0]
+    assert "on 10000 test images" in head and "optimizer auto: sgd for sync, adam for async (default lr)" in head
+    report(summary, Namespace(**{**vars(args), "momentum": 0.5, "test_limit": 500}), {})
+    head = capsys.readouterr().out.strip().splitlines()[0]
+    assert "on 500 test images" in head and "optimizer auto: sgd for sync, sgd for async" in head
+
+
 def test_tta_speedup_is_the_median_of_per_trial_ratios():
     """As every ratio column: trial by trial, the 1-worker run against the N-worker run beside it
     (it was the ratio of the two medians: 10 s / 20 s = 0.5 here, where two trials of three saw 2x)."""

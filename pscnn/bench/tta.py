@@ -275,9 +275,24 @@ def summarize(rows, modes, workers) -> list[dict]:
     return out
 
 
+def _optimizer_text(args, modes) -> str:
+    """``--optimizer`` as each mode's server resolves it: "auto" alone says nothing in a sync,async run."""
+    from argparse import Namespace  # noqa: PLC0415
+
+    from pscnn.cli import resolve_optimizer  # noqa: PLC0415
+    if args.optimizer != "auto":
+        return f"optimizer {args.optimizer}"
+    return "optimizer auto: " + ", ".join(
+        f"{resolve_optimizer(Namespace(optimizer='auto', momentum=args.momentum, nesterov=False, mode=m))} for {m}"
+        for m in modes)
+
+
 def report(summary, args, machine) -> None:
+    from cnn_core.data import MNIST_FILES  # noqa: PLC0415
+    test_images = MNIST_FILES["test-images"]["count"]       # a larger --test-limit scores them all
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; target test accuracy "
-          f"{args.target} on {args.test_limit or 10000} test images; batch {args.batch}, optimizer {args.optimizer}"
+          f"{args.target} on {min(args.test_limit or test_images, test_images)} test images; batch {args.batch}, "
+          + _optimizer_text(args, dict.fromkeys(s["mode"] for s in summary))
           + (f" lr {args.lr}" if args.lr is not None else " (default lr)")
           + (f" momentum {args.momentum}" if args.momentum is not None else "")
           + (f", schedule {args.schedule}" if args.schedule else ", the server's default schedule"))
