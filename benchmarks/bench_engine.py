@@ -243,4 +243,8 @@ def _layer_breakdown(model, xb, yb, opt, np, reps: int = 9) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:              # Ctrl-C: one line, as pscnn's commands say it
+        print("bench_engine.py: interrupted", file=sys.stderr)
+        sys.exit(130)

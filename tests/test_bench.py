@@ -418,6 +418,29 @@ def test_engine_benchmark_batches_stop_at_mnists_sizes(argv, needle):
     assert proc.stderr.strip().splitlines()[-1].endswith(needle), proc.stderr
 
 
+def test_engine_benchmark_interrupted_says_so_in_one_line():
+    """Ctrl-C during `make bench` ended in a KeyboardInterrupt traceback."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "benchmarks/bench_engine.py", "--trials", "1000", "--no-torch"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen, char = "", "?"
+        deadline = time.monotonic() + 120
+        while char and "trials" not in seen and time.monotonic() < deadline:     # its progress bar: measuring
+            char = proc.stderr.read(1)
+            seen += char
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "trials" in seen
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "bench_engine.py: interrupted"
+
+
 def test_engine_benchmark_without_threadpoolctl_says_so(tmp_path):
     """threadpoolctl comes with the test extra, not with pscnn: without it the script ended in a
     ModuleNotFoundError traceback."""
