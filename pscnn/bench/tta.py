@@ -237,9 +237,9 @@ def analyse(steps: list[dict], evals: list[dict], target: float, batch: int) -> 
         acc = float(e["test_accuracy"])
         curve.append([round(t, 3), s, v, acc])
         if reached is None and acc >= target:
-            # an eval record's seconds are the server's training clock (from the first batch handed
-            # out, one step before the first update), not the log's clock of the step records
-            reached = (t, s, v, acc, float(e.get("seconds", 0.0)))
+            # eval and step records share the run log's clock: when the score was recorded, counted
+            # from the first update as seconds_to_target is
+            reached = (t, s, v, acc, float(e.get("seconds", 0.0)) - t0)
     last = steps[-1] if steps else {}
     row = {"reached": reached is not None,
            "seconds_to_target": reached[0] if reached else None,
