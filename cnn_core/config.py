@@ -37,7 +37,7 @@ def named_config(value, what: str, error: type[Exception] = ConfigError) -> dict
     """
     if isinstance(value, str):
         text = value.strip()
-        if not text.startswith("{"):
+        if not text.startswith(("{", "[")):      # a JSON list is refused below, not taken for a name
             return {"name": text}
         try:
             value = json.loads(text)

@@ -199,8 +199,12 @@ def build_schedule(config: dict | str | Schedule | None, base_lr: float) -> Sche
     elif isinstance(config, Schedule):
         config = config.config()
     config = named_config(config, "schedule config")
-    name = config.pop("name", None)
-    if not isinstance(name, str) or name not in SCHEDULES:    # a list or dict is unhashable: no `in`
+    if "name" not in config:            # "unknown schedule None" did not say what was missing
+        raise ConfigError(f"schedule config needs a 'name': one of {sorted(SCHEDULES)}")
+    name = config.pop("name")
+    if not isinstance(name, str):       # a list or dict is unhashable: no `in`
+        raise ConfigError(f"schedule name must be a string, one of {sorted(SCHEDULES)}, got {name!r}")
+    if name not in SCHEDULES:
         raise ConfigError(f"unknown schedule {name!r}: expected one of {sorted(SCHEDULES)}")
     warmup = config.pop("warmup_steps", 0)
     unknown = sorted(set(config) - set(_KEYS[name]))

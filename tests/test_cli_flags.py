@@ -98,6 +98,9 @@ def test_a_child_started_as_python_m_reports_a_bad_flag_in_one_line(tmp_path):
     (["--schedule", '{"name": "cosine", "warmup_steps": 5}'], 0, None),   # valid: gets past the checks
     (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], 1, "nesterov=True needs momentum > 0"),
     (["--schedule", '{"name": "step", "step_size": 5, "gamma": 7}'], 1, "gamma must be in (0, 1]"),
+    (["--schedule", "{}"], 1, "schedule config needs a 'name': one of ['constant', 'cosine', 'step']"),
+    (["--schedule", '{"name": 3}'], 1, "schedule name must be a string"),
+    (["--schedule", "[1]"], 2, "--schedule must be a name or a dict, got list"),
 ])
 def test_pscnn_run_checks_model_schedule_and_optimizer_before_starting_anything(tmp_path, flags, code, needle,
                                                                                    monkeypatch, mnist_file_names):

@@ -622,8 +622,13 @@ def test_schedules_with_other_base_rates_are_not_equal():
     ({"name": "cosine", "total_steps": 2**53}, "total_steps must be at most 9007199254740991"),
     ("{oops", "schedule config is not valid JSON"),
     ([1, 2], "schedule config must be a name or a dict"),
-    ({"name": ["cosine"], "total_steps": 10}, r"unknown schedule \['cosine'\]: expected one of"),
-    ({"name": {"step": 1}}, r"unknown schedule \{'step': 1\}: expected one of"),
+    ({"name": ["cosine"], "total_steps": 10}, r"schedule name must be a string, one of \[.*\], got \['cosine'\]"),
+    ({"name": {"step": 1}}, r"schedule name must be a string, one of \[.*\], got \{'step': 1\}"),
+    ({"name": 3}, r"schedule name must be a string, one of \['constant', 'cosine', 'step'\], got 3"),
+    ({}, r"schedule config needs a 'name': one of \['constant', 'cosine', 'step'\]"),
+    ({"warmup_steps": 5}, "schedule config needs a 'name'"),
+    ("[1, 2]", "schedule config must be a name or a dict, got list"),
+    ('{"name": "cosine", "total_steps": 10, "decay": 2}', r"cosine schedule: unknown key\(s\) \['decay'\]"),
 ])
 def test_schedule_errors(config, message):
     with pytest.raises(ConfigError, match=message):
