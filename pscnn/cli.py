@@ -600,6 +600,12 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
         sched["total_steps"] = max(1, total_updates)
     if sched.get("step_size") == "auto":             # decay 10x at one and two thirds
         sched["step_size"] = max(1, total_updates // 3)
+    warmup = sched.get("warmup_steps")
+    if isinstance(warmup, int) and warmup > total_updates:      # a bad value is build_schedule's to refuse
+        # The rate reaches lr at warm-up step warmup - 1: a longer warm-up never got there, silently.
+        logging.getLogger("pscnn").warning(
+            "a warm-up of %d updates is longer than the run's %d: the learning rate never reaches its base "
+            "rate (lower --warmup-steps, or the --schedule's warmup_steps)", warmup, total_updates)
     return {**opt_cfg, "schedule": sched}
 
 

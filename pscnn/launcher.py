@@ -207,10 +207,10 @@ def check_port_free(endpoint: str) -> None:
         ctx.term()                      # the port is released before the server binds it
 
 
-def check_run_args(args) -> None:
+def check_run_args(args):
     """What the server would refuse, checked before any process starts: one line from ``pscnn run``
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
-    instead of the server's log tail."""
+    instead of the server's log tail.  Returns the server's config (a ServerConfig)."""
     from cnn_core.model import resolve_spec  # noqa: PLC0415
     from server.store import ParameterStore  # noqa: PLC0415
     from pscnn.cli import CliError  # noqa: PLC0415
@@ -229,6 +229,7 @@ def check_run_args(args) -> None:
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
     store = ParameterStore(resolve_spec(cfg.model), cfg.optimizer, seed=cfg.seed)     # model and optimizer
     check_model_travels(store.model.spec, store.snapshot()[1])
+    return cfg
 
 
 # Signals that stop `pscnn run` as Ctrl-C does, children included: `kill`, and SIGHUP when the
@@ -291,7 +292,7 @@ class RunOutputs:
 
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
-    check_run_args(args)
+    cfg = check_run_args(args)          # once: resolving the schedule warns of a warm-up longer than the run
     # A folder another run (or server) writes: its server refused it, but only after this run's
     # clients had started and its logs had gone into that run's logs/, whose tail was then the report.
     check_folder_free(args.out)
@@ -300,7 +301,7 @@ def run_from_args(args) -> int:
     # not the server's log tail after every child was started.
     check_local_setup(args.device, args.mnist_dir, "test")
     if args.resume:     # every check the server's --resume makes, here, before anything starts
-        ParameterServer(config_from_args(args))
+        ParameterServer(cfg)
     elif (warning := unfinished_run_warning(args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):
         # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
         _say(f"pscnn run: {warning}")

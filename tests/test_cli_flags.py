@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -320,6 +321,33 @@ def test_named_schedules_take_their_lengths_from_the_run():
     cosine = optimizer_config(parse_args(["train"], {}))
     assert resolve_auto_schedule(cosine, 300)["schedule"]["total_steps"] == 300
     assert resolve_auto_schedule(cosine, 0)["schedule"]["total_steps"] == 1
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(caplog):
+    """The rate reaches --lr at warm-up step warmup_steps - 1: a longer warm-up never got there, silently."""
+    for argv in (["--warmup-steps", "33"], ["--schedule", '{"name": "constant", "warmup_steps": 33}']):
+        opt_cfg = optimizer_config(parse_args(["train", *argv], {}))
+        with caplog.at_level(logging.WARNING, logger="pscnn"):
+            resolve_auto_schedule(opt_cfg, 33)          # its last update runs at the full rate
+            assert not caplog.records
+            resolve_auto_schedule(opt_cfg, 32)
+        assert [r.getMessage() for r in caplog.records] == [
+            "a warm-up of 33 updates is longer than the run's 32: the learning rate never reaches its base rate "
+            "(lower --warmup-steps, or the --schedule's warmup_steps)"]
+        caplog.clear()
+
+
+def test_pscnn_run_warns_of_a_long_warm_up_once(tmp_path, monkeypatch, caplog, mnist_file_names):
+    # --resume checked the server's config a second time, and warned twice
+    def no_cluster(*args, **kwargs):
+        raise RuntimeError("checks passed")
+    monkeypatch.setattr(launcher, "LocalCluster", no_cluster)
+    monkeypatch.setattr(launcher, "ParameterServer", lambda cfg: None)     # no checkpoint to resume from here
+    with caplog.at_level(logging.WARNING, logger="pscnn"), pytest.raises(RuntimeError, match="checks passed"):
+        main(["run", "--model", "light", "--train-limit", "640", "--batch-size", "64", "--warmup-steps", "1000",
+              "--resume", "--out", str(tmp_path / "run"), "--no-progress"])
+    warnings = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert len(warnings) == 1 and "longer than the run's 10:" in warnings[0], warnings
 
 
 def test_pscnn_run_hands_the_json_warmup_to_its_server_untouched():
