@@ -7,7 +7,7 @@ A spec is a JSON-able dict::
                  "kernel": 3, "padding": 1}, {"type": "relu"}, ...]}
 
 ``build_model`` accepts a preset name (``"seed"``, ``"light"``), such a dict,
-or its JSON text.  Layers without a name get ``<type><k>`` (``relu1``, ...).
+its JSON text, or the path of a file holding that JSON (:func:`spec_file_path`).  Layers without a name get ``<type><k>`` (``relu1``, ...).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import functools
 import inspect
 import itertools
 import math
+import os
 
 import numpy as np
 
@@ -65,13 +66,60 @@ PRESETS = {
 }
 
 
+#: The most bytes a spec file may hold: as many as the message header that carries the spec
+#: to the workers (pscnn.protocol.MAX_HEADER_BYTES, the server's welcome); specs take ~1 KB.
+MAX_SPEC_FILE_BYTES = 64 * 1024
+
+
+def spec_file_path(value: str) -> str | None:
+    """The path a model spec string names, or None for a preset name or JSON text.
+
+    A path is a value that names an existing file, ends in ``.json``, or holds a
+    path separator; a preset name wins over a file of the same name.
+    """
+    text = value.strip()
+    if text in PRESETS or text.startswith("{"):
+        return None
+    path = os.path.expanduser(text)
+    return path if os.path.isfile(path) or text.endswith(".json") or os.sep in text or "/" in text else None
+
+
+def read_spec_file(path: str) -> dict:
+    """The spec dict a JSON file holds; SpecError naming the file if it is missing, unreadable,
+    larger than :data:`MAX_SPEC_FILE_BYTES`, or no JSON object."""
+    what = f"model spec file {path}"
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SPEC_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{what} is a folder, not a file") from None
+    except OSError as exc:
+        raise SpecError(f"{what} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPEC_FILE_BYTES:
+        raise SpecError(f"{what} is larger than {MAX_SPEC_FILE_BYTES:,} bytes, the most a spec may be "
+                        "(one message header carries it to the workers)")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SpecError(f"{what} is not UTF-8 text (a JSON spec)") from None
+    if not text.startswith("{"):        # named_config would take other text for a name
+        raise SpecError(f"{what} must hold a JSON object (a spec)")
+    return named_config(text, what, SpecError)
+
+
 def resolve_spec(spec) -> dict:
-    """Preset name, JSON text or dict -> a fresh spec dict (never aliases PRESETS)."""
+    """Preset name, JSON text, a JSON file's path or dict -> a fresh spec dict (never aliases PRESETS)."""
     if isinstance(spec, str):
         if spec in PRESETS:
             return copy.deepcopy(PRESETS[spec])
-        if not spec.strip().startswith("{"):
-            raise SpecError(f"unknown model preset {spec!r}: expected one of {sorted(PRESETS)} or a JSON spec")
+        path = spec_file_path(spec)
+        if path is not None:
+            spec = read_spec_file(path)
+        elif not spec.strip().startswith("{"):
+            raise SpecError(f"unknown model preset {spec!r}: expected one of {sorted(PRESETS)}, a JSON spec "
+                            "or a JSON spec file")
     elif not isinstance(spec, dict):
         raise SpecError(f"model spec must be a preset name, dict or JSON object, got {type(spec).__name__}")
     spec = copy.deepcopy(named_config(spec, "model spec", SpecError))
@@ -494,5 +542,5 @@ def plan_conv_pool(layers, order) -> None:
 
 
 def build_model(spec="seed", seed: int = 0, dtype="float32", device: str = "cpu") -> Model:
-    """Build a model from a preset name, spec dict or JSON spec (see module docs)."""
+    """Build a model from a preset name, spec dict, JSON spec or JSON spec file (see module docs)."""
     return Model(spec, seed=seed, dtype=dtype, device=device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import ipaddress
+import json
 import logging
 import os
 import sys
@@ -253,7 +254,9 @@ def resolve_optimizer(args) -> str:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and optimizer")
-    g.add_argument("--model", default="seed", help="preset (seed, light) or a JSON spec (default: seed)")
+    g.add_argument("--model", default="seed",
+                   help="preset (seed, light), a JSON spec, or a JSON spec file: a value that names a file, ends "
+                        "in .json or holds a /; a preset wins over a file of its name (default: seed)")
     g.add_argument("--optimizer", default="auto", choices=["auto", *DEFAULT_LR],
                    help="auto (default): sgd with momentum, but adam for --mode async and ssp, where stale "
                         "gradients make momentum SGD unstable (measured in docs/scaling.md)")
@@ -609,6 +612,18 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
     return {**opt_cfg, "schedule": sched}
 
 
+def inline_model(value: str) -> str:
+    """``--model`` as pscnn passes it on: a spec file's spec as JSON text, anything else as given.
+
+    The spec then travels (to ``pscnn run``'s server, and in its welcome to the
+    workers) and is recorded (config.json, summary.json) as an inline spec is,
+    not as a path that another host or a later edit would change.
+    """
+    from cnn_core.model import read_spec_file, spec_file_path  # noqa: PLC0415  (after --threads took effect)
+    path = spec_file_path(value)
+    return value if path is None else json.dumps(read_spec_file(path), separators=(",", ":"))
+
+
 def set_blas_threads(threads: int) -> None:
     """Pin BLAS/OpenMP threads; effective only before numpy is imported."""
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -657,6 +672,8 @@ def main(argv=None) -> int:
     if getattr(args, "threads", None):
         set_blas_threads(args.threads)
     try:
+        if isinstance(getattr(args, "model", None), str):     # pscnn bench's --model too
+            args.model = inline_model(args.model)
         if args.command in ("train", "server", "run"):
             check_run_folder("--out", args.out)
         if args.command == "train":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cnn_core.model import resolve_spec
 from pscnn import launcher
 from pscnn.cli import (
     MAX_FLOAT,
@@ -26,6 +27,7 @@ from pscnn.cli import (
     CliError,
     build_parser,
     flag_variables,
+    inline_model,
     main,
     non_negative_float,
     optimizer_config,
@@ -125,6 +127,71 @@ def test_json_nested_too_deeply_is_one_line(flag, code, tmp_path, capsys, mnist_
     assert main(["train", flag, deep, "--out", str(tmp_path / "run"), "--no-progress"]) == code
     what = "--schedule" if flag == "--schedule" else "model spec"
     assert capsys.readouterr().err.strip() == f"pscnn: error: {what} nests maps and lists more than 24 deep"
+
+
+# A spec file: what a user keeps specs in.  `--model myspec.json` said "unknown model preset".
+TINY_SPEC = {"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}
+
+
+def test_a_model_spec_file_is_read_and_passed_on_as_its_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("myspec.json").write_text(json.dumps(TINY_SPEC, indent=2))
+    Path("tiny").write_text(json.dumps(TINY_SPEC))
+    Path("light").write_text("not a spec")                 # a preset wins over a file of its name
+    sub = tmp_path / "specs"
+    sub.mkdir()
+    (sub / "spec.txt").write_text(json.dumps(TINY_SPEC))
+    for value in ("myspec.json", "tiny", f"{sub}/spec.txt", " myspec.json "):
+        assert json.loads(inline_model(value)) == TINY_SPEC, value
+    assert inline_model("light") == "light" and inline_model("nosuch") == "nosuch"  # an unknown preset, later
+    assert inline_model(json.dumps(TINY_SPEC)) == json.dumps(TINY_SPEC)
+    assert resolve_spec("myspec.json")["layers"][1]["units"] == 10                  # the library takes one too
+
+
+def test_pscnn_run_hands_the_file_spec_to_its_server_as_json(tmp_path, monkeypatch, mnist_file_names):
+    spec_file = tmp_path / "myspec.json"
+    spec_file.write_text(json.dumps(TINY_SPEC, indent=2))
+    started = []
+
+    class ServerOnly(_NoProcesses):
+        def start_server(self, flags):
+            started.append(flags)
+            raise RuntimeError("server started")
+    monkeypatch.setattr(launcher, "LocalCluster", ServerOnly)
+    with pytest.raises(RuntimeError, match="server started"):
+        main(["run", "--model", str(spec_file), "--out", str(tmp_path / "run"), "--no-progress"])
+    flags = started[0]
+    assert json.loads(flags[flags.index("--model") + 1]) == TINY_SPEC      # the spec, not a path
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("nosuch.json", None, "nosuch.json: no such file"),
+    ("sub/nosuch", None, "sub/nosuch: no such file"),
+    ("folder.json", "folder", "folder.json is a folder, not a file"),
+    ("bad.json", '{"input_shape": [1, 28, 28], "layers": [', "bad.json is not valid JSON: Expecting value"),
+    ("list.json", "[1, 2]", "list.json must hold a JSON object (a spec)"),
+    ("big.json", "{" + " " * 70_000 + "}", "big.json is larger than 65,536 bytes"),
+    ("binary.json", b"\xff\xfe{}", "binary.json is not UTF-8 text"),
+    ("deep.json", '{"layers": ' + "[" * 20_000 + "]" * 20_000 + "}", "nests maps and lists more than 24 deep"),
+])
+def test_a_bad_model_spec_file_is_one_line_naming_it(name, content, needle, tmp_path, capsys):
+    path = tmp_path / name
+    if content == "folder":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    assert main(["train", "--model", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pscnn: error: model spec file {tmp_path}/") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_spec_file_is_bounded_by_what_the_welcome_header_carries():
+    from cnn_core.model import MAX_SPEC_FILE_BYTES
+    from pscnn.protocol import MAX_HEADER_BYTES
+    assert MAX_SPEC_FILE_BYTES == MAX_HEADER_BYTES
 
 
 # ----------------------------------------------------------------- B: finite floats, capped

@@ -269,6 +269,22 @@ def test_bad_flag_values_exit_2(tmp_path, args, env, fragments):
 
 
 @needs_real_mnist
+def test_a_model_spec_file_trains_and_its_spec_is_recorded(tmp_path):
+    # --model myspec.json said "unknown model preset"; the run must record the spec, not the path
+    spec = {"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}
+    spec_file = tmp_path / "myspec.json"
+    spec_file.write_text(json.dumps(spec, indent=2))
+    out = tmp_path / "run"
+    proc = pscnn_train(["--model", str(spec_file), "--train-limit", "64", "--test-limit", "32", "--no-progress",
+                        "--out", str(out)], env=clean_env(MNIST_DIR=REAL_MNIST))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(config["model"]) == spec and json.loads(summary["model"]) == spec
+    assert summary["parameters"] == 28 * 28 * 10 + 10
+
+
+@needs_real_mnist
 def test_bad_schedule_one_line_error(tmp_path):
     proc = pscnn_train(["--schedule", "sometimes", "--train-limit", "64", "--out", str(tmp_path / "run")],
                        env=clean_env(MNIST_DIR=REAL_MNIST))
