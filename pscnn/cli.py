@@ -272,7 +272,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l2", type=non_negative_float, default=0.0, help="L2 penalty added to gradients")
     g.add_argument("--l1", type=non_negative_float, default=0.0, help="L1 penalty added to gradients")
     g.add_argument("--schedule", default="cosine",
-                   help="cosine (to 0 over the run), constant, step, or a JSON schedule config (default: cosine)")
+                   help="cosine (to 0 over the run), constant, step (10x down at 1/3 and 2/3 of the run), or a "
+                        "JSON schedule config, whose cosine or step without total_steps or step_size spans the run "
+                        "too (default: cosine)")
     # None, not 10: a warmup_steps in a JSON --schedule wins over the default, not over a value given
     g.add_argument("--warmup-steps", type=non_negative_int, default=None,
                    help=f"linear warm-up over this many batches (default: {DEFAULT_WARMUP_STEPS}, "
@@ -564,21 +566,25 @@ def optimizer_config(args) -> dict:
     return cfg
 
 
+# The length key of each schedule that has one, in batches: the run's (resolve_auto_schedule) unless given.
+AUTO_LENGTHS = {"cosine": "total_steps", "step": "step_size"}
+
+
 def schedule_config(text: str, warmup_steps: int | None = None) -> dict:
     """``--schedule`` (a name or JSON) and ``--warmup-steps`` -> a schedule config dict.
 
     ``cosine`` without ``total_steps`` gets it filled in later from the run's
-    length (key ``"total_steps": "auto"``).  ``warmup_steps`` None means the
+    length (key ``"total_steps": "auto"``), ``step`` without ``step_size`` a
+    third of it, whether named or given as JSON.  ``warmup_steps`` None means the
     flag was not given: the JSON's ``warmup_steps`` if it has one, else
     :data:`DEFAULT_WARMUP_STEPS`; a given value the JSON contradicts is a CliError.
     """
     from cnn_core.config import named_config  # noqa: PLC0415  (after --threads took effect)
     cfg = named_config(text, "--schedule", CliError)
-    rest = {k: v for k, v in cfg.items() if k != "warmup_steps"}
-    if rest == {"name": "cosine"}:
-        cfg["total_steps"] = "auto"
-    elif rest == {"name": "step"}:
-        cfg["step_size"] = "auto"
+    # Not only for the bare names: {"name": "cosine", "min_lr": 0.001} was refused for its missing total_steps.
+    length = AUTO_LENGTHS.get(cfg["name"]) if isinstance(cfg.get("name"), str) else None
+    if length and length not in cfg:
+        cfg[length] = "auto"
     if "warmup_steps" in cfg:
         if warmup_steps is not None and cfg["warmup_steps"] != warmup_steps:
             raise CliError(f"--warmup-steps {warmup_steps} contradicts --schedule's warmup_steps "

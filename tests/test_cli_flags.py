@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cnn_core.model import resolve_spec
+from cnn_core.optim import build_optimizer
 from pscnn import launcher
 from pscnn.cli import (
     MAX_FLOAT,
@@ -388,6 +389,15 @@ def test_named_schedules_take_their_lengths_from_the_run():
     cosine = optimizer_config(parse_args(["train"], {}))
     assert resolve_auto_schedule(cosine, 300)["schedule"]["total_steps"] == 300
     assert resolve_auto_schedule(cosine, 0)["schedule"]["total_steps"] == 1
+    # a JSON cosine or step without its length spans the run too: it was "missing required key(s)"
+    cosine = optimizer_config(parse_args(["train", "--schedule", '{"name": "cosine", "min_lr": 0.001}'], {}))
+    assert resolve_auto_schedule(cosine, 300)["schedule"] == {"name": "cosine", "min_lr": 0.001,
+                                                              "total_steps": 300, "warmup_steps": 10}
+    step = optimizer_config(parse_args(["train", "--schedule", '{"name": "step", "gamma": 0.5}'], {}))
+    assert resolve_auto_schedule(step, 300)["schedule"]["step_size"] == 100
+    given = optimizer_config(parse_args(["train", "--schedule", '{"name": "step", "step_size": 7}'], {}))
+    assert resolve_auto_schedule(given, 300)["schedule"]["step_size"] == 7
+    build_optimizer(resolve_auto_schedule(cosine, 300))
 
 
 def test_a_warm_up_longer_than_the_run_is_warned_about(caplog):
