@@ -609,12 +609,20 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
         sched["total_steps"] = max(1, total_updates)
     if sched.get("step_size") == "auto":             # decay 10x at one and two thirds
         sched["step_size"] = max(1, total_updates // 3)
-    warmup = sched.get("warmup_steps")
-    if isinstance(warmup, int) and warmup > total_updates:      # a bad value is build_schedule's to refuse
-        # The rate reaches lr at warm-up step warmup - 1: a longer warm-up never got there, silently.
+    # Lengths that do not fit the run, silent before (a bad value is build_schedule's to refuse):
+    warmup, cosine_steps = sched.get("warmup_steps"), sched.get("total_steps")
+    if isinstance(warmup, int) and warmup > total_updates:
+        # the rate reaches lr at warm-up step warmup - 1: a longer warm-up never got there
         logging.getLogger("pscnn").warning(
             "a warm-up of %d updates is longer than the run's %d: the learning rate never reaches its base "
             "rate (lower --warmup-steps, or the --schedule's warmup_steps)", warmup, total_updates)
+    if (sched.get("name") == "cosine" and isinstance(cosine_steps, int) and cosine_steps < total_updates
+            and sched.get("min_lr", 0) == 0):
+        # past total_steps the rate stays at min_lr: 0, the rest of the run trained nothing
+        logging.getLogger("pscnn").warning(
+            "the cosine schedule's total_steps %d is shorter than the run's %d updates: the learning rate is 0 "
+            "for the last %d (leave total_steps out to span the run, or set a min_lr)",
+            cosine_steps, total_updates, total_updates - cosine_steps)
     return {**opt_cfg, "schedule": sched}
 
 

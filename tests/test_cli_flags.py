@@ -414,6 +414,22 @@ def test_a_warm_up_longer_than_the_run_is_warned_about(caplog):
         caplog.clear()
 
 
+def test_a_cosine_that_ends_before_the_run_is_warned_about(caplog):
+    """Past total_steps a cosine stays at min_lr: at the default 0, the rest of the run learned nothing."""
+    def warnings(schedule_json: str, total_updates: int) -> list[str]:
+        caplog.clear()
+        opt_cfg = optimizer_config(parse_args(["train", "--schedule", schedule_json, "--warmup-steps", "0"], {}))
+        with caplog.at_level(logging.WARNING, logger="pscnn"):
+            resolve_auto_schedule(opt_cfg, total_updates)
+        return [r.getMessage() for r in caplog.records]
+    assert warnings('{"name": "cosine", "total_steps": 100}', 300) == [
+        "the cosine schedule's total_steps 100 is shorter than the run's 300 updates: the learning rate is 0 "
+        "for the last 200 (leave total_steps out to span the run, or set a min_lr)"]
+    assert warnings('{"name": "cosine", "total_steps": 300}', 300) == []
+    assert warnings('{"name": "cosine", "total_steps": 100, "min_lr": 0.001}', 300) == []    # a floor: intended
+    assert warnings("cosine", 300) == [] and warnings("step", 300) == []
+
+
 def test_pscnn_run_warns_of_a_long_warm_up_once(tmp_path, monkeypatch, caplog, mnist_file_names):
     # --resume checked the server's config a second time, and warned twice
     def no_cluster(*args, **kwargs):
