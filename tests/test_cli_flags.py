@@ -443,6 +443,16 @@ def test_pscnn_run_warns_of_a_long_warm_up_once(tmp_path, monkeypatch, caplog, m
     assert len(warnings) == 1 and "longer than the run's 10:" in warnings[0], warnings
 
 
+def test_a_benchmarks_server_flags_warn_of_a_long_warm_up_once(tmp_path, caplog, mnist_file_names):
+    from pscnn.bench.common import check_server_flags
+    with caplog.at_level(logging.WARNING, logger="pscnn"):
+        check_server_flags(["--model", "light", "--train-limit", "640", "--warmup-steps", "1000",
+                            "--out", str(tmp_path / "unused")], workers=2)
+    assert [r.getMessage() for r in caplog.records].count(
+        "a warm-up of 1000 updates is longer than the run's 10: the learning rate never reaches its base rate "
+        "(lower --warmup-steps, or the --schedule's warmup_steps)") == 1
+
+
 def test_pscnn_run_hands_the_json_warmup_to_its_server_untouched():
     args = parse_args(["run", "--schedule", '{"name": "constant", "warmup_steps": 100}'], {})
     server_argv = ["server", *launcher.flags_from(args, launcher.SERVER_FLAGS)]

@@ -248,8 +248,10 @@ def check_server_flags(flags: list[str], workers: int | None = None) -> None:
         raise CliError(last_line(err.getvalue()) or f"pscnn server refuses the flags {flags}") from None
     if workers is not None:
         args.workers = workers
-        check_run_args(args)
-    ParameterServer(config_from_args(args))
+        cfg = check_run_args(args)      # its config: resolved twice, a schedule's warning came twice
+    else:
+        cfg = config_from_args(args)
+    ParameterServer(cfg)
 
 
 def check_mnist(mnist_dir: str | None, splits) -> None:
