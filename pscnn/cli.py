@@ -611,8 +611,9 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
         sched["step_size"] = max(1, total_updates // 3)
     # Lengths that do not fit the run, silent before (a bad value is build_schedule's to refuse):
     warmup, cosine_steps = sched.get("warmup_steps"), sched.get("total_steps")
-    if isinstance(warmup, int) and warmup > total_updates:
-        # the rate reaches lr at warm-up step warmup - 1: a longer warm-up never got there
+    if isinstance(warmup, int) and warmup > max(total_updates, DEFAULT_WARMUP_STEPS):
+        # the rate reaches lr at warm-up step warmup - 1: a longer warm-up never got there (the
+        # default's few updates are left unsaid: a smoke run shorter than them is not a mistake)
         logging.getLogger("pscnn").warning(
             "a warm-up of %d updates is longer than the run's %d: the learning rate never reaches its base "
             "rate (lower --warmup-steps, or the --schedule's warmup_steps)", warmup, total_updates)

@@ -1630,7 +1630,7 @@ def serve_from_args(args) -> int:
     if cfg.mnist_dir is not None or os.environ.get("MNIST_DIR"):
         from cnn_core.data import load_mnist  # noqa: PLC0415
         load_mnist("test", mnist_dir=cfg.mnist_dir, limit=cfg.test_limit or None, download=False)
-    if not (args.auto_resume and not cfg.resume and unfinished_run_warning(cfg.out)):
+    if not (getattr(args, "auto_resume", False) and not cfg.resume and unfinished_run_warning(cfg.out)):
         return ParameterServer(cfg).serve()
     # A server restarted after a crash (Compose's restart: on-failure) continues its run:
     # starting over would replace the checkpoint within --checkpoint-every.

@@ -414,6 +414,15 @@ def test_a_warm_up_longer_than_the_run_is_warned_about(caplog):
         caplog.clear()
 
 
+def test_the_default_warm_up_is_not_warned_about_on_a_short_run(caplog):
+    """A smoke run of 4 updates is shorter than the default 10-update warm-up: no mistake to report."""
+    opt_cfg = optimizer_config(parse_args(["train"], {}))
+    assert opt_cfg["schedule"]["warmup_steps"] == 10
+    with caplog.at_level(logging.WARNING, logger="pscnn"):
+        resolve_auto_schedule(opt_cfg, 4)
+    assert not caplog.records
+
+
 def test_a_cosine_that_ends_before_the_run_is_warned_about(caplog):
     """Past total_steps a cosine stays at min_lr: at the default 0, the rest of the run learned nothing."""
     def warnings(schedule_json: str, total_updates: int) -> list[str]:

@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
                    help="seconds per baseline measurement (default: --seconds)")
     p.add_argument("--ddp", default="auto", choices=["auto", "on", "off"],
                    help="PyTorch DDP reference for sync points (auto: when torch is installed)")
-    p.add_argument("--model", default="seed", help="model preset (default: seed)")
+    p.add_argument("--model", default="seed",
+                   help="a preset (seed, light), a JSON spec or a spec file, as pscnn run's (default: seed)")
     p.add_argument("--lr", type=positive_float, default=THROUGHPUT_LR,
                    help=f"momentum-SGD learning rate of the servers and the baseline (default: {THROUGHPUT_LR})")
     p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")

@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--clients", default="1,4,16,64", help="synthetic client counts (default: 1,4,16,64)")
     p.add_argument("--mode", default="async", choices=MODES, help="server mode (default: async)")
     p.add_argument("--batch", type=positive_int, default=64, help="the run's batch size (samples per push; default 64)")
-    p.add_argument("--model", default="seed", help="model preset: sets the payload (default: seed, 1.7 MB)")
+    p.add_argument("--model", default="seed",
+                   help="a preset, a JSON spec or a spec file: sets the payload (default: seed, 1.7 MB)")
     p.add_argument("--optimizer", default="sgd", choices=list(DEFAULT_LR),
                    help="the server's update rule (default: sgd with momentum, the throughput benchmarks' "
                         "update; adam is what async runs use by default)")

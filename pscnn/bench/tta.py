@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--train-limit", type=non_negative_int, default=0, help="train on the first N images (0: all)")
     p.add_argument("--trials", type=positive_int, default=1, help="runs per configuration (default: 1)")
     p.add_argument("--threads", type=positive_int, default=1, help="BLAS threads per worker (default: 1)")
-    p.add_argument("--model", default="seed", help="model preset (default: seed)")
+    p.add_argument("--model", default="seed",
+                   help="a preset (seed, light), a JSON spec or a spec file, as pscnn run's (default: seed)")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the server's for the optimizer)")
     p.add_argument("--optimizer", default="auto", choices=["auto", *DEFAULT_LR],
                    help="optimizer (default: auto, as pscnn server: sgd for sync, adam for async and ssp)")
