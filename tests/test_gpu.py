@@ -1,7 +1,8 @@
 """The engine on a CUDA GPU (CuPy) agrees with the CPU engine.
 
-Every test here but the last is skipped unless
-``cnn_core.backend.gpu_available()``; the last runs
+Every test here but the last two is skipped unless
+``cnn_core.backend.gpu_available()`` (pytest's quiet output, CI's, lists why: the
+next to last checks that); the last runs
 ``benchmarks/gpu_check.py --cpu-dry-run`` (numpy only, tiny counts) so the
 one-shot GPU script cannot rot unnoticed on machines without a GPU.
 """
@@ -159,6 +160,11 @@ def test_gpu_training_step_and_chunked_evaluation_match_cpu(dtype, tol):
     g_eval = gpu.forward(xe, train=False)
     assert isinstance(g_eval, cupy.ndarray) and g_eval.shape == (n_eval, 10)
     assert scaled_err(g_eval, cpu.forward(xe, train=False)) < tol
+
+
+def test_quiet_runs_list_why_each_test_was_skipped(pytestconfig):
+    # without -rs, `pytest -q` (make test, CI) counted the skipped GPU tests but never said why
+    assert "-rs" in pytestconfig.getini("addopts")
 
 
 def test_gpu_check_cpu_dry_run(tmp_path):
