@@ -37,3 +37,16 @@ def cluster(tmp_path, mnist_dir):
     c = LocalCluster(tmp_path / "run")
     yield c
     c.close()
+
+
+@pytest.fixture
+def server_must_not_serve(monkeypatch):
+    """For tests of a check that must refuse before the server binds: should the check let the
+    run through, ParameterServer.serve() fails the test at once.  Their ``--bind`` names a port
+    no server holds (tcp://127.0.0.1:1), which root may bind: without this, a broken check left
+    the in-process server serving there until pytest's timeout."""
+    from server.server import ParameterServer
+
+    def fail(self):
+        pytest.fail("the server passed its checks and began serving: the check under test did not refuse")
+    monkeypatch.setattr(ParameterServer, "serve", fail)

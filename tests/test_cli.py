@@ -134,7 +134,7 @@ def test_integer_flags_take_their_largest_values():
     assert build_parser().parse_args(["train", "--seed", "1732700000"]).seed == 1732700000
 
 
-def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys):
+def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys, server_must_not_serve):
     assert main(["server", "--wait-for-workers", "5", "--max-workers", "2", "--bind", "tcp://127.0.0.1:1",
                  "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err

@@ -78,7 +78,8 @@ UNSENDABLE = [
 
 @pytest.mark.parametrize("spec,needle", UNSENDABLE, ids=["arrays", "header", "name"])
 def test_a_model_the_protocol_cannot_carry_is_refused_before_anything_starts(spec, needle, tmp_path, monkeypatch,
-                                                                            mnist_file_names, capsys):
+                                                                            mnist_file_names, capsys,
+                                                                            server_must_not_serve):
     out = tmp_path / "run"
     proc = cli("run", "--model", spec, "--out", out, "--no-progress", "--workers", "1", timeout=120,
                env={"MNIST_DIR": mnist_file_names})
