@@ -61,29 +61,53 @@ def sh(*cmd: str, timeout: float = 20) -> str:
     return proc.stdout
 
 
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # running, as another user
+        pass
+    return True
+
+
 class Hosts:
     """A server host and ``count`` trainer hosts, each on a cable of its own to the server's.
 
-    Names carry this process's id, so that parallel test runs do not collide;
-    :meth:`close` deletes the namespaces, and their cables with them.
+    Namespace names carry this process's id, so that parallel test runs do not
+    collide, and a run killed before its cleanup leaves names that say so:
+    :meth:`up` first deletes those (``PREFIX``, a pid no longer running), no
+    other.  Each cable is made with its ends already in their namespaces, so no
+    failure leaves one in the machine's own; :meth:`close` deletes the
+    namespaces, and their cables with them.
     """
 
+    PREFIX = "pscnn-test-"
+
     def __init__(self, count: int):
-        tag = os.getpid() % 100_000
-        self.server = f"pscnn{tag}srv"
-        self.trainers = [f"pscnn{tag}t{i}" for i in range(count)]
-        self.cables = [(f"ps{tag}s{i}", f"ps{tag}t{i}") for i in range(count)]   # (server end, trainer end)
+        self.server = f"{self.PREFIX}{os.getpid()}-srv"
+        self.trainers = [f"{self.PREFIX}{os.getpid()}-t{i}" for i in range(count)]
+        self.cables = [(f"to-t{i}", "to-srv") for i in range(count)]   # (server end, trainer end)
         self._made: list[str] = []
 
+    @classmethod
+    def delete_left_behind(cls) -> None:
+        """Delete the namespaces of earlier runs of these tests that were killed before their cleanup."""
+        for line in sh("ip", "netns", "list").splitlines():
+            ns = line.split()[0]                        # "NAME" or "NAME (id: N)"
+            owner = re.fullmatch(rf"{re.escape(cls.PREFIX)}(\d+)-(srv|t\d+)", ns)
+            if owner and not pid_running(int(owner[1])):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
     def up(self) -> None:
+        self.delete_left_behind()
         for ns in (self.server, *self.trainers):
             sh("ip", "netns", "add", ns)
             self._made.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         for i, (server_end, trainer_end) in enumerate(self.cables):
-            sh("ip", "link", "add", server_end, "type", "veth", "peer", "name", trainer_end)
-            sh("ip", "link", "set", server_end, "netns", self.server)
-            sh("ip", "link", "set", trainer_end, "netns", self.trainers[i])
+            sh("ip", "link", "add", server_end, "netns", self.server, "type", "veth",
+               "peer", "name", trainer_end, "netns", self.trainers[i])
             for ns, end, host in ((self.server, server_end, 1), (self.trainers[i], trainer_end, 2)):
                 sh("ip", "-n", ns, "addr", "add", f"10.213.{i + 1}.{host}/24", "dev", end)
                 sh("ip", "-n", ns, "link", "set", end, "up")
@@ -136,14 +160,18 @@ def connects(hosts: Hosts, port: int) -> bool:
         listener.stdout.close()
 
 
-@pytest.fixture
-def hosts():
-    """Two trainer hosts and the server's; skipped, saying why, where they cannot be made or cut."""
+def skip_without_namespaces() -> None:
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
             pytest.skip(f"no {tool} (Debian: apt-get install iproute2 iptables)")
+
+
+@pytest.fixture
+def hosts():
+    """Two trainer hosts and the server's; skipped, saying why, where they cannot be made or cut."""
+    skip_without_namespaces()
     h = Hosts(2)
     try:
         try:
@@ -160,6 +188,58 @@ def hosts():
         yield h
     finally:
         h.close()
+
+
+def host_links() -> set[str]:
+    """The names of the network interfaces in this machine's own namespace."""
+    return {line.split(":")[1].strip().split("@")[0] for line in sh("ip", "-o", "link").splitlines()}
+
+
+def test_a_cable_that_cannot_be_made_leaves_nothing_in_the_machines_own_namespace(monkeypatch):
+    """The trainer host already has an interface by the cable's trainer-end name, so the cable
+    cannot be made.  A cable made here and then moved left its unmoved end on this machine
+    for good (the cleanup deletes only the namespaces)."""
+    skip_without_namespaces()
+    h = Hosts(1)
+    cable = set(h.cables[0])
+    make = sh
+
+    def clash_then(*cmd, **kwargs):
+        if cmd[:3] == ("ip", "link", "add"):        # the cable: first, an interface by its end's name
+            make("ip", "-n", h.trainers[0], "link", "add", h.cables[0][1], "type", "veth", "peer", "name", "other")
+        return make(*cmd, **kwargs)
+    monkeypatch.setattr(sys.modules[__name__], "sh", clash_then)
+    try:
+        with pytest.raises(CommandFailed):
+            h.up()
+        left = host_links() & cable
+        assert not left, f"left on this machine: {left}"
+    finally:
+        h.close()
+        for end in host_links() & cable:
+            subprocess.run(["ip", "link", "del", end], capture_output=True, timeout=20)
+
+
+def test_namespaces_a_killed_run_left_behind_are_deleted_and_no_others():
+    skip_without_namespaces()
+    ended = subprocess.Popen(["true"])
+    ended.wait(10)                                  # a pid no longer running, as a killed run's
+    left_behind = [f"{Hosts.PREFIX}{ended.pid}-srv", f"{Hosts.PREFIX}{ended.pid}-t0"]
+    kept = [f"{Hosts.PREFIX}{os.getppid()}-t0",          # its run is running
+            f"{Hosts.PREFIX}{ended.pid}-bridge",          # not a name these tests make
+            f"other-project-{ended.pid}-srv"]
+    for ns in (*left_behind, *kept):
+        sh("ip", "netns", "add", ns)
+    h = Hosts(1)
+    try:
+        h.up()
+        present = {line.split()[0] for line in sh("ip", "netns", "list").splitlines()}
+        assert not present & set(left_behind), present
+        assert set(kept) <= present, present
+    finally:
+        h.close()
+        for ns in (*left_behind, *kept):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
 def applied_steps(out) -> list[dict]:
