@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import exit_error_line
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -472,16 +474,6 @@ def bench_fails(*argv, timeout=120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def assert_one_line_error(proc, code: int, needle: str) -> str:
-    err = proc.stderr.strip()
-    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{err[-2000:]}"
-    assert "Traceback" not in proc.stderr, err
-    last = err.splitlines()[-1]
-    assert last.startswith("pscnn bench ") and ": error: " in last, err
-    assert needle in last, err
-    return last
-
-
 @pytest.mark.parametrize("argv, needle", [
     (["server", "--model", "bogus"], "unknown model preset 'bogus'"),
     (["scaling", "--model", "bogus"], "unknown model preset 'bogus'"),
@@ -499,8 +491,7 @@ def test_what_a_server_or_worker_would_refuse_is_one_line_before_anything_starts
     out = tmp_path / "out"
     bench_name, rest = argv[0], argv[1:]
     proc = bench_fails(bench_name, *TINY[bench_name], *rest, "--out", str(out), timeout=180)
-    assert_one_line_error(proc, 2, needle)
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    exit_error_line(proc, 2, needle, starts="pscnn bench ", alone=True)
     assert not out.exists()             # nothing ran, nothing written
 
 
@@ -540,7 +531,7 @@ def test_bench_out_takes_the_main_clis_path_checks(tmp_path, monkeypatch, capsys
     afile = tmp_path / "afile"
     afile.write_text("keep me\n")
     proc = bench_fails("scaling", *TINY["scaling"], "--out", str(afile))
-    assert_one_line_error(proc, 2, f"--out {afile} is a file, not a folder")
+    exit_error_line(proc, 2, f"--out {afile} is a file, not a folder", starts="pscnn bench ")
     assert afile.read_text() == "keep me\n"
 
 
@@ -838,7 +829,7 @@ def test_tta_whose_workers_all_fail_stops_at_once_in_one_line(tmp_path, mnist_di
         (bad / name).write_bytes((Path(mnist_dir) / name).read_bytes())
     out = tmp_path / "tta"
     proc = bench_fails("time-to-accuracy", *TINY["time-to-accuracy"], "--mnist-dir", str(bad), "--out", str(out))
-    last = assert_one_line_error(proc, 1, "every worker (1) failed; worker-0 exited with 1: ")
+    last = exit_error_line(proc, 1, "every worker (1) failed; worker-0 exited with 1: ", starts="pscnn bench ")
     assert "train-" in last and f"logs in {out}" in last, last
     (row,) = json.loads((out / "time_to_accuracy.json").read_text())["rows"]
     assert not row["reached"] and "worker-0 exited with 1" in row["error"]

@@ -7,6 +7,7 @@ import pytest
 
 from pscnn.cli import (DEFAULT_LR, ENV_PREFIX, apply_env_defaults, build_parser, flag_variables, main, optimizer_config,
                        parse_args)
+from helpers import error_line
 
 
 def config(argv, environ=None):
@@ -76,15 +77,6 @@ def test_variables_reach_only_the_command_being_run(capsys, monkeypatch):
     assert "PSCNN_OPTIMIZER='auto': expected one of sgd" in capsys.readouterr().err
 
 
-def error_line(err: str) -> str:
-    """The one error line that ends ``err`` (argparse's usage lines may stand above it), checked
-    to be the only line that says error: a needle found elsewhere in stderr does not count."""
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err and lines, err
-    assert [line for line in lines if ": error: " in line] == lines[-1:], err
-    return lines[-1]
-
-
 @pytest.mark.parametrize("argv,needle", [
     (["server", "--bind", "garbage"], ("argument --bind: expected tcp://HOST:PORT (e.g. tcp://*:5555) or ipc://PATH, "
                                        "got 'garbage'")),
@@ -121,9 +113,8 @@ def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    line = error_line(capsys.readouterr().err)
-    assert line.startswith(f"pscnn {' '.join(argv[:2] if argv[0] == 'bench' else argv[:1])}: error: "), line
-    assert needle in line, line
+    error_line(capsys.readouterr().err, needle,
+               starts=f"pscnn {' '.join(argv[:2] if argv[0] == 'bench' else argv[:1])}: error: ")
 
 
 def test_integer_flags_take_their_largest_values():
@@ -137,8 +128,7 @@ def test_integer_flags_take_their_largest_values():
 def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys, server_must_not_serve):
     assert main(["server", "--wait-for-workers", "5", "--max-workers", "2", "--bind", "tcp://127.0.0.1:1",
                  "--out", str(tmp_path / "run")]) == 1
-    err = capsys.readouterr().err
-    assert "--wait-for-workers 5 exceeds --max-workers 2" in err and "Traceback" not in err
+    error_line(capsys.readouterr().err, "--wait-for-workers 5 exceeds --max-workers 2", alone=True)
 
 
 def test_run_resume_without_a_checkpoint_fails_before_starting_anything(tmp_path, capsys, mnist_file_names):
@@ -166,10 +156,7 @@ def test_good_endpoints_pass_unchanged(argv):
 def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, capsys, monkeypatch):
     monkeypatch.setenv(key, value)
     assert main(["server" if key == "PSCNN_BIND" else "run"]) == 2
-    err = capsys.readouterr().err
-    line = error_line(err)
-    assert err.strip() == line and line.startswith("pscnn: error: "), err
-    assert needle in line, line
+    error_line(capsys.readouterr().err, needle, alone=True)
 
 
 # ------------------------------------------------------------------ the documentation's command lines

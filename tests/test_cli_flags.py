@@ -37,6 +37,7 @@ from pscnn.cli import (
     positive_float,
     resolve_auto_schedule,
 )
+from helpers import exit_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,14 +48,6 @@ def cli(*argv, timeout: float = 60, env: dict | None = None) -> subprocess.Compl
     base["PYTHONPATH"] = str(ROOT) + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
     return subprocess.run([sys.executable, "-m", "pscnn.cli", *map(str, argv)], cwd=ROOT, capture_output=True,
                           check=False, text=True, timeout=timeout, env={**base, **(env or {})})
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int, needle: str) -> None:
-    err = proc.stderr.strip()
-    assert proc.returncode == code, err[-3000:]
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err[-3000:]
-    assert needle in err, err
-
 
 
 # ----------------------------------------------------------------- A: one CliError, run checks first
@@ -83,7 +76,8 @@ def test_a_model_the_protocol_cannot_carry_is_refused_before_anything_starts(spe
     out = tmp_path / "run"
     proc = cli("run", "--model", spec, "--out", out, "--no-progress", "--workers", "1", timeout=120,
                env={"MNIST_DIR": mnist_file_names})
-    one_line_error(proc, 1, "pscnn: error: model spec: the server could not send this model to its workers: ")
+    exit_error_line(proc, 1, "pscnn: error: model spec: the server could not send this model to its workers: ",
+                    alone=True)
     assert needle in proc.stderr and not out.exists()
     monkeypatch.delenv("MNIST_DIR")         # the server would read the test set first (to score at the end)
     assert main(["server", "--model", spec, "--out", str(out), "--bind", "tcp://127.0.0.1:1"]) == 1
@@ -94,7 +88,7 @@ def test_a_child_started_as_python_m_reports_a_bad_flag_in_one_line(tmp_path):
     # `python -m pscnn.cli` is __main__; the server imports pscnn.cli: two CliError classes before the fix
     proc = cli("server", "--schedule", "{bad", "--bind", f"tcp://127.0.0.1:{launcher.free_port()}",
                "--out", tmp_path / "run")
-    one_line_error(proc, 2, "pscnn: error: --schedule is not valid JSON")
+    exit_error_line(proc, 2, "pscnn: error: --schedule is not valid JSON", alone=True)
 
 
 @pytest.mark.parametrize("flags,code,needle", [
@@ -118,7 +112,7 @@ def test_pscnn_run_checks_model_schedule_and_optimizer_before_starting_anything(
             main(["run", *flags, "--out", str(out), "--no-progress"])
         return
     proc = cli("run", *flags, "--out", out, "--no-progress", timeout=120)
-    one_line_error(proc, code, needle)
+    exit_error_line(proc, code, needle, alone=True)
     assert not out.exists()              # no server, workers or logs were started
 
 
@@ -565,7 +559,7 @@ def test_a_dropped_optimizer_flag_is_a_usage_error(tmp_path, capsys):
 def test_run_more_workers_than_max_workers_names_workers(tmp_path):
     out = tmp_path / "run"
     proc = cli("run", "--workers", "3", "--max-workers", "1", "--out", out, "--no-progress", timeout=120)
-    one_line_error(proc, 2, "--workers 3 exceeds --max-workers 1")
+    exit_error_line(proc, 2, "--workers 3 exceeds --max-workers 1", alone=True)
     assert "--wait-for-workers" not in proc.stderr and not out.exists()
 
 

@@ -37,6 +37,7 @@ from worker.client import (FAILURE_PAUSE_S, HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MA
                            MIN_RETRY_S, BadReply, Client,
                            ServerError, ServerUnreachable, TooManyFailures)
 from worker.trainer import Trainer
+from helpers import exit_error_line
 from test_server_robustness import start_serving
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,19 +227,6 @@ def pscnn(role: str, endpoint: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=90, env=child_env(), check=False)
 
 
-def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """The process exited 1 and its stderr ends with one ``pscnn: error:`` line holding each needle."""
-    tail = proc.stderr[-3000:]
-    assert proc.returncode == 1, tail
-    assert "Traceback" not in proc.stderr, tail
-    lines = proc.stderr.splitlines()
-    errors = [line for line in lines if line.startswith("pscnn: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], tail
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
 def clean_exit(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
@@ -259,7 +247,7 @@ def test_a_full_server_refuses_a_worker_with_one_line(tmp_path):
         assert P.decode(holder.recv_multipart()).type == P.WELCOME
 
         proc = pscnn("worker", cluster.endpoint)
-        one_error_line(proc, "refused our hello", "full: server full (1 ")
+        exit_error_line(proc, 1, "refused our hello", "full: server full (1 ")
     finally:
         holder.close(linger=0)
         cluster.close()
@@ -267,7 +255,7 @@ def test_a_full_server_refuses_a_worker_with_one_line(tmp_path):
 
 def test_a_hello_answered_with_a_task_is_one_line(fake):
     server = fake(hello=[task()])
-    one_error_line(pscnn("worker", server.endpoint), "answered our hello with 'task', not a welcome")
+    exit_error_line(pscnn("worker", server.endpoint), 1, "answered our hello with 'task', not a welcome")
 
 
 # ================================================================ 2: names whose client id cannot fit
@@ -332,7 +320,8 @@ def test_fewer_error_replies_in_a_row_are_survived(fake, connect, overlapped):
 
 def test_a_worker_answered_only_with_errors_exits_with_one_line(fake):
     server = fake(work=[error("boom", "no")] * MAX_FAILURES_IN_A_ROW + [SILENCE])
-    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "refused our work request: boom: no")
+    exit_error_line(pscnn("worker", server.endpoint), 1, "failed requests in a row",
+                    "refused our work request: boom: no")
     (bye,) = server.of_type(P.BYE)                      # its lease goes back at once, not after --peer-timeout
     assert bye.body["reason"] == "error"
 
@@ -421,7 +410,7 @@ def test_a_bad_task_is_skipped_and_logged(fake, connect, caplog, case, overlappe
 
 def test_a_worker_given_only_bad_tasks_exits_with_one_line(fake):
     server = fake(work=[task(batch=10**6)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
-    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "bad task", "batch 1000000")
+    exit_error_line(pscnn("worker", server.endpoint), 1, "failed requests in a row", "bad task", "batch 1000000")
 
 
 def test_a_reply_of_the_wrong_type_is_skipped(fake, connect):
@@ -469,7 +458,7 @@ def test_a_model_that_does_not_take_mnist_is_refused(mnist_dir):
 def test_a_bad_welcome_ends_the_cli_with_one_line(fake, role, mnist_file_names):
     run = {} if role == "worker" else {**RUN, "test_limit": "all"}
     server = fake(hello=[welcome(run=run)])
-    one_error_line(pscnn(role, server.endpoint), "welcome", "'seed'" if role == "worker" else "'test_limit'")
+    exit_error_line(pscnn(role, server.endpoint), 1, "welcome", "'seed'" if role == "worker" else "'test_limit'")
 
 
 # ================================================================ 8: heartbeat periods
@@ -494,7 +483,7 @@ def test_a_huge_heartbeat_period_does_not_crash_the_worker(fake):
 def test_an_evaluator_answered_with_no_weights_exits_with_one_line(fake, mnist_dir, reply, needle):
     server = fake(pull=[reply] * MAX_FAILURES_IN_A_ROW + [SILENCE])
     proc = pscnn("evaluator", server.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "100")
-    one_error_line(proc, "failed requests in a row", needle)
+    exit_error_line(proc, 1, "failed requests in a row", needle)
     assert len(server.of_type(P.PULL)) == MAX_FAILURES_IN_A_ROW
 
 
@@ -688,7 +677,7 @@ def test_a_missing_mnist_folder_fails_at_once_without_a_server(role, tmp_path):
     argv = [sys.executable, "-m", "pscnn.cli", role, "--server", "tcp://127.0.0.1:9", "--give-up-after", "60",
             "--mnist-dir", str(tmp_path / "absent")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=50, env=child_env(), check=False)
-    one_error_line(proc, str(tmp_path / "absent"), "does not exist")
+    exit_error_line(proc, 1, str(tmp_path / "absent"), "does not exist")
 
 
 @pytest.mark.parametrize("role", ["worker", "evaluator"])

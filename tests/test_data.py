@@ -24,6 +24,7 @@ import pytest
 
 from cnn_core import data
 from cnn_core.errors import ConfigError, DataError, ShapeError
+from helpers import one_line_naming
 
 REAL_MNIST = os.environ.get("MNIST_DIR")
 needs_real_mnist = pytest.mark.skipif(
@@ -54,13 +55,6 @@ def md5(b: bytes) -> str:
 def snapshot(folder: Path) -> dict:
     """Name -> (size, mtime_ns, mode) of every entry: any write shows up."""
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode) for p in folder.iterdir()}
-
-
-def assert_one_line_naming(exc_info, path) -> str:
-    msg = str(exc_info.value)
-    assert str(path) in msg, msg
-    assert "\n" not in msg
-    return msg
 
 
 @pytest.fixture(autouse=True)
@@ -233,7 +227,7 @@ def test_real_file_checksum_mismatch_names_file():
     path = Path(REAL_MNIST) / data.MNIST_FILES["test-labels"]["filename"]
     with pytest.raises(DataError, match="checksum mismatch") as exc:
         data.read_idx(path, expected_md5="0" * 32)
-    assert_one_line_naming(exc, path)
+    one_line_naming(exc.value, path)
 
 
 @needs_real_mnist
@@ -296,7 +290,7 @@ def test_read_idx_rejects_malformed_files(tmp_path, case, compress):
     path.write_bytes(gzip.compress(content) if compress else content)
     with pytest.raises(DataError) as exc:
         data.read_idx(path)
-    assert expected in assert_one_line_naming(exc, path)
+    assert expected in one_line_naming(exc.value, path)
 
 
 @pytest.mark.parametrize("mangle", [
@@ -309,7 +303,7 @@ def test_read_idx_rejects_corrupt_gzip(tmp_path, mangle):
     path.write_bytes(mangle(gzip.compress(GOOD)))
     with pytest.raises(DataError, match="corrupt or truncated gzip") as exc:
         data.read_idx(path)
-    assert_one_line_naming(exc, path)
+    one_line_naming(exc.value, path)
 
 
 def test_read_idx_checksum_and_count(tmp_path):
@@ -317,10 +311,10 @@ def test_read_idx_checksum_and_count(tmp_path):
     path.write_bytes(GOOD)
     with pytest.raises(DataError, match=f"md5 of the decompressed content is {md5(GOOD)}") as exc:
         data.read_idx(path, expected_md5="f" * 32)
-    assert_one_line_naming(exc, path)
+    one_line_naming(exc.value, path)
     with pytest.raises(DataError, match="holds 3 items, expected 60000") as exc:
         data.read_idx(path, expected_count=60000)
-    assert_one_line_naming(exc, path)
+    one_line_naming(exc.value, path)
     # md5 of the gzip wrapper is not what is checked: the decompressed bytes are.
     path.write_bytes(gzip.compress(GOOD))
     data.read_idx(path, expected_md5=md5(GOOD).upper())
@@ -330,10 +324,10 @@ def test_read_idx_missing_file_and_directory(tmp_path):
     missing = tmp_path / "nope-idx1-ubyte.gz"
     with pytest.raises(DataError, match="file not found") as exc:
         data.read_idx(missing)
-    assert_one_line_naming(exc, missing)
+    one_line_naming(exc.value, missing)
     with pytest.raises(DataError, match="is a directory") as exc:
         data.read_idx(tmp_path)
-    assert_one_line_naming(exc, tmp_path)
+    one_line_naming(exc.value, tmp_path)
 
 
 def test_gzip_bomb_is_rejected_without_decompressing_it(tiny_mnist):
@@ -355,7 +349,7 @@ def test_gzip_bomb_is_rejected_without_decompressing_it(tiny_mnist):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert_one_line_naming(exc, path)
+    one_line_naming(exc.value, path)
     assert peak < 16 << 20, f"{peak} bytes allocated to reject a bomb"
 
 
@@ -427,7 +421,7 @@ def test_load_mnist_rejects_out_of_range_labels(tiny_mnist, monkeypatch):
     monkeypatch.setitem(data.MNIST_FILES["test-labels"], "md5", md5(bad))
     with pytest.raises(DataError, match="label 10 outside 0..9") as exc:
         data.load_mnist("test", mnist_dir=folder)
-    assert_one_line_naming(exc, path)
+    one_line_naming(exc.value, path)
 
 
 def _labels_carrying_images_magic(folder: Path, split: str) -> Path:
@@ -443,7 +437,7 @@ def test_mnist_file_of_the_wrong_kind_is_named_before_its_sizes(tiny_mnist):
     path = _labels_carrying_images_magic(folder, "test")
     with pytest.raises(DataError) as exc:
         data.load_mnist("test", mnist_dir=folder)
-    msg = assert_one_line_naming(exc, path)
+    msg = one_line_naming(exc.value, path)
     assert msg.endswith("magic 0x00000803 is an images file, expected labels (0x00000801)"), msg
     assert "truncated" not in msg
 
@@ -452,7 +446,7 @@ def test_mnist_file_of_the_wrong_kind_is_named_before_its_sizes(tiny_mnist):
                      + arrays["test-labels"].astype(">f4").tobytes()[:7])
     with pytest.raises(DataError) as exc:
         data.load_mnist("test", mnist_dir=folder)
-    assert assert_one_line_naming(exc, path).endswith(
+    assert one_line_naming(exc.value, path).endswith(
         "magic 0x00000d01 is a float32 IDX file with 1 dimension, expected labels (0x00000801)")
 
     # And labels where the images belong.
@@ -460,7 +454,7 @@ def test_mnist_file_of_the_wrong_kind_is_named_before_its_sizes(tiny_mnist):
     images.write_bytes((folder / data.MNIST_FILES["train-labels"]["filename"]).read_bytes())
     with pytest.raises(DataError) as exc:
         data.load_mnist("train", mnist_dir=folder)
-    assert assert_one_line_naming(exc, images).endswith(
+    assert one_line_naming(exc.value, images).endswith(
         "magic 0x00000801 is a labels file, expected images (0x00000803)")
 
 
@@ -471,13 +465,13 @@ def test_mnist_file_dimensions_checked_before_sizes(tiny_mnist):
     path.write_bytes(gzip.compress(idx_bytes(np.zeros((5, 28, 27), dtype=np.uint8))[:100]))
     with pytest.raises(DataError) as exc:
         data.load_mnist("test", mnist_dir=folder)
-    msg = assert_one_line_naming(exc, path)
+    msg = one_line_naming(exc.value, path)
     assert "items of shape 28x27, expected 28x28 items" in msg and "truncated" not in msg, msg
     # A count other than the release's, cut short: the count is what is wrong.
     path.write_bytes(gzip.compress(idx_bytes(np.zeros((60000, 28, 28), dtype=np.uint8))[:5000]))
     with pytest.raises(DataError) as exc:
         data.load_mnist("test", mnist_dir=folder)
-    assert assert_one_line_naming(exc, path).endswith("holds 60000 items, expected 5")
+    assert one_line_naming(exc.value, path).endswith("holds 60000 items, expected 5")
 
 
 def test_read_idx_expected_magic_and_item_shape(tmp_path):
@@ -498,7 +492,7 @@ def test_mnist_file_that_is_a_directory_is_named_as_one(tiny_mnist, monkeypatch,
     path.mkdir()
     with pytest.raises(DataError) as exc:
         data.load_mnist("test", mnist_dir=folder)
-    msg = assert_one_line_naming(exc, path)
+    msg = one_line_naming(exc.value, path)
     assert "is a directory" in msg and "lacks" not in msg, msg
     # With its decompressed twin there, a file, that is read: the directory is no problem then.
     (folder / "t10k-images-idx3-ubyte").write_bytes(raw["test-images"])
@@ -534,7 +528,7 @@ def test_mnist_dir_read_only_never_written(tiny_mnist, monkeypatch, isolated_env
         monkeypatch.setitem(data.MNIST_FILES["test-images"], "md5", "0" * 32)
         with pytest.raises(DataError, match="checksum mismatch") as exc:
             data.load_mnist("test")
-        assert_one_line_naming(exc, folder / "t10k-images-idx3-ubyte.gz")
+        one_line_naming(exc.value, folder / "t10k-images-idx3-ubyte.gz")
         # Root (CI) ignores the permission bits, so compare contents and times
         # instead of relying on a PermissionError.
         assert snapshot(folder) == before
@@ -549,13 +543,13 @@ def test_mnist_dir_missing_file_names_folder_and_file(tiny_mnist, monkeypatch, n
     monkeypatch.setenv("MNIST_DIR", str(folder))
     with pytest.raises(DataError, match="lacks train-labels-idx1-ubyte.gz") as exc:
         data.load_mnist("train")
-    msg = assert_one_line_naming(exc, folder)
+    msg = one_line_naming(exc.value, folder)
     assert "MNIST_DIR" in msg
     data.load_mnist("test")  # the other split is complete and still loads
     monkeypatch.setenv("MNIST_DIR", str(folder / "absent"))
     with pytest.raises(DataError, match="does not exist") as exc:
         data.resolve_mnist_dir()
-    assert_one_line_naming(exc, folder / "absent")
+    one_line_naming(exc.value, folder / "absent")
     # given explicitly (--mnist-dir): no internal argument name in the message
     with pytest.raises(DataError) as exc:
         data.resolve_mnist_dir(folder / "gone")
@@ -571,7 +565,7 @@ def test_explicit_dir_beats_env_beats_cache(tiny_mnist, monkeypatch, isolated_en
     monkeypatch.delenv("MNIST_DIR")
     with pytest.raises(DataError, match="MNIST cache lacks .*download=False") as exc:
         data.resolve_mnist_dir(download=False)
-    assert_one_line_naming(exc, isolated_env)
+    one_line_naming(exc.value, isolated_env)
 
 
 def test_default_cache_dir_precedence(monkeypatch, tmp_path):
@@ -620,7 +614,7 @@ def test_download_bad_checksum_leaves_nothing(server, payload, tmp_path):
     dest = tmp_path / "f.gz"
     with pytest.raises(DataError, match="checksum mismatch") as exc:
         fetch(server.url("/f.gz"), dest, "0" * 32, retries=3)
-    msg = assert_one_line_naming(exc, dest)
+    msg = one_line_naming(exc.value, dest)
     assert server.url("/f.gz") in msg
     assert server.hits["/f.gz"] == 1, "a wrong checksum is not retried: the mirror serves other bytes"
     assert os.listdir(tmp_path) == []
@@ -701,7 +695,7 @@ def test_a_mirror_trickling_under_the_low_speed_limit_is_given_up(server, payloa
     dest = tmp_path / "f.gz"
     with pytest.raises(DataError, match=r"transfer too slow: \d+ bytes in [\d.]+ s") as exc:
         fetch(server.url("/slow.gz"), dest, digest, retries=0, timeout=0.5)
-    assert_one_line_naming(exc, dest)
+    one_line_naming(exc.value, dest)
     assert os.listdir(tmp_path) == []
     # A slow mirror is a transient failure: the next round tries it again.
     server.route("/slow-then-fast.gz", (200, body[:200], len(body), 0.02), (200, body))
@@ -736,7 +730,7 @@ def test_download_gives_up_after_retries(server, payload, tmp_path):
     dest = tmp_path / "f.gz"
     with pytest.raises(DataError, match="download failed from every mirror") as exc:
         fetch([server.url("/f.gz"), dead, server.url("/gone.gz")], dest, digest, retries=2)
-    msg = assert_one_line_naming(exc, dest)
+    msg = one_line_naming(exc.value, dest)
     assert "HTTP 503" in msg and "HTTP 404" in msg and dead in msg
     assert server.hits["/f.gz"] == 3  # 1 + retries rounds
     assert server.hits["/gone.gz"] == 1  # a 404 is not retried
@@ -749,7 +743,7 @@ def test_download_hopeless_urls_are_not_retried(tmp_path, monkeypatch):
     with pytest.raises(DataError) as exc:
         fetch(["nope://host/f.gz", (tmp_path / "absent.gz").as_uri(), "no-scheme/f.gz", "http://[::1/f.gz"],
               tmp_path / "f.gz", "0" * 32, retries=3)
-    msg = assert_one_line_naming(exc, tmp_path / "f.gz")
+    msg = one_line_naming(exc.value, tmp_path / "f.gz")
     assert "unknown url type" in msg and "file not found" in msg
     assert "ValueError: unknown url type: 'no-scheme/f.gz'" in msg and "ValueError: Invalid IPv6 URL" in msg
     assert sleeps == []
@@ -807,7 +801,7 @@ def test_download_into_a_read_only_file_system_is_one_error(server, payload, tmp
     dest = tmp_path / "f.gz"
     with pytest.raises(DataError, match="cannot create temporary file: Read-only file system") as exc:
         fetch(server.url("/f.gz"), dest, digest)
-    assert_one_line_naming(exc, tmp_path)
+    one_line_naming(exc.value, tmp_path)
     assert server.hits["/f.gz"] == 0
 
 
@@ -820,7 +814,7 @@ def test_download_onto_a_directory_is_one_error(mnist_mirror, tmp_path):
     (blocker / "sub").mkdir(parents=True)
     with pytest.raises(DataError, match="cannot put the download in place: Is a directory") as exc:
         data.download_mnist(cache, mirrors=server.url("/mnist/"), progress=False, files=["test-labels"])
-    assert_one_line_naming(exc, blocker)
+    one_line_naming(exc.value, blocker)
     assert os.listdir(cache) == [blocker.name] and os.listdir(blocker) == ["sub"]  # no temp file left
 
 
@@ -849,7 +843,7 @@ def test_a_mirror_sending_more_than_the_file_can_be_is_cut_off_and_dropped(mnist
     with pytest.raises(DataError, match=message) as exc:
         data.download_mnist(cache, mirrors=server.url("/mnist/"), progress=False, files=["test-labels"],
                             retries=1, backoff=0.01)
-    assert_one_line_naming(exc, cache / name)
+    one_line_naming(exc.value, cache / name)
     assert server.hits[f"/mnist/{name}"] == 1, "such a mirror is not asked again"
     assert os.listdir(cache) == []
 

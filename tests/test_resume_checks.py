@@ -42,6 +42,7 @@ from pscnn import protocol as P
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
 from server.server import ParameterServer
+from helpers import error_line
 from test_server_robustness import Raw, grads_like, push_body, start_serving
 
 pytestmark = pytest.mark.timeout(300)
@@ -206,10 +207,7 @@ def server_cli(monkeypatch, capsys, caplog):
 def refused(result, *needles: str) -> str:
     code, lines, srv = result
     assert code == 1 and srv is None, f"accepted (exit {code}): {lines}"
-    assert len(lines) == 1 and lines[0].startswith("pscnn: error: --resume: "), lines
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
+    return error_line("\n".join(lines), *needles, starts="pscnn: error: --resume: ", alone=True)
 
 
 def warnings(caplog) -> list[str]:

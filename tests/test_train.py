@@ -38,6 +38,7 @@ from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
 from cnn_core import training
 from cnn_core.training import DivergenceError, default_config, format_report, train
+from helpers import exit_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = os.environ.get("MNIST_DIR")
@@ -80,17 +81,6 @@ def clean_env(**extra) -> dict:
 def pscnn_train(args, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pscnn.cli", "train", *args], cwd=REPO, env=env or clean_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc, status: int, *fragments: str) -> str:
-    """Exit ``status``, no traceback, and the last stderr line is the error naming ``fragments``."""
-    assert proc.returncode == status, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("pscnn: error:") or line.startswith("pscnn train: error:"), proc.stderr
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
 
 
 # --------------------------------------------------------------------------- the accuracy run
@@ -232,8 +222,7 @@ def test_missing_mnist_files_one_line_error(tmp_path):
     empty.mkdir()
     out = tmp_path / "run"
     proc = pscnn_train(["--out", str(out)], env=clean_env(MNIST_DIR=str(empty)))
-    assert_one_line_error(proc, 1, str(empty), "train-images-idx3-ubyte.gz", "MNIST_DIR")
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    exit_error_line(proc, 1, str(empty), "train-images-idx3-ubyte.gz", "MNIST_DIR", alone=True)
     assert not out.exists(), "a failed start must not leave a run folder"
 
 
@@ -245,8 +234,7 @@ def test_missing_mnist_files_one_line_error(tmp_path):
 def test_bad_model_one_line_error(tmp_path, model, fragment):
     proc = pscnn_train(["--model", model, "--out", str(tmp_path / "run")],
                        env=clean_env(MNIST_DIR=str(tmp_path)))            # never reached
-    assert_one_line_error(proc, 1, fragment)
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    exit_error_line(proc, 1, fragment, alone=True)
 
 
 @pytest.mark.parametrize("args, env, fragments", [
@@ -288,7 +276,7 @@ def test_a_model_spec_file_trains_and_its_spec_is_recorded(tmp_path):
 def test_bad_schedule_one_line_error(tmp_path):
     proc = pscnn_train(["--schedule", "sometimes", "--train-limit", "64", "--out", str(tmp_path / "run")],
                        env=clean_env(MNIST_DIR=REAL_MNIST))
-    assert_one_line_error(proc, 1, "unknown schedule 'sometimes'")
+    exit_error_line(proc, 1, "unknown schedule 'sometimes'")
     assert not (tmp_path / "run").exists()
 
 
@@ -297,7 +285,7 @@ def test_gpu_without_cupy_one_line_error(tmp_path):
     if gpu_available():
         pytest.skip("a GPU is available here")
     proc = pscnn_train(["--device", "gpu", "--out", str(tmp_path / "run")], env=clean_env(MNIST_DIR=str(tmp_path)))
-    assert_one_line_error(proc, 1, "device 'gpu'", "CuPy")
+    exit_error_line(proc, 1, "device 'gpu'", "CuPy")
 
 
 # --------------------------------------------------------------------------- the library function
@@ -454,8 +442,8 @@ def test_divergence_on_the_only_update_is_a_one_line_error(tmp_path, flags):
     out = tmp_path / "run"
     proc = pscnn_train(["--model", "light", "--train-limit", "64", "--test-limit", "64", "--threads", "1",
                         "--no-progress", *flags, "--out", str(out)], env=clean_env(MNIST_DIR=REAL_MNIST))
-    line = assert_one_line_error(proc, 1, "training diverged by update 1 (epoch 1): the test loss is nan",
-                                 "lower the")
+    line = exit_error_line(proc, 1, "training diverged by update 1 (epoch 1): the test loss is nan",
+                           "lower the")
     assert "RuntimeWarning" not in proc.stderr and proc.stdout == ""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged" and line.endswith(summary["error"])
@@ -502,7 +490,7 @@ def test_model_output_width_must_be_the_number_of_classes(tmp_path):
     assert not (tmp_path / "run").exists()
     proc = pscnn_train(["--model", json.dumps(spec), "--out", str(tmp_path / "run")],
                        env=clean_env(MNIST_DIR=str(tmp_path)))
-    assert_one_line_error(proc, 1, "outputs 5 values", "10 classes")
+    exit_error_line(proc, 1, "outputs 5 values", "10 classes")
     # The input side too: 32x32 images are not what MNIST holds.
     spec = {"input_shape": [1, 32, 32], "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}
     with pytest.raises(SpecError, match=r"input_shape is \[1, 32, 32\], but MNIST images are \[1, 28, 28\]"):
@@ -519,8 +507,7 @@ def test_model_output_width_must_be_the_number_of_classes(tmp_path):
 def test_reviewed_bad_specs_are_one_line_errors(tmp_path, layers, fragment):
     spec = json.dumps({"input_shape": [1, 28, 28], "layers": layers})
     proc = pscnn_train(["--model", spec, "--out", str(tmp_path / "run")], env=clean_env(MNIST_DIR=str(tmp_path)))
-    assert_one_line_error(proc, 1, fragment)
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    exit_error_line(proc, 1, fragment, alone=True)
 
 
 def test_config_errors_leave_nothing_behind(tmp_path):
@@ -572,7 +559,7 @@ def test_unwritable_run_folder_is_a_one_line_error(tmp_path):
     blocker.write_text("not a folder")
     proc = pscnn_train(["--model", "light", "--train-limit", "64", "--out", str(blocker / "run")],
                        env=clean_env(MNIST_DIR=REAL_MNIST))
-    assert_one_line_error(proc, 1, str(blocker / "run"), "cannot write")
+    exit_error_line(proc, 1, str(blocker / "run"), "cannot write")
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP"])

@@ -29,8 +29,9 @@ from cnn_core.model import build_model
 from pscnn import protocol as P
 from pscnn.launcher import child_env
 import test_client_replies
-from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, error,
-                                 one_error_line, pscnn, run_loop, task, trainer_on, wait, welcome)
+from helpers import exit_error_line
+from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, error, pscnn,
+                                 run_loop, task, trainer_on, wait, welcome)
 from worker import evaluator as evaluator_module
 from worker.client import BadReply, TooManyFailures
 from worker.evaluator import FinalReportRefused, run_evaluator
@@ -124,7 +125,7 @@ def test_a_push_the_server_accepts_clears_the_refused_ones(fake, connect, overla
 
 def test_a_worker_whose_pushes_are_all_refused_exits_with_one_line(fake):
     server = fake(work=[task()] * (4 * MAX_FAILURES_IN_A_ROW) + [SILENCE], push=[error("bad_push", "refused")])
-    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "bad_push: refused")
+    exit_error_line(pscnn("worker", server.endpoint), 1, "failed requests in a row", "bad_push: refused")
 
 
 # ================================================================ 2: weights that must not be trained on
@@ -262,7 +263,7 @@ def test_a_trainer_that_rejoins_takes_the_new_servers_run(fake, connect, overlap
 
 def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):
     server = fake(work=[task(held_s=-5.0)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
-    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "held_s -5.0 < 0")
+    exit_error_line(pscnn("worker", server.endpoint), 1, "failed requests in a row", "held_s -5.0 < 0")
 
 
 # ================================================================ 4: weights of names or shapes the model lacks
@@ -287,8 +288,8 @@ def test_a_task_with_weights_the_model_lacks_is_a_bad_reply(fake, connect, caplo
 
 def test_a_worker_sent_only_weights_the_model_lacks_exits_with_one_line(fake):
     server = fake(work=[task_with(WRONG["name"][0])] * MAX_FAILURES_IN_A_ROW + [SILENCE])
-    one_error_line(pscnn("worker", server.endpoint), "failed requests in a row", "the server sent a task",
-                   "'nope.weight'")
+    exit_error_line(pscnn("worker", server.endpoint), 1, "failed requests in a row", "the server sent a task",
+                    "'nope.weight'")
 
 
 @pytest.mark.parametrize("case", WRONG)
@@ -410,7 +411,7 @@ def test_a_refused_periodic_report_is_a_warning(fake, evaluator, caplog):
 def test_the_cli_evaluator_whose_final_report_is_refused_exits_1_with_one_line(fake, mnist_dir):
     server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[error("bad_report", "refused")])
     proc = pscnn("evaluator", server.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "100")
-    one_error_line(proc, "final evaluation (version 3) was not recorded", "bad_report: refused")
+    exit_error_line(proc, 1, "final evaluation (version 3) was not recorded", "bad_report: refused")
 
 
 def test_the_evaluators_flags_reach_it(monkeypatch):

@@ -1,0 +1,44 @@
+"""Assertions the test modules share: an error as the user sees it, one line naming the problem.
+
+A module, not conftest.py: conftest holds fixtures, and pytest does not mean it to be imported.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+
+def one_line_naming(message, *needles) -> str:
+    """``message`` (a string, or an exception: its str()) is one line that holds each needle (str()
+    of each: a path will do).  Returns it."""
+    message = str(message)
+    assert message and "\n" not in message, message
+    for needle in map(str, needles):
+        assert needle in message, f"{needle!r} not in {message!r}"
+    return message
+
+
+# A line in which pscnn reports an error: "pscnn: error: ", or argparse's "pscnn COMMAND: error: ".  Not
+# a line that quotes one (pscnn bench's progress line on a run whose worker failed).
+REPORTS_AN_ERROR = re.compile(r"pscnn( [\w-]+)*: error: ")
+
+
+def error_line(stderr: str, *needles, starts: str = "pscnn: error: ", alone: bool = False) -> str:
+    """The error line that ends ``stderr``, checked: no traceback, no other line reports an error
+    (argparse's usage lines, a log or progress may stand above it; with ``alone``, nothing may), it
+    starts with ``starts`` and holds each needle.  Returns it."""
+    tail = stderr[-3000:]
+    assert "Traceback" not in stderr, tail
+    lines = stderr.strip().splitlines()
+    assert lines and [line for line in lines if REPORTS_AN_ERROR.match(line)] == lines[-1:], tail
+    assert len(lines) == 1 or not alone, tail
+    assert lines[-1].startswith(starts), tail
+    return one_line_naming(lines[-1], *needles)
+
+
+def exit_error_line(proc: subprocess.CompletedProcess, code: int, *needles, **how) -> str:
+    """``proc`` exited ``code``, and its stderr ends with the error line (:func:`error_line`, ``how`` its
+    keywords).  Returns the line."""
+    assert proc.returncode == code, \
+        f"exit {proc.returncode}, expected {code}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return error_line(proc.stderr, *needles, **how)
