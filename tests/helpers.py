@@ -1,11 +1,15 @@
-"""Assertions the test modules share: an error as the user sees it, one line naming the problem.
+"""What the test modules share: an error as the user sees it, one line naming the problem; a
+process interrupted with Ctrl-C at the right moment.
 
 A module, not conftest.py: conftest holds fixtures, and pytest does not mean it to be imported.
 """
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
+
+from pscnn.launcher import wait_for
 
 
 def one_line_naming(message, *needles) -> str:
@@ -42,3 +46,16 @@ def exit_error_line(proc: subprocess.CompletedProcess, code: int, *needles, **ho
     assert proc.returncode == code, \
         f"exit {proc.returncode}, expected {code}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return error_line(proc.stderr, *needles, **how)
+
+
+def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str) -> str:
+    """Ctrl-C (SIGINT) on ``proc`` once ``predicate()`` holds; its stderr.  Killed if anything fails."""
+    try:
+        wait_for(predicate, timeout, what, interval=0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return err

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import exit_error_line
+from helpers import exit_error_line, interrupt_when
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -402,23 +402,14 @@ def test_engine_benchmark_batches_stop_at_mnists_sizes(argv, needle):
 
 def test_engine_benchmark_interrupted_says_so_in_one_line():
     """Ctrl-C during `make bench` ended in a KeyboardInterrupt traceback."""
-    import signal
-    import time
     proc = subprocess.Popen([sys.executable, "benchmarks/bench_engine.py", "--trials", "1000", "--no-torch"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        seen, char = "", "?"
-        deadline = time.monotonic() + 120
-        while char and "trials" not in seen and time.monotonic() < deadline:     # its progress bar: measuring
-            char = proc.stderr.read(1)
-            seen += char
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert "trials" in seen
+    seen = []
+
+    def measuring() -> bool:                    # its progress bar: "trials: ..."
+        seen.append(proc.stderr.read(1))
+        return "trials" in "".join(seen)
+    err = interrupt_when(proc, measuring, 120, "bench_engine.py's progress bar")
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "bench_engine.py: interrupted"
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import interrupt_when
 from pscnn.launcher import free_port, print_report, query_status, wait_for
 from test_run_failures import children_left_running
 
@@ -79,7 +80,6 @@ def client_flags(mnist_dir: str) -> list[str]:
     return ["--mnist-dir", mnist_dir, "--give-up-after", "60"]
 
 
-
 def finish(cluster, timeout: float = 150.0) -> dict:
     """Wait for the server to end the run; every process must exit 0; the summary."""
     code = cluster.wait("server", timeout)
@@ -96,19 +96,6 @@ def pscnn_cli(*args, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str) -> str:
-    """Ctrl-C (SIGINT) on ``proc`` once ``predicate()`` holds; its stderr.  Killed if anything fails."""
-    try:
-        wait_for(predicate, timeout, what, interval=0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    return err
 
 
 @pytest.mark.parametrize("mode,extra", [("sync", {}), ("async", {}), ("ssp", {"staleness": 1})])
@@ -281,7 +268,6 @@ def test_pscnn_run_end_to_end(tmp_path, mnist_dir):
     assert summary["workers"] == 2 and summary["samples_applied"] == 3000
     assert {p.name for p in (out / "logs").iterdir()} == {"server.log", "worker-0.log", "worker-1.log",
                                                           "evaluator.log"}
-
 
 
 def test_a_sync_run_is_repeatable_bit_for_bit(tmp_path, mnist_dir):
