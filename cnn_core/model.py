@@ -7,7 +7,8 @@ A spec is a JSON-able dict::
                  "kernel": 3, "padding": 1}, {"type": "relu"}, ...]}
 
 ``build_model`` accepts a preset name (``"seed"``, ``"light"``), such a dict,
-its JSON text, or the path of a file holding that JSON (:func:`spec_file_path`).  Layers without a name get ``<type><k>`` (``relu1``, ...).
+its JSON text, or the path of a file holding that JSON (:func:`spec_file_path`).
+Layers without a name get ``<type><k>`` (``relu1``, ...).
 """
 from __future__ import annotations
 

@@ -196,8 +196,9 @@ def train(config: dict, progress: bool = True) -> dict:
     missing or corrupt data, an unwritable run folder) and
     :class:`DivergenceError` when the loss or the weights stop being finite,
     after writing the diverged run's model.npz and summary.json (see the
-    module docs); KeyboardInterrupt again after writing an interrupted one's.  Nothing is written before the model is built and the data
-    is loaded, so bad input leaves no half-made run folder behind.
+    module docs); KeyboardInterrupt again after writing an interrupted one's.
+    Nothing is written before the model is built and the data is loaded, so
+    bad input leaves no half-made run folder behind.
     """
     wall_start = time.perf_counter()
     cfg = resolve_config(config)
