@@ -610,26 +610,38 @@ def time_split(records) -> dict:
     it reads it, so each window holds the computation (one clock on one
     machine; the tests check it).  With ``--overlap`` a worker computes while
     a push travels: there the computation fills its window, and the split is
-    approximate.
+    approximate.  A server's restart (a ``"start"`` record) or the worker's
+    rejoining (its ``"join"``) ends a worker's chain of cycles: the time
+    between is left blank, not counted as waiting.
     """
     pushes: dict[str, list] = {}
+    servers = 0                         # "start" records so far: the server's incarnations
+    joins: dict[str, int] = {}          # each worker's "join" records so far
     for r in records:
-        if r.get("kind") != "step":
+        kind = r.get("kind")
+        if kind == "start":
+            servers += 1
+        elif kind == "join" and isinstance(r.get("worker"), str):
+            joins[r["worker"]] = joins.get(r["worker"], 0) + 1
+        if kind != "step":
             continue
         for entry in r.get("timeline") or ():
             if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) \
                     and all(_number(v) is not None for v in entry[1:]) and entry[1] <= entry[2]:
-                pushes.setdefault(entry[0], []).append(tuple(float(v) for v in entry[1:]))
+                session = (servers, joins.get(entry[0], 0))
+                pushes.setdefault(entry[0], []).append((*(float(v) for v in entry[1:]), session))
     split: dict[str, list] = {}
     for worker, items in pushes.items():
         items.sort(key=lambda item: item[1])
         spans = []
-        for i, (answered, arrived, compute) in enumerate(items):
+        for i, (answered, arrived, compute, session) in enumerate(items):
             compute = min(compute, arrived - answered)
             travel = (arrived - answered - compute) / 2
             spans += [(answered, answered + travel, "network"), (answered + travel, arrived - travel, "compute"),
                       (arrived - travel, arrived, "network")]
-            if i + 1 < len(items) and items[i + 1][0] >= arrived:   # the answer to this push
+            # The answer to this push, unless the server restarted or the worker joined anew
+            # in between: then the worker was gone (dead, restarting), not waiting on the server.
+            if i + 1 < len(items) and items[i + 1][0] >= arrived and items[i + 1][3] == session:
                 spans.append((arrived, items[i + 1][0], "server"))
         split[worker] = [span for span in spans if span[1] > span[0]]
     return split

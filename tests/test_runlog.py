@@ -458,6 +458,27 @@ def test_time_split_lays_out_each_workers_cycles():
     assert runlog.time_shares({}) == {"compute": 0.0, "network": 0.0, "server": 0.0}
 
 
+def test_time_split_counts_no_waiting_across_a_server_restart_or_a_rejoin():
+    """A resumed run's metrics.jsonl holds two incarnations: the seconds from a worker's last
+    push to the old server until the new one first answered it (the server dead, restarting)
+    were drawn and counted as waiting on the server (76% of a short resumed run); so were the
+    seconds a killed worker was gone before it joined again."""
+    def step(*entries):
+        return {"kind": "step", "timeline": [list(entry) for entry in entries]}
+    records = [{"kind": "start"}, {"kind": "join", "worker": "a"}, {"kind": "join", "worker": "b"},
+               step(("a", 1.0, 1.2, 0.2), ("b", 1.0, 1.2, 0.2)),
+               step(("a", 1.3, 1.5, 0.2), ("b", 1.3, 1.5, 0.2)),
+               {"kind": "join", "worker": "b"},                         # b was killed and restarted
+               step(("a", 1.6, 1.8, 0.2), ("b", 9.0, 9.2, 0.2)),
+               {"kind": "start"}, {"kind": "join", "worker": "a"},   # the server restarted
+               step(("a", 20.0, 20.2, 0.2))]
+    split = runlog.time_split(records)
+    servers = {worker: [(start, end) for start, end, part in spans if part == "server"]
+               for worker, spans in split.items()}
+    assert servers == {"a": [(1.2, 1.3), (1.5, 1.6)], "b": [(1.2, 1.3)]}
+    assert runlog.time_shares(split)["server"] == pytest.approx(0.3 / (0.3 + 7 * 0.2))
+
+
 def test_make_plots_draws_the_timeline_of_a_distributed_run(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     with RunWriter(tmp_path, {}) as writer:
