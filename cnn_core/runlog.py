@@ -490,15 +490,39 @@ def _number(value) -> float | None:
     return None
 
 
+def _updates(record: dict) -> float | None:
+    """A record's update count: ``step`` (pscnn train), else ``version`` (the parameter server)."""
+    return _number(record.get("step", record.get("version")))
+
+
+def _without_lost_updates(records: list) -> list:
+    """``records`` less the step and evaluation records of updates a resumed server did again.
+
+    A server killed after its last checkpoint logged updates its checkpoint
+    does not hold; resumed (a ``"start"`` record at the checkpoint's
+    ``version``), it redoes them, and the curves drew both runs' values
+    at the same updates, interleaved.  Only the history the model
+    descends from is kept.
+    """
+    kept = []
+    for r in records:
+        resumed_at = _number(r.get("version")) if r.get("kind") == "start" else None
+        if resumed_at is not None:
+            kept = [k for k in kept if k.get("kind") not in ("step", "epoch", "eval")
+                    or (_updates(k) or 0.0) <= resumed_at]
+        kept.append(r)
+    return kept
+
+
 def _draw_learning_curves(Figure, out_dir: Path):
     metrics_path = out_dir / METRICS_FILE
     if not metrics_path.exists():
         return None
-    records = read_metrics(metrics_path)
+    records = _without_lost_updates(read_metrics(metrics_path))
     loss, acc_by_step, acc_by_time = [], [], []
     for r in records:
         kind = r.get("kind")
-        updates = _number(r.get("step", r.get("version")))
+        updates = _updates(r)
         if kind == "step":
             value = _number(r.get("loss"))
             if updates is not None and value is not None:

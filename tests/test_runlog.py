@@ -421,6 +421,34 @@ def test_make_plots_reads_the_servers_version_counter(tmp_path, monkeypatch):
     assert drawn["Test accuracy vs updates"] == [(5.0, 90.0)]
 
 
+def test_the_curves_of_a_resumed_run_leave_out_the_updates_its_server_lost(tmp_path, monkeypatch):
+    """A server killed at update 6 with its checkpoint at 3, resumed, redid updates 4-6: the
+    loss curve drew both runs' losses at 4, 5, 6 (sorted, so it zigzagged between them) and the
+    lost run's score at 6 next to the one the model really had."""
+    pytest.importorskip("matplotlib")
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("start", version=0, resumed=False)
+        for version in range(1, 7):
+            writer.log("step", version=version, loss=1.0 / version)
+        writer.log("eval", version=2, test_accuracy=0.5)
+        writer.log("eval", version=6, test_accuracy=0.1)            # of weights the restart lost
+        writer.log("start", version=3, resumed=True)
+        for version in range(4, 9):
+            writer.log("step", version=version, loss=0.1 / version)
+        writer.log("eval", version=8, test_accuracy=0.9)
+    drawn = {}
+    real = runlog._curve
+
+    def spy(ax, points, *args, **kwargs):
+        drawn[args[2]] = points
+        return real(ax, points, *args, **kwargs)
+    monkeypatch.setattr(runlog, "_curve", spy)
+    assert make_plots(tmp_path) == [tmp_path / "learning_curves.png"]
+    assert drawn["Training loss"] == [(1.0, 1.0), (2.0, 0.5), (3.0, 1 / 3)] + [(float(v), 0.1 / v) for v in range(4, 9)]
+    assert drawn["Test accuracy vs updates"] == [(2.0, 50.0), (8.0, 90.0)]
+    assert [y for _, y in drawn["Test accuracy vs time"]] == [50.0, 90.0]
+
+
 def test_make_plots_handles_null_values(tmp_path):
     pytest.importorskip("matplotlib")
     with RunWriter(tmp_path, {}) as writer:
