@@ -693,8 +693,13 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     busiest = max(split.values(), key=len)
     first, last = busiest[0][0], busiest[-1][1]
     computes = [start for start, _, part in busiest if part == "compute"] or [first]
-    cycle = (last - first) / len(computes)
-    t0 = max(first, computes[len(computes) // 2] - 0.1 * cycle)
+    middle = len(computes) // 2
+    # The typical cycle there, not the run's mean: a server's restart or a worker's absence
+    # would stretch the mean, and a slower start of the run the median over all of it, to far
+    # more cycles than make readable bars.
+    shown = computes[middle:middle + cycles_shown + 1]
+    cycle = float(np.median(np.diff(shown))) if len(shown) > 1 else last - first
+    t0 = max(first, computes[middle] - 0.1 * cycle)
     t1 = min(last, t0 + cycles_shown * cycle)
     if t1 <= t0:
         t0, t1 = first, last

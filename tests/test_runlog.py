@@ -528,6 +528,25 @@ def test_make_plots_draws_the_timeline_of_a_distributed_run(tmp_path, monkeypatc
     assert make_plots(single) == [single / "learning_curves.png", single / "confusion_matrix.png"]
 
 
+@pytest.mark.parametrize("incarnations", [((0.0, 0.1, 20), (100.0, 0.1, 20)),      # a restart between
+                                          ((0.0, 0.3, 30), (9.0, 0.1, 30))])     # a slower start
+def test_the_timeline_shows_about_twelve_cycles_of_a_run_with_a_restart_in_it(incarnations, tmp_path):
+    """The stretch drawn was twelve mean cycles long, the mean taken from the first push to the
+    last: a server down 100 s between two runs of 20 cycles of 0.1 s made the mean 2.5 s, and the
+    stretch everything up to the run's end (a long run's hundreds of bars, too thin to read).
+    The cycles are measured where the stretch is: a slower first half made them 0.3 s there."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        for start, length, cycles in incarnations:
+            writer.log("start", seconds=start)
+            for cycle in range(cycles):
+                answered = start + length * cycle
+                writer.log("step", seconds=answered + length,
+                           timeline=[["a", answered, answered + 0.9 * length, 0.8 * length]])
+    low, high = runlog._draw_timeline(figure.Figure, tmp_path).axes[0].get_xlim()
+    assert high - low == pytest.approx(12 * 0.1)
+
+
 def test_two_writers_of_one_run_folder_are_refused_in_one_line(tmp_path):
     """Two processes writing one folder would interleave metrics.jsonl and overwrite each
     other's checkpoint and summary: the second is refused, naming the first's pid."""
