@@ -709,11 +709,16 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     ax = fig.subplots()
     fig.subplots_adjust(left=0.1, right=0.98, bottom=1.0 / height, top=1 - 0.8 / height)
     for row, worker in enumerate(workers):
+        drawn = 0
         for part in TIMELINE_PARTS:
             bars = [(max(s, t0), min(e, t1) - max(s, t0))
                     for s, e, p in split[worker] if p == part and e > t0 and s < t1]
+            drawn += len(bars)
             ax.broken_barh(bars, (row - 0.35, 0.7), color=_TIMELINE_COLOURS[part],
                            label=_TIMELINE_LABELS[part] if row == 0 else None)
+        if not drawn:       # one that joined later, or had left (killed): an empty row would not say so
+            ax.text(t0 + 0.01 * (t1 - t0), row, f"no push in this stretch; its pushes span "
+                    f"{split[worker][0][0]:.2f}-{split[worker][-1][1]:.2f} s", va="center", fontsize=8, color="0.4")
     ax.set_yticks(range(len(workers)))
     ax.set_yticklabels(workers)
     ax.set_ylim(len(workers) - 0.5, -0.5)

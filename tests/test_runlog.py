@@ -547,6 +547,20 @@ def test_the_timeline_shows_about_twelve_cycles_of_a_run_with_a_restart_in_it(in
     assert high - low == pytest.approx(12 * 0.1)
 
 
+def test_a_worker_not_at_work_in_the_timelines_stretch_has_its_row_say_so(tmp_path):
+    """A worker that joined late, or was killed early, had an empty row, nothing saying why."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        for cycle in range(40):
+            answered = 0.1 * cycle
+            writer.log("step", timeline=[["a", answered, answered + 0.09, 0.08]])
+        writer.log("step", timeline=[["late", 3.5, 3.6, 0.08], ["late", 3.6, 3.7, 0.08]])
+    ax = runlog._draw_timeline(figure.Figure, tmp_path).axes[0]
+    assert ax.get_xlim()[1] < 3.5 and [label.get_text() for label in ax.get_yticklabels()] == ["a", "late"]
+    assert [(text.get_text(), text.get_position()[1]) for text in ax.texts] == \
+        [("no push in this stretch; its pushes span 3.50-3.70 s", 1)]
+
+
 def test_two_writers_of_one_run_folder_are_refused_in_one_line(tmp_path):
     """Two processes writing one folder would interleave metrics.jsonl and overwrite each
     other's checkpoint and summary: the second is refused, naming the first's pid."""
