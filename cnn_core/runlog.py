@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -681,6 +682,11 @@ def time_shares(split: dict) -> dict:
     return {part: (t / whole if whole else 0.0) for part, t in totals.items()}
 
 
+def _natural_order(name: str) -> list:
+    """A sort key that puts worker-2 before worker-10 (digits compare as numbers)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: int = 12):
     metrics_path = out_dir / METRICS_FILE
     if not metrics_path.exists():
@@ -703,7 +709,7 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     t1 = min(last, t0 + cycles_shown * cycle)
     if t1 <= t0:
         t0, t1 = first, last
-    workers = sorted(split)[:max_workers]
+    workers = sorted(split, key=_natural_order)[:max_workers]
     height = 1.8 + 0.4 * len(workers)                    # inches: 1.0 below the bars, 0.8 above
     fig = Figure(figsize=(12, height))
     ax = fig.subplots()

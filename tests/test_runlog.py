@@ -561,6 +561,19 @@ def test_a_worker_not_at_work_in_the_timelines_stretch_has_its_row_say_so(tmp_pa
         [("no push in this stretch; its pushes span 3.50-3.70 s", 1)]
 
 
+def test_the_timelines_rows_go_in_the_workers_numbers_order(tmp_path):
+    """Sorted as strings, 16 workers' rows read worker-0, worker-1, worker-10 ... worker-15,
+    worker-2; and with 20, the 16 drawn were not the first 16."""
+    figure = pytest.importorskip("matplotlib.figure")
+    names = [f"worker-{i}" for i in range(20)] + ["gpu-box"]
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", timeline=[[name, 1.0, 1.5, 0.4] for name in reversed(names)])
+    ax = runlog._draw_timeline(figure.Figure, tmp_path, max_workers=17).axes[0]
+    assert [label.get_text() for label in ax.get_yticklabels()] == \
+        ["gpu-box"] + [f"worker-{i}" for i in range(16)]
+    assert sorted(["w1b", "w10", "w1", "w2a", "w2"], key=runlog._natural_order) == ["w1", "w1b", "w2", "w2a", "w10"]
+
+
 def test_two_writers_of_one_run_folder_are_refused_in_one_line(tmp_path):
     """Two processes writing one folder would interleave metrics.jsonl and overwrite each
     other's checkpoint and summary: the second is refused, naming the first's pid."""
