@@ -571,9 +571,15 @@ def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False, percent=
         ax.set_xlim(left=0)
         ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))
     if marker and len(points) <= 20:          # few evaluations: print the value at each
+        (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
         for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=8)
+            # Kept inside the axes: centred above a point on an edge, a value was cut in half
+            # or written over the tick labels ("13.80" read "3.80" at update 0).
+            across = (x - left) / (right - left)
+            below = (y - bottom) / (top - bottom) > 0.85
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, -6 if below else 6),
+                        ha="left" if across < 0.15 else "right" if across > 0.85 else "center",
+                        va="top" if below else "bottom", fontsize=8)
 
 
 def _draw_confusion_matrix(Figure, out_dir: Path):

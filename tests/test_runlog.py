@@ -383,6 +383,26 @@ def test_one_evaluation_plots_on_sensible_axes(tmp_path):
         assert 98.63 < ax.get_ylim()[1] <= 100.5
 
 
+@pytest.mark.parametrize("evaluations", [[(0, 0.138, 0.129), (2, 0.084, 1.153)],      # a diverged run
+                                         [(0, 0.5, 0.0)], [(32, 0.9863, 0.189)],
+                                         [(v, 0.1 + 0.09 * v, 0.5 * v) for v in range(10)]])
+def test_the_accuracy_values_are_written_inside_their_axes(evaluations, tmp_path):
+    """Centred above its point, the value of an evaluation at update 0 ran into the tick
+    labels, and one at the top of the axes over its frame: a diverged run's 13.80 read 3.80."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        for version, accuracy, seconds in evaluations:
+            writer.log("eval", version=version, test_accuracy=accuracy, seconds=seconds)
+    fig = runlog._draw_learning_curves(figure.Figure, tmp_path)
+    fig.canvas.draw()
+    for ax in fig.axes[1:]:
+        frame = ax.get_window_extent()
+        boxes = [text.get_window_extent() for text in ax.texts]
+        assert len(boxes) == len(evaluations)
+        assert all(frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                   for box in boxes), (ax.get_title(), [text.get_text() for text in ax.texts])
+
+
 def test_make_plots_without_matplotlib_returns_empty(tmp_path, monkeypatch):
     run = make_run(tmp_path)
     # A None entry in sys.modules makes "import matplotlib..." raise ImportError.
