@@ -572,7 +572,7 @@ def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False, percent=
         ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))
     if marker and len(points) <= 20:          # few evaluations: print the value at each
         (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
-        for x, y in zip(xs, ys):
+        for x, y in _spaced(xs, ys, (right - left) * LABEL_SPACING):
             # Kept inside the axes: centred above a point on an edge, a value was cut in half
             # or written over the tick labels ("13.80" read "3.80" at update 0).
             across = (x - left) / (right - left)
@@ -580,6 +580,21 @@ def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False, percent=
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, -6 if below else 6),
                         ha="left" if across < 0.15 else "right" if across > 0.85 else "center",
                         va="top" if below else "bottom", fontsize=8)
+
+
+# Values printed on a curve at least this fraction of its x range apart: closer ones ran into each
+# other ("99.1799.1699.16" over a run's last evaluations).
+LABEL_SPACING = 0.12
+
+
+def _spaced(xs, ys, gap: float) -> list[tuple]:
+    """The points (x, y) to print a value at: the last one, and going back from it, each at least
+    ``gap`` before the one printed after it."""
+    kept = []
+    for x, y in reversed(list(zip(xs, ys))):
+        if not kept or kept[-1][0] - x >= gap:
+            kept.append((x, y))
+    return kept[::-1]
 
 
 def _draw_confusion_matrix(Figure, out_dir: Path):

@@ -398,9 +398,27 @@ def test_the_accuracy_values_are_written_inside_their_axes(evaluations, tmp_path
     for ax in fig.axes[1:]:
         frame = ax.get_window_extent()
         boxes = [text.get_window_extent() for text in ax.texts]
-        assert len(boxes) == len(evaluations)
+        assert 1 <= len(boxes) <= len(evaluations)              # the ones with room (see below)
+        assert ax.texts[-1].get_text() == f"{100 * evaluations[-1][1]:.2f}"
         assert all(frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
                    for box in boxes), (ax.get_title(), [text.get_text() for text in ax.texts])
+
+
+def test_accuracy_values_close_together_are_not_written_over_each_other(tmp_path):
+    """make run's last three evaluations, 130-160 updates apart, read "99.1799.1699.16"; the last
+    value is always written, and the others only where they leave room."""
+    figure = pytest.importorskip("matplotlib.figure")
+    versions = [0, 150, 340, 510, 740, 920, 1120, 1280, 1407]
+    with RunWriter(tmp_path, {}) as writer:
+        for i, version in enumerate(versions):
+            writer.log("eval", version=version, test_accuracy=0.9 + 0.01 * i, seconds=12.0 * i)
+    fig = runlog._draw_learning_curves(figure.Figure, tmp_path)
+    fig.canvas.draw()
+    for ax in fig.axes[1:]:
+        boxes = sorted((text.get_window_extent() for text in ax.texts), key=lambda box: box.x0)
+        assert ax.texts[-1].get_text() == "98.00", ax.get_title()
+        assert len(boxes) >= 5, ax.get_title()
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), (ax.get_title(), [t.get_text() for t in ax.texts])
 
 
 def test_make_plots_without_matplotlib_returns_empty(tmp_path, monkeypatch):
