@@ -195,3 +195,16 @@ def test_every_flag_the_docs_name_is_a_pscnn_flag():
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", "\n".join(lines)))
         unknown = sorted(f for f in named if ENV_PREFIX + f[2:].replace("-", "_").upper() not in known)
         assert not unknown, f"{path.name} names flags pscnn does not have: {unknown}"
+
+
+def test_the_readme_names_every_field_of_pscnn_status(tmp_path):
+    """`pscnn status` prints the server's progress as JSON; README.md named two of its 28 fields
+    (declared_dead, lease_requeues), leaving users to guess what `ready` 0 or `epoch` meant."""
+    from server.server import ParameterServer, ServerConfig
+    progress = ParameterServer(ServerConfig(model="light", train_limit=640, out=str(tmp_path / "run"))).progress()
+    readme = DOCS[0].read_text()
+    assert "`pscnn status` prints" in readme, "README.md has no paragraph on `pscnn status`'s answer"
+    status_doc = readme[readme.index("`pscnn status` prints"):]
+    status_doc = status_doc[:status_doc.index("\n\n")]        # its paragraph
+    undocumented = sorted(key for key in progress if f"`{key}`" not in status_doc)
+    assert not undocumented, f"README.md's `pscnn status` paragraph does not name {undocumented}"
