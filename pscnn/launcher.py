@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
 from server.server import (CHECKPOINT_NAME, ParameterServer, check_model_travels, checkpoint_version,
                            config_from_args, summary_after_checkpoint, unfinished_run_warning)
@@ -589,10 +590,13 @@ def _print_report(s: dict, summary_path: Path) -> None:
     if dead or requeued or refused:     # what the run survived (every incarnation of its server)
         print(f"  faults             {dead} declared dead, {counted(requeued, 'lease')} requeued, "
               f"{counted(refused, 'message')} refused")
-    reached = s.get("time_to_accuracy") or {}
-    if reached:
-        print("  time to accuracy   " + ", ".join(f"{float(m):.0%}: {r['seconds']:.1f} s" for m, r in reached.items())
-              + "  (the first evaluation at or above)")
+    reached = s.get("time_to_accuracy")
+    if reached is not None and s.get("evaluations"):    # not in a summary from before the field
+        # those never reached named, not left out: a run short of 90% had no line, as if it had no field
+        missed = ", ".join(f"{m:.0%}" for m in ACCURACY_MILESTONES if f"{m:g}" not in reached)
+        times = ", ".join(f"{float(m):.0%}: {r['seconds']:.1f} s" for m, r in reached.items())
+        print("  time to accuracy   " + "; ".join(filter(None, [times, missed and f"{missed} not reached"]))
+              + ("  (the first evaluation at or above)" if times else ""))
     pca = s.get("per_class_accuracy")
     if pca:
         print("  per-class accuracy " + " ".join(f"{i}:{a:.3f}" for i, a in enumerate(pca)))

@@ -239,6 +239,8 @@ def test_the_final_report_gives_the_time_to_each_accuracy_milestone_reached(tmp_
                "updates": 1407, "samples_applied": 180000, "train_images_per_second": 2317.0,
                "train_seconds": 77.7, "staleness": {"mean": 0.0, "max": 0}, "evaluations": [{}] * 8,
                "time_to_accuracy": {"0.9": {"seconds": 16.5, "version": 300},
+                                    "0.95": {"seconds": 30.0, "version": 600},
+                                    "0.98": {"seconds": 50.0, "version": 950},
                                     "0.99": {"seconds": 67.21, "version": 1170}}}
 
     def report() -> str:
@@ -246,7 +248,8 @@ def test_the_final_report_gives_the_time_to_each_accuracy_milestone_reached(tmp_
         print_report(tmp_path / "summary.json")
         return capsys.readouterr().out
 
-    assert "  time to accuracy   90%: 16.5 s, 99%: 67.2 s  (the first evaluation at or above)\n" in report()
+    assert ("  time to accuracy   90%: 16.5 s, 95%: 30.0 s, 98%: 50.0 s, 99%: 67.2 s  (the first evaluation at "
+            "or above)\n") in report()
     del summary["time_to_accuracy"]                     # a summary from before the field: no such line
     out = report()
     assert "time to accuracy" not in out and "faults" not in out          # a run without any

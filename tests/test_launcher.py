@@ -899,6 +899,26 @@ def test_the_clients_share_one_deadline_to_exit(run_in_process, monkeypatch):
     assert timeouts == [30.0, 20.0, 10.0, 0.0, 0.0]
 
 
+def report_of(tmp_path, capsys, **summary) -> str:
+    """print_report's text for SUMMARY with ``summary``'s fields in place."""
+    (tmp_path / "summary.json").write_text(json.dumps({**SUMMARY, **summary}))
+    launcher.print_report(tmp_path / "summary.json")
+    return capsys.readouterr().out
+
+
+def test_the_final_report_names_the_accuracy_milestones_never_reached(tmp_path, capsys):
+    """A run that reached no milestone (or only some) had no time-to-accuracy line (or one naming
+    only those reached), as if summary.json had no such field: now the others are said not reached."""
+    evaluations = [{"seconds": 1.0, "version": 4, "test_accuracy": 0.93}]
+    out = report_of(tmp_path, capsys, evaluations=evaluations, time_to_accuracy={})
+    assert "  time to accuracy   90%, 95%, 98%, 99% not reached\n" in out
+    out = report_of(tmp_path, capsys, evaluations=evaluations,
+                    time_to_accuracy={"0.9": {"seconds": 1.04, "version": 4}})
+    assert "  time to accuracy   90%: 1.0 s; 95%, 98%, 99% not reached  (the first evaluation at or above)\n" in out
+    out = report_of(tmp_path, capsys, evaluations=[], time_to_accuracy={})     # nothing scored: no line
+    assert "time to accuracy" not in out and "  evaluations        0\n" in out
+
+
 def test_the_final_report_on_a_closed_terminal_is_no_traceback(tmp_path, monkeypatch, capsys):
     """SIGHUP after the run finished, the terminal gone: print_report's writes raised EIO out
     of main() (a traceback); now the report is dropped, as _say drops its lines."""
