@@ -530,7 +530,9 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 state = "starting"
             else:
                 state = (f"epoch {min(st['epoch'] + 1, st['epochs'])}/{st['epochs']}, "
-                         f"{st['images_per_second']:.0f} img/s, loss {st['loss']:.3f}")
+                         # 4 significant digits: a loss on its way to diverging, 2.9e+28, filled
+                         # the line with 33 digits in fixed point
+                         f"{st['images_per_second']:.0f} img/s, loss {st['loss']:.4g}")
             bar.set_postfix_str(state, refresh=False)
             if acc is not None:
                 bar.set_description(f"test acc {acc:.4f}", refresh=False)

@@ -700,6 +700,24 @@ def test_follow_shows_progress_and_the_start_barrier_on_the_bar(stand_ins):
     assert bar.postfix == "waiting for the workers: 1 of 1 ready"
 
 
+@pytest.mark.parametrize("loss,shown", [(2.0183, "loss 2.018"), (0.04567, "loss 0.04567"),
+                                         (2.8765028655591414e28, "loss 2.877e+28")])
+def test_the_bar_shows_the_loss_in_four_significant_digits(stand_ins, loss, shown):
+    """A loss on its way to diverging showed as 28765028655591414036900610048.000 (fixed point),
+    pushing the rest of the bar off the line; a small one as 0.046."""
+    bar, answers = Bar(), []
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 2:
+            stand_ins.end(0)
+        return {"started": True, "batches_total": 64, "batches_done": 2, "done": False, "loss": loss,
+                "epoch": 0, "epochs": 2, "images_per_second": 8129.4}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, bar) == 0
+    assert bar.postfix == f"epoch 1/2, 8129 img/s, {shown}"
+
+
 def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
     """A resumed run starts at the checkpoint's 408 of 938 batches: tqdm took them as done in this
     run's time, and showed twice its batches/s and too short a time left."""
