@@ -517,14 +517,16 @@ def _follow(cluster: LocalCluster, bar) -> int:
             _stop(cluster, order=("server", "worker", "evaluator"))
             return 1
         if st:
-            if bar.total != st["batches_total"]:
+            # What a resumed run had done before, as of the first answer and while the start barrier
+            # holds: not done at this run's rate (tqdm's batch/s and time left count from it; a
+            # resumed run's showed twice its rate, and with one worker, no barrier, still does).
+            if bar.total != st["batches_total"]:        # the first answer
                 bar.total = st["batches_total"]
+                bar.initial = st["batches_done"]
             bar.n = st["batches_done"]
             acc = st.get("test_accuracy")
             if st.get("started") is False:      # the start barrier: workers still loading their data
                 state = f"waiting for the workers: {st['ready']} of {len(workers)} ready"
-                # what a resumed run had done before: not done at this run's rate (tqdm's batch/s
-                # and time left count from it; a resumed run's showed twice its rate)
                 bar.initial = st["batches_done"]
             elif st.get("loss") is None:
                 state = "starting"

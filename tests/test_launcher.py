@@ -736,6 +736,22 @@ def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
     assert bar.format_dict["initial"] == 408          # tqdm's rate: (n - initial) / elapsed
 
 
+def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed_with_no_start_barrier(stand_ins):
+    """One worker (or --wait-for-workers 1): the server starts at once, so no answer says
+    started false, and the checkpoint's 408 batches counted as done at this run's rate."""
+    bar, answers = tqdm(total=None, file=io.StringIO()), []
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 3:
+            stand_ins.end(0)
+        return {"started": True, "batches_total": 938, "batches_done": 408 + 46 * (len(answers) - 1),
+                "done": False, "loss": None}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, bar) == 0
+    assert (bar.n, bar.initial) == (500, 408)
+
+
 def test_follow_stops_the_run_when_every_worker_left_before_the_end(stand_ins, capsys):
     """Every worker gone while the server says training is not done: the run is stopped, the
     server first (it checkpoints), and _follow returns 1."""
