@@ -526,7 +526,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
             bar.n = st["batches_done"]
             acc = st.get("test_accuracy")
             if st.get("started") is False:      # the start barrier: workers still loading their data
-                state = f"waiting for the workers: {st['ready']} of {len(workers)} ready"
+                # of those the server waits for: `pscnn run --workers 4 --wait-for-workers 2` showed "of 4"
+                state = f"waiting for the workers: {st['ready']} of {st.get('wait_for_workers', len(workers))} ready"
                 bar.initial = st["batches_done"]
             elif st.get("loss") is None:
                 state = "starting"

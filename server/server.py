@@ -1561,6 +1561,7 @@ class ParameterServer:
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
                 "started": self.started, "ready": 0 if self.started else self._ready_trainers(),
+                "wait_for_workers": self.cfg.wait_for_workers,
                 "round_members": len(self.round_members),
                 "round_arrived": len(self.round_arrived),
                 "trainers": sum(p.role == "trainer" for p in self.peers.values()),

@@ -718,6 +718,22 @@ def test_the_bar_shows_the_loss_in_four_significant_digits(stand_ins, loss, show
     assert bar.postfix == f"epoch 1/2, 8129 img/s, {shown}"
 
 
+def test_the_start_barrier_on_the_bar_counts_the_workers_the_server_waits_for(stand_ins):
+    """`pscnn run --workers 4 --wait-for-workers 2`: the bar said "1 of 4 ready" (the workers
+    started), and the run started at 2 of them."""
+    bar, answers = Bar(), []
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 2:
+            stand_ins.end(0)
+        return {"started": False, "ready": 1, "wait_for_workers": 2, "batches_total": 40, "batches_done": 0,
+                "done": False}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, bar) == 0
+    assert bar.postfix == "waiting for the workers: 1 of 2 ready"
+
+
 def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
     """A resumed run starts at the checkpoint's 408 of 938 batches: tqdm took them as done in this
     run's time, and showed twice its batches/s and too short a time left."""
