@@ -529,6 +529,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 # of those the server waits for: `pscnn run --workers 4 --wait-for-workers 2` showed "of 4"
                 state = f"waiting for the workers: {st['ready']} of {st.get('wait_for_workers', len(workers))} ready"
                 bar.initial = st["batches_done"]
+            elif st.get("error"):               # the bar kept its last figures, as if all were well
+                state = "training diverged"
             elif st.get("loss") is None:
                 state = "starting"
             else:

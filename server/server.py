@@ -1555,7 +1555,7 @@ class ParameterServer:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
         last = self.newest_evaluation
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
-                "finished": self.summary_written, "mode": self.cfg.mode,
+                "finished": self.summary_written, "error": self.failure, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,
                 "loss": self._mean_loss(),
                 "test_accuracy": last["test_accuracy"] if last else None,

@@ -734,6 +734,23 @@ def test_the_start_barrier_on_the_bar_counts_the_workers_the_server_waits_for(st
     assert bar.postfix == "waiting for the workers: 1 of 2 ready"
 
 
+def test_the_bar_says_when_training_diverged(stand_ins):
+    """The server stops a diverged run and waits for its final evaluation: the bar kept showing
+    the last epoch, images/s and loss, as if training went on."""
+    bar, answers = Bar(), []
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 2:
+            stand_ins.end(1)
+        return {"started": True, "batches_total": 64, "batches_done": 2, "done": True, "loss": 2.9e28,
+                "epoch": 0, "epochs": 2, "images_per_second": 0.0,
+                "error": "training diverged: the last 32 pushes had a NaN or Inf loss or gradient"}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, bar) == 1
+    assert bar.postfix == "training diverged"
+
+
 def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
     """A resumed run starts at the checkpoint's 408 of 938 batches: tqdm took them as done in this
     run's time, and showed twice its batches/s and too short a time left."""

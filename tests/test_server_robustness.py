@@ -1218,9 +1218,10 @@ def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
         for _ in range(ParameterServer.NONFINITE_LIMIT - 1):
             task = nan.work()
             assert nan.call(P.PUSH, push_body(task, loss=None)).type == P.ERROR
-        assert not s.status()["done"]               # seven, from one of the two trainers
+        assert not s.status()["done"] and s.status()["error"] is None   # seven, from one of the two trainers
         assert late.call(P.PUSH, push_body(held, loss=None)).type == P.ERROR
         s.wait_log(r"ERROR.*training diverged: the last 8 pushes, from 2 trainer\(s\), had a NaN", 0)
+        assert s.status()["error"].startswith("training diverged: the last 8 pushes")    # status says why it is done
         reply = late.call(P.PUSH, push_body(held), grads_like(held.arrays))
         assert reply.type == P.STOP and reply.body["ack"] == {"applied": False, "reason": "training is over"}, reply
         assert "training diverged" in reply.body["reason"]
