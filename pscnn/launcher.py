@@ -485,12 +485,14 @@ def _follow(cluster: LocalCluster, bar) -> int:
     evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
     silent_since = None                 # when the server last stopped answering, every worker gone
     trained = False                     # the server's last answer said training is over
+    diverged = None                     # why, when an answer said training diverged
     while server.poll() is None:
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
         st = cluster.status(timeout=0.5)    # after the workers' check: a worker told to stop left after `done`
         now = time.monotonic()
         if st is not None:
             trained = bool(st.get("done"))
+            diverged = st.get("error") or diverged
         silent_since = (silent_since or now) if workers_gone and st is None else None
         untrained = workers_gone and (st is not None and not st.get("done")
                                       or silent_since is not None and now - silent_since > SILENT_SERVER_S)
@@ -548,6 +550,9 @@ def _follow(cluster: LocalCluster, bar) -> int:
         bar.close()
         # killed by a signal (kill -9, the OOM killer): its log cannot say why
         tail = "" if code < 0 else f"; last lines of its log:\n{cluster.log_tail('server')}"
+        if diverged and tail.endswith(f"\npscnn server: {diverged}"):
+            # its last line says why, alone: not above the rejected pushes that led to it
+            tail = f": {diverged}"
         _say(f"pscnn run: {exit_text('the server', code)}{tail}")
     return code
 

@@ -751,6 +751,24 @@ def test_the_bar_says_when_training_diverged(stand_ins):
     assert bar.postfix == "training diverged"
 
 
+def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_ins, capsys):
+    """The server exits 1 once a diverged run's summary is written: its exit came with the last
+    20 lines of its log (rejected pushes, mostly) above a report saying the same; now one line
+    says why."""
+    error = "training diverged: the last 8 pushes, from 2 trainer(s), had a NaN or Inf loss or gradient"
+    with open(stand_ins.logs / "server.log", "a") as log:
+        log.write("02:03:40 WARNING server: rejected push from worker-0\n" * 20 + f"pscnn server: {error}\n")
+
+    def status(timeout=1.0):
+        stand_ins.end(1)
+        return {"started": True, "batches_total": 64, "batches_done": 4, "done": True, "loss": None, "error": error}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, Bar()) == 1
+    err = capsys.readouterr().err
+    assert f"pscnn run: the server exited with 1: {error}\n" in err
+    assert "rejected push" not in err
+
+
 def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
     """A resumed run starts at the checkpoint's 408 of 938 batches: tqdm took them as done in this
     run's time, and showed twice its batches/s and too short a time left."""
