@@ -422,7 +422,7 @@ def test_the_bar_ends_on_the_runs_final_figures(run_in_process, tmp_path):
     code, _ = run_in_process(follow=follow)
     assert code == 0
     assert bars[0].n == 40
-    assert bars[0].desc.startswith("test acc 0.9000")
+    assert bars[0].desc.startswith("test acc 0.9000 at update 4")      # SUMMARY's final weights
 
 
 def test_an_unusable_logs_folder_or_log_file_is_one_line(tmp_path):
@@ -767,6 +767,22 @@ def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_i
     err = capsys.readouterr().err
     assert f"pscnn run: the server exited with 1: {error}\n" in err
     assert "rejected push" not in err
+
+
+def test_the_bar_names_the_update_its_test_accuracy_is_of(stand_ins):
+    """The evaluator scores every 10 s: for a short run's first seconds the bar showed the
+    untrained weights' "test acc 0.1380" next to a loss of 0.25, as if the run were not learning."""
+    bar, answers = Bar(), []
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 2:
+            stand_ins.end(0)
+        return {"started": True, "batches_total": 282, "batches_done": 84, "done": False, "loss": 0.25,
+                "epoch": 0, "epochs": 3, "images_per_second": 11473.8, "test_accuracy": 0.138, "eval_version": 0}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, bar) == 0
+    assert bar.description == "test acc 0.1380 at update 0"
 
 
 def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
