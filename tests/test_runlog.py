@@ -441,25 +441,31 @@ def test_make_plots_never_raises(tmp_path, caplog):
     assert "confusion_matrix.png" in caplog.text and "not square" in caplog.text
 
 
-def test_make_plots_reads_the_servers_version_counter(tmp_path, monkeypatch):
+@pytest.fixture
+def drawn(monkeypatch) -> dict:
+    """Each curve make_plots draws, by its title: its (x, y) points."""
+    curves = {}
+    real = runlog._curve
+
+    def spy(ax, points, *args, **kwargs):
+        curves[args[2]] = points
+        return real(ax, points, *args, **kwargs)
+    monkeypatch.setattr(runlog, "_curve", spy)
+    return curves
+
+
+def test_make_plots_reads_the_servers_version_counter(tmp_path, drawn):
     pytest.importorskip("matplotlib")
     with RunWriter(tmp_path, {}) as writer:                 # the parameter server's spelling
         for version in range(1, 6):
             writer.log("step", version=version, loss=1.0 / version, workers=["w0", "w1"])
         writer.log("eval", version=5, test_accuracy=0.9, final=True)
-    drawn = {}
-    real = runlog._curve
-
-    def spy(ax, points, *args, **kwargs):
-        drawn[args[2]] = points
-        return real(ax, points, *args, **kwargs)
-    monkeypatch.setattr(runlog, "_curve", spy)
     assert make_plots(tmp_path) == [tmp_path / "learning_curves.png"]
     assert drawn["Training loss"] == [(float(v), 1.0 / v) for v in range(1, 6)]
     assert drawn["Test accuracy vs updates"] == [(5.0, 90.0)]
 
 
-def test_the_curves_of_a_resumed_run_leave_out_the_updates_its_server_lost(tmp_path, monkeypatch):
+def test_the_curves_of_a_resumed_run_leave_out_the_updates_its_server_lost(tmp_path, drawn):
     """A server killed at update 6 with its checkpoint at 3, resumed, redid updates 4-6: the
     loss curve drew both runs' losses at 4, 5, 6 (sorted, so it zigzagged between them) and the
     lost run's score at 6 next to the one the model really had."""
@@ -474,13 +480,6 @@ def test_the_curves_of_a_resumed_run_leave_out_the_updates_its_server_lost(tmp_p
         for version in range(4, 9):
             writer.log("step", version=version, loss=0.1 / version)
         writer.log("eval", version=8, test_accuracy=0.9)
-    drawn = {}
-    real = runlog._curve
-
-    def spy(ax, points, *args, **kwargs):
-        drawn[args[2]] = points
-        return real(ax, points, *args, **kwargs)
-    monkeypatch.setattr(runlog, "_curve", spy)
     assert make_plots(tmp_path) == [tmp_path / "learning_curves.png"]
     assert drawn["Training loss"] == [(1.0, 1.0), (2.0, 0.5), (3.0, 1 / 3)] + [(float(v), 0.1 / v) for v in range(4, 9)]
     assert drawn["Test accuracy vs updates"] == [(2.0, 50.0), (8.0, 90.0)]
