@@ -589,9 +589,11 @@ def _print_report(s: dict, summary_path: Path) -> None:
         return f"{value:.4f}" if isinstance(value, float) else "n/a"
 
     stale = s.get("staleness", {})
-    print(f"\nrun finished: mode {s['mode']}, {counted(s['workers'], 'worker')}, {counted(s['epochs'], 'epoch')}")
-    if s.get("status") == "diverged":
-        print(f"  status             diverged: {s.get('error')}")
+    diverged = s.get("status") == "diverged"    # its error says why: "training diverged: ..."
+    print(f"\nrun {'stopped' if diverged else 'finished'}: mode {s['mode']}, {counted(s['workers'], 'worker')}, "
+          f"{counted(s['epochs'], 'epoch')}")
+    if diverged:
+        print(f"  why                {s.get('error')}")
     print(f"  test accuracy      {number('test_accuracy')}")
     print(f"  test loss          {number('test_loss')}")
     print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} samples)")

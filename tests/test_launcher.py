@@ -523,9 +523,12 @@ def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(tmp_path,
     captured = capsys.readouterr()
     assert "pscnn run: the server had ended the run (summary.json written); its report follows" in captured.err
     assert "--resume" not in captured.err
-    assert "run finished: mode sync, 1 worker, 1 epoch" in captured.out
+    # a diverged run's heading said "run finished", above "status diverged: training diverged: ..."
+    heading = "run stopped" if status == "diverged" else "run finished"
+    assert f"{heading}: mode sync, 1 worker, 1 epoch" in captured.out
     assert "test accuracy      0.9000" in captured.out
-    assert ("status             diverged: training diverged" in captured.out) == (status == "diverged")
+    assert ("  why                training diverged: the last 3 pushes" in captured.out) == (status == "diverged")
+    assert "diverged: training diverged" not in captured.out
 
 
 @pytest.mark.parametrize("server_code, expected", [(1, 1), (-signal.SIGKILL, 1), (3, 3)])
