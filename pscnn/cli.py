@@ -342,6 +342,12 @@ OVERLAP_HELP = ("async mode: compute the next batch while the previous push trav
                 "leases; hides the round trip, gradients one version staler)")
 
 
+def overlap_refused(mode: str) -> str:
+    """Why ``--overlap`` is refused with ``--mode`` ``mode`` (pscnn run, pscnn bench scaling): only async
+    overlaps, and elsewhere the flag did nothing but a worker's log warning."""
+    return f"--overlap applies to --mode async only, not to --mode {mode}"
+
+
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",

@@ -214,7 +214,7 @@ def check_run_args(args):
     instead of the server's log tail.  Returns the server's config (a ServerConfig)."""
     from cnn_core.model import resolve_spec  # noqa: PLC0415
     from server.store import ParameterStore  # noqa: PLC0415
-    from pscnn.cli import CliError  # noqa: PLC0415
+    from pscnn.cli import CliError, overlap_refused  # noqa: PLC0415
     if args.workers > args.max_workers:
         raise CliError(f"--workers {args.workers} exceeds --max-workers {args.max_workers}: the server "
                        f"would refuse {args.workers - args.max_workers} of them")
@@ -225,8 +225,7 @@ def check_run_args(args):
         # with no evaluator to give it to, it was dropped without a word (getattr: pscnn bench's server flags)
         raise CliError("--eval-every sets the evaluator's period, and --no-evaluator starts none")
     if getattr(args, "overlap", False) and args.mode != "async":
-        # the workers' log warning was all it did: each ran without it, the run unchanged
-        raise CliError(f"--overlap applies to --mode async only, not to --mode {args.mode}")
+        raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
     store = ParameterStore(resolve_spec(cfg.model), cfg.optimizer, seed=cfg.seed)     # model and optimizer
     check_model_travels(store.model.spec, store.snapshot()[1])

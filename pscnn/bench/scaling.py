@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from pscnn.cli import MODES, _path, non_negative_float, positive_float, positive_int
+from pscnn.cli import MODES, _path, non_negative_float, overlap_refused, positive_float, positive_int
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
                      check_mnist, check_out, check_server_flags, checking_options, cores, save_figure, fmt,
@@ -85,7 +85,7 @@ def run(args) -> int:
                           f"{args.seconds:g} window or longer measures nothing")
     # flags that would do nothing in this run: refused, not silently dropped
     if args.overlap and "async" not in modes:
-        raise OptionError(f"--overlap applies to --mode async only, not to --mode {args.mode}")
+        raise OptionError(overlap_refused(args.mode))
     if synthetic and args.baseline_seconds is not None:
         raise OptionError("--baseline-seconds: --compute-ms workers have no single-process baseline")
     if args.ddp == "on" and (synthetic or "sync" not in modes):
