@@ -36,6 +36,7 @@ LAUNCHER_PID_VARIABLE = "PSCNN_LAUNCHER_PID"
 OTHER_VARIABLES = frozenset({"PSCNN_CACHE_DIR", "PSCNN_MNIST_MIRRORS", LAUNCHER_PID_VARIABLE,
                              "PSCNN_SERVER_HOST", "PSCNN_IMAGE", "PSCNN_UID"})
 MODES = ("sync", "async", "ssp")        # the server's consistency modes
+DEFAULT_STALENESS = 2                   # ssp: pushes a worker may run ahead of the slowest
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -313,8 +314,9 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                        help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
     g.add_argument("--mode", default="sync", choices=MODES,
                    help="consistency: sync (BSP), async, or ssp (bounded staleness) (default: sync)")
-    g.add_argument("--staleness", type=non_negative_int, default=2,
-                   help="ssp: how many pushes a worker may run ahead of the slowest worker at work (default: 2)")
+    g.add_argument("--staleness", type=non_negative_int, default=None,
+                   help="ssp only: how many pushes a worker may run ahead of the slowest worker at work "
+                        f"(default: {DEFAULT_STALENESS})")
     g.add_argument("--checkpoint-every", type=non_negative_float, default=30.0,
                    help="seconds between checkpoints, 0 = only at the end (default: 30)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
@@ -340,6 +342,22 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
 EVAL_EVERY_S = 10.0
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "
                 "leases; hides the round trip, gradients one version staler)")
+
+
+def ssp_staleness(args) -> int:
+    """The server's staleness bound from ``--staleness``: ssp's (default DEFAULT_STALENESS).
+
+    CliError when it is given (on the command line or as PSCNN_STALENESS) with another mode,
+    where it used to be ignored without a word; its default is None, so a value was given.
+    """
+    if args.staleness is None:
+        return DEFAULT_STALENESS
+    if args.mode != "ssp":
+        flag = "--staleness"
+        if os.environ.get(ENV_PREFIX + "STALENESS", "").strip():
+            flag += f" (or {ENV_PREFIX}STALENESS)"
+        raise CliError(f"{flag} bounds --mode ssp only, not --mode {args.mode}")
+    return args.staleness
 
 
 def overlap_refused(mode: str) -> str:

@@ -66,7 +66,7 @@ from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots
 from cnn_core.training import check_model_fits_mnist
 from pscnn import protocol as P
-from pscnn.cli import MODES
+from pscnn.cli import DEFAULT_STALENESS, MODES
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -241,7 +241,7 @@ def _model_name(spec) -> str:
 class ServerConfig:
     bind: str = "tcp://*:5555"
     mode: str = "sync"
-    staleness: int = 2
+    staleness: int = DEFAULT_STALENESS
     epochs: int = 1
     batch_size: int = 64
     model: object = "seed"
@@ -1646,10 +1646,10 @@ def serve_from_args(args) -> int:
 
 def config_from_args(args) -> ServerConfig:
     """The server's config from its CLI flags (or ``pscnn run``'s, which has no --bind)."""
-    from pscnn.cli import optimizer_config, resolve_auto_schedule  # noqa: PLC0415
+    from pscnn.cli import optimizer_config, resolve_auto_schedule, ssp_staleness  # noqa: PLC0415
     num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
     updates = args.epochs * batches_per_epoch(num_samples, args.batch_size)
-    return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=args.staleness,
+    return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=ssp_staleness(args),
                        epochs=args.epochs,
                        batch_size=args.batch_size, model=args.model,
                        optimizer=resolve_auto_schedule(optimizer_config(args), updates), seed=args.seed,

@@ -21,7 +21,9 @@ import pytest
 from cnn_core.model import resolve_spec
 from cnn_core.optim import build_optimizer
 from pscnn import launcher
+from server.server import config_from_args
 from pscnn.cli import (
+    DEFAULT_STALENESS,
     MAX_FLOAT,
     MAX_POLL_SECONDS,
     OTHER_VARIABLES,
@@ -552,6 +554,37 @@ def test_a_dropped_optimizer_flag_is_a_usage_error(tmp_path, capsys):
                  "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip() == ("pscnn: error: --momentum is used only by --optimizer sgd, "
                                                "not by --optimizer adam")
+
+
+@pytest.mark.parametrize("argv,environ,needle", [
+    (["server", "--staleness", "3"], {}, "--staleness bounds --mode ssp only, not --mode sync"),
+    (["run", "--mode", "async", "--staleness", "0"], {}, "--staleness bounds --mode ssp only, not --mode async"),
+    (["server", "--mode", "sync"], {"PSCNN_STALENESS": "4"},
+     "--staleness (or PSCNN_STALENESS) bounds --mode ssp only, not --mode sync"),
+])
+def test_staleness_outside_ssp_is_an_error(argv, environ, needle, monkeypatch):
+    # it used to be ignored without a word: a sync run with --staleness 3 ran as BSP
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(CliError, match=re.escape(needle)):
+        config_from_args(parse_args(argv, environ))
+
+
+@pytest.mark.parametrize("argv,environ,bound", [
+    (["server", "--mode", "ssp"], {}, DEFAULT_STALENESS),
+    (["server", "--mode", "ssp", "--staleness", "0"], {}, 0),
+    (["run", "--mode", "ssp"], {"PSCNN_STALENESS": "5"}, 5),
+    (["server", "--mode", "async"], {"PSCNN_STALENESS": ""}, DEFAULT_STALENESS),    # compose's ${VAR:-}: unset
+])
+def test_staleness_is_ssp_bound(argv, environ, bound):
+    assert config_from_args(parse_args(argv, environ)).staleness == bound
+
+
+def test_pscnn_run_refuses_staleness_outside_ssp_before_starting_anything(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--staleness", "3", "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == "pscnn: error: --staleness bounds --mode ssp only, not --mode sync"
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------- H: messages
