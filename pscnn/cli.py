@@ -37,6 +37,7 @@ OTHER_VARIABLES = frozenset({"PSCNN_CACHE_DIR", "PSCNN_MNIST_MIRRORS", LAUNCHER_
                              "PSCNN_SERVER_HOST", "PSCNN_IMAGE", "PSCNN_UID"})
 MODES = ("sync", "async", "ssp")        # the server's consistency modes
 DEFAULT_STALENESS = 2                   # ssp: pushes a worker may run ahead of the slowest
+DEFAULT_FINAL_EVAL_TIMEOUT = 120.0       # seconds the server waits for the final evaluation
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -324,8 +325,9 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                    help="seconds before an unfinished batch is handed out again (default: 30)")
     g.add_argument("--peer-timeout", type=positive_float, default=10.0,
                    help="seconds of silence before a worker is declared dead (default: 10)")
-    g.add_argument("--final-eval-timeout", type=non_negative_float, default=120.0,
-                   help="seconds to wait for the evaluator's final report (default: 120)")
+    g.add_argument("--final-eval-timeout", type=non_negative_float, default=None,
+                   help="seconds to wait for the evaluator's final report, after which the server scores the "
+                        f"final weights itself (default: {DEFAULT_FINAL_EVAL_TIMEOUT:g})")
     g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse trainers beyond this many, and evaluators beyond as many (default: 1024)")
     g.add_argument("--log-rejected", type=non_negative_int, default=20, metavar="N",
                    help="log at most N rejected messages a second, counting the rest (0: all; default: 20)")

@@ -224,6 +224,10 @@ def check_run_args(args):
     if getattr(args, "no_evaluator", False) and args.eval_every is not None:
         # with no evaluator to give it to, it was dropped without a word (getattr: pscnn bench's server flags)
         raise CliError("--eval-every sets the evaluator's period, and --no-evaluator starts none")
+    if getattr(args, "no_evaluator", False) and args.final_eval_timeout is not None:
+        # the server gets 0 (it scores the final weights at once), so a value given was dropped
+        raise CliError("--final-eval-timeout waits for the evaluator's final report, and --no-evaluator "
+                       "starts none")
     if getattr(args, "overlap", False) and args.mode != "async":
         raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it

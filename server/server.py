@@ -66,7 +66,7 @@ from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots
 from cnn_core.training import check_model_fits_mnist
 from pscnn import protocol as P
-from pscnn.cli import DEFAULT_STALENESS, MODES
+from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MODES
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -255,7 +255,7 @@ class ServerConfig:
     resume: bool = False
     lease_timeout: float = 30.0
     peer_timeout: float = 10.0
-    final_eval_timeout: float = 120.0
+    final_eval_timeout: float = DEFAULT_FINAL_EVAL_TIMEOUT
     max_workers: int = 1024
     log_rejected: int = 20              # rejected-message log lines a second (0: no limit)
     wait_for_workers: int = 0
@@ -1656,6 +1656,7 @@ def config_from_args(args) -> ServerConfig:
                        train_limit=args.train_limit, test_limit=args.test_limit, mnist_dir=args.mnist_dir,
                        out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                        lease_timeout=args.lease_timeout, peer_timeout=args.peer_timeout,
-                       final_eval_timeout=args.final_eval_timeout, max_workers=args.max_workers,
+                       final_eval_timeout=(DEFAULT_FINAL_EVAL_TIMEOUT if args.final_eval_timeout is None
+                                           else args.final_eval_timeout), max_workers=args.max_workers,
                        log_rejected=args.log_rejected,
                        wait_for_workers=args.wait_for_workers or 0, start_timeout=args.start_timeout)

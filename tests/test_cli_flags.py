@@ -23,6 +23,7 @@ from cnn_core.optim import build_optimizer
 from pscnn import launcher
 from server.server import config_from_args
 from pscnn.cli import (
+    DEFAULT_FINAL_EVAL_TIMEOUT,
     DEFAULT_STALENESS,
     MAX_FLOAT,
     MAX_POLL_SECONDS,
@@ -578,6 +579,13 @@ def test_staleness_outside_ssp_is_an_error(argv, environ, needle, monkeypatch):
 ])
 def test_staleness_is_ssp_bound(argv, environ, bound):
     assert config_from_args(parse_args(argv, environ)).staleness == bound
+
+
+@pytest.mark.parametrize("argv,seconds", [(["server"], DEFAULT_FINAL_EVAL_TIMEOUT),
+                                          (["server", "--final-eval-timeout", "0"], 0.0),
+                                          (["run", "--final-eval-timeout", "7.5"], 7.5)])
+def test_final_eval_timeout_defaults_to_the_servers(argv, seconds):
+    assert config_from_args(parse_args(argv, {})).final_eval_timeout == seconds
 
 
 def test_pscnn_run_refuses_staleness_outside_ssp_before_starting_anything(tmp_path, capsys):

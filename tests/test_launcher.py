@@ -398,6 +398,21 @@ def test_pscnn_run_refuses_an_eval_every_that_no_evaluator_would_take(run_in_pro
     assert code == 0 and flag_value(cluster.started["evaluator"], "--every") is None
 
 
+def test_pscnn_run_refuses_a_final_eval_timeout_that_no_evaluator_would_use(run_in_process, capsys):
+    """--final-eval-timeout with --no-evaluator was replaced by 0 without a word."""
+    code, cluster = run_in_process("--workers", "1", "--no-evaluator", "--final-eval-timeout", "30")
+    assert code == 2 and cluster is None
+    assert ("--final-eval-timeout waits for the evaluator's final report, and --no-evaluator starts none"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags,given", [([], None), (["--final-eval-timeout", "30"], "30.0")])
+def test_pscnn_run_hands_the_final_eval_timeout_given_to_the_server(run_in_process, flags, given):
+    """With an evaluator the value given reaches the server; none given, the server keeps its default."""
+    code, cluster = run_in_process("--workers", "1", *flags)
+    assert code == 0 and flag_value(cluster.started["server"], "--final-eval-timeout") == given
+
+
 def test_a_client_that_exited_with_an_error_at_the_end_makes_the_run_exit_1(run_in_process, capsys):
     """The server finished the run (report printed), but worker-0 exited 1: the launcher names it
     and exits 1."""
