@@ -197,6 +197,34 @@ def test_every_flag_the_docs_name_is_a_pscnn_flag():
         assert not unknown, f"{path.name} names flags pscnn does not have: {unknown}"
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: lower case, punctuation dropped, spaces as dashes."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_the_docs_links_and_images_lead_somewhere():
+    """A renamed file, section or plot leaves a link that goes nowhere, and a plot in docs/img
+    that no page shows (scaling.md named time_to_accuracy_async_m05.png in code quotes only)."""
+    shown = set()
+    for path in DOCS:
+        text = path.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):          # https:, mailto:: not ours to check
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            assert linked.is_file(), f"{path.name} links to {target}, which does not exist"
+            if anchor:
+                assert anchor in heading_anchors(linked.read_text()), \
+                    f"{path.name} links to {target}: {linked.name} has no heading with that anchor"
+            if linked.suffix == ".png":
+                shown.add(linked)
+    plots = set((DOCS[0].parent / "docs" / "img").resolve().glob("*.png"))
+    assert plots                            # the glob still finds them
+    assert not plots - shown, f"plots no doc shows: {sorted(p.name for p in plots - shown)}"
+
+
 def test_the_readme_names_every_field_of_pscnn_status(tmp_path):
     """`pscnn status` prints the server's progress as JSON; README.md named two of its 28 fields
     (declared_dead, lease_requeues), leaving users to guess what `ready` 0 or `epoch` meant."""
