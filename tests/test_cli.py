@@ -225,6 +225,20 @@ def test_the_docs_links_and_images_lead_somewhere():
     assert not plots - shown, f"plots no doc shows: {sorted(p.name for p in plots - shown)}"
 
 
+def test_every_run_the_readme_quotes_is_in_the_docs_run_by_run_record():
+    """README's measured results send the reader to docs/engine.md and docs/scaling.md for the runs
+    behind them; its latest figures (make bench at 2026-11-28 01:20, the server at 01:21, make run at
+    23:11) were in the README alone, and its ranges could not be traced."""
+    readme = DOCS[0].read_text()
+    results = readme[readme.index("## Measured results"):]
+    results = results[:results.index("\n## ", 1)]
+    record = DOCS[1].read_text() + DOCS[2].read_text()
+    quoted = set(re.findall(r"\b\d\d:\d\d(?= UTC)", results))
+    assert len(quoted) > 3, quoted                # the extraction still finds them
+    missing = sorted(time for time in quoted if time not in record)
+    assert not missing, f"README quotes runs at {missing} UTC that docs/engine.md and docs/scaling.md do not record"
+
+
 def test_the_readme_names_every_field_of_pscnn_status(tmp_path):
     """`pscnn status` prints the server's progress as JSON; README.md named two of its 28 fields
     (declared_dead, lease_requeues), leaving users to guess what `ready` 0 or `epoch` meant."""
