@@ -79,7 +79,7 @@ def load_checkpoint(path) -> tuple[dict, dict]:
 
     Arrays come back as NumPy arrays, in the order they were saved.  Raises
     CheckpointError naming the file if it is missing, not a zip archive,
-    truncated or corrupt, lacks the meta record, has malformed meta JSON, or
+    truncated or corrupt, lacks the meta record, has malformed (or absurdly nested) meta JSON, or
     holds object (pickled) arrays.
     """
     path = os.fspath(path)
@@ -120,6 +120,8 @@ def load_checkpoint(path) -> tuple[dict, dict]:
         meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: {META_KEY} is not valid JSON: {exc}") from None
+    except RecursionError:              # thousands of brackets deep: the decoder recurses per level
+        raise CheckpointError(f"checkpoint {path}: {META_KEY} nests maps and lists too deep to read") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path}: {META_KEY} must be a JSON object, got {type(meta).__name__}")
     return arrays, meta

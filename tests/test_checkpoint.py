@@ -184,6 +184,7 @@ def _write_zip(path, members):
 @pytest.mark.parametrize("members, message", [
     ({"__meta__.npy": np.frombuffer(b"{not json", dtype=np.uint8)}, "__meta__ is not valid JSON"),
     ({"__meta__.npy": np.frombuffer(b"[1, 2]", dtype=np.uint8)}, "__meta__ must be a JSON object"),
+    ({"__meta__.npy": np.frombuffer(b"[" * 100_000, dtype=np.uint8)}, "__meta__ nests maps and lists too deep"),
     ({"__meta__.npy": np.zeros(3, dtype=np.float32)}, "__meta__ must be a 1-d uint8 array"),
     ({"__meta__.npy": np.frombuffer(b"{}", dtype=np.uint8), "w.npy": "object-array"},
      "array w holds Python objects"),
