@@ -137,6 +137,9 @@ def save_model_checkpoint(path, model, optimizer=None, step: int = 0, metrics: d
     """
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ConfigError(f"checkpoint step must be an int >= 0, got {step!r}")   # int(1.7) would store 1
+    for field, value in (("metrics", metrics), ("extra", extra)):
+        if value is not None and not isinstance(value, dict):   # else a checkpoint its loader refuses
+            raise ConfigError(f"checkpoint {field} must be a dict or None, got {type(value).__name__}")
     arrays = {}
     for name, value in model.params.items():
         arrays[f"param/{name}"] = value
@@ -176,7 +179,10 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu",
     Arrays are copied into ``model.params`` / ``model.state`` in place (onto
     the GPU for a CuPy model).  Everything is checked before anything is
     copied, so on CheckpointError the model and optimizer are left unchanged.
-    Floating-point weights, model state and optimizer state must be finite.
+    Floating-point weights, model state and optimizer state must be finite,
+    and the meta fields have the types :func:`save_model_checkpoint` writes
+    (``model_spec`` an object, never a preset name or a file's path; ``step``
+    an int >= 0; ``metrics`` and ``extra`` objects).
     """
     path = os.fspath(path)
     arrays, meta = load_checkpoint(path)
@@ -192,6 +198,7 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu",
                               f"got {_short(saved_opt)}")
     if check_meta is not None:
         check_meta(meta)
+    _check_meta_fields(where, meta)
     groups = {"param": {}, "state": {}, "optim": {}}
     for key, value in arrays.items():
         prefix, sep, name = key.partition("/")
@@ -232,6 +239,20 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu",
     _copy_into(model.params, groups["param"])
     _copy_into(model.state, groups["state"])
     return model, optimizer, meta
+
+
+def _check_meta_fields(where: str, meta: dict) -> None:
+    """The types of the meta fields :func:`save_model_checkpoint` writes: a hand-edited meta may hold anything."""
+    spec = meta.get("model_spec")
+    if not isinstance(spec, dict):      # a string would be taken for a preset name, or a file on this machine
+        raise CheckpointError(f"{where}: meta field 'model_spec' must be an object (the model's spec), "
+                              f"got {_short(spec)}")
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{where}: meta field 'step' must be an int >= 0, got {_short(step)}")
+    for field in ("metrics", "extra"):
+        if not isinstance(meta.get(field), dict):
+            raise CheckpointError(f"{where}: meta field {field!r} must be an object, got {_short(meta.get(field))}")
 
 
 def _check_arrays(where: str, kind: str, saved: dict, target: dict) -> None:

@@ -207,6 +207,14 @@ def test_model_checkpoint_step_must_be_a_count(tmp_path, trained, step):
     assert not (tmp_path / "model.npz").exists()
 
 
+@pytest.mark.parametrize("field", ["metrics", "extra"])
+def test_model_checkpoint_metrics_and_extra_must_be_dicts(tmp_path, trained, field):
+    model, opt = trained
+    with pytest.raises(ConfigError, match=f"checkpoint {field} must be a dict or None, got list"):
+        save_model_checkpoint(tmp_path / "model.npz", model, opt, **{field: [0.9]})
+    assert not (tmp_path / "model.npz").exists()
+
+
 def test_model_round_trip_bit_exact(tmp_path, trained):
     model, opt = trained
     assert float(np.abs(model.state["bn1.running_mean"]).sum()) > 0   # statistics did move
@@ -403,6 +411,14 @@ def test_optimizer_kind_mismatch(tmp_path, trained):
     ({"model_spec": {"input_shape": [1, 8, 8], "layers": [{"type": "warp"}]}},
      "stored model cannot be built: .*unknown layer type 'warp'"),
     ({"optimizer": {"name": "lion"}}, "stored optimizer cannot be built: unknown optimizer 'lion'"),
+    # A string spec was taken for a preset name or, worse, for a file on the loading machine.
+    ({"model_spec": "light"}, r"meta field 'model_spec' must be an object \(the model's spec\), got 'light'"),
+    ({"model_spec": "/etc/hostname"}, "meta field 'model_spec' must be an object"),
+    ({"step": "7"}, "meta field 'step' must be an int >= 0, got '7'"),
+    ({"step": -1}, "meta field 'step' must be an int >= 0, got -1"),
+    ({"step": True}, "meta field 'step' must be an int >= 0, got True"),
+    ({"metrics": [0.9]}, r"meta field 'metrics' must be an object, got \[0.9\]"),
+    ({"extra": None}, "meta field 'extra' must be an object, got None"),
 ])
 def test_bad_meta(tmp_path, trained, change, message):
     model, opt = trained
