@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .losses import softmax_cross_entropy
 
 
@@ -70,13 +70,20 @@ def gradcheck_layer(layer, x: np.ndarray, train: bool = True, eps: float = 1e-6,
     """Check a *built* float64 layer at input ``x`` (channels-last for images).
 
     Returns ``{"input": err, "<param>": err, ...}`` (worst relative errors).
+    ``x``: (N, *layer.in_shape); ShapeError otherwise, or for a layer not built.
     """
+    if layer.in_shape is None:      # its forward would fail deep inside on the shapes it lacks
+        raise ShapeError(f"gradcheck_layer needs a built layer: call {layer.name}.build(in_shape, np, "
+                         "np.dtype('float64'), rng) first")
     not64 = [k for k, v in layer.parameters.items() if v.dtype != np.float64]
     if not64:   # a 1e-6 step is lost to float32 rounding: the report would flag a correct backward
         raise ShapeError(f"gradcheck_layer needs a float64 layer (build it with dtype float64), "
                          f"but {layer.name}.{not64[0]} is {layer.parameters[not64[0]].dtype}")
     rng = np.random.default_rng(seed)
     x = np.array(x, dtype=np.float64)
+    if x.shape[1:] != layer.in_shape:
+        raise ShapeError(f"gradcheck_layer: {layer.name} takes input (N, {', '.join(map(str, layer.in_shape))}), "
+                         f"got shape {x.shape}")
     state0 = {k: v.copy() for k, v in layer.state.items()}
 
     def run(inp):
@@ -103,10 +110,14 @@ def gradcheck_model(model, x: np.ndarray, y: np.ndarray, train: bool = True, eps
                     max_entries: int | None = 100, seed: int = 0) -> dict:
     """Check a float64 model's ``backward`` against the loss's central differences.
 
-    Returns ``{"<param name>": worst relative error, ...}``.
+    Returns ``{"<param name>": worst relative error, ...}``.  ``train`` must be
+    True: backward needs the caches of a training-mode forward.
     """
     if model.dtype != np.float64:
         raise ShapeError("gradcheck_model needs a float64 model (build_model(..., dtype='float64'))")
+    if not train:           # refused before any pass runs, as one of pscnn's errors
+        raise ConfigError(f"gradcheck_model needs train=True (backward uses the training-mode caches), "
+                          f"got train={train!r}")
     rng = np.random.default_rng(seed)
     x = np.asarray(x, dtype=np.float64)
     state0 = {k: v.copy() for k, v in model.state.items()}
@@ -118,9 +129,7 @@ def gradcheck_model(model, x: np.ndarray, y: np.ndarray, train: bool = True, eps
         return softmax_cross_entropy(model.forward(x, train=train), y)
 
     loss, dlogits = loss_and_grad()
-    grads = model.backward(dlogits) if train else None
-    if grads is None:
-        raise ValueError("gradcheck_model needs train=True (backward uses the training-mode caches)")
+    grads = model.backward(dlogits)
     resolution = _resolution(loss, eps)
     report = {}
     for name, p in model.params.items():

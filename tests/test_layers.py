@@ -141,6 +141,18 @@ def test_gradcheck_layer_refuses_a_float32_layer():
                      away_from_zero(np.random.default_rng(1), (2, 5, 5, 1)))
 
 
+def test_gradcheck_layer_refuses_an_unbuilt_layer_or_a_wrong_input_shape():
+    # Both failed deep inside the layer's forward (TypeError on a None shape, a matmul ValueError).
+    x = np.random.default_rng(0).standard_normal((2, 5, 5, 1))
+    with pytest.raises(ShapeError, match=r"gradcheck_layer needs a built layer: call conv2d.build\("):
+        gradcheck_layer(Conv2D(2, 3), x)
+    layer = built(Conv2D(2, 3), (5, 5, 1))
+    with pytest.raises(ShapeError, match=r"gradcheck_layer: conv2d takes input \(N, 5, 5, 1\), got shape \(2, 1, 5, 5"):
+        gradcheck_layer(layer, x.transpose(0, 3, 1, 2))       # NCHW, the model's layout, not the layer's
+    with pytest.raises(ShapeError, match=r"takes input \(N, 5, 5, 1\), got shape \(5, 5, 1\)"):
+        gradcheck_layer(layer, x[0])                          # no batch axis
+
+
 def test_gradcheck_layer_catches_a_wrong_backward(monkeypatch):
     """Every layer check here asserts a report below TOL, which a vacuous checker also gives (with
     an all-zero output weighting R, say, both gradients read 0): a backward 10% off in the input

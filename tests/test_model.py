@@ -637,6 +637,12 @@ def test_gradcheck_model_rejects_float32():
         gradcheck_model(build_model("light"), *batch(2))
 
 
+def test_gradcheck_model_refuses_evaluation_mode_as_a_pscnn_error():
+    # It ran an evaluation pass, then raised a bare ValueError (no PscnnError for a CLI to print).
+    with pytest.raises(ConfigError, match="gradcheck_model needs train=True .* got train=False"):
+        gradcheck_model(build_model("light", dtype="float64"), *batch(2), train=False)
+
+
 # --------------------------------------------------------------------------- vs the NCHW reference
 
 REF_SPEC = {   # overlapping pooling, conv stride 2 / padding 2, ReLU->MaxPool twice (swapped in execution)
