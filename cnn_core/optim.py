@@ -384,37 +384,34 @@ class Optimizer:
         if params is not None:
             self._place_state(params, error=CheckpointError)
 
-    def _match(self, new: dict, reference: dict, who: str) -> None:
+    def _match(self, new: dict, reference: dict, who: str, error: type[Exception] = CheckpointError) -> None:
         """Names and shapes of the loaded state against ``reference`` (name -> array)."""
         slots = self._slots()
         if not slots:                                 # stateless rule: nothing per parameter
             return
         missing = [n for n in reference if n not in new]
         if missing and new:                           # an empty state is a fresh start (t only)
-            raise CheckpointError(f"{who}: no state for parameter {missing[0]}"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise error(f"{who}: no state for parameter {missing[0]}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         extra = [n for n in new if n not in reference]
         if extra:
-            raise CheckpointError(f"{who}: state for {extra[0]}, which is not a parameter"
-                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+            raise error(f"{who}: state for {extra[0]}, which is not a parameter"
+                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
         for name, state in new.items():
             want = reference[name]
-            got = tuple(state[slots[0]].shape)
+            got = tuple(state[slots[0]].shape)        # the slots agree in shape (load_state_dict)
             if got != tuple(want.shape):
-                raise CheckpointError(f"{who}: {slots[0]}/{name} has shape {got} "
-                                      f"but the parameter has shape {tuple(want.shape)}")
+                raise error(f"{who}: {slots[0]}/{name} has shape {got} "
+                            f"but the parameter has shape {tuple(want.shape)}")
 
     def _place_state(self, params: dict, error) -> None:
-        """Move host-side state next to ``params`` (array module and dtype); all-or-nothing."""
+        """Move host-side state next to ``params`` (array module and dtype); all-or-nothing.
+
+        The state loaded without ``params`` is checked here, as it would have been with them: a
+        parameter without state would otherwise start afresh beside the others' loaded state.
+        """
         slots = self._slots()
-        for name, state in self.state.items():
-            w = params.get(name)
-            if w is None:
-                raise error(f"{self.name} optimizer state: state for {name}, which is not a parameter")
-            for slot in slots:
-                if tuple(state[slot].shape) != tuple(w.shape):
-                    raise error(f"{self.name} optimizer state: {slot}/{name} has shape "
-                                f"{tuple(state[slot].shape)} but the parameter has shape {tuple(w.shape)}")
+        self._match(self.state, params, f"{self.name} optimizer state", error)
         for name, state in self.state.items():
             w = params[name]
             xp = backend.get_array_module(w)

@@ -436,6 +436,29 @@ def test_load_state_dict_without_params_places_state_on_next_step():
     assert b.state["w"]["m"].dtype == np.float32
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_state_loaded_without_params_for_some_parameters_only_is_refused_on_the_next_step(flat):
+    """With params, load_state_dict refuses a state that lacks a parameter; without them the next step
+    gave that parameter fresh zeros (Adam's first, bias-corrected step) beside the others' loaded
+    state, silently.  The step refuses it as the load would have, and changes nothing."""
+    params = {"w": np.ones(3, dtype=np.float32), "b": np.ones(2, dtype=np.float32)}
+    if flat:
+        params = FlatArrays.pack(params)
+    grads = {k: np.full_like(v, 0.5) for k, v in params.items()}
+    if flat:
+        grads = FlatArrays.pack(grads)
+    a = Adam(lr=0.1)
+    a.step(params, grads)
+    b = Adam(lr=0.1)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.endswith("/b")})
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(ShapeError, match="adam optimizer state: no state for parameter b"):
+        b.step(params, grads)
+    for k, v in before.items():
+        np.testing.assert_array_equal(params[k], v)
+    assert b.t == 1
+
+
 def test_load_state_dict_copies_the_callers_arrays():
     """The caller may reuse or change the dict it loaded from: the live state must not alias it."""
     params = {"w": np.array([1.0, -2.0, 0.5])}
