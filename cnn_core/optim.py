@@ -344,6 +344,9 @@ class Optimizer:
         leaving the optimizer unchanged.
         """
         who = f"{self.name} optimizer state"
+        if not isinstance(arrays, dict):    # None failed on `in` with a bare TypeError
+            raise CheckpointError(f"{who} must be a dict name -> array (what state_dict returns), "
+                                  f"got {type(arrays).__name__}")
         if "t" not in arrays:
             raise CheckpointError(f"{who}: missing the step counter 't'")
         t = self._counter(arrays["t"], f"{who}: 't'")

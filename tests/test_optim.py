@@ -510,6 +510,8 @@ def test_load_state_dict_errors():
          "state for x, which is not a parameter"),
         (broken(m__w=np.ones(3, dtype=np.int64)), "'m/w' must be floating point"),
     ]
+    cases += [(None, "adam optimizer state must be a dict name -> array .* got NoneType"),
+              (list(good.items()), "must be a dict name -> array .* got list")]
     before = {k: v.copy() for k, v in opt.state["w"].items() if isinstance(v, np.ndarray)}
     for sd, message in cases:
         with pytest.raises(CheckpointError, match=message):
