@@ -121,7 +121,7 @@ class FlatArrays(dict):
         raise TypeError("FlatArrays: the names are fixed; write into the arrays instead "
                         "(fa[name][...] = value)")
 
-    __delitem__ = pop = popitem = setdefault = update = clear = _fixed
+    __delitem__ = pop = popitem = setdefault = update = clear = __ior__ = _fixed   # |= is update, bypassing __setitem__
 
     def __setitem__(self, name, value):
         # ``fa[name] *= 2`` updates the view in place, then stores the same object back.

@@ -1,5 +1,6 @@
 """cnn_core.flat: named arrays back to back in one buffer, and models built on it."""
 import copy
+import operator
 
 import numpy as np
 import pytest
@@ -29,10 +30,12 @@ def test_names_are_fixed_but_in_place_operators_work():
     np.testing.assert_array_equal(fa.flat, [3, 3, 0])
     with pytest.raises(TypeError, match="names are fixed"):
         fa["a"] = np.ones(2)
-    for mutate in (lambda: fa.pop("a"), lambda: fa.update(a=1), lambda: fa.clear(), lambda: fa.__delitem__("a")):
+    for mutate in (lambda: fa.pop("a"), lambda: fa.update(a=1), lambda: fa.clear(), lambda: fa.__delitem__("a"),
+                   lambda: operator.ior(fa, {"a": 1})):    # fa |= ...: replaced the view with 1, silently
         with pytest.raises(TypeError, match="names are fixed"):
             mutate()
     assert fa.specs == (("a", (2,)), ("s", ()))
+    assert fa["a"].base is fa.flat
 
 
 def test_copy_and_deepcopy_own_their_buffers():
