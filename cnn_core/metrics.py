@@ -7,6 +7,7 @@ samples score 0 rather than NaN, and no division warnings are emitted.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -113,7 +114,8 @@ def time_to_accuracy(evaluations, milestones=ACCURACY_MILESTONES) -> dict:
     keyed by the milestone as a string (JSON keys are strings), milestones
     never reached left out.  An accuracy that is not a number is skipped.
     """
-    scored = [e for e in evaluations if isinstance(e.get("test_accuracy"), (int, float))
+    # numbers.Real: a NumPy float32 accuracy (one computed in a float32 model's dtype) is a number too.
+    scored = [e for e in evaluations if isinstance(e.get("test_accuracy"), numbers.Real)
               and not isinstance(e["test_accuracy"], bool) and math.isfinite(e["test_accuracy"])]
     reached = {}
     for milestone in milestones:

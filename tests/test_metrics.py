@@ -230,3 +230,13 @@ def test_time_to_accuracy_is_the_first_evaluation_at_or_above_each_milestone():
     assert time_to_accuracy(history[:3], milestones=(0.5, 0.99)) == {"0.5": {"seconds": 16.5, "version": 300}}
     assert time_to_accuracy([]) == {}
     json.dumps(time_to_accuracy(history), allow_nan=False)
+
+
+def test_time_to_accuracy_counts_numpy_accuracies():
+    # A float32 accuracy was taken for "not a number" and skipped: the milestone read as never reached.
+    history = [{"seconds": 1.0, "version": 10, "test_accuracy": np.float32(0.96)},
+               {"seconds": 2.0, "version": 20, "test_accuracy": np.float64(0.99)}]
+    assert time_to_accuracy(history) == {"0.9": {"seconds": 1.0, "version": 10},
+                                         "0.95": {"seconds": 1.0, "version": 10},
+                                         "0.98": {"seconds": 2.0, "version": 20},
+                                         "0.99": {"seconds": 2.0, "version": 20}}
