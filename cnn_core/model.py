@@ -441,8 +441,11 @@ class Model:
         """Copy ``arrays`` into ``self.params`` (or ``self.state``) in place.
 
         Every name must be present with the right shape; a clear ShapeError
-        otherwise, and nothing is changed.
+        otherwise, and nothing is changed.  ``kind``: ``"params"`` or ``"state"``.
         """
+        if kind not in ("params", "state"):     # anything else loaded into the state, silently
+            raise ConfigError(f"Model.load_arrays: kind must be 'params' or 'state', got {kind!r}")
+        _check_named_arrays(arrays, "Model.load_arrays")
         target = self.params if kind == "params" else self.state
         missing = [n for n in target if n not in arrays]
         extra = [n for n in arrays if n not in target]
@@ -459,6 +462,7 @@ class Model:
         the model each step): workers check what the server sends first
         (``worker.trainer.check_weights``), checkpoints are checked on load.
         """
+        _check_named_arrays(arrays, "Model.assign")
         targets = {}
         for name, value in arrays.items():
             target = self.params.get(name, self.state.get(name))
@@ -487,6 +491,12 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({len(self.layers)} layers, {self.num_parameters():,} params, {self.dtype.name}, {self.device})"
+
+
+def _check_named_arrays(arrays, who: str) -> None:
+    """ShapeError unless ``arrays`` is a dict (name -> array): None or a list failed on ``in`` or ``.items()``."""
+    if not isinstance(arrays, dict):
+        raise ShapeError(f"{who}: arrays must be a dict name -> array, got {type(arrays).__name__}")
 
 
 def _shape_of(value) -> str:

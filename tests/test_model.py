@@ -246,6 +246,13 @@ BAD_CALLS = {
     "assign a list": (lambda m: m.assign({"fc2.bias": [0.0] * 10}), ShapeError,
                       "fc2.bias: needs a floating-point array, got list"),
     "assign ints": (lambda m: m.assign({"fc2.bias": np.zeros(10, np.int64)}), ShapeError, "got int64"),
+    "assign None": (lambda m: m.assign(None), ShapeError, "Model.assign: arrays must be a dict name -> array, "
+                    "got NoneType"),
+    "load_arrays a list": (lambda m: m.load_arrays(list(m.params.values())), ShapeError,
+                           "Model.load_arrays: arrays must be a dict name -> array, got list"),
+    # Any kind but "params" loaded into the state: an empty dict "loaded" the weights of a model without state.
+    "load_arrays of kind weights": (lambda m: m.load_arrays({}, kind="weights"), ConfigError,
+                                    "Model.load_arrays: kind must be 'params' or 'state', got 'weights'"),
     "reseed a string": (lambda m: m.reseed("abc"), ConfigError, "reseed: seed must be an int >= 0"),
     "reseed negative": (lambda m: m.reseed(-5), ConfigError, "got -5"),
     "reseed a float in a list": (lambda m: m.reseed([1, 2.5]), ConfigError, r"got \[1, 2.5\]"),
