@@ -633,6 +633,12 @@ class Residual(Layer):
 
     def __init__(self, layers: list, name=None):
         super().__init__(name)
+        if not isinstance(layers, list) or not layers or not all(isinstance(lyr, Layer) for lyr in layers):
+            raise SpecError(f"residual {self.name}: layers must be a non-empty list of layers, got {layers!r}"[:300])
+        names = [layer.name for layer in layers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:   # inner names key the block's parameters: a duplicate would hide one layer's
+            raise SpecError(f"residual {self.name}: duplicate layer names {dupes}")
         self.layers = layers
 
     def spec(self):

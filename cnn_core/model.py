@@ -168,10 +168,6 @@ def _make_layer(entry, counters: dict):
             raise SpecError(f"residual {name}: needs a non-empty 'layers' list")
         inner_counters: dict = {}
         layers = [_make_layer(e, inner_counters) for e in inner]
-        names = [layer.name for layer in layers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:   # inner names key the block's parameters: a duplicate would hide one layer's
-            raise SpecError(f"residual {name}: duplicate layer names {dupes}")
         cls = functools.partial(Residual, layers)      # built, with its errors, below
     try:
         return cls(name=name, **entry)

@@ -607,6 +607,20 @@ def test_residual_shape_change_raises(inner):
         built(Residual(inner, name="bad"), (6, 6, 3))
 
 
+@pytest.mark.parametrize("inner, message", [
+    # Built directly, not from a spec: a string was iterated letter by letter when built
+    # (AttributeError: 'str' object has no attribute 'build'), an empty list built a block
+    # that was the identity, and two inner layers of one name shared one parameter key.
+    ("relu", "layers must be a non-empty list of layers, got 'relu'"),
+    (["relu"], r"layers must be a non-empty list of layers, got \['relu'\]"),
+    ([], r"layers must be a non-empty list of layers, got \[\]"),
+    ([Conv2D(3, 3, padding=1, name="c"), Conv2D(3, 3, padding=1, name="c")], r"duplicate layer names \['c'\]"),
+])
+def test_residual_refuses_what_is_not_a_list_of_distinct_layers(inner, message):
+    with pytest.raises(SpecError, match=f"residual bad: {message}"):
+        Residual(inner, name="bad")
+
+
 # --------------------------------------------------------------------------- im2col / col2im
 
 IM2COL_CASES = [
