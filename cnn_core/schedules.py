@@ -58,11 +58,10 @@ def _int_at_least(value, lowest: int, what: str) -> int:
 
 
 def _check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        try:
-            step = int(step.__index__())       # numpy integers
-        except AttributeError:
-            raise ConfigError(f"schedule step must be an integer, got {step!r}") from None
+    # Python or NumPy integers, not a bool: True passed as step 1 (its __index__, read before, is 1).
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise ConfigError(f"schedule step must be an integer, got {step!r}")
+    step = int(step)
     if step < 0:
         raise ConfigError(f"schedule step must be >= 0, got {step}")
     return step

@@ -663,6 +663,10 @@ def test_schedule_errors(config, message):
 def test_schedule_rejects_bad_steps_and_lr():
     with pytest.raises(ConfigError, match="schedule step must be >= 0"):
         ConstantSchedule(0.1)(-1)
+    for step in (True, np.True_, 1.0, "1"):         # True was taken for step 1
+        with pytest.raises(ConfigError, match="schedule step must be an integer, got"):
+            StepSchedule(0.1, step_size=1, gamma=0.5)(step)
+    assert StepSchedule(0.1, step_size=1, gamma=0.5)(np.int64(2)) == 0.1 * 0.5 ** 2
     with pytest.raises(ConfigError, match="learning rate must be a positive finite number"):
         build_schedule(None, 0.0)
     # Public API: Optimizer checks lr itself, build_schedule and the classes must too.
