@@ -79,7 +79,7 @@ def spec_file_path(value: str) -> str | None:
     path separator; a preset name wins over a file of the same name.
     """
     text = value.strip()
-    if text in PRESETS or text.startswith("{"):
+    if text in PRESETS or text.startswith(("{", "[")):     # JSON text, refused below if not an object
         return None
     path = os.path.expanduser(text)
     return path if os.path.isfile(path) or text.endswith(".json") or os.sep in text or "/" in text else None
@@ -118,7 +118,7 @@ def resolve_spec(spec) -> dict:
         path = spec_file_path(spec)
         if path is not None:
             spec = read_spec_file(path)
-        elif not spec.strip().startswith("{"):
+        elif not spec.strip().startswith(("{", "[")):
             raise SpecError(f"unknown model preset {spec!r}: expected one of {sorted(PRESETS)}, a JSON spec "
                             "or a JSON spec file")
     elif not isinstance(spec, dict):

@@ -367,6 +367,7 @@ FLAT_TAIL = ({"type": "flatten"}, {"type": "dense", "units": 3})
 BAD_SPECS = [
     ("nope", "unknown model preset 'nope'"),
     ("{not json", "not valid JSON"),
+    ('[{"type": "relu"}]', "model spec must be a name or a dict, got list"),   # was "unknown model preset"
     (42, "preset name, dict or JSON"),
     ({"layers": [{"type": "flatten"}, {"type": "dense", "units": 2}]}, "input_shape"),
     (_spec(*FLAT_TAIL, input_shape=(1, 8)), "input_shape"),
