@@ -164,7 +164,8 @@ def save_model_checkpoint(path, model, optimizer=None, step: int = 0, metrics: d
 def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu", check_meta=None):
     """Load a checkpoint written by :func:`save_model_checkpoint`: ``(model, optimizer, meta)``.
 
-    * ``model`` None: built from the stored spec and dtype on ``device``;
+    * ``model`` None: built from the stored spec and dtype on ``device``
+      (ConfigError, as from build_model, for a device that is not there);
       otherwise its names and shapes must match the checkpoint exactly.
     * ``optimizer`` None: built from the stored config if there is one (else
       the result is None); otherwise it must be of the stored kind, and keeps
@@ -185,6 +186,8 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu",
     an int >= 0; ``metrics`` and ``extra`` objects).
     """
     path = os.fspath(path)
+    if model is None:       # the machine's fault, not the checkpoint's: said before the file is read
+        backend.array_module(device)
     arrays, meta = load_checkpoint(path)
     where = f"checkpoint {path}"
     if meta.get("format") != FORMAT:

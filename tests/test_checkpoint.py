@@ -6,6 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from cnn_core.backend import gpu_available
 from cnn_core.checkpoint import (load_checkpoint, load_model_checkpoint, save_checkpoint,
                                  save_model_checkpoint)
 from cnn_core.errors import CheckpointError, ConfigError
@@ -428,6 +429,17 @@ def test_bad_meta(tmp_path, trained, change, message):
     save_checkpoint(path, arrays, {**meta, **change})
     with pytest.raises(CheckpointError, match=f"checkpoint {path}: {message}"):
         load_model_checkpoint(path)
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu"])
+def test_a_device_that_is_not_there_is_not_blamed_on_the_checkpoint(tmp_path, trained, device):
+    # It read "checkpoint m.npz: stored model cannot be built: unknown device 'tpu'", as if the file were bad.
+    if device == "gpu" and gpu_available():
+        pytest.skip("a GPU is there")
+    path = tmp_path / "m.npz"
+    save_model_checkpoint(path, *trained)
+    with pytest.raises(ConfigError, match=f"^(unknown device '{device}'|device 'gpu' requested but CuPy)"):
+        load_model_checkpoint(path, device=device)
 
 
 @pytest.mark.gpu
