@@ -477,13 +477,18 @@ class Model:
         return int(sum(v.size for v in self.params.values()))
 
     def summary(self) -> str:
-        """A table of layers, output shapes (channels-last) and parameter counts."""
-        rows = [f"{'layer':<12}{'type':<13}{'output (H,W,C)':<18}{'params':>10}"]
+        """A table of layers, output shapes (channels-last) and parameter counts.
+
+        Each column is as wide as its widest entry: a long layer name or shape ran into the next column.
+        """
+        rows = [("layer", "type", "output (H,W,C)", "params")]
         for layer in self.layers:
             count = sum(int(v.size) for v in layer.parameters.values())
-            rows.append(f"{layer.name:<12}{layer.type_name:<13}{str(layer.out_shape):<18}{count:>10,}")
-        rows.append(f"{'total':<43}{self.num_parameters():>10,}")
-        return "\n".join(rows)
+            rows.append((layer.name, layer.type_name, str(layer.out_shape), f"{count:,}"))
+        rows.append(("total", "", "", f"{self.num_parameters():,}"))
+        widths = [max(len(row[col]) for row in rows) for col in range(4)]
+        return "\n".join("  ".join([*(cell.ljust(width) for cell, width in zip(row[:3], widths)),
+                                    row[3].rjust(widths[3])]) for row in rows)
 
     def __repr__(self) -> str:
         return f"Model({len(self.layers)} layers, {self.num_parameters():,} params, {self.dtype.name}, {self.device})"

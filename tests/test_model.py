@@ -85,6 +85,16 @@ def test_seed_preset_names_shapes_and_count():
     assert "421,642" in model.summary()
 
 
+def test_summary_columns_fit_long_names_and_shapes():
+    # Fixed widths: a 12-character name ran into its type ("leaky_relu12leaky_relu"), a long shape into the count.
+    spec = {"input_shape": [1, 1000, 1000], "layers": [
+        {"type": "leaky_relu", "name": "a_rather_long_layer_name"}, {"type": "flatten"}, {"type": "dense", "units": 2}]}
+    lines = build_model(spec).summary().splitlines()
+    assert lines[1].split()[:2] == ["a_rather_long_layer_name", "leaky_relu"]
+    assert lines[1].split()[-1] == "0" and lines[-1].split() == ["total", "2,000,002"]
+    assert len({len(line) for line in lines}) == 1          # the counts right-aligned in one column
+
+
 def test_light_preset_names_shapes():
     model = build_model("light", seed=0, dtype="float64")
     assert {k: tuple(v.shape) for k, v in model.params.items()} == LIGHT_SHAPES
