@@ -674,14 +674,15 @@ def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
         folder = Path(mnist_dir if mnist_dir is not None else os.environ["MNIST_DIR"]).expanduser()
         if not folder.is_dir():
             raise DataError(f"{folder}: {what} does not exist or is not a folder")
-        _check_not_directories(folder, names)
+        _check_not_directories(folder, names, broken_links=True)
         missing = [MNIST_FILES[n]["filename"] for n in names if _find_file(folder, n) is None]
         if missing:
             raise DataError(f"{folder}: {what} lacks {', '.join(missing)}")
         return folder, False
 
     folder = default_cache_dir()
-    _check_not_directories(folder, names)
+    # A download replaces a broken link in the cache; without one, it reads as missing.
+    _check_not_directories(folder, names, broken_links=not download)
     missing_names = [n for n in names if _find_file(folder, n) is None]
     if missing_names:
         if not download:
@@ -692,10 +693,12 @@ def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
     return folder, True
 
 
-def _check_not_directories(folder: Path, names: list[str]) -> None:
-    """DataError for a file that is there only as a directory (or another non-file).
+def _check_not_directories(folder: Path, names: list[str], broken_links: bool) -> None:
+    """DataError for a file that is there only as a directory (or another non-file),
+    and with ``broken_links`` as a symbolic link to nothing (a loop, an unmounted volume).
 
-    Without this it would read as missing, and a download could not replace it.
+    Without this it would read as missing (which ``ls`` contradicts), and a download
+    could not replace a directory.
     """
     for name in names:
         if _find_file(folder, name) is not None:
@@ -707,6 +710,9 @@ def _check_not_directories(folder: Path, names: list[str]) -> None:
                 raise DataError(f"{path}: is a directory, not the MNIST file {filename}")
             if path.exists():
                 raise DataError(f"{path}: is not a regular file, not the MNIST file {filename}")
+            if broken_links and path.is_symlink():    # exists() follows the link: only lstat sees it
+                raise DataError(f"{path}: is a broken symbolic link (its target is missing, or a loop), "
+                                f"not the MNIST file {filename}")
 
 
 def _find_file(folder: Path, name: str) -> Path | None:

@@ -504,6 +504,30 @@ def test_mnist_file_that_is_a_directory_is_named_as_one(tiny_mnist, monkeypatch,
         data.load_mnist("test", download=False)
 
 
+def test_mnist_file_that_is_a_broken_symlink_is_named_as_one(tiny_mnist, mnist_mirror, isolated_env, monkeypatch):
+    # A symlink loop, or a link into an unmounted volume, read as "lacks" a file that ls shows.
+    folder, arrays, _ = tiny_mnist
+    server, _ = mnist_mirror
+    monkeypatch.setenv("PSCNN_MNIST_MIRRORS", server.url("/mnist"))
+    looped = folder / data.MNIST_FILES["train-images"]["filename"]
+    looped.unlink()
+    looped.symlink_to(looped.name)
+    dangling = folder / data.MNIST_FILES["test-labels"]["filename"]
+    dangling.unlink()
+    dangling.symlink_to(folder / "unmounted" / dangling.name)
+    for split, path in (("train", looped), ("test", dangling)):
+        with pytest.raises(DataError) as exc:
+            data.load_mnist(split, mnist_dir=folder)
+        msg = one_line_naming(exc.value, path)
+        assert "broken symbolic link" in msg and "lacks" not in msg, msg
+    # In the download cache, a download replaces the link.
+    isolated_env.mkdir()
+    (isolated_env / looped.name).symlink_to(looped.name)
+    _, y = data.load_mnist("train")
+    np.testing.assert_array_equal(y, arrays["train-labels"])
+    assert (isolated_env / looped.name).is_file() and not (isolated_env / looped.name).is_symlink()
+
+
 @pytest.fixture
 def no_download(monkeypatch):
     """Make any download attempt fail the test loudly."""
