@@ -578,8 +578,9 @@ def download_mnist(
 ) -> Path:
     """Download whichever MNIST files are missing from, or bad in, ``cache_dir``.
 
-    A file already there is kept when the md5 of its decompressed content
-    matches; otherwise it is downloaded again and atomically replaced.
+    A file already there, gzip'd or decompressed, is kept when the md5 of its
+    decompressed content matches; otherwise the .gz is downloaded again and
+    atomically replaced.
 
     Args:
         cache_dir: the folder; default :func:`default_cache_dir`.
@@ -597,13 +598,15 @@ def download_mnist(
     for name in _check_file_names(files):
         info = MNIST_FILES[name]
         dest = folder / info["filename"]
-        if dest.is_file():
+        # The file load_mnist would read: the .gz, else its decompressed twin (which a fresh .gz shadows).
+        present = _find_file(folder, name)
+        if present is not None:
             try:
-                if _content_md5(dest, _content_size(info)) == info["md5"]:
+                if _content_md5(present, _content_size(info)) == info["md5"]:
                     continue
             except DataError:
                 pass
-            log.warning("%s is corrupt or not the official file; downloading it again", dest)
+            log.warning("%s is corrupt or not the official file; downloading it again", present)
         download_file([base + info["filename"] for base in bases], dest, info["md5"],
                       retries=retries, timeout=timeout, progress=progress, backoff=backoff, size=_content_size(info))
     return folder

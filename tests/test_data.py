@@ -927,6 +927,24 @@ def test_download_mnist_fetches_only_missing_or_bad(mnist_mirror, tmp_path):
     data.read_idx(cache / "train-images-idx3-ubyte.gz", data.MNIST_FILES["train-images"]["md5"])
 
 
+def test_download_mnist_keeps_good_decompressed_files(mnist_mirror, tiny_mnist, tmp_path):
+    # A folder of the decompressed files (which load_mnist reads) had all four fetched again as .gz:
+    # `pscnn download` failed offline on a folder that trains fine.
+    server, _ = mnist_mirror
+    _, _, raw = tiny_mnist
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for name, info in data.MNIST_FILES.items():
+        (folder / info["filename"].removesuffix(".gz")).write_bytes(raw[name])
+    assert data.download_mnist(folder, mirrors=server.url("/mnist/"), progress=False) == folder
+    assert sum(server.hits.values()) == 0 and not list(folder.glob("*.gz"))
+    # A corrupt one is still replaced: by the .gz, which load_mnist then reads first.
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"corrupted")
+    data.download_mnist(folder, mirrors=server.url("/mnist/"), progress=False)
+    assert dict(server.hits) == {"/mnist/t10k-labels-idx1-ubyte.gz": 1}
+    assert data.load_mnist("test", folder, download=False)[1].shape == (data.MNIST_FILES["test-labels"]["count"],)
+
+
 def test_pscnn_download_fills_the_cache_and_prints_it(mnist_mirror, monkeypatch, isolated_env, tmp_path, capsys):
     from pscnn.cli import main
     server, arrays = mnist_mirror
