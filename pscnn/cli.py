@@ -803,7 +803,8 @@ def _dispatch(args) -> int:
         return run_from_args(args)
     if cmd == "download":
         from cnn_core.data import download_mnist  # noqa: PLC0415
-        print(download_mnist(args.dir, progress=not args.no_progress))
+        # Absolute: what it prints is for MNIST_DIR, read from other folders too.
+        print(download_mnist(args.dir, progress=not args.no_progress).absolute())
         return 0
     if cmd == "status":
         from worker.client import status_from_args  # noqa: PLC0415

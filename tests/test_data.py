@@ -964,6 +964,20 @@ def test_pscnn_download_fills_the_cache_and_prints_it(mnist_mirror, monkeypatch,
     assert capsys.readouterr().out == f"{folder}\n" and len(os.listdir(folder)) == 4
 
 
+def test_pscnn_download_prints_an_absolute_folder(mnist_mirror, monkeypatch, tmp_path, capsys):
+    # It printed "--dir mnist" back as "mnist": MNIST_DIR=$(pscnn download --dir mnist) then named
+    # nothing from any other folder (a Compose file, a test run from elsewhere).
+    from pscnn.cli import main
+    server, _ = mnist_mirror
+    monkeypatch.setenv("PSCNN_MNIST_MIRRORS", server.url("/mnist"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["download", "--dir", "mnist", "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'mnist'}\n"
+    monkeypatch.setenv("PSCNN_CACHE_DIR", "mnist")
+    assert main(["download", "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'mnist'}\n"
+
+
 def test_pscnn_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
     from pscnn.cli import main
     monkeypatch.setenv("PSCNN_MNIST_MIRRORS", "http://127.0.0.1:1/closed/")
