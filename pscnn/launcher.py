@@ -300,10 +300,11 @@ def run_from_args(args) -> int:
     # A folder another run (or server) writes: its server refused it, but only after this run's
     # clients had started and its logs had gone into that run's logs/, whose tail was then the report.
     check_folder_free(args.out)
-    # The test set (the evaluator's, or the server's to score the final weights with --no-evaluator),
-    # checked as they would at their start: a bad MNIST folder is one line, before any process starts,
-    # not the server's log tail after every child was started.
-    check_local_setup(args.device, args.mnist_dir, "test")
+    # The training set (the workers') and the test set (the evaluator's, or the server's to score the
+    # final weights with --no-evaluator), checked as they would at their start: a bad MNIST folder is
+    # one line, before any process starts, not the log tails of children that all died.
+    for split in ("train", "test"):
+        check_local_setup(args.device, args.mnist_dir, split)
     if args.resume:     # every check the server's --resume makes, here, before anything starts
         ParameterServer(cfg)
     elif (warning := unfinished_run_warning(args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
+from cnn_core.data import MNIST_FILES
 from pscnn import launcher
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
@@ -80,6 +81,7 @@ def children_left_running(port: int) -> list[int]:
 # read the test set before it starts.
 RUN_WITH_EVALUATOR_DIR = """
 import os, sys
+from cnn_core.data import MNIST_FILES
 from pscnn import launcher
 start = launcher.LocalCluster.start_evaluator
 def start_evaluator(self, flags=(), name="evaluator"):
@@ -482,17 +484,27 @@ def test_a_local_cluster_tells_its_children_to_follow_it(tmp_path):
         assert cluster.env["PSCNN_LAUNCHER_PID"] == str(os.getpid())
 
 
-def test_a_missing_mnist_folder_is_one_line_before_anything_starts(tmp_path):
+@pytest.mark.parametrize("files", [None, ["test-images", "test-labels"]], ids=["no-folder", "test-set-only"])
+def test_a_missing_mnist_folder_is_one_line_before_anything_starts(tmp_path, files, request):
     """--mnist-dir naming no folder: every child was started, and the user got three lines (the start
     line, "the server exited with 1; last lines of its log:", the reason).  Now `pscnn run` checks
-    the test set as the server and the evaluator would, and says why on one line, starting nothing."""
-    missing, port = tmp_path / "no-such-folder", free_port()
-    argv = [sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--model", "light", "--mnist-dir", str(missing),
+    the MNIST folder as the server, the workers and the evaluator would, and says why on one line,
+    starting nothing.  (A folder holding only the test set started them all: the workers died.)"""
+    folder, port = tmp_path / "mnist", free_port()
+    if files is None:
+        expected = f"{folder}: MNIST folder does not exist or is not a folder"
+    else:       # the server reads the test set at its start: the real one
+        real = Path(request.getfixturevalue("mnist_dir"))
+        folder.mkdir()
+        for name in files:
+            (folder / MNIST_FILES[name]["filename"]).symlink_to(real / MNIST_FILES[name]["filename"])
+        expected = f"{folder}: MNIST folder lacks train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"
+    argv = [sys.executable, "-m", "pscnn.cli", "run", "--workers", "1", "--model", "light", "--mnist-dir", str(folder),
             "--out", str(tmp_path / "run"), "--port", str(port), "--no-progress"]
     try:
         run = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     finally:
         leftovers = children_left_running(port)
     assert run.returncode == 1, run.stderr[-3000:]
-    assert run.stderr.strip().splitlines() == [f"pscnn: error: {missing}: MNIST folder does not exist or is not a folder"]
-    assert not leftovers and not (tmp_path / "run" / "logs").exists()
+    assert run.stderr.strip().splitlines() == [f"pscnn: error: {expected}"]
+    assert not leftovers and not (tmp_path / "run").exists()
