@@ -636,6 +636,9 @@ def _mirror_list(mirrors) -> list[str]:
         env = os.environ.get("PSCNN_MNIST_MIRRORS")
         if env is not None and env.strip():
             mirrors = [m.strip() for m in env.split(",") if m.strip()]
+            if not mirrors:     # only commas: say which setting, not "got []"
+                raise ConfigError(f"PSCNN_MNIST_MIRRORS={env!r} names no mirror: set it to comma-separated "
+                                  f"base URLs, or unset it")
         else:
             mirrors = DEFAULT_MIRRORS
     elif isinstance(mirrors, str):  # one mirror, not a sequence of characters

@@ -978,6 +978,16 @@ def test_pscnn_download_prints_an_absolute_folder(mnist_mirror, monkeypatch, tmp
     assert capsys.readouterr().out == f"{tmp_path / 'mnist'}\n"
 
 
+def test_pscnn_download_names_a_mirror_variable_without_a_url(monkeypatch, tmp_path, capsys):
+    # It said "mirrors must be one or more base URLs, got []": no word of the variable that was wrong.
+    from pscnn.cli import main
+    monkeypatch.setenv("PSCNN_MNIST_MIRRORS", " , ")
+    assert main(["download", "--dir", str(tmp_path / "d"), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "pscnn: error: PSCNN_MNIST_MIRRORS=' , ' names no mirror: set it to comma-separated base URLs, or unset it"
+    assert not (tmp_path / "d").exists()
+
+
 def test_pscnn_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
     from pscnn.cli import main
     monkeypatch.setenv("PSCNN_MNIST_MIRRORS", "http://127.0.0.1:1/closed/")
