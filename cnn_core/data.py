@@ -603,6 +603,9 @@ def download_mnist(
         if present is not None:
             try:
                 if _content_md5(present, _content_size(info)) == info["md5"]:
+                    # download_file's cleanup never runs for a file kept: a downloader
+                    # killed before another one finished left its temporary file for good.
+                    _remove_abandoned_parts(dest)
                     continue
             except DataError:
                 pass

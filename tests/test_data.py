@@ -927,6 +927,22 @@ def test_download_mnist_fetches_only_missing_or_bad(mnist_mirror, tmp_path):
     data.read_idx(cache / "train-images-idx3-ubyte.gz", data.MNIST_FILES["train-images"]["md5"])
 
 
+def test_download_mnist_removes_abandoned_temporaries_of_files_it_keeps(mnist_mirror, tmp_path):
+    # Only a download of the file removed them: a downloader killed within the hour before
+    # another one finished left its temporary file (9 MB for the training images) for good.
+    server, _ = mnist_mirror
+    cache = data.download_mnist(tmp_path / "c", mirrors=server.url("/mnist/"), progress=False)
+    abandoned = cache / ".train-images-idx3-ubyte.gz.4242.0a1b2c3d.part"
+    live = cache / ".t10k-images-idx3-ubyte.gz.4343.0a1b2c3d.part"      # another process may be writing it
+    for path in (abandoned, live):
+        path.write_bytes(b"half a download")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    data.download_mnist(cache, mirrors=server.url("/mnist/"), progress=False)
+    assert all(n == 1 for n in server.hits.values())        # nothing fetched again
+    assert not abandoned.exists() and live.exists()
+
+
 def test_download_mnist_keeps_good_decompressed_files(mnist_mirror, tiny_mnist, tmp_path):
     # A folder of the decompressed files (which load_mnist reads) had all four fetched again as .gz:
     # `pscnn download` failed offline on a folder that trains fine.
