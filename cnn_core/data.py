@@ -655,7 +655,8 @@ def _mirror_list(mirrors) -> list[str]:
 # --------------------------------------------------------------------------- #
 # Locating the data
 # --------------------------------------------------------------------------- #
-def resolve_mnist_dir(mnist_dir=None, download: bool = True, *, files: Iterable[str] | None = None) -> Path:
+def resolve_mnist_dir(mnist_dir=None, download: bool = True, *, files: Iterable[str] | None = None,
+                      progress: bool = True) -> Path:
     """The folder to read MNIST from, downloading into the cache if needed.
 
     Precedence: ``mnist_dir`` > ``$MNIST_DIR`` > :func:`default_cache_dir`.
@@ -667,15 +668,16 @@ def resolve_mnist_dir(mnist_dir=None, download: bool = True, *, files: Iterable[
         mnist_dir: a folder holding the files, or ``None``.
         download: fetch files missing from the cache (else raise).
         files: logical names that must be present; default all four.
+        progress: a download shows its progress bar (only on a terminal).
 
     Raises:
         DataError: a given folder does not exist or lacks a file (the message
             names both), or the cache lacks one and ``download`` is false.
     """
-    return _resolve(mnist_dir, download, _check_file_names(files))[0]
+    return _resolve(mnist_dir, download, _check_file_names(files), progress)[0]
 
 
-def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
+def _resolve(mnist_dir, download: bool, names: list[str], progress: bool) -> tuple[Path, bool]:
     """``(folder, is_cache)``; see :func:`resolve_mnist_dir`."""
     if mnist_dir is not None or os.environ.get("MNIST_DIR"):
         # Given by the caller (--mnist-dir, PSCNN_MNIST_DIR), or else by MNIST_DIR: say which.
@@ -698,7 +700,7 @@ def _resolve(mnist_dir, download: bool, names: list[str]) -> tuple[Path, bool]:
             missing = ", ".join(MNIST_FILES[n]["filename"] for n in missing_names)
             raise DataError(f"{folder}: MNIST cache lacks {missing} and download=False "
                             f"(set MNIST_DIR to a folder holding the files, or allow downloading)")
-        download_mnist(folder, files=missing_names)
+        download_mnist(folder, files=missing_names, progress=progress)
     return folder, True
 
 
@@ -771,6 +773,7 @@ def load_mnist(
     dtype="float32",
     normalize: bool = True,
     download: bool = True,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load one split of MNIST, verified against the official md5 digests.
 
@@ -783,6 +786,7 @@ def load_mnist(
         normalize: scale images with :func:`normalize`; when false the
             images are the raw uint8 pixels (``dtype`` is then unused).
         download: allow downloading missing files into the cache.
+        progress: a download shows its progress bar (only on a terminal).
 
     Returns:
         ``(x, y)``: ``x`` of shape ``(N, 1, 28, 28)`` (``dtype``, or uint8
@@ -795,10 +799,10 @@ def load_mnist(
     if normalize:
         resolve_dtype(dtype)  # fail on a bad dtype before reading 47 MB
     names = [f"{split}-images", f"{split}-labels"]
-    folder, is_cache = _resolve(mnist_dir, download, names)
+    folder, is_cache = _resolve(mnist_dir, download, names, progress)
 
-    images = _read_mnist_file(folder, names[0], repair=is_cache and download)
-    labels = _read_mnist_file(folder, names[1], repair=is_cache and download)
+    images = _read_mnist_file(folder, names[0], repair=is_cache and download, progress=progress)
+    labels = _read_mnist_file(folder, names[1], repair=is_cache and download, progress=progress)
     if labels.max(initial=0) >= NUM_CLASSES:
         raise DataError(f"{_find_file(folder, names[1])}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}")
     if len(images) != len(labels):  # only possible with patched MNIST_FILES counts
@@ -810,7 +814,7 @@ def load_mnist(
     return x, labels.astype(np.int64)
 
 
-def _read_mnist_file(folder: Path, name: str, repair: bool) -> np.ndarray:
+def _read_mnist_file(folder: Path, name: str, repair: bool, progress: bool) -> np.ndarray:
     """Read and check one MNIST file; a bad file in the cache is downloaded again once."""
     info = MNIST_FILES[name]
     path = _find_file(folder, name)
@@ -825,7 +829,7 @@ def _read_mnist_file(folder: Path, name: str, repair: bool) -> np.ndarray:
         log.warning("%s; downloading it again", exc)
         # No unlink: download_mnist replaces a bad .gz atomically (another
         # process may be reading it), and a fresh .gz shadows a bad raw twin.
-        download_mnist(folder, files=[name])
+        download_mnist(folder, files=[name], progress=progress)
         path = folder / info["filename"]
         arr = read_idx(path, **checks)
     return arr

@@ -185,9 +185,9 @@ def train(config: dict, progress: bool = True) -> dict:
     ``device`` ("cpu"/"gpu"), ``out`` (run folder), ``log_every`` (updates
     between "step" records), ``threads`` (recorded only).
 
-    ``progress`` shows a tqdm bar per epoch when stderr is a terminal; without
-    a bar, each "step" record is also logged at INFO level, so container logs
-    still show the run advancing.
+    ``progress`` shows a tqdm bar per epoch (and per MNIST file downloaded)
+    when stderr is a terminal; without a bar, each "step" record is also
+    logged at INFO level, so container logs still show the run advancing.
 
     Returns the summary exactly as written to summary.json (plain JSON types).
 
@@ -205,8 +205,8 @@ def train(config: dict, progress: bool = True) -> dict:
     # Build the model before reading 47 MB of data: a bad spec or a missing GPU fails at once.
     model = build_model(cfg["model"], seed=cfg["seed"], device=cfg["device"])
     check_model_fits_mnist(model)
-    x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None)
-    x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None)
+    x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None, progress=progress)
+    x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None, progress=progress)
     planned_updates = cfg["epochs"] * batches_per_epoch(len(x_train), cfg["batch_size"])   # as iterate_batches
     optimizer = _build_optimizer(cfg["optimizer"], planned_updates)
     cfg["optimizer"] = optimizer.config()    # every hyperparameter, defaults and schedule lengths filled in

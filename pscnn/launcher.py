@@ -304,7 +304,7 @@ def run_from_args(args) -> int:
     # final weights with --no-evaluator), checked as they would at their start: a bad MNIST folder is
     # one line, before any process starts, not the log tails of children that all died.
     for split in ("train", "test"):
-        check_local_setup(args.device, args.mnist_dir, split)
+        check_local_setup(args.device, args.mnist_dir, split, progress=not args.no_progress)
     if args.resume:     # every check the server's --resume makes, here, before anything starts
         ParameterServer(cfg)
     elif (warning := unfinished_run_warning(args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):

@@ -1004,6 +1004,21 @@ def test_pscnn_download_names_a_mirror_variable_without_a_url(monkeypatch, tmp_p
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_no_progress_turns_off_the_download_bar_too(command, monkeypatch, tmp_path, capsys):
+    # --no-progress ("no progress bar") left the bars of the MNIST download before training on a terminal.
+    from pscnn.cli import main
+    asked = []
+
+    def record(urls, dest, digest, *args, progress=True, **kwargs):
+        asked.append(progress)
+        raise DataError(f"{dest}: offline")
+    monkeypatch.setattr(data, "download_file", record)
+    assert main([command, "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    assert asked == [False] and "offline" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_pscnn_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
     from pscnn.cli import main
     monkeypatch.setenv("PSCNN_MNIST_MIRRORS", "http://127.0.0.1:1/closed/")

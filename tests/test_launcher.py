@@ -345,7 +345,7 @@ def run_in_process(tmp_path, monkeypatch):
     for name in ("made", "codes", "hooks"):       # restored after the test: no hook outlives it
         monkeypatch.setattr(RecordingCluster, name, [] if name == "made" else {})
     monkeypatch.setattr(launcher, "LocalCluster", RecordingCluster)
-    monkeypatch.setattr(launcher, "check_local_setup", lambda *a: None)
+    monkeypatch.setattr(launcher, "check_local_setup", lambda *a, **kw: None)
     out = tmp_path / "run"
 
     def finished(cluster, bar):

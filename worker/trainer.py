@@ -142,16 +142,17 @@ def _refused_as_non_finite(exc: Exception, push: P.Message) -> bool:
     return not all(all_finite(backend.to_numpy(v).reshape(-1)) for v in arrays.values())
 
 
-def check_local_setup(device: str, mnist_dir, split: str | None) -> None:
+def check_local_setup(device: str, mnist_dir, split: str | None, progress: bool = True) -> None:
     """What a worker can check before it reaches the server: the device, and that the MNIST
-    ``split`` is there (downloaded into the cache if need be; None: no data needed).
+    ``split`` is there (downloaded into the cache if need be, with a progress bar on a terminal
+    if ``progress``; None: no data needed).
 
     A missing folder or GPU then fails at once, in one line, instead of after
     the connection (or after ``--give-up-after`` of retrying a server that is down).
     """
     backend.array_module(device)
     if split is not None:
-        resolve_mnist_dir(mnist_dir, files=[f"{split}-images", f"{split}-labels"])
+        resolve_mnist_dir(mnist_dir, files=[f"{split}-images", f"{split}-labels"], progress=progress)
 
 
 def _finite_or_none(loss) -> float | None:
