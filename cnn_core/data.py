@@ -140,6 +140,9 @@ _IDX_DTYPES = {
 # What the magic numbers of the MNIST release hold, for messages naming a file of the wrong kind.
 _MNIST_KINDS = {0x00000801: "labels", 0x00000803: "images"}
 
+# What a path is that lstat finds and stat does not, for messages.
+_BROKEN_LINK = "a broken symbolic link (its target is missing, or a loop)"
+
 
 # --------------------------------------------------------------------------- #
 # IDX files
@@ -383,7 +386,8 @@ def download_file(
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:     # mkdir says no more than "File exists"
-        raise DataError(f"{dest.parent}: is a file, not a folder to download into") from None
+        what = _BROKEN_LINK if dest.parent.is_symlink() and not dest.parent.exists() else "a file"
+        raise DataError(f"{dest.parent}: is {what}, not a folder to download into") from None
     except OSError as exc:
         raise DataError(f"{dest.parent}: cannot create download folder: {_one_line(exc.strerror or exc)}") from None
 
@@ -722,8 +726,7 @@ def _check_not_directories(folder: Path, names: list[str], broken_links: bool) -
             if path.exists():
                 raise DataError(f"{path}: is not a regular file, not the MNIST file {filename}")
             if broken_links and path.is_symlink():    # exists() follows the link: only lstat sees it
-                raise DataError(f"{path}: is a broken symbolic link (its target is missing, or a loop), "
-                                f"not the MNIST file {filename}")
+                raise DataError(f"{path}: is {_BROKEN_LINK}, not the MNIST file {filename}")
 
 
 def _find_file(folder: Path, name: str) -> Path | None:

@@ -1056,6 +1056,17 @@ def test_pscnn_download_into_a_file_says_it_is_one(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"pscnn: error: {a_file}: is a file, not a folder to download into"
 
 
+@pytest.mark.parametrize("target", ["absent/folder", "link"], ids=["dangling", "loop"])
+def test_pscnn_download_into_a_broken_link_says_it_is_one(target, tmp_path, capsys):
+    # it said "is a file, not a folder to download into"
+    from pscnn.cli import main
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / target)
+    assert main(["download", "--dir", str(link), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == (f"pscnn: error: {link}: is a broken symbolic link (its target is "
+                                               f"missing, or a loop), not a folder to download into")
+
+
 # --------------------------------------------------------------------------- #
 # shuffling and batching
 # --------------------------------------------------------------------------- #
