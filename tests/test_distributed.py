@@ -412,13 +412,15 @@ def test_diverging_run_stops_with_a_clear_error(cluster, mnist_dir, mode):
 
 
 def test_pscnn_run_stops_when_every_worker_died(tmp_path, mnist_dir):
-    """Workers that cannot start (no training set: the server has the test set it checks at
-    its start) leave nobody to train: `pscnn run` says so and exits 1 instead of waiting on
-    the server forever."""
-    out, empty = tmp_path / "run", tmp_path / "test-set-only"
+    """Workers that cannot start (a corrupt training set: `pscnn run` checks that the files are
+    there, and the server the test set it reads at its start) leave nobody to train: `pscnn run`
+    says so and exits 1 instead of waiting on the server forever."""
+    out, empty = tmp_path / "run", tmp_path / "corrupt-training-set"
     empty.mkdir()
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         shutil.copy(Path(mnist_dir) / name, empty / name)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (empty / name).write_bytes(b"not gzip")
     port = free_port()
     try:
         proc = subprocess.run(
