@@ -17,7 +17,8 @@ What it does per message type (see ``pscnn/protocol.py``):
 
 Reliability: every client request carries (worker id, sequence number).  A
 request seen again (a client resend) gets the cached reply, or nothing while
-its reply is still parked, so a retried push is never applied twice.
+its reply is still parked, so a retried push is never applied twice; one under
+an older number (a late duplicate, a hello too) is ignored.
 Liveness: any message counts as a heartbeat; a worker silent for
 ``peer_timeout`` is declared dead and its leases go back to the queue; a lease
 older than ``lease_timeout`` is requeued too.
@@ -656,6 +657,11 @@ class ParameterServer:
             self._reject(rid, msg, P.ProtocolError("hello: 'wid' (the client id) must not be empty"))
             return
         old = self.peers.get(wid)
+        if old is not None and msg.seq < old.last_seq:
+            # A resend of its hello, arriving after its next request (over a connection it has
+            # since replaced): taken as a new hello it dropped the peer and requeued its leases.
+            log.debug("ignoring late duplicate hello seq %d from %s", msg.seq, old.name)
+            return
         if old is not None and old.last_seq == msg.seq:
             if old.last_type != P.HELLO:
                 self._reject(rid, msg, _seq_reused(msg, old))

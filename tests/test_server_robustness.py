@@ -1271,6 +1271,25 @@ def test_a_hello_under_a_used_sequence_number_is_refused(server):
     t.bye()
 
 
+def test_a_late_duplicate_hello_is_ignored_and_the_peer_keeps_its_lease(server):
+    """A resend of the hello arriving after the client's next request (over an old
+    connection) is a late duplicate, as any older sequence number: no answer, and the
+    peer is not dropped and joined again, which gave its leased batch to the queue."""
+    t = server.client("trainer")
+    task = t.work()
+    since = server.log_size()
+    held = server.status()["in_flight"]
+    hello = {"role": "trainer", "name": t.wid, "pid": 1, "host": "test"}
+    t.send(t.frames(P.HELLO, hello, seq=1))
+    assert t.recv(timeout=0.7) is None
+    assert server.status()["in_flight"] == held
+    reply = t.call(P.PUSH, push_body(task), grads_like(task.arrays))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
+    t.bye()
+    server.wait_log(rf"trainer {re.escape(t.wid)} left", since)
+    assert "rejoined" not in server.log_path.read_bytes()[since:].decode(errors="replace")
+
+
 def test_a_retried_push_is_applied_once_and_gets_the_cached_reply(server):
     t = server.client("trainer")
     task = t.work()
