@@ -213,13 +213,13 @@ def decode(frames) -> Message:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     if not nests_within(header, MAX_DEPTH):     # before anything formats it
         raise ProtocolError(f"header nests maps and lists more than {MAX_DEPTH} deep")
-    unknown = sorted(set(header) - {"v", "type", "wid", "seq", "body", "arrays"}, key=repr)
-    if unknown:
-        raise ProtocolError(f"header has unknown keys {unknown}"[:200])
-    version = header.get("v")
+    version = header.get("v")       # first: another version's header may have other keys
     if not _is_int(version) or version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}"[:100] + f" is not supported (this side speaks "
                             f"{PROTOCOL_VERSION})", "bad_version")
+    unknown = sorted(set(header) - {"v", "type", "wid", "seq", "body", "arrays"}, key=repr)
+    if unknown:
+        raise ProtocolError(f"header has unknown keys {unknown}"[:200])
     mtype = header.get("type")
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"unknown message type {mtype!r}"[:200], "unknown_type")

@@ -85,12 +85,12 @@ SILENCE = None                              # no answer: the client resends, the
 class Unchecked:
     """A reply whose header is packed by hand: what pscnn.protocol would refuse to build."""
 
-    def __init__(self, mtype: str, body: dict):
-        self.mtype, self.body = mtype, body
+    def __init__(self, mtype: str, body: dict, **header):
+        self.mtype, self.body, self.header = mtype, body, header     # header: keys to add or override
 
     def frames(self, seq: int) -> list:
         return [msgpack.packb({"v": P.PROTOCOL_VERSION, "type": self.mtype, "wid": "", "seq": seq,
-                               "body": self.body, "arrays": []}, use_bin_type=True)]
+                               "body": self.body, "arrays": [], **self.header}, use_bin_type=True)]
 
 
 # ---------------------------------------------------------------- the fake server
@@ -718,6 +718,32 @@ def test_giving_up_on_malformed_replies_says_they_were_malformed(fake):
             client.request(P.WORK)
     finally:
         client.close()
+
+
+def test_a_server_of_another_protocol_version_is_one_line_at_once(fake):
+    """Its replies never become ours: the client resent its hello for --give-up-after (600 s
+    by default), then said "no usable answer", naming a header key of the newer version."""
+    newer = P.PROTOCOL_VERSION + 1
+    server = fake(hello=[Unchecked(P.ERROR, {"code": "bad_version", "message": "not supported"}, v=newer, flags=0)])
+    client = Client(server.endpoint, "trainer", give_up_after=GIVE_UP_S, heartbeat=False)
+    try:
+        with pytest.raises(BadReply, match=rf"answered our hello in another protocol version: protocol version "
+                                           rf"{newer} is not supported \(this side speaks {P.PROTOCOL_VERSION}\)"):
+            client.connect()
+    finally:
+        client.close()
+    assert len(server.of_type(P.HELLO)) == 1        # not resent
+
+
+def test_a_server_replaced_by_another_protocol_version_mid_run_is_one_error_not_two(fake, connect):
+    """The goodbye after that error is a courtesy: its own BadReply must not replace the first."""
+    newer = Unchecked(P.ERROR, {"code": "bad_version", "message": "not supported"}, v=P.PROTOCOL_VERSION + 1)
+    server = fake(work=[newer], bye=[newer])
+    client = connect(server)
+    with pytest.raises(BadReply, match="answered our work in another protocol version"):
+        client.request(P.WORK)
+    client.close(say_bye=True)
+    assert len(server.of_type(P.BYE)) == 1
 
 
 def test_a_long_backoff_does_not_make_the_give_up_late(fake, monkeypatch):

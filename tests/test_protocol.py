@@ -241,6 +241,9 @@ CASES = {
     "wrong version": ([_pack(_hdr(v=P.PROTOCOL_VERSION + 1))], "bad_version", "version"),
     "previous version (a frame per array)": ([_pack(_hdr(v=1))], "bad_version", "version"),
     "no version": ([_pack(_hdr(v=...))], "bad_version", "version"),
+    # a newer version may add header keys: its peer must hear of the version, not of a key
+    "another version with a header key of its own": ([_pack(_hdr(v=P.PROTOCOL_VERSION + 1, flags=0))],
+                                                     "bad_version", f"version {P.PROTOCOL_VERSION + 1}"),
     "version as bool": ([_pack(_hdr(v=True))], "bad_version", "version"),
     "version as float": ([_pack(_hdr(v=float(P.PROTOCOL_VERSION)))], "bad_version", "version"),
     "version as string": ([_pack(_hdr(v="1"))], "bad_version", "version"),
