@@ -10,8 +10,8 @@ A message is a ZeroMQ multipart message::
   "wid": sender id, "seq": int, "body": {...}, "arrays": [[name, dtype,
   shape], ...]}``.
 * one payload frame per dtype, in the order the dtypes first appear in
-  ``arrays``: the raw bytes of that dtype's arrays back to back, C order, in
-  ``arrays`` order.  A model (all float32) is one frame: the sender hands over
+  ``arrays``: the raw bytes of that dtype's arrays back to back, C order and
+  native byte order, in ``arrays`` order.  A model (all float32) is one frame: the sender hands over
   a :class:`~cnn_core.flat.FlatArrays` buffer without copying
   (``copy=False``), and the receiver gets read-only views of the ZeroMQ frame,
   as a FlatArrays when the message has one dtype.  A whole model is one frame
@@ -164,7 +164,7 @@ def encode(msg: Message) -> list:
     """
     _check_body(msg.type, msg.body)
     arrays = msg.arrays
-    if isinstance(arrays, FlatArrays) and isinstance(arrays.flat, np.ndarray):
+    if isinstance(arrays, FlatArrays) and isinstance(arrays.flat, np.ndarray) and arrays.flat.dtype.isnative:
         dtype = arrays.flat.dtype.name
         if dtype not in _DTYPES:
             raise ProtocolError(f"arrays: dtype {dtype} is not one of {ALLOWED_DTYPES}")
@@ -177,6 +177,9 @@ def encode(msg: Message) -> list:
             dtype = arr.dtype.name
             if dtype not in _DTYPES:
                 raise ProtocolError(f"array {name!r}: dtype {dtype} is not one of {ALLOWED_DTYPES}")
+            # The receiver reads native byte order, and a dtype's name does not say it ('>f4' is
+            # 'float32'): a big-endian array's bytes would arrive as other numbers.
+            arr = arr.astype(_DTYPES[dtype], copy=False)
             specs.append([name, dtype, list(arr.shape)])
             groups.setdefault(dtype, []).append(arr)
         # A frame is raw bytes: one array as is (copied only if not C-contiguous), several packed.

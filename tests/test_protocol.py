@@ -719,6 +719,18 @@ def test_an_empty_flat_arrays_sends_no_payload_frame_and_decodes():
     assert msg.type == P.ACK and len(msg.arrays) == 0
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["dict", "flat"])
+def test_a_big_endian_array_arrives_as_the_same_numbers(flat):
+    """A dtype's name does not say its byte order ('>f4' is 'float32'), and the receiver reads
+    native: a big-endian array's bytes went out as they lay, and arrived as other numbers."""
+    big = np.arange(3, dtype=">f4")
+    arrays = FlatArrays((("g", (3,)),), big) if flat else {"g": big, "h": np.arange(2, dtype=">i8")}
+    out = P.decode([bytes(memoryview(f)) for f in P.encode(P.Message(P.ACK, arrays=arrays))]).arrays
+    np.testing.assert_array_equal(out["g"], [0, 1, 2])
+    if not flat:
+        np.testing.assert_array_equal(out["h"], [0, 1])
+
+
 @pytest.mark.parametrize("layout", ["fortran", "strided"])
 def test_a_lone_non_c_contiguous_array_arrives_in_c_order_over_zeromq(pair, layout):
     """The only array of its dtype goes out as its own frame: a transposed (Fortran-ordered) or
