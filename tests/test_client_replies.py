@@ -668,6 +668,24 @@ def test_status_answered_by_something_else_names_the_endpoint(fake, capsys):
         "header is not valid msgpack"), err
 
 
+@pytest.mark.parametrize("progress, needle", [
+    ({"version": 1, b"epoch": 0}, "not supported between instances of 'bytes' and 'str'"),
+    ({"version": msgpack.ExtType(1, b"x")}, "Object of type bytes is not JSON serializable"),
+    ({"loss": float("nan")}, "Out of range float values are not JSON compliant"),
+])
+def test_status_whose_progress_is_not_json_is_one_line(fake, capsys, progress, needle):
+    """pscnn status prints the progress as JSON: a bytes key or an ext value was a traceback
+    from json.dumps, and a NaN printed as NaN, which no JSON reader takes."""
+    from pscnn.cli import main
+    server = fake(status=[Unchecked(P.STATUS, {"progress": progress})])
+    assert main(["status", "--server", server.endpoint, "--timeout", "5"]) == 1
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert not out and len(err) == 1, err
+    assert err[0].startswith(f"pscnn: error: {server.endpoint} answered a status request with a progress that "
+                             "is not JSON: ") and needle in err[0], err
+
+
 # ================================================================ what a worker checks before connecting
 
 @pytest.mark.parametrize("role", ["worker", "evaluator"])

@@ -38,6 +38,7 @@ answering them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket as pysocket
@@ -446,14 +447,19 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
             raise BadReply(f"{endpoint} answered a status request with {reply.type!r}"
                            + (f" ({P.one_line(reply.body['code'])}: {P.one_line(reply.body['message'])})"
                               if reply.type == P.ERROR else ""))
-        return reply.body.get("progress", {})
+        progress = reply.body.get("progress", {})
+        try:        # what pscnn status prints: strict JSON (a pscnn server sends nothing else)
+            json.dumps(progress, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise BadReply(f"{endpoint} answered a status request with a progress that is not JSON: "
+                           f"{P.one_line(exc, 200)}") from None
+        return progress
     finally:
         sock.close(linger=0)
 
 
 def status_from_args(args) -> int:
     """``pscnn status``: print the server's progress as JSON; exit 0 if it answered."""
-    import json  # noqa: PLC0415
     import sys  # noqa: PLC0415
     progress = query_status(args.server, args.timeout)
     if progress is None:
