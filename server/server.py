@@ -531,7 +531,7 @@ class ParameterServer:
         except Exception as exc:   # noqa: BLE001  (deliberately broad: see above)
             self.rejected["internal_error"] += 1
             rid = frames[0].bytes if frames else b""
-            log.error("internal error on a message from %s: %s: %s; still serving", rid.hex()[:16],
+            log.error("internal error on a message from %s: %s: %s; still serving", _sender(rid),
                       type(exc).__name__, " ".join(str(exc).split())[:300])
             log.debug("traceback", exc_info=True)
             try:
@@ -633,7 +633,7 @@ class ParameterServer:
             self._rejected_unlogged += 1
 
     def _reject(self, rid: bytes, msg, exc: P.ProtocolError) -> None:
-        who = msg.wid if msg is not None and msg.wid else rid.hex()[:16]
+        who = msg.wid if msg is not None and msg.wid else _sender(rid)
         self._rejected(exc.code, "rejected message from %s: %s", who, exc)
         self._send(rid, P.error(exc.code, str(exc), msg.seq if msg is not None else 0))
 
@@ -1575,6 +1575,17 @@ class ParameterServer:
                 "contributors": len(self.contributors), "declared_dead": self.drops["declared dead"],
                 "lease_requeues": self.work.requeued_total, "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}
+
+
+def _sender(rid: bytes) -> str:
+    """Who sent a message the server could not read, for its log line: a pscnn client's routing
+    id is its client id (printable text, told apart by its last 8 characters); one ZeroMQ made
+    up is 5 binary bytes, shown in hex."""
+    try:
+        text = rid.decode()
+    except UnicodeDecodeError:
+        text = ""
+    return text if text and text.isprintable() and len(text) <= P.MAX_NAME_LEN else rid.hex()[:16]
 
 
 def _seq_reused(msg: P.Message, peer: Peer) -> P.ProtocolError:

@@ -267,6 +267,24 @@ def test_undecodable_messages_are_answered_with_an_error(server, name):
     assert_unchanged(server, before)
 
 
+def test_a_message_that_cannot_be_read_is_logged_under_its_senders_client_id(server):
+    """A pscnn client's routing id is its client id: the log named every trainer by the first 8
+    bytes of it in hex ("747261696e65722d", for "trainer-"), so two of them (an older version's,
+    say) looked like one.  A routing id ZeroMQ made up (binary) is still shown in hex."""
+    older = [_hdr(v=P.PROTOCOL_VERSION - 1)]
+    for wid in ("trainer-hostA-11-aaaa1111", "trainer-hostB-22-bbbb2222"):
+        sock = server.client()
+        sock.sock.close(linger=0)
+        sock.sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.sock.setsockopt(zmq.LINGER, 0)
+        sock.sock.setsockopt(zmq.ROUTING_ID, wid.encode())
+        sock.sock.connect(server.endpoint)
+        expect_error(server, sock, older, "bad_version", "protocol version", log_needle=f"{wid}: protocol version")
+    _, line = expect_error(server, server.client(), older, "bad_version", "protocol version",
+                           log_needle=": protocol version")
+    assert re.search(r"rejected message from [0-9a-f]{10}: protocol version", line), line
+
+
 def test_unknown_worker_is_told_to_say_hello(server):
     before = snapshot(server)
     sock = server.client()
