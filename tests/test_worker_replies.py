@@ -239,8 +239,34 @@ def test_a_push_reports_the_time_held_as_waiting_and_the_rest_of_the_round_trip_
     monkeypatch.setattr(client, "_roundtrip", round_trip_of_half_a_second)
     assert trainer_on(client).loop() == 0
     first, second = (push.body["timing"] for push in server.of_type(P.PUSH))
-    assert (first["comm_s"], first["wait_s"]) == (0.0, 0.0)             # no round trip before the first
+    assert (first["comm_s"], first["wait_s"]) == (0.5, 0.0)             # the work request's round trip
     assert second["wait_s"] == 0.2 and second["comm_s"] == pytest.approx(0.3)
+
+
+@LOOPS
+@pytest.mark.parametrize("after", ["a work request", "a push"])
+def test_the_time_slept_on_a_wait_and_the_work_requests_after_it_count_in_the_next_push(
+        fake, connect, monkeypatch, overlapped, after):
+    """An async epoch draining: the server answers "wait", the trainer sleeps and asks again.  That
+    time went unreported (the next push counted the last push's round trip alone), so a worker
+    idle at every epoch's end reported no waiting at all."""
+    # Two waits for the pushes: overlapped, it sleeps only with no push in flight (the second's).
+    replies = {"work": [wait(0.3), task()], "push": [STOP]} if after == "a work request" else \
+              {"work": [task()], "push": [wait(0.3), wait(0.3), STOP]}
+    server = fake(**replies)
+    client = connect(server)
+    roundtrip = client._roundtrip
+
+    def round_trip_of_a_tenth_of_a_second(*args, **kwargs):
+        reply = roundtrip(*args, **kwargs)
+        client.last_rtt_s = 0.1
+        return reply
+    monkeypatch.setattr(client, "_roundtrip", round_trip_of_a_tenth_of_a_second)
+    assert run_loop(trainer_on(client), overlapped) == 0
+    timing = server.of_type(P.PUSH)[-1].body["timing"]
+    assert timing["wait_s"] == pytest.approx(0.3)
+    if not overlapped:          # its pushes' time is the time it waited on them, not their round trip
+        assert timing["comm_s"] == pytest.approx(0.2)      # two round trips: work, work (or push, work)
 
 
 @LOOPS

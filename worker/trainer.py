@@ -9,9 +9,11 @@ three integers.  Its dropout masks are seeded from the
 same triple (``Model.reseed``): a batch's gradient is a function of the
 weights and the batch, whichever worker computes it.
 
-Each push reports the batch's compute time and the previous round trip split
-into communication (``rtt - held``) and waiting (``held``: time the server
-parked the request at a sync barrier or an SSP bound).
+Each push reports the batch's compute time and the time from the previous push
+to this batch's task (the push's round trip, and any work requests and waits
+after it) split into communication (``rtt - held``) and waiting (``held``: time
+the server parked a request at the start or a sync barrier or an SSP bound,
+and the time slept on its "wait" replies, as when an async epoch drains).
 
 With ``--overlap`` (async) a trainer holds two leases and computes one batch
 while the push of the other travels (:meth:`Trainer.loop_overlapped`).
@@ -153,6 +155,11 @@ def check_local_setup(device: str, mnist_dir, split: str | None, progress: bool 
     backend.array_module(device)
     if split is not None:
         resolve_mnist_dir(mnist_dir, files=[f"{split}-images", f"{split}-labels"], progress=progress)
+
+
+def _no_time() -> dict:
+    """A push's ``timing`` of communication and waiting before anything is counted."""
+    return {"comm_s": 0.0, "wait_s": 0.0}
 
 
 def _finite_or_none(loss) -> float | None:
@@ -318,7 +325,7 @@ class Trainer:
         """
         failures = FailureStreak(self.client.endpoint)
         self._refused_pushes = 0
-        timing = {"comm_s": 0.0, "wait_s": 0.0}
+        timing = _no_time()                 # since the last push: what the next one reports
         reply = None                        # None: ask for work
         push = None                         # the push that reply (or the failure) answers; None: a work request
         while True:
@@ -326,12 +333,12 @@ class Trainer:
                 if reply is None:
                     push = None
                     reply = self.client.request(P.WORK)
+                    self._add_round_trip(timing, self.check_held(reply))
                 if reply.type == P.STOP:
                     return self._stopped(reply)
                 if reply.type == P.WAIT:
-                    self.check_held(reply)
                     self._usable(failures, reply, push is not None)
-                    time.sleep(retry_delay(reply))
+                    self._sleep_on(reply, timing)
                     reply = None
                     continue
                 body = self.check_task(reply)
@@ -340,11 +347,11 @@ class Trainer:
                     self.model.assign(reply.arrays)
                 result, arrays = self.compute(body)
                 push = P.Message(P.PUSH, body=self._push_body(body, result, timing), arrays=arrays)
+                timing = _no_time()
                 reply = None                # a refused push: ask for new work
                 reply = self.client.request(P.PUSH, push.body, push.arrays)
                 self._count(result)
-                held = self.check_held(reply)
-                timing = {"comm_s": max(0.0, self.client.last_rtt_s - held), "wait_s": held}
+                self._add_round_trip(timing, self.check_held(reply))
             except Rejoined as exc:
                 self._failed(failures, exc, push, "asking for new work")    # a server that forgets us every time
                 self.setup(exc.welcome)
@@ -352,6 +359,19 @@ class Trainer:
             except (ServerError, BadReply) as exc:
                 self._failed(failures, exc, push, "asking for new work")
                 reply = None
+
+    def _add_round_trip(self, timing: dict, held: float) -> None:
+        """Add the last request's round trip to ``timing``: ``held`` (the server parked it) is
+        waiting, the rest communication."""
+        timing["comm_s"] += max(0.0, self.client.last_rtt_s - held)
+        timing["wait_s"] += held
+
+    @staticmethod
+    def _sleep_on(wait: P.Message, timing: dict) -> None:
+        """Sleep as the server's ``wait`` asks; that time is waiting too."""
+        delay = retry_delay(wait)
+        time.sleep(delay)
+        timing["wait_s"] += delay
 
     def _count(self, result: dict) -> None:
         """One more batch pushed (counted when sent; both loops report these at the end)."""
@@ -386,7 +406,7 @@ class Trainer:
         tasks: list[dict] = []              # leased, not yet computed
         pending = None                      # the push in flight
         more = True                         # False after a "wait": compute what we hold first
-        timing = {"comm_s": 0.0, "wait_s": 0.0}
+        timing = _no_time()                 # since the last push: what the next one reports
         version = 0                         # of the weights the model holds: a task's, or a later one's
         while True:
             push = None                     # the push that reply (or the failure) answers; None: a work request
@@ -402,27 +422,29 @@ class Trainer:
                     reply = None
                     if pending is not None:
                         push = pending.msg
-                        reply, timing = self._collect(pending)
+                        reply = self._collect(pending, timing)
                         if reply is not None and reply.type == P.STOP:    # over: no push for this batch
                             return self._stopped(reply)
                     pending = self.client.submit(P.PUSH, self._push_body(task, result, timing), arrays)
+                    timing = _no_time()
                     self._count(result)
                 else:                                             # nothing to compute: wait for the push
                     push = pending.msg
-                    (reply, timing), pending = self._collect(pending), None
+                    reply, pending = self._collect(pending, timing), None
                 if reply is None:
                     continue
                 if reply.type == P.STOP:                          # a push still in flight is moot
                     return self._stopped(reply)
                 try:
-                    if reply.type == P.WAIT:
-                        self.check_held(reply)
-                    else:
+                    held = self.check_held(reply)
+                    if reply.type != P.WAIT:
                         tasks.append(self.check_task(reply))
                 except BadReply as exc:
                     self._failed(self._failures, exc, push, "going on")
                     more = False
                     continue
+                if push is None:                    # a work request's round trip (_collect timed a push's)
+                    self._add_round_trip(timing, held)
                 self._usable(self._failures, reply, push is not None)
                 if reply.arrays:
                     self.model.assign(reply.arrays)
@@ -430,17 +452,19 @@ class Trainer:
                     version = reply.body["version"]
                 more = reply.type == P.TASK
                 if reply.type == P.WAIT and not tasks and pending is None:
-                    time.sleep(retry_delay(reply))
+                    self._sleep_on(reply, timing)
             except Rejoined as exc:                               # the server forgot our leases
                 self._failed(self._failures, exc, push, "asking for new work")
                 self.setup(exc.welcome)
                 tasks, pending, more = [], None, True
 
-    def _collect(self, pending) -> tuple[P.Message | None, dict]:
-        """The answer to the push in flight (None if rejected), and the time spent waiting for it."""
+    def _collect(self, pending, timing: dict) -> P.Message | None:
+        """The answer to the push in flight (None if rejected); the time spent waiting for it
+        is added to ``timing``'s communication."""
         waited = time.perf_counter()
         reply = self._answer_or_none(pending.result, push=pending.msg)
-        return reply, {"comm_s": time.perf_counter() - waited, "wait_s": 0.0}
+        timing["comm_s"] += time.perf_counter() - waited
+        return reply
 
     def _answer_or_none(self, call, *args, push: P.Message | None = None) -> P.Message | None:
         """``call(*args)``, or None when the server refused it (counted in the failure streak;
