@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -30,8 +31,8 @@ from pscnn import protocol as P
 from pscnn.launcher import child_env
 import test_client_replies
 from helpers import exit_error_line
-from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, error, pscnn,
-                                 run_loop, task, trainer_on, wait, welcome)
+from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, Unchecked, error,
+                                 pscnn, run_loop, task, trainer_on, wait, welcome)
 from worker import evaluator as evaluator_module
 from worker.client import BadReply, TooManyFailures
 from worker.evaluator import FinalReportRefused, run_evaluator
@@ -519,3 +520,27 @@ def test_a_worker_stopped_by_a_signal_says_goodbye(fake, mnist_dir, role, how):
     assert "Traceback" not in err and "stopped by" in err, err[-2000:]
     (bye,) = server.of_type(P.BYE)
     assert bye.body["reason"] == reason
+
+
+# ================================================================ 8: a server of another protocol version
+
+class OtherVersion(Unchecked):
+    """A reply from a server of another pscnn release: its protocol version is not ours."""
+
+    def frames(self, seq: int) -> list:
+        return [msgpack.packb({"v": P.PROTOCOL_VERSION + 1, "type": self.mtype, "wid": "", "seq": seq,
+                               "body": self.body, "arrays": []}, use_bin_type=True)]
+
+
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+def test_a_server_of_another_protocol_version_ends_the_worker_at_once_in_one_line(fake, mnist_file_names, role):
+    """Its answers were logged as malformed and the hello resent until --give-up-after (600 s by
+    default), then "no usable answer" (no error line): a server that will never speak our version."""
+    refusal = OtherVersion(P.ERROR, {"code": "bad_version", "message": "protocol version "
+                                     f"{P.PROTOCOL_VERSION} is not supported"})
+    server = fake(hello=[refusal])
+    line = exit_error_line(pscnn(role, server.endpoint), 1,
+                           server.endpoint, f"protocol version {P.PROTOCOL_VERSION + 1} is not supported",
+                           "same pscnn release")
+    assert "malformed" not in line
+    assert len(server.of_type(P.HELLO)) == 1             # not resent

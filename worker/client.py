@@ -17,11 +17,11 @@ between (the "Lazy Pirate" pattern):
   but it is logged once it is held longer than ``give_up_after``, and given
   up after HELD_LIMIT_FACTOR times that: a server whose heartbeats live on
   while it never answers requests must not hold a worker for good;
-* a reply in another protocol version is a :class:`BadReply` at once: such a
-  server never answers in ours;
 * a server that does not know this client (it restarted) answers
   ``unknown_worker``: the client says hello again and raises :class:`Rejoined`
-  so the caller restarts its loop from a fresh task.
+  so the caller restarts its loop from a fresh task;
+* a reply in another protocol version (a server of another pscnn release) is
+  a :class:`BadReply` at once: resending cannot change the server's version.
 
 What the server says is not trusted further than :func:`protocol.decode`
 checks it: a refusal is a :class:`ServerError`, a reply the client cannot use
@@ -242,7 +242,7 @@ class Client:
             try:
                 self._roundtrip(self._message(P.BYE, {"reason": reason}),
                                 give_up_after=2.0)
-            except (ServerUnreachable, BadReply, P.ProtocolError):     # a goodbye is a courtesy
+            except (ServerUnreachable, PscnnError):     # ProtocolError, BadReply: it heard us, or cannot
                 pass
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=5.0)      # it notices _closing within a quarter second
@@ -319,9 +319,10 @@ class Client:
                 try:
                     reply = P.decode_message(*P.recv_message(self.sock))
                 except P.ProtocolError as exc:
-                    if exc.code == "bad_version":   # never an answer in ours: resending cannot help
-                        raise BadReply(f"{self.endpoint} answered our {msg.type} in another protocol version: "
-                                       f"{P.one_line(exc, 200)}") from None
+                    if exc.code == "bad_version":       # it will never speak ours: retrying cannot help
+                        raise BadReply(f"{self.endpoint} answered in another protocol version: "
+                                       f"{P.one_line(exc, 200)}; run the same pscnn release on the "
+                                       "server and its workers") from None
                     malformed = P.one_line(exc, 200)
                     log.warning("ignoring a malformed reply: %s", malformed)
                     continue
