@@ -258,6 +258,16 @@ def test_a_hello_answered_with_a_task_is_one_line(fake):
     exit_error_line(pscnn("worker", server.endpoint), 1, "answered our hello with 'task', not a welcome")
 
 
+def test_a_server_whose_host_does_not_resolve_is_said_so():
+    """ZeroMQ retries a name that does not resolve without a word: a misspelt --server read as a
+    server that does not answer ("no answer ...; reconnecting"), for --give-up-after (600 s)."""
+    proc = pscnn("worker", "tcp://no-such-host.invalid:5555", "--give-up-after", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "tcp://no-such-host.invalid:5555: its host does not resolve (" in proc.stderr, proc.stderr[-3000:]
+    for endpoint in ("tcp://127.0.0.1:5555", "tcp://eth0;127.0.0.1:5555", "tcp://[::1]:5555", "ipc:///tmp/pscnn-x"):
+        assert client_module.unresolved_host(endpoint) is None, endpoint
+
+
 # ================================================================ 2: names whose client id cannot fit
 
 @pytest.mark.parametrize("name,limit", [("x" * (MAX_NAME_CHARS + 1), f"at most {MAX_NAME_CHARS} characters"),

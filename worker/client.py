@@ -173,6 +173,10 @@ class Client:
     # ------------------------------------------------------------------ public API
     def connect(self) -> P.Message:
         """Say hello (retrying until the server answers); returns the welcome."""
+        problem = unresolved_host(self.endpoint)
+        if problem:             # may be a server not started yet (Compose): say so, and retry as for one down
+            log.warning("%s: its host does not resolve (%s); retrying until it does, for up to %.0f s",
+                        self.endpoint, problem, self.give_up_after)
         self.welcome = self._hello()
         if self._want_heartbeat and self._hb_thread is None:
             self._hb_thread = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
@@ -396,6 +400,32 @@ class Client:
             if sock.poll(int(min(left, 0.25) * 1000) + 1, zmq.POLLIN):
                 return True
         return False
+
+
+def unresolved_host(endpoint: str, timeout: float = 2.0) -> str | None:
+    """Why the host of a ``tcp://HOST:PORT`` endpoint does not resolve (the resolver's words), or None.
+
+    ZeroMQ connects to a name that does not resolve without a word, and retries in the
+    background: a misspelt ``--server`` read as a server that does not answer, for
+    ``--give-up-after`` (600 s).  A resolver that has not answered within ``timeout``
+    is left to it (None): its lookup runs in a thread, so a slow DNS neither holds up
+    the start nor a SIGTERM, which waits for the main thread's call to return.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return None
+    host = rest.rpartition(":")[0].rpartition(";")[2].strip("[]")     # (tcp://SOURCE;HOST:PORT)
+    problems: list[str] = []
+
+    def look_up() -> None:
+        try:
+            pysocket.getaddrinfo(host, None)
+        except (OSError, UnicodeError) as exc:      # gaierror; a label the IDNA codec refuses
+            problems.append(P.one_line(getattr(exc, "strerror", None) or exc, 200))
+    lookup = threading.Thread(target=look_up, name="resolve", daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    return problems[0] if problems else None
 
 
 def retry_delay(reply: P.Message) -> float:
