@@ -15,6 +15,7 @@ run past a limit, and the real tests give up after a few seconds.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -522,3 +523,16 @@ def test_connect_again_keeps_one_heartbeat_thread_and_close_stops_it_and_says_by
     assert sock.closed and client.sock is None
     (bye,) = [m for _, m in server.of_type(P.BYE)]
     assert bye.body["reason"] == "done"
+
+
+def test_a_long_silence_is_one_log_line_not_one_per_reconnect(sim, caplog):
+    """A server down for the whole --give-up-after (600 s) made a worker log "no answer ...;
+    reconnecting" every max_backoff_s: 120 lines saying the same.  The first says it, the rest
+    are DEBUG."""
+    client, net = sim(700, give_up_after=600.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    with caplog.at_level(logging.DEBUG, logger="pscnn.client"), pytest.raises(ServerUnreachable):
+        client.request(P.WORK)
+    reconnecting = [r for r in caplog.records if "reconnecting" in r.getMessage()]
+    assert len(reconnecting) == len(net.sockets) - 1 > 100         # each reconnect still logged ...
+    assert [r.levelno for r in reconnecting].count(logging.INFO) == 1, caplog.text[-2000:]   # ... once above DEBUG
+    assert "up to 5 s apart" in reconnecting[0].getMessage() and "600 s" in reconnecting[0].getMessage()

@@ -300,6 +300,7 @@ class Client:
         sent_at = t0
         malformed = None                    # the last reply we could not decode: "no answer" would mislead
         held_logged = False
+        reconnects = 0                      # the first is logged; the rest, one every max_backoff_s, at DEBUG only
         while True:
             now = time.monotonic()
             # Silence since the request, or since the last answered heartbeat: a server that
@@ -337,7 +338,12 @@ class Client:
             now = time.monotonic()
             if now - sent_at >= backoff:
                 if now - max(t0, self.heard_at) >= self.reconnect_s:
-                    log.info("no answer from %s for %.1f s; reconnecting", self.endpoint, now - t0)
+                    if reconnects:
+                        log.debug("no answer from %s for %.1f s; reconnecting again", self.endpoint, now - t0)
+                    else:
+                        log.info("no answer from %s for %.1f s; reconnecting, and again up to %g s apart until "
+                                 "it answers (for up to %.0f s)", self.endpoint, now - t0, self.max_backoff_s, limit)
+                    reconnects += 1
                     self._open()
                     backoff = min(backoff * 2, self.max_backoff_s)
                 self._send(frames)
