@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -524,20 +523,12 @@ def test_a_worker_stopped_by_a_signal_says_goodbye(fake, mnist_dir, role, how):
 
 # ================================================================ 8: a server of another protocol version
 
-class OtherVersion(Unchecked):
-    """A reply from a server of another pscnn release: its protocol version is not ours."""
-
-    def frames(self, seq: int) -> list:
-        return [msgpack.packb({"v": P.PROTOCOL_VERSION + 1, "type": self.mtype, "wid": "", "seq": seq,
-                               "body": self.body, "arrays": []}, use_bin_type=True)]
-
-
 @pytest.mark.parametrize("role", ["worker", "evaluator"])
 def test_a_server_of_another_protocol_version_ends_the_worker_at_once_in_one_line(fake, mnist_file_names, role):
     """Its answers were logged as malformed and the hello resent until --give-up-after (600 s by
     default), then "no usable answer" (no error line): a server that will never speak our version."""
-    refusal = OtherVersion(P.ERROR, {"code": "bad_version", "message": "protocol version "
-                                     f"{P.PROTOCOL_VERSION} is not supported"})
+    refusal = Unchecked(P.ERROR, {"code": "bad_version", "message": "protocol version "
+                                  f"{P.PROTOCOL_VERSION} is not supported"}, v=P.PROTOCOL_VERSION + 1)
     server = fake(hello=[refusal])
     line = exit_error_line(pscnn(role, server.endpoint), 1,
                            server.endpoint, f"protocol version {P.PROTOCOL_VERSION + 1} is not supported",

@@ -325,7 +325,7 @@ class Client:
                     reply = P.decode_message(*P.recv_message(self.sock))
                 except P.ProtocolError as exc:
                     if exc.code == "bad_version":       # it will never speak ours: retrying cannot help
-                        raise BadReply(f"{self.endpoint} answered in another protocol version: "
+                        raise BadReply(f"{self.endpoint} answered our {msg.type} in another protocol version: "
                                        f"{P.one_line(exc, 200)}; run the same pscnn release on the "
                                        "server and its workers") from None
                     malformed = P.one_line(exc, 200)
