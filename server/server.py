@@ -770,6 +770,13 @@ class ParameterServer:
         if self.cfg.mode == "ssp" and not self._ssp_may_proceed(peer):
             self._park(peer, now, ack)
             return
+        if self.cfg.mode == "sync" and peer.wid in self.round_arrived:
+            # It rejoined while its earlier push waits in the round, kept under its id: a batch
+            # leased now would join that round under the same id, and its push replace the earlier
+            # one, whose batch was then never applied (the epoch never ended).  Its task comes
+            # when the round closes (_release_parked), as for a trainer finding the epoch draining.
+            self._park(peer, now, ack)
+            return
         held = self.work.held_by(peer.wid)
         if len(held) >= (1 if self.cfg.mode == "sync" else self.MAX_LEASES_PER_WORKER):
             peer.parked_since = 0.0     # answered now: a later task's held_s must not count this wait

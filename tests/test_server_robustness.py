@@ -2047,17 +2047,38 @@ def test_a_sync_batch_whose_push_waits_in_the_round_is_not_leased_again(in_proce
     assert server.call(a, P.HELLO, {"role": "trainer", "name": a.wid}).type == P.WELCOME   # a is dropped
     task_c = server.call(c, P.WORK)
     assert task_c.body["batch"] != task_a.body["batch"], "a's pushed batch was leased again"
-    later_a = server.call(a, P.WORK)             # rejoined, a is leased a batch the round does not wait for
+    assert server.call(a, P.WORK) is None        # rejoined: its task comes when the round closes
     assert server.call(c, P.PUSH, push_body(task_c), grads_like(weights)) is None
     reply = server.call(b, P.PUSH, push_body(task_b), grads_like(weights))
     assert reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply.body
     assert server.srv.samples_applied == 3 * 64 and server.srv.work.applied == {0, 1, 2}
-    # a's push of that batch is stale now; the batch goes back to the queue and a gets a task
-    # (not too_many_leases: a sync trainer holds one lease)
-    stale = server.call(a, P.PUSH, push_body(later_a), grads_like(weights))
+    later_a = a.recv(0.5)[0]
+    assert later_a.type == P.TASK and later_a.body["version"] == 1, later_a
+    # a's push of that batch claiming an older version is stale; the batch goes back to the
+    # queue and a gets a task (not too_many_leases: a sync trainer holds one lease)
+    stale = server.call(a, P.PUSH, push_body(later_a, base_version=0), grads_like(weights))
     assert stale.type == P.TASK and stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
     assert server.srv.work.held_by(a.wid) == [stale.body["batch"]]
 
+
+def test_a_sync_trainer_back_while_its_earlier_push_waits_in_the_round_gets_work_when_it_closes(in_process):
+    """A sync trainer dropped (a network cut) while its push waited for a slower one, and back
+    under its id, was leased a batch in that same round: its push of it replaced the earlier one
+    in the round, whose batch was then neither applied nor requeued, and the epoch never ended.
+    Its task comes when the round closes, as for a trainer that finds the epoch draining."""
+    server = in_process(mode="sync")
+    a, b = server.join_trainer(), server.join_trainer()
+    task_a, task_b = server.call(a, P.WORK), server.call(b, P.WORK)
+    weights = task_a.arrays
+    assert server.call(a, P.PUSH, push_body(task_a), grads_like(weights)) is None      # waits for b
+    assert server.call(a, P.HELLO, {"role": "trainer", "name": a.wid}).type == P.WELCOME   # dropped, back
+    assert server.call(a, P.WORK) is None
+    reply_b = server.call(b, P.PUSH, push_body(task_b), grads_like(weights))
+    assert reply_b.type == P.TASK and reply_b.body["ack"]["applied"] is True, reply_b.body
+    assert server.srv.work.applied == {task_a.body["batch"], task_b.body["batch"]}
+    later_a = a.recv(0.5)[0]
+    assert later_a.type == P.TASK and later_a.body["version"] == 1, later_a
+    assert later_a.body["batch"] not in (task_a.body["batch"], task_b.body["batch"])
 
 def test_the_training_clock_starts_with_the_first_batch_handed_out(in_process):
     """Throughput and time to accuracy counted from the server's start, the workers' loading of
