@@ -972,6 +972,12 @@ class ParameterServer:
     def _push_sync(self, peer: Peer, msg: P.Message, grads: dict, state: dict, now: float) -> None:
         b = msg.body
         member = self.round_members.get(peer.wid)
+        if member is None and b["base_version"] == self.store.version and peer.wid not in self.round_arrived \
+                and self.work.reclaim(b["epoch"], b["batch"]):
+            # Its lease expired while it computed, but the round it was computed for is still
+            # open and nobody took the batch since: it joins that round, as a late push counts in
+            # async (else a trainer slower than --lease-timeout never had a batch applied).
+            member = self.round_members[peer.wid] = (b["epoch"], b["batch"])
         if b["base_version"] != self.store.version or member != (b["epoch"], b["batch"]):
             # Computed against an older version (the worker was dropped from that round, and
             # its batch requeued then).  A batch the pusher still holds goes back to the queue,

@@ -9,7 +9,8 @@ set of batches it leases.  Each batch of each epoch is *applied* exactly once:
   push for the same batch (a retried or expired lease) returns False and its
   gradient is dropped;
 * an expired lease, or every lease of a worker that died or left, goes back to
-  the front of the queue;
+  the front of the queue (``reclaim`` takes it out again for a late push that a
+  sync round still counts);
 * ``granted`` checks what a push claims: it counts only for the batch of a
   lease its sender holds or held this epoch (a late push under an expired
   lease still counts, under one of the batch's last GRANTS_PER_BATCH leases),
@@ -149,6 +150,18 @@ class WorkQueue:
         lease = self.leases.get(batch)
         if lease is not None and lease.epoch == epoch:
             del self.leases[batch]
+
+    def reclaim(self, epoch: int, batch: int) -> bool:
+        """Take (epoch, batch) back out of the queue for a late push under its expired lease (sync:
+        the round it was computed for is still open).  True if it is live and waits in the queue,
+        nobody holding it since; False (and nothing changes) otherwise."""
+        if not self.is_live(epoch, batch) or batch in self.leases:
+            return False
+        try:
+            self.pending.remove(batch)
+        except ValueError:          # handed in: its push waits in the round already
+            return False
+        return True
 
     def release_worker(self, worker: str) -> list[int]:
         """Requeue every batch leased by ``worker`` (it died or left)."""

@@ -2080,6 +2080,32 @@ def test_a_sync_trainer_back_while_its_earlier_push_waits_in_the_round_gets_work
     assert later_a.type == P.TASK and later_a.body["version"] == 1, later_a
     assert later_a.body["batch"] not in (task_a.body["batch"], task_b.body["batch"])
 
+def test_a_sync_push_whose_lease_expired_counts_while_its_round_is_open(in_process):
+    """A sync trainer slower than --lease-timeout was told "stale round" at every push, its
+    batch leased to it again: with one trainer the run never applied a batch (in async a late
+    push counts).  It joins its round while that is open and nobody took the batch since."""
+    server = in_process(mode="sync", lease_timeout=1000.0)
+    a, b = server.join_trainer(), server.join_trainer()
+    task_a = server.call(a, P.WORK)
+    weights = task_a.arrays
+    server.srv.work.leases[task_a.body["batch"]].deadline = 0.0
+    server.srv._housekeeping(time.monotonic())          # a's lease expires
+    assert server.srv.round_members == {} and task_a.body["batch"] in server.srv.work.pending
+    reply = server.call(a, P.PUSH, push_body(task_a), grads_like(weights))
+    assert reply.type == P.TASK and reply.body["ack"] == {"applied": True, "staleness": 0}, reply.body
+    assert server.srv.store.version == 1 and server.srv.work.applied == {task_a.body["batch"]}
+    # Taken by another trainer since: the late push is stale, the batch counts once, pushed by b.
+    late = reply
+    server.srv.work.leases[late.body["batch"]].deadline = 0.0
+    server.srv._housekeeping(time.monotonic())
+    task_b = server.call(b, P.WORK)
+    assert task_b.body["batch"] == late.body["batch"]
+    stale = server.call(a, P.PUSH, push_body(late), grads_like(weights))
+    assert stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
+    assert server.srv.work.leases[task_b.body["batch"]].worker == b.wid
+    assert server.srv.round_members == {a.wid: (stale.body["epoch"], stale.body["batch"]),
+                                        b.wid: (task_b.body["epoch"], task_b.body["batch"])}
+
 def test_the_training_clock_starts_with_the_first_batch_handed_out(in_process):
     """Throughput and time to accuracy counted from the server's start, the workers' loading of
     their data included (5,756 images/s reported where the bar showed ~12,700 in a tiny run)."""

@@ -239,3 +239,16 @@ def test_a_handed_in_batch_is_neither_expired_nor_requeued_with_its_worker():
     assert q.expire(1e9) == [("a", b.batch)] and q.release_worker("a") == []
     assert a.batch not in q.pending and q.is_live(0, a.batch)
     assert q.complete(0, a.batch) and a.batch in q.applied
+
+
+def test_a_requeued_batch_is_taken_back_once_for_a_late_push_never_from_its_new_holder():
+    """A sync push under an expired lease joins its round if nobody took the batch since."""
+    q = queue(num_samples=16)
+    a = q.lease("a", 0.0)
+    assert q.expire(1e9) == [("a", a.batch)] and list(q.pending)[0] == a.batch
+    assert q.reclaim(0, a.batch) and a.batch not in q.pending and a.batch not in q.leases
+    assert not q.reclaim(0, a.batch)                    # waits in the round now: not twice
+    b = q.lease("b", 0.0)
+    assert not q.reclaim(0, b.batch) and q.leases[b.batch].worker == "b"
+    assert not q.reclaim(1, q.pending[0])               # another epoch's
+    assert q.complete(0, a.batch) and not q.reclaim(0, a.batch)
