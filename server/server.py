@@ -342,7 +342,6 @@ class ParameterServer:
         self.round_members: dict[str, tuple[int, int]] = {}   # sync: wid -> (epoch, batch)
         self.round_arrived: dict[str, tuple] = {}               # sync: wid -> (push body, grads, state)
         self.started = cfg.wait_for_workers <= 1     # the start barrier: see _maybe_start
-        self.first_ready_at: float | None = None
         self.rejected = Counter()
         self._rejected_window = [0.0, 0]            # [start, lines] of the current second
         self._rejected_unlogged = 0
@@ -1050,21 +1049,22 @@ class ParameterServer:
             if p.role == "trainer" and p.pending and p.parked_since and p.wid not in self.round_arrived:
                 self._give_task(p, now, p.parked_ack)
 
-    def _ready_trainers(self) -> int:
+    def _ready_trainers(self) -> list[Peer]:
         """Trainers whose request for work waits at the start barrier."""
-        return sum(p.role == "trainer" and p.pending and bool(p.parked_since) for p in self.peers.values())
+        return [p for p in self.peers.values() if p.role == "trainer" and p.pending and p.parked_since]
 
     def _maybe_start(self, now: float) -> None:
         """Lift the start barrier once ``wait_for_workers`` trainers are asking for work, or
-        ``start_timeout`` seconds after the first one did (a server may be up long before its
-        workers, and a worker asks only once its data is loaded)."""
+        ``start_timeout`` seconds after the first of them did (a server may be up long before its
+        workers, and a worker asks only once its data is loaded).  Not after the first that ever
+        asked: one that left since would have the next ones start the run alone, one by one."""
         if self.started:
             return
-        ready = self._ready_trainers()
-        if not ready:
+        waiting = self._ready_trainers()
+        if not waiting:
             return
-        self.first_ready_at = self.first_ready_at or now
-        waited = now - self.first_ready_at
+        ready = len(waiting)
+        waited = now - min(p.parked_since for p in waiting)
         if ready < self.cfg.wait_for_workers and waited < self.cfg.start_timeout:
             return
         self.started = True
@@ -1579,7 +1579,7 @@ class ParameterServer:
                 "loss": self._mean_loss(),
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
-                "started": self.started, "ready": 0 if self.started else self._ready_trainers(),
+                "started": self.started, "ready": 0 if self.started else len(self._ready_trainers()),
                 "wait_for_workers": self.cfg.wait_for_workers,
                 "round_members": len(self.round_members),
                 "round_arrived": len(self.round_arrived),

@@ -1795,6 +1795,22 @@ def test_the_start_barrier_gives_up_start_timeout_after_the_first_request(tmp_pa
         s.close()
 
 
+def test_the_start_timeout_runs_from_the_first_trainer_still_waiting_not_one_that_left(in_process):
+    """--start-timeout ran from the first request for work ever made: after a trainer that asked
+    and left, the next one to ask, once that time was up, started the run alone, without the
+    others awaited (the log saying that no more had asked for work within it)."""
+    server = in_process(mode="sync", wait_for_workers=2, start_timeout=0.3)
+    a, b = server.join_trainer(), server.join_trainer()
+    assert server.call(a, P.WORK) is None               # at the barrier
+    assert server.call(a, P.BYE, {"reason": "gone"}).type == P.ACK
+    time.sleep(0.5)                                     # past --start-timeout from a's request
+    assert server.call(b, P.WORK) is None, "b started the run alone"
+    assert not server.srv.started and server.srv.progress()["ready"] == 1
+    c = server.join_trainer()
+    task_c = server.call(c, P.WORK)
+    task_b = b.recv(0.5)[0]
+    assert task_b.type == task_c.type == P.TASK and server.srv.started
+
 def test_a_sync_trainer_that_finds_the_epoch_draining_is_parked_until_the_round_closes(tmp_path):
     """3 batches an epoch, 2 trainers: the round {2} has one member; the other trainer
     gets no 'wait' to retry at a time of its own but its next task together with the
