@@ -67,7 +67,7 @@ from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots
 from cnn_core.training import check_model_fits_mnist
 from pscnn import protocol as P
-from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MODES
+from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -192,11 +192,17 @@ def _field(mapping: dict, key: str, where: str):
     return mapping[key]
 
 
-def _int(value, field: str, lo: int = 0, hi: int | None = None) -> int:
+# The largest count a checkpoint may hold: the version, the samples applied and the fault
+# counters travel in replies (a task, status), whose msgpack integers are 64-bit, so a
+# hand-edited 2**64 was taken, and every status and task request failed (OverflowError).
+CHECKPOINT_COUNT_MAX = 2**62
+
+
+def _int(value, field: str, lo: int = 0, hi: int = CHECKPOINT_COUNT_MAX) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise _Bad(field, f"must be an integer, got {_show(value)}")
-    if value < lo or (hi is not None and value > hi):
-        raise _Bad(field, f"is {value}, outside {lo}..{hi}" if hi is not None else f"is {value}, below {lo}")
+    if not lo <= value <= hi:
+        raise _Bad(field, f"is {value}, outside {lo}..{hi}")
     return value
 
 
@@ -1447,7 +1453,7 @@ class ParameterServer:
             raise _Bad("extra.mode", f"must be one of {', '.join(MODES)}, got {_show(mode)}")
         seed = extra.get("seed")            # absent from checkpoints of earlier versions of the server
         if seed is not None:
-            seed = _int(seed, "extra.seed")
+            seed = _int(seed, "extra.seed", 0, MAX_SEED)
 
         # The run's settings: those a correct continuation needs are the checkpoint's.
         if seed is not None and seed != cfg.seed:

@@ -263,6 +263,11 @@ META_EDITS = {
     "epochs zero": (_set("extra", "work", "epochs", value=0), "field extra.work.epochs is 0"),
     "step negative": (_set("step", value=-4), "field step is -4"),
     "step float": (_set("step", value=3.5), "field step must be an integer"),
+    # counts that travel in replies (status, tasks): past 64 bits, every one failed
+    "step past 64 bits": (_set("step", value=2**64), f"field step is {2**64}, outside 0..{2**62}"),
+    "samples past 64 bits": (_set("extra", "samples_applied", value=2**64), "field extra.samples_applied is 1844"),
+    "requeues past 64 bits": (_set("extra", "lease_requeues", value=2**64), "field extra.lease_requeues is 1844"),
+    "seed past the largest": (_set("extra", "seed", value=2**63), f"field extra.seed is {2**63}, outside 0..{2**63 - 1}"),
     "samples negative": (_set("extra", "samples_applied", value=-64), "field extra.samples_applied is -64"),
     "samples text": (_set("extra", "samples_applied", value="many"), "field extra.samples_applied must be"),
     "train_seconds NaN": (_set("extra", "train_seconds", value=float("nan")), "field extra.train_seconds must be"),
