@@ -602,9 +602,12 @@ def _print_report(s: dict, summary_path: Path) -> None:
     print(f"  test loss          {number('test_loss')}")
     print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} samples)")
     print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
-    bound = s.get("staleness_bound")        # ssp's: the max is checked against it
-    print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)}"
-          + (f" (bound {bound})" if bound is not None else ""))
+    # ssp's bound is in pushes ahead of the slowest worker, staleness in versions applied since the
+    # gradient's weights: with N workers a max of (bound + 1) * N - 1 keeps to it ("max 2 (bound 0)" read broken)
+    bound = s.get("staleness_bound")
+    print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)} versions"
+          + (f" (ssp: each worker at most {bound} push{'es' * (bound != 1)} ahead of the slowest)" if bound is not None
+             else ""))
     print(f"  evaluations        {len(s.get('evaluations', []))}")
     dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
     requeued = s.get("lease_requeues") or 0

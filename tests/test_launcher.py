@@ -1040,11 +1040,13 @@ def test_the_final_report_names_the_accuracy_milestones_never_reached(tmp_path, 
 
 def test_the_final_report_of_an_ssp_run_gives_its_staleness_bound(tmp_path, capsys):
     """summary.json's staleness_bound was left out of the report: the max staleness with nothing
-    to hold it against."""
-    out = report_of(tmp_path, capsys, mode="ssp", staleness_bound=2, staleness={"mean": 0.97, "max": 2})
-    assert "  staleness          mean 0.97, max 2 (bound 2)\n" in out
+    to hold it against.  Then "max 2 (bound 0)" read as a broken bound: the bound counts pushes
+    ahead of the slowest worker, staleness versions, so each is named in its unit."""
+    out = report_of(tmp_path, capsys, mode="ssp", staleness_bound=0, staleness={"mean": 0.97, "max": 2})
+    assert ("  staleness          mean 0.97, max 2 versions (ssp: each worker at most 0 pushes ahead of the "
+            "slowest)\n") in out
     out = report_of(tmp_path, capsys, staleness_bound=None)          # sync or async: no bound
-    assert "  staleness          mean 0.00, max 0\n" in out
+    assert "  staleness          mean 0.00, max 0 versions\n" in out
 
 
 def test_the_final_report_on_a_closed_terminal_is_no_traceback(tmp_path, monkeypatch, capsys):
