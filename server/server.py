@@ -33,7 +33,8 @@ Consistency (``--mode``):
   told to retry, and gets its next task when the round closes, with the
   others;
 * ``ssp``    apply on arrival, but a worker more than ``staleness`` pushes
-  ahead of the slowest live one gets its next task only when it catches up.
+  ahead of the slowest worker at work (holding a lease) gets its next task
+  only when it catches up.
 
 The start barrier (``wait_for_workers`` N, which ``pscnn run`` sets to its
 ``--workers``): no work is handed out until N trainers are asking for it, or
@@ -1457,8 +1458,9 @@ class ParameterServer:
 
         # The run's settings: those a correct continuation needs are the checkpoint's.
         if seed is not None and seed != cfg.seed:
-            raise mismatch("--seed", seed, cfg.seed, f"workers derive each batch from the seed, so the rest of "
-                           f"epoch {epoch} would train on another permutation; resume with --seed {seed}")
+            rest = f"the rest of epoch {epoch + 1}" if epoch < run_epochs else "an epoch added to it"
+            raise mismatch("--seed", seed, cfg.seed, f"workers derive each batch from the seed, so {rest} "
+                           f"would train on another permutation; resume with --seed {seed}")
         if seed is None:
             warnings.append(f"--resume: checkpoint {path} does not record its seed (an older pscnn wrote it): "
                             f"make sure this run's --seed {cfg.seed} is the one it was written with")

@@ -345,7 +345,8 @@ def test_the_checkpoint_loader_refuses_a_malformed_optimizer_or_dtype_in_one_lin
 # ---------------------------------------------------------------- 2. the run's settings must match
 
 @pytest.mark.parametrize("flag,value,needles", [
-    ("--seed", "5", ["--seed 0, this run has --seed 5", "another permutation", "resume with --seed 0"]),
+    ("--seed", "5", ["--seed 0, this run has --seed 5", "the rest of epoch 1 would train on another permutation",
+                     "resume with --seed 0"]),
     ("--batch-size", "32", ["--batch-size 64, this run has --batch-size 32", "resume with --batch-size 64"]),
     ("--train-limit", "320", ["training set of 640 images, this run has 320", "resume with --train-limit 640"]),
     ("--mode", "async", ["--mode sync, this run has --mode async", "resume with --mode sync"]),
@@ -357,6 +358,16 @@ def test_a_setting_that_must_match_the_checkpoint_is_refused_naming_both_values(
     i = FLAGS.index(flag)
     flags = [*FLAGS[:i], flag, value, *FLAGS[i + 2:]]
     refused(server_cli(run, "--resume", flags=flags), str(run / "checkpoint.npz"), *needles)
+
+
+def test_another_seed_for_a_finished_run_names_no_epoch_that_is_not_there(run, server_cli):
+    """The message counted epochs from 0 ("the rest of epoch 0") and, for a finished run, named
+    the rest of an epoch past its last."""
+    edit_meta(run, lambda m: m["extra"]["work"].update(epoch=2, applied=[]))     # 2 of 2 done
+    i = FLAGS.index("--seed")
+    flags = [*FLAGS[:i], "--seed", "5", *FLAGS[i + 2:]]
+    refused(server_cli(run, "--resume", flags=flags), "--seed 0, this run has --seed 5",
+            "so an epoch added to it would train on another permutation", "resume with --seed 0")
 
 
 def test_fewer_epochs_than_the_checkpoint_finished_is_refused(run, server_cli):
