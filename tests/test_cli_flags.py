@@ -534,10 +534,15 @@ def test_a_bad_variable_under_a_given_flag_lets_the_command_run(capsys, monkeypa
     (["server", "--optimizer", "rmsprop"], {"PSCNN_MOMENTUM": "0.5"}, "--momentum"),
 ])
 def test_flags_the_optimizer_does_not_use_are_errors(argv, environ, needle, monkeypatch):
+    refused_in_settings(optimizer_config, argv, environ, needle, monkeypatch)
+
+
+def refused_in_settings(settings, argv, environ, needle, monkeypatch) -> None:
+    """``settings`` (what a command builds from its flags) of ``argv`` under ``environ``: a CliError saying ``needle``."""
     for key, value in environ.items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, value)       # the message names the variable only when it is set
     with pytest.raises(CliError, match=re.escape(needle)):
-        optimizer_config(parse_args(argv, environ))
+        settings(parse_args(argv, environ))
 
 
 @pytest.mark.parametrize("argv", [
@@ -565,10 +570,7 @@ def test_a_dropped_optimizer_flag_is_a_usage_error(tmp_path, capsys):
 ])
 def test_staleness_outside_ssp_is_an_error(argv, environ, needle, monkeypatch):
     # it used to be ignored without a word: a sync run with --staleness 3 ran as BSP
-    for key, value in environ.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(CliError, match=re.escape(needle)):
-        config_from_args(parse_args(argv, environ))
+    refused_in_settings(config_from_args, argv, environ, needle, monkeypatch)
 
 
 @pytest.mark.parametrize("argv,environ,bound", [

@@ -226,17 +226,22 @@ def test_a_push_reply_with_an_impossible_held_s_is_refused(fake, connect, caplog
         assert 0.0 <= push.body["timing"].get("wait_s", 0.0) < 10.0, push.body
 
 
+def every_round_trip_takes(client, seconds: float, monkeypatch) -> None:
+    """The client's round trips, as the trainer reads them (``last_rtt_s``), last ``seconds`` each."""
+    roundtrip = client._roundtrip
+
+    def timed(*args, **kwargs):
+        reply = roundtrip(*args, **kwargs)
+        client.last_rtt_s = seconds
+        return reply
+    monkeypatch.setattr(client, "_roundtrip", timed)
+
+
 def test_a_push_reports_the_time_held_as_waiting_and_the_rest_of_the_round_trip_as_communication(
         fake, connect, monkeypatch):
     server = fake(work=[task()], push=[task(held_s=0.2), STOP])
     client = connect(server)
-    roundtrip = client._roundtrip
-
-    def round_trip_of_half_a_second(*args, **kwargs):
-        reply = roundtrip(*args, **kwargs)
-        client.last_rtt_s = 0.5
-        return reply
-    monkeypatch.setattr(client, "_roundtrip", round_trip_of_half_a_second)
+    every_round_trip_takes(client, 0.5, monkeypatch)
     assert trainer_on(client).loop() == 0
     first, second = (push.body["timing"] for push in server.of_type(P.PUSH))
     assert (first["comm_s"], first["wait_s"]) == (0.5, 0.0)             # the work request's round trip
@@ -255,13 +260,7 @@ def test_the_time_slept_on_a_wait_and_the_work_requests_after_it_count_in_the_ne
               {"work": [task()], "push": [wait(0.3), wait(0.3), STOP]}
     server = fake(**replies)
     client = connect(server)
-    roundtrip = client._roundtrip
-
-    def round_trip_of_a_tenth_of_a_second(*args, **kwargs):
-        reply = roundtrip(*args, **kwargs)
-        client.last_rtt_s = 0.1
-        return reply
-    monkeypatch.setattr(client, "_roundtrip", round_trip_of_a_tenth_of_a_second)
+    every_round_trip_takes(client, 0.1, monkeypatch)
     assert run_loop(trainer_on(client), overlapped) == 0
     timing = server.of_type(P.PUSH)[-1].body["timing"]
     assert timing["wait_s"] == pytest.approx(0.3)
