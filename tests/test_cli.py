@@ -162,7 +162,18 @@ def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, caps
 # ------------------------------------------------------------------ the documentation's command lines
 
 DOCS = [Path(__file__).resolve().parents[1] / name for name in
-        ("README.md", "docs/engine.md", "docs/scaling.md", "docs/deployment.md")]
+        ("README.md", "docs/engine.md", "docs/scaling.md", "docs/deployment.md", "docs/experiments.md")]
+
+# Where a command line's pscnn arguments end: a redirection (`> runs/x.log`, `2>&1`), a job in the
+# background (`&`), or the next command (`;`, `&&`); docs/experiments.md starts servers and workers so.
+SHELL_OPERATOR = re.compile(r"^(\d?>>?.*|&>.*|&|&&|;|\|\|?)$")
+
+
+def pscnn_argv(line: str) -> list[str]:
+    """The arguments pscnn gets from a documented command line (without the leading ``pscnn``)."""
+    words = shlex.split(line)[1:]
+    cut = next((i for i, word in enumerate(words) if SHELL_OPERATOR.match(word)), len(words))
+    return words[:cut]
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -183,14 +194,26 @@ def test_the_docs_quote_command_lines_pscnn_accepts():
     assert len(commands) > 10, commands     # the extraction still finds them
     for name, line in commands:
         try:
-            parse_args(shlex.split(line)[1:], environ={})
+            parse_args(pscnn_argv(line), environ={})
         except SystemExit as exc:
             pytest.fail(f"{name}: `{line}` does not parse (exit {exc.code})")
 
 
+def test_the_experiments_guide_is_checked_with_the_other_docs():
+    """docs/experiments.md is run line by line by students: its pscnn lines, redirected or sent to
+    the background as they are there, must reach the check above, each role and bench among them."""
+    lines = [line for name, line in documented_commands() if name == "experiments.md"]
+    assert len(lines) >= 25, lines
+    assert {pscnn_argv(line)[0] for line in lines} >= {"train", "run", "server", "worker", "evaluator", "status",
+                                                       "bench"}
+    assert pscnn_argv("pscnn worker --server tcp://127.0.0.1:5555 > runs/w.log 2>&1 &") == \
+        ["worker", "--server", "tcp://127.0.0.1:5555"]
+    assert pscnn_argv("pscnn run --out 'runs/a b' &") == ["run", "--out", "runs/a b"]
+
+
 def test_every_flag_the_docs_name_is_a_pscnn_flag():
     known = flag_variables()                # PSCNN_<FLAG> of every subcommand's flags
-    for path in DOCS[:3]:                   # deployment.md names docker's flags too
+    for path in (p for p in DOCS if p.name != "deployment.md"):   # deployment.md names docker's flags too
         lines = [line for line in path.read_text().splitlines() if "docker" not in line]
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", "\n".join(lines)))
         unknown = sorted(f for f in named if ENV_PREFIX + f[2:].replace("-", "_").upper() not in known)
