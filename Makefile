@@ -6,14 +6,25 @@ PY     := $(VENV)/bin/python
 MNIST_DIR ?= $(if $(wildcard ../shared/mnist/train-images-idx3-ubyte.gz),$(abspath ../shared/mnist),)
 export MNIST_DIR
 
-# Re-install only when pyproject.toml changed since the last install.
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plot]'
-	touch $@
+# Re-install only when pyproject.toml changed since the last install, or when $(VENV) no
+# longer works, whatever its stamp says: its python was removed or upgraded away, it is from a
+# Python older than pyproject.toml's requires-python (3.10), or its creation was interrupted
+# (no pip). Such a $(VENV) is made again from scratch.
+VENV_WORKS = "$(PY)" -c "import sys, pip; sys.exit(sys.version_info < (3, 10))" >/dev/null 2>&1
+$(VENV)/.installed: pyproject.toml $(if $(shell $(VENV_WORKS) && echo yes),,FORCE)
+	@$(VENV_WORKS) || { \
+		if [ -e "$(VENV)" ] && [ ! -f "$(VENV)/pyvenv.cfg" ]; then \
+			echo "make: $(VENV) is not a virtual environment: remove it or set VENV=..." >&2; exit 1; fi; \
+		echo "making $(VENV) with $(PYTHON)"; rm -rf "$(VENV)"; \
+		$(PYTHON) -m venv "$(VENV)" && $(VENV_WORKS) || { rm -rf "$(VENV)"; \
+			echo "make: $(PYTHON) made no working $(VENV): pscnn needs Python >= 3.10 with venv and pip (set PYTHON=...)" >&2; \
+			exit 1; }; }
+	"$(PY)" -m pip install -q --upgrade pip
+	"$(PY)" -m pip install -q -e '.[test,plot]'
+	touch "$@"
 
-.PHONY: venv torch-reference run test test-fast bench compose-test clean
+.PHONY: venv torch-reference run test test-fast bench compose-test clean FORCE
+FORCE:
 venv: $(VENV)/.installed
 
 # PyTorch 2.13 CPU is a reference for cross-check tests and benchmarks, never a run-time

@@ -1,0 +1,100 @@
+"""How pscnn is set up on a fresh machine: the Makefile's .venv, the package's metadata.
+
+The Makefile tests run `make` on a copy of the Makefile and pyproject.toml in a temporary
+folder, with pip cut off from every index: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+
+
+def make(repo: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`make ARGS` in ``repo`` with this Python as PYTHON (a command: quoted, its path may hold a space)
+    and pip offline (no index, no config)."""
+    empty = repo.parent / "no-wheels"
+    empty.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PIP_", "MAKE", "MFLAGS", "MNIST_DIR", "VENV", "PYTHON"))}  # nor an outer make's
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty),
+               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    return subprocess.run(["make", "--no-print-directory", *args, f"PYTHON={shlex.quote(sys.executable)}"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """The Makefile and pyproject.toml, and a .venv installed from them: a venv whose pip is a
+    stand-in (an empty package; nothing here installs), stamped after pyproject.toml."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, repo / name)
+    venv = repo / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    (site / "pip").mkdir(parents=True)
+    (site / "pip" / "__init__.py").write_text("")
+    stamp = venv / ".installed"
+    stamp.touch()
+    t = (repo / "pyproject.toml").stat().st_mtime + 10
+    os.utime(stamp, (t, t))
+    return repo
+
+
+@needs_make
+def test_make_leaves_a_working_venv_alone(repo):
+    proc = make(repo, "-n", "venv")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_make_checks_the_python_pyproject_requires():
+    requires = re.search(r'^requires-python = ">=(\d+)\.(\d+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    checked = re.search(r"sys.version_info < \((\d+), (\d+)\)", (ROOT / "Makefile").read_text())
+    assert requires and checked and requires.groups() == checked.groups()
+
+
+@needs_make
+def test_make_remakes_a_venv_whose_python_is_gone(repo):
+    # The Python the .venv was made from was removed (or upgraded away): its bin/python
+    # dangled, yet the stamp said "installed", and every target failed with "No such file".
+    for python in (repo / ".venv" / "bin").glob("python*"):
+        python.unlink()
+        python.symlink_to("/nonexistent/python3")
+    proc = make(repo, "-n", "venv")
+    assert proc.returncode == 0 and "-m venv" in proc.stdout, proc.stdout + proc.stderr
+
+
+@needs_make
+def test_make_remakes_a_half_created_venv(repo):
+    # `python -m venv` interrupted (or failing, as Debian's without python3-venv does) leaves a
+    # .venv with a python and no pip: every later make stopped at "No module named pip".
+    shutil.rmtree(repo / ".venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(repo / ".venv")], check=True, timeout=60)
+    proc = make(repo, "venv", timeout=300)
+    assert "making .venv" in proc.stdout, proc.stdout + proc.stderr
+    # the install itself needs the package index, cut off here: only the new .venv is checked
+    pip = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-m", "pip", "--version"],
+                         capture_output=True, text=True, timeout=60)
+    assert pip.returncode == 0, proc.stdout + proc.stderr + pip.stderr
+
+
+@needs_make
+def test_make_refuses_to_remove_a_folder_that_is_no_venv(repo):
+    (repo / "not-a-venv").mkdir()
+    (repo / "not-a-venv" / "keep").write_text("mine")
+    proc = make(repo, "venv", "VENV=not-a-venv")
+    assert proc.returncode != 0 and (repo / "not-a-venv" / "keep").exists()
+    assert "not-a-venv is not a virtual environment" in proc.stderr, proc.stderr
