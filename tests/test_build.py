@@ -98,3 +98,19 @@ def test_make_refuses_to_remove_a_folder_that_is_no_venv(repo):
     proc = make(repo, "venv", "VENV=not-a-venv")
     assert proc.returncode != 0 and (repo / "not-a-venv" / "keep").exists()
     assert "not-a-venv is not a virtual environment" in proc.stderr, proc.stderr
+
+
+def pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:                                     # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_license_is_an_spdx_expression_setuptools_keeps_building():
+    # `license = { text = "MIT" }` made setuptools warn on every install that from 2027-02-18
+    # it builds such a project no more; the SPDX string needs setuptools >= 77 to build.
+    config = pyproject()
+    assert config["project"]["license"] == "MIT" and config["project"]["license-files"] == ["LICENSE"]
+    assert "setuptools>=77" in config["build-system"]["requires"]
