@@ -9,10 +9,18 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# .dockerignore lets through only pyproject.toml, README.md and the package folders.
-COPY . .
+# The dependencies first, from pyproject.toml alone (tomllib: a Python >= 3.11 image), in a
+# layer of their own: an edit to the source or the README rebuilds only the package's layer,
+# not numpy's and pyzmq's.
+COPY pyproject.toml ./
 RUN python -m venv /opt/pscnn \
- && /opt/pscnn/bin/pip install --no-cache-dir . \
+ && python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        >/tmp/requirements.txt \
+ && /opt/pscnn/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+# .dockerignore lets through only pyproject.toml, README.md, LICENSE and the package folders.
+COPY . .
+RUN /opt/pscnn/bin/pip install --no-cache-dir --no-deps . \
+ && /opt/pscnn/bin/pip check \
  && /opt/pscnn/bin/pip uninstall -y -q setuptools pip \
  && find /opt/pscnn -type d -path '*/site-packages/numpy/*' -name tests -prune -exec rm -rf {} + \
  && /opt/pscnn/bin/pscnn --help >/dev/null

@@ -114,3 +114,22 @@ def test_license_is_an_spdx_expression_setuptools_keeps_building():
     config = pyproject()
     assert config["project"]["license"] == "MIT" and config["project"]["license-files"] == ["LICENSE"]
     assert "setuptools>=77" in config["build-system"]["requires"]
+
+
+def dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, each on one line (continuations joined, comments dropped)."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    return [" ".join(i.split()) for i in "\n".join(lines).replace("\\\n", " ").splitlines() if i.strip()]
+
+
+def test_the_image_installs_its_dependencies_before_it_copies_the_source():
+    # `COPY . .` came first: any edit (a README line) invalidated the layer that installs
+    # numpy and pyzmq, and every rebuild downloaded and installed them again.
+    build = dockerfile_instructions()
+    build = build[:next(i for i, ins in enumerate(build) if ins.startswith("FROM ") and i > 1)]
+    copy_all = build.index("COPY . .")
+    before = build[:copy_all]
+    assert [ins for ins in before if ins.startswith(("COPY", "ADD"))] == ["COPY pyproject.toml ./"], before
+    assert any("pip install" in ins and "requirements" in ins for ins in before), before
+    assert any("pip install" in ins and "--no-deps ." in ins for ins in build[copy_all:]), build
