@@ -111,14 +111,22 @@ class LocalCluster:
         self.env = {**child_env(threads), LAUNCHER_PID_VARIABLE: str(os.getpid())}
         self.procs: dict[str, subprocess.Popen] = {}
         self._files = []
+        self._log_starts: dict[str, int] = {}      # name -> where its latest start's output begins in its log
 
     def start(self, name: str, argv: list[str], prefix: Sequence[str] = ()) -> subprocess.Popen:
         """Start ``pscnn <argv>`` as ``name``; its output goes to logs/<name>.log.
 
+        The log is added to, under a line saying when this child started: what an earlier
+        one wrote (a server killed before a --resume, a run started over in the same
+        folder) stays, and each start's lines (its pid among them) are told apart.
         ``prefix``: a command that runs the child in place (it must exec it, not fork),
         e.g. ``ip netns exec HOST`` for another network namespace, or ``taskset -c 0``."""
         try:
             fh = open(self.logs / f"{name}.log", "ab")
+            started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            fh.write(f"==== {started}: {name} started (pscnn {argv[0]}) ====\n".encode())
+            fh.flush()                  # before the child writes to the same file
+            self._log_starts[name] = fh.tell()
         except OSError as exc:          # e.g. a folder there: one line, not a traceback
             raise RunLogError(f"{self.logs / f'{name}.log'}: cannot write: {exc.strerror or exc}") from None
         self._files.append(fh)
@@ -141,8 +149,14 @@ class LocalCluster:
         return query_status(self.endpoint, timeout)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
-        path = self.logs / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        """The last ``lines`` lines of what child ``name`` wrote, since its latest start ("" if nothing)."""
+        try:
+            with open(self.logs / f"{name}.log", "rb") as fh:
+                fh.seek(self._log_starts.get(name, 0))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def wait(self, name: str, timeout: float) -> int | None:
         try:

@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -156,7 +157,17 @@ def test_a_restarted_child_appends_to_its_log(tmp_path, monkeypatch):
     log.write_text("the earlier server's last words\n")
     with LocalCluster(tmp_path / "run") as cluster:
         cluster.start_server([])
-    assert log.read_text().startswith("the earlier server's last words\n")
+        cluster.start_server([])
+    lines = log.read_text().splitlines()
+    assert lines[0] == "the earlier server's last words"
+    # each start is marked: the lines of one run (its pid) were not told from an earlier run's
+    assert [re.sub(r"\d", "0", line) for line in lines[1:]] == \
+        ["==== 0000-00-00 00:00:00 UTC: server started (pscnn server) ===="] * 2
+    # what pscnn run quotes when the child fails: its own lines, not the earlier run's nor the marks
+    assert cluster.log_tail("server") == ""
+    with log.open("a") as fh:
+        fh.write("this server's last words\n")
+    assert cluster.log_tail("server") == "this server's last words"
 
 
 # A stand-in child: on SIGTERM it takes STOP_S seconds (as a server writing its checkpoint), then
