@@ -305,7 +305,8 @@ def add_compute_flags(p: argparse.ArgumentParser) -> None:
 
 def add_log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log verbosity (default: INFO)")
+                   type=str.upper,      # as logging spells them, whatever case was typed
+                   help="log verbosity, in any case (default: INFO)")
 
 
 def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:

@@ -597,6 +597,13 @@ def test_pscnn_run_refuses_staleness_outside_ssp_before_starting_anything(tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv,environ", [(["server", "--log-level", "debug"], {}),
+                                          (["worker"], {"PSCNN_LOG_LEVEL": "Debug"})])
+def test_the_log_level_may_be_given_in_any_case(argv, environ):
+    # 'debug' was refused: "invalid choice: 'debug' (choose from 'DEBUG', ...)"
+    assert parse_args(argv, environ).log_level == "DEBUG"
+
+
 # ----------------------------------------------------------------- H: messages
 
 def test_run_more_workers_than_max_workers_names_workers(tmp_path):
