@@ -797,3 +797,15 @@ def test_a_long_backoff_does_not_make_the_give_up_late(fake, monkeypatch):
     finally:
         client.close()
     assert waits_ms and max(waits_ms) <= 1001, waits_ms
+
+
+def test_an_answer_that_arrived_while_the_caller_was_busy_past_a_deadline_is_read(fake, connect, monkeypatch):
+    """submit, then a batch computed for longer than the give-up limit: the answer had long
+    arrived, but result() checked its deadlines first and raised "no usable answer"."""
+    server = fake(work=[task()])
+    client = connect(server)
+    pending = client.submit(P.WORK)
+    assert client.sock.poll(10_000, zmq.POLLIN)           # the answer is here, not yet read
+    later = time.monotonic() + 10 * GIVE_UP_S            # the caller was busy that long
+    monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=lambda: later, sleep=time.sleep))
+    assert pending.result().type == P.TASK

@@ -288,6 +288,19 @@ class Client:
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         P.connect(self.sock, self.endpoint)
 
+    def _check_deadlines(self, msg: P.Message, now: float, t0: float, limit: float, malformed: str | None) -> None:
+        """ServerUnreachable once the request sent at ``t0`` has waited past a limit with no reply."""
+        # Silence since the request, or since the last answered heartbeat: a server that
+        # answers those is alive and holds the request back on purpose, up to a point.
+        if now - max(t0, self.heard_at) > limit:
+            raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:.0f} s"
+                                    + (f"; its last reply was malformed: {malformed}" if malformed else ""))
+        if now - t0 > HELD_LIMIT_FACTOR * limit:
+            raise ServerUnreachable(f"{self.endpoint} answered heartbeats but held our {msg.type} request "
+                                    f"back for {now - t0:.0f} s")
+        if self.server_done.is_set() and now - t0 > self.reconnect_s:
+            raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
+
     def _roundtrip(self, msg: P.Message, give_up_after: float | None = None,
                    sent: tuple[list, float] | None = None) -> P.Message:
         """Send ``msg`` until its reply (same seq) arrives; resend/reconnect/back off on silence.
@@ -303,20 +316,15 @@ class Client:
         reconnects = 0                      # the first is logged; the rest, one every max_backoff_s, at DEBUG only
         while True:
             now = time.monotonic()
-            # Silence since the request, or since the last answered heartbeat: a server that
-            # answers those is alive and holds the request back on purpose, up to a point.
-            if now - max(t0, self.heard_at) > limit:
-                raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:.0f} s"
-                                        + (f"; its last reply was malformed: {malformed}" if malformed else ""))
-            if now - t0 > limit and not held_logged:
-                held_logged = True
-                log.warning("the server holds our %s request back (%.0f s so far) while it answers heartbeats; "
-                            "waiting up to %.0f s in all", msg.type, now - t0, HELD_LIMIT_FACTOR * limit)
-            if now - t0 > HELD_LIMIT_FACTOR * limit:
-                raise ServerUnreachable(f"{self.endpoint} answered heartbeats but held our {msg.type} request "
-                                        f"back for {now - t0:.0f} s")
-            if self.server_done.is_set() and now - t0 > self.reconnect_s:
-                raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
+            # A reply already here is read before any deadline is checked: the caller may have been
+            # busy past one (a batch computed after submit) while its answer waited.
+            if not self.sock.poll(0, zmq.POLLIN):
+                self._check_deadlines(msg, now, t0, limit, malformed)
+                if now - t0 > limit and not held_logged:
+                    held_logged = True
+                    log.warning("the server holds our %s request back (%.0f s so far) while it answers "
+                                "heartbeats; waiting up to %.0f s in all", msg.type, now - t0,
+                                HELD_LIMIT_FACTOR * limit)
             # Until the next resend, but never past the moment we would give up: a backoff
             # of max_backoff_s would otherwise make the give-up that much late.
             wait = max(0.0, min(sent_at + backoff, max(t0, self.heard_at) + limit) - now)
