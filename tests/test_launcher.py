@@ -451,6 +451,30 @@ def test_the_bar_ends_on_the_runs_final_figures(run_in_process, tmp_path):
     assert bars[0].desc.startswith("test acc 0.9000 at update 4")      # SUMMARY's final weights
 
 
+def test_the_bar_shows_the_servers_rate_alone(run_in_process, monkeypatch):
+    """tqdm's own rate (batches over the time since the bar started, start-up and the final
+    evaluation included) sat beside the server's images/s and disagreed with it: make run showed
+    29.07 batch/s (1,860 images/s) next to 1,418 img/s."""
+    import tqdm as tqdm_module
+    made = []
+
+    def recording_tqdm(*args, **kwargs):
+        made.append(kwargs)
+        return real_tqdm(*args, **kwargs)
+    real_tqdm = tqdm_module.tqdm
+    monkeypatch.setattr(tqdm_module, "tqdm", recording_tqdm)
+    code, _ = run_in_process()
+    assert code == 0 and len(made) == 1
+    shown = io.StringIO()
+    bar = real_tqdm(**{**made[0], "disable": False, "file": shown})     # the run's bar, drawn
+    bar.total = 40
+    bar.update(7)
+    bar.set_postfix_str("epoch 1/3, 1418 img/s, loss 0.3", refresh=True)
+    bar.close()
+    assert "7/40 [" in shown.getvalue() and "epoch 1/3, 1418 img/s" in shown.getvalue()
+    assert "batch/s" not in shown.getvalue() and "it/s" not in shown.getvalue()
+
+
 def test_an_unusable_logs_folder_or_log_file_is_one_line(tmp_path):
     """OUT/logs a file: "OUT/logs: cannot write: File exists"; OUT/logs/server.log a folder: a traceback."""
     from cnn_core.runlog import RunLogError
