@@ -565,6 +565,11 @@ def _follow(cluster: LocalCluster, bar) -> int:
                          # 4 significant digits: a loss on its way to diverging, 2.9e+28, filled
                          # the line with 33 digits in fixed point
                          f"{st['images_per_second']:.0f} img/s, loss {st['loss']:.4g}")
+                members, arrived = st.get("round_members") or 0, st.get("round_arrived") or 0
+                if not st["images_per_second"] and 0 < arrived < members:
+                    # nothing applied for 5 s: a sync round waits, e.g. on a dead worker until
+                    # --peer-timeout drops it (the bar sat at 0 img/s without a word)
+                    state += f", round waiting on {members - arrived} of {members} workers"
             bar.set_postfix_str(state, refresh=False)
             if acc is not None:
                 # the weights it scored: the evaluator's period (10 s) can leave the untrained model's

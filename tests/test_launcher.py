@@ -740,15 +740,8 @@ def stand_ins(tmp_path):
 def test_follow_shows_progress_and_the_start_barrier_on_the_bar(stand_ins):
     """The bar follows the server's status: its total and batches done, and while the start barrier
     holds, how many workers are ready."""
-    bar, answers = Bar(), []
-
-    def status(timeout=1.0):
-        answers.append(1)
-        if len(answers) == 2:
-            stand_ins.end(0)
-        return {"started": False, "ready": 1, "batches_total": 40, "batches_done": 7, "done": False}
-    stand_ins.status = status
-    assert launcher._follow(stand_ins, bar) == 0
+    bar = bar_following(stand_ins, {"started": False, "ready": 1, "batches_total": 40, "batches_done": 7,
+                                    "done": False})
     assert (bar.total, bar.n) == (40, 7)
     assert bar.postfix == "waiting for the workers: 1 of 1 ready"
 
@@ -758,32 +751,43 @@ def test_follow_shows_progress_and_the_start_barrier_on_the_bar(stand_ins):
 def test_the_bar_shows_the_loss_in_four_significant_digits(stand_ins, loss, shown):
     """A loss on its way to diverging showed as 28765028655591414036900610048.000 (fixed point),
     pushing the rest of the bar off the line; a small one as 0.046."""
+    bar = bar_following(stand_ins, {**TRAINING, "loss": loss})
+    assert bar.postfix == f"epoch 1/2, 8129 img/s, {shown}"
+
+
+# A status answer while training (sync mode: a round of two, both arrived).
+TRAINING = {"started": True, "batches_total": 64, "batches_done": 2, "done": False, "loss": 0.25, "epoch": 0,
+            "epochs": 2, "images_per_second": 8129.4, "round_members": 2, "round_arrived": 2}
+
+
+def bar_following(stand_ins, answer: dict) -> Bar:
+    """The bar after _follow saw ``answer`` twice, the server exiting 0 after the second."""
     bar, answers = Bar(), []
 
     def status(timeout=1.0):
         answers.append(1)
         if len(answers) == 2:
             stand_ins.end(0)
-        return {"started": True, "batches_total": 64, "batches_done": 2, "done": False, "loss": loss,
-                "epoch": 0, "epochs": 2, "images_per_second": 8129.4}
+        return answer
     stand_ins.status = status
     assert launcher._follow(stand_ins, bar) == 0
-    assert bar.postfix == f"epoch 1/2, 8129 img/s, {shown}"
+    return bar
+
+
+@pytest.mark.parametrize("arrived,shown", [(1, "epoch 1/2, 0 img/s, loss 0.25, round waiting on 1 of 2 workers"),
+                                           (0, "epoch 1/2, 0 img/s, loss 0.25")])
+def test_the_bar_says_what_a_stalled_sync_round_waits_on(stand_ins, arrived, shown):
+    """A dead worker's round waits out --peer-timeout: the bar sat at 0 img/s without saying why.
+    (A round none of whose gradients has arrived is computing, not waiting on anyone.)"""
+    bar = bar_following(stand_ins, {**TRAINING, "images_per_second": 0.0, "round_arrived": arrived})
+    assert bar.postfix == shown
 
 
 def test_the_start_barrier_on_the_bar_counts_the_workers_the_server_waits_for(stand_ins):
     """`pscnn run --workers 4 --wait-for-workers 2`: the bar said "1 of 4 ready" (the workers
     started), and the run started at 2 of them."""
-    bar, answers = Bar(), []
-
-    def status(timeout=1.0):
-        answers.append(1)
-        if len(answers) == 2:
-            stand_ins.end(0)
-        return {"started": False, "ready": 1, "wait_for_workers": 2, "batches_total": 40, "batches_done": 0,
-                "done": False}
-    stand_ins.status = status
-    assert launcher._follow(stand_ins, bar) == 0
+    bar = bar_following(stand_ins, {"started": False, "ready": 1, "wait_for_workers": 2, "batches_total": 40,
+                                    "batches_done": 0, "done": False})
     assert bar.postfix == "waiting for the workers: 1 of 2 ready"
 
 
