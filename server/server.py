@@ -81,6 +81,10 @@ CHECKPOINT_NAME = "checkpoint.npz"
 # Messages handled before housekeeping, and replies the server queues for one peer's connection
 # (see open): a burst that one pass drains is answered in full.
 BURST = 256
+# Messages queued from one peer's connection before ZeroMQ stops reading it (the peer's sends then
+# wait; nothing is lost): each may be a push of the model's size.  A client has one request in
+# flight per socket, resent only after a second of silence, and its heartbeats on a socket of their own.
+RECEIVE_QUEUE = 16
 # Dropped peers remembered (oldest forgotten first), so that a message from one, late from a
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
 DROPPED_MEMORY = 4096
@@ -426,7 +430,7 @@ class ParameterServer:
         # run trained and never reading grew the server by a snapshot per version.  A client has
         # one request in flight per socket, and resends it only after a second of silence.
         self.sock.setsockopt(zmq.SNDHWM, BURST)
-        self.sock.setsockopt(zmq.RCVHWM, 10_000)
+        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         # No ZMQ_HEARTBEAT_IVL / _TIMEOUT, although they would close a cut-off peer's connections
         # (TCP keeps them for up to ~15 minutes): with them libzmq 4.3.5 aborted the server
         # ("Assertion failed: !_io_error", libzmq issues #4364, #4767) under a flapping cable,

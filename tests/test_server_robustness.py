@@ -2001,6 +2001,28 @@ def test_replies_queued_for_a_peer_that_never_reads_are_bounded(in_process):
     assert received < sent // 2, f"{received} of {sent} replies were queued for a peer that did not read"
 
 
+def test_messages_queued_from_a_peer_faster_than_the_server_reads_are_bounded(in_process):
+    """The server queued up to 10,000 messages from each peer's connection, up to a push's size
+    each: 50 peers sending status requests (or heartbeats) as fast as they could grew a training
+    server to 700 MB.  Beyond RECEIVE_QUEUE, ZeroMQ stops reading that connection now, and the
+    peer's sends wait (nothing is lost); here the server reads nothing, and the peer is held back
+    once the bounded queue and the kernel's buffers are full."""
+    server = in_process()
+    raw = server.client()
+    raw.sock.setsockopt(zmq.SNDHWM, 1)
+    raw.sock.setsockopt(zmq.SNDBUF, 1 << 16)
+    frame = bytes(250_000)                      # under the light model's MAXMSGSIZE: the server takes it in
+    most = 300                                  # 75 MB: at most what the old queue took in
+    sent, deadline = 0, time.monotonic() + 10.0
+    while sent < most and time.monotonic() < deadline:
+        if raw.sock.poll(200, zmq.POLLOUT):
+            raw.sock.send(frame, zmq.NOBLOCK)
+            sent += 1
+        elif sent:                              # held back: the server's queue is full
+            break
+    assert sent < most, f"the server queued all {sent} messages of a peer it did not read"
+
+
 # A model with BatchNorm state (running statistics) that can score MNIST.
 BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
     {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3, "padding": 1},
