@@ -89,6 +89,41 @@ RECEIVE_QUEUE = 16
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
 DROPPED_MEMORY = 4096
 
+# Connections a peer holds open at the server (its requests' socket and its heartbeats'), and the
+# file descriptors the server needs besides (its run folder's files, its log, ZeroMQ's own).
+CONNECTIONS_PER_PEER = 2
+FILES_BESIDES_PEERS = 64
+
+
+def raise_open_files_limit(max_workers: int) -> str | None:
+    """Raise this process's soft limit on open files, up to its hard limit, to what ``max_workers``
+    trainers and as many evaluators need; a warning if even the hard limit is short, else None.
+
+    Each connection takes a file descriptor.  At a soft limit of 256, 244 peers used them all;
+    the next ones were never answered (not even refused), status requests neither, ZeroMQ's
+    thread spun on the failing accept, and the checkpoint could not be written.
+    """
+    try:
+        import resource  # noqa: PLC0415  (POSIX; elsewhere the limit stays as it is)
+    except ImportError:
+        return None
+    needed = 2 * max_workers * CONNECTIONS_PER_PEER + FILES_BESIDES_PEERS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError):   # a hard limit the kernel caps lower (macOS): keep the soft one
+        pass
+    if soft >= needed:
+        return None
+    fit = max(1, (soft - FILES_BESIDES_PEERS) // (2 * CONNECTIONS_PER_PEER))
+    return (f"this server may open {soft} files at once (ulimit -n), but --max-workers {max_workers} trainers and as "
+            f"many evaluators need up to {needed}: peers beyond the limit would go unanswered and the checkpoint "
+            f"could not be written; raise the hard limit (ulimit -Hn) or run with --max-workers {fit}")
+
 
 def resume_checkpoint(out: str) -> str:
     """The checkpoint ``--resume`` continues from in run folder ``out``; CheckpointError if there is none."""
@@ -421,6 +456,9 @@ class ParameterServer:
         In that order: a server that cannot bind (the port is taken) must leave the
         run folder as it was, an earlier run's metrics.jsonl included.
         """
+        shortage = raise_open_files_limit(self.cfg.max_workers)
+        if shortage:
+            log.warning("%s", shortage)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.max_frame_bytes(self.store.push_bytes))

@@ -2023,6 +2023,62 @@ def test_messages_queued_from_a_peer_faster_than_the_server_reads_are_bounded(in
     assert sent < most, f"the server queued all {sent} messages of a peer it did not read"
 
 
+def _open_files_limit(soft: int, hard: int) -> list[str]:
+    """A LocalCluster.start prefix that runs the child with RLIMIT_NOFILE (soft, hard)."""
+    return [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+            "(int(sys.argv[1]), int(sys.argv[2]))); os.execv(sys.argv[3], sys.argv[3:])", str(soft), str(hard)]
+
+
+def _serve_with_open_files_limit(tmp_path, soft: int, hard: int, flags: list[str]) -> LocalCluster:
+    cluster = LocalCluster(tmp_path / "run")
+    proc = cluster.start("server", ["server", "--bind", cluster.endpoint, *SERVER_FLAGS, "--out", str(cluster.out),
+                                    *flags], prefix=_open_files_limit(soft, hard))
+    deadline = time.monotonic() + 60
+    while query_status(cluster.endpoint, timeout=0.5) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = cluster.log_tail("server", 40)
+            cluster.close()
+            pytest.fail(f"the server did not start:\n{tail}")
+    return cluster
+
+
+def test_a_crowd_beyond_the_soft_open_files_limit_is_answered(tmp_path):
+    """Each peer's connection takes a file descriptor: a server started under a soft limit of 256
+    answered 244 peers, and the next ones (and status requests) not at all, not even refused,
+    while its checkpoint could no longer be written.  It raises its soft limit to what
+    --max-workers needs now, as far as the hard limit allows."""
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files is {hard}: no room to raise the soft one")
+    cluster = _serve_with_open_files_limit(tmp_path, 256, hard, ["--max-workers", "400", "--peer-timeout", "60"])
+    peers = [Raw(cluster.endpoint) for _ in range(300)]
+    try:
+        for raw in peers:
+            raw.send(raw.frames(P.HELLO, {"role": "trainer", "name": raw.wid}))
+        deadline = time.monotonic() + 10
+        answered = sum(raw.recv(max(0.01, deadline - time.monotonic())) is not None for raw in peers)
+        assert answered == len(peers), f"{len(peers) - answered} of {len(peers)} peers were never answered"
+        assert query_status(cluster.endpoint, timeout=REPLY_TIMEOUT)["trainers"] == len(peers)
+    finally:
+        for raw in peers:
+            raw.close()
+        cluster.close()
+
+
+def test_a_hard_open_files_limit_too_low_for_max_workers_is_said_at_the_start(tmp_path):
+    """When even the hard limit cannot hold --max-workers' connections, the server says so once,
+    naming the limit and a --max-workers that fits, and serves."""
+    pytest.importorskip("resource")
+    cluster = _serve_with_open_files_limit(tmp_path, 256, 256, ["--max-workers", "1024"])
+    try:
+        log_text = (cluster.logs / "server.log").read_text()
+        assert re.search(r"WARNING .*may open 256 files at once \(ulimit -n\), but --max-workers 1024 .* need "
+                         r"up to 4160: .* --max-workers 48$", log_text, re.M), log_text[-2000:]
+    finally:
+        cluster.close()
+
+
 # A model with BatchNorm state (running statistics) that can score MNIST.
 BN_SPEC = {"input_shape": [1, 28, 28], "layers": [
     {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3, "padding": 1},
