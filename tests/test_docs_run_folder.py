@@ -1,0 +1,141 @@
+"""docs/run-folder.md stays true to the code: every metrics.jsonl record kind and field, every
+summary.json and config.json field, that real runs write is documented there, and every record
+kind it documents is one the code writes.
+
+The doc lists each record kind under a heading ``#### `kind` ...`` in its "metrics.jsonl"
+section, with its fields in the first column of a table (`` | `field` | ``); summary.json's and
+config.json's fields are in their own sections the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "run-folder.md"
+SOURCES = ["cnn_core", "server", "worker", "pscnn"]
+COMMON = {"kind", "seconds"}        # every record's, documented once for all
+SMALL = ["--model", "light", "--train-limit", "640", "--test-limit", "200", "--batch-size", "64",
+         "--no-progress", "--threads", "1"]
+
+# A table row's first cell, a name in backticks: | `compute_s` | ...
+ROW_NAME = re.compile(r"^\|\s*`([^`]+)`\s*\|", re.M)
+
+
+def sections(text: str, level: int) -> dict[str, str]:
+    """Heading text -> the text under it (up to the next heading of ``level`` or above)."""
+    parts = re.split(rf"^(#{{1,{level}}} .*)$", text, flags=re.M)
+    return {parts[i].lstrip("#").strip(): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def documented_kinds(text: str = None) -> dict[str, set]:
+    """Record kind -> the fields its doc tables list (a kind written by both commands has two
+    headings, "`start` (pscnn train)" and "`start` (server)": their fields are merged)."""
+    text = DOC.read_text() if text is None else text
+    metrics = sections(text, 2)["metrics.jsonl"]
+    kinds: dict[str, set] = {}
+    for heading, body in sections(metrics, 4).items():
+        m = re.match(r"`(\w+)`", heading)
+        if m and heading.count("`") == 2:       # "#### `step` (server)", not "### The clock: `seconds`"
+            kinds.setdefault(m.group(1), set()).update(ROW_NAME.findall(body))
+    return kinds
+
+
+def section_names(title: str, text: str = None) -> set:
+    """The names in the first column of the tables of the section ``## title``."""
+    text = DOC.read_text() if text is None else text
+    return set(ROW_NAME.findall(sections(text, 2)[title]))
+
+
+def kinds_in_source() -> set:
+    """Every kind passed to RunWriter.log / log_deferred in the package's source."""
+    call = re.compile(r"\.log(?:_deferred)?\(\s*\"(\w+)\"")
+    found = set()
+    for package in SOURCES:
+        for path in (REPO / package).rglob("*.py"):
+            found.update(call.findall(path.read_text()))
+    return found
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pscnn(*args, expect: int = 0, timeout: float = 120) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSCNN_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+
+
+# ------------------------------------------------------------------ the doc against the source
+def test_the_doc_lists_exactly_the_record_kinds_the_code_writes():
+    source = kinds_in_source()
+    # the search itself works: kinds of both writers, one of them written with log_deferred
+    assert {"start", "step", "epoch", "eval", "checkpoint"} <= source, source
+    doc = documented_kinds()
+    assert set(doc) == source, (f"documented but never written: {sorted(set(doc) - source)}; "
+                                f"written but not documented: {sorted(source - set(doc))}")
+    assert all(doc.values()), {k: v for k, v in doc.items() if not v}
+    assert all(f"`{name}`" in sections(DOC.read_text(), 2)["metrics.jsonl"] for name in COMMON)
+
+
+def test_the_parser_sees_a_field_removed_from_the_doc():
+    """What the run test relies on: a field taken out of a kind's table is no longer documented."""
+    text = DOC.read_text()
+    assert "compute_s" in documented_kinds(text)["step"]
+    cut = re.sub(r"^\| `compute_s` \|.*\n", "", text, flags=re.M)
+    assert cut != text and "compute_s" not in documented_kinds(cut)["step"]
+
+
+# ------------------------------------------------------------------ the doc against real runs
+@pytest.fixture(scope="module")
+def run_folders(tmp_path_factory, request) -> dict[str, Path]:
+    """A distributed run (sync, evaluator), a distributed run that diverges (no evaluator: the
+    server scores the final weights), a pscnn train run and one that diverges."""
+    mnist_dir = request.getfixturevalue("mnist_dir")
+    base = tmp_path_factory.mktemp("runs")
+    runs = {name: base / name for name in ("run", "run-diverged", "train", "train-diverged")}
+    data = ["--mnist-dir", mnist_dir]
+    pscnn("run", "--workers", "2", "--epochs", "1", "--eval-every", "1", *SMALL, *data, "--out", runs["run"])
+    pscnn("run", "--workers", "2", "--epochs", "1", "--no-evaluator", "--optimizer", "sgd", "--lr", "1e9",
+          "--schedule", "constant", *SMALL, *data, "--out", runs["run-diverged"], expect=1)
+    pscnn("train", "--epochs", "2", "--log-every", "4", *SMALL, *data, "--out", runs["train"])
+    pscnn("train", "--epochs", "1", "--optimizer", "sgd", "--lr", "1e9", "--schedule", "constant", "--log-every", "2",
+          *SMALL, *data, "--out", runs["train-diverged"], expect=1)
+    return runs
+
+
+@pytest.mark.slow
+def test_every_record_kind_and_field_written_is_documented(run_folders):
+    doc = documented_kinds()
+    written: dict[str, set] = {}
+    for folder in run_folders.values():
+        for record in read_jsonl(folder / "metrics.jsonl"):
+            written.setdefault(record["kind"], set()).update(record)
+    # the runs show what they are meant to: both writers' records, a divergence of each
+    expected = {"start", "join", "started", "step", "eval", "checkpoint", "failed", "epoch", "diverged"}
+    assert expected <= set(written), sorted(set(written))
+    undocumented = {kind: sorted(fields - COMMON - doc.get(kind, set())) for kind, fields in written.items()}
+    undocumented = {kind: fields for kind, fields in undocumented.items() if fields or kind not in doc}
+    assert not undocumented, f"in metrics.jsonl, not in {DOC.name} (kind: fields): {undocumented}"
+
+
+@pytest.mark.slow
+def test_every_summary_and_config_field_written_is_documented(run_folders):
+    summary_doc, config_doc = section_names("summary.json"), section_names("config.json")
+    missing = {}
+    for name, folder in run_folders.items():
+        summary = json.loads((folder / "summary.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        fields = set(config) | set(config.get("server", {}))
+        missing[name] = sorted(set(summary) - summary_doc) + sorted(fields - config_doc)
+        assert summary["status"] == ("diverged" if name.endswith("diverged") else "complete"), summary["error"]
+    assert not any(missing.values()), f"written but not in {DOC.name}: {missing}"
