@@ -266,6 +266,8 @@ def train(config: dict, progress: bool = True) -> dict:
             if midway:
                 last_good.restore()
             interrupted = f"interrupted at update {prog.step} (epoch {epoch} of {cfg['epochs']})"
+            # The updates since the last "step" record (those counted), so the curve reaches model.npz's.
+            _log_window(writer, prog, model.xp, epoch, prog.lr, echo=False)
             writer.log("interrupted", step=prog.step, samples_seen=prog.samples)
         status = "diverged" if diverged else "interrupted" if interrupted else "complete"
         summary = _summary(cfg, model, prog, len(x_train), result, last, time.perf_counter() - wall_start,

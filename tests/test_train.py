@@ -630,3 +630,24 @@ def test_an_interrupt_part_way_through_an_update_keeps_the_weights_from_before_i
     assert summary["error"] == "interrupted at update 2 (epoch 1 of 1)"
     record = read_metrics(tmp_path / "run")[-1]
     assert record["kind"] == "interrupted" and record["step"] == 2 and record["samples_seen"] == 2 * 64
+
+
+@needs_real_mnist
+def test_an_interrupt_logs_the_updates_since_the_last_step_record(tmp_path, no_plots, monkeypatch):
+    """The updates between the last "step" record and a Ctrl-C had no record: the loss curve
+    stopped up to --log-every - 1 updates short of the weights saved (a divergence logged
+    them already).  Their window is logged before the "interrupted" record."""
+    checks = []
+
+    def interrupt_in_the_sixth_update(model):
+        checks.append(1)
+        if len(checks) == 6:
+            raise KeyboardInterrupt             # updates 1-5 counted; 1-4 logged (log_every 4)
+        return None
+    monkeypatch.setattr(training, "_non_finite_part", interrupt_in_the_sixth_update)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path), progress=False)
+    records = read_metrics(tmp_path / "run")
+    assert [(r["kind"], r.get("step")) for r in records[-3:]] == [("step", 4), ("step", 5), ("interrupted", 5)]
+    last = records[-2]
+    assert last["epoch"] == 1 and last["loss"] > 0 and last["lr"] > 0 and last["images_per_second"] > 0
