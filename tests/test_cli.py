@@ -162,7 +162,8 @@ def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, caps
 # ------------------------------------------------------------------ the documentation's command lines
 
 DOCS = [Path(__file__).resolve().parents[1] / name for name in
-        ("README.md", "docs/engine.md", "docs/scaling.md", "docs/deployment.md", "docs/experiments.md")]
+        ("README.md", "docs/engine.md", "docs/scaling.md", "docs/deployment.md", "docs/experiments.md",
+         "docs/run-folder.md")]
 
 # Where a command line's pscnn arguments end: a redirection (`> runs/x.log`, `2>&1`), a job in the
 # background (`&`), or the next command (`;`, `&&`); docs/experiments.md starts servers and workers so.
