@@ -760,17 +760,17 @@ TRAINING = {"started": True, "batches_total": 64, "batches_done": 2, "done": Fal
             "epochs": 2, "images_per_second": 8129.4, "round_members": 2, "round_arrived": 2}
 
 
-def bar_following(stand_ins, answer: dict) -> Bar:
-    """The bar after _follow saw ``answer`` twice, the server exiting 0 after the second."""
+def bar_following(stand_ins, answer: dict, exit_code: int = 0) -> Bar:
+    """The bar after _follow saw ``answer`` twice, the server exiting ``exit_code`` after the second."""
     bar, answers = Bar(), []
 
     def status(timeout=1.0):
         answers.append(1)
         if len(answers) == 2:
-            stand_ins.end(0)
+            stand_ins.end(exit_code)
         return answer
     stand_ins.status = status
-    assert launcher._follow(stand_ins, bar) == 0
+    assert launcher._follow(stand_ins, bar) == exit_code
     return bar
 
 
@@ -794,17 +794,10 @@ def test_the_start_barrier_on_the_bar_counts_the_workers_the_server_waits_for(st
 def test_the_bar_says_when_training_diverged(stand_ins):
     """The server stops a diverged run and waits for its final evaluation: the bar kept showing
     the last epoch, images/s and loss, as if training went on."""
-    bar, answers = Bar(), []
-
-    def status(timeout=1.0):
-        answers.append(1)
-        if len(answers) == 2:
-            stand_ins.end(1)
-        return {"started": True, "batches_total": 64, "batches_done": 2, "done": True, "loss": 2.9e28,
-                "epoch": 0, "epochs": 2, "images_per_second": 0.0,
-                "error": "training diverged: the last 32 pushes had a NaN or Inf loss or gradient"}
-    stand_ins.status = status
-    assert launcher._follow(stand_ins, bar) == 1
+    bar = bar_following(stand_ins, {"started": True, "batches_total": 64, "batches_done": 2, "done": True,
+                                    "loss": 2.9e28, "epoch": 0, "epochs": 2, "images_per_second": 0.0,
+                                    "error": "training diverged: the last 32 pushes had a NaN or Inf loss or "
+                                             "gradient"}, exit_code=1)
     assert bar.postfix == "training diverged"
 
 
@@ -829,16 +822,9 @@ def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_i
 def test_the_bar_names_the_update_its_test_accuracy_is_of(stand_ins):
     """The evaluator scores every 10 s: for a short run's first seconds the bar showed the
     untrained weights' "test acc 0.1380" next to a loss of 0.25, as if the run were not learning."""
-    bar, answers = Bar(), []
-
-    def status(timeout=1.0):
-        answers.append(1)
-        if len(answers) == 2:
-            stand_ins.end(0)
-        return {"started": True, "batches_total": 282, "batches_done": 84, "done": False, "loss": 0.25,
-                "epoch": 0, "epochs": 3, "images_per_second": 11473.8, "test_accuracy": 0.138, "eval_version": 0}
-    stand_ins.status = status
-    assert launcher._follow(stand_ins, bar) == 0
+    bar = bar_following(stand_ins, {"started": True, "batches_total": 282, "batches_done": 84, "done": False,
+                                    "loss": 0.25, "epoch": 0, "epochs": 3, "images_per_second": 11473.8,
+                                    "test_accuracy": 0.138, "eval_version": 0})
     assert bar.description == "test acc 0.1380 at update 0"
 
 
