@@ -347,6 +347,14 @@ OVERLAP_HELP = ("async mode: compute the next batch while the previous push trav
                 "leases; hides the round trip, gradients one version staler)")
 
 
+def given_flag(dest: str) -> str:
+    """A flag that was given, for a message refusing it: ``--momentum``, plus ``(or PSCNN_MOMENTUM)``
+    when that variable is set, since the value may have come from there."""
+    variable = ENV_PREFIX + dest.upper()
+    flag = "--" + dest.replace("_", "-")
+    return flag + (f" (or {variable})" if os.environ.get(variable, "").strip() else "")
+
+
 def ssp_staleness(args) -> int:
     """The server's staleness bound from ``--staleness``: ssp's (default DEFAULT_STALENESS).
 
@@ -356,10 +364,7 @@ def ssp_staleness(args) -> int:
     if args.staleness is None:
         return DEFAULT_STALENESS
     if args.mode != "ssp":
-        flag = "--staleness"
-        if os.environ.get(ENV_PREFIX + "STALENESS", "").strip():
-            flag += f" (or {ENV_PREFIX}STALENESS)"
-        raise CliError(f"{flag} bounds --mode ssp only, not --mode {args.mode}")
+        raise CliError(f"{given_flag('staleness')} bounds --mode ssp only, not --mode {args.mode}")
     return args.staleness
 
 
@@ -568,9 +573,7 @@ def check_optimizer_flags(args, name: str) -> None:
         value = getattr(args, dest, None)
         if value is None or value is False or name in takers:
             continue
-        flag = "--" + dest.replace("_", "-")
-        if os.environ.get(ENV_PREFIX + dest.upper(), "").strip():
-            flag += f" (or {ENV_PREFIX + dest.upper()})"
+        flag = given_flag(dest)
         if args.optimizer == "auto":
             where = f"--mode {args.mode}" if hasattr(args, "mode") else "pscnn train"
             chosen = f"--optimizer auto, which is {name} for {where}"
