@@ -57,6 +57,12 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def shape_of(value) -> str:
+    """An array's shape, or what the value is when it is not an array (for messages)."""
+    shape = getattr(value, "shape", None)
+    return str(tuple(shape)) if shape is not None else f"a {type(value).__name__}"
+
+
 class Layer:
     """Base class: a layer without parameters or state."""
 
@@ -119,6 +125,27 @@ class Layer:
 
     def backward(self, dout, cache, need_dx: bool = True):
         raise NotImplementedError
+
+    # The checks below compare shapes only (no pass over the values), so they
+    # cost nothing next to the layer's own work; a wrong layout (NCHW for
+    # NHWC) or channel count otherwise failed deep inside NumPy, or broadcast.
+    def _check_input(self, x) -> None:
+        """ShapeError unless ``x`` is (N, *in_shape): a batch of what the layer was built for."""
+        if getattr(x, "shape", ())[1:] != self.in_shape:
+            self._refuse_shape("input", ("N", *self.in_shape) if self.in_shape is not None else None, x)
+
+    def _check_dout(self, dout, shape: tuple) -> None:
+        """ShapeError unless ``dout`` has ``shape``, that of the forward pass's output."""
+        if getattr(dout, "shape", None) != shape:
+            self._refuse_shape("dout", shape, dout)
+
+    def _refuse_shape(self, what: str, expected, got) -> None:
+        if expected is None:
+            raise ShapeError(f"{self.type_name} {self.name}: not built; call build(in_shape, xp, dtype, rng) first")
+        layout = ", ".join(map(str, expected))
+        hint = " (channels-last: N, H, W, C)" if len(expected) == 4 else ""
+        raise ShapeError(f"{self.type_name} {self.name}: {what} must have shape ({layout}), got {shape_of(got)}"
+                         f"{hint}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}: {self.in_shape} -> {self.out_shape})"
@@ -192,12 +219,21 @@ class Conv2D(Layer):
         self.parameters["weight"] = _he_normal(rng, (self.out_channels, c_in, kh, kw), c_in * kh * kw, xp, dtype)
         self.parameters["bias"] = xp.zeros(self.out_channels, dtype=dtype)
 
+    def _batch_out_shape(self, n: int, windows) -> tuple:
+        """The output's shape for a batch of n: (N, Ho, Wo, O), or window-major (see the class docs)."""
+        ho, wo, o = self.out_shape
+        if windows:
+            gh, gw = windows
+            return (gh * gw, n, ho // gh, wo // gw, o)
+        return (n, ho, wo, o)
+
     def forward(self, x, train=True):
+        self._check_input(x)
         n = x.shape[0]
         kh, kw = self.kernel
         sh, sw = self.stride
         ph, pw = self.padding
-        ho, wo, o = self.out_shape
+        o = self.out_channels
         weight = self.parameters["weight"]
         xpad = pad_nhwc(x, ph, pw)
         wmat = weight.transpose(2, 3, 1, 0).reshape(-1, o)          # (kh*kw*C, O)
@@ -211,13 +247,11 @@ class Conv2D(Layer):
             out = cols @ wmat
             out += self.parameters["bias"]
         cache = (xpad.shape, cols, wmat, patch_major, windows)
-        if windows:
-            gh, gw = windows
-            return out.reshape(gh * gw, n, ho // gh, wo // gw, o), cache
-        return out.reshape(n, ho, wo, o), cache
+        return out.reshape(self._batch_out_shape(n, windows)), cache
 
     def backward(self, dout, cache, need_dx=True):
         padded_shape, cols, wmat, patch_major, windows = cache
+        self._check_dout(dout, self._batch_out_shape(padded_shape[0], windows))
         o = self.out_channels
         dout2 = dout.reshape(-1, o)                               # (N*Ho*Wo, O), in the columns' order
         h, w, c_in = self.in_shape
@@ -283,12 +317,14 @@ class Dense(Layer):
         self.parameters["bias"] = xp.zeros(self.units, dtype=dtype)
 
     def forward(self, x, train=True):
+        self._check_input(x)
         out = x @ self.parameters["weight"]
         out += self.parameters["bias"]
         return out, x
 
     def backward(self, dout, cache, need_dx=True):
         x = cache
+        self._check_dout(dout, (x.shape[0], self.units))
         grads = {"weight": x.T @ dout, "bias": dout.sum(axis=0)}
         dx = dout @ self.parameters["weight"].T if need_dx else None
         return dx, grads
@@ -345,7 +381,17 @@ class MaxPool2D(Layer):
             for j in range(kw):
                 yield (slice(None), slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
 
+    def _check_input(self, x):
+        if not self.windows_first:
+            super()._check_input(x)
+            return
+        kh, kw = self.kernel                    # window-major: (kh*kw, N, Ho, Wo, C)
+        shape = getattr(x, "shape", ())
+        if shape[:1] != (kh * kw,) or shape[2:] != self.out_shape:
+            self._refuse_shape("window-major input", (kh * kw, "N", *self.out_shape), x)
+
     def forward(self, x, train=True):
+        self._check_input(x)
         xp = _xp(x)
         windows_first = self.windows_first
         wins = list(self._windows(windows_first))
@@ -359,6 +405,7 @@ class MaxPool2D(Layer):
 
     def backward(self, dout, cache, need_dx=True):
         x, out, windows_first = cache
+        self._check_dout(dout, out.shape)
         xp = _xp(x)
         kh, kw = self.kernel
         sh, sw = self.stride
@@ -405,6 +452,7 @@ class Flatten(Layer):
         return (int(np.prod(in_shape)),)
 
     def forward(self, x, train=True):
+        self._check_input(x)
         features = self.out_shape[0]             # not -1: an empty batch has no size to infer it from
         if x.ndim == 4:
             return x.transpose(0, 3, 1, 2).reshape(x.shape[0], features), x.shape
@@ -412,6 +460,7 @@ class Flatten(Layer):
 
     def backward(self, dout, cache, need_dx=True):
         shape = cache
+        self._check_dout(dout, (shape[0], *self.out_shape))
         if len(shape) == 4:
             n, h, w, c = shape
             return dout.reshape(n, c, h, w).transpose(0, 2, 3, 1), {}
@@ -430,6 +479,7 @@ class ReLU(Layer):
         return out, out          # out > 0 exactly where x > 0: no need to keep x
 
     def backward(self, dout, cache, need_dx=True):
+        self._check_dout(dout, cache.shape)     # else a (1, D) dout broadcasts silently
         return dout * (cache > 0), {}
 
 
@@ -450,6 +500,7 @@ class LeakyReLU(Layer):
         return _xp(x).where(positive, x, x * x.dtype.type(self.alpha)), positive
 
     def backward(self, dout, cache, need_dx=True):
+        self._check_dout(dout, cache.shape)
         return _xp(dout).where(cache, dout, dout * dout.dtype.type(self.alpha)), {}
 
 
@@ -473,6 +524,7 @@ class ELU(Layer):
 
     def backward(self, dout, cache, need_dx=True):
         x, neg = cache
+        self._check_dout(dout, x.shape)
         alpha = x.dtype.type(self.alpha)
         return _xp(x).where(x > 0, dout, dout * (neg + alpha)), {}   # d/dx = alpha*exp(x) = neg + alpha
 
@@ -488,6 +540,7 @@ class SiLU(Layer):
 
     def backward(self, dout, cache, need_dx=True):
         x, sig = cache
+        self._check_dout(dout, x.shape)
         one = x.dtype.type(1)
         return dout * (sig * (one + x * (one - sig))), {}
 
@@ -544,7 +597,10 @@ class Dropout(Layer):
         return x * mask, mask
 
     def backward(self, dout, cache, need_dx=True):
-        return (dout if cache is None else dout * cache), {}
+        if cache is None:
+            return dout, {}
+        self._check_dout(dout, cache.shape)
+        return dout * cache, {}
 
 
 class BatchNorm2D(Layer):
@@ -586,6 +642,7 @@ class BatchNorm2D(Layer):
         self.state["running_var"] = xp.ones(c, dtype=dtype)
 
     def forward(self, x, train=True):
+        self._check_input(x)
         xp = _xp(x)
         gamma, beta = self.parameters["weight"], self.parameters["bias"]
         if not train:
@@ -611,6 +668,7 @@ class BatchNorm2D(Layer):
         if cache is None:
             raise ShapeError(f"batchnorm2d {self.name}: backward after an evaluation-mode forward")
         xhat, inv_std = cache
+        self._check_dout(dout, xhat.shape)
         gamma = self.parameters["weight"]
         grads = {"weight": (dout * xhat).sum(axis=(0, 1, 2)), "bias": dout.sum(axis=(0, 1, 2))}
         if not need_dx:
@@ -684,6 +742,7 @@ class Residual(Layer):
         self.parameters[key] = array
 
     def forward(self, x, train=True):
+        self._check_input(x)
         caches = []
         h = x
         for layer in self.layers:

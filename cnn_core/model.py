@@ -25,7 +25,7 @@ from .backend import array_module, resolve_dtype
 from .config import named_config, seed_value
 from .errors import ConfigError, ShapeError, SpecError
 from .flat import FlatArrays, all_finite
-from .layers import LAYER_TYPES, Conv2D, Dropout, MaxPool2D, ReLU, Residual
+from .layers import LAYER_TYPES, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
 from .losses import softmax_cross_entropy
 
 
@@ -339,7 +339,7 @@ class Model:
             raise ShapeError("Model.backward: call forward(x, train=True) first")
         if not hasattr(dlogits, "shape") or tuple(dlogits.shape) != tuple(self._dlogits_shape):
             raise ShapeError(f"Model.backward: dlogits must have the logits' shape {tuple(self._dlogits_shape)}, "
-                             f"got {_shape_of(dlogits)}")
+                             f"got {shape_of(dlogits)}")
         if dlogits.dtype.kind != "f":
             raise ShapeError(f"Model.backward: dlogits must be floating point, got dtype {dlogits.dtype}")
         grads: dict = {}
@@ -421,7 +421,7 @@ class Model:
         """
         c, h, w = self.spec["input_shape"]
         if not hasattr(x, "ndim") or x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
-            raise ShapeError(f"model input must have shape (N, {c}, {h}, {w}), got {_shape_of(x)}")
+            raise ShapeError(f"model input must have shape (N, {c}, {h}, {w}), got {shape_of(x)}")
         if x.dtype.kind != "f":
             raise ShapeError(f"model input must be floating point, got dtype {x.dtype}")
         with np.errstate(over="ignore"):           # a value beyond float32 becomes Inf: refused next
@@ -498,12 +498,6 @@ def _check_named_arrays(arrays, who: str) -> None:
     """ShapeError unless ``arrays`` is a dict (name -> array): None or a list failed on ``in`` or ``.items()``."""
     if not isinstance(arrays, dict):
         raise ShapeError(f"{who}: arrays must be a dict name -> array, got {type(arrays).__name__}")
-
-
-def _shape_of(value) -> str:
-    """An array's shape, or what the value is when it is not an array (for messages)."""
-    shape = getattr(value, "shape", None)
-    return str(tuple(shape)) if shape is not None else f"a {type(value).__name__}"
 
 
 def _all_layers(layers):

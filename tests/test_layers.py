@@ -6,6 +6,8 @@ correct backward scores far below the 1e-6 bound used here.  Inputs to the
 piecewise layers (ReLU family, max pooling) are built to stay well away from
 kinks and ties (>= 1e-2 apart), so the finite differences never cross one.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -194,6 +196,69 @@ def test_conv2d_bad_config_and_input():
         built(Conv2D(2, kernel=5), (4, 6, 1))
     with pytest.raises(SpecError, match="image input"):
         built(Conv2D(2), (16,))
+
+
+def _shape_error(layer, what, expected: str, got: tuple):
+    """The one-line ShapeError a layer gives for an input or dout of the wrong shape."""
+    return pytest.raises(ShapeError, match=rf"^{layer.type_name} {layer.name}: {what} must have shape "
+                                           rf"{re.escape(expected)}, got {re.escape(str(got))}")
+
+
+def test_layers_refuse_a_wrong_input_shape_in_one_line():
+    # Each failed deep inside NumPy (a matmul or reshape ValueError, an IndexError) or, for a
+    # pool, returned an output of the wrong shape; the layer now names itself and both shapes.
+    conv = built(Conv2D(4, 3, padding=1, name="c"), (8, 8, 3))
+    for got in ((2, 3, 8, 8), (2, 8, 8, 1), (8, 8, 3), (2, 7, 8, 3)):      # NCHW, channels, no batch axis, H
+        with _shape_error(conv, "input", "(N, 8, 8, 3)", got):
+            conv.forward(np.zeros(got))
+    with pytest.raises(ShapeError, match=r"channels-last: N, H, W, C"):
+        conv.forward(np.zeros((2, 3, 8, 8)))
+    dense = built(Dense(5, name="d"), (10,))
+    for got in ((2, 11), (10,)):
+        with _shape_error(dense, "input", "(N, 10)", got):
+            dense.forward(np.zeros(got))
+    pool = built(MaxPool2D(2, name="p"), (8, 8, 3))
+    for got in ((8, 8), (2, 8, 8, 4), (2, 6, 8, 3)):
+        with _shape_error(pool, "input", "(N, 8, 8, 3)", got):
+            pool.forward(np.zeros(got))
+    for layer in (built(BatchNorm2D(name="b"), (4, 4, 3)), built(Flatten(name="f"), (4, 4, 3)),
+                  built(Residual([ReLU(name="r")], name="res"), (4, 4, 3))):
+        with _shape_error(layer, "input", "(N, 4, 4, 3)", (2, 4, 4, 2)):
+            layer.forward(np.zeros((2, 4, 4, 2)))
+    with pytest.raises(ShapeError, match=r"^dense d: input must have shape \(N, 10\), got a list$"):
+        dense.forward([[0.0] * 10])
+    with pytest.raises(ShapeError, match=r"^conv2d c2: not built; call build\("):
+        Conv2D(4, name="c2").forward(np.zeros((2, 8, 8, 3)))
+
+
+def test_window_major_pool_refuses_a_plain_input():
+    conv, pool = built(Conv2D(2, 3, padding=1, name="c"), (4, 4, 1)), built(MaxPool2D(2, name="p"), (4, 4, 2))
+    conv.pool_windows, pool.windows_first = (2, 2), True
+    out, _ = conv.forward(np.ones((3, 4, 4, 1)))
+    assert out.shape == (4, 3, 2, 2, 2)
+    assert pool.forward(out)[0].shape == (3, 2, 2, 2)
+    with _shape_error(pool, "window-major input", "(4, N, 2, 2, 2)", (3, 4, 4, 2)):
+        pool.forward(np.ones((3, 4, 4, 2)))
+
+
+def test_layers_refuse_a_dout_of_the_wrong_shape():
+    # A wrong dout failed in a matmul or broadcast, or (ReLU family, dropout: a (1, D) dout
+    # against a (N, D) cache) broadcast silently into a wrong gradient.
+    rng = np.random.default_rng(0)
+    cases = [(built(Conv2D(4, 3, padding=1, name="c"), (8, 8, 3)), (2, 8, 8, 3)),
+             (built(Dense(5, name="d"), (10,)), (2, 10)),
+             (built(MaxPool2D(2, name="p"), (8, 8, 3)), (2, 8, 8, 3)),
+             (built(Flatten(name="f"), (4, 4, 3)), (2, 4, 4, 3)),
+             (built(BatchNorm2D(name="b"), (4, 4, 3)), (2, 4, 4, 3)),
+             (built(Dropout(0.5, name="drop"), (6,)), (3, 6))]
+    cases += [(built(layer, (6,)), (3, 6)) for layer in (ReLU(name="r"), LeakyReLU(name="l"), ELU(name="e"),
+                                                          SiLU(name="s"))]
+    for layer, in_shape in cases:
+        out, cache = layer.forward(rng.standard_normal(in_shape))
+        wrong = (1, *out.shape[1:])                     # broadcastable, and the batch axis is wrong
+        with _shape_error(layer, "dout", str(out.shape), wrong):
+            layer.backward(np.ones(wrong), cache)
+        layer.backward(np.ones(out.shape), cache)      # the right shape still goes through
 
 
 # --------------------------------------------------------------------------- Dense
