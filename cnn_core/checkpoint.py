@@ -16,8 +16,9 @@ model layout on top: ``param/<name>`` (``model.params``), ``state/<name>``
 (``optimizer.state_dict()``), with the model spec, dtype, optimizer config,
 step, metrics and free-form ``extra`` in ``meta``.  Loading refuses, with one
 line naming the file and the offending field or array, a meta field of the
-wrong type and any NaN or Inf in the weights, the model state or the
-optimizer state: a checkpoint may have been edited by hand.
+wrong type, any NaN or Inf in the weights, the model state or the optimizer
+state, and model state no layer can run with (a negative BatchNorm running
+variance): a checkpoint may have been edited by hand.
 """
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu",
     the GPU for a CuPy model).  Everything is checked before anything is
     copied, so on CheckpointError the model and optimizer are left unchanged.
     Floating-point weights, model state and optimizer state must be finite,
-    and the meta fields have the types :func:`save_model_checkpoint` writes
+    BatchNorm running variances >= 0, and the meta fields have the types :func:`save_model_checkpoint` writes
     (``model_spec`` an object, never a preset name or a file's path; ``step``
     an int >= 0; ``metrics`` and ``extra`` objects).
     """
@@ -220,6 +221,10 @@ def load_model_checkpoint(path, model=None, optimizer=None, device: str = "cpu",
             raise CheckpointError(f"{where}: stored model cannot be built: {exc}") from None
     _check_arrays(where, "param", groups["param"], model.params)
     _check_arrays(where, "state", groups["state"], model.state)
+    for name, value in groups["state"].items():
+        problem = model.state_problem(name, value)
+        if problem:
+            raise CheckpointError(f"{where}: state {name} {problem}")
     _check_finite(where, "optimizer state", groups["optim"], model.dtype)
 
     if optimizer is None and saved_opt is not None:

@@ -107,6 +107,14 @@ class Layer:
     def _init(self, xp, dtype, rng) -> None:
         """Create parameters/state; ``rng`` is a NumPy Generator (init runs on the host)."""
 
+    def state_problem(self, key: str, value) -> str | None:
+        """What makes ``value`` (a host array) unusable as ``self.state[key]``, or None.
+
+        Checked when a checkpoint is loaded, beside the shape and finiteness
+        checks every array gets there: a hand-edited file may hold anything.
+        """
+        return None
+
     def reseed(self, rng) -> None:
         """Restart this layer's own random stream (dropout masks) from the NumPy Generator ``rng``.
 
@@ -634,6 +642,11 @@ class BatchNorm2D(Layer):
             raise SpecError(f"batchnorm2d {self.name}: needs an image input (H, W, C), got shape {in_shape}")
         return in_shape
 
+    def state_problem(self, key, value):
+        if key == "running_var" and value.size and value.min() < 0:   # sqrt(var + eps): NaN outputs in eval mode
+            return f"holds a negative variance ({float(value.min()):.4g}); a variance is >= 0"
+        return None
+
     def _init(self, xp, dtype, rng):
         c = self.in_shape[2]
         self.parameters["weight"] = xp.ones(c, dtype=dtype)
@@ -736,10 +749,19 @@ class Residual(Layer):
         for layer in self.layers:
             layer.reseed(rng)
 
+    def _inner(self, key: str) -> tuple[Layer, str]:
+        """(the inner layer, its own key) for a key "<inner>.<key>", possibly nested."""
+        inner, _, rest = key.partition(".")
+        return next(layer for layer in self.layers if layer.name == inner), rest
+
     def bind_parameter(self, key, array):
-        inner, _, rest = key.partition(".")     # "<inner>.<param>", possibly nested
-        next(layer for layer in self.layers if layer.name == inner).bind_parameter(rest, array)
+        layer, rest = self._inner(key)
+        layer.bind_parameter(rest, array)
         self.parameters[key] = array
+
+    def state_problem(self, key, value):
+        layer, rest = self._inner(key)
+        return layer.state_problem(rest, value)
 
     def forward(self, x, train=True):
         self._check_input(x)

@@ -473,6 +473,12 @@ class Model:
         for name, target in targets.items():
             target[...] = self.xp.asarray(arrays[name])
 
+    def state_problem(self, name: str, value) -> str | None:
+        """What makes ``value`` (a host array) unusable as ``self.state[name]``, or None
+        (see :meth:`cnn_core.layers.Layer.state_problem`)."""
+        layer_name, _, key = name.partition(".")
+        return next(layer for layer in self.layers if layer.name == layer_name).state_problem(key, value)
+
     def num_parameters(self) -> int:
         return int(sum(v.size for v in self.params.values()))
 

@@ -377,6 +377,33 @@ def test_a_param_of_an_uncastable_dtype_is_refused_before_anything_is_loaded(tmp
         np.testing.assert_array_equal(after[key], opt_snap[key], err_msg=key)
 
 
+def test_a_negative_batchnorm_running_variance_is_refused_naming_the_array(tmp_path, trained):
+    """It loaded silently: every evaluation-mode output of the layer was then NaN (sqrt of var + eps < 0),
+    and a server resumed from it (--resume loads through load_model_checkpoint) evaluated a NaN test loss."""
+    model, opt = trained
+    residual_spec = {"input_shape": [2, 4, 4], "layers": [
+        {"type": "residual", "name": "res1", "layers": [{"type": "batchnorm2d", "name": "bn"}]},
+        {"type": "flatten"}, {"type": "dense", "name": "fc1", "units": 3}]}
+    path = tmp_path / "m.npz"
+    for source, name in ((model, "bn1.running_var"), (build_model(residual_spec), "res1.bn.running_var")):
+        save_model_checkpoint(path, source)
+        arrays, meta = load_checkpoint(path)
+        arrays[f"state/{name}"] = arrays[f"state/{name}"].copy()
+        arrays[f"state/{name}"][1] = -0.5
+        save_checkpoint(path, arrays, meta)
+        message = f"^checkpoint {path}: state {name} holds a negative variance \\(-0.5\\); a variance is >= 0$"
+        with pytest.raises(CheckpointError, match=message):
+            load_model_checkpoint(path)
+        target = build_model(source.spec, seed=42)
+        snap = _snapshot(target)
+        with pytest.raises(CheckpointError, match=message):
+            load_model_checkpoint(path, model=target)
+        _assert_unchanged(target, snap)
+        arrays[f"state/{name}"][1] = 0.0                # a zero variance is a variance (eps keeps it finite)
+        save_checkpoint(path, arrays, meta)
+        load_model_checkpoint(path, model=target)
+
+
 def test_float64_values_beyond_float32_are_refused_when_loading_into_float32(tmp_path):
     """They used to load as Inf (a RuntimeWarning only), though loading refuses Inf in the weights."""
     model = build_model(BN_SPEC, seed=3, dtype="float64")
