@@ -72,6 +72,7 @@ class Optimizer:
     name = ""
     HYPER: dict = {}          # hyperparameter -> default
     SLOTS: tuple = ()         # per-parameter arrays shaped like the parameter
+    SQUARES: tuple = ()       # the slots that sum or average squared gradients: >= 0 (their sqrt is taken)
     COUNTERS: tuple = ()      # per-parameter integer counters
 
     def __init__(self, lr: float = 0.01, schedule=None, l2: float = 0.0, l1: float = 0.0, **hyper):
@@ -365,6 +366,9 @@ class Optimizer:
             value = np.asarray(backend.to_numpy(value))
             if value.dtype.kind != "f":
                 raise CheckpointError(f"{who}: {key!r} must be floating point, got dtype {value.dtype}")
+            if kind in self.SQUARES and value.size and value.min() < 0:   # else NaN weights after the next step
+                raise CheckpointError(f"{who}: {key!r} holds a negative value ({float(value.min()):.4g}); "
+                                      "it sums squared gradients, so it is >= 0")
             new.setdefault(name, {})[kind] = value
         for name, state in new.items():
             absent = [k for k in slots + counters if k not in state]
@@ -490,6 +494,7 @@ class AdaGrad(Optimizer):
     name = "adagrad"
     HYPER = {"eps": 1e-8}
     SLOTS = ("cache",)
+    SQUARES = ("cache",)
 
     def _validate_hyper(self) -> None:
         self.eps = self.hyper["eps"] = number_in(self.hyper["eps"], "adagrad: eps", 0.0, low_open=True)
@@ -516,6 +521,7 @@ class RMSProp(Optimizer):
     name = "rmsprop"
     HYPER = {"rho": 0.99, "eps": 1e-8}
     SLOTS = ("cache",)
+    SQUARES = ("cache",)
 
     def _validate_hyper(self) -> None:
         self.rho = self.hyper["rho"] = number_in(self.hyper["rho"], "rmsprop: rho", 0.0, 1.0)
@@ -551,6 +557,7 @@ class Adam(Optimizer):
     name = "adam"
     HYPER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
     SLOTS = ("m", "v")
+    SQUARES = ("v",)
     COUNTERS = ("step",)
 
     def _validate_hyper(self) -> None:

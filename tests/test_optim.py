@@ -525,6 +525,27 @@ def test_load_state_dict_errors():
         opt.load_state_dict({k: v for k, v in good.items() if not k.endswith("/b")})
 
 
+@pytest.mark.parametrize("config,slot", [({"name": "adam"}, "v"), ({"name": "adamw"}, "v"),
+                                         ({"name": "adagrad"}, "cache"), ({"name": "rmsprop"}, "cache")])
+def test_load_state_dict_refuses_a_negative_sum_of_squares(config, slot):
+    """A hand-edited negative second moment loaded silently, and the next step's sqrt made the
+    weights NaN: pscnn train then stopped as "diverged", blaming the learning rate."""
+    params = {"w": np.ones(3)}
+    opt = build_optimizer({**config, "lr": 0.1})
+    opt.step(params, {"w": np.ones(3)})
+    state = opt.state_dict()
+    state[f"{slot}/w"] = np.array([0.0, -0.25, 1.0])       # zero is a sum of squares: only the negative one
+    fresh = build_optimizer({**config, "lr": 0.1})
+    with pytest.raises(CheckpointError, match=rf"^{config['name']} optimizer state: '{slot}/w' holds a negative "
+                                              r"value \(-0.25\); it sums squared gradients, so it is >= 0$"):
+        fresh.load_state_dict(state, params=params)
+    assert fresh.state == {} and fresh.t == 0
+    state[f"{slot}/w"][1] = 0.0
+    fresh.load_state_dict(state, params=params)
+    fresh.step(params, {"w": np.ones(3)})
+    assert np.isfinite(params["w"]).all()
+
+
 # ---------------------------------------------------------------------- config / build
 def test_config_round_trip_and_json():
     opt = SGD(lr=0.1, momentum=0.9, nesterov=True, l2=1e-4,
