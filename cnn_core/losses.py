@@ -44,8 +44,10 @@ def softmax_cross_entropy(logits, y, total: int | None = None):
     if int(onehot.sum()) != n:
         raise ShapeError(f"softmax_cross_entropy: labels must lie in [0, {k}), got range "
                          f"[{int(y.min())}, {int(y.max())}]")
-    log_likelihood = xp.where(onehot, shifted, 0).sum(axis=1) - xp.log(sums[:, 0])
-    loss = float(-log_likelihood.sum() / total) if n else 0.0
+    # log(sum exp) - the label's logit, both shifted: >= 0 as written, where negating the
+    # log-likelihood read -0.0 for a batch predicted with certainty (float32 margins > ~17).
+    nll = xp.log(sums[:, 0]) - xp.where(onehot, shifted, 0).sum(axis=1)
+    loss = float(nll.sum() / total) if n else 0.0
     dlogits = exp / sums
     dlogits -= onehot
     dlogits /= max(total, 1)

@@ -896,6 +896,15 @@ def test_softmax_cross_entropy_large_logits_are_stable(dtype):
     np.testing.assert_array_equal(d_inf, np.zeros((2, 2), dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_of_a_certain_prediction_is_plus_zero(dtype):
+    """It was -0.0 (the log-likelihood 0.0, negated): a batch predicted with certainty (float32
+    margins above ~17) printed its loss as -0.0000."""
+    logits = np.array([[100.0, -100.0], [-100.0, 100.0]], dtype=dtype)
+    loss, _ = softmax_cross_entropy(logits, np.array([0, 1]))
+    assert loss == 0.0 and math.copysign(1.0, loss) == 1.0 and f"{loss:.4f}" == "0.0000"
+
+
 @pytest.mark.parametrize("y,match", [
     (np.array([0, 10, 1]), r"\[0, 10\), got range \[0, 10\]"),
     (np.array([0, -1, 1]), r"\[0, 10\), got range \[-1, 1\]"),
