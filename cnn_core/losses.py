@@ -12,6 +12,14 @@ def softmax_cross_entropy(logits, y, total: int | None = None):
     Returns ``(loss, dlogits)``: ``loss`` a Python float (mean over N),
     ``dlogits`` (N, K) in the logits' dtype, = (softmax(logits) - onehot(y)) / N.
 
+    NaN or Inf in the logits (a diverging model) is not an error: the loss
+    comes back NaN or inf, as in PyTorch, and the caller checks that one
+    scalar (``math.isfinite(loss)``) instead of a pass over the logits.
+    ``pscnn train`` stops on it ("training diverged at update ...: the loss
+    is nan"), the parameter server rejects a trainer's push that carries it
+    (enough in a row stop the run as diverged), and an evaluation's NaN test
+    loss stops ``pscnn train`` the same way.
+
     ``total``: when these N rows are one chunk of a larger batch of ``total``
     rows (``Model.loss_and_grads``), divide by ``total`` instead of N, so the
     chunks' losses add up to the batch's mean and each row's gradient is

@@ -896,6 +896,17 @@ def test_softmax_cross_entropy_large_logits_are_stable(dtype):
     np.testing.assert_array_equal(d_inf, np.zeros((2, 2), dtype=dtype))
 
 
+def test_softmax_cross_entropy_gives_a_non_finite_loss_for_non_finite_logits_not_an_error():
+    """The documented contract the divergence checks rely on (pscnn train, the server's push check):
+    they read the scalar loss; an exception here would replace their "diverged" report."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        for bad in (np.nan, np.inf):
+            logits = np.zeros((3, 4), np.float32)
+            logits[1, 2] = bad
+            loss, _ = softmax_cross_entropy(logits, np.array([0, 2, 3]))
+            assert not math.isfinite(loss)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_cross_entropy_of_a_certain_prediction_is_plus_zero(dtype):
     """It was -0.0 (the log-likelihood 0.0, negated): a batch predicted with certainty (float32
