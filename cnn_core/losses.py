@@ -33,15 +33,11 @@ def softmax_cross_entropy(logits, y, total: int | None = None):
     if logits.dtype.kind != "f":       # the gradient, cast back to integers, would be all zeros
         raise ShapeError(f"softmax_cross_entropy: logits must be floating point, got dtype {logits.dtype}")
     n, k = logits.shape
-    y = xp.asarray(y)
-    if y.shape != (n,):
-        raise ShapeError(f"softmax_cross_entropy: labels must have shape ({n},), got {tuple(y.shape)}")
+    y = check_labels(y, n, xp)
     if total is None:
         total = n
     elif not isinstance(total, int) or isinstance(total, bool) or total < max(n, 1):
         raise ShapeError(f"softmax_cross_entropy: total must be an int >= the {n} rows given, got {total!r}")
-    if y.dtype.kind not in "iu":
-        raise ShapeError(f"softmax_cross_entropy: labels must be integers, got dtype {y.dtype}")
     shifted = logits - logits.max(axis=1, keepdims=True)   # exp() cannot overflow
     exp = xp.exp(shifted)
     sums = exp.sum(axis=1, keepdims=True)
@@ -50,8 +46,7 @@ def softmax_cross_entropy(logits, y, total: int | None = None):
     # [0, K) matches no column.
     onehot = y[:, None] == xp.arange(k)
     if int(onehot.sum()) != n:
-        raise ShapeError(f"softmax_cross_entropy: labels must lie in [0, {k}), got range "
-                         f"[{int(y.min())}, {int(y.max())}]")
+        raise label_range_error(y, k)
     # log(sum exp) - the label's logit, both shifted: >= 0 as written, where negating the
     # log-likelihood read -0.0 for a batch predicted with certainty (float32 margins > ~17).
     nll = xp.log(sums[:, 0]) - xp.where(onehot, shifted, 0).sum(axis=1)
@@ -60,3 +55,19 @@ def softmax_cross_entropy(logits, y, total: int | None = None):
     dlogits -= onehot
     dlogits /= max(total, 1)
     return loss, dlogits.astype(logits.dtype, copy=False)
+
+
+def check_labels(y, n: int, xp):
+    """``y`` as an array of ``xp``; ShapeError unless it is (n,) integers (no pass over the values)."""
+    y = xp.asarray(y)
+    if y.shape != (n,):
+        raise ShapeError(f"softmax_cross_entropy: labels must have shape ({n},), got {tuple(y.shape)}")
+    if y.dtype.kind not in "iu":
+        raise ShapeError(f"softmax_cross_entropy: labels must be integers, got dtype {y.dtype}")
+    return y
+
+
+def label_range_error(y, k: int) -> ShapeError:
+    """The error for labels ``y`` (non-empty) not all in [0, k)."""
+    return ShapeError(f"softmax_cross_entropy: labels must lie in [0, {k}), got range "
+                      f"[{int(y.min())}, {int(y.max())}]")

@@ -26,7 +26,7 @@ from .config import named_config, seed_value
 from .errors import ConfigError, ShapeError, SpecError
 from .flat import FlatArrays, all_finite
 from .layers import LAYER_TYPES, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
-from .losses import softmax_cross_entropy
+from .losses import check_labels, label_range_error, softmax_cross_entropy
 
 
 def _cnn_preset(c1: int, c2: int, hidden: int) -> dict:
@@ -371,14 +371,16 @@ class Model:
         """
         x = self._check_input(x)
         n = x.shape[0]
+        y = check_labels(y, n, self.xp)    # before any layer runs (a chunk would name its own length)
+        if self._couples_samples and n and bool(((y < 0) | (y >= self.num_classes)).any()):
+            # Checked again with the loss, but by then the forward pass has moved
+            # the BatchNorm statistics: a refused step must leave the model as it was.
+            raise label_range_error(y, self.num_classes)
         bounds = self._chunk_bounds(n, train=True)
         if len(bounds) == 2 or self._couples_samples:
             logits = self._forward(x, train=True)
             loss, dlogits = softmax_cross_entropy(logits, y)
             return loss, logits, self.backward(dlogits)
-        y = self.xp.asarray(y)
-        if y.shape != (n,):     # before any chunk runs (a chunk would name its own length)
-            raise ShapeError(f"softmax_cross_entropy: labels must have shape ({n},), got {tuple(y.shape)}")
         dropouts = self._dropouts
         draws = [layer.draws for layer in dropouts]
         loss, logits, grads = 0.0, [], None

@@ -1013,6 +1013,23 @@ def test_loss_and_grads_runs_batchnorm_models_whole(monkeypatch):
         np.testing.assert_array_equal(chunked.state[k], whole.state[k])
 
 
+@pytest.mark.parametrize("labels,needle", [
+    (np.array([0, 1, 5, 2, 0]), r"labels must lie in \[0, 5\), got range \[0, 5\]"),
+    (np.array([0, 1, -1, 2, 0], dtype=np.int8), r"labels must lie in \[0, 5\), got range \[-1, 2\]"),
+    (np.array([0.0, 1.0, 2.0, 3.0, 4.0]), "labels must be integers, got dtype float64"),
+    (np.array([0, 1, 2]), r"labels must have shape \(5,\), got \(3,\)")])
+def test_refused_labels_leave_the_batchnorm_statistics_as_they_were(labels, needle):
+    """The forward pass ran, moving the running mean and variance towards the batch, before the loss
+    refused the labels: a refused step changed the model."""
+    model = build_model(SMALL_SPEC, seed=0)
+    state = {k: v.copy() for k, v in model.state.items()}
+    x, _ = batch(5, (2, 9, 8), 5)
+    with pytest.raises(ShapeError, match=needle):
+        model.loss_and_grads(x, labels)
+    for k, v in model.state.items():
+        np.testing.assert_array_equal(v, state[k], err_msg=k)
+
+
 def test_loss_and_grads_checks_labels_before_running(monkeypatch):
     model = build_model("light", seed=0)
     x, y = batch(64)
