@@ -642,6 +642,17 @@ class BatchNorm2D(Layer):
             raise SpecError(f"batchnorm2d {self.name}: needs an image input (H, W, C), got shape {in_shape}")
         return in_shape
 
+    def check_training_batch(self, n: int) -> None:
+        """ShapeError unless a training batch of n images gives each channel more than one value.
+
+        With one (or none) there is no batch variance: 0 (or NaN) would enter
+        the running statistics for good.
+        """
+        h, w, _ = self.in_shape
+        if n * h * w < 2:
+            raise ShapeError(f"batchnorm2d {self.name}: a training batch needs more than one value per channel, "
+                             f"got {n * h * w} (batch {n} of {h}x{w})")
+
     def state_problem(self, key, value):
         if key == "running_var" and value.size and value.min() < 0:   # sqrt(var + eps): NaN outputs in eval mode
             return f"holds a negative variance ({float(value.min()):.4g}); a variance is >= 0"
@@ -661,10 +672,8 @@ class BatchNorm2D(Layer):
         if not train:
             inv_std = 1 / xp.sqrt(self.state["running_var"] + x.dtype.type(self.eps))
             return (x - self.state["running_mean"]) * (gamma * inv_std) + beta, None
+        self.check_training_batch(x.shape[0])
         m = x.shape[0] * x.shape[1] * x.shape[2]
-        if m < 2:       # no batch variance: NaN (m = 0) or 0 (m = 1) in the running statistics for good
-            raise ShapeError(f"batchnorm2d {self.name}: a training batch needs more than one value per channel, "
-                             f"got {m} (batch {x.shape[0]} of {x.shape[1]}x{x.shape[2]})")
         mean = x.mean(axis=(0, 1, 2))
         centered = x - mean
         var = (centered * centered).mean(axis=(0, 1, 2))

@@ -25,7 +25,7 @@ from .backend import array_module, resolve_dtype
 from .config import named_config, seed_value
 from .errors import ConfigError, ShapeError, SpecError
 from .flat import FlatArrays, all_finite
-from .layers import LAYER_TYPES, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
+from .layers import LAYER_TYPES, BatchNorm2D, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
 from .losses import check_labels, label_range_error, softmax_cross_entropy
 
 
@@ -268,6 +268,10 @@ class Model:
         # What loss_and_grads needs to run a batch in chunks (see there).
         self._couples_samples = any(layer.couples_samples for layer in self.layers)
         self._dropouts = [layer for layer in _all_layers(self.layers) if type(layer) is Dropout]
+        # The BatchNorm with the fewest values per channel and image: checked before a training
+        # pass, which a later one refusing the batch would leave with the earlier ones' statistics moved.
+        self._tightest_batch_norm = min((layer for layer in _all_layers(self.layers) if type(layer) is BatchNorm2D),
+                                        key=lambda layer: layer.in_shape[0] * layer.in_shape[1], default=None)
 
     def reseed(self, seed) -> None:
         """Restart every random stream of the network (dropout masks) from ``seed``.
@@ -313,6 +317,8 @@ class Model:
     def _forward(self, x, train: bool):
         """:meth:`forward` on an input :meth:`_check_input` has checked."""
         if train:
+            if self._tightest_batch_norm is not None:
+                self._tightest_batch_norm.check_training_batch(x.shape[0])
             h, self._caches = self._run(x, True)
             self._dlogits_shape = h.shape
             return h

@@ -317,6 +317,25 @@ def test_batchnorm_refuses_a_training_batch_without_a_variance(n, hw):
     assert all(np.isfinite(v).all() for v in model.state.values())
 
 
+def test_a_batch_a_later_batchnorm_refuses_leaves_the_earlier_ones_statistics_as_they_were():
+    """bn_a (4x4, 16 values a channel for one image) took the batch into its running statistics,
+    then bn_b (1x1 after the pool, one value) refused it: a refused step changed the model."""
+    model = build_model({"input_shape": [1, 4, 4], "layers": [
+        {"type": "batchnorm2d", "name": "bn_a"}, {"type": "maxpool2d", "kernel": 4},
+        {"type": "residual", "name": "res", "layers": [{"type": "batchnorm2d", "name": "bn_b"}]},
+        {"type": "flatten"}, {"type": "dense", "units": 3}]})
+    state = {k: v.copy() for k, v in model.state.items()}
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    for run in (lambda: model.loss_and_grads(x, np.zeros(1, np.int64)), lambda: model.forward(x, train=True)):
+        with pytest.raises(ShapeError, match=r"^batchnorm2d bn_b: a training batch needs more than one value per "
+                                             r"channel, got 1 \(batch 1 of 1x1\)$"):
+            run()
+        for k, v in model.state.items():
+            np.testing.assert_array_equal(v, state[k], err_msg=k)
+    model.forward(x, train=False)                                   # evaluation takes one image
+    model.loss_and_grads(np.concatenate([x, x + 1]), np.zeros(2, np.int64))
+
+
 @pytest.mark.parametrize("logits, needle", [
     (np.array([[0, 5, 0], [3, 0, 0]]), "logits must be floating point, got dtype int64"),
     (np.zeros((2, 0)), r"logits must be \(N, K\) with K >= 1 classes, got shape \(2, 0\)"),
