@@ -147,9 +147,12 @@ class Layer:
         if getattr(dout, "shape", None) != shape:
             self._refuse_shape("dout", shape, dout)
 
+    def _refuse_unbuilt(self) -> None:
+        raise ShapeError(f"{self.type_name} {self.name}: not built; call build(in_shape, xp, dtype, rng) first")
+
     def _refuse_shape(self, what: str, expected, got) -> None:
         if expected is None:
-            raise ShapeError(f"{self.type_name} {self.name}: not built; call build(in_shape, xp, dtype, rng) first")
+            self._refuse_unbuilt()
         layout = ", ".join(map(str, expected))
         hint = " (channels-last: N, H, W, C)" if len(expected) == 4 else ""
         raise ShapeError(f"{self.type_name} {self.name}: {what} must have shape ({layout}), got {shape_of(got)}"
@@ -598,6 +601,8 @@ class Dropout(Layer):
     def forward(self, x, train=True):
         if not train or self.p == 0.0:
             return x, None
+        if self.key is None:        # its mask stream starts at build
+            self._refuse_unbuilt()
         per_sample = x[:1].size
         keep = uniform(_xp(x), self.key, self.draws, x.shape, x.dtype, offset=self.sample_offset * per_sample) >= self.p
         self.draws += 1

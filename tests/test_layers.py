@@ -231,6 +231,13 @@ def test_layers_refuse_a_wrong_input_shape_in_one_line():
         Conv2D(4, name="c2").forward(np.zeros((2, 8, 8, 3)))
 
 
+def test_an_unbuilt_dropout_says_so():
+    # It failed on its None key deep in the random stream: "unsupported operand type(s) for &=".
+    with pytest.raises(ShapeError, match=r"^dropout drop: not built; call build\("):
+        Dropout(0.5, name="drop").forward(np.ones((2, 3)))
+    np.testing.assert_array_equal(Dropout(0.5).forward(np.ones((2, 3)), train=False)[0], np.ones((2, 3)))
+
+
 def test_window_major_pool_refuses_a_plain_input():
     conv, pool = built(Conv2D(2, 3, padding=1, name="c"), (4, 4, 1)), built(MaxPool2D(2, name="p"), (4, 4, 2))
     conv.pool_windows, pool.windows_first = (2, 2), True
