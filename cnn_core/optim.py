@@ -119,6 +119,9 @@ class Optimizer:
         ``state`` is this parameter's state dict, filled on first use (zeros
         shaped like ``w``) and updated in place.  Returns ``(w, state)``.
         """
+        if getattr(dw, "shape", None) != w.shape:     # else a (D,) gradient broadcast over every row of w
+            got = _describe(dw) if hasattr(dw, "dtype") else f"a {type(dw).__name__}"
+            raise ShapeError(f"{self.name}.update: the gradient is {got} but the parameter is {_describe(w)}")
         xp = backend.get_array_module(w)
         for slot in self._slots():
             if slot not in state:

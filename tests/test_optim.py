@@ -222,6 +222,21 @@ def test_update_is_in_place_and_returns_w_and_state():
     np.testing.assert_allclose(w, [0.9, -1.9], atol=1e-8)
 
 
+@pytest.mark.parametrize("config", [{"name": "sgd"}, {"name": "sgd", "momentum": 0.9}, {"name": "adam"},
+                                    {"name": "rmsprop", "l2": 0.1}])
+def test_update_refuses_a_gradient_of_another_shape(config):
+    """A (4,) gradient for a (3, 4) parameter broadcast over every row, a wrong update without a word
+    (step checks its gradients; update, the per-parameter rule it documents, did not)."""
+    opt = build_optimizer({**config, "lr": 0.1})
+    w, state = np.ones((3, 4)), {}
+    for dw, got in ((np.ones(4), r"numpy float64 \(4,\)"), ([1.0] * 12, "a list")):
+        with pytest.raises(ShapeError, match=rf"^{config['name']}.update: the gradient is {got} but the parameter "
+                                             r"is numpy float64 \(3, 4\)$"):
+            opt.update(w, dw, state, 0.1)
+    np.testing.assert_array_equal(w, np.ones((3, 4)))
+    assert state == {}
+
+
 # ---------------------------------------------------------------------- step / schedules in optimizers
 def test_step_uses_schedule_and_counts():
     opt = SGD(lr=0.1, schedule={"name": "step", "step_size": 2, "gamma": 0.5})
