@@ -61,6 +61,31 @@ class _BadEnv:
         return "<invalid environment value>"
 
 
+class Switch(argparse.Action):
+    """A boolean flag and its opposite: ``--overlap`` / ``--no-overlap``, ``--no-progress`` / ``--progress``.
+
+    The first name sets the flag's value (its dest) to True, the second to False.  A
+    PSCNN_<FLAG>=1 sets it as a default, which the opposite undoes: without it, the
+    command line could not win over a true variable as it does for every other flag.
+    """
+
+    def __init__(self, option_strings, dest, default=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+    def format_usage(self) -> str:      # the usage line: [--overlap | --no-overlap]
+        return " | ".join(self.option_strings)
+
+
+def add_switch(p, flag: str, help: str | None = None) -> None:
+    """``flag`` (``--overlap``, ``--no-progress``) and its opposite (``--no-overlap``, ``--progress``)
+    on parser or group ``p``, off by default; the value's name is ``flag``'s (``no_progress``)."""
+    opposite = "--" + (flag[len("--no-"):] if flag.startswith("--no-") else "no-" + flag[2:])
+    p.add_argument(flag, opposite, action=Switch, help=help)
+
+
 # --------------------------------------------------------------------------- flag groups
 # Flag types (argparse ``type=``), also used by ``pscnn bench``'s flags: one clear
 # message for each kind of bad value.
@@ -268,7 +293,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         + " in --mode sync, whose updates average every worker's batch)")
     g.add_argument("--momentum", type=non_negative_float, default=None,
                    help="SGD momentum (default: 0.9); implies --optimizer sgd under auto")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD; implies sgd under auto)")
+    add_switch(g, "--nesterov", help="Nesterov momentum (SGD; implies sgd under auto)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help="AdamW's decoupled weight decay (default: 0.01)")
     g.add_argument("--l2", type=non_negative_float, default=0.0, help="L2 penalty added to gradients")
@@ -321,7 +346,7 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                         f"(default: {DEFAULT_STALENESS})")
     g.add_argument("--checkpoint-every", type=non_negative_float, default=30.0,
                    help="seconds between checkpoints, 0 = only at the end (default: 30)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    add_switch(g, "--resume", help="continue from OUT/checkpoint.npz")
     g.add_argument("--lease-timeout", type=positive_float, default=30.0,
                    help="seconds before an unfinished batch is handed out again (default: 30)")
     g.add_argument("--peer-timeout", type=positive_float, default=10.0,
@@ -387,8 +412,7 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pscnn", description="Data-parallel CNN training through a ZeroMQ parameter server.",
-        epilog="Every flag can also be set as PSCNN_<FLAG> in the environment (e.g. PSCNN_BATCH_SIZE=128).")
+        prog="pscnn", description="Data-parallel CNN training through a ZeroMQ parameter server.", epilog=ENV_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="single-process training (the baseline)")
@@ -397,14 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_flags(p)
     p.add_argument("--out", type=_path, default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--log-every", type=positive_int, default=50, help="updates between metrics lines (default: 50)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_switch(p, "--no-progress", help="no progress bar")
     add_log_flags(p)
 
     p = sub.add_parser("server", help="the parameter server")
     add_server_flags(p)
-    p.add_argument("--auto-resume", action="store_true",
-                   help="continue the run in OUT if it is unfinished (a server restarted after a crash: "
-                        "what Compose sets), else start a new one")
+    add_switch(p, "--auto-resume",
+               help="continue the run in OUT if it is unfinished (a server restarted after a crash: "
+                    "what Compose sets), else start a new one")
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("--out", type=_path, default="runs/server", help="run folder (default: runs/server)")
@@ -417,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
     p.add_argument("--compute-ms", type=non_negative_float, default=None,
                    help="benchmarks: sleep this long instead of computing, push zero gradients")
-    p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
+    add_switch(p, "--overlap", help=OVERLAP_HELP)
     add_log_flags(p)
 
     p = sub.add_parser("evaluator", help="scores the newest weights on the test set")
@@ -436,15 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (0: a free one)")
     p.add_argument("--eval-every", type=positive_float, default=None,     # None: not given (see check_run_args)
                    help=f"seconds between evaluations (default: {EVAL_EVERY_S:g})")
-    p.add_argument("--no-evaluator", action="store_true",
-                   help="run without an evaluator (the server scores the final weights itself)")
-    p.add_argument("--overlap", action="store_true", help=OVERLAP_HELP)
+    add_switch(p, "--no-evaluator",
+               help="run without an evaluator (the server scores the final weights itself)")
+    add_switch(p, "--overlap", help=OVERLAP_HELP)
     add_server_flags(p, bind=False)
     add_model_flags(p)
     add_data_flags(p)
     add_compute_flags(p)
     p.add_argument("--out", type=_path, default="runs/run", help="run folder (default: runs/run)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_switch(p, "--no-progress", help="no progress bar")
     add_log_flags(p)
 
     p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")
@@ -459,12 +483,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=_path, default=None,
                    help="the folder to fill (default: $PSCNN_CACHE_DIR, else $XDG_CACHE_HOME/pscnn/mnist, "
                         "else ~/.cache/pscnn/mnist)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_switch(p, "--no-progress", help="no progress bar")
 
     p = sub.add_parser("bench", help="throughput-scaling experiments")
     from pscnn.bench import add_bench_parsers  # noqa: PLC0415  (argparse only, no numpy)
     add_bench_parsers(p)
+    _add_env_help(parser)
     return parser
+
+
+ENV_HELP = ("Every flag can also be set as PSCNN_<FLAG> in the environment (e.g. PSCNN_BATCH_SIZE=128, "
+            "PSCNN_NO_PROGRESS=1); a flag on the command line wins, and a switch's opposite (--progress, "
+            "--no-overlap, ...) undoes a variable that set it.")
+
+
+def _add_env_help(parser: argparse.ArgumentParser) -> None:
+    """:data:`ENV_HELP` at the end of every subcommand's --help, where the flags are listed."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.epilog = sub.epilog or ENV_HELP
+                _add_env_help(sub)
 
 
 def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ, argv=None) -> None:
@@ -494,13 +533,12 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ, argv
         raw = environ[key]
         if not raw.strip():             # set but empty (compose's ${VAR:-}): the flag's own default
             continue
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(action, Switch):
             low = raw.strip().lower()
             if low not in _TRUE | _FALSE:
                 action.default = _BadEnv(f"{key}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
                 continue
-            on = low in _TRUE
-            action.default = on if isinstance(action, argparse._StoreTrueAction) else not on
+            action.default = low in _TRUE
             continue
         try:
             value = action.type(raw) if action.type else raw

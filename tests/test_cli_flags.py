@@ -501,6 +501,33 @@ def test_a_boolean_variable_sets_or_clears_its_flag(value, expected):
     assert parse_args(["run", "--no-evaluator"], {"PSCNN_NO_EVALUATOR": value}).no_evaluator is True
 
 
+def _switches(parser: argparse.ArgumentParser, command: tuple = ()):
+    """(the subcommand's words, a boolean flag's action) for every switch of every subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _switches(sub, (*command, name))
+        elif action.nargs == 0 and action.dest != "help":
+            yield command, action
+
+
+def test_every_switch_has_an_opposite_that_wins_over_its_variable(capsys):
+    """PSCNN_NO_PROGRESS=1 (or any true switch variable) could not be undone on the command line,
+    which wins over every other variable."""
+    switches = list(_switches(build_parser()))
+    assert {("run", "no_evaluator"), ("train", "no_progress"), ("bench", "scaling", "overlap")} <= {
+        (*command, action.dest) for command, action in switches}
+    for command, action in switches:
+        variable = "PSCNN_" + action.dest.upper()
+        on, off = action.option_strings
+        assert vars(parse_args([*command, off], {variable: "1"}))[action.dest] is False, (command, off)
+        assert vars(parse_args([*command, on], {variable: "0"}))[action.dest] is True, (command, on)
+        assert vars(parse_args([*command, on, off]))[action.dest] is False, (command, on, off)   # the last one wins
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "a flag on the command line wins" in " ".join(capsys.readouterr().out.split())
+
+
 def test_a_bad_variable_does_not_break_help(capsys, monkeypatch):
     monkeypatch.setenv("PSCNN_BATCH_SIZE", "abc")
     with pytest.raises(SystemExit) as exc:

@@ -16,7 +16,7 @@ from contextlib import contextmanager, redirect_stderr
 from io import StringIO
 from pathlib import Path
 
-from pscnn.cli import MAX_FLOAT, MAX_INT, _int_in, _path, cap_text, check_run_folder
+from pscnn.cli import MAX_FLOAT, MAX_INT, _int_in, _path, add_switch, cap_text, check_run_folder
 
 # Set on the build machines; they halve numpy's sgemm speed.  A user's machine has neither,
 # so benchmarks drop them for every process they start unless --keep-openblas-env.
@@ -40,11 +40,11 @@ def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
     p.add_argument("--out", type=_path, default=f"runs/bench-{name}",
                    help=f"output folder (default: runs/bench-{name})")
     if keep_logs:
-        p.add_argument("--keep-logs", action="store_true", help="keep every point's run folder and logs")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--keep-openblas-env", action="store_true",
-                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
+        add_switch(p, "--keep-logs", help="keep every point's run folder and logs")
+    add_switch(p, "--no-plots", help="write no PNG plots")
+    add_switch(p, "--no-progress", help="no progress bar")
+    add_switch(p, "--keep-openblas-env",
+               help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
 
 
 # Most synthetic clients (sockets) one `pscnn bench server` point opens: the server's default

@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from pscnn.cli import MODES, _path, non_negative_float, overlap_refused, positive_float, positive_int
+from pscnn.cli import MODES, _path, add_switch, non_negative_float, overlap_refused, positive_float, positive_int
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
                      check_mnist, check_out, check_server_flags, checking_options, cores, save_figure, fmt,
@@ -62,8 +62,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=THROUGHPUT_LR,
                    help=f"momentum-SGD learning rate of the servers and the baseline (default: {THROUGHPUT_LR})")
     p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
-    p.add_argument("--overlap", action="store_true",
-                   help="async points: workers compute the next batch while a push travels (pscnn worker --overlap)")
+    add_switch(p, "--overlap",
+               help="async points: workers compute the next batch while a push travels (pscnn worker --overlap)")
     add_output_flags(p, "scaling", keep_logs=True)
 
 

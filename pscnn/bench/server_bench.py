@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pscnn.cli import DEFAULT_LR, MODES, non_negative_float, non_negative_int, positive_float, positive_int
+from pscnn.cli import DEFAULT_LR, MODES, add_switch, non_negative_float, non_negative_int, positive_float, positive_int
 
 from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
                      check_measured, check_out, check_server_flags, checking_options, cores, fmt, last_line,
@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--trials", type=positive_int, default=3, help="trials; medians are reported (default: 3)")
     p.add_argument("--processes", type=non_negative_int, default=0,
                    help="client processes (0: min(clients, 4)); each runs clients/processes sockets")
-    p.add_argument("--no-echo", action="store_true", help="skip the raw pyzmq echo reference")
+    add_switch(p, "--no-echo", help="skip the raw pyzmq echo reference")
     p.add_argument("--profile", type=bench_peers, default=None, metavar="CLIENTS",
                    help="also profile the server (cProfile) with this many clients; top functions to "
                         "server-profile.txt")
