@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 
@@ -50,6 +51,43 @@ def named_config(value, what: str, error: type[Exception] = ConfigError) -> dict
     if not nests_within(value, MAX_CONFIG_DEPTH):
         raise error(f"{what} nests maps and lists more than {MAX_CONFIG_DEPTH} deep")
     return dict(value)
+
+
+def config_file_path(value: str, names) -> str | None:
+    """The path of the JSON file a flag's value names (``--model``, ``--schedule``), or None for
+    one of ``names`` (a preset or a schedule's name) or JSON text.
+
+    A path is a value that names an existing file, ends in ``.json``, or holds a
+    path separator; a name wins over a file of the same name.
+    """
+    text = value.strip()
+    if text in names or text.startswith(("{", "[")):     # JSON text, refused later if not an object
+        return None
+    path = os.path.expanduser(text)
+    return path if os.path.isfile(path) or text.endswith(".json") or os.sep in text or "/" in text else None
+
+
+def read_config_file(path: str, what: str, error: type[Exception], max_bytes: int) -> dict:
+    """The dict a JSON file holds; ``error`` starting with ``what`` (which names the file) if it is
+    missing, unreadable, larger than ``max_bytes``, or no JSON object."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise error(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{what} is a folder, not a file") from None
+    except OSError as exc:
+        raise error(f"{what} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise error(f"{what} is larger than {max_bytes:,} bytes, the most it may hold")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise error(f"{what} is not UTF-8 text (JSON)") from None
+    if not text.startswith("{"):        # named_config would take other text for a name
+        raise error(f"{what} must hold a JSON object")
+    return named_config(text, what, error)
 
 
 def number_in(value, what: str, low: float, high: float | None = None, *,

@@ -17,12 +17,11 @@ import functools
 import inspect
 import itertools
 import math
-import os
 
 import numpy as np
 
 from .backend import array_module, resolve_dtype
-from .config import named_config, seed_value
+from .config import config_file_path, named_config, read_config_file, seed_value
 from .errors import ConfigError, ShapeError, SpecError
 from .flat import FlatArrays, all_finite
 from .layers import LAYER_TYPES, BatchNorm2D, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
@@ -73,41 +72,15 @@ MAX_SPEC_FILE_BYTES = 64 * 1024
 
 
 def spec_file_path(value: str) -> str | None:
-    """The path a model spec string names, or None for a preset name or JSON text.
-
-    A path is a value that names an existing file, ends in ``.json``, or holds a
-    path separator; a preset name wins over a file of the same name.
-    """
-    text = value.strip()
-    if text in PRESETS or text.startswith(("{", "[")):     # JSON text, refused below if not an object
-        return None
-    path = os.path.expanduser(text)
-    return path if os.path.isfile(path) or text.endswith(".json") or os.sep in text or "/" in text else None
+    """The path a model spec string names, or None for a preset name or JSON text
+    (:func:`~cnn_core.config.config_file_path`: a preset wins over a file of its name)."""
+    return config_file_path(value, PRESETS)
 
 
 def read_spec_file(path: str) -> dict:
     """The spec dict a JSON file holds; SpecError naming the file if it is missing, unreadable,
     larger than :data:`MAX_SPEC_FILE_BYTES`, or no JSON object."""
-    what = f"model spec file {path}"
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_SPEC_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise SpecError(f"{what}: no such file") from None
-    except IsADirectoryError:
-        raise SpecError(f"{what} is a folder, not a file") from None
-    except OSError as exc:
-        raise SpecError(f"{what} cannot be read: {exc.strerror or exc}") from None
-    if len(data) > MAX_SPEC_FILE_BYTES:
-        raise SpecError(f"{what} is larger than {MAX_SPEC_FILE_BYTES:,} bytes, the most a spec may be "
-                        "(one message header carries it to the workers)")
-    try:
-        text = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise SpecError(f"{what} is not UTF-8 text (a JSON spec)") from None
-    if not text.startswith("{"):        # named_config would take other text for a name
-        raise SpecError(f"{what} must hold a JSON object (a spec)")
-    return named_config(text, what, SpecError)
+    return read_config_file(path, f"model spec file {path}", SpecError, MAX_SPEC_FILE_BYTES)
 
 
 def resolve_spec(spec) -> dict:

@@ -274,7 +274,7 @@ def resolve_optimizer(args) -> str:
     """
     if args.optimizer != "auto":
         return args.optimizer
-    if args.momentum is not None or args.nesterov:      # asked for momentum: that is SGD
+    if args.momentum is not None or getattr(args, "nesterov", False):   # momentum asked for: SGD
         return "sgd"
     return "adam" if getattr(args, "mode", "sync") in ("async", "ssp") else "sgd"
 
@@ -299,9 +299,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l2", type=non_negative_float, default=0.0, help="L2 penalty added to gradients")
     g.add_argument("--l1", type=non_negative_float, default=0.0, help="L1 penalty added to gradients")
     g.add_argument("--schedule", default="cosine",
-                   help="cosine (to 0 over the run), constant, step (10x down at 1/3 and 2/3 of the run), or a "
-                        "JSON schedule config, whose cosine or step without total_steps or step_size spans the run "
-                        "too (default: cosine)")
+                   help="cosine (to 0 over the run), constant, step (10x down at 1/3 and 2/3 of the run), a "
+                        "JSON schedule config, or a JSON file holding one, told from a name as --model's; a cosine "
+                        "or step without total_steps or step_size spans the run too (default: cosine)")
     # None, not 10: a warmup_steps in a JSON --schedule wins over the default, not over a value given
     g.add_argument("--warmup-steps", type=non_negative_int, default=None,
                    help=f"linear warm-up over this many batches (default: {DEFAULT_WARMUP_STEPS}, "
@@ -620,12 +620,16 @@ def check_optimizer_flags(args, name: str) -> None:
         raise CliError(f"{flag} is used only by --optimizer {' or '.join(takers)}, not by {chosen}")
 
 
+def base_lr(args) -> float:
+    """The learning rate from the flags: ``--lr``, else the default of the optimizer they choose."""
+    return args.lr if args.lr is not None else default_lr(resolve_optimizer(args), getattr(args, "mode", None))
+
+
 def optimizer_config(args) -> dict:
     """The optimizer config dict (cnn_core.optim.build_optimizer) from the flags."""
     name = resolve_optimizer(args)
     check_optimizer_flags(args, name)
-    lr = args.lr if args.lr is not None else default_lr(name, getattr(args, "mode", None))
-    cfg = {"name": name, "lr": lr, "l2": args.l2, "l1": args.l1}
+    cfg = {"name": name, "lr": base_lr(args), "l2": args.l2, "l1": args.l1}
     if name == "sgd":
         cfg.update(momentum=0.9 if args.momentum is None else args.momentum, nesterov=args.nesterov)
     if name == "adamw" and args.weight_decay is not None:
@@ -695,16 +699,58 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
     return {**opt_cfg, "schedule": sched}
 
 
-def inline_model(value: str) -> str:
-    """``--model`` as pscnn passes it on: a spec file's spec as JSON text, anything else as given.
+def inline_file(value: str, names, what: str, error: type[Exception], check) -> str:
+    """A ``--model`` or ``--schedule`` value as pscnn passes it on: a JSON file's object as JSON
+    text (:func:`cnn_core.config.config_file_path` tells a file from one of ``names`` or JSON text),
+    anything else as given.
 
-    The spec then travels (to ``pscnn run``'s server, and in its welcome to the
-    workers) and is recorded (config.json, summary.json) as an inline spec is,
-    not as a path that another host or a later edit would change.
+    The object then travels (to ``pscnn run``'s server, and in its welcome to the workers) and is
+    recorded (config.json, summary.json) as an inline one is, not as a path that another host or a
+    later edit would change.  ``check(obj)`` raises what is wrong with it, here where the file's name
+    is known: the error names the file (it used to name only "model spec", found later).
     """
-    from cnn_core.model import read_spec_file, spec_file_path  # noqa: PLC0415  (after --threads took effect)
-    path = spec_file_path(value)
-    return value if path is None else json.dumps(read_spec_file(path), separators=(",", ":"))
+    from cnn_core.config import config_file_path, read_config_file  # noqa: PLC0415  (after --threads)
+    from cnn_core.errors import PscnnError  # noqa: PLC0415
+    from cnn_core.model import MAX_SPEC_FILE_BYTES  # noqa: PLC0415
+    path = config_file_path(value, names)
+    if path is None:
+        return value
+    where = f"{what} file {path}"
+    obj = read_config_file(path, where, error, MAX_SPEC_FILE_BYTES)
+    try:
+        check(obj)
+    except (PscnnError, CliError) as exc:
+        raise type(exc)(f"{where}: {str(exc).removeprefix(what + ': ')}") from None
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def inline_model(value: str, distributed: bool = False) -> str:
+    """``--model`` as pscnn passes it on (:func:`inline_file`): a spec file's spec, checked as the
+    command would check it (``distributed``: also that the server's messages can carry it)."""
+    from cnn_core.errors import SpecError  # noqa: PLC0415
+    from cnn_core.model import PRESETS, build_model  # noqa: PLC0415
+    from cnn_core.training import check_model_fits_mnist  # noqa: PLC0415
+
+    def check(spec: dict) -> None:
+        model = build_model(spec, device="cpu")
+        check_model_fits_mnist(model)
+        if distributed:
+            from server.server import check_model_travels  # noqa: PLC0415
+            check_model_travels(model.spec, {**model.params, **model.state})
+    return inline_file(value, PRESETS, "model spec", SpecError, check)
+
+
+def inline_schedule(args) -> str:
+    """``--schedule`` as pscnn passes it on (:func:`inline_file`): a schedule file's config, checked
+    with the other flags (``--warmup-steps``, the learning rate its min_lr may not exceed)."""
+    from cnn_core.errors import ConfigError  # noqa: PLC0415
+    from cnn_core.schedules import SCHEDULES, build_schedule  # noqa: PLC0415
+
+    def check(cfg: dict) -> None:
+        sched = schedule_config(json.dumps(cfg), getattr(args, "warmup_steps", None))
+        run_lengths = {key: 1 for key, value in sched.items() if value == "auto"}     # the run's, filled in later
+        build_schedule({**sched, **run_lengths}, base_lr(args))
+    return inline_file(args.schedule, SCHEDULES, "--schedule", ConfigError, check)
 
 
 def set_blas_threads(threads: int) -> None:
@@ -756,7 +802,9 @@ def main(argv=None) -> int:
         set_blas_threads(args.threads)
     try:
         if isinstance(getattr(args, "model", None), str):     # pscnn bench's --model too
-            args.model = inline_model(args.model)
+            args.model = inline_model(args.model, distributed=args.command != "train")
+        if isinstance(getattr(args, "schedule", None), str):  # pscnn bench time-to-accuracy's too
+            args.schedule = inline_schedule(args)
         if args.command in ("train", "server", "run"):
             check_run_folder("--out", args.out)
         if args.command == "train":

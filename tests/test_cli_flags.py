@@ -32,6 +32,7 @@ from pscnn.cli import (
     build_parser,
     flag_variables,
     inline_model,
+    inline_schedule,
     main,
     non_negative_float,
     optimizer_config,
@@ -168,7 +169,7 @@ def test_pscnn_run_hands_the_file_spec_to_its_server_as_json(tmp_path, monkeypat
     ("sub/nosuch", None, "sub/nosuch: no such file"),
     ("folder.json", "folder", "folder.json is a folder, not a file"),
     ("bad.json", '{"input_shape": [1, 28, 28], "layers": [', "bad.json is not valid JSON: Expecting value"),
-    ("list.json", "[1, 2]", "list.json must hold a JSON object (a spec)"),
+    ("list.json", "[1, 2]", "list.json must hold a JSON object"),
     ("big.json", "{" + " " * 70_000 + "}", "big.json is larger than 65,536 bytes"),
     ("binary.json", b"\xff\xfe{}", "binary.json is not UTF-8 text"),
     ("deep.json", '{"layers": ' + "[" * 20_000 + "]" * 20_000 + "}", "nests maps and lists more than 24 deep"),
@@ -184,6 +185,55 @@ def test_a_bad_model_spec_file_is_one_line_naming_it(name, content, needle, tmp_
     assert main(["train", "--model", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"pscnn: error: model spec file {tmp_path}/") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command,layers,needle", [
+    ("train", [{"type": "bogus"}], "unknown layer type 'bogus'"),
+    ("run", [{"type": "dense"}], "dense 'dense1': missing option 'units'"),
+    ("server", [{"type": "flatten"}, {"type": "dense", "units": 7}], "outputs 7 values, but MNIST has 10 classes"),
+    ("bench", [{"type": "flatten"}, {"type": "dense", "units": 10}] * 129, "'arrays' must be a list of at most 256"),
+])
+def test_an_error_in_a_spec_files_model_names_the_file(command, layers, needle, tmp_path, capsys):
+    # it said "model spec: ...", found after the file was read, as if the spec had been typed in
+    path = tmp_path / "myspec.json"
+    path.write_text(json.dumps({"input_shape": [1, 28, 28], "layers": layers}))
+    argv = ["bench", "scaling"] if command == "bench" else [command]
+    progress = [] if command == "server" else ["--no-progress"]
+    assert main([*argv, "--model", str(path), "--out", str(tmp_path / "run"), *progress]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pscnn: error: model spec file {path}: ") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_schedule_file_is_read_and_passed_on_as_its_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    schedule = {"name": "cosine", "min_lr": 0.001, "warmup_steps": 3}
+    Path("sched.json").write_text(json.dumps(schedule, indent=2))
+    Path("step").write_text("not a schedule")               # a schedule's name wins over a file of its name
+    args = parse_args(["run", "--schedule", "sched.json", "--out", str(tmp_path / "run")], environ={})
+    assert json.loads(inline_schedule(args)) == schedule
+    args.schedule = "step"
+    assert inline_schedule(args) == "step"
+    args = parse_args(["server", "--schedule", "sched.json"], environ={})
+    args.schedule = inline_schedule(args)
+    assert optimizer_config(args)["schedule"] == {**schedule, "total_steps": "auto"}
+
+
+@pytest.mark.parametrize("content,flags,code,needle", [
+    (None, [], 1, "no such file"),
+    ("[1]", [], 1, "must hold a JSON object"),
+    ('{"name": "step", "step_size": 5, "gamma": 7}', [], 1, "step schedule: gamma must be in (0, 1], got 7"),
+    ('{"name": "cosine", "min_lr": 0.5}', ["--lr", "0.1"], 1, "min_lr must lie in [0, lr=0.1], got 0.5"),
+    ('{"name": "cosine", "warmup_steps": 3}', ["--warmup-steps", "4"], 2, "--warmup-steps 4 contradicts"),
+])
+def test_an_error_in_a_schedule_file_names_the_file(content, flags, code, needle, tmp_path, capsys):
+    path = tmp_path / "sched.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["train", "--schedule", str(path), *flags, "--out", str(tmp_path / "run"), "--no-progress"]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pscnn: error: --schedule file {path}") and needle in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
 
 

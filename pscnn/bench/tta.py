@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
                    help="optimizer (default: auto, as pscnn server: sgd for sync, adam for async and ssp)")
     p.add_argument("--momentum", type=non_negative_float, default=None, help="SGD momentum (default: the server's, 0.9)")
     p.add_argument("--schedule", default=None,
-                   help="learning-rate schedule passed to the server (default: the server's own default)")
+                   help="learning-rate schedule passed to the server: a name, JSON or a JSON file, as pscnn run's "
+                        "(default: the server's own default)")
     p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     add_output_flags(p, "tta", keep_logs=True)
 
