@@ -753,6 +753,21 @@ def inline_schedule(args) -> str:
     return inline_file(args.schedule, SCHEDULES, "--schedule", ConfigError, check)
 
 
+def cap_limits(args) -> None:
+    """A ``--train-limit`` / ``--test-limit`` above its set's size becomes the size, said in one warning
+    line: it was capped without a word, and the run's summary showed a count other than the one asked.
+
+    The capped value is what the run records and what ``pscnn run`` hands its children (no second warning).
+    """
+    from cnn_core.data import MNIST_FILES  # noqa: PLC0415  (after --threads took effect)
+    for dest, images, what in (("train_limit", "train-images", "training"), ("test_limit", "test-images", "test")):
+        asked, size = getattr(args, dest, 0), MNIST_FILES[images]["count"]
+        if asked > size:
+            print(f"pscnn: warning: {given_flag(dest)} {asked} asks for more than the {size:,} {what} images: "
+                  f"using all {size:,}", file=sys.stderr)
+            setattr(args, dest, size)
+
+
 def set_blas_threads(threads: int) -> None:
     """Pin BLAS/OpenMP threads; effective only before numpy is imported."""
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -805,6 +820,7 @@ def main(argv=None) -> int:
             args.model = inline_model(args.model, distributed=args.command != "train")
         if isinstance(getattr(args, "schedule", None), str):  # pscnn bench time-to-accuracy's too
             args.schedule = inline_schedule(args)
+        cap_limits(args)
         if args.command in ("train", "server", "run"):
             check_run_folder("--out", args.out)
         if args.command == "train":

@@ -188,6 +188,28 @@ def test_a_bad_model_spec_file_is_one_line_naming_it(name, content, needle, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_limit_above_the_sets_size_is_said_once_and_handed_on_capped(tmp_path, capsys, monkeypatch,
+                                                                        mnist_file_names):
+    # it was capped without a word: the summary showed 60,000 images for --train-limit 100000
+    started = []
+
+    class ServerOnly(_NoProcesses):
+        def start_server(self, flags):
+            started.append(flags)
+            raise RuntimeError("server started")
+    monkeypatch.setattr(launcher, "LocalCluster", ServerOnly)
+    monkeypatch.setenv("PSCNN_TEST_LIMIT", "20000")
+    with pytest.raises(RuntimeError, match="server started"):
+        main(["run", "--train-limit", "100000", "--out", str(tmp_path / "run"), "--no-progress"])
+    flags = started[0]
+    assert flags[flags.index("--train-limit") + 1] == "60000" and flags[flags.index("--test-limit") + 1] == "10000"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "pscnn: warning: --train-limit 100000 asks for more than the 60,000 training images: using all 60,000",
+        "pscnn: warning: --test-limit (or PSCNN_TEST_LIMIT) 20000 asks for more than the 10,000 test images: "
+        "using all 10,000"]
+
+
 @pytest.mark.parametrize("command,layers,needle", [
     ("train", [{"type": "bogus"}], "unknown layer type 'bogus'"),
     ("run", [{"type": "dense"}], "dense 'dense1': missing option 'units'"),
