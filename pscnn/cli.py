@@ -396,7 +396,7 @@ def ssp_staleness(args) -> int:
 def overlap_refused(mode: str) -> str:
     """Why ``--overlap`` is refused with ``--mode`` ``mode`` (pscnn run, pscnn bench scaling): only async
     overlaps, and elsewhere the flag did nothing but a worker's log warning."""
-    return f"--overlap applies to --mode async only, not to --mode {mode}"
+    return f"{given_flag('overlap')} applies to --mode async only, not to --mode {mode}"
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:

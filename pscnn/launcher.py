@@ -234,20 +234,22 @@ def check_run_args(args):
     instead of the server's log tail.  Returns the server's config (a ServerConfig)."""
     from cnn_core.model import resolve_spec  # noqa: PLC0415
     from server.store import ParameterStore  # noqa: PLC0415
-    from pscnn.cli import CliError, overlap_refused  # noqa: PLC0415
+    from pscnn.cli import CliError, given_flag, overlap_refused  # noqa: PLC0415
+    # given_flag: a flag the user did not type may come from its PSCNN_<FLAG> variable, which is then named
     if args.workers > args.max_workers:
-        raise CliError(f"--workers {args.workers} exceeds --max-workers {args.max_workers}: the server "
-                       f"would refuse {args.workers - args.max_workers} of them")
+        raise CliError(f"{given_flag('workers')} {args.workers} exceeds {given_flag('max_workers')} "
+                       f"{args.max_workers}: the server would refuse {args.workers - args.max_workers} of them")
     if args.wait_for_workers is not None and args.wait_for_workers > args.max_workers:
-        raise CliError(f"--wait-for-workers {args.wait_for_workers} exceeds --max-workers {args.max_workers}: "
-                       "the run could never start with all of them")
+        raise CliError(f"{given_flag('wait_for_workers')} {args.wait_for_workers} exceeds "
+                       f"{given_flag('max_workers')} {args.max_workers}: the run could never start with all of them")
     if getattr(args, "no_evaluator", False) and args.eval_every is not None:
         # with no evaluator to give it to, it was dropped without a word (getattr: pscnn bench's server flags)
-        raise CliError("--eval-every sets the evaluator's period, and --no-evaluator starts none")
+        raise CliError(f"{given_flag('eval_every')} sets the evaluator's period, and {given_flag('no_evaluator')} "
+                       "starts none")
     if getattr(args, "no_evaluator", False) and args.final_eval_timeout is not None:
         # the server gets 0 (it scores the final weights at once), so a value given was dropped
-        raise CliError("--final-eval-timeout waits for the evaluator's final report, and --no-evaluator "
-                       "starts none")
+        raise CliError(f"{given_flag('final_eval_timeout')} waits for the evaluator's final report, and "
+                       f"{given_flag('no_evaluator')} starts none")
     if getattr(args, "overlap", False) and args.mode != "async":
         raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it

@@ -672,6 +672,20 @@ def test_staleness_outside_ssp_is_an_error(argv, environ, needle, monkeypatch):
     refused_in_settings(config_from_args, argv, environ, needle, monkeypatch)
 
 
+@pytest.mark.parametrize("argv,environ,needle", [
+    (["run", "--no-evaluator"], {"PSCNN_EVAL_EVERY": "5"},
+     "--eval-every (or PSCNN_EVAL_EVERY) sets the evaluator's period, and --no-evaluator starts none"),
+    (["run", "--final-eval-timeout", "3"], {"PSCNN_NO_EVALUATOR": "1"},
+     "--final-eval-timeout waits for the evaluator's final report, and --no-evaluator (or PSCNN_NO_EVALUATOR)"),
+    (["run"], {"PSCNN_OVERLAP": "yes"}, "--overlap (or PSCNN_OVERLAP) applies to --mode async only, not to --mode sync"),
+    (["run", "--workers", "3"], {"PSCNN_MAX_WORKERS": "2"}, "--workers 3 exceeds --max-workers (or PSCNN_MAX_WORKERS) 2"),
+    (["run"], {"PSCNN_WAIT_FOR_WORKERS": "2000"}, "--wait-for-workers (or PSCNN_WAIT_FOR_WORKERS) 2000 exceeds"),
+])
+def test_run_flags_refused_together_name_the_variable_a_value_came_from(argv, environ, needle, monkeypatch):
+    # `pscnn run` alone was refused for an --overlap the user never typed
+    refused_in_settings(launcher.check_run_args, [*argv, "--model", "light"], environ, needle, monkeypatch)
+
+
 @pytest.mark.parametrize("argv,environ,bound", [
     (["server", "--mode", "ssp"], {}, DEFAULT_STALENESS),
     (["server", "--mode", "ssp", "--staleness", "0"], {}, 0),
