@@ -38,6 +38,7 @@ OTHER_VARIABLES = frozenset({"PSCNN_CACHE_DIR", "PSCNN_MNIST_MIRRORS", LAUNCHER_
 MODES = ("sync", "async", "ssp")        # the server's consistency modes
 DEFAULT_STALENESS = 2                   # ssp: pushes a worker may run ahead of the slowest
 DEFAULT_FINAL_EVAL_TIMEOUT = 120.0       # seconds the server waits for the final evaluation
+DEFAULT_START_TIMEOUT = 60.0            # seconds the server waits for --wait-for-workers trainers
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -361,9 +362,10 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                    help="hand out no work until N trainers ask for it (or --start-timeout passed), so all "
                         "start together; in sync mode with a fixed set of workers, runs are then "
                         "bit-for-bit repeatable (default: 0, start at once; pscnn run: its --workers)")
-    g.add_argument("--start-timeout", type=positive_float, default=60.0,
+    # None, not 60: given without --wait-for-workers it would do nothing (start_timeout refuses it)
+    g.add_argument("--start-timeout", type=positive_float, default=None,
                    help="seconds after the first trainer asked for work to wait for --wait-for-workers, "
-                        "then start with those there (default: 60)")
+                        f"then start with those there (default: {DEFAULT_START_TIMEOUT:g})")
 
 
 # Seconds between evaluations, unless given (pscnn evaluator --every, pscnn run --eval-every).
@@ -391,6 +393,23 @@ def ssp_staleness(args) -> int:
     if args.mode != "ssp":
         raise CliError(f"{given_flag('staleness')} bounds --mode ssp only, not --mode {args.mode}")
     return args.staleness
+
+
+def start_timeout(args) -> float:
+    """The server's wait for ``--wait-for-workers`` trainers, from ``--start-timeout`` (default
+    DEFAULT_START_TIMEOUT).
+
+    CliError when it is given (on the command line or as PSCNN_START_TIMEOUT) to a server that waits
+    for no trainers, where it was ignored without a word; ``pscnn run`` (``args.workers``) waits for
+    its --workers unless told otherwise.
+    """
+    if args.start_timeout is None:
+        return DEFAULT_START_TIMEOUT
+    waits = args.wait_for_workers if args.wait_for_workers is not None else getattr(args, "workers", 0)
+    if not waits:
+        raise CliError(f"{given_flag('start_timeout')} bounds the wait for --wait-for-workers trainers, "
+                       "and this server waits for none: give --wait-for-workers N too")
+    return args.start_timeout
 
 
 def overlap_refused(mode: str) -> str:

@@ -1726,7 +1726,7 @@ def serve_from_args(args) -> int:
 
 def config_from_args(args) -> ServerConfig:
     """The server's config from its CLI flags (or ``pscnn run``'s, which has no --bind)."""
-    from pscnn.cli import optimizer_config, resolve_auto_schedule, ssp_staleness  # noqa: PLC0415
+    from pscnn.cli import optimizer_config, resolve_auto_schedule, ssp_staleness, start_timeout  # noqa: PLC0415
     num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
     updates = args.epochs * batches_per_epoch(num_samples, args.batch_size)
     return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=ssp_staleness(args),
@@ -1739,4 +1739,4 @@ def config_from_args(args) -> ServerConfig:
                        final_eval_timeout=(DEFAULT_FINAL_EVAL_TIMEOUT if args.final_eval_timeout is None
                                            else args.final_eval_timeout), max_workers=args.max_workers,
                        log_rejected=args.log_rejected,
-                       wait_for_workers=args.wait_for_workers or 0, start_timeout=args.start_timeout)
+                       wait_for_workers=args.wait_for_workers or 0, start_timeout=start_timeout(args))

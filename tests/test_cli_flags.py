@@ -686,6 +686,26 @@ def test_run_flags_refused_together_name_the_variable_a_value_came_from(argv, en
     refused_in_settings(launcher.check_run_args, [*argv, "--model", "light"], environ, needle, monkeypatch)
 
 
+@pytest.mark.parametrize("argv,environ,seconds", [
+    (["server"], {}, 60.0),
+    (["server", "--wait-for-workers", "2", "--start-timeout", "5"], {}, 5.0),
+    (["run", "--start-timeout", "5"], {}, 5.0),                       # pscnn run waits for its --workers
+    (["server"], {"PSCNN_WAIT_FOR_WORKERS": "3", "PSCNN_START_TIMEOUT": "7"}, 7.0),
+])
+def test_start_timeout_bounds_the_wait_for_workers(argv, environ, seconds):
+    assert config_from_args(parse_args(argv, environ)).start_timeout == seconds
+
+
+@pytest.mark.parametrize("argv,environ,needle", [
+    (["server", "--start-timeout", "5"], {}, "--start-timeout bounds the wait for --wait-for-workers trainers"),
+    (["run", "--wait-for-workers", "0", "--start-timeout", "5"], {}, "this server waits for none"),
+    (["server", "--wait-for-workers", "0"], {"PSCNN_START_TIMEOUT": "5"}, "--start-timeout (or PSCNN_START_TIMEOUT)"),
+])
+def test_start_timeout_without_workers_to_wait_for_is_an_error(argv, environ, needle, monkeypatch):
+    # it was ignored without a word: the server started at once
+    refused_in_settings(config_from_args, argv, environ, needle, monkeypatch)
+
+
 @pytest.mark.parametrize("argv,environ,bound", [
     (["server", "--mode", "ssp"], {}, DEFAULT_STALENESS),
     (["server", "--mode", "ssp", "--staleness", "0"], {}, 0),
