@@ -1720,7 +1720,7 @@ def serve_from_args(args) -> int:
         server = ParameterServer(replace(cfg, resume=True))
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (--auto-resume: {cfg.out} holds an unfinished run; to start over "
-                              f"instead, run without --auto-resume, PSCNN_AUTO_RESUME=0)") from None
+                              f"instead, run with --no-auto-resume or PSCNN_AUTO_RESUME=0)") from None
     return server.serve()
 
 

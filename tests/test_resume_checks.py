@@ -39,7 +39,7 @@ from cnn_core.errors import CheckpointError
 from cnn_core.model import build_model
 from cnn_core.optim import build_optimizer
 from pscnn import protocol as P
-from pscnn.cli import main
+from pscnn.cli import main, parse_args
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
 from server.server import ParameterServer
 from helpers import error_line
@@ -562,6 +562,9 @@ def test_auto_resume_starts_a_new_run_where_there_is_none_unfinished(folder, fin
 def test_auto_resume_refusing_a_changed_setting_says_how_to_start_over(run, server_cli):
     line = refused(server_cli(run, "--auto-resume", "--seed", "5"), "--seed 0", "PSCNN_AUTO_RESUME=0")
     assert "--auto-resume" in line and str(run) in line
+    # the switch that undoes Compose's PSCNN_AUTO_RESUME=1 on the command line
+    assert "run with --no-auto-resume or PSCNN_AUTO_RESUME=0" in line
+    assert parse_args(["server", "--no-auto-resume"], {"PSCNN_AUTO_RESUME": "1"}).auto_resume is False
 
 
 # ---------------------------------------------------------------- pscnn run --resume checks before it starts
