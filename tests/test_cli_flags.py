@@ -686,6 +686,20 @@ def test_run_flags_refused_together_name_the_variable_a_value_came_from(argv, en
     refused_in_settings(launcher.check_run_args, [*argv, "--model", "light"], environ, needle, monkeypatch)
 
 
+@pytest.mark.parametrize("bench,variable,value,needle", [
+    ("scaling", "PSCNN_WORKERS", "0", "--workers (or PSCNN_WORKERS): every value must be >= 1, got 0"),
+    ("server", "PSCNN_CLIENTS", "x", "--clients (or PSCNN_CLIENTS): 'x' is not a valid int"),
+    ("time-to-accuracy", "PSCNN_MODE", "bogus", "--mode (or PSCNN_MODE): 'bogus' is not one of sync, async, ssp"),
+])
+def test_a_bad_bench_list_from_a_variable_names_the_variable(bench, variable, value, needle, tmp_path, capsys,
+                                                             monkeypatch):
+    # `pscnn bench scaling` alone was refused for a --workers never typed
+    monkeypatch.setenv(variable, value)
+    assert main(["bench", bench, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"pscnn bench {bench}: error: {needle}"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv,environ,seconds", [
     (["server"], {}, 60.0),
     (["server", "--wait-for-workers", "2", "--start-timeout", "5"], {}, 5.0),

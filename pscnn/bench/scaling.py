@@ -31,7 +31,8 @@ import json
 import sys
 from pathlib import Path
 
-from pscnn.cli import MODES, _path, add_switch, non_negative_float, overlap_refused, positive_float, positive_int
+from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float, overlap_refused, positive_float,
+                       positive_int)
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
                      check_mnist, check_out, check_server_flags, checking_options, cores, save_figure, fmt,
@@ -73,12 +74,13 @@ def run(args) -> int:
     from .cluster import measure_point, server_flags  # noqa: PLC0415
     from .common import bench_env  # noqa: PLC0415
 
-    workers = parse_list(args.workers, int, "--workers", low=1)
-    modes = parse_list(args.mode, str, "--mode", choices=MODES)
+    workers = parse_list(args.workers, int, given_flag("workers"), low=1)
+    modes = parse_list(args.mode, str, given_flag("mode"), choices=MODES)
     from cnn_core.data import MNIST_FILES  # noqa: PLC0415  (numpy loads after the flags)
     # the baseline steps through whole batches of the training set: a larger batch has none
-    batches = parse_list(args.batch, int, "--batch", low=1, high=MNIST_FILES["train-images"]["count"])
-    compute = parse_list(args.compute_ms, float, "--compute-ms", low=0) if args.compute_ms is not None else [None]
+    batches = parse_list(args.batch, int, given_flag("batch"), low=1, high=MNIST_FILES["train-images"]["count"])
+    compute = ([None] if args.compute_ms is None
+               else parse_list(args.compute_ms, float, given_flag("compute_ms"), low=0))
     synthetic = compute != [None]
     if synthetic and max(compute) >= 1e3 * args.seconds:    # 1e9 waited out the 2-minute start-up per point
         raise OptionError(f"--compute-ms {max(compute):g}: a step that takes the whole --seconds "

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pscnn.cli import DEFAULT_LR, MODES, add_switch, non_negative_float, non_negative_int, positive_float, positive_int
+from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_float, non_negative_int, positive_float,
+                       positive_int)
 
 from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
                      check_measured, check_out, check_server_flags, checking_options, cores, fmt, last_line,
@@ -56,7 +57,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    clients = parse_list(args.clients, int, "--clients", low=1, high=MAX_BENCH_PEERS)
+    clients = parse_list(args.clients, int, given_flag("clients"), low=1, high=MAX_BENCH_PEERS)
     with checking_options():            # what the server would refuse, before anything starts
         check_out(args.out)
         check_server_flags(pscnn_server_flags(args, Path(args.out) / "unused", max([*clients, args.profile or 1])))

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, non_negative_float, non_negative_int, positive_float,
-                       positive_int)
+from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negative_float, non_negative_int,
+                       positive_float, positive_int)
 
 from .common import (BenchError, add_output_flags, check_mnist, check_out, check_server_flags, checking_options, cores,
                      save_figure, eval_records, fmt, machine_info, median, one_line, parse_list, print_table,
@@ -61,8 +61,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import os  # noqa: PLC0415
-    workers = parse_list(args.workers, int, "--workers", low=1)
-    modes = parse_list(args.mode, str, "--mode", choices=MODES)
+    workers = parse_list(args.workers, int, given_flag("workers"), low=1)
+    modes = parse_list(args.mode, str, given_flag("mode"), choices=MODES)
     if not 0 < args.target <= 1:
         raise ValueError(f"--target must be in (0, 1], got {args.target}")
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
