@@ -86,8 +86,8 @@ def read_spec_file(path: str) -> dict:
 def resolve_spec(spec) -> dict:
     """Preset name, JSON text, a JSON file's path or dict -> a fresh spec dict (never aliases PRESETS)."""
     if isinstance(spec, str):
-        if spec in PRESETS:
-            return copy.deepcopy(PRESETS[spec])
+        if spec.strip() in PRESETS:     # "light " from an environment file, as a file's path and JSON are stripped
+            return copy.deepcopy(PRESETS[spec.strip()])
         path = spec_file_path(spec)
         if path is not None:
             spec = read_spec_file(path)

@@ -228,6 +228,13 @@ def test_an_error_in_a_spec_files_model_names_the_file(command, layers, needle, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_preset_with_spaces_around_it_is_the_preset(monkeypatch):
+    # PSCNN_MODEL="light " (an environment file's trailing space) was "unknown model preset 'light '"
+    monkeypatch.setenv("PSCNN_MODEL", "light ")
+    assert resolve_spec(parse_args(["server"]).model) == resolve_spec("light")
+    assert resolve_spec(" seed") == resolve_spec("seed")
+
+
 def test_a_schedule_file_is_read_and_passed_on_as_its_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     schedule = {"name": "cosine", "min_lr": 0.001, "warmup_steps": 3}
