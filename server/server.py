@@ -366,6 +366,10 @@ class ParameterServer:
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
         self.incarnation = uuid.uuid4().hex[:12]
         self.peers: dict[str, Peer] = {}
+        # How many peers of each role the table holds: what hello's "server full", status and "is there an
+        # evaluator" ask on every message of theirs, without walking the table (85 us with 1,000 peers).
+        # Changed only by _add_peer and _remove_peer, the one way into and out of the table.
+        self.role_counts = Counter({role: 0 for role in P.ROLES})
         self.dropped: OrderedDict[str, DroppedPeer] = OrderedDict()    # worker id -> why it was dropped
         self.drops = Counter()          # peers this server dropped, by why: "declared dead", "left", ...
         self.contributors: dict[str, str] = {}      # worker id -> name, of every worker whose gradient was applied
@@ -719,7 +723,7 @@ class ParameterServer:
                 return
         role = msg.body["role"]
         if (old is None or old.role != role) \
-                and sum(p.role == role for p in self.peers.values()) >= self.cfg.max_workers:
+                and self.role_counts[role] >= self.cfg.max_workers:
             self._reject(rid, msg, P.ProtocolError(f"server full ({self.cfg.max_workers} {role}s)", "full"))
             return
         if old is not None:
@@ -732,7 +736,7 @@ class ParameterServer:
             # and again at its first task: a trainer asks for work only once its data is loaded,
             # and with the clock it joined at it held back every trainer that pushed meanwhile
             peer.clock_behind = True
-        self.peers[wid] = peer
+        self._add_peer(peer)
         if peer.role == "evaluator":
             self.evaluator_left = None
         gone = self.dropped.pop(wid, None)
@@ -749,12 +753,23 @@ class ParameterServer:
         self._reply(peer, P.Message(P.ACK))
         reason = msg.body.get("reason", "bye")
         self._drop_peer(peer, f"left ({reason})")
-        if peer.role == "evaluator" and not any(p.role == "evaluator" for p in self.peers.values()):
+        if peer.role == "evaluator" and not self.role_counts["evaluator"]:
             self.evaluator_left = P.one_line(reason, 200)
+
+    def _add_peer(self, peer: Peer) -> None:
+        """Put ``peer`` in the peer table (its id is not there: a rejoin drops the old one first)."""
+        self.peers[peer.wid] = peer
+        self.role_counts[peer.role] += 1
+
+    def _remove_peer(self, peer: Peer) -> None:
+        """Take ``peer`` out of the peer table, if it is there (not another peer under its id)."""
+        if self.peers.get(peer.wid) is peer:
+            del self.peers[peer.wid]
+            self.role_counts[peer.role] -= 1
 
     def _drop_peer(self, peer: Peer, why: str) -> None:
         """Forget a peer: requeue its leases, take it out of barriers."""
-        self.peers.pop(peer.wid, None)
+        self._remove_peer(peer)
         self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())   # not there: a hello took it out
         if not self.over:   # what the run survived: not the evaluator's goodbye after the final evaluation,
             self.drops[why.split(" (")[0]] += 1     # counted in summary.json when it came before the summary
@@ -1246,7 +1261,7 @@ class ParameterServer:
             for p in list(self.peers.values()):     # parked trainers learn it is over
                 if p.role == "trainer" and p.pending and p.parked_since:
                     self._give_task(p, now, p.parked_ack)
-            if self.cfg.final_eval_timeout and not any(p.role == "evaluator" for p in self.peers.values()):
+            if self.cfg.final_eval_timeout and not self.role_counts["evaluator"]:
                 if self.evaluator_left is not None:
                     log.info("the evaluator left (%s); scoring the final weights here", self.evaluator_left)
                 else:
@@ -1633,8 +1648,7 @@ class ParameterServer:
                 "wait_for_workers": self.cfg.wait_for_workers,
                 "round_members": len(self.round_members),
                 "round_arrived": len(self.round_arrived),
-                "trainers": sum(p.role == "trainer" for p in self.peers.values()),
-                "evaluators": sum(p.role == "evaluator" for p in self.peers.values()),
+                "trainers": self.role_counts["trainer"], "evaluators": self.role_counts["evaluator"],
                 "contributors": len(self.contributors), "declared_dead": self.drops["declared dead"],
                 "lease_requeues": self.work.requeued_total, "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}
