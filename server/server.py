@@ -284,6 +284,44 @@ def _model_name(spec) -> str:
     return "a custom --model spec"
 
 
+class RateLimitedLog:
+    """Log lines of one kind, at most ``per_second`` of them a second (0: every one).
+
+    For the lines a peer makes the server write as often as it sends (a rejected message, a hello
+    from an id it made up).  Beyond the limit a line is only counted, and :meth:`flush` (from the
+    housekeeping) says how many in one line once their second is over: "N more <what> in the
+    last S s".
+    """
+
+    def __init__(self, what: str, per_second: int, note: str = ""):
+        self.what = what                # what the lines are, plural: "rejected messages"
+        self.per_second = per_second
+        self.note = note                # appended to the summary line
+        self.window_start = 0.0         # time.monotonic() when the current second began
+        self.lines = 0                  # lines of this kind in the current second, logged or not
+        self.unlogged = 0
+        self.level = logging.INFO       # the highest level of the unlogged lines
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.window_start >= 1.0:
+            self.flush(now)
+            self.window_start, self.lines = now, 0
+        self.lines += 1
+        if not self.per_second or self.lines <= self.per_second:
+            log.log(level, fmt, *args)
+        else:
+            self.unlogged += 1
+            self.level = max(self.level, level)
+
+    def flush(self, now: float, final: bool = False) -> None:
+        """Say how many lines went unlogged, once their second is over (``final``: at once)."""
+        if self.unlogged and (final or now - self.window_start >= 1.0):
+            log.log(self.level, "%d more %s in the last %.1f s were not logged one by one%s", self.unlogged,
+                    self.what, now - self.window_start, self.note)
+            self.unlogged, self.level = 0, logging.INFO
+
+
 @dataclass
 class ServerConfig:
     bind: str = "tcp://*:5555"
@@ -393,8 +431,15 @@ class ParameterServer:
         self.round_arrived: dict[str, tuple] = {}               # sync: wid -> (push body, grads, state)
         self.started = cfg.wait_for_workers <= 1     # the start barrier: see _maybe_start
         self.rejected = Counter()
-        self._rejected_window = [0.0, 0]            # [start, lines] of the current second
-        self._rejected_unlogged = 0
+        # The log lines a peer can make as often as it sends: rejections up to --log-rejected a second;
+        # joins and leaves (ids made up each time) beyond any real run's: every peer the server
+        # admits, trainers and evaluators, joining or leaving within one second, and at least 64
+        # (a small run's clients restarted over and over).
+        self.log_rejected = RateLimitedLog("rejected messages", cfg.log_rejected,
+                                           " (summary.json's rejected_messages counts them all)")
+        peer_lines = max(64, 2 * cfg.max_workers)
+        self.log_joins = RateLimitedLog("joins", peer_lines)
+        self.log_leaves = RateLimitedLog("leaves", peer_lines)
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.t_start = time.monotonic()
         # The training clock (throughput, time to accuracy) runs from the first batch handed out,
@@ -427,6 +472,10 @@ class ParameterServer:
             warning = unfinished_run_warning(cfg.out)
             if warning:
                 log.warning("%s", warning)
+
+    @property
+    def rate_limited_logs(self) -> tuple[RateLimitedLog, ...]:
+        return self.log_rejected, self.log_joins, self.log_leaves
 
     @property
     def over(self) -> bool:
@@ -544,6 +593,8 @@ class ParameterServer:
                                                 f"continue from {self._last_checkpoint_text()}")
                     break
         finally:
+            for limited in self.rate_limited_logs:
+                limited.flush(time.monotonic(), final=True)
             self._restore_signal_handlers(old_handlers)
             self.sock.close(linger=1000)
             self.writer.close()
@@ -583,8 +634,8 @@ class ParameterServer:
         except Exception as exc:   # noqa: BLE001  (deliberately broad: see above)
             self.rejected["internal_error"] += 1
             rid = frames[0].bytes if frames else b""
-            log.error("internal error on a message from %s: %s: %s; still serving", _sender(rid),
-                      type(exc).__name__, " ".join(str(exc).split())[:300])
+            self.log_rejected.log(logging.ERROR, "internal error on a message from %s: %s: %s; still serving",
+                                  _sender(rid), type(exc).__name__, " ".join(str(exc).split())[:300])
             log.debug("traceback", exc_info=True)
             try:
                 self._send(rid, P.error("internal_error", f"the server failed on this message ({type(exc).__name__})"))
@@ -673,16 +724,8 @@ class ParameterServer:
         (what was said once already).
         """
         self.rejected[code] += 1
-        if fmt is None:
-            return
-        now = time.monotonic()
-        if now - self._rejected_window[0] >= 1.0:
-            self._rejected_window = [now, 0]
-        self._rejected_window[1] += 1
-        if not self.cfg.log_rejected or self._rejected_window[1] <= self.cfg.log_rejected:
-            log.warning(fmt, *args)
-        else:
-            self._rejected_unlogged += 1
+        if fmt is not None:
+            self.log_rejected.log(logging.WARNING, fmt, *args)
 
     def _reject(self, rid: bytes, msg, exc: P.ProtocolError) -> None:
         who = msg.wid if msg is not None and msg.wid else _sender(rid)
@@ -741,8 +784,8 @@ class ParameterServer:
             self.evaluator_left = None
         gone = self.dropped.pop(wid, None)
         back = f"; back {now - gone.at:.1f} s after it was dropped ({gone.why})" if gone and old is None else ""
-        log.info("%s joined: %s (host %s, pid %s, device %s)%s", peer.role, name, msg.body.get("host", "?"),
-                 msg.body.get("pid", "?"), msg.body.get("device", "?"), back)
+        self.log_joins.log(logging.INFO, "%s joined: %s (host %s, pid %s, device %s)%s", peer.role, name,
+                           msg.body.get("host", "?"), msg.body.get("pid", "?"), msg.body.get("device", "?"), back)
         self.writer.log("join", worker=name, role=peer.role, version=self.store.version)
         run = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "num_samples": self.num_samples,
                "epochs": self.cfg.epochs, "mode": self.cfg.mode, "test_limit": self.cfg.test_limit}
@@ -777,8 +820,8 @@ class ParameterServer:
             self.dropped.popitem(last=False)
         requeued = self.work.release_worker(peer.wid)
         level = logging.WARNING if "dead" in why else logging.INFO
-        log.log(level, "%s %s %s%s", peer.role, peer.name, why,
-                f"; requeued batches {requeued}" if requeued else "")
+        self.log_leaves.log(level, "%s %s %s%s", peer.role, peer.name, why,
+                            f"; requeued batches {requeued}" if requeued else "")
         self.writer.log("leave", worker=peer.name, reason=why, requeued=requeued, version=self.store.version)
         now = time.monotonic()
         if self.cfg.mode == "sync":            # an arrived gradient stays in the round
@@ -1220,10 +1263,8 @@ class ParameterServer:
     def _housekeeping(self, now: float) -> bool:
         """Leases, dead peers, checkpoints, step records and the end of the run.  True: exit the loop."""
         self.writer.flush()
-        if self._rejected_unlogged and now - self._rejected_window[0] >= 1.0:
-            log.warning("%d more rejected messages in a second were not logged one by one (summary.json's "
-                        "rejected_messages counts them all)", self._rejected_unlogged)
-            self._rejected_unlogged = 0
+        for limited in self.rate_limited_logs:
+            limited.flush(now)
         expired = self.work.expire(now)
         for worker, batch in expired:
             peer = self.peers.get(worker)
