@@ -421,6 +421,7 @@ class ParameterServer:
         self.staleness = Counter()
         self.evaluations: list[dict] = []
         self._evaluation_at: dict[int, int] = {}    # version -> its record's index in evaluations
+        self._evaluations_before = 0                # records from earlier incarnations (resume)
         # The record of the newest version scored (status's test accuracy): not the last report, which
         # a second, slower evaluator may send for an older version.
         self.newest_evaluation: dict | None = None
@@ -493,6 +494,13 @@ class ParameterServer:
     # mode (no --overlap there) allows one: a round counts one batch per trainer,
     # and a second lease would push the first out of it.
     MAX_LEASES_PER_WORKER = 2
+    # Evaluations one server records besides the final one: EVAL_RECORDS_AT_ONCE, then one more for
+    # each second it has served.  A real evaluator reports one per --every (10 s by default), and
+    # scoring the test set takes a while itself; an evaluator reporting every version, or every
+    # old version at once, grew the history (in memory, in every checkpoint, in summary.json) by a
+    # record per update, as fast as training made them.
+    EVAL_RECORDS_AT_ONCE = 100
+    EVAL_RECORDS_PER_S = 1.0
 
     def _fail(self, reason: str, now: float) -> None:
         """Stop training for good: trainers are told to stop, the summary records why."""
@@ -1201,11 +1209,17 @@ class ParameterServer:
         code, problem = "bad_metrics", _metrics_problem(m, self.store.model.num_classes)
         if not 0 <= version <= self.store.version:          # the evaluation history is indexed by it
             code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
+        final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
+        if not problem and not final and version not in self._evaluation_at:       # a new record
+            allowed = self.EVAL_RECORDS_AT_ONCE + int(self.EVAL_RECORDS_PER_S * (now - self.t_start))
+            if len(self.evaluations) - self._evaluations_before >= allowed:
+                code, problem = "too_many_evaluations", (
+                    f"version {version} not recorded: this server records {self.EVAL_RECORDS_AT_ONCE} evaluations, "
+                    f"then one for each second it has served ({allowed} so far); evaluate less often (--every)")
         if problem:
             self._reply(peer, P.error(code, f"eval_report: {problem}"))
             self._rejected(code, "rejected eval_report from %s: %s", peer.name, problem)
             return
-        final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
         loss = m.get("test_loss")
         record = self._evaluation_record(now, version, acc, loss, final)
         if not self._record_evaluation(record):
@@ -1516,6 +1530,7 @@ class ParameterServer:
         self.staleness = Counter(checked["staleness"])
         self.evaluations = checked["evaluations"]
         self._evaluation_at = {e["version"]: i for i, e in enumerate(self.evaluations)}
+        self._evaluations_before = len(self.evaluations)
         self.newest_evaluation = max(self.evaluations, key=lambda e: e["version"], default=None)
         self.contributors = checked["contributors"]
         self.workers_before = checked["workers_most"]

@@ -14,6 +14,7 @@ import pytest
 
 from pscnn import protocol as P
 from test_server_robustness import in_process  # noqa: F401  (a fixture)
+from test_server_robustness import _evaluator, _push_all, _report, _trainer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -94,3 +95,33 @@ def test_a_run_starting_with_64_workers_logs_every_join(in_process, caplog):
             assert server.call(raw, P.HELLO, {"role": role, "name": f"worker-{i}"}).type == P.WELCOME
     joins = [r.getMessage() for r in caplog.records if " joined: worker-" in r.getMessage()]
     assert len(joins) == 65 and joins[-1].startswith("evaluator joined: worker-64"), joins[-3:]
+
+
+def test_an_evaluator_reporting_every_version_cannot_grow_the_history_past_its_bound(in_process, caplog):
+    """The history kept one record per version reported: an evaluator reporting every version (or
+    all old ones at once) grew it, in memory, in every checkpoint and in summary.json, by a record
+    per update.  Beyond EVAL_RECORDS_AT_ONCE plus one a second served, a new version's report is
+    refused with an error and a log line; a version recorded already is acknowledged as before,
+    and the final evaluation is always the run's result."""
+    server = in_process(epochs=2)
+    _push_all(server, _trainer(server))
+    srv = server.srv
+    srv.EVAL_RECORDS_AT_ONCE, srv.EVAL_RECORDS_PER_S = 5, 0.0
+    ev = _evaluator(server)
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        replies = [server.call(ev, P.EVAL_REPORT, {"version": v, "final": False, "metrics": {"test_accuracy": 0.5}})
+                   for v in range(12)]
+    assert [r.type for r in replies] == [P.ACK] * 5 + [P.ERROR] * 7, [r.body for r in replies]
+    refused = replies[-1].body
+    assert refused["code"] == "too_many_evaluations", refused
+    assert refused["message"] == ("eval_report: version 11 not recorded: this server records 5 evaluations, then "
+                                  "one for each second it has served (5 so far); evaluate less often (--every)")
+    assert [e["version"] for e in srv.evaluations] == [0, 1, 2, 3, 4]
+    assert sum("rejected eval_report from" in r.getMessage() for r in caplog.records) == 7
+    _report(server, ev, 3, False, 0.5)                      # recorded already: acknowledged
+    srv.EVAL_RECORDS_PER_S, srv.t_start = 1.0, srv.t_start - 2.5    # two more seconds served: two more
+    assert [server.call(ev, P.EVAL_REPORT, {"version": v, "final": False, "metrics": {"test_accuracy": 0.5}}).type
+            for v in (5, 6, 7)] == [P.ACK, P.ACK, P.ERROR]
+    _report(server, ev, srv.store.version, True, 0.75)     # the final one, past the bound
+    assert srv.evaluations[-1] == {**srv.evaluations[-1], "version": srv.store.version, "final": True}
+    assert srv.final_eval["test_accuracy"] == 0.75 and server.call(ev, P.STATUS).type == P.STATUS
