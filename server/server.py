@@ -69,6 +69,7 @@ from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots
 from cnn_core.training import check_model_fits_mnist
 from pscnn import protocol as P
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES
+from pscnn.names import name_problem
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -758,6 +759,12 @@ class ParameterServer:
         wid = msg.wid
         if not wid:
             self._reject(rid, msg, P.ProtocolError("hello: 'wid' (the client id) must not be empty"))
+            return
+        # The client's own rule: a name goes into every line about the peer, its table entry, the
+        # dropped peers remembered and every checkpoint (summary.json's worker_names).
+        problem = name_problem(msg.body.get("name", ""))
+        if problem:
+            self._reject(rid, msg, P.ProtocolError(f"hello: name {problem}", "bad_name"))
             return
         old = self.peers.get(wid)
         if old is not None and msg.seq < old.last_seq:

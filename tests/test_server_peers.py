@@ -125,3 +125,16 @@ def test_an_evaluator_reporting_every_version_cannot_grow_the_history_past_its_b
     _report(server, ev, srv.store.version, True, 0.75)     # the final one, past the bound
     assert srv.evaluations[-1] == {**srv.evaluations[-1], "version": srv.store.version, "final": True}
     assert srv.final_eval["test_accuracy"] == 0.75 and server.call(ev, P.STATUS).type == P.STATUS
+
+
+def test_a_hello_whose_name_no_client_could_have_is_refused(in_process):
+    """A hello's name may be any printable line of 4,096 characters on the wire, and the server kept
+    it in the peer table, in each of the 4,096 dropped peers it remembers and in every checkpoint,
+    and wrote it into every line about the peer: it is held to the client's own rule now."""
+    server = in_process()
+    raw = server.client()
+    reply = server.call(raw, P.HELLO, {"role": "trainer", "name": "n" * 4096})
+    assert reply.type == P.ERROR and reply.body["code"] == "bad_name", reply.body
+    assert reply.body["message"] == "hello: name must be at most 119 characters (the client id adds 9), got 4096"
+    assert server.srv.peers == {} and server.srv.rejected["bad_name"] == 1
+    assert server.call(raw, P.HELLO, {"role": "trainer", "name": "n" * 119}).type == P.WELCOME
