@@ -1,4 +1,6 @@
 """server.work.WorkQueue: leases, exactly-once completion, requeues, and who may push what."""
+from collections import deque
+
 import pytest
 
 from server.work import WorkQueue
@@ -252,3 +254,25 @@ def test_a_requeued_batch_is_taken_back_once_for_a_late_push_never_from_its_new_
     assert not q.reclaim(0, b.batch) and q.leases[b.batch].worker == "b"
     assert not q.reclaim(1, q.pending[0])               # another epoch's
     assert q.complete(0, a.batch) and not q.reclaim(0, a.batch)
+
+
+def test_applying_a_leased_batch_does_not_scan_the_queue():
+    """complete() looked for every applied batch in the queue (deque.remove: a scan of every pending
+    batch, and an exception when, as almost always, it was leased and not there): 1.6 ms an update
+    with --batch-size 1.  Only a requeued batch is looked for there now, and taken out."""
+    class Counting(deque):
+        scans = 0
+
+        def remove(self, value):
+            Counting.scans += 1
+            super().remove(value)
+    q = queue(num_samples=1000, batch_size=1)
+    q.pending = Counting(q.pending)
+    for _ in range(10):
+        lease = q.lease("w", 0.0)
+        assert q.complete(lease.epoch, lease.batch)
+    assert Counting.scans == 0
+    requeued = q.lease("a", 0.0)
+    assert q.release(requeued.epoch, requeued.batch) and q.complete(requeued.epoch, requeued.batch)
+    assert requeued.batch not in q.pending and Counting.scans == 1
+    assert q.lease("b", 0.0).batch == requeued.batch + 1
