@@ -809,10 +809,12 @@ class ParameterServer:
 
     def _on_bye(self, peer: Peer, msg: P.Message, now: float) -> None:
         self._reply(peer, P.Message(P.ACK))
-        reason = msg.body.get("reason", "bye")
+        # Cut: it is kept with each of the DROPPED_MEMORY peers remembered, and quoted in the log,
+        # metrics.jsonl and every refusal of a late message (a line may be 4,096 characters).
+        reason = P.one_line(msg.body.get("reason", "bye"), 200)
         self._drop_peer(peer, f"left ({reason})")
         if peer.role == "evaluator" and not self.role_counts["evaluator"]:
-            self.evaluator_left = P.one_line(reason, 200)
+            self.evaluator_left = reason
 
     def _add_peer(self, peer: Peer) -> None:
         """Put ``peer`` in the peer table (its id is not there: a rejoin drops the old one first)."""

@@ -138,3 +138,17 @@ def test_a_hello_whose_name_no_client_could_have_is_refused(in_process):
     assert reply.body["message"] == "hello: name must be at most 119 characters (the client id adds 9), got 4096"
     assert server.srv.peers == {} and server.srv.rejected["bad_name"] == 1
     assert server.call(raw, P.HELLO, {"role": "trainer", "name": "n" * 119}).type == P.WELCOME
+
+
+def test_what_a_leaving_peer_says_is_kept_cut_to_one_short_line(in_process):
+    """A bye's reason may be 4,096 characters on the wire; it was kept whole with each of the 4,096
+    dropped peers remembered (up to 64 MB), and quoted whole in the log, metrics.jsonl and every
+    refusal of the peer's late messages."""
+    server = in_process()
+    raw = server.client()
+    assert server.call(raw, P.HELLO, {"role": "trainer", "name": "talker"}).type == P.WELCOME
+    assert server.call(raw, P.BYE, {"reason": "r" * 4096}).type == P.ACK
+    why = server.srv.dropped[raw.wid].why
+    assert why == f"left ({'r' * 197}...)", why
+    refusal = server.call(raw, P.WORK).body["message"]
+    assert len(refusal) < 400 and refusal.endswith("...)): send hello to rejoin"), refusal
