@@ -597,7 +597,7 @@ def download_mnist(
     Returns:
         ``cache_dir`` as a Path.
     """
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = _expand_home(cache_dir, "the download folder") if cache_dir is not None else default_cache_dir()
     bases = _mirror_list(mirrors)
     for name in _check_file_names(files):
         info = MNIST_FILES[name]
@@ -627,14 +627,30 @@ def _content_size(info: dict) -> int:
 
 def default_cache_dir() -> Path:
     """Where downloads go: ``$PSCNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/pscnn/mnist``,
-    else ``~/.cache/pscnn/mnist``.  ``PSCNN_CACHE_DIR`` names the MNIST folder itself."""
+    else ``~/.cache/pscnn/mnist``.  ``PSCNN_CACHE_DIR`` names the MNIST folder itself.
+
+    DataError when it is under a home folder there is none of (no ``HOME``, and a user id
+    without a passwd entry, as in a container run with ``--user``)."""
     explicit = os.environ.get("PSCNN_CACHE_DIR")
     if explicit:
-        return Path(explicit).expanduser()
+        return _expand_home(explicit, "PSCNN_CACHE_DIR")
     xdg = os.environ.get("XDG_CACHE_HOME")
     # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "pscnn" / "mnist"
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "pscnn" / "mnist"
+    return _expand_home("~/.cache/pscnn/mnist", "the MNIST download cache")
+
+
+def _expand_home(path, what: str) -> Path:
+    """``path`` with ``~`` expanded; DataError naming ``what`` and the remedies where there is no
+    home folder (pathlib's RuntimeError "Could not determine home directory" was a traceback)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise DataError(f"{what} {path} needs a home folder, and there is none (HOME is unset and "
+                        f"user id {os.getuid()} has no passwd entry): set MNIST_DIR (or --mnist-dir) to a "
+                        f"folder holding the MNIST files, or PSCNN_CACHE_DIR to a folder to download them "
+                        f"into") from None
 
 
 def _mirror_list(mirrors) -> list[str]:
@@ -686,7 +702,7 @@ def _resolve(mnist_dir, download: bool, names: list[str], progress: bool) -> tup
     if mnist_dir is not None or os.environ.get("MNIST_DIR"):
         # Given by the caller (--mnist-dir, PSCNN_MNIST_DIR), or else by MNIST_DIR: say which.
         what = "MNIST folder" if mnist_dir is not None else "MNIST folder (from MNIST_DIR)"
-        folder = Path(mnist_dir if mnist_dir is not None else os.environ["MNIST_DIR"]).expanduser()
+        folder = _expand_home(mnist_dir if mnist_dir is not None else os.environ["MNIST_DIR"], what)
         if not folder.is_dir():
             raise DataError(f"{folder}: {what} does not exist or is not a folder")
         _check_not_directories(folder, names, broken_links=True)

@@ -612,6 +612,36 @@ def test_default_cache_dir_ignores_a_relative_xdg_cache_home(monkeypatch, tmp_pa
     assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "pscnn" / "mnist"
 
 
+def no_home(monkeypatch):
+    """This process as a user with no HOME and no passwd entry (a container run with --user 54321)."""
+    import pwd  # noqa: PLC0415
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+
+
+def test_no_home_folder_is_one_line_naming_the_remedies(monkeypatch, isolated_env):
+    """No HOME and no passwd entry: pathlib's "Could not determine home directory" (a RuntimeError,
+    a traceback from every command that reads MNIST) is now a DataError naming MNIST_DIR and
+    PSCNN_CACHE_DIR; and a folder given with ~ says which setting it came from."""
+    monkeypatch.delenv("PSCNN_CACHE_DIR", raising=False)
+    no_home(monkeypatch)
+    with pytest.raises(DataError) as exc:
+        data.resolve_mnist_dir(download=False)
+    one_line_naming(exc.value, "~/.cache/pscnn/mnist", "MNIST_DIR", "PSCNN_CACHE_DIR")
+    monkeypatch.setenv("MNIST_DIR", "~/mnist")
+    with pytest.raises(DataError) as exc:
+        data.resolve_mnist_dir()
+    one_line_naming(exc.value, "MNIST folder (from MNIST_DIR) ~/mnist", "needs a home folder")
+    monkeypatch.delenv("MNIST_DIR")
+    monkeypatch.setenv("PSCNN_CACHE_DIR", "~/cache")
+    with pytest.raises(DataError) as exc:
+        data.download_mnist(progress=False)
+    one_line_naming(exc.value, "PSCNN_CACHE_DIR ~/cache", "needs a home folder")
+
+
 # --------------------------------------------------------------------------- #
 # downloading from a local server
 # --------------------------------------------------------------------------- #
