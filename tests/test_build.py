@@ -100,6 +100,25 @@ def test_make_refuses_to_remove_a_folder_that_is_no_venv(repo):
     assert "not-a-venv is not a virtual environment" in proc.stderr, proc.stderr
 
 
+@needs_make
+def test_make_clean_removes_every_generated_thing_but_no_source_or_data(repo):
+    """`make clean` left build/ (setuptools' build tree), dist/ and the __pycache__ folders."""
+    generated = ["build/lib/pscnn/cli.py", "dist/pscnn-0.1.tar.gz", "pscnn.egg-info/PKG-INFO",
+                 "pscnn/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md", "runs/make-run/summary.json"]
+    kept = ["pscnn/cli.py", "tests/test_x.py"]
+    data = repo.parent / "shared" / "mnist" / "train-images-idx3-ubyte.gz"      # the build machines' MNIST
+    for name in [*generated, *kept]:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("x")
+    data.parent.mkdir(parents=True)
+    data.write_text("x")
+    proc = make(repo, "clean")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in repo.iterdir()) == ["Makefile", "pscnn", "pyproject.toml", "tests"]
+    assert all((repo / name).exists() for name in kept) and data.exists()
+    assert not (repo / "pscnn" / "__pycache__").exists()
+
+
 def pyproject() -> dict:
     try:
         import tomllib
