@@ -119,6 +119,45 @@ def test_make_clean_removes_every_generated_thing_but_no_source_or_data(repo):
     assert not (repo / "pscnn" / "__pycache__").exists()
 
 
+def run_ci(tmp_path, shared_mnist: bool, download: str | None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """.ci/run in a copy of the project with stand-ins for make, python3, ip and iptables (nothing is
+    installed or run), ../shared/mnist there or not, and ``pscnn download`` printing ``download``
+    (None: failing).  Returns (the process, the make commands it ran, each with its MNIST_DIR)."""
+    project, bin_dir, log = tmp_path / "project", tmp_path / "bin", tmp_path / "make.log"
+    (project / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci" / "run", project / ".ci" / "run")
+    if shared_mnist:
+        (tmp_path / "shared" / "mnist").mkdir(parents=True)
+        (tmp_path / "shared" / "mnist" / "train-images-idx3-ubyte.gz").write_text("x")
+    (project / ".venv" / "bin").mkdir(parents=True)
+    scripts = {bin_dir / "make": f'echo "$* MNIST_DIR=${{MNIST_DIR-unset}}" >> {shlex.quote(str(log))}',
+               bin_dir / "python3": "exit 0", bin_dir / "ip": "exit 0", bin_dir / "iptables": "exit 0",
+               project / ".venv" / "bin" / "pscnn": f"echo {shlex.quote(download)}" if download else
+               "echo 'pscnn: error: every mirror failed' >&2; exit 1"}
+    for path, body in scripts.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(project / ".ci" / "run")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def test_ci_without_the_shared_mnist_downloads_it_or_says_it_has_none(tmp_path):
+    """.ci/run set MNIST_DIR to ../shared/mnist even where there was none: every test that reads
+    MNIST then failed on a missing folder, instead of CI downloading it or saying so."""
+    proc, made = run_ci(tmp_path / "none", shared_mnist=False, download=None)
+    assert proc.returncode == 1 and made == ["venv MNIST_DIR=unset"], proc.stdout + proc.stderr + str(made)
+    assert proc.stderr.strip().splitlines()[-1].startswith(".ci/run: no MNIST: ../shared/mnist is missing")
+    proc, made = run_ci(tmp_path / "download", shared_mnist=False, download="/cache/pscnn/mnist")
+    assert proc.returncode == 0 and made[-2:] == ["test MNIST_DIR=/cache/pscnn/mnist",
+                                                  "compose-test MNIST_DIR=/cache/pscnn/mnist"], made
+    proc, made = run_ci(tmp_path / "shared", shared_mnist=True, download=None)
+    shared = tmp_path / "shared" / "shared" / "mnist"
+    assert proc.returncode == 0 and made == [f"test MNIST_DIR={shared}", f"compose-test MNIST_DIR={shared}"], made
+
+
 def pyproject() -> dict:
     try:
         import tomllib
