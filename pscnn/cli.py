@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 
 from pscnn.names import name_problem
@@ -826,15 +827,17 @@ def check_train_folder(path: str) -> None:
 
 
 def main(argv=None) -> int:
+    stop_on_signals()       # first of all: a stop from now on is noted (see stop_on_signals)
     stop_with_launcher()
     try:
         args = parse_args(argv)
     except CliError as exc:
         print(f"pscnn: error: {exc}", file=sys.stderr)
         return 2
-    if getattr(args, "threads", None):
-        set_blas_threads(args.threads)
     try:
+        stop_on_signals(args.command)       # a stop noted while parsing ends the command here
+        if getattr(args, "threads", None):
+            set_blas_threads(args.threads)
         if isinstance(getattr(args, "model", None), str):     # pscnn bench's --model too
             args.model = inline_model(args.model, distributed=args.command != "train")
         if isinstance(getattr(args, "schedule", None), str):  # pscnn bench time-to-accuracy's too
@@ -881,7 +884,6 @@ def stop_with_launcher(environ=os.environ) -> None:
     if not launcher_pid or not sys.platform.startswith("linux"):
         return
     import ctypes  # noqa: PLC0415
-    import signal  # noqa: PLC0415
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         print(f"pscnn: warning: cannot follow the launcher (prctl: {os.strerror(ctypes.get_errno())}); "
@@ -890,15 +892,46 @@ def stop_with_launcher(environ=os.environ) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _interrupt_on_terminate() -> None:
-    """SIGTERM and SIGHUP (the terminal closed) end ``pscnn train`` as Ctrl-C does: an
-    "interrupted" record in metrics.jsonl and one line, exit 130 (they killed it silently)."""
-    import signal  # noqa: PLC0415
+# SIGTERM (kill, docker stop, a launcher stopping its children) and SIGHUP (the terminal closed, an
+# ssh session dropped): they stop every command as documented, never kill it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# The commands they end with exit status 0 (README, docs/deployment.md): an orchestrator must not
+# restart these. The others (pscnn train, run, ...) stop as on Ctrl-C: "pscnn: interrupted", 130.
+STOPPED_WITH_SUCCESS = ("server", "worker", "evaluator")
+_stops_noted: list[int] = []             # the STOP_SIGNALS received before the command was known
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
+
+def stop_on_signals(command: str | None = None) -> None:
+    """The one place where each command's STOP_SIGNALS handling starts, in :func:`main`.
+
+    Called first of all with no ``command`` (the command line is not parsed yet), a stop signal is
+    noted; called again with the parsed ``command``, a noted one stops it at once, and every later
+    one where it comes: SystemExit(0) for :data:`STOPPED_WITH_SUCCESS`, else KeyboardInterrupt (the
+    "interrupted" record of ``pscnn train``, ``pscnn run``'s stop of its children).  The server
+    then sets its own handler as it starts serving (it checkpoints, then exits 0); a worker and the
+    evaluator catch the SystemExit to say goodbye.
+
+    Without this, a command signalled before its own handler (its first half second: the imports,
+    loading MNIST, a download) was killed (-15), and in a container, as PID 1, which the kernel
+    spares a signal that has no handler, it ignored the stop until Docker's SIGKILL.
+    """
+    if command is None:
+        del _stops_noted[:]
+
+    def stop(signum, frame):
+        if command is None:
+            _stops_noted.append(signum)
+        elif command in STOPPED_WITH_SUCCESS:
+            raise SystemExit(0)
+        else:
+            raise KeyboardInterrupt
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, stop)
+        except ValueError:              # main() called off the main thread (tests): no handlers
+            return
+    if command is not None and _stops_noted:
+        stop(_stops_noted[0], None)
 
 
 def _dispatch(args) -> int:
@@ -907,7 +940,6 @@ def _dispatch(args) -> int:
     cmd = args.command
     if cmd == "train":
         setup_logging(args.log_level, "train")
-        _interrupt_on_terminate()
         from cnn_core.training import train_from_args  # noqa: PLC0415
         return train_from_args(args)
     if cmd == "server":

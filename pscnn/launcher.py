@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
+from pscnn.cli import STOP_SIGNALS
 from server.server import (CHECKPOINT_NAME, ParameterServer, check_model_travels, checkpoint_version,
                            config_from_args, summary_after_checkpoint, unfinished_run_warning)
 from worker.client import query_status
@@ -258,9 +259,6 @@ def check_run_args(args):
     return cfg
 
 
-# Signals that stop `pscnn run` as Ctrl-C does, children included: `kill`, and SIGHUP when the
-# terminal closes or the SSH connection drops (the children, in their own sessions, get neither).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # Every worker gone and the server silent this long (its own final scoring takes seconds):
 # it is stopped rather than waited on for ever.
 SILENT_SERVER_S = 60.0

@@ -550,7 +550,12 @@ class ParameterServer:
         log say why, and the last periodic checkpoint is kept; or when the
         run's outputs (or an interrupted run's checkpoint) could not be written.
         """
-        self.open()
+        old_handlers = self._install_signal_handlers()  # first: a stop while binding is a stop too
+        try:
+            self.open()
+        except BaseException:
+            self._restore_signal_handlers(old_handlers)
+            raise
         log.info("listening on %s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
                  "optimizer %s", self.cfg.bind, self.cfg.mode,
                  f" (staleness {self.cfg.staleness})" if self.cfg.mode == "ssp" else "",
@@ -564,7 +569,6 @@ class ParameterServer:
                      self.cfg.wait_for_workers, self.cfg.start_timeout)
         self.writer.log("start", incarnation=self.incarnation, version=self.store.version, resumed=self.cfg.resume,
                         epoch=self.work.epoch)
-        old_handlers = self._install_signal_handlers()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         last_housekeeping = 0.0

@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def stop_handlers_restored():
+    """A test that calls pscnn.cli.main in this process leaves no handler of its command's (see
+    pscnn.cli.stop_on_signals) to turn the test run's own SIGTERM or SIGHUP into a SystemExit."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

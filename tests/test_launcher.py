@@ -967,15 +967,10 @@ def test_main_exits_130_when_interrupted(monkeypatch, capsys):
 
 def test_pscnn_train_stops_on_sighup_as_on_sigterm():
     """`pscnn train`: SIGTERM and SIGHUP (the terminal closed) both end it as Ctrl-C does."""
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        cli._interrupt_on_terminate()
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            with pytest.raises(KeyboardInterrupt):
-                signal.getsignal(sig)(sig, None)
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    cli.stop_on_signals("train")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(sig)(sig, None)
 
 
 # ------------------------------------------------ found by the audit, fixed

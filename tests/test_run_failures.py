@@ -513,3 +513,96 @@ def test_a_missing_mnist_folder_is_one_line_before_anything_starts(tmp_path, fil
     assert run.returncode == 1, run.stderr[-3000:]
     assert run.stderr.strip().splitlines() == [f"pscnn: error: {expected}"]
     assert not leftovers and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ a stop in the first moment
+
+# Each command as a user starts it, and the exit status a stop signal ends it with (README: the server
+# checkpoints and exits 0, a client says goodbye and exits 0; train and run stop as on Ctrl-C).
+STOP_STATUS = {"server": 0, "worker": 0, "evaluator": 0, "train": 130, "run": 130}
+
+
+def command_line(command: str, tmp_path: Path) -> list[str]:
+    endpoint, out = f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "out")
+    return [sys.executable, "-m", "pscnn.cli", command, *{
+        "server": ["--bind", endpoint, "--out", out],
+        "worker": ["--server", endpoint], "evaluator": ["--server", endpoint],
+        "train": ["--out", out, "--epochs", "1", "--train-limit", "64", "--no-progress"],
+        "run": ["--out", out, "--workers", "1", "--port", endpoint.rsplit(":", 1)[1], "--no-progress"]}[command]]
+
+
+def stoppable_env(tmp_path: Path, **more: str) -> dict:
+    """The children's environment, any download cut off (a closed port): a stop that came late would
+    end in an error line, not hang."""
+    return {**launcher.child_env(), "PSCNN_CACHE_DIR": str(tmp_path / "cache"),
+            "PSCNN_MNIST_MIRRORS": f"http://127.0.0.1:{free_port()}/", **more}
+
+
+def assert_stopped_cleanly(proc: subprocess.Popen, command: str) -> None:
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == STOP_STATUS[command], f"{command} exited {proc.returncode}:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+
+
+# Put on a child's PYTHONPATH as sitecustomize.py: SIGTERM to itself as it first imports numpy, the first
+# of its heavy imports, before MNIST is read or a socket opened.
+SIGTERM_AT_NUMPY = '''
+import importlib.abc, os, signal, sys
+
+class SigtermAtImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, SigtermAtImport())
+'''
+
+
+@pytest.mark.parametrize("command", sorted(STOP_STATUS))
+def test_a_stop_during_the_imports_is_a_clean_stop(command, tmp_path):
+    """SIGTERM before a command had set its own handler (its first half second) killed it (-15),
+    and in a container, as PID 1, it was ignored until Docker's SIGKILL: main() now handles the stop
+    signals first of all, each command ending as a stop ends it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGTERM_AT_NUMPY)
+    proc = subprocess.Popen(command_line(command, tmp_path), stderr=subprocess.PIPE, text=True,
+                            env=stoppable_env(tmp_path, PYTHONPATH=str(hook)))
+    assert_stopped_cleanly(proc, command)
+    assert not (tmp_path / "out").exists()          # stopped before it started: nothing written
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (its SigCgt mask, bit 15 - 1)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:                                 # gone
+        return True
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", sorted(STOP_STATUS))
+def test_a_stop_as_soon_as_the_command_catches_one_is_a_clean_stop(command, tmp_path):
+    """SIGTERM the moment a SIGTERM handler is there (before the command line is parsed): a stop
+    noted before the command is known ends it as one that comes later does.  Repeated: the moment
+    the poll sees varies."""
+    for attempt in range(3):
+        proc = subprocess.Popen(command_line(command, tmp_path / str(attempt)), stderr=subprocess.PIPE, text=True,
+                                env=stoppable_env(tmp_path))
+        try:
+            wait_for(lambda: catches_sigterm(proc.pid), 60, f"{command} to catch SIGTERM", interval=0.001)
+        except BaseException:
+            proc.kill()
+            proc.communicate(timeout=10)
+            raise
+        proc.send_signal(signal.SIGTERM)
+        assert_stopped_cleanly(proc, command)

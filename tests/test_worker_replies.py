@@ -67,9 +67,8 @@ def warnings_with(caplog, *needles: str) -> list[str]:
 
 
 @pytest.fixture
-def evaluator(monkeypatch, mnist_dir):
-    """evaluator(server, every=...) -> run_evaluator in this process: no nice, no SIGTERM handler."""
-    monkeypatch.setattr(evaluator_module, "_exit_on_sigterm", lambda: None)
+def evaluator(mnist_dir):
+    """evaluator(server, every=...) -> run_evaluator in this process, not niced."""
 
     def start(server, every: float = 0.05, test_limit: int = 100) -> int:
         return run_evaluator(server.endpoint, every=every, test_limit=test_limit, mnist_dir=mnist_dir,

@@ -32,7 +32,7 @@ from pscnn import protocol as P
 
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
                      exit_status_unreachable)
-from .trainer import (_exit_on_sigterm, check_local_setup, check_model_fits, check_run, check_weights,
+from .trainer import (check_local_setup, check_model_fits, check_run, check_weights,
                       leave_on_signal, model_from_welcome)
 
 log = logging.getLogger("pscnn.evaluator")
@@ -41,7 +41,6 @@ log = logging.getLogger("pscnn.evaluator")
 def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, device: str = "cpu",
                   mnist_dir: str | None = None, name: str | None = None, give_up_after: float = 600.0,
                   nice: int = 10) -> int:
-    _exit_on_sigterm()      # before the setup, which may download MNIST (see _exit_on_sigterm)
     if nice:
         try:
             os.nice(nice)

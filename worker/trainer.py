@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 
 import numpy as np
@@ -478,7 +477,6 @@ class Trainer:
 
 def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mnist_dir: str | None = None,
                 give_up_after: float = 600.0, compute_ms: float | None = None, overlap: bool = False) -> int:
-    _exit_on_sigterm()      # before the setup, which may download MNIST (see _exit_on_sigterm)
     check_local_setup(device, mnist_dir, None if compute_ms is not None else "train")
     client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after)
     try:
@@ -502,26 +500,11 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         client.close()
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM (docker stop, pscnn run) and SIGHUP (the terminal closed) end a trainer or the
-    evaluator politely: a SystemExit, caught where it says goodbye, so the server requeues
-    its lease at once instead of after --peer-timeout; exit status 0.
-
-    Installed first thing: in a container the worker is PID 1, which the kernel spares a signal
-    without a handler, so a SIGTERM during the MNIST download was ignored until Docker's SIGKILL
-    (20 s later), and the killed download left its partial file in the volume."""
-    def on_signal(signum, frame):
-        raise SystemExit(0)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            signal.signal(sig, on_signal)
-        except ValueError:                      # not the main thread (tests)
-            pass
-
-
 def leave_on_signal(client: Client, exc: BaseException) -> int:
     """The end of a worker stopped by a signal (``exc``): goodbye to the server, one line; 0 for
-    SIGTERM/SIGHUP, and Ctrl-C (KeyboardInterrupt) raised on, for the CLI's "interrupted" (130)."""
+    SIGTERM/SIGHUP (SystemExit: see pscnn.cli.stop_on_signals), so the server requeues its lease at
+    once instead of after --peer-timeout, and Ctrl-C (KeyboardInterrupt) raised on, for the CLI's
+    "interrupted" (130)."""
     stopped_by = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "a signal"
     log.info("stopped by %s; saying goodbye to the server", stopped_by)
     client.close(say_bye=client.welcome is not None, reason="interrupted" if stopped_by == "Ctrl-C" else "terminated")
