@@ -443,6 +443,7 @@ class ParameterServer:
         self.log_joins = RateLimitedLog("joins", peer_lines)
         self.log_leaves = RateLimitedLog("leaves", peer_lines)
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
+        self.wall_seconds_before = 0.0              # theirs, from each one's start to its last checkpoint
         self.t_start = time.monotonic()
         # The training clock (throughput, time to accuracy) runs from the first batch handed out,
         # as pscnn train's runs over its loop: not while the workers load their data.
@@ -1402,6 +1403,11 @@ class ParameterServer:
         end = self.t_train_end if self.t_train_end is not None else now
         return self.train_seconds_before + (end - self.t_train_start)
 
+    def _wall_clock(self, now: float) -> float:
+        """Seconds the run's servers ran: this one's since its start, earlier ones' added (not the time
+        between a stop and the --resume), as pscnn train's wall_seconds counts its one process."""
+        return self.wall_seconds_before + (now - self.t_start)
+
     def _write_summary(self, now: float) -> None:
         m = self.final_eval or {}
         train_s = self._train_clock(now)
@@ -1426,7 +1432,7 @@ class ParameterServer:
             "evaluations": [{"seconds": e["seconds"], "version": e["version"], "test_accuracy": e["test_accuracy"]}
                             for e in self.evaluations],
             "time_to_accuracy": time_to_accuracy(self.evaluations),
-            "wall_seconds": round(self.train_seconds_before + (now - self.t_start), 3),
+            "wall_seconds": round(self._wall_clock(now), 3),
             "train_seconds": round(train_s, 3),
             "train_images_per_second": self.samples_applied / train_s if train_s > 0 else 0.0,
             "batch_size": self.cfg.batch_size, "model": self.cfg.model, "optimizer": self.store.optimizer.config(),
@@ -1496,7 +1502,8 @@ class ParameterServer:
                  # what the run survived so far (summary.json's), not only since the last restart
                  "peers_dropped": dict(self.drops), "lease_requeues": self.work.requeued_total,
                  "rejected_messages": dict(self.rejected),
-                 "train_seconds": self._train_clock(time.monotonic()), "mode": self.cfg.mode,
+                 "train_seconds": self._train_clock(time.monotonic()),
+                 "wall_seconds": self._wall_clock(time.monotonic()), "mode": self.cfg.mode,
                  "seed": self.cfg.seed}
         t = time.perf_counter()
         self.writer.flush()     # every step record the checkpoint includes is on disk before it
@@ -1551,6 +1558,7 @@ class ParameterServer:
         self.work.requeued_total = checked["lease_requeues"]
         self.rejected = Counter(checked["rejected_messages"])
         self.train_seconds_before = checked["train_seconds"]
+        self.wall_seconds_before = checked["wall_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s
             self.t_train_start = self.t_train_end = self.t_start
         for warning in checked["warnings"]:     # only once the whole checkpoint was accepted
@@ -1655,6 +1663,9 @@ class ParameterServer:
             log.info("--resume: training for %d epochs; the checkpoint's run had %d", cfg.epochs, run_epochs)
         samples_applied = _int(_field(extra, "samples_applied", "extra."), "extra.samples_applied")
         train_seconds = _number(_field(extra, "train_seconds", "extra."), "extra.train_seconds")
+        # absent from checkpoints of earlier versions: their training seconds, as their summaries counted
+        wall_seconds = (train_seconds if extra.get("wall_seconds") is None
+                        else _number(extra["wall_seconds"], "extra.wall_seconds"))
         staleness = {}
         for k, v in _mapping(_field(extra, "staleness", "extra."), "extra.staleness").items():
             if not (k.isascii() and k.isdigit()):
@@ -1688,7 +1699,7 @@ class ParameterServer:
                 "test_loss": None if loss is None else _number(loss, where + ".test_loss", -math.inf),
                 "final": e["final"]})
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
-                "train_seconds": train_seconds, "staleness": staleness, "contributors": dict(contributors),
+                "train_seconds": train_seconds, "wall_seconds": wall_seconds, "staleness": staleness, "contributors": dict(contributors),
                 "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings,
                 "lease_requeues": lease_requeues, **counts}
 

@@ -30,7 +30,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cnn_core.checkpoint import load_checkpoint
+from cnn_core.checkpoint import load_checkpoint, save_checkpoint
 from cnn_core.config import nests_within
 from cnn_core.errors import CheckpointError
 from cnn_core.model import build_model
@@ -972,6 +972,36 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_takes_the_eva
     again.srv._housekeeping(time.monotonic() + 30)      # later: any training time would show
     summary = json.loads((Path(again.srv.cfg.out) / "summary.json").read_text())
     assert summary["test_accuracy"] == 0.75 and summary["train_seconds"] == pytest.approx(trained_s, abs=1e-3)
+
+
+@pytest.mark.parametrize("checkpoint_from", ["this version", "before wall_seconds"])
+def test_a_resumed_runs_wall_seconds_add_the_earlier_servers_wall_seconds(in_process, checkpoint_from):
+    """After a --resume, summary.json's wall_seconds added the earlier servers' *training* seconds
+    to this server's wall time: neither the run's wall time nor its training time.  The checkpoint
+    now stores the wall seconds; one from before stores none, and its training seconds stand in."""
+    first = in_process(epochs=2)
+    first.srv.t_start -= 100.0                          # it ran 100 s before this, loading and waiting
+    raw = _trainer(first)
+    reply = first.call(raw, P.WORK)
+    assert first.call(raw, P.PUSH, push_body(reply), grads_like(reply.arrays)).body["ack"]["applied"] == 1
+    assert first.srv._checkpoint()
+    first.srv.writer.close()
+    first.close()
+    path = Path(first.srv.cfg.out) / "checkpoint.npz"
+    arrays, meta = load_checkpoint(path)
+    assert meta["extra"]["wall_seconds"] >= 100.0 > meta["extra"]["train_seconds"]
+    before = meta["extra"]["wall_seconds"]
+    if checkpoint_from == "before wall_seconds":
+        del meta["extra"]["wall_seconds"]
+        save_checkpoint(path, arrays, meta)
+        before = meta["extra"]["train_seconds"]
+
+    again = in_process(Path(first.srv.cfg.out), epochs=2, resume=True, final_eval_timeout=0.0)
+    _push_all(again, _trainer(again))
+    now = time.monotonic() + 30
+    again.srv._housekeeping(now)
+    summary = json.loads((Path(again.srv.cfg.out) / "summary.json").read_text())
+    assert summary["wall_seconds"] == pytest.approx(before + (now - again.srv.t_start), abs=1e-3)
 
 
 def test_the_end_is_checkpointed_before_any_trainer_is_told_training_is_over(in_process):
