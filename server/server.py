@@ -457,6 +457,7 @@ class ParameterServer:
         self._stop_requested = False
         self._last_checkpoint = time.monotonic()
         self.checkpointed_version: int | None = None  # of the last checkpoint written (this incarnation)
+        self.checkpointed_final_eval = False           # whether that checkpoint holds the final evaluation
         self._checkpoint_failing: str | None = None  # why the last checkpoint could not be written
         self._final_write_since: float | None = None  # when the run's outputs first failed to be written
         self._final_write_next = 0.0
@@ -1361,7 +1362,10 @@ class ParameterServer:
         if now < self._final_write_next:
             return False
         try:
-            if self.failure is None and self.checkpointed_version != self.store.version:
+            # the end's checkpoint again once it can hold the final evaluation: the run's result is
+            # then in it for --resume (no second wait for an evaluator) and for whoever loads it
+            if self.failure is None and (self.checkpointed_version != self.store.version
+                                         or (self.final_eval and not self.checkpointed_final_eval)):
                 self._checkpoint(raise_errors=True)
             self._write_summary(now)
         except (OSError, PscnnError) as exc:
@@ -1505,11 +1509,14 @@ class ParameterServer:
                  "train_seconds": self._train_clock(time.monotonic()),
                  "wall_seconds": self._wall_clock(time.monotonic()), "mode": self.cfg.mode,
                  "seed": self.cfg.seed}
+        if self.final_eval:
+            extra["final_eval"] = _checkpointable_metrics(self.final_eval)
         t = time.perf_counter()
         self.writer.flush()     # every step record the checkpoint includes is on disk before it
         save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
         self._last_checkpoint = time.monotonic()
         self.checkpointed_version = self.store.version
+        self.checkpointed_final_eval = bool(self.final_eval)
         log.info("checkpoint written: version %d, epoch %d (%d/%d batches) in %.0f ms", self.store.version,
                  self.work.epoch, len(self.work.applied), self.work.batches_per_epoch,
                  (time.perf_counter() - t) * 1e3)
@@ -1561,6 +1568,8 @@ class ParameterServer:
         self.wall_seconds_before = checked["wall_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s
             self.t_train_start = self.t_train_end = self.t_start
+            # and scored already, when the end's checkpoint holds it (not one of a shorter run's end)
+            self.final_eval = checked["final_eval"]
         for warning in checked["warnings"]:     # only once the whole checkpoint was accepted
             log.warning("%s", warning)
         # said once serving (pscnn run builds a server only to check its --resume first)
@@ -1701,7 +1710,18 @@ class ParameterServer:
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
                 "train_seconds": train_seconds, "wall_seconds": wall_seconds, "staleness": staleness, "contributors": dict(contributors),
                 "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings,
-                "lease_requeues": lease_requeues, **counts}
+                "lease_requeues": lease_requeues, "final_eval": self._checked_final_eval(extra), **counts}
+
+    def _checked_final_eval(self, extra: dict) -> dict | None:
+        """The checkpoint's final evaluation (metrics as an evaluator reports them), checked; None if it has
+        none (checkpoints from before the run's end, and of earlier versions)."""
+        final_eval = extra.get("final_eval")
+        if final_eval is None:
+            return None
+        problem = _metrics_problem(_mapping(final_eval, "extra.final_eval"), self.store.model.num_classes)
+        if problem:
+            raise _Bad("extra.final_eval", problem)
+        return final_eval
 
     # ================================================================== status
     def _mean_loss(self) -> float | None:
@@ -1755,6 +1775,16 @@ def _seq_reused(msg: P.Message, peer: Peer) -> P.ProtocolError:
 
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy", "precision", "recall", "confusion_matrix",
                "count", "eval_seconds")
+
+
+def _checkpointable_metrics(m: dict) -> dict:
+    """A final evaluation's metrics (an evaluator's report, or the server's own scoring) as a checkpoint
+    keeps them: only METRIC_KEYS, and a NaN or infinite loss as None (the loader accepts finite numbers)."""
+    kept = {k: v for k, v in m.items() if k in METRIC_KEYS}
+    loss = kept.get("test_loss")
+    if loss is not None and not math.isfinite(loss):
+        kept["test_loss"] = None
+    return kept
 
 
 def _metrics_problem(m: dict, classes: int) -> str | None:

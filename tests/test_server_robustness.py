@@ -1004,6 +1004,49 @@ def test_a_resumed_runs_wall_seconds_add_the_earlier_servers_wall_seconds(in_pro
     assert summary["wall_seconds"] == pytest.approx(before + (now - again.srv.t_start), abs=1e-3)
 
 
+def test_the_end_checkpoint_holds_the_final_evaluation_and_a_resume_from_it_keeps_the_score(in_process):
+    """The end's checkpoint was written when training finished, before the final evaluation: a user
+    loading it found no final score, and a server resumed from it (no evaluator left) waited
+    --final-eval-timeout to score the weights again.  It is now written again with the evaluation."""
+    first = in_process(epochs=1)
+    _push_all(first, _trainer(first))
+    ev = first.client()
+    assert first.call(ev, P.HELLO, {"role": "evaluator", "name": ev.wid}).type == P.WELCOME
+    metrics = {"test_accuracy": 0.75, "test_loss": 0.5, "count": 100}
+    report = {"version": first.srv.store.version, "final": True, "metrics": metrics}
+    assert first.call(ev, P.EVAL_REPORT, report).type == P.ACK
+    first.srv._housekeeping(time.monotonic())
+    assert first.srv.summary_written
+    first.srv.writer.close()
+    first.close()
+    extra = load_checkpoint(Path(first.srv.cfg.out) / "checkpoint.npz")[1]["extra"]
+    assert extra["final_eval"] == metrics
+    assert [e["test_accuracy"] for e in extra["evaluations"] if e["final"]] == [0.75]
+
+    again = in_process(Path(first.srv.cfg.out), epochs=1, resume=True, final_eval_timeout=120.0)
+    again.srv._housekeeping(time.monotonic())           # no evaluator: no wait for one
+    summary = json.loads((Path(again.srv.cfg.out) / "summary.json").read_text())
+    assert again.srv.summary_written and summary["test_accuracy"] == 0.75 and summary["test_samples"] == 100
+
+
+@pytest.mark.parametrize("final_eval, problem", [
+    ("0.9", "must be a JSON object"),
+    ({"test_accuracy": 7}, "test_accuracy must be a number in [0, 1]"),
+    ({"test_accuracy": 0.5, "accuracy": 0.5}, "unknown metrics ['accuracy']")])
+def test_a_checkpoints_bad_final_evaluation_is_one_line(in_process, final_eval, problem):
+    first = in_process(epochs=1)
+    _push_all(first, _trainer(first))
+    first.srv.writer.close()
+    first.close()
+    path = Path(first.srv.cfg.out) / "checkpoint.npz"
+    arrays, meta = load_checkpoint(path)
+    meta["extra"]["final_eval"] = final_eval
+    save_checkpoint(path, arrays, meta)
+    with pytest.raises(CheckpointError) as exc:
+        in_process(Path(first.srv.cfg.out), epochs=1, resume=True)
+    assert f"field extra.final_eval {problem}" in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_the_end_is_checkpointed_before_any_trainer_is_told_training_is_over(in_process):
     """A trainer told "training finished" exits for good.  The end's checkpoint came only with
     the next housekeeping, after those replies: a server killed in between (kill -9 right after
