@@ -1246,9 +1246,9 @@ class ParameterServer:
                 self.final_eval = m
             self._reply(peer, P.Message(P.ACK))
             return
-        self._log_evaluation(record, m.get("per_class_accuracy"))
-        log.info("evaluation of version %d: test accuracy %.4f, loss %s%s", record["version"], acc,
-                 "?" if loss is None else f"{loss:.4f}",
+        self._log_evaluation(record, m)
+        log.info("evaluation of version %d: test accuracy %.4f, loss %s, %s test images%s", record["version"], acc,
+                 "?" if loss is None else f"{loss:.4f}", "?" if m.get("count") is None else f"{m['count']:.0f}",
                  " (final)" if record["final"] else "")
         if final:
             self.final_eval = m
@@ -1260,13 +1260,17 @@ class ParameterServer:
         return {"seconds": round(self._train_clock(now), 3), "version": version, "test_accuracy": float(accuracy),
                 "test_loss": float(loss) if loss is not None and math.isfinite(loss) else None, "final": final}
 
-    def _log_evaluation(self, record: dict, per_class_accuracy, **extra) -> None:
-        """metrics.jsonl's eval line for ``record``.  Its seconds are the run's clock, as every line's
-        (pscnn bench time-to-accuracy and the plots set them against the step lines'); the history's,
-        the training clock's (summary.json's time to accuracy), are its train_seconds."""
+    def _log_evaluation(self, record: dict, metrics: dict, **extra) -> None:
+        """metrics.jsonl's eval line for ``record``, scored as ``metrics`` says.  Its seconds are the
+        run's clock, as every line's (pscnn bench time-to-accuracy and the plots set them against the
+        step lines'); the history's, the training clock's (summary.json's time to accuracy), are its
+        train_seconds.  Its test_samples: an evaluator's own --test-limit may score another test set
+        than the run's (or than the server's own final scoring), and the line must say so."""
         fields = {k: v for k, v in record.items() if k != "seconds"}
-        self.writer.log("eval", **fields, train_seconds=record["seconds"], per_class_accuracy=per_class_accuracy,
-                        **extra)
+        count = metrics.get("count")
+        self.writer.log("eval", **fields, train_seconds=record["seconds"],
+                        test_samples=None if count is None else int(count),
+                        per_class_accuracy=metrics.get("per_class_accuracy"), **extra)
 
     def _record_evaluation(self, record: dict) -> bool:
         """Add ``record`` to the evaluation history: one record per version.
@@ -1394,7 +1398,7 @@ class ParameterServer:
             m = evaluate(self.store.model, x, y)
             record = self._evaluation_record(time.monotonic(), self.store.version, m["accuracy"], m["loss"], True)
             self._record_evaluation(record)
-            self._log_evaluation(record, m["per_class_accuracy"], by="server")
+            self._log_evaluation(record, m, by="server")
             return {"test_accuracy": m["accuracy"], "test_loss": m["loss"], **m}
         except Exception as exc:    # the run's weights are saved either way
             log.error("could not evaluate the final weights: %s", exc)

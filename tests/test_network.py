@@ -394,7 +394,8 @@ def test_an_evaluator_cut_off_as_training_ends_comes_back_and_scores_the_final_w
     assert "evaluator joined: evaluator" in log.split("training finished")[1]
     assert "after it was dropped (declared dead" in log
     assert "scoring the final weights here" not in log
-    assert re.search(rf"evaluation of version {summary['updates']}: test accuracy [0-9.]+, loss [0-9.]+ \(final\)", log)
+    assert re.search(rf"evaluation of version {summary['updates']}: test accuracy [0-9.]+, loss [0-9.]+, "
+                     r"\d+ test images \(final\)", log)
     assert summary["evaluations"][-1]["version"] == summary["updates"]
     assert_exactly_once(cluster.out, epochs=epochs)
 

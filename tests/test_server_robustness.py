@@ -1143,6 +1143,23 @@ def test_the_summary_says_how_many_test_images_its_figures_come_from(in_process)
     assert (summary["test_samples"], summary["config"]["test_limit"]) == (1000, 500)
 
 
+def test_each_eval_line_says_how_many_test_images_it_scored(in_process, caplog):
+    """An evaluator given its own --test-limit scores another test set than the run's, and than the
+    server's own final scoring: the eval lines gave accuracies over 100 images and over 500 side by
+    side, and neither they nor the server's log said so."""
+    server = in_process(epochs=1, test_limit=500, final_eval_timeout=0.0)
+    ev = _evaluator(server)
+    body = {"version": 0, "final": False, "metrics": {**_good_metrics(), "count": 100}}
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        assert server.call(ev, P.EVAL_REPORT, body).type == P.ACK
+    assert "evaluation of version 0: test accuracy 0.5000, loss 1.2500, 100 test images" in caplog.text
+    _push_all(server, _trainer(server))
+    server.srv._housekeeping(time.monotonic())          # no evaluator report: the server scores here
+    lines = [r for r in read_metrics(Path(server.srv.cfg.out) / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [(r["version"], r["test_samples"], r.get("by")) for r in lines] == \
+        [(0, 100, None), (server.srv.store.version, 500, "server")]
+
+
 def test_an_eval_line_in_metrics_jsonl_is_on_the_runs_clock_as_every_line(in_process, monkeypatch):
     """Every metrics.jsonl line's seconds count from the run's start; an eval line's were the
     training clock's (from the first batch handed out), so it came before the steps that made its
