@@ -473,6 +473,30 @@ def test_an_evaluator_told_done_by_heartbeats_only_still_pulls_every_t_seconds(f
     assert server.of_type(P.EVAL_REPORT)[-1].body["final"]
 
 
+def test_an_evaluator_pulls_every_t_seconds_its_scoring_included(fake, evaluator, monkeypatch):
+    """--every is the period from pull to pull: the evaluator waited T after each scoring, so an
+    evaluation every 10 s that took 6 s came every 16 s.  Here scoring takes 0.3 s of a 0.5 s
+    period: the wait after it is what is left of the period, not the whole of it."""
+    every, scoring_s = 0.5, 0.3
+    evaluate = evaluator_module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(scoring_s)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(evaluator_module, "evaluate", slow_evaluate)
+    waits, event_wait, here = [], threading.Event.wait, threading.current_thread()
+
+    def recorded(self, timeout=None):       # the evaluator's waits: in this thread (not the heartbeats'),
+        if threading.current_thread() is here and timeout is not None:     # not a thread's start
+            waits.append(timeout)
+        return event_wait(self, timeout)
+    monkeypatch.setattr(threading.Event, "wait", recorded)
+    server = fake(pull=[pull_reply(False, PARAMS), pull_reply(True)], eval_report=[ACK])
+    assert evaluator(server, every=every) == 0
+    assert [(r.body["version"], r.body["final"]) for r in server.of_type(P.EVAL_REPORT)] == [(3, False), (3, True)]
+    assert len(waits) == 1 and 0 <= waits[0] <= every - scoring_s, waits
+
+
 # ================================================================ 7: a task's epoch
 
 @LOOPS

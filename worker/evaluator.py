@@ -13,8 +13,11 @@ take (a name, shape or dtype it does not have, a NaN or Inf) or a "done" with
 nothing to score, is retried, up to ``client.MAX_FAILURES_IN_A_ROW`` in a row
 (then one line, exit status 1).  A periodic report the server refuses is a
 warning; a final one it refuses ends the evaluator with one line, exit status 1.
-The pull's answer says whether training is over: a heartbeat that said so
-wakes the evaluator early, but it never pulls more often than every T seconds.
+The pulls start every T seconds, however long the scoring between them takes
+(one that takes longer than T is followed by the next pull at once: versions
+are skipped, never queued).  The pull's answer says whether training is over:
+a heartbeat that said so wakes the evaluator early, but it never pulls more
+often than every T seconds.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
         scored = -1
         while True:
             done_said = client.server_done.is_set()     # by a heartbeat, before this pull
+            pulled_at = time.monotonic()
             try:
                 reply = _weights(client.request(P.PULL, {"have_version": have}), model, have)
             except Rejoined as exc:
@@ -104,10 +108,14 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             if done:
                 client.close(say_bye=True, reason="final evaluation sent")
                 return 0
+            # Every T seconds from pull to pull, the scoring included (T after it, a 10 s period with
+            # a 6 s scoring was 16 s); at once after a scoring that took longer: versions are skipped,
+            # never queued.
+            pause = max(0.0, every - (time.monotonic() - pulled_at))
             if done_said:                       # the pull says otherwise, and it has the last word
-                time.sleep(every)
+                time.sleep(pause)
             else:
-                client.server_done.wait(every)  # wakes early when a heartbeat says training is over
+                client.server_done.wait(pause)  # wakes early when a heartbeat says training is over
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
     except (SystemExit, KeyboardInterrupt) as exc:
