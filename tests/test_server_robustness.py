@@ -1160,6 +1160,30 @@ def test_each_eval_line_says_how_many_test_images_it_scored(in_process, caplog):
         [(0, 100, None), (server.srv.store.version, 500, "server")]
 
 
+def test_an_evaluation_is_timed_when_its_weights_were_pulled_not_when_its_score_came_back(in_process):
+    """The history (summary.json's evaluations and time to accuracy, the eval lines' train_seconds)
+    took the training clock when a report arrived: an evaluator that pulled the untrained weights
+    and scored them for 7 s (the seed model's 10,000 images) put their accuracy at the end of a
+    4 s run, and every time to accuracy was late by the scoring and the period."""
+    server = in_process(epochs=1, final_eval_timeout=0.0, test_limit=100)
+    ev = _evaluator(server)
+    assert server.call(ev, P.PULL, {"have_version": -1}).body["version"] == 0     # before any training
+    raw = _trainer(server)
+    task = server.call(raw, P.WORK)
+    while task.type == P.TASK:                          # training takes time: the clock runs
+        time.sleep(0.01)
+        task = server.call(raw, P.PUSH, push_body(task), grads_like(server.srv.store.model.params))
+    trained_s = server.srv._train_clock(time.monotonic())
+    assert trained_s >= 0.01
+    _report(server, ev, 0, False, 0.95)                 # version 0's score, in after training
+    server.srv._housekeeping(time.monotonic())
+    summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
+    assert summary["evaluations"][0] == {"seconds": 0.0, "version": 0, "test_accuracy": 0.95}
+    assert summary["time_to_accuracy"]["0.9"] == {"seconds": 0.0, "version": 0}
+    line = next(r for r in read_metrics(Path(server.srv.cfg.out) / "metrics.jsonl") if r["kind"] == "eval")
+    assert (line["version"], line["train_seconds"]) == (0, 0.0)
+
+
 def test_an_eval_line_in_metrics_jsonl_is_on_the_runs_clock_as_every_line(in_process, monkeypatch):
     """Every metrics.jsonl line's seconds count from the run's start; an eval line's were the
     training clock's (from the first batch handed out), so it came before the steps that made its
