@@ -558,6 +558,10 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 bar.initial = st["batches_done"]
             elif st.get("error"):               # the bar kept its last figures, as if all were well
                 state = "training diverged"
+            elif st.get("done"):
+                # its last epoch, images/s and loss sat there as if training went on, for as long as
+                # the final evaluation takes (up to --final-eval-timeout, 120 s, for a killed evaluator)
+                state = "training finished; waiting for the final evaluation"
             elif st.get("loss") is None:
                 state = "starting"
             else:

@@ -801,6 +801,13 @@ def test_the_bar_says_when_training_diverged(stand_ins):
     assert bar.postfix == "training diverged"
 
 
+def test_the_bar_says_when_training_is_over_and_the_final_evaluation_is_awaited(stand_ins):
+    """Training is over and the server waits for the evaluator's final report (up to
+    --final-eval-timeout): the bar showed the last epoch, images/s and loss, as if training went on."""
+    bar = bar_following(stand_ins, {**TRAINING, "batches_done": 64, "epoch": 2, "done": True, "finished": False})
+    assert bar.postfix == "training finished; waiting for the final evaluation"
+
+
 def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_ins, capsys):
     """The server exits 1 once a diverged run's summary is written: its exit came with the last
     20 lines of its log (rejected pushes, mostly) above a report saying the same; now one line
