@@ -497,6 +497,24 @@ def test_an_evaluator_pulls_every_t_seconds_its_scoring_included(fake, evaluator
     assert len(waits) == 1 and 0 <= waits[0] <= every - scoring_s, waits
 
 
+def test_an_evaluator_whose_heartbeats_say_the_server_forgot_it_rejoins_without_waiting_its_period(fake, evaluator):
+    """A server restarted (--resume) while the evaluator waits out a long --every: its heartbeats
+    were refused ("unknown worker") and it slept on, to its next pull, past the run's final
+    evaluation (the server waits --final-eval-timeout, 120 s, then scores the weights itself).
+    Here the period is 10^6 s: only the heartbeats' answer can bring it back in time."""
+    server = fake(hello=[welcome(heartbeat_s=0.2)], pull=[pull_reply(False, PARAMS, version=5),
+                                                          error("unknown_worker", "who?"), pull_reply(True, PARAMS)],
+                  eval_report=[ACK])
+    server.heartbeat_reply = lambda: P.Message(P.ERROR, body={"code": "unknown_worker", "message": "who?"})
+    exits = []
+    scoring = threading.Thread(target=lambda: exits.append(evaluator(server, every=1e6)), daemon=True)
+    scoring.start()
+    scoring.join(60)                    # a bound for the old evaluator, asleep for 10^6 s
+    assert exits == [0], "the evaluator slept through its heartbeats' unknown_worker"
+    assert [m.body["have_version"] for m in server.of_type(P.PULL)] == [-1, 5, -1]
+    assert [(r.body["version"], r.body["final"]) for r in server.of_type(P.EVAL_REPORT)] == [(5, False), (3, True)]
+
+
 # ================================================================ 7: a task's epoch
 
 @LOOPS

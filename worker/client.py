@@ -167,6 +167,10 @@ class Client:
         self._hb_thread = None
         self._closing = threading.Event()
         self.server_done = threading.Event()    # the last heartbeat answer said training is over
+        # Set by a heartbeat answer that asks for a request now: training is over (server_done newly
+        # set), or the server does not know us (it restarted: the next request joins again).  The
+        # caller clears it; the evaluator waits on it between pulls.
+        self.wake = threading.Event()
         self.heard_at = 0.0                     # monotonic time of the last well-formed heartbeat answer
         self.last_rtt_s = 0.0
 
@@ -386,10 +390,15 @@ class Client:
                             answer = P.decode_message(*P.recv_message(sock))
                         except P.ProtocolError:
                             continue
+                        if answer.type == P.ERROR and answer.body["code"] == "unknown_worker":
+                            self.wake.set()
+                            continue
                         if answer.type != P.HEARTBEAT:
                             continue
                         answered = True
                         if answer.body.get("done"):
+                            if not self.server_done.is_set():
+                                self.wake.set()
                             self.server_done.set()
                         else:                   # a restarted server trains again
                             self.server_done.clear()

@@ -16,8 +16,8 @@ warning; a final one it refuses ends the evaluator with one line, exit status 1.
 The pulls start every T seconds, however long the scoring between them takes
 (one that takes longer than T is followed by the next pull at once: versions
 are skipped, never queued).  The pull's answer says whether training is over:
-a heartbeat that said so wakes the evaluator early, but it never pulls more
-often than every T seconds.
+a heartbeat answer that says so, or that the server does not know us (it
+restarted), wakes the evaluator early, once.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
         have = -1
         scored = -1
         while True:
-            done_said = client.server_done.is_set()     # by a heartbeat, before this pull
+            client.wake.clear()         # a heartbeat's news from now on ends the pause after this pull
             pulled_at = time.monotonic()
             try:
                 reply = _weights(client.request(P.PULL, {"have_version": have}), model, have)
@@ -110,12 +110,10 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 return 0
             # Every T seconds from pull to pull, the scoring included (T after it, a 10 s period with
             # a 6 s scoring was 16 s); at once after a scoring that took longer: versions are skipped,
-            # never queued.
-            pause = max(0.0, every - (time.monotonic() - pulled_at))
-            if done_said:                       # the pull says otherwise, and it has the last word
-                time.sleep(pause)
-            else:
-                client.server_done.wait(pause)  # wakes early when a heartbeat says training is over
+            # never queued.  Cut short when a heartbeat says training is over (once: a pull may say
+            # otherwise), or that the server does not know us: a restarted server went unnoticed for
+            # up to T (with --every 600, past its final evaluation).
+            client.wake.wait(max(0.0, every - (time.monotonic() - pulled_at)))
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
     except (SystemExit, KeyboardInterrupt) as exc:
