@@ -548,6 +548,63 @@ def test_server_bench_server_that_dies_is_one_line_with_its_last_log_line(tmp_pa
         "the first: the pscnn server (1 clients) exited with 3: bind: Address already in use"), err
 
 
+@pytest.mark.parametrize("bench_name, extra, taken_call", [
+    ("scaling", [], 0),
+    ("server", [], 0),                                              # the pscnn server's port
+    ("server", ["--model", "light"], 1),                             # the echo's (--no-echo dropped below)
+    ("time-to-accuracy", ["--epochs", "1"], 0),
+])
+def test_a_point_whose_port_was_taken_is_measured_on_another(bench_name, extra, taken_call, tmp_path,
+                                                              monkeypatch, capsys, request):
+    """free_port() finds a port free, and another process may take it before the point's server binds
+    it: the point was kept as failed (every point failed: exit 1), or, for the echo, measured as 0
+    cycles/s with no error at all; now it is measured again on another port, and that is said."""
+    import socket
+
+    import pscnn.launcher as launcher
+    from pscnn.cli import main
+    argv = [*TINY[bench_name], *extra]
+    if taken_call == 1:                 # the echo, measured after the pscnn server
+        argv.remove("--no-echo")
+    if bench_name == "time-to-accuracy":
+        argv += ["--mnist-dir", request.getfixturevalue("mnist_dir")]
+    real_free_port = launcher.free_port
+    given = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+
+        def free_port():                # one call gets the port this test holds
+            given.append(taken.getsockname()[1] if len(given) == taken_call else real_free_port())
+            return given[-1]
+        monkeypatch.setattr(launcher, "free_port", free_port)
+        out = tmp_path / "out"
+        code = main(["bench", bench_name, *argv, "--out", str(out), "--no-progress", "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    endpoint = f"tcp://127.0.0.1:{given[taken_call]}"
+    assert f"cannot bind {endpoint}: Address already in use; measuring it again on another port (try 2 of 3)" in err
+    rows = json.loads(next(out.glob("*.json")).read_text())["rows"]
+    assert rows and all("error" not in r for r in rows), rows
+    assert len(given) == len(rows) + 1          # one port more than points: the one taken
+    if bench_name == "server":
+        assert all(r["cycles"] > 0 for r in rows)
+
+
+def test_a_point_whose_every_port_was_taken_fails_after_a_bounded_number_of_tries(capsys):
+    from pscnn.bench.common import PORT_ATTEMPTS, BenchError, PortTaken, on_a_free_port
+    calls = []
+
+    def measure():
+        calls.append(1)
+        raise PortTaken("the server exited with 1: pscnn: error: cannot bind tcp://127.0.0.1:9: Address already in use")
+    with pytest.raises(BenchError, match=r"Address already in use \(the port of each of 3 tries was taken") as info:
+        on_a_free_port(measure, "scaling", "async N=1 b64")
+    assert not isinstance(info.value, PortTaken)        # the point failed: not tried again by anyone
+    assert len(calls) == PORT_ATTEMPTS == 3
+    assert capsys.readouterr().err.count("measuring it again on another port") == 2
+
+
 def test_server_bench_keeps_its_points_when_one_fails(tmp_path, monkeypatch, capsys):
     """A point whose server or clients failed is reported in one line and kept with its error; the
     others, and the profile, are still measured and written (exit 0).  It used to end the bench with

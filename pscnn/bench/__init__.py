@@ -12,7 +12,9 @@ per point x points x ``--trials``; time-to-accuracy: ``--max-seconds`` per run).
 starts (one line, exit 2); a server or worker that fails anyway is reported in
 one line, with its last log line, never as a traceback, and the other points are
 still measured and written (exit 1: time-to-accuracy when a run failed, the others
-when every point did).  The processes a benchmark starts run
+when every point did).  A server that finds its port taken (another process took it
+after it was found free) is not a failed point: the point is measured again on
+another port, said in one line, up to 3 tries in all.  The processes a benchmark starts run
 without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides of the build
 machines (they halve numpy's sgemm speed) unless ``--keep-openblas-env``.
 

@@ -308,6 +308,42 @@ def process_failed(what: str, code, log_text: str, logs: Path | None = None) -> 
                       + (f" (logs in {logs})" if logs is not None else ""))
 
 
+# Ports a measurement tries: pscnn.launcher.free_port() finds one free, but another process may
+# take it before the measurement's server binds it; the measurement then runs again on another.
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(BenchError):
+    """A server a benchmark started could not bind the port found free for it: another process took
+    it in between.  Not the measurement's failure: :func:`on_a_free_port` runs it again."""
+
+
+def server_failed(what: str, code, log_text: str, endpoint: str, logs: Path | None = None) -> BenchError:
+    """:func:`process_failed` for a server started on ``endpoint``; a :class:`PortTaken` when its log
+    says that port was in use (as :func:`pscnn.protocol.bind` words it)."""
+    import errno  # noqa: PLC0415
+
+    import zmq  # noqa: PLC0415
+    if f"cannot bind {endpoint}: {zmq.strerror(errno.EADDRINUSE)}" in log_text:    # its logs go with the retry
+        return PortTaken(str(process_failed(what, code, log_text)))
+    return process_failed(what, code, log_text, logs)
+
+
+def on_a_free_port(measure, bench: str, what: str):
+    """``measure()``, run again (on the new port it picks) each time its server found its port taken
+    (:class:`PortTaken`), at most :data:`PORT_ATTEMPTS` times in all; each retry is said in one line
+    on stderr.  When every port was taken, a BenchError: the measurement failed."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return measure()
+        except PortTaken as exc:
+            if attempt == PORT_ATTEMPTS:
+                raise BenchError(f"{one_line(exc)} (the port of each of {PORT_ATTEMPTS} tries was taken "
+                                 "before its server bound it)") from None
+            print(f"\npscnn bench {bench}: {what}: {one_line(exc)}; measuring it again on another port "
+                  f"(try {attempt + 1} of {PORT_ATTEMPTS})", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- outputs
 
 def output_folder(path) -> Path:

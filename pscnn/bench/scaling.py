@@ -36,8 +36,8 @@ from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float,
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
                      check_mnist, check_out, check_server_flags, checking_options, cores, save_figure, fmt,
-                     machine_info, median, parse_list, point_failed, print_table, print_written, process_failed,
-                     progress, pyplot, output_folder, reference_limit, write_outputs)
+                     machine_info, median, on_a_free_port, parse_list, point_failed, print_table, print_written,
+                     process_failed, progress, pyplot, output_folder, reference_limit, write_outputs)
 
 NAME = "scaling"
 
@@ -134,21 +134,20 @@ def run(args) -> int:
                     baselines.append({"trial": trial, "batch": b, **res})
                     bar.update()
             for pt in points:
-                bar.set_postfix_str(f"trial {trial + 1}: {pt['mode']} N={pt['workers']} b{pt['batch']}"
-                                    + (f" c={pt['compute_ms']:g}ms" if synthetic else ""))
+                label = (f"{pt['mode']} N={pt['workers']} b{pt['batch']}"
+                         + (f" c={pt['compute_ms']:g}ms" if synthetic else ""))
+                bar.set_postfix_str(f"trial {trial + 1}: {label}")
+                # a folder per point and trial: --keep-logs keeps them all, and a failed point's
+                # "logs in" still holds its logs after the next trial
+                folder = (f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}"
+                          + (f"-c{pt['compute_ms']:g}" if synthetic else "") + f"-t{trial}")
                 try:
-                    # a folder per point and trial: --keep-logs keeps them all, and a failed point's
-                    # "logs in" still holds its logs after the next trial
-                    folder = (f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}"
-                              + (f"-c{pt['compute_ms']:g}" if synthetic else "") + f"-t{trial}")
-                    res = measure_point(out / "points" / folder,
-                                        seconds=args.seconds, warmup=args.warmup, threads=args.threads,
-                                        model=args.model, lr=args.lr, mnist_dir=mnist_dir,
-                                        keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs,
-                                        overlap=args.overlap, **pt)
+                    res = on_a_free_port(lambda: measure_point(
+                        out / "points" / folder, seconds=args.seconds, warmup=args.warmup, threads=args.threads,
+                        model=args.model, lr=args.lr, mnist_dir=mnist_dir, keep_openblas=args.keep_openblas_env,
+                        keep_logs=args.keep_logs, overlap=args.overlap, **pt), NAME, label)
                 except RuntimeError as exc:     # one failed point must not lose the others
-                    res = point_failed(NAME, f"{pt['mode']} N={pt['workers']} b{pt['batch']}"
-                                       + (f" c={pt['compute_ms']:g}ms" if synthetic else ""), exc)
+                    res = point_failed(NAME, label, exc)
                 rows.append({"trial": trial, **pt, "kind": "pscnn", **res})
                 bar.update()
             for n in ddp_worlds:

@@ -26,9 +26,10 @@ from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_f
 
 from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
                      check_measured, check_out, check_server_flags, checking_options, cores, fmt, last_line,
-                     machine_cpu_ticks, machine_info, median, output_folder, parse_list, percentile, point_failed,
-                     print_table, print_written, proc_cpu_seconds, process_failed, progress, pyplot, save_figure,
-                     write_outputs)
+                     machine_cpu_ticks, machine_info, median, on_a_free_port, output_folder, parse_list, percentile,
+                     point_failed, print_table, print_written, proc_cpu_seconds, process_failed, progress, pyplot,
+                     save_figure, server_failed, write_outputs)
+from .synth import ECHO_LISTENING
 
 NAME = "server"
 
@@ -74,17 +75,20 @@ def run(args) -> int:
             for n in clients:
                 for kind in kinds:
                     bar.set_postfix_str(f"trial {trial + 1}: {kind} x {n} clients")
+                    what = f"trial {trial + 1}, {kind} x {n} clients"
                     try:
-                        res = measure(kind, n, args, env, out)
+                        res = on_a_free_port(lambda: measure(kind, n, args, env, out), NAME, what)
                     except RuntimeError as exc:     # one failed point must not lose the others
-                        res = point_failed(NAME, f"trial {trial + 1}, {kind} x {n} clients", exc)
+                        res = point_failed(NAME, what, exc)
                     rows.append({"trial": trial, "kind": kind, "clients": n, **res})
                     bar.update()
         profile_text = None
         if args.profile:
             bar.set_postfix_str(f"profiling the server with {args.profile} clients")
             try:
-                res = measure("pscnn", args.profile, args, env, out, profile=out / "server.prof")
+                res = on_a_free_port(lambda: measure("pscnn", args.profile, args, env, out,
+                                                     profile=out / "server.prof"),
+                                     NAME, f"the profile with {args.profile} clients")
                 profile_text = _profile_report(out / "server.prof", out / "server-profile.txt", res)
             except RuntimeError as exc:
                 point_failed(NAME, f"the profile with {args.profile} clients", exc)
@@ -131,15 +135,18 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
         procs = []
         try:
             from pscnn.launcher import wait_for  # noqa: PLC0415
-            if kind == "pscnn":
-                wait_for(lambda: server.poll() is not None or query_status(endpoint, 0.5), 60,
-                         what="the server to answer")
-            else:
-                time.sleep(0.3)
-            if server.poll() is not None:       # its log goes with the temporary folder: its last line here
-                log.flush()
-                raise process_failed(f"the {kind} server ({n} clients)", server.returncode,
-                                     (tmp / "server.log").read_text(errors="replace"))
+
+            def server_log() -> str:
+                return (tmp / "server.log").read_text(errors="replace")
+
+            def server_exited() -> BenchError:  # its log goes with the temporary folder: its last line here
+                return server_failed(f"the {kind} server ({n} clients)", server.returncode, server_log(), endpoint)
+
+            listening = ((lambda: query_status(endpoint, 0.5)) if kind == "pscnn"
+                         else (lambda: ECHO_LISTENING in server_log()))
+            wait_for(lambda: server.poll() is not None or listening(), 60, what=f"the {kind} server to listen")
+            if server.poll() is not None:
+                raise server_exited()
             lead = 1.5 + 0.05 * n                         # process start + hello
             t_start = time.monotonic() + lead + args.warmup
             t_end = t_start + args.seconds
@@ -155,6 +162,8 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             time.sleep(max(0.0, t_end - time.monotonic()))
             cpu1 = _cpu_sample(server.pid)
             st1 = query_status(endpoint, 2.0) if kind == "pscnn" else None
+            if server.poll() is not None:       # the clients' cycles (if any) were not with this server
+                raise server_exited()
             results = []
             for i, p in enumerate(procs):
                 try:

@@ -29,17 +29,30 @@ import time
 import uuid
 
 
+# What the echo prints once it listens: until then its clients would connect to whatever else holds the port.
+ECHO_LISTENING = "echo listening on"
+
+
 def run_echo(bind: str) -> int:
     """A ROUTER that sends every message straight back, frames untouched (zero-copy both ways)."""
     import signal  # noqa: PLC0415
 
     import zmq  # noqa: PLC0415
+
+    from pscnn import protocol as P  # noqa: PLC0415
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(bind)
+    try:
+        P.bind(sock, bind)
+    except P.EndpointError as exc:      # one line, as the pscnn server says it (a port taken: tried again)
+        print(f"pscnn bench echo: error: {exc}", file=sys.stderr)
+        sock.close(0)
+        ctx.term()
+        return 1
+    print(f"{ECHO_LISTENING} {bind}", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while not stop:

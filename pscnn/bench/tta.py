@@ -26,8 +26,9 @@ from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negat
                        positive_float, positive_int)
 
 from .common import (BenchError, add_output_flags, check_mnist, check_out, check_server_flags, checking_options, cores,
-                     save_figure, eval_records, fmt, machine_info, median, one_line, parse_list, print_table,
-                     print_written, process_failed, progress, pyplot, step_records, output_folder, write_outputs)
+                     save_figure, eval_records, fmt, machine_info, median, on_a_free_port, one_line, parse_list,
+                     print_table, print_written, process_failed, progress, pyplot, server_failed, step_records,
+                     output_folder, write_outputs)
 
 NAME = "time_to_accuracy"
 
@@ -81,7 +82,8 @@ def run(args) -> int:
             bar.set_postfix_str(f"trial {trial + 1}: {mode} N={n}")
             label = f"{mode} N={n}" + (f" t{trial}" if args.trials > 1 else "")
             try:
-                row, curve = run_one(out / "runs" / f"{mode}-n{n}-t{trial}", mode, n, args, mnist_dir, bar)
+                row, curve = on_a_free_port(lambda: run_one(out / "runs" / f"{mode}-n{n}-t{trial}", mode, n, args,
+                                                            mnist_dir, bar), "time-to-accuracy", label)
             except RuntimeError as exc:     # a failed run must not lose the others; the exit status says it
                 row, curve = {"reached": False, "best_accuracy": None, "error": one_line(exc)}, []
                 print(f"\npscnn bench time-to-accuracy: {label}: {row['error']}", file=sys.stderr)
@@ -127,7 +129,8 @@ def _failure(cluster, server, n: int) -> BenchError | None:
     hiccup; with a worker gone, the run is no longer one of ``n`` workers).  None while it can;
     a server that exited with 0 finished."""
     if server.poll() not in (None, 0):
-        return process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
+        return server_failed("the server", server.returncode, cluster.log_tail("server"), cluster.endpoint,
+                             cluster.logs)
     failed = [name for name in cluster.procs
               if name.startswith("worker") and cluster.procs[name].poll() not in (None, 0)]
     if failed:
@@ -161,7 +164,8 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
         wait_for(lambda: server.poll() is not None or query_status(cluster.endpoint, 0.5), 120,
                  what="the server", on_fail=lambda: cluster.log_tail("server"))
         if server.poll() is not None:           # exited before it answered: nothing to measure
-            raise process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
+            raise server_failed("the server", server.returncode, cluster.log_tail("server"), cluster.endpoint,
+                                cluster.logs)
         wflags = worker_flags(args.threads, None, mnist_dir)
         for i in range(n):
             cluster.start_worker(f"worker-{i}", wflags)
