@@ -802,6 +802,60 @@ def test_the_last_line_names_only_the_plots_this_run_made(tmp_path, monkeypatch,
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("scaling.json")
 
 
+# What an earlier run of each bench left in its --out (plots, a profile, kept point logs) that this
+# run, with --no-plots and no --profile, does not write again; and files of the user's beside them.
+EARLIER = {"scaling": ["scaling_throughput.png", "scaling_efficiency.png", "scaling_time_split.png",
+                       "points/sync-n4-b64-c5-t2/logs/server.log"],
+           "server": ["server_capacity.png", "server.prof", "server-profile.txt"],
+           "time-to-accuracy": ["time_to_accuracy.png", "runs/async-n4-t1/logs/server.log"]}
+THE_USERS = ["notes.txt", "scaling_efficiency_2w_overlap.png", "points/mine/a.txt", "runs/my-run/config.json"]
+
+
+@pytest.mark.parametrize("bench_name", list(EARLIER))
+def test_a_reused_out_folder_holds_only_this_runs_outputs(bench_name, tmp_path, monkeypatch, capsys, request):
+    """A bench's --out reused: the plots, profile and point logs of an earlier run there that this run
+    did not make again (--no-plots, no --profile, other points, a failed run) sat beside the new
+    CSV and JSON and looked current.  They are removed at the start, said in one line; the user's
+    files there stay."""
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.server_bench as server_bench
+    import pscnn.bench.tta as tta
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+        "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+        "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0, "errors": {}, "model_bytes": 1000})
+    monkeypatch.setattr(tta, "run_one", lambda folder, mode, n, args, mnist_dir, bar: tta.analyse([], [], 0.5, 64))
+    argv = [*TINY[bench_name], "--model", "light"]
+    if bench_name == "time-to-accuracy":
+        argv += ["--mnist-dir", request.getfixturevalue("mnist_dir")]
+    out = tmp_path / "out"
+    for name in EARLIER[bench_name] + THE_USERS:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("an earlier run's\n")
+    assert main(["bench", bench_name, *argv, "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    for name in EARLIER[bench_name]:
+        owned = Path(*Path(name).parts[:2])         # a file, or a point's folder of logs
+        assert not (out / owned).exists(), owned
+    for name in THE_USERS:
+        assert (out / name).read_text() == "an earlier run's\n", name
+    line = next(ln for ln in err.splitlines() if "earlier run" in ln)
+    assert line.startswith(f"pscnn bench {bench_name}: removed what an earlier run of it left in {out}: "), line
+
+
+def test_every_point_folder_is_one_a_later_run_removes():
+    from pscnn.bench.scaling import POINT_FOLDER, point_folder
+    for compute in (None, 0.0, 2.5, 1e-5, 1e9):
+        for mode in ("sync", "async", "ssp"):
+            point = {"mode": mode, "workers": 16, "batch": 64, "compute_ms": compute}
+            name = point_folder(point, 3, synthetic=compute is not None)
+            assert POINT_FOLDER.fullmatch(name), name
+    assert not POINT_FOLDER.fullmatch("mine")
+
+
 def test_a_worker_lost_during_the_window_fails_the_point(tmp_path, monkeypatch):
     """A point is N workers' throughput: one that exited in the warm-up or the window (here killed as
     the window opens) left N-1 pushing, and the point was reported as N workers' all the same."""

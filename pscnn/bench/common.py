@@ -9,9 +9,11 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager, redirect_stderr
 from io import StringIO
 from pathlib import Path
@@ -353,10 +355,46 @@ def output_folder(path) -> Path:
     return make_folder(path)
 
 
+def data_files(name: str) -> tuple[str, str]:
+    """The names of a benchmark's table (one row per measurement) and JSON (meta + rows)."""
+    return f"{name}.csv", f"{name}.json"
+
+
+def fresh_output_folder(path, bench: str, files: Sequence[str], logs: str | None = None,
+                        log_folder: re.Pattern | None = None) -> Path:
+    """:func:`output_folder`, without what an earlier run of this benchmark left there: its ``files``,
+    and under ``logs`` the folders whose whole names ``log_folder`` matches (a point's or run's
+    logs, kept by --keep-logs or by a failure).  A plot, profile or log this run does not make
+    again (--no-plots, no --profile, other points, a failed or interrupted run) would pass for
+    this run's.  Said in one line on stderr; nothing else in the folder is touched.  RunLogError
+    (one line) if one cannot be removed."""
+    import shutil  # noqa: PLC0415
+
+    from cnn_core.runlog import RunLogError  # noqa: PLC0415
+    out = output_folder(path)
+    earlier = [out / name for name in files if (out / name).is_file()]
+    folders = sorted(p for p in (out / logs).iterdir() if p.is_dir() and log_folder.fullmatch(p.name)) \
+        if logs is not None and (out / logs).is_dir() else []
+    for p in [*earlier, *folders]:
+        try:
+            if p in folders:
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as exc:
+            raise RunLogError(f"{p}: cannot remove what an earlier run of pscnn bench {bench} left there: "
+                              f"{exc.strerror or exc}") from None
+    if earlier or folders:
+        print(f"pscnn bench {bench}: removed what an earlier run of it left in {out}: "
+              + ", ".join([p.name for p in earlier] + ([f"{len(folders)} folders of logs in {logs}/"]
+                                                       if folders else [])), file=sys.stderr)
+    return out
+
+
 def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
     """``out/<name>.csv`` (one row per measurement) and ``out/<name>.json`` (meta + rows)."""
     output_folder(out)
-    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
+    csv_path, json_path = (out / file for file in data_files(name))
     columns: list[str] = []
     for row in rows:
         for k in row:

@@ -28,6 +28,7 @@ thread), the third the machine's cores.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,11 +36,20 @@ from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float,
                        positive_int)
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
-                     check_mnist, check_out, check_server_flags, checking_options, cores, save_figure, fmt,
+                     check_mnist, check_out, check_server_flags, checking_options, cores, data_files, fmt,
                      machine_info, median, on_a_free_port, parse_list, point_failed, print_table, print_written,
-                     process_failed, progress, pyplot, output_folder, reference_limit, write_outputs)
+                     process_failed, progress, pyplot, fresh_output_folder, reference_limit, save_figure,
+                     write_outputs)
 
 NAME = "scaling"
+# What a run writes into --out (the plots with matplotlib, without --no-plots), and the folder of
+# each point's logs under POINTS (--keep-logs, a failed point): an earlier run's go at the start.
+SUMMARY_FILE = f"{NAME}-summary.json"
+THROUGHPUT_PLOT, EFFICIENCY_PLOT, TIME_SPLIT_PLOT = (f"{NAME}_{what}.png"
+                                                     for what in ("throughput", "efficiency", "time_split"))
+OUTPUTS = (*data_files(NAME), SUMMARY_FILE, THROUGHPUT_PLOT, EFFICIENCY_PLOT, TIME_SPLIT_PLOT)
+POINTS = "points"
+POINT_FOLDER = re.compile(rf"({'|'.join(MODES)})-n\d+-b\d+(-c[0-9.e+-]+)?-t\d+")     # see point_folder()
 
 
 def add_parser(sub) -> None:
@@ -110,7 +120,7 @@ def run(args) -> int:
                                                 mnist_dir=mnist_dir), workers=max(workers))
         if not synthetic:               # sleeping workers read no data
             check_mnist(mnist_dir, ["train"])
-    out = output_folder(args.out)
+    out = fresh_output_folder(args.out, NAME, OUTPUTS, POINTS, POINT_FOLDER)
     ncores = cores()
     machine = machine_info(args.keep_openblas_env)
     env = bench_env(args.threads, args.keep_openblas_env)
@@ -137,15 +147,12 @@ def run(args) -> int:
                 label = (f"{pt['mode']} N={pt['workers']} b{pt['batch']}"
                          + (f" c={pt['compute_ms']:g}ms" if synthetic else ""))
                 bar.set_postfix_str(f"trial {trial + 1}: {label}")
-                # a folder per point and trial: --keep-logs keeps them all, and a failed point's
-                # "logs in" still holds its logs after the next trial
-                folder = (f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}"
-                          + (f"-c{pt['compute_ms']:g}" if synthetic else "") + f"-t{trial}")
                 try:
                     res = on_a_free_port(lambda: measure_point(
-                        out / "points" / folder, seconds=args.seconds, warmup=args.warmup, threads=args.threads,
-                        model=args.model, lr=args.lr, mnist_dir=mnist_dir, keep_openblas=args.keep_openblas_env,
-                        keep_logs=args.keep_logs, overlap=args.overlap, **pt), NAME, label)
+                        out / POINTS / point_folder(pt, trial, synthetic), seconds=args.seconds,
+                        warmup=args.warmup, threads=args.threads, model=args.model, lr=args.lr, mnist_dir=mnist_dir,
+                        keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, overlap=args.overlap, **pt),
+                        NAME, label)
                 except RuntimeError as exc:     # one failed point must not lose the others
                     res = point_failed(NAME, label, exc)
                 rows.append({"trial": trial, **pt, "kind": "pscnn", **res})
@@ -169,11 +176,19 @@ def run(args) -> int:
             "baselines": baselines, "ddp": ddp_rows, "summary": summary,
             "model_note": __doc__[__doc__.index("Every point"):].strip()}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
-    (out / f"{NAME}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, ncores, synthetic, machine)
     check_measured(rows, csv_path)
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic))
     return 0
+
+
+def point_folder(pt: dict, trial: int, synthetic: bool) -> str:
+    """The folder of a point's logs in a trial, under POINTS (POINT_FOLDER matches every one): one per
+    point and trial, so that --keep-logs keeps them all, and a failed point's "logs in" still holds
+    its logs after the next trial."""
+    return (f"{pt['mode']}-n{pt['workers']}-b{pt['batch']}" + (f"-c{pt['compute_ms']:g}" if synthetic else "")
+            + f"-t{trial}")
 
 
 def baseline_command(model: str, batch: int, seconds: float, mnist_dir: str | None, lr: float) -> list[str]:
@@ -430,7 +445,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    paths.append(save_figure(fig, out / "scaling_throughput.png"))
+    paths.append(save_figure(fig, out / THROUGHPUT_PLOT))
 
     # ---- efficiency
     if any(s.get("efficiency") is not None for s in summary):
@@ -458,7 +473,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_title("Scaling efficiency")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        paths.append(save_figure(fig, out / "scaling_efficiency.png"))
+        paths.append(save_figure(fig, out / EFFICIENCY_PLOT))
 
     # ---- per-step time split, stacked bars
     pts = [s for s in summary if s.get("comm_ms") is not None]
@@ -483,5 +498,5 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) > 0 else 1)
         ax.legend(fontsize=7, ncol=3, loc="upper center")
         ax.grid(alpha=0.3, axis="y")
-        paths.append(save_figure(fig, out / "scaling_time_split.png"))
+        paths.append(save_figure(fig, out / TIME_SPLIT_PLOT))
     return paths

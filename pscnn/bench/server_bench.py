@@ -25,13 +25,17 @@ from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_f
                        positive_int)
 
 from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
-                     check_measured, check_out, check_server_flags, checking_options, cores, fmt, last_line,
-                     machine_cpu_ticks, machine_info, median, on_a_free_port, output_folder, parse_list, percentile,
-                     point_failed, print_table, print_written, proc_cpu_seconds, process_failed, progress, pyplot,
-                     save_figure, server_failed, write_outputs)
+                     check_measured, check_out, check_server_flags, checking_options, cores, data_files, fmt,
+                     fresh_output_folder, last_line, machine_cpu_ticks, machine_info, median, on_a_free_port,
+                     parse_list, percentile, point_failed, print_table, print_written, proc_cpu_seconds,
+                     process_failed, progress, pyplot, save_figure, server_failed, write_outputs)
 from .synth import ECHO_LISTENING
 
 NAME = "server"
+# What a run writes into --out (the plot with matplotlib, without --no-plots; the profile with
+# --profile): an earlier run's go at the start.
+CAPACITY_PLOT, PROFILE_DATA, PROFILE_TEXT = f"{NAME}_capacity.png", f"{NAME}.prof", f"{NAME}-profile.txt"
+OUTPUTS = (*data_files(NAME), CAPACITY_PLOT, PROFILE_DATA, PROFILE_TEXT)
 
 
 def add_parser(sub) -> None:
@@ -53,7 +57,7 @@ def add_parser(sub) -> None:
     add_switch(p, "--no-echo", help="skip the raw pyzmq echo reference")
     p.add_argument("--profile", type=bench_peers, default=None, metavar="CLIENTS",
                    help="also profile the server (cProfile) with this many clients; top functions to "
-                        "server-profile.txt")
+                        + PROFILE_TEXT)
     add_output_flags(p, "server")
 
 
@@ -62,7 +66,7 @@ def run(args) -> int:
     with checking_options():            # what the server would refuse, before anything starts
         check_out(args.out)
         check_server_flags(pscnn_server_flags(args, Path(args.out) / "unused", max([*clients, args.profile or 1])))
-    out = output_folder(args.out)
+    out = fresh_output_folder(args.out, NAME, OUTPUTS)
     from pscnn.launcher import child_env  # noqa: PLC0415  (the children get every setting as a flag)
     env = bench_env(1, args.keep_openblas_env, base=child_env(1))
     machine = machine_info(args.keep_openblas_env)
@@ -87,9 +91,9 @@ def run(args) -> int:
             bar.set_postfix_str(f"profiling the server with {args.profile} clients")
             try:
                 res = on_a_free_port(lambda: measure("pscnn", args.profile, args, env, out,
-                                                     profile=out / "server.prof"),
+                                                     profile=out / PROFILE_DATA),
                                      NAME, f"the profile with {args.profile} clients")
-                profile_text = _profile_report(out / "server.prof", out / "server-profile.txt", res)
+                profile_text = _profile_report(out / PROFILE_DATA, out / PROFILE_TEXT, res)
             except RuntimeError as exc:
                 point_failed(NAME, f"the profile with {args.profile} clients", exc)
             bar.update()
@@ -345,4 +349,4 @@ def plot(summary, out: Path) -> list[Path]:
     ax.set_title("Latency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return [save_figure(fig, out / "server_capacity.png")]
+    return [save_figure(fig, out / CAPACITY_PLOT)]

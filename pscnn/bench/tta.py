@@ -17,6 +17,7 @@ by up to ``--eval-every`` plus one evaluation; it runs at nice +10, as in
 """
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -26,11 +27,17 @@ from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negat
                        positive_float, positive_int)
 
 from .common import (BenchError, add_output_flags, check_mnist, check_out, check_server_flags, checking_options, cores,
-                     save_figure, eval_records, fmt, machine_info, median, on_a_free_port, one_line, parse_list,
-                     print_table, print_written, process_failed, progress, pyplot, server_failed, step_records,
-                     output_folder, write_outputs)
+                     data_files, eval_records, fmt, fresh_output_folder, machine_info, median, on_a_free_port,
+                     one_line, parse_list, print_table, print_written, process_failed, progress, pyplot, save_figure,
+                     server_failed, step_records, write_outputs)
 
 NAME = "time_to_accuracy"
+# What a run writes into --out (the plot with matplotlib, without --no-plots), and the folder of each
+# run under RUNS (--keep-logs, a failed run): an earlier run's go at the start.
+PLOT = f"{NAME}.png"
+OUTPUTS = (*data_files(NAME), PLOT)
+RUNS = "runs"
+RUN_FOLDER = re.compile(rf"({'|'.join(MODES)})-n\d+-t\d+")       # see run()
 
 
 def add_parser(sub) -> None:
@@ -72,7 +79,7 @@ def run(args) -> int:
         for mode in modes:
             check_server_flags(server_flags(mode, args, Path(args.out) / "unused", mnist_dir), workers=max(workers))
         check_mnist(mnist_dir, ["train", "test"])       # the workers train, the evaluator scores
-    out = output_folder(args.out)
+    out = fresh_output_folder(args.out, "time-to-accuracy", OUTPUTS, RUNS, RUN_FOLDER)
     machine = machine_info(args.keep_openblas_env)
     rows, curves = [], {}
     configs = [(t, m, n) for t in range(args.trials) for m in modes for n in workers]
@@ -82,7 +89,7 @@ def run(args) -> int:
             bar.set_postfix_str(f"trial {trial + 1}: {mode} N={n}")
             label = f"{mode} N={n}" + (f" t{trial}" if args.trials > 1 else "")
             try:
-                row, curve = on_a_free_port(lambda: run_one(out / "runs" / f"{mode}-n{n}-t{trial}", mode, n, args,
+                row, curve = on_a_free_port(lambda: run_one(out / RUNS / f"{mode}-n{n}-t{trial}", mode, n, args,
                                                             mnist_dir, bar), "time-to-accuracy", label)
             except RuntimeError as exc:     # a failed run must not lose the others; the exit status says it
                 row, curve = {"reached": False, "best_accuracy": None, "error": one_line(exc)}, []
@@ -340,4 +347,4 @@ def plot(summary, curves, out: Path, target: float) -> list[Path]:
     ax.set_ylabel(f"seconds to {target} test accuracy")
     ax.set_title("Time to accuracy")
     ax.grid(alpha=0.3, axis="y")
-    return [save_figure(fig, out / "time_to_accuracy.png")]
+    return [save_figure(fig, out / PLOT)]
