@@ -638,6 +638,30 @@ def test_server_bench_keeps_its_points_when_one_fails(tmp_path, monkeypatch, cap
     assert by_clients[4]["echo_cycles_per_second"] == 400.0 and doc["payload_bytes"] == 1000
 
 
+def test_server_bench_says_which_medians_stand_for_fewer_trials(tmp_path, monkeypatch, capsys):
+    """A failed trial is left out of its point's medians: the heading said "medians of 2 trials" for a
+    server column that stood for one (scaling says so in a note; the server bench did not)."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.bench.common import BenchError
+    from pscnn.cli import main
+    calls = []
+
+    def measure(kind, n, args, env, out, profile=None):
+        calls.append(kind)
+        if kind == "pscnn" and calls.count("pscnn") == 1:
+            raise BenchError("the pscnn server (1 clients) exited with 1: boom")
+        return {"processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+                "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0, "errors": {}, "model_bytes": 1000}
+    monkeypatch.setattr(server_bench, "measure", measure)
+    assert main(["bench", "server", "--clients", "1", "--trials", "2", "--model", "light",
+                 "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert [ln for ln in out.splitlines() if ln.startswith("note: ")] == [
+        "note: the server with 1 clients: medians of 1 trials; left out: 1 failed"]
+    header = next(ln for ln in out.splitlines() if ln.startswith("clients"))
+    assert "echo p50 ms" in header and "echo p99 ms" in header        # every time column says its unit
+
+
 def test_requests_the_server_refused_are_said_in_the_report(tmp_path, monkeypatch, capsys):
     """The synthetic clients count the server's error replies; the table showed only the lower cycle
     rate, the errors were in the CSV alone."""

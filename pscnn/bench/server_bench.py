@@ -257,14 +257,17 @@ def _profile_report(prof: Path, text_path: Path, res: dict, top: int = 30) -> st
 
 
 def summarize(rows, clients) -> list[dict]:
+    failed = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]        # a failed point measured nothing
     out = []
     for n in clients:
         s = {"clients": n}
         for kind in ("pscnn", "echo"):
             rs = [r for r in rows if r["clients"] == n and r["kind"] == kind]
+            s[f"{kind}_failed"] = sum((r["clients"], r["kind"]) == (n, kind) for r in failed)
             if not rs:
                 continue
+            s[f"{kind}_trials"] = len(rs)
             for key in ("cycles_per_second", "mb_per_second", "latency_p50_ms", "latency_p99_ms",
                         "server_cpu_fraction", "server_cpu_ms_per_cycle", "server_main_thread_fraction",
                         "server_main_thread_ms_per_cycle", "machine_busy_fraction", "server_updates_per_second"):
@@ -292,7 +295,7 @@ def report(summary, machine, payload, args) -> None:
           f"direction ({args.model} model), mode {args.mode}, optimizer {args.optimizer}; medians of {args.trials} "
           "trials")
     headers = ["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "main thread",
-               "machine busy", "echo rt/s", "echo MB/s", "echo p50", "echo p99", "echo busy", "server/echo"]
+               "machine busy", "echo rt/s", "echo MB/s", "echo p50 ms", "echo p99 ms", "echo busy", "server/echo"]
     rows = [[s["clients"], fmt(s.get("pscnn_cycles_per_second")), fmt(s.get("pscnn_mb_per_second")),
              fmt(s.get("pscnn_latency_p50_ms"), ".2f"), fmt(s.get("pscnn_latency_p99_ms"), ".2f"),
              fmt(s.get("pscnn_server_cpu_fraction"), ".0%"), fmt(s.get("pscnn_server_cpu_ms_per_cycle"), ".2f"),
@@ -309,6 +312,11 @@ def report(summary, machine, payload, args) -> None:
             print(f"note: with {s['clients']} clients the server answered "
                   f"{sum(s['pscnn_errors'].values())} requests with an error (not counted as cycles): "
                   + ", ".join(f"{code} x {count}" for code, count in sorted(s["pscnn_errors"].items())))
+    for s in summary:                   # the medians above stand for fewer trials than asked
+        for kind, what in (("pscnn", "the server"), ("echo", "the echo")):
+            if s[f"{kind}_failed"]:
+                print(f"note: {what} with {s['clients']} clients: medians of {s.get(f'{kind}_trials', 0)} "
+                      f"trials; left out: {s[f'{kind}_failed']} failed")
     late = sum(s.get("pscnn_late_starts", 0) + s.get("echo_late_starts", 0) for s in summary)
     if late:
         print(f"note: {late} client processes had not completed a cycle when a window opened "
