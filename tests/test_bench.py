@@ -880,6 +880,52 @@ def test_every_point_folder_is_one_a_later_run_removes():
     assert not POINT_FOLDER.fullmatch("mine")
 
 
+@pytest.mark.parametrize("bench_name", ["scaling", "server", "time-to-accuracy"])
+def test_an_interrupted_bench_writes_what_it_measured(bench_name, tmp_path, monkeypatch, capsys, request):
+    """Ctrl-C (or SIGTERM) in the second measurement: the first's results were thrown away with it
+    ("pscnn: interrupted", nothing written, however long the bench had run); now they are written and
+    reported, the interruption said in the last line, exit 130.  Ctrl-C in the first: as before."""
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.server_bench as server_bench
+    import pscnn.bench.tta as tta
+    from pscnn.cli import main
+    calls = []
+
+    def second_interrupted(result):
+        def measure(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("signal 2")
+            return result
+        return measure
+    monkeypatch.setattr(cluster, "measure_point", second_interrupted({
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}))
+    monkeypatch.setattr(server_bench, "measure", second_interrupted({
+        "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+        "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0, "errors": {}, "model_bytes": 1000}))
+    monkeypatch.setattr(tta, "run_one", second_interrupted(tta.analyse([], [], 0.5, 64)))
+    argv = [*TINY[bench_name], "--model", "light", "--trials", "3"]
+    if bench_name == "time-to-accuracy":
+        argv += ["--mnist-dir", request.getfixturevalue("mnist_dir")]
+    out = tmp_path / "out"
+    assert main(["bench", bench_name, *argv, "--out", str(out), "--no-progress"]) == 130
+    captured = capsys.readouterr()
+    name = {"time-to-accuracy": "time_to_accuracy"}.get(bench_name, bench_name)
+    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
+    assert captured.err.strip().splitlines()[-1] == (
+        f"pscnn bench {bench_name}: interrupted after 1 of 3 measurements, written to {csv_path} and {json_path} "
+        "(no plots)")
+    assert len(read_csv(csv_path)) == 1
+    assert json.loads(json_path.read_text())["interrupted"] is True
+    assert not list(out.glob("*.png"))
+    calls.clear()
+    calls.append(1)                     # the first measurement is interrupted: nothing to write
+    assert main(["bench", bench_name, *argv, "--out", str(tmp_path / "none"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pscnn: interrupted"
+    assert not list((tmp_path / "none").glob(f"{name}.*"))
+
+
 def test_a_worker_lost_during_the_window_fails_the_point(tmp_path, monkeypatch):
     """A point is N workers' throughput: one that exited in the warm-up or the window (here killed as
     the window opens) left N-1 pushing, and the point was reported as N workers' all the same."""

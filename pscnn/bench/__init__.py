@@ -17,7 +17,9 @@ anyway is reported in one line, with its last log line, never as a traceback, an
 the other points are still measured and written (exit 1: time-to-accuracy when a
 run failed, the others when every point did).  A server that finds its port taken
 (another process took it after it was found free) is not a failed point: the point
-is measured again on another port, said in one line, up to 3 tries in all.  The
+is measured again on another port, said in one line, up to 3 tries in all.  Ctrl-C
+(or SIGTERM) stops the measurement under way and its processes; those done before are
+still written and reported (no plots), and the last line says so (exit 130).  The
 processes a benchmark starts run without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
 overrides of the build machines (they halve numpy's sgemm speed) unless
 ``--keep-openblas-env``.

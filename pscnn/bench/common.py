@@ -346,6 +346,30 @@ def on_a_free_port(measure, bench: str, what: str):
                   f"(try {attempt + 1} of {PORT_ATTEMPTS})", file=sys.stderr)
 
 
+class Interruption:
+    """Ctrl-C (or SIGTERM) while a benchmark measures, caught by ``with``: the measurement under way
+    is lost (its own ``finally`` stops its processes), while those done before are still written and
+    reported instead of being thrown away with it.  ``happened`` says whether it came."""
+
+    def __init__(self):
+        self.happened = False
+
+    def __enter__(self) -> Interruption:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self.happened = kind is not None and issubclass(kind, KeyboardInterrupt)
+        return self.happened
+
+
+def interrupted_status(bench: str, done: int, total: int, csv_path: Path, json_path: Path) -> int:
+    """The last line of a benchmark interrupted (:class:`Interruption`) after ``done`` of its ``total``
+    measurements, written; its exit status, 130 as pscnn's commands."""
+    print(f"pscnn bench {bench}: interrupted after {done} of {total} measurements, written to "
+          f"{csv_path} and {json_path} (no plots)", file=sys.stderr)
+    return 130
+
+
 # --------------------------------------------------------------------------- outputs
 
 def output_folder(path) -> Path:

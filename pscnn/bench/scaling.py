@@ -35,11 +35,11 @@ from pathlib import Path
 from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float, overlap_refused, positive_float,
                        positive_int)
 
-from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, OptionError, add_output_flags, check_measured,
-                     check_mnist, check_out, check_server_flags, checking_options, cores, data_files, fmt,
-                     machine_info, median, on_a_free_port, parse_list, point_failed, print_table, print_written,
-                     process_failed, progress, pyplot, fresh_output_folder, reference_limit, save_figure,
-                     write_outputs)
+from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, Interruption, OptionError, add_output_flags,
+                     check_measured, check_mnist, check_out, check_server_flags, checking_options, cores, data_files,
+                     fmt, fresh_output_folder, interrupted_status, machine_info, median, on_a_free_port, parse_list,
+                     point_failed, print_table, print_written, process_failed, progress, pyplot, reference_limit,
+                     save_figure, write_outputs)
 
 NAME = "scaling"
 # What a run writes into --out (the plots with matplotlib, without --no-plots), and the folder of
@@ -132,7 +132,8 @@ def run(args) -> int:
     jobs_per_trial = len(points) + (0 if synthetic else len(batches)) + len(ddp_worlds) * len(batches)
     rows, baselines, ddp_rows = [], [], []
     bar = progress(jobs_per_trial * args.trials, "bench scaling", args.no_progress)
-    try:
+    stop = Interruption()
+    with stop, bar:
         for trial in range(args.trials):
             if not synthetic:
                 for b in batches:
@@ -167,17 +168,19 @@ def run(args) -> int:
                         res = point_failed(NAME, f"torch DDP N={n} b{b}", exc)
                     ddp_rows.append({"trial": trial, "workers": n, "batch": b, **res})
                     bar.update()
-    finally:
-        bar.close()
+    if stop.happened and not rows:      # no point measured: nothing to write
+        raise KeyboardInterrupt
 
     summary = summarize(rows, baselines, ddp_rows, ncores, synthetic)
-    meta = {"bench": NAME, "machine": machine, "cores": ncores, "synthetic": synthetic,
+    meta = {"bench": NAME, "machine": machine, "cores": ncores, "synthetic": synthetic, "interrupted": stop.happened,
             "config": {k: v for k, v in vars(args).items() if k not in ("func",)},
             "baselines": baselines, "ddp": ddp_rows, "summary": summary,
             "model_note": __doc__[__doc__.index("Every point"):].strip()}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     report(summary, ncores, synthetic, machine)
+    if stop.happened:
+        return interrupted_status(NAME, len(rows), len(points) * args.trials, csv_path, json_path)
     check_measured(rows, csv_path)
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic))
     return 0

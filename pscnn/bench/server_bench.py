@@ -24,11 +24,11 @@ from pathlib import Path
 from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_float, non_negative_int, positive_float,
                        positive_int)
 
-from .common import (MAX_BENCH_PEERS, BenchError, add_output_flags, bench_env, bench_peers, busy_fraction,
-                     check_measured, check_out, check_server_flags, checking_options, cores, data_files, fmt,
-                     fresh_output_folder, last_line, machine_cpu_ticks, machine_info, median, on_a_free_port,
-                     parse_list, percentile, point_failed, print_table, print_written, proc_cpu_seconds,
-                     process_failed, progress, pyplot, save_figure, server_failed, write_outputs)
+from .common import (MAX_BENCH_PEERS, BenchError, Interruption, add_output_flags, bench_env, bench_peers,
+                     busy_fraction, check_measured, check_out, check_server_flags, checking_options, cores, data_files,
+                     fmt, fresh_output_folder, interrupted_status, last_line, machine_cpu_ticks, machine_info, median,
+                     on_a_free_port, parse_list, percentile, point_failed, print_table, print_written,
+                     proc_cpu_seconds, process_failed, progress, pyplot, save_figure, server_failed, write_outputs)
 from .synth import ECHO_LISTENING
 
 NAME = "server"
@@ -74,7 +74,9 @@ def run(args) -> int:
     rows = []
     total = len(clients) * len(kinds) * args.trials + (1 if args.profile else 0)
     bar = progress(total, "bench server", args.no_progress)
-    try:
+    stop = Interruption()
+    profile_text = None
+    with stop, bar:
         for trial in range(args.trials):
             for n in clients:
                 for kind in kinds:
@@ -86,7 +88,6 @@ def run(args) -> int:
                         res = point_failed(NAME, what, exc)
                     rows.append({"trial": trial, "kind": kind, "clients": n, **res})
                     bar.update()
-        profile_text = None
         if args.profile:
             bar.set_postfix_str(f"profiling the server with {args.profile} clients")
             try:
@@ -97,13 +98,16 @@ def run(args) -> int:
             except RuntimeError as exc:
                 point_failed(NAME, f"the profile with {args.profile} clients", exc)
             bar.update()
-    finally:
-        bar.close()
+    if stop.happened and not rows:      # no point measured: nothing to write
+        raise KeyboardInterrupt
     summary = summarize(rows, clients)
     meta = {"bench": NAME, "machine": machine, "cores": cores(), "config": vars(args), "summary": summary,
+            "interrupted": stop.happened,
             "payload_bytes": next((r["model_bytes"] for r in rows if r.get("model_bytes")), None)}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     report(summary, machine, meta["payload_bytes"], args)
+    if stop.happened:
+        return interrupted_status(NAME, len(rows) + (profile_text is not None), total, csv_path, json_path)
     check_measured(rows, csv_path)
     if profile_text:
         print(f"\nserver profile ({args.profile} clients, cProfile, top by own time):\n{profile_text}")

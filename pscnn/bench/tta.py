@@ -26,10 +26,10 @@ from pathlib import Path
 from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negative_float, non_negative_int,
                        positive_float, positive_int)
 
-from .common import (BenchError, add_output_flags, check_mnist, check_out, check_server_flags, checking_options, cores,
-                     data_files, eval_records, fmt, fresh_output_folder, machine_info, median, on_a_free_port,
-                     one_line, parse_list, print_table, print_written, process_failed, progress, pyplot, save_figure,
-                     server_failed, step_records, write_outputs)
+from .common import (BenchError, Interruption, add_output_flags, check_mnist, check_out, check_server_flags,
+                     checking_options, cores, data_files, eval_records, fmt, fresh_output_folder, interrupted_status,
+                     machine_info, median, on_a_free_port, one_line, parse_list, print_table, print_written,
+                     process_failed, progress, pyplot, save_figure, server_failed, step_records, write_outputs)
 
 NAME = "time_to_accuracy"
 # What a run writes into --out (the plot with matplotlib, without --no-plots), and the folder of each
@@ -84,7 +84,8 @@ def run(args) -> int:
     rows, curves = [], {}
     configs = [(t, m, n) for t in range(args.trials) for m in modes for n in workers]
     bar = progress(len(configs), "bench time-to-accuracy", args.no_progress)
-    try:
+    stop = Interruption()
+    with stop, bar:
         for trial, mode, n in configs:
             bar.set_postfix_str(f"trial {trial + 1}: {mode} N={n}")
             label = f"{mode} N={n}" + (f" t{trial}" if args.trials > 1 else "")
@@ -97,13 +98,15 @@ def run(args) -> int:
             rows.append({"trial": trial, "mode": mode, "workers": n, **row})
             curves[label] = curve
             bar.update()
-    finally:
-        bar.close()
+    if stop.happened and not rows:      # no run finished: nothing to write
+        raise KeyboardInterrupt
     summary = summarize(rows, modes, workers)
     meta = {"bench": NAME, "machine": machine, "cores": cores(), "config": vars(args), "summary": summary,
-            "curves": curves}
+            "curves": curves, "interrupted": stop.happened}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     report(summary, args, machine)
+    if stop.happened:
+        return interrupted_status("time-to-accuracy", len(rows), len(configs), csv_path, json_path)
     failed = [r for r in rows if "error" in r]
     if failed:                          # a run whose processes failed measured nothing
         raise BenchError(f"{len(failed)} of {len(rows)} runs failed (rows in {csv_path}); "
