@@ -591,6 +591,42 @@ def test_a_point_whose_port_was_taken_is_measured_on_another(bench_name, extra, 
         assert all(r["cycles"] > 0 for r in rows)
 
 
+def test_a_ddp_run_whose_port_was_taken_is_measured_on_another(tmp_path, monkeypatch, capsys, mnist_dir):
+    """DDP's rank 0 listens on a port free_port() found: when another process took it first, rank 0
+    failed at once while the other ranks waited for it until the reference's time limit (4 x
+    --seconds + 120 s), and the DDP point was lost; now it is measured again on another port."""
+    pytest.importorskip("torch")
+    import socket
+
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.scaling as scaling
+    import pscnn.launcher as launcher
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
+    monkeypatch.setattr(scaling, "_baseline", lambda *args: {"images_per_second": 400.0})
+    real_free_port = launcher.free_port
+    given = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+
+        def free_port():                # DDP's first port is the one this test holds
+            given.append(real_free_port() if given else taken.getsockname()[1])
+            return given[-1]
+        monkeypatch.setattr(launcher, "free_port", free_port)
+        out = tmp_path / "out"
+        assert main(["bench", "scaling", "--workers", "2", "--mode", "sync", "--ddp", "on", "--trials", "1",
+                     "--seconds", "0.5", "--warmup", "0", "--model", "light", "--mnist-dir", mnist_dir,
+                     "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert f"torch DDP N=2 b64: DDP rank 0 could not listen on 127.0.0.1:{given[0]}: address already in use; " \
+           "measuring it again on another port (try 2 of 3)" in err, err
+    (ddp_row,) = json.loads((out / "scaling.json").read_text())["ddp"]
+    assert "error" not in ddp_row and ddp_row["images_per_second"] > 0 and len(given) == 2
+
+
 def test_a_point_whose_every_port_was_taken_fails_after_a_bounded_number_of_tries(capsys):
     from pscnn.bench.common import PORT_ATTEMPTS, BenchError, PortTaken, on_a_free_port
     calls = []

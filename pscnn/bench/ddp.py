@@ -35,8 +35,8 @@ def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model:
     """Aggregate images/s of ``world`` DDP processes (medians are the caller's business)."""
     from pscnn.launcher import free_port  # noqa: PLC0415
 
-    from .common import BenchError, reference_limit  # noqa: PLC0415
-    port = free_port()
+    from .common import BenchError, PortTaken, reference_limit  # noqa: PLC0415
+    port = free_port()                          # rank 0 listens there (torch's TCPStore)
     timeout = reference_limit(seconds)          # a fixed 300 s killed every run of --seconds 300 or more
     with tempfile.TemporaryDirectory(prefix="pscnn-ddp-") as tmp:
         result = Path(tmp) / "result.json"
@@ -57,12 +57,17 @@ def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model:
                     out, _ = p.communicate()
                     timed_out = True
                 outputs.append(out.decode(errors="replace"))
+                if p.returncode != 0:           # the others would wait for it until the time limit
+                    break
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
+                    p.wait()
         if timed_out:
             raise BenchError(f"DDP run with {world} processes did not finish within {timeout:g} s")
+        if procs[0].returncode != 0 and f"port: {port}," in outputs[0] and "EADDRINUSE" in outputs[0]:
+            raise PortTaken(f"DDP rank 0 could not listen on 127.0.0.1:{port}: address already in use")
         if any(p.returncode != 0 for p in procs) or not result.exists():
             tail = "\n".join(o[-1500:] for o in outputs)
             raise RuntimeError(f"DDP run with {world} processes failed:\n{tail}")

@@ -163,7 +163,8 @@ def run(args) -> int:
                     bar.set_postfix_str(f"trial {trial + 1}: torch DDP N={n} b{b}")
                     from .ddp import measure_ddp  # noqa: PLC0415
                     try:
-                        res = measure_ddp(n, b, args.seconds, args.threads, args.model, env=env)
+                        res = on_a_free_port(lambda: measure_ddp(n, b, args.seconds, args.threads, args.model,
+                                                                 env=env), NAME, f"torch DDP N={n} b{b}")
                     except RuntimeError as exc:
                         res = point_failed(NAME, f"torch DDP N={n} b{b}", exc)
                     ddp_rows.append({"trial": trial, "workers": n, "batch": b, **res})
