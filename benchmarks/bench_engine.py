@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     _reexec_without_openblas_env(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from cnn_core.data import MNIST_FILES  # noqa: PLC0415  (after the re-exec: the OPENBLAS_* overrides are gone)
+    from pscnn.bench.common import check_writable  # noqa: PLC0415
     from pscnn.cli import _int_in, positive_int  # noqa: PLC0415
 
     train_images, test_images = MNIST_FILES["train-images"]["count"], MNIST_FILES["test-images"]["count"]
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv[1:])
     if args.json is not None:           # checked now, not after minutes of measuring
-        _check_writable(p, "--json", args.json)
+        check_writable(p, "--json", args.json)
 
     import numpy as np
     try:                                   # a test extra, not a pscnn dependency
@@ -186,19 +187,6 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return result
-
-
-def _check_writable(parser, flag: str, path: str) -> None:
-    """A usage error (exit 2) unless a file can be written at ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not path.strip():
-        parser.error(f"argument {flag}: must name a file, got an empty string")
-    if os.path.isdir(path):
-        parser.error(f"argument {flag}: {path} is a folder, not a file")
-    if not os.path.isdir(folder):
-        parser.error(f"argument {flag}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        parser.error(f"argument {flag}: {path} cannot be written")
 
 
 def _layer_breakdown(model, xb, yb, opt, np, reps: int = 9) -> dict:

@@ -48,7 +48,9 @@ from cnn_core.layers import Dropout  # noqa: E402
 from cnn_core.losses import softmax_cross_entropy  # noqa: E402
 from cnn_core.model import PRESETS, build_model  # noqa: E402
 from cnn_core.rng import uniform  # noqa: E402
+from pscnn.bench.common import check_writable  # noqa: E402
 from pscnn.bench.torch_reference import torch_model  # noqa: E402
+from pscnn.cli import positive_int  # noqa: E402
 
 F32_TOL = 1e-4       # float32, GPU vs CPU: different summation orders (cuBLAS vs OpenBLAS), ~1e-6 seen
 F64_TOL = 1e-10      # float64: ~1e-13 expected
@@ -235,10 +237,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="no GPU: run every code path on numpy (and torch CPU) with tiny counts")
-    p.add_argument("--trials", type=int, default=None, help="timing trials (default 7; dry run 1)")
+    # 0 meant the default, and -1 no trial at all
+    p.add_argument("--trials", type=positive_int, default=None, help="timing trials (default 7; dry run 1)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.json is not None:           # checked now, not after the whole run
+        check_writable(p, "--json", args.json)
     t_start = time.perf_counter()
     dry = args.cpu_dry_run
     trials = args.trials or (1 if dry else 7)

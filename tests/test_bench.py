@@ -444,6 +444,22 @@ def test_engine_benchmark_checks_its_json_path_before_measuring(where, needle, t
     assert "img/s" not in proc.stdout               # nothing was measured
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--json", "{tmp}/missing/gpu.json"], "argument --json: the folder {tmp}/missing does not exist"),
+    (["--trials", "0"], "argument --trials: must be >= 1, got 0"),
+    (["--trials", "-1"], "argument --trials: must be >= 1, got -1"),
+])
+def test_gpu_check_refuses_bad_flags_before_it_runs(argv, needle, tmp_path):
+    """--json into a missing folder was a FileNotFoundError traceback once every check and timing had
+    run, the results lost; --trials 0 silently meant the default, and -1 timed nothing."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-dry-run", "--no-torch",
+                           *(a.format(tmp=tmp_path) for a in argv)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(needle.format(tmp=tmp_path)), proc.stderr
+    assert "correctness checks" not in proc.stdout      # nothing was run
+
+
 # --------------------------------------------------------------------------- failures: one line, never a traceback
 
 # The smallest run of each bench: without the checks up front, a case below starts real processes, so

@@ -372,6 +372,20 @@ def interrupted_status(bench: str, done: int, total: int, csv_path: Path, json_p
 
 # --------------------------------------------------------------------------- outputs
 
+def check_writable(parser, flag: str, path: str) -> None:
+    """A usage error (exit 2) from ``parser`` unless a file can be written at ``path``: a script's
+    output file (--json) is checked before it measures, not after, its results lost."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.strip():
+        parser.error(f"argument {flag}: must name a file, got an empty string")
+    if os.path.isdir(path):
+        parser.error(f"argument {flag}: {path} is a folder, not a file")
+    if not os.path.isdir(folder):
+        parser.error(f"argument {flag}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"argument {flag}: {path} cannot be written")
+
+
 def output_folder(path) -> Path:
     """A benchmark's ``--out`` folder, made if needed; one line (RunLogError) if it cannot be."""
     from cnn_core.runlog import make_folder  # noqa: PLC0415  (numpy loads after the flags)
