@@ -443,4 +443,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:              # Ctrl-C: one line, as pscnn's commands and bench_engine.py say it
+        print("gpu_check.py: interrupted", file=sys.stderr)
+        sys.exit(130)

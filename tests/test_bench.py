@@ -460,6 +460,21 @@ def test_gpu_check_refuses_bad_flags_before_it_runs(argv, needle, tmp_path):
     assert "correctness checks" not in proc.stdout      # nothing was run
 
 
+def test_gpu_check_interrupted_says_so_in_one_line():
+    """Ctrl-C during benchmarks/gpu_check.py ended in a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--cpu-dry-run", "--no-torch",
+                             "--trials", "100000"], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+
+    def running() -> bool:                      # its first lines: "python ..., numpy ...", "CPU DRY RUN: ..."
+        seen.append(proc.stdout.read(1))
+        return "CPU DRY RUN" in "".join(seen)
+    err = interrupt_when(proc, running, 120, "gpu_check.py's first lines")
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "gpu_check.py: interrupted"
+
+
 # --------------------------------------------------------------------------- failures: one line, never a traceback
 
 # The smallest run of each bench: without the checks up front, a case below starts real processes, so
