@@ -367,6 +367,24 @@ def test_bad_bench_flags_are_one_line_usage_errors_before_anything_runs(argv, ne
     assert not out.exists()             # nothing ran, nothing written
 
 
+@pytest.mark.parametrize("bench_name", ["scaling", "server", "time-to-accuracy"])
+def test_every_bench_flag_says_what_it_does(bench_name, capsys):
+    """`pscnn bench X --help` listed --no-plots and --no-progress with no word, and its description
+    in reST markup (``pscnn bench server``: ...)."""
+    from pscnn.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(["bench", bench_name, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and f"pscnn bench {bench_name}: " in " ".join(text.split())
+    options = text[text.index("options:"):].splitlines()[1:]
+    for i, line in enumerate(options):      # a flag's help follows it on its line or on the next
+        if line.lstrip().startswith("--"):
+            helped = len(line.strip().split("  ")) > 1 or (i + 1 < len(options) and options[i + 1].startswith(" " * 8))
+            assert helped, line
+    assert "replaced" in " ".join(text.split()), text           # --out says what happens to an earlier run's
+
+
 def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
     """benchmarks/bench_engine.py end to end at a toy size: the JSON it writes (no timing is asserted)."""
     out = tmp_path / "engine.json"

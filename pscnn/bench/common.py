@@ -40,11 +40,12 @@ def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
     ``--out`` takes the main CLI's path type: an empty value would silently mean the current folder.
     """
     p.add_argument("--out", type=_path, default=f"runs/bench-{name}",
-                   help=f"output folder (default: runs/bench-{name})")
+                   help=f"output folder; what an earlier run of this bench left there is replaced, nothing else "
+                        f"(default: runs/bench-{name})")
     if keep_logs:
         add_switch(p, "--keep-logs", help="keep every point's run folder and logs")
-    add_switch(p, "--no-plots", help="write no PNG plots")
-    add_switch(p, "--no-progress", help="no progress bar")
+    add_switch(p, "--no-plots", help="write no PNG plots (the tables alone)")
+    add_switch(p, "--no-progress", help="show no progress bar")
     add_switch(p, "--keep-openblas-env",
                help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for the processes started")
 
@@ -52,6 +53,11 @@ def add_output_flags(p, name: str, keep_logs: bool = False) -> None:
 # Most synthetic clients (sockets) one `pscnn bench server` point opens: the server's default
 # --max-workers, which caps the other benchmarks' workers.  99,999,999 of them hung the bench.
 MAX_BENCH_PEERS = 1024
+
+
+def description(doc: str) -> str:
+    """A bench module's ``--help`` description: its docstring's first paragraph, without reST markup."""
+    return doc.split("\n\n")[0].replace("``", "")
 
 
 def bench_peers(text: str) -> int:

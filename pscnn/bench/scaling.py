@@ -37,9 +37,9 @@ from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float,
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, Interruption, OptionError, add_output_flags,
                      check_measured, check_mnist, check_out, check_server_flags, checking_options, cores, data_files,
-                     fmt, fresh_output_folder, interrupted_status, machine_info, median, on_a_free_port, parse_list,
-                     point_failed, print_table, print_written, process_failed, progress, pyplot, reference_limit,
-                     save_figure, write_outputs)
+                     description, fmt, fresh_output_folder, interrupted_status, machine_info, median, on_a_free_port,
+                     parse_list, point_failed, print_table, print_written, process_failed, progress, pyplot,
+                     reference_limit, save_figure, write_outputs)
 
 NAME = "scaling"
 # What a run writes into --out (the plots with matplotlib, without --no-plots), and the folder of
@@ -54,7 +54,7 @@ POINT_FOLDER = re.compile(rf"({'|'.join(MODES)})-n\d+-b\d+(-c[0-9.e+-]+)?-t\d+")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("scaling", help="throughput and efficiency vs number of workers",
-                       description=__doc__.split("\n\n")[0])
+                       description=description(__doc__))
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
     p.add_argument("--mode", default="sync,async", help="consistency modes: sync, async, ssp (default: sync,async)")
     p.add_argument("--batch", default="64", help="batch sizes (default: 64)")

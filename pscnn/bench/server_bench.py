@@ -26,9 +26,10 @@ from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_f
 
 from .common import (MAX_BENCH_PEERS, BenchError, Interruption, add_output_flags, bench_env, bench_peers,
                      busy_fraction, check_measured, check_out, check_server_flags, checking_options, cores, data_files,
-                     fmt, fresh_output_folder, interrupted_status, last_line, machine_cpu_ticks, machine_info, median,
-                     on_a_free_port, parse_list, percentile, point_failed, print_table, print_written,
-                     proc_cpu_seconds, process_failed, progress, pyplot, save_figure, server_failed, write_outputs)
+                     description, fmt, fresh_output_folder, interrupted_status, last_line, machine_cpu_ticks,
+                     machine_info, median, on_a_free_port, parse_list, percentile, point_failed, print_table,
+                     print_written, proc_cpu_seconds, process_failed, progress, pyplot, save_figure, server_failed,
+                     write_outputs)
 from .synth import ECHO_LISTENING
 
 NAME = "server"
@@ -40,7 +41,7 @@ OUTPUTS = (*data_files(NAME), CAPACITY_PLOT, PROFILE_DATA, PROFILE_TEXT)
 
 def add_parser(sub) -> None:
     p = sub.add_parser("server", help="server capacity under synthetic no-compute clients vs raw zmq echo",
-                       description=__doc__.split("\n\n")[0])
+                       description=description(__doc__))
     p.add_argument("--clients", default="1,4,16,64", help="synthetic client counts (default: 1,4,16,64)")
     p.add_argument("--mode", default="async", choices=MODES, help="server mode (default: async)")
     p.add_argument("--batch", type=positive_int, default=64, help="the run's batch size (samples per push; default 64)")

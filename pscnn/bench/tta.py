@@ -27,9 +27,10 @@ from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negat
                        positive_float, positive_int)
 
 from .common import (BenchError, Interruption, add_output_flags, check_mnist, check_out, check_server_flags,
-                     checking_options, cores, data_files, eval_records, fmt, fresh_output_folder, interrupted_status,
-                     machine_info, median, on_a_free_port, one_line, parse_list, print_table, print_written,
-                     process_failed, progress, pyplot, save_figure, server_failed, step_records, write_outputs)
+                     checking_options, cores, data_files, description, eval_records, fmt, fresh_output_folder,
+                     interrupted_status, machine_info, median, on_a_free_port, one_line, parse_list, print_table,
+                     print_written, process_failed, progress, pyplot, save_figure, server_failed, step_records,
+                     write_outputs)
 
 NAME = "time_to_accuracy"
 # What a run writes into --out (the plot with matplotlib, without --no-plots), and the folder of each
@@ -42,7 +43,7 @@ RUN_FOLDER = re.compile(rf"({'|'.join(MODES)})-n\d+-t\d+")       # see run()
 
 def add_parser(sub) -> None:
     p = sub.add_parser("time-to-accuracy", help="wall time and images to reach a test accuracy",
-                       description=__doc__.split("\n\n")[0])
+                       description=description(__doc__))
     p.add_argument("--target", type=fraction, default=0.99, help="test accuracy to reach (default: 0.99)")
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
     p.add_argument("--mode", default="sync,async", help="modes (default: sync,async)")
