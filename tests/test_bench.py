@@ -593,7 +593,7 @@ def test_server_bench_server_that_dies_is_one_line_with_its_last_log_line(tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 1, err
     last = err.splitlines()[-1]
-    assert last.startswith("pscnn bench server: error: every point failed (1 of 1; ") and last.endswith(
+    assert last.startswith("pscnn bench server: error: every server point failed (1 of 1; ") and last.endswith(
         "the first: the pscnn server (1 clients) exited with 3: bind: Address already in use"), err
 
 
@@ -745,6 +745,28 @@ def test_server_bench_says_which_medians_stand_for_fewer_trials(tmp_path, monkey
         "note: the server with 1 clients: medians of 1 trials; left out: 1 failed"]
     header = next(ln for ln in out.splitlines() if ln.startswith("clients"))
     assert "echo p50 ms" in header and "echo p99 ms" in header        # every time column says its unit
+
+
+def test_server_bench_whose_every_server_point_failed_exits_1(tmp_path, monkeypatch, capsys):
+    """The echo is only the reference: with every point of the server failed and the echo's measured,
+    the bench printed a table of dashes and exited 0, as if the server had been measured."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.bench.common import BenchError
+    from pscnn.cli import main
+
+    def measure(kind, n, args, env, out, profile=None):
+        if kind == "pscnn":
+            raise BenchError(f"the pscnn server ({n} clients) exited with 1: boom")
+        return {"processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+                "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0, "errors": {}, "model_bytes": 1000}
+    monkeypatch.setattr(server_bench, "measure", measure)
+    out = tmp_path / "out"
+    assert main(["bench", "server", "--clients", "1,2", "--trials", "1", "--model", "light", "--out", str(out),
+                 "--no-progress", "--no-plots"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("pscnn bench server: error: every server point failed (2 of 2; rows in ") and last.endswith(
+        "the first: the pscnn server (1 clients) exited with 1: boom"), last
+    assert len(read_csv(out / "server.csv")) == 4       # the echo's rows are written all the same
 
 
 def test_requests_the_server_refused_are_said_in_the_report(tmp_path, monkeypatch, capsys):

@@ -8,17 +8,18 @@
 
 Every benchmark writes ``<name>.csv``, ``<name>.json`` and PNG plots into
 ``--out``, first removing what an earlier run of it left there (its files, and
-its folders of kept logs; the folder's other files stay, and the removal is said in
-one line: a plot or profile this run does not make again would pass for its own).
-It shows a progress bar, and runs for a bounded time (``--seconds`` per point x
-points x ``--trials``; time-to-accuracy: ``--max-seconds`` per run).  Bad options
-are found before anything starts (one line, exit 2); a server or worker that fails
-anyway is reported in one line, with its last log line, never as a traceback, and
-the other points are still measured and written (exit 1: time-to-accuracy when a
-run failed, the others when every point did).  A server that finds its port taken
-(another process took it after it was found free) is not a failed point: the point
-is measured again on another port, said in one line, up to 3 tries in all.  Ctrl-C
-(or SIGTERM) stops the measurement under way and its processes; those done before are
+its folders of kept logs; the folder's other files stay, and the removal is said
+in one line: a plot or profile this run does not make again would pass for its
+own).  It shows a progress bar, and runs for a bounded time (``--seconds`` per
+point x points x ``--trials``; time-to-accuracy: ``--max-seconds`` per run).  Bad
+options are found before anything starts (one line, exit 2); a server or worker
+that fails anyway is reported in one line, with its last log line, never as a
+traceback, and the other points are still measured and written (exit 1:
+time-to-accuracy when a run failed, the others when every point of pscnn did,
+whatever its references').  A server that finds its port taken (another process
+took it after it was found free) is not a failed point: the point is measured
+again on another port, said in one line, up to 3 tries in all.  Ctrl-C (or
+SIGTERM) stops the measurement under way and its processes; those done before are
 still written and reported (no plots), and the last line says so (exit 130).  The
 processes a benchmark starts run without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
 overrides of the build machines (they halve numpy's sgemm speed) unless

@@ -298,12 +298,12 @@ def point_failed(bench: str, what: str, exc: Exception) -> dict:
     return {"error": one_line(exc)}
 
 
-def check_measured(rows: list[dict], csv_path: Path) -> None:
-    """BenchError if every point failed: nothing was measured, not a result (the rows, with their
-    errors, are in ``csv_path``)."""
+def check_measured(rows: list[dict], csv_path: Path, what: str = "point") -> None:
+    """BenchError if every ``what`` (the rows of what the benchmark measures, not its references)
+    failed: nothing was measured, not a result (the rows, with their errors, are in ``csv_path``)."""
     failed = [r for r in rows if "error" in r]
     if rows and len(failed) == len(rows):
-        raise BenchError(f"every point failed ({len(rows)} of {len(rows)}; rows in {csv_path}); "
+        raise BenchError(f"every {what} failed ({len(rows)} of {len(rows)}; rows in {csv_path}); "
                          f"the first: {failed[0]['error']}")
 
 
