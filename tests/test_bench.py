@@ -888,6 +888,25 @@ def test_trials_left_out_of_a_points_medians_are_said(tmp_path, monkeypatch, cap
                      "in the window), 1 failed"]
 
 
+@pytest.mark.parametrize("bench_name", ["scaling", "time-to-accuracy"])
+def test_the_tables_heading_says_how_many_trials_its_medians_are_of(bench_name, tmp_path, monkeypatch, capsys,
+                                                                  request):
+    """scaling's heading said "medians of trials", time-to-accuracy's nothing, whatever --trials was."""
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.tta as tta
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
+    monkeypatch.setattr(tta, "run_one", lambda folder, mode, n, args, mnist_dir, bar: tta.analyse([], [], 0.5, 64))
+    argv = [*TINY[bench_name], "--model", "light", "--trials", "2"]
+    if bench_name == "time-to-accuracy":
+        argv += ["--mnist-dir", request.getfixturevalue("mnist_dir")]
+    assert main(["bench", bench_name, *argv, "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
+    heading = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("machine: "))
+    assert "; medians of 2 trials" in heading, heading
+
+
 def test_every_point_and_trial_keeps_its_own_run_folder(tmp_path, monkeypatch):
     """--keep-logs: "keep every point's run folder and logs"; every trial and every --compute-ms of a
     point ran in one folder, each emptied by the next (and a failed point's "logs in" with it)."""

@@ -179,7 +179,7 @@ def run(args) -> int:
             "model_note": __doc__[__doc__.index("Every point"):].strip()}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    report(summary, ncores, synthetic, machine)
+    report(summary, ncores, synthetic, machine, args.trials)
     if stop.happened:
         return interrupted_status(NAME, len(rows), len(points) * args.trials, csv_path, json_path)
     check_measured(rows, csv_path)
@@ -327,9 +327,9 @@ def _add_model(summary: list[dict], ncores: int) -> None:
 
 # --------------------------------------------------------------------------- report
 
-def report(summary, ncores: int, synthetic: bool, machine: dict) -> None:
+def report(summary, ncores: int, synthetic: bool, machine: dict, trials: int) -> None:
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {ncores} usable cores "
-          f"(* = workers outnumber cores); medians of trials")
+          f"(* = workers outnumber cores); medians of {trials} trials")
     headers = ["mode", "N", "batch"] + (["c ms"] if synthetic else []) + [
         "img/s", "upd/s", "ideal img/s", "efficiency", "compute ms", "comm ms", "wait ms", "stale p50/p99/max",
         "srv cpu", "model img/s", "meas/model", "bound"]

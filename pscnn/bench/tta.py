@@ -312,7 +312,8 @@ def report(summary, args, machine) -> None:
           + _optimizer_text(args, dict.fromkeys(s["mode"] for s in summary))
           + (f" lr {args.lr}" if args.lr is not None else " (default lr)")
           + (f" momentum {args.momentum}" if args.momentum is not None else "")
-          + (f", schedule {args.schedule}" if args.schedule else ", the server's default schedule"))
+          + (f", schedule {args.schedule}" if args.schedule else ", the server's default schedule")
+          + f"; medians of {args.trials} trials (seconds, images, updates: of the runs that reached the target)")
     headers = ["mode", "workers", "reached", "seconds", "images", "updates", "speed-up vs 1", "best acc"]
     rows = [[s["mode"], s["workers"], f"{s['reached']}/{s['runs']}", fmt(s["seconds_to_target"], ".1f"),
              fmt(s["images_to_target"]), fmt(s["updates_to_target"]), fmt(s["speedup_vs_1"], ".2f"),
