@@ -996,6 +996,35 @@ def test_a_reused_out_folder_holds_only_this_runs_outputs(bench_name, tmp_path, 
     assert line.startswith(f"pscnn bench {bench_name}: removed what an earlier run of it left in {out}: "), line
 
 
+def test_a_bench_refuses_an_out_folder_another_process_writes(tmp_path, monkeypatch, capsys):
+    """pscnn run and train refuse a run folder another process writes (its lock); a bench did not, so
+    a second bench into the same --out removed the first's outputs and point logs under it, and
+    both wrote the same CSV and JSON.  Refused in one line now, nothing removed; the lock is the
+    bench's until it ends."""
+    import fcntl
+
+    import pscnn.bench.cluster as cluster
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scaling_throughput.png").write_text("the other run's\n")
+    argv = ["bench", "scaling", *TINY["scaling"], "--model", "light", "--out", str(out), "--no-progress", "--no-plots"]
+    with open(out / ".pscnn.lock", "a+") as holder:       # another writer, as pscnn run's server holds it
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write(str(os.getpid()))
+        holder.flush()
+        assert main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"pscnn bench scaling: error: {out}: another pscnn process (pid {os.getpid()}) is writing this "
+                    "run folder; choose another --out, or stop that process first"), last
+    assert (out / "scaling_throughput.png").read_text() == "the other run's\n"
+    assert not (out / "scaling.csv").exists()
+    assert main(argv) == 0 and main(argv) == 0      # its own lock is released when it ends
+
+
 def test_every_point_folder_is_one_a_later_run_removes():
     from pscnn.bench.scaling import POINT_FOLDER, point_folder
     for compute in (None, 0.0, 2.5, 1e-5, 1e9):

@@ -7,7 +7,8 @@
     pscnn bench time-to-accuracy  wall time and images to reach a test accuracy, 1/2/4 workers
 
 Every benchmark writes ``<name>.csv``, ``<name>.json`` and PNG plots into
-``--out``, first removing what an earlier run of it left there (its files, and
+``--out`` (refused in one line while another process writes that folder, as by
+pscnn run and train), first removing what an earlier run of it left there (its files, and
 its folders of kept logs; the folder's other files stay, and the removal is said
 in one line: a plot or profile this run does not make again would pass for its
 own).  It shows a progress bar, and runs for a bounded time (``--seconds`` per
@@ -49,7 +50,7 @@ def run_bench_from_args(args) -> int:
     _terminate_cleanly()
     from cnn_core.errors import PscnnError  # noqa: PLC0415
 
-    from .common import one_line  # noqa: PLC0415
+    from .common import one_line, release_output_folder  # noqa: PLC0415
     try:
         return int(runner(args) or 0)
     except ValueError as exc:           # a bad list or option value (OptionError: any check made up front)
@@ -58,6 +59,8 @@ def run_bench_from_args(args) -> int:
     except (RuntimeError, PscnnError) as exc:   # a process it started failed (BenchError), a timeout, a write
         print(f"pscnn bench {args.bench}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        release_output_folder()
 
 
 def _terminate_cleanly() -> None:

@@ -404,35 +404,50 @@ def data_files(name: str) -> tuple[str, str]:
     return f"{name}.csv", f"{name}.json"
 
 
+# The lock of the --out folder a benchmark writes (pscnn run's and train's, cnn_core.runlog's), from
+# fresh_output_folder until the benchmark ends (release_output_folder, in run_bench_from_args).
+_held_locks: list = []
+
+
 def fresh_output_folder(path, bench: str, files: Sequence[str], logs: str | None = None,
                         log_folder: re.Pattern | None = None) -> Path:
-    """:func:`output_folder`, without what an earlier run of this benchmark left there: its ``files``,
-    and under ``logs`` the folders whose whole names ``log_folder`` matches (a point's or run's
-    logs, kept by --keep-logs or by a failure).  A plot, profile or log this run does not make
-    again (--no-plots, no --profile, other points, a failed or interrupted run) would pass for
-    this run's.  Said in one line on stderr; nothing else in the folder is touched.  RunLogError
-    (one line) if one cannot be removed."""
+    """:func:`output_folder`, locked for this benchmark as pscnn run and train lock theirs (another
+    process writing it: RunLogError, one line), and without what an earlier run of this benchmark
+    left there: its ``files``, and under ``logs`` the folders whose whole names ``log_folder``
+    matches (a point's or run's logs, kept by --keep-logs or by a failure).  A plot, profile or
+    log this run does not make again (--no-plots, no --profile, other points, a failed or
+    interrupted run) would pass for this run's.  Said in one line on stderr; nothing else in the
+    folder is touched.  RunLogError (one line) if one cannot be removed."""
     import shutil  # noqa: PLC0415
 
-    from cnn_core.runlog import RunLogError  # noqa: PLC0415
+    from cnn_core.runlog import RunLogError, _lock_folder  # noqa: PLC0415
     out = output_folder(path)
+    lock = _lock_folder(out)            # before anything in it is removed or written
+    if lock is not None:
+        _held_locks.append(lock)
     earlier = [out / name for name in files if (out / name).is_file()]
-    folders = sorted(p for p in (out / logs).iterdir() if p.is_dir() and log_folder.fullmatch(p.name)) \
-        if logs is not None and (out / logs).is_dir() else []
-    for p in [*earlier, *folders]:
-        try:
-            if p in folders:
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        except OSError as exc:
-            raise RunLogError(f"{p}: cannot remove what an earlier run of pscnn bench {bench} left there: "
-                              f"{exc.strerror or exc}") from None
+    folders = []
+    if logs is not None and (out / logs).is_dir():
+        folders = sorted(p for p in (out / logs).iterdir() if p.is_dir() and log_folder.fullmatch(p.name))
+    try:
+        for p in earlier:
+            p.unlink()
+        for p in folders:
+            shutil.rmtree(p)
+    except OSError as exc:
+        raise RunLogError(f"{exc.filename}: cannot remove what an earlier run of pscnn bench {bench} left there: "
+                          f"{exc.strerror or exc}") from None
     if earlier or folders:
         print(f"pscnn bench {bench}: removed what an earlier run of it left in {out}: "
               + ", ".join([p.name for p in earlier] + ([f"{len(folders)} folders of logs in {logs}/"]
                                                        if folders else [])), file=sys.stderr)
     return out
+
+
+def release_output_folder() -> None:
+    """Let go of the --out folder :func:`fresh_output_folder` locked: the benchmark has ended."""
+    while _held_locks:
+        _held_locks.pop().close()
 
 
 def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
