@@ -69,7 +69,7 @@ def _io_error(path, exc: OSError) -> RunLogError:
 LOCK_FILE = ".pscnn.lock"
 
 
-def _lock_folder(folder: Path):
+def lock_folder(folder: Path):
     """Hold an exclusive lock on ``folder`` for this process (released by close, or by the
     kernel when the process dies); RunLogError naming the holder if another process has it.
 
@@ -105,7 +105,7 @@ def check_folder_free(folder) -> None:
     ``folder`` now; nothing is held afterwards (a check before starting processes that will write it)."""
     folder = Path(folder)
     if folder.is_dir():
-        lock = _lock_folder(folder)
+        lock = lock_folder(folder)
         if lock is not None:
             lock.close()
 
@@ -240,7 +240,7 @@ class RunWriter:
 
     def __init__(self, out_dir, config: dict, resume: bool = False):
         self.out_dir = make_folder(out_dir)
-        self._folder_lock = _lock_folder(self.out_dir)       # before anything in it is written
+        self._folder_lock = lock_folder(self.out_dir)        # before anything in it is written
         stale = remove_stale_temporaries(self.out_dir)        # ours alone now: a killed writer's leftovers
         if stale:
             log.info("%s: removed %s, left by a process killed mid-write", self.out_dir, ", ".join(stale))

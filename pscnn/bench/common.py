@@ -420,9 +420,9 @@ def fresh_output_folder(path, bench: str, files: Sequence[str], logs: str | None
     folder is touched.  RunLogError (one line) if one cannot be removed."""
     import shutil  # noqa: PLC0415
 
-    from cnn_core.runlog import RunLogError, _lock_folder  # noqa: PLC0415
+    from cnn_core.runlog import RunLogError, lock_folder  # noqa: PLC0415
     out = output_folder(path)
-    lock = _lock_folder(out)            # before anything in it is removed or written
+    lock = lock_folder(out)            # before anything in it is removed or written
     if lock is not None:
         _held_locks.append(lock)
     earlier = [out / name for name in files if (out / name).is_file()]
