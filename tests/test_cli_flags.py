@@ -151,16 +151,8 @@ def test_a_model_spec_file_is_read_and_passed_on_as_its_json(tmp_path, monkeypat
 def test_pscnn_run_hands_the_file_spec_to_its_server_as_json(tmp_path, monkeypatch, mnist_file_names):
     spec_file = tmp_path / "myspec.json"
     spec_file.write_text(json.dumps(TINY_SPEC, indent=2))
-    started = []
-
-    class ServerOnly(_NoProcesses):
-        def start_server(self, flags):
-            started.append(flags)
-            raise RuntimeError("server started")
-    monkeypatch.setattr(launcher, "LocalCluster", ServerOnly)
-    with pytest.raises(RuntimeError, match="server started"):
-        main(["run", "--model", str(spec_file), "--out", str(tmp_path / "run"), "--no-progress"])
-    flags = started[0]
+    flags = server_flags_of(monkeypatch, ["run", "--model", str(spec_file), "--out", str(tmp_path / "run"),
+                                          "--no-progress"])
     assert json.loads(flags[flags.index("--model") + 1]) == TINY_SPEC      # the spec, not a path
 
 
@@ -191,17 +183,9 @@ def test_a_bad_model_spec_file_is_one_line_naming_it(name, content, needle, tmp_
 def test_a_limit_above_the_sets_size_is_said_once_and_handed_on_capped(tmp_path, capsys, monkeypatch,
                                                                         mnist_file_names):
     # it was capped without a word: the summary showed 60,000 images for --train-limit 100000
-    started = []
-
-    class ServerOnly(_NoProcesses):
-        def start_server(self, flags):
-            started.append(flags)
-            raise RuntimeError("server started")
-    monkeypatch.setattr(launcher, "LocalCluster", ServerOnly)
     monkeypatch.setenv("PSCNN_TEST_LIMIT", "20000")
-    with pytest.raises(RuntimeError, match="server started"):
-        main(["run", "--train-limit", "100000", "--out", str(tmp_path / "run"), "--no-progress"])
-    flags = started[0]
+    flags = server_flags_of(monkeypatch, ["run", "--train-limit", "100000", "--out", str(tmp_path / "run"),
+                                          "--no-progress"])
     assert flags[flags.index("--train-limit") + 1] == "60000" and flags[flags.index("--test-limit") + 1] == "10000"
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == [
@@ -852,6 +836,20 @@ class _NoProcesses:
 
     def __exit__(self, *exc):
         pass
+
+
+def server_flags_of(monkeypatch, argv: list) -> list:
+    """The flags ``pscnn run`` (``argv``) hands its server, which is not started (nor is anything else)."""
+    started = []
+
+    class ServerOnly(_NoProcesses):
+        def start_server(self, flags):
+            started.append(flags)
+            raise RuntimeError("server started")
+    monkeypatch.setattr(launcher, "LocalCluster", ServerOnly)
+    with pytest.raises(RuntimeError, match="server started"):
+        main(argv)
+    return started[0]
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
