@@ -395,8 +395,9 @@ def _repair_and_last_seconds(path: Path) -> float:
 
 
 # --------------------------------------------------------------------------- reading
-def read_metrics(path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (or of the one in a run folder ``path``).
+def read_metrics(path, kinds=None) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file (or of the one in a run folder ``path``); ``kinds``:
+    only the records of these kinds (a long run's step records need not all be held at once).
 
     Blank lines are skipped; a line that is not a JSON object (typically the
     torn last line of a run that was killed) is skipped with a warning rather
@@ -406,7 +407,7 @@ def read_metrics(path) -> list[dict]:
     if path.is_dir():
         path = path / METRICS_FILE
     with open(path, encoding="utf-8", errors="replace") as fh:
-        return list(_parse_lines(fh, path))
+        return [r for r in _parse_lines(fh, path) if kinds is None or r.get("kind") in kinds]
 
 
 def _parse_lines(lines, path):
@@ -496,7 +497,7 @@ def _updates(record: dict) -> float | None:
     return _number(record.get("step", record.get("version")))
 
 
-def _without_lost_updates(records: list) -> list:
+def without_lost_updates(records: list) -> list:
     """``records`` less the step and evaluation records of updates a resumed server did again.
 
     A server killed after its last checkpoint logged updates its checkpoint
@@ -519,7 +520,7 @@ def _draw_learning_curves(Figure, out_dir: Path):
     metrics_path = out_dir / METRICS_FILE
     if not metrics_path.exists():
         return None
-    records = _without_lost_updates(read_metrics(metrics_path))
+    records = without_lost_updates(read_metrics(metrics_path))
     loss, acc_by_step, acc_by_time = [], [], []
     for r in records:
         kind = r.get("kind")

@@ -65,7 +65,7 @@ from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
-from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots
+from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, without_lost_updates
 from cnn_core.training import check_model_fits_mnist
 from pscnn import protocol as P
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES
@@ -545,6 +545,8 @@ class ParameterServer:
         except BaseException:
             self.sock.close(linger=0)
             raise
+        if self.cfg.resume:
+            self._adopt_logged_evaluations()
 
     def serve(self) -> int:
         """Run until training is over and every client was told to stop.
@@ -1590,6 +1592,42 @@ class ParameterServer:
         # said once serving (pscnn run builds a server only to check its --resume first)
         self._resumed_text = (f"resumed from {path}: version {self.store.version}, epoch {self.work.epoch} with "
                               f"{len(self.work.applied)}/{self.work.batches_per_epoch} batches applied")
+
+    def _adopt_logged_evaluations(self) -> None:
+        """Add to the evaluation history those of the checkpoint's versions that the earlier server
+        logged after writing it (the run folder is open: no one else writes it).
+
+        An evaluator's report comes in while training goes on, often of a version the checkpoint
+        written meanwhile holds: logged in metrics.jsonl, but in no checkpoint.  Resumed without it,
+        summary.json left that evaluation out, and the evaluator, scoring the checkpoint's version
+        again, had it logged twice.  Versions above the checkpoint's are lost with their updates.
+        """
+        try:
+            logged = without_lost_updates(read_metrics(self.writer.metrics_path, kinds=("start", "eval")))
+        except OSError as exc:
+            log.warning("--resume: cannot read %s (%s): the evaluation history is the checkpoint's",
+                        self.writer.metrics_path, exc)
+            return
+        adopted = 0
+        for r in logged:
+            if r.get("kind") != "eval":
+                continue
+            try:        # as the checkpoint's own history is checked (_check_resume_meta)
+                loss = r.get("test_loss")
+                if not isinstance(r.get("final"), bool):
+                    raise _Bad("final", "must be true or false")
+                record = {"seconds": _number(r.get("train_seconds"), "train_seconds"),
+                          "version": _int(r.get("version"), "version", 0, self.store.version),
+                          "test_accuracy": _number(r.get("test_accuracy"), "test_accuracy", 0, 1),
+                          "test_loss": None if loss is None else _number(loss, "test_loss", -math.inf),
+                          "final": r["final"]}
+            except _Bad:    # hand-edited, or of a version the checkpoint does not hold: not this run's history
+                continue
+            adopted += self._record_evaluation(record)
+        self._evaluations_before = len(self.evaluations)
+        if adopted:
+            log.info("--resume: %d evaluations logged after the checkpoint was written are kept in the run's "
+                     "history", adopted)
 
     def _check_resume_meta(self, path: str, meta: dict) -> dict:
         """The values ``_resume`` takes from ``meta``, checked; _Bad or CheckpointError otherwise."""

@@ -43,7 +43,7 @@ from pscnn.cli import main, parse_args
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
 from server.server import ParameterServer
 from helpers import error_line
-from test_server_robustness import Raw, grads_like, push_body, start_serving
+from test_server_robustness import InProcess, Raw, grads_like, push_body, start_serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -535,6 +535,44 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
     assert "interrupted after the run finished: no checkpoint written" in cluster.log_tail("server", 10)
     assert os.stat(out / "checkpoint.npz").st_mtime_ns == final_checkpoint
     assert unfinished_run_warning(str(out)) is None
+
+
+# ---------------------------------------------------------------- 5. the evaluations logged after the checkpoint
+
+def eval_lines(folder: Path) -> list[dict]:
+    return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+
+
+def test_evaluations_logged_after_the_checkpoint_stay_in_the_history_and_are_not_logged_twice(run):
+    """A server killed after its last checkpoint had logged evaluations the checkpoint does not
+    hold: of its own version (and of older ones: an evaluator's report arrives while training
+    goes on).  The resumed server's history (summary.json's evaluations) had left them out, and
+    the evaluator, scoring the checkpoint's version again, had it logged a second time."""
+    def resumed() -> InProcess:
+        return InProcess(run, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0)
+
+    def report(server: InProcess, version: int, accuracy: float) -> None:
+        ev = server.client()
+        assert server.call(ev, P.HELLO, {"role": "evaluator", "name": "evaluator"}).type == P.WELCOME
+        reply = server.call(ev, P.EVAL_REPORT, {"version": version, "final": False,
+                                                "metrics": {"test_accuracy": accuracy, "test_loss": 1.0}})
+        assert reply.type == P.ACK, reply.body
+
+    first = resumed()           # the checkpoint's version 3, with an evaluation of version 2
+    report(first, 3, 0.75)
+    first.close()
+    first.srv.writer.close()    # killed: no checkpoint after that report
+    with open(run / "metrics.jsonl", "a") as fh:    # and an evaluation of an update the resume loses
+        fh.write(json.dumps({**eval_lines(run)[-1], "version": 4, "test_accuracy": 0.8}) + "\n")
+
+    second = resumed()
+    try:
+        assert [(e["version"], e["test_accuracy"]) for e in second.srv.evaluations] == [(2, 0.5), (3, 0.75)]
+        report(second, 3, 0.76)         # the rejoined evaluator scores the checkpoint's version again
+    finally:
+        second.close()
+        second.srv.writer.close()
+    assert [e["version"] for e in eval_lines(run)] == [2, 3, 4]     # version 3 logged once
 
 
 # ---------------------------------------------------------------- pscnn server --auto-resume (Compose's)
