@@ -325,8 +325,10 @@ def run_from_args(args) -> int:
     # one line, before any process starts, not the log tails of children that all died.
     for split in ("train", "test"):
         check_local_setup(args.device, args.mnist_dir, split, progress=not args.no_progress)
+    trained = scored = False
     if args.resume:     # every check the server's --resume makes, here, before anything starts
-        ParameterServer(cfg)
+        resumed = ParameterServer(cfg)
+        trained, scored = resumed.work.done, resumed.final_eval is not None
     elif (warning := unfinished_run_warning(args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):
         # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
         _say(f"pscnn run: {warning}")
@@ -338,13 +340,16 @@ def run_from_args(args) -> int:
         raise KeyboardInterrupt
     old_handlers = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
-        return _run(args, cluster, outputs)
+        return _run(args, cluster, outputs, trained, scored)
     finally:                            # main() may be called in-process (tests)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
 
 
-def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
+def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False, scored: bool = False) -> int:
+    """``trained``: the run resumed has trained every epoch already; ``scored``: and its checkpoint holds
+    the final evaluation.  Such a run starts no trainer (and then no evaluator): its server writes the
+    results and exits at once, before they joined, and they retried until stopped 20 s later (exit 1)."""
     from tqdm import tqdm  # noqa: PLC0415
     client_flags = ["--device", args.device, "--threads", str(args.threads), "--log-level", args.log_level]
     if args.mnist_dir:
@@ -353,15 +358,20 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs) -> int:
         args.final_eval_timeout = 0.0
     if args.wait_for_workers is None:   # every worker starts from the first version, in the same round
         args.wait_for_workers = args.workers
+    workers = 0 if trained else args.workers
     with cluster:
         bar, codes = None, {}
         try:                            # from the first child on: a signal must stop every one started
-            print(f"pscnn run: server on {cluster.endpoint}, {counted(args.workers, 'worker')}, mode {args.mode}, "
+            print(f"pscnn run: server on {cluster.endpoint}, {counted(workers, 'worker')}, mode {args.mode}, "
                   f"logs in {cluster.logs}", file=sys.stderr)
+            if trained:
+                _say(f"pscnn run: the run in {outputs.out} has trained its {args.epochs} epochs already; "
+                     + ("its results are written again from its checkpoint" if scored else
+                        "its final weights are scored and its results written"))
             cluster.start_server(flags_from(args, SERVER_FLAGS))
-            for i in range(args.workers):
+            for i in range(workers):
                 cluster.start_worker(f"worker-{i}", [*client_flags, *(["--overlap"] if args.overlap else [])])
-            if not args.no_evaluator:
+            if not args.no_evaluator and not scored:
                 cluster.start_evaluator([*client_flags, "--test-limit", str(args.test_limit),
                                          *(["--every", str(args.eval_every)] if args.eval_every else [])])
             bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True,

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -505,7 +506,9 @@ def test_pscnn_run_warns_of_a_long_warm_up_once(tmp_path, monkeypatch, caplog, m
     def no_cluster(*args, **kwargs):
         raise RuntimeError("checks passed")
     monkeypatch.setattr(launcher, "LocalCluster", no_cluster)
-    monkeypatch.setattr(launcher, "ParameterServer", lambda cfg: None)     # no checkpoint to resume from here
+    # no checkpoint to resume from here: a server resumed to the middle of a run
+    monkeypatch.setattr(launcher, "ParameterServer",
+                        lambda cfg: SimpleNamespace(work=SimpleNamespace(done=False), final_eval=None))
     with caplog.at_level(logging.WARNING, logger="pscnn"), pytest.raises(RuntimeError, match="checks passed"):
         main(["run", "--model", "light", "--train-limit", "640", "--batch-size", "64", "--warmup-steps", "1000",
               "--resume", "--out", str(tmp_path / "run"), "--no-progress"])

@@ -626,3 +626,18 @@ def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run,
     assert main(["run", "--workers", "2", *FLAGS, "--out", str(run), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "pscnn run: " in err and str(run) in err and "--resume" in err, err
+
+
+def test_pscnn_run_resuming_a_run_trained_to_its_end_starts_no_worker(finished, tmp_path, capsys, mnist_dir):
+    """Its server writes the results from the checkpoint and exits at once: the workers and the
+    evaluator started all the same joined no server (in 2 of 3 tries), retried until the launcher
+    stopped them 20 s later ("worker-0 had not exited 20 s after the run ended"), and the run
+    exited 1."""
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    code = main(["run", "--workers", "2", *FLAGS, "--out", str(out), "--resume", "--no-progress",
+                 "--mnist-dir", mnist_dir])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "has trained its 2 epochs already" in err and "had not exited" not in err, err
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["server.log"]
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"
