@@ -1347,7 +1347,8 @@ class ParameterServer:
             for p in list(self.peers.values()):     # parked trainers learn it is over
                 if p.role == "trainer" and p.pending and p.parked_since:
                     self._give_task(p, now, p.parked_ack)
-            if self.cfg.final_eval_timeout and not self.role_counts["evaluator"]:
+            # (a resumed run whose checkpoint holds its final evaluation waits for none)
+            if self.cfg.final_eval_timeout and not self.role_counts["evaluator"] and self.final_eval is None:
                 if self.evaluator_left is not None:
                     log.info("the evaluator left (%s); scoring the final weights here", self.evaluator_left)
                 else:

@@ -641,3 +641,18 @@ def test_pscnn_run_resuming_a_run_trained_to_its_end_starts_no_worker(finished, 
     assert "has trained its 2 epochs already" in err and "had not exited" not in err, err
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["server.log"]
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+
+
+def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_says_it_waits_for_none(finished, tmp_path,
+                                                                                        caplog):
+    """It writes its results at once: its log said "no evaluator connected; waiting up to 120 s for one"."""
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0)
+    try:
+        with caplog.at_level(logging.INFO, logger="pscnn.server"):
+            assert server.srv._finish(time.monotonic()), "the run was not finished at once"
+    finally:
+        server.close()
+        server.srv.writer.close()
+    assert server.srv.summary_written
+    assert not [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
