@@ -432,8 +432,10 @@ def _ended_early(cluster: LocalCluster, outputs: RunOutputs, status: int) -> int
     if outputs.finished():
         _say(f"pscnn run: the server had ended the run ({SUMMARY_FILE} written); its report follows")
         print_report(outputs.summary)
-    elif (hint := outputs.resume_hint()):
-        _say(hint)
+    else:       # else stopped before this run's first checkpoint (a server killed early): not a word on what to do
+        _say(outputs.resume_hint()
+             or f"pscnn run: stopped before the server's first checkpoint, with nothing to continue; once what is "
+                f"reported above is fixed, the same command starts the run again (run folder {outputs.out})")
     return status if status > 0 else 1      # killed by a signal: 1, not sys.exit(-9)'s 247
 
 

@@ -610,6 +610,19 @@ def test_a_run_stopped_before_its_first_update_has_nothing_to_continue(tmp_path,
     assert "--resume" not in err
 
 
+def test_a_server_killed_before_its_first_checkpoint_leaves_a_line_on_what_to_do(tmp_path, capsys):
+    """kill -9 (the OOM killer) before the server's first checkpoint: the launcher said only that
+    the server was killed, and nothing of what to do (--resume has nothing to continue)."""
+    cluster = RecordingCluster(tmp_path / "run")
+    outputs = RunOutputs(cluster.out, resume=False)
+    cluster.out.mkdir()
+    assert launcher._ended_early(cluster, outputs, -9) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "pscnn run: stopped before the server's first checkpoint, with nothing to continue; once what is reported "
+        f"above is fixed, the same command starts the run again (run folder {cluster.out})"), err
+
+
 def test_a_run_stopped_after_updates_says_how_to_continue_from_its_checkpoint(tmp_path, capsys):
     """A readable checkpoint of version 3: the --resume hint."""
     cluster = RecordingCluster(tmp_path / "run")
