@@ -1410,8 +1410,10 @@ class ParameterServer:
             x, y = load_mnist("test", mnist_dir=self.cfg.mnist_dir, limit=self.cfg.test_limit or None)
             m = evaluate(self.store.model, x, y)
             record = self._evaluation_record(time.monotonic(), self.store.version, m["accuracy"], m["loss"], True)
-            self._record_evaluation(record)
-            self._log_evaluation(record, m, by="server")
+            # not logged again when recorded already: a resumed run's final evaluation the killed server
+            # logged (the same weights and test set, the same scores)
+            if self._record_evaluation(record):
+                self._log_evaluation(record, m, by="server")
             return {"test_accuracy": m["accuracy"], "test_loss": m["loss"], **m}
         except Exception as exc:    # the run's weights are saved either way
             log.error("could not evaluate the final weights: %s", exc)

@@ -656,3 +656,24 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_says_it_waits
         server.srv.writer.close()
     assert server.srv.summary_written
     assert not [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+
+
+def test_a_final_evaluation_logged_after_the_checkpoint_is_not_logged_again_by_the_server(finished, tmp_path,
+                                                                                        mnist_dir):
+    """Killed after the final evaluation was logged, before the checkpoint that holds it: the
+    resumed server, with no evaluator, scores the final weights itself, and logged that version's
+    final evaluation a second time."""
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    (out / "summary.json").unlink()
+    edit_meta(out, lambda meta: meta["extra"].update(
+        final_eval=None, evaluations=[e for e in meta["extra"]["evaluations"] if not e["final"]]))
+    server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0,
+                       final_eval_timeout=0, mnist_dir=mnist_dir)
+    try:
+        assert server.srv._finish(time.monotonic()), "the run was not finished at once"
+    finally:
+        server.close()
+        server.srv.writer.close()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] is not None
+    assert [(e["version"], e["final"]) for e in eval_lines(out)].count((summary["updates"], True)) == 1
