@@ -1465,9 +1465,11 @@ class ParameterServer:
             "device": "cpu (server)", "config": self.cfg.to_json(),
             "status": "diverged" if self.failure else "complete", "error": self.failure,
         }
-        self.writer.write_summary(summary)
+        # model.npz first: summary.json says the run is finished (unfinished_run_warning), and a server
+        # killed between the two left a finished run without its weights, or beside an earlier run's
         save_model_checkpoint(os.path.join(self.cfg.out, "model.npz"), self.store.model, None,
                               step=self.store.version, metrics={"test_accuracy": m.get("test_accuracy")})
+        self.writer.write_summary(summary)
         try:
             make_plots(self.cfg.out)
         except Exception as exc:   # plots are a convenience; the run's results are written

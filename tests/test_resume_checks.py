@@ -677,3 +677,28 @@ def test_a_final_evaluation_logged_after_the_checkpoint_is_not_logged_again_by_t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] is not None
     assert [(e["version"], e["final"]) for e in eval_lines(out)].count((summary["updates"], True)) == 1
+
+
+def test_the_final_weights_are_written_before_the_summary_that_says_the_run_is_finished(finished, tmp_path,
+                                                                                       monkeypatch):
+    """summary.json marks the run finished; a server killed between it and model.npz left a finished
+    run without its final weights (or with an earlier run's, in a folder used before)."""
+    import server.server as server_module
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    (out / "summary.json").unlink()
+    (out / "model.npz").unlink()
+    summary_before_model = []
+    save = server_module.save_model_checkpoint
+
+    def save_and_look(path, *args, **kwargs):
+        summary_before_model.append((out / "summary.json").exists())
+        return save(path, *args, **kwargs)
+    monkeypatch.setattr(server_module, "save_model_checkpoint", save_and_look)
+    server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0)
+    try:
+        assert server.srv._finish(time.monotonic()), "the run was not finished at once"
+    finally:
+        server.close()
+        server.srv.writer.close()
+    assert (out / "summary.json").exists() and (out / "model.npz").exists()
+    assert summary_before_model[-1] is False        # the last save: model.npz (checkpoints come first)
