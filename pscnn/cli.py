@@ -6,6 +6,7 @@
     pscnn evaluator   the evaluator
     pscnn run         server + N workers + evaluator on this machine
     pscnn status      ask a server for its progress (a container healthcheck)
+    pscnn keys        make CURVE key pairs: a server's and its clients' (opt-in authentication)
     pscnn download    fetch and verify MNIST into the cache
     pscnn bench ...   throughput-scaling experiments
 
@@ -336,11 +337,21 @@ def add_log_flags(p: argparse.ArgumentParser) -> None:
                    help="log verbosity, in any case (default: INFO)")
 
 
+# --keys of a client (worker, evaluator, status): docs/deployment.md, "Authentication and encryption".
+CLIENT_KEYS_HELP = ("CURVE: authenticate and encrypt with the keys in this folder (DIR/client-N of pscnn keys DIR: "
+                    "this client's key pair and the server's public key); for a server started with --keys "
+                    "(default: plain, unauthenticated)")
+
+
 def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g = p.add_argument_group("parameter server")
     if bind:
         g.add_argument("--bind", type=_bind_endpoint, default="tcp://*:5555",
                        help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
+        g.add_argument("--keys", type=_path, default=None, metavar="FOLDER",
+                       help="CURVE: encrypt every connection and admit only the clients whose public keys are "
+                            "in FOLDER/authorized (DIR/server of pscnn keys DIR, holding server.key_secret) "
+                            "(default: plain, anyone who reaches the port may join)")
     g.add_argument("--mode", default="sync", choices=MODES,
                    help="consistency: sync (BSP), async, or ssp (bounded staleness) (default: sync)")
     g.add_argument("--staleness", type=non_negative_int, default=None,
@@ -426,6 +437,7 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", type=_name, default=None, help="a readable id for logs (default: ROLE-HOST-PID, e.g. trainer-myhost-4242)")
     g.add_argument("--give-up-after", type=positive_float, default=600.0,
                    help="exit with status 1 after this many seconds without reaching the server (default: 600)")
+    g.add_argument("--keys", type=_path, default=None, metavar="FOLDER", help=CLIENT_KEYS_HELP)
 
 
 # --------------------------------------------------------------------------- parser
@@ -483,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_switch(p, "--no-evaluator",
                help="run without an evaluator (the server scores the final weights itself)")
     add_switch(p, "--overlap", help=OVERLAP_HELP)
+    add_switch(p, "--curve", help="CURVE: make new keys in OUT/keys (a server's, one per child) and run every "
+                                  "connection authenticated and encrypted")
     add_server_flags(p, bind=False)
     add_model_flags(p)
     add_data_flags(p)
@@ -495,6 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
                    help="server endpoint (default: tcp://localhost:5555)")
     p.add_argument("--timeout", type=poll_seconds, default=2.0, help="seconds to wait (default: 2)")
+    p.add_argument("--keys", type=_path, default=None, metavar="FOLDER", help=CLIENT_KEYS_HELP)
+
+    p = sub.add_parser("keys", help="make CURVE keys: a server's, and its clients'",
+                       description="Write a server key pair and --clients client key pairs (ZeroMQ certificates) "
+                                   "into FOLDER, one folder per role: FOLDER/server for pscnn server --keys, "
+                                   "FOLDER/client-N for a worker's, evaluator's or pscnn status's --keys. "
+                                   "Secret certificates are readable by their owner only. An existing server "
+                                   "or client folder there is refused, never replaced.")
+    p.add_argument("folder", type=_path, metavar="FOLDER", help="where to write the keys (made if missing)")
+    p.add_argument("--clients", type=positive_int, default=1,
+                   help="client key pairs to make, client-0 ... (default: 1; workers may share one)")
 
     p = sub.add_parser("download", help="fetch and verify MNIST; print the folder (for MNIST_DIR)",
                        description="Download whichever of the four MNIST files are missing from, or corrupt "
@@ -966,6 +991,9 @@ def _dispatch(args) -> int:
     if cmd == "status":
         from worker.client import status_from_args  # noqa: PLC0415
         return status_from_args(args)
+    if cmd == "keys":
+        from pscnn.curve import keys_from_args  # noqa: PLC0415
+        return keys_from_args(args)
     if cmd == "bench":
         from pscnn.bench import run_bench_from_args  # noqa: PLC0415
         return run_bench_from_args(args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
+from pscnn import curve
 from pscnn.cli import STOP_SIGNALS
 from server.server import (CHECKPOINT_NAME, ParameterServer, check_model_travels, checkpoint_version,
                            config_from_args, summary_after_checkpoint, unfinished_run_warning)
@@ -108,8 +110,12 @@ class LocalCluster:
     Each child stops (SIGTERM) when the process that started it dies: see
     :func:`pscnn.cli.stop_with_launcher`."""
 
-    def __init__(self, out: str | Path, port: int | None = None, threads: int = 1):
+    def __init__(self, out: str | Path, port: int | None = None, threads: int = 1, keys: str | Path | None = None):
+        """``keys``: a folder of CURVE keys (:func:`make_run_keys`): the server gets its ``server``
+        folder, each child the folder of its name, :meth:`status` that of :data:`STATUS_KEYS`."""
         self.out = Path(out)
+        self.keys = Path(keys) if keys is not None else None
+        self.status_keys = curve.client_keys(self.keys / STATUS_KEYS) if self.keys is not None else None
         self.logs = self.out / "logs"
         make_folder(self.logs)
         self.port = port or free_port()
@@ -144,16 +150,20 @@ class LocalCluster:
         return proc
 
     def start_server(self, flags: list[str], name: str = "server") -> subprocess.Popen:
-        return self.start(name, ["server", "--bind", self.endpoint, *flags])
+        return self.start(name, ["server", "--bind", self.endpoint, *self._keys_flag(curve.SERVER_NAME), *flags])
 
     def start_worker(self, name: str, flags: list[str] = ()) -> subprocess.Popen:
-        return self.start(name, ["worker", "--server", self.endpoint, "--name", name, *flags])
+        return self.start(name, ["worker", "--server", self.endpoint, "--name", name, *self._keys_flag(name), *flags])
 
     def start_evaluator(self, flags: list[str] = (), name: str = "evaluator") -> subprocess.Popen:
-        return self.start(name, ["evaluator", "--server", self.endpoint, "--name", name, *flags])
+        return self.start(name, ["evaluator", "--server", self.endpoint, "--name", name, *self._keys_flag(name),
+                                 *flags])
+
+    def _keys_flag(self, name: str) -> list[str]:
+        return ["--keys", str(self.keys / name)] if self.keys is not None else []
 
     def status(self, timeout: float = 1.0) -> dict | None:
-        return query_status(self.endpoint, timeout)
+        return query_status(self.endpoint, timeout, self.status_keys)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         """The last ``lines`` lines of what child ``name`` wrote, since its latest start ("" if nothing)."""
@@ -206,6 +216,25 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# The client key of a LocalCluster's own status queries (the progress bar), beside its children's.
+STATUS_KEYS = "run"
+
+
+def worker_name(index: int) -> str:
+    return f"worker-{index}"
+
+
+def make_run_keys(out: str | Path, workers: int) -> Path:
+    """``pscnn run --curve``: new CURVE keys in OUT/keys for the server, ``workers`` workers, the
+    evaluator and the launcher's status queries -> that folder (for :class:`LocalCluster`).
+
+    An earlier run's keys there are replaced: every process of this run gets the new ones."""
+    folder = Path(out) / "keys"
+    shutil.rmtree(folder, ignore_errors=True)
+    curve.make_keys(folder, [*(worker_name(i) for i in range(workers)), "evaluator", STATUS_KEYS])
+    return folder
 
 
 def check_port_free(endpoint: str) -> None:
@@ -335,7 +364,8 @@ def run_from_args(args) -> int:
     if args.port:                       # else the cluster takes a port that was free a moment ago
         check_port_free(local_endpoint(args.port))
     outputs = RunOutputs(args.out, args.resume)
-    cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads)
+    cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads,
+                           keys=make_run_keys(args.out, args.workers) if args.curve else None)
     def on_stop_signal(signum, frame):
         raise KeyboardInterrupt
     old_handlers = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, *STOP_SIGNALS)}
@@ -362,7 +392,8 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
     with cluster:
         bar, codes = None, {}
         try:                            # from the first child on: a signal must stop every one started
-            print(f"pscnn run: server on {cluster.endpoint}, {counted(workers, 'worker')}, mode {args.mode}, "
+            print(f"pscnn run: server on {cluster.endpoint}{' (CURVE)' if cluster.keys else ''}, "
+                  f"{counted(workers, 'worker')}, mode {args.mode}, "
                   f"logs in {cluster.logs}", file=sys.stderr)
             if trained:
                 _say(f"pscnn run: the run in {outputs.out} has trained its {args.epochs} epochs already; "
@@ -370,7 +401,7 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
                         "its final weights are scored and its results written"))
             cluster.start_server(flags_from(args, SERVER_FLAGS))
             for i in range(workers):
-                cluster.start_worker(f"worker-{i}", [*client_flags, *(["--overlap"] if args.overlap else [])])
+                cluster.start_worker(worker_name(i), [*client_flags, *(["--overlap"] if args.overlap else [])])
             if not args.no_evaluator and not scored:
                 cluster.start_evaluator([*client_flags, "--test-limit", str(args.test_limit),
                                          *(["--every", str(args.eval_every)] if args.eval_every else [])])

@@ -67,6 +67,7 @@ from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, without_lost_updates
 from cnn_core.training import check_model_fits_mnist
+from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES
 from pscnn.names import name_problem
@@ -347,6 +348,7 @@ class ServerConfig:
     wait_for_workers: int = 0
     start_timeout: float = 60.0
     log_steps: bool = True
+    keys: str | None = None             # CURVE: the server's key folder (pscnn.curve); None: plain
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -471,6 +473,8 @@ class ParameterServer:
         self.writer = None
         self.ctx = zmq.Context.instance()
         self.sock = None
+        self.keys = curve.server_keys(cfg.keys) if cfg.keys else None
+        self.authenticator = None               # ZeroMQ's ZAP handler, while serving with keys
         if cfg.resume:
             self._resume()
         else:
@@ -525,6 +529,9 @@ class ParameterServer:
         if shortage:
             log.warning("%s", shortage)
         self.sock = self.ctx.socket(zmq.ROUTER)
+        if self.keys is not None:       # before the bind: no connection is ever accepted unchecked
+            curve.secure_server(self.sock, self.keys)
+            self.authenticator = curve.start_authenticator(self.ctx, self.keys)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.max_frame_bytes(self.store.push_bytes))
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -544,9 +551,15 @@ class ParameterServer:
                                     resume=self.cfg.resume)
         except BaseException:
             self.sock.close(linger=0)
+            self._stop_authenticator()
             raise
         if self.cfg.resume:
             self._adopt_logged_evaluations()
+
+    def _stop_authenticator(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
 
     def serve(self) -> int:
         """Run until training is over and every client was told to stop.
@@ -561,8 +574,9 @@ class ParameterServer:
         except BaseException:
             self._restore_signal_handlers(old_handlers)
             raise
-        log.info("listening on %s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
-                 "optimizer %s", self.cfg.bind, self.cfg.mode,
+        log.info("listening on %s%s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
+                 "optimizer %s", self.cfg.bind,
+                 f" (CURVE: {len(self.keys.authorized)} authorized client keys)" if self.keys else "", self.cfg.mode,
                  f" (staleness {self.cfg.staleness})" if self.cfg.mode == "ssp" else "",
                  self.cfg.epochs, self.work.batches_per_epoch, self.cfg.batch_size,
                  self.cfg.model if isinstance(self.cfg.model, str) else "custom",
@@ -615,6 +629,7 @@ class ParameterServer:
                 limited.flush(time.monotonic(), final=True)
             self._restore_signal_handlers(old_handlers)
             self.sock.close(linger=1000)
+            self._stop_authenticator()
             self.writer.close()
         for problem in (self.failure, self.write_error):
             if problem is not None:
@@ -1921,4 +1936,5 @@ def config_from_args(args) -> ServerConfig:
                        final_eval_timeout=(DEFAULT_FINAL_EVAL_TIMEOUT if args.final_eval_timeout is None
                                            else args.final_eval_timeout), max_workers=args.max_workers,
                        log_rejected=args.log_rejected,
-                       wait_for_workers=args.wait_for_workers or 0, start_timeout=start_timeout(args))
+                       wait_for_workers=args.wait_for_workers or 0, start_timeout=start_timeout(args),
+                       keys=getattr(args, "keys", None))

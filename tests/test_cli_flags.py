@@ -826,8 +826,9 @@ def test_an_empty_variable_still_means_the_default():
 class _NoProcesses:
     """LocalCluster's surface for run_from_args, starting nothing."""
 
-    def __init__(self, out, port=None, threads=1):
+    def __init__(self, out, port=None, threads=1, keys=None):
         self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
+        self.keys = keys
 
     start_server = start_worker = start_evaluator = lambda self, *a, **k: None
 

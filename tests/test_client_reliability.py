@@ -86,6 +86,22 @@ class SimSocket:
     def close(self, linger=None) -> None:
         self.closed = True
 
+    def get_monitor_socket(self, events=None) -> "SimMonitor":
+        return SimMonitor()
+
+    def disable_monitor(self) -> None:
+        pass
+
+
+class SimMonitor:
+    """A socket monitor's stand-in (pscnn.curve.HandshakeWatch): no handshake ever fails."""
+
+    def poll(self, timeout=None, flags=zmq.POLLIN) -> int:
+        return 0
+
+    def close(self, linger=None) -> None:
+        pass
+
 
 class SimNet:
     """The simulated clock (``now``) and the sockets the client opened (it stands in for its zmq.Context)."""

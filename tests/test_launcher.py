@@ -305,8 +305,8 @@ class RecordingCluster:
     codes: dict = {}
     hooks: dict = {}
 
-    def __init__(self, out, port=None, threads=1):
-        self.out, self.logs, self.endpoint = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1"
+    def __init__(self, out, port=None, threads=1, keys=None):
+        self.out, self.logs, self.endpoint, self.keys = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", keys
         self.procs, self.started, self.stops = {}, {}, []
         self.on_wait, self.on_stop = self.hooks.get("on_wait"), self.hooks.get("on_stop")
         RecordingCluster.made.append(self)

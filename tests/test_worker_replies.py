@@ -443,10 +443,10 @@ def test_the_evaluators_flags_reach_it(monkeypatch):
     seen = {}
     monkeypatch.setattr(evaluator_module, "run_evaluator", lambda endpoint, **kw: seen.update(kw, endpoint=endpoint) or 0)
     args = parse_args(["evaluator", "--server", "tcp://127.0.0.1:1", "--every", "3.5", "--test-limit", "7",
-                       "--give-up-after", "9", "--name", "ev"], {})
+                       "--give-up-after", "9", "--name", "ev", "--keys", "/keys/evaluator"], {})
     assert evaluator_module.run_evaluator_from_args(args) == 0
     assert seen == {"endpoint": "tcp://127.0.0.1:1", "every": 3.5, "test_limit": 7, "device": "cpu",
-                    "mnist_dir": None, "name": "ev", "give_up_after": 9.0}
+                    "mnist_dir": None, "name": "ev", "give_up_after": 9.0, "keys": "/keys/evaluator"}
 
 
 # ================================================================ 6: heartbeats say done, pulls say not

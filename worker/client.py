@@ -21,7 +21,10 @@ between (the "Lazy Pirate" pattern):
   ``unknown_worker``: the client says hello again and raises :class:`Rejoined`
   so the caller restarts its loop from a fresh task;
 * a reply in another protocol version (a server of another pscnn release) is
-  a :class:`BadReply` at once: resending cannot change the server's version.
+  a :class:`BadReply` at once: resending cannot change the server's version;
+* a handshake the server refused (a CURVE key it does not admit, CURVE on one
+  side only: :mod:`pscnn.curve`) is a :class:`~pscnn.curve.HandshakeFailed`
+  at the first silence, not silence until ``give_up_after``.
 
 What the server says is not trusted further than :func:`protocol.decode`
 checks it: a refusal is a :class:`ServerError`, a reply the client cannot use
@@ -49,6 +52,7 @@ import uuid
 import zmq
 
 from cnn_core.errors import ConfigError, PscnnError
+from pscnn import curve
 from pscnn import protocol as P
 from pscnn.names import WID_SUFFIX_LEN, name_problem
 
@@ -144,8 +148,9 @@ class Rejoined(Exception):
 class Client:
     def __init__(self, endpoint: str, role: str, name: str | None = None, device: str = "cpu",
                  give_up_after: float = 600.0, resend_s: float = 1.0, reconnect_s: float = 3.0,
-                 max_backoff_s: float = 5.0, heartbeat: bool = True):
+                 max_backoff_s: float = 5.0, heartbeat: bool = True, keys: curve.ClientKeys | None = None):
         self.endpoint = endpoint
+        self.keys = keys                        # CURVE: this client's key pair and the server's public key
         self.role = role
         host = pysocket.gethostname()
         self.name = name or f"{role}-{host[:64]}-{os.getpid()}"     # [:64]: the wid must fit (pscnn.names)
@@ -160,6 +165,7 @@ class Client:
         self.max_backoff_s = max_backoff_s
         self.ctx = zmq.Context.instance()
         self.sock = None
+        self.handshakes = curve.HandshakeWatch(endpoint, keys)     # on the request socket
         self.seq = 0
         self.welcome: P.Message | None = None
         self.heartbeat_s = 2.0
@@ -226,6 +232,7 @@ class Client:
         try:
             self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
+            self.handshakes.check()     # the connection was refused, and no new one will do better
             log.info("no connection to %s to send on; reconnecting", self.endpoint)
             self._open()
             try:
@@ -254,6 +261,7 @@ class Client:
                 pass
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=5.0)      # it notices _closing within a quarter second
+        self.handshakes.close()
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
@@ -279,6 +287,8 @@ class Client:
         return reply
 
     def _open(self) -> None:
+        self.handshakes.check()         # what the socket given up on said of its handshakes (a refusal)
+        self.handshakes.close()
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -290,6 +300,8 @@ class Client:
         # No frame the protocol accepts is longer: a longer one is refused from its length prefix,
         # closing the connection, before it takes our memory (as on the server, P.max_frame_bytes).
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        curve.secure_client(self.sock, self.keys)
+        self.handshakes.watch(self.sock)
         P.connect(self.sock, self.endpoint)
 
     def _check_deadlines(self, msg: P.Message, now: float, t0: float, limit: float, malformed: str | None) -> None:
@@ -323,6 +335,7 @@ class Client:
             # A reply already here is read before any deadline is checked: the caller may have been
             # busy past one (a batch computed after submit) while its answer waited.
             if not self.sock.poll(0, zmq.POLLIN):
+                self.handshakes.check()         # a refused handshake: say it now, not after the deadline
                 self._check_deadlines(msg, now, t0, limit, malformed)
                 if now - t0 > limit and not held_logged:
                     held_logged = True
@@ -367,6 +380,7 @@ class Client:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)     # an answer is a header alone (see _open)
+            curve.secure_client(sock, self.keys)
             P.connect(sock, self.endpoint)
             return sock
         sock = open_socket()
@@ -477,21 +491,28 @@ def exit_status_unreachable(client: Client, exc: ServerUnreachable, logger) -> i
     return 1
 
 
-def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
+def query_status(endpoint: str, timeout: float = 1.0, keys: curve.ClientKeys | None = None) -> dict | None:
     """The server's progress dict, or None if it does not answer within ``timeout``.
 
     A one-shot request: no hello, no retries (a healthcheck must not linger).
     BadReply if what answers is not a pscnn server of this protocol version
-    (its error reply must not pass for a healthy server).
+    (its error reply must not pass for a healthy server); HandshakeFailed if
+    it refused the connection (``keys``: a client's, for a server with CURVE).
     """
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)     # the answer is a header alone (see Client._open)
+    curve.secure_client(sock, keys)
+    handshakes = curve.HandshakeWatch(endpoint, keys)
+    handshakes.watch(sock)
     try:
         P.connect(sock, endpoint)
         P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
-        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-            return None
+        deadline = time.monotonic() + timeout
+        while not sock.poll(int(min(max(deadline - time.monotonic(), 0.0), 0.1) * 1000), zmq.POLLIN):
+            handshakes.check()
+            if time.monotonic() >= deadline:
+                return None
         try:
             reply = P.decode_message(*P.recv_message(sock))
         except P.ProtocolError as exc:      # e.g. another service on that port: say which endpoint
@@ -509,13 +530,14 @@ def query_status(endpoint: str, timeout: float = 1.0) -> dict | None:
                            f"{P.one_line(exc, 200)}") from None
         return progress
     finally:
+        handshakes.close()
         sock.close(linger=0)
 
 
 def status_from_args(args) -> int:
     """``pscnn status``: print the server's progress as JSON; exit 0 if it answered."""
     import sys  # noqa: PLC0415
-    progress = query_status(args.server, args.timeout)
+    progress = query_status(args.server, args.timeout, curve.client_keys(args.keys) if args.keys else None)
     if progress is None:
         print(f"pscnn status: no answer from {args.server} within {args.timeout:g} s", file=sys.stderr)
         return 1

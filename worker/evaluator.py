@@ -31,6 +31,7 @@ import numpy as np
 from cnn_core.data import load_mnist
 from cnn_core.errors import PscnnError
 from cnn_core.metrics import evaluate
+from pscnn import curve
 from pscnn import protocol as P
 
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
@@ -43,14 +44,16 @@ log = logging.getLogger("pscnn.evaluator")
 
 def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, device: str = "cpu",
                   mnist_dir: str | None = None, name: str | None = None, give_up_after: float = 600.0,
-                  nice: int = 10) -> int:
+                  nice: int = 10, keys: str | None = None) -> int:
+    """``keys``: the folder of this client's CURVE keys (:mod:`pscnn.curve`), for a server that requires them."""
+    client_keys = curve.client_keys(keys) if keys else None     # a bad key file: one line, before the data loads
     if nice:
         try:
             os.nice(nice)
         except OSError:
             pass
     check_local_setup(device, mnist_dir, "test")
-    client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after)
+    client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
     try:
         welcome = client.connect()
         model = model_from_welcome(welcome.body["model"], device)
@@ -169,4 +172,4 @@ def _weights(reply: P.Message, model, have: int) -> P.Message:
 
 def run_evaluator_from_args(args) -> int:
     return run_evaluator(args.server, every=args.every, test_limit=args.test_limit, device=args.device,
-                         mnist_dir=args.mnist_dir, name=args.name, give_up_after=args.give_up_after)
+                         mnist_dir=args.mnist_dir, name=args.name, give_up_after=args.give_up_after, keys=args.keys)

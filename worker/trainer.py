@@ -43,6 +43,7 @@ from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mni
 from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays, all_finite
 from cnn_core.model import build_model
+from pscnn import curve
 from pscnn import protocol as P
 
 from .client import (HELD_LIMIT_FACTOR, BadReply, Client, FailureStreak, Rejoined, ServerError,
@@ -476,9 +477,12 @@ class Trainer:
 
 
 def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mnist_dir: str | None = None,
-                give_up_after: float = 600.0, compute_ms: float | None = None, overlap: bool = False) -> int:
+                give_up_after: float = 600.0, compute_ms: float | None = None, overlap: bool = False,
+                keys: str | None = None) -> int:
+    """``keys``: the folder of this client's CURVE keys (:mod:`pscnn.curve`), for a server that requires them."""
+    client_keys = curve.client_keys(keys) if keys else None     # a bad key file: one line, before the data loads
     check_local_setup(device, mnist_dir, None if compute_ms is not None else "train")
-    client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after)
+    client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
     try:
         welcome = client.connect()
         log.info("joined %s as %s", endpoint, client.wid)
@@ -515,4 +519,5 @@ def leave_on_signal(client: Client, exc: BaseException) -> int:
 
 def run_trainer_from_args(args) -> int:
     return run_trainer(args.server, name=args.name, device=args.device, mnist_dir=args.mnist_dir,
-                       give_up_after=args.give_up_after, compute_ms=args.compute_ms, overlap=args.overlap)
+                       give_up_after=args.give_up_after, compute_ms=args.compute_ms, overlap=args.overlap,
+                       keys=args.keys)

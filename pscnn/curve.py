@@ -1,0 +1,344 @@
+"""Opt-in peer authentication and encryption: ZeroMQ's CURVE, with ``zmq.auth``.
+
+Without keys, anyone who reaches the server's port may join as a trainer, push
+gradients, take up ``--max-workers`` places and read the weights.  With them,
+every connection is encrypted and the server admits only clients whose public
+key it holds; ZeroMQ's ZAP handler (a :class:`~zmq.auth.thread.ThreadAuthenticator`)
+refuses the others during the handshake, before any message reaches the server.
+Both sides import this module: no socket is secured anywhere else.
+
+``pscnn keys DIR`` (:func:`make_keys`) writes ZeroMQ certificates (the format
+of ``zmq.auth.create_certificates``), one folder per role, each holding only
+what that role needs::
+
+    DIR/server/server.key_secret         the server's key pair       (pscnn server --keys DIR/server)
+    DIR/server/server.key                its public key
+    DIR/server/authorized/NAME.key       each client's public key    (the clients it admits)
+    DIR/NAME/NAME.key_secret             a client's key pair         (pscnn worker --keys DIR/NAME)
+    DIR/NAME/NAME.key                    its public key (to authorize it on another server)
+    DIR/NAME/server.key                  the server's public key
+
+Folders are made mode 0700 and secret certificates 0600.  Several processes may
+share one client folder (every worker container of a Compose service): the key
+says who may join, not which worker is which.  The server's own folder serves
+as a client's too, and the server admits its own key: ``pscnn status`` in the
+server's container (its healthcheck) reads the same ``PSCNN_KEYS`` as the server.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.utils import z85
+
+from cnn_core.errors import PscnnError
+from pscnn.cli import given_flag
+
+log = logging.getLogger("pscnn.curve")
+
+SERVER_NAME = "server"
+AUTHORIZED = "authorized"
+PUBLIC, SECRET = ".key", ".key_secret"
+KEY_CHARS = 40                  # a Z85-encoded 32-byte Curve25519 key
+# Handshakes that failed without a reason before a client with keys says so: one may be a
+# connection cut mid-handshake, a few in a row a server that cannot decrypt our hello
+# (the wrong server.key), which ZeroMQ reports no better.
+SILENT_FAILURES_LIMIT = 3
+# Refused client keys the server names in its log, one line each; later ones are refused silently.
+REFUSALS_LOGGED = 100
+KEYS_HINT = "pscnn keys DIR makes DIR/server for the server and DIR/client-N for each client"
+
+
+class KeysError(PscnnError, OSError):
+    """A key folder or certificate that is missing, unreadable or malformed (the message names it)."""
+
+
+class HandshakeFailed(PscnnError):
+    """The server and this client could not agree on a connection: a key the server refused, or
+    CURVE on one side only.  Retrying cannot help, so the client stops, saying which and the remedy."""
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """What ``pscnn server --keys FOLDER`` reads: its key pair and the public keys it admits (its own among them)."""
+
+    folder: Path
+    public: bytes
+    secret: bytes
+    authorized: frozenset           # Z85 public keys (bytes), as the ZAP handler gets them
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """What a client's ``--keys FOLDER`` reads: its key pair, and the server's public key (the server's
+    folder: its own key pair, and its public key)."""
+
+    folder: Path
+    certificate: Path               # its secret certificate, named in messages
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+# --------------------------------------------------------------------------- making keys
+
+def make_keys(folder, clients) -> list[Path]:
+    """Write a server key pair and one client key pair per name in ``clients`` under ``folder``
+    (see the module docs) -> the folders made, the server's first.
+
+    KeysError if ``folder`` already holds a server's keys (new ones would lock out every
+    client given the old), or a client folder of one of the names exists.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise KeysError(f"{folder} is a file, not a folder for keys")
+    server_dir = folder / SERVER_NAME
+    for path in [server_dir, *(folder / name for name in clients)]:
+        if path.exists():
+            raise KeysError(f"{path} already exists: choose another folder for new keys "
+                            "(or remove it; clients holding its keys would then be refused)")
+    try:
+        _private_folder(folder)
+        _private_folder(server_dir)
+        _private_folder(server_dir / AUTHORIZED)
+        server_public, _ = _certificates(server_dir, SERVER_NAME)
+        made = [server_dir]
+        for name in clients:
+            client_dir = folder / name
+            _private_folder(client_dir)
+            public, _ = _certificates(client_dir, name)
+            (server_dir / AUTHORIZED / public.name).write_bytes(public.read_bytes())
+            (client_dir / server_public.name).write_bytes(server_public.read_bytes())
+            made.append(client_dir)
+    except OSError as exc:
+        raise KeysError(f"cannot write keys into {folder}: {exc.strerror or exc}") from None
+    return made
+
+
+def _private_folder(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _certificates(folder: Path, name: str) -> tuple[Path, Path]:
+    """A new key pair NAME.key / NAME.key_secret in ``folder``; the secret one readable by its owner only."""
+    public, secret = zmq.auth.create_certificates(folder, name)
+    os.chmod(secret, stat.S_IRUSR | stat.S_IWUSR)      # the folder (0700) hid it until now
+    return Path(public), Path(secret)
+
+
+# --------------------------------------------------------------------------- reading keys
+
+def _read_certificate(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) keys of a certificate file; KeysError naming it if it is missing or malformed."""
+    if not path.is_file():
+        raise KeysError(f"{path}: no such certificate file ({KEYS_HINT})")
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except OSError as exc:
+        raise KeysError(f"{path}: cannot read it: {exc.strerror or exc}{_owner_hint(path)}") from None
+    except (ValueError, IndexError):
+        raise KeysError(f"{path}: not a ZeroMQ certificate (no public-key line)") from None
+    if secret and secret_key is None:
+        raise KeysError(f"{path}: has no secret-key line: a secret certificate (*{SECRET}) is needed")
+    for what, key in (("public-key", public), ("secret-key", secret_key)):
+        if key is not None and not _is_key(key):
+            raise KeysError(f"{path}: its {what} is not a {KEY_CHARS}-character Z85 key")
+    return public, secret_key
+
+
+def _is_key(key: bytes) -> bool:
+    if len(key) != KEY_CHARS:
+        return False
+    try:
+        z85.decode(key)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _owner_hint(path: Path) -> str:
+    """Whose ``path`` is, when that is not this process's user: key folders and secrets are their
+    owner's only, and a container's user (uid 10001 in pscnn's image) is not the one who made them."""
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return ""
+    return f" (it belongs to uid {owner}, and this process runs as uid {os.getuid()})" if owner != os.getuid() else ""
+
+
+def _folder(path) -> Path:
+    """``path`` as a key folder this process may read; KeysError otherwise."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise KeysError(f"{given_flag('keys')} {folder}: no such folder ({KEYS_HINT})")
+    if not os.access(folder, os.R_OK | os.X_OK):    # else each file in it would read as missing
+        raise KeysError(f"{given_flag('keys')} {folder}: cannot read the folder: permission denied"
+                        f"{_owner_hint(folder)}")
+    return folder
+
+
+def server_keys(path) -> ServerKeys:
+    """The server's keys from its folder (``DIR/server``); KeysError naming what is missing or bad."""
+    folder = _folder(path)
+    if not (folder / (SERVER_NAME + SECRET)).exists() and any(folder.glob("*" + SECRET)):
+        raise KeysError(f"{given_flag('keys')} {folder} holds a client's keys; the server takes DIR/server "
+                        f"(with {SERVER_NAME + SECRET})")
+    public, secret = _read_certificate(folder / (SERVER_NAME + SECRET), secret=True)
+    authorized_dir = folder / AUTHORIZED
+    if not authorized_dir.is_dir():
+        raise KeysError(f"{authorized_dir}: no such folder of authorized client keys ({KEYS_HINT})")
+    authorized = frozenset(_read_certificate(p, secret=False)[0] for p in sorted(authorized_dir.glob("*" + PUBLIC)))
+    if not authorized:
+        raise KeysError(f"{authorized_dir}: holds no client public key (*{PUBLIC}), so every client would be refused")
+    return ServerKeys(folder, public, secret, authorized | {public})     # its own: pscnn status beside it
+
+
+def client_keys(path) -> ClientKeys:
+    """A client's keys from its folder (``DIR/NAME``); KeysError naming what is missing or bad."""
+    folder = _folder(path)
+    if (folder / (SERVER_NAME + SECRET)).exists():        # the server's folder (pscnn status beside the server)
+        public, secret = _read_certificate(folder / (SERVER_NAME + SECRET), secret=True)
+        return ClientKeys(folder, folder / (SERVER_NAME + SECRET), public, secret, public)
+    secrets = sorted(folder.glob("*" + SECRET))
+    if len(secrets) != 1:
+        found = ", ".join(p.name for p in secrets) if secrets else "none"
+        raise KeysError(f"{given_flag('keys')} {folder}: expected one client secret certificate (*{SECRET}), "
+                        f"found {found}")
+    public, secret = _read_certificate(secrets[0], secret=True)
+    server_public, _ = _read_certificate(folder / (SERVER_NAME + PUBLIC), secret=False)
+    return ClientKeys(folder, secrets[0], public, secret, server_public)
+
+
+# --------------------------------------------------------------------------- securing sockets
+
+def secure_server(sock, keys: ServerKeys) -> None:
+    """Make ``sock`` (before it binds) a CURVE server: every connection encrypted and, with
+    :func:`start_authenticator` on its context, every client's key checked."""
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_server = True
+
+
+def secure_client(sock, keys: ClientKeys | None) -> None:
+    """Make ``sock`` (before it connects) a CURVE client of the server whose key ``keys`` holds; None: plain."""
+    if keys is None:
+        return
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_serverkey = keys.server_public
+
+
+class AuthorizedKeys:
+    """The ZAP handler's credentials provider: admits the keys of ``keys.authorized``, and logs each
+    key it refuses once (up to REFUSALS_LOGGED of them: a scan must not flood the log)."""
+
+    def __init__(self, keys: ServerKeys):
+        self.keys = keys
+        self.refused: set[bytes] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys.authorized:
+            return True
+        if key not in self.refused and len(self.refused) < REFUSALS_LOGGED:
+            self.refused.add(key)
+            log.warning("refused a client whose CURVE public key %s is not in %s%s", key.decode("ascii", "replace"),
+                        self.keys.folder / AUTHORIZED,
+                        f" (the last of {REFUSALS_LOGGED} refused keys logged)"
+                        if len(self.refused) == REFUSALS_LOGGED else "")
+        return False
+
+
+def start_authenticator(ctx, keys: ServerKeys):
+    """Start ZeroMQ's ZAP handler on ``ctx``, admitting ``keys.authorized``; ``.stop()`` it after use."""
+    from zmq.auth.thread import ThreadAuthenticator  # noqa: PLC0415  (a server with keys only)
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("pscnn.curve.zap"))
+    auth.start()
+    auth.configure_curve_callback("*", AuthorizedKeys(keys))
+    return auth
+
+
+# --------------------------------------------------------------------------- handshake failures
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class HandshakeWatch:
+    """Watches a client socket's handshakes (a ZeroMQ socket monitor), so that a refusal is said at
+    once: ZeroMQ itself only reconnects and fails again, and the client heard nothing until it
+    gave up (``--give-up-after``, 600 s).
+
+    ``keys``: the client's (None: plain).  One watch follows the sockets a client reopens
+    (:meth:`watch`), counting handshakes that failed without a reason across them.
+    """
+
+    def __init__(self, endpoint: str, keys: ClientKeys | None):
+        self.endpoint, self.keys = endpoint, keys
+        self.sock = self.monitor = None
+        self.silent_failures = 0            # since the last handshake that succeeded
+
+    def watch(self, sock) -> None:
+        """Watch ``sock`` (before it connects) instead of the socket watched so far."""
+        self.close()
+        self.sock, self.monitor = sock, sock.get_monitor_socket(HANDSHAKE_EVENTS)
+
+    def check(self) -> None:
+        """Raise :class:`HandshakeFailed` if a handshake failed for a reason that retrying cannot change."""
+        from zmq.utils.monitor import recv_monitor_message  # noqa: PLC0415
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.silent_failures = 0
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.silent_failures += 1
+                if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT:
+                    raise HandshakeFailed(
+                        f"the CURVE handshake with {self.endpoint} failed {self.silent_failures} times in a row: "
+                        f"the server could not read our hello; is {self.keys.folder / (SERVER_NAME + PUBLIC)} the "
+                        "public key of this server (of its server.key_secret)?")
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                raise HandshakeFailed(self._failure(kind, value))
+
+    def _failure(self, kind: int, value: int) -> str:
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            public = self.keys.certificate.with_suffix(PUBLIC) if self.keys else None
+            return (f"{self.endpoint} refused this client's CURVE key (ZAP status {value}): add its public key"
+                    + (f" ({public})" if public else "") + " to the server's authorized folder "
+                    "(its --keys FOLDER/authorized), or give --keys the folder of a client it admits")
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            if self.keys is not None:
+                return (f"{self.endpoint} does not use CURVE: start the server with --keys, or run this "
+                        "client without --keys")
+            return (f"{self.endpoint} requires CURVE authentication: give --keys FOLDER (or PSCNN_KEYS), a client "
+                    f"folder the server authorizes ({KEYS_HINT})")
+        try:
+            reason = zmq.Event(value).name.lower()
+        except ValueError:
+            reason = f"protocol error {value:#x}"
+        return f"the handshake with {self.endpoint} failed ({reason}): is it a pscnn server of this release?"
+
+    def close(self) -> None:
+        """Stop watching (before the watched socket closes)."""
+        if self.monitor is None:
+            return
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:            # the socket is closed already
+            pass
+        self.monitor.close(linger=0)
+        self.sock = self.monitor = None
+
+
+def keys_from_args(args) -> int:
+    """``pscnn keys FOLDER --clients N``: make the keys, and say which folder goes to which role."""
+    made = make_keys(args.folder, [f"client-{i}" for i in range(args.clients)])
+    print(f"{made[0]}: the server's keys, for pscnn server --keys (or PSCNN_KEYS)")
+    for folder in made[1:]:
+        print(f"{folder}: a client's keys, for pscnn worker, evaluator or status --keys")
+    return 0

@@ -1,0 +1,213 @@
+"""Opt-in CURVE authentication and encryption (pscnn.curve): the keys, the refusals, a run with them.
+
+Everything binds 127.0.0.1 on free ports; every wait is bounded, and every process and socket a
+test starts is stopped at its end.  A refused client must say so in one line naming the remedy,
+long before its --give-up-after (600 s here), while the server goes on serving the others.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+import zmq
+
+from helpers import error_line, one_line_naming
+from pscnn import curve
+from pscnn.cli import main
+from pscnn.launcher import LocalCluster, free_port, local_endpoint, make_run_keys, wait_for
+from worker.client import Client, query_status
+
+
+def test_pscnn_keys_writes_one_folder_per_role_with_secrets_for_their_owner_only(tmp_path, capsys):
+    assert main(["keys", str(tmp_path / "k"), "--clients", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "k" / "server") in printed and str(tmp_path / "k" / "client-1") in printed
+    server = curve.server_keys(tmp_path / "k" / "server")
+    clients = [curve.client_keys(tmp_path / "k" / f"client-{i}") for i in range(2)]
+    assert server.authorized == {c.public for c in clients} | {server.public}     # its own: pscnn status beside it
+    assert all(c.server_public == server.public for c in clients)
+    for secret in tmp_path.glob("k/**/*.key_secret"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    # new keys over old ones would lock out every client holding the old: refused, nothing replaced
+    before = (tmp_path / "k" / "server" / "server.key_secret").read_bytes()
+    assert main(["keys", str(tmp_path / "k")]) == 1
+    error_line(capsys.readouterr().err, tmp_path / "k" / "server", "already exists")
+    assert (tmp_path / "k" / "server" / "server.key_secret").read_bytes() == before
+    (tmp_path / "file").write_text("")
+    assert main(["keys", str(tmp_path / "file")]) == 1
+    error_line(capsys.readouterr().err, tmp_path / "file", "is a file, not a folder")
+
+
+def _break(path, text):
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("damage, load, named", [
+    (lambda k: shutil.rmtree(k / "client-0"), "client", "client-0"),
+    (lambda k: (k / "client-0" / "server.key").unlink(), "client", "server.key"),
+    (lambda k: _break(k / "client-0" / "client-0.key_secret", "not a certificate\n"), "client", "client-0.key_secret"),
+    (lambda k: _break(k / "client-0" / "client-0.key_secret",
+                      (k / "client-0" / "client-0.key").read_text()), "client", "client-0.key_secret"),
+    (lambda k: _break(k / "client-0" / "server.key", 'curve\n    public-key = "tooshort"\n'), "client", "server.key"),
+    (lambda k: (k / "server" / "server.key_secret").unlink(), "server", "server.key_secret"),
+    (lambda k: None, "server of a client's folder", "holds a client's keys"),
+    (lambda k: (k / "server" / "authorized" / "client-0.key").unlink(), "server", "authorized"),
+    (lambda k: _break(k / "server" / "authorized" / "client-0.key", "garbage\n"), "server", "client-0.key"),
+])
+def test_a_missing_or_bad_key_file_is_one_line_naming_it(tmp_path, damage, load, named):
+    keys = tmp_path / "k"
+    curve.make_keys(keys, ["client-0"])
+    damage(keys)
+    with pytest.raises(curve.KeysError) as err:
+        if load.startswith("server"):
+            curve.server_keys(keys / ("server" if load == "server" else "client-0"))
+        else:
+            curve.client_keys(keys / "client-0")
+    one_line_naming(err.value, named)
+
+
+def test_a_key_folder_this_user_cannot_read_is_said_so_not_taken_for_missing_files(tmp_path, monkeypatch):
+    """Key folders are their owner's only (0700): in a container running as another uid, every file in
+    one read as missing ("no such certificate file"), which sent the user looking for the wrong thing."""
+    curve.make_keys(tmp_path / "k", ["client-0"])
+    monkeypatch.setattr(curve.os, "access", lambda path, mode: False)      # (root reads everything)
+    monkeypatch.setattr(curve.os, "getuid", lambda: 10001)
+    for load, folder in ((curve.server_keys, "server"), (curve.client_keys, "client-0")):
+        with pytest.raises(curve.KeysError) as err:
+            load(tmp_path / "k" / folder)
+        one_line_naming(err.value, tmp_path / "k" / folder, "permission denied", "runs as uid 10001")
+
+
+def test_a_worker_with_a_bad_key_folder_stops_at_once_with_the_line(tmp_path, capsys):
+    # before it loads any data or waits for any server
+    code = main(["worker", "--server", "tcp://127.0.0.1:1", "--keys", str(tmp_path / "nowhere")])
+    assert code == 1
+    error_line(capsys.readouterr().err, tmp_path / "nowhere", "no such folder")
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A server's and a client's keys (and a LocalCluster's own, "run"), and an unauthorized client's
+    that holds the server's right public key."""
+    folder = tmp_path / "keys"
+    curve.make_keys(folder, ["client-0", "run", "stranger"])
+    (folder / "server" / "authorized" / "stranger.key").unlink()
+    return folder
+
+
+@pytest.fixture
+def router():
+    """A bare ROUTER on 127.0.0.1 (a plain or, after secure(), a CURVE server) that never answers."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    started = []
+
+    def bind(keys: curve.ServerKeys | None = None) -> str:
+        if keys is not None:
+            curve.secure_server(sock, keys)
+            started.append(curve.start_authenticator(ctx, keys))
+        endpoint = local_endpoint(free_port())
+        sock.bind(endpoint)
+        return endpoint
+    yield bind
+    sock.close(linger=0)
+    for auth in started:
+        auth.stop()
+
+
+def _refused(endpoint: str, keys: curve.ClientKeys | None) -> str:
+    """What Client.connect raises at ``endpoint``: a HandshakeFailed, however long its give_up_after."""
+    client = Client(endpoint, "trainer", heartbeat=False, give_up_after=600, keys=keys)
+    try:
+        with pytest.raises(curve.HandshakeFailed) as err:
+            client.connect()
+    finally:
+        client.close()
+    return str(err.value)
+
+
+def test_a_curve_client_of_a_plain_server_is_told_so(router, keys):
+    endpoint = router()
+    one_line_naming(_refused(endpoint, curve.client_keys(keys / "client-0")), endpoint, "does not use CURVE",
+                    "--keys")
+    with pytest.raises(curve.HandshakeFailed, match="does not use CURVE"):
+        query_status(endpoint, 30.0, curve.client_keys(keys / "client-0"))
+
+
+def test_a_client_with_another_servers_public_key_is_told_so(router, keys, tmp_path):
+    curve.make_keys(tmp_path / "other", ["client-0"])
+    endpoint = router(curve.server_keys(keys / "server"))
+    wrong = curve.client_keys(tmp_path / "other" / "client-0")
+    one_line_naming(_refused(endpoint, wrong), endpoint, tmp_path / "other" / "client-0" / "server.key")
+
+
+def _worker(endpoint: str, mnist_dir: str, *flags) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pscnn.cli", "worker", "--server", endpoint, "--mnist-dir",
+                             mnist_dir, "--give-up-after", "600", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_with_curve_an_authorized_worker_trains_while_strangers_and_plain_clients_are_refused(
+        tmp_path, mnist_dir, keys):
+    cluster = LocalCluster(tmp_path / "run", keys=keys)
+    refused = []
+    try:
+        cluster.start_server(["--model", "light", "--train-limit", "640", "--test-limit", "200", "--batch-size", "64",
+                              "--mnist-dir", mnist_dir, "--out", str(cluster.out), "--final-eval-timeout", "0"])
+        wait_for(lambda: cluster.status(0.5) is not None, 60, "the CURVE server to answer its status")
+        for flags in (["--keys", str(keys / "stranger")], []):
+            refused.append(_worker(cluster.endpoint, mnist_dir, *flags))
+        outcomes = []
+        for proc in refused:
+            _, err = proc.communicate(timeout=60)       # far below their --give-up-after
+            outcomes.append((proc.returncode, err))
+        assert outcomes[0][0] == 1, outcomes[0][1][-2000:]
+        error_line(outcomes[0][1], cluster.endpoint, "refused this client's CURVE key",
+                   keys / "stranger" / "stranger.key")
+        assert outcomes[1][0] == 1, outcomes[1][1][-2000:]
+        error_line(outcomes[1][1], cluster.endpoint, "requires CURVE authentication", "--keys")
+        # pscnn status: plain, refused in one line; with a client's keys, it answers
+        plain = subprocess.run([sys.executable, "-m", "pscnn.cli", "status", "--server", cluster.endpoint,
+                                "--timeout", "30"], capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 1
+        error_line(plain.stderr, "requires CURVE authentication")
+        status = subprocess.run([sys.executable, "-m", "pscnn.cli", "status", "--server", cluster.endpoint,
+                                 "--keys", str(keys / "client-0")], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and json.loads(status.stdout)["version"] == 0, status.stderr
+        # ... and with the server's own folder: the healthcheck in the server's container, whose PSCNN_KEYS it shares
+        assert query_status(cluster.endpoint, 30.0, curve.client_keys(keys / "server")) is not None
+        # the server kept serving: the authorized worker trains the whole run
+        cluster.start_worker("client-0", ["--mnist-dir", mnist_dir, "--give-up-after", "60"])
+        assert cluster.wait("server", 120) == 0, cluster.log_tail("server", 40)
+        assert cluster.wait("client-0", 30) == 0, cluster.log_tail("client-0", 40)
+        summary = json.loads((cluster.out / "summary.json").read_text())
+        assert summary["samples_applied"] == 640 and summary["workers"] == 1
+        server_log = cluster.log_tail("server", 200)
+        assert "CURVE" in server_log and "is not in" in server_log     # the stranger's key, named
+    finally:
+        for proc in refused:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        cluster.close()
+
+
+@pytest.mark.slow
+def test_pscnn_run_with_curve_trains_end_to_end(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--curve", "--workers", "2", "--model", "light", "--train-limit", "640", "--test-limit",
+                 "200", "--mnist-dir", mnist_dir, "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_applied"] == 640 and summary["workers"] == 2
+    assert json.loads((out / "config.json").read_text())["server"]["keys"] == str(out / "keys" / "server")
+    assert sorted(p.name for p in (out / "keys").iterdir()) == ["evaluator", "run", "server", "worker-0", "worker-1"]
+    first = curve.server_keys(out / "keys" / "server").public
+    assert make_run_keys(out, 1) == out / "keys"                # a later run makes its own
+    assert curve.server_keys(out / "keys" / "server").public != first
