@@ -1211,3 +1211,20 @@ def test_the_machines_busy_share_is_exact_and_bounded():
     assert busy_fraction(None, (100, 200)) is None
     sample = machine_cpu_ticks()
     assert sample is None or (isinstance(sample[0], int) and 0 <= sample[0] <= sample[1])
+
+
+def test_server_bench_with_curve_measures_the_server_with_keys_beside_the_plain_one(tmp_path):
+    """--curve: a third kind of point, the server with CURVE keys (its clients and status queries hold
+    a client's), interleaved with the plain server's; their ratio per trial is in the summary."""
+    out = tmp_path / "server"
+    proc = bench("server", "--curve", "--no-echo", "--clients", "1", "--model", "light", "--seconds", "0.5",
+                 "--warmup", "0.2", "--trials", "1", "--out", str(out), "--no-plots")
+    doc = json.loads((out / "server.json").read_text())
+    rows = {r["kind"]: r for r in doc["rows"]}
+    assert set(rows) == {"pscnn", "curve"}
+    assert rows["curve"]["cycles"] > 0 and rows["curve"]["errors"] == {}
+    assert rows["curve"]["server_updates_per_second"] > 0       # its status answered the keys' holder
+    (s,) = doc["summary"]
+    assert s["curve_over_plain"] == pytest.approx(rows["curve"]["cycles_per_second"]
+                                                  / rows["pscnn"]["cycles_per_second"])
+    assert "curve/plain" in proc.stdout

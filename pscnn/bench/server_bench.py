@@ -9,6 +9,9 @@ round-trip latency p50 / p99, and the server's CPU use.
 In the same run, interleaved trial by trial, the same clients run against a
 raw pyzmq ROUTER that echoes the same frames back without copying: the
 transport's limit on this machine.  ``server / echo`` is printed as a ratio.
+With ``--curve`` the same server is measured a third way, interleaved too: with
+CURVE authentication and encryption (keys made for the point, :mod:`pscnn.curve`),
+and ``curve / plain`` is printed as a ratio.
 ``--profile`` runs the server under cProfile at one client count and writes
 the top functions.
 """
@@ -33,6 +36,8 @@ from .common import (MAX_BENCH_PEERS, BenchError, Interruption, add_output_flags
 from .synth import ECHO_LISTENING
 
 NAME = "server"
+# What is measured: the server (plain, and with --curve its CURVE twin), and the raw echo.
+KINDS = ("pscnn", "curve", "echo")
 # What a run writes into --out (the plot with matplotlib, without --no-plots; the profile with
 # --profile): an earlier run's go at the start.
 CAPACITY_PLOT, PROFILE_DATA, PROFILE_TEXT = f"{NAME}_capacity.png", f"{NAME}.prof", f"{NAME}-profile.txt"
@@ -56,6 +61,8 @@ def add_parser(sub) -> None:
     p.add_argument("--processes", type=non_negative_int, default=0,
                    help="client processes (0: min(clients, 4)); each runs clients/processes sockets")
     add_switch(p, "--no-echo", help="skip the raw pyzmq echo reference")
+    add_switch(p, "--curve", help="also measure the server with CURVE authentication and encryption (pscnn server "
+                                  "--keys), interleaved trial by trial with the plain one: curve/plain is printed")
     p.add_argument("--profile", type=bench_peers, default=None, metavar="CLIENTS",
                    help="also profile the server (cProfile) with this many clients; top functions to "
                         + PROFILE_TEXT)
@@ -71,7 +78,7 @@ def run(args) -> int:
     from pscnn.launcher import child_env  # noqa: PLC0415  (the children get every setting as a flag)
     env = bench_env(1, args.keep_openblas_env, base=child_env(1))
     machine = machine_info(args.keep_openblas_env)
-    kinds = ["pscnn"] + ([] if args.no_echo else ["echo"])
+    kinds = ["pscnn"] + (["curve"] if args.curve else []) + ([] if args.no_echo else ["echo"])
     rows = []
     total = len(clients) * len(kinds) * args.trials + (1 if args.profile else 0)
     bar = progress(total, "bench server", args.no_progress)
@@ -126,16 +133,24 @@ def pscnn_server_flags(args, run_folder: Path, clients: int) -> list[str]:
 
 
 def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None = None) -> dict:
-    """One point: a server (or the echo) and ``n`` synthetic clients; cycles in the window."""
+    """One point: a server (plain ``pscnn``, or ``curve``: with CURVE keys; or the echo) and ``n``
+    synthetic clients; cycles in the window."""
     from pscnn.launcher import free_port, query_status  # noqa: PLC0415
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     nproc = args.processes or min(n, 4)
     nproc = max(1, min(nproc, n))
+    server_kind = kind in ("pscnn", "curve")
     with tempfile.TemporaryDirectory(prefix="pscnn-bench-server-") as tmp:
         tmp = Path(tmp)
-        if kind == "pscnn":
-            argv = ["-m", "pscnn.cli", "server", "--bind", endpoint, *pscnn_server_flags(args, tmp / "run", n)]
+        keys_flags, status_keys = [], None          # the clients' --keys, and the status queries' keys
+        if kind == "curve":
+            from pscnn.curve import client_keys, make_keys  # noqa: PLC0415
+            make_keys(tmp / "keys", ["clients"])
+            keys_flags, status_keys = ["--keys", str(tmp / "keys" / "clients")], client_keys(tmp / "keys" / "clients")
+        if server_kind:
+            argv = ["-m", "pscnn.cli", "server", "--bind", endpoint, *pscnn_server_flags(args, tmp / "run", n),
+                    *(["--keys", str(tmp / "keys" / "server")] if kind == "curve" else [])]
             if profile is not None:
                 argv = ["-m", "cProfile", "-o", str(profile), *argv]
         else:
@@ -152,7 +167,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             def server_exited() -> BenchError:  # its log goes with the temporary folder: its last line here
                 return server_failed(f"the {kind} server ({n} clients)", server.returncode, server_log(), endpoint)
 
-            listening = ((lambda: query_status(endpoint, 0.5)) if kind == "pscnn"
+            listening = ((lambda: query_status(endpoint, 0.5, status_keys)) if server_kind
                          else (lambda: ECHO_LISTENING in server_log()))
             wait_for(lambda: server.poll() is not None or listening(), 60, what=f"the {kind} server to listen")
             if server.poll() is not None:
@@ -162,16 +177,17 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             t_end = t_start + args.seconds
             for i in range(nproc):
                 count = n // nproc + (1 if i < n % nproc else 0)
-                cmd = [sys.executable, "-m", "pscnn.bench.synth", "clients", "--endpoint", endpoint, "--kind", kind,
+                cmd = [sys.executable, "-m", "pscnn.bench.synth", "clients", "--endpoint", endpoint,
+                       "--kind", "pscnn" if server_kind else kind, *keys_flags,
                        "--count", str(count), "--start", repr(t_start), "--end", repr(t_end), "--model", args.model,
                        "--name", f"c{i}", "--result", str(tmp / f"clients-{i}.json")]
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             time.sleep(max(0.0, t_start - time.monotonic()))
             cpu0 = _cpu_sample(server.pid)
-            st0 = query_status(endpoint, 2.0) if kind == "pscnn" else None
+            st0 = query_status(endpoint, 2.0, status_keys) if server_kind else None
             time.sleep(max(0.0, t_end - time.monotonic()))
             cpu1 = _cpu_sample(server.pid)
-            st1 = query_status(endpoint, 2.0) if kind == "pscnn" else None
+            st1 = query_status(endpoint, 2.0, status_keys) if server_kind else None
             if server.poll() is not None:       # the clients' cycles (if any) were not with this server
                 raise server_exited()
             results = []
@@ -268,7 +284,7 @@ def summarize(rows, clients) -> list[dict]:
     out = []
     for n in clients:
         s = {"clients": n}
-        for kind in ("pscnn", "echo"):
+        for kind in KINDS:
             rs = [r for r in rows if r["clients"] == n and r["kind"] == kind]
             s[f"{kind}_failed"] = sum((r["clients"], r["kind"]) == (n, kind) for r in failed)
             if not rs:
@@ -284,15 +300,23 @@ def summarize(rows, clients) -> list[dict]:
                 for code, count in (r.get("errors") or {}).items():
                     errors[code] = errors.get(code, 0) + count
             s[f"{kind}_errors"] = errors
-        ratios = []
-        for t in {r["trial"] for r in rows}:
-            a = [r for r in rows if (r["trial"], r["clients"], r["kind"]) == (t, n, "pscnn")]
-            b = [r for r in rows if (r["trial"], r["clients"], r["kind"]) == (t, n, "echo")]
-            if a and b and b[0]["cycles_per_second"]:
-                ratios.append(a[0]["cycles_per_second"] / b[0]["cycles_per_second"])
-        s["server_over_echo"] = median(ratios)
+        s["server_over_echo"] = _trial_ratio(rows, n, "pscnn", "echo")
+        if any(r["kind"] == "curve" for r in rows):
+            s["curve_over_plain"] = _trial_ratio(rows, n, "curve", "pscnn")
         out.append(s)
     return out
+
+
+def _trial_ratio(rows, n: int, kind: str, reference: str) -> float | None:
+    """The median over trials of ``kind``'s cycles/s over ``reference``'s with ``n`` clients, each
+    ratio of one trial's two points (measured one after the other: the machine's state alike)."""
+    ratios = []
+    for t in {r["trial"] for r in rows}:
+        a = [r for r in rows if (r["trial"], r["clients"], r["kind"]) == (t, n, kind)]
+        b = [r for r in rows if (r["trial"], r["clients"], r["kind"]) == (t, n, reference)]
+        if a and b and b[0]["cycles_per_second"]:
+            ratios.append(a[0]["cycles_per_second"] / b[0]["cycles_per_second"])
+    return median(ratios)
 
 
 def report(summary, machine, payload, args) -> None:
@@ -313,17 +337,25 @@ def report(summary, machine, payload, args) -> None:
     print_table(headers, rows)
     print("server cpu: the server process, all threads, as a share of one core; main thread: its event loop "
           "(decode, checks, update, replies), the serial part; machine busy: every core, everything running")
+    if args.curve:
+        print("\nthe same server with CURVE (pscnn server --keys: every byte encrypted, every client's key checked):")
+        print_table(["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "curve/plain"],
+                    [[s["clients"], fmt(s.get("curve_cycles_per_second")), fmt(s.get("curve_mb_per_second")),
+                      fmt(s.get("curve_latency_p50_ms"), ".2f"), fmt(s.get("curve_latency_p99_ms"), ".2f"),
+                      fmt(s.get("curve_server_cpu_fraction"), ".0%"),
+                      fmt(s.get("curve_server_cpu_ms_per_cycle"), ".2f"), fmt(s.get("curve_over_plain"), ".2f")]
+                     for s in summary])
     for s in summary:                   # refused requests are not cycles: a low rate with a reason
         if s.get("pscnn_errors"):
             print(f"note: with {s['clients']} clients the server answered "
                   f"{sum(s['pscnn_errors'].values())} requests with an error (not counted as cycles): "
                   + ", ".join(f"{code} x {count}" for code, count in sorted(s["pscnn_errors"].items())))
     for s in summary:                   # the medians above stand for fewer trials than asked
-        for kind, what in (("pscnn", "the server"), ("echo", "the echo")):
+        for kind, what in (("pscnn", "the server"), ("curve", "the server with CURVE"), ("echo", "the echo")):
             if s[f"{kind}_failed"]:
                 print(f"note: {what} with {s['clients']} clients: medians of {s.get(f'{kind}_trials', 0)} "
                       f"trials; left out: {s[f'{kind}_failed']} failed")
-    late = sum(s.get("pscnn_late_starts", 0) + s.get("echo_late_starts", 0) for s in summary)
+    late = sum(s.get(f"{kind}_late_starts", 0) for s in summary for kind in KINDS)
     if late:
         print(f"note: {late} client processes had not completed a cycle when a window opened "
               "(raise --warmup)")

@@ -75,12 +75,14 @@ def run_clients(args) -> int:
     from cnn_core.data import batch_length  # noqa: PLC0415
     from cnn_core.flat import FlatArrays  # noqa: PLC0415
     from cnn_core.model import build_model  # noqa: PLC0415
+    from pscnn import curve  # noqa: PLC0415
     from pscnn import protocol as P  # noqa: PLC0415
 
     model = build_model(args.model, seed=0)
     buffer = np.zeros(sum(math.prod(shape) for _, shape in P.model_layout(model)), np.float32)
     buffer.flags.writeable = False          # shared by every socket, sent without copying
     zeros = FlatArrays(P.model_layout(model), buffer)
+    keys = curve.client_keys(args.keys) if args.keys else None
     ctx = zmq.Context()
     poller = zmq.Poller()
     socks = {}
@@ -90,6 +92,7 @@ def run_clients(args) -> int:
         wid = f"{host_prefix}-{i}-{uuid.uuid4().hex[:6]}"
         s.setsockopt(zmq.ROUTING_ID, wid.encode())
         s.setsockopt(zmq.LINGER, 0)
+        curve.secure_client(s, keys)
         s.connect(args.endpoint)
         poller.register(s, zmq.POLLIN)
         socks[s] = {"wid": wid, "seq": 0, "sent_at": 0.0, "in_push": False, "retry_at": None,
@@ -207,6 +210,7 @@ def main(argv=None) -> int:
     c.add_argument("--model", default="seed")
     c.add_argument("--name", default="synthetic")
     c.add_argument("--result", required=True)
+    c.add_argument("--keys", default=None, help="a client's CURVE key folder (pscnn.curve), for a server with keys")
     args = p.parse_args(argv)
     from cnn_core.backend import tune_host_allocator  # noqa: PLC0415
     tune_host_allocator()       # as pscnn's entry points do: the echo and the clients stand in for its processes
