@@ -126,6 +126,16 @@ def non_negative_int(text: str) -> int:
     return _int_in(text, 0, MAX_INT)
 
 
+# The most client key pairs one ``pscnn keys`` makes: each is a folder of two files, plus a
+# public one in the server's authorized folder, so --clients 10**9 would fill a disk with inodes
+# before it ended (clients may share a key pair; one per trainer is plenty).
+MAX_KEY_CLIENTS = 10_000
+
+
+def key_clients(text: str) -> int:
+    return _int_in(text, 1, MAX_KEY_CLIENTS)
+
+
 def seed(text: str) -> int:
     """A seed: any non-negative 64-bit signed integer (time-based seeds exceed MAX_INT)."""
     return _int_in(text, 0, MAX_SEED)
@@ -518,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Secret certificates are readable by their owner only. An existing server "
                                    "or client folder there is refused, never replaced.")
     p.add_argument("folder", type=_path, metavar="FOLDER", help="where to write the keys (made if missing)")
-    p.add_argument("--clients", type=positive_int, default=1,
+    p.add_argument("--clients", type=key_clients, default=1,
                    help="client key pairs to make, client-0 ... (default: 1; workers may share one)")
 
     p = sub.add_parser("download", help="fetch and verify MNIST; print the folder (for MNIST_DIR)",

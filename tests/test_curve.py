@@ -40,6 +40,11 @@ def test_pscnn_keys_writes_one_folder_per_role_with_secrets_for_their_owner_only
     (tmp_path / "file").write_text("")
     assert main(["keys", str(tmp_path / "file")]) == 1
     error_line(capsys.readouterr().err, tmp_path / "file", "is a file, not a folder")
+    # a billion key pairs would fill the disk with inodes before it ended: a usage error, nothing written
+    with pytest.raises(SystemExit) as stop:
+        main(["keys", str(tmp_path / "many"), "--clients", "1000000000"])
+    assert stop.value.code == 2 and "--clients: must be at most 10000" in capsys.readouterr().err
+    assert not (tmp_path / "many").exists()
 
 
 def _break(path, text):
