@@ -373,7 +373,7 @@ class Peer:
     in_round: bool = False              # sync: its push waits in round_arrived for the round to close
     clock_behind: bool = False          # ssp: held no lease for a while (joined, lease expired or gone with
                                         # its batch, told to wait, push refused): catches up at its next task
-    nonfinite_streak: int = 0           # its NaN/Inf pushes since its last applied one
+    nonfinite_streak: int = 0           # its NaN/Inf pushes (of batches it held) since its last finite one
     pushes: int = 0
     samples: int = 0
     told_to_stop: bool = False
@@ -491,11 +491,12 @@ class ParameterServer:
         """No more training: every epoch applied, or the run failed."""
         return self.work.done or self.failure is not None
 
-    # Consecutive non-finite pushes (gradient or loss), with no update between,
-    # that mean the weights themselves are broken, not one faulty worker: when
-    # every trainer connected sent some of them, or when there are four times
-    # as many (a trainer that sends nothing at all must not keep a broken run
-    # going).  Healthy pushes reset the count.
+    # Non-finite pushes (a NaN or Inf loss or gradient, for a batch the sender holds) with no
+    # update between that mean the weights themselves are broken, not one faulty trainer: once
+    # there are NONFINITE_LIMIT of them, the run diverged when no trainer vouches for the weights
+    # any more (see _vouches: each one still working sends only those).  A trainer whose last
+    # NONFINITE_LIMIT pushes were all non-finite while another vouches is the faulty one: it is
+    # told to stop and dropped (else it kept taking batches back, the last one of an epoch for good).
     NONFINITE_LIMIT = 8
     # Leases one trainer may hold at once: two with --overlap, one otherwise. A
     # trainer asking for more is hoarding batches the others could compute.  Sync
@@ -851,8 +852,9 @@ class ParameterServer:
             del self.peers[peer.wid]
             self.role_counts[peer.role] -= 1
 
-    def _drop_peer(self, peer: Peer, why: str) -> None:
-        """Forget a peer: requeue its leases, take it out of barriers."""
+    def _drop_peer(self, peer: Peer, why: str, level: int | None = None) -> None:
+        """Forget a peer: requeue its leases, take it out of barriers.  ``level``: of its log line
+        (WARNING for one declared dead, else INFO by default)."""
         self._remove_peer(peer)
         self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())   # not there: a hello took it out
         if not self.over:   # what the run survived: not the evaluator's goodbye after the final evaluation,
@@ -860,7 +862,7 @@ class ParameterServer:
         if len(self.dropped) > DROPPED_MEMORY:
             self.dropped.popitem(last=False)
         requeued = self.work.release_worker(peer.wid)
-        level = logging.WARNING if "dead" in why else logging.INFO
+        level = level or (logging.WARNING if "dead" in why else logging.INFO)
         self.log_leaves.log(level, "%s %s %s%s", peer.role, peer.name, why,
                             f"; requeued batches {requeued}" if requeued else "")
         self.writer.log("leave", worker=peer.name, reason=why, requeued=requeued, version=self.store.version)
@@ -980,7 +982,8 @@ class ParameterServer:
                 raise P.ProtocolError("push: the loss is NaN or Inf; gradient rejected", "non_finite")
             grads, state = self.store.check_push_arrays(msg.arrays)
         except P.ProtocolError as exc:
-            if exc.code == "non_finite" and live:
+            non_finite = exc.code == "non_finite" and live
+            if non_finite:
                 self.nonfinite_streak += 1
                 self.nonfinite_senders.add(peer.wid)
                 peer.nonfinite_streak += 1
@@ -989,16 +992,16 @@ class ParameterServer:
                 self.round_members.pop(peer.wid, None)
             self._rejected(exc.code, "rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"],
                            b["batch"], exc, "; batch requeued" if requeued else "")
-            self._reply(peer, P.error(exc.code, str(exc)))
-            if self._diverged():
+            if non_finite and self._diverged(now):
+                self._reply(peer, P.error(exc.code, str(exc)))
                 self._fail(f"training diverged: the last {self.nonfinite_streak} pushes, from "
                            f"{len(self.nonfinite_senders)} trainer(s), had a NaN or Inf loss or gradient (weights of "
                            f"version {self.store.version}). {TrainingDiverged.ADVICE}", now)
                 return
-            if peer.nonfinite_streak == self.NONFINITE_LIMIT:
-                log.warning("%s sent %d NaN or Inf gradients in a row; not every trainer does, so the weights are "
-                            "fine and the run goes on, its batches going back to the queue (check that worker)",
-                            peer.name, peer.nonfinite_streak)
+            if non_finite and peer.nonfinite_streak >= self.NONFINITE_LIMIT:
+                self._drop_faulty(peer)
+                return
+            self._reply(peer, P.error(exc.code, str(exc)))
             if self.cfg.mode == "sync":
                 self._maybe_close_round(now)
             elif self.cfg.mode == "ssp" and requeued:
@@ -1009,6 +1012,8 @@ class ParameterServer:
                 peer.clock_behind = True
                 self._release_parked(now)
             return
+        if live:
+            peer.nonfinite_streak = 0       # finite again: it vouches for the weights (_vouches)
         if not live:
             # ssp: its lease went with the batch, applied by another (it held nobody back since)
             peer.clock_behind = self.cfg.mode == "ssp"
@@ -1031,12 +1036,29 @@ class ParameterServer:
         if self.cfg.mode == "ssp":
             self._release_parked(now)
 
-    def _diverged(self) -> bool:
+    def _diverged(self, now: float) -> bool:
         """Whether the non-finite pushes since the last update mean broken weights (NONFINITE_LIMIT)."""
-        if self.nonfinite_streak < self.NONFINITE_LIMIT:
-            return False
-        trainers = {p.wid for p in self.peers.values() if p.role == "trainer"}
-        return trainers <= self.nonfinite_senders or self.nonfinite_streak >= 4 * self.NONFINITE_LIMIT
+        return (self.nonfinite_streak >= self.NONFINITE_LIMIT
+                and not any(self._vouches(p, now) for p in self.peers.values()))
+
+    def _vouches(self, peer: Peer, now: float) -> bool:
+        """Whether trainer ``peer``'s pushes say the weights are fine: its last push of a batch it held
+        was finite (or it has pushed none yet), and it still works: a request of its waits here, or
+        it was answered less than --lease-timeout ago.  A trainer hung for that long (its lease
+        expired) or gone quiet vouches for nothing: it must not keep a broken run going."""
+        return (peer.role == "trainer" and peer.nonfinite_streak == 0
+                and (peer.pending or now - peer.replied_at < self.cfg.lease_timeout))
+
+    def _drop_faulty(self, peer: Peer) -> None:
+        """Answer trainer ``peer``'s refused push with a stop and drop it: its last NONFINITE_LIMIT
+        pushes were non-finite while another trainer vouches for the weights (_diverged)."""
+        why = (f"dropped for NaN or Inf pushes (its last {peer.nonfinite_streak} had a NaN or Inf loss or gradient, "
+               f"while another trainer's are finite: check that worker)")
+        peer.told_to_stop = True
+        self._reply(peer, P.Message(P.STOP, body={
+            "version": self.store.version, "reason": f"this trainer was {why}",
+            "ack": {"applied": False, "reason": "NaN or Inf"}}))
+        self._drop_peer(peer, why, logging.WARNING)
 
     def _check_batch_exists(self, b: dict) -> None:
         """ProtocolError unless (epoch, batch) names a batch of this run up to now."""

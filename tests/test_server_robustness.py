@@ -1362,32 +1362,72 @@ def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
         s.close()
 
 
-def test_one_trainer_sending_nan_does_not_stop_a_healthy_run(tmp_path):
-    """A faulty trainer's NaN pushes are refused and its batches requeued, but the weights are
-    fine while another trainer is not sending NaN: the streak that stops a run must come from
-    every trainer, or be four times as long (a silent trainer must not keep a broken run going)."""
+def _nan_pushes_until_stopped(server: Server, bad: Raw) -> P.Message:
+    """``bad`` leases and pushes NaN, NONFINITE_LIMIT times: each push refused, the last with a stop."""
     limit = ParameterServer.NONFINITE_LIMIT
-    s = Server(tmp_path, [])
+    for i in range(limit):
+        reply = bad.call(P.PUSH, push_body(bad.work(), loss=None))
+        assert reply.type == (P.STOP if i == limit - 1 else P.ERROR), (i, reply.type, reply.body)
+    return reply
+
+
+def test_one_trainer_sending_nan_is_dropped_and_the_healthy_run_goes_on(tmp_path):
+    """A faulty trainer's NaN pushes are refused and its batches requeued, but the weights are
+    fine while another trainer at work has not sent NaN: that trainer is told to stop and
+    dropped, with one line.  32 NaN pushes between two good updates (a faulty trainer that
+    rejoins) ended the run as diverged, one trainer's pushes deciding for everyone's."""
+    limit = ParameterServer.NONFINITE_LIMIT
+    s = Server(tmp_path, ["--lease-timeout", "600"])
     try:
-        good, bad = s.client("trainer"), s.client("trainer")
-        since = s.log_size()
-        for _ in range(limit + 2):
-            task = bad.work()
-            assert bad.call(P.PUSH, push_body(task, loss=None)).type == P.ERROR
-        assert not s.status()["done"]
-        s.wait_log(rf"{bad.wid} sent {limit} NaN or Inf gradients in a row; not every trainer does", since)
+        good = s.client("trainer")
         task = good.work()
+        task = good.call(P.PUSH, push_body(task), grads_like(task.arrays))
+        assert task.type == P.TASK and task.body["ack"]["applied"] is True
         version = s.status()["version"]
+        for _ in range(4):                          # 4 x 8 pushes, all between two updates of good's
+            since = s.log_size()
+            bad = s.client("trainer")
+            stop = _nan_pushes_until_stopped(s, bad)
+            assert stop.body["reason"].startswith(f"this trainer was dropped for NaN or Inf pushes (its last {limit} "
+                                                  "had a NaN or Inf loss or gradient"), stop.body
+            s.wait_log(rf"WARNING .*trainer {bad.wid} dropped for NaN or Inf pushes \(its last {limit} had", since)
+            assert bad.call(P.WORK).body["code"] == "unknown_worker"      # dropped: it must say hello again
+            st = s.status()
+            assert not st["done"] and st["error"] is None and st["version"] == version
         reply = good.call(P.PUSH, push_body(task), grads_like(task.arrays))
         assert reply.body["ack"]["applied"] is True and s.status()["version"] == version + 1
-        for i in range(4 * limit):                  # the count starts over after that update
-            assert not s.status()["done"], i
-            task = bad.work()
-            assert bad.call(P.PUSH, push_body(task, loss=None)).type == P.ERROR
-        s.wait_log(rf"training diverged: the last {4 * limit} pushes, from 1 trainer\(s\)", since)
-        assert s.status()["done"] and s.status()["version"] == version + 1
     finally:
         s.close()
+
+
+def test_nan_pushes_stop_the_run_once_the_only_other_trainer_stopped_working(in_process):
+    """A trainer answered longer than --lease-timeout ago (hung: its lease expired) vouches for
+    nothing: eight NaN pushes from the others stop the run as diverged, as from every trainer
+    (it took 32 before)."""
+    server = in_process(lease_timeout=30.0)
+    hung, bad = server.join_trainer(), server.join_trainer()
+    assert server.call(hung, P.WORK).type == P.TASK
+    server.srv.peers[hung.wid].replied_at -= 30.0           # its task, a lease ago
+    for i in range(ParameterServer.NONFINITE_LIMIT):
+        reply = server.call(bad, P.PUSH, push_body(server.call(bad, P.WORK), loss=None))
+        assert reply.type == P.ERROR, (i, reply.body)
+    assert server.srv.failure.startswith("training diverged: the last 8 pushes, from 1 trainer(s), had a NaN")
+
+
+def test_sync_a_nan_trainer_is_dropped_and_the_round_closes_without_it(in_process):
+    """Sync: while a trainer of the round computes, another's NaN pushes are refused (each takes
+    its sender out of the round); at the eighth it is dropped, not the run declared diverged, and
+    the round closes with the healthy trainer's gradient."""
+    server = in_process(mode="sync", lease_timeout=1000.0)
+    good, bad = server.join_trainer(), server.join_trainer()
+    task = server.call(good, P.WORK)
+    limit = ParameterServer.NONFINITE_LIMIT
+    for i in range(limit):
+        reply = server.call(bad, P.PUSH, push_body(server.call(bad, P.WORK), loss=None))
+        assert reply.type == (P.STOP if i == limit - 1 else P.ERROR), (i, reply.body)
+    assert server.srv.failure is None and bad.wid not in server.srv.peers
+    reply = server.call(good, P.PUSH, push_body(task), grads_like(task.arrays))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True and server.srv.store.version == 1
 
 
 def test_a_hello_under_a_used_sequence_number_is_refused(server):
@@ -1843,7 +1883,7 @@ def test_ssp_a_refused_push_of_the_slowest_trainer_releases_the_ones_it_held_bac
     """A refused push gives its batch back, so its sender holds back nobody until it asks again,
     and then starts from the slowest clock at work (as after an expired lease).  The parked
     trainers were not told: a slowest trainer sending only NaN kept a healthy one parked, and
-    its NaN pushes alone (32 in a row) then stopped the run as diverged."""
+    its NaN pushes alone then stopped the run as diverged."""
     limit = ParameterServer.NONFINITE_LIMIT
     server = in_process(mode="ssp", staleness=1, train_limit=3200, lease_timeout=1000.0)   # 50 batches
     good, bad = server.join_trainer(), server.join_trainer()
@@ -1854,7 +1894,7 @@ def test_ssp_a_refused_push_of_the_slowest_trainer_releases_the_ones_it_held_bac
     task = server.call(good, P.PUSH, push_body(task), grads_like(weights))
     assert task is None                             # two ahead of bad: parked
     clocks = {raw.wid: server.srv.peers[raw.wid] for raw in (good, bad)}
-    for i in range(4 * limit):
+    for i in range(limit - 1):                     # the eighth drops it (see the test above)
         refused = server.call(bad, P.PUSH, push_body(held, loss=None), grads_like(weights))
         assert refused.type == P.ERROR and refused.body["code"] == "non_finite", refused.body
         if task is None:                            # released: bad holds nobody back without a lease
@@ -1868,7 +1908,7 @@ def test_ssp_a_refused_push_of_the_slowest_trainer_releases_the_ones_it_held_bac
         server.handle_one()
         got = good.recv(0.05)                       # the next task, or parked
         task = got and got[0]
-    assert server.srv.failure is None and server.srv.store.version == 2 + 4 * limit
+    assert server.srv.failure is None and server.srv.store.version == 2 + limit - 1
 
 
 def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
