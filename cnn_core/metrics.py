@@ -156,10 +156,12 @@ class RunningMean:
         return f"RunningMean(mean={self.mean:.6g}, count={self.count})"
 
 
-def evaluate(model, x, y, batch_size: int = 1000) -> dict:
+def evaluate(model, x, y, batch_size: int = 1000, between_batches=None) -> dict:
     """Loss and classification metrics of ``model`` on ``(x, y)``, in evaluation mode.
 
     ``x``: (N, C, H, W) float (NumPy or on the model's device); ``y``: (N,) int labels.
+    ``between_batches``: called with no arguments after each batch of ``batch_size`` (the
+    parameter server answers its messages there while it scores the final weights).
     Returns JSON-able Python types: ``loss`` (mean cross-entropy), ``accuracy``,
     ``confusion_matrix`` (C lists of C ints, rows true), ``per_class_accuracy``,
     ``precision``, ``recall`` (lists of C floats) and ``count`` (N).
@@ -188,6 +190,8 @@ def evaluate(model, x, y, batch_size: int = 1000) -> dict:
         loss.update(batch_loss, count=len(yb))
         preds.append(backend.to_numpy(logits.argmax(axis=1)))
         num_classes = logits.shape[1]
+        if between_batches is not None:
+            between_batches()
     y_pred = np.concatenate(preds)
     cm = confusion_matrix(y_host, y_pred, num_classes=num_classes)
     precision, recall = precision_recall(cm)

@@ -288,8 +288,8 @@ def check_run_args(args):
     return cfg
 
 
-# Every worker gone and the server silent this long (its own final scoring takes seconds):
-# it is stopped rather than waited on for ever.
+# Every worker gone and the server silent this long (scoring the final weights itself, it answers
+# between two batches of the test set): it is stopped rather than waited on for ever.
 SILENT_SERVER_S = 60.0
 
 
@@ -547,7 +547,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
     has training to do: whatever their exit codes (a worker stopped by SIGTERM says bye and exits 0).
     Once training is over they all exit, told to by the server, and it finishes the run: its final
     evaluation and summary, even when a worker died on the way; unless it no longer answers
-    (SILENT_SERVER_S), which ends the run as if it had training left."""
+    (SILENT_SERVER_S), which ends the run as if it had training left (scoring the final weights
+    itself, it answers between two batches of the test set)."""
     server = cluster.procs["server"]
     workers = [p for n, p in cluster.procs.items() if n.startswith("worker")]
     evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
@@ -601,6 +602,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 bar.initial = st["batches_done"]
             elif st.get("error"):               # the bar kept its last figures, as if all were well
                 state = "training diverged"
+            elif st.get("scoring"):             # answered between two batches of the test set
+                state = "training finished; the server scores the final weights"
             elif st.get("done"):
                 # its last epoch, images/s and loss sat there as if training went on, for as long as
                 # the final evaluation takes (up to --final-eval-timeout, 120 s, for a killed evaluator)

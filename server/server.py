@@ -224,6 +224,10 @@ def check_model_travels(spec: dict, arrays) -> None:
 # any: more epochs train longer), the optimizer's hyperparameters (lr, schedule: a warning
 # lists what changed; the optimizer kind must match, its state is the checkpoint's),
 # --staleness, --test-limit and everything about timeouts and workers.
+class _ScoringInterrupted(Exception):
+    """A stop came while the server scored the final weights itself (see _between_scoring_batches)."""
+
+
 class _Bad(Exception):
     """A checkpoint field that is missing or wrong: (field, problem)."""
 
@@ -454,6 +458,7 @@ class ParameterServer:
         self.t_train_end: float | None = None
         self.t_finish_start: float | None = None
         self.summary_written = False
+        self.scoring = False                        # scoring the final weights here (_evaluate_here)
         self.failure: str | None = None             # why the run stopped early (divergence)
         self.nonfinite_streak = 0                   # pushes rejected as non-finite since the last update
         self.nonfinite_senders: set[str] = set()    # the trainers that sent them
@@ -596,16 +601,7 @@ class ParameterServer:
             while True:
                 events = dict(poller.poll(50))
                 if self.sock in events:
-                    for _ in range(BURST):      # drain a burst before housekeeping
-                        try:
-                            frames, count = P.recv_message(self.sock, zmq.NOBLOCK, routed=True)
-                        except zmq.Again:
-                            break
-                        excess = P.too_many_frames(count, routed=True)
-                        if excess is not None:
-                            self._reject(frames[0].bytes, None, excess)
-                            continue
-                        self._on_frames_guarded(frames)
+                    self._drain_burst()         # before housekeeping
                 now = time.monotonic()
                 if now - last_housekeeping >= 0.05:
                     last_housekeeping = now
@@ -619,7 +615,8 @@ class ParameterServer:
                         log.info("interrupted after the run %s: no checkpoint written",
                                  "diverged" if self.failure is not None else "finished")
                     else:
-                        log.warning("interrupted: writing a checkpoint; continue later with --resume")
+                        log.warning("interrupted%s: writing a checkpoint; continue later with --resume",
+                                    " before the final evaluation" if self.over and self.final_eval is None else "")
                         if not self._checkpoint():
                             self.write_error = (f"interrupted, and the checkpoint could not be written "
                                                 f"({P.one_line(self._checkpoint_failing)}); --resume would "
@@ -636,6 +633,19 @@ class ParameterServer:
             if problem is not None:
                 print(f"pscnn server: {problem}", file=sys.stderr)
         return 1 if self.failure is not None or self.write_error is not None else 0
+
+    def _drain_burst(self) -> None:
+        """Handle the messages waiting, up to BURST of them."""
+        for _ in range(BURST):
+            try:
+                frames, count = P.recv_message(self.sock, zmq.NOBLOCK, routed=True)
+            except zmq.Again:
+                return
+            excess = P.too_many_frames(count, routed=True)
+            if excess is not None:
+                self._reject(frames[0].bytes, None, excess)
+                continue
+            self._on_frames_guarded(frames)
 
     def _install_signal_handlers(self):
         def on_signal(signum, _frame):
@@ -1398,7 +1408,10 @@ class ParameterServer:
                 # --final-eval-timeout 0 asks for exactly this (pscnn run --no-evaluator)
                 log.log(logging.WARNING if self.cfg.final_eval_timeout else logging.INFO,
                         "no final evaluation from an evaluator; scoring the final weights here")
-                self.final_eval = self._evaluate_here()
+                try:
+                    self.final_eval = self._evaluate_here()
+                except _ScoringInterrupted:
+                    return False                        # the loop stops, and checkpoints
             if not self._write_final(now):
                 return self.write_error is not None     # trying again, or given up
         # linger until every live client was told to stop (they exit on it), bounded by peer_timeout
@@ -1441,20 +1454,38 @@ class ParameterServer:
         return True
 
     def _evaluate_here(self) -> dict:
+        """The final weights' metrics, scored here ({} if they cannot be).  Between two batches of
+        the test set the server handles its messages (_drain_burst): a status request is answered
+        (``scoring``), and the clients' heartbeats, while a large model takes minutes; silent that
+        long, ``pscnn run`` took the server for hung and stopped it, the run's results unwritten."""
         try:
             from cnn_core.data import load_mnist   # noqa: PLC0415
             from cnn_core.metrics import evaluate  # noqa: PLC0415
             x, y = load_mnist("test", mnist_dir=self.cfg.mnist_dir, limit=self.cfg.test_limit or None)
-            m = evaluate(self.store.model, x, y)
+            self.scoring = True
+            try:
+                m = evaluate(self.store.model, x, y, between_batches=self._between_scoring_batches)
+            finally:
+                self.scoring = False
             record = self._evaluation_record(time.monotonic(), self.store.version, m["accuracy"], m["loss"], True)
             # not logged again when recorded already: a resumed run's final evaluation the killed server
             # logged (the same weights and test set, the same scores)
             if self._record_evaluation(record):
                 self._log_evaluation(record, m, by="server")
             return {"test_accuracy": m["accuracy"], "test_loss": m["loss"], **m}
+        except _ScoringInterrupted:
+            raise
         except Exception as exc:    # the run's weights are saved either way
             log.error("could not evaluate the final weights: %s", exc)
             return {}
+
+    def _between_scoring_batches(self) -> None:
+        """Handle the messages waiting; _ScoringInterrupted on a stop (SIGTERM, Ctrl-C) unless the
+        run diverged: the end's checkpoint holds the finished run, and its --resume scores it then
+        (a diverged run's summary, which says why, is written first)."""
+        self._drain_burst()
+        if self._stop_requested and self.failure is None:
+            raise _ScoringInterrupted
 
     def _train_clock(self, now: float) -> float:
         """Seconds of training, this incarnation's from its first batch handed out, earlier ones' added."""
@@ -1834,7 +1865,8 @@ class ParameterServer:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
         last = self.newest_evaluation
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
-                "finished": self.summary_written, "error": self.failure, "mode": self.cfg.mode,
+                "finished": self.summary_written, "scoring": self.scoring, "error": self.failure,
+                "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,
                 "loss": self._mean_loss(),
                 "test_accuracy": last["test_accuracy"] if last else None,

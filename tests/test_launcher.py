@@ -821,6 +821,14 @@ def test_the_bar_says_when_training_is_over_and_the_final_evaluation_is_awaited(
     assert bar.postfix == "training finished; waiting for the final evaluation"
 
 
+
+def test_the_bar_says_when_the_server_scores_the_final_weights_itself(stand_ins):
+    """Scoring them itself (no evaluator), the server answers between two batches of the test set:
+    the bar said it waited for a final evaluation, as for an evaluator's report."""
+    bar = bar_following(stand_ins, {**TRAINING, "batches_done": 64, "epoch": 2, "done": True, "finished": False,
+                                    "scoring": True})
+    assert bar.postfix == "training finished; the server scores the final weights"
+
 def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_ins, capsys):
     """The server exits 1 once a diverged run's summary is written: its exit came with the last
     20 lines of its log (rejected pushes, mostly) above a report saying the same; now one line

@@ -1160,6 +1160,84 @@ def test_each_eval_line_says_how_many_test_images_it_scored(in_process, caplog):
         [(0, 100, None), (server.srv.store.version, 500, "server")]
 
 
+def _scoring_stand_in(monkeypatch, during):
+    """cnn_core.metrics.evaluate made to run ``during(between_batches)`` before its first batch:
+    what a message sent while the server scores the final weights itself gets."""
+    import cnn_core.metrics
+    real = cnn_core.metrics.evaluate
+
+    def evaluate(model, x, y, between_batches=None, **kwargs):
+        during(between_batches)
+        return real(model, x, y, between_batches=between_batches, **kwargs)
+    monkeypatch.setattr(cnn_core.metrics, "evaluate", evaluate)
+
+
+def test_the_server_answers_status_while_it_scores_the_final_weights(in_process, monkeypatch):
+    """Scoring a large model took minutes without a word: pscnn run took a server silent for
+    SILENT_SERVER_S, every worker gone, for hung, and stopped it, the finished run's summary
+    unwritten (and --resume walked into the same trap).  Between two batches of the test set
+    it answers, and its status says it is scoring."""
+    server = in_process(epochs=1, test_limit=100, final_eval_timeout=0.0)
+    asker = server.client()
+    answers = []
+
+    def status_meanwhile(between_batches):
+        asker.send(asker.frames(P.STATUS))
+        for _ in range(100):                # the server handles it between two batches
+            between_batches()
+            got = asker.recv(0.05)
+            if got is not None:
+                answers.append(got[0].body["progress"])
+                return
+    _scoring_stand_in(monkeypatch, status_meanwhile)
+    _push_all(server, _trainer(server))
+    server.srv._housekeeping(time.monotonic())
+    assert len(answers) == 1 and answers[0]["done"] and answers[0]["scoring"] is True, answers
+    assert server.srv.progress()["scoring"] is False and server.srv.summary_written
+    summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
+    assert summary["test_samples"] == 100 and summary["status"] == "complete"
+
+
+def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume(tmp_path, in_process, monkeypatch,
+                                                                                caplog):
+    """SIGTERM (pscnn run's Ctrl-C) while the server scored the final weights waited for the
+    whole test set, and pscnn run killed it after 10 s.  It stops between two batches instead,
+    with the finished run's checkpoint, and a --resume from it scores the weights and ends."""
+    import threading
+
+    from server.server import ServerConfig
+    out = tmp_path / "run"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = ParameterServer(ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100, mode="async",
+                                       final_eval_timeout=0.0, checkpoint_every=0, bind=endpoint, out=str(out)))
+
+    def stop_meanwhile(between_batches):
+        srv._stop_requested = True              # what SIGTERM's handler does
+        between_batches()
+    _scoring_stand_in(monkeypatch, stop_meanwhile)
+    codes = []
+    serving = threading.Thread(target=lambda: codes.append(srv.serve()), daemon=True)
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        serving.start()
+        raw = Raw(endpoint)
+        try:
+            raw.hello("trainer")
+            reply, weights = raw.work(), None
+            while reply.type == P.TASK:
+                weights = reply.arrays or weights
+                reply = raw.call(P.PUSH, push_body(reply), grads_like(weights))
+            assert reply.type == P.STOP, reply.body
+        finally:
+            raw.close()
+        serving.join(30)
+    assert codes == [0] and "interrupted before the final evaluation: writing a checkpoint" in caplog.text
+    assert not (out / "summary.json").exists() and load_checkpoint(out / "checkpoint.npz")[1]["step"] == 10
+    monkeypatch.undo()
+    again = in_process(out, epochs=1, test_limit=100, final_eval_timeout=0.0, resume=True)
+    again.srv._housekeeping(time.monotonic())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["updates"] == 10 and summary["test_samples"] == 100
+
 def test_an_evaluation_is_timed_when_its_weights_were_pulled_not_when_its_score_came_back(in_process):
     """The history (summary.json's evaluations and time to accuracy, the eval lines' train_seconds)
     took the training clock when a report arrived: an evaluator that pulled the untrained weights
