@@ -278,6 +278,12 @@ class Model:
         return [n * k // count for k in range(count + 1)]
 
     # ------------------------------------------------------------------ compute
+    def check_training_batch(self, n: int) -> None:
+        """ShapeError unless the model can train on a batch of ``n`` images: a BatchNorm that sees
+        1x1 maps cannot on one (no batch variance)."""
+        if self._tightest_batch_norm is not None:
+            self._tightest_batch_norm.check_training_batch(n)
+
     def forward(self, x, train: bool = True):
         """x: (N, C, H, W) float -> logits (N, num_classes).
 
@@ -290,8 +296,7 @@ class Model:
     def _forward(self, x, train: bool):
         """:meth:`forward` on an input :meth:`_check_input` has checked."""
         if train:
-            if self._tightest_batch_norm is not None:
-                self._tightest_batch_norm.check_training_batch(x.shape[0])
+            self.check_training_batch(x.shape[0])
             h, self._caches = self._run(x, True)
             self._dlogits_shape = h.shape
             return h

@@ -53,8 +53,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import save_model_checkpoint
-from .data import MNIST_FILES, NUM_CLASSES, batches_per_epoch, iterate_batches, load_mnist
-from .errors import ConfigError, PscnnError, SpecError
+from .data import MNIST_FILES, NUM_CLASSES, batch_length, batches_per_epoch, iterate_batches, load_mnist
+from .errors import ConfigError, PscnnError, ShapeError, SpecError
 from .flat import all_finite
 from .metrics import evaluate
 from .model import build_model
@@ -207,6 +207,7 @@ def train(config: dict, progress: bool = True) -> dict:
     check_model_fits_mnist(model)
     x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None, progress=progress)
     x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None, progress=progress)
+    check_batches_fit(model, len(x_train), cfg["batch_size"])
     planned_updates = cfg["epochs"] * batches_per_epoch(len(x_train), cfg["batch_size"])   # as iterate_batches
     optimizer = _build_optimizer(cfg["optimizer"], planned_updates)
     cfg["optimizer"] = optimizer.config()    # every hyperparameter, defaults and schedule lengths filled in
@@ -316,6 +317,32 @@ def check_model_fits_mnist(model) -> None:
     if model.num_classes != NUM_CLASSES:
         raise SpecError(f"model spec: the last layer {model.layers[-1].name!r} outputs {model.num_classes} "
                         f"values, but MNIST has {NUM_CLASSES} classes: the output width must be {NUM_CLASSES}")
+
+
+def check_batches_fit(model, num_samples: int, batch_size: int) -> None:
+    """ConfigError, naming the remedy, unless the model can train on every batch of an epoch of
+    ``num_samples`` images in batches of ``batch_size`` (the last one may be shorter).
+
+    A BatchNorm that sees 1x1 maps cannot train on one image: with a last batch of one
+    (``--train-limit 65 --batch-size 64``) :func:`train` and the distributed workers stopped
+    at it, mid-epoch.  :func:`train` and the parameter server check before training starts.
+    """
+    first = min(batch_size, num_samples)
+    try:
+        model.check_training_batch(first)
+    except ShapeError as exc:
+        flag = f"--batch-size {batch_size}" if batch_size <= num_samples else f"--train-limit {num_samples}"
+        raise ConfigError(f"{flag}: {exc}; use 2 or more") from None
+    last = batch_length(num_samples, batch_size, batches_per_epoch(num_samples, batch_size) - 1)
+    try:
+        model.check_training_batch(last)
+    except ShapeError as exc:
+        other = batch_size + 1
+        while num_samples % other == 1:
+            other += 1
+        raise ConfigError(f"{exc}: an epoch of {num_samples} training images in batches of {batch_size} ends "
+                          f"with a batch of {last}; use --batch-size {other} or --train-limit {num_samples - last}"
+                          ) from None
 
 
 def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict | None, last: dict | None,

@@ -29,7 +29,7 @@ from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_f
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS
 from server.server import (CHECKPOINT_NAME, ParameterServer, check_model_travels, checkpoint_version,
-                           config_from_args, summary_after_checkpoint, unfinished_run_warning)
+                           config_from_args, summary_after_checkpoint, training_set_size, unfinished_run_warning)
 from worker.client import query_status
 from worker.trainer import check_local_setup
 
@@ -263,6 +263,7 @@ def check_run_args(args):
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
     instead of the server's log tail.  Returns the server's config (a ServerConfig)."""
     from cnn_core.model import resolve_spec  # noqa: PLC0415
+    from cnn_core.training import check_batches_fit  # noqa: PLC0415
     from server.store import ParameterStore  # noqa: PLC0415
     from pscnn.cli import CliError, given_flag, overlap_refused  # noqa: PLC0415
     # given_flag: a flag the user did not type may come from its PSCNN_<FLAG> variable, which is then named
@@ -285,6 +286,7 @@ def check_run_args(args):
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
     store = ParameterStore(resolve_spec(cfg.model), cfg.optimizer, seed=cfg.seed)     # model and optimizer
     check_model_travels(store.model.spec, store.snapshot()[1])
+    check_batches_fit(store.model, training_set_size(cfg.train_limit), cfg.batch_size)
     return cfg
 
 

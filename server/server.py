@@ -66,7 +66,7 @@ from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, without_lost_updates
-from cnn_core.training import check_model_fits_mnist
+from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES
@@ -125,6 +125,11 @@ def raise_open_files_limit(max_workers: int) -> str | None:
     return (f"this server may open {soft} files at once (ulimit -n), but --max-workers {max_workers} trainers and as "
             f"many evaluators need up to {needed}: peers beyond the limit would go unanswered and the checkpoint "
             f"could not be written; raise the hard limit (ulimit -Hn) or run with --max-workers {fit}")
+
+
+def training_set_size(train_limit: int) -> int:
+    """The images a run trains on: MNIST's training set, or its first ``train_limit`` (0: all)."""
+    return min(train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
 
 
 def resume_checkpoint(out: str) -> str:
@@ -403,10 +408,11 @@ class ParameterServer:
             raise ConfigError(f"--wait-for-workers {cfg.wait_for_workers} exceeds --max-workers {cfg.max_workers}: "
                               "the run could never start with all of them")
         self.cfg = cfg
-        self.num_samples = min(cfg.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
+        self.num_samples = training_set_size(cfg.train_limit)
         self.spec = resolve_spec(cfg.model)
         self.store = ParameterStore(self.spec, cfg.optimizer, seed=cfg.seed)
         check_model_fits_mnist(self.store.model)      # else the first push fails, as a label range error
+        check_batches_fit(self.store.model, self.num_samples, cfg.batch_size)   # else a worker fails mid-epoch
         self.spec = self.store.model.spec
         check_model_travels(self.spec, self.store.snapshot()[1])
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
@@ -1978,7 +1984,7 @@ def serve_from_args(args) -> int:
 def config_from_args(args) -> ServerConfig:
     """The server's config from its CLI flags (or ``pscnn run``'s, which has no --bind)."""
     from pscnn.cli import optimizer_config, resolve_auto_schedule, ssp_staleness, start_timeout  # noqa: PLC0415
-    num_samples = min(args.train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
+    num_samples = training_set_size(args.train_limit)
     updates = args.epochs * batches_per_epoch(num_samples, args.batch_size)
     return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=ssp_staleness(args),
                        epochs=args.epochs,

@@ -32,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cnn_core.checkpoint import load_checkpoint, save_checkpoint
 from cnn_core.config import nests_within
-from cnn_core.errors import CheckpointError
+from cnn_core.errors import CheckpointError, ConfigError
 from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
 from pscnn import protocol as P
@@ -1727,6 +1727,27 @@ def test_pscnn_run_on_a_port_in_use_is_one_line_before_anything_starts(tmp_path,
                                                "in use (another pscnn server or run on that port? leave --port "
                                                "out for a free one)"], run.stderr[-2000:]
     assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_a_last_batch_a_batchnorm_on_1x1_maps_cannot_train_on_is_refused_before_anything_starts(tmp_path,
+                                                                                                mnist_file_names):
+    """With a BatchNorm that sees 1x1 maps, --train-limit 65 --batch-size 64 leaves each epoch a
+    last batch of one image: the worker leased it failed mid-epoch on the BatchNorm's error.  The
+    server refuses the settings at its start, and pscnn run before it starts anything."""
+    from server.server import ServerConfig
+    spec = {"input_shape": [1, 28, 28], "layers": [
+        {"type": "conv2d", "out_channels": 4, "kernel": 3}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 26},
+        {"type": "batchnorm2d", "name": "bn"}, {"type": "flatten"}, {"type": "dense", "units": 10}]}
+    why = ("batchnorm2d bn: a training batch needs more than one value per channel, got 1 (batch 1 of 1x1): an epoch "
+           "of 65 training images in batches of 64 ends with a batch of 1; use --batch-size 65 or --train-limit 64")
+    with pytest.raises(ConfigError, match=f"^{re.escape(why)}$"):
+        ParameterServer(ServerConfig(model=spec, train_limit=65, batch_size=64, out=str(tmp_path / "server")))
+    run = subprocess.run([sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--model", json.dumps(spec),
+                          "--train-limit", "65", "--batch-size", "64", "--out", str(tmp_path / "run"), "--no-progress"],
+                         capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [f"pscnn: error: {why}"], run.stderr[-2000:]
+    assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "server").exists()
+
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, mnist_file_names):
     blocker = tmp_path / "a-file"

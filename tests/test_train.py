@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -651,3 +652,33 @@ def test_an_interrupt_logs_the_updates_since_the_last_step_record(tmp_path, no_p
     assert [(r["kind"], r.get("step")) for r in records[-3:]] == [("step", 4), ("step", 5), ("interrupted", 5)]
     last = records[-2]
     assert last["epoch"] == 1 and last["loss"] > 0 and last["lr"] > 0 and last["images_per_second"] > 0
+
+
+# A model whose BatchNorm sees 1x1 maps: it cannot train on a batch of one image.
+BN_ON_1X1 = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "conv2d", "out_channels": 4, "kernel": 3}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 26},
+    {"type": "batchnorm2d", "name": "bn"}, {"type": "flatten"}, {"type": "dense", "units": 10}]}
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("train_limit, batch_size, fragment", [
+    (65, 64, "an epoch of 65 training images in batches of 64 ends with a batch of 1; use --batch-size 65 or "
+             "--train-limit 64"),
+    (100, 1, "--batch-size 1: batchnorm2d bn: a training batch needs more than one value per channel"),
+    (1, 64, "--train-limit 1: batchnorm2d bn: a training batch needs more than one value per channel"),
+])
+def test_batches_a_batchnorm_on_1x1_maps_cannot_train_on_are_refused_at_the_start(tmp_path, train_limit,
+                                                                                   batch_size, fragment):
+    """`pscnn train --train-limit 65 --batch-size 64` with such a model trained one batch, then
+    stopped mid-epoch at the last batch, of one image, on the BatchNorm's error."""
+    cfg = tiny_config(tmp_path, model=BN_ON_1X1, train_limit=train_limit, batch_size=batch_size)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    proc = pscnn_train(["--model", json.dumps(BN_ON_1X1), "--train-limit", str(train_limit), "--batch-size",
+                        str(batch_size), "--test-limit", "100", "--out", str(tmp_path / "run")],
+                       env=clean_env(MNIST_DIR=REAL_MNIST))
+    exit_error_line(proc, 1, fragment)
+    # one image more or less, and the last batch holds two, or none is short
+    assert train({**cfg, "train_limit": 66 if batch_size == 64 else 100, "batch_size": max(batch_size, 2)},
+                 progress=False)["status"] == "complete"
