@@ -1228,3 +1228,59 @@ def test_server_bench_with_curve_measures_the_server_with_keys_beside_the_plain_
     assert s["curve_over_plain"] == pytest.approx(rows["curve"]["cycles_per_second"]
                                                   / rows["pscnn"]["cycles_per_second"])
     assert "curve/plain" in proc.stdout
+
+
+FAILED_POINT_ERRORS = {
+    "foreign service": lambda: __import__("worker.client", fromlist=["BadReply"]).BadReply(
+        "tcp://127.0.0.1:5555 answered a status request with what is not a pscnn message: bad header"),
+    "disk full": lambda: OSError(28, "No space left on device"),
+    "run folder": lambda: __import__("cnn_core.runlog", fromlist=["RunLogError"]).RunLogError(
+        "out/points/async-n2-b64-t0/logs: cannot write: No space left on device"),
+}
+
+
+@pytest.mark.parametrize("error", FAILED_POINT_ERRORS)
+@pytest.mark.parametrize("bench_name", ["server", "scaling", "time-to-accuracy"])
+def test_a_point_failing_on_a_pscnn_or_os_error_is_a_failed_point(bench_name, error, tmp_path, monkeypatch, capsys,
+                                                                   request):
+    """Each measurement caught RuntimeError only: a PscnnError in one (a foreign ZeroMQ service answering
+    the status request, a point's folder that cannot be written) or a full disk ended the whole bench,
+    and the measurements done were not written.  It is a failed point, said in one line, the others kept."""
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.server_bench as server_bench
+    import pscnn.bench.tta as tta
+    from pscnn.cli import main
+    exc = FAILED_POINT_ERRORS[error]()
+
+    def fail_the_second(result):
+        calls = []
+
+        def measure(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise exc
+            return result
+        return measure
+    monkeypatch.setattr(server_bench, "measure", fail_the_second({
+        "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+        "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0, "errors": {}, "model_bytes": 1000}))
+    monkeypatch.setattr(cluster, "measure_point", fail_the_second({
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}))
+    monkeypatch.setattr(tta, "run_one", fail_the_second(tta.analyse([], [], 0.5, 64)))
+    argv = {"server": ["--clients", "1,2", "--seconds", "0.2", "--warmup", "0", "--trials", "1", "--no-echo"],
+            "scaling": ["--compute-ms", "0", "--workers", "1,2", "--mode", "async", "--seconds", "0.5", "--warmup",
+                        "0", "--trials", "1"],
+            "time-to-accuracy": ["--workers", "1,2", "--mode", "sync", "--max-seconds", "20", "--train-limit", "500",
+                                 "--test-limit", "100", "--mnist-dir", request.getfixturevalue("mnist_dir")]}[bench_name]
+    out = tmp_path / "out"
+    code = main(["bench", bench_name, *argv, "--model", "light", "--out", str(out), "--no-progress", "--no-plots"])
+    err = capsys.readouterr().err
+    assert f": {exc}\n" in err, err
+    if bench_name == "time-to-accuracy":        # its exit status says a run failed, as for a RuntimeError
+        assert code == 1 and "error: 1 of 2 runs failed" in err.splitlines()[-1], err
+    else:
+        assert code == 0, err
+    csv_name = {"server": "server.csv", "scaling": "scaling.csv", "time-to-accuracy": "time_to_accuracy.csv"}
+    rows = read_csv(out / csv_name[bench_name])
+    assert [bool(r.get("error")) for r in rows] == [False, True], rows

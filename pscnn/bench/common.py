@@ -291,6 +291,15 @@ def one_line(exc) -> str:
     return f"{head}: {last_line(lines[-1])}"
 
 
+def measurement_failures() -> tuple[type[Exception], ...]:
+    """What fails one measurement (a point, a baseline, a run), to be kept as a failed row while the
+    others go on: a process it started failed or timed out (RuntimeError: BenchError, wait_for's),
+    pscnn refused something on the way (PscnnError: a foreign service answering the status request,
+    a point's folder that cannot be written), or writing its files failed (OSError: a full disk)."""
+    from cnn_core.errors import PscnnError  # noqa: PLC0415  (numpy loads after the flags)
+    return RuntimeError, PscnnError, OSError
+
+
 def point_failed(bench: str, what: str, exc: Exception) -> dict:
     """The row of a failed measurement (a point, a baseline, a reference run): said on stderr in one
     line, kept with its error, so that the others are not lost."""

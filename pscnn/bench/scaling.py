@@ -37,9 +37,9 @@ from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float,
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, Interruption, OptionError, add_output_flags,
                      check_measured, check_mnist, check_out, check_server_flags, checking_options, cores, data_files,
-                     description, fmt, fresh_output_folder, interrupted_status, machine_info, median, on_a_free_port,
-                     parse_list, point_failed, print_table, print_written, process_failed, progress, pyplot,
-                     reference_limit, save_figure, write_outputs)
+                     description, fmt, fresh_output_folder, interrupted_status, machine_info, measurement_failures,
+                     median, on_a_free_port, parse_list, point_failed, print_table, print_written, process_failed,
+                     progress, pyplot, reference_limit, save_figure, write_outputs)
 
 NAME = "scaling"
 # What a run writes into --out (the plots with matplotlib, without --no-plots), and the folder of
@@ -133,6 +133,7 @@ def run(args) -> int:
     rows, baselines, ddp_rows = [], [], []
     bar = progress(jobs_per_trial * args.trials, "bench scaling", args.no_progress)
     stop = Interruption()
+    failures = measurement_failures()
     with stop, bar:
         for trial in range(args.trials):
             if not synthetic:
@@ -140,7 +141,7 @@ def run(args) -> int:
                     bar.set_postfix_str(f"trial {trial + 1}: baseline b{b}")
                     try:
                         res = _baseline(args.model, b, base_s, mnist_dir, env, args.lr)
-                    except RuntimeError as exc:     # that trial's ratios are lost, not the run
+                    except failures as exc:     # that trial's ratios are lost, not the run
                         res = point_failed(NAME, f"baseline b{b}", exc)
                     baselines.append({"trial": trial, "batch": b, **res})
                     bar.update()
@@ -154,7 +155,7 @@ def run(args) -> int:
                         warmup=args.warmup, threads=args.threads, model=args.model, lr=args.lr, mnist_dir=mnist_dir,
                         keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, overlap=args.overlap, **pt),
                         NAME, label)
-                except RuntimeError as exc:     # one failed point must not lose the others
+                except failures as exc:     # one failed point must not lose the others
                     res = point_failed(NAME, label, exc)
                 rows.append({"trial": trial, **pt, "kind": "pscnn", **res})
                 bar.update()
@@ -165,7 +166,7 @@ def run(args) -> int:
                     try:
                         res = on_a_free_port(lambda: measure_ddp(n, b, args.seconds, args.threads, args.model,
                                                                  env=env), NAME, f"torch DDP N={n} b{b}")
-                    except RuntimeError as exc:
+                    except failures as exc:
                         res = point_failed(NAME, f"torch DDP N={n} b{b}", exc)
                     ddp_rows.append({"trial": trial, "workers": n, "batch": b, **res})
                     bar.update()

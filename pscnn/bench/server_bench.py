@@ -27,10 +27,10 @@ from pathlib import Path
 from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_float, non_negative_int, positive_float,
                        positive_int)
 
-from .common import (MAX_BENCH_PEERS, BenchError, Interruption, add_output_flags, bench_env, bench_peers,
-                     busy_fraction, check_measured, check_out, check_server_flags, checking_options, cores, data_files,
-                     description, fmt, fresh_output_folder, interrupted_status, last_line, machine_cpu_ticks,
-                     machine_info, median, on_a_free_port, parse_list, percentile, point_failed, print_table,
+from .common import (MAX_BENCH_PEERS, BenchError, Interruption, add_output_flags, bench_env, bench_peers, busy_fraction,
+                     check_measured, check_out, check_server_flags, checking_options, cores, data_files, description,
+                     fmt, fresh_output_folder, interrupted_status, last_line, machine_cpu_ticks, machine_info,
+                     measurement_failures, median, on_a_free_port, parse_list, percentile, point_failed, print_table,
                      print_written, proc_cpu_seconds, process_failed, progress, pyplot, save_figure, server_failed,
                      write_outputs)
 from .synth import ECHO_LISTENING
@@ -83,6 +83,7 @@ def run(args) -> int:
     total = len(clients) * len(kinds) * args.trials + (1 if args.profile else 0)
     bar = progress(total, "bench server", args.no_progress)
     stop = Interruption()
+    failures = measurement_failures()
     profile_text = None
     with stop, bar:
         for trial in range(args.trials):
@@ -92,7 +93,7 @@ def run(args) -> int:
                     what = f"trial {trial + 1}, {kind} x {n} clients"
                     try:
                         res = on_a_free_port(lambda: measure(kind, n, args, env, out), NAME, what)
-                    except RuntimeError as exc:     # one failed point must not lose the others
+                    except failures as exc:     # one failed point must not lose the others
                         res = point_failed(NAME, what, exc)
                     rows.append({"trial": trial, "kind": kind, "clients": n, **res})
                     bar.update()
@@ -103,7 +104,7 @@ def run(args) -> int:
                                                      profile=out / PROFILE_DATA),
                                      NAME, f"the profile with {args.profile} clients")
                 profile_text = _profile_report(out / PROFILE_DATA, out / PROFILE_TEXT, res)
-            except RuntimeError as exc:
+            except failures as exc:
                 point_failed(NAME, f"the profile with {args.profile} clients", exc)
             bar.update()
     if stop.happened and not rows:      # no point measured: nothing to write

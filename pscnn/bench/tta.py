@@ -28,9 +28,9 @@ from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negat
 
 from .common import (BenchError, Interruption, add_output_flags, check_mnist, check_out, check_server_flags,
                      checking_options, cores, data_files, description, eval_records, fmt, fresh_output_folder,
-                     interrupted_status, machine_info, median, on_a_free_port, one_line, parse_list, print_table,
-                     print_written, process_failed, progress, pyplot, save_figure, server_failed, step_records,
-                     write_outputs)
+                     interrupted_status, machine_info, measurement_failures, median, on_a_free_port, one_line,
+                     parse_list, print_table, print_written, process_failed, progress, pyplot, save_figure,
+                     server_failed, step_records, write_outputs)
 
 NAME = "time_to_accuracy"
 # What a run writes into --out (the plot with matplotlib, without --no-plots), and the folder of each
@@ -86,6 +86,7 @@ def run(args) -> int:
     configs = [(t, m, n) for t in range(args.trials) for m in modes for n in workers]
     bar = progress(len(configs), "bench time-to-accuracy", args.no_progress)
     stop = Interruption()
+    failures = measurement_failures()
     with stop, bar:
         for trial, mode, n in configs:
             bar.set_postfix_str(f"trial {trial + 1}: {mode} N={n}")
@@ -93,7 +94,7 @@ def run(args) -> int:
             try:
                 row, curve = on_a_free_port(lambda: run_one(out / RUNS / f"{mode}-n{n}-t{trial}", mode, n, args,
                                                             mnist_dir, bar), "time-to-accuracy", label)
-            except RuntimeError as exc:     # a failed run must not lose the others; the exit status says it
+            except failures as exc:     # a failed run must not lose the others; the exit status says it
                 row, curve = {"reached": False, "best_accuracy": None, "error": one_line(exc)}, []
                 print(f"\npscnn bench time-to-accuracy: {label}: {row['error']}", file=sys.stderr)
             rows.append({"trial": trial, "mode": mode, "workers": n, **row})
