@@ -523,17 +523,31 @@ def child_exit_message(cluster: LocalCluster, name: str, code: int | None) -> st
     """What ``pscnn run`` says of a client (worker or evaluator) that exited with ``code``.
 
     A child killed by a signal gets one line naming it: its log cannot say why.  A child that
-    stopped on the CLI's one-line error (``pscnn: error: ...``, its log's last line) gets one line,
+    stopped on a one-line error (its log's last line, see :func:`last_word`) gets one line,
     that reason included; anything else (a traceback) the last lines of its log below a first line.
     Either way the log itself stays in OUT/logs/<name>.log."""
     what = exit_text(name, code)
     if code is not None and code < 0:
         return f"pscnn run: {what}"
     tail = cluster.log_tail(name)
-    lines = [line for line in tail.splitlines() if line.strip()]
-    if lines and lines[-1].startswith("pscnn: error: "):
-        return f"pscnn run: {what}: {lines[-1][len('pscnn: error: '):]}"
+    said = last_word(tail)
+    if said is not None:
+        return f"pscnn run: {what}: {said}"
     return f"pscnn run: {what}; last lines of its log:\n{tail}"
+
+
+# How a child's last line says why it exited, in one line: the CLI's error line, or the server's
+# own (pscnn.server's serve: a diverged run, outputs it could not write).
+LAST_WORD_PREFIXES = ("pscnn: error: ", "pscnn server: ")
+
+
+def last_word(log_tail: str) -> str | None:
+    """Why a child exited, when its log's last line says so in one line (LAST_WORD_PREFIXES), else None."""
+    lines = [line for line in log_tail.splitlines() if line.strip()]
+    for prefix in LAST_WORD_PREFIXES:
+        if lines and lines[-1].startswith(prefix):
+            return lines[-1][len(prefix):]
+    return None
 
 
 def _follow(cluster: LocalCluster, bar) -> int:
@@ -556,14 +570,12 @@ def _follow(cluster: LocalCluster, bar) -> int:
     evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
     silent_since = None                 # when the server last stopped answering, every worker gone
     trained = False                     # the server's last answer said training is over
-    diverged = None                     # why, when an answer said training diverged
     while server.poll() is None:
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
         st = cluster.status(timeout=0.5)    # after the workers' check: a worker told to stop left after `done`
         now = time.monotonic()
         if st is not None:
             trained = bool(st.get("done"))
-            diverged = st.get("error") or diverged
         silent_since = (silent_since or now) if workers_gone and st is None else None
         untrained = workers_gone and (st is not None and not st.get("done")
                                       or silent_since is not None and now - silent_since > SILENT_SERVER_S)
@@ -633,10 +645,10 @@ def _follow(cluster: LocalCluster, bar) -> int:
     if code != 0:
         bar.close()
         # killed by a signal (kill -9, the OOM killer): its log cannot say why
-        tail = "" if code < 0 else f"; last lines of its log:\n{cluster.log_tail('server')}"
-        if diverged and tail.endswith(f"\npscnn server: {diverged}"):
-            # its last line says why, alone: not above the rejected pushes that led to it
-            tail = f": {diverged}"
+        tail = "" if code < 0 else cluster.log_tail("server")
+        said = last_word(tail)
+        # its last line says why, alone: not above the rejected pushes (or the writes retried) that led to it
+        tail = f": {said}" if said is not None else f"; last lines of its log:\n{tail}" if tail else ""
         _say(f"pscnn run: {exit_text('the server', code)}{tail}")
     return code
 

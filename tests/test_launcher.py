@@ -847,6 +847,23 @@ def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_i
     assert "rejected push" not in err
 
 
+
+def test_a_server_that_could_not_write_the_runs_outputs_is_one_line(stand_ins, capsys):
+    """A full disk at the end: the server retries for FINAL_WRITE_PATIENCE_S, then exits 1 with one
+    line saying so.  pscnn run showed the last 20 lines of its log, the retries, above it."""
+    error = ("the run's outputs could not be written to run for 300 s: [Errno 28] No space left on device; --resume "
+             "would continue from version 12, the last checkpoint written")
+    with open(stand_ins.logs / "server.log", "a") as log:
+        log.write("02:03:40 ERROR   server: cannot write the run's outputs\n" * 20 + f"pscnn server: {error}\n")
+
+    def status(timeout=1.0):
+        stand_ins.end(1)
+        return {"started": True, "batches_total": 64, "batches_done": 64, "done": True, "loss": None, "error": None}
+    stand_ins.status = status
+    assert launcher._follow(stand_ins, Bar()) == 1
+    err = capsys.readouterr().err
+    assert f"pscnn run: the server exited with 1: {error}\n" in err and "cannot write" not in err, err
+
 def test_the_bar_names_the_update_its_test_accuracy_is_of(stand_ins):
     """The evaluator scores every 10 s: for a short run's first seconds the bar showed the
     untrained weights' "test acc 0.1380" next to a loss of 0.25, as if the run were not learning."""
@@ -939,16 +956,20 @@ def test_an_evaluator_killed_after_training_finished_does_not_stop_the_run(stand
 
 @pytest.mark.parametrize("code", [3, 1])
 def test_a_failed_server_is_reported_with_its_log_tail(tmp_path, capsys, code):
-    """A server that exits with an error code: its code and the last lines of its log (why); only
-    a server killed by a signal (its log cannot say why) gets the one line alone."""
-    with LocalCluster(tmp_path / "run") as cluster:
-        (cluster.logs / "server.log").write_text("pscnn: error: the reason\n")
-        server = subprocess.Popen([sys.executable, "-c", f"import sys\nsys.exit({code})\n"])
-        server.wait(30)
-        cluster.procs["server"] = server
-        assert launcher._follow(cluster, Bar()) == code
-    err = capsys.readouterr().err
-    assert f"pscnn run: the server exited with {code}; last lines of its log:\npscnn: error: the reason" in err
+    """A server that exits with an error code: its code and the last lines of its log (why); a
+    server whose last line says why in one line (as a client's), or killed by a signal (its log
+    cannot say why), gets one line."""
+    for log, said in (("Traceback (most recent call last):\nValueError: the reason\n",
+                       f"; last lines of its log:\nTraceback (most recent call last):\nValueError: the reason\n"),
+                      ("a line before\npscnn: error: the reason\n", ": the reason\n")):
+        with LocalCluster(tmp_path / "run") as cluster:
+            (cluster.logs / "server.log").write_text(log)
+            server = subprocess.Popen([sys.executable, "-c", f"import sys\nsys.exit({code})\n"])
+            server.wait(30)
+            cluster.procs["server"] = server
+            assert launcher._follow(cluster, Bar()) == code
+        err = capsys.readouterr().err
+        assert f"pscnn run: the server exited with {code}{said}" in err, err
 
 
 # ------------------------------------------------------------------------------ pscnn.cli helpers
