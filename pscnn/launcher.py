@@ -616,6 +616,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 bar.initial = st["batches_done"]
             elif st.get("error"):               # the bar kept its last figures, as if all were well
                 state = "training diverged"
+            elif st.get("write_failing"):       # tried again for minutes: not an evaluation awaited
+                state = "training finished; cannot write the run's outputs, trying again (see logs/server.log)"
             elif st.get("scoring"):             # answered between two batches of the test set
                 state = "training finished; the server scores the final weights"
             elif st.get("done"):

@@ -474,6 +474,7 @@ class ParameterServer:
         self.checkpointed_final_eval = False           # whether that checkpoint holds the final evaluation
         self._checkpoint_failing: str | None = None  # why the last checkpoint could not be written
         self._final_write_since: float | None = None  # when the run's outputs first failed to be written
+        self.final_write_failing: str | None = None  # why they cannot be, while they are tried again (status)
         self._final_write_next = 0.0
         self.write_error: str | None = None         # the run's outputs could not be written: exit 1
         self._resumed_text: str | None = None
@@ -1442,7 +1443,7 @@ class ParameterServer:
                 self._checkpoint(raise_errors=True)
             self._write_summary(now)
         except (OSError, PscnnError) as exc:
-            text = P.one_line(exc)
+            text = self.final_write_failing = P.one_line(exc)
             if self._final_write_since is None:
                 self._final_write_since = now
                 log.error("cannot write the run's outputs to %s: %s; trying again every %.0f s for %.0f s "
@@ -1457,6 +1458,7 @@ class ParameterServer:
             return False
         if self._final_write_since is not None:
             log.info("the run's outputs are written after all")
+            self.final_write_failing = None
         return True
 
     def _evaluate_here(self) -> dict:
@@ -1872,7 +1874,7 @@ class ParameterServer:
         last = self.newest_evaluation
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
                 "finished": self.summary_written, "scoring": self.scoring, "error": self.failure,
-                "mode": self.cfg.mode,
+                "write_failing": self.final_write_failing, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,
                 "loss": self._mean_loss(),
                 "test_accuracy": last["test_accuracy"] if last else None,

@@ -848,6 +848,14 @@ def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_i
 
 
 
+
+def test_the_bar_says_when_the_runs_outputs_cannot_be_written(stand_ins):
+    """A full disk at the end: the server tries again for minutes, and the bar said it waited for
+    the final evaluation."""
+    bar = bar_following(stand_ins, {**TRAINING, "batches_done": 64, "epoch": 2, "done": True, "finished": False,
+                                    "write_failing": "summary.json: cannot write: No space left on device"})
+    assert bar.postfix == "training finished; cannot write the run's outputs, trying again (see logs/server.log)"
+
 def test_a_server_that_could_not_write_the_runs_outputs_is_one_line(stand_ins, capsys):
     """A full disk at the end: the server retries for FINAL_WRITE_PATIENCE_S, then exits 1 with one
     line saying so.  pscnn run showed the last 20 lines of its log, the retries, above it."""

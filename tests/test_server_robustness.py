@@ -929,10 +929,12 @@ def test_the_runs_outputs_wait_for_a_full_disk_for_a_while(in_process, monkeypat
         assert srv._housekeeping(now) is False
         assert srv._housekeeping(now + 1) is False                    # not yet tried again
         assert srv._housekeeping(now + srv.FINAL_WRITE_RETRY_S) is False
+        # what status says meanwhile (pscnn run's bar said it waited for the final evaluation)
+        assert srv.progress()["write_failing"] == "checkpoint.npz: cannot write: No space left on device"
         if disk_freed:
             monkeypatch.undo()
             srv._housekeeping(now + 2 * srv.FINAL_WRITE_RETRY_S)
-            assert srv.write_error is None and srv.summary_written
+            assert srv.write_error is None and srv.summary_written and srv.progress()["write_failing"] is None
             assert (Path(srv.cfg.out) / "model.npz").exists() and (Path(srv.cfg.out) / "summary.json").exists()
             assert "the run's outputs are written after all" in caplog.text
         else:
