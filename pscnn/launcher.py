@@ -328,6 +328,13 @@ class RunOutputs:
         written = _mtime(self.summary)
         return written is not None and written != self.summary_before and summary_after_checkpoint(self.out)
 
+    def diverged(self) -> bool:
+        """Whether the finished run's summary.json says it diverged (False if it cannot be read)."""
+        try:
+            return json.loads(self.summary.read_text()).get("status") == "diverged"
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def resume_hint(self, interrupted: bool = False) -> str | None:
         """How to continue the run, stopped before its end: the same command plus --resume, once the
         server wrote a checkpoint of this run (or of the run it resumed); that nothing was trained
@@ -474,7 +481,8 @@ def _ended_early(cluster: LocalCluster, outputs: RunOutputs, status: int) -> int
 
 def _interrupted(cluster: LocalCluster, bar, outputs: RunOutputs) -> int:
     """Ctrl-C (or a STOP_SIGNAL): stop every child, the server first; 130 and how to continue the run,
-    or, when the run had finished already (its clients were still exiting), its report and 0."""
+    or, when the run had finished already (its clients were still exiting), its report and 0 (1 for
+    a diverged run, as when no Ctrl-C comes)."""
     def still_stopping(signum, frame):  # a second signal must not cut the shutdown short: said once
         for sig in (signal.SIGINT, *STOP_SIGNALS):
             signal.signal(sig, signal.SIG_IGN)
@@ -492,6 +500,10 @@ def _interrupted(cluster: LocalCluster, bar, outputs: RunOutputs) -> int:
     # never stopped.  The workers' unfinished batches are simply computed again.
     _stop(cluster, order=("server", "worker", "evaluator"))
     if outputs.finished():          # summary.json written: nothing was left to continue
+        if outputs.diverged():      # "its results are complete", and exit 0, said a diverged run was fine
+            _say("pscnn run: the run had diverged before the interrupt; its report follows")
+            print_report(outputs.summary)
+            return 1
         _say("pscnn run: the run had finished before the interrupt; its results are complete")
         print_report(outputs.summary)
         return 0

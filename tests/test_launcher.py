@@ -1150,3 +1150,45 @@ def test_pscnn_run_in_an_unfinished_runs_folder_says_how_pscnn_run_continues_it(
     assert warning.startswith(f"pscnn run: {out} holds the checkpoint of an unfinished run (version 5, ")
     assert warning.endswith("to continue that run instead, stop this run (Ctrl-C) and run the same command "
                             "plus --resume"), warning
+
+
+class _StartsNothing:
+    """LocalCluster's surface for run_from_args, starting nothing."""
+
+    def __init__(self, out, port=None, threads=1):
+        self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
+
+    start_server = start_worker = start_evaluator = lambda self, *a, **k: None
+
+    def stop_all(self, *a, **k):
+        return {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.mark.parametrize("status", ["complete", "diverged"])
+def test_ctrl_c_once_the_run_has_ended_exits_as_the_run_did(status, tmp_path, monkeypatch, capsys, mnist_file_names):
+    """Ctrl-C while the clients of an ended run were exiting: the report, and 0 for a complete run.
+    A diverged one exited 0 too, below "its results are complete", where it exits 1 uninterrupted."""
+    out = tmp_path / "run"
+    error = "training diverged: the last 8 pushes, from 2 trainer(s), had a NaN or Inf loss or gradient"
+
+    def ended_then_interrupted(cluster, bar):
+        out.mkdir(exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({
+            "status": status, "error": error if status == "diverged" else None, "mode": "sync", "workers": 2,
+            "epochs": 1, "updates": 5, "samples_applied": 640, "train_images_per_second": 100.0,
+            "train_seconds": 6.4}))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launcher, "LocalCluster", _StartsNothing)
+    monkeypatch.setattr(launcher, "_follow", ended_then_interrupted)
+    assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == (1 if status == "diverged" else 0)
+    captured = capsys.readouterr()
+    said = ("the run had diverged before the interrupt; its report follows" if status == "diverged" else
+            "the run had finished before the interrupt; its results are complete")
+    assert f"pscnn run: {said}\n" in captured.err, captured.err
+    assert ("run stopped" if status == "diverged" else "run finished") in captured.out
