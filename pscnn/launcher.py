@@ -507,6 +507,11 @@ def _interrupted(cluster: LocalCluster, bar, outputs: RunOutputs) -> int:
         _say("pscnn run: the run had finished before the interrupt; its results are complete")
         print_report(outputs.summary)
         return 0
+    server = cluster.procs.get("server")
+    if server is not None and server.returncode is not None and server.returncode > 0:
+        # e.g. its checkpoint could not be written (a full disk): what --resume would continue from
+        said = last_word(cluster.log_tail("server"))
+        _say(f"pscnn run: {exit_text('the server', server.returncode)}" + (f": {said}" if said else ""))
     _say(outputs.resume_hint(interrupted=True)  # else stopped before the server's first checkpoint: --resume would fail
          or f"pscnn run: stopped before the first checkpoint; the same command starts the run again from the "
             f"beginning (run folder {outputs.out})")

@@ -1192,3 +1192,25 @@ def test_ctrl_c_once_the_run_has_ended_exits_as_the_run_did(status, tmp_path, mo
             "the run had finished before the interrupt; its results are complete")
     assert f"pscnn run: {said}\n" in captured.err, captured.err
     assert ("run stopped" if status == "diverged" else "run finished") in captured.out
+
+
+def test_ctrl_c_whose_checkpoint_could_not_be_written_says_so(tmp_path, monkeypatch, capsys, mnist_file_names):
+    """Stopped by Ctrl-C, the server could not write its checkpoint (a full disk) and exited 1
+    saying from which version --resume would continue: pscnn run said only "Continue with the same
+    command plus --resume", as if nothing were lost."""
+    out = tmp_path / "run"
+    why = ("interrupted, and the checkpoint could not be written (checkpoint.npz: cannot write: No space left on "
+           "device); --resume would continue from version 12, the last checkpoint written")
+
+    class ServerExits1(LocalCluster):
+        start_server = start_worker = start_evaluator = lambda self, *a, **k: None
+
+    def interrupted(cluster, bar):
+        (cluster.logs / "server.log").write_text(f"12:00:00 WARNING server: interrupted\npscnn server: {why}\n")
+        cluster.procs["server"] = subprocess.Popen([sys.executable, "-c", "import sys\nsys.exit(1)\n"])
+        cluster.procs["server"].wait(30)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launcher, "LocalCluster", ServerExits1)
+    monkeypatch.setattr(launcher, "_follow", interrupted)
+    assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
+    assert f"pscnn run: the server exited with 1: {why}\n" in capsys.readouterr().err
