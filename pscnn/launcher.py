@@ -28,8 +28,9 @@ from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS
-from server.server import (CHECKPOINT_NAME, ParameterServer, check_model_travels, checkpoint_version,
-                           config_from_args, summary_after_checkpoint, training_set_size, unfinished_run_warning)
+from server.server import (CHECKPOINT_NAME, DROPPED_FOR_NAN, ParameterServer, check_model_travels,
+                           checkpoint_version, config_from_args, summary_after_checkpoint, training_set_size,
+                           unfinished_run_warning)
 from worker.client import query_status
 from worker.trainer import check_local_setup
 
@@ -719,11 +720,13 @@ def _print_report(s: dict, summary_path: Path) -> None:
              else ""))
     print(f"  evaluations        {len(s.get('evaluations', []))}")
     dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
+    faulty = (s.get("peers_dropped") or {}).get(DROPPED_FOR_NAN, 0)    # a trainer's exit 0 said nothing
     requeued = s.get("lease_requeues") or 0
     refused = sum((s.get("rejected_messages") or {}).values())
     if dead or requeued or refused:     # what the run survived (every incarnation of its server)
-        print(f"  faults             {dead} declared dead, {counted(requeued, 'lease')} requeued, "
-              f"{counted(refused, 'message')} refused")
+        print(f"  faults             {dead} declared dead, "
+              + (f"{counted(faulty, 'trainer')} {DROPPED_FOR_NAN}, " if faulty else "")
+              + f"{counted(requeued, 'lease')} requeued, {counted(refused, 'message')} refused")
     reached = s.get("time_to_accuracy")
     if reached is not None and s.get("evaluations"):    # not in a summary from before the field
         # those never reached named, not left out: a run short of 90% had no line, as if it had no field

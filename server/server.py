@@ -91,6 +91,10 @@ RECEIVE_QUEUE = 16
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
 DROPPED_MEMORY = 4096
 
+# Why a trainer was dropped whose pushes were all NaN or Inf while another's are finite: its
+# count in summary.json's peers_dropped, and in pscnn run's report.
+DROPPED_FOR_NAN = "dropped for NaN or Inf pushes"
+
 # Connections a peer holds open at the server (its requests' socket and its heartbeats'), and the
 # file descriptors the server needs besides (its run folder's files, its log, ZeroMQ's own).
 CONNECTIONS_PER_PEER = 2
@@ -1069,7 +1073,7 @@ class ParameterServer:
     def _drop_faulty(self, peer: Peer) -> None:
         """Answer trainer ``peer``'s refused push with a stop and drop it: its last NONFINITE_LIMIT
         pushes were non-finite while another trainer vouches for the weights (_diverged)."""
-        why = (f"dropped for NaN or Inf pushes (its last {peer.nonfinite_streak} had a NaN or Inf loss or gradient, "
+        why = (f"{DROPPED_FOR_NAN} (its last {peer.nonfinite_streak} had a NaN or Inf loss or gradient, "
                f"while another trainer's are finite: check that worker)")
         peer.told_to_stop = True
         self._reply(peer, P.Message(P.STOP, body={

@@ -1214,3 +1214,16 @@ def test_ctrl_c_whose_checkpoint_could_not_be_written_says_so(tmp_path, monkeypa
     monkeypatch.setattr(launcher, "_follow", interrupted)
     assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
     assert f"pscnn run: the server exited with 1: {why}\n" in capsys.readouterr().err
+
+
+def test_the_report_names_trainers_dropped_for_nan_pushes(tmp_path, capsys):
+    """A trainer dropped for NaN or Inf pushes exits 0, told to stop: the report's faults line said
+    only that messages were refused, not that a worker had left the run."""
+    summary = {"status": "complete", "mode": "async", "workers": 2, "epochs": 1, "updates": 10,
+               "samples_applied": 640, "train_images_per_second": 100.0, "train_seconds": 6.4,
+               "peers_dropped": {"dropped for NaN or Inf pushes": 1}, "lease_requeues": 8,
+               "rejected_messages": {"non_finite": 8}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    launcher.print_report(tmp_path / "summary.json")
+    assert ("  faults             0 declared dead, 1 trainer dropped for NaN or Inf pushes, 8 leases requeued, "
+            "8 messages refused\n") in capsys.readouterr().out
