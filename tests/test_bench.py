@@ -1284,3 +1284,23 @@ def test_a_point_failing_on_a_pscnn_or_os_error_is_a_failed_point(bench_name, er
     csv_name = {"server": "server.csv", "scaling": "scaling.csv", "time-to-accuracy": "time_to_accuracy.csv"}
     rows = read_csv(out / csv_name[bench_name])
     assert [bool(r.get("error")) for r in rows] == [False, True], rows
+
+
+def test_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk when the bench writes its CSV and JSON at the end: a traceback (OSError), not
+    the one line every other failure of a bench gets."""
+    import errno
+
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.cli import main
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+        "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+        "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "late_starts": 0, "errors": {}, "model_bytes": 1000})
+    monkeypatch.setattr(server_bench, "write_outputs", disk_full)
+    assert main(["bench", "server", *TINY["server"], "--model", "light", "--out", str(tmp_path / "out"),
+                 "--no-progress", "--no-plots"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "pscnn bench server: error: [Errno 28] No space left on device"

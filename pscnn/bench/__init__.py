@@ -56,7 +56,7 @@ def run_bench_from_args(args) -> int:
     except ValueError as exc:           # a bad list or option value (OptionError: any check made up front)
         print(f"pscnn bench {args.bench}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except (RuntimeError, PscnnError) as exc:   # a process it started failed (BenchError), a timeout, a write
+    except (RuntimeError, PscnnError, OSError) as exc:     # a process it started failed, a timeout, a full disk
         print(f"pscnn bench {args.bench}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:
