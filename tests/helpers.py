@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 from pscnn.launcher import wait_for
 
@@ -59,3 +60,22 @@ def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str)
             proc.kill()
             proc.wait(10)
     return err
+
+
+class NoProcesses:
+    """LocalCluster's surface for ``pscnn run`` (launcher.run_from_args), starting nothing."""
+
+    def __init__(self, out, port=None, threads=1, keys=None):
+        self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
+        self.keys = keys
+
+    start_server = start_worker = start_evaluator = lambda self, *a, **k: None
+
+    def stop_all(self, *a, **k):
+        return {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass

@@ -42,7 +42,7 @@ from pscnn.cli import (
     positive_float,
     resolve_auto_schedule,
 )
-from helpers import exit_error_line
+from helpers import NoProcesses, exit_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -823,30 +823,11 @@ def test_an_empty_variable_still_means_the_default():
     assert parse_args(["train"], {"PSCNN_MNIST_DIR": ""}).mnist_dir is None
 
 
-class _NoProcesses:
-    """LocalCluster's surface for run_from_args, starting nothing."""
-
-    def __init__(self, out, port=None, threads=1, keys=None):
-        self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
-        self.keys = keys
-
-    start_server = start_worker = start_evaluator = lambda self, *a, **k: None
-
-    def stop_all(self, *a, **k):
-        return {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
 def server_flags_of(monkeypatch, argv: list) -> list:
     """The flags ``pscnn run`` (``argv``) hands its server, which is not started (nor is anything else)."""
     started = []
 
-    class ServerOnly(_NoProcesses):
+    class ServerOnly(NoProcesses):
         def start_server(self, flags):
             started.append(flags)
             raise RuntimeError("server started")
@@ -866,7 +847,7 @@ def test_interrupted_run_offers_resume_only_with_a_checkpoint(checkpointed, tmp_
             out.mkdir(exist_ok=True)
             (out / "checkpoint.npz").write_bytes(b"")
         raise KeyboardInterrupt
-    monkeypatch.setattr(launcher, "LocalCluster", _NoProcesses)
+    monkeypatch.setattr(launcher, "LocalCluster", NoProcesses)
     monkeypatch.setattr(launcher, "_follow", interrupted)
     assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
     err = capsys.readouterr().err
@@ -882,7 +863,7 @@ def test_an_old_runs_checkpoint_is_no_reason_to_resume(tmp_path, monkeypatch, ca
 
     def interrupted(cluster, bar):
         raise KeyboardInterrupt
-    monkeypatch.setattr(launcher, "LocalCluster", _NoProcesses)
+    monkeypatch.setattr(launcher, "LocalCluster", NoProcesses)
     monkeypatch.setattr(launcher, "_follow", interrupted)
     assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
     stopped = capsys.readouterr().err.split("interrupted")[-1]     # (the start-over warning may name --resume)
@@ -898,7 +879,7 @@ def test_ctrl_c_before_the_first_update_reports_no_problem_to_fix(tmp_path, monk
     def interrupted(cluster, bar):
         save_checkpoint(out / "checkpoint.npz", {}, {"step": 0})       # written at the start barrier
         raise KeyboardInterrupt
-    monkeypatch.setattr(launcher, "LocalCluster", _NoProcesses)
+    monkeypatch.setattr(launcher, "LocalCluster", NoProcesses)
     monkeypatch.setattr(launcher, "_follow", interrupted)
     assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

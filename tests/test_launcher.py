@@ -29,6 +29,7 @@ from cnn_core.checkpoint import save_checkpoint
 from pscnn import cli, launcher
 from pscnn.cli import CliError, main, parse_args
 from pscnn.launcher import LocalCluster, RunOutputs
+from helpers import NoProcesses
 
 SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
            "updates": 4, "samples_applied": 256, "train_images_per_second": 1000.0, "train_seconds": 0.3,
@@ -821,7 +822,6 @@ def test_the_bar_says_when_training_is_over_and_the_final_evaluation_is_awaited(
     assert bar.postfix == "training finished; waiting for the final evaluation"
 
 
-
 def test_the_bar_says_when_the_server_scores_the_final_weights_itself(stand_ins):
     """Scoring them itself (no evaluator), the server answers between two batches of the test set:
     the bar said it waited for a final evaluation, as for an evaluator's report."""
@@ -829,24 +829,30 @@ def test_the_bar_says_when_the_server_scores_the_final_weights_itself(stand_ins)
                                     "scoring": True})
     assert bar.postfix == "training finished; the server scores the final weights"
 
+
 def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_ins, capsys):
     """The server exits 1 once a diverged run's summary is written: its exit came with the last
     20 lines of its log (rejected pushes, mostly) above a report saying the same; now one line
     says why."""
     error = "training diverged: the last 8 pushes, from 2 trainer(s), had a NaN or Inf loss or gradient"
-    with open(stand_ins.logs / "server.log", "a") as log:
-        log.write("02:03:40 WARNING server: rejected push from worker-0\n" * 20 + f"pscnn server: {error}\n")
-
-    def status(timeout=1.0):
-        stand_ins.end(1)
-        return {"started": True, "batches_total": 64, "batches_done": 4, "done": True, "loss": None, "error": error}
-    stand_ins.status = status
-    assert launcher._follow(stand_ins, Bar()) == 1
-    err = capsys.readouterr().err
+    err = err_of_a_server_exiting_with(stand_ins, capsys, "02:03:40 WARNING server: rejected push from worker-0",
+                                       f"pscnn server: {error}", {"batches_done": 4, "error": error})
     assert f"pscnn run: the server exited with 1: {error}\n" in err
     assert "rejected push" not in err
 
 
+def err_of_a_server_exiting_with(stand_ins, capsys, repeated: str, last: str, status: dict) -> str:
+    """What pscnn run prints of a server that exits 1 once its log holds 20 ``repeated`` lines then
+    ``last`` (its own line saying why), its final status ``status`` (over a 64-batch run, done)."""
+    with open(stand_ins.logs / "server.log", "a") as log:
+        log.write(f"{repeated}\n" * 20 + f"{last}\n")
+
+    def final_status(timeout=1.0):
+        stand_ins.end(1)
+        return {"started": True, "batches_total": 64, "done": True, "loss": None, "error": None, **status}
+    stand_ins.status = final_status
+    assert launcher._follow(stand_ins, Bar()) == 1
+    return capsys.readouterr().err
 
 
 def test_the_bar_says_when_the_runs_outputs_cannot_be_written(stand_ins):
@@ -856,21 +862,16 @@ def test_the_bar_says_when_the_runs_outputs_cannot_be_written(stand_ins):
                                     "write_failing": "summary.json: cannot write: No space left on device"})
     assert bar.postfix == "training finished; cannot write the run's outputs, trying again (see logs/server.log)"
 
+
 def test_a_server_that_could_not_write_the_runs_outputs_is_one_line(stand_ins, capsys):
     """A full disk at the end: the server retries for FINAL_WRITE_PATIENCE_S, then exits 1 with one
     line saying so.  pscnn run showed the last 20 lines of its log, the retries, above it."""
     error = ("the run's outputs could not be written to run for 300 s: [Errno 28] No space left on device; --resume "
              "would continue from version 12, the last checkpoint written")
-    with open(stand_ins.logs / "server.log", "a") as log:
-        log.write("02:03:40 ERROR   server: cannot write the run's outputs\n" * 20 + f"pscnn server: {error}\n")
-
-    def status(timeout=1.0):
-        stand_ins.end(1)
-        return {"started": True, "batches_total": 64, "batches_done": 64, "done": True, "loss": None, "error": None}
-    stand_ins.status = status
-    assert launcher._follow(stand_ins, Bar()) == 1
-    err = capsys.readouterr().err
+    err = err_of_a_server_exiting_with(stand_ins, capsys, "02:03:40 ERROR   server: cannot write the run's outputs",
+                                       f"pscnn server: {error}", {"batches_done": 64})
     assert f"pscnn run: the server exited with 1: {error}\n" in err and "cannot write" not in err, err
+
 
 def test_the_bar_names_the_update_its_test_accuracy_is_of(stand_ins):
     """The evaluator scores every 10 s: for a short run's first seconds the bar showed the
@@ -1152,24 +1153,6 @@ def test_pscnn_run_in_an_unfinished_runs_folder_says_how_pscnn_run_continues_it(
                             "plus --resume"), warning
 
 
-class _StartsNothing:
-    """LocalCluster's surface for run_from_args, starting nothing."""
-
-    def __init__(self, out, port=None, threads=1):
-        self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
-
-    start_server = start_worker = start_evaluator = lambda self, *a, **k: None
-
-    def stop_all(self, *a, **k):
-        return {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
 @pytest.mark.parametrize("status", ["complete", "diverged"])
 def test_ctrl_c_once_the_run_has_ended_exits_as_the_run_did(status, tmp_path, monkeypatch, capsys, mnist_file_names):
     """Ctrl-C while the clients of an ended run were exiting: the report, and 0 for a complete run.
@@ -1184,7 +1167,7 @@ def test_ctrl_c_once_the_run_has_ended_exits_as_the_run_did(status, tmp_path, mo
             "epochs": 1, "updates": 5, "samples_applied": 640, "train_images_per_second": 100.0,
             "train_seconds": 6.4}))
         raise KeyboardInterrupt
-    monkeypatch.setattr(launcher, "LocalCluster", _StartsNothing)
+    monkeypatch.setattr(launcher, "LocalCluster", NoProcesses)
     monkeypatch.setattr(launcher, "_follow", ended_then_interrupted)
     assert main(["run", "--model", "light", "--out", str(out), "--no-progress"]) == (1 if status == "diverged" else 0)
     captured = capsys.readouterr()
