@@ -20,9 +20,11 @@ what that role needs::
 
 Folders are made mode 0700 and secret certificates 0600.  Several processes may
 share one client folder (every worker container of a Compose service): the key
-says who may join, not which worker is which.  The server's own folder serves
-as a client's too, and the server admits its own key: ``pscnn status`` in the
-server's container (its healthcheck) reads the same ``PSCNN_KEYS`` as the server.
+says who may join, not which worker is which.  But a worker id is bound to the key it
+joined with (:func:`sender_key`): the server refuses a message under a peer's id from a
+client holding another key, so no key holder can act as another's peer.  The server's
+own folder serves as a client's too, and the server admits its own key: ``pscnn status``
+in the server's container (its healthcheck) reads the same ``PSCNN_KEYS`` as the server.
 """
 from __future__ import annotations
 
@@ -70,7 +72,11 @@ class ServerKeys:
     folder: Path
     public: bytes
     secret: bytes
-    authorized: frozenset           # Z85 public keys (bytes), as the ZAP handler gets them
+    authorized: dict                # Z85 public key (bytes, as the ZAP handler gets it) -> its name (file stem)
+
+    def name(self, user_id: str) -> str:
+        """The name of the authorized key a :func:`sender_key` is (its file's in authorized/; "server": its own)."""
+        return self.authorized.get(user_id.encode("ascii", "replace"), user_id)
 
 
 @dataclass(frozen=True)
@@ -192,10 +198,13 @@ def server_keys(path) -> ServerKeys:
     authorized_dir = folder / AUTHORIZED
     if not authorized_dir.is_dir():
         raise KeysError(f"{authorized_dir}: no such folder of authorized client keys ({KEYS_HINT})")
-    authorized = frozenset(_read_certificate(p, secret=False)[0] for p in sorted(authorized_dir.glob("*" + PUBLIC)))
+    authorized = {}
+    for path in sorted(authorized_dir.glob("*" + PUBLIC)):     # one key in two files: the first name
+        authorized.setdefault(_read_certificate(path, secret=False)[0], path.stem)
     if not authorized:
         raise KeysError(f"{authorized_dir}: holds no client public key (*{PUBLIC}), so every client would be refused")
-    return ServerKeys(folder, public, secret, authorized | {public})     # its own: pscnn status beside it
+    authorized.setdefault(public, SERVER_NAME)          # its own: pscnn status beside it
+    return ServerKeys(folder, public, secret, authorized)
 
 
 def client_keys(path) -> ClientKeys:
@@ -231,6 +240,17 @@ def secure_client(sock, keys: ClientKeys | None) -> None:
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_serverkey = keys.server_public
+
+
+# The ZAP user id ZeroMQ puts on every message received over CURVE: what the ZAP handler answered
+# for the connection's key, which zmq.auth makes the client's Z85 public key.
+USER_ID = "User-Id"
+
+
+def sender_key(frame) -> str:
+    """The Z85 public key (text) whose holder sent ``frame``, a zmq.Frame received (copy=False) on a
+    CURVE server's socket: each connection's, as its handshake proved it."""
+    return frame.get(USER_ID)
 
 
 class AuthorizedKeys:

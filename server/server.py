@@ -393,6 +393,7 @@ class Peer:
     replied_at: float = 0.0             # when the server last answered it (time.monotonic())
     push_window: tuple = (0.0, 0.0)     # its current push: (the answer before it, its arrival)
     pulled: tuple | None = None         # evaluator: (version, training clock) of the weights it was sent last
+    key: str | None = None              # CURVE: the Z85 public key it joined with, bound to its id (None: plain)
 
 
 @dataclass
@@ -402,6 +403,7 @@ class DroppedPeer:
     why: str
     at: float                           # time.monotonic() when dropped
     refused: int = 0                    # its messages refused since
+    key: str | None = None              # CURVE: the key it joined with, which alone may rejoin under its id
 
 
 class ParameterServer:
@@ -710,12 +712,16 @@ class ParameterServer:
         if msg.type == P.STATUS:
             self._send(rid, P.Message(P.STATUS, body={"progress": self.progress()}))
             return
+        key = curve.sender_key(frames[0]) if self.keys is not None else None
         if msg.type == P.HELLO:
-            self._on_hello(rid, msg, now)
+            self._on_hello(rid, msg, now, key)
             return
         peer = self.peers.get(msg.wid)
         if peer is None:
             self._refuse_unknown(rid, msg, now)
+            return
+        if peer.key != key:             # before anything of the peer's changes (plain: None == None)
+            self._refuse_other_key(rid, msg, peer, key)
             return
         peer.last_seen = now
         if msg.type == P.HEARTBEAT:     # from the client's heartbeat socket: no sequence number
@@ -770,6 +776,15 @@ class ParameterServer:
         self._send(rid, P.error("unknown_worker", f"worker id {msg.wid!r} ({gone.name}) was dropped from the run "
                                 f"{ago:.1f} s ago ({gone.why}): send hello to rejoin", msg.seq))
 
+    def _refuse_other_key(self, rid: bytes, msg: P.Message, owner, key: str) -> None:
+        """A message under the id of ``owner`` (a Peer or DroppedPeer) from a client that holds another
+        CURVE key than the one ``owner`` joined with: a key holder must not push, work or rejoin as
+        another's peer.  Its own key may rejoin under the id (a client that lost its connection)."""
+        self._rejected("wrong_key", "refused %s under worker id %s (%s, joined with CURVE key %s) from a client "
+                       "with key %s", msg.type, msg.wid, owner.name, self.keys.name(owner.key), self.keys.name(key))
+        self._send(rid, P.error("wrong_key", f"worker id {msg.wid!r} belongs to a peer that joined with another "
+                                "CURVE key: a client may use only the ids it joined with", msg.seq))
+
     def _rejected(self, code: str, fmt: str | None, *args) -> None:
         """Count a rejected message and log it, up to ``--log-rejected`` lines a second.
 
@@ -801,10 +816,15 @@ class ParameterServer:
         peer.pending = False
 
     # ================================================================== joining / leaving
-    def _on_hello(self, rid: bytes, msg: P.Message, now: float) -> None:
+    def _on_hello(self, rid: bytes, msg: P.Message, now: float, key: str | None) -> None:
+        """``key``: the CURVE key it came with (None: plain), bound to its id from now on."""
         wid = msg.wid
         if not wid:
             self._reject(rid, msg, P.ProtocolError("hello: 'wid' (the client id) must not be empty"))
+            return
+        owner = self.peers.get(wid) or self.dropped.get(wid)
+        if owner is not None and owner.key != key:
+            self._refuse_other_key(rid, msg, owner, key)
             return
         # The client's own rule: a name goes into every line about the peer, its table entry, the
         # dropped peers remembered and every checkpoint (summary.json's worker_names).
@@ -834,7 +854,7 @@ class ParameterServer:
             self._drop_peer(old, "rejoined")
         name = msg.body.get("name") or wid
         peer = Peer(wid=wid, role=msg.body["role"], name=name, rid=rid, joined=now, last_seen=now,
-                    last_seq=msg.seq)
+                    last_seq=msg.seq, key=key)
         if self.cfg.mode == "ssp":
             peer.clock = self._ssp_start_clock(peer)
             # and again at its first task: a trainer asks for work only once its data is loaded,
@@ -877,7 +897,8 @@ class ParameterServer:
         """Forget a peer: requeue its leases, take it out of barriers.  ``level``: of its log line
         (WARNING for one declared dead, else INFO by default)."""
         self._remove_peer(peer)
-        self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic())   # not there: a hello took it out
+        # not there: a hello took it out
+        self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic(), key=peer.key)
         if not self.over:   # what the run survived: not the evaluator's goodbye after the final evaluation,
             self.drops[why.split(" (")[0]] += 1     # counted in summary.json when it came before the summary
         if len(self.dropped) > DROPPED_MEMORY:

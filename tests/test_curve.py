@@ -17,8 +17,10 @@ import zmq
 
 from helpers import error_line, one_line_naming
 from pscnn import curve
+from pscnn import protocol as P
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, free_port, local_endpoint, make_run_keys, wait_for
+from test_server_robustness import Raw, grads_like, push_body
 from worker.client import Client, query_status
 
 
@@ -28,7 +30,8 @@ def test_pscnn_keys_writes_one_folder_per_role_with_secrets_for_their_owner_only
     assert str(tmp_path / "k" / "server") in printed and str(tmp_path / "k" / "client-1") in printed
     server = curve.server_keys(tmp_path / "k" / "server")
     clients = [curve.client_keys(tmp_path / "k" / f"client-{i}") for i in range(2)]
-    assert server.authorized == {c.public for c in clients} | {server.public}     # its own: pscnn status beside it
+    # each named by its file, for the server's log lines; its own too: pscnn status beside it
+    assert server.authorized == {clients[0].public: "client-0", clients[1].public: "client-1", server.public: "server"}
     assert all(c.server_public == server.public for c in clients)
     for secret in tmp_path.glob("k/**/*.key_secret"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
@@ -216,3 +219,59 @@ def test_pscnn_run_with_curve_trains_end_to_end(tmp_path, mnist_dir, capsys):
     first = curve.server_keys(out / "keys" / "server").public
     assert make_run_keys(out, 1) == out / "keys"                # a later run makes its own
     assert curve.server_keys(out / "keys" / "server").public != first
+
+
+def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
+    """A holder of another authorized key sent a push, a work request or a hello under a joined
+    trainer's id, and the server took it as that trainer's: it could push in its name, take its
+    leases back, or drop it with a hello.  Refused now, each in one log line, while the trainer
+    trains on; the key it joined with may rejoin under its id (a client that lost its connection)."""
+    keys = tmp_path / "keys"
+    curve.make_keys(keys, ["client-0", "client-1", "run"])
+    cluster = LocalCluster(tmp_path / "run", keys=keys)
+    raws = []
+
+    def raw(folder: str, wid: str | None = None) -> Raw:
+        raws.append(Raw(cluster.endpoint, wid, keys=curve.client_keys(keys / folder)))
+        return raws[-1]
+    try:
+        cluster.start_server(["--model", "light", "--train-limit", "640", "--batch-size", "64", "--epochs", "50",
+                              "--mode", "async", "--checkpoint-every", "0", "--log-rejected", "0",
+                              "--out", str(cluster.out)])
+        wait_for(lambda: cluster.status(0.5) is not None, 60, "the CURVE server to answer its status")
+        trainer = raw("client-0")
+        trainer.hello("trainer")
+        task = trainer.work()
+        weights = task.arrays
+        thief = raw("client-1", wid=trainer.wid)
+        thief.seq = 100                     # ahead of the trainer's: not taken for a late duplicate
+        for mtype, body, arrays in ((P.PUSH, push_body(task), grads_like(weights)), (P.WORK, {}, None),
+                                    (P.HELLO, {"role": "trainer", "name": "thief"}, None)):
+            reply = thief.call(mtype, body, arrays)
+            assert reply.type == P.ERROR and reply.body["code"] == "wrong_key", (mtype, reply.body)
+            assert "joined with another CURVE key" in reply.body["message"]
+        for _ in range(3):                  # the trainer trains on: its pushes are applied, its lease was kept
+            task = trainer.call(P.PUSH, push_body(task), grads_like(weights))
+            assert task.type == P.TASK, task.body
+        progress = cluster.status(5.0)
+        assert progress["version"] == 3 and progress["trainers"] == 1, progress
+        refusals = []
+
+        def three_refusals() -> bool:
+            log_lines = (cluster.logs / "server.log").read_text().splitlines()
+            refusals[:] = [line for line in log_lines if f"under worker id {trainer.wid}" in line]
+            return len(refusals) == 3
+        wait_for(three_refusals, 10, "the server's three refusal lines")
+        assert "joined with CURVE key client-0) from a client with key client-1" in refusals[0], refusals
+        # the same key rejoins under its id (its own seq goes on), and may after it left; another key may not
+        again = raw("client-0", wid=trainer.wid)
+        again.seq = trainer.seq
+        again.hello("trainer")
+        assert again.call(P.BYE, {"reason": "test"}).type == P.ACK
+        reply = thief.call(P.HELLO, {"role": "trainer", "name": "thief"})
+        assert reply.type == P.ERROR and reply.body["code"] == "wrong_key", reply.body
+        again.hello("trainer")
+    finally:
+        for r in raws:
+            r.close()
+        cluster.close()

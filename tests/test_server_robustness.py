@@ -35,6 +35,7 @@ from cnn_core.config import nests_within
 from cnn_core.errors import CheckpointError, ConfigError
 from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
+from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, query_status, wait_for
 from server.server import ParameterServer
@@ -54,7 +55,8 @@ PUSH_BODY = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.0
 class Raw:
     """A bare DEALER socket speaking the protocol by hand."""
 
-    def __init__(self, endpoint: str, wid: str | None = None, rcvhwm: int | None = None):
+    def __init__(self, endpoint: str, wid: str | None = None, rcvhwm: int | None = None, keys=None):
+        """``keys``: a client's CURVE keys (pscnn.curve.ClientKeys) for a server with keys; None: plain."""
         self.endpoint = endpoint
         self.wid = wid or f"raw-{uuid.uuid4().hex[:8]}"
         self.seq = 0
@@ -62,6 +64,7 @@ class Raw:
         self.sock.setsockopt(zmq.LINGER, 0)
         if rcvhwm is not None:              # a peer that reads (almost) nothing from its connection
             self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        curve.secure_client(self.sock, keys)
         self.sock.connect(endpoint)
 
     def close(self) -> None:
