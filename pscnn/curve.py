@@ -151,10 +151,30 @@ def _read_certificate(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
         raise KeysError(f"{path}: not a ZeroMQ certificate (no public-key line)") from None
     if secret and secret_key is None:
         raise KeysError(f"{path}: has no secret-key line: a secret certificate (*{SECRET}) is needed")
+    if secret:
+        _warn_if_others_may_read(path)
     for what, key in (("public-key", public), ("secret-key", secret_key)):
         if key is not None and not _is_key(key):
             raise KeysError(f"{path}: its {what} is not a {KEY_CHARS}-character Z85 key")
     return public, secret_key
+
+
+# Secret certificates already warned about as readable by others: once per file and process.
+_WARNED_READABLE: set[Path] = set()
+
+
+def _warn_if_others_may_read(path: Path) -> None:
+    """Warn once if ``path`` (a secret certificate) is readable by its group or others: a warning, not a
+    refusal, as Compose and Kubernetes often mount secrets with broad modes the user cannot change."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if os.name != "posix" or not mode & (stat.S_IRGRP | stat.S_IROTH) or path in _WARNED_READABLE:
+        return
+    _WARNED_READABLE.add(path)
+    log.warning("%s holds a secret key, yet its mode %04o lets %s read it: chmod 600 %s", path, mode,
+                "other users" if mode & stat.S_IROTH else "its group", path)
 
 
 def _is_key(key: bytes) -> bool:

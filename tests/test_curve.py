@@ -7,6 +7,7 @@ long before its --give-up-after (600 s here), while the server goes on serving t
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import stat
 import subprocess
@@ -275,3 +276,34 @@ def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
         for r in raws:
             r.close()
         cluster.close()
+
+
+def test_a_secret_certificate_others_may_read_is_warned_about_once_and_still_loaded(tmp_path, caplog):
+    """Compose and Kubernetes often mount secrets with broad modes: such a file is used, with one
+    line naming it and the remedy (it was loaded without a word)."""
+    curve.make_keys(tmp_path / "k", ["client-0"])
+    secrets = {"client": tmp_path / "k" / "client-0" / "client-0.key_secret",
+               "server": tmp_path / "k" / "server" / "server.key_secret"}
+    for path in secrets.values():
+        path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="pscnn.curve"):
+        for _ in range(2):
+            assert curve.client_keys(tmp_path / "k" / "client-0").public
+            assert curve.server_keys(tmp_path / "k" / "server").public
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    for path, line in zip(secrets.values(), warnings):
+        one_line_naming(line, path, "mode 0644", "other users", f"chmod 600 {path}")
+    caplog.clear()
+    (tmp_path / "k" / "client-1").mkdir(mode=0o700)       # a secret readable by its group only
+    for name in ("client-0.key_secret", "client-0.key", "server.key"):
+        shutil.copy(tmp_path / "k" / "client-0" / name, tmp_path / "k" / "client-1" / name)
+    (tmp_path / "k" / "client-1" / "client-0.key_secret").chmod(0o640)
+    with caplog.at_level(logging.WARNING, logger="pscnn.curve"):
+        curve.client_keys(tmp_path / "k" / "client-1")
+        curve.make_keys(tmp_path / "fresh", ["client-0"])    # pscnn keys' own: 0600, nothing to say
+        curve.client_keys(tmp_path / "fresh" / "client-0")
+        curve.server_keys(tmp_path / "fresh" / "server")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'k' / 'client-1' / 'client-0.key_secret'} holds a secret key, yet its mode 0640 lets its group "
+        f"read it: chmod 600 {tmp_path / 'k' / 'client-1' / 'client-0.key_secret'}"]
