@@ -357,22 +357,62 @@ class HandshakeWatch:
                         "client without --keys")
             return (f"{self.endpoint} requires CURVE authentication: give --keys FOLDER (or PSCNN_KEYS), a client "
                     f"folder the server authorizes ({KEYS_HINT})")
-        try:
-            reason = zmq.Event(value).name.lower()
-        except ValueError:
-            reason = f"protocol error {value:#x}"
-        return f"the handshake with {self.endpoint} failed ({reason}): is it a pscnn server of this release?"
+        return (f"the handshake with {self.endpoint} failed ({_protocol_error(value)}): is it a pscnn server of "
+                "this release?")
 
     def close(self) -> None:
         """Stop watching (before the watched socket closes)."""
-        if self.monitor is None:
-            return
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:            # the socket is closed already
-            pass
-        self.monitor.close(linger=0)
+        if self.monitor is not None:
+            _stop_monitor(self.sock, self.monitor)
         self.sock = self.monitor = None
+
+
+class RefusedHandshakes:
+    """Watches a CURVE server's socket (a ZeroMQ socket monitor) for handshakes that failed for a reason
+    the client alone can mend, which the server's log said nothing of: a plain client (without
+    --keys), or one holding another server's public key.  A refused key is the ZAP handler's to log
+    (:class:`AuthorizedKeys`).  libzmq's monitor does not say from which address a client came.
+    """
+
+    def __init__(self, sock):
+        """``sock``: the server's socket, before it binds."""
+        self.sock, self.monitor = sock, sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+    def failures(self, limit: int) -> list[str]:
+        """One line for each handshake failed since the last call (at most ``limit`` of them read)."""
+        from zmq.utils.monitor import recv_monitor_message  # noqa: PLC0415
+        lines = []
+        while len(lines) < limit and self.monitor.poll(0):
+            value = recv_monitor_message(self.monitor)["value"]
+            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                lines.append("refused a client without CURVE keys: give it --keys FOLDER (or PSCNN_KEYS), "
+                             f"a client folder this server authorizes ({KEYS_HINT})")
+            elif value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+                lines.append("refused a CURVE client whose hello this server could not decrypt: it holds another "
+                             f"server's public key; give it this server's {SERVER_NAME + PUBLIC}")
+            else:
+                lines.append(f"a client's handshake failed ({_protocol_error(value)})")
+        return lines
+
+    def close(self) -> None:
+        """Stop watching (before the socket closes)."""
+        _stop_monitor(self.sock, self.monitor)
+
+
+def _stop_monitor(sock, monitor) -> None:
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:            # the socket is closed already
+        pass
+    monitor.close(linger=0)
+
+
+def _protocol_error(value: int) -> str:
+    """A ZeroMQ handshake failure's reason, as words."""
+    try:
+        return zmq.Event(value).name.lower()
+    except ValueError:
+        return f"protocol error {value:#x}"
 
 
 def keys_from_args(args) -> int:

@@ -461,6 +461,8 @@ class ParameterServer:
         peer_lines = max(64, 2 * cfg.max_workers)
         self.log_joins = RateLimitedLog("joins", peer_lines)
         self.log_leaves = RateLimitedLog("leaves", peer_lines)
+        # CURVE: a client that cannot mend its handshake by itself retries it every 0.1 s, until it stops
+        self.log_handshakes = RateLimitedLog("refused handshakes", 1)
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.wall_seconds_before = 0.0              # theirs, from each one's start to its last checkpoint
         self.t_start = time.monotonic()
@@ -493,6 +495,7 @@ class ParameterServer:
         self.sock = None
         self.keys = curve.server_keys(cfg.keys) if cfg.keys else None
         self.authenticator = None               # ZeroMQ's ZAP handler, while serving with keys
+        self.refused_handshakes = None          # what the ZAP handler never hears of, while serving with keys
         if cfg.resume:
             self._resume()
         else:
@@ -502,7 +505,7 @@ class ParameterServer:
 
     @property
     def rate_limited_logs(self) -> tuple[RateLimitedLog, ...]:
-        return self.log_rejected, self.log_joins, self.log_leaves
+        return self.log_rejected, self.log_joins, self.log_leaves, self.log_handshakes
 
     @property
     def over(self) -> bool:
@@ -551,6 +554,7 @@ class ParameterServer:
         if self.keys is not None:       # before the bind: no connection is ever accepted unchecked
             curve.secure_server(self.sock, self.keys)
             self.authenticator = curve.start_authenticator(self.ctx, self.keys)
+            self.refused_handshakes = curve.RefusedHandshakes(self.sock)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.max_frame_bytes(self.store.push_bytes))
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -570,12 +574,16 @@ class ParameterServer:
                                     resume=self.cfg.resume)
         except BaseException:
             self.sock.close(linger=0)
-            self._stop_authenticator()
+            self._stop_curve()
             raise
         if self.cfg.resume:
             self._adopt_logged_evaluations()
 
-    def _stop_authenticator(self) -> None:
+    def _stop_curve(self) -> None:
+        """Stop the ZAP handler and the handshakes' watch (with keys)."""
+        if self.refused_handshakes is not None:
+            self.refused_handshakes.close()
+            self.refused_handshakes = None
         if self.authenticator is not None:
             self.authenticator.stop()
             self.authenticator = None
@@ -640,7 +648,7 @@ class ParameterServer:
                 limited.flush(time.monotonic(), final=True)
             self._restore_signal_handlers(old_handlers)
             self.sock.close(linger=1000)
-            self._stop_authenticator()
+            self._stop_curve()
             self.writer.close()
         for problem in (self.failure, self.write_error):
             if problem is not None:
@@ -1389,6 +1397,9 @@ class ParameterServer:
         self.writer.flush()
         for limited in self.rate_limited_logs:
             limited.flush(now)
+        if self.refused_handshakes is not None:
+            for line in self.refused_handshakes.failures(BURST):
+                self.log_handshakes.log(logging.WARNING, "%s", line)
         expired = self.work.expire(now)
         for worker, batch in expired:
             peer = self.peers.get(worker)

@@ -222,6 +222,42 @@ def test_pscnn_run_with_curve_trains_end_to_end(tmp_path, mnist_dir, capsys):
     assert curve.server_keys(out / "keys" / "server").public != first
 
 
+SERVER_FLAGS = ["--model", "light", "--train-limit", "640", "--batch-size", "64", "--epochs", "50", "--mode", "async",
+                "--checkpoint-every", "0", "--log-rejected", "0"]      # no MNIST: it never scores the weights
+
+
+def _log_lines(cluster: LocalCluster, needle: str, count: int) -> list[str]:
+    """The server's log lines holding ``needle``, once there are ``count`` of them (10 s at most)."""
+    found = []
+
+    def enough() -> bool:
+        found[:] = [line for line in (cluster.logs / "server.log").read_text().splitlines() if needle in line]
+        return len(found) >= count
+    wait_for(enough, 10, f"{count} server log lines with {needle!r}", on_fail=lambda: cluster.log_tail("server", 30))
+    return found
+
+
+def test_the_server_logs_clients_that_cannot_complete_a_curve_handshake(tmp_path):
+    """A plain client, or one holding another server's public key, was refused in silence on the
+    server's side (the ZAP handler never hears of them): its operator saw only trainers missing."""
+    keys = tmp_path / "keys"
+    curve.make_keys(keys, ["run"])
+    curve.make_keys(tmp_path / "other", ["client-0"])
+    cluster = LocalCluster(tmp_path / "run", keys=keys)
+    try:
+        cluster.start_server([*SERVER_FLAGS, "--out", str(cluster.out)])
+        wait_for(lambda: cluster.status(0.5) is not None, 60, "the CURVE server to answer its status")
+        _refused(cluster.endpoint, None)
+        plain = _log_lines(cluster, "refused a client without CURVE keys", 1)
+        one_line_naming(plain[0], "--keys FOLDER (or PSCNN_KEYS)")
+        _refused(cluster.endpoint, curve.client_keys(tmp_path / "other" / "client-0"))
+        wrong = _log_lines(cluster, "could not decrypt", 1)
+        one_line_naming(wrong[0], "another server's public key", "server.key")
+        assert cluster.status(5.0) is not None           # serving on
+    finally:
+        cluster.close()
+
+
 def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
     """A holder of another authorized key sent a push, a work request or a hello under a joined
     trainer's id, and the server took it as that trainer's: it could push in its name, take its
@@ -236,9 +272,7 @@ def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
         raws.append(Raw(cluster.endpoint, wid, keys=curve.client_keys(keys / folder)))
         return raws[-1]
     try:
-        cluster.start_server(["--model", "light", "--train-limit", "640", "--batch-size", "64", "--epochs", "50",
-                              "--mode", "async", "--checkpoint-every", "0", "--log-rejected", "0",
-                              "--out", str(cluster.out)])
+        cluster.start_server([*SERVER_FLAGS, "--out", str(cluster.out)])
         wait_for(lambda: cluster.status(0.5) is not None, 60, "the CURVE server to answer its status")
         trainer = raw("client-0")
         trainer.hello("trainer")
@@ -256,14 +290,8 @@ def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
             assert task.type == P.TASK, task.body
         progress = cluster.status(5.0)
         assert progress["version"] == 3 and progress["trainers"] == 1, progress
-        refusals = []
-
-        def three_refusals() -> bool:
-            log_lines = (cluster.logs / "server.log").read_text().splitlines()
-            refusals[:] = [line for line in log_lines if f"under worker id {trainer.wid}" in line]
-            return len(refusals) == 3
-        wait_for(three_refusals, 10, "the server's three refusal lines")
-        assert "joined with CURVE key client-0) from a client with key client-1" in refusals[0], refusals
+        refusals = _log_lines(cluster, f"under worker id {trainer.wid}", 3)
+        assert len(refusals) == 3 and "joined with CURVE key client-0) from a client with key client-1" in refusals[0], refusals
         # the same key rejoins under its id (its own seq goes on), and may after it left; another key may not
         again = raw("client-0", wid=trainer.wid)
         again.seq = trainer.seq
