@@ -726,7 +726,7 @@ class ParameterServer:
             return
         peer = self.peers.get(msg.wid)
         if peer is None:
-            self._refuse_unknown(rid, msg, now)
+            self._refuse_unknown(rid, msg, now, key)
             return
         if peer.key != key:             # before anything of the peer's changes (plain: None == None)
             self._refuse_other_key(rid, msg, peer, key)
@@ -762,13 +762,17 @@ class ParameterServer:
             return
         handler(peer, msg, now)
 
-    def _refuse_unknown(self, rid: bytes, msg: P.Message, now: float) -> None:
+    def _refuse_unknown(self, rid: bytes, msg: P.Message, now: float, key: str | None) -> None:
         """A message from a worker id that is not in the run: it must say hello (again).
 
         A dropped peer's messages are refused with the reason and logged once: after a
         network cut, what the peer sent meanwhile (heartbeats, resends) arrives in a burst.
+        ``key``: the CURVE key the message came with; another than the dropped peer's is told only that.
         """
         gone = self.dropped.get(msg.wid)
+        if gone is not None and gone.key != key:
+            self._refuse_other_key(rid, msg, gone, key)
+            return
         if gone is None:
             self._reject(rid, msg, P.ProtocolError(
                 f"unknown worker id {msg.wid!r}: send hello first (the server may have restarted)",
