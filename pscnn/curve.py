@@ -236,8 +236,10 @@ def client_keys(path) -> ClientKeys:
     secrets = sorted(folder.glob("*" + SECRET))
     if len(secrets) != 1:
         found = ", ".join(p.name for p in secrets) if secrets else "none"
+        # none, beside a server's folder: the folder pscnn keys made, not one of the client folders in it
+        hint = f" ({KEYS_HINT})" if not secrets and (folder / SERVER_NAME).is_dir() else ""
         raise KeysError(f"{given_flag('keys')} {folder}: expected one client secret certificate (*{SECRET}), "
-                        f"found {found}")
+                        f"found {found}{hint}")
     public, secret = _read_certificate(secrets[0], secret=True)
     server_public, _ = _read_certificate(folder / (SERVER_NAME + PUBLIC), secret=False)
     return ClientKeys(folder, secrets[0], public, secret, server_public)

@@ -64,6 +64,7 @@ def _break(path, text):
     (lambda k: _break(k / "client-0" / "server.key", 'curve\n    public-key = "tooshort"\n'), "client", "server.key"),
     (lambda k: (k / "server" / "server.key_secret").unlink(), "server", "server.key_secret"),
     (lambda k: None, "server of a client's folder", "holds a client's keys"),
+    (lambda k: None, "client of the keys' folder", "makes DIR/server for the server and DIR/client-N"),
     (lambda k: (k / "server" / "authorized" / "client-0.key").unlink(), "server", "authorized"),
     (lambda k: _break(k / "server" / "authorized" / "client-0.key", "garbage\n"), "server", "client-0.key"),
 ])
@@ -74,6 +75,8 @@ def test_a_missing_or_bad_key_file_is_one_line_naming_it(tmp_path, damage, load,
     with pytest.raises(curve.KeysError) as err:
         if load.startswith("server"):
             curve.server_keys(keys / ("server" if load == "server" else "client-0"))
+        elif load == "client of the keys' folder":       # pscnn keys' FOLDER itself, not FOLDER/client-0
+            curve.client_keys(keys)
         else:
             curve.client_keys(keys / "client-0")
     one_line_naming(err.value, named)
