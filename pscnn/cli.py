@@ -899,7 +899,7 @@ def main(argv=None) -> int:
         from cnn_core.errors import PscnnError  # noqa: PLC0415
         if isinstance(exc, PscnnError):
             print(f"pscnn: error: {exc}", file=sys.stderr)
-            return 1
+            return getattr(exc, "exit_status", 1)      # a trainer the server dropped: 3
         raise
 
 

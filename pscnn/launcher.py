@@ -31,7 +31,7 @@ from pscnn.cli import STOP_SIGNALS
 from server.server import (CHECKPOINT_NAME, DROPPED_FOR_NAN, ParameterServer, check_model_travels,
                            checkpoint_version, config_from_args, summary_after_checkpoint, training_set_size,
                            unfinished_run_warning)
-from worker.client import query_status
+from worker.client import DroppedByServer, query_status
 from worker.trainer import check_local_setup
 
 log = logging.getLogger("pscnn.run")
@@ -426,9 +426,12 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
             codes, late = _clients_exit(cluster, args.peer_timeout + 10)
         except KeyboardInterrupt:       # also while _ended_early or _clients_exit stop children
             return _interrupted(cluster, bar, outputs)
-        failed = {n: c for n, c in codes.items() if c != 0 and n not in late}
-        for name, code in failed.items():   # e.g. a worker killed mid-run: the others finished the run
-            _say(child_exit_message(cluster, name, code))
+        for name, code in codes.items():    # e.g. a worker killed mid-run: the others finished the run
+            if code not in (0, None):
+                _say(child_exit_message(cluster, name, code))
+        # A trainer the server dropped for NaN or Inf pushes (3) is named, and counted in the report's
+        # faults, but the run completed without it: it fails the run no more than its NaN pushes did.
+        failed = {n: c for n, c in codes.items() if c not in (0, DroppedByServer.exit_status) and n not in late}
     print_report(outputs.summary)
     return 1 if failed or late else 0
 
@@ -720,7 +723,7 @@ def _print_report(s: dict, summary_path: Path) -> None:
              else ""))
     print(f"  evaluations        {len(s.get('evaluations', []))}")
     dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
-    faulty = (s.get("peers_dropped") or {}).get(DROPPED_FOR_NAN, 0)    # a trainer's exit 0 said nothing
+    faulty = (s.get("peers_dropped") or {}).get(DROPPED_FOR_NAN, 0)    # such a trainer exited 3 (named above)
     requeued = s.get("lease_requeues") or 0
     refused = sum((s.get("rejected_messages") or {}).values())
     if dead or requeued or refused:     # what the run survived (every incarnation of its server)

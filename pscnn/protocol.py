@@ -93,7 +93,8 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     STATUS: {"progress": ("dict", False)},
     BYE: {"reason": ("line", False)},
     ACK: {"ack": ("dict", False)},
-    STOP: {"version": ("int", True), "reason": ("line", True), "ack": ("dict", False)},
+    STOP: {"version": ("int", True), "reason": ("line", True), "ack": ("dict", False),
+           "dropped": ("bool", False)},     # true: this trainer is dropped, the run goes on
     ERROR: {"code": ("line", True), "message": ("line", True)},
 }
 TIMING_FIELDS = ("compute_s", "comm_s", "wait_s")

@@ -1111,7 +1111,7 @@ class ParameterServer:
         peer.told_to_stop = True
         self._reply(peer, P.Message(P.STOP, body={
             "version": self.store.version, "reason": f"this trainer was {why}",
-            "ack": {"applied": False, "reason": "NaN or Inf"}}))
+            "ack": {"applied": False, "reason": "NaN or Inf"}, "dropped": True}))
         self._drop_peer(peer, why, logging.WARNING)
 
     def _check_batch_exists(self, b: dict) -> None:

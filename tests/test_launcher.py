@@ -435,6 +435,19 @@ def test_a_client_that_exited_with_an_error_at_the_end_makes_the_run_exit_1(run_
     assert "run finished: mode" in captured.out
 
 
+def test_a_trainer_the_server_dropped_is_named_but_does_not_fail_a_finished_run(run_in_process, capsys):
+    """worker-1 exited 3 (the server dropped it for NaN or Inf pushes) and the others finished the
+    run: the launcher names it, the report counts it, and the run exits 0.  Any other failure
+    still makes it 1."""
+    code, _ = run_in_process("--workers", "2", codes={"worker-1": 3})
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pscnn run: worker-1 exited with 3" in captured.err
+    assert "run finished: mode" in captured.out
+    code, _ = run_in_process("--workers", "2", codes={"worker-1": 3, "worker-0": 1})
+    assert code == 1
+
+
 def test_the_bar_ends_on_the_runs_final_figures(run_in_process, tmp_path):
     """The server ends the run between two status polls: the bar was closed as last seen, 7 of 40
     batches and the accuracy before the final evaluation, above a report saying 0.9."""

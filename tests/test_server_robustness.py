@@ -1473,12 +1473,41 @@ def test_one_trainer_sending_nan_is_dropped_and_the_healthy_run_goes_on(tmp_path
             stop = _nan_pushes_until_stopped(s, bad)
             assert stop.body["reason"].startswith(f"this trainer was dropped for NaN or Inf pushes (its last {limit} "
                                                   "had a NaN or Inf loss or gradient"), stop.body
+            assert stop.body["dropped"] is True             # the trainer exits 3: a failed worker
             s.wait_log(rf"WARNING .*trainer {bad.wid} dropped for NaN or Inf pushes \(its last {limit} had", since)
             assert bad.call(P.WORK).body["code"] == "unknown_worker"      # dropped: it must say hello again
             st = s.status()
             assert not st["done"] and st["error"] is None and st["version"] == version
         reply = good.call(P.PUSH, push_body(task), grads_like(task.arrays))
         assert reply.body["ack"]["applied"] is True and s.status()["version"] == version + 1
+    finally:
+        s.close()
+
+
+def test_a_trainer_dropped_for_nan_pushes_exits_3_with_the_servers_reason(tmp_path, monkeypatch, capsys):
+    """``pscnn worker`` whose pushes are all NaN, while another trainer's are finite: told to stop
+    and dropped, it exited 0 as if the run had ended, so neither ``pscnn run`` nor Compose saw a
+    failed worker.  Now: exit status 3 and one line giving the server's reason."""
+    from pscnn.cli import main
+    from worker.trainer import Trainer
+    s = Server(tmp_path, ["--lease-timeout", "600"])
+    try:
+        good = s.client("trainer")
+        task = good.work()
+        assert good.call(P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"] is True
+        synthetic = Trainer.compute
+
+        def nan_loss(self, body):
+            result, arrays = synthetic(self, body)
+            return {**result, "loss": math.nan}, arrays
+        monkeypatch.setattr(Trainer, "compute", nan_loss)
+        code = main(["worker", "--server", s.endpoint, "--compute-ms", "0", "--give-up-after", "30",
+                     "--name", "faulty"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pscnn")]
+        assert code == 3, err
+        assert err == ["pscnn: error: stopped by the server: this trainer was dropped for NaN or Inf pushes (its last 8 had a NaN or Inf loss or gradient, "
+                       "while another trainer's are finite: check that worker)"], err
+        assert s.status()["error"] is None and not s.status()["done"]      # the run goes on without it
     finally:
         s.close()
 

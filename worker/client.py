@@ -100,6 +100,15 @@ class BadReply(PscnnError):
     type, or fields that make no sense (a task outside the run, a welcome without a seed)."""
 
 
+class DroppedByServer(PscnnError):
+    """The server told this trainer to stop and dropped it (its pushes were NaN or Inf while
+    another trainer's were finite) while the run goes on.  ``exit_status``: the CLI's, 3, told
+    apart from a failure (1): ``pscnn run`` names such a trainer but does not fail a run that
+    completes without it."""
+
+    exit_status = 3
+
+
 class TooManyFailures(PscnnError):
     """The server answered :data:`MAX_FAILURES_IN_A_ROW` requests in a row with an error
     or an unusable reply, or forgot us again each time we joined."""

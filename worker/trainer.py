@@ -46,8 +46,8 @@ from cnn_core.model import build_model
 from pscnn import curve
 from pscnn import protocol as P
 
-from .client import (HELD_LIMIT_FACTOR, BadReply, Client, FailureStreak, Rejoined, ServerError,
-                     ServerUnreachable, exit_status_unreachable, retry_delay)
+from .client import (HELD_LIMIT_FACTOR, BadReply, Client, DroppedByServer, FailureStreak, Rejoined,
+                     ServerError, ServerUnreachable, exit_status_unreachable, retry_delay)
 
 log = logging.getLogger("pscnn.worker")
 
@@ -321,7 +321,8 @@ class Trainer:
     def loop(self) -> int:
         """Work until the server says stop.  Returns the exit status.
 
-        Raises TooManyFailures after too many failed requests in a row.
+        Raises TooManyFailures after too many failed requests in a row, DroppedByServer when
+        the server drops this trainer.
         """
         failures = FailureStreak(self.client.endpoint)
         self._refused_pushes = 0
@@ -379,6 +380,10 @@ class Trainer:
         self.samples += result["count"]
 
     def _stopped(self, reply: P.Message) -> int:
+        """0: the run is over; DroppedByServer when the server dropped this trainer (the run goes on
+        without it: a failed worker, said in one line, not one that finished)."""
+        if reply.body.get("dropped"):
+            raise DroppedByServer(f"stopped by the server: {P.one_line(reply.body['reason'])}")
         log.info("server says %s after %d steps (%d samples); exiting",
                  P.one_line(reply.body["reason"]), self.steps, self.samples)
         return 0
@@ -399,7 +404,8 @@ class Trainer:
         round trip hides behind the computation; each gradient is one version
         staler.  Meant for async mode (a sync round or an ssp clock counts one
         batch per worker).  Returns 0 when the server says stop; raises
-        TooManyFailures after too many failed requests in a row.
+        TooManyFailures after too many failed requests in a row, DroppedByServer
+        when the server drops this trainer.
         """
         self._failures = FailureStreak(self.client.endpoint)
         self._refused_pushes = 0
@@ -497,6 +503,8 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         return exit_status_unreachable(client, exc, log)
     except (SystemExit, KeyboardInterrupt) as exc:   # leave politely: our lease is requeued at once
         return leave_on_signal(client, exc)
+    except DroppedByServer:                     # no goodbye: the server has dropped us already
+        raise
     except PscnnError:                          # refused, or a server we cannot use: the CLI prints one line
         client.close(say_bye=client.welcome is not None, reason="error")    # (bounded) our leases go back at once
         raise
