@@ -607,6 +607,12 @@ def _follow(cluster: LocalCluster, bar) -> int:
             _say("pscnn run: the evaluator failed after training finished; the server scores the final "
                  "weights itself (at once if the evaluator said goodbye, else after --final-eval-timeout)")
             evaluator, evaluator_failed = None, False
+        if st is not None and st.get("finished") and all(p.poll() is not None for p in (*workers, evaluator) if p):
+            # Its results are written and every client of ours has exited: a server resuming a finished
+            # run lingers --peer-timeout for clients yet to connect (ParameterServer._finish), and this
+            # run starts none.  Stopped now it exits 0, writing nothing more.
+            _stop(cluster, order=("server",))
+            continue
         if untrained or evaluator_failed:
             bar.close()                         # before the messages, so they don't end under a stale bar
             for name, proc in cluster.procs.items():

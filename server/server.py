@@ -472,6 +472,8 @@ class ParameterServer:
         self.t_train_end: float | None = None
         self.t_finish_start: float | None = None
         self.summary_written = False
+        self.results_written_at: float | None = None     # when summary.json and model.npz were written
+        self.finished_before = False                # resumed from a run trained to its end (see _finish)
         self.scoring = False                        # scoring the final weights here (_evaluate_here)
         self.failure: str | None = None             # why the run stopped early (divergence)
         self.nonfinite_streak = 0                   # pushes rejected as non-finite since the last update
@@ -1461,6 +1463,14 @@ class ParameterServer:
                     return False                        # the loop stops, and checkpoints
             if not self._write_final(now):
                 return self.write_error is not None     # trying again, or given up
+            self.results_written_at = now
+            if self.finished_before:
+                log.info("the run had finished already: clients that connect in the next %.0f s (--peer-timeout) "
+                         "are told it is over", self.cfg.peer_timeout)
+        # A run that had finished before this server started has no clients yet: those started with
+        # it (Compose's, loading their data) would find no server and retry for --give-up-after.
+        if self.finished_before and now - self.results_written_at < self.cfg.peer_timeout:
+            return False
         # linger until every live client was told to stop (they exit on it), bounded by peer_timeout
         waiting = [p for p in self.peers.values() if not p.told_to_stop]
         return not waiting or now - self.t_finish_start > self.cfg.final_eval_timeout + self.cfg.peer_timeout
@@ -1705,6 +1715,7 @@ class ParameterServer:
         self.train_seconds_before = checked["train_seconds"]
         self.wall_seconds_before = checked["wall_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s
+            self.finished_before = True
             self.t_train_start = self.t_train_end = self.t_start
             # and scored already, when the end's checkpoint holds it (not one of a shorter run's end)
             self.final_eval = checked["final_eval"]

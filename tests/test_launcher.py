@@ -895,6 +895,25 @@ def test_the_bar_names_the_update_its_test_accuracy_is_of(stand_ins):
     assert bar.description == "test acc 0.1380 at update 0"
 
 
+def test_a_server_with_its_results_written_and_no_client_left_is_stopped(stand_ins):
+    """A server resuming a finished run lingers --peer-timeout for clients yet to connect; `pscnn run`
+    starts none then (or they have all exited): it waited out the linger.  Now it stops the server,
+    which exits 0 on SIGTERM once its results are written (this stand-in: 1 if left to linger)."""
+    stand_ins.procs["worker-0"].kill()
+    stand_ins.procs["worker-0"].wait(10)
+    stand_ins.procs["server"].kill()
+    stand_ins.procs["server"].wait(10)
+    stand_ins.procs["server"] = server = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+                               "print('ready', flush=True)\ntime.sleep(20)\nsys.exit(1)\n"],
+        stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline() == "ready\n"       # its SIGTERM handler is in place
+    server.stdout.close()
+    stand_ins.status = lambda timeout=1.0: {"started": True, "batches_total": 64, "batches_done": 64, "done": True,
+                                            "finished": True, "loss": None}
+    assert launcher._follow(stand_ins, Bar()) == 0
+
+
 def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
     """A resumed run starts at the checkpoint's 408 of 938 batches: tqdm took them as done in this
     run's time, and showed twice its batches/s and too short a time left."""

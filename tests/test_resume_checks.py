@@ -643,6 +643,32 @@ def test_pscnn_run_resuming_a_run_trained_to_its_end_starts_no_worker(finished, 
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"
 
 
+def test_a_server_resuming_a_finished_run_tells_the_clients_started_with_it_that_it_is_over(finished, tmp_path,
+                                                                                            mnist_dir, capsys):
+    """`pscnn server --resume` of a finished run, on its own (Compose's PSCNN_RESUME=1): it wrote
+    the results and exited at once, so the workers started with it found no server and retried
+    for --give-up-after (600 s), then exited 1.  It lingers --peer-timeout after writing them, as
+    a server that finished the run itself does for its clients: they are told the run is over and
+    exit 0."""
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    (out / "summary.json").unlink()                   # written again: the sign the results are
+    cluster = LocalCluster(out)
+    try:
+        cluster.start_server([*FLAGS, "--out", str(out), "--resume", "--mnist-dir", mnist_dir,
+                              "--peer-timeout", "60"])
+        deadline = time.monotonic() + 60
+        while not (out / "summary.json").exists() and cluster.procs["server"].poll() is None:
+            assert time.monotonic() < deadline, cluster.log_tail("server", 30)
+            time.sleep(0.1)
+        assert main(["worker", "--server", cluster.endpoint, "--compute-ms", "0", "--give-up-after", "5"]) == 0, \
+            capsys.readouterr().err
+        assert main(["evaluator", "--server", cluster.endpoint, "--mnist-dir", mnist_dir, "--test-limit", "256",
+                     "--give-up-after", "5"]) == 0, capsys.readouterr().err
+        assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+    finally:
+        cluster.close()
+
+
 def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_says_it_waits_for_none(finished, tmp_path,
                                                                                         caplog):
     """It writes its results at once: its log said "no evaluator connected; waiting up to 120 s for one"."""
@@ -650,11 +676,11 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_says_it_waits
     server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0)
     try:
         with caplog.at_level(logging.INFO, logger="pscnn.server"):
-            assert server.srv._finish(time.monotonic()), "the run was not finished at once"
+            server.srv._finish(time.monotonic())       # (then lingers for the clients started with it)
     finally:
         server.close()
         server.srv.writer.close()
-    assert server.srv.summary_written
+    assert server.srv.summary_written, "the results were not written at once"
     assert not [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
 
 
@@ -670,10 +696,11 @@ def test_a_final_evaluation_logged_after_the_checkpoint_is_not_logged_again_by_t
     server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0,
                        final_eval_timeout=0, mnist_dir=mnist_dir)
     try:
-        assert server.srv._finish(time.monotonic()), "the run was not finished at once"
+        server.srv._finish(time.monotonic())       # (then lingers for the clients started with it)
     finally:
         server.close()
         server.srv.writer.close()
+    assert server.srv.summary_written, "the results were not written at once"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] is not None
     assert [(e["version"], e["final"]) for e in eval_lines(out)].count((summary["updates"], True)) == 1
@@ -696,7 +723,7 @@ def test_the_final_weights_are_written_before_the_summary_that_says_the_run_is_f
     monkeypatch.setattr(server_module, "save_model_checkpoint", save_and_look)
     server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0)
     try:
-        assert server.srv._finish(time.monotonic()), "the run was not finished at once"
+        server.srv._finish(time.monotonic())       # (then lingers for the clients started with it)
     finally:
         server.close()
         server.srv.writer.close()
