@@ -65,6 +65,7 @@ from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
+from cnn_core.optim import build_optimizer
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, without_lost_updates
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
@@ -1716,6 +1717,8 @@ class ParameterServer:
         self.wall_seconds_before = checked["wall_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s
             self.finished_before = True
+            if checked["optimizer"] is not None:        # another --lr or schedule given: none trained
+                self._adopt_optimizer(path, checked["optimizer"])
             self.t_train_start = self.t_train_end = self.t_start
             # and scored already, when the end's checkpoint holds it (not one of a shorter run's end)
             self.final_eval = checked["final_eval"]
@@ -1724,6 +1727,17 @@ class ParameterServer:
         # said once serving (pscnn run builds a server only to check its --resume first)
         self._resumed_text = (f"resumed from {path}: version {self.store.version}, epoch {self.work.epoch} with "
                               f"{len(self.work.applied)}/{self.work.batches_per_epoch} batches applied")
+
+    def _adopt_optimizer(self, path: str, config: dict) -> None:
+        """Take the checkpoint's optimizer ``config`` (and the state loaded) for this run's: a finished
+        run's summary.json, config.json and checkpoint name the settings that trained it."""
+        try:
+            trained_with = build_optimizer(config)
+            trained_with.load_state_dict(self.store.optimizer.state_dict(), params=self.store.params)
+        except PscnnError as exc:
+            raise CheckpointError(f"--resume: checkpoint {path}: field optimizer {P.one_line(exc)}") from None
+        self.store.optimizer = trained_with
+        self.cfg = replace(self.cfg, optimizer=config)
 
     def _adopt_logged_evaluations(self) -> None:
         """Add to the evaluation history those of the checkpoint's versions that the earlier server
@@ -1827,9 +1841,6 @@ class ParameterServer:
                            f"its state is {saved_opt['name']}'s; resume with --optimizer {saved_opt['name']}")
         changed = [f"{k} {_show(saved_opt.get(k))} -> {_show(ours_opt.get(k))}"
                    for k in sorted(set(saved_opt) | set(ours_opt)) if saved_opt.get(k) != ours_opt.get(k)]
-        if changed:
-            warnings.append(f"--resume: this run's optimizer settings differ from the checkpoint's "
-                            f"({'; '.join(changed)}): training continues with this run's")
         if epoch > cfg.epochs:
             raise mismatch("--epochs", run_epochs, cfg.epochs, f"it has finished {epoch} epochs already; resume "
                            f"with --epochs {run_epochs} (or more, to train longer)")
@@ -1853,6 +1864,12 @@ class ParameterServer:
         if applied and epoch == cfg.epochs:     # its weights hold those batches: the run would end past its end
             raise mismatch("--epochs", run_epochs, cfg.epochs, f"it is {len(applied)} batches into epoch {epoch + 1} "
                            f"already; resume with --epochs {epoch + 1} (or more, to train longer)")
+        finished = epoch == cfg.epochs          # (none applied after it: refused above)
+        if changed:
+            differ = f"--resume: this run's optimizer settings differ from the checkpoint's ({'; '.join(changed)})"
+            warnings.append(f"{differ}: the run has trained its {cfg.epochs} epochs already, so nothing trains "
+                            "with them; its results keep the settings that trained it" if finished else
+                            f"{differ}: training continues with this run's")
         if run_epochs != cfg.epochs:
             log.info("--resume: training for %d epochs; the checkpoint's run had %d", cfg.epochs, run_epochs)
         samples_applied = _int(_field(extra, "samples_applied", "extra."), "extra.samples_applied")
@@ -1895,7 +1912,8 @@ class ParameterServer:
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
                 "train_seconds": train_seconds, "wall_seconds": wall_seconds, "staleness": staleness, "contributors": dict(contributors),
                 "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings,
-                "lease_requeues": lease_requeues, "final_eval": self._checked_final_eval(extra), **counts}
+                "lease_requeues": lease_requeues, "final_eval": self._checked_final_eval(extra),
+                "optimizer": saved_opt if changed and finished else None, **counts}
 
     def _checked_final_eval(self, extra: dict) -> dict | None:
         """The checkpoint's final evaluation (metrics as an evaluator reports them), checked; None if it has

@@ -684,6 +684,29 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_says_it_waits
     assert not [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
 
 
+def test_a_finished_run_resumed_with_another_lr_keeps_the_settings_that_trained_it(finished, tmp_path, caplog):
+    """Nothing trains in a resumed finished run: the warning said "training continues with this run's"
+    settings, and summary.json (and config.json) named the new lr as the run's optimizer."""
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    trained_with = load_checkpoint(out / "checkpoint.npz")[1]["optimizer"]
+    assert trained_with["lr"] != 0.01
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0,
+                           optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9})
+    try:
+        server.srv._finish(time.monotonic())
+    finally:
+        server.close()
+        server.srv.writer.close()
+    (warning,) = warnings(caplog)
+    assert f"lr {trained_with['lr']} -> 0.01" in warning and "training continues" not in warning, warning
+    assert warning.endswith("the run has trained its 2 epochs already, so nothing trains with them; its results "
+                            "keep the settings that trained it"), warning
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["optimizer"] == trained_with and summary["config"]["optimizer"] == trained_with
+    assert json.loads((out / "config.json").read_text())["server"]["optimizer"] == trained_with
+
+
 def test_a_final_evaluation_logged_after_the_checkpoint_is_not_logged_again_by_the_server(finished, tmp_path,
                                                                                         mnist_dir):
     """Killed after the final evaluation was logged, before the checkpoint that holds it: the
