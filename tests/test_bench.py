@@ -345,6 +345,10 @@ SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0
     # without the checks)
     (["scaling", "--mode", "sync", "--overlap", *SHORT], "--overlap applies to --mode async only, not to --mode sync"),
     (["scaling", "--baseline-seconds", "3", *SHORT], "--baseline-seconds: --compute-ms workers have no single"),
+    (["scaling", "--threads", "4", *SHORT], "--threads 4: --compute-ms workers sleep instead of computing, with no "
+                                            "BLAS to thread"),             # was ignored
+    (["server", "--clients", "1,4", "--processes", "8"], "--processes 8: more client processes than clients "
+                                                         "(--clients 1,4); each process runs one client at least"),
     (["scaling", "--mode", "sync", "--ddp", "on", *SHORT],
      "--ddp on: DDP is compared with --mode sync points of real workers, not with --compute-ms"),
     (["scaling", "--mode", "async", "--ddp", "on", *SHORT[2:]], "--ddp on: DDP is compared with --mode sync points "
@@ -924,6 +928,51 @@ def test_every_point_and_trial_keeps_its_own_run_folder(tmp_path, monkeypatch):
                  "--no-plots", "--out", str(tmp_path / "out")]) == 0
     assert len(folders) == 4 and len(set(folders)) == 4, folders
     assert Path("points/async-n1-b64-c10-t1") in folders
+
+
+def test_processes_above_some_points_client_counts_are_said(capsys):
+    """--processes 4 with --clients 1,8: the 1-client points ran one process without a word."""
+    from types import SimpleNamespace
+
+    from pscnn.bench import server_bench
+    server_bench._check_processes(SimpleNamespace(processes=4, clients="1,2,8", profile=None), [1, 2, 8])
+    assert capsys.readouterr().err == ("pscnn bench server: --processes 4: the points of 1, 2 clients run one "
+                                       "process per client\n")
+    server_bench._check_processes(SimpleNamespace(processes=4, clients="4,8", profile=None), [4, 8])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("bench_name", ["scaling", "time-to-accuracy"])
+def test_no_empty_folder_of_logs_is_left_without_keep_logs(bench_name, tmp_path, monkeypatch, request):
+    """Each point's (or run's) logs go once measured, without --keep-logs: the empty points/ (runs/)
+    folder holding them stayed in --out."""
+    import shutil
+
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.tta as tta
+    from pscnn.cli import main
+
+    def logs_made_and_removed(folder: Path) -> None:     # as a point without --keep-logs does
+        folder.mkdir(parents=True)
+        (folder / "server.log").write_text("")
+        shutil.rmtree(folder)
+
+    def measure_point(out, **point):
+        logs_made_and_removed(out)
+        return {"window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0,
+                "updates_per_second": 10.0, "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}
+
+    def run_one(folder, mode, n, args, mnist_dir, bar):
+        logs_made_and_removed(folder)
+        return tta.analyse([], [], 0.5, 64)
+    monkeypatch.setattr(cluster, "measure_point", measure_point)
+    monkeypatch.setattr(tta, "run_one", run_one)
+    argv = [*TINY[bench_name], "--model", "light"]
+    if bench_name == "time-to-accuracy":
+        argv += ["--mnist-dir", request.getfixturevalue("mnist_dir")]
+    out = tmp_path / "out"
+    assert main(["bench", bench_name, *argv, "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    assert not (out / "points").exists() and not (out / "runs").exists(), sorted(p.name for p in out.iterdir())
 
 
 def test_the_last_line_names_only_the_plots_this_run_made(tmp_path, monkeypatch, capsys):

@@ -453,6 +453,15 @@ def fresh_output_folder(path, bench: str, files: Sequence[str], logs: str | None
     return out
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove a benchmark's folder of logs (points/, runs/) once the run is over, if nothing in it
+    was kept (--keep-logs, a failed point's logs): an empty one was left in --out."""
+    try:
+        folder.rmdir()
+    except OSError:             # logs kept there, or no point ever made it
+        pass
+
+
 def release_output_folder() -> None:
     """Let go of the --out folder :func:`fresh_output_folder` locked: the benchmark has ended."""
     while _held_locks:

@@ -39,7 +39,7 @@ from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, Interruptio
                      check_measured, check_mnist, check_out, check_server_flags, checking_options, cores, data_files,
                      description, fmt, fresh_output_folder, interrupted_status, machine_info, measurement_failures,
                      median, on_a_free_port, parse_list, point_failed, print_table, print_written, process_failed,
-                     progress, pyplot, reference_limit, save_figure, write_outputs)
+                     progress, pyplot, reference_limit, remove_if_empty, save_figure, write_outputs)
 
 NAME = "scaling"
 # What a run writes into --out (the plots with matplotlib, without --no-plots), and the folder of
@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seconds", type=positive_float, default=10.0, help="measured window per point (default: 10)")
     p.add_argument("--warmup", type=non_negative_float, default=3.0, help="seconds after every worker pushed (default: 3)")
     p.add_argument("--trials", type=positive_int, default=3, help="trials; medians are reported (default: 3)")
-    p.add_argument("--threads", type=positive_int, default=1, help="BLAS threads per worker and baseline (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="BLAS threads per worker and baseline (default: 1; not with --compute-ms)")
     p.add_argument("--baseline-seconds", type=positive_float, default=None,
                    help="seconds per baseline measurement (default: --seconds)")
     p.add_argument("--ddp", default="auto", choices=["auto", "on", "off"],
@@ -100,6 +100,9 @@ def run(args) -> int:
         raise OptionError(overlap_refused(args.mode))
     if synthetic and args.baseline_seconds is not None:
         raise OptionError("--baseline-seconds: --compute-ms workers have no single-process baseline")
+    if synthetic and args.threads != 1:
+        raise OptionError(f"{given_flag('threads')} {args.threads}: --compute-ms workers sleep instead of computing, "
+                          "with no BLAS to thread")
     if args.ddp == "on" and (synthetic or "sync" not in modes):
         raise OptionError("--ddp on: DDP is compared with --mode sync points of real workers, not with "
                           + ("--compute-ms" if synthetic else f"--mode {args.mode}"))
@@ -170,6 +173,7 @@ def run(args) -> int:
                         res = point_failed(NAME, f"torch DDP N={n} b{b}", exc)
                     ddp_rows.append({"trial": trial, "workers": n, "batch": b, **res})
                     bar.update()
+    remove_if_empty(out / POINTS)
     if stop.happened and not rows:      # no point measured: nothing to write
         raise KeyboardInterrupt
 

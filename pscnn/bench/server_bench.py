@@ -27,12 +27,12 @@ from pathlib import Path
 from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_float, non_negative_int, positive_float,
                        positive_int)
 
-from .common import (MAX_BENCH_PEERS, BenchError, Interruption, add_output_flags, bench_env, bench_peers, busy_fraction,
-                     check_measured, check_out, check_server_flags, checking_options, cores, data_files, description,
-                     fmt, fresh_output_folder, interrupted_status, last_line, machine_cpu_ticks, machine_info,
-                     measurement_failures, median, on_a_free_port, parse_list, percentile, point_failed, print_table,
-                     print_written, proc_cpu_seconds, process_failed, progress, pyplot, save_figure, server_failed,
-                     write_outputs)
+from .common import (MAX_BENCH_PEERS, BenchError, Interruption, OptionError, add_output_flags, bench_env,
+                     bench_peers, busy_fraction, check_measured, check_out, check_server_flags, checking_options, cores,
+                     data_files, description, fmt, fresh_output_folder, interrupted_status, last_line,
+                     machine_cpu_ticks, machine_info, measurement_failures, median, on_a_free_port, parse_list,
+                     percentile, point_failed, print_table, print_written, proc_cpu_seconds, process_failed, progress,
+                     pyplot, save_figure, server_failed, write_outputs)
 from .synth import ECHO_LISTENING
 
 NAME = "server"
@@ -59,7 +59,8 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=non_negative_float, default=2.0, help="seconds of cycling before the window (default: 2)")
     p.add_argument("--trials", type=positive_int, default=3, help="trials; medians are reported (default: 3)")
     p.add_argument("--processes", type=non_negative_int, default=0,
-                   help="client processes (0: min(clients, 4)); each runs clients/processes sockets")
+                   help="client processes (0: min(clients, 4)); each runs clients/processes sockets, one at "
+                        "least (a point of fewer clients runs one process per client)")
     add_switch(p, "--no-echo", help="skip the raw pyzmq echo reference")
     add_switch(p, "--curve", help="also measure the server with CURVE authentication and encryption (pscnn server "
                                   "--keys), interleaved trial by trial with the plain one: curve/plain is printed")
@@ -71,6 +72,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     clients = parse_list(args.clients, int, given_flag("clients"), low=1, high=MAX_BENCH_PEERS)
+    _check_processes(args, clients)
     with checking_options():            # what the server would refuse, before anything starts
         check_out(args.out)
         check_server_flags(pscnn_server_flags(args, Path(args.out) / "unused", max([*clients, args.profile or 1])))
@@ -123,6 +125,22 @@ def run(args) -> int:
         print(f"\nserver profile ({args.profile} clients, cProfile, top by own time):\n{profile_text}")
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out))
     return 0
+
+
+def _check_processes(args, clients: list[int]) -> None:
+    """OptionError for a --processes above every point's client count (each process runs one client
+    at least: it was cut down to the count without a word); a note when only some points have fewer."""
+    if not args.processes:
+        return
+    counts = [*clients, *([args.profile] if args.profile else [])]
+    if args.processes > max(counts):
+        raise OptionError(f"{given_flag('processes')} {args.processes}: more client processes than clients "
+                          f"(--clients {args.clients}{f', --profile {args.profile}' if args.profile else ''}); "
+                          "each process runs one client at least")
+    fewer = sorted({n for n in counts if n < args.processes})
+    if fewer:
+        print(f"pscnn bench server: --processes {args.processes}: the points of {', '.join(map(str, fewer))} "
+              "clients run one process per client", file=sys.stderr)
 
 
 def pscnn_server_flags(args, run_folder: Path, clients: int) -> list[str]:

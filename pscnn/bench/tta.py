@@ -29,8 +29,8 @@ from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negat
 from .common import (BenchError, Interruption, add_output_flags, check_mnist, check_out, check_server_flags,
                      checking_options, cores, data_files, description, eval_records, fmt, fresh_output_folder,
                      interrupted_status, machine_info, measurement_failures, median, on_a_free_port, one_line,
-                     parse_list, print_table, print_written, process_failed, progress, pyplot, save_figure,
-                     server_failed, step_records, write_outputs)
+                     parse_list, print_table, print_written, process_failed, progress, pyplot, remove_if_empty,
+                     save_figure, server_failed, step_records, write_outputs)
 
 NAME = "time_to_accuracy"
 # What a run writes into --out (the plot with matplotlib, without --no-plots), and the folder of each
@@ -100,6 +100,7 @@ def run(args) -> int:
             rows.append({"trial": trial, "mode": mode, "workers": n, **row})
             curves[label] = curve
             bar.update()
+    remove_if_empty(out / RUNS)
     if stop.happened and not rows:      # no run finished: nothing to write
         raise KeyboardInterrupt
     summary = summarize(rows, modes, workers)
