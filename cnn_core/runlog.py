@@ -345,9 +345,11 @@ class RunWriter:
             self._failing, self._dropped = None, 0
         return None
 
-    def write_summary(self, summary: dict) -> Path:
-        """Write ``summary.json`` atomically (JSON-able conversion as in :meth:`log`); returns its path."""
-        return write_json_atomic(self.summary_path, summary)
+    def write_summary(self, summary: dict, path=None) -> Path:
+        """Write ``summary.json`` atomically (JSON-able conversion as in :meth:`log`); returns its path.
+
+        ``path``: where instead (pscnn train's results, when the run folder cannot take them)."""
+        return write_json_atomic(self.summary_path if path is None else path, summary)
 
     def close(self) -> None:
         """Write the waiting records and close metrics.jsonl; calling it again does nothing.

@@ -35,6 +35,11 @@ the middle of an update) and summary.json saying ``"status": "interrupted"``,
 then raises KeyboardInterrupt again: training so far is not lost, and no file
 of an earlier run in the folder passes for this one's.
 
+model.npz and summary.json that cannot be written (a full disk, a read-only
+folder) are tried again, then written to a new folder in the temporary directory,
+which the error (:class:`~cnn_core.runlog.RunLogError`, one line) names: the
+trained weights are not lost with it.
+
 Throughput is measured over the training loop only (``train_seconds``):
 data loading, test evaluation, checkpointing and plotting are excluded, so
 ``train_images_per_second`` compares directly with the workers' rate.
@@ -46,6 +51,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +65,7 @@ from .flat import all_finite
 from .metrics import evaluate
 from .model import build_model
 from .optim import build_optimizer
-from .runlog import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunWriter, make_plots, to_jsonable
+from .runlog import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunLogError, RunWriter, make_plots, to_jsonable
 
 __all__ = ["train", "train_from_args", "default_config", "resolve_config", "format_report", "DivergenceError",
            "check_model_fits_mnist"]
@@ -71,6 +77,10 @@ EVAL_BATCH = 1000            # test images per forward pass: big enough to amort
 # An epoch's mean training loss above this (twice a uniform guess's, ln 10) is warned about: a
 # learning rate far too high kills the network without a NaN, the loss in the thousands for a while.
 BLOWN_UP_LOSS = 2 * math.log(NUM_CLASSES)
+# model.npz and summary.json are each tried this often, this far apart (a full disk may get room),
+# before they go to a folder in the temporary directory instead (_write_results).
+RESULT_WRITE_TRIES = 3
+RESULT_WRITE_RETRY_S = 5.0
 _INT_KEYS = {"seed": 0, "batch_size": 1, "epochs": 1, "train_limit": 0, "test_limit": 0, "log_every": 1}
 
 
@@ -229,6 +239,7 @@ def train(config: dict, progress: bool = True) -> dict:
     result = last = None
     diverged = interrupted = None
     midway = False          # interrupted part-way through an update
+    unwritten = None        # RunLogError: the results went elsewhere (or nowhere), said in it
     epoch = 0
     try:
         try:
@@ -277,17 +288,25 @@ def train(config: dict, progress: bool = True) -> dict:
                    "train_loss": summary["train_loss"], "train_accuracy": summary["train_accuracy"]}
         # A diverged run keeps its last finite weights but no optimizer state: that
         # state took the diverging step, so resuming from it would diverge again.
-        save_model_checkpoint(out_dir / CHECKPOINT_FILE, model, None if diverged or midway else optimizer,
-                              step=prog.step, metrics=metrics,
-                              extra={"config": cfg, "epochs": cfg["epochs"], "samples_seen": prog.samples,
-                                     "status": summary["status"]})
-        writer.write_summary(summary)
+        unwritten = _write_results(out_dir, [
+            (CHECKPOINT_FILE, lambda path: save_model_checkpoint(
+                path, model, None if diverged or midway else optimizer, step=prog.step, metrics=metrics,
+                extra={"config": cfg, "epochs": cfg["epochs"], "samples_seen": prog.samples,
+                       "status": summary["status"]})),
+            (SUMMARY_FILE, lambda path: writer.write_summary(summary, path))])
     except KeyboardInterrupt:
         # Say in the log why it ends here; the records so far stay valid.
         writer.log("interrupted", step=prog.step, samples_seen=prog.samples)
         raise
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except RunLogError as exc:
+            if unwritten is None:
+                raise
+            log.error("%s", exc)            # where the results went instead is the line to end on
+    if unwritten is not None:
+        raise unwritten
     if diverged is not None or interrupted is not None:
         try:
             make_plots(out_dir)             # the curves up to the divergence help choose a learning rate
@@ -302,6 +321,44 @@ def train(config: dict, progress: bool = True) -> dict:
         raise diverged
     make_plots(out_dir)                     # last: it reads the files just written
     return summary                          # exactly what summary.json holds
+
+
+def _write_results(out_dir: Path, writes: list) -> RunLogError | None:
+    """Write a run's results into ``out_dir``: ``writes`` is [(file name, write(path))], in order
+    (model.npz before summary.json, which says the run is over).  Each is tried RESULT_WRITE_TRIES
+    times, RESULT_WRITE_RETRY_S apart; if one still cannot be written (a full disk, a read-only
+    folder), it and those after it go to a new folder in the temporary directory.  Returns None
+    once all are in ``out_dir``, else the RunLogError to raise, naming where they went: one error
+    line, and the trained weights were lost with it."""
+    for i, (name, write) in enumerate(writes):
+        problem = None
+        for attempt in range(RESULT_WRITE_TRIES):
+            try:
+                write(out_dir / name)
+                problem = None
+                break
+            except OSError as exc:              # CheckpointError, RunLogError: one line naming the file
+                problem = " ".join(str(exc).split())
+                if attempt + 1 < RESULT_WRITE_TRIES:
+                    log.error("%s; trying again in %.0f s", problem, RESULT_WRITE_RETRY_S)
+                    time.sleep(RESULT_WRITE_RETRY_S)
+        if problem is None:
+            continue
+        left = [n for n, _ in writes[i:]]
+        failed = f"{problem} ({RESULT_WRITE_TRIES} tries)"
+        elsewhere = None
+        try:
+            elsewhere = Path(tempfile.mkdtemp(prefix="pscnn-train-"))
+            for other, write_other in writes[i:]:
+                write_other(elsewhere / other)
+        except OSError as exc:
+            where = elsewhere or tempfile.gettempdir()
+            lost = "the trained weights are lost" if CHECKPOINT_FILE in left else f"{out_dir / CHECKPOINT_FILE} " \
+                                                                                 "holds the trained weights"
+            return RunLogError(f"{failed}; nor could {', '.join(left)} be written to {where} instead "
+                               f"({' '.join(str(exc).split())}): {lost}")
+        return RunLogError(f"{failed}; {', '.join(left)} written to {elsewhere} instead")
+    return None
 
 
 def check_model_fits_mnist(model) -> None:

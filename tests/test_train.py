@@ -682,3 +682,53 @@ def test_batches_a_batchnorm_on_1x1_maps_cannot_train_on_are_refused_at_the_star
     # one image more or less, and the last batch holds two, or none is short
     assert train({**cfg, "train_limit": 66 if batch_size == 64 else 100, "batch_size": max(batch_size, 2)},
                  progress=False)["status"] == "complete"
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("unwritable", ["model.npz", "summary.json", "everywhere"])
+def test_results_that_cannot_be_written_at_the_end_go_to_a_temporary_folder(tmp_path, no_plots, monkeypatch,
+                                                                            capsys, unwritable):
+    """A full disk at the end: model.npz (or summary.json) could not be written, and the trained
+    weights were lost with one error line.  Each is tried again, then what is left is written to a
+    new folder in the temporary directory, which the one error line names; only where that fails
+    too are the weights lost, and the line says so."""
+    from cnn_core.checkpoint import CheckpointError
+    from cnn_core.runlog import RunLogError
+    from pscnn.cli import main
+    out, fallback = tmp_path / "run", tmp_path / "tmp"
+    fallback.mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(fallback))
+    monkeypatch.setattr(training, "RESULT_WRITE_TRIES", 3, raising=False)
+    monkeypatch.setattr(training, "RESULT_WRITE_RETRY_S", 0.0, raising=False)
+    tries = []
+    save_model, write_summary = training.save_model_checkpoint, training.RunWriter.write_summary
+
+    def full(path, name):
+        if path.name == name and (path.parent == out or unwritable == "everywhere"):
+            tries.append(path)
+            raise (CheckpointError if name == "model.npz" else RunLogError)(f"{path}: cannot write: No space "
+                                                                            "left on device")
+    monkeypatch.setattr(training, "save_model_checkpoint", lambda path, *a, **kw: (
+        full(path, "model.npz" if unwritable != "summary.json" else ""), save_model(path, *a, **kw))[1])
+    monkeypatch.setattr(training.RunWriter, "write_summary", lambda self, summary, path=None: (
+        full(path, "summary.json" if unwritable == "summary.json" else ""), write_summary(self, summary, path))[1])
+    code = main(["train", "--model", "light", "--train-limit", "512", "--test-limit", "500", "--epochs", "1",
+                 "--mnist-dir", REAL_MNIST, "--out", str(out), "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pscnn")]
+    assert code == 1 and len(err) == 1, err
+    (elsewhere,) = fallback.iterdir()
+    if unwritable == "everywhere":
+        assert len(tries) == 4, tries                       # three in the run folder, one elsewhere
+        assert err[0] == (f"pscnn: error: {out / 'model.npz'}: cannot write: No space left on device (3 tries); nor "
+                          f"could model.npz, summary.json be written to {elsewhere} instead ({elsewhere / 'model.npz'}"
+                          ": cannot write: No space left on device): the trained weights are lost")
+        return
+    assert len(tries) == 3, tries
+    left = "model.npz, summary.json" if unwritable == "model.npz" else "summary.json"
+    assert err[0] == (f"pscnn: error: {out / unwritable}: cannot write: No space left on device (3 tries); {left} "
+                      f"written to {elsewhere} instead"), err
+    weights = elsewhere / "model.npz" if unwritable == "model.npz" else out / "model.npz"
+    model, _, meta = load_model_checkpoint(weights)
+    assert meta["extra"]["status"] == "complete" and meta["step"] == 8
+    assert json.loads((elsewhere / "summary.json").read_text())["status"] == "complete"
