@@ -328,8 +328,8 @@ def _write_results(out_dir: Path, writes: list) -> RunLogError | None:
     (model.npz before summary.json, which says the run is over).  Each is tried RESULT_WRITE_TRIES
     times, RESULT_WRITE_RETRY_S apart; if one still cannot be written (a full disk, a read-only
     folder), it and those after it go to a new folder in the temporary directory.  Returns None
-    once all are in ``out_dir``, else the RunLogError to raise, naming where they went: one error
-    line, and the trained weights were lost with it."""
+    once all are in ``out_dir``, else the RunLogError to raise, naming where they went (a full disk
+    used to end the run with one error line, and the trained weights lost with it)."""
     for i, (name, write) in enumerate(writes):
         problem = None
         for attempt in range(RESULT_WRITE_TRIES):
