@@ -595,8 +595,10 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ, argv
                 continue
             action.default = low in _TRUE
             continue
+        # a choice's spaces are an environment file's ("async "), as a preset name's are
+        text = raw.strip() if action.choices is not None else raw
         try:
-            value = action.type(raw) if action.type else raw
+            value = action.type(text) if action.type else text
         except (ValueError, argparse.ArgumentTypeError) as exc:
             action.default = _BadEnv(f"{key}={raw!r}: {exc}")
             continue

@@ -823,6 +823,14 @@ def test_an_empty_variable_still_means_the_default():
     assert parse_args(["train"], {"PSCNN_MNIST_DIR": ""}).mnist_dir is None
 
 
+def test_a_choice_from_the_environment_is_taken_without_its_spaces():
+    # an environment file's trailing space: PSCNN_MODE="async " was refused ("expected one of sync, ...")
+    args = parse_args(["server"], {"PSCNN_MODE": "async ", "PSCNN_OPTIMIZER": " sgd", "PSCNN_LOG_LEVEL": "debug\t"})
+    assert (args.mode, args.optimizer, args.log_level) == ("async", "sgd", "DEBUG")
+    with pytest.raises(CliError, match=r"PSCNN_MODE='asink ': expected one of sync, async, ssp"):
+        parse_args(["server"], {"PSCNN_MODE": "asink "})
+
+
 def server_flags_of(monkeypatch, argv: list) -> list:
     """The flags ``pscnn run`` (``argv``) hands its server, which is not started (nor is anything else)."""
     started = []
