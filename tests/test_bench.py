@@ -1279,16 +1279,20 @@ def test_server_bench_with_curve_measures_the_server_with_keys_beside_the_plain_
     assert "curve/plain" in proc.stdout
 
 
-FAILED_POINT_ERRORS = {
-    "foreign service": lambda: __import__("worker.client", fromlist=["BadReply"]).BadReply(
-        "tcp://127.0.0.1:5555 answered a status request with what is not a pscnn message: bad header"),
-    "disk full": lambda: OSError(28, "No space left on device"),
-    "run folder": lambda: __import__("cnn_core.runlog", fromlist=["RunLogError"]).RunLogError(
-        "out/points/async-n2-b64-t0/logs: cannot write: No space left on device"),
-}
+def failed_point_error(kind: str) -> Exception:
+    """What one measurement may raise besides RuntimeError: a PscnnError (``kind`` "foreign service",
+    "run folder") or an OSError ("disk full")."""
+    from cnn_core.runlog import RunLogError
+    from worker.client import BadReply
+    return {
+        "foreign service": BadReply(
+            "tcp://127.0.0.1:5555 answered a status request with what is not a pscnn message: bad header"),
+        "disk full": OSError(28, "No space left on device"),
+        "run folder": RunLogError("out/points/async-n2-b64-t0/logs: cannot write: No space left on device"),
+    }[kind]
 
 
-@pytest.mark.parametrize("error", FAILED_POINT_ERRORS)
+@pytest.mark.parametrize("error", ["foreign service", "disk full", "run folder"])
 @pytest.mark.parametrize("bench_name", ["server", "scaling", "time-to-accuracy"])
 def test_a_point_failing_on_a_pscnn_or_os_error_is_a_failed_point(bench_name, error, tmp_path, monkeypatch, capsys,
                                                                    request):
@@ -1299,7 +1303,7 @@ def test_a_point_failing_on_a_pscnn_or_os_error_is_a_failed_point(bench_name, er
     import pscnn.bench.server_bench as server_bench
     import pscnn.bench.tta as tta
     from pscnn.cli import main
-    exc = FAILED_POINT_ERRORS[error]()
+    exc = failed_point_error(error)
 
     def fail_the_second(result):
         calls = []
