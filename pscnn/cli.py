@@ -950,7 +950,8 @@ def stop_on_signals(command: str | None = None) -> None:
 
     Without this, a command signalled before its own handler (its first half second: the imports,
     loading MNIST, a download) was killed (-15), and in a container, as PID 1, which the kernel
-    spares a signal that has no handler, it ignored the stop until Docker's SIGKILL.
+    spares a signal that has no handler, it ignored the stop until Docker's SIGKILL.  The stop
+    happens once: later STOP_SIGNALS are ignored (:func:`ignore_stop_signals`).
     """
     if command is None:
         del _stops_noted[:]
@@ -958,10 +959,11 @@ def stop_on_signals(command: str | None = None) -> None:
     def stop(signum, frame):
         if command is None:
             _stops_noted.append(signum)
-        elif command in STOPPED_WITH_SUCCESS:
+            return
+        ignore_stop_signals()
+        if command in STOPPED_WITH_SUCCESS:
             raise SystemExit(0)
-        else:
-            raise KeyboardInterrupt
+        raise KeyboardInterrupt
     for sig in STOP_SIGNALS:
         try:
             signal.signal(sig, stop)
@@ -969,6 +971,22 @@ def stop_on_signals(command: str | None = None) -> None:
             return
     if command is not None and _stops_noted:
         stop(_stops_noted[0], None)
+
+
+def ignore_stop_signals() -> None:
+    """A stop is under way: from now on, STOP_SIGNALS are ignored (Ctrl-C still interrupts).
+
+    A stop signal may come more than once: a launcher killed outright (kill -9) signals each
+    child once for every thread it had, as the kernel hands the orphan from one dying thread to
+    the next (PR_SET_PDEATHSIG, see :func:`stop_with_launcher`).  A repeat raised SystemExit again
+    inside a worker's goodbye, which never reached the server or its log, and one after Python
+    had restored the default handlers at its exit killed a process (-15) that had stopped cleanly.
+    Ignored (SIG_IGN, which Python keeps at its exit), they cannot.  Off the main thread, nothing."""
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:              # not the main thread (tests): no handlers to change
+            return
 
 
 def _dispatch(args) -> int:

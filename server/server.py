@@ -70,7 +70,7 @@ from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, w
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
 from pscnn import protocol as P
-from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES
+from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES, ignore_stop_signals
 from pscnn.names import name_problem
 
 from .store import ParameterStore, TrainingDiverged
@@ -603,6 +603,8 @@ class ParameterServer:
             self.open()
         except BaseException:
             self._restore_signal_handlers(old_handlers)
+            if self._stop_requested and old_handlers:
+                ignore_stop_signals()   # stopping: a repeat must not cut the outputs short (see there)
             raise
         log.info("listening on %s%s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
                  "optimizer %s", self.cfg.bind,
@@ -650,6 +652,8 @@ class ParameterServer:
             for limited in self.rate_limited_logs:
                 limited.flush(time.monotonic(), final=True)
             self._restore_signal_handlers(old_handlers)
+            if self._stop_requested and old_handlers:
+                ignore_stop_signals()   # stopping: a repeat must not cut the outputs short (see there)
             self.sock.close(linger=1000)
             self._stop_curve()
             self.writer.close()

@@ -1057,10 +1057,12 @@ def test_main_exits_130_when_interrupted(monkeypatch, capsys):
 
 def test_pscnn_train_stops_on_sighup_as_on_sigterm():
     """`pscnn train`: SIGTERM and SIGHUP (the terminal closed) both end it as Ctrl-C does."""
-    cli.stop_on_signals("train")
     for sig in (signal.SIGTERM, signal.SIGHUP):
+        cli.stop_on_signals("train")
         with pytest.raises(KeyboardInterrupt):
             signal.getsignal(sig)(sig, None)
+        # the stop happens once: a repeat is ignored, Ctrl-C still interrupts
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
 
 
 # ------------------------------------------------ found by the audit, fixed
