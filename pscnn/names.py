@@ -1,18 +1,39 @@
 """Client names and ids: the one rule the CLI, the client and the protocol share.
 
 A client id (wid) is NAME-xxxxxxxx (8 hex digits, so a restarted worker of the
-same name is a new peer).  The protocol caps a wid at MAX_NAME_LEN printable
-characters, and ZeroMQ caps a routing id (the wid in UTF-8) at 255 bytes.  This
-module imports nothing heavy, so ``pscnn worker --name`` is checked before
-numpy and zmq load (and before ``--threads`` takes effect).
+same name is a new peer).  Its ZeroMQ routing id is the wid and a secret token,
+WID/yyyyyyyyyyyyyyyy (16 hex digits, see :func:`routing_id`).  The protocol caps
+a wid at MAX_NAME_LEN printable characters, and ZeroMQ caps a routing id (in
+UTF-8) at 255 bytes.  This module imports nothing heavy, so ``pscnn worker
+--name`` is checked before numpy and zmq load (and before ``--threads`` takes
+effect).
 """
 from __future__ import annotations
+
+import re
+import secrets
 
 MAX_NAME_LEN = 128                      # a wid, and an array name, in the protocol
 ROUTING_ID_BYTES = 255                  # ZeroMQ's limit on a socket's routing id
 WID_SUFFIX_LEN = 9                      # "-" and 8 hex digits
 MAX_NAME_CHARS = MAX_NAME_LEN - WID_SUFFIX_LEN
-MAX_NAME_BYTES = ROUTING_ID_BYTES - WID_SUFFIX_LEN
+ROUTE_TOKEN_LEN = 17                    # "/" and 16 hex digits
+MAX_NAME_BYTES = ROUTING_ID_BYTES - WID_SUFFIX_LEN - ROUTE_TOKEN_LEN
+_ROUTE_TOKEN = re.compile(r"/[0-9a-f]{16}\Z")
+
+
+def routing_id(wid: str) -> bytes:
+    """A client's ZeroMQ routing id: its ``wid``, which others may know (status, logs), and a
+    secret token.  The server's ROUTER sends each reply to the routing id its request came
+    from, and hands a routing id over to the newest connection that claims it (a client's
+    reconnect): with the wid alone, anyone who knew it could connect under it and take the
+    client's replies.  One per client, kept across its reconnects."""
+    return f"{wid}/{secrets.token_hex(8)}".encode()
+
+
+def without_route_token(text: str) -> str:
+    """A routing id as a log may show it: a pscnn client's without its secret token (its wid)."""
+    return _ROUTE_TOKEN.sub("", text)
 
 
 def name_problem(name: str) -> str | None:
@@ -24,5 +45,6 @@ def name_problem(name: str) -> str | None:
     size = len(name.encode())
     if size > MAX_NAME_BYTES:
         return (f"must be at most {MAX_NAME_BYTES} bytes in UTF-8 (a ZeroMQ routing id holds "
-                f"{ROUTING_ID_BYTES}, the client id adds {WID_SUFFIX_LEN}), got {size}")
+                f"{ROUTING_ID_BYTES}, the client id adds {WID_SUFFIX_LEN} and the routing id {ROUTE_TOKEN_LEN}), "
+                f"got {size}")
     return None

@@ -71,7 +71,7 @@ from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES, ignore_stop_signals
-from pscnn.names import name_problem
+from pscnn.names import name_problem, without_route_token
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -1964,10 +1964,10 @@ class ParameterServer:
 
 def _sender(rid: bytes) -> str:
     """Who sent a message the server could not read, for its log line: a pscnn client's routing
-    id is its client id (printable text, told apart by its last 8 characters); one ZeroMQ made
-    up is 5 binary bytes, shown in hex."""
+    id is its client id (printable text, told apart by its last 8 characters) and a secret token,
+    left out (the log is not secret); one ZeroMQ made up is 5 binary bytes, shown in hex."""
     try:
-        text = rid.decode()
+        text = without_route_token(rid.decode())
     except UnicodeDecodeError:
         text = ""
     return text if text and text.isprintable() and len(text) <= P.MAX_NAME_LEN else rid.hex()[:16]

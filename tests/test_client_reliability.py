@@ -183,8 +183,9 @@ def test_every_resend_is_the_same_request_and_each_reconnect_opens_a_new_socket(
     """The server applies a push once per (worker id, seq): a resend under a new number would
     be a second push of the same gradients.  A reconnect must close the old socket (ZeroMQ
     would keep stale messages queued on it, and a long outage would leak one socket per
-    reconnect) and open a new one under the same routing id, so that the server's replies
-    (ROUTER_HANDOVER) reach the client across reconnects."""
+    reconnect) and open a new one under the same routing id (its worker id and a secret token,
+    pscnn.names.routing_id), so that the server's replies (ROUTER_HANDOVER) reach the client
+    across reconnects."""
     client, net = sim(60, give_up_after=30.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
     with pytest.raises(ServerUnreachable):
         client.request(P.WORK)
@@ -194,7 +195,7 @@ def test_every_resend_is_the_same_request_and_each_reconnect_opens_a_new_socket(
     reconnect_at = [3.0, 5.0, 9.0, 14.0, 19.0, 24.0, 29.0]
     assert len(net.sockets) == 1 + len(reconnect_at)
     for sock in net.sockets:
-        assert sock.options.get(zmq.ROUTING_ID) == client.wid.encode() and sock.endpoint == ENDPOINT
+        assert sock.options.get(zmq.ROUTING_ID) == client.routing_id and sock.endpoint == ENDPOINT
     assert all(sock.closed for sock in net.sockets[:-1]), "a reconnect left the old socket open"
     # each resend from the first reconnect on goes out on a socket of its own, the newest at the time
     on = [net.sockets.index(sock) for _, sock, _ in net.sent]
@@ -440,7 +441,8 @@ def test_a_request_the_server_missed_is_resent_under_the_same_sequence_number(ro
 def test_a_silent_server_sees_the_client_reconnect_under_its_routing_id(router, clients):
     """After reconnect_s of silence the client opens a new connection (a server that restarted,
     or a connection ZeroMQ believes alive but is not, is reached again); the server knows it by
-    the same routing id as before, the worker id, so its reply reaches the new connection."""
+    the same routing id as before (its worker id and a secret token), so its reply reaches the
+    new connection."""
     def answer(rid, msg, accepted):
         if msg.type == P.HELLO:
             return [WELCOME]
@@ -450,7 +452,8 @@ def test_a_silent_server_sees_the_client_reconnect_under_its_routing_id(router, 
     client.connect()
     assert client.request(P.WORK).type == P.STOP
     assert server.accepted >= 2
-    assert {rid for rid, _ in server.requests} == {client.wid.encode()}
+    assert {rid for rid, _ in server.requests} == {client.routing_id}
+    assert client.routing_id.startswith(client.wid.encode() + b"/")
 
 
 def test_a_duplicate_reply_is_not_taken_for_the_next_requests_answer(router, clients):

@@ -32,7 +32,7 @@ from pscnn import protocol as P
 from pscnn.cli import _name, build_parser
 from pscnn.launcher import LocalCluster, child_env, query_status
 from worker import client as client_module
-from pscnn.names import MAX_NAME_BYTES, MAX_NAME_CHARS
+from pscnn.names import MAX_NAME_BYTES, MAX_NAME_CHARS, ROUTING_ID_BYTES
 from worker.client import (FAILURE_PAUSE_S, HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_FAILURES_IN_A_ROW, MAX_RETRY_S,
                            MIN_RETRY_S, BadReply, Client,
                            ServerError, ServerUnreachable, TooManyFailures)
@@ -281,7 +281,7 @@ def test_the_cli_refuses_a_name_whose_client_id_cannot_fit(capsys, name, limit):
     assert limit in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["x" * MAX_NAME_CHARS, "€" * (MAX_NAME_BYTES // 3)],
+@pytest.mark.parametrize("name", ["x" * MAX_NAME_CHARS, "€" * (MAX_NAME_BYTES // 3) + "x" * (MAX_NAME_BYTES % 3)],
                          ids=["longest-ascii", "most-bytes"])
 def test_the_longest_names_the_cli_takes_make_clients_the_server_can_reach(fake, connect, name):
     assert _name(name) == name                          # the CLI takes it: one rule, pscnn.names
@@ -289,6 +289,7 @@ def test_the_longest_names_the_cli_takes_make_clients_the_server_can_reach(fake,
     c = connect(server, name=name)
     hello = server.of_type(P.HELLO)[0]
     assert hello.wid == c.wid and hello.wid.startswith(name) and len(hello.wid) <= P.MAX_NAME_LEN
+    assert len(c.routing_id) <= ROUTING_ID_BYTES
     with pytest.raises(ConfigError, match="client name"):
         Client(server.endpoint, "trainer", name=name + "x")
 

@@ -310,6 +310,49 @@ def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
         cluster.close()
 
 
+def test_a_key_holder_connecting_under_a_trainers_worker_id_does_not_get_its_replies(tmp_path):
+    """A client's routing id was its worker id, which others may know (status, logs).  The server's
+    ROUTER hands a routing id over to the newest connection that claims it, dropping the older
+    one: a holder of any authorized key who connected under a trainer's id took the trainer's
+    replies, and the two connections then took the id from each other at every reconnect.  The
+    routing id now carries a secret token as well: the thief's connection is another peer's, the
+    trainer's requests are answered at the first try, and neither connection is dropped."""
+    keys = tmp_path / "keys"
+    curve.make_keys(keys, ["client-0", "client-1", "run"])
+    cluster = LocalCluster(tmp_path / "run", keys=keys)
+    trainer = thief = monitor = None
+    try:
+        cluster.start_server([*SERVER_FLAGS, "--out", str(cluster.out)])
+        wait_for(lambda: cluster.status(0.5) is not None, 60, "the CURVE server to answer its status")
+        # no resend, no reconnect within the test: a reply that goes astray is a ServerUnreachable
+        trainer = Client(cluster.endpoint, "trainer", keys=curve.client_keys(keys / "client-0"), heartbeat=False,
+                         give_up_after=10.0, resend_s=60.0, reconnect_s=60.0)
+        trainer.connect()
+        assert trainer.routing_id.startswith(trainer.wid.encode() + b"/")
+        thief = Raw(cluster.endpoint, keys=curve.client_keys(keys / "client-1"))
+        thief.sock.close(linger=0)
+        thief.sock = zmq.Context.instance().socket(zmq.DEALER)
+        thief.sock.setsockopt(zmq.LINGER, 0)
+        thief.sock.setsockopt(zmq.ROUTING_ID, trainer.wid.encode())
+        curve.secure_client(thief.sock, curve.client_keys(keys / "client-1"))
+        monitor = thief.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        thief.sock.connect(cluster.endpoint)
+        assert thief.call(P.STATUS).type == P.STATUS        # its connection is made, and known to the ROUTER
+        for _ in range(2):                  # the most leases a trainer may hold
+            assert trainer.request(P.WORK).type == P.TASK
+        stolen = thief.recv(timeout=1.0)
+        assert stolen is None, f"the thief got the trainer's reply: {stolen[0].type} {stolen[0].body}"
+        assert not monitor.poll(0), "the server dropped the thief's connection for the trainer's (handover)"
+    finally:
+        if monitor is not None:
+            thief.sock.disable_monitor()
+            monitor.close(linger=0)
+        for client in (trainer, thief):
+            if client is not None:
+                client.close()
+        cluster.close()
+
+
 def test_a_secret_certificate_others_may_read_is_warned_about_once_and_still_loaded(tmp_path, caplog):
     """Compose and Kubernetes often mount secrets with broad modes: such a file is used, with one
     line naming it and the remedy (it was loaded without a word)."""

@@ -38,6 +38,7 @@ from cnn_core.runlog import read_metrics
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, query_status, wait_for
+from pscnn.names import routing_id
 from server.server import ParameterServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -271,16 +272,20 @@ def test_undecodable_messages_are_answered_with_an_error(server, name):
 
 
 def test_a_message_that_cannot_be_read_is_logged_under_its_senders_client_id(server):
-    """A pscnn client's routing id is its client id: the log named every trainer by the first 8
-    bytes of it in hex ("747261696e65722d", for "trainer-"), so two of them (an older version's,
-    say) looked like one.  A routing id ZeroMQ made up (binary) is still shown in hex."""
+    """A pscnn client's routing id is its client id and a secret token: the log named every
+    trainer by the first 8 bytes of it in hex ("747261696e65722d", for "trainer-"), so two of
+    them (an older version's, say) looked like one.  The log names the client id, without the
+    token (a reader of the log could take the client's replies with it).  A routing id ZeroMQ
+    made up (binary) is still shown in hex."""
     older = [_hdr(v=P.PROTOCOL_VERSION - 1)]
     for wid in ("trainer-hostA-11-aaaa1111", "trainer-hostB-22-bbbb2222"):
         sock = server.client()
         sock.sock.close(linger=0)
         sock.sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.sock.setsockopt(zmq.LINGER, 0)
-        sock.sock.setsockopt(zmq.ROUTING_ID, wid.encode())
+        rid = routing_id(wid)
+        assert rid.startswith(f"{wid}/".encode()) and rid != routing_id(wid)
+        sock.sock.setsockopt(zmq.ROUTING_ID, rid)
         sock.sock.connect(server.endpoint)
         expect_error(server, sock, older, "bad_version", "protocol version", log_needle=f"{wid}: protocol version")
     _, line = expect_error(server, server.client(), older, "bad_version", "protocol version",

@@ -54,7 +54,7 @@ import zmq
 from cnn_core.errors import ConfigError, PscnnError
 from pscnn import curve
 from pscnn import protocol as P
-from pscnn.names import WID_SUFFIX_LEN, name_problem
+from pscnn.names import WID_SUFFIX_LEN, name_problem, routing_id
 
 log = logging.getLogger("pscnn.client")
 
@@ -167,6 +167,7 @@ class Client:
         if problem:
             raise ConfigError(f"client name {self.name[:60]!r}: {problem}")
         self.wid = f"{self.name}-{uuid.uuid4().hex[:WID_SUFFIX_LEN - 1]}"
+        self.routing_id = routing_id(self.wid)
         self.device = device
         self.give_up_after = give_up_after
         self.resend_s = resend_s
@@ -301,8 +302,9 @@ class Client:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
-        # A fixed routing id: the server (ROUTER_HANDOVER) reaches us across reconnects.
-        self.sock.setsockopt(zmq.ROUTING_ID, self.wid.encode())
+        # The same secret routing id on every socket: the server (ROUTER_HANDOVER) reaches us across
+        # reconnects, and nobody else can claim it (pscnn.names.routing_id).
+        self.sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
