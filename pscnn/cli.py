@@ -810,6 +810,15 @@ def inline_schedule(args) -> str:
     return inline_file(args.schedule, SCHEDULES, "--schedule", ConfigError, check)
 
 
+def inline_config_files(args) -> None:
+    """``--model`` and ``--schedule`` where the command has them (pscnn bench's too) as pscnn passes
+    them on: a JSON file's object inline (:func:`inline_model`, :func:`inline_schedule`)."""
+    if isinstance(getattr(args, "model", None), str):
+        args.model = inline_model(args.model, distributed=args.command != "train")
+    if isinstance(getattr(args, "schedule", None), str):     # pscnn bench time-to-accuracy's may be None
+        args.schedule = inline_schedule(args)
+
+
 def cap_limits(args) -> None:
     """A ``--train-limit`` / ``--test-limit`` above its set's size becomes the size, said in one warning
     line: it was capped without a word, and the run's summary showed a count other than the one asked.
@@ -875,10 +884,8 @@ def main(argv=None) -> int:
         stop_on_signals(args.command)       # a stop noted while parsing ends the command here
         if getattr(args, "threads", None):
             set_blas_threads(args.threads)
-        if isinstance(getattr(args, "model", None), str):     # pscnn bench's --model too
-            args.model = inline_model(args.model, distributed=args.command != "train")
-        if isinstance(getattr(args, "schedule", None), str):  # pscnn bench time-to-accuracy's too
-            args.schedule = inline_schedule(args)
+        if args.command != "bench":     # pscnn bench's among its option checks: a usage error (exit 2)
+            inline_config_files(args)
         cap_limits(args)
         if args.command in ("train", "server", "run"):
             check_run_folder("--out", args.out)

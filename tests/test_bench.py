@@ -1357,3 +1357,24 @@ def test_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, caps
                  "--no-progress", "--no-plots"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "pscnn bench server: error: [Errno 28] No space left on device"
+
+
+@pytest.mark.parametrize("flag, text, needle", [
+    ("--model", '{"layers": [', "is not valid JSON"),
+    ("--model", WRONG_INPUT, "but MNIST images are [1, 28, 28]"),
+    ("--schedule", '{"name": "bogus"}', "unknown schedule 'bogus'"),
+])
+def test_a_bad_model_or_schedule_file_is_a_usage_error_as_an_inline_one(flag, text, needle, tmp_path, capsys):
+    """A --model or --schedule file is a bench option like its inline JSON: one line naming the file,
+    exit status 2, before anything starts (it was ``pscnn: error:``, exit 1, while the same JSON inline
+    was a usage error)."""
+    from pscnn.cli import main
+    path, out = tmp_path / "bad.json", tmp_path / "out"
+    path.write_text(text)
+    code = main(["bench", "time-to-accuracy", *TINY["time-to-accuracy"], flag, str(path), "--out", str(out),
+                 "--no-progress", "--no-plots"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("pscnn bench time-to-accuracy: error: ") and f"file {path}" in err, err
+    assert needle in err and "\n" not in err, err
+    assert not out.exists()             # nothing ran, nothing written

@@ -207,9 +207,11 @@ def test_an_error_in_a_spec_files_model_names_the_file(command, layers, needle, 
     path.write_text(json.dumps({"input_shape": [1, 28, 28], "layers": layers}))
     argv = ["bench", "scaling"] if command == "bench" else [command]
     progress = [] if command == "server" else ["--no-progress"]
-    assert main([*argv, "--model", str(path), "--out", str(tmp_path / "run"), *progress]) == 1
+    # a bench's options are all checked before it starts, a usage error (exit 2), as its inline JSON is
+    code, prefix = (2, "pscnn bench scaling") if command == "bench" else (1, "pscnn")
+    assert main([*argv, "--model", str(path), "--out", str(tmp_path / "run"), *progress]) == code
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"pscnn: error: model spec file {path}: ") and needle in err and "\n" not in err, err
+    assert err.startswith(f"{prefix}: error: model spec file {path}: ") and needle in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
 
 

@@ -50,8 +50,12 @@ def run_bench_from_args(args) -> int:
     _terminate_cleanly()
     from cnn_core.errors import PscnnError  # noqa: PLC0415
 
-    from .common import one_line, release_output_folder  # noqa: PLC0415
+    from pscnn.cli import inline_config_files  # noqa: PLC0415
+
+    from .common import checking_options, one_line, release_output_folder  # noqa: PLC0415
     try:
+        with checking_options():        # a bad --model or --schedule file is a bad option, as its JSON inline is
+            inline_config_files(args)
         return int(runner(args) or 0)
     except ValueError as exc:           # a bad list or option value (OptionError: any check made up front)
         print(f"pscnn bench {args.bench}: error: {one_line(exc)}", file=sys.stderr)
