@@ -625,17 +625,31 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
     return args
 
 
+def _flag_actions(parser: argparse.ArgumentParser):
+    """Every flag's action, of every subcommand (``--help`` aside)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _flag_actions(sub)
+        elif action.option_strings and action.dest != "help":
+            yield action
+
+
 def flag_variables(parser: argparse.ArgumentParser | None = None) -> set[str]:
     """Every ``PSCNN_<FLAG>`` name that some subcommand's flag reads (what ``pscnn run``'s children
     must not inherit: the launcher gives them their settings as flags)."""
-    names = set()
-    for action in (parser or build_parser())._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                names |= flag_variables(sub)
-        elif action.option_strings and action.dest != "help":
-            names.add(ENV_PREFIX + action.dest.upper())
-    return names
+    return {ENV_PREFIX + action.dest.upper() for action in _flag_actions(parser or build_parser())}
+
+
+def _opposite_hint(switch: Switch, value: str) -> str:
+    """What to set instead of a variable named after ``switch``'s opposite (``--progress``'s for
+    ``--no-progress``), set to ``value``: the switch's variable, with the value reversed."""
+    variable = ENV_PREFIX + switch.dest.upper()
+    low = value.strip().lower()
+    if low and low in _TRUE | _FALSE:
+        return f"did you mean {variable}={'0' if low in _TRUE else '1'}?"
+    on, off = switch.option_strings
+    return f"{variable}=1 is {on}, {variable}=0 is {off}"
 
 
 def warn_unknown_variables(parser: argparse.ArgumentParser, environ=os.environ) -> None:
@@ -646,12 +660,22 @@ def warn_unknown_variables(parser: argparse.ArgumentParser, environ=os.environ) 
     (``pscnn status``) sees the server's PSCNN_MODE, PSCNN_EPOCHS, ...
     """
     known = flag_variables(parser) | OTHER_VARIABLES
+    # a switch's opposite (--progress's name for --no-progress): the hint is the switch's variable with
+    # the value reversed; the switch's name alone, as it was, did the opposite of what was meant
+    opposites = {ENV_PREFIX + action.option_strings[1][2:].replace("-", "_").upper(): action
+                 for action in _flag_actions(parser) if isinstance(action, Switch)}
     for name in sorted(environ):
         if not name.upper().startswith(ENV_PREFIX) or name in known:
             continue
         # compared without the prefix, which every name shares and would make all look close
-        close = difflib.get_close_matches(name.upper()[len(ENV_PREFIX):], [k[len(ENV_PREFIX):] for k in known], n=1)
-        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        close = difflib.get_close_matches(name.upper()[len(ENV_PREFIX):],
+                                          [k[len(ENV_PREFIX):] for k in known | opposites.keys()], n=1)
+        if not close:
+            hint = ""
+        elif ENV_PREFIX + close[0] in opposites:
+            hint = f" ({_opposite_hint(opposites[ENV_PREFIX + close[0]], environ[name])})"
+        else:
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)"
         print(f"pscnn: warning: {name} is not a pscnn setting{hint}; ignored", file=sys.stderr)
 
 

@@ -360,6 +360,23 @@ def test_a_pscnn_name_that_is_no_setting_is_warned_about(capsys):
         "pscnn: warning: pscnn_mode is not a pscnn setting (did you mean PSCNN_MODE?); ignored"]
 
 
+@pytest.mark.parametrize("name, value, hint", [
+    ("PSCNN_PROGRESS", "0", "did you mean PSCNN_NO_PROGRESS=1?"),     # it said PSCNN_NO_PROGRESS: the opposite
+    ("PSCNN_PROGRESS", "off", "did you mean PSCNN_NO_PROGRESS=1?"),
+    ("PSCNN_PROGRESS", "1", "did you mean PSCNN_NO_PROGRESS=0?"),
+    ("PSCNN_PROGRES", "0", "did you mean PSCNN_NO_PROGRESS=1?"),      # misspelt too
+    ("PSCNN_NO_OVERLAP", "yes", "did you mean PSCNN_OVERLAP=0?"),
+    ("PSCNN_EVALUATOR", "false", "did you mean PSCNN_NO_EVALUATOR=1?"),
+    ("PSCNN_PROGRESS", "maybe", "PSCNN_NO_PROGRESS=1 is --no-progress, PSCNN_NO_PROGRESS=0 is --progress"),
+])
+def test_a_switchs_opposite_as_a_variable_is_hinted_with_the_value_that_does_it(name, value, hint, capsys):
+    """PSCNN_PROGRESS=0 (no progress bar, meant) was answered "did you mean PSCNN_NO_PROGRESS?", whose
+    0 keeps the bar: the hint names the switch's variable with the value that does what was meant."""
+    args = parse_args(["run"], {name: value})
+    assert args.no_progress is False and args.overlap is False and args.no_evaluator is False    # ignored
+    assert capsys.readouterr().err.splitlines() == [f"pscnn: warning: {name} is not a pscnn setting ({hint}); ignored"]
+
+
 def test_every_pscnn_name_the_deployment_and_docs_mention_is_a_setting():
     # else a user who sets one as documented is told it is ignored; PSCNN_CI_*: the compose test's own knobs
     files = [ROOT / "Dockerfile", ROOT / "docker-compose.yml", ROOT / "docker-compose.ci.yml", ROOT / "README.md",
