@@ -440,11 +440,13 @@ def overlap_refused(mode: str) -> str:
     return f"{given_flag('overlap')} applies to --mode async only, not to --mode {mode}"
 
 
-def add_client_flags(p: argparse.ArgumentParser) -> None:
+def add_client_flags(p: argparse.ArgumentParser, role: str) -> None:
+    """The connection flags of a client whose role (worker.client.Client's) is ``role``."""
     g = p.add_argument_group("connection")
     g.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
                    help="server endpoint (default: tcp://localhost:5555)")
-    g.add_argument("--name", type=_name, default=None, help="a readable id for logs (default: ROLE-HOST-PID, e.g. trainer-myhost-4242)")
+    g.add_argument("--name", type=_name, default=None,
+                   help=f"a readable id for logs (default: {role}-HOST-PID, e.g. {role}-myhost-4242)")
     g.add_argument("--give-up-after", type=positive_float, default=600.0,
                    help="exit with status 1 after this many seconds without reaching the server (default: 600)")
     g.add_argument("--keys", type=_path, default=None, metavar="FOLDER", help=CLIENT_KEYS_HELP)
@@ -477,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(p)
 
     p = sub.add_parser("worker", help="a trainer worker")
-    add_client_flags(p)
+    add_client_flags(p, "trainer")
     add_compute_flags(p)
     p.add_argument("--mnist-dir", type=_path, default=None,
                    help="folder holding the MNIST files (default: $MNIST_DIR or the cache)")
@@ -487,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(p)
 
     p = sub.add_parser("evaluator", help="scores the newest weights on the test set")
-    add_client_flags(p)
+    add_client_flags(p, "evaluator")
     add_compute_flags(p)
     p.add_argument("--every", type=positive_float, default=EVAL_EVERY_S,
                    help=f"seconds between evaluations (default: {EVAL_EVERY_S:g})")

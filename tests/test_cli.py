@@ -117,6 +117,17 @@ def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
                starts=f"pscnn {' '.join(argv[:2] if argv[0] == 'bench' else argv[:1])}: error: ")
 
 
+@pytest.mark.parametrize("command, role", [("worker", "trainer"), ("evaluator", "evaluator")])
+def test_a_clients_name_help_gives_its_own_default(command, role, capsys):
+    # pscnn evaluator --help gave "e.g. trainer-myhost-4242", a name an evaluator never takes
+    from worker.client import Client
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {role}-HOST-PID, e.g. {role}-myhost-4242)" in help_text
+    assert Client("tcp://127.0.0.1:1", role).name.startswith(f"{role}-")     # what the help says
+
+
 def test_integer_flags_take_their_largest_values():
     """The caps are inclusive, and a seed may be any 64-bit signed integer (time-based ones exceed 1e9)."""
     from pscnn.cli import MAX_INT, build_parser
