@@ -225,7 +225,8 @@ def _endpoint(text: str, bind: bool) -> str:
     host, colon, port = rest.rpartition(":")
     if not sep or scheme != "tcp" or not colon or not host or any(ch.isspace() or ch == "/" for ch in host):
         raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (e.g. {example}) or ipc://PATH, got {text!r}")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    # ASCII digits: int() reads other scripts' too (\uff15), ZeroMQ does not
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number, 1-65535")
     if not bind and host == "*":        # ZeroMQ's connect says no more than "Invalid argument", exit 1
         raise argparse.ArgumentTypeError(f"{text!r}: * (every interface) is for --bind; name the server's "
