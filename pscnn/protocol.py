@@ -86,8 +86,10 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     WAIT: {"retry_s": ("float", True), "held_s": ("float", True), "reason": ("line", True),
            "ack": ("dict", False)},
     PULL: {"have_version": ("int", True)},
+    # scored: the server holds an evaluation of this version that the evaluator's would not
+    # change (the history's record of it; once done, the run's final evaluation): no need to score it
     WEIGHTS: {"version": ("int", True), "epoch": ("int", True), "done": ("bool", True),
-              "updates": ("int", True)},
+              "updates": ("int", True), "scored": ("bool", False)},
     EVAL_REPORT: {"version": ("int", True), "final": ("bool", True), "metrics": ("dict", True)},
     HEARTBEAT: {"version": ("int", False), "done": ("bool", False)},
     STATUS: {"progress": ("dict", False)},

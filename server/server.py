@@ -1312,7 +1312,11 @@ class ParameterServer:
     def _on_pull(self, peer: Peer, msg: P.Message, now: float) -> None:
         version, arrays = self.store.snapshot()
         done = self.over
-        body = {"version": version, "epoch": self.work.epoch, "done": done, "updates": version}
+        # Scored already: a report would not be recorded (_on_eval_report), so the evaluator need not
+        # spend seconds of CPU on it: a resumed run's checkpoint version, which an evaluator usually
+        # scored before the restart; once training is over, a final evaluation the run has already.
+        scored = bool(self.final_eval) if done else version in self._evaluation_at
+        body = {"version": version, "epoch": self.work.epoch, "done": done, "updates": version, "scored": scored}
         if msg.body["have_version"] == version:
             arrays = {}
         if peer.pulled is None or peer.pulled[0] != version:

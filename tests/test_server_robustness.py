@@ -1401,6 +1401,34 @@ def test_a_resumed_server_keeps_one_evaluation_per_version(in_process):
     assert [e["version"] for e in again.srv.evaluations] == [1]
 
 
+def test_a_pull_says_whether_the_server_has_an_evaluation_of_its_version(in_process):
+    """After --resume the evaluator scored the checkpoint's version again, which the history holds
+    already: seconds of CPU for a report the server does not record.  The pull's answer says it is
+    scored; a version with no evaluation is not, and once training is over only the run's final
+    evaluation is."""
+    first = in_process(epochs=1)
+    raw = _trainer(first)
+    task = first.call(raw, P.WORK)
+    assert first.call(raw, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+    ev = _evaluator(first)
+    assert first.call(ev, P.PULL, {"have_version": -1}).body["scored"] is False
+    _report(first, ev, 1, False, 0.3)
+    assert first.srv._checkpoint()
+    first.srv.writer.close()
+    first.close()
+    again = in_process(Path(first.srv.cfg.out), epochs=1, resume=True)
+    ev = _evaluator(again)
+    reply = again.call(ev, P.PULL, {"have_version": -1})
+    assert (reply.body["version"], reply.body["scored"], reply.body["done"]) == (1, True, False)
+    _push_all(again, _trainer(again))
+    version = again.srv.store.version
+    _report(again, ev, version, False, 0.4)                 # periodic: the final one is still to come
+    reply = again.call(ev, P.PULL, {"have_version": version})
+    assert (reply.body["done"], reply.body["scored"]) == (True, False)
+    _report(again, ev, version, True, 0.5)
+    assert again.call(ev, P.PULL, {"have_version": version}).body["scored"] is True
+
+
 def test_status_shows_the_newest_version_scored_not_the_last_report(in_process):
     """Two evaluators: a slower one reports an older version after the other's newer one.  Status
     (pscnn run's bar, pscnn status) showed the older version's accuracy as the latest, and did so

@@ -399,6 +399,26 @@ def test_an_evaluator_that_rejoins_scores_the_new_servers_test_limit(fake, evalu
     assert [r.body["metrics"]["count"] for r in server.of_type(P.EVAL_REPORT)] == [50, 80]
 
 
+def test_an_evaluator_does_not_score_weights_the_server_has_scored_already(fake, evaluator):
+    """After `pscnn server --resume`, the evaluator's first pull is of the checkpoint's version,
+    which it usually scored before the restart: it scored it again, seconds of CPU for a report
+    the server does not record.  The pull's answer says so now; the final evaluation still comes."""
+    server = fake(pull=[(P.WEIGHTS, {**pull_reply(False)[1], "version": 5, "scored": True}, PARAMS),
+                        pull_reply(False, version=5), pull_reply(True, version=5)], eval_report=[ACK])
+    assert evaluator(server) == 0
+    assert [(r.body["version"], r.body["final"]) for r in server.of_type(P.EVAL_REPORT)] == [(5, True)]
+
+
+def test_an_evaluator_sends_no_final_report_the_run_has_already(fake, evaluator):
+    """An evaluator joining a run that is over and scored (a finished run resumed, or one whose
+    server scored the weights itself) says goodbye without scoring them."""
+    server = fake(pull=[(P.WEIGHTS, {**pull_reply(True)[1], "scored": True}, PARAMS)], eval_report=[ACK])
+    assert evaluator(server) == 0
+    assert not server.of_type(P.EVAL_REPORT)
+    (bye,) = server.of_type(P.BYE)
+    assert bye.body["reason"] == "final evaluation recorded already"
+
+
 def test_the_evaluators_help_says_what_test_limit_0_scores(capsys):
     """--test-limit 0 scores the run's test set (the server's --test-limit), not all 10,000 images
     as the help said."""

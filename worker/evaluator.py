@@ -5,7 +5,10 @@ server only for weights it has not seen, and sends each result as a small
 ``eval_report`` that the server logs and keeps (the final one is the run's
 test result), so it never slows the trainers.
 When the server says training is over, it scores the final weights, reports
-them as final, says goodbye and exits 0.
+them as final, says goodbye and exits 0.  Weights the pull's answer says are
+scored already (a resumed run's checkpoint version, evaluated before the
+restart; once training is over, a final evaluation the run has) are not scored
+again: the server would not record the report.
 
 A welcome whose model or run settings cannot be used ends it with one line; a
 pull answered with an error, anything but weights, or weights the model cannot
@@ -81,7 +84,12 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 model.assign(reply.arrays)
                 have = reply.body["version"]
             done = reply.body["done"]
-            if have >= 0 and (have != scored or done):
+            recorded = reply.body.get("scored", False) and reply.body["version"] == have
+            if recorded and (have != scored or done):
+                log.info("version %d: %s; not scoring it", have,
+                         "the run has its final evaluation already" if done else "the server has its evaluation already")
+                scored = have
+            elif have >= 0 and (have != scored or done):
                 t = time.perf_counter()
                 # Finite weights may still overflow: the report says so (a NaN or Inf loss), and
                 # NumPy's warnings, a few lines each, would only clutter the log (as in pscnn train).
@@ -109,7 +117,8 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 log.info("version %d: test accuracy %.4f, loss %.4f (%.1f s)%s", have, m["accuracy"], m["loss"],
                          metrics["eval_seconds"], " final" if done else "")
             if done:
-                client.close(say_bye=True, reason="final evaluation sent")
+                client.close(say_bye=True, reason="final evaluation recorded already" if recorded
+                             else "final evaluation sent")
                 return 0
             # Every T seconds from pull to pull, the scoring included (T after it, a 10 s period with
             # a 6 s scoring was 16 s); at once after a scoring that took longer: versions are skipped,
