@@ -72,6 +72,7 @@ from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES, ignore_stop_signals
 from pscnn.names import name_problem, without_route_token
+from pscnn.ratelog import RateLimitedLog
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -300,44 +301,6 @@ def _model_name(spec) -> str:
     return "a custom --model spec"
 
 
-class RateLimitedLog:
-    """Log lines of one kind, at most ``per_second`` of them a second (0: every one).
-
-    For the lines a peer makes the server write as often as it sends (a rejected message, a hello
-    from an id it made up).  Beyond the limit a line is only counted, and :meth:`flush` (from the
-    housekeeping) says how many in one line once their second is over: "N more <what> in the
-    last S s".
-    """
-
-    def __init__(self, what: str, per_second: int, note: str = ""):
-        self.what = what                # what the lines are, plural: "rejected messages"
-        self.per_second = per_second
-        self.note = note                # appended to the summary line
-        self.window_start = 0.0         # time.monotonic() when the current second began
-        self.lines = 0                  # lines of this kind in the current second, logged or not
-        self.unlogged = 0
-        self.level = logging.INFO       # the highest level of the unlogged lines
-
-    def log(self, level: int, fmt: str, *args) -> None:
-        now = time.monotonic()
-        if now - self.window_start >= 1.0:
-            self.flush(now)
-            self.window_start, self.lines = now, 0
-        self.lines += 1
-        if not self.per_second or self.lines <= self.per_second:
-            log.log(level, fmt, *args)
-        else:
-            self.unlogged += 1
-            self.level = max(self.level, level)
-
-    def flush(self, now: float, final: bool = False) -> None:
-        """Say how many lines went unlogged, once their second is over (``final``: at once)."""
-        if self.unlogged and (final or now - self.window_start >= 1.0):
-            log.log(self.level, "%d more %s in the last %.1f s were not logged one by one%s", self.unlogged,
-                    self.what, now - self.window_start, self.note)
-            self.unlogged, self.level = 0, logging.INFO
-
-
 @dataclass
 class ServerConfig:
     bind: str = "tcp://*:5555"
@@ -457,13 +420,13 @@ class ParameterServer:
         # joins and leaves (ids made up each time) beyond any real run's: every peer the server
         # admits, trainers and evaluators, joining or leaving within one second, and at least 64
         # (a small run's clients restarted over and over).
-        self.log_rejected = RateLimitedLog("rejected messages", cfg.log_rejected,
+        self.log_rejected = RateLimitedLog(log, "rejected messages", cfg.log_rejected,
                                            " (summary.json's rejected_messages counts them all)")
         peer_lines = max(64, 2 * cfg.max_workers)
-        self.log_joins = RateLimitedLog("joins", peer_lines)
-        self.log_leaves = RateLimitedLog("leaves", peer_lines)
+        self.log_joins = RateLimitedLog(log, "joins", peer_lines)
+        self.log_leaves = RateLimitedLog(log, "leaves", peer_lines)
         # CURVE: a client that cannot mend its handshake by itself retries it every 0.1 s, until it stops
-        self.log_handshakes = RateLimitedLog("refused handshakes", 1)
+        self.log_handshakes = RateLimitedLog(log, "refused handshakes", 1)
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.wall_seconds_before = 0.0              # theirs, from each one's start to its last checkpoint
         self.t_start = time.monotonic()

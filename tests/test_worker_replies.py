@@ -16,6 +16,7 @@ gives up after ``GIVE_UP_S`` and the test fails instead of hanging.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -450,6 +451,25 @@ def test_a_refused_periodic_report_is_a_warning(fake, evaluator, caplog):
         assert evaluator(server) == 0
     assert [r.body["final"] for r in server.of_type(P.EVAL_REPORT)] == [False, True]
     assert warnings_with(caplog, "server rejected our report", "busy: later")
+
+
+def test_refused_periodic_reports_are_one_warning_and_a_count_until_the_reason_changes(fake, evaluator, caplog):
+    """A server refusing every periodic report (too_many_evaluations for a tiny --every on a tiny
+    --test-limit) made a warning every period for the whole run.  Now the first one is a warning,
+    the rest of the minute a count, and a changed reason is a warning again at once."""
+    pulls = [pull_reply(False, PARAMS, version=v) for v in range(1, 8)] + [pull_reply(True, version=7)]
+    reports = [error("too_many_evaluations", "less often")] * 4 + [error("busy", "later")] * 3 + [ACK]
+    server = fake(pull=pulls, eval_report=reports)
+    with caplog.at_level(logging.WARNING):
+        assert evaluator(server) == 0
+    assert len(server.of_type(P.EVAL_REPORT)) == 8
+    refusals = [re.sub(r"[0-9.]+ s\b", "S s", line) for line in warnings_with(caplog, "")
+                if "refused" in line or "rejected" in line]
+    assert refusals == ["server rejected our report: the server refused our eval_report request: "
+                        "too_many_evaluations: less often",
+                        "3 more refused reports in the last S s were not logged one by one",
+                        "server rejected our report: the server refused our eval_report request: busy: later",
+                        "2 more refused reports in the last S s were not logged one by one"], refusals
 
 
 def test_the_cli_evaluator_whose_final_report_is_refused_exits_1_with_one_line(fake, mnist_dir):

@@ -15,7 +15,10 @@ pull answered with an error, anything but weights, or weights the model cannot
 take (a name, shape or dtype it does not have, a NaN or Inf) or a "done" with
 nothing to score, is retried, up to ``client.MAX_FAILURES_IN_A_ROW`` in a row
 (then one line, exit status 1).  A periodic report the server refuses is a
-warning; a final one it refuses ends the evaluator with one line, exit status 1.
+warning, then one line a minute says how many more it refused for that reason
+(a server refusing each one, ``too_many_evaluations`` for a tiny ``--every``,
+warned every period for the whole run); a final one it refuses ends the
+evaluator with one line, exit status 1.
 The pulls start every T seconds, however long the scoring between them takes
 (one that takes longer than T is followed by the next pull at once: versions
 are skipped, never queued).  The pull's answer says whether training is over:
@@ -36,6 +39,7 @@ from cnn_core.errors import PscnnError
 from cnn_core.metrics import evaluate
 from pscnn import curve
 from pscnn import protocol as P
+from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
                      exit_status_unreachable)
@@ -57,6 +61,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             pass
     check_local_setup(device, mnist_dir, "test")
     client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
+    refused = RateLimitedLog(log, "refused reports", 1, window_s=REMINDER_WINDOW_S)
     try:
         welcome = client.connect()
         model = model_from_welcome(welcome.body["model"], device)
@@ -107,7 +112,8 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                     if done:                    # the run's test result: not recorded
                         raise FinalReportRefused(f"the final evaluation (version {have}) was not recorded: "
                                                  f"{exc}") from None
-                    log.warning("server rejected our report: %s", exc)
+                    refused.log(logging.WARNING, "server rejected our report: %s", exc,
+                                reason=getattr(exc, "code", "bad reply"))
                 except Rejoined as exc:                          # a new server: its own model and versions
                     failures.failed(exc, "pulling again")
                     model, test = _rejoined(exc.welcome, device, test_limit, mnist_dir, test)
@@ -116,6 +122,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 scored = have
                 log.info("version %d: test accuracy %.4f, loss %.4f (%.1f s)%s", have, m["accuracy"], m["loss"],
                          metrics["eval_seconds"], " final" if done else "")
+            refused.flush(time.monotonic())
             if done:
                 client.close(say_bye=True, reason="final evaluation recorded already" if recorded
                              else "final evaluation sent")
@@ -134,6 +141,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
         client.close(say_bye=client.welcome is not None, reason="error")
         raise
     finally:
+        refused.flush(time.monotonic(), final=True)
         client.close()
 
 
