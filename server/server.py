@@ -72,7 +72,7 @@ from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES, ignore_stop_signals
 from pscnn.names import name_problem, without_route_token
-from pscnn.ratelog import RateLimitedLog
+from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -427,6 +427,11 @@ class ParameterServer:
         self.log_leaves = RateLimitedLog(log, "leaves", peer_lines)
         # CURVE: a client that cannot mend its handshake by itself retries it every 0.1 s, until it stops
         self.log_handshakes = RateLimitedLog(log, "refused handshakes", 1)
+        # An honest evaluator with a tiny --every on a tiny --test-limit is refused most reports once past
+        # the history's bound, for the rest of the run: one line, then one a minute (as it warns itself)
+        self.log_too_many_evaluations = RateLimitedLog(
+            log, "eval_reports refused as too many", 1, " (summary.json's rejected_messages counts them all)",
+            window_s=REMINDER_WINDOW_S)
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.wall_seconds_before = 0.0              # theirs, from each one's start to its last checkpoint
         self.t_start = time.monotonic()
@@ -471,7 +476,7 @@ class ParameterServer:
 
     @property
     def rate_limited_logs(self) -> tuple[RateLimitedLog, ...]:
-        return self.log_rejected, self.log_joins, self.log_leaves, self.log_handshakes
+        return self.log_rejected, self.log_joins, self.log_leaves, self.log_handshakes, self.log_too_many_evaluations
 
     @property
     def over(self) -> bool:
@@ -494,7 +499,10 @@ class ParameterServer:
     # each second it has served.  A real evaluator reports one per --every (10 s by default), and
     # scoring the test set takes a while itself; an evaluator reporting every version, or every
     # old version at once, grew the history (in memory, in every checkpoint, in summary.json) by a
-    # record per update, as fast as training made them.
+    # record per update, as fast as training made them.  A report beyond the bound is refused, not
+    # thinned into the history: thinning drops or moves records kept already (the earliest time to
+    # each accuracy, eval lines in metrics.jsonl), and one record a second is finer than any curve
+    # of the run needs; an honest evaluator with a tiny --every is told to evaluate less often.
     EVAL_RECORDS_AT_ONCE = 100
     EVAL_RECORDS_PER_S = 1.0
 
@@ -767,8 +775,9 @@ class ParameterServer:
         self._send(rid, P.error("wrong_key", f"worker id {msg.wid!r} belongs to a peer that joined with another "
                                 "CURVE key: a client may use only the ids it joined with", msg.seq))
 
-    def _rejected(self, code: str, fmt: str | None, *args) -> None:
-        """Count a rejected message and log it, up to ``--log-rejected`` lines a second.
+    def _rejected(self, code: str, fmt: str | None, *args, lines: RateLimitedLog | None = None) -> None:
+        """Count a rejected message and log it, up to ``--log-rejected`` lines a second (or as
+        ``lines`` allows).
 
         A flood of bad messages must not flood the log: beyond the limit they
         are only counted (summary.json's ``rejected_messages``), and the
@@ -777,7 +786,7 @@ class ParameterServer:
         """
         self.rejected[code] += 1
         if fmt is not None:
-            self.log_rejected.log(logging.WARNING, fmt, *args)
+            (lines or self.log_rejected).log(logging.WARNING, fmt, *args)
 
     def _reject(self, rid: bytes, msg, exc: P.ProtocolError) -> None:
         who = msg.wid if msg is not None and msg.wid else _sender(rid)
@@ -1303,7 +1312,8 @@ class ParameterServer:
                     f"then one for each second it has served ({allowed} so far); evaluate less often (--every)")
         if problem:
             self._reply(peer, P.error(code, f"eval_report: {problem}"))
-            self._rejected(code, "rejected eval_report from %s: %s", peer.name, problem)
+            self._rejected(code, "rejected eval_report from %s: %s", peer.name, problem,
+                           lines=self.log_too_many_evaluations if code == "too_many_evaluations" else None)
             return
         loss = m.get("test_loss")
         # The weights' time is when they were pulled, not when their score came back: the scoring
