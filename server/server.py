@@ -236,7 +236,8 @@ def check_model_travels(spec: dict, arrays) -> None:
 # lists what changed; the optimizer kind must match, its state is the checkpoint's),
 # --staleness, --test-limit and everything about timeouts and workers.
 class _ScoringInterrupted(Exception):
-    """A stop came while the server scored the final weights itself (see _between_scoring_batches)."""
+    """A stop, or an evaluator's final report, came while the server scored the final weights itself
+    (see _between_scoring_batches)."""
 
 
 class _Bad(Exception):
@@ -1442,7 +1443,10 @@ class ParameterServer:
                 try:
                     self.final_eval = self._evaluate_here()
                 except _ScoringInterrupted:
-                    return False                        # the loop stops, and checkpoints
+                    if self.final_eval is None:
+                        return False                    # a stop: the loop stops, and checkpoints
+                    log.info("the evaluator's final evaluation came in while the server scored the final "
+                             "weights: it is the run's result")
             if not self._write_final(now):
                 return self.write_error is not None     # trying again, or given up
             self.results_written_at = now
@@ -1522,9 +1526,12 @@ class ParameterServer:
     def _between_scoring_batches(self) -> None:
         """Handle the messages waiting; _ScoringInterrupted on a stop (SIGTERM, Ctrl-C) unless the
         run diverged: the end's checkpoint holds the finished run, and its --resume scores it then
-        (a diverged run's summary, which says why, is written first)."""
+        (a diverged run's summary, which says why, is written first).  And once an evaluator's
+        final report came in (late, past --final-eval-timeout): the history and the log have it as
+        the final evaluation already, and the score here would only have replaced it as the run's
+        result, another figure of perhaps another test set."""
         self._drain_burst()
-        if self._stop_requested and self.failure is None:
+        if self._stop_requested and self.failure is None or self.final_eval is not None:
             raise _ScoringInterrupted
 
     def _train_clock(self, now: float) -> float:

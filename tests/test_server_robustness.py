@@ -1208,6 +1208,42 @@ def test_the_server_answers_status_while_it_scores_the_final_weights(in_process,
     assert summary["test_samples"] == 100 and summary["status"] == "complete"
 
 
+def test_a_final_report_that_comes_while_the_server_scores_is_the_runs_result(in_process, monkeypatch, caplog):
+    """Past --final-eval-timeout the server scores the final weights itself, and handles messages
+    between two batches.  An evaluator's final report arriving then went into the history and the
+    log as the final evaluation, and the server's own score, finished after it, replaced it as
+    summary.json's test result (another figure, of another test set for an evaluator with its
+    own --test-limit).  The server stops scoring: the report is the run's result."""
+    server = in_process(epochs=1, test_limit=100, final_eval_timeout=0.0)
+    ev = _evaluator(server)
+    answers = []
+
+    def report_meanwhile(between_batches):
+        version = server.srv.store.version
+        ev.send(ev.frames(P.EVAL_REPORT, {"version": version, "final": True,
+                                          "metrics": {"test_accuracy": 0.75, "test_loss": 0.5, "count": 50}}))
+        for _ in range(100):                # the server handles it between two batches, then stops scoring
+            try:
+                between_batches()
+            finally:
+                got = ev.recv(0.05)
+                if got is not None:
+                    answers.append(got[0].type)
+            if answers:
+                return
+    _scoring_stand_in(monkeypatch, report_meanwhile)
+    _push_all(server, _trainer(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        server.srv._housekeeping(time.monotonic())
+    assert answers == [P.ACK] and server.srv.summary_written
+    summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
+    assert (summary["test_accuracy"], summary["test_samples"]) == (0.75, 50), summary
+    assert [(e["test_accuracy"], e["final"]) for e in server.srv.evaluations] == [(0.75, True)]
+    evals = [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
+    assert [(r["test_accuracy"], r.get("by")) for r in evals] == [(0.75, None)]
+    assert "final evaluation came in while the server scored" in caplog.text
+
+
 def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume(tmp_path, in_process, monkeypatch,
                                                                                 caplog):
     """SIGTERM (pscnn run's Ctrl-C) while the server scored the final weights waited for the
