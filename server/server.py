@@ -1531,7 +1531,7 @@ class ParameterServer:
         the final evaluation already, and the score here would only have replaced it as the run's
         result, another figure of perhaps another test set."""
         self._drain_burst()
-        if self._stop_requested and self.failure is None or self.final_eval is not None:
+        if (self._stop_requested and self.failure is None) or self.final_eval is not None:
             raise _ScoringInterrupted
 
     def _train_clock(self, now: float) -> float:
