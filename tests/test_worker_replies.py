@@ -286,6 +286,21 @@ def test_a_trainer_that_rejoins_takes_the_new_servers_run(fake, connect, overlap
     assert len(server.of_type(P.HELLO)) == 2 and trainer.run["num_samples"] == 320
 
 
+def test_a_rejoin_is_an_info_line_and_a_second_in_a_row_a_warning(fake, connect, caplog):
+    """A rejoin after a server's restart (--resume) is routine: besides the client's warning that
+    the server did not know us, it was a second warning counting it as "1 of 5 failures in a
+    row", in every worker's and the evaluator's log.  A second in a row (a server that forgets
+    us every time) is still a warning, counted."""
+    forgot = error("unknown_worker", "who?")
+    server = fake(hello=[welcome()] * 4, work=[forgot, task(), forgot, STOP], push=[forgot])
+    trainer = trainer_on(connect(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.client"):
+        assert run_loop(trainer, False) == 0
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "rejoined the server" in r.getMessage()]
+    assert [level for level, _ in lines] == [logging.INFO, logging.INFO, logging.WARNING], lines
+    assert "failures in a row" not in lines[0][1] and "(2 of 5 failures in a row)" in lines[2][1], lines
+
+
 def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):
     server = fake(work=[task(held_s=-5.0)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
     exit_error_line(pscnn("worker", server.endpoint), 1, "failed requests in a row", "held_s -5.0 < 0")

@@ -141,6 +141,11 @@ class FailureStreak:
         if self.count >= self.limit:
             raise TooManyFailures(f"giving up after {self.count} failed requests in a row to {self.endpoint}; "
                                   f"the last: {exc}")
+        if isinstance(exc, Rejoined) and self.count == 1:
+            # a server's restart (--resume): routine, not a warning; counted all the same, to
+            # bound a server that forgets us every time
+            log.info("%s; %s", exc, then)
+            return
         log.warning("%s; %s (%d of %d failures in a row)", exc, then, self.count, self.limit)
         if self.count > 1:
             time.sleep(FAILURE_PAUSE_S * 2 ** (self.count - 2))
@@ -150,7 +155,7 @@ class Rejoined(Exception):
     """The server had forgotten us (restart); we said hello again.  ``welcome`` is its answer."""
 
     def __init__(self, welcome: P.Message):
-        super().__init__("rejoined the server")
+        super().__init__("rejoined the server (it had restarted, or dropped us)")
         self.welcome = welcome
 
 
