@@ -22,6 +22,8 @@ an older number (a late duplicate, a hello too) is ignored.
 Liveness: any message counts as a heartbeat; a worker silent for
 ``peer_timeout`` is declared dead and its leases go back to the queue; a lease
 older than ``lease_timeout`` is requeued too.
+Time the server itself did not run (stopped, starved of CPU) counts towards
+neither: see ``_forgive_stall``.
 
 Consistency (``--mode``):
 
@@ -449,6 +451,9 @@ class ParameterServer:
         self.nonfinite_streak = 0                   # pushes rejected as non-finite since the last update
         self.nonfinite_senders: set[str] = set()    # the trainers that sent them
         self._stop_requested = False
+        # (wall, CPU) clocks at the last housekeeping pass: the time between two passes that the
+        # process did not spend computing is how long it did not run (see _forgive_stall)
+        self._housekept_at = (time.monotonic(), time.process_time())
         self._last_checkpoint = time.monotonic()
         self.checkpointed_version: int | None = None  # of the last checkpoint written (this incarnation)
         self.checkpointed_final_eval = False           # whether that checkpoint holds the final evaluation
@@ -595,6 +600,7 @@ class ParameterServer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         last_housekeeping = 0.0
+        self._housekept_at = (time.monotonic(), time.process_time())     # the time since __init__ was no stall
         try:
             while True:
                 events = dict(poller.poll(50))
@@ -603,6 +609,7 @@ class ParameterServer:
                 now = time.monotonic()
                 if now - last_housekeeping >= 0.05:
                     last_housekeeping = now
+                    self._forgive_stall(now)
                     if self._housekeeping(now):
                         break
                 if self._stop_requested:
@@ -862,8 +869,7 @@ class ParameterServer:
         self.writer.log("join", worker=name, role=peer.role, version=self.store.version)
         run = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "num_samples": self.num_samples,
                "epochs": self.cfg.epochs, "mode": self.cfg.mode, "test_limit": self.cfg.test_limit}
-        self._reply(peer, P.welcome(wid, peer.role, self.spec, run, self.incarnation,
-                                    max(0.2, self.cfg.peer_timeout / 5)))
+        self._reply(peer, P.welcome(wid, peer.role, self.spec, run, self.incarnation, self.heartbeat_s))
 
     def _on_bye(self, peer: Peer, msg: P.Message, now: float) -> None:
         self._reply(peer, P.Message(P.ACK))
@@ -1381,6 +1387,35 @@ class ParameterServer:
         return True
 
     # ================================================================== housekeeping
+    @property
+    def heartbeat_s(self) -> float:
+        """How often a client heartbeats (its welcome says so): five of them per --peer-timeout."""
+        return max(0.2, self.cfg.peer_timeout / 5)
+
+    def _forgive_stall(self, now: float) -> None:
+        """Count no time this process did not run as its peers' silence or against their leases.
+
+        A server stopped (SIGSTOP, a debugger, a paused VM) or starved of CPU reads nothing
+        meanwhile while its clock runs on: after --peer-timeout of it, every peer looked silent,
+        was declared dead at once and had to rejoin, and every lease expired, its batch computed
+        for nothing.  Time between two passes that the process spent neither computing nor in
+        its poll (50 ms) is such a stall: once it is a heartbeat period or longer, each peer's
+        silence and each lease's deadline is moved on by it.  A server busy computing is not
+        stalled: a peer that died meanwhile is still found out.
+        """
+        cpu = time.process_time()
+        last_wall, last_cpu = self._housekept_at
+        self._housekept_at = (now, cpu)
+        stalled = (now - last_wall) - (cpu - last_cpu)
+        if stalled < self.heartbeat_s:
+            return
+        for peer in self.peers.values():
+            peer.last_seen = min(peer.last_seen + stalled, now)
+        self.work.postpone(stalled)
+        log.log(logging.WARNING if stalled >= self.cfg.peer_timeout / 2 else logging.DEBUG,
+                "the server did not run for %.1f s (stopped, suspended or starved of CPU): not counted as its "
+                "peers' silence, nor against their leases", stalled)
+
     def _housekeeping(self, now: float) -> bool:
         """Leases, dead peers, checkpoints, step records and the end of the run.  True: exit the loop."""
         self.writer.flush()

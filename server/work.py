@@ -177,6 +177,11 @@ class WorkQueue:
             self.release(self.epoch, b)
         return expired
 
+    def postpone(self, seconds: float) -> None:
+        """Move every lease's deadline ``seconds`` later (time the server did not run)."""
+        for lease in self.leases.values():
+            lease.deadline += seconds
+
     def state_dict(self) -> dict:
         """JSON-able position, for checkpoints (leases are not saved: they requeue)."""
         return {"epoch": self.epoch, "applied": sorted(self.applied), "num_samples": self.num_samples,

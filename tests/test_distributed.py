@@ -235,6 +235,30 @@ def test_server_killed_and_resumed(cluster, mnist_dir):
     assert "resumed from" in (cluster.logs / "server.log").read_text()
 
 
+def test_a_server_stopped_and_continued_keeps_its_peers_and_their_leases(cluster, mnist_dir):
+    """SIGSTOP the server (a debugger, a paused VM) for longer than --peer-timeout and --lease-timeout,
+    then SIGCONT: nobody was silent but the server itself, so nobody is declared dead, no lease
+    expires, and the run completes with every batch applied once and every process exiting 0."""
+    cluster.start_server(server_flags(cluster.out, mnist_dir, "sync", epochs=2, peer_timeout=2, lease_timeout=4,
+                                      wait_for_workers=2))
+    for i in range(2):
+        cluster.start_worker(f"worker-{i}", client_flags(mnist_dir))
+    cluster.start_evaluator([*client_flags(mnist_dir), "--every", "1"])
+    wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 10 and st["evaluators"] == 1, 90,
+             "10 batches applied and the evaluator joined")
+    cluster.kill("server", signal.SIGSTOP)
+    try:
+        time.sleep(6)                     # past both timeouts; the clients reconnect meanwhile
+    finally:
+        cluster.kill("server", signal.SIGCONT)
+    summary = finish(cluster)
+    log = (cluster.logs / "server.log").read_text()
+    assert "declared dead" not in log and "expired" not in log, log[-3000:]
+    assert summary["peers_dropped"] == {} and summary["lease_requeues"] == 0, summary
+    assert re.search(r"the server did not run for \d+\.\d s", log), log[-3000:]
+    assert_exactly_once(cluster.out, epochs=2)
+
+
 def test_the_final_report_gives_the_time_to_each_accuracy_milestone_reached(tmp_path, capsys):
     summary = {"mode": "sync", "workers": 2, "epochs": 3, "test_accuracy": 0.9915, "test_loss": 0.0265,
                "updates": 1407, "samples_applied": 180000, "train_images_per_second": 2317.0,
