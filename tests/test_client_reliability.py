@@ -264,6 +264,28 @@ def test_a_stale_reply_read_late_is_skipped_and_the_next_wait_is_never_negative(
     assert all(t >= 0 for t in net.polls), net.polls
 
 
+def test_a_client_stopped_past_its_deadline_asks_again_before_it_gives_up(sim, caplog):
+    """A worker stopped (Ctrl-Z, SIGSTOP, a debugger) for longer than give_up_after while its
+    request waited, then continued: the server never had a chance to answer a process that did not
+    run.  It gave up at once on SIGCONT ("no usable answer for 2 s") and exited 1 with the server
+    there; now it resends, and takes the answer."""
+    client, net = sim(60, give_up_after=2.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    frozen = []
+
+    def stopped_then_answered(sock, timeout_ms):
+        if not frozen:
+            net.advance(10.0)                       # stopped in its first wait, for five deadlines
+            frozen.append(net.now)
+        elif net.sent[-1][0] >= frozen[0]:          # a resend since it runs again: the server answers it
+            sock.inbox.append(reply_frames(P.STOP, client.seq, {"version": 1, "reason": "r"}))
+    net.on_poll = stopped_then_answered
+    with caplog.at_level(logging.INFO, logger="pscnn.client"):
+        reply = client.request(P.WORK)
+    assert reply.type == P.STOP and reply.seq == client.seq
+    assert "this process did not run for 10.0 s" in caplog.text, caplog.text
+    assert client.last_rtt_s < 2.0                  # the stop is not the server's round trip either
+
+
 def test_goodbye_to_a_silent_server_is_given_up_after_two_seconds(sim):
     """close(say_bye=True) runs as a worker exits, often because the server stopped answering:
     the goodbye is given two seconds, not give_up_after (ten minutes by default), or every

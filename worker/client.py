@@ -10,7 +10,8 @@ between (the "Lazy Pirate" pattern):
 * after ``reconnect_s`` of silence the socket is closed and reopened (ZeroMQ
   would otherwise keep stale messages queued) and resends back off
   exponentially, up to ``max_backoff_s``;
-* after ``give_up_after`` seconds without any answer, :class:`ServerUnreachable`;
+* after ``give_up_after`` seconds without any answer, :class:`ServerUnreachable`
+  (time this process did not run, stopped or suspended, is not the server's silence);
   an answered heartbeat (a well-formed heartbeat reply: garbage or an error
   does not count) counts as an answer: a request the server holds back on
   purpose (at the start barrier, a sync round, an SSP bound) is not silence,
@@ -74,6 +75,9 @@ MIN_RETRY_S = 0.01
 MAX_FAILURES_IN_A_ROW = 5
 # The pause after the second failure in a row; it doubles with each further one.
 FAILURE_PAUSE_S = 0.05
+# A request's wait that ends this much later than it was to: the process did not run meanwhile
+# (SIGSTOP, Ctrl-Z, a debugger, a paused VM), and that time is not the server's silence.
+STALL_S = 1.0
 # A request held back while heartbeats are answered gives up after this many
 # times give_up_after (600 s by default: 100 minutes).  What a working server
 # holds back for (a start barrier, a sync round, an SSP bound) takes seconds.
@@ -320,11 +324,11 @@ class Client:
         self.handshakes.watch(self.sock)
         P.connect(self.sock, self.endpoint)
 
-    def _check_deadlines(self, msg: P.Message, now: float, t0: float, limit: float, malformed: str | None) -> None:
-        """ServerUnreachable once the request sent at ``t0`` has waited past a limit with no reply."""
-        # Silence since the request, or since the last answered heartbeat: a server that
-        # answers those is alive and holds the request back on purpose, up to a point.
-        if now - max(t0, self.heard_at) > limit:
+    def _check_deadlines(self, msg: P.Message, now: float, t0: float, quiet_from: float, limit: float,
+                         malformed: str | None) -> None:
+        """ServerUnreachable once the request sent at ``t0`` has waited past a limit with no reply
+        (``quiet_from``: when the server's silence began, see :meth:`_roundtrip`)."""
+        if now - quiet_from > limit:
             raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:.0f} s"
                                     + (f"; its last reply was malformed: {malformed}" if malformed else ""))
         if now - t0 > HELD_LIMIT_FACTOR * limit:
@@ -341,6 +345,14 @@ class Client:
         """
         limit = self.give_up_after if give_up_after is None else give_up_after
         frames, t0 = sent if sent is not None else self._send_first(msg)
+        # The server's silence runs from the request, the last answered heartbeat (a server that
+        # answers those is alive and holds the request back on purpose, up to a point), or the end
+        # of a stall of this process, whichever is latest: a client stopped past its deadline, then
+        # continued, gave up at once (exit 1, the server there), though it had not run to hear it.
+        resumed_at = 0.0
+
+        def quiet_from() -> float:
+            return max(t0, self.heard_at, resumed_at)
         backoff = self.resend_s
         sent_at = t0
         malformed = None                    # the last reply we could not decode: "no answer" would mislead
@@ -352,7 +364,7 @@ class Client:
             # busy past one (a batch computed after submit) while its answer waited.
             if not self.sock.poll(0, zmq.POLLIN):
                 self.handshakes.check()         # a refused handshake: say it now, not after the deadline
-                self._check_deadlines(msg, now, t0, limit, malformed)
+                self._check_deadlines(msg, now, t0, quiet_from(), limit, malformed)
                 if now - t0 > limit and not held_logged:
                     held_logged = True
                     log.warning("the server holds our %s request back (%.0f s so far) while it answers "
@@ -360,8 +372,15 @@ class Client:
                                 HELD_LIMIT_FACTOR * limit)
             # Until the next resend, but never past the moment we would give up: a backoff
             # of max_backoff_s would otherwise make the give-up that much late.
-            wait = max(0.0, min(sent_at + backoff, max(t0, self.heard_at) + limit) - now)
-            if self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
+            wait = max(0.0, min(sent_at + backoff, quiet_from() + limit) - now)
+            ready = self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN)
+            stalled = time.monotonic() - (now + wait)
+            if stalled > STALL_S:
+                log.info("this process did not run for %.1f s (stopped or suspended); not counted as the "
+                         "server's silence", stalled)
+                t0 += stalled                   # nor as the time it held the request
+                resumed_at = time.monotonic()
+            if ready:
                 try:
                     reply = P.decode_message(*P.recv_message(self.sock))
                 except P.ProtocolError as exc:
@@ -378,7 +397,7 @@ class Client:
                 continue                    # an answer to an earlier resend: already handled
             now = time.monotonic()
             if now - sent_at >= backoff:
-                if now - max(t0, self.heard_at) >= self.reconnect_s:
+                if now - quiet_from() >= self.reconnect_s:
                     if reconnects:
                         log.debug("no answer from %s for %.1f s; reconnecting again", self.endpoint, now - t0)
                     else:
