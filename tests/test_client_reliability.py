@@ -350,6 +350,28 @@ def test_heartbeats_go_at_the_period_the_server_asked_for(sim):
     assert net.sockets[0].closed
 
 
+def test_a_heartbeat_answered_unknown_worker_is_not_called_unanswered(sim, caplog):
+    """A worker the server dropped (stopped past --peer-timeout, cut off) and now back: the server
+    answers its heartbeat with unknown_worker.  The log said "server did not answer a heartbeat",
+    blaming a server that had answered, next to the line that it does not know us."""
+    client, net = sim(100)
+    client.heartbeat_s = 1.0
+    client._closing = StopAfter(3)
+
+    answered: list[float] = []
+
+    def forgot_us(sock, timeout_ms):        # the server answers each heartbeat once: it does not know us
+        if len(answered) < len(net.sent):
+            answered.append(net.now)
+            sock.inbox.append(reply_frames(P.ERROR, 0, {"code": "unknown_worker", "message": "send hello"}))
+    net.on_poll = forgot_us
+    with caplog.at_level(logging.INFO, logger="pscnn.client"):
+        client._heartbeats()
+    assert len(answered) == 2 and client.wake.is_set()
+    assert "did not answer" not in caplog.text, caplog.text
+    assert client.heard_at == 0.0, "an unknown_worker answer counted as a heartbeat answered"
+
+
 # ================================================================ against a real ZeroMQ socket
 
 class Router:

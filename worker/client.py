@@ -432,6 +432,8 @@ class Client:
                 answered = self._heartbeat_answered(sock)
                 if self._closing.is_set():
                     break
+                forgotten = False               # it answered, but does not know us: not silence, and the
+                                                # request in hand learns it too and joins again
                 if answered:
                     answered = False            # only a well-formed heartbeat reply counts
                     while sock.poll(0, zmq.POLLIN):
@@ -440,6 +442,7 @@ class Client:
                         except P.ProtocolError:
                             continue
                         if answer.type == P.ERROR and answer.body["code"] == "unknown_worker":
+                            forgotten = True
                             self.wake.set()
                             continue
                         if answer.type != P.HEARTBEAT:
@@ -456,7 +459,7 @@ class Client:
                     if silent_since is not None:
                         log.info("server answers heartbeats again")
                     silent_since = None
-                elif silent_since is None:
+                elif silent_since is None and not forgotten:
                     silent_since = time.monotonic()
                     log.warning("server did not answer a heartbeat")
         finally:
