@@ -1,5 +1,5 @@
 """What the test modules share: an error as the user sees it, one line naming the problem; a
-process interrupted with Ctrl-C at the right moment.
+process interrupted with Ctrl-C at the right moment, and one started so that Ctrl-C reaches it.
 
 A module, not conftest.py: conftest holds fixtures, and pytest does not mean it to be imported.
 """
@@ -47,6 +47,21 @@ def exit_error_line(proc: subprocess.CompletedProcess, code: int, *needles, **ho
     assert proc.returncode == code, \
         f"exit {proc.returncode}, expected {code}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return error_line(proc.stderr, *needles, **how)
+
+
+def popen_taking_ctrl_c(argv: list, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(argv, **kwargs)`` for a child the test stops with SIGINT, as Ctrl-C would.
+
+    A test run started in the background (``nohup make test &``, a script's ``make test &``) ignores
+    SIGINT, and a child inherits that: Python then sets no Ctrl-C handler, and the SIGINT never
+    reached it (a worker ran on to its --give-up-after).  A handled signal is back at its default
+    in a child after exec, so a handler here for the moment of the start gives the child SIGINT as
+    a terminal's foreground process has it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str) -> str:

@@ -39,7 +39,7 @@ from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
 from cnn_core import training
 from cnn_core.training import DivergenceError, default_config, format_report, train
-from helpers import exit_error_line
+from helpers import exit_error_line, popen_taking_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = os.environ.get("MNIST_DIR")
@@ -573,10 +573,10 @@ def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how, mnist_d
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text('{"status": "complete", "test_accuracy": 0.99}')     # an earlier run's
-    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", "train", "--model", "light", "--epochs", "50",
-                             "--train-limit", "2000", "--test-limit", "200", "--log-every", "1", "--no-progress",
-                             "--mnist-dir", mnist_dir, "--out", str(out)],
-                            cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_taking_ctrl_c([sys.executable, "-m", "pscnn.cli", "train", "--model", "light", "--epochs", "50",
+                                "--train-limit", "2000", "--test-limit", "200", "--log-every", "1", "--no-progress",
+                                "--mnist-dir", mnist_dir, "--out", str(out)],
+                               cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").exists() or '"step"' not in (out / "metrics.jsonl").read_text():

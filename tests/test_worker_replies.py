@@ -30,7 +30,7 @@ from cnn_core.model import build_model
 from pscnn import protocol as P
 from pscnn.launcher import child_env
 import test_client_replies
-from helpers import exit_error_line
+from helpers import exit_error_line, popen_taking_ctrl_c
 from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, Unchecked, error,
                                  pscnn, run_loop, task, trainer_on, wait, welcome)
 from worker import evaluator as evaluator_module
@@ -595,9 +595,9 @@ def test_a_worker_stopped_by_a_signal_says_goodbye(fake, mnist_dir, role, how):
     goes back to the queue at once (SIGHUP killed it silently; Ctrl-C left without a word)."""
     sig, status, reason = STOPS[how]
     server = fake(work=[wait(0.2)], pull=[pull_reply(False, version=0)])
-    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", role, "--server", server.endpoint,
-                             "--give-up-after", str(GIVE_UP_S), "--mnist-dir", mnist_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    proc = popen_taking_ctrl_c([sys.executable, "-m", "pscnn.cli", role, "--server", server.endpoint,
+                                "--give-up-after", str(GIVE_UP_S), "--mnist-dir", mnist_dir],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         asked = P.WORK if role == "worker" else P.PULL
         deadline = time.monotonic() + 60
