@@ -451,9 +451,9 @@ class ParameterServer:
         self.nonfinite_streak = 0                   # pushes rejected as non-finite since the last update
         self.nonfinite_senders: set[str] = set()    # the trainers that sent them
         self._stop_requested = False
-        # (wall, CPU) clocks at the last housekeeping pass: the time between two passes that the
+        # (wall, CPU) clocks when the loop last looked for a stall: the time since then that the
         # process did not spend computing is how long it did not run (see _forgive_stall)
-        self._housekept_at = (time.monotonic(), time.process_time())
+        self._stall_checked_at = (time.monotonic(), time.process_time())
         self._last_checkpoint = time.monotonic()
         self.checkpointed_version: int | None = None  # of the last checkpoint written (this incarnation)
         self.checkpointed_final_eval = False           # whether that checkpoint holds the final evaluation
@@ -600,16 +600,18 @@ class ParameterServer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         last_housekeeping = 0.0
-        self._housekept_at = (time.monotonic(), time.process_time())     # the time since __init__ was no stall
+        self._stall_checked_at = (time.monotonic(), time.process_time())     # the time since __init__ was no stall
         try:
             while True:
                 events = dict(poller.poll(50))
+                # before the messages: those that came during a stall are handled with it forgiven (one
+                # more trainer at the start barrier must not find the first one waited past --start-timeout)
+                self._forgive_stall(time.monotonic())
                 if self.sock in events:
                     self._drain_burst()         # before housekeeping
                 now = time.monotonic()
                 if now - last_housekeeping >= 0.05:
                     last_housekeeping = now
-                    self._forgive_stall(now)
                     if self._housekeeping(now):
                         break
                 if self._stop_requested:
@@ -1398,19 +1400,22 @@ class ParameterServer:
         A server stopped (SIGSTOP, a debugger, a paused VM) or starved of CPU reads nothing
         meanwhile while its clock runs on: after --peer-timeout of it, every peer looked silent,
         was declared dead at once and had to rejoin, and every lease expired, its batch computed
-        for nothing.  Time between two passes that the process spent neither computing nor in
-        its poll (50 ms) is such a stall: once it is a heartbeat period or longer, each peer's
-        silence and each lease's deadline is moved on by it.  A server busy computing is not
-        stalled: a peer that died meanwhile is still found out.
+        for nothing; the start barrier opened with whichever trainers had asked by then.  Time
+        between two turns of the loop that the process spent neither computing nor in its poll
+        (50 ms) is such a stall: once it is a heartbeat period or longer, each peer's silence,
+        each lease's deadline and each parked request's wait is moved on by it.  A server busy
+        computing is not stalled: a peer that died meanwhile is still found out.
         """
         cpu = time.process_time()
-        last_wall, last_cpu = self._housekept_at
-        self._housekept_at = (now, cpu)
+        last_wall, last_cpu = self._stall_checked_at
+        self._stall_checked_at = (now, cpu)
         stalled = (now - last_wall) - (cpu - last_cpu)
         if stalled < self.heartbeat_s:
             return
         for peer in self.peers.values():
             peer.last_seen = min(peer.last_seen + stalled, now)
+            if peer.parked_since:       # the start barrier's wait counts from the first one parked
+                peer.parked_since = min(peer.parked_since + stalled, now)
         self.work.postpone(stalled)
         log.log(logging.WARNING if stalled >= self.cfg.peer_timeout / 2 else logging.DEBUG,
                 "the server did not run for %.1f s (stopped, suspended or starved of CPU): not counted as its "

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -2166,6 +2167,34 @@ def test_the_start_timeout_runs_from_the_first_trainer_still_waiting_not_one_tha
     task_c = server.call(c, P.WORK)
     task_b = b.recv(0.5)[0]
     assert task_b.type == task_c.type == P.TASK and server.srv.started
+
+def test_a_server_stopped_at_the_start_barrier_does_not_count_that_time_against_start_timeout(tmp_path):
+    """SIGSTOP the server (a debugger, a paused VM) with one of the 3 trainers awaited at the barrier,
+    for longer than --start-timeout; the other two say hello and ask for work meanwhile.  On SIGCONT
+    it started the run with the first alone ("no more asked for work within 5 s"): it had not run
+    to hear them.  The time it did not run is not the barrier's: it starts with all three."""
+    s = Server(tmp_path, ["--wait-for-workers", "3", "--start-timeout", "5", "--peer-timeout", "30"])
+    try:
+        since = s.log_size()
+        (a,) = trainers(s, 1)
+        a.send(a.frames(P.WORK))
+        assert a.recv(timeout=0.5) is None, "a task before the others asked for one"
+        late = [s.client() for _ in range(2)]
+        s.cluster.kill("server", signal.SIGSTOP)
+        try:
+            time.sleep(8)                   # past --start-timeout, over a heartbeat period (6 s)
+            for raw in late:                # waiting in their sockets until the server runs again
+                raw.send(raw.frames(P.HELLO, {"role": "trainer", "name": raw.wid, "pid": 1, "host": "test"}))
+                raw.send(raw.frames(P.WORK))
+        finally:
+            s.cluster.kill("server", signal.SIGCONT)
+        got = [a.recv()] + [reply for raw in late for reply in (raw.recv(), raw.recv())]
+        assert all(reply is not None for reply in got), got
+        assert [reply[0].type for reply in got] == [P.TASK, P.WELCOME, P.TASK, P.WELCOME, P.TASK]
+        s.wait_log(r"all 3 trainers waited for are ready", since)
+        assert "starting with" not in s.log_path.read_text()
+    finally:
+        s.close()
 
 def test_a_sync_trainer_that_finds_the_epoch_draining_is_parked_until_the_round_closes(tmp_path):
     """3 batches an epoch, 2 trainers: the round {2} has one member; the other trainer
