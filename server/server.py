@@ -1400,11 +1400,13 @@ class ParameterServer:
         A server stopped (SIGSTOP, a debugger, a paused VM) or starved of CPU reads nothing
         meanwhile while its clock runs on: after --peer-timeout of it, every peer looked silent,
         was declared dead at once and had to rejoin, and every lease expired, its batch computed
-        for nothing; the start barrier opened with whichever trainers had asked by then.  Time
+        for nothing; the start barrier opened with whichever trainers had asked by then, and
+        the end scored the final weights itself, not waiting for a live evaluator.  Time
         between two turns of the loop that the process spent neither computing nor in its poll
         (50 ms) is such a stall: once it is a heartbeat period or longer, each peer's silence,
-        each lease's deadline and each parked request's wait is moved on by it.  A server busy
-        computing is not stalled: a peer that died meanwhile is still found out.
+        each lease's deadline, each parked request's wait and the end's wait for the final
+        evaluation is moved on by it.  A server busy computing is not stalled: a peer that died
+        meanwhile is still found out.
         """
         cpu = time.process_time()
         last_wall, last_cpu = self._stall_checked_at
@@ -1417,6 +1419,8 @@ class ParameterServer:
             if peer.parked_since:       # the start barrier's wait counts from the first one parked
                 peer.parked_since = min(peer.parked_since + stalled, now)
         self.work.postpone(stalled)
+        if self.t_finish_start is not None:     # the wait for the evaluator's final report
+            self.t_finish_start = min(self.t_finish_start + stalled, now)
         log.log(logging.WARNING if stalled >= self.cfg.peer_timeout / 2 else logging.DEBUG,
                 "the server did not run for %.1f s (stopped, suspended or starved of CPU): not counted as its "
                 "peers' silence, nor against their leases", stalled)

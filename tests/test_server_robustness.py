@@ -1365,6 +1365,34 @@ def test_an_evaluator_that_left_politely_is_not_waited_for_at_the_end(in_process
     assert not again.srv.summary_written
 
 
+def stopped_for(srv: ParameterServer, seconds: float, monkeypatch) -> None:
+    """The in-process server ``srv`` as stopped for ``seconds`` (SIGSTOP), then continued: the clock
+    jumps that far ahead (time.monotonic, for this test), and its loop's next turn looks for a stall
+    before it reads a message (_forgive_stall)."""
+    srv._stall_checked_at = (time.monotonic(), time.process_time())
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + seconds)
+    srv._forgive_stall(time.monotonic())
+
+
+def test_a_server_stopped_while_it_waits_for_the_final_evaluation_waits_on(in_process, monkeypatch, caplog):
+    """Stopped (SIGSTOP, a debugger) past --final-eval-timeout while a live evaluator scored the final
+    weights, the server gave up on it at once on SIGCONT and scored them itself: the time it did not
+    run is not the evaluator's.  It waits on, and the evaluator's final report is the run's result."""
+    server = in_process(epochs=1, final_eval_timeout=30.0, peer_timeout=100.0, test_limit=100)
+    ev = _evaluator(server)
+    _push_all(server, _trainer(server))
+    srv = server.srv
+    srv._housekeeping(time.monotonic())                 # training is over: the wait begins
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        stopped_for(srv, 60.0, monkeypatch)
+        srv._housekeeping(time.monotonic())
+    assert not srv.summary_written and "no final evaluation" not in caplog.text, caplog.text
+    _report(server, ev, srv.store.version, True, 0.4321)
+    srv._housekeeping(time.monotonic())
+    assert json.loads((Path(srv.cfg.out) / "summary.json").read_text())["test_accuracy"] == 0.4321
+
+
 def test_a_diverged_run_keeps_its_last_good_checkpoint(in_process):
     """The optimizer state took the diverging step (only the weights are rolled back): a
     checkpoint written at or after the failure could not be resumed from."""
