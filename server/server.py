@@ -1400,13 +1400,14 @@ class ParameterServer:
         A server stopped (SIGSTOP, a debugger, a paused VM) or starved of CPU reads nothing
         meanwhile while its clock runs on: after --peer-timeout of it, every peer looked silent,
         was declared dead at once and had to rejoin, and every lease expired, its batch computed
-        for nothing; the start barrier opened with whichever trainers had asked by then, and
-        the end scored the final weights itself, not waiting for a live evaluator.  Time
-        between two turns of the loop that the process spent neither computing nor in its poll
-        (50 ms) is such a stall: once it is a heartbeat period or longer, each peer's silence,
-        each lease's deadline, each parked request's wait and the end's wait for the final
-        evaluation is moved on by it.  A server busy computing is not stalled: a peer that died
-        meanwhile is still found out.
+        for nothing; the start barrier opened with whichever trainers had asked by then; the
+        end scored the final weights itself, not waiting for a live evaluator; and a trainer
+        computing its batch no longer vouched for the weights, so that another's NaN pushes
+        declared the run diverged.  Time between two turns of the loop that the process spent
+        neither computing nor in its poll (50 ms) is such a stall: once it is a heartbeat period
+        or longer, each peer's silence and last answer, each lease's deadline, each parked
+        request's wait and the end's wait for the final evaluation is moved on by it.  A server
+        busy computing is not stalled: a peer that died meanwhile is still found out.
         """
         cpu = time.process_time()
         last_wall, last_cpu = self._stall_checked_at
@@ -1416,6 +1417,7 @@ class ParameterServer:
             return
         for peer in self.peers.values():
             peer.last_seen = min(peer.last_seen + stalled, now)
+            peer.replied_at = min(peer.replied_at + stalled, now)   # _vouches: a trainer at work still does
             if peer.parked_since:       # the start barrier's wait counts from the first one parked
                 peer.parked_since = min(peer.parked_since + stalled, now)
         self.work.postpone(stalled)

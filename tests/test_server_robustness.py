@@ -1624,6 +1624,26 @@ def test_nan_pushes_stop_the_run_once_the_only_other_trainer_stopped_working(in_
     assert server.srv.failure.startswith("training diverged: the last 8 pushes, from 1 trainer(s), had a NaN")
 
 
+def test_a_trainer_at_work_still_vouches_for_the_weights_after_the_server_was_stopped(in_process, monkeypatch):
+    """The server stopped (SIGSTOP) for longer than --lease-timeout while a healthy trainer computed
+    its batch and another sent NaN: on SIGCONT the eighth NaN push declared the run diverged, the
+    healthy trainer "answered a lease ago" by a clock that ran while the server did not.  It still
+    vouches: the faulty trainer is dropped and the run goes on."""
+    server = in_process(lease_timeout=10.0, peer_timeout=100.0)
+    good, bad = server.join_trainer(), server.join_trainer()
+    held = server.call(good, P.WORK)
+    limit = ParameterServer.NONFINITE_LIMIT
+    for i in range(limit):
+        task = server.call(bad, P.WORK)
+        if i == limit - 1:
+            stopped_for(server.srv, 30.0, monkeypatch)      # the last NaN push is read after it
+        reply = server.call(bad, P.PUSH, push_body(task, loss=None))
+        assert reply.type == (P.STOP if i == limit - 1 else P.ERROR), (i, reply.body)
+    assert server.srv.failure is None and bad.wid not in server.srv.peers
+    reply = server.call(good, P.PUSH, push_body(held), grads_like(held.arrays))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"] is True
+
+
 def test_sync_a_nan_trainer_is_dropped_and_the_round_closes_without_it(in_process):
     """Sync: while a trainer of the round computes, another's NaN pushes are refused (each takes
     its sender out of the round); at the eighth it is dropped, not the run declared diverged, and
