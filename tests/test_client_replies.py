@@ -372,6 +372,26 @@ def test_a_server_that_answers_only_wait_is_given_up(fake, connect, overlapped):
     assert not server.of_type(P.PUSH)
 
 
+@LOOPS
+def test_a_trainer_stopped_while_told_to_wait_does_not_count_that_time_as_waiting(fake, connect, monkeypatch,
+                                                                                 overlapped):
+    # Stopped (SIGSTOP, Ctrl-Z) in a wait's sleep for longer than the waits' limit, then continued:
+    # it gave up at once at the next wait ("answered every request with 'wait' for 100 s"), the
+    # server there and about to hand out work.  The server said "wait" for milliseconds, not 100 s.
+    server = fake(work=[wait(0.01)] * 3 + [STOP])
+    client = connect(server)
+    client.give_up_after = 1.0                  # waits given up after 10 s of them
+    real_monotonic, real_sleep = time.monotonic, time.sleep
+
+    def stopped_in_the_first_sleep(seconds):
+        real_sleep(seconds)
+        monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + 100.0)     # from now on
+        monkeypatch.setattr(time, "sleep", real_sleep)
+    monkeypatch.setattr(time, "sleep", stopped_in_the_first_sleep)
+    assert run_loop(trainer_on(client), overlapped) == 0
+    assert len(server.of_type(P.WORK)) == 4
+
+
 def test_after_a_wait_an_overlapped_trainer_computes_what_it_holds_before_asking_again(fake, connect):
     server = fake(work=[task(), wait(0.0), task(batch=1), STOP], push=[STOP])
     assert trainer_on(connect(server)).loop_overlapped() == 0

@@ -184,7 +184,7 @@ class Trainer:
         self.samples = 0
         self._failures: FailureStreak | None = None      # loop_overlapped's, for _answer_or_none
         self._refused_pushes = 0        # pushes refused (or answered unusably) since the server last accepted one
-        self._waiting_since: float | None = None     # monotonic time of the first "wait" since the last task
+        self._waited_s = 0.0        # the "wait"s since the last task: their round trips and the sleeps they asked for
 
     def setup(self, welcome: P.Message) -> None:
         """Build the model from the server's spec and load this run's training data.
@@ -260,16 +260,16 @@ class Trainer:
     def _waited(self, reply: P.Message) -> None:
         """Note a usable task or wait (from :meth:`_usable`); ServerUnreachable once the server has said nothing but "wait" for
         HELD_LIMIT_FACTOR times give_up_after: like a request held back for good (client._roundtrip),
-        a server that answers every request with a wait, and heartbeats too, must not park us for good."""
+        a server that answers every request with a wait, and heartbeats too, must not park us for good.
+        That time is the waits' round trips and the sleeps they asked for, not the clock's: a trainer
+        stopped (SIGSTOP, Ctrl-Z) past the limit while it waited gave up at once when continued."""
         if reply.type != P.WAIT:
-            self._waiting_since = None
+            self._waited_s = 0.0
             return
-        now = time.monotonic()
-        if self._waiting_since is None:
-            self._waiting_since = now
-        elif now - self._waiting_since > HELD_LIMIT_FACTOR * self.client.give_up_after:
+        if self._waited_s > HELD_LIMIT_FACTOR * self.client.give_up_after:
             raise ServerUnreachable(f"{self.client.endpoint} answered every request with 'wait' for "
-                                    f"{now - self._waiting_since:.0f} s")
+                                    f"{self._waited_s:.0f} s")
+        self._waited_s += self.client.last_rtt_s + retry_delay(reply)
 
     def _failed(self, failures: FailureStreak, exc: Exception, push: P.Message | None, then: str) -> None:
         """Count a failure (raises TooManyFailures at the limit).  ``push``: the push it answers,
