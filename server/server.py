@@ -1425,7 +1425,7 @@ class ParameterServer:
             self.t_finish_start = min(self.t_finish_start + stalled, now)
         log.log(logging.WARNING if stalled >= self.cfg.peer_timeout / 2 else logging.DEBUG,
                 "the server did not run for %.1f s (stopped, suspended or starved of CPU): not counted as its "
-                "peers' silence, nor against their leases", stalled)
+                "peers' silence, nor against their leases or the run's waits", stalled)
 
     def _housekeeping(self, now: float) -> bool:
         """Leases, dead peers, checkpoints, step records and the end of the run.  True: exit the loop."""
