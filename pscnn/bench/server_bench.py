@@ -4,7 +4,8 @@ Synthetic clients (:mod:`pscnn.bench.synth`) do no compute: each keeps one
 full-model push in flight and pushes again as soon as the reply (the next
 task, with the newest weights) arrives, through the real server on loopback.
 Measured per client count: cycles/s (push + reply), MB/s (both directions),
-round-trip latency p50 / p99, and the server's CPU use.
+round-trip latency p50 / p99, and the server's CPU use.  Each point's window
+opens ``--warmup`` seconds after every client has completed a cycle.
 
 In the same run, interleaved trial by trial, the same clients run against a
 raw pyzmq ROUTER that echoes the same frames back without copying: the
@@ -33,7 +34,7 @@ from .common import (MAX_BENCH_PEERS, BenchError, Interruption, OptionError, add
                      machine_cpu_ticks, machine_info, measurement_failures, median, on_a_free_port, parse_list,
                      percentile, point_failed, print_table, print_written, proc_cpu_seconds, process_failed, progress,
                      pyplot, save_figure, server_failed, write_outputs)
-from .synth import ECHO_LISTENING
+from .synth import CLIENTS_CYCLING, ECHO_LISTENING
 
 NAME = "server"
 # What is measured: the server (plain, and with --curve its CURVE twin), and the raw echo.
@@ -42,6 +43,9 @@ KINDS = ("pscnn", "curve", "echo")
 # --profile): an earlier run's go at the start.
 CAPACITY_PLOT, PROFILE_DATA, PROFILE_TEXT = f"{NAME}_capacity.png", f"{NAME}.prof", f"{NAME}-profile.txt"
 OUTPUTS = (*data_files(NAME), CAPACITY_PLOT, PROFILE_DATA, PROFILE_TEXT)
+# How long a point's client processes may take to start and complete a cycle each, plus 0.1 s a
+# client: past it the point failed (its clients' window would measure fewer clients than asked).
+CLIENTS_CYCLING_TIMEOUT_S = 60.0
 
 
 def add_parser(sub) -> None:
@@ -56,7 +60,9 @@ def add_parser(sub) -> None:
                    help="the server's update rule (default: sgd with momentum, the throughput benchmarks' "
                         "update; adam is what async runs use by default)")
     p.add_argument("--seconds", type=positive_float, default=5.0, help="measured window per point (default: 5)")
-    p.add_argument("--warmup", type=non_negative_float, default=2.0, help="seconds of cycling before the window (default: 2)")
+    p.add_argument("--warmup", type=non_negative_float, default=2.0,
+                   help="seconds of cycling before the window, from when every client has completed a cycle "
+                        "(default: 2)")
     p.add_argument("--trials", type=positive_int, default=3, help="trials; medians are reported (default: 3)")
     p.add_argument("--processes", type=non_negative_int, default=0,
                    help="client processes (0: min(clients, 4)); each runs clients/processes sockets, one at "
@@ -176,7 +182,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             argv = ["-m", "pscnn.bench.synth", "echo", "--bind", endpoint]
         log = open(tmp / "server.log", "wb")
         server = subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
-        procs = []
+        procs, client_logs = [], []
         try:
             from pscnn.launcher import wait_for  # noqa: PLC0415
 
@@ -191,16 +197,50 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             wait_for(lambda: server.poll() is not None or listening(), 60, what=f"the {kind} server to listen")
             if server.poll() is not None:
                 raise server_exited()
-            lead = 1.5 + 0.05 * n                         # process start + hello
-            t_start = time.monotonic() + lead + args.warmup
-            t_end = t_start + args.seconds
             for i in range(nproc):
                 count = n // nproc + (1 if i < n % nproc else 0)
                 cmd = [sys.executable, "-m", "pscnn.bench.synth", "clients", "--endpoint", endpoint,
-                       "--kind", "pscnn" if server_kind else kind, *keys_flags,
-                       "--count", str(count), "--start", repr(t_start), "--end", repr(t_end), "--model", args.model,
-                       "--name", f"c{i}", "--result", str(tmp / f"clients-{i}.json")]
-                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                       "--kind", "pscnn" if server_kind else kind, *keys_flags, "--count", str(count),
+                       "--model", args.model, "--name", f"c{i}", "--result", str(tmp / f"clients-{i}.json")]
+                client_logs.append(open(tmp / f"clients-{i}.log", "wb"))
+                procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=client_logs[-1],
+                                              stderr=subprocess.STDOUT))
+
+            def client_log(i: int) -> str:
+                return (tmp / f"clients-{i}.log").read_text(errors="replace")
+
+            def client_failed(i: int) -> BenchError:
+                return process_failed(f"synthetic client process {i} ({kind}, {n} clients)", procs[i].returncode,
+                                      client_log(i))
+
+            def all_cycling() -> bool:
+                if server.poll() is not None:
+                    raise server_exited()
+                for i, p in enumerate(procs):
+                    if p.poll() is not None:
+                        raise client_failed(i)
+                return all(CLIENTS_CYCLING in client_log(i) for i in range(nproc))
+
+            def not_cycling() -> str:
+                i = next(i for i in range(nproc) if CLIENTS_CYCLING not in client_log(i))
+                said = last_line(client_log(i))
+                return (f"synthetic client process {i} of {nproc} had not completed one"
+                        + (f": {said}" if said else ""))
+
+            # the window opens once every client cycles (a process may take seconds to start on a loaded
+            # machine: a fixed lead measured fewer clients than asked, or none), then --warmup later
+            wait_for(all_cycling, CLIENTS_CYCLING_TIMEOUT_S + 0.1 * n, interval=0.05,
+                     what=f"the synthetic clients ({kind}, {n} clients) to complete a cycle each",
+                     on_fail=not_cycling)
+            t_start = time.monotonic() + args.warmup
+            t_end = t_start + args.seconds
+            for i, p in enumerate(procs):       # they count the cycles completed in the window, and stop at its end
+                try:
+                    p.stdin.write(f"{t_start!r} {t_end!r}\n".encode())
+                    p.stdin.close()
+                except BrokenPipeError:         # it exited since it said it cycles
+                    p.wait(5)
+                    raise client_failed(i) from None
             time.sleep(max(0.0, t_start - time.monotonic()))
             cpu0 = _cpu_sample(server.pid)
             st0 = query_status(endpoint, 2.0, status_keys) if server_kind else None
@@ -212,23 +252,27 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             results = []
             for i, p in enumerate(procs):
                 try:
-                    _, err = p.communicate(timeout=30 + n)
+                    p.wait(timeout=30 + n)
                 except subprocess.TimeoutExpired:
                     p.kill()
-                    _, err = p.communicate()
+                    p.wait()
                 path = tmp / f"clients-{i}.json"
                 if p.returncode != 0:
-                    raise process_failed(f"synthetic client process {i} ({kind}, {n} clients)", p.returncode,
-                                         err.decode(errors="replace"))
+                    raise client_failed(i)
                 if not path.exists():
+                    said = last_line(client_log(i))
                     raise BenchError(f"synthetic client process {i} ({kind}, {n} clients) wrote no result "
-                                     f"{path.name}" + (f": {last_line(err.decode(errors='replace'))}" if err else ""))
+                                     f"{path.name}" + (f": {said}" if said else ""))
                 results.append(json.loads(path.read_text()))
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
                     p.wait(5)
+                if not p.stdin.closed:
+                    p.stdin.close()
+            for client_log_file in client_logs:
+                client_log_file.close()
             if server.poll() is None:
                 server.terminate()
                 try:
@@ -247,7 +291,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
     res = {"processes": nproc, "window_s": window, "cycles": cycles, "cycles_per_second": cycles / window,
            "mb_per_second": sum(r["bytes"] for r in results) / window / 1e6,
            "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
-           "late_starts": sum(bool(r["late_start"]) for r in results), "errors": errors,
+           "errors": errors,
            "model_bytes": results[0]["model_bytes"] if results else None}
     res.update(_cpu_use(cpu0, cpu1, window, cycles))
     if st0 and st1:
@@ -313,7 +357,6 @@ def summarize(rows, clients) -> list[dict]:
                         "server_cpu_fraction", "server_cpu_ms_per_cycle", "server_main_thread_fraction",
                         "server_main_thread_ms_per_cycle", "machine_busy_fraction", "server_updates_per_second"):
                 s[f"{kind}_{key}"] = median([r.get(key) for r in rs])
-            s[f"{kind}_late_starts"] = sum(r["late_starts"] for r in rs)
             errors: dict = {}
             for r in rs:
                 for code, count in (r.get("errors") or {}).items():
@@ -374,10 +417,6 @@ def report(summary, machine, payload, args) -> None:
             if s[f"{kind}_failed"]:
                 print(f"note: {what} with {s['clients']} clients: medians of {s.get(f'{kind}_trials', 0)} "
                       f"trials; left out: {s[f'{kind}_failed']} failed")
-    late = sum(s.get(f"{kind}_late_starts", 0) for s in summary for kind in KINDS)
-    if late:
-        print(f"note: {late} client processes had not completed a cycle when a window opened "
-              "(raise --warmup)")
 
 
 def plot(summary, out: Path) -> list[Path]:

@@ -2,7 +2,7 @@
 
     python -m pscnn.bench.synth echo --bind tcp://127.0.0.1:PORT
     python -m pscnn.bench.synth clients --endpoint E --kind pscnn|echo --count K \
-        --start T0 --end T1 --result out.json [--model seed] [--name c0]
+        --result out.json [--model seed] [--name c0]
 
 ``clients`` runs ``count`` DEALER sockets in one thread, each with exactly
 one request in flight (a worker's pattern), and never computes:
@@ -14,9 +14,14 @@ one request in flight (a worker's pattern), and never computes:
   to the echo server, which returns them untouched; one cycle is one round
   trip.  Both directions carry the model's size, as in a pscnn cycle.
 
-Cycles completing between the monotonic times T0 and T1 (CLOCK_MONOTONIC is
-shared by every process of the machine) are counted, with their latencies
-and bytes; the result is one JSON file.
+Once each of its sockets has completed a cycle, ``clients`` prints
+:data:`CLIENTS_CYCLING`; the bench waits for that line from every process
+before it picks the window, so that no client is still starting in it.  The
+window comes on stdin as one line, ``T0 T1``: monotonic times (CLOCK_MONOTONIC
+is shared by every process of the machine).  Cycles completing between them
+are counted, with their latencies and bytes; the clients stop at T1 and the
+result is one JSON file.  Stdin closed before the window came (the bench
+gone) stops them too.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import uuid
 
 # What the echo prints once it listens: until then its clients would connect to whatever else holds the port.
 ECHO_LISTENING = "echo listening on"
+# What a clients process prints once every one of its sockets has completed a cycle.
+CLIENTS_CYCLING = "clients cycling"
 
 
 def run_echo(bind: str) -> int:
@@ -117,9 +124,17 @@ def run_clients(args) -> int:
         st["sent_at"] = time.monotonic()
         s.send_multipart(frames, copy=False)
 
-    cycles, latencies, nbytes, errors = 0, [], 0, {}
-    first_cycle = None
-    started = time.monotonic()
+    cycles_done = []            # (completed at, round trip, bytes) of every cycle: the window's are counted at the end
+    errors = {}
+    not_cycled = set(socks)     # sockets still starting: once none is, the bench may open its window
+
+    def cycled(s, st, now: float, frames) -> None:
+        cycles_done.append((now, now - st["sent_at"], st["sent_bytes"] + frame_bytes(frames)))
+        if s in not_cycled:
+            not_cycled.discard(s)
+            if not not_cycled:
+                print(CLIENTS_CYCLING, flush=True)
+
     for s, st in socks.items():
         if echo_frames is not None:
             st["sent_bytes"] = frame_bytes(echo_frames)
@@ -128,13 +143,26 @@ def run_clients(args) -> int:
         else:
             send(s, st, P.HELLO, {"role": "trainer", "name": st["wid"], "pid": os.getpid(), "host": "synthetic",
                                   "device": "none"})
+    window_fd, window_line = sys.stdin.fileno(), b""
+    poller.register(window_fd, zmq.POLLIN)
+    start = end = math.inf      # until the bench sends the window
+    bench_gone = False
     stop_sent = 0
     while True:
         now = time.monotonic()
-        if now >= args.end:
+        if now >= end:
             break
-        timeout = max(1, int(min(0.05, args.end - now) * 1000))
+        timeout = max(1, int(min(0.05, end - now) * 1000))
         events = dict(poller.poll(timeout))
+        if events.pop(window_fd, None):
+            data = os.read(window_fd, 256)
+            if not data:
+                bench_gone = True
+                break
+            window_line += data
+            if window_line.endswith(b"\n"):
+                start, end = map(float, window_line.split())
+                poller.unregister(window_fd)
         now = time.monotonic()
         for s, st in socks.items():                        # WAIT replies: ask again when told
             if st["retry_at"] is not None and now >= st["retry_at"]:
@@ -144,23 +172,15 @@ def run_clients(args) -> int:
             st = socks[s]
             frames = s.recv_multipart(copy=False)
             now = time.monotonic()
-            rtt = now - st["sent_at"]
             if echo_frames is not None:
-                if args.start <= now <= args.end:
-                    cycles += 1
-                    latencies.append(rtt)
-                    nbytes += st["sent_bytes"] + frame_bytes(frames)
-                first_cycle = first_cycle or now
+                cycled(s, st, now, frames)
                 st["sent_at"] = time.monotonic()
                 s.send_multipart(echo_frames, copy=False)
                 continue
+            rtt = now - st["sent_at"]
             msg = P.decode(frames)
             if msg.type in (P.TASK, P.WAIT, P.STOP) and st["in_push"]:
-                first_cycle = first_cycle or now
-                if args.start <= now <= args.end:
-                    cycles += 1
-                    latencies.append(rtt)
-                    nbytes += st["sent_bytes"] + frame_bytes(frames)
+                cycled(s, st, now, frames)
             held = float(msg.body.get("held_s", 0.0)) if msg.type in (P.TASK, P.WAIT) else 0.0
             if msg.type == P.WELCOME:
                 st["batch_size"] = int(msg.body["run"]["batch_size"])
@@ -186,10 +206,12 @@ def run_clients(args) -> int:
     for s in socks:
         s.close(0)
     ctx.term()
-    result = {"count": args.count, "kind": args.kind, "cycles": cycles, "bytes": nbytes,
-              "latencies_ms": [round(v * 1e3, 4) for v in latencies], "errors": errors,
-              "first_cycle_after_s": (first_cycle - started) if first_cycle else None,
-              "late_start": first_cycle is None or first_cycle > args.start, "stopped": stop_sent,
+    if bench_gone:
+        print("synthetic clients: stdin closed before the window came (the bench is gone)", file=sys.stderr)
+        return 1
+    counted = [c for c in cycles_done if start <= c[0] <= end]
+    result = {"count": args.count, "kind": args.kind, "cycles": len(counted), "bytes": sum(c[2] for c in counted),
+              "latencies_ms": [round(c[1] * 1e3, 4) for c in counted], "errors": errors, "stopped": stop_sent,
               "model_bytes": int(zeros.flat.nbytes)}
     with open(args.result, "w") as fh:
         json.dump(result, fh)
@@ -205,8 +227,6 @@ def main(argv=None) -> int:
     c.add_argument("--endpoint", required=True)
     c.add_argument("--kind", choices=["pscnn", "echo"], default="pscnn")
     c.add_argument("--count", type=int, default=1)
-    c.add_argument("--start", type=float, required=True, help="monotonic time the window opens")
-    c.add_argument("--end", type=float, required=True, help="monotonic time the window closes")
     c.add_argument("--model", default="seed")
     c.add_argument("--name", default="synthetic")
     c.add_argument("--result", required=True)
