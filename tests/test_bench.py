@@ -789,6 +789,20 @@ def test_requests_the_server_refused_are_said_in_the_report(tmp_path, monkeypatc
                      "bad_version x 2, lease_expired x 6"]
 
 
+@pytest.mark.parametrize("echo", [True, False])
+def test_the_server_table_has_echo_columns_only_with_the_echo(echo, tmp_path, monkeypatch, capsys):
+    """With --no-echo the table still had its six echo columns, every cell a dash."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.cli import main
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+        "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+        "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000})
+    assert main(["bench", "server", "--clients", "1", "--trials", "1", "--model", "light", "--out",
+                 str(tmp_path / "out"), "--no-progress", "--no-plots", *([] if echo else ["--no-echo"])]) == 0
+    header = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("clients "))
+    assert ("echo rt/s" in header and header.rstrip().endswith("server/echo")) if echo else "echo" not in header, \
+        header
+
 def test_a_profile_the_server_did_not_write_is_said(tmp_path, monkeypatch, capsys):
     """A profiled server killed after its grace period writes no profile: --profile then printed
     nothing and wrote no server-profile.txt, without a word."""

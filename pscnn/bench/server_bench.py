@@ -387,15 +387,18 @@ def report(summary, machine, payload, args) -> None:
           f"direction ({args.model} model), mode {args.mode}, optimizer {args.optimizer}; medians of {args.trials} "
           "trials")
     headers = ["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "main thread",
-               "machine busy", "echo rt/s", "echo MB/s", "echo p50 ms", "echo p99 ms", "echo busy", "server/echo"]
+               "machine busy"]
     rows = [[s["clients"], fmt(s.get("pscnn_cycles_per_second")), fmt(s.get("pscnn_mb_per_second")),
              fmt(s.get("pscnn_latency_p50_ms"), ".2f"), fmt(s.get("pscnn_latency_p99_ms"), ".2f"),
              fmt(s.get("pscnn_server_cpu_fraction"), ".0%"), fmt(s.get("pscnn_server_cpu_ms_per_cycle"), ".2f"),
-             fmt(s.get("pscnn_server_main_thread_fraction"), ".0%"), fmt(s.get("pscnn_machine_busy_fraction"), ".0%"),
-             fmt(s.get("echo_cycles_per_second")), fmt(s.get("echo_mb_per_second")),
-             fmt(s.get("echo_latency_p50_ms"), ".2f"), fmt(s.get("echo_latency_p99_ms"), ".2f"),
-             fmt(s.get("echo_machine_busy_fraction"), ".0%"), fmt(s.get("server_over_echo"), ".2f")]
+             fmt(s.get("pscnn_server_main_thread_fraction"), ".0%"), fmt(s.get("pscnn_machine_busy_fraction"), ".0%")]
             for s in summary]
+    if not args.no_echo:                # with --no-echo its columns would be dashes only
+        headers += ["echo rt/s", "echo MB/s", "echo p50 ms", "echo p99 ms", "echo busy", "server/echo"]
+        for row, s in zip(rows, summary):
+            row += [fmt(s.get("echo_cycles_per_second")), fmt(s.get("echo_mb_per_second")),
+                    fmt(s.get("echo_latency_p50_ms"), ".2f"), fmt(s.get("echo_latency_p99_ms"), ".2f"),
+                    fmt(s.get("echo_machine_busy_fraction"), ".0%"), fmt(s.get("server_over_echo"), ".2f")]
     print_table(headers, rows)
     print("server cpu: the server process, all threads, as a share of one core; main thread: its event loop "
           "(decode, checks, update, replies), the serial part; machine busy: every core, everything running")
