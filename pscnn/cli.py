@@ -293,18 +293,22 @@ def resolve_optimizer(args) -> str:
     return "adam" if getattr(args, "mode", "sync") in ("async", "ssp") else "sgd"
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, distributed: bool = True) -> None:
+    """The model and optimizer flags; ``distributed``: the command has ``--mode``, on which the
+    optimizer's and the learning rate's defaults depend (not ``pscnn train``)."""
     g = p.add_argument_group("model and optimizer")
     g.add_argument("--model", default="seed",
                    help="preset (seed, light), a JSON spec, or a JSON spec file: a value that names a file, ends "
                         "in .json or holds a /; a preset wins over a file of its name (default: seed)")
     g.add_argument("--optimizer", default="auto", choices=["auto", *DEFAULT_LR],
-                   help="auto (default): sgd with momentum, but adam for --mode async and ssp, where stale "
-                        "gradients make momentum SGD unstable (measured in docs/scaling.md)")
+                   help="auto (default): sgd with momentum"
+                        + (", but adam for --mode async and ssp, where stale gradients make momentum SGD "
+                           "unstable (measured in docs/scaling.md)" if distributed else ""))
     g.add_argument("--lr", type=positive_float, default=None,
                    help="base learning rate (default: " + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items())
-                        + "; " + ", ".join(f"{v:g} for {k}" for k, v in SYNC_DEFAULT_LR.items())
-                        + " in --mode sync, whose updates average every worker's batch)")
+                        + ("; " + ", ".join(f"{v:g} for {k}" for k, v in SYNC_DEFAULT_LR.items())
+                           + " in --mode sync, whose updates average every worker's batch" if distributed else "")
+                        + ")")
     g.add_argument("--momentum", type=non_negative_float, default=None,
                    help="SGD momentum (default: 0.9); implies --optimizer sgd under auto")
     add_switch(g, "--nesterov", help="Nesterov momentum (SGD; implies sgd under auto)")
@@ -461,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="single-process training (the baseline)")
-    add_model_flags(p)
+    add_model_flags(p, distributed=False)
     add_data_flags(p)
     add_compute_flags(p)
     p.add_argument("--out", type=_path, default="runs/train", help="run folder (default: runs/train)")

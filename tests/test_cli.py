@@ -299,3 +299,25 @@ def test_the_readme_names_every_field_of_pscnn_status(tmp_path):
     status_doc = status_doc[:status_doc.index("\n\n")]        # its paragraph
     undocumented = sorted(key for key in progress if f"`{key}`" not in status_doc)
     assert not undocumented, f"README.md's `pscnn status` paragraph does not name {undocumented}"
+
+
+# Another command's flag a help names on purpose: (command, flag).
+OTHER_COMMANDS_FLAGS = {("server", "--workers"),     # "pscnn run: its --workers"
+                        ("keys", "--keys")}           # "FOLDER/server for pscnn server --keys"
+
+
+def test_each_commands_help_names_only_flags_it_has():
+    """`pscnn train --help` said the optimizer and learning rate defaults depend on --mode, a flag
+    train does not have (the text is shared with the distributed commands).  Each command's help,
+    the epilog of PSCNN_ variables aside, names only its own flags, or another command's on purpose."""
+    named_elsewhere = set()
+    for action in build_parser()._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for command, sub in action.choices.items():
+            sub.epilog = None
+            own = {flag for a in sub._actions for flag in a.option_strings}
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", sub.format_help()))
+            for flag in named - own:
+                named_elsewhere.add((command, flag))
+    assert named_elsewhere == OTHER_COMMANDS_FLAGS
