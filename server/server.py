@@ -612,6 +612,9 @@ class ParameterServer:
                 now = time.monotonic()
                 if now - last_housekeeping >= 0.05:
                     last_housekeeping = now
+                    # and at the ``now`` of the deadlines: a stall during the messages (or between the
+                    # check above and here) declared every peer dead before it was forgiven
+                    self._forgive_stall(now)
                     if self._housekeeping(now):
                         break
                 if self._stop_requested:
