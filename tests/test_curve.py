@@ -345,14 +345,8 @@ def test_a_key_holder_connecting_under_a_trainers_worker_id_does_not_get_its_rep
                          give_up_after=10.0, resend_s=60.0, reconnect_s=60.0)
         trainer.connect()
         assert trainer.routing_id.startswith(trainer.wid.encode() + b"/")
-        thief = Raw(cluster.endpoint, keys=curve.client_keys(keys / "client-1"))
-        thief.sock.close(linger=0)
-        thief.sock = zmq.Context.instance().socket(zmq.DEALER)
-        thief.sock.setsockopt(zmq.LINGER, 0)
-        thief.sock.setsockopt(zmq.ROUTING_ID, trainer.wid.encode())
-        curve.secure_client(thief.sock, curve.client_keys(keys / "client-1"))
+        thief = Raw(cluster.endpoint, keys=curve.client_keys(keys / "client-1"), routing_id=trainer.wid.encode())
         monitor = thief.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        thief.sock.connect(cluster.endpoint)
         assert thief.call(P.STATUS).type == P.STATUS        # its connection is made, and known to the ROUTER
         for _ in range(2):                  # the most leases a trainer may hold
             assert trainer.request(P.WORK).type == P.TASK

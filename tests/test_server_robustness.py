@@ -57,13 +57,17 @@ PUSH_BODY = {"loss": 2.3, "correct": 3, "count": 64, "timing": {"compute_s": 0.0
 class Raw:
     """A bare DEALER socket speaking the protocol by hand."""
 
-    def __init__(self, endpoint: str, wid: str | None = None, rcvhwm: int | None = None, keys=None):
-        """``keys``: a client's CURVE keys (pscnn.curve.ClientKeys) for a server with keys; None: plain."""
+    def __init__(self, endpoint: str, wid: str | None = None, rcvhwm: int | None = None, keys=None,
+                 routing_id: bytes | None = None):
+        """``keys``: a client's CURVE keys (pscnn.curve.ClientKeys) for a server with keys; None: plain.
+        ``routing_id``: the socket's ZeroMQ routing id (None: one ZeroMQ makes up)."""
         self.endpoint = endpoint
         self.wid = wid or f"raw-{uuid.uuid4().hex[:8]}"
         self.seq = 0
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
         if rcvhwm is not None:              # a peer that reads (almost) nothing from its connection
             self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         curve.secure_client(self.sock, keys)
@@ -149,8 +153,8 @@ class Server:
         self.sockets: list[Raw] = []
         start_serving(self.cluster, [*SERVER_FLAGS, "--out", str(self.cluster.out), *extra_flags])
 
-    def client(self, role: str | None = None, wid: str | None = None) -> Raw:
-        c = Raw(self.endpoint, wid)
+    def client(self, role: str | None = None, wid: str | None = None, routing_id: bytes | None = None) -> Raw:
+        c = Raw(self.endpoint, wid, routing_id=routing_id)
         self.sockets.append(c)
         if role:
             c.hello(role)
@@ -280,14 +284,9 @@ def test_a_message_that_cannot_be_read_is_logged_under_its_senders_client_id(ser
     made up (binary) is still shown in hex."""
     older = [_hdr(v=P.PROTOCOL_VERSION - 1)]
     for wid in ("trainer-hostA-11-aaaa1111", "trainer-hostB-22-bbbb2222"):
-        sock = server.client()
-        sock.sock.close(linger=0)
-        sock.sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.sock.setsockopt(zmq.LINGER, 0)
         rid = routing_id(wid)
         assert rid.startswith(f"{wid}/".encode()) and rid != routing_id(wid)
-        sock.sock.setsockopt(zmq.ROUTING_ID, rid)
-        sock.sock.connect(server.endpoint)
+        sock = server.client(routing_id=rid)
         expect_error(server, sock, older, "bad_version", "protocol version", log_needle=f"{wid}: protocol version")
     _, line = expect_error(server, server.client(), older, "bad_version", "protocol version",
                            log_needle=": protocol version")
