@@ -1242,8 +1242,10 @@ class ParameterServer:
         between tasks, told to wait, not yet asking, or hung with its lease
         expired.  Counting it would let one silent trainer stall the run.
         """
-        at_work = {lease.worker for lease in self.work.leases.values()}
-        return min((p.clock for p in self.peers.values() if p.wid in at_work and p.role == "trainer"), default=None)
+        # Walks the leases, not the peers: asked at every task request, it must not cost
+        # more with a thousand idle peers connected.
+        at_work = (self.peers.get(lease.worker) for lease in self.work.leases.values())
+        return min((p.clock for p in at_work if p is not None and p.role == "trainer"), default=None)
 
     def _ssp_start_clock(self, peer: Peer) -> int:
         """The clock of a trainer that (re)starts from the newest weights (joining, or back
