@@ -380,19 +380,32 @@ class RunWriter:
 
 
 def _repair_and_last_seconds(path: Path) -> float:
-    """Cut a torn last line off ``path``; return the largest ``seconds`` recorded (0 if none)."""
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        end = data.rfind(b"\n") + 1           # 0 when there is no complete line at all
-        if end < len(data):
-            log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
-                        path, len(data) - end)
-            fh.truncate(end)
+    """Cut a torn last line off ``path``; return the largest ``seconds`` recorded (0 if none).
+
+    Read a line at a time: a week-long run's step records outgrow the memory, and read whole
+    (as bytes, text and a list of lines: three times the file) they made it impossible to resume.
+    """
+    end = 0                                   # where the last complete line ends
+
+    def complete_lines():
+        nonlocal end
+        for line in fh:
+            if not line.endswith(b"\n"):     # the torn last line, if any
+                return
+            end += len(line)
+            yield line.decode("utf-8", errors="replace")
+
     last = 0.0
-    for record in _parse_lines(data[:end].decode("utf-8", errors="replace").splitlines(), path):
-        seconds = record.get("seconds")
-        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-            last = max(last, float(seconds))
+    with open(path, "rb+") as fh:
+        for record in _parse_lines(complete_lines(), path):
+            seconds = record.get("seconds")
+            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+                last = max(last, float(seconds))
+        size = fh.seek(0, os.SEEK_END)
+        if end < size:
+            log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
+                        path, size - end)
+            fh.truncate(end)
     return last
 
 

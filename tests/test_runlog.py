@@ -173,6 +173,30 @@ def test_writer_resume_cuts_a_torn_last_line(tmp_path, caplog):
     assert [strict_json(line)["step"] for line in lines] == [1, 3]
 
 
+def test_writer_resume_reads_metrics_a_line_at_a_time(tmp_path):
+    """--resume read the whole metrics.jsonl into memory, as bytes, as text and as a list of its
+    lines: three times the file, which a week-long server's step records make larger than any
+    machine's memory, so the run could not be resumed.  The peak now is about one line's."""
+    import tracemalloc
+    step = json.dumps({"kind": "step", "seconds": 1.0, "version": 1, "pad": "x" * 400}) + "\n"
+    with open(tmp_path / "metrics.jsonl", "w") as fh:
+        fh.write(step * 20_000)                                 # 8 MB
+        fh.write(json.dumps({"kind": "eval", "seconds": 99.5}) + "\n")
+        fh.write('{"kind": "step", "step": 2, "lo')             # torn: the process died mid-write
+    tracemalloc.start()
+    try:
+        writer = RunWriter(tmp_path, {}, resume=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with writer:
+        assert writer.seconds >= 99.5                          # the largest seconds, found all the same
+        writer.log("step", step=3)
+    assert peak < 1_000_000, f"resuming held {peak / 1e6:.1f} MB of an 8 MB metrics.jsonl"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 20_002 and strict_json(lines[-1])["step"] == 3      # the torn line was cut
+
+
 def test_writer_log_after_close_and_bad_kind(tmp_path):
     writer = RunWriter(tmp_path, {})
     with pytest.raises(ValueError, match="kind"):
