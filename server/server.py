@@ -984,7 +984,7 @@ class ParameterServer:
             # makes up pushes it never computed.
             peer.clock = self._ssp_start_clock(peer)
             peer.clock_behind = False
-        lease = self.work.lease(peer.wid, now)
+        lease = self.work.lease(peer.wid, now, self.store.version)
         if lease is not None and self.t_train_start is None:
             self.t_train_start = now
         if lease is None and self.cfg.mode == "sync":
@@ -1129,6 +1129,13 @@ class ParameterServer:
         if not 0 <= b["base_version"] <= self.store.version:       # staleness counts from it
             raise P.ProtocolError(f"push: base version {b['base_version']} is not one this server made "
                                   f"(0-{self.store.version}); not applied", "bad_version")
+        # Nor older than the weights its task carried (a trainer only ever moves to newer ones): each
+        # staleness is a key of the histogram, kept in memory, in every checkpoint and in summary.json,
+        # and a push claiming version 0 made one more key per update.  Sync: answered as a stale round.
+        granted_at = self.work.granted_version(b["lease"])
+        if self.cfg.mode != "sync" and b["base_version"] < granted_at:
+            raise P.ProtocolError(f"push: base version {b['base_version']} is older than the weights of version "
+                                  f"{granted_at} sent with lease {b['lease']}; not applied", "bad_version")
 
     def _applied(self, contributions: list, lr: float, staleness: list, now: float) -> None:
         """Bookkeeping after one optimizer step over ``[(peer or None, push body), ...]``.

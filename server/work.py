@@ -14,7 +14,8 @@ set of batches it leases.  Each batch of each epoch is *applied* exactly once:
 * ``granted`` checks what a push claims: it counts only for the batch of a
   lease its sender holds or held this epoch (a late push under an expired
   lease still counts, under one of the batch's last GRANTS_PER_BATCH leases),
-  never for a batch another worker is computing or one nobody was given yet.
+  never for a batch another worker is computing or one nobody was given yet;
+  ``granted_version`` says which weights version a lease was granted with.
 
 Workers compute a batch's indices themselves from (seed, epoch, batch), so a
 lease is three integers on the wire.
@@ -55,7 +56,7 @@ class WorkQueue:
         self.epoch = epoch
         self.applied: set[int] = set(applied)            # batches of the current epoch already applied
         self.leases: dict[int, Lease] = {}               # batch -> its current lease
-        self.grants: dict[int, tuple[str, int]] = {}     # lease id -> (worker, batch): this epoch's leases
+        self.grants: dict[int, tuple[str, int, int]] = {}   # lease id -> (worker, batch, version): this epoch's
         self._batch_grants: dict[int, deque] = {}        # batch -> its lease ids in grants, oldest first
         self.pending: deque[int] = deque()
         # The batches in pending, for the membership tests of a push: deque.remove scans the queue, and
@@ -87,11 +88,17 @@ class WorkQueue:
 
     def granted(self, worker: str, epoch: int, batch: int, lease_id) -> bool:
         """Was ``worker`` given lease ``lease_id`` for (epoch, batch), this epoch (current or since expired)?"""
-        return epoch == self.epoch and self.grants.get(lease_id) == (worker, batch)
+        return epoch == self.epoch and self.grants.get(lease_id, ())[:2] == (worker, batch)
+
+    def granted_version(self, lease_id) -> int | None:
+        """The weights version lease ``lease_id`` was granted with (this epoch), or None."""
+        grant = self.grants.get(lease_id)
+        return None if grant is None else grant[2]
 
     # ------------------------------------------------------------------ changes
-    def lease(self, worker: str, now: float) -> Lease | None:
-        """The next pending batch for ``worker``, or None (epoch draining, or done)."""
+    def lease(self, worker: str, now: float, version: int = 0) -> Lease | None:
+        """The next pending batch for ``worker``, or None (epoch draining, or done).  ``version``:
+        of the weights its task carries (a push computed on older ones is a false claim)."""
         if self.done or not self.pending:
             return None
         batch = self.pending.popleft()
@@ -100,7 +107,7 @@ class WorkQueue:
                       self.batch_size_of(batch))
         self._next_lease_id += 1
         self.leases[batch] = lease
-        self.grants[lease.lease_id] = (worker, batch)
+        self.grants[lease.lease_id] = (worker, batch, version)
         recent = self._batch_grants.setdefault(batch, deque())
         recent.append(lease.lease_id)
         if len(recent) > self.GRANTS_PER_BATCH:

@@ -14,7 +14,7 @@ import pytest
 
 from pscnn import protocol as P
 from test_server_robustness import in_process  # noqa: F401  (a fixture)
-from test_server_robustness import _evaluator, _push_all, _report, _trainer
+from test_server_robustness import _evaluator, _push_all, _report, _trainer, grads_like, push_body
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -157,3 +157,37 @@ def test_what_a_leaving_peer_says_is_kept_cut_to_one_short_line(in_process):
     assert why == f"left ({'r' * 197}...)", why
     refusal = server.call(raw, P.WORK).body["message"]
     assert len(refusal) < 400 and refusal.endswith("...)): send hello to rejoin"), refusal
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_a_trainer_claiming_older_weights_than_it_was_sent_cannot_grow_the_staleness_histogram(in_process, mode):
+    """Staleness is the version now minus the push's base version, and each value is a key of the
+    histogram (in memory, in every checkpoint, in summary.json): a trainer claiming version 0 at
+    every push made one more key per update, for as long as the run lasted, and summary.json's
+    staleness mean and max its invention.  A base version older than the weights its task
+    carried is refused; the truth, and a late push on the weights it was sent, still count."""
+    server = in_process(mode=mode, epochs=20)
+    raw = server.join_trainer()
+    task = server.call(raw, P.WORK)
+    weights = task.arrays
+    for _ in range(30):
+        reply = server.call(raw, P.PUSH, push_body(task), grads_like(weights))
+        assert reply.type == P.TASK and reply.body["ack"]["applied"], reply.body
+        task = reply
+    srv = server.srv
+    before = (srv.store.version, dict(srv.staleness))
+    for _ in range(3):
+        lie = server.call(raw, P.PUSH, push_body(task, base_version=0), grads_like(weights))
+        assert lie.type == P.ERROR and lie.body["code"] == "bad_version", lie.body
+        assert lie.body["message"] == (f"push: base version 0 is older than the weights of version "
+                                       f"{task.body['version']} sent with lease {task.body['lease']}; not applied")
+        task = server.call(raw, P.WORK)             # its batch went back to the queue: leased again
+        assert task.type == P.TASK, task.body
+    assert (srv.store.version, dict(srv.staleness)) == before == (30, {0: 30})
+    # a second trainer's push makes the first one's weights one version old: that staleness counts
+    other = server.join_trainer()
+    other_task = server.call(other, P.WORK)
+    assert server.call(other, P.PUSH, push_body(other_task), grads_like(weights)).body["ack"]["applied"]
+    reply = server.call(raw, P.PUSH, push_body(task), grads_like(weights))
+    assert reply.body["ack"] == {"applied": True, "staleness": 1}, reply.body
+    assert dict(srv.staleness) == {0: 31, 1: 1}
