@@ -91,6 +91,14 @@ BURST = 256
 # wait; nothing is lost): each may be a push of the model's size.  A client has one request in
 # flight per socket, resent only after a second of silence, and its heartbeats on a socket of their own.
 RECEIVE_QUEUE = 16
+# TCP keepalive probes on a peer's connections once they are silent for --peer-timeout, then one each
+# fifth of it, KEEPALIVE_PROBES unanswered closing them.  A host gone without closing its connections
+# (a power cut, a preempted VM, a cable cut for good) left them open for good, with nothing queued on
+# them for TCP to give up on: two file descriptors per vanished peer, for as long as the server ran.
+# A live host's kernel answers the probes, whatever its process does.
+KEEPALIVE_PROBES = 5
+# The longest idle time and interval Linux takes (a longer one fails every accept)
+KEEPALIVE_MAX_S = 32767
 # Dropped peers remembered (oldest forgotten first), so that a message from one, late from a
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
 DROPPED_MEMORY = 4096
@@ -544,8 +552,13 @@ class ParameterServer:
         # one request in flight per socket, and resends it only after a second of silence.
         self.sock.setsockopt(zmq.SNDHWM, BURST)
         self.sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+        self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)     # see KEEPALIVE_PROBES
+        for option, seconds in ((zmq.TCP_KEEPALIVE_IDLE, self.cfg.peer_timeout),
+                                (zmq.TCP_KEEPALIVE_INTVL, self.cfg.peer_timeout / 5)):
+            self.sock.setsockopt(option, min(KEEPALIVE_MAX_S, max(1, math.ceil(seconds))))
+        self.sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
         # No ZMQ_HEARTBEAT_IVL / _TIMEOUT, although they would close a cut-off peer's connections
-        # (TCP keeps them for up to ~15 minutes): with them libzmq 4.3.5 aborted the server
+        # sooner (TCP gives one with unsent data up after ~15 minutes): with them libzmq 4.3.5 aborted the server
         # ("Assertion failed: !_io_error", libzmq issues #4364, #4767) under a flapping cable,
         # in 5 of 7 runs of tests/test_network.py's flapping test.
         try:

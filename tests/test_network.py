@@ -419,3 +419,50 @@ def test_a_flapping_cable_leaves_the_server_serving_and_every_batch_applied_once
         summary = finish(cluster, timeout=240)
     assert summary["samples_applied"] == epochs * TRAIN_LIMIT
     assert_exactly_once(cluster.out, epochs=epochs)
+
+
+# A peer that says hello, reads the welcome, then sends nothing more (no heartbeats): its one
+# connection to the server is idle, nothing queued on it either way.
+_QUIET_PEER = ("import sys, time, zmq; from pscnn import protocol as P; "
+               "s = zmq.Context.instance().socket(zmq.DEALER); s.connect(sys.argv[1]); "
+               "P.send(s, P.Message(P.HELLO, 'quiet-1', 1, {'role': 'trainer', 'name': 'quiet'})); "
+               "print(P.decode_message(*P.recv_message(s)).type if s.poll(20000) else 'silence', flush=True); "
+               "time.sleep(600)")
+
+
+def server_connections(hosts: Hosts, peer: str) -> list[str]:
+    """The server host's established TCP connections from ``peer`` to the server's port, as
+    ``ss`` lists them ("RECV-Q SEND-Q LOCAL PEER")."""
+    listed = sh(*hosts.on(hosts.server), "ss", "-tnH", "state", "established", f"( sport = :{PORT} )")
+    return [line for line in listed.splitlines() if line.split()[-1].startswith(f"{peer}:")]
+
+
+def test_a_peer_whose_host_is_gone_for_good_leaves_no_connection_open_at_the_server(tmp_path, mnist_dir, hosts):
+    """A host gone without closing its connections (a power cut, a preempted VM: here its cable
+    cut for good and its process killed) left them open at the server for as long as it ran:
+    with nothing queued on them, TCP never gives them up, and a week of vanished peers took
+    two file descriptors each.  The server's TCP keepalive probes, from --peer-timeout of
+    silence on, close them."""
+    peer = "10.213.1.2"                     # trainer host 0's end of its cable
+    with LocalCluster(tmp_path / "run", port=PORT) as cluster:
+        flags = server_flags(cluster.out, mnist_dir, "async", peer_timeout=PEER_TIMEOUT)
+        cluster.start("server", ["server", "--bind", f"tcp://*:{PORT}", *flags], prefix=hosts.on(hosts.server))
+        wait_for(lambda: f":{PORT} " in sh(*hosts.on(hosts.server), "ss", "-tlnH"), 60, "the server listening",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        quiet = subprocess.Popen([*hosts.on(hosts.trainers[0]), sys.executable, "-c", _QUIET_PEER,
+                                  f"tcp://{hosts.server_address(0)}:{PORT}"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert quiet.stdout.readline().strip() == "welcome", server_log(cluster)[-3000:]
+            # idle: the welcome acknowledged, nothing in flight at the cut
+            wait_for(lambda: [c for c in server_connections(hosts, peer) if c.split()[1] == "0"], 10,
+                     "the welcome acknowledged")
+            hosts.cut(0)
+        finally:
+            quiet.kill()
+            quiet.wait(10)
+            quiet.stdout.close()
+        wait_for(lambda: "quiet declared dead" in server_log(cluster), 10 * PEER_TIMEOUT, "the peer declared dead",
+                 on_fail=lambda: server_log(cluster)[-3000:])
+        wait_for(lambda: not server_connections(hosts, peer), 60, "the gone peer's connection closed",
+                 on_fail=lambda: "\n".join(server_connections(hosts, peer)))
+        assert cluster.procs["server"].poll() is None, server_log(cluster)[-3000:]
