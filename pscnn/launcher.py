@@ -292,8 +292,19 @@ def check_run_args(args):
 
 
 # Every worker gone and the server silent this long (scoring the final weights itself, it answers
-# between two batches of the test set): it is stopped rather than waited on for ever.
+# between two batches of the test set): it is stopped rather than waited on for ever.  Not while it
+# is stopped (SIGSTOP, Ctrl-Z, a debugger): that is silence the user chose (see process_stopped).
 SILENT_SERVER_S = 60.0
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (``T``) or by a debugger (``t``), from Linux's
+    /proc/PID/stat; False where /proc is absent or the process is gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")
 
 
 def _say(text: str) -> None:
@@ -584,20 +595,28 @@ def _follow(cluster: LocalCluster, bar) -> int:
     has training to do: whatever their exit codes (a worker stopped by SIGTERM says bye and exits 0).
     Once training is over they all exit, told to by the server, and it finishes the run: its final
     evaluation and summary, even when a worker died on the way; unless it no longer answers
-    (SILENT_SERVER_S), which ends the run as if it had training left (scoring the final weights
-    itself, it answers between two batches of the test set)."""
+    (SILENT_SERVER_S, not counting the time it is stopped: SIGSTOP or a debugger), which ends the run
+    as if it had training left (scoring the final weights itself, it answers between two batches of
+    the test set)."""
     server = cluster.procs["server"]
     workers = [p for n, p in cluster.procs.items() if n.startswith("worker")]
     evaluator = cluster.procs.get("evaluator")          # None with --no-evaluator
     silent_since = None                 # when the server last stopped answering, every worker gone
     trained = False                     # the server's last answer said training is over
+    said_stopped = False                # "the server is stopped" was said (once)
     while server.poll() is None:
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
         st = cluster.status(timeout=0.5)    # after the workers' check: a worker told to stop left after `done`
         now = time.monotonic()
         if st is not None:
             trained = bool(st.get("done"))
-        silent_since = (silent_since or now) if workers_gone and st is None else None
+        stopped = st is None and process_stopped(server.pid)
+        if stopped and not said_stopped:
+            _say(f"pscnn run: the server (pid {server.pid}) is stopped (a signal or a debugger); waiting for it "
+                 "to continue (SIGCONT)")
+            said_stopped = True
+        # a stopped server's silence is not counted: continued, it has SILENT_SERVER_S again to answer
+        silent_since = (silent_since or now) if workers_gone and st is None and not stopped else None
         untrained = workers_gone and (st is not None and not st.get("done")
                                       or silent_since is not None and now - silent_since > SILENT_SERVER_S)
         evaluator_failed = evaluator is not None and evaluator.poll() not in (None, 0)

@@ -316,6 +316,47 @@ def test_follow_stops_a_server_that_goes_silent_once_every_worker_has_gone(fake_
     assert marker.read_text() == "stopped"
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_follow_waits_for_a_stopped_server_and_stops_it_once_continued_and_silent(fake_cluster, tmp_path,
+                                                                                monkeypatch):
+    """A server stopped (SIGSTOP, a debugger) once every worker has gone is silent by the user's
+    choice: the launcher says so once and waits (it was stopped as hung after SILENT_SERVER_S, and
+    killed: SIGTERM stays pending in a stopped process).  Continued and still silent, it is stopped."""
+    import threading
+    monkeypatch.setattr(launcher, "SILENT_SERVER_S", 0.5)
+    said = []
+    monkeypatch.setattr(launcher, "_say", said.append)
+    polls = []                                      # one per _follow iteration
+    monkeypatch.setattr(fake_cluster, "status", lambda timeout=1.0: polls.append(1))
+    marker = tmp_path / "server-stopped"
+    server = start_fake(fake_cluster, "server", FAKE_SERVER, str(marker))     # answers no status request
+    start_fake(fake_cluster, "worker-0", "pass\n").wait(30)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 10,
+                 "the server to be stopped")
+        result = []
+        follow = threading.Thread(target=lambda: result.append(_follow(fake_cluster, tqdm(total=None, disable=True))))
+        follow.start()
+        wait_for(lambda: any("is stopped" in line for line in said) or not follow.is_alive(), 30,
+                 "the launcher to say the server is stopped")
+        polls_then = len(polls)
+        # more polls than SILENT_SERVER_S takes (each waits 0.5 s for an answer, then sleeps 0.5 s)
+        wait_for(lambda: len(polls) >= polls_then + 4 or not follow.is_alive(), 30, "four more polls")
+        assert follow.is_alive() and server.poll() is None and not marker.exists(), said
+        assert [line for line in said if "is stopped" in line] == [
+            f"pscnn run: the server (pid {server.pid}) is stopped (a signal or a debugger); waiting for it to "
+            "continue (SIGCONT)"]
+        os.kill(server.pid, signal.SIGCONT)
+        follow.join(60)
+        assert not follow.is_alive() and result == [1]
+        assert marker.read_text() == "stopped"          # SIGTERM, handled: not killed
+        assert any("has not answered for" in line for line in said), said
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGCONT)        # fake_cluster.close() kills it
+
+
 def test_follow_says_which_child_had_to_be_killed(fake_cluster, tmp_path, capsys):
     """A worker that ignores SIGTERM when the run is stopped: it is killed after the 10 s grace
     period, and _follow says so on one line (it said nothing: the user only saw a stop that took
