@@ -773,6 +773,47 @@ def test_server_bench_whose_every_server_point_failed_exits_1(tmp_path, monkeypa
     assert len(read_csv(out / "server.csv")) == 4       # the echo's rows are written all the same
 
 
+def test_the_synthetic_clients_count_only_the_windows_error_replies():
+    """Error replies before the window (start-up, warm-up) or after it were counted with the
+    window's, beside a cycle rate of the window alone."""
+    from pscnn.bench.synth import window_counts
+    cycles = [(9.0, 0.001, 100), (10.5, 0.002, 100), (11.5, 0.004, 100), (12.5, 0.001, 100)]
+    errors = [(9.5, "lease_expired"), (10.2, "bad_version"), (11.0, "bad_version"), (12.1, "lease_expired")]
+    counts = window_counts(cycles, errors, 10.0, 12.0)
+    assert counts == {"cycles": 2, "bytes": 200, "latencies_ms": [2.0, 4.0], "errors": {"bad_version": 2}}
+
+
+def test_the_server_benchs_rates_are_over_the_measured_time_between_its_samples():
+    """The server's CPU share and updates/s were divided by the nominal --seconds: samples taken late
+    on a loaded machine, or a status answer that took a second, made them wrong.  Each is a difference
+    of two samples over the time measured between them."""
+    from pscnn.bench.server_bench import server_rates
+    before = {"cpu_at": 10.0, "process": 1.0, "main_thread": 0.5, "machine": (100, 200),
+              "version": 5, "version_at": 10.5}
+    after = {"cpu_at": 12.5, "process": 2.0, "main_thread": 1.0, "machine": (250, 400),      # 2.5 s, not 2
+             "version": 45, "version_at": 14.5}                                             # 4 s, not 2
+    rates = server_rates(before, after, cycles_per_second=20.0)
+    assert rates == pytest.approx({"server_cpu_fraction": 0.4, "server_cpu_ms_per_cycle": 20.0,
+                                   "server_main_thread_fraction": 0.2, "server_main_thread_ms_per_cycle": 10.0,
+                                   "machine_busy_fraction": 0.75, "server_updates_per_second": 10.0})
+    silent = {**after, "version": None, "version_at": None}         # the echo, or no status answer
+    assert "server_updates_per_second" not in server_rates(before, silent, 20.0)
+    assert server_rates(before, after, 0.0)["server_cpu_ms_per_cycle"] is None
+
+
+def test_a_tiny_server_bench_has_consistent_columns(tmp_path):
+    """One real point: no error replies on a clean run, and every per-window figure present and
+    consistent with the others (ms per cycle: the CPU share over the cycle rate)."""
+    out = tmp_path / "server"
+    bench("server", "--clients", "1", "--model", "light", "--seconds", "1", "--warmup", "0", "--trials", "1",
+          "--no-echo", "--no-plots", "--out", str(out))
+    (r,) = json.loads((out / "server.json").read_text())["rows"]
+    assert r["kind"] == "pscnn" and r["errors"] == {} and r["window_s"] == 1.0 and r["cycles"] > 0
+    assert r["cycles_per_second"] == r["cycles"] / r["window_s"] and r["server_updates_per_second"] > 0
+    assert r["server_cpu_fraction"] > 0
+    assert r["server_cpu_ms_per_cycle"] == pytest.approx(1e3 * r["server_cpu_fraction"] / r["cycles_per_second"])
+
+
 def test_requests_the_server_refused_are_said_in_the_report(tmp_path, monkeypatch, capsys):
     """The synthetic clients count the server's error replies; the table showed only the lower cycle
     rate, the errors were in the CSV alone."""

@@ -242,11 +242,9 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                     p.wait(5)
                     raise client_failed(i) from None
             time.sleep(max(0.0, t_start - time.monotonic()))
-            cpu0 = _cpu_sample(server.pid)
-            st0 = query_status(endpoint, 2.0, status_keys) if server_kind else None
+            before = _server_sample(server.pid, endpoint if server_kind else None, status_keys)
             time.sleep(max(0.0, t_end - time.monotonic()))
-            cpu1 = _cpu_sample(server.pid)
-            st1 = query_status(endpoint, 2.0, status_keys) if server_kind else None
+            after = _server_sample(server.pid, endpoint if server_kind else None, status_keys)
             if server.poll() is not None:       # the clients' cycles (if any) were not with this server
                 raise server_exited()
             results = []
@@ -281,7 +279,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                     server.kill()
                     server.wait(5)
             log.close()
-    window = args.seconds
+    window = args.seconds               # the clients count by their own clocks within [t_start, t_end]
     cycles = sum(r["cycles"] for r in results)
     lat = [v for r in results for v in r["latencies_ms"]]
     errors: dict = {}
@@ -293,32 +291,49 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
            "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
            "errors": errors,
            "model_bytes": results[0]["model_bytes"] if results else None}
-    res.update(_cpu_use(cpu0, cpu1, window, cycles))
-    if st0 and st1:
-        res["server_updates_per_second"] = (st1["version"] - st0["version"]) / window
+    res.update(server_rates(before, after, cycles / window))
     return res
 
 
-def _cpu_sample(pid: int) -> dict:
-    """CPU use so far: the server process's and its main thread's seconds, the machine's (busy, total) ticks."""
-    return {"process": proc_cpu_seconds(pid), "main_thread": proc_cpu_seconds(pid, pid),
-            "machine": machine_cpu_ticks()}
+def _server_sample(pid: int, endpoint: str | None, status_keys) -> dict:
+    """The server's counters now, each with when it was read (monotonic seconds): its process's and
+    main thread's CPU seconds and the machine's (busy, total) ticks at ``cpu_at``; its version (None
+    for the echo, ``endpoint`` None, or a server that does not answer within 2 s) at ``version_at``,
+    the middle of the status request (a busy server's answer may take a while)."""
+    from pscnn.launcher import query_status  # noqa: PLC0415
+    sample = {"cpu_at": time.monotonic(), "process": proc_cpu_seconds(pid), "main_thread": proc_cpu_seconds(pid, pid),
+              "machine": machine_cpu_ticks(), "version": None, "version_at": None}
+    if endpoint is not None:
+        asked = time.monotonic()
+        st = query_status(endpoint, 2.0, status_keys)
+        if st:
+            sample["version"], sample["version_at"] = st["version"], (asked + time.monotonic()) / 2
+    return sample
 
 
-def _cpu_use(before: dict, after: dict, window: float, cycles: int) -> dict:
-    """Where the window's CPU went.  The server's main thread runs the whole event loop
+def server_rates(before: dict, after: dict, cycles_per_second: float) -> dict:
+    """The server's figures between two :func:`_server_sample`: each count a difference of the two
+    samples, over the time between them as measured (the samples are late by as much as the machine is
+    loaded, and a status answer may take seconds: the nominal --seconds made its rates wrong).
+
+    Where the window's CPU went.  The server's main thread runs the whole event loop
     (decode, validation, the update, replies), so at ~100% of a core it is the bottleneck;
     ZeroMQ's I/O threads make up the rest of the process.  The machine's busy share says
-    whether the clients, the server and everything else ran out of cores."""
+    whether the clients, the server and everything else ran out of cores.  ms per cycle:
+    the CPU rate over the clients' cycle rate (each over its own window)."""
     out = {}
+    cpu_elapsed = after["cpu_at"] - before["cpu_at"]
     for key in ("process", "main_thread"):
-        if before[key] is not None and after[key] is not None:
-            used = after[key] - before[key]
+        if before[key] is not None and after[key] is not None and cpu_elapsed > 0:
+            per_second = (after[key] - before[key]) / cpu_elapsed
             prefix = "server_cpu" if key == "process" else "server_main_thread"
-            out[f"{prefix}_fraction"] = used / window
-            out[f"{prefix}_ms_per_cycle"] = 1e3 * used / cycles if cycles else None
+            out[f"{prefix}_fraction"] = per_second
+            out[f"{prefix}_ms_per_cycle"] = 1e3 * per_second / cycles_per_second if cycles_per_second else None
     if (busy := busy_fraction(before["machine"], after["machine"])) is not None:
         out["machine_busy_fraction"] = busy
+    if before["version"] is not None and after["version"] is not None and after["version_at"] > before["version_at"]:
+        out["server_updates_per_second"] = (after["version"] - before["version"]) / (after["version_at"]
+                                                                                      - before["version_at"])
     return out
 
 

@@ -19,9 +19,9 @@ Once each of its sockets has completed a cycle, ``clients`` prints
 before it picks the window, so that no client is still starting in it.  The
 window comes on stdin as one line, ``T0 T1``: monotonic times (CLOCK_MONOTONIC
 is shared by every process of the machine).  Cycles completing between them
-are counted, with their latencies and bytes; the clients stop at T1 and the
-result is one JSON file.  Stdin closed before the window came (the bench
-gone) stops them too.
+are counted, with their latencies and bytes, and so are the error replies
+answered between them; the clients stop at T1 and the result is one JSON
+file.  Stdin closed before the window came (the bench gone) stops them too.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def run_clients(args) -> int:
         s.send_multipart(frames, copy=False)
 
     cycles_done = []            # (completed at, round trip, bytes) of every cycle: the window's are counted at the end
-    errors = {}
+    errors_done = []            # (answered at, error code) of every error reply: the window's are counted too
     not_cycled = set(socks)     # sockets still starting: once none is, the bench may open its window
 
     def cycled(s, st, now: float, frames) -> None:
@@ -201,7 +201,7 @@ def run_clients(args) -> int:
                 st["in_push"] = False
             else:                                           # error: count it and ask for work again
                 code = msg.body.get("code", msg.type) if isinstance(msg.body, dict) else msg.type
-                errors[code] = errors.get(code, 0) + 1
+                errors_done.append((now, code))
                 send(s, st, P.WORK)
     for s in socks:
         s.close(0)
@@ -209,13 +209,25 @@ def run_clients(args) -> int:
     if bench_gone:
         print("synthetic clients: stdin closed before the window came (the bench is gone)", file=sys.stderr)
         return 1
-    counted = [c for c in cycles_done if start <= c[0] <= end]
-    result = {"count": args.count, "kind": args.kind, "cycles": len(counted), "bytes": sum(c[2] for c in counted),
-              "latencies_ms": [round(c[1] * 1e3, 4) for c in counted], "errors": errors, "stopped": stop_sent,
-              "model_bytes": int(zeros.flat.nbytes)}
+    result = {"count": args.count, "kind": args.kind, **window_counts(cycles_done, errors_done, start, end),
+              "stopped": stop_sent, "model_bytes": int(zeros.flat.nbytes)}
     with open(args.result, "w") as fh:
         json.dump(result, fh)
     return 0
+
+
+def window_counts(cycles_done: list, errors_done: list, start: float, end: float) -> dict:
+    """What happened in the window [start, end] (monotonic seconds), of every cycle ``(completed at,
+    round trip s, bytes)`` and every error reply ``(answered at, code)``: cycles, bytes, latencies in
+    ms, and the error replies by code.  Those before it (start-up, warm-up) or after are not counted:
+    the rates are per window."""
+    counted = [c for c in cycles_done if start <= c[0] <= end]
+    errors: dict = {}
+    for at, code in errors_done:
+        if start <= at <= end:
+            errors[code] = errors.get(code, 0) + 1
+    return {"cycles": len(counted), "bytes": sum(c[2] for c in counted),
+            "latencies_ms": [round(c[1] * 1e3, 4) for c in counted], "errors": errors}
 
 
 def main(argv=None) -> int:
