@@ -590,7 +590,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
     while the server still trains: the server would otherwise wait --final-eval-timeout for its final
     report once training ends.  One that fails once training is over (killed mid final evaluation)
     does not stop the run: the server scores the final weights itself and writes the summary.
-    An evaluator that exits 0 was told to by the server (the run is over).
+    An evaluator that exits 0 was told to by the server (the run is over), or was stopped by a signal
+    (said once, when the server, asked after that, still trains: the run goes on without it).
     Nobody is left to train when every worker has exited while the server, asked after that, still
     has training to do: whatever their exit codes (a worker stopped by SIGTERM says bye and exits 0).
     Once training is over they all exit, told to by the server, and it finishes the run: its final
@@ -604,9 +605,11 @@ def _follow(cluster: LocalCluster, bar) -> int:
     silent_since = None                 # when the server last stopped answering, every worker gone
     trained = False                     # the server's last answer said training is over
     said_stopped = False                # "the server is stopped" was said (once)
+    said_evaluator_left = False         # "the evaluator left before the end of training" was said (once)
     while server.poll() is None:
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
-        st = cluster.status(timeout=0.5)    # after the workers' check: a worker told to stop left after `done`
+        evaluator_left = evaluator is not None and evaluator.poll() == 0
+        st = cluster.status(timeout=0.5)    # after the clients' checks: one told to stop left after `done`
         now = time.monotonic()
         if st is not None:
             trained = bool(st.get("done"))
@@ -619,6 +622,11 @@ def _follow(cluster: LocalCluster, bar) -> int:
         silent_since = (silent_since or now) if workers_gone and st is None and not stopped else None
         untrained = workers_gone and (st is not None and not st.get("done")
                                       or silent_since is not None and now - silent_since > SILENT_SERVER_S)
+        if evaluator_left and st is not None and not st.get("done") and not said_evaluator_left:
+            # stopped by a signal (it says goodbye and exits 0): the report's few evaluations were unexplained
+            _say("pscnn run: the evaluator exited before the end of training (see logs/evaluator.log); training "
+                 "goes on without its evaluations, and the server scores the final weights itself")
+            said_evaluator_left = True
         evaluator_failed = evaluator is not None and evaluator.poll() not in (None, 0)
         if evaluator_failed and trained:
             # The weights are final: stopping the server now would lose the run's results (no summary,

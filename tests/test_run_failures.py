@@ -357,6 +357,28 @@ def test_follow_waits_for_a_stopped_server_and_stops_it_once_continued_and_silen
             os.kill(server.pid, signal.SIGCONT)        # fake_cluster.close() kills it
 
 
+def test_follow_says_once_that_the_evaluator_left_before_the_end_of_training(fake_cluster, tmp_path, monkeypatch):
+    """An evaluator stopped by a signal mid-run says goodbye and exits 0, as one the server told to
+    stop: the run went on without a word, and its report had one or two evaluations, unexplained."""
+    said = []
+    monkeypatch.setattr(launcher, "_say", said.append)
+    done = tmp_path / "server-done"
+    polls = []
+
+    def status(timeout=1.0):                        # training goes on; after a few polls the server ends
+        polls.append(1)
+        if len(polls) == 4:
+            done.write_text("x")
+        return {"done": False, "batches_total": 10, "batches_done": 1}
+    monkeypatch.setattr(fake_cluster, "status", status)
+    start_fake(fake_cluster, "server", FAKE_SERVER, str(tmp_path / "server-stopped"), str(done))
+    start_fake(fake_cluster, "worker-0", FAKE_WORKER)
+    start_fake(fake_cluster, "evaluator", "pass\n").wait(30)
+    assert _follow(fake_cluster, tqdm(total=None, disable=True)) == 0
+    assert said == ["pscnn run: the evaluator exited before the end of training (see logs/evaluator.log); training "
+                    "goes on without its evaluations, and the server scores the final weights itself"]
+
+
 def test_follow_says_which_child_had_to_be_killed(fake_cluster, tmp_path, capsys):
     """A worker that ignores SIGTERM when the run is stopped: it is killed after the 10 s grace
     period, and _follow says so on one line (it said nothing: the user only saw a stop that took
