@@ -432,6 +432,12 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
             if status == 0 and outputs.finished():
                 _finish_bar(bar, outputs.summary)
             bar.close()
+            if status == 0 and not outputs.finished():
+                # stopped by a signal from elsewhere (kill, a container's stop): it checkpointed and exited 0,
+                # while its clients, waiting for it to come back, were waited on as if the run were over
+                _say("pscnn run: the server exited with 0 before the end of the run (a stop signal from outside "
+                     "pscnn run?); stopping the workers and the evaluator")
+                status = 1
             if status != 0:             # the server failed, or was stopped (and _follow said why)
                 return _ended_early(cluster, outputs, status)
             codes, late = _clients_exit(cluster, args.peer_timeout + 10)

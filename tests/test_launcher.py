@@ -558,6 +558,22 @@ def test_an_interrupted_run_stops_the_server_first(run_in_process):
     assert cluster.stops == [("server", "worker", "evaluator")]
 
 
+def test_a_server_that_exits_0_before_the_end_of_the_run_is_a_run_stopped_early(run_in_process, capsys):
+    """A server stopped by a SIGTERM from outside pscnn run checkpoints and exits 0, with no summary:
+    the launcher waited --peer-timeout + 10 s for clients that wait for the server to come back,
+    then said "no summary" (and exited 0 when they had exited 0).  It is a run stopped early."""
+    def stopped_from_outside(cluster, bar):
+        write_run_outputs(cluster.out)              # a checkpoint, no summary.json
+        return 0
+    code, cluster = run_in_process("--workers", "1", follow=stopped_from_outside)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "pscnn run: the server exited with 0 before the end of the run" in err
+    assert f"Continue with the same command plus --resume (run folder {cluster.out})" in err
+    assert "no summary" not in err
+    assert cluster.stops == [("worker", "evaluator", "server")]      # at once, not after a wait
+
+
 def test_a_run_ended_early_stops_the_children_left(tmp_path, capsys):
     """The server exited with an error: _ended_early stops what is still running (the clients)."""
     cluster = RecordingCluster(tmp_path / "run")
