@@ -194,6 +194,9 @@ class LocalCluster:
             group = [n for n in self.procs if n.startswith(prefix)]
             for n in group:
                 self.kill(n, signal.SIGTERM)
+                # a stopped child (SIGSTOP, Ctrl-Z) holds SIGTERM pending until it is killed: continued,
+                # it stops as it should (the server writes its checkpoint)
+                self.kill(n, signal.SIGCONT)
             deadline = time.monotonic() + grace
             for n in group:
                 if self.wait(n, max(0.1, deadline - time.monotonic())) is None:

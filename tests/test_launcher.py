@@ -227,6 +227,22 @@ def test_stop_all_gives_a_child_its_grace_period_before_killing_it(tmp_path):
     assert killed == []
 
 
+def test_stop_all_continues_a_stopped_child_so_that_it_stops_by_itself(tmp_path):
+    """A child stopped (SIGSTOP) when the run is stopped, e.g. Ctrl-C on a run whose server the user
+    had paused: SIGTERM stayed pending, and after the grace period it was killed (a server without
+    its checkpoint).  It is continued, handles SIGTERM and exits 0."""
+    with LocalCluster(tmp_path / "run") as cluster:
+        proc = add_child(cluster, "server")
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            killed = []
+            codes = cluster.stop_all(grace=5, on_kill=killed.append)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+    assert codes == {"server": 0} and killed == []
+
+
 def test_close_kills_every_child_still_running(tmp_path):
     """Leaving a LocalCluster (its with block, or close()) kills what is still running."""
     cluster = LocalCluster(tmp_path / "run")
