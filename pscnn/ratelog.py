@@ -13,20 +13,27 @@ import time
 REMINDER_WINDOW_S = 60.0
 
 
+def for_count(count: int, one: str, many: str) -> str:
+    """The word of the two that goes with ``count``: ``one`` for 1 ("report", "was"), else ``many``."""
+    return one if count == 1 else many
+
+
 class RateLimitedLog:
     """Log lines of one kind, at most ``limit`` of them each ``window_s`` seconds (``limit`` 0: every one).
 
     For the lines a peer makes a process write as often as it sends (the server: a rejected
     message, a hello from an id it made up; the evaluator: a report its server refuses).  Beyond
     the limit a line is only counted, and :meth:`flush` (called now and then) says how many in one
-    line once their window is over: "N more <what> in the last S s".  A line of another
+    line once their window is over: "N more <what> in the last S s" (``what``: the
+    line's noun, singular and plural, as the count needs).  A line of another
     ``reason`` than the last one is logged whatever the count, after that count: a limit must
     not hide that the reason changed.
     """
 
-    def __init__(self, logger: logging.Logger, what: str, limit: int, note: str = "", window_s: float = 1.0):
+    def __init__(self, logger: logging.Logger, what: tuple[str, str], limit: int, note: str = "",
+                 window_s: float = 1.0):
         self.logger = logger
-        self.what = what                # what the lines are, plural: "rejected messages"
+        self.what = what                # what the lines are: ("rejected message", "rejected messages")
         self.limit = limit
         self.note = note                # appended to the summary line
         self.window_s = window_s
@@ -51,6 +58,7 @@ class RateLimitedLog:
     def flush(self, now: float, final: bool = False) -> None:
         """Say how many lines went unlogged, once their window is over (``final``: at once)."""
         if self.unlogged and (final or now - self.window_start >= self.window_s):
-            self.logger.log(self.level, "%d more %s in the last %.1f s were not logged one by one%s", self.unlogged,
-                            self.what, now - self.window_start, self.note)
+            self.logger.log(self.level, "%d more %s in the last %.1f s %s not logged one by one%s", self.unlogged,
+                            for_count(self.unlogged, *self.what), now - self.window_start,
+                            for_count(self.unlogged, "was", "were"), self.note)
             self.unlogged, self.level = 0, logging.INFO

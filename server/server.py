@@ -431,18 +431,18 @@ class ParameterServer:
         # joins and leaves (ids made up each time) beyond any real run's: every peer the server
         # admits, trainers and evaluators, joining or leaving within one second, and at least 64
         # (a small run's clients restarted over and over).
-        self.log_rejected = RateLimitedLog(log, "rejected messages", cfg.log_rejected,
+        self.log_rejected = RateLimitedLog(log, ("rejected message", "rejected messages"), cfg.log_rejected,
                                            " (summary.json's rejected_messages counts them all)")
         peer_lines = max(64, 2 * cfg.max_workers)
-        self.log_joins = RateLimitedLog(log, "joins", peer_lines)
-        self.log_leaves = RateLimitedLog(log, "leaves", peer_lines)
+        self.log_joins = RateLimitedLog(log, ("join", "joins"), peer_lines)
+        self.log_leaves = RateLimitedLog(log, ("leave", "leaves"), peer_lines)
         # CURVE: a client that cannot mend its handshake by itself retries it every 0.1 s, until it stops
-        self.log_handshakes = RateLimitedLog(log, "refused handshakes", 1)
+        self.log_handshakes = RateLimitedLog(log, ("refused handshake", "refused handshakes"), 1)
         # An honest evaluator with a tiny --every on a tiny --test-limit is refused most reports once past
         # the history's bound, for the rest of the run: one line, then one a minute (as it warns itself)
         self.log_too_many_evaluations = RateLimitedLog(
-            log, "eval_reports refused as too many", 1, " (summary.json's rejected_messages counts them all)",
-            window_s=REMINDER_WINDOW_S)
+            log, ("eval_report refused as too many", "eval_reports refused as too many"), 1,
+            " (summary.json's rejected_messages counts them all)", window_s=REMINDER_WINDOW_S)
         self.train_seconds_before = 0.0             # from earlier incarnations (resume)
         self.wall_seconds_before = 0.0              # theirs, from each one's start to its last checkpoint
         self.t_start = time.monotonic()

@@ -9,11 +9,12 @@ from pscnn.ratelog import RateLimitedLog
 
 def test_a_window_logs_its_first_lines_then_counts_the_rest_and_a_new_reason_at_once(monkeypatch, caplog):
     """The evaluator's refused reports: one warning, a count once the minute is over, the next one
-    logged in full; a line of another reason is not held back by the count."""
+    logged in full; a line of another reason is not held back by the count.  A count of one is
+    singular (it said "1 more refused reports ... were")."""
     clock = [100.0]
     monkeypatch.setattr(ratelog.time, "monotonic", lambda: clock[0])
     logger = logging.getLogger("pscnn.test_ratelog")
-    limited = RateLimitedLog(logger, "refused reports", 1, window_s=60.0)
+    limited = RateLimitedLog(logger, ("refused report", "refused reports"), 1, window_s=60.0)
 
     def at(t: float, reason: str = "busy") -> None:
         clock[0] = t
@@ -35,4 +36,4 @@ def test_a_window_logs_its_first_lines_then_counts_the_rest_and_a_new_reason_at_
         (logging.WARNING, "3 more refused reports in the last 61.0 s were not logged one by one"),
         (logging.WARNING, "refused: busy"),
         (logging.WARNING, "refused: full"),
-        (logging.WARNING, "1 more refused reports in the last 2.0 s were not logged one by one")]
+        (logging.WARNING, "1 more refused report in the last 2.0 s was not logged one by one")]

@@ -55,8 +55,8 @@ def test_the_role_counts_are_the_peer_tables_after_any_joins_rejoins_byes_and_de
 
 
 def _counted(lines: list[str], logged: str, what: str) -> tuple[int, list[int]]:
-    """(lines containing ``logged``, the N of each "N more <what> in the last S s" summary)."""
-    rx = re.compile(rf"^(\d+) more {what} in the last \d+\.\d s were not logged one by one")
+    """(lines containing ``logged``, the N of each "N more <what>(s) in the last S s" summary)."""
+    rx = re.compile(rf"^(\d+) more {what}s? in the last \d+\.\d s (?:was|were) not logged one by one")
     return sum(logged in line for line in lines), [int(m.group(1)) for m in map(rx.match, lines) if m]
 
 
@@ -78,7 +78,7 @@ def test_a_peer_joining_and_leaving_under_new_ids_does_not_flood_the_log(in_proc
         for limited in srv.rate_limited_logs:
             limited.flush(time.monotonic(), final=True)
     lines = [r.getMessage() for r in caplog.records]
-    for logged, what in (("trainer joined: made-up-", "joins"), ("left (again)", "leaves")):
+    for logged, what in (("trainer joined: made-up-", "join"), ("left (again)", "leave")):
         count, mores = _counted(lines, logged, what)
         assert mores and count + sum(mores) == cycles, (what, count, mores)
     records = (Path(srv.cfg.out) / "metrics.jsonl").read_text().splitlines()

@@ -61,7 +61,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             pass
     check_local_setup(device, mnist_dir, "test")
     client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
-    refused = RateLimitedLog(log, "refused reports", 1, window_s=REMINDER_WINDOW_S)
+    refused = RateLimitedLog(log, ("refused report", "refused reports"), 1, window_s=REMINDER_WINDOW_S)
     try:
         welcome = client.connect()
         model = model_from_welcome(welcome.body["model"], device)
