@@ -372,6 +372,25 @@ def test_an_evaluator_asks_for_newer_weights_only_and_scores_each_version_once(f
     assert bye.body["reason"] == "final evaluation sent"
 
 
+def test_final_weights_scored_as_a_periodic_version_are_reported_as_final_without_scoring_again(
+        fake, evaluator, monkeypatch, caplog):
+    """A diverged run ends on the last version it applied, which the evaluator scored periodically:
+    told the run is over, it scored the same weights on the same test set again (a second pass
+    over the test set, for the same figures).  Now it reports the metrics it has as final."""
+    scorings = []
+    real = evaluator_module.evaluate
+    monkeypatch.setattr(evaluator_module, "evaluate", lambda *a, **k: scorings.append(1) or real(*a, **k))
+    server = fake(pull=[pull_reply(False, PARAMS), pull_reply(False), pull_reply(True)], eval_report=[ACK])
+    with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
+        assert evaluator(server) == 0
+    assert len(scorings) == 1
+    periodic, final = server.of_type(P.EVAL_REPORT)
+    assert (periodic.body["version"], periodic.body["final"], final.body["version"], final.body["final"]) == \
+        (3, False, 3, True)
+    assert final.body["metrics"] == periodic.body["metrics"]
+    assert re.search(r"version 3: test accuracy [0-9.]+, loss [0-9.]+ \(scored already\) final", caplog.text)
+
+
 def test_an_evaluator_that_rejoins_scores_the_new_servers_versions(fake, evaluator):
     """A restarted server counts its versions again: version 2 there is no older than 5 here."""
     server = fake(pull=[pull_reply(False, PARAMS, version=5), error("unknown_worker", "who?"),

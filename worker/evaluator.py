@@ -8,7 +8,9 @@ When the server says training is over, it scores the final weights, reports
 them as final, says goodbye and exits 0.  Weights the pull's answer says are
 scored already (a resumed run's checkpoint version, evaluated before the
 restart; once training is over, a final evaluation the run has) are not scored
-again: the server would not record the report.
+again: the server would not record the report.  Nor is a version scored twice:
+final weights it scored already (a diverged run's last periodic version) are
+reported as final with the metrics they had.
 
 A welcome whose model or run settings cannot be used ends it with one line; a
 pull answered with an error, anything but weights, or weights the model cannot
@@ -71,6 +73,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
         failures = FailureStreak(endpoint)
         have = -1
         scored = -1
+        scored_metrics: dict | None = None      # the report's metrics of version ``scored``, if we scored it
         while True:
             client.wake.clear()         # a heartbeat's news from now on ends the pause after this pull
             pulled_at = time.monotonic()
@@ -79,7 +82,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             except Rejoined as exc:
                 failures.failed(exc, "pulling again")           # a server that forgets us every time
                 model, test = _rejoined(exc.welcome, device, test_limit, mnist_dir, test)
-                have, scored = -1, -1
+                have, scored, scored_metrics = -1, -1, None
                 continue
             except (ServerError, BadReply) as exc:
                 failures.failed(exc, "pulling again")
@@ -93,17 +96,12 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             if recorded and (have != scored or done):
                 log.info("version %d: %s; not scoring it", have,
                          "the run has its final evaluation already" if done else "the server has its evaluation already")
-                scored = have
+                scored, scored_metrics = have, None
             elif have >= 0 and (have != scored or done):
-                t = time.perf_counter()
-                # Finite weights may still overflow: the report says so (a NaN or Inf loss), and
-                # NumPy's warnings, a few lines each, would only clutter the log (as in pscnn train).
-                with np.errstate(over="ignore", invalid="ignore"):
-                    m = evaluate(model, test.x, test.y)
-                metrics = {"test_accuracy": m["accuracy"], "test_loss": m["loss"],
-                           "per_class_accuracy": m["per_class_accuracy"], "confusion_matrix": m["confusion_matrix"],
-                           "precision": m["precision"], "recall": m["recall"], "count": m["count"],
-                           "eval_seconds": time.perf_counter() - t}
+                # The final weights scored already as a periodic version (a diverged run ends on the
+                # last one it applied): the same weights and test set, so the same metrics
+                metrics = scored_metrics if have == scored and scored_metrics is not None \
+                    else _score(model, test)
                 try:
                     answer = client.request(P.EVAL_REPORT, {"version": have, "final": done, "metrics": metrics})
                     if answer.type != P.ACK:
@@ -117,11 +115,12 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 except Rejoined as exc:                          # a new server: its own model and versions
                     failures.failed(exc, "pulling again")
                     model, test = _rejoined(exc.welcome, device, test_limit, mnist_dir, test)
-                    have, scored = -1, -1
+                    have, scored, scored_metrics = -1, -1, None
                     continue
-                scored = have
-                log.info("version %d: test accuracy %.4f, loss %.4f (%.1f s)%s", have, m["accuracy"], m["loss"],
-                         metrics["eval_seconds"], " final" if done else "")
+                log.info("version %d: test accuracy %.4f, loss %.4f (%s)%s", have, metrics["test_accuracy"],
+                         metrics["test_loss"], "scored already" if metrics is scored_metrics
+                         else f"{metrics['eval_seconds']:.1f} s", " final" if done else "")
+                scored, scored_metrics = have, metrics
             refused.flush(time.monotonic())
             if done:
                 client.close(say_bye=True, reason="final evaluation recorded already" if recorded
@@ -149,6 +148,19 @@ class _TestSet(NamedTuple):
     limit: int | None           # the first N test images (None: all)
     x: np.ndarray               # (N, 1, 28, 28) images
     y: np.ndarray               # (N,) labels
+
+
+def _score(model, test: _TestSet) -> dict:
+    """The metrics of an eval_report: ``model`` scored on the ``test`` set."""
+    t = time.perf_counter()
+    # Finite weights may still overflow: the report says so (a NaN or Inf loss), and
+    # NumPy's warnings, a few lines each, would only clutter the log (as in pscnn train).
+    with np.errstate(over="ignore", invalid="ignore"):
+        m = evaluate(model, test.x, test.y)
+    return {"test_accuracy": m["accuracy"], "test_loss": m["loss"],
+            "per_class_accuracy": m["per_class_accuracy"], "confusion_matrix": m["confusion_matrix"],
+            "precision": m["precision"], "recall": m["recall"], "count": m["count"],
+            "eval_seconds": time.perf_counter() - t}
 
 
 def _test_set(run: dict, test_limit: int, mnist_dir, held: _TestSet | None = None) -> _TestSet:
