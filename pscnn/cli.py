@@ -381,7 +381,8 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
                    help="seconds of silence before a worker is declared dead (default: 10)")
     g.add_argument("--final-eval-timeout", type=non_negative_float, default=None,
                    help="seconds to wait for the evaluator's final report, after which the server scores the "
-                        f"final weights itself (default: {DEFAULT_FINAL_EVAL_TIMEOUT:g})")
+                        "final weights itself; at once when the evaluator left or was declared dead and none "
+                        f"is connected (default: {DEFAULT_FINAL_EVAL_TIMEOUT:g})")
     g.add_argument("--max-workers", type=positive_int, default=1024, help="refuse trainers beyond this many, and evaluators beyond as many (default: 1024)")
     g.add_argument("--log-rejected", type=non_negative_int, default=20, metavar="N",
                    help="log at most N rejected messages a second, counting the rest (0: all; default: 20)")

@@ -471,9 +471,10 @@ class ParameterServer:
         self._final_write_next = 0.0
         self.write_error: str | None = None         # the run's outputs could not be written: exit 1
         self._resumed_text: str | None = None
-        # Why the last evaluator left, with a goodbye, while no other is connected: none is
-        # coming back for the final evaluation (pscnn run starts none again), so the end does
-        # not wait --final-eval-timeout for one.  A new evaluator's hello clears it.
+        # Why the last evaluator is gone (a goodbye, or declared dead: killed, or cut off) while no
+        # other is connected: no report can come from it, so the end does not wait the rest of
+        # --final-eval-timeout for one (pscnn run starts none again).  A new evaluator's hello
+        # clears it; one back (cut off) while the server scores the weights may still report.
         self.evaluator_left: str | None = None
         self.writer = None
         self.ctx = zmq.Context.instance()
@@ -895,8 +896,6 @@ class ParameterServer:
         # metrics.jsonl and every refusal of a late message (a line may be 4,096 characters).
         reason = P.one_line(msg.body.get("reason", "bye"), 200)
         self._drop_peer(peer, f"left ({reason})")
-        if peer.role == "evaluator" and not self.role_counts["evaluator"]:
-            self.evaluator_left = reason
 
     def _add_peer(self, peer: Peer) -> None:
         """Put ``peer`` in the peer table (its id is not there: a rejoin drops the old one first)."""
@@ -915,6 +914,8 @@ class ParameterServer:
         self._remove_peer(peer)
         # not there: a hello took it out
         self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic(), key=peer.key)
+        if peer.role == "evaluator" and not self.role_counts["evaluator"]:
+            self.evaluator_left = why
         if not self.over:   # what the run survived: not the evaluator's goodbye after the final evaluation,
             self.drops[why.split(" (")[0]] += 1     # counted in summary.json when it came before the summary
         if len(self.dropped) > DROPPED_MEMORY:
@@ -1498,11 +1499,9 @@ class ParameterServer:
                 if p.role == "trainer" and p.pending and p.parked_since:
                     self._give_task(p, now, p.parked_ack)
             # (a resumed run whose checkpoint holds its final evaluation waits for none)
-            if self.cfg.final_eval_timeout and not self.role_counts["evaluator"] and self.final_eval is None:
-                if self.evaluator_left is not None:
-                    log.info("the evaluator left (%s); scoring the final weights here", self.evaluator_left)
-                else:
-                    log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
+            if self.cfg.final_eval_timeout and not self.role_counts["evaluator"] and self.final_eval is None \
+                    and self.evaluator_left is None:
+                log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
         if self.final_eval is None and self.evaluator_left is None \
                 and now - self.t_finish_start < self.cfg.final_eval_timeout:
             return False
@@ -1510,7 +1509,8 @@ class ParameterServer:
             if self.final_eval is None:
                 # --final-eval-timeout 0 asks for exactly this (pscnn run --no-evaluator)
                 log.log(logging.WARNING if self.cfg.final_eval_timeout else logging.INFO,
-                        "no final evaluation from an evaluator; scoring the final weights here")
+                        "no final evaluation from an evaluator%s; scoring the final weights here",
+                        f": the evaluator {self.evaluator_left}" if self.evaluator_left is not None else "")
                 try:
                     self.final_eval = self._evaluate_here()
                 except _ScoringInterrupted:

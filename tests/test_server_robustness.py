@@ -1370,6 +1370,33 @@ def test_an_evaluator_that_left_politely_is_not_waited_for_at_the_end(in_process
     assert not again.srv.summary_written
 
 
+def test_an_evaluator_declared_dead_is_not_waited_for_at_the_end(in_process, caplog):
+    """An evaluator SIGKILLed in its final evaluation is declared dead after --peer-timeout, and
+    then the server still waited the rest of --final-eval-timeout (120 s) for a report that could
+    not come.  Now it scores the final weights at once, as for one that left; one declared dead
+    mid-run is not waited for at the end either.  A live evaluator, however slow, still is."""
+    server = in_process(epochs=1, test_limit=100, peer_timeout=5.0)
+    _evaluator(server)
+    _push_all(server, _trainer(server))
+    srv, now = server.srv, time.monotonic()
+    srv._housekeeping(now)                              # training is over: the wait begins
+    srv._housekeeping(now + 4.0)                        # alive, scoring: waited for
+    assert not srv.summary_written
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        srv._housekeeping(now + 6.0)                    # silent past --peer-timeout: declared dead
+    assert srv.summary_written, caplog.text
+    assert re.search(r"no final evaluation from an evaluator: the evaluator declared dead \(silent for [0-9.]+ s\); "
+                     r"scoring the final weights here", caplog.text), caplog.text
+
+    midrun = in_process(epochs=1, test_limit=100, peer_timeout=5.0)
+    _evaluator(midrun)
+    midrun.srv._housekeeping(time.monotonic() + 6.0)    # declared dead before training ends
+    assert not midrun.srv.role_counts["evaluator"]
+    _push_all(midrun, _trainer(midrun))
+    midrun.srv._housekeeping(time.monotonic())
+    assert midrun.srv.summary_written
+
+
 def stopped_for(srv: ParameterServer, seconds: float, monkeypatch) -> None:
     """The in-process server ``srv`` as stopped for ``seconds`` (SIGSTOP), then continued: the clock
     jumps that far ahead (time.monotonic, for this test), and its loop's next turn looks for a stall
