@@ -465,6 +465,7 @@ class ParameterServer:
         self._last_checkpoint = time.monotonic()
         self.checkpointed_version: int | None = None  # of the last checkpoint written (this incarnation)
         self.checkpointed_final_eval = False           # whether that checkpoint holds the final evaluation
+        self._checkpointed_content: str | None = None  # that checkpoint's _checkpoint_content()
         self._checkpoint_failing: str | None = None  # why the last checkpoint could not be written
         self._final_write_since: float | None = None  # when the run's outputs first failed to be written
         self.final_write_failing: str | None = None  # why they cannot be, while they are tried again (status)
@@ -1483,7 +1484,13 @@ class ParameterServer:
                                 else f"declared dead ({silent})")
         if self.cfg.checkpoint_every and now - self._last_checkpoint >= self.cfg.checkpoint_every \
                 and self.started and not self.over:     # at the start barrier nothing has changed yet
-            self._checkpoint()
+            if self._checkpoint_content(self._checkpoint_extra()) == self._checkpointed_content:
+                # paused (every trainer gone, or a round waiting): the same file again, every period
+                self._last_checkpoint = now
+                log.debug("checkpoint not written: nothing changed since the last one (version %d)",
+                          self.store.version)
+            else:
+                self._checkpoint()
         if self.over:
             return self._finish(now)
         return False
@@ -1705,8 +1712,8 @@ class ParameterServer:
             return "the checkpoint there already (from before this server started)"
         return "nothing: no checkpoint was written yet"
 
-    def _write_checkpoint(self) -> None:
-        path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
+    def _checkpoint_extra(self) -> dict:
+        """The checkpoint's meta besides the model's and the optimizer's: the run's state and history."""
         extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
                  "staleness": {str(k): v for k, v in self.staleness.items()},
                  "evaluations": self.evaluations, "contributors": self.contributors,
@@ -1719,12 +1726,30 @@ class ParameterServer:
                  "seed": self.cfg.seed}
         if self.final_eval:
             extra["final_eval"] = _checkpointable_metrics(self.final_eval)
+        return extra
+
+    # Clocks run on while nothing else changes: a checkpoint that differs from the last only in
+    # them is not written again (a SIGKILL then loses the paused seconds from the run's clocks,
+    # not a batch; a stop writes one anyway)
+    CHECKPOINT_CLOCKS = ("train_seconds", "wall_seconds")
+
+    def _checkpoint_content(self, extra: dict) -> str:
+        """What a checkpoint of ``extra`` holds, its clocks left out: the version (the weights, the
+        model state and the optimizer's change only with it) and the rest of ``extra`` (the epoch
+        position, evaluations, counters)."""
+        held = {k: v for k, v in extra.items() if k not in self.CHECKPOINT_CLOCKS}
+        return json.dumps({"version": self.store.version, "extra": held}, sort_keys=True)
+
+    def _write_checkpoint(self) -> None:
+        path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
+        extra = self._checkpoint_extra()
         t = time.perf_counter()
         self.writer.flush()     # every step record the checkpoint includes is on disk before it
         save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
         self._last_checkpoint = time.monotonic()
         self.checkpointed_version = self.store.version
         self.checkpointed_final_eval = bool(self.final_eval)
+        self._checkpointed_content = self._checkpoint_content(extra)
         log.info("checkpoint written: version %d, epoch %d (%d/%d batches) in %.0f ms", self.store.version,
                  self.work.epoch, len(self.work.applied), self.work.batches_per_epoch,
                  (time.perf_counter() - t) * 1e3)

@@ -903,6 +903,33 @@ def _push_all(server: InProcess, raw: Raw) -> int:
     return applied
 
 
+def test_a_paused_run_does_not_rewrite_an_unchanged_checkpoint(in_process, caplog):
+    """With every trainer gone (or a sync round waiting) nothing changes, and the server wrote the
+    same checkpoint again every --checkpoint-every.  Now it writes one only when what it holds
+    changed (its clocks aside): an update, or an evaluation recorded meanwhile."""
+    server = in_process(epochs=2, checkpoint_every=1.0)
+    srv = server.srv
+    path = Path(srv.cfg.out) / "checkpoint.npz"
+    raw = _trainer(server)
+    task = server.call(raw, P.WORK)
+    assert server.call(raw, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+    assert server.call(raw, P.BYE, {"reason": "done here"}).type == P.ACK
+
+    def period() -> int:
+        """One more --checkpoint-every past: the checkpoints written so far."""
+        srv._housekeeping(srv._last_checkpoint + 1.5)
+        return sum(r["kind"] == "checkpoint" for r in read_metrics(path.parent / "metrics.jsonl"))
+
+    with caplog.at_level(logging.DEBUG, logger="pscnn.server"):
+        written = period()
+        assert period() == period() == written, caplog.text
+    assert "checkpoint not written: nothing changed since the last one (version 1)" in caplog.text
+    _report(server, _evaluator(server), srv.store.version, False, 0.25)
+    assert period() == written + 1                       # the evaluation must be in it
+    assert load_checkpoint(str(path))[1]["extra"]["evaluations"][-1]["test_accuracy"] == 0.25
+    assert period() == written + 1
+
+
 def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(in_process, monkeypatch, caplog):
     """A full disk at a periodic checkpoint ended the server: every update since the last
     checkpoint lost, the workers left waiting.  Training goes on; one warning; the next
