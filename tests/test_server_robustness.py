@@ -590,8 +590,11 @@ def test_a_flood_of_eval_reports_keeps_one_record_per_version(tmp_path):
             metrics = {**_good_metrics(), "test_accuracy": (i % 7) / 10, "test_loss": math.nan if i == 0 else 1.0}
             reply = ev.call(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics})
             assert reply.type == P.ACK, reply.body
-        mark = srv.log_size()
-        srv.wait_log(r"checkpoint written", mark)           # one written after the last report
+        with open(srv.log_path, "rb") as fh:
+            fh.seek(since)
+            recorded = since + fh.read().index(b"evaluation of version 0:")
+        # one written after the record: later periods, with nothing changed since, write none
+        srv.wait_log(r"checkpoint written", recorded)
         with open(srv.log_path, "rb") as fh:
             fh.seek(since)
             lines = fh.read().decode(errors="replace").splitlines()
