@@ -30,6 +30,8 @@ JSON files are replaced atomically, so a reader never sees half of one.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -45,7 +47,7 @@ from . import backend
 from .fileio import atomic_write, remove_stale_temporaries
 from .errors import PscnnError
 
-__all__ = ["RunWriter", "RunLogError", "check_folder_free", "read_metrics", "make_plots", "to_jsonable",
+__all__ = ["RunWriter", "RunLogError", "check_folder_free", "iter_metrics", "read_metrics", "make_plots", "to_jsonable",
            "write_json_atomic", "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE"]
 
 log = logging.getLogger(__name__)
@@ -410,22 +412,32 @@ def _repair_and_last_seconds(path: Path) -> float:
 
 
 # --------------------------------------------------------------------------- reading
-def read_metrics(path, kinds=None) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (or of the one in a run folder ``path``); ``kinds``:
-    only the records of these kinds (a long run's step records need not all be held at once).
+def iter_metrics(path, kinds=None, *, quiet: bool = False):
+    """The records of a ``metrics.jsonl`` file (or of the one in a run folder ``path``), one at a
+    time; ``kinds``: only the records of these kinds.  A week-long server's file holds gigabytes
+    of step records: read whole, as dicts, it takes about 7.5 times its size in memory.
 
     Blank lines are skipped; a line that is not a JSON object (typically the
     torn last line of a run that was killed) is skipped with a warning rather
-    than making the whole history unreadable.
+    than making the whole history unreadable (``quiet``: without, for a file read again).
     """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     with open(path, encoding="utf-8", errors="replace") as fh:
-        return [r for r in _parse_lines(fh, path) if kinds is None or r.get("kind") in kinds]
+        for record in _parse_lines(fh, path, quiet):
+            if kinds is None or record.get("kind") in kinds:
+                yield record
 
 
-def _parse_lines(lines, path):
+def read_metrics(path, kinds=None) -> list[dict]:
+    """:func:`iter_metrics`'s records in a list (``kinds``: of these kinds only: a long run's
+    step records need not all be held at once)."""
+    return list(iter_metrics(path, kinds))
+
+
+def _parse_lines(lines, path, quiet: bool = False):
+    warn = log.debug if quiet else log.warning
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
@@ -433,12 +445,12 @@ def _parse_lines(lines, path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            log.warning("%s:%d: skipping a malformed line (%s)", path, number, exc)
+            warn("%s:%d: skipping a malformed line (%s)", path, number, exc)
             continue
         if isinstance(record, dict):
             yield record
         else:
-            log.warning("%s:%d: skipping a line that is not a JSON object", path, number)
+            warn("%s:%d: skipping a line that is not a JSON object", path, number)
 
 
 # --------------------------------------------------------------------------- plots
@@ -512,6 +524,12 @@ def _updates(record: dict) -> float | None:
     return _number(record.get("step", record.get("version")))
 
 
+def _resumed_at(record: dict) -> float | None:
+    """The version a ``"start"`` record's server resumed from (None for any other record): the
+    step and evaluation records of the updates above it, logged before, were lost and redone."""
+    return _number(record.get("version")) if record.get("kind") == "start" else None
+
+
 def without_lost_updates(records: list) -> list:
     """``records`` less the step and evaluation records of updates a resumed server did again.
 
@@ -523,7 +541,7 @@ def without_lost_updates(records: list) -> list:
     """
     kept = []
     for r in records:
-        resumed_at = _number(r.get("version")) if r.get("kind") == "start" else None
+        resumed_at = _resumed_at(r)
         if resumed_at is not None:
             kept = [k for k in kept if k.get("kind") not in ("step", "epoch", "eval")
                     or (_updates(k) or 0.0) <= resumed_at]
@@ -531,27 +549,74 @@ def without_lost_updates(records: list) -> list:
     return kept
 
 
-def _draw_learning_curves(Figure, out_dir: Path):
-    metrics_path = out_dir / METRICS_FILE
-    if not metrics_path.exists():
-        return None
-    records = without_lost_updates(read_metrics(metrics_path))
-    loss, acc_by_step, acc_by_time = [], [], []
-    for r in records:
+# Points kept per learning curve.  A curve is about 500 pixels wide in the 15-inch figure, so more
+# show nothing more; a week-long server logs millions of steps, too many to hold.
+CURVE_POINTS = 10_000
+
+
+class _ThinnedCurve:
+    """A curve's points as they stream in, at most ``cap`` of them, thinned evenly over the run.
+
+    The points whose place in the stream is a multiple of ``stride`` are kept; at the cap the
+    stride doubles, and half of them go.  Kept points rather than bucket means: what is drawn are
+    values the run had (a mean would smooth the loss's noise away), a curve under the cap is drawn
+    as logged, and a resumed server's lost updates drop out point by point (:meth:`drop_above`),
+    as :func:`without_lost_updates` does.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.stride = 1
+        self.seen = 0
+        self.kept: list[tuple] = []      # (place in the stream, x, y, the record's update count or 0)
+
+    def add(self, x: float, y: float, updates: float) -> None:
+        if self.seen % self.stride == 0:
+            self.kept.append((self.seen, x, y, updates))
+            if len(self.kept) >= self.cap:
+                self.stride *= 2
+                self.kept = [point for point in self.kept if point[0] % self.stride == 0]
+        self.seen += 1
+
+    def drop_above(self, version: float) -> None:
+        self.kept = [point for point in self.kept if point[3] <= version]
+
+    def points(self) -> list[tuple]:
+        return [(x, y) for _, x, y, _ in self.kept]
+
+
+def _learning_curves(metrics_path: Path) -> tuple[list, list, list]:
+    """The (x, y) points of training loss vs updates, test accuracy (%) vs updates and vs
+    seconds, read a record at a time: at most CURVE_POINTS each, whatever the file's length.
+    The points of updates a resumed server lost and redid are left out (:func:`without_lost_updates`)."""
+    curves = loss, acc_by_step, acc_by_time = tuple(_ThinnedCurve(CURVE_POINTS) for _ in range(3))
+    for r in iter_metrics(metrics_path):
         kind = r.get("kind")
         updates = _updates(r)
-        if kind == "step":
+        resumed_at = _resumed_at(r)
+        if resumed_at is not None:
+            for curve in curves:
+                curve.drop_above(resumed_at)
+        elif kind == "step":
             value = _number(r.get("loss"))
             if updates is not None and value is not None:
-                loss.append((updates, value))
+                loss.add(updates, value, updates)
         elif kind in ("epoch", "eval"):
             acc = _number(r.get("test_accuracy", r.get("accuracy")))
             if acc is None:
                 continue
             if updates is not None:
-                acc_by_step.append((updates, 100 * acc))
+                acc_by_step.add(updates, 100 * acc, updates)
             if _number(r.get("seconds")) is not None:
-                acc_by_time.append((_number(r["seconds"]), 100 * acc))
+                acc_by_time.add(_number(r["seconds"]), 100 * acc, updates or 0.0)
+    return loss.points(), acc_by_step.points(), acc_by_time.points()
+
+
+def _draw_learning_curves(Figure, out_dir: Path):
+    metrics_path = out_dir / METRICS_FILE
+    if not metrics_path.exists():
+        return None
+    loss, acc_by_step, acc_by_time = _learning_curves(metrics_path)
     if not loss and not acc_by_step and not acc_by_time:
         return None
 
@@ -658,6 +723,70 @@ _TIMELINE_LABELS = {"compute": "computing (the worker's own measure)",
                     "server": "waiting on the server (a sync round, no batch free yet, the update)"}
 
 
+def _natural_order(name: str) -> list:
+    """A sort key that puts worker-2 before worker-10 (digits compare as numbers)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+# A worker's pushes the server logged out of its answers' order by at most this many are still laid
+# out in time order.  It logs them in the order they arrived, which is that order: the buffer is
+# for a hand-made or merged file, and bounds what is held per worker.
+PUSHES_REORDERED = 16
+
+
+def _pushes(records):
+    """The step records' ``timeline`` entries, one push at a time: ``(worker, answered, arrived,
+    compute, session, order)``, each worker's in the order the server answered them (within
+    PUSHES_REORDERED); ``session`` changes with a server's restart or the worker's rejoining,
+    ``order`` is the push's place in the file."""
+    servers = 0                         # "start" records so far: the server's incarnations
+    joins: dict[str, int] = {}          # each worker's "join" records so far
+    waiting: dict[str, list] = {}       # worker -> heap of (answered, order, arrived, compute, session)
+    order = 0
+    for r in records:
+        kind = r.get("kind")
+        if kind == "start":
+            servers += 1
+        elif kind == "join" and isinstance(r.get("worker"), str):
+            joins[r["worker"]] = joins.get(r["worker"], 0) + 1
+        if kind != "step":
+            continue
+        for entry in r.get("timeline") or ():
+            if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) \
+                    and all(_number(v) is not None for v in entry[1:]) and entry[1] <= entry[2]:
+                worker, (answered, arrived, compute) = entry[0], (float(v) for v in entry[1:])
+                heap = waiting.setdefault(worker, [])
+                heapq.heappush(heap, (answered, order, arrived, compute, (servers, joins.get(worker, 0))))
+                order += 1
+                if len(heap) > PUSHES_REORDERED:
+                    answered, place, arrived, compute, session = heapq.heappop(heap)
+                    yield worker, answered, arrived, compute, session, place
+    for worker, heap in waiting.items():
+        while heap:
+            answered, place, arrived, compute, session = heapq.heappop(heap)
+            yield worker, answered, arrived, compute, session, place
+
+
+def _worker_spans(records):
+    """:func:`time_split`'s spans, one push at a time: ``(worker, spans, order)``, ``spans`` the
+    wait on the server since the worker's previous push (if any) and this push's network and
+    computation, those longer than 0; ``order`` the push's place in the file."""
+    previous: dict[str, tuple] = {}     # worker -> (its last push's arrival, session)
+    for worker, answered, arrived, compute, session, order in _pushes(records):
+        spans = []
+        # The answer to the previous push, unless the server restarted or the worker joined anew
+        # in between: then the worker was gone (dead, restarting), not waiting on the server.
+        last_arrived, last_session = previous.get(worker, (None, None))
+        if last_session == session and answered >= last_arrived:
+            spans.append((last_arrived, answered, "server"))
+        compute = min(compute, arrived - answered)
+        travel = (arrived - answered - compute) / 2
+        spans += [(answered, answered + travel, "network"), (answered + travel, arrived - travel, "compute"),
+                  (arrived - travel, arrived, "network")]
+        previous[worker] = (arrived, session)
+        yield worker, [span for span in spans if span[1] > span[0]], order
+
+
 def time_split(records) -> dict:
     """Each worker's cycles from the step records' ``timeline`` entries, split in three.
 
@@ -674,38 +803,12 @@ def time_split(records) -> dict:
     a push travels: there the computation fills its window, and the split is
     approximate.  A server's restart (a ``"start"`` record) or the worker's
     rejoining (its ``"join"``) ends a worker's chain of cycles: the time
-    between is left blank, not counted as waiting.
+    between is left blank, not counted as waiting.  Every push is held: the
+    plots read a long run's file with :class:`_TimelineTally` instead.
     """
-    pushes: dict[str, list] = {}
-    servers = 0                         # "start" records so far: the server's incarnations
-    joins: dict[str, int] = {}          # each worker's "join" records so far
-    for r in records:
-        kind = r.get("kind")
-        if kind == "start":
-            servers += 1
-        elif kind == "join" and isinstance(r.get("worker"), str):
-            joins[r["worker"]] = joins.get(r["worker"], 0) + 1
-        if kind != "step":
-            continue
-        for entry in r.get("timeline") or ():
-            if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) \
-                    and all(_number(v) is not None for v in entry[1:]) and entry[1] <= entry[2]:
-                session = (servers, joins.get(entry[0], 0))
-                pushes.setdefault(entry[0], []).append((*(float(v) for v in entry[1:]), session))
     split: dict[str, list] = {}
-    for worker, items in pushes.items():
-        items.sort(key=lambda item: item[1])
-        spans = []
-        for i, (answered, arrived, compute, session) in enumerate(items):
-            compute = min(compute, arrived - answered)
-            travel = (arrived - answered - compute) / 2
-            spans += [(answered, answered + travel, "network"), (answered + travel, arrived - travel, "compute"),
-                      (arrived - travel, arrived, "network")]
-            # The answer to this push, unless the server restarted or the worker joined anew
-            # in between: then the worker was gone (dead, restarting), not waiting on the server.
-            if i + 1 < len(items) and items[i + 1][0] >= arrived and items[i + 1][3] == session:
-                spans.append((arrived, items[i + 1][0], "server"))
-        split[worker] = [span for span in spans if span[1] > span[0]]
+    for worker, spans, _ in _worker_spans(records):
+        split.setdefault(worker, []).extend(spans)
     return split
 
 
@@ -715,38 +818,69 @@ def time_shares(split: dict) -> dict:
     for spans in split.values():
         for start, end, part in spans:
             totals[part] += end - start
+    return _shares(totals)
+
+
+def _shares(totals: dict) -> dict:
     whole = sum(totals.values())
     return {part: (t / whole if whole else 0.0) for part, t in totals.items()}
 
 
-def _natural_order(name: str) -> list:
-    """A sort key that puts worker-2 before worker-10 (digits compare as numbers)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+class _TimelineTally:
+    """What the timeline's title and rows need of every worker's spans, counted in one pass over
+    metrics.jsonl: the whole run's time per part, and per worker its spans' and computations'
+    count, first start, last end and first push's place in the file.  A few numbers a worker,
+    whatever the run's length (:func:`time_split` holds every span)."""
+
+    def __init__(self, metrics_path: Path):
+        self.totals = dict.fromkeys(TIMELINE_PARTS, 0.0)
+        self.workers: dict[str, dict] = {}
+        for worker, spans, order in _worker_spans(iter_metrics(metrics_path)):
+            tally = self.workers.setdefault(worker, {"spans": 0, "computes": 0, "order": order})
+            tally["order"] = min(tally["order"], order)
+            if spans:
+                tally.setdefault("first", spans[0][0])
+                tally["last"] = spans[-1][1]
+            tally["spans"] += len(spans)
+            tally["computes"] += sum(part == "compute" for _, _, part in spans)
+            for start, end, part in spans:
+                self.totals[part] += end - start
+        # A worker whose pushes all took no time (as stamped) has nothing to draw.
+        self.workers = {worker: tally for worker, tally in self.workers.items() if tally["spans"]}
 
 
 def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: int = 12):
     metrics_path = out_dir / METRICS_FILE
     if not metrics_path.exists():
         return None
-    split = time_split(read_metrics(metrics_path))
-    split = {w: spans for w, spans in split.items() if spans}
-    if not split:
+    # Three passes over the file, each holding a few numbers a worker: the whole run's counts,
+    # the busiest worker's computations in the stretch shown, and the spans in that stretch.
+    tally = _TimelineTally(metrics_path)
+    if not tally.workers:
         return None
-    # A stretch from the middle of the run, about cycles_shown of the busiest worker's cycles long.
-    busiest = max(split.values(), key=len)
-    first, last = busiest[0][0], busiest[-1][1]
-    computes = [start for start, _, part in busiest if part == "compute"] or [first]
-    middle = len(computes) // 2
+    # A stretch from the middle of the run, about cycles_shown of the busiest worker's cycles long
+    # (the first of the most: the order the file names them in).
+    busiest = max(tally.workers, key=lambda w: (tally.workers[w]["spans"], -tally.workers[w]["order"]))
+    first, last, computes = (tally.workers[busiest][key] for key in ("first", "last", "computes"))
+    shown = [first]
+    if computes:
+        busiest_computes = (start for worker, spans, _ in _worker_spans(iter_metrics(metrics_path, quiet=True))
+                            if worker == busiest for start, _, part in spans if part == "compute")
+        shown = list(itertools.islice(busiest_computes, computes // 2, computes // 2 + cycles_shown + 1))
     # The typical cycle there, not the run's mean: a server's restart or a worker's absence
     # would stretch the mean, and a slower start of the run the median over all of it, to far
     # more cycles than make readable bars.
-    shown = computes[middle:middle + cycles_shown + 1]
     cycle = float(np.median(np.diff(shown))) if len(shown) > 1 else last - first
-    t0 = max(first, computes[middle] - 0.1 * cycle)
+    t0 = max(first, shown[0] - 0.1 * cycle)
     t1 = min(last, t0 + cycles_shown * cycle)
     if t1 <= t0:
         t0, t1 = first, last
-    workers = sorted(split, key=_natural_order)[:max_workers]
+    workers = sorted(tally.workers, key=_natural_order)[:max_workers]
+    bars = {(worker, part): [] for worker in workers for part in TIMELINE_PARTS}
+    for worker, spans, _ in _worker_spans(iter_metrics(metrics_path, quiet=True)):
+        for s, e, p in spans:
+            if e > t0 and s < t1 and (worker, p) in bars:
+                bars[worker, p].append((max(s, t0), min(e, t1) - max(s, t0)))
     height = 1.8 + 0.4 * len(workers)                    # inches: 1.0 below the bars, 0.8 above
     fig = Figure(figsize=(12, height))
     ax = fig.subplots()
@@ -754,22 +888,21 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     for row, worker in enumerate(workers):
         drawn = 0
         for part in TIMELINE_PARTS:
-            bars = [(max(s, t0), min(e, t1) - max(s, t0))
-                    for s, e, p in split[worker] if p == part and e > t0 and s < t1]
-            drawn += len(bars)
-            ax.broken_barh(bars, (row - 0.35, 0.7), color=_TIMELINE_COLOURS[part],
+            drawn += len(bars[worker, part])
+            ax.broken_barh(bars[worker, part], (row - 0.35, 0.7), color=_TIMELINE_COLOURS[part],
                            label=_TIMELINE_LABELS[part] if row == 0 else None)
         if not drawn:       # one that joined later, or had left (killed): an empty row would not say so
             ax.text(t0 + 0.01 * (t1 - t0), row, f"no push in this stretch; its pushes span "
-                    f"{split[worker][0][0]:.2f}-{split[worker][-1][1]:.2f} s", va="center", fontsize=8, color="0.4")
+                    f"{tally.workers[worker]['first']:.2f}-{tally.workers[worker]['last']:.2f} s",
+                    va="center", fontsize=8, color="0.4")
     ax.set_yticks(range(len(workers)))
     ax.set_yticklabels(workers)
     ax.set_ylim(len(workers) - 0.5, -0.5)
     ax.set_xlim(t0, t1)
     ax.set_xlabel("seconds since the run started (the server's clock)")
-    shares = time_shares(split)
+    shares = _shares(tally.totals)
     mode = _summary_field(out_dir, "mode")
-    more = f"; {len(split) - len(workers)} more workers not shown" if len(split) > len(workers) else ""
+    more = f"; {len(tally.workers) - len(workers)} more workers not shown" if len(tally.workers) > len(workers) else ""
     ax.set_title(f"What each worker did, {t0:.2f}-{t1:.2f} s" + (f" (mode {mode})" if mode else "") +
                  f"\nthe whole run: {100 * shares['compute']:.0f}% computing, {100 * shares['network']:.0f}% "
                  f"network, {100 * shares['server']:.0f}% waiting on the server{more}", fontsize=10)

@@ -635,6 +635,137 @@ def test_the_timelines_rows_go_in_the_workers_numbers_order(tmp_path):
     assert sorted(["w1b", "w10", "w1", "w2a", "w2"], key=runlog._natural_order) == ["w1", "w1b", "w2", "w2a", "w10"]
 
 
+def write_distributed_run(folder: Path, steps: int, workers: int = 4, pad: str = "") -> Path:
+    """A server's metrics.jsonl as it writes one, async: a step record a push, with its timeline
+    entry, an evaluation every 100 updates; worker-1 killed and rejoining a third of the way, the
+    server killed at two thirds and resumed 7 updates back (the ``start`` record), a torn last
+    line.  ``pad``: text in each step record, to make a larger file of the same records."""
+    rng = np.random.default_rng(1)
+    names = [f"worker-{i}" for i in range(workers)]
+    answered = dict.fromkeys(names, 0.0)
+    version = 0
+    lines = [{"kind": "start", "seconds": 0.0, "version": 0, "resumed": False}]
+    lines += [{"kind": "join", "seconds": 0.0, "worker": name} for name in names]
+    for step in range(steps):
+        if step == steps // 3:
+            lines.append({"kind": "join", "worker": "worker-1"})
+            answered["worker-1"] += 2.0
+        if step == 2 * steps // 3:
+            version -= 7
+            lines.append({"kind": "start", "version": version, "resumed": True})
+            lines += [{"kind": "join", "worker": name} for name in names]
+            answered = {name: t + 5.0 for name, t in answered.items()}
+        name = min(names, key=answered.get)
+        compute = 0.04 + 0.01 * (1 + names.index(name)) * rng.random()
+        arrived = answered[name] + compute + 0.002 * rng.random()
+        version += 1
+        lines.append({"kind": "step", "seconds": round(arrived, 4), "version": version, "workers": [name],
+                      "loss": 2.3 / (1 + 0.01 * step) + 0.1 * rng.random(), "pad": pad,
+                      "timeline": [[name, round(answered[name], 4), round(arrived, 4), round(compute, 4)]]})
+        answered[name] = arrived + 0.001 + 0.003 * rng.random()
+        if version % 100 == 0:
+            lines.append({"kind": "eval", "seconds": round(arrived, 4), "version": version,
+                          "test_accuracy": min(0.99, 0.1 + step / steps)})
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metrics.jsonl", "w") as fh:
+        fh.writelines(json.dumps(line) + "\n" for line in lines)
+        fh.write('{"kind": "step", "version": 9')
+    (folder / "summary.json").write_text('{"mode": "async"}')
+    return folder
+
+
+def test_the_plots_read_metrics_a_record_at_a_time_and_draw_what_the_whole_file_held(tmp_path, drawn, caplog):
+    """make_plots read all of metrics.jsonl into memory, twice.  Streamed, a normal run's plots
+    are those drawn from the whole file in memory: the curves less the lost updates, and the
+    timeline's shares, stretch and bars from time_split's every span."""
+    figure = pytest.importorskip("matplotlib.figure")
+    caplog.set_level(logging.WARNING)
+    run = write_distributed_run(tmp_path, steps=900, workers=5)
+    records = read_metrics(run)
+    assert {"start", "join", "eval"} <= {r["kind"] for r in records}
+    caplog.clear()
+
+    runlog._draw_learning_curves(figure.Figure, run)
+    loss, by_step, by_time = [], [], []
+    for r in runlog.without_lost_updates(records):
+        if r["kind"] == "step":
+            loss.append((float(r["version"]), r["loss"]))
+        elif r["kind"] == "eval":
+            by_step.append((float(r["version"]), 100 * r["test_accuracy"]))
+            by_time.append((r["seconds"], 100 * r["test_accuracy"]))
+    assert len(loss) == 900 - 7
+    assert drawn == {"Training loss": loss, "Test accuracy vs updates": by_step, "Test accuracy vs time": by_time}
+
+    split = runlog.time_split(records)
+    busiest = max(split.values(), key=len)
+    computes = [start for start, _, part in busiest if part == "compute"]
+    shown = computes[len(computes) // 2:][:13]
+    cycle = float(np.median(np.diff(shown)))
+    t0 = max(busiest[0][0], shown[0] - 0.1 * cycle)
+    t1 = min(busiest[-1][1], t0 + 12 * cycle)
+    ax = runlog._draw_timeline(figure.Figure, run).axes[0]
+    assert ax.get_xlim() == (t0, t1)
+    shares = runlog.time_shares(split)
+    assert f"the whole run: {100 * shares['compute']:.0f}% computing, {100 * shares['network']:.0f}% network, " \
+           f"{100 * shares['server']:.0f}% waiting on the server" in ax.get_title()
+    bars = [[(max(s, t0), min(e, t1) - max(s, t0)) for s, e, p in split[worker] if p == part and e > t0 and s < t1]
+            for worker in sorted(split) for part in runlog.TIMELINE_PARTS]         # (x, width) per row and part
+    assert sum(map(len, bars)) > 30
+    drawn_bars = [[(path.vertices[:, 0].min(), np.ptp(path.vertices[:, 0])) for path in collection.get_paths()]
+                  for collection in ax.collections]
+    assert list(map(len, drawn_bars)) == list(map(len, bars))
+    assert np.allclose(sum(drawn_bars, []), sum(bars, []), rtol=0, atol=1e-9)
+    # The torn last line, said once by each figure (the timeline reads the file three times).
+    assert caplog.text.count("skipping a malformed line") == 2
+
+
+def test_a_long_runs_curves_keep_evenly_thinned_points_less_the_lost_updates(tmp_path, drawn, monkeypatch):
+    """Every point of every curve was drawn: a week-long server's millions of steps, on a curve
+    500 pixels wide.  Over the cap, every other point kept goes, evenly over the run."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(runlog, "CURVE_POINTS", 100)
+    with RunWriter(tmp_path, {}) as writer:
+        for version in range(1, 701):
+            writer.log("step", version=version, loss=1.0)
+        writer.log("start", version=600, resumed=True)       # updates 601-700 were lost
+        for version in range(601, 1001):
+            writer.log("step", version=version, loss=0.5)
+    make_plots(tmp_path)
+    points = drawn["Training loss"]
+    assert 50 <= len(points) < 100
+    xs = [x for x, _ in points]
+    assert xs[0] == 1 and xs[-1] > 1000 - 16
+    assert sorted(set(np.diff(xs))) == [12, 16]            # 16 apart, and one step across the restart
+    assert all(y == (1.0 if x <= 600 else 0.5) for x, y in points)
+
+
+def test_a_long_runs_plots_are_drawn_in_bounded_memory(tmp_path, monkeypatch):
+    """A distributed run writes ~9 KB of metrics.jsonl a second; make_plots held the whole file,
+    as dicts, twice (53 MB for 7 MB): a week-long server's end was killed for want of memory.
+    Now a run ten times longer takes no more memory to plot (the points kept capped lower here,
+    so that both runs are over the cap)."""
+    import tracemalloc
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(runlog, "CURVE_POINTS", 1_000)
+
+    def plotting_peak(run: Path) -> int:
+        tracemalloc.start()
+        try:
+            assert make_plots(run) == [run / "learning_curves.png", run / "timeline.png"]
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    short = write_distributed_run(tmp_path / "short", steps=2_000, pad="x" * 150)
+    plotting_peak(short)                                   # imports, fonts: not the file's
+    long = write_distributed_run(tmp_path / "long", steps=20_000, pad="x" * 150)
+    sizes = [(run / "metrics.jsonl").stat().st_size for run in (short, long)]
+    assert sizes[1] > 6_000_000
+    peaks = [plotting_peak(run) for run in (short, long)]
+    assert peaks[1] - peaks[0] < (sizes[1] - sizes[0]) / 20, \
+        f"plotting {sizes[1] / 1e6:.1f} MB of metrics.jsonl took {peaks[1] / 1e6:.1f} MB, " \
+        f"and {sizes[0] / 1e6:.1f} MB of it {peaks[0] / 1e6:.1f} MB"
+
+
 def test_two_writers_of_one_run_folder_are_refused_in_one_line(tmp_path):
     """Two processes writing one folder would interleave metrics.jsonl and overwrite each
     other's checkpoint and summary: the second is refused, naming the first's pid."""
@@ -653,3 +784,4 @@ def test_two_writers_of_one_run_folder_are_refused_in_one_line(tmp_path):
         holder.communicate("", timeout=30)
     with RunWriter(out, {"third": True}):           # released when the first closed
         pass
+
