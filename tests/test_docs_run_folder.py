@@ -1,6 +1,7 @@
 """docs/run-folder.md stays true to the code: every metrics.jsonl record kind and field, every
 summary.json and config.json field, that real runs write is documented there, and every record
-kind it documents is one the code writes.
+kind it documents is one the code writes; every file its table says a run writes is in a real
+run's folder, and every file there is in the table.
 
 The doc lists each record kind under a heading ``#### `kind` ...`` in its "metrics.jsonl"
 section, with its fields in the first column of a table (`` | `field` | ``); summary.json's and
@@ -53,6 +54,19 @@ def section_names(title: str, text: str = None) -> set:
     return set(ROW_NAME.findall(sections(text, 2)[title]))
 
 
+def documented_files(text: str = None) -> dict[str, tuple[str, str]]:
+    """File name -> its (``pscnn train``, distributed) cells in "The files" table: a row
+    `` | `a.png`, `b.png` | yes | yes | ... `` gives both names; cells read "yes", "no" or which
+    command writes it ("`pscnn run` only")."""
+    text = DOC.read_text() if text is None else text
+    files = {}
+    for row in re.findall(r"^\|(.*)\|\s*$", sections(text, 2)["The files"], re.M):
+        cells = [cell.strip() for cell in row.split("|")]
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            files[name] = (cells[1], cells[2])
+    return files
+
+
 def kinds_in_source() -> set:
     """Every kind passed to RunWriter.log / log_deferred in the package's source."""
     call = re.compile(r"\.log(?:_deferred)?\(\s*\"(\w+)\"")
@@ -93,6 +107,15 @@ def test_the_parser_sees_a_field_removed_from_the_doc():
     assert "compute_s" in documented_kinds(text)["step"]
     cut = re.sub(r"^\| `compute_s` \|.*\n", "", text, flags=re.M)
     assert cut != text and "compute_s" not in documented_kinds(cut)["step"]
+
+
+def test_the_parser_reads_the_files_table():
+    """What the run folder test relies on: the table's rows, both names of a shared row, and the
+    cells that say which command writes a file."""
+    files = documented_files()
+    assert files["checkpoint.npz"] == ("no", "yes"), files
+    assert files["learning_curves.png"] == files["confusion_matrix.png"] == ("yes", "yes"), files
+    assert files["logs/<name>.log"][1] == "`pscnn run` only", files
 
 
 # ------------------------------------------------------------------ the doc against real runs
@@ -139,3 +162,24 @@ def test_every_summary_and_config_field_written_is_documented(run_folders):
         missing[name] = sorted(set(summary) - summary_doc) + sorted(fields - config_doc)
         assert summary["status"] == ("diverged" if name.endswith("diverged") else "complete"), summary["error"]
     assert not any(missing.values()), f"written but not in {DOC.name}: {missing}"
+
+
+@pytest.mark.slow
+def test_every_file_the_doc_lists_is_in_a_real_run_folder_and_back(run_folders):
+    """`pscnn train`'s folder holds what the table's "yes" says, `pscnn run`'s (plain, no --curve)
+    what "yes" or "`pscnn run` only" says; neither holds a file the table does not list. A
+    ``<name>`` in a listed path stands for any name (``logs/<name>.log``: one log per process)."""
+    files = documented_files()
+    for run, column, writes in (("train", 0, {"yes"}), ("run", 1, {"yes", "`pscnn run` only"})):
+        folder = run_folders[run]
+        listed = {name: cells[column] in writes for name, cells in files.items()}
+        # a folder's entries as the table names them: logs/server.log -> logs/<name>.log, keys -> keys/
+        present = {re.sub(r"[^/]+(?=\.log$)", "<name>", str(path.relative_to(folder)))
+                   for path in folder.rglob("*") if path.is_file()}
+        present = {name.split("/")[0] + "/" if name.split("/")[0] + "/" in files else name for name in present}
+        missing = sorted(name for name, written in listed.items() if written and name not in present)
+        unlisted = sorted(present - set(files))
+        unexpected = sorted(name for name in present & set(files) if not listed[name])
+        assert not (missing or unlisted or unexpected), (
+            f"pscnn {run}'s folder ({folder}): listed in {DOC.name} but not written: {missing}; written but not "
+            f"listed: {unlisted}; written though the table says not: {unexpected}")
