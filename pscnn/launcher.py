@@ -390,9 +390,7 @@ def run_from_args(args) -> int:
     outputs = RunOutputs(args.out, args.resume)
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads,
                            keys=make_run_keys(args.out, args.workers) if args.curve else None)
-    def on_stop_signal(signum, frame):
-        raise KeyboardInterrupt
-    old_handlers = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    old_handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         return _run(args, cluster, outputs, trained, scored)
     finally:                            # main() may be called in-process (tests)
@@ -503,22 +501,43 @@ def _ended_early(cluster: LocalCluster, outputs: RunOutputs, status: int) -> int
     return status if status > 0 else 1      # killed by a signal: 1, not sys.exit(-9)'s 247
 
 
+def _interrupt(signum, frame):
+    """pscnn run's Ctrl-C and STOP_SIGNALS handler: the first one interrupts (KeyboardInterrupt, whence
+    _interrupted stops every child).  It silences the others before it raises: a second signal pending
+    with it (SIGTERM and SIGHUP together, as systemd sends them) raised again as _interrupted began,
+    and the cluster's close() SIGKILLed every child, the server before its checkpoint."""
+    _on_stop_signals(_stopping)
+    raise KeyboardInterrupt
+
+
+def _still_stopping(signum, frame):
+    """A signal while the children are being stopped must not cut that short: said once."""
+    _on_stop_signals(_stopping)
+    _say("pscnn run: still stopping (the server first, then the workers and the evaluator); please wait")
+
+
+def _stopping(signum, frame):
+    """A signal that comes with the first, or after _still_stopping: nothing.  A handler, not SIG_IGN:
+    for a signal already pending when the handler became SIG_IGN, Python printed a traceback
+    ("OSError: Signal 15 ignored due to race condition")."""
+
+
+def _on_stop_signals(handler) -> None:
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, handler)
+
+
 def _interrupted(cluster: LocalCluster, bar, outputs: RunOutputs) -> int:
     """Ctrl-C (or a STOP_SIGNAL): stop every child, the server first; 130 and how to continue the run,
     or, when the run had finished already (its clients were still exiting), its report and 0 (1 for
     a diverged run, as when no Ctrl-C comes)."""
-    def still_stopping(signum, frame):  # a second signal must not cut the shutdown short: said once
-        for sig in (signal.SIGINT, *STOP_SIGNALS):
-            signal.signal(sig, signal.SIG_IGN)
-        _say("pscnn run: still stopping (the server first, then the workers and the evaluator); please wait")
-    for sig in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(sig, still_stopping)
     if bar is not None:
         try:
             bar.close()
         except OSError:
             pass
     _say("\npscnn run: interrupted; stopping the server (it checkpoints), then the workers and the evaluator")
+    _on_stop_signals(_still_stopping)
     # The server first, so its checkpoint holds whole sync rounds only: a worker leaving first
     # would close the round in progress without it, and the resumed run would differ from one
     # never stopped.  The workers' unfinished batches are simply computed again.

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -736,6 +737,65 @@ def test_a_second_ctrl_c_does_not_cut_the_shutdown_short(run_in_process, tmp_pat
         f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
     assert signal.getsignal(signal.SIGINT) is before      # restored
 
+
+
+def stop_signals_at_once(*signals) -> None:
+    """Send ``signals`` to this thread (the main one) so that they are pending together, as
+    systemd's stop (SIGTERM, then SIGHUP at once) or a closed terminal with a kill makes them:
+    Python then runs their handlers one after the other, in one go.  To the thread, not the
+    process: another thread of the test process would take each one as it comes."""
+    mask = set(signals)
+    signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        for sig in signals:
+            signal.pthread_kill(threading.get_ident(), sig)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
+
+
+def test_a_stop_signal_pending_with_the_first_does_not_cut_the_shutdown_short(run_in_process, tmp_path, capsys):
+    """SIGTERM and SIGHUP together (a real `pscnn run` got them so every time): SIGHUP's handler
+    raised KeyboardInterrupt, and Python ran the handler of the SIGTERM pending with it as
+    _interrupted began, before it had set another: a second KeyboardInterrupt, a bare "pscnn:
+    interrupted", and the cluster's close() SIGKILLed every child, the server before its
+    checkpoint (the run's progress lost).  Here the pending one's handler, whatever was set once
+    the first had raised, runs where _interrupted stops the children; now it does nothing."""
+    pending = []
+
+    def follow(cluster, bar):
+        write_run_outputs(tmp_path / "run")
+        try:
+            signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+        finally:
+            pending.append(signal.getsignal(signal.SIGTERM))   # what Python finds for the pending SIGTERM
+    code, cluster = run_in_process(follow=follow, on_stop=lambda: pending[0](signal.SIGTERM, None))
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert cluster.stops and cluster.stops[0][0] == "server", err
+    assert "pscnn: interrupted" not in err and "still stopping" not in err, err
+    assert err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
+
+
+def test_stop_signals_at_once_while_stopping_print_no_traceback(run_in_process, tmp_path, capsys, monkeypatch):
+    """SIGINT, SIGTERM and SIGHUP together while the children are being stopped: the first one's
+    handler set SIG_IGN, and Python printed a traceback for each other one already pending
+    ("OSError: Signal 15 ignored due to race condition").  Now the shutdown goes on, saying so
+    once, and nothing else."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def follow(cluster, bar):
+        write_run_outputs(tmp_path / "run")
+        raise KeyboardInterrupt
+    code, cluster = run_in_process(follow=follow,
+                                   on_stop=lambda: stop_signals_at_once(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
+    assert err.count("still stopping") == 1, err
+    assert err.strip().splitlines()[-1] == \
+        f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
 
 # ------------------------------------------------------------------------------ _follow, on stand-ins
 
