@@ -1153,8 +1153,27 @@ def test_pscnn_train_stops_on_sighup_as_on_sigterm():
         cli.stop_on_signals("train")
         with pytest.raises(KeyboardInterrupt):
             signal.getsignal(sig)(sig, None)
-        # the stop happens once: a repeat is ignored, Ctrl-C still interrupts
+        # the stop happens once: a repeat is ignored, Ctrl-C still interrupts; and SIG_IGN from the
+        # start of Python's exit, which keeps it (a Python handler it resets to SIG_DFL: a kill)
+        for repeat in (signal.SIGTERM, signal.SIGHUP):
+            assert signal.getsignal(repeat)(repeat, None) is None
+        cli._ignore_stop_signals_at_exit()
         assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+@pytest.mark.parametrize("command, stopped_by", [("train", KeyboardInterrupt), ("worker", SystemExit)])
+def test_stop_signals_at_once_stop_a_command_once_and_print_no_traceback(command, stopped_by, monkeypatch):
+    """SIGTERM and SIGHUP together (systemd's stop): the first one's handler set SIG_IGN and
+    stopped the command, and Python printed a traceback for the other, already pending ("OSError:
+    Signal 15 ignored due to race condition"), on `pscnn train`'s terminal or in a worker's log."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    cli.stop_on_signals(command)
+    with pytest.raises(stopped_by):
+        stop_signals_at_once(signal.SIGTERM, signal.SIGHUP)
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
+    stop_signals_at_once(signal.SIGTERM, signal.SIGHUP)      # a repeat: nothing
+    assert not unraisable, [str(u.exc_value) for u in unraisable]
 
 
 # ------------------------------------------------ found by the audit, fixed
