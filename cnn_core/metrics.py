@@ -114,15 +114,78 @@ def time_to_accuracy(evaluations, milestones=ACCURACY_MILESTONES) -> dict:
     keyed by the milestone as a string (JSON keys are strings), milestones
     never reached left out.  An accuracy that is not a number is skipped.
     """
-    # numbers.Real: a NumPy float32 accuracy (one computed in a float32 model's dtype) is a number too.
-    scored = [e for e in evaluations if isinstance(e.get("test_accuracy"), numbers.Real)
-              and not isinstance(e["test_accuracy"], bool) and math.isfinite(e["test_accuracy"])]
+    scored = [e for e in evaluations if _is_scored(e)]
     reached = {}
     for milestone in milestones:
         first = next((e for e in scored if e["test_accuracy"] >= milestone), None)
         if first is not None:
             reached[f"{milestone:g}"] = {"seconds": first["seconds"], "version": first["version"]}
     return reached
+
+
+def _is_scored(evaluation: dict) -> bool:
+    """Whether an evaluation record's test accuracy is a finite number (one to compare)."""
+    accuracy = evaluation.get("test_accuracy")
+    # numbers.Real: a NumPy float32 accuracy (one computed in a float32 model's dtype) is a number too.
+    return isinstance(accuracy, numbers.Real) and not isinstance(accuracy, bool) and math.isfinite(accuracy)
+
+
+def thin_evaluations(evaluations: list, cap: int, newest: int, milestones=ACCURACY_MILESTONES) -> list:
+    """At most ``cap`` of ``evaluations``, in their order: a run's history, bounded.
+
+    evaluations: ``[{"seconds", "version", "test_accuracy", "final", ...}, ...]``
+    in the order they were recorded.  A list of ``cap`` or fewer is returned
+    as it is.  Else kept are the ``newest`` last records, every final one and
+    every one that set a new best test accuracy, in order of seconds (as
+    :func:`time_to_accuracy` reads a history sorted by them); of the rest, as
+    many as fit, spread evenly over the seconds.  Should the bests alone not
+    fit, they are spread the same way, but the first at or above each of
+    ``milestones`` stays: ``time_to_accuracy`` of the result sorted by seconds
+    is always that of ``evaluations`` sorted by seconds.  (More than ``cap``
+    only if the newest, the finals and those firsts are more.)
+    """
+    if len(evaluations) <= cap:
+        return list(evaluations)
+    # positions in order of seconds; sorted() is stable, as time_to_accuracy's caller's sort
+    by_time = sorted(range(len(evaluations)), key=lambda i: evaluations[i]["seconds"])
+    bests, best = [], -math.inf
+    for i in by_time:
+        if _is_scored(evaluations[i]) and evaluations[i]["test_accuracy"] > best:
+            bests.append(i)
+            best = evaluations[i]["test_accuracy"]
+    keep = set(range(len(evaluations) - newest, len(evaluations)))
+    keep.update(i for i, e in enumerate(evaluations) if e["final"])
+    # the first at or above a milestone sets a new best: every one before it is below the milestone
+    keep.update(next(i for i in bests if evaluations[i]["test_accuracy"] >= m) for m in milestones if best >= m)
+    for candidates in (bests, by_time):
+        keep.update(_spread_over_time([i for i in candidates if i not in keep], cap - len(keep), evaluations))
+    return [evaluations[i] for i in sorted(keep)]
+
+
+def _spread_over_time(positions: list, room: int, evaluations: list) -> list:
+    """Of ``positions`` in ``evaluations`` (in order of seconds) at most ``room``, evenly over
+    their seconds: the first of each stretch of time that has one, the stretches as short as
+    fit.  Stretches are a power of two seconds long, counted from 0: each one of twice the
+    length is two of the last, so what a history thinned again keeps was kept the time
+    before, and no gap opens wider than two stretches (stretches moving with the run's length
+    dropped, thinning after thinning, the one record left in some: gaps of hours in a week)."""
+    if len(positions) <= room:
+        return positions
+    if room <= 0:
+        return []
+    seconds = [evaluations[i]["seconds"] for i in positions]
+    exponent = math.floor(math.log2(max(seconds[-1] - seconds[0], 1e-3) / room))
+    while True:
+        length = 2.0 ** exponent
+        chosen, stretches = [], set()
+        for i, s in zip(positions, seconds):
+            stretch = math.floor(s / length)
+            if stretch not in stretches:
+                stretches.add(stretch)
+                chosen.append(i)
+        if len(chosen) <= room:
+            return chosen
+        exponent += 1
 
 
 class RunningMean:

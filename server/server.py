@@ -65,7 +65,7 @@ import zmq
 from cnn_core.checkpoint import load_checkpoint, load_model_checkpoint, save_model_checkpoint
 from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
-from cnn_core.metrics import time_to_accuracy
+from cnn_core.metrics import thin_evaluations, time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.optim import build_optimizer
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, without_lost_updates
@@ -416,7 +416,10 @@ class ParameterServer:
         self.staleness = Counter()
         self.evaluations: list[dict] = []
         self._evaluation_at: dict[int, int] = {}    # version -> its record's index in evaluations
-        self._evaluations_before = 0                # records from earlier incarnations (resume)
+        # The newest version whose record the history's bound thinned out (-1: none): every version
+        # above it that was recorded is in the history, so none is recorded twice (see _is_recorded)
+        self._evaluations_thinned_through = -1
+        self._evaluations_reported = 0              # records this server made of evaluators' reports
         # The record of the newest version scored (status's test accuracy): not the last report, which
         # a second, slower evaluator may send for an older version.
         self.newest_evaluation: dict | None = None
@@ -439,7 +442,7 @@ class ParameterServer:
         # CURVE: a client that cannot mend its handshake by itself retries it every 0.1 s, until it stops
         self.log_handshakes = RateLimitedLog(log, ("refused handshake", "refused handshakes"), 1)
         # An honest evaluator with a tiny --every on a tiny --test-limit is refused most reports once past
-        # the history's bound, for the rest of the run: one line, then one a minute (as it warns itself)
+        # EVAL_RECORDS_AT_ONCE, for the rest of the run: one line, then one a minute (as it warns itself)
         self.log_too_many_evaluations = RateLimitedLog(
             log, ("eval_report refused as too many", "eval_reports refused as too many"), 1,
             " (summary.json's rejected_messages counts them all)", window_s=REMINDER_WINDOW_S)
@@ -514,13 +517,19 @@ class ParameterServer:
     # Evaluations one server records besides the final one: EVAL_RECORDS_AT_ONCE, then one more for
     # each second it has served.  A real evaluator reports one per --every (10 s by default), and
     # scoring the test set takes a while itself; an evaluator reporting every version, or every
-    # old version at once, grew the history (in memory, in every checkpoint, in summary.json) by a
-    # record per update, as fast as training made them.  A report beyond the bound is refused, not
-    # thinned into the history: thinning drops or moves records kept already (the earliest time to
-    # each accuracy, eval lines in metrics.jsonl), and one record a second is finer than any curve
-    # of the run needs; an honest evaluator with a tiny --every is told to evaluate less often.
+    # old version at once, wrote an eval line in metrics.jsonl (the full record, never thinned) per
+    # update, as fast as training made them.  A report beyond the bound is refused: one record a
+    # second is finer than any curve of the run needs; an honest evaluator with a tiny --every is
+    # told to evaluate less often.
     EVAL_RECORDS_AT_ONCE = 100
     EVAL_RECORDS_PER_S = 1.0
+    # The evaluation history (in memory, in every checkpoint, in summary.json) holds at most
+    # EVAL_HISTORY_CAP records, thinned by thin_evaluations: the bests (time to accuracy is the
+    # same), the finals, the EVAL_HISTORY_NEWEST newest, the rest spread over the run.  At one
+    # record per --every a week-long run made 60,000 (6 MB of JSON rewritten at every checkpoint);
+    # 1,000 are ~100 KB, and more points than a curve's 500 pixels show.
+    EVAL_HISTORY_CAP = 1000
+    EVAL_HISTORY_NEWEST = 100
 
     def _fail(self, reason: str, now: float) -> None:
         """Stop training for good: trainers are told to stop, the summary records why."""
@@ -1323,7 +1332,7 @@ class ParameterServer:
         # Scored already: a report would not be recorded (_on_eval_report), so the evaluator need not
         # spend seconds of CPU on it: a resumed run's checkpoint version, which an evaluator usually
         # scored before the restart; once training is over, a final evaluation the run has already.
-        scored = bool(self.final_eval) if done else version in self._evaluation_at
+        scored = bool(self.final_eval) if done else self._is_recorded(version)
         body = {"version": version, "epoch": self.work.epoch, "done": done, "updates": version, "scored": scored}
         if msg.body["have_version"] == version:
             arrays = {}
@@ -1340,9 +1349,9 @@ class ParameterServer:
         if not 0 <= version <= self.store.version:          # the evaluation history is indexed by it
             code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
         final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
-        if not problem and not final and version not in self._evaluation_at:       # a new record
+        if not problem and not final and not self._is_recorded(version):       # a new record
             allowed = self.EVAL_RECORDS_AT_ONCE + int(self.EVAL_RECORDS_PER_S * (now - self.t_start))
-            if len(self.evaluations) - self._evaluations_before >= allowed:
+            if self._evaluations_reported >= allowed:
                 code, problem = "too_many_evaluations", (
                     f"version {version} not recorded: this server records {self.EVAL_RECORDS_AT_ONCE} evaluations, "
                     f"then one for each second it has served ({allowed} so far); evaluate less often (--every)")
@@ -1366,6 +1375,7 @@ class ParameterServer:
                 self.final_eval = m
             self._reply(peer, P.Message(P.ACK))
             return
+        self._evaluations_reported += 1
         self._log_evaluation(record, m)
         log.info("evaluation of version %d: test accuracy %.4f, loss %s, %s test images%s", record["version"], acc,
                  "?" if loss is None else f"{loss:.4f}", "?" if m.get("count") is None else f"{m['count']:.0f}",
@@ -1395,18 +1405,27 @@ class ParameterServer:
                         test_samples=None if count is None else int(count),
                         per_class_accuracy=metrics.get("per_class_accuracy"), **extra)
 
+    def _is_recorded(self, version: int) -> bool:
+        """Whether ``version`` was recorded (or, at or below the newest version thinned out of the
+        history, may have been: not recorded now, as the history cannot tell)."""
+        return version in self._evaluation_at or version <= self._evaluations_thinned_through
+
     def _record_evaluation(self, record: dict) -> bool:
         """Add ``record`` to the evaluation history: one record per version.
 
         A version already recorded is not recorded again, except that a final
         evaluation replaces the periodic one of the same version.  So the
-        history (kept in memory, in every checkpoint and in summary.json) grows
-        with training, never with the number of reports.  False: not recorded.
+        history grows with training, never with the number of reports; past
+        EVAL_HISTORY_CAP records it is thinned.  False: not recorded.
         """
         at = self._evaluation_at.get(record["version"])
+        if at is None and self._is_recorded(record["version"]):
+            return False
         if at is None:
             self._evaluation_at[record["version"]] = len(self.evaluations)
             self.evaluations.append(record)
+            if len(self.evaluations) > self.EVAL_HISTORY_CAP:
+                self._thin_evaluations()
         elif record["final"] and not self.evaluations[at]["final"]:
             self.evaluations[at] = record
         else:
@@ -1414,6 +1433,15 @@ class ParameterServer:
         if self.newest_evaluation is None or record["version"] >= self.newest_evaluation["version"]:
             self.newest_evaluation = record
         return True
+
+    def _thin_evaluations(self) -> None:
+        """The history thinned to EVAL_HISTORY_CAP records (if over it), and indexed by version."""
+        kept = thin_evaluations(self.evaluations, self.EVAL_HISTORY_CAP, self.EVAL_HISTORY_NEWEST)
+        kept_ids = {id(e) for e in kept}
+        self._evaluations_thinned_through = max([self._evaluations_thinned_through,
+                                                 *(e["version"] for e in self.evaluations if id(e) not in kept_ids)])
+        self.evaluations = kept
+        self._evaluation_at = {e["version"]: i for i, e in enumerate(kept)}
 
     # ================================================================== housekeeping
     @property
@@ -1716,7 +1744,8 @@ class ParameterServer:
         """The checkpoint's meta besides the model's and the optimizer's: the run's state and history."""
         extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
                  "staleness": {str(k): v for k, v in self.staleness.items()},
-                 "evaluations": self.evaluations, "contributors": self.contributors,
+                 "evaluations": self.evaluations, "evaluations_thinned_through": self._evaluations_thinned_through,
+                 "contributors": self.contributors,
                  "workers_most": self.workers_most,
                  # what the run survived so far (summary.json's), not only since the last restart
                  "peers_dropped": dict(self.drops), "lease_requeues": self.work.requeued_total,
@@ -1789,8 +1818,11 @@ class ParameterServer:
         self.samples_applied = checked["samples_applied"]
         self.staleness = Counter(checked["staleness"])
         self.evaluations = checked["evaluations"]
-        self._evaluation_at = {e["version"]: i for i, e in enumerate(self.evaluations)}
-        self._evaluations_before = len(self.evaluations)
+        self._evaluations_thinned_through = checked["evaluations_thinned_through"]
+        self._thin_evaluations()        # a checkpoint of an earlier version kept every record
+        if len(self.evaluations) < len(checked["evaluations"]):
+            log.info("--resume: the checkpoint's %d evaluations thinned to %d (metrics.jsonl holds them all)",
+                     len(checked["evaluations"]), len(self.evaluations))
         self.newest_evaluation = max(self.evaluations, key=lambda e: e["version"], default=None)
         self.contributors = checked["contributors"]
         self.workers_before = checked["workers_most"]
@@ -1854,7 +1886,6 @@ class ParameterServer:
             except _Bad:    # hand-edited, or of a version the checkpoint does not hold: not this run's history
                 continue
             adopted += self._record_evaluation(record)
-        self._evaluations_before = len(self.evaluations)
         if adopted:
             log.info("--resume: %d evaluations logged after the checkpoint was written are kept in the run's "
                      "history", adopted)
@@ -1978,6 +2009,9 @@ class ParameterServer:
                            for k, v in _mapping(extra.get(key, {}), f"extra.{key}").items()}
         lease_requeues = _int(extra.get("lease_requeues", 0), "extra.lease_requeues")
         evaluations = []
+        # absent from checkpoints of earlier versions, which kept every record
+        thinned_through = _int(extra.get("evaluations_thinned_through", -1), "extra.evaluations_thinned_through",
+                               -1, step)
         raw = _field(extra, "evaluations", "extra.")
         if not isinstance(raw, list):
             raise _Bad("extra.evaluations", f"must be a list, got {_show(raw)}")
@@ -1995,7 +2029,8 @@ class ParameterServer:
                 "final": e["final"]})
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
                 "train_seconds": train_seconds, "wall_seconds": wall_seconds, "staleness": staleness, "contributors": dict(contributors),
-                "workers_most": workers_most, "evaluations": evaluations, "warnings": warnings,
+                "workers_most": workers_most, "evaluations": evaluations,
+                "evaluations_thinned_through": thinned_through, "warnings": warnings,
                 "lease_requeues": lease_requeues, "final_eval": self._checked_final_eval(extra),
                 "optimizer": saved_opt if changed and finished else None, **counts}
 

@@ -1,5 +1,6 @@
 """What the test modules share: an error as the user sees it, one line naming the problem; a
-process interrupted with Ctrl-C at the right moment, and one started so that Ctrl-C reaches it.
+process interrupted with Ctrl-C at the right moment, and one started so that Ctrl-C reaches it;
+the records of an evaluation history that set a new best.
 
 A module, not conftest.py: conftest holds fixtures, and pytest does not mean it to be imported.
 """
@@ -76,6 +77,16 @@ def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str)
             proc.wait(10)
     return err
 
+
+
+def new_bests(history: list[dict]) -> list[dict]:
+    """The evaluation records of ``history`` that set a new best test accuracy, in order of seconds."""
+    best, bests = -1.0, []
+    for e in sorted(history, key=lambda e: e["seconds"]):
+        if e["test_accuracy"] > best:
+            best = e["test_accuracy"]
+            bests.append(e)
+    return bests
 
 class NoProcesses:
     """LocalCluster's surface for ``pscnn run`` (launcher.run_from_args), starting nothing."""

@@ -9,8 +9,9 @@ import pytest
 from cnn_core.errors import ConfigError, ShapeError
 from cnn_core.losses import softmax_cross_entropy
 from cnn_core.metrics import (RunningMean, accuracy, confusion_matrix, evaluate, per_class_accuracy,
-                              precision_recall, time_to_accuracy)
+                              precision_recall, thin_evaluations, time_to_accuracy)
 from cnn_core.model import build_model
+from helpers import new_bests
 
 # 3 classes, 8 samples.  Class 2 is never predicted; pairs (true, pred):
 # (0,0) (0,0) (0,1) (1,1) (1,1) (1,0) (2,1) (2,0)
@@ -240,3 +241,58 @@ def test_time_to_accuracy_counts_numpy_accuracies():
                                          "0.95": {"seconds": 1.0, "version": 10},
                                          "0.98": {"seconds": 2.0, "version": 20},
                                          "0.99": {"seconds": 2.0, "version": 20}}
+
+
+def _week_of_evaluations(count: int, seed: int = 0) -> list[dict]:
+    """``count`` records as a server's history holds them: one per 10 s, each timed when its weights
+    were pulled (a slower second evaluator's come in late: seconds out of order), accuracy climbing
+    to ~99% with noise, a diverged dip scored as None-less NaN loss aside; the last one final."""
+    rng = np.random.default_rng(seed)
+    history = []
+    for i in range(count):
+        accuracy = 0.991 - 0.89 * math.exp(-i / 300) + rng.normal(0, 0.002)
+        history.append({"seconds": round(max(0.0, 10.0 * i - rng.uniform(0, 25)), 3), "version": 7 * i,
+                        "test_accuracy": float(np.clip(round(accuracy, 4), 0, 1)), "test_loss": 0.05,
+                        "final": False})
+    history[-1]["final"] = True
+    return history
+
+
+def _by_time(history: list[dict]) -> list[dict]:
+    return sorted(history, key=lambda e: e["seconds"])
+
+
+def test_a_thinned_history_keeps_the_bests_the_finals_the_newest_and_the_time_to_accuracy():
+    """The server kept every evaluation record: a week at one per 10 s is 60,000 of them, megabytes
+    of JSON in every checkpoint.  Thinned to the cap, at once (an old checkpoint's) or a record at
+    a time (the server's), a history keeps, in order, every record that set a new best (so the time
+    to each accuracy is the same), the final one, the newest, and the rest spread over the run."""
+    full = _week_of_evaluations(60_000)
+    streamed: list[dict] = []
+    for record in full:
+        streamed.append(record)
+        if len(streamed) > 1000:
+            streamed = thin_evaluations(streamed, cap=1000, newest=100)
+    for thinned in (thin_evaluations(full, cap=1000, newest=100), streamed):
+        assert 500 <= len(thinned) <= 1000      # stretches twice as long as fit keep half the room at least
+        assert time_to_accuracy(_by_time(thinned)) == time_to_accuracy(_by_time(full))
+        assert len(time_to_accuracy(_by_time(full))) == 4          # every milestone is there to keep
+        place = {id(e): i for i, e in enumerate(full)}
+        assert [place[id(e)] for e in thinned] == sorted(place[id(e)] for e in thinned)     # in order
+        kept = {id(e) for e in thinned}
+        assert all(id(e) in kept for e in new_bests(full)) and thinned[-100:] == full[-100:]
+        seconds = [e["seconds"] for e in _by_time(thinned)]
+        # spread: no stretch of the week without a record (a stretch is ~700 s here)
+        assert seconds[0] == 0.0 and max(b - a for a, b in zip(seconds, seconds[1:])) < 3_000
+    assert thin_evaluations(full[:1000], cap=1000, newest=100) == full[:1000]
+
+
+def test_a_history_of_ever_better_reports_is_bounded_and_keeps_its_time_to_accuracy():
+    """Bests alone can pass the cap (a hostile evaluator reports each a hair better than the last):
+    they are spread over the run too, but the first at each milestone stays."""
+    full = [{"seconds": float(i), "version": i, "test_accuracy": 0.1 + 0.9 * i / 5000, "test_loss": None,
+             "final": False} for i in range(5000)]
+    full[2500]["test_accuracy"] = math.nan      # not a number: never a best
+    thinned = thin_evaluations(full, cap=200, newest=20)
+    assert len(thinned) <= 200 and thinned[-20:] == full[-20:]
+    assert time_to_accuracy(thinned) == time_to_accuracy(full) != {}

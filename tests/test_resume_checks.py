@@ -36,14 +36,16 @@ import zmq
 
 from cnn_core.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint, save_model_checkpoint
 from cnn_core.errors import CheckpointError
+from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import build_model
 from cnn_core.optim import build_optimizer
 from pscnn import protocol as P
 from pscnn.cli import main, parse_args
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
 from server.server import ParameterServer
-from helpers import error_line
-from test_server_robustness import InProcess, Raw, grads_like, push_body, start_serving
+from helpers import error_line, new_bests
+from test_server_robustness import (InProcess, Raw, _climbing_accuracy, _evaluator, _push_all, _report, _trainer,
+                                   grads_like, push_body, start_serving)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -282,6 +284,8 @@ META_EDITS = {
     "evaluation final 1": (_eval(final=1), "field extra.evaluations[0].final must be true or false"),
     "evaluation seconds missing": (lambda m: m["extra"]["evaluations"][0].pop("seconds"),
                                    "field extra.evaluations[0].seconds is missing"),
+    "evaluations thinned past the step": (_set("extra", "evaluations_thinned_through", value=99),
+                                          "field extra.evaluations_thinned_through is 99, outside -1..3"),
     "work missing": (_del("extra", "work"), "field extra.work is missing"),
     "mode missing": (_del("extra", "mode"), "field extra.mode is missing"),
     "seed text": (_set("extra", "seed", value="zero"), "field extra.seed must be an integer"),
@@ -573,6 +577,41 @@ def test_evaluations_logged_after_the_checkpoint_stay_in_the_history_and_are_not
         second.close()
         second.srv.writer.close()
     assert [e["version"] for e in eval_lines(run)] == [2, 3, 4]     # version 3 logged once
+
+
+def test_a_checkpoint_with_a_longer_history_than_kept_now_is_thinned_on_resume(tmp_path, monkeypatch, caplog):
+    """A checkpoint written before the history was bounded holds every record: --resume thins it
+    to EVAL_HISTORY_CAP (the bests: the time to accuracy stays; the final; the newest), and adopts
+    none of metrics.jsonl's records of the versions thinned out."""
+    first = InProcess(tmp_path / "run", epochs=16)          # 160 updates, each one scored
+    try:
+        _push_all(first, _trainer(first))
+        first.srv.EVAL_RECORDS_AT_ONCE = 1000               # not the bound on how fast reports come
+        ev = _evaluator(first)
+        for version in range(first.srv.store.version):
+            _report(first, ev, version, False, _climbing_accuracy(version))
+        _report(first, ev, first.srv.store.version, True, 0.995)
+        assert first.srv._checkpoint()
+    finally:
+        first.close()
+        first.srv.writer.close()
+    edit_meta(tmp_path / "run", lambda meta: meta["extra"].pop("evaluations_thinned_through", None))
+    every = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[1]["extra"]["evaluations"]
+    assert len(every) == 161
+    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_CAP", 40, raising=False)
+    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_NEWEST", 5, raising=False)
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        again = InProcess(tmp_path / "run", epochs=16, resume=True)
+    try:
+        kept = again.srv.evaluations
+        assert len(kept) <= 40 and kept[-5:] == every[-5:] and kept[-1]["final"]
+        assert all(e in kept for e in new_bests(every))
+        by_time = sorted(every, key=lambda e: e["seconds"])
+        assert time_to_accuracy(sorted(kept, key=lambda e: e["seconds"])) == time_to_accuracy(by_time)
+        assert f"--resume: the checkpoint's 161 evaluations thinned to {len(kept)}" in caplog.text
+    finally:
+        again.close()
+        again.srv.writer.close()
 
 
 # ---------------------------------------------------------------- pscnn server --auto-resume (Compose's)

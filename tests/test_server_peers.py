@@ -3,6 +3,7 @@ peer making up ids, can make the server keep or log.  In-process servers (``in_p
 message by message over loopback sockets."""
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -12,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from cnn_core.checkpoint import load_checkpoint
+from cnn_core.metrics import time_to_accuracy
+from helpers import new_bests
 from pscnn import protocol as P
+from server.server import ParameterServer
 from test_server_robustness import in_process  # noqa: F401  (a fixture)
-from test_server_robustness import _evaluator, _push_all, _report, _trainer, grads_like, push_body
+from test_server_robustness import (_climbing_accuracy, _evaluator, _push_all, _report, _trainer, grads_like,
+                                   push_body)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,6 +136,53 @@ def test_an_evaluator_reporting_every_version_cannot_grow_the_history_past_its_b
     _report(server, ev, srv.store.version, True, 0.75)     # the final one, past the bound
     assert srv.evaluations[-1] == {**srv.evaluations[-1], "version": srv.store.version, "final": True}
     assert srv.final_eval["test_accuracy"] == 0.75 and server.call(ev, P.STATUS).type == P.STATUS
+
+
+def test_a_long_stream_of_evaluations_is_kept_in_a_bounded_history(in_process, monkeypatch):
+    """The history (in memory, in every checkpoint, in summary.json) kept every record: a week-long
+    run's 60,000, megabytes of JSON rewritten at every checkpoint.  Past EVAL_HISTORY_CAP it is
+    thinned: the bests (summary.json's time to accuracy is that of every record), the final one,
+    the newest; metrics.jsonl keeps every record.  A version thinned out is not recorded again,
+    by this server or by one resumed from its checkpoint (which would adopt the logged ones)."""
+    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_CAP", 40, raising=False)
+    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_NEWEST", 5, raising=False)
+    server = in_process(epochs=16)                      # 160 updates
+    _push_all(server, _trainer(server))
+    srv = server.srv
+    srv.EVAL_RECORDS_AT_ONCE = 1000                     # not the bound on how fast reports come
+    ev = _evaluator(server)
+    for version in range(srv.store.version):
+        _report(server, ev, version, False, _climbing_accuracy(version))
+    _report(server, ev, srv.store.version, True, 0.995)
+    assert len(srv.evaluations) <= 40 and srv.evaluations[-1]["final"]
+    assert [e["version"] for e in srv.evaluations[-5:]] == list(range(srv.store.version - 4, srv.store.version + 1))
+    srv.writer.flush()
+    logged = [json.loads(line) for line in Path(srv.writer.metrics_path).read_text().splitlines()]
+    every = [{"seconds": r["train_seconds"], "version": r["version"], "test_accuracy": r["test_accuracy"]}
+             for r in logged if r["kind"] == "eval"]
+    assert [e["version"] for e in every] == list(range(srv.store.version + 1))
+    srv._write_summary(time.monotonic())
+    summary = json.loads((Path(srv.cfg.out) / "summary.json").read_text())
+    assert len(summary["evaluations"]) == len(srv.evaluations)
+    by_time = sorted(every, key=lambda e: e["seconds"])
+    assert summary["time_to_accuracy"] == time_to_accuracy(by_time) and len(summary["time_to_accuracy"]) == 4
+    kept = {e["version"] for e in srv.evaluations}
+    assert all(e["version"] in kept for e in new_bests(every))
+
+    thinned_out = next(v for v in range(srv.store.version) if v not in srv._evaluation_at)
+    _report(server, ev, thinned_out, False, 0.5)        # acknowledged, not recorded again
+    assert thinned_out not in srv._evaluation_at
+    assert srv._checkpoint()
+    srv.writer.close()
+    kept = load_checkpoint(Path(srv.cfg.out) / "checkpoint.npz")[1]["extra"]["evaluations"]
+    assert kept == srv.evaluations
+    again = in_process(Path(srv.cfg.out), epochs=16, resume=True)
+    assert again.srv.evaluations == kept                # none of metrics.jsonl's thinned-out ones adopted
+    _report(again, _evaluator(again), thinned_out, False, 0.5)
+    again.srv.writer.flush()
+    evals = [r for r in map(json.loads, Path(again.srv.writer.metrics_path).read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert len(evals) == len(every)
 
 
 def test_a_hello_whose_name_no_client_could_have_is_refused(in_process):
