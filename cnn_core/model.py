@@ -26,6 +26,7 @@ from .errors import ConfigError, ShapeError, SpecError
 from .flat import FlatArrays, all_finite
 from .layers import LAYER_TYPES, BatchNorm2D, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
 from .losses import check_labels, label_range_error, softmax_cross_entropy
+from .text import for_count
 
 
 def _cnn_preset(c1: int, c2: int, hidden: int) -> dict:
@@ -129,11 +130,11 @@ def _make_layer(entry, counters: dict):
     unknown = [key for key in entry if key not in options]
     if unknown:
         listed = f"options: {', '.join(options)}" if options else "it takes no options"
-        raise SpecError(f"{kind} {name!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+        raise SpecError(f"{kind} {name!r}: unknown {for_count(len(unknown), 'option')} "
                         f"{', '.join(map(repr, unknown))} ({listed})")
     missing = [key for key in required if key not in entry]
     if missing:
-        raise SpecError(f"{kind} {name!r}: missing option{'s' if len(missing) > 1 else ''} "
+        raise SpecError(f"{kind} {name!r}: missing {for_count(len(missing), 'option')} "
                         f"{', '.join(map(repr, missing))}")
     if cls is Residual:
         inner = entry.pop("layers", None)

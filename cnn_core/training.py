@@ -66,6 +66,7 @@ from .metrics import evaluate
 from .model import build_model
 from .optim import build_optimizer
 from .runlog import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunLogError, RunWriter, make_plots, to_jsonable
+from .text import for_count
 
 __all__ = ["train", "train_from_args", "default_config", "resolve_config", "format_report", "DivergenceError",
            "check_model_fits_mnist"]
@@ -224,9 +225,9 @@ def train(config: dict, progress: bool = True) -> dict:
 
     out_dir = Path(cfg["out"])
     writer = RunWriter(out_dir, cfg)
-    log.info("%s model (%s parameters) on %s; %s training images x %d epoch%s = %d updates of %d; "
+    log.info("%s model (%s parameters) on %s; %s training images x %d %s = %d updates of %d; "
              "%s test images; run folder %s", _model_name(cfg["model"]), f"{model.num_parameters():,}",
-             cfg["device"], f"{len(x_train):,}", cfg["epochs"], "" if cfg["epochs"] == 1 else "s",
+             cfg["device"], f"{len(x_train):,}", cfg["epochs"], for_count(cfg["epochs"], "epoch"),
              planned_updates, cfg["batch_size"], f"{len(x_test):,}", out_dir)
     writer.log("start", model=_model_name(cfg["model"]), parameters=model.num_parameters(),
                train_samples=len(x_train), test_samples=len(x_test), batch_size=cfg["batch_size"],
@@ -633,7 +634,7 @@ def format_report(summary: dict) -> str:
     epochs = get("epochs")
     model = _model_name(get("model")) if get("model") is not None else "?"
     lines.append(f"{model} model, {opt.get('name', '?')} lr {opt.get('lr', '?')}, "
-                 f"batch {get('batch_size', '?')}, {_fmt(epochs, 'd')} epoch{'' if epochs == 1 else 's'} "
+                 f"batch {get('batch_size', '?')}, {_fmt(epochs, 'd')} {for_count(epochs, 'epoch')} "
                  f"({_fmt(get('updates'), ',')} updates) on {_fmt(get('train_samples'), ',')} training images, "
                  f"{get('device', '?')}")
     if get("status") == "diverged":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
+from cnn_core.text import for_count
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS
 from server.server import (CHECKPOINT_NAME, DROPPED_FOR_NAN, ParameterServer, check_model_travels,
@@ -415,7 +416,7 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
         bar, codes = None, {}
         try:                            # from the first child on: a signal must stop every one started
             print(f"pscnn run: server on {cluster.endpoint}{' (CURVE)' if cluster.keys else ''}, "
-                  f"{counted(workers, 'worker')}, mode {args.mode}, "
+                  f"{workers} {for_count(workers, 'worker')}, mode {args.mode}, "
                   f"logs in {cluster.logs}", file=sys.stderr)
             if trained:
                 _say(f"pscnn run: the run in {outputs.out} has trained its {args.epochs} epochs already; "
@@ -756,11 +757,6 @@ def print_report(summary_path: Path) -> None:
             pass
 
 
-def counted(n: int, noun: str) -> str:
-    """``1 worker``, ``2 workers``: the report's counts."""
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
 def _print_report(s: dict, summary_path: Path) -> None:
     def number(key: str) -> str:
         value = s.get(key)
@@ -768,8 +764,8 @@ def _print_report(s: dict, summary_path: Path) -> None:
 
     stale = s.get("staleness", {})
     diverged = s.get("status") == "diverged"    # its error says why: "training diverged: ..."
-    print(f"\nrun {'stopped' if diverged else 'finished'}: mode {s['mode']}, {counted(s['workers'], 'worker')}, "
-          f"{counted(s['epochs'], 'epoch')}")
+    print(f"\nrun {'stopped' if diverged else 'finished'}: mode {s['mode']}, "
+          f"{s['workers']} {for_count(s['workers'], 'worker')}, {s['epochs']} {for_count(s['epochs'], 'epoch')}")
     if diverged:
         print(f"  why                {s.get('error')}")
     print(f"  test accuracy      {number('test_accuracy')}")
@@ -780,8 +776,8 @@ def _print_report(s: dict, summary_path: Path) -> None:
     # gradient's weights: with N workers a max of (bound + 1) * N - 1 keeps to it ("max 2 (bound 0)" read broken)
     bound = s.get("staleness_bound")
     print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)} versions"
-          + (f" (ssp: each worker at most {bound} push{'es' * (bound != 1)} ahead of the slowest)" if bound is not None
-             else ""))
+          + (f" (ssp: each worker at most {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest)"
+             if bound is not None else ""))
     print(f"  evaluations        {len(s.get('evaluations', []))}")
     dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
     faulty = (s.get("peers_dropped") or {}).get(DROPPED_FOR_NAN, 0)    # such a trainer exited 3 (named above)
@@ -789,8 +785,9 @@ def _print_report(s: dict, summary_path: Path) -> None:
     refused = sum((s.get("rejected_messages") or {}).values())
     if dead or requeued or refused:     # what the run survived (every incarnation of its server)
         print(f"  faults             {dead} declared dead, "
-              + (f"{counted(faulty, 'trainer')} {DROPPED_FOR_NAN}, " if faulty else "")
-              + f"{counted(requeued, 'lease')} requeued, {counted(refused, 'message')} refused")
+              + (f"{faulty} {for_count(faulty, 'trainer')} {DROPPED_FOR_NAN}, " if faulty else "")
+              + f"{requeued} {for_count(requeued, 'lease')} requeued, "
+              + f"{refused} {for_count(refused, 'message')} refused")
     reached = s.get("time_to_accuracy")
     if reached is not None and s.get("evaluations"):    # not in a summary from before the field
         # those never reached named, not left out: a run short of 90% had no line, as if it had no field

@@ -1,21 +1,18 @@
 """Log lines of one kind at a bounded rate: the server's and the evaluator's, one helper for both.
 
-It imports only the standard library, so the server and its clients share it
-as they share :mod:`pscnn.protocol`.
+It imports only the standard library and :mod:`cnn_core.text` (its counts' words), so the
+server and its clients share it as they share :mod:`pscnn.protocol`.
 """
 from __future__ import annotations
 
 import logging
 import time
 
+from cnn_core.text import for_count
+
 # The window of a line that may repeat for a whole run (a refused evaluation report): the first one,
 # then at most one a minute, with the count of those held back
 REMINDER_WINDOW_S = 60.0
-
-
-def for_count(count: int, one: str, many: str) -> str:
-    """The word of the two that goes with ``count``: ``one`` for 1 ("report", "was"), else ``many``."""
-    return one if count == 1 else many
 
 
 class RateLimitedLog:
