@@ -69,6 +69,7 @@ from cnn_core.metrics import thin_evaluations, time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.optim import build_optimizer
 from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, without_lost_updates
+from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
 from pscnn import protocol as P
@@ -138,9 +139,10 @@ def raise_open_files_limit(max_workers: int) -> str | None:
     if soft >= needed:
         return None
     fit = max(1, (soft - FILES_BESIDES_PEERS) // (2 * CONNECTIONS_PER_PEER))
-    return (f"this server may open {soft} files at once (ulimit -n), but --max-workers {max_workers} trainers and as "
-            f"many evaluators need up to {needed}: peers beyond the limit would go unanswered and the checkpoint "
-            f"could not be written; raise the hard limit (ulimit -Hn) or run with --max-workers {fit}")
+    return (f"this server may open {soft} files at once (ulimit -n), but --max-workers {max_workers} "
+            f"{for_count(max_workers, 'trainer')} and as many evaluators need up to {needed}: peers beyond the limit "
+            f"would go unanswered and the checkpoint could not be written; raise the hard limit (ulimit -Hn) "
+            f"or run with --max-workers {fit}")
 
 
 def training_set_size(train_limit: int) -> int:
@@ -607,11 +609,13 @@ class ParameterServer:
             if self._stop_requested and old_handlers:
                 ignore_stop_signals()   # stopping: a repeat must not cut the outputs short (see there)
             raise
-        log.info("listening on %s%s: mode=%s%s, %d epochs x %d batches of %d, model %s (%s params), "
+        keys = len(self.keys.authorized) if self.keys else 0
+        log.info("listening on %s%s: mode=%s%s, %d %s x %d %s of %d, model %s (%s params), "
                  "optimizer %s", self.cfg.bind,
-                 f" (CURVE: {len(self.keys.authorized)} authorized client keys)" if self.keys else "", self.cfg.mode,
+                 f" (CURVE: {keys} authorized client {for_count(keys, 'key')})" if self.keys else "", self.cfg.mode,
                  f" (staleness {self.cfg.staleness})" if self.cfg.mode == "ssp" else "",
-                 self.cfg.epochs, self.work.batches_per_epoch, self.cfg.batch_size,
+                 self.cfg.epochs, for_count(self.cfg.epochs, "epoch"), self.work.batches_per_epoch,
+                 for_count(self.work.batches_per_epoch, "batch", "batches"), self.cfg.batch_size,
                  self.cfg.model if isinstance(self.cfg.model, str) else "custom",
                  f"{self.store.model.num_parameters():,}", self.store.optimizer.config()["name"])
         if self._resumed_text:
@@ -1063,8 +1067,9 @@ class ParameterServer:
                            b["batch"], exc, "; batch requeued" if requeued else "")
             if non_finite and self._diverged(now):
                 self._reply(peer, P.error(exc.code, str(exc)))
-                self._fail(f"training diverged: the last {self.nonfinite_streak} pushes, from "
-                           f"{len(self.nonfinite_senders)} trainer(s), had a NaN or Inf loss or gradient (weights of "
+                senders = len(self.nonfinite_senders)
+                self._fail(f"training diverged: the last {self.nonfinite_streak} pushes, from {senders} "
+                           f"{for_count(senders, 'trainer')}, had a NaN or Inf loss or gradient (weights of "
                            f"version {self.store.version}). {TrainingDiverged.ADVICE}", now)
                 return
             if non_finite and peer.nonfinite_streak >= self.NONFINITE_LIMIT:
@@ -1196,7 +1201,9 @@ class ParameterServer:
                 staleness=staleness, **mean, timeline=self._timeline(contributions))
         if self.work.done and self.t_train_end is None:
             self.t_train_end = now
-            log.info("training finished: %d updates, %d samples applied", self.store.version, self.samples_applied)
+            log.info("training finished: %d %s, %d %s applied", self.store.version,
+                     for_count(self.store.version, "update"), self.samples_applied,
+                     for_count(self.samples_applied, "sample"))
             # Now, before any reply says training is over: trainers told so exit for good, and a
             # server killed before its end's checkpoint resumed from an older one with none left.
             self._checkpoint()
@@ -1697,7 +1704,8 @@ class ParameterServer:
             log.warning("plots failed: %s", exc)
         self.summary_written = True
         acc = m.get("test_accuracy")
-        log.info("run complete: %d updates, test accuracy %s, %.1f img/s; wrote %s", self.store.version,
+        log.info("run complete: %d %s, test accuracy %s, %.1f img/s; wrote %s", self.store.version,
+                 for_count(self.store.version, "update"),
                  f"{acc:.4f}" if isinstance(acc, float) else "n/a", summary["train_images_per_second"],
                  self.cfg.out)
 
@@ -1887,8 +1895,8 @@ class ParameterServer:
                 continue
             adopted += self._record_evaluation(record)
         if adopted:
-            log.info("--resume: %d evaluations logged after the checkpoint was written are kept in the run's "
-                     "history", adopted)
+            log.info("--resume: %d %s logged after the checkpoint was written %s kept in the run's history", adopted,
+                     for_count(adopted, "evaluation"), for_count(adopted, "is", "are"))
 
     def _check_resume_meta(self, path: str, meta: dict) -> dict:
         """The values ``_resume`` takes from ``meta``, checked; _Bad or CheckpointError otherwise."""
@@ -1974,19 +1982,22 @@ class ParameterServer:
             raise _Bad("extra.work.applied", f"lists {len(applied)} applied batches after the run's last epoch "
                        f"(extra.work.epoch is {epoch} of {run_epochs}: none can be)")
         if len(applied) >= batches:
-            raise _Bad("extra.work.applied", f"lists all {batches} batches of epoch {epoch} (a finished epoch is "
-                       f"recorded as the next one's start, with none applied)")
+            raise _Bad("extra.work.applied", f"lists all {batches} {for_count(batches, 'batch', 'batches')} of epoch "
+                       f"{epoch} (a finished epoch is recorded as the next one's start, with none applied)")
         if applied and epoch == cfg.epochs:     # its weights hold those batches: the run would end past its end
-            raise mismatch("--epochs", run_epochs, cfg.epochs, f"it is {len(applied)} batches into epoch {epoch + 1} "
-                           f"already; resume with --epochs {epoch + 1} (or more, to train longer)")
+            raise mismatch("--epochs", run_epochs, cfg.epochs,
+                           f"it is {len(applied)} {for_count(len(applied), 'batch', 'batches')} into epoch "
+                           f"{epoch + 1} already; resume with --epochs {epoch + 1} (or more, to train longer)")
         finished = epoch == cfg.epochs          # (none applied after it: refused above)
         if changed:
             differ = f"--resume: this run's optimizer settings differ from the checkpoint's ({'; '.join(changed)})"
-            warnings.append(f"{differ}: the run has trained its {cfg.epochs} epochs already, so nothing trains "
-                            "with them; its results keep the settings that trained it" if finished else
+            warnings.append(f"{differ}: the run has trained its {cfg.epochs} {for_count(cfg.epochs, 'epoch')} already, "
+                            "so nothing trains with them; its results keep the settings that trained it"
+                            if finished else
                             f"{differ}: training continues with this run's")
         if run_epochs != cfg.epochs:
-            log.info("--resume: training for %d epochs; the checkpoint's run had %d", cfg.epochs, run_epochs)
+            log.info("--resume: training for %d %s; the checkpoint's run had %d", cfg.epochs,
+                     for_count(cfg.epochs, "epoch"), run_epochs)
         samples_applied = _int(_field(extra, "samples_applied", "extra."), "extra.samples_applied")
         train_seconds = _number(_field(extra, "train_seconds", "extra."), "extra.train_seconds")
         # absent from checkpoints of earlier versions: their training seconds, as their summaries counted

@@ -939,7 +939,7 @@ def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_i
     """The server exits 1 once a diverged run's summary is written: its exit came with the last
     20 lines of its log (rejected pushes, mostly) above a report saying the same; now one line
     says why."""
-    error = "training diverged: the last 8 pushes, from 2 trainer(s), had a NaN or Inf loss or gradient"
+    error = "training diverged: the last 8 pushes, from 2 trainers, had a NaN or Inf loss or gradient"
     err = err_of_a_server_exiting_with(stand_ins, capsys, "02:03:40 WARNING server: rejected push from worker-0",
                                        f"pscnn server: {error}", {"batches_done": 4, "error": error})
     assert f"pscnn run: the server exited with 1: {error}\n" in err
@@ -1303,7 +1303,7 @@ def test_ctrl_c_once_the_run_has_ended_exits_as_the_run_did(status, tmp_path, mo
     """Ctrl-C while the clients of an ended run were exiting: the report, and 0 for a complete run.
     A diverged one exited 0 too, below "its results are complete", where it exits 1 uninterrupted."""
     out = tmp_path / "run"
-    error = "training diverged: the last 8 pushes, from 2 trainer(s), had a NaN or Inf loss or gradient"
+    error = "training diverged: the last 8 pushes, from 2 trainers, had a NaN or Inf loss or gradient"
 
     def ended_then_interrupted(cluster, bar):
         out.mkdir(exist_ok=True)

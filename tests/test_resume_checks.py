@@ -547,7 +547,7 @@ def eval_lines(folder: Path) -> list[dict]:
     return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
 
 
-def test_evaluations_logged_after_the_checkpoint_stay_in_the_history_and_are_not_logged_twice(run):
+def test_evaluations_logged_after_the_checkpoint_stay_in_the_history_and_are_not_logged_twice(run, caplog):
     """A server killed after its last checkpoint had logged evaluations the checkpoint does not
     hold: of its own version (and of older ones: an evaluator's report arrives while training
     goes on).  The resumed server's history (summary.json's evaluations) had left them out, and
@@ -569,9 +569,13 @@ def test_evaluations_logged_after_the_checkpoint_stay_in_the_history_and_are_not
     with open(run / "metrics.jsonl", "a") as fh:    # and an evaluation of an update the resume loses
         fh.write(json.dumps({**eval_lines(run)[-1], "version": 4, "test_accuracy": 0.8}) + "\n")
 
+    caplog.set_level(logging.INFO, logger="pscnn.server")
     second = resumed()
     try:
         assert [(e["version"], e["test_accuracy"]) for e in second.srv.evaluations] == [(2, 0.5), (3, 0.75)]
+        # it said "1 evaluations ... are kept"
+        assert ("--resume: 1 evaluation logged after the checkpoint was written is kept in the run's history"
+                in caplog.messages)
         report(second, 3, 0.76)         # the rejoined evaluator scores the checkpoint's version again
     finally:
         second.close()

@@ -1600,7 +1600,7 @@ def test_a_push_after_the_run_diverged_is_not_applied(tmp_path):
             assert nan.call(P.PUSH, push_body(task, loss=None)).type == P.ERROR
         assert not s.status()["done"] and s.status()["error"] is None   # seven, from one of the two trainers
         assert late.call(P.PUSH, push_body(held, loss=None)).type == P.ERROR
-        s.wait_log(r"ERROR.*training diverged: the last 8 pushes, from 2 trainer\(s\), had a NaN", 0)
+        s.wait_log(r"ERROR.*training diverged: the last 8 pushes, from 2 trainers, had a NaN", 0)
         assert s.status()["error"].startswith("training diverged: the last 8 pushes")    # status says why it is done
         reply = late.call(P.PUSH, push_body(held), grads_like(held.arrays))
         assert reply.type == P.STOP and reply.body["ack"] == {"applied": False, "reason": "training is over"}, reply
@@ -1688,7 +1688,7 @@ def test_nan_pushes_stop_the_run_once_the_only_other_trainer_stopped_working(in_
     for i in range(ParameterServer.NONFINITE_LIMIT):
         reply = server.call(bad, P.PUSH, push_body(server.call(bad, P.WORK), loss=None))
         assert reply.type == P.ERROR, (i, reply.body)
-    assert server.srv.failure.startswith("training diverged: the last 8 pushes, from 1 trainer(s), had a NaN")
+    assert server.srv.failure.startswith("training diverged: the last 8 pushes, from 1 trainer, had a NaN")
 
 
 def test_a_trainer_at_work_still_vouches_for_the_weights_after_the_server_was_stopped(in_process, monkeypatch):
@@ -2249,6 +2249,16 @@ def test_no_work_is_handed_out_until_the_awaited_trainers_ask_for_it(tmp_path):
         st = s.status()
         assert st["started"] is True and st["ready"] == 0
         s.wait_log(r"all 2 trainers waited for are ready", since)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("count, words", [(1, "1 epoch x 1 batch of 64"), (2, "2 epochs x 2 batches of 64")])
+def test_the_listening_line_counts_epochs_and_batches_in_agreement(tmp_path, count, words):
+    """A one-epoch run of one batch logged "1 epochs x 1 batches of 64"."""
+    s = Server(tmp_path, ["--epochs", str(count), "--train-limit", str(64 * count)])
+    try:
+        s.wait_log(rf"listening on .*: mode=async, {words}, model light", 0)
     finally:
         s.close()
 
