@@ -419,7 +419,8 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
                   f"{workers} {for_count(workers, 'worker')}, mode {args.mode}, "
                   f"logs in {cluster.logs}", file=sys.stderr)
             if trained:
-                _say(f"pscnn run: the run in {outputs.out} has trained its {args.epochs} epochs already; "
+                _say(f"pscnn run: the run in {outputs.out} has trained its {args.epochs} "
+                     f"{for_count(args.epochs, 'epoch')} already; "
                      + ("its results are written again from its checkpoint" if scored else
                         "its final weights are scored and its results written"))
             cluster.start_server(flags_from(args, SERVER_FLAGS))
@@ -770,12 +771,14 @@ def _print_report(s: dict, summary_path: Path) -> None:
         print(f"  why                {s.get('error')}")
     print(f"  test accuracy      {number('test_accuracy')}")
     print(f"  test loss          {number('test_loss')}")
-    print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} samples)")
+    print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} "
+          f"{for_count(s['samples_applied'], 'sample')})")
     print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
     # ssp's bound is in pushes ahead of the slowest worker, staleness in versions applied since the
     # gradient's weights: with N workers a max of (bound + 1) * N - 1 keeps to it ("max 2 (bound 0)" read broken)
     bound = s.get("staleness_bound")
-    print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {stale.get('max', 0)} versions"
+    most = stale.get("max", 0)
+    print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {most} {for_count(most, 'version')}"
           + (f" (ssp: each worker at most {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest)"
              if bound is not None else ""))
     print(f"  evaluations        {len(s.get('evaluations', []))}")

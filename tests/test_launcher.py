@@ -1270,6 +1270,18 @@ def test_the_final_report_of_an_ssp_run_gives_its_staleness_bound(tmp_path, caps
             "slowest)\n") in out
     out = report_of(tmp_path, capsys, staleness_bound=None)          # sync or async: no bound
     assert "  staleness          mean 0.00, max 0 versions\n" in out
+    # it said "max 1 versions (... at most 1 pushes ...)"
+    out = report_of(tmp_path, capsys, mode="ssp", staleness_bound=1, staleness={"mean": 0.5, "max": 1})
+    assert ("  staleness          mean 0.50, max 1 version (ssp: each worker at most 1 push ahead of the "
+            "slowest)\n") in out
+
+
+def test_the_final_report_counts_agree_with_their_nouns(tmp_path, capsys):
+    """A run of one update of one sample said "(1 samples)"."""
+    out = report_of(tmp_path, capsys, workers=1, epochs=1, updates=1, samples_applied=1)
+    assert "finished: mode sync, 1 worker, 1 epoch\n" in out and "  updates            1  (1 sample)\n" in out
+    out = report_of(tmp_path, capsys, workers=2, epochs=2, updates=2, samples_applied=2)
+    assert "finished: mode sync, 2 workers, 2 epochs\n" in out and "  updates            2  (2 samples)\n" in out
 
 
 def test_the_final_report_on_a_closed_terminal_is_no_traceback(tmp_path, monkeypatch, capsys):
