@@ -46,6 +46,7 @@ import numpy as np
 from . import backend
 from .fileio import atomic_write, remove_stale_temporaries
 from .errors import PscnnError
+from .text import for_count
 
 __all__ = ["RunWriter", "RunLogError", "check_folder_free", "iter_metrics", "read_metrics", "make_plots", "to_jsonable",
            "write_json_atomic", "CONFIG_FILE", "METRICS_FILE", "SUMMARY_FILE"]
@@ -342,8 +343,10 @@ class RunWriter:
             self._failing = exc.strerror or str(exc)
             return exc
         if self._failing is not None:
+            dropped = self._dropped
             log.info("%s: written again%s", self.metrics_path,
-                     f"; {self._dropped} records were dropped while it could not be" if self._dropped else "")
+                     f"; {dropped} {for_count(dropped, 'record was', 'records were')} dropped while it could not be"
+                     if dropped else "")
             self._failing, self._dropped = None, 0
         return None
 
@@ -405,8 +408,8 @@ def _repair_and_last_seconds(path: Path) -> float:
                 last = max(last, float(seconds))
         size = fh.seek(0, os.SEEK_END)
         if end < size:
-            log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
-                        path, size - end)
+            log.warning("%s: dropping an incomplete last line (%d %s) left by an interrupted run",
+                        path, size - end, for_count(size - end, "byte"))
             fh.truncate(end)
     return last
 

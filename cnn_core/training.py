@@ -225,10 +225,11 @@ def train(config: dict, progress: bool = True) -> dict:
 
     out_dir = Path(cfg["out"])
     writer = RunWriter(out_dir, cfg)
-    log.info("%s model (%s parameters) on %s; %s training images x %d %s = %d updates of %d; "
-             "%s test images; run folder %s", _model_name(cfg["model"]), f"{model.num_parameters():,}",
-             cfg["device"], f"{len(x_train):,}", cfg["epochs"], for_count(cfg["epochs"], "epoch"),
-             planned_updates, cfg["batch_size"], f"{len(x_test):,}", out_dir)
+    log.info("%s model (%s parameters) on %s; %s training %s x %d %s = %d %s of %d; %s test %s; run folder %s",
+             _model_name(cfg["model"]), f"{model.num_parameters():,}", cfg["device"], f"{len(x_train):,}",
+             for_count(len(x_train), "image"), cfg["epochs"], for_count(cfg["epochs"], "epoch"), planned_updates,
+             for_count(planned_updates, "update"), cfg["batch_size"], f"{len(x_test):,}",
+             for_count(len(x_test), "image"), out_dir)
     writer.log("start", model=_model_name(cfg["model"]), parameters=model.num_parameters(),
                train_samples=len(x_train), test_samples=len(x_test), batch_size=cfg["batch_size"],
                epochs=cfg["epochs"], planned_updates=planned_updates, device=cfg["device"])
@@ -633,16 +634,18 @@ def format_report(summary: dict) -> str:
     opt = get("optimizer") or {}
     epochs = get("epochs")
     model = _model_name(get("model")) if get("model") is not None else "?"
+    updates, train_samples, test_samples, seen = (get(key) for key in ("updates", "train_samples", "test_samples",
+                                                                       "samples_seen"))
     lines.append(f"{model} model, {opt.get('name', '?')} lr {opt.get('lr', '?')}, "
                  f"batch {get('batch_size', '?')}, {_fmt(epochs, 'd')} {for_count(epochs, 'epoch')} "
-                 f"({_fmt(get('updates'), ',')} updates) on {_fmt(get('train_samples'), ',')} training images, "
-                 f"{get('device', '?')}")
+                 f"({_fmt(updates, ',')} {for_count(updates, 'update')}) on {_fmt(train_samples, ',')} training "
+                 f"{for_count(train_samples, 'image')}, {get('device', '?')}")
     if get("status") == "diverged":
         lines.append(f"DIVERGED: {get('error') or 'training diverged'}")
     lines.append(f"test accuracy {_fmt(get('test_accuracy'), '.2f', 100)}%, loss {_fmt(get('test_loss'), '.4f')} "
-                 f"({_fmt(get('test_samples'), ',')} test images)")
+                 f"({_fmt(test_samples, ',')} test {for_count(test_samples, 'image')})")
     lines.append(f"training {_fmt(get('train_images_per_second'), ',.0f')} img/s "
-                 f"({_fmt(get('samples_seen'), ',')} images in {_fmt(get('train_seconds'), '.1f')} s; "
+                 f"({_fmt(seen, ',')} {for_count(seen, 'image')} in {_fmt(get('train_seconds'), '.1f')} s; "
                  f"{_fmt(get('wall_seconds'), '.1f')} s in all)")
 
     cm = get("confusion_matrix")

@@ -278,6 +278,18 @@ def test_records_wait_while_the_disk_is_full_and_go_out_once_in_order(tmp_path, 
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO][-1].endswith("written again")
 
 
+@pytest.mark.parametrize("torn, size", [("{", "1 byte"), ("{\"", "2 bytes")])
+def test_the_torn_last_line_cut_is_counted_in_agreement(tmp_path, caplog, torn, size):
+    """It said "(1 bytes)"."""
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", step=1)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write(torn)
+    with caplog.at_level(logging.WARNING), RunWriter(tmp_path, {}, resume=True):
+        pass
+    assert f"metrics.jsonl: dropping an incomplete last line ({size}) left by an interrupted run" in caplog.text
+
+
 def test_what_waits_for_a_full_disk_is_bounded_and_the_dropped_records_counted(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(RunWriter, "HELD_MAX_BYTES", 1000)
     writer = RunWriter(tmp_path, {})

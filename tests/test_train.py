@@ -470,6 +470,20 @@ def test_format_report_tolerates_missing_metrics(tmp_path):
     assert format_report({}).startswith("? model, ? lr ?")
 
 
+@pytest.mark.parametrize("n, lines", [
+    (1, ["light model, sgd lr 0.1, batch 1, 1 epoch (1 update) on 1 training image, cpu",
+         "test accuracy 100.00%, loss 0.1000 (1 test image)", "training 2 img/s (1 image in 0.5 s; 1.0 s in all)"]),
+    (2, ["light model, sgd lr 0.1, batch 1, 2 epochs (2 updates) on 2 training images, cpu",
+         "test accuracy 100.00%, loss 0.1000 (2 test images)", "training 2 img/s (2 images in 0.5 s; 1.0 s in all)"])])
+def test_format_report_counts_agree_with_their_nouns(n, lines):
+    """pscnn train's report of one update said "(1 updates) on 1 training images"."""
+    summary = {"model": "light", "optimizer": {"name": "sgd", "lr": 0.1}, "batch_size": 1, "device": "cpu",
+               "epochs": n, "updates": n, "train_samples": n, "test_samples": n, "samples_seen": n,
+               "test_accuracy": 1.0, "test_loss": 0.1, "train_images_per_second": 2.0, "train_seconds": 0.5,
+               "wall_seconds": 1.0}
+    assert format_report(summary).splitlines() == lines
+
+
 def test_format_report_leaves_classes_without_test_images_out_of_the_weakest():
     """--test-limit 8 left classes 3, 5, 6 and 8 without a test image: they scored 0% (metrics'
     convention) and the report called class 3 the weakest, not class 4, half of it right."""
