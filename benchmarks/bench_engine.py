@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     _reexec_without_openblas_env(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from cnn_core.data import MNIST_FILES  # noqa: PLC0415  (after the re-exec: the OPENBLAS_* overrides are gone)
+    from cnn_core.text import for_count  # noqa: PLC0415
     from pscnn.bench.common import check_writable  # noqa: PLC0415
     from pscnn.cli import _int_in, positive_int  # noqa: PLC0415
 
@@ -171,7 +172,8 @@ def main(argv=None) -> dict:
               "blas": blas, "torch": torch_version, "cpu_count": os.cpu_count(),
               "images_per_second": med, "pscnn_over": ratios, "step_breakdown_ms": breakdown}
 
-    print(f"\nBLAS: {'; '.join(blas)}; torch: {torch_version}; medians of {args.trials} trials "
+    print(f"\nBLAS: {'; '.join(blas)}; torch: {torch_version}; "
+          f"medians of {args.trials} {for_count(args.trials, 'trial')} "
           "(ratios: the median of the per-trial ratios)")
     print(f"training step, batch {args.batch}, 1 thread:")
     for kind in ("train", "infer"):

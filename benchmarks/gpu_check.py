@@ -48,6 +48,7 @@ from cnn_core.layers import Dropout  # noqa: E402
 from cnn_core.losses import softmax_cross_entropy  # noqa: E402
 from cnn_core.model import PRESETS, build_model  # noqa: E402
 from cnn_core.rng import uniform  # noqa: E402
+from cnn_core.text import for_count  # noqa: E402
 from pscnn.bench.common import check_writable  # noqa: E402
 from pscnn.bench.torch_reference import torch_model  # noqa: E402
 from pscnn.cli import positive_int  # noqa: E402
@@ -336,7 +337,7 @@ def main(argv=None) -> int:
     infer_reps = 1 if dry else 10
     timer = Timer(sync)
     rates: dict = {}
-    print(f"\ntimings (images/s, median of {trials} trials):")
+    print(f"\ntimings (images/s, median of {trials} {for_count(trials, 'trial')}):")
     try:
         for b in batches:
             model, step, worker_step, infer, (xb, yb) = pscnn_fns(dev, xp, b, infer_batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -396,6 +397,7 @@ def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
                            "--reference-steps", "1", "--batch", "8", "--infer-batch", "16", "--no-torch",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "; medians of 1 trial (ratios: " in proc.stdout, proc.stdout        # it said "1 trials"
     doc = json.loads(out.read_text())
     assert set(doc["images_per_second"]["train"]) == {"pscnn", "pscnn_whole_batch", "reference_f64_loops"}
     assert set(doc["images_per_second"]["infer"]) == {"pscnn"}
@@ -738,7 +740,7 @@ def test_server_bench_says_which_medians_stand_for_fewer_trials(tmp_path, monkey
     def measure(kind, n, args, env, out, profile=None):
         calls.append(kind)
         if kind == "pscnn" and calls.count("pscnn") == 1:
-            raise BenchError("the pscnn server (1 clients) exited with 1: boom")
+            raise BenchError("the pscnn server (1 client) exited with 1: boom")
         return {"processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
                 "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000}
     monkeypatch.setattr(server_bench, "measure", measure)
@@ -746,7 +748,7 @@ def test_server_bench_says_which_medians_stand_for_fewer_trials(tmp_path, monkey
                  "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert [ln for ln in out.splitlines() if ln.startswith("note: ")] == [
-        "note: the server with 1 clients: medians of 1 trials; left out: 1 failed"]
+        "note: the server with 1 client: medians of 1 trial; left out: 1 failed"]     # "1 clients ... 1 trials"
     header = next(ln for ln in out.splitlines() if ln.startswith("clients"))
     assert "echo p50 ms" in header and "echo p99 ms" in header        # every time column says its unit
 
@@ -822,11 +824,13 @@ def test_requests_the_server_refused_are_said_in_the_report(tmp_path, monkeypatc
     monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
         "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
         "latency_p50_ms": 1.0, "latency_p99_ms": 2.0,
-        "errors": {"lease_expired": 3, "bad_version": 1} if n == 4 else {}, "model_bytes": 1000})
+        "errors": {"lease_expired": 3, "bad_version": 1} if n == 4 else {"bad_version": 1}, "model_bytes": 1000})
     assert main(["bench", "server", "--clients", "1,4", "--trials", "2", "--model", "light", "--no-echo",
                  "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
     notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: ")]
-    assert notes == ["note: with 4 clients the server answered 8 requests with an error (not counted as cycles): "
+    assert notes == ["note: with 1 client the server answered 2 requests with an error (not counted as cycles): "
+                     "bad_version x 2",
+                     "note: with 4 clients the server answered 8 requests with an error (not counted as cycles): "
                      "bad_version x 2, lease_expired x 6"]
 
 
@@ -943,13 +947,14 @@ def test_trials_left_out_of_a_points_medians_are_said(tmp_path, monkeypatch, cap
                  "--seconds", "0.5", "--warmup", "0", "--model", "light", "--no-progress", "--no-plots",
                  "--out", str(tmp_path / "out")]) == 0
     notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: ")]
-    assert notes == ["note: async b64 c=5ms N=2: medians of 1 trials; left out: 1 stalled windows (no update "
+    assert notes == ["note: async b64 c=5ms N=2: medians of 1 trial; left out: 1 stalled window (no update "
                      "in the window), 1 failed"]
 
 
+@pytest.mark.parametrize("trials, said", [(1, "medians of 1 trial"), (2, "medians of 2 trials")])
 @pytest.mark.parametrize("bench_name", ["scaling", "time-to-accuracy"])
-def test_the_tables_heading_says_how_many_trials_its_medians_are_of(bench_name, tmp_path, monkeypatch, capsys,
-                                                                  request):
+def test_the_tables_heading_says_how_many_trials_its_medians_are_of(bench_name, trials, said, tmp_path, monkeypatch,
+                                                                  capsys, request):
     """scaling's heading said "medians of trials", time-to-accuracy's nothing, whatever --trials was."""
     import pscnn.bench.cluster as cluster
     import pscnn.bench.tta as tta
@@ -958,12 +963,12 @@ def test_the_tables_heading_says_how_many_trials_its_medians_are_of(bench_name, 
         "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
         "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
     monkeypatch.setattr(tta, "run_one", lambda folder, mode, n, args, mnist_dir, bar: tta.analyse([], [], 0.5, 64))
-    argv = [*TINY[bench_name], "--model", "light", "--trials", "2"]
+    argv = [*TINY[bench_name], "--model", "light", "--trials", str(trials)]
     if bench_name == "time-to-accuracy":
         argv += ["--mnist-dir", request.getfixturevalue("mnist_dir")]
     assert main(["bench", bench_name, *argv, "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]) == 0
     heading = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("machine: "))
-    assert "; medians of 2 trials" in heading, heading
+    assert re.search(rf"; {said}\b", heading), heading
 
 
 def test_every_point_and_trial_keeps_its_own_run_folder(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cnn_core.text import for_count
 from pscnn.launcher import LocalCluster, query_status, wait_for
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, bench_env, last_line, process_failed,
@@ -94,7 +95,8 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
             return st if st and st["contributors"] >= workers else None
 
         wait_for(all_pushing, startup_timeout + 5 * workers, interval=0.25,
-                 what=f"{workers} workers to push", on_fail=lambda: cluster.log_tail("worker-0"))
+                 what=f"{workers} {for_count(workers, 'worker')} to push",
+                 on_fail=lambda: cluster.log_tail("worker-0"))
         time.sleep(warmup)
         worker_pids = [p.pid for n, p in cluster.procs.items() if n.startswith("worker")]
         cpu_s0 = proc_cpu_seconds(server.pid)

@@ -18,6 +18,7 @@ from contextlib import contextmanager, redirect_stderr
 from io import StringIO
 from pathlib import Path
 
+from cnn_core.text import for_count
 from pscnn.cli import MAX_FLOAT, MAX_INT, _int_in, _path, add_switch, cap_text, check_run_folder
 
 # Set on the build machines; they halve numpy's sgemm speed.  A user's machine has neither,
@@ -380,8 +381,8 @@ class Interruption:
 def interrupted_status(bench: str, done: int, total: int, csv_path: Path, json_path: Path) -> int:
     """The last line of a benchmark interrupted (:class:`Interruption`) after ``done`` of its ``total``
     measurements, written; its exit status, 130 as pscnn's commands."""
-    print(f"pscnn bench {bench}: interrupted after {done} of {total} measurements, written to "
-          f"{csv_path} and {json_path} (no plots)", file=sys.stderr)
+    print(f"pscnn bench {bench}: interrupted after {done} of {total} {for_count(total, 'measurement')}, "
+          f"written to {csv_path} and {json_path} (no plots)", file=sys.stderr)
     return 130
 
 
@@ -448,8 +449,9 @@ def fresh_output_folder(path, bench: str, files: Sequence[str], logs: str | None
                           f"{exc.strerror or exc}") from None
     if earlier or folders:
         print(f"pscnn bench {bench}: removed what an earlier run of it left in {out}: "
-              + ", ".join([p.name for p in earlier] + ([f"{len(folders)} folders of logs in {logs}/"]
-                                                       if folders else [])), file=sys.stderr)
+              + ", ".join([p.name for p in earlier]
+                          + ([f"{len(folders)} {for_count(len(folders), 'folder')} of logs in {logs}/"]
+                             if folders else [])), file=sys.stderr)
     return out
 
 

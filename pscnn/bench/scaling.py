@@ -32,6 +32,7 @@ import re
 import sys
 from pathlib import Path
 
+from cnn_core.text import for_count
 from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float, overlap_refused, positive_float,
                        positive_int)
 
@@ -334,7 +335,7 @@ def _add_model(summary: list[dict], ncores: int) -> None:
 
 def report(summary, ncores: int, synthetic: bool, machine: dict, trials: int) -> None:
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {ncores} usable cores "
-          f"(* = workers outnumber cores); medians of {trials} trials")
+          f"(* = workers outnumber cores); medians of {trials} {for_count(trials, 'trial')}")
     headers = ["mode", "N", "batch"] + (["c ms"] if synthetic else []) + [
         "img/s", "upd/s", "ideal img/s", "efficiency", "compute ms", "comm ms", "wait ms", "stale p50/p99/max",
         "srv cpu", "model img/s", "meas/model", "bound"]
@@ -364,7 +365,8 @@ def report(summary, ncores: int, synthetic: bool, machine: dict, trials: int) ->
     for s in summary:                   # the medians above stand for fewer trials than asked
         if s["stalled_windows"] or s["failed"]:
             print(f"note: {_label(s['mode'], s['batch'], s['compute_ms'], synthetic, 2)} N={s['workers']}: "
-                  f"medians of {s['trials']} trials; left out: {s['stalled_windows']} stalled windows "
+                  f"medians of {s['trials']} {for_count(s['trials'], 'trial')}; left out: {s['stalled_windows']} "
+                  f"stalled {for_count(s['stalled_windows'], 'window')} "
                   f"(no update in the window), {s['failed']} failed")
     if not synthetic:
         base = {s["batch"]: s.get("baseline_cpu_fraction") for s in summary}

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cnn_core.text import for_count
 from pscnn.cli import (DEFAULT_LR, MODES, add_switch, given_flag, non_negative_float, non_negative_int, positive_float,
                        positive_int)
 
@@ -97,8 +98,8 @@ def run(args) -> int:
         for trial in range(args.trials):
             for n in clients:
                 for kind in kinds:
-                    bar.set_postfix_str(f"trial {trial + 1}: {kind} x {n} clients")
-                    what = f"trial {trial + 1}, {kind} x {n} clients"
+                    bar.set_postfix_str(f"trial {trial + 1}: {kind} x {n} {for_count(n, 'client')}")
+                    what = f"trial {trial + 1}, {kind} x {n} {for_count(n, 'client')}"
                     try:
                         res = on_a_free_port(lambda: measure(kind, n, args, env, out), NAME, what)
                     except failures as exc:     # one failed point must not lose the others
@@ -106,14 +107,15 @@ def run(args) -> int:
                     rows.append({"trial": trial, "kind": kind, "clients": n, **res})
                     bar.update()
         if args.profile:
-            bar.set_postfix_str(f"profiling the server with {args.profile} clients")
+            profiled = f"{args.profile} {for_count(args.profile, 'client')}"
+            bar.set_postfix_str(f"profiling the server with {profiled}")
             try:
                 res = on_a_free_port(lambda: measure("pscnn", args.profile, args, env, out,
                                                      profile=out / PROFILE_DATA),
-                                     NAME, f"the profile with {args.profile} clients")
+                                     NAME, f"the profile with {profiled}")
                 profile_text = _profile_report(out / PROFILE_DATA, out / PROFILE_TEXT, res)
             except failures as exc:
-                point_failed(NAME, f"the profile with {args.profile} clients", exc)
+                point_failed(NAME, f"the profile with {profiled}", exc)
             bar.update()
     if stop.happened and not rows:      # no point measured: nothing to write
         raise KeyboardInterrupt
@@ -128,7 +130,8 @@ def run(args) -> int:
     # the echo is the reference: with every server point failed, the server was not measured
     check_measured([r for r in rows if r["kind"] == "pscnn"], csv_path, "server point")
     if profile_text:
-        print(f"\nserver profile ({args.profile} clients, cProfile, top by own time):\n{profile_text}")
+        print(f"\nserver profile ({args.profile} {for_count(args.profile, 'client')}, cProfile, top by own time):\n"
+              f"{profile_text}")
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out))
     return 0
 
@@ -166,6 +169,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
     nproc = args.processes or min(n, 4)
     nproc = max(1, min(nproc, n))
     server_kind = kind in ("pscnn", "curve")
+    point = f"{kind}, {n} {for_count(n, 'client')}"    # what the failures name
     with tempfile.TemporaryDirectory(prefix="pscnn-bench-server-") as tmp:
         tmp = Path(tmp)
         keys_flags, status_keys = [], None          # the clients' --keys, and the status queries' keys
@@ -190,7 +194,8 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                 return (tmp / "server.log").read_text(errors="replace")
 
             def server_exited() -> BenchError:  # its log goes with the temporary folder: its last line here
-                return server_failed(f"the {kind} server ({n} clients)", server.returncode, server_log(), endpoint)
+                return server_failed(f"the {kind} server ({n} {for_count(n, 'client')})", server.returncode,
+                                     server_log(), endpoint)
 
             listening = ((lambda: query_status(endpoint, 0.5, status_keys)) if server_kind
                          else (lambda: ECHO_LISTENING in server_log()))
@@ -210,7 +215,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                 return (tmp / f"clients-{i}.log").read_text(errors="replace")
 
             def client_failed(i: int) -> BenchError:
-                return process_failed(f"synthetic client process {i} ({kind}, {n} clients)", procs[i].returncode,
+                return process_failed(f"synthetic client process {i} ({point})", procs[i].returncode,
                                       client_log(i))
 
             def all_cycling() -> bool:
@@ -230,7 +235,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
             # the window opens once every client cycles (a process may take seconds to start on a loaded
             # machine: a fixed lead measured fewer clients than asked, or none), then --warmup later
             wait_for(all_cycling, CLIENTS_CYCLING_TIMEOUT_S + 0.1 * n, interval=0.05,
-                     what=f"the synthetic clients ({kind}, {n} clients) to complete a cycle each",
+                     what=f"the synthetic clients ({point}) to complete a cycle each",
                      on_fail=not_cycling)
             t_start = time.monotonic() + args.warmup
             t_end = t_start + args.seconds
@@ -259,7 +264,7 @@ def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None 
                     raise client_failed(i)
                 if not path.exists():
                     said = last_line(client_log(i))
-                    raise BenchError(f"synthetic client process {i} ({kind}, {n} clients) wrote no result "
+                    raise BenchError(f"synthetic client process {i} ({point}) wrote no result "
                                      f"{path.name}" + (f": {said}" if said else ""))
                 results.append(json.loads(path.read_text()))
         finally:
@@ -427,14 +432,17 @@ def report(summary, machine, payload, args) -> None:
                      for s in summary])
     for s in summary:                   # refused requests are not cycles: a low rate with a reason
         if s.get("pscnn_errors"):
-            print(f"note: with {s['clients']} clients the server answered "
-                  f"{sum(s['pscnn_errors'].values())} requests with an error (not counted as cycles): "
+            errors = sum(s["pscnn_errors"].values())
+            print(f"note: with {s['clients']} {for_count(s['clients'], 'client')} the server answered {errors} "
+                  f"{for_count(errors, 'request')} with an error (not counted as cycles): "
                   + ", ".join(f"{code} x {count}" for code, count in sorted(s["pscnn_errors"].items())))
     for s in summary:                   # the medians above stand for fewer trials than asked
+        clients = f"{s['clients']} {for_count(s['clients'], 'client')}"
         for kind, what in (("pscnn", "the server"), ("curve", "the server with CURVE"), ("echo", "the echo")):
             if s[f"{kind}_failed"]:
-                print(f"note: {what} with {s['clients']} clients: medians of {s.get(f'{kind}_trials', 0)} "
-                      f"trials; left out: {s[f'{kind}_failed']} failed")
+                trials = s.get(f"{kind}_trials", 0)
+                print(f"note: {what} with {clients}: medians of {trials} {for_count(trials, 'trial')}; "
+                      f"left out: {s[f'{kind}_failed']} failed")
 
 
 def plot(summary, out: Path) -> list[Path]:

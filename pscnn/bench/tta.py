@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from cnn_core.text import for_count
 from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negative_float, non_negative_int,
                        positive_float, positive_int)
 
@@ -112,7 +113,7 @@ def run(args) -> int:
         return interrupted_status("time-to-accuracy", len(rows), len(configs), csv_path, json_path)
     failed = [r for r in rows if "error" in r]
     if failed:                          # a run whose processes failed measured nothing
-        raise BenchError(f"{len(failed)} of {len(rows)} runs failed (rows in {csv_path}); "
+        raise BenchError(f"{len(failed)} of {len(rows)} {for_count(len(rows), 'run')} failed (rows in {csv_path}); "
                          f"the first, {failed[0]['mode']} N={failed[0]['workers']}: {failed[0]['error']}")
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, curves, out, args.target))
     return 0
@@ -315,7 +316,8 @@ def report(summary, args, machine) -> None:
           + (f" lr {args.lr}" if args.lr is not None else " (default lr)")
           + (f" momentum {args.momentum}" if args.momentum is not None else "")
           + (f", schedule {args.schedule}" if args.schedule else ", the server's default schedule")
-          + f"; medians of {args.trials} trials (seconds, images, updates: of the runs that reached the target)")
+          + f"; medians of {args.trials} {for_count(args.trials, 'trial')} "
+          "(seconds, images, updates: of the runs that reached the target)")
     headers = ["mode", "workers", "reached", "seconds", "images", "updates", "speed-up vs 1", "best acc"]
     rows = [[s["mode"], s["workers"], f"{s['reached']}/{s['runs']}", fmt(s["seconds_to_target"], ".1f"),
              fmt(s["images_to_target"]), fmt(s["updates_to_target"]), fmt(s["speedup_vs_1"], ".2f"),
