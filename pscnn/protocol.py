@@ -38,6 +38,7 @@ import zmq
 from cnn_core.config import nests_within
 from cnn_core.errors import PscnnError
 from cnn_core.flat import FlatArrays
+from cnn_core.text import for_count
 from pscnn.names import MAX_NAME_LEN
 
 PROTOCOL_VERSION = 2        # 2: one payload frame per dtype (1: one frame per array)
@@ -240,14 +241,18 @@ def decode(frames) -> Message:
     specs = header.get("arrays", [])
     groups = _parse_specs(mtype, specs)
     if len(frames) - 1 != len(groups):
-        raise ProtocolError(f"{mtype}: header describes {len(specs)} arrays of {len(groups)} dtype(s), "
-                            f"so expects {len(groups)} payload frames (one per dtype), got {len(frames) - 1}")
+        arrays, dtypes = len(specs), len(groups)
+        raise ProtocolError(f"{mtype}: header describes {arrays} {for_count(arrays, 'array')} of {dtypes} "
+                            f"{for_count(dtypes, 'dtype')}, so expects {dtypes} payload {for_count(dtypes, 'frame')} "
+                            f"(one per dtype), got {len(frames) - 1}")
     payloads = []
     for (dtype, members, expected), frame in zip(groups, frames[1:]):
         buf = _buffer(frame)
         if len(buf) != expected:
-            raise ProtocolError(f"{mtype}: {len(members)} {dtype} array(s) ({members[0][0]!r} ...) need "
-                                f"{expected} bytes, frame has {len(buf)}")
+            n = len(members)
+            raise ProtocolError(f"{mtype}: {n} {dtype} {for_count(n, 'array')} ({members[0][0]!r} ...) "
+                                f"{for_count(n, 'needs', 'need')} {expected} {for_count(expected, 'byte')}, "
+                                f"frame has {len(buf)}")
         flat = np.frombuffer(buf, dtype=_DTYPES[dtype])
         flat.flags.writeable = False            # a view of the received frame: never written to
         payloads.append(FlatArrays(members, flat))

@@ -93,6 +93,21 @@ def test_one_payload_frame_per_dtype_in_header_order():
         np.testing.assert_array_equal(out[k], v)
 
 
+def test_payload_frames_that_do_not_fit_the_header_are_counted_in_agreement():
+    """It said "1 arrays of 1 dtype(s), so expects 1 payload frames" and "1 float32 array(s) ... need"."""
+    one = [bytes(memoryview(f)) for f in P.encode(P.Message(P.ACK, arrays={"a": np.array([1, 2], np.float32)}))]
+    two = [bytes(memoryview(f)) for f in P.encode(P.Message(P.ACK, arrays={
+        "a": np.array([1, 2], np.float32), "b": np.array([3], np.float32), "i": np.array([7], np.int64)}))]
+    for frames, said in [
+            (one[:1], "ack: header describes 1 array of 1 dtype, so expects 1 payload frame (one per dtype), got 0"),
+            (two[:2], "ack: header describes 3 arrays of 2 dtypes, so expects 2 payload frames (one per dtype), got 1"),
+            ([one[0], one[1][:4]], "ack: 1 float32 array ('a' ...) needs 8 bytes, frame has 4"),
+            ([two[0], two[1][:4], two[2]], "ack: 2 float32 arrays ('a' ...) need 12 bytes, frame has 4")]:
+        with pytest.raises(P.ProtocolError) as exc:
+            P.decode(frames)
+        assert str(exc.value) == said
+
+
 def test_flat_arrays_travel_as_their_buffer_and_arrive_flat():
     model = FlatArrays.pack({"w": np.ones((3, 2), np.float32), "b": np.arange(2, dtype=np.float32)})
     frames = P.encode(P.Message(P.ACK, arrays=model))
@@ -327,8 +342,8 @@ CASES = {
                                          "too_large", "exceed"),
     "too many arrays": (_push(arrays=[[f"a{i}", "uint8", [0]] for i in range(P.MAX_ARRAYS + 1)]),
                         "bad_message", "at most"),
-    "fewer frames than specs": (_push(frames=[]), "bad_message", "frames"),
-    "more frames than specs": (_push(frames=[b"\0" * 8, b"\0" * 8]), "bad_message", "frames"),
+    "fewer frames than specs": (_push(frames=[]), "bad_message", "payload frame"),
+    "more frames than specs": (_push(frames=[b"\0" * 8, b"\0" * 8]), "bad_message", "payload frame"),
     "frame too short": (_push(frames=[b"\0" * 7]), "bad_message", "bytes"),
     "frame too long": (_push(frames=[b"\0" * 9]), "bad_message", "bytes"),
     "0-d frame empty": (_push(arrays=[["g", "float64", []]], frames=[b""]), "bad_message", "bytes"),

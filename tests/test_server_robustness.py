@@ -259,8 +259,8 @@ DECODE_CASES = {
                                                "loss": float("nan"), "correct": 0, "count": 1, "timing": {}})],
                       "bad_message", "'loss' must be a finite number"),
     "hello bad role": ([_hdr(type=P.HELLO, body={"role": "root"})], "bad_message", "role must be one of"),
-    "frame count mismatch": ([_hdr(arrays=[["a", "float32", [2]]])], "bad_message", "expects 1 payload frames"),
-    "frame length mismatch": ([_hdr(arrays=[["a", "float32", [2]]]), b"\0" * 7], "bad_message", "need 8 bytes"),
+    "frame count mismatch": ([_hdr(arrays=[["a", "float32", [2]]])], "bad_message", "expects 1 payload frame "),
+    "frame length mismatch": ([_hdr(arrays=[["a", "float32", [2]]]), b"\0" * 7], "bad_message", "needs 8 bytes"),
     "disallowed dtype": ([_hdr(arrays=[["a", "object", [1]]]), b"\0" * 8], "bad_message", "dtype 'object'"),
     "header over 64 KiB": ([_hdr(wid="w" * 70_000)], "too_large", "over the"),
 }
