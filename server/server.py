@@ -1841,6 +1841,9 @@ class ParameterServer:
         self.wall_seconds_before = checked["wall_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s
             self.finished_before = True
+            # no start barrier: no work to hand out (it logged "handing out no work until 2 trainers
+            # ask", and pscnn run's bar said "waiting for the workers: 0 of 2 ready", for no worker)
+            self.started = True
             if checked["optimizer"] is not None:        # another --lr or schedule given: none trained
                 self._adopt_optimizer(path, checked["optimizer"])
             self.t_train_start = self.t_train_end = self.t_start

@@ -18,7 +18,7 @@ the test when it runs out.
 from __future__ import annotations
 
 import contextlib
-
+import io
 import json
 import logging
 import os
@@ -671,19 +671,44 @@ def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run,
     assert "pscnn run: " in err and str(run) in err and "--resume" in err, err
 
 
-def test_pscnn_run_resuming_a_run_trained_to_its_end_starts_no_worker(finished, tmp_path, capsys, mnist_dir):
+@pytest.fixture(scope="module")
+def finished_run_resumed(finished, tmp_path_factory, mnist_dir) -> tuple[Path, int, str]:
+    """`pscnn run --workers 2 --resume` of the finished run, in this process: (its run folder,
+    exit status, stderr)."""
+    out = Path(shutil.copytree(finished, tmp_path_factory.mktemp("rerun") / "run"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", "--workers", "2", *FLAGS, "--out", str(out), "--resume", "--no-progress",
+                     "--mnist-dir", mnist_dir])
+    return out, code, err.getvalue()
+
+
+def test_pscnn_run_resuming_a_run_trained_to_its_end_starts_no_worker(finished_run_resumed):
     """Its server writes the results from the checkpoint and exits at once: the workers and the
     evaluator started all the same joined no server (in 2 of 3 tries), retried until the launcher
     stopped them 20 s later ("worker-0 had not exited 20 s after the run ended"), and the run
     exited 1."""
-    out = Path(shutil.copytree(finished, tmp_path / "run"))
-    code = main(["run", "--workers", "2", *FLAGS, "--out", str(out), "--resume", "--no-progress",
-                 "--mnist-dir", mnist_dir])
-    err = capsys.readouterr().err
+    out, code, err = finished_run_resumed
     assert code == 0, err
     assert "has trained its 2 epochs already" in err and "had not exited" not in err, err
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["server.log"]
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+
+
+def test_a_resumed_run_trained_to_its_end_has_no_start_barrier(finished_run_resumed, finished, tmp_path):
+    """It hands out no work: its log said "handing out no work until 2 trainers ask for it" and
+    pscnn run's bar "waiting for the workers: 0 of 2 ready", for a run that starts no worker."""
+    out, code, err = finished_run_resumed
+    assert code == 0, err
+    resumed_log = (out / "logs" / "server.log").read_text().split("==== ")[-1]
+    assert "resumed from" in resumed_log and "handing out no work" not in resumed_log, resumed_log
+    server = InProcess(Path(shutil.copytree(finished, tmp_path / "run")), mode="sync", epochs=2, test_limit=256,
+                       resume=True, checkpoint_every=0, wait_for_workers=2)
+    try:
+        assert server.srv.progress()["started"] is True
+    finally:
+        server.close()
+        server.srv.writer.close()
 
 
 def test_a_server_resuming_a_finished_run_tells_the_clients_started_with_it_that_it_is_over(finished, tmp_path,
