@@ -646,7 +646,13 @@ class ParameterServer:
                     if self._housekeeping(now):
                         break
                 if self._stop_requested:
-                    if self.summary_written or self.failure is not None:
+                    if self.summary_written and self.finished_before:
+                        # the wait for clients yet to connect (see _finish), nothing else, was cut
+                        # short: pscnn run stops it so, as it starts none ("interrupted after the
+                        # run finished: no checkpoint written" said a run had lost something)
+                        log.info("stopped while waiting for clients: the run had finished already, and its "
+                                 "results are written")
+                    elif self.summary_written or self.failure is not None:
                         # Finished: a checkpoint now would postdate summary.json and make the folder
                         # look unfinished (see unfinished_run_warning); diverged: the last periodic
                         # checkpoint, from before the failure, is the one to keep.

@@ -711,6 +711,17 @@ def test_a_resumed_run_trained_to_its_end_has_no_start_barrier(finished_run_resu
         server.srv.writer.close()
 
 
+def test_a_resumed_finished_run_stopped_by_pscnn_run_logs_no_interruption(finished_run_resumed):
+    """pscnn run stops its server once the results are written (it lingers for clients, and pscnn
+    run starts none): its log said "interrupted after the run finished: no checkpoint written"."""
+    out, code, err = finished_run_resumed
+    assert code == 0, err
+    resumed_log = (out / "logs" / "server.log").read_text().split("==== ")[-1]
+    assert "interrupted" not in resumed_log, resumed_log
+    assert resumed_log.rstrip().endswith("stopped while waiting for clients: the run had finished already, "
+                                         "and its results are written"), resumed_log
+
+
 def test_a_server_resuming_a_finished_run_tells_the_clients_started_with_it_that_it_is_over(finished, tmp_path,
                                                                                             mnist_dir, capsys):
     """`pscnn server --resume` of a finished run, on its own (Compose's PSCNN_RESUME=1): it wrote
