@@ -1858,8 +1858,11 @@ class ParameterServer:
         for warning in checked["warnings"]:     # only once the whole checkpoint was accepted
             log.warning("%s", warning)
         # said once serving (pscnn run builds a server only to check its --resume first)
-        self._resumed_text = (f"resumed from {path}: version {self.store.version}, epoch {self.work.epoch} with "
-                              f"{len(self.work.applied)}/{self.work.batches_per_epoch} batches applied")
+        # a run trained to its end: "epoch 1 with 0/8 batches applied" (of a 1-epoch run, epochs counted
+        # from 0) read as one with nothing trained
+        where = ("every epoch trained already" if self.work.done else
+                 f"epoch {self.work.epoch} with {len(self.work.applied)}/{self.work.batches_per_epoch} batches applied")
+        self._resumed_text = f"resumed from {path}: version {self.store.version}, {where}"
 
     def _adopt_optimizer(self, path: str, config: dict) -> None:
         """Take the checkpoint's optimizer ``config`` (and the state loaded) for this run's: a finished

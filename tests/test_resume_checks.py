@@ -722,6 +722,16 @@ def test_a_resumed_finished_run_stopped_by_pscnn_run_logs_no_interruption(finish
                                          "and its results are written"), resumed_log
 
 
+def test_a_resumed_run_trained_to_its_end_is_said_so_not_as_an_epoch_with_nothing_applied(finished_run_resumed):
+    """Its log said "resumed from ...: version 10, epoch 2 with 0/10 batches applied" (epochs
+    counted from 0): an epoch past the run's two, with nothing trained."""
+    out, code, err = finished_run_resumed
+    assert code == 0, err
+    resumed_log = (out / "logs" / "server.log").read_text().split("==== ")[-1]
+    assert f"resumed from {out / 'checkpoint.npz'}: version 10, every epoch trained already\n" in resumed_log, \
+        resumed_log
+
+
 def test_a_server_resuming_a_finished_run_tells_the_clients_started_with_it_that_it_is_over(finished, tmp_path,
                                                                                             mnist_dir, capsys):
     """`pscnn server --resume` of a finished run, on its own (Compose's PSCNN_RESUME=1): it wrote
