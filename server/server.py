@@ -1710,7 +1710,8 @@ class ParameterServer:
             log.warning("plots failed: %s", exc)
         self.summary_written = True
         acc = m.get("test_accuracy")
-        log.info("run complete: %d %s, test accuracy %s, %.1f img/s; wrote %s", self.store.version,
+        # a diverged run's "run complete", below its ERROR "training diverged", said all was well
+        log.info("run %s: %d %s, test accuracy %s, %.1f img/s; wrote %s", summary["status"], self.store.version,
                  for_count(self.store.version, "update"),
                  f"{acc:.4f}" if isinstance(acc, float) else "n/a", summary["train_images_per_second"],
                  self.cfg.out)

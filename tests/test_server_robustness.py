@@ -1470,6 +1470,16 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(in_process):
     assert server.srv._checkpoint()
     path = Path(server.srv.cfg.out) / "checkpoint.npz"
     good = path.stat().st_mtime_ns
+    _diverge(server, raw)
+    now = time.monotonic()
+    for later in (0.0, 5.0, 10.0):
+        server.srv._housekeeping(now + later)
+    assert path.stat().st_mtime_ns == good and load_checkpoint(path)[1]["step"] == 1
+    assert json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())["status"] == "diverged"
+
+
+def _diverge(server: InProcess, raw: Raw) -> None:
+    """Trainer ``raw`` pushes NaN losses until the server declares the run diverged."""
     task = server.call(raw, P.WORK)
     for _ in range(ParameterServer.NONFINITE_LIMIT):
         reply = server.call(raw, P.PUSH, push_body(task, loss=None))
@@ -1477,11 +1487,17 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint(in_process):
             break
         task = reply if reply.type == P.TASK else server.call(raw, P.WORK)
     assert server.srv.failure is not None
-    now = time.monotonic()
-    for later in (0.0, 5.0, 10.0):
-        server.srv._housekeeping(now + later)
-    assert path.stat().st_mtime_ns == good and load_checkpoint(path)[1]["step"] == 1
-    assert json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_a_diverged_run_logs_its_results_as_diverged_not_complete(in_process, caplog):
+    """Its server.log read "ERROR training diverged: ...", then "run complete: ...; wrote OUT"."""
+    server = in_process(epochs=5, final_eval_timeout=0.0, test_limit=100)
+    _diverge(server, _trainer(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        server.srv._housekeeping(time.monotonic())
+    assert server.srv.summary_written
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run ")]
+    assert len(ends) == 1 and ends[0].startswith("run diverged: 0 updates, test accuracy "), ends
 
 
 def test_a_sync_push_computed_on_an_older_version_does_not_join_the_round(in_process):
