@@ -643,6 +643,15 @@ def _follow(cluster: LocalCluster, bar) -> int:
         now = time.monotonic()
         if st is not None:
             trained = bool(st.get("done"))
+            # What a resumed run had done before, as of the first answer and while the start barrier
+            # holds: not done at this run's rate (tqdm's batch/s and time left count from it; a
+            # resumed run's showed twice its rate, and with one worker, no barrier, still does).
+            # Before the stop below: a resumed finished run's first answer can be its last (its bar
+            # ended at "0/?" under a report of the whole run).
+            if bar.total != st["batches_total"]:        # the first answer
+                bar.total = st["batches_total"]
+                bar.initial = st["batches_done"]
+            bar.n = st["batches_done"]
         stopped = st is None and process_stopped(server.pid)
         if stopped and not said_stopped:
             _say(f"pscnn run: the server (pid {server.pid}) is stopped (a signal or a debugger); waiting for it "
@@ -686,13 +695,6 @@ def _follow(cluster: LocalCluster, bar) -> int:
             _stop(cluster, order=("server", "worker", "evaluator"))
             return 1
         if st:
-            # What a resumed run had done before, as of the first answer and while the start barrier
-            # holds: not done at this run's rate (tqdm's batch/s and time left count from it; a
-            # resumed run's showed twice its rate, and with one worker, no barrier, still does).
-            if bar.total != st["batches_total"]:        # the first answer
-                bar.total = st["batches_total"]
-                bar.initial = st["batches_done"]
-            bar.n = st["batches_done"]
             acc = st.get("test_accuracy")
             if st.get("started") is False:      # the start barrier: workers still loading their data
                 # of those the server waits for: `pscnn run --workers 4 --wait-for-workers 2` showed "of 4"

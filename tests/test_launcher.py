@@ -1003,7 +1003,10 @@ def test_a_server_with_its_results_written_and_no_client_left_is_stopped(stand_i
     server.stdout.close()
     stand_ins.status = lambda timeout=1.0: {"started": True, "batches_total": 64, "batches_done": 64, "done": True,
                                             "finished": True, "loss": None}
-    assert launcher._follow(stand_ins, Bar()) == 0
+    bar = Bar()
+    assert launcher._follow(stand_ins, bar) == 0
+    # its first answer, which went to stopping it: the bar ended at "0/?" above the whole run's report
+    assert (bar.total, bar.n) == (64, 64)
 
 
 def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(stand_ins):
