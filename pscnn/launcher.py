@@ -706,6 +706,9 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 state = "training finished; cannot write the run's outputs, trying again (see logs/server.log)"
             elif st.get("scoring"):             # answered between two batches of the test set
                 state = "training finished; the server scores the final weights"
+            elif st.get("final_evaluation") and st.get("done"):
+                # a resumed run whose checkpoint holds it waits for none (its bar said so all along)
+                state = "training finished; writing the results"
             elif st.get("done"):
                 # its last epoch, images/s and loss sat there as if training went on, for as long as
                 # the final evaluation takes (up to --final-eval-timeout, 120 s, for a killed evaluator)

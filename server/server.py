@@ -2085,7 +2085,8 @@ class ParameterServer:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
         last = self.newest_evaluation
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
-                "finished": self.summary_written, "scoring": self.scoring, "error": self.failure,
+                "finished": self.summary_written, "scoring": self.scoring,
+                "final_evaluation": self.final_eval is not None, "error": self.failure,
                 "write_failing": self.final_write_failing, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,
                 "loss": self._mean_loss(),

@@ -935,6 +935,14 @@ def test_the_bar_says_when_the_server_scores_the_final_weights_itself(stand_ins)
     assert bar.postfix == "training finished; the server scores the final weights"
 
 
+def test_the_bar_says_the_results_are_written_once_the_final_evaluation_is_in(stand_ins):
+    """A resumed run whose checkpoint holds its final evaluation waits for none: the bar said
+    "waiting for the final evaluation" while its server wrote the results."""
+    bar = bar_following(stand_ins, {**TRAINING, "batches_done": 64, "epoch": 2, "done": True, "finished": False,
+                                    "final_evaluation": True})
+    assert bar.postfix == "training finished; writing the results"
+
+
 def test_a_server_that_ended_a_diverged_run_is_one_line_above_its_report(stand_ins, capsys):
     """The server exits 1 once a diverged run's summary is written: its exit came with the last
     20 lines of its log (rejected pushes, mostly) above a report saying the same; now one line

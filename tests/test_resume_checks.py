@@ -764,6 +764,8 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_says_it_waits
     out = Path(shutil.copytree(finished, tmp_path / "run"))
     server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0)
     try:
+        # pscnn run's bar said "waiting for the final evaluation" while it wrote the results
+        assert server.srv.progress()["final_evaluation"] is True
         with caplog.at_level(logging.INFO, logger="pscnn.server"):
             server.srv._finish(time.monotonic())       # (then lingers for the clients started with it)
     finally:
