@@ -575,6 +575,17 @@ def test_an_interrupted_run_stops_the_server_first(run_in_process):
     assert cluster.stops == [("server", "worker", "evaluator")]
 
 
+def test_the_readme_gives_the_exit_status_of_an_interrupted_run_and_train():
+    """Both exit 130 on Ctrl-C (above, and main's): README's "Stopping and resuming" gave neither's."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Stopping and resuming\n", 1)[1].split("\n### ", 1)[0]
+    bullets = section.split("\n* ")
+    (run,) = [b for b in bullets if b.startswith("Ctrl-C on `pscnn run`")]
+    (train,) = [b for b in bullets if b.startswith("Ctrl-C (SIGTERM, SIGHUP) on `pscnn train`")]
+    assert "exits with status 130" in " ".join(run.split()), run
+    assert "(exit status 130)" in train, train
+
+
 def test_a_server_that_exits_0_before_the_end_of_the_run_is_a_run_stopped_early(run_in_process, capsys):
     """A server stopped by a SIGTERM from outside pscnn run checkpoints and exits 0, with no summary:
     the launcher waited --peer-timeout + 10 s for clients that wait for the server to come back,
