@@ -575,27 +575,30 @@ def test_an_interrupted_run_stops_the_server_first(run_in_process):
     assert cluster.stops == [("server", "worker", "evaluator")]
 
 
-def readme_stopping_bullet(start: str) -> str:
-    """The bullet of README's "Stopping and resuming" that starts with ``start``, on one line."""
+def readme_bullet(start: str, heading: str = "Stopping and resuming") -> str:
+    """The bullet of README's section ``heading`` that starts with ``start``, on one line."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### Stopping and resuming\n", 1)[1].split("\n### ", 1)[0]
+    section = readme.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
     (bullet,) = [" ".join(b.split()) for b in section.split("\n* ") if b.startswith(start)]
     return bullet
 
 
 def test_the_readme_gives_the_exit_status_of_an_interrupted_run_and_train():
     """Both exit 130 on Ctrl-C (above, and main's): README's "Stopping and resuming" gave neither's."""
-    run = readme_stopping_bullet("Ctrl-C on `pscnn run`")
+    run = readme_bullet("Ctrl-C on `pscnn run`")
     assert "exits with status 130" in run, run
-    train = readme_stopping_bullet("Ctrl-C (SIGTERM, SIGHUP) on `pscnn train`")
+    train = readme_bullet("Ctrl-C (SIGTERM, SIGHUP) on `pscnn train`")
     assert "(exit status 130)" in train, train
 
 
 def test_the_readme_says_who_scores_a_resumed_finished_runs_final_weights():
     """pscnn run starts an evaluator for them (_run: not with --no-evaluator, nor when the checkpoint
     holds their score): README said the server scored them."""
-    resume = readme_stopping_bullet("The same command with `--resume`")
+    resume = readme_bullet("The same command with `--resume`")
     assert "An evaluator scores the final weights first (the server itself with `--no-evaluator`)" in resume, resume
+    checkpoints = readme_bullet("`--resume` of a run that had finished", heading="Checkpoints")
+    assert "starts no client" not in checkpoints and "an evaluator only for final weights not scored yet" \
+        in checkpoints, checkpoints
 
 
 def test_a_server_that_exits_0_before_the_end_of_the_run_is_a_run_stopped_early(run_in_process, capsys):
