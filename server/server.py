@@ -658,6 +658,12 @@ class ParameterServer:
                         # checkpoint, from before the failure, is the one to keep.
                         log.info("interrupted after the run %s: no checkpoint written",
                                  "diverged" if self.failure is not None else "finished")
+                        if not self.summary_written:
+                            # diverged while its final evaluation was awaited: the summary says so, without
+                            # it (no summary, and pscnn run said "the same command starts the run again",
+                            # exit 130: a command that diverges again)
+                            log.info("writing the diverged run's summary without a final evaluation")
+                            self._write_final(time.monotonic())
                     else:
                         log.warning("interrupted%s: writing a checkpoint; continue later with --resume",
                                     " before the final evaluation" if self.over and self.final_eval is None else "")

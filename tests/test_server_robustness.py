@@ -1635,6 +1635,27 @@ def _nan_pushes_until_stopped(server: Server, bad: Raw) -> P.Message:
     return reply
 
 
+def test_a_diverged_run_stopped_while_its_final_evaluation_is_awaited_writes_its_summary(tmp_path):
+    """SIGTERM (pscnn run's Ctrl-C) while the server waited for a diverged run's final evaluation:
+    it wrote no summary.json, and pscnn run said "the same command starts the run again" (exit 130),
+    a command that diverges again.  Its summary, without that evaluation, says why it ended."""
+    s = Server(tmp_path, ["--final-eval-timeout", "600"])
+    try:
+        nan = s.client("trainer")
+        for _ in range(ParameterServer.NONFINITE_LIMIT):
+            assert nan.call(P.PUSH, push_body(nan.work(), loss=None)).type == P.ERROR
+        s.wait_log(r"ERROR.*training diverged: the last 8 pushes, from 1 trainer\(s\), had a NaN", 0)
+        assert not s.status()["finished"]
+        s.cluster.kill("server", signal.SIGTERM)
+        assert s.cluster.wait("server", 60) == 1, s.cluster.log_tail("server", 20)
+    finally:
+        s.close()
+    summary = json.loads((s.cluster.out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["error"].startswith("training diverged: the last 8 pushes")
+    assert summary["test_accuracy"] is None
+    assert not (s.cluster.out / "checkpoint.npz").exists()      # the last periodic one (none here) is kept
+
+
 def test_one_trainer_sending_nan_is_dropped_and_the_healthy_run_goes_on(tmp_path):
     """A faulty trainer's NaN pushes are refused and its batches requeued, but the weights are
     fine while another trainer at work has not sent NaN: that trainer is told to stop and
