@@ -330,11 +330,13 @@ class RunOutputs:
     """The run folder's checkpoint and summary.json, as `pscnn run` found them at its start: what an
     older run left there is no output of this one."""
 
-    def __init__(self, out: str | Path, resume: bool):
+    def __init__(self, out: str | Path, resume: bool, earlier_unfinished: bool = False):
+        """``earlier_unfinished``: the checkpoint there is an unfinished run's, which this one starts over."""
         self.out = Path(out)
         self.checkpoint = self.out / CHECKPOINT_NAME
         self.summary = self.out / SUMMARY_FILE
         self.resume = resume
+        self.earlier_unfinished = earlier_unfinished
         self.checkpoint_before = _mtime(self.checkpoint)
         self.summary_before = _mtime(self.summary)
 
@@ -357,6 +359,13 @@ class RunOutputs:
         when that checkpoint is of version 0; None before a checkpoint, or when the run had finished.
         ``interrupted``: stopped by the user (Ctrl-C), with no failure above to fix."""
         written = _mtime(self.checkpoint)
+        if written is not None and written == self.checkpoint_before and not self.resume \
+                and self.earlier_unfinished and not self.finished():
+            # stopped before its first update, as the warning at its start advised: the server kept that run's
+            # checkpoint ("stopped before the first update, with nothing to continue" said a version 0 of its own)
+            return (f"pscnn run: stopped before this run's first update; the checkpoint of the unfinished run "
+                    f"there before is kept: continue that run with the same command plus --resume (run folder "
+                    f"{self.out})")
         if self.finished() or written is None or (written == self.checkpoint_before and not self.resume):
             return None
         if checkpoint_version(self.out) == 0:     # e.g. every worker failed on its training set
@@ -380,6 +389,7 @@ def run_from_args(args) -> int:
     for split in ("train", "test"):
         check_local_setup(args.device, args.mnist_dir, split, progress=not args.no_progress)
     trained = scored = False
+    warning = None
     if args.resume:     # every check the server's --resume makes, here, before anything starts
         resumed = ParameterServer(cfg)
         trained, scored = resumed.work.done, resumed.final_eval is not None
@@ -388,7 +398,9 @@ def run_from_args(args) -> int:
         _say(f"pscnn run: {warning}")
     if args.port:                       # else the cluster takes a port that was free a moment ago
         check_port_free(local_endpoint(args.port))
-    outputs = RunOutputs(args.out, args.resume)
+    # (an unreadable checkpoint is warned of too, but no --resume continues it)
+    outputs = RunOutputs(args.out, args.resume, earlier_unfinished=warning is not None
+                         and bool(checkpoint_version(args.out)))
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads,
                            keys=make_run_keys(args.out, args.workers) if args.curve else None)
     old_handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, *STOP_SIGNALS)}

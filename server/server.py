@@ -664,6 +664,9 @@ class ParameterServer:
                             # exit 130: a command that diverges again)
                             log.info("writing the diverged run's summary without a final evaluation")
                             self._write_final(time.monotonic())
+                    elif self._would_replace_an_earlier_run_with_nothing():
+                        log.warning("interrupted before the first update: no checkpoint written; the one there, "
+                                    "from before this server started, stays")
                     else:
                         log.warning("interrupted%s: writing a checkpoint; continue later with --resume",
                                     " before the final evaluation" if self.over and self.final_eval is None else "")
@@ -1531,7 +1534,9 @@ class ParameterServer:
                                 else f"declared dead ({silent})")
         if self.cfg.checkpoint_every and now - self._last_checkpoint >= self.cfg.checkpoint_every \
                 and self.started and not self.over:     # at the start barrier nothing has changed yet
-            if self._checkpoint_content(self._checkpoint_extra()) == self._checkpointed_content:
+            if self._would_replace_an_earlier_run_with_nothing():
+                self._last_checkpoint = now
+            elif self._checkpoint_content(self._checkpoint_extra()) == self._checkpointed_content:
                 # paused (every trainer gone, or a round waiting): the same file again, every period
                 self._last_checkpoint = now
                 log.debug("checkpoint not written: nothing changed since the last one (version %d)",
@@ -1753,6 +1758,14 @@ class ParameterServer:
             log.info("checkpoint written again (version %d)", self.store.version)
             self._checkpoint_failing = None
         return True
+
+    def _would_replace_an_earlier_run_with_nothing(self) -> bool:
+        """Whether a checkpoint now would hold version 0 over the one an earlier run left in the folder
+        (this server started over, without --resume, and has applied no update).  That checkpoint
+        stays: stopped at once, as its warning (unfinished_run_warning) advises, then started with
+        --resume, the earlier run went on from version 0, every update it had made lost."""
+        return (self.store.version == 0 and not self.cfg.resume and self.checkpointed_version is None
+                and os.path.exists(os.path.join(self.cfg.out, CHECKPOINT_NAME)))
 
     def _last_checkpoint_text(self) -> str:
         if self.checkpointed_version is not None:

@@ -671,6 +671,32 @@ def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run,
     assert "pscnn run: " in err and str(run) in err and "--resume" in err, err
 
 
+def test_a_run_started_over_and_stopped_before_its_first_update_keeps_the_earlier_runs_checkpoint(run):
+    """The warning's advice, "stop this run (Ctrl-C) and run the same command plus --resume": the
+    stop wrote a checkpoint of version 0 over the unfinished run's, and that --resume went on from
+    version 0, every update of that run lost."""
+    with serving(run, *BOTH_IN_EVERY_ROUND) as (cluster, _clients):
+        stop_with_sigterm(cluster)
+    assert load_checkpoint(run / "checkpoint.npz")[1]["step"] == ROUNDS_BEFORE_STOP
+    assert ("interrupted before the first update: no checkpoint written; the one there, from before this "
+            "server started, stays") in cluster.log_tail("server", 5)
+
+
+def test_pscnn_run_stopped_as_its_start_over_warning_advises_says_the_earlier_run_can_go_on(run, capsys,
+                                                                                           monkeypatch,
+                                                                                           mnist_file_names):
+    """It said "stopped before the first update, with nothing to continue; the same command starts the
+    run again from the beginning", of the run it had been told to stop so as to continue it."""
+    import pscnn.launcher as launcher
+    hints = []
+    monkeypatch.setattr(launcher, "_run", lambda args, cluster, outputs, *a: hints.append(
+        outputs.resume_hint(interrupted=True)) or 130)       # the server stopped at once, writing nothing
+    assert main(["run", "--workers", "2", *FLAGS, "--out", str(run), "--no-progress"]) == 130
+    assert hints == [f"pscnn run: stopped before this run's first update; the checkpoint of the unfinished run "
+                     f"there before is kept: continue that run with the same command plus --resume (run folder "
+                     f"{run})"]
+
+
 @pytest.fixture(scope="module")
 def finished_run_resumed(finished, tmp_path_factory, mnist_dir) -> tuple[Path, int, str]:
     """`pscnn run --workers 2 --resume` of the finished run, in this process: (its run folder,
