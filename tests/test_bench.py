@@ -600,7 +600,7 @@ def test_server_bench_server_that_dies_is_one_line_with_its_last_log_line(tmp_pa
     assert code == 1, err
     last = err.splitlines()[-1]
     assert last.startswith("pscnn bench server: error: every server point failed (1 of 1; ") and last.endswith(
-        "the first: the pscnn server (1 clients) exited with 3: bind: Address already in use"), err
+        "the first: the pscnn server (1 client) exited with 3: bind: Address already in use"), err
 
 
 @pytest.mark.parametrize("bench_name, extra, taken_call", [
@@ -753,6 +753,22 @@ def test_server_bench_says_which_medians_stand_for_fewer_trials(tmp_path, monkey
     assert "echo p50 ms" in header and "echo p99 ms" in header        # every time column says its unit
 
 
+@pytest.mark.parametrize("trials, said", [(1, "; medians of 1 trial"), (2, "; medians of 2 trials")])
+def test_server_bench_machine_line_counts_its_trials(trials, said, tmp_path, monkeypatch, capsys):
+    """The server bench's first line said "medians of 1 trials"."""
+    import pscnn.bench.server_bench as server_bench
+    from pscnn.cli import main
+
+    def measure(kind, n, args, env, out, profile=None):
+        return {"processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
+                "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000}
+    monkeypatch.setattr(server_bench, "measure", measure)
+    assert main(["bench", "server", "--clients", "1", "--trials", str(trials), "--model", "light",
+                 "--out", str(tmp_path / "out"), "--no-progress", "--no-plots", "--no-echo"]) == 0
+    machine = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("machine: "))
+    assert machine.endswith(said), machine
+
+
 def test_server_bench_whose_every_server_point_failed_exits_1(tmp_path, monkeypatch, capsys):
     """The echo is only the reference: with every point of the server failed and the echo's measured,
     the bench printed a table of dashes and exited 0, as if the server had been measured."""
@@ -762,7 +778,7 @@ def test_server_bench_whose_every_server_point_failed_exits_1(tmp_path, monkeypa
 
     def measure(kind, n, args, env, out, profile=None):
         if kind == "pscnn":
-            raise BenchError(f"the pscnn server ({n} clients) exited with 1: boom")
+            raise BenchError(f"the pscnn server ({n} client{'s' * (n != 1)}) exited with 1: boom")
         return {"processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
                 "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000}
     monkeypatch.setattr(server_bench, "measure", measure)
@@ -771,7 +787,7 @@ def test_server_bench_whose_every_server_point_failed_exits_1(tmp_path, monkeypa
                  "--no-progress", "--no-plots"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("pscnn bench server: error: every server point failed (2 of 2; rows in ") and last.endswith(
-        "the first: the pscnn server (1 clients) exited with 1: boom"), last
+        "the first: the pscnn server (1 client) exited with 1: boom"), last
     assert len(read_csv(out / "server.csv")) == 4       # the echo's rows are written all the same
 
 
@@ -1367,9 +1383,9 @@ def test_server_bench_opens_its_window_once_every_client_cycles(tmp_path, monkey
 
 
 @pytest.mark.parametrize("script, error", [
-    ("exec sleep 10", "timed out after 2 s waiting for the synthetic clients (pscnn, 1 clients) to complete a "
+    ("exec sleep 10", "timed out after 2 s waiting for the synthetic clients (pscnn, 1 client) to complete a "
                       "cycle each: synthetic client process 0 of 1 had not completed one"),
-    ("echo 'cannot start: boom' >&2; exit 3", "synthetic client process 0 (pscnn, 1 clients) exited with 3: "
+    ("echo 'cannot start: boom' >&2; exit 3", "synthetic client process 0 (pscnn, 1 client) exited with 3: "
                                               "cannot start: boom"),
 ])
 def test_a_server_bench_client_that_never_cycles_fails_its_point(script, error, tmp_path, monkeypatch, capsys):
@@ -1384,7 +1400,7 @@ def test_a_server_bench_client_that_never_cycles_fails_its_point(script, error, 
                  "--no-plots"]) == 1
     (row,) = json.loads((out / "server.json").read_text())["rows"]
     assert row["error"] == error
-    assert f"pscnn bench server: trial 1, pscnn x 1 clients: {error}" in capsys.readouterr().err
+    assert f"pscnn bench server: trial 1, pscnn x 1 client: {error}" in capsys.readouterr().err
 
 def failed_point_error(kind: str) -> Exception:
     """What one measurement may raise besides RuntimeError: a PscnnError (``kind`` "foreign service",

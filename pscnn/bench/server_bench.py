@@ -405,7 +405,7 @@ def report(summary, machine, payload, args) -> None:
     mb = (payload or 0) / 1e6
     print(f"\nmachine: {machine.get('cpu_model') or '?'}, {cores()} usable cores; payload {mb:.2f} MB per "
           f"direction ({args.model} model), mode {args.mode}, optimizer {args.optimizer}; medians of {args.trials} "
-          "trials")
+          f"{for_count(args.trials, 'trial')}")
     headers = ["clients", "cycles/s", "MB/s", "p50 ms", "p99 ms", "server cpu", "srv ms/cycle", "main thread",
                "machine busy"]
     rows = [[s["clients"], fmt(s.get("pscnn_cycles_per_second")), fmt(s.get("pscnn_mb_per_second")),
