@@ -218,6 +218,11 @@ class RunWriter:
             last record's value, so curves against time stay continuous
             across restarts.  A torn last line (the previous process died
             mid-write) is cut off first, so it cannot swallow the next record.
+        keep_earlier: a run started over in a folder whose earlier run can still
+            be continued (its checkpoint is there): that run's ``config.json``
+            and ``metrics.jsonl`` stay as they are, and this run's records wait
+            in memory, until :meth:`replace_earlier` (the run's first update,
+            checkpoint or summary).  Closed before, it leaves the folder as it was.
 
     ``log`` may be called from several threads (a server's handlers); each
     record is one ``write`` of one line under a lock, unbuffered, so that
@@ -241,7 +246,7 @@ class RunWriter:
     # What may wait in memory while metrics.jsonl cannot be written (~300,000 step records).
     HELD_MAX_BYTES = 64 << 20
 
-    def __init__(self, out_dir, config: dict, resume: bool = False):
+    def __init__(self, out_dir, config: dict, resume: bool = False, keep_earlier: bool = False):
         self.out_dir = make_folder(out_dir)
         self._folder_lock = lock_folder(self.out_dir)        # before anything in it is written
         stale = remove_stale_temporaries(self.out_dir)        # ours alone now: a killed writer's leftovers
@@ -250,12 +255,16 @@ class RunWriter:
         self.config_path = self.out_dir / CONFIG_FILE
         self.metrics_path = self.out_dir / METRICS_FILE
         self.summary_path = self.out_dir / SUMMARY_FILE
+        self._config = config
+        self._keeping_earlier = keep_earlier and not resume
         try:
-            write_json_atomic(self.config_path, config)
+            if not self._keeping_earlier:
+                write_json_atomic(self.config_path, config)
             offset = 0.0
             if resume and self.metrics_path.exists():
                 offset = _repair_and_last_seconds(self.metrics_path)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if resume else os.O_TRUNC)
+            # opened now all the same: a file that cannot be written is said at the start
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if resume or self._keeping_earlier else os.O_TRUNC)
             self._fd: int | None = os.open(self.metrics_path, flags, 0o644)
         except BaseException as exc:
             if self._folder_lock is not None:     # no writer: nobody holds the folder
@@ -322,12 +331,30 @@ class RunWriter:
             if flush or len(self._deferred) >= self.DEFERRED_MAX:
                 self._write_deferred()
 
+    def replace_earlier(self) -> None:
+        """The run has an output of its own now (``keep_earlier``): write its config.json and start
+        metrics.jsonl afresh with the records held so far.  Once; later calls do nothing."""
+        if not self._keeping_earlier:   # every update asks: no lock taken once replaced
+            return
+        with self._lock:
+            if not self._keeping_earlier or self._fd is None:
+                return
+            self._keeping_earlier = False
+            try:
+                os.ftruncate(self._fd, 0)
+                write_json_atomic(self.config_path, self._config)
+            except OSError as exc:      # the run goes on: its records are written as they can be
+                log.warning("%s: cannot replace the earlier run's files: %s", self.out_dir, exc)
+            self._write_deferred()
+
     def _write_bytes(self, data: bytes) -> int:
         """One ``write`` system call; returns how much of ``data`` it wrote."""
         return os.write(self._fd, data)
 
     def _write_deferred(self) -> OSError | None:
         """Write the waiting lines (the caller holds the lock); the error if they could not all be."""
+        if self._keeping_earlier:       # they wait for replace_earlier: few, those before the first update
+            return None
         if self._deferred:
             self._unwritten += "".join(self._deferred).encode("utf-8")      # in place: no copy of what waits
             self._deferred = []
@@ -354,6 +381,7 @@ class RunWriter:
         """Write ``summary.json`` atomically (JSON-able conversion as in :meth:`log`); returns its path.
 
         ``path``: where instead (pscnn train's results, when the run folder cannot take them)."""
+        self.replace_earlier()      # a summary is this run's own: the earlier run's files go with it
         return write_json_atomic(self.summary_path if path is None else path, summary)
 
     def close(self) -> None:

@@ -576,8 +576,11 @@ class ParameterServer:
         # in 5 of 7 runs of tests/test_network.py's flapping test.
         try:
             P.bind(self.sock, self.cfg.bind)
+            # a run started over keeps the earlier run's files until it has an update of its own: stopped
+            # before (see _would_replace_an_earlier_run_with_nothing), it leaves that run whole, for --resume
             self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
-                                    resume=self.cfg.resume)
+                                    resume=self.cfg.resume,
+                                    keep_earlier=os.path.exists(os.path.join(self.cfg.out, CHECKPOINT_NAME)))
         except BaseException:
             self.sock.close(linger=0)
             self._stop_curve()
@@ -666,7 +669,7 @@ class ParameterServer:
                             self._write_final(time.monotonic())
                     elif self._would_replace_an_earlier_run_with_nothing():
                         log.warning("interrupted before the first update: no checkpoint written; the one there, "
-                                    "from before this server started, stays")
+                                    "from before this server started, stays, with its metrics.jsonl and config.json")
                     else:
                         log.warning("interrupted%s: writing a checkpoint; continue later with --resume",
                                     " before the final evaluation" if self.over and self.final_eval is None else "")
@@ -1187,6 +1190,7 @@ class ParameterServer:
         async/ssp: one push; sync: a round (a member that died after pushing is
         None here, but its batch was in the average and counts as applied).
         """
+        self.writer.replace_earlier()       # this run's first update: the earlier run's records go
         samples = 0
         self.nonfinite_streak = 0
         self.nonfinite_senders.clear()
@@ -1807,6 +1811,7 @@ class ParameterServer:
         path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
         extra = self._checkpoint_extra()
         t = time.perf_counter()
+        self.writer.replace_earlier()   # this run's checkpoint replaces the earlier run's: its records too
         self.writer.flush()     # every step record the checkpoint includes is on disk before it
         save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
         self._last_checkpoint = time.monotonic()

@@ -682,6 +682,28 @@ def test_a_run_started_over_and_stopped_before_its_first_update_keeps_the_earlie
             "server started, stays") in cluster.log_tail("server", 5)
 
 
+def test_a_run_started_over_and_stopped_before_its_first_update_leaves_the_earlier_runs_records(run):
+    """Starting over emptied metrics.jsonl and replaced config.json at once: stopped before its first
+    update, the earlier run's checkpoint kept for --resume, that run's step records were gone, and its
+    folder held this run's records and settings beside that run's checkpoint."""
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    with serving(run, *BOTH_IN_EVERY_ROUND) as (cluster, _clients):
+        stop_with_sigterm(cluster)
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_run_started_over_replaces_the_earlier_runs_records_with_its_own_at_its_first_update(run):
+    with serving(run, *BOTH_IN_EVERY_ROUND) as (cluster, clients):
+        clients += train(cluster.endpoint, ["w0", "w1"], 1)
+        stop_with_sigterm(cluster)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert records[0]["kind"] == "start" and records[0]["resumed"] is False, records[0]
+    assert kinds.count("start") == 1 and kinds.count("join") == 2, kinds
+    assert [r["version"] for r in records if r["kind"] == "step"] == [1], kinds
+    assert json.loads((run / "config.json").read_text())["server"]["out"] == str(run)
+
+
 def test_pscnn_run_stopped_as_its_start_over_warning_advises_says_the_earlier_run_can_go_on(run, capsys,
                                                                                            monkeypatch,
                                                                                            mnist_file_names):

@@ -108,6 +108,25 @@ def test_writer_without_resume_truncates(tmp_path):
     assert strict_json((tmp_path / "config.json").read_text()) == {"second": True}
 
 
+def test_a_writer_keeping_the_earlier_run_replaces_its_files_only_once_told(tmp_path):
+    """A run started over beside an earlier run's checkpoint: stopped before its first update,
+    the earlier run's config.json and metrics.jsonl stay whole (that run is continued with
+    --resume); from replace_earlier on, the folder holds this run's, the records held included."""
+    with RunWriter(tmp_path, {"earlier": True}) as writer:
+        writer.log("step", step=1)
+    with RunWriter(tmp_path, {"later": True}, keep_earlier=True) as writer:
+        writer.log("start", step=0)
+        writer.flush()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    assert strict_json((tmp_path / "config.json").read_text()) == {"earlier": True}
+    with RunWriter(tmp_path, {"later": True}, keep_earlier=True) as writer:
+        writer.log("start", step=0)
+        writer.replace_earlier()
+        writer.log_deferred("step", step=1)
+    assert [(r["kind"], r["step"]) for r in read_metrics(tmp_path)] == [("start", 0), ("step", 1)]
+    assert strict_json((tmp_path / "config.json").read_text()) == {"later": True}
+
+
 def test_a_writer_removes_what_a_killed_writer_left_half_written(tmp_path, caplog):
     """A SIGKILL during a checkpoint left .checkpoint.npz.<id>.tmp (as large as the checkpoint)
     for good; the next writer of the folder, which holds its lock, removes such files only."""
