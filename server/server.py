@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket as pysocket
 import sys
@@ -68,7 +69,8 @@ from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.metrics import thin_evaluations, time_to_accuracy
 from cnn_core.model import PRESETS, build_model, resolve_spec
 from cnn_core.optim import build_optimizer
-from cnn_core.runlog import SUMMARY_FILE, RunWriter, make_plots, read_metrics, without_lost_updates
+from cnn_core.runlog import (METRICS_FILE, SUMMARY_FILE, RunWriter, iter_metrics, make_plots, read_metrics,
+                             without_lost_updates)
 from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
@@ -167,6 +169,23 @@ def checkpoint_version(out: str) -> int | None:
         return None
     step = meta.get("step")
     return step if isinstance(step, int) else None
+
+
+# A run's id: new when a run starts, kept by every --resume of it (in its checkpoints and in the
+# "start" records of metrics.jsonl), so that a checkpoint is never taken for another run's.
+RUN_ID = re.compile(r"[0-9a-f]{12}")
+
+
+def latest_run_id(out: str) -> str | None:
+    """The run id of the last ``start`` record in run folder ``out``'s metrics.jsonl; None when there is
+    none (no file, no start record, or one an older pscnn wrote)."""
+    run_id = None
+    try:
+        for record in iter_metrics(os.path.join(out, METRICS_FILE), kinds=("start",), quiet=True):
+            run_id = record.get("run_id")
+    except OSError:
+        return None
+    return run_id if isinstance(run_id, str) else None
 
 
 def summary_after_checkpoint(out: str) -> bool:
@@ -400,6 +419,7 @@ class ParameterServer:
         check_model_travels(self.spec, self.store.snapshot()[1])
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
         self.incarnation = uuid.uuid4().hex[:12]
+        self.run_id = uuid.uuid4().hex[:12]         # a resumed run's is its checkpoint's (_resume)
         self.peers: dict[str, Peer] = {}
         # How many peers of each role the table holds: what hello's "server full", status and "is there an
         # evaluator" ask on every message of theirs, without walking the table (85 us with 1,000 peers).
@@ -626,8 +646,8 @@ class ParameterServer:
         if not self.started:
             log.info("handing out no work until %d trainers ask for it (at most %.0f s after the first)",
                      self.cfg.wait_for_workers, self.cfg.start_timeout)
-        self.writer.log("start", incarnation=self.incarnation, version=self.store.version, resumed=self.cfg.resume,
-                        epoch=self.work.epoch)
+        self.writer.log("start", run_id=self.run_id, incarnation=self.incarnation, version=self.store.version,
+                        resumed=self.cfg.resume, epoch=self.work.epoch)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         last_housekeeping = 0.0
@@ -1790,7 +1810,7 @@ class ParameterServer:
                  "rejected_messages": dict(self.rejected),
                  "train_seconds": self._train_clock(time.monotonic()),
                  "wall_seconds": self._wall_clock(time.monotonic()), "mode": self.cfg.mode,
-                 "seed": self.cfg.seed}
+                 "seed": self.cfg.seed, "run_id": self.run_id}
         if self.final_eval:
             extra["final_eval"] = _checkpointable_metrics(self.final_eval)
         return extra
@@ -1852,6 +1872,7 @@ class ParameterServer:
             text = str(exc)
             raise CheckpointError(text if text.startswith("--resume") else f"--resume: {text}") from None
         self.store.version = checked["step"]
+        self.run_id = checked["run_id"] or self.run_id      # an older checkpoint's run gets one now
         self.work = WorkQueue(self.num_samples, self.cfg.batch_size, self.cfg.epochs, self.cfg.lease_timeout,
                               epoch=checked["epoch"], applied=checked["applied"])
         self.samples_applied = checked["samples_applied"]
@@ -2035,6 +2056,16 @@ class ParameterServer:
         if run_epochs != cfg.epochs:
             log.info("--resume: training for %d %s; the checkpoint's run had %d", cfg.epochs,
                      for_count(cfg.epochs, "epoch"), run_epochs)
+        run_id = extra.get("run_id")       # absent from checkpoints of earlier versions
+        if run_id is not None:
+            if not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
+                raise _Bad("extra.run_id", f"must be 12 hex digits, got {_show(run_id)}")
+            latest = latest_run_id(cfg.out)
+            if latest is not None and latest != run_id:    # a run started over since, stopped before its checkpoint
+                raise CheckpointError(f"--resume: checkpoint {path} is run {run_id}'s (version {step}), but "
+                                      f"{METRICS_FILE} was last started by run {latest}, which started over in this "
+                                      f"folder and wrote no checkpoint: nothing of run {latest} can be continued, "
+                                      f"and run {run_id}'s records are gone; start the run again without --resume")
         samples_applied = _int(_field(extra, "samples_applied", "extra."), "extra.samples_applied")
         train_seconds = _number(_field(extra, "train_seconds", "extra."), "extra.train_seconds")
         # absent from checkpoints of earlier versions: their training seconds, as their summaries counted
@@ -2077,7 +2108,7 @@ class ParameterServer:
                 "final": e["final"]})
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
                 "train_seconds": train_seconds, "wall_seconds": wall_seconds, "staleness": staleness, "contributors": dict(contributors),
-                "workers_most": workers_most, "evaluations": evaluations,
+                "workers_most": workers_most, "evaluations": evaluations, "run_id": run_id,
                 "evaluations_thinned_through": thinned_through, "warnings": warnings,
                 "lease_requeues": lease_requeues, "final_eval": self._checked_final_eval(extra),
                 "optimizer": saved_opt if changed and finished else None, **counts}

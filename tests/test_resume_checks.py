@@ -290,6 +290,7 @@ META_EDITS = {
     "mode missing": (_del("extra", "mode"), "field extra.mode is missing"),
     "seed text": (_set("extra", "seed", value="zero"), "field extra.seed must be an integer"),
     "workers_most negative": (_set("extra", "workers_most", value=-1), "field extra.workers_most is -1"),
+    "run_id a number": (_set("extra", "run_id", value=7), "field extra.run_id must be 12 hex digits, got 7"),
     "optimizer null": (_set("optimizer", value=None), "optimizer"),
     "optimizer a string": (_set("optimizer", value="sgd"), "'optimizer' must be null or an object"),
     "model spec garbage": (_set("model_spec", value={"layers": 5}), "field model_spec cannot be built"),
@@ -702,6 +703,43 @@ def test_a_run_started_over_replaces_the_earlier_runs_records_with_its_own_at_it
     assert kinds.count("start") == 1 and kinds.count("join") == 2, kinds
     assert [r["version"] for r in records if r["kind"] == "step"] == [1], kinds
     assert json.loads((run / "config.json").read_text())["server"]["out"] == str(run)
+
+
+def run_id(folder: Path) -> str:
+    return load_checkpoint(folder / "checkpoint.npz")[1]["extra"].get("run_id")
+
+
+def test_resume_refuses_an_earlier_runs_checkpoint_after_a_run_started_over_and_killed_before_its_own(
+        run, server_cli):
+    """A run started over in the folder (its first updates replaced metrics.jsonl), then gone before
+    its first checkpoint (killed, or diverged): --resume took the earlier run's checkpoint for this
+    run's, went on from it, and mixed the two runs' records in metrics.jsonl and the history."""
+    earlier = run_id(run)
+    with serving(run, *BOTH_IN_EVERY_ROUND) as (cluster, clients):
+        clients += train(cluster.endpoint, ["w0", "w1"], 1)
+        cluster.kill("server", signal.SIGKILL)
+        cluster.wait("server", 60)
+    line = refused(server_cli(run, "--resume"), "start the run again without --resume")
+    (start,) = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "start"]
+    assert run_id(run) == earlier != start["run_id"]
+    assert f"checkpoint {run / 'checkpoint.npz'} is run {earlier}'s (version {ROUNDS_BEFORE_STOP})" in line
+    assert f"last started by run {start['run_id']}" in line
+
+
+def test_resume_continues_the_run_whose_checkpoint_it_is_with_its_run_id(run, server_cli):
+    """After a run started over and stopped before its first update, too: the folder is the earlier run's."""
+    with serving(run, *BOTH_IN_EVERY_ROUND) as (cluster, _clients):
+        stop_with_sigterm(cluster)
+    code, lines, srv = server_cli(run, "--resume")
+    assert code == 0 and srv.store.version == ROUNDS_BEFORE_STOP and srv.run_id == run_id(run), lines
+    assert srv._checkpoint_extra()["run_id"] == run_id(run)
+
+
+def test_a_checkpoint_without_a_run_id_is_resumed_and_given_one(run, server_cli):
+    edit_meta(run, _del("extra", "run_id"))             # as pscnn wrote them before run ids
+    code, lines, srv = server_cli(run, "--resume")
+    assert code == 0 and srv.store.version == ROUNDS_BEFORE_STOP, lines
+    assert srv._checkpoint_extra()["run_id"] == srv.run_id
 
 
 def test_pscnn_run_stopped_as_its_start_over_warning_advises_says_the_earlier_run_can_go_on(run, capsys,
