@@ -775,11 +775,13 @@ def test_a_long_runs_plots_are_drawn_in_bounded_memory(tmp_path, monkeypatch):
     as dicts, twice (53 MB for 7 MB): a week-long server's end was killed for want of memory.
     Now a run ten times longer takes no more memory to plot (the points kept capped lower here,
     so that both runs are over the cap)."""
+    import gc
     import tracemalloc
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(runlog, "CURVE_POINTS", 1_000)
 
     def plotting_peak(run: Path) -> int:
+        gc.collect()            # an earlier test's garbage, collected during one plot and not the other
         tracemalloc.start()
         try:
             assert make_plots(run) == [run / "learning_curves.png", run / "timeline.png"]
