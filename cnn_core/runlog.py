@@ -245,6 +245,9 @@ class RunWriter:
     DEFERRED_MAX = 256
     # What may wait in memory while metrics.jsonl cannot be written (~300,000 step records).
     HELD_MAX_BYTES = 64 << 20
+    # Records a run started over holds (keep_earlier) before its first update: a start barrier
+    # that clients join and leave for days must not grow the server without bound.
+    KEPT_MAX = 10_000
 
     def __init__(self, out_dir, config: dict, resume: bool = False, keep_earlier: bool = False):
         self.out_dir = make_folder(out_dir)
@@ -328,7 +331,13 @@ class RunWriter:
                     self._dropped += 1
                 else:
                     self._deferred.append(line)
-            if flush or len(self._deferred) >= self.DEFERRED_MAX:
+            if self._keeping_earlier and len(self._deferred) >= self.KEPT_MAX:
+                # held in memory before the first update (clients joining and leaving, evaluations): a
+                # bound, past which this run's records are its own and the earlier run's files go
+                log.warning("%s: %d records logged before this run's first update; the earlier run's "
+                            "metrics.jsonl and config.json are replaced now", self.out_dir, len(self._deferred))
+                self._replace_earlier_locked()
+            elif flush or len(self._deferred) >= self.DEFERRED_MAX:
                 self._write_deferred()
 
     def replace_earlier(self) -> None:
@@ -337,15 +346,19 @@ class RunWriter:
         if not self._keeping_earlier:   # every update asks: no lock taken once replaced
             return
         with self._lock:
-            if not self._keeping_earlier or self._fd is None:
-                return
-            self._keeping_earlier = False
-            try:
-                os.ftruncate(self._fd, 0)
-                write_json_atomic(self.config_path, self._config)
-            except OSError as exc:      # the run goes on: its records are written as they can be
-                log.warning("%s: cannot replace the earlier run's files: %s", self.out_dir, exc)
-            self._write_deferred()
+            self._replace_earlier_locked()
+
+    def _replace_earlier_locked(self) -> None:
+        """:meth:`replace_earlier`, the lock held."""
+        if not self._keeping_earlier or self._fd is None:
+            return
+        self._keeping_earlier = False
+        try:
+            os.ftruncate(self._fd, 0)
+            write_json_atomic(self.config_path, self._config)
+        except OSError as exc:      # the run goes on: its records are written as they can be
+            log.warning("%s: cannot replace the earlier run's files: %s", self.out_dir, exc)
+        self._write_deferred()
 
     def _write_bytes(self, data: bytes) -> int:
         """One ``write`` system call; returns how much of ``data`` it wrote."""

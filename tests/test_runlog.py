@@ -127,6 +127,21 @@ def test_a_writer_keeping_the_earlier_run_replaces_its_files_only_once_told(tmp_
     assert strict_json((tmp_path / "config.json").read_text()) == {"later": True}
 
 
+def test_a_writer_keeping_the_earlier_run_holds_a_bounded_number_of_records(tmp_path, monkeypatch):
+    """Before its first update a run started over held every record in memory: a start barrier
+    that clients joined and left for days grew the server without bound.  Past KEPT_MAX the
+    records are this run's own: the earlier run's files are replaced and the records written."""
+    monkeypatch.setattr(RunWriter, "KEPT_MAX", 5)
+    with RunWriter(tmp_path, {"earlier": True}) as writer:
+        writer.log("step", step=1)
+    with RunWriter(tmp_path, {"later": True}, keep_earlier=True) as writer:
+        for i in range(12):
+            writer.log("join", worker=f"w{i}")
+        assert [r.get("worker") for r in read_metrics(tmp_path)] == [f"w{i}" for i in range(12)]   # not held
+    assert [r.get("worker") for r in read_metrics(tmp_path)] == [f"w{i}" for i in range(12)]
+    assert strict_json((tmp_path / "config.json").read_text()) == {"later": True}
+
+
 def test_a_writer_removes_what_a_killed_writer_left_half_written(tmp_path, caplog):
     """A SIGKILL during a checkpoint left .checkpoint.npz.<id>.tmp (as large as the checkpoint)
     for good; the next writer of the folder, which holds its lock, removes such files only."""
