@@ -433,6 +433,11 @@ class ParameterServer:
         # len(contributors): a run stopped and resumed with new worker processes would count
         # each worker once per incarnation (a 2-worker run resumed once reported 4).
         self.incarnation_contributors: set[str] = set()
+        # After a --resume: the ids of the clients of the run before the restart (the checkpoint's
+        # peer_ids and contributors) that have not said hello again yet -> their messages since.
+        # They come back by themselves, under the same ids: told to say hello as any unknown id,
+        # but no fault (see _ask_client_before_to_rejoin).
+        self.clients_before: dict[str, int] = {}
         self.workers_before = 0
         self.samples_applied = 0
         self.staleness = Counter()
@@ -461,6 +466,8 @@ class ParameterServer:
         peer_lines = max(64, 2 * cfg.max_workers)
         self.log_joins = RateLimitedLog(log, ("join", "joins"), peer_lines)
         self.log_leaves = RateLimitedLog(log, ("leave", "leaves"), peer_lines)
+        self.log_clients_before = RateLimitedLog(log, ("client of the run before the restart",
+                                                       "clients of the run before the restart"), peer_lines)
         # CURVE: a client that cannot mend its handshake by itself retries it every 0.1 s, until it stops
         self.log_handshakes = RateLimitedLog(log, ("refused handshake", "refused handshakes"), 1)
         # An honest evaluator with a tiny --every on a tiny --test-limit is refused most reports once past
@@ -517,7 +524,8 @@ class ParameterServer:
 
     @property
     def rate_limited_logs(self) -> tuple[RateLimitedLog, ...]:
-        return self.log_rejected, self.log_joins, self.log_leaves, self.log_handshakes, self.log_too_many_evaluations
+        return (self.log_rejected, self.log_joins, self.log_leaves, self.log_clients_before, self.log_handshakes,
+                self.log_too_many_evaluations)
 
     @property
     def over(self) -> bool:
@@ -830,10 +838,11 @@ class ParameterServer:
         if gone is not None and gone.key != key:
             self._refuse_other_key(rid, msg, gone, key)
             return
+        if gone is None and msg.wid in self.clients_before:
+            self._ask_client_before_to_rejoin(rid, msg)
+            return
         if gone is None:
-            self._reject(rid, msg, P.ProtocolError(
-                f"unknown worker id {msg.wid!r}: send hello first (the server may have restarted)",
-                "unknown_worker"))
+            self._reject(rid, msg, _unknown_id(msg.wid))
             return
         gone.refused += 1
         ago = now - gone.at
@@ -844,6 +853,18 @@ class ParameterServer:
             self._rejected("unknown_worker", None)
         self._send(rid, P.error("unknown_worker", f"worker id {msg.wid!r} ({gone.name}) was dropped from the run "
                                 f"{ago:.1f} s ago ({gone.why}): send hello to rejoin", msg.seq))
+
+    def _ask_client_before_to_rejoin(self, rid: bytes, msg: P.Message) -> None:
+        """A message from a client of the run before this server's --resume: answered as an unknown
+        id's, so that it says hello again.  Every client of a restarted server comes back so, with a
+        few messages sent meanwhile (heartbeats, resends): one INFO line per client, and not counted
+        in rejected_messages (a clean restart's report showed them as faults)."""
+        self.clients_before[msg.wid] += 1
+        if self.clients_before[msg.wid] == 1:
+            self.log_clients_before.log(logging.INFO, "a client of the run before the restart: %s (%s); "
+                                        "told to say hello again", msg.wid, msg.type)
+        exc = _unknown_id(msg.wid)
+        self._send(rid, P.error(exc.code, str(exc), msg.seq))
 
     def _refuse_other_key(self, rid: bytes, msg: P.Message, owner, key: str) -> None:
         """A message under the id of ``owner`` (a Peer or DroppedPeer) from a client that holds another
@@ -953,6 +974,7 @@ class ParameterServer:
         """Put ``peer`` in the peer table (its id is not there: a rejoin drops the old one first)."""
         self.peers[peer.wid] = peer
         self.role_counts[peer.role] += 1
+        self.clients_before.pop(peer.wid, None)        # back: what it sends now is a peer's
 
     def _remove_peer(self, peer: Peer) -> None:
         """Take ``peer`` out of the peer table, if it is there (not another peer under its id)."""
@@ -1805,6 +1827,11 @@ class ParameterServer:
                  "evaluations": self.evaluations, "evaluations_thinned_through": self._evaluations_thinned_through,
                  "contributors": self.contributors,
                  "workers_most": self.workers_most,
+                 # who a --resume will hear from again (see clients_before): the peers, and for a while
+                 # after a restart those of before not back yet (a server killed again before they
+                 # came back), no longer (a client gone for good is not carried from one to the next)
+                 "peer_ids": sorted(set(self.peers).union(
+                     self.clients_before if time.monotonic() - self.t_start < self.cfg.peer_timeout else ())),
                  # what the run survived so far (summary.json's), not only since the last restart
                  "peers_dropped": dict(self.drops), "lease_requeues": self.work.requeued_total,
                  "rejected_messages": dict(self.rejected),
@@ -1885,6 +1912,7 @@ class ParameterServer:
                      len(checked["evaluations"]), len(self.evaluations))
         self.newest_evaluation = max(self.evaluations, key=lambda e: e["version"], default=None)
         self.contributors = checked["contributors"]
+        self.clients_before = dict.fromkeys(set(checked["peer_ids"]).union(self.contributors), 0)
         self.workers_before = checked["workers_most"]
         self.drops = Counter(checked["peers_dropped"])
         self.work.requeued_total = checked["lease_requeues"]
@@ -2082,6 +2110,9 @@ class ParameterServer:
                 raise _Bad(f"extra.contributors[{_show(k)}]", f"must be a worker name (a string), got {_show(v)}")
         workers_most = extra.get("workers_most")     # absent from checkpoints of earlier versions
         workers_most = len(contributors) if workers_most is None else _int(workers_most, "extra.workers_most")
+        peer_ids = extra.get("peer_ids", [])         # absent from checkpoints of earlier versions
+        if not isinstance(peer_ids, list) or not all(isinstance(wid, str) for wid in peer_ids):
+            raise _Bad("extra.peer_ids", f"must be a list of worker ids (strings), got {_show(peer_ids)}")
         counts = {}         # the fault counters (absent from checkpoints of earlier versions)
         for key in ("peers_dropped", "rejected_messages"):
             counts[key] = {k: _int(v, f"extra.{key}[{_show(k)}]")
@@ -2108,7 +2139,7 @@ class ParameterServer:
                 "final": e["final"]})
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
                 "train_seconds": train_seconds, "wall_seconds": wall_seconds, "staleness": staleness, "contributors": dict(contributors),
-                "workers_most": workers_most, "evaluations": evaluations, "run_id": run_id,
+                "peer_ids": peer_ids, "workers_most": workers_most, "evaluations": evaluations, "run_id": run_id,
                 "evaluations_thinned_through": thinned_through, "warnings": warnings,
                 "lease_requeues": lease_requeues, "final_eval": self._checked_final_eval(extra),
                 "optimizer": saved_opt if changed and finished else None, **counts}
@@ -2155,6 +2186,12 @@ class ParameterServer:
                 "contributors": len(self.contributors), "declared_dead": self.drops["declared dead"],
                 "lease_requeues": self.work.requeued_total, "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}
+
+
+def _unknown_id(wid: str) -> P.ProtocolError:
+    """What a message under an id the server does not know is answered (the client says hello again)."""
+    return P.ProtocolError(f"unknown worker id {wid!r}: send hello first (the server may have restarted)",
+                           "unknown_worker")
 
 
 def _sender(rid: bytes) -> str:

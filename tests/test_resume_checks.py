@@ -291,6 +291,8 @@ META_EDITS = {
     "seed text": (_set("extra", "seed", value="zero"), "field extra.seed must be an integer"),
     "workers_most negative": (_set("extra", "workers_most", value=-1), "field extra.workers_most is -1"),
     "run_id a number": (_set("extra", "run_id", value=7), "field extra.run_id must be 12 hex digits, got 7"),
+    "peer_ids of numbers": (_set("extra", "peer_ids", value=[1, 2]),
+                            "field extra.peer_ids must be a list of worker ids"),
     "optimizer null": (_set("optimizer", value=None), "optimizer"),
     "optimizer a string": (_set("optimizer", value="sgd"), "'optimizer' must be null or an object"),
     "model spec garbage": (_set("model_spec", value={"layers": 5}), "field model_spec cannot be built"),
@@ -614,6 +616,61 @@ def test_a_checkpoint_with_a_longer_history_than_kept_now_is_thinned_on_resume(t
         by_time = sorted(every, key=lambda e: e["seconds"])
         assert time_to_accuracy(sorted(kept, key=lambda e: e["seconds"])) == time_to_accuracy(by_time)
         assert f"--resume: the checkpoint's 161 evaluations thinned to {len(kept)}" in caplog.text
+    finally:
+        again.close()
+        again.srv.writer.close()
+
+
+# ---------------------------------------------------------------- 6. the clients of the run before a restart
+
+def test_a_resumed_server_asks_the_runs_clients_to_rejoin_without_counting_them_refused(tmp_path, caplog):
+    """Killed and resumed, a server logged every message its clients sent before they said hello
+    again (heartbeats, resends) as a WARNING "rejected message ... unknown worker id" and counted it
+    in rejected_messages: 6 to 19 a restart, and a clean restart's report showed "N messages
+    refused" under faults.  Those of the checkpoint's clients (a trainer that pushed, an evaluator)
+    are answered as before, logged once each at INFO, uncounted; an id never seen is still refused."""
+    first = InProcess(tmp_path / "run", epochs=2)
+    try:
+        trainer = _trainer(first)
+        task = first.call(trainer, P.WORK)
+        assert first.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+        evaluator_id = _evaluator(first).wid
+        assert first.srv._checkpoint()
+    finally:
+        first.close()
+        first.srv.writer.close()
+    again = InProcess(tmp_path / "run", epochs=2, resume=True)
+    try:
+        back = {wid: Raw(again.endpoint, wid) for wid in (trainer.wid, evaluator_id)}
+        stranger = Raw(again.endpoint)
+        again.raws += [*back.values(), stranger]
+        with caplog.at_level(logging.INFO, logger="pscnn.server"):
+            replies = [again.call(back[trainer.wid], P.WORK), again.call(back[trainer.wid], P.WORK),
+                       again.call(back[evaluator_id], P.HEARTBEAT), again.call(stranger, P.WORK)]
+        for reply, wid in zip(replies, [trainer.wid, trainer.wid, evaluator_id, stranger.wid]):
+            assert reply.type == P.ERROR and reply.body == {
+                "code": "unknown_worker",
+                "message": f"unknown worker id {wid!r}: send hello first (the server may have restarted)"}, reply.body
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+        back_again = "a client of the run before the restart: {} ({}); told to say hello again"
+        assert lines == [
+            (logging.INFO, back_again.format(trainer.wid, "work")),
+            (logging.INFO, back_again.format(evaluator_id, "heartbeat")),
+            (logging.WARNING, f"rejected message from {stranger.wid}: unknown worker id {stranger.wid!r}: send hello "
+                              "first (the server may have restarted)")], lines
+        assert again.srv.rejected == {"unknown_worker": 1}
+        # back under its id, it trains on
+        assert again.call(back[trainer.wid], P.HELLO, {"role": "trainer", "name": "w"}).type == P.WELCOME
+        assert again.call(back[trainer.wid], P.WORK).type == P.TASK
+
+        def peer_ids() -> list[str]:
+            assert again.srv._checkpoint()
+            return load_checkpoint(tmp_path / "run" / "checkpoint.npz")[1]["extra"]["peer_ids"]
+        # killed again before the evaluator is back, the next server still knows it; one that never
+        # comes back is not carried on past --peer-timeout
+        assert peer_ids() == sorted([trainer.wid, evaluator_id])
+        again.srv.t_start -= again.srv.cfg.peer_timeout
+        assert peer_ids() == [trainer.wid]
     finally:
         again.close()
         again.srv.writer.close()
