@@ -149,7 +149,7 @@ def test_a_task_with_unusable_weight_values_is_refused(fake, connect, caplog, ca
     assert not server.of_type(P.PUSH)                   # not trained on
     np.testing.assert_array_equal(trainer.model.params.flat, before)        # not loaded either
     (line,) = warnings_with(caplog, "the server sent a task", needle)
-    assert "1 of 5 failures in a row" in line and "\n" not in line
+    assert line.endswith(" (1 failure in a row; giving up at 5)") and "\n" not in line
 
 
 @LOOPS
@@ -298,7 +298,17 @@ def test_a_rejoin_is_an_info_line_and_a_second_in_a_row_a_warning(fake, connect,
         assert run_loop(trainer, False) == 0
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if "rejoined the server" in r.getMessage()]
     assert [level for level, _ in lines] == [logging.INFO, logging.INFO, logging.WARNING], lines
-    assert "failures in a row" not in lines[0][1] and "(2 of 5 failures in a row)" in lines[2][1], lines
+    assert "in a row" not in lines[0][1] and lines[2][1].endswith("(2 failures in a row; giving up at 5)"), lines
+
+
+def test_a_trainer_that_pushed_one_batch_says_1_step_when_told_to_stop(fake, connect, caplog):
+    """Its last line read "after 1 steps (64 samples)": the counts' nouns agree with them."""
+    server = fake(work=[task()], push=[STOP])
+    trainer = trainer_on(connect(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.worker"):
+        assert run_loop(trainer, False) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"] == [
+        "server says training finished after 1 step (64 samples); exiting"]
 
 
 def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):

@@ -53,6 +53,7 @@ import uuid
 import zmq
 
 from cnn_core.errors import ConfigError, PscnnError
+from cnn_core.text import for_count
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.names import WID_SUFFIX_LEN, name_problem, routing_id
@@ -150,7 +151,8 @@ class FailureStreak:
             # bound a server that forgets us every time
             log.info("%s; %s", exc, then)
             return
-        log.warning("%s; %s (%d of %d failures in a row)", exc, then, self.count, self.limit)
+        log.warning("%s; %s (%d %s in a row; giving up at %d)", exc, then, self.count,
+                    for_count(self.count, "failure"), self.limit)
         if self.count > 1:
             time.sleep(FAILURE_PAUSE_S * 2 ** (self.count - 2))
 

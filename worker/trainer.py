@@ -43,6 +43,7 @@ from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mni
 from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays, all_finite
 from cnn_core.model import build_model
+from cnn_core.text import for_count
 from pscnn import curve
 from pscnn import protocol as P
 
@@ -384,8 +385,8 @@ class Trainer:
         without it: a failed worker, said in one line, not one that finished)."""
         if reply.body.get("dropped"):
             raise DroppedByServer(f"stopped by the server: {P.one_line(reply.body['reason'])}")
-        log.info("server says %s after %d steps (%d samples); exiting",
-                 P.one_line(reply.body["reason"]), self.steps, self.samples)
+        log.info("server says %s after %d %s (%d %s); exiting", P.one_line(reply.body["reason"]),
+                 self.steps, for_count(self.steps, "step"), self.samples, for_count(self.samples, "sample"))
         return 0
 
     @staticmethod
