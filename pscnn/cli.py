@@ -766,6 +766,7 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
     """
     if not opt_cfg.get("schedule"):
         return opt_cfg
+    from cnn_core.text import for_count  # noqa: PLC0415  (after --threads took effect)
     sched = dict(opt_cfg["schedule"])
     if sched.get("total_steps") == "auto":
         sched["total_steps"] = max(1, total_updates)
@@ -777,15 +778,17 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
         # the rate reaches lr at warm-up step warmup - 1: a longer warm-up never got there (the
         # default's few updates are left unsaid: a smoke run shorter than them is not a mistake)
         logging.getLogger("pscnn").warning(
-            "a warm-up of %d updates is longer than the run's %d: the learning rate never reaches its base "
-            "rate (lower --warmup-steps, or the --schedule's warmup_steps)", warmup, total_updates)
-    if (sched.get("name") == "cosine" and isinstance(cosine_steps, int) and cosine_steps < total_updates
+            "a warm-up of %d %s is longer than the run's %d: the learning rate never reaches its base "
+            "rate (lower --warmup-steps, or the --schedule's warmup_steps)", warmup, for_count(warmup, "update"),
+            total_updates)
+    if (sched.get("name") == "cosine" and isinstance(cosine_steps, int) and 1 <= cosine_steps < total_updates
             and sched.get("min_lr", 0) == 0):
-        # past total_steps the rate stays at min_lr: 0, the rest of the run trained nothing
+        # past total_steps the rate stays at min_lr: 0, the rest of the run trained nothing (a
+        # total_steps below 1 is refused: no warning before that error)
         logging.getLogger("pscnn").warning(
-            "the cosine schedule's total_steps %d is shorter than the run's %d updates: the learning rate is 0 "
+            "the cosine schedule's total_steps %d is shorter than the run's %d %s: the learning rate is 0 "
             "for the last %d (leave total_steps out to span the run, or set a min_lr)",
-            cosine_steps, total_updates, total_updates - cosine_steps)
+            cosine_steps, total_updates, for_count(total_updates, "update"), total_updates - cosine_steps)
     return {**opt_cfg, "schedule": sched}
 
 

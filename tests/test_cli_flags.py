@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from cnn_core.errors import ConfigError
 from cnn_core.model import resolve_spec
 from cnn_core.optim import build_optimizer
 from pscnn import launcher
@@ -518,6 +519,11 @@ def test_a_cosine_that_ends_before_the_run_is_warned_about(caplog):
     assert warnings('{"name": "cosine", "total_steps": 300}', 300) == []
     assert warnings('{"name": "cosine", "total_steps": 100, "min_lr": 0.001}', 300) == []    # a floor: intended
     assert warnings("cosine", 300) == [] and warnings("step", 300) == []
+    # a total_steps of 0 is refused: it was warned about first ("the run's 1 updates"), then the error
+    assert warnings('{"name": "cosine", "total_steps": 0}', 1) == []
+    with pytest.raises(ConfigError, match="total_steps must be >= 1, got 0"):
+        build_optimizer(resolve_auto_schedule(optimizer_config(parse_args(
+            ["train", "--schedule", '{"name": "cosine", "total_steps": 0}'], {})), 1))
 
 
 def test_pscnn_run_warns_of_a_long_warm_up_once(tmp_path, monkeypatch, caplog, mnist_file_names):
