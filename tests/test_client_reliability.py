@@ -179,6 +179,17 @@ def test_silence_is_met_with_resends_then_reconnects_that_back_off_up_to_the_cap
     assert 30.0 < net.now - net.start < 30.1
 
 
+def test_a_fractional_give_up_after_is_said_as_given(sim, caplog):
+    """--give-up-after 7.5 read "for up to 8 s" and "for 8 s" in the worker's log (0.4: "for 0 s")."""
+    client, net = sim(60, give_up_after=7.5, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    with caplog.at_level(logging.INFO, logger="pscnn.client"), pytest.raises(ServerUnreachable) as exc:
+        client.request(P.WORK)
+    assert str(exc.value) == f"no usable answer from {ENDPOINT} for 7.5 s"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no answer from {ENDPOINT} for 3.0 s; reconnecting, and again up to 5 s apart until it answers "
+        "(for up to 7.5 s)"]
+
+
 def test_every_resend_is_the_same_request_and_each_reconnect_opens_a_new_socket(sim):
     """The server applies a push once per (worker id, seq): a resend under a new number would
     be a second push of the same gradients.  A reconnect must close the old socket (ZeroMQ

@@ -634,7 +634,7 @@ def test_a_request_held_back_for_good_is_logged_and_given_up(fake, caplog, monke
             client.request(P.WORK)
         assert time.monotonic() - t0 >= 4 * 0.6
         held = [r.getMessage() for r in caplog.records if "holds our work request back" in r.getMessage()]
-        assert len(held) == 1 and "waiting up to 2 s in all" in held[0], held
+        assert len(held) == 1 and "waiting up to 2.4 s in all" in held[0], held
     finally:
         client.close()
 
@@ -763,7 +763,7 @@ def test_giving_up_on_malformed_replies_says_they_were_malformed(fake):
     try:
         client.connect()
         with pytest.raises(client_module.ServerUnreachable,
-                           match=r"no usable answer from .* for 2 s; its last reply was malformed: task: unknown fields"):
+                           match=r"no usable answer from .* for 1.5 s; its last reply was malformed: task: unknown fields"):
             client.request(P.WORK)
     finally:
         client.close()

@@ -206,7 +206,7 @@ class Client:
         """Say hello (retrying until the server answers); returns the welcome."""
         problem = unresolved_host(self.endpoint)
         if problem:             # may be a server not started yet (Compose): say so, and retry as for one down
-            log.warning("%s: its host does not resolve (%s); retrying until it does, for up to %.0f s",
+            log.warning("%s: its host does not resolve (%s); retrying until it does, for up to %g s",
                         self.endpoint, problem, self.give_up_after)
         self.welcome = self._hello()
         if self._want_heartbeat and self._hb_thread is None:
@@ -331,7 +331,7 @@ class Client:
         """ServerUnreachable once the request sent at ``t0`` has waited past a limit with no reply
         (``quiet_from``: when the server's silence began, see :meth:`_roundtrip`)."""
         if now - quiet_from > limit:
-            raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:.0f} s"
+            raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:g} s"
                                     + (f"; its last reply was malformed: {malformed}" if malformed else ""))
         if now - t0 > HELD_LIMIT_FACTOR * limit:
             raise ServerUnreachable(f"{self.endpoint} answered heartbeats but held our {msg.type} request "
@@ -370,7 +370,7 @@ class Client:
                 if now - t0 > limit and not held_logged:
                     held_logged = True
                     log.warning("the server holds our %s request back (%.0f s so far) while it answers "
-                                "heartbeats; waiting up to %.0f s in all", msg.type, now - t0,
+                                "heartbeats; waiting up to %g s in all", msg.type, now - t0,
                                 HELD_LIMIT_FACTOR * limit)
             # Until the next resend, but never past the moment we would give up: a backoff
             # of max_backoff_s would otherwise make the give-up that much late.
@@ -404,7 +404,7 @@ class Client:
                         log.debug("no answer from %s for %.1f s; reconnecting again", self.endpoint, now - t0)
                     else:
                         log.info("no answer from %s for %.1f s; reconnecting, and again up to %g s apart until "
-                                 "it answers (for up to %.0f s)", self.endpoint, now - t0, self.max_backoff_s, limit)
+                                 "it answers (for up to %g s)", self.endpoint, now - t0, self.max_backoff_s, limit)
                     reconnects += 1
                     self._open()
                     backoff = min(backoff * 2, self.max_backoff_s)
