@@ -311,6 +311,20 @@ def test_a_trainer_that_pushed_one_batch_says_1_step_when_told_to_stop(fake, con
         "server says training finished after 1 step (64 samples); exiting"]
 
 
+@LOOPS
+def test_a_refused_push_is_not_counted_in_the_trainers_last_line(fake, connect, caplog, overlapped):
+    """With --overlap a push was counted when sent: one the server refused (a lease that moved
+    on, a push lost to a restart) made the last line say "after 2 steps (128 samples)", more
+    than the server applied; the plain loop counted it as 1 step."""
+    server = fake(work=[task()], push=[error("stale_lease", "the lease moved on"), STOP])
+    trainer = trainer_on(connect(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.worker"):
+        assert run_loop(trainer, overlapped) == 0
+    assert len(server.of_type(P.PUSH)) == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"] == [
+        "server says training finished after 1 step (64 samples); exiting"]
+
+
 def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):
     server = fake(work=[task(held_s=-5.0)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
     exit_error_line(pscnn("worker", server.endpoint), 1, "failed requests in a row", "held_s -5.0 < 0")

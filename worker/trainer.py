@@ -376,7 +376,8 @@ class Trainer:
         timing["wait_s"] += delay
 
     def _count(self, result: dict) -> None:
-        """One more batch pushed (counted when sent; both loops report these at the end)."""
+        """One more batch pushed (counted once the server answered its push without refusing it;
+        both loops report these at the end)."""
         self.steps += 1
         self.samples += result["count"]
 
@@ -434,7 +435,6 @@ class Trainer:
                             return self._stopped(reply)
                     pending = self.client.submit(P.PUSH, self._push_body(task, result, timing), arrays)
                     timing = _no_time()
-                    self._count(result)
                 else:                                             # nothing to compute: wait for the push
                     push = pending.msg
                     reply, pending = self._collect(pending, timing), None
@@ -471,6 +471,8 @@ class Trainer:
         waited = time.perf_counter()
         reply = self._answer_or_none(pending.result, push=pending.msg)
         timing["comm_s"] += time.perf_counter() - waited
+        if reply is not None:               # answered, not refused: a step, as loop() counts them
+            self._count(pending.msg.body)
         return reply
 
     def _answer_or_none(self, call, *args, push: P.Message | None = None) -> P.Message | None:
