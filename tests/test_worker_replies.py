@@ -34,9 +34,9 @@ from helpers import exit_error_line, popen_taking_ctrl_c
 from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, Unchecked, error,
                                  pscnn, run_loop, task, trainer_on, wait, welcome)
 from worker import evaluator as evaluator_module
-from worker.client import BadReply, TooManyFailures
+from worker.client import BadReply, Client, TooManyFailures
 from worker.evaluator import FinalReportRefused, run_evaluator
-from worker.trainer import check_weights
+from worker.trainer import check_weights, leave_on_signal
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -323,6 +323,22 @@ def test_a_refused_push_is_not_counted_in_the_trainers_last_line(fake, connect, 
     assert len(server.of_type(P.PUSH)) == 2
     assert [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"] == [
         "server says training finished after 1 step (64 samples); exiting"]
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_worker_stopped_by_a_signal_says_goodbye_only_to_a_server_it_joined(fake, caplog, joined):
+    """Stopped while its server had not answered yet (started first, or never there), it said
+    "saying goodbye to the server", and sent none."""
+    server = fake(hello=[welcome() if joined else SILENCE])
+    client = Client(server.endpoint, "trainer", give_up_after=GIVE_UP_S, heartbeat=False)
+    if joined:
+        client.connect()
+    with caplog.at_level(logging.INFO, logger="pscnn.worker"):
+        assert leave_on_signal(client, SystemExit(0)) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"] == [
+        "stopped by a signal; " + ("saying goodbye to the server" if joined
+                                   else "the server had not answered our hello yet")]
+    assert len(server.of_type(P.BYE)) == joined
 
 
 def test_a_worker_given_only_negative_held_s_exits_with_one_line(fake):

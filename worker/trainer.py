@@ -521,8 +521,10 @@ def leave_on_signal(client: Client, exc: BaseException) -> int:
     once instead of after --peer-timeout, and Ctrl-C (KeyboardInterrupt) raised on, for the CLI's
     "interrupted" (130)."""
     stopped_by = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "a signal"
-    log.info("stopped by %s; saying goodbye to the server", stopped_by)
-    client.close(say_bye=client.welcome is not None, reason="interrupted" if stopped_by == "Ctrl-C" else "terminated")
+    joined = client.welcome is not None         # else there is no one to say goodbye to
+    log.info("stopped by %s; %s", stopped_by,
+             "saying goodbye to the server" if joined else "the server had not answered our hello yet")
+    client.close(say_bye=joined, reason="interrupted" if stopped_by == "Ctrl-C" else "terminated")
     if isinstance(exc, KeyboardInterrupt):
         raise exc
     return 0
