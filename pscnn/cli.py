@@ -1024,26 +1024,27 @@ def ignore_stop_signals() -> None:
     the next (PR_SET_PDEATHSIG, see :func:`stop_with_launcher`).  A repeat raised SystemExit again
     inside a worker's goodbye, which never reached the server or its log, and one after Python
     had restored the default handlers at its exit killed a process (-15) that had stopped cleanly.
-    Ignored, they cannot: by a handler that does nothing while Python runs, and by SIG_IGN (which
-    Python keeps) from the start of its exit.  Not SIG_IGN at once: for a signal already pending,
-    as SIGTERM is when SIGHUP comes with it (systemd's stop), Python then printed a traceback,
-    "OSError: Signal 15 ignored due to race condition".  Off the main thread, nothing."""
+    Ignored, they cannot: by :func:`ignored_signal` while Python runs (a signal may already be
+    pending, as SIGTERM is when SIGHUP comes with it: systemd's stop), and by SIG_IGN (which Python
+    keeps) from the start of its exit.  Off the main thread, nothing."""
     for sig in STOP_SIGNALS:
         try:
-            signal.signal(sig, _ignore_stop_signal)
+            signal.signal(sig, ignored_signal)
         except ValueError:              # not the main thread (tests): no handlers to change
             return
     atexit.unregister(_ignore_stop_signals_at_exit)     # registered once
     atexit.register(_ignore_stop_signals_at_exit)
 
 
-def _ignore_stop_signal(signum, frame):
-    """A stop signal once a stop is under way: nothing (see :func:`ignore_stop_signals`)."""
+def ignored_signal(signum, frame):
+    """A signal handler that does nothing: a stop signal once a stop is under way (here, and in
+    pscnn run's launcher).  A handler, not SIG_IGN: for a signal already pending when the handler
+    became SIG_IGN, Python printed a traceback ("OSError: Signal 15 ignored due to race condition")."""
 
 
 def _ignore_stop_signals_at_exit() -> None:
     for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is _ignore_stop_signal:  # not a handler set since (main() in-process: tests)
+        if signal.getsignal(sig) is ignored_signal:  # not a handler set since (main() in-process: tests)
             signal.signal(sig, signal.SIG_IGN)
 
 

@@ -28,7 +28,7 @@ from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
 from cnn_core.text import for_count
 from pscnn import curve
-from pscnn.cli import STOP_SIGNALS
+from pscnn.cli import STOP_SIGNALS, ignored_signal
 from server.server import (CHECKPOINT_NAME, DROPPED_FOR_NAN, ParameterServer, check_model_travels,
                            checkpoint_version, config_from_args, summary_after_checkpoint, training_set_size,
                            unfinished_run_warning)
@@ -520,20 +520,14 @@ def _interrupt(signum, frame):
     _interrupted stops every child).  It silences the others before it raises: a second signal pending
     with it (SIGTERM and SIGHUP together, as systemd sends them) raised again as _interrupted began,
     and the cluster's close() SIGKILLed every child, the server before its checkpoint."""
-    _on_stop_signals(_stopping)
+    _on_stop_signals(ignored_signal)   # one that came with it, or comes after
     raise KeyboardInterrupt
 
 
 def _still_stopping(signum, frame):
     """A signal while the children are being stopped must not cut that short: said once."""
-    _on_stop_signals(_stopping)
+    _on_stop_signals(ignored_signal)   # later ones: said once
     _say("pscnn run: still stopping (the server first, then the workers and the evaluator); please wait")
-
-
-def _stopping(signum, frame):
-    """A signal that comes with the first, or after _still_stopping: nothing.  A handler, not SIG_IGN:
-    for a signal already pending when the handler became SIG_IGN, Python printed a traceback
-    ("OSError: Signal 15 ignored due to race condition")."""
 
 
 def _on_stop_signals(handler) -> None:
