@@ -16,9 +16,10 @@ What it does per message type (see ``pscnn/protocol.py``):
 * ``status`` / ``heartbeat``  answer at once.
 
 Reliability: every client request carries (worker id, sequence number).  A
-request seen again (a client resend) gets the cached reply, or nothing while
-its reply is still parked, so a retried push is never applied twice; one under
-an older number (a late duplicate, a hello too) is ignored.
+request seen again (a client resend) gets the cached reply (see ``_resend``
+for one that carried weights), or nothing while its reply is still parked, so
+a retried push is never applied twice; one under an older number (a late
+duplicate, a hello too) is ignored.
 Liveness: any message counts as a heartbeat; a worker silent for
 ``peer_timeout`` is declared dead and its leases go back to the queue; a lease
 older than ``lease_timeout`` is requeued too.
@@ -364,6 +365,17 @@ class ServerConfig:
 
 
 @dataclass
+class KeptReply:
+    """A peer's last reply, kept to answer a resend of its request (ParameterServer._resend).
+
+    One that carried weights is kept without them: each async trainer's task carried another
+    version's, and 2,048 trainers kept 2,048 copies of the model (3.5 GB).
+    """
+    frames: list | None = None          # the reply as sent, when it carried no weights
+    message: P.Message | None = None    # the reply, less its weights, when it carried some
+
+
+@dataclass
 class Peer:
     wid: str
     role: str
@@ -373,7 +385,7 @@ class Peer:
     last_seen: float
     last_seq: int = -1
     last_type: str = P.HELLO            # the type of request last_seq numbered
-    cached_reply: list | None = None    # frames of the reply to last_seq (resent on duplicates)
+    cached_reply: KeptReply | None = None   # the reply to last_seq (resent on duplicates: see _resend)
     pending: bool = False               # last_seq's reply is parked (sync barrier / ssp)
     parked_since: float = 0.0
     parked_ack: dict | None = None
@@ -806,8 +818,7 @@ class ParameterServer:
             return
         if msg.seq == peer.last_seq:    # a resend: same answer, never a second application
             peer.rid = rid
-            if peer.cached_reply is not None:
-                P.send_frames(self.sock, peer.cached_reply, rid)
+            self._resend(peer, msg, rid, now)
             return
         if msg.seq < peer.last_seq:
             log.debug("ignoring late duplicate seq %d from %s", msg.seq, peer.name)
@@ -903,8 +914,34 @@ class ParameterServer:
         msg.wid = ""
         msg.seq = peer.last_seq
         peer.replied_at = time.monotonic()      # before sending: a preemption must not shrink the next push's window
-        peer.cached_reply = self._send(peer.rid, msg)
+        frames = self._send(peer.rid, msg)
+        peer.cached_reply = KeptReply(message=replace(msg, arrays={})) if msg.arrays else KeptReply(frames=frames)
         peer.pending = False
+
+    def _resend(self, peer: Peer, request: P.Message, rid: bytes, now: float) -> None:
+        """Answer ``request``, a resend of ``peer``'s last one, with the reply kept; nothing while it is parked.
+
+        A reply that carried weights goes with them while they are still the newest (byte for byte
+        the first answer).  Else the server no longer holds them: a task goes again with its lease
+        and ack and the newest weights, and the next task carries weights too (the trainer may have
+        taken either answer); a pull, which changes nothing, is answered afresh.
+        """
+        kept = peer.cached_reply
+        if kept is None:
+            return
+        if kept.message is None:
+            P.send_frames(self.sock, kept.frames, rid)
+            return
+        version, weights = self.store.snapshot()
+        reply = kept.message
+        if reply.body["version"] != version:
+            if reply.type == P.WEIGHTS:
+                self._on_pull(peer, request, now)
+                return
+            reply = replace(reply, body={**reply.body, "version": version})
+            peer.cached_reply = KeptReply(message=reply)
+            peer.known_version = -1
+        self._send(rid, replace(reply, arrays=weights))
 
     # ================================================================== joining / leaving
     def _on_hello(self, rid: bytes, msg: P.Message, now: float, key: str | None) -> None:
@@ -934,7 +971,7 @@ class ParameterServer:
                 self._reject(rid, msg, _seq_reused(msg, old))
                 return
             if old.cached_reply is not None:
-                P.send_frames(self.sock, old.cached_reply, rid)     # a resent hello
+                self._resend(old, msg, rid, now)     # a resent hello
                 return
         role = msg.body["role"]
         if (old is None or old.role != role) \

@@ -9,8 +9,10 @@ import random
 import re
 import time
 from collections import Counter
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cnn_core.checkpoint import load_checkpoint
@@ -244,3 +246,84 @@ def test_a_trainer_claiming_older_weights_than_it_was_sent_cannot_grow_the_stale
     reply = server.call(raw, P.PUSH, push_body(task), grads_like(weights))
     assert reply.body["ack"] == {"applied": True, "staleness": 1}, reply.body
     assert dict(srv.staleness) == {0: 31, 1: 1}
+
+
+def reply_cache_bytes(srv) -> int:
+    """The bytes that the peers' cached replies keep alive: each NumPy buffer they reach (the weights
+    frames, views included) counted once, however many replies share it, plus every bytes object."""
+    seen, total, todo = set(), 0, [p.cached_reply for p in srv.peers.values()]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, np.ndarray):
+            while isinstance(item.base, np.ndarray):
+                item = item.base
+            if id(item) not in seen:
+                seen.add(id(item))
+                total += item.nbytes
+        elif isinstance(item, (bytes, bytearray)):
+            total += len(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif is_dataclass(item):
+            todo.extend(getattr(item, f.name) for f in fields(item))
+    return total
+
+
+def _resend(server, raw, frames: list) -> P.Message:
+    """Send ``frames`` again (a client's resend of a request the server answered already)."""
+    raw.send(frames)
+    server.handle_one()
+    got = raw.recv(0.5)
+    assert got is not None, "the server did not answer the resend"
+    return got[0]
+
+
+def test_the_replies_kept_for_resends_hold_no_weights_but_the_servers_newest(in_process):
+    """Each peer's last reply is kept, to be sent again if the peer resends its request.  A task
+    carrying weights kept them: in async, each trainer's of another version, so 2,048 trainers kept
+    2,048 copies of the model (3.5 GB).  Now a reply keeps its header; a resend gets the weights of
+    its version while the server's newest is that one (byte-identical), else the same lease and ack
+    with the newest weights, and the next task carries weights again (the server cannot know which
+    of the two the trainer took).  Either way a resent push is applied once."""
+    trainers = 12
+    server = in_process(train_limit=30 * 64)            # 30 batches: two tasks for each trainer, and one more
+    srv = server.srv
+    raws = [server.join_trainer() for _ in range(trainers)]
+    tasks = [server.call(raw, P.WORK) for raw in raws]
+    pushes, next_tasks = [], []
+    for raw, task in zip(raws, tasks):                  # each push makes a version: each next task carries its own
+        pushes.append(raw.frames(P.PUSH, push_body(task), grads_like(task.arrays)))
+        raw.send(pushes[-1])
+        server.handle_one()
+        reply = raw.recv(0.5)[0]
+        assert reply.type == P.TASK and reply.body["ack"]["applied"] and reply.arrays, reply.body
+        next_tasks.append(reply)
+    assert srv.store.version == trainers
+    assert reply_cache_bytes(srv) < srv.store.push_bytes, (reply_cache_bytes(srv), srv.store.push_bytes)
+    # The newest trainer's reply carries the newest weights: sent again as it was
+    newest, first = _resend(server, raws[-1], pushes[-1]), raw.recv(0.1)
+    assert first is None and newest.body["version"] == trainers and newest.arrays
+    # The first trainer's carried version 1's, no longer kept: the same lease and ack, the newest weights
+    resent = _resend(server, raws[0], pushes[0])
+    assert resent.type == P.TASK and resent.body["version"] == trainers, resent.body
+    assert resent.body["ack"] == {"applied": True, "staleness": 0}, resent.body
+    live = srv.store.snapshot()[1]
+    assert all(np.array_equal(resent.arrays[k], live[k]) for k in live)
+    assert srv.store.version == trainers                # the resent push was not applied again
+    again = server.call(raws[0], P.PUSH, push_body(resent), grads_like(live))
+    assert again.type == P.TASK and again.body["ack"] == {"applied": True, "staleness": 0}, again.body
+    assert again.arrays, "the next task after a rebuilt resend must carry weights"
+    # An evaluator's pull, resent once its weights are no longer the newest, is answered afresh
+    evaluator = server.client()
+    assert server.call(evaluator, P.HELLO, {"role": "evaluator", "name": evaluator.wid}).type == P.WELCOME
+    pull = evaluator.frames(P.PULL, {"have_version": -1})
+    evaluator.send(pull)
+    server.handle_one()
+    weights = evaluator.recv(0.5)[0]
+    assert weights.type == P.WEIGHTS and weights.body["version"] == trainers + 1 and weights.arrays
+    assert server.call(raws[1], P.PUSH, push_body(next_tasks[1]), grads_like(live)).body["ack"]["applied"]
+    resent = _resend(server, evaluator, pull)
+    assert resent.type == P.WEIGHTS and resent.body["version"] == trainers + 2 and resent.arrays, resent.body
+    assert reply_cache_bytes(srv) < srv.store.push_bytes
