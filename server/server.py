@@ -106,6 +106,10 @@ KEEPALIVE_MAX_S = 32767
 # Dropped peers remembered (oldest forgotten first), so that a message from one, late from a
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
 DROPPED_MEMORY = 4096
+# Ids of workers whose gradients were applied that the server keeps (those that pushed last): each
+# worker process that ever pushed added one, for as long as the run lasted, in memory, in every
+# checkpoint and in summary.json's worker_ids.  They are counted all the same (RecentIds.count).
+CONTRIBUTORS_MEMORY = 4096
 
 # Why a trainer was dropped whose pushes were all NaN or Inf while another's are finite: its
 # count in summary.json's peers_dropped, and in pscnn run's report.
@@ -364,6 +368,28 @@ class ServerConfig:
         return dict(self.__dict__)
 
 
+class RecentIds(OrderedDict):
+    """Worker id -> name, of the ``limit`` ids added or touched last; ``count``: the ids ever added
+    (one forgotten, then added again, counts twice: only after ``limit`` others came since)."""
+
+    def __init__(self, limit: int, items: dict | None = None, count: int = 0):
+        super().__init__()
+        self.limit = limit
+        self.count = 0
+        for wid, name in (items or {}).items():
+            self.add(wid, name)
+        self.count = max(self.count, count)     # a checkpoint's count includes the ids it no longer held
+
+    def add(self, wid: str, name: str) -> None:
+        if wid in self:
+            self.move_to_end(wid)
+        else:
+            self.count += 1
+        self[wid] = name
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
 @dataclass
 class KeptReply:
     """A peer's last reply, kept to answer a resend of its request (ParameterServer._resend).
@@ -439,12 +465,13 @@ class ParameterServer:
         self.role_counts = Counter({role: 0 for role in P.ROLES})
         self.dropped: OrderedDict[str, DroppedPeer] = OrderedDict()    # worker id -> why it was dropped
         self.drops = Counter()          # peers this server dropped, by why: "declared dead", "left", ...
-        self.contributors: dict[str, str] = {}      # worker id -> name, of every worker whose gradient was applied
+        # worker id -> name, of the workers whose gradients were applied (the CONTRIBUTORS_MEMORY latest)
+        self.contributors = RecentIds(CONTRIBUTORS_MEMORY)
         # summary.json's "workers": the most distinct workers whose gradients were applied within
         # one incarnation of the server (this one, or an earlier one, from the checkpoint).  Not
         # len(contributors): a run stopped and resumed with new worker processes would count
         # each worker once per incarnation (a 2-worker run resumed once reported 4).
-        self.incarnation_contributors: set[str] = set()
+        self.incarnation_contributors = RecentIds(CONTRIBUTORS_MEMORY)
         # After a --resume: the ids of the clients of the run before the restart (the checkpoint's
         # peer_ids and contributors) that have not said hello again yet -> their messages since.
         # They come back by themselves, under the same ids: told to say hello as any unknown id,
@@ -1281,8 +1308,8 @@ class ParameterServer:
                 p.nonfinite_streak = 0
                 p.pushes += 1
                 p.samples += body["count"]
-                self.contributors[p.wid] = p.name
-                self.incarnation_contributors.add(p.wid)
+                self.contributors.add(p.wid, p.name)
+                self.incarnation_contributors.add(p.wid, p.name)
         for s in staleness:
             self.staleness[s] += 1
         self.samples_applied += samples
@@ -1772,7 +1799,8 @@ class ParameterServer:
             "epochs": self.cfg.epochs, "mode": self.cfg.mode,
             "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
             # the most workers at work within one incarnation (see __init__); worker_ids and
-            # worker_names list every worker whose gradient was applied, in any incarnation
+            # worker_names list the workers whose gradients were applied, in any incarnation
+            # (the CONTRIBUTORS_MEMORY that pushed last)
             "workers": self.workers_most, "worker_ids": sorted(self.contributors),
             "worker_names": sorted(set(self.contributors.values())),
             "updates": self.store.version, "samples_applied": self.samples_applied,
@@ -1862,7 +1890,7 @@ class ParameterServer:
         extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
                  "staleness": {str(k): v for k, v in self.staleness.items()},
                  "evaluations": self.evaluations, "evaluations_thinned_through": self._evaluations_thinned_through,
-                 "contributors": self.contributors,
+                 "contributors": self.contributors, "contributors_count": self.contributors.count,
                  "workers_most": self.workers_most,
                  # who a --resume will hear from again (see clients_before): the peers, and for a while
                  # after a restart those of before not back yet (a server killed again before they
@@ -1910,7 +1938,7 @@ class ParameterServer:
     @property
     def workers_most(self) -> int:
         """summary.json's "workers": the most distinct workers applied within one incarnation."""
-        return max(self.workers_before, len(self.incarnation_contributors))
+        return max(self.workers_before, self.incarnation_contributors.count)
 
     def _resume(self) -> None:
         """Continue from ``OUT/checkpoint.npz``: every field read back is checked first.
@@ -1948,7 +1976,7 @@ class ParameterServer:
             log.info("--resume: the checkpoint's %d evaluations thinned to %d (metrics.jsonl holds them all)",
                      len(checked["evaluations"]), len(self.evaluations))
         self.newest_evaluation = max(self.evaluations, key=lambda e: e["version"], default=None)
-        self.contributors = checked["contributors"]
+        self.contributors = RecentIds(CONTRIBUTORS_MEMORY, checked["contributors"], checked["contributors_count"])
         self.clients_before = dict.fromkeys(set(checked["peer_ids"]).union(self.contributors), 0)
         self.workers_before = checked["workers_most"]
         self.drops = Counter(checked["peers_dropped"])
@@ -2145,6 +2173,9 @@ class ParameterServer:
         for k, v in contributors.items():
             if not isinstance(v, str):
                 raise _Bad(f"extra.contributors[{_show(k)}]", f"must be a worker name (a string), got {_show(v)}")
+        # absent from checkpoints of earlier versions, which kept every contributor
+        contributors_count = _int(extra.get("contributors_count", len(contributors)), "extra.contributors_count",
+                                  len(contributors))
         workers_most = extra.get("workers_most")     # absent from checkpoints of earlier versions
         workers_most = len(contributors) if workers_most is None else _int(workers_most, "extra.workers_most")
         peer_ids = extra.get("peer_ids", [])         # absent from checkpoints of earlier versions
@@ -2176,7 +2207,8 @@ class ParameterServer:
                 "final": e["final"]})
         return {"step": step, "epoch": epoch, "applied": applied, "samples_applied": samples_applied,
                 "train_seconds": train_seconds, "wall_seconds": wall_seconds, "staleness": staleness, "contributors": dict(contributors),
-                "peer_ids": peer_ids, "workers_most": workers_most, "evaluations": evaluations, "run_id": run_id,
+                "contributors_count": contributors_count, "peer_ids": peer_ids, "workers_most": workers_most,
+                "evaluations": evaluations, "run_id": run_id,
                 "evaluations_thinned_through": thinned_through, "warnings": warnings,
                 "lease_requeues": lease_requeues, "final_eval": self._checked_final_eval(extra),
                 "optimizer": saved_opt if changed and finished else None, **counts}
@@ -2220,7 +2252,7 @@ class ParameterServer:
                 "round_members": len(self.round_members),
                 "round_arrived": len(self.round_arrived),
                 "trainers": self.role_counts["trainer"], "evaluators": self.role_counts["evaluator"],
-                "contributors": len(self.contributors), "declared_dead": self.drops["declared dead"],
+                "contributors": self.contributors.count, "declared_dead": self.drops["declared dead"],
                 "lease_requeues": self.work.requeued_total, "incarnation": self.incarnation,
                 "host": pysocket.gethostname()}
 

@@ -290,6 +290,8 @@ META_EDITS = {
     "mode missing": (_del("extra", "mode"), "field extra.mode is missing"),
     "seed text": (_set("extra", "seed", value="zero"), "field extra.seed must be an integer"),
     "workers_most negative": (_set("extra", "workers_most", value=-1), "field extra.workers_most is -1"),
+    "contributors_count below the ids kept": (_set("extra", "contributors_count", value=1),
+                                              "field extra.contributors_count is 1, outside 2.."),
     "run_id a number": (_set("extra", "run_id", value=7), "field extra.run_id must be 12 hex digits, got 7"),
     "peer_ids of numbers": (_set("extra", "peer_ids", value=[1, 2]),
                             "field extra.peer_ids must be a list of worker ids"),

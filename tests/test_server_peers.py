@@ -327,3 +327,34 @@ def test_the_replies_kept_for_resends_hold_no_weights_but_the_servers_newest(in_
     resent = _resend(server, evaluator, pull)
     assert resent.type == P.WEIGHTS and resent.body["version"] == trainers + 2 and resent.arrays, resent.body
     assert reply_cache_bytes(srv) < srv.store.push_bytes
+
+
+def test_the_workers_whose_gradients_were_applied_are_kept_up_to_a_bound_and_all_counted(in_process, monkeypatch):
+    """The server kept the id of every worker process whose gradient was ever applied: one more per
+    worker restarted, for as long as the run lasted, in memory, in every checkpoint and in
+    summary.json.  It keeps the CONTRIBUTORS_MEMORY that pushed last, counts them all (status, the
+    checkpoint, a --resume), and a worker that keeps pushing is never the one forgotten."""
+    monkeypatch.setattr("server.server.CONTRIBUTORS_MEMORY", 4)
+    server = in_process(epochs=3)
+    srv = server.srv
+    steady = server.join_trainer()
+    steady_task = server.call(steady, P.WORK)
+    raw = server.client()
+    for i in range(10):                 # a worker process restarted ten times, under a new id each time
+        raw.wid = f"restarted-{i}"
+        assert server.call(raw, P.HELLO, {"role": "trainer", "name": "restarted"}).type == P.WELCOME
+        task = server.call(raw, P.WORK)
+        assert server.call(raw, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+        assert server.call(raw, P.BYE, {"reason": "restart"}).type == P.ACK
+        steady_task = server.call(steady, P.PUSH, push_body(steady_task), grads_like(srv.store.snapshot()[1]))
+        assert steady_task.type == P.TASK and steady_task.body["ack"]["applied"], steady_task.body
+    assert list(srv.contributors) == ["restarted-7", "restarted-8", "restarted-9", steady.wid]
+    assert srv.contributors.count == 11 and srv.workers_most == 11
+    assert server.call(steady, P.STATUS).body["progress"]["contributors"] == 11
+    assert srv._checkpoint()
+    srv.writer.close()
+    extra = load_checkpoint(Path(srv.cfg.out) / "checkpoint.npz")[1]["extra"]
+    assert len(extra["contributors"]) == 4 and extra["contributors_count"] == 11
+    resumed = in_process(Path(srv.cfg.out), epochs=3, resume=True).srv
+    assert dict(resumed.contributors) == dict(srv.contributors) and resumed.contributors.count == 11
+    assert resumed.workers_most == 11
