@@ -1424,10 +1424,23 @@ class ParameterServer:
         return floor is None or peer.clock - floor <= self.cfg.staleness
 
     def _release_parked(self, now: float) -> None:
-        """Retry every parked task request (not pushes waiting for their sync round)."""
+        """Retry every parked task request (not pushes waiting for their sync round).
+
+        ssp: the slowest clock at work is looked up once, and again only after a retry leased a
+        batch (a new trainer at work may lower it); a request it still holds back stays parked as
+        it is.  Looked up for each request, it cost 0.76 s per push with 2,047 trainers held back.
+        """
+        floor, floor_known = None, False     # the slowest clock at work, as the leases are now
         for p in list(self.peers.values()):
-            if p.role == "trainer" and p.pending and p.parked_since and p.wid not in self.round_arrived:
-                self._give_task(p, now, p.parked_ack)
+            if not (p.role == "trainer" and p.pending and p.parked_since and p.wid not in self.round_arrived):
+                continue
+            if self.cfg.mode == "ssp" and self.started and not self.over:
+                if not floor_known:
+                    floor, floor_known = self._ssp_floor(), True
+                if floor is not None and p.clock - floor > self.cfg.staleness:
+                    continue            # as _give_task would: it stays parked
+            self._give_task(p, now, p.parked_ack)
+            floor_known = False
 
     def _ready_trainers(self) -> list[Peer]:
         """Trainers whose request for work waits at the start barrier."""

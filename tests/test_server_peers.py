@@ -358,3 +358,35 @@ def test_the_workers_whose_gradients_were_applied_are_kept_up_to_a_bound_and_all
     resumed = in_process(Path(srv.cfg.out), epochs=3, resume=True).srv
     assert dict(resumed.contributors) == dict(srv.contributors) and resumed.contributors.count == 11
     assert resumed.workers_most == 11
+
+
+def test_trainers_held_back_by_the_ssp_bound_cost_one_look_at_the_leases_per_push(in_process, monkeypatch):
+    """After each ssp push the server retries every parked request, and each retry found the slowest
+    clock at work by walking every lease: with 2,048 trainers, 2,047 of them held back by one slow
+    one, each push cost 0.76 s.  The slowest clock is now looked up once per retry pass, and again
+    only after a retry leased a batch; who goes and who waits is the same."""
+    server = in_process(mode="ssp", staleness=1, train_limit=40 * 64)
+    srv = server.srv
+    slow = [server.join_trainer() for _ in range(2)]
+    slow_tasks = [server.call(raw, P.WORK) for raw in slow]
+    fast = [server.join_trainer() for _ in range(8)]
+    for raw in fast:                    # two pushes each: then two ahead of the slow ones, held back
+        task = server.call(raw, P.WORK)
+        task = server.call(raw, P.PUSH, push_body(task), grads_like(task.arrays))
+        assert task.type == P.TASK, task.body
+        raw.send(raw.frames(P.PUSH, push_body(task), grads_like(srv.store.snapshot()[1])))
+        server.handle_one()
+    assert all(srv.peers[raw.wid].parked_since for raw in fast)
+    looks = []
+    floor = srv._ssp_floor
+    monkeypatch.setattr(srv, "_ssp_floor", lambda: looks.append(1) or floor())
+    weights = srv.store.snapshot()[1]
+    reply = server.call(slow[0], P.PUSH, push_body(slow_tasks[0]), grads_like(weights))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"], reply.body
+    assert all(srv.peers[raw.wid].parked_since for raw in fast)     # the other slow one still holds them back
+    assert len(looks) <= 3, len(looks)
+    reply = server.call(slow[1], P.PUSH, push_body(slow_tasks[1]), grads_like(weights))
+    assert reply.type == P.TASK and reply.body["ack"]["applied"], reply.body
+    for raw in fast:                    # caught up: each gets its task
+        got = raw.recv(0.5)
+        assert got is not None and got[0].type == P.TASK and got[0].body["ack"]["applied"], got
