@@ -276,3 +276,52 @@ def test_applying_a_leased_batch_does_not_scan_the_queue():
     assert q.release(requeued.epoch, requeued.batch) and q.complete(requeued.epoch, requeued.batch)
     assert requeued.batch not in q.pending and Counting.scans == 1
     assert q.lease("b", 0.0).batch == requeued.batch + 1
+
+
+class CountedLeases(dict):
+    """A lease table that counts the leases read by walking it."""
+
+    walked = 0
+
+    def items(self):
+        for item in super().items():
+            self.walked += 1
+            yield item
+
+    def values(self):
+        for value in super().values():
+            self.walked += 1
+            yield value
+
+    def __iter__(self):
+        for key in super().__iter__():
+            self.walked += 1
+            yield key
+
+
+def test_what_one_worker_holds_is_found_without_walking_every_lease():
+    """held_by, asked at every task request (the lease limit), walked all the leases: 43 us per
+    request with 2,048 trainers at work.  It reads the worker's own now, and stays the table's
+    own answer through leases, completions, requeues, hand-ins, expiries and a new epoch."""
+    q = queue(num_samples=4096, batch_size=1, epochs=2)
+    q.leases = CountedLeases(q.leases)
+    for i in range(1000):
+        q.lease(f"w{i}", 0.0)
+    for worker in ("w7", "w8", "w9"):
+        q.lease(worker, 10.0)           # batches 1000, 1001, 1002
+    assert q.held_by("w7") == [7, 1000] and q.held_by("nobody") == []
+    assert q.leases.walked == 0
+    q.complete(0, 7)
+    q.hand_in(0, 1001)
+    q.release(0, 9, holder="w9")
+    assert (q.held_by("w7"), q.held_by("w8"), q.held_by("w9")) == ([1000], [8], [1002])
+    q.expire(7.0)                       # the leases of time 0 go back to the queue
+    assert (q.held_by("w7"), q.held_by("w8"), q.held_by("w9")) == ([1000], [], [1002])
+    assert q.release_worker("w9") == [1002] and q.held_by("w9") == []
+    while (lease := q.lease("w1", 0.0)) is not None:      # the rest of the epoch
+        assert q.held_by("w1") == [lease.batch]
+        q.complete(0, lease.batch)
+    assert q.held_by("w7") == [1000]
+    assert q.complete(0, 1000) and q.complete(0, 1001) and q.epoch == 1     # w7's, and w8's handed in
+    assert q.held_by("w7") == q.held_by("w1") == []
+    assert q.lease("w1", 0.0).batch == 0 and q.held_by("w1") == [0]
