@@ -629,11 +629,14 @@ class _ThinnedCurve:
         return [(x, y) for _, x, y, _ in self.kept]
 
 
-def _learning_curves(metrics_path: Path) -> tuple[list, list, list]:
+def _learning_curves(metrics_path: Path) -> tuple[list, list, list, bool]:
     """The (x, y) points of training loss vs updates, test accuracy (%) vs updates and vs
     seconds, read a record at a time: at most CURVE_POINTS each, whatever the file's length.
-    The points of updates a resumed server lost and redid are left out (:func:`without_lost_updates`)."""
+    The points of updates a resumed server lost and redid are left out (:func:`without_lost_updates`).
+    The last item says whether the seconds are the training clock (a distributed run's ``eval``
+    records' ``train_seconds``), else the run clock (``seconds``)."""
     curves = loss, acc_by_step, acc_by_time = tuple(_ThinnedCurve(CURVE_POINTS) for _ in range(3))
+    training_clock = False
     for r in iter_metrics(metrics_path):
         kind = r.get("kind")
         updates = _updates(r)
@@ -651,16 +654,24 @@ def _learning_curves(metrics_path: Path) -> tuple[list, list, list]:
                 continue
             if updates is not None:
                 acc_by_step.add(updates, 100 * acc, updates)
-            if _number(r.get("seconds")) is not None:
-                acc_by_time.add(_number(r["seconds"]), 100 * acc, updates or 0.0)
-    return loss.points(), acc_by_step.points(), acc_by_time.points()
+            # The training clock where there is one: the report's time to accuracy and summary.json's
+            # evaluations count from the first batch, the run clock from the server's start (the
+            # workers' loading included), so the plot put 95% seconds later than the report said.
+            seconds = _number(r.get("train_seconds"))
+            if seconds is not None:
+                training_clock = True
+            else:
+                seconds = _number(r.get("seconds"))
+            if seconds is not None:
+                acc_by_time.add(seconds, 100 * acc, updates or 0.0)
+    return loss.points(), acc_by_step.points(), acc_by_time.points(), training_clock
 
 
 def _draw_learning_curves(Figure, out_dir: Path):
     metrics_path = out_dir / METRICS_FILE
     if not metrics_path.exists():
         return None
-    loss, acc_by_step, acc_by_time = _learning_curves(metrics_path)
+    loss, acc_by_step, acc_by_time, training_clock = _learning_curves(metrics_path)
     if not loss and not acc_by_step and not acc_by_time:
         return None
 
@@ -672,8 +683,8 @@ def _draw_learning_curves(Figure, out_dir: Path):
     _curve(ax_loss, loss, "update", "training loss", "Training loss", log_y=True)
     _curve(ax_step, acc_by_step, "update", "test accuracy (%)", "Test accuracy vs updates", marker="o",
            percent=True)
-    _curve(ax_time, acc_by_time, "seconds since start", "test accuracy (%)", "Test accuracy vs time",
-           marker="o", percent=True)
+    _curve(ax_time, acc_by_time, "seconds of training (from the first batch)" if training_clock
+           else "seconds since start", "test accuracy (%)", "Test accuracy vs time", marker="o", percent=True)
     return fig
 
 

@@ -453,6 +453,26 @@ def test_one_evaluation_plots_on_sensible_axes(tmp_path):
         assert 98.63 < ax.get_ylim()[1] <= 100.5
 
 
+def test_accuracy_vs_time_of_a_distributed_run_is_on_the_training_clock(tmp_path):
+    """The report's time to accuracy and summary.json's evaluations count from the first batch
+    (train_seconds); the plot drew the eval records' run clock, from the server's start, the
+    workers' loading included: 95% at 11.0 s on the plot, 8.8 s in the report beside it."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("eval", version=0, test_accuracy=0.0775, seconds=1.2, train_seconds=0.0)
+        writer.log("eval", version=95, test_accuracy=0.958, seconds=11.0, train_seconds=8.8)
+    fig = runlog._draw_learning_curves(figure.Figure, tmp_path)
+    by_time = fig.axes[2]
+    assert list(by_time.lines[0].get_xdata()) == [0.0, 8.8]
+    assert by_time.get_xlabel() == "seconds of training (from the first batch)"
+    # pscnn train's epoch records have only the run clock, and say so
+    with RunWriter(tmp_path / "train", {}) as writer:
+        writer.log("epoch", epoch=1, step=32, test_accuracy=0.9863, seconds=0.189)
+    by_time = runlog._draw_learning_curves(figure.Figure, tmp_path / "train").axes[2]
+    assert list(by_time.lines[0].get_xdata()) == [0.189]
+    assert by_time.get_xlabel() == "seconds since start"
+
+
 @pytest.mark.parametrize("evaluations", [[(0, 0.138, 0.129), (2, 0.084, 1.153)],      # a diverged run
                                          [(0, 0.5, 0.0)], [(32, 0.9863, 0.189)],
                                          [(v, 0.1 + 0.09 * v, 0.5 * v) for v in range(10)]])
