@@ -9,13 +9,28 @@ Public API::
     grads = model.backward(dlogits)                   # same keys/shapes as model.params
     loss, logits, grads = model.loss_and_grads(x, y)  # the same step, in cache-sized chunks
 """
-from .backend import array_module, get_array_module, gpu_available, to_numpy
-from .errors import CheckpointError, ConfigError, DataError, PscnnError, ShapeError, SpecError
-from .losses import softmax_cross_entropy
-from .model import PRESETS, Model, build_model
+from __future__ import annotations
 
-__all__ = [
-    "PRESETS", "Model", "build_model", "softmax_cross_entropy",
-    "array_module", "get_array_module", "gpu_available", "to_numpy",
-    "PscnnError", "SpecError", "ShapeError", "DataError", "CheckpointError", "ConfigError",
-]
+import importlib
+
+# Each public name and the submodule that defines it, imported on first use (PEP 562): importing
+# a light submodule (cnn_core.text, cnn_core.errors) runs this file, and importing numpy here made
+# pscnn's argument parsing load it before --threads could set the BLAS thread count (every
+# pscnn train, server and worker ran with a thread per core, 4-5x slower on a loaded machine).
+_EXPORTS = {
+    "array_module": "backend", "get_array_module": "backend", "gpu_available": "backend", "to_numpy": "backend",
+    "PscnnError": "errors", "SpecError": "errors", "ShapeError": "errors", "DataError": "errors",
+    "CheckpointError": "errors", "ConfigError": "errors",
+    "softmax_cross_entropy": "losses",
+    "PRESETS": "model", "Model": "model", "build_model": "model",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
