@@ -887,10 +887,10 @@ class _TimelineTally:
     count, first start, last end and first push's place in the file.  A few numbers a worker,
     whatever the run's length (:func:`time_split` holds every span)."""
 
-    def __init__(self, metrics_path: Path):
+    def __init__(self, metrics_path: Path, quiet: bool = False):
         self.totals = dict.fromkeys(TIMELINE_PARTS, 0.0)
         self.workers: dict[str, dict] = {}
-        for worker, spans, order in _worker_spans(iter_metrics(metrics_path)):
+        for worker, spans, order in _worker_spans(iter_metrics(metrics_path, quiet=quiet)):
             tally = self.workers.setdefault(worker, {"spans": 0, "computes": 0, "order": order})
             tally["order"] = min(tally["order"], order)
             if spans:
@@ -902,6 +902,23 @@ class _TimelineTally:
                 self.totals[part] += end - start
         # A worker whose pushes all took no time (as stamped) has nothing to draw.
         self.workers = {worker: tally for worker, tally in self.workers.items() if tally["spans"]}
+
+
+def worker_time_shares(run_dir) -> dict | None:
+    """The whole run's split of its workers' time, as timeline.png's title gives it: ``{part:
+    fraction}`` over TIMELINE_PARTS, from the run folder's metrics.jsonl in one pass.  None where
+    there is nothing to split: no file or an unreadable one, no push in it (``pscnn train``)."""
+    try:
+        tally = _TimelineTally(Path(run_dir) / METRICS_FILE, quiet=True)
+    except OSError:
+        return None
+    return _shares(tally.totals) if tally.workers else None
+
+
+def time_shares_text(shares: dict) -> str:
+    """``81% computing, 9% network, 10% waiting on the server``: :func:`worker_time_shares` in words."""
+    return (f"{100 * shares['compute']:.0f}% computing, {100 * shares['network']:.0f}% network, "
+            f"{100 * shares['server']:.0f}% waiting on the server")
 
 
 def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: int = 12):
@@ -959,8 +976,7 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     mode = _summary_field(out_dir, "mode")
     more = f"; {len(tally.workers) - len(workers)} more workers not shown" if len(tally.workers) > len(workers) else ""
     ax.set_title(f"What each worker did, {t0:.2f}-{t1:.2f} s" + (f" (mode {mode})" if mode else "") +
-                 f"\nthe whole run: {100 * shares['compute']:.0f}% computing, {100 * shares['network']:.0f}% "
-                 f"network, {100 * shares['server']:.0f}% waiting on the server{more}", fontsize=10)
+                 f"\nthe whole run: {time_shares_text(shares)}{more}", fontsize=10)
     fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
     return fig
 

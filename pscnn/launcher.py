@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cnn_core.metrics import ACCURACY_MILESTONES
-from cnn_core.runlog import SUMMARY_FILE, RunLogError, check_folder_free, make_folder
+from cnn_core.runlog import (SUMMARY_FILE, RunLogError, check_folder_free, make_folder, time_shares_text,
+                             worker_time_shares)
 from cnn_core.text import for_count
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
@@ -785,6 +786,11 @@ def _print_report(s: dict, summary_path: Path) -> None:
     print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} "
           f"{for_count(s['samples_applied'], 'sample')})")
     print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
+    # Where the workers' time went (timeline.png's title): a sync round's waiting, async's none, a
+    # round held up by a dead worker, were seen only in the plot or by summing metrics.jsonl by hand.
+    shares = worker_time_shares(summary_path.parent)
+    if shares is not None:
+        print(f"  workers' time      {time_shares_text(shares)}")
     # ssp's bound is in pushes ahead of the slowest worker, staleness in versions applied since the
     # gradient's weights: with N workers a max of (bound + 1) * N - 1 keeps to it ("max 2 (bound 0)" read broken)
     bound = s.get("staleness_bound")
