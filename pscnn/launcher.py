@@ -47,8 +47,9 @@ SERVER_FLAGS = ("mode", "staleness", "checkpoint_every", "resume", "lease_timeou
 
 # tqdm's default bar without its own rate: batches over the wall time since the bar started (the
 # workers' start-up and the final evaluation included), it disagreed with the server's images/s
-# beside it (make run: 29.07 batch/s, i.e. 1,860 images/s, next to 1,418 img/s).
-RUN_BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+# beside it (make run: 29.07 batch/s, i.e. 1,860 images/s, next to 1,418 img/s).  The count is
+# named: a sync run's 200/200 read as its updates (100 rounds of two batches), beside "at update 100".
+RUN_BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} batches [{elapsed}<{remaining}{postfix}]"
 
 
 def local_endpoint(port: int) -> str:

@@ -485,7 +485,8 @@ def test_the_bar_ends_on_the_runs_final_figures(run_in_process, tmp_path):
 def test_the_bar_shows_the_servers_rate_alone(run_in_process, monkeypatch):
     """tqdm's own rate (batches over the time since the bar started, start-up and the final
     evaluation included) sat beside the server's images/s and disagreed with it: make run showed
-    29.07 batch/s (1,860 images/s) next to 1,418 img/s."""
+    29.07 batch/s (1,860 images/s) next to 1,418 img/s.  And the count it shows is named: a sync
+    run's 200/200, beside "at update 100", read as its updates."""
     import tqdm as tqdm_module
     made = []
 
@@ -502,7 +503,7 @@ def test_the_bar_shows_the_servers_rate_alone(run_in_process, monkeypatch):
     bar.update(7)
     bar.set_postfix_str("epoch 1/3, 1418 img/s, loss 0.3", refresh=True)
     bar.close()
-    assert "7/40 [" in shown.getvalue() and "epoch 1/3, 1418 img/s" in shown.getvalue()
+    assert "7/40 batches [" in shown.getvalue() and "epoch 1/3, 1418 img/s" in shown.getvalue()
     assert "batch/s" not in shown.getvalue() and "it/s" not in shown.getvalue()
 
 
