@@ -775,7 +775,7 @@ TIMELINE_PARTS = ("compute", "network", "server")
 _TIMELINE_COLOURS = {"compute": "tab:blue", "network": "tab:orange", "server": "0.75"}
 _TIMELINE_LABELS = {"compute": "computing (the worker's own measure)",
                     "network": "network and (de)serialization (the rest of the way)",
-                    "server": "waiting on the server (a sync round, no batch free yet, the update)"}
+                    "server": "waiting on the server (a sync round, the ssp bound, no batch free yet, the update)"}
 
 
 def _natural_order(name: str) -> list:
@@ -849,7 +849,7 @@ def time_split(records) -> dict:
     server's clock.  From the answer to its push's arrival the worker computed
     (``compute_s``, its own measure) and its messages travelled (the rest,
     ``network``); from the arrival to the next answer it waited on the server
-    (``server``: a sync round, no batch free yet, the update).  Returns
+    (``server``: a sync round, ssp's bound, no batch free yet, the update).  Returns
     ``{worker: [(start, end, part), ...]}`` in time order, parts in
     TIMELINE_PARTS; the network time is drawn half before the computation and
     half after.  The server stamps an answer before sending it and a push when

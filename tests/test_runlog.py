@@ -688,6 +688,19 @@ def test_a_worker_not_at_work_in_the_timelines_stretch_has_its_row_say_so(tmp_pa
         [("no push in this stretch; its pushes span 3.50-3.70 s", 1)]
 
 
+def test_the_timelines_legend_names_every_mode_that_makes_a_worker_wait(tmp_path):
+    """An ssp run's grey, its workers held at the staleness bound, was explained by a legend that
+    named only a sync round, no batch free yet and the update."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", timeline=[["a", 0.0, 0.09, 0.08]])
+        writer.log("step", timeline=[["a", 0.15, 0.24, 0.08]])
+        writer.write_summary({"mode": "ssp"})
+    fig = runlog._draw_timeline(figure.Figure, tmp_path)
+    [waiting] = [text.get_text() for text in fig.legends[0].get_texts() if text.get_text().startswith("waiting")]
+    assert "a sync round" in waiting and "the ssp bound" in waiting, waiting
+
+
 def test_the_timelines_rows_go_in_the_workers_numbers_order(tmp_path):
     """Sorted as strings, 16 workers' rows read worker-0, worker-1, worker-10 ... worker-15,
     worker-2; and with 20, the 16 drawn were not the first 16."""
