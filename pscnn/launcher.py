@@ -771,6 +771,23 @@ def print_report(summary_path: Path) -> None:
             pass
 
 
+# The staleness counts the report lists one by one; those from the last one up are summed ("7+: 9"):
+# a long async run of many workers has a key per staleness seen, dozens.
+STALENESS_COUNTS_SHOWN = 8
+
+
+def _staleness_counts(histogram) -> str:
+    """summary.json's staleness histogram ({"0": 365, "1": 719, ...}) as "0: 365, 1: 719, ...",
+    at most STALENESS_COUNTS_SHOWN entries; "" for none (a summary without one)."""
+    if not isinstance(histogram, dict):
+        return ""
+    counts = sorted((int(k), v) for k, v in histogram.items() if str(k).isdigit() and isinstance(v, int))
+    if len(counts) > STALENESS_COUNTS_SHOWN:
+        tail = counts[STALENESS_COUNTS_SHOWN - 1:]
+        counts = [*counts[:STALENESS_COUNTS_SHOWN - 1], (f"{tail[0][0]}+", sum(v for _, v in tail))]
+    return ", ".join(f"{k}: {v:,}" for k, v in counts)
+
+
 def _print_report(s: dict, summary_path: Path) -> None:
     def number(key: str) -> str:
         value = s.get(key)
@@ -799,6 +816,9 @@ def _print_report(s: dict, summary_path: Path) -> None:
     print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {most} {for_count(most, 'version')}"
           + (f" (ssp: each worker at most {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest)"
              if bound is not None else ""))
+    counts = _staleness_counts(stale.get("histogram"))
+    if counts:      # its shape was what experiments 2 and 3 teach (ssp's flat, async's peaked): jq only
+        print(f"  staleness counts   {counts}  (versions stale: gradients applied)")
     print(f"  evaluations        {len(s.get('evaluations', []))}")
     dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
     faulty = (s.get("peers_dropped") or {}).get(DROPPED_FOR_NAN, 0)    # such a trainer exited 3 (named above)

@@ -1332,6 +1332,20 @@ def test_the_final_report_says_where_the_workers_time_went(tmp_path, capsys):
     assert "workers' time" not in report_of(tmp_path, capsys)
 
 
+def test_the_final_report_gives_the_staleness_counts(tmp_path, capsys):
+    """The staleness histogram, whose shape experiments 2 and 3 teach (ssp's flat, async's peaked),
+    was in summary.json only.  Past 8 entries the last ones are summed: a long async run of many
+    workers has a key per staleness seen."""
+    out = report_of(tmp_path, capsys, mode="ssp", staleness_bound=0,
+                    staleness={"mean": 1.5, "max": 3, "histogram": {"0": 50, "1": 50, "2": 50, "3": 50}})
+    assert "  staleness counts   0: 50, 1: 50, 2: 50, 3: 50  (versions stale: gradients applied)\n" in out, out
+    histogram = {"0": 365, "1": 719, "2": 228, "3": 58, "4": 18, "5": 7, "6": 3, "7": 2, "9": 3, "10": 2, "11": 2}
+    out = report_of(tmp_path, capsys, staleness={"mean": 1.1, "max": 11, "histogram": histogram})
+    assert "  staleness counts   0: 365, 1: 719, 2: 228, 3: 58, 4: 18, 5: 7, 6: 3, 7+: 9  (" in out, out
+    out = report_of(tmp_path, capsys, staleness={"mean": 0.0, "max": 0})      # no histogram: no line
+    assert "staleness counts" not in out
+
+
 def test_the_final_report_counts_agree_with_their_nouns(tmp_path, capsys):
     """A run of one update of one sample said "(1 samples)"."""
     out = report_of(tmp_path, capsys, workers=1, epochs=1, updates=1, samples_applied=1)
