@@ -2067,9 +2067,13 @@ class ParameterServer:
         cfg = self.cfg
         warnings = []
 
-        def mismatch(setting: str, theirs, ours, advice: str) -> CheckpointError:
-            return CheckpointError(f"--resume: checkpoint {path} was written with {setting} {theirs}, this run has "
-                                   f"{setting} {ours}: {advice}")
+        # Every setting that must match and does not, each what the checkpoint holds against this run's:
+        # one line names them all (they were refused one at a time, and a user who had changed two, or
+        # a restarted container's .env, learnt of the second only after fixing the first).
+        differences: list[str] = []
+
+        def mismatch(setting: str, theirs, ours, advice: str) -> None:
+            differences.append(f"was written with {setting} {theirs}, this run has {setting} {ours}: {advice}")
 
         step = _int(_field(meta, "step", ""), "step")
         extra = _mapping(_field(meta, "extra", ""), "extra")
@@ -2088,22 +2092,21 @@ class ParameterServer:
         # The run's settings: those a correct continuation needs are the checkpoint's.
         if seed is not None and seed != cfg.seed:
             rest = f"the rest of epoch {epoch + 1}" if epoch < run_epochs else "an epoch added to it"
-            raise mismatch("--seed", seed, cfg.seed, f"workers derive each batch from the seed, so {rest} "
-                           f"would train on another permutation; resume with --seed {seed}")
+            mismatch("--seed", seed, cfg.seed, f"workers derive each batch from the seed, so {rest} "
+                     f"would train on another permutation; resume with --seed {seed}")
         if seed is None:
             warnings.append(f"--resume: checkpoint {path} does not record its seed (an older pscnn wrote it): "
                             f"make sure this run's --seed {cfg.seed} is the one it was written with")
         if num_samples != self.num_samples:
-            raise CheckpointError(f"--resume: checkpoint {path} was written for a training set of {num_samples} "
-                                  f"images, this run has {self.num_samples} (--train-limit {cfg.train_limit}): the "
-                                  f"epoch's batches index that set; resume with --train-limit {num_samples}")
+            differences.append(f"was written for a training set of {num_samples} images, this run has "
+                               f"{self.num_samples} (--train-limit {cfg.train_limit}): the epoch's batches index that "
+                               f"set; resume with --train-limit {num_samples}")
         if batch_size != cfg.batch_size:
-            raise mismatch("--batch-size", batch_size, cfg.batch_size,
-                           f"the epoch's applied batches are batches of {batch_size}; resume with "
-                           f"--batch-size {batch_size}")
+            mismatch("--batch-size", batch_size, cfg.batch_size,
+                     f"the epoch's applied batches are batches of {batch_size}; resume with --batch-size {batch_size}")
         if mode != cfg.mode:
-            raise mismatch("--mode", mode, cfg.mode, f"resume with --mode {mode}, or start a new run in another "
-                           f"--out to train in {cfg.mode} mode")
+            mismatch("--mode", mode, cfg.mode, f"resume with --mode {mode}, or start a new run in another "
+                     f"--out to train in {cfg.mode} mode")
         spec = _field(meta, "model_spec", "")
         if spec != self.spec:
             try:
@@ -2116,21 +2119,20 @@ class ParameterServer:
                 theirs, ours = _model_name(spec), _model_name(self.spec)
                 advice = f"resume with {theirs}" if theirs.startswith("--model ") else \
                     "resume with the --model spec it was written with"
-                raise CheckpointError(f"--resume: checkpoint {path} holds weights of {theirs}, this run has {ours}: "
-                                      f"{advice}")
+                differences.append(f"holds weights of {theirs}, this run has {ours}: {advice}")
         saved_opt = meta.get("optimizer")
         ours_opt = self.store.optimizer.config()
         if not isinstance(saved_opt, dict) or not isinstance(saved_opt.get("name"), str):
             raise _Bad("optimizer", f"must be the optimizer's config (an object with a 'name'), got "
                        f"{_show(saved_opt)}")
         if saved_opt["name"] != ours_opt["name"]:
-            raise mismatch("--optimizer", saved_opt["name"], ours_opt["name"],
-                           f"its state is {saved_opt['name']}'s; resume with --optimizer {saved_opt['name']}")
+            mismatch("--optimizer", saved_opt["name"], ours_opt["name"],
+                     f"its state is {saved_opt['name']}'s; resume with --optimizer {saved_opt['name']}")
         changed = [f"{k} {_show(saved_opt.get(k))} -> {_show(ours_opt.get(k))}"
                    for k in sorted(set(saved_opt) | set(ours_opt)) if saved_opt.get(k) != ours_opt.get(k)]
         if epoch > cfg.epochs:
-            raise mismatch("--epochs", run_epochs, cfg.epochs, f"it has finished {epoch} epochs already; resume "
-                           f"with --epochs {run_epochs} (or more, to train longer)")
+            mismatch("--epochs", run_epochs, cfg.epochs, f"it has finished {epoch} epochs already; resume "
+                     f"with --epochs {run_epochs} (or more, to train longer)")
 
         # The position in the epoch and the counters.
         batches = batches_per_epoch(num_samples, batch_size)
@@ -2149,9 +2151,11 @@ class ParameterServer:
             raise _Bad("extra.work.applied", f"lists all {batches} {for_count(batches, 'batch', 'batches')} of epoch "
                        f"{epoch} (a finished epoch is recorded as the next one's start, with none applied)")
         if applied and epoch == cfg.epochs:     # its weights hold those batches: the run would end past its end
-            raise mismatch("--epochs", run_epochs, cfg.epochs,
-                           f"it is {len(applied)} {for_count(len(applied), 'batch', 'batches')} into epoch "
-                           f"{epoch + 1} already; resume with --epochs {epoch + 1} (or more, to train longer)")
+            mismatch("--epochs", run_epochs, cfg.epochs,
+                     f"it is {len(applied)} {for_count(len(applied), 'batch', 'batches')} into epoch "
+                     f"{epoch + 1} already; resume with --epochs {epoch + 1} (or more, to train longer)")
+        if differences:
+            raise CheckpointError(f"--resume: checkpoint {path} " + "; and it ".join(differences))
         finished = epoch == cfg.epochs          # (none applied after it: refused above)
         if changed:
             differ = f"--resume: this run's optimizer settings differ from the checkpoint's ({'; '.join(changed)})"
@@ -2365,8 +2369,12 @@ def serve_from_args(args) -> int:
     try:
         server = ParameterServer(replace(cfg, resume=True))
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc} (--auto-resume: {cfg.out} holds an unfinished run; to start over "
-                              f"instead, run with --no-auto-resume or PSCNN_AUTO_RESUME=0)") from None
+        # Compose restarts a server that exits 1 (a bounded number of times): the same line each time,
+        # so it names every way out, in the variables' names too
+        raise CheckpointError(f"--auto-resume: cannot continue the unfinished run in {cfg.out}: "
+                              f"{str(exc).removeprefix('--resume: ')}. To start over instead, replacing that "
+                              f"checkpoint, run with --no-auto-resume (PSCNN_AUTO_RESUME=0); to keep it, give "
+                              f"another --out (PSCNN_OUT)") from None
     return server.serve()
 
 

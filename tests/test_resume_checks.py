@@ -369,6 +369,17 @@ def test_a_setting_that_must_match_the_checkpoint_is_refused_naming_both_values(
     refused(server_cli(run, "--resume", flags=flags), str(run / "checkpoint.npz"), *needles)
 
 
+def test_every_setting_that_differs_is_named_in_the_one_line(run, server_cli):
+    """Refused one at a time, a user who had changed two settings (a Compose .env edited twice) fixed
+    the one named, restarted, and only then learnt of the next."""
+    line = refused(server_cli(run, "--resume", "--batch-size", "32", "--model", "seed", "--optimizer", "adam"))
+    for needle in ("--batch-size 64, this run has --batch-size 32", "resume with --batch-size 64",
+                   "weights of --model light, this run has --model seed", "resume with --model light",
+                   "--optimizer sgd, this run has --optimizer adam", "resume with --optimizer sgd"):
+        assert needle in line, line
+    assert line.count(str(run / "checkpoint.npz")) == 1, line
+
+
 def test_another_seed_for_a_finished_run_names_no_epoch_that_is_not_there(run, server_cli):
     """The message counted epochs from 0 ("the rest of epoch 0") and, for a finished run, named
     the rest of an epoch past its last."""
@@ -700,11 +711,26 @@ def test_auto_resume_starts_a_new_run_where_there_is_none_unfinished(folder, fin
     assert not srv.cfg.resume and srv.store.version == 0
 
 
-def test_auto_resume_refusing_a_changed_setting_says_how_to_start_over(run, server_cli):
-    line = refused(server_cli(run, "--auto-resume", "--seed", "5"), "--seed 0", "PSCNN_AUTO_RESUME=0")
-    assert "--auto-resume" in line and str(run) in line
+@pytest.mark.parametrize("case", ["settings", "corrupt"])
+def test_auto_resume_refusing_a_checkpoint_names_every_way_out_and_keeps_it(case, run, server_cli):
+    """Compose restarts a server that exits 1 with the same settings, so it fails the same way each
+    time: its one line says what differs and every way out (its variables' names too, which is what
+    a Compose user sets), and the refused checkpoint is left as it was."""
+    if case == "corrupt":
+        (run / "checkpoint.npz").write_bytes(b"not an npz archive")
+    before = (run / "checkpoint.npz").read_bytes()
+    code, lines, srv = server_cli(run, "--auto-resume", *(["--batch-size", "32", "--model", "seed"]
+                                                          if case == "settings" else []))
+    assert code == 1 and srv is None, lines
+    line = error_line("\n".join(lines), "--no-auto-resume (PSCNN_AUTO_RESUME=0)", "replacing that checkpoint",
+                      "to keep it, give another --out (PSCNN_OUT)",
+                      starts=f"pscnn: error: --auto-resume: cannot continue the unfinished run in {run}: ", alone=True)
+    if case == "settings":
+        assert "resume with --batch-size 64" in line and "resume with --model light" in line, line
+    else:
+        assert "not a valid .npz archive" in line, line
+    assert (run / "checkpoint.npz").read_bytes() == before
     # the switch that undoes Compose's PSCNN_AUTO_RESUME=1 on the command line
-    assert "run with --no-auto-resume or PSCNN_AUTO_RESUME=0" in line
     assert parse_args(["server", "--no-auto-resume"], {"PSCNN_AUTO_RESUME": "1"}).auto_resume is False
 
 
