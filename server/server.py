@@ -56,6 +56,7 @@ import re
 import signal
 import socket as pysocket
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -523,6 +524,9 @@ class ParameterServer:
         self.t_train_end: float | None = None
         self.t_finish_start: float | None = None
         self.summary_written = False
+        # Drawing the plots from a long run's metrics.jsonl takes minutes: they are drawn in this
+        # thread while the loop goes on answering, so that no client waits on them (see _write_summary)
+        self.plots: threading.Thread | None = None
         self.results_written_at: float | None = None     # when summary.json and model.npz were written
         self.finished_before = False                # resumed from a run trained to its end (see _finish)
         self.scoring = False                        # scoring the final weights here (_evaluate_here)
@@ -751,6 +755,10 @@ class ParameterServer:
             self._restore_signal_handlers(old_handlers)
             if self._stop_requested and old_handlers:
                 ignore_stop_signals()   # stopping: a repeat must not cut the outputs short (see there)
+            if self.drawing_plots:
+                # a stop while they are drawn: the run's results are written, its plots soon
+                log.info("waiting for the plots to be drawn")
+                self.plots.join()
             self.sock.close(linger=1000)
             self._stop_curve()
             self.writer.close()
@@ -1710,13 +1718,15 @@ class ParameterServer:
         # it (Compose's, loading their data) would find no server and retry for --give-up-after.
         if self.finished_before and now - self.results_written_at < self.cfg.peer_timeout:
             return False
+        if self.drawing_plots:
+            return False        # still answering (status, pscnn run's watch for a silent server) until drawn
         # linger until every live client was told to stop (they exit on it), bounded by peer_timeout
         waiting = [p for p in self.peers.values() if not p.told_to_stop]
         return not waiting or now - self.t_finish_start > self.cfg.final_eval_timeout + self.cfg.peer_timeout
 
     def _write_final(self, now: float) -> bool:
         """Write the run's outputs: the final checkpoint (unless written or the run failed), then
-        summary.json, model.npz and the plots.  True once written.
+        model.npz and summary.json; the plots are drawn in a thread from then on.  True once written.
 
         While they cannot be (a full disk), the server keeps serving and tries
         again every FINAL_WRITE_RETRY_S, for FINAL_WRITE_PATIENCE_S; then it
@@ -1839,17 +1849,28 @@ class ParameterServer:
         save_model_checkpoint(os.path.join(self.cfg.out, "model.npz"), self.store.model, None,
                               step=self.store.version, metrics={"test_accuracy": m.get("test_accuracy")})
         self.writer.write_summary(summary)
-        try:
-            make_plots(self.cfg.out)
-        except Exception as exc:   # plots are a convenience; the run's results are written
-            log.warning("plots failed: %s", exc)
         self.summary_written = True
+        # The plots in a thread, not here: clients asking meanwhile (a trainer back for work, the
+        # evaluator's goodbye) heard "stop" only minutes later, or gave the silent server up
+        self.writer.flush()     # every record so far in the file the plots are drawn from
+        self.plots = threading.Thread(target=self._draw_plots, name="plots")
+        self.plots.start()
         acc = m.get("test_accuracy")
         # a diverged run's "run complete", below its ERROR "training diverged", said all was well
         log.info("run %s: %d %s, test accuracy %s, %.1f img/s; wrote %s", summary["status"], self.store.version,
                  for_count(self.store.version, "update"),
                  f"{acc:.4f}" if isinstance(acc, float) else "n/a", summary["train_images_per_second"],
                  self.cfg.out)
+
+    @property
+    def drawing_plots(self) -> bool:
+        return self.plots is not None and self.plots.is_alive()
+
+    def _draw_plots(self) -> None:
+        try:
+            make_plots(self.cfg.out)
+        except Exception as exc:   # noqa: BLE001  (plots are a convenience; the run's results are written)
+            log.warning("plots failed: %s", exc)
 
     # ================================================================== checkpoints
     # The run's final outputs (checkpoint, summary, model) that cannot be written
@@ -2257,7 +2278,9 @@ class ParameterServer:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
         last = self.newest_evaluation
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
-                "finished": self.summary_written, "scoring": self.scoring,
+                # pscnn run stops a server that has "finished" (a resumed finished run's linger): not
+                # while it draws the plots, which its grace before SIGKILL cut short
+                "finished": self.summary_written and not self.drawing_plots, "scoring": self.scoring,
                 "final_evaluation": self.final_eval is not None, "error": self.failure,
                 "write_failing": self.final_write_failing, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,

@@ -788,6 +788,8 @@ class InProcess:
     def close(self) -> None:
         for raw in self.raws:
             raw.close()
+        if self.srv.plots is not None:      # drawn in a thread once the summary is written
+            self.srv.plots.join()
         self.srv.sock.close(linger=0)
 
 
@@ -1283,6 +1285,38 @@ def test_a_final_report_that_comes_while_the_server_scores_is_the_runs_result(in
     evals = [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
     assert [(r["test_accuracy"], r.get("by")) for r in evals] == [(0.75, None)]
     assert "final evaluation came in while the server scored" in caplog.text
+
+
+def test_clients_hear_stop_while_the_plots_are_drawn_and_the_server_serves_until_they_are(in_process,
+                                                                                          monkeypatch):
+    """Drawing a long run's plots takes minutes, and the server drew them before it answered
+    anyone else: a trainer back for work (the evaluator's goodbye) heard "stop" only after them,
+    or gave the silent server up.  The summary written, they are drawn while the server answers;
+    it ends, and says it has finished, once they are drawn."""
+    import threading
+
+    import server.server
+    events = []
+    stop_heard = threading.Event()
+
+    def slow_plots(out):
+        stop_heard.wait(10)                 # bounded: on the old order the stop can only come after
+        events.append("plots drawn")
+        return []
+    monkeypatch.setattr(server.server, "make_plots", slow_plots)
+    srv = in_process(epochs=1, test_limit=100, final_eval_timeout=0.0)
+    late = _trainer(srv)                    # joined, and not asking while the other trains
+    _push_all(srv, _trainer(srv))
+    assert srv.srv._housekeeping(time.monotonic()) is False and srv.srv.summary_written
+    reply = srv.call(late, P.WORK)
+    assert reply.type == P.STOP, reply.body
+    events.append("stop heard")
+    assert srv.srv._housekeeping(time.monotonic()) is False     # every client told, the plots not drawn yet
+    assert srv.srv.progress()["finished"] is False      # else pscnn run stopped it, and killed it 10 s later
+    stop_heard.set()
+    srv.srv.plots.join()
+    assert events == ["stop heard", "plots drawn"]
+    assert srv.srv._housekeeping(time.monotonic()) is True and srv.srv.progress()["finished"] is True
 
 
 def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume(tmp_path, in_process, monkeypatch,
