@@ -95,7 +95,9 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     HEARTBEAT: {"version": ("int", False), "done": ("bool", False)},
     STATUS: {"progress": ("dict", False)},
     BYE: {"reason": ("line", False)},
-    ACK: {"ack": ("dict", False)},
+    # not_recorded: why an eval_report acknowledged was not recorded (a final one that came once
+    # the run had its final evaluation, or its results were written without one)
+    ACK: {"ack": ("dict", False), "not_recorded": ("line", False)},
     STOP: {"version": ("int", True), "reason": ("line", True), "ack": ("dict", False),
            "dropped": ("bool", False)},     # true: this trainer is dropped, the run goes on
     ERROR: {"code": ("line", True), "message": ("line", True)},

@@ -491,6 +491,7 @@ class ParameterServer:
         # a second, slower evaluator may send for an older version.
         self.newest_evaluation: dict | None = None
         self.final_eval: dict | None = None
+        self.final_eval_from: str | None = None     # who scored it: an evaluator's name, or "the server"
         self.losses = deque(maxlen=50)
         self.rate_window = deque(maxlen=200)        # (time, samples_applied)
         self.round_members: dict[str, tuple[int, int]] = {}   # sync: wid -> (epoch, batch)
@@ -1485,7 +1486,7 @@ class ParameterServer:
         # Scored already: a report would not be recorded (_on_eval_report), so the evaluator need not
         # spend seconds of CPU on it: a resumed run's checkpoint version, which an evaluator usually
         # scored before the restart; once training is over, a final evaluation the run has already.
-        scored = bool(self.final_eval) if done else self._is_recorded(version)
+        scored = self._final_evaluation_settled() is not None if done else self._is_recorded(version)
         body = {"version": version, "epoch": self.work.epoch, "done": done, "updates": version, "scored": scored}
         if msg.body["have_version"] == version:
             arrays = {}
@@ -1513,6 +1514,17 @@ class ParameterServer:
             self._rejected(code, "rejected eval_report from %s: %s", peer.name, problem,
                            lines=self.log_too_many_evaluations if code == "too_many_evaluations" else None)
             return
+        settled = self._final_evaluation_settled() if final else None
+        if settled is not None:
+            # Pulled before the run had its final evaluation, scored, and late (the server scored the
+            # weights itself meanwhile): acknowledged, no fault of the evaluator's, but not the run's
+            # result.  It was acknowledged as if recorded, and the evaluator's log showed a final
+            # accuracy that summary.json did not have (or, the results written without one, recorded
+            # after summary.json, which never had it).
+            log.info("final evaluation of version %d from %s (test accuracy %.4f) came too late, not recorded: %s",
+                     version, peer.name, acc, settled)
+            self._reply(peer, P.Message(P.ACK, body={"not_recorded": settled}))
+            return
         loss = m.get("test_loss")
         # The weights' time is when they were pulled, not when their score came back: the scoring
         # (13 s for the seed model's 10,000 images) and the period put the untrained model's accuracy
@@ -1534,8 +1546,21 @@ class ParameterServer:
                  "?" if loss is None else f"{loss:.4f}", "?" if m.get("count") is None else f"{m['count']:.0f}",
                  " (final)" if record["final"] else "")
         if final:
-            self.final_eval = m
+            self.final_eval, self.final_eval_from = m, peer.name
         self._reply(peer, P.Message(P.ACK))
+
+    def _final_evaluation_settled(self) -> str | None:
+        """Why a final report would not be the run's result now, if it would not: the run has its
+        final evaluation, or its results are written without one; None while it awaits one."""
+        if self.final_eval:
+            acc = self.final_eval.get("test_accuracy")
+            return "the run has its final evaluation already ({}{})".format(
+                f"test accuracy {acc:.4f}" if isinstance(acc, float) else "no test accuracy",
+                f", from {self.final_eval_from}" if self.final_eval_from else "")
+        if self.summary_written:
+            return "the run's results are written already, without a final evaluation (the server could not " \
+                   "score the final weights)"
+        return None
 
     def _evaluation_record(self, now: float, version: int, accuracy: float, loss, final: bool,
                            train_seconds: float | None = None) -> dict:
@@ -1702,7 +1727,7 @@ class ParameterServer:
                         "no final evaluation from an evaluator%s; scoring the final weights here",
                         f": the evaluator {self.evaluator_left}" if self.evaluator_left is not None else "")
                 try:
-                    self.final_eval = self._evaluate_here()
+                    self.final_eval, self.final_eval_from = self._evaluate_here(), "the server"
                 except _ScoringInterrupted:
                     if self.final_eval is None:
                         return False                    # a stop: the loop stops, and checkpoints

@@ -1287,6 +1287,54 @@ def test_a_final_report_that_comes_while_the_server_scores_is_the_runs_result(in
     assert "final evaluation came in while the server scored" in caplog.text
 
 
+def test_a_final_report_after_the_server_scored_the_weights_itself_is_acknowledged_not_recorded(in_process,
+                                                                                                  caplog):
+    """An evaluator that pulled the final weights before the server scored them itself, and reported
+    after: the report was acknowledged as if it were the run's result, the server logged nothing
+    (debug only), and the evaluator's log showed a final accuracy summary.json did not have.  Now
+    the acknowledgement and the server's log say it came too late and why."""
+    server = in_process(epochs=1, test_limit=100, final_eval_timeout=0.0)
+    ev = _evaluator(server)
+    _push_all(server, _trainer(server))
+    version = server.srv.store.version
+    assert server.call(ev, P.PULL, {"have_version": -1}).body["scored"] is False     # not scored yet
+    server.srv._housekeeping(time.monotonic())           # no report: the server scores them itself
+    summary_before = (Path(server.srv.cfg.out) / "summary.json").read_text()
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        reply = server.call(ev, P.EVAL_REPORT, {"version": version, "final": True,
+                                                "metrics": {**_good_metrics(), "test_accuracy": 0.75}})
+    assert reply.type == P.ACK and reply.body["not_recorded"].startswith(
+        "the run has its final evaluation already (test accuracy "), reply.body
+    assert reply.body["not_recorded"].endswith(", from the server)"), reply.body
+    assert f"final evaluation of version {version} from {ev.wid}" in caplog.text
+    assert "(test accuracy 0.7500) came too late, not recorded: the run has its final evaluation" in caplog.text
+    assert (Path(server.srv.cfg.out) / "summary.json").read_text() == summary_before
+    assert [(e["test_accuracy"], e["final"]) for e in server.srv.evaluations] != [(0.75, True)]
+    evals = [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
+    assert [r.get("by") for r in evals] == ["server"]
+
+
+def test_a_final_report_after_the_results_were_written_without_one_is_not_recorded_behind_them(in_process,
+                                                                                               tmp_path):
+    """The server could not score the final weights (no test set where it runs): summary.json was
+    written without a test accuracy, and a late evaluator's final report was then recorded in the
+    history and metrics.jsonl as the run's final evaluation, which summary.json never had.  The
+    pull says there is nothing to score, and a report sent anyway is acknowledged, not recorded."""
+    server = in_process(epochs=1, test_limit=100, final_eval_timeout=0.0, mnist_dir=str(tmp_path / "nowhere"))
+    ev = _evaluator(server)
+    _push_all(server, _trainer(server))
+    version = server.srv.store.version
+    server.srv._housekeeping(time.monotonic())
+    summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
+    assert summary["test_accuracy"] is None and server.srv.summary_written
+    assert server.call(ev, P.PULL, {"have_version": -1}).body["scored"] is True
+    reply = server.call(ev, P.EVAL_REPORT, {"version": version, "final": True, "metrics": _good_metrics()})
+    assert reply.type == P.ACK and "results are written already, without a final evaluation" in \
+        reply.body["not_recorded"], reply.body
+    assert not server.srv.evaluations and server.srv.final_eval == {}
+    assert not [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
+
+
 def test_clients_hear_stop_while_the_plots_are_drawn_and_the_server_serves_until_they_are(in_process,
                                                                                           monkeypatch):
     """Drawing a long run's plots takes minutes, and the server drew them before it answered

@@ -494,6 +494,20 @@ def test_an_evaluator_sends_no_final_report_the_run_has_already(fake, evaluator)
     assert bye.body["reason"] == "final evaluation recorded already"
 
 
+def test_a_late_final_report_the_server_did_not_record_is_not_logged_as_the_runs_result(fake, evaluator, caplog):
+    """Pulled before the server scored the final weights itself, scored, and sent late: the server
+    acknowledges it without recording it.  The evaluator's log said "final" beside its figure (not
+    summary.json's) and its goodbye "final evaluation sent"; now both say it was not recorded, why."""
+    why = "the run has its final evaluation already (test accuracy 0.9000, from the server)"
+    server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[(P.ACK, {"not_recorded": why})])
+    with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
+        assert evaluator(server) == 0
+    assert re.search(r"version 3: test accuracy [0-9.]+, loss [0-9.]+ \([0-9.]+ s\) final, not recorded: "
+                     + re.escape(why), caplog.text), caplog.text
+    (bye,) = server.of_type(P.BYE)
+    assert bye.body["reason"] == "final evaluation not recorded"
+
+
 def test_the_evaluators_help_says_what_test_limit_0_scores(capsys):
     """--test-limit 0 scores the run's test set (the server's --test-limit), not all 10,000 images
     as the help said."""

@@ -93,6 +93,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 have = reply.body["version"]
             done = reply.body["done"]
             recorded = reply.body.get("scored", False) and reply.body["version"] == have
+            not_recorded = None
             if recorded and (have != scored or done):
                 log.info("version %d: %s; not scoring it", have,
                          "the run has its final evaluation already" if done else "the server has its evaluation already")
@@ -106,6 +107,9 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                     answer = client.request(P.EVAL_REPORT, {"version": have, "final": done, "metrics": metrics})
                     if answer.type != P.ACK:
                         raise BadReply(f"the server answered our eval_report with {answer.type!r}, not an ack")
+                    # a final report the server acknowledged but did not record (late: the run had its final
+                    # evaluation already) is not the run's result, and its line must not pass for it
+                    not_recorded = answer.body.get("not_recorded")
                 except (ServerError, BadReply) as exc:
                     if done:                    # the run's test result: not recorded
                         raise FinalReportRefused(f"the final evaluation (version {have}) was not recorded: "
@@ -119,12 +123,13 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                     continue
                 log.info("version %d: test accuracy %.4f, loss %.4f (%s)%s", have, metrics["test_accuracy"],
                          metrics["test_loss"], "scored already" if metrics is scored_metrics
-                         else f"{metrics['eval_seconds']:.1f} s", " final" if done else "")
+                         else f"{metrics['eval_seconds']:.1f} s",
+                         f" final, not recorded: {not_recorded}" if not_recorded else " final" if done else "")
                 scored, scored_metrics = have, metrics
             refused.flush(time.monotonic())
             if done:
                 client.close(say_bye=True, reason="final evaluation recorded already" if recorded
-                             else "final evaluation sent")
+                             else "final evaluation not recorded" if not_recorded else "final evaluation sent")
                 return 0
             # Every T seconds from pull to pull, the scoring included (T after it, a 10 s period with
             # a 6 s scoring was 16 s); at once after a scoring that took longer: versions are skipped,
