@@ -1367,6 +1367,61 @@ def test_clients_hear_stop_while_the_plots_are_drawn_and_the_server_serves_until
     assert srv.srv._housekeeping(time.monotonic()) is True and srv.srv.progress()["finished"] is True
 
 
+def test_a_stop_while_the_plots_are_drawn_waits_for_them_before_the_run_folder_is_let_go(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """The plots are drawn in a thread while the server serves: a stop then (pscnn run's Ctrl-C)
+    ends the loop, and the server waits for them before it closes metrics.jsonl and lets the run
+    folder go (another server may take it then), not leaving them half drawn."""
+    import threading
+
+    import server.server
+    from server.server import ServerConfig
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = ParameterServer(ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100, mode="async",
+                                       final_eval_timeout=0.0, checkpoint_every=0, bind=endpoint,
+                                       out=str(tmp_path / "run")))
+    events = []
+    loop_ended = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            if record.getMessage() == "waiting for the plots to be drawn":
+                loop_ended.set()
+
+    def slow_plots(out):
+        srv._stop_requested = True          # what SIGTERM's handler does
+        loop_ended.wait(10)                 # bounded: a loop that does not wait never says so
+        events.append("plots drawn")
+        return []
+    monkeypatch.setattr(server.server, "make_plots", slow_plots)
+    codes = []
+    serving = threading.Thread(target=lambda: codes.append(srv.serve()), daemon=True)
+    watch = Watch()
+    logger = logging.getLogger("pscnn.server")
+    logger.addHandler(watch)
+    try:
+        with caplog.at_level(logging.INFO, logger="pscnn.server"):      # the line the watch waits for
+            serving.start()
+            assert wait_for(lambda: srv.writer is not None, 30)
+            real_close = srv.writer.close
+            monkeypatch.setattr(srv.writer, "close", lambda: events.append("metrics.jsonl closed") or real_close())
+            raw = Raw(endpoint)
+            try:
+                raw.hello("trainer")
+                reply, weights = raw.work(), None
+                while reply.type == P.TASK:
+                    weights = reply.arrays or weights
+                    reply = raw.call(P.PUSH, push_body(reply), grads_like(weights))
+                assert reply.type == P.STOP, reply.body
+            finally:
+                raw.close()
+            serving.join(60)
+    finally:
+        logger.removeHandler(watch)
+    assert codes == [0] and loop_ended.is_set()
+    assert events == ["plots drawn", "metrics.jsonl closed"]
+
+
 def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume(tmp_path, in_process, monkeypatch,
                                                                                 caplog):
     """SIGTERM (pscnn run's Ctrl-C) while the server scored the final weights waited for the
