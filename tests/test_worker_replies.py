@@ -484,14 +484,20 @@ def test_an_evaluator_does_not_score_weights_the_server_has_scored_already(fake,
     assert [(r.body["version"], r.body["final"]) for r in server.of_type(P.EVAL_REPORT)] == [(5, True)]
 
 
-def test_an_evaluator_sends_no_final_report_the_run_has_already(fake, evaluator):
+def test_an_evaluator_sends_no_final_report_the_run_has_already(fake, evaluator, caplog):
     """An evaluator joining a run that is over and scored (a finished run resumed, or one whose
-    server scored the weights itself) says goodbye without scoring them."""
+    server scored the weights itself, or wrote the results without a score) says goodbye without
+    scoring them."""
     server = fake(pull=[(P.WEIGHTS, {**pull_reply(True)[1], "scored": True}, PARAMS)], eval_report=[ACK])
-    assert evaluator(server) == 0
+    with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
+        assert evaluator(server) == 0
     assert not server.of_type(P.EVAL_REPORT)
     (bye,) = server.of_type(P.BYE)
     assert bye.body["reason"] == "final evaluation recorded already"
+    # the server also says so once it wrote the results without one (it could not score the weights):
+    # "the run has its final evaluation already" was then untrue
+    assert "version 3: the run has its final evaluation already, or its results are written; not scoring it" \
+        in caplog.text, caplog.text
 
 
 def test_a_late_final_report_the_server_did_not_record_is_not_logged_as_the_runs_result(fake, evaluator, caplog):

@@ -95,8 +95,10 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             recorded = reply.body.get("scored", False) and reply.body["version"] == have
             not_recorded = None
             if recorded and (have != scored or done):
+                # done: the server may have written the results without one (it could not score the weights)
                 log.info("version %d: %s; not scoring it", have,
-                         "the run has its final evaluation already" if done else "the server has its evaluation already")
+                         "the run has its final evaluation already, or its results are written" if done
+                         else "the server has its evaluation already")
                 scored, scored_metrics = have, None
             elif have >= 0 and (have != scored or done):
                 # The final weights scored already as a periodic version (a diverged run ends on the
