@@ -95,8 +95,8 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     HEARTBEAT: {"version": ("int", False), "done": ("bool", False)},
     STATUS: {"progress": ("dict", False)},
     BYE: {"reason": ("line", False)},
-    # not_recorded: why an eval_report acknowledged was not recorded (a final one that came once
-    # the run had its final evaluation, or its results were written without one)
+    # not_recorded: why an eval_report acknowledged was not recorded (one that came once the run's
+    # results were written, or a final one once the run had its final evaluation)
     ACK: {"ack": ("dict", False), "not_recorded": ("line", False)},
     STOP: {"version": ("int", True), "reason": ("line", True), "ack": ("dict", False),
            "dropped": ("bool", False)},     # true: this trainer is dropped, the run goes on

@@ -1514,15 +1514,17 @@ class ParameterServer:
             self._rejected(code, "rejected eval_report from %s: %s", peer.name, problem,
                            lines=self.log_too_many_evaluations if code == "too_many_evaluations" else None)
             return
-        settled = self._final_evaluation_settled() if final else None
+        settled = self._final_evaluation_settled() if final else \
+            "the run's results are written already" if self.summary_written else None
         if settled is not None:
-            # Pulled before the run had its final evaluation, scored, and late (the server scored the
-            # weights itself meanwhile): acknowledged, no fault of the evaluator's, but not the run's
-            # result.  It was acknowledged as if recorded, and the evaluator's log showed a final
-            # accuracy that summary.json did not have (or, the results written without one, recorded
-            # after summary.json, which never had it).
-            log.info("final evaluation of version %d from %s (test accuracy %.4f) came too late, not recorded: %s",
-                     version, peer.name, acc, settled)
+            # Pulled before the run had its final evaluation (or its results were written), scored, and
+            # late (the server scored the weights itself meanwhile): acknowledged, no fault of the
+            # evaluator's, but not recorded.  A final one was acknowledged as if it were the run's result,
+            # and the evaluator's log showed a final accuracy that summary.json did not have; one recorded
+            # after summary.json (the results written without a final evaluation, or a periodic one)
+            # was in metrics.jsonl and never in summary.json's evaluations.
+            log.info("%s of version %d from %s (test accuracy %.4f) came too late, not recorded: %s",
+                     "final evaluation" if final else "evaluation", version, peer.name, acc, settled)
             self._reply(peer, P.Message(P.ACK, body={"not_recorded": settled}))
             return
         loss = m.get("test_loss")

@@ -1335,6 +1335,22 @@ def test_a_final_report_after_the_results_were_written_without_one_is_not_record
     assert not [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
 
 
+def test_a_periodic_report_after_the_results_were_written_is_not_recorded_behind_them(in_process):
+    """A periodic report that comes once summary.json is written (the evaluator scored an earlier
+    version while the server, not waiting for it, finished the run) went into the history and
+    metrics.jsonl, never into summary.json's evaluations.  It is acknowledged, not recorded."""
+    server = in_process(epochs=1, test_limit=100, final_eval_timeout=0.0)
+    ev = _evaluator(server)
+    assert server.call(ev, P.PULL, {"have_version": -1}).body["done"] is False      # version 0, mid-run
+    _push_all(server, _trainer(server))
+    server.srv._housekeeping(time.monotonic())           # the server scores the final weights, writes the results
+    reply = server.call(ev, P.EVAL_REPORT, {"version": 0, "final": False, "metrics": _good_metrics()})
+    assert reply.type == P.ACK and reply.body["not_recorded"] == "the run's results are written already", reply.body
+    assert [e["version"] for e in server.srv.evaluations] == [server.srv.store.version]
+    assert [r["version"] for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"] == \
+        [server.srv.store.version]
+
+
 def test_clients_hear_stop_while_the_plots_are_drawn_and_the_server_serves_until_they_are(in_process,
                                                                                           monkeypatch):
     """Drawing a long run's plots takes minutes, and the server drew them before it answered

@@ -514,6 +514,16 @@ def test_a_late_final_report_the_server_did_not_record_is_not_logged_as_the_runs
     assert bye.body["reason"] == "final evaluation not recorded"
 
 
+def test_a_periodic_report_the_server_did_not_record_is_said_so(fake, evaluator, caplog):
+    why = "the run's results are written already"
+    server = fake(pull=[pull_reply(False, PARAMS), pull_reply(True)],
+                  eval_report=[(P.ACK, {"not_recorded": why}), (P.ACK, {"not_recorded": why})])
+    with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
+        assert evaluator(server) == 0
+    assert re.search(r"version 3: test accuracy [0-9.]+, loss [0-9.]+ \([0-9.]+ s\), not recorded: " + re.escape(why),
+                     caplog.text), caplog.text
+
+
 def test_the_evaluators_help_says_what_test_limit_0_scores(capsys):
     """--test-limit 0 scores the run's test set (the server's --test-limit), not all 10,000 images
     as the help said."""

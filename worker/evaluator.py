@@ -126,7 +126,7 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 log.info("version %d: test accuracy %.4f, loss %.4f (%s)%s", have, metrics["test_accuracy"],
                          metrics["test_loss"], "scored already" if metrics is scored_metrics
                          else f"{metrics['eval_seconds']:.1f} s",
-                         f" final, not recorded: {not_recorded}" if not_recorded else " final" if done else "")
+                         (" final" if done else "") + (f", not recorded: {not_recorded}" if not_recorded else ""))
                 scored, scored_metrics = have, metrics
             refused.flush(time.monotonic())
             if done:
