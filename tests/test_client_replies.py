@@ -50,9 +50,11 @@ GIVE_UP_S = 5.0                             # how long a client waits on a silen
 
 # ---------------------------------------------------------------- replies
 
-def welcome(run: dict | None = None, model=None, heartbeat_s: float = 1.0) -> tuple:
+def welcome(run: dict | None = None, model=None, heartbeat_s: float = 1.0, incarnation: str = "fake") -> tuple:
+    """``incarnation``: another one than an earlier welcome's is a restarted server."""
     return (P.WELCOME, {"worker_id": "w", "role": "trainer", "model": LIGHT if model is None else model,
-                        "run": dict(RUN) if run is None else run, "incarnation": "fake", "heartbeat_s": heartbeat_s})
+                        "run": dict(RUN) if run is None else run, "incarnation": incarnation,
+                        "heartbeat_s": heartbeat_s})
 
 
 def task(**over) -> tuple:
@@ -341,7 +343,7 @@ def test_a_worker_answered_only_with_errors_exits_with_one_line(fake):
 def test_a_server_that_forgets_the_trainer_every_time_is_given_up(fake, connect, overlapped):
     server = fake(work=[error("unknown_worker", "who?")] * (2 * MAX_FAILURES_IN_A_ROW) + [SILENCE])
     trainer = trainer_on(connect(server))
-    with pytest.raises(TooManyFailures, match="rejoined"):
+    with pytest.raises(TooManyFailures, match="did not know us.*joined it again"):
         run_loop(trainer, overlapped)
     assert len(server.of_type(P.HELLO)) == 1 + MAX_FAILURES_IN_A_ROW
 

@@ -292,13 +292,35 @@ def test_a_rejoin_is_an_info_line_and_a_second_in_a_row_a_warning(fake, connect,
     row", in every worker's and the evaluator's log.  A second in a row (a server that forgets
     us every time) is still a warning, counted."""
     forgot = error("unknown_worker", "who?")
-    server = fake(hello=[welcome()] * 4, work=[forgot, task(), forgot, STOP], push=[forgot])
+    server = fake(hello=[welcome(incarnation=f"server-{n}") for n in range(4)],
+                  work=[forgot, task(), forgot, STOP], push=[forgot])
     trainer = trainer_on(connect(server))
     with caplog.at_level(logging.INFO, logger="pscnn.client"):
         assert run_loop(trainer, False) == 0
-    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "rejoined the server" in r.getMessage()]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "restarted" in r.getMessage()]
     assert [level for level, _ in lines] == [logging.INFO, logging.INFO, logging.WARNING], lines
     assert "in a row" not in lines[0][1] and lines[2][1].endswith("(2 failures in a row; giving up at 5)"), lines
+
+
+@pytest.mark.parametrize("restarted", [True, False])
+def test_a_rejoin_is_one_line_saying_why_and_what_next(fake, connect, caplog, restarted):
+    """After a server's restart each client logged a warning ("the server does not know us:
+    unknown worker id ...; joining again") and then an INFO line ("rejoined the server (it had
+    restarted, or dropped us)"), for a routine event.  A new incarnation in the new welcome says
+    it restarted: one INFO line.  The same server forgetting us (it had dropped us: declared
+    dead, say) is one warning, with the server's reason."""
+    dropped = "worker id 'w' was dropped from the run 12.3 s ago (declared dead (silent for 10.0 s))"
+    server = fake(hello=[welcome(incarnation="first"), welcome(incarnation="second" if restarted else "first")],
+                  work=[error("unknown_worker", dropped), STOP])
+    trainer = trainer_on(connect(server))
+    with caplog.at_level(logging.INFO):
+        assert run_loop(trainer, False) == 0
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pscnn.client"]
+    if restarted:
+        assert lines == [(logging.INFO, "the server restarted; joined it again; asking for new work")]
+    else:
+        assert lines == [(logging.WARNING, f"the server did not know us ({dropped}); joined it again; "
+                                           "asking for new work (1 failure in a row; giving up at 5)")]
 
 
 def test_a_trainer_that_pushed_one_batch_says_1_step_when_told_to_stop(fake, connect, caplog):

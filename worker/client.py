@@ -146,7 +146,7 @@ class FailureStreak:
         if self.count >= self.limit:
             raise TooManyFailures(f"giving up after {self.count} failed requests in a row to {self.endpoint}; "
                                   f"the last: {exc}")
-        if isinstance(exc, Rejoined) and self.count == 1:
+        if isinstance(exc, Rejoined) and exc.restarted and self.count == 1:
             # a server's restart (--resume): routine, not a warning; counted all the same, to
             # bound a server that forgets us every time
             log.info("%s; %s", exc, then)
@@ -158,11 +158,15 @@ class FailureStreak:
 
 
 class Rejoined(Exception):
-    """The server had forgotten us (restart); we said hello again.  ``welcome`` is its answer."""
+    """The server had forgotten us; we said hello again.  ``welcome`` is its answer; ``restarted``:
+    it came from a new incarnation of the server (a restart, say with --resume: routine), else the
+    same server had dropped us (declared dead, say), which ``why`` (its words) explains."""
 
-    def __init__(self, welcome: P.Message):
-        super().__init__("rejoined the server (it had restarted, or dropped us)")
+    def __init__(self, welcome: P.Message, restarted: bool, why: str):
+        super().__init__("the server restarted; joined it again" if restarted
+                         else f"the server did not know us ({why}); joined it again")
         self.welcome = welcome
+        self.restarted = restarted
 
 
 class Client:
@@ -265,10 +269,11 @@ class Client:
         """A reply, or the exception that an error reply means."""
         if reply.type == P.ERROR:
             if reply.body["code"] == "unknown_worker":
-                log.warning("the server does not know us: %s; joining again",
-                            P.one_line(reply.body["message"], 300))
+                # said once, by the caller (FailureStreak): a restart is routine, a drop a warning
+                before = self.welcome.body["incarnation"] if self.welcome is not None else None
                 self.welcome = self._hello()
-                raise Rejoined(self.welcome)
+                raise Rejoined(self.welcome, restarted=self.welcome.body["incarnation"] != before,
+                               why=P.one_line(reply.body["message"], 300))
             raise ServerError(reply.body["code"], reply.body["message"], f"{request} request")
         return reply
 
