@@ -383,6 +383,36 @@ def test_a_heartbeat_answered_unknown_worker_is_not_called_unanswered(sim, caplo
     assert client.heard_at == 0.0, "an unknown_worker answer counted as a heartbeat answered"
 
 
+@pytest.mark.parametrize("done", [False, True])
+def test_a_heartbeat_unanswered_is_an_info_line_saying_what_next(sim, caplog, done):
+    """A server writing a checkpoint or its results, or restarting, misses a heartbeat routinely:
+    a client joining a finished run, whose server then wrote its results, logged a WARNING
+    "server did not answer a heartbeat", as did every client of a server restarted with --resume.
+    It is one INFO line that says what goes on, and the line on the server's return says how long
+    the silence was.  A server that said training is over may be gone: that is said instead."""
+    client, net = sim(100)
+    client.heartbeat_s = 1.0
+    client._closing = StopAfter(4)
+    waits = client._closing.wait
+    client._closing.wait = lambda timeout=None: net.advance(timeout) or waits(timeout)     # a period between beats
+    answers = [True, False, True]               # heartbeat n: answered, silent, answered again
+    heard: set = set()
+
+    def server(sock, timeout_ms):
+        n = len(net.sent) - 1
+        if n not in heard and answers[n]:
+            heard.add(n)
+            sock.inbox.append(reply_frames(P.HEARTBEAT, 0, {"done": done}))
+    net.on_poll = server
+    with caplog.at_level(logging.DEBUG, logger="pscnn.client"):
+        client._heartbeats()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    said = ("server did not answer a heartbeat; it said training is over, so it may be writing its results, "
+            "or gone") if done else \
+        "server did not answer a heartbeat within 1 s (busy, restarting or gone); still sending one every 1 s"
+    assert lines == [(logging.INFO, said), (logging.INFO, "server answers heartbeats again (silent for 2.0 s)")], lines
+
+
 # ================================================================ against a real ZeroMQ socket
 
 class Router:

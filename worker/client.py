@@ -436,6 +436,7 @@ class Client:
                     sock.close(linger=0)
                     sock = open_socket()
                     continue
+                sent_at = time.monotonic()
                 answered = self._heartbeat_answered(sock)
                 if self._closing.is_set():
                     break
@@ -464,11 +465,19 @@ class Client:
                 if answered:
                     self.heard_at = time.monotonic()
                     if silent_since is not None:
-                        log.info("server answers heartbeats again")
+                        log.info("server answers heartbeats again (silent for %.1f s)", self.heard_at - silent_since)
                     silent_since = None
                 elif silent_since is None and not forgotten:
-                    silent_since = time.monotonic()
-                    log.warning("server did not answer a heartbeat")
+                    # INFO: a server writing a checkpoint or its results, or restarting, misses one
+                    # routinely; what matters is said by the request in hand (it gives up after
+                    # --give-up-after of silence, or soon after the server said training is over)
+                    silent_since = sent_at
+                    if self.server_done.is_set():
+                        log.info("server did not answer a heartbeat; it said training is over, so it may be "
+                                 "writing its results, or gone")
+                    else:
+                        log.info("server did not answer a heartbeat within %g s (busy, restarting or gone); "
+                                 "still sending one every %g s", self.heartbeat_s, self.heartbeat_s)
         finally:
             sock.close(linger=0)
 
