@@ -143,6 +143,8 @@ def sim(monkeypatch):
     def make(limit_s: float, **kwargs) -> tuple[Client, SimNet]:
         net = SimNet(limit_s)
         monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=net.monotonic, sleep=net.advance))
+        # no server to ask for its status (a request held asks whether it is at the start barrier)
+        monkeypatch.setattr(client_module, "query_status", lambda endpoint, timeout, keys: None)
         client = Client(ENDPOINT, "trainer", heartbeat=False, **kwargs)
         client.ctx = net
         return client, net
@@ -231,6 +233,40 @@ def test_a_request_held_back_while_heartbeats_are_answered_is_resent_without_rec
     assert set(gaps(net.send_times())) == {1.0}, net.send_times()
     assert_no_busy_wait(net)
     assert HELD_LIMIT_FACTOR * 2.0 < net.now - net.start < HELD_LIMIT_FACTOR * 2.0 + 1.1
+
+
+def test_a_request_held_at_the_start_barrier_waits_for_it_and_says_why(sim, caplog, monkeypatch):
+    """A server started with --wait-for-workers 2 --start-timeout 3600 holds the first trainer's
+    work request until the second asks.  That trainer said nothing about why for --give-up-after
+    (600 s), then warned and gave up at ten times that, while the server would have waited an
+    hour, and started without it.  The server's status says its barrier holds: the trainer says
+    so from the start, again every give_up_after, and waits for as long as it holds."""
+    client, net = sim(200, give_up_after=2.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    opened_at = net.now + 49.5                  # far past HELD_LIMIT_FACTOR * give_up_after (20 s)
+    asked: list[float] = []
+
+    def status(endpoint, timeout, keys):
+        if net.now < opened_at:
+            asked.append(round(net.now - net.start))
+        return {"started": net.now >= opened_at, "done": False, "ready": 1, "wait_for_workers": 2}
+    monkeypatch.setattr(client_module, "query_status", status)
+
+    def server(sock, timeout_ms):
+        client.heard_at = net.now               # heartbeats answered all along
+        if net.now >= opened_at and not sock.inbox:
+            sock.inbox.append(reply_frames(P.TASK, client.seq, {"version": 0, "epoch": 0, "batch": 0, "lease": 1,
+                                                                "held_s": 50.0}))
+    net.on_poll = server
+    with caplog.at_level(logging.INFO, logger="pscnn.client"):
+        reply = client.request(P.WORK)
+    assert reply.type == P.TASK
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert all(level == logging.INFO for level, _ in lines), lines
+    assert lines[0][1] == ("waiting at the server's start barrier for 2 s: it hands out work once 2 trainers ask "
+                           "for it (1 ready now), or its --start-timeout after the first of them asked; our work "
+                           "request waits for it"), lines
+    assert asked[:3] == [2, 4, 6] and len(lines) == len(asked) > 20, (asked, lines)    # one per barrier answer
+    assert net.now - net.start > HELD_LIMIT_FACTOR * 2.0
 
 
 def test_silence_after_the_server_said_it_is_done_ends_the_request_after_reconnect_s(sim):

@@ -101,7 +101,8 @@ class FakeServer:
     """A ROUTER that answers each request of a type with the next of that type's scripted replies.
 
     The last reply of a list is repeated; hello defaults to a good welcome, bye
-    to an ack; heartbeats are answered (not done), not scripted.  A resend (the
+    to an ack; heartbeats (not done) and, unless scripted, status requests
+    (started) are answered.  A resend (the
     same wid and seq) gets the same reply again, as from the real server's
     cache, except after a hand-packed reply, which the client may have dropped
     as malformed: then it gets the next one.  ``received``: the decoded
@@ -114,6 +115,7 @@ class FakeServer:
         self.problems: list[str] = []
         # What a heartbeat gets: a message, or raw frames; a test may swap it at any time.
         self.heartbeat_reply = lambda: P.Message(P.HEARTBEAT, body={"done": False})
+        self.status_reply = lambda: P.Message(P.STATUS, body={"progress": {"started": True, "done": False}})
         self._last: tuple = (None, None, None)          # wid, seq, frames of the last reply (None: not cached)
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -145,8 +147,8 @@ class FakeServer:
                 except P.ProtocolError as exc:
                     self.problems.append(f"undecodable request: {exc}")
                     continue
-                if msg.type == P.HEARTBEAT:
-                    out = self.heartbeat_reply()
+                if msg.type == P.HEARTBEAT or msg.type == P.STATUS and P.STATUS not in self.replies:
+                    out = self.heartbeat_reply() if msg.type == P.HEARTBEAT else self.status_reply()
                     self.sock.send_multipart([rid, *(P.encode(out) if isinstance(out, P.Message) else out)])
                     continue
                 wid, seq, cached = self._last
@@ -572,6 +574,25 @@ def test_a_request_held_back_while_heartbeats_are_answered_is_not_silence(fake):
         assert time.monotonic() - t0 > 2.0             # longer than give_up_after: heartbeats counted
     finally:
         client.close()
+
+
+def test_a_request_held_at_the_start_barrier_outlasts_the_held_limit(fake, caplog):
+    """A trainer at a start barrier that outlasted ten times its --give-up-after gave up (exit 1)
+    while the server, which its --start-timeout bounds, still waited for the others.  The
+    server's status says its barrier holds: the trainer waits, and says why."""
+    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE] * 5 + [STOP])
+    server.status_reply = lambda: P.Message(P.STATUS, body={"progress": {
+        "started": False, "done": False, "ready": 1, "wait_for_workers": 2}})
+    client = Client(server.endpoint, "trainer", give_up_after=0.3, heartbeat=True)
+    try:
+        client.connect()
+        with caplog.at_level(logging.INFO, logger="pscnn.client"):
+            reply = client.request(P.WORK)             # answered after 5 resends, 1 s apart: past 10 x 0.3 s
+        assert reply.type == P.STOP
+    finally:
+        client.close()
+    said = [r.getMessage() for r in caplog.records if "start barrier" in r.getMessage()]
+    assert said and "once 2 trainers ask for it (1 ready now)" in said[0], caplog.text
 
 
 @pytest.mark.parametrize("answer", [lambda: P.error("unknown_worker", "who?"), lambda: [b"garbage"],

@@ -17,7 +17,10 @@ between (the "Lazy Pirate" pattern):
   purpose (at the start barrier, a sync round, an SSP bound) is not silence,
   but it is logged once it is held longer than ``give_up_after``, and given
   up after HELD_LIMIT_FACTOR times that: a server whose heartbeats live on
-  while it never answers requests must not hold a worker for good;
+  while it never answers requests must not hold a worker for good.  The
+  exception: the server's start barrier, which its own --start-timeout
+  bounds; a request held past ``reconnect_s`` asks the server's status, and
+  the time its status says the barrier holds is logged, and not held against it;
 * a server that does not know this client (it restarted) answers
   ``unknown_worker``: the client says hello again and raises :class:`Rejoined`
   so the caller restarts its loop from a fresh task;
@@ -81,7 +84,8 @@ FAILURE_PAUSE_S = 0.05
 STALL_S = 1.0
 # A request held back while heartbeats are answered gives up after this many
 # times give_up_after (600 s by default: 100 minutes).  What a working server
-# holds back for (a start barrier, a sync round, an SSP bound) takes seconds.
+# holds back for (a sync round, an SSP bound) takes seconds; its start barrier
+# may take as long as its --start-timeout, and is not given up while it holds.
 HELD_LIMIT_FACTOR = 10
 
 
@@ -332,15 +336,16 @@ class Client:
         P.connect(self.sock, self.endpoint)
 
     def _check_deadlines(self, msg: P.Message, now: float, t0: float, quiet_from: float, limit: float,
-                         malformed: str | None) -> None:
+                         malformed: str | None, held_from: float) -> None:
         """ServerUnreachable once the request sent at ``t0`` has waited past a limit with no reply
-        (``quiet_from``: when the server's silence began, see :meth:`_roundtrip`)."""
+        (``quiet_from``: when the server's silence began; ``held_from``: when its holding the
+        request back began to count, after any start barrier; see :meth:`_roundtrip`)."""
         if now - quiet_from > limit:
             raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:g} s"
                                     + (f"; its last reply was malformed: {malformed}" if malformed else ""))
-        if now - t0 > HELD_LIMIT_FACTOR * limit:
+        if now - held_from > HELD_LIMIT_FACTOR * limit:
             raise ServerUnreachable(f"{self.endpoint} answered heartbeats but held our {msg.type} request "
-                                    f"back for {now - t0:.0f} s")
+                                    f"back for {now - held_from:.0f} s")
         if self.server_done.is_set() and now - t0 > self.reconnect_s:
             raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
 
@@ -364,6 +369,12 @@ class Client:
         sent_at = t0
         malformed = None                    # the last reply we could not decode: "no answer" would mislead
         held_logged = False
+        barrier_seen_at = 0.0               # when the server's status last said its start barrier holds
+        barrier_asked_at = None             # when we last asked it
+        at_barrier = False                  # what it said then
+
+        def held_from() -> float:
+            return max(t0, barrier_seen_at)
         reconnects = 0                      # the first is logged; the rest, one every max_backoff_s, at DEBUG only
         while True:
             now = time.monotonic()
@@ -371,11 +382,22 @@ class Client:
             # busy past one (a batch computed after submit) while its answer waited.
             if not self.sock.poll(0, zmq.POLLIN):
                 self.handshakes.check()         # a refused handshake: say it now, not after the deadline
-                self._check_deadlines(msg, now, t0, quiet_from(), limit, malformed)
-                if now - t0 > limit and not held_logged:
+                # Held while the server lives: is it its start barrier?  Asked once it outlasts a
+                # reconnect's wait (or give_up_after, if shorter: before the warning below), then
+                # every give_up_after, so the log says why we wait, and the held limit does not
+                # cut short a barrier the server's --start-timeout bounds.
+                if self.heard_at > t0 and now - t0 >= min(self.reconnect_s, limit) and \
+                        (barrier_asked_at is None or now - barrier_asked_at >= limit):
+                    barrier_asked_at = now
+                    was_at_barrier, at_barrier = at_barrier, self._at_start_barrier(msg, now - t0)
+                    if at_barrier or was_at_barrier:    # (lifted since the last look: the hold counts from now)
+                        barrier_seen_at = time.monotonic()
+                    now = time.monotonic()      # the status took a moment: not a stall of ours
+                self._check_deadlines(msg, now, t0, quiet_from(), limit, malformed, held_from())
+                if now - held_from() > limit and not held_logged:
                     held_logged = True
                     log.warning("the server holds our %s request back (%.0f s so far) while it answers "
-                                "heartbeats; waiting up to %g s in all", msg.type, now - t0,
+                                "heartbeats; waiting up to %g s in all", msg.type, now - held_from(),
                                 HELD_LIMIT_FACTOR * limit)
             # Until the next resend, but never past the moment we would give up: a backoff
             # of max_backoff_s would otherwise make the give-up that much late.
@@ -415,6 +437,21 @@ class Client:
                     backoff = min(backoff * 2, self.max_backoff_s)
                 self._send(frames)
                 sent_at = now
+
+    def _at_start_barrier(self, msg: P.Message, held_s: float) -> bool:
+        """Whether the server's status says its start barrier holds (--wait-for-workers), logged
+        with its count of trainers ready; False when it does not, or does not answer in time."""
+        try:
+            progress = query_status(self.endpoint, timeout=1.0, keys=self.keys)
+        except PscnnError:          # not a status we can read: the held limit applies as before
+            return False
+        if not progress or progress.get("started", True) or progress.get("done"):
+            return False
+        log.info("waiting at the server's start barrier for %.0f s: it hands out work once %s trainers ask "
+                 "for it (%s ready now), or its --start-timeout after the first of them asked; our %s "
+                 "request waits for it", held_s, P.one_line(progress.get("wait_for_workers", "?"), 20),
+                 P.one_line(progress.get("ready", "?"), 20), msg.type)
+        return True
 
     def _heartbeats(self) -> None:
         """Background: a heartbeat every heartbeat_s on a socket of its own."""
