@@ -324,13 +324,15 @@ def test_a_rejoin_is_one_line_saying_why_and_what_next(fake, connect, caplog, re
 
 
 def test_a_trainer_that_pushed_one_batch_says_1_step_when_told_to_stop(fake, connect, caplog):
-    """Its last line read "after 1 steps (64 samples)": the counts' nouns agree with them."""
+    """Its last line read "after 1 steps (64 samples)": the counts' nouns agree with them.  And
+    "server says training finished after 22 steps" read as the run's count, in a run of 47
+    updates: the count is said to be this trainer's."""
     server = fake(work=[task()], push=[STOP])
     trainer = trainer_on(connect(server))
     with caplog.at_level(logging.INFO, logger="pscnn.worker"):
         assert run_loop(trainer, False) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"] == [
-        "server says training finished after 1 step (64 samples); exiting"]
+        "server says training finished; this trainer pushed 1 batch (64 samples); exiting"]
 
 
 @LOOPS
@@ -344,7 +346,7 @@ def test_a_refused_push_is_not_counted_in_the_trainers_last_line(fake, connect, 
         assert run_loop(trainer, overlapped) == 0
     assert len(server.of_type(P.PUSH)) == 2
     assert [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"] == [
-        "server says training finished after 1 step (64 samples); exiting"]
+        "server says training finished; this trainer pushed 1 batch (64 samples); exiting"]
 
 
 @pytest.mark.parametrize("joined", [False, True])

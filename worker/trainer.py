@@ -386,8 +386,9 @@ class Trainer:
         without it: a failed worker, said in one line, not one that finished)."""
         if reply.body.get("dropped"):
             raise DroppedByServer(f"stopped by the server: {P.one_line(reply.body['reason'])}")
-        log.info("server says %s after %d %s (%d %s); exiting", P.one_line(reply.body["reason"]),
-                 self.steps, for_count(self.steps, "step"), self.samples, for_count(self.samples, "sample"))
+        # "this trainer": "training finished after 22 steps" read as the run's count, not this worker's share
+        log.info("server says %s; this trainer pushed %d %s (%d %s); exiting", P.one_line(reply.body["reason"]),
+                 self.steps, for_count(self.steps, "batch", "batches"), self.samples, for_count(self.samples, "sample"))
         return 0
 
     @staticmethod
