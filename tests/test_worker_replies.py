@@ -452,7 +452,9 @@ def test_final_weights_scored_as_a_periodic_version_are_reported_as_final_withou
     assert (periodic.body["version"], periodic.body["final"], final.body["version"], final.body["final"]) == \
         (3, False, 3, True)
     assert final.body["metrics"] == periodic.body["metrics"]
-    assert re.search(r"version 3: test accuracy [0-9.]+, loss [0-9.]+ \(scored already\) final", caplog.text)
+    # the last line says the evaluator exits (it ended "... (scored already) final", and then nothing)
+    assert re.search(r"version 3: test accuracy [0-9.]+, loss [0-9.]+ \(scored already\), final; exiting$",
+                     caplog.records[-1].getMessage()), caplog.text
 
 
 def test_an_evaluator_that_rejoins_scores_the_new_servers_versions(fake, evaluator):
@@ -511,17 +513,17 @@ def test_an_evaluator_does_not_score_weights_the_server_has_scored_already(fake,
 def test_an_evaluator_sends_no_final_report_the_run_has_already(fake, evaluator, caplog):
     """An evaluator joining a run that is over and scored (a finished run resumed, or one whose
     server scored the weights itself, or wrote the results without a score) says goodbye without
-    scoring them."""
+    scoring them, and its last line says it exits (it ended "...; not scoring it")."""
     server = fake(pull=[(P.WEIGHTS, {**pull_reply(True)[1], "scored": True}, PARAMS)], eval_report=[ACK])
     with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
         assert evaluator(server) == 0
+    # "the run has its final evaluation already" alone was untrue once the server wrote the results
+    # without one (it could not score the weights)
+    assert caplog.records[-1].getMessage() == ("version 3: the run has its final evaluation already, or its "
+                                               "results are written; exiting without scoring it")
     assert not server.of_type(P.EVAL_REPORT)
     (bye,) = server.of_type(P.BYE)
     assert bye.body["reason"] == "final evaluation recorded already"
-    # the server also says so once it wrote the results without one (it could not score the weights):
-    # "the run has its final evaluation already" was then untrue
-    assert "version 3: the run has its final evaluation already, or its results are written; not scoring it" \
-        in caplog.text, caplog.text
 
 
 def test_a_late_final_report_the_server_did_not_record_is_not_logged_as_the_runs_result(fake, evaluator, caplog):
@@ -532,8 +534,8 @@ def test_a_late_final_report_the_server_did_not_record_is_not_logged_as_the_runs
     server = fake(pull=[pull_reply(True, PARAMS)], eval_report=[(P.ACK, {"not_recorded": why})])
     with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
         assert evaluator(server) == 0
-    assert re.search(r"version 3: test accuracy [0-9.]+, loss [0-9.]+ \([0-9.]+ s\) final, not recorded: "
-                     + re.escape(why), caplog.text), caplog.text
+    assert re.search(r"version 3: test accuracy [0-9.]+, loss [0-9.]+ \([0-9.]+ s\), final, not recorded: "
+                     + re.escape(why) + "; exiting", caplog.text), caplog.text
     (bye,) = server.of_type(P.BYE)
     assert bye.body["reason"] == "final evaluation not recorded"
 

@@ -96,9 +96,9 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
             not_recorded = None
             if recorded and (have != scored or done):
                 # done: the server may have written the results without one (it could not score the weights)
-                log.info("version %d: %s; not scoring it", have,
-                         "the run has its final evaluation already, or its results are written" if done
-                         else "the server has its evaluation already")
+                log.info("version %d: %s", have,
+                         "the run has its final evaluation already, or its results are written; exiting without "
+                         "scoring it" if done else "the server has its evaluation already; not scoring it")
                 scored, scored_metrics = have, None
             elif have >= 0 and (have != scored or done):
                 # The final weights scored already as a periodic version (a diverged run ends on the
@@ -126,7 +126,8 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
                 log.info("version %d: test accuracy %.4f, loss %.4f (%s)%s", have, metrics["test_accuracy"],
                          metrics["test_loss"], "scored already" if metrics is scored_metrics
                          else f"{metrics['eval_seconds']:.1f} s",
-                         (" final" if done else "") + (f", not recorded: {not_recorded}" if not_recorded else ""))
+                         (", final" if done else "") + (f", not recorded: {not_recorded}" if not_recorded else "")
+                         + ("; exiting" if done else ""))
                 scored, scored_metrics = have, metrics
             refused.flush(time.monotonic())
             if done:
