@@ -269,6 +269,27 @@ def test_a_request_held_at_the_start_barrier_waits_for_it_and_says_why(sim, capl
     assert net.now - net.start > HELD_LIMIT_FACTOR * 2.0
 
 
+def test_a_give_up_after_shorter_than_the_heartbeat_period_does_not_give_up_on_a_live_server(sim):
+    """Heartbeats are answered a period apart (2 s by default, and a round trip).  With
+    --give-up-after 2, a sync worker whose push waited for a straggler found 2 s since the last
+    answer between two of them, and gave up ("no usable answer ... for 2 s", exit 1) on a
+    server that answered every heartbeat.  The silence allowed is two periods at least."""
+    client, net = sim(100, give_up_after=2.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.heartbeat_s = 2.0
+    period = 2.05                               # a period and a round trip between two answers
+    answered_at = net.now + 6 * period          # the straggler's gradient arrives
+    client.heard_at = net.now                   # a heartbeat answered as the request went
+
+    def server(sock, timeout_ms):
+        client.heard_at = net.start + int((net.now - net.start) / period) * period
+        if net.now >= answered_at and not sock.inbox:
+            sock.inbox.append(reply_frames(P.TASK, client.seq, {"version": 1, "epoch": 0, "batch": 2, "lease": 3,
+                                                                "held_s": 12.0}))
+    net.on_poll = server
+    assert client.request(P.WORK).type == P.TASK
+    assert_no_busy_wait(net)
+
+
 def test_silence_after_the_server_said_it_is_done_ends_the_request_after_reconnect_s(sim):
     """Once the heartbeats said training is over, a silent server has finished and gone: the
     worker stops after reconnect_s.  Waiting out give_up_after (10 minutes by default)

@@ -336,12 +336,12 @@ class Client:
         P.connect(self.sock, self.endpoint)
 
     def _check_deadlines(self, msg: P.Message, now: float, t0: float, quiet_from: float, limit: float,
-                         malformed: str | None, held_from: float) -> None:
+                         malformed: str | None, held_from: float, silence_limit: float) -> None:
         """ServerUnreachable once the request sent at ``t0`` has waited past a limit with no reply
-        (``quiet_from``: when the server's silence began; ``held_from``: when its holding the
-        request back began to count, after any start barrier; see :meth:`_roundtrip`)."""
-        if now - quiet_from > limit:
-            raise ServerUnreachable(f"no usable answer from {self.endpoint} for {limit:g} s"
+        (``quiet_from``: when the server's silence began, allowed ``silence_limit``; ``held_from``:
+        when its holding the request back began to count, after any start barrier; see :meth:`_roundtrip`)."""
+        if now - quiet_from > silence_limit:
+            raise ServerUnreachable(f"no usable answer from {self.endpoint} for {silence_limit:g} s"
                                     + (f"; its last reply was malformed: {malformed}" if malformed else ""))
         if now - held_from > HELD_LIMIT_FACTOR * limit:
             raise ServerUnreachable(f"{self.endpoint} answered heartbeats but held our {msg.type} request "
@@ -365,6 +365,12 @@ class Client:
 
         def quiet_from() -> float:
             return max(t0, self.heard_at, resumed_at)
+
+        def silence_limit() -> float:
+            # Answered heartbeats come a period (and a round trip) apart: a shorter limit gave up
+            # on a live server between two of them (--give-up-after 2 with the default 2 s
+            # period: a sync worker waiting for a straggler exited 1).
+            return max(limit, 2 * self.heartbeat_s) if self.heard_at else limit
         backoff = self.resend_s
         sent_at = t0
         malformed = None                    # the last reply we could not decode: "no answer" would mislead
@@ -393,7 +399,7 @@ class Client:
                     if at_barrier or was_at_barrier:    # (lifted since the last look: the hold counts from now)
                         barrier_seen_at = time.monotonic()
                     now = time.monotonic()      # the status took a moment: not a stall of ours
-                self._check_deadlines(msg, now, t0, quiet_from(), limit, malformed, held_from())
+                self._check_deadlines(msg, now, t0, quiet_from(), limit, malformed, held_from(), silence_limit())
                 if now - held_from() > limit and not held_logged:
                     held_logged = True
                     log.warning("the server holds our %s request back (%.0f s so far) while it answers "
@@ -401,7 +407,7 @@ class Client:
                                 HELD_LIMIT_FACTOR * limit)
             # Until the next resend, but never past the moment we would give up: a backoff
             # of max_backoff_s would otherwise make the give-up that much late.
-            wait = max(0.0, min(sent_at + backoff, quiet_from() + limit) - now)
+            wait = max(0.0, min(sent_at + backoff, quiet_from() + silence_limit()) - now)
             ready = self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN)
             stalled = time.monotonic() - (now + wait)
             if stalled > STALL_S:
