@@ -409,8 +409,12 @@ def test_overlap_makes_a_worker_hold_two_leases_in_async_mode_only(fake, mode, f
     # two, not more (each is a version staler); and a sync round (or an ssp clock) counts one
     # batch per worker: a second lease would wait for ever
     server = fake(hello=[welcome(run={**RUN, "mode": mode})], work=[task(), task(batch=1), STOP], push=[STOP])
-    clean_exit(pscnn("worker", server.endpoint, "--overlap"))
+    proc = pscnn("worker", server.endpoint, "--overlap")
+    clean_exit(proc)
     assert [m.type for m in server.received if m.type in (P.WORK, P.PUSH)][:3] == first
+    # the warning says what the worker does instead (it said only that the flag does not apply)
+    assert ("--overlap applies to async mode only; the server runs sync: computing one batch at a time"
+            in proc.stderr) == (mode == "sync"), proc.stderr
 
 
 def test_a_worker_gives_up_after_its_give_up_after(fake):

@@ -500,7 +500,7 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
         trainer.setup(welcome)
         overlapped = overlap and trainer.run.get("mode") == "async"
         if overlap and not overlapped:
-            log.warning("--overlap applies to async mode only; the server runs %s",
+            log.warning("--overlap applies to async mode only; the server runs %s: computing one batch at a time",
                         P.one_line(trainer.run.get("mode")))
         return trainer.loop_overlapped() if overlapped else trainer.loop()
     except ServerUnreachable as exc:
