@@ -290,6 +290,23 @@ def test_a_give_up_after_shorter_than_the_heartbeat_period_does_not_give_up_on_a
     assert_no_busy_wait(net)
 
 
+def test_a_request_sent_before_the_first_heartbeat_answer_waits_for_it(sim):
+    """The first heartbeat goes a period after the welcome: a request held from the start (the
+    start barrier) with a --give-up-after shorter than that gave up before any heartbeat could
+    be answered.  With heartbeats on, the silence allowed is two periods from the start too."""
+    client, net = sim(100, give_up_after=0.5, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.heartbeat_s = 2.0
+    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None)     # heartbeats on (their thread)
+
+    def server(sock, timeout_ms):
+        if net.now - net.start >= 2.0:
+            client.heard_at = net.now           # the first heartbeat answered, a period in
+        if net.now - net.start >= 3.0 and not sock.inbox:
+            sock.inbox.append(reply_frames(P.WAIT, client.seq, {"retry_s": 0.05, "held_s": 3.0, "reason": "test"}))
+    net.on_poll = server
+    assert client.request(P.WORK).type == P.WAIT
+
+
 def test_silence_after_the_server_said_it_is_done_ends_the_request_after_reconnect_s(sim):
     """Once the heartbeats said training is over, a silent server has finished and gone: the
     worker stops after reconnect_s.  Waiting out give_up_after (10 minutes by default)

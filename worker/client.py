@@ -370,7 +370,7 @@ class Client:
             # Answered heartbeats come a period (and a round trip) apart: a shorter limit gave up
             # on a live server between two of them (--give-up-after 2 with the default 2 s
             # period: a sync worker waiting for a straggler exited 1).
-            return max(limit, 2 * self.heartbeat_s) if self.heard_at else limit
+            return max(limit, 2 * self.heartbeat_s) if self.heard_at or self._hb_thread is not None else limit
         backoff = self.resend_s
         sent_at = t0
         malformed = None                    # the last reply we could not decode: "no answer" would mislead
