@@ -599,6 +599,20 @@ def test_a_request_held_at_the_start_barrier_outlasts_the_held_limit(fake, caplo
     assert said and "once 2 trainers ask for it (1 ready now)" in said[0], caplog.text
 
 
+@pytest.mark.parametrize("held", ["held back", "told to wait"])
+def test_a_worker_that_gives_up_on_a_server_still_answering_says_goodbye(fake, held):
+    """A trainer given up on a server that answers heartbeats but holds its request back (or
+    answers only "wait") for ten times --give-up-after exited without a word to it: the server
+    kept its lease, and counted it in a sync round, until its --peer-timeout.  It says goodbye
+    (exit status 1 all the same)."""
+    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE] if held == "held back" else [wait(0.0)])
+    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", "worker", "--server", server.endpoint,
+                           "--give-up-after", "0.1", "--compute-ms", "0"],
+                          capture_output=True, text=True, timeout=90, env=child_env(), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [m.body["reason"] for m in server.of_type(P.BYE)] == ["gave up waiting for an answer"], proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("answer", [lambda: P.error("unknown_worker", "who?"), lambda: [b"garbage"],
                                     lambda: P.Message(P.ACK)], ids=["error", "garbage", "ack"])
 def test_heartbeats_answered_with_anything_but_a_heartbeat_are_no_answer(fake, answer):

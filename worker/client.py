@@ -91,7 +91,13 @@ HELD_LIMIT_FACTOR = 10
 
 class ServerUnreachable(Exception):
     """No answer from the server for ``give_up_after`` seconds (or, once it said
-    training is over, for ``reconnect_s``)."""
+    training is over, for ``reconnect_s``).  ``answering``: the server still answers
+    heartbeats, but held our request back (or said only "wait") for too long: it
+    hears a goodbye."""
+
+    def __init__(self, message: str, answering: bool = False):
+        super().__init__(message)
+        self.answering = answering
 
 
 class ServerError(PscnnError):
@@ -345,7 +351,7 @@ class Client:
                                     + (f"; its last reply was malformed: {malformed}" if malformed else ""))
         if now - held_from > HELD_LIMIT_FACTOR * limit:
             raise ServerUnreachable(f"{self.endpoint} answered heartbeats but held our {msg.type} request "
-                                    f"back for {now - held_from:.0f} s")
+                                    f"back for {now - held_from:.0f} s", answering=True)
         if self.server_done.is_set() and now - t0 > self.reconnect_s:
             raise ServerUnreachable(f"the server finished training and stopped answering ({self.endpoint})")
 
@@ -579,8 +585,11 @@ class Pending:
 
 
 def exit_status_unreachable(client: Client, exc: ServerUnreachable, logger) -> int:
-    """Close ``client`` after the server went silent: 0 if it had said training was over."""
-    client.close()
+    """Close ``client`` after the server went silent: 0 if it had said training was over.
+
+    A server that still answers is told we leave: it hands our lease out, and stops counting us
+    in a sync round, at once, not after its --peer-timeout."""
+    client.close(say_bye=exc.answering, reason="gave up waiting for an answer")
     if client.server_done.is_set():
         logger.info("%s; exiting", exc)
         return 0

@@ -269,7 +269,7 @@ class Trainer:
             return
         if self._waited_s > HELD_LIMIT_FACTOR * self.client.give_up_after:
             raise ServerUnreachable(f"{self.client.endpoint} answered every request with 'wait' for "
-                                    f"{self._waited_s:.0f} s")
+                                    f"{self._waited_s:.0f} s", answering=True)
         self._waited_s += self.client.last_rtt_s + retry_delay(reply)
 
     def _failed(self, failures: FailureStreak, exc: Exception, push: P.Message | None, then: str) -> None:
