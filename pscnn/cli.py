@@ -455,7 +455,10 @@ def add_client_flags(p: argparse.ArgumentParser, role: str) -> None:
     g.add_argument("--name", type=_name, default=None,
                    help=f"a readable id for logs (default: {role}-HOST-PID, e.g. {role}-myhost-4242)")
     g.add_argument("--give-up-after", type=positive_float, default=600.0,
-                   help="exit with status 1 after this many seconds without reaching the server (default: 600)")
+                   help="exit with status 1 after this many seconds without reaching the server"
+                        + ("; a request it holds back while it answers (a sync round), after ten times that, but "
+                           "not while its start barrier (--wait-for-workers) holds, which its --start-timeout "
+                           "bounds" if role == "trainer" else "") + " (default: 600)")
     g.add_argument("--keys", type=_path, default=None, metavar="FOLDER", help=CLIENT_KEYS_HELP)
 
 

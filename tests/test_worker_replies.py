@@ -550,6 +550,18 @@ def test_a_periodic_report_the_server_did_not_record_is_said_so(fake, evaluator,
                      caplog.text), caplog.text
 
 
+def test_the_give_up_after_help_says_how_a_held_request_is_bounded(capsys):
+    """The help said only "after this many seconds without reaching the server": a worker held
+    by a server that answers (a sync round) waits ten times that, and one at the start barrier
+    as long as the barrier holds."""
+    from pscnn.cli import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["worker", "--help"], {})
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("a request it holds back while it answers (a sync round), after ten times that, but not while its "
+            "start barrier (--wait-for-workers) holds, which its --start-timeout bounds (default: 600)") in text
+
+
 def test_the_evaluators_help_says_what_test_limit_0_scores(capsys):
     """--test-limit 0 scores the run's test set (the server's --test-limit), not all 10,000 images
     as the help said."""
