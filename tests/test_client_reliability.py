@@ -383,6 +383,25 @@ def test_goodbye_to_a_silent_server_is_given_up_after_two_seconds(sim):
     assert client.sock is None and all(sock.closed for sock in net.sockets)
 
 
+def test_goodbye_to_a_server_that_answers_heartbeats_only_is_given_up_without_a_word(sim, caplog):
+    """An evaluator's goodbye after its final report, while the server wrote the run's results
+    (answering heartbeats, not yet the goodbye), logged "WARNING the server holds our bye request
+    back (2 s so far) ..." then "no answer ... for 3.0 s; reconnecting ... (for up to 2 s)", the
+    last lines of its log.  A goodbye is given up after its two seconds, quietly."""
+    client, net = sim(100, give_up_after=600.0)
+    client.heartbeat_s = 2.0
+    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None)     # heartbeats on (their thread)
+
+    def heartbeats_answered(sock, timeout_ms):
+        client.heard_at = net.now
+    net.on_poll = heartbeats_answered
+    client._open()
+    with caplog.at_level(logging.INFO, logger="pscnn.client"):
+        client.close(say_bye=True, reason="final evaluation sent")
+    assert not caplog.records, caplog.text
+    assert 2.0 < net.now - net.start < 2.1
+
+
 # ================================================================ heartbeats
 
 def test_the_heartbeat_answer_is_awaited_in_short_slices(sim):

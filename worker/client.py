@@ -362,6 +362,9 @@ class Client:
         ``sent``: (frames, time) of a message already sent once (:meth:`submit`).
         """
         limit = self.give_up_after if give_up_after is None else give_up_after
+        # A given limit is a goodbye's (close()): short, and given up without a word; the server
+        # may be writing its results, or gone, and no line about it helps the user.
+        parting = give_up_after is not None
         frames, t0 = sent if sent is not None else self._send_first(msg)
         # The server's silence runs from the request, the last answered heartbeat (a server that
         # answers those is alive and holds the request back on purpose, up to a point), or the end
@@ -370,13 +373,17 @@ class Client:
         resumed_at = 0.0
 
         def quiet_from() -> float:
+            if parting:             # its two seconds are the whole wait: heartbeats answered do not extend it
+                return max(t0, resumed_at)
             return max(t0, self.heard_at, resumed_at)
 
         def silence_limit() -> float:
             # Answered heartbeats come a period (and a round trip) apart: a shorter limit gave up
             # on a live server between two of them (--give-up-after 2 with the default 2 s
             # period: a sync worker waiting for a straggler exited 1).
-            return max(limit, 2 * self.heartbeat_s) if self.heard_at or self._hb_thread is not None else limit
+            if parting or not (self.heard_at or self._hb_thread is not None):
+                return limit
+            return max(limit, 2 * self.heartbeat_s)
         backoff = self.resend_s
         sent_at = t0
         malformed = None                    # the last reply we could not decode: "no answer" would mislead
@@ -398,7 +405,7 @@ class Client:
                 # reconnect's wait (or give_up_after, if shorter: before the warning below), then
                 # every give_up_after, so the log says why we wait, and the held limit does not
                 # cut short a barrier the server's --start-timeout bounds.
-                if self.heard_at > t0 and now - t0 >= min(self.reconnect_s, limit) and \
+                if not parting and self.heard_at > t0 and now - t0 >= min(self.reconnect_s, limit) and \
                         (barrier_asked_at is None or now - barrier_asked_at >= limit):
                     barrier_asked_at = now
                     was_at_barrier, at_barrier = at_barrier, self._at_start_barrier(msg, now - t0)
@@ -406,7 +413,7 @@ class Client:
                         barrier_seen_at = time.monotonic()
                     now = time.monotonic()      # the status took a moment: not a stall of ours
                 self._check_deadlines(msg, now, t0, quiet_from(), limit, malformed, held_from(), silence_limit())
-                if now - held_from() > limit and not held_logged:
+                if now - held_from() > limit and not held_logged and not parting:
                     held_logged = True
                     log.warning("the server holds our %s request back (%.0f s so far) while it answers "
                                 "heartbeats; waiting up to %g s in all", msg.type, now - held_from(),
@@ -439,7 +446,7 @@ class Client:
             now = time.monotonic()
             if now - sent_at >= backoff:
                 if now - quiet_from() >= self.reconnect_s:
-                    if reconnects:
+                    if reconnects or parting:
                         log.debug("no answer from %s for %.1f s; reconnecting again", self.endpoint, now - t0)
                     else:
                         log.info("no answer from %s for %.1f s; reconnecting, and again up to %g s apart until "
