@@ -317,7 +317,10 @@ def test_the_readme_names_every_field_of_pscnn_status(tmp_path):
 
 # Another command's flag a help names on purpose: (command, flag).
 OTHER_COMMANDS_FLAGS = {("server", "--workers"),     # "pscnn run: its --workers"
-                        ("keys", "--keys")}           # "FOLDER/server for pscnn server --keys"
+                        ("keys", "--keys"),           # "FOLDER/server for pscnn server --keys"
+                        # --give-up-after: "not while its start barrier (--wait-for-workers) holds,
+                        # which its --start-timeout bounds" (the server's)
+                        ("worker", "--wait-for-workers"), ("worker", "--start-timeout")}
 
 
 def test_each_commands_help_names_only_flags_it_has():
