@@ -17,6 +17,7 @@ from cnn_core.gradcheck import gradcheck_layer
 from cnn_core.im2col import col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, pad_nhwc
 from cnn_core.layers import (ELU, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D, ReLU,
                              Residual, SiLU)
+from cnn_core.rng import uniform
 
 F64 = np.float64
 TOL = 1e-6
@@ -62,6 +63,8 @@ CONV_CASES = [
     ((6, 6, 5), 3, 3, 1, 1),
     ((5, 6, 4), 2, (3, 2), 1, (1, 2)),   # padding == kernel width
     ((5, 5, 4), 2, 1, 1, 1),             # 1x1 kernel with padding
+    ((7, 9, 2), 3, 3, (1, 2), (0, 1)),   # stride 1 along H only (not the stride-1 path), padding along W only
+    ((3, 5, 2), 2, 3, 1, 0),             # kernel as tall as the input: one output row per kernel row
 ]
 
 
@@ -289,6 +292,12 @@ def test_dense_he_init_statistics():
     assert np.all(layer.parameters["bias"] == 0)
 
 
+def test_dense_init_scale_multiplies_the_he_weights():
+    plain = built(Dense(4), (6,), seed=3).parameters["weight"]
+    scaled = built(Dense(4, init_scale=0.1), (6,), seed=3, dtype=np.dtype(F64)).parameters["weight"]
+    np.testing.assert_array_equal(scaled, plain * 0.1)
+
+
 def test_dense_needs_flat_input():
     with pytest.raises(SpecError, match="flatten"):
         built(Dense(3), (4, 4, 1))
@@ -303,6 +312,7 @@ def test_dense_needs_flat_input():
     ((8, 7, 2), 3, 3),           # disjoint, not divisible: leftover rows and a column
     ((7, 8, 1), 2, 3),           # stride > kernel: gaps between windows
     ((6, 7, 2), (3, 2), (2, 1)),  # non-square, overlapping along W
+    ((6, 7, 2), 2, (2, 1)),       # overlapping along W only: disjoint along H
 ])
 def test_maxpool_gradcheck(in_shape, kernel, stride):
     rng = np.random.default_rng(4)
@@ -499,6 +509,17 @@ def test_dropout_train_mask_scaling_and_backward():
     np.testing.assert_allclose(dx, np.where(kept, dout / (1 - p), 0.0), rtol=1e-15)
 
 
+def test_dropout_keeps_a_unit_whose_draw_equals_p():
+    # The documented mask is uniform(key, k) >= p: a draw exactly at p is kept.
+    layer = built(Dropout(0.5), (64,), seed=11)
+    draws = uniform(np, layer.key, 0, (1, 64), np.float64)
+    p = float(np.median(draws[0, :63]))          # 63 distinct values: the median is one of them
+    layer.p = p
+    out, mask = layer.forward(np.ones((1, 64)), train=True)
+    np.testing.assert_array_equal(mask, np.where(draws >= p, 1.0 / (1.0 - p), 0.0))
+    assert out[draws == p].tolist() == [1.0 / (1.0 - p)]
+
+
 def test_dropout_gradcheck_train_mode():
     layer = built(Dropout(0.4), (3, 4, 2), seed=14)
     x = np.random.default_rng(15).standard_normal((3, 3, 4, 2))
@@ -616,6 +637,13 @@ def test_batchnorm_eval_uses_running_stats():
     np.testing.assert_allclose(layer.forward(x[:1], train=False)[0], out[:1], rtol=1e-14)
     with pytest.raises(ShapeError, match="evaluation-mode"):
         layer.backward(np.ones_like(out), cache)
+
+
+def test_batchnorm_refuses_any_negative_running_variance():
+    layer = BatchNorm2D()
+    assert "negative variance" in layer.state_problem("running_var", np.array([1.0, -1e-3]))
+    assert layer.state_problem("running_var", np.array([1.0, 0.0])) is None
+    assert layer.state_problem("running_mean", np.array([-5.0])) is None
 
 
 def test_batchnorm_needs_image_input():
