@@ -164,6 +164,13 @@ def test_adamw_decay_is_not_rescaled_like_l2():
 
 
 # ---------------------------------------------------------------------- regularization
+def test_adamw_decay_uses_the_scheduled_lr():
+    # torch.optim.AdamW decays by the rate of this step: during warm-up, lr * (k / 2) for step k.
+    zeros = [[0.0, 0.0]] * 2
+    hist = run(AdamW(lr=0.1, weight_decay=0.5, schedule={"name": "constant", "warmup_steps": 2}), grads=zeros)
+    assert_history(hist, [[0.975, -1.95], [0.975 * 0.95, -1.95 * 0.95]])
+
+
 def test_l2_and_l1_are_added_to_the_gradient():
     w0, g = [1.0, -2.0, 0.0], [[0.5, -1.0, 0.25]]
     # g' = g + l2 w + l1 sign(w); sign(0) = 0 so a zero weight gets no L1 push.
@@ -280,6 +287,14 @@ def test_step_rejects_a_bad_schedule_steps_before_updating():
     np.testing.assert_array_equal(params["w"], 1.0)
     assert opt.step(params, {"w": np.ones(2)}, schedule_steps=np.int64(3)) == 0.1
     assert opt.t == 3 and type(opt.t) is int and opt.current_lr() == 0.05
+
+
+def test_step_with_schedule_steps_0_updates_without_moving_the_schedule():
+    opt = SGD(lr=0.1, schedule={"name": "step", "step_size": 1, "gamma": 0.5})
+    params = {"w": np.ones(2)}
+    assert opt.step(params, {"w": np.ones(2)}, schedule_steps=0) == 0.1
+    assert opt.t == 0 and opt.current_lr() == 0.1
+    np.testing.assert_allclose(params["w"], 0.9)
 
 
 def test_step_rejects_a_parameter_that_changed_shape():
@@ -415,6 +430,36 @@ def test_flat_update_with_disagreeing_per_parameter_counters_equals_the_per_name
     assert opt_a.state["a"]["step"] == 2 and opt_a.state["b"]["step"] == 6
 
 
+@pytest.mark.parametrize("counters_agree", [True, False])
+def test_step_copy_to_receives_the_updated_weights(counters_agree, monkeypatch):
+    # Disagreeing Adam counters (a hand-edited state) take the name-by-name path, which copies at the end.
+    monkeypatch.setattr(Optimizer, "FLAT_BLOCK", 5)
+    rng = np.random.default_rng(6)
+    flat = FlatArrays.pack({"a": rng.standard_normal(4), "b": rng.standard_normal((2, 3))})
+    opt = Adam(lr=0.01)
+    if not counters_agree:
+        sd = {"t": np.array(1, dtype=np.int64), "step/a": np.array(1, dtype=np.int64),
+              "step/b": np.array(2, dtype=np.int64), "m/a": np.zeros(4), "v/a": np.zeros(4),
+              "m/b": np.zeros((2, 3)), "v/b": np.zeros((2, 3))}
+        opt.load_state_dict(sd, params=flat)
+    copy = np.full(flat.flat.size + 3, -7.0)
+    opt.step(flat, FlatArrays.pack({"a": np.ones(4), "b": np.ones((2, 3))}), copy_to=copy)
+    assert not np.array_equal(flat.flat[:4], np.zeros(4))
+    np.testing.assert_array_equal(copy[:flat.flat.size], flat.flat)
+    np.testing.assert_array_equal(copy[flat.flat.size:], -7.0)        # past the weights: untouched
+
+
+def test_step_copy_to_needs_flat_params_and_a_long_enough_1d_array():
+    flat = FlatArrays.pack({"w": np.ones(3)})
+    opt = SGD(lr=0.1)
+    for params, grads, copy in (({"w": np.ones(3)}, {"w": np.ones(3)}, np.empty(3)),
+                                (flat, FlatArrays.pack({"w": np.ones(3)}), np.empty(2)),
+                                (flat, FlatArrays.pack({"w": np.ones(3)}), np.empty((3, 1)))):
+        with pytest.raises(ShapeError, match="copy_to needs flat params and a 1-d array at least as long"):
+            opt.step(params, grads, copy_to=copy)
+    assert opt.t == 0
+
+
 def test_flat_update_rejects_state_of_another_shape():
     params = FlatArrays.pack({"w": np.ones(3)})
     opt = SGD(lr=0.1, momentum=0.9)
@@ -472,6 +517,15 @@ def test_state_loaded_without_params_for_some_parameters_only_is_refused_on_the_
     for k, v in before.items():
         np.testing.assert_array_equal(params[k], v)
     assert b.t == 1
+
+
+def test_load_state_dict_of_only_t_is_a_fresh_start_at_that_step():
+    params = {"w": np.ones(3)}
+    opt = Adam(lr=0.1)
+    opt.load_state_dict({"t": np.array(5, dtype=np.int64)}, params=params)
+    assert opt.t == 5 and opt.state == {}
+    opt.step(params, {"w": np.ones(3)})
+    assert opt.t == 6 and opt.state["w"]["step"] == 1
 
 
 def test_load_state_dict_copies_the_callers_arrays():
@@ -581,6 +635,9 @@ def test_build_optimizer_overrides_and_defaults():
     assert isinstance(opt, AdamW) and opt.lr == 3e-4 and opt.weight_decay == 0.05 and opt.beta2 == 0.999
     opt = build_optimizer({"name": "sgd", "lr": 0.5}, lr=0.1, momentum=0.5)
     assert opt.lr == 0.1 and opt.momentum == 0.5
+    # torch's defaults (RMSprop alpha, AdamW weight_decay), and --weight-decay's documented one
+    assert build_optimizer("rmsprop").rho == 0.99 and build_optimizer("adamw").weight_decay == 0.01
+    assert type(build_optimizer("AdamW")) is AdamW          # names are case-insensitive
 
 
 @pytest.mark.parametrize("args, message", [
@@ -622,6 +679,8 @@ def test_constant_and_step_schedules():
     assert isinstance(const, ConstantSchedule) and [const(s) for s in (0, 1, 10 ** 6)] == [0.1] * 3
     step = build_schedule({"name": "step", "step_size": 10, "gamma": 0.5}, 0.1)
     assert [step(s) for s in (0, 9, 10, 19, 20, 25, 30)] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]
+    tenfold = build_schedule({"name": "step", "step_size": 10}, 1.0)     # gamma 0.1 unless given
+    assert [tenfold(s) for s in (9, 10, 20)] == pytest.approx([1.0, 0.1, 0.01])
 
 
 def test_cosine_schedule():
@@ -643,6 +702,12 @@ def test_warmup_wraps_any_schedule():
     assert [warm_step(s) for s in range(6)] == pytest.approx([0.05, 0.1, 0.075, 0.1, 0.05, 0.05])
     warm_cos = build_schedule({"name": "cosine", "total_steps": 10, "warmup_steps": 2}, 1.0)
     assert warm_cos(0) == pytest.approx(0.5) and warm_cos(5) == pytest.approx(0.5) and warm_cos(10) == 0.0
+
+
+def test_warmup_does_not_wrap_a_warmup():
+    warm = build_schedule({"name": "constant", "warmup_steps": 4}, 0.1)
+    with pytest.raises(ConfigError, match="warm-up must wrap a constant, step or cosine schedule"):
+        WarmupSchedule(warm, 2)
 
 
 @pytest.mark.parametrize("config", [
