@@ -187,6 +187,7 @@ def _write_zip(path, members):
     ({"__meta__.npy": np.frombuffer(b"[1, 2]", dtype=np.uint8)}, "__meta__ must be a JSON object"),
     ({"__meta__.npy": np.frombuffer(b"[" * 100_000, dtype=np.uint8)}, "__meta__ nests maps and lists too deep"),
     ({"__meta__.npy": np.zeros(3, dtype=np.float32)}, "__meta__ must be a 1-d uint8 array"),
+    ({"__meta__.npy": np.frombuffer(b"{}{}", dtype=np.uint8).reshape(2, 2)}, "__meta__ must be a 1-d uint8 array"),
     ({"__meta__.npy": np.frombuffer(b"{}", dtype=np.uint8), "w.npy": "object-array"},
      "array w holds Python objects"),
     ({"__meta__.npy": np.frombuffer(b"{}", dtype=np.uint8), "notes.txt": b"hi"}, "unexpected member 'notes.txt'"),
@@ -447,6 +448,11 @@ def test_optimizer_kind_mismatch(tmp_path, trained):
     ({"step": True}, "meta field 'step' must be an int >= 0, got True"),
     ({"metrics": [0.9]}, r"meta field 'metrics' must be an object, got \[0.9\]"),
     ({"extra": None}, "meta field 'extra' must be an object, got None"),
+    ({"optimizer": {"name": 3}},
+     r"meta field 'optimizer' must be null or an object with a 'name' string, got \{'name': 3\}"),
+    ({"dtype": 32}, "meta field 'dtype' must be a string, got 32"),
+    # a hand-edited value is quoted cut to 60 characters, so the error stays one short line
+    ({"step": "9" * 100}, r"meta field 'step' must be an int >= 0, got '9{56}\.\.\.$"),
 ])
 def test_bad_meta(tmp_path, trained, change, message):
     model, opt = trained
@@ -455,6 +461,16 @@ def test_bad_meta(tmp_path, trained, change, message):
     arrays, meta = load_checkpoint(path)
     save_checkpoint(path, arrays, {**meta, **change})
     with pytest.raises(CheckpointError, match=f"checkpoint {path}: {message}"):
+        load_model_checkpoint(path)
+
+
+def test_an_array_named_only_by_its_group_is_refused(tmp_path, trained):
+    model, opt = trained
+    path = tmp_path / "m.npz"
+    save_model_checkpoint(path, model, opt)
+    arrays, meta = load_checkpoint(path)
+    save_checkpoint(path, {**arrays, "param/": np.zeros(1, dtype=np.float32)}, meta)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: unexpected array 'param/'"):
         load_model_checkpoint(path)
 
 

@@ -169,6 +169,14 @@ def test_evaluate_hand_computed_with_batches():
     assert type(result["confusion_matrix"][0][0]) is int
 
 
+def test_evaluate_calls_between_batches_after_each_batch():
+    model = FixedLogits(np.eye(3)[Y_PRED])
+    seen = []
+    evaluate(model, np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1), Y_TRUE, batch_size=3,
+             between_batches=lambda: seen.append(len(model.batches)))
+    assert seen == [1, 2, 3]
+
+
 def test_evaluate_real_model_matches_direct_computation():
     model = build_model("light", seed=0)
     rng = np.random.default_rng(0)
@@ -243,6 +251,12 @@ def test_time_to_accuracy_counts_numpy_accuracies():
                                          "0.99": {"seconds": 2.0, "version": 20}}
 
 
+def test_time_to_accuracy_skips_an_infinite_accuracy():
+    history = [{"seconds": 1.0, "version": 10, "test_accuracy": math.inf},
+               {"seconds": 2.0, "version": 20, "test_accuracy": 0.92}]
+    assert time_to_accuracy(history) == {"0.9": {"seconds": 2.0, "version": 20}}
+
+
 def _week_of_evaluations(count: int, seed: int = 0) -> list[dict]:
     """``count`` records as a server's history holds them: one per 10 s, each timed when its weights
     were pulled (a slower second evaluator's come in late: seconds out of order), accuracy climbing
@@ -296,3 +310,26 @@ def test_a_history_of_ever_better_reports_is_bounded_and_keeps_its_time_to_accur
     thinned = thin_evaluations(full, cap=200, newest=20)
     assert len(thinned) <= 200 and thinned[-20:] == full[-20:]
     assert time_to_accuracy(thinned) == time_to_accuracy(full) != {}
+
+
+def _records(seconds, accuracies, finals=()):
+    return [{"seconds": float(s), "version": i, "test_accuracy": a, "final": i in finals}
+            for i, (s, a) in enumerate(zip(seconds, accuracies, strict=True))]
+
+
+def test_a_thinned_history_keeps_a_final_record_that_is_neither_newest_nor_best():
+    # A final evaluation (of a run that was resumed since) is kept wherever it lies.
+    full = _records(range(10), [0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], finals=(3,))
+    assert [e["version"] for e in thin_evaluations(full, cap=3, newest=1)] == [0, 3, 9]
+
+
+def test_a_thinned_history_keeps_every_best_when_the_bests_exactly_fit():
+    # bests 0-3 fill the room the newest leaves; 2 and 1 share a second, yet both stay.
+    full = _records([0, 1, 1, 2, 0.5, 4], [0.1, 0.2, 0.3, 0.4, 0.05, 0.04])
+    assert [e["version"] for e in thin_evaluations(full, cap=5, newest=1)] == [0, 1, 2, 3, 5]
+
+
+def test_a_thinned_history_does_not_count_a_tie_as_a_new_best():
+    full = _records(range(6), [0.5, 0.5, 0.5, 0.5, 0.5, 0.1])
+    # only record 0 set a best: of the ties, the spread keeps the earliest
+    assert [e["version"] for e in thin_evaluations(full, cap=3, newest=1)] == [0, 1, 5]
