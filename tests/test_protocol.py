@@ -724,7 +724,7 @@ def test_one_line_stays_within_its_limit_when_escapes_lengthen_a_short_text():
 def test_encode_refuses_a_flat_arrays_buffer_of_a_dtype_the_protocol_lacks():
     """A FlatArrays goes out as its buffer; its dtype is checked like any other array's."""
     flat = FlatArrays.pack({"w": np.ones(3, np.float16)})
-    with pytest.raises(P.ProtocolError, match="float16"):
+    with pytest.raises(P.ProtocolError, match=r"^arrays: dtype float16 is not one of \('float32'"):
         P.encode(P.Message(P.ACK, arrays=flat))
 
 
@@ -773,3 +773,22 @@ def test_encode_refuses_arrays_that_decode_would_refuse(arrays, error):
     receiver's error reply (or a dropped message) later."""
     with pytest.raises(P.ProtocolError, match=error):
         P.encode(P.Message(P.ACK, arrays=arrays))
+
+
+def test_a_task_carries_the_ack_of_the_push_it_answers():
+    ack = {"seq": 7, "applied": True}
+    msg = P.decode(P.encode(P.task(3, 0, 1, 9, 0.5, ack=ack)))
+    assert msg.type == P.TASK and msg.body["ack"] == ack
+    assert "ack" not in P.decode(P.encode(P.task(3, 0, 1, 9, 0.5))).body
+
+
+def test_model_layout_is_the_parameters_then_the_state():
+    from cnn_core.model import build_model
+    model = build_model({"input_shape": [1, 4, 4], "layers": [
+        {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3},
+        {"type": "batchnorm2d", "name": "bn1"}, {"type": "flatten"},
+        {"type": "dense", "name": "fc1", "units": 3}]})
+    assert P.model_layout(model) == (("conv1.weight", (2, 1, 3, 3)), ("conv1.bias", (2,)),
+                                     ("bn1.weight", (2,)), ("bn1.bias", (2,)),
+                                     ("fc1.weight", (8, 3)), ("fc1.bias", (3,)),
+                                     ("bn1.running_mean", (2,)), ("bn1.running_var", (2,)))

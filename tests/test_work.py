@@ -325,3 +325,31 @@ def test_what_one_worker_holds_is_found_without_walking_every_lease():
     assert q.complete(0, 1000) and q.complete(0, 1001) and q.epoch == 1     # w7's, and w8's handed in
     assert q.held_by("w7") == q.held_by("w1") == []
     assert q.lease("w1", 0.0).batch == 0 and q.held_by("w1") == [0]
+
+
+def test_a_lease_remembers_the_weights_version_it_was_granted_with():
+    q = queue()
+    lease = q.lease("a", 0.0, version=7)
+    assert q.granted_version(lease.lease_id) == 7
+    assert q.granted_version(lease.lease_id + 1) is None
+
+
+def test_postpone_moves_every_deadline_later_by_the_time_given():
+    q = queue(lease_timeout=5.0)
+    lease = q.lease("a", 100.0)
+    q.postpone(3.0)
+    assert lease.deadline == 108.0
+    assert q.expire(107.0) == [] and q.expire(108.5) == [("a", lease.batch)]
+
+
+def test_only_a_batchs_last_grants_per_batch_leases_grant_a_late_push():
+    q = queue()
+    ids = []
+    for _ in range(WorkQueue.GRANTS_PER_BATCH + 1):      # lease batch 0, give it back, again
+        lease = q.lease("a", 0.0)
+        assert lease.batch == 0
+        ids.append(lease.lease_id)
+        q.release(0, 0)
+    assert not q.granted("a", 0, 0, ids[0])
+    assert all(q.granted("a", 0, 0, i) for i in ids[1:])
+    assert len(q.grants) == WorkQueue.GRANTS_PER_BATCH
