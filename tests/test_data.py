@@ -16,6 +16,7 @@ import socket
 import stat
 import threading
 import time
+import urllib.error
 from collections import Counter
 from pathlib import Path
 
@@ -279,6 +280,8 @@ CORRUPTIONS = {
     "header cut in the dims": (GOOD[:10], "truncated IDX header"),
     "data cut short": (GOOD[:-7], "truncated: header declares 3x4x5 (60 data bytes) but only 53 follow"),
     "trailing bytes": (GOOD + b"\x00" * 5, "5 unexpected trailing bytes"),
+    "data one byte short": (GOOD[:-1], "truncated: header declares 3x4x5 (60 data bytes) but only 59 follow"),
+    "one trailing byte": (GOOD + b"\x00", "1 unexpected trailing bytes"),
 }
 
 
@@ -727,6 +730,14 @@ def test_download_backoff_doubles_up_to_a_cap(server, payload, tmp_path, monkeyp
     assert sleeps == [8, 16, data._MAX_BACKOFF_S] == [8, 16, 30]
 
 
+def test_download_retries_a_transfer_that_does_not_decompress(server, payload, tmp_path):
+    # Half a .gz under a Content-Length that matches it: only decompressing shows the cut.
+    gz, digest = payload
+    server.route("/f.gz", (200, gz[:len(gz) // 2]), (200, gz))
+    fetch(server.url("/f.gz"), tmp_path / "f.gz", digest, retries=1)
+    assert server.hits["/f.gz"] == 2 and (tmp_path / "f.gz").read_bytes() == gz
+
+
 def test_download_retries_cut_off_transfer(server, tmp_path):
     # Raw bytes: a cut-off gzip would also fail to decompress, but a cut-off
     # raw file is only caught by comparing with the Content-Length.
@@ -810,6 +821,24 @@ def test_download_from_file_url(tmp_path, payload):
     src.write_bytes(gz)
     fetch(src.parent.as_uri() + "/f.gz", tmp_path / "f.gz", digest)
     assert (tmp_path / "f.gz").read_bytes() == gz
+    # an upper-case md5 is the same digest, and no backoff is a valid choice
+    fetch(src.parent.as_uri() + "/f.gz", tmp_path / "g.gz", digest.upper(), backoff=0)
+    assert (tmp_path / "g.gz").read_bytes() == gz
+
+
+def test_a_local_mirror_file_without_read_permission_is_not_retried():
+    failure = data._network_failure(urllib.error.URLError(PermissionError(13, "Permission denied")), 5)
+    assert failure.reason == "Permission denied" and failure.transient is False
+
+
+def test_a_mirrors_multi_line_reason_is_folded_into_one_line():
+    error = urllib.error.HTTPError("http://127.0.0.1:1/x", 502, "Bad\r\n  Gateway", {}, None)
+    assert data._network_failure(error, 5).reason == "HTTP 502 Bad Gateway"
+
+
+def test_a_download_may_take_what_gzip_adds_to_incompressible_data():
+    # 5 bytes per deflate block, allowed for blocks of 320 bytes (1/64), plus 64 KiB for gzip's header
+    assert data._max_download(64_000) == 64_000 + 1_000 + 65_536
 
 
 def test_concurrent_downloads_into_one_cache(server, payload, tmp_path):
@@ -909,6 +938,14 @@ def test_download_file_validates_arguments(tmp_path):
         fetch([], tmp_path / "x", "0" * 32)
     with pytest.raises(ConfigError, match="retries must be >= 0"):
         fetch("http://127.0.0.1:1/x", tmp_path / "x", "0" * 32, retries=-1)
+    with pytest.raises(ConfigError, match="md5 must be 32 hex digits, got 'ggg"):
+        fetch("http://127.0.0.1:1/x", tmp_path / "x", "g" * 32)
+    for urls in (["http://127.0.0.1:1/x", ""], [None]):
+        with pytest.raises(ConfigError, match="urls must be a non-empty URL or sequence of URLs"):
+            fetch(urls, tmp_path / "x", "0" * 32)
+    with pytest.raises(ConfigError, match="timeout must be > 0 seconds, got 0"):
+        fetch("http://127.0.0.1:1/x", tmp_path / "x", "0" * 32, timeout=0)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.fixture
@@ -1161,3 +1198,4 @@ def test_batch_length_is_each_batchs_size(n, bs):
     sizes = [len(b) for b in data.batch_index(n, bs, seed=0, epoch=0)]
     assert [data.batch_length(n, bs, i) for i in range(len(sizes))] == sizes
     assert data.batch_length(n, bs, len(sizes)) == 0              # past the end: no samples
+    assert data.batches_per_epoch(n, bs) == len(sizes)
