@@ -121,6 +121,29 @@ def test_conv2d_matches_nchw_reference(in_shape, c_out, kernel, stride, padding,
     np.testing.assert_allclose(grads["bias"], rdb, rtol=1e-12, atol=1e-12)
 
 
+def test_conv2d_window_major_input_gradient_with_stride_2(conv_columns):
+    """A stride-2 conv feeding a fused 2x3 pool takes a window-major dout; its dx is the plain one.
+    (In a model such a conv is often the first layer, whose dx is never asked for.)"""
+    rng = np.random.default_rng(7)
+    layer = built(Conv2D(3, 3, stride=2, padding=1), (11, 11, 2))     # 6x6 outputs
+    x = rng.standard_normal((2, 11, 11, 2))
+    dout = rng.standard_normal((2, 6, 6, 3))
+    _, cache = layer.forward(x)
+    dx_plain, _ = layer.backward(dout, cache)
+    layer.pool_windows = (2, 3)
+    _, cache = layer.forward(x)
+    # (n, ho' a, wo' b, o) -> (a, b, n, ho', wo', o), flattened to (a*gw + b, ...)
+    dout_windows = dout.reshape(2, 3, 2, 2, 3, 3).transpose(2, 4, 0, 1, 3, 5).reshape(6, 2, 3, 2, 3)
+    dx_windows, _ = layer.backward(dout_windows, cache)
+    np.testing.assert_allclose(dx_windows, dx_plain, rtol=1e-13, atol=1e-13)
+
+
+def test_layer_specs_keep_every_setting():
+    for layer in (MaxPool2D(3, stride=1), BatchNorm2D(momentum=0.2, eps=1e-3)):
+        rebuilt = type(layer)(**{k: v for k, v in layer.spec().items() if k not in ("type", "name")})
+        assert rebuilt.config() == layer.config() and vars(rebuilt) == vars(layer)
+
+
 def test_conv2d_hand_values():
     """A 1x1-channel 3x3 input with a 2x2 kernel: each output is a hand-summed window."""
     layer = built(Conv2D(1, 2), (3, 3, 1))
@@ -249,6 +272,8 @@ def test_window_major_pool_refuses_a_plain_input():
     assert pool.forward(out)[0].shape == (3, 2, 2, 2)
     with _shape_error(pool, "window-major input", "(4, N, 2, 2, 2)", (3, 4, 4, 2)):
         pool.forward(np.ones((3, 4, 4, 2)))
+    with _shape_error(pool, "window-major input", "(4, N, 2, 2, 2)", (2, 3, 2, 2, 2)):
+        pool.forward(np.ones((2, 3, 2, 2, 2)))          # the windows of another pool size
 
 
 def test_layers_refuse_a_dout_of_the_wrong_shape():
@@ -667,6 +692,19 @@ def test_residual_gradcheck():
     assert set(layer.parameters) == {"conv_a.weight", "conv_a.bias", "conv_b.weight", "conv_b.bias"}
     x = rng.standard_normal((2, 5, 6, 3))
     assert_gradcheck(layer, x, max_entries=None)
+
+
+def test_residual_backward_without_dx_still_runs_its_inner_chain():
+    # As a model's first layer it is asked for no dx, but its inner layers need theirs.
+    rng = np.random.default_rng(24)
+    layer = built(_res_block(), (5, 6, 3))
+    x, dout = rng.standard_normal((2, 5, 6, 3)), rng.standard_normal((2, 5, 6, 3))
+    _, cache = layer.forward(x)
+    _, grads = layer.backward(dout, cache, need_dx=True)
+    _, grads_no_dx = layer.backward(dout, cache, need_dx=False)
+    assert grads_no_dx.keys() == grads.keys()
+    for k in grads:
+        np.testing.assert_array_equal(grads_no_dx[k], grads[k])
 
 
 def test_residual_forward_is_x_plus_inner():
