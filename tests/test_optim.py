@@ -528,6 +528,24 @@ def test_load_state_dict_of_only_t_is_a_fresh_start_at_that_step():
     assert opt.t == 6 and opt.state["w"]["step"] == 1
 
 
+def test_state_loaded_with_params_takes_their_dtype():
+    params = {"w": np.ones(3, dtype=np.float32)}
+    a = Adam(lr=0.1)
+    a.step(params, {"w": np.ones(3, dtype=np.float32)})
+    sd = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in a.state_dict().items()}
+    b = Adam(lr=0.1)
+    b.load_state_dict(sd, params=params)
+    assert b.state["w"]["m"].dtype == b.state["w"]["v"].dtype == np.float32
+
+
+def test_sgd_without_momentum_keeps_no_state_and_a_json_config():
+    opt = SGD(lr=0.1, momentum=np.float32(0.5))
+    assert json.loads(json.dumps(opt.config()))["momentum"] == 0.5
+    plain = SGD(lr=0.1)
+    plain.step({"w": np.ones(2)}, {"w": np.ones(2)})
+    assert set(plain.state_dict()) == {"t"}
+
+
 def test_load_state_dict_copies_the_callers_arrays():
     """The caller may reuse or change the dict it loaded from: the live state must not alias it."""
     params = {"w": np.array([1.0, -2.0, 0.5])}
@@ -573,6 +591,8 @@ def test_load_state_dict_errors():
         (broken(m__w=np.ones(4), v__w=np.ones(4)), r"m/w has shape \(4,\) but the parameter has shape \(3,\)"),
         (broken(m__w=np.ones(4)), "slots of parameter w disagree in shape"),
         (broken(v__b=None), "parameter b lacks 'v'"),
+        (broken(step__b=None), "parameter b lacks 'step'"),
+        ({**good, "m/": np.ones(3)}, "unexpected key 'm/'"),
         ({**good, "velocity/w": np.ones(3)}, "unexpected key 'velocity/w'; expected 't' and 'm/<param>'"),
         ({k: v for k, v in good.items() if not k.endswith("/b")}, "no state for parameter b"),
         ({**good, "m/x": np.ones(1), "v/x": np.ones(1), "step/x": np.array(1)},
@@ -702,6 +722,10 @@ def test_warmup_wraps_any_schedule():
     assert [warm_step(s) for s in range(6)] == pytest.approx([0.05, 0.1, 0.075, 0.1, 0.05, 0.05])
     warm_cos = build_schedule({"name": "cosine", "total_steps": 10, "warmup_steps": 2}, 1.0)
     assert warm_cos(0) == pytest.approx(0.5) and warm_cos(5) == pytest.approx(0.5) and warm_cos(10) == 0.0
+
+
+def test_a_warmed_up_schedule_keeps_its_schedules_name():
+    assert build_schedule({"name": "cosine", "total_steps": 10, "warmup_steps": 2}, 0.1).name == "cosine"
 
 
 def test_warmup_does_not_wrap_a_warmup():
