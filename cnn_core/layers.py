@@ -324,7 +324,7 @@ class Dense(Layer):
     def _init(self, xp, dtype, rng):
         d = self.in_shape[0]
         w = _he_normal(rng, (d, self.units), d, xp, dtype)
-        self.parameters["weight"] = w * dtype.type(self.init_scale) if self.init_scale != 1.0 else w
+        self.parameters["weight"] = w * w.dtype.type(self.init_scale) if self.init_scale != 1.0 else w
         self.parameters["bias"] = xp.zeros(self.units, dtype=dtype)
 
     def forward(self, x, train=True):

@@ -319,7 +319,7 @@ def test_dense_he_init_statistics():
 
 def test_dense_init_scale_multiplies_the_he_weights():
     plain = built(Dense(4), (6,), seed=3).parameters["weight"]
-    scaled = built(Dense(4, init_scale=0.1), (6,), seed=3, dtype=np.dtype(F64)).parameters["weight"]
+    scaled = built(Dense(4, init_scale=0.1), (6,), seed=3).parameters["weight"]     # a NumPy type, not a dtype
     np.testing.assert_array_equal(scaled, plain * 0.1)
 
 
