@@ -464,6 +464,17 @@ def test_bad_meta(tmp_path, trained, change, message):
         load_model_checkpoint(path)
 
 
+def test_a_meta_without_dtype_builds_a_float32_model(tmp_path):
+    model = build_model(BN_SPEC, seed=3, dtype="float64")
+    path = tmp_path / "m.npz"
+    save_model_checkpoint(path, model)
+    arrays, meta = load_checkpoint(path)
+    del meta["dtype"]
+    save_checkpoint(path, arrays, meta)
+    loaded, _, _ = load_model_checkpoint(path)
+    assert loaded.dtype == np.float32 and loaded.params["fc1.weight"].dtype == np.float32
+
+
 def test_an_array_named_only_by_its_group_is_refused(tmp_path, trained):
     model, opt = trained
     path = tmp_path / "m.npz"

@@ -792,3 +792,25 @@ def test_model_layout_is_the_parameters_then_the_state():
                                      ("bn1.weight", (2,)), ("bn1.bias", (2,)),
                                      ("fc1.weight", (8, 3)), ("fc1.bias", (3,)),
                                      ("bn1.running_mean", (2,)), ("bn1.running_var", (2,)))
+
+
+def test_send_with_a_routing_id_reaches_the_peer_it_names(request):
+    ctx = zmq.Context.instance()
+    router, dealers = ctx.socket(zmq.ROUTER), [ctx.socket(zmq.DEALER) for _ in range(2)]
+    try:
+        address = f"inproc://test-protocol-{request.node.name}"
+        router.bind(address)
+        for i, dealer in enumerate(dealers):
+            dealer.setsockopt(zmq.ROUTING_ID, b"d%d" % i)
+            dealer.connect(address)
+        P.send(dealers[1], P.Message(P.WORK, seq=4))
+        assert router.poll(5000)
+        frames, count = P.recv_message(router, routed=True)
+        assert count == 2 and frames[0].bytes == b"d1" and P.decode(frames[1:]).seq == 4
+        P.send(router, P.Message(P.ACK, seq=4), routing_id=frames[0].bytes)
+        assert dealers[1].poll(5000)
+        assert P.decode_message(*P.recv_message(dealers[1])).seq == 4
+        assert not dealers[0].poll(0)
+    finally:
+        for sock in (router, *dealers):
+            sock.close(linger=0)
