@@ -467,6 +467,12 @@ def test_flat_update_rejects_state_of_another_shape():
     with pytest.raises(ShapeError, match=r"parameter w has shape \(3,\) but its optimizer state has shape \(4,\)"):
         opt.step(params, FlatArrays.pack({"w": np.ones(3)}))
     np.testing.assert_array_equal(params["w"], 1.0)
+    # The same after a flat step: the state is then a view of the optimizer's flat buffer.
+    opt = SGD(lr=0.1, momentum=0.9)
+    opt.step(FlatArrays.pack({"w": np.ones(4)}), FlatArrays.pack({"w": np.ones(4)}))
+    with pytest.raises(ShapeError, match=r"parameter w has shape \(3,\) but its optimizer state has shape \(4,\)"):
+        opt.step(params, FlatArrays.pack({"w": np.ones(3)}))
+    np.testing.assert_array_equal(params["w"], 1.0)
 
 
 def test_state_dict_layout():
