@@ -114,9 +114,13 @@ class LocalCluster:
     Each child stops (SIGTERM) when the process that started it dies: see
     :func:`pscnn.cli.stop_with_launcher`."""
 
-    def __init__(self, out: str | Path, port: int | None = None, threads: int = 1, keys: str | Path | None = None):
+    def __init__(self, out: str | Path, port: int | None = None, threads: int = 1, keys: str | Path | None = None,
+                 peer_timeout: float | None = None):
         """``keys``: a folder of CURVE keys (:func:`make_run_keys`): the server gets its ``server``
-        folder, each child the folder of its name, :meth:`status` that of :data:`STATUS_KEYS`."""
+        folder, each child the folder of its name, :meth:`status` that of :data:`STATUS_KEYS`.
+        ``peer_timeout``: the server's --peer-timeout (None: its default), which the progress bar's
+        hints follow."""
+        self.peer_timeout = peer_timeout
         self.out = Path(out)
         self.keys = Path(keys) if keys is not None else None
         self.status_keys = curve.client_keys(self.keys / STATUS_KEYS) if self.keys is not None else None
@@ -302,6 +306,16 @@ def check_run_args(args):
 # is stopped (SIGSTOP, Ctrl-Z, a debugger): that is silence the user chose (see process_stopped).
 SILENT_SERVER_S = 60.0
 
+# A sync round with nothing applied for this long, or half the run's --peer-timeout if less, is said to
+# wait on its missing workers: the server's images/s, over 5 s, fell to 0 only as --peer-timeout 5
+# declared the dead worker, so the hint appeared with the drop it was to announce.
+ROUND_WAIT_HINT_S = 5.0
+
+
+def round_wait_hint_after(peer_timeout: float | None) -> float:
+    """Seconds with nothing applied before the bar says what a sync round waits on."""
+    return ROUND_WAIT_HINT_S if peer_timeout is None else min(ROUND_WAIT_HINT_S, peer_timeout / 2)
+
 
 def process_stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped by a signal (``T``) or by a debugger (``t``), from Linux's
@@ -404,7 +418,8 @@ def run_from_args(args) -> int:
     outputs = RunOutputs(args.out, args.resume, earlier_unfinished=warning is not None
                          and bool(checkpoint_version(args.out)))
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads,
-                           keys=make_run_keys(args.out, args.workers) if args.curve else None)
+                           keys=make_run_keys(args.out, args.workers) if args.curve else None,
+                           peer_timeout=args.peer_timeout)
     old_handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         return _run(args, cluster, outputs, trained, scored)
@@ -644,6 +659,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
     trained = False                     # the server's last answer said training is over
     said_stopped = False                # "the server is stopped" was said (once)
     said_evaluator_left = False         # "the evaluator left before the end of training" was said (once)
+    hint_after = round_wait_hint_after(cluster.peer_timeout)
+    done_before, progress_at = None, time.monotonic()   # batches done at the last answer, when that count last moved
     while server.poll() is None:
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
         evaluator_left = evaluator is not None and evaluator.poll() == 0
@@ -660,6 +677,8 @@ def _follow(cluster: LocalCluster, bar) -> int:
                 bar.total = st["batches_total"]
                 bar.initial = st["batches_done"]
             bar.n = st["batches_done"]
+            if st["batches_done"] != done_before:
+                done_before, progress_at = st["batches_done"], now
         stopped = st is None and process_stopped(server.pid)
         if stopped and not said_stopped:
             _say(f"pscnn run: the server (pid {server.pid}) is stopped (a signal or a debugger); waiting for it "
@@ -729,9 +748,10 @@ def _follow(cluster: LocalCluster, bar) -> int:
                          # the line with 33 digits in fixed point
                          f"{st['images_per_second']:.0f} img/s, loss {st['loss']:.4g}")
                 members, arrived = st.get("round_members") or 0, st.get("round_arrived") or 0
-                if not st["images_per_second"] and 0 < arrived < members:
-                    # nothing applied for 5 s: a sync round waits, e.g. on a dead worker until
-                    # --peer-timeout drops it (the bar sat at 0 img/s without a word)
+                stalled = not st["images_per_second"] or now - progress_at >= hint_after
+                if stalled and 0 < arrived < members:
+                    # a sync round waits, e.g. on a dead worker until --peer-timeout drops it (the bar
+                    # sat at 0 img/s without a word)
                     state += f", round waiting on {members - arrived} of {members} workers"
             bar.set_postfix_str(state, refresh=False)
             if acc is not None:

@@ -91,9 +91,9 @@ def new_bests(history: list[dict]) -> list[dict]:
 class NoProcesses:
     """LocalCluster's surface for ``pscnn run`` (launcher.run_from_args), starting nothing."""
 
-    def __init__(self, out, port=None, threads=1, keys=None):
+    def __init__(self, out, port=None, threads=1, keys=None, peer_timeout=None):
         self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
-        self.keys = keys
+        self.keys, self.peer_timeout = keys, peer_timeout
 
     start_server = start_worker = start_evaluator = lambda self, *a, **k: None
 

@@ -323,8 +323,9 @@ class RecordingCluster:
     codes: dict = {}
     hooks: dict = {}
 
-    def __init__(self, out, port=None, threads=1, keys=None):
+    def __init__(self, out, port=None, threads=1, keys=None, peer_timeout=None):
         self.out, self.logs, self.endpoint, self.keys = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", keys
+        self.peer_timeout = peer_timeout
         self.procs, self.started, self.stops = {}, {}, []
         self.on_wait, self.on_stop = self.hooks.get("on_wait"), self.hooks.get("on_stop")
         RecordingCluster.made.append(self)
@@ -927,6 +928,18 @@ def test_the_bar_says_what_a_stalled_sync_round_waits_on(stand_ins, arrived, sho
     (A round none of whose gradients has arrived is computing, not waiting on anyone.)"""
     bar = bar_following(stand_ins, {**TRAINING, "images_per_second": 0.0, "round_arrived": arrived})
     assert bar.postfix == shown
+
+
+def test_the_bar_says_what_a_round_waits_on_before_a_short_peer_timeout_drops_the_worker(stand_ins):
+    """With --peer-timeout 5 the hint came once the server's images/s (over 5 s) fell to 0: as the
+    dead worker was declared, so it was never seen.  It now comes after half of --peer-timeout with
+    no batch done, while the server's images/s still counts the last updates.  Two answers the
+    poll period (0.5 s) apart, with nothing done between: more than half of a 0.4 s timeout."""
+    stand_ins.peer_timeout = 0.4
+    bar = bar_following(stand_ins, {**TRAINING, "round_arrived": 1})
+    assert bar.postfix == "epoch 1/2, 8129 img/s, loss 0.25, round waiting on 1 of 2 workers"
+    assert launcher.round_wait_hint_after(5.0) == 2.5 and launcher.round_wait_hint_after(60.0) == 5.0
+    assert launcher.round_wait_hint_after(None) == 5.0
 
 
 def test_the_start_barrier_on_the_bar_counts_the_workers_the_server_waits_for(stand_ins):
