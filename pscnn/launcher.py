@@ -108,6 +108,10 @@ def child_env(threads: int = 1) -> dict:
     return env
 
 
+# Bytes of a child's log read from its end for its last lines (doubled while too few line ends).
+LOG_TAIL_BLOCK = 64 << 10
+
+
 class LocalCluster:
     """Processes of one run on this machine, with their logs in ``out/logs``.
 
@@ -174,14 +178,26 @@ class LocalCluster:
         return query_status(self.endpoint, timeout, self.status_keys)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
-        """The last ``lines`` lines of what child ``name`` wrote, since its latest start ("" if nothing)."""
+        """The last ``lines`` lines of what child ``name`` wrote, since its latest start ("" if nothing).
+
+        Read from the end, a block at a time, until it holds more than ``lines`` line ends: a long
+        run's server log (a rejected push is a line) was read whole, 2.5 s and over 1 GB of memory
+        for 209 MB, for its last 20 lines.  Past the first line end the text is the whole read's."""
+        start = self._log_starts.get(name, 0)
         try:
             with open(self.logs / f"{name}.log", "rb") as fh:
-                fh.seek(self._log_starts.get(name, 0))
-                text = fh.read().decode(errors="replace")
+                end = fh.seek(0, os.SEEK_END)
+                block = LOG_TAIL_BLOCK
+                while True:
+                    begin = max(start, end - block)
+                    fh.seek(begin)
+                    data = fh.read(end - begin)
+                    if begin == start or data.count(b"\n") > lines:
+                        break
+                    block *= 2
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
     def wait(self, name: str, timeout: float) -> int | None:
         try:

@@ -172,6 +172,39 @@ def test_a_restarted_child_appends_to_its_log(tmp_path, monkeypatch):
     assert cluster.log_tail("server") == "this server's last words"
 
 
+def test_a_childs_log_tail_is_read_from_its_end(tmp_path, monkeypatch):
+    """A long run's server log (a line per rejected push) was read whole for its last 20 lines:
+    2.5 s and over 1 GB of memory for 209 MB.  Now only blocks from its end are read, and the lines
+    are those of a whole read, a multi-byte character across a block's edge and all."""
+    FakePopen.started = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    log = tmp_path / "run" / "logs" / "server.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("the earlier server's last words\n")
+    with LocalCluster(tmp_path / "run") as cluster:
+        cluster.start_server([])
+    start = log.stat().st_size
+    with log.open("a", encoding="utf-8") as fh:
+        fh.writelines(f"line {i}: rejected push from wörker-{i % 7}\r\n" for i in range(20_000))
+        fh.write("pscnn server: cannot write the run's outputs")         # no line end
+    read = [0]
+
+    class Counted(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read[0] += len(data)
+            return data
+    monkeypatch.setattr(launcher, "open", lambda path, mode: Counted(path, "r"), raising=False)
+    whole = log.read_bytes()[start:].decode(errors="replace")
+    size = log.stat().st_size - start
+    for lines, block in ((20, launcher.LOG_TAIL_BLOCK), (3, 7), (1, 1), (25_000, 4096)):
+        monkeypatch.setattr(launcher, "LOG_TAIL_BLOCK", block)
+        read[0] = 0
+        assert cluster.log_tail("server", lines) == "\n".join(whole.splitlines()[-lines:])
+        assert read[0] < size or lines > 20_000
+    assert cluster.log_tail("server", 1) == "pscnn server: cannot write the run's outputs"
+
+
 # A stand-in child: on SIGTERM it takes STOP_S seconds (as a server writing its checkpoint), then
 # exits 0; it says "ready" once its handler is set, and runs 60 s at most.
 SLOW_TO_STOP = """
