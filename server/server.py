@@ -81,6 +81,7 @@ from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, M
 from pscnn.names import name_problem, without_route_token
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
+from .eval_report import checkpointable_metrics, metrics_problem
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
 
@@ -1499,7 +1500,7 @@ class ParameterServer:
     def _on_eval_report(self, peer: Peer, msg: P.Message, now: float) -> None:
         m, version = msg.body["metrics"], msg.body["version"]
         acc = m.get("test_accuracy")
-        code, problem = "bad_metrics", _metrics_problem(m, self.store.model.num_classes)
+        code, problem = "bad_metrics", metrics_problem(m, self.store.model.num_classes)
         if not 0 <= version <= self.store.version:          # the evaluation history is indexed by it
             code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
         final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
@@ -1965,7 +1966,7 @@ class ParameterServer:
                  "wall_seconds": self._wall_clock(time.monotonic()), "mode": self.cfg.mode,
                  "seed": self.cfg.seed, "run_id": self.run_id}
         if self.final_eval:
-            extra["final_eval"] = _checkpointable_metrics(self.final_eval)
+            extra["final_eval"] = checkpointable_metrics(self.final_eval)
         return extra
 
     # Clocks run on while nothing else changes: a checkpoint that differs from the last only in
@@ -2284,7 +2285,7 @@ class ParameterServer:
         final_eval = extra.get("final_eval")
         if final_eval is None:
             return None
-        problem = _metrics_problem(_mapping(final_eval, "extra.final_eval"), self.store.model.num_classes)
+        problem = metrics_problem(_mapping(final_eval, "extra.final_eval"), self.store.model.num_classes)
         if problem:
             raise _Bad("extra.final_eval", problem)
         return final_eval
@@ -2347,56 +2348,6 @@ def _seq_reused(msg: P.Message, peer: Peer) -> P.ProtocolError:
     The reply cache would answer it with the old request's reply and drop it unseen."""
     return P.ProtocolError(f"{msg.type}: sequence number {msg.seq} already numbered a {peer.last_type}; "
                            "number each new request higher", "bad_seq")
-
-
-METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy", "precision", "recall", "confusion_matrix",
-               "count", "eval_seconds")
-
-
-def _checkpointable_metrics(m: dict) -> dict:
-    """A final evaluation's metrics (an evaluator's report, or the server's own scoring) as a checkpoint
-    keeps them: only METRIC_KEYS, and a NaN or infinite loss as None (the loader accepts finite numbers)."""
-    kept = {k: v for k, v in m.items() if k in METRIC_KEYS}
-    loss = kept.get("test_loss")
-    if loss is not None and not math.isfinite(loss):
-        kept["test_loss"] = None
-    return kept
-
-
-def _metrics_problem(m: dict, classes: int) -> str | None:
-    """Why an evaluator's metrics cannot be used, or None.
-
-    They are logged, kept in checkpoints (whose loader accepts only finite
-    numbers: a NaN or infinite loss is kept as null) and written to
-    summary.json, so each must be what ``cnn_core.metrics.evaluate`` makes for
-    a model of ``classes`` classes.
-    """
-    def num(v, low=-math.inf, high=math.inf):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-
-    unknown = sorted(set(m) - set(METRIC_KEYS), key=str)
-    if unknown:
-        return f"unknown metrics {unknown}; known: {', '.join(METRIC_KEYS)}"[:300]
-    if not num(m.get("test_accuracy"), 0, 1):
-        return "test_accuracy must be a number in [0, 1]"
-    loss = m.get("test_loss")         # NaN or inf: a diverged model's loss, a real measurement
-    if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)
-                                 and (math.isnan(loss) or loss >= 0)):
-        return "test_loss must be a number >= 0 (NaN or inf for a diverged model) or nil"
-    for key in ("per_class_accuracy", "precision", "recall"):
-        v = m.get(key)
-        if v is not None and not (isinstance(v, list) and len(v) == classes and all(num(x, 0, 1) for x in v)):
-            return f"{key} must be a list of {classes} numbers in [0, 1] (one per class)"
-    cm = m.get("confusion_matrix")
-    if cm is not None and not (isinstance(cm, list) and len(cm) == classes and all(
-            isinstance(row, list) and len(row) == classes and all(num(x, 0) and x == int(x) for x in row)
-            for row in cm)):
-        return f"confusion_matrix must be {classes} rows of {classes} counts (integers >= 0)"
-    if m.get("count") is not None and not (num(m["count"], 0) and m["count"] == int(m["count"])):
-        return "count must be an integer >= 0"
-    if m.get("eval_seconds") is not None and not num(m["eval_seconds"], 0):
-        return "eval_seconds must be a finite number >= 0"
-    return None
 
 
 def serve_from_args(args) -> int:
