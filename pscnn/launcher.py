@@ -30,9 +30,9 @@ from cnn_core.runlog import (SUMMARY_FILE, RunLogError, check_folder_free, make_
 from cnn_core.text import for_count
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
+from server.config import config_from_args, training_set_size
 from server.server import (CHECKPOINT_NAME, DROPPED_FOR_NAN, ParameterServer, check_model_travels,
-                           checkpoint_version, config_from_args, summary_after_checkpoint, training_set_size,
-                           unfinished_run_warning)
+                           checkpoint_version, summary_after_checkpoint, unfinished_run_warning)
 from worker.client import DroppedByServer, query_status
 from worker.trainer import check_local_setup
 

@@ -60,7 +60,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import zmq
@@ -77,18 +77,17 @@ from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
 from pscnn import protocol as P
-from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS, MAX_SEED, MODES, ignore_stop_signals
+from pscnn.cli import MAX_SEED, MODES, ignore_stop_signals
 from pscnn.names import name_problem, without_route_token
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
+from .config import ServerConfig, config_from_args, training_set_size
 from .eval_report import checkpointable_metrics, metrics_problem
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
 
 log = logging.getLogger("pscnn.server")
 
-MNIST_TRAIN_SIZE = 60_000
-MNIST_TEST_SIZE = 10_000
 CHECKPOINT_NAME = "checkpoint.npz"
 # Messages handled before housekeeping, and replies the server queues for one peer's connection
 # (see open): a burst that one pass drains is answered in full.
@@ -152,11 +151,6 @@ def raise_open_files_limit(max_workers: int) -> str | None:
             f"{for_count(max_workers, 'trainer')} and as many evaluators need up to {needed}: peers beyond the limit "
             f"would go unanswered and the checkpoint could not be written; raise the hard limit (ulimit -Hn) "
             f"or run with --max-workers {fit}")
-
-
-def training_set_size(train_limit: int) -> int:
-    """The images a run trains on: MNIST's training set, or its first ``train_limit`` (0: all)."""
-    return min(train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
 
 
 def resume_checkpoint(out: str) -> str:
@@ -338,36 +332,6 @@ def _model_name(spec) -> str:
         except PscnnError:
             pass
     return "a custom --model spec"
-
-
-@dataclass
-class ServerConfig:
-    bind: str = "tcp://*:5555"
-    mode: str = "sync"
-    staleness: int = DEFAULT_STALENESS
-    epochs: int = 1
-    batch_size: int = 64
-    model: object = "seed"
-    optimizer: dict = field(default_factory=lambda: {"name": "sgd", "lr": 0.05, "momentum": 0.9})
-    seed: int = 0
-    train_limit: int = 0
-    test_limit: int = 0
-    mnist_dir: str | None = None
-    out: str = "runs/server"
-    checkpoint_every: float = 30.0
-    resume: bool = False
-    lease_timeout: float = 30.0
-    peer_timeout: float = 10.0
-    final_eval_timeout: float = DEFAULT_FINAL_EVAL_TIMEOUT
-    max_workers: int = 1024
-    log_rejected: int = 20              # rejected-message log lines a second (0: no limit)
-    wait_for_workers: int = 0
-    start_timeout: float = 60.0
-    log_steps: bool = True
-    keys: str | None = None             # CURVE: the server's key folder (pscnn.curve); None: plain
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 class RecentIds(OrderedDict):
@@ -2377,22 +2341,3 @@ def serve_from_args(args) -> int:
                               f"checkpoint, run with --no-auto-resume (PSCNN_AUTO_RESUME=0); to keep it, give "
                               f"another --out (PSCNN_OUT)") from None
     return server.serve()
-
-
-def config_from_args(args) -> ServerConfig:
-    """The server's config from its CLI flags (or ``pscnn run``'s, which has no --bind)."""
-    from pscnn.cli import optimizer_config, resolve_auto_schedule, ssp_staleness, start_timeout  # noqa: PLC0415
-    num_samples = training_set_size(args.train_limit)
-    updates = args.epochs * batches_per_epoch(num_samples, args.batch_size)
-    return ServerConfig(bind=getattr(args, "bind", ServerConfig.bind), mode=args.mode, staleness=ssp_staleness(args),
-                       epochs=args.epochs,
-                       batch_size=args.batch_size, model=args.model,
-                       optimizer=resolve_auto_schedule(optimizer_config(args), updates), seed=args.seed,
-                       train_limit=args.train_limit, test_limit=args.test_limit, mnist_dir=args.mnist_dir,
-                       out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                       lease_timeout=args.lease_timeout, peer_timeout=args.peer_timeout,
-                       final_eval_timeout=(DEFAULT_FINAL_EVAL_TIMEOUT if args.final_eval_timeout is None
-                                           else args.final_eval_timeout), max_workers=args.max_workers,
-                       log_rejected=args.log_rejected,
-                       wait_for_workers=args.wait_for_workers or 0, start_timeout=start_timeout(args),
-                       keys=getattr(args, "keys", None))

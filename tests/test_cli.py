@@ -305,7 +305,8 @@ def test_every_run_the_readme_quotes_is_in_the_docs_run_by_run_record():
 def test_the_readme_names_every_field_of_pscnn_status(tmp_path):
     """`pscnn status` prints the server's progress as JSON; README.md named two of its 28 fields
     (declared_dead, lease_requeues), leaving users to guess what `ready` 0 or `epoch` meant."""
-    from server.server import ParameterServer, ServerConfig
+    from server.config import ServerConfig
+    from server.server import ParameterServer
     progress = ParameterServer(ServerConfig(model="light", train_limit=640, out=str(tmp_path / "run"))).progress()
     readme = DOCS[0].read_text()
     assert "`pscnn status` prints" in readme, "README.md has no paragraph on `pscnn status`'s answer"

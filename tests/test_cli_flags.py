@@ -23,7 +23,7 @@ from cnn_core.errors import ConfigError
 from cnn_core.model import resolve_spec
 from cnn_core.optim import build_optimizer
 from pscnn import launcher
-from server.server import config_from_args
+from server.config import config_from_args
 from pscnn.cli import (
     DEFAULT_FINAL_EVAL_TIMEOUT,
     DEFAULT_STALENESS,

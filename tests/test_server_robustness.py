@@ -758,7 +758,7 @@ class InProcess:
     that one message, and the reply comes back (None when the server parks the request)."""
 
     def __init__(self, out: Path, **config):
-        from server.server import ServerConfig
+        from server.config import ServerConfig
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.srv = ParameterServer(ServerConfig(**{"model": "light", "train_limit": 640, "mode": "async",
                                                    "bind": self.endpoint, "out": str(out), **config}))
@@ -1391,7 +1391,7 @@ def test_a_stop_while_the_plots_are_drawn_waits_for_them_before_the_run_folder_i
     import threading
 
     import server.server
-    from server.server import ServerConfig
+    from server.config import ServerConfig
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     srv = ParameterServer(ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100, mode="async",
                                        final_eval_timeout=0.0, checkpoint_every=0, bind=endpoint,
@@ -1445,7 +1445,7 @@ def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume
     with the finished run's checkpoint, and a --resume from it scores the weights and ends."""
     import threading
 
-    from server.server import ServerConfig
+    from server.config import ServerConfig
     out = tmp_path / "run"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     srv = ParameterServer(ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100, mode="async",
@@ -2143,7 +2143,7 @@ def test_a_last_batch_a_batchnorm_on_1x1_maps_cannot_train_on_is_refused_before_
     """With a BatchNorm that sees 1x1 maps, --train-limit 65 --batch-size 64 leaves each epoch a
     last batch of one image: the worker leased it failed mid-epoch on the BatchNorm's error.  The
     server refuses the settings at its start, and pscnn run before it starts anything."""
-    from server.server import ServerConfig
+    from server.config import ServerConfig
     spec = {"input_shape": [1, 28, 28], "layers": [
         {"type": "conv2d", "out_channels": 4, "kernel": 3}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 26},
         {"type": "batchnorm2d", "name": "bn"}, {"type": "flatten"}, {"type": "dense", "units": 10}]}

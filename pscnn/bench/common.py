@@ -248,7 +248,8 @@ def check_server_flags(flags: list[str], workers: int | None = None) -> None:
     """
     from pscnn.cli import CliError, parse_args  # noqa: PLC0415
     from pscnn.launcher import check_run_args  # noqa: PLC0415
-    from server.server import ParameterServer, config_from_args  # noqa: PLC0415
+    from server.config import config_from_args  # noqa: PLC0415
+    from server.server import ParameterServer  # noqa: PLC0415
     err = StringIO()
     try:
         with redirect_stderr(err):              # argparse prints a usage block, then exits
