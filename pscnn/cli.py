@@ -904,7 +904,7 @@ def check_train_folder(path: str) -> None:
     if not os.path.exists(os.path.join(path, "checkpoint.npz")):
         return                          # no server's import (zmq) for the usual train folder
     from cnn_core.runlog import RunLogError  # noqa: PLC0415
-    from server.server import unfinished_run_warning  # noqa: PLC0415
+    from server.resume import unfinished_run_warning  # noqa: PLC0415
     if unfinished_run_warning(path):
         raise RunLogError(f"--out {path} holds the checkpoint of an unfinished distributed run, whose "
                           "config.json and metrics.jsonl pscnn train would replace: choose another --out, "

@@ -31,8 +31,8 @@ from cnn_core.text import for_count
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from server.config import config_from_args, training_set_size
-from server.server import (CHECKPOINT_NAME, DROPPED_FOR_NAN, ParameterServer, check_model_travels,
-                           checkpoint_version, summary_after_checkpoint, unfinished_run_warning)
+from server.resume import CHECKPOINT_NAME, checkpoint_version, summary_after_checkpoint, unfinished_run_warning
+from server.server import DROPPED_FOR_NAN, ParameterServer, check_model_travels
 from worker.client import DroppedByServer, query_status
 from worker.trainer import check_local_setup
 

@@ -462,7 +462,7 @@ def test_a_checkpoint_of_version_0_is_started_over_without_a_warning(tmp_path):
     """A run stopped before its first update (every worker failed on its data) left a
     checkpoint of version 0: starting over loses nothing, so nothing is said; from
     version 1 on the warning stands."""
-    from server.server import unfinished_run_warning
+    from server.resume import unfinished_run_warning
     save_checkpoint(tmp_path / "checkpoint.npz", {}, {"step": 0})
     assert unfinished_run_warning(str(tmp_path)) is None
     save_checkpoint(tmp_path / "checkpoint.npz", {}, {"step": 1, "extra": {"work": {"epoch": 0, "epochs": 3}}})
@@ -471,7 +471,7 @@ def test_a_checkpoint_of_version_0_is_started_over_without_a_warning(tmp_path):
 
 
 def test_checkpoint_version_reads_the_step_or_says_none(tmp_path):
-    from server.server import checkpoint_version
+    from server.resume import checkpoint_version
     assert checkpoint_version(str(tmp_path)) is None                      # no checkpoint
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
     assert checkpoint_version(str(tmp_path)) is None                      # unreadable
@@ -539,7 +539,7 @@ def test_a_server_stopped_after_its_summary_writes_no_checkpoint_over_the_finish
     """SIGTERM while the server lingers after the summary (an evaluator was never told to
     stop): a checkpoint then would be newer than summary.json, and the finished run's
     folder would look unfinished to the next start."""
-    from server.server import unfinished_run_warning
+    from server.resume import unfinished_run_warning
     out = Path(shutil.copytree(interrupted, tmp_path / "run"))
     with serving(out, "--resume", "--final-eval-timeout", "0", "--peer-timeout", "60",
                  "--mnist-dir", mnist_dir, *BOTH_IN_EVERY_ROUND) as (cluster, clients):

@@ -32,7 +32,7 @@ from cnn_core.data import MNIST_FILES
 from pscnn import launcher
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
-from server.server import checkpoint_version
+from server.resume import checkpoint_version
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
