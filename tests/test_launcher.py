@@ -149,14 +149,20 @@ def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_laun
     assert child.kwargs["stdout"].name == str(tmp_path / "run" / "logs" / "server.log")
 
 
-def test_a_restarted_child_appends_to_its_log(tmp_path, monkeypatch):
-    """A child started again under the same name (a server killed and resumed) adds to its log:
-    what the earlier one wrote, e.g. why it failed, stays."""
+def earlier_server_log(tmp_path, monkeypatch):
+    """server.log of a run folder whose earlier server left a line in it; children started by FakePopen."""
     FakePopen.started = []
     monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
     log = tmp_path / "run" / "logs" / "server.log"
     log.parent.mkdir(parents=True)
     log.write_text("the earlier server's last words\n")
+    return log
+
+
+def test_a_restarted_child_appends_to_its_log(tmp_path, monkeypatch):
+    """A child started again under the same name (a server killed and resumed) adds to its log:
+    what the earlier one wrote, e.g. why it failed, stays."""
+    log = earlier_server_log(tmp_path, monkeypatch)
     with LocalCluster(tmp_path / "run") as cluster:
         cluster.start_server([])
         cluster.start_server([])
@@ -176,11 +182,7 @@ def test_a_childs_log_tail_is_read_from_its_end(tmp_path, monkeypatch):
     """A long run's server log (a line per rejected push) was read whole for its last 20 lines:
     2.5 s and over 1 GB of memory for 209 MB.  Now only blocks from its end are read, and the lines
     are those of a whole read, a multi-byte character across a block's edge and all."""
-    FakePopen.started = []
-    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
-    log = tmp_path / "run" / "logs" / "server.log"
-    log.parent.mkdir(parents=True)
-    log.write_text("the earlier server's last words\n")
+    log = earlier_server_log(tmp_path, monkeypatch)
     with LocalCluster(tmp_path / "run") as cluster:
         cluster.start_server([])
     start = log.stat().st_size

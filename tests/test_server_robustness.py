@@ -119,6 +119,7 @@ class Raw:
         self.recv(1.0)
 
 
+
 def push_body(task: P.Message, **over) -> dict:
     b = task.body
     return {"epoch": b["epoch"], "batch": b["batch"], "lease": b["lease"], "base_version": b["version"],
@@ -127,6 +128,19 @@ def push_body(task: P.Message, **over) -> dict:
 
 def grads_like(weights: dict, value: float = 1e-3) -> dict:
     return {k: np.full(v.shape, value, dtype=v.dtype) for k, v in weights.items()}
+
+def train_to_stop(endpoint: str) -> None:
+    """A trainer that works and pushes small gradients until the server at ``endpoint`` says stop."""
+    raw = Raw(endpoint)
+    try:
+        raw.hello("trainer")
+        reply, weights = raw.work(), None
+        while reply.type == P.TASK:
+            weights = reply.arrays or weights
+            reply = raw.call(P.PUSH, push_body(reply), grads_like(weights))
+        assert reply.type == P.STOP, reply.body
+    finally:
+        raw.close()
 
 
 def start_serving(cluster: LocalCluster, flags: list[str], timeout: float = 60.0) -> None:
@@ -1421,16 +1435,7 @@ def test_a_stop_while_the_plots_are_drawn_waits_for_them_before_the_run_folder_i
             assert wait_for(lambda: srv.writer is not None, 30)
             real_close = srv.writer.close
             monkeypatch.setattr(srv.writer, "close", lambda: events.append("metrics.jsonl closed") or real_close())
-            raw = Raw(endpoint)
-            try:
-                raw.hello("trainer")
-                reply, weights = raw.work(), None
-                while reply.type == P.TASK:
-                    weights = reply.arrays or weights
-                    reply = raw.call(P.PUSH, push_body(reply), grads_like(weights))
-                assert reply.type == P.STOP, reply.body
-            finally:
-                raw.close()
+            train_to_stop(endpoint)
             serving.join(60)
     finally:
         logger.removeHandler(watch)
@@ -1459,16 +1464,7 @@ def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume
     serving = threading.Thread(target=lambda: codes.append(srv.serve()), daemon=True)
     with caplog.at_level(logging.INFO, logger="pscnn.server"):
         serving.start()
-        raw = Raw(endpoint)
-        try:
-            raw.hello("trainer")
-            reply, weights = raw.work(), None
-            while reply.type == P.TASK:
-                weights = reply.arrays or weights
-                reply = raw.call(P.PUSH, push_body(reply), grads_like(weights))
-            assert reply.type == P.STOP, reply.body
-        finally:
-            raw.close()
+        train_to_stop(endpoint)
         serving.join(30)
     assert codes == [0] and "interrupted before the final evaluation: writing a checkpoint" in caplog.text
     assert not (out / "summary.json").exists() and load_checkpoint(out / "checkpoint.npz")[1]["step"] == 10
