@@ -554,12 +554,6 @@ def print_table(headers: list[str], rows: list[list], file=None) -> None:
             print("  ".join("-" * w for w in widths), file=file)
 
 
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- server logs
 
 def read_jsonl(path: Path) -> list[dict]:
