@@ -542,16 +542,14 @@ def fmt(v, spec: str = ",.0f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def print_table(headers: list[str], rows: list[list], file=None) -> None:
-    """A plain aligned text table, on ``file`` (default: sys.stdout as it is at the call, which a test
-    or a caller may have replaced since this module was imported)."""
-    file = sys.stdout if file is None else file
+def print_table(headers: list[str], rows: list[list]) -> None:
+    """A plain aligned text table, on stdout."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for j, r in enumerate(cells):
-        print("  ".join(c.rjust(widths[i]) if i else c.ljust(widths[i]) for i, c in enumerate(r)), file=file)
+        print("  ".join(c.rjust(widths[i]) if i else c.ljust(widths[i]) for i, c in enumerate(r)))
         if j == 0:
-            print("  ".join("-" * w for w in widths), file=file)
+            print("  ".join("-" * w for w in widths))
 
 
 # --------------------------------------------------------------------------- server logs
