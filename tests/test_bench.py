@@ -704,7 +704,7 @@ def test_server_bench_keeps_its_points_when_one_fails(tmp_path, monkeypatch, cap
     from pscnn.bench.common import BenchError
     from pscnn.cli import main
 
-    def measure(kind, n, args, env, out, profile=None):
+    def measure(kind, n, args, env, profile=None):
         if (kind, n) == ("pscnn", 4):
             raise BenchError("synthetic client process 1 (pscnn, 4 clients) exited with 1: boom")
         if profile is not None:
@@ -737,7 +737,7 @@ def test_server_bench_says_which_medians_stand_for_fewer_trials(tmp_path, monkey
     from pscnn.cli import main
     calls = []
 
-    def measure(kind, n, args, env, out, profile=None):
+    def measure(kind, n, args, env, profile=None):
         calls.append(kind)
         if kind == "pscnn" and calls.count("pscnn") == 1:
             raise BenchError("the pscnn server (1 client) exited with 1: boom")
@@ -759,7 +759,7 @@ def test_server_bench_machine_line_counts_its_trials(trials, said, tmp_path, mon
     import pscnn.bench.server_bench as server_bench
     from pscnn.cli import main
 
-    def measure(kind, n, args, env, out, profile=None):
+    def measure(kind, n, args, env, profile=None):
         return {"processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
                 "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000}
     monkeypatch.setattr(server_bench, "measure", measure)
@@ -776,7 +776,7 @@ def test_server_bench_whose_every_server_point_failed_exits_1(tmp_path, monkeypa
     from pscnn.bench.common import BenchError
     from pscnn.cli import main
 
-    def measure(kind, n, args, env, out, profile=None):
+    def measure(kind, n, args, env, profile=None):
         if kind == "pscnn":
             raise BenchError(f"the pscnn server ({n} client{'s' * (n != 1)}) exited with 1: boom")
         return {"processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
@@ -837,7 +837,7 @@ def test_requests_the_server_refused_are_said_in_the_report(tmp_path, monkeypatc
     rate, the errors were in the CSV alone."""
     import pscnn.bench.server_bench as server_bench
     from pscnn.cli import main
-    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, profile=None: {
         "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
         "latency_p50_ms": 1.0, "latency_p99_ms": 2.0,
         "errors": {"lease_expired": 3, "bad_version": 1} if n == 4 else {"bad_version": 1}, "model_bytes": 1000})
@@ -855,7 +855,7 @@ def test_the_server_table_has_echo_columns_only_with_the_echo(echo, tmp_path, mo
     """With --no-echo the table still had its six echo columns, every cell a dash."""
     import pscnn.bench.server_bench as server_bench
     from pscnn.cli import main
-    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, profile=None: {
         "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
         "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000})
     assert main(["bench", "server", "--clients", "1", "--trials", "1", "--model", "light", "--out",
@@ -869,7 +869,7 @@ def test_a_profile_the_server_did_not_write_is_said(tmp_path, monkeypatch, capsy
     nothing and wrote no server-profile.txt, without a word."""
     import pscnn.bench.server_bench as server_bench
     from pscnn.cli import main
-    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, profile=None: {
         "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
         "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000})
     out = tmp_path / "out"
@@ -1099,7 +1099,7 @@ def test_a_reused_out_folder_holds_only_this_runs_outputs(bench_name, tmp_path, 
     monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
         "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
         "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
-    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, profile=None: {
         "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
         "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000})
     monkeypatch.setattr(tta, "run_one", lambda folder, mode, n, args, mnist_dir, bar: tta.analyse([], [], 0.5, 64))
@@ -1472,7 +1472,7 @@ def test_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, caps
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, out, profile=None: {
+    monkeypatch.setattr(server_bench, "measure", lambda kind, n, args, env, profile=None: {
         "processes": 1, "window_s": 1.0, "cycles": 100, "cycles_per_second": 100.0, "mb_per_second": 1.0,
         "latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "errors": {}, "model_bytes": 1000})
     monkeypatch.setattr(server_bench, "write_outputs", disk_full)

@@ -101,7 +101,7 @@ def run(args) -> int:
                     bar.set_postfix_str(f"trial {trial + 1}: {kind} x {n} {for_count(n, 'client')}")
                     what = f"trial {trial + 1}, {kind} x {n} {for_count(n, 'client')}"
                     try:
-                        res = on_a_free_port(lambda: measure(kind, n, args, env, out), NAME, what)
+                        res = on_a_free_port(lambda: measure(kind, n, args, env), NAME, what)
                     except failures as exc:     # one failed point must not lose the others
                         res = point_failed(NAME, what, exc)
                     rows.append({"trial": trial, "kind": kind, "clients": n, **res})
@@ -110,7 +110,7 @@ def run(args) -> int:
             profiled = f"{args.profile} {for_count(args.profile, 'client')}"
             bar.set_postfix_str(f"profiling the server with {profiled}")
             try:
-                res = on_a_free_port(lambda: measure("pscnn", args.profile, args, env, out,
+                res = on_a_free_port(lambda: measure("pscnn", args.profile, args, env,
                                                      profile=out / PROFILE_DATA),
                                      NAME, f"the profile with {profiled}")
                 profile_text = _profile_report(out / PROFILE_DATA, out / PROFILE_TEXT, res)
@@ -160,7 +160,7 @@ def pscnn_server_flags(args, run_folder: Path, clients: int) -> list[str]:
             "--max-workers", str(max(1024, clients))]
 
 
-def measure(kind: str, n: int, args, env: dict, out: Path, profile: Path | None = None) -> dict:
+def measure(kind: str, n: int, args, env: dict, profile: Path | None = None) -> dict:
     """One point: a server (plain ``pscnn``, or ``curve``: with CURVE keys; or the echo) and ``n``
     synthetic clients; cycles in the window."""
     from pscnn.launcher import free_port, query_status  # noqa: PLC0415
