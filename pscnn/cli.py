@@ -328,13 +328,12 @@ def add_model_flags(p: argparse.ArgumentParser, distributed: bool = True) -> Non
     g.add_argument("--seed", type=seed, default=0, help="seed of init, shuffling and dropout (default: 0)")
 
 
-def add_data_flags(p: argparse.ArgumentParser, train: bool = True) -> None:
+def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    if train:
-        g.add_argument("--batch-size", type=positive_int, default=64, help="images per update (default: 64)")
-        g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set (default: 1)")
-        g.add_argument("--train-limit", type=non_negative_int, default=0,
-                       help="use the first N training images (0: all 60,000)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="images per update (default: 64)")
+    g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set (default: 1)")
+    g.add_argument("--train-limit", type=non_negative_int, default=0,
+                   help="use the first N training images (0: all 60,000)")
     g.add_argument("--test-limit", type=non_negative_int, default=0,
                    help="score the first N test images (0: all 10,000)")
     g.add_argument("--mnist-dir", type=_path, default=None,
