@@ -109,11 +109,11 @@ def number_in(value, what: str, low: float, high: float | None = None, *,
     return value
 
 
-def seed_value(value, what: str = "seed", sequence_ok: bool = True, error: type[Exception] = ConfigError):
+def seed_value(value, what: str, sequence_ok: bool = True):
     """``value`` as a NumPy seed: an int >= 0, or (``sequence_ok``) a non-empty list or tuple of
     them, a SeedSequence's entropy.
 
-    Not a bool, a float (1.5 would silently be 1) or a string; ``error`` naming ``what`` otherwise.
+    Not a bool, a float (1.5 would silently be 1) or a string; ConfigError naming ``what`` otherwise.
     """
     def ok(v) -> bool:
         return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= 0
@@ -121,4 +121,4 @@ def seed_value(value, what: str = "seed", sequence_ok: bool = True, error: type[
         return int(value)
     if sequence_ok and isinstance(value, (list, tuple)) and value and all(ok(v) for v in value):
         return [int(v) for v in value]
-    raise error(f"{what} must be an int >= 0{' (or a list of them)' if sequence_ok else ''}, got {value!r}")
+    raise ConfigError(f"{what} must be an int >= 0{' (or a list of them)' if sequence_ok else ''}, got {value!r}")
