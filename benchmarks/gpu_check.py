@@ -95,7 +95,7 @@ def scaled_err(a, b) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def compare(spec, dtype, dev, batch, seed=0, shape=None, classes=10):
+def compare(spec, dtype, dev, batch, seed=0):
     """Build ``spec`` on ``dev`` and on the CPU; errors of logits, loss, grads and state."""
     m_dev = build_model(spec, seed=seed, dtype=dtype, device=dev)
     m_cpu = build_model(spec, seed=seed, dtype=dtype, device="cpu")
