@@ -112,10 +112,6 @@ class FlatArrays(dict):
         """The same names and shapes over a copy of the buffer."""
         return FlatArrays(self.specs, self.flat.copy())
 
-    def sizes(self) -> list[int]:
-        """Element offsets of each array in ``flat``, plus the total (len(specs) + 1 entries)."""
-        return list(_layout(self.specs)[1])
-
     # ------------------------------------------------------------------ a fixed set of names
     def _fixed(self, *_args, **_kwargs):
         raise TypeError("FlatArrays: the names are fixed; write into the arrays instead "
