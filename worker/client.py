@@ -136,9 +136,8 @@ class FailureStreak:
     returns; the streak bounds how often.
     """
 
-    def __init__(self, endpoint: str, limit: int = MAX_FAILURES_IN_A_ROW):
+    def __init__(self, endpoint: str):
         self.endpoint = endpoint
-        self.limit = limit
         self.count = 0
 
     def reset(self) -> None:
@@ -153,7 +152,7 @@ class FailureStreak:
         streak means something is wrong, and may clear in a moment.
         """
         self.count += 1
-        if self.count >= self.limit:
+        if self.count >= MAX_FAILURES_IN_A_ROW:
             raise TooManyFailures(f"giving up after {self.count} failed requests in a row to {self.endpoint}; "
                                   f"the last: {exc}")
         if isinstance(exc, Rejoined) and exc.restarted and self.count == 1:
@@ -162,7 +161,7 @@ class FailureStreak:
             log.info("%s; %s", exc, then)
             return
         log.warning("%s; %s (%d %s in a row; giving up at %d)", exc, then, self.count,
-                    for_count(self.count, "failure"), self.limit)
+                    for_count(self.count, "failure"), MAX_FAILURES_IN_A_ROW)
         if self.count > 1:
             time.sleep(FAILURE_PAUSE_S * 2 ** (self.count - 2))
 
