@@ -554,42 +554,20 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 
 # --------------------------------------------------------------------------- server logs
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file; a torn last line (a killed writer) is skipped."""
-    out = []
+def _records(metrics_path: Path, kind: str) -> list[dict]:
+    """The server's records of ``kind`` in its metrics.jsonl; none if there is no file.  A torn
+    last line (a killed server) is skipped without a word."""
+    from cnn_core.runlog import iter_metrics  # noqa: PLC0415  (imports numpy: not at module load)
     try:
-        with open(path) as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    out.append(rec)
+        return list(iter_metrics(metrics_path, kinds=(kind,), quiet=True))
     except OSError:
-        pass
-    return out
-
-
-def record_kind(rec: dict) -> str | None:
-    for key in ("kind", "type", "event", "record"):
-        v = rec.get(key)
-        if isinstance(v, str):
-            return v
-    if "compute_s" in rec and "version" in rec:
-        return "step"
-    if "test_accuracy" in rec and "version" in rec:
-        return "eval"
-    return None
+        return []
 
 
 def step_records(metrics_path: Path) -> list[dict]:
-    return [r for r in read_jsonl(metrics_path) if record_kind(r) == "step"]
+    return _records(metrics_path, "step")
 
 
 def eval_records(metrics_path: Path) -> list[dict]:
-    return [r for r in read_jsonl(metrics_path) if record_kind(r) == "eval"]
+    return _records(metrics_path, "eval")
 
