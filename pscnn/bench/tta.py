@@ -73,8 +73,6 @@ def run(args) -> int:
     import os  # noqa: PLC0415
     workers = parse_list(args.workers, int, given_flag("workers"), low=1)
     modes = parse_list(args.mode, str, given_flag("mode"), choices=MODES)
-    if not 0 < args.target <= 1:
-        raise ValueError(f"--target must be in (0, 1], got {args.target}")
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     with checking_options():            # what the server, the workers and the evaluator would refuse
         check_out(args.out)
