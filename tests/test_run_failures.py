@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from tqdm import tqdm
 
 from cnn_core.data import MNIST_FILES
 from pscnn import launcher
-from pscnn.cli import main
 from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
 from server.resume import checkpoint_version
 
