@@ -41,5 +41,7 @@ USER pscnn
 WORKDIR /home/pscnn
 # 5555: the parameter server's ZeroMQ port (only the server binds it).
 EXPOSE 5555
+# Run it under an init (docker run --init; init: true in docker-compose.yml): as PID 1, pscnn
+# would miss a stop signal that comes before its handler is set (docs/deployment.md, "Run it").
 ENTRYPOINT ["pscnn"]
 CMD ["--help"]

@@ -20,6 +20,9 @@
 #     5 times (restart: on-failure:5), each start fails with the same one line naming the
 #     settings and the ways out, and it stays exited (1) with the checkpoint kept;
 #     `docker compose wait server`, started with it, returns that 1 at its first failure.
+#  7. A stop during start-up (SIGTERM before Python has set pscnn's handler, here held there by a
+#     sitecustomize that waits) ends the container at once (143), not after the grace period by
+#     SIGKILL (137): `init: true` puts Docker's init as PID 1, which hands the signal on.
 # Not checked, and not to be used with this file: --abort-on-container-failure,
 # --abort-on-container-exit, --exit-code-from (with a restart policy, `up` may never return:
 # docs/deployment.md).
@@ -54,7 +57,7 @@ DATA_ROOT="/var/lib/pscnn-compose-test/$ID"
 SOCK="$STATE/docker.sock"
 IMAGE="pscnn-ci:$ID"
 BASE_IMAGE="python:3.11-slim"          # the stand-in, under the name the Dockerfile uses
-PROJECTS=("${ID}-up" "${ID}-scale" "${ID}-stop")
+PROJECTS=("${ID}-up" "${ID}-scale" "${ID}-stop" "${ID}-early")
 DOCKERD_PID=""
 T0=$(date +%s)
 passed=0
@@ -276,6 +279,8 @@ for name, svc in s.items():
     policy = (svc.get("deploy") or {}).get("restart_policy") or {}
     assert svc.get("restart") == "on-failure:5" and policy.get("max_attempts") == 5, \
         f"{name}: restart={svc.get('restart')!r}, deploy.restart_policy={policy}"
+    # as PID 1, pscnn would miss a stop that comes before its signal handler (check 7)
+    assert svc.get("init") is True, f"{name}: init={svc.get('init')!r}"
 print("compose config: services", sorted(s), "server volumes", sorted(vols))
 EOF
 if command docker stack config --help >/dev/null 2>&1; then
@@ -508,6 +513,32 @@ done
 log "[$P] $(head -1 <<<"$errors" | cut -c1-200)..."
 dc "$P" cp server:/data/runs/ci/checkpoint.npz "$WORK/checkpoint-kept.npz" >/dev/null 2>&1 \
     || die "the refused checkpoint is gone"
+dc "$P" down --volumes --timeout 5 >/dev/null 2>&1
+ok
+
+# ---------------------------------------------------------------------------- 7. early stop
+current="a stop during start-up ends the container at once, not by SIGKILL after the grace period"
+P=${PROJECTS[3]}
+PSCNN_PORT=$(free_port)
+# Python runs sitecustomize before any of pscnn's code: one that waits holds the worker where no
+# handler is set yet, so the stop lands there every time, not only in a race with start-up.
+mkdir "$WORK/slowstart"
+chmod 711 "$WORK"        # the container's user (uid 10001) reads the file below
+printf 'import time\nprint("sitecustomize: waiting", flush=True)\ntime.sleep(120)\n' >"$WORK/slowstart/sitecustomize.py"
+chmod 755 "$WORK/slowstart"; chmod 644 "$WORK/slowstart/sitecustomize.py"
+dc "$P" run -d --no-deps -v "$WORK/slowstart:/slowstart:ro" -e PYTHONPATH=/slowstart worker >"$WORK/early.log" 2>&1 \
+    || { cat "$WORK/early.log"; die "could not start a worker"; }
+cid=$(docker ps -aq --filter "label=com.docker.compose.project=$P" --filter "label=com.docker.compose.service=worker")
+[ -n "$cid" ] || die "no worker container"
+deadline=$(( $(date +%s) + 60 ))
+until docker logs "$cid" 2>&1 | grep -q "sitecustomize: waiting"; do
+    [ "$(date +%s)" -lt "$deadline" ] || { docker logs --tail 5 "$cid"; die "the worker did not reach its start-up in 60 s"; }
+    sleep 0.5
+done
+docker stop -t 10 "$cid" >/dev/null
+code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
+log "[$P] worker stopped during start-up: exit $code"
+[ "$code" = 143 ] || die "a worker stopped during start-up exited $code, not 143 (137: the stop was lost, it was killed)"
 dc "$P" down --volumes --timeout 5 >/dev/null 2>&1
 ok
 
