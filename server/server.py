@@ -1216,6 +1216,14 @@ class ParameterServer:
         self.writer.log("started", trainers=ready, waited_s=round(waited, 3), version=self.store.version)
         self._release_parked(now)
 
+    def _start_in(self, now: float) -> float | None:
+        """Seconds before --start-timeout lifts the start barrier; None when none holds a trainer (a
+        worker at the barrier could say only "or its --start-timeout", not how long that was)."""
+        waiting = [] if self.started else self._ready_trainers()
+        if not waiting:
+            return None
+        return round(max(0.0, self.cfg.start_timeout - (now - min(p.parked_since for p in waiting))), 1)
+
     # ================================================================== evaluator
     def _on_pull(self, peer: Peer, msg: P.Message, now: float) -> None:
         version, arrays = self.store.snapshot()
@@ -1860,7 +1868,7 @@ class ParameterServer:
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
                 "started": self.started, "ready": 0 if self.started else len(self._ready_trainers()),
-                "wait_for_workers": self.cfg.wait_for_workers,
+                "wait_for_workers": self.cfg.wait_for_workers, "start_in_s": self._start_in(now),
                 "round_members": len(self.round_members),
                 "round_arrived": len(self.round_arrived),
                 "trainers": self.role_counts["trainer"], "evaluators": self.role_counts["evaluator"],

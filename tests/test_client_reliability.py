@@ -269,6 +269,27 @@ def test_a_request_held_at_the_start_barrier_waits_for_it_and_says_why(sim, capl
     assert net.now - net.start > HELD_LIMIT_FACTOR * 2.0
 
 
+def test_the_start_barrier_line_says_how_long_the_server_can_hold_it(sim, caplog, monkeypatch):
+    """A server whose status gives the seconds its --start-timeout leaves: the line says them (it
+    said only "or its --start-timeout after the first of them asked")."""
+    client, net = sim(201, give_up_after=2.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    opened_at = net.now + 3.5
+    monkeypatch.setattr(client_module, "query_status", lambda endpoint, timeout, keys: {
+        "started": net.now >= opened_at, "done": False, "ready": 1, "wait_for_workers": 2, "start_in_s": 597.4})
+
+    def server(sock, timeout_ms):
+        client.heard_at = net.now
+        if net.now >= opened_at and not sock.inbox:
+            sock.inbox.append(reply_frames(P.TASK, client.seq, {"version": 0, "epoch": 0, "batch": 0, "lease": 1,
+                                                                "held_s": 3.5}))
+    net.on_poll = server
+    with caplog.at_level(logging.INFO, logger="pscnn.client"):
+        assert client.request(P.WORK).type == P.TASK
+    assert caplog.records[0].getMessage() == (
+        "waiting at the server's start barrier for 2 s: it hands out work once 2 trainers ask for it (1 ready "
+        "now), or in 597 s at the latest (its --start-timeout); our work request waits for it")
+
+
 def test_a_give_up_after_shorter_than_the_heartbeat_period_does_not_give_up_on_a_live_server(sim):
     """Heartbeats are answered a period apart (2 s by default, and a round trip).  With
     --give-up-after 2, a sync worker whose push waited for a straggler found 2 s since the last

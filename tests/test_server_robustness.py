@@ -2479,6 +2479,19 @@ def test_the_start_timeout_runs_from_the_first_trainer_still_waiting_not_one_tha
     task_b = b.recv(0.5)[0]
     assert task_b.type == task_c.type == P.TASK and server.srv.started
 
+def test_the_status_says_how_long_the_start_barrier_can_hold(in_process):
+    """A worker at the barrier could say only "or its --start-timeout after the first of them
+    asked", not how long that was: the status gives the seconds left, and null when no one waits."""
+    server = in_process(mode="sync", wait_for_workers=2, start_timeout=600.0)
+    assert server.srv.progress()["start_in_s"] is None          # no trainer at the barrier yet
+    a, b = server.join_trainer(), server.join_trainer()
+    assert server.call(a, P.WORK) is None                       # at the barrier
+    left = server.srv.progress()["start_in_s"]
+    assert isinstance(left, float) and 0.0 < left <= 600.0, left
+    assert server.call(b, P.WORK).type == P.TASK and a.recv(0.5)[0].type == P.TASK
+    assert server.srv.started and server.srv.progress()["start_in_s"] is None
+
+
 def test_a_server_stopped_at_the_start_barrier_does_not_count_that_time_against_start_timeout(tmp_path):
     """SIGSTOP the server (a debugger, a paused VM) with one of the 3 trainers awaited at the barrier,
     for longer than --start-timeout; the other two say hello and ask for work meanwhile.  On SIGCONT

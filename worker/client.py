@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket as pysocket
 import threading
@@ -465,10 +466,14 @@ class Client:
             return False
         if not progress or progress.get("started", True) or progress.get("done"):
             return False
+        start_in = progress.get("start_in_s")
+        limit = (f"or in {start_in:.0f} s at the latest (its --start-timeout)"
+                 if isinstance(start_in, (int, float)) and not isinstance(start_in, bool) and math.isfinite(start_in)
+                 else "or its --start-timeout after the first of them asked")     # a server that does not say
         log.info("waiting at the server's start barrier for %.0f s: it hands out work once %s trainers ask "
-                 "for it (%s ready now), or its --start-timeout after the first of them asked; our %s "
-                 "request waits for it", held_s, P.one_line(progress.get("wait_for_workers", "?"), 20),
-                 P.one_line(progress.get("ready", "?"), 20), msg.type)
+                 "for it (%s ready now), %s; our %s request waits for it", held_s,
+                 P.one_line(progress.get("wait_for_workers", "?"), 20), P.one_line(progress.get("ready", "?"), 20),
+                 limit, msg.type)
         return True
 
     def _heartbeats(self) -> None:
