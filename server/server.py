@@ -1199,11 +1199,9 @@ class ParameterServer:
         asked: one that left since would have the next ones start the run alone, one by one."""
         if self.started:
             return
-        waiting = self._ready_trainers()
-        if not waiting:
+        ready, waited = self._at_start_barrier(now)
+        if not ready:
             return
-        ready = len(waiting)
-        waited = now - min(p.parked_since for p in waiting)
         if ready < self.cfg.wait_for_workers and waited < self.cfg.start_timeout:
             return
         self.started = True
@@ -1216,13 +1214,10 @@ class ParameterServer:
         self.writer.log("started", trainers=ready, waited_s=round(waited, 3), version=self.store.version)
         self._release_parked(now)
 
-    def _start_in(self, now: float) -> float | None:
-        """Seconds before --start-timeout lifts the start barrier; None when none holds a trainer (a
-        worker at the barrier could say only "or its --start-timeout", not how long that was)."""
-        waiting = [] if self.started else self._ready_trainers()
-        if not waiting:
-            return None
-        return round(max(0.0, self.cfg.start_timeout - (now - min(p.parked_since for p in waiting))), 1)
+    def _at_start_barrier(self, now: float) -> tuple[int, float]:
+        """The trainers waiting at the start barrier, and how long the first of them has waited."""
+        waiting = self._ready_trainers()
+        return len(waiting), (now - min(p.parked_since for p in waiting)) if waiting else 0.0
 
     # ================================================================== evaluator
     def _on_pull(self, peer: Peer, msg: P.Message, now: float) -> None:
@@ -1857,6 +1852,7 @@ class ParameterServer:
         if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
         last = self.newest_evaluation
+        ready, waited = (0, 0.0) if self.started else self._at_start_barrier(now)
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
                 # pscnn run stops a server that has "finished" (a resumed finished run's linger): not
                 # while it draws the plots, which its grace before SIGKILL cut short
@@ -1867,8 +1863,10 @@ class ParameterServer:
                 "loss": self._mean_loss(),
                 "test_accuracy": last["test_accuracy"] if last else None,
                 "eval_version": last["version"] if last else None,
-                "started": self.started, "ready": 0 if self.started else len(self._ready_trainers()),
-                "wait_for_workers": self.cfg.wait_for_workers, "start_in_s": self._start_in(now),
+                "started": self.started, "ready": ready, "wait_for_workers": self.cfg.wait_for_workers,
+                # seconds before --start-timeout lifts the barrier: a worker at it could say only
+                # "or its --start-timeout", not how long that was
+                "start_in_s": round(max(0.0, self.cfg.start_timeout - waited), 1) if ready else None,
                 "round_members": len(self.round_members),
                 "round_arrived": len(self.round_arrived),
                 "trainers": self.role_counts["trainer"], "evaluators": self.role_counts["evaluator"],
