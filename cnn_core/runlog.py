@@ -435,9 +435,7 @@ def _repair_and_last_seconds(path: Path) -> float:
 
     def complete_lines():
         nonlocal end
-        for line in fh:
-            if not line.endswith(b"\n"):     # the torn last line, if any
-                return
+        for line in _complete_lines(fh, b"\n"):    # not the torn last line, if any
             end += len(line)
             yield line.decode("utf-8", errors="replace")
 
@@ -456,7 +454,16 @@ def _repair_and_last_seconds(path: Path) -> float:
 
 
 # --------------------------------------------------------------------------- reading
-def iter_metrics(path, kinds=None, *, quiet: bool = False):
+def _complete_lines(lines, newline="\n"):
+    """``lines`` up to the first that does not end with ``newline``: one still being written, or
+    torn.  Not past it: read on, a line completed meanwhile would come as its missing end alone."""
+    for line in lines:
+        if not line.endswith(newline):
+            return
+        yield line
+
+
+def iter_metrics(path, kinds=None, *, quiet: bool = False, growing: bool = False):
     """The records of a ``metrics.jsonl`` file (or of the one in a run folder ``path``), one at a
     time; ``kinds``: only the records of these kinds.  A week-long server's file holds gigabytes
     of step records: read whole, as dicts, it takes about 7.5 times its size in memory.
@@ -465,6 +472,9 @@ def iter_metrics(path, kinds=None, *, quiet: bool = False):
     torn last line of a run that was killed) is skipped with a warning rather
     than making the whole history unreadable (``quiet``: without, for a file read again).
     With ``kinds``, a line that cannot hold a record of those kinds is not parsed (nor warned of).
+    ``growing``: the file may be appended to meanwhile (the server's plot thread reads it while the
+    server logs its clients' goodbyes): reading stops before a last line without its newline,
+    half written, without a warning.
     """
     path = Path(path)
     if path.is_dir():
@@ -473,7 +483,7 @@ def iter_metrics(path, kinds=None, *, quiet: bool = False):
     if kinds is not None and not isinstance(kinds, str) and all(isinstance(kind, str) for kind in kinds):
         spelled = tuple(json.dumps(kind, ensure_ascii=False) for kind in kinds)
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for record in _parse_lines(fh, path, quiet, spelled):
+        for record in _parse_lines(_complete_lines(fh) if growing else fh, path, quiet, spelled):
             if kinds is None or record.get("kind") in kinds:
                 yield record
 
@@ -521,6 +531,10 @@ def make_plots(out_dir) -> list[Path]:
     for this one's.  Returns the paths written; ``[]`` when matplotlib is not
     installed.  Never raises: plots are a by-product,
     so any error is logged as a warning and the run goes on.
+
+    metrics.jsonl is read as a file still growing (``iter_metrics``'s ``growing``): the server
+    draws them in a thread while it logs its clients' goodbyes, and a line half written then is
+    no malformed record to warn of.
     """
     mpl_log = logging.getLogger("matplotlib")
     if mpl_log.level == logging.NOTSET:
@@ -645,7 +659,7 @@ def _learning_curves(metrics_path: Path) -> tuple[list, list, list, bool]:
     records' ``train_seconds``), else the run clock (``seconds``)."""
     curves = loss, acc_by_step, acc_by_time = tuple(_ThinnedCurve(CURVE_POINTS) for _ in range(3))
     training_clock = False
-    for r in iter_metrics(metrics_path):
+    for r in iter_metrics(metrics_path, growing=True):
         kind = r.get("kind")
         updates = _updates(r)
         resumed_at = _resumed_at(r)
@@ -898,7 +912,7 @@ class _TimelineTally:
     def __init__(self, metrics_path: Path, quiet: bool = False):
         self.totals = dict.fromkeys(TIMELINE_PARTS, 0.0)
         self.workers: dict[str, dict] = {}
-        for worker, spans, order in _worker_spans(iter_metrics(metrics_path, quiet=quiet)):
+        for worker, spans, order in _worker_spans(iter_metrics(metrics_path, quiet=quiet, growing=True)):
             tally = self.workers.setdefault(worker, {"spans": 0, "computes": 0, "order": order})
             tally["order"] = min(tally["order"], order)
             if spans:
@@ -944,8 +958,9 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     first, last, computes = (tally.workers[busiest][key] for key in ("first", "last", "computes"))
     shown = [first]
     if computes:
-        busiest_computes = (start for worker, spans, _ in _worker_spans(iter_metrics(metrics_path, quiet=True))
-                            if worker == busiest for start, _, part in spans if part == "compute")
+        pushes = _worker_spans(iter_metrics(metrics_path, quiet=True, growing=True))
+        busiest_computes = (start for worker, spans, _ in pushes if worker == busiest
+                            for start, _, part in spans if part == "compute")
         shown = list(itertools.islice(busiest_computes, computes // 2, computes // 2 + cycles_shown + 1))
     # The typical cycle there, not the run's mean: a server's restart or a worker's absence
     # would stretch the mean, and a slower start of the run the median over all of it, to far
@@ -957,7 +972,7 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
         t0, t1 = first, last
     workers = sorted(tally.workers, key=_natural_order)[:max_workers]
     bars = {(worker, part): [] for worker in workers for part in TIMELINE_PARTS}
-    for worker, spans, _ in _worker_spans(iter_metrics(metrics_path, quiet=True)):
+    for worker, spans, _ in _worker_spans(iter_metrics(metrics_path, quiet=True, growing=True)):
         for s, e, p in spans:
             if e > t0 and s < t1 and (worker, p) in bars:
                 bars[worker, p].append((max(s, t0), min(e, t1) - max(s, t0)))
