@@ -844,24 +844,32 @@ def _pushes(records):
             yield worker, answered, arrived, compute, session, place
 
 
+def push_spans(answered: float, arrived: float, compute: float, previous_arrived: float | None) -> list:
+    """One push's :func:`time_split` spans, those longer than 0: the wait on the server since
+    ``previous_arrived`` (the worker's previous push's arrival; None where it has none since the
+    server or the worker last started), then network, computation, network.  The server counts
+    summary.json's ``worker_seconds`` with it as it applies each push, as timeline.png's title
+    counts them from the step records."""
+    spans = []
+    if previous_arrived is not None and answered >= previous_arrived:
+        spans.append((previous_arrived, answered, "server"))
+    compute = min(compute, arrived - answered)
+    travel = (arrived - answered - compute) / 2
+    spans += [(answered, answered + travel, "network"), (answered + travel, arrived - travel, "compute"),
+              (arrived - travel, arrived, "network")]
+    return [span for span in spans if span[1] > span[0]]
+
+
 def _worker_spans(records):
-    """:func:`time_split`'s spans, one push at a time: ``(worker, spans, order)``, ``spans`` the
-    wait on the server since the worker's previous push (if any) and this push's network and
-    computation, those longer than 0; ``order`` the push's place in the file."""
+    """:func:`time_split`'s spans, one push at a time: ``(worker, spans, order)``, ``spans``
+    :func:`push_spans`'; ``order`` the push's place in the file."""
     previous: dict[str, tuple] = {}     # worker -> (its last push's arrival, session)
     for worker, answered, arrived, compute, session, order in _pushes(records):
-        spans = []
         # The answer to the previous push, unless the server restarted or the worker joined anew
         # in between: then the worker was gone (dead, restarting), not waiting on the server.
         last_arrived, last_session = previous.get(worker, (None, None))
-        if last_session == session and answered >= last_arrived:
-            spans.append((last_arrived, answered, "server"))
-        compute = min(compute, arrived - answered)
-        travel = (arrived - answered - compute) / 2
-        spans += [(answered, answered + travel, "network"), (answered + travel, arrived - travel, "compute"),
-                  (arrived - travel, arrived, "network")]
         previous[worker] = (arrived, session)
-        yield worker, [span for span in spans if span[1] > span[0]], order
+        yield worker, push_spans(answered, arrived, compute, last_arrived if last_session == session else None), order
 
 
 def time_split(records) -> dict:
@@ -909,10 +917,10 @@ class _TimelineTally:
     count, first start, last end and first push's place in the file.  A few numbers a worker,
     whatever the run's length (:func:`time_split` holds every span)."""
 
-    def __init__(self, metrics_path: Path, quiet: bool = False):
+    def __init__(self, metrics_path: Path):
         self.totals = dict.fromkeys(TIMELINE_PARTS, 0.0)
         self.workers: dict[str, dict] = {}
-        for worker, spans, order in _worker_spans(iter_metrics(metrics_path, quiet=quiet, growing=True)):
+        for worker, spans, order in _worker_spans(iter_metrics(metrics_path, growing=True)):
             tally = self.workers.setdefault(worker, {"spans": 0, "computes": 0, "order": order})
             tally["order"] = min(tally["order"], order)
             if spans:
@@ -926,15 +934,18 @@ class _TimelineTally:
         self.workers = {worker: tally for worker, tally in self.workers.items() if tally["spans"]}
 
 
-def worker_time_shares(run_dir) -> dict | None:
+def worker_time_shares(worker_seconds) -> dict | None:
     """The whole run's split of its workers' time, as timeline.png's title gives it: ``{part:
-    fraction}`` over TIMELINE_PARTS, from the run folder's metrics.jsonl in one pass.  None where
-    there is nothing to split: no file or an unreadable one, no push in it (``pscnn train``)."""
-    try:
-        tally = _TimelineTally(Path(run_dir) / METRICS_FILE, quiet=True)
-    except OSError:
+    fraction}`` over TIMELINE_PARTS, from summary.json's ``worker_seconds`` (the server's running
+    totals: reading metrics.jsonl took 31 s for a million step records).  None where there is
+    nothing to split: no such totals (a summary from before them, or of a run resumed from a
+    checkpoint from before them), no push counted."""
+    if not isinstance(worker_seconds, dict):
         return None
-    return _shares(tally.totals) if tally.workers else None
+    totals = {part: _number(worker_seconds.get(part)) for part in TIMELINE_PARTS}
+    if any(t is None or t < 0 for t in totals.values()) or not sum(totals.values()):
+        return None
+    return _shares(totals)
 
 
 def time_shares_text(shares: dict) -> str:

@@ -842,7 +842,7 @@ def _print_report(s: dict, summary_path: Path) -> None:
     print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
     # Where the workers' time went (timeline.png's title): a sync round's waiting, async's none, a
     # round held up by a dead worker, were seen only in the plot or by summing metrics.jsonl by hand.
-    shares = worker_time_shares(summary_path.parent)
+    shares = worker_time_shares(s.get("worker_seconds"))
     if shares is not None:
         print(f"  workers' time      {time_shares_text(shares)}")
     # ssp's bound is in pushes ahead of the slowest worker, staleness in versions applied since the

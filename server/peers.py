@@ -66,6 +66,7 @@ class Peer:
     told_to_stop: bool = False
     replied_at: float = 0.0             # when the server last answered it (time.monotonic())
     push_window: tuple = (0.0, 0.0)     # its current push: (the answer before it, its arrival)
+    last_applied_arrival: float | None = None   # its last push applied: arrival, as in the step records' timeline
     pulled: tuple | None = None         # evaluator: (version, training clock) of the weights it was sent last
     key: str | None = None              # CURVE: the Z85 public key it joined with, bound to its id (None: plain)
 

@@ -13,7 +13,7 @@ from cnn_core.checkpoint import load_checkpoint
 from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, PscnnError
 from cnn_core.model import PRESETS, build_model
-from cnn_core.runlog import METRICS_FILE, SUMMARY_FILE, iter_metrics
+from cnn_core.runlog import METRICS_FILE, SUMMARY_FILE, TIMELINE_PARTS, iter_metrics
 from cnn_core.text import for_count
 from pscnn.cli import MAX_SEED, MODES
 
@@ -334,6 +334,16 @@ def _checked_meta(cfg: ServerConfig, path: str, meta: dict, model, optimizer) ->
         counts[key] = {k: _int(v, f"extra.{key}[{_show(k)}]")
                        for k, v in _mapping(extra.get(key, {}), f"extra.{key}").items()}
     lease_requeues = _int(extra.get("lease_requeues", 0), "extra.lease_requeues")
+    # absent from checkpoints of earlier versions, and null in those of runs resumed from one: the
+    # workers' time before is not known, and summary.json says so (null) rather than count part of it
+    worker_seconds = extra.get("worker_seconds")
+    if worker_seconds is not None:
+        worker_seconds = _mapping(worker_seconds, "extra.worker_seconds")
+        if set(worker_seconds) != set(TIMELINE_PARTS):
+            raise _Bad("extra.worker_seconds", f"must have the keys {', '.join(TIMELINE_PARTS)}, "
+                       f"got {_show(sorted(worker_seconds))}")
+        worker_seconds = {part: _number(worker_seconds[part], f"extra.worker_seconds.{part}")
+                          for part in TIMELINE_PARTS}
     evaluations = []
     # absent from checkpoints of earlier versions, which kept every record
     thinned_through = _int(extra.get("evaluations_thinned_through", -1), "extra.evaluations_thinned_through",
@@ -358,7 +368,8 @@ def _checked_meta(cfg: ServerConfig, path: str, meta: dict, model, optimizer) ->
             "contributors_count": contributors_count, "peer_ids": peer_ids, "workers_most": workers_most,
             "evaluations": evaluations, "run_id": run_id,
             "evaluations_thinned_through": thinned_through, "warnings": warnings,
-            "lease_requeues": lease_requeues, "final_eval": _checked_final_eval(extra, model.num_classes),
+            "lease_requeues": lease_requeues, "worker_seconds": worker_seconds,
+            "final_eval": _checked_final_eval(extra, model.num_classes),
             "optimizer": saved_opt if changed and finished else None, **counts}
 
 

@@ -69,7 +69,7 @@ from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.metrics import thin_evaluations, time_to_accuracy
 from cnn_core.model import resolve_spec
 from cnn_core.optim import build_optimizer
-from cnn_core.runlog import RunWriter, make_plots, read_metrics, without_lost_updates
+from cnn_core.runlog import TIMELINE_PARTS, RunWriter, make_plots, push_spans, read_metrics, without_lost_updates
 from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
@@ -218,6 +218,10 @@ class ParameterServer:
         self.workers_before = 0
         self.samples_applied = 0
         self.staleness = Counter()
+        # The workers' time, seconds per TIMELINE_PARTS part, summed as each push is applied (summary.json's
+        # worker_seconds, pscnn run's report): reading metrics.jsonl at the end took 31 s for a million
+        # step records.  None after a --resume from a checkpoint that did not count them.
+        self.worker_seconds: dict | None = dict.fromkeys(TIMELINE_PARTS, 0.0)
         self.evaluations: list[dict] = []
         self._evaluation_at: dict[int, int] = {}    # version -> its record's index in evaluations
         # The newest version whose record the history's bound thinned out (-1: none): every version
@@ -1060,6 +1064,7 @@ class ParameterServer:
             self.staleness[s] += 1
         self.samples_applied += samples
         self.rate_window.append((now, self.samples_applied))
+        timeline = self._timeline(contributions)
         if self.cfg.log_steps:
             timings = [body["timing"] for _, body in contributions]
             mean = {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in P.TIMING_FIELDS}
@@ -1069,7 +1074,7 @@ class ParameterServer:
                 batches=[[body["epoch"], body["batch"]] for _, body in contributions],
                 loss=sum(body["loss"] for _, body in contributions) / len(contributions),
                 accuracy=sum(body["correct"] for _, body in contributions) / max(samples, 1),
-                staleness=staleness, **mean, timeline=self._timeline(contributions))
+                staleness=staleness, **mean, timeline=timeline)
         if self.work.done and self.t_train_end is None:
             self.t_train_end = now
             log.info("training finished: %d %s, %d %s applied", self.store.version,
@@ -1085,11 +1090,22 @@ class ParameterServer:
         worker, when this push arrived) and the worker's own compute time for it.  Between
         answer and arrival the worker computed, and its messages travelled; from arrival to
         the next answer it waited on the server (a sync round, the update).  The run
-        folder's timeline.png is drawn from these (:func:`cnn_core.runlog.make_plots`)."""
+        folder's timeline.png is drawn from these (:func:`cnn_core.runlog.make_plots`).
+        Each push's spans are added to :attr:`worker_seconds` here, from the same figures, so
+        that the report's split is the plot title's."""
         offset = self.writer.seconds - time.monotonic()
-        return [[p.name, round(p.push_window[0] + offset, 4), round(p.push_window[1] + offset, 4),
-                 round(body["timing"].get("compute_s", 0.0), 4)]
-                for p, body in contributions if p is not None and p.push_window[0] > 0]
+        timeline = []
+        for p, body in contributions:
+            if p is None or p.push_window[0] <= 0:
+                continue
+            entry = [p.name, round(p.push_window[0] + offset, 4), round(p.push_window[1] + offset, 4),
+                     round(body["timing"].get("compute_s", 0.0), 4)]
+            timeline.append(entry)
+            if self.worker_seconds is not None:
+                for start, end, part in push_spans(*entry[1:], p.last_applied_arrival):
+                    self.worker_seconds[part] += end - start
+            p.last_applied_arrival = entry[2]
+        return timeline
 
     # ---------------------------------------------------------------- sync (BSP)
     def _push_sync(self, peer: Peer, msg: P.Message, grads: dict, state: dict, now: float) -> None:
@@ -1608,6 +1624,7 @@ class ParameterServer:
             "batch_size": self.cfg.batch_size, "model": self.cfg.model, "optimizer": self.store.optimizer.config(),
             "rejected_messages": dict(self.rejected), "lease_requeues": self.work.requeued_total,
             "peers_dropped": dict(sorted(self.drops.items())),
+            "worker_seconds": self.worker_seconds,
             "device": "cpu (server)", "config": self.cfg.to_json(),
             "status": "diverged" if self.failure else "complete", "error": self.failure,
         }
@@ -1700,7 +1717,7 @@ class ParameterServer:
                      self.clients_before if time.monotonic() - self.t_start < self.cfg.peer_timeout else ())),
                  # what the run survived so far (summary.json's), not only since the last restart
                  "peers_dropped": dict(self.drops), "lease_requeues": self.work.requeued_total,
-                 "rejected_messages": dict(self.rejected),
+                 "rejected_messages": dict(self.rejected), "worker_seconds": self.worker_seconds,
                  "train_seconds": self._train_clock(time.monotonic()),
                  "wall_seconds": self._wall_clock(time.monotonic()), "mode": self.cfg.mode,
                  "seed": self.cfg.seed, "run_id": self.run_id}
@@ -1779,6 +1796,7 @@ class ParameterServer:
         self.drops = Counter(checked["peers_dropped"])
         self.work.requeued_total = checked["lease_requeues"]
         self.rejected = Counter(checked["rejected_messages"])
+        self.worker_seconds = checked["worker_seconds"]
         self.train_seconds_before = checked["train_seconds"]
         self.wall_seconds_before = checked["wall_seconds"]
         if self.work.done:              # trained to the end already: this incarnation trains for 0 s

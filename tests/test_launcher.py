@@ -1365,19 +1365,17 @@ def test_the_final_report_of_an_ssp_run_gives_its_staleness_bound(tmp_path, caps
 def test_the_final_report_says_where_the_workers_time_went(tmp_path, capsys):
     """A sync round's waiting on its slowest member (and a round held up by a dead worker) showed
     only in timeline.png's title, or by summing metrics.jsonl's step records by hand: the report
-    now gives the same split.  Two rounds: worker-0 computes 0.08 s, worker-1 0.18 s, each 0.02 s
-    on the way, and worker-0 waits 0.1 s for the second round: 0.52 s, 0.08 s and 0.1 s of 0.7 s."""
-    steps = [[["worker-0", 0.0, 0.1, 0.08], ["worker-1", 0.0, 0.2, 0.18]],
-             [["worker-0", 0.2, 0.3, 0.08], ["worker-1", 0.2, 0.4, 0.18]]]
-    (tmp_path / "metrics.jsonl").write_text("".join(
-        json.dumps({"kind": "step", "version": version, "timeline": timeline}) + "\n"
-        for version, timeline in enumerate(steps, 1)))
-    out = report_of(tmp_path, capsys)
+    now gives the same split, from summary.json's worker_seconds (it read all of metrics.jsonl at
+    the end, 31 s for a million step records).  0.52 s computing, 0.08 s network, 0.1 s waiting."""
+    out = report_of(tmp_path, capsys, worker_seconds={"compute": 0.52, "network": 0.08, "server": 0.1})
     assert "  workers' time      74% computing, 11% network, 14% waiting on the server\n" in out, out
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "step": 2}) + "\n")   # pscnn train's
-    assert "workers' time" not in report_of(tmp_path, capsys)
-    (tmp_path / "metrics.jsonl").unlink()
-    assert "workers' time" not in report_of(tmp_path, capsys)
+    # metrics.jsonl is not read: a step record's timeline there makes no line without the totals
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(
+        {"kind": "step", "version": 1, "timeline": [["worker-0", 0.0, 0.1, 0.08]]}) + "\n")
+    assert "workers' time" not in report_of(tmp_path, capsys)             # a summary from before the field
+    assert "workers' time" not in report_of(tmp_path, capsys, worker_seconds=None)     # not known for the run
+    no_push = {"compute": 0.0, "network": 0.0, "server": 0.0}
+    assert "workers' time" not in report_of(tmp_path, capsys, worker_seconds=no_push)
 
 
 def test_the_final_report_gives_the_staleness_counts(tmp_path, capsys):

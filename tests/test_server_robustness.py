@@ -35,10 +35,11 @@ from cnn_core.checkpoint import load_checkpoint, save_checkpoint
 from cnn_core.config import nests_within
 from cnn_core.errors import CheckpointError, ConfigError
 from cnn_core.model import build_model
+from cnn_core import runlog
 from cnn_core.runlog import read_metrics
 from pscnn import curve
 from pscnn import protocol as P
-from pscnn.launcher import LocalCluster, child_env, free_port, query_status, wait_for
+from pscnn.launcher import LocalCluster, child_env, free_port, print_report, query_status, wait_for
 from pscnn.names import routing_id
 from server.server import ParameterServer
 
@@ -920,6 +921,64 @@ def _push_all(server: InProcess, raw: Raw) -> int:
         applied += reply.body["ack"]["applied"]
     assert reply.type == P.STOP, reply.body
     return applied
+
+
+def _take_turns(server: InProcess, pushes: int) -> None:
+    """Two new trainers pushing in turn, each holding a batch while the other pushes."""
+    raws = [_trainer(server), _trainer(server)]
+    tasks = [server.call(raw, P.WORK) for raw in raws]
+    weights = tasks[0].arrays
+    for turn in range(pushes):
+        i = turn % 2
+        tasks[i] = server.call(raws[i], P.PUSH, push_body(tasks[i], timing={"compute_s": 1e-4}), grads_like(weights))
+        assert tasks[i].type == P.TASK and tasks[i].body["ack"]["applied"], tasks[i].body
+
+
+def test_the_summary_counts_the_workers_time_as_the_timeline_does_across_a_resume(in_process, capsys):
+    """pscnn run's report read all of metrics.jsonl at its end for its "workers' time" line, 31 s
+    a million step records.  The server sums each push's spans as it applies it, carries the sums
+    in its checkpoint, and summary.json's worker_seconds are what timeline.png's title counts
+    from the step records, over both incarnations of a resumed run; the report reads them."""
+    first = in_process(train_limit=1920)                # 30 batches: no epoch boundary to wait at
+    _take_turns(first, 8)
+    assert first.srv._checkpoint()                      # at version 8: no update lost to the restart
+    first.srv.writer.close()
+    again = in_process(Path(first.srv.cfg.out), train_limit=1920, resume=True)
+    _take_turns(again, 10)
+    srv = again.srv
+    srv._write_summary(time.monotonic())
+    srv.writer.flush()
+    tally = runlog._TimelineTally(Path(srv.cfg.out) / "metrics.jsonl")
+    assert len(tally.workers) == 4                     # two trainers in each incarnation
+    summary = json.loads((Path(srv.cfg.out) / "summary.json").read_text())
+    assert summary["worker_seconds"] == pytest.approx(tally.totals, rel=1e-9, abs=0)
+    assert sum(tally.totals.values()) > 0, tally.totals               # pushes were counted
+    print_report(Path(srv.cfg.out) / "summary.json")
+    assert f"  workers' time      {runlog.time_shares_text(runlog._shares(tally.totals))}\n" in capsys.readouterr().out
+
+
+def test_a_run_resumed_from_a_checkpoint_that_did_not_count_the_workers_time_says_it_is_unknown(in_process,
+                                                                                                 capsys):
+    """A checkpoint from before worker_seconds: the time before it is not known, so summary.json's
+    worker_seconds is null (not this incarnation's part passed off as the run's), the checkpoints
+    after it say so too, and the report leaves its "workers' time" line out."""
+    first = in_process(train_limit=1920)
+    _take_turns(first, 4)
+    assert first.srv._checkpoint()
+    first.srv.writer.close()
+    path = Path(first.srv.cfg.out) / "checkpoint.npz"
+    arrays, meta = load_checkpoint(path)
+    del meta["extra"]["worker_seconds"]
+    save_checkpoint(path, arrays, meta)
+    again = in_process(Path(first.srv.cfg.out), train_limit=1920, resume=True)
+    _take_turns(again, 4)
+    again.srv._write_summary(time.monotonic())
+    assert json.loads((Path(again.srv.cfg.out) / "summary.json").read_text())["worker_seconds"] is None
+    assert again.srv._checkpoint()
+    assert load_checkpoint(path)[1]["extra"]["worker_seconds"] is None
+    print_report(Path(again.srv.cfg.out) / "summary.json")
+    out = capsys.readouterr().out
+    assert "  updates            8  (" in out and "workers' time" not in out, out
 
 
 def test_a_paused_run_does_not_rewrite_an_unchanged_checkpoint(in_process, caplog):
