@@ -490,14 +490,20 @@ def test_an_evaluator_scores_the_runs_test_limit_unless_given_its_own(fake, eval
         assert report.body["metrics"]["count"] == count
 
 
-def test_an_evaluator_that_rejoins_scores_the_new_servers_test_limit(fake, evaluator):
+def test_an_evaluator_that_rejoins_scores_the_new_servers_test_limit(fake, evaluator, caplog):
     """A server restarted with --resume may have another --test-limit: the evaluator kept scoring
-    the first server's test set, and the run's final figures came from it."""
-    server = fake(hello=[welcome(run={**RUN, "test_limit": 50}), welcome(run={**RUN, "test_limit": 80})],
+    the first server's test set, and the run's final figures came from it.  It scores the new one,
+    and says so once: its join line ("scoring 50 test images") was the last word on the count."""
+    server = fake(hello=[welcome(run={**RUN, "test_limit": 50}), welcome(run={**RUN, "test_limit": 80}),
+                         welcome(run={**RUN, "test_limit": 80})],
                   pull=[pull_reply(False, PARAMS, version=5), error("unknown_worker", "who?"),
-                        pull_reply(True, PARAMS, version=2)], eval_report=[ACK])
-    assert evaluator(server, test_limit=0) == 0
-    assert [r.body["metrics"]["count"] for r in server.of_type(P.EVAL_REPORT)] == [50, 80]
+                        pull_reply(False, PARAMS, version=2), error("unknown_worker", "who?"),
+                        pull_reply(True, PARAMS, version=1)], eval_report=[ACK])
+    with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
+        assert evaluator(server, test_limit=0) == 0
+    assert [r.body["metrics"]["count"] for r in server.of_type(P.EVAL_REPORT)] == [50, 80, 80]
+    said = [r.getMessage() for r in caplog.records if "test images" in r.getMessage()]
+    assert said[1:] == ["the server's run scores 80 test images (50 before); scoring those from now on"], said
 
 
 def test_an_evaluator_does_not_score_weights_the_server_has_scored_already(fake, evaluator):

@@ -184,7 +184,11 @@ def _rejoined(welcome: P.Message, device: str, test_limit: int, mnist_dir, held:
     """(model, test set) for a new server's welcome: its model, and its run's test set (a server
     resumed with another --test-limit scores another one)."""
     test = _test_set(check_run(welcome.body["run"]), test_limit, mnist_dir, held)
-    return model_from_welcome(welcome.body["model"], device, data=(test.x, test.y)), test
+    model = model_from_welcome(welcome.body["model"], device, data=(test.x, test.y))
+    if test is not held:        # the join line named the old count; the figures from now on are of this one
+        log.info("the server's run scores %d test images (%d before); scoring those from now on",
+                 len(test.y), len(held.y))
+    return model, test
 
 
 class FinalReportRefused(PscnnError):
