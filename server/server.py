@@ -1710,10 +1710,12 @@ class ParameterServer:
                  "evaluations": self.evaluations, "evaluations_thinned_through": self._evaluations_thinned_through,
                  "contributors": self.contributors, "contributors_count": self.contributors.count,
                  "workers_most": self.workers_most,
-                 # who a --resume will hear from again (see clients_before): the peers, and for a while
-                 # after a restart those of before not back yet (a server killed again before they
+                 # who a --resume will hear from again (see clients_before): the peers, those declared
+                 # dead (stopped or cut off, not gone: they come back, a finished run's too), and for a
+                 # while after a restart those of before not back yet (a server killed again before they
                  # came back), no longer (a client gone for good is not carried from one to the next)
                  "peer_ids": sorted(set(self.peers).union(
+                     (wid for wid, gone in self.dropped.items() if gone.why.startswith("declared dead")),
                      self.clients_before if time.monotonic() - self.t_start < self.cfg.peer_timeout else ())),
                  # what the run survived so far (summary.json's), not only since the last restart
                  "peers_dropped": dict(self.drops), "lease_requeues": self.work.requeued_total,

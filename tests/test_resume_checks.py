@@ -695,6 +695,42 @@ def test_a_resumed_server_asks_the_runs_clients_to_rejoin_without_counting_them_
         again.srv.writer.close()
 
 
+def test_a_resumed_server_asks_a_client_declared_dead_before_its_checkpoint_to_rejoin(tmp_path, caplog):
+    """An evaluator stopped (SIGSTOP) past --peer-timeout was declared dead, the run finished and its
+    server exited; resumed, the server logged each message of the evaluator, continued, as a WARNING
+    "rejected message ... unknown worker id" (twice, and counted in rejected_messages): the checkpoint
+    named only the peers still there.  It names those declared dead too: the resumed server asks the
+    evaluator to say hello again, in one INFO line, uncounted."""
+    first = InProcess(tmp_path / "run", epochs=1)
+    try:
+        _push_all(first, _trainer(first))
+        evaluator = _evaluator(first)
+        first.srv._housekeeping(time.monotonic() + first.srv.cfg.peer_timeout + 1)
+        assert first.srv.dropped[evaluator.wid].why.startswith("declared dead")
+        assert first.srv._checkpoint()
+    finally:
+        first.close()
+        first.srv.writer.close()
+    again = InProcess(tmp_path / "run", epochs=1, resume=True)
+    try:
+        back = Raw(again.endpoint, evaluator.wid)
+        again.raws.append(back)
+        caplog.clear()          # the first server's lines (the evaluator declared dead)
+        with caplog.at_level(logging.INFO, logger="pscnn.server"):
+            replies = [again.call(back, P.HEARTBEAT), again.call(back, P.PULL, {"have_version": 3})]
+        assert [(r.type, r.body["code"]) for r in replies] == [(P.ERROR, "unknown_worker")] * 2
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if evaluator.wid in r.getMessage()]
+        assert lines == [(logging.INFO, f"a client of the run before the restart: {evaluator.wid} (heartbeat); "
+                                        "told to say hello again")], lines
+        assert not again.srv.rejected
+        # joined again, it is told the run is over
+        assert again.call(back, P.HELLO, {"role": "evaluator", "name": "e"}).type == P.WELCOME
+        assert again.call(back, P.PULL, {"have_version": -1}).body["done"]
+    finally:
+        again.close()
+        again.srv.writer.close()
+
+
 # ---------------------------------------------------------------- pscnn server --auto-resume (Compose's)
 
 def test_auto_resume_continues_an_unfinished_run(run, server_cli, caplog):
