@@ -527,6 +527,36 @@ def test_a_heartbeat_unanswered_is_an_info_line_saying_what_next(sim, caplog, do
     assert lines == [(logging.INFO, said), (logging.INFO, "server answers heartbeats again (silent for 2.0 s)")], lines
 
 
+def test_a_heartbeat_unanswered_while_this_process_was_stopped_is_not_called_the_servers_silence(sim, caplog):
+    """A client stopped (SIGSTOP, Ctrl-Z) while it awaited a heartbeat's answer, then continued, found
+    its wait over before it could read the answer, and logged "server did not answer a heartbeat",
+    then "server answers heartbeats again (silent for 32.2 s)": its own stop, blamed on the server.
+    Its clock says it did not run (the pass took 30 s more than two periods): it says that instead."""
+    client, net = sim(100)
+    client.heartbeat_s = 1.0
+    client._closing = StopAfter(4)
+    waits = client._closing.wait
+    client._closing.wait = lambda timeout=None: net.advance(timeout) or waits(timeout)     # a period between beats
+    heard: set = set()
+
+    def server(sock, timeout_ms):           # answers each heartbeat; the first one's answer while we were stopped
+        n = len(net.sent)
+        if n == 1 and n not in heard:
+            heard.add(n)
+            net.advance(30.0)               # stopped: the answer is read only at the next heartbeat
+            return
+        if n not in heard:
+            heard.add(n)
+            sock.inbox.append(reply_frames(P.HEARTBEAT, 0, {"done": False}))
+    net.on_poll = server
+    with caplog.at_level(logging.DEBUG, logger="pscnn.client"):
+        client._heartbeats()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert lines == [(logging.INFO, "this process did not run for 29.3 s or more (stopped or suspended) while it "
+                                    "awaited a heartbeat's answer; not counted as the server's silence")], lines
+    assert client.heard_at > 0
+
+
 # ================================================================ against a real ZeroMQ socket
 
 class Router:

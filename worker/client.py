@@ -488,6 +488,7 @@ class Client:
         sock = open_socket()
         frames = P.encode(P.Message(P.HEARTBEAT, self.wid, 0, {}))
         silent_since = None
+        waited_from = time.monotonic()          # when this pass's wait for the period began
         try:
             while not self._closing.wait(self.heartbeat_s):
                 try:
@@ -495,6 +496,7 @@ class Client:
                 except zmq.Again:               # its connection dropped for good (see _send): a new one
                     sock.close(linger=0)
                     sock = open_socket()
+                    waited_from = time.monotonic()
                     continue
                 sent_at = time.monotonic()
                 answered = self._heartbeat_answered(sock)
@@ -522,11 +524,19 @@ class Client:
                             self.server_done.set()
                         else:                   # a restarted server trains again
                             self.server_done.clear()
+                # A pass is a period's wait and at most a period for the answer; any longer, and this
+                # process did not run (SIGSTOP, Ctrl-Z, a suspended VM): an answer it could not read
+                # in time is not the server's silence
+                paused_s = time.monotonic() - waited_from - 2 * self.heartbeat_s
+                waited_from = time.monotonic()
                 if answered:
                     self.heard_at = time.monotonic()
                     if silent_since is not None:
                         log.info("server answers heartbeats again (silent for %.1f s)", self.heard_at - silent_since)
                     silent_since = None
+                elif silent_since is None and not forgotten and paused_s > STALL_S:
+                    log.info("this process did not run for %.1f s or more (stopped or suspended) while it awaited a "
+                             "heartbeat's answer; not counted as the server's silence", paused_s)
                 elif silent_since is None and not forgotten:
                     # INFO: a server writing a checkpoint or its results, or restarting, misses one
                     # routinely; what matters is said by the request in hand (it gives up after
