@@ -417,6 +417,29 @@ def test_overlap_makes_a_worker_hold_two_leases_in_async_mode_only(fake, mode, f
             in proc.stderr) == (mode == "sync"), proc.stderr
 
 
+@pytest.mark.parametrize("before,after", [("async", "sync"), ("sync", "async")])
+def test_an_overlap_trainer_takes_the_loop_of_the_mode_of_a_server_it_rejoins(fake, connect, caplog, before, after):
+    """A trainer rejoining a new server on its endpoint (a new run, of another --mode) kept the loop
+    chosen at the start: with --overlap, two leases on a sync server, which refused every second work
+    request (1,000 warnings "too_many_leases" on each side for a 1,000-step run, each counted in the
+    run's rejected_messages); or one batch at a time on an async one.  It takes the new mode's loop,
+    and says so."""
+    server = fake(hello=[welcome(run={**RUN, "mode": before}), welcome(run={**RUN, "mode": after}, incarnation="new")],
+                  work=[task(), task(batch=1), task(batch=2), task(batch=3), STOP],
+                  push=[error("unknown_worker", "who?"), STOP])
+    trainer = Trainer(connect(server), compute_ms=0.0, overlap=True)
+    trainer.setup(message(welcome(run={**RUN, "mode": before})))
+    with caplog.at_level(logging.INFO, logger="pscnn.worker"):
+        assert trainer.work() == 0
+    rejoined = max(i for i, m in enumerate(server.received) if m.type == P.HELLO)
+    assert [m.type for m in server.received[rejoined + 1:] if m.type in (P.WORK, P.PUSH)][:3] == \
+        ([P.WORK, P.PUSH] if after == "sync" else [P.WORK, P.WORK, P.PUSH])
+    said = ("the server runs sync now: --overlap applies to async mode only; computing one batch at a time"
+            if after == "sync" else
+            "the server runs async now: computing each batch while the previous push travels (--overlap)")
+    assert said in caplog.messages, caplog.text
+
+
 def test_a_worker_gives_up_after_its_give_up_after(fake):
     server = fake(work=[SILENCE])
     server.heartbeat_reply = lambda: [b"garbage"]       # no answer either: the server is silent

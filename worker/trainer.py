@@ -16,7 +16,8 @@ the server parked a request at the start or a sync barrier or an SSP bound,
 and the time slept on its "wait" replies, as when an async epoch drains).
 
 With ``--overlap`` (async) a trainer holds two leases and computes one batch
-while the push of the other travels (:meth:`Trainer.loop_overlapped`).
+while the push of the other travels (:meth:`Trainer.loop_overlapped`); the
+server's mode decides, again at each rejoin: a new server may run another.
 
 The welcome's run settings and model, and each task, are checked before use: a
 bad welcome ends the worker with one line; a bad task (a field outside the run,
@@ -169,10 +170,15 @@ def _finite_or_none(loss) -> float | None:
     return loss if math.isfinite(loss) else None
 
 
+class _OtherLoop(Exception):
+    """A rejoined server runs in a mode that takes the other loop (see :meth:`Trainer.work`)."""
+
+
 class Trainer:
     def __init__(self, client: Client, device: str = "cpu", mnist_dir: str | None = None,
-                 compute_ms: float | None = None):
+                 compute_ms: float | None = None, overlap: bool = False):
         self.client = client
+        self.overlap = overlap              # --overlap: asked for; the server's mode decides (_overlapped)
         self.device = device
         self.mnist_dir = mnist_dir
         self.compute_ms = compute_ms
@@ -206,6 +212,37 @@ class Trainer:
             check_model_fits(self.model, *self.data)
         self.run = run
         self._epoch_batches = None          # seed, sizes or data may have changed
+
+    def _overlapped(self) -> bool:
+        """Whether this run takes loop_overlapped: --overlap, and a server in async mode (a sync round or
+        an ssp clock counts one batch per worker: a second lease is refused, or waits for ever)."""
+        return self.overlap and self.run.get("mode") == "async"
+
+    def work(self) -> int:
+        """:meth:`loop_overlapped` or :meth:`loop`, as the server's mode asks; a server rejoined in
+        another mode (a new run on the same endpoint) switches to the other.  Returns the exit status."""
+        if self.overlap and not self._overlapped():
+            log.warning("--overlap applies to async mode only; the server runs %s: computing one batch at a time",
+                        P.one_line(self.run.get("mode")))
+        while True:
+            try:
+                return self.loop_overlapped() if self._overlapped() else self.loop()
+            except _OtherLoop:
+                pass
+
+    def _rejoined(self, welcome: P.Message, overlapped: bool) -> None:
+        """Set up for a rejoined server's ``welcome``; _OtherLoop if its mode takes the other loop than
+        the one running (``overlapped``): an --overlap trainer kept two leases on a sync server, which
+        refused every second work request (a warning each, and counted a fault of the run)."""
+        self.setup(welcome)
+        if not self.overlap or self._overlapped() == overlapped:
+            return
+        if overlapped:
+            log.warning("the server runs %s now: --overlap applies to async mode only; computing one batch at "
+                        "a time", P.one_line(self.run.get("mode")))
+        else:
+            log.info("the server runs async now: computing each batch while the previous push travels (--overlap)")
+        raise _OtherLoop
 
     def check_task(self, reply: P.Message) -> dict:
         """The body of a task that fits this run, or BadReply: the wrong reply type, a field out of
@@ -356,7 +393,7 @@ class Trainer:
                 self._add_round_trip(timing, self.check_held(reply))
             except Rejoined as exc:
                 self._failed(failures, exc, push, "asking for new work")    # a server that forgets us every time
-                self.setup(exc.welcome)
+                self._rejoined(exc.welcome, overlapped=False)
                 reply = None
             except (ServerError, BadReply) as exc:
                 self._failed(failures, exc, push, "asking for new work")
@@ -463,7 +500,7 @@ class Trainer:
                     self._sleep_on(reply, timing)
             except Rejoined as exc:                               # the server forgot our leases
                 self._failed(self._failures, exc, push, "asking for new work")
-                self.setup(exc.welcome)
+                self._rejoined(exc.welcome, overlapped=True)
                 tasks, pending, more = [], None, True
 
     def _collect(self, pending, timing: dict) -> P.Message | None:
@@ -496,13 +533,9 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
     try:
         welcome = client.connect()
         log.info("joined %s as %s", endpoint, client.wid)
-        trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms)
+        trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms, overlap=overlap)
         trainer.setup(welcome)
-        overlapped = overlap and trainer.run.get("mode") == "async"
-        if overlap and not overlapped:
-            log.warning("--overlap applies to async mode only; the server runs %s: computing one batch at a time",
-                        P.one_line(trainer.run.get("mode")))
-        return trainer.loop_overlapped() if overlapped else trainer.loop()
+        return trainer.work()
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
     except (SystemExit, KeyboardInterrupt) as exc:   # leave politely: our lease is requeued at once
