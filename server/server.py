@@ -632,13 +632,18 @@ class ParameterServer:
         if gone is None:
             self._reject(rid, msg, _unknown_id(msg.wid))
             return
-        gone.refused += 1
         ago = now - gone.at
-        if gone.refused == 1:
-            self._rejected("unknown_worker", "refusing messages from %s until it says hello again: dropped %.1f s "
-                           "ago (%s)", gone.name, ago, gone.why)
+        if msg.type == P.HEARTBEAT and gone.why.startswith("left") and ago < self.cfg.peer_timeout:
+            # its heartbeat socket's last beat, sent before its goodbye on a connection of its own and
+            # come after it (held up by a reconnect: a client of the run before a --resume): no fault
+            log.debug("a heartbeat from %s after its goodbye (%.1f s ago)", gone.name, ago)
         else:
-            self._rejected("unknown_worker", None)
+            gone.refused += 1
+            if gone.refused == 1:
+                self._rejected("unknown_worker", "refusing messages from %s until it says hello again: dropped "
+                               "%.1f s ago (%s)", gone.name, ago, gone.why)
+            else:
+                self._rejected("unknown_worker", None)
         self._send(rid, P.error("unknown_worker", f"worker id {msg.wid!r} ({gone.name}) was dropped from the run "
                                 f"{ago:.1f} s ago ({gone.why}): send hello to rejoin", msg.seq))
 

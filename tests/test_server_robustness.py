@@ -879,6 +879,28 @@ def test_a_dropped_worker_is_told_why_and_its_burst_of_late_messages_is_logged_o
     assert "was dropped from the run" in server.call(others[2], P.WORK).body["message"]
 
 
+def test_a_heartbeat_that_crosses_a_goodbye_is_answered_without_a_warning(in_process, caplog):
+    """A client's heartbeats go on a socket of their own: its last one, sent before its goodbye,
+    may come after it (held up by a reconnect: an evaluator of the run before a --resume, which
+    rejoins, finds the run scored and leaves at once).  The server logged a WARNING "refusing
+    messages from ... until it says hello again" and counted it in rejected_messages, a fault in
+    the run's report.  Such a heartbeat is answered as before, logged at DEBUG, uncounted; a
+    request after the goodbye, or a heartbeat --peer-timeout later, is still refused as one."""
+    server = in_process()
+    ev = _evaluator(server)
+    assert server.call(ev, P.BYE, {"reason": "final evaluation recorded already"}).type == P.ACK
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        reply = server.call(ev, P.HEARTBEAT)
+    assert reply.type == P.ERROR and reply.body["code"] == "unknown_worker", reply
+    assert not caplog.records and not server.srv.rejected, (caplog.text, server.srv.rejected)
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        assert server.call(ev, P.PULL, {"have_version": -1}).body["code"] == "unknown_worker"
+        server.srv.dropped[ev.wid].at -= server.srv.cfg.peer_timeout
+        assert server.call(ev, P.HEARTBEAT).body["code"] == "unknown_worker"
+    assert [r.levelno for r in caplog.records] == [logging.WARNING], caplog.text
+    assert server.srv.rejected == {"unknown_worker": 2}
+
+
 def test_a_parked_request_answered_too_many_leases_leaves_no_wait_behind(in_process):
     """A request parked (an SSP bound, the start barrier) and then refused a third lease was
     answered: the wait must not be counted again in the held_s of the trainer's next task,
