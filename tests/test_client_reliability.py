@@ -311,6 +311,25 @@ def test_a_give_up_after_shorter_than_the_heartbeat_period_does_not_give_up_on_a
     assert_no_busy_wait(net)
 
 
+def test_a_request_whose_server_went_silent_is_not_said_to_be_held_back(sim, caplog):
+    """A push sent as the server stopped (a restart), with --give-up-after 3 under two heartbeat
+    periods (4 s): the worker logged "server did not answer a heartbeat", then "WARNING the server
+    holds our push request back (3 s so far) while it answers heartbeats", then gave up on its
+    silence.  That warning is for a server that answers heartbeats; this one had stopped."""
+    client, net = sim(100, give_up_after=3.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.heartbeat_s = 2.0
+    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None)     # heartbeats on (their thread)
+
+    def server(sock, timeout_ms):           # one heartbeat answered after the request went, then silence
+        if net.now - net.start >= 0.5 and not client.heard_at:
+            client.heard_at = net.now
+    net.on_poll = server
+    with caplog.at_level(logging.INFO, logger="pscnn.client"), \
+            pytest.raises(ServerUnreachable, match="no usable answer from .* for 4 s"):
+        client.request(P.WORK)      # (a push's body is checked before it goes: the same wait for a work request)
+    assert "holds our work request back" not in caplog.text, caplog.text
+
+
 def test_a_request_sent_before_the_first_heartbeat_answer_waits_for_it(sim):
     """The first heartbeat goes a period after the welcome: a request held from the start (the
     start barrier) with a --give-up-after shorter than that gave up before any heartbeat could

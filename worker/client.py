@@ -413,7 +413,10 @@ class Client:
                         barrier_seen_at = time.monotonic()
                     now = time.monotonic()      # the status took a moment: not a stall of ours
                 self._check_deadlines(msg, now, t0, quiet_from(), limit, malformed, held_from(), silence_limit())
-                if now - held_from() > limit and not held_logged and not parting:
+                # said once a heartbeat is answered past that: a server that went silent meanwhile
+                # (a restart) is not holding it (it is given up on its silence)
+                if now - held_from() > limit and self.heard_at > held_from() + limit and not held_logged \
+                        and not parting:
                     held_logged = True
                     log.warning("the server holds our %s request back (%.0f s so far) while it answers "
                                 "heartbeats; waiting up to %g s in all", msg.type, now - held_from(),
