@@ -43,7 +43,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cnn_core.backend import array_module, gpu_available, to_numpy  # noqa: E402
+from cnn_core.backend import array_module, to_numpy  # noqa: E402
+from cnn_core.errors import ConfigError  # noqa: E402
 from cnn_core.layers import Dropout  # noqa: E402
 from cnn_core.losses import softmax_cross_entropy  # noqa: E402
 from cnn_core.model import PRESETS, build_model  # noqa: E402
@@ -260,10 +261,11 @@ def main(argv=None) -> int:
             pass
         print("CPU DRY RUN: numpy stands in for cupy; timings are meaningless")
     else:
-        if not gpu_available():
-            print("no usable GPU: cupy is missing or sees no CUDA device (use --cpu-dry-run to test the script)")
+        try:
+            dev, xp = "gpu", array_module("gpu")
+        except ConfigError as exc:          # says why: CuPy missing, no driver, a wheel for another CUDA
+            print(f"no usable GPU: {exc} (use --cpu-dry-run to test the script)")
             return 2
-        dev, xp = "gpu", array_module("gpu")
         import cupy
         d = cupy.cuda.Device()
         props = cupy.cuda.runtime.getDeviceProperties(d.id)

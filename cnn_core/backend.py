@@ -14,20 +14,75 @@ from .errors import ConfigError
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
-def cupy_module():
-    """Return the cupy module when a CUDA device is usable, else ``None``.
+# pyproject.toml's extras: the CuPy wheel each installs, and the CUDA major version its driver must support.
+GPU_EXTRAS = (("gpu", "cupy-cuda12x", 12), ("gpu-cuda13", "cupy-cuda13x", 13))
+
+
+def _cupy_or_reason():
+    """(the cupy module, None) when a CUDA device is usable, else (None, why not, in words).
 
     ``import cupy`` succeeds on machines without a GPU, so availability is
     checked with ``cupy.is_available()`` as well.
     """
     try:
         import cupy  # noqa: PLC0415  (optional dependency)
-    except Exception:  # ImportError, or a broken CUDA install
-        return None
+    except Exception as exc:  # noqa: BLE001  (ImportError, or anything from a broken CUDA install)
+        if isinstance(exc, ImportError) and exc.name == "cupy":
+            return None, f"CuPy is not installed: install {_extras_advice()}"
+        return None, f"CuPy fails to import ({type(exc).__name__}: {exc})"
     try:
-        return cupy if cupy.is_available() else None
-    except Exception:
-        return None
+        if cupy.is_available():
+            return cupy, None
+    except Exception:  # noqa: BLE001  (the device query below says why)
+        pass
+    return None, _no_device_reason(cupy)
+
+
+def _extras_advice() -> str:
+    """Which extra to install for which driver, in words."""
+    return " or ".join(f"pscnn's {extra} extra ({wheel}) for a CUDA {major} driver"
+                       for extra, wheel, major in GPU_EXTRAS)
+
+
+def _no_device_reason(cupy) -> str:
+    """Why an importable CuPy has no usable device: the CUDA error, and the driver against the wheel."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+        error = "no CUDA device found" if count == 0 else "its CUDA devices are not usable"
+    except Exception as exc:  # noqa: BLE001  (CUDARuntimeError, or a CUDA library missing)
+        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = f"CuPy finds no usable CUDA device ({error})"
+    try:
+        driver = int(cupy.cuda.runtime.driverGetVersion())     # 12040 is CUDA 12.4; 0: no driver
+    except Exception:  # noqa: BLE001
+        driver = None
+    if driver == 0:
+        return f"{reason}: no NVIDIA driver is loaded"
+    supports = driver // 1000 if driver else None
+    too_new = [(wheel, major) for _, wheel, major in GPU_EXTRAS
+               if supports is not None and supports < major and _installed(wheel)]
+    if too_new:             # the commonest failure: a cupy-cuda13x wheel on a CUDA 12 driver
+        wheel, major = too_new[0]
+        fits = [(extra, fit) for extra, fit, fit_major in GPU_EXTRAS if fit_major <= supports]
+        advice = f"install pscnn's {fits[-1][0]} extra ({fits[-1][1]}) in its place" if fits else "update the driver"
+        return (f"{reason}: {wheel} needs a CUDA {major} driver, and this one supports CUDA "
+                f"{supports}.{driver % 1000 // 10}; {advice}")
+    return f"{reason}; {_extras_advice()}"
+
+
+def _installed(distribution: str) -> bool:
+    """Whether the Python distribution (a CuPy wheel) is installed."""
+    from importlib import metadata  # noqa: PLC0415
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def cupy_module():
+    """Return the cupy module when a CUDA device is usable, else ``None``."""
+    return _cupy_or_reason()[0]
 
 
 def gpu_available() -> bool:
@@ -35,13 +90,13 @@ def gpu_available() -> bool:
 
 
 def array_module(device: str):
-    """The array module for ``device`` ("cpu" or "gpu"); clear error if no GPU."""
+    """The array module for ``device`` ("cpu" or "gpu"); an error saying why there is no GPU."""
     if device == "cpu":
         return np
     if device == "gpu":
-        cp = cupy_module()
+        cp, reason = _cupy_or_reason()
         if cp is None:
-            raise ConfigError("device 'gpu' requested but CuPy with a usable CUDA device is not available")
+            raise ConfigError(f"device 'gpu' requested but {reason}")
         return cp
     raise ConfigError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
 

@@ -9,12 +9,16 @@ tests/test_gpu.py's, on a lent GPU.
 """
 import importlib.util
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
 
 import fake_cupy
+from cnn_core import backend
 from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
+from cnn_core.errors import ConfigError
 from cnn_core.flat import FlatArrays
 from cnn_core.metrics import evaluate
 from cnn_core.model import build_model
@@ -135,3 +139,43 @@ def test_pscnn_train_runs_on_the_device(cupy, tmp_path, mnist_dir):
     assert summary["platform"]["cupy"] == cupy.__version__ and 0 <= summary["test_accuracy"] <= 1
     loaded, _, _ = load_model_checkpoint(tmp_path / "run" / "model.npz", device="gpu")
     assert isinstance(loaded.params.flat, cupy.ndarray)
+
+
+# --------------------------------------------------------------------------- no usable GPU: why, and what to install
+def cupy_without_a_device(driver_version: int, device_error: str):
+    """A CuPy that imports but has no usable device, as on a machine without a GPU or with an old driver."""
+    def device_count():
+        raise RuntimeError(device_error)
+    runtime = types.SimpleNamespace(getDeviceCount=device_count, driverGetVersion=lambda: driver_version)
+    return types.SimpleNamespace(is_available=lambda: False, cuda=types.SimpleNamespace(runtime=runtime))
+
+
+def gpu_refusal() -> str:
+    with pytest.raises(ConfigError) as info:
+        backend.array_module("gpu")
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_no_cupy_names_the_extras_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)          # import cupy: ModuleNotFoundError
+    message = gpu_refusal()
+    assert message.startswith("device 'gpu' requested but CuPy is not installed: install ")
+    assert "gpu extra (cupy-cuda12x) for a CUDA 12 driver" in message
+    assert "gpu-cuda13 extra (cupy-cuda13x) for a CUDA 13 driver" in message
+    assert not backend.gpu_available()
+
+
+def test_cupy_without_a_driver_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", cupy_without_a_device(
+        0, "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"))
+    assert gpu_refusal() == ("device 'gpu' requested but CuPy finds no usable CUDA device (cudaErrorInsufficientDriver: "
+                             "CUDA driver version is insufficient for CUDA runtime version): no NVIDIA driver is loaded")
+
+
+def test_a_cuda13_wheel_on_a_cuda12_driver_names_the_extra_that_fits(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", cupy_without_a_device(
+        12040, "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"))
+    monkeypatch.setattr(backend, "_installed", lambda wheel: wheel == "cupy-cuda13x")
+    assert gpu_refusal().endswith("): cupy-cuda13x needs a CUDA 13 driver, and this one supports CUDA 12.4; "
+                                  "install pscnn's gpu extra (cupy-cuda12x) in its place")
