@@ -457,6 +457,9 @@ class Model:
             if tuple(value.shape) != tuple(target.shape):
                 raise ShapeError(f"model {name}: shape {tuple(value.shape)}, expected {tuple(target.shape)}")
             targets[name] = target
+        if self.xp is not np and isinstance(arrays, FlatArrays):
+            # A server's weights are one host buffer: one copy to the device, not a synchronous one per array
+            arrays = FlatArrays(arrays.specs, self.xp.asarray(arrays.flat))
         for name, target in targets.items():
             target[...] = self.xp.asarray(arrays[name])
 

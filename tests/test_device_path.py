@@ -105,9 +105,9 @@ def test_optimizers_step_save_and_resume_on_the_device(cupy, name, tmp_path):
     assert gpu_check.scaled_err(loaded.params.flat, cpu.params.flat) < 1e-12
 
 
-def test_a_trainers_step_on_the_device_sends_host_arrays_in_one_transfer(cupy):
-    """A trainer with --device gpu: weights from the server in, the batch's gradients out as one
-    host buffer in the server's layout (one device-to-host copy)."""
+def test_a_trainers_step_on_the_device_moves_weights_and_gradients_in_one_transfer_each(cupy):
+    """A trainer with --device gpu: the server's weights in as one host-to-device copy, the batch's
+    gradients out as one host buffer in the server's layout (one device-to-host copy)."""
     trainer = Trainer(client=None, device="gpu")
     dev, cpu, x, y = device_and_host_models(gpu_check.SMALL_SPEC, "float32")
     trainer.model = dev
@@ -116,7 +116,9 @@ def test_a_trainers_step_on_the_device_sends_host_arrays_in_one_transfer(cupy):
     layout = P.model_layout(cpu)
     weights = FlatArrays(layout, np.concatenate([cpu.params.flat, *(v.ravel() for v in cpu.state.values())]))
     weights.flat[:] = np.random.default_rng(6).standard_normal(weights.flat.shape) * 0.1
+    before = dict(fake_cupy.counts)
     trainer.model.assign(weights)
+    assert fake_cupy.counts["h2d"] - before["h2d"] == 1         # one host-to-device copy, not one per array
     before = dict(fake_cupy.counts)
     result, push = trainer.compute({"epoch": 0, "batch": 1})
     assert fake_cupy.counts["d2h"] - before["d2h"] == 1
