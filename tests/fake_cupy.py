@@ -20,6 +20,10 @@ libraries differ:
 It also counts the host-to-device and device-to-host copies and the
 synchronizing reads of a device value (``float()``, ``int()``, ``bool()``,
 ``.item()``), so tests can pin how often a training step pays for them.
+
+Run as a script, it runs pytest with the fake installed: ``python
+tests/fake_cupy.py -m gpu tests/`` runs the GPU tests here, so that they are
+known to work (as tests) before a GPU is lent to run them.
 """
 from __future__ import annotations
 
@@ -225,6 +229,7 @@ def make_module() -> types.ModuleType:
     mod.ndarray = DeviceArray
     mod.asarray = asarray
     mod.array = array
+    mod.asnumpy = lambda a: a.get() if isinstance(a, DeviceArray) else np.asarray(a)
     mod.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
     mod.cuda = types.SimpleNamespace(Device=_Device, runtime=types.SimpleNamespace(
         getDeviceProperties=lambda device: {"name": b"fake device"}))
@@ -243,3 +248,9 @@ def install(monkeypatch) -> types.ModuleType:
 def host(value) -> np.ndarray:
     """A DeviceArray's values as a host ndarray, without counting a transfer (for assertions)."""
     return value._a if isinstance(value, DeviceArray) else np.asarray(value)
+
+
+if __name__ == "__main__":
+    import pytest
+    sys.modules["cupy"] = make_module()
+    sys.exit(pytest.main(sys.argv[1:]))

@@ -9,8 +9,11 @@ tests/test_gpu.py's, on a lent GPU.
 """
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +145,19 @@ def test_pscnn_train_runs_on_the_device(cupy, tmp_path, mnist_dir):
     loaded, _, _ = load_model_checkpoint(tmp_path / "run" / "model.npz", device="gpu")
     assert isinstance(loaded.params.flat, cupy.ndarray)
 
+
+
+def test_the_gpu_tests_pass_on_the_fake():
+    """The GPU tests (pytest -m gpu) run only where a GPU is lent, a few times so far: a test broken
+    as a test (a helper renamed, an API gone) would spend that GPU time. Here they run on the fake."""
+    tests = Path(__file__).parent
+    files = sorted(str(path) for path in tests.glob("test_*.py") if "mark.gpu" in path.read_text())
+    assert str(tests / "test_gpu.py") in files
+    proc = subprocess.run([sys.executable, str(tests / "fake_cupy.py"), "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                           *files], capture_output=True, text=True, timeout=300, cwd=tests.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "needs CuPy and a usable CUDA device" not in proc.stdout      # run, not skipped
+    assert re.search(r"\b(1[89]|[2-9]\d) passed", proc.stdout), proc.stdout[-1000:]
 
 # --------------------------------------------------------------------------- no usable GPU: why, and what to install
 def cupy_without_a_device(driver_version: int, device_error: str):

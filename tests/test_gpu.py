@@ -162,6 +162,55 @@ def test_gpu_training_step_and_chunked_evaluation_match_cpu(dtype, tol):
     assert scaled_err(g_eval, cpu.forward(xe, train=False)) < tol
 
 
+@gpu_test
+def test_gpu_trainer_step_matches_cpu():
+    """A trainer with --device gpu (data on the device, a host index per batch): the server's weights
+    in as one host buffer (Model.assign's one copy), the gradients out as one host buffer in the
+    server's layout, equal to the CPU's step on the same weights and batch."""
+    from cnn_core.flat import FlatArrays
+    from pscnn import protocol as P
+    from worker.trainer import Trainer
+    gpu, cpu, x, y = gpu_cpu_pair(SMALL_SPEC, "float32", batch=40)
+    trainer = Trainer(client=None, device="gpu")
+    trainer.model, trainer.run = gpu, {"seed": 5, "batch_size": 16, "num_samples": len(y)}
+    trainer.data = (gpu.xp.asarray(x), gpu.xp.asarray(y))
+    layout = P.model_layout(cpu)
+    weights = FlatArrays(layout, np.random.default_rng(6).standard_normal(sum(
+        int(np.prod(shape)) for _, shape in layout)).astype(np.float32) * 0.1)
+    weights["bn1.running_var"][...] = 1.5                       # a variance is >= 0
+    gpu.assign(weights)
+    cpu.assign({k: v.copy() for k, v in weights.items()})
+    for name, value in weights.items():
+        np.testing.assert_array_equal(to_numpy({**gpu.params, **gpu.state}[name]), value, err_msg=name)
+    result, push = trainer.compute({"epoch": 0, "batch": 1})
+    assert type(push.flat) is np.ndarray and push.specs == layout
+    cpu.reseed((5, 0, 1))
+    idx = trainer._epoch_batches[1][1]
+    c_loss, _, c_grads = cpu.loss_and_grads(x[idx], y[idx])
+    assert result["loss"] == pytest.approx(c_loss, rel=1e-4) and result["count"] == 16
+    for name, grad in c_grads.items():
+        assert scaled_err(push[name], grad) < 1e-4, name
+    for name, value in cpu.state.items():
+        assert scaled_err(push[name], value) < 1e-4, name
+
+
+@gpu_test
+def test_gpu_pscnn_train_runs(tmp_path, mnist_dir):
+    """pscnn train --device gpu: the optimizer's flat step, the divergence checks and the
+    evaluation on the device, the platform record and a checkpoint saved from it."""
+    import cupy
+    from cnn_core.checkpoint import load_model_checkpoint
+    from cnn_core.training import train
+    summary = train({"model": "light", "seed": 1, "train_limit": 512, "test_limit": 500, "batch_size": 64,
+                     "epochs": 1, "mnist_dir": mnist_dir, "device": "gpu", "out": str(tmp_path / "run"),
+                     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}, progress=False)
+    assert summary["status"] == "complete" and summary["device"] == "gpu"
+    assert summary["platform"]["cupy"] == cupy.__version__ and "gpu" in summary["platform"]
+    assert summary["test_accuracy"] > 0.2      # 8 updates of the light model: 0.378 on the CPU; chance is 0.1
+    loaded, _, _ = load_model_checkpoint(tmp_path / "run" / "model.npz", device="gpu")
+    assert isinstance(loaded.params.flat, cupy.ndarray)
+
+
 def test_quiet_runs_list_why_each_test_was_skipped(pytestconfig):
     # without -rs, `pytest -q` (make test, CI) counted the skipped GPU tests but never said why
     assert "-rs" in pytestconfig.getini("addopts")
@@ -181,3 +230,4 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert res["timings"]["pscnn train b8"] > 0 and res["breakdown_ms"]["conv2"] > 0
     assert set(res["dropout_mask_us"]) == {"cnn_core.rng (SplitMix64)", "a new default_rng per batch"}
     assert all(v > 0 for v in res["dropout_mask_us"].values())
+
