@@ -22,8 +22,8 @@ Checks (exit status 1 if any fails):
 
 Timings (medians of ``--trials`` trials, ``cupy.cuda.Device().synchronize()``
 around each): "seed" training step (forward + loss + backward + SGD-momentum
-update, inputs already on the device) at batch 64 and 256, a worker-style step
-(host batch in, gradients back to the host) at batch 64, inference at batch
+update, inputs already on the device) at batch 64 and 256, a trainer's sync step
+(the weights and the batch in from the host, the gradients back in one buffer) at batch 64, inference at batch
 1000; the same in PyTorch CUDA (NCHW and channels_last, float32 with TF32 off,
 cudnn.benchmark on), where a pscnn step spends its time, layer by layer, and
 what a batch's reseeded dropout masks cost against a new device generator.
@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cnn_core.backend import array_module, to_numpy  # noqa: E402
 from cnn_core.errors import ConfigError  # noqa: E402
+from cnn_core.flat import FlatArrays  # noqa: E402
 from cnn_core.layers import Dropout  # noqa: E402
 from cnn_core.losses import softmax_cross_entropy  # noqa: E402
 from cnn_core.model import PRESETS, build_model  # noqa: E402
@@ -168,9 +169,12 @@ def pscnn_fns(dev, xp, batch, infer_batch, seed=0):
             v += grads[k]
             p -= lr * v
 
-    def worker_step():                              # host batch in, host gradients out
-        _, d = softmax_cross_entropy(model.forward(xb_host, train=True), yb_host)
-        return {k: to_numpy(g) for k, g in model.backward(d).items()}
+    host_weights = FlatArrays(model.params.specs, to_numpy(model.params.flat).copy())
+
+    def worker_step():          # as a trainer's sync step: weights and batch in from the host, gradients out
+        model.assign(host_weights)                  # one host-to-device copy (Model.assign)
+        grads = model.loss_and_grads(xb_host, yb_host)[2]
+        return to_numpy(FlatArrays.pack(grads).flat)    # one buffer back, as Trainer.push_arrays sends it
 
     def infer():
         return model.forward(xi, train=False)
@@ -424,7 +428,8 @@ def main(argv=None) -> int:
     print("   ".join(row) + f"   torch best / pscnn {ratio('infer', infer_batch)}")
     key = f"pscnn worker-step b{batches[0]} (host io)"
     if key in rates:
-        print(f"  worker step b{batches[0]} (numpy batch in, numpy grads out): {rates[key]:,.0f} img/s")
+        print(f"  worker step b{batches[0]} (host weights and batch in, one gradient buffer out): "
+              f"{rates[key]:,.0f} img/s")
     if results.get("breakdown_ms"):
         bd = results["breakdown_ms"]
         total = sum(bd.values())

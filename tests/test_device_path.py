@@ -135,6 +135,17 @@ def test_a_trainers_step_on_the_device_moves_weights_and_gradients_in_one_transf
         assert gpu_check.scaled_err(push[name], grad) < 1e-5, name
 
 
+
+def test_gpu_checks_worker_step_moves_what_a_trainer_moves(cupy):
+    """benchmarks/gpu_check.py times a trainer's step on the GPU: the weights in as one buffer, the
+    gradients out as one (it copied each gradient on its own, and no weights, timing another step)."""
+    _, _, worker_step, _, _ = gpu_check.pscnn_fns("gpu", cupy, 8, 16)
+    before = dict(fake_cupy.counts)
+    pushed = worker_step()
+    assert type(pushed) is np.ndarray
+    assert fake_cupy.counts["d2h"] - before["d2h"] == 1
+    assert fake_cupy.counts["h2d"] - before["h2d"] == 3         # the weights, the images, the labels
+
 def test_pscnn_train_runs_on_the_device(cupy, tmp_path, mnist_dir):
     from cnn_core.training import train
     summary = train({"model": "light", "seed": 1, "train_limit": 256, "test_limit": 200, "batch_size": 64,
