@@ -95,10 +95,12 @@ class DeviceArray(NDArrayOperatorsMixin):
     """An array "on the device": an ndarray that CuPy's rules guard (see the module docs)."""
 
     __slots__ = ("_a",)
-    __imatmul__ = None          # cupy.ndarray has none: `a @= b` is `a = a @ b` there
 
     def __init__(self, array: np.ndarray):
         self._a = array
+
+    def __imatmul__(self, other):
+        return NotImplemented       # cupy.ndarray has no __imatmul__: `a @= b` is `a = a @ b` there
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("Implicit conversion to a NumPy array is not allowed. "

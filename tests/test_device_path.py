@@ -61,6 +61,9 @@ def test_the_fake_refuses_what_cupy_refuses(cupy):
             mixed()
     with pytest.raises(AttributeError):
         cupy.errstate
+    b = product = cupy.eye(2)
+    product @= cupy.eye(2)                      # a new array, as on CuPy: not written in place
+    assert product is not b
     a[...] = cupy.asarray(host)
     assert float(a.sum()) == 3.0 and fake_cupy.counts == {"h2d": 1, "d2h": 0, "sync_reads": 1}
 
