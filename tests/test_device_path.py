@@ -128,6 +128,9 @@ def test_a_trainers_step_on_the_device_moves_weights_and_gradients_in_one_transf
     before = dict(fake_cupy.counts)
     result, push = trainer.compute({"epoch": 0, "batch": 1})
     assert fake_cupy.counts["d2h"] - before["d2h"] == 1
+    # Each a host wait on a GPU: the input is finite, the labels in range (twice: before a BatchNorm
+    # moves its statistics, then in the loss), the loss, the count correct
+    assert fake_cupy.counts["sync_reads"] - before["sync_reads"] == 5
     assert type(push.flat) is np.ndarray and push.specs == layout
     cpu.assign({k: v.copy() for k, v in weights.items()})
     cpu.reseed((5, 0, 1))
