@@ -413,7 +413,7 @@ def test_overlap_makes_a_worker_hold_two_leases_in_async_mode_only(fake, mode, f
     clean_exit(proc)
     assert [m.type for m in server.received if m.type in (P.WORK, P.PUSH)][:3] == first
     # the warning says what the worker does instead (it said only that the flag does not apply)
-    assert ("--overlap applies to async mode only; the server runs sync: computing one batch at a time"
+    assert ("the server runs sync: --overlap applies to async mode only; computing one batch at a time"
             in proc.stderr) == (mode == "sync"), proc.stderr
 
 

@@ -222,13 +222,18 @@ class Trainer:
         """:meth:`loop_overlapped` or :meth:`loop`, as the server's mode asks; a server rejoined in
         another mode (a new run on the same endpoint) switches to the other.  Returns the exit status."""
         if self.overlap and not self._overlapped():
-            log.warning("--overlap applies to async mode only; the server runs %s: computing one batch at a time",
-                        P.one_line(self.run.get("mode")))
+            self._warn_one_batch_at_a_time("")
         while True:
             try:
                 return self.loop_overlapped() if self._overlapped() else self.loop()
             except _OtherLoop:
                 pass
+
+    def _warn_one_batch_at_a_time(self, when: str) -> None:
+        """--overlap asked for, and a server whose mode takes one batch at a time (``when``: "" at the
+        start, " now" after a rejoin)."""
+        log.warning("the server runs %s%s: --overlap applies to async mode only; computing one batch at a time",
+                    P.one_line(self.run.get("mode")), when)
 
     def _rejoined(self, welcome: P.Message, overlapped: bool) -> None:
         """Set up for a rejoined server's ``welcome``; _OtherLoop if its mode takes the other loop than
@@ -238,8 +243,7 @@ class Trainer:
         if not self.overlap or self._overlapped() == overlapped:
             return
         if overlapped:
-            log.warning("the server runs %s now: --overlap applies to async mode only; computing one batch at "
-                        "a time", P.one_line(self.run.get("mode")))
+            self._warn_one_batch_at_a_time(" now")
         else:
             log.info("the server runs async now: computing each batch while the previous push travels (--overlap)")
         raise _OtherLoop
