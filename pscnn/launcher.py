@@ -285,6 +285,20 @@ def check_port_free(endpoint: str) -> None:
         ctx.term()                      # the port is released before the server binds it
 
 
+def check_workers_have_batches(workers: int, num_samples: int, batch_size: int, workers_flag: str = "--workers",
+                               batch_flag: str = "--batch-size") -> None:
+    """CliError unless an epoch has a batch for each of ``workers``: the server leases one epoch's
+    batches at a time, so a worker beyond them never computed in a sync round (the report counted
+    fewer workers than asked), and a benchmark point waited minutes for its push, then failed."""
+    from cnn_core.data import batches_per_epoch  # noqa: PLC0415
+    from pscnn.cli import CliError  # noqa: PLC0415
+    batches = batches_per_epoch(num_samples, batch_size)
+    if workers > batches:
+        raise CliError(f"{workers_flag} {workers} exceeds the {batches:,} {for_count(batches, 'batch', 'batches')} "
+                       f"of an epoch ({num_samples:,} training images, {batch_flag} {batch_size}): a worker "
+                       f"computes one batch at a time, so {workers - batches:,} of them would have none")
+
+
 def check_run_args(args):
     """What the server would refuse, checked before any process starts: one line from ``pscnn run``
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
@@ -314,6 +328,8 @@ def check_run_args(args):
     store = ParameterStore(resolve_spec(cfg.model), cfg.optimizer, seed=cfg.seed)     # model and optimizer
     check_model_travels(store.model.spec, store.snapshot()[1])
     check_batches_fit(store.model, training_set_size(cfg.train_limit), cfg.batch_size)
+    check_workers_have_batches(args.workers, training_set_size(cfg.train_limit), cfg.batch_size,
+                               given_flag("workers"), given_flag("batch_size"))
     return cfg
 
 

@@ -359,6 +359,15 @@ SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0
     (["time-to-accuracy", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (["time-to-accuracy", "--target", "99"], "argument --target: must be a fraction in (0, 1], got 99"),
     (["time-to-accuracy", "--target", "nan"], "argument --target: must be a fraction in (0, 1], got nan"),
+    # more workers than an epoch has batches: the point waited 140 s for 4 pushes, then failed, and
+    # time-to-accuracy reported N = 3 for a run in which 2 workers computed
+    (["scaling", "--compute-ms", "5", "--workers", "1,4", "--batch", "64,30000", "--mode", "async", "--trials", "1",
+      "--seconds", "0.3", "--warmup", "0"],
+     "--workers 4 exceeds the 2 batches of an epoch (60,000 training images, --batch 30000): a worker computes "
+     "one batch at a time, so 2 of them would have none"),
+    (["time-to-accuracy", "--workers", "1,3", "--mode", "sync", "--train-limit", "500", "--batch", "300",
+      "--model", "light", "--epochs", "1", "--max-seconds", "20", "--test-limit", "100"],
+     "--workers 3 exceeds the 2 batches of an epoch (500 training images, --batch 300)"),
 ])
 def test_bad_bench_flags_are_one_line_usage_errors_before_anything_runs(argv, needle, tmp_path, capsys):
     from pscnn.cli import main

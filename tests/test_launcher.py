@@ -570,6 +570,24 @@ def test_run_refuses_more_workers_than_the_server_admits(workers, max_workers, r
         launcher.check_run_args(args)
 
 
+@pytest.mark.parametrize("workers,train_limit,refused", [
+    ("11", "640", "the 10 batches of an epoch (640 training images, --batch-size 64): a worker computes one batch "
+                  "at a time, so 1 of them would have none"),
+    ("2000", "0", "the 938 batches of an epoch (60,000 training images, --batch-size 64): a worker computes one "
+                  "batch at a time, so 1,062 of them would have none"),
+    ("10", "640", None)])
+def test_run_refuses_more_workers_than_an_epoch_has_batches(workers, train_limit, refused):
+    """10 batches an epoch and 20 workers: 10 never computed in sync mode, and the report said
+    "10 workers" for a run asked to use 20; now one line before anything starts."""
+    args = parse_args(["run", "--model", "light", "--workers", workers, "--max-workers", "2000",
+                       "--train-limit", train_limit])
+    if refused:
+        with pytest.raises(CliError, match=re.escape(f"--workers {workers} exceeds {refused}")):
+            launcher.check_run_args(args)
+    else:
+        launcher.check_run_args(args)
+
+
 def test_run_refuses_a_start_barrier_the_server_could_never_lift():
     """--wait-for-workers above --max-workers: one line from `pscnn run` itself (exit 2)."""
     args = parse_args(["run", "--model", "light", "--workers", "1", "--wait-for-workers", "3", "--max-workers", "2"])

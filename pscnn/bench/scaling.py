@@ -82,6 +82,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os  # noqa: PLC0415
 
+    from pscnn.launcher import check_workers_have_batches  # noqa: PLC0415
+
     from .cluster import measure_point, server_flags  # noqa: PLC0415
     from .common import bench_env  # noqa: PLC0415
 
@@ -118,6 +120,9 @@ def run(args) -> int:
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     with checking_options():            # what the servers, workers and baseline would refuse
         check_out(args.out)
+        for b in batches:               # before the server's check, which names pscnn run's --batch-size
+            check_workers_have_batches(max(workers), MNIST_FILES["train-images"]["count"], b,
+                                       given_flag("workers"), given_flag("batch"))
         for mode in modes:
             for b in batches:
                 check_server_flags(server_flags(mode, b, Path(args.out) / "unused", model=args.model, lr=args.lr,

@@ -71,11 +71,17 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import os  # noqa: PLC0415
+
+    from pscnn.launcher import check_workers_have_batches  # noqa: PLC0415
+    from server.config import training_set_size  # noqa: PLC0415
     workers = parse_list(args.workers, int, given_flag("workers"), low=1)
     modes = parse_list(args.mode, str, given_flag("mode"), choices=MODES)
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     with checking_options():            # what the server, the workers and the evaluator would refuse
         check_out(args.out)
+        # before the server's check, which names pscnn run's --batch-size
+        check_workers_have_batches(max(workers), training_set_size(args.train_limit), args.batch,
+                                   given_flag("workers"), given_flag("batch"))
         for mode in modes:
             check_server_flags(server_flags(mode, args, Path(args.out) / "unused", mnist_dir), workers=max(workers))
         check_mnist(mnist_dir, ["train", "test"])       # the workers train, the evaluator scores
