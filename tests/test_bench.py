@@ -953,6 +953,33 @@ def test_scaling_keeps_its_points_when_a_baseline_fails(tmp_path, monkeypatch, c
     assert s["baseline_images_per_second"] == 800.0
 
 
+def test_the_table_says_its_efficiency_is_the_median_of_per_trial_ratios(tmp_path, monkeypatch, capsys, mnist_dir):
+    """A noisy run printed 9,293 img/s against an ideal 8,894 and an efficiency of 0.66, with no word
+    that the efficiency is the median of each trial's ratio, not the ratio of the columns beside it."""
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.scaling as scaling
+    from pscnn.cli import main
+    rates = iter([900.0, 1000.0, 3000.0])
+    bases = iter([1000.0, 4000.0, 1000.0])         # per-trial ratios 0.9, 0.25, 3.0; medians 1,000 and 1,000
+
+    def measure_point(out, **point):
+        rate = next(rates)
+        return {"window_s": 1.0, "updates": 10, "samples": rate, "images_per_second": rate,
+                "updates_per_second": 10.0, "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}
+    monkeypatch.setattr(cluster, "measure_point", measure_point)
+    monkeypatch.setattr(scaling, "_baseline", lambda *a: {"images_per_second": next(bases)})
+    assert main(["bench", "scaling", "--workers", "1", "--mode", "async", "--seconds", "0.5", "--warmup", "0",
+                 "--trials", "3", "--model", "light", "--ddp", "off", "--mnist-dir", mnist_dir,
+                 "--no-progress", "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("mode "))
+    spans = [m.span() for m in re.finditer(r"-+", lines[header + 1])]       # the columns, by the rule under them
+    row = {lines[header][a:b].strip(): lines[header + 2][a:b].strip() for a, b in spans}
+    assert (row["img/s"], row["ideal img/s"], row["efficiency"]) == ("1,000", "1,000", "0.90"), row
+    assert ("efficiency: the median over trials of img/s / (N x the same trial's baseline), not img/s / ideal "
+            "img/s (N x the median baseline)") in lines
+
+
 def test_trials_left_out_of_a_points_medians_are_said(tmp_path, monkeypatch, capsys):
     """A stalled window and a failed trial are left out of a point's medians: the table gave the
     medians of the rest as if of every trial (the counts were in the JSON alone)."""

@@ -375,6 +375,10 @@ def report(summary, ncores: int, synthetic: bool, machine: dict, trials: int) ->
                   f"(no update in the window), {s['failed']} failed")
     if not synthetic:
         base = {s["batch"]: s.get("baseline_cpu_fraction") for s in summary}
+        # the ratio of two medians can differ from the median ratio on a noisy machine (9,293 img/s
+        # against an ideal 8,894 read 0.66): said, or the table looks wrong
+        print("efficiency: the median over trials of img/s / (N x the same trial's baseline), not img/s / "
+              "ideal img/s (N x the median baseline)")
         print("cores/worker: the share of a core each worker process got (CPU s / wall s); "
               "CPU eff: images per CPU-second (workers + server) / the baseline's")
         print("baseline got " + ", ".join(f"{fmt(v, '.2f')} of a core (b{b})" for b, v in base.items()))
