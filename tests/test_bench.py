@@ -345,6 +345,8 @@ SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0
     # flags that did nothing in the run asked for (--ddp on: also with torch installed; short runs
     # without the checks)
     (["scaling", "--mode", "sync", "--overlap", *SHORT], "--overlap applies to --mode async only, not to --mode sync"),
+    (["scaling", "--mode", "sync,async", "--staleness", "1", *SHORT],
+     "--staleness bounds --mode ssp points only, not --mode sync,async"),
     (["scaling", "--baseline-seconds", "3", *SHORT], "--baseline-seconds: --compute-ms workers have no single"),
     (["scaling", "--threads", "4", *SHORT], "--threads 4: --compute-ms workers sleep instead of computing, with no "
                                             "BLAS to thread"),             # was ignored
@@ -978,6 +980,29 @@ def test_the_table_says_its_efficiency_is_the_median_of_per_trial_ratios(tmp_pat
     assert (row["img/s"], row["ideal img/s"], row["efficiency"]) == ("1,000", "1,000", "0.90"), row
     assert ("efficiency: the median over trials of img/s / (N x the same trial's baseline), not img/s / ideal "
             "img/s (N x the median baseline)") in lines
+
+
+@pytest.mark.parametrize("argv, bound", [([], 2), (["--staleness", "0"], 0)])
+def test_scaling_ssp_points_run_and_record_their_staleness_bound(argv, bound, tmp_path, monkeypatch, capsys):
+    """--mode ssp ran with the server's default bound, which no flag set and no output said."""
+    import pscnn.bench.cluster as cluster
+    from pscnn.cli import main
+    extra = {}
+
+    def measure_point(out, **point):
+        extra[point["mode"]] = list(point["server_extra"])
+        return {"window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0,
+                "updates_per_second": 10.0, "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0}
+    monkeypatch.setattr(cluster, "measure_point", measure_point)
+    out = tmp_path / "out"
+    assert main(["bench", "scaling", "--compute-ms", "5", "--workers", "1", "--mode", "ssp,async", *argv,
+                 "--trials", "1", "--seconds", "0.5", "--warmup", "0", "--model", "light", "--no-progress",
+                 "--no-plots", "--out", str(out)]) == 0
+    assert extra == {"ssp": ["--staleness", str(bound)], "async": []}
+    summary = {s["mode"]: s for s in json.loads((out / "scaling.json").read_text())["summary"]}
+    assert (summary["ssp"]["staleness_bound"], summary["async"]["staleness_bound"]) == (bound, None)
+    said = f"ssp: a worker may run {bound} pushes ahead of the slowest (--staleness)"
+    assert said in capsys.readouterr().out.splitlines()
 
 
 def test_trials_left_out_of_a_points_medians_are_said(tmp_path, monkeypatch, capsys):

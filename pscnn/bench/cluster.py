@@ -61,8 +61,9 @@ def _stamped_status(endpoint: str) -> tuple[float, dict | None, float | None]:
 def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: float, warmup: float,
                   threads: int = 1, compute_ms: float | None = None, model: str = "seed", lr: float = THROUGHPUT_LR,
                   mnist_dir: str | None = None, keep_openblas: bool = False, startup_timeout: float = 120.0,
-                  keep_logs: bool = False, overlap: bool = False) -> dict:
-    """Run one configuration and return its measurements (a flat dict)."""
+                  keep_logs: bool = False, overlap: bool = False, server_extra: list[str] = ()) -> dict:
+    """Run one configuration and return its measurements (a flat dict).  ``server_extra``: more
+    flags for its server (an ssp point's --staleness)."""
     if out.exists():
         shutil.rmtree(out)
     cluster = LocalCluster(out, threads=threads)
@@ -70,7 +71,7 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
     # a worker loads only the slice of MNIST the server's run uses: the whole set, for honest batches
     try:
         server = cluster.start_server(server_flags(mode, batch, out / "server", model=model, lr=lr,
-                                                   mnist_dir=mnist_dir))
+                                                   mnist_dir=mnist_dir, extra=server_extra))
         wait_for(lambda: server.poll() is not None or query_status(cluster.endpoint, 0.5), startup_timeout,
                  what="the server to answer", on_fail=lambda: cluster.log_tail("server"))
         if server.poll() is not None:

@@ -33,8 +33,8 @@ import sys
 from pathlib import Path
 
 from cnn_core.text import for_count
-from pscnn.cli import (MODES, _path, add_switch, given_flag, non_negative_float, overlap_refused, positive_float,
-                       positive_int)
+from pscnn.cli import (DEFAULT_STALENESS, MODES, _path, add_switch, given_flag, non_negative_float, non_negative_int,
+                       overlap_refused, positive_float, positive_int)
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, Interruption, OptionError, add_output_flags,
                      check_measured, check_mnist, check_out, check_server_flags, checking_options, cores, data_files,
@@ -58,6 +58,8 @@ def add_parser(sub) -> None:
                        description=description(__doc__))
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
     p.add_argument("--mode", default="sync,async", help="consistency modes: sync, async, ssp (default: sync,async)")
+    p.add_argument("--staleness", type=non_negative_int, default=None,
+                   help=f"ssp points: pushes a worker may run ahead of the slowest (default: {DEFAULT_STALENESS})")
     p.add_argument("--batch", default="64", help="batch sizes (default: 64)")
     p.add_argument("--compute-ms", default=None,
                    help="synthetic workers: sleep X ms per step instead of computing (a list: 0,5,20)")
@@ -101,6 +103,10 @@ def run(args) -> int:
     # flags that would do nothing in this run: refused, not silently dropped
     if args.overlap and "async" not in modes:
         raise OptionError(overlap_refused(args.mode))
+    if args.staleness is not None and "ssp" not in modes:
+        raise OptionError(f"{given_flag('staleness')} bounds --mode ssp points only, not --mode {args.mode}")
+    # ssp's bound, recorded with its points: it used to be the server's default, said nowhere
+    bound = DEFAULT_STALENESS if args.staleness is None else args.staleness
     if synthetic and args.baseline_seconds is not None:
         raise OptionError("--baseline-seconds: --compute-ms workers have no single-process baseline")
     if synthetic and args.threads != 1:
@@ -126,7 +132,8 @@ def run(args) -> int:
         for mode in modes:
             for b in batches:
                 check_server_flags(server_flags(mode, b, Path(args.out) / "unused", model=args.model, lr=args.lr,
-                                                mnist_dir=mnist_dir), workers=max(workers))
+                                                mnist_dir=mnist_dir, extra=ssp_flags(mode, bound)),
+                                   workers=max(workers))
         if not synthetic:               # sleeping workers read no data
             check_mnist(mnist_dir, ["train"])
     out = fresh_output_folder(args.out, NAME, OUTPUTS, POINTS, POINT_FOLDER)
@@ -162,7 +169,8 @@ def run(args) -> int:
                     res = on_a_free_port(lambda: measure_point(
                         out / POINTS / point_folder(pt, trial, synthetic), seconds=args.seconds,
                         warmup=args.warmup, threads=args.threads, model=args.model, lr=args.lr, mnist_dir=mnist_dir,
-                        keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, overlap=args.overlap, **pt),
+                        keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, overlap=args.overlap,
+                        server_extra=ssp_flags(pt["mode"], bound), **pt),
                         NAME, label)
                 except failures as exc:     # one failed point must not lose the others
                     res = point_failed(NAME, label, exc)
@@ -184,6 +192,8 @@ def run(args) -> int:
         raise KeyboardInterrupt
 
     summary = summarize(rows, baselines, ddp_rows, ncores, synthetic)
+    for s in summary:                   # as a run's summary.json says it
+        s["staleness_bound"] = bound if s["mode"] == "ssp" else None
     meta = {"bench": NAME, "machine": machine, "cores": ncores, "synthetic": synthetic, "interrupted": stop.happened,
             "config": {k: v for k, v in vars(args).items() if k not in ("func",)},
             "baselines": baselines, "ddp": ddp_rows, "summary": summary,
@@ -196,6 +206,11 @@ def run(args) -> int:
     check_measured(rows, csv_path)
     print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic))
     return 0
+
+
+def ssp_flags(mode: str, bound: int) -> list[str]:
+    """The server flags that set an ssp point's staleness bound; none for the other modes."""
+    return ["--staleness", str(bound)] if mode == "ssp" else []
 
 
 def point_folder(pt: dict, trial: int, synthetic: bool) -> str:
@@ -373,6 +388,9 @@ def report(summary, ncores: int, synthetic: bool, machine: dict, trials: int) ->
                   f"medians of {s['trials']} {for_count(s['trials'], 'trial')}; left out: {s['stalled_windows']} "
                   f"stalled {for_count(s['stalled_windows'], 'window')} "
                   f"(no update in the window), {s['failed']} failed")
+    bound = next((s["staleness_bound"] for s in summary if s["mode"] == "ssp"), None)
+    if bound is not None:
+        print(f"ssp: a worker may run {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest (--staleness)")
     if not synthetic:
         base = {s["batch"]: s.get("baseline_cpu_fraction") for s in summary}
         # the ratio of two medians can differ from the median ratio on a noisy machine (9,293 img/s
