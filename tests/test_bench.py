@@ -77,6 +77,15 @@ def test_scaling_synthetic_workers(tmp_path):
     for name in ("scaling_throughput.png", "scaling_efficiency.png", "scaling_time_split.png"):
         assert_png(out / name)
     assert "efficiency" in proc.stdout and "img/s" in proc.stdout
+    # every raw figure a researcher reads is documented (none was: the CSV's and JSON's fields were
+    # named nowhere, and experiments.md said the CSV held the table)
+    doc_text = (ROOT / "docs" / "scaling.md").read_text()
+    assert "### The raw figures" in doc_text
+    section = doc_text[doc_text.index("### The raw figures"):]
+    section = section[:section.index("\n#")]
+    named = set(re.findall(r"`([a-z_0-9]+)`", section))
+    written = set(rows[0]) | {k for s in doc["summary"] for k in s} | set(doc)
+    assert written - named == set(), sorted(written - named)
 
 
 @pytest.mark.slow
