@@ -272,6 +272,27 @@ def test_the_efficiency_plot_shows_every_point(tmp_path, monkeypatch):
     assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 1.35
 
 
+@pytest.mark.parametrize("synthetic, computes, batches, ideals", [
+    (True, (2.0, 10.0), (64,), ["ideal: N x a worker that only sleeps 2 ms",
+                                "ideal: N x a worker that only sleeps 10 ms"]),
+    (False, (None,), (64, 256), ["ideal: N x single process b64", "ideal: N x single process b256"]),
+])
+def test_the_throughput_plot_names_each_ideal_line(synthetic, computes, batches, ideals, tmp_path, monkeypatch):
+    """--compute-ms: the ideal was labelled "N x single process", which synthetic workers have none
+    of, and a second --compute-ms (or --batch) drew a second grey line with no label at all."""
+    pytest.importorskip("matplotlib")
+    import pscnn.bench.scaling as scaling
+    figures = {}
+    monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"mode": mode, "workers": n, "batch": b, "compute_ms": c, "oversubscribed": n > 2,
+                "images_per_second": 100.0 * n, "efficiency": 0.9,
+                "baseline_images_per_second": 1000.0 * b / c if synthetic else 1000.0}
+               for c in computes for b in batches for mode in ("async", "sync") for n in (1, 2)]
+    scaling.plot(summary, tmp_path, ncores=2, synthetic=synthetic)
+    ax = figures["scaling_throughput.png"].axes[0]
+    assert [t for t in ax.get_legend_handles_labels()[1] if t.startswith("ideal")] == ideals
+
+
 @pytest.mark.parametrize("computes, batches", [((2.0, 10.0), (64,)), ((10.0,), (64, 256)),
                                                ((2.0, 10.0, 50.0, 100.0), (64,))])
 def test_the_time_split_plots_labels_do_not_overlap(computes, batches, tmp_path, monkeypatch):

@@ -468,8 +468,11 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         if base and (b, c) not in ideal_done:
             ideal_done.add((b, c))
             ns = sorted({s["workers"] for s in summary})
+            # synthetic workers have no single process to scale: their ideal is a worker that only
+            # sleeps, one line per --compute-ms, each named (one unnamed grey line each, before)
+            ideal = f"a worker that only sleeps {c:g} ms" if synthetic else "single process"
             ax.plot(ns, [n * base for n in ns], "--", color="0.4", lw=1,
-                    label="ideal: N x single process" if len(ideal_done) == 1 else None)
+                    label=f"ideal: N x {ideal}" + (f" b{b}" if nb > 1 else ""))
         if pts[0].get("ddp_images_per_second") is not None and mode == "sync":
             ax.plot(xs, [p.get("ddp_images_per_second") for p in pts], "s-.", color="tab:purple",
                     label=f"PyTorch DDP (gloo){f' b{b}' if nb > 1 else ''}")
