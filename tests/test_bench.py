@@ -280,7 +280,7 @@ def test_the_efficiency_plot_shows_every_point(tmp_path, monkeypatch):
 def test_the_throughput_plot_names_each_ideal_line(synthetic, computes, batches, ideals, tmp_path, monkeypatch):
     """--compute-ms: the ideal was labelled "N x single process", which synthetic workers have none
     of, and a second --compute-ms (or --batch) drew a second grey line with no label at all."""
-    pytest.importorskip("matplotlib")
+    plt = pytest.importorskip("matplotlib.pyplot")
     import pscnn.bench.scaling as scaling
     figures = {}
     monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
@@ -289,8 +289,26 @@ def test_the_throughput_plot_names_each_ideal_line(synthetic, computes, batches,
                 "baseline_images_per_second": 1000.0 * b / c if synthetic else 1000.0}
                for c in computes for b in batches for mode in ("async", "sync") for n in (1, 2)]
     scaling.plot(summary, tmp_path, ncores=2, synthetic=synthetic)
-    ax = figures["scaling_throughput.png"].axes[0]
-    assert [t for t in ax.get_legend_handles_labels()[1] if t.startswith("ideal")] == ideals
+    labels = figures["scaling_throughput.png"].axes[0].get_legend_handles_labels()[1]
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert [t for t in labels if t.startswith("ideal")] == ideals
+
+
+@pytest.mark.parametrize("trials, label", [(1, "ms per step (mean over the window)"),
+                                           (3, "ms per step (window mean, median of trials)")])
+def test_the_time_split_plot_says_its_bars_are_medians_of_trials(trials, label, tmp_path, monkeypatch):
+    """With several trials a bar is the median of the windows' means; the axis said "mean over the window"."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import pscnn.bench.scaling as scaling
+    figures = {}
+    monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"mode": "async", "workers": n, "batch": 64, "compute_ms": 5.0, "oversubscribed": False, "trials": trials,
+                "images_per_second": 1000.0 * n, "efficiency": 0.9, "baseline_images_per_second": 12800.0,
+                "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0} for n in (1, 2)]
+    scaling.plot(summary, tmp_path, ncores=2, synthetic=True)
+    label_drawn = figures["scaling_time_split.png"].axes[0].get_ylabel()
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert label_drawn == label
 
 
 @pytest.mark.parametrize("computes, batches", [((2.0, 10.0), (64,)), ((10.0,), (64, 256)),

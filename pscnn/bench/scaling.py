@@ -534,7 +534,9 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
             bottom = [a + v for a, v in zip(bottom, vals)]
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=6, rotation=90 if width > 16.0 else 0)
-        ax.set_ylabel("ms per step (mean over the window)")
+        # a bar of several trials is the median of their windows' means, as the table's columns are
+        several = any((p.get("trials") or 0) > 1 for p in pts)
+        ax.set_ylabel("ms per step (window mean, median of trials)" if several else "ms per step (mean over the window)")
         ax.set_title("Where a worker's step goes (* = workers > cores)")
         ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) > 0 else 1)
         ax.legend(fontsize=7, ncol=3, loc="upper center")
