@@ -243,6 +243,25 @@ def test_tta_speedup_is_the_median_of_per_trial_ratios():
     assert two["speedup_vs_1"] == pytest.approx(2.0)                  # median of 2, 0.5, 2
 
 
+def test_tta_table_says_its_speedup_is_not_the_ratio_of_its_seconds(capsys):
+    """The table printed 10.0 s for 1 worker, 20.0 s for 2 and a speed-up of 2.00, with no word that
+    the speed-up is the median of per-trial ratios."""
+    from argparse import Namespace
+
+    from pscnn.bench.tta import report, summarize
+    rows = [{"trial": t, "mode": "async", "workers": n, "reached": True, "seconds_to_target": secs,
+             "images_to_target": 640, "best_accuracy": 0.99, "version_at_target": 10}
+            for t, (one, two) in enumerate([(10.0, 5.0), (10.0, 20.0), (40.0, 20.0)])
+            for n, secs in ((1, one), (2, two))]
+    args = Namespace(target=0.99, test_limit=0, batch=64, optimizer="adam", lr=None, momentum=None, schedule=None,
+                     trials=3)
+    report(summarize(rows, ["async"], [1, 2]), args, {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].split()[3:7] == ["20.0", "640", "10", "2.00"], lines          # N=2: seconds, ..., speed-up
+    assert lines[-1] == ("speed-up vs 1: the median over trials of (1 worker's seconds / N workers' seconds) "
+                         "within each trial, not the ratio of the seconds column's medians")
+
+
 def test_model_prediction_bounds():
     from pscnn.bench.scaling import _add_model
     pts = [{"mode": "async", "batch": 64, "compute_ms": 10.0, "workers": n, "images_per_second": ips,

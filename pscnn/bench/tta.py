@@ -327,6 +327,10 @@ def report(summary, args, machine) -> None:
              fmt(s["images_to_target"]), fmt(s["updates_to_target"]), fmt(s["speedup_vs_1"], ".2f"),
              fmt(s["best_accuracy"], ".4f")] for s in summary]
     print_table(headers, rows)
+    if args.trials > 1 and any(s["speedup_vs_1"] is not None for s in summary):
+        # 10 s / 20 s in the seconds column beside a speed-up of 2.00 read as a wrong division
+        print("speed-up vs 1: the median over trials of (1 worker's seconds / N workers' seconds) within each "
+              "trial, not the ratio of the seconds column's medians")
 
 
 def plot(summary, curves, out: Path, target: float) -> list[Path]:
