@@ -623,6 +623,20 @@ def train_from_args(args) -> int:
     return 0
 
 
+def classes_scored(per_class: list, confusion_matrix) -> list[bool]:
+    """Whether each class of ``per_class`` had test images, by the confusion matrix's rows (true
+    classes); every class when there is no matrix of that size.  A class without test images
+    scores 0 (cnn_core.metrics), which is no accuracy: reports say "n/a" instead."""
+    test_images = np.asarray(confusion_matrix, dtype=np.int64).sum(axis=1) if confusion_matrix else None
+    return [test_images is None or len(test_images) != len(per_class) or bool(test_images[i] > 0)
+            for i in range(len(per_class))]
+
+
+def per_class_text(per_class: list, scored: list[bool]) -> str:
+    """``0: 98.1%  1: n/a  ...``: the per-class accuracies of a report (pscnn train's, pscnn run's)."""
+    return "  ".join(f"{i}: {100 * a:.1f}%" if scored[i] else f"{i}: n/a" for i, a in enumerate(per_class))
+
+
 def format_report(summary: dict) -> str:
     """The human-readable end-of-run report of a summary dict (as :func:`train` returns).
 
@@ -649,10 +663,8 @@ def format_report(summary: dict) -> str:
                  f"{_fmt(get('wall_seconds'), '.1f')} s in all)")
 
     cm = get("confusion_matrix")
-    test_images = None              # per true class
     if cm:
         cm = np.asarray(cm, dtype=np.int64)
-        test_images = cm.sum(axis=1)
         k = cm.shape[0]
         width = max(4, len(str(int(cm.max(initial=0)))) + 1)
         lines.append("")
@@ -662,12 +674,9 @@ def format_report(summary: dict) -> str:
             lines.append(f"  {i:>2}  " + "".join(f"{int(v):>{width}}" for v in cm[i]))
     per_class = get("per_class_accuracy")
     if per_class and all(_is_number(a) for a in per_class):
-        # A class without test images scores 0 (cnn_core.metrics): "n/a" here, and never the weakest.
-        scored = [test_images is None or len(test_images) != len(per_class) or test_images[i] > 0
-                  for i in range(len(per_class))]
+        scored = classes_scored(per_class, get("confusion_matrix"))
         lines.append("")
-        lines.append("per-class accuracy: " + "  ".join(f"{i}: {100 * a:.1f}%" if scored[i] else f"{i}: n/a"
-                                                        for i, a in enumerate(per_class)))
+        lines.append("per-class accuracy: " + per_class_text(per_class, scored))
         if any(scored):
             worst = min((i for i in range(len(per_class)) if scored[i]), key=per_class.__getitem__)
             lines.append(f"weakest class: {worst} ({100 * per_class[worst]:.1f}%)")

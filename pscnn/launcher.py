@@ -28,6 +28,7 @@ from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import (SUMMARY_FILE, RunLogError, check_folder_free, make_folder, time_shares_text,
                              worker_time_shares)
 from cnn_core.text import for_count
+from cnn_core.training import classes_scored, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from server.config import config_from_args, training_set_size
@@ -851,7 +852,8 @@ def _print_report(s: dict, summary_path: Path) -> None:
           f"{s['workers']} {for_count(s['workers'], 'worker')}, {s['epochs']} {for_count(s['epochs'], 'epoch')}")
     if diverged:
         print(f"  why                {s.get('error')}")
-    print(f"  test accuracy      {number('test_accuracy')}")
+    accuracy = s.get("test_accuracy")          # in percent, as pscnn train's report and the plots give it
+    print(f"  test accuracy      {f'{100 * accuracy:.2f}%' if isinstance(accuracy, float) else 'n/a'}")
     print(f"  test loss          {number('test_loss')}")
     print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} "
           f"{for_count(s['samples_applied'], 'sample')})")
@@ -889,6 +891,6 @@ def _print_report(s: dict, summary_path: Path) -> None:
         print("  time to accuracy   " + "; ".join(filter(None, [times, missed and f"{missed} not reached"]))
               + ("  (the first evaluation at or above)" if times else ""))
     pca = s.get("per_class_accuracy")
-    if pca:
-        print("  per-class accuracy " + " ".join(f"{i}:{a:.3f}" for i, a in enumerate(pca)))
+    if pca and all(isinstance(a, (int, float)) for a in pca):
+        print("  per-class accuracy " + per_class_text(pca, classes_scored(pca, s.get("confusion_matrix"))))
     print(f"  results in         {summary_path.parent}")

@@ -688,6 +688,23 @@ def write_run_outputs(out: Path, summary: dict | None = None) -> None:
         touch(out / "summary.json", after=out / "checkpoint.npz", summary=summary)
 
 
+def test_the_run_report_gives_accuracies_as_pscnn_train_does(tmp_path, capsys):
+    """pscnn run's report said "test accuracy 0.6000" and "3:0.000" for a class with no test image
+    (--test-limit 5), where pscnn train's says "60.00%" and "3: n/a", and its own time-to-accuracy
+    line, the plots and the docs give percent."""
+    from cnn_core.training import format_report
+    per_class = [1.0, 0.5] + [0.0] * 8
+    matrix = [[0] * 10 for _ in range(10)]
+    matrix[0][0], matrix[1][1], matrix[1][2], matrix[2][3] = 1, 1, 1, 1      # classes 3-9: no test image
+    summary = {**SUMMARY, "test_accuracy": 0.6, "per_class_accuracy": per_class, "confusion_matrix": matrix}
+    launcher._print_report(summary, tmp_path / "summary.json")
+    out = capsys.readouterr().out.splitlines()
+    expected = "0: 100.0%  1: 50.0%  2: 0.0%  3: n/a  4: n/a  5: n/a  6: n/a  7: n/a  8: n/a  9: n/a"
+    assert "  test accuracy      60.00%" in out
+    assert f"  per-class accuracy {expected}" in out
+    assert f"per-class accuracy: {expected}" in format_report(summary).splitlines()     # the same words
+
+
 @pytest.mark.parametrize("status", ["complete", "diverged"])
 def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(tmp_path, capsys, status):
     """_follow stopped the run (a failed evaluator), but the server had finished it all the same,
@@ -704,7 +721,7 @@ def test_a_run_stopped_after_the_server_ended_it_still_gets_its_report(tmp_path,
     # a diverged run's heading said "run finished", above "status diverged: training diverged: ..."
     heading = "run stopped" if status == "diverged" else "run finished"
     assert f"{heading}: mode sync, 1 worker, 1 epoch" in captured.out
-    assert "test accuracy      0.9000" in captured.out
+    assert "test accuracy      90.00%" in captured.out
     assert ("  why                training diverged: the last 3 pushes" in captured.out) == (status == "diverged")
     assert "diverged: training diverged" not in captured.out
 
