@@ -321,8 +321,8 @@ def test_the_time_split_plot_says_its_bars_are_medians_of_trials(trials, label, 
     import pscnn.bench.scaling as scaling
     figures = {}
     monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
-    summary = [{"mode": "async", "workers": n, "batch": 64, "compute_ms": 5.0, "oversubscribed": False, "trials": trials,
-                "images_per_second": 1000.0 * n, "efficiency": 0.9, "baseline_images_per_second": 12800.0,
+    summary = [{"mode": "async", "workers": n, "batch": 64, "compute_ms": 5.0, "oversubscribed": False,
+                "trials": trials, "images_per_second": 1000.0 * n, "efficiency": 0.9, "baseline_images_per_second": 12800.0,
                 "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0} for n in (1, 2)]
     scaling.plot(summary, tmp_path, ncores=2, synthetic=True)
     label_drawn = figures["scaling_time_split.png"].axes[0].get_ylabel()
@@ -1070,6 +1070,32 @@ def test_scaling_ssp_points_run_and_record_their_staleness_bound(argv, bound, tm
     assert (summary["ssp"]["staleness_bound"], summary["async"]["staleness_bound"]) == (bound, None)
     said = f"ssp: a worker may run {bound} pushes ahead of the slowest (--staleness)"
     assert said in capsys.readouterr().out.splitlines()
+
+
+def test_scaling_says_which_points_overlap(tmp_path, monkeypatch, capsys):
+    """--mode sync,async --overlap: only the async points overlap, and neither the table, the plots
+    nor the summary said so (the flag was in the JSON's config alone)."""
+    pytest.importorskip("matplotlib")
+    import pscnn.bench.cluster as cluster
+    import pscnn.bench.scaling as scaling
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0})
+    figures = {}
+    monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    out = tmp_path / "out"
+    assert main(["bench", "scaling", "--compute-ms", "5", "--workers", "1", "--mode", "sync,async", "--overlap",
+                 "--trials", "1", "--seconds", "0.5", "--warmup", "0", "--model", "light", "--no-progress",
+                 "--out", str(out)]) == 0
+    labels = figures["scaling_throughput.png"].axes[0].get_legend_handles_labels()[1]
+    import matplotlib.pyplot as plt
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    summary = {s["mode"]: s for s in json.loads((out / "scaling.json").read_text())["summary"]}
+    assert (summary["sync"]["overlap"], summary["async"]["overlap"]) == (False, True)
+    assert "async: each worker computes its next batch while its push travels (--overlap)" in \
+        capsys.readouterr().out.splitlines()
+    assert {"sync c=5ms", "async --overlap c=5ms"} <= set(labels), labels
 
 
 def test_trials_left_out_of_a_points_medians_are_said(tmp_path, monkeypatch, capsys):

@@ -194,6 +194,7 @@ def run(args) -> int:
     summary = summarize(rows, baselines, ddp_rows, ncores, synthetic)
     for s in summary:                   # as a run's summary.json says it
         s["staleness_bound"] = bound if s["mode"] == "ssp" else None
+        s["overlap"] = args.overlap and s["mode"] == "async"     # the table and plots said nothing of it
     meta = {"bench": NAME, "machine": machine, "cores": ncores, "synthetic": synthetic, "interrupted": stop.happened,
             "config": {k: v for k, v in vars(args).items() if k not in ("func",)},
             "baselines": baselines, "ddp": ddp_rows, "summary": summary,
@@ -391,6 +392,8 @@ def report(summary, ncores: int, synthetic: bool, machine: dict, trials: int) ->
     bound = next((s["staleness_bound"] for s in summary if s["mode"] == "ssp"), None)
     if bound is not None:
         print(f"ssp: a worker may run {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest (--staleness)")
+    if any(s.get("overlap") for s in summary):
+        print("async: each worker computes its next batch while its push travels (--overlap)")
     if not synthetic:
         base = {s["batch"]: s.get("baseline_cpu_fraction") for s in summary}
         # the ratio of two medians can differ from the median ratio on a noisy machine (9,293 img/s
@@ -420,8 +423,8 @@ def _series(summary):
                        key=lambda s: s["workers"])) for k in keys]
 
 
-def _label(mode, batch, c, synthetic, nb: int) -> str:
-    text = mode
+def _label(mode, batch, c, synthetic, nb: int, overlap: bool = False) -> str:
+    text = mode + (" --overlap" if overlap else "")
     if nb > 1:
         text += f" b{batch}"
     if synthetic:
@@ -460,7 +463,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         col = colors[i % len(colors)]
         xs = [p["workers"] for p in pts]
         ys = [p["images_per_second"] for p in pts]
-        ax.plot(xs, ys, "o-", color=col, label=_label(mode, b, c, synthetic, nb))
+        ax.plot(xs, ys, "o-", color=col, label=_label(mode, b, c, synthetic, nb, pts[0].get("overlap")))
         model = [p.get("model_images_per_second") for p in pts]
         if all(m is not None for m in model):
             ax.plot(xs, model, ":", color=col, alpha=0.8)
@@ -497,12 +500,12 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
             if not pts:
                 continue
             ax.plot([p["workers"] for p in pts], [p["efficiency"] for p in pts], "o-",
-                    color=colors[i % len(colors)], label=_label(mode, b, c, synthetic, nb))
+                    color=colors[i % len(colors)], label=_label(mode, b, c, synthetic, nb, pts[0].get("overlap")))
             cpu = [p for p in pts if p.get("cpu_efficiency") is not None]
             if cpu:
                 ax.plot([p["workers"] for p in cpu], [p["cpu_efficiency"] for p in cpu], "^--",
                         color=colors[i % len(colors)], alpha=0.7,
-                        label=_label(mode, b, c, synthetic, nb) + " per CPU-second")
+                        label=_label(mode, b, c, synthetic, nb, pts[0].get("overlap")) + " per CPU-second")
         ax.axhline(1.0, color="0.4", ls="--", lw=1)
         if not synthetic:
             ax.axhline(0.85, color="tab:red", ls=":", lw=1, label="0.85 target (2 workers)")
@@ -519,7 +522,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
     # ---- per-step time split, stacked bars
     pts = [s for s in summary if s.get("comm_ms") is not None]
     if pts:
-        labels = [f"{_label(p['mode'], p['batch'], p['compute_ms'], synthetic, nb)}\nN={p['workers']}"
+        labels = [f"{_label(p['mode'], p['batch'], p['compute_ms'], synthetic, nb, p.get('overlap'))}\nN={p['workers']}"
                   f"{'*' if p['oversubscribed'] else ''}" for p in pts]
         # inches: room under each bar for its label (~0.05 in a character at 6 pt); upright past 16
         width = len(pts) * (0.06 * max(len(line) for text in labels for line in text.split("\n")) + 0.15) + 1.5
@@ -536,7 +539,8 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_xticklabels(labels, fontsize=6, rotation=90 if width > 16.0 else 0)
         # a bar of several trials is the median of their windows' means, as the table's columns are
         several = any((p.get("trials") or 0) > 1 for p in pts)
-        ax.set_ylabel("ms per step (window mean, median of trials)" if several else "ms per step (mean over the window)")
+        ax.set_ylabel("ms per step (window mean, median of trials)" if several
+                      else "ms per step (mean over the window)")
         ax.set_title("Where a worker's step goes (* = workers > cores)")
         ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) > 0 else 1)
         ax.legend(fontsize=7, ncol=3, loc="upper center")
