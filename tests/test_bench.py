@@ -414,6 +414,9 @@ SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0
     (["scaling", "--mode", "sync", "--overlap", *SHORT], "--overlap applies to --mode async only, not to --mode sync"),
     (["scaling", "--mode", "sync,async", "--staleness", "1", *SHORT],
      "--staleness bounds --mode ssp points only, not --mode sync,async"),
+    (["time-to-accuracy", "--mode", "sync", "--staleness", "1", "--workers", "1", "--model", "light", "--epochs", "1",
+      "--max-seconds", "20", "--train-limit", "500", "--test-limit", "100"],
+     "--staleness bounds --mode ssp runs only, not --mode sync"),
     (["scaling", "--baseline-seconds", "3", *SHORT], "--baseline-seconds: --compute-ms workers have no single"),
     (["scaling", "--threads", "4", *SHORT], "--threads 4: --compute-ms workers sleep instead of computing, with no "
                                             "BLAS to thread"),             # was ignored
@@ -1096,6 +1099,26 @@ def test_scaling_says_which_points_overlap(tmp_path, monkeypatch, capsys):
     assert "async: each worker computes its next batch while its push travels (--overlap)" in \
         capsys.readouterr().out.splitlines()
     assert {"sync c=5ms", "async --overlap c=5ms"} <= set(labels), labels
+
+
+def test_tta_ssp_runs_take_and_record_their_staleness_bound(tmp_path, monkeypatch, capsys, mnist_dir):
+    """time-to-accuracy --mode ssp ran with the server's default bound, which no flag set and no
+    output said."""
+    import pscnn.bench.tta as tta
+    from pscnn.cli import main
+    flags = {}
+
+    def run_one(folder, mode, n, args, mnist_dir, bar):
+        flags[mode] = tta.server_flags(mode, args, folder, mnist_dir)
+        return tta.analyse([], [], 0.5, 64)
+    monkeypatch.setattr(tta, "run_one", run_one)
+    out = tmp_path / "out"
+    assert main(["bench", "time-to-accuracy", *TINY["time-to-accuracy"], "--mode", "ssp,async", "--staleness", "0",
+                 "--mnist-dir", mnist_dir, "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    assert flags["ssp"][flags["ssp"].index("--staleness") + 1] == "0" and "--staleness" not in flags["async"]
+    summary = {s["mode"]: s for s in json.loads((out / "time_to_accuracy.json").read_text())["summary"]}
+    assert (summary["ssp"]["staleness_bound"], summary["async"]["staleness_bound"]) == (0, None)
+    assert "ssp: a worker may run 0 pushes ahead of the slowest (--staleness)" in capsys.readouterr().out.splitlines()
 
 
 def test_trials_left_out_of_a_points_medians_are_said(tmp_path, monkeypatch, capsys):

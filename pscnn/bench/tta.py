@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from cnn_core.text import for_count
-from pscnn.cli import (DEFAULT_LR, MODES, _path, fraction, given_flag, non_negative_float, non_negative_int,
-                       positive_float, positive_int)
+from pscnn.cli import (DEFAULT_LR, DEFAULT_STALENESS, MODES, _path, fraction, given_flag, non_negative_float,
+                       non_negative_int, positive_float, positive_int)
 
-from .common import (BenchError, Interruption, add_output_flags, check_mnist, check_out, check_server_flags,
-                     checking_options, cores, data_files, description, eval_records, fmt, fresh_output_folder,
+from .common import (BenchError, Interruption, OptionError, add_output_flags, check_mnist, check_out,
+                     check_server_flags, checking_options, cores, data_files, description, eval_records, fmt, fresh_output_folder,
                      interrupted_status, machine_info, measurement_failures, median, on_a_free_port, one_line,
                      parse_list, print_table, print_written, process_failed, progress, pyplot, remove_if_empty,
                      save_figure, server_failed, step_records, write_outputs)
@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--target", type=fraction, default=0.99, help="test accuracy to reach (default: 0.99)")
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: 1,2,4)")
     p.add_argument("--mode", default="sync,async", help="modes (default: sync,async)")
+    p.add_argument("--staleness", type=non_negative_int, default=None,
+                   help=f"ssp runs: pushes a worker may run ahead of the slowest (default: {DEFAULT_STALENESS})")
     p.add_argument("--batch", type=positive_int, default=64, help="batch size per worker step (default: 64)")
     p.add_argument("--epochs", type=positive_int, default=5, help="most epochs per run (default: 5)")
     p.add_argument("--max-seconds", type=positive_float, default=600.0, help="most seconds per run (default: 600)")
@@ -76,6 +78,8 @@ def run(args) -> int:
     from server.config import training_set_size  # noqa: PLC0415
     workers = parse_list(args.workers, int, given_flag("workers"), low=1)
     modes = parse_list(args.mode, str, given_flag("mode"), choices=MODES)
+    if args.staleness is not None and "ssp" not in modes:
+        raise OptionError(f"{given_flag('staleness')} bounds --mode ssp runs only, not --mode {args.mode}")
     mnist_dir = args.mnist_dir or os.environ.get("MNIST_DIR")
     with checking_options():            # what the server, the workers and the evaluator would refuse
         check_out(args.out)
@@ -109,6 +113,9 @@ def run(args) -> int:
     if stop.happened and not rows:      # no run finished: nothing to write
         raise KeyboardInterrupt
     summary = summarize(rows, modes, workers)
+    bound = DEFAULT_STALENESS if args.staleness is None else args.staleness
+    for s in summary:                   # ssp's bound, which was the server's default, said nowhere
+        s["staleness_bound"] = bound if s["mode"] == "ssp" else None
     meta = {"bench": NAME, "machine": machine, "cores": cores(), "config": vars(args), "summary": summary,
             "curves": curves, "interrupted": stop.happened}
     csv_path, json_path = write_outputs(out, NAME, rows, meta)
@@ -136,6 +143,8 @@ def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> li
         flags += ["--momentum", str(args.momentum)]
     if args.schedule:
         flags += ["--schedule", args.schedule]
+    if mode == "ssp":
+        flags += ["--staleness", str(DEFAULT_STALENESS if args.staleness is None else args.staleness)]
     if mnist_dir:
         flags += ["--mnist-dir", mnist_dir]
     return flags
@@ -327,6 +336,9 @@ def report(summary, args, machine) -> None:
              fmt(s["images_to_target"]), fmt(s["updates_to_target"]), fmt(s["speedup_vs_1"], ".2f"),
              fmt(s["best_accuracy"], ".4f")] for s in summary]
     print_table(headers, rows)
+    bound = next((s["staleness_bound"] for s in summary if s["mode"] == "ssp"), None)
+    if bound is not None:
+        print(f"ssp: a worker may run {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest (--staleness)")
     if args.trials > 1 and any(s["speedup_vs_1"] is not None for s in summary):
         # 10 s / 20 s in the seconds column beside a speed-up of 2.00 read as a wrong division
         print("speed-up vs 1: the median over trials of (1 worker's seconds / N workers' seconds) within each "
