@@ -315,6 +315,10 @@ def check_run_args(args):
     if args.wait_for_workers is not None and args.wait_for_workers > args.max_workers:
         raise CliError(f"{given_flag('wait_for_workers')} {args.wait_for_workers} exceeds "
                        f"{given_flag('max_workers')} {args.max_workers}: the run could never start with all of them")
+    if args.wait_for_workers is not None and args.wait_for_workers > args.workers:
+        # pscnn run starts --workers trainers: the barrier held every one of them for --start-timeout
+        raise CliError(f"{given_flag('wait_for_workers')} {args.wait_for_workers} exceeds {given_flag('workers')} "
+                       f"{args.workers}: the run's workers would wait --start-timeout for trainers it never starts")
     if getattr(args, "no_evaluator", False) and args.eval_every is not None:
         # with no evaluator to give it to, it was dropped without a word (getattr: pscnn bench's server flags)
         raise CliError(f"{given_flag('eval_every')} sets the evaluator's period, and {given_flag('no_evaluator')} "

@@ -588,6 +588,20 @@ def test_run_refuses_more_workers_than_an_epoch_has_batches(workers, train_limit
         launcher.check_run_args(args)
 
 
+@pytest.mark.parametrize("wait_for,refused", [("3", True), ("2", False), ("1", False)])
+def test_run_refuses_a_start_barrier_for_more_workers_than_it_starts(wait_for, refused):
+    """`pscnn run --workers 2 --wait-for-workers 3` handed out no work for --start-timeout (60 s),
+    then trained with the 2 it had started."""
+    args = parse_args(["run", "--model", "light", "--workers", "2", "--wait-for-workers", wait_for])
+    if refused:
+        with pytest.raises(CliError, match=re.escape(
+                "--wait-for-workers 3 exceeds --workers 2: the run's workers would wait --start-timeout for "
+                "trainers it never starts")):
+            launcher.check_run_args(args)
+    else:
+        launcher.check_run_args(args)
+
+
 def test_run_refuses_a_start_barrier_the_server_could_never_lift():
     """--wait-for-workers above --max-workers: one line from `pscnn run` itself (exit 2)."""
     args = parse_args(["run", "--model", "light", "--workers", "1", "--wait-for-workers", "3", "--max-workers", "2"])
