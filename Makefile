@@ -63,5 +63,5 @@ compose-test:
 # Everything make, pip and the tests generate here (.gitignore's list): the venv, run folders, build
 # outputs and caches. Never MNIST (MNIST_DIR and the download cache lie outside the project).
 clean:
-	rm -rf $(VENV) runs build dist .pytest_cache *.egg-info
+	rm -rf $(VENV) runs build dist .pytest_cache .hypothesis *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

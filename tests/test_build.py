@@ -104,7 +104,8 @@ def test_make_refuses_to_remove_a_folder_that_is_no_venv(repo):
 def test_make_clean_removes_every_generated_thing_but_no_source_or_data(repo):
     """`make clean` left build/ (setuptools' build tree), dist/ and the __pycache__ folders."""
     generated = ["build/lib/pscnn/cli.py", "dist/pscnn-0.1.tar.gz", "pscnn.egg-info/PKG-INFO",
-                 "pscnn/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md", "runs/make-run/summary.json"]
+                 "pscnn/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md", ".hypothesis/constants/0",
+                 "runs/make-run/summary.json"]
     kept = ["pscnn/cli.py", "tests/test_x.py"]
     data = repo.parent / "shared" / "mnist" / "train-images-idx3-ubyte.gz"      # the build machines' MNIST
     for name in [*generated, *kept]:

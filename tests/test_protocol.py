@@ -5,7 +5,6 @@ No sockets except one in-process ZeroMQ pair (zero-copy receive); no server.
 from __future__ import annotations
 
 import math
-import random
 import re
 
 import msgpack
@@ -418,126 +417,7 @@ def test_boundaries_accepted():
     assert msg.seq == 2**64 - 1 and msg.body["loss"] == 3
 
 
-# ---------------------------------------------------------------- fuzzing
-# hypothesis is not installed here: a seeded random loop instead.
-
-def _rand_value(rng: random.Random, depth: int = 0):
-    kinds = ["nil", "bool", "int", "bigint", "float", "special", "str", "bytes", "ext"]
-    if depth < 3:
-        kinds += ["list", "map"] * 2
-    k = rng.choice(kinds)
-    if k == "nil":
-        return None
-    if k == "bool":
-        return rng.random() < 0.5
-    if k == "int":
-        return rng.randint(-5, 300)
-    if k == "bigint":
-        return rng.choice([-(2**63), 2**63 - 1, 2**64 - 1, 2**31, -(2**31)])
-    if k == "float":
-        return rng.uniform(-1e6, 1e6)
-    if k == "special":
-        return rng.choice([math.nan, math.inf, -math.inf, -0.0, 1e308])
-    if k == "str":
-        return rng.choice(["", "v", "type", "pull", "push", "float32", "trainer", "x" * rng.randint(0, 5000),
-                           "\n\x00\u2603"])
-    if k == "bytes":
-        return rng.randbytes(rng.randint(0, 20))
-    if k == "ext":
-        return msgpack.ExtType(rng.randint(0, 127), rng.randbytes(rng.randint(0, 8)))
-    if k == "list":
-        return [_rand_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
-    keys = ["v", "type", "wid", "seq", "body", "arrays", "role", "timing", "count", "compute_s", b"v", "zz"]
-    return {rng.choice(keys): _rand_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
-
-
-def _valid_frames(rng: random.Random) -> list:
-    mtype = rng.choice(sorted(P.SCHEMAS))
-    arrays = {}
-    for i in range(rng.randint(0, 3)):
-        dtype = rng.choice(P.ALLOWED_DTYPES)
-        shape = tuple(rng.randint(0, 3) for _ in range(rng.randint(0, 3)))
-        arrays[f"a{i}"] = np.ones(shape, dtype)
-    return [bytes(memoryview(f)) for f in P.encode(P.Message(mtype, "w", rng.randint(0, 9), FULL_BODIES[mtype],
-                                                              arrays))]
-
-
-def _mutate(rng: random.Random, frames: list) -> list:
-    frames = list(frames)
-    op = rng.randrange(6)
-    if op == 0:                                 # flip / overwrite some header bytes
-        h = bytearray(frames[0])
-        for _ in range(rng.randint(1, 4)):
-            h[rng.randrange(len(h))] = rng.randrange(256)
-        frames[0] = bytes(h)
-    elif op == 1:                               # cut the header short
-        frames[0] = frames[0][:rng.randrange(len(frames[0]))]
-    elif op == 2:                               # replace one header field by a random value
-        h = msgpack.unpackb(frames[0], raw=False)
-        h[rng.choice(["v", "type", "wid", "seq", "body", "arrays", "zz"])] = _rand_value(rng)
-        frames[0] = _pack(h)
-    elif op == 3:                               # replace one body field by a random value
-        h = msgpack.unpackb(frames[0], raw=False)
-        fields = list(P.SCHEMAS[h["type"]]) or ["zz"]
-        h["body"][rng.choice(fields)] = _rand_value(rng)
-        frames[0] = _pack(h)
-    elif op == 4:                               # add, drop or resize array frames
-        if len(frames) > 1 and rng.random() < 0.5:
-            i = rng.randrange(1, len(frames))
-            frames[i] = frames[i][:-1] if frames[i] and rng.random() < 0.5 else frames[i] + b"\0"
-        elif len(frames) > 1 and rng.random() < 0.5:
-            del frames[rng.randrange(1, len(frames))]
-        else:
-            frames.append(rng.randbytes(rng.randint(0, 16)))
-    else:                                       # mangle an array spec
-        h = msgpack.unpackb(frames[0], raw=False)
-        if h["arrays"]:
-            spec = h["arrays"][rng.randrange(len(h["arrays"]))]
-            spec[rng.randrange(3)] = _rand_value(rng)
-        else:
-            h["arrays"] = _rand_value(rng)
-        frames[0] = _pack(h)
-    return frames
-
-
-def _decode_only_protocol_errors(frames) -> None:
-    try:
-        msg = P.decode(frames)
-    except P.ProtocolError as exc:
-        assert isinstance(exc.code, str) and "\n" not in str(exc)
-        return
-    except Exception as exc:  # pragma: no cover - the failure being tested for
-        pytest.fail(f"decode raised {type(exc).__name__}: {exc} for frames {[bytes(f)[:80] for f in frames]!r}")
-    assert msg.type in P.SCHEMAS and isinstance(msg.body, dict)
-
-
-def test_fuzz_random_bytes():
-    rng = random.Random(1234)
-    for _ in range(3000):
-        n = rng.randint(1, 3)
-        _decode_only_protocol_errors([rng.randbytes(rng.randint(0, 64)) for _ in range(n)])
-
-
-def test_fuzz_random_msgpack_structures():
-    rng = random.Random(5678)
-    for _ in range(3000):
-        value = _rand_value(rng)
-        if isinstance(value, dict) and rng.random() < 0.7:      # often close to a real header
-            value = {**_hdr(type=rng.choice(sorted(P.SCHEMAS)), body=_rand_value(rng)), **value}
-        _decode_only_protocol_errors([_pack(value), *[rng.randbytes(rng.randint(0, 8))
-                                                      for _ in range(rng.randint(0, 2))]])
-
-
-def test_fuzz_mutated_valid_messages():
-    rng = random.Random(91011)
-    for _ in range(3000):
-        frames = _valid_frames(rng)
-        for _ in range(rng.randint(1, 3)):
-            try:
-                frames = _mutate(rng, frames)
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
-                break                            # the previous mutation already broke the header
-        _decode_only_protocol_errors(frames)
+# Fuzzing of decode (random bytes, msgpack values, mutated messages): tests/test_protocol_properties.py.
 
 
 def test_error_replies_are_one_printable_line_whatever_they_quote():
