@@ -330,6 +330,11 @@ def _check_spec(mtype: str, spec):
         raise ProtocolError(f"{mtype}: array {name!r} has an invalid shape {shape!r}"[:200])
     if math.prod(shape) * _DTYPES[dtype].itemsize > MAX_MESSAGE_BYTES:   # Python ints: no overflow
         raise ProtocolError(f"{mtype}: array {name!r} would exceed {MAX_MESSAGE_BYTES} bytes", "too_large")
+    # An empty array holds no bytes, but NumPy still refuses a shape whose other dimensions overflow
+    # its strides ("array is too big"): a ValueError the server took for a bug of its own.
+    if math.prod(d for d in shape if d) * _DTYPES[dtype].itemsize > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{mtype}: an empty array's other dimensions span over {MAX_MESSAGE_BYTES} bytes, "
+                            f"an invalid shape: array {name!r} of shape {shape!r}"[:200])
     return name, dtype, shape
 
 

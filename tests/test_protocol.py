@@ -337,6 +337,9 @@ CASES = {
     "arrays of one dtype over the size limit together": (
         _push(arrays=[["g", "float32", [40_000_000]], ["h", "float32", [40_000_000]]], frames=[b""]),
         "too_large", "float32 arrays would exceed"),
+    # No bytes, but NumPy cannot make strides for the other dimensions: a ValueError of NumPy's got through.
+    "empty array whose other dimensions overflow": (_push(arrays=[["g", "float32", [0] + [2**31 - 1] * 3]],
+                                                          frames=[b""]), "bad_message", "empty array's other dim"),
     "array whose size overflows int64": (_push(arrays=[["g", "uint8", [65536] * 4]], frames=[b""]),
                                          "too_large", "exceed"),
     "too many arrays": (_push(arrays=[[f"a{i}", "uint8", [0]] for i in range(P.MAX_ARRAYS + 1)]),

@@ -300,6 +300,8 @@ HOSTILE_SPECS = st.lists(st.one_of(
 
 @FUZZ
 @given(HOSTILE_SPECS, PAYLOADS)
+@example([["g", "float32", [0, 2**31 - 1, 2**31 - 1, 2**31 - 1]]], [b""])     # NumPy's "array is too big"
+@example([["g", "float64", [2**31 - 1] * 3 + [0]]], [b""])                   # NumPy's "cannot reshape"
 @example([["g", "float32", [-1]]], [b""])
 @example([["g", "float32", [2**31 - 1] * 8]], [b""])
 @example([["\udc80", "float32", [1]]], [b"\0" * 4])

@@ -163,3 +163,19 @@ def test_hostile_messages_change_nothing_and_an_honest_trainer_trains_on(data):
             assert srv.store.version == session.before[0] + 1
         finally:
             session.close()
+
+
+def test_an_empty_array_whose_other_dimensions_overflow_is_refused_not_taken_for_a_server_bug(tmp_path):
+    """Its bytes (none) fit, but NumPy's ValueError building it went past the server's
+    ProtocolError handling: answered internal_error, logged as a bug of the server's."""
+    session = Session(tmp_path / "run")
+    try:
+        raw = session.sockets["mallory"]
+        header = {"v": P.PROTOCOL_VERSION, "type": P.PULL, "wid": raw.wid, "seq": raw.next_seq(),
+                  "body": {"have_version": 0}, "arrays": [["g", "float32", [0, 2**31 - 1, 2**31 - 1, 2**31 - 1]]]}
+        replies = session.answer(raw, [msgpack.packb(header, use_bin_type=True), b""])
+        assert [(r.type, r.body["code"]) for r in replies] == [(P.ERROR, "bad_message")], replies
+        assert "empty array's other dimensions" in replies[0].body["message"]
+        assert session.server.srv.rejected["internal_error"] == 0
+    finally:
+        session.close()
