@@ -23,12 +23,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pscnn import protocol as P
-from test_protocol_properties import ANY_VALUE, PAYLOADS, valid_arrays, valid_bodies
+from server.eval_report import METRIC_KEYS
+from test_protocol_properties import ANY_VALUE, MSGPACK_INTS, PAYLOADS, valid_arrays, valid_bodies
 from test_server_robustness import InProcess, Raw, grads_like, push_body
 
 pytestmark = pytest.mark.timeout(300)
 
-FUZZ = settings(deadline=None, derandomize=True, database=None, max_examples=60,
+FUZZ = settings(deadline=None, derandomize=True, database=None, max_examples=300,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FENCE_SEQ = 2**64 - 1                    # above any sequence number a peer here sends before the fence
 SERVER_SENDS = {P.WELCOME, P.TASK, P.WAIT, P.WEIGHTS, P.HEARTBEAT, P.STATUS, P.ACK, P.STOP, P.ERROR}
@@ -98,17 +99,34 @@ def _wrong_gradients(draw, weights: dict) -> dict:
     return grads
 
 
+ROLE_TYPES = {"mallory": [P.WORK, P.PUSH, P.PUSH, P.BYE, P.HELLO, P.HEARTBEAT],
+              "evaluator": [P.PULL, P.EVAL_REPORT, P.EVAL_REPORT, P.BYE, P.HELLO, P.HEARTBEAT],
+              "stranger": [P.HELLO, P.STATUS, P.WORK, P.PUSH]}
+NUMBERS = st.floats() | MSGPACK_INTS | st.sampled_from([0, 1, 0.5, -1, 10])
+METRICS = st.dictionaries(
+    st.sampled_from(METRIC_KEYS) | st.text(max_size=4),
+    NUMBERS | st.lists(NUMBERS, max_size=12) | st.lists(st.lists(NUMBERS, max_size=11), min_size=10, max_size=10)
+    | ANY_VALUE, max_size=len(METRIC_KEYS))
+
+
 def hostile(data, session: Session) -> tuple[str, list]:
     """(sender, frames): one hostile message, drawn with what ``session``'s peers hold at this moment."""
     sender = data.draw(st.sampled_from(SENDERS))
     raw = session.sockets[sender]
-    kind = data.draw(st.sampled_from(["bytes", "msgpack", "message", "message", "message", "mutated"]))
+    kind = data.draw(st.sampled_from(["bytes", "msgpack"] + ["message"] * 6 + ["mutated"] * 2))
     if kind == "bytes":
         return sender, data.draw(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
     if kind == "msgpack":
         return sender, [msgpack.packb(data.draw(ANY_VALUE), use_bin_type=True), *data.draw(PAYLOADS)]
-    mtype = data.draw(st.sampled_from(sorted(P.SCHEMAS)) | st.sampled_from([P.PUSH, P.WORK, P.PULL, P.EVAL_REPORT]))
+    # mostly what the sender's role sends, to get past decode and the role check to the handlers
+    mtype = data.draw(st.sampled_from(ROLE_TYPES[sender]) | st.sampled_from(ROLE_TYPES[sender])
+                      | st.sampled_from(sorted(P.SCHEMAS)))
     body = data.draw(valid_bodies(mtype))
+    if mtype == P.EVAL_REPORT:
+        body["metrics"] = data.draw(METRICS)
+        body["version"] = data.draw(st.integers(-1, 2) | MSGPACK_INTS)
+    if mtype == P.PULL:
+        body["have_version"] = data.draw(st.integers(-1, 2) | MSGPACK_INTS)
     if mtype == P.PUSH:
         # mostly the claim of the batch the hostile trainer holds (or near it), to reach the gradients' checks
         claim = data.draw(st.sampled_from(["held", "near", "any"]))
@@ -120,7 +138,7 @@ def hostile(data, session: Session) -> tuple[str, list]:
         arrays = _wrong_gradients(data.draw, session.task.arrays)
     else:
         arrays = data.draw(valid_arrays())
-    wid = data.draw(st.sampled_from([raw.wid] * 3 + ["", "fuzz-x", session.sockets["mallory"].wid]))
+    wid = data.draw(st.sampled_from([raw.wid] * 6 + ["", "fuzz-x", session.sockets["mallory"].wid]))
     seq = data.draw(st.sampled_from(["next", "next", "last"]) | st.integers(0, 2**64 - 2))
     seq = raw.next_seq() if seq == "next" else raw.seq if seq == "last" else seq
     header = {"v": P.PROTOCOL_VERSION, "type": mtype, "wid": wid, "seq": seq, "body": body,
