@@ -166,8 +166,10 @@ def encode(msg: Message) -> list:
     copy; other arrays are packed (one copy per dtype with several arrays).
     Give the frames to ``send_multipart(..., copy=False)``; the caller must not
     modify the arrays in place until ZeroMQ has sent them (the server sends
-    immutable snapshots for exactly that reason).
+    immutable snapshots for exactly that reason).  Raises :class:`ProtocolError`
+    for what :func:`decode` would refuse and what msgpack cannot write.
     """
+    _check_envelope(msg.type, msg.wid, msg.seq)
     _check_body(msg.type, msg.body)
     arrays = msg.arrays
     if isinstance(arrays, FlatArrays) and isinstance(arrays.flat, np.ndarray) and arrays.flat.dtype.isnative:
@@ -192,8 +194,13 @@ def encode(msg: Message) -> list:
         frames = [np.ascontiguousarray(group[0]) if len(group) == 1 else np.concatenate([a.ravel() for a in group])
                   for group in groups.values()]
     _parse_specs(msg.type, specs)       # what decode would refuse is refused here, naming the sender's error
-    header = msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.type, "wid": msg.wid, "seq": msg.seq,
-                            "body": msg.body, "arrays": specs}, use_bin_type=True)
+    try:
+        header = msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.type, "wid": msg.wid, "seq": msg.seq,
+                                "body": msg.body, "arrays": specs}, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:    # a set, a lone surrogate, an int past 64 bits
+        reason = " ".join(str(exc).split())[:120]
+        raise ProtocolError(f"{msg.type}: the header cannot be written as msgpack ({type(exc).__name__}: "
+                            f"{reason})") from None
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"{msg.type} header is {len(header)} bytes, over the {MAX_HEADER_BYTES} limit",
                             "too_large")
@@ -229,15 +236,8 @@ def decode(frames) -> Message:
     unknown = sorted(set(header) - {"v", "type", "wid", "seq", "body", "arrays"}, key=repr)
     if unknown:
         raise ProtocolError(f"header has unknown keys {unknown}"[:200])
-    mtype = header.get("type")
-    if not isinstance(mtype, str) or mtype not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {mtype!r}"[:200], "unknown_type")
-    wid = header.get("wid", "")
-    if not isinstance(wid, str) or len(wid) > MAX_NAME_LEN or not wid.isprintable():
-        raise ProtocolError(f"{mtype}: 'wid' must be a string of at most {MAX_NAME_LEN} printable characters")
-    seq = header.get("seq", 0)
-    if not _is_int(seq) or seq < 0:
-        raise ProtocolError(f"{mtype}: 'seq' must be a non-negative integer, got {seq!r}"[:200])
+    mtype, wid, seq = header.get("type"), header.get("wid", ""), header.get("seq", 0)
+    _check_envelope(mtype, wid, seq)
     body = header.get("body", {})
     _check_body(mtype, body)
     specs = header.get("arrays", [])
@@ -361,6 +361,16 @@ _KIND_TEXT = {
     "dict": "a map",
     "list": "a list",
 }
+
+
+def _check_envelope(mtype, wid, seq) -> None:
+    """The header's type, sender id and sequence number, as both sides check them."""
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {mtype!r}"[:200], "unknown_type")
+    if not isinstance(wid, str) or len(wid) > MAX_NAME_LEN or not wid.isprintable():
+        raise ProtocolError(f"{mtype}: 'wid' must be a string of at most {MAX_NAME_LEN} printable characters")
+    if not _is_int(seq) or seq < 0:
+        raise ProtocolError(f"{mtype}: 'seq' must be a non-negative integer, got {seq!r}"[:200])
 
 
 def _check_body(mtype: str, body) -> None:

@@ -131,6 +131,38 @@ def test_every_valid_message_round_trips(msg):
     assert isinstance(out.arrays, FlatArrays) == (len({a.dtype for a in msg.arrays.values()}) == 1)
 
 
+UNICODE = st.text(st.characters(codec=None, categories=None), max_size=8)      # lone surrogates included
+ODD_VALUES = st.integers() | UNICODE | st.sets(st.integers(), max_size=2) | st.floats() | st.none()
+
+
+@FUZZ
+@given(valid_messages(), st.sampled_from(["type", "wid", "seq", "body", "name"]), ODD_VALUES)
+@example(P.Message(P.PULL, body={"have_version": 0}), "seq", -1)
+@example(P.Message(P.PULL, body={"have_version": 0}), "seq", 2**64)
+@example(P.Message(P.PULL, body={"have_version": 0}), "wid", "\n")
+@example(P.Message(P.PULL, body={"have_version": 0}), "type", "nope")
+@example(P.Message(P.PULL, body={"have_version": 0}), "body", 2**64)
+@example(P.Message(P.ACK), "name", "\ud800")
+@example(P.Message(P.STATUS), "body", {1, 2})
+def test_encode_sends_what_decode_takes_or_refuses_with_a_protocol_error(msg, part, value):
+    """A sender's mistake is a ProtocolError naming it (not a KeyError, OverflowError,
+    UnicodeEncodeError or TypeError from msgpack), and never a message its receiver refuses."""
+    if part == "name":
+        msg.arrays = {value: np.zeros(1, np.float32)} if isinstance(value, str) and value else msg.arrays
+    elif part == "body":
+        fields = sorted(P.SCHEMAS.get(msg.type, {})) or ["progress"]
+        msg.body = {**msg.body, fields[0]: value}
+    else:
+        setattr(msg, part, value)
+    try:
+        frames = P.encode(msg)
+    except P.ProtocolError as exc:
+        assert str(exc) and "\n" not in str(exc) and len(str(exc)) <= 300, str(exc)
+        return
+    out = P.decode(_wire(frames))
+    assert (out.type, out.wid, out.seq) == (msg.type, msg.wid, msg.seq)
+
+
 # ---------------------------------------------------------------- malformed messages
 
 def assert_refused(frames) -> P.ProtocolError:
