@@ -14,6 +14,7 @@ way, types its role may not send.  Then:
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -41,7 +42,8 @@ SENDERS = ("mallory", "evaluator", "stranger")
 class Session:
     """A fresh server with its honest trainer (holding a lease) and the three hostile sockets."""
 
-    def __init__(self, out: Path, mode: str = "async"):
+    def __init__(self, out: Path, mode: str = "async", stranger_routing_id: bytes | None = None):
+        """``stranger_routing_id``: the ZeroMQ routing id the stranger connects with (None: one ZeroMQ makes up)."""
         # Nothing times out here: no housekeeping runs between the messages this test hands over.
         self.server = InProcess(out, mode=mode, lease_timeout=3600.0, peer_timeout=3600.0)
         try:
@@ -49,7 +51,8 @@ class Session:
             self.task = self.answer(self.honest, self.honest.frames(P.WORK))[0]
             assert self.task.type == P.TASK, self.task
             self.sockets = {"mallory": self.joined("trainer"), "evaluator": self.joined("evaluator"),
-                            "stranger": self.server.client()}
+                            "stranger": Raw(self.server.endpoint, routing_id=stranger_routing_id)}
+            self.server.raws.append(self.sockets["stranger"])       # closed with the server
             self.mallory_task = self.answer(self.sockets["mallory"], self.sockets["mallory"].frames(P.WORK))[0]
             assert self.mallory_task.type == P.TASK, self.mallory_task
         except BaseException:
@@ -180,14 +183,33 @@ def test_hostile_messages_change_nothing_and_an_honest_trainer_trains_on(mode, e
     @settings(FUZZ, max_examples=examples)
     @given(st.data())
     def hostile_then_honest(data):
+        # any routing id ZeroMQ takes (1-255 bytes, not starting with 0): a log line names the sender by it
+        routing_id = data.draw(st.none() | (st.binary(min_size=1, max_size=255)
+                                            | st.text(min_size=1, max_size=60).map(str.encode))
+                               .filter(lambda b: len(b) <= 255 and b[0] != 0))
         with tempfile.TemporaryDirectory() as out:
-            hostile_then_honest_in(Session(Path(out) / "run", mode), data, mode)
+            hostile_then_honest_in(Session(Path(out) / "run", mode, routing_id), data, mode)
     hostile_then_honest()
+
+
+class LogLines(logging.Handler):
+    """The server's log lines, as they would be written."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def hostile_then_honest_in(session: Session, data, mode: str) -> None:
     """1-4 hostile messages to ``session``'s server, each checked; then the honest trainer's push."""
     srv = session.server.srv
+    logger, lines = logging.getLogger("pscnn.server"), LogLines()
+    level = logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.DEBUG)
     try:
         for _ in range(data.draw(st.integers(1, 4))):
             sender, frames = hostile(data, session)
@@ -204,8 +226,13 @@ def hostile_then_honest_in(session: Session, data, mode: str) -> None:
             assert srv.rejected["internal_error"] == 0, "a message tripped a server bug"
             assert (srv.store.version, srv.store.params.flat.tobytes()) == session.before
             assert not srv.over, srv.failure
+            # what a peer sent must not forge or hide a line of the log (a newline, an escape sequence)
+            assert all(line.isprintable() for line in lines.lines), [line for line in lines.lines
+                                                                     if not line.isprintable()]
         honest_push_is_applied(session, mode)
     finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
         session.close()
 
 
