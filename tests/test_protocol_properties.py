@@ -1,12 +1,13 @@
 """Property tests of the wire protocol (pscnn/protocol.py) with hypothesis.
 
 * every message type round-trips through encode and decode, with any valid fields and arrays;
+* encode refuses what decode would, and what msgpack cannot write, with a ProtocolError;
 * whatever else arrives (random bytes, broken msgpack, wrong header or body fields, wrong
   frames, array specs that lie), decode raises ProtocolError with one short printable line,
   never another exception, and never allocates what a header declares but no frame holds.
 
 Reproducible: derandomize=True (the same examples on every run) and no example database
-(nothing is written into the repository).  The server's side is tests/test_server_fuzz.py.
+(hypothesis still caches in .hypothesis/, git-ignored).  The server's side is tests/test_server_fuzz.py.
 """
 from __future__ import annotations
 
@@ -331,9 +332,10 @@ def test_a_truncated_or_corrupted_header_is_refused_or_valid(msg, data):
 
 DIMS = st.integers(-(2**63), 2**64 - 1) | st.integers(-3, 3) | st.sampled_from([2**31 - 1, 2**31, 2**62]) \
     | st.booleans() | st.floats() | st.text(max_size=3) | st.none()
+OVERLONG_NAMES = st.text(min_size=P.MAX_NAME_LEN + 1, max_size=3 * P.MAX_NAME_LEN)
 HOSTILE_SPECS = st.lists(st.one_of(
-    st.tuples(NAMES | st.text(min_size=P.MAX_NAME_LEN + 1, max_size=3 * P.MAX_NAME_LEN) | ANY_VALUE, st.sampled_from(P.ALLOWED_DTYPES) | ANY_VALUE, st.lists(DIMS, max_size=10) | ANY_VALUE)
-    .map(list),
+    st.tuples(NAMES | OVERLONG_NAMES | ANY_VALUE, st.sampled_from(P.ALLOWED_DTYPES) | ANY_VALUE,
+              st.lists(DIMS, max_size=10) | ANY_VALUE).map(list),
     ANY_VALUE), max_size=4)
 
 
