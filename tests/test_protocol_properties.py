@@ -216,7 +216,7 @@ def test_any_msgpack_value_as_a_header_is_refused_or_valid(header, payloads):
 HEADER_KEYS = ("v", "type", "wid", "seq", "body", "arrays")
 # What an error about each header key says (one of them)
 HEADER_KEY_WORDS = {"v": ["protocol version"], "type": ["message type"], "wid": ["'wid'"], "seq": ["'seq'"],
-                    "body": ["body", "field"], "arrays": ["arrays", "array spec", "payload frame"]}
+                    "body": ["body", "field"], "arrays": ["array", "payload frame"]}
 
 
 def _header_of(msg: P.Message) -> dict:
