@@ -2,6 +2,7 @@
 resend, and the ids of the workers whose gradients it applied."""
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -35,10 +36,12 @@ class KeptReply:
     """A peer's last reply, kept to answer a resend of its request (ParameterServer._resend).
 
     One that carried weights is kept without them: each async trainer's task carried another
-    version's, and 2,048 trainers kept 2,048 copies of the model (3.5 GB).
+    version's, and 2,048 trainers kept 2,048 copies of the model (3.5 GB).  A weak reference to
+    them is kept: while ZeroMQ still queues an answer that carries them, a resend gets them too.
     """
     frames: list | None = None          # the reply as sent, when it carried no weights
     message: P.Message | None = None    # the reply, less its weights, when it carried some
+    weights: weakref.ref | None = None  # the buffer of the weights it carried (a snapshot's, FlatArrays.flat)
 
 
 @dataclass

@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter, OrderedDict, deque
 from dataclasses import replace
 
@@ -66,6 +67,7 @@ import zmq
 
 from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
+from cnn_core.flat import FlatArrays
 from cnn_core.metrics import thin_evaluations, time_to_accuracy
 from cnn_core.model import resolve_spec
 from cnn_core.optim import build_optimizer
@@ -697,22 +699,29 @@ class ParameterServer:
         msg.seq = peer.last_seq
         peer.replied_at = time.monotonic()      # before sending: a preemption must not shrink the next push's window
         frames = self._send(peer.rid, msg)
-        peer.cached_reply = KeptReply(message=replace(msg, arrays={})) if msg.arrays else KeptReply(frames=frames)
+        peer.cached_reply = KeptReply(message=replace(msg, arrays={}), weights=weakref.ref(msg.arrays.flat)) \
+            if msg.arrays else KeptReply(frames=frames)
         peer.pending = False
 
     def _resend(self, peer: Peer, request: P.Message, rid: bytes, now: float) -> None:
         """Answer ``request``, a resend of ``peer``'s last one, with the reply kept; nothing while it is parked.
 
-        A reply that carried weights goes with them while they are still the newest (byte for byte
-        the first answer).  Else the server no longer holds them: a task goes again with its lease
-        and ack and the newest weights, and the next task carries weights too (the trainer may have
-        taken either answer); a pull, which changes nothing, is answered afresh.
+        A reply that carried weights goes with them while the server still holds them: they are the
+        newest, or an answer ZeroMQ still queues carries them (byte for byte the first answer).  Else
+        a task goes again with its lease and ack and the newest weights, and the next task carries
+        weights too (the trainer may have taken either answer); a pull, which changes nothing, is
+        answered afresh.  A peer resending without reading while training went on was answered with
+        a new version each time, each queued with its own weights: 377 MB of the seed model for one.
         """
         kept = peer.cached_reply
         if kept is None:
             return
         if kept.message is None:
             P.send_frames(self.sock, kept.frames, rid)
+            return
+        held = kept.weights()
+        if held is not None:
+            self._send(rid, replace(kept.message, arrays=FlatArrays(self.store.push_specs, held)))
             return
         version, weights = self.store.snapshot()
         reply = kept.message
@@ -721,8 +730,8 @@ class ParameterServer:
                 self._on_pull(peer, request, now)
                 return
             reply = replace(reply, body={**reply.body, "version": version})
-            peer.cached_reply = KeptReply(message=reply)
             peer.known_version = -1
+        peer.cached_reply = KeptReply(message=reply, weights=weakref.ref(weights.flat))
         self._send(rid, replace(reply, arrays=weights))
 
     # ================================================================== joining / leaving

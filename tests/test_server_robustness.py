@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import msgpack
@@ -41,7 +42,7 @@ from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, print_report, query_status, wait_for
 from pscnn.names import routing_id
-from server.server import ParameterServer
+from server.server import BURST, ParameterServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -2789,6 +2790,43 @@ def test_replies_queued_for_a_peer_that_never_reads_are_bounded(in_process):
     while ev.recv(1.0) is not None:
         received += 1
     assert received < sent // 2, f"{received} of {sent} replies were queued for a peer that did not read"
+
+
+@pytest.mark.parametrize("role", ["trainer", "evaluator"])
+def test_answers_to_resends_of_a_peer_that_never_reads_share_one_version_of_the_weights(in_process, role):
+    """A peer that resends its request (same id and sequence number) while training goes on was
+    answered with the newest weights each time, and each answer ZeroMQ queued held its version's:
+    a trainer resending one push without reading, or an evaluator one pull, grew the server by
+    BURST models (377 MB of the seed model).  While ZeroMQ queues an answer, a resend's carries
+    the same weights now."""
+    server = in_process(model="seed", train_limit=64 * 400)      # no epoch ends: the hostile trainer holds a lease
+    store = server.srv.store
+    made = []                                       # every version's weights buffer, weakly
+
+    def freeze(buf, freeze=store._freeze):
+        made.append(weakref.ref(buf))
+        return freeze(buf)
+    store._freeze = freeze
+    honest = server.join_trainer()
+    hostile = Raw(server.endpoint, rcvhwm=1)
+    server.raws.append(hostile)
+    assert server.call(hostile, P.HELLO, {"role": role, "name": hostile.wid}).type == P.WELCOME
+    task = server.call(honest, P.WORK)
+    weights = task.arrays
+    if role == "trainer":
+        request = hostile.frames(P.PUSH, push_body(server.call(hostile, P.WORK)), grads_like(weights))
+    else:
+        request = hostile.frames(P.PULL, {"have_version": -1})
+    for _ in range(BURST + 64):                     # the request, then its resends, one per new version
+        hostile.send(request)
+        server.handle_one()
+        task = server.call(honest, P.PUSH, push_body(task), grads_like(weights))
+        assert task.type == P.TASK, task.body        # the honest trainer is served throughout
+    held = sum(ref() is not None for ref in made)
+    # the newest, the one the queued answers share, and a few ZeroMQ is done with that pyzmq has
+    # not let go of yet (it does so in a thread of its own)
+    assert held <= 8, f"the server holds {held} versions of the weights for a peer ({role}) resending without reading"
+    assert len(made) > BURST                        # (each was made)
 
 
 def test_messages_queued_from_a_peer_faster_than_the_server_reads_are_bounded(in_process):
