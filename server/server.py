@@ -401,7 +401,7 @@ class ParameterServer:
             self._stop_curve()
             raise
         if self.cfg.resume:
-            self._adopt_logged_evaluations()
+            self._adopt_logged_records()
 
     def _stop_curve(self) -> None:
         """Stop the ZAP handler and the handshakes' watch (with keys)."""
@@ -786,7 +786,7 @@ class ParameterServer:
         back = f"; back {now - gone.at:.1f} s after it was dropped ({gone.why})" if gone and old is None else ""
         self.log_joins.log(logging.INFO, "%s joined: %s (host %s, pid %s, device %s)%s", peer.role, name,
                            msg.body.get("host", "?"), msg.body.get("pid", "?"), msg.body.get("device", "?"), back)
-        self.writer.log("join", worker=name, role=peer.role, version=self.store.version)
+        self.writer.log("join", worker=name, id=wid, role=peer.role, version=self.store.version)
         run = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "num_samples": self.num_samples,
                "epochs": self.cfg.epochs, "mode": self.cfg.mode, "test_limit": self.cfg.test_limit}
         self._reply(peer, P.welcome(wid, peer.role, self.spec, run, self.incarnation, self.heartbeat_s))
@@ -1845,21 +1845,27 @@ class ParameterServer:
         self.store.optimizer = trained_with
         self.cfg = replace(self.cfg, optimizer=config)
 
-    def _adopt_logged_evaluations(self) -> None:
+    def _adopt_logged_records(self) -> None:
+        """Take from metrics.jsonl what the earlier server logged after writing the checkpoint (the
+        run folder is open: no one else writes it): its evaluations and who joined it."""
+        try:
+            logged = without_lost_updates(read_metrics(self.writer.metrics_path, kinds=("start", "eval", "join")))
+        except OSError as exc:
+            log.warning("--resume: cannot read %s (%s): the evaluation history is the checkpoint's",
+                        self.writer.metrics_path, exc)
+            return
+        self._adopt_logged_evaluations(logged)
+        self._adopt_logged_joins(logged)
+
+    def _adopt_logged_evaluations(self, logged: list) -> None:
         """Add to the evaluation history those of the checkpoint's versions that the earlier server
-        logged after writing it (the run folder is open: no one else writes it).
+        logged after writing it.
 
         An evaluator's report comes in while training goes on, often of a version the checkpoint
         written meanwhile holds: logged in metrics.jsonl, but in no checkpoint.  Resumed without it,
         summary.json left that evaluation out, and the evaluator, scoring the checkpoint's version
         again, had it logged twice.  Versions above the checkpoint's are lost with their updates.
         """
-        try:
-            logged = without_lost_updates(read_metrics(self.writer.metrics_path, kinds=("start", "eval")))
-        except OSError as exc:
-            log.warning("--resume: cannot read %s (%s): the evaluation history is the checkpoint's",
-                        self.writer.metrics_path, exc)
-            return
         adopted = 0
         for r in logged:
             if r.get("kind") != "eval":
@@ -1870,6 +1876,20 @@ class ParameterServer:
         if adopted:
             log.info("--resume: %d %s logged after the checkpoint was written %s kept in the run's history", adopted,
                      for_count(adopted, "evaluation"), for_count(adopted, "is", "are"))
+
+    def _adopt_logged_joins(self, logged: list) -> None:
+        """Count the clients that joined the earlier server among the clients of the run before.
+
+        A client that joined after the checkpoint was written is in none of its peer_ids: a server
+        killed then (SIGKILL, a crash) and resumed refused its messages as an unknown id's, a WARNING
+        and a count in rejected_messages for a client that did nothing wrong."""
+        since_start = []
+        for r in logged:
+            since_start = [] if r.get("kind") == "start" else since_start
+            if r.get("kind") == "join" and isinstance(r.get("id"), str):
+                since_start.append(r["id"])
+        for wid in since_start:
+            self.clients_before.setdefault(wid, 0)
 
     # ================================================================== status
     def _mean_loss(self) -> float | None:

@@ -731,6 +731,40 @@ def test_a_resumed_server_asks_a_client_declared_dead_before_its_checkpoint_to_r
         again.srv.writer.close()
 
 
+def test_a_resumed_server_asks_a_client_that_joined_after_its_checkpoint_to_rejoin(tmp_path, caplog):
+    """An evaluator joined after the last checkpoint, and the server was killed (SIGKILL) before the
+    next one; resumed, the server logged the evaluator's messages as WARNINGs "rejected message ...
+    unknown worker id" and counted them in rejected_messages (a chaos run: 2, the run's only refused
+    messages not explained by a fault of a client).  Its join record in metrics.jsonl names it: the
+    resumed server asks it to say hello again, in one INFO line, uncounted."""
+    first = InProcess(tmp_path / "run", epochs=2)
+    try:
+        trainer = _trainer(first)
+        task = first.call(trainer, P.WORK)
+        assert first.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+        assert first.srv._checkpoint()
+        evaluator = _evaluator(first)           # joins after the checkpoint; no checkpoint follows
+    finally:
+        first.close()
+        first.srv.writer.close()
+    again = InProcess(tmp_path / "run", epochs=2, resume=True)
+    try:
+        back = Raw(again.endpoint, evaluator.wid)
+        again.raws.append(back)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pscnn.server"):
+            replies = [again.call(back, P.HEARTBEAT), again.call(back, P.PULL, {"have_version": 1})]
+        assert [(r.type, r.body["code"]) for r in replies] == [(P.ERROR, "unknown_worker")] * 2
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if evaluator.wid in r.getMessage()]
+        assert lines == [(logging.INFO, f"a client of the run before the restart: {evaluator.wid} (heartbeat); "
+                                        "told to say hello again")], lines
+        assert not again.srv.rejected
+        assert again.call(back, P.HELLO, {"role": "evaluator", "name": "e"}).type == P.WELCOME
+    finally:
+        again.close()
+        again.srv.writer.close()
+
+
 # ---------------------------------------------------------------- pscnn server --auto-resume (Compose's)
 
 def test_auto_resume_continues_an_unfinished_run(run, server_cli, caplog):
