@@ -1872,6 +1872,11 @@ class ParameterServer:
                 continue
             record = logged_evaluation(r, self.store.version)
             if record is not None:
+                # Pulled after the checkpoint, by a training clock this server restarts from the
+                # checkpoint's time: as logged, it stood later than the evaluations that follow,
+                # and the history went back in time.  Its weights are the checkpoint's or older,
+                # so they were there at the checkpoint's time.
+                record["seconds"] = min(record["seconds"], self.train_seconds_before)
                 adopted += self._record_evaluation(record)
         if adopted:
             log.info("--resume: %d %s logged after the checkpoint was written %s kept in the run's history", adopted,

@@ -605,6 +605,38 @@ def test_evaluations_logged_after_the_checkpoint_stay_in_the_history_and_are_not
     assert [e["version"] for e in eval_lines(run)] == [2, 3, 4]     # version 3 logged once
 
 
+def test_an_evaluation_logged_after_the_checkpoint_keeps_the_history_in_time_order(tmp_path):
+    """The evaluator pulled the checkpoint's version after the checkpoint was written, and the server
+    was killed; the resumed server's training clock goes on from the checkpoint's time, so the
+    adopted evaluation (logged at its pull's later time) stood after the evaluations that followed
+    it: a chaos run's summary.json had version 2041 at 58.868 s, then version 2072 at 58.799 s.
+    It is kept at the checkpoint's time, when its weights were there."""
+    first = InProcess(tmp_path / "run", epochs=2)
+    try:
+        trainer = _trainer(first)
+        task = first.call(trainer, P.WORK)
+        assert first.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+        assert first.srv._checkpoint()
+        checkpoint_seconds = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[1]["extra"]["train_seconds"]
+        first.srv.t_train_start -= 50           # the evaluator pulls well after the checkpoint
+        ev = _evaluator(first)
+        assert first.call(ev, P.PULL, {"have_version": -1}).type == P.WEIGHTS
+        assert first.call(ev, P.EVAL_REPORT, {"version": 1, "final": False, "metrics": {
+            "test_accuracy": 0.5, "test_loss": 1.0}}).type == P.ACK
+    finally:
+        first.close()
+        first.srv.writer.close()
+    assert eval_lines(tmp_path / "run")[-1]["train_seconds"] >= checkpoint_seconds + 50
+    again = InProcess(tmp_path / "run", epochs=2, resume=True)
+    try:
+        adopted = [e for e in again.srv.evaluations if e["version"] == 1]
+        assert [e["seconds"] for e in adopted] == [checkpoint_seconds]
+        assert again.srv._train_clock(time.monotonic()) >= adopted[0]["seconds"]
+    finally:
+        again.close()
+        again.srv.writer.close()
+
+
 def test_a_checkpoint_with_a_longer_history_than_kept_now_is_thinned_on_resume(tmp_path, monkeypatch, caplog):
     """A checkpoint written before the history was bounded holds every record: --resume thins it
     to EVAL_HISTORY_CAP (the bests: the time to accuracy stays; the final; the newest), and adopts
