@@ -506,6 +506,19 @@ def test_an_evaluator_that_rejoins_scores_the_new_servers_test_limit(fake, evalu
     assert said[1:] == ["the server's run scores 80 test images (50 before); scoring those from now on"], said
 
 
+def test_an_evaluator_says_nothing_of_a_rejoined_servers_test_limit_that_scores_the_same_images(
+        fake, evaluator, caplog):
+    """--test-limit 0 and 10000 are the same whole test set: the evaluator said "the server's run
+    scores 10000 test images (10000 before); scoring those from now on", a change that was none."""
+    server = fake(hello=[welcome(run={**RUN, "test_limit": 0}), welcome(run={**RUN, "test_limit": 10_000})],
+                  pull=[pull_reply(False, PARAMS, version=5), error("unknown_worker", "who?"),
+                        pull_reply(True, PARAMS, version=2)], eval_report=[ACK])
+    with caplog.at_level(logging.INFO, logger="pscnn.evaluator"):
+        assert evaluator(server, test_limit=0) == 0
+    assert [r.body["metrics"]["count"] for r in server.of_type(P.EVAL_REPORT)] == [10_000, 10_000]
+    assert "from now on" not in caplog.text, caplog.text
+
+
 def test_an_evaluator_does_not_score_weights_the_server_has_scored_already(fake, evaluator):
     """After `pscnn server --resume`, the evaluator's first pull is of the checkpoint's version,
     which it usually scored before the restart: it scored it again, seconds of CPU for a report

@@ -185,7 +185,9 @@ def _rejoined(welcome: P.Message, device: str, test_limit: int, mnist_dir, held:
     resumed with another --test-limit scores another one)."""
     test = _test_set(check_run(welcome.body["run"]), test_limit, mnist_dir, held)
     model = model_from_welcome(welcome.body["model"], device, data=(test.x, test.y))
-    if test is not held:        # the join line named the old count; the figures from now on are of this one
+    # the join line named the old count; the figures from now on are of this one.  By the count, not the
+    # limit: --test-limit 0 and 10000 (or more) are the same 10,000 images, no change to speak of
+    if len(test.y) != len(held.y):
         log.info("the server's run scores %d test images (%d before); scoring those from now on",
                  len(test.y), len(held.y))
     return model, test
