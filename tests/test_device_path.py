@@ -141,7 +141,6 @@ def test_a_trainers_step_on_the_device_moves_weights_and_gradients_in_one_transf
         assert gpu_check.scaled_err(push[name], grad) < 1e-5, name
 
 
-
 def test_gpu_checks_worker_step_moves_what_a_trainer_moves(cupy):
     """benchmarks/gpu_check.py times a trainer's step on the GPU: the weights in as one buffer, the
     gradients out as one (it copied each gradient on its own, and no weights, timing another step)."""
@@ -152,6 +151,7 @@ def test_gpu_checks_worker_step_moves_what_a_trainer_moves(cupy):
     assert fake_cupy.counts["d2h"] - before["d2h"] == 1
     assert fake_cupy.counts["h2d"] - before["h2d"] == 3         # the weights, the images, the labels
 
+
 def test_pscnn_train_runs_on_the_device(cupy, tmp_path, mnist_dir):
     from cnn_core.training import train
     summary = train({"model": "light", "seed": 1, "train_limit": 256, "test_limit": 200, "batch_size": 64,
@@ -161,7 +161,6 @@ def test_pscnn_train_runs_on_the_device(cupy, tmp_path, mnist_dir):
     assert summary["platform"]["cupy"] == cupy.__version__ and 0 <= summary["test_accuracy"] <= 1
     loaded, _, _ = load_model_checkpoint(tmp_path / "run" / "model.npz", device="gpu")
     assert isinstance(loaded.params.flat, cupy.ndarray)
-
 
 
 def test_the_gpu_tests_pass_on_the_fake():
@@ -175,6 +174,7 @@ def test_the_gpu_tests_pass_on_the_fake():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "needs CuPy and a usable CUDA device" not in proc.stdout      # run, not skipped
     assert re.search(r"\b(1[89]|[2-9]\d) passed", proc.stdout), proc.stdout[-1000:]
+
 
 # --------------------------------------------------------------------------- no usable GPU: why, and what to install
 def cupy_without_a_device(driver_version: int, device_error: str):

@@ -230,4 +230,3 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert res["timings"]["pscnn train b8"] > 0 and res["breakdown_ms"]["conv2"] > 0
     assert set(res["dropout_mask_us"]) == {"cnn_core.rng (SplitMix64)", "a new default_rng per batch"}
     assert all(v > 0 for v in res["dropout_mask_us"].values())
-
