@@ -113,7 +113,7 @@ def run(args) -> int:
     if stop.happened and not rows:      # no run finished: nothing to write
         raise KeyboardInterrupt
     summary = summarize(rows, modes, workers)
-    bound = DEFAULT_STALENESS if args.staleness is None else args.staleness
+    bound = ssp_bound(args)
     for s in summary:                   # ssp's bound, which was the server's default, said nowhere
         s["staleness_bound"] = bound if s["mode"] == "ssp" else None
     meta = {"bench": NAME, "machine": machine, "cores": cores(), "config": vars(args), "summary": summary,
@@ -130,6 +130,12 @@ def run(args) -> int:
     return 0
 
 
+def ssp_bound(args) -> int:
+    """The staleness bound of the ssp runs: --staleness, else the server's default (what their servers
+    are given and what the table and JSON say, from this one place)."""
+    return DEFAULT_STALENESS if args.staleness is None else args.staleness
+
+
 def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> list[str]:
     """The flags of one run's ``pscnn server`` (bar --bind): the run the user asked for."""
     flags = ["--mode", mode, "--batch-size", str(args.batch), "--epochs", str(args.epochs),
@@ -144,7 +150,7 @@ def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> li
     if args.schedule:
         flags += ["--schedule", args.schedule]
     if mode == "ssp":
-        flags += ["--staleness", str(DEFAULT_STALENESS if args.staleness is None else args.staleness)]
+        flags += ["--staleness", str(ssp_bound(args))]
     if mnist_dir:
         flags += ["--mnist-dir", mnist_dir]
     return flags
