@@ -2823,9 +2823,9 @@ def test_answers_to_resends_of_a_peer_that_never_reads_share_one_version_of_the_
         task = server.call(honest, P.PUSH, push_body(task), grads_like(weights))
         assert task.type == P.TASK, task.body        # the honest trainer is served throughout
     held = sum(ref() is not None for ref in made)
-    # the newest, the one the queued answers share, and a few ZeroMQ is done with that pyzmq has
-    # not let go of yet (it does so in a thread of its own)
-    assert held <= 8, f"the server holds {held} versions of the weights for a peer ({role}) resending without reading"
+    # the newest, the one the queued answers share, and some ZeroMQ is done with that pyzmq has not
+    # let go of yet (it does so in a thread of its own, later on a loaded machine); the bug held ~BURST
+    assert held <= BURST // 8, f"the server holds {held} versions of the weights for a peer ({role}) resending without reading"
     assert len(made) > BURST                        # (each was made)
 
 
