@@ -218,10 +218,10 @@ def test_every_resend_is_the_same_request_and_each_reconnect_opens_a_new_socket(
 
 def test_a_request_held_back_while_heartbeats_are_answered_is_resent_without_reconnecting(sim):
     """At a sync barrier the server holds a request for as long as the slowest worker takes,
-    and answers the heartbeats meanwhile.  The client resends (the server answers a resend
-    from its cache once it replies) but does not reconnect or back off: a reconnect would
-    drop the reply the server is about to send.  It gives up after HELD_LIMIT_FACTOR times
-    give_up_after, not at give_up_after, and not never."""
+    and answers the heartbeats meanwhile.  The client does not reconnect: a reconnect would
+    drop the reply the server is about to send.  Its copy is not lost on a live connection,
+    so it resends only as a safety net, backing off (up to give_up_after, here 2 s); it
+    gives up after HELD_LIMIT_FACTOR times give_up_after, not at give_up_after, and not never."""
     client, net = sim(100, give_up_after=2.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
 
     def heartbeats_answered(sock, timeout_ms):
@@ -230,9 +230,57 @@ def test_a_request_held_back_while_heartbeats_are_answered_is_resent_without_rec
     with pytest.raises(ServerUnreachable, match="answered heartbeats but held our work request back"):
         client.request(P.WORK)
     assert len(net.sockets) == 1, "reconnected while the server answered heartbeats"
-    assert set(gaps(net.send_times())) == {1.0}, net.send_times()
+    assert gaps(net.send_times())[0] == 1.0 and set(gaps(net.send_times())[1:]) == {2.0}, net.send_times()
     assert_no_busy_wait(net)
     assert HELD_LIMIT_FACTOR * 2.0 < net.now - net.start < HELD_LIMIT_FACTOR * 2.0 + 1.1
+
+
+def test_a_push_held_back_on_a_live_slow_link_is_not_resent_every_second(sim):
+    """A push (1.7 MB of gradients for the seed model) and its task (1.7 MB of weights) take
+    seconds on a slow link, and the server answers every copy with a task of its own.  Resent
+    every second while the heartbeats said the server lived, the copies and their answers
+    saturated a 1 MB/s link: each push waited longer than the last (answered 3.4, 10, 22, 43, 79 s in).
+    A copy on a live connection is not lost: the resends back off from resend_s, and none
+    comes within RTT_FACTOR of the last round trip (3.5 s here)."""
+    client, net = sim(60, give_up_after=600.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.last_rtt_s = 3.5
+
+    def heartbeats_answered(sock, timeout_ms):
+        client.heard_at = net.now
+    net.on_poll = heartbeats_answered
+    with pytest.raises(OverTime):
+        client.request(P.WORK)      # (a push's body is checked before it goes: the same wait for a work request)
+    assert gaps(net.send_times()) == [14.0] * 4, net.send_times()       # every second: 60 copies
+    assert len(net.sockets) == 1
+    # it wakes about once a heartbeat period, to see whether their answers stopped (not a busy wait)
+    waits = [t for t in net.polls if t > 0]
+    assert len(waits) <= (net.now - net.start) / client.heartbeat_s + len(net.sent), net.polls
+
+    fast, net = sim(30, give_up_after=600.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)    # a fast link
+
+    def answered(sock, timeout_ms):
+        fast.heard_at = net.now
+    net.on_poll = answered
+    with pytest.raises(OverTime):
+        fast.request(P.WORK)
+    assert gaps(net.send_times()) == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0], net.send_times()
+
+
+def test_a_request_whose_heartbeats_fall_silent_meanwhile_is_resent_on_the_silence_schedule(sim):
+    """Heartbeats answered when the request went, then silence (the server restarted, or the
+    cable was cut): the long spacing of resends on a live connection must not delay the
+    reconnect that reaches a restarted server; from two heartbeat periods of silence on, the
+    schedule on silence applies."""
+    client, net = sim(60, give_up_after=30.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.heartbeat_s = 2.0
+    client.last_rtt_s = 10.0                    # a live link would wait 40 s before a resend
+    client.heard_at = net.now                   # the last heartbeat answered as the request went
+    with pytest.raises(ServerUnreachable, match="no usable answer"):
+        client.request(P.WORK)
+    times = net.send_times()
+    assert round(times[1], 2) == 4.0, times     # the first resend as the silence begins, not at 40 s
+    assert len(net.sockets) > 1, "never reconnected to a silent server"
+    assert_no_busy_wait(net)
 
 
 def test_a_request_held_at_the_start_barrier_waits_for_it_and_says_why(sim, caplog, monkeypatch):
@@ -590,6 +638,7 @@ class Router:
         self.answer = answer
         self.requests: list[tuple[bytes, P.Message]] = []
         self.accepted = 0
+        self.heartbeats = 0                 # answered so far
         self.errors: list[str] = []
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -618,6 +667,7 @@ class Router:
                 msg = P.decode(frames)
                 if msg.type == P.HEARTBEAT:
                     self.sock.send_multipart([rid, *P.encode(P.Message(P.HEARTBEAT, body={"done": False}))])
+                    self.heartbeats += 1
                     continue
                 self.requests.append((rid, msg))
                 for mtype, body in self.answer(rid, msg, self.accepted):
@@ -684,6 +734,32 @@ def test_a_request_the_server_missed_is_resent_under_the_same_sequence_number(ro
     assert client.request(P.WORK).type == P.STOP
     work = [m for _, m in server.of_type(P.WORK)]          # 2, or more on a slow machine: each a copy
     assert len(work) >= 2 and {(m.wid, m.seq) for m in work} == {(client.wid, client.seq)}, work
+
+
+def test_a_request_held_back_while_heartbeats_are_answered_is_resent_less_often_than_they_go(router, clients):
+    """A server that holds a request back for 20 heartbeats (0.2 s apart) and answers them: the
+    copy on the live connection is not lost, and the client's copies back off (0.05 s, doubling,
+    up to 0.8 s here), so fewer arrive than heartbeats.  Resent every resend_s, 4 copies came
+    for each heartbeat; on a slow link they saturated it."""
+    held_from: list[int] = []
+
+    def answer(rid, msg, accepted):
+        if msg.type == P.HELLO:
+            return [WELCOME]
+        if not held_from:
+            held_from.append(server.heartbeats)
+        return [STOP] if server.heartbeats - held_from[0] >= 20 else []
+    server = router(answer)
+    client = clients(server.endpoint, heartbeat=True, resend_s=0.05, max_backoff_s=0.8, give_up_after=30.0)
+    client.connect()
+    for _ in range(500):                                # the first heartbeat answered: the server lives
+        if client.heard_at:
+            break
+        time.sleep(0.01)
+    assert client.heard_at, "no heartbeat answered"
+    assert client.request(P.WORK).type == P.STOP
+    copies = len(server.of_type(P.WORK))
+    assert 1 < copies < server.heartbeats - held_from[0], (copies, server.heartbeats - held_from[0])
 
 
 def test_a_silent_server_sees_the_client_reconnect_under_its_routing_id(router, clients):

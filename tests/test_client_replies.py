@@ -591,12 +591,12 @@ def test_a_stop_reason_with_a_newline_forges_no_log_line(fake):
 def test_a_request_held_back_while_heartbeats_are_answered_is_not_silence(fake):
     """At the start barrier (or a sync round) the server holds a trainer's request for as long
     as it takes: a client whose heartbeats are answered must not give up, nor reconnect."""
-    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE] * 5 + [STOP])
+    server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE] * 3 + [STOP])
     client = Client(server.endpoint, "trainer", give_up_after=2.0, heartbeat=True)
     try:
         client.connect()
         t0 = time.monotonic()
-        reply = client.request(P.WORK)                 # answered after ~5 resends, 1 s apart
+        reply = client.request(P.WORK)                 # answered after 3 resends, 1, 2 and 2 s apart
         assert reply.type == P.STOP
         assert time.monotonic() - t0 > 2.0             # longer than give_up_after: heartbeats counted
     finally:

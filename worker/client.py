@@ -7,6 +7,15 @@ between (the "Lazy Pirate" pattern):
 * each request carries (worker id, sequence number); on silence it is resent
   with the *same* number every ``resend_s`` (the server answers a resend from
   its reply cache and never applies a push twice);
+* while heartbeats are answered the server lives, and a copy sent on a live
+  connection is not lost (ZeroMQ over TCP loses one with its connection: a
+  cut cable silences the heartbeats too, a restarted server does not answer
+  them): such a request is resent only as a safety net, each copy twice as
+  long after the last (from ``resend_s`` up to ``max_backoff_s``), never
+  sooner than RTT_FACTOR round trips (``last_rtt_s``) nor later than
+  ``give_up_after``.  Each copy of a push carries its gradients, and the
+  server answers each with its own task: resent every second, they saturated
+  a slow link (congestion collapse);
 * after ``reconnect_s`` of silence the socket is closed and reopened (ZeroMQ
   would otherwise keep stale messages queued) and resends back off
   exponentially, up to ``max_backoff_s``;
@@ -88,6 +97,10 @@ STALL_S = 1.0
 # holds back for (a sync round, an SSP bound) takes seconds; its start barrier
 # may take as long as its --start-timeout, and is not given up while it holds.
 HELD_LIMIT_FACTOR = 10
+# A request resent while heartbeats are answered waits at least this many of the last request's
+# round trips: on a slow link a push and its task take seconds each way, and a copy resent before
+# the first could be answered only added another pair to the queue.
+RTT_FACTOR = 4
 
 
 class ServerUnreachable(Exception):
@@ -394,6 +407,24 @@ class Client:
 
         def held_from() -> float:
             return max(t0, barrier_seen_at)
+
+        def barrier_due() -> float:
+            # when to ask the server's status next whether its start barrier holds (see below)
+            if parting:
+                return math.inf
+            return t0 + min(self.reconnect_s, limit) if barrier_asked_at is None else barrier_asked_at + limit
+        live_resends = 0                    # copies resent while heartbeats were answered
+
+        def answering() -> bool:
+            # a heartbeat answered within two periods (as silence_limit allows between two)
+            return self.heard_at > 0 and time.monotonic() - self.heard_at < 2 * self.heartbeat_s
+
+        def resend_after() -> float:
+            """Seconds from the last copy sent to the next (see the module docs)."""
+            if not answering():
+                return backoff
+            spaced = max(min(self.resend_s * 2 ** live_resends, self.max_backoff_s), RTT_FACTOR * self.last_rtt_s)
+            return min(spaced, max(limit, self.resend_s))       # several before the held limit gives up
         reconnects = 0                      # the first is logged; the rest, one every max_backoff_s, at DEBUG only
         while True:
             now = time.monotonic()
@@ -405,8 +436,7 @@ class Client:
                 # reconnect's wait (or give_up_after, if shorter: before the warning below), then
                 # every give_up_after, so the log says why we wait, and the held limit does not
                 # cut short a barrier the server's --start-timeout bounds.
-                if not parting and self.heard_at > t0 and now - t0 >= min(self.reconnect_s, limit) and \
-                        (barrier_asked_at is None or now - barrier_asked_at >= limit):
+                if self.heard_at > t0 and now >= barrier_due():
                     barrier_asked_at = now
                     was_at_barrier, at_barrier = at_barrier, self._at_start_barrier(msg, now - t0)
                     if at_barrier or was_at_barrier:    # (lifted since the last look: the hold counts from now)
@@ -422,8 +452,13 @@ class Client:
                                 "heartbeats; waiting up to %g s in all", msg.type, now - held_from(),
                                 HELD_LIMIT_FACTOR * limit)
             # Until the next resend, but never past the moment we would give up: a backoff
-            # of max_backoff_s would otherwise make the give-up that much late.
-            wait = max(0.0, min(sent_at + backoff, quiet_from() + silence_limit()) - now)
+            # of max_backoff_s would otherwise make the give-up that much late; nor past the
+            # moment to ask about the start barrier, nor, while heartbeats are answered, past
+            # the moment their silence would begin (the schedule on silence then applies).
+            ask_at = barrier_due()
+            wait = max(0.0, min(sent_at + resend_after(), quiet_from() + silence_limit(),
+                                ask_at if ask_at > now else math.inf,
+                                self.heard_at + 2 * self.heartbeat_s if answering() else math.inf) - now)
             ready = self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN)
             stalled = time.monotonic() - (now + wait)
             if stalled > STALL_S:
@@ -447,8 +482,10 @@ class Client:
                     return reply
                 continue                    # an answer to an earlier resend: already handled
             now = time.monotonic()
-            if now - sent_at >= backoff:
-                if now - quiet_from() >= self.reconnect_s:
+            if now - sent_at >= resend_after():
+                if answering():
+                    live_resends += 1
+                elif now - quiet_from() >= self.reconnect_s:
                     if reconnects or parting:
                         log.debug("no answer from %s for %.1f s; reconnecting again", self.endpoint, now - t0)
                     else:
