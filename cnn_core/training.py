@@ -651,16 +651,19 @@ def format_report(summary: dict) -> str:
     updates, train_samples, test_samples, seen = (get(key) for key in ("updates", "train_samples", "test_samples",
                                                                        "samples_seen"))
     lines.append(f"{model} model, {opt.get('name', '?')} lr {opt.get('lr', '?')}, "
-                 f"batch {get('batch_size', '?')}, {_fmt(epochs, 'd')} {for_count(epochs, 'epoch')} "
-                 f"({_fmt(updates, ',')} {for_count(updates, 'update')}) on {_fmt(train_samples, ',')} training "
-                 f"{for_count(train_samples, 'image')}, {get('device', '?')}")
+                 f"batch {get('batch_size', '?')}, {format_number(epochs, 'd')} {for_count(epochs, 'epoch')} "
+                 f"({format_number(updates, ',')} {for_count(updates, 'update')}) on "
+                 f"{format_number(train_samples, ',')} training {for_count(train_samples, 'image')}, "
+                 f"{get('device', '?')}")
     if get("status") == "diverged":
         lines.append(f"DIVERGED: {get('error') or 'training diverged'}")
-    lines.append(f"test accuracy {_fmt(get('test_accuracy'), '.2f', 100)}%, loss {_fmt(get('test_loss'), '.4f')} "
-                 f"({_fmt(test_samples, ',')} test {for_count(test_samples, 'image')})")
-    lines.append(f"training {_fmt(get('train_images_per_second'), ',.0f')} img/s "
-                 f"({_fmt(seen, ',')} {for_count(seen, 'image')} in {_fmt(get('train_seconds'), '.1f')} s; "
-                 f"{_fmt(get('wall_seconds'), '.1f')} s in all)")
+    lines.append(f"test accuracy {format_number(get('test_accuracy'), '.2f', 100)}%, "
+                 f"loss {format_number(get('test_loss'), '.4f')} "
+                 f"({format_number(test_samples, ',')} test {for_count(test_samples, 'image')})")
+    lines.append(f"training {format_number(get('train_images_per_second'), ',.0f')} img/s "
+                 f"({format_number(seen, ',')} {for_count(seen, 'image')} in "
+                 f"{format_number(get('train_seconds'), '.1f')} s; "
+                 f"{format_number(get('wall_seconds'), '.1f')} s in all)")
 
     cm = get("confusion_matrix")
     if cm:
@@ -673,7 +676,7 @@ def format_report(summary: dict) -> str:
         for i in range(k):
             lines.append(f"  {i:>2}  " + "".join(f"{int(v):>{width}}" for v in cm[i]))
     per_class = get("per_class_accuracy")
-    if per_class and all(_is_number(a) for a in per_class):
+    if per_class and all(is_number(a) for a in per_class):
         scored = classes_scored(per_class, get("confusion_matrix"))
         lines.append("")
         lines.append("per-class accuracy: " + per_class_text(per_class, scored))
@@ -690,10 +693,12 @@ def format_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite int or float: not a bool (JSON's true is no figure), not NaN or infinity."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _fmt(value, spec: str, scale: float = 1) -> str:
-    """``value * scale`` formatted with ``spec``, or "n/a" for a missing or non-finite value."""
-    return format(value * scale if scale != 1 else value, spec) if _is_number(value) else "n/a"
+def format_number(value, spec: str, scale: float = 1) -> str:
+    """``value * scale`` formatted with ``spec``, or "n/a" for a missing or non-finite value
+    (a report's figure from a summary.json that may lack it or hold null, true or NaN)."""
+    return format(value * scale if scale != 1 else value, spec) if is_number(value) else "n/a"

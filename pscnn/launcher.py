@@ -28,7 +28,7 @@ from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import (SUMMARY_FILE, RunLogError, check_folder_free, make_folder, time_shares_text,
                              worker_time_shares)
 from cnn_core.text import for_count
-from cnn_core.training import classes_scored, per_class_text
+from cnn_core.training import classes_scored, format_number, is_number, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from server.config import config_from_args, training_set_size
@@ -846,22 +846,23 @@ def _staleness_counts(histogram) -> str:
 
 
 def _print_report(s: dict, summary_path: Path) -> None:
-    def number(key: str) -> str:
-        value = s.get(key)
-        return f"{value:.4f}" if isinstance(value, float) else "n/a"
-
-    stale = s.get("staleness", {})
+    # each figure through format_number: one missing, null, true or NaN (a summary.json by hand,
+    # or from another version) reads "n/a", where it printed "True%" or raised out of the report
+    stale = s.get("staleness") or {}
+    workers, epochs, samples = s.get("workers"), s.get("epochs"), s.get("samples_applied")
     diverged = s.get("status") == "diverged"    # its error says why: "training diverged: ..."
-    print(f"\nrun {'stopped' if diverged else 'finished'}: mode {s['mode']}, "
-          f"{s['workers']} {for_count(s['workers'], 'worker')}, {s['epochs']} {for_count(s['epochs'], 'epoch')}")
+    print(f"\nrun {'stopped' if diverged else 'finished'}: mode {s.get('mode', '?')}, "
+          f"{format_number(workers, ',')} {for_count(workers, 'worker')}, "
+          f"{format_number(epochs, ',')} {for_count(epochs, 'epoch')}")
     if diverged:
         print(f"  why                {s.get('error')}")
     accuracy = s.get("test_accuracy")          # in percent, as pscnn train's report and the plots give it
-    print(f"  test accuracy      {f'{100 * accuracy:.2f}%' if isinstance(accuracy, float) else 'n/a'}")
-    print(f"  test loss          {number('test_loss')}")
-    print(f"  updates            {s['updates']:,}  ({s['samples_applied']:,} "
-          f"{for_count(s['samples_applied'], 'sample')})")
-    print(f"  throughput         {s['train_images_per_second']:,.0f} images/s over {s['train_seconds']:.1f} s")
+    print(f"  test accuracy      {format_number(accuracy, '.2f', 100)}{'%' if is_number(accuracy) else ''}")
+    print(f"  test loss          {format_number(s.get('test_loss'), '.4f')}")
+    print(f"  updates            {format_number(s.get('updates'), ',')}  ({format_number(samples, ',')} "
+          f"{for_count(samples, 'sample')})")
+    print(f"  throughput         {format_number(s.get('train_images_per_second'), ',.0f')} images/s "
+          f"over {format_number(s.get('train_seconds'), '.1f')} s")
     # Where the workers' time went (timeline.png's title): a sync round's waiting, async's none, a
     # round held up by a dead worker, were seen only in the plot or by summing metrics.jsonl by hand.
     shares = worker_time_shares(s.get("worker_seconds"))
@@ -871,13 +872,14 @@ def _print_report(s: dict, summary_path: Path) -> None:
     # gradient's weights: with N workers a max of (bound + 1) * N - 1 keeps to it ("max 2 (bound 0)" read broken)
     bound = s.get("staleness_bound")
     most = stale.get("max", 0)
-    print(f"  staleness          mean {stale.get('mean', 0):.2f}, max {most} {for_count(most, 'version')}"
+    print(f"  staleness          mean {format_number(stale.get('mean', 0), '.2f')}, "
+          f"max {format_number(most, ',')} {for_count(most, 'version')}"
           + (f" (ssp: each worker at most {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest)"
-             if bound is not None else ""))
+             if is_number(bound) else ""))
     counts = _staleness_counts(stale.get("histogram"))
     if counts:      # its shape was what experiments 2 and 3 teach (ssp's flat, async's peaked): jq only
         print(f"  staleness counts   {counts}  (versions stale: gradients applied)")
-    print(f"  evaluations        {len(s.get('evaluations', []))}")
+    print(f"  evaluations        {len(s.get('evaluations') or [])}")
     dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
     faulty = (s.get("peers_dropped") or {}).get(DROPPED_FOR_NAN, 0)    # such a trainer exited 3 (named above)
     requeued = s.get("lease_requeues") or 0
@@ -895,6 +897,6 @@ def _print_report(s: dict, summary_path: Path) -> None:
         print("  time to accuracy   " + "; ".join(filter(None, [times, missed and f"{missed} not reached"]))
               + ("  (the first evaluation at or above)" if times else ""))
     pca = s.get("per_class_accuracy")
-    if pca and all(isinstance(a, (int, float)) for a in pca):
+    if pca and all(is_number(a) for a in pca):
         print("  per-class accuracy " + per_class_text(pca, classes_scored(pca, s.get("confusion_matrix"))))
     print(f"  results in         {summary_path.parent}")

@@ -1441,6 +1441,28 @@ def test_the_final_report_gives_the_staleness_counts(tmp_path, capsys):
     assert "staleness counts" not in out
 
 
+def test_the_final_report_reads_n_a_for_a_figure_missing_true_or_nan(tmp_path, capsys):
+    """The report checked its figures with isinstance(x, (int, float)), or not at all: a summary.json
+    with a NaN loss printed "nan", an infinite throughput "inf", an ssp bound of true "at most True
+    push", a per-class true "100.0%", and a null or missing figure raised TypeError or KeyError out
+    of the report.  Each now reads "n/a" (as pscnn train's report does), and the rest is printed."""
+    out = report_of(tmp_path, capsys, mode="ssp", staleness_bound=True, test_accuracy=True,
+                    test_loss=float("nan"), updates=None, train_images_per_second=float("inf"),
+                    per_class_accuracy=[True] + [0.5] * 9)
+    assert "  staleness          mean 0.00, max 0 versions\n" in out, out
+    assert "  test accuracy      n/a\n" in out and "  test loss          n/a\n" in out, out
+    assert "  updates            n/a  (256 samples)\n" in out, out
+    assert "  throughput         n/a images/s over 0.3 s\n" in out, out
+    assert "per-class accuracy" not in out and "  results in " in out, out
+    summary = {key: value for key, value in SUMMARY.items()
+               if key not in ("workers", "samples_applied", "train_seconds", "test_accuracy")}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    launcher.print_report(tmp_path / "summary.json")
+    out = capsys.readouterr().out
+    assert "finished: mode sync, n/a workers, 1 epoch\n" in out and "  test accuracy      n/a\n" in out, out
+    assert "  updates            4  (n/a samples)\n" in out and " images/s over n/a s\n" in out, out
+
+
 def test_the_final_report_counts_agree_with_their_nouns(tmp_path, capsys):
     """A run of one update of one sample said "(1 samples)"."""
     out = report_of(tmp_path, capsys, workers=1, epochs=1, updates=1, samples_applied=1)
