@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# hypothesis writes a cache (.hypothesis/constants/) in the working folder even with database=None:
+# a test run left it in the clone.  It reads this variable when it first writes, after this conftest
+# is loaded; the folder goes when the test run's interpreter exits.
+_HYPOTHESIS_STORAGE = tempfile.TemporaryDirectory(prefix="pscnn-tests-hypothesis-")
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", _HYPOTHESIS_STORAGE.name)
 
 
 @pytest.fixture(autouse=True)

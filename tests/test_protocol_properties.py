@@ -7,12 +7,14 @@
   never another exception, and never allocates what a header declares but no frame holds.
 
 Reproducible: derandomize=True (the same examples on every run) and no example database
-(hypothesis still caches in .hypothesis/, git-ignored).  The server's side is tests/test_server_fuzz.py.
+(hypothesis's cache goes to a temporary folder: tests/conftest.py).  The server's side is
+tests/test_server_fuzz.py.
 """
 from __future__ import annotations
 
 import math
 import tracemalloc
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -383,3 +385,12 @@ def test_a_huge_declared_array_is_refused_before_any_allocation(shape):
     finally:
         tracemalloc.stop()
     assert err.code == "too_large" and peak < 1 << 20
+
+
+def test_hypothesis_keeps_its_cache_out_of_the_repository():
+    """hypothesis wrote its cache (.hypothesis/constants/) in the working folder, the clone, even
+    with database=None: tests/conftest.py now points its storage at a temporary folder."""
+    from hypothesis.configuration import storage_directory
+    repository = Path(__file__).resolve().parent.parent
+    cache = storage_directory("constants", intent_to_write=False).path.resolve()
+    assert not cache.is_relative_to(repository), cache
