@@ -403,6 +403,11 @@ class ParameterServer:
         if self.cfg.resume:
             self._adopt_logged_records()
 
+    def _log_start(self) -> None:
+        """metrics.jsonl's record of this server's start: where each incarnation's records begin."""
+        self.writer.log("start", run_id=self.run_id, incarnation=self.incarnation, version=self.store.version,
+                        resumed=self.cfg.resume, epoch=self.work.epoch)
+
     def _stop_curve(self) -> None:
         """Stop the ZAP handler and the handshakes' watch (with keys)."""
         if self.refused_handshakes is not None:
@@ -441,8 +446,7 @@ class ParameterServer:
         if not self.started:
             log.info("handing out no work until %d trainers ask for it (at most %.0f s after the first)",
                      self.cfg.wait_for_workers, self.cfg.start_timeout)
-        self.writer.log("start", run_id=self.run_id, incarnation=self.incarnation, version=self.store.version,
-                        resumed=self.cfg.resume, epoch=self.work.epoch)
+        self._log_start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         last_housekeeping = 0.0
@@ -1849,7 +1853,8 @@ class ParameterServer:
         """Take from metrics.jsonl what the earlier server logged after writing the checkpoint (the
         run folder is open: no one else writes it): its evaluations and who joined it."""
         try:
-            logged = without_lost_updates(read_metrics(self.writer.metrics_path, kinds=("start", "eval", "join")))
+            logged = without_lost_updates(read_metrics(self.writer.metrics_path,
+                                                       kinds=("start", "checkpoint", "eval", "join")))
         except OSError as exc:
             log.warning("--resume: cannot read %s (%s): the evaluation history is the checkpoint's",
                         self.writer.metrics_path, exc)
@@ -1883,18 +1888,25 @@ class ParameterServer:
                      for_count(adopted, "evaluation"), for_count(adopted, "is", "are"))
 
     def _adopt_logged_joins(self, logged: list) -> None:
-        """Count the clients that joined the earlier server among the clients of the run before.
+        """Count the clients that joined the server that wrote the checkpoint, or a later one, among
+        the clients of the run before.
 
         A client that joined after the checkpoint was written is in none of its peer_ids: a server
         killed then (SIGKILL, a crash) and resumed refused its messages as an unknown id's, a WARNING
-        and a count in rejected_messages for a client that did nothing wrong."""
-        since_start = []
-        for r in logged:
-            since_start = [] if r.get("kind") == "start" else since_start
+        and a count in rejected_messages for a client that did nothing wrong.  The joins counted run
+        from the "start" record before the last "checkpoint" record, not from the last "start": a
+        resumed server killed in its turn, before the client came back and before a checkpoint of
+        its own, left a start record after the client's join.  With no checkpoint record (lost with
+        a SIGKILL before it reached the disk) every logged join counts."""
+        last_start = checkpoint_server_start = 0
+        for i, r in enumerate(logged):
+            if r.get("kind") == "start":
+                last_start = i
+            elif r.get("kind") == "checkpoint":
+                checkpoint_server_start = last_start
+        for r in logged[checkpoint_server_start:]:
             if r.get("kind") == "join" and isinstance(r.get("id"), str):
-                since_start.append(r["id"])
-        for wid in since_start:
-            self.clients_before.setdefault(wid, 0)
+                self.clients_before.setdefault(r["id"], 0)
 
     # ================================================================== status
     def _mean_loss(self) -> float | None:

@@ -797,6 +797,46 @@ def test_a_resumed_server_asks_a_client_that_joined_after_its_checkpoint_to_rejo
         again.srv.writer.close()
 
 
+def test_a_client_that_joined_after_the_checkpoint_is_known_to_a_server_resumed_twice(tmp_path, caplog):
+    """As above, but the resumed server was killed too, before the evaluator came back and before a
+    checkpoint of its own: the third server counted only the joins since the last start record,
+    the second server's, and refused the evaluator as an unknown id (a WARNING, counted in
+    rejected_messages).  The joins counted now run from the start of the server that wrote the
+    checkpoint resumed."""
+    first = InProcess(tmp_path / "run", epochs=2)
+    try:
+        first.srv._log_start()                  # as serve() does: InProcess handles messages without it
+        trainer = _trainer(first)
+        task = first.call(trainer, P.WORK)
+        assert first.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+        assert first.srv._checkpoint()
+        evaluator = _evaluator(first)           # joins after the checkpoint; no checkpoint follows
+    finally:
+        first.close()
+        first.srv.writer.close()
+    second = InProcess(tmp_path / "run", epochs=2, resume=True)
+    try:
+        second.srv._log_start()                 # killed with no message handled, no checkpoint written
+    finally:
+        second.close()
+        second.srv.writer.close()
+    third = InProcess(tmp_path / "run", epochs=2, resume=True)
+    try:
+        back = Raw(third.endpoint, evaluator.wid)
+        third.raws.append(back)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pscnn.server"):
+            reply = third.call(back, P.HEARTBEAT)
+        assert (reply.type, reply.body["code"]) == (P.ERROR, "unknown_worker")
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if evaluator.wid in r.getMessage()]
+        assert lines == [(logging.INFO, f"a client of the run before the restart: {evaluator.wid} (heartbeat); "
+                                        "told to say hello again")], lines
+        assert not third.srv.rejected
+    finally:
+        third.close()
+        third.srv.writer.close()
+
+
 # ---------------------------------------------------------------- pscnn server --auto-resume (Compose's)
 
 def test_auto_resume_continues_an_unfinished_run(run, server_cli, caplog):
