@@ -727,6 +727,23 @@ def test_a_resumed_server_asks_the_runs_clients_to_rejoin_without_counting_them_
         again.srv.writer.close()
 
 
+def _told_to_say_hello_again(server, wid: str, caplog, *requests) -> Raw:
+    """``wid``, a client of the run before, sends ``requests`` ((type, body...) tuples) to the resumed
+    ``server``: each is answered unknown_worker, one INFO line names the first, none is counted
+    refused.  Returns the client's socket."""
+    back = Raw(server.endpoint, wid)
+    server.raws.append(back)
+    caplog.clear()          # the earlier servers' lines
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        replies = [server.call(back, *request) for request in requests]
+    assert [(r.type, r.body["code"]) for r in replies] == [(P.ERROR, "unknown_worker")] * len(requests)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if wid in r.getMessage()]
+    assert lines == [(logging.INFO, f"a client of the run before the restart: {wid} ({requests[0][0]}); "
+                                    "told to say hello again")], lines
+    assert not server.srv.rejected
+    return back
+
+
 def test_a_resumed_server_asks_a_client_declared_dead_before_its_checkpoint_to_rejoin(tmp_path, caplog):
     """An evaluator stopped (SIGSTOP) past --peer-timeout was declared dead, the run finished and its
     server exited; resumed, the server logged each message of the evaluator, continued, as a WARNING
@@ -745,16 +762,7 @@ def test_a_resumed_server_asks_a_client_declared_dead_before_its_checkpoint_to_r
         first.srv.writer.close()
     again = InProcess(tmp_path / "run", epochs=1, resume=True)
     try:
-        back = Raw(again.endpoint, evaluator.wid)
-        again.raws.append(back)
-        caplog.clear()          # the first server's lines (the evaluator declared dead)
-        with caplog.at_level(logging.INFO, logger="pscnn.server"):
-            replies = [again.call(back, P.HEARTBEAT), again.call(back, P.PULL, {"have_version": 3})]
-        assert [(r.type, r.body["code"]) for r in replies] == [(P.ERROR, "unknown_worker")] * 2
-        lines = [(r.levelno, r.getMessage()) for r in caplog.records if evaluator.wid in r.getMessage()]
-        assert lines == [(logging.INFO, f"a client of the run before the restart: {evaluator.wid} (heartbeat); "
-                                        "told to say hello again")], lines
-        assert not again.srv.rejected
+        back = _told_to_say_hello_again(again, evaluator.wid, caplog, (P.HEARTBEAT,), (P.PULL, {"have_version": 3}))
         # joined again, it is told the run is over
         assert again.call(back, P.HELLO, {"role": "evaluator", "name": "e"}).type == P.WELCOME
         assert again.call(back, P.PULL, {"have_version": -1}).body["done"]
@@ -763,34 +771,32 @@ def test_a_resumed_server_asks_a_client_declared_dead_before_its_checkpoint_to_r
         again.srv.writer.close()
 
 
+def _evaluator_joined_after_the_checkpoint(run) -> str:
+    """A server in ``run`` that applied a push, wrote its checkpoint, then saw an evaluator join, and
+    was killed before another: the evaluator's id."""
+    first = InProcess(run, epochs=2)
+    try:
+        first.srv._log_start()                  # as serve() does: InProcess handles messages without it
+        trainer = _trainer(first)
+        task = first.call(trainer, P.WORK)
+        assert first.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
+        assert first.srv._checkpoint()
+        return _evaluator(first).wid            # joins after the checkpoint; no checkpoint follows
+    finally:
+        first.close()
+        first.srv.writer.close()
+
+
 def test_a_resumed_server_asks_a_client_that_joined_after_its_checkpoint_to_rejoin(tmp_path, caplog):
     """An evaluator joined after the last checkpoint, and the server was killed (SIGKILL) before the
     next one; resumed, the server logged the evaluator's messages as WARNINGs "rejected message ...
     unknown worker id" and counted them in rejected_messages (a chaos run: 2, the run's only refused
     messages not explained by a fault of a client).  Its join record in metrics.jsonl names it: the
     resumed server asks it to say hello again, in one INFO line, uncounted."""
-    first = InProcess(tmp_path / "run", epochs=2)
-    try:
-        trainer = _trainer(first)
-        task = first.call(trainer, P.WORK)
-        assert first.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
-        assert first.srv._checkpoint()
-        evaluator = _evaluator(first)           # joins after the checkpoint; no checkpoint follows
-    finally:
-        first.close()
-        first.srv.writer.close()
+    evaluator_wid = _evaluator_joined_after_the_checkpoint(tmp_path / "run")
     again = InProcess(tmp_path / "run", epochs=2, resume=True)
     try:
-        back = Raw(again.endpoint, evaluator.wid)
-        again.raws.append(back)
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="pscnn.server"):
-            replies = [again.call(back, P.HEARTBEAT), again.call(back, P.PULL, {"have_version": 1})]
-        assert [(r.type, r.body["code"]) for r in replies] == [(P.ERROR, "unknown_worker")] * 2
-        lines = [(r.levelno, r.getMessage()) for r in caplog.records if evaluator.wid in r.getMessage()]
-        assert lines == [(logging.INFO, f"a client of the run before the restart: {evaluator.wid} (heartbeat); "
-                                        "told to say hello again")], lines
-        assert not again.srv.rejected
+        back = _told_to_say_hello_again(again, evaluator_wid, caplog, (P.HEARTBEAT,), (P.PULL, {"have_version": 1}))
         assert again.call(back, P.HELLO, {"role": "evaluator", "name": "e"}).type == P.WELCOME
     finally:
         again.close()
@@ -803,17 +809,7 @@ def test_a_client_that_joined_after_the_checkpoint_is_known_to_a_server_resumed_
     the second server's, and refused the evaluator as an unknown id (a WARNING, counted in
     rejected_messages).  The joins counted now run from the start of the server that wrote the
     checkpoint resumed."""
-    first = InProcess(tmp_path / "run", epochs=2)
-    try:
-        first.srv._log_start()                  # as serve() does: InProcess handles messages without it
-        trainer = _trainer(first)
-        task = first.call(trainer, P.WORK)
-        assert first.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays)).body["ack"]["applied"]
-        assert first.srv._checkpoint()
-        evaluator = _evaluator(first)           # joins after the checkpoint; no checkpoint follows
-    finally:
-        first.close()
-        first.srv.writer.close()
+    evaluator_wid = _evaluator_joined_after_the_checkpoint(tmp_path / "run")
     second = InProcess(tmp_path / "run", epochs=2, resume=True)
     try:
         second.srv._log_start()                 # killed with no message handled, no checkpoint written
@@ -822,16 +818,7 @@ def test_a_client_that_joined_after_the_checkpoint_is_known_to_a_server_resumed_
         second.srv.writer.close()
     third = InProcess(tmp_path / "run", epochs=2, resume=True)
     try:
-        back = Raw(third.endpoint, evaluator.wid)
-        third.raws.append(back)
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="pscnn.server"):
-            reply = third.call(back, P.HEARTBEAT)
-        assert (reply.type, reply.body["code"]) == (P.ERROR, "unknown_worker")
-        lines = [(r.levelno, r.getMessage()) for r in caplog.records if evaluator.wid in r.getMessage()]
-        assert lines == [(logging.INFO, f"a client of the run before the restart: {evaluator.wid} (heartbeat); "
-                                        "told to say hello again")], lines
-        assert not third.srv.rejected
+        _told_to_say_hello_again(third, evaluator_wid, caplog, (P.HEARTBEAT,))
     finally:
         third.close()
         third.srv.writer.close()
