@@ -82,3 +82,9 @@ class DroppedPeer:
     at: float                           # time.monotonic() when dropped
     refused: int = 0                    # its messages refused since
     key: str | None = None              # CURVE: the key it joined with, which alone may rejoin under its id
+
+    @property
+    def reason(self) -> str:
+        """``why`` without its details: "declared dead", "left", "rejoined", ... (summary.json's
+        peers_dropped keys)."""
+        return self.why.split(" (")[0]

@@ -639,7 +639,7 @@ class ParameterServer:
             self._reject(rid, msg, _unknown_id(msg.wid))
             return
         ago = now - gone.at
-        if msg.type == P.HEARTBEAT and gone.why.startswith("left") and ago < self.cfg.peer_timeout:
+        if msg.type == P.HEARTBEAT and gone.reason == "left" and ago < self.cfg.peer_timeout:
             # its heartbeat socket's last beat, sent before its goodbye on a connection of its own and
             # come after it (held up by a reconnect: a client of the run before a --resume): no fault
             log.debug("a heartbeat from %s after its goodbye (%.1f s ago)", gone.name, ago)
@@ -819,11 +819,11 @@ class ParameterServer:
         (WARNING for one declared dead, else INFO by default)."""
         self._remove_peer(peer)
         # not there: a hello took it out
-        self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic(), key=peer.key)
+        gone = self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic(), key=peer.key)
         if peer.role == "evaluator" and not self.role_counts["evaluator"]:
             self.evaluator_left = why
         if not self.over:   # what the run survived: not the evaluator's goodbye after the final evaluation,
-            self.drops[why.split(" (")[0]] += 1     # counted in summary.json when it came before the summary
+            self.drops[gone.reason] += 1            # counted in summary.json when it came before the summary
         if len(self.dropped) > DROPPED_MEMORY:
             self.dropped.popitem(last=False)
         requeued = self.work.release_worker(peer.wid)
@@ -1733,7 +1733,7 @@ class ParameterServer:
                  # while after a restart those of before not back yet (a server killed again before they
                  # came back), no longer (a client gone for good is not carried from one to the next)
                  "peer_ids": sorted(set(self.peers).union(
-                     (wid for wid, gone in self.dropped.items() if gone.why.startswith("declared dead")),
+                     (wid for wid, gone in self.dropped.items() if gone.reason == "declared dead"),
                      self.clients_before if time.monotonic() - self.t_start < self.cfg.peer_timeout else ())),
                  # what the run survived so far (summary.json's), not only since the last restart
                  "peers_dropped": dict(self.drops), "lease_requeues": self.work.requeued_total,
