@@ -90,13 +90,29 @@ def read_config_file(path: str, what: str, error: type[Exception], max_bytes: in
     return named_config(text, what, error)
 
 
+def is_real(value) -> bool:
+    """An int or float, Python's or NumPy's: not a bool (``float(True)`` is 1.0, and JSON's true
+    is no figure) nor a string.  NaN and infinity are reals here: see :func:`is_number`."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def is_number(value) -> bool:
+    """A finite :func:`is_real`: a figure read from a file or a message that can be used as one."""
+    return is_real(value) and math.isfinite(value)
+
+
+def finite_or_none(value) -> float | None:
+    """``value`` as a float if :func:`is_number`, else None (missing, null, true, NaN, a string)."""
+    return float(value) if is_number(value) else None
+
+
 def number_in(value, what: str, low: float, high: float | None = None, *,
               low_open: bool = False, high_open: bool = True, error: type[Exception] = ConfigError) -> float:
     """``value`` as a finite float in the interval [low, high) (ends as flagged), else ``error``.
 
-    Not a bool (``float(True)`` is 1.0) nor a string (JSON configs come from users).
+    Not a bool nor a string (JSON configs come from users): :func:`is_real`.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if not is_real(value):
         raise error(f"{what} must be a number, got {value!r}")
     value = float(value)
     ok = math.isfinite(value) and (value > low if low_open else value >= low)

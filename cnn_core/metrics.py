@@ -7,11 +7,11 @@ samples score 0 rather than NaN, and no division warnings are emitted.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from . import backend
+from .config import is_number
 from .errors import ConfigError, ShapeError
 
 
@@ -125,9 +125,8 @@ def time_to_accuracy(evaluations, milestones=ACCURACY_MILESTONES) -> dict:
 
 def _is_scored(evaluation: dict) -> bool:
     """Whether an evaluation record's test accuracy is a finite number (one to compare)."""
-    accuracy = evaluation.get("test_accuracy")
-    # numbers.Real: a NumPy float32 accuracy (one computed in a float32 model's dtype) is a number too.
-    return isinstance(accuracy, numbers.Real) and not isinstance(accuracy, bool) and math.isfinite(accuracy)
+    # a NumPy float32 accuracy (one computed in a float32 model's dtype) is a number too
+    return is_number(evaluation.get("test_accuracy"))
 
 
 def thin_evaluations(evaluations: list, cap: int, newest: int, milestones=ACCURACY_MILESTONES) -> list:

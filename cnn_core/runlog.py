@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
+from .config import finite_or_none
 from .fileio import atomic_write, remove_stale_temporaries
 from .errors import PscnnError
 from .text import for_count
@@ -579,21 +580,15 @@ def _save_figure(fig, path: Path) -> Path:
     return path
 
 
-def _number(value) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _updates(record: dict) -> float | None:
     """A record's update count: ``step`` (pscnn train), else ``version`` (the parameter server)."""
-    return _number(record.get("step", record.get("version")))
+    return finite_or_none(record.get("step", record.get("version")))
 
 
 def _resumed_at(record: dict) -> float | None:
     """The version a ``"start"`` record's server resumed from (None for any other record): the
     step and evaluation records of the updates above it, logged before, were lost and redone."""
-    return _number(record.get("version")) if record.get("kind") == "start" else None
+    return finite_or_none(record.get("version")) if record.get("kind") == "start" else None
 
 
 def without_lost_updates(records: list) -> list:
@@ -667,11 +662,11 @@ def _learning_curves(metrics_path: Path) -> tuple[list, list, list, bool]:
             for curve in curves:
                 curve.drop_above(resumed_at)
         elif kind == "step":
-            value = _number(r.get("loss"))
+            value = finite_or_none(r.get("loss"))
             if updates is not None and value is not None:
                 loss.add(updates, value, updates)
         elif kind in ("epoch", "eval"):
-            acc = _number(r.get("test_accuracy", r.get("accuracy")))
+            acc = finite_or_none(r.get("test_accuracy", r.get("accuracy")))
             if acc is None:
                 continue
             if updates is not None:
@@ -679,11 +674,11 @@ def _learning_curves(metrics_path: Path) -> tuple[list, list, list, bool]:
             # The training clock where there is one: the report's time to accuracy and summary.json's
             # evaluations count from the first batch, the run clock from the server's start (the
             # workers' loading included), so the plot put 95% seconds later than the report said.
-            seconds = _number(r.get("train_seconds"))
+            seconds = finite_or_none(r.get("train_seconds"))
             if seconds is not None:
                 training_clock = True
             else:
-                seconds = _number(r.get("seconds"))
+                seconds = finite_or_none(r.get("seconds"))
             if seconds is not None:
                 acc_by_time.add(seconds, 100 * acc, updates or 0.0)
     return loss.points(), acc_by_step.points(), acc_by_time.points(), training_clock
@@ -787,7 +782,7 @@ def _draw_confusion_matrix(Figure, out_dir: Path):
     ax.set_yticks(range(k))
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    acc = _number(summary.get("test_accuracy"))
+    acc = finite_or_none(summary.get("test_accuracy"))
     ax.set_title("Confusion matrix" + (f" (test accuracy {100 * acc:.2f}%)" if acc is not None else ""))
     return fig
 
@@ -830,7 +825,7 @@ def _pushes(records):
             continue
         for entry in r.get("timeline") or ():
             if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) \
-                    and all(_number(v) is not None for v in entry[1:]) and entry[1] <= entry[2]:
+                    and all(finite_or_none(v) is not None for v in entry[1:]) and entry[1] <= entry[2]:
                 worker, (answered, arrived, compute) = entry[0], (float(v) for v in entry[1:])
                 heap = waiting.setdefault(worker, [])
                 heapq.heappush(heap, (answered, order, arrived, compute, (servers, joins.get(worker, 0))))
@@ -942,7 +937,7 @@ def worker_time_shares(worker_seconds) -> dict | None:
     checkpoint from before them), no push counted."""
     if not isinstance(worker_seconds, dict):
         return None
-    totals = {part: _number(worker_seconds.get(part)) for part in TIMELINE_PARTS}
+    totals = {part: finite_or_none(worker_seconds.get(part)) for part in TIMELINE_PARTS}
     if any(t is None or t < 0 for t in totals.values()) or not sum(totals.values()):
         return None
     return _shares(totals)

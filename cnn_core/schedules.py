@@ -25,12 +25,12 @@ from __future__ import annotations
 import math
 import numbers
 
-from .config import named_config
+from .config import is_number, is_real, named_config
 from .errors import ConfigError
 
 
 def _positive_float(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise ConfigError(f"{what} must be a number, got {value!r}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
@@ -134,7 +134,7 @@ class CosineSchedule(Schedule):
     def __init__(self, base_lr: float, total_steps: int, min_lr: float = 0.0):
         super().__init__(base_lr)
         self.total_steps = _int_at_least(total_steps, 1, "cosine schedule: total_steps")
-        if isinstance(min_lr, bool) or not isinstance(min_lr, numbers.Real) or not math.isfinite(min_lr):
+        if not is_number(min_lr):
             raise ConfigError(f"cosine schedule: min_lr must be a finite number, got {min_lr!r}")
         self.min_lr = float(min_lr)
         if not 0 <= self.min_lr <= self.base_lr:

@@ -59,6 +59,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import save_model_checkpoint
+from .config import is_number
 from .data import MNIST_FILES, NUM_CLASSES, batch_length, batches_per_epoch, iterate_batches, load_mnist
 from .errors import ConfigError, PscnnError, ShapeError, SpecError
 from .flat import all_finite
@@ -691,11 +692,6 @@ def format_report(summary: dict) -> str:
         lines.append("")
         lines.append(f"files in {out}: {', '.join(present)}")
     return "\n".join(lines)
-
-
-def is_number(value) -> bool:
-    """A finite int or float: not a bool (JSON's true is no figure), not NaN or infinity."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def format_number(value, spec: str, scale: float = 1) -> str:

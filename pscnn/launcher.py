@@ -24,11 +24,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cnn_core.config import is_number
 from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import (SUMMARY_FILE, RunLogError, check_folder_free, make_folder, time_shares_text,
                              worker_time_shares)
 from cnn_core.text import for_count
-from cnn_core.training import classes_scored, format_number, is_number, per_class_text
+from cnn_core.training import classes_scored, format_number, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from server.config import config_from_args, training_set_size

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from cnn_core.config import is_number, is_real
+
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy", "precision", "recall", "confusion_matrix",
                "count", "eval_seconds")
 
@@ -30,7 +32,7 @@ def metrics_problem(m: dict, classes: int) -> str | None:
     a model of ``classes`` classes.
     """
     def num(v, low=-math.inf, high=math.inf):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+        return is_number(v) and low <= v <= high
 
     unknown = sorted(set(m) - set(METRIC_KEYS), key=str)
     if unknown:
@@ -38,8 +40,7 @@ def metrics_problem(m: dict, classes: int) -> str | None:
     if not num(m.get("test_accuracy"), 0, 1):
         return "test_accuracy must be a number in [0, 1]"
     loss = m.get("test_loss")         # NaN or inf: a diverged model's loss, a real measurement
-    if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)
-                                 and (math.isnan(loss) or loss >= 0)):
+    if loss is not None and not (is_real(loss) and (math.isnan(loss) or loss >= 0)):
         return "test_loss must be a number >= 0 (NaN or inf for a diverged model) or nil"
     for key in ("per_class_accuracy", "precision", "recall"):
         v = m.get(key)

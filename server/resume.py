@@ -10,6 +10,7 @@ import os
 import re
 
 from cnn_core.checkpoint import load_checkpoint
+from cnn_core.config import is_number
 from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, PscnnError
 from cnn_core.model import PRESETS, build_model
@@ -145,7 +146,7 @@ def _int(value, field: str, lo: int = 0, hi: int = CHECKPOINT_COUNT_MAX) -> int:
 
 
 def _number(value, field: str, lo: float = 0.0, hi: float | None = None) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not is_number(value):
         raise _Bad(field, f"must be a finite number, got {_show(value)}")
     if value < lo or (hi is not None and value > hi):
         raise _Bad(field, f"is {value}, outside {lo}..{hi}" if hi is not None else f"is {value}, below {lo}")

@@ -65,6 +65,7 @@ import uuid
 
 import zmq
 
+from cnn_core.config import is_number
 from cnn_core.errors import ConfigError, PscnnError
 from cnn_core.text import for_count
 from pscnn import curve
@@ -508,7 +509,7 @@ class Client:
             return False
         start_in = progress.get("start_in_s")
         limit = (f"or in {start_in:.0f} s at the latest (its --start-timeout)"
-                 if isinstance(start_in, (int, float)) and not isinstance(start_in, bool) and math.isfinite(start_in)
+                 if is_number(start_in)
                  else "or its --start-timeout after the first of them asked")     # a server that does not say
         log.info("waiting at the server's start barrier for %.0f s: it hands out work once %s trainers ask "
                  "for it (%s ready now), %s; our %s request waits for it", held_s,
