@@ -443,9 +443,10 @@ def _repair_and_last_seconds(path: Path) -> float:
     last = 0.0
     with open(path, "rb+") as fh:
         for record in _parse_lines(complete_lines(), path):
-            seconds = record.get("seconds")
-            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-                last = max(last, float(seconds))
+            # not Infinity (or 1e999), which json reads: every record after it said "seconds": null
+            seconds = finite_or_none(record.get("seconds"))
+            if seconds is not None:
+                last = max(last, seconds)
         size = fh.seek(0, os.SEEK_END)
         if end < size:
             log.warning("%s: dropping an incomplete last line (%d %s) left by an interrupted run",

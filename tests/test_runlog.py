@@ -189,6 +189,17 @@ def test_writer_resume_continues_from_the_largest_seconds_not_the_last(tmp_path)
     assert [r["seconds"] for r in read_metrics(tmp_path)][:3] == [5.0, 10.0, 3.0]
 
 
+def test_writer_resume_skips_an_infinite_seconds(tmp_path):
+    """A line of metrics.jsonl with "seconds": Infinity (a hand edit; 1e999 reads the same) set the
+    resumed clock to infinity, and every record written after it said "seconds": null."""
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "seconds": 2.5}\n{"kind": "step", "seconds": Infinity}\n'
+                                            '{"kind": "step", "seconds": 1e999}\n')
+    with RunWriter(tmp_path, {}, resume=True) as writer:
+        record = writer.log("step", step=3)
+    assert isinstance(record["seconds"], float) and 2.5 <= record["seconds"] < 1e6, record
+    assert strict_json((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["seconds"] == record["seconds"]
+
+
 def test_writer_resume_without_previous_file_starts_one(tmp_path):
     with RunWriter(tmp_path / "new", {}, resume=True) as writer:
         writer.log("step", step=1)
