@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -26,8 +27,8 @@ from pathlib import Path
 
 from cnn_core.config import is_number
 from cnn_core.metrics import ACCURACY_MILESTONES
-from cnn_core.runlog import (SUMMARY_FILE, RunLogError, check_folder_free, make_folder, time_shares_text,
-                             worker_time_shares)
+from cnn_core.runlog import (SUMMARY_FILE, TIMELINE_PARTS, RunLogError, check_folder_free, make_folder,
+                             time_shares_text, worker_time_shares)
 from cnn_core.text import for_count
 from cnn_core.training import classes_scored, format_number, per_class_text
 from pscnn import curve
@@ -815,8 +816,11 @@ def print_report(summary_path: Path) -> None:
     (a closed terminal: EIO), as with :func:`_say`."""
     try:
         s = json.loads(summary_path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:     # RecursionError: lists nested thousands deep
         _say(f"pscnn run: no summary ({exc})")
+        return
+    if not isinstance(s, dict):
+        _say(f"pscnn run: no summary ({summary_path} holds no JSON object)")
         return
     try:
         _print_report(s, summary_path)
@@ -846,58 +850,141 @@ def _staleness_counts(histogram) -> str:
     return ", ".join(f"{k}: {v:,}" for k, v in counts)
 
 
-def _print_report(s: dict, summary_path: Path) -> None:
-    # each figure through format_number: one missing, null, true or NaN (a summary.json by hand,
-    # or from another version) reads "n/a", where it printed "True%" or raised out of the report
-    stale = s.get("staleness") or {}
-    workers, epochs, samples = s.get("workers"), s.get("epochs"), s.get("samples_applied")
-    diverged = s.get("status") == "diverged"    # its error says why: "training diverged: ..."
-    print(f"\nrun {'stopped' if diverged else 'finished'}: mode {s.get('mode', '?')}, "
+class _SummaryFields:
+    """summary.json's fields as the report reads them, each checked: one missing or null is None
+    (or ``default``), as is one present but not what the server writes there (a summary.json by
+    hand, or from another version), whose name goes into ``unreadable`` for the report to say."""
+
+    def __init__(self, summary: dict):
+        self.summary = summary
+        self.unreadable: list[str] = []
+
+    def value(self, fits, *path: str, default=None):
+        """The value at ``path`` (keys into nested objects) if it ``fits`` (a type, or a test of the
+        value), else as above."""
+        value = self.summary
+        for depth, key in enumerate(path):
+            if value is None:
+                return default
+            if not isinstance(value, dict):
+                return self.unread(*path[:depth])
+            value = value.get(key)
+        if value is None:
+            return default
+        return value if (isinstance(value, fits) if isinstance(fits, type) else fits(value)) else self.unread(*path)
+
+    def number(self, *path: str, low: float = 0.0, high: float = math.inf, default=None):
+        return self.value(lambda v: is_number(v) and low <= v <= high, *path, default=default)
+
+    def count(self, *path: str, default=None) -> int | None:
+        value = self.value(_is_count, *path, default=default)
+        return value if value is None else int(value)       # 3, not the 3.0 a file may hold
+
+    def unread(self, *path: str) -> None:
+        """Name ``path`` among the fields that could not be read; None, the value read instead."""
+        name = ".".join(map(str, path))
+        if name not in self.unreadable:
+            self.unreadable.append(name)
+
+
+def _is_count(value) -> bool:
+    return is_number(value) and value >= 0 and value == int(value)
+
+
+def _is_counts(value) -> bool:
+    """An object of counts, as rejected_messages and the staleness histogram are."""
+    return isinstance(value, dict) and all(_is_count(v) for v in value.values())
+
+
+def _time_to_accuracy_text(fields: _SummaryFields) -> str | None:
+    """The report's time-to-accuracy line's text; None where summary.json gives no time_to_accuracy
+    (one from before the field) or no evaluation was recorded."""
+    reached = fields.value(dict, "time_to_accuracy")
+    if reached is None or not fields.value(list, "evaluations"):
+        return None
+    times = []
+    for key in reached:
+        first = fields.value(lambda e: isinstance(e, dict) and is_number(e.get("seconds")) and e["seconds"] >= 0,
+                             "time_to_accuracy", key)
+        milestone = _milestone(key)
+        if first is not None and milestone is None:
+            fields.unread("time_to_accuracy", key)
+        elif first is not None:
+            times.append(f"{milestone:.0%}: {first['seconds']:.1f} s")
+    # those never reached named, not left out: a run short of 90% had no line, as if it had no field
+    missed = ", ".join(f"{m:.0%}" for m in ACCURACY_MILESTONES if f"{m:g}" not in reached)
+    return ("; ".join(filter(None, [", ".join(times), missed and f"{missed} not reached"]))
+            + ("  (the first evaluation at or above)" if times else ""))
+
+
+def _milestone(key) -> float | None:
+    """The accuracy a time_to_accuracy key names ("0.9"), or None for one that names none."""
+    try:
+        accuracy = float(key)
+    except (TypeError, ValueError):
+        return None
+    return accuracy if 0 < accuracy <= 1 else None       # not NaN either
+
+
+def _print_report(summary: dict, summary_path: Path) -> None:
+    # each figure checked (_SummaryFields): one missing, null, true, NaN, negative or of another
+    # type (a summary.json by hand, or from another version) reads "n/a" or is left out, where it
+    # printed "True%" or "nan messages refused", or raised out of the report; those present but
+    # unreadable are named at the end
+    fields = _SummaryFields(summary)
+    workers, epochs, samples = fields.count("workers"), fields.count("epochs"), fields.count("samples_applied")
+    diverged = fields.value(str, "status") == "diverged"    # its error says why: "training diverged: ..."
+    print(f"\nrun {'stopped' if diverged else 'finished'}: mode {fields.value(str, 'mode') or '?'}, "
           f"{format_number(workers, ',')} {for_count(workers, 'worker')}, "
           f"{format_number(epochs, ',')} {for_count(epochs, 'epoch')}")
     if diverged:
-        print(f"  why                {s.get('error')}")
-    accuracy = s.get("test_accuracy")          # in percent, as pscnn train's report and the plots give it
-    print(f"  test accuracy      {format_number(accuracy, '.2f', 100)}{'%' if is_number(accuracy) else ''}")
-    print(f"  test loss          {format_number(s.get('test_loss'), '.4f')}")
-    print(f"  updates            {format_number(s.get('updates'), ',')}  ({format_number(samples, ',')} "
+        print(f"  why                {fields.value(str, 'error') or 'n/a'}")
+    accuracy = fields.number("test_accuracy", high=1)    # in percent, as pscnn train's report and the plots give it
+    print(f"  test accuracy      {format_number(accuracy, '.2f', 100)}{'%' if accuracy is not None else ''}")
+    print(f"  test loss          {format_number(fields.number('test_loss'), '.4f')}")
+    print(f"  updates            {format_number(fields.count('updates'), ',')}  ({format_number(samples, ',')} "
           f"{for_count(samples, 'sample')})")
-    print(f"  throughput         {format_number(s.get('train_images_per_second'), ',.0f')} images/s "
-          f"over {format_number(s.get('train_seconds'), '.1f')} s")
+    print(f"  throughput         {format_number(fields.number('train_images_per_second'), ',.0f')} images/s "
+          f"over {format_number(fields.number('train_seconds'), '.1f')} s")
     # Where the workers' time went (timeline.png's title): a sync round's waiting, async's none, a
     # round held up by a dead worker, were seen only in the plot or by summing metrics.jsonl by hand.
-    shares = worker_time_shares(s.get("worker_seconds"))
+    shares = worker_time_shares(fields.value(
+        lambda v: isinstance(v, dict) and all(is_number(v.get(part)) and v[part] >= 0 for part in TIMELINE_PARTS),
+        "worker_seconds"))
     if shares is not None:
         print(f"  workers' time      {time_shares_text(shares)}")
     # ssp's bound is in pushes ahead of the slowest worker, staleness in versions applied since the
     # gradient's weights: with N workers a max of (bound + 1) * N - 1 keeps to it ("max 2 (bound 0)" read broken)
-    bound = s.get("staleness_bound")
-    most = stale.get("max", 0)
-    print(f"  staleness          mean {format_number(stale.get('mean', 0), '.2f')}, "
+    bound = fields.count("staleness_bound")
+    most = fields.count("staleness", "max", default=0)
+    print(f"  staleness          mean {format_number(fields.number('staleness', 'mean', default=0), '.2f')}, "
           f"max {format_number(most, ',')} {for_count(most, 'version')}"
           + (f" (ssp: each worker at most {bound} {for_count(bound, 'push', 'pushes')} ahead of the slowest)"
-             if is_number(bound) else ""))
-    counts = _staleness_counts(stale.get("histogram"))
+             if bound is not None else ""))
+    counts = _staleness_counts(fields.value(_is_counts, "staleness", "histogram"))
     if counts:      # its shape was what experiments 2 and 3 teach (ssp's flat, async's peaked): jq only
         print(f"  staleness counts   {counts}  (versions stale: gradients applied)")
-    print(f"  evaluations        {len(s.get('evaluations') or [])}")
-    dead = (s.get("peers_dropped") or {}).get("declared dead", 0)
-    faulty = (s.get("peers_dropped") or {}).get(DROPPED_FOR_NAN, 0)    # such a trainer exited 3 (named above)
-    requeued = s.get("lease_requeues") or 0
-    refused = sum((s.get("rejected_messages") or {}).values())
+    evaluations = fields.value(list, "evaluations", default=[])
+    print(f"  evaluations        {format_number(None if evaluations is None else len(evaluations), ',')}")
+    dead = fields.count("peers_dropped", "declared dead", default=0)
+    faulty = fields.count("peers_dropped", DROPPED_FOR_NAN, default=0)     # such a trainer exited 3 (named above)
+    requeued = fields.count("lease_requeues", default=0)
+    refused = int(sum((fields.value(_is_counts, "rejected_messages") or {}).values()))
     if dead or requeued or refused:     # what the run survived (every incarnation of its server)
-        print(f"  faults             {dead} declared dead, "
-              + (f"{faulty} {for_count(faulty, 'trainer')} {DROPPED_FOR_NAN}, " if faulty else "")
-              + f"{requeued} {for_count(requeued, 'lease')} requeued, "
-              + f"{refused} {for_count(refused, 'message')} refused")
-    reached = s.get("time_to_accuracy")
-    if reached is not None and s.get("evaluations"):    # not in a summary from before the field
-        # those never reached named, not left out: a run short of 90% had no line, as if it had no field
-        missed = ", ".join(f"{m:.0%}" for m in ACCURACY_MILESTONES if f"{m:g}" not in reached)
-        times = ", ".join(f"{float(m):.0%}: {r['seconds']:.1f} s" for m, r in reached.items())
-        print("  time to accuracy   " + "; ".join(filter(None, [times, missed and f"{missed} not reached"]))
-              + ("  (the first evaluation at or above)" if times else ""))
-    pca = s.get("per_class_accuracy")
-    if pca and all(is_number(a) for a in pca):
-        print("  per-class accuracy " + per_class_text(pca, classes_scored(pca, s.get("confusion_matrix"))))
+        print(f"  faults             {format_number(dead, ',')} declared dead, "
+              + (f"{faulty:,} {for_count(faulty, 'trainer')} {DROPPED_FOR_NAN}, " if faulty else "")
+              + f"{format_number(requeued, ',')} {for_count(requeued, 'lease')} requeued, "
+              + f"{refused:,} {for_count(refused, 'message')} refused")
+    reached = _time_to_accuracy_text(fields)
+    if reached is not None:
+        print(f"  time to accuracy   {reached}")
+    pca = fields.value(lambda v: isinstance(v, list) and all(is_number(a) and 0 <= a <= 1 for a in v),
+                       "per_class_accuracy")
+    matrix = fields.value(lambda v: isinstance(v, list) and all(
+        isinstance(row, list) and len(row) == len(v) and all(_is_count(c) for c in row) for row in v),
+        "confusion_matrix")
+    if pca:
+        print("  per-class accuracy " + per_class_text(pca, classes_scored(pca, matrix)))
+    if fields.unreadable:
+        print(f"  could not read     {', '.join(fields.unreadable)}  (not what pscnn writes in summary.json)")
     print(f"  results in         {summary_path.parent}")

@@ -1463,6 +1463,33 @@ def test_the_final_report_reads_n_a_for_a_figure_missing_true_or_nan(tmp_path, c
     assert "  updates            4  (n/a samples)\n" in out and " images/s over n/a s\n" in out, out
 
 
+def test_the_final_report_of_a_summary_with_values_of_the_wrong_kind_says_what_it_could_not_read(tmp_path, capsys):
+    """time_to_accuracy, rejected_messages and the other objects were trusted: a summary.json by hand
+    (or from another version) with a list there, a null, a string or NaN count raised AttributeError,
+    TypeError or ValueError out of the report, a negative count printed "-4 messages refused", a NaN
+    one "nan". Each is now read as missing, the rest printed, and the report names those it could not read."""
+    evaluations = [{"seconds": 1.0, "version": 4, "test_accuracy": 0.96}]
+    out = report_of(tmp_path, capsys, evaluations=evaluations, rejected_messages={"non_finite": "3"},
+                    time_to_accuracy={"0.9": {"seconds": None}, "0.95": {"seconds": 2.0, "version": 4},
+                                      "0.98": 5, "high": {"seconds": 1.0}})
+    assert "  time to accuracy   95%: 2.0 s; 99% not reached  (the first evaluation at or above)\n" in out, out
+    assert ("  could not read     rejected_messages, time_to_accuracy.0.9, time_to_accuracy.0.98, "
+            "time_to_accuracy.high  (not what pscnn writes in summary.json)\n") in out, out
+    out = report_of(tmp_path, capsys, evaluations=evaluations, time_to_accuracy=[0.9], lease_requeues=1,
+                    rejected_messages={"not_leased": -4, "non_finite": float("nan")}, peers_dropped="many")
+    assert "  faults             n/a declared dead, 1 lease requeued, 0 messages refused\n" in out, out
+    assert "time to accuracy" not in out, out
+    assert "  could not read     peers_dropped, rejected_messages, time_to_accuracy  (" in out, out
+    out = report_of(tmp_path, capsys, evaluations=7, staleness=[1], per_class_accuracy=0.5, mode=3)
+    assert "run finished: mode ?, 1 worker, 1 epoch\n" in out and "  staleness          mean n/a, max n/a " in out
+    assert "  evaluations        n/a\n" in out and "  could not read     mode, staleness, evaluations, per_" in out, out
+    assert "  results in " in out, out
+    for text in ("[1, 2]", "[" * 100_000):       # no JSON object; nested too deep for json to read
+        (tmp_path / "summary.json").write_text(text)
+        launcher.print_report(tmp_path / "summary.json")
+        assert capsys.readouterr().err.startswith("pscnn run: no summary (")
+
+
 def test_the_final_report_counts_agree_with_their_nouns(tmp_path, capsys):
     """A run of one update of one sample said "(1 samples)"."""
     out = report_of(tmp_path, capsys, workers=1, epochs=1, updates=1, samples_applied=1)
