@@ -530,14 +530,15 @@ def _finish_bar(bar, summary_path: Path) -> None:
     the last status seen (6/32 batches and no accuracy with --no-evaluator; the evaluation before the
     final one otherwise), above a report with other figures."""
     try:
-        s = json.loads(summary_path.read_text())
+        fields = _SummaryFields(_read_summary(summary_path))
     except (OSError, ValueError):
         return                          # print_report says so
-    if s.get("status") == "complete" and bar.total:
+    if fields.value(str, "status") == "complete" and bar.total:
         bar.n = bar.total
-    acc = s.get("test_accuracy")
-    if isinstance(acc, float):
-        bar.set_description(f"test acc {acc:.4f} at update {s.get('updates')}", refresh=False)
+    acc = fields.number("test_accuracy", high=1)
+    if acc is not None:
+        bar.set_description(f"test acc {acc:.4f} at update {format_number(fields.count('updates'), 'd')}",
+                            refresh=False)
     bar.refresh()
 
 
@@ -815,12 +816,9 @@ def print_report(summary_path: Path) -> None:
     """The final report of a run, from its summary.json, on stdout; nothing where stdout is gone
     (a closed terminal: EIO), as with :func:`_say`."""
     try:
-        s = json.loads(summary_path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:     # RecursionError: lists nested thousands deep
+        s = _read_summary(summary_path)
+    except (OSError, ValueError) as exc:
         _say(f"pscnn run: no summary ({exc})")
-        return
-    if not isinstance(s, dict):
-        _say(f"pscnn run: no summary ({summary_path} holds no JSON object)")
         return
     try:
         _print_report(s, summary_path)
@@ -831,6 +829,17 @@ def print_report(summary_path: Path) -> None:
             os.close(devnull)
         except (OSError, ValueError, AttributeError):
             pass
+
+
+def _read_summary(summary_path: Path) -> dict:
+    """The object summary.json holds; OSError or ValueError saying why there is none."""
+    try:
+        summary = json.loads(summary_path.read_text())
+    except RecursionError:
+        raise ValueError(f"{summary_path} nests lists or objects too deep to read") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{summary_path} holds no JSON object")
+    return summary
 
 
 # The staleness counts the report lists one by one; those from the last one up are summed ("7+: 9"):

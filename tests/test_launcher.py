@@ -942,6 +942,24 @@ class Bar:
         self.closed = True
 
 
+def test_the_bar_finished_from_a_summary_of_the_wrong_kind_is_left_as_it_was(tmp_path):
+    """_finish_bar trusted summary.json as print_report did: one holding a list raised
+    AttributeError, lists nested 100,000 deep RecursionError, out of pscnn run; a NaN accuracy
+    set "test acc nan".  The bar is now left as it was (print_report says why), and a readable
+    summary still finishes it."""
+    path = tmp_path / "summary.json"
+    for text in ("[1, 2]", "[" * 100_000, '{"status": "complete", "test_accuracy": NaN, "updates": 4}'):
+        path.write_text(text)
+        bar = Bar()
+        launcher._finish_bar(bar, path)
+        assert bar.description is None, (text[:40], bar.description)
+    path.write_text('{"status": "complete", "test_accuracy": 0.5, "updates": 4}')
+    bar = Bar()
+    bar.total = 8
+    launcher._finish_bar(bar, path)
+    assert bar.n == 8 and bar.description == "test acc 0.5000 at update 4", bar.description
+
+
 @pytest.fixture
 def stand_ins(tmp_path):
     """A LocalCluster holding a SERVER_UNTIL server and a worker stand-in; ``end(code)`` lets the
