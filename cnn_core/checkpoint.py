@@ -30,6 +30,7 @@ import zlib
 import numpy as np
 
 from . import backend
+from .config import is_integer
 from .errors import CheckpointError, ConfigError, PscnnError, SpecError
 from .fileio import atomic_write
 
@@ -256,7 +257,7 @@ def _check_meta_fields(where: str, meta: dict) -> None:
         raise CheckpointError(f"{where}: meta field 'model_spec' must be an object (the model's spec), "
                               f"got {_short(spec)}")
     step = meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_integer(step) or step < 0:
         raise CheckpointError(f"{where}: meta field 'step' must be an int >= 0, got {_short(step)}")
     for field in ("metrics", "extra"):
         if not isinstance(meta.get(field), dict):

@@ -96,6 +96,11 @@ def is_real(value) -> bool:
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
 
 
+def is_integer(value) -> bool:
+    """An int, Python's or NumPy's, not a bool (``True`` passed for 1) nor an integral float."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
 def is_number(value) -> bool:
     """A finite :func:`is_real`: a figure read from a file or a message that can be used as one."""
     return is_real(value) and math.isfinite(value)
@@ -132,7 +137,7 @@ def seed_value(value, what: str, sequence_ok: bool = True):
     Not a bool, a float (1.5 would silently be 1) or a string; ConfigError naming ``what`` otherwise.
     """
     def ok(v) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= 0
+        return is_integer(v) and v >= 0
     if ok(value):
         return int(value)
     if sequence_ok and isinstance(value, (list, tuple)) and value and all(ok(v) for v in value):

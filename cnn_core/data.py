@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import resolve_dtype
+from .config import is_integer
 from .errors import ConfigError, DataError, ShapeError
 
 __all__ = [
@@ -933,7 +934,7 @@ def iterate_batches(x, y, batch_size: int, seed: int = 0, epoch: int = 0, shuffl
 # Helpers
 # --------------------------------------------------------------------------- #
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_integer(value):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")

@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from .backend import get_array_module as _xp
-from .config import number_in
+from .config import is_integer, number_in
 from .errors import ShapeError, SpecError
 from .im2col import col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, pad_nhwc
 from .rng import uniform
@@ -44,10 +44,9 @@ def column_sums(a):
 
 def _pair(value, what: str) -> tuple[int, int]:
     """An int or a 2-sequence of ints -> (a, b), with a clear error otherwise."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_integer(value):
         return int(value), int(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(is_integer(v) for v in value):
         return int(value[0]), int(value[1])
     raise SpecError(f"{what} must be an int or a pair of ints, got {value!r}")
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from . import backend
-from .config import is_number
+from .config import is_integer, is_number
 from .errors import ConfigError, ShapeError
 
 
@@ -50,7 +50,7 @@ def confusion_matrix(y_true, y_pred, num_classes: int = 10) -> np.ndarray:
 
     ``y_true``, ``y_pred``: (N,) integer labels in [0, num_classes).
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    if not is_integer(num_classes) or num_classes < 1:
         raise ConfigError(f"confusion_matrix: num_classes must be a positive integer, got {num_classes!r}")
     c = int(num_classes)
     y_true = _labels(y_true, "confusion_matrix: y_true")
@@ -200,7 +200,7 @@ class RunningMean:
 
     def update(self, value, count: int = 1) -> None:
         """Add ``value`` (a mean over ``count`` samples) to the running mean."""
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        if not is_integer(count) or count < 0:
             raise ConfigError(f"RunningMean.update: count must be a non-negative integer, got {count!r}")
         self.total += float(value) * int(count)
         self.count += int(count)
@@ -230,7 +230,7 @@ def evaluate(model, x, y, batch_size: int = 1000, between_batches=None) -> dict:
     """
     from .losses import softmax_cross_entropy  # noqa: PLC0415  (keeps metrics importable alone)
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise ConfigError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
     if not hasattr(x, "__len__") or getattr(x, "ndim", 1) == 0:     # len() would raise a bare TypeError
         raise ShapeError(f"evaluate: inputs must be an (N, C, H, W) array, got a {type(x).__name__}")

@@ -59,7 +59,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import save_model_checkpoint
-from .config import is_number
+from .config import is_integer, is_number
 from .data import MNIST_FILES, NUM_CLASSES, batch_length, batches_per_epoch, iterate_batches, load_mnist
 from .errors import ConfigError, PscnnError, ShapeError, SpecError
 from .flat import all_finite
@@ -144,7 +144,7 @@ def resolve_config(config: dict) -> dict:
     cfg.update(config)
     for key, lowest in _INT_KEYS.items():
         value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
+        if not is_integer(value) or value < lowest:
             raise ConfigError(f"training config: {key} must be an integer >= {lowest}, got {value!r}")
         cfg[key] = int(value)
     if not isinstance(cfg["model"], (str, dict)):

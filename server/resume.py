@@ -10,7 +10,7 @@ import os
 import re
 
 from cnn_core.checkpoint import load_checkpoint
-from cnn_core.config import is_number
+from cnn_core.config import is_integer, is_number
 from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, PscnnError
 from cnn_core.model import PRESETS, build_model
@@ -138,7 +138,7 @@ CHECKPOINT_COUNT_MAX = 2**62
 
 
 def _int(value, field: str, lo: int = 0, hi: int = CHECKPOINT_COUNT_MAX) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_integer(value):
         raise _Bad(field, f"must be an integer, got {_show(value)}")
     if not lo <= value <= hi:
         raise _Bad(field, f"is {value}, outside {lo}..{hi}")
@@ -272,7 +272,7 @@ def _checked_meta(cfg: ServerConfig, path: str, meta: dict, model, optimizer) ->
     if not isinstance(applied, list):
         raise _Bad("extra.work.applied", f"must be a list of batch numbers, got {_show(applied)}")
     for b in applied:
-        if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < batches:
+        if not is_integer(b) or not 0 <= b < batches:
             raise _Bad("extra.work.applied", f"holds {_show(b)}, not a batch of the epoch (0..{batches - 1})")
     if len(set(applied)) != len(applied):
         raise _Bad("extra.work.applied", "lists a batch twice")

@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 from cnn_core import backend
+from cnn_core.config import is_integer
 from cnn_core.data import batch_index, batch_length, batches_per_epoch, load_mnist, resolve_mnist_dir
 from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays, all_finite
@@ -59,7 +60,7 @@ HELD_SLACK_S = 1.0
 
 
 def _is_int(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return is_integer(value) and value >= low
 
 
 def check_run(run: dict, required: tuple = ()) -> dict:
