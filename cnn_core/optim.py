@@ -594,6 +594,7 @@ class AdamW(Adam):
     Before the Adam step, ``w *= 1 - lr * weight_decay`` with the scheduled lr
     (as in torch.optim.AdamW).  Unlike ``l2`` this decay does not pass through
     the gradient, so Adam's per-coordinate rescaling does not weaken it.
+    ``lr * weight_decay`` must be below 1 (torch accepts more, which zeroes or flips the weights).
     """
 
     name = "adamw"
@@ -603,6 +604,12 @@ class AdamW(Adam):
         super()._validate_hyper()
         self.weight_decay = self.hyper["weight_decay"] = number_in(
             self.hyper["weight_decay"], "adamw: weight_decay", 0.0)
+        # Every update multiplies the weights by 1 - lr * weight_decay (no schedule exceeds lr): at 1
+        # or more that zeroes or flips them, and such a run trained to the end on garbage weights.
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError(f"adamw: lr * weight_decay must be below 1, since each update multiplies the "
+                              f"weights by 1 - lr * weight_decay; got lr {self.lr:g} * weight_decay "
+                              f"{self.weight_decay:g} = {self.lr * self.weight_decay:g}")
 
     def _rule(self, w, g, state, lr, tmp):
         # g (including any coupled l2/l1) was computed from the weights before decay.

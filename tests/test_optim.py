@@ -683,6 +683,10 @@ def test_build_optimizer_overrides_and_defaults():
     (({"name": "adam", "beta2": 1.0},), "adam: beta2 must lie in"),
     (({"name": "rmsprop", "eps": 0},), "rmsprop: eps must lie in"),
     (({"name": "adamw", "weight_decay": -1},), "adamw: weight_decay must lie in"),
+    # w *= 1 - lr * weight_decay at every update: 0 or below zeroes or flips the weights
+    (({"name": "adamw", "lr": 0.01, "weight_decay": 100},),
+     r"adamw: lr \* weight_decay must be below 1, .* got lr 0.01 \* weight_decay 100 = 1$"),
+    (({"name": "adamw", "lr": 0.001, "weight_decay": 1e9},), r"got lr 0.001 \* weight_decay 1e\+09 = 1e\+06"),
     (({"name": "adam", "schedule": "bogus"},), "unknown schedule 'bogus'"),
     (("{not json",), "optimizer config is not valid JSON"),
     ((3,), "optimizer config must be a name or a dict"),
