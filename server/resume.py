@@ -119,7 +119,8 @@ def unfinished_run_warning(out: str, resume_advice: str = SERVER_RESUME_ADVICE) 
 # one mode for the run, and a sync run's continuation is exact only in sync).  Allowed to
 # differ: --epochs (at least the epochs the checkpoint finished, and the one under way if
 # any: more epochs train longer), the optimizer's hyperparameters (lr, schedule: a warning
-# lists what changed; the optimizer kind must match, its state is the checkpoint's),
+# lists what changed; the optimizer kind must match, its state is the checkpoint's: SGD keeps a
+# momentum > 0 when the checkpoint holds a velocity),
 # --staleness, --test-limit and everything about timeouts and workers.
 class _Bad(Exception):
     """A checkpoint field that is missing or wrong: (field, problem)."""
@@ -260,6 +261,13 @@ def _checked_meta(cfg: ServerConfig, path: str, meta: dict, model, optimizer) ->
     if saved_opt["name"] != ours_opt["name"]:
         mismatch("--optimizer", saved_opt["name"], ours_opt["name"],
                  f"its state is {saved_opt['name']}'s; resume with --optimizer {saved_opt['name']}")
+    saved_momentum = saved_opt.get("momentum")
+    if (saved_opt["name"] == ours_opt["name"] == "sgd" and isinstance(saved_momentum, (int, float))
+            and saved_momentum > 0 and not ours_opt.get("momentum")):
+        # plain SGD has no place for the checkpoint's velocity: loading it failed with "unexpected key
+        # 'velocity/conv1.weight'", naming no setting, and dropping it would lose the run's state
+        mismatch("--momentum", _show(saved_momentum), _show(ours_opt.get("momentum")),
+                 f"its optimizer state holds momentum SGD's velocity; resume with --momentum {_show(saved_momentum)}")
     changed = [f"{k} {_show(saved_opt.get(k))} -> {_show(ours_opt.get(k))}"
                for k in sorted(set(saved_opt) | set(ours_opt)) if saved_opt.get(k) != ours_opt.get(k)]
     if epoch > cfg.epochs:

@@ -375,6 +375,14 @@ def test_a_setting_that_must_match_the_checkpoint_is_refused_naming_both_values(
     refused(server_cli(run, "--resume", flags=flags), str(run / "checkpoint.npz"), *needles)
 
 
+def test_momentum_sgd_resumed_without_momentum_is_refused_naming_the_momentum_to_resume_with(run, server_cli):
+    """Plain SGD has no place for the checkpoint's velocity: loading it failed with "unexpected key
+    'velocity/conv1.weight'", which named no setting to change."""
+    refused(server_cli(run, "--resume", "--momentum", "0"), str(run / "checkpoint.npz"),
+            "--momentum 0.9, this run has --momentum 0.0", "its optimizer state holds momentum SGD's velocity",
+            "resume with --momentum 0.9")
+
+
 def test_every_setting_that_differs_is_named_in_the_one_line(run, server_cli):
     """Refused one at a time, a user who had changed two settings (a Compose .env edited twice) fixed
     the one named, restarted, and only then learnt of the next."""
