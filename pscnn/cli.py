@@ -315,8 +315,11 @@ def add_model_flags(p: argparse.ArgumentParser, distributed: bool = True) -> Non
     add_switch(g, "--nesterov", help="Nesterov momentum (SGD; implies sgd under auto)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help="AdamW's decoupled weight decay (default: 0.01)")
-    g.add_argument("--l2", type=non_negative_float, default=0.0, help="L2 penalty added to gradients")
-    g.add_argument("--l1", type=non_negative_float, default=0.0, help="L1 penalty added to gradients")
+    g.add_argument("--l2", type=non_negative_float, default=0.0,
+                   help="L2 penalty: adds l2 * w to every gradient, the gradient of 0.5 * l2 * ||w||^2 "
+                        "(torch.optim's weight_decay, for adam too; adamw's weight decay is decoupled) (default: 0)")
+    g.add_argument("--l1", type=non_negative_float, default=0.0,
+                   help="L1 penalty: adds l1 * sign(w) to every gradient, that of l1 * ||w||_1 (default: 0)")
     g.add_argument("--schedule", default="cosine",
                    help="cosine (to 0 over the run), constant, step (10x down at 1/3 and 2/3 of the run), a "
                         "JSON schedule config, or a JSON file holding one, told from a name as --model's; a cosine "

@@ -841,6 +841,75 @@ def test_matches_torch(ours, theirs):
     np.testing.assert_allclose(params["w"], tw.detach().numpy(), rtol=1e-10, atol=1e-12)
 
 
+def _torch_schedulers(lr_scheduler, opt, schedule: dict | None):
+    """torch.optim.lr_scheduler's equivalent of a pscnn schedule config, or None for constant.
+
+    Warm-up is LinearLR from 1/W to 1 over W - 1 steps (``(step + 1) / W``), chained with the
+    schedule underneath so that it keeps counting global steps, as WarmupSchedule does.
+    """
+    if schedule is None:
+        return None
+    name, warmup = schedule["name"], schedule.get("warmup_steps", 0)
+    inner = {"constant": lambda: None,
+             "step": lambda: lr_scheduler.StepLR(opt, schedule["step_size"], schedule["gamma"]),
+             "cosine": lambda: lr_scheduler.CosineAnnealingLR(opt, schedule["total_steps"],
+                                                              schedule.get("min_lr", 0.0))}[name]()
+    ramp = lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, warmup - 1) if warmup else None
+    chain = [s for s in (ramp, inner) if s is not None]
+    return lr_scheduler.ChainedScheduler(chain) if len(chain) > 1 else chain[0]
+
+
+LONG_STEPS = 150
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    ({"name": "sgd", "lr": 0.05}, ("SGD", {"lr": 0.05})),
+    ({"name": "sgd", "lr": 0.05, "momentum": 0.9, "l1": 1e-2}, ("SGD", {"lr": 0.05, "momentum": 0.9})),
+    ({"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "l2": 1e-3,
+      "schedule": {"name": "step", "step_size": 7, "gamma": 0.5, "warmup_steps": 20}},
+     ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3})),
+    ({"name": "adagrad", "lr": 0.05, "eps": 1e-10, "l2": 1e-2,
+      "schedule": {"name": "cosine", "total_steps": LONG_STEPS, "warmup_steps": 10}},
+     ("Adagrad", {"lr": 0.05, "eps": 1e-10, "weight_decay": 1e-2})),
+    ({"name": "rmsprop", "lr": 0.01, "rho": 0.9, "l2": 1e-2, "l1": 1e-3,
+      "schedule": {"name": "step", "step_size": 30, "gamma": 0.5}},
+     ("RMSprop", {"lr": 0.01, "alpha": 0.9, "eps": 1e-8, "weight_decay": 1e-2})),
+    ({"name": "adam", "lr": 0.01, "beta1": 0.5, "beta2": 0.9, "eps": 1e-6, "l2": 1e-2,
+      "schedule": {"name": "cosine", "total_steps": LONG_STEPS, "min_lr": 0.001}},
+     ("Adam", {"lr": 0.01, "betas": (0.5, 0.9), "eps": 1e-6, "weight_decay": 1e-2})),
+    ({"name": "adamw", "lr": 0.01, "weight_decay": 0.05, "schedule": {"name": "constant", "warmup_steps": 20}},
+     ("AdamW", {"lr": 0.01, "weight_decay": 0.05})),
+], ids=lambda v: v["name"] if isinstance(v, dict) else None)
+def test_matches_torch_over_many_steps_with_its_schedulers(ours, theirs):
+    """150 float64 steps of two parameters (one a bias) against torch.optim and
+    torch.optim.lr_scheduler: the weights and every step's rate.  ``l2`` is torch's
+    ``weight_decay`` (the gradient of 0.5 * l2 * ||w||^2 added to the gradient); torch has no L1,
+    so its gradient gets ``l1 * sign(w)`` added by hand, which is what ``l1`` means."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    w0 = {"w": rng.standard_normal((6, 5)), "b": rng.standard_normal(5)}
+    grads = [{k: rng.standard_normal(v.shape) * (1 + 0.5 * math.sin(i / 9)) for k, v in w0.items()}
+             for i in range(LONG_STEPS)]
+    params = {k: v.copy() for k, v in w0.items()}
+    opt = build_optimizer(ours)
+    our_lrs = [opt.step(params, g) for g in grads]
+
+    tparams = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in w0.items()}
+    topt = getattr(torch.optim, theirs[0])(list(tparams.values()), **theirs[1])
+    tsched = _torch_schedulers(torch.optim.lr_scheduler, topt, ours.get("schedule"))
+    l1, their_lrs = ours.get("l1", 0.0), []
+    for g in grads:
+        their_lrs.append(topt.param_groups[0]["lr"])
+        for k, tw in tparams.items():
+            tw.grad = torch.tensor(g[k]) + l1 * torch.sign(tw.detach())
+        topt.step()
+        if tsched is not None:
+            tsched.step()
+    np.testing.assert_allclose(our_lrs, their_lrs, rtol=1e-12)
+    for k, tw in tparams.items():
+        np.testing.assert_allclose(params[k], tw.detach().numpy(), rtol=1e-10, atol=1e-12, err_msg=k)
+
+
 # ---------------------------------------------------------------------- GPU (CuPy)
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [
