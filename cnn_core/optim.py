@@ -432,10 +432,11 @@ class Optimizer:
     @staticmethod
     def _counter(value, what: str) -> int:
         value = np.asarray(backend.to_numpy(value))
-        if value.shape != () or value.dtype.kind not in "iu" or int(value) < 0:
-            raise CheckpointError(f"{what} must be a non-negative 0-d integer array, "
-                                  f"got {value.dtype} {value.shape}")
-        return int(value)
+        # a negative count was shown as its dtype and shape ("got int64 ()"), which are fine: show the value
+        got = int(value) if value.shape == () and value.dtype.kind in "iu" else f"{value.dtype} {value.shape}"
+        if isinstance(got, str) or got < 0:
+            raise CheckpointError(f"{what} must be a non-negative 0-d integer array, got {got}")
+        return got
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")

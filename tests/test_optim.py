@@ -590,10 +590,10 @@ def test_load_state_dict_errors():
 
     cases = [
         (broken(t=None), "missing the step counter 't'"),
-        (broken(t=np.array(1.5)), "'t' must be a non-negative 0-d integer"),
-        (broken(t=np.array(-1)), "'t' must be a non-negative 0-d integer"),
+        (broken(t=np.array(1.5)), r"'t' must be a non-negative 0-d integer array, got float64 \(\)$"),
+        (broken(t=np.array(-1)), "'t' must be a non-negative 0-d integer array, got -1$"),      # not "int64 ()"
         # Adam's step -1 would make the first update's bias correction 1 - beta1**0 = 0.
-        (broken(step__w=np.array(-1)), "'step/w' must be a non-negative 0-d integer"),
+        (broken(step__w=np.array(-1)), "'step/w' must be a non-negative 0-d integer array, got -1$"),
         (broken(m__w=np.ones(4), v__w=np.ones(4)), r"m/w has shape \(4,\) but the parameter has shape \(3,\)"),
         (broken(m__w=np.ones(4)), "slots of parameter w disagree in shape"),
         (broken(v__b=None), "parameter b lacks 'v'"),
