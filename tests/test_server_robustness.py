@@ -1120,6 +1120,52 @@ def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_takes_the_eva
     assert summary["test_accuracy"] == 0.75 and summary["train_seconds"] == pytest.approx(trained_s, abs=1e-3)
 
 
+def _push_batch_gradients(server: InProcess, raw: Raw, pushes: int) -> None:
+    """``pushes`` tasks pushed with a gradient drawn from (epoch, batch) alone, so that two servers
+    handing out the same batches receive the same gradients whatever their weights."""
+    reply, weights = server.call(raw, P.WORK), None
+    for _ in range(pushes):
+        assert reply.type == P.TASK, reply.body
+        weights = reply.arrays or weights
+        rng = np.random.default_rng([reply.body["epoch"], reply.body["batch"]])
+        grads = {k: (1e-2 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in weights.items()}
+        reply = server.call(raw, P.PUSH, push_body(reply), grads)
+        assert reply.body["ack"]["applied"], reply.body
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("stop_after", [3, 4], ids=["mid-warm-up", "at-a-step-boundary"])
+def test_a_resume_mid_schedule_continues_the_updates_bit_for_bit(in_process, tmp_path, mode, stop_after):
+    """Adam under a step schedule (halved every 4 batches) with a 6-batch warm-up, checkpointed after
+    3 updates (mid-warm-up) or 4 (the first decay, still warming up) and resumed: the schedule's
+    position and Adam's moments and step counts come back, so every later rate and the final
+    weights equal those of a run never stopped."""
+    config = {"mode": mode, "epochs": 2, "checkpoint_every": 0.0,
+              "optimizer": {"name": "adam", "lr": 0.01,
+                            "schedule": {"name": "step", "step_size": 4, "gamma": 0.5, "warmup_steps": 6}}}
+    total = 12
+
+    def rates(server: InProcess) -> list:
+        return [r["lr"] for r in read_metrics(server.srv.cfg.out) if r["kind"] == "step"]
+
+    whole = in_process(tmp_path / "whole", **config)
+    _push_batch_gradients(whole, _trainer(whole), total)
+    whole.srv.writer.close()
+    stopped = in_process(tmp_path / "stopped", **config)
+    _push_batch_gradients(stopped, _trainer(stopped), stop_after)
+    assert stopped.srv._checkpoint()
+    stopped.srv.writer.close()
+    resumed = in_process(tmp_path / "stopped", **config, resume=True)
+    assert resumed.srv.store.optimizer.t == stop_after
+    _push_batch_gradients(resumed, _trainer(resumed), total - stop_after)
+    resumed.srv.writer.close()
+    # warm-up (k + 1) / 6 times the step schedule's 0.01 * 0.5 ** (k // 4), for update k = 0, 1, ...
+    expected = [0.01 * 0.5 ** (k // 4) * min(1.0, (k + 1) / 6) for k in range(total)]
+    assert rates(whole) == pytest.approx(expected, rel=1e-12) and rates(resumed) == rates(whole)
+    for name, value in whole.srv.store.params.items():
+        np.testing.assert_array_equal(resumed.srv.store.params[name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("checkpoint_from", ["this version", "before wall_seconds"])
 def test_a_resumed_runs_wall_seconds_add_the_earlier_servers_wall_seconds(in_process, checkpoint_from):
     """After a --resume, summary.json's wall_seconds added the earlier servers' *training* seconds
