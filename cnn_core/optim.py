@@ -43,6 +43,20 @@ from .flat import FlatArrays, same_layout
 from .schedules import Schedule, build_schedule
 
 
+# float32's smallest normal number: a smaller eps rounds to 0 (or a subnormal) in float32 weights, and
+# an eps of 0 there made the first update 0 / 0 = NaN wherever a gradient was 0 (a dead ReLU's weights).
+MIN_EPS = float(np.finfo(np.float32).tiny)
+
+
+def _eps(value, who: str) -> float:
+    """An optimizer's ``eps``, checked: a number in [MIN_EPS, inf); ConfigError naming ``who`` otherwise."""
+    eps = number_in(value, f"{who}: eps", 0.0, low_open=True)
+    if eps < MIN_EPS:
+        raise ConfigError(f"{who}: eps must be at least {MIN_EPS:.3g}, float32's smallest normal number "
+                          f"(a smaller one is 0 in float32 weights), got {eps:g}")
+    return eps
+
+
 def _describe(arr) -> str:
     kind = "cupy" if backend.get_array_module(arr) is not np else "numpy"
     return f"{kind} {arr.dtype} {tuple(arr.shape)}"
@@ -501,7 +515,7 @@ class AdaGrad(Optimizer):
     SQUARES = ("cache",)
 
     def _validate_hyper(self) -> None:
-        self.eps = self.hyper["eps"] = number_in(self.hyper["eps"], "adagrad: eps", 0.0, low_open=True)
+        self.eps = self.hyper["eps"] = _eps(self.hyper["eps"], "adagrad")
 
     def _rule(self, w, g, state, lr, tmp):
         xp = backend.get_array_module(w)
@@ -529,7 +543,7 @@ class RMSProp(Optimizer):
 
     def _validate_hyper(self) -> None:
         self.rho = self.hyper["rho"] = number_in(self.hyper["rho"], "rmsprop: rho", 0.0, 1.0)
-        self.eps = self.hyper["eps"] = number_in(self.hyper["eps"], "rmsprop: eps", 0.0, low_open=True)
+        self.eps = self.hyper["eps"] = _eps(self.hyper["eps"], "rmsprop")
 
     def _rule(self, w, g, state, lr, tmp):
         xp = backend.get_array_module(w)
@@ -567,7 +581,7 @@ class Adam(Optimizer):
     def _validate_hyper(self) -> None:
         self.beta1 = self.hyper["beta1"] = number_in(self.hyper["beta1"], f"{self.name}: beta1", 0.0, 1.0)
         self.beta2 = self.hyper["beta2"] = number_in(self.hyper["beta2"], f"{self.name}: beta2", 0.0, 1.0)
-        self.eps = self.hyper["eps"] = number_in(self.hyper["eps"], f"{self.name}: eps", 0.0, low_open=True)
+        self.eps = self.hyper["eps"] = _eps(self.hyper["eps"], self.name)
 
     def _rule(self, w, g, state, lr, tmp):
         xp = backend.get_array_module(w)

@@ -11,7 +11,7 @@ import pytest
 
 from cnn_core.errors import CheckpointError, ConfigError, ShapeError
 from cnn_core.flat import FlatArrays
-from cnn_core.optim import OPTIMIZERS, SGD, Adam, AdamW, Optimizer, build_optimizer
+from cnn_core.optim import MIN_EPS, OPTIMIZERS, SGD, Adam, AdamW, Optimizer, build_optimizer
 from cnn_core.schedules import (ConstantSchedule, CosineSchedule, StepSchedule, WarmupSchedule,
                                 build_schedule)
 
@@ -682,6 +682,11 @@ def test_build_optimizer_overrides_and_defaults():
     (({"name": "sgd", "l1": "0.1"},), "sgd: l1 must be a number"),
     (({"name": "adam", "beta2": 1.0},), "adam: beta2 must lie in"),
     (({"name": "rmsprop", "eps": 0},), "rmsprop: eps must lie in"),
+    # 0 in float32 weights: a zero gradient coordinate then made the first update 0 / 0 = NaN
+    (({"name": "adam", "eps": 1e-50},),
+     r"adam: eps must be at least 1.18e-38, float32's smallest normal number .*, got 1e-50$"),
+    (({"name": "adagrad", "eps": 1e-39},), "adagrad: eps must be at least 1.18e-38"),
+    (({"name": "rmsprop", "eps": 1e-45},), "rmsprop: eps must be at least 1.18e-38"),
     (({"name": "adamw", "weight_decay": -1},), "adamw: weight_decay must lie in"),
     # w *= 1 - lr * weight_decay at every update: 0 or below zeroes or flips the weights
     (({"name": "adamw", "lr": 0.01, "weight_decay": 100},),
@@ -694,6 +699,16 @@ def test_build_optimizer_overrides_and_defaults():
 def test_build_optimizer_errors(args, message):
     with pytest.raises(ConfigError, match=message):
         build_optimizer(*args)
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rmsprop", "adam", "adamw"])
+def test_the_smallest_eps_keeps_float32_weights_finite_where_a_gradient_is_0(name):
+    # 1e-50 was accepted and is 0 in float32: 0 / (sqrt(0) + 0) made w[0] and w[2] NaN at once
+    params = {"w": np.ones(3, np.float32)}
+    opt = build_optimizer({"name": name, "eps": MIN_EPS})
+    for _ in range(3):
+        opt.step(params, {"w": np.array([0.0, 1.0, 0.0], np.float32)})
+    assert np.isfinite(params["w"]).all() and params["w"][1] < 1.0
 
 
 def test_schedule_instance_must_match_lr():
