@@ -776,7 +776,8 @@ def resolve_auto_schedule(opt_cfg: dict, total_updates: int) -> dict:
     if sched.get("total_steps") == "auto":
         sched["total_steps"] = max(1, total_updates)
     if sched.get("step_size") == "auto":             # decay 10x at one and two thirds
-        sched["step_size"] = max(1, total_updates // 3)
+        # rounded up: a third rounded down decayed a third time for the run's last 1 or 2 updates
+        sched["step_size"] = max(1, -(-total_updates // 3))
     # Lengths that do not fit the run, silent before (a bad value is build_schedule's to refuse):
     warmup, cosine_steps = sched.get("warmup_steps"), sched.get("total_steps")
     if isinstance(warmup, int) and warmup > max(total_updates, DEFAULT_WARMUP_STEPS):

@@ -482,6 +482,18 @@ def test_named_schedules_take_their_lengths_from_the_run():
     build_optimizer(resolve_auto_schedule(cosine, 300))
 
 
+@pytest.mark.parametrize("updates", [3, 10, 11, 938])
+def test_the_named_step_schedule_decays_twice_whatever_the_runs_length(updates):
+    """--schedule step: "10x down at 1/3 and 2/3 of the run".  A third rounded down (938 updates, one
+    epoch of MNIST in batches of 64: step_size 312) decayed a third time for the last updates."""
+    step = resolve_auto_schedule(optimizer_config(parse_args(["train", "--schedule", "step", "--warmup-steps", "0",
+                                                              "--lr", "1"], {})), updates)
+    opt = build_optimizer(step)
+    rates = [opt.schedule(k) for k in range(updates)]
+    assert sorted(set(rates), reverse=True) == pytest.approx([1.0, 0.1, 0.01])
+    assert rates[-1] == pytest.approx(0.01)
+
+
 def test_a_warm_up_longer_than_the_run_is_warned_about(caplog):
     """The rate reaches --lr at warm-up step warmup_steps - 1: a longer warm-up never got there, silently."""
     for argv in (["--warmup-steps", "33"], ["--schedule", '{"name": "constant", "warmup_steps": 33}']):
