@@ -165,6 +165,21 @@ def _show(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _changes(saved: dict, ours: dict, prefix: str = "") -> list[str]:
+    """``"key saved -> ours"`` for each key whose value differs, an object on both sides key by key: a
+    schedule shown whole was cut at 60 characters, before its warmup_steps."""
+    changed = []
+    for key in sorted(set(saved) | set(ours)):
+        theirs, mine = saved.get(key), ours.get(key)
+        if theirs == mine:
+            continue
+        if isinstance(theirs, dict) and isinstance(mine, dict):
+            changed += _changes(theirs, mine, f"{prefix}{key}.")
+        else:
+            changed.append(f"{prefix}{key} {_show(theirs)} -> {_show(mine)}")
+    return changed
+
+
 def _jsonable(value) -> bool:
     try:
         json.dumps(value)
@@ -268,8 +283,7 @@ def _checked_meta(cfg: ServerConfig, path: str, meta: dict, model, optimizer) ->
         # 'velocity/conv1.weight'", naming no setting, and dropping it would lose the run's state
         mismatch("--momentum", _show(saved_momentum), _show(ours_opt.get("momentum")),
                  f"its optimizer state holds momentum SGD's velocity; resume with --momentum {_show(saved_momentum)}")
-    changed = [f"{k} {_show(saved_opt.get(k))} -> {_show(ours_opt.get(k))}"
-               for k in sorted(set(saved_opt) | set(ours_opt)) if saved_opt.get(k) != ours_opt.get(k)]
+    changed = _changes(saved_opt, ours_opt)
     if epoch > cfg.epochs:
         mismatch("--epochs", run_epochs, cfg.epochs, f"it has finished {epoch} epochs already; resume "
                  f"with --epochs {run_epochs} (or more, to train longer)")

@@ -451,6 +451,16 @@ def test_more_epochs_or_another_learning_rate_are_a_legitimate_continuation(run,
     assert (srv.work.epochs, srv.work.epoch, len(srv.work.applied)) == (5, 0, 2 * ROUNDS_BEFORE_STOP)
     (warning,) = warnings(caplog)
     assert "optimizer settings differ" in warning and "lr 0.04 -> 0.01" in warning, warning
+    assert "schedule.total_steps 20 -> 50" in warning, warning         # cosine over the run's 5 epochs
+
+
+def test_a_changed_warm_up_is_named_in_the_warning(run, server_cli, caplog):
+    """The changed schedule was shown whole and cut at 60 characters, before its warmup_steps: the
+    warning's two sides read the same."""
+    code, lines, srv = server_cli(run, "--resume", "--warmup-steps", "5")
+    assert code == 0 and srv is not None, lines
+    (warning,) = warnings(caplog)
+    assert "(schedule.warmup_steps 10 -> 5): training continues with this run's" in warning, warning
 
 
 def test_a_checkpoint_without_the_seed_is_resumed_with_a_warning(run, server_cli, caplog):
