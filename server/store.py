@@ -57,7 +57,8 @@ class ParameterStore:
 
         Gradients must name exactly the model's parameters with the same
         shapes, as float32, all finite; state arrays (BatchNorm statistics)
-        must be known state names, same shapes, finite.  ProtocolError
+        must be known state names, same shapes, finite, and values their layer
+        can run with (no negative BatchNorm variance).  ProtocolError
         otherwise, naming the first offending array; nothing is changed.
         ``grads`` is a FlatArrays laid out like :attr:`params` (a view of the
         received frame when the push follows :attr:`push_specs`).
@@ -67,7 +68,9 @@ class ParameterStore:
             if not all_finite(arrays.flat):
                 self._check_finite(arrays)                  # names the culprit
             grads = FlatArrays(self.params.specs, arrays.flat[:self._num_params])
-            return grads, {k: arrays[k] for k in self.state}
+            state = {k: arrays[k] for k in self.state}
+            self._check_state(state)
+            return grads, state
         grads, state = {}, {}
         for name, arr in arrays.items():
             if name in self.params:
@@ -89,6 +92,7 @@ class ParameterStore:
         if missing:
             raise ProtocolError(f"push: missing gradients for {missing[:5]}", "bad_arrays")
         self._check_finite(arrays)
+        self._check_state(state)
         return FlatArrays.pack({name: grads[name] for name in self.params}), state
 
     @staticmethod
@@ -96,6 +100,14 @@ class ParameterStore:
         for name, arr in arrays.items():
             if not np.isfinite(arr).all():
                 raise ProtocolError(f"push: {name!r} contains NaN or Inf; gradient rejected", "non_finite")
+
+    def _check_state(self, state: dict) -> None:
+        """ProtocolError for a pushed state array no layer can run with.  Adopted, a negative
+        BatchNorm variance made every evaluation NaN and every checkpoint one --resume refuses."""
+        for name, arr in state.items():
+            problem = self.model.state_problem(name, arr)
+            if problem:
+                raise ProtocolError(f"push: state {name!r} {problem}; push rejected", "bad_arrays")
 
     # ------------------------------------------------------------------ updates
     def apply(self, grads: dict, state: dict | None = None, batches: int = 1) -> float:

@@ -1,4 +1,6 @@
 """server.store.ParameterStore: push validation, flat updates, snapshots (no sockets)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,27 @@ def test_non_finite_values_are_named_on_the_slow_path_too(bad):
     with pytest.raises(P.ProtocolError, match="'conv2.weight' contains NaN or Inf") as exc:
         store.check_push_arrays(received(shuffled))
     assert exc.value.code == "non_finite"
+
+
+RESIDUAL_BN_SPEC = {"input_shape": [1, 6, 6], "layers": [
+    {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3, "padding": 1},
+    {"type": "residual", "name": "res1", "layers": [{"type": "batchnorm2d", "name": "bn"}]},
+    {"type": "flatten"}, {"type": "dense", "name": "fc1", "units": 3}]}
+
+
+@pytest.mark.parametrize("spec,name", [(BN_SPEC, "bn1.running_var"), (RESIDUAL_BN_SPEC, "res1.bn.running_var")],
+                         ids=["batchnorm", "in-residual"])
+@pytest.mark.parametrize("reorder", [False, True], ids=["fast-path", "slow-path"])
+def test_a_pushed_negative_batchnorm_variance_is_refused(spec, name, reorder):
+    # Adopted, it made every evaluation NaN and the next checkpoint one that --resume refuses.
+    store = make_store(spec)
+    arrays = push_of(store)
+    arrays[name][1] = -0.25
+    if reorder:
+        arrays = dict(reversed(list(arrays.items())))
+    with pytest.raises(P.ProtocolError, match=f"push: state '{re.escape(name)}' holds a negative variance") as exc:
+        store.check_push_arrays(received(arrays))
+    assert exc.value.code == "bad_arrays"
 
 
 def test_huge_but_finite_gradients_are_not_mistaken_for_nan():
