@@ -153,16 +153,19 @@ class ParameterStore:
             else:
                 total.flat += grads.flat * w
             for k, v in state.items():
+                # Summed in float64: a finite float32 variance times a batch size overflowed to Inf,
+                # the mean then went to every worker (which refuse it) and into the checkpoint.
+                weighted = v.astype(np.float64) * weight
                 if k in state_sum:
-                    state_sum[k] += v * w
+                    state_sum[k] += weighted
                 else:
-                    state_sum[k] = v * w
+                    state_sum[k] = weighted
                 # a push may leave the state out: each array is the mean of those that sent it
                 state_weight[k] = state_weight.get(k, 0) + weight
         inv = np.float32(1.0 / sum(weight for _, _, weight in members))
         total.flat *= inv
         for k, v in state_sum.items():
-            v *= np.float32(1.0 / state_weight[k])
+            v /= state_weight[k]
         return self.apply(total, state_sum, batches=len(members))
 
     # ------------------------------------------------------------------ replies

@@ -151,6 +151,21 @@ def test_a_sync_round_adopts_the_sample_weighted_mean_of_the_pushed_state():
         np.testing.assert_allclose(store.snapshot()[1][name], (64 * 0.5 + 16 * 0.9) / 80, rtol=1e-6)
 
 
+def test_a_sync_round_of_large_but_finite_batchnorm_variances_adopts_their_finite_mean():
+    # Weighted by batch size in float32, 1e37 overflowed: the server then sent an Inf variance,
+    # which every worker refuses, and checkpointed it, which --resume refuses.
+    store = make_store(BN_SPEC)
+    members = []
+    for weight in (64, 64):
+        arrays = push_of(store, seed=weight)
+        arrays["bn1.running_var"][...] = 1e37
+        grads, state = store.check_push_arrays(received(arrays))
+        members.append((grads, state, weight))
+    store.apply_mean(members)
+    np.testing.assert_allclose(store.state["bn1.running_var"], 1e37, rtol=1e-6)
+    assert store.state["bn1.running_var"].dtype == np.float32
+
+
 def test_a_sync_round_of_one_push_applies_that_gradient_as_it_is():
     # No rounding through weight and 1 / weight: one worker's round is the plain update.
     a, b = make_store(), make_store()
