@@ -951,6 +951,12 @@ def main(argv=None) -> int:
         if isinstance(exc, PscnnError):
             print(f"pscnn: error: {exc}", file=sys.stderr)
             return getattr(exc, "exit_status", 1)      # a trainer the server dropped: 3
+        if isinstance(exc, MemoryError):
+            # A model within the spec's limits still asks for its per-image values times the batch
+            # (a BatchNorm model's whole batch at once): NumPy's refusal was a traceback.
+            print(f"pscnn: error: out of memory: {str(exc) or 'an allocation failed'}; a smaller --batch-size "
+                  "or model needs less", file=sys.stderr)
+            return 1
         raise
 
 

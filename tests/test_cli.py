@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cnn_core import training
 from pscnn.cli import DEFAULT_LR, apply_env_defaults, build_parser, main, optimizer_config, parse_args
 from helpers import error_line
 
@@ -157,6 +159,18 @@ def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys, se
     assert main(["server", "--wait-for-workers", "5", "--max-workers", "2", "--bind", "tcp://127.0.0.1:1",
                  "--out", str(tmp_path / "run")]) == 1
     error_line(capsys.readouterr().err, "--wait-for-workers 5 exceeds --max-workers 2", alone=True)
+
+
+def test_an_allocation_numpy_refuses_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # A spec within its limits still asks for its per-image values times the batch, a BatchNorm
+    # model's whole batch at once: NumPy's MemoryError came out as a traceback.
+    def allocate_too_much(args):
+        return np.empty(2**53, dtype=np.float32)       # 32 PiB: refused on any machine
+
+    monkeypatch.setattr(training, "train_from_args", allocate_too_much)
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    error_line(capsys.readouterr().err, "pscnn: error: out of memory: Unable to allocate 32.0 PiB",
+               "a smaller --batch-size or model needs less", alone=True)
 
 
 def test_run_resume_without_a_checkpoint_fails_before_starting_anything(tmp_path, capsys, mnist_file_names):
