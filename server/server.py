@@ -953,6 +953,7 @@ class ParameterServer:
                 self.nonfinite_senders.add(peer.wid)
                 peer.nonfinite_streak += 1
             requeued = self.work.release(b["epoch"], b["batch"], holder=peer.wid)
+            self._resend_state_after_unapplied_push(peer)
             if self.cfg.mode == "sync":
                 self.round_members.pop(peer.wid, None)
             self._rejected(exc.code, "rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"],
@@ -1001,6 +1002,14 @@ class ParameterServer:
         self._give_task(peer, now, {"applied": True, "staleness": staleness})
         if self.cfg.mode == "ssp":
             self._release_parked(now)
+
+    def _resend_state_after_unapplied_push(self, peer: Peer) -> None:
+        """Make the next task of ``peer``, whose push was refused, carry the weights again when the
+        model has state: computing that batch moved the trainer's BatchNorm statistics, which the
+        server never adopted.  Sent nothing while the version stood still, it trained on with them
+        (with a NaN or Inf statistic, every later push of its own was refused)."""
+        if self.store.state:
+            peer.known_version = -1
 
     def _diverged(self, now: float) -> bool:
         """Whether the non-finite pushes since the last update mean broken weights (NONFINITE_LIMIT)."""

@@ -957,6 +957,36 @@ def _take_turns(server: InProcess, pushes: int) -> None:
         assert tasks[i].type == P.TASK and tasks[i].body["ack"]["applied"], tasks[i].body
 
 
+BATCH_NORM_SPEC = json.dumps({"input_shape": [1, 28, 28], "layers": [
+    {"type": "conv2d", "name": "conv1", "out_channels": 2, "kernel": 3, "stride": 2},
+    {"type": "batchnorm2d", "name": "bn1"}, {"type": "relu"},
+    {"type": "flatten"}, {"type": "dense", "name": "fc1", "units": 10}]})
+
+
+@pytest.mark.parametrize("push", ["nan_loss", "inf_statistic", "bad_count"])
+def test_a_trainer_whose_push_was_refused_gets_the_servers_batchnorm_statistics_again(in_process, push):
+    """Computing the batch moved the trainer's BatchNorm statistics; the server adopted none of it.
+    Its next task came without weights while the version stood still, so it trained on with them."""
+    server = in_process(model=BATCH_NORM_SPEC)
+    raw = _trainer(server)
+    task = server.call(raw, P.WORK)
+    assert task.type == P.TASK and task.arrays
+    weights = {k: np.array(v) for k, v in task.arrays.items()}
+    arrays = grads_like(weights)
+    arrays.update({k: np.full_like(v, 0.5) for k, v in server.srv.store.state.items()})
+    if push == "inf_statistic":
+        arrays["bn1.running_var"][0] = np.inf
+    over = {"loss": None} if push == "nan_loss" else {"count": 5} if push == "bad_count" else {}
+    reply = server.call(raw, P.PUSH, push_body(task, **over), arrays)
+    assert reply.type == P.ERROR, reply.body
+    assert reply.body["code"] == ("bad_count" if push == "bad_count" else "non_finite"), reply.body
+    task = server.call(raw, P.WORK)
+    assert server.srv.store.version == 0
+    assert task.type == P.TASK and task.arrays, task.body
+    for name in ("bn1.running_mean", "bn1.running_var"):
+        np.testing.assert_array_equal(task.arrays[name], weights[name], err_msg=name)
+
+
 def test_the_summary_counts_the_workers_time_as_the_timeline_does_across_a_resume(in_process, capsys):
     """pscnn run's report read all of metrics.jsonl at its end for its "workers' time" line, 31 s
     a million step records.  The server sums each push's spans as it applies it, carries the sums
