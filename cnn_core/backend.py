@@ -7,6 +7,8 @@ is built (``device="cpu"`` or ``"gpu"``).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .errors import ConfigError
@@ -127,6 +129,41 @@ def to_numpy(arr) -> np.ndarray:
         return arr
     get = getattr(arr, "get", None)
     return get() if get is not None else np.asarray(arr)
+
+
+@functools.cache
+def openblas_core() -> str | None:
+    """The kernel family numpy's OpenBLAS chose for this CPU ("SkylakeX", "Haswell", ...),
+    or None when numpy's BLAS is not OpenBLAS or the name cannot be read (Linux only).
+
+    OpenBLAS picks its kernels at load (or as ``OPENBLAS_CORETYPE`` says); only
+    some of them have the small-matrix paths ``cnn_core.im2col`` shapes its
+    products for.
+    """
+    import ctypes  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    if not sys.platform.startswith("linux"):
+        return None
+    try:                            # the libraries this process has loaded: numpy's BLAS among them
+        with open("/proc/self/maps") as fh:
+            paths = sorted({fields[5] for fields in (line.split(maxsplit=5) for line in fh)
+                            if len(fields) == 6 and "openblas" in fields[5].rsplit("/", 1)[-1].lower()})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path.strip())
+        except OSError:
+            continue
+        # numpy's wheels rename OpenBLAS's symbols (scipy-openblas, 64-bit ints)
+        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                       "openblas_get_corename"):
+            get_corename = getattr(lib, symbol, None)
+            if get_corename is not None:
+                get_corename.restype = ctypes.c_char_p
+                name = get_corename()
+                return name.decode("ascii", "replace").strip() if name else None
+    return None
 
 
 def tune_host_allocator() -> bool:

@@ -27,7 +27,8 @@ import numpy as np
 from .backend import get_array_module as _xp
 from .config import is_integer, number_in
 from .errors import ShapeError, SpecError
-from .im2col import col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, pad_nhwc
+from .im2col import (col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, matmul_inner_blocks,
+                     matmul_row_blocks, pad_nhwc)
 from .rng import uniform
 
 # A conv layer with at most this many input channels (grayscale or RGB input)
@@ -251,10 +252,10 @@ class Conv2D(Layer):
         patch_major = self.patch_major
         if patch_major:                                           # the bias rides in the GEMM
             cols = im2col_t_with_ones(xpad, kh, kw, sh, sw, windows or (1, 1))   # (kh*kw*C + 1, N*Ho*Wo)
-            out = cols.T @ _xp(x).concatenate([wmat, self.parameters["bias"][None]])
+            out = matmul_row_blocks(cols.T, _xp(x).concatenate([wmat, self.parameters["bias"][None]]))
         else:
             cols = im2col(xpad, kh, kw, sh, sw, windows or (1, 1))   # (N*Ho*Wo, kh*kw*C)
-            out = cols @ wmat
+            out = matmul_row_blocks(cols, wmat)
             out += self.parameters["bias"]
         cache = (xpad.shape, cols, wmat, patch_major, windows)
         return out.reshape(self._batch_out_shape(n, windows)), cache
@@ -267,7 +268,7 @@ class Conv2D(Layer):
         h, w, c_in = self.in_shape
         kh, kw = self.kernel
         if patch_major:
-            dweight_bias = cols @ dout2                           # (kh*kw*C + 1, O): last row is the bias's
+            dweight_bias = matmul_inner_blocks(cols, dout2)       # (kh*kw*C + 1, O): last row is the bias's
             dweight, dbias = dweight_bias[:-1].T, dweight_bias[-1]
         else:
             # (O, kh*kw*C) rather than cols.T @ dout2: OpenBLAS packs the tall

@@ -14,7 +14,10 @@ import pytest
 from cnn_core import reference
 from cnn_core.errors import ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_layer
-from cnn_core.im2col import col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, pad_nhwc
+from cnn_core import im2col as im2col_module
+from cnn_core.backend import openblas_core
+from cnn_core.im2col import (col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, matmul_inner_blocks,
+                             matmul_row_blocks, pad_nhwc)
 from cnn_core.layers import (ELU, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D, ReLU,
                              Residual, SiLU)
 from cnn_core.rng import uniform
@@ -855,6 +858,56 @@ def test_im2col_window_major_rows(gh, gw):
     plain = im2col(x, 3, 3, 1, 1).reshape(2, 6 // gh, gh, 4 // gw, gw, 27)
     expected = plain.transpose(2, 4, 0, 1, 3, 5).reshape(-1, 27)
     np.testing.assert_array_equal(im2col(x, 3, 3, 1, 1, (gh, gw)), expected)
+
+
+@pytest.fixture
+def small_gemm_blocks(monkeypatch):
+    """The blocked products on whatever BLAS runs the tests, in blocks of at most 600 M*N*K
+    (a few rows each, some left over), so that placing the blocks is what gets checked."""
+    monkeypatch.setattr(im2col_module, "openblas_core", lambda: "SkylakeX")
+    monkeypatch.setattr(im2col_module, "UNPACKED_GEMM_MAX_MNK", 600)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_row_blocks_equals_the_product(small_gemm_blocks, dtype):
+    """Blocks of rows, a transposed (conv1's columns) or a plain operand, with rows left over:
+    the product's values in the product's places."""
+    rng = np.random.default_rng(41)
+    a, b = rng.standard_normal((97, 10)).astype(dtype), rng.standard_normal((10, 8)).astype(dtype)
+    for left in (a, np.ascontiguousarray(a.T).T):          # 97 rows: 12 blocks of 7 (600 // 80), 13 left over
+        got = matmul_row_blocks(left, b)
+        assert got.shape == (97, 8) and got.dtype == dtype
+        np.testing.assert_allclose(got, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_inner_blocks_equals_the_product(small_gemm_blocks, dtype):
+    """Blocks of the summed axis (conv1's weight gradient), some left over: the product."""
+    rng = np.random.default_rng(42)
+    a, b = rng.standard_normal((10, 1003)).astype(dtype), rng.standard_normal((1003, 6)).astype(dtype)
+    got = matmul_inner_blocks(a, b)                          # 100 blocks of 10 (600 // 60), 3 left over
+    assert got.shape == (10, 6) and got.dtype == dtype
+    np.testing.assert_allclose(got, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
+
+
+def test_blocked_products_are_the_plain_product_off_skylakex(monkeypatch):
+    """On OpenBLAS's other kernels, where blocks measured slower, the plain product runs."""
+    monkeypatch.setattr(im2col_module, "openblas_core", lambda: "Haswell")
+    monkeypatch.setattr(im2col_module, "UNPACKED_GEMM_MAX_MNK", 600)
+    rng = np.random.default_rng(43)
+    a, b = rng.standard_normal((97, 10)).astype(np.float32), rng.standard_normal((10, 8)).astype(np.float32)
+    np.testing.assert_array_equal(matmul_row_blocks(a, b), a @ b)
+    np.testing.assert_array_equal(matmul_inner_blocks(b.T, a.T), b.T @ a.T)
+
+
+def test_openblas_core_names_the_kernels_threadpoolctl_sees():
+    """openblas_core reads the kernel family OpenBLAS chose, as threadpoolctl reports it."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    found = [info.get("architecture") for info in threadpoolctl.threadpool_info()
+             if info.get("internal_api") == "openblas"]
+    if not found:
+        pytest.skip("numpy's BLAS is not OpenBLAS here")
+    assert openblas_core() == found[0]
 
 
 def test_col2im_counts_window_coverage():

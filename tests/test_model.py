@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cnn_core import PRESETS, build_model, softmax_cross_entropy
+from cnn_core import im2col as im2col_module
 from cnn_core import model as model_module
 from cnn_core.config import nests_within
 from cnn_core.errors import ConfigError, ShapeError, SpecError
@@ -1002,6 +1003,33 @@ def test_loss_and_grads_in_chunks_equals_the_whole_batch(spec, shape, classes, n
     assert len(dropouts) == (1 if spec == "seed" else 2)
     assert all(lyr.draws == 2 and lyr.sample_offset == 0 for lyr in dropouts)
     assert chunked._caches is None
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 2e-5)])
+def test_blocked_products_give_the_plain_products_step(dtype, rtol, monkeypatch):
+    """The seed model's step with its conv products in blocks (OpenBLAS's SkylakeX kernels)
+    and without (its other kernels): the same loss, logits and gradients but for rounding."""
+    x, y = batch(64)
+    matmul, batched = np.matmul, []
+
+    def counting_matmul(a, b, **kwargs):               # the blocks run as batched matmuls
+        batched.append(a.ndim == 3)
+        return matmul(a, b, **kwargs)
+    results = []
+    for core in ("SkylakeX", "Haswell"):
+        monkeypatch.setattr(im2col_module, "openblas_core", lambda core=core: core)
+        with monkeypatch.context() as patch:
+            patch.setattr(np, "matmul", counting_matmul)
+            results.append(build_model("seed", seed=0, dtype=dtype).loss_and_grads(x, y))
+        # per chunk of 32: conv1 forward and weight gradient, conv2 forward and input gradient
+        assert sum(batched) == (8 if core == "SkylakeX" else 0), core
+        batched.clear()
+    (loss, logits, grads), (want_loss, want_logits, want_grads) = results
+    assert loss == pytest.approx(want_loss, rel=rtol)
+    np.testing.assert_allclose(logits, want_logits, rtol=rtol, atol=rtol * np.abs(want_logits).max())
+    for k in grads:
+        np.testing.assert_allclose(grads[k], want_grads[k], rtol=rtol, atol=rtol * np.abs(want_grads[k]).max(),
+                                   err_msg=k)
 
 
 def test_loss_and_grads_runs_in_chunks_on_the_cpu(monkeypatch):
