@@ -16,6 +16,9 @@ run past a limit, and the real tests give up after a few seconds.
 from __future__ import annotations
 
 import logging
+import selectors
+import socket
+import struct
 import threading
 import time
 from types import SimpleNamespace
@@ -25,6 +28,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pscnn import curve
 from pscnn import protocol as P
 from worker import client as client_module
 from worker.client import HELD_LIMIT_FACTOR, Client, ServerUnreachable
@@ -87,17 +91,25 @@ class SimSocket:
         self.closed = True
 
     def get_monitor_socket(self, events=None) -> "SimMonitor":
-        return SimMonitor()
+        self.monitor = SimMonitor()
+        return self.monitor
 
     def disable_monitor(self) -> None:
         pass
 
 
 class SimMonitor:
-    """A socket monitor's stand-in (pscnn.curve.HandshakeWatch): no handshake ever fails."""
+    """A socket monitor's stand-in (pscnn.curve.HandshakeWatch): ``events`` holds what a test
+    delivers (:func:`monitor_event`), none unless it does."""
+
+    def __init__(self):
+        self.events: list[list[bytes]] = []
 
     def poll(self, timeout=None, flags=zmq.POLLIN) -> int:
-        return 0
+        return zmq.POLLIN if self.events else 0
+
+    def recv_multipart(self, flags: int = 0) -> list[bytes]:
+        return self.events.pop(0)
 
     def close(self, linger=None) -> None:
         pass
@@ -145,10 +157,22 @@ def sim(monkeypatch):
         monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=net.monotonic, sleep=net.advance))
         # no server to ask for its status (a request held asks whether it is at the start barrier)
         monkeypatch.setattr(client_module, "query_status", lambda endpoint, timeout, keys: None)
+        # the stand-ins have no file for zmq.Poller to wait on; a monitor's event ends the wait at once, as there
+        monkeypatch.setattr(curve.HandshakeWatch, "poll", lambda watch, timeout_ms: bool(
+            watch.sock.poll(0 if watch.monitor.events else timeout_ms)))
         client = Client(ENDPOINT, "trainer", heartbeat=False, **kwargs)
         client.ctx = net
         return client, net
     return make
+
+
+def monitor_event(kind: int) -> list[bytes]:
+    """A socket monitor's event, as libzmq sends it (16-bit kind, 32-bit value; the endpoint)."""
+    return [struct.pack("=hi", kind, 0), ENDPOINT.encode()]
+
+
+# what a socket monitor says of a connection made, dropped and made again: a handshake on each
+MADE_AND_MADE_AGAIN = (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -264,6 +288,48 @@ def test_a_push_held_back_on_a_live_slow_link_is_not_resent_every_second(sim):
     with pytest.raises(OverTime):
         fast.request(P.WORK)
     assert gaps(net.send_times()) == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0], net.send_times()
+
+
+def test_a_request_whose_connection_dropped_and_was_made_again_is_resent_on_the_turn_that_reads_so(sim):
+    """Heartbeats answered, the safety net would resend the request after resend_s (30 s here).  Its
+    connection drops 2 s in and ZeroMQ makes it again: the copy sent on it may be lost with it.  The
+    client resends on the loop turn that reads so from the socket monitor, on the same socket, and
+    the safety net counts from that copy."""
+    client, net = sim(40, give_up_after=600.0, resend_s=30.0, max_backoff_s=30.0)
+    client._open()
+    first, again = (monitor_event(kind) for kind in MADE_AND_MADE_AGAIN)
+    net.sockets[0].monitor.events.append(first)
+    seen: dict = {}
+
+    def server(sock, timeout_ms):
+        client.heard_at = net.now
+        if "dropped" not in seen and net.now - net.start >= 2.0:
+            seen["dropped"] = net.now - net.start
+            sock.monitor.events.append(again)
+        elif "dropped" in seen and "sent_by_the_next_wait" not in seen:
+            seen["sent_by_the_next_wait"] = len(net.sent)
+    net.on_poll = server
+    with pytest.raises(OverTime):
+        client.request(P.WORK)
+    assert seen["sent_by_the_next_wait"] == 2, (seen, net.send_times())
+    times = net.send_times()
+    assert len(times) == 3 and times[1] - seen["dropped"] <= 2 * client.heartbeat_s, (seen, times)
+    assert gaps(times)[1] == 30.0, times
+    assert len(net.sockets) == 1
+    # it wakes about once a heartbeat period, to see whether their answers stopped (not a busy wait)
+    waits = [t for t in net.polls if t > 0]
+    assert len(waits) <= (net.now - net.start) / client.heartbeat_s + len(net.sent), net.polls
+
+
+def test_a_connection_dropped_and_made_again_before_a_request_goes_costs_it_no_second_copy(sim):
+    """A drop made good while no request was out (a trainer computing) lost nothing: the next request
+    goes on the new connection, once, not twice (a push's copy is its gradients again)."""
+    client, net = sim(20, give_up_after=600.0, resend_s=30.0, max_backoff_s=30.0)
+    client._open()
+    net.sockets[0].monitor.events += [monitor_event(kind) for kind in MADE_AND_MADE_AGAIN]
+    with pytest.raises(OverTime):
+        client.request(P.WORK)
+    assert net.send_times() == [0.0]
 
 
 def test_a_request_whose_heartbeats_fall_silent_meanwhile_is_resent_on_the_silence_schedule(sim):
@@ -832,6 +898,141 @@ def test_a_reply_frame_longer_than_any_message_is_refused_unread(router, clients
         client.request(P.WORK)
     assert "malformed" not in str(exc.value), "the oversized reply was received"
     assert server.accepted >= 2                             # the connection was closed, and made again
+
+
+class CuttableProxy:
+    """A TCP proxy on a free port of 127.0.0.1 in front of ``upstream`` (tcp://127.0.0.1:PORT), run by a
+    thread: each connection it accepts is forwarded on a new one of its own, in the order accepted (0,
+    1, ...).  :meth:`swallow_then_cut` makes one connection die under what the client sends next, as
+    one a NAT forgot or a reset ended does, while the others live on."""
+
+    def __init__(self, upstream: str):
+        host, _, port = upstream.removeprefix("tcp://").rpartition(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
+        self.cut = threading.Event()            # a doomed connection swallowed what came and was closed
+        self.errors: list[str] = []
+        self._doomed: set[int] = set()
+        self._pairs: dict[int, tuple[socket.socket, socket.socket]] = {}
+        self._selector = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="proxy", daemon=True)
+        self._thread.start()
+
+    def swallow_then_cut(self, index: int) -> None:
+        """Connection ``index`` discards the next bytes its client sends, then closes both its sides."""
+        self._doomed.add(index)
+
+    def _drop(self, index: int) -> None:
+        for sock in self._pairs.pop(index, ()):
+            self._selector.unregister(sock)
+            sock.close()
+
+    def _serve(self) -> None:
+        self._selector.register(self.listener, selectors.EVENT_READ, None)
+        try:
+            while not self._stop.is_set():
+                for key, _ in self._selector.select(0.05):
+                    if key.data is None:
+                        client, _ = self.listener.accept()
+                        upstream = socket.create_connection(self.upstream)
+                        index, self.accepted = self.accepted, self.accepted + 1
+                        self._pairs[index] = (client, upstream)
+                        self._selector.register(client, selectors.EVENT_READ, (index, client, upstream))
+                        self._selector.register(upstream, selectors.EVENT_READ, (index, upstream, client))
+                        continue
+                    index, source, sink = key.data
+                    if index not in self._pairs:        # closed earlier in this pass
+                        continue
+                    try:
+                        data = source.recv(1 << 16)
+                    except OSError:
+                        data = b""
+                    if data and index in self._doomed and source is self._pairs[index][0]:
+                        self._drop(index)
+                        self.cut.set()
+                    elif not data:
+                        self._drop(index)
+                    else:
+                        sink.sendall(data)
+        except Exception as exc:                    # noqa: BLE001  (reported by close())
+            self.errors.append(repr(exc))
+        finally:
+            for index in list(self._pairs):
+                self._drop(index)
+            self._selector.close()
+            self.listener.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the proxy thread did not stop"
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def proxy():
+    """proxy(upstream) -> a started CuttableProxy; all closed afterwards."""
+    made: list[CuttableProxy] = []
+
+    def start(upstream: str) -> CuttableProxy:
+        made.append(CuttableProxy(upstream))
+        return made[-1]
+    yield start
+    for p in made:
+        p.close()
+
+
+def test_a_request_whose_connection_alone_dropped_is_resent_once_it_is_made_again(router, clients, proxy):
+    """The request connection dies under a request (it never reaches the server) while the heartbeat
+    connection lives on.  ZeroMQ makes the connection again at once, but the copy is lost with the old
+    one; heartbeats are answered, so the safety-net resend alone (resend_s, 30 s here) would send it
+    again.  The client sees its connection made again (a socket monitor) and resends at once: the
+    request reaches the server before it has answered a few more heartbeats (0.2 s apart), not after
+    the 150 the safety net takes."""
+    def answer(rid, msg, accepted):
+        if msg.type == P.HELLO:
+            return [WELCOME]
+        return [STOP] if msg.type == P.WORK else []     # a status (asked of a request held): no answer
+    server = router(answer)
+    relay = proxy(server.endpoint)
+    # give_up_after 2 s: once the relay is closed below, a request still waiting gives up soon
+    client = clients(relay.endpoint, heartbeat=True, resend_s=30.0, max_backoff_s=30.0, give_up_after=2.0)
+    client.connect()                        # its hello went on the relay's connection 0, heartbeats go on 1
+    for _ in range(500):
+        if client.heard_at:
+            break
+        time.sleep(0.01)
+    assert client.heard_at, "no heartbeat answered"
+    relay.swallow_then_cut(0)
+    outcome: list = []
+
+    def ask() -> None:
+        try:
+            outcome.append(client.request(P.WORK))
+        except Exception as exc:            # noqa: BLE001  (asserted below)
+            outcome.append(exc)
+    requester = threading.Thread(target=ask, name="requester", daemon=True)
+    requester.start()
+    for _ in range(1000):                   # the request swallowed, the connection made again
+        if relay.cut.is_set() and relay.accepted >= 3:
+            break
+        time.sleep(0.01)
+    assert relay.cut.is_set() and relay.accepted >= 3, (relay.cut.is_set(), relay.accepted)
+    beats_at_reconnect = server.heartbeats
+    for _ in range(3000):
+        if server.of_type(P.WORK) or server.heartbeats - beats_at_reconnect >= 10:
+            break
+        time.sleep(0.01)
+    beats_before_resend = server.heartbeats - beats_at_reconnect
+    arrived = len(server.of_type(P.WORK))
+    relay.close()                           # ends a request still waiting (its heartbeats fall silent)
+    requester.join(timeout=30)
+    assert not requester.is_alive(), "the request did not end"
+    assert arrived, f"not resent in the {beats_before_resend} heartbeats after its connection was made again"
+    assert isinstance(outcome[0], P.Message) and outcome[0].type == P.STOP and outcome[0].seq == client.seq, outcome
 
 
 class SlowToNotice(threading.Event):

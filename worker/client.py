@@ -16,6 +16,10 @@ between (the "Lazy Pirate" pattern):
   ``give_up_after``.  Each copy of a push carries its gradients, and the
   server answers each with its own task: resent every second, they saturated
   a slow link (congestion collapse);
+* a request whose connection alone dropped and was made again (ZeroMQ does so unseen:
+  a reset, a NAT that forgot it) is resent at once, on the turn that reads so from the
+  socket's monitor (:class:`~pscnn.curve.HandshakeWatch`): the copy on the old connection
+  may be lost, and the heartbeats, on a connection of their own, are answered meanwhile;
 * after ``reconnect_s`` of silence the socket is closed and reopened (ZeroMQ
   would otherwise keep stale messages queued) and resends back off
   exponentially, up to ``max_backoff_s``;
@@ -266,6 +270,7 @@ class Client:
         """Send ``msg`` once, opening the socket if needed -> (its frames, for resends; the time sent)."""
         if self.sock is None:
             self._open()
+        self.handshakes.check()     # a drop made good before this request goes lost none of it: not one after
         frames = P.encode(msg)
         sent_at = time.monotonic()
         self._send(frames)
@@ -432,7 +437,14 @@ class Client:
             # A reply already here is read before any deadline is checked: the caller may have been
             # busy past one (a batch computed after submit) while its answer waited.
             if not self.sock.poll(0, zmq.POLLIN):
-                self.handshakes.check()         # a refused handshake: say it now, not after the deadline
+                # a refused handshake: said now, not after the deadline
+                if self.handshakes.check():
+                    # The connection dropped and ZeroMQ made it again: a copy sent on the old one may
+                    # be lost with it, and, heartbeats answered, only the safety net would resend it.
+                    log.debug("our connection to %s dropped and is made again; resending our %s request",
+                              self.endpoint, msg.type)
+                    self._send(frames)
+                    sent_at = now
                 # Held while the server lives: is it its start barrier?  Asked once it outlasts a
                 # reconnect's wait (or give_up_after, if shorter: before the warning below), then
                 # every give_up_after, so the log says why we wait, and the held limit does not
@@ -460,7 +472,7 @@ class Client:
             wait = max(0.0, min(sent_at + resend_after(), quiet_from() + silence_limit(),
                                 ask_at if ask_at > now else math.inf,
                                 self.heard_at + 2 * self.heartbeat_s if answering() else math.inf) - now)
-            ready = self.sock.poll(int(wait * 1000) + 1, zmq.POLLIN)
+            ready = self.handshakes.poll(int(wait * 1000) + 1)     # woken by a reply or a connection's event
             stalled = time.monotonic() - (now + wait)
             if stalled > STALL_S:
                 log.info("this process did not run for %.1f s (stopped or suspended); not counted as the "
