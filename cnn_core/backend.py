@@ -133,36 +133,21 @@ def to_numpy(arr) -> np.ndarray:
 
 @functools.cache
 def openblas_core() -> str | None:
-    """The kernel family numpy's OpenBLAS chose for this CPU ("SkylakeX", "Haswell", ...),
-    or None when numpy's BLAS is not OpenBLAS or the name cannot be read (Linux only).
+    """The kernel family numpy's OpenBLAS chose for this CPU ("SkylakeX", "Haswell", ...), as
+    threadpoolctl reports it; None when numpy's BLAS is not OpenBLAS or threadpoolctl is not
+    installed (it is optional: the test extra brings it).
 
     OpenBLAS picks its kernels at load (or as ``OPENBLAS_CORETYPE`` says); only
     some of them have the small-matrix paths ``cnn_core.im2col`` shapes its
     products for.
     """
-    import ctypes  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    if not sys.platform.startswith("linux"):
+    try:
+        from threadpoolctl import threadpool_info  # noqa: PLC0415
+    except ImportError:
         return None
-    try:                            # the libraries this process has loaded: numpy's BLAS among them
-        with open("/proc/self/maps") as fh:
-            paths = sorted({fields[5] for fields in (line.split(maxsplit=5) for line in fh)
-                            if len(fields) == 6 and "openblas" in fields[5].rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path.strip())
-        except OSError:
-            continue
-        # numpy's wheels rename OpenBLAS's symbols (scipy-openblas, 64-bit ints)
-        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
-                       "openblas_get_corename"):
-            get_corename = getattr(lib, symbol, None)
-            if get_corename is not None:
-                get_corename.restype = ctypes.c_char_p
-                name = get_corename()
-                return name.decode("ascii", "replace").strip() if name else None
+    for info in threadpool_info():
+        if info.get("internal_api") == "openblas" and info.get("architecture"):
+            return str(info["architecture"])
     return None
 
 
