@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +287,23 @@ def test_a_trainer_that_rejoins_takes_the_new_servers_run(fake, connect, overlap
     assert len(server.of_type(P.HELLO)) == 2 and trainer.run["num_samples"] == 320
 
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
+
+
+def experiments_grep(log: str) -> re.Pattern:
+    """What docs/experiments.md's ``grep -E 'PATTERN' LOG`` looks for in ``log``."""
+    found = re.search(rf"^grep -E '([^']+)' {re.escape(log)}$", EXPERIMENTS.read_text(), re.M)
+    assert found, f"docs/experiments.md greps {log} no more"
+    return re.compile(found.group(1))
+
+
+def experiments_quotes(start: str) -> list[re.Pattern]:
+    """docs/experiments.md's quotes of a log line that begins with ``start``, each ``...`` in one
+    standing for any text (the quote may wrap over lines)."""
+    quotes = re.findall(rf"`({re.escape(start)}[^`]*)`", EXPERIMENTS.read_text())
+    return [re.compile(".+".join(map(re.escape, " ".join(q.split()).split("..."))) + "$") for q in quotes]
+
+
 def test_a_rejoin_is_an_info_line_and_a_second_in_a_row_a_warning(fake, connect, caplog):
     """A rejoin after a server's restart (--resume) is routine: besides the client's warning that
     the server did not know us, it was a second warning counting it as "1 of 5 failures in a
@@ -318,6 +336,9 @@ def test_a_rejoin_is_one_line_saying_why_and_what_next(fake, connect, caplog, re
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pscnn.client"]
     if restarted:
         assert lines == [(logging.INFO, "the server restarted; joined it again; asking for new work")]
+        # experiment 6 finds this line in a worker's log with its grep (it looked for "rejoined", the
+        # word of the two lines this one replaced)
+        assert experiments_grep("runs/e6-worker-a.log").search(lines[0][1]), lines
     else:
         assert lines == [(logging.WARNING, f"the server did not know us ({dropped}); joined it again; "
                                            "asking for new work (1 failure in a row; giving up at 5)")]
@@ -333,6 +354,18 @@ def test_a_trainer_that_pushed_one_batch_says_1_step_when_told_to_stop(fake, con
         assert run_loop(trainer, False) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"] == [
         "server says training finished; this trainer pushed 1 batch (64 samples); exiting"]
+
+
+def test_the_experiments_quote_a_trainers_last_line_as_it_reads(fake, connect, caplog):
+    """docs/experiments.md sent readers to "training finished after ... steps" in the workers' logs,
+    the words of a line since reworded."""
+    server = fake(work=[task()], push=[task(), STOP])
+    trainer = trainer_on(connect(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.worker"):
+        assert run_loop(trainer, False) == 0
+    last = [r.getMessage() for r in caplog.records if r.name == "pscnn.worker"][-1]
+    quotes = experiments_quotes("server says ")
+    assert quotes and all(quote.match(last) for quote in quotes), (last, [q.pattern for q in quotes])
 
 
 @LOOPS
