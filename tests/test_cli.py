@@ -274,6 +274,68 @@ def test_every_flag_the_docs_name_is_a_pscnn_flag():
         assert not unknown, f"{path.name} names flags pscnn does not have: {unknown}"
 
 
+# A quoted pscnn command, in a code block's line or in prose: `pscnn run --curve`, and "`pscnn
+# status`'s `--keys`" (the flag quoted apart, given to that command).
+QUOTED_COMMAND = re.compile(r"`(pscnn [^`]+)`(?:'s `(--[a-z0-9-]+)`)?")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def quoted_commands(text: str) -> list[str]:
+    """Every ``pscnn ...`` command a doc quotes, in code blocks and inline, flags quoted apart joined on."""
+    quoted = [" ".join(filter(None, m.groups())) for m in QUOTED_COMMAND.finditer(text)]
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        quoted += [line.split(" #")[0].strip() for line in block.splitlines() if line.startswith("pscnn ")]
+    return quoted
+
+
+def commands_given(words: list[str], parser) -> list:
+    """The (sub)command parsers ``pscnn WORDS`` runs: ``bench scaling`` descends twice; a
+    ``server|worker|evaluator`` stands for each of them."""
+    parsers = [parser]
+    for word in words:
+        below = [sub for p in parsers for action in p._actions if isinstance(action, argparse._SubParsersAction)
+                 for name, sub in action.choices.items() if name in word.split("|")]
+        if word.startswith("-") or not below:
+            break
+        parsers = below
+    return parsers
+
+
+def flags_not_of_their_command(text: str) -> list[str]:
+    """``command: --flag`` for each flag a quoted pscnn command is given that it does not have."""
+    wrong = []
+    for quote in quoted_commands(text):
+        for command in commands_given(quote.split()[1:], build_parser()):
+            own = {flag for action in command._actions for flag in action.option_strings}
+            wrong += [f"{quote}: {command.prog} has no {flag}" for flag in FLAG.findall(quote) if flag not in own]
+    return wrong
+
+
+def test_every_flag_a_quoted_command_is_given_is_that_commands():
+    """The checks above parse the command lines of code blocks, and find each flag the docs name on
+    some command; a flag quoted in prose with a command that lacks it (`pscnn train --workers`,
+    "`pscnn status`'s `--overlap`") passed both."""
+    for path in DOCS:
+        wrong = flags_not_of_their_command(path.read_text())
+        assert not wrong, f"{path.name}: {wrong}"
+
+
+def test_the_quoted_commands_flags_are_read_as_a_user_reads_them():
+    """What the check above relies on: inline quotes, flags quoted apart, subcommands of bench, and
+    a choice of commands are each held to their command's flags."""
+    assert flags_not_of_their_command("`pscnn run --curve`, `pscnn bench scaling --compute-ms 5`, "
+                                      "`pscnn server|worker|evaluator --help`, `pscnn status`'s `--keys`") == []
+    assert flags_not_of_their_command("`pscnn train --workers 2`") == ["pscnn train --workers 2: pscnn train has no "
+                                                                       "--workers"]
+    assert flags_not_of_their_command("`pscnn bench server --compute-ms`, `pscnn status`'s `--overlap`") == [
+        "pscnn bench server --compute-ms: pscnn bench server has no --compute-ms",
+        "pscnn status --overlap: pscnn status has no --overlap"]
+    assert flags_not_of_their_command("`pscnn server|worker --every`") == [
+        "pscnn server|worker --every: pscnn server has no --every",
+        "pscnn server|worker --every: pscnn worker has no --every"]
+    assert len(quoted_commands(DOCS[0].read_text())) > 20
+
+
 def heading_anchors(text: str) -> set[str]:
     """The anchors GitHub gives a file's headings: lower case, punctuation dropped, spaces as dashes."""
     return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
