@@ -67,6 +67,18 @@ def documented_files(text: str = None) -> dict[str, tuple[str, str]]:
     return files
 
 
+# summary.json's section lists its fields in three tables, each under a line naming who writes them.
+SUMMARY_WRITERS = {"Fields of both commands:": "both", "Fields only `pscnn train` writes:": "train",
+                   "Fields only distributed runs write:": "distributed"}
+
+
+def summary_fields(text: str = None) -> dict[str, set]:
+    """summary.json's documented fields by who writes them: "both", "train" and "distributed"."""
+    text = DOC.read_text() if text is None else text
+    parts = re.split(r"^(Fields [^\n]*:)$", sections(text, 2)["summary.json"], flags=re.M)
+    return {SUMMARY_WRITERS[parts[i]]: set(ROW_NAME.findall(parts[i + 1])) for i in range(1, len(parts) - 1, 2)}
+
+
 def kinds_in_source() -> set:
     """Every kind passed to RunWriter.log / log_deferred in the package's source."""
     call = re.compile(r"\.log(?:_deferred)?\(\s*\"(\w+)\"")
@@ -118,6 +130,14 @@ def test_the_parser_reads_the_files_table():
     assert files["logs/<name>.log"][1] == "`pscnn run` only", files
 
 
+def test_the_parser_reads_who_writes_each_summary_field():
+    """What the summary test relies on: the three tables, each field under its writers."""
+    fields = summary_fields()
+    assert set(fields) == {"both", "train", "distributed"}, fields
+    assert {"status", "test_accuracy"} <= fields["both"] and "threads" in fields["train"], fields
+    assert "mode" in fields["distributed"] and not (fields["both"] & (fields["train"] | fields["distributed"]))
+
+
 # ------------------------------------------------------------------ the doc against real runs
 @pytest.fixture(scope="module")
 def run_folders(tmp_path_factory, request) -> dict[str, Path]:
@@ -162,6 +182,22 @@ def test_every_summary_and_config_field_written_is_documented(run_folders):
         missing[name] = sorted(set(summary) - summary_doc) + sorted(fields - config_doc)
         assert summary["status"] == ("diverged" if name.endswith("diverged") else "complete"), summary["error"]
     assert not any(missing.values()), f"written but not in {DOC.name}: {missing}"
+
+
+@pytest.mark.slow
+def test_each_command_writes_the_summary_fields_the_doc_says_it_writes(run_folders):
+    """The check above finds a field written but not documented; a field the code stopped writing,
+    or one the doc gives to the wrong command, stayed documented (and in the docs' jq lines) unseen.
+    Every run, diverged or not, writes exactly its command's fields."""
+    fields = summary_fields()
+    wrong = {}
+    for name, folder in run_folders.items():
+        writer = "train" if name.startswith("train") else "distributed"
+        written, documented = set(json.loads((folder / "summary.json").read_text())), fields["both"] | fields[writer]
+        if written != documented:
+            wrong[name] = {"documented, not written": sorted(documented - written),
+                           "written, documented for the other command or not at all": sorted(written - documented)}
+    assert not wrong, f"summary.json against {DOC.name}: {wrong}"
 
 
 @pytest.mark.slow
