@@ -203,7 +203,8 @@ def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, caps
 
 # ------------------------------------------------------------------ the documentation's command lines
 
-DOCS = [Path(__file__).resolve().parents[1] / name for name in
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / name for name in
         ("README.md", "docs/engine.md", "docs/scaling.md", "docs/deployment.md", "docs/experiments.md",
          "docs/run-folder.md")]
 
@@ -390,6 +391,36 @@ def test_the_readme_names_every_field_of_pscnn_status(tmp_path):
     status_doc = status_doc[:status_doc.index("\n\n")]        # its paragraph
     undocumented = sorted(key for key in progress if f"`{key}`" not in status_doc)
     assert not undocumented, f"README.md's `pscnn status` paragraph does not name {undocumented}"
+
+
+def deployment_settings(text: str) -> dict[str, str]:
+    """docs/deployment.md's Settings table: variable -> its documented default ("" for "empty").
+    A row may name several variables, its defaults then in the same order (`auto`, empty); words
+    in parentheses are comments: "`0` (all 60,000)"."""
+    settings = text[text.index("### Settings"):]
+    settings = settings[:settings.index("\n## ")]
+    table = {}
+    for names, defaults in re.findall(r"^\| (`PSCNN_.*?) \| (.*?) \|", settings, re.M):
+        names = re.findall(r"`(PSCNN_\w+)`", names)
+        defaults = ["" if part.strip() == "empty" else part.strip().strip("`")
+                    for part in re.sub(r"\([^)]*\)", "", defaults).split(",")]
+        assert len(names) == len(defaults), (names, defaults)
+        table.update(zip(names, defaults))
+    return table
+
+
+def test_the_deployment_settings_are_those_the_compose_file_takes_with_its_defaults():
+    """docs/deployment.md says docker-compose.yml uses only the variables of its Settings table, and
+    gives each one's default; nothing held the two together: a variable added to the Compose file,
+    or a default changed there, left the table telling users what the containers do not get."""
+    compose = {}
+    for name, default in re.findall(r"\$\{(PSCNN_\w+):-([^}]*)\}", (ROOT / "docker-compose.yml").read_text()):
+        compose.setdefault(name, set()).add(default)
+    table = deployment_settings((ROOT / "docs" / "deployment.md").read_text())
+    assert len(table) > 15 and table["PSCNN_LR"] == "" and table["PSCNN_TRAIN_LIMIT"] == "0", table
+    differ = {name: (table.get(name), sorted(compose.get(name, ()))) for name in set(table) | set(compose)
+              if compose.get(name) != {table.get(name)}}
+    assert not differ, f"variable: (deployment.md's default, docker-compose.yml's): {differ}"
 
 
 # Another command's flag a help names on purpose: (command, flag).
