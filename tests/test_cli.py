@@ -255,6 +255,22 @@ def test_the_experiments_guide_is_checked_with_the_other_docs():
     assert pscnn_argv("pscnn run --out 'runs/a b' &") == ["run", "--out", "runs/a b"]
 
 
+
+COUNTS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+
+
+def test_the_experiments_count_the_lines_a_port_change_touches():
+    """Experiment 5 said to change port 5555 "in all five lines" of a block naming it in six: the
+    line left over (the second `pscnn status`) asked the wrong server, or none."""
+    text = (ROOT / "docs" / "experiments.md").read_text()
+    claims = list(re.finditer(r"If port (\d+) is taken on your machine, use another in all (\w+) lines", text))
+    assert claims, "the experiments guide no longer says which lines name the port"
+    for claim in claims:
+        block = re.findall(r"```sh\n(.*?)```", text[:claim.start()], re.S)[-1]
+        naming = [line for line in block.splitlines() if f":{claim.group(1)}" in line]
+        assert COUNTS[claim.group(2)] == len(naming), f"{claim.group(0)}, but {len(naming)} name it: {naming}"
+
+
 def option_strings(parser) -> set[str]:
     """Every flag of every subcommand, a switch's opposite (--progress) too."""
     names = set()
