@@ -243,6 +243,14 @@ def test_the_docs_quote_command_lines_pscnn_accepts():
             pytest.fail(f"{name}: `{line}` does not parse (exit {exc.code})")
 
 
+def test_every_doc_is_checked():
+    """The doc checks here read DOCS, a list by name: a page added to docs/ would be left out of
+    every one of them (its commands, flags and links) unless added there too."""
+    pages = {ROOT / "README.md", *(ROOT / "docs").glob("*.md")}
+    assert set(DOCS) == pages, f"not in DOCS: {sorted(p.name for p in pages - set(DOCS))}; " \
+                               f"no more: {sorted(p.name for p in set(DOCS) - pages)}"
+
+
 def test_the_experiments_guide_is_checked_with_the_other_docs():
     """docs/experiments.md is run line by line by students: its pscnn lines, redirected or sent to
     the background as they are there, must reach the check above, each role and bench among them."""
