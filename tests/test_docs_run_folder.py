@@ -201,6 +201,24 @@ def test_each_command_writes_the_summary_fields_the_doc_says_it_writes(run_folde
 
 
 @pytest.mark.slow
+def test_the_docs_python_runs_on_a_real_run_folder(run_folders, capsys, monkeypatch):
+    """The doc's Python (model.npz read with NumPy, then with cnn_core, and the recipe that reads a
+    whole run) was run on the runs of its day only: a function renamed in cnn_core, or a field
+    the recipe reads renamed in metrics.jsonl, left readers code that raises.  Each block runs on
+    the distributed run's folder, given as the doc gives it ("runs/x", or the recipe's argv)."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 3, blocks
+    folder = str(run_folders["run"])
+    monkeypatch.setattr(sys, "argv", ["recipe.py", folder])
+    for block in blocks:
+        exec(compile(block.replace('"runs/x/', f'"{folder}/'), DOC.name, "exec"), {"__name__": "__main__"})
+    out = capsys.readouterr().out.splitlines()
+    # the NumPy block, the cnn_core block (the light model's accuracy), the recipe's first and last lines
+    assert out[0].endswith("(8, 1, 3, 3)") and 0 <= float(out[1]) <= 1, out
+    assert out[2].startswith("updates ") and out[-1].startswith("model.npz: step"), out
+
+
+@pytest.mark.slow
 def test_every_file_the_doc_lists_is_in_a_real_run_folder_and_back(run_folders):
     """`pscnn train`'s folder holds what the table's "yes" says, `pscnn run`'s (plain, no --curve)
     what "yes" or "`pscnn run` only" says; neither holds a file the table does not list. A
