@@ -6,6 +6,8 @@ test_layers.py for why 1e-6 is a safe bound for a correct backward.
 import copy
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1167,3 +1169,24 @@ def test_assign_copies_a_subset_in_place_and_checks_everything_first():
     with pytest.raises(ShapeError, match="fc1.bias: shape"):
         model.assign({"fc1.bias": np.zeros(3, np.float32)})
     np.testing.assert_array_equal(model.params["fc1.bias"], before)   # nothing copied on error
+
+
+def test_the_readmes_engine_example_runs_as_it_says():
+    """README's example of the engine's API (build, forward, loss, backward, loss_and_grads) and its
+    words on model.params were run by no test: a renamed function or keyword left readers code
+    that raises."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```python\n(from cnn_core import .*?)```", readme, re.S).group(1)
+    rng = np.random.default_rng(0)
+    names = {"x": rng.random((3, 1, 28, 28), dtype=np.float32), "y": np.array([0, 7, 9])}
+    exec(compile(example, "README.md", "exec"), names)
+    model, grads = names["model"], names["grads"]
+    before = {name: value.copy() for name, value in model.params.items()}
+    model.forward(names["x"], train=True)
+    backward = model.backward(softmax_cross_entropy(names["logits"], names["y"])[1])
+    # "same keys/shapes as model.params; updates nothing", and the shapes README quotes
+    assert list(backward) == list(grads) == list(model.params)
+    assert all(backward[k].shape == grads[k].shape == model.params[k].shape for k in grads)
+    assert all(np.array_equal(before[k], model.params[k]) for k in before)
+    assert model.params["conv1.weight"].shape == (32, 1, 3, 3) and model.params["fc1.weight"].shape == (3136, 128)
+    assert names["logits"].shape == (3, 10) and np.isfinite(names["loss"])
