@@ -218,6 +218,72 @@ def test_the_docs_python_runs_on_a_real_run_folder(run_folders, capsys, monkeypa
     assert out[2].startswith("updates ") and out[-1].startswith("model.npz: step"), out
 
 
+# A jq command of the docs, on a line of its own or quoted inline: jq [-c -r -s] 'FILTER' FILES
+JQ_LINE = re.compile(r"(?:^|`)jq (?:-\w+ )*(?:'([^']*)'|(\S+)) ([^`\n]*)", re.M)
+
+
+def jq_names(jq_filter: str) -> tuple[set, set]:
+    """The field names a jq filter reads (``.name``, and ``{a, b}``'s shorthand for ``{a: .a}``) and
+    the record kinds it selects (``.kind == "step"``)."""
+    names = {name for path in re.findall(r"(?<![\w\]])((?:\.[a-z_][a-z0-9_]*)+)", jq_filter)
+             for name in path.split(".")[1:]}
+    names |= {entry.strip() for braces in re.findall(r"\{([^{}]*)\}", jq_filter) for entry in braces.split(",")
+              if re.fullmatch(r"\s*[a-z_][a-z0-9_]*\s*", entry)}
+    return names, set(re.findall(r'\.kind == "(\w+)"', jq_filter))
+
+
+def all_keys(value, found: set) -> set:
+    """Every key of every object in a JSON value, however deep."""
+    if isinstance(value, dict):
+        found.update(value)
+        value = list(value.values())
+    for item in value if isinstance(value, list) else ():
+        all_keys(item, found)
+    return found
+
+
+def test_the_jq_parser_reads_fields_and_kinds():
+    """What the jq test relies on."""
+    assert jq_names("{mode, status, error, staleness: .staleness.mean}") == ({"mode", "status", "error", "staleness",
+                                                                              "mean"}, set())
+    assert jq_names('select(.kind == "step" and .version % 20 == 0) | [.version, .lr]') == (
+        {"kind", "version", "lr"}, {"step"})
+    lines = JQ_LINE.findall("jq -c '{updates}' runs/a/summary.json\njq .kind runs/k/metrics.jsonl | sort\n"
+                            "* `jq -c 'select(.kind == \"leave\")' runs/run/metrics.jsonl` lists")
+    assert [(f or bare, files) for f, bare, files in lines] == [
+        ("{updates}", "runs/a/summary.json"), (".kind", "runs/k/metrics.jsonl | sort"),
+        ('select(.kind == "leave")', "runs/run/metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_every_field_the_docs_jq_lines_read_is_in_real_runs(run_folders):
+    """The docs' jq lines (README, run-folder.md's recipes, the experiments) name summary.json and
+    metrics.jsonl fields by hand; jq prints null for a field that is not there, so a misspelt or
+    renamed one showed readers nulls, and no test read them.  Each field a line reads must be a
+    key somewhere in the file it reads, in one of the module's real runs, and each record kind it
+    selects one those runs write."""
+    written = {"summary.json": set(), "metrics.jsonl": set()}
+    kinds = set()
+    for folder in run_folders.values():
+        all_keys(json.loads((folder / "summary.json").read_text()), written["summary.json"])
+        records = read_jsonl(folder / "metrics.jsonl")
+        all_keys(records, written["metrics.jsonl"])
+        kinds.update(record["kind"] for record in records)
+    wrong, checked = [], 0
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for quoted, bare, files in JQ_LINE.findall(doc.read_text()):
+            file = next((name for name in written if name in files), None)
+            if file is None:              # scaling.json: a benchmark's, not a run's
+                continue
+            names, selected = jq_names(quoted or bare)
+            checked += 1
+            if names - written[file] or selected - kinds:
+                wrong.append(f"{doc.name}: jq {quoted or bare} reads {sorted(names - written[file])}, "
+                             f"selects {sorted(selected - kinds)}: not in any run's {file}")
+    assert checked > 15, checked            # the lines are still found
+    assert not wrong, wrong
+
+
 @pytest.mark.slow
 def test_every_file_the_doc_lists_is_in_a_real_run_folder_and_back(run_folders):
     """`pscnn train`'s folder holds what the table's "yes" says, `pscnn run`'s (plain, no --curve)
