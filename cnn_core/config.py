@@ -103,7 +103,12 @@ def is_integer(value) -> bool:
 
 def is_number(value) -> bool:
     """A finite :func:`is_real`: a figure read from a file or a message that can be used as one."""
-    return is_real(value) and math.isfinite(value)
+    if not is_real(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:       # an int past float's range: json reads a 1 and 400 zeros as one
+        return False
 
 
 def finite_or_none(value) -> float | None:
@@ -119,8 +124,9 @@ def number_in(value, what: str, low: float, high: float | None = None, *,
     """
     if not is_real(value):
         raise error(f"{what} must be a number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    if is_number(value) or not isinstance(value, int):      # an int past float's range, float() raises on
+        value = float(value)
+    ok = is_number(value) and (value > low if low_open else value >= low)
     if high is not None:
         ok = ok and (value < high if high_open else value <= high)
     if not ok:

@@ -32,10 +32,9 @@ from .errors import ConfigError
 def _positive_float(value, what: str) -> float:
     if not is_real(value):
         raise ConfigError(f"{what} must be a number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
+    if not (is_number(value) and value > 0):
         raise ConfigError(f"{what} must be a positive finite number, got {value!r}")
-    return value
+    return float(value)
 
 
 # The most steps a schedule may name: exact in a float and in JSON, within

@@ -1508,6 +1508,16 @@ def test_the_final_report_of_a_summary_with_values_of_the_wrong_kind_says_what_i
         assert capsys.readouterr().err.startswith("pscnn run: no summary (")
 
 
+def test_the_final_report_of_a_summary_with_an_int_past_floats_range_reads_n_a(tmp_path, capsys):
+    """json reads a 1 followed by 400 zeros as an int that float() cannot hold: the report's number
+    checks raised OverflowError out of it.  Such a figure is unreadable as any other."""
+    huge = 10**400
+    out = report_of(tmp_path, capsys, updates=huge, test_loss=huge, staleness={"mean": huge, "max": 1})
+    assert "  test loss          n/a\n" in out and "  updates            n/a  (256 samples)\n" in out, out
+    assert "  staleness          mean n/a, max 1 version\n" in out, out
+    assert "  could not read     test_loss, updates, staleness.mean  (" in out, out
+
+
 def test_the_final_report_counts_agree_with_their_nouns(tmp_path, capsys):
     """A run of one update of one sample said "(1 samples)"."""
     out = report_of(tmp_path, capsys, workers=1, epochs=1, updates=1, samples_applied=1)

@@ -680,6 +680,8 @@ def test_build_optimizer_overrides_and_defaults():
     (({"name": "sgd", "l1": -0.1},), r"sgd: l1 must lie in \[0.0, inf\)"),
     (({"name": "adam", "l1": float("nan")},), "adam: l1 must lie in"),
     (({"name": "sgd", "l1": "0.1"},), "sgd: l1 must be a number"),
+    # an int past float's range (json reads a 1 and 400 zeros as one): float() raised OverflowError
+    (({"name": "sgd", "lr": 10**400},), r"sgd: lr must lie in \(0.0, inf\), got 10{400}$"),
     (({"name": "adam", "beta2": 1.0},), "adam: beta2 must lie in"),
     (({"name": "rmsprop", "eps": 0},), "rmsprop: eps must lie in"),
     # 0 in float32 weights: a zero gradient coordinate then made the first update 0 / 0 = NaN
@@ -790,6 +792,9 @@ def test_schedules_with_other_base_rates_are_not_equal():
     ({"name": "step", "step_size": 2, "gamma": 0}, "gamma must be a positive finite number"),
     ({"name": "step", "step_size": 2, "gamma": 1.5}, r"gamma must be in \(0, 1\]"),
     ({"name": "cosine", "total_steps": 10, "min_lr": 0.5}, r"min_lr must lie in \[0, lr=0.1\]"),
+    # ints past float's range: is_number and float() raised OverflowError
+    ({"name": "cosine", "total_steps": 10, "min_lr": 10**400}, "min_lr must be a finite number, got 10{400}$"),
+    ({"name": "step", "step_size": 2, "gamma": -10**400}, "gamma must be a positive finite number, got -10{400}$"),
     ({"name": "cosine", "total_steps": 10, "warmup_steps": -1}, "warmup_steps must be >= 0"),
     ({"name": "constant", "warmup_steps": True}, "warmup_steps must be an integer"),
     ({"name": "constant", "warmup_steps": 1e300}, r"warmup_steps must be at most 9007199254740991, got 1e\+300"),
