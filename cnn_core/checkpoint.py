@@ -137,7 +137,7 @@ def save_model_checkpoint(path, model, optimizer=None, step: int = 0, metrics: d
     ``step`` is the training step (or server version) it was taken at;
     ``metrics`` and ``extra`` are JSON-able dicts stored in meta as they are.
     """
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
+    if not is_integer(step) or step < 0:
         raise ConfigError(f"checkpoint step must be an int >= 0, got {step!r}")   # int(1.7) would store 1
     for field, value in (("metrics", metrics), ("extra", extra)):
         if value is not None and not isinstance(value, dict):   # else a checkpoint its loader refuses

@@ -52,11 +52,6 @@ def _pair(value, what: str) -> tuple[int, int]:
     raise SpecError(f"{what} must be an int or a pair of ints, got {value!r}")
 
 
-def _is_int(value) -> bool:
-    """An integer, but not a bool: JSON's ``true`` must not pass as 1."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def shape_of(value) -> str:
     """An array's shape, or what the value is when it is not an array (for messages)."""
     shape = getattr(value, "shape", None)
@@ -192,7 +187,7 @@ class Conv2D(Layer):
 
     def __init__(self, out_channels: int, kernel=3, stride=1, padding=0, name=None):
         super().__init__(name)
-        if not _is_int(out_channels) or out_channels < 1:
+        if not is_integer(out_channels) or out_channels < 1:
             raise SpecError(f"conv2d {self.name}: out_channels must be a positive int, got {out_channels!r}")
         self.out_channels = int(out_channels)
         self.kernel = _pair(kernel, f"conv2d {self.name}: kernel")
@@ -305,7 +300,7 @@ class Dense(Layer):
 
     def __init__(self, units: int, init_scale: float = 1.0, name=None):
         super().__init__(name)
-        if not _is_int(units) or units < 1:
+        if not is_integer(units) or units < 1:
             raise SpecError(f"dense {self.name}: units must be a positive int, got {units!r}")
         self.units = int(units)
         self.init_scale = number_in(init_scale, f"dense {self.name}: init_scale", 0.0, self.MAX_INIT_SCALE,

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from .backend import array_module, resolve_dtype
-from .config import config_file_path, named_config, read_config_file, seed_value
+from .config import config_file_path, is_integer, named_config, read_config_file, seed_value
 from .errors import ConfigError, ShapeError, SpecError
 from .flat import FlatArrays, all_finite
 from .layers import LAYER_TYPES, BatchNorm2D, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
@@ -391,8 +391,7 @@ class Model:
 
     def predict(self, x, batch_size: int = 1000):
         """Class predictions (N,) in evaluation mode, batch by batch."""
-        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, (bool, np.bool_)) \
-                or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ConfigError(f"predict: batch_size must be an int >= 1, got {batch_size!r}")
         x = self._check_input(x)
         out = [self._forward(x[i:i + batch_size], train=False).argmax(axis=1)

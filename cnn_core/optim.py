@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from . import backend
-from .config import named_config, number_in
+from .config import is_integer, named_config, number_in
 from .errors import CheckpointError, ConfigError, ShapeError
 from .flat import FlatArrays, same_layout
 from .schedules import Schedule, build_schedule
@@ -184,8 +184,7 @@ class Optimizer:
         parameter server's snapshot of the new version (for the seed model,
         ~0.13 ms this way against 0.17 ms for a separate copy).
         """
-        if (not isinstance(schedule_steps, (int, np.integer)) or isinstance(schedule_steps, (bool, np.bool_))
-                or schedule_steps < 0):     # else added to t after the update, failing only the next step
+        if not is_integer(schedule_steps) or schedule_steps < 0:   # else added to t, failing only the next step
             raise ConfigError(f"{self.name}.step: schedule_steps must be an int >= 0, got {schedule_steps!r}")
         flat = (same_layout(params, grads)
                 and backend.get_array_module(params.flat) is backend.get_array_module(grads.flat))
