@@ -105,7 +105,8 @@ class Layer:
     def state_problem(self, key: str, value) -> str | None:
         """What makes ``value`` (a host array) unusable as ``self.state[key]``, or None.
 
-        Checked when a checkpoint is loaded, beside the shape and finiteness
+        Checked when a checkpoint is loaded and when a trainer pushes its state to
+        the parameter server (server/store.py), beside the shape and finiteness
         checks every array gets there: a hand-edited file may hold anything.
         """
         return None
