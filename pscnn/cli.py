@@ -914,6 +914,12 @@ def check_train_folder(path: str) -> None:
                           "or continue that run with pscnn run (or server) --resume")
 
 
+# What needs less memory where the command has no --batch-size of its own: a trainer computes the
+# batches of the server's, an evaluator its own batches of 1,000 images (cnn_core.metrics.evaluate).
+OUT_OF_MEMORY_ADVICE = {"worker": "a smaller model, or a smaller --batch-size given to the server, needs less",
+                        "evaluator": "a smaller model needs less (the evaluator runs 1,000 test images at a time)"}
+
+
 def main(argv=None) -> int:
     stop_on_signals()       # first of all: a stop from now on is noted (see stop_on_signals)
     stop_with_launcher()
@@ -954,8 +960,8 @@ def main(argv=None) -> int:
         if isinstance(exc, MemoryError):
             # A model within the spec's limits still asks for its per-image values times the batch
             # (a BatchNorm model's whole batch at once): NumPy's refusal was a traceback.
-            print(f"pscnn: error: out of memory: {str(exc) or 'an allocation failed'}; a smaller --batch-size "
-                  "or model needs less", file=sys.stderr)
+            advice = OUT_OF_MEMORY_ADVICE.get(args.command, "a smaller --batch-size or model needs less")
+            print(f"pscnn: error: out of memory: {str(exc) or 'an allocation failed'}; {advice}", file=sys.stderr)
             return 1
         raise
 

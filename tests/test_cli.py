@@ -1,5 +1,6 @@
 """pscnn.cli: how flags and PSCNN_* variables become an optimizer config (no processes)."""
 import argparse
+import inspect
 import re
 import shlex
 import subprocess
@@ -9,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnn_core import training
+from cnn_core import metrics, training
+from worker import evaluator, trainer
 from pscnn.cli import DEFAULT_LR, apply_env_defaults, build_parser, main, optimizer_config, parse_args
 from helpers import error_line
 
@@ -171,6 +173,17 @@ def test_an_allocation_numpy_refuses_is_one_line_not_a_traceback(tmp_path, capsy
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 1
     error_line(capsys.readouterr().err, "pscnn: error: out of memory: Unable to allocate 32.0 PiB",
                "a smaller --batch-size or model needs less", alone=True)
+    # A trainer computes the server's batches and an evaluator batches of 1,000: neither has a
+    # --batch-size, which the line named to them too.
+    monkeypatch.setattr(trainer, "run_trainer_from_args", allocate_too_much)
+    monkeypatch.setattr(evaluator, "run_evaluator_from_args", allocate_too_much)
+    assert main(["worker", "--log-level", "error"]) == 1
+    error_line(capsys.readouterr().err, "out of memory: Unable to allocate 32.0 PiB",
+                      "; a smaller model, or a smaller --batch-size given to the server, needs less", alone=True)
+    assert main(["evaluator", "--log-level", "error"]) == 1
+    error_line(capsys.readouterr().err, "; a smaller model needs less (the evaluator runs 1,000 test images "
+               "at a time)", alone=True)
+    assert inspect.signature(metrics.evaluate).parameters["batch_size"].default == 1000     # what it says
 
 
 def test_run_resume_without_a_checkpoint_fails_before_starting_anything(tmp_path, capsys, mnist_file_names):
