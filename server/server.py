@@ -1004,9 +1004,9 @@ class ParameterServer:
             self._release_parked(now)
 
     def _resend_state_after_unapplied_push(self, peer: Peer) -> None:
-        """Make the next task of ``peer``, whose push was refused, carry the weights again when the
-        model has state: computing that batch moved the trainer's BatchNorm statistics, which the
-        server never adopted.  Sent nothing while the version stood still, it trained on with them
+        """Make the next task of ``peer``, whose push was refused (or dropped as a sync stale round),
+        carry the weights again when the model has state: computing that batch moved the trainer's
+        BatchNorm statistics, which the server never adopted.  Sent nothing while the version stood still, it trained on with them
         (with a NaN or Inf statistic, every later push of its own was refused)."""
         if self.store.state:
             peer.known_version = -1
@@ -1153,6 +1153,7 @@ class ParameterServer:
             if member == (b["epoch"], b["batch"]):
                 self.round_members.pop(peer.wid)
                 self._maybe_close_round(now)
+            self._resend_state_after_unapplied_push(peer)       # the round still open: the version stood still
             self._give_task(peer, now, {"applied": False, "reason": "stale round"})
             return
         self.work.hand_in(b["epoch"], b["batch"])            # it waits in the round, no longer leased

@@ -987,6 +987,26 @@ def test_a_trainer_whose_push_was_refused_gets_the_servers_batchnorm_statistics_
         np.testing.assert_array_equal(task.arrays[name], weights[name], err_msg=name)
 
 
+def test_a_sync_trainer_whose_late_push_is_a_stale_round_gets_the_servers_batchnorm_statistics_again(in_process):
+    """Its lease expired and another trainer took the batch in the same round: the push is dropped
+    as a stale round while the version stands still, so the task in reply carried no weights, and
+    the trainer went on with the statistics of a batch the server never adopted."""
+    server = in_process(mode="sync", model=BATCH_NORM_SPEC, lease_timeout=1000.0)
+    a, b = server.join_trainer(), server.join_trainer()
+    task_a = server.call(a, P.WORK)
+    weights = {k: np.array(v) for k, v in task_a.arrays.items()}
+    server.srv.work.leases[task_a.body["batch"]].deadline = 0.0
+    server.srv._housekeeping(time.monotonic())          # a's lease expires; b is leased its batch
+    assert server.call(b, P.WORK).body["batch"] == task_a.body["batch"]
+    arrays = grads_like(weights)
+    arrays.update({k: np.full_like(v, 0.5) for k, v in server.srv.store.state.items()})
+    stale = server.call(a, P.PUSH, push_body(task_a), arrays)
+    assert stale.type == P.TASK and stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
+    assert server.srv.store.version == 0 and stale.arrays, stale.body
+    for name in ("bn1.running_mean", "bn1.running_var"):
+        np.testing.assert_array_equal(stale.arrays[name], weights[name], err_msg=name)
+
+
 def test_the_summary_counts_the_workers_time_as_the_timeline_does_across_a_resume(in_process, capsys):
     """pscnn run's report read all of metrics.jsonl at its end for its "workers' time" line, 31 s
     a million step records.  The server sums each push's spans as it applies it, carries the sums
