@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from .config import finite_or_none
+from .config import finite_or_none, is_number
 from .fileio import atomic_write, remove_stale_temporaries
 from .errors import PscnnError
 from .text import for_count
@@ -826,7 +826,7 @@ def _pushes(records):
             continue
         for entry in r.get("timeline") or ():
             if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) \
-                    and all(finite_or_none(v) is not None for v in entry[1:]) and entry[1] <= entry[2]:
+                    and all(is_number(v) for v in entry[1:]) and entry[1] <= entry[2]:
                 worker, (answered, arrived, compute) = entry[0], (float(v) for v in entry[1:])
                 heap = waiting.setdefault(worker, [])
                 heapq.heappush(heap, (answered, order, arrived, compute, (servers, joins.get(worker, 0))))

@@ -277,8 +277,8 @@ def _checked_meta(cfg: ServerConfig, path: str, meta: dict, model, optimizer) ->
         mismatch("--optimizer", saved_opt["name"], ours_opt["name"],
                  f"its state is {saved_opt['name']}'s; resume with --optimizer {saved_opt['name']}")
     saved_momentum = saved_opt.get("momentum")
-    if (saved_opt["name"] == ours_opt["name"] == "sgd" and isinstance(saved_momentum, (int, float))
-            and saved_momentum > 0 and not ours_opt.get("momentum")):
+    if (saved_opt["name"] == ours_opt["name"] == "sgd" and is_number(saved_momentum) and saved_momentum > 0
+            and not ours_opt.get("momentum")):
         # plain SGD has no place for the checkpoint's velocity: loading it failed with "unexpected key
         # 'velocity/conv1.weight'", naming no setting, and dropping it would lose the run's state
         mismatch("--momentum", _show(saved_momentum), _show(ours_opt.get("momentum")),
