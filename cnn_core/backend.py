@@ -135,7 +135,7 @@ def to_numpy(arr) -> np.ndarray:
 def openblas_core() -> str | None:
     """The kernel family numpy's OpenBLAS chose for this CPU ("SkylakeX", "Haswell", ...), as
     threadpoolctl reports it; None when numpy's BLAS is not OpenBLAS or threadpoolctl is not
-    installed (it is optional: the test extra brings it).
+    installed (optional: the `fast` extra, and the test extra, bring it).
 
     OpenBLAS picks its kernels at load (or as ``OPENBLAS_CORETYPE`` says); only
     some of them have the small-matrix paths ``cnn_core.im2col`` shapes its
@@ -145,10 +145,10 @@ def openblas_core() -> str | None:
         from threadpoolctl import threadpool_info  # noqa: PLC0415
     except ImportError:
         return None
-    for info in threadpool_info():
-        if info.get("internal_api") == "openblas" and info.get("architecture"):
-            return str(info["architecture"])
-    return None
+    found = [info for info in threadpool_info() if info.get("internal_api") == "openblas" and info.get("architecture")]
+    # numpy's own first (numpy.libs/ in its wheels): another package may bring an OpenBLAS of its own
+    found.sort(key=lambda info: "numpy" not in str(info.get("filepath", "")))
+    return str(found[0]["architecture"]) if found else None
 
 
 def tune_host_allocator() -> bool:

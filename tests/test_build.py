@@ -182,6 +182,17 @@ def dockerfile_instructions() -> list[str]:
     return [" ".join(i.split()) for i in "\n".join(lines).replace("\\\n", " ").splitlines() if i.strip()]
 
 
+def test_the_image_installs_the_dependencies_and_the_fast_extra():
+    """The image's requirements, as its build writes them from pyproject.toml: the run-time
+    dependencies and the `fast` extra (threadpoolctl: without it a worker's products run whole)."""
+    run = next(ins for ins in dockerfile_instructions() if "requirements.txt" in ins and "tomllib" in ins)
+    code = re.search(r'python -c "(.*?)" >/tmp/requirements.txt', run).group(1)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    project = pyproject()["project"]
+    assert out.split() == project["dependencies"] + project["optional-dependencies"]["fast"]
+    assert any(req.startswith("threadpoolctl") for req in out.split())
+
+
 def test_the_image_installs_its_dependencies_before_it_copies_the_source():
     # `COPY . .` came first: any edit (a README line) invalidated the layer that installs
     # numpy and pyzmq, and every rebuild downloaded and installed them again.

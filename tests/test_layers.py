@@ -914,6 +914,24 @@ def test_openblas_core_without_threadpoolctl_is_none_and_the_products_stay_whole
         openblas_core.cache_clear()
 
 
+def test_openblas_core_names_numpys_kernels_when_another_openblas_is_loaded(monkeypatch):
+    """threadpoolctl lists every OpenBLAS a process loaded: numpy's kernels are the ones its products run on."""
+    import sys
+    import types
+    fake = types.ModuleType("threadpoolctl")
+    fake.threadpool_info = lambda: [
+        {"internal_api": "openblas", "filepath": "/x/site-packages/other.libs/libopenblas.so", "architecture": "Haswell"},
+        {"internal_api": "mkl", "filepath": "/x/libmkl_rt.so"},
+        {"internal_api": "openblas", "filepath": "/x/site-packages/numpy.libs/libscipy_openblas64_.so",
+         "architecture": "SkylakeX"}]
+    monkeypatch.setitem(sys.modules, "threadpoolctl", fake)
+    openblas_core.cache_clear()
+    try:
+        assert openblas_core() == "SkylakeX"
+    finally:
+        openblas_core.cache_clear()
+
+
 def test_col2im_counts_window_coverage():
     """col2im of all-ones columns = how many windows cover each pixel."""
     ones = np.ones((4, 9))                              # 1 sample, 2x2 outputs, 3x3 kernel, 1 channel
