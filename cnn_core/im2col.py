@@ -39,8 +39,9 @@ def matmul_row_blocks(a, b):
     """``a @ b`` for a tall (M, K) ``a``: one batched matmul over blocks of rows
     that each stay within UNPACKED_GEMM_MAX_MNK, the rows left over in one more.
 
-    The same sums as ``a @ b`` (each row's dot products are untouched); plain
-    ``a @ b`` where the blocks do not pay (:func:`_blocks_pay`).
+    The same sums per row as ``a @ b``, though the unpacked kernel may round them
+    differently (bit for bit on the AMD build machine); plain ``a @ b`` where the
+    blocks do not pay (:func:`_blocks_pay`).
     """
     xp = get_array_module(a)
     m, k = a.shape

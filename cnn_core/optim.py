@@ -53,7 +53,7 @@ def _eps(value, who: str) -> float:
     eps = number_in(value, f"{who}: eps", 0.0, low_open=True)
     if eps < MIN_EPS:
         raise ConfigError(f"{who}: eps must be at least {MIN_EPS:.3g}, float32's smallest normal number "
-                          f"(a smaller one is 0 in float32 weights), got {eps:g}")
+                          f"(a smaller one is subnormal or 0 in float32, where 0 / (0 + eps) is NaN), got {eps:g}")
     return eps
 
 
