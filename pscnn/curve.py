@@ -422,6 +422,10 @@ class RefusedHandshakes:
 
 
 def _stop_monitor(sock, monitor) -> None:
+    # What the monitor holds is read first: with about 2000 events unread, libzmq's I/O thread waits to
+    # queue the next while holding the lock disable_monitor() takes, and that waited for good.
+    while monitor.poll(0):
+        monitor.recv_multipart()
     try:
         sock.disable_monitor()
     except zmq.ZMQError:            # the socket is closed already

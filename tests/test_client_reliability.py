@@ -19,8 +19,11 @@ import logging
 import selectors
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,6 +38,7 @@ from worker.client import HELD_LIMIT_FACTOR, Client, ServerUnreachable
 
 pytestmark = pytest.mark.timeout(60)
 
+ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT = "tcp://127.0.0.1:9"              # never reached: the simulated network stands in for it
 
 
@@ -1033,6 +1037,105 @@ def test_a_request_whose_connection_alone_dropped_is_resent_once_it_is_made_agai
     assert not requester.is_alive(), "the request did not end"
     assert arrived, f"not resent in the {beats_before_resend} heartbeats after its connection was made again"
     assert isinstance(outcome[0], P.Message) and outcome[0].type == P.STOP and outcome[0].seq == client.seq, outcome
+
+
+class AcceptAndClose:
+    """A TCP listener on a free port of 127.0.0.1 that accepts each connection and closes it at once, as a
+    TCP proxy in front of a server that is down does; run by a thread.  ``accepted``: the connections so far.
+    A ZeroMQ client makes its connection again each time, and its monitor hears of each handshake failed."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.listener.settimeout(0.05)
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="accept-and-close", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                conn.close()
+                self.accepted += 1
+        finally:
+            self.listener.close()
+
+    def wait_for_accepted(self, count: int) -> int:
+        """Wait (bounded: about 30 s) until ``count`` connections were accepted; how many were."""
+        for _ in range(3000):
+            if self.accepted >= count:
+                break
+            time.sleep(0.01)
+        return self.accepted
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the accept-and-close thread did not stop"
+
+
+@pytest.fixture
+def accept_and_close(monkeypatch):
+    """An AcceptAndClose listener, closed afterwards.  The clients' reconnect interval is lowered to 1 ms
+    (ZeroMQ's shortest), so that the ~10 reconnects a second of 100 ms pile up events in seconds, not minutes."""
+    monkeypatch.setattr(client_module, "RECONNECT_IVL_MS", 1)
+    peer = AcceptAndClose()
+    yield peer
+    peer.close()
+
+
+# Monitor events libzmq 4.3.5 queues unread (the monitor's send and receive high-water marks, 1000
+# each); its I/O thread, every socket's of the context, waits to queue the next.
+MONITOR_EVENTS_QUEUED_AT_MOST = 2000
+
+
+# A client with keys opens its request socket to ENDPOINT (reconnecting every 1 ms), says "open", and
+# closes it once a line comes on its stdin, then says "closed".  A process of its own: a close() that
+# waits for good holds the GIL, and would stop the test's process with it.
+CLOSE_WHEN_TOLD = """
+import sys
+from pscnn import curve
+from worker import client as client_module
+client_module.RECONNECT_IVL_MS = 1
+client = client_module.Client(sys.argv[1], "evaluator", heartbeat=False, keys=curve.client_keys(sys.argv[2]))
+client._open()
+print("open", flush=True)
+sys.stdin.readline()
+client.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_client_whose_monitor_is_full_still_closes(accept_and_close, tmp_path):
+    """A client with keys idle between requests (an evaluator's --every) while its request socket
+    reconnects to a peer that accepts and closes: each failed handshake is an event on its monitor,
+    unread.  Once the queue is full, libzmq's I/O thread waits to queue the next while holding the
+    lock that disable_monitor() takes; close() took it first and waited for good (the evaluator never
+    exited)."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    child = subprocess.Popen([sys.executable, "-c", CLOSE_WHEN_TOLD, accept_and_close.endpoint,
+                              str(tmp_path / "keys" / "client-0")], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "open\n", child.stderr.read()
+        # one more than the queue holds: the event of that connection is the one libzmq waits to queue
+        full = MONITOR_EVENTS_QUEUED_AT_MOST + 1
+        assert accept_and_close.wait_for_accepted(full) >= full, accept_and_close.accepted
+        time.sleep(0.2)                 # for the client to hear the last connection closed
+        try:
+            out, err = child.communicate("close\n", timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"close() did not return ({accept_and_close.accepted} connections accepted)")
+        assert child.returncode == 0 and out == "closed\n", (child.returncode, out, err[-2000:])
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
 
 
 class SlowToNotice(threading.Event):

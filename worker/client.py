@@ -106,6 +106,8 @@ HELD_LIMIT_FACTOR = 10
 # round trips: on a slow link a push and its task take seconds each way, and a copy resent before
 # the first could be answered only added another pair to the queue.
 RTT_FACTOR = 4
+# ZeroMQ's wait before it makes a dropped request connection again, doubling up to the maximum.
+RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 100, 2000
 
 
 class ServerUnreachable(Exception):
@@ -351,8 +353,8 @@ class Client:
         # reconnects, and nobody else can claim it (pscnn.names.routing_id).
         self.sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # No frame the protocol accepts is longer: a longer one is refused from its length prefix,
         # closing the connection, before it takes our memory (as on the server, P.max_frame_bytes).
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
