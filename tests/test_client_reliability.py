@@ -1138,6 +1138,20 @@ def test_a_client_whose_monitor_is_full_still_closes(accept_and_close, tmp_path)
             child.wait(10)
 
 
+def test_a_plain_client_idle_between_requests_keeps_reconnecting_to_a_peer_that_accepts_and_closes(
+        accept_and_close, clients):
+    """A plain client idle between requests (an evaluator's --every, a trainer held for its round) while
+    its request socket reconnects to a peer that accepts and closes.  Each failed handshake was an event
+    on its monitor, read only when a request goes; once about 2000 were queued, libzmq's I/O thread,
+    every socket's of the process, waited: the socket stopped reconnecting, and the heartbeats stopped
+    with it.  Twice that many connections are made now."""
+    client = clients(accept_and_close.endpoint)
+    client._open()                      # the request socket, as between two requests
+    enough = 2 * MONITOR_EVENTS_QUEUED_AT_MOST + 1
+    assert accept_and_close.wait_for_accepted(enough) >= enough, \
+        f"the client stopped reconnecting after {accept_and_close.accepted} connections"
+
+
 class SlowToNotice(threading.Event):
     """Client._closing for a heartbeat thread that is busy when close() is called: it takes
     0.3 s to notice (close() has to wait for it, not return with the thread still running)."""
