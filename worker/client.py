@@ -106,7 +106,8 @@ HELD_LIMIT_FACTOR = 10
 # round trips: on a slow link a push and its task take seconds each way, and a copy resent before
 # the first could be answered only added another pair to the queue.
 RTT_FACTOR = 4
-# ZeroMQ's wait before it makes a dropped request connection again, doubling up to the maximum.
+# ZeroMQ's wait before it makes a dropped connection again (request and heartbeat sockets), doubling
+# up to the maximum while the server refuses it.
 RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 100, 2000
 
 
@@ -537,6 +538,9 @@ class Client:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)     # an answer is a header alone (see _open)
+            # without a maximum ZeroMQ tries a server that is down every 100 ms for as long as it is
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             curve.secure_client(sock, self.keys)
             P.connect(sock, self.endpoint)
             return sock
