@@ -68,7 +68,7 @@ import zmq
 from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.flat import FlatArrays
-from cnn_core.metrics import thin_evaluations, time_to_accuracy
+from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import resolve_spec
 from cnn_core.optim import build_optimizer
 from cnn_core.runlog import TIMELINE_PARTS, RunWriter, make_plots, push_spans, read_metrics, without_lost_updates
@@ -82,9 +82,9 @@ from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .config import ServerConfig, config_from_args, training_set_size
 from .eval_report import checkpointable_metrics, metrics_problem
+from .evaluations import EvaluationHistory, evaluation_record, final_evaluation_settled, log_evaluation
 from .peers import DroppedPeer, KeptReply, Peer, RecentIds
-from .resume import (CHECKPOINT_NAME, check_resume_meta, logged_evaluation, resume_checkpoint,
-                     unfinished_run_warning)
+from .resume import CHECKPOINT_NAME, check_resume_meta, resume_checkpoint, unfinished_run_warning
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
 
@@ -224,15 +224,8 @@ class ParameterServer:
         # worker_seconds, pscnn run's report): reading metrics.jsonl at the end took 31 s for a million
         # step records.  None after a --resume from a checkpoint that did not count them.
         self.worker_seconds: dict | None = dict.fromkeys(TIMELINE_PARTS, 0.0)
-        self.evaluations: list[dict] = []
-        self._evaluation_at: dict[int, int] = {}    # version -> its record's index in evaluations
-        # The newest version whose record the history's bound thinned out (-1: none): every version
-        # above it that was recorded is in the history, so none is recorded twice (see _is_recorded)
-        self._evaluations_thinned_through = -1
+        self.history = EvaluationHistory()
         self._evaluations_reported = 0              # records this server made of evaluators' reports
-        # The record of the newest version scored (status's test accuracy): not the last report, which
-        # a second, slower evaluator may send for an older version.
-        self.newest_evaluation: dict | None = None
         self.final_eval: dict | None = None
         self.final_eval_from: str | None = None     # who scored it: an evaluator's name, or "the server"
         self.losses = deque(maxlen=50)
@@ -340,13 +333,6 @@ class ParameterServer:
     # told to evaluate less often.
     EVAL_RECORDS_AT_ONCE = 100
     EVAL_RECORDS_PER_S = 1.0
-    # The evaluation history (in memory, in every checkpoint, in summary.json) holds at most
-    # EVAL_HISTORY_CAP records, thinned by thin_evaluations: the bests (time to accuracy is the
-    # same), the finals, the EVAL_HISTORY_NEWEST newest, the rest spread over the run.  At one
-    # record per --every a week-long run made 60,000 (6 MB of JSON rewritten at every checkpoint);
-    # 1,000 are ~100 KB, and more points than a curve's 500 pixels show.
-    EVAL_HISTORY_CAP = 1000
-    EVAL_HISTORY_NEWEST = 100
 
     def _fail(self, reason: str, now: float) -> None:
         """Stop training for good: trainers are told to stop, the summary records why."""
@@ -1270,7 +1256,7 @@ class ParameterServer:
         # Scored already: a report would not be recorded (_on_eval_report), so the evaluator need not
         # spend seconds of CPU on it: a resumed run's checkpoint version, which an evaluator usually
         # scored before the restart; once training is over, a final evaluation the run has already.
-        scored = self._final_evaluation_settled() is not None if done else self._is_recorded(version)
+        scored = self._final_evaluation_settled() is not None if done else self.history.is_recorded(version)
         body = {"version": version, "epoch": self.work.epoch, "done": done, "updates": version, "scored": scored}
         if msg.body["have_version"] == version:
             arrays = {}
@@ -1287,7 +1273,7 @@ class ParameterServer:
         if not 0 <= version <= self.store.version:          # the evaluation history is indexed by it
             code, problem = "bad_version", f"version {version} is not one this server made (0-{self.store.version})"
         final = msg.body["final"] and self.over and version == self.store.version   # not a mid-run claim
-        if not problem and not final and not self._is_recorded(version):       # a new record
+        if not problem and not final and not self.history.is_recorded(version):       # a new record
             allowed = self.EVAL_RECORDS_AT_ONCE + int(self.EVAL_RECORDS_PER_S * (now - self.t_start))
             if self._evaluations_reported >= allowed:
                 code, problem = "too_many_evaluations", (
@@ -1316,8 +1302,8 @@ class ParameterServer:
         # (13 s for the seed model's 10,000 images) and the period put the untrained model's accuracy
         # at the end of a short run, and every time to accuracy that much late.
         pulled = peer.pulled[1] if peer.pulled is not None and peer.pulled[0] == version else None
-        record = self._evaluation_record(now, version, acc, loss, final, pulled)
-        if not self._record_evaluation(record):
+        record = evaluation_record(self._train_clock(now) if pulled is None else pulled, version, acc, loss, final)
+        if not self.history.record(record):
             log.debug("evaluation of version %d from %s: that version is recorded already", version, peer.name)
             if final and self.final_eval is None:
                 # A resumed run whose checkpoint holds its final evaluation already (the report
@@ -1327,7 +1313,7 @@ class ParameterServer:
             self._reply(peer, P.Message(P.ACK))
             return
         self._evaluations_reported += 1
-        self._log_evaluation(record, m)
+        log_evaluation(self.writer, record, m)
         log.info("evaluation of version %d: test accuracy %.4f, loss %s, %s test images%s", record["version"], acc,
                  "?" if loss is None else f"{loss:.4f}", "?" if m.get("count") is None else f"{m['count']:.0f}",
                  " (final)" if record["final"] else "")
@@ -1336,76 +1322,9 @@ class ParameterServer:
         self._reply(peer, P.Message(P.ACK))
 
     def _final_evaluation_settled(self) -> str | None:
-        """Why a final report would not be the run's result now, if it would not: the run has its
-        final evaluation, or its results are written without one; None while it awaits one."""
-        if self.final_eval:
-            acc = self.final_eval.get("test_accuracy")
-            return "the run has its final evaluation already ({}{})".format(
-                f"test accuracy {acc:.4f}" if isinstance(acc, float) else "no test accuracy",
-                f", from {self.final_eval_from}" if self.final_eval_from else "")
-        if self.summary_written:
-            return "the run's results are written already, without a final evaluation (the server could not " \
-                   "score the final weights)"
-        return None
-
-    def _evaluation_record(self, now: float, version: int, accuracy: float, loss, final: bool,
-                           train_seconds: float | None = None) -> dict:
-        """One entry of the evaluation history: ``train_seconds``, the training clock when the
-        scored weights were pulled, else ``now``'s.  A diverged model's NaN or infinite loss is
-        kept as None: the history goes into JSON and every checkpoint."""
-        seconds = self._train_clock(now) if train_seconds is None else train_seconds
-        return {"seconds": round(seconds, 3), "version": version, "test_accuracy": float(accuracy),
-                "test_loss": float(loss) if loss is not None and math.isfinite(loss) else None, "final": final}
-
-    def _log_evaluation(self, record: dict, metrics: dict, **extra) -> None:
-        """metrics.jsonl's eval line for ``record``, scored as ``metrics`` says.  Its seconds are the
-        run's clock, as every line's (pscnn bench time-to-accuracy and the plots set them against the
-        step lines'); the history's, the training clock's (summary.json's time to accuracy), are its
-        train_seconds.  Its test_samples: an evaluator's own --test-limit may score another test set
-        than the run's (or than the server's own final scoring), and the line must say so."""
-        fields = {k: v for k, v in record.items() if k != "seconds"}
-        count = metrics.get("count")
-        self.writer.log("eval", **fields, train_seconds=record["seconds"],
-                        test_samples=None if count is None else int(count),
-                        per_class_accuracy=metrics.get("per_class_accuracy"), **extra)
-
-    def _is_recorded(self, version: int) -> bool:
-        """Whether ``version`` was recorded (or, at or below the newest version thinned out of the
-        history, may have been: not recorded now, as the history cannot tell)."""
-        return version in self._evaluation_at or version <= self._evaluations_thinned_through
-
-    def _record_evaluation(self, record: dict) -> bool:
-        """Add ``record`` to the evaluation history: one record per version.
-
-        A version already recorded is not recorded again, except that a final
-        evaluation replaces the periodic one of the same version.  So the
-        history grows with training, never with the number of reports; past
-        EVAL_HISTORY_CAP records it is thinned.  False: not recorded.
-        """
-        at = self._evaluation_at.get(record["version"])
-        if at is None and self._is_recorded(record["version"]):
-            return False
-        if at is None:
-            self._evaluation_at[record["version"]] = len(self.evaluations)
-            self.evaluations.append(record)
-            if len(self.evaluations) > self.EVAL_HISTORY_CAP:
-                self._thin_evaluations()
-        elif record["final"] and not self.evaluations[at]["final"]:
-            self.evaluations[at] = record
-        else:
-            return False
-        if self.newest_evaluation is None or record["version"] >= self.newest_evaluation["version"]:
-            self.newest_evaluation = record
-        return True
-
-    def _thin_evaluations(self) -> None:
-        """The history thinned to EVAL_HISTORY_CAP records (if over it), and indexed by version."""
-        kept = thin_evaluations(self.evaluations, self.EVAL_HISTORY_CAP, self.EVAL_HISTORY_NEWEST)
-        kept_ids = {id(e) for e in kept}
-        self._evaluations_thinned_through = max([self._evaluations_thinned_through,
-                                                 *(e["version"] for e in self.evaluations if id(e) not in kept_ids)])
-        self.evaluations = kept
-        self._evaluation_at = {e["version"]: i for i, e in enumerate(kept)}
+        """Why a final report would not be the run's result now, if it would not (see
+        final_evaluation_settled); None while it awaits one."""
+        return final_evaluation_settled(self.final_eval, self.final_eval_from, self.summary_written)
 
     # ================================================================== housekeeping
     @property
@@ -1585,11 +1504,12 @@ class ParameterServer:
                 m = evaluate(self.store.model, x, y, between_batches=self._between_scoring_batches)
             finally:
                 self.scoring = False
-            record = self._evaluation_record(time.monotonic(), self.store.version, m["accuracy"], m["loss"], True)
+            record = evaluation_record(self._train_clock(time.monotonic()), self.store.version, m["accuracy"],
+                                       m["loss"], True)
             # not logged again when recorded already: a resumed run's final evaluation the killed server
             # logged (the same weights and test set, the same scores)
-            if self._record_evaluation(record):
-                self._log_evaluation(record, m, by="server")
+            if self.history.record(record):
+                log_evaluation(self.writer, record, m, by="server")
             return {"test_accuracy": m["accuracy"], "test_loss": m["loss"], **m}
         except _ScoringInterrupted:
             raise
@@ -1643,9 +1563,9 @@ class ParameterServer:
                           "max": max(self.staleness) if total else 0,
                           "histogram": {str(k): v for k, v in sorted(self.staleness.items())}},
             "evaluations": [{"seconds": e["seconds"], "version": e["version"], "test_accuracy": e["test_accuracy"]}
-                            for e in self.evaluations],
+                            for e in self.history.evaluations],
             # by the weights' time: a second, slower evaluator's report of older weights comes in later
-            "time_to_accuracy": time_to_accuracy(sorted(self.evaluations, key=lambda e: e["seconds"])),
+            "time_to_accuracy": time_to_accuracy(sorted(self.history.evaluations, key=lambda e: e["seconds"])),
             "wall_seconds": round(self._wall_clock(now), 3),
             "train_seconds": round(train_s, 3),
             "train_images_per_second": self.samples_applied / train_s if train_s > 0 else 0.0,
@@ -1735,7 +1655,7 @@ class ParameterServer:
         """The checkpoint's meta besides the model's and the optimizer's: the run's state and history."""
         extra = {"work": self.work.state_dict(), "samples_applied": self.samples_applied,
                  "staleness": {str(k): v for k, v in self.staleness.items()},
-                 "evaluations": self.evaluations, "evaluations_thinned_through": self._evaluations_thinned_through,
+                 "evaluations": self.history.evaluations, "evaluations_thinned_through": self.history.thinned_through,
                  "contributors": self.contributors, "contributors_count": self.contributors.count,
                  "workers_most": self.workers_most,
                  # who a --resume will hear from again (see clients_before): the peers, those declared
@@ -1813,13 +1733,10 @@ class ParameterServer:
                               epoch=checked["epoch"], applied=checked["applied"])
         self.samples_applied = checked["samples_applied"]
         self.staleness = Counter(checked["staleness"])
-        self.evaluations = checked["evaluations"]
-        self._evaluations_thinned_through = checked["evaluations_thinned_through"]
-        self._thin_evaluations()        # a checkpoint of an earlier version kept every record
-        if len(self.evaluations) < len(checked["evaluations"]):
+        self.history = EvaluationHistory(checked["evaluations"], checked["evaluations_thinned_through"])
+        if len(self.history.evaluations) < len(checked["evaluations"]):
             log.info("--resume: the checkpoint's %d evaluations thinned to %d (metrics.jsonl holds them all)",
-                     len(checked["evaluations"]), len(self.evaluations))
-        self.newest_evaluation = max(self.evaluations, key=lambda e: e["version"], default=None)
+                     len(checked["evaluations"]), len(self.history.evaluations))
         self.contributors = RecentIds(CONTRIBUTORS_MEMORY, checked["contributors"], checked["contributors_count"])
         self.clients_before = dict.fromkeys(set(checked["peer_ids"]).union(self.contributors), 0)
         self.workers_before = checked["workers_most"]
@@ -1869,33 +1786,8 @@ class ParameterServer:
             log.warning("--resume: cannot read %s (%s): the evaluation history is the checkpoint's",
                         self.writer.metrics_path, exc)
             return
-        self._adopt_logged_evaluations(logged)
+        self.history.adopt_logged(logged, self.store.version, self.train_seconds_before)
         self._adopt_logged_joins(logged)
-
-    def _adopt_logged_evaluations(self, logged: list) -> None:
-        """Add to the evaluation history those of the checkpoint's versions that the earlier server
-        logged after writing it.
-
-        An evaluator's report comes in while training goes on, often of a version the checkpoint
-        written meanwhile holds: logged in metrics.jsonl, but in no checkpoint.  Resumed without it,
-        summary.json left that evaluation out, and the evaluator, scoring the checkpoint's version
-        again, had it logged twice.  Versions above the checkpoint's are lost with their updates.
-        """
-        adopted = 0
-        for r in logged:
-            if r.get("kind") != "eval":
-                continue
-            record = logged_evaluation(r, self.store.version)
-            if record is not None:
-                # Pulled after the checkpoint, by a training clock this server restarts from the
-                # checkpoint's time: as logged, it stood later than the evaluations that follow,
-                # and the history went back in time.  Its weights are the checkpoint's or older,
-                # so they were there at the checkpoint's time.
-                record["seconds"] = min(record["seconds"], self.train_seconds_before)
-                adopted += self._record_evaluation(record)
-        if adopted:
-            log.info("--resume: %d %s logged after the checkpoint was written %s kept in the run's history", adopted,
-                     for_count(adopted, "evaluation"), for_count(adopted, "is", "are"))
 
     def _adopt_logged_joins(self, logged: list) -> None:
         """Count the clients that joined the server that wrote the checkpoint, or a later one, among
@@ -1932,7 +1824,7 @@ class ParameterServer:
         recent = [(t, s) for t, s in self.rate_window if now - t <= 5.0]
         if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
             rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
-        last = self.newest_evaluation
+        last = self.history.newest
         ready, waited = (0, 0.0) if self.started else self._at_start_barrier(now)
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
                 # pscnn run stops a server that has "finished" (a resumed finished run's linger): not

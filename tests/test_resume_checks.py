@@ -42,6 +42,7 @@ from cnn_core.optim import build_optimizer
 from pscnn import protocol as P
 from pscnn.cli import main, parse_args
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
+from server.evaluations import EvaluationHistory
 from server.server import ParameterServer
 from helpers import error_line, new_bests
 from test_server_robustness import (InProcess, Raw, _climbing_accuracy, _evaluator, _push_all, _report, _trainer,
@@ -437,7 +438,7 @@ def test_the_same_settings_resume_where_the_run_stopped_without_a_warning(run, s
     assert srv.store.version == ROUNDS_BEFORE_STOP
     assert (srv.work.epoch, sorted(srv.work.applied)) == (0, list(range(2 * ROUNDS_BEFORE_STOP)))
     assert srv.samples_applied == 2 * ROUNDS_BEFORE_STOP * 64 and srv.staleness == {0: 2 * ROUNDS_BEFORE_STOP}
-    assert [e["version"] for e in srv.evaluations] == [2] and len(srv.contributors) == 2
+    assert [e["version"] for e in srv.history.evaluations] == [2] and len(srv.contributors) == 2
     assert warnings(caplog) == []
 
 
@@ -614,7 +615,7 @@ def test_evaluations_logged_after_the_checkpoint_stay_in_the_history_and_are_not
     caplog.set_level(logging.INFO, logger="pscnn.server")
     second = resumed()
     try:
-        assert [(e["version"], e["test_accuracy"]) for e in second.srv.evaluations] == [(2, 0.5), (3, 0.75)]
+        assert [(e["version"], e["test_accuracy"]) for e in second.srv.history.evaluations] == [(2, 0.5), (3, 0.75)]
         # it said "1 evaluations ... are kept"
         assert ("--resume: 1 evaluation logged after the checkpoint was written is kept in the run's history"
                 in caplog.messages)
@@ -649,7 +650,7 @@ def test_an_evaluation_logged_after_the_checkpoint_keeps_the_history_in_time_ord
     assert eval_lines(tmp_path / "run")[-1]["train_seconds"] >= checkpoint_seconds + 50
     again = InProcess(tmp_path / "run", epochs=2, resume=True)
     try:
-        adopted = [e for e in again.srv.evaluations if e["version"] == 1]
+        adopted = [e for e in again.srv.history.evaluations if e["version"] == 1]
         assert [e["seconds"] for e in adopted] == [checkpoint_seconds]
         assert again.srv._train_clock(time.monotonic()) >= adopted[0]["seconds"]
     finally:
@@ -676,12 +677,12 @@ def test_a_checkpoint_with_a_longer_history_than_kept_now_is_thinned_on_resume(t
     edit_meta(tmp_path / "run", lambda meta: meta["extra"].pop("evaluations_thinned_through", None))
     every = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[1]["extra"]["evaluations"]
     assert len(every) == 161
-    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_CAP", 40, raising=False)
-    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_NEWEST", 5, raising=False)
+    monkeypatch.setattr(EvaluationHistory, "CAP", 40)
+    monkeypatch.setattr(EvaluationHistory, "NEWEST", 5)
     with caplog.at_level(logging.INFO, logger="pscnn.server"):
         again = InProcess(tmp_path / "run", epochs=16, resume=True)
     try:
-        kept = again.srv.evaluations
+        kept = again.srv.history.evaluations
         assert len(kept) <= 40 and kept[-5:] == every[-5:] and kept[-1]["final"]
         assert all(e in kept for e in new_bests(every))
         by_time = sorted(every, key=lambda e: e["seconds"])

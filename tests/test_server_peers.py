@@ -19,7 +19,7 @@ from cnn_core.checkpoint import load_checkpoint
 from cnn_core.metrics import time_to_accuracy
 from helpers import new_bests
 from pscnn import protocol as P
-from server.server import ParameterServer
+from server.evaluations import EvaluationHistory
 from test_server_robustness import in_process  # noqa: F401  (a fixture)
 from test_server_robustness import (_climbing_accuracy, _evaluator, _push_all, _report, _trainer, grads_like,
                                    push_body)
@@ -124,7 +124,7 @@ def test_an_evaluator_reporting_every_version_cannot_grow_the_history_past_its_b
     assert refused["code"] == "too_many_evaluations", refused
     assert refused["message"] == ("eval_report: version 11 not recorded: this server records 5 evaluations, then "
                                   "one for each second it has served (5 so far); evaluate less often (--every)")
-    assert [e["version"] for e in srv.evaluations] == [0, 1, 2, 3, 4]
+    assert [e["version"] for e in srv.history.evaluations] == [0, 1, 2, 3, 4]
     # one line, then a count once the minute is over: an honest evaluator with a tiny --every is
     # refused most reports for the rest of the run (7 lines here, as many as reports, before)
     assert sum("rejected eval_report from" in r.getMessage() for r in caplog.records) == 1
@@ -136,7 +136,7 @@ def test_an_evaluator_reporting_every_version_cannot_grow_the_history_past_its_b
     assert [server.call(ev, P.EVAL_REPORT, {"version": v, "final": False, "metrics": {"test_accuracy": 0.5}}).type
             for v in (5, 6, 7)] == [P.ACK, P.ACK, P.ERROR]
     _report(server, ev, srv.store.version, True, 0.75)     # the final one, past the bound
-    assert srv.evaluations[-1] == {**srv.evaluations[-1], "version": srv.store.version, "final": True}
+    assert srv.history.evaluations[-1] == {**srv.history.evaluations[-1], "version": srv.store.version, "final": True}
     assert srv.final_eval["test_accuracy"] == 0.75 and server.call(ev, P.STATUS).type == P.STATUS
 
 
@@ -146,8 +146,8 @@ def test_a_long_stream_of_evaluations_is_kept_in_a_bounded_history(in_process, m
     thinned: the bests (summary.json's time to accuracy is that of every record), the final one,
     the newest; metrics.jsonl keeps every record.  A version thinned out is not recorded again,
     by this server or by one resumed from its checkpoint (which would adopt the logged ones)."""
-    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_CAP", 40, raising=False)
-    monkeypatch.setattr(ParameterServer, "EVAL_HISTORY_NEWEST", 5, raising=False)
+    monkeypatch.setattr(EvaluationHistory, "CAP", 40)
+    monkeypatch.setattr(EvaluationHistory, "NEWEST", 5)
     server = in_process(epochs=16)                      # 160 updates
     _push_all(server, _trainer(server))
     srv = server.srv
@@ -156,8 +156,8 @@ def test_a_long_stream_of_evaluations_is_kept_in_a_bounded_history(in_process, m
     for version in range(srv.store.version):
         _report(server, ev, version, False, _climbing_accuracy(version))
     _report(server, ev, srv.store.version, True, 0.995)
-    assert len(srv.evaluations) <= 40 and srv.evaluations[-1]["final"]
-    assert [e["version"] for e in srv.evaluations[-5:]] == list(range(srv.store.version - 4, srv.store.version + 1))
+    assert len(srv.history.evaluations) <= 40 and srv.history.evaluations[-1]["final"]
+    assert [e["version"] for e in srv.history.evaluations[-5:]] == list(range(srv.store.version - 4, srv.store.version + 1))
     srv.writer.flush()
     logged = [json.loads(line) for line in Path(srv.writer.metrics_path).read_text().splitlines()]
     every = [{"seconds": r["train_seconds"], "version": r["version"], "test_accuracy": r["test_accuracy"]}
@@ -165,21 +165,21 @@ def test_a_long_stream_of_evaluations_is_kept_in_a_bounded_history(in_process, m
     assert [e["version"] for e in every] == list(range(srv.store.version + 1))
     srv._write_summary(time.monotonic())
     summary = json.loads((Path(srv.cfg.out) / "summary.json").read_text())
-    assert len(summary["evaluations"]) == len(srv.evaluations)
+    assert len(summary["evaluations"]) == len(srv.history.evaluations)
     by_time = sorted(every, key=lambda e: e["seconds"])
     assert summary["time_to_accuracy"] == time_to_accuracy(by_time) and len(summary["time_to_accuracy"]) == 4
-    kept = {e["version"] for e in srv.evaluations}
+    kept = {e["version"] for e in srv.history.evaluations}
     assert all(e["version"] in kept for e in new_bests(every))
 
-    thinned_out = next(v for v in range(srv.store.version) if v not in srv._evaluation_at)
+    thinned_out = next(v for v in range(srv.store.version) if v not in srv.history._evaluation_at)
     _report(server, ev, thinned_out, False, 0.5)        # acknowledged, not recorded again
-    assert thinned_out not in srv._evaluation_at
+    assert thinned_out not in srv.history._evaluation_at
     assert srv._checkpoint()
     srv.writer.close()
     kept = load_checkpoint(Path(srv.cfg.out) / "checkpoint.npz")[1]["extra"]["evaluations"]
-    assert kept == srv.evaluations
+    assert kept == srv.history.evaluations
     again = in_process(Path(srv.cfg.out), epochs=16, resume=True)
-    assert again.srv.evaluations == kept                # none of metrics.jsonl's thinned-out ones adopted
+    assert again.srv.history.evaluations == kept                # none of metrics.jsonl's thinned-out ones adopted
     _report(again, _evaluator(again), thinned_out, False, 0.5)
     again.srv.writer.flush()
     evals = [r for r in map(json.loads, Path(again.srv.writer.metrics_path).read_text().splitlines())

@@ -1369,7 +1369,7 @@ def test_the_final_report_is_the_runs_result_and_replaces_the_periodic_one(in_pr
     out = Path(server.srv.cfg.out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] == 0.4321 and "no final evaluation" not in caplog.text
-    assert [(e["version"], e["final"]) for e in server.srv.evaluations] == [(version, True)]
+    assert [(e["version"], e["final"]) for e in server.srv.history.evaluations] == [(version, True)]
     # lingering after the end (a client not told to stop yet): no checkpoint newer than the
     # summary, which would make the finished run's folder look unfinished
     checkpoint = (out / "checkpoint.npz").stat().st_mtime_ns
@@ -1475,7 +1475,7 @@ def test_a_final_report_that_comes_while_the_server_scores_is_the_runs_result(in
     assert answers == [P.ACK] and server.srv.summary_written
     summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
     assert (summary["test_accuracy"], summary["test_samples"]) == (0.75, 50), summary
-    assert [(e["test_accuracy"], e["final"]) for e in server.srv.evaluations] == [(0.75, True)]
+    assert [(e["test_accuracy"], e["final"]) for e in server.srv.history.evaluations] == [(0.75, True)]
     evals = [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
     assert [(r["test_accuracy"], r.get("by")) for r in evals] == [(0.75, None)]
     assert "final evaluation came in while the server scored" in caplog.text
@@ -1503,7 +1503,7 @@ def test_a_final_report_after_the_server_scored_the_weights_itself_is_acknowledg
     assert f"final evaluation of version {version} from {ev.wid}" in caplog.text
     assert "(test accuracy 0.7500) came too late, not recorded: the run has its final evaluation" in caplog.text
     assert (Path(server.srv.cfg.out) / "summary.json").read_text() == summary_before
-    assert [(e["test_accuracy"], e["final"]) for e in server.srv.evaluations] != [(0.75, True)]
+    assert [(e["test_accuracy"], e["final"]) for e in server.srv.history.evaluations] != [(0.75, True)]
     evals = [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
     assert [r.get("by") for r in evals] == ["server"]
 
@@ -1525,7 +1525,7 @@ def test_a_final_report_after_the_results_were_written_without_one_is_not_record
     reply = server.call(ev, P.EVAL_REPORT, {"version": version, "final": True, "metrics": _good_metrics()})
     assert reply.type == P.ACK and "results are written already, without a final evaluation" in \
         reply.body["not_recorded"], reply.body
-    assert not server.srv.evaluations and server.srv.final_eval == {}
+    assert not server.srv.history.evaluations and server.srv.final_eval == {}
     assert not [r for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"]
 
 
@@ -1540,7 +1540,7 @@ def test_a_periodic_report_after_the_results_were_written_is_not_recorded_behind
     server.srv._housekeeping(time.monotonic())           # the server scores the final weights, writes the results
     reply = server.call(ev, P.EVAL_REPORT, {"version": 0, "final": False, "metrics": _good_metrics()})
     assert reply.type == P.ACK and reply.body["not_recorded"] == "the run's results are written already", reply.body
-    assert [e["version"] for e in server.srv.evaluations] == [server.srv.store.version]
+    assert [e["version"] for e in server.srv.history.evaluations] == [server.srv.store.version]
     assert [r["version"] for r in read_metrics(Path(server.srv.cfg.out)) if r["kind"] == "eval"] == \
         [server.srv.store.version]
 
@@ -1693,7 +1693,7 @@ def test_an_eval_line_in_metrics_jsonl_is_on_the_runs_clock_as_every_line(in_pro
     server.srv.writer.flush()
     (line,) = [r for r in read_metrics(Path(server.srv.cfg.out) / "metrics.jsonl") if r["kind"] == "eval"]
     assert line["seconds"] == 500.0 and line["train_seconds"] == 0.0
-    assert server.srv.evaluations[0]["seconds"] == 0.0       # the history (summary.json): training time
+    assert server.srv.history.evaluations[0]["seconds"] == 0.0       # the history (summary.json): training time
 
 
 def test_the_evaluators_goodbye_after_the_final_evaluation_is_no_drop(in_process):
@@ -1875,7 +1875,7 @@ def test_a_resumed_server_keeps_one_evaluation_per_version(in_process):
     first.close()
     again = in_process(Path(first.srv.cfg.out), epochs=2, resume=True)
     _report(again, _evaluator(again), 1, False, 0.31)
-    assert [e["version"] for e in again.srv.evaluations] == [1]
+    assert [e["version"] for e in again.srv.history.evaluations] == [1]
 
 
 def test_a_pull_says_whether_the_server_has_an_evaluation_of_its_version(in_process):
@@ -1922,7 +1922,7 @@ def test_status_shows_the_newest_version_scored_not_the_last_report(in_process):
     _report(first, slow, 1, False, 0.25)
     progress = first.srv.progress()
     assert (progress["eval_version"], progress["test_accuracy"]) == (3, 0.5)
-    assert [e["version"] for e in first.srv.evaluations] == [3, 1]      # the history as it came
+    assert [e["version"] for e in first.srv.history.evaluations] == [3, 1]      # the history as it came
     assert first.srv._checkpoint()
     first.srv.writer.close()
     first.close()
