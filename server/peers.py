@@ -60,7 +60,7 @@ class Peer:
     parked_ack: dict | None = None
     known_version: int = -1             # newest weights version this peer was sent
     clock: int = 0                      # ssp: pushes applied
-    in_round: bool = False              # sync: its push waits in round_arrived for the round to close
+    in_round: bool = False              # sync: its push waits in the round (SyncRound.arrived) until it closes
     clock_behind: bool = False          # ssp: held no lease for a while (joined, lease expired or gone with
                                         # its batch, told to wait, push refused): catches up at its next task
     nonfinite_streak: int = 0           # its NaN/Inf pushes (of batches it held) since its last finite one

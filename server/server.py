@@ -81,6 +81,7 @@ from pscnn.names import name_problem, without_route_token
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .config import ServerConfig, config_from_args, training_set_size
+from .consistency import SyncRound, ssp_floor, ssp_start_clock, ssp_within_bound
 from .eval_report import checkpointable_metrics, metrics_problem
 from .evaluations import EvaluationHistory, evaluation_record, final_evaluation_settled, log_evaluation
 from .peers import DroppedPeer, KeptReply, Peer, RecentIds
@@ -230,8 +231,7 @@ class ParameterServer:
         self.final_eval_from: str | None = None     # who scored it: an evaluator's name, or "the server"
         self.losses = deque(maxlen=50)
         self.rate_window = deque(maxlen=200)        # (time, samples_applied)
-        self.round_members: dict[str, tuple[int, int]] = {}   # sync: wid -> (epoch, batch)
-        self.round_arrived: dict[str, tuple] = {}               # sync: wid -> (push body, grads, state)
+        self.sync_round = SyncRound()
         self.started = cfg.wait_for_workers <= 1     # the start barrier: see _maybe_start
         self.rejected = Counter()
         # The log lines a peer can make as often as it sends: rejections up to --log-rejected a second;
@@ -765,7 +765,7 @@ class ParameterServer:
         peer = Peer(wid=wid, role=msg.body["role"], name=name, rid=rid, joined=now, last_seen=now,
                     last_seq=msg.seq, key=key)
         if self.cfg.mode == "ssp":
-            peer.clock = self._ssp_start_clock(peer)
+            peer.clock = ssp_start_clock(peer, self.peers, self._ssp_floor())
             # and again at its first task: a trainer asks for work only once its data is loaded,
             # and with the clock it joined at it held back every trainer that pushed meanwhile
             peer.clock_behind = True
@@ -819,7 +819,7 @@ class ParameterServer:
         self.writer.log("leave", worker=peer.name, reason=why, requeued=requeued, version=self.store.version)
         now = time.monotonic()
         if self.cfg.mode == "sync":            # an arrived gradient stays in the round
-            self.round_members.pop(peer.wid, None)
+            self.sync_round.members.pop(peer.wid, None)
             self._maybe_close_round(now)
         if self.cfg.mode != "async":           # its requeued batches, or the SSP bound it held back
             self._release_parked(now)
@@ -837,7 +837,7 @@ class ParameterServer:
         """
         if not peer.in_round:
             return False
-        batch = self.round_arrived[peer.wid][0]["batch"]
+        batch = self.sync_round.arrived[peer.wid][0]["batch"]
         problem = (f"your push of batch {batch} waits for its sync round; its reply brings the next task, "
                    f"so wait for it before sending a {msg.type}")
         self._rejected("round_pending", "rejected %s from %s: %s", msg.type, peer.name, problem)
@@ -867,10 +867,10 @@ class ParameterServer:
             self._park(peer, now, ack)
             self._maybe_start(now)      # this request may be the last one awaited
             return
-        if self.cfg.mode == "ssp" and not self._ssp_may_proceed(peer):
+        if self.cfg.mode == "ssp" and not ssp_within_bound(peer.clock, self._ssp_floor(), self.cfg.staleness):
             self._park(peer, now, ack)
             return
-        if self.cfg.mode == "sync" and peer.wid in self.round_arrived:
+        if self.cfg.mode == "sync" and peer.wid in self.sync_round.arrived:
             # It rejoined while its earlier push waits in the round, kept under its id: a batch
             # leased now would join that round under the same id, and its push replace the earlier
             # one, whose batch was then never applied (the epoch never ended).  Its task comes
@@ -888,7 +888,7 @@ class ParameterServer:
         if self.cfg.mode == "ssp" and peer.clock_behind:
             # Back after its lease expired: it must not hold the others back while it
             # makes up pushes it never computed.
-            peer.clock = self._ssp_start_clock(peer)
+            peer.clock = ssp_start_clock(peer, self.peers, self._ssp_floor())
             peer.clock_behind = False
         lease = self.work.lease(peer.wid, now, self.store.version)
         if lease is not None and self.t_train_start is None:
@@ -908,7 +908,7 @@ class ParameterServer:
             self._reply(peer, P.Message(P.WAIT, body=body))
             return
         if self.cfg.mode == "sync":
-            self.round_members[peer.wid] = (lease.epoch, lease.batch)
+            self.sync_round.members[peer.wid] = (lease.epoch, lease.batch)
         arrays = {}
         if peer.known_version != self.store.version:
             _, arrays = self.store.snapshot()
@@ -941,7 +941,7 @@ class ParameterServer:
             requeued = self.work.release(b["epoch"], b["batch"], holder=peer.wid)
             self._resend_state_after_unapplied_push(peer)
             if self.cfg.mode == "sync":
-                self.round_members.pop(peer.wid, None)
+                self.sync_round.members.pop(peer.wid, None)
             self._rejected(exc.code, "rejected push from %s (epoch %d batch %d): %s%s", peer.name, b["epoch"],
                            b["batch"], exc, "; batch requeued" if requeued else "")
             if non_finite and self._diverged(now):
@@ -1123,13 +1123,13 @@ class ParameterServer:
     # ---------------------------------------------------------------- sync (BSP)
     def _push_sync(self, peer: Peer, msg: P.Message, grads: dict, state: dict, now: float) -> None:
         b = msg.body
-        member = self.round_members.get(peer.wid)
-        if member is None and b["base_version"] == self.store.version and peer.wid not in self.round_arrived \
+        member = self.sync_round.members.get(peer.wid)
+        if member is None and b["base_version"] == self.store.version and peer.wid not in self.sync_round.arrived \
                 and self.work.reclaim(b["epoch"], b["batch"]):
             # Its lease expired while it computed, but the round it was computed for is still
             # open and nobody took the batch since: it joins that round, as a late push counts in
             # async (else a trainer slower than --lease-timeout never had a batch applied).
-            member = self.round_members[peer.wid] = (b["epoch"], b["batch"])
+            member = self.sync_round.members[peer.wid] = (b["epoch"], b["batch"])
         if b["base_version"] != self.store.version or member != (b["epoch"], b["batch"]):
             # Computed against an older version (the worker was dropped from that round, and
             # its batch requeued then).  A batch the pusher still holds goes back to the queue,
@@ -1137,23 +1137,21 @@ class ParameterServer:
             # lease to expire (nor the pusher, allowed one lease in sync mode, for its next task).
             self.work.release(b["epoch"], b["batch"], holder=peer.wid)
             if member == (b["epoch"], b["batch"]):
-                self.round_members.pop(peer.wid)
+                self.sync_round.members.pop(peer.wid)
                 self._maybe_close_round(now)
             self._resend_state_after_unapplied_push(peer)       # the round still open: the version stood still
             self._give_task(peer, now, {"applied": False, "reason": "stale round"})
             return
         self.work.hand_in(b["epoch"], b["batch"])            # it waits in the round, no longer leased
-        self.round_arrived[peer.wid] = (b, grads, state)     # the received frames, kept until the round closes
+        self.sync_round.arrived[peer.wid] = (b, grads, state)
         peer.in_round = True
         peer.parked_since = now
         self._maybe_close_round(now)
 
     def _maybe_close_round(self, now: float) -> None:
-        if not self.round_arrived or any(w not in self.round_arrived for w in self.round_members):
+        if not self.sync_round.complete():
             return
-        # Summed in batch order, not arrival order: float addition does not
-        # associate, and the sum must not depend on which worker was faster.
-        arrived = sorted(self.round_arrived.items(), key=lambda item: (item[1][0]["epoch"], item[1][0]["batch"]))
+        arrived = self.sync_round.in_batch_order()
         contributions = [(self.peers.get(w), b) for w, (b, _, _) in arrived]
         try:
             lr = self.store.apply_mean([(grads, state, b["count"]) for _, (b, grads, state) in arrived])
@@ -1162,8 +1160,7 @@ class ParameterServer:
         except TrainingDiverged as exc:
             self._fail(str(exc), now)
             ack = {"applied": False, "reason": "training diverged"}
-        self.round_members.clear()
-        self.round_arrived.clear()
+        self.sync_round.clear()
         for p, _ in contributions:
             # The reply to the push, if that push is still the peer's request: not to a
             # request since refused (answered already), nor to a peer that rejoined since.
@@ -1175,29 +1172,8 @@ class ParameterServer:
 
     # ---------------------------------------------------------------- ssp
     def _ssp_floor(self) -> int | None:
-        """The slowest clock among the trainers at work (holding a lease), or None.
-
-        A trainer without a lease computes nothing that could go stale: it is
-        between tasks, told to wait, not yet asking, or hung with its lease
-        expired.  Counting it would let one silent trainer stall the run.
-        """
-        # Walks the leases, not the peers: asked at every task request, it must not cost
-        # more with a thousand idle peers connected.
-        at_work = (self.peers.get(lease.worker) for lease in self.work.leases.values())
-        return min((p.clock for p in at_work if p is not None and p.role == "trainer"), default=None)
-
-    def _ssp_start_clock(self, peer: Peer) -> int:
-        """The clock of a trainer that (re)starts from the newest weights (joining, or back
-        after its lease expired): the slowest at work, or with none at work the slowest of
-        the others; never lower than its own."""
-        floor = self._ssp_floor()
-        if floor is None:
-            floor = min((p.clock for p in self.peers.values() if p.role == "trainer" and p is not peer), default=0)
-        return max(peer.clock, floor)
-
-    def _ssp_may_proceed(self, peer: Peer) -> bool:
-        floor = self._ssp_floor()
-        return floor is None or peer.clock - floor <= self.cfg.staleness
+        """The slowest clock among the trainers at work (see ssp_floor), or None."""
+        return ssp_floor(self.peers, self.work.leases.values())
 
     def _release_parked(self, now: float) -> None:
         """Retry every parked task request (not pushes waiting for their sync round).
@@ -1208,12 +1184,12 @@ class ParameterServer:
         """
         floor, floor_known = None, False     # the slowest clock at work, as the leases are now
         for p in list(self.peers.values()):
-            if not (p.role == "trainer" and p.pending and p.parked_since and p.wid not in self.round_arrived):
+            if not (p.role == "trainer" and p.pending and p.parked_since and p.wid not in self.sync_round.arrived):
                 continue
             if self.cfg.mode == "ssp" and self.started and not self.over:
                 if not floor_known:
                     floor, floor_known = self._ssp_floor(), True
-                if floor is not None and p.clock - floor > self.cfg.staleness:
+                if not ssp_within_bound(p.clock, floor, self.cfg.staleness):
                     continue            # as _give_task would: it stays parked
             self._give_task(p, now, p.parked_ack)
             floor_known = False
@@ -1380,8 +1356,8 @@ class ParameterServer:
                 peer.clock_behind = True
             log.warning("lease of batch %d (epoch %d) held by %s expired; requeued", batch, self.work.epoch,
                         peer.name if peer else worker)
-            if self.cfg.mode == "sync" and self.round_members.get(worker, (None, None))[1] == batch:
-                self.round_members.pop(worker, None)
+            if self.cfg.mode == "sync" and self.sync_round.members.get(worker, (None, None))[1] == batch:
+                self.sync_round.members.pop(worker, None)
                 self._maybe_close_round(now)
         if expired and self.cfg.mode != "async":
             self._release_parked(now)           # sync: a trainer parked at a draining epoch takes them;
@@ -1840,8 +1816,8 @@ class ParameterServer:
                 # seconds before --start-timeout lifts the barrier: a worker at it could say only
                 # "or its --start-timeout", not how long that was
                 "start_in_s": round(max(0.0, self.cfg.start_timeout - waited), 1) if ready else None,
-                "round_members": len(self.round_members),
-                "round_arrived": len(self.round_arrived),
+                "round_members": len(self.sync_round.members),
+                "round_arrived": len(self.sync_round.arrived),
                 "trainers": self.role_counts["trainer"], "evaluators": self.role_counts["evaluator"],
                 "contributors": self.contributors.count, "declared_dead": self.drops["declared dead"],
                 "lease_requeues": self.work.requeued_total, "incarnation": self.incarnation,

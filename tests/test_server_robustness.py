@@ -1846,7 +1846,7 @@ def test_a_sync_push_computed_on_an_older_version_does_not_join_the_round(in_pro
     assert server.srv.store.version == 1 and reply_a.type == reply_b.type == P.TASK
     stale = server.call(a, P.PUSH, push_body(reply_a, base_version=0), grads_like(task_a.arrays))
     assert stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
-    assert a.wid not in server.srv.round_arrived and server.srv.store.version == 1
+    assert a.wid not in server.srv.sync_round.arrived and server.srv.store.version == 1
 
 
 def test_a_hello_under_a_live_id_gives_its_leases_back(in_process, caplog):
@@ -3050,7 +3050,7 @@ def test_a_sync_trainer_gets_one_lease_at_a_time(in_process):
     stale = server.call(raw, P.PUSH, push_body(reply, base_version=0), grads_like(first.arrays))
     assert stale.type == P.TASK and stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
     assert server.srv.work.held_by(raw.wid) == [stale.body["batch"]]
-    assert server.srv.round_members == {raw.wid: (stale.body["epoch"], stale.body["batch"])}
+    assert server.srv.sync_round.members == {raw.wid: (stale.body["epoch"], stale.body["batch"])}
 
 
 def test_a_sync_batch_whose_push_waits_in_the_round_is_not_leased_again(in_process):
@@ -3110,7 +3110,7 @@ def test_a_sync_push_whose_lease_expired_counts_while_its_round_is_open(in_proce
     weights = task_a.arrays
     server.srv.work.leases[task_a.body["batch"]].deadline = 0.0
     server.srv._housekeeping(time.monotonic())          # a's lease expires
-    assert server.srv.round_members == {} and task_a.body["batch"] in server.srv.work.pending
+    assert server.srv.sync_round.members == {} and task_a.body["batch"] in server.srv.work.pending
     reply = server.call(a, P.PUSH, push_body(task_a), grads_like(weights))
     assert reply.type == P.TASK and reply.body["ack"] == {"applied": True, "staleness": 0}, reply.body
     assert server.srv.store.version == 1 and server.srv.work.applied == {task_a.body["batch"]}
@@ -3123,7 +3123,7 @@ def test_a_sync_push_whose_lease_expired_counts_while_its_round_is_open(in_proce
     stale = server.call(a, P.PUSH, push_body(late), grads_like(weights))
     assert stale.body["ack"] == {"applied": False, "reason": "stale round"}, stale.body
     assert server.srv.work.leases[task_b.body["batch"]].worker == b.wid
-    assert server.srv.round_members == {a.wid: (stale.body["epoch"], stale.body["batch"]),
+    assert server.srv.sync_round.members == {a.wid: (stale.body["epoch"], stale.body["batch"]),
                                         b.wid: (task_b.body["epoch"], task_b.body["batch"])}
 
 def test_the_training_clock_starts_with_the_first_batch_handed_out(in_process):
