@@ -1,5 +1,7 @@
-"""Resuming a run from its checkpoint: where it is, whether the run it holds is unfinished, and the
-checks of every field a resumed server takes from it (see ParameterServer._resume, which adopts them).
+"""Resuming a run from its checkpoint: where it is, whether the run it holds is unfinished, the
+checks of every field a resumed server takes from it (see ParameterServer._resume, which adopts them),
+and what it takes besides: a finished run's optimizer, and the clients that joined after the
+checkpoint (from metrics.jsonl).
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from cnn_core.config import is_integer, is_number
 from cnn_core.data import batches_per_epoch
 from cnn_core.errors import CheckpointError, PscnnError
 from cnn_core.model import PRESETS, build_model
+from cnn_core.optim import build_optimizer
 from cnn_core.runlog import METRICS_FILE, SUMMARY_FILE, TIMELINE_PARTS, iter_metrics
 from cnn_core.text import for_count
 from pscnn.cli import MAX_SEED, MODES
+from pscnn.protocol import one_line
 
 from .config import ServerConfig, training_set_size
 from .eval_report import metrics_problem
@@ -423,3 +427,36 @@ def logged_evaluation(r: dict, newest_version: int) -> dict | None:
                 "final": r["final"]}
     except _Bad:
         return None
+
+
+def optimizer_trained_with(path: str, config: dict, loaded, params):
+    """The optimizer of ``config``, the checkpoint's (at ``path``), holding the state that ``loaded``,
+    this run's optimizer, took from it: a run trained to its end keeps the settings that trained it.
+    CheckpointError naming the field if it cannot."""
+    try:
+        trained_with = build_optimizer(config)
+        trained_with.load_state_dict(loaded.state_dict(), params=params)
+    except PscnnError as exc:
+        raise CheckpointError(f"--resume: checkpoint {path}: field optimizer {one_line(exc)}") from None
+    return trained_with
+
+
+def joined_since_checkpoint(logged: list) -> list[str]:
+    """The ids of the clients that joined the server that wrote the checkpoint, or a later one, by
+    metrics.jsonl's ``logged`` start, checkpoint and join records: clients of the run before.
+
+    A client that joined after the checkpoint was written is in none of its peer_ids: a server
+    killed then (SIGKILL, a crash) and resumed refused its messages as an unknown id's, a WARNING
+    and a count in rejected_messages for a client that did nothing wrong.  The joins counted run
+    from the "start" record before the last "checkpoint" record, not from the last "start": a
+    resumed server killed in its turn, before the client came back and before a checkpoint of
+    its own, left a start record after the client's join.  With no checkpoint record (lost with
+    a SIGKILL before it reached the disk) every logged join counts."""
+    last_start = checkpoint_server_start = 0
+    for i, r in enumerate(logged):
+        if r.get("kind") == "start":
+            last_start = i
+        elif r.get("kind") == "checkpoint":
+            checkpoint_server_start = last_start
+    return [r["id"] for r in logged[checkpoint_server_start:]
+            if r.get("kind") == "join" and isinstance(r.get("id"), str)]

@@ -70,7 +70,6 @@ from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.flat import FlatArrays
 from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import resolve_spec
-from cnn_core.optim import build_optimizer
 from cnn_core.runlog import TIMELINE_PARTS, RunWriter, make_plots, push_spans, read_metrics, without_lost_updates
 from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
@@ -85,7 +84,8 @@ from .consistency import SyncRound, ssp_floor, ssp_start_clock, ssp_within_bound
 from .eval_report import checkpointable_metrics, metrics_problem
 from .evaluations import EvaluationHistory, evaluation_record, final_evaluation_settled, log_evaluation
 from .peers import DroppedPeer, KeptReply, Peer, RecentIds
-from .resume import CHECKPOINT_NAME, check_resume_meta, resume_checkpoint, unfinished_run_warning
+from .resume import (CHECKPOINT_NAME, check_resume_meta, joined_since_checkpoint, optimizer_trained_with,
+                     resume_checkpoint, unfinished_run_warning)
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
 
@@ -1728,7 +1728,10 @@ class ParameterServer:
             # ask", and pscnn run's bar said "waiting for the workers: 0 of 2 ready", for no worker)
             self.started = True
             if checked["optimizer"] is not None:        # another --lr or schedule given: none trained
-                self._adopt_optimizer(path, checked["optimizer"])
+                # a finished run's summary.json, config.json and checkpoint name the settings that trained it
+                self.store.optimizer = optimizer_trained_with(path, checked["optimizer"], self.store.optimizer,
+                                                              self.store.params)
+                self.cfg = replace(self.cfg, optimizer=checked["optimizer"])
             self.t_train_start = self.t_train_end = self.t_start
             # and scored already, when the end's checkpoint holds it (not one of a shorter run's end)
             self.final_eval = checked["final_eval"]
@@ -1741,17 +1744,6 @@ class ParameterServer:
                  f"epoch {self.work.epoch} with {len(self.work.applied)}/{self.work.batches_per_epoch} batches applied")
         self._resumed_text = f"resumed from {path}: version {self.store.version}, {where}"
 
-    def _adopt_optimizer(self, path: str, config: dict) -> None:
-        """Take the checkpoint's optimizer ``config`` (and the state loaded) for this run's: a finished
-        run's summary.json, config.json and checkpoint name the settings that trained it."""
-        try:
-            trained_with = build_optimizer(config)
-            trained_with.load_state_dict(self.store.optimizer.state_dict(), params=self.store.params)
-        except PscnnError as exc:
-            raise CheckpointError(f"--resume: checkpoint {path}: field optimizer {P.one_line(exc)}") from None
-        self.store.optimizer = trained_with
-        self.cfg = replace(self.cfg, optimizer=config)
-
     def _adopt_logged_records(self) -> None:
         """Take from metrics.jsonl what the earlier server logged after writing the checkpoint (the
         run folder is open: no one else writes it): its evaluations and who joined it."""
@@ -1763,28 +1755,8 @@ class ParameterServer:
                         self.writer.metrics_path, exc)
             return
         self.history.adopt_logged(logged, self.store.version, self.train_seconds_before)
-        self._adopt_logged_joins(logged)
-
-    def _adopt_logged_joins(self, logged: list) -> None:
-        """Count the clients that joined the server that wrote the checkpoint, or a later one, among
-        the clients of the run before.
-
-        A client that joined after the checkpoint was written is in none of its peer_ids: a server
-        killed then (SIGKILL, a crash) and resumed refused its messages as an unknown id's, a WARNING
-        and a count in rejected_messages for a client that did nothing wrong.  The joins counted run
-        from the "start" record before the last "checkpoint" record, not from the last "start": a
-        resumed server killed in its turn, before the client came back and before a checkpoint of
-        its own, left a start record after the client's join.  With no checkpoint record (lost with
-        a SIGKILL before it reached the disk) every logged join counts."""
-        last_start = checkpoint_server_start = 0
-        for i, r in enumerate(logged):
-            if r.get("kind") == "start":
-                last_start = i
-            elif r.get("kind") == "checkpoint":
-                checkpoint_server_start = last_start
-        for r in logged[checkpoint_server_start:]:
-            if r.get("kind") == "join" and isinstance(r.get("id"), str):
-                self.clients_before.setdefault(r["id"], 0)
+        for wid in joined_since_checkpoint(logged):
+            self.clients_before.setdefault(wid, 0)
 
     # ================================================================== status
     def _mean_loss(self) -> float | None:
