@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 
-from cnn_core.metrics import thin_evaluations
+from cnn_core.metrics import thin_evaluations, time_to_accuracy
 from cnn_core.text import for_count
 
 from .resume import logged_evaluation
@@ -115,6 +115,13 @@ class EvaluationHistory:
                                     *(e["version"] for e in self.evaluations if id(e) not in kept_ids)])
         self.evaluations = kept
         self._evaluation_at = {e["version"]: i for i, e in enumerate(kept)}
+
+    def summary(self) -> dict:
+        """summary.json's evaluations and time to accuracy."""
+        return {"evaluations": [{"seconds": e["seconds"], "version": e["version"], "test_accuracy": e["test_accuracy"]}
+                                for e in self.evaluations],
+                # by the weights' time: a second, slower evaluator's report of older weights comes in later
+                "time_to_accuracy": time_to_accuracy(sorted(self.evaluations, key=lambda e: e["seconds"]))}
 
     def adopt_logged(self, logged: list, checkpoint_version: int, checkpoint_seconds: float) -> None:
         """Add those of metrics.jsonl's ``logged`` records that score the checkpoint's versions (up to

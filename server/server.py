@@ -55,7 +55,6 @@ import os
 import signal
 import socket as pysocket
 import sys
-import threading
 import time
 import uuid
 import weakref
@@ -68,9 +67,8 @@ import zmq
 from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.flat import FlatArrays
-from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import resolve_spec
-from cnn_core.runlog import TIMELINE_PARTS, RunWriter, make_plots, push_spans, read_metrics, without_lost_updates
+from cnn_core.runlog import TIMELINE_PARTS, RunWriter, push_spans, read_metrics, without_lost_updates
 from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
@@ -84,6 +82,7 @@ from .consistency import SyncRound, ssp_floor, ssp_start_clock, ssp_within_bound
 from .eval_report import checkpointable_metrics, metrics_problem
 from .evaluations import EvaluationHistory, evaluation_record, final_evaluation_settled, log_evaluation
 from .peers import DroppedPeer, KeptReply, Peer, RecentIds
+from .results import PlotDrawing, staleness_summary, write_results
 from .resume import (CHECKPOINT_NAME, check_resume_meta, joined_since_checkpoint, optimizer_trained_with,
                      resume_checkpoint, unfinished_run_warning)
 from .store import ParameterStore, TrainingDiverged
@@ -261,9 +260,7 @@ class ParameterServer:
         self.t_train_end: float | None = None
         self.t_finish_start: float | None = None
         self.summary_written = False
-        # Drawing the plots from a long run's metrics.jsonl takes minutes: they are drawn in this
-        # thread while the loop goes on answering, so that no client waits on them (see _write_summary)
-        self.plots: threading.Thread | None = None
+        self.plots = PlotDrawing()
         self.results_written_at: float | None = None     # when summary.json and model.npz were written
         self.finished_before = False                # resumed from a run trained to its end (see _finish)
         self.scoring = False                        # scoring the final weights here (_evaluate_here)
@@ -489,7 +486,7 @@ class ParameterServer:
             self._restore_signal_handlers(old_handlers)
             if self._stop_requested and old_handlers:
                 ignore_stop_signals()   # stopping: a repeat must not cut the outputs short (see there)
-            if self.drawing_plots:
+            if self.plots.drawing:
                 # a stop while they are drawn: the run's results are written, its plots soon
                 log.info("waiting for the plots to be drawn")
                 self.plots.join()
@@ -1424,7 +1421,7 @@ class ParameterServer:
         # it (Compose's, loading their data) would find no server and retry for --give-up-after.
         if self.finished_before and now - self.results_written_at < self.cfg.peer_timeout:
             return False
-        if self.drawing_plots:
+        if self.plots.drawing:
             return False        # still answering (status, pscnn run's watch for a silent server) until drawn
         # linger until every live client was told to stop (they exit on it), bounded by peer_timeout
         waiting = [p for p in self.peers.values() if not p.told_to_stop]
@@ -1519,7 +1516,6 @@ class ParameterServer:
     def _write_summary(self, now: float) -> None:
         m = self.final_eval or {}
         train_s = self._train_clock(now)
-        total = sum(self.staleness.values())
         summary = {
             "test_accuracy": m.get("test_accuracy"), "test_loss": m.get("test_loss"),
             # as pscnn train's: the evaluator's own --test-limit, not config's, may have set how many
@@ -1535,13 +1531,8 @@ class ParameterServer:
             "worker_names": sorted(set(self.contributors.values())),
             "updates": self.store.version, "samples_applied": self.samples_applied,
             "samples_seen": self.samples_applied,
-            "staleness": {"mean": (sum(k * v for k, v in self.staleness.items()) / total) if total else 0.0,
-                          "max": max(self.staleness) if total else 0,
-                          "histogram": {str(k): v for k, v in sorted(self.staleness.items())}},
-            "evaluations": [{"seconds": e["seconds"], "version": e["version"], "test_accuracy": e["test_accuracy"]}
-                            for e in self.history.evaluations],
-            # by the weights' time: a second, slower evaluator's report of older weights comes in later
-            "time_to_accuracy": time_to_accuracy(sorted(self.history.evaluations, key=lambda e: e["seconds"])),
+            "staleness": staleness_summary(self.staleness),
+            **self.history.summary(),
             "wall_seconds": round(self._wall_clock(now), 3),
             "train_seconds": round(train_s, 3),
             "train_images_per_second": self.samples_applied / train_s if train_s > 0 else 0.0,
@@ -1552,33 +1543,16 @@ class ParameterServer:
             "device": "cpu (server)", "config": self.cfg.to_json(),
             "status": "diverged" if self.failure else "complete", "error": self.failure,
         }
-        # model.npz first: summary.json says the run is finished (unfinished_run_warning), and a server
-        # killed between the two left a finished run without its weights, or beside an earlier run's
-        save_model_checkpoint(os.path.join(self.cfg.out, "model.npz"), self.store.model, None,
-                              step=self.store.version, metrics={"test_accuracy": m.get("test_accuracy")})
-        self.writer.write_summary(summary)
+        write_results(self.cfg.out, self.writer, self.store.model, self.store.version, summary)
         self.summary_written = True
-        # The plots in a thread, not here: clients asking meanwhile (a trainer back for work, the
-        # evaluator's goodbye) heard "stop" only minutes later, or gave the silent server up
         self.writer.flush()     # every record so far in the file the plots are drawn from
-        self.plots = threading.Thread(target=self._draw_plots, name="plots")
-        self.plots.start()
+        self.plots.start(self.cfg.out)
         acc = m.get("test_accuracy")
         # a diverged run's "run complete", below its ERROR "training diverged", said all was well
         log.info("run %s: %d %s, test accuracy %s, %.1f img/s; wrote %s", summary["status"], self.store.version,
                  for_count(self.store.version, "update"),
                  f"{acc:.4f}" if isinstance(acc, float) else "n/a", summary["train_images_per_second"],
                  self.cfg.out)
-
-    @property
-    def drawing_plots(self) -> bool:
-        return self.plots is not None and self.plots.is_alive()
-
-    def _draw_plots(self) -> None:
-        try:
-            make_plots(self.cfg.out)
-        except Exception as exc:   # noqa: BLE001  (plots are a convenience; the run's results are written)
-            log.warning("plots failed: %s", exc)
 
     # ================================================================== checkpoints
     # The run's final outputs (checkpoint, summary, model) that cannot be written
@@ -1777,7 +1751,7 @@ class ParameterServer:
         return {"version": self.store.version, **self.work.progress(), "done": self.over,
                 # pscnn run stops a server that has "finished" (a resumed finished run's linger): not
                 # while it draws the plots, which its grace before SIGKILL cut short
-                "finished": self.summary_written and not self.drawing_plots, "scoring": self.scoring,
+                "finished": self.summary_written and not self.plots.drawing, "scoring": self.scoring,
                 "final_evaluation": self.final_eval is not None, "error": self.failure,
                 "write_failing": self.final_write_failing, "mode": self.cfg.mode,
                 "samples_applied": self.samples_applied, "images_per_second": rate,

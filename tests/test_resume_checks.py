@@ -1151,17 +1151,17 @@ def test_the_final_weights_are_written_before_the_summary_that_says_the_run_is_f
                                                                                        monkeypatch):
     """summary.json marks the run finished; a server killed between it and model.npz left a finished
     run without its final weights (or with an earlier run's, in a folder used before)."""
-    import server.server as server_module
+    import server.results as results_module
     out = Path(shutil.copytree(finished, tmp_path / "run"))
     (out / "summary.json").unlink()
     (out / "model.npz").unlink()
     summary_before_model = []
-    save = server_module.save_model_checkpoint
+    save = results_module.save_model_checkpoint
 
     def save_and_look(path, *args, **kwargs):
         summary_before_model.append((out / "summary.json").exists())
         return save(path, *args, **kwargs)
-    monkeypatch.setattr(server_module, "save_model_checkpoint", save_and_look)
+    monkeypatch.setattr(results_module, "save_model_checkpoint", save_and_look)
     server = InProcess(out, mode="sync", epochs=2, test_limit=256, resume=True, checkpoint_every=0)
     try:
         server.srv._finish(time.monotonic())       # (then lingers for the clients started with it)

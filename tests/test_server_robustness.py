@@ -1553,7 +1553,7 @@ def test_clients_hear_stop_while_the_plots_are_drawn_and_the_server_serves_until
     it ends, and says it has finished, once they are drawn."""
     import threading
 
-    import server.server
+    import server.results
     events = []
     stop_heard = threading.Event()
 
@@ -1561,7 +1561,7 @@ def test_clients_hear_stop_while_the_plots_are_drawn_and_the_server_serves_until
         stop_heard.wait(10)                 # bounded: on the old order the stop can only come after
         events.append("plots drawn")
         return []
-    monkeypatch.setattr(server.server, "make_plots", slow_plots)
+    monkeypatch.setattr(server.results, "make_plots", slow_plots)
     srv = in_process(epochs=1, test_limit=100, final_eval_timeout=0.0)
     late = _trainer(srv)                    # joined, and not asking while the other trains
     _push_all(srv, _trainer(srv))
@@ -1584,7 +1584,7 @@ def test_a_stop_while_the_plots_are_drawn_waits_for_them_before_the_run_folder_i
     folder go (another server may take it then), not leaving them half drawn."""
     import threading
 
-    import server.server
+    import server.results
     from server.config import ServerConfig
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     srv = ParameterServer(ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100, mode="async",
@@ -1603,7 +1603,7 @@ def test_a_stop_while_the_plots_are_drawn_waits_for_them_before_the_run_folder_i
         loop_ended.wait(10)                 # bounded: a loop that does not wait never says so
         events.append("plots drawn")
         return []
-    monkeypatch.setattr(server.server, "make_plots", slow_plots)
+    monkeypatch.setattr(server.results, "make_plots", slow_plots)
     codes = []
     serving = threading.Thread(target=lambda: codes.append(srv.serve()), daemon=True)
     watch = Watch()
