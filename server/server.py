@@ -48,7 +48,6 @@ epoch's permutation, so two runs on one machine end with bit-identical weights.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -64,7 +63,7 @@ from dataclasses import replace
 import numpy as np
 import zmq
 
-from cnn_core.checkpoint import load_model_checkpoint, save_model_checkpoint
+from cnn_core.checkpoint import load_model_checkpoint
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.flat import FlatArrays
 from cnn_core.model import resolve_spec
@@ -77,14 +76,15 @@ from pscnn.cli import MODES, ignore_stop_signals
 from pscnn.names import name_problem, without_route_token
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
+from .checkpoints import CheckpointFile
 from .config import ServerConfig, config_from_args, training_set_size
 from .consistency import SyncRound, ssp_floor, ssp_start_clock, ssp_within_bound
 from .eval_report import checkpointable_metrics, metrics_problem
 from .evaluations import EvaluationHistory, evaluation_record, final_evaluation_settled, log_evaluation
 from .peers import DroppedPeer, KeptReply, Peer, RecentIds
 from .results import PlotDrawing, staleness_summary, write_results
-from .resume import (CHECKPOINT_NAME, check_resume_meta, joined_since_checkpoint, optimizer_trained_with,
-                     resume_checkpoint, unfinished_run_warning)
+from .resume import (check_resume_meta, joined_since_checkpoint, optimizer_trained_with, resume_checkpoint,
+                     unfinished_run_warning)
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
 
@@ -271,11 +271,7 @@ class ParameterServer:
         # (wall, CPU) clocks when the loop last looked for a stall: the time since then that the
         # process did not spend computing is how long it did not run (see _forgive_stall)
         self._stall_checked_at = (time.monotonic(), time.process_time())
-        self._last_checkpoint = time.monotonic()
-        self.checkpointed_version: int | None = None  # of the last checkpoint written (this incarnation)
-        self.checkpointed_final_eval = False           # whether that checkpoint holds the final evaluation
-        self._checkpointed_content: str | None = None  # that checkpoint's _checkpoint_content()
-        self._checkpoint_failing: str | None = None  # why the last checkpoint could not be written
+        self.checkpoint_file = CheckpointFile(cfg.out)
         self._final_write_since: float | None = None  # when the run's outputs first failed to be written
         self.final_write_failing: str | None = None  # why they cannot be, while they are tried again (status)
         self._final_write_next = 0.0
@@ -378,7 +374,7 @@ class ParameterServer:
             # before (see _would_replace_an_earlier_run_with_nothing), it leaves that run whole, for --resume
             self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
                                     resume=self.cfg.resume,
-                                    keep_earlier=os.path.exists(os.path.join(self.cfg.out, CHECKPOINT_NAME)))
+                                    keep_earlier=self.checkpoint_file.from_before_this_server())
         except BaseException:
             self.sock.close(linger=0)
             self._stop_curve()
@@ -477,8 +473,8 @@ class ParameterServer:
                                     " before the final evaluation" if self.over and self.final_eval is None else "")
                         if not self._checkpoint():
                             self.write_error = (f"interrupted, and the checkpoint could not be written "
-                                                f"({P.one_line(self._checkpoint_failing)}); --resume would "
-                                                f"continue from {self._last_checkpoint_text()}")
+                                                f"({P.one_line(self.checkpoint_file.failing)}); --resume would "
+                                                f"continue from {self.checkpoint_file.last_text()}")
                     break
         finally:
             for limited in self.rate_limited_logs:
@@ -1366,13 +1362,13 @@ class ParameterServer:
                 # one that was told the run is over has simply exited, as told (trainers say no bye then)
                 self._drop_peer(peer, f"gone after being told to stop ({silent})" if peer.told_to_stop
                                 else f"declared dead ({silent})")
-        if self.cfg.checkpoint_every and now - self._last_checkpoint >= self.cfg.checkpoint_every \
+        if self.cfg.checkpoint_every and now - self.checkpoint_file.period_start >= self.cfg.checkpoint_every \
                 and self.started and not self.over:     # at the start barrier nothing has changed yet
             if self._would_replace_an_earlier_run_with_nothing():
-                self._last_checkpoint = now
-            elif self._checkpoint_content(self._checkpoint_extra()) == self._checkpointed_content:
+                self.checkpoint_file.period_start = now
+            elif self.checkpoint_file.unchanged(self.store.version, self._checkpoint_extra()):
                 # paused (every trainer gone, or a round waiting): the same file again, every period
-                self._last_checkpoint = now
+                self.checkpoint_file.period_start = now
                 log.debug("checkpoint not written: nothing changed since the last one (version %d)",
                           self.store.version)
             else:
@@ -1386,7 +1382,7 @@ class ParameterServer:
             self.t_finish_start = now
             # else the last periodic checkpoint stays: a state before the failure; tried again with
             # the run's other outputs if it fails (written already when training finished here)
-            if self.failure is None and self.checkpointed_version != self.store.version:
+            if self.failure is None and self.checkpoint_file.version != self.store.version:
                 self._checkpoint()
             for p in list(self.peers.values()):     # parked trainers learn it is over
                 if p.role == "trainer" and p.pending and p.parked_since:
@@ -1440,8 +1436,8 @@ class ParameterServer:
         try:
             # the end's checkpoint again once it can hold the final evaluation: the run's result is
             # then in it for --resume (no second wait for an evaluator) and for whoever loads it
-            if self.failure is None and (self.checkpointed_version != self.store.version
-                                         or (self.final_eval and not self.checkpointed_final_eval)):
+            if self.failure is None and (self.checkpoint_file.version != self.store.version
+                                         or (self.final_eval and not self.checkpoint_file.holds_final_eval)):
                 self._checkpoint(raise_errors=True)
             self._write_summary(now)
         except (OSError, PscnnError) as exc:
@@ -1454,7 +1450,7 @@ class ParameterServer:
             if now - self._final_write_since >= self.FINAL_WRITE_PATIENCE_S:
                 self.write_error = (f"the run's outputs could not be written to {self.cfg.out} for "
                                     f"{now - self._final_write_since:.0f} s: {text}; --resume would continue "
-                                    f"from {self._last_checkpoint_text()}")
+                                    f"from {self.checkpoint_file.last_text()}")
                 log.error("%s", self.write_error)
             self._final_write_next = now + self.FINAL_WRITE_RETRY_S
             return False
@@ -1575,15 +1571,15 @@ class ParameterServer:
         except (OSError, PscnnError) as exc:
             if raise_errors:
                 raise
-            self._last_checkpoint = time.monotonic()        # next try after the period
-            if self._checkpoint_failing is None:
+            self.checkpoint_file.period_start = time.monotonic()        # next try after the period
+            if self.checkpoint_file.failing is None:
                 log.warning("checkpoint not written: %s; the run goes on, and --resume would continue from %s",
-                            P.one_line(exc), self._last_checkpoint_text())
-            self._checkpoint_failing = str(exc)
+                            P.one_line(exc), self.checkpoint_file.last_text())
+            self.checkpoint_file.failing = str(exc)
             return False
-        if self._checkpoint_failing is not None:
+        if self.checkpoint_file.failing is not None:
             log.info("checkpoint written again (version %d)", self.store.version)
-            self._checkpoint_failing = None
+            self.checkpoint_file.failing = None
         return True
 
     def _would_replace_an_earlier_run_with_nothing(self) -> bool:
@@ -1591,15 +1587,7 @@ class ParameterServer:
         (this server started over, without --resume, and has applied no update).  That checkpoint
         stays: stopped at once, as its warning (unfinished_run_warning) advises, then started with
         --resume, the earlier run went on from version 0, every update it had made lost."""
-        return (self.store.version == 0 and not self.cfg.resume and self.checkpointed_version is None
-                and os.path.exists(os.path.join(self.cfg.out, CHECKPOINT_NAME)))
-
-    def _last_checkpoint_text(self) -> str:
-        if self.checkpointed_version is not None:
-            return f"version {self.checkpointed_version}, the last checkpoint written"
-        if os.path.exists(os.path.join(self.cfg.out, CHECKPOINT_NAME)):
-            return "the checkpoint there already (from before this server started)"
-        return "nothing: no checkpoint was written yet"
+        return self.store.version == 0 and not self.cfg.resume and self.checkpoint_file.from_before_this_server()
 
     def _checkpoint_extra(self) -> dict:
         """The checkpoint's meta besides the model's and the optimizer's: the run's state and history."""
@@ -1625,29 +1613,12 @@ class ParameterServer:
             extra["final_eval"] = checkpointable_metrics(self.final_eval)
         return extra
 
-    # Clocks run on while nothing else changes: a checkpoint that differs from the last only in
-    # them is not written again (a SIGKILL then loses the paused seconds from the run's clocks,
-    # not a batch; a stop writes one anyway)
-    CHECKPOINT_CLOCKS = ("train_seconds", "wall_seconds")
-
-    def _checkpoint_content(self, extra: dict) -> str:
-        """What a checkpoint of ``extra`` holds, its clocks left out: the version (the weights, the
-        model state and the optimizer's change only with it) and the rest of ``extra`` (the epoch
-        position, evaluations, counters)."""
-        held = {k: v for k, v in extra.items() if k not in self.CHECKPOINT_CLOCKS}
-        return json.dumps({"version": self.store.version, "extra": held}, sort_keys=True)
-
     def _write_checkpoint(self) -> None:
-        path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
         extra = self._checkpoint_extra()
         t = time.perf_counter()
         self.writer.replace_earlier()   # this run's checkpoint replaces the earlier run's: its records too
         self.writer.flush()     # every step record the checkpoint includes is on disk before it
-        save_model_checkpoint(path, self.store.model, self.store.optimizer, step=self.store.version, extra=extra)
-        self._last_checkpoint = time.monotonic()
-        self.checkpointed_version = self.store.version
-        self.checkpointed_final_eval = bool(self.final_eval)
-        self._checkpointed_content = self._checkpoint_content(extra)
+        self.checkpoint_file.write(self.store.model, self.store.optimizer, self.store.version, extra)
         log.info("checkpoint written: version %d, epoch %d (%d/%d batches) in %.0f ms", self.store.version,
                  self.work.epoch, len(self.work.applied), self.work.batches_per_epoch,
                  (time.perf_counter() - t) * 1e3)

@@ -1070,7 +1070,7 @@ def test_a_paused_run_does_not_rewrite_an_unchanged_checkpoint(in_process, caplo
 
     def period() -> int:
         """One more --checkpoint-every past: the checkpoints written so far."""
-        srv._housekeeping(srv._last_checkpoint + 1.5)
+        srv._housekeeping(srv.checkpoint_file.period_start + 1.5)
         return sum(r["kind"] == "checkpoint" for r in read_metrics(path.parent / "metrics.jsonl"))
 
     with caplog.at_level(logging.DEBUG, logger="pscnn.server"):
@@ -1087,13 +1087,13 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(in_process, 
     """A full disk at a periodic checkpoint ended the server: every update since the last
     checkpoint lost, the workers left waiting.  Training goes on; one warning; the next
     checkpoint that can be written is, and says so."""
-    import server.server as server_module
+    import server.checkpoints as checkpoints_module
     server = in_process(epochs=2)
     raw = _trainer(server)
     first = server.call(raw, P.WORK)
     assert server.call(raw, P.PUSH, push_body(first), grads_like(first.arrays)).body["ack"]["applied"]
     assert server.srv._checkpoint()
-    monkeypatch.setattr(server_module, "save_model_checkpoint", _disk_full)
+    monkeypatch.setattr(checkpoints_module, "save_model_checkpoint", _disk_full)
     with caplog.at_level(logging.INFO, logger="pscnn.server"):
         assert not server.srv._checkpoint() and not server.srv._checkpoint()
         task = server.call(raw, P.WORK)
@@ -1111,11 +1111,11 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(in_process, 
 def test_the_runs_outputs_wait_for_a_full_disk_for_a_while(in_process, monkeypatch, caplog, disk_freed):
     """At the end, outputs that cannot be written are tried again every FINAL_WRITE_RETRY_S for
     FINAL_WRITE_PATIENCE_S (time to free some space), then the server exits 1 saying so."""
-    import server.server as server_module
+    import server.checkpoints as checkpoints_module
     server = in_process(epochs=1, final_eval_timeout=0.0)
     srv = server.srv
     raw = _trainer(server)
-    monkeypatch.setattr(server_module, "save_model_checkpoint", _disk_full)
+    monkeypatch.setattr(checkpoints_module, "save_model_checkpoint", _disk_full)
     assert _push_all(server, raw) == srv.work.batches_per_epoch
     now = time.monotonic()
     srv.final_eval = {"test_accuracy": 0.5, "test_loss": 1.0}       # as if the evaluator had reported
