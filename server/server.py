@@ -85,6 +85,7 @@ from .peers import DroppedPeer, KeptReply, Peer, RecentIds
 from .results import PlotDrawing, staleness_summary, write_results
 from .resume import (check_resume_meta, joined_since_checkpoint, optimizer_trained_with, resume_checkpoint,
                      unfinished_run_warning)
+from .router import configure_router, raise_open_files_limit
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
 
@@ -93,18 +94,6 @@ log = logging.getLogger("pscnn.server")
 # Messages handled before housekeeping, and replies the server queues for one peer's connection
 # (see open): a burst that one pass drains is answered in full.
 BURST = 256
-# Messages queued from one peer's connection before ZeroMQ stops reading it (the peer's sends then
-# wait; nothing is lost): each may be a push of the model's size.  A client has one request in
-# flight per socket, resent only after a second of silence, and its heartbeats on a socket of their own.
-RECEIVE_QUEUE = 16
-# TCP keepalive probes on a peer's connections once they are silent for --peer-timeout, then one each
-# fifth of it, KEEPALIVE_PROBES unanswered closing them.  A host gone without closing its connections
-# (a power cut, a preempted VM, a cable cut for good) left them open for good, with nothing queued on
-# them for TCP to give up on: two file descriptors per vanished peer, for as long as the server ran.
-# A live host's kernel answers the probes, whatever its process does.
-KEEPALIVE_PROBES = 5
-# The longest idle time and interval Linux takes (a longer one fails every accept)
-KEEPALIVE_MAX_S = 32767
 # Dropped peers remembered (oldest forgotten first), so that a message from one, late from a
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
 DROPPED_MEMORY = 4096
@@ -116,43 +105,6 @@ CONTRIBUTORS_MEMORY = 4096
 # Why a trainer was dropped whose pushes were all NaN or Inf while another's are finite: its
 # count in summary.json's peers_dropped, and in pscnn run's report.
 DROPPED_FOR_NAN = "dropped for NaN or Inf pushes"
-
-# Connections a peer holds open at the server (its requests' socket and its heartbeats'), and the
-# file descriptors the server needs besides (its run folder's files, its log, ZeroMQ's own).
-CONNECTIONS_PER_PEER = 2
-FILES_BESIDES_PEERS = 64
-
-
-def raise_open_files_limit(max_workers: int) -> str | None:
-    """Raise this process's soft limit on open files, up to its hard limit, to what ``max_workers``
-    trainers and as many evaluators need; a warning if even the hard limit is short, else None.
-
-    Each connection takes a file descriptor.  At a soft limit of 256, 244 peers used them all;
-    the next ones were never answered (not even refused), status requests neither, ZeroMQ's
-    thread spun on the failing accept, and the checkpoint could not be written.
-    """
-    try:
-        import resource  # noqa: PLC0415  (POSIX; elsewhere the limit stays as it is)
-    except ImportError:
-        return None
-    needed = 2 * max_workers * CONNECTIONS_PER_PEER + FILES_BESIDES_PEERS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return None
-    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    except (ValueError, OSError):   # a hard limit the kernel caps lower (macOS): keep the soft one
-        pass
-    if soft >= needed:
-        return None
-    fit = max(1, (soft - FILES_BESIDES_PEERS) // (2 * CONNECTIONS_PER_PEER))
-    return (f"this server may open {soft} files at once (ulimit -n), but --max-workers {max_workers} "
-            f"{for_count(max_workers, 'trainer')} and as many evaluators need up to {needed}: peers beyond the limit "
-            f"would go unanswered and the checkpoint could not be written; raise the hard limit (ulimit -Hn) "
-            f"or run with --max-workers {fit}")
-
 
 def check_model_travels(spec: dict, arrays) -> None:
     """SpecError unless the messages that carry a model fit the protocol: the welcome (``spec``) and
@@ -350,24 +302,7 @@ class ParameterServer:
             curve.secure_server(self.sock, self.keys)
             self.authenticator = curve.start_authenticator(self.ctx, self.keys)
             self.refused_handshakes = curve.RefusedHandshakes(self.sock)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
-        self.sock.setsockopt(zmq.MAXMSGSIZE, P.max_frame_bytes(self.store.push_bytes))
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        # Replies queued for one peer (beyond BURST, ZeroMQ drops them).  Each pins the weights
-        # snapshot it carries, a model's size per version: with 10,000, a peer pulling while the
-        # run trained and never reading grew the server by a snapshot per version.  A client has
-        # one request in flight per socket, and resends it only after a second of silence.
-        self.sock.setsockopt(zmq.SNDHWM, BURST)
-        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
-        self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)     # see KEEPALIVE_PROBES
-        for option, seconds in ((zmq.TCP_KEEPALIVE_IDLE, self.cfg.peer_timeout),
-                                (zmq.TCP_KEEPALIVE_INTVL, self.cfg.peer_timeout / 5)):
-            self.sock.setsockopt(option, min(KEEPALIVE_MAX_S, max(1, math.ceil(seconds))))
-        self.sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
-        # No ZMQ_HEARTBEAT_IVL / _TIMEOUT, although they would close a cut-off peer's connections
-        # sooner (TCP gives one with unsent data up after ~15 minutes): with them libzmq 4.3.5 aborted the server
-        # ("Assertion failed: !_io_error", libzmq issues #4364, #4767) under a flapping cable,
-        # in 5 of 7 runs of tests/test_network.py's flapping test.
+        configure_router(self.sock, P.max_frame_bytes(self.store.push_bytes), self.cfg.peer_timeout, BURST)
         try:
             P.bind(self.sock, self.cfg.bind)
             # a run started over keeps the earlier run's files until it has an update of its own: stopped
