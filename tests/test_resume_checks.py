@@ -660,7 +660,7 @@ def test_an_evaluation_logged_after_the_checkpoint_keeps_the_history_in_time_ord
 
 def test_a_checkpoint_with_a_longer_history_than_kept_now_is_thinned_on_resume(tmp_path, monkeypatch, caplog):
     """A checkpoint written before the history was bounded holds every record: --resume thins it
-    to EVAL_HISTORY_CAP (the bests: the time to accuracy stays; the final; the newest), and adopts
+    to EvaluationHistory.CAP (the bests: the time to accuracy stays; the final; the newest), and adopts
     none of metrics.jsonl's records of the versions thinned out."""
     first = InProcess(tmp_path / "run", epochs=16)          # 160 updates, each one scored
     try:

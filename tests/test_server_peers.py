@@ -142,7 +142,7 @@ def test_an_evaluator_reporting_every_version_cannot_grow_the_history_past_its_b
 
 def test_a_long_stream_of_evaluations_is_kept_in_a_bounded_history(in_process, monkeypatch):
     """The history (in memory, in every checkpoint, in summary.json) kept every record: a week-long
-    run's 60,000, megabytes of JSON rewritten at every checkpoint.  Past EVAL_HISTORY_CAP it is
+    run's 60,000, megabytes of JSON rewritten at every checkpoint.  Past EvaluationHistory.CAP it is
     thinned: the bests (summary.json's time to accuracy is that of every record), the final one,
     the newest; metrics.jsonl keeps every record.  A version thinned out is not recorded again,
     by this server or by one resumed from its checkpoint (which would adopt the logged ones)."""
