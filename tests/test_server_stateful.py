@@ -155,8 +155,7 @@ class WorkAccounting(RuleBasedStateMachine):
             self._finish_honestly()
         finally:
             self.srv.writer.close()
-            if self.srv.plots is not None:
-                self.srv.plots.join()
+            self.srv.plots.join()
             self.folder.cleanup()
 
     # ------------------------------------------------------------------ what the server does
@@ -394,7 +393,7 @@ class WorkAccounting(RuleBasedStateMachine):
         work = self.srv.work
         if work.done:
             return
-        waiting = [b["batch"] for b, _, _ in self.srv.round_arrived.values()]
+        waiting = [b["batch"] for b, _, _ in self.srv.sync_round.arrived.values()]
         places = [*work.applied, *work.leases, *work.pending, *waiting]
         assert sorted(places) == list(range(BATCHES_PER_EPOCH)), \
             (f"applied {sorted(work.applied)}, leased {sorted(work.leases)}, pending {list(work.pending)}, "
@@ -405,7 +404,7 @@ class WorkAccounting(RuleBasedStateMachine):
     def a_sync_round_with_every_member_in_is_closed(self):
         if self.mode != "sync":
             return
-        members, arrived = self.srv.round_members, self.srv.round_arrived
+        members, arrived = self.srv.sync_round.members, self.srv.sync_round.arrived
         assert not (arrived and all(w in arrived for w in members)), (members, list(arrived))
         assert all(w in self.srv.peers for w in members), (members, list(self.srv.peers))
 
@@ -449,7 +448,7 @@ class WorkAccounting(RuleBasedStateMachine):
         if self.srv.failure is not None:    # NaN pushes enough to call the run diverged: it ends there
             return
         assert self.srv.work.done, (f"the run hung at epoch {self.srv.work.epoch}: {self.srv.work.progress()}, "
-                                    f"round {self.srv.round_members} {list(self.srv.round_arrived)}")
+                                    f"round {self.srv.sync_round.members} {list(self.srv.sync_round.arrived)}")
         assert sorted(self.applied) == [marker(e, b) for e in range(EPOCHS) for b in range(BATCHES_PER_EPOCH)]
 
 
