@@ -349,19 +349,29 @@ class Client:
         self.handshakes.close()
         if self.sock is not None:
             self.sock.close(linger=0)
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = self._dealer(P.MAX_MESSAGE_BYTES)
         # The same secret routing id on every socket: the server (ROUTER_HANDOVER) reaches us across
         # reconnects, and nobody else can claim it (pscnn.names.routing_id).
         self.sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        # No frame the protocol accepts is longer: a longer one is refused from its length prefix,
-        # closing the connection, before it takes our memory (as on the server, P.max_frame_bytes).
-        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        curve.secure_client(self.sock, self.keys)
         self.handshakes.watch(self.sock)
         P.connect(self.sock, self.endpoint)
+
+    def _dealer(self, max_message_bytes: int):
+        """A DEALER for the server, not yet connected, with what both of a client's sockets need.
+
+        No linger; reconnects from RECONNECT_IVL_MS, doubling up to RECONNECT_IVL_MAX_MS (without a
+        maximum ZeroMQ tries a server that is down every 100 ms for as long as it is down); frames up
+        to ``max_message_bytes``, no frame the protocol accepts being longer (a longer one is refused
+        from its length prefix, closing the connection, before it takes our memory, as on the
+        server: P.max_frame_bytes); CURVE with the client's keys, if it has them.
+        """
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        curve.secure_client(sock, self.keys)
+        return sock
 
     def _check_deadlines(self, msg: P.Message, now: float, t0: float, quiet_from: float, limit: float,
                          malformed: str | None, held_from: float, silence_limit: float) -> None:
@@ -535,13 +545,7 @@ class Client:
     def _heartbeats(self) -> None:
         """Background: a heartbeat every heartbeat_s on a socket of its own."""
         def open_socket():
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)     # an answer is a header alone (see _open)
-            # without a maximum ZeroMQ tries a server that is down every 100 ms for as long as it is
-            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-            curve.secure_client(sock, self.keys)
+            sock = self._dealer(P.MAX_HEADER_BYTES)     # a heartbeat's answer is a header alone
             P.connect(sock, self.endpoint)
             return sock
         sock = open_socket()
