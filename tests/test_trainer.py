@@ -1,4 +1,11 @@
 """worker.trainer.Trainer without sockets: what a step (real or synthetic, --compute-ms) pushes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,7 +15,7 @@ from cnn_core.data import batch_index
 from cnn_core.errors import DataError
 from cnn_core.model import build_model
 from pscnn import protocol as P
-from worker.client import BadReply
+from worker.client import STALL_S, BadReply
 from worker.trainer import Trainer
 
 
@@ -123,3 +130,57 @@ def test_a_model_with_fewer_outputs_than_the_labels_is_refused(mnist_dir):
     trainer = Trainer(SimpleNamespace(wid="w-1"), mnist_dir=mnist_dir)
     with pytest.raises(BadReply, match="the server's model has 5 outputs, but the labels go up to 9"):
         trainer.setup(welcome(spec))
+
+
+# Computes one batch of random images, stopping itself (SIGSTOP) in the middle; prints its push's
+# compute_s and the computation's wall time once continued.
+STOPPED_WHILE_COMPUTING = """
+import json, logging, os, signal, sys, time
+from types import SimpleNamespace
+import numpy as np
+sys.path.insert(0, "tests")
+from test_trainer import welcome
+from worker.trainer import Trainer
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+trainer = Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0)
+trainer.setup(welcome("light"))
+trainer.compute_ms = None                           # the real computation, on these images
+rng = np.random.default_rng(0)
+trainer.data = (rng.random((640, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 640))
+loss_and_grads = trainer.model.loss_and_grads
+
+def stopped_midway(x, y):
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return loss_and_grads(x, y)
+
+trainer.model.loss_and_grads = stopped_midway
+t0 = time.perf_counter()
+result, _ = trainer.compute({"epoch": 0, "batch": 1})
+print(json.dumps({"compute_s": result["compute_s"], "wall_s": time.perf_counter() - t0}))
+"""
+
+
+def test_a_trainer_stopped_while_it_computes_does_not_count_the_stop_as_computing():
+    """A trainer stopped (SIGSTOP, Ctrl-Z) in the middle of a batch reported the whole stop as its
+    compute_s: a 3-s stop of a worker computing 0.1-s batches gave a step record "compute_s": 3.09.
+    Stopped here for longer than STALL_S, its push reports the computation without the stop."""
+    stop_s = STALL_S + 1.0
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_WHILE_COMPUTING], cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(child.pid, os.WUNTRACED)       # until it stops itself (or exits: a failure)
+        assert os.WIFSTOPPED(status), child.communicate(timeout=30)
+        time.sleep(stop_s)                  # how long it stays stopped, not a measurement
+        os.kill(child.pid, signal.SIGCONT)
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err[-3000:]
+        timing = json.loads(out)
+        assert timing["wall_s"] >= stop_s, timing      # the stop fell inside the computation
+        assert timing["compute_s"] < stop_s, (timing, err[-3000:])
+        assert "did not run for" in err and "not counted as computing" in err, err[-3000:]
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
+            child.wait(10)

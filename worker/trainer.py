@@ -49,7 +49,7 @@ from cnn_core.text import for_count
 from pscnn import curve
 from pscnn import protocol as P
 
-from .client import (HELD_LIMIT_FACTOR, BadReply, Client, DroppedByServer, FailureStreak, Rejoined,
+from .client import (HELD_LIMIT_FACTOR, STALL_S, BadReply, Client, DroppedByServer, FailureStreak, Rejoined,
                      ServerError, ServerUnreachable, exit_status_unreachable, retry_delay)
 
 log = logging.getLogger("pscnn.worker")
@@ -333,7 +333,7 @@ class Trainer:
 
     def compute(self, body: dict) -> tuple[dict, dict]:
         """Gradient of one leased batch -> (push body fields, arrays)."""
-        t0 = time.perf_counter()
+        started = (time.perf_counter(), time.process_time())
         if self.compute_ms is not None:            # synthetic: a fixed compute time, zero gradients
             time.sleep(self.compute_ms / 1000)
             count = batch_length(self.run["num_samples"], self.run["batch_size"], body["batch"])
@@ -341,15 +341,30 @@ class Trainer:
                 self._zero_push = self.push_arrays({k: self.model.xp.zeros_like(v)
                                                     for k, v in self.model.params.items()})
                 self._zero_push.flat.flags.writeable = False
-            return ({"loss": 0.0, "correct": 0, "count": count, "compute_s": time.perf_counter() - t0},
-                    self._zero_push)
+            return ({"loss": 0.0, "correct": 0, "count": count,
+                     "compute_s": self._computing_s(started, asleep_s=self.compute_ms / 1000)}, self._zero_push)
         xb, yb = self.batch(body["epoch"], body["batch"])
         self.model.reseed((self.run["seed"], body["epoch"], body["batch"]))    # the batch's own dropout masks
         with np.errstate(over="ignore", invalid="ignore"):     # a NaN or Inf loss: refused as such (see evaluator)
             loss, logits, grads = self.model.loss_and_grads(xb, yb)
         correct = int((logits.argmax(axis=1) == yb).sum())
         return {"loss": loss, "correct": correct, "count": int(len(yb)),
-                "compute_s": time.perf_counter() - t0}, self.push_arrays(grads)
+                "compute_s": self._computing_s(started)}, self.push_arrays(grads)
+
+    def _computing_s(self, started: tuple, asleep_s: float = 0.0) -> float:
+        """Seconds a computation took since ``started`` (perf_counter, process_time), less the time
+        this process did not run meanwhile (SIGSTOP, Ctrl-Z, a suspended VM, starved of CPU): that
+        was not computing.  On the CPU a computation runs whenever it is not asleep (``asleep_s``:
+        --compute-ms's sleep), so wall time beyond both by STALL_S or more is such a pause (the
+        client's threshold for one); shorter gaps count as computing.  On a GPU the host may wait
+        on the device without using its CPU: the wall time stands."""
+        wall = time.perf_counter() - started[0]
+        stalled = wall - (time.process_time() - started[1]) - asleep_s
+        if self.device != "cpu" or stalled < STALL_S:
+            return wall
+        log.info("this process did not run for %.1f s while it computed a batch (stopped, suspended or "
+                 "starved of CPU); not counted as computing", stalled)
+        return wall - stalled
 
     def push_arrays(self, grads: dict) -> FlatArrays:
         """Gradients, then the model state, in one host buffer.
