@@ -1335,6 +1335,7 @@ class ParameterServer:
                 log.log(logging.WARNING if self.cfg.final_eval_timeout else logging.INFO,
                         "no final evaluation from an evaluator%s; scoring the final weights here",
                         f": the evaluator {self.evaluator_left}" if self.evaluator_left is not None else "")
+                scoring_from = time.monotonic()
                 try:
                     self.final_eval, self.final_eval_from = self._evaluate_here(), "the server"
                 except _ScoringInterrupted:
@@ -1342,6 +1343,7 @@ class ParameterServer:
                         return False                    # a stop: the loop stops, and checkpoints
                     log.info("the evaluator's final evaluation came in while the server scored the final "
                              "weights: it is the run's result")
+                now += time.monotonic() - scoring_from  # the summary comes after it: its wall_seconds count it
             if not self._write_final(now):
                 return self.write_error is not None     # trying again, or given up
             self.results_written_at = now
@@ -1369,12 +1371,13 @@ class ParameterServer:
         if now < self._final_write_next:
             return False
         try:
+            written_from = time.monotonic()
             # the end's checkpoint again once it can hold the final evaluation: the run's result is
             # then in it for --resume (no second wait for an evaluator) and for whoever loads it
             if self.failure is None and (self.checkpoint_file.version != self.store.version
                                          or (self.final_eval and not self.checkpoint_file.holds_final_eval)):
                 self._checkpoint(raise_errors=True)
-            self._write_summary(now)
+            self._write_summary(now + time.monotonic() - written_from)      # its wall_seconds: to the summary
         except (OSError, PscnnError) as exc:
             text = self.final_write_failing = P.one_line(exc)
             if self._final_write_since is None:
