@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,7 +326,9 @@ class HandshakeWatch:
     handshake says so.  EVENT_DISCONNECTED is not watched: unread events block the I/O thread, and
     so every socket of the context, once about 2000 are queued (libzmq 4.3.5), and it doubled their rate.
     For the same reason a plain client does not watch handshakes that failed without a reason
-    (:data:`PLAIN_HANDSHAKE_EVENTS`).
+    (:data:`PLAIN_HANDSHAKE_EVENTS`), and a client's heartbeats' thread reads the monitor between
+    requests (:meth:`drain`): a client with keys idle against a peer that accepts and closes got one
+    on each reconnect.
 
     ``keys``: the client's (None: plain).  One watch follows the sockets a client reopens
     (:meth:`watch`), counting handshakes that failed without a reason across them.
@@ -334,45 +337,69 @@ class HandshakeWatch:
     def __init__(self, endpoint: str, keys: ClientKeys | None):
         self.endpoint, self.keys = endpoint, keys
         self.sock = self.monitor = None
+        # The monitor is read by the thread making requests and, between them, by the heartbeats'
+        # (drain); a ZeroMQ socket is one thread's at a time.
+        self._lock = threading.Lock()
         self.silent_failures = 0            # since the last handshake that succeeded
         self.handshaken = False             # a handshake succeeded on the watched socket
+        self.remade = False                 # ... and another since, not yet said by check()
+        self.refusal: str | None = None     # a handshake refused for a reason, for check() to raise
 
     def watch(self, sock) -> None:
         """Watch ``sock`` (before it connects) instead of the socket watched so far."""
         self.close()
-        self.sock = sock
-        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS if self.keys is not None else PLAIN_HANDSHAKE_EVENTS)
-        self.handshaken = False
+        with self._lock:
+            self.sock = sock
+            self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS if self.keys is not None
+                                                   else PLAIN_HANDSHAKE_EVENTS)
+            self.handshaken = False
 
     def poll(self, timeout_ms: int) -> bool:
         """Wait up to ``timeout_ms`` for a message on the watched socket, or an event of its monitor
         (for :meth:`check` to read); whether a message is there."""
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
-        return self.sock in dict(poller.poll(timeout_ms))
+        with self._lock:
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
+            return self.sock in dict(poller.poll(timeout_ms))
+
+    def drain(self) -> None:
+        """Read what the monitor holds, for the next :meth:`check` to act on; at once, without reading
+        if another thread is reading it (a request in progress)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._read()
+            finally:
+                self._lock.release()
 
     def check(self) -> bool:
         """Raise :class:`HandshakeFailed` if a handshake failed for a reason that retrying cannot change;
         else whether the connection dropped and was made again since the last call."""
+        with self._lock:
+            self._read()
+        if self.refusal is not None:
+            raise HandshakeFailed(self.refusal)
+        if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT:
+            raise HandshakeFailed(
+                f"the CURVE handshake with {self.endpoint} failed {self.silent_failures} times in a row: "
+                f"the server could not read our hello; is {self.keys.folder / (SERVER_NAME + PUBLIC)} the "
+                "public key of this server (of its server.key_secret)?")
+        remade, self.remade = self.remade, False
+        return remade
+
+    def _read(self) -> None:
+        """Take in the events the monitor holds (the caller holds the lock)."""
         from zmq.utils.monitor import recv_monitor_message  # noqa: PLC0415
-        remade = False
         while self.monitor is not None and self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.silent_failures = 0
-                remade, self.handshaken = remade or self.handshaken, True
+                self.remade, self.handshaken = self.remade or self.handshaken, True
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.silent_failures += 1
-                if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT:
-                    raise HandshakeFailed(
-                        f"the CURVE handshake with {self.endpoint} failed {self.silent_failures} times in a row: "
-                        f"the server could not read our hello; is {self.keys.folder / (SERVER_NAME + PUBLIC)} the "
-                        "public key of this server (of its server.key_secret)?")
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                raise HandshakeFailed(self._failure(kind, value))
-        return remade
+                self.refusal = self.refusal or self._failure(kind, value)
 
     def _failure(self, kind: int, value: int) -> str:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -391,9 +418,10 @@ class HandshakeWatch:
 
     def close(self) -> None:
         """Stop watching (before the watched socket closes)."""
-        if self.monitor is not None:
-            _stop_monitor(self.sock, self.monitor)
-        self.sock = self.monitor = None
+        with self._lock:
+            if self.monitor is not None:
+                _stop_monitor(self.sock, self.monitor)
+            self.sock = self.monitor = None
 
 
 class RefusedHandshakes:

@@ -336,6 +336,21 @@ def test_a_connection_dropped_and_made_again_before_a_request_goes_costs_it_no_s
     assert net.send_times() == [0.0]
 
 
+def test_handshakes_failed_while_the_server_was_down_are_forgotten_once_one_succeeds(sim, tmp_path):
+    """A client with keys idle between requests: three handshakes failed without a reason (its server down
+    behind a proxy, say), then one succeeded (the server is back).  The next request read the third failure
+    and ended the client, saying its server.key might be the wrong key, before it read the success."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    client, net = sim(20, give_up_after=600.0, keys=curve.client_keys(tmp_path / "keys" / "client-0"))
+    client._open()
+    failed = monitor_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    succeeded = monitor_event(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    net.sockets[0].monitor.events += [failed] * curve.SILENT_FAILURES_LIMIT + [succeeded]
+    with pytest.raises(OverTime):       # resent on silence until the test's limit: no HandshakeFailed
+        client.request(P.WORK)
+    assert net.send_times()[0] == 0.0
+
+
 def test_a_request_whose_heartbeats_fall_silent_meanwhile_is_resent_on_the_silence_schedule(sim):
     """Heartbeats answered when the request went, then silence (the server restarted, or the
     cable was cut): the long spacing of resends on a live connection must not delay the
@@ -1162,6 +1177,31 @@ def test_a_plain_client_idle_between_requests_keeps_reconnecting_to_a_peer_that_
     client = clients(accept_and_close.endpoint)
     client._open()                      # the request socket, as between two requests
     enough = 2 * MONITOR_EVENTS_QUEUED_AT_MOST + 1
+    assert accept_and_close.wait_for_accepted(enough) >= enough, \
+        f"the client stopped reconnecting after {accept_and_close.accepted} connections"
+
+
+def _idle_with_heartbeats(client: Client) -> None:
+    """``client`` as between two requests after its welcome: its request socket open, and its heartbeats
+    sent every HEARTBEAT_MIN_S by their thread (no hello: nothing at the peer answers one)."""
+    client.heartbeat_s = client_module.HEARTBEAT_MIN_S
+    client._open()
+    client._hb_thread = threading.Thread(target=client._heartbeats, name="heartbeat", daemon=True)
+    client._hb_thread.start()
+
+
+def test_a_curve_client_idle_between_requests_keeps_reconnecting_and_its_heartbeats_going(
+        accept_and_close, clients, tmp_path):
+    """A client with keys idle between requests (an evaluator's --every) while its sockets reconnect to a peer
+    that accepts and closes (a proxy in front of a server that is down).  Each failed handshake of its request
+    socket is an event on its monitor, which was read only while a request went: once about 2000 were queued,
+    libzmq's I/O thread, every socket's of the process, waited, and both sockets stopped reconnecting (its
+    heartbeats with them) until the next request.  The heartbeats' thread reads the monitor now."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    client = clients(accept_and_close.endpoint, keys=curve.client_keys(tmp_path / "keys" / "client-0"))
+    _idle_with_heartbeats(client)
+    # the heartbeats' socket connects about as often as the request socket: both had stopped at ~4000 in all
+    enough = 4 * MONITOR_EVENTS_QUEUED_AT_MOST + 1
     assert accept_and_close.wait_for_accepted(enough) >= enough, \
         f"the client stopped reconnecting after {accept_and_close.accepted} connections"
 

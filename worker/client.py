@@ -554,6 +554,9 @@ class Client:
         waited_from = time.monotonic()          # when this pass's wait for the period began
         try:
             while not self._closing.wait(self.heartbeat_s):
+                # between requests nobody else reads the request socket's monitor, and a full one stops
+                # every socket of the process, this one too (curve.HandshakeWatch)
+                self.handshakes.drain()
                 try:
                     sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
                 except zmq.Again:               # its connection dropped for good (see _send): a new one
