@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,8 @@ import zmq.auth
 from zmq.utils import z85
 
 from cnn_core.errors import PscnnError
+from cnn_core.text import for_count
+from pscnn import protocol as P
 from pscnn.cli import given_flag
 
 log = logging.getLogger("pscnn.curve")
@@ -48,10 +52,17 @@ SERVER_NAME = "server"
 AUTHORIZED = "authorized"
 PUBLIC, SECRET = ".key", ".key_secret"
 KEY_CHARS = 40                  # a Z85-encoded 32-byte Curve25519 key
-# Handshakes that failed without a reason before a client with keys says so: one may be a
-# connection cut mid-handshake, a few in a row a server that cannot decrypt our hello
-# (the wrong server.key), which ZeroMQ reports no better.
+# Handshakes that failed without a reason before a client with keys looks into why: one may be a
+# connection cut mid-handshake, a few in a row a server that cannot decrypt our hello (the wrong
+# server.key), or a peer that closes every connection before the handshake (a proxy in front of a
+# server that is down), which ZeroMQ's monitor reports alike (:func:`first_byte`).
 SILENT_FAILURES_LIMIT = 3
+# How long a client waits for the first byte on the connection that tells those apart, and how
+# often it makes one while they go on.
+GREETING_TIMEOUT_S, GREETING_PROBE_EVERY_S = 0.5, 2.0
+# The first byte of ZeroMQ's greeting (ZMTP 3: a signature of 0xFF, 8 bytes, 0x7F), sent on every new
+# connection before anything is read.
+ZMTP_SIGNATURE_START = b"\xff"
 # Refused client keys the server names in its log, one line each; later ones are refused silently.
 REFUSALS_LOGGED = 100
 KEYS_HINT = "pscnn keys DIR makes DIR/server for the server and DIR/client-N for each client"
@@ -344,6 +355,8 @@ class HandshakeWatch:
         self.handshaken = False             # a handshake succeeded on the watched socket
         self.remade = False                 # ... and another since, not yet said by check()
         self.refusal: str | None = None     # a handshake refused for a reason, for check() to raise
+        self.probe_due = 0.0                # monotonic time from which silent failures are looked into again
+        self.closed_unheard_said = False    # the warning that the peer closes before its greeting, since a success
 
     def watch(self, sock) -> None:
         """Watch ``sock`` (before it connects) instead of the socket watched so far."""
@@ -379,13 +392,30 @@ class HandshakeWatch:
             self._read()
         if self.refusal is not None:
             raise HandshakeFailed(self.refusal)
-        if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT:
+        if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT \
+                and time.monotonic() >= self.probe_due:
+            self._silent_failures_checked()
+        remade, self.remade = self.remade, False
+        return remade
+
+    def _silent_failures_checked(self) -> None:
+        """Raise :class:`HandshakeFailed` if a ZeroMQ server answers at the endpoint, so that it is our
+        hello it could not read; log once if the peer closes connections before it says a word (a proxy
+        whose server is down: retried, as a server that is down is).  ZeroMQ's monitor says alike of both
+        (a handshake failed without a reason, then disconnected), so a connection of our own asks."""
+        self.probe_due = time.monotonic() + GREETING_PROBE_EVERY_S
+        address = P.tcp_address(self.endpoint)
+        first = first_byte(*address) if address is not None else ZMTP_SIGNATURE_START    # (ipc: no proxy between)
+        if first == ZMTP_SIGNATURE_START:
             raise HandshakeFailed(
                 f"the CURVE handshake with {self.endpoint} failed {self.silent_failures} times in a row: "
                 f"the server could not read our hello; is {self.keys.folder / (SERVER_NAME + PUBLIC)} the "
                 "public key of this server (of its server.key_secret)?")
-        remade, self.remade = self.remade, False
-        return remade
+        if first == b"" and not self.closed_unheard_said:
+            self.closed_unheard_said = True
+            log.warning("the connection to %s closed before the CURVE handshake began (%d %s in a row), "
+                        "without a byte of ZeroMQ's greeting: is the server down behind a proxy? retrying until it "
+                        "answers", self.endpoint, self.silent_failures, for_count(self.silent_failures, "time"))
 
     def _read(self) -> None:
         """Take in the events the monitor holds (the caller holds the lock)."""
@@ -394,7 +424,7 @@ class HandshakeWatch:
             event = recv_monitor_message(self.monitor)
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.silent_failures = 0
+                self.silent_failures, self.closed_unheard_said = 0, False
                 self.remade, self.handshaken = self.remade or self.handshaken, True
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.silent_failures += 1
@@ -422,6 +452,21 @@ class HandshakeWatch:
             if self.monitor is not None:
                 _stop_monitor(self.sock, self.monitor)
             self.sock = self.monitor = None
+
+
+def first_byte(host: str, port: str) -> bytes | None:
+    """The first byte a new TCP connection to ``host:port`` brings (a ZeroMQ socket's greeting starts with
+    ZMTP_SIGNATURE_START); b"" if the peer closed (or reset) it first; None if it was not made, or
+    nothing came within GREETING_TIMEOUT_S.  Closed before our greeting, it is a handshake failed without
+    a reason at a pscnn server, which does not log those (:class:`RefusedHandshakes`)."""
+    try:
+        with socket.create_connection((host, port), timeout=GREETING_TIMEOUT_S) as conn:
+            first = conn.recv(1)
+    except ConnectionResetError:
+        return b""
+    except OSError:                 # refused, unreachable, timed out, a name that does not resolve
+        return None
+    return first
 
 
 class RefusedHandshakes:

@@ -479,6 +479,16 @@ def connect(socket, endpoint: str) -> None:
         raise EndpointError(f"cannot connect to {endpoint}: {zmq.strerror(exc.errno)}") from None
 
 
+def tcp_address(endpoint: str) -> tuple[str, str] | None:
+    """The host (an IPv6 address without its brackets) and port of a ``tcp://[SOURCE;]HOST:PORT``
+    endpoint, as written; None for another scheme."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return None
+    host, _, port = rest.rpartition(";")[2].rpartition(":")
+    return host.strip("[]"), port
+
+
 # A message is a header and one payload frame per dtype; a ROUTER puts the
 # sender's routing id in front.
 MAX_FRAMES = 1 + len(ALLOWED_DTYPES)

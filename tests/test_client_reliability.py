@@ -31,6 +31,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from helpers import one_line_naming
 from pscnn import curve
 from pscnn import protocol as P
 from worker import client as client_module
@@ -1204,6 +1205,25 @@ def test_a_curve_client_idle_between_requests_keeps_reconnecting_and_its_heartbe
     enough = 4 * MONITOR_EVENTS_QUEUED_AT_MOST + 1
     assert accept_and_close.wait_for_accepted(enough) >= enough, \
         f"the client stopped reconnecting after {accept_and_close.accepted} connections"
+
+
+def test_a_curve_client_whose_connections_close_before_a_greeting_is_not_told_its_key_is_wrong(
+        accept_and_close, clients, tmp_path, caplog):
+    """The same peer, a proxy in front of a server that is down, is not a server that could not read our
+    hello: ZeroMQ's monitor says alike of both (a handshake failed without a reason, then disconnected), and
+    the next request ended the client, saying server.key might be the wrong key.  It is retried as a server
+    that is down is, and one line says what was seen."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    client = clients(accept_and_close.endpoint, give_up_after=1.0,
+                     keys=curve.client_keys(tmp_path / "keys" / "client-0"))
+    _idle_with_heartbeats(client)
+    accept_and_close.wait_for_accepted(100)         # a few dozen handshakes failed, each on a new connection
+    with caplog.at_level(logging.WARNING, logger="pscnn.curve"), pytest.raises(ServerUnreachable):
+        client.request(P.WORK)
+    said = [r.getMessage() for r in caplog.records if r.name == "pscnn.curve"]
+    assert len(said) == 1, said
+    one_line_naming(said[0], accept_and_close.endpoint, "closed before the CURVE handshake began",
+                    "without a byte of ZeroMQ's greeting", "behind a proxy")
 
 
 class SlowToNotice(threading.Event):

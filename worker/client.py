@@ -638,10 +638,10 @@ def unresolved_host(endpoint: str, timeout: float = 2.0) -> str | None:
     is left to it (None): its lookup runs in a thread, so a slow DNS neither holds up
     the start nor a SIGTERM, which waits for the main thread's call to return.
     """
-    scheme, _, rest = endpoint.partition("://")
-    if scheme != "tcp":
+    address = P.tcp_address(endpoint)
+    if address is None:
         return None
-    host = rest.rpartition(":")[0].rpartition(";")[2].strip("[]")     # (tcp://SOURCE;HOST:PORT)
+    host = address[0]
     problems: list[str] = []
 
     def look_up() -> None:
