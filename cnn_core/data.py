@@ -59,6 +59,7 @@ __all__ = [
     "batch_index",
     "batch_length",
     "iterate_batches",
+    "training_set_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -889,6 +890,15 @@ def batch_index(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool 
     perm = epoch_permutation(n, seed, epoch)
     stop = len(perm) - len(perm) % batch_size if drop_last else len(perm)
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def training_set_size(train_limit: int) -> int:
+    """The images a run trains on: MNIST's training set, or its first ``train_limit`` (0: all).
+
+    Known before the data is read (:func:`load_mnist` refuses a file of another count), so a run's
+    length, and what depends on it, is checked before 47 MB are read."""
+    size = MNIST_FILES["train-images"]["count"]
+    return min(train_limit or size, size)
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:

@@ -60,7 +60,8 @@ from tqdm import tqdm
 
 from .checkpoint import save_model_checkpoint
 from .config import is_integer, is_number
-from .data import MNIST_FILES, NUM_CLASSES, batch_length, batches_per_epoch, iterate_batches, load_mnist
+from .data import (MNIST_FILES, NUM_CLASSES, batch_length, batches_per_epoch, iterate_batches, load_mnist,
+                   training_set_size)
 from .errors import ConfigError, PscnnError, ShapeError, SpecError
 from .flat import all_finite
 from .metrics import evaluate
@@ -217,12 +218,15 @@ def train(config: dict, progress: bool = True) -> dict:
     # Build the model before reading 47 MB of data: a bad spec or a missing GPU fails at once.
     model = build_model(cfg["model"], seed=cfg["seed"], device=cfg["device"])
     check_model_fits_mnist(model)
-    x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None, progress=progress)
-    x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None, progress=progress)
-    check_batches_fit(model, len(x_train), cfg["batch_size"])
-    planned_updates = cfg["epochs"] * batches_per_epoch(len(x_train), cfg["batch_size"])   # as iterate_batches
+    # The run's length is known before the data is read (load_mnist refuses a file of another
+    # count): a bad optimizer flag failed only after the 47 MB were read (or downloaded).
+    num_train = training_set_size(cfg["train_limit"])
+    check_batches_fit(model, num_train, cfg["batch_size"])
+    planned_updates = cfg["epochs"] * batches_per_epoch(num_train, cfg["batch_size"])   # as iterate_batches
     optimizer = _build_optimizer(cfg["optimizer"], planned_updates)
     cfg["optimizer"] = optimizer.config()    # every hyperparameter, defaults and schedule lengths filled in
+    x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None, progress=progress)
+    x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None, progress=progress)
 
     out_dir = Path(cfg["out"])
     writer = RunWriter(out_dir, cfg)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cnn_core.config import is_number
+from cnn_core.data import training_set_size
 from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import (SUMMARY_FILE, TIMELINE_PARTS, RunLogError, check_folder_free, make_folder,
                              time_shares_text, worker_time_shares)
@@ -33,7 +34,7 @@ from cnn_core.text import for_count
 from cnn_core.training import classes_scored, format_number, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
-from server.config import config_from_args, training_set_size
+from server.config import config_from_args
 from server.resume import CHECKPOINT_NAME, checkpoint_version, summary_after_checkpoint, unfinished_run_warning
 from server.server import DROPPED_FOR_NAN, ParameterServer, check_model_travels
 from worker.client import DroppedByServer, query_status

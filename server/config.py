@@ -3,15 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cnn_core.data import batches_per_epoch
+from cnn_core.data import batches_per_epoch, training_set_size
 from pscnn.cli import DEFAULT_FINAL_EVAL_TIMEOUT, DEFAULT_STALENESS
-
-MNIST_TRAIN_SIZE = 60_000
-
-
-def training_set_size(train_limit: int) -> int:
-    """The images a run trains on: MNIST's training set, or its first ``train_limit`` (0: all)."""
-    return min(train_limit or MNIST_TRAIN_SIZE, MNIST_TRAIN_SIZE)
 
 
 @dataclass

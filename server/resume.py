@@ -13,7 +13,7 @@ import re
 
 from cnn_core.checkpoint import load_checkpoint
 from cnn_core.config import is_integer, is_number
-from cnn_core.data import batches_per_epoch
+from cnn_core.data import batches_per_epoch, training_set_size
 from cnn_core.errors import CheckpointError, PscnnError
 from cnn_core.model import PRESETS, build_model
 from cnn_core.optim import build_optimizer
@@ -22,7 +22,7 @@ from cnn_core.text import for_count
 from pscnn.cli import MAX_SEED, MODES
 from pscnn.protocol import one_line
 
-from .config import ServerConfig, training_set_size
+from .config import ServerConfig
 from .eval_report import metrics_problem
 
 # The server's logger: a resume's lines are the server's

@@ -64,6 +64,7 @@ import numpy as np
 import zmq
 
 from cnn_core.checkpoint import load_model_checkpoint
+from cnn_core.data import training_set_size
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.flat import FlatArrays
 from cnn_core.model import resolve_spec
@@ -77,7 +78,7 @@ from pscnn.names import name_problem, without_route_token
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .checkpoints import CheckpointFile
-from .config import ServerConfig, config_from_args, training_set_size
+from .config import ServerConfig, config_from_args
 from .consistency import SyncRound, ssp_floor, ssp_start_clock, ssp_within_bound
 from .eval_report import checkpointable_metrics, metrics_problem
 from .evaluations import EvaluationHistory, evaluation_record, final_evaluation_settled, log_evaluation

@@ -227,6 +227,28 @@ def test_missing_mnist_files_one_line_error(tmp_path):
     assert not out.exists(), "a failed start must not leave a run folder"
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--momentum", "1.5"], "sgd: momentum must lie in [0.0, 1.0), got 1.5"),
+    (["--schedule", '{"name": "cosine", "min_lr": 1}'], "cosine schedule: min_lr must lie in [0, lr=0.02], got 1"),
+    (["--schedule", '{"name": "step", "gamma": 5}'], "step schedule: gamma must be in (0, 1], got 5"),
+    (["--optimizer", "adamw", "--weight-decay", "2000"], "adamw: lr * weight_decay must be below 1"),
+    (["--model", '{"input_shape": [1, 28, 28], "layers": [{"type": "conv2d", "out_channels": 4, "kernel": 3}, '
+                 '{"type": "relu"}, {"type": "maxpool2d", "kernel": 26}, {"type": "batchnorm2d", "name": "bn"}, '
+                 '{"type": "flatten"}, {"type": "dense", "units": 10}]}', "--train-limit", "65"],
+     "an epoch of 65 training images in batches of 64 ends with a batch of 1"),
+])
+def test_a_bad_optimizer_or_batch_setting_is_refused_before_mnist_is_read(tmp_path, flags, fragment):
+    """The optimizer (its "auto" schedule lengths need the run's length) and the batches were checked
+    only after both MNIST sets were read, or downloaded: a second later, or minutes.  MNIST_DIR names
+    an empty folder here, so reading it would fail first, on the missing files."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    proc = pscnn_train(["--out", str(out), *flags], env=clean_env(MNIST_DIR=str(empty)))
+    exit_error_line(proc, 1, fragment, alone=True)
+    assert not out.exists(), "a refused flag must not leave a run folder"
+
+
 @pytest.mark.parametrize("model, fragment", [
     ("nosuch", "unknown model preset 'nosuch'"),
     ('{"input_shape": [1, 28, 28], "layers": [{"type": "warp"}]}', "unknown layer type 'warp'"),

@@ -74,8 +74,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os  # noqa: PLC0415
 
+    from cnn_core.data import training_set_size  # noqa: PLC0415
     from pscnn.launcher import check_workers_have_batches  # noqa: PLC0415
-    from server.config import training_set_size  # noqa: PLC0415
     workers = parse_list(args.workers, int, given_flag("workers"), low=1)
     modes = parse_list(args.mode, str, given_flag("mode"), choices=MODES)
     if args.staleness is not None and "ssp" not in modes:
