@@ -1710,25 +1710,27 @@ def serve_from_args(args) -> int:
 
     The server reads the test set only to score the final weights itself when
     no evaluator does.  A folder given for it (--mnist-dir, MNIST_DIR) is read
-    now, so that a missing or corrupt file is a one-line error at the start,
-    not a run that ends with no test accuracy.
+    at the start, so that a missing or corrupt file is a one-line error then,
+    not a run that ends with no test accuracy; after the flags are checked
+    (building the server checks them all), which it used to precede.
     """
     cfg = config_from_args(args)
+    if not (getattr(args, "auto_resume", False) and not cfg.resume and unfinished_run_warning(cfg.out)):
+        server = ParameterServer(cfg)
+    else:
+        # A server restarted after a crash (Compose's restart: on-failure) continues its run:
+        # starting over would replace the checkpoint within --checkpoint-every.
+        log.info("--auto-resume: %s holds an unfinished run; continuing it", cfg.out)
+        try:
+            server = ParameterServer(replace(cfg, resume=True))
+        except CheckpointError as exc:
+            # Compose restarts a server that exits 1 (a bounded number of times): the same line each time,
+            # so it names every way out, in the variables' names too
+            raise CheckpointError(f"--auto-resume: cannot continue the unfinished run in {cfg.out}: "
+                                  f"{str(exc).removeprefix('--resume: ')}. To start over instead, replacing that "
+                                  f"checkpoint, run with --no-auto-resume (PSCNN_AUTO_RESUME=0); to keep it, give "
+                                  f"another --out (PSCNN_OUT)") from None
     if cfg.mnist_dir is not None or os.environ.get("MNIST_DIR"):
         from cnn_core.data import load_mnist  # noqa: PLC0415
         load_mnist("test", mnist_dir=cfg.mnist_dir, limit=cfg.test_limit or None, download=False)
-    if not (getattr(args, "auto_resume", False) and not cfg.resume and unfinished_run_warning(cfg.out)):
-        return ParameterServer(cfg).serve()
-    # A server restarted after a crash (Compose's restart: on-failure) continues its run:
-    # starting over would replace the checkpoint within --checkpoint-every.
-    log.info("--auto-resume: %s holds an unfinished run; continuing it", cfg.out)
-    try:
-        server = ParameterServer(replace(cfg, resume=True))
-    except CheckpointError as exc:
-        # Compose restarts a server that exits 1 (a bounded number of times): the same line each time,
-        # so it names every way out, in the variables' names too
-        raise CheckpointError(f"--auto-resume: cannot continue the unfinished run in {cfg.out}: "
-                              f"{str(exc).removeprefix('--resume: ')}. To start over instead, replacing that "
-                              f"checkpoint, run with --no-auto-resume (PSCNN_AUTO_RESUME=0); to keep it, give "
-                              f"another --out (PSCNN_OUT)") from None
     return server.serve()

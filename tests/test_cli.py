@@ -163,6 +163,27 @@ def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys, se
     error_line(capsys.readouterr().err, "--wait-for-workers 5 exceeds --max-workers 2", alone=True)
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--momentum", "1.5"], "sgd: momentum must lie in [0.0, 1.0), got 1.5"),
+    (["--model", '{"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 5}]}'],
+     "outputs 5 values, but MNIST has 10 classes"),
+    (["--keys", "no-such-keys"], "--keys no-such-keys: no such folder"),
+    (["--resume"], "--resume: no checkpoint at"),
+])
+def test_a_bad_server_flag_is_refused_before_the_test_set_is_read(tmp_path, capsys, monkeypatch, flags, needle,
+                                                                  server_must_not_serve):
+    """The server reads the test set at its start where MNIST_DIR is set, and did so before building
+    itself, which checks the flags: MNIST_DIR names an empty folder here, whose error came first."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("MNIST_DIR", str(empty))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["server", *flags, "--bind", "tcp://127.0.0.1:1", "--out", str(out)]) == 1
+    error_line(capsys.readouterr().err, needle, alone=True)
+    assert not out.exists()
+
+
 def test_an_allocation_numpy_refuses_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     # A spec within its limits still asks for its per-image values times the batch, a BatchNorm
     # model's whole batch at once: NumPy's MemoryError came out as a traceback.
