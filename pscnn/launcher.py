@@ -36,7 +36,7 @@ from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from server.config import config_from_args
 from server.resume import CHECKPOINT_NAME, checkpoint_version, summary_after_checkpoint, unfinished_run_warning
-from server.server import DROPPED_FOR_NAN, ParameterServer, check_model_travels
+from server.server import DROPPED_FOR_NAN, ParameterServer, checked_store
 from worker.client import DroppedByServer, query_status
 from worker.trainer import check_local_setup
 
@@ -307,9 +307,6 @@ def check_run_args(args):
     """What the server would refuse, checked before any process starts: one line from ``pscnn run``
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
     instead of the server's log tail.  Returns the server's config (a ServerConfig)."""
-    from cnn_core.model import resolve_spec  # noqa: PLC0415
-    from cnn_core.training import check_batches_fit  # noqa: PLC0415
-    from server.store import ParameterStore  # noqa: PLC0415
     from pscnn.cli import CliError, given_flag, overlap_refused  # noqa: PLC0415
     # given_flag: a flag the user did not type may come from its PSCNN_<FLAG> variable, which is then named
     if args.workers > args.max_workers:
@@ -333,9 +330,7 @@ def check_run_args(args):
     if getattr(args, "overlap", False) and args.mode != "async":
         raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
-    store = ParameterStore(resolve_spec(cfg.model), cfg.optimizer, seed=cfg.seed)     # model and optimizer
-    check_model_travels(store.model.spec, store.snapshot()[1])
-    check_batches_fit(store.model, training_set_size(cfg.train_limit), cfg.batch_size)
+    checked_store(cfg)                              # the model and the optimizer, as the server checks them
     check_workers_have_batches(args.workers, training_set_size(cfg.train_limit), cfg.batch_size,
                                given_flag("workers"), given_flag("batch_size"))
     return cfg

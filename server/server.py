@@ -128,6 +128,26 @@ def check_model_travels(spec: dict, arrays) -> None:
             raise SpecError(f"model spec: the server could not send this model to its workers: {exc}") from None
 
 
+def checked_store(cfg: ServerConfig) -> ParameterStore:
+    """The run's model and optimizer, built from ``cfg`` and checked as the server needs them:
+    ConfigError or SpecError, one line, for what it refuses.
+
+    The server's own checks, which ``pscnn run`` makes too before it starts a process
+    (:func:`pscnn.launcher.check_run_args`): a copy of them there had fallen behind (a model
+    whose output width is not MNIST's was refused only by the server it had started).
+    """
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
+    if cfg.wait_for_workers > cfg.max_workers:
+        raise ConfigError(f"--wait-for-workers {cfg.wait_for_workers} exceeds --max-workers {cfg.max_workers}: "
+                          "the run could never start with all of them")
+    store = ParameterStore(resolve_spec(cfg.model), cfg.optimizer, seed=cfg.seed)
+    check_model_fits_mnist(store.model)      # else the first push fails, as a label range error
+    check_batches_fit(store.model, training_set_size(cfg.train_limit), cfg.batch_size)  # else a worker fails mid-epoch
+    check_model_travels(store.model.spec, store.snapshot()[1])
+    return store
+
+
 class _ScoringInterrupted(Exception):
     """A stop, or an evaluator's final report, came while the server scored the final weights itself
     (see _between_scoring_batches)."""
@@ -135,19 +155,10 @@ class _ScoringInterrupted(Exception):
 
 class ParameterServer:
     def __init__(self, cfg: ServerConfig):
-        if cfg.mode not in MODES:
-            raise ConfigError(f"unknown mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
-        if cfg.wait_for_workers > cfg.max_workers:
-            raise ConfigError(f"--wait-for-workers {cfg.wait_for_workers} exceeds --max-workers {cfg.max_workers}: "
-                              "the run could never start with all of them")
+        self.store = checked_store(cfg)
         self.cfg = cfg
         self.num_samples = training_set_size(cfg.train_limit)
-        self.spec = resolve_spec(cfg.model)
-        self.store = ParameterStore(self.spec, cfg.optimizer, seed=cfg.seed)
-        check_model_fits_mnist(self.store.model)      # else the first push fails, as a label range error
-        check_batches_fit(self.store.model, self.num_samples, cfg.batch_size)   # else a worker fails mid-epoch
         self.spec = self.store.model.spec
-        check_model_travels(self.spec, self.store.snapshot()[1])
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
         self.incarnation = uuid.uuid4().hex[:12]
         self.run_id = uuid.uuid4().hex[:12]         # a resumed run's is its checkpoint's (_resume)

@@ -89,6 +89,20 @@ def test_a_model_the_protocol_cannot_carry_is_refused_before_anything_starts(spe
     assert needle in capsys.readouterr().err and not out.exists()
 
 
+def test_a_model_of_the_wrong_output_width_is_refused_by_pscnn_run_before_anything_starts(tmp_path):
+    """pscnn run checked the model with a copy of the server's checks that lacked this one: it made the
+    run folder and started every child, and the server's exit 1 was the report.  MNIST_DIR names an
+    empty folder: reading it, or starting the workers, would fail on that first."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    spec = json.dumps({"input_shape": [1, 28, 28], "layers": [{"type": "flatten"}, {"type": "dense", "units": 5}]})
+    proc = cli("run", "--model", spec, "--out", out, "--no-progress", "--workers", "1", env={"MNIST_DIR": empty})
+    exit_error_line(proc, 1, "pscnn: error: model spec: the last layer 'dense1' outputs 5 values, but MNIST has "
+                    "10 classes", alone=True)
+    assert not out.exists()
+
+
 def test_a_child_started_as_python_m_reports_a_bad_flag_in_one_line(tmp_path):
     # `python -m pscnn.cli` is __main__; the server imports pscnn.cli: two CliError classes before the fix
     proc = cli("server", "--schedule", "{bad", "--bind", f"tcp://127.0.0.1:{launcher.free_port()}",
