@@ -82,15 +82,21 @@ def wait_for(predicate, timeout: float, what: str = "condition", interval: float
         time.sleep(interval)
 
 
+def flag_with(flag: str, value) -> str:
+    """``--flag=VALUE``, one word: a child's parser took a VALUE that begins with ``-`` (``--out=-run``)
+    for a flag of its own, and refused the run it was started for."""
+    return f"{flag}={value}"
+
+
 def flags_from(args, dests) -> list[str]:
-    """argparse values -> command-line flags (None skipped, booleans as bare flags)."""
+    """argparse values -> command-line flags (None skipped, booleans as bare flags, :func:`flag_with`)."""
     out = []
     for dest in dests:
         value = getattr(args, dest, None)
         if value is None or value is False:
             continue
         flag = "--" + dest.replace("_", "-")
-        out += [flag] if value is True else [flag, str(value)]
+        out.append(flag if value is True else flag_with(flag, value))
     return out
 
 
@@ -176,7 +182,7 @@ class LocalCluster:
                                  *flags])
 
     def _keys_flag(self, name: str) -> list[str]:
-        return ["--keys", str(self.keys / name)] if self.keys is not None else []
+        return [flag_with("--keys", self.keys / name)] if self.keys is not None else []
 
     def status(self, timeout: float = 1.0) -> dict | None:
         return query_status(self.endpoint, timeout, self.status_keys)
@@ -470,7 +476,7 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
     from tqdm import tqdm  # noqa: PLC0415
     client_flags = ["--device", args.device, "--threads", str(args.threads), "--log-level", args.log_level]
     if args.mnist_dir:
-        client_flags += ["--mnist-dir", args.mnist_dir]
+        client_flags.append(flag_with("--mnist-dir", args.mnist_dir))
     if args.no_evaluator:           # none will come: the server scores the final weights itself, at once
         args.final_eval_timeout = 0.0
     if args.wait_for_workers is None:   # every worker starts from the first version, in the same round

@@ -168,7 +168,7 @@ def test_pscnn_run_hands_the_file_spec_to_its_server_as_json(tmp_path, monkeypat
     spec_file.write_text(json.dumps(TINY_SPEC, indent=2))
     flags = server_flags_of(monkeypatch, ["run", "--model", str(spec_file), "--out", str(tmp_path / "run"),
                                           "--no-progress"])
-    assert json.loads(flags[flags.index("--model") + 1]) == TINY_SPEC      # the spec, not a path
+    assert json.loads(parse_args(["server", *flags], {}).model) == TINY_SPEC      # the spec, not a path
 
 
 @pytest.mark.parametrize("name,content,needle", [
@@ -201,7 +201,8 @@ def test_a_limit_above_the_sets_size_is_said_once_and_handed_on_capped(tmp_path,
     monkeypatch.setenv("PSCNN_TEST_LIMIT", "20000")
     flags = server_flags_of(monkeypatch, ["run", "--train-limit", "100000", "--out", str(tmp_path / "run"),
                                           "--no-progress"])
-    assert flags[flags.index("--train-limit") + 1] == "60000" and flags[flags.index("--test-limit") + 1] == "10000"
+    server = parse_args(["server", *flags], {})
+    assert (server.train_limit, server.test_limit) == (60000, 10000)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == [
         "pscnn: warning: --train-limit 100000 asks for more than the 60,000 training images: using all 60,000",
@@ -582,6 +583,29 @@ def test_pscnn_run_hands_the_json_warmup_to_its_server_untouched():
     args = parse_args(["run", "--schedule", '{"name": "constant", "warmup_steps": 100}'], {})
     server_argv = ["server", *launcher.flags_from(args, launcher.SERVER_FLAGS)]
     assert schedule(server_argv) == {"name": "constant", "warmup_steps": 100}
+
+
+def test_pscnn_run_hands_its_children_values_that_begin_with_a_dash(tmp_path, monkeypatch, mnist_file_names):
+    """``--out=-run``: each child got ``--out -run``, which its parser took for a flag of its own, and
+    refused (exit 2) after pscnn run had started them all."""
+    monkeypatch.chdir(tmp_path)
+    Path("-mnist").symlink_to(mnist_file_names)
+    started = {}
+
+    class Recording(launcher.LocalCluster):
+        def start(self, name, argv, prefix=()):
+            started[name] = argv
+            if name == "evaluator":             # the last one: nothing was started
+                raise RuntimeError("every child's command line made")
+    monkeypatch.setattr(launcher, "LocalCluster", Recording)
+    with pytest.raises(RuntimeError, match="every child's command line made"):
+        main(["run", "--out=-run", "--mnist-dir=-mnist", "--curve", "--workers", "1", "--model", "light",
+              "--no-progress"])
+    assert sorted(started) == ["evaluator", "server", "worker-0"]
+    children = {name: parse_args(argv, {}) for name, argv in started.items()}
+    assert (children["server"].out, children["server"].mnist_dir) == ("-run", "-mnist")
+    for name in ("worker-0", "evaluator"):
+        assert (children[name].mnist_dir, children[name].keys) == ("-mnist", f"-run/keys/{name}")
 
 
 @pytest.mark.parametrize("argv,environ", [

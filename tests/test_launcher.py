@@ -400,7 +400,13 @@ class RecordingCluster:
 
 
 def flag_value(flags: list[str], flag: str) -> str | None:
-    return flags[flags.index(flag) + 1] if flag in flags else None
+    """The value a child's command line gives ``flag``, as ``--flag VALUE`` or ``--flag=VALUE``; None if none."""
+    for i, word in enumerate(flags):
+        if word == flag:
+            return flags[i + 1]
+        if word.startswith(flag + "="):
+            return word[len(flag) + 1:]
+    return None
 
 
 @pytest.fixture
