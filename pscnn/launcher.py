@@ -440,21 +440,23 @@ def run_from_args(args) -> int:
     # A folder another run (or server) writes: its server refused it, but only after this run's
     # clients had started and its logs had gone into that run's logs/, whose tail was then the report.
     check_folder_free(args.out)
-    # The training set (the workers') and the test set (the evaluator's, or the server's to score the
-    # final weights with --no-evaluator), checked as they would at their start: a bad MNIST folder is
-    # one line, before any process starts, not the log tails of children that all died.
-    for split in ("train", "test"):
-        check_local_setup(args.device, args.mnist_dir, split, progress=not args.no_progress)
     trained = scored = False
-    warning = None
     if args.resume:     # every check the server's --resume makes, here, before anything starts
         resumed = ParameterServer(cfg)
         trained, scored = resumed.work.done, resumed.final_eval is not None
-    elif (warning := unfinished_run_warning(args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):
-        # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
-        _say(f"pscnn run: {warning}")
     if args.port:                       # else the cluster takes a port that was free a moment ago
         check_port_free(local_endpoint(args.port))
+    # The training set (the workers') and the test set (the evaluator's, or the server's to score the
+    # final weights with --no-evaluator), checked as they would at their start: a bad MNIST folder is
+    # one line, before any process starts, not the log tails of children that all died.  After the
+    # flags' checks (--resume, --port above): this may download MNIST.
+    for split in ("train", "test"):
+        check_local_setup(args.device, args.mnist_dir, split, progress=not args.no_progress)
+    warning = None
+    if not args.resume and (warning := unfinished_run_warning(
+            args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):
+        # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
+        _say(f"pscnn run: {warning}")
     # (an unreadable checkpoint is warned of too, but no --resume continues it)
     outputs = RunOutputs(args.out, args.resume, earlier_unfinished=warning is not None
                          and bool(checkpoint_version(args.out)))

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,25 @@ def test_a_model_of_the_wrong_output_width_is_refused_by_pscnn_run_before_anythi
     proc = cli("run", "--model", spec, "--out", out, "--no-progress", "--workers", "1", env={"MNIST_DIR": empty})
     exit_error_line(proc, 1, "pscnn: error: model spec: the last layer 'dense1' outputs 5 values, but MNIST has "
                     "10 classes", alone=True)
+    assert not out.exists()
+
+
+def test_pscnn_run_refuses_a_resume_or_a_port_it_cannot_use_before_it_looks_for_mnist(tmp_path):
+    """--resume without a checkpoint and a --port taken were refused after the MNIST check, which
+    downloads the files where MNIST_DIR is not set.  MNIST_DIR names an empty folder here, whose
+    error came first."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    proc = cli("run", "--resume", "--out", out, "--no-progress", env={"MNIST_DIR": empty})
+    exit_error_line(proc, 1, f"pscnn: error: --resume: no checkpoint at {out}/checkpoint.npz", alone=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("run", "--port", port, "--out", out, "--no-progress", env={"MNIST_DIR": empty})
+    exit_error_line(proc, 1, f"pscnn: error: cannot bind tcp://127.0.0.1:{port}: ", "leave --port out",
+                    alone=True)
     assert not out.exists()
 
 
