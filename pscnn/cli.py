@@ -888,13 +888,18 @@ def setup_logging(level: str, role: str) -> None:
 
 
 def check_run_folder(flag: str, path: str) -> None:
-    """RunLogError (exit 1) if ``path`` is a file: mkdir would say no more than "File exists".
-
-    (A file among its parents already gets "cannot write: Not a directory".)
-    """
+    """RunLogError (exit 1) if ``path`` is a file: mkdir would say no more than "File exists"; or if
+    a file stands among its parents, which made it "cannot write: Not a directory" only where the
+    folder was made, after the run's data was read (train), the port bound (server), the MNIST
+    folder checked (run)."""
     from cnn_core.runlog import RunLogError  # noqa: PLC0415
     if os.path.exists(path) and not os.path.isdir(path):
         raise RunLogError(f"{flag} {path} is a file, not a folder")
+    nearest = os.path.abspath(path)
+    while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise RunLogError(f"{flag} {path}: {nearest} is a file, not a folder")
 
 
 def check_train_folder(path: str) -> None:

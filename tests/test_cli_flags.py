@@ -858,6 +858,21 @@ def test_out_naming_a_file_says_so(command, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"pscnn: error: --out {a_file} is a file, not a folder"
 
 
+@pytest.mark.parametrize("command", ["train", "run", "server"])
+def test_out_under_a_file_says_so_before_mnist_is_read(command, tmp_path, capsys, monkeypatch, server_must_not_serve):
+    """A file among --out's parents was "cannot write: Not a directory" only where the folder was
+    made: after the training set was read (train), the test set read and the port bound (server),
+    the MNIST folder checked (run).  MNIST_DIR names an empty folder here, whose error came first."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("MNIST_DIR", str(empty))
+    out = a_file / "sub" / "run"
+    assert main([command, "--out", str(out), *(["--no-progress"] if command != "server" else [])]) == 1
+    assert capsys.readouterr().err.strip() == f"pscnn: error: --out {out}: {a_file} is a file, not a folder"
+
+
 def test_train_refuses_the_folder_of_an_unfinished_distributed_run(tmp_path, capsys, mnist_file_names):
     # it replaced that run's config.json and metrics.jsonl, and its summary.json made the checkpoint look
     # finished: the next `pscnn run` there started over, replacing the checkpoint without a warning

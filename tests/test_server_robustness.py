@@ -2356,7 +2356,7 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, mnist_file_names
                          capture_output=True, text=True, timeout=120, env=child_env(), check=False)
     assert run.returncode == 1
     last_line = run.stderr.strip().splitlines()[-1]
-    assert last_line == f"pscnn: error: {blocker / 'run' / 'logs'}: cannot write: Not a directory"
+    assert last_line == f"pscnn: error: --out {blocker / 'run'}: {blocker} is a file, not a folder"
     assert "Traceback" not in run.stderr
 
 
