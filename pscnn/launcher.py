@@ -34,10 +34,11 @@ from cnn_core.text import for_count
 from cnn_core.training import classes_scored, format_number, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
+from pscnn.protocol import one_line
 from server.config import config_from_args
 from server.resume import CHECKPOINT_NAME, checkpoint_version, summary_after_checkpoint, unfinished_run_warning
 from server.server import DROPPED_FOR_NAN, ParameterServer, checked_store
-from worker.client import DroppedByServer, query_status
+from worker.client import BadReply, DroppedByServer, query_status
 from worker.trainer import check_local_setup
 
 log = logging.getLogger("pscnn.run")
@@ -679,6 +680,23 @@ def last_word(log_tail: str) -> str | None:
     return None
 
 
+def status_problem(st) -> str | None:
+    """Why a status answer (ParameterServer.progress) is of no use to :func:`_follow`, which reads
+    these fields of it as numbers, or None when it is."""
+    if not isinstance(st, dict):
+        return f"its status answer is a {type(st).__name__}, not an object"
+    counts = ["batches_total", "batches_done", *(["ready"] if st.get("started") is False else [])]
+    numbers = [*(["test_accuracy"] if st.get("test_accuracy") is not None else []),
+               *(["loss", "images_per_second", "epoch", "epochs"] if st.get("loss") is not None else [])]
+    for key in counts:
+        if not _is_count(st.get(key)):
+            return f"its status answer has {key} {one_line(repr(st.get(key)), 80)}, not a count"
+    for key in numbers:
+        if not is_number(st.get(key)):
+            return f"its status answer has {key} {one_line(repr(st.get(key)), 80)}, not a number"
+    return None
+
+
 def _follow(cluster: LocalCluster, bar) -> int:
     """Update the bar from the server's status until the server exits; its exit code.
 
@@ -708,7 +726,19 @@ def _follow(cluster: LocalCluster, bar) -> int:
     while server.poll() is None:
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
         evaluator_left = evaluator is not None and evaluator.poll() == 0
-        st = cluster.status(timeout=0.5)    # after the clients' checks: one told to stop left after `done`
+        try:
+            st = cluster.status(timeout=0.5)    # after the clients' checks: one told to stop left after `done`
+            unusable = None if st is None else status_problem(st)
+        except (BadReply, curve.HandshakeFailed) as exc:
+            st, unusable = None, str(exc)
+        if unusable is not None:
+            # it raised out of the run (a KeyError traceback for a field missing), and leaving the cluster
+            # SIGKILLed every child, the server before its checkpoint
+            bar.close()
+            _say(f"pscnn run: cannot follow the server: {unusable}; stopping it (it checkpoints), then the "
+                 "workers and the evaluator")
+            _stop(cluster, order=("server", "worker", "evaluator"))
+            return 1
         now = time.monotonic()
         if st is not None:
             trained = bool(st.get("done"))

@@ -30,6 +30,7 @@ from cnn_core.checkpoint import save_checkpoint
 from pscnn import cli, launcher
 from pscnn.cli import CliError, main, parse_args
 from pscnn.launcher import LocalCluster, RunOutputs
+from worker.client import BadReply
 from helpers import NoProcesses
 
 SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
@@ -1210,6 +1211,35 @@ def test_follow_stops_the_run_when_every_worker_left_before_the_end(stand_ins, c
     assert launcher._follow(stand_ins, Bar()) == 1
     assert "every worker has exited before the end of training; stopping the server" in capsys.readouterr().err
     assert stops == [("server", "worker", "evaluator")]
+
+
+@pytest.mark.parametrize("answer, said", [
+    ({"batches_done": 7, "done": False}, "its status answer has batches_total None, not a count"),
+    ({**TRAINING, "loss": "low"}, "its status answer has loss 'low', not a number"),
+    ({"started": False, "batches_total": 40, "batches_done": 0, "done": False},
+     "its status answer has ready None, not a count"),
+    ({**TRAINING, "test_accuracy": [0.9]}, "its status answer has test_accuracy [0.9], not a number"),
+    ([1, 2], "its status answer is a list, not an object"),
+    (BadReply("tcp://127.0.0.1:1 answered a status request with 'error'"),
+     "tcp://127.0.0.1:1 answered a status request with 'error'"),
+])
+def test_follow_stops_the_run_in_one_line_on_a_status_answer_it_cannot_read(stand_ins, capsys, answer, said):
+    """A field missing raised KeyError (a traceback) out of pscnn run, a BadReply its one line, and
+    either way leaving the cluster SIGKILLed every child, the server before its checkpoint.  Now the
+    run is stopped, the server first, with one line saying why, and _follow returns 1."""
+    stops = []
+    stand_ins.stop_all = lambda grace, order, on_kill=None: stops.append(tuple(order)) or stand_ins.end(0)
+
+    def status(timeout=1.0):
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    stand_ins.status = status
+    bar = Bar()
+    assert launcher._follow(stand_ins, bar) == 1
+    assert capsys.readouterr().err == (f"pscnn run: cannot follow the server: {said}; stopping it (it checkpoints), "
+                                       "then the workers and the evaluator\n")
+    assert stops == [("server", "worker", "evaluator")] and bar.closed
 
 
 def test_follow_stops_the_server_first_when_the_evaluator_fails(stand_ins, capsys):
