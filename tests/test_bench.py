@@ -945,6 +945,22 @@ def test_the_server_table_has_echo_columns_only_with_the_echo(echo, tmp_path, mo
     assert ("echo rt/s" in header and header.rstrip().endswith("server/echo")) if echo else "echo" not in header, \
         header
 
+def test_the_server_bench_needs_no_mnist_whatever_mnist_dir_says(tmp_path, monkeypatch, capsys):
+    """Its servers read the test set at their start where MNIST_DIR is set (pscnn server does, to score
+    the final weights), which none of them ever scores: a MNIST_DIR without it failed every point,
+    after an earlier run's results in --out were removed."""
+    from pscnn.cli import main
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("MNIST_DIR", str(empty))
+    out = tmp_path / "out"
+    assert main(["bench", "server", *TINY["server"], "--model", "light", "--out", str(out), "--no-progress",
+                 "--no-plots"]) == 0, capsys.readouterr().err
+    rows = list(csv.DictReader((out / "server.csv").open()))
+    assert [(row["kind"], row["clients"]) for row in rows] == [("pscnn", "1")], rows
+    assert float(rows[0]["cycles_per_second"]) > 0, rows
+
+
 def test_a_profile_the_server_did_not_write_is_said(tmp_path, monkeypatch, capsys):
     """A profiled server killed after its grace period writes no profile: --profile then printed
     nothing and wrote no server-profile.txt, without a word."""
