@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import exit_error_line, interrupt_when
+from helpers import error_line, exit_error_line, interrupt_when
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -959,6 +959,28 @@ def test_the_server_bench_needs_no_mnist_whatever_mnist_dir_says(tmp_path, monke
     rows = list(csv.DictReader((out / "server.csv").open()))
     assert [(row["kind"], row["clients"]) for row in rows] == [("pscnn", "1")], rows
     assert float(rows[0]["cycles_per_second"]) > 0, rows
+
+
+@pytest.mark.parametrize("workers", ["synthetic", "real"])
+def test_scaling_refuses_a_mnist_folder_without_the_test_set_its_servers_read(workers, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Each server, given a MNIST folder, reads the test set at its start; only the training set was
+    checked (and nothing for --compute-ms workers): every point's server exited 1, after the bench
+    had emptied --out.  MNIST_DIR names a folder holding the training files' names only."""
+    from cnn_core.data import MNIST_FILES
+    from pscnn.cli import main
+    folder = tmp_path / "train-only"
+    folder.mkdir()
+    for name in ("train-images", "train-labels"):
+        (folder / MNIST_FILES[name]["filename"]).write_bytes(b"")
+    monkeypatch.setenv("MNIST_DIR", str(folder))
+    out = tmp_path / "out"
+    flags = TINY["scaling"] if workers == "synthetic" else [*TINY["scaling"][2:], "--ddp", "off"]
+    assert main(["bench", "scaling", *flags, "--model", "light", "--out", str(out), "--no-progress",
+                 "--no-plots"]) == 2
+    error_line(capsys.readouterr().err, f"{folder}: MNIST folder lacks t10k-images-idx3-ubyte.gz",
+               starts="pscnn bench scaling: error: ")
+    assert not out.exists()
 
 
 def test_a_profile_the_server_did_not_write_is_said(tmp_path, monkeypatch, capsys):

@@ -134,8 +134,9 @@ def run(args) -> int:
                 check_server_flags(server_flags(mode, b, Path(args.out) / "unused", model=args.model, lr=args.lr,
                                                 mnist_dir=mnist_dir, extra=ssp_flags(mode, bound)),
                                    workers=max(workers))
-        if not synthetic:               # sleeping workers read no data
-            check_mnist(mnist_dir, ["train"])
+        # the workers read the training set (sleeping ones no data); each server, given a folder (the
+        # flag or MNIST_DIR), reads the test set at its start, as pscnn server does
+        check_mnist(mnist_dir, [*([] if synthetic else ["train"]), *(["test"] if mnist_dir else [])])
     out = fresh_output_folder(args.out, NAME, OUTPUTS, POINTS, POINT_FOLDER)
     ncores = cores()
     machine = machine_info(args.keep_openblas_env)
