@@ -237,6 +237,7 @@ class Model:
         self.spec["layers"] = [layer.spec() for layer in self.layers]   # names filled in
         self._order = execution_order(self.layers)
         plan_conv_pool(self.layers, self._order)
+        plan_pool_relu(self.layers, self._order)
         self._caches = None
         self._dlogits_shape = None             # the logits' shape of the pass the caches are of
         # What loss_and_grads needs to run a batch in chunks (see there).
@@ -540,6 +541,21 @@ def plan_conv_pool(layers, order) -> None:
         if (sh, sw) == (kh, kw) and ho % kh == 0 and wo % kw == 0:
             conv.pool_windows = (kh, kw)
             pool.windows_first = True
+
+
+def plan_pool_relu(layers, order) -> None:
+    """Let a max pool apply the exact ReLU that runs right after it (``MaxPool2D.relu_after``).
+
+    The ReLU's own passes go: forward, the pool clamps its fresh output in place
+    instead of the ReLU allocating another; backward, the pool starts its
+    routing with the ReLU's mask instead of the ReLU multiplying the gradient
+    by it.  The values and gradients are bit for bit the same.
+    """
+    for first, second in zip(order, order[1:]):
+        pool, relu = layers[first], layers[second]
+        if type(pool) is MaxPool2D and type(relu) is ReLU:
+            pool.relu_after = True
+            relu.applied_by_pool = True
 
 
 def build_model(spec="seed", seed: int = 0, dtype="float32", device: str = "cpu") -> Model:

@@ -18,8 +18,8 @@ from cnn_core import im2col as im2col_module
 from cnn_core.backend import openblas_core
 from cnn_core.im2col import (col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, matmul_inner_blocks,
                              matmul_row_blocks, pad_nhwc)
-from cnn_core.layers import (ELU, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D, ReLU,
-                             Residual, SiLU)
+from cnn_core.layers import (ELU, ZERO_ROW, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D,
+                             ReLU, Residual, SiLU, relu_values)
 from cnn_core.rng import uniform
 
 F64 = np.float64
@@ -422,6 +422,43 @@ def test_maxpool_many_ties_match_reference_argmax(k, s, hw):
     np.testing.assert_array_equal(dx.transpose(0, 3, 1, 2), reference.maxpool_backward(dout, ref_cache))
 
 
+def bits(a):
+    """An array's bytes as unsigned integers: equal only if bit for bit equal (-0.0, NaN payloads)."""
+    return np.ascontiguousarray(a).view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize("k,s,hw,windows_first", [(2, 2, 6, False), (2, 2, 7, False), (3, 2, 7, False),
+                                                  (2, 2, 6, True), ((3, 1), (3, 1), 6, True)])
+@pytest.mark.parametrize("dtype", [np.float32, F64])
+def test_maxpool_relu_after_is_pool_then_relu_bit_for_bit(k, s, hw, windows_first, dtype):
+    """relu_after: the same output and input gradient, bit for bit, as the pool followed by
+    a ReLU, on integer inputs (ties everywhere, windows whose max is 0 or negative, -0.0)
+    with NaN and -inf in some windows, and a gradient with signed values, zeros and a NaN."""
+    rng = np.random.default_rng(16)
+    plain, fused = (built(MaxPool2D(k, s), (hw, hw, 3), dtype=dtype) for _ in range(2))
+    relu = built(ReLU(), plain.out_shape, dtype=dtype)
+    fused.relu_after = True
+    x = rng.integers(-2, 2, (4, hw, hw, 3)).astype(dtype)
+    x[x == 0] = rng.choice([0.0, -0.0], int((x == 0).sum()))
+    x[0, 0, 0, 0], x[1, 2, 1, 2], x[2, 1, 1, 1] = np.nan, -np.inf, np.inf
+    if windows_first:                  # as a conv with pool_windows hands it over
+        (kh, kw), (ho, wo, c) = plain.kernel, plain.out_shape
+        x = np.ascontiguousarray(x[:, :ho * kh, :wo * kw].reshape(4, ho, kh, wo, kw, c).transpose(2, 4, 0, 1, 3, 5)
+                                 .reshape(kh * kw, 4, ho, wo, c))
+        plain.windows_first = fused.windows_first = True
+    pooled, pool_cache = plain.forward(x)
+    out, relu_cache = relu.forward(pooled)
+    fused_out, fused_cache = fused.forward(x)
+    np.testing.assert_array_equal(bits(fused_out), bits(out))
+    dout = rng.integers(-2, 3, out.shape).astype(dtype)
+    dout[dout == 0] = rng.choice([0.0, -0.0], int((dout == 0).sum()))
+    dout.reshape(-1)[7] = np.nan
+    dx, _ = plain.backward(relu.backward(dout, relu_cache)[0], pool_cache)
+    fused_dx, _ = fused.backward(dout, fused_cache)
+    np.testing.assert_array_equal(bits(fused_dx), bits(dx))
+    assert np.isnan(fused_out).any() and (fused_out == 0).any() and not np.isnan(dx).all()
+
+
 def test_maxpool_kernel_too_large():
     with pytest.raises(SpecError, match="does not fit"):
         built(MaxPool2D(5), (4, 4, 1))
@@ -444,6 +481,25 @@ def test_activation_values_and_gradcheck(layer, fn):
     out, _ = layer.forward(x)
     np.testing.assert_allclose(out, fn(x), rtol=1e-14, atol=1e-15)
     assert_gradcheck(layer, x, max_entries=None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, F64])
+@pytest.mark.parametrize("size", [0, 1, 7, ZERO_ROW - 1, ZERO_ROW, 3 * ZERO_ROW + 5])
+def test_relu_values_is_numpys_maximum_bit_for_bit(size, dtype):
+    """Every length around the zero row's (none, a part, whole rows, rows and a tail), NaN,
+    infinities and both zeros; into a new array, in place, and from a strided view."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal(size).astype(dtype)
+    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0], dtype=dtype)
+    x[:6] = specials[:min(size, 6)]
+    expected = np.maximum(x, 0)
+    assert (bits(expected)[:6] != bits(x)[:6]).any() or size < 6     # -0.0 -> 0.0 and -inf -> 0.0 changed
+    np.testing.assert_array_equal(bits(relu_values(x)), bits(expected))
+    grid = x[:size - size % 4].reshape(-1, 4)
+    np.testing.assert_array_equal(bits(relu_values(grid[:, ::2])), bits(np.maximum(grid[:, ::2], 0)))
+    in_place = x.copy()
+    assert relu_values(in_place, out=in_place) is in_place
+    np.testing.assert_array_equal(bits(in_place), bits(expected))
 
 
 def test_activations_on_flat_input():

@@ -859,6 +859,44 @@ def test_fused_conv_pool_gradcheck_float64():
     assert max(report.values()) < 1e-6, report
 
 
+def test_pool_relu_plan():
+    seed = build_model("seed")
+    assert [p.relu_after for p in seed.layers if isinstance(p, MaxPool2D)] == [True, True]
+    assert [r.applied_by_pool for r in seed.layers if isinstance(r, ReLU)] == [True, True, False]   # fc1's: no pool
+    for activation, fused in (("relu", True), ("silu", False)):      # pool -> ReLU as written; SiLU is no ReLU
+        model = build_model({"input_shape": [1, 8, 8], "layers": [
+            {"type": "maxpool2d", "kernel": 2}, {"type": activation},
+            {"type": "flatten"}, {"type": "dense", "units": 2}]})
+        assert model.layers[0].relu_after is fused
+        assert getattr(model.layers[1], "applied_by_pool", False) is fused
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pool_relu_fused_equals_unfused_bit_for_bit(dtype):
+    """The seed model with the ReLUs applied by the pools against the same model with them
+    apart: loss, logits and every gradient bit for bit, in a chunked step (70 images: three
+    chunks of uneven size) on images with blank borders and weights of few values (ties
+    in every pool), and in evaluation."""
+    models = [build_model("seed", seed=3, dtype=dtype) for _ in range(2)]
+    for layer in models[1].layers:
+        if isinstance(layer, (MaxPool2D, ReLU)):
+            layer.relu_after = layer.applied_by_pool = False
+    rng = np.random.default_rng(18)
+    weights = {k: rng.integers(-2, 3, v.shape) * 0.25 for k, v in models[0].params.items()}
+    x = np.zeros((70, 1, 28, 28))
+    x[:, :, 6:22, 6:22] = rng.integers(0, 3, (70, 1, 16, 16)) * 0.5
+    y = rng.integers(0, 10, 70)
+    results = []
+    for model in models:
+        model.assign(weights)
+        results.append((model.loss_and_grads(x, y), model.forward(x, train=False)))
+    ((loss, logits, grads), eval_logits), ((ref_loss, ref_logits, ref_grads), ref_eval) = results
+    assert loss == ref_loss
+    for got, want in [(logits, ref_logits), (eval_logits, ref_eval), *((grads[k], ref_grads[k]) for k in grads)]:
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert all(np.count_nonzero(g) for g in grads.values())
+
+
 def test_execution_order_rules():
     from cnn_core.layers import ELU, SiLU
     mk = [ReLU(), MaxPool2D(), ReLU(), ReLU(), MaxPool2D(), SiLU(), MaxPool2D(), MaxPool2D(), ReLU(), ELU()]
