@@ -433,7 +433,8 @@ def bits(a):
 def test_maxpool_relu_after_is_pool_then_relu_bit_for_bit(k, s, hw, windows_first, dtype):
     """relu_after: the same output and input gradient, bit for bit, as the pool followed by
     a ReLU, on integer inputs (ties everywhere, windows whose max is 0 or negative, -0.0)
-    with NaN and -inf in some windows, and a gradient with signed values, zeros and a NaN."""
+    with NaN and -inf in some windows, and a gradient with signed values, zeros and a NaN;
+    and that gradient is, bit for bit, the ReLU's times each window's first-maximum mask."""
     rng = np.random.default_rng(16)
     plain, fused = (built(MaxPool2D(k, s), (hw, hw, 3), dtype=dtype) for _ in range(2))
     relu = built(ReLU(), plain.out_shape, dtype=dtype)
@@ -453,9 +454,20 @@ def test_maxpool_relu_after_is_pool_then_relu_bit_for_bit(k, s, hw, windows_firs
     dout = rng.integers(-2, 3, out.shape).astype(dtype)
     dout[dout == 0] = rng.choice([0.0, -0.0], int((dout == 0).sum()))
     dout.reshape(-1)[7] = np.nan
-    dx, _ = plain.backward(relu.backward(dout, relu_cache)[0], pool_cache)
+    relu_dout = relu.backward(dout, relu_cache)[0]
+    dx, _ = plain.backward(relu_dout, pool_cache)
     fused_dx, _ = fused.backward(dout, fused_cache)
     np.testing.assert_array_equal(bits(fused_dx), bits(dx))
+    expected, taken = np.zeros_like(x), np.zeros(pooled.shape, dtype=bool)     # first maxima, by hand
+    overlapping = any(s < k for s, k in zip(plain.stride, plain.kernel))
+    for win in plain._windows(windows_first):
+        hit = (x[win] == pooled) & ~taken
+        taken |= hit
+        if overlapping:
+            expected[win] += relu_dout * hit
+        else:                          # assigned: 0.0 + -0.0 would lose a zero's sign
+            expected[win] = relu_dout * hit
+    np.testing.assert_array_equal(bits(dx), bits(expected))
     assert np.isnan(fused_out).any() and (fused_out == 0).any() and not np.isnan(dx).all()
 
 
