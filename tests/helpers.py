@@ -1,6 +1,7 @@
 """What the test modules share: an error as the user sees it, one line naming the problem; a
 process interrupted with Ctrl-C at the right moment, and one started so that Ctrl-C reaches it;
-the records of an evaluation history that set a new best.
+the check that a test's mid-run action did come mid-run; the records of an evaluation history
+that set a new best.
 
 A module, not conftest.py: conftest holds fixtures, and pytest does not mean it to be imported.
 """
@@ -77,6 +78,35 @@ def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str)
             proc.wait(10)
     return err
 
+
+
+def raced(action: str, how_far: str) -> str:
+    """Why a test whose ``action`` must come mid-run fails when the run got to its end first."""
+    return (f"the run raced the test to its end: {how_far} by the time the test {action}, which must come "
+            "mid-run; the run is too short for this machine")
+
+
+def assert_training_goes_on(status: dict | None, action: str, batches_left: int = 1) -> dict:
+    """``status``: the server's answer to a status request sent after the test's ``action``, which must
+    come mid-run, with at least ``batches_left`` batches still to apply.  Returns it.
+
+    Training not over by that answer was not over when the test acted.  A run that is over had
+    outrun the test (a quick run on an idle machine, the test's polls slow on a loaded one), and
+    what the test checks next would not be about ``action``: it fails here, naming the race."""
+    if status is None:
+        raise AssertionError(f"the server did not answer a status request after the test {action}: "
+                             "it had exited (the run over?) or hung")
+    if status["done"] or status["batches_total"] - status["batches_done"] < batches_left:
+        raise AssertionError(raced(action, f"{status['batches_done']} of {status['batches_total']} batches "
+                                           f"were applied (at least {batches_left} must be left)"))
+    return status
+
+
+def assert_training_had_not_finished(server_log: str, action: str) -> None:
+    """``server_log``, complete: the server, killed or stopped by the test's ``action``, had not
+    finished training (it logs "training finished: N updates, ..." when it has)."""
+    if "training finished: " in server_log:
+        raise AssertionError(raced(action, "the server had finished training"))
 
 
 def new_bests(history: list[dict]) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import interrupt_when
+from helpers import assert_training_goes_on, assert_training_had_not_finished, interrupt_when
 from pscnn.launcher import free_port, print_report, query_status, wait_for
 from worker.client import DroppedByServer
 from test_run_failures import children_left_running
@@ -162,9 +162,10 @@ def test_worker_killed_mid_epoch(cluster, mnist_dir, mode, overlap):
     # (every worker's gradients applied first: a worker slow to start, on a loaded machine, could
     # otherwise be killed before any of its pushes counted)
     wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 30 and st["contributors"] == 3, 90,
-             "30 batches applied, some from each worker")
+             "30 batches applied, some from each worker", interval=0.05)
     cluster.kill("worker-1", signal.SIGKILL)
     cluster.procs.pop("worker-1").wait(5)
+    assert_training_goes_on(cluster.status(5), "killed worker-1")
     summary = finish(cluster)
     assert summary["samples_applied"] == epochs * TRAIN_LIMIT
     assert_exactly_once(cluster.out, epochs=epochs)
@@ -197,13 +198,16 @@ def test_overlapped_workers_get_through_short_epochs(cluster, mnist_dir):
 def test_worker_joining_mid_run_gets_work(cluster, mnist_dir):
     """A worker started after 20 batches gets work and its pushes are applied.  worker-0 is paused
     (SIGSTOP) until then, so that it cannot finish the run while the late one is still starting;
-    long timeouts keep it, silent meanwhile, from being declared dead."""
-    cluster.start_server(server_flags(cluster.out, mnist_dir, "async", epochs=2, peer_timeout=60, lease_timeout=60))
+    long timeouts keep it, silent meanwhile, from being declared dead.  Four epochs (376 batches):
+    two were 1.7 s of training for one worker (``pscnn train`` here: 110 batches a second)."""
+    cluster.start_server(server_flags(cluster.out, mnist_dir, "async", epochs=4, peer_timeout=60, lease_timeout=60))
     cluster.start_worker("worker-0", client_flags(mnist_dir))
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "5"])
-    wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 20, 90, "20 batches applied")
+    wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 20, 90, "20 batches applied", interval=0.05)
     cluster.kill("worker-0", signal.SIGSTOP)
     try:
+        # worker-0's push in flight may apply its batch: one more left for worker-late
+        assert_training_goes_on(cluster.status(5), "paused worker-0", batches_left=2)
         cluster.start_worker("worker-late", client_flags(mnist_dir))
         wait_for(lambda: (st := cluster.status()) and st["contributors"] >= 2, 90, "worker-late's first push")
     finally:
@@ -212,29 +216,33 @@ def test_worker_joining_mid_run_gets_work(cluster, mnist_dir):
     assert "worker-late" in summary["worker_names"] and summary["workers"] == 2
     steps = [r for r in read_jsonl(cluster.out / "metrics.jsonl") if r["kind"] == "step"]
     assert sum("worker-late" in r["workers"] for r in steps) > 0
-    assert_exactly_once(cluster.out, epochs=2)
+    assert_exactly_once(cluster.out, epochs=4)
 
 
 def test_server_killed_and_resumed(cluster, mnist_dir):
-    """SIGKILL the server mid-run; restart it with --resume: clients reconnect, the run completes."""
-    flags = server_flags(cluster.out, mnist_dir, "async", epochs=2, checkpoint_every=0.5, peer_timeout=5)
+    """SIGKILL the server mid-run; restart it with --resume: clients reconnect, the run completes.
+    Four epochs (376 batches): with two, a checkpoint after 60 batches can come 0.5 s (~110 batches
+    for two workers) later, and the kill with 20 left."""
+    flags = server_flags(cluster.out, mnist_dir, "async", epochs=4, checkpoint_every=0.5, peer_timeout=5)
     cluster.start_server(flags)
     for i in range(2):
         cluster.start_worker(f"worker-{i}", client_flags(mnist_dir))
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "2"])
-    wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 60, 90, "60 batches applied")
+    wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 60, 90, "60 batches applied", interval=0.05)
     # Not just any checkpoint: the first one may predate the first update (60 batches of
     # the light model can take less than the 0.5 s between checkpoints).
-    wait_for(lambda: checkpointed_version(cluster.out / "metrics.jsonl") > 0, 30, "a checkpoint after updates")
+    wait_for(lambda: checkpointed_version(cluster.out / "metrics.jsonl") > 0, 30, "a checkpoint after updates",
+             interval=0.05)
     cluster.kill("server", signal.SIGKILL)
     cluster.procs.pop("server").wait(5)
+    assert_training_had_not_finished((cluster.logs / "server.log").read_text(), "killed the server")
     time.sleep(1.0)                       # clients notice the silence and start backing off
     cluster.start_server([*flags, "--resume"], name="server")
     summary = finish(cluster)
     records = read_jsonl(cluster.out / "metrics.jsonl")
     starts = [r for r in records if r["kind"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["version"] > 0
-    assert_exactly_once(cluster.out, epochs=2)
+    assert_exactly_once(cluster.out, epochs=4)
     assert summary["test_accuracy"] >= 0.80        # async, uninterrupted: 0.87-0.88 (as in the modes test)
     assert "resumed from" in (cluster.logs / "server.log").read_text()
 
@@ -242,25 +250,27 @@ def test_server_killed_and_resumed(cluster, mnist_dir):
 def test_a_server_stopped_and_continued_keeps_its_peers_and_their_leases(cluster, mnist_dir):
     """SIGSTOP the server (a debugger, a paused VM) for longer than --peer-timeout and --lease-timeout,
     then SIGCONT: nobody was silent but the server itself, so nobody is declared dead, no lease
-    expires, and the run completes with every batch applied once and every process exiting 0."""
-    cluster.start_server(server_flags(cluster.out, mnist_dir, "sync", epochs=2, peer_timeout=2, lease_timeout=4,
+    expires, and the run completes with every batch applied once and every process exiting 0.
+    Four epochs (376 batches): two were about a second of training for two workers."""
+    cluster.start_server(server_flags(cluster.out, mnist_dir, "sync", epochs=4, peer_timeout=2, lease_timeout=4,
                                       wait_for_workers=2))
     for i in range(2):
         cluster.start_worker(f"worker-{i}", client_flags(mnist_dir))
     cluster.start_evaluator([*client_flags(mnist_dir), "--every", "1"])
     wait_for(lambda: (st := cluster.status()) and st["batches_done"] >= 10 and st["evaluators"] == 1, 90,
-             "10 batches applied and the evaluator joined")
+             "10 batches applied and the evaluator joined", interval=0.05)
     cluster.kill("server", signal.SIGSTOP)
     try:
         time.sleep(6)                     # past both timeouts; the clients reconnect meanwhile
     finally:
         cluster.kill("server", signal.SIGCONT)
+    assert_training_goes_on(cluster.status(5), "stopped the server and continued it")
     summary = finish(cluster)
     log = (cluster.logs / "server.log").read_text()
     assert "declared dead" not in log and "expired" not in log, log[-3000:]
     assert summary["peers_dropped"] == {} and summary["lease_requeues"] == 0, summary
     assert re.search(r"the server did not run for \d+\.\d s", log), log[-3000:]
-    assert_exactly_once(cluster.out, epochs=2)
+    assert_exactly_once(cluster.out, epochs=4)
 
 
 def test_the_final_report_gives_the_time_to_each_accuracy_milestone_reached(tmp_path, capsys):
