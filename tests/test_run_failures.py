@@ -28,6 +28,7 @@ import pytest
 from tqdm import tqdm
 
 from cnn_core.data import MNIST_FILES
+from helpers import assert_training_goes_on, assert_training_had_not_finished
 from pscnn import launcher
 from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
 from server.resume import checkpoint_version
@@ -451,6 +452,7 @@ def test_a_killed_worker_does_not_stop_a_run_the_others_finish(tmp_path, mnist_d
             as (proc, endpoint):
         wait_until_training(endpoint, proc)
         os.kill(child_pid(endpoint, "worker-0"), signal.SIGKILL)
+        assert_training_goes_on(query_status(endpoint, 5), "killed worker-0")
         code, out, err = finish(proc)
     assert code == 1, err[-3000:]
     assert [line for line in err.splitlines() if "worker-0" in line] == \
@@ -468,8 +470,10 @@ def test_every_worker_stopped_politely_stops_the_run(tmp_path, mnist_dir):
     with pscnn_run(tmp_path, mnist_dir, "--workers", "2", "--train-limit", "20000", "--epochs", "5") \
             as (proc, endpoint):
         wait_until_training(endpoint, proc)
-        for name in ("worker-0", "worker-1"):
-            os.kill(child_pid(endpoint, name), signal.SIGTERM)
+        os.kill(child_pid(endpoint, "worker-0"), signal.SIGTERM)
+        # (asked before the last worker goes: the launcher then stops the server)
+        assert_training_goes_on(query_status(endpoint, 5), "stopped worker-0")
+        os.kill(child_pid(endpoint, "worker-1"), signal.SIGTERM)
         code, _, err = finish(proc)
     assert code == 1, err[-3000:]
     assert "pscnn run: every worker has exited before the end of training; stopping the server (it checkpoints)" \
@@ -493,6 +497,7 @@ def test_a_killed_server_is_named_with_its_signal_and_exit_1(tmp_path, mnist_dir
         wait_for(lambda: checkpoint_version(str(tmp_path / "run")), 20, "a checkpoint of version 1 or later")
         os.kill(child_pid(endpoint, "server"), signal.SIGKILL)
         code, _, err = finish(proc)
+    assert_training_had_not_finished((tmp_path / "run" / "logs" / "server.log").read_text(), "killed the server")
     assert code == 1, err[-3000:]
     assert "pscnn run: the server exited with -9 (killed by SIGKILL)" in err.splitlines(), err[-3000:]
     assert err.strip().splitlines()[-1] == \
@@ -552,6 +557,7 @@ def test_the_children_stop_when_the_launcher_is_killed(tmp_path, mnist_dir):
                      on_fail=lambda: f"still running: {processes_naming(endpoint)} of {pids}")
         statuses = {name: exit_status(pid) for name, pid in pids.items()}
     logs = tmp_path / "run" / "logs"
+    assert_training_had_not_finished((logs / "server.log").read_text(), "killed pscnn run")
     assert statuses == {"server": 0, "worker-0": 0, "evaluator": 0}, \
         (statuses, {name: (logs / f"{name}.log").read_text()[-1500:] for name in pids})
     server_log = (logs / "server.log").read_text()
