@@ -103,8 +103,9 @@ def assert_training_goes_on(status: dict | None, action: str, batches_left: int 
 
 
 def assert_training_had_not_finished(server_log: str, action: str) -> None:
-    """``server_log``, complete: the server, killed or stopped by the test's ``action``, had not
-    finished training (it logs "training finished: N updates, ..." when it has)."""
+    """``server_log``, read after the test's ``action`` (which may have killed the server): the server
+    had not finished training when the test acted (it logs "training finished: N updates, ..." at
+    the moment it has)."""
     if "training finished: " in server_log:
         raise AssertionError(raced(action, "the server had finished training"))
 

@@ -41,6 +41,7 @@ import time
 
 import pytest
 
+from helpers import assert_training_had_not_finished
 from pscnn.launcher import LocalCluster, wait_for
 from test_distributed import TRAIN_LIMIT, assert_exactly_once, client_flags, finish, server_flags
 
@@ -294,6 +295,7 @@ def test_a_trainer_cut_off_is_declared_dead_the_other_trains_on_and_it_rejoins_w
         start_run(cluster, hosts, mnist_dir, mode, epochs)
         wait_for_updates(cluster)
         hosts.cut(1)
+        assert_training_had_not_finished(server_log(cluster), "cut worker-1's cable")
         wait_for(lambda: "worker-1 declared dead" in server_log(cluster), 10 * PEER_TIMEOUT,
                  "worker-1 declared dead", on_fail=lambda: server_log(cluster)[-3000:])
         dead_at = len(applied_steps(cluster.out))
@@ -330,6 +332,7 @@ def test_every_trainer_cut_off_the_run_waits_and_completes_when_mended(tmp_path,
         wait_for_updates(cluster)
         hosts.cut(0)
         hosts.cut(1)
+        assert_training_had_not_finished(server_log(cluster), "cut both trainers' cables")
         wait_for(lambda: all(f"worker-{i} declared dead" in server_log(cluster) for i in (0, 1)),
                  10 * PEER_TIMEOUT, "both trainers declared dead", on_fail=lambda: server_log(cluster)[-3000:])
         both_gone_at = len(applied_steps(cluster.out))
@@ -360,6 +363,7 @@ def test_a_trainer_cut_off_for_longer_than_give_up_after_exits_1_and_the_run_com
         start_run(cluster, hosts, mnist_dir, "async", epochs, trainer_flags={1: ["--give-up-after", "4"]})
         wait_for_updates(cluster)
         hosts.cut(1)
+        assert_training_had_not_finished(server_log(cluster), "cut worker-1's cable")
         assert cluster.wait("worker-1", 60) == 1, cluster.log_tail("worker-1", 20)
         hosts.mend(1)
         cluster.procs.pop("worker-1")
@@ -383,6 +387,7 @@ def test_an_evaluator_cut_off_as_training_ends_is_not_waited_for(tmp_path, mnist
         start_run(cluster, hosts, mnist_dir, "async", epochs, trainers=1, evaluator_host=1)
         wait_for_updates(cluster)
         hosts.cut(1)
+        assert_training_had_not_finished(server_log(cluster), "cut the evaluator's cable")
         wait_for(lambda: "evaluator declared dead" in server_log(cluster) and "training finished" in
                  server_log(cluster), 120, "the evaluator declared dead and training finished",
                  on_fail=lambda: server_log(cluster)[-3000:])
