@@ -171,7 +171,12 @@ def test_worker_killed_mid_epoch(cluster, mnist_dir, mode, overlap):
     assert_exactly_once(cluster.out, epochs=epochs)
     log = (cluster.logs / "server.log").read_text()
     assert "worker-1 declared dead" in log
-    assert summary["peers_dropped"]["declared dead"] >= 1 and summary["lease_requeues"] >= 1
+    assert summary["peers_dropped"]["declared dead"] >= 1
+    # An async trainer always holds a lease (each reply brings the next).  A sync one holds none
+    # while its push waits for the round to close: killed then, its batch is applied with the round
+    # and nothing is requeued (seen once at load average 9).
+    if mode != "sync":
+        assert summary["lease_requeues"] >= 1, summary["lease_requeues"]
     if overlap:
         # It still trains: 8 runs of this setup without the kill scored 0.81-0.84 (mean
         # staleness ~4.6 on 6,000 images); a broken overlap path scores near chance (0.1).
