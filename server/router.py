@@ -12,6 +12,14 @@ from cnn_core.text import for_count
 # wait; nothing is lost): each may be a push of the model's size.  A client has one request in
 # flight per socket, resent only after a second of silence, and its heartbeats on a socket of their own.
 RECEIVE_QUEUE = 16
+# Replies queued for one peer's connection that its kernel buffers cannot take yet (beyond it, ZeroMQ
+# drops them; a client resends a request left unanswered for a second, and gets the reply kept for it).
+# Each pins the weights snapshot it carries: with 256, an evaluator pulling while the run trained and
+# never reading held ~230 versions of the model (390 MB of seed's).  Not fewer: ZeroMQ learns late what
+# the peer's connection took from the queue, so a queue this short can look full to a peer that reads
+# every reply before it asks again, and the reply is dropped (one request and its reply at a time, on
+# 127.0.0.1: 5 of 80,000 replies with 4, 2 of 280,000 with 16, none of 200,000 with 32 or 260,000 with 64).
+SEND_QUEUE = 64
 # TCP keepalive probes on a peer's connections once they are silent for --peer-timeout, then one each
 # fifth of it, KEEPALIVE_PROBES unanswered closing them.  A host gone without closing its connections
 # (a power cut, a preempted VM, a cable cut for good) left them open for good, with nothing queued on
@@ -27,17 +35,13 @@ CONNECTIONS_PER_PEER = 2
 FILES_BESIDES_PEERS = 64
 
 
-def configure_router(sock, max_frame_bytes: int, peer_timeout: float, send_queue: int) -> None:
+def configure_router(sock, max_frame_bytes: int, peer_timeout: float) -> None:
     """Set ROUTER socket ``sock``'s options: frames up to ``max_frame_bytes``, TCP keepalive after
-    ``peer_timeout`` of silence, and ``send_queue`` replies queued for one peer."""
+    ``peer_timeout`` of silence, and the queues of each peer's connection."""
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting client takes its id back
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     sock.setsockopt(zmq.LINGER, 1000)
-    # Replies queued for one peer (beyond it, ZeroMQ drops them).  Each pins the weights
-    # snapshot it carries, a model's size per version: with 10,000, a peer pulling while the
-    # run trained and never reading grew the server by a snapshot per version.  A client has
-    # one request in flight per socket, and resends it only after a second of silence.
-    sock.setsockopt(zmq.SNDHWM, send_queue)
+    sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
     sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)     # see KEEPALIVE_PROBES
     for option, seconds in ((zmq.TCP_KEEPALIVE_IDLE, peer_timeout), (zmq.TCP_KEEPALIVE_INTVL, peer_timeout / 5)):

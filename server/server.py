@@ -92,8 +92,7 @@ from .work import WorkQueue
 
 log = logging.getLogger("pscnn.server")
 
-# Messages handled before housekeeping, and replies the server queues for one peer's connection
-# (see open): a burst that one pass drains is answered in full.
+# Messages handled before housekeeping
 BURST = 256
 # Dropped peers remembered (oldest forgotten first), so that a message from one, late from a
 # network that was cut, is refused with the reason and logged once, not as an unknown id each time.
@@ -314,7 +313,7 @@ class ParameterServer:
             curve.secure_server(self.sock, self.keys)
             self.authenticator = curve.start_authenticator(self.ctx, self.keys)
             self.refused_handshakes = curve.RefusedHandshakes(self.sock)
-        configure_router(self.sock, P.max_frame_bytes(self.store.push_bytes), self.cfg.peer_timeout, BURST)
+        configure_router(self.sock, P.max_frame_bytes(self.store.push_bytes), self.cfg.peer_timeout)
         try:
             P.bind(self.sock, self.cfg.bind)
             # a run started over keeps the earlier run's files until it has an update of its own: stopped

@@ -42,6 +42,7 @@ from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, print_report, query_status, wait_for
 from pscnn.names import routing_id
+from server.router import SEND_QUEUE
 from server.server import BURST, ParameterServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -2890,7 +2891,7 @@ def test_replies_queued_for_a_peer_that_never_reads_are_bounded(in_process):
     """Each queued reply pins the weights snapshot it carries (one per version: a model's size
     each), and the server queued up to 10,000 replies for a peer: an evaluator pulling while
     training ran and never reading grew the server by a snapshot per version.  Replies beyond
-    BURST are dropped now; the peer gets what the bounded queue and the kernel's buffers held."""
+    SEND_QUEUE are dropped now; the peer gets what the bounded queue and the kernel's buffers held."""
     server = in_process()
     ev = Raw(server.endpoint, rcvhwm=1)
     server.raws.append(ev)
@@ -2903,6 +2904,67 @@ def test_replies_queued_for_a_peer_that_never_reads_are_bounded(in_process):
     while ev.recv(1.0) is not None:
         received += 1
     assert received < sent // 2, f"{received} of {sent} replies were queued for a peer that did not read"
+
+
+def test_versions_of_the_weights_held_for_a_peer_that_never_reads_are_few(in_process):
+    """An evaluator pulling once per version while the run trained and never reading pinned each
+    version its queued replies carried: with 256 replies queued per peer, ~230 versions of the
+    seed model for one such peer (server RSS 59 -> 446 MB in 400 updates), SEND_QUEUE now."""
+    server = in_process(model="seed", train_limit=64 * 400)      # no epoch ends in the loop
+    store = server.srv.store
+    made = []                                       # every version's weights buffer, weakly
+
+    def freeze(buf, freeze=store._freeze):
+        made.append(weakref.ref(buf))
+        return freeze(buf)
+    store._freeze = freeze
+    honest = server.join_trainer()
+    hostile = Raw(server.endpoint, rcvhwm=1)
+    server.raws.append(hostile)
+    assert server.call(hostile, P.HELLO, {"role": "evaluator", "name": hostile.wid}).type == P.WELCOME
+    task = server.call(honest, P.WORK)
+    weights = task.arrays
+    for _ in range(300):                            # a new pull (not a resend) per version
+        hostile.send(hostile.frames(P.PULL, {"have_version": -1}))
+        server.handle_one()
+        task = server.call(honest, P.PUSH, push_body(task), grads_like(weights))
+        assert task.type == P.TASK, task.body        # the honest trainer is served throughout
+    assert len(made) >= 300                         # (each version was made)
+    bound = 2 * SEND_QUEUE      # queued, the one ZeroMQ writes, the newest, and some pyzmq lets go of late
+
+    def held() -> int:
+        return sum(ref() is not None for ref in made)
+    for _ in range(100):        # pyzmq drops what ZeroMQ is done with in a thread of its own
+        if held() <= bound:
+            break
+        time.sleep(0.05)
+    assert held() <= bound, f"the server holds {held()} versions of the weights for a peer that never reads"
+
+
+def test_a_trainer_that_stops_reading_for_a_while_then_reads_trains_on(in_process):
+    """What SEND_QUEUE drops must not cost a legitimate slow worker anything: one descheduled for
+    seconds, whose request and its resends (sent before it stopped, or during a stall of the
+    server) were all answered while it read nothing, finds an answer to it, and its next request
+    is answered, its push applied."""
+    server = in_process(model="seed", train_limit=64 * 400)
+    honest = server.join_trainer()
+    slow = Raw(server.endpoint, rcvhwm=1)
+    server.raws.append(slow)
+    assert server.call(slow, P.HELLO, {"role": "trainer", "name": slow.wid}).type == P.WELCOME
+    task = server.call(honest, P.WORK)
+    weights = task.arrays
+    request = slow.frames(P.WORK)
+    for _ in range(2 * SEND_QUEUE):                 # its request, then its resends, unread meanwhile
+        slow.send(request)
+        server.handle_one()
+        task = server.call(honest, P.PUSH, push_body(task), grads_like(weights))
+    answers = []
+    while (got := slow.recv(1.0)) is not None and len(answers) < 2 * SEND_QUEUE:
+        answers.append(got[0])
+    assert answers and {(a.type, a.seq) for a in answers} == {(P.TASK, slow.seq)}, [a.body for a in answers]
+    slow_task = answers[0]
+    reply = server.call(slow, P.PUSH, push_body(slow_task), grads_like(slow_task.arrays))
+    assert reply is not None and reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply
 
 
 @pytest.mark.parametrize("role", ["trainer", "evaluator"])
