@@ -49,7 +49,7 @@ class Peer:
     wid: str
     role: str
     name: str
-    rid: bytes
+    rid: bytes                          # the routing id it joined from: its requests must come from it
     joined: float
     last_seen: float
     last_seq: int = -1
@@ -82,6 +82,7 @@ class DroppedPeer:
     at: float                           # time.monotonic() when dropped
     refused: int = 0                    # its messages refused since
     key: str | None = None              # CURVE: the key it joined with, which alone may rejoin under its id
+    rid: bytes = b""                    # the routing id it joined from, which alone may rejoin under its id
 
     @property
     def reason(self) -> str:

@@ -521,17 +521,18 @@ class ParameterServer:
             self._send(rid, P.Message(P.HEARTBEAT, body={"version": self.store.version,
                                                          "done": self.over}))
             return
+        if rid != peer.rid:             # before its sequence number moves on (see _refuse_other_connection)
+            self._refuse_other_connection(rid, msg, peer)
+            return
         if msg.seq == peer.last_seq and msg.type != peer.last_type:
             self._reject(rid, msg, _seq_reused(msg, peer))
             return
         if msg.seq == peer.last_seq:    # a resend: same answer, never a second application
-            peer.rid = rid
             self._resend(peer, msg, rid, now)
             return
         if msg.seq < peer.last_seq:
             log.debug("ignoring late duplicate seq %d from %s", msg.seq, peer.name)
             return
-        peer.rid = rid
         peer.last_seq = msg.seq
         peer.last_type = msg.type
         peer.cached_reply = None
@@ -556,6 +557,9 @@ class ParameterServer:
         gone = self.dropped.get(msg.wid)
         if gone is not None and gone.key != key:
             self._refuse_other_key(rid, msg, gone, key)
+            return
+        if gone is not None and gone.rid != rid and msg.type != P.HEARTBEAT:
+            self._refuse_other_connection(rid, msg, gone)
             return
         if gone is None and msg.wid in self.clients_before:
             self._ask_client_before_to_rejoin(rid, msg)
@@ -598,6 +602,17 @@ class ParameterServer:
                        "with key %s", msg.type, msg.wid, owner.name, self.keys.name(owner.key), self.keys.name(key))
         self._send(rid, P.error("wrong_key", f"worker id {msg.wid!r} belongs to a peer that joined with another "
                                 "CURVE key: a client may use only the ids it joined with", msg.seq))
+
+    def _refuse_other_connection(self, rid: bytes, msg: P.Message, owner) -> None:
+        """A request under the id of ``owner`` (a Peer or DroppedPeer) from another connection than the one
+        it joined from.  Taken, one with a sequence number far ahead silenced the peer (its own requests
+        ignored as late duplicates, for 10 x its --give-up-after), a goodbye dropped it, and its replies
+        went to the sender.  A pscnn client keeps its routing id, which holds a secret token
+        (pscnn.names.routing_id), across reconnects; its heartbeats come from a socket of their own."""
+        self._rejected("wrong_connection", "refused %s under worker id %s (%s) from %s, not the connection it "
+                       "joined from", msg.type, msg.wid, owner.name, _sender(rid))
+        self._send(rid, P.error("wrong_connection", f"worker id {msg.wid!r} belongs to a peer that joined from "
+                                "another connection: a client may use only the ids it joined with", msg.seq))
 
     def _rejected(self, code: str, fmt: str | None, *args, lines: RateLimitedLog | None = None) -> None:
         """Count a rejected message and log it, up to ``--log-rejected`` lines a second (or as
@@ -674,6 +689,9 @@ class ParameterServer:
         if owner is not None and owner.key != key:
             self._refuse_other_key(rid, msg, owner, key)
             return
+        if owner is not None and owner.rid != rid:
+            self._refuse_other_connection(rid, msg, owner)
+            return
         # The client's own rule: a name goes into every line about the peer, its table entry, the
         # dropped peers remembered and every checkpoint (summary.json's worker_names).
         problem = name_problem(msg.body.get("name", ""))
@@ -744,7 +762,7 @@ class ParameterServer:
         (WARNING for one declared dead, else INFO by default)."""
         self._remove_peer(peer)
         # not there: a hello took it out
-        gone = self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic(), key=peer.key)
+        gone = self.dropped[peer.wid] = DroppedPeer(peer.name, why, time.monotonic(), key=peer.key, rid=peer.rid)
         if peer.role == "evaluator" and not self.role_counts["evaluator"]:
             self.evaluator_left = why
         if not self.over:   # what the run survived: not the evaluator's goodbye after the final evaluation,

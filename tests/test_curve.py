@@ -287,13 +287,14 @@ def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
     cluster = LocalCluster(tmp_path / "run", keys=keys)
     raws = []
 
-    def raw(folder: str, wid: str | None = None) -> Raw:
-        raws.append(Raw(cluster.endpoint, wid, keys=curve.client_keys(keys / folder)))
+    def raw(folder: str, wid: str | None = None, routing_id: bytes | None = None) -> Raw:
+        raws.append(Raw(cluster.endpoint, wid, keys=curve.client_keys(keys / folder), routing_id=routing_id))
         return raws[-1]
+    trainer_route = b"trainer-0/0123456789abcdef"       # a client's, kept across its reconnects
     try:
         cluster.start_server([*SERVER_FLAGS, "--out", str(cluster.out)])
         wait_for(lambda: cluster.status(0.5) is not None, 60, "the CURVE server to answer its status")
-        trainer = raw("client-0")
+        trainer = raw("client-0", routing_id=trainer_route)
         trainer.hello("trainer")
         task = trainer.work()
         weights = task.arrays
@@ -312,7 +313,7 @@ def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
         refusals = _log_lines(cluster, f"under worker id {trainer.wid}", 3)
         assert len(refusals) == 3 and "joined with CURVE key client-0) from a client with key client-1" in refusals[0], refusals
         # the same key rejoins under its id (its own seq goes on), and may after it left; another key may not
-        again = raw("client-0", wid=trainer.wid)
+        again = raw("client-0", wid=trainer.wid, routing_id=trainer_route)     # the trainer, reconnected
         again.seq = trainer.seq
         again.hello("trainer")
         assert again.call(P.BYE, {"reason": "test"}).type == P.ACK

@@ -2906,6 +2906,34 @@ def test_replies_queued_for_a_peer_that_never_reads_are_bounded(in_process):
     assert received < sent // 2, f"{received} of {sent} replies were queued for a peer that did not read"
 
 
+def test_a_client_cannot_act_under_the_id_of_a_peer_that_joined_from_another_connection(in_process):
+    """Without keys, one work request under a trainer's id from another connection, its sequence
+    number far ahead, took the id: the trainer's own requests were ignored as late duplicates (a real
+    worker waited 60 s, 10 x its --give-up-after, then gave up), and a goodbye dropped it.  A peer's
+    requests must come from the connection it joined from now; its heartbeat socket's beats are
+    answered as before."""
+    server = in_process()
+    trainer = Raw(server.endpoint, routing_id=routing_id("trainer-1-0a0b0c0d"), wid="trainer-1-0a0b0c0d")
+    server.raws.append(trainer)
+    assert server.call(trainer, P.HELLO, {"role": "trainer", "name": "trainer-1"}).type == P.WELCOME
+    task = server.call(trainer, P.WORK)
+    thief = server.client()
+    for mtype, body in ((P.WORK, {}), (P.BYE, {"reason": "stolen"}), (P.HELLO, {"role": "trainer", "name": "thief"})):
+        thief.send(thief.frames(mtype, body, wid=trainer.wid, seq=10 ** 9))
+        server.handle_one()
+        got = thief.recv(1.0)
+        reply = got and got[0]
+        assert reply is not None and reply.type == P.ERROR and reply.body["code"] == "wrong_connection", (mtype, reply)
+        assert "joined from another connection" in reply.body["message"]
+    beat = server.client()                          # the trainer's heartbeat socket
+    beat.send(beat.frames(P.HEARTBEAT, wid=trainer.wid))
+    server.handle_one()
+    assert beat.recv(1.0)[0].type == P.HEARTBEAT
+    reply = server.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays))
+    assert reply is not None and reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply
+    assert server.srv.rejected["wrong_connection"] == 3 and trainer.wid in server.srv.peers
+
+
 def test_versions_of_the_weights_held_for_a_peer_that_never_reads_are_few(in_process):
     """An evaluator pulling once per version while the run trained and never reading pinned each
     version its queued replies carried: with 256 replies queued per peer, ~230 versions of the
