@@ -39,7 +39,7 @@ from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
 from cnn_core import training
 from cnn_core.training import DivergenceError, default_config, format_report, train
-from helpers import exit_error_line, popen_taking_ctrl_c
+from helpers import exit_error_line, one_line_naming, popen_taking_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = os.environ.get("MNIST_DIR")
@@ -607,7 +607,19 @@ def test_unwritable_run_folder_is_a_one_line_error(tmp_path):
     blocker.write_text("not a folder")
     proc = pscnn_train(["--model", "light", "--train-limit", "64", "--out", str(blocker / "run")],
                        env=clean_env(MNIST_DIR=REAL_MNIST))
-    exit_error_line(proc, 1, str(blocker / "run"), "cannot write")
+    # refused at the start (pscnn.cli.check_run_folder), before the data is read
+    exit_error_line(proc, 1, str(blocker / "run"), f"{blocker} is a file, not a folder")
+
+
+def test_a_run_folder_that_cannot_be_made_where_it_is_made_is_a_one_line_error(tmp_path):
+    # what the start's check cannot foresee (a file put there after it, permissions, a full disk):
+    # make_folder's own line, the OS's reason in it
+    from cnn_core.runlog import RunLogError, make_folder
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunLogError) as caught:
+        make_folder(blocker / "run")
+    one_line_naming(caught.value, blocker / "run", "cannot write: Not a directory")
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP"])
