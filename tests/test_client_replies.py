@@ -626,6 +626,18 @@ def test_a_request_held_at_the_start_barrier_outlasts_the_held_limit(fake, caplo
     assert said and "once 2 trainers ask for it (1 ready now)" in said[0], caplog.text
 
 
+# `pscnn ...` given up on a request held back, or on waits, after 0.5 s of them (HELD_LIMIT_FACTOR
+# 0.1 of a --give-up-after of 5 s), each answer, the hello's too, still allowed 5 s.  (A --give-up-after
+# of 0.1 s allowed the hello 0.1 s, which a loaded machine can overrun: no goodbye is owed then.)
+SHORT_HELD_LIMIT = """
+import sys
+from worker import client, trainer
+client.HELD_LIMIT_FACTOR = trainer.HELD_LIMIT_FACTOR = 0.1
+from pscnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("held", ["held back", "told to wait"])
 def test_a_worker_that_gives_up_on_a_server_still_answering_says_goodbye(fake, held):
     """A trainer given up on a server that answers heartbeats but holds its request back (or
@@ -633,8 +645,8 @@ def test_a_worker_that_gives_up_on_a_server_still_answering_says_goodbye(fake, h
     kept its lease, and counted it in a sync round, until its --peer-timeout.  It says goodbye
     (exit status 1 all the same)."""
     server = fake(hello=[welcome(heartbeat_s=0.2)], work=[SILENCE] if held == "held back" else [wait(0.0)])
-    proc = subprocess.run([sys.executable, "-m", "pscnn.cli", "worker", "--server", server.endpoint,
-                           "--give-up-after", "0.1", "--compute-ms", "0"],
+    proc = subprocess.run([sys.executable, "-c", SHORT_HELD_LIMIT, "worker", "--server", server.endpoint,
+                           "--give-up-after", "5", "--compute-ms", "0"],
                           capture_output=True, text=True, timeout=90, env=child_env(), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [m.body["reason"] for m in server.of_type(P.BYE)] == ["gave up waiting for an answer"], proc.stderr[-3000:]
