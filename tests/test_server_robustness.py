@@ -2934,23 +2934,31 @@ def test_a_client_cannot_act_under_the_id_of_a_peer_that_joined_from_another_con
     assert server.srv.rejected["wrong_connection"] == 3 and trainer.wid in server.srv.peers
 
 
-def test_versions_of_the_weights_held_for_a_peer_that_never_reads_are_few(in_process):
-    """An evaluator pulling once per version while the run trained and never reading pinned each
-    version its queued replies carried: with 256 replies queued per peer, ~230 versions of the
-    seed model for one such peer (server RSS 59 -> 446 MB in 400 updates), SEND_QUEUE now."""
-    server = in_process(model="seed", train_limit=64 * 400)      # no epoch ends in the loop
+def _server_and_a_peer_that_reads_when_told(in_process, role: str):
+    """A seed-model server (no epoch ends in these tests' loops), an honest trainer holding its
+    first task, and a peer of ``role`` that joined and reads only when the test says (ZeroMQ takes
+    in one message for it).  Returns (server, made, honest, peer, task); ``made`` holds a weak
+    reference to each version's weights buffer the server makes from then on."""
+    server = in_process(model="seed", train_limit=64 * 400)
     store = server.srv.store
-    made = []                                       # every version's weights buffer, weakly
+    made = []
 
     def freeze(buf, freeze=store._freeze):
         made.append(weakref.ref(buf))
         return freeze(buf)
     store._freeze = freeze
     honest = server.join_trainer()
-    hostile = Raw(server.endpoint, rcvhwm=1)
-    server.raws.append(hostile)
-    assert server.call(hostile, P.HELLO, {"role": "evaluator", "name": hostile.wid}).type == P.WELCOME
-    task = server.call(honest, P.WORK)
+    peer = Raw(server.endpoint, rcvhwm=1)
+    server.raws.append(peer)
+    assert server.call(peer, P.HELLO, {"role": role, "name": peer.wid}).type == P.WELCOME
+    return server, made, honest, peer, server.call(honest, P.WORK)
+
+
+def test_versions_of_the_weights_held_for_a_peer_that_never_reads_are_few(in_process):
+    """An evaluator pulling once per version while the run trained and never reading pinned each
+    version its queued replies carried: with 256 replies queued per peer, ~230 versions of the
+    seed model for one such peer (server RSS 59 -> 446 MB in 400 updates), SEND_QUEUE now."""
+    server, made, honest, hostile, task = _server_and_a_peer_that_reads_when_told(in_process, "evaluator")
     weights = task.arrays
     for _ in range(300):                            # a new pull (not a resend) per version
         hostile.send(hostile.frames(P.PULL, {"have_version": -1}))
@@ -2974,12 +2982,7 @@ def test_a_trainer_that_stops_reading_for_a_while_then_reads_trains_on(in_proces
     seconds, whose request and its resends (sent before it stopped, or during a stall of the
     server) were all answered while it read nothing, finds an answer to it, and its next request
     is answered, its push applied."""
-    server = in_process(model="seed", train_limit=64 * 400)
-    honest = server.join_trainer()
-    slow = Raw(server.endpoint, rcvhwm=1)
-    server.raws.append(slow)
-    assert server.call(slow, P.HELLO, {"role": "trainer", "name": slow.wid}).type == P.WELCOME
-    task = server.call(honest, P.WORK)
+    server, _, honest, slow, task = _server_and_a_peer_that_reads_when_told(in_process, "trainer")
     weights = task.arrays
     request = slow.frames(P.WORK)
     for _ in range(2 * SEND_QUEUE):                 # its request, then its resends, unread meanwhile
@@ -3002,19 +3005,8 @@ def test_answers_to_resends_of_a_peer_that_never_reads_share_one_version_of_the_
     a trainer resending one push without reading, or an evaluator one pull, grew the server by
     BURST models (377 MB of the seed model).  While ZeroMQ queues an answer, a resend's carries
     the same weights now."""
-    server = in_process(model="seed", train_limit=64 * 400)      # no epoch ends: the hostile trainer holds a lease
-    store = server.srv.store
-    made = []                                       # every version's weights buffer, weakly
-
-    def freeze(buf, freeze=store._freeze):
-        made.append(weakref.ref(buf))
-        return freeze(buf)
-    store._freeze = freeze
-    honest = server.join_trainer()
-    hostile = Raw(server.endpoint, rcvhwm=1)
-    server.raws.append(hostile)
-    assert server.call(hostile, P.HELLO, {"role": role, "name": hostile.wid}).type == P.WELCOME
-    task = server.call(honest, P.WORK)
+    # (no epoch ends: the hostile trainer holds a lease)
+    server, made, honest, hostile, task = _server_and_a_peer_that_reads_when_told(in_process, role)
     weights = task.arrays
     if role == "trainer":
         request = hostile.frames(P.PUSH, push_body(server.call(hostile, P.WORK)), grads_like(weights))
