@@ -342,11 +342,13 @@ class HandshakeWatch:
     on each reconnect.
 
     ``keys``: the client's (None: plain).  One watch follows the sockets a client reopens
-    (:meth:`watch`), counting handshakes that failed without a reason across them.
+    (:meth:`watch`), counting handshakes that failed without a reason across them.  ``retries``:
+    whether its caller retries until the server answers (a Client), or asks once (query_status),
+    which the line about a peer that closes before its greeting says.
     """
 
-    def __init__(self, endpoint: str, keys: ClientKeys | None):
-        self.endpoint, self.keys = endpoint, keys
+    def __init__(self, endpoint: str, keys: ClientKeys | None, retries: bool = True):
+        self.endpoint, self.keys, self.retries = endpoint, keys, retries
         self.sock = self.monitor = None
         # The monitor is read by the thread making requests and, between them, by the heartbeats'
         # (drain); a ZeroMQ socket is one thread's at a time.
@@ -414,8 +416,9 @@ class HandshakeWatch:
         if first == b"" and not self.closed_unheard_said:
             self.closed_unheard_said = True
             log.warning("the connection to %s closed before the CURVE handshake began (%d %s in a row), "
-                        "without a byte of ZeroMQ's greeting: is the server down behind a proxy? retrying until it "
-                        "answers", self.endpoint, self.silent_failures, for_count(self.silent_failures, "time"))
+                        "without a byte of ZeroMQ's greeting: is the server down behind a proxy?%s", self.endpoint,
+                        self.silent_failures, for_count(self.silent_failures, "time"),
+                        " retrying until it answers" if self.retries else "")
 
     def _read(self) -> None:
         """Take in the events the monitor holds (the caller holds the lock)."""

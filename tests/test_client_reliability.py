@@ -1226,6 +1226,23 @@ def test_a_curve_client_whose_connections_close_before_a_greeting_is_not_told_it
                     "without a byte of ZeroMQ's greeting", "behind a proxy")
 
 
+def test_a_status_query_with_keys_to_a_peer_that_closes_before_a_greeting_does_not_say_it_retries(
+        accept_and_close, tmp_path, caplog):
+    """query_status (pscnn status, pscnn run's progress, a healthcheck) asks once.  Against a proxy in front of a
+    server that is down, its line about the connections closed before ZeroMQ's greeting ended "retrying until
+    it answers", and pscnn status then said "no answer ... within 1 s" and exited 1."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    with caplog.at_level(logging.WARNING, logger="pscnn.curve"):
+        # several seconds: ZeroMQ's 100 ms reconnects fail the three handshakes the probe waits for
+        progress = client_module.query_status(accept_and_close.endpoint, timeout=3.0,
+                                              keys=curve.client_keys(tmp_path / "keys" / "client-0"))
+    assert progress is None
+    said = [r.getMessage() for r in caplog.records if r.name == "pscnn.curve"]
+    assert len(said) == 1, said
+    one_line_naming(said[0], accept_and_close.endpoint, "closed before the CURVE handshake began", "behind a proxy")
+    assert "retrying" not in said[0], said[0]
+
+
 class SlowToNotice(threading.Event):
     """Client._closing for a heartbeat thread that is busy when close() is called: it takes
     0.3 s to notice (close() has to wait for it, not return with the thread still running)."""

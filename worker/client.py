@@ -696,7 +696,7 @@ def query_status(endpoint: str, timeout: float = 1.0, keys: curve.ClientKeys | N
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)     # the answer is a header alone (see Client._open)
     curve.secure_client(sock, keys)
-    handshakes = curve.HandshakeWatch(endpoint, keys)
+    handshakes = curve.HandshakeWatch(endpoint, keys, retries=False)     # one request, no retries
     handshakes.watch(sock)
     try:
         P.connect(sock, endpoint)
