@@ -386,6 +386,30 @@ def test_throughput_benchmarks_compare_one_update():
     assert float(cmd[cmd.index("--momentum") + 1]) == THROUGHPUT_MOMENTUM
 
 
+def test_the_benches_hand_their_children_values_that_begin_with_a_dash(monkeypatch):
+    """``pscnn bench scaling --out=-b``: its servers got ``--out -b/...``, which the server's parser took for
+    a flag of its own ("pscnn bench scaling: error: pscnn server: error: argument --out: expected one
+    argument", exit 2); the same for a --mnist-dir or a model file whose name begins with -."""
+    from types import SimpleNamespace
+
+    from pscnn.bench import baseline, scaling, tta
+    from pscnn.bench.cluster import server_flags, worker_flags
+    from pscnn.cli import parse_args
+
+    server = parse_args(["server", *server_flags("async", 64, Path("-b/point"), model="-m.json", mnist_dir="-mnist")], {})
+    assert (server.out, server.model, server.mnist_dir) == ("-b/point", "-m.json", "-mnist")
+    worker = parse_args(["worker", "--server", "tcp://127.0.0.1:1", *worker_flags(1, None, "-mnist")], {})
+    assert worker.mnist_dir == "-mnist"
+    run = SimpleNamespace(batch=64, epochs=1, train_limit=0, test_limit=0, model="-m.json", optimizer="sgd", lr=None,
+                          momentum=None, schedule=None)
+    server = parse_args(["server", *tta.server_flags("async", run, Path("-b/run"), "-mnist")], {})
+    assert (server.out, server.model, server.mnist_dir) == ("-b/run", "-m.json", "-mnist")
+    measured = {}
+    monkeypatch.setattr(baseline, "measure", lambda model, *args, **kwargs: measured.update(model=model, args=args) or {})
+    assert baseline.main(scaling.baseline_command("-m.json", 64, 1.0, "-mnist", 0.01)[3:]) == 0
+    assert (measured["model"], measured["args"][-1]) == ("-m.json", "-mnist")
+
+
 SHORT = ["--compute-ms", "5", "--workers", "1", "--trials", "1", "--seconds", "0.3", "--warmup", "0"]
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from cnn_core.text import for_count
-from pscnn.launcher import LocalCluster, query_status, wait_for
+from pscnn.launcher import LocalCluster, flag_with, query_status, wait_for
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, bench_env, last_line, process_failed,
                      proc_cpu_seconds, server_failed, step_records)
@@ -28,16 +28,17 @@ def server_flags(mode: str, batch: int, out: Path, model: str = "seed", lr: floa
                  train_limit: int = 0, mnist_dir: str | None = None, extra: list[str] = (),
                  optimizer: str = "sgd") -> list[str]:
     """Flags of a throughput benchmark's server: momentum SGD at a constant rate by default,
-    the update the single-process baseline makes, whatever the mode's default optimizer."""
+    the update the single-process baseline makes, whatever the mode's default optimizer.
+    Paths and the model as --flag=VALUE (:func:`pscnn.launcher.flag_with`): ``--out -b`` was refused."""
     flags = ["--mode", mode, "--batch-size", str(batch), "--epochs", str(epochs), "--train-limit", str(train_limit),
-             "--model", model, "--optimizer", optimizer, "--lr", str(lr), "--schedule", "constant",
+             flag_with("--model", model), "--optimizer", optimizer, "--lr", str(lr), "--schedule", "constant",
              *(["--momentum", str(THROUGHPUT_MOMENTUM)] if optimizer == "sgd" else []),
              "--checkpoint-every", "0",
              "--peer-timeout", "60",
-             "--lease-timeout", "120", "--final-eval-timeout", "0", "--out", str(out), "--log-level", "WARNING",
+             "--lease-timeout", "120", "--final-eval-timeout", "0", flag_with("--out", out), "--log-level", "WARNING",
              *extra]
     if mnist_dir:
-        flags += ["--mnist-dir", mnist_dir]
+        flags.append(flag_with("--mnist-dir", mnist_dir))
     return flags
 
 
@@ -47,7 +48,7 @@ def worker_flags(threads: int, compute_ms: float | None, mnist_dir: str | None, 
     if compute_ms is not None:
         flags += ["--compute-ms", f"{compute_ms:g}"]
     if mnist_dir:
-        flags += ["--mnist-dir", mnist_dir]
+        flags.append(flag_with("--mnist-dir", mnist_dir))
     return flags
 
 

@@ -225,9 +225,10 @@ def point_folder(pt: dict, trial: int, synthetic: bool) -> str:
 
 def baseline_command(model: str, batch: int, seconds: float, mnist_dir: str | None, lr: float) -> list[str]:
     """The single-process baseline, making the servers' update (momentum SGD at ``lr``)."""
-    cmd = [sys.executable, "-m", "pscnn.bench.baseline", "--model", model, "--batch", str(batch),
+    from pscnn.launcher import flag_with  # noqa: PLC0415  (a value that begins with -: one word)
+    cmd = [sys.executable, "-m", "pscnn.bench.baseline", flag_with("--model", model), "--batch", str(batch),
            "--seconds", str(seconds), "--lr", repr(lr), "--momentum", repr(THROUGHPUT_MOMENTUM)]
-    return cmd + (["--mnist-dir", mnist_dir] if mnist_dir else [])
+    return cmd + ([flag_with("--mnist-dir", mnist_dir)] if mnist_dir else [])
 
 
 def _baseline(model: str, batch: int, seconds: float, mnist_dir: str | None, env: dict, lr: float) -> dict:

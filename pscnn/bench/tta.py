@@ -137,11 +137,13 @@ def ssp_bound(args) -> int:
 
 
 def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> list[str]:
-    """The flags of one run's ``pscnn server`` (bar --bind): the run the user asked for."""
+    """The flags of one run's ``pscnn server`` (bar --bind): the run the user asked for.  Paths and
+    the model as --flag=VALUE (:func:`pscnn.launcher.flag_with`): ``--out -b`` was refused."""
+    from pscnn.launcher import flag_with  # noqa: PLC0415
     flags = ["--mode", mode, "--batch-size", str(args.batch), "--epochs", str(args.epochs),
-             "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit), "--model", args.model,
-             "--optimizer", args.optimizer, "--checkpoint-every", "0",
-             "--peer-timeout", "60", "--final-eval-timeout", "30", "--out", str(server_out),
+             "--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit),
+             flag_with("--model", args.model), "--optimizer", args.optimizer, "--checkpoint-every", "0",
+             "--peer-timeout", "60", "--final-eval-timeout", "30", flag_with("--out", server_out),
              "--log-level", "WARNING"]
     if args.lr is not None:
         flags += ["--lr", str(args.lr)]
@@ -152,7 +154,7 @@ def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> li
     if mode == "ssp":
         flags += ["--staleness", str(ssp_bound(args))]
     if mnist_dir:
-        flags += ["--mnist-dir", mnist_dir]
+        flags.append(flag_with("--mnist-dir", mnist_dir))
     return flags
 
 
@@ -177,7 +179,7 @@ def _failure(cluster, server, n: int) -> BenchError | None:
 
 
 def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict, list]:
-    from pscnn.launcher import LocalCluster, query_status  # noqa: PLC0415
+    from pscnn.launcher import LocalCluster, flag_with, query_status  # noqa: PLC0415
 
     from .cluster import worker_flags  # noqa: PLC0415
     from pscnn.launcher import wait_for  # noqa: PLC0415
@@ -205,7 +207,7 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
         eflags = ["--every", str(args.eval_every), "--test-limit", str(args.test_limit), "--log-level", "WARNING",
                   "--threads", str(args.threads)]
         if mnist_dir:
-            eflags += ["--mnist-dir", mnist_dir]
+            eflags.append(flag_with("--mnist-dir", mnist_dir))
         cluster.start_evaluator(eflags)
         while server.poll() is None:
             failure = _failure(cluster, server, n)
