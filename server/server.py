@@ -555,11 +555,7 @@ class ParameterServer:
         ``key``: the CURVE key the message came with; another than the dropped peer's is told only that.
         """
         gone = self.dropped.get(msg.wid)
-        if gone is not None and gone.key != key:
-            self._refuse_other_key(rid, msg, gone, key)
-            return
-        if gone is not None and gone.rid != rid and msg.type != P.HEARTBEAT:
-            self._refuse_other_connection(rid, msg, gone)
+        if gone is not None and self._refused_as_anothers(rid, msg, gone, key):
             return
         if gone is None and msg.wid in self.clients_before:
             self._ask_client_before_to_rejoin(rid, msg)
@@ -593,6 +589,19 @@ class ParameterServer:
                                         "told to say hello again", msg.wid, msg.type)
         exc = _unknown_id(msg.wid)
         self._send(rid, P.error(exc.code, str(exc), msg.seq))
+
+    def _refused_as_anothers(self, rid: bytes, msg: P.Message, owner, key: str | None) -> bool:
+        """Refuse a message under the id of ``owner`` (a Peer or DroppedPeer) from a client that is not
+        it: one with another CURVE key, or (heartbeats aside: a client sends them from a socket of its
+        own) another connection.  Whether it was refused.  (A joined peer's messages are checked in
+        _on_frames, which lets its heartbeats refresh it between the two checks.)"""
+        if owner.key != key:
+            self._refuse_other_key(rid, msg, owner, key)
+            return True
+        if owner.rid != rid and msg.type != P.HEARTBEAT:
+            self._refuse_other_connection(rid, msg, owner)
+            return True
+        return False
 
     def _refuse_other_key(self, rid: bytes, msg: P.Message, owner, key: str) -> None:
         """A message under the id of ``owner`` (a Peer or DroppedPeer) from a client that holds another
@@ -686,11 +695,7 @@ class ParameterServer:
             self._reject(rid, msg, P.ProtocolError("hello: 'wid' (the client id) must not be empty"))
             return
         owner = self.peers.get(wid) or self.dropped.get(wid)
-        if owner is not None and owner.key != key:
-            self._refuse_other_key(rid, msg, owner, key)
-            return
-        if owner is not None and owner.rid != rid:
-            self._refuse_other_connection(rid, msg, owner)
+        if owner is not None and self._refused_as_anothers(rid, msg, owner, key):
             return
         # The client's own rule: a name goes into every line about the peer, its table entry, the
         # dropped peers remembered and every checkpoint (summary.json's worker_names).
