@@ -1740,3 +1740,37 @@ def test_a_bad_model_or_schedule_file_is_a_usage_error_as_an_inline_one(flag, te
     assert err.startswith("pscnn bench time-to-accuracy: error: ") and f"file {path}" in err, err
     assert needle in err and "\n" not in err, err
     assert not out.exists()             # nothing ran, nothing written
+
+
+def test_the_ddp_ranks_and_the_synthetic_clients_get_values_that_begin_with_a_dash(tmp_path, monkeypatch):
+    """``pscnn bench scaling --ddp on --model -m.json`` and ``pscnn bench server --model -m.json``: the DDP
+    ranks and the synthetic clients got ``--model -m.json`` as two words, which their parsers refused
+    ("argument --model: expected one argument").  Each command is parsed back by its child's own parser."""
+    from types import SimpleNamespace
+
+    from pscnn.bench import ddp, server_bench, synth
+
+    class Started(Exception):
+        """Raised in place of starting a child: the test wants its command line only."""
+
+    commands, real_popen = [], subprocess.Popen
+
+    def record(cmd, *args, **kwargs):
+        commands.append(cmd)
+        raise Started
+    monkeypatch.setattr(subprocess, "Popen", record)
+    with pytest.raises(Started):
+        ddp.measure_ddp(1, 64, 1.0, model="-m.json")
+
+    def clients_recorded(cmd, *args, **kwargs):     # the echo starts for real, the clients are recorded
+        return record(cmd) if "clients" in cmd else real_popen(cmd, *args, **kwargs)
+    monkeypatch.setattr(subprocess, "Popen", clients_recorded)
+    with pytest.raises(Started):
+        server_bench.measure("echo", 1, SimpleNamespace(processes=1, model="-m.json"), dict(os.environ))
+    ddp_cmd, clients_cmd = commands
+    parsed = []
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")     # ddp.main sets it: undone after the test
+    monkeypatch.setattr(ddp, "_run_rank", lambda args: parsed.append(args.model) or 0)
+    monkeypatch.setattr(synth, "run_clients", lambda args: parsed.append(args.model) or 0)
+    assert ddp.main(ddp_cmd[3:]) == 0 and synth.main(clients_cmd[3:]) == 0
+    assert parsed == ["-m.json", "-m.json"]

@@ -30,6 +30,16 @@ def torch_available() -> bool:
         return False
 
 
+def rank_command(rank: int, world: int, port: int, batch: int, seconds: float, threads: int, model: str,
+                 result: Path) -> list[str]:
+    """The command line of DDP rank ``rank``.  The model and the result as --flag=VALUE
+    (:func:`pscnn.launcher.flag_with`): ``--model -m.json`` was refused."""
+    from pscnn.launcher import flag_with  # noqa: PLC0415
+    return [sys.executable, "-m", "pscnn.bench.ddp", "--rank", str(rank), "--world", str(world), "--port", str(port),
+            "--batch", str(batch), "--seconds", str(seconds), "--threads", str(threads), flag_with("--model", model),
+            flag_with("--result", result)]
+
+
 def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model: str = "seed",
                 env: dict | None = None) -> dict:
     """Aggregate images/s of ``world`` DDP processes (medians are the caller's business)."""
@@ -42,9 +52,7 @@ def measure_ddp(world: int, batch: int, seconds: float, threads: int = 1, model:
         result = Path(tmp) / "result.json"
         procs = []
         for rank in range(world):
-            cmd = [sys.executable, "-m", "pscnn.bench.ddp", "--rank", str(rank), "--world", str(world),
-                   "--port", str(port), "--batch", str(batch), "--seconds", str(seconds),
-                   "--threads", str(threads), "--model", model, "--result", str(result)]
+            cmd = rank_command(rank, world, port, batch, seconds, threads, model, result)
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
         outputs, timed_out = [], False

@@ -163,6 +163,16 @@ def pscnn_server_flags(args, run_folder: Path, clients: int) -> list[str]:
             "--max-workers", str(max(1024, clients))]
 
 
+def clients_command(endpoint: str, kind: str, keys: Path | None, count: int, model: str, name: str,
+                    result: Path) -> list[str]:
+    """The command line of one process of ``count`` synthetic clients (:mod:`pscnn.bench.synth`).  Paths
+    and the model as --flag=VALUE (:func:`pscnn.launcher.flag_with`): ``--model -m.json`` was refused."""
+    from pscnn.launcher import flag_with  # noqa: PLC0415
+    return [sys.executable, "-m", "pscnn.bench.synth", "clients", flag_with("--endpoint", endpoint), "--kind", kind,
+            *([flag_with("--keys", keys)] if keys is not None else []), "--count", str(count),
+            flag_with("--model", model), flag_with("--name", name), flag_with("--result", result)]
+
+
 def measure(kind: str, n: int, args, env: dict, profile: Path | None = None) -> dict:
     """One point: a server (plain ``pscnn``, or ``curve``: with CURVE keys; or the echo) and ``n``
     synthetic clients; cycles in the window."""
@@ -175,11 +185,12 @@ def measure(kind: str, n: int, args, env: dict, profile: Path | None = None) -> 
     point = f"{kind}, {n} {for_count(n, 'client')}"    # what the failures name
     with tempfile.TemporaryDirectory(prefix="pscnn-bench-server-") as tmp:
         tmp = Path(tmp)
-        keys_flags, status_keys = [], None          # the clients' --keys, and the status queries' keys
+        client_keys_folder, status_keys = None, None    # the clients' --keys, and the status queries' keys
         if kind == "curve":
             from pscnn.curve import client_keys, make_keys  # noqa: PLC0415
             make_keys(tmp / "keys", ["clients"])
-            keys_flags, status_keys = ["--keys", str(tmp / "keys" / "clients")], client_keys(tmp / "keys" / "clients")
+            client_keys_folder = tmp / "keys" / "clients"
+            status_keys = client_keys(client_keys_folder)
         if server_kind:
             argv = ["-m", "pscnn.cli", "server", "--bind", endpoint, *pscnn_server_flags(args, tmp / "run", n),
                     *(["--keys", str(tmp / "keys" / "server")] if kind == "curve" else [])]
@@ -207,9 +218,8 @@ def measure(kind: str, n: int, args, env: dict, profile: Path | None = None) -> 
                 raise server_exited()
             for i in range(nproc):
                 count = n // nproc + (1 if i < n % nproc else 0)
-                cmd = [sys.executable, "-m", "pscnn.bench.synth", "clients", "--endpoint", endpoint,
-                       "--kind", "pscnn" if server_kind else kind, *keys_flags, "--count", str(count),
-                       "--model", args.model, "--name", f"c{i}", "--result", str(tmp / f"clients-{i}.json")]
+                cmd = clients_command(endpoint, "pscnn" if server_kind else kind, client_keys_folder, count,
+                                      args.model, f"c{i}", tmp / f"clients-{i}.json")
                 client_logs.append(open(tmp / f"clients-{i}.log", "wb"))
                 procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=client_logs[-1],
                                               stderr=subprocess.STDOUT))
