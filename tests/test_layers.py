@@ -172,6 +172,25 @@ def test_gradcheck_layer_refuses_a_float32_layer():
                      away_from_zero(np.random.default_rng(1), (2, 5, 5, 1)))
 
 
+def test_gradcheck_layer_checks_a_models_layer_as_it_runs_alone(monkeypatch):
+    """The seed model fuses conv1 -> relu1 -> maxpool1 (conv1's output window-major, maxpool1 applying
+    relu1).  gradcheck_layer refused maxpool1's (N, H, W, C) input as not window-major, and checked
+    relu1 as the identity, so that a ReLU whose backward forgot its mask passed.  Each is checked as
+    it runs alone now, and the model's fusion is as it was afterwards."""
+    from cnn_core.model import build_model
+    layers = {layer.name: layer for layer in build_model("seed", dtype="float64").layers}
+    rng = np.random.default_rng(0)
+    inputs = {"conv1": rng.standard_normal((2, 28, 28, 1)), "relu1": away_from_zero(rng, (2, 28, 28, 32)),
+              "maxpool1": distinct_values(rng, (2, 28, 28, 32))}       # no ties within a window
+    for name, x in inputs.items():
+        assert_gradcheck(layers[name], x)
+    fused = (layers["conv1"].pool_windows, layers["maxpool1"].windows_first, layers["maxpool1"].relu_after,
+             layers["relu1"].applied_by_pool)
+    assert fused == ((2, 2), True, True, True)
+    monkeypatch.setattr(ReLU, "backward", lambda self, dout, cache, need_dx=True: (dout, {}))   # no mask
+    assert gradcheck_layer(layers["relu1"], inputs["relu1"])["input"] > 0.5
+
+
 def test_gradcheck_layer_refuses_an_unbuilt_layer_or_a_wrong_input_shape():
     # Both failed deep inside the layer's forward (TypeError on a None shape, a matmul ValueError).
     x = np.random.default_rng(0).standard_normal((2, 5, 5, 1))
