@@ -29,6 +29,7 @@ in the server's container (its healthcheck) reads the same ``PSCNN_KEYS`` as the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import stat
@@ -387,27 +388,32 @@ class HandshakeWatch:
             finally:
                 self._lock.release()
 
-    def check(self) -> bool:
+    def check(self, deadline: float = math.inf) -> bool:
         """Raise :class:`HandshakeFailed` if a handshake failed for a reason that retrying cannot change;
-        else whether the connection dropped and was made again since the last call."""
+        else whether the connection dropped and was made again since the last call.  ``deadline``
+        (monotonic): the caller's, which the look into silent failures does not outlast."""
         with self._lock:
             self._read()
         if self.refusal is not None:
             raise HandshakeFailed(self.refusal)
         if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT \
                 and time.monotonic() >= self.probe_due:
-            self._silent_failures_checked()
+            self._silent_failures_checked(deadline)
         remade, self.remade = self.remade, False
         return remade
 
-    def _silent_failures_checked(self) -> None:
+    def _silent_failures_checked(self, deadline: float) -> None:
         """Raise :class:`HandshakeFailed` if a ZeroMQ server answers at the endpoint, so that it is our
         hello it could not read; log once if the peer closes connections before it says a word (a proxy
         whose server is down: retried, as a server that is down is).  ZeroMQ's monitor says alike of both
-        (a handshake failed without a reason, then disconnected), so a connection of our own asks."""
+        (a handshake failed without a reason, then disconnected), so a connection of our own asks, until
+        ``deadline`` at the latest (pscnn status --timeout took half a second more)."""
+        timeout = min(GREETING_TIMEOUT_S, deadline - time.monotonic())
+        if timeout <= 0:
+            return
         self.probe_due = time.monotonic() + GREETING_PROBE_EVERY_S
         address = P.tcp_address(self.endpoint)
-        first = first_byte(*address) if address is not None else ZMTP_SIGNATURE_START    # (ipc: no proxy between)
+        first = first_byte(*address, timeout) if address is not None else ZMTP_SIGNATURE_START    # (ipc: no proxy)
         if first == ZMTP_SIGNATURE_START:
             raise HandshakeFailed(
                 f"the CURVE handshake with {self.endpoint} failed {self.silent_failures} times in a row: "
@@ -457,19 +463,40 @@ class HandshakeWatch:
             self.sock = self.monitor = None
 
 
-def first_byte(host: str, port: str) -> bytes | None:
+def first_byte(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> bytes | None:
     """The first byte a new TCP connection to ``host:port`` brings (a ZeroMQ socket's greeting starts with
     ZMTP_SIGNATURE_START); b"" if the peer closed (or reset) it first; None if it was not made, or
-    nothing came within GREETING_TIMEOUT_S.  Closed before our greeting, it is a handshake failed without
-    a reason at a pscnn server, which does not log those (:class:`RefusedHandshakes`)."""
+    nothing came within ``timeout`` (the host's lookup included).  Closed before our greeting, it is a
+    handshake failed without a reason at a pscnn server, which does not log those (:class:`RefusedHandshakes`)."""
+    deadline = time.monotonic() + timeout
+    # The lookup in a thread: socket.create_connection's timeout bounds the connection, not the
+    # resolver, which a slow DNS holds for seconds.  Left to finish on its own if it outlasts ``timeout``.
+    found: list = []
+    lookup = threading.Thread(target=lambda: found.append(_addresses(host, port)), name="resolve", daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    for family, kind, proto, _, address in found[0] if found else ():    # each, as create_connection tries them
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as conn:
+                conn.settimeout(left)
+                conn.connect(address)
+                return conn.recv(1)
+        except ConnectionResetError:
+            return b""
+        except OSError:             # refused, unreachable, timed out: the next address
+            continue
+    return None
+
+
+def _addresses(host: str, port: str) -> list:
+    """``socket.getaddrinfo``'s TCP addresses of ``host:port``; [] for a name that does not resolve."""
     try:
-        with socket.create_connection((host, port), timeout=GREETING_TIMEOUT_S) as conn:
-            first = conn.recv(1)
-    except ConnectionResetError:
-        return b""
-    except OSError:                 # refused, unreachable, timed out, a name that does not resolve
-        return None
-    return first
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):     # gaierror; a label the IDNA codec refuses
+        return []
 
 
 class RefusedHandshakes:

@@ -1243,6 +1243,32 @@ def test_a_status_query_with_keys_to_a_peer_that_closes_before_a_greeting_does_n
     assert "retrying" not in said[0], said[0]
 
 
+def test_a_status_query_with_keys_to_a_peer_that_closes_before_a_greeting_keeps_to_its_timeout(
+        accept_and_close, tmp_path, monkeypatch):
+    """The greeting probe that looks into the failed handshakes had its own 0.5 s and a host lookup that
+    nothing bounded, both on top of the query's timeout (pscnn status --timeout 1 took 1.36 s).  Here
+    the lookup answers only once the query is over: the query must not wait for it."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    released, lookups, answered = threading.Event(), [], threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def lookup_held_until_released(*args, **kwargs):
+        lookups.append(args[0])
+        released.wait(30)           # bounded: the old code waited this long, then went on
+        answered.set()
+        return real_getaddrinfo(*args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup_held_until_released)
+    try:
+        # several seconds: ZeroMQ's 100 ms reconnects fail the three handshakes the probe waits for
+        progress = client_module.query_status(accept_and_close.endpoint, timeout=3.0,
+                                              keys=curve.client_keys(tmp_path / "keys" / "client-0"))
+        assert progress is None
+        assert lookups, "the probe never looked the host up: nothing was tested"
+        assert not answered.is_set(), "the query waited for the probe's host lookup"
+    finally:
+        released.set()
+
+
 class SlowToNotice(threading.Event):
     """Client._closing for a heartbeat thread that is busy when close() is called: it takes
     0.3 s to notice (close() has to wait for it, not return with the thread still running)."""

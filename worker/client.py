@@ -703,7 +703,7 @@ def query_status(endpoint: str, timeout: float = 1.0, keys: curve.ClientKeys | N
         P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
         deadline = time.monotonic() + timeout
         while not sock.poll(int(min(max(deadline - time.monotonic(), 0.0), 0.1) * 1000), zmq.POLLIN):
-            handshakes.check()
+            handshakes.check(deadline)
             if time.monotonic() >= deadline:
                 return None
         try:
