@@ -2,7 +2,8 @@
 
 A client id (wid) is NAME-xxxxxxxx (8 hex digits, so a restarted worker of the
 same name is a new peer).  Its ZeroMQ routing id is the wid and a secret token,
-WID/yyyyyyyyyyyyyyyy (16 hex digits, see :func:`routing_id`).  The protocol caps
+WID/yyyyyyyyyyyyyyyy (16 hex digits, see :func:`routing_id`); its heartbeat socket's
+is the wid and a hash of that (:func:`heartbeat_routing_id`).  The protocol caps
 a wid at MAX_NAME_LEN printable characters, and ZeroMQ caps a routing id (in
 UTF-8) at 255 bytes.  This module imports nothing heavy, so ``pscnn worker
 --name`` is checked before numpy and zmq load (and before ``--threads`` takes
@@ -10,6 +11,7 @@ effect).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 
@@ -20,6 +22,7 @@ MAX_NAME_CHARS = MAX_NAME_LEN - WID_SUFFIX_LEN
 ROUTE_TOKEN_LEN = 17                    # "/" and 16 hex digits
 MAX_NAME_BYTES = ROUTING_ID_BYTES - WID_SUFFIX_LEN - ROUTE_TOKEN_LEN
 _ROUTE_TOKEN = re.compile(r"/[0-9a-f]{16}\Z")
+_ROUTE_TOKEN_BYTES = re.compile(rb"/[0-9a-f]{16}\Z")
 
 
 def routing_id(wid: str) -> bytes:
@@ -29,6 +32,16 @@ def routing_id(wid: str) -> bytes:
     reconnect): with the wid alone, anyone who knew it could connect under it and take the
     client's replies.  One per client, kept across its reconnects."""
     return f"{wid}/{secrets.token_hex(8)}".encode()
+
+
+def heartbeat_routing_id(request_routing_id: bytes) -> bytes:
+    """The routing id of a client's heartbeat socket, made from its request socket's
+    (:func:`routing_id`): the same wid before another token, a hash of that routing id.  A heartbeat
+    keeps a peer counted alive, so the server takes one under a peer's id only from the connection
+    the peer joined from or from this one, which it makes too; nobody without the secret token can."""
+    token = hashlib.blake2b(request_routing_id, digest_size=8, person=b"pscnn-heartbeat").hexdigest()
+    wid = _ROUTE_TOKEN_BYTES.sub(b"", request_routing_id)[:ROUTING_ID_BYTES - ROUTE_TOKEN_LEN]
+    return wid + b"/" + token.encode()
 
 
 def without_route_token(text: str) -> str:

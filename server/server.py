@@ -20,7 +20,7 @@ request seen again (a client resend) gets the cached reply (see ``_resend``
 for one that carried weights), or nothing while its reply is still parked, so
 a retried push is never applied twice; one under an older number (a late
 duplicate, a hello too) is ignored.
-Liveness: any message counts as a heartbeat; a worker silent for
+Liveness: any message from a peer's own connections counts as a heartbeat; a worker silent for
 ``peer_timeout`` is declared dead and its leases go back to the queue; a lease
 older than ``lease_timeout`` is requeued too.
 Time the server itself did not run (stopped, starved of CPU) counts towards
@@ -74,7 +74,7 @@ from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import MODES, ignore_stop_signals
-from pscnn.names import name_problem, without_route_token
+from pscnn.names import heartbeat_routing_id, name_problem, without_route_token
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .checkpoints import CheckpointFile
@@ -516,13 +516,13 @@ class ParameterServer:
         if peer.key != key:             # before anything of the peer's changes (plain: None == None)
             self._refuse_other_key(rid, msg, peer, key)
             return
+        if not _from_own_connection(rid, msg, peer):    # before it counts as alive or its sequence number moves on
+            self._refuse_other_connection(rid, msg, peer)
+            return
         peer.last_seen = now
         if msg.type == P.HEARTBEAT:     # from the client's heartbeat socket: no sequence number
             self._send(rid, P.Message(P.HEARTBEAT, body={"version": self.store.version,
                                                          "done": self.over}))
-            return
-        if rid != peer.rid:             # before its sequence number moves on (see _refuse_other_connection)
-            self._refuse_other_connection(rid, msg, peer)
             return
         if msg.seq == peer.last_seq and msg.type != peer.last_type:
             self._reject(rid, msg, _seq_reused(msg, peer))
@@ -592,13 +592,12 @@ class ParameterServer:
 
     def _refused_as_anothers(self, rid: bytes, msg: P.Message, owner, key: str | None) -> bool:
         """Refuse a message under the id of ``owner`` (a Peer or DroppedPeer) from a client that is not
-        it: one with another CURVE key, or (heartbeats aside: a client sends them from a socket of its
-        own) another connection.  Whether it was refused.  (A joined peer's messages are checked in
-        _on_frames, which lets its heartbeats refresh it between the two checks.)"""
+        it: one with another CURVE key, or from a connection not its own (:func:`_from_own_connection`).
+        Whether it was refused.  (A joined peer's messages are checked so in _on_frames.)"""
         if owner.key != key:
             self._refuse_other_key(rid, msg, owner, key)
             return True
-        if owner.rid != rid and msg.type != P.HEARTBEAT:
+        if not _from_own_connection(rid, msg, owner):
             self._refuse_other_connection(rid, msg, owner)
             return True
         return False
@@ -617,7 +616,9 @@ class ParameterServer:
         it joined from.  Taken, one with a sequence number far ahead silenced the peer (its own requests
         ignored as late duplicates, for 10 x its --give-up-after), a goodbye dropped it, and its replies
         went to the sender.  A pscnn client keeps its routing id, which holds a secret token
-        (pscnn.names.routing_id), across reconnects; its heartbeats come from a socket of their own."""
+        (pscnn.names.routing_id), across reconnects; its heartbeats come from a socket of their own,
+        whose routing id is made from that one (pscnn.names.heartbeat_routing_id).  Heartbeats from
+        anyone who knew the id kept a peer that was gone counted alive."""
         self._rejected("wrong_connection", "refused %s under worker id %s (%s) from %s, not the connection it "
                        "joined from", msg.type, msg.wid, owner.name, _sender(rid))
         self._send(rid, P.error("wrong_connection", f"worker id {msg.wid!r} belongs to a peer that joined from "
@@ -1717,6 +1718,12 @@ def _unknown_id(wid: str) -> P.ProtocolError:
     """What a message under an id the server does not know is answered (the client says hello again)."""
     return P.ProtocolError(f"unknown worker id {wid!r}: send hello first (the server may have restarted)",
                            "unknown_worker")
+
+
+def _from_own_connection(rid: bytes, msg: P.Message, owner) -> bool:
+    """Whether ``msg``, under the id of ``owner`` (a Peer or DroppedPeer), came from routing id ``rid`` of
+    a connection of the owner's: the one it joined from, or, for a heartbeat, its heartbeat socket's."""
+    return rid == owner.rid or msg.type == P.HEARTBEAT and rid == heartbeat_routing_id(owner.rid)
 
 
 def _sender(rid: bytes) -> str:

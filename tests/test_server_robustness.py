@@ -41,7 +41,7 @@ from cnn_core.runlog import read_metrics
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, print_report, query_status, wait_for
-from pscnn.names import routing_id
+from pscnn.names import heartbeat_routing_id, routing_id
 from server.router import SEND_QUEUE
 from server.server import BURST, ParameterServer
 
@@ -66,6 +66,7 @@ class Raw:
         ``routing_id``: the socket's ZeroMQ routing id (None: one ZeroMQ makes up)."""
         self.endpoint = endpoint
         self.wid = wid or f"raw-{uuid.uuid4().hex[:8]}"
+        self.routing_id = routing_id
         self.seq = 0
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -78,6 +79,12 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+    def heartbeat_socket(self) -> "Raw":
+        """Another socket under this one's id, for its heartbeats, as a pscnn client's: its routing id
+        made from this one's (which must be set), the one the server takes heartbeats from besides."""
+        assert self.routing_id is not None, "a heartbeat socket's routing id is made from its peer's"
+        return Raw(self.endpoint, self.wid, routing_id=heartbeat_routing_id(self.routing_id))
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -2425,7 +2432,9 @@ SYNC_FLAGS = ["--mode", "sync", "--optimizer", "sgd", "--momentum", "0", "--lr",
 
 
 def trainers(server: Server, n: int) -> list[Raw]:
-    return [server.client("trainer") for _ in range(n)]
+    """``n`` trainers joined, each with a routing id as a pscnn client's (its heartbeat socket's is made from it)."""
+    wids = [f"raw-{uuid.uuid4().hex[:8]}" for _ in range(n)]
+    return [server.client("trainer", wid=wid, routing_id=routing_id(wid)) for wid in wids]
 
 
 def into_a_draining_epoch(server: Server):
@@ -2786,7 +2795,8 @@ def test_a_parked_sync_trainer_takes_over_the_last_batch_when_its_holder(tmp_pat
                           *timeouts])
     try:
         p0, p1, _, weights = into_a_draining_epoch(s)                # p0 holds the last batch; p1 is parked
-        beats = [s.client(wid=p.wid) for p in ((p1,) if holder == "dies" else (p0, p1))]   # heartbeat sockets
+        beats = [p.heartbeat_socket() for p in ((p1,) if holder == "dies" else (p0, p1))]
+        s.sockets += beats
         since = s.log_size()
         got, deadline = None, time.monotonic() + 15
         while got is None and time.monotonic() < deadline:
@@ -2911,7 +2921,7 @@ def test_a_client_cannot_act_under_the_id_of_a_peer_that_joined_from_another_con
     number far ahead, took the id: the trainer's own requests were ignored as late duplicates (a real
     worker waited 60 s, 10 x its --give-up-after, then gave up), and a goodbye dropped it.  A peer's
     requests must come from the connection it joined from now; its heartbeat socket's beats are
-    answered as before."""
+    answered as before, and a beat from any other connection is refused too (next test)."""
     server = in_process()
     trainer = Raw(server.endpoint, routing_id=routing_id("trainer-1-0a0b0c0d"), wid="trainer-1-0a0b0c0d")
     server.raws.append(trainer)
@@ -2925,13 +2935,40 @@ def test_a_client_cannot_act_under_the_id_of_a_peer_that_joined_from_another_con
         reply = got and got[0]
         assert reply is not None and reply.type == P.ERROR and reply.body["code"] == "wrong_connection", (mtype, reply)
         assert "joined from another connection" in reply.body["message"]
-    beat = server.client()                          # the trainer's heartbeat socket
+    beat = trainer.heartbeat_socket()
+    server.raws.append(beat)
     beat.send(beat.frames(P.HEARTBEAT, wid=trainer.wid))
     server.handle_one()
     assert beat.recv(1.0)[0].type == P.HEARTBEAT
     reply = server.call(trainer, P.PUSH, push_body(task), grads_like(task.arrays))
     assert reply is not None and reply.type == P.TASK and reply.body["ack"]["applied"] is True, reply
     assert server.srv.rejected["wrong_connection"] == 3 and trainer.wid in server.srv.peers
+
+
+def test_heartbeats_under_a_peers_id_from_another_connection_do_not_keep_it_alive(in_process):
+    """Heartbeats were exempt from the rule that a peer's messages come from its own connections (a
+    client sends them from a socket of its own): anyone who knew a worker id (status, logs) kept that
+    peer counted alive with them, its leases held, after it was gone.  The server takes them from
+    the peer's heartbeat socket only, whose routing id is made from the peer's secret one."""
+    server = in_process()
+    wid = "trainer-1-0a0b0c0d"
+    trainer = Raw(server.endpoint, routing_id=routing_id(wid), wid=wid)
+    server.raws.append(trainer)
+    assert server.call(trainer, P.HELLO, {"role": "trainer", "name": "trainer-1"}).type == P.WELCOME
+    peer = server.srv.peers[wid]
+    seen = peer.last_seen = peer.last_seen - 1000   # long ago, as for a peer that is gone
+    for stranger in (server.client(), Raw(server.endpoint, wid, routing_id=heartbeat_routing_id(wid.encode()))):
+        server.raws.append(stranger)                # the second: made from the wid alone, without the token
+        stranger.send(stranger.frames(P.HEARTBEAT, wid=wid))
+        server.handle_one()
+        reply = stranger.recv(1.0)[0]
+        assert reply.type == P.ERROR and reply.body["code"] == "wrong_connection", reply
+    assert peer.last_seen == seen and server.srv.rejected["wrong_connection"] == 2
+    beat = trainer.heartbeat_socket()
+    server.raws.append(beat)
+    beat.send(beat.frames(P.HEARTBEAT, wid=wid))
+    server.handle_one()
+    assert beat.recv(1.0)[0].type == P.HEARTBEAT and peer.last_seen > seen
 
 
 def _server_and_a_peer_that_reads_when_told(in_process, role: str):

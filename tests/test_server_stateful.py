@@ -39,6 +39,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pscnn import protocol as P
 from pscnn.launcher import free_port
+from pscnn.names import heartbeat_routing_id
 from server.config import ServerConfig
 from server.server import ParameterServer
 
@@ -107,7 +108,7 @@ class Trainer:
     def __init__(self, wid: str):
         self.wid = wid
         self.rid = wid.encode()
-        self.heartbeat_rid = f"{wid}-hb".encode()
+        self.heartbeat_rid = heartbeat_routing_id(self.rid)     # the one the server takes its heartbeats from
         self.seq = 0
         self.alive = True               # False: the process died (it sends nothing more)
         self.cut = False                # cut off from the server: what either sends is lost, until it reconnects

@@ -74,7 +74,7 @@ from cnn_core.errors import ConfigError, PscnnError
 from cnn_core.text import for_count
 from pscnn import curve
 from pscnn import protocol as P
-from pscnn.names import WID_SUFFIX_LEN, name_problem, routing_id
+from pscnn.names import WID_SUFFIX_LEN, heartbeat_routing_id, name_problem, routing_id
 
 log = logging.getLogger("pscnn.client")
 
@@ -546,6 +546,8 @@ class Client:
         """Background: a heartbeat every heartbeat_s on a socket of its own."""
         def open_socket():
             sock = self._dealer(P.MAX_HEADER_BYTES)     # a heartbeat's answer is a header alone
+            # the one routing id besides the request socket's the server takes our heartbeats from
+            sock.setsockopt(zmq.ROUTING_ID, heartbeat_routing_id(self.routing_id))
             P.connect(sock, self.endpoint)
             return sock
         sock = open_socket()
