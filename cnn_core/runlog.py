@@ -16,9 +16,10 @@ kinds the plots understand are
                      update count), ``loss``: training loss vs updates
     "epoch", "eval"  ``test_accuracy`` (else ``accuracy``), optionally
                      ``step``/``version``: test accuracy vs updates and vs time
-    "step" with ``timeline`` (distributed runs): per push ``[worker,
+    "step" with ``timeline`` (distributed runs): per push ``[worker id,
                      answered_s, arrived_s, compute_s]``: what each worker
-                     did, when (:func:`time_split`, ``timeline.png``)
+                     did, when (:func:`time_split`, ``timeline.png``; the
+                     "join" records name each id)
 
 and any other kind is stored and ignored by the plots.
 
@@ -39,6 +40,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -813,15 +815,18 @@ def _pushes(records):
     PUSHES_REORDERED); ``session`` changes with a server's restart or the worker's rejoining,
     ``order`` is the push's place in the file."""
     servers = 0                         # "start" records so far: the server's incarnations
-    joins: dict[str, int] = {}          # each worker's "join" records so far
+    joins: dict[str, int] = {}          # each worker's "join" records so far, by its id and by its name
     waiting: dict[str, list] = {}       # worker -> heap of (answered, order, arrived, compute, session)
     order = 0
     for r in records:
         kind = r.get("kind")
         if kind == "start":
             servers += 1
-        elif kind == "join" and isinstance(r.get("worker"), str):
-            joins[r["worker"]] = joins.get(r["worker"], 0) + 1
+        elif kind == "join":
+            # a timeline names the worker's id; one logged before 2026-11-29 named the worker
+            for key in {r.get("id"), r.get("worker")}:
+                if isinstance(key, str):
+                    joins[key] = joins.get(key, 0) + 1
         if kind != "step":
             continue
         for entry in r.get("timeline") or ():
@@ -909,14 +914,21 @@ def _shares(totals: dict) -> dict:
 
 class _TimelineTally:
     """What the timeline's title and rows need of every worker's spans, counted in one pass over
-    metrics.jsonl: the whole run's time per part, and per worker its spans' and computations'
-    count, first start, last end and first push's place in the file.  A few numbers a worker,
-    whatever the run's length (:func:`time_split` holds every span)."""
+    metrics.jsonl: the whole run's time per part, and per worker (by id) its spans' and computations'
+    count, first start, last end and first push's place in the file, and its row's label.  A few
+    numbers a worker, whatever the run's length (:func:`time_split` holds every span)."""
 
     def __init__(self, metrics_path: Path):
         self.totals = dict.fromkeys(TIMELINE_PARTS, 0.0)
         self.workers: dict[str, dict] = {}
-        for worker, spans, order in _worker_spans(iter_metrics(metrics_path, growing=True)):
+        names: dict[str, str] = {}      # worker id -> name, from the "join" records
+
+        def noting_names(records):
+            for r in records:
+                if r.get("kind") == "join" and isinstance(r.get("id"), str) and isinstance(r.get("worker"), str):
+                    names[r["id"]] = r["worker"]
+                yield r
+        for worker, spans, order in _worker_spans(noting_names(iter_metrics(metrics_path, growing=True))):
             tally = self.workers.setdefault(worker, {"spans": 0, "computes": 0, "order": order})
             tally["order"] = min(tally["order"], order)
             if spans:
@@ -928,6 +940,11 @@ class _TimelineTally:
                 self.totals[part] += end - start
         # A worker whose pushes all took no time (as stamped) has nothing to draw.
         self.workers = {worker: tally for worker, tally in self.workers.items() if tally["spans"]}
+        # Each row by the worker's name; by its id (NAME-xxxxxxxx) where workers share the name
+        # (two started with the same --name, or one restarted): they were one row, their pushes mixed.
+        shared = Counter(names.get(worker, worker) for worker in self.workers)
+        self.labels = {worker: worker if shared[names.get(worker, worker)] > 1 else names.get(worker, worker)
+                       for worker in self.workers}
 
 
 def worker_time_shares(worker_seconds) -> dict | None:
@@ -977,7 +994,7 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     t1 = min(last, t0 + cycles_shown * cycle)
     if t1 <= t0:
         t0, t1 = first, last
-    workers = sorted(tally.workers, key=_natural_order)[:max_workers]
+    workers = sorted(tally.workers, key=lambda worker: _natural_order(tally.labels[worker]))[:max_workers]
     bars = {(worker, part): [] for worker in workers for part in TIMELINE_PARTS}
     for worker, spans, _ in _worker_spans(iter_metrics(metrics_path, quiet=True, growing=True)):
         for s, e, p in spans:
@@ -998,7 +1015,7 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
                     f"{tally.workers[worker]['first']:.2f}-{tally.workers[worker]['last']:.2f} s",
                     va="center", fontsize=8, color="0.4")
     ax.set_yticks(range(len(workers)))
-    ax.set_yticklabels(workers)
+    ax.set_yticklabels([tally.labels[worker] for worker in workers])
     ax.set_ylim(len(workers) - 0.5, -0.5)
     ax.set_xlim(t0, t1)
     ax.set_xlabel("seconds since the run started (the server's clock)")

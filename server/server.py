@@ -1061,7 +1061,8 @@ class ParameterServer:
             self._checkpoint()
 
     def _timeline(self, contributions: list) -> list:
-        """A step record's ``timeline``: ``[worker, answered_s, arrived_s, compute_s]`` per push,
+        """A step record's ``timeline``: ``[worker id, answered_s, arrived_s, compute_s]`` per push (the id:
+        two workers may share a name, and timeline.png drew them as one),
         the times in the run's seconds by the server's clock (when it last answered that
         worker, when this push arrived) and the worker's own compute time for it.  Between
         answer and arrival the worker computed, and its messages travelled; from arrival to
@@ -1074,7 +1075,7 @@ class ParameterServer:
         for p, body in contributions:
             if p is None or p.push_window[0] <= 0:
                 continue
-            entry = [p.name, round(p.push_window[0] + offset, 4), round(p.push_window[1] + offset, 4),
+            entry = [p.wid, round(p.push_window[0] + offset, 4), round(p.push_window[1] + offset, 4),
                      round(body["timing"].get("compute_s", 0.0), 4)]
             timeline.append(entry)
             if self.worker_seconds is not None:

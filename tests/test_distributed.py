@@ -131,13 +131,15 @@ def test_modes_train_to_accuracy_exactly_once(cluster, mnist_dir, mode, extra):
     else:
         assert summary["updates"] == batches                          # one update per batch
     assert_exactly_once(cluster.out, epochs=2)
-    steps = [r for r in read_jsonl(cluster.out / "metrics.jsonl") if r["kind"] == "step"]
+    records = read_jsonl(cluster.out / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    names = {r["id"]: r["worker"] for r in records if r["kind"] == "join"}
     assert all(r["compute_s"] >= 0 and r["comm_s"] >= 0 and r["wait_s"] >= 0 for r in steps)
     assert (cluster.out / "model.npz").exists() and (cluster.out / "checkpoint.npz").exists()
     # Each push's window by the server's clock holds the worker's own compute time (one machine,
     # no --overlap), and ends before its update is logged: what timeline.png draws.
     for r in steps:
-        assert sorted(e[0] for e in r["timeline"]) == sorted(r["workers"]), r
+        assert sorted(names[e[0]] for e in r["timeline"]) == sorted(r["workers"]), r     # by id, named at its join
         for _, answered, arrived, compute in r["timeline"]:
             assert 0 < answered <= arrived <= r["seconds"] + 1e-3 and 0 < compute <= arrived - answered + 1e-3, r
     assert (cluster.out / "timeline.png").read_bytes().startswith(b"\x89PNG")

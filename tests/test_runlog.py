@@ -645,6 +645,29 @@ def test_time_split_counts_no_waiting_across_a_server_restart_or_a_rejoin():
     assert runlog.time_shares(split)["server"] == pytest.approx(0.3 / (0.3 + 7 * 0.2))
 
 
+def test_the_timeline_draws_workers_that_share_a_name_as_rows_of_their_own(tmp_path, monkeypatch):
+    """Two workers started with the same --name were one row, their pushes mixed (the timeline named
+    workers).  It names their ids now: a row each, labelled by name, or by id where names are shared."""
+    pytest.importorskip("matplotlib")
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("start")
+        for wid, name in (("w-0-aaaaaaaa", "w-0"), ("w-0-bbbbbbbb", "w-0"), ("w-1-cccccccc", "w-1")):
+            writer.log("join", worker=name, id=wid, role="trainer", version=0)
+        writer.log("step", version=1, timeline=[["w-0-aaaaaaaa", 1.0, 1.5, 0.3], ["w-0-bbbbbbbb", 1.0, 1.4, 0.3],
+                                                ["w-1-cccccccc", 1.0, 1.2, 0.1]])
+        writer.log("step", version=2, timeline=[["w-0-aaaaaaaa", 1.6, 2.0, 0.3], ["w-0-bbbbbbbb", 1.5, 2.0, 0.3]])
+    labels = []
+    real = runlog._draw_timeline
+
+    def spy(Figure, out_dir, **kwargs):
+        fig = real(Figure, out_dir, **kwargs)
+        labels.extend(label.get_text() for label in fig.axes[0].get_yticklabels())
+        return fig
+    monkeypatch.setattr(runlog, "_draw_timeline", spy)
+    assert make_plots(tmp_path) == [tmp_path / "timeline.png"]
+    assert labels == ["w-0-aaaaaaaa", "w-0-bbbbbbbb", "w-1"]
+
+
 def test_make_plots_draws_the_timeline_of_a_distributed_run(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     with RunWriter(tmp_path, {}) as writer:

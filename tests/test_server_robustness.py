@@ -1015,6 +1015,25 @@ def test_a_sync_trainer_whose_late_push_is_a_stale_round_gets_the_servers_batchn
         np.testing.assert_array_equal(stale.arrays[name], weights[name], err_msg=name)
 
 
+def test_two_trainers_of_the_same_name_are_two_workers_in_the_timeline(in_process):
+    """The step records' timeline named each push's worker by name: two trainers started with the same
+    --name were one worker to timeline.png, one row with both's pushes.  It names the worker id now."""
+    server = in_process(train_limit=1920)
+    raws = [server.client(), server.client()]
+    for raw in raws:
+        assert server.call(raw, P.HELLO, {"role": "trainer", "name": "twin"}).type == P.WELCOME
+    tasks = [server.call(raw, P.WORK) for raw in raws]
+    for turn in range(4):
+        i = turn % 2
+        tasks[i] = server.call(raws[i], P.PUSH, push_body(tasks[i], timing={"compute_s": 1e-4}),
+                               grads_like(tasks[0].arrays))
+        assert tasks[i].type == P.TASK and tasks[i].body["ack"]["applied"], tasks[i].body
+    server.srv.writer.flush()
+    tally = runlog._TimelineTally(Path(server.srv.cfg.out) / "metrics.jsonl")
+    assert sorted(tally.workers) == sorted(raw.wid for raw in raws)
+    assert sorted(tally.labels.values()) == sorted(raw.wid for raw in raws)   # the shared name told apart
+
+
 def test_the_summary_counts_the_workers_time_as_the_timeline_does_across_a_resume(in_process, capsys):
     """pscnn run's report read all of metrics.jsonl at its end for its "workers' time" line, 31 s
     a million step records.  The server sums each push's spans as it applies it, carries the sums
