@@ -337,7 +337,8 @@ def check_run_args(args):
     if getattr(args, "overlap", False) and args.mode != "async":
         raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
-    checked_store(cfg)                              # the model and the optimizer, as the server checks them
+    if not getattr(args, "resume", False):          # (--resume: run_from_args builds the server, which checks them)
+        checked_store(cfg)                          # the model and the optimizer, as the server checks them
     check_workers_have_batches(args.workers, training_set_size(cfg.train_limit), cfg.batch_size,
                                given_flag("workers"), given_flag("batch_size"))
     return cfg
@@ -442,7 +443,7 @@ def run_from_args(args) -> int:
     # clients had started and its logs had gone into that run's logs/, whose tail was then the report.
     check_folder_free(args.out)
     trained = scored = False
-    if args.resume:     # every check the server's --resume makes, here, before anything starts
+    if args.resume:     # every check the server's --resume makes (the model's too), here, before anything starts
         resumed = ParameterServer(cfg)
         trained, scored = resumed.work.done, resumed.final_eval is not None
     if args.port:                       # else the cluster takes a port that was free a moment ago

@@ -904,6 +904,32 @@ def test_pscnn_run_resume_refuses_a_mismatch_before_starting_anything(run, capsy
     assert (log.stat().st_mtime_ns if log.exists() else None) == before     # no server started
 
 
+def test_pscnn_run_resume_builds_the_model_once_for_its_checks(run, monkeypatch, mnist_file_names):
+    """pscnn run --resume built the model and its optimizer (server.server.checked_store) for its flags'
+    checks, then again for the --resume checks (ParameterServer), which make the same ones: a model's
+    random initialization twice before anything started (4-5 s each for 26 million parameters)."""
+    import server.server as server_module
+    from pscnn import launcher
+    built = []
+    real_checked_store = server_module.checked_store
+
+    def counted(cfg):
+        built.append(cfg.model)
+        return real_checked_store(cfg)
+    monkeypatch.setattr(server_module, "checked_store", counted)
+    monkeypatch.setattr(launcher, "checked_store", counted)
+
+    class Started(Exception):
+        """Raised where the run would start its processes: its checks are over."""
+
+    def no_cluster(*args, **kwargs):
+        raise Started
+    monkeypatch.setattr(launcher, "LocalCluster", no_cluster)
+    with pytest.raises(Started):
+        main(["run", "--workers", "2", *FLAGS, "--out", str(run), "--resume", "--no-progress"])
+    assert len(built) == 1, built
+
+
 def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run, capsys, monkeypatch,
                                                                            mnist_file_names):
     import pscnn.launcher as launcher
