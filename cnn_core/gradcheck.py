@@ -19,12 +19,11 @@ feeding BatchNorm, which subtracts the batch mean) would otherwise read as a
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from .errors import ConfigError, ShapeError
 from .losses import softmax_cross_entropy
+from .model import unfused
 
 
 def _relative_error(analytic: np.ndarray, numeric: np.ndarray, resolution: float) -> float:
@@ -67,24 +66,6 @@ def _numeric_grad(f, arr: np.ndarray, eps: float, max_entries: int | None, rng) 
     return idx, num
 
 
-# What a model sets on a layer to fuse its passes with a neighbour's (cnn_core.model.plan_conv_pool,
-# plan_pool_relu): a conv's output and its pool's input window-major, a pool that applies the ReLU
-# after it, that ReLU passing values through.  Each is a layout or a share of work across two layers.
-_FUSED_WITH_NEIGHBOURS = ("pool_windows", "windows_first", "relu_after", "applied_by_pool")
-
-
-@contextmanager
-def _unfused(layer):
-    """``layer`` as it runs on its own for the block's duration: taken from a built model, its passes
-    were another layout or another layer's work too (a max pool checked as pool and ReLU, or refused
-    its (N, H, W, C) input as not window-major; its ReLU checked as the identity)."""
-    fused = {name: vars(layer).pop(name) for name in _FUSED_WITH_NEIGHBOURS if name in vars(layer)}
-    try:
-        yield layer
-    finally:
-        vars(layer).update(fused)
-
-
 def gradcheck_layer(layer, x: np.ndarray, train: bool = True, eps: float = 1e-6,
                     max_entries: int | None = 200, seed: int = 0) -> dict:
     """Check a *built* float64 layer at input ``x`` (channels-last for images).
@@ -92,10 +73,10 @@ def gradcheck_layer(layer, x: np.ndarray, train: bool = True, eps: float = 1e-6,
     Returns ``{"input": err, "<param>": err, ...}`` (worst relative errors).
     ``x``: (N, *layer.in_shape); ShapeError otherwise, or for a layer not built.
     A layer of a built model is checked as it runs on its own, without what the model fused
-    with its neighbours (see :data:`_FUSED_WITH_NEIGHBOURS`); :func:`gradcheck_model` checks
+    with its neighbours (:func:`cnn_core.model.unfused`); :func:`gradcheck_model` checks
     the fused passes.
     """
-    with _unfused(layer):
+    with unfused(layer):
         return _gradcheck_layer(layer, x, train, eps, max_entries, seed)
 
 

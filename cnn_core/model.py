@@ -17,6 +17,7 @@ import functools
 import inspect
 import itertools
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -556,6 +557,24 @@ def plan_pool_relu(layers, order) -> None:
         if type(pool) is MaxPool2D and type(relu) is ReLU:
             pool.relu_after = True
             relu.applied_by_pool = True
+
+
+# What the plan_* functions above set on a layer to fuse its passes with a neighbour's: a conv's
+# output and its pool's input window-major, a pool that applies the ReLU after it, that ReLU passing
+# values through.  Kept here, beside them: a flag missing from it is one unfused() leaves set.
+FUSION_FLAGS = ("pool_windows", "windows_first", "relu_after", "applied_by_pool")
+
+
+@contextmanager
+def unfused(layer):
+    """``layer`` as it runs on its own for the block's duration, and as the model planned it after, even
+    on an exception (gradcheck_layer): taken from a built model, its passes were another layout or another
+    layer's work too (a max pool refused its (N, H, W, C) input as not window-major; its ReLU was the identity)."""
+    fused = {name: vars(layer).pop(name) for name in FUSION_FLAGS if name in vars(layer)}
+    try:
+        yield layer
+    finally:
+        vars(layer).update(fused)
 
 
 def build_model(spec="seed", seed: int = 0, dtype="float32", device: str = "cpu") -> Model:

@@ -897,6 +897,31 @@ def test_pool_relu_fused_equals_unfused_bit_for_bit(dtype):
     assert all(np.count_nonzero(g) for g in grads.values())
 
 
+def test_unfused_lifts_everything_the_models_plans_set(monkeypatch):
+    """gradcheck_layer lifted the fusion flags by a list of their names of its own, apart from the plan_*
+    functions that set them: a flag a new plan sets and the list lacked would be left set, the layer
+    checked fused.  unfused() lives beside the plans now; a layer of a model built with every fusion
+    is, within it, as the same model's built with no plan run, and as planned again after it."""
+    spec = {"input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "out_channels": 2, "kernel": 3, "padding": 1}, {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "dense", "units": 2}]}
+    planned = build_model(spec)
+    plans = [name for name in vars(model_module) if name.startswith("plan_")]
+    assert len(plans) >= 2, plans
+    for name in plans:
+        monkeypatch.setattr(model_module, name, lambda layers, order: None)
+    unplanned = build_model(spec)
+    for layer, alone in zip(planned.layers, unplanned.layers, strict=True):
+        before = dict(vars(layer))
+        with pytest.raises(RuntimeError), model_module.unfused(layer):
+            assert vars(layer).keys() == vars(alone).keys(), layer.name
+            raise RuntimeError("a check that fails inside")
+        assert vars(layer) == before, layer.name
+    fused = [type(layer).__name__ for layer, alone in zip(planned.layers, unplanned.layers)
+             if vars(layer).keys() != vars(alone).keys()]
+    assert fused == ["Conv2D", "ReLU", "MaxPool2D"]         # every plan fired here: the test has something to lift
+
+
 def test_execution_order_rules():
     from cnn_core.layers import ELU, SiLU
     mk = [ReLU(), MaxPool2D(), ReLU(), ReLU(), MaxPool2D(), SiLU(), MaxPool2D(), MaxPool2D(), ReLU(), ELU()]
