@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import weakref
@@ -2988,6 +2989,31 @@ def test_heartbeats_under_a_peers_id_from_another_connection_do_not_keep_it_aliv
     beat.send(beat.frames(P.HEARTBEAT, wid=wid))
     server.handle_one()
     assert beat.recv(1.0)[0].type == P.HEARTBEAT and peer.last_seen > seen
+
+
+def test_a_pscnn_clients_own_heartbeats_keep_it_counted_alive(in_process):
+    """The server takes a peer's heartbeats only from its heartbeat socket's routing id, made from its
+    request socket's; the tests above make that id as the server does (Raw.heartbeat_socket), so a
+    pscnn client whose heartbeat socket had another (ZeroMQ's own, as before) passed them all, while the
+    server refused every beat of every real worker and declared it dead after --peer-timeout.  Here a
+    real worker.client.Client beats, and each beat keeps it counted alive."""
+    from worker.client import Client
+    server = in_process(peer_timeout=1.0)           # beats every 0.2 s
+    client = Client(server.endpoint, "trainer", name="beating", give_up_after=30)
+    hello = threading.Thread(target=client.connect, name="hello")
+    try:
+        hello.start()
+        server.handle_one()
+        hello.join(30)
+        assert client.welcome is not None and client.welcome.type == P.WELCOME
+        peer = server.srv.peers[client.wid]
+        for _ in range(2):
+            seen = peer.last_seen = peer.last_seen - 1000
+            server.handle_one()                     # the client's next heartbeat
+            assert server.srv.rejected["wrong_connection"] == 0 and peer.last_seen > seen, server.srv.rejected
+    finally:
+        client.close()
+        hello.join(30)
 
 
 def _server_and_a_peer_that_reads_when_told(in_process, role: str):
