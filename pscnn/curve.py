@@ -469,13 +469,8 @@ def first_byte(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> byt
     nothing came within ``timeout`` (the host's lookup included).  Closed before our greeting, it is a
     handshake failed without a reason at a pscnn server, which does not log those (:class:`RefusedHandshakes`)."""
     deadline = time.monotonic() + timeout
-    # The lookup in a thread: socket.create_connection's timeout bounds the connection, not the
-    # resolver, which a slow DNS holds for seconds.  Left to finish on its own if it outlasts ``timeout``.
-    found: list = []
-    lookup = threading.Thread(target=lambda: found.append(_addresses(host, port)), name="resolve", daemon=True)
-    lookup.start()
-    lookup.join(timeout)
-    for family, kind, proto, _, address in found[0] if found else ():    # each, as create_connection tries them
+    addresses, _ = P.look_up(host, port, timeout)     # (None: not answered in time)
+    for family, kind, proto, _, address in addresses or ():    # each, as create_connection tries them
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -489,14 +484,6 @@ def first_byte(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> byt
         except OSError:             # refused, unreachable, timed out: the next address
             continue
     return None
-
-
-def _addresses(host: str, port: str) -> list:
-    """``socket.getaddrinfo``'s TCP addresses of ``host:port``; [] for a name that does not resolve."""
-    try:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):     # gaierror; a label the IDNA codec refuses
-        return []
 
 
 class RefusedHandshakes:

@@ -29,6 +29,8 @@ server sends back as an ``error`` message and logs.
 from __future__ import annotations
 
 import math
+import socket as pysocket
+import threading
 from dataclasses import dataclass, field
 
 import msgpack
@@ -487,6 +489,25 @@ def tcp_address(endpoint: str) -> tuple[str, str] | None:
         return None
     host, _, port = rest.rpartition(";")[2].rpartition(":")
     return host.strip("[]"), port
+
+
+def look_up(host: str, port: str | None, timeout: float) -> tuple[list | None, str | None]:
+    """``host``'s TCP addresses, as ``socket.getaddrinfo`` gives them (with ``port``): (addresses, None);
+    ([], the resolver's words) for a name that does not resolve; (None, None) if the resolver has not
+    answered within ``timeout``.  The lookup runs in a thread, left to finish on its own: no socket
+    timeout bounds a resolver, which a slow DNS holds for seconds, nor does a SIGTERM, which waits
+    for the main thread's call to return."""
+    found: list = []
+
+    def resolve() -> None:
+        try:
+            found.append((pysocket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM), None))
+        except (OSError, UnicodeError) as exc:      # gaierror; a label the IDNA codec refuses
+            found.append(([], one_line(getattr(exc, "strerror", None) or exc, 200)))
+    lookup = threading.Thread(target=resolve, name="resolve", daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    return found[0] if found else (None, None)
 
 
 # A message is a header and one payload frame per dtype; a ROUTER puts the

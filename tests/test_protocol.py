@@ -697,3 +697,25 @@ def test_send_with_a_routing_id_reaches_the_peer_it_names(request):
     finally:
         for sock in (router, *dealers):
             sock.close(linger=0)
+
+
+def test_look_up_gives_the_addresses_the_resolvers_words_or_nothing_in_time(monkeypatch):
+    """One host lookup, bounded by a timeout, for the client's "its host does not resolve" and the CURVE
+    greeting probe: each had a copy of its own (a thread, its timeout, the errors it takes)."""
+    import socket
+    import threading
+    addresses, problem = P.look_up("127.0.0.1", "5555", 5.0)
+    assert problem is None and addresses and {a[4][:2] for a in addresses} == {("127.0.0.1", 5555)}
+    for host in ("no-such-host.invalid", "x" * 300):     # the resolver's error; the IDNA codec's
+        addresses, problem = P.look_up(host, None, 30.0)
+        assert addresses == [] and problem and "\n" not in problem, (host, problem)
+    released = threading.Event()
+
+    def held(*args, **kwargs):
+        released.wait(30)       # bounded: the look-up below must not wait for it
+        raise socket.gaierror(socket.EAI_NONAME, "held")
+    monkeypatch.setattr(socket, "getaddrinfo", held)
+    try:
+        assert P.look_up("localhost", None, 0.1) == (None, None)
+    finally:
+        released.set()

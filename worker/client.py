@@ -643,18 +643,7 @@ def unresolved_host(endpoint: str, timeout: float = 2.0) -> str | None:
     address = P.tcp_address(endpoint)
     if address is None:
         return None
-    host = address[0]
-    problems: list[str] = []
-
-    def look_up() -> None:
-        try:
-            pysocket.getaddrinfo(host, None)
-        except (OSError, UnicodeError) as exc:      # gaierror; a label the IDNA codec refuses
-            problems.append(P.one_line(getattr(exc, "strerror", None) or exc, 200))
-    lookup = threading.Thread(target=look_up, name="resolve", daemon=True)
-    lookup.start()
-    lookup.join(timeout)
-    return problems[0] if problems else None
+    return P.look_up(address[0], None, timeout)[1]
 
 
 def retry_delay(reply: P.Message) -> float:
