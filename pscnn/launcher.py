@@ -310,10 +310,13 @@ def check_workers_have_batches(workers: int, num_samples: int, batch_size: int, 
                        f"computes one batch at a time, so {workers - batches:,} of them would have none")
 
 
-def check_run_args(args):
+def check_run_args(args, server_follows: bool = False):
     """What the server would refuse, checked before any process starts: one line from ``pscnn run``
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
-    instead of the server's log tail.  Returns the server's config (a ServerConfig)."""
+    instead of the server's log tail.  Returns the server's config (a ServerConfig).
+    ``server_follows``: the caller makes a ParameterServer of that config next, which checks the model
+    and the optimizer (checked_store) itself; building them here too cost one more random initialization
+    (4 s for 26 million parameters), each time."""
     from pscnn.cli import CliError, given_flag, overlap_refused  # noqa: PLC0415
     # given_flag: a flag the user did not type may come from its PSCNN_<FLAG> variable, which is then named
     if args.workers > args.max_workers:
@@ -337,7 +340,7 @@ def check_run_args(args):
     if getattr(args, "overlap", False) and args.mode != "async":
         raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
-    if not getattr(args, "resume", False):          # (--resume: run_from_args builds the server, which checks them)
+    if not server_follows:
         checked_store(cfg)                          # the model and the optimizer, as the server checks them
     check_workers_have_batches(args.workers, training_set_size(cfg.train_limit), cfg.batch_size,
                                given_flag("workers"), given_flag("batch_size"))
@@ -438,7 +441,8 @@ class RunOutputs:
 
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
-    cfg = check_run_args(args)          # once: resolving the schedule warns of a warm-up longer than the run
+    # once: resolving the schedule warns of a warm-up longer than the run; --resume's checks build the server
+    cfg = check_run_args(args, server_follows=args.resume)
     # A folder another run (or server) writes: its server refused it, but only after this run's
     # clients had started and its logs had gone into that run's logs/, whose tail was then the report.
     check_folder_free(args.out)

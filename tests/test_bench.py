@@ -654,6 +654,26 @@ def test_more_workers_than_a_server_takes_is_an_option_error():
         check_server_flags(server_flags("async", 64, Path("unused"), model="light"), workers=2000)
 
 
+def test_a_benchmarks_server_flags_build_the_model_once_for_their_checks(monkeypatch):
+    """check_server_flags with trainers made pscnn run's checks (check_run_args, which builds the model and
+    its optimizer), then a ParameterServer, which builds them again: the scaling bench does so for each
+    mode and batch size, a model's random initialization twice each (4 s for 26 million parameters)."""
+    import server.server as server_module
+    from pscnn import launcher
+    from pscnn.bench.cluster import server_flags
+    from pscnn.bench.common import check_server_flags
+    built = []
+    real_checked_store = server_module.checked_store
+
+    def counted(cfg):
+        built.append(cfg.model)
+        return real_checked_store(cfg)
+    monkeypatch.setattr(server_module, "checked_store", counted)
+    monkeypatch.setattr(launcher, "checked_store", counted)
+    check_server_flags(server_flags("async", 64, Path("unused"), model="light"), workers=2)
+    assert built == ["light"], built
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["time-to-accuracy", "--optimizer", "foo"], "argument --optimizer: invalid choice: 'foo'"),
     (["scaling", "--mnist-dir", ""], "argument --mnist-dir: must name a folder, got an empty string"),

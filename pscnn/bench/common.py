@@ -258,7 +258,8 @@ def check_server_flags(flags: list[str], workers: int | None = None) -> None:
         raise CliError(last_line(err.getvalue()) or f"pscnn server refuses the flags {flags}") from None
     if workers is not None:
         args.workers = workers
-        cfg = check_run_args(args)      # its config: resolved twice, a schedule's warning came twice
+        # its config: resolved twice, a schedule's warning came twice; the model is built by the server below
+        cfg = check_run_args(args, server_follows=True)
     else:
         cfg = config_from_args(args)
     ParameterServer(cfg)
