@@ -184,3 +184,39 @@ def test_a_trainer_stopped_while_it_computes_does_not_count_the_stop_as_computin
             os.kill(child.pid, signal.SIGCONT)
             child.kill()
             child.wait(10)
+
+
+def _busy(seconds: float) -> None:
+    """Use this process's CPU for ``seconds`` of its own time."""
+    started = time.process_time()
+    while time.process_time() - started < seconds:
+        pass
+
+
+@pytest.mark.parametrize("device, computing", [
+    ("cpu", _busy),             # a batch of a big model, or on a slow CPU: it runs all along
+    ("gpu", time.sleep),        # the host waits on the device without using its CPU
+    ("cpu", None),              # --compute-ms: the synthetic computation sleeps
+])
+def test_a_computation_longer_than_a_stall_counts_whole(device, computing):
+    """The pause a trainer leaves out of compute_s (it did not run: stopped, suspended) is wall time
+    beyond its CPU time and --compute-ms's sleep, on the CPU only.  A computation that ran, waited on
+    the GPU, or slept for --compute-ms longer than STALL_S is computing, and must count whole."""
+    last_s = STALL_S + 0.3
+    trainer = Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0)
+    trainer.setup(welcome("light"))
+    trainer.device = device             # (the model stays on the CPU: only the accounting differs)
+    if computing is None:
+        trainer.compute_ms = last_s * 1000
+    else:
+        trainer.compute_ms = None
+        rng = np.random.default_rng(0)
+        trainer.data = (rng.random((640, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 640))
+        loss_and_grads = trainer.model.loss_and_grads
+
+        def long_computation(x, y):
+            computing(last_s)
+            return loss_and_grads(x, y)
+        trainer.model.loss_and_grads = long_computation
+    result, _ = trainer.compute({"epoch": 0, "batch": 1})
+    assert result["compute_s"] >= last_s, result
