@@ -1219,6 +1219,10 @@ def test_follow_stops_the_run_when_every_worker_left_before_the_end(stand_ins, c
     ({"started": False, "batches_total": 40, "batches_done": 0, "done": False},
      "its status answer has ready None, not a count"),
     ({**TRAINING, "test_accuracy": [0.9]}, "its status answer has test_accuracy [0.9], not a number"),
+    # each read by the bar's line: a traceback out of pscnn run when it was none
+    ({**TRAINING, "images_per_second": "fast"}, "its status answer has images_per_second 'fast', not a number"),
+    ({**TRAINING, "epoch": None}, "its status answer has epoch None, not a number"),
+    ({**TRAINING, "epochs": "2"}, "its status answer has epochs '2', not a number"),
     ([1, 2], "its status answer is a list, not an object"),
     (BadReply("tcp://127.0.0.1:1 answered a status request with 'error'"),
      "tcp://127.0.0.1:1 answered a status request with 'error'"),
