@@ -518,7 +518,8 @@ def test_activation_values_and_gradcheck(layer, fn):
 @pytest.mark.parametrize("size", [0, 1, 7, ZERO_ROW - 1, ZERO_ROW, 3 * ZERO_ROW + 5])
 def test_relu_values_is_numpys_maximum_bit_for_bit(size, dtype):
     """Every length around the zero row's (none, a part, whole rows, rows and a tail), NaN,
-    infinities and both zeros; into a new array, in place, and from a strided view."""
+    infinities and both zeros; into a new array, in place, and from a strided view or an array
+    in Fortran order."""
     rng = np.random.default_rng(17)
     x = rng.standard_normal(size).astype(dtype)
     specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0], dtype=dtype)
@@ -528,6 +529,10 @@ def test_relu_values_is_numpys_maximum_bit_for_bit(size, dtype):
     np.testing.assert_array_equal(bits(relu_values(x)), bits(expected))
     grid = x[:size - size % 4].reshape(-1, 4)
     np.testing.assert_array_equal(bits(relu_values(grid[:, ::2])), bits(np.maximum(grid[:, ::2], 0)))
+    flipped = grid.T.copy().T           # Fortran order: a new array keeps it, and no flat view of it exists
+    np.testing.assert_array_equal(bits(relu_values(flipped)), bits(np.maximum(grid, 0)))
+    assert relu_values(flipped, out=flipped) is flipped
+    np.testing.assert_array_equal(bits(flipped), bits(np.maximum(grid, 0)))
     in_place = x.copy()
     assert relu_values(in_place, out=in_place) is in_place
     np.testing.assert_array_equal(bits(in_place), bits(expected))
