@@ -404,6 +404,9 @@ def test_the_benches_hand_their_children_values_that_begin_with_a_dash(monkeypat
                           momentum=None, schedule=None)
     server = parse_args(["server", *tta.server_flags("async", run, Path("-b/run"), "-mnist")], {})
     assert (server.out, server.model, server.mnist_dir) == ("-b/run", "-m.json", "-mnist")
+    run = SimpleNamespace(eval_every=5.0, test_limit=0, threads=1)
+    evaluator = parse_args(["evaluator", "--server", "tcp://127.0.0.1:1", *tta.evaluator_flags(run, "-mnist")], {})
+    assert evaluator.mnist_dir == "-mnist"
     measured = {}
     monkeypatch.setattr(baseline, "measure", lambda model, *args, **kwargs: measured.update(model=model, args=args) or {})
     assert baseline.main(scaling.baseline_command("-m.json", 64, 1.0, "-mnist", 0.01)[3:]) == 0

@@ -158,6 +158,17 @@ def server_flags(mode: str, args, server_out: Path, mnist_dir: str | None) -> li
     return flags
 
 
+def evaluator_flags(args, mnist_dir: str | None) -> list[str]:
+    """The flags of one run's ``pscnn evaluator`` (bar --server); the data folder as --flag=VALUE, as
+    in :func:`server_flags`."""
+    from pscnn.launcher import flag_with  # noqa: PLC0415
+    flags = ["--every", str(args.eval_every), "--test-limit", str(args.test_limit), "--log-level", "WARNING",
+             "--threads", str(args.threads)]
+    if mnist_dir:
+        flags.append(flag_with("--mnist-dir", mnist_dir))
+    return flags
+
+
 def _failure(cluster, server, n: int) -> BenchError | None:
     """The error of a run that cannot measure what it stands for: its server exited with an error,
     or a worker or the evaluator did (they retry a lost server themselves, so an exit is not a
@@ -179,7 +190,7 @@ def _failure(cluster, server, n: int) -> BenchError | None:
 
 
 def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict, list]:
-    from pscnn.launcher import LocalCluster, flag_with, query_status  # noqa: PLC0415
+    from pscnn.launcher import LocalCluster, query_status  # noqa: PLC0415
 
     from .cluster import worker_flags  # noqa: PLC0415
     from pscnn.launcher import wait_for  # noqa: PLC0415
@@ -204,11 +215,7 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
         wflags = worker_flags(args.threads, None, mnist_dir)
         for i in range(n):
             cluster.start_worker(f"worker-{i}", wflags)
-        eflags = ["--every", str(args.eval_every), "--test-limit", str(args.test_limit), "--log-level", "WARNING",
-                  "--threads", str(args.threads)]
-        if mnist_dir:
-            eflags.append(flag_with("--mnist-dir", mnist_dir))
-        cluster.start_evaluator(eflags)
+        cluster.start_evaluator(evaluator_flags(args, mnist_dir))
         while server.poll() is None:
             failure = _failure(cluster, server, n)
             if failure is not None:
