@@ -911,6 +911,36 @@ def test_a_heartbeat_that_crosses_a_goodbye_is_answered_without_a_warning(in_pro
     assert server.srv.rejected == {"unknown_worker": 2}
 
 
+def test_a_dropped_peers_heartbeats_from_their_own_socket_are_told_it_was_dropped(in_process, caplog):
+    """A real client's heartbeats come from a socket of its own, under another routing id than its
+    requests'.  After its goodbye, or once it was dropped, they must be answered unknown_worker as
+    its requests are (its heartbeats' thread then wakes the request in hand to rejoin, and a beat that
+    crossed a goodbye is no fault): refused as wrong_connection, they read as the server's silence,
+    and a clean goodbye counted a refusal in summary.json's rejected_messages."""
+    server = in_process()
+    wid = "evaluator-0a0b0c0d"
+    ev = Raw(server.endpoint, wid, routing_id=routing_id(wid))
+    server.raws.append(ev)
+    assert server.call(ev, P.HELLO, {"role": "evaluator", "name": "evaluator"}).type == P.WELCOME
+    beats = ev.heartbeat_socket()                   # the evaluator's heartbeat socket
+    server.raws.append(beats)
+    assert server.call(ev, P.BYE, {"reason": "final evaluation recorded already"}).type == P.ACK
+
+    def beat() -> P.Message:
+        beats.send(beats.frames(P.HEARTBEAT, wid=ev.wid, seq=0))
+        server.handle_one()
+        got = beats.recv(1.0)
+        assert got is not None, "a heartbeat went unanswered"
+        return got[0]
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        reply = beat()
+    assert reply.type == P.ERROR and reply.body["code"] == "unknown_worker", reply
+    assert not caplog.records and not server.srv.rejected, (caplog.text, server.srv.rejected)
+    server.srv.dropped[ev.wid].at -= server.srv.cfg.peer_timeout    # long after: a fault, of an unknown id
+    assert beat().body["code"] == "unknown_worker"
+    assert server.srv.rejected == {"unknown_worker": 1}
+
+
 def test_a_parked_request_answered_too_many_leases_leaves_no_wait_behind(in_process):
     """A request parked (an SSP bound, the start barrier) and then refused a third lease was
     answered: the wait must not be counted again in the held_s of the trainer's next task,
@@ -3014,6 +3044,28 @@ def test_a_pscnn_clients_own_heartbeats_keep_it_counted_alive(in_process):
     finally:
         client.close()
         hello.join(30)
+
+
+def test_a_client_cannot_act_under_the_id_of_a_dropped_peer_from_another_connection(in_process):
+    """A dropped peer's id stays its own until it says hello again: a request or a hello under it from
+    another connection is refused as wrong_connection (not told the peer's name and why it was dropped,
+    nor welcomed in its place), and the peer itself rejoins from the connection it joined from."""
+    server = in_process()
+    wid = "trainer-1-0a0b0c0d"
+    trainer = Raw(server.endpoint, routing_id=routing_id(wid), wid=wid)
+    server.raws.append(trainer)
+    assert server.call(trainer, P.HELLO, {"role": "trainer", "name": "trainer-1"}).type == P.WELCOME
+    assert server.call(trainer, P.BYE, {"reason": "done"}).type == P.ACK
+    thief = server.client()
+    for mtype, body in ((P.WORK, {}), (P.HELLO, {"role": "trainer", "name": "thief"})):
+        thief.send(thief.frames(mtype, body, wid=wid, seq=10 ** 9))
+        server.handle_one()
+        got = thief.recv(1.0)
+        reply = got and got[0]
+        assert reply is not None and reply.type == P.ERROR and reply.body["code"] == "wrong_connection", (mtype, reply)
+        assert reply.seq == 10 ** 9, reply       # the request's: a client matches its answer by it
+    assert wid not in server.srv.peers and server.srv.rejected["wrong_connection"] == 2
+    assert server.call(trainer, P.HELLO, {"role": "trainer", "name": "trainer-1"}).type == P.WELCOME
 
 
 def _server_and_a_peer_that_reads_when_told(in_process, role: str):
