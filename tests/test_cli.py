@@ -158,9 +158,9 @@ def test_integer_flags_take_their_largest_values():
 
 
 def test_waiting_for_more_workers_than_may_join_is_one_line(tmp_path, capsys, server_must_not_serve):
-    assert main(["server", "--wait-for-workers", "5", "--max-workers", "2", "--bind", "tcp://127.0.0.1:1",
+    assert main(["server", "--wait-for-workers", "3", "--max-workers", "2", "--bind", "tcp://127.0.0.1:1",
                  "--out", str(tmp_path / "run")]) == 1
-    error_line(capsys.readouterr().err, "--wait-for-workers 5 exceeds --max-workers 2", alone=True)
+    error_line(capsys.readouterr().err, "--wait-for-workers 3 exceeds --max-workers 2", alone=True)   # one too many
 
 
 @pytest.mark.parametrize("flags, needle", [

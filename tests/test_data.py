@@ -1199,3 +1199,10 @@ def test_batch_length_is_each_batchs_size(n, bs):
     assert [data.batch_length(n, bs, i) for i in range(len(sizes))] == sizes
     assert data.batch_length(n, bs, len(sizes)) == 0              # past the end: no samples
     assert data.batches_per_epoch(n, bs) == len(sizes)
+
+
+@pytest.mark.parametrize("train_limit, size", [(0, 60_000), (1, 1), (60_000, 60_000), (60_001, 60_000)])
+def test_the_training_set_size_is_the_limit_up_to_mnists_count(train_limit, size):
+    """What a server plans its epochs on before it reads the data: a limit beyond MNIST's count (a
+    ServerConfig not made by the CLI, which caps it) is all of it, not batches of images that do not exist."""
+    assert data.training_set_size(train_limit) == size
