@@ -1269,6 +1269,25 @@ def test_a_status_query_with_keys_to_a_peer_that_closes_before_a_greeting_keeps_
         released.set()
 
 
+def test_a_peer_that_resets_the_connection_before_a_greeting_is_told_from_one_that_is_silent():
+    """A proxy in front of a server that is down may reset the connection (RST) instead of closing it:
+    that too is a peer that closed before ZeroMQ's greeting (b""), which the greeting probe says, not
+    a connection that was not made or brought nothing (None), which it passes over in silence."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+
+        def reset_one() -> None:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close with a reset
+            conn.close()
+        thread = threading.Thread(target=reset_one, name="reset-one", daemon=True)
+        thread.start()
+        try:
+            assert curve.first_byte("127.0.0.1", str(listener.getsockname()[1]), timeout=30.0) == b""   # a bound: the reset comes first
+        finally:
+            thread.join(30)
+
+
 class SlowToNotice(threading.Event):
     """Client._closing for a heartbeat thread that is busy when close() is called: it takes
     0.3 s to notice (close() has to wait for it, not return with the thread still running)."""
