@@ -628,6 +628,27 @@ def test_heartbeats_go_at_the_period_the_server_asked_for(sim):
     assert net.sockets[0].closed
 
 
+def test_a_server_that_said_training_is_over_then_trains_again_is_no_longer_taken_for_done(sim):
+    """A server restarted with --resume after it said training is over (its heartbeats' "done") trains
+    again, and says so: the client must forget the "done", else a silence of the restarted server (a
+    checkpoint, a restart) ends its request after reconnect_s instead of --give-up-after."""
+    client, net = sim(100)
+    client.heartbeat_s = 1.0
+    client._closing = StopAfter(3)
+    said = [True, False]                    # heartbeat n's "done"
+    answered: set = set()
+
+    def server(sock, timeout_ms):           # the server answers each heartbeat once
+        n = len(net.sent) - 1
+        if n not in answered:
+            answered.add(n)
+            sock.inbox.append(reply_frames(P.HEARTBEAT, 0, {"done": said[n]}))
+    net.on_poll = server
+    client._heartbeats()
+    assert answered == {0, 1}
+    assert not client.server_done.is_set(), "a server that trains again is still taken for done"
+
+
 def test_the_heartbeat_socket_backs_off_its_reconnects_as_the_request_socket_does(sim):
     """While the server is down the heartbeat socket tries it again and again.  With ZeroMQ's default
     (no maximum, so no backoff) it tried every 100 ms for as long as it was down (measured: 67 tries
