@@ -43,7 +43,7 @@ from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, print_report, query_status, wait_for
 from pscnn.names import heartbeat_routing_id, routing_id
-from server.router import SEND_QUEUE
+from server.router import KEEPALIVE_MAX_S, SEND_QUEUE
 from server.server import BURST, ParameterServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -3178,6 +3178,14 @@ def test_messages_queued_from_a_peer_faster_than_the_server_reads_are_bounded(in
         elif sent:                              # held back: the server's queue is full
             break
     assert sent < most, f"the server queued all {sent} messages of a peer it did not read"
+
+
+def test_a_peer_timeout_beyond_the_longest_keepalive_linux_takes_still_serves(in_process):
+    """The keepalive idle time is --peer-timeout, capped at KEEPALIVE_MAX_S: Linux refuses a longer one
+    on each accepted connection, and a server with --peer-timeout 40000 received nothing at all."""
+    server = in_process(peer_timeout=KEEPALIVE_MAX_S + 7233.0)
+    raw = server.client()
+    assert server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid}).type == P.WELCOME
 
 
 def _open_files_limit(soft: int, hard: int) -> list[str]:
