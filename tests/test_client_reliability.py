@@ -1309,6 +1309,50 @@ def test_a_peer_that_resets_the_connection_before_a_greeting_is_told_from_one_th
             thread.join(30)
 
 
+def _curve_watch(tmp_path, monkeypatch, first: bytes) -> tuple[curve.HandshakeWatch, list, SimNet]:
+    """A client with keys' HandshakeWatch on a simulated monitor and clock (the SimNet's), and the
+    greeting probes it makes, each answered ``first`` (the first byte of a connection to the endpoint)."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    watch = curve.HandshakeWatch(ENDPOINT, curve.client_keys(tmp_path / "keys" / "client-0"))
+    watch.monitor = SimMonitor()
+    net = SimNet(100)
+    monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
+    probes = []
+    monkeypatch.setattr(curve, "first_byte", lambda host, port: probes.append((host, port)) or first)
+    return watch, probes, net
+
+
+def _handshake_failed_without_a_reason(watch: curve.HandshakeWatch) -> bool:
+    watch.monitor.events.append(monitor_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL))
+    return watch.check()
+
+
+def test_a_curve_client_takes_three_handshakes_failed_in_a_row_at_a_server_for_a_wrong_key(tmp_path, monkeypatch):
+    """One handshake failed without a reason may be a connection cut mid-handshake, and is retried
+    unasked; three in a row at a peer that sends ZeroMQ's greeting are a server that cannot read our
+    hello (the wrong server.key), said at once rather than after --give-up-after."""
+    watch, probes, _ = _curve_watch(tmp_path, monkeypatch, curve.ZMTP_SIGNATURE_START)
+    assert not _handshake_failed_without_a_reason(watch) and not _handshake_failed_without_a_reason(watch)
+    assert probes == []
+    with pytest.raises(curve.HandshakeFailed, match="failed 3 times in a row: the server could not read our hello"):
+        _handshake_failed_without_a_reason(watch)
+    assert len(probes) == 1
+
+
+def test_the_greeting_probe_of_a_peer_that_closes_first_goes_once_per_period(tmp_path, monkeypatch):
+    """A peer that closes before its greeting (a proxy whose server is down) makes a handshake fail on
+    each of ZeroMQ's reconnects, and check() runs every 100 ms of a request: the probe, a connection of
+    its own, goes at most once every GREETING_PROBE_EVERY_S, not once per check."""
+    watch, probes, net = _curve_watch(tmp_path, monkeypatch, b"")
+    for _ in range(6):
+        assert not _handshake_failed_without_a_reason(watch)
+        net.advance(0.1)
+    assert len(probes) == 1, probes
+    net.advance(curve.GREETING_PROBE_EVERY_S)
+    assert not _handshake_failed_without_a_reason(watch)
+    assert len(probes) == 2, probes
+
+
 class SlowToNotice(threading.Event):
     """Client._closing for a heartbeat thread that is busy when close() is called: it takes
     0.3 s to notice (close() has to wait for it, not return with the thread still running)."""
