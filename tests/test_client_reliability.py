@@ -1353,6 +1353,34 @@ def test_the_greeting_probe_of_a_peer_that_closes_first_goes_once_per_period(tmp
     assert len(probes) == 2, probes
 
 
+def test_the_line_about_a_peer_that_closes_first_is_said_again_once_a_handshake_succeeded_between(
+        tmp_path, monkeypatch, caplog):
+    """The server came back, then went down behind its proxy again: a second outage gets its line too."""
+    watch, _, net = _curve_watch(tmp_path, monkeypatch, b"")
+    with caplog.at_level(logging.WARNING, logger="pscnn.curve"):
+        for outage in range(2):
+            for _ in range(2 * curve.SILENT_FAILURES_LIMIT):
+                _handshake_failed_without_a_reason(watch)
+                net.advance(curve.GREETING_PROBE_EVERY_S)
+            watch.monitor.events.append(monitor_event(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+            watch.check()
+    said = [r.getMessage() for r in caplog.records if "closed before the CURVE handshake began" in r.getMessage()]
+    assert len(said) == 2, said
+
+
+def test_only_a_second_handshake_says_the_connection_was_made_again():
+    """The first handshake on a socket is its connection made; each after it, the connection made
+    again (a request sent on the dropped one is resent then).  Taking the first for a reconnect
+    resent every first request at once."""
+    watch = curve.HandshakeWatch(ENDPOINT, None)
+    watch.monitor = SimMonitor()
+    watch.monitor.events.append(monitor_event(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+    assert watch.check() is False
+    watch.monitor.events.append(monitor_event(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+    assert watch.check() is True
+    assert watch.check() is False               # said once
+
+
 class SlowToNotice(threading.Event):
     """Client._closing for a heartbeat thread that is busy when close() is called: it takes
     0.3 s to notice (close() has to wait for it, not return with the thread still running)."""
