@@ -715,6 +715,30 @@ def test_a_heartbeat_unanswered_is_an_info_line_saying_what_next(sim, caplog, do
     assert lines == [(logging.INFO, said), (logging.INFO, "server answers heartbeats again (silent for 2.0 s)")], lines
 
 
+def test_a_heartbeat_unanswered_after_its_socket_was_made_anew_is_the_servers_silence(sim, caplog, monkeypatch):
+    """A heartbeat that could not go (its connection dropped for good: zmq.Again) makes the socket anew
+    and waits a period again; the next one unanswered is the server's silence, not a pause of this
+    process: the pass before, cut short, is not counted into the next one's time."""
+    client, net = sim(100)
+    client.heartbeat_s = 2.0
+    client._closing = StopAfter(3)
+    waits = client._closing.wait
+    client._closing.wait = lambda timeout=None: net.advance(timeout) or waits(timeout)     # a period between beats
+    send = SimSocket.send_multipart
+
+    def first_fails(sock, frames, copy=True, flags=0):
+        if sock is net.sockets[0]:
+            raise zmq.Again()
+        send(sock, frames, copy, flags)
+    monkeypatch.setattr(SimSocket, "send_multipart", first_fails)
+    with caplog.at_level(logging.INFO, logger="pscnn.client"):
+        client._heartbeats()
+    assert len(net.sockets) == 2 and len(net.sent) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["server did not answer a heartbeat within 2 s (busy, restarting or gone); still sending one "
+                     "every 2 s"], lines
+
+
 def test_a_heartbeat_unanswered_while_this_process_was_stopped_is_not_called_the_servers_silence(sim, caplog):
     """A client stopped (SIGSTOP, Ctrl-Z) while it awaited a heartbeat's answer, then continued, found
     its wait over before it could read the answer, and logged "server did not answer a heartbeat",
