@@ -17,7 +17,7 @@ from cnn_core.gradcheck import gradcheck_layer
 from cnn_core import im2col as im2col_module
 from cnn_core.backend import openblas_core
 from cnn_core.im2col import (col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, matmul_inner_blocks,
-                             matmul_row_blocks, pad_nhwc)
+                             matmul_row_blocks, matmul_transposed_blocks, pad_nhwc)
 from cnn_core.layers import (ELU, ZERO_ROW, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D,
                              ReLU, Residual, SiLU, relu_values)
 from cnn_core.rng import uniform
@@ -982,6 +982,28 @@ def test_matmul_inner_blocks_equals_the_product(small_gemm_blocks, dtype):
     np.testing.assert_allclose(got, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_transposed_blocks_equals_the_product(small_gemm_blocks, dtype, monkeypatch):
+    """Blocks of rows and of 16 columns (conv2's weight gradient), rows left over: the product,
+    its K rows summed block by block."""
+    rng = np.random.default_rng(44)
+    a, b = rng.standard_normal((97, 3)).astype(dtype), rng.standard_normal((97, 32)).astype(dtype)
+    matmul, shapes = np.matmul, []
+    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
+    got = matmul_transposed_blocks(a, b)
+    # 600 // 2 // (3 * 16) = 6 rows a block at most: 17 blocks of 5, 12 rows left over
+    assert shapes == [((17, 3, 5), (2, 17, 5, 16))]
+    assert got.shape == (3, 32) and got.dtype == dtype and got.flags.c_contiguous
+    np.testing.assert_allclose(got, a.T @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+def test_matmul_transposed_blocks_with_columns_not_a_multiple_of_16_is_the_plain_product(small_gemm_blocks):
+    """A width the 16-column blocks do not divide (the light model's conv2: 72) runs whole."""
+    rng = np.random.default_rng(45)
+    a, b = rng.standard_normal((97, 3)).astype(np.float32), rng.standard_normal((97, 72)).astype(np.float32)
+    np.testing.assert_array_equal(matmul_transposed_blocks(a, b), a.T @ b)
+
+
 def test_blocked_products_are_the_plain_product_off_skylakex(monkeypatch):
     """On OpenBLAS's other kernels, where blocks measured slower, the plain product runs."""
     monkeypatch.setattr(im2col_module, "openblas_core", lambda: "Haswell")
@@ -990,6 +1012,8 @@ def test_blocked_products_are_the_plain_product_off_skylakex(monkeypatch):
     a, b = rng.standard_normal((97, 10)).astype(np.float32), rng.standard_normal((10, 8)).astype(np.float32)
     np.testing.assert_array_equal(matmul_row_blocks(a, b), a @ b)
     np.testing.assert_array_equal(matmul_inner_blocks(b.T, a.T), b.T @ a.T)
+    c = rng.standard_normal((97, 16)).astype(np.float32)
+    np.testing.assert_array_equal(matmul_transposed_blocks(a, c), a.T @ c)
 
 
 def test_openblas_core_without_threadpoolctl_is_none_and_the_products_stay_whole(monkeypatch):
