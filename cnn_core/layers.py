@@ -27,8 +27,8 @@ import numpy as np
 from .backend import get_array_module as _xp
 from .config import is_integer, number_in
 from .errors import ShapeError, SpecError
-from .im2col import (col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, matmul_inner_blocks,
-                     matmul_row_blocks, matmul_transposed_blocks, pad_nhwc)
+from .im2col import (col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, matmul_column_blocks,
+                     matmul_inner_blocks, matmul_row_blocks, matmul_transposed_blocks, pad_nhwc)
 from .rng import uniform
 
 # A conv layer with at most this many input channels (grayscale or RGB input)
@@ -359,7 +359,7 @@ class Dense(Layer):
 
     def forward(self, x, train=True):
         self._check_input(x)
-        out = x @ self.parameters["weight"]
+        out = matmul_column_blocks(x, self.parameters["weight"])
         out += self.parameters["bias"]
         return out, x
 
@@ -368,8 +368,9 @@ class Dense(Layer):
         self._check_dout(dout, (x.shape[0], self.units))
         grads = {"weight": x.T @ dout, "bias": dout.sum(axis=0)}
         # W @ dout.T, returned as its transposed view: OpenBLAS runs it 1.5x as
-        # fast as dout @ W.T for the seed model's fc1 ((3136, 128) @ (128, 32)).
-        dx = (self.parameters["weight"] @ dout.T).T if need_dx else None
+        # fast as dout @ W.T for the seed model's fc1 ((3136, 128) @ (128, 32)),
+        # and in row blocks 1.2x faster again.
+        dx = matmul_row_blocks(self.parameters["weight"], dout.T).T if need_dx else None
         return dx, grads
 
 

@@ -16,8 +16,8 @@ from cnn_core.errors import ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_layer
 from cnn_core import im2col as im2col_module
 from cnn_core.backend import openblas_core
-from cnn_core.im2col import (col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, matmul_inner_blocks,
-                             matmul_row_blocks, matmul_transposed_blocks, pad_nhwc)
+from cnn_core.im2col import (col2im, col2im_gemm, conv_input_grad, conv_output_size, im2col, matmul_column_blocks,
+                             matmul_inner_blocks, matmul_row_blocks, matmul_transposed_blocks, pad_nhwc)
 from cnn_core.layers import (ELU, ZERO_ROW, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, LeakyReLU, MaxPool2D,
                              ReLU, Residual, SiLU, relu_values)
 from cnn_core.rng import uniform
@@ -962,12 +962,12 @@ def small_gemm_blocks(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_matmul_row_blocks_equals_the_product(small_gemm_blocks, dtype):
-    """Blocks of rows, a transposed (conv1's columns) or a plain operand, with rows left over:
-    the product's values in the product's places."""
+    """Blocks of rows, a transposed (conv1's columns) or a plain left operand, a transposed (a dense
+    layer's dout.T) or a plain right one, with rows left over: the product's values in the product's places."""
     rng = np.random.default_rng(41)
     a, b = rng.standard_normal((97, 10)).astype(dtype), rng.standard_normal((10, 8)).astype(dtype)
-    for left in (a, np.ascontiguousarray(a.T).T):          # 97 rows: 12 blocks of 7 (600 // 80), 13 left over
-        got = matmul_row_blocks(left, b)
+    for left, right in ((a, b), (np.ascontiguousarray(a.T).T, b), (a, np.ascontiguousarray(b.T).T)):
+        got = matmul_row_blocks(left, right)               # 97 rows: 12 blocks of 7 (600 // 80), 13 left over
         assert got.shape == (97, 8) and got.dtype == dtype
         np.testing.assert_allclose(got, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
 
@@ -1004,6 +1004,29 @@ def test_matmul_transposed_blocks_with_columns_not_a_multiple_of_16_is_the_plain
     np.testing.assert_array_equal(matmul_transposed_blocks(a, b), a.T @ b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_column_blocks_equals_the_product(small_gemm_blocks, dtype, monkeypatch):
+    """Blocks of K and of 64 columns (a dense layer's forward), rows of K left over: the product."""
+    rng = np.random.default_rng(46)
+    a, b = rng.standard_normal((2, 43)).astype(dtype), rng.standard_normal((43, 128)).astype(dtype)
+    matmul, shapes = np.matmul, []
+    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
+    got = matmul_column_blocks(a, b)
+    # 600 // (2 * 64) = 4 rows of K a block at most: 11 blocks of 3, 10 rows left over
+    assert shapes == [((11, 2, 3), (2, 11, 3, 64))]
+    assert got.shape == (2, 128) and got.dtype == dtype and got.flags.c_contiguous
+    np.testing.assert_allclose(got, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+def test_matmul_column_blocks_runs_whole_for_odd_widths_and_too_many_blocks(small_gemm_blocks):
+    """96 columns (not a multiple of 64), or 25 blocks of K (more than MAX_SUMMED_BLOCKS, whose
+    partial products would take 25 times the output's memory): the plain product."""
+    rng = np.random.default_rng(47)
+    a = rng.standard_normal((2, 97)).astype(np.float32)
+    for b in (rng.standard_normal((97, 96)).astype(np.float32), rng.standard_normal((97, 128)).astype(np.float32)):
+        np.testing.assert_array_equal(matmul_column_blocks(a, b), a @ b)
+
+
 def test_blocked_products_are_the_plain_product_off_skylakex(monkeypatch):
     """On OpenBLAS's other kernels, where blocks measured slower, the plain product runs."""
     monkeypatch.setattr(im2col_module, "openblas_core", lambda: "Haswell")
@@ -1014,6 +1037,8 @@ def test_blocked_products_are_the_plain_product_off_skylakex(monkeypatch):
     np.testing.assert_array_equal(matmul_inner_blocks(b.T, a.T), b.T @ a.T)
     c = rng.standard_normal((97, 16)).astype(np.float32)
     np.testing.assert_array_equal(matmul_transposed_blocks(a, c), a.T @ c)
+    short, wide = rng.standard_normal((2, 43)).astype(np.float32), rng.standard_normal((43, 128)).astype(np.float32)
+    np.testing.assert_array_equal(matmul_column_blocks(short, wide), short @ wide)
 
 
 def test_openblas_core_without_threadpoolctl_is_none_and_the_products_stay_whole(monkeypatch):
