@@ -1342,7 +1342,7 @@ def _curve_watch(tmp_path, monkeypatch, first: bytes) -> tuple[curve.HandshakeWa
     net = SimNet(100)
     monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
     probes = []
-    monkeypatch.setattr(curve, "first_byte", lambda host, port: probes.append((host, port)) or first)
+    monkeypatch.setattr(curve, "first_byte", lambda host, port, timeout=None: probes.append((host, port)) or first)
     return watch, probes, net
 
 
