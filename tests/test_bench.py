@@ -1509,7 +1509,8 @@ def test_a_long_ddp_measurement_is_given_the_time_it_asks_for(monkeypatch):
         def communicate(self, timeout=None):
             waits.append(timeout)
             if self.cmd[self.cmd.index("--rank") + 1] == "0":
-                Path(self.cmd[self.cmd.index("--result") + 1]).write_text(json.dumps({"images_per_second": 1.0}))
+                result = next(arg.removeprefix("--result=") for arg in self.cmd if arg.startswith("--result="))
+                Path(result).write_text(json.dumps({"images_per_second": 1.0}))
             return b"", None
 
         def poll(self):
