@@ -81,10 +81,12 @@ def matmul_inner_blocks(a, b):
 
 
 # The width of the column blocks of :func:`matmul_column_blocks`, and the most
-# blocks of K it sums (the partial products take that many times the output's
-# memory).  For the seed model's fc1, (32, 3136) @ (3136, 128), in isolation on the
-# AMD build machine: 1.27x the whole product in 7 blocks of 448 rows and 64
-# columns, 1.18-1.21x with 16 or 32 columns.
+# blocks of K it and :func:`matmul_transposed_blocks` sum: the partial products
+# take that many times the output's memory (a conv2d of 1024 output channels on a
+# 28x28 input would have summed 837 in its weight gradient, 1 GB of partials for a
+# 1.2 MB output, 9x slower than whole).  For the seed model's fc1, (32, 3136) @
+# (3136, 128), in isolation on the AMD build machine: 1.27x the whole product in 7
+# blocks of 448 rows and 64 columns, 1.18-1.21x with 16 or 32 columns.
 COLUMN_BLOCK_COLUMNS = 64
 MAX_SUMMED_BLOCKS = 16
 
@@ -134,17 +136,18 @@ def matmul_transposed_blocks(a, b):
     rows left over in one more product.
 
     The sum runs in another order than ``a.T @ b``'s (float rounding apart, the
-    same); plain ``a.T @ b`` where the blocks do not pay (:func:`_blocks_pay`) or
-    N is not a multiple of the block width.
+    same); plain ``a.T @ b`` where the blocks do not pay (:func:`_blocks_pay`), N
+    is not a multiple of the block width, or more than MAX_SUMMED_BLOCKS blocks
+    would be needed.
     """
     xp = get_array_module(a)
     k, m = a.shape
     n = b.shape[1]
     width = TRANSPOSED_BLOCK_COLUMNS
     most = UNPACKED_GEMM_MAX_MNK // 2 // max(m * width, 1)     # rows a block
-    if most < 1 or k <= most or n % width or not _blocks_pay(xp):
+    blocks = -(-k // most) if most else 0
+    if not 1 < blocks <= MAX_SUMMED_BLOCKS or n % width or not _blocks_pay(xp):
         return a.T @ b
-    blocks = -(-k // most)
     step = k // blocks                         # near-equal blocks: fewer than `blocks` rows left over
     head = blocks * step
     parts = xp.matmul(a[:head].reshape(blocks, step, m).transpose(0, 2, 1),

@@ -10,6 +10,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnn_core import reference
 from cnn_core.errors import ShapeError, SpecError
@@ -987,12 +989,12 @@ def test_matmul_transposed_blocks_equals_the_product(small_gemm_blocks, dtype, m
     """Blocks of rows and of 16 columns (conv2's weight gradient), rows left over: the product,
     its K rows summed block by block."""
     rng = np.random.default_rng(44)
-    a, b = rng.standard_normal((97, 3)).astype(dtype), rng.standard_normal((97, 32)).astype(dtype)
+    a, b = rng.standard_normal((91, 3)).astype(dtype), rng.standard_normal((91, 32)).astype(dtype)
     matmul, shapes = np.matmul, []
     monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
     got = matmul_transposed_blocks(a, b)
-    # 600 // 2 // (3 * 16) = 6 rows a block at most: 17 blocks of 5, 12 rows left over
-    assert shapes == [((17, 3, 5), (2, 17, 5, 16))]
+    # 600 // 2 // (3 * 16) = 6 rows a block at most: 16 blocks of 5, 11 rows left over
+    assert shapes == [((16, 3, 5), (2, 16, 5, 16))]
     assert got.shape == (3, 32) and got.dtype == dtype and got.flags.c_contiguous
     np.testing.assert_allclose(got, a.T @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
 
@@ -1002,6 +1004,78 @@ def test_matmul_transposed_blocks_with_columns_not_a_multiple_of_16_is_the_plain
     rng = np.random.default_rng(45)
     a, b = rng.standard_normal((97, 3)).astype(np.float32), rng.standard_normal((97, 72)).astype(np.float32)
     np.testing.assert_array_equal(matmul_transposed_blocks(a, b), a.T @ b)
+
+
+def test_matmul_transposed_blocks_needing_more_than_max_summed_blocks_is_the_plain_product(small_gemm_blocks,
+                                                                                           monkeypatch):
+    """17 blocks of K (more than MAX_SUMMED_BLOCKS): the partial products would take 17 times the
+    output's memory (a wide conv2d's weight gradient: hundreds), so the product runs whole."""
+    rng = np.random.default_rng(48)
+    a, b = rng.standard_normal((97, 3)).astype(np.float32), rng.standard_normal((97, 32)).astype(np.float32)
+    matmul, shapes = np.matmul, []
+    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
+    np.testing.assert_array_equal(matmul_transposed_blocks(a, b), a.T @ b)
+    assert shapes == []
+
+
+def _laid_out(array, layout: str):
+    """``array``'s values C-ordered, Fortran-ordered, or as a view of every other row of a larger array."""
+    if layout == "F":
+        return np.asfortranarray(array)
+    if layout == "strided":
+        spaced = np.zeros((2 * array.shape[0],) + array.shape[1:], dtype=array.dtype)
+        spaced[::2] = array
+        return spaced[::2]
+    return array
+
+
+BLOCKED_PRODUCTS = {                                        # name -> (product, the plain product it stands for)
+    "row": (matmul_row_blocks, lambda a, b: a @ b),
+    "inner": (matmul_inner_blocks, lambda a, b: a @ b),
+    "column": (matmul_column_blocks, lambda a, b: a @ b),
+    "transposed": (matmul_transposed_blocks, lambda a, b: a.T @ b),
+}
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=600)
+@given(name=st.sampled_from(sorted(BLOCKED_PRODUCTS)), long=st.integers(1, 150), short=st.integers(1, 12),
+       n=st.one_of(st.sampled_from([16, 48, 64, 128, 192]), st.integers(1, 140)), per_block=st.integers(0, 40),
+       slack=st.floats(0, 0.99), dtype=st.sampled_from([np.float32, np.float64]),
+       layouts=st.tuples(*[st.sampled_from(["C", "F", "strided"])] * 2), seed=st.integers(0, 2**32 - 1))
+def test_blocked_products_equal_the_plain_product_for_any_shape(name, long, short, n, per_block, slack, dtype,
+                                                                layouts, seed):
+    """Every blocked product, for any shapes, bound, dtype and memory layout (N a multiple of the
+    column blocks or not, the blocked axis within one block or not, rows left over or not): the plain
+    product's shape, dtype and values, and no partial products beyond MAX_SUMMED_BLOCKS times the output."""
+    product, plain = BLOCKED_PRODUCTS[name]
+    rng = np.random.default_rng(seed)
+    # a bound of about per_block rows of the split axis a block (a bound drawn alone mostly gives one
+    # block or hundreds): M*N*K of one row of it
+    row_cost = {"row": short * n, "inner": short * n, "column": short * im2col_module.COLUMN_BLOCK_COLUMNS,
+                "transposed": 2 * short * im2col_module.TRANSPOSED_BLOCK_COLUMNS}[name]
+    bound = int((per_block + slack) * row_cost)
+    # the long axis is the one each product splits: a's rows (row, transposed) or the summed K (inner, column)
+    a_shape, b_shape = {"row": ((long, short), (short, n)), "transposed": ((long, short), (long, n)),
+                        "inner": ((short, long), (long, n)), "column": ((short, long), (long, n))}[name]
+    a = _laid_out(rng.standard_normal(a_shape).astype(dtype), layouts[0])
+    b = _laid_out(rng.standard_normal(b_shape).astype(dtype), layouts[1])
+    want = plain(a, b)
+    matmul, outputs = np.matmul, []
+
+    def recording_matmul(x, y, **kw):
+        out = matmul(x, y, **kw)
+        outputs.append(out.size)
+        return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(im2col_module, "openblas_core", lambda: "SkylakeX")
+        patch.setattr(im2col_module, "UNPACKED_GEMM_MAX_MNK", bound)
+        patch.setattr(np, "matmul", recording_matmul)
+        got = product(a, b)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+    if name in ("column", "transposed"):
+        assert all(size <= im2col_module.MAX_SUMMED_BLOCKS * want.size for size in outputs), outputs
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
