@@ -3047,9 +3047,10 @@ def test_a_pscnn_clients_own_heartbeats_keep_it_counted_alive(in_process):
 
 
 def test_a_client_cannot_act_under_the_id_of_a_dropped_peer_from_another_connection(in_process):
-    """A dropped peer's id stays its own until it says hello again: a request or a hello under it from
-    another connection is refused as wrong_connection (not told the peer's name and why it was dropped,
-    nor welcomed in its place), and the peer itself rejoins from the connection it joined from."""
+    """A dropped peer's id stays its own until it says hello again: a request, a heartbeat (the type the
+    rule once exempted) or a hello under it from another connection is refused as wrong_connection (not
+    told the peer's name and why it was dropped, nor welcomed in its place), and the peer itself rejoins
+    from the connection it joined from."""
     server = in_process()
     wid = "trainer-1-0a0b0c0d"
     trainer = Raw(server.endpoint, routing_id=routing_id(wid), wid=wid)
@@ -3057,14 +3058,14 @@ def test_a_client_cannot_act_under_the_id_of_a_dropped_peer_from_another_connect
     assert server.call(trainer, P.HELLO, {"role": "trainer", "name": "trainer-1"}).type == P.WELCOME
     assert server.call(trainer, P.BYE, {"reason": "done"}).type == P.ACK
     thief = server.client()
-    for mtype, body in ((P.WORK, {}), (P.HELLO, {"role": "trainer", "name": "thief"})):
+    for mtype, body in ((P.WORK, {}), (P.HEARTBEAT, {}), (P.HELLO, {"role": "trainer", "name": "thief"})):
         thief.send(thief.frames(mtype, body, wid=wid, seq=10 ** 9))
         server.handle_one()
         got = thief.recv(1.0)
         reply = got and got[0]
         assert reply is not None and reply.type == P.ERROR and reply.body["code"] == "wrong_connection", (mtype, reply)
         assert reply.seq == 10 ** 9, reply       # the request's: a client matches its answer by it
-    assert wid not in server.srv.peers and server.srv.rejected["wrong_connection"] == 2
+    assert wid not in server.srv.peers and server.srv.rejected["wrong_connection"] == 3
     assert server.call(trainer, P.HELLO, {"role": "trainer", "name": "trainer-1"}).type == P.WELCOME
 
 
