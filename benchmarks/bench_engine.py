@@ -193,8 +193,9 @@ def main(argv=None) -> dict:
 
 def _layer_breakdown(model, xb, yb, opt, np, reps: int = 9) -> dict:
     """Median ms per step: each layer (forward + backward, over all chunks),
-    the rest of ``loss_and_grads`` (the loss, summing the chunks' gradients),
-    and the optimizer update.  Times the layers in place, on the real path."""
+    the rest of ``loss_and_grads`` (the loss, summing the chunks' gradients,
+    the dense weight gradients taken over the whole batch), and the optimizer
+    update.  Times the layers in place, on the real path."""
     current: dict = {}
 
     def timing(layer):
@@ -206,9 +207,9 @@ def _layer_breakdown(model, xb, yb, opt, np, reps: int = 9) -> dict:
             current[layer.name] = current.get(layer.name, 0.0) + time.perf_counter() - t
             return out
 
-        def timed_backward(d, cache, need_dx=True):
+        def timed_backward(d, cache, need_dx=True, **options):    # a chunked step's Dense: weight_grad=False
             t = time.perf_counter()
-            out = backward(d, cache, need_dx)
+            out = backward(d, cache, need_dx, **options)
             current[layer.name] = current.get(layer.name, 0.0) + time.perf_counter() - t
             return out
         layer.forward, layer.backward = timed_forward, timed_backward

@@ -25,7 +25,7 @@ from .backend import array_module, resolve_dtype
 from .config import config_file_path, is_integer, named_config, read_config_file, seed_value
 from .errors import ConfigError, ShapeError, SpecError
 from .flat import FlatArrays, all_finite
-from .layers import LAYER_TYPES, BatchNorm2D, Conv2D, Dropout, MaxPool2D, ReLU, Residual, shape_of
+from .layers import LAYER_TYPES, BatchNorm2D, Conv2D, Dense, Dropout, MaxPool2D, ReLU, Residual, shape_of
 from .losses import check_labels, label_range_error, softmax_cross_entropy
 from .text import for_count
 
@@ -322,6 +322,12 @@ class Model:
 
         Updates nothing; the first layer's input gradient is never computed.
         """
+        return self._backward(dlogits)
+
+    def _backward(self, dlogits, dense_inputs=None) -> dict:
+        """:meth:`backward`; with ``dense_inputs`` (a dict), the model's own Dense layers
+        leave out their weight gradients and append their (input, output gradient) to
+        ``dense_inputs[layer.name]`` instead, for a chunked step to take them over the whole batch."""
         if self._caches is None:
             raise ShapeError("Model.backward: call forward(x, train=True) first")
         if not hasattr(dlogits, "shape") or tuple(dlogits.shape) != tuple(self._dlogits_shape):
@@ -333,11 +339,16 @@ class Model:
         d = self.xp.asarray(dlogits).astype(self.dtype, copy=False)   # else mixed-dtype gradients
         for pos in range(len(self._order) - 1, -1, -1):
             layer = self.layers[self._order[pos]]
-            d, g = layer.backward(d, self._caches[self._order[pos]], need_dx=pos > 0)
+            cache = self._caches[self._order[pos]]
+            if dense_inputs is not None and type(layer) is Dense:
+                dense_inputs.setdefault(layer.name, []).append((cache, d))
+                d, g = layer.backward(d, cache, need_dx=pos > 0, weight_grad=False)
+            else:
+                d, g = layer.backward(d, cache, need_dx=pos > 0)
             for k, v in g.items():
                 grads[f"{layer.name}.{k}"] = v
         self._caches = None
-        return {name: grads[name] for name in self.params}
+        return {name: grads[name] for name in self.params if name in grads}
 
     def loss_and_grads(self, x, y):
         """One training step's loss and gradients, without updating anything.
@@ -350,7 +361,9 @@ class Model:
 
         On the CPU a batch larger than CPU_CHUNK runs as near-equal chunks,
         each through forward, loss and backward before the next, and the
-        chunks' gradients are summed.  Each row's loss gradient is divided by
+        chunks' gradients are summed, but for the dense layers' weight
+        gradients: one product over the whole batch's inputs and output
+        gradients, kept from the chunks.  Each row's loss gradient is divided by
         the whole batch's N, and each dropout layer draws the chunk's rows of
         the batch's mask.  A model with a layer that couples the samples
         (BatchNorm) and a GPU model run the batch whole: a GPU step is bound by
@@ -371,6 +384,9 @@ class Model:
         dropouts = self._dropouts
         draws = [layer.draws for layer in dropouts]
         loss, logits, grads = 0.0, [], None
+        # A dense layer's weight gradient, one GEMM over the whole batch instead of one per chunk
+        # plus their sum: fc1's 1.6 MB gradient was written and added once a chunk (the step 1.02x).
+        dense_inputs: dict = {}
         try:
             for lo, hi in itertools.pairwise(bounds):
                 for layer, count in zip(dropouts, draws):
@@ -378,7 +394,7 @@ class Model:
                 h, self._caches = self._run(x[lo:hi], True)
                 self._dlogits_shape = h.shape
                 chunk_loss, dlogits = softmax_cross_entropy(h, y[lo:hi], total=n)
-                chunk_grads = self.backward(dlogits)
+                chunk_grads = self._backward(dlogits, dense_inputs)
                 loss += chunk_loss
                 logits.append(h)
                 if grads is None:
@@ -389,7 +405,10 @@ class Model:
         finally:
             for layer in dropouts:
                 layer.sample_offset = 0
-        return loss, self.xp.concatenate(logits), grads
+        for name, pairs in dense_inputs.items():
+            xs, douts = zip(*pairs)
+            grads[f"{name}.weight"] = Dense.weight_grad_of(self.xp.concatenate(xs), self.xp.concatenate(douts))
+        return loss, self.xp.concatenate(logits), {name: grads[name] for name in self.params}
 
     def predict(self, x, batch_size: int = 1000):
         """Class predictions (N,) in evaluation mode, batch by batch."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from cnn_core.model import Model
+
 from helpers import error_line, exit_error_line, interrupt_when
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -499,10 +501,12 @@ def test_every_bench_flag_says_what_it_does(bench_name, capsys):
 
 
 def test_engine_benchmark_runs_and_reports_every_contender(tmp_path):
-    """benchmarks/bench_engine.py end to end at a toy size: the JSON it writes (no timing is asserted)."""
+    """benchmarks/bench_engine.py end to end at a toy size: the JSON it writes (no timing is asserted).
+    The batch takes two chunks, as the benchmark's own does: the layer timing wraps a chunked step's calls."""
     out = tmp_path / "engine.json"
     proc = subprocess.run([sys.executable, "benchmarks/bench_engine.py", "--trials", "1", "--steps", "1",
-                           "--reference-steps", "1", "--batch", "8", "--infer-batch", "16", "--no-torch",
+                           "--reference-steps", "1", "--batch", str(Model.CPU_CHUNK + 1), "--infer-batch", "16",
+                           "--no-torch",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "; medians of 1 trial (ratios: " in proc.stdout, proc.stdout        # it said "1 trials"

@@ -1098,6 +1098,27 @@ def test_blocked_products_give_the_plain_products_step(dtype, rtol, monkeypatch)
                                    err_msg=k)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_chunked_step_takes_each_dense_weight_gradient_over_the_whole_batch(dtype):
+    """The chunks' dense inputs and output gradients go into one product each, not one a chunk
+    summed after (fc1's 1.6 MB gradient written and added again for every chunk)."""
+    model = build_model("seed", seed=0, dtype=dtype)
+    x, y = batch(2 * model.CPU_CHUNK + 5, dtype=np.dtype(dtype))      # three chunks, uneven
+    inputs, douts = {}, {}
+    for layer in model.layers:
+        if layer.type_name == "dense":
+            forward, backward = layer.forward, layer.backward
+            layer.forward = lambda h, train, f=forward, n=layer.name: inputs.setdefault(n, []).append(h) or f(h, train)
+            layer.backward = (lambda d, c, b=backward, n=layer.name, **kw:
+                              douts.setdefault(n, []).append(d) or b(d, c, **kw))
+    grads = model.loss_and_grads(x, y)[2]
+    assert sorted(inputs) == ["fc1", "fc2"] and all(len(v) == 3 for v in [*inputs.values(), *douts.values()])
+    for name in inputs:
+        want = np.concatenate(inputs[name]).T @ np.concatenate(douts[name])
+        np.testing.assert_array_equal(grads[f"{name}.weight"], want, err_msg=name)
+        np.testing.assert_array_equal(grads[f"{name}.bias"], sum(d.sum(axis=0) for d in douts[name]), err_msg=name)
+
+
 def test_loss_and_grads_runs_in_chunks_on_the_cpu(monkeypatch):
     """The seed model at batch 64 runs as two chunks of 32, each forward then backward."""
     model = build_model("seed", seed=0)
