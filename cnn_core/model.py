@@ -267,9 +267,11 @@ class Model:
     # activations stay in cache from one layer to the next and, in
     # loss_and_grads, until the chunk's backward reads them.  For the seed model,
     # against one pass over the whole batch: a training step at batch 64 (two
-    # chunks) 1.09-1.22x faster; inference at batch 1000 1.4-1.6x faster than in
-    # chunks of 256, the setting before (itself 1.8x faster than 1000 at once).
-    CPU_CHUNK = 32
+    # chunks of 32) 1.09-1.22x faster; inference at batch 1000 1.4-1.6x faster
+    # than in chunks of 256, the setting before (itself 1.8x faster than 1000 at
+    # once).  Chunks of 16 rather than 32, once the dense weight gradients were
+    # taken over the whole batch: the step at batch 64 1.06-1.07x (AMD EPYC).
+    CPU_CHUNK = 16
     # On a GPU a step is bound by kernel launches, which chunks would multiply:
     # training runs whole, evaluation in chunks of GPU_EVAL_CHUNK (for memory).
     GPU_EVAL_CHUNK = 256

@@ -1086,9 +1086,9 @@ def test_blocked_products_give_the_plain_products_step(dtype, rtol, monkeypatch)
         with monkeypatch.context() as patch:
             patch.setattr(np, "matmul", counting_matmul)
             results.append(build_model("seed", seed=0, dtype=dtype).loss_and_grads(x, y))
-        # per chunk of 32: conv1 forward and weight gradient, conv2 forward, weight and input
+        # per chunk of 16: conv1 forward and weight gradient, conv2 forward, weight and input
         # gradients, fc1 forward and input gradient
-        assert sum(batched) == (14 if core == "SkylakeX" else 0), core
+        assert sum(batched) == (4 * 7 if core == "SkylakeX" else 0), core
         batched.clear()
     (loss, logits, grads), (want_loss, want_logits, want_grads) = results
     assert loss == pytest.approx(want_loss, rel=rtol)
@@ -1120,7 +1120,7 @@ def test_a_chunked_step_takes_each_dense_weight_gradient_over_the_whole_batch(dt
 
 
 def test_loss_and_grads_runs_in_chunks_on_the_cpu(monkeypatch):
-    """The seed model at batch 64 runs as two chunks of 32, each forward then backward."""
+    """The seed model at batch 64 runs as four chunks of 16, each forward then backward."""
     model = build_model("seed", seed=0)
     calls = []
     forward, backward = model.layers[0].forward, model.layers[0].backward
@@ -1128,7 +1128,7 @@ def test_loss_and_grads_runs_in_chunks_on_the_cpu(monkeypatch):
     monkeypatch.setattr(model.layers[0], "backward",
                         lambda d, c, need_dx: calls.append(("b", c[1].shape[1])) or backward(d, c, need_dx))
     model.loss_and_grads(*batch(64))
-    assert calls == [("f", 32), ("b", 32 * 28 * 28), ("f", 32), ("b", 32 * 28 * 28)]
+    assert calls == [("f", 16), ("b", 16 * 28 * 28)] * 4
 
 
 def test_loss_and_grads_runs_batchnorm_models_whole(monkeypatch):
