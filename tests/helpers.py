@@ -1,7 +1,7 @@
 """What the test modules share: an error as the user sees it, one line naming the problem; a
 process interrupted with Ctrl-C at the right moment, and one started so that Ctrl-C reaches it;
 the check that a test's mid-run action did come mid-run; the records of an evaluation history
-that set a new best.
+that set a new best; a count of the models a check builds.
 
 A module, not conftest.py: conftest holds fixtures, and pytest does not mean it to be imported.
 """
@@ -136,3 +136,20 @@ class NoProcesses:
 
     def __exit__(self, *exc):
         pass
+
+
+def counted_model_builds(monkeypatch) -> list:
+    """The models ``server.server.checked_store`` builds from now on (the launcher's import of it too),
+    by name: each build is a model's and its optimizer's random initialization (4-5 s for 26 million
+    parameters), so a check should build once."""
+    import server.server as server_module  # noqa: PLC0415  (heavy: only the tests that count)
+    from pscnn import launcher  # noqa: PLC0415
+    built = []
+    real_checked_store = server_module.checked_store
+
+    def counted(cfg):
+        built.append(cfg.model)
+        return real_checked_store(cfg)
+    monkeypatch.setattr(server_module, "checked_store", counted)
+    monkeypatch.setattr(launcher, "checked_store", counted)
+    return built

@@ -19,7 +19,7 @@ import pytest
 
 from cnn_core.model import Model
 
-from helpers import error_line, exit_error_line, interrupt_when
+from helpers import counted_model_builds, error_line, exit_error_line, interrupt_when
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -665,18 +665,9 @@ def test_a_benchmarks_server_flags_build_the_model_once_for_their_checks(monkeyp
     """check_server_flags with trainers made pscnn run's checks (check_run_args, which builds the model and
     its optimizer), then a ParameterServer, which builds them again: the scaling bench does so for each
     mode and batch size, a model's random initialization twice each (4 s for 26 million parameters)."""
-    import server.server as server_module
-    from pscnn import launcher
     from pscnn.bench.cluster import server_flags
     from pscnn.bench.common import check_server_flags
-    built = []
-    real_checked_store = server_module.checked_store
-
-    def counted(cfg):
-        built.append(cfg.model)
-        return real_checked_store(cfg)
-    monkeypatch.setattr(server_module, "checked_store", counted)
-    monkeypatch.setattr(launcher, "checked_store", counted)
+    built = counted_model_builds(monkeypatch)
     check_server_flags(server_flags("async", 64, Path("unused"), model="light"), workers=2)
     assert built == ["light"], built
 

@@ -954,6 +954,13 @@ def test_im2col_window_major_rows(gh, gw):
     np.testing.assert_array_equal(im2col(x, 3, 3, 1, 1, (gh, gw)), expected)
 
 
+def _recorded_matmul_shapes(monkeypatch) -> list:
+    """The (left, right) operand shapes of every np.matmul from now on: which blocks a product ran as."""
+    matmul, shapes = np.matmul, []
+    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
+    return shapes
+
+
 @pytest.fixture
 def small_gemm_blocks(monkeypatch):
     """The blocked products on whatever BLAS runs the tests, in blocks of at most 600 M*N*K
@@ -985,18 +992,25 @@ def test_matmul_inner_blocks_equals_the_product(small_gemm_blocks, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_matmul_transposed_blocks_equals_the_product(small_gemm_blocks, dtype, monkeypatch):
-    """Blocks of rows and of 16 columns (conv2's weight gradient), rows left over: the product,
-    its K rows summed block by block."""
+@pytest.mark.parametrize("product, plain, a_shape, b_shape, blocks", [
+    # blocks of rows and of 16 columns (conv2's weight gradient): 600 // 2 // (3 * 16) = 6 rows a
+    # block at most, so 16 blocks of 5, 11 rows left over
+    (matmul_transposed_blocks, lambda a, b: a.T @ b, (91, 3), (91, 32), [((16, 3, 5), (2, 16, 5, 16))]),
+    # blocks of K and of 64 columns (a dense layer's forward): 600 // (2 * 64) = 4 rows of K a block
+    # at most, so 11 blocks of 3, 10 rows left over
+    (matmul_column_blocks, lambda a, b: a @ b, (2, 43), (43, 128), [((11, 2, 3), (2, 11, 3, 64))]),
+], ids=["transposed", "column"])
+def test_summed_blocks_equal_the_product(small_gemm_blocks, dtype, monkeypatch, product, plain, a_shape, b_shape,
+                                         blocks):
+    """A product taken as blocks of K summed, rows of K left over: the product, in the blocks planned."""
     rng = np.random.default_rng(44)
-    a, b = rng.standard_normal((91, 3)).astype(dtype), rng.standard_normal((91, 32)).astype(dtype)
-    matmul, shapes = np.matmul, []
-    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
-    got = matmul_transposed_blocks(a, b)
-    # 600 // 2 // (3 * 16) = 6 rows a block at most: 16 blocks of 5, 11 rows left over
-    assert shapes == [((16, 3, 5), (2, 16, 5, 16))]
-    assert got.shape == (3, 32) and got.dtype == dtype and got.flags.c_contiguous
-    np.testing.assert_allclose(got, a.T @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
+    want = plain(a, b)
+    shapes = _recorded_matmul_shapes(monkeypatch)
+    got = product(a, b)
+    assert shapes == blocks
+    assert got.shape == want.shape and got.dtype == dtype and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
 
 
 def test_matmul_transposed_blocks_with_columns_not_a_multiple_of_16_is_the_plain_product(small_gemm_blocks):
@@ -1012,8 +1026,7 @@ def test_matmul_transposed_blocks_needing_more_than_max_summed_blocks_is_the_pla
     output's memory (a wide conv2d's weight gradient: hundreds), so the product runs whole."""
     rng = np.random.default_rng(48)
     a, b = rng.standard_normal((97, 3)).astype(np.float32), rng.standard_normal((97, 32)).astype(np.float32)
-    matmul, shapes = np.matmul, []
-    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
+    shapes = _recorded_matmul_shapes(monkeypatch)
     np.testing.assert_array_equal(matmul_transposed_blocks(a, b), a.T @ b)
     assert shapes == []
 
@@ -1076,20 +1089,6 @@ def test_blocked_products_equal_the_plain_product_for_any_shape(name, long, shor
                                atol=1e-4 if dtype == np.float32 else 1e-12)
     if name in ("column", "transposed"):
         assert all(size <= im2col_module.MAX_SUMMED_BLOCKS * want.size for size in outputs), outputs
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_matmul_column_blocks_equals_the_product(small_gemm_blocks, dtype, monkeypatch):
-    """Blocks of K and of 64 columns (a dense layer's forward), rows of K left over: the product."""
-    rng = np.random.default_rng(46)
-    a, b = rng.standard_normal((2, 43)).astype(dtype), rng.standard_normal((43, 128)).astype(dtype)
-    matmul, shapes = np.matmul, []
-    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: shapes.append((x.shape, y.shape)) or matmul(x, y, **kw))
-    got = matmul_column_blocks(a, b)
-    # 600 // (2 * 64) = 4 rows of K a block at most: 11 blocks of 3, 10 rows left over
-    assert shapes == [((11, 2, 3), (2, 11, 3, 64))]
-    assert got.shape == (2, 128) and got.dtype == dtype and got.flags.c_contiguous
-    np.testing.assert_allclose(got, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
 
 
 def test_matmul_column_blocks_runs_whole_for_odd_widths_and_too_many_blocks(small_gemm_blocks):

@@ -44,7 +44,7 @@ from pscnn.cli import main, parse_args
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
 from server.evaluations import EvaluationHistory
 from server.server import ParameterServer
-from helpers import error_line, new_bests
+from helpers import counted_model_builds, error_line, new_bests
 from test_server_robustness import (InProcess, Raw, _climbing_accuracy, _evaluator, _push_all, _report, _trainer,
                                    grads_like, push_body, start_serving)
 
@@ -908,22 +908,14 @@ def test_pscnn_run_resume_builds_the_model_once_for_its_checks(run, monkeypatch,
     """pscnn run --resume built the model and its optimizer (server.server.checked_store) for its flags'
     checks, then again for the --resume checks (ParameterServer), which make the same ones: a model's
     random initialization twice before anything started (4-5 s each for 26 million parameters)."""
-    import server.server as server_module
-    from pscnn import launcher
-    built = []
-    real_checked_store = server_module.checked_store
-
-    def counted(cfg):
-        built.append(cfg.model)
-        return real_checked_store(cfg)
-    monkeypatch.setattr(server_module, "checked_store", counted)
-    monkeypatch.setattr(launcher, "checked_store", counted)
+    built = counted_model_builds(monkeypatch)
 
     class Started(Exception):
         """Raised where the run would start its processes: its checks are over."""
 
     def no_cluster(*args, **kwargs):
         raise Started
+    import pscnn.launcher as launcher
     monkeypatch.setattr(launcher, "LocalCluster", no_cluster)
     with pytest.raises(Started):
         main(["run", "--workers", "2", *FLAGS, "--out", str(run), "--resume", "--no-progress"])
