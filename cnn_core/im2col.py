@@ -93,20 +93,30 @@ MAX_SUMMED_BLOCKS = 16
 
 def matmul_column_blocks(a, b):
     """``a @ b`` for a short (M, K) ``a`` and a (K, N) ``b`` (a dense layer's
-    forward): one batched matmul over near-equal blocks of K and COLUMN_BLOCK_COLUMNS
-    columns of ``b``, each within UNPACKED_GEMM_MAX_MNK, then summed over K.
+    forward), in blocks of K and COLUMN_BLOCK_COLUMNS columns of ``b``, each
+    within UNPACKED_GEMM_MAX_MNK (:func:`_summed_k_blocks`).
+
+    For fc1's chunk of 32 the blocks are 448 rows, OpenBLAS's own K blocking on
+    SkylakeX, and the logits came out bit for bit.
+    """
+    width = COLUMN_BLOCK_COLUMNS
+    return _summed_k_blocks(a, b, width, UNPACKED_GEMM_MAX_MNK // max(a.shape[0] * width, 1))
+
+
+def _summed_k_blocks(a, b, width: int, most: int):
+    """``a @ b`` for an (M, K) ``a`` (a transposed view too) and a (K, N) ``b``:
+    one batched matmul over near-equal blocks of at most ``most`` rows of K and
+    ``width`` columns of ``b``, then summed over K; the rows of K left over in
+    one more product.
 
     The sum runs in another order than ``a @ b``'s (float rounding apart, the
-    same; for fc1's chunk of 32 the blocks are 448 rows, OpenBLAS's own K blocking
-    on SkylakeX, and the logits came out bit for bit).  Plain ``a @ b`` where the
-    blocks do not pay (:func:`_blocks_pay`), N is not a multiple of the block
-    width, or more than MAX_SUMMED_BLOCKS blocks would be needed.
+    same).  Plain ``a @ b`` where the blocks do not pay (:func:`_blocks_pay`), N
+    is not a multiple of ``width``, or K takes one block or more than
+    MAX_SUMMED_BLOCKS.
     """
     xp = get_array_module(a)
     m, k = a.shape
     n = b.shape[1]
-    width = COLUMN_BLOCK_COLUMNS
-    most = UNPACKED_GEMM_MAX_MNK // max(m * width, 1)       # rows of K a block
     blocks = -(-k // most) if most else 0
     if not 1 < blocks <= MAX_SUMMED_BLOCKS or n % width or not _blocks_pay(xp):
         return a @ b
@@ -130,32 +140,13 @@ TRANSPOSED_BLOCK_COLUMNS = 16
 
 
 def matmul_transposed_blocks(a, b):
-    """``a.T @ b`` for a tall (K, M) ``a`` and a (K, N) ``b``: one batched matmul
-    over blocks of K rows and TRANSPOSED_BLOCK_COLUMNS columns of ``b``, each
-    within half of UNPACKED_GEMM_MAX_MNK (see there), then summed over K; the
-    rows left over in one more product.
-
-    The sum runs in another order than ``a.T @ b``'s (float rounding apart, the
-    same); plain ``a.T @ b`` where the blocks do not pay (:func:`_blocks_pay`), N
-    is not a multiple of the block width, or more than MAX_SUMMED_BLOCKS blocks
-    would be needed.
+    """``a.T @ b`` for a tall (K, M) ``a`` and a (K, N) ``b``, in blocks of K
+    rows and TRANSPOSED_BLOCK_COLUMNS columns of ``b``, each within half of
+    UNPACKED_GEMM_MAX_MNK (see there; :func:`_summed_k_blocks`, whose blocks of
+    ``a.T`` are views of ``a``'s rows).
     """
-    xp = get_array_module(a)
-    k, m = a.shape
-    n = b.shape[1]
     width = TRANSPOSED_BLOCK_COLUMNS
-    most = UNPACKED_GEMM_MAX_MNK // 2 // max(m * width, 1)     # rows a block
-    blocks = -(-k // most) if most else 0
-    if not 1 < blocks <= MAX_SUMMED_BLOCKS or n % width or not _blocks_pay(xp):
-        return a.T @ b
-    step = k // blocks                         # near-equal blocks: fewer than `blocks` rows left over
-    head = blocks * step
-    parts = xp.matmul(a[:head].reshape(blocks, step, m).transpose(0, 2, 1),
-                      b[:head].reshape(blocks, step, n // width, width).transpose(2, 0, 1, 3))   # (N/width, blocks, M, width)
-    out = parts.sum(axis=1).transpose(1, 0, 2).reshape(m, n)
-    if head < k:
-        out += a[head:].T @ b[head:]
-    return out
+    return _summed_k_blocks(a.T, b, width, UNPACKED_GEMM_MAX_MNK // 2 // max(a.shape[1] * width, 1))
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:

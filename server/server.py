@@ -513,11 +513,7 @@ class ParameterServer:
         if peer is None:
             self._refuse_unknown(rid, msg, now, key)
             return
-        if peer.key != key:             # before anything of the peer's changes (plain: None == None)
-            self._refuse_other_key(rid, msg, peer, key)
-            return
-        if not _from_own_connection(rid, msg, peer):    # before it counts as alive or its sequence number moves on
-            self._refuse_other_connection(rid, msg, peer)
+        if self._refused_as_anothers(rid, msg, peer, key):     # before it counts as alive or anything of it moves on
             return
         peer.last_seen = now
         if msg.type == P.HEARTBEAT:     # from the client's heartbeat socket: no sequence number
@@ -592,8 +588,8 @@ class ParameterServer:
 
     def _refused_as_anothers(self, rid: bytes, msg: P.Message, owner, key: str | None) -> bool:
         """Refuse a message under the id of ``owner`` (a Peer or DroppedPeer) from a client that is not
-        it: one with another CURVE key, or from a connection not its own (:func:`_from_own_connection`).
-        Whether it was refused.  (A joined peer's messages are checked so in _on_frames.)"""
+        it: one with another CURVE key (plain: None == None), or from a connection not its own
+        (:func:`_from_own_connection`).  Whether it was refused."""
         if owner.key != key:
             self._refuse_other_key(rid, msg, owner, key)
             return True
