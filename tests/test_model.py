@@ -1275,3 +1275,19 @@ def test_the_readmes_engine_example_runs_as_it_says():
     assert all(np.array_equal(before[k], model.params[k]) for k in before)
     assert model.params["conv1.weight"].shape == (32, 1, 3, 3) and model.params["fc1.weight"].shape == (3136, 128)
     assert names["logits"].shape == (3, 10) and np.isfinite(names["loss"])
+
+
+def test_a_chunked_step_takes_each_dense_weight_gradient_once_not_once_a_chunk_as_well(monkeypatch):
+    """Besides the one product over the whole batch, each chunk's backward took the dense weight
+    gradients again (the values the same, the work meant to be saved done anyway)."""
+    from cnn_core.layers import Dense
+    monkeypatch.setattr(model_module.Model, "CPU_CHUNK", 2)
+    spec = {"input_shape": [1, 2, 3], "layers": [{"type": "flatten"}, {"type": "dense", "name": "hidden", "units": 4},
+                                                 {"type": "relu"}, {"type": "dense", "name": "out", "units": 3}]}
+    model = build_model(spec, seed=1, dtype="float64")
+    products, weight_grad_of = [], Dense.weight_grad_of
+    monkeypatch.setattr(Dense, "weight_grad_of", staticmethod(lambda x, dout: products.append(len(x)) or
+                                                              weight_grad_of(x, dout)))
+    grads = model.loss_and_grads(*batch(5, (1, 2, 3), 3, seed=2, dtype=np.float64))[2]
+    assert products == [5, 5], products             # one a layer, over the 5 rows of the 3 chunks
+    assert list(grads) == list(model.params)
