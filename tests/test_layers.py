@@ -1031,6 +1031,18 @@ def test_matmul_transposed_blocks_needing_more_than_max_summed_blocks_is_the_pla
     assert shapes == []
 
 
+def test_summed_blocks_within_one_block_of_k_are_the_plain_product(small_gemm_blocks, monkeypatch):
+    """K that fits in one block has nothing to sum: the plain product, not a batched matmul of one
+    block summed over an axis of length 1 (a copy of the output for nothing)."""
+    rng = np.random.default_rng(49)
+    a, b = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((5, 32)).astype(np.float32)
+    short, wide = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((4, 64)).astype(np.float32)
+    shapes = _recorded_matmul_shapes(monkeypatch)
+    np.testing.assert_array_equal(matmul_transposed_blocks(a, b), a.T @ b)       # 5 rows of K, 6 a block
+    np.testing.assert_array_equal(matmul_column_blocks(short, wide), short @ wide)   # 4 rows of K, 4 a block
+    assert shapes == []
+
+
 def _laid_out(array, layout: str):
     """``array``'s values C-ordered, Fortran-ordered, or as a view of every other row of a larger array."""
     if layout == "F":
