@@ -3046,6 +3046,25 @@ def test_a_pscnn_clients_own_heartbeats_keep_it_counted_alive(in_process):
         hello.join(30)
 
 
+def test_a_request_from_a_peers_heartbeat_socket_is_refused(in_process):
+    """The server takes heartbeats from a peer's heartbeat socket and nothing else: a request from there
+    was answered there, where the client's request socket never reads, and moved the peer's sequence
+    number on under it."""
+    server = in_process()
+    wid = "trainer-1-0a0b0c0d"
+    trainer = Raw(server.endpoint, routing_id=routing_id(wid), wid=wid)
+    server.raws.append(trainer)
+    assert server.call(trainer, P.HELLO, {"role": "trainer", "name": "trainer-1"}).type == P.WELCOME
+    beat = trainer.heartbeat_socket()
+    server.raws.append(beat)
+    beat.send(beat.frames(P.WORK, wid=wid, seq=trainer.seq + 1))    # the number the trainer's next request takes
+    server.handle_one()
+    reply = beat.recv(1.0)[0]
+    assert reply.type == P.ERROR and reply.body["code"] == "wrong_connection", reply
+    assert server.call(trainer, P.WORK).type == P.TASK
+    assert server.srv.rejected["wrong_connection"] == 1
+
+
 def test_a_client_cannot_act_under_the_id_of_a_dropped_peer_from_another_connection(in_process):
     """A dropped peer's id stays its own until it says hello again: a request, a heartbeat (the type the
     rule once exempted) or a hello under it from another connection is refused as wrong_connection (not
