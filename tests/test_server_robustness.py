@@ -313,6 +313,10 @@ def test_a_message_that_cannot_be_read_is_logged_under_its_senders_client_id(ser
         assert rid.startswith(f"{wid}/".encode()) and rid != routing_id(wid)
         sock = server.client(routing_id=rid)
         expect_error(server, sock, older, "bad_version", "protocol version", log_needle=f"{wid}: protocol version")
+        beats = server.client(routing_id=heartbeat_routing_id(rid))     # its heartbeat socket: the token kept out too
+        _, line = expect_error(server, beats, older, "bad_version", "protocol version",
+                               log_needle=f"{wid}: protocol version")
+        assert rid.decode().split("/")[-1] not in line, line
     _, line = expect_error(server, server.client(), older, "bad_version", "protocol version",
                            log_needle=": protocol version")
     assert re.search(r"rejected message from [0-9a-f]{10}: protocol version", line), line
