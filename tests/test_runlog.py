@@ -645,6 +645,20 @@ def test_time_split_counts_no_waiting_across_a_server_restart_or_a_rejoin():
     assert runlog.time_shares(split)["server"] == pytest.approx(0.3 / (0.3 + 7 * 0.2))
 
 
+def test_time_split_counts_no_waiting_across_a_rejoin_under_the_same_worker_id():
+    """The server's step records name a worker by its id, its "join" records by id and name: a
+    worker that rejoined under its id (a peer dropped, then back) must start a new session as it
+    does where both name the worker (the test above), else its time gone reads as waiting on the server."""
+    def step(*entries):
+        return {"kind": "step", "timeline": [list(entry) for entry in entries]}
+    records = [{"kind": "start"}, {"kind": "join", "worker": "a", "id": "a-0a0b0c0d"},
+               step(("a-0a0b0c0d", 1.0, 1.2, 0.2)), step(("a-0a0b0c0d", 1.3, 1.5, 0.2)),
+               {"kind": "join", "worker": "a", "id": "a-0a0b0c0d"},         # dropped, and back 7 s later
+               step(("a-0a0b0c0d", 9.0, 9.2, 0.2))]
+    servers = [(start, end) for start, end, part in runlog.time_split(records)["a-0a0b0c0d"] if part == "server"]
+    assert servers == [(1.2, 1.3)]
+
+
 def test_the_timeline_draws_workers_that_share_a_name_as_rows_of_their_own(tmp_path, monkeypatch):
     """Two workers started with the same --name were one row, their pushes mixed (the timeline named
     workers).  It names their ids now: a row each, labelled by name, or by id where names are shared."""
