@@ -659,6 +659,19 @@ def test_time_split_counts_no_waiting_across_a_rejoin_under_the_same_worker_id()
     assert servers == [(1.2, 1.3)]
 
 
+def test_the_timelines_rows_go_in_their_labels_order_and_a_name_is_shared_only_among_rows(tmp_path):
+    """The rows are sorted by the names they show, not by the ids under them (w-a-00000000 came before
+    w-ffffffff: w-a before w); and a worker that joined under a row's name but never pushed (killed at
+    its start, then restarted) shares no row, so the row keeps its name."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        for wid, name in (("w-ffffffff", "w"), ("w-a-11111111", "w-a"), ("w-a-00000000", "w-a")):
+            writer.log("join", worker=name, id=wid, role="trainer", version=0)
+        writer.log("step", timeline=[["w-a-00000000", 1.0, 1.5, 0.4], ["w-ffffffff", 1.0, 1.4, 0.3]])
+    ax = runlog._draw_timeline(figure.Figure, tmp_path).axes[0]
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["w", "w-a"]
+
+
 def test_the_timeline_draws_workers_that_share_a_name_as_rows_of_their_own(tmp_path, monkeypatch):
     """Two workers started with the same --name were one row, their pushes mixed (the timeline named
     workers).  It names their ids now: a row each, labelled by name, or by id where names are shared."""
