@@ -706,6 +706,7 @@ def test_look_up_gives_the_addresses_the_resolvers_words_or_nothing_in_time(monk
     import threading
     addresses, problem = P.look_up("127.0.0.1", "5555", 5.0)
     assert problem is None and addresses and {a[4][:2] for a in addresses} == {("127.0.0.1", 5555)}
+    assert {a[1] for a in addresses} == {socket.SOCK_STREAM}    # TCP's alone: the probe connects to each in turn
     for host in ("no-such-host.invalid", "x" * 300):     # the resolver's error; the IDNA codec's
         addresses, problem = P.look_up(host, None, 30.0)
         assert addresses == [] and problem and "\n" not in problem, (host, problem)
