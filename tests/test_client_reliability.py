@@ -1333,6 +1333,71 @@ def test_a_peer_that_resets_the_connection_before_a_greeting_is_told_from_one_th
             thread.join(30)
 
 
+class OneConnection:
+    """A TCP listener on a free port of 127.0.0.1 that accepts one connection, sends it ``first`` (if
+    any), and holds it open until closed (each wait bounded: about 30 s); run by a thread."""
+
+    def __init__(self, first: bytes | None):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)  # a closed listener does not wake accept(): it looks again this often
+        self.address = self.listener.getsockname()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(first,), name="one-connection", daemon=True)
+        self._thread.start()
+
+    def _serve(self, first: bytes | None) -> None:
+        for _ in range(600):
+            if self._closing.is_set():
+                return
+            try:
+                conn, _ = self.listener.accept()
+                break
+            except TimeoutError:
+                continue
+        else:
+            return
+        with conn:
+            if first is not None:
+                conn.sendall(first)
+            self._closing.wait(30)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(60)
+        self.listener.close()
+
+
+def _tcp_addresses(*addresses) -> tuple[list, None]:
+    """What protocol.look_up gives for a host with these (host, port) addresses, in this order."""
+    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address) for address in addresses], None
+
+
+def test_first_byte_tries_each_address_of_the_host_in_turn(monkeypatch):
+    """A host that resolves to several addresses (localhost: ::1 and 127.0.0.1) is tried at each, as
+    socket.create_connection does: one that refuses the connection is not the host's answer."""
+    with socket.socket() as unused:     # a port nothing listens on: refused
+        unused.bind(("127.0.0.1", 0))
+        refused = unused.getsockname()
+    greeter = OneConnection(curve.ZMTP_SIGNATURE_START)
+    try:
+        monkeypatch.setattr(P, "look_up", lambda host, port, timeout: _tcp_addresses(refused, greeter.address))
+        assert curve.first_byte("server.example", "5555", timeout=30.0) == curve.ZMTP_SIGNATURE_START
+    finally:
+        greeter.close()
+
+
+def test_first_byte_gives_up_at_its_timeout_with_addresses_left(monkeypatch):
+    """An address that takes the connection and says nothing has the whole timeout; the addresses
+    after it are not tried once it is spent (a probe within its caller's deadline)."""
+    silent, greeter = OneConnection(None), OneConnection(curve.ZMTP_SIGNATURE_START)
+    try:
+        monkeypatch.setattr(P, "look_up", lambda host, port, timeout: _tcp_addresses(silent.address, greeter.address))
+        assert curve.first_byte("server.example", "5555", timeout=0.2) is None
+    finally:
+        silent.close()
+        greeter.close()
+
+
 def _curve_watch(tmp_path, monkeypatch, first: bytes) -> tuple[curve.HandshakeWatch, list, SimNet]:
     """A client with keys' HandshakeWatch on a simulated monitor and clock (the SimNet's), and the
     greeting probes it makes, each answered ``first`` (the first byte of a connection to the endpoint)."""
