@@ -1398,6 +1398,39 @@ def test_first_byte_gives_up_at_its_timeout_with_addresses_left(monkeypatch):
         greeter.close()
 
 
+def test_the_greeting_probe_keeps_within_its_callers_deadline(tmp_path, monkeypatch):
+    """The probe into silent handshake failures took its own GREETING_TIMEOUT_S on top of its caller's
+    time (pscnn status --timeout 1 took 1.36 s): with the caller's time up it probes not at all, with
+    some left it has that, with no deadline its own bound."""
+    watch, _, net = _curve_watch(tmp_path, monkeypatch, b"")
+    timeouts = []
+    monkeypatch.setattr(curve, "first_byte", lambda host, port, timeout=None: timeouts.append(timeout) or b"")
+    watch.monitor.events.extend(monitor_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+                                for _ in range(curve.SILENT_FAILURES_LIMIT))
+    assert not watch.check(deadline=net.monotonic())
+    assert timeouts == []
+    assert not watch.check(deadline=net.monotonic() + 0.2)
+    assert timeouts == [pytest.approx(0.2)]
+    net.advance(curve.GREETING_PROBE_EVERY_S)
+    assert not watch.check()
+    assert timeouts == [pytest.approx(0.2), curve.GREETING_TIMEOUT_S]
+
+
+def test_a_status_querys_greeting_probe_has_no_more_than_the_querys_time(accept_and_close, tmp_path, monkeypatch):
+    """query_status hands its deadline to the handshake checks, whose greeting probe waits no longer
+    than the time the query has left (here the probe's own bound is far longer than the query)."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    monkeypatch.setattr(curve, "GREETING_TIMEOUT_S", 1000.0)
+    timeouts = []
+    monkeypatch.setattr(curve, "first_byte", lambda host, port, timeout=None: timeouts.append(timeout) or b"")
+    # several seconds: ZeroMQ's reconnects fail the three handshakes the probe waits for
+    progress = client_module.query_status(accept_and_close.endpoint, timeout=3.0,
+                                          keys=curve.client_keys(tmp_path / "keys" / "client-0"))
+    assert progress is None
+    assert timeouts, "the query never probed: nothing was tested"
+    assert all(timeout <= 3.0 for timeout in timeouts), timeouts
+
+
 def _curve_watch(tmp_path, monkeypatch, first: bytes) -> tuple[curve.HandshakeWatch, list, SimNet]:
     """A client with keys' HandshakeWatch on a simulated monitor and clock (the SimNet's), and the
     greeting probes it makes, each answered ``first`` (the first byte of a connection to the endpoint)."""
