@@ -710,6 +710,7 @@ def test_look_up_gives_the_addresses_the_resolvers_words_or_nothing_in_time(monk
     for host in ("no-such-host.invalid", "x" * 300):     # the resolver's error; the IDNA codec's
         addresses, problem = P.look_up(host, None, 30.0)
         assert addresses == [] and problem and "\n" not in problem, (host, problem)
+        assert "Errno" not in problem, problem      # the words alone, as a user reads them in the one line
     released = threading.Event()
 
     def held(*args, **kwargs):
