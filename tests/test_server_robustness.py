@@ -42,7 +42,7 @@ from cnn_core.runlog import read_metrics
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, print_report, query_status, wait_for
-from pscnn.names import heartbeat_routing_id, routing_id
+from pscnn.names import MAX_NAME_BYTES, heartbeat_routing_id, routing_id
 from server.router import KEEPALIVE_MAX_S, SEND_QUEUE
 from server.server import BURST, ParameterServer
 
@@ -3025,15 +3025,18 @@ def test_heartbeats_under_a_peers_id_from_another_connection_do_not_keep_it_aliv
     assert beat.recv(1.0)[0].type == P.HEARTBEAT and peer.last_seen > seen
 
 
-def test_a_pscnn_clients_own_heartbeats_keep_it_counted_alive(in_process):
+@pytest.mark.parametrize("name", ["beating", "€" * (MAX_NAME_BYTES // 3) + "x" * (MAX_NAME_BYTES % 3)],
+                         ids=["short", "most-bytes"])
+def test_a_pscnn_clients_own_heartbeats_keep_it_counted_alive(in_process, name):
     """The server takes a peer's heartbeats only from its heartbeat socket's routing id, made from its
     request socket's; the tests above make that id as the server does (Raw.heartbeat_socket), so a
     pscnn client whose heartbeat socket had another (ZeroMQ's own, as before) passed them all, while the
     server refused every beat of every real worker and declared it dead after --peer-timeout.  Here a
-    real worker.client.Client beats, and each beat keeps it counted alive."""
+    real worker.client.Client beats, and each beat keeps it counted alive; also one of the longest name
+    (its routing ids at ZeroMQ's 255 bytes)."""
     from worker.client import Client
     server = in_process(peer_timeout=1.0)           # beats every 0.2 s
-    client = Client(server.endpoint, "trainer", name="beating", give_up_after=30)
+    client = Client(server.endpoint, "trainer", name=name, give_up_after=30)
     hello = threading.Thread(target=client.connect, name="hello")
     try:
         hello.start()
