@@ -491,21 +491,37 @@ def tcp_address(endpoint: str) -> tuple[str, str] | None:
     return host.strip("[]"), port
 
 
+# The lookups still running, (host, port) -> (their thread, the list it puts its answer in): a
+# CURVE client probes the greeting every GREETING_PROBE_EVERY_S, and each probe against a DNS that
+# hangs left one more thread behind until the resolver gave up.
+_LOOKUPS: dict = {}
+_LOOKUPS_LOCK = threading.Lock()
+
+
 def look_up(host: str, port: str | None, timeout: float) -> tuple[list | None, str | None]:
     """``host``'s TCP addresses, as ``socket.getaddrinfo`` gives them (with ``port``): (addresses, None);
     ([], the resolver's words) for a name that does not resolve; (None, None) if the resolver has not
     answered within ``timeout``.  The lookup runs in a thread, left to finish on its own: no socket
     timeout bounds a resolver, which a slow DNS holds for seconds, nor does a SIGTERM, which waits
-    for the main thread's call to return."""
-    found: list = []
+    for the main thread's call to return.  A call while a lookup of the same host and port is still
+    running waits for that one instead of starting another."""
+    key = (host, port)
+    with _LOOKUPS_LOCK:
+        if key not in _LOOKUPS:
+            found: list = []
 
-    def resolve() -> None:
-        try:
-            found.append((pysocket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM), None))
-        except (OSError, UnicodeError) as exc:      # gaierror; a label the IDNA codec refuses
-            found.append(([], one_line(getattr(exc, "strerror", None) or exc, 200)))
-    lookup = threading.Thread(target=resolve, name="resolve", daemon=True)
-    lookup.start()
+            def resolve() -> None:
+                try:
+                    found.append((pysocket.getaddrinfo(host, port, type=pysocket.SOCK_STREAM), None))
+                except (OSError, UnicodeError) as exc:      # gaierror; a label the IDNA codec refuses
+                    found.append(([], one_line(getattr(exc, "strerror", None) or exc, 200)))
+                finally:
+                    with _LOOKUPS_LOCK:
+                        del _LOOKUPS[key]
+            started = threading.Thread(target=resolve, name="resolve", daemon=True)
+            started.start()             # before it is listed: one that fails to start is not waited on
+            _LOOKUPS[key] = (started, found)    # (its removal waits for the lock we hold)
+        lookup, found = _LOOKUPS[key]
     lookup.join(timeout)
     return found[0] if found else (None, None)
 

@@ -721,3 +721,31 @@ def test_look_up_gives_the_addresses_the_resolvers_words_or_nothing_in_time(monk
         assert P.look_up("localhost", None, 0.1) == (None, None)
     finally:
         released.set()
+
+
+def test_look_up_while_the_same_lookup_hangs_waits_for_it_rather_than_start_another(monkeypatch):
+    """A CURVE client probes the greeting every 2 s: against a DNS that hangs, each probe left one
+    more thread in the resolver until it gave up.  Now the lookups of a host share the one in flight."""
+    import socket
+    import threading
+    entered, released = threading.Event(), threading.Event()
+    calls = []
+
+    def held(host, *args, **kwargs):
+        calls.append(host)
+        entered.set()
+        released.wait(30)       # bounded: released below
+        raise socket.gaierror(socket.EAI_NONAME, "held")
+    monkeypatch.setattr(socket, "getaddrinfo", held)
+    before = {t for t in threading.enumerate() if t.name == "resolve"}
+    try:
+        assert P.look_up("hung.example", "5555", 0.01) == (None, None)
+        assert entered.wait(30)
+        for _ in range(3):
+            assert P.look_up("hung.example", "5555", 0.01) == (None, None)
+        started = {t for t in threading.enumerate() if t.name == "resolve"} - before
+        assert len(started) == 1 and calls == ["hung.example"]
+    finally:
+        released.set()
+    next(iter(started)).join(30)
+    assert P.look_up("hung.example", "5555", 30.0) == ([], "held") and len(calls) == 2    # done: asked again
