@@ -222,6 +222,7 @@ def train(config: dict, progress: bool = True) -> dict:
     # count): a bad optimizer flag failed only after the 47 MB were read (or downloaded).
     num_train = training_set_size(cfg["train_limit"])
     check_batches_fit(model, num_train, cfg["batch_size"])
+    check_memory_fits(model, min(cfg["batch_size"], num_train), f"--batch-size {cfg['batch_size']}")
     planned_updates = cfg["epochs"] * batches_per_epoch(num_train, cfg["batch_size"])   # as iterate_batches
     optimizer = _build_optimizer(cfg["optimizer"], planned_updates)
     cfg["optimizer"] = optimizer.config()    # every hyperparameter, defaults and schedule lengths filled in
@@ -407,6 +408,41 @@ def check_batches_fit(model, num_samples: int, batch_size: int) -> None:
         raise ConfigError(f"{exc}: an epoch of {num_samples} training images in batches of {batch_size} ends "
                           f"with a batch of {last}; use --batch-size {other} or --train-limit {num_samples - last}"
                           ) from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can take now without swapping: /proc/meminfo's
+    MemAvailable (Linux), else the free physical pages (os.sysconf); None where neither says."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_memory_fits(model, batch: int, flag: str) -> None:
+    """ConfigError, before any data is read, if a training step on ``batch`` images would take
+    more memory than is available (:meth:`~cnn_core.model.Model.training_step_bytes`'s
+    estimate): a MemoryError, or the OOM killer, stopped the run at its first batch, after the
+    data was read.  ``flag``: what set the batch, for the message.  On a GPU, whose memory is
+    its own, nothing is checked."""
+    if model.device != "cpu":
+        return
+    available = available_memory()
+    if available is None:
+        return
+    need, layer, most = model.training_step_bytes(batch)
+    if need > available:
+        raise ConfigError(f"{flag}: a training step on {batch:,} {for_count(batch, 'image')} would take an "
+                          f"estimated {need / 1e9:,.2f} GB of memory (layer {layer!r} the most, "
+                          f"{most / 1e9:,.2f} GB), more than the {available / 1e9:,.2f} GB available; "
+                          "a smaller batch or model needs less")
 
 
 def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict | None, last: dict | None,

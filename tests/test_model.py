@@ -496,6 +496,33 @@ def test_activations_too_big_for_memory_are_refused_before_allocating(monkeypatc
         build_model(small)
 
 
+BATCH_NORM_SPEC = _spec({"type": "conv2d", "name": "conv1", "out_channels": 16, "kernel": 3, "padding": 1},
+                        {"type": "batchnorm2d"}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2, "stride": 2},
+                        {"type": "flatten"}, {"type": "dense", "name": "fc1", "units": 10}, input_shape=(1, 28, 28))
+
+
+@pytest.mark.parametrize("spec, n", [("seed", 64), ("seed", 1024), (BATCH_NORM_SPEC, 64), (BATCH_NORM_SPEC, 256)])
+def test_training_step_bytes_is_near_the_memory_a_step_takes(spec, n):
+    """The estimate behind pscnn train's up-front refusal of a batch that cannot fit: within
+    0.75-1.25x of tracemalloc's peak over a step (its images and weights added), whether the step
+    runs in chunks (the dense layers' inputs kept over the whole batch) or whole (BatchNorm)."""
+    import tracemalloc
+    model = build_model(spec)
+    x = np.random.default_rng(0).standard_normal((n, 1, 28, 28)).astype(np.float32)
+    y = np.arange(n) % 10
+    estimate, layer, most = model.training_step_bytes(n)
+    assert layer in {layer.name for layer in model.layers} and 0 < most < estimate
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        model.loss_and_grads(x, y)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    measured = peak + x.nbytes + model.params.flat.nbytes
+    assert 0.75 <= measured / estimate <= 1.25, (measured, estimate)
+
+
 @pytest.mark.parametrize("spec", ["seed", "light", SMALL_SPEC])
 def test_planned_parameter_counts_match_the_built_model(spec):
     model = build_model(spec)

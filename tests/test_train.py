@@ -236,6 +236,13 @@ def test_missing_mnist_files_one_line_error(tmp_path):
                  '{"type": "relu"}, {"type": "maxpool2d", "kernel": 26}, {"type": "batchnorm2d", "name": "bn"}, '
                  '{"type": "flatten"}, {"type": "dense", "units": 10}]}', "--train-limit", "65"],
      "an epoch of 65 training images in batches of 64 ends with a batch of 1"),
+    # a BatchNorm model runs its batch whole: 60,000 images through 1,024 channels at 28x28 are
+    # hundreds of GB, which failed at the first step as "out of memory", after MNIST was read
+    (["--model", '{"input_shape": [1, 28, 28], "layers": [{"type": "conv2d", "name": "wide", "out_channels": '
+                 '1024, "kernel": 3, "padding": 1}, {"type": "batchnorm2d"}, {"type": "relu"}, '
+                 '{"type": "maxpool2d", "kernel": 28}, {"type": "flatten"}, {"type": "dense", "units": 10}]}',
+      "--batch-size", "60000"],
+     "--batch-size 60000: a training step on 60,000 images would take an estimated "),
 ])
 def test_a_bad_optimizer_or_batch_setting_is_refused_before_mnist_is_read(tmp_path, flags, fragment):
     """The optimizer (its "auto" schedule lengths need the run's length) and the batches were checked
@@ -247,6 +254,34 @@ def test_a_bad_optimizer_or_batch_setting_is_refused_before_mnist_is_read(tmp_pa
     proc = pscnn_train(["--out", str(out), *flags], env=clean_env(MNIST_DIR=str(empty)))
     exit_error_line(proc, 1, fragment, alone=True)
     assert not out.exists(), "a refused flag must not leave a run folder"
+
+
+def test_a_batch_is_refused_only_when_its_estimated_memory_is_more_than_is_available(monkeypatch):
+    """The bound is the estimate itself: a byte more available and the step runs."""
+    model = build_model("seed")
+    need, layer, most = model.training_step_bytes(64)
+    monkeypatch.setattr(training, "available_memory", lambda: need)
+    training.check_memory_fits(model, 64, "--batch-size 64")
+    monkeypatch.setattr(training, "available_memory", lambda: need - 1)
+    with pytest.raises(ConfigError) as refused:
+        training.check_memory_fits(model, 64, "--batch-size 64")
+    assert str(refused.value) == (
+        f"--batch-size 64: a training step on 64 images would take an estimated {need / 1e9:.2f} GB of memory "
+        f"(layer {layer!r} the most, {most / 1e9:.2f} GB), more than the {(need - 1) / 1e9:.2f} GB available; "
+        "a smaller batch or model needs less")
+    monkeypatch.setattr(training, "available_memory", lambda: None)      # not known: not checked
+    training.check_memory_fits(model, 64, "--batch-size 64")
+
+
+def test_available_memory_is_meminfos_memavailable():
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        pytest.skip("no /proc/meminfo here")
+    listed = [int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+              if line.startswith("MemAvailable:")]
+    if not listed:
+        pytest.skip("this kernel's /proc/meminfo has no MemAvailable")
+    assert abs(training.available_memory() - listed[0]) < 1 << 30      # read a moment apart: it moves
 
 
 @pytest.mark.parametrize("model, fragment", [

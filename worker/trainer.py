@@ -46,6 +46,7 @@ from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays, all_finite
 from cnn_core.model import build_model
 from cnn_core.text import for_count
+from cnn_core.training import check_memory_fits
 from pscnn import curve
 from pscnn import protocol as P
 
@@ -185,6 +186,7 @@ class Trainer:
         self.compute_ms = compute_ms
         self.model = None
         self.run: dict = {}
+        self._memory_checked = None     # (model spec, batch) of the last check_memory_fits that passed
         self.data = None
         self._epoch_batches: tuple[int, list] | None = None
         self._zero_push: FlatArrays | None = None      # synthetic mode: built once, sent every step
@@ -200,9 +202,16 @@ class Trainer:
         BadReply (or DataError) when the welcome's settings cannot be used.
         """
         run = check_run(welcome.body["run"], required=("seed", "batch_size", "num_samples"))
+        planned = (welcome.body["model"], min(run["batch_size"], run["num_samples"]))
         if self.model is None or welcome.body["model"] != self.model.spec:
             self.model = model_from_welcome(welcome.body["model"], self.device, seed=run["seed"])
             self._zero_push = None
+        if self.compute_ms is None and planned != self._memory_checked:
+            # Against this machine's memory, which the server cannot know (a worker failed at its first
+            # batch); not again on a rejoin to the same model and batch, which has run here, and whose
+            # data and weights MemAvailable no longer counts.
+            check_memory_fits(self.model, planned[1], f"the server's batch size {run['batch_size']}")
+            self._memory_checked = planned
         if self.compute_ms is None:
             if self.data is None or len(self.data[1]) != run["num_samples"]:     # a restarted server may differ
                 x, y = load_mnist("train", mnist_dir=self.mnist_dir, limit=run["num_samples"])
