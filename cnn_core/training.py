@@ -410,20 +410,62 @@ def check_batches_fit(model, num_samples: int, batch_size: int) -> None:
                           ) from None
 
 
-def available_memory() -> int | None:
-    """Bytes of memory a new allocation can take now without swapping: /proc/meminfo's
-    MemAvailable (Linux), else the free physical pages (os.sysconf); None where neither says."""
+def available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes of memory a new allocation can take now without swapping: the smaller of
+    ``meminfo``'s MemAvailable (Linux; else the free physical pages, os.sysconf) and what is
+    left under the memory limit of the cgroup mounted at ``cgroup`` (:func:`cgroup_memory_left`);
+    None where none of them says."""
+    host = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
+        with open(meminfo, encoding="ascii") as lines:
+            for line in lines:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
+    if host is None:
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            pass
+    # Inside a container MemAvailable is the host's: a step that fits the host but not the
+    # container's limit met the OOM killer.
+    left = cgroup_memory_left(cgroup)
+    known = [value for value in (host, left) if value is not None]
+    return min(known) if known else None
+
+
+def cgroup_memory_left(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under the memory limit of the cgroup mounted at ``root`` (a container's own):
+    cgroup v2's memory.max, else v1's memory/memory.limit_in_bytes, less the usage, less the
+    inactive page cache the kernel reclaims before it kills (memory.stat's inactive_file, v1's
+    total_inactive_file: MNIST's files read through the cache are counted as usage).  None with
+    no limit: no such files, v2's "max" (v1's "no limit" is a value near 2**63, which the caller's
+    min() with MemAvailable passes over)."""
+    for limit_file, usage_file, stat_file, cache_key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):
+        try:
+            limit = Path(root, limit_file).read_text(encoding="ascii").strip()
+            if limit == "max":
+                return None
+            usage = int(Path(root, usage_file).read_text(encoding="ascii"))
+            limit = int(limit)
+        except (OSError, ValueError):
+            continue
+        cache = 0
+        try:
+            for line in Path(root, stat_file).read_text(encoding="ascii").splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+                    break
+        except (OSError, ValueError):
+            pass            # no cache known: the usage as it stands
+        return max(0, limit - max(0, usage - cache))
+    return None
 
 
 def check_memory_fits(model, batch: int, flag: str) -> None:

@@ -273,7 +273,7 @@ def test_a_batch_is_refused_only_when_its_estimated_memory_is_more_than_is_avail
     training.check_memory_fits(model, 64, "--batch-size 64")
 
 
-def test_available_memory_is_meminfos_memavailable():
+def test_available_memory_is_meminfos_memavailable(tmp_path):
     meminfo = Path("/proc/meminfo")
     if not meminfo.exists():
         pytest.skip("no /proc/meminfo here")
@@ -281,7 +281,37 @@ def test_available_memory_is_meminfos_memavailable():
               if line.startswith("MemAvailable:")]
     if not listed:
         pytest.skip("this kernel's /proc/meminfo has no MemAvailable")
-    assert abs(training.available_memory() - listed[0]) < 1 << 30      # read a moment apart: it moves
+    # no cgroup files under tmp_path: no container limit
+    assert abs(training.available_memory(cgroup=str(tmp_path)) - listed[0]) < 1 << 30   # read a moment apart
+
+
+GB = 1 << 30
+
+
+@pytest.mark.parametrize("files, want", [
+    # cgroup v2: the limit less the usage, whose inactive page cache the kernel would reclaim
+    ({"memory.max": f"{2 * GB}\n", "memory.current": f"{GB}\n",
+      "memory.stat": f"anon {GB // 2}\ninactive_file {GB // 2}\nactive_file 0\n"}, 3 * GB // 2),
+    ({"memory.max": f"{2 * GB}\n", "memory.current": f"{GB}\n"}, GB),                  # no memory.stat
+    ({"memory.max": "max\n", "memory.current": f"{GB}\n"}, 8 * GB),                      # no limit
+    ({"memory.max": f"{GB}\n", "memory.current": f"{2 * GB}\n"}, 0),                     # over it already
+    # cgroup v1
+    ({"memory/memory.limit_in_bytes": f"{4 * GB}\n", "memory/memory.usage_in_bytes": f"{3 * GB}\n",
+      "memory/memory.stat": f"inactive_file 5\ntotal_inactive_file {GB}\n"}, 2 * GB),
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n",                              # no limit
+      "memory/memory.usage_in_bytes": f"{GB}\n"}, 8 * GB),
+    ({}, 8 * GB),                                                                           # no cgroup files
+    ({"memory.max": "lots\n", "memory.current": f"{GB}\n"}, 8 * GB),                     # unreadable: ignored
+])
+def test_available_memory_is_the_smaller_of_memavailable_and_the_containers_limit(tmp_path, files, want):
+    """Inside a container MemAvailable is the host's: a batch the host could hold but the
+    container's memory limit could not passed the check and met the OOM killer."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       {16 * GB // 1024} kB\nMemAvailable:   {8 * GB // 1024} kB\n")
+    for name, text in files.items():
+        (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cgroup" / name).write_text(text)
+    assert training.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup")) == want
 
 
 @pytest.mark.parametrize("model, fragment", [
