@@ -468,11 +468,12 @@ def cgroup_memory_left(root: str = "/sys/fs/cgroup") -> int | None:
     return None
 
 
-def check_memory_fits(model, batch: int, flag: str) -> None:
+def check_memory_fits(model, batch: int, flag: str, steps: int = 1) -> None:
     """ConfigError, before any data is read, if a training step on ``batch`` images would take
     more memory than is available (:meth:`~cnn_core.model.Model.training_step_bytes`'s
     estimate): a MemoryError, or the OOM killer, stopped the run at its first batch, after the
-    data was read.  ``flag``: what set the batch, for the message.  On a GPU, whose memory is
+    data was read.  ``flag``: what set the batch, for the message.  ``steps``: how many such
+    steps run at once on this machine (``pscnn run``'s workers).  On a GPU, whose memory is
     its own, nothing is checked."""
     if model.device != "cpu":
         return
@@ -480,11 +481,14 @@ def check_memory_fits(model, batch: int, flag: str) -> None:
     if available is None:
         return
     need, layer, most = model.training_step_bytes(batch)
-    if need > available:
-        raise ConfigError(f"{flag}: a training step on {batch:,} {for_count(batch, 'image')} would take an "
-                          f"estimated {need / 1e9:,.2f} GB of memory (layer {layer!r} the most, "
-                          f"{most / 1e9:,.2f} GB), more than the {available / 1e9:,.2f} GB available; "
-                          "a smaller batch or model needs less")
+    if steps * need > available:
+        images = f"{batch:,} {for_count(batch, 'image')}"
+        what = f"a training step on {images}" if steps == 1 else f"{steps} training steps at once, on {images} each,"
+        raise ConfigError(f"{flag}: {what} would take an estimated {steps * need / 1e9:,.2f} GB of memory "
+                          f"(layer {layer!r} the most, {most / 1e9:,.2f} GB{' a step' if steps > 1 else ''}), "
+                          f"more than the {available / 1e9:,.2f} GB available; "
+                          + ("a smaller batch or model needs less" if steps == 1
+                             else "fewer workers, a smaller batch or a smaller model need less"))
 
 
 def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict | None, last: dict | None,

@@ -31,7 +31,7 @@ from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import (SUMMARY_FILE, TIMELINE_PARTS, RunLogError, check_folder_free, make_folder,
                              time_shares_text, worker_time_shares)
 from cnn_core.text import for_count
-from cnn_core.training import classes_scored, format_number, per_class_text
+from cnn_core.training import check_memory_fits, classes_scored, format_number, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from pscnn.protocol import one_line
@@ -310,6 +310,19 @@ def check_workers_have_batches(workers: int, num_samples: int, batch_size: int, 
                        f"computes one batch at a time, so {workers - batches:,} of them would have none")
 
 
+def check_workers_fit_memory(args, cfg, model) -> None:
+    """ConfigError unless this machine's memory holds --workers training steps of ``model`` at once
+    (:func:`~cnn_core.training.check_memory_fits`): each worker checked its own step alone against
+    the same free memory, so 4 workers that each fit but not together all started, and the OOM
+    killer ended some at their first batch.  GPU workers: not checked (their memory is the GPU's)."""
+    from pscnn.cli import given_flag  # noqa: PLC0415
+    if args.device != "cpu":
+        return
+    batch = min(cfg.batch_size, training_set_size(cfg.train_limit))
+    check_memory_fits(model, batch, f"{given_flag('workers')} {args.workers} and {given_flag('batch_size')} "
+                      f"{cfg.batch_size}", steps=args.workers)
+
+
 def check_run_args(args, server_follows: bool = False):
     """What the server would refuse, checked before any process starts: one line from ``pscnn run``
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
@@ -341,7 +354,8 @@ def check_run_args(args, server_follows: bool = False):
         raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
     if not server_follows:
-        checked_store(cfg)                          # the model and the optimizer, as the server checks them
+        store = checked_store(cfg)                  # the model and the optimizer, as the server checks them
+        check_workers_fit_memory(args, cfg, store.model)
     check_workers_have_batches(args.workers, training_set_size(cfg.train_limit), cfg.batch_size,
                                given_flag("workers"), given_flag("batch_size"))
     return cfg
@@ -449,6 +463,7 @@ def run_from_args(args) -> int:
     trained = scored = False
     if args.resume:     # every check the server's --resume makes (the model's too), here, before anything starts
         resumed = ParameterServer(cfg)
+        check_workers_fit_memory(args, cfg, resumed.store.model)
         trained, scored = resumed.work.done, resumed.final_eval is not None
     if args.port:                       # else the cluster takes a port that was free a moment ago
         check_port_free(local_endpoint(args.port))

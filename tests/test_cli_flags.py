@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from cnn_core.errors import ConfigError
-from cnn_core.model import resolve_spec
+from cnn_core.model import build_model, resolve_spec
 from cnn_core.optim import build_optimizer
 from pscnn import launcher
 from server.config import config_from_args
@@ -580,8 +580,9 @@ def test_pscnn_run_warns_of_a_long_warm_up_once(tmp_path, monkeypatch, caplog, m
         raise RuntimeError("checks passed")
     monkeypatch.setattr(launcher, "LocalCluster", no_cluster)
     # no checkpoint to resume from here: a server resumed to the middle of a run
-    monkeypatch.setattr(launcher, "ParameterServer",
-                        lambda cfg: SimpleNamespace(work=SimpleNamespace(done=False), final_eval=None))
+    model = build_model("light")        # (for the check of the workers' memory)
+    monkeypatch.setattr(launcher, "ParameterServer", lambda cfg: SimpleNamespace(
+        work=SimpleNamespace(done=False), final_eval=None, store=SimpleNamespace(model=model)))
     with caplog.at_level(logging.WARNING, logger="pscnn"), pytest.raises(RuntimeError, match="checks passed"):
         main(["run", "--model", "light", "--train-limit", "640", "--batch-size", "64", "--warmup-steps", "1000",
               "--resume", "--out", str(tmp_path / "run"), "--no-progress"])

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tqdm import tqdm
@@ -1649,3 +1650,28 @@ def test_the_report_names_trainers_dropped_for_nan_pushes(tmp_path, capsys):
     launcher.print_report(tmp_path / "summary.json")
     assert ("  faults             0 declared dead, 1 trainer dropped for NaN or Inf pushes, 8 leases requeued, "
             "8 messages refused\n") in capsys.readouterr().out
+
+
+def test_run_refuses_more_workers_than_this_machines_memory_holds_steps_of(monkeypatch, tmp_path):
+    """Each worker checked its own step alone against the same free memory: 4 workers that each fit,
+    but not together, all started, and the OOM killer ended some at their first batch.  Now pscnn run
+    checks --workers steps at once before anything starts; GPU workers' memory is the GPU's."""
+    from cnn_core import training
+    from cnn_core.errors import ConfigError
+    from cnn_core.model import build_model
+    need, layer, most = build_model("light").training_step_bytes(64)
+    monkeypatch.setattr(training, "available_memory", lambda: 3 * need)
+    launcher.check_run_args(parse_args(["run", "--model", "light", "--workers", "3"]))
+    with pytest.raises(ConfigError) as refused:
+        launcher.check_run_args(parse_args(["run", "--model", "light", "--workers", "4"]))
+    assert str(refused.value) == (
+        f"--workers 4 and --batch-size 64: 4 training steps at once, on 64 images each, would take an estimated "
+        f"{4 * need / 1e9:.2f} GB of memory (layer {layer!r} the most, {most / 1e9:.2f} GB a step), more than the "
+        f"{3 * need / 1e9:.2f} GB available; fewer workers, a smaller batch or a smaller model need less")
+    launcher.check_run_args(parse_args(["run", "--model", "light", "--workers", "4", "--device", "gpu"]))
+    # --resume: the server's own model, built to resume, is checked instead
+    monkeypatch.setattr(launcher, "ParameterServer", lambda cfg: SimpleNamespace(
+        work=SimpleNamespace(done=False), final_eval=None, store=SimpleNamespace(model=build_model("light"))))
+    with pytest.raises(ConfigError, match="^--workers 4 and --batch-size 64: 4 training steps at once"):
+        launcher.run_from_args(parse_args(["run", "--model", "light", "--workers", "4", "--resume",
+                                           "--out", str(tmp_path / "run"), "--mnist-dir", str(tmp_path / "none")]))
