@@ -461,45 +461,56 @@ class MaxPool2D(Layer):
                 xp.maximum(out, x[win], out=out)
         if self.relu_after:
             relu_values(out, out=out)   # where out > 0 it is still each window's maximum, for backward
-        return out, (x, out, windows_first)
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        if not train or sh < kh or sw < kw:
+            return out, (x, x.shape, out, windows_first, None)
+        # With disjoint windows a training pass finds where backward routes each window's gradient
+        # now, while x is in cache from the layer before, and keeps these bool masks (at most a
+        # quarter of x's bytes) instead of x: backward no longer reads x from memory, and x's memory
+        # goes back to the allocator while still in cache, for the next layers' arrays (the seed
+        # model's step 1.01-1.04x).  Overlapping windows keep x: their masks (kh*kw bytes an output)
+        # could outweigh it.
+        return out, (None, x.shape, out, windows_first, self._first_maximum_hits(x, out, wins))
+
+    def _first_maximum_hits(self, x, out, wins):
+        """(len(wins), *out.shape) bool: where each window ``wins[k]`` of ``x`` holds its window's
+        first maximum, the input pixel that window's gradient goes to.  With relu_after, no
+        window whose output the ReLU zeroed (out <= 0) routes anything: dout * 0 there, as the
+        ReLU's own backward would give."""
+        xp = _xp(x)
+        hits = xp.empty((len(wins), *out.shape), dtype=bool)
+        taken = out <= 0 if self.relu_after else None     # windows whose maximum is routed already
+        for k, win in enumerate(wins):
+            hit = xp.equal(x[win], out, out=hits[k])
+            if taken is not None:
+                xp.greater(hit, taken, out=hit)   # hit & ~taken, in one pass
+            if k < len(wins) - 1:                 # no window left to route after the last
+                taken = hit.copy() if taken is None else xp.logical_or(taken, hit, out=taken)
+        return hits
 
     def backward(self, dout, cache, need_dx=True):
-        x, out, windows_first = cache
+        x, x_shape, out, windows_first, hits = cache
         self._check_dout(dout, out.shape)
-        xp = _xp(x)
+        xp = _xp(out)
         kh, kw = self.kernel
         sh, sw = self.stride
         ho, wo, _ = self.out_shape
         h, w, _ = self.in_shape
-        # Windows whose max was already routed; with relu_after, first those the ReLU
-        # zeroed (out <= 0): dout * 0 there, as the ReLU's own backward would give.
-        taken = out <= 0 if self.relu_after else None
+        wins = list(self._windows(windows_first))
+        if hits is None:                          # evaluation mode, or overlapping windows
+            hits = self._first_maximum_hits(x, out, wins)
         # Read once instead of kh*kw times: a Flatten's gradient arrives as a transposed view.
         dout = xp.ascontiguousarray(dout)
         if sh < kh or sw < kw:                    # overlapping windows accumulate
-            dx = xp.zeros_like(x)
-            if taken is None:
-                taken = xp.zeros(out.shape, dtype=bool)
-            for win in self._windows(False):
-                hit = x[win] == out
-                hit &= ~taken
-                taken |= hit
+            dx = xp.zeros(x_shape, dtype=out.dtype)
+            for hit, win in zip(hits, wins):
                 dx[win] += dout * hit
             return dx, {}
         # Disjoint windows: each input pixel is written exactly once, so no
         # zero-fill is needed where the windows tile the whole input.
         covered = windows_first or (sh == kh and sw == kw and ho * kh == h and wo * kw == w)
-        dx = xp.empty_like(x) if covered else xp.zeros_like(x)
-        wins = list(self._windows(windows_first))
-        hit = None                                # one buffer for every window's hits
-        for k, win in enumerate(wins):
-            if taken is None:
-                hit = taken = xp.equal(x[win], out)
-            else:
-                hit = xp.equal(x[win], out, out=hit if hit is not taken else None)
-                xp.greater(hit, taken, out=hit)   # hit & ~taken, in one pass
-                if k < len(wins) - 1:             # no window left to route after the last
-                    taken |= hit
+        dx = (xp.empty if covered else xp.zeros)(x_shape, dtype=out.dtype)
+        for hit, win in zip(hits, wins):
             # The mask cast to floats, then multiplied in place: 1.2-1.5x as fast as
             # multiplying by the bool mask, whose cast numpy buffers; the same bits.
             dx_win = dx[win]

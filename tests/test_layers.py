@@ -443,6 +443,32 @@ def test_maxpool_many_ties_match_reference_argmax(k, s, hw):
     np.testing.assert_array_equal(dx.transpose(0, 3, 1, 2), reference.maxpool_backward(dout, ref_cache))
 
 
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 3)])
+@pytest.mark.parametrize("relu_after", [False, True])
+def test_maxpool_backward_routes_by_the_training_forwards_masks(k, s, relu_after):
+    """With disjoint windows a training forward takes the first-maximum masks that backward routes
+    by, while its input is still in cache: overwriting that input afterwards changes no gradient.
+    An evaluation-mode forward keeps no masks; backward then compares the input with the output
+    itself, the same routing as an explicit first argmax."""
+    rng = np.random.default_rng(17)
+    layer = built(MaxPool2D(k, s), (7, 7, 2))
+    layer.relu_after = relu_after
+    x = rng.integers(-2, 3, (3, 7, 7, 2)).astype(F64)      # ties, and windows whose max is <= 0
+    dout = rng.standard_normal((3, *layer.out_shape))
+    out, eval_cache = layer.forward(x.copy(), train=False)
+    expected, _ = layer.backward(dout, eval_cache)
+    x_nchw = x.transpose(0, 3, 1, 2)
+    _, ref_cache = reference.maxpool_forward(x_nchw, k, s)
+    routed = dout * (out > 0) if relu_after else dout      # the ReLU's backward first
+    np.testing.assert_array_equal(expected.transpose(0, 3, 1, 2),
+                                  reference.maxpool_backward(routed.transpose(0, 3, 1, 2), ref_cache))
+    trained = x.copy()
+    _, cache = layer.forward(trained, train=True)
+    trained[...] = 0.0                 # compared again, every window would tie at zero
+    dx, _ = layer.backward(dout, cache)
+    np.testing.assert_array_equal(bits(dx), bits(expected))
+
+
 def bits(a):
     """An array's bytes as unsigned integers: equal only if bit for bit equal (-0.0, NaN payloads)."""
     return np.ascontiguousarray(a).view(np.dtype(f"u{a.dtype.itemsize}"))
