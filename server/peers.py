@@ -50,7 +50,6 @@ class Peer:
     role: str
     name: str
     rid: bytes                          # the routing id it joined from: its requests must come from it
-    joined: float
     last_seen: float
     last_seq: int = -1
     last_type: str = P.HELLO            # the type of request last_seq numbered
@@ -64,8 +63,6 @@ class Peer:
     clock_behind: bool = False          # ssp: held no lease for a while (joined, lease expired or gone with
                                         # its batch, told to wait, push refused): catches up at its next task
     nonfinite_streak: int = 0           # its NaN/Inf pushes (of batches it held) since its last finite one
-    pushes: int = 0
-    samples: int = 0
     told_to_stop: bool = False
     replied_at: float = 0.0             # when the server last answered it (time.monotonic())
     push_window: tuple = (0.0, 0.0)     # its current push: (the answer before it, its arrival)

@@ -721,7 +721,7 @@ class ParameterServer:
         if old is not None:
             self._drop_peer(old, "rejoined")
         name = msg.body.get("name") or wid
-        peer = Peer(wid=wid, role=msg.body["role"], name=name, rid=rid, joined=now, last_seen=now,
+        peer = Peer(wid=wid, role=msg.body["role"], name=name, rid=rid, last_seen=now,
                     last_seq=msg.seq, key=key)
         if self.cfg.mode == "ssp":
             peer.clock = ssp_start_clock(peer, self.peers, self._ssp_floor())
@@ -1028,8 +1028,6 @@ class ParameterServer:
             self.losses.append(body["loss"])
             if p is not None:
                 p.nonfinite_streak = 0
-                p.pushes += 1
-                p.samples += body["count"]
                 self.contributors.add(p.wid, p.name)
                 self.incarnation_contributors.add(p.wid, p.name)
         for s in staleness:
