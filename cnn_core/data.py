@@ -42,6 +42,7 @@ from tqdm import tqdm
 from .backend import resolve_dtype
 from .config import is_integer
 from .errors import ConfigError, DataError, ShapeError
+from .text import for_count
 
 __all__ = [
     "MNIST_FILES",
@@ -248,7 +249,7 @@ def _magic_kind(magic: int, dtype: np.dtype, ndim: int) -> str:
     kind = _MNIST_KINDS.get(magic)
     if kind is not None:
         return f"an {kind} file" if kind[0] in "aeiou" else f"a {kind} file"
-    return f"a {dtype.name} IDX file with {ndim} dimension{'' if ndim == 1 else 's'}"
+    return f"a {dtype.name} IDX file with {ndim} {for_count(ndim, 'dimension')}"
 
 
 @contextlib.contextmanager
