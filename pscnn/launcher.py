@@ -241,7 +241,7 @@ class LocalCluster:
         return {n: p.returncode for n, p in self.procs.items()}
 
     def close(self) -> None:
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
