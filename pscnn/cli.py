@@ -632,11 +632,33 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
     warn_unknown_variables(parser, environ)
     argv = sys.argv[1:] if argv is None else list(argv)
     apply_env_defaults(parser, environ, argv=argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse_unknown_arguments(parser, args, unknown)
     for value in vars(args).values():
         if isinstance(value, _BadEnv):
             raise CliError(value.message)
     return args
+
+
+def refuse_unknown_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]):
+    """Exit 2 with the usage of the subcommand given, naming each unknown argument and the closest
+    flag: argparse left them to the top-level parser, whose usage (``pscnn [-h] COMMAND ...``)
+    showed none of the flags a misspelt ``pscnn train --epocs 1`` meant."""
+    command = parser
+    while True:
+        choices = next((action for action in command._actions
+                        if isinstance(action, argparse._SubParsersAction)), None)
+        if choices is None or getattr(args, choices.dest, None) not in choices.choices:
+            break
+        command = choices.choices[getattr(args, choices.dest)]
+    flags = [flag for action in command._actions for flag in action.option_strings]
+    hints = []
+    for word in unknown:
+        flag = word.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75) if flag.startswith("--") else []
+        hints += [f"{flag}: did you mean {close[0]}?"] if close else []
+    command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def _flag_actions(parser: argparse.ArgumentParser):

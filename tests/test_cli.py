@@ -235,6 +235,22 @@ def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, caps
     error_line(capsys.readouterr().err, needle, alone=True)
 
 
+@pytest.mark.parametrize("argv,prog,needles", [
+    (["train", "--epocs", "1"], "pscnn train", ["unrecognized arguments: --epocs 1", "did you mean --epochs?"]),
+    (["bench", "scaling", "--sekonds=3"], "pscnn bench scaling", ["--sekonds=3", "did you mean --seconds?"]),
+    (["run", "extra"], "pscnn run", ["unrecognized arguments: extra"]),
+])
+def test_an_unknown_argument_is_refused_with_its_commands_usage(argv, prog, needles, capsys):
+    """argparse left a misspelt flag to the top-level parser: `pscnn train --epocs 1` printed
+    `usage: pscnn [-h] COMMAND ...` and `pscnn: error: ...`, none of train's flags nor the one meant."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: {prog} " in err
+    error_line(err, *needles, starts=f"{prog}: error: ")
+
+
 # ------------------------------------------------------------------ the documentation's command lines
 
 ROOT = Path(__file__).resolve().parents[1]
