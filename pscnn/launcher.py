@@ -522,7 +522,9 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
             if not args.no_evaluator and not scored:
                 cluster.start_evaluator([*client_flags, "--test-limit", str(args.test_limit),
                                          *(["--every", str(args.eval_every)] if args.eval_every else [])])
-            bar = tqdm(total=None, unit="batch", disable=args.no_progress, dynamic_ncols=True,
+            # disable=None: drawn only on a terminal, as pscnn train's; in a pipe or a log file its
+            # redraws were one endless line of carriage returns
+            bar = tqdm(total=None, unit="batch", disable=True if args.no_progress else None, dynamic_ncols=True,
                        bar_format=RUN_BAR_FORMAT)
             status = _follow(cluster, bar)
             if status == 0 and outputs.finished():

@@ -726,6 +726,16 @@ def test_server_bench_server_that_dies_is_one_line_with_its_last_log_line(tmp_pa
         "the first: the pscnn server (1 client) exited with 3: bind: Address already in use"), err
 
 
+def test_a_bench_draws_no_progress_bar_into_a_pipe(tmp_path, capsys):
+    """Without --no-progress a bench drew its bar into a pipe or log file too (carriage returns),
+    where pscnn train's is drawn only on a terminal."""
+    from pscnn.cli import main
+    code = main(["bench", "server", *TINY["server"], "--model", "light", "--out", str(tmp_path / "out"), "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "\r" not in err and "bench server" not in err, err[-3000:]
+
+
 @pytest.mark.parametrize("bench_name, extra, taken_call", [
     ("scaling", [], 0),
     ("server", [], 0),                                              # the pscnn server's port

@@ -1675,3 +1675,13 @@ def test_run_refuses_more_workers_than_this_machines_memory_holds_steps_of(monke
     with pytest.raises(ConfigError, match="^--workers 4 and --batch-size 64: 4 training steps at once"):
         launcher.run_from_args(parse_args(["run", "--model", "light", "--workers", "4", "--resume",
                                            "--out", str(tmp_path / "run"), "--mnist-dir", str(tmp_path / "none")]))
+
+
+def test_pscnn_run_draws_no_progress_bar_into_a_pipe(tmp_path, mnist_dir, capsys):
+    """Without --no-progress, `pscnn run > run.log 2>&1` filled the log with the bar's redraws, one line
+    of carriage returns, where pscnn train's bar is drawn only on a terminal."""
+    code = main(["run", "--workers", "1", "--model", "light", "--train-limit", "640", "--test-limit", "100",
+                 "--no-evaluator", "--mnist-dir", mnist_dir, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "\r" not in err and " batches [" not in err, err[-3000:]

@@ -536,7 +536,9 @@ def print_written(csv_path: Path, json_path: Path, plots: list[Path]) -> None:
 
 def progress(total: int | None, desc: str, disable: bool = False):
     from tqdm import tqdm  # noqa: PLC0415
-    return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr, leave=True)
+    # disable=None: drawn only when stderr is a terminal (as pscnn train's), not into a pipe or log file
+    return tqdm(total=total, desc=desc, disable=True if disable else None, dynamic_ncols=True, file=sys.stderr,
+                leave=True)
 
 
 def fmt(v, spec: str = ",.0f", none: str = "-") -> str:
