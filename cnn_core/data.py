@@ -600,7 +600,8 @@ def download_mnist(
     Returns:
         ``cache_dir`` as a Path.
     """
-    folder = _expand_home(cache_dir, "the download folder") if cache_dir is not None else default_cache_dir()
+    folder = (_expand_home(cache_dir, "the download folder", NO_HOME_DOWNLOAD_REMEDY) if cache_dir is not None
+              else default_cache_dir(NO_HOME_DOWNLOAD_REMEDY))
     bases = _mirror_list(mirrors)
     for name in _check_file_names(files):
         info = MNIST_FILES[name]
@@ -628,32 +629,37 @@ def _content_size(info: dict) -> int:
     return 4 + 4 * (1 + len(info["item_shape"])) + info["count"] * math.prod(info["item_shape"]) * itemsize
 
 
-def default_cache_dir() -> Path:
+NO_HOME_REMEDY = ("set MNIST_DIR (or --mnist-dir) to a folder holding the MNIST files, or PSCNN_CACHE_DIR to a "
+                  "folder to download them into")
+# A download reads neither MNIST_DIR nor --mnist-dir: only where to download to helps it
+NO_HOME_DOWNLOAD_REMEDY = ("give pscnn download --dir a folder to download the MNIST files into, or set "
+                           "PSCNN_CACHE_DIR to one")
+
+
+def default_cache_dir(remedy: str = NO_HOME_REMEDY) -> Path:
     """Where downloads go: ``$PSCNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/pscnn/mnist``,
     else ``~/.cache/pscnn/mnist``.  ``PSCNN_CACHE_DIR`` names the MNIST folder itself.
 
-    DataError when it is under a home folder there is none of (no ``HOME``, and a user id
-    without a passwd entry, as in a container run with ``--user``)."""
+    DataError, ending in ``remedy``, when it is under a home folder there is none of (no
+    ``HOME``, and a user id without a passwd entry, as in a container run with ``--user``)."""
     explicit = os.environ.get("PSCNN_CACHE_DIR")
     if explicit:
-        return _expand_home(explicit, "PSCNN_CACHE_DIR")
+        return _expand_home(explicit, "PSCNN_CACHE_DIR", remedy)
     xdg = os.environ.get("XDG_CACHE_HOME")
     # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
     if xdg and Path(xdg).is_absolute():
         return Path(xdg) / "pscnn" / "mnist"
-    return _expand_home("~/.cache/pscnn/mnist", "the MNIST download cache")
+    return _expand_home("~/.cache/pscnn/mnist", "the MNIST download cache", remedy)
 
 
-def _expand_home(path, what: str) -> Path:
-    """``path`` with ``~`` expanded; DataError naming ``what`` and the remedies where there is no
+def _expand_home(path, what: str, remedy: str = NO_HOME_REMEDY) -> Path:
+    """``path`` with ``~`` expanded; DataError naming ``what`` and ``remedy`` where there is no
     home folder (pathlib's RuntimeError "Could not determine home directory" was a traceback)."""
     try:
         return Path(path).expanduser()
     except RuntimeError:
         raise DataError(f"{what} {path} needs a home folder, and there is none (HOME is unset and "
-                        f"user id {os.getuid()} has no passwd entry): set MNIST_DIR (or --mnist-dir) to a "
-                        f"folder holding the MNIST files, or PSCNN_CACHE_DIR to a folder to download them "
-                        f"into") from None
+                        f"user id {os.getuid()} has no passwd entry): {remedy}") from None
 
 
 def _mirror_list(mirrors) -> list[str]:

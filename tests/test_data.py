@@ -25,7 +25,7 @@ import pytest
 
 from cnn_core import data
 from cnn_core.errors import ConfigError, DataError, ShapeError
-from helpers import one_line_naming
+from helpers import error_line, one_line_naming
 
 REAL_MNIST = os.environ.get("MNIST_DIR")
 needs_real_mnist = pytest.mark.skipif(
@@ -643,6 +643,18 @@ def test_no_home_folder_is_one_line_naming_the_remedies(monkeypatch, isolated_en
     with pytest.raises(DataError) as exc:
         data.download_mnist(progress=False)
     one_line_naming(exc.value, "PSCNN_CACHE_DIR ~/cache", "needs a home folder")
+
+
+def test_pscnn_download_without_a_home_names_what_pscnn_download_takes(monkeypatch, isolated_env, capsys):
+    """`pscnn download` with no home folder was told to set MNIST_DIR or --mnist-dir, which it does not
+    read (and `pscnn download --mnist-dir` is refused): the remedies are its --dir and PSCNN_CACHE_DIR."""
+    from pscnn.cli import main  # noqa: PLC0415
+    monkeypatch.delenv("PSCNN_CACHE_DIR", raising=False)
+    no_home(monkeypatch)
+    assert main(["download", "--no-progress"]) == 1
+    line = error_line(capsys.readouterr().err, "~/.cache/pscnn/mnist", "needs a home folder",
+                      "pscnn download --dir", "PSCNN_CACHE_DIR", alone=True)
+    assert "MNIST_DIR" not in line and "--mnist-dir" not in line, line
 
 
 # --------------------------------------------------------------------------- #
