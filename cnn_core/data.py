@@ -729,7 +729,12 @@ def _resolve(mnist_dir, download: bool, names: list[str], progress: bool) -> tup
             missing = ", ".join(MNIST_FILES[n]["filename"] for n in missing_names)
             raise DataError(f"{folder}: MNIST cache lacks {missing} and download=False "
                             f"(set MNIST_DIR to a folder holding the files, or allow downloading)")
-        download_mnist(folder, files=missing_names, progress=progress)
+        try:
+            download_mnist(folder, files=missing_names, progress=progress)
+        except DataError as exc:
+            # offline, the way out is a copy of the files, which the mirrors' errors do not say
+            raise DataError(f"{exc}; to use a copy of the MNIST files instead, set MNIST_DIR (or --mnist-dir) "
+                            f"to the folder holding them") from None
     return folder, True
 
 

@@ -645,6 +645,15 @@ def test_no_home_folder_is_one_line_naming_the_remedies(monkeypatch, isolated_en
     one_line_naming(exc.value, "PSCNN_CACHE_DIR ~/cache", "needs a home folder")
 
 
+def test_a_failed_download_names_mnist_dir_as_the_way_out(monkeypatch, isolated_env):
+    """Offline, `pscnn train` (run, worker, ...) ended with the mirrors' errors alone, and the user
+    was not told that a copy of the files, named by MNIST_DIR, is what it needs instead."""
+    monkeypatch.setattr(data.time, "sleep", lambda seconds: None)     # the retries' backoff
+    with pytest.raises(DataError) as exc:
+        data.resolve_mnist_dir(progress=False)
+    one_line_naming(exc.value, "download failed from every mirror", "not-a-mirror", "set MNIST_DIR (or --mnist-dir)")
+
+
 def test_pscnn_download_without_a_home_names_what_pscnn_download_takes(monkeypatch, isolated_env, capsys):
     """`pscnn download` with no home folder was told to set MNIST_DIR or --mnist-dir, which it does not
     read (and `pscnn download --mnist-dir` is refused): the remedies are its --dir and PSCNN_CACHE_DIR."""
