@@ -28,6 +28,7 @@ server sends back as an ``error`` message and logs.
 """
 from __future__ import annotations
 
+import errno
 import math
 import socket as pysocket
 import threading
@@ -443,7 +444,14 @@ def bind(socket, endpoint: str) -> None:
         _allow_ipv6(socket, endpoint)
         socket.bind(endpoint)
     except zmq.ZMQError as exc:
-        raise EndpointError(f"cannot bind {endpoint}: {zmq.strerror(exc.errno)}") from None
+        # libzmq's "No such device" (a name that is no host name or interface here) and "Cannot assign
+        # requested address" (another machine's address) do not say that the host part is the problem
+        hint = NOT_THIS_MACHINE if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL) else ""
+        raise EndpointError(f"cannot bind {endpoint}: {zmq.strerror(exc.errno)}{hint}") from None
+
+
+NOT_THIS_MACHINE = (": not an address, host name or network interface of this machine (a server binds its own; "
+                    "tcp://*:PORT binds every one)")
 
 
 def _allow_ipv6(socket, endpoint: str) -> None:

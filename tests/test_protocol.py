@@ -14,6 +14,7 @@ import zmq
 
 from cnn_core.flat import FlatArrays, same_layout
 from pscnn import protocol as P
+from helpers import one_line_naming
 
 PUSH_BODY = {"epoch": 0, "batch": 3, "lease": 7, "base_version": 2, "loss": 2.25, "correct": 10, "count": 64,
              "timing": {"compute_s": 0.5, "comm_s": 0.01, "wait_s": 0.0}}
@@ -475,6 +476,23 @@ def test_bind_and_connect_errors_are_one_line_naming_the_endpoint():
     finally:
         first.close(0)
         second.close(0)
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("tcp://nosuch.invalid:*", "No such device"),                  # a name that is no host or interface here
+    ("tcp://192.0.2.1:*", "Cannot assign requested address"),      # TEST-NET-1: never an address of this machine
+])
+def test_binding_another_machines_address_says_the_host_is_wrong(endpoint, reason):
+    """`pscnn server --bind tcp://otherhost:5555` ended with libzmq's "No such device", which does not
+    say that the host part is what to change."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        with pytest.raises(P.EndpointError) as exc:
+            P.bind(sock, endpoint)
+    finally:
+        sock.close(0)
+    one_line_naming(exc.value, f"cannot bind {endpoint}: {reason}", "not an address, host name or network "
+                    "interface of this machine", "tcp://*:PORT")
 
 
 # ======================================================================== boundaries and corners
