@@ -30,8 +30,8 @@ stuck) is only warned about: an epoch whose mean training loss is over
 
 A run interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM or SIGHUP under
 ``pscnn train``) writes an "interrupted" record, model.npz with the weights of
-the last update applied (and the optimizer state, unless the interrupt came in
-the middle of an update) and summary.json saying ``"status": "interrupted"``,
+the last update applied (and the optimizer state, unless the interrupt came
+during the optimizer's step) and summary.json saying ``"status": "interrupted"``,
 then raises KeyboardInterrupt again: training so far is not lost, and no file
 of an earlier run in the folder passes for this one's.
 
@@ -246,7 +246,7 @@ def train(config: dict, progress: bool = True) -> dict:
     last_good = _LastGood(model)
     result = last = None
     diverged = interrupted = None
-    midway = False          # interrupted part-way through an update
+    optimizer_midway = False    # interrupted during the optimizer's step: its state is not kept
     unwritten = None        # RunLogError: the results went elsewhere (or nowhere), said in it
     epoch = 0
     try:
@@ -285,6 +285,9 @@ def train(config: dict, progress: bool = True) -> dict:
             midway = last_good.step == prog.step
             if midway:
                 last_good.restore()
+            # Only the optimizer's step changes its state: an interrupt while the gradient is computed
+            # (most of an update's time) keeps it, as that of the weights restored.
+            optimizer_midway = last_good.optimizer_at == prog.step
             interrupted = f"interrupted at update {prog.step} (epoch {epoch} of {cfg['epochs']})"
             # The updates since the last "step" record (those counted), so the curve reaches model.npz's.
             _log_window(writer, prog, model.xp, epoch, prog.lr, echo=False)
@@ -298,7 +301,7 @@ def train(config: dict, progress: bool = True) -> dict:
         # state took the diverging step, so resuming from it would diverge again.
         unwritten = _write_results(out_dir, [
             (CHECKPOINT_FILE, lambda path: save_model_checkpoint(
-                path, model, None if diverged or midway else optimizer, step=prog.step, metrics=metrics,
+                path, model, None if diverged or optimizer_midway else optimizer, step=prog.step, metrics=metrics,
                 extra={"config": cfg, "epochs": cfg["epochs"], "samples_seen": prog.samples,
                        "status": summary["status"]})),
             (SUMMARY_FILE, lambda path: writer.write_summary(summary, path))])
@@ -569,6 +572,7 @@ class _LastGood:
         self.flat = model.xp.empty_like(model.params.flat)
         self.state = {name: arr.copy() for name, arr in model.state.items()}
         self.step = None        # the update count the copy was taken at, once it is complete
+        self.optimizer_at = None    # the update count when the optimizer began its step (changing its state)
 
     def save(self, step: int) -> None:
         """Copy the weights and state of update ``step``; until the next update is counted, ``step``
@@ -626,6 +630,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
             # Accuracy on the batches as trained (dropout active): a cheap running
             # signal, not a substitute for the test evaluation.
             correct += int((logits.argmax(axis=1) == yb).sum())
+            last_good.optimizer_at = prog.step
             with np.errstate(over="ignore", invalid="ignore"):
                 lr = optimizer.step(model.params, grads)
             broken = _non_finite_part(model)
