@@ -757,6 +757,16 @@ def test_status_prints_the_servers_progress_and_fails_when_nothing_answers(fake,
     assert not out and f"no answer from {silent.endpoint} within 0.2 s" in err
 
 
+def test_status_of_a_host_that_does_not_resolve_says_so(capsys):
+    """`pscnn status --server tcp://no-such-host.invalid:5555` said "no answer ... within 2 s", as for a
+    server that is down: a misspelt host name read as a stopped server."""
+    from pscnn.cli import main
+    endpoint = "tcp://no-such-host.invalid:5555"
+    assert main(["status", "--server", endpoint, "--timeout", "0.2"]) == 1
+    out, err = capsys.readouterr()
+    assert not out and f"no answer from {endpoint} within 0.2 s: its host does not resolve (" in err, err
+
+
 def test_status_answered_with_an_error_is_not_a_healthy_server(fake, capsys):
     """A healthcheck must fail when what answers is not a pscnn server of this protocol."""
     from pscnn.cli import main

@@ -723,7 +723,10 @@ def status_from_args(args) -> int:
     import sys  # noqa: PLC0415
     progress = query_status(args.server, args.timeout, curve.client_keys(args.keys) if args.keys else None)
     if progress is None:
-        print(f"pscnn status: no answer from {args.server} within {args.timeout:g} s", file=sys.stderr)
+        # asked only now: a name that resolves to nothing reads as a server that is down
+        unresolved = unresolved_host(args.server)
+        print(f"pscnn status: no answer from {args.server} within {args.timeout:g} s"
+              + (f": its host does not resolve ({unresolved})" if unresolved else ""), file=sys.stderr)
         return 1
     print(json.dumps(progress, indent=2, sort_keys=True))
     return 0
