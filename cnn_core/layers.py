@@ -654,10 +654,11 @@ class Dropout(Layer):
     nothing and CPU and GPU draw the same masks.  ``key`` comes from the model's
     seed, then from each :meth:`~cnn_core.model.Model.reseed`.
 
-    ``sample_offset``, set by :meth:`~cnn_core.model.Model.loss_and_grads`
-    while it runs a batch in chunks: the index of ``x``'s first sample in the
-    batch, so each chunk draws its own rows of the batch's mask (and the
-    counter advances once per batch, not per chunk).
+    ``batch_mask`` and ``sample_offset``, set by
+    :meth:`~cnn_core.model.Model.loss_and_grads` while it runs a batch in
+    chunks: the whole batch's mask (:meth:`draw_mask`, drawn once before the
+    first chunk, so the counter advances once per batch) and the index of
+    ``x``'s first sample in the batch; each chunk takes its own rows of it.
     """
 
     type_name = "dropout"
@@ -667,6 +668,7 @@ class Dropout(Layer):
         self.p = number_in(p, f"dropout {self.name}: p", 0.0, 1.0, error=SpecError)
         self.key: int | None = None
         self.draws = 0
+        self.batch_mask = None
         self.sample_offset = 0
 
     def config(self):
@@ -678,15 +680,24 @@ class Dropout(Layer):
     def reseed(self, rng):
         self.key, self.draws = int(rng.integers(2**63)), 0
 
+    def draw_mask(self, xp, shape, dtype):
+        """The next draw's mask of ``shape`` (the batch axis first): 0 where dropped, 1/(1-p) where
+        kept, in ``dtype``; the counter advances.  None, and no draw, when p is 0."""
+        if self.p == 0.0:
+            return None
+        if self.key is None:        # its mask stream starts at build
+            self._refuse_unbuilt()
+        keep = uniform(xp, self.key, self.draws, shape, dtype) >= self.p
+        self.draws += 1
+        return keep * np.dtype(dtype).type(1.0 / (1.0 - self.p))
+
     def forward(self, x, train=True):
         if not train or self.p == 0.0:
             return x, None
-        if self.key is None:        # its mask stream starts at build
-            self._refuse_unbuilt()
-        per_sample = x[:1].size
-        keep = uniform(_xp(x), self.key, self.draws, x.shape, x.dtype, offset=self.sample_offset * per_sample) >= self.p
-        self.draws += 1
-        mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
+        if self.batch_mask is None:
+            mask = self.draw_mask(_xp(x), x.shape, x.dtype)
+        else:
+            mask = self.batch_mask[self.sample_offset:self.sample_offset + x.shape[0]]
         return x * mask, mask
 
     def backward(self, dout, cache, need_dx=True):

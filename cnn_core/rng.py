@@ -51,8 +51,7 @@ def uniform(xp, key: int, counter: int, shape, dtype=np.float32, offset: int = 0
 
     ``offset``: where in the draw's element sequence to start.  Elements
     ``offset .. offset + prod(shape) - 1`` of a larger draw are the same values
-    as that draw's slice, so a batch run in chunks (``Model.loss_and_grads``)
-    gets exactly the masks of the whole batch.
+    as that draw's slice, so any part of a draw can be drawn alone.
     """
     dtype = np.dtype(dtype)
     bits = 24 if dtype == np.float32 else 53

@@ -4,6 +4,7 @@ Gradient checks run in float64 (central differences, eps = 1e-6); see
 test_layers.py for why 1e-6 is a safe bound for a correct backward.
 """
 import copy
+import itertools
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import pytest
 
 from cnn_core import PRESETS, build_model, softmax_cross_entropy
 from cnn_core import im2col as im2col_module
+from cnn_core import layers as layers_module
 from cnn_core import model as model_module
 from cnn_core.config import nests_within
 from cnn_core.errors import ConfigError, ShapeError, SpecError
@@ -21,6 +23,7 @@ from cnn_core.gradcheck import gradcheck_model
 from cnn_core.layers import Conv2D, Dropout, MaxPool2D, ReLU
 from cnn_core.model import execution_order
 from cnn_core.reference import ReferenceModel
+from cnn_core.rng import uniform
 from pscnn import protocol as P
 
 SEED_SHAPES = {
@@ -1093,8 +1096,44 @@ def test_loss_and_grads_in_chunks_equals_the_whole_batch(spec, shape, classes, n
             np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-11, atol=1e-15, err_msg=k)
     dropouts = [lyr for lyr in model_module._all_layers(chunked.layers) if isinstance(lyr, Dropout)]
     assert len(dropouts) == (1 if spec == "seed" else 2)
-    assert all(lyr.draws == 2 and lyr.sample_offset == 0 for lyr in dropouts)
+    assert all(lyr.draws == 2 and lyr.batch_mask is None and lyr.sample_offset == 0 for lyr in dropouts)
     assert chunked._caches is None
+
+
+def test_a_chunked_step_draws_each_dropout_mask_once_for_the_batch(monkeypatch):
+    """Each dropout draws the whole batch's mask once, before the first chunk, and each chunk
+    takes its rows: one draw per batch, not per chunk, and bit for bit the masks of drawing each
+    chunk's own rows (``uniform(..., offset=)``), which chunks drew before."""
+    monkeypatch.setattr(model_module.Model, "CPU_CHUNK", 3)
+    model = build_model(DROPOUT_SPEC, seed=4)
+    model.reseed((1, 2, 3))
+    dropouts = [lyr for lyr in model_module._all_layers(model.layers) if isinstance(lyr, Dropout)]
+    draws, masks = [], {lyr: [] for lyr in dropouts}      # both are named dropout1
+    monkeypatch.setattr(layers_module, "uniform", lambda *args, **kw: draws.append(args) or uniform(*args, **kw))
+
+    def recording(layer):
+        forward = layer.forward
+
+        def record(x, train=True):
+            out, mask = forward(x, train)
+            masks[layer].append(mask.copy())
+            return out, mask
+        return record
+    for layer in dropouts:
+        layer.forward = recording(layer)
+    n = 10
+    model.loss_and_grads(*batch(n, (1, 8, 8), 5, seed=1))
+    assert len(draws) == len(dropouts) == 2
+    bounds = model._chunk_bounds(n, train=True)
+    assert len(bounds) == 5
+    for layer in dropouts:
+        per_sample = math.prod(layer.in_shape)
+        scale = np.float32(1 / (1 - layer.p))
+        for (lo, hi), mask in zip(itertools.pairwise(bounds), masks[layer], strict=True):
+            want = (uniform(np, layer.key, 0, (hi - lo, *layer.in_shape), np.float32, offset=lo * per_sample)
+                    >= layer.p) * scale
+            np.testing.assert_array_equal(mask.view(np.uint32), want.view(np.uint32), err_msg=layer.name)
+        assert layer.draws == 1 and layer.batch_mask is None and layer.sample_offset == 0
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 2e-5)])
@@ -1200,7 +1239,7 @@ def test_loss_and_grads_checks_labels_before_running(monkeypatch):
         model.loss_and_grads(x, np.full(64, 10))
     with pytest.raises(ShapeError, match=r"model input must have shape"):
         model.loss_and_grads(x[:, :, :27], y)
-    assert all(lyr.sample_offset == 0 for lyr in model.layers if isinstance(lyr, Dropout))
+    assert all(lyr.batch_mask is None and lyr.sample_offset == 0 for lyr in model.layers if isinstance(lyr, Dropout))
 
 
 def test_softmax_cross_entropy_total_divides_by_the_whole_batch():
