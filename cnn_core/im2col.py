@@ -294,12 +294,20 @@ def col2im_gemm(dout2d, wmat, padded_shape, kh: int, kw: int, sh: int, sw: int):
     return dx
 
 
-def conv_input_grad(dout, weight, in_hw, padding, pool_windows=None):
+def input_grad_matrix(weight):
+    """weight: (O, C, kh, kw) -> the (kw*O, kh*C) matrix :func:`conv_input_grad` multiplies by:
+    ``wmat[(k, o), (i, c)] = weight[o, c, i, kw-1-k]``."""
+    o, c, kh, kw = weight.shape
+    return weight[:, :, :, ::-1].transpose(3, 0, 2, 1).reshape(kw * o, kh * c)
+
+
+def conv_input_grad(dout, weight, in_hw, padding, pool_windows=None, wmat=None):
     """Input gradient of a stride-1 convolution: one GEMM and kh row-shifted adds.
 
     dout: (N, Ho, Wo, O), or window-major (gh*gw, N, Ho/gh, Wo/gw, O) when
     ``pool_windows=(gh, gw)``; weight: (O, C, kh, kw); in_hw: (H, W);
-    padding: (ph, pw)  ->  dx: (N, H, W, C), contiguous.
+    padding: (ph, pw); wmat: ``input_grad_matrix(weight)`` when the caller
+    holds it already  ->  dx: (N, H, W, C), contiguous.
 
     With stride 1, ``dx[n,y,x,c] = sum_{i,j,o} dout[n, y+ph-i, x+pw-j, o] *
     weight[o,c,i,j]``.  The sums over j and o, for every kernel row i at once,
@@ -333,8 +341,8 @@ def conv_input_grad(dout, weight, in_hw, padding, pool_windows=None):
     s_n, s_h, s_w, s_c = padded.strides
     windows = xp.lib.stride_tricks.as_strided(padded[:, :, pw:], shape=(n, ho, w, kw, o),
                                               strides=(s_n, s_h, s_w, s_w, s_c))
-    # wmat[(k, o), (i, c)] = weight[o, c, i, kw-1-k]
-    wmat = weight[:, :, :, ::-1].transpose(3, 0, 2, 1).reshape(kw * o, kh * c)
+    if wmat is None:
+        wmat = input_grad_matrix(weight)
     rows = matmul_row_blocks(windows.reshape(n * ho * w, kw * o), wmat).reshape(n, ho, w, kh, c)
     # dx[:, y] = sum_i rows[:, y + ph - i, :, i], for the y where that row exists
     first = next((i for i in range(kh) if i <= ph and ho + i - ph >= h), None)    # covers every y

@@ -27,8 +27,8 @@ import numpy as np
 from .backend import get_array_module as _xp
 from .config import is_integer, number_in
 from .errors import ShapeError, SpecError
-from .im2col import (col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, matmul_column_blocks,
-                     matmul_inner_blocks, matmul_row_blocks, matmul_transposed_blocks, pad_nhwc)
+from .im2col import (col2im_gemm, conv_input_grad, conv_output_size, im2col, im2col_t_with_ones, input_grad_matrix,
+                     matmul_column_blocks, matmul_inner_blocks, matmul_row_blocks, matmul_transposed_blocks, pad_nhwc)
 from .rng import uniform
 
 # A conv layer with at most this many input channels (grayscale or RGB input)
@@ -215,6 +215,10 @@ class Conv2D(Layer):
 
     type_name = "conv2d"
     pool_windows = None
+    # A dict while the model runs a pass in chunks, all with the same weights
+    # (Model._holding_weight_matrices): the matrices made of the weights
+    # (_weight_matrix) are then made once a pass instead of once a chunk.
+    held_matrices = None
 
     def __init__(self, out_channels: int, kernel=3, stride=1, padding=0, name=None):
         super().__init__(name)
@@ -271,20 +275,37 @@ class Conv2D(Layer):
         sh, sw = self.stride
         ph, pw = self.padding
         o = self.out_channels
-        weight = self.parameters["weight"]
         xpad = pad_nhwc(x, ph, pw)
-        wmat = weight.transpose(2, 3, 1, 0).reshape(-1, o)          # (kh*kw*C, O)
+        wmat = self._weight_matrix("forward")                      # (kh*kw*C, O)
         windows = self.pool_windows
         patch_major = self.patch_major
         if patch_major:                                           # the bias rides in the GEMM
             cols = im2col_t_with_ones(xpad, kh, kw, sh, sw, windows or (1, 1))   # (kh*kw*C + 1, N*Ho*Wo)
-            out = matmul_row_blocks(cols.T, _xp(x).concatenate([wmat, self.parameters["bias"][None]]))
+            out = matmul_row_blocks(cols.T, self._weight_matrix("forward with bias"))
         else:
             cols = im2col(xpad, kh, kw, sh, sw, windows or (1, 1))   # (N*Ho*Wo, kh*kw*C)
             out = matmul_row_blocks(cols, wmat)
             out += self.parameters["bias"]
         cache = (xpad.shape, cols, wmat, patch_major, windows)
         return out.reshape(self._batch_out_shape(n, windows)), cache
+
+    def _weight_matrix(self, kind: str):
+        """The weights as a pass multiplies by them: "forward", (kh*kw*C, O); "forward with bias",
+        the same and the bias as one more row (patch-major columns); "input grad", (kw*O, kh*C)
+        (:func:`~cnn_core.im2col.input_grad_matrix`).  Kept in ``held_matrices`` when that is a dict."""
+        held = self.held_matrices
+        if held is not None and kind in held:
+            return held[kind]
+        weight = self.parameters["weight"]
+        if kind == "input grad":
+            matrix = input_grad_matrix(weight)
+        elif kind == "forward with bias":
+            matrix = _xp(weight).concatenate([self._weight_matrix("forward"), self.parameters["bias"][None]])
+        else:
+            matrix = weight.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
+        if held is not None:
+            held[kind] = matrix
+        return matrix
 
     def backward(self, dout, cache, need_dx=True):
         padded_shape, cols, wmat, patch_major, windows = cache
@@ -306,7 +327,8 @@ class Conv2D(Layer):
         if not need_dx:
             return None, grads
         if self.stride == (1, 1):
-            return conv_input_grad(dout, self.parameters["weight"], (h, w), self.padding, windows), grads
+            return conv_input_grad(dout, self.parameters["weight"], (h, w), self.padding, windows,
+                                   self._weight_matrix("input grad")), grads
         if windows:                                               # window-major -> (N, Ho, Wo, O)
             gh, gw = windows
             n, hq, wq = dout.shape[1:4]

@@ -262,6 +262,7 @@ class Model:
         # What loss_and_grads needs to run a batch in chunks (see there).
         self._couples_samples = any(layer.couples_samples for layer in self.layers)
         self._dropouts = [layer for layer in _all_layers(self.layers) if type(layer) is Dropout]
+        self._convs = [layer for layer in _all_layers(self.layers) if type(layer) is Conv2D]
         # The BatchNorm with the fewest values per channel and image: checked before a training
         # pass, which a later one refusing the batch would leave with the earlier ones' statistics moved.
         self._tightest_batch_norm = min((layer for layer in _all_layers(self.layers) if type(layer) is BatchNorm2D),
@@ -353,7 +354,21 @@ class Model:
         bounds = self._chunk_bounds(x.shape[0], train=False)
         if len(bounds) == 2:
             return self._run(x, False)[0]
-        return self.xp.concatenate([self._run(x[lo:hi], False)[0] for lo, hi in itertools.pairwise(bounds)])
+        with self._holding_weight_matrices():
+            return self.xp.concatenate([self._run(x[lo:hi], False)[0] for lo, hi in itertools.pairwise(bounds)])
+
+    @contextmanager
+    def _holding_weight_matrices(self):
+        """For a pass in chunks, all with the same weights: each conv makes the matrices it
+        multiplies by once, not once a chunk (Conv2D.held_matrices; the seed model's: three
+        copies of up to 18,432 values a chunk)."""
+        for conv in self._convs:
+            conv.held_matrices = {}
+        try:
+            yield
+        finally:
+            for conv in self._convs:
+                conv.held_matrices = None
 
     def _run(self, x, train: bool):
         """The layers in execution order on a checked input -> (logits, caches)."""
@@ -432,28 +447,29 @@ class Model:
         # A dense layer's weight gradient, one GEMM over the whole batch instead of one per chunk
         # plus their sum: fc1's 1.6 MB gradient was written and added once a chunk (the step 1.02x).
         dense_inputs: dict = {}
-        try:
-            # Each dropout's mask drawn once for the batch, each chunk taking its rows: one draw
-            # instead of one per chunk, whose fixed cost (~35 us) outweighed its 2,048 values.
-            for layer in dropouts:
-                layer.batch_mask = layer.draw_mask(self.xp, (n, *layer.in_shape), self.dtype)
-            for lo, hi in itertools.pairwise(bounds):
+        with self._holding_weight_matrices():
+            try:
+                # Each dropout's mask drawn once for the batch, each chunk taking its rows: one draw
+                # instead of one per chunk, whose fixed cost (~35 us) outweighed its 2,048 values.
                 for layer in dropouts:
-                    layer.sample_offset = lo
-                h, self._caches = self._run(x[lo:hi], True)
-                self._dlogits_shape = h.shape
-                chunk_loss, dlogits = softmax_cross_entropy(h, y[lo:hi], total=n)
-                chunk_grads = self._backward(dlogits, dense_inputs)
-                loss += chunk_loss
-                logits.append(h)
-                if grads is None:
-                    grads = chunk_grads
-                else:
-                    for name, g in chunk_grads.items():
-                        grads[name] += g
-        finally:
-            for layer in dropouts:
-                layer.batch_mask, layer.sample_offset = None, 0
+                    layer.batch_mask = layer.draw_mask(self.xp, (n, *layer.in_shape), self.dtype)
+                for lo, hi in itertools.pairwise(bounds):
+                    for layer in dropouts:
+                        layer.sample_offset = lo
+                    h, self._caches = self._run(x[lo:hi], True)
+                    self._dlogits_shape = h.shape
+                    chunk_loss, dlogits = softmax_cross_entropy(h, y[lo:hi], total=n)
+                    chunk_grads = self._backward(dlogits, dense_inputs)
+                    loss += chunk_loss
+                    logits.append(h)
+                    if grads is None:
+                        grads = chunk_grads
+                    else:
+                        for name, g in chunk_grads.items():
+                            grads[name] += g
+            finally:
+                for layer in dropouts:
+                    layer.batch_mask, layer.sample_offset = None, 0
         for name, pairs in dense_inputs.items():
             xs, douts = zip(*pairs)
             grads[f"{name}.weight"] = Dense.weight_grad_of(self.xp.concatenate(xs), self.xp.concatenate(douts))

@@ -3,6 +3,7 @@
 Gradient checks run in float64 (central differences, eps = 1e-6); see
 test_layers.py for why 1e-6 is a safe bound for a correct backward.
 """
+import contextlib
 import copy
 import itertools
 import json
@@ -20,6 +21,7 @@ from cnn_core import model as model_module
 from cnn_core.config import nests_within
 from cnn_core.errors import ConfigError, ShapeError, SpecError
 from cnn_core.gradcheck import gradcheck_model
+from cnn_core.im2col import input_grad_matrix
 from cnn_core.layers import Conv2D, Dropout, MaxPool2D, ReLU
 from cnn_core.model import execution_order
 from cnn_core.reference import ReferenceModel
@@ -1134,6 +1136,33 @@ def test_a_chunked_step_draws_each_dropout_mask_once_for_the_batch(monkeypatch):
                     >= layer.p) * scale
             np.testing.assert_array_equal(mask.view(np.uint32), want.view(np.uint32), err_msg=layer.name)
         assert layer.draws == 1 and layer.batch_mask is None and layer.sample_offset == 0
+
+
+def test_a_pass_in_chunks_makes_each_convs_weight_matrices_once(monkeypatch):
+    """A chunked training step and an evaluation in chunks make each conv's weight matrices once
+    a pass, not once a chunk, with bit for bit the values of making them per chunk; the next
+    pass, after the weights changed, makes them again from the new weights."""
+    made = []
+    monkeypatch.setattr(layers_module, "input_grad_matrix", lambda w: made.append(w.shape) or input_grad_matrix(w))
+    model, per_chunk = build_model("seed", seed=2), build_model("seed", seed=2)
+    per_chunk._holding_weight_matrices = contextlib.nullcontext       # as before: made by every chunk
+    x, y = batch(64)
+    assert len(model._chunk_bounds(64, train=True)) == 5
+    for _ in range(2):
+        made.clear()
+        loss, logits, grads = model.loss_and_grads(x, y)
+        assert made == [(64, 32, 3, 3)]      # conv2's, for its four chunks; conv1 takes no input gradient
+        assert all(conv.held_matrices is None for conv in model._convs)
+        want_loss, want_logits, want_grads = per_chunk.loss_and_grads(x, y)
+        assert loss == want_loss
+        for got, want in [(logits, want_logits), *((grads[k], want_grads[k]) for k in grads)]:
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        for m, g in ((model, grads), (per_chunk, want_grads)):
+            for k, v in m.params.items():
+                v -= np.float32(0.1) * g[k]
+    np.testing.assert_array_equal(model.forward(x, train=False).view(np.uint32),
+                                  per_chunk.forward(x, train=False).view(np.uint32))
+    assert all(conv.held_matrices is None for conv in model._convs)
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 2e-5)])
