@@ -1525,6 +1525,35 @@ def test_a_long_ddp_measurement_is_given_the_time_it_asks_for(monkeypatch):
     assert len(waits) == 2 and min(waits) > 4 * 400
 
 
+def test_a_ddp_rank_that_dies_in_teardown_after_the_result_keeps_the_measurement(monkeypatch):
+    """Under load a DDP rank died in gloo's teardown ("terminate called without an active exception",
+    exit 134) after rank 0 had written the result, which every rank's last barrier precedes: the
+    whole measurement was thrown away as failed.  It is kept now; a rank that dies before the result
+    is written still fails the run, with its output."""
+    from pscnn.bench import ddp
+
+    def fake_ranks(writes_result):
+        class FakeRank:                 # rank 0 exits 134 in teardown, after (or without) the result
+            def __init__(self, cmd, **kwargs):
+                self.cmd = cmd
+                self.returncode = 134 if cmd[cmd.index("--rank") + 1] == "0" else 0
+
+            def communicate(self, timeout=None):
+                if self.returncode and writes_result:
+                    result = next(arg.removeprefix("--result=") for arg in self.cmd if arg.startswith("--result="))
+                    Path(result).write_text(json.dumps({"images_per_second": 2.0}))
+                return b"terminate called without an active exception\n", None
+
+            def poll(self):
+                return self.returncode
+        return FakeRank
+    monkeypatch.setattr(ddp.subprocess, "Popen", fake_ranks(writes_result=True))
+    assert ddp.measure_ddp(2, 64, 1.0) == {"images_per_second": 2.0}
+    monkeypatch.setattr(ddp.subprocess, "Popen", fake_ranks(writes_result=False))
+    with pytest.raises(RuntimeError, match="^DDP run with 2 processes failed:\nterminate called without"):
+        ddp.measure_ddp(2, 64, 1.0)
+
+
 def test_a_ddp_rank_takes_any_model_the_bench_takes(monkeypatch):
     """pscnn bench scaling --model takes a JSON spec, and its PyTorch twin is built from the pscnn
     model whatever its spec; the DDP ranks took only 'seed' or 'light', so every DDP run of such a
