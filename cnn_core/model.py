@@ -313,13 +313,14 @@ class Model:
         holds at once, in bytes, with the layer that holds the most and its bytes.
 
         Counted: each layer's output and caches (a convolution's padded input and columns, the
-        array KEEPS_ANOTHER_OUTPUT's layers keep besides) for the images of one pass (a chunk on the CPU; the whole batch on a GPU or with a BatchNorm),
-        the Dense layers' inputs and output gradients kept over the whole batch (a chunked step's,
-        and their concatenation), the input images, the parameters and their gradients.  Left
-        out: the backward pass's transient arrays, the optimizer's slots, NumPy's and Python's
-        own memory.  Against tracemalloc's peak over a step (the images and weights included):
-        0.8-1.1x for the seed model at batch 64 and 4,096, a BatchNorm model at 64 and 512, and
-        convs of 256 channels at 64 and 512.
+        array KEEPS_ANOTHER_OUTPUT's layers keep besides) for the images of one pass (a chunk on
+        the CPU; the whole batch on a GPU or with a BatchNorm), the Dense layers' inputs and
+        output gradients kept over the whole batch (a chunked step's, and their concatenation),
+        the input images, the parameters and their gradients.  Left out: the backward pass's
+        transient arrays, the optimizer's slots, NumPy's and Python's own memory.  tracemalloc's
+        peak over a step (the images and weights included) was 0.77-1.10x this estimate for the
+        seed model at batch 64 to 4,096, a BatchNorm model at 64 and 512, residual models at 128
+        and 512, and convs of 256 channels at 64 and 512.
         """
         bounds = self._chunk_bounds(n, train=True)
         whole = len(bounds) == 2 or self._couples_samples
