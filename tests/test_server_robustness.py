@@ -2886,11 +2886,16 @@ def test_a_flood_of_bad_messages_does_not_flood_the_log(tmp_path):
     try:
         raw = s.client()
         since = s.log_size()
-        flood = 200
-        for _ in range(flood):
-            raw.send([b"\xc1 not msgpack"])
-        replies = [raw.recv() for _ in range(flood)]
-        assert all(r is not None and r[0].type == P.ERROR for r in replies)
+        flood, wave = 200, 20
+        replies = []
+        # In waves well under the server's SEND_QUEUE (64) replies a peer may have waiting: 200 sent
+        # before any was read lost replies under load (ZeroMQ drops beyond the queue, by design; a
+        # real client has one request in flight), and the flood still comes within a second or two.
+        for _ in range(flood // wave):
+            for _ in range(wave):
+                raw.send([b"\xc1 not msgpack"])
+            replies += [raw.recv() for _ in range(wave)]
+        assert len(replies) == flood and all(r is not None and r[0].type == P.ERROR for r in replies)
         s.wait_log(r"more rejected messages in the last [0-9.]+ s were not logged one by one", since)
 
         def logged():               # (lines, the "N more" of each one-second window's summary)
