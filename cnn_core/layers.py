@@ -676,11 +676,14 @@ class Dropout(Layer):
     nothing and CPU and GPU draw the same masks.  ``key`` comes from the model's
     seed, then from each :meth:`~cnn_core.model.Model.reseed`.
 
-    ``batch_mask`` and ``sample_offset``, set by
-    :meth:`~cnn_core.model.Model.loss_and_grads` while it runs a batch in
-    chunks: the whole batch's mask (:meth:`draw_mask`, drawn once before the
-    first chunk, so the counter advances once per batch) and the index of
-    ``x``'s first sample in the batch; each chunk takes its own rows of it.
+    Set by :meth:`~cnn_core.model.Model.loss_and_grads` while it runs a
+    batch in chunks (the counter advances once per batch): ``sample_offset``,
+    the index of ``x``'s first sample in the batch, and either
+    ``batch_mask``, the whole batch's mask (:meth:`draw_mask`, drawn once
+    before the first chunk; each chunk takes its own rows of it), or, where
+    that mask would be large (MAX_BATCH_MASK_VALUES), ``batch_draw``, the
+    batch's draw number (:meth:`take_draw`), of which each chunk draws its own
+    rows.
     """
 
     type_name = "dropout"
@@ -691,6 +694,7 @@ class Dropout(Layer):
         self.key: int | None = None
         self.draws = 0
         self.batch_mask = None
+        self.batch_draw: int | None = None
         self.sample_offset = 0
 
     def config(self):
@@ -702,24 +706,36 @@ class Dropout(Layer):
     def reseed(self, rng):
         self.key, self.draws = int(rng.integers(2**63)), 0
 
-    def draw_mask(self, xp, shape, dtype):
-        """The next draw's mask of ``shape`` (the batch axis first): 0 where dropped, 1/(1-p) where
-        kept, in ``dtype``; the counter advances.  None, and no draw, when p is 0."""
+    def take_draw(self) -> int | None:
+        """The next draw's number, the counter advanced past it; None, and no draw, when p is 0."""
         if self.p == 0.0:
             return None
         if self.key is None:        # its mask stream starts at build
             self._refuse_unbuilt()
-        keep = uniform(xp, self.key, self.draws, shape, dtype) >= self.p
         self.draws += 1
+        return self.draws - 1
+
+    def _mask(self, xp, draw: int, shape, dtype, offset: int = 0):
+        """Elements ``offset ..`` of draw ``draw``'s mask, in ``shape``: 0 where dropped, 1/(1-p)
+        where kept, in ``dtype``."""
+        keep = uniform(xp, self.key, draw, shape, dtype, offset=offset) >= self.p
         return keep * np.dtype(dtype).type(1.0 / (1.0 - self.p))
+
+    def draw_mask(self, xp, shape, dtype):
+        """The next draw's mask of ``shape`` (the batch axis first); the counter advances.  None,
+        and no draw, when p is 0."""
+        draw = self.take_draw()
+        return None if draw is None else self._mask(xp, draw, shape, dtype)
 
     def forward(self, x, train=True):
         if not train or self.p == 0.0:
             return x, None
-        if self.batch_mask is None:
-            mask = self.draw_mask(_xp(x), x.shape, x.dtype)
-        else:
+        if self.batch_mask is not None:
             mask = self.batch_mask[self.sample_offset:self.sample_offset + x.shape[0]]
+        elif self.batch_draw is not None:       # this chunk's rows of the batch's draw
+            mask = self._mask(_xp(x), self.batch_draw, x.shape, x.dtype, offset=self.sample_offset * x[:1].size)
+        else:
+            mask = self.draw_mask(_xp(x), x.shape, x.dtype)
         return x * mask, mask
 
     def backward(self, dout, cache, need_dx=True):

@@ -1138,6 +1138,40 @@ def test_a_chunked_step_draws_each_dropout_mask_once_for_the_batch(monkeypatch):
         assert layer.draws == 1 and layer.batch_mask is None and layer.sample_offset == 0
 
 
+def test_a_chunked_step_draws_a_large_dropout_mask_a_chunk_at_a_time(monkeypatch):
+    """A dropout mask over MAX_BATCH_MASK_VALUES for the batch (a dropout after a conv) is drawn a
+    chunk's rows at a time, as chunks drew before: drawn whole it outweighed the chunks' own
+    arrays.  One draw number a step all the same, and bit for bit the batch's draw's rows."""
+    monkeypatch.setattr(model_module.Model, "CPU_CHUNK", 3)
+    model = build_model(DROPOUT_SPEC, seed=4)
+    dropouts = [lyr for lyr in model_module._all_layers(model.layers) if isinstance(lyr, Dropout)]
+    n = 10
+    # the smaller dropout's mask fits, the larger's does not
+    sizes = sorted(n * math.prod(lyr.in_shape) for lyr in dropouts)
+    assert sizes[0] < sizes[1]
+    monkeypatch.setattr(model_module, "MAX_BATCH_MASK_VALUES", sizes[0])
+    large = max(dropouts, key=lambda lyr: math.prod(lyr.in_shape))
+    draws = []
+    monkeypatch.setattr(layers_module, "uniform", lambda *args, **kw: draws.append(args[3]) or uniform(*args, **kw))
+    masks = []
+    forward = large.forward
+
+    def record(x, train=True):
+        out, mask = forward(x, train)
+        masks.append(mask.copy())
+        return out, mask
+    large.forward = record
+    model.loss_and_grads(*batch(n, (1, 8, 8), 5, seed=1))
+    bounds = model._chunk_bounds(n, train=True)
+    assert sorted(shape[0] for shape in draws) == sorted([n] + [hi - lo for lo, hi in itertools.pairwise(bounds)])
+    whole = (uniform(np, large.key, 0, (n, *large.in_shape), np.float32) >= large.p) * np.float32(1 / (1 - large.p))
+    np.testing.assert_array_equal(np.concatenate(masks).view(np.uint32), whole.view(np.uint32))
+    for layer in dropouts:
+        assert layer.draws == 1 and layer.batch_mask is None and layer.batch_draw is None
+    model.loss_and_grads(*batch(n, (1, 8, 8), 5, seed=1))
+    assert large.draws == 2
+
+
 def test_a_pass_in_chunks_makes_each_convs_weight_matrices_once(monkeypatch):
     """A chunked training step and an evaluation in chunks make each conv's weight matrices once
     a pass, not once a chunk, with bit for bit the values of making them per chunk; the next
