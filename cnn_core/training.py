@@ -53,6 +53,7 @@ import platform
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +237,9 @@ def train(config: dict, progress: bool = True) -> dict:
              for_count(len(x_train), "image"), cfg["epochs"], for_count(cfg["epochs"], "epoch"), planned_updates,
              for_count(planned_updates, "update"), cfg["batch_size"], f"{len(x_test):,}",
              for_count(len(x_test), "image"), out_dir)
-    writer.log("start", model=_model_name(cfg["model"]), parameters=model.num_parameters(),
+    # A run id as a server's start records carry: a distributed run's checkpoint.npz left in this folder is
+    # then refused by a later `--resume` here (it took it for the folder's run, and overwrote these results).
+    writer.log("start", run_id=uuid.uuid4().hex[:12], model=_model_name(cfg["model"]), parameters=model.num_parameters(),
                train_samples=len(x_train), test_samples=len(x_test), batch_size=cfg["batch_size"],
                epochs=cfg["epochs"], planned_updates=planned_updates, device=cfg["device"])
 

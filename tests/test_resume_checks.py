@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -983,6 +984,21 @@ def test_resume_refuses_an_earlier_runs_checkpoint_after_a_run_started_over_and_
     assert run_id(run) == earlier != start["run_id"]
     assert f"checkpoint {run / 'checkpoint.npz'} is run {earlier}'s (version {ROUNDS_BEFORE_STOP})" in line
     assert f"last started by run {start['run_id']}" in line
+
+
+def test_resume_refuses_a_distributed_runs_checkpoint_after_pscnn_train_ran_in_its_folder(run, server_cli,
+                                                                                         mnist_dir):
+    """pscnn train into a distributed run's folder left that run's checkpoint.npz beside its own results,
+    and its start record had no run id: a later --resume there took the old checkpoint for the folder's
+    run, went on from it and overwrote pscnn train's results.  pscnn train's start record has a run id."""
+    from cnn_core.training import train as train_alone
+    earlier = run_id(run)
+    train_alone({"model": "light", "seed": 3, "train_limit": 128, "test_limit": 64, "batch_size": 64, "epochs": 1,
+                 "mnist_dir": mnist_dir, "out": str(run)}, progress=False)
+    (start,) = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "start"]
+    assert re.fullmatch(r"[0-9a-f]{12}", start["run_id"]) and start["run_id"] != earlier, start
+    line = refused(server_cli(run, "--resume"), "start the run again without --resume")
+    assert f"is run {earlier}'s" in line and f"last started by run {start['run_id']}" in line, line
 
 
 def test_resume_continues_the_run_whose_checkpoint_it_is_with_its_run_id(run, server_cli):
