@@ -676,15 +676,17 @@ class Dropout(Layer):
     nothing and CPU and GPU draw the same masks.  ``key`` comes from the model's
     seed, then from each :meth:`~cnn_core.model.Model.reseed`.
 
-    Set by :meth:`~cnn_core.model.Model.loss_and_grads` while it runs a
-    batch in chunks (the counter advances once per batch): ``sample_offset``,
-    the index of ``x``'s first sample in the batch, and either
-    ``batch_mask``, the whole batch's mask (:meth:`draw_mask`, drawn once
-    before the first chunk; each chunk takes its own rows of it), or, where
-    that mask would be large (MAX_BATCH_MASK_VALUES), ``batch_draw``, the
-    batch's draw number (:meth:`take_draw`), of which each chunk draws its own
-    rows.
+    While :meth:`~cnn_core.model.Model.loss_and_grads` runs a batch in chunks
+    (between :meth:`begin_batch` and :meth:`end_batch`; the counter advances
+    once per batch), ``sample_offset`` is the index of ``x``'s first sample in
+    the batch, and each chunk takes its own rows of the batch's mask.
     """
+
+    # The most values of a mask a chunked step draws whole for the batch (4 MB of float32): one
+    # draw instead of one a chunk saves its fixed cost (~35 us), but a larger mask (a dropout after
+    # a conv: 25,088 values an image of 28x28x32) outweighed the chunks' own arrays (2.5x a step's
+    # peak memory); it is drawn a chunk's rows at a time.
+    MAX_BATCH_MASK_VALUES = 1 << 20
 
     type_name = "dropout"
 
@@ -726,6 +728,19 @@ class Dropout(Layer):
         and no draw, when p is 0."""
         draw = self.take_draw()
         return None if draw is None else self._mask(xp, draw, shape, dtype)
+
+    def begin_batch(self, xp, n: int, dtype) -> None:
+        """Before the first chunk of a batch of ``n`` samples: the batch's mask drawn whole
+        (``batch_mask``), or over MAX_BATCH_MASK_VALUES only its draw number taken (``batch_draw``),
+        of which each chunk then draws its own rows."""
+        if n * math.prod(self.in_shape) <= self.MAX_BATCH_MASK_VALUES:
+            self.batch_mask = self.draw_mask(xp, (n, *self.in_shape), dtype)
+        else:
+            self.batch_draw = self.take_draw()
+
+    def end_batch(self) -> None:
+        """After a batch's last chunk (or its failure): forward draws afresh again."""
+        self.batch_mask, self.batch_draw, self.sample_offset = None, None, 0
 
     def forward(self, x, train=True):
         if not train or self.p == 0.0:

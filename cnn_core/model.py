@@ -64,10 +64,6 @@ MAX_IMAGE_VALUES = 1 << 26
 #: their backward: BatchNorm its normalized input, Dropout its mask, ELU and SiLU a factor of
 #: their derivative (Model.training_step_bytes).
 KEEPS_ANOTHER_OUTPUT = (BatchNorm2D, Dropout, ELU, SiLU)
-#: The most values of a dropout mask a chunked step draws whole for the batch (4 MB of float32):
-#: one draw instead of one a chunk saves its fixed cost (~35 us), but a larger mask (a dropout
-#: after a conv: 25,088 values an image of 28x28x32) would outweigh the chunks' own arrays.
-MAX_BATCH_MASK_VALUES = 1 << 20
 
 PRESETS = {
     # Conv(1->32)-ReLU-Pool-Conv(32->64)-ReLU-Pool-Dense(3136->128)-ReLU-Dropout-Dense(128->10)
@@ -430,11 +426,11 @@ class Model:
         chunks' gradients are summed, but for the dense layers' weight
         gradients: one product over the whole batch's inputs and output
         gradients, kept from the chunks.  Each row's loss gradient is divided by
-        the whole batch's N, and each dropout layer draws the batch's mask once
-        and takes each chunk's rows of it (or, for a mask over
-        MAX_BATCH_MASK_VALUES, draws each chunk's rows of the batch's draw).  A model with a layer that couples
-        the samples (BatchNorm) and a GPU model run the batch whole: a GPU step
-        is bound by kernel launches, which chunks would multiply.
+        the whole batch's N, and each dropout layer takes each chunk's rows of
+        the batch's mask (:meth:`~cnn_core.layers.Dropout.begin_batch`).  A
+        model with a layer that couples the samples (BatchNorm) and a GPU model
+        run the batch whole: a GPU step is bound by kernel launches, which
+        chunks would multiply.
         """
         x = self._check_input(x)
         n = x.shape[0]
@@ -455,15 +451,8 @@ class Model:
         dense_inputs: dict = {}
         with self._holding_weight_matrices():
             try:
-                # Each dropout's mask drawn once for the batch, each chunk taking its rows: one draw
-                # instead of one per chunk, whose fixed cost (~35 us) outweighed its 2,048 values.
-                # A mask larger than MAX_BATCH_MASK_VALUES (a dropout after a conv) is drawn a chunk's
-                # rows at a time instead: whole, it outweighed the chunk's own arrays (2.5x a step's peak).
                 for layer in dropouts:
-                    if n * math.prod(layer.in_shape) <= MAX_BATCH_MASK_VALUES:
-                        layer.batch_mask = layer.draw_mask(self.xp, (n, *layer.in_shape), self.dtype)
-                    else:
-                        layer.batch_draw = layer.take_draw()
+                    layer.begin_batch(self.xp, n, self.dtype)
                 for lo, hi in itertools.pairwise(bounds):
                     for layer in dropouts:
                         layer.sample_offset = lo
@@ -480,7 +469,7 @@ class Model:
                             grads[name] += g
             finally:
                 for layer in dropouts:
-                    layer.batch_mask, layer.batch_draw, layer.sample_offset = None, None, 0
+                    layer.end_batch()
         for name, pairs in dense_inputs.items():
             xs, douts = zip(*pairs)
             grads[f"{name}.weight"] = Dense.weight_grad_of(self.xp.concatenate(xs), self.xp.concatenate(douts))

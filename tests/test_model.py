@@ -1149,7 +1149,7 @@ def test_a_chunked_step_draws_a_large_dropout_mask_a_chunk_at_a_time(monkeypatch
     # the smaller dropout's mask fits, the larger's does not
     sizes = sorted(n * math.prod(lyr.in_shape) for lyr in dropouts)
     assert sizes[0] < sizes[1]
-    monkeypatch.setattr(model_module, "MAX_BATCH_MASK_VALUES", sizes[0])
+    monkeypatch.setattr(Dropout, "MAX_BATCH_MASK_VALUES", sizes[0])
     large = max(dropouts, key=lambda lyr: math.prod(lyr.in_shape))
     draws = []
     monkeypatch.setattr(layers_module, "uniform", lambda *args, **kw: draws.append(args[3]) or uniform(*args, **kw))
