@@ -40,6 +40,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -126,6 +127,12 @@ def make_folder(path) -> Path:
     except OSError as exc:
         raise _io_error(path, exc) from None
     return path
+
+
+def new_run_id() -> str:
+    """A new random id of 12 hex digits: a run's (its ``start`` records' ``run_id``, which a
+    server's --resume matches against its checkpoint's), or a server start's."""
+    return uuid.uuid4().hex[:12]
 
 
 # --------------------------------------------------------------------------- JSON

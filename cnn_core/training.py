@@ -53,7 +53,6 @@ import platform
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +64,12 @@ from .data import (MNIST_FILES, NUM_CLASSES, batch_length, batches_per_epoch, it
                    training_set_size)
 from .errors import ConfigError, PscnnError, ShapeError, SpecError
 from .flat import all_finite
+from .memory import check_memory_fits
 from .metrics import evaluate
 from .model import build_model
 from .optim import build_optimizer
-from .runlog import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunLogError, RunWriter, make_plots, to_jsonable
+from .runlog import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunLogError, RunWriter, make_plots, new_run_id,
+                     to_jsonable)
 from .text import for_count
 
 __all__ = ["train", "train_from_args", "default_config", "resolve_config", "format_report", "DivergenceError",
@@ -239,7 +240,7 @@ def train(config: dict, progress: bool = True) -> dict:
              for_count(len(x_test), "image"), out_dir)
     # A run id as a server's start records carry: a distributed run's checkpoint.npz left in this folder is
     # then refused by a later `--resume` here (it took it for the folder's run, and overwrote these results).
-    writer.log("start", run_id=uuid.uuid4().hex[:12], model=_model_name(cfg["model"]), parameters=model.num_parameters(),
+    writer.log("start", run_id=new_run_id(), model=_model_name(cfg["model"]), parameters=model.num_parameters(),
                train_samples=len(x_train), test_samples=len(x_test), batch_size=cfg["batch_size"],
                epochs=cfg["epochs"], planned_updates=planned_updates, device=cfg["device"])
 
@@ -414,87 +415,6 @@ def check_batches_fit(model, num_samples: int, batch_size: int) -> None:
         raise ConfigError(f"{exc}: an epoch of {num_samples} training images in batches of {batch_size} ends "
                           f"with a batch of {last}; use --batch-size {other} or --train-limit {num_samples - last}"
                           ) from None
-
-
-def available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes of memory a new allocation can take now without swapping: the smaller of
-    ``meminfo``'s MemAvailable (Linux; else the free physical pages, os.sysconf) and what is
-    left under the memory limit of the cgroup mounted at ``cgroup`` (:func:`cgroup_memory_left`);
-    None where none of them says."""
-    host = None
-    try:
-        with open(meminfo, encoding="ascii") as lines:
-            for line in lines:
-                if line.startswith("MemAvailable:"):
-                    host = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if host is None:
-        try:
-            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, OSError, ValueError):
-            pass
-    # Inside a container MemAvailable is the host's: a step that fits the host but not the
-    # container's limit met the OOM killer.
-    left = cgroup_memory_left(cgroup)
-    known = [value for value in (host, left) if value is not None]
-    return min(known) if known else None
-
-
-def cgroup_memory_left(root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes left under the memory limit of the cgroup mounted at ``root`` (a container's own):
-    cgroup v2's memory.max, else v1's memory/memory.limit_in_bytes, less the usage, less the
-    inactive page cache the kernel reclaims before it kills (memory.stat's inactive_file, v1's
-    total_inactive_file: MNIST's files read through the cache are counted as usage).  None with
-    no limit: no such files, v2's "max" (v1's "no limit" is a value near 2**63, which the caller's
-    min() with MemAvailable passes over)."""
-    for limit_file, usage_file, stat_file, cache_key in (
-            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
-             "total_inactive_file")):
-        try:
-            limit = Path(root, limit_file).read_text(encoding="ascii").strip()
-            if limit == "max":
-                return None
-            usage = int(Path(root, usage_file).read_text(encoding="ascii"))
-            limit = int(limit)
-        except (OSError, ValueError):
-            continue
-        cache = 0
-        try:
-            for line in Path(root, stat_file).read_text(encoding="ascii").splitlines():
-                key, _, value = line.partition(" ")
-                if key == cache_key:
-                    cache = int(value)
-                    break
-        except (OSError, ValueError):
-            pass            # no cache known: the usage as it stands
-        return max(0, limit - max(0, usage - cache))
-    return None
-
-
-def check_memory_fits(model, batch: int, flag: str, steps: int = 1) -> None:
-    """ConfigError, before any data is read, if a training step on ``batch`` images would take
-    more memory than is available (:meth:`~cnn_core.model.Model.training_step_bytes`'s
-    estimate): a MemoryError, or the OOM killer, stopped the run at its first batch, after the
-    data was read.  ``flag``: what set the batch, for the message.  ``steps``: how many such
-    steps run at once on this machine (``pscnn run``'s workers).  On a GPU, whose memory is
-    its own, nothing is checked."""
-    if model.device != "cpu":
-        return
-    available = available_memory()
-    if available is None:
-        return
-    need, layer, most = model.training_step_bytes(batch)
-    if steps * need > available:
-        images = f"{batch:,} {for_count(batch, 'image')}"
-        what = f"a training step on {images}" if steps == 1 else f"{steps} training steps at once, on {images} each,"
-        raise ConfigError(f"{flag}: {what} would take an estimated {steps * need / 1e9:,.2f} GB of memory "
-                          f"(layer {layer!r} the most, {most / 1e9:,.2f} GB{' a step' if steps > 1 else ''}), "
-                          f"more than the {available / 1e9:,.2f} GB available; "
-                          + ("a smaller batch or model needs less" if steps == 1
-                             else "fewer workers, a smaller batch or a smaller model need less"))
 
 
 def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict | None, last: dict | None,

@@ -31,7 +31,8 @@ from cnn_core.metrics import ACCURACY_MILESTONES
 from cnn_core.runlog import (SUMMARY_FILE, TIMELINE_PARTS, RunLogError, check_folder_free, make_folder,
                              time_shares_text, worker_time_shares)
 from cnn_core.text import for_count
-from cnn_core.training import check_memory_fits, classes_scored, format_number, per_class_text
+from cnn_core.memory import check_memory_fits
+from cnn_core.training import classes_scored, format_number, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from pscnn.protocol import one_line
@@ -312,7 +313,7 @@ def check_workers_have_batches(workers: int, num_samples: int, batch_size: int, 
 
 def check_workers_fit_memory(args, cfg, model) -> None:
     """ConfigError unless this machine's memory holds --workers training steps of ``model`` at once
-    (:func:`~cnn_core.training.check_memory_fits`): each worker checked its own step alone against
+    (:func:`~cnn_core.memory.check_memory_fits`): each worker checked its own step alone against
     the same free memory, so 4 workers that each fit but not together all started, and the OOM
     killer ended some at their first batch.  GPU workers: not checked (their memory is the GPU's)."""
     from pscnn.cli import given_flag  # noqa: PLC0415

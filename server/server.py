@@ -68,7 +68,7 @@ from cnn_core.data import training_set_size
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
 from cnn_core.flat import FlatArrays
 from cnn_core.model import resolve_spec
-from cnn_core.runlog import TIMELINE_PARTS, RunWriter, push_spans, read_metrics, without_lost_updates
+from cnn_core.runlog import TIMELINE_PARTS, RunWriter, new_run_id, push_spans, read_metrics, without_lost_updates
 from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
@@ -159,8 +159,8 @@ class ParameterServer:
         self.num_samples = training_set_size(cfg.train_limit)
         self.spec = self.store.model.spec
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
-        self.incarnation = uuid.uuid4().hex[:12]
-        self.run_id = uuid.uuid4().hex[:12]         # a resumed run's is its checkpoint's (_resume)
+        self.incarnation = new_run_id()
+        self.run_id = new_run_id()         # a resumed run's is its checkpoint's (_resume)
         self.peers: dict[str, Peer] = {}
         # How many peers of each role the table holds: what hello's "server full", status and "is there an
         # evaluator" ask on every message of theirs, without walking the table (85 us with 1,000 peers).

@@ -1656,11 +1656,11 @@ def test_run_refuses_more_workers_than_this_machines_memory_holds_steps_of(monke
     """Each worker checked its own step alone against the same free memory: 4 workers that each fit,
     but not together, all started, and the OOM killer ended some at their first batch.  Now pscnn run
     checks --workers steps at once before anything starts; GPU workers' memory is the GPU's."""
-    from cnn_core import training
+    from cnn_core import memory
     from cnn_core.errors import ConfigError
     from cnn_core.model import build_model
     need, layer, most = build_model("light").training_step_bytes(64)
-    monkeypatch.setattr(training, "available_memory", lambda: 3 * need)
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 * need)
     launcher.check_run_args(parse_args(["run", "--model", "light", "--workers", "3"]))
     with pytest.raises(ConfigError) as refused:
         launcher.check_run_args(parse_args(["run", "--model", "light", "--workers", "4"]))

@@ -37,7 +37,7 @@ from cnn_core.errors import ConfigError, DataError, SpecError
 from cnn_core.metrics import evaluate
 from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
-from cnn_core import training
+from cnn_core import memory, training
 from cnn_core.training import DivergenceError, default_config, format_report, train
 from helpers import exit_error_line, one_line_naming, popen_taking_ctrl_c
 
@@ -260,17 +260,17 @@ def test_a_batch_is_refused_only_when_its_estimated_memory_is_more_than_is_avail
     """The bound is the estimate itself: a byte more available and the step runs."""
     model = build_model("seed")
     need, layer, most = model.training_step_bytes(64)
-    monkeypatch.setattr(training, "available_memory", lambda: need)
-    training.check_memory_fits(model, 64, "--batch-size 64")
-    monkeypatch.setattr(training, "available_memory", lambda: need - 1)
+    monkeypatch.setattr(memory, "available_memory", lambda: need)
+    memory.check_memory_fits(model, 64, "--batch-size 64")
+    monkeypatch.setattr(memory, "available_memory", lambda: need - 1)
     with pytest.raises(ConfigError) as refused:
-        training.check_memory_fits(model, 64, "--batch-size 64")
+        memory.check_memory_fits(model, 64, "--batch-size 64")
     assert str(refused.value) == (
         f"--batch-size 64: a training step on 64 images would take an estimated {need / 1e9:.2f} GB of memory "
         f"(layer {layer!r} the most, {most / 1e9:.2f} GB), more than the {(need - 1) / 1e9:.2f} GB available; "
         "a smaller batch or model needs less")
-    monkeypatch.setattr(training, "available_memory", lambda: None)      # not known: not checked
-    training.check_memory_fits(model, 64, "--batch-size 64")
+    monkeypatch.setattr(memory, "available_memory", lambda: None)      # not known: not checked
+    memory.check_memory_fits(model, 64, "--batch-size 64")
 
 
 def test_available_memory_is_meminfos_memavailable(tmp_path):
@@ -282,7 +282,7 @@ def test_available_memory_is_meminfos_memavailable(tmp_path):
     if not listed:
         pytest.skip("this kernel's /proc/meminfo has no MemAvailable")
     # no cgroup files under tmp_path: no container limit
-    assert abs(training.available_memory(cgroup=str(tmp_path)) - listed[0]) < 1 << 30   # read a moment apart
+    assert abs(memory.available_memory(cgroup=str(tmp_path)) - listed[0]) < 1 << 30   # read a moment apart
 
 
 GB = 1 << 30
@@ -311,7 +311,7 @@ def test_available_memory_is_the_smaller_of_memavailable_and_the_containers_limi
     for name, text in files.items():
         (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cgroup" / name).write_text(text)
-    assert training.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup")) == want
+    assert memory.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup")) == want
 
 
 @pytest.mark.parametrize("model, fragment", [

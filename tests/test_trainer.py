@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cnn_core import training
+from cnn_core import memory
 from cnn_core.data import batch_index
 from cnn_core.errors import ConfigError, DataError
 from cnn_core.model import build_model
@@ -113,7 +113,7 @@ def test_a_batch_of_the_server_that_this_machine_cannot_hold_is_refused_before_t
     """The server's batch size against this worker's memory (the server cannot know it): one line
     before the training set loads (MNIST_DIR names nothing here), not a MemoryError at the first
     batch; a synthetic trainer (--compute-ms), which computes nothing, is not checked."""
-    monkeypatch.setattr(training, "available_memory", lambda: 1)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)
     trainer = Trainer(SimpleNamespace(wid="w-1"), mnist_dir="/nonexistent/mnist")
     with pytest.raises(ConfigError, match=r"^the server's batch size 64: a training step on 64 images would take "
                                           r"an estimated [0-9.]+ GB of memory \(layer '[a-z0-9]+' the most"):
@@ -126,7 +126,7 @@ def test_a_rejoin_to_the_same_model_and_batch_is_not_checked_against_memory_agai
     and weights this worker holds: not refused then; a new batch size is checked again."""
     trainer = Trainer(SimpleNamespace(wid="w-1"), mnist_dir=mnist_dir)
     trainer.setup(welcome("light"))
-    monkeypatch.setattr(training, "available_memory", lambda: 1)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)
     trainer.setup(welcome("light", seed=7))
     with pytest.raises(ConfigError, match="^the server's batch size 128: "):
         trainer.setup(welcome("light", batch_size=128))

@@ -46,7 +46,7 @@ from cnn_core.errors import DataError, PscnnError
 from cnn_core.flat import FlatArrays, all_finite
 from cnn_core.model import build_model
 from cnn_core.text import for_count
-from cnn_core.training import check_memory_fits
+from cnn_core.memory import check_memory_fits
 from pscnn import curve
 from pscnn import protocol as P
 
