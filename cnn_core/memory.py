@@ -72,13 +72,20 @@ def cgroup_memory_left(root: str = "/sys/fs/cgroup") -> int | None:
     return None
 
 
+#: The switch of ``pscnn train``, ``worker`` and ``run`` that skips :func:`check_memory_fits`, and its
+#: variable (pscnn.cli's PSCNN_<FLAG>), named in its refusal.
+SKIP_FLAG = "--no-memory-check"
+SKIP_VARIABLE = "PSCNN_NO_MEMORY_CHECK"
+
+
 def check_memory_fits(model, batch: int, flag: str, steps: int = 1) -> None:
     """ConfigError, before any data is read, if a training step on ``batch`` images would take
     more memory than is available (:meth:`~cnn_core.model.Model.training_step_bytes`'s
     estimate): a MemoryError, or the OOM killer, stopped the run at its first batch, after the
     data was read.  ``flag``: what set the batch, for the message.  ``steps``: how many such
     steps run at once on this machine (``pscnn run``'s workers).  On a GPU, whose memory is
-    its own, nothing is checked."""
+    its own, nothing is checked.  The message names :data:`SKIP_FLAG`, which every command that
+    checks takes: the estimate is not the step's measured peak, and may refuse a batch that fits."""
     if model.device != "cpu":
         return
     available = available_memory()
@@ -92,4 +99,5 @@ def check_memory_fits(model, batch: int, flag: str, steps: int = 1) -> None:
                           f"(layer {layer!r} the most, {most / 1e9:,.2f} GB{' a step' if steps > 1 else ''}), "
                           f"more than the {available / 1e9:,.2f} GB available; "
                           + ("a smaller batch or model needs less" if steps == 1
-                             else "fewer workers, a smaller batch or a smaller model need less"))
+                             else "fewer workers, a smaller batch or a smaller model need less")
+                          + f"; {SKIP_FLAG} (or {SKIP_VARIABLE}=1) skips this check")

@@ -189,7 +189,7 @@ def _sync(xp) -> None:
         xp.cuda.Device().synchronize()
 
 
-def train(config: dict, progress: bool = True) -> dict:
+def train(config: dict, progress: bool = True, check_memory: bool = True) -> dict:
     """Train a model on MNIST as ``config`` says; write the run folder; return the summary.
 
     ``config`` keys (missing ones take :func:`default_config`'s values):
@@ -203,6 +203,9 @@ def train(config: dict, progress: bool = True) -> dict:
     ``progress`` shows a tqdm bar per epoch (and per MNIST file downloaded)
     when stderr is a terminal; without a bar, each "step" record is also
     logged at INFO level, so container logs still show the run advancing.
+    ``check_memory``: refuse, before the data is read, a batch whose step would not fit this
+    machine's memory by its estimate (:func:`~cnn_core.memory.check_memory_fits`); False is
+    ``--no-memory-check``.
 
     Returns the summary exactly as written to summary.json (plain JSON types).
 
@@ -224,7 +227,8 @@ def train(config: dict, progress: bool = True) -> dict:
     # count): a bad optimizer flag failed only after the 47 MB were read (or downloaded).
     num_train = training_set_size(cfg["train_limit"])
     check_batches_fit(model, num_train, cfg["batch_size"])
-    check_memory_fits(model, min(cfg["batch_size"], num_train), f"--batch-size {cfg['batch_size']}")
+    if check_memory:                    # --no-memory-check: for an estimate that refuses a batch which fits
+        check_memory_fits(model, min(cfg["batch_size"], num_train), f"--batch-size {cfg['batch_size']}")
     planned_updates = cfg["epochs"] * batches_per_epoch(num_train, cfg["batch_size"])   # as iterate_batches
     optimizer = _build_optimizer(cfg["optimizer"], planned_updates)
     cfg["optimizer"] = optimizer.config()    # every hyperparameter, defaults and schedule lengths filled in
@@ -629,7 +633,7 @@ def _platform(xp) -> dict:
 def train_from_args(args) -> int:
     """``pscnn train``: the config from the parsed flags, :func:`train`, then the report on stdout."""
     config = config_from_args(args, threads=args.threads)
-    summary = train(config, progress=not args.no_progress)
+    summary = train(config, progress=not args.no_progress, check_memory=not args.no_memory_check)
     print(format_report(summary), flush=True)
     return 0
 

@@ -401,6 +401,9 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
 
 # Seconds between evaluations, unless given (pscnn evaluator --every, pscnn run --eval-every).
 EVAL_EVERY_S = 10.0
+# --no-memory-check of the commands that check (cnn_core.memory.check_memory_fits, whose message names it).
+MEMORY_CHECK_HELP = ("skip the up-front check that a training step fits this machine's memory: its estimate "
+                     "is no measurement (a step took 0.77-1.10x of it), and may refuse a batch that fits")
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "
                 "leases; hides the round trip, gradients one version staler)")
 
@@ -478,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_path, default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--log-every", type=positive_int, default=50, help="updates between metrics lines (default: 50)")
     add_switch(p, "--no-progress", help="no progress bar")
+    add_switch(p, "--no-memory-check", help=MEMORY_CHECK_HELP)
     add_log_flags(p)
 
     p = sub.add_parser("server", help="the parameter server")
@@ -498,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-ms", type=non_negative_float, default=None,
                    help="benchmarks: sleep this long instead of computing, push zero gradients")
     add_switch(p, "--overlap", help=OVERLAP_HELP)
+    add_switch(p, "--no-memory-check", help=MEMORY_CHECK_HELP)
     add_log_flags(p)
 
     p = sub.add_parser("evaluator", help="scores the newest weights on the test set")
@@ -527,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_flags(p)
     p.add_argument("--out", type=_path, default="runs/run", help="run folder (default: runs/run)")
     add_switch(p, "--no-progress", help="no progress bar")
+    add_switch(p, "--no-memory-check", help=MEMORY_CHECK_HELP + " (its workers' checks too)")
     add_log_flags(p)
 
     p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")

@@ -315,9 +315,10 @@ def check_workers_fit_memory(args, cfg, model) -> None:
     """ConfigError unless this machine's memory holds --workers training steps of ``model`` at once
     (:func:`~cnn_core.memory.check_memory_fits`): each worker checked its own step alone against
     the same free memory, so 4 workers that each fit but not together all started, and the OOM
-    killer ended some at their first batch.  GPU workers: not checked (their memory is the GPU's)."""
+    killer ended some at their first batch.  GPU workers: not checked (their memory is the GPU's),
+    nor with --no-memory-check."""
     from pscnn.cli import given_flag  # noqa: PLC0415
-    if args.device != "cpu":
+    if args.device != "cpu" or args.no_memory_check:
         return
     batch = min(cfg.batch_size, training_set_size(cfg.train_limit))
     check_memory_fits(model, batch, f"{given_flag('workers')} {args.workers} and {given_flag('batch_size')} "
@@ -518,8 +519,10 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
                      + ("its results are written again from its checkpoint" if scored else
                         "its final weights are scored and its results written"))
             cluster.start_server(flags_from(args, SERVER_FLAGS))
+            worker_flags = [*client_flags, *(["--overlap"] if args.overlap else []),
+                            *(["--no-memory-check"] if args.no_memory_check else [])]
             for i in range(workers):
-                cluster.start_worker(worker_name(i), [*client_flags, *(["--overlap"] if args.overlap else [])])
+                cluster.start_worker(worker_name(i), worker_flags)
             if not args.no_evaluator and not scored:
                 cluster.start_evaluator([*client_flags, "--test-limit", str(args.test_limit),
                                          *(["--every", str(args.eval_every)] if args.eval_every else [])])

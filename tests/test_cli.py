@@ -50,6 +50,22 @@ def test_auto_optimizer_and_per_optimizer_learning_rate(argv, name, lr):
         assert "momentum" not in cfg
 
 
+def test_no_memory_check_is_a_switch_of_every_command_that_checks_memory(monkeypatch):
+    """A batch the memory estimate refused could not be trained on at all; each command that checks
+    (pscnn train, worker, run) takes --no-memory-check, or PSCNN_NO_MEMORY_CHECK=1, and a worker
+    hands it to its Trainer."""
+    from cnn_core.memory import SKIP_FLAG, SKIP_VARIABLE
+    assert (SKIP_FLAG, SKIP_VARIABLE) == ("--no-memory-check", "PSCNN_NO_MEMORY_CHECK")   # what the refusal names
+    for command in ("train", "worker", "run"):
+        assert parse_args([command], environ={}).no_memory_check is False
+        assert parse_args([command, SKIP_FLAG], environ={}).no_memory_check is True
+        assert parse_args([command], environ={SKIP_VARIABLE: "1"}).no_memory_check is True
+    given = {}
+    monkeypatch.setattr(trainer, "run_trainer", lambda *args, **kwargs: given.update(kwargs) or 0)
+    trainer.run_trainer_from_args(parse_args(["worker", SKIP_FLAG], environ={}))
+    assert given["check_memory"] is False
+
+
 def test_environment_sets_the_optimizer_like_flags():
     assert config(["run", "--mode", "async"], {"PSCNN_OPTIMIZER": "sgd"})["name"] == "sgd"
     assert config(["server", "--mode", "async"], {"PSCNN_MOMENTUM": "0.7"})["momentum"] == 0.7

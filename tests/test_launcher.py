@@ -1667,14 +1667,28 @@ def test_run_refuses_more_workers_than_this_machines_memory_holds_steps_of(monke
     assert str(refused.value) == (
         f"--workers 4 and --batch-size 64: 4 training steps at once, on 64 images each, would take an estimated "
         f"{4 * need / 1e9:.2f} GB of memory (layer {layer!r} the most, {most / 1e9:.2f} GB a step), more than the "
-        f"{3 * need / 1e9:.2f} GB available; fewer workers, a smaller batch or a smaller model need less")
+        f"{3 * need / 1e9:.2f} GB available; fewer workers, a smaller batch or a smaller model need less; "
+        "--no-memory-check (or PSCNN_NO_MEMORY_CHECK=1) skips this check")
     launcher.check_run_args(parse_args(["run", "--model", "light", "--workers", "4", "--device", "gpu"]))
+    launcher.check_run_args(parse_args(["run", "--model", "light", "--workers", "4", "--no-memory-check"]))
     # --resume: the server's own model, built to resume, is checked instead
     monkeypatch.setattr(launcher, "ParameterServer", lambda cfg: SimpleNamespace(
         work=SimpleNamespace(done=False), final_eval=None, store=SimpleNamespace(model=build_model("light"))))
     with pytest.raises(ConfigError, match="^--workers 4 and --batch-size 64: 4 training steps at once"):
         launcher.run_from_args(parse_args(["run", "--model", "light", "--workers", "4", "--resume",
                                            "--out", str(tmp_path / "run"), "--mnist-dir", str(tmp_path / "none")]))
+
+
+def test_run_no_memory_check_skips_its_check_and_its_workers(run_in_process, monkeypatch):
+    """pscnn run --no-memory-check must skip its own check of --workers steps at once and hand the
+    switch to its workers, whose own check would refuse the batch instead."""
+    from cnn_core import memory
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)
+    code, cluster = run_in_process("--workers", "2", "--no-memory-check")
+    assert code == 0
+    assert [name for name, flags in cluster.started.items() if "--no-memory-check" in flags] == ["worker-0", "worker-1"]
+    code, _ = run_in_process("--workers", "2", "--no-memory-check", "--memory-check")    # the opposite undoes it
+    assert code == 1 and len(RecordingCluster.made) == 1, "refused before a second cluster started"
 
 
 def test_pscnn_run_draws_no_progress_bar_into_a_pipe(tmp_path, mnist_dir, capsys):

@@ -268,9 +268,31 @@ def test_a_batch_is_refused_only_when_its_estimated_memory_is_more_than_is_avail
     assert str(refused.value) == (
         f"--batch-size 64: a training step on 64 images would take an estimated {need / 1e9:.2f} GB of memory "
         f"(layer {layer!r} the most, {most / 1e9:.2f} GB), more than the {(need - 1) / 1e9:.2f} GB available; "
-        "a smaller batch or model needs less")
+        "a smaller batch or model needs less; --no-memory-check (or PSCNN_NO_MEMORY_CHECK=1) skips this check")
     monkeypatch.setattr(memory, "available_memory", lambda: None)      # not known: not checked
     memory.check_memory_fits(model, 64, "--batch-size 64")
+
+
+def test_no_memory_check_trains_on_a_batch_the_estimate_refuses(tmp_path, monkeypatch, capsys):
+    """The estimate is no measurement (a step took 0.77-1.10x of it), and a batch it refused
+    could not be trained on at all: --no-memory-check, or PSCNN_NO_MEMORY_CHECK=1, skips it.
+    MNIST_DIR names an empty folder: past the check, reading it fails."""
+    from pscnn.cli import main
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["train", "--model", "light", "--out", str(tmp_path / "run"), "--mnist-dir", str(empty), "--no-progress",
+            "--log-level", "error"]
+    assert main(argv) == 1
+    refused = capsys.readouterr().err
+    assert "--batch-size 64: a training step on 64 images would take an estimated " in refused
+    assert refused.strip().endswith("; --no-memory-check (or PSCNN_NO_MEMORY_CHECK=1) skips this check"), refused
+    for flags, environ in (["--no-memory-check"], {}), ([], {"PSCNN_NO_MEMORY_CHECK": "1"}):
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        assert main([*argv, *flags]) == 1
+        err = capsys.readouterr().err
+        assert "would take an estimated" not in err and str(empty) in err, err
 
 
 def test_available_memory_is_meminfos_memavailable(tmp_path):

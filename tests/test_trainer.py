@@ -119,6 +119,9 @@ def test_a_batch_of_the_server_that_this_machine_cannot_hold_is_refused_before_t
                                           r"an estimated [0-9.]+ GB of memory \(layer '[a-z0-9]+' the most"):
         trainer.setup(welcome("light"))
     Trainer(SimpleNamespace(wid="w-1"), compute_ms=0.0).setup(welcome("light"))
+    # --no-memory-check: past the check, to the training set that is not there
+    with pytest.raises(DataError):
+        Trainer(SimpleNamespace(wid="w-1"), mnist_dir="/nonexistent/mnist", check_memory=False).setup(welcome("light"))
 
 
 def test_a_rejoin_to_the_same_model_and_batch_is_not_checked_against_memory_again(monkeypatch, mnist_dir):

@@ -178,8 +178,9 @@ class _OtherLoop(Exception):
 
 class Trainer:
     def __init__(self, client: Client, device: str = "cpu", mnist_dir: str | None = None,
-                 compute_ms: float | None = None, overlap: bool = False):
+                 compute_ms: float | None = None, overlap: bool = False, check_memory: bool = True):
         self.client = client
+        self.check_memory = check_memory    # False: --no-memory-check
         self.overlap = overlap              # --overlap: asked for; the server's mode decides (_overlapped)
         self.device = device
         self.mnist_dir = mnist_dir
@@ -206,7 +207,7 @@ class Trainer:
         if self.model is None or welcome.body["model"] != self.model.spec:
             self.model = model_from_welcome(welcome.body["model"], self.device, seed=run["seed"])
             self._zero_push = None
-        if self.compute_ms is None and planned != self._memory_checked:
+        if self.compute_ms is None and self.check_memory and planned != self._memory_checked:
             # Against this machine's memory, which the server cannot know (a worker failed at its first
             # batch); not again on a rejoin to the same model and batch, which has run here, and whose
             # data and weights MemAvailable no longer counts.
@@ -554,15 +555,18 @@ class Trainer:
 
 def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mnist_dir: str | None = None,
                 give_up_after: float = 600.0, compute_ms: float | None = None, overlap: bool = False,
-                keys: str | None = None) -> int:
-    """``keys``: the folder of this client's CURVE keys (:mod:`pscnn.curve`), for a server that requires them."""
+                keys: str | None = None, check_memory: bool = True) -> int:
+    """``keys``: the folder of this client's CURVE keys (:mod:`pscnn.curve`), for a server that requires them.
+    ``check_memory``: False (``--no-memory-check``) trains on a batch whose step's estimate exceeds
+    this machine's memory (:func:`~cnn_core.memory.check_memory_fits`)."""
     client_keys = curve.client_keys(keys) if keys else None     # a bad key file: one line, before the data loads
     check_local_setup(device, mnist_dir, None if compute_ms is not None else "train")
     client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
     try:
         welcome = client.connect()
         log.info("joined %s as %s", endpoint, client.wid)
-        trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms, overlap=overlap)
+        trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms, overlap=overlap,
+                          check_memory=check_memory)
         trainer.setup(welcome)
         return trainer.work()
     except ServerUnreachable as exc:
@@ -596,4 +600,4 @@ def leave_on_signal(client: Client, exc: BaseException) -> int:
 def run_trainer_from_args(args) -> int:
     return run_trainer(args.server, name=args.name, device=args.device, mnist_dir=args.mnist_dir,
                        give_up_after=args.give_up_after, compute_ms=args.compute_ms, overlap=args.overlap,
-                       keys=args.keys)
+                       keys=args.keys, check_memory=not args.no_memory_check)
