@@ -333,7 +333,51 @@ def test_available_memory_is_the_smaller_of_memavailable_and_the_containers_limi
     for name, text in files.items():
         (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cgroup" / name).write_text(text)
-    assert memory.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup")) == want
+    own = tmp_path / "self-cgroup"
+    own.write_text("0::/\n")                # at the mount's root, as in a container of its own
+    assert memory.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup"),
+                                   own_cgroup=str(own)) == want
+
+
+@pytest.mark.parametrize("own_cgroup, files, want", [
+    # cgroup v2, nested: the root (the host's) has no limit, the parent's leaves the least
+    ("0::/app.slice/job\n",
+     {"app.slice/memory.max": f"{3 * GB}\n", "app.slice/memory.current": f"{2 * GB}\n",
+      "app.slice/job/memory.max": f"{4 * GB}\n", "app.slice/job/memory.current": f"{GB}\n"}, GB),
+    # ... or the process's own cgroup, an ancestor's "max" no limit
+    ("0::/app.slice/job\n",
+     {"app.slice/memory.max": "max\n", "app.slice/memory.current": f"{2 * GB}\n",
+      "app.slice/job/memory.max": f"{2 * GB}\n", "app.slice/job/memory.current": f"{GB}\n",
+      "app.slice/job/memory.stat": f"inactive_file {GB // 2}\n"}, 3 * GB // 2),
+    # a path that this namespace's mount does not show: the mount's own cgroup, as before
+    ("0::/outside/of/it\n", {"memory.max": f"{2 * GB}\n", "memory.current": f"{GB}\n"}, GB),
+    ("0::/../sibling\n", {"memory.max": f"{2 * GB}\n", "memory.current": f"{GB}\n",
+                          "sibling/memory.max": "1\n", "sibling/memory.current": "0\n"}, GB),
+    # cgroup v1: the memory controller's line, under the mount's memory folder
+    ("12:cpu,cpuacct:/other\n4:memory:/docker/abc\n0::/\n",
+     {"memory/docker/memory.limit_in_bytes": "9223372036854771712\n",
+      "memory/docker/memory.usage_in_bytes": f"{5 * GB}\n",
+      "memory/docker/abc/memory.limit_in_bytes": f"{3 * GB}\n",
+      "memory/docker/abc/memory.usage_in_bytes": f"{2 * GB}\n",
+      "memory/docker/abc/memory.stat": f"total_inactive_file {GB}\n"}, 2 * GB),
+    ("4:memory:/docker/abc\n", {"memory/memory.limit_in_bytes": f"{2 * GB}\n",           # namespaced away
+                                "memory/memory.usage_in_bytes": f"{GB // 2}\n"}, 3 * GB // 2),
+    (None, {"memory.max": f"{2 * GB}\n", "memory.current": f"{GB}\n"}, GB),        # no /proc/self/cgroup: the mount's
+])
+def test_available_memory_takes_the_tightest_limit_of_the_process_cgroup_and_its_ancestors(
+        tmp_path, own_cgroup, files, want):
+    """Only the cgroup at /sys/fs/cgroup itself was read: a process in a nested cgroup (a systemd
+    unit's, a job's, cgroup v1's /docker/ID) passed the check against MemAvailable, over its limit."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       {16 * GB // 1024} kB\nMemAvailable:   {8 * GB // 1024} kB\n")
+    for name, text in files.items():
+        (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cgroup" / name).write_text(text)
+    own = tmp_path / "self-cgroup"
+    if own_cgroup is not None:
+        own.write_text(own_cgroup)
+    assert memory.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup"),
+                                   own_cgroup=str(own)) == want
 
 
 @pytest.mark.parametrize("model, fragment", [
