@@ -127,12 +127,14 @@ SKIP_FLAG = "--no-memory-check"
 SKIP_VARIABLE = "PSCNN_NO_MEMORY_CHECK"
 
 
-def check_memory_fits(model, batch: int, flag: str, steps: int = 1) -> None:
+def check_memory_fits(model, batch: int, flag: str, steps: int = 1, optimizer_slots: int = 0) -> None:
     """ConfigError, before any data is read, if a training step on ``batch`` images would take
     more memory than is available (:meth:`~cnn_core.model.Model.training_step_bytes`'s
     estimate): a MemoryError, or the OOM killer, stopped the run at its first batch, after the
     data was read.  ``flag``: what set the batch, for the message.  ``steps``: how many such
-    steps run at once on this machine (``pscnn run``'s workers).  On a GPU, whose memory is
+    steps run at once on this machine (``pscnn run``'s workers).  ``optimizer_slots``: the
+    parameter-sized arrays of an optimizer in this process (pscnn train's; a worker's optimizer
+    is the server's).  On a GPU, whose memory is
     its own, nothing is checked.  The message names :data:`SKIP_FLAG`, which every command that
     checks takes: the estimate is not the step's measured peak, and may refuse a batch that fits."""
     if model.device != "cpu":
@@ -140,7 +142,7 @@ def check_memory_fits(model, batch: int, flag: str, steps: int = 1) -> None:
     available = available_memory()
     if available is None:
         return
-    need, layer, most = model.training_step_bytes(batch)
+    need, layer, most = model.training_step_bytes(batch, optimizer_slots)
     if steps * need > available:
         images = f"{batch:,} {for_count(batch, 'image')}"
         what = f"a training step on {images}" if steps == 1 else f"{steps} training steps at once, on {images} each,"

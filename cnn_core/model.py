@@ -243,10 +243,15 @@ class Model:
                 self.state[f"{layer.name}.{k}"] = v
         self.params = FlatArrays.pack(built, dtype=self.dtype)
         # What training_step_bytes counts per image and layer: a training pass keeps one more array
-        # of its output's size for the layers of KEEPS_ANOTHER_OUTPUT.
-        self._step_values = [(layer.name, count + (math.prod(layer.out_shape)
-                                                   if isinstance(layer, KEEPS_ANOTHER_OUTPUT) else 0))
+        # of its output's size for the layers of KEEPS_ANOTHER_OUTPUT, those in a residual block too
+        # (but a Dropout of p 0, which draws no mask); and a chunked step holds each Dropout's mask of
+        # the whole batch (Dropout.begin_batch), counted there from its values per image.
+        self._step_values = [(layer.name, count + sum(math.prod(inner.out_shape) for inner in _all_layers([layer])
+                                                      if isinstance(inner, KEEPS_ANOTHER_OUTPUT)
+                                                      and not (type(inner) is Dropout and inner.p == 0.0)))
                              for layer, count in per_layer]
+        self._mask_values = [(layer.name, math.prod(inner.in_shape)) for layer in self.layers
+                             for inner in _all_layers([layer]) if type(inner) is Dropout and inner.p > 0.0]
         for layer in self.layers:
             for k in layer.parameters:
                 layer.bind_parameter(k, self.params[f"{layer.name}.{k}"])
@@ -308,19 +313,25 @@ class Model:
         if self._tightest_batch_norm is not None:
             self._tightest_batch_norm.check_training_batch(n)
 
-    def training_step_bytes(self, n: int) -> tuple[int, str, int]:
+    def training_step_bytes(self, n: int, optimizer_slots: int = 0) -> tuple[int, str, int]:
         """An estimate of the memory a training step on ``n`` images (:meth:`loss_and_grads`)
         holds at once, in bytes, with the layer that holds the most and its bytes.
+        ``optimizer_slots``: the arrays of the parameters' size that an optimizer in this process
+        keeps (:meth:`~cnn_core.optim.Optimizer.slots`: pscnn train's; a worker's is the server's).
 
         Counted: each layer's output and caches (a convolution's padded input and columns, the
-        array KEEPS_ANOTHER_OUTPUT's layers keep besides) for the images of one pass (a chunk on
-        the CPU; the whole batch on a GPU or with a BatchNorm), the Dense layers' inputs and
-        output gradients kept over the whole batch (a chunked step's, and their concatenation),
-        the input images, the parameters and their gradients.  Left out: the backward pass's
-        transient arrays, the optimizer's slots, NumPy's and Python's own memory.  tracemalloc's
-        peak over a step (the images and weights included) was 0.77-1.10x this estimate for the
-        seed model at batch 64 to 4,096, a BatchNorm model at 64 and 512, residual models at 128
-        and 512, and convs of 256 channels at 64 and 512.
+        array KEEPS_ANOTHER_OUTPUT's layers keep besides, in a residual block too) for the images
+        of one pass (a chunk on the CPU; the whole batch on a GPU or with a BatchNorm), the Dense
+        layers' inputs and output gradients kept over the whole batch (a chunked step's, and
+        their concatenation),
+        a chunked step's dropout masks drawn for the whole batch, the input images, the
+        parameters, their gradients and the optimizer's slots.  Left out: the backward pass's
+        transient arrays, NumPy's and Python's own memory.  tracemalloc's peak over a step (the
+        images, weights and slots included) was 0.74-1.14x this estimate for the seed model at
+        batch 16 to 4,096 (and with SGD momentum and Adam at 64), a BatchNorm model at 64 and 512,
+        a residual model at 128 and 512, a conv and dropout at 17 to 64, and a wide dense model
+        with SGD momentum and Adam at 64 and 512; 0.66x for a conv of 256 channels at 64, and
+        1.24x for a residual block of a conv and a dropout at 16 (its conv's backward transients).
         """
         bounds = self._chunk_bounds(n, train=True)
         whole = len(bounds) == 2 or self._couples_samples
@@ -330,8 +341,11 @@ class Model:
             for layer in self.layers:
                 if type(layer) is Dense:
                     values[layer.name] += 2 * n * (math.prod(layer.in_shape) + layer.units)
+            for name, per_image in self._mask_values:
+                if n * per_image <= Dropout.MAX_BATCH_MASK_VALUES:     # drawn whole: each chunk's is a view
+                    values[name] += (n - per_pass) * per_image
         itemsize = np.dtype(self.dtype).itemsize
-        fixed = n * math.prod(self.spec["input_shape"]) + 2 * self.num_parameters()
+        fixed = n * math.prod(self.spec["input_shape"]) + (2 + optimizer_slots) * self.num_parameters()
         name, most = max(values.items(), key=lambda item: item[1])
         return itemsize * (sum(values.values()) + fixed), name, itemsize * most
 

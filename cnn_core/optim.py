@@ -126,6 +126,11 @@ class Optimizer:
         """Names of the per-parameter arrays of this configuration."""
         return self.SLOTS
 
+    def slots(self) -> tuple:
+        """Names of the arrays of a parameter's size that this optimizer keeps for each one (SGD
+        with momentum: its velocity; Adam: its two moments): what Model.training_step_bytes counts."""
+        return self._slots()
+
     # ------------------------------------------------------------------ updates
     def update(self, w, dw, state: dict, lr: float):
         """One update of one parameter: ``w`` (any shape) in place, given ``dw`` (same shape).

@@ -227,10 +227,12 @@ def train(config: dict, progress: bool = True, check_memory: bool = True) -> dic
     # count): a bad optimizer flag failed only after the 47 MB were read (or downloaded).
     num_train = training_set_size(cfg["train_limit"])
     check_batches_fit(model, num_train, cfg["batch_size"])
-    if check_memory:                    # --no-memory-check: for an estimate that refuses a batch which fits
-        check_memory_fits(model, min(cfg["batch_size"], num_train), f"--batch-size {cfg['batch_size']}")
     planned_updates = cfg["epochs"] * batches_per_epoch(num_train, cfg["batch_size"])   # as iterate_batches
     optimizer = _build_optimizer(cfg["optimizer"], planned_updates)
+    if check_memory:                    # --no-memory-check: for an estimate that refuses a batch which fits
+        # the optimizer's slots too (Adam's two moments: twice the weights), which live here
+        check_memory_fits(model, min(cfg["batch_size"], num_train), f"--batch-size {cfg['batch_size']}",
+                          optimizer_slots=len(optimizer.slots()))
     cfg["optimizer"] = optimizer.config()    # every hyperparameter, defaults and schedule lengths filled in
     x_train, y_train = load_mnist("train", cfg["mnist_dir"], limit=cfg["train_limit"] or None, progress=progress)
     x_test, y_test = load_mnist("test", cfg["mnist_dir"], limit=cfg["test_limit"] or None, progress=progress)

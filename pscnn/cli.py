@@ -403,7 +403,7 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
 EVAL_EVERY_S = 10.0
 # --no-memory-check of the commands that check (cnn_core.memory.check_memory_fits, whose message names it).
 MEMORY_CHECK_HELP = ("skip the up-front check that a training step fits this machine's memory: its estimate "
-                     "is no measurement (a step took 0.77-1.10x of it), and may refuse a batch that fits")
+                     "is no measurement (a step took 0.66-1.24x of it), and may refuse a batch that fits")
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "
                 "leases; hides the round trip, gradients one version staler)")
 
