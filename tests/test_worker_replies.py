@@ -1,7 +1,7 @@
 """The trainer and the evaluator against a server whose replies pass the protocol but make no sense.
 
-Replies that decode fine but must not be used: weights with a NaN or Inf, of
-the wrong dtype, name or shape; a negative or impossible ``held_s``; a task of
+Replies that decode fine but must not be used: weights with a NaN or Inf or a
+negative BatchNorm variance, of the wrong dtype, name or shape; a negative or impossible ``held_s``; a task of
 an epoch outside the run; a server that refuses every push; an evaluator told
 "done" with nothing to score, or whose final report is refused; heartbeats
 that say "done" while every pull says otherwise.  Each is refused as a bad
@@ -33,11 +33,11 @@ from pscnn.launcher import child_env
 import test_client_replies
 from helpers import exit_error_line, popen_taking_ctrl_c
 from test_client_replies import (ACK, GIVE_UP_S, LOOPS, MAX_FAILURES_IN_A_ROW, RUN, SILENCE, STOP, Unchecked, error,
-                                 pscnn, run_loop, task, trainer_on, wait, welcome)
+                                 message, pscnn, run_loop, task, trainer_on, wait, welcome)
 from worker import evaluator as evaluator_module
 from worker.client import BadReply, Client, TooManyFailures
 from worker.evaluator import FinalReportRefused, run_evaluator
-from worker.trainer import check_weights, leave_on_signal
+from worker.trainer import Trainer, check_weights, leave_on_signal
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,6 +204,46 @@ def test_an_evaluator_scores_finite_weights_that_overflow_without_numpys_warning
     [report] = server.of_type(P.EVAL_REPORT)
     assert report.body["final"] and not np.isfinite(report.body["metrics"]["test_loss"])
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+
+
+# A model with state: a BatchNorm's running mean and variance travel with the weights.
+BATCH_NORM = {"input_shape": [1, 28, 28], "layers": [
+    {"type": "conv2d", "out_channels": 4, "kernel": 3}, {"type": "batchnorm2d", "name": "bn"}, {"type": "relu"},
+    {"type": "flatten"}, {"type": "dense", "units": 10}]}
+
+
+def negative_variance() -> tuple[dict, dict]:
+    """(BATCH_NORM's spec as built, its weights with a running variance of -1: finite, but no layer runs with it)."""
+    model = build_model(BATCH_NORM)
+    return model.spec, {**model.params, **model.state, "bn.running_var": np.full_like(model.state["bn.running_var"], -1)}
+
+
+@LOOPS
+def test_a_task_whose_batchnorm_variance_is_negative_is_refused(fake, connect, caplog, overlapped):
+    """The server refuses such a state in a push; a trainer that loaded it trained on with it and
+    pushed it back, each push refused, until it gave up on the server."""
+    spec, arrays = negative_variance()
+    server = fake(hello=[welcome(model=spec)], work=[task_with(arrays), STOP], push=[STOP])
+    trainer = Trainer(connect(server), compute_ms=0.0)
+    trainer.setup(message(welcome(model=spec)))
+    with caplog.at_level(logging.WARNING, logger="pscnn.client"):
+        assert run_loop(trainer, overlapped) == 0
+    assert not server.of_type(P.PUSH)
+    assert (trainer.model.state["bn.running_var"] == 1).all()           # not loaded
+    (line,) = warnings_with(caplog, "the server sent a task whose state 'bn.running_var' holds a negative variance")
+    assert "\n" not in line
+
+
+def test_an_evaluator_does_not_score_weights_whose_batchnorm_variance_is_negative(fake, evaluator):
+    """Scored, every output was NaN: a loss of NaN and the accuracy of always guessing 0, reported as
+    the run's final evaluation."""
+    spec, arrays = negative_variance()
+    server = fake(hello=[welcome(model=spec)], eval_report=[ACK],
+                  pull=[pull_reply(True, arrays)] * MAX_FAILURES_IN_A_ROW + [SILENCE])
+    with pytest.raises(TooManyFailures, match="the server sent weights whose state 'bn.running_var' holds a "
+                                              r"negative variance \(-1\)"):
+        evaluator(server)
+    assert not server.of_type(P.EVAL_REPORT)
 
 
 # ================================================================ 3: held_s

@@ -14,10 +14,11 @@ reported as final with the metrics they had.
 
 A welcome whose model or run settings cannot be used ends it with one line; a
 pull answered with an error, anything but weights, or weights the model cannot
-take (a name, shape or dtype it does not have, a NaN or Inf) or a "done" with
-nothing to score, is retried, up to ``client.MAX_FAILURES_IN_A_ROW`` in a row
-(then one line, exit status 1).  A periodic report the server refuses is a
-warning, then one line a minute says how many more it refused for that reason
+take (a name, shape or dtype it does not have, a NaN or Inf, a negative
+BatchNorm variance) or a "done" with nothing to score, is retried, up to
+``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
+A periodic report the server refuses is a warning, then one line a minute
+says how many more it refused for that reason
 (a server refusing each one, ``too_many_evaluations`` for a tiny ``--every``,
 warned every period for the whole run); a final one it refuses ends the
 evaluator with one line, exit status 1.

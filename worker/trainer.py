@@ -22,9 +22,9 @@ server's mode decides, again at each rejoin: a new server may run another.
 The welcome's run settings and model, and each task, are checked before use: a
 bad welcome ends the worker with one line; a bad task (a field outside the run,
 a ``held_s`` below 0 or longer than the request took; weights of a name, shape
-or dtype the model does not have, or with a NaN or Inf), an error reply or a
-reply of the wrong type is logged and skipped, up to
-``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
+or dtype the model does not have, with a NaN or Inf, or a negative BatchNorm
+variance), an error reply or a reply of the wrong type is logged and skipped,
+up to ``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
 A usable answer to a work request ends a streak of failed work requests, but
 not of refused pushes: only a push the server accepted (its reply carries an
 ``ack``) does, so a server that leases batches and refuses every push ends the
@@ -107,8 +107,9 @@ def check_model_fits(model, x, y) -> None:
 
 def check_weights(model, arrays, what: str = "weights") -> None:
     """BadReply unless the server's ``arrays`` (none: the weights we hold are the newest) are
-    every parameter and state of ``model``, each of its shape and dtype, all finite: what
-    ``Model.assign`` would raise on, cast, load for the worker to train on or score, or leave
+    every parameter and state of ``model``, each of its shape and dtype, all finite, and state
+    its layer can run with (no negative BatchNorm variance, which the server refuses in a push):
+    what ``Model.assign`` would raise on, cast, load for the worker to train on or score, or leave
     as it was (a missing array).  One reduction over a FlatArrays' buffer."""
     if not arrays:
         return
@@ -127,11 +128,15 @@ def check_weights(model, arrays, what: str = "weights") -> None:
     if missing:
         raise BadReply(f"the server sent {what} without {len(missing)} of the model's arrays "
                        f"(the first: {missing[0]!r})")
-    if isinstance(arrays, FlatArrays) and all_finite(arrays.flat):
-        return
-    for name, value in arrays.items():             # which one (or, several dtypes: each of them)
-        if not all_finite(value.reshape(-1)):
-            raise BadReply(f"the server sent {what} with NaN or Inf in {P.one_line(repr(name), 80)}")
+    if not (isinstance(arrays, FlatArrays) and all_finite(arrays.flat)):
+        for name, value in arrays.items():         # which one (or, several dtypes: each of them)
+            if not all_finite(value.reshape(-1)):
+                raise BadReply(f"the server sent {what} with NaN or Inf in {P.one_line(repr(name), 80)}")
+    # Loaded, a negative variance made every evaluation NaN, reported as the run's final result
+    for name in model.state:
+        problem = model.state_problem(name, arrays[name])
+        if problem:
+            raise BadReply(f"the server sent {what} whose state {P.one_line(repr(name), 80)} {problem}")
 
 
 def _refused_as_non_finite(exc: Exception, push: P.Message) -> bool:
