@@ -523,6 +523,47 @@ def test_a_stale_reply_read_late_is_skipped_and_the_next_wait_is_never_negative(
     assert all(t >= 0 for t in net.polls), net.polls
 
 
+
+class EndlessInbox(list):
+    """A SimSocket's inbox that never runs dry: ``frames`` again after each message read."""
+
+    def __init__(self, frames: list[bytes]):
+        super().__init__([frames])
+        self.frames = frames
+
+    def __getitem__(self, index):
+        return list(self.frames)
+
+    def pop(self, index=-1):
+        return list(self.frames)
+
+
+@pytest.mark.parametrize("stream", ["malformed", "stale"])
+def test_a_server_streaming_replies_we_cannot_use_is_given_up_on_in_one_line(sim, caplog, stream):
+    """A server answering with an endless stream of replies the client cannot use (garbage, or
+    answers to an earlier request) kept its socket readable: the deadlines, checked only while
+    nothing waited there, never came, and each malformed reply was a warning line of its own
+    (5,196 lines in 2 s from a real server sending garbage)."""
+    client, net = sim(60, give_up_after=5.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    client.seq = 40                         # this request is number 41
+    net.recv_s = 0.001                      # a reply read every millisecond, for ever
+    frames = [b"\xc1 not msgpack"] if stream == "malformed" else reply_frames(P.STOP, 40, {"version": 1, "reason": "r"})
+
+    def stream_replies(sock, timeout_ms):
+        sock.inbox = EndlessInbox(frames)
+    net.on_poll = stream_replies
+    with caplog.at_level(logging.INFO, logger="pscnn.client"), pytest.raises(ServerUnreachable) as exc:
+        client.request(P.WORK)
+    assert 5.0 < net.now - net.start <= 5.0 + client.resend_s + net.recv_s
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if stream == "malformed":
+        assert str(exc.value).startswith(f"no usable answer from {ENDPOINT} for 5 s; its last reply was malformed: "
+                                         "header is not valid msgpack")
+        assert warnings == ["ignoring a malformed reply: header is not valid msgpack (FormatError)"], warnings[:3]
+    else:
+        assert str(exc.value) == f"no usable answer from {ENDPOINT} for 5 s" and not warnings, warnings[:3]
+
+
 def test_a_client_stopped_past_its_deadline_asks_again_before_it_gives_up(sim, caplog):
     """A worker stopped (Ctrl-Z, SIGSTOP, a debugger) for longer than give_up_after while its
     request waited, then continued: the server never had a chance to answer a process that did not

@@ -445,11 +445,14 @@ class Client:
             spaced = max(min(self.resend_s * 2 ** live_resends, self.max_backoff_s), RTT_FACTOR * self.last_rtt_s)
             return min(spaced, max(limit, self.resend_s))       # several before the held limit gives up
         reconnects = 0                      # the first is logged; the rest, one every max_backoff_s, at DEBUG only
+        checked_at = time.monotonic()       # when the deadlines were last checked
         while True:
             now = time.monotonic()
             # A reply already here is read before any deadline is checked: the caller may have been
-            # busy past one (a batch computed after submit) while its answer waited.
-            if not self.sock.poll(0, zmq.POLLIN):
+            # busy past one (a batch computed after submit) while its answer waited.  Not for more
+            # than resend_s: a server streaming replies we cannot use kept us reading, never giving up.
+            if now - checked_at >= self.resend_s or not self.sock.poll(0, zmq.POLLIN):
+                checked_at = now
                 # a refused handshake: said now, not after the deadline
                 if self.handshakes.check():
                     # The connection dropped and ZeroMQ made it again: a copy sent on the old one may
@@ -500,8 +503,10 @@ class Client:
                         raise BadReply(f"{self.endpoint} answered our {msg.type} in another protocol version: "
                                        f"{P.one_line(exc, 200)}; run the same pscnn release on the "
                                        "server and its workers") from None
-                    malformed = P.one_line(exc, 200)
-                    log.warning("ignoring a malformed reply: %s", malformed)
+                    # one line a request: a server streaming garbage had one written for each reply
+                    text = P.one_line(exc, 200)
+                    log.log(logging.DEBUG if malformed else logging.WARNING, "ignoring a malformed reply: %s", text)
+                    malformed = text
                     continue
                 if reply.seq == msg.seq or reply.type == P.ERROR and reply.seq == 0:
                     self.last_rtt_s = time.monotonic() - t0
