@@ -669,6 +669,24 @@ def test_heartbeats_go_at_the_period_the_server_asked_for(sim):
     assert net.sockets[0].closed
 
 
+
+def test_a_server_streaming_heartbeat_answers_does_not_keep_the_heartbeat_thread_reading(sim):
+    """The thread read every answer waiting before its next heartbeat: a server streaming them
+    (faster than the thread reads) kept it reading for good, and it never beat again nor saw
+    close().  It reads a few a pass now, and goes on beating at its period."""
+    client, net = sim(100)
+    client.heartbeat_s = 1.0
+    client._closing = StopAfter(3)
+    net.recv_s = 0.001                      # an answer read every millisecond, for ever
+
+    def stream_answers(sock, timeout_ms):
+        sock.inbox = EndlessInbox(reply_frames(P.HEARTBEAT, 0, {"done": False}))
+    net.on_poll = stream_answers
+    client._heartbeats()
+    assert client._closing.waits == [1.0, 1.0, 1.0] and len(net.sent) == 2, (client._closing.waits, len(net.sent))
+    assert client.heard_at > 0
+
+
 def test_a_server_that_said_training_is_over_then_trains_again_is_no_longer_taken_for_done(sim):
     """A server restarted with --resume after it said training is over (its heartbeats' "done") trains
     again, and says so: the client must forget the "done", else a silence of the restarted server (a

@@ -109,6 +109,10 @@ RTT_FACTOR = 4
 # ZeroMQ's wait before it makes a dropped connection again (request and heartbeat sockets), doubling
 # up to the maximum while the server refuses it.
 RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 100, 2000
+# Heartbeat answers read in one pass of the heartbeat thread, the rest left for the next: one comes
+# a heartbeat, a few after a stall.  A server streaming them kept the thread reading for good: no
+# more heartbeats went, and close() gave up waiting for it.
+MAX_HEARTBEAT_ANSWERS_A_PASS = 16
 
 
 class ServerUnreachable(Exception):
@@ -579,7 +583,9 @@ class Client:
                                                 # request in hand learns it too and joins again
                 if answered:
                     answered = False            # only a well-formed heartbeat reply counts
-                    while sock.poll(0, zmq.POLLIN):
+                    for _ in range(MAX_HEARTBEAT_ANSWERS_A_PASS):
+                        if not sock.poll(0, zmq.POLLIN):
+                            break
                         try:
                             answer = P.decode_message(*P.recv_message(sock))
                         except P.ProtocolError:
