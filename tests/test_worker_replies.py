@@ -499,6 +499,19 @@ def test_done_with_no_weights_to_score_is_not_a_final_evaluation(fake, evaluator
     assert not [m for m in server.of_type(P.BYE) if m.body.get("reason") == "final evaluation sent"]
 
 
+
+def test_done_at_a_newer_version_with_no_weights_is_not_a_final_evaluation_of_the_one_held(fake, evaluator):
+    """A pull answered without weights says the ones held are the newest.  Told training was over
+    at version 7 without them, the evaluator reported the version it held, 3, as the run's final
+    evaluation, and exited 0."""
+    server = fake(pull=[pull_reply(False, PARAMS, version=3)] + [pull_reply(True, version=7)] * MAX_FAILURES_IN_A_ROW
+                  + [SILENCE], eval_report=[ACK])
+    with pytest.raises(TooManyFailures, match=r"the server says version 7 is the newest, but sent no weights of it "
+                                              r"\(we hold version 3\)"):
+        evaluator(server)
+    assert [(m.body["version"], m.body["final"]) for m in server.of_type(P.EVAL_REPORT)] == [(3, False)]
+
+
 def test_an_evaluator_asks_for_newer_weights_only_and_scores_each_version_once(fake, evaluator):
     server = fake(pull=[pull_reply(False, PARAMS), pull_reply(False), pull_reply(False), pull_reply(True)],
                   eval_report=[ACK])

@@ -15,8 +15,9 @@ reported as final with the metrics they had.
 A welcome whose model or run settings cannot be used ends it with one line; a
 pull answered with an error, anything but weights, or weights the model cannot
 take (a name, shape or dtype it does not have, a NaN or Inf, a negative
-BatchNorm variance) or a "done" with nothing to score, is retried, up to
-``client.MAX_FAILURES_IN_A_ROW`` in a row (then one line, exit status 1).
+BatchNorm variance), a newer version without its weights, or a "done" with
+nothing to score, is retried, up to ``client.MAX_FAILURES_IN_A_ROW`` in a row
+(then one line, exit status 1).
 A periodic report the server refuses is a warning, then one line a minute
 says how many more it refused for that reason
 (a server refusing each one, ``too_many_evaluations`` for a tiny ``--every``,
@@ -200,7 +201,8 @@ class FinalReportRefused(PscnnError):
 
 def _weights(reply: P.Message, model, have: int) -> P.Message:
     """A pull's answer if it is usable weights for ``model`` (``have``: the version it holds,
-    -1 for none; versions never go back), else BadReply."""
+    -1 for none; versions never go back; an answer without weights says ``have`` is the newest),
+    else BadReply."""
     if reply.type != P.WEIGHTS:
         raise BadReply(f"the server answered our pull with {reply.type!r}, not weights")
     if reply.body["version"] < 0:
@@ -210,6 +212,11 @@ def _weights(reply: P.Message, model, have: int) -> P.Message:
     if reply.body["version"] < have:        # a restarted server makes us rejoin (have: -1) first
         raise BadReply(f"the server sent weights of version {reply.body['version']}, older than the "
                        f"version {have} we hold")
+    if not reply.arrays and reply.body["version"] != have:
+        # Taken for "the weights you hold are the newest": told training was over, the evaluator
+        # reported the version it held as the run's final evaluation
+        raise BadReply(f"the server says version {reply.body['version']} is the newest, but sent no weights "
+                       f"of it (we hold {f'version {have}' if have >= 0 else 'none'})")
     check_weights(model, reply.arrays)
     return reply
 
