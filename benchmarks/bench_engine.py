@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     from pscnn.cli import _int_in, positive_int  # noqa: PLC0415
 
     train_images, test_images = MNIST_FILES["train-images"]["count"], MNIST_FILES["test-images"]["count"]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--trials", type=positive_int, default=7)
     p.add_argument("--steps", type=positive_int, default=15, help="training steps per trial")
     p.add_argument("--reference-steps", type=positive_int, default=3,

@@ -240,7 +240,7 @@ def layer_breakdown(model, xb, yb, sync, reps):
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="no GPU: run every code path on numpy (and torch CPU) with tiny counts")
     # 0 meant the default, and -1 no trial at all

@@ -469,8 +469,18 @@ def add_client_flags(p: argparse.ArgumentParser, role: str) -> None:
 
 # --------------------------------------------------------------------------- parser
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser without abbreviated flags: ``--epoch 3`` worked as ``--epochs 3``, and a
+    script's abbreviation would change meaning (or stop working) the day a flag sharing its start is
+    added.  Every subcommand's parser is one too: add_subparsers makes its parsers of the parent's
+    class (allow_abbrev itself is not inherited)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, allow_abbrev=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pscnn", description="Data-parallel CNN training through a ZeroMQ parameter server.", epilog=ENV_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -662,7 +672,12 @@ def refuse_unknown_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     hints = []
     for word in unknown:
         flag = word.split("=", 1)[0]
-        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75) if flag.startswith("--") else []
+        close = []
+        if flag.startswith("--"):
+            # an abbreviation (refused: see Parser) names the one flag it starts, however short it is
+            close = [known for known in flags if known.startswith(flag)]
+            if len(close) != 1:
+                close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
         hints += [f"{flag}: did you mean {close[0]}?"] if close else []
     command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
 

@@ -596,6 +596,23 @@ def test_gpu_check_refuses_bad_flags_before_it_runs(argv, needle, tmp_path):
     assert "correctness checks" not in proc.stdout      # nothing was run
 
 
+@pytest.mark.parametrize("argv", [
+    ["benchmarks/bench_engine.py", "--tri", "x"],
+    ["benchmarks/gpu_check.py", "--cpu-dry-run", "--tri", "x"],
+    ["-m", "pscnn.bench.baseline", "--bat", "x"],
+    ["-m", "pscnn.bench.ddp", "--rank", "0", "--world", "1", "--port", "1", "--result", "r.json", "--bat", "x"],
+    ["-m", "pscnn.bench.synth", "clients", "--endpoint", "tcp://127.0.0.1:1", "--result", "r.json", "--cou", "x"],
+])
+def test_benchmark_scripts_refuse_an_abbreviated_flag(argv):
+    """argparse took `--tri 1` for `--trials 1`: an abbreviation changes meaning when a flag sharing
+    its start is added, as pscnn's own flags no longer allow.  (The value is bad, so that a script
+    that still took the abbreviation stops at its flag's error rather than running.)"""
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"error: unrecognized arguments: {' '.join(argv[-2:])}")
+
+
 def test_gpu_check_interrupted_says_so_in_one_line():
     """Ctrl-C during benchmarks/gpu_check.py ended in a KeyboardInterrupt traceback."""
     proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--cpu-dry-run", "--no-torch",

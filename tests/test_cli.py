@@ -255,6 +255,14 @@ def test_bad_variables_get_one_line_naming_the_variable(key, value, needle, caps
     (["train", "--epocs", "1"], "pscnn train", ["unrecognized arguments: --epocs 1", "did you mean --epochs?"]),
     (["bench", "scaling", "--sekonds=3"], "pscnn bench scaling", ["--sekonds=3", "did you mean --seconds?"]),
     (["run", "extra"], "pscnn run", ["unrecognized arguments: extra"]),
+    # abbreviations: argparse took them for the one flag they start (bad values here, so that a parser
+    # taking one stops at that flag's error instead of training)
+    (["train", "--epoch", "x"], "pscnn train", ["unrecognized arguments: --epoch x", "did you mean --epochs?"]),
+    (["server", "--wait", "x"], "pscnn server", ["unrecognized arguments: --wait x",
+                                                 "did you mean --wait-for-workers?"]),
+    (["bench", "scaling", "--sec=x"], "pscnn bench scaling", ["--sec=x", "did you mean --seconds?"]),
+    (["bench", "time-to-accuracy", "--tar", "x"], "pscnn bench time-to-accuracy",
+     ["unrecognized arguments: --tar x", "did you mean --target?"]),
 ])
 def test_an_unknown_argument_is_refused_with_its_commands_usage(argv, prog, needles, capsys):
     """argparse left a misspelt flag to the top-level parser: `pscnn train --epocs 1` printed
@@ -265,6 +273,22 @@ def test_an_unknown_argument_is_refused_with_its_commands_usage(argv, prog, need
     err = capsys.readouterr().err
     assert f"usage: {prog} " in err
     error_line(err, *needles, starts=f"{prog}: error: ")
+
+
+def test_no_parser_takes_an_abbreviated_flag():
+    """`pscnn train --epoch 3` trained 3 epochs: argparse expands a flag's unique start, so a
+    script's abbreviation would change meaning the day another flag sharing it is added.  Every
+    subcommand is checked, those added later too (allow_abbrev is not inherited by subparsers)."""
+    def parsers(parser, prog):
+        yield prog, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, f"{prog} {name}")
+
+    found = list(parsers(build_parser(), "pscnn"))
+    assert len(found) > 10                              # every subcommand and bench's, not just the top
+    assert [prog for prog, parser in found if parser.allow_abbrev] == []
 
 
 # ------------------------------------------------------------------ the documentation's command lines

@@ -648,7 +648,7 @@ def test_the_command_line_wins_over_a_bad_variable():
     environ = {"PSCNN_BATCH_SIZE": "abc", "PSCNN_NESTEROV": "maybe"}
     args = parse_args(["train", "--batch-size", "32", "--nesterov"], environ)
     assert args.batch_size == 32 and args.nesterov is True
-    assert parse_args(["train", "--batch", "16", "--nesterov"], environ).batch_size == 16   # abbreviated
+    assert parse_args(["train", "--batch-size=16", "--nesterov"], environ).batch_size == 16
     with pytest.raises(CliError, match=r"PSCNN_BATCH_SIZE='abc': must be an integer, got 'abc'"):
         parse_args(["train", "--nesterov"], environ)
     with pytest.raises(CliError, match=r"PSCNN_NESTEROV='maybe': expected one of 1/0"):

@@ -76,7 +76,7 @@ def measure(model_name: str, batch: int, seconds: float, warmup_steps: int = 3, 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="single-process training step rate")
+    p = argparse.ArgumentParser(description="single-process training step rate", allow_abbrev=False)
     p.add_argument("--model", default="seed")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=5.0)

@@ -146,7 +146,7 @@ def _run_rank(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="one rank of the DDP reference run")
+    p = argparse.ArgumentParser(description="one rank of the DDP reference run", allow_abbrev=False)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--port", type=int, required=True)

@@ -231,11 +231,11 @@ def window_counts(cycles_done: list, errors_done: list, start: float, end: float
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
-    e = sub.add_parser("echo")
+    e = sub.add_parser("echo", allow_abbrev=False)
     e.add_argument("--bind", required=True)
-    c = sub.add_parser("clients")
+    c = sub.add_parser("clients", allow_abbrev=False)
     c.add_argument("--endpoint", required=True)
     c.add_argument("--kind", choices=["pscnn", "echo"], default="pscnn")
     c.add_argument("--count", type=int, default=1)
