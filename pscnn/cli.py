@@ -8,7 +8,7 @@
     pscnn status      ask a server for its progress (a container healthcheck)
     pscnn keys        make CURVE key pairs: a server's and its clients' (opt-in authentication)
     pscnn download    fetch and verify MNIST into the cache
-    pscnn bench ...   throughput-scaling experiments
+    pscnn bench ...   benchmarks: scaling with workers, server capacity, time to accuracy
 
 Every flag can also come from the environment as ``PSCNN_<FLAG>`` (upper case,
 dashes as underscores: ``--batch-size`` <- ``PSCNN_BATCH_SIZE``); a flag on the
@@ -570,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "else ~/.cache/pscnn/mnist)")
     add_switch(p, "--no-progress", help="no progress bar")
 
-    p = sub.add_parser("bench", help="throughput-scaling experiments")
+    p = sub.add_parser("bench", help="benchmarks: scaling (throughput vs workers), server (capacity), "
+                                     "time-to-accuracy")
     from pscnn.bench import add_bench_parsers  # noqa: PLC0415  (argparse only, no numpy)
     add_bench_parsers(p)
     _add_env_help(parser)

@@ -560,3 +560,13 @@ def test_each_commands_help_names_only_flags_it_has():
             for flag in named - own:
                 named_elsewhere.add((command, flag))
     assert named_elsewhere == OTHER_COMMANDS_FLAGS
+
+
+def test_the_bench_commands_help_names_every_benchmark_it_holds():
+    """`pscnn --help` described bench as "throughput-scaling experiments", though it holds the server's
+    capacity and time to accuracy too."""
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    [bench_help] = [choice.help for choice in top._choices_actions if choice.dest == "bench"]
+    benchmarks = next(a for a in top.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"scaling", "server", "time-to-accuracy"} <= set(benchmarks.choices)
+    assert [name for name in benchmarks.choices if name not in bench_help] == [], bench_help

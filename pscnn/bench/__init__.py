@@ -1,4 +1,4 @@
-"""``pscnn bench``: throughput-scaling experiments.
+"""``pscnn bench``: benchmarks of scaling with workers, server capacity and time to accuracy.
 
     pscnn bench scaling           throughput / efficiency vs workers (real or --compute-ms synthetic),
                                   with the single-process baseline and PyTorch DDP in the same run
