@@ -37,7 +37,8 @@ from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from pscnn.protocol import one_line
 from server.config import config_from_args
-from server.resume import CHECKPOINT_NAME, checkpoint_version, summary_after_checkpoint, unfinished_run_warning
+from server.resume import (CHECKPOINT_NAME, checkpoint_version, settings_refused,
+                           summary_after_checkpoint, unfinished_run_warning)
 from server.server import DROPPED_FOR_NAN, ParameterServer, checked_store
 from worker.client import BadReply, DroppedByServer, query_status
 from worker.trainer import check_local_setup
@@ -408,13 +409,14 @@ class RunOutputs:
     """The run folder's checkpoint and summary.json, as `pscnn run` found them at its start: what an
     older run left there is no output of this one."""
 
-    def __init__(self, out: str | Path, resume: bool, earlier_unfinished: bool = False):
-        """``earlier_unfinished``: the checkpoint there is an unfinished run's, which this one starts over."""
+    def __init__(self, out: str | Path, resume: bool, earlier_resume: str | None = None):
+        """``earlier_resume``: the checkpoint there is an unfinished run's, which this one starts over, and
+        this is how to continue that run (see :func:`earlier_run_resume`)."""
         self.out = Path(out)
         self.checkpoint = self.out / CHECKPOINT_NAME
         self.summary = self.out / SUMMARY_FILE
         self.resume = resume
-        self.earlier_unfinished = earlier_unfinished
+        self.earlier_resume = earlier_resume
         self.checkpoint_before = _mtime(self.checkpoint)
         self.summary_before = _mtime(self.summary)
 
@@ -438,12 +440,11 @@ class RunOutputs:
         ``interrupted``: stopped by the user (Ctrl-C), with no failure above to fix."""
         written = _mtime(self.checkpoint)
         if written is not None and written == self.checkpoint_before and not self.resume \
-                and self.earlier_unfinished and not self.finished():
+                and self.earlier_resume and not self.finished():
             # stopped before its first update, as the warning at its start advised: the server kept that run's
             # checkpoint ("stopped before the first update, with nothing to continue" said a version 0 of its own)
             return (f"pscnn run: stopped before this run's first update; the checkpoint of the unfinished run "
-                    f"there before is kept: continue that run with the same command plus --resume (run folder "
-                    f"{self.out})")
+                    f"there before is kept: continue that run with {self.earlier_resume} (run folder {self.out})")
         if self.finished() or written is None or (written == self.checkpoint_before and not self.resume):
             return None
         if checkpoint_version(self.out) == 0:     # e.g. every worker failed on its training set
@@ -453,6 +454,18 @@ class RunOutputs:
             return (f"pscnn run: stopped before the first update, with nothing to continue; once what is "
                     f"reported above is fixed, the same command starts the run (run folder {self.out})")
         return f"pscnn run: stopped. Continue with the same command plus --resume (run folder {self.out})"
+
+
+def earlier_run_resume(cfg) -> str:
+    """How to continue the unfinished run in run folder ``cfg.out``, which a ``pscnn run`` of ``cfg``
+    without --resume starts over: the same command plus --resume, unless --resume refuses this command's
+    settings (another --batch-size, say: "the same command" then failed, and the user learnt only then
+    that the run's settings were needed), when it names each and the one to resume with."""
+    store = checked_store(cfg)
+    refused = settings_refused(cfg, store.model, store.optimizer)
+    if refused is None:
+        return "the same command plus --resume"
+    return f"pscnn run --resume with that run's settings; this command's differ ({refused})"
 
 
 def run_from_args(args) -> int:
@@ -475,14 +488,14 @@ def run_from_args(args) -> int:
     # flags' checks (--resume, --port above): this may download MNIST.
     for split in ("train", "test"):
         check_local_setup(args.device, args.mnist_dir, split, progress=not args.no_progress)
-    warning = None
-    if not args.resume and (warning := unfinished_run_warning(
-            args.out, "stop this run (Ctrl-C) and run the same command plus --resume")):
+    earlier_resume = None
+    if not args.resume and unfinished_run_warning(args.out):
+        resume = earlier_run_resume(cfg)
         # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
-        _say(f"pscnn run: {warning}")
-    # (an unreadable checkpoint is warned of too, but no --resume continues it)
-    outputs = RunOutputs(args.out, args.resume, earlier_unfinished=warning is not None
-                         and bool(checkpoint_version(args.out)))
+        _say(f"pscnn run: {unfinished_run_warning(args.out, f'stop this run (Ctrl-C) and run {resume}')}")
+        if checkpoint_version(args.out):    # an unreadable checkpoint is warned of too, but no --resume continues it
+            earlier_resume = resume
+    outputs = RunOutputs(args.out, args.resume, earlier_resume=earlier_resume)
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads,
                            keys=make_run_keys(args.out, args.workers) if args.curve else None,
                            peer_timeout=args.peer_timeout)

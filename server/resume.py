@@ -115,6 +115,25 @@ def unfinished_run_warning(out: str, resume_advice: str = SERVER_RESUME_ADVICE) 
             f"starting over replaces it and that run's metrics.jsonl; to continue that run instead, {resume_advice}")
 
 
+class SettingsDiffer(CheckpointError):
+    """--resume refused: run settings differ from those the checkpoint was written with."""
+
+
+def settings_refused(cfg: ServerConfig, model, optimizer) -> str | None:
+    """The run settings of ``cfg`` (with the ``model`` and ``optimizer`` built from it) that ``--resume``
+    of the checkpoint in run folder ``cfg.out`` refuses, each with the one to resume with; None when it
+    takes them (or refuses the checkpoint itself, which no setting mends)."""
+    path = os.path.join(cfg.out, CHECKPOINT_NAME)
+    try:
+        _, meta = load_checkpoint(path)
+        check_resume_meta(cfg, path, meta, model, optimizer)
+    except SettingsDiffer as exc:
+        return str(exc).removeprefix("--resume: ")
+    except CheckpointError:         # the checkpoint itself is refused
+        pass
+    return None
+
+
 # Run settings a checkpoint must share with the run that resumes it.  Workers compute
 # each batch's images from (seed, epoch, batch) over the training set cut in batches of
 # batch_size, so seed, training-set size and batch size fix what the rest of the epoch
@@ -313,7 +332,7 @@ def _checked_meta(cfg: ServerConfig, path: str, meta: dict, model, optimizer) ->
                  f"it is {len(applied)} {for_count(len(applied), 'batch', 'batches')} into epoch "
                  f"{epoch + 1} already; resume with --epochs {epoch + 1} (or more, to train longer)")
     if differences:
-        raise CheckpointError(f"--resume: checkpoint {path} " + "; and it ".join(differences))
+        raise SettingsDiffer(f"--resume: checkpoint {path} " + "; and it ".join(differences))
     finished = epoch == cfg.epochs          # (none applied after it: refused above)
     if changed:
         differ = f"--resume: this run's optimizer settings differ from the checkpoint's ({'; '.join(changed)})"

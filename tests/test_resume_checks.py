@@ -932,6 +932,33 @@ def test_pscnn_run_without_resume_warns_on_the_terminal_that_it_starts_over(run,
     assert "pscnn run: " in err and str(run) in err and "--resume" in err, err
 
 
+@pytest.mark.parametrize("changed, advice", [
+    # settings --resume takes from this command: more epochs, another learning rate
+    (["--epochs", "3", "--lr", "0.5"], "stop this run (Ctrl-C) and run the same command plus --resume"),
+    (["--batch-size", "32", "--seed", "5"],
+     "stop this run (Ctrl-C) and run pscnn run --resume with that run's settings; this command's differ (checkpoint "
+     "{checkpoint} was written with --seed 0, this run has --seed 5: workers derive each batch from the seed, so the "
+     "rest of epoch 1 would train on another permutation; resume with --seed 0; and it was written with --batch-size "
+     "64, this run has --batch-size 32: the epoch's applied batches are batches of 64; resume with --batch-size 64)"),
+])
+def test_pscnn_run_starting_over_says_how_to_continue_the_earlier_run_with_its_settings(
+        changed, advice, run, capsys, monkeypatch, mnist_file_names):
+    """The warning advised "the same command plus --resume" when this command's settings were not the
+    folder's run's, and that --resume was refused (naming each difference) only once the user had
+    stopped this run and tried it."""
+    import pscnn.launcher as launcher
+    hints = []
+    monkeypatch.setattr(launcher, "_run", lambda args, cluster, outputs, *a: hints.append(
+        outputs.resume_hint(interrupted=True)) or 130)       # the server stopped at once, writing nothing
+    assert main(["run", "--workers", "2", *FLAGS, *changed, "--out", str(run), "--no-progress"]) == 130
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "unfinished run" in line]
+    advice = advice.format(checkpoint=run / "checkpoint.npz")
+    assert warning.endswith(f"to continue that run instead, {advice}"), warning
+    assert hints == [f"pscnn run: stopped before this run's first update; the checkpoint of the unfinished run "
+                     f"there before is kept: continue that run with {advice.split(' and run ', 1)[1]} (run folder "
+                     f"{run})"]
+
+
 def test_a_run_started_over_and_stopped_before_its_first_update_keeps_the_earlier_runs_checkpoint(run):
     """The warning's advice, "stop this run (Ctrl-C) and run the same command plus --resume": the
     stop wrote a checkpoint of version 0 over the unfinished run's, and that --resume went on from
