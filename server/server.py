@@ -1355,7 +1355,11 @@ class ParameterServer:
             # (a resumed run whose checkpoint holds its final evaluation waits for none)
             if self.cfg.final_eval_timeout and not self.role_counts["evaluator"] and self.final_eval is None \
                     and self.evaluator_left is None:
-                log.info("no evaluator connected; waiting up to %.0f s for one", self.cfg.final_eval_timeout)
+                # what for, how long and how not to: a server started by hand without an evaluator said only
+                # "no evaluator connected; waiting up to 120 s for one", then nothing for two minutes
+                log.info("no evaluator connected to score the final weights: waiting up to %g s for one, then "
+                         "scoring them here (--final-eval-timeout sets the wait; 0 scores them at once)",
+                         self.cfg.final_eval_timeout)
         if self.final_eval is None and self.evaluator_left is None \
                 and now - self.t_finish_start < self.cfg.final_eval_timeout:
             return False

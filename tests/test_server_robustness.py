@@ -1205,6 +1205,20 @@ def test_the_runs_outputs_wait_for_a_full_disk_for_a_while(in_process, monkeypat
     assert len(errors) == (1 if disk_freed else 2), errors
 
 
+def test_a_server_left_without_an_evaluator_at_the_end_says_what_it_waits_for_and_how_not_to(in_process, caplog):
+    """A server started by hand without an evaluator logged "no evaluator connected; waiting up to 120 s
+    for one" at the end of training: not that the wait is for the final weights' score, which it then
+    makes itself, nor the flag that shortens it; then nothing for two minutes."""
+    server = in_process(epochs=1, final_eval_timeout=120.0)
+    _push_all(server, _trainer(server))
+    with caplog.at_level(logging.INFO, logger="pscnn.server"):
+        assert server.srv._housekeeping(time.monotonic()) is False        # waiting, not scoring yet
+    assert [r.getMessage() for r in caplog.records if "evaluator" in r.getMessage()] == [
+        "no evaluator connected to score the final weights: waiting up to 120 s for one, then scoring them "
+        "here (--final-eval-timeout sets the wait; 0 scores them at once)"]
+    assert server.srv.final_eval is None and not server.srv.summary_written
+
+
 def test_a_resumed_run_whose_checkpoint_holds_its_final_evaluation_takes_the_evaluators_report(in_process):
     """The evaluator's final report can come just before the end's checkpoint, which then holds
     it.  Resumed from there, the report was "recorded already" and ignored: the server waited
