@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,15 +211,38 @@ def test_silence_is_met_with_resends_then_reconnects_that_back_off_up_to_the_cap
     assert 30.0 < net.now - net.start < 30.1
 
 
-def test_a_fractional_give_up_after_is_said_as_given(sim, caplog):
+class StoppedClock(datetime):
+    """datetime whose now() is 12:00:00.2: what the log's clock times are read against (rounded to
+    the second, a moment after a whole one)."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 1, 1, 12, 0, 0, 200_000)
+
+
+def test_a_fractional_give_up_after_is_said_as_given(sim, caplog, monkeypatch):
     """--give-up-after 7.5 read "for up to 8 s" and "for 8 s" in the worker's log (0.4: "for 0 s")."""
+    monkeypatch.setattr(client_module, "datetime", StoppedClock, raising=False)
     client, net = sim(60, give_up_after=7.5, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
     with caplog.at_level(logging.INFO, logger="pscnn.client"), pytest.raises(ServerUnreachable) as exc:
         client.request(P.WORK)
     assert str(exc.value) == f"no usable answer from {ENDPOINT} for 7.5 s"
     assert [r.getMessage() for r in caplog.records] == [
-        f"no answer from {ENDPOINT} for 3.0 s; reconnecting, and again up to 5 s apart until it answers "
-        "(for up to 7.5 s)"]
+        f"no answer from {ENDPOINT} for 3.0 s; reconnecting, and again up to 5 s apart until it answers; giving "
+        "up at 12:00:05, after 7.5 s without one (--give-up-after)"]
+
+
+def test_no_server_at_the_address_is_said_once_with_when_it_gives_up_and_the_flag(sim, caplog, monkeypatch):
+    """A worker started with no server listening retries for its whole --give-up-after (600 s). Its one
+    line said "(for up to 600 s)": not until when (600 s from what?), nor which flag changes it."""
+    monkeypatch.setattr(client_module, "datetime", StoppedClock, raising=False)
+    client, net = sim(700, give_up_after=600.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
+    with caplog.at_level(logging.INFO, logger="pscnn.client"), pytest.raises(ServerUnreachable):
+        client.request(P.WORK)
+    assert len(net.sockets) > 100                       # it reconnected every 5 s for 10 minutes...
+    assert [r.getMessage() for r in caplog.records] == [  # ... and said so once, at the first
+        f"no answer from {ENDPOINT} for 3.0 s; reconnecting, and again up to 5 s apart until it answers; giving "
+        "up at 12:09:57, after 600 s without one (--give-up-after)"]
 
 
 def test_every_resend_is_the_same_request_and_each_reconnect_opens_a_new_socket(sim):

@@ -66,6 +66,7 @@ import socket as pysocket
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta
 
 import zmq
 
@@ -524,8 +525,14 @@ class Client:
                     if reconnects or parting:
                         log.debug("no answer from %s for %.1f s; reconnecting again", self.endpoint, now - t0)
                     else:
+                        # said once, and when it gives up and how not to: "(for up to 600 s)" left a user of a
+                        # worker started before its server (or with none) to guess from when, and how to change it
+                        # (to the nearest second: 596.9 s ahead is not said a second early)
+                        give_up_at = datetime.now() + timedelta(seconds=quiet_from() + silence_limit() - now + 0.5)
                         log.info("no answer from %s for %.1f s; reconnecting, and again up to %g s apart until "
-                                 "it answers (for up to %g s)", self.endpoint, now - t0, self.max_backoff_s, limit)
+                                 "it answers; giving up at %s, after %g s without one (--give-up-after)",
+                                 self.endpoint, now - t0, self.max_backoff_s, give_up_at.strftime("%H:%M:%S"),
+                                 silence_limit())
                     reconnects += 1
                     self._open()
                     backoff = min(backoff * 2, self.max_backoff_s)
