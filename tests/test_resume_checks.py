@@ -40,6 +40,7 @@ from cnn_core.errors import CheckpointError
 from cnn_core.metrics import time_to_accuracy
 from cnn_core.model import build_model
 from cnn_core.optim import build_optimizer
+from cnn_core.runlog import RunWriter
 from pscnn import protocol as P
 from pscnn.cli import main, parse_args
 from pscnn.launcher import LocalCluster, free_port, print_report, query_status
@@ -263,6 +264,8 @@ META_EDITS = {
     "applied after the last epoch": (lambda m: m["extra"]["work"].update(epoch=2, applied=[0]),
                                      "field extra.work.applied lists 1 applied batches after the run's last epoch"),
     "applied bool": (_set("extra", "work", "applied", value=[True]), "field extra.work.applied holds true"),
+    "applied one past the epoch": (_set("extra", "work", "applied", value=[10]),
+                                   "field extra.work.applied holds 10, not a batch of the epoch (0..9)"),
     "epoch negative": (_set("extra", "work", "epoch", value=-1), "field extra.work.epoch is -1"),
     "epochs zero": (_set("extra", "work", "epochs", value=0), "field extra.work.epochs is 0"),
     "step negative": (_set("step", value=-4), "field step is -4"),
@@ -448,12 +451,14 @@ def test_more_epochs_or_another_learning_rate_are_a_legitimate_continuation(run,
     changed optimizer setting is said in one warning."""
     i = FLAGS.index("--epochs")
     flags = [*FLAGS[:i], "--epochs", "5", *FLAGS[i + 2:], "--lr", "0.01"]
+    caplog.set_level(logging.INFO, "pscnn.server")
     code, lines, srv = server_cli(run, "--resume", flags=flags)
     assert code == 0 and srv is not None, lines
     assert (srv.work.epochs, srv.work.epoch, len(srv.work.applied)) == (5, 0, 2 * ROUNDS_BEFORE_STOP)
     (warning,) = warnings(caplog)
     assert "optimizer settings differ" in warning and "lr 0.04 -> 0.01" in warning, warning
     assert "schedule.total_steps 20 -> 50" in warning, warning         # cosine over the run's 5 epochs
+    assert "--resume: training for 5 epochs; the checkpoint's run had 2" in caplog.text
 
 
 def test_a_changed_warm_up_is_named_in_the_warning(run, server_cli, caplog):
@@ -472,6 +477,37 @@ def test_a_checkpoint_without_the_seed_is_resumed_with_a_warning(run, server_cli
     assert code == 0 and srv is not None, lines
     (warning,) = warnings(caplog)
     assert "does not record its seed" in warning and "--seed 0" in warning
+
+
+def test_plain_sgd_resumed_as_plain_sgd_is_accepted(run, server_cli):
+    """Only a velocity (momentum > 0) needs momentum to resume: a plain SGD checkpoint resumed with
+    --momentum 0 is the same optimizer."""
+    path = run / "checkpoint.npz"
+    arrays, meta = load_checkpoint(path)
+    save_checkpoint(path, {k: v for k, v in arrays.items() if not k.startswith("optim/velocity/")},
+                    {**meta, "optimizer": {**meta["optimizer"], "momentum": 0.0}})
+    code, lines, srv = server_cli(run, "--resume", "--momentum", "0")
+    assert code == 0 and srv is not None, lines
+
+
+def test_a_checkpoint_without_the_most_workers_counts_its_contributors(run, server_cli):
+    """One written before workers_most was recorded: the workers whose gradients it holds are the
+    most it knows of, not none."""
+    edit_meta(run, _del("extra", "workers_most"))
+    code, lines, srv = server_cli(run, "--resume")
+    assert code == 0 and srv is not None, lines
+    assert srv.workers_before == 2
+
+
+def test_a_checkpoints_model_spec_written_otherwise_but_building_the_same_model_is_accepted(run, server_cli):
+    """A spec as written by hand (a kernel of 3, not [3, 3]) is compared by the model it builds."""
+    def kernel_as_one_number(meta):
+        for layer in meta["model_spec"]["layers"]:
+            if layer["type"] == "conv2d":
+                layer["kernel"] = layer["kernel"][0]
+    edit_meta(run, kernel_as_one_number)
+    code, lines, srv = server_cli(run, "--resume")
+    assert code == 0 and srv is not None, lines
 
 
 # ---------------------------------------------------------------- 3. starting over on an unfinished run
@@ -505,6 +541,53 @@ def test_checkpoint_version_reads_the_step_or_says_none(tmp_path):
     assert checkpoint_version(str(tmp_path)) is None                      # not a version
     save_checkpoint(tmp_path / "checkpoint.npz", {}, {"step": 7})
     assert checkpoint_version(str(tmp_path)) == 7
+
+
+def test_the_latest_run_id_is_the_last_start_records_not_the_first(tmp_path):
+    """A folder resumed, then started over: its metrics.jsonl holds the first run's start records, then
+    the new run's; a --resume of the first run's checkpoint must see the new run's id."""
+    from server.resume import latest_run_id
+    assert latest_run_id(str(tmp_path)) is None                               # no metrics.jsonl
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("start", run_id="0123456789ab")
+        writer.log("step", version=1)
+        writer.log("start", run_id="0123456789ab")                             # resumed
+        writer.log("start", run_id="ba9876543210")                             # started over
+    assert latest_run_id(str(tmp_path)) == "ba9876543210"
+
+
+def test_a_summary_as_new_as_the_checkpoint_or_without_one_is_a_finished_run(tmp_path):
+    """A filesystem's clock ticks coarser than a server writes its last checkpoint and then its
+    summary: the same mtime is a summary written after the checkpoint, not an unfinished run."""
+    from server.resume import summary_after_checkpoint, unfinished_run_warning
+    checkpoint, summary = tmp_path / "checkpoint.npz", tmp_path / "summary.json"
+    save_checkpoint(checkpoint, {}, {"step": 3})
+    summary.write_text("{}")
+    os.utime(checkpoint, ns=(10**18, 10**18))
+    os.utime(summary, ns=(10**18, 10**18))
+    assert summary_after_checkpoint(str(tmp_path)) and unfinished_run_warning(str(tmp_path)) is None
+    os.utime(summary, ns=(10**18 - 1, 10**18 - 1))
+    assert not summary_after_checkpoint(str(tmp_path)) and unfinished_run_warning(str(tmp_path)) is not None
+    checkpoint.unlink()
+    assert summary_after_checkpoint(str(tmp_path))
+
+
+def test_a_hand_edited_eval_line_is_not_taken_into_the_history():
+    from server.resume import logged_evaluation
+    line = {"kind": "eval", "train_seconds": 1.0, "version": 2, "test_accuracy": 0.5, "test_loss": 1.0, "final": False}
+    assert logged_evaluation(line, 3) == {"seconds": 1.0, "version": 2, "test_accuracy": 0.5, "test_loss": 1.0,
+                                          "final": False}
+    for edit in ({"final": 1}, {"version": 4}, {"test_accuracy": 1.5}, {"test_loss": "low"}):
+        assert logged_evaluation({**line, **edit}, 3) is None, edit
+
+
+def test_the_clients_of_the_run_are_those_that_joined_since_the_start_of_the_server_that_wrote_the_checkpoint():
+    from server.resume import joined_since_checkpoint
+    logged = [{"kind": "start"}, {"kind": "join", "id": "gone"},
+              {"kind": "start"}, {"kind": "join", "id": "before"}, {"kind": "checkpoint"},
+              {"kind": "join", "id": "after"}, {"kind": "join", "id": 5}, {"kind": "start"}]
+    assert joined_since_checkpoint(logged) == ["before", "after"]
+    assert joined_since_checkpoint([{"kind": "join", "id": "a"}, {"kind": "start"}]) == ["a"]   # no checkpoint record
 
 
 # ---------------------------------------------------------------- 4. the worker count after a resume
