@@ -134,9 +134,9 @@ def check_memory_fits(model, batch: int, flag: str, steps: int = 1, optimizer_sl
     data was read.  ``flag``: what set the batch, for the message.  ``steps``: how many such
     steps run at once on this machine (``pscnn run``'s workers).  ``optimizer_slots``: the
     parameter-sized arrays of an optimizer in this process (pscnn train's; a worker's optimizer
-    is the server's).  On a GPU, whose memory is
-    its own, nothing is checked.  The message names :data:`SKIP_FLAG`, which every command that
-    checks takes: the estimate is not the step's measured peak, and may refuse a batch that fits."""
+    is the server's).  On a GPU, whose memory is its own, nothing is checked.  The message names
+    :data:`SKIP_FLAG`, which every command that checks takes: the estimate is not the step's
+    measured peak, and may refuse a batch that fits."""
     if model.device != "cpu":
         return
     available = available_memory()

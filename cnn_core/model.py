@@ -323,9 +323,8 @@ class Model:
         array KEEPS_ANOTHER_OUTPUT's layers keep besides, in a residual block too) for the images
         of one pass (a chunk on the CPU; the whole batch on a GPU or with a BatchNorm), the Dense
         layers' inputs and output gradients kept over the whole batch (a chunked step's, and
-        their concatenation),
-        a chunked step's dropout masks drawn for the whole batch, the input images, the
-        parameters, their gradients and the optimizer's slots.  Left out: the backward pass's
+        their concatenation), a chunked step's dropout masks drawn for the whole batch, the
+        input images, the parameters, their gradients and the optimizer's slots.  Left out: the backward pass's
         transient arrays, NumPy's and Python's own memory.  tracemalloc's peak over a step (the
         images, weights and slots included) was 0.74-1.14x this estimate for the seed model at
         batch 16 to 4,096 (and with SGD momentum and Adam at 64), a BatchNorm model at 64 and 512,

@@ -1,7 +1,7 @@
 """What the test modules share: an error as the user sees it, one line naming the problem; a
 process interrupted with Ctrl-C at the right moment, and one started so that Ctrl-C reaches it;
 the check that a test's mid-run action did come mid-run; the records of an evaluation history
-that set a new best; a count of the models a check builds.
+that set a new best; a count of the models a check builds; arrays with one flaw, for the fuzz tests.
 
 A module, not conftest.py: conftest holds fixtures, and pytest does not mean it to be imported.
 """
@@ -11,6 +11,9 @@ import re
 import signal
 import subprocess
 from pathlib import Path
+
+import numpy as np
+from hypothesis import strategies as st
 
 from pscnn.launcher import wait_for
 
@@ -153,3 +156,30 @@ def counted_model_builds(monkeypatch) -> list:
     monkeypatch.setattr(server_module, "checked_store", counted)
     monkeypatch.setattr(launcher, "checked_store", counted)
     return built
+
+
+# What with_one_flaw does to one array: a NaN or -Inf in it, cast to float64, one element too many,
+# dropped, or (to the dict) an array of a name the model does not have.
+ARRAY_FLAWS = ("nan", "inf", "float64", "shape", "missing", "unknown")
+
+
+def with_one_flaw(draw, arrays: dict, flaws) -> tuple[dict, str | None]:
+    """(a copy of ``arrays`` with the flaw drawn from ``flaws`` in an array drawn from it, the flaw),
+    for a hypothesis strategy (``draw``): what a fuzz test sends as weights or gradients.  A flaw
+    of ARRAY_FLAWS is made here; any other (None: none) is the caller's to make.  The arrays are
+    never written: a flawed one is a new array."""
+    arrays = dict(arrays)
+    name = draw(st.sampled_from(sorted(arrays)))
+    flaw = draw(st.sampled_from(flaws))
+    if flaw in ("nan", "inf"):
+        arrays[name] = arrays[name].copy()
+        arrays[name].reshape(-1)[draw(st.integers(0, arrays[name].size - 1))] = np.nan if flaw == "nan" else -np.inf
+    elif flaw == "float64":
+        arrays[name] = arrays[name].astype(np.float64)
+    elif flaw == "shape":
+        arrays[name] = np.zeros(arrays[name].size + 1, np.float32)
+    elif flaw == "missing":
+        del arrays[name]
+    elif flaw == "unknown":
+        arrays[draw(st.text(min_size=1, max_size=8).filter(lambda n: n not in arrays))] = np.zeros(1, np.float32)
+    return arrays, flaw

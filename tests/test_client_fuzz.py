@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from cnn_core.errors import PscnnError
 from cnn_core.flat import all_finite
 from cnn_core.model import build_model
+from helpers import ARRAY_FLAWS, with_one_flaw
 from pscnn import protocol as P
 from test_client_replies import RUN
 from test_protocol_properties import valid_bodies
@@ -52,21 +53,8 @@ TEST_SET = (np.random.default_rng(0).random((20, 1, 28, 28), dtype=np.float32), 
 @st.composite
 def weights(draw) -> dict:
     """The model's weights, with one thing wrong or none."""
-    arrays = dict(WEIGHTS)
-    name = draw(st.sampled_from(sorted(arrays)))
-    flaw = draw(st.sampled_from([None, None, "nan", "inf", "float64", "shape", "missing", "unknown", "variance"]))
-    if flaw in ("nan", "inf"):
-        arrays[name] = arrays[name].copy()
-        arrays[name].reshape(-1)[draw(st.integers(0, arrays[name].size - 1))] = np.nan if flaw == "nan" else -np.inf
-    elif flaw == "float64":
-        arrays[name] = arrays[name].astype(np.float64)
-    elif flaw == "shape":
-        arrays[name] = np.zeros(arrays[name].size + 1, np.float32)
-    elif flaw == "missing":
-        del arrays[name]
-    elif flaw == "unknown":
-        arrays["nope.weight"] = np.zeros(3, np.float32)
-    elif flaw == "variance":
+    arrays, flaw = with_one_flaw(draw, WEIGHTS, [None, None, *ARRAY_FLAWS, "variance"])
+    if flaw == "variance":
         arrays["bn.running_var"] = np.full_like(arrays["bn.running_var"], draw(st.sampled_from([-1.0, -1e-30])))
     return arrays
 

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import ARRAY_FLAWS, with_one_flaw
 from pscnn import protocol as P
 from server.eval_report import METRIC_KEYS
 from test_protocol_properties import ANY_VALUE, MSGPACK_INTS, PAYLOADS, valid_arrays, valid_bodies
@@ -94,20 +95,7 @@ class Session:
 
 def _wrong_gradients(draw, weights: dict) -> dict:
     """The model's gradients with one thing wrong: a push of them is never applied."""
-    grads = grads_like(weights)
-    name = draw(st.sampled_from(sorted(grads)))
-    flaw = draw(st.sampled_from(["nan", "inf", "float64", "shape", "missing", "unknown"]))
-    if flaw in ("nan", "inf"):
-        grads[name].reshape(-1)[draw(st.integers(0, grads[name].size - 1))] = np.nan if flaw == "nan" else -np.inf
-    elif flaw == "float64":
-        grads[name] = grads[name].astype(np.float64)
-    elif flaw == "shape":
-        grads[name] = np.zeros(grads[name].size + 1, np.float32)
-    elif flaw == "missing":
-        del grads[name]
-    else:
-        grads[draw(st.text(min_size=1, max_size=8).filter(lambda n: n not in grads))] = np.zeros(1, np.float32)
-    return grads
+    return with_one_flaw(draw, grads_like(weights), ARRAY_FLAWS)[0]
 
 
 ROLE_TYPES = {"mallory": [P.WORK, P.PUSH, P.PUSH, P.BYE, P.HELLO, P.HEARTBEAT],

@@ -326,6 +326,21 @@ def test_available_memory_is_meminfos_memavailable(tmp_path):
 GB = 1 << 30
 
 
+def _fake_memory_files(tmp_path, files: dict, own_cgroup: str | None) -> dict:
+    """available_memory's keyword arguments for a fake machine under ``tmp_path``: 8 GB
+    MemAvailable, the cgroup hierarchy's ``files`` (path under the mount -> text) and the
+    process's /proc/self/cgroup (``own_cgroup``; None: no such file)."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       {16 * GB // 1024} kB\nMemAvailable:   {8 * GB // 1024} kB\n")
+    for name, text in files.items():
+        (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cgroup" / name).write_text(text)
+    own = tmp_path / "self-cgroup"
+    if own_cgroup is not None:
+        own.write_text(own_cgroup)
+    return {"meminfo": str(meminfo), "cgroup": str(tmp_path / "cgroup"), "own_cgroup": str(own)}
+
+
 @pytest.mark.parametrize("files, want", [
     # cgroup v2: the limit less the usage, whose inactive page cache the kernel would reclaim
     ({"memory.max": f"{2 * GB}\n", "memory.current": f"{GB}\n",
@@ -344,15 +359,8 @@ GB = 1 << 30
 def test_available_memory_is_the_smaller_of_memavailable_and_the_containers_limit(tmp_path, files, want):
     """Inside a container MemAvailable is the host's: a batch the host could hold but the
     container's memory limit could not passed the check and met the OOM killer."""
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text(f"MemTotal:       {16 * GB // 1024} kB\nMemAvailable:   {8 * GB // 1024} kB\n")
-    for name, text in files.items():
-        (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "cgroup" / name).write_text(text)
-    own = tmp_path / "self-cgroup"
-    own.write_text("0::/\n")                # at the mount's root, as in a container of its own
-    assert memory.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup"),
-                                   own_cgroup=str(own)) == want
+    # at the mount's root, as in a container of its own
+    assert memory.available_memory(**_fake_memory_files(tmp_path, files, "0::/\n")) == want
 
 
 @pytest.mark.parametrize("own_cgroup, files, want", [
@@ -384,16 +392,7 @@ def test_available_memory_takes_the_tightest_limit_of_the_process_cgroup_and_its
         tmp_path, own_cgroup, files, want):
     """Only the cgroup at /sys/fs/cgroup itself was read: a process in a nested cgroup (a systemd
     unit's, a job's, cgroup v1's /docker/ID) passed the check against MemAvailable, over its limit."""
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text(f"MemTotal:       {16 * GB // 1024} kB\nMemAvailable:   {8 * GB // 1024} kB\n")
-    for name, text in files.items():
-        (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "cgroup" / name).write_text(text)
-    own = tmp_path / "self-cgroup"
-    if own_cgroup is not None:
-        own.write_text(own_cgroup)
-    assert memory.available_memory(meminfo=str(meminfo), cgroup=str(tmp_path / "cgroup"),
-                                   own_cgroup=str(own)) == want
+    assert memory.available_memory(**_fake_memory_files(tmp_path, files, own_cgroup)) == want
 
 
 @pytest.mark.parametrize("model, fragment", [
