@@ -134,6 +134,19 @@ def settings_refused(cfg: ServerConfig, model, optimizer) -> str | None:
     return None
 
 
+def server_resume_advice(cfg: ServerConfig, model, optimizer) -> str:
+    """How the user of a server of ``cfg`` (with the ``model`` and ``optimizer`` built from it) continues
+    the unfinished run in ``cfg.out`` instead of starting over: SERVER_RESUME_ADVICE, unless --resume
+    refuses this server's settings (another --batch-size, say: "start it again with --resume" then failed,
+    and the user learnt only then that the run's settings were needed), when it names each and the one
+    to resume with."""
+    refused = settings_refused(cfg, model, optimizer)
+    if refused is None:
+        return SERVER_RESUME_ADVICE
+    return (f"stop this server and start it again with --resume and that run's settings (PSCNN_RESUME=1 in "
+            f"Compose); this server's differ ({refused})")
+
+
 # Run settings a checkpoint must share with the run that resumes it.  Workers compute
 # each batch's images from (seed, epoch, batch) over the training set cut in batches of
 # batch_size, so seed, training-set size and batch size fix what the rest of the epoch

@@ -85,7 +85,7 @@ from .evaluations import EvaluationHistory, evaluation_record, final_evaluation_
 from .peers import DroppedPeer, KeptReply, Peer, RecentIds
 from .results import PlotDrawing, staleness_summary, write_results
 from .resume import (check_resume_meta, joined_since_checkpoint, optimizer_trained_with, resume_checkpoint,
-                     unfinished_run_warning)
+                     server_resume_advice, unfinished_run_warning)
 from .router import configure_router, raise_open_files_limit
 from .store import ParameterStore, TrainingDiverged
 from .work import WorkQueue
@@ -254,9 +254,9 @@ class ParameterServer:
         if cfg.resume:
             self._resume()
         else:
-            warning = unfinished_run_warning(cfg.out)
-            if warning:
-                log.warning("%s", warning)
+            if unfinished_run_warning(cfg.out):
+                advice = server_resume_advice(cfg, self.store.model, self.store.optimizer)
+                log.warning("%s", unfinished_run_warning(cfg.out, advice))
 
     @property
     def rate_limited_logs(self) -> tuple[RateLimitedLog, ...]:

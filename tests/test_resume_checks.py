@@ -520,6 +520,29 @@ def test_starting_over_on_an_unfinished_runs_checkpoint_warns_once(run, server_c
     assert "\n" not in warning
 
 
+@pytest.mark.parametrize("changed, advice", [
+    # settings --resume takes from this server's: more epochs, another learning rate
+    (["--epochs", "3", "--lr", "0.5"],
+     "stop this server and start it again with --resume (PSCNN_RESUME=1 in Compose)"),
+    (["--batch-size", "32", "--seed", "5"],
+     "stop this server and start it again with --resume and that run's settings (PSCNN_RESUME=1 in Compose); "
+     "this server's differ (checkpoint {checkpoint} was written with --seed 0, this run has --seed 5: workers "
+     "derive each batch from the seed, so the rest of epoch 1 would train on another permutation; resume with "
+     "--seed 0; and it was written with --batch-size 64, this run has --batch-size 32: the epoch's applied "
+     "batches are batches of 64; resume with --batch-size 64)"),
+])
+def test_a_server_starting_over_says_how_to_continue_the_earlier_run_with_its_settings(
+        changed, advice, run, server_cli, caplog):
+    """The warning advised "start it again with --resume" when this server's settings were not the
+    folder's run's, and that --resume was refused (naming each difference) only once the user had
+    stopped this server and tried it."""
+    code, lines, srv = server_cli(run, *changed)
+    assert code == 0 and srv is not None and srv.store.version == 0, lines
+    (warning,) = warnings(caplog)
+    assert warning.endswith(f"to continue that run instead, {advice.format(checkpoint=run / 'checkpoint.npz')}"), \
+        warning
+
+
 def test_a_checkpoint_of_version_0_is_started_over_without_a_warning(tmp_path):
     """A run stopped before its first update (every worker failed on its data) left a
     checkpoint of version 0: starting over loses nothing, so nothing is said; from
