@@ -1849,3 +1849,68 @@ def test_the_ddp_ranks_and_the_synthetic_clients_get_values_that_begin_with_a_da
     monkeypatch.setattr(synth, "run_clients", lambda args: parsed.append(args.model) or 0)
     assert ddp.main(ddp_cmd[3:]) == 0 and synth.main(clients_cmd[3:]) == 0
     assert parsed == ["-m.json", "-m.json"]
+
+
+class _WorkersStarted(Exception):
+    """Raised by _FlagsCluster once the workers are started: what they were given is all a test needs."""
+
+
+class _FlagsCluster:
+    """A LocalCluster whose server answers at once and whose workers are only recorded, with their flags."""
+    worker_flags: list[list[str]] = []
+
+    def __init__(self, out, threads=1, **kwargs):
+        self.env, self.endpoint, self.logs, self.procs = {}, "tcp://127.0.0.1:1", Path(out), {}
+
+    def start_server(self, flags):
+        return type("Running", (), {"poll": lambda self: None, "returncode": None})()
+
+    def start_worker(self, name, flags):
+        self.worker_flags.append(list(flags))
+
+    def start_evaluator(self, flags):
+        raise _WorkersStarted
+
+    def stop_all(self, grace=0.0):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("switch, checked", [([], True), (["--no-memory-check"], False)])
+def test_the_benches_hand_no_memory_check_to_their_workers(switch, checked, tmp_path, monkeypatch, mnist_file_names):
+    """A bench's workers check that a training step fits this machine's memory, and neither bench took
+    --no-memory-check (nor could PSCNN_NO_MEMORY_CHECK=1 reach them: children lose the PSCNN_* variables),
+    so a batch the estimate wrongly refused could not be measured at all."""
+    import pscnn.bench.cluster as cluster
+    import pscnn.launcher as launcher
+    from pscnn.bench import scaling, tta
+    from pscnn.cli import parse_args
+
+    monkeypatch.setattr(_FlagsCluster, "worker_flags", [])
+    monkeypatch.setattr(launcher, "LocalCluster", _FlagsCluster)
+    monkeypatch.setattr(cluster, "LocalCluster", _FlagsCluster)
+    for module in (launcher, cluster):
+        monkeypatch.setattr(module, "query_status", lambda endpoint, timeout=None: {"contributors": 0})
+
+    def wait_for(condition, *args, **kwargs):       # for the server, then for the workers to push
+        if _FlagsCluster.worker_flags:
+            raise _WorkersStarted
+        return condition()
+    monkeypatch.setattr(cluster, "wait_for", wait_for)
+    args = parse_args(["bench", "time-to-accuracy", *switch, "--workers", "2"], {})
+    with pytest.raises(_WorkersStarted):
+        tta.run_one(tmp_path / "tta", "async", 2, args, None, bar=None)
+    started = list(_FlagsCluster.worker_flags)
+    _FlagsCluster.worker_flags.clear()
+    monkeypatch.setattr(scaling, "_baseline", lambda *a: {})
+    args = parse_args(["bench", "scaling", *switch, "--workers", "1", "--mode", "sync", "--trials", "1",
+                       "--ddp", "off", "--no-progress", "--out", str(tmp_path / "scaling")], {})
+    with pytest.raises(_WorkersStarted):
+        scaling.run(args)
+    started += _FlagsCluster.worker_flags
+    assert len(started) == 3, started
+    for flags in started:
+        worker = parse_args(["worker", "--server", "tcp://127.0.0.1:1", *flags], {})
+        assert worker.no_memory_check is not checked, flags

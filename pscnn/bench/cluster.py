@@ -42,9 +42,11 @@ def server_flags(mode: str, batch: int, out: Path, model: str = "seed", lr: floa
     return flags
 
 
-def worker_flags(threads: int, compute_ms: float | None, mnist_dir: str | None, overlap: bool = False) -> list[str]:
+def worker_flags(threads: int, compute_ms: float | None, mnist_dir: str | None, overlap: bool = False,
+                 check_memory: bool = True) -> list[str]:
+    """``check_memory``: False (the bench's --no-memory-check) hands the workers --no-memory-check."""
     flags = ["--threads", str(threads), "--log-level", "WARNING", "--give-up-after", "60",
-             *(["--overlap"] if overlap else [])]
+             *(["--overlap"] if overlap else []), *([] if check_memory else ["--no-memory-check"])]
     if compute_ms is not None:
         flags += ["--compute-ms", f"{compute_ms:g}"]
     if mnist_dir:
@@ -62,9 +64,10 @@ def _stamped_status(endpoint: str) -> tuple[float, dict | None, float | None]:
 def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: float, warmup: float,
                   threads: int = 1, compute_ms: float | None = None, model: str = "seed", lr: float = THROUGHPUT_LR,
                   mnist_dir: str | None = None, keep_openblas: bool = False, startup_timeout: float = 120.0,
-                  keep_logs: bool = False, overlap: bool = False, server_extra: list[str] = ()) -> dict:
+                  keep_logs: bool = False, overlap: bool = False, server_extra: list[str] = (),
+                  check_memory: bool = True) -> dict:
     """Run one configuration and return its measurements (a flat dict).  ``server_extra``: more
-    flags for its server (an ssp point's --staleness)."""
+    flags for its server (an ssp point's --staleness).  ``check_memory``: see :func:`worker_flags`."""
     if out.exists():
         shutil.rmtree(out)
     cluster = LocalCluster(out, threads=threads)
@@ -78,7 +81,8 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
         if server.poll() is not None:
             raise server_failed("the server", server.returncode, cluster.log_tail("server"), cluster.endpoint,
                                 cluster.logs)
-        flags = worker_flags(threads, compute_ms, mnist_dir, overlap=overlap and mode == "async")
+        flags = worker_flags(threads, compute_ms, mnist_dir, overlap=overlap and mode == "async",
+                             check_memory=check_memory)
         for i in range(workers):
             cluster.start_worker(f"worker-{i}", flags)
 

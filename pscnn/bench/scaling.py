@@ -33,8 +33,8 @@ import sys
 from pathlib import Path
 
 from cnn_core.text import for_count
-from pscnn.cli import (DEFAULT_STALENESS, MODES, _path, add_switch, given_flag, non_negative_float, non_negative_int,
-                       overlap_refused, positive_float, positive_int)
+from pscnn.cli import (DEFAULT_STALENESS, MEMORY_CHECK_HELP, MODES, _path, add_switch, given_flag, non_negative_float,
+                       non_negative_int, overlap_refused, positive_float, positive_int)
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, Interruption, OptionError, add_output_flags,
                      check_measured, check_mnist, check_out, check_server_flags, checking_options, cores, data_files,
@@ -78,6 +78,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     add_switch(p, "--overlap",
                help="async points: workers compute the next batch while a push travels (pscnn worker --overlap)")
+    add_switch(p, "--no-memory-check", help=MEMORY_CHECK_HELP + " (its workers' checks: pscnn worker --no-memory-check)")
     add_output_flags(p, "scaling", keep_logs=True)
 
 
@@ -171,7 +172,7 @@ def run(args) -> int:
                         out / POINTS / point_folder(pt, trial, synthetic), seconds=args.seconds,
                         warmup=args.warmup, threads=args.threads, model=args.model, lr=args.lr, mnist_dir=mnist_dir,
                         keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, overlap=args.overlap,
-                        server_extra=ssp_flags(pt["mode"], bound), **pt),
+                        server_extra=ssp_flags(pt["mode"], bound), check_memory=not args.no_memory_check, **pt),
                         NAME, label)
                 except failures as exc:     # one failed point must not lose the others
                     res = point_failed(NAME, label, exc)

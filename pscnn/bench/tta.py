@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from cnn_core.text import for_count
-from pscnn.cli import (DEFAULT_LR, DEFAULT_STALENESS, MODES, _path, fraction, given_flag, non_negative_float,
-                       non_negative_int, positive_float, positive_int)
+from pscnn.cli import (DEFAULT_LR, DEFAULT_STALENESS, MEMORY_CHECK_HELP, MODES, _path, add_switch, fraction, given_flag,
+                       non_negative_float, non_negative_int, positive_float, positive_int)
 
 from .common import (BenchError, Interruption, OptionError, add_output_flags, check_mnist, check_out,
                      check_server_flags, checking_options, cores, data_files, description, eval_records, fmt, fresh_output_folder,
@@ -68,6 +68,7 @@ def add_parser(sub) -> None:
                    help="learning-rate schedule passed to the server: a name, JSON or a JSON file, as pscnn run's "
                         "(default: the server's own default)")
     p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
+    add_switch(p, "--no-memory-check", help=MEMORY_CHECK_HELP + " (its workers' checks: pscnn worker --no-memory-check)")
     add_output_flags(p, "tta", keep_logs=True)
 
 
@@ -212,7 +213,7 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
         if server.poll() is not None:           # exited before it answered: nothing to measure
             raise server_failed("the server", server.returncode, cluster.log_tail("server"), cluster.endpoint,
                                 cluster.logs)
-        wflags = worker_flags(args.threads, None, mnist_dir)
+        wflags = worker_flags(args.threads, None, mnist_dir, check_memory=not args.no_memory_check)
         for i in range(n):
             cluster.start_worker(f"worker-{i}", wflags)
         cluster.start_evaluator(evaluator_flags(args, mnist_dir))
