@@ -428,8 +428,9 @@ def test_an_overlap_trainer_takes_the_loop_of_the_mode_of_a_server_it_rejoins(fa
     request (1,000 warnings "too_many_leases" on each side for a 1,000-step run, each counted in the
     run's rejected_messages); or one batch at a time on an async one.  It takes the new mode's loop,
     and says so."""
+    params = dict(build_model("light").params)        # a rejoined server's first task carries its weights
     server = fake(hello=[welcome(run={**RUN, "mode": before}), welcome(run={**RUN, "mode": after}, incarnation="new")],
-                  work=[task(), task(batch=1), task(batch=2), task(batch=3), STOP],
+                  work=[(*task(batch=b), params) for b in range(4)] + [STOP],
                   push=[error("unknown_worker", "who?"), STOP])
     trainer = Trainer(connect(server), compute_ms=0.0, overlap=True)
     trainer.setup(message(welcome(run={**RUN, "mode": before})))

@@ -311,11 +311,24 @@ def test_the_time_slept_on_a_wait_and_the_work_requests_after_it_count_in_the_ne
 
 @LOOPS
 def test_a_push_names_the_task_it_answers(fake, connect, overlapped):
-    server = fake(work=[task(version=7, epoch=0, batch=3, lease=42)], push=[STOP])
+    server = fake(work=[task_with(PARAMS, version=7, epoch=0, batch=3, lease=42)], push=[STOP])
     assert run_loop(trainer_on(connect(server)), overlapped) == 0
     (push,) = server.of_type(P.PUSH)
     assert {k: push.body[k] for k in ("epoch", "batch", "lease", "base_version", "count")} == \
         {"epoch": 0, "batch": 3, "lease": 42, "base_version": 7, "count": 64}
+
+
+@LOOPS
+def test_a_task_without_weights_of_another_version_than_the_trainers_is_refused(fake, connect, caplog, overlapped):
+    """A server sends a trainer weights whenever it holds another version; a task without them names
+    the version the trainer holds.  One naming another was taken for "the weights you hold are this
+    version": the batch was computed on version 3 and pushed as computed on version 5."""
+    no_weights = task(version=5, batch=1)
+    server = fake(work=[task_with(PARAMS, version=3), no_weights, STOP], push=[no_weights, STOP])
+    with caplog.at_level(logging.WARNING, logger="pscnn.client"):
+        assert run_loop(trainer_on(connect(server)), overlapped) == 0
+    assert [(m.body["batch"], m.body["base_version"]) for m in server.of_type(P.PUSH)] == [(0, 3)]
+    assert warnings_with(caplog, "bad task from the server: version 5 comes with no weights, but we hold version 3")
 
 
 @LOOPS
@@ -351,7 +364,7 @@ def test_a_rejoin_is_an_info_line_and_a_second_in_a_row_a_warning(fake, connect,
     us every time) is still a warning, counted."""
     forgot = error("unknown_worker", "who?")
     server = fake(hello=[welcome(incarnation=f"server-{n}") for n in range(4)],
-                  work=[forgot, task(), forgot, STOP], push=[forgot])
+                  work=[forgot, task_with(PARAMS), forgot, STOP], push=[forgot])     # a rejoin's first task: weights
     trainer = trainer_on(connect(server))
     with caplog.at_level(logging.INFO, logger="pscnn.client"):
         assert run_loop(trainer, False) == 0

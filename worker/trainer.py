@@ -191,6 +191,7 @@ class Trainer:
         self.mnist_dir = mnist_dir
         self.compute_ms = compute_ms
         self.model = None
+        self.held_version = -1          # of the weights the model holds; -1: none this server sent or built
         self.run: dict = {}
         self._memory_checked = None     # (model spec, batch) of the last check_memory_fits that passed
         self.data = None
@@ -212,6 +213,9 @@ class Trainer:
         if self.model is None or welcome.body["model"] != self.model.spec:
             self.model = model_from_welcome(welcome.body["model"], self.device, seed=run["seed"])
             self._zero_push = None
+            self.held_version = 0       # built as the server builds its own version 0, from the spec and seed
+        else:
+            self.held_version = -1      # a rejoin: a restarted server's versions need not be the old one's
         if self.compute_ms is None and self.check_memory and planned != self._memory_checked:
             # Against this machine's memory, which the server cannot know (a worker failed at its first
             # batch); not again on a rejoin to the same model and batch, which has run here, and whose
@@ -281,10 +285,21 @@ class Trainer:
         held = self._held_problem(body)
         if held:
             problems.append(held)
+        if not reply.arrays and body["version"] != self.held_version:
+            # Taken for "the weights you hold are this version": the gradient of other weights went out
+            # as computed on it, its staleness misjudged
+            problems.append(f"version {body['version']} comes with no weights, but we hold "
+                            + (f"version {self.held_version}" if self.held_version >= 0 else "none of this server's"))
         if problems:
             raise BadReply(f"bad task from the server: {'; '.join(problems)}")
         check_weights(self.model, reply.arrays, "a task")
         return body
+
+    def take_weights(self, reply: P.Message) -> None:
+        """Load the weights a checked task carries, if any: the model then holds its version."""
+        if reply.arrays:
+            self.model.assign(reply.arrays)
+            self.held_version = reply.body["version"]
 
     def check_held(self, reply: P.Message) -> float:
         """A task's or wait's ``held_s`` (0 for a stop), or BadReply: below 0, or longer than
@@ -417,8 +432,7 @@ class Trainer:
                     continue
                 body = self.check_task(reply)
                 self._usable(failures, reply, push is not None)
-                if reply.arrays:
-                    self.model.assign(reply.arrays)
+                self.take_weights(reply)
                 result, arrays = self.compute(body)
                 push = P.Message(P.PUSH, body=self._push_body(body, result, timing), arrays=arrays)
                 timing = _no_time()
@@ -488,7 +502,6 @@ class Trainer:
         pending = None                      # the push in flight
         more = True                         # False after a "wait": compute what we hold first
         timing = _no_time()                 # since the last push: what the next one reports
-        version = 0                         # of the weights the model holds: a task's, or a later one's
         while True:
             push = None                     # the push that reply (or the failure) answers; None: a work request
             try:
@@ -498,7 +511,7 @@ class Trainer:
                 elif tasks:
                     # Computed on the weights held now, which a second task's reply may have made
                     # newer than this task's: the push names their version (staleness counts from it).
-                    task = {**tasks.pop(0), "version": version}
+                    task = {**tasks.pop(0), "version": self.held_version}
                     result, arrays = self.compute(task)
                     reply = None
                     if pending is not None:
@@ -526,10 +539,8 @@ class Trainer:
                 if push is None:                    # a work request's round trip (_collect timed a push's)
                     self._add_round_trip(timing, held)
                 self._usable(self._failures, reply, push is not None)
-                if reply.arrays:
-                    self.model.assign(reply.arrays)
-                if reply.type == P.TASK:            # its weights, sent or (known already) held
-                    version = reply.body["version"]
+                if reply.type == P.TASK:            # one without weights names the version held (check_task)
+                    self.take_weights(reply)
                 more = reply.type == P.TASK
                 if reply.type == P.WAIT and not tasks and pending is None:
                     self._sleep_on(reply, timing)
