@@ -729,11 +729,17 @@ class Dropout(Layer):
         draw = self.take_draw()
         return None if draw is None else self._mask(xp, draw, shape, dtype)
 
+    def batch_mask_values(self, n: int) -> int:
+        """How many values of a mask :meth:`begin_batch` draws whole for a batch of ``n`` samples
+        (what Model.training_step_bytes counts): 0 when p is 0 or over MAX_BATCH_MASK_VALUES."""
+        values = n * math.prod(self.in_shape)
+        return values if self.p > 0.0 and values <= self.MAX_BATCH_MASK_VALUES else 0
+
     def begin_batch(self, xp, n: int, dtype) -> None:
         """Before the first chunk of a batch of ``n`` samples: the batch's mask drawn whole
         (``batch_mask``), or over MAX_BATCH_MASK_VALUES only its draw number taken (``batch_draw``),
         of which each chunk then draws its own rows."""
-        if n * math.prod(self.in_shape) <= self.MAX_BATCH_MASK_VALUES:
+        if self.batch_mask_values(n):
             self.batch_mask = self.draw_mask(xp, (n, *self.in_shape), dtype)
         else:
             self.batch_draw = self.take_draw()

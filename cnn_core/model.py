@@ -245,13 +245,13 @@ class Model:
         # What training_step_bytes counts per image and layer: a training pass keeps one more array
         # of its output's size for the layers of KEEPS_ANOTHER_OUTPUT, those in a residual block too
         # (but a Dropout of p 0, which draws no mask); and a chunked step holds each Dropout's mask of
-        # the whole batch (Dropout.begin_batch), counted there from its values per image.
+        # the whole batch (Dropout.begin_batch), counted there (Dropout.batch_mask_values).
         self._step_values = [(layer.name, count + sum(math.prod(inner.out_shape) for inner in _all_layers([layer])
                                                       if isinstance(inner, KEEPS_ANOTHER_OUTPUT)
                                                       and not (type(inner) is Dropout and inner.p == 0.0)))
                              for layer, count in per_layer]
-        self._mask_values = [(layer.name, math.prod(inner.in_shape)) for layer in self.layers
-                             for inner in _all_layers([layer]) if type(inner) is Dropout and inner.p > 0.0]
+        self._dropouts_of = [(layer.name, inner) for layer in self.layers
+                             for inner in _all_layers([layer]) if type(inner) is Dropout]
         for layer in self.layers:
             for k in layer.parameters:
                 layer.bind_parameter(k, self.params[f"{layer.name}.{k}"])
@@ -340,9 +340,10 @@ class Model:
             for layer in self.layers:
                 if type(layer) is Dense:
                     values[layer.name] += 2 * n * (math.prod(layer.in_shape) + layer.units)
-            for name, per_image in self._mask_values:
-                if n * per_image <= Dropout.MAX_BATCH_MASK_VALUES:     # drawn whole: each chunk's is a view
-                    values[name] += (n - per_pass) * per_image
+            for name, dropout in self._dropouts_of:
+                held = dropout.batch_mask_values(n)     # a mask drawn whole: each chunk's is a view of it
+                if held:
+                    values[name] += held - dropout.batch_mask_values(per_pass)
         itemsize = np.dtype(self.dtype).itemsize
         fixed = n * math.prod(self.spec["input_shape"]) + (2 + optimizer_slots) * self.num_parameters()
         name, most = max(values.items(), key=lambda item: item[1])

@@ -12,6 +12,7 @@ and benchmarks: start a server and clients, kill or add some, wait, clean up.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -329,10 +330,10 @@ def check_workers_fit_memory(args, cfg, model) -> None:
 def check_run_args(args, server_follows: bool = False):
     """What the server would refuse, checked before any process starts: one line from ``pscnn run``
     itself (CliError, exit 2, for flags; SpecError / ConfigError, exit 1, for the model and optimizer)
-    instead of the server's log tail.  Returns the server's config (a ServerConfig).
-    ``server_follows``: the caller makes a ParameterServer of that config next, which checks the model
-    and the optimizer (checked_store) itself; building them here too cost one more random initialization
-    (4 s for 26 million parameters), each time."""
+    instead of the server's log tail.  Returns the server's config (a ServerConfig) and the model and
+    optimizer checked (a ParameterStore), None when ``server_follows``: the caller makes a ParameterServer
+    of that config next, which checks the model and the optimizer (checked_store) itself; building them
+    here too cost one more random initialization (4 s for 26 million parameters), each time."""
     from pscnn.cli import CliError, given_flag, overlap_refused  # noqa: PLC0415
     # given_flag: a flag the user did not type may come from its PSCNN_<FLAG> variable, which is then named
     if args.workers > args.max_workers:
@@ -356,12 +357,13 @@ def check_run_args(args, server_follows: bool = False):
     if getattr(args, "overlap", False) and args.mode != "async":
         raise CliError(overlap_refused(args.mode))
     cfg = config_from_args(args)                    # the optimizer config as the server will build it
+    store = None
     if not server_follows:
         store = checked_store(cfg)                  # the model and the optimizer, as the server checks them
         check_workers_fit_memory(args, cfg, store.model)
     check_workers_have_batches(args.workers, training_set_size(cfg.train_limit), cfg.batch_size,
                                given_flag("workers"), given_flag("batch_size"))
-    return cfg
+    return cfg, store
 
 
 # Every worker gone and the server silent this long (scoring the final weights itself, it answers
@@ -456,12 +458,12 @@ class RunOutputs:
         return f"pscnn run: stopped. Continue with the same command plus --resume (run folder {self.out})"
 
 
-def earlier_run_resume(cfg) -> str:
+def earlier_run_resume(cfg, store) -> str:
     """How to continue the unfinished run in run folder ``cfg.out``, which a ``pscnn run`` of ``cfg``
-    without --resume starts over: the same command plus --resume, unless --resume refuses this command's
-    settings (another --batch-size, say: "the same command" then failed, and the user learnt only then
-    that the run's settings were needed), when it names each and the one to resume with."""
-    store = checked_store(cfg)
+    (``store``: its model and optimizer, check_run_args's) without --resume starts over: the same
+    command plus --resume, unless --resume refuses this command's settings (another --batch-size, say:
+    "the same command" then failed, and the user learnt only then that the run's settings were needed),
+    when it names each and the one to resume with."""
     refused = settings_refused(cfg, store.model, store.optimizer)
     if refused is None:
         return "the same command plus --resume"
@@ -471,7 +473,7 @@ def earlier_run_resume(cfg) -> str:
 def run_from_args(args) -> int:
     """``pscnn run``: the whole run in local processes, with a progress bar and a final report."""
     # once: resolving the schedule warns of a warm-up longer than the run; --resume's checks build the server
-    cfg = check_run_args(args, server_follows=args.resume)
+    cfg, store = check_run_args(args, server_follows=args.resume)
     # A folder another run (or server) writes: its server refused it, but only after this run's
     # clients had started and its logs had gone into that run's logs/, whose tail was then the report.
     check_folder_free(args.out)
@@ -488,14 +490,14 @@ def run_from_args(args) -> int:
     # flags' checks (--resume, --port above): this may download MNIST.
     for split in ("train", "test"):
         check_local_setup(args.device, args.mnist_dir, split, progress=not args.no_progress)
-    earlier_resume = None
-    if not args.resume and unfinished_run_warning(args.out):
-        resume = earlier_run_resume(cfg)
-        # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
-        _say(f"pscnn run: {unfinished_run_warning(args.out, f'stop this run (Ctrl-C) and run {resume}')}")
-        if checkpoint_version(args.out):    # an unreadable checkpoint is warned of too, but no --resume continues it
-            earlier_resume = resume
-    outputs = RunOutputs(args.out, args.resume, earlier_resume=earlier_resume)
+    resume = functools.cache(lambda: earlier_run_resume(cfg, store))      # asked only if there is a warning
+    warning = None if args.resume else unfinished_run_warning(
+        args.out, lambda: f"stop this run (Ctrl-C) and run {resume()}")
+    if warning:     # on the terminal, not only in logs/server.log (whose warning gives the server's advice)
+        _say(f"pscnn run: {warning}")
+    # (an unreadable checkpoint is warned of too, but no --resume continues it)
+    outputs = RunOutputs(args.out, args.resume,
+                         earlier_resume=resume() if warning and checkpoint_version(args.out) else None)
     cluster = LocalCluster(args.out, port=args.port or None, threads=args.threads,
                            keys=make_run_keys(args.out, args.workers) if args.curve else None,
                            peer_timeout=args.peer_timeout)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 
 from cnn_core.checkpoint import load_checkpoint
 from cnn_core.config import is_integer, is_number
@@ -86,9 +87,10 @@ def summary_after_checkpoint(out: str) -> bool:
 SERVER_RESUME_ADVICE = "stop this server and start it again with --resume (PSCNN_RESUME=1 in Compose)"
 
 
-def unfinished_run_warning(out: str, resume_advice: str = SERVER_RESUME_ADVICE) -> str | None:
+def unfinished_run_warning(out: str, resume_advice: str | Callable[[], str] = SERVER_RESUME_ADVICE) -> str | None:
     """The warning for starting over in run folder ``out`` when it holds an unfinished run's checkpoint, else None.
-    ``resume_advice``: how to continue that run instead, for the command that warns.
+    ``resume_advice``: how to continue that run instead, for the command that warns; a callable is asked
+    only when there is a warning (the advice may read the checkpoint again, to compare its settings).
 
     A run is finished once its server wrote ``summary.json`` (complete or
     diverged), and every checkpoint of the run is written before that; so the
@@ -112,7 +114,8 @@ def unfinished_run_warning(out: str, resume_advice: str = SERVER_RESUME_ADVICE) 
         work = extra.get("work") if isinstance(extra.get("work"), dict) else {}
         what = f"version {meta.get('step', '?')}, epoch {work.get('epoch', '?')} of {work.get('epochs', '?')}"
     return (f"{out} holds the checkpoint of an unfinished run ({what}; no summary.json written after it): "
-            f"starting over replaces it and that run's metrics.jsonl; to continue that run instead, {resume_advice}")
+            "starting over replaces it and that run's metrics.jsonl; to continue that run instead, "
+            + (resume_advice() if callable(resume_advice) else resume_advice))
 
 
 class SettingsDiffer(CheckpointError):

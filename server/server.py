@@ -254,9 +254,10 @@ class ParameterServer:
         if cfg.resume:
             self._resume()
         else:
-            if unfinished_run_warning(cfg.out):
-                advice = server_resume_advice(cfg, self.store.model, self.store.optimizer)
-                log.warning("%s", unfinished_run_warning(cfg.out, advice))
+            warning = unfinished_run_warning(
+                cfg.out, lambda: server_resume_advice(cfg, self.store.model, self.store.optimizer))
+            if warning:
+                log.warning("%s", warning)
 
     @property
     def rate_limited_logs(self) -> tuple[RateLimitedLog, ...]:

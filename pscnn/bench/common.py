@@ -259,7 +259,7 @@ def check_server_flags(flags: list[str], workers: int | None = None) -> None:
     if workers is not None:
         args.workers = workers
         # its config: resolved twice, a schedule's warning came twice; the model is built by the server below
-        cfg = check_run_args(args, server_follows=True)
+        cfg, _ = check_run_args(args, server_follows=True)
     else:
         cfg = config_from_args(args)
     ParameterServer(cfg)
