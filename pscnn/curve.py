@@ -56,14 +56,19 @@ KEY_CHARS = 40                  # a Z85-encoded 32-byte Curve25519 key
 # Handshakes that failed without a reason before a client with keys looks into why: one may be a
 # connection cut mid-handshake, a few in a row a server that cannot decrypt our hello (the wrong
 # server.key), or a peer that closes every connection before the handshake (a proxy in front of a
-# server that is down), which ZeroMQ's monitor reports alike (:func:`first_byte`).
+# server that is down), which ZeroMQ's monitor reports alike (:func:`peer_greeting`).
 SILENT_FAILURES_LIMIT = 3
-# How long a client waits for the first byte on the connection that tells those apart, and how
+# How long a client waits for the greeting on the connection that tells those apart, and how
 # often it makes one while they go on.
 GREETING_TIMEOUT_S, GREETING_PROBE_EVERY_S = 0.5, 2.0
 # The first byte of ZeroMQ's greeting (ZMTP 3: a signature of 0xFF, 8 bytes, 0x7F), sent on every new
 # connection before anything is read.
 ZMTP_SIGNATURE_START = b"\xff"
+# What the probe sends (:func:`peer_greeting`): a signature and major version 3, for which a ZeroMQ peer
+# sends the rest of its greeting, its security mechanism at bytes 12-31 (NUL-padded) of 64, and then
+# waits for the rest of ours, which never comes: it reads no mechanism of ours to refuse.
+ZMTP_PROBE = b"\xff" + bytes(7) + b"\x01\x7f\x03"
+ZMTP_GREETING_BYTES, ZMTP_MECHANISM = 64, slice(12, 32)
 # Refused client keys the server names in its log, one line each; later ones are refused silently.
 REFUSALS_LOGGED = 100
 KEYS_HINT = "pscnn keys DIR makes DIR/server for the server and DIR/client-N for each client"
@@ -413,13 +418,18 @@ class HandshakeWatch:
             return
         self.probe_due = time.monotonic() + GREETING_PROBE_EVERY_S
         address = P.tcp_address(self.endpoint)
-        first = first_byte(*address, timeout) if address is not None else ZMTP_SIGNATURE_START    # (ipc: no proxy)
-        if first == ZMTP_SIGNATURE_START:
+        greeting = peer_greeting(*address, timeout) if address is not None else ZMTP_SIGNATURE_START  # (ipc: no proxy)
+        if greeting and greeting.startswith(ZMTP_SIGNATURE_START):
+            if greeting_mechanism(greeting) not in (None, b"CURVE"):
+                # A plain server: its refusal of our mechanism, which ZeroMQ reports when it reads the
+                # server's greeting before the server has closed the connection on ours (not always)
+                raise HandshakeFailed(self._failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                                    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH))
             raise HandshakeFailed(
                 f"the CURVE handshake with {self.endpoint} failed {self.silent_failures} times in a row: "
                 f"the server could not read our hello; is {self.keys.folder / (SERVER_NAME + PUBLIC)} the "
                 "public key of this server (of its server.key_secret)?")
-        if first == b"" and not self.closed_unheard_said:
+        if greeting == b"" and not self.closed_unheard_said:
             self.closed_unheard_said = True
             log.warning("the connection to %s closed before the CURVE handshake began (%d %s in a row), "
                         "without a byte of ZeroMQ's greeting: is the server down behind a proxy?%s", self.endpoint,
@@ -463,11 +473,13 @@ class HandshakeWatch:
             self.sock = self.monitor = None
 
 
-def first_byte(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> bytes | None:
-    """The first byte a new TCP connection to ``host:port`` brings (a ZeroMQ socket's greeting starts with
-    ZMTP_SIGNATURE_START); b"" if the peer closed (or reset) it first; None if it was not made, or
-    nothing came within ``timeout`` (the host's lookup included).  Closed before our greeting, it is a
-    handshake failed without a reason at a pscnn server, which does not log those (:class:`RefusedHandshakes`)."""
+def peer_greeting(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> bytes | None:
+    """What a new TCP connection to ``host:port`` brings within ``timeout`` (the host's lookup
+    included), up to a whole ZeroMQ greeting, for :data:`ZMTP_PROBE` sent (a ZeroMQ socket's greeting
+    starts with ZMTP_SIGNATURE_START; its mechanism: :func:`greeting_mechanism`); b"" if the peer closed
+    (or reset) it first; None if it was not made, or nothing came.  Closed before our greeting's end, it
+    is a handshake failed without a reason at a pscnn server, which does not log those
+    (:class:`RefusedHandshakes`)."""
     deadline = time.monotonic() + timeout
     addresses, _ = P.look_up(host, port, timeout)     # (None: not answered in time)
     for family, kind, proto, _, address in addresses or ():    # each, as create_connection tries them
@@ -478,12 +490,39 @@ def first_byte(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> byt
             with socket.socket(family, kind, proto) as conn:
                 conn.settimeout(left)
                 conn.connect(address)
-                return conn.recv(1)
+                conn.sendall(ZMTP_PROBE)
+                return _received(conn, ZMTP_GREETING_BYTES, deadline)
         except ConnectionResetError:
             return b""
         except OSError:             # refused, unreachable, timed out: the next address
             continue
     return None
+
+
+def _received(conn: socket.socket, size: int, deadline: float) -> bytes | None:
+    """Up to ``size`` bytes from ``conn`` until ``deadline`` or the peer's close; None if none came
+    in time, b"" if it closed (or reset) first."""
+    got = b""
+    try:
+        while len(got) < size:
+            conn.settimeout(max(deadline - time.monotonic(), 1e-3))
+            chunk = conn.recv(size - len(got))
+            if not chunk:
+                break
+            got += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return got or None
+    return got
+
+
+def greeting_mechanism(greeting: bytes) -> bytes | None:
+    """The security mechanism a ZMTP 3 greeting names (b"NULL": a plain peer, b"CURVE"), or None
+    for a greeting cut short."""
+    if len(greeting) < ZMTP_MECHANISM.stop or greeting[10] < 3:
+        return None
+    return greeting[ZMTP_MECHANISM].rstrip(b"\0")
 
 
 class RefusedHandshakes:

@@ -151,6 +151,34 @@ def test_a_curve_client_of_a_plain_server_is_told_so(router, keys):
         query_status(endpoint, 30.0, curve.client_keys(keys / "client-0"))
 
 
+def test_the_greeting_probe_reads_a_servers_mechanism_without_sending_it_ours(keys):
+    """What tells a plain server from one that cannot read our hello: each one's greeting names its
+    mechanism.  The probe sends no mechanism of its own: a plain server's handshake with it fails
+    for its close, not for a mismatch a server could log."""
+    from zmq.utils.monitor import recv_monitor_message
+    ctx = zmq.Context.instance()
+    plain, secure = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    curve.secure_server(secure, curve.server_keys(keys / "server"))
+    monitor = plain.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    try:
+        addresses = []
+        for sock in (plain, secure):
+            endpoint = local_endpoint(free_port())
+            sock.bind(endpoint)
+            addresses.append(P.tcp_address(endpoint))
+        greetings = [curve.peer_greeting(*address, timeout=30.0) for address in addresses]
+        assert [len(greeting) for greeting in greetings] == [curve.ZMTP_GREETING_BYTES] * 2
+        assert [curve.greeting_mechanism(greeting) for greeting in greetings] == [b"NULL", b"CURVE"]
+        assert curve.greeting_mechanism(greetings[1][:20]) is None      # cut short: no mechanism to go by
+        assert monitor.poll(30_000), "the plain server saw no end of the probe's handshake"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    finally:
+        plain.disable_monitor()
+        monitor.close(linger=0)
+        for sock in (plain, secure):
+            sock.close(linger=0)
+
+
 def test_a_client_with_another_servers_public_key_is_told_so(router, keys, tmp_path):
     curve.make_keys(tmp_path / "other", ["client-0"])
     endpoint = router(curve.server_keys(keys / "server"))
