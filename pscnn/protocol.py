@@ -476,6 +476,21 @@ def _unix_socket_listening(path: str) -> bool:
         probe.close()
 
 
+def own_context() -> zmq.Context:
+    """A ZeroMQ context for one server or client, which it terminates once its sockets are closed.
+
+    Not the process-wide ``Context.instance()``, which nobody terminates.  Frames go zero-copy
+    (:func:`send`): libzmq's I/O thread holds each until it is sent or dropped, then hands it
+    back through pyzmq's garbage-collector thread.  One handed back while the interpreter
+    exits, as pyzmq's atexit takes that thread's sockets down, left the I/O thread waiting on a
+    socket being destroyed, and libzmq aborted the process ("Assertion failed: pfd.revents &
+    POLLIN (src/signaler.cpp:238)"): a trainer that gave up on a server cut off from it by its
+    cable exited -6, not 1.  ``term()`` returns only when every frame is back, while the collector
+    runs, and after a socket's linger (the server's last replies) rather than cut short by the exit.
+    """
+    return zmq.Context()
+
+
 def connect(socket, endpoint: str) -> None:
     """``socket.connect(endpoint)``; EndpointError if the endpoint is malformed.
 

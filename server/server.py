@@ -246,7 +246,7 @@ class ParameterServer:
         # clears it; one back (cut off) while the server scores the weights may still report.
         self.evaluator_left: str | None = None
         self.writer = None
-        self.ctx = zmq.Context.instance()
+        self.ctx = P.own_context()              # terminated when serving ends
         self.sock = None
         self.keys = curve.server_keys(cfg.keys) if cfg.keys else None
         self.authenticator = None               # ZeroMQ's ZAP handler, while serving with keys
@@ -325,6 +325,7 @@ class ParameterServer:
         except BaseException:
             self.sock.close(linger=0)
             self._stop_curve()
+            self.ctx.term()
             raise
         if self.cfg.resume:
             self._adopt_logged_records()
@@ -435,6 +436,7 @@ class ParameterServer:
                 self.plots.join()
             self.sock.close(linger=1000)
             self._stop_curve()
+            self.ctx.term()             # waits out the linger: the last replies go before the process ends
             self.writer.close()
         for problem in (self.failure, self.write_error):
             if problem is not None:

@@ -132,6 +132,7 @@ class SimNet:
         self.polls: list[int] = []                  # each poll's timeout in ms
         self.on_poll = None                         # (socket, timeout_ms) -> None; may fill socket.inbox
         self.recv_s = 0.0                           # how long reading one reply takes
+        self.terminated = False
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -148,6 +149,10 @@ class SimNet:
 
     def send_times(self) -> list[float]:
         return [t - self.start for t, _, _ in self.sent]
+
+    def term(self) -> None:
+        assert all(sock.closed for sock in self.sockets), "the context ended before its sockets were closed"
+        self.terminated = True
 
 
 def reply_frames(mtype: str, seq: int, body: dict | None = None) -> list[bytes]:
@@ -476,7 +481,7 @@ def test_a_request_whose_server_went_silent_is_not_said_to_be_held_back(sim, cap
     silence.  That warning is for a server that answers heartbeats; this one had stopped."""
     client, net = sim(100, give_up_after=3.0, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
     client.heartbeat_s = 2.0
-    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None)     # heartbeats on (their thread)
+    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None, is_alive=lambda: False)  # heartbeats on
 
     def server(sock, timeout_ms):           # one heartbeat answered after the request went, then silence
         if net.now - net.start >= 0.5 and not client.heard_at:
@@ -494,7 +499,7 @@ def test_a_request_sent_before_the_first_heartbeat_answer_waits_for_it(sim):
     be answered.  With heartbeats on, the silence allowed is two periods from the start too."""
     client, net = sim(100, give_up_after=0.5, resend_s=1.0, reconnect_s=3.0, max_backoff_s=5.0)
     client.heartbeat_s = 2.0
-    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None)     # heartbeats on (their thread)
+    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None, is_alive=lambda: False)  # heartbeats on
 
     def server(sock, timeout_ms):
         if net.now - net.start >= 2.0:
@@ -619,7 +624,7 @@ def test_goodbye_to_a_silent_server_is_given_up_after_two_seconds(sim):
     client.close(say_bye=True, reason="error")
     assert 2.0 < net.now - net.start < 2.1
     assert {P.decode(frames).type for _, _, frames in net.sent} == {P.BYE}
-    assert client.sock is None and all(sock.closed for sock in net.sockets)
+    assert client.sock is None and all(sock.closed for sock in net.sockets) and net.terminated
 
 
 def test_goodbye_to_a_server_that_answers_heartbeats_only_is_given_up_without_a_word(sim, caplog):
@@ -629,7 +634,7 @@ def test_goodbye_to_a_server_that_answers_heartbeats_only_is_given_up_without_a_
     last lines of its log.  A goodbye is given up after its two seconds, quietly."""
     client, net = sim(100, give_up_after=600.0)
     client.heartbeat_s = 2.0
-    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None)     # heartbeats on (their thread)
+    client._hb_thread = SimpleNamespace(join=lambda timeout=None: None, is_alive=lambda: False)  # heartbeats on
 
     def heartbeats_answered(sock, timeout_ms):
         client.heard_at = net.now

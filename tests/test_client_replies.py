@@ -13,6 +13,7 @@ test: the client then gives up after ``give_up_after`` and the test fails.
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import socket
@@ -925,3 +926,44 @@ def test_an_answer_that_arrived_while_the_caller_was_busy_past_a_deadline_is_rea
     later = time.monotonic() + 10 * GIVE_UP_S            # the caller was busy that long
     monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=lambda: later, sleep=time.sleep))
     assert pending.result().type == P.TASK
+
+
+CLOSED_CLIENT_THREADS = """
+import json, os
+import numpy as np
+import zmq
+from zmq.utils.garbage import gc
+from pscnn import protocol as P
+from worker.client import Client
+
+def zeromq_threads():
+    names = (open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
+    return sorted(name for name in names if name.startswith("ZMQbg"))
+
+gc.start()                              # pyzmq's collector of zero-copy frames, and its context's threads
+before = zeromq_threads()
+peer_ctx = zmq.Context()
+peer = peer_ctx.socket(zmq.ROUTER)      # a server that never answers
+port = peer.bind_to_random_port("tcp://127.0.0.1")
+client = Client(f"tcp://127.0.0.1:{port}", "trainer", heartbeat=False)
+client.submit(P.WORK, {}, {"w": np.ones(1_000_000, np.float32)})   # 4 MB, sent zero-copy
+during = zeromq_threads()
+client.close()
+peer.close(linger=0)
+peer_ctx.term()
+print(json.dumps({"before": before, "during": during, "after": zeromq_threads()}))
+"""
+
+
+def test_a_closed_client_leaves_no_zeromq_thread_to_hand_a_frame_back_as_the_process_exits():
+    """A trainer that gave up on a server cut off by its cable exited -6, not 1 (CI, once):
+    libzmq's I/O thread handed a zero-copy frame back to pyzmq's collector as the interpreter
+    exited and took the collector's sockets down, and libzmq aborted ("Assertion failed:
+    pfd.revents & POLLIN").  close() ends the client's own context (P.own_context): every
+    frame is back, and no thread of it is left to run at the exit."""
+    proc = subprocess.run([sys.executable, "-c", CLOSED_CLIENT_THREADS], capture_output=True, text=True,
+                          timeout=60, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    threads = json.loads(proc.stdout)
+    assert len(threads["during"]) > len(threads["before"]), threads      # the client's context ran threads
+    assert threads["after"] == threads["before"], threads

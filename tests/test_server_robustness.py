@@ -820,6 +820,7 @@ class InProcess:
         if self.srv.plots is not None:      # drawn in a thread once the summary is written
             self.srv.plots.join()
         self.srv.sock.close(linger=0)
+        self.srv.ctx.term()
 
 
 @pytest.fixture
@@ -1712,6 +1713,31 @@ def test_a_stop_while_the_plots_are_drawn_waits_for_them_before_the_run_folder_i
         logger.removeHandler(watch)
     assert codes == [0] and loop_ended.is_set()
     assert events == ["plots drawn", "metrics.jsonl closed"]
+
+
+def test_a_server_ends_with_its_context_terminated_whether_it_served_or_could_not_bind(tmp_path):
+    """The server's replies carry the weights zero-copy, as a client's pushes carry gradients:
+    serve() returns with its own context terminated (P.own_context), every frame handed back
+    before the interpreter's exit, its last replies sent within the socket's linger; so does a
+    server that could not bind its port."""
+    from server.config import ServerConfig
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+
+    def config(out: str) -> ServerConfig:
+        return ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100, mode="async",
+                            final_eval_timeout=0.0, checkpoint_every=0, bind=endpoint, out=str(tmp_path / out))
+    srv = ParameterServer(config("run"))
+    codes = []
+    serving = threading.Thread(target=lambda: codes.append(srv.serve()), daemon=True)
+    serving.start()
+    assert wait_for(lambda: srv.writer is not None, 30)
+    second = ParameterServer(config("second"))
+    with pytest.raises(P.EndpointError, match="Address already in use"):
+        second.serve()
+    train_to_stop(endpoint)
+    serving.join(60)
+    assert codes == [0]
+    assert srv.ctx.closed and second.ctx.closed and zmq.Context.instance() not in (srv.ctx, second.ctx)
 
 
 def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume(tmp_path, in_process, monkeypatch,

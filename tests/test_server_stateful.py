@@ -141,6 +141,7 @@ class WorkAccounting(RuleBasedStateMachine):
             final_eval_timeout=1e9))    # the end waits for an evaluator: it never scores MNIST here
         self.srv.open()                 # the run folder's writer; the socket is replaced by an outbox
         self.srv.sock.close(linger=0)
+        self.srv.ctx.term()
         self.srv.sock = self.outbox = Outbox()
         self.applied: list[int] = []    # markers, in the order the store applied them
         self.updates = 0                # optimizer steps the store took

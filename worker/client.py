@@ -224,7 +224,7 @@ class Client:
         self.resend_s = resend_s
         self.reconnect_s = reconnect_s
         self.max_backoff_s = max_backoff_s
-        self.ctx = zmq.Context.instance()
+        self.ctx = P.own_context()              # terminated by close()
         self.sock = None
         self.handshakes = curve.HandshakeWatch(endpoint, keys)     # on the request socket
         self.seq = 0
@@ -328,6 +328,8 @@ class Client:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+        if self._hb_thread is None or not self._hb_thread.is_alive():
+            self.ctx.term()     # every frame we sent is back (P.own_context); a thread's open socket would hold it
 
     # ------------------------------------------------------------------ internals
     def _next_seq(self) -> int:
