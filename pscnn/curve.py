@@ -492,7 +492,7 @@ def peer_greeting(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> 
                 conn.connect(address)
                 conn.sendall(ZMTP_PROBE)
                 return _received(conn, ZMTP_GREETING_BYTES, deadline)
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):     # closed before our probe went: the same
             return b""
         except OSError:             # refused, unreachable, timed out: the next address
             continue

@@ -1421,6 +1421,17 @@ def test_a_peer_that_resets_the_connection_before_a_greeting_is_told_from_one_th
             thread.join(30)
 
 
+def test_a_peer_that_closed_before_the_probe_could_send_is_one_that_closed_before_a_greeting(monkeypatch):
+    """A peer that closed (and reset) the connection before the probe's bytes went makes the send fail
+    with EPIPE: that is a peer that closed before ZeroMQ's greeting (b""), not an address to skip."""
+    class ClosedUnderneath(socket.socket):
+        def sendall(self, data, flags=0):
+            raise BrokenPipeError(32, "Broken pipe")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        monkeypatch.setattr(curve.socket, "socket", ClosedUnderneath)
+        assert curve.peer_greeting("127.0.0.1", str(listener.getsockname()[1]), timeout=30.0) == b""
+
+
 class OneConnection:
     """A TCP listener on a free port of 127.0.0.1 that accepts one connection, sends it ``first`` (if
     any), and holds it open until closed (each wait bounded: about 30 s); run by a thread."""
