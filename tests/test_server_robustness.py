@@ -36,6 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 from cnn_core.checkpoint import load_checkpoint, save_checkpoint
 from cnn_core.config import nests_within
 from cnn_core.errors import CheckpointError, ConfigError
+from cnn_core.metrics import confusion_matrix, per_class_accuracy, precision_recall
 from cnn_core.model import build_model
 from cnn_core import runlog
 from cnn_core.runlog import read_metrics
@@ -540,11 +541,19 @@ def test_oversized_message_drops_the_connection_and_the_server_carries_on(server
     assert "Traceback" not in server.log_path.read_bytes()[since:].decode(errors="replace")
 
 
-def _good_metrics(classes: int = 10) -> dict:
-    """What cnn_core.metrics.evaluate makes, as an evaluator reports it."""
-    return {"test_accuracy": 0.5, "test_loss": 1.25, "per_class_accuracy": [0.5] * classes,
-            "precision": [0.25] * classes, "recall": [1.0] * classes,
-            "confusion_matrix": [[3] * classes for _ in range(classes)], "count": 30 * classes, "eval_seconds": 0.5}
+def _good_metrics(accuracy: float = 0.5, count: int = 300, classes: int = 10) -> dict:
+    """What cnn_core.metrics.evaluate makes, as an evaluator reports it: ``count`` test images
+    spread over the classes, the first of them wrong (taken for the next class) as many as
+    ``accuracy`` leaves."""
+    labels = np.arange(count) % classes
+    predicted = labels.copy()
+    wrong = count - round(accuracy * count)
+    predicted[:wrong] = (labels[:wrong] + 1) % classes
+    cm = confusion_matrix(labels, predicted, classes)
+    precision, recall = precision_recall(cm)
+    return {"test_accuracy": float(np.trace(cm)) / count, "test_loss": 1.25,
+            "per_class_accuracy": per_class_accuracy(cm).tolist(), "precision": precision.tolist(),
+            "recall": recall.tolist(), "confusion_matrix": cm.tolist(), "count": count, "eval_seconds": 0.5}
 
 
 def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
@@ -552,7 +561,7 @@ def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
     numbers) and summary.json: only what an evaluator makes of this model is accepted."""
     before = snapshot(server)
     ev = server.client("evaluator")
-    ok = {"test_accuracy": 0.5}
+    ok, good = {"test_accuracy": 0.5}, _good_metrics()
     nan, inf = float("nan"), float("inf")
     in_01 = "test_accuracy must be a number in [0, 1]"
     per_class = "per_class_accuracy must be a list of 10 numbers in [0, 1] (one per class)"
@@ -585,7 +594,20 @@ def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
         ({**ok, "confusion_matrix": [[1] * 10] * 9 + [[1] * 9]}, counts),          # ragged
         ({**ok, "confusion_matrix": [[1] * 10] * 9 + [[1] * 9 + [-1]]}, counts),
         ({**ok, "confusion_matrix": [[1] * 10] * 9 + [[1] * 9 + [0.5]]}, counts),
-        ({**ok, "count": -1}, "count must be an integer >= 0"),
+        *[({**ok, "count": count}, "count must be an integer in [1, 10000] (test images scored, of MNIST's 10000)")
+          for count in (-1, 0, 10_001, 2**64 - 1, 1e300, 0.5)],
+        # each in range alone, but not what an evaluator makes: its rates are those of its confusion matrix
+        ({**good, "confusion_matrix": [[0] * 10] * 10},
+         "confusion_matrix must count 1 to 10000 test images (MNIST's), not none"),
+        ({**good, "confusion_matrix": [[2**64 - 1] * 10] * 10, "count": 10_000},
+         "confusion_matrix must count 1 to 10000 test images (MNIST's), not more"),
+        ({**good, "count": 301}, "confusion_matrix counts 300 test images, but count is 301"),
+        ({**good, "test_accuracy": 0.99},
+         "test_accuracy 0.99 is not the confusion matrix's (150 of 300 right: 0.5)"),
+        ({**good, "per_class_accuracy": [1.0] * 10},
+         "per_class_accuracy of class 0 is 1, but the confusion matrix gives 0.5"),
+        ({**good, "recall": [0.5] * 9 + [0.25]}, "recall of class 9 is 0.25, but the confusion matrix gives 0.5"),
+        ({**good, "precision": [0.75] + [0.5] * 9}, "precision of class 0 is 0.75, but the confusion matrix gives 0.5"),
         ({**ok, "eval_seconds": inf}, "eval_seconds must be a finite number >= 0"),
     ]:
         for final, version in ((False, 0), (True, before[0])):      # a final report of the current version too
@@ -616,7 +638,7 @@ def test_a_flood_of_eval_reports_keeps_one_record_per_version(tmp_path):
         ev = srv.client("evaluator")
         since = srv.log_size()
         for i in range(300):        # the first, recorded, with a diverged model's NaN loss: kept as null
-            metrics = {**_good_metrics(), "test_accuracy": (i % 7) / 10, "test_loss": math.nan if i == 0 else 1.0}
+            metrics = {**_good_metrics(accuracy=(i % 7) / 10), "test_loss": math.nan if i == 0 else 1.0}
             reply = ev.call(P.EVAL_REPORT, {"version": 0, "final": False, "metrics": metrics})
             assert reply.type == P.ACK, reply.body
         with open(srv.log_path, "rb") as fh:
@@ -1462,11 +1484,31 @@ def test_the_summary_says_how_many_test_images_its_figures_come_from(in_process)
     summary has test_samples)."""
     server = in_process(epochs=1, test_limit=500)
     _push_all(server, _trainer(server))
-    body = {"version": server.srv.store.version, "final": True, "metrics": {**_good_metrics(), "count": 1000}}
+    body = {"version": server.srv.store.version, "final": True, "metrics": _good_metrics(count=1000)}
     assert server.call(_evaluator(server), P.EVAL_REPORT, body).type == P.ACK
     server.srv._housekeeping(time.monotonic())
     summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
     assert (summary["test_samples"], summary["config"]["test_limit"]) == (1000, 500)
+
+
+def test_a_report_whose_accuracy_is_not_its_confusion_matrixs_stays_out_of_the_runs_results(in_process):
+    """A final report of accuracy 0.99 over a confusion matrix counting no image right was summary.json's
+    test accuracy, beside that matrix, and every time to accuracy up to 0.99; it is refused, and the
+    honest report after it is the run's result."""
+    server = in_process(epochs=1)
+    _push_all(server, _trainer(server))
+    ev, version = _evaluator(server), server.srv.store.version
+    absurd = {**_good_metrics(count=10_000), "test_accuracy": 0.99}
+    absurd["confusion_matrix"] = [[0] * 10 for _ in range(10)]
+    reply = server.call(ev, P.EVAL_REPORT, {"version": version, "final": True, "metrics": absurd})
+    assert reply.type == P.ERROR and reply.body["code"] == "bad_metrics", reply.body
+    assert server.srv.history.evaluations == [] and server.srv.final_eval is None
+    honest = _good_metrics(accuracy=0.25, count=10_000)
+    assert server.call(ev, P.EVAL_REPORT, {"version": version, "final": True, "metrics": honest}).type == P.ACK
+    server.srv._housekeeping(time.monotonic())
+    summary = json.loads((Path(server.srv.cfg.out) / "summary.json").read_text())
+    assert (summary["test_accuracy"], summary["confusion_matrix"], summary["time_to_accuracy"]) == \
+        (0.25, honest["confusion_matrix"], {})
 
 
 def test_each_eval_line_says_how_many_test_images_it_scored(in_process, caplog):
@@ -1475,7 +1517,7 @@ def test_each_eval_line_says_how_many_test_images_it_scored(in_process, caplog):
     side, and neither they nor the server's log said so."""
     server = in_process(epochs=1, test_limit=500, final_eval_timeout=0.0)
     ev = _evaluator(server)
-    body = {"version": 0, "final": False, "metrics": {**_good_metrics(), "count": 100}}
+    body = {"version": 0, "final": False, "metrics": _good_metrics(count=100)}
     with caplog.at_level(logging.INFO, logger="pscnn.server"):
         assert server.call(ev, P.EVAL_REPORT, body).type == P.ACK
     assert "evaluation of version 0: test accuracy 0.5000, loss 1.2500, 100 test images" in caplog.text
@@ -1588,7 +1630,7 @@ def test_a_final_report_after_the_server_scored_the_weights_itself_is_acknowledg
     summary_before = (Path(server.srv.cfg.out) / "summary.json").read_text()
     with caplog.at_level(logging.INFO, logger="pscnn.server"):
         reply = server.call(ev, P.EVAL_REPORT, {"version": version, "final": True,
-                                                "metrics": {**_good_metrics(), "test_accuracy": 0.75}})
+                                                "metrics": _good_metrics(accuracy=0.75)})
     assert reply.type == P.ACK and reply.body["not_recorded"].startswith(
         "the run has its final evaluation already (test accuracy "), reply.body
     assert reply.body["not_recorded"].endswith(", from the server)"), reply.body
