@@ -166,6 +166,8 @@ class ParameterServer:
         # evaluator" ask on every message of theirs, without walking the table (85 us with 1,000 peers).
         # Changed only by _add_peer and _remove_peer, the one way into and out of the table.
         self.role_counts = Counter({role: 0 for role in P.ROLES})
+        # Routing id -> the peer that joined from it (one at most: see _on_hello), kept as role_counts is.
+        self.peer_on_connection: dict[bytes, Peer] = {}
         self.dropped: OrderedDict[str, DroppedPeer] = OrderedDict()    # worker id -> why it was dropped
         self.drops = Counter()          # peers this server dropped, by why: "declared dead", "left", ...
         # worker id -> name, of the workers whose gradients were applied (the CONTRIBUTORS_MEMORY latest)
@@ -716,14 +718,22 @@ class ParameterServer:
             if old.cached_reply is not None:
                 self._resend(old, msg, rid, now)     # a resent hello
                 return
+        # One peer a connection: a hello under a new id from the connection another peer joined from
+        # replaces that peer.  One connection saying hello under a new id each time took every
+        # --max-workers place, and honest workers were refused "server full".  A pscnn client keeps
+        # its id and its routing id (made from that id) for life, so its rejoins and restarts are
+        # not affected.
+        leaving = old or self.peer_on_connection.get(rid)
         role = msg.body["role"]
-        if (old is None or old.role != role) \
+        name = msg.body.get("name") or wid
+        if (leaving is None or leaving.role != role) \
                 and self.role_counts[role] >= self.cfg.max_workers:
             self._reject(rid, msg, P.ProtocolError(f"server full ({self.cfg.max_workers} {role}s)", "full"))
             return
         if old is not None:
             self._drop_peer(old, "rejoined")
-        name = msg.body.get("name") or wid
+        elif leaving is not None:
+            self._drop_peer(leaving, f"replaced (its connection said hello as {name})")
         peer = Peer(wid=wid, role=msg.body["role"], name=name, rid=rid, last_seen=now,
                     last_seq=msg.seq, key=key)
         if self.cfg.mode == "ssp":
@@ -754,6 +764,7 @@ class ParameterServer:
         """Put ``peer`` in the peer table (its id is not there: a rejoin drops the old one first)."""
         self.peers[peer.wid] = peer
         self.role_counts[peer.role] += 1
+        self.peer_on_connection[peer.rid] = peer
         self.clients_before.pop(peer.wid, None)        # back: what it sends now is a peer's
 
     def _remove_peer(self, peer: Peer) -> None:
@@ -761,6 +772,7 @@ class ParameterServer:
         if self.peers.get(peer.wid) is peer:
             del self.peers[peer.wid]
             self.role_counts[peer.role] -= 1
+            del self.peer_on_connection[peer.rid]
 
     def _drop_peer(self, peer: Peer, why: str, level: int | None = None) -> None:
         """Forget a peer: requeue its leases, take it out of barriers.  ``level``: of its log line

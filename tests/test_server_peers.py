@@ -42,15 +42,21 @@ def test_the_role_counts_are_the_peer_tables_after_any_joins_rejoins_byes_and_de
     server = in_process(max_workers=3, checkpoint_every=0, peer_timeout=10.0)
     srv = server.srv
     raws = [server.client() for _ in range(8)]
+    joined = {}                 # raw -> the id it was last welcomed under
     for step in range(120):
         raw = rng.choice(raws)
-        op = rng.choice(["hello", "hello", "bye", "death"])
-        if op == "hello":           # a join, a rejoin as the same or the other role, or a return
-            role = rng.choice(P.ROLES)
-            full = raw.wid not in srv.peers or srv.peers[raw.wid].role != role
+        op = rng.choice(["hello", "hello", "new id", "bye", "death"])
+        if op in ("hello", "new id"):   # a join, a rejoin as the same or the other role, a return, or a
+            role = rng.choice(P.ROLES)  # hello under a new id from a connection: its peer's place, if any
+            leaving = srv.peers.get(joined.get(raw))
+            full = leaving is None or leaving.role != role
             full = full and sum(p.role == role for p in srv.peers.values()) >= 3
+            if op == "new id":
+                raw.wid = f"raw-{step}"
             reply = server.call(raw, P.HELLO, {"role": role, "name": raw.wid})
             assert reply.type == (P.ERROR if full else P.WELCOME), (step, reply.body)
+            if not full:
+                joined[raw] = raw.wid
         elif op == "bye" and raw.wid in srv.peers:
             assert server.call(raw, P.BYE, {"reason": "test"}).type == P.ACK
         elif op == "death" and raw.wid in srv.peers:
@@ -58,8 +64,33 @@ def test_the_role_counts_are_the_peer_tables_after_any_joins_rejoins_byes_and_de
             srv._housekeeping(time.monotonic())
             assert raw.wid not in srv.peers
         assert srv.role_counts == recount(srv), (step, op)
+        assert srv.peer_on_connection == {p.rid: p for p in srv.peers.values()}, (step, op)
         status = server.call(raw, P.STATUS).body["progress"]
         assert (status["trainers"], status["evaluators"]) == (recount(srv)["trainer"], recount(srv)["evaluator"])
+
+
+def test_one_connection_saying_hello_under_new_ids_holds_one_place(in_process):
+    """A connection saying hello under a new id each time took every --max-workers place (and
+    kept them, its heartbeats under each id from that connection): honest workers were refused
+    "server full".  Each such hello replaces the peer that joined from the connection, whose lease
+    goes back at once; a rejoin under the same id, and a worker of a new connection, are as before."""
+    server = in_process(max_workers=2)
+    srv, mallory = server.srv, server.client()
+    for i in range(4):
+        mallory.wid = f"made-up-{i}"
+        assert server.call(mallory, P.HELLO, {"role": "trainer", "name": mallory.wid}).type == P.WELCOME
+        if i == 0:
+            assert server.call(mallory, P.WORK).type == P.TASK and srv.work.held_by("made-up-0")
+    assert sorted(srv.peers) == ["made-up-3"] and not srv.work.held_by("made-up-0")
+    honest = server.join_trainer()
+    assert srv.role_counts["trainer"] == 2
+    mallory.wid = "made-up-2"
+    refused = server.call(mallory, P.WORK)
+    assert refused.type == P.ERROR and refused.body["code"] == "unknown_worker", refused.body
+    assert "replaced (its connection said hello as made-up-3)" in refused.body["message"]
+    assert server.call(honest, P.HELLO, {"role": "trainer", "name": honest.wid}).type == P.WELCOME    # a rejoin
+    assert sorted(srv.peers) == sorted([honest.wid, "made-up-3"])
+    assert (srv.drops["replaced"], srv.drops["rejoined"]) == (3, 1)      # summary.json's peers_dropped
 
 
 def _counted(lines: list[str], logged: str, what: str) -> tuple[int, list[int]]:
