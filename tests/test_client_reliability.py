@@ -1576,6 +1576,53 @@ def test_a_curve_client_of_a_plain_server_whose_refusal_zeromq_did_not_report_is
     assert len(probes) == 1
 
 
+CURVE_GREETING = curve.ZMTP_PROBE[:10] + b"\x03\x01" + b"CURVE".ljust(20, b"\0") + bytes(32)
+
+
+@pytest.mark.parametrize("greeting, refused", [(CURVE_GREETING, True), (PLAIN_GREETING, False), (b"", False),
+                                               (None, False)], ids=["curve", "plain", "closed", "silent"])
+def test_a_plain_client_of_a_curve_server_whose_refusal_zeromq_did_not_report_is_told_so(monkeypatch, greeting,
+                                                                                        refused):
+    """A CURVE server closes the connection on a plain client's greeting, and the client's ZeroMQ reported
+    the mismatch only when it had read the server's greeting first; between processes most connections
+    failed without a reason, which a plain client does not watch, and pscnn status said "no answer".
+    A socket that has made no handshake for PLAIN_PROBE_AFTER_S asks the peer's greeting: CURVE is
+    the refusal; anything else is left to the retries, and asked again only once per period."""
+    watch = curve.HandshakeWatch(ENDPOINT, None)
+    watch.sock, watch.monitor = object(), SimMonitor()
+    net = SimNet(100)
+    monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
+    probes = []
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None: probes.append(timeout) or greeting)
+    watch.watched_at = net.monotonic()
+    net.advance(curve.PLAIN_PROBE_AFTER_S / 2)
+    assert not watch.check() and probes == []           # not yet: a handshake takes a moment
+    net.advance(curve.PLAIN_PROBE_AFTER_S / 2)
+    if refused:
+        with pytest.raises(curve.HandshakeFailed, match=f"^{ENDPOINT} requires CURVE authentication: give --keys"):
+            watch.check()
+        return
+    assert not watch.check() and len(probes) == 1
+    net.advance(0.1)
+    assert not watch.check() and len(probes) == 1
+    net.advance(curve.GREETING_PROBE_EVERY_S)
+    assert not watch.check() and len(probes) == 2
+
+
+def test_a_plain_client_whose_handshake_succeeded_asks_no_greeting(monkeypatch):
+    """A plain client of a plain server: its handshakes succeed, and no probe goes, however long it waits."""
+    watch = curve.HandshakeWatch(ENDPOINT, None)
+    watch.sock, watch.monitor = object(), SimMonitor()
+    net = SimNet(100)
+    monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
+    probes = []
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None: probes.append(timeout) or b"")
+    watch.watched_at = net.monotonic()
+    watch.monitor.events.append(monitor_event(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+    net.advance(10 * curve.GREETING_PROBE_EVERY_S)
+    assert not watch.check() and probes == []
+
+
 def test_the_greeting_probe_of_a_peer_that_closes_first_goes_once_per_period(tmp_path, monkeypatch):
     """A peer that closes before its greeting (a proxy whose server is down) makes a handshake fail on
     each of ZeroMQ's reconnects, and check() runs every 100 ms of a request: the probe, a connection of
