@@ -73,6 +73,9 @@ ZMTP_SIGNATURE_START = b"\xff"
 # waits for the rest of ours, which never comes: it reads no mechanism of ours to refuse.
 ZMTP_PROBE = b"\xff" + bytes(7) + b"\x01\x7f\x03"
 ZMTP_GREETING_BYTES, ZMTP_MECHANISM = 64, slice(12, 32)
+# A whole plain greeting, as a plain client's ZeroMQ sends it (ZMTP 3.0, mechanism NULL, not as a server),
+# for a CURVE server to read the mechanism and refuse it (:meth:`HandshakeWatch._plain_refusal_told`).
+ZMTP_NULL_GREETING = ZMTP_PROBE + b"\x00" + b"NULL".ljust(20, b"\0") + b"\x00" + bytes(31)
 # Refused client keys the server names in its log, one line each; later ones are refused silently.
 REFUSALS_LOGGED = 100
 KEYS_HINT = "pscnn keys DIR makes DIR/server for the server and DIR/client-N for each client"
@@ -368,6 +371,7 @@ class HandshakeWatch:
         self.handshaken = False             # a handshake succeeded on the watched socket
         self.remade = False                 # ... and another since, not yet said by check()
         self.refusal: str | None = None     # a handshake refused for a reason, for check() to raise
+        self.refused_as_plain = False       # ... a plain client's by a CURVE server, not yet told it (check)
         self.probe_due = 0.0                # monotonic time from which silent failures are looked into again
         self.closed_unheard_said = False    # the warning that the peer closes before its greeting, since a success
         self.watched_at = 0.0               # monotonic time the watched socket was given (watch)
@@ -406,14 +410,17 @@ class HandshakeWatch:
         (monotonic): the caller's, which the look into silent failures does not outlast."""
         with self._lock:
             self._read()
+        if self.refusal is None and self.keys is None and self.sock is not None and not self.handshaken \
+                and time.monotonic() >= max(self.watched_at + PLAIN_PROBE_AFTER_S, self.probe_due):
+            self._plain_unanswered_checked(deadline)
         if self.refusal is not None:
+            if self.refused_as_plain:
+                self.refused_as_plain = False
+                self._plain_refusal_told(deadline)
             raise HandshakeFailed(self.refusal)
         if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT \
                 and time.monotonic() >= self.probe_due:
             self._silent_failures_checked(deadline)
-        elif self.keys is None and self.sock is not None and not self.handshaken \
-                and time.monotonic() >= max(self.watched_at + PLAIN_PROBE_AFTER_S, self.probe_due):
-            self._plain_unanswered_checked(deadline)
         remade, self.remade = self.remade, False
         return remade
 
@@ -442,15 +449,26 @@ class HandshakeWatch:
                         " retrying until it answers" if self.retries else "")
 
     def _plain_unanswered_checked(self, deadline: float) -> None:
-        """Raise :class:`HandshakeFailed` if a CURVE server answers at the endpoint of this plain client,
+        """The refusal, for :meth:`check` to raise, if a CURVE server answers at the endpoint of this plain client,
         whose socket has made no handshake for PLAIN_PROBE_AFTER_S.  The server closes the connection on
         our greeting, and ZeroMQ reports the mismatch only when it read the server's greeting before that
         close: between two processes, about one connection in three.  The others fail without a reason,
         which a plain client does not watch (:data:`PLAIN_HANDSHAKE_EVENTS`), and pscnn status said "no
         answer" (a quarter of the time with --timeout 1).  Anything else it reads is left to the retries."""
         if greeting_mechanism(self._greeting(deadline) or b"") == b"CURVE":
-            raise HandshakeFailed(self._failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                                                zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH))
+            self._refused(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
+
+    def _plain_refusal_told(self, deadline: float) -> None:
+        """Send the CURVE server that refused this plain client a whole plain greeting, on a TCP connection of
+        our own, so that its log says a plain client was refused (:class:`RefusedHandshakes`).  Of a plain
+        client's and a CURVE server's ZeroMQ, the one that reads the other's mechanism first closes the
+        connection, and the other sees it lost, not refused: a refused plain pscnn worker was not in the
+        server's log 2 times in 8 between two processes.  This connection's greeting is whole before a byte
+        of the server's is read, so the server reads its mechanism.  Until ``deadline`` at the latest."""
+        timeout = min(GREETING_TIMEOUT_S, deadline - time.monotonic())
+        address = P.tcp_address(self.endpoint)
+        if timeout > 0 and address is not None:
+            peer_greeting(*address, timeout, sent=ZMTP_NULL_GREETING)
 
     def _greeting(self, deadline: float) -> bytes | None:
         """The peer's greeting on a TCP connection of our own (:func:`peer_greeting`), asked until ``deadline``
@@ -474,7 +492,13 @@ class HandshakeWatch:
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.silent_failures += 1
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                self.refusal = self.refusal or self._failure(kind, value)
+                self._refused(kind, value)
+
+    def _refused(self, kind: int, value: int) -> None:
+        """Note a handshake refused for a reason (the first such), for :meth:`check` to raise."""
+        if self.refusal is None:
+            self.refusal = self._failure(kind, value)
+            self.refused_as_plain = self.keys is None and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
     def _failure(self, kind: int, value: int) -> str:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -499,9 +523,9 @@ class HandshakeWatch:
             self.sock = self.monitor = None
 
 
-def peer_greeting(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> bytes | None:
+def peer_greeting(host: str, port: str, timeout: float = GREETING_TIMEOUT_S, sent: bytes = ZMTP_PROBE) -> bytes | None:
     """What a new TCP connection to ``host:port`` brings within ``timeout`` (the host's lookup
-    included), up to a whole ZeroMQ greeting, for :data:`ZMTP_PROBE` sent (a ZeroMQ socket's greeting
+    included), up to a whole ZeroMQ greeting, for ``sent`` sent (:data:`ZMTP_PROBE`; a ZeroMQ socket's greeting
     starts with ZMTP_SIGNATURE_START; its mechanism: :func:`greeting_mechanism`); b"" if the peer closed
     (or reset) it first; None if it was not made, or nothing came.  Closed before our greeting's end, it
     is a handshake failed without a reason at a pscnn server, which does not log those
@@ -516,7 +540,7 @@ def peer_greeting(host: str, port: str, timeout: float = GREETING_TIMEOUT_S) -> 
             with socket.socket(family, kind, proto) as conn:
                 conn.settimeout(left)
                 conn.connect(address)
-                conn.sendall(ZMTP_PROBE)
+                conn.sendall(sent)
                 return _received(conn, ZMTP_GREETING_BYTES, deadline)
         except (ConnectionResetError, BrokenPipeError):     # closed before our probe went: the same
             return b""

@@ -1593,7 +1593,8 @@ def test_a_plain_client_of_a_curve_server_whose_refusal_zeromq_did_not_report_is
     net = SimNet(100)
     monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
     probes = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None: probes.append(timeout) or greeting)
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=curve.ZMTP_PROBE:
+                        probes.append(sent) or greeting)
     watch.watched_at = net.monotonic()
     net.advance(curve.PLAIN_PROBE_AFTER_S / 2)
     assert not watch.check() and probes == []           # not yet: a handshake takes a moment
@@ -1601,6 +1602,8 @@ def test_a_plain_client_of_a_curve_server_whose_refusal_zeromq_did_not_report_is
     if refused:
         with pytest.raises(curve.HandshakeFailed, match=f"^{ENDPOINT} requires CURVE authentication: give --keys"):
             watch.check()
+        # and the server is told, with a plain greeting, so that its log says a plain client was refused
+        assert probes == [curve.ZMTP_PROBE, curve.ZMTP_NULL_GREETING]
         return
     assert not watch.check() and len(probes) == 1
     net.advance(0.1)
