@@ -248,7 +248,9 @@ class ParameterServer:
         # clears it; one back (cut off) while the server scores the weights may still report.
         self.evaluator_left: str | None = None
         self.writer = None
-        self.ctx = P.own_context()              # terminated when serving ends
+        # made by open(), terminated when serving ends: a server built only for its checks (pscnn run's and
+        # pscnn bench's of a --resume) or whose checkpoint was refused never terminated one it held
+        self.ctx = None
         self.sock = None
         self.keys = curve.server_keys(cfg.keys) if cfg.keys else None
         self.authenticator = None               # ZeroMQ's ZAP handler, while serving with keys
@@ -311,6 +313,7 @@ class ParameterServer:
         shortage = raise_open_files_limit(self.cfg.max_workers)
         if shortage:
             log.warning("%s", shortage)
+        self.ctx = P.own_context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         if self.keys is not None:       # before the bind: no connection is ever accepted unchecked
             curve.secure_server(self.sock, self.keys)

@@ -13,6 +13,8 @@ when a sync epoch is draining.
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import math
@@ -24,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from pathlib import Path
 
@@ -1780,6 +1783,23 @@ def test_a_server_ends_with_its_context_terminated_whether_it_served_or_could_no
     serving.join(60)
     assert codes == [0]
     assert srv.ctx.closed and second.ctx.closed and zmq.Context.instance() not in (srv.ctx, second.ctx)
+
+
+def test_a_server_built_but_never_served_leaves_no_context_to_the_garbage_collector(tmp_path):
+    """pscnn run and pscnn bench build a ParameterServer to check a --resume, and drop it; a server
+    whose --resume is refused is dropped too.  Each left its ZeroMQ context unterminated, to be
+    collected as the process ended: "ResourceWarning: Unclosed context" after the report of
+    every `pscnn run --resume` under `python -X dev`."""
+    from server.config import ServerConfig
+    config = ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100, mode="async",
+                          bind=f"tcp://127.0.0.1:{free_port()}", out=str(tmp_path / "run"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        ParameterServer(config)                         # pscnn run's check of a --resume
+        with pytest.raises(CheckpointError):
+            ParameterServer(dataclasses.replace(config, resume=True))     # no checkpoint there
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume(tmp_path, in_process, monkeypatch,
