@@ -992,6 +992,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pscnn: interrupted", file=sys.stderr)
         return 130
+    except ImportError:
+        # A stop raised while a C extension was imported comes out as an ImportError: numpy's import
+        # of datetime (PyCapsule_Import) replaces whatever that import raised, so a SIGTERM in a
+        # command's first second ended it with numpy's advice on broken installs, a traceback and
+        # exit status 1.  The stop's exception is lost; its note is not.
+        if not _stops_raised:
+            raise
+        if args.command in STOPPED_WITH_SUCCESS:
+            return 0                    # the stop's SystemExit(0)
+        print("pscnn: interrupted", file=sys.stderr)
+        return 130
     except CliError as exc:
         print(f"pscnn: error: {exc}", file=sys.stderr)
         return 2
@@ -1046,6 +1057,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # restart these. The others (pscnn train, run, ...) stop as on Ctrl-C: "pscnn: interrupted", 130.
 STOPPED_WITH_SUCCESS = ("server", "worker", "evaluator")
 _stops_noted: list[int] = []             # the STOP_SIGNALS received before the command was known
+_stops_raised: list[int] = []            # the signals whose stop was raised as an exception (see main)
 
 
 def stop_on_signals(command: str | None = None) -> None:
@@ -1065,12 +1077,14 @@ def stop_on_signals(command: str | None = None) -> None:
     """
     if command is None:
         del _stops_noted[:]
+        del _stops_raised[:]
 
     def stop(signum, frame):
         if command is None:
             _stops_noted.append(signum)
             return
         ignore_stop_signals()
+        _stops_raised.append(signum)
         if command in STOPPED_WITH_SUCCESS:
             raise SystemExit(0)
         raise KeyboardInterrupt

@@ -1370,6 +1370,42 @@ def test_stop_signals_at_once_stop_a_command_once_and_print_no_traceback(command
     assert not unraisable, [str(u.exc_value) for u in unraisable]
 
 
+@pytest.mark.parametrize("command, argv, code, err", [
+    ("server", ["--bind", "tcp://127.0.0.1:1"], 0, ""),
+    ("run", ["--no-progress"], 130, "pscnn: interrupted")])
+def test_a_stop_signal_while_a_c_extension_is_imported_stops_the_command_without_a_traceback(
+        command, argv, code, err, tmp_path, monkeypatch, capsys):
+    """SIGTERM while numpy loads (a command's first second): its handler's SystemExit or
+    KeyboardInterrupt, raised inside numpy's import of datetime, came out as an ImportError
+    (PyCapsule_Import replaces whatever the import raised), and the command ended with numpy's
+    advice on broken installs, a traceback and exit status 1.  Such an import, stood for here by
+    what the command does first once it is known, raises ImportError for whatever it meets."""
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+
+    def import_a_c_extension(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)     # handled here, at the next bytecode
+            time.sleep(1)                            # (a sleep returns early for a signal's exception)
+        except BaseException:
+            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+        raise AssertionError("the SIGTERM was not handled")
+    monkeypatch.setattr(cli, "inline_config_files", import_a_c_extension)
+    assert main([command, "--out", str(tmp_path / "run"), *argv]) == code
+    assert capsys.readouterr().err.strip() == err
+
+
+def test_an_import_error_without_a_stop_signal_is_not_taken_for_one(tmp_path, monkeypatch):
+    """What a stop in an import turns into is a stop only when a stop signal came: a broken install
+    still says so."""
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+
+    def broken_install(args):
+        raise ImportError("numpy is broken")
+    monkeypatch.setattr(cli, "inline_config_files", broken_install)
+    with pytest.raises(ImportError, match="numpy is broken"):
+        main(["server", "--bind", "tcp://127.0.0.1:1", "--out", str(tmp_path / "run")])
+
+
 # ------------------------------------------------ found by the audit, fixed
 
 def test_a_signal_while_a_run_ended_early_stops_its_children_finishes_the_shutdown(run_in_process, capsys,
