@@ -1097,6 +1097,17 @@ def stop_on_signals(command: str | None = None) -> None:
         stop(_stops_noted[0], None)
 
 
+def stop_raised() -> bool:
+    """Whether a stop signal's exception (:func:`stop_on_signals`) was raised in this process.
+
+    Code that runs on after it, other than the stop's own handling (a worker's goodbye), runs because
+    the exception was lost: raised inside a weakref callback or a ``__del__``, where Python prints
+    "Exception ignored" and goes on (importlib's module-lock callback, while a module loads), or in C
+    code that clears it.  The stop was lost for good then: later stop signals are ignored.  A server
+    SIGTERMed as it loaded served on, till a SIGKILL (2 of 60 SIGTERMs 0.2-0.9 s in)."""
+    return bool(_stops_raised)
+
+
 def ignore_stop_signals() -> None:
     """A stop is under way: from now on, STOP_SIGNALS are ignored (Ctrl-C still interrupts).
 

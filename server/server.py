@@ -73,7 +73,7 @@ from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
 from pscnn import protocol as P
-from pscnn.cli import MODES, ignore_stop_signals
+from pscnn.cli import MODES, ignore_stop_signals, stop_raised
 from pscnn.names import heartbeat_routing_id, name_problem, without_route_token
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
@@ -463,6 +463,8 @@ class ParameterServer:
 
     def _install_signal_handlers(self):
         def on_signal(signum, _frame):
+            self._stop_requested = True
+        if stop_raised():               # a stop while the server loaded, whose exception was lost: stop now
             self._stop_requested = True
         old = {}
         # SIGHUP: the terminal closed (an ssh session dropped): checkpoint and stop, as on SIGTERM

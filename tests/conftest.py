@@ -18,11 +18,14 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", _HYPOTHESIS_STORAGE.name)
 @pytest.fixture(autouse=True)
 def stop_handlers_restored():
     """A test that calls pscnn.cli.main in this process leaves no handler of its command's (see
-    pscnn.cli.stop_on_signals) to turn the test run's own SIGTERM or SIGHUP into a SystemExit."""
+    pscnn.cli.stop_on_signals) to turn the test run's own SIGTERM or SIGHUP into a SystemExit, nor
+    the note of a stop it raised (pscnn.cli.stop_raised)."""
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     yield
     for sig, handler in before.items():
         signal.signal(sig, handler)
+    from pscnn import cli
+    del cli._stops_raised[:]            # nor a stop it raised, which the server and clients would take up
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +185,24 @@ def with_one_flaw(draw, arrays: dict, flaws) -> tuple[dict, str | None]:
     elif flaw == "unknown":
         arrays[draw(st.text(min_size=1, max_size=8).filter(lambda n: n not in arrays))] = np.zeros(1, np.float32)
     return arrays, flaw
+
+
+def lose_a_stop_signal(command: str) -> list:
+    """A SIGTERM to ``command`` whose stop is lost, as one was while a module loaded: the stop
+    handler's exception raised inside importlib's module-lock weakref callback, where Python
+    prints "Exception ignored" and goes on.  Returns what went to sys.unraisablehook."""
+    from pscnn import cli
+    cli.stop_on_signals(command)
+    lost, before = [], sys.unraisablehook
+    sys.unraisablehook = lost.append
+
+    class ModuleLock:
+        pass
+    lock = ModuleLock()
+    ref = weakref.ref(lock, lambda _ref: signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None))
+    try:
+        del lock
+    finally:
+        sys.unraisablehook = before
+    assert ref() is None and [type(u.exc_value) for u in lost] == [SystemExit], lost
+    return lost

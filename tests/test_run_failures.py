@@ -28,7 +28,7 @@ import pytest
 from tqdm import tqdm
 
 from cnn_core.data import MNIST_FILES
-from helpers import assert_training_goes_on, assert_training_had_not_finished
+from helpers import assert_training_goes_on, assert_training_had_not_finished, lose_a_stop_signal
 from pscnn import launcher
 from pscnn.launcher import LocalCluster, _follow, free_port, query_status, wait_for
 from server.resume import checkpoint_version
@@ -587,6 +587,22 @@ def test_a_repeated_stop_signal_cuts_no_goodbye_short_and_kills_nothing_at_exit(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout == "goodbye said\n", done.stdout
+
+
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+def test_a_client_whose_stop_was_lost_while_it_loaded_exits_0_without_joining(role, mnist_file_names):
+    """A stop signal while a worker or the evaluator loaded, whose exception was lost (raised in a
+    weakref callback as a module loaded): it joined and worked on, deaf to every later stop (they
+    are ignored once one came).  Now it leaves before it joins, as a stop then does: exit 0.  The
+    server here is none: before, the client tried to reach it until --give-up-after (exit 1)."""
+    from worker.evaluator import run_evaluator
+    from worker.trainer import run_trainer
+    lose_a_stop_signal(role)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    if role == "worker":
+        assert run_trainer(endpoint, name="w0", give_up_after=1.0, compute_ms=1.0) == 0
+    else:
+        assert run_evaluator(endpoint, name="e0", give_up_after=1.0, nice=0) == 0
 
 
 def test_a_child_whose_launcher_is_already_gone_stops_at_once(tmp_path):

@@ -43,6 +43,7 @@ from cnn_core.metrics import confusion_matrix, per_class_accuracy, precision_rec
 from cnn_core.model import build_model
 from cnn_core import runlog
 from cnn_core.runlog import read_metrics
+from helpers import lose_a_stop_signal
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.launcher import LocalCluster, child_env, free_port, print_report, query_status, wait_for
@@ -1800,6 +1801,19 @@ def test_a_server_built_but_never_served_leaves_no_context_to_the_garbage_collec
             ParameterServer(dataclasses.replace(config, resume=True))     # no checkpoint there
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_a_stop_whose_exception_was_lost_while_the_server_loaded_stops_it_as_it_starts_serving(tmp_path):
+    """A SIGTERM while `pscnn server` loaded raised its SystemExit inside importlib's module-lock
+    weakref callback ("Exception ignored"), and the server went on to serve, deaf to later stops
+    (they are ignored once one came) until a SIGKILL: 2 of 60 SIGTERMs 0.2-0.9 s after its start.
+    Now it takes that stop up as it installs its own handlers."""
+    from server.config import ServerConfig
+    srv = ParameterServer(ServerConfig(model="light", train_limit=640, epochs=1, test_limit=100,
+                                       bind=f"tcp://127.0.0.1:{free_port()}", out=str(tmp_path / "run")))
+    lose_a_stop_signal("server")
+    srv._restore_signal_handlers(srv._install_signal_handlers())
+    assert srv._stop_requested
 
 
 def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume(tmp_path, in_process, monkeypatch,

@@ -46,7 +46,7 @@ from pscnn import protocol as P
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
-                     exit_status_unreachable)
+                     exit_status_unreachable, raise_lost_stop)
 from .trainer import (check_local_setup, check_model_fits, check_run, check_weights,
                       leave_on_signal, model_from_welcome)
 
@@ -67,10 +67,12 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
     client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
     refused = RateLimitedLog(log, ("refused report", "refused reports"), 1, window_s=REMINDER_WINDOW_S)
     try:
+        raise_lost_stop()
         welcome = client.connect()
         model = model_from_welcome(welcome.body["model"], device)
         test = _test_set(check_run(welcome.body["run"]), test_limit, mnist_dir)
         check_model_fits(model, test.x, test.y)
+        raise_lost_stop()
         log.info("joined %s; scoring %d test images every %g s", endpoint, len(test.y), every)
         failures = FailureStreak(endpoint)
         have = -1
