@@ -1108,6 +1108,14 @@ def stop_raised() -> bool:
     return bool(_stops_raised)
 
 
+def _interrupt_if_stop_lost() -> None:
+    """``pscnn train`` and ``run``, loaded: a stop whose exception was lost as they loaded (see
+    :func:`stop_raised`) interrupts them now; else they trained, or started a whole run, deaf to the
+    stop signals that followed."""
+    if stop_raised():
+        raise KeyboardInterrupt
+
+
 def ignore_stop_signals() -> None:
     """A stop is under way: from now on, STOP_SIGNALS are ignored (Ctrl-C still interrupts).
 
@@ -1147,6 +1155,7 @@ def _dispatch(args) -> int:
     if cmd == "train":
         setup_logging(args.log_level, "train")
         from cnn_core.training import train_from_args  # noqa: PLC0415
+        _interrupt_if_stop_lost()
         return train_from_args(args)
     if cmd == "server":
         setup_logging(args.log_level, "server")
@@ -1163,6 +1172,7 @@ def _dispatch(args) -> int:
     if cmd == "run":
         setup_logging(args.log_level, "run")
         from pscnn.launcher import run_from_args  # noqa: PLC0415
+        _interrupt_if_stop_lost()
         return run_from_args(args)
     if cmd == "download":
         from cnn_core.data import download_mnist  # noqa: PLC0415

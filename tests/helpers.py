@@ -204,5 +204,6 @@ def lose_a_stop_signal(command: str) -> list:
         del lock
     finally:
         sys.unraisablehook = before
-    assert ref() is None and [type(u.exc_value) for u in lost] == [SystemExit], lost
+    stop = SystemExit if command in cli.STOPPED_WITH_SUCCESS else KeyboardInterrupt
+    assert ref() is None and [type(u.exc_value) for u in lost] == [stop], lost
     return lost

@@ -32,7 +32,7 @@ from pscnn import cli, launcher
 from pscnn.cli import CliError, main, parse_args
 from pscnn.launcher import LocalCluster, RunOutputs
 from worker.client import BadReply
-from helpers import NoProcesses
+from helpers import NoProcesses, lose_a_stop_signal
 
 SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
            "updates": 4, "samples_applied": 256, "train_images_per_second": 1000.0, "train_seconds": 0.3,
@@ -1404,6 +1404,23 @@ def test_an_import_error_without_a_stop_signal_is_not_taken_for_one(tmp_path, mo
     monkeypatch.setattr(cli, "inline_config_files", broken_install)
     with pytest.raises(ImportError, match="numpy is broken"):
         main(["server", "--bind", "tcp://127.0.0.1:1", "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("command, module, entry", [("train", "cnn_core.training", "train_from_args"),
+                                                     ("run", "pscnn.launcher", "run_from_args")])
+def test_a_stop_lost_while_train_or_run_loaded_interrupts_it_before_it_starts(command, module, entry, tmp_path,
+                                                                             monkeypatch, capsys):
+    """A SIGTERM while `pscnn train` or `pscnn run` loaded, whose KeyboardInterrupt was lost (raised
+    in a weakref callback as a module loaded): the command went on, trained or started its run, and
+    ignored the stop signals that followed.  Now it is interrupted once loaded: 130."""
+    import importlib
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+    monkeypatch.setattr(cli, "inline_config_files", lambda args: lose_a_stop_signal(command))
+    started = []
+    monkeypatch.setattr(importlib.import_module(module), entry, lambda args: started.append(args) or 0)
+    assert main([command, "--out", str(tmp_path / "run")]) == 130
+    assert started == []
+    assert capsys.readouterr().err.strip() == "pscnn: interrupted"
 
 
 # ------------------------------------------------ found by the audit, fixed
