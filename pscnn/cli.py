@@ -1085,9 +1085,7 @@ def stop_on_signals(command: str | None = None) -> None:
             return
         ignore_stop_signals()
         _stops_raised.append(signum)
-        if command in STOPPED_WITH_SUCCESS:
-            raise SystemExit(0)
-        raise KeyboardInterrupt
+        raise _stop_exception(command)
     for sig in STOP_SIGNALS:
         try:
             signal.signal(sig, stop)
@@ -1108,12 +1106,17 @@ def stop_raised() -> bool:
     return bool(_stops_raised)
 
 
-def _interrupt_if_stop_lost() -> None:
-    """``pscnn train`` and ``run``, loaded: a stop whose exception was lost as they loaded (see
-    :func:`stop_raised`) interrupts them now; else they trained, or started a whole run, deaf to the
-    stop signals that followed."""
+def _stop_exception(command: str) -> BaseException:
+    """What a stop signal raises in ``command``: SystemExit(0) for STOPPED_WITH_SUCCESS, else KeyboardInterrupt."""
+    return SystemExit(0) if command in STOPPED_WITH_SUCCESS else KeyboardInterrupt()
+
+
+def raise_lost_stop(command: str) -> None:
+    """Raise the stop's exception in ``command`` again, if one was lost as it loaded (see
+    :func:`stop_raised`): called once a command has loaded, else it worked on deaf to the stop
+    signals that followed (``pscnn train`` trained, ``pscnn run`` started a whole run, a worker joined)."""
     if stop_raised():
-        raise KeyboardInterrupt
+        raise _stop_exception(command)
 
 
 def ignore_stop_signals() -> None:
@@ -1155,7 +1158,7 @@ def _dispatch(args) -> int:
     if cmd == "train":
         setup_logging(args.log_level, "train")
         from cnn_core.training import train_from_args  # noqa: PLC0415
-        _interrupt_if_stop_lost()
+        raise_lost_stop(cmd)
         return train_from_args(args)
     if cmd == "server":
         setup_logging(args.log_level, "server")
@@ -1172,7 +1175,7 @@ def _dispatch(args) -> int:
     if cmd == "run":
         setup_logging(args.log_level, "run")
         from pscnn.launcher import run_from_args  # noqa: PLC0415
-        _interrupt_if_stop_lost()
+        raise_lost_stop(cmd)
         return run_from_args(args)
     if cmd == "download":
         from cnn_core.data import download_mnist  # noqa: PLC0415

@@ -465,20 +465,19 @@ class HandshakeWatch:
         connection, and the other sees it lost, not refused: a refused plain pscnn worker was not in the
         server's log 2 times in 8 between two processes.  This connection's greeting is whole before a byte
         of the server's is read, so the server reads its mechanism.  Until ``deadline`` at the latest."""
-        timeout = min(GREETING_TIMEOUT_S, deadline - time.monotonic())
-        address = P.tcp_address(self.endpoint)
-        if timeout > 0 and address is not None:
-            peer_greeting(*address, timeout, sent=ZMTP_NULL_GREETING)
+        self._greeting(deadline, sent=ZMTP_NULL_GREETING)
 
-    def _greeting(self, deadline: float) -> bytes | None:
-        """The peer's greeting on a TCP connection of our own (:func:`peer_greeting`), asked until ``deadline``
-        at the latest; then not again for GREETING_PROBE_EVERY_S.  None if there was no time to ask."""
+    def _greeting(self, deadline: float, sent: bytes = ZMTP_PROBE) -> bytes | None:
+        """The peer's greeting on a TCP connection of our own, for ``sent`` (:func:`peer_greeting`), asked until
+        ``deadline`` at the latest; then not again for GREETING_PROBE_EVERY_S.  None if there was no time to ask."""
         timeout = min(GREETING_TIMEOUT_S, deadline - time.monotonic())
         if timeout <= 0:
             return None
         self.probe_due = time.monotonic() + GREETING_PROBE_EVERY_S
         address = P.tcp_address(self.endpoint)
-        return peer_greeting(*address, timeout) if address is not None else ZMTP_SIGNATURE_START  # (ipc: no proxy)
+        if address is None:             # ipc: no proxy to tell from a server
+            return ZMTP_SIGNATURE_START
+        return peer_greeting(*address, timeout, sent)
 
     def _read(self) -> None:
         """Take in the events the monitor holds (the caller holds the lock)."""

@@ -38,8 +38,8 @@ from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal
 from pscnn.protocol import one_line
 from server.config import config_from_args
-from server.resume import (CHECKPOINT_NAME, checkpoint_version, settings_refused,
-                           summary_after_checkpoint, unfinished_run_warning)
+from server.resume import (CHECKPOINT_NAME, checkpoint_version, resume_advice, summary_after_checkpoint,
+                           unfinished_run_warning)
 from server.server import DROPPED_FOR_NAN, ParameterServer, checked_store
 from worker.client import BadReply, DroppedByServer, query_status
 from worker.trainer import check_local_setup
@@ -460,14 +460,9 @@ class RunOutputs:
 
 def earlier_run_resume(cfg, store) -> str:
     """How to continue the unfinished run in run folder ``cfg.out``, which a ``pscnn run`` of ``cfg``
-    (``store``: its model and optimizer, check_run_args's) without --resume starts over: the same
-    command plus --resume, unless --resume refuses this command's settings (another --batch-size, say:
-    "the same command" then failed, and the user learnt only then that the run's settings were needed),
-    when it names each and the one to resume with."""
-    refused = settings_refused(cfg, store.model, store.optimizer)
-    if refused is None:
-        return "the same command plus --resume"
-    return f"pscnn run --resume with that run's settings; this command's differ ({refused})"
+    (``store``: its model and optimizer, check_run_args's) without --resume starts over."""
+    return resume_advice(cfg, store.model, store.optimizer, "the same command plus --resume",
+                         "pscnn run --resume with that run's settings; this command's differ")
 
 
 def run_from_args(args) -> int:

@@ -137,17 +137,21 @@ def settings_refused(cfg: ServerConfig, model, optimizer) -> str | None:
     return None
 
 
-def server_resume_advice(cfg: ServerConfig, model, optimizer) -> str:
-    """How the user of a server of ``cfg`` (with the ``model`` and ``optimizer`` built from it) continues
-    the unfinished run in ``cfg.out`` instead of starting over: SERVER_RESUME_ADVICE, unless --resume
-    refuses this server's settings (another --batch-size, say: "start it again with --resume" then failed,
-    and the user learnt only then that the run's settings were needed), when it names each and the one
-    to resume with."""
+def resume_advice(cfg: ServerConfig, model, optimizer, same: str, differing: str) -> str:
+    """How to continue the unfinished run in ``cfg.out`` instead of starting it over with ``cfg`` (and the
+    ``model`` and ``optimizer`` built from it): ``same`` when --resume takes these settings; else
+    ``differing``, followed by each setting --resume refuses and the one to resume with (another
+    --batch-size, say: "the same command plus --resume" then failed, and the user learnt only then that
+    the run's settings were needed)."""
     refused = settings_refused(cfg, model, optimizer)
-    if refused is None:
-        return SERVER_RESUME_ADVICE
-    return (f"stop this server and start it again with --resume and that run's settings (PSCNN_RESUME=1 in "
-            f"Compose); this server's differ ({refused})")
+    return same if refused is None else f"{differing} ({refused})"
+
+
+def server_resume_advice(cfg: ServerConfig, model, optimizer) -> str:
+    """:func:`resume_advice` for a server (SERVER_RESUME_ADVICE)."""
+    return resume_advice(cfg, model, optimizer, SERVER_RESUME_ADVICE,
+                         "stop this server and start it again with --resume and that run's settings "
+                         "(PSCNN_RESUME=1 in Compose); this server's differ")
 
 
 # Run settings a checkpoint must share with the run that resumes it.  Workers compute

@@ -1507,7 +1507,7 @@ def test_the_greeting_probe_keeps_within_its_callers_deadline(tmp_path, monkeypa
     some left it has that, with no deadline its own bound."""
     watch, _, net = _curve_watch(tmp_path, monkeypatch, b"")
     timeouts = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None: timeouts.append(timeout) or b"")
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=None: timeouts.append(timeout) or b"")
     watch.monitor.events.extend(monitor_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
                                 for _ in range(curve.SILENT_FAILURES_LIMIT))
     assert not watch.check(deadline=net.monotonic())
@@ -1525,7 +1525,7 @@ def test_a_status_querys_greeting_probe_has_no_more_than_the_querys_time(accept_
     curve.make_keys(tmp_path / "keys", ["client-0"])
     monkeypatch.setattr(curve, "GREETING_TIMEOUT_S", 1000.0)
     timeouts = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None: timeouts.append(timeout) or b"")
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=None: timeouts.append(timeout) or b"")
     # several seconds: ZeroMQ's reconnects fail the three handshakes the probe waits for
     progress = client_module.query_status(accept_and_close.endpoint, timeout=3.0,
                                           keys=curve.client_keys(tmp_path / "keys" / "client-0"))
@@ -1543,7 +1543,7 @@ def _curve_watch(tmp_path, monkeypatch, greeting: bytes) -> tuple[curve.Handshak
     net = SimNet(100)
     monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
     probes = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None: probes.append((host, port)) or greeting)
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=None: probes.append((host, port)) or greeting)
     return watch, probes, net
 
 
@@ -1619,7 +1619,7 @@ def test_a_plain_client_whose_handshake_succeeded_asks_no_greeting(monkeypatch):
     net = SimNet(100)
     monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
     probes = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None: probes.append(timeout) or b"")
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=None: probes.append(timeout) or b"")
     watch.watched_at = net.monotonic()
     watch.monitor.events.append(monitor_event(zmq.EVENT_HANDSHAKE_SUCCEEDED))
     net.advance(10 * curve.GREETING_PROBE_EVERY_S)

@@ -75,7 +75,6 @@ from cnn_core.errors import ConfigError, PscnnError
 from cnn_core.text import for_count
 from pscnn import curve
 from pscnn import protocol as P
-from pscnn.cli import stop_raised
 from pscnn.names import WID_SUFFIX_LEN, heartbeat_routing_id, name_problem, routing_id
 
 log = logging.getLogger("pscnn.client")
@@ -681,13 +680,6 @@ class Pending:
     def result(self) -> P.Message:
         """Wait for the answer (resending on silence); raises like :meth:`Client.request`."""
         return self.client._answer(self.client._roundtrip(self.msg, sent=(self.frames, self.sent_at)), self.msg.type)
-
-
-def raise_lost_stop() -> None:
-    """The stop's SystemExit(0) again, if a stop signal came while this client loaded and its exception
-    was lost (:func:`pscnn.cli.stop_raised`): else it joined and worked on, deaf to later stops."""
-    if stop_raised():
-        raise SystemExit(0)
 
 
 def exit_status_unreachable(client: Client, exc: ServerUnreachable, logger) -> int:

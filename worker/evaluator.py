@@ -43,10 +43,11 @@ from cnn_core.errors import PscnnError
 from cnn_core.metrics import evaluate
 from pscnn import curve
 from pscnn import protocol as P
+from pscnn.cli import raise_lost_stop
 from pscnn.ratelog import REMINDER_WINDOW_S, RateLimitedLog
 
 from .client import (BadReply, Client, FailureStreak, Rejoined, ServerError, ServerUnreachable,
-                     exit_status_unreachable, raise_lost_stop)
+                     exit_status_unreachable)
 from .trainer import (check_local_setup, check_model_fits, check_run, check_weights,
                       leave_on_signal, model_from_welcome)
 
@@ -67,12 +68,12 @@ def run_evaluator(endpoint: str, every: float = 10.0, test_limit: int = 0, devic
     client = Client(endpoint, "evaluator", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
     refused = RateLimitedLog(log, ("refused report", "refused reports"), 1, window_s=REMINDER_WINDOW_S)
     try:
-        raise_lost_stop()
+        raise_lost_stop("evaluator")
         welcome = client.connect()
         model = model_from_welcome(welcome.body["model"], device)
         test = _test_set(check_run(welcome.body["run"]), test_limit, mnist_dir)
         check_model_fits(model, test.x, test.y)
-        raise_lost_stop()
+        raise_lost_stop("evaluator")
         log.info("joined %s; scoring %d test images every %g s", endpoint, len(test.y), every)
         failures = FailureStreak(endpoint)
         have = -1

@@ -49,9 +49,10 @@ from cnn_core.text import for_count
 from cnn_core.memory import check_memory_fits
 from pscnn import curve
 from pscnn import protocol as P
+from pscnn.cli import raise_lost_stop
 
 from .client import (HELD_LIMIT_FACTOR, STALL_S, BadReply, Client, DroppedByServer, FailureStreak, Rejoined,
-                     ServerError, ServerUnreachable, exit_status_unreachable, raise_lost_stop, retry_delay)
+                     ServerError, ServerUnreachable, exit_status_unreachable, retry_delay)
 
 log = logging.getLogger("pscnn.worker")
 
@@ -579,13 +580,13 @@ def run_trainer(endpoint: str, name: str | None = None, device: str = "cpu", mni
     check_local_setup(device, mnist_dir, None if compute_ms is not None else "train")
     client = Client(endpoint, "trainer", name=name, device=device, give_up_after=give_up_after, keys=client_keys)
     try:
-        raise_lost_stop()
+        raise_lost_stop("worker")
         welcome = client.connect()
         log.info("joined %s as %s", endpoint, client.wid)
         trainer = Trainer(client, device=device, mnist_dir=mnist_dir, compute_ms=compute_ms, overlap=overlap,
                           check_memory=check_memory)
         trainer.setup(welcome)
-        raise_lost_stop()
+        raise_lost_stop("worker")
         return trainer.work()
     except ServerUnreachable as exc:
         return exit_status_unreachable(client, exc, log)
