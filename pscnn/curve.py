@@ -459,7 +459,7 @@ class HandshakeWatch:
             self._refused(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
 
     def _plain_refusal_told(self, deadline: float) -> None:
-        """Send the CURVE server that refused this plain client a whole plain greeting, on a TCP connection of
+        """Send the CURVE server that refused this plain client a whole plain greeting, on a connection of
         our own, so that its log says a plain client was refused (:class:`RefusedHandshakes`).  Of a plain
         client's and a CURVE server's ZeroMQ, the one that reads the other's mechanism first closes the
         connection, and the other sees it lost, not refused: a refused plain pscnn worker was not in the
@@ -468,15 +468,16 @@ class HandshakeWatch:
         self._greeting(deadline, sent=ZMTP_NULL_GREETING)
 
     def _greeting(self, deadline: float, sent: bytes = ZMTP_PROBE) -> bytes | None:
-        """The peer's greeting on a TCP connection of our own, for ``sent`` (:func:`peer_greeting`), asked until
-        ``deadline`` at the latest; then not again for GREETING_PROBE_EVERY_S.  None if there was no time to ask."""
+        """The peer's greeting on a connection of our own (TCP, or the Unix socket of an ipc:// endpoint), for
+        ``sent`` (:func:`peer_greeting`), asked until ``deadline`` at the latest; then not again for
+        GREETING_PROBE_EVERY_S.  None if there was no time to ask."""
         timeout = min(GREETING_TIMEOUT_S, deadline - time.monotonic())
         if timeout <= 0:
             return None
         self.probe_due = time.monotonic() + GREETING_PROBE_EVERY_S
         address = P.tcp_address(self.endpoint)
-        if address is None:             # ipc: no proxy to tell from a server
-            return ZMTP_SIGNATURE_START
+        if address is None:
+            return unix_peer_greeting(P.ipc_path(self.endpoint), timeout, sent)
         return peer_greeting(*address, timeout, sent)
 
     def _read(self) -> None:
@@ -531,7 +532,23 @@ def peer_greeting(host: str, port: str, timeout: float = GREETING_TIMEOUT_S, sen
     (:class:`RefusedHandshakes`)."""
     deadline = time.monotonic() + timeout
     addresses, _ = P.look_up(host, port, timeout)     # (None: not answered in time)
-    for family, kind, proto, _, address in addresses or ():    # each, as create_connection tries them
+    return _first_greeting([(family, kind, proto, address) for family, kind, proto, _, address in addresses or ()],
+                           deadline, sent)
+
+
+def unix_peer_greeting(path: str | None, timeout: float = GREETING_TIMEOUT_S, sent: bytes = ZMTP_PROBE) -> bytes | None:
+    """:func:`peer_greeting` over the Unix socket at ``path`` (an ipc:// endpoint's, :func:`protocol.ipc_path`):
+    ZeroMQ sends the same greeting there, and a CURVE client of a plain server over ipc:// was told its
+    server.key was wrong 3 times in 16.  None for no path (an endpoint of another scheme)."""
+    if path is None:
+        return None
+    return _first_greeting([(socket.AF_UNIX, socket.SOCK_STREAM, 0, path)], time.monotonic() + timeout, sent)
+
+
+def _first_greeting(addresses: list, deadline: float, sent: bytes) -> bytes | None:
+    """:func:`peer_greeting` of the first of ``addresses`` ((family, type, proto, address) each) that takes
+    the connection, until ``deadline``."""
+    for family, kind, proto, address in addresses:    # each, as create_connection tries them
         left = deadline - time.monotonic()
         if left <= 0:
             break

@@ -514,6 +514,15 @@ def tcp_address(endpoint: str) -> tuple[str, str] | None:
     return host.strip("[]"), port
 
 
+def ipc_path(endpoint: str) -> str | None:
+    """The Unix socket address of an ``ipc://PATH`` endpoint, as ``socket.connect`` takes it (libzmq's
+    ``ipc://@NAME``: NAME in Linux's abstract namespace); None for another scheme."""
+    scheme, _, path = endpoint.partition("://")
+    if scheme != "ipc":
+        return None
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
 # The lookups still running, (host, port) -> (their thread, the list it puts its answer in): a
 # CURVE client probes the greeting every GREETING_PROBE_EVERY_S, and each probe against a DNS that
 # hangs left one more thread behind until the resolver gave up.
