@@ -61,21 +61,25 @@ SILENT_FAILURES_LIMIT = 3
 # How long a client waits for the greeting on the connection that tells those apart, and how
 # often it makes one while they go on.
 GREETING_TIMEOUT_S, GREETING_PROBE_EVERY_S = 0.5, 2.0
-# How long a plain client's socket goes without a handshake before the client asks the peer's greeting
-# whether it is a CURVE server (:meth:`HandshakeWatch._plain_unanswered_checked`); a pscnn server's
-# I/O thread answers a handshake at once, however busy the server is.
-PLAIN_PROBE_AFTER_S = 0.5
+# How long a client's socket goes without a handshake before the client asks the peer's greeting whether
+# it is a ZeroMQ peer at all, and a plain client's whether it is a CURVE server
+# (:meth:`HandshakeWatch._unanswered_checked`); a pscnn server's I/O thread answers a handshake at once,
+# however busy the server is.
+PROBE_AFTER_S = 0.5
 # The first byte of ZeroMQ's greeting (ZMTP 3: a signature of 0xFF, 8 bytes, 0x7F), sent on every new
 # connection before anything is read.
 ZMTP_SIGNATURE_START = b"\xff"
-# What the probe sends (:func:`peer_greeting`): a signature and major version 3, for which a ZeroMQ peer
-# sends the rest of its greeting, its security mechanism at bytes 12-31 (NUL-padded) of 64, and then
-# waits for the rest of ours, which never comes: it reads no mechanism of ours to refuse.
-ZMTP_PROBE = b"\xff" + bytes(7) + b"\x01\x7f\x03"
+# A ZeroMQ greeting's signature and major version 3, for which a ZeroMQ peer sends the rest of its own.
+ZMTP_SIGNATURE_AND_VERSION = b"\xff" + bytes(7) + b"\x01\x7f\x03"
+# What the probe sends (:func:`peer_greeting`): that, for a ZeroMQ peer to send its greeting, whose security
+# mechanism is at bytes 12-31 (NUL-padded) of 64, and then wait for the rest of ours, which never comes: it
+# reads no mechanism of ours to refuse.  Then a line's end, which a line-based service that waits for the
+# client to speak first (an HTTP server) answers: without it, it was as silent as a stopped server.
+ZMTP_PROBE = ZMTP_SIGNATURE_AND_VERSION + b"\r\n"
 ZMTP_GREETING_BYTES, ZMTP_MECHANISM = 64, slice(12, 32)
 # A whole plain greeting, as a plain client's ZeroMQ sends it (ZMTP 3.0, mechanism NULL, not as a server),
 # for a CURVE server to read the mechanism and refuse it (:meth:`HandshakeWatch._plain_refusal_told`).
-ZMTP_NULL_GREETING = ZMTP_PROBE + b"\x00" + b"NULL".ljust(20, b"\0") + b"\x00" + bytes(31)
+ZMTP_NULL_GREETING = ZMTP_SIGNATURE_AND_VERSION + b"\x00" + b"NULL".ljust(20, b"\0") + b"\x00" + bytes(31)
 # Refused client keys the server names in its log, one line each; later ones are refused silently.
 REFUSALS_LOGGED = 100
 KEYS_HINT = "pscnn keys DIR makes DIR/server for the server and DIR/client-N for each client"
@@ -352,8 +356,8 @@ class HandshakeWatch:
     For the same reason a plain client does not watch handshakes that failed without a reason
     (:data:`PLAIN_HANDSHAKE_EVENTS`), and a client's heartbeats' thread reads the monitor between
     requests (:meth:`drain`): a client with keys idle against a peer that accepts and closes got one
-    on each reconnect.  A plain client whose socket makes no handshake asks the peer's greeting instead
-    whether it is a CURVE server (:meth:`_plain_unanswered_checked`).
+    on each reconnect.  A client whose socket makes no handshake asks the peer's greeting instead
+    whether it is a ZeroMQ peer, and a plain client whether it is a CURVE server (:meth:`_unanswered_checked`).
 
     ``keys``: the client's (None: plain).  One watch follows the sockets a client reopens
     (:meth:`watch`), counting handshakes that failed without a reason across them.  ``retries``:
@@ -372,7 +376,8 @@ class HandshakeWatch:
         self.remade = False                 # ... and another since, not yet said by check()
         self.refusal: str | None = None     # a handshake refused for a reason, for check() to raise
         self.refused_as_plain = False       # ... a plain client's by a CURVE server, not yet told it (check)
-        self.probe_due = 0.0                # monotonic time from which silent failures are looked into again
+        self.probe_due = 0.0                # monotonic time from which the peer's greeting is asked again
+        self.greeting: bytes | None = None  # what it brought the last time (_greeting)
         self.closed_unheard_said = False    # the warning that the peer closes before its greeting, since a success
         self.watched_at = 0.0               # monotonic time the watched socket was given (watch)
 
@@ -407,30 +412,33 @@ class HandshakeWatch:
     def check(self, deadline: float = math.inf) -> bool:
         """Raise :class:`HandshakeFailed` if a handshake failed for a reason that retrying cannot change;
         else whether the connection dropped and was made again since the last call.  ``deadline``
-        (monotonic): the caller's, which the look into silent failures does not outlast."""
+        (monotonic): the caller's, which the greeting probe does not outlast."""
         with self._lock:
             self._read()
-        if self.refusal is None and self.keys is None and self.sock is not None and not self.handshaken \
-                and time.monotonic() >= max(self.watched_at + PLAIN_PROBE_AFTER_S, self.probe_due):
-            self._plain_unanswered_checked(deadline)
+        unanswered = self.sock is not None and not self.handshaken \
+            and time.monotonic() >= self.watched_at + PROBE_AFTER_S
+        silent = self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT
+        if self.refusal is None and (unanswered or silent):
+            # One probe a period, whose greeting both looks at: a CURVE client's socket that made no handshake
+            # probed, and its third silent failure came just after, waited for the next probe to be told its key.
+            if time.monotonic() >= self.probe_due:
+                self.greeting = self._greeting(deadline)
+            self._unanswered_checked(self.greeting)
+            if silent and self.refusal is None:
+                self._silent_failures_checked(self.greeting)
         if self.refusal is not None:
             if self.refused_as_plain:
                 self.refused_as_plain = False
                 self._plain_refusal_told(deadline)
             raise HandshakeFailed(self.refusal)
-        if self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT \
-                and time.monotonic() >= self.probe_due:
-            self._silent_failures_checked(deadline)
         remade, self.remade = self.remade, False
         return remade
 
-    def _silent_failures_checked(self, deadline: float) -> None:
-        """Raise :class:`HandshakeFailed` if a ZeroMQ server answers at the endpoint, so that it is our
-        hello it could not read; log once if the peer closes connections before it says a word (a proxy
-        whose server is down: retried, as a server that is down is).  ZeroMQ's monitor says alike of both
-        (a handshake failed without a reason, then disconnected), so a connection of our own asks, until
-        ``deadline`` at the latest (pscnn status --timeout took half a second more)."""
-        greeting = self._greeting(deadline)
+    def _silent_failures_checked(self, greeting: bytes | None) -> None:
+        """Raise :class:`HandshakeFailed` if a ZeroMQ server answers at the endpoint (its ``greeting``), so that
+        it is our hello it could not read; log once if the peer closes connections before it says a word (a
+        proxy whose server is down: retried, as a server that is down is).  ZeroMQ's monitor says alike of
+        both (a handshake failed without a reason, then disconnected), so a connection of our own asks."""
         if greeting and greeting.startswith(ZMTP_SIGNATURE_START):
             if greeting_mechanism(greeting) not in (None, b"CURVE"):
                 # A plain server: its refusal of our mechanism, which ZeroMQ reports when it reads the
@@ -448,14 +456,22 @@ class HandshakeWatch:
                         self.silent_failures, for_count(self.silent_failures, "time"),
                         " retrying until it answers" if self.retries else "")
 
-    def _plain_unanswered_checked(self, deadline: float) -> None:
-        """The refusal, for :meth:`check` to raise, if a CURVE server answers at the endpoint of this plain client,
-        whose socket has made no handshake for PLAIN_PROBE_AFTER_S.  The server closes the connection on
-        our greeting, and ZeroMQ reports the mismatch only when it read the server's greeting before that
-        close: between two processes, about one connection in three.  The others fail without a reason,
-        which a plain client does not watch (:data:`PLAIN_HANDSHAKE_EVENTS`), and pscnn status said "no
-        answer" (a quarter of the time with --timeout 1).  Anything else it reads is left to the retries."""
-        if greeting_mechanism(self._greeting(deadline) or b"") == b"CURVE":
+    def _unanswered_checked(self, greeting: bytes | None) -> None:
+        """The refusal, for :meth:`check` to raise, if what answers at the endpoint of this client (its
+        ``greeting``) is no ZeroMQ peer, or, for a plain client, a CURVE server.
+
+        A service of another protocol never completes ZeroMQ's handshake, and libzmq reports nothing: the
+        client waited out --give-up-after (600 s) and said "no usable answer".  A CURVE server closes the
+        connection on a plain client's greeting, and ZeroMQ reports the mismatch only when it read the
+        server's greeting before that close: between two processes, about one connection in three.  The
+        others fail without a reason, which a plain client does not watch (:data:`PLAIN_HANDSHAKE_EVENTS`),
+        and pscnn status said "no answer" (a quarter of the time with --timeout 1).  Silence and a close are
+        left to the retries: a server that is stopped, or down behind a proxy, may answer yet."""
+        if greeting and not greeting.startswith(ZMTP_SIGNATURE_START):
+            answer = P.one_line(" ".join(greeting.decode("latin-1").split()), 60)
+            self.refusal = (f"{self.endpoint} is not a ZeroMQ peer (it answered '{answer}'): another service "
+                            "listens there, not a pscnn server")
+        elif self.keys is None and greeting_mechanism(greeting or b"") == b"CURVE":
             self._refused(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
 
     def _plain_refusal_told(self, deadline: float) -> None:

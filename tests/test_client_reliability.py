@@ -1580,13 +1580,14 @@ CURVE_GREETING = curve.ZMTP_PROBE[:10] + b"\x03\x01" + b"CURVE".ljust(20, b"\0")
 
 
 @pytest.mark.parametrize("greeting, refused", [(CURVE_GREETING, True), (PLAIN_GREETING, False), (b"", False),
-                                               (None, False)], ids=["curve", "plain", "closed", "silent"])
+                                               (None, False), (b"SSH-2.0-OpenSSH_9.2\r\n", True)],
+                         ids=["curve", "plain", "closed", "silent", "not zeromq"])
 def test_a_plain_client_of_a_curve_server_whose_refusal_zeromq_did_not_report_is_told_so(monkeypatch, greeting,
                                                                                         refused):
     """A CURVE server closes the connection on a plain client's greeting, and the client's ZeroMQ reported
     the mismatch only when it had read the server's greeting first; between processes most connections
     failed without a reason, which a plain client does not watch, and pscnn status said "no answer".
-    A socket that has made no handshake for PLAIN_PROBE_AFTER_S asks the peer's greeting: CURVE is
+    A socket that has made no handshake for PROBE_AFTER_S asks the peer's greeting: CURVE is
     the refusal; anything else is left to the retries, and asked again only once per period."""
     watch = curve.HandshakeWatch(ENDPOINT, None)
     watch.sock, watch.monitor = object(), SimMonitor()
@@ -1596,20 +1597,40 @@ def test_a_plain_client_of_a_curve_server_whose_refusal_zeromq_did_not_report_is
     monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=curve.ZMTP_PROBE:
                         probes.append(sent) or greeting)
     watch.watched_at = net.monotonic()
-    net.advance(curve.PLAIN_PROBE_AFTER_S / 2)
+    net.advance(curve.PROBE_AFTER_S / 2)
     assert not watch.check() and probes == []           # not yet: a handshake takes a moment
-    net.advance(curve.PLAIN_PROBE_AFTER_S / 2)
-    if refused:
+    net.advance(curve.PROBE_AFTER_S / 2)
+    if refused and greeting == CURVE_GREETING:
         with pytest.raises(curve.HandshakeFailed, match=f"^{ENDPOINT} requires CURVE authentication: give --keys"):
             watch.check()
         # and the server is told, with a plain greeting, so that its log says a plain client was refused
         assert probes == [curve.ZMTP_PROBE, curve.ZMTP_NULL_GREETING]
+        return
+    if refused:         # another service: said at once, in one line, and sent nothing more
+        with pytest.raises(curve.HandshakeFailed) as err:
+            watch.check()
+        one_line_naming(err.value, ENDPOINT, "is not a ZeroMQ peer (it answered 'SSH-2.0-OpenSSH_9.2')")
+        assert probes == [curve.ZMTP_PROBE]
         return
     assert not watch.check() and len(probes) == 1
     net.advance(0.1)
     assert not watch.check() and len(probes) == 1
     net.advance(curve.GREETING_PROBE_EVERY_S)
     assert not watch.check() and len(probes) == 2
+
+
+def test_a_curve_clients_greeting_probe_serves_its_silent_failures_too(tmp_path, monkeypatch):
+    """A CURVE client's socket that has made no handshake for PROBE_AFTER_S probes the greeting (is the peer
+    ZeroMQ at all?); its third handshake failed without a reason just after is looked into with that
+    greeting, not after the next probe's period."""
+    watch, probes, net = _curve_watch(tmp_path, monkeypatch, CURVE_GREETING)
+    watch.sock, watch.watched_at = object(), net.monotonic()
+    net.advance(curve.PROBE_AFTER_S)
+    assert not watch.check() and len(probes) == 1       # a CURVE server: its handshake may come yet
+    assert not _handshake_failed_without_a_reason(watch) and not _handshake_failed_without_a_reason(watch)
+    with pytest.raises(curve.HandshakeFailed, match="failed 3 times in a row: the server could not read our hello"):
+        _handshake_failed_without_a_reason(watch)
+    assert len(probes) == 1
 
 
 def test_a_plain_client_whose_handshake_succeeded_asks_no_greeting(monkeypatch):

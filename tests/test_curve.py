@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,36 @@ def test_the_greeting_probe_reads_a_unix_sockets_server_too(tmp_path, monkeypatc
     finally:
         for sock in sockets:
             sock.close(linger=0)
+
+
+@pytest.fixture
+def http_server():
+    """An HTTP server (the standard library's) on a free port of 127.0.0.1: another service where a pscnn
+    server was expected.  Threaded: ZeroMQ's own connection holds a handler for good (no line's end comes)."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="http-server", daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(30)
+
+
+@pytest.mark.parametrize("client_keys", [None, "client-0"], ids=["plain", "curve"])
+def test_a_client_of_a_service_that_is_not_zeromq_is_told_so_at_once(http_server, keys, client_keys):
+    """A service of another protocol never completes ZeroMQ's handshake, and libzmq says nothing of it: a
+    worker, evaluator or pscnn status at an HTTP server's port waited out its --give-up-after (600 s here;
+    --timeout 30) and said "no usable answer".  The greeting probe reads what the service answers."""
+    client_keys = curve.client_keys(keys / client_keys) if client_keys else None
+    with pytest.raises(curve.HandshakeFailed, match=f"^{http_server} is not a ZeroMQ peer"):
+        query_status(http_server, 30.0, client_keys)
+    one_line_naming(_refused(http_server, client_keys), http_server, "is not a ZeroMQ peer (it answered '<!DOCTYPE HTML>")
 
 
 def test_a_curve_server_in_another_process_sees_each_plain_client_it_refused(keys):
