@@ -63,8 +63,8 @@ SILENT_FAILURES_LIMIT = 3
 GREETING_TIMEOUT_S, GREETING_PROBE_EVERY_S = 0.5, 2.0
 # How long a client's socket goes without a handshake before the client asks the peer's greeting whether
 # it is a ZeroMQ peer at all, and a plain client's whether it is a CURVE server
-# (:meth:`HandshakeWatch._unanswered_checked`); a pscnn server's I/O thread answers a handshake at once,
-# however busy the server is.
+# (:meth:`HandshakeWatch._unanswered_checked`; at most half the caller's time, :meth:`HandshakeWatch.check`);
+# a pscnn server's I/O thread answers a handshake at once, however busy the server is.
 PROBE_AFTER_S = 0.5
 # The first byte of ZeroMQ's greeting (ZMTP 3: a signature of 0xFF, 8 bytes, 0x7F), sent on every new
 # connection before anything is read.
@@ -415,8 +415,11 @@ class HandshakeWatch:
         (monotonic): the caller's, which the greeting probe does not outlast."""
         with self._lock:
             self._read()
+        # a deadline closer than twice PROBE_AFTER_S (pscnn status --timeout 0.3) is asked at half its time:
+        # else never, and a plain status of a CURVE server said "no answer" 8 times in 16
+        probe_after = min(PROBE_AFTER_S, (deadline - self.watched_at) / 2)
         unanswered = self.sock is not None and not self.handshaken \
-            and time.monotonic() >= self.watched_at + PROBE_AFTER_S
+            and time.monotonic() >= self.watched_at + probe_after
         silent = self.keys is not None and self.silent_failures >= SILENT_FAILURES_LIMIT
         if self.refusal is None and (unanswered or silent):
             # One probe a period, whose greeting both looks at: a CURVE client's socket that made no handshake

@@ -1619,6 +1619,41 @@ def test_a_plain_client_of_a_curve_server_whose_refusal_zeromq_did_not_report_is
     assert not watch.check() and len(probes) == 2
 
 
+def test_a_query_with_less_time_than_the_probes_wait_asks_the_greeting_at_half_its_time(monkeypatch):
+    """A plain socket asks the peer's greeting after PROBE_AFTER_S without a handshake: pscnn status
+    --timeout 0.3 never did, and said "no answer" of a CURVE server 8 times in 16 between two processes.
+    With a deadline closer than twice that, it asks at half the time to the deadline."""
+    watch = curve.HandshakeWatch(ENDPOINT, None)
+    watch.sock, watch.monitor = object(), SimMonitor()
+    net = SimNet(100)
+    monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
+    timeouts = []
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=curve.ZMTP_PROBE:
+                        timeouts.append(timeout) or CURVE_GREETING)
+    watch.watched_at = net.monotonic()
+    deadline = watch.watched_at + curve.PROBE_AFTER_S / 2
+    net.advance(curve.PROBE_AFTER_S / 8)
+    assert not watch.check(deadline) and timeouts == []        # a handshake takes a moment
+    net.advance(curve.PROBE_AFTER_S / 8)
+    with pytest.raises(curve.HandshakeFailed, match=f"^{ENDPOINT} requires CURVE authentication"):
+        watch.check(deadline)
+    assert timeouts[0] == pytest.approx(curve.PROBE_AFTER_S / 4)       # the time left, no more
+
+
+def test_a_short_status_query_checks_its_handshakes_before_half_its_time(accept_and_close, monkeypatch):
+    """query_status checked the handshakes once per 0.1 s wait for the answer: with --timeout 0.1 the
+    first check came at the deadline, too late for the greeting probe due at half of it."""
+    waits, real_poll = [], zmq.Socket.poll
+
+    def recorded_poll(sock, timeout=None, flags=zmq.POLLIN):
+        waits.append(timeout)
+        return real_poll(sock, timeout, flags)
+    monkeypatch.setattr(zmq.Socket, "poll", recorded_poll)
+    assert client_module.query_status(accept_and_close.endpoint, timeout=0.1) is None
+    assert waits, "the query never waited: nothing was tested"
+    assert max(waits) <= 25, waits      # ms: four checks at least, the probe's (at 50 ms) among them
+
+
 def test_a_curve_clients_greeting_probe_serves_its_silent_failures_too(tmp_path, monkeypatch):
     """A CURVE client's socket that has made no handshake for PROBE_AFTER_S probes the greeting (is the peer
     ZeroMQ at all?); its third handshake failed without a reason just after is looked into with that

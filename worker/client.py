@@ -713,7 +713,9 @@ def query_status(endpoint: str, timeout: float = 1.0, keys: curve.ClientKeys | N
         P.connect(sock, endpoint)
         P.send(sock, P.Message(P.STATUS, f"status-{os.getpid()}", 0, {}))
         deadline = time.monotonic() + timeout
-        while not sock.poll(int(min(max(deadline - time.monotonic(), 0.0), 0.1) * 1000), zmq.POLLIN):
+        # checked at least four times in a short timeout: the greeting probe goes at half of it (HandshakeWatch.check)
+        check_every_s = min(0.1, timeout / 4)
+        while not sock.poll(int(min(max(deadline - time.monotonic(), 0.0), check_every_s) * 1000), zmq.POLLIN):
             handshakes.check(deadline)
             if time.monotonic() >= deadline:
                 return None
