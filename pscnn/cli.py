@@ -214,7 +214,8 @@ def _port(text: str) -> int:
 
 
 def _endpoint(text: str, bind: bool) -> str:
-    """A ZeroMQ endpoint pscnn can use: tcp://HOST:PORT (PORT 1-65535), or ipc://PATH.
+    """A ZeroMQ endpoint pscnn can use: tcp://HOST:PORT (PORT 1-65535; to bind, 0 too: a free one, which
+    the server picks as it binds), or ipc://PATH.
 
     ZeroMQ itself would take a port of 99999 as 34463 (modulo 65536), and say
     no more than "Invalid argument" for the rest.
@@ -227,8 +228,9 @@ def _endpoint(text: str, bind: bool) -> str:
     if not sep or scheme != "tcp" or not colon or not host or any(ch.isspace() or ch == "/" for ch in host):
         raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (e.g. {example}) or ipc://PATH, got {text!r}")
     # ASCII digits: int() reads other scripts' too (\uff15), ZeroMQ does not
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number, 1-65535")
+    if not (port.isascii() and port.isdigit()) or not (0 if bind else 1) <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number, "
+                                         + ("0-65535 (0: a free one)" if bind else "1-65535"))
     if not bind and host == "*":        # ZeroMQ's connect says no more than "Invalid argument", exit 1
         raise argparse.ArgumentTypeError(f"{text!r}: * (every interface) is for --bind; name the server's "
                                          "host, as in tcp://HOST:5555")
@@ -365,7 +367,10 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g = p.add_argument_group("parameter server")
     if bind:
         g.add_argument("--bind", type=_bind_endpoint, default="tcp://*:5555",
-                       help="ZeroMQ endpoint to bind (default: tcp://*:5555)")
+                       help="ZeroMQ endpoint to bind; port 0: a free one (default: tcp://*:5555)")
+        g.add_argument("--endpoint-file", type=_path, default=None, metavar="PATH",
+                       help="once the server listens, write the endpoint it listens on to PATH (with --bind's "
+                            "port 0, the port it got): whoever started it knows where to send its clients")
         g.add_argument("--keys", type=_path, default=None, metavar="FOLDER",
                        help="CURVE: encrypt every connection and admit only the clients whose public keys are "
                             "in FOLDER/authorized (DIR/server of pscnn keys DIR, holding server.key_secret) "

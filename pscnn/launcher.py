@@ -122,6 +122,10 @@ def child_env(threads: int = 1) -> dict:
     return env
 
 
+# How long LocalCluster.start_server waits for its server to listen: it builds the model first (4 s for
+# 26 million parameters) and, with --resume, reads the checkpoint; far less, unless something hangs.
+SERVER_LISTEN_TIMEOUT_S = 600.0
+
 # Bytes of a child's log read from its end for its last lines (doubled while too few line ends).
 LOG_TAIL_BLOCK = 64 << 10
 
@@ -134,7 +138,9 @@ class LocalCluster:
 
     def __init__(self, out: str | Path, port: int | None = None, threads: int = 1, keys: str | Path | None = None,
                  peer_timeout: float | None = None):
-        """``keys``: a folder of CURVE keys (:func:`make_run_keys`): the server gets its ``server``
+        """``port``: the server's; None: a free one, which the first server started binds itself
+        (:meth:`start_server`), ``port`` and ``endpoint`` None until then.  ``keys``: a folder of CURVE
+        keys (:func:`make_run_keys`): the server gets its ``server``
         folder, each child the folder of its name, :meth:`status` that of :data:`STATUS_KEYS`.
         ``peer_timeout``: the server's --peer-timeout (None: its default), which the progress bar's
         hints follow."""
@@ -144,8 +150,8 @@ class LocalCluster:
         self.status_keys = curve.client_keys(self.keys / STATUS_KEYS) if self.keys is not None else None
         self.logs = self.out / "logs"
         make_folder(self.logs)
-        self.port = port or free_port()
-        self.endpoint = local_endpoint(self.port)
+        self.port = port or None
+        self.endpoint = local_endpoint(port) if port else None
         from pscnn.cli import LAUNCHER_PID_VARIABLE  # noqa: PLC0415  (pscnn.cli imports nothing heavy)
         self.env = {**child_env(threads), LAUNCHER_PID_VARIABLE: str(os.getpid())}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -175,8 +181,30 @@ class LocalCluster:
         self.procs[name] = proc
         return proc
 
-    def start_server(self, flags: list[str], name: str = "server") -> subprocess.Popen:
-        return self.start(name, ["server", "--bind", self.endpoint, *self._keys_flag(curve.SERVER_NAME), *flags])
+    def start_server(self, flags: list[str], name: str = "server", prefix: Sequence[str] = ()) -> subprocess.Popen:
+        """Start ``pscnn server`` as ``name`` and return once it listens, or has exited (it could not bind,
+        or failed before): its clients started then join it, not whatever else holds the port.
+
+        Without a port yet, the server binds port 0, a free one for sure, and tells which
+        (--endpoint-file): a port that was free a moment ago (:func:`free_port`) could be taken by
+        another process before the server, a second later, bound it, and `pscnn run` failed with
+        "Address already in use" (its evaluator had joined that process's run, a pscnn server's)."""
+        told = self.logs / f"{name}.endpoint"
+        told.unlink(missing_ok=True)            # an earlier start's, killed before it was read
+        proc = self.start(name, ["server", "--bind", self.endpoint or local_endpoint(0),
+                                 flag_with("--endpoint-file", told), *self._keys_flag(curve.SERVER_NAME), *flags],
+                          prefix)
+        deadline = time.monotonic() + SERVER_LISTEN_TIMEOUT_S
+        while not told.exists() and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise RunLogError(f"the server has not started listening within {SERVER_LISTEN_TIMEOUT_S:.0f} s "
+                                  f"(see {self.logs / f'{name}.log'})")
+            time.sleep(0.02)
+        if told.exists():
+            self.port = int(told.read_text().strip().rpartition(":")[2])
+            self.endpoint = local_endpoint(self.port)
+            told.unlink()
+        return proc
 
     def start_worker(self, name: str, flags: list[str] = ()) -> subprocess.Popen:
         return self.start(name, ["worker", "--server", self.endpoint, "--name", name, *self._keys_flag(name), *flags])
@@ -189,6 +217,9 @@ class LocalCluster:
         return [flag_with("--keys", self.keys / name)] if self.keys is not None else []
 
     def status(self, timeout: float = 1.0) -> dict | None:
+        """The server's status answer; None without one (no server has listened yet: None at once)."""
+        if self.endpoint is None:
+            return None
         return query_status(self.endpoint, timeout, self.status_keys)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
@@ -520,22 +551,24 @@ def _run(args, cluster: LocalCluster, outputs: RunOutputs, trained: bool = False
     with cluster:
         bar, codes = None, {}
         try:                            # from the first child on: a signal must stop every one started
-            print(f"pscnn run: server on {cluster.endpoint}{' (CURVE)' if cluster.keys else ''}, "
-                  f"{workers} {for_count(workers, 'worker')}, mode {args.mode}, "
-                  f"logs in {cluster.logs}", file=sys.stderr)
-            if trained:
-                _say(f"pscnn run: the run in {outputs.out} has trained its {args.epochs} "
-                     f"{for_count(args.epochs, 'epoch')} already; "
-                     + ("its results are written again from its checkpoint" if scored else
-                        "its final weights are scored and its results written"))
-            cluster.start_server(flags_from(args, SERVER_FLAGS))
-            worker_flags = [*client_flags, *(["--overlap"] if args.overlap else []),
-                            *(["--no-memory-check"] if args.no_memory_check else [])]
-            for i in range(workers):
-                cluster.start_worker(worker_name(i), worker_flags)
-            if not args.no_evaluator and not scored:
-                cluster.start_evaluator([*client_flags, "--test-limit", str(args.test_limit),
-                                         *(["--every", str(args.eval_every)] if args.eval_every else [])])
+            # the clients once it listens (start_server waits): none if it exited first (a --port taken),
+            # which _follow reports
+            if cluster.start_server(flags_from(args, SERVER_FLAGS)).poll() is None:
+                print(f"pscnn run: server on {cluster.endpoint}{' (CURVE)' if cluster.keys else ''}, "
+                      f"{workers} {for_count(workers, 'worker')}, mode {args.mode}, "
+                      f"logs in {cluster.logs}", file=sys.stderr)
+                if trained:
+                    _say(f"pscnn run: the run in {outputs.out} has trained its {args.epochs} "
+                         f"{for_count(args.epochs, 'epoch')} already; "
+                         + ("its results are written again from its checkpoint" if scored else
+                            "its final weights are scored and its results written"))
+                worker_flags = [*client_flags, *(["--overlap"] if args.overlap else []),
+                                *(["--no-memory-check"] if args.no_memory_check else [])]
+                for i in range(workers):
+                    cluster.start_worker(worker_name(i), worker_flags)
+                if not args.no_evaluator and not scored:
+                    cluster.start_evaluator([*client_flags, "--test-limit", str(args.test_limit),
+                                             *(["--every", str(args.eval_every)] if args.eval_every else [])])
             # disable=None: drawn only on a terminal, as pscnn train's; in a pipe or a log file its
             # redraws were one endless line of carriage returns
             bar = tqdm(total=None, unit="batch", disable=True if args.no_progress else None, dynamic_ncols=True,

@@ -66,9 +66,11 @@ import zmq
 from cnn_core.checkpoint import load_model_checkpoint
 from cnn_core.data import training_set_size
 from cnn_core.errors import CheckpointError, ConfigError, PscnnError, SpecError
+from cnn_core.fileio import atomic_write
 from cnn_core.flat import FlatArrays
 from cnn_core.model import resolve_spec
-from cnn_core.runlog import TIMELINE_PARTS, RunWriter, new_run_id, push_spans, read_metrics, without_lost_updates
+from cnn_core.runlog import (TIMELINE_PARTS, RunLogError, RunWriter, new_run_id, push_spans, read_metrics,
+                             without_lost_updates)
 from cnn_core.text import for_count
 from cnn_core.training import check_batches_fit, check_model_fits_mnist
 from pscnn import curve
@@ -153,9 +155,11 @@ class _ScoringInterrupted(Exception):
 
 
 class ParameterServer:
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, endpoint_file: str | None = None):
+        """``endpoint_file``: where to write the endpoint it listens on, once it does (--endpoint-file)."""
         self.store = checked_store(cfg)
         self.cfg = cfg
+        self.endpoint_file = endpoint_file
         self.num_samples = training_set_size(cfg.train_limit)
         self.spec = self.store.model.spec
         self.work = WorkQueue(self.num_samples, cfg.batch_size, cfg.epochs, cfg.lease_timeout)
@@ -322,6 +326,12 @@ class ParameterServer:
         configure_router(self.sock, P.max_frame_bytes(self.store.push_bytes), self.cfg.peer_timeout)
         try:
             P.bind(self.sock, self.cfg.bind)
+            port = self.cfg.bind.rpartition(":")[2]
+            if self.cfg.bind.startswith("tcp://") and port.isdigit() and int(port) == 0:
+                # the port it got, in its log line and config.json ("the address it listened on")
+                self.cfg = replace(self.cfg, bind=self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            if self.endpoint_file is not None:
+                self._tell_endpoint()
             # a run started over keeps the earlier run's files until it has an update of its own: stopped
             # before (see _would_replace_an_earlier_run_with_nothing), it leaves that run whole, for --resume
             self.writer = RunWriter(self.cfg.out, {"server": self.cfg.to_json(), "model": self.spec},
@@ -334,6 +344,17 @@ class ParameterServer:
             raise
         if self.cfg.resume:
             self._adopt_logged_records()
+
+    def _tell_endpoint(self) -> None:
+        """Write the endpoint it listens on to --endpoint-file, whole or not at all: pscnn run starts its
+        clients once it is there.  A port found free and handed to the server could be taken by another
+        process before the server bound it (pscnn run failed, "Address already in use", its evaluator
+        had joined that process's run); a port the server binds itself, 0, cannot."""
+        try:
+            with atomic_write(self.endpoint_file, "w", encoding="utf-8") as fh:
+                fh.write(self.cfg.bind + "\n")
+        except OSError as exc:
+            raise RunLogError(f"--endpoint-file {self.endpoint_file}: cannot write: {exc.strerror or exc}") from None
 
     def _log_start(self) -> None:
         """metrics.jsonl's record of this server's start: where each incarnation's records begin."""
@@ -1774,14 +1795,15 @@ def serve_from_args(args) -> int:
     (building the server checks them all), which it used to precede.
     """
     cfg = config_from_args(args)
+    endpoint_file = getattr(args, "endpoint_file", None)
     if not (getattr(args, "auto_resume", False) and not cfg.resume and unfinished_run_warning(cfg.out)):
-        server = ParameterServer(cfg)
+        server = ParameterServer(cfg, endpoint_file)
     else:
         # A server restarted after a crash (Compose's restart: on-failure) continues its run:
         # starting over would replace the checkpoint within --checkpoint-every.
         log.info("--auto-resume: %s holds an unfinished run; continuing it", cfg.out)
         try:
-            server = ParameterServer(replace(cfg, resume=True))
+            server = ParameterServer(replace(cfg, resume=True), endpoint_file)
         except CheckpointError as exc:
             # Compose restarts a server that exits 1 (a bounded number of times): the same line each time,
             # so it names every way out, in the variables' names too

@@ -124,6 +124,16 @@ def new_bests(history: list[dict]) -> list[dict]:
             bests.append(e)
     return bests
 
+
+class StillRunning:
+    """A started process's stand-in, running: what a stand-in of LocalCluster.start_server returns (pscnn
+    run starts the clients once it returns a server still running)."""
+    returncode = None
+
+    def poll(self):
+        return None
+
+
 class NoProcesses:
     """LocalCluster's surface for ``pscnn run`` (launcher.run_from_args), starting nothing."""
 
@@ -131,7 +141,10 @@ class NoProcesses:
         self.out, self.logs, self.endpoint, self.procs = Path(out), Path(out) / "logs", "tcp://127.0.0.1:1", {}
         self.keys, self.peer_timeout = keys, peer_timeout
 
-    start_server = start_worker = start_evaluator = lambda self, *a, **k: None
+    start_worker = start_evaluator = lambda self, *a, **k: None
+
+    def start_server(self, *args, **kwargs):
+        return StillRunning()
 
     def stop_all(self, *a, **k):
         return {}

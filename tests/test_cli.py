@@ -116,11 +116,11 @@ def test_parsing_the_arguments_loads_no_numpy(argv):
                                        "got 'garbage'")),
     (["server", "--bind", "tcp://:5555"], "argument --bind: expected tcp://HOST:PORT"),
     (["server", "--bind", "udp://*:5555"], "argument --bind: expected tcp://HOST:PORT"),
-    (["server", "--bind", "tcp://*:99999"], "'tcp://*:99999': the port must be a number, 1-65535"),  # zmq: 34463
-    (["server", "--bind", "tcp://*:0"], "the port must be a number, 1-65535"),
-    (["server", "--bind", "tcp://*:http"], "the port must be a number, 1-65535"),
+    (["server", "--bind", "tcp://*:99999"], "'tcp://*:99999': the port must be a number, 0-65535 (0: a free one)"),
+    (["server", "--bind", "tcp://*:http"], "the port must be a number, 0-65535"),
+    (["worker", "--server", "tcp://localhost:0"], "the port must be a number, 1-65535"),     # 0 is a bind's only
     # digits of other scripts: int() reads them, ZeroMQ said no more than "Invalid argument", exit 1
-    (["server", "--bind", "tcp://*:\uff15\uff15\uff15\uff15"], "the port must be a number, 1-65535"),
+    (["server", "--bind", "tcp://*:\uff15\uff15\uff15\uff15"], "the port must be a number, 0-65535"),
     (["status", "--server", "tcp://localhost:\u0665\u0665\u0665\u0665"], "the port must be a number, 1-65535"),
     (["server", "--bind", "ipc://"], "argument --bind: expected tcp://HOST:PORT (e.g. tcp://*:5555) or ipc://PATH"),
     (["worker", "--server", "localhost:5555"], "argument --server: expected tcp://HOST:PORT (e.g. tcp://HOST:5555)"),

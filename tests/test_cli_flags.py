@@ -44,7 +44,7 @@ from pscnn.cli import (
     positive_float,
     resolve_auto_schedule,
 )
-from helpers import NoProcesses, exit_error_line
+from helpers import NoProcesses, StillRunning, exit_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -618,6 +618,9 @@ def test_pscnn_run_hands_its_children_values_that_begin_with_a_dash(tmp_path, mo
             started[name] = argv
             if name == "evaluator":             # the last one: nothing was started
                 raise RuntimeError("every child's command line made")
+            if name == "server":                # listening, as it would say: the clients start next
+                Path(parse_args(argv, {}).endpoint_file).write_text("tcp://127.0.0.1:1\n")
+            return StillRunning()
     monkeypatch.setattr(launcher, "LocalCluster", Recording)
     with pytest.raises(RuntimeError, match="every child's command line made"):
         main(["run", "--out=-run", "--mnist-dir=-mnist", "--curve", "--workers", "1", "--model", "light",

@@ -32,7 +32,7 @@ from pscnn import cli, launcher
 from pscnn.cli import CliError, main, parse_args
 from pscnn.launcher import LocalCluster, RunOutputs
 from worker.client import BadReply
-from helpers import NoProcesses, lose_a_stop_signal
+from helpers import NoProcesses, StillRunning, error_line, lose_a_stop_signal
 
 SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
            "updates": 4, "samples_applied": 256, "train_images_per_second": 1000.0, "train_seconds": 0.3,
@@ -145,7 +145,9 @@ def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_laun
         cluster.start_server(["--mode", "sync"])
     [child] = FakePopen.started
     assert child.argv[:3] == [sys.executable, "-m", "pscnn.cli"]
-    assert child.argv[3:6] == ["server", "--bind", cluster.endpoint]
+    # port 0: the server binds a free one itself, and writes which to its --endpoint-file
+    assert child.argv[3:7] == ["server", "--bind", "tcp://127.0.0.1:0",
+                               f"--endpoint-file={tmp_path / 'run' / 'logs' / 'server.endpoint'}"]
     assert child.kwargs["start_new_session"] is True
     assert child.kwargs["env"]["PSCNN_LAUNCHER_PID"] == str(os.getpid())
     assert child.kwargs["stdout"].name == str(tmp_path / "run" / "logs" / "server.log")
@@ -370,6 +372,7 @@ class RecordingCluster:
     def start_server(self, flags, name="server"):
         self.started[name] = list(flags)
         self.procs[name] = None
+        return StillRunning()
 
     def start_worker(self, name, flags=()):
         self.started[name] = list(flags)
@@ -565,6 +568,72 @@ def test_an_unusable_logs_folder_or_log_file_is_one_line(tmp_path):
             cluster.start_server(["--model", "light"])
         assert not cluster.procs                    # nothing was started
     assert str(exc.value) == f"{tmp_path / 'b' / 'logs' / 'server.log'}: cannot write: Is a directory"
+
+
+TINY_RUN = ["--workers", "1", "--model", "light", "--train-limit", "128", "--test-limit", "64", "--epochs", "1",
+            "--no-progress"]
+
+
+def test_pscnn_run_is_not_failed_by_a_port_taken_after_it_was_found_free(tmp_path, monkeypatch, capsys, mnist_dir):
+    """free_port() finds a port free, and another process may take it before the server, started a
+    second later, binds it: pscnn run failed, "cannot bind tcp://127.0.0.1:P: Address already in use"
+    and "once what is reported above is fixed, the same command starts the run" (with nothing to fix),
+    and its clients, started with the server, had joined whatever took the port (another pscnn run's
+    server: its evaluator's score went into that run's metrics.jsonl).  Here every port found free is
+    taken at once; the server binds a free port itself, and the clients go where it listens."""
+    taken = []
+
+    def taken_at_once():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        taken.append(holder)
+        return port
+    monkeypatch.setattr(launcher, "free_port", taken_at_once)
+    out = tmp_path / "run"
+    try:
+        code = main(["run", *TINY_RUN, "--mnist-dir", mnist_dir, "--out", str(out)])
+    finally:
+        for holder in taken:
+            holder.close()
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Address already in use" not in err
+    endpoint = re.search(r"pscnn run: server on (tcp://127\.0\.0\.1:\d+),", err).group(1)
+    assert endpoint != "tcp://127.0.0.1:0"
+    # the address it listened on, as config.json documents it: not the port 0 it was told to bind
+    assert json.loads((out / "config.json").read_text())["server"]["bind"] == endpoint
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["evaluator.log", "server.log", "worker-0.log"]
+
+
+def test_a_server_that_could_not_bind_its_port_gets_no_clients(tmp_path, monkeypatch, capsys, mnist_dir):
+    """--port P was found free (check_port_free) and taken before the server bound it: the workers and
+    the evaluator, started with the server, joined whatever took it (another pscnn server's run).  They
+    start once their server listens now: here never, and the run ends on the server's line."""
+    monkeypatch.setattr(launcher, "check_port_free", lambda endpoint: None)     # free when checked
+    out = tmp_path / "run"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code = main(["run", *TINY_RUN, "--port", str(port), "--mnist-dir", mnist_dir, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"pscnn run: the server exited with 1: cannot bind tcp://127.0.0.1:{port}: Address already in use" in err
+    assert "server on" not in err
+    assert [p.name for p in (out / "logs").iterdir()] == ["server.log"]         # no client was started
+
+
+def test_a_server_that_cannot_write_its_endpoint_file_says_so_and_leaves_its_folder_alone(tmp_path, capsys):
+    folder, out = tmp_path / "a-folder", tmp_path / "run"
+    folder.mkdir()
+    assert main(["server", "--bind", "tcp://127.0.0.1:0", "--endpoint-file", str(folder), "--model", "light",
+                 "--out", str(out)]) == 1
+    error_line(capsys.readouterr().err, f"--endpoint-file {folder}: cannot write: Is a directory", alone=True)
+    assert not out.exists() and not list(folder.iterdir())
 
 
 @pytest.mark.parametrize("workers,max_workers,refused", [(2, 1, True), (2, 2, False)])
@@ -1679,7 +1748,10 @@ def test_ctrl_c_whose_checkpoint_could_not_be_written_says_so(tmp_path, monkeypa
            "device); --resume would continue from version 12, the last checkpoint written")
 
     class ServerExits1(LocalCluster):
-        start_server = start_worker = start_evaluator = lambda self, *a, **k: None
+        start_worker = start_evaluator = lambda self, *a, **k: None
+
+        def start_server(self, *args, **kwargs):
+            return StillRunning()
 
     def interrupted(cluster, bar):
         (cluster.logs / "server.log").write_text(f"12:00:00 WARNING server: interrupted\npscnn server: {why}\n")

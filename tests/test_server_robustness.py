@@ -164,7 +164,7 @@ def start_serving(cluster: LocalCluster, flags: list[str], timeout: float = 60.0
     exits, or is silent for ``timeout`` s, close ``cluster`` and fail the test with the server's log."""
     server = cluster.start_server(flags)
     deadline = time.monotonic() + timeout
-    while query_status(cluster.endpoint, timeout=0.5) is None:
+    while server.poll() is not None or query_status(cluster.endpoint, timeout=0.5) is None:   # exited: no endpoint
         if server.poll() is not None or time.monotonic() > deadline:
             tail = cluster.log_tail("server", 40)
             cluster.close()
@@ -178,10 +178,10 @@ class Server:
 
     def __init__(self, tmp_path, extra_flags=()):
         self.cluster = LocalCluster(tmp_path / "run")
-        self.endpoint = self.cluster.endpoint
         self.log_path = self.cluster.logs / "server.log"
         self.sockets: list[Raw] = []
         start_serving(self.cluster, [*SERVER_FLAGS, "--out", str(self.cluster.out), *extra_flags])
+        self.endpoint = self.cluster.endpoint           # the port the server bound
 
     def client(self, role: str | None = None, wid: str | None = None, routing_id: bytes | None = None) -> Raw:
         c = Raw(self.endpoint, wid, routing_id=routing_id)
@@ -3344,10 +3344,10 @@ def _open_files_limit(soft: int, hard: int) -> list[str]:
 
 def _serve_with_open_files_limit(tmp_path, soft: int, hard: int, flags: list[str]) -> LocalCluster:
     cluster = LocalCluster(tmp_path / "run")
-    proc = cluster.start("server", ["server", "--bind", cluster.endpoint, *SERVER_FLAGS, "--out", str(cluster.out),
-                                    *flags], prefix=_open_files_limit(soft, hard))
+    proc = cluster.start_server([*SERVER_FLAGS, "--out", str(cluster.out), *flags],
+                                prefix=_open_files_limit(soft, hard))
     deadline = time.monotonic() + 60
-    while query_status(cluster.endpoint, timeout=0.5) is None:
+    while proc.poll() is not None or query_status(cluster.endpoint, timeout=0.5) is None:   # exited: no endpoint
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = cluster.log_tail("server", 40)
             cluster.close()
