@@ -410,7 +410,7 @@ EVAL_EVERY_S = 10.0
 MEMORY_CHECK_HELP = ("skip the up-front check that a training step fits this machine's memory: its estimate "
                      "is no measurement (a step took 0.66-1.24x of it), and may refuse a batch that fits")
 OVERLAP_HELP = ("async mode: compute the next batch while the previous push travels (each trainer holds two "
-                "leases; hides the round trip, gradients one version staler)")
+                "leases; hides the round trip, gradients about N versions staler with N workers)")
 
 
 def given_flag(dest: str) -> str:

@@ -411,7 +411,7 @@ def test_after_a_wait_an_overlapped_trainer_computes_what_it_holds_before_asking
 
 @pytest.mark.parametrize("mode,first", [("async", [P.WORK, P.WORK, P.PUSH]), ("sync", [P.WORK, P.PUSH])])
 def test_overlap_makes_a_worker_hold_two_leases_in_async_mode_only(fake, mode, first):
-    # two, not more (each is a version staler); and a sync round (or an ssp clock) counts one
+    # two, not more (each is a push staler); and a sync round (or an ssp clock) counts one
     # batch per worker: a second lease would wait for ever
     server = fake(hello=[welcome(run={**RUN, "mode": mode})], work=[task(), task(batch=1), STOP], push=[STOP])
     proc = pscnn("worker", server.endpoint, "--overlap")

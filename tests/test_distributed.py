@@ -183,7 +183,7 @@ def test_worker_killed_mid_epoch(cluster, mnist_dir, mode, overlap):
         # It still trains: 8 runs of this setup without the kill scored 0.81-0.84 (mean
         # staleness ~4.6 on 6,000 images); a broken overlap path scores near chance (0.1).
         assert summary["test_accuracy"] >= 0.70, summary["test_accuracy"]
-        assert summary["staleness"]["max"] >= 2          # one version staler than without --overlap
+        assert summary["staleness"]["max"] >= 2          # a push staler than without --overlap
         steps = [r for r in read_jsonl(cluster.out / "metrics.jsonl") if r["kind"] == "step"]
         assert {w for r in steps for w in r["workers"]} == {"worker-0", "worker-1", "worker-2"}
 

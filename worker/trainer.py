@@ -491,8 +491,9 @@ class Trainer:
         The trainer holds two leased batches: it computes one on the weights it
         has while the push of the other is in flight, then collects that push's
         answer (the next batch and newer weights) and sends the new push.  The
-        round trip hides behind the computation; each gradient is one version
-        staler.  Meant for async mode (a sync round or an ssp clock counts one
+        round trip hides behind the computation; each gradient is computed on
+        weights one push older, about N versions staler with N workers.  Meant
+        for async mode (a sync round or an ssp clock counts one
         batch per worker).  Returns 0 when the server says stop; raises
         TooManyFailures after too many failed requests in a row, DroppedByServer
         when the server drops this trainer.
