@@ -386,7 +386,7 @@ def add_server_flags(p: argparse.ArgumentParser, bind: bool = True) -> None:
     g.add_argument("--lease-timeout", type=positive_float, default=30.0,
                    help="seconds before an unfinished batch is handed out again (default: 30)")
     g.add_argument("--peer-timeout", type=positive_float, default=10.0,
-                   help="seconds of silence before a worker is declared dead (default: 10)")
+                   help="seconds of silence before a worker or evaluator is declared dead (default: 10)")
     g.add_argument("--final-eval-timeout", type=non_negative_float, default=None,
                    help="seconds to wait for the evaluator's final report, after which the server scores the "
                         "final weights itself; at once when the evaluator left or was declared dead and none "
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="server + N workers + evaluator on this machine")
     p.add_argument("--workers", type=positive_int, default=2, help="trainer processes (default: 2)")
-    p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--port", type=_port, default=0, help="server port on 127.0.0.1 (default: 0, a free one)")
     p.add_argument("--eval-every", type=positive_float, default=None,     # None: not given (see check_run_args)
                    help=f"seconds between evaluations (default: {EVAL_EVERY_S:g})")
     add_switch(p, "--no-evaluator",
@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="ask a server for its progress; exit 0 if it answers")
     p.add_argument("--server", type=_server_endpoint, default="tcp://localhost:5555",
                    help="server endpoint (default: tcp://localhost:5555)")
-    p.add_argument("--timeout", type=poll_seconds, default=2.0, help="seconds to wait (default: 2)")
+    p.add_argument("--timeout", type=poll_seconds, default=2.0, help="seconds to wait for its answer (default: 2)")
     p.add_argument("--keys", type=_path, default=None, metavar="FOLDER", help=CLIENT_KEYS_HELP)
 
     p = sub.add_parser("keys", help="make CURVE keys: a server's, and its clients'",
