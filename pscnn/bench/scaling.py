@@ -74,7 +74,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="seed",
                    help="a preset (seed, light), a JSON spec or a spec file, as pscnn run's (default: seed)")
     p.add_argument("--lr", type=positive_float, default=THROUGHPUT_LR,
-                   help=f"momentum-SGD learning rate of the servers and the baseline (default: {THROUGHPUT_LR})")
+                   help=f"learning rate of the servers' and the baseline's SGD, whose momentum is "
+                        f"{THROUGHPUT_MOMENTUM} (default: {THROUGHPUT_LR})")
     p.add_argument("--mnist-dir", type=_path, default=None, help="MNIST folder (default: $MNIST_DIR or the cache)")
     add_switch(p, "--overlap",
                help="async points: workers compute the next batch while a push travels (pscnn worker --overlap)")
