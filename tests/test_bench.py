@@ -156,6 +156,8 @@ def test_server_bench_with_echo_and_profile(tmp_path):
     assert (out / "server-profile.txt").read_text().count("ncalls") >= 1
     assert_png(out / "server_capacity.png")
     assert "server/echo" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]     # it names every file it wrote (but its lock), the profile's too
+    assert [path.name for path in out.glob("[!.]*") if path.name not in last] == [], last
 
 
 @pytest.mark.slow
@@ -1385,14 +1387,31 @@ def test_the_last_line_names_only_the_plots_this_run_made(tmp_path, monkeypatch,
         assert main([*argv, "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "matplotlib is not installed; no plots" in captured.err
-    assert captured.out.strip().splitlines()[-1] == f"wrote {out / 'scaling.csv'}, {out / 'scaling.json'}"
+    assert captured.out.strip().splitlines()[-1] == \
+        f"wrote {out / 'scaling.csv'}, {out / 'scaling.json'}, scaling-summary.json"
     assert not list(out.glob("*.png"))
     assert main([*argv, "--out", str(out)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.endswith(" and scaling_throughput.png, scaling_efficiency.png, scaling_time_split.png"), last
     assert_png(out / "scaling_throughput.png")
     assert main([*argv, "--out", str(out), "--no-plots"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("scaling.json")
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("scaling-summary.json")
+
+
+def test_the_last_line_names_every_file_the_run_wrote(tmp_path, monkeypatch, capsys):
+    """pscnn bench scaling's last line ("wrote ...") left out scaling-summary.json, which it writes
+    beside the CSV and the JSON and which docs/scaling.md lists: a reader went by the line."""
+    import pscnn.bench.cluster as cluster
+    from pscnn.cli import main
+    monkeypatch.setattr(cluster, "measure_point", lambda out, **point: {
+        "window_s": 1.0, "updates": 10, "samples": 640, "images_per_second": 640.0, "updates_per_second": 10.0,
+        "step_compute_ms": 5.0, "comm_ms": 1.0, "wait_ms": 0.0, "server_cpu_ms_per_push": 1.0})
+    out = tmp_path / "out"
+    assert main(["bench", "scaling", *TINY["scaling"], "--model", "light", "--out", str(out), "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    written = sorted(path.name for path in out.glob("[!.]*"))     # not the folder's lock
+    assert {"scaling.csv", "scaling.json", "scaling-summary.json", "scaling_throughput.png"} <= set(written), written
+    assert [name for name in written if name not in last] == [], last
 
 
 # What an earlier run of each bench left in its --out (plots, a profile, kept point logs) that this

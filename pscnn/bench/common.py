@@ -528,10 +528,12 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def print_written(csv_path: Path, json_path: Path, plots: list[Path]) -> None:
-    """A benchmark's last line: the files it wrote, its plots named only when it made some (not
-    with --no-plots or without matplotlib: an older run's PNGs in --out are not this run's)."""
-    print(f"\nwrote {csv_path}, {json_path}" + (f" and {', '.join(p.name for p in plots)}" if plots else ""))
+def print_written(csv_path: Path, json_path: Path, plots: list[Path], others: list[Path] = ()) -> None:
+    """A benchmark's last line: the files it wrote, ``others`` (a summary, a profile) beside its
+    tables, its plots named only when it made some (not with --no-plots or without matplotlib: an
+    older run's PNGs in --out are not this run's)."""
+    print(f"\nwrote {', '.join([str(csv_path), str(json_path), *(p.name for p in others)])}"
+          + (f" and {', '.join(p.name for p in plots)}" if plots else ""))
 
 
 def progress(total: int | None, desc: str, disable: bool = False):

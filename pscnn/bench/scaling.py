@@ -208,7 +208,8 @@ def run(args) -> int:
     if stop.happened:
         return interrupted_status(NAME, len(rows), len(points) * args.trials, csv_path, json_path)
     check_measured(rows, csv_path)
-    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic))
+    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic),
+                  [out / SUMMARY_FILE])
     return 0
 
 

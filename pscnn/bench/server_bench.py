@@ -135,7 +135,9 @@ def run(args) -> int:
     if profile_text:
         print(f"\nserver profile ({args.profile} {for_count(args.profile, 'client')}, cProfile, top by own time):\n"
               f"{profile_text}")
-    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out))
+    # (an earlier run's profile files were removed at the start: those there are this run's)
+    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out),
+                  [path for path in (out / PROFILE_TEXT, out / PROFILE_DATA) if path.exists()])
     return 0
 
 
