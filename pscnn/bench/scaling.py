@@ -62,7 +62,8 @@ def add_parser(sub) -> None:
                    help=f"ssp points: pushes a worker may run ahead of the slowest (default: {DEFAULT_STALENESS})")
     p.add_argument("--batch", default="64", help="batch sizes (default: 64)")
     p.add_argument("--compute-ms", default=None,
-                   help="synthetic workers: sleep X ms per step instead of computing (a list: 0,5,20)")
+                   help="synthetic workers: sleep X ms per step instead of computing, pushing zero gradients (a "
+                        "list, e.g. 0,5,20; default: real workers training on MNIST)")
     p.add_argument("--seconds", type=positive_float, default=10.0, help="measured window per point (default: 10)")
     p.add_argument("--warmup", type=non_negative_float, default=3.0, help="seconds after every worker pushed (default: 3)")
     p.add_argument("--trials", type=positive_int, default=3, help="trials; medians are reported (default: 3)")
