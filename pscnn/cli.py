@@ -977,13 +977,12 @@ OUT_OF_MEMORY_ADVICE = {"worker": "a smaller model, or a smaller --batch-size gi
 def main(argv=None) -> int:
     stop_on_signals()       # first of all: a stop from now on is noted (see stop_on_signals)
     stop_with_launcher()
+    command = None          # not known until the command line is parsed
     try:
+        # parsed in here: a Ctrl-C while the parser is built (pscnn bench's modules load) is an interrupt too
         args = parse_args(argv)
-    except CliError as exc:
-        print(f"pscnn: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        stop_on_signals(args.command)       # a stop noted while parsing ends the command here
+        command = args.command
+        stop_on_signals(command)            # a stop noted while parsing ends the command here
         if getattr(args, "threads", None):
             set_blas_threads(args.threads)
         if args.command != "bench":     # pscnn bench's among its option checks: a usage error (exit 2)
@@ -1001,11 +1000,11 @@ def main(argv=None) -> int:
         # A stop raised while a C extension was imported comes out as an ImportError: numpy's import
         # of datetime (PyCapsule_Import) replaces whatever that import raised, so a SIGTERM in a
         # command's first second ended it with numpy's advice on broken installs, a traceback and
-        # exit status 1.  The stop's exception is lost; its note is not.
+        # exit status 1.  The stop's exception is lost; its note is not.  So is a Ctrl-C's.
         if not _stops_raised:
             raise
-        if args.command in STOPPED_WITH_SUCCESS:
-            return 0                    # the stop's SystemExit(0)
+        if isinstance(_stop_exception(command, _stops_raised[0]), SystemExit):
+            return 0
         print("pscnn: interrupted", file=sys.stderr)
         return 130
     except CliError as exc:
@@ -1025,7 +1024,7 @@ def main(argv=None) -> int:
         if isinstance(exc, MemoryError):
             # A model within the spec's limits still asks for its per-image values times the batch
             # (a BatchNorm model's whole batch at once): NumPy's refusal was a traceback.
-            advice = OUT_OF_MEMORY_ADVICE.get(args.command, "a smaller --batch-size or model needs less")
+            advice = OUT_OF_MEMORY_ADVICE.get(command, "a smaller --batch-size or model needs less")
             print(f"pscnn: error: out of memory: {str(exc) or 'an allocation failed'}; {advice}", file=sys.stderr)
             return 1
         raise
@@ -1062,7 +1061,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # restart these. The others (pscnn train, run, ...) stop as on Ctrl-C: "pscnn: interrupted", 130.
 STOPPED_WITH_SUCCESS = ("server", "worker", "evaluator")
 _stops_noted: list[int] = []             # the STOP_SIGNALS received before the command was known
-_stops_raised: list[int] = []            # the signals whose stop was raised as an exception (see main)
+_stops_raised: list[int] = []            # the signals whose stop (or Ctrl-C) was raised as an exception (see main)
 
 
 def stop_on_signals(command: str | None = None) -> None:
@@ -1079,10 +1078,19 @@ def stop_on_signals(command: str | None = None) -> None:
     loading MNIST, a download) was killed (-15), and in a container, as PID 1, which the kernel
     spares a signal that has no handler, it ignored the stop until Docker's SIGKILL.  The stop
     happens once: later STOP_SIGNALS are ignored (:func:`ignore_stop_signals`).
+
+    Ctrl-C (SIGINT) interrupts at once, command known or not, as Python's own handler does; but
+    it is noted, as a stop is (:func:`interrupt_noted`).
     """
     if command is None:
         del _stops_noted[:]
         del _stops_raised[:]
+        try:
+            # not where Ctrl-C is ignored (SIG_IGN: a command started in the background by a shell)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, interrupt_noted)
+        except ValueError:              # main() called off the main thread (tests): no handlers
+            return
 
     def stop(signum, frame):
         if command is None:
@@ -1090,7 +1098,7 @@ def stop_on_signals(command: str | None = None) -> None:
             return
         ignore_stop_signals()
         _stops_raised.append(signum)
-        raise _stop_exception(command)
+        raise _stop_exception(command, signum)
     for sig in STOP_SIGNALS:
         try:
             signal.signal(sig, stop)
@@ -1101,7 +1109,7 @@ def stop_on_signals(command: str | None = None) -> None:
 
 
 def stop_raised() -> bool:
-    """Whether a stop signal's exception (:func:`stop_on_signals`) was raised in this process.
+    """Whether a stop signal's exception (:func:`stop_on_signals`), or Ctrl-C's, was raised in this process.
 
     Code that runs on after it, other than the stop's own handling (a worker's goodbye), runs because
     the exception was lost: raised inside a weakref callback or a ``__del__``, where Python prints
@@ -1111,9 +1119,12 @@ def stop_raised() -> bool:
     return bool(_stops_raised)
 
 
-def _stop_exception(command: str) -> BaseException:
-    """What a stop signal raises in ``command``: SystemExit(0) for STOPPED_WITH_SUCCESS, else KeyboardInterrupt."""
-    return SystemExit(0) if command in STOPPED_WITH_SUCCESS else KeyboardInterrupt()
+def _stop_exception(command: str | None, signum: int) -> BaseException:
+    """What signal ``signum`` raises in ``command``: KeyboardInterrupt for Ctrl-C; for a stop signal,
+    SystemExit(0) in STOPPED_WITH_SUCCESS, else KeyboardInterrupt."""
+    if signum != signal.SIGINT and command in STOPPED_WITH_SUCCESS:
+        return SystemExit(0)
+    return KeyboardInterrupt()
 
 
 def raise_lost_stop(command: str) -> None:
@@ -1121,7 +1132,15 @@ def raise_lost_stop(command: str) -> None:
     :func:`stop_raised`): called once a command has loaded, else it worked on deaf to the stop
     signals that followed (``pscnn train`` trained, ``pscnn run`` started a whole run, a worker joined)."""
     if stop_raised():
-        raise _stop_exception(command)
+        raise _stop_exception(command, _stops_raised[0])
+
+
+def interrupt_noted(signum, frame):
+    """Ctrl-C's handler from the start of :func:`main`: Python's KeyboardInterrupt, noted.  Raised
+    while numpy loads, it came out as numpy's ImportError (see main), a traceback and exit status 1,
+    or was lost in importlib's weakref callback (see :func:`stop_raised`): the note tells."""
+    _stops_raised.append(signum)
+    raise KeyboardInterrupt
 
 
 def ignore_stop_signals() -> None:

@@ -19,8 +19,9 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", _HYPOTHESIS_STORAGE.name)
 def stop_handlers_restored():
     """A test that calls pscnn.cli.main in this process leaves no handler of its command's (see
     pscnn.cli.stop_on_signals) to turn the test run's own SIGTERM or SIGHUP into a SystemExit, nor
+    its Ctrl-C handler (pscnn.cli.interrupt_noted), nor
     the note of a stop it raised (pscnn.cli.stop_raised)."""
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     yield
     for sig, handler in before.items():
         signal.signal(sig, handler)

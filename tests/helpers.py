@@ -200,11 +200,12 @@ def with_one_flaw(draw, arrays: dict, flaws) -> tuple[dict, str | None]:
     return arrays, flaw
 
 
-def lose_a_stop_signal(command: str) -> list:
-    """A SIGTERM to ``command`` whose stop is lost, as one was while a module loaded: the stop
-    handler's exception raised inside importlib's module-lock weakref callback, where Python
-    prints "Exception ignored" and goes on.  Returns what went to sys.unraisablehook."""
+def lose_a_stop_signal(command: str, sig: int = signal.SIGTERM) -> list:
+    """A SIGTERM (or ``sig``: Ctrl-C's SIGINT) to ``command`` whose stop is lost, as one was while a
+    module loaded: the handler's exception raised inside importlib's module-lock weakref callback,
+    where Python prints "Exception ignored" and goes on.  Returns what went to sys.unraisablehook."""
     from pscnn import cli
+    cli.stop_on_signals()               # as pscnn.cli.main does: first with no command, then with it
     cli.stop_on_signals(command)
     lost, before = [], sys.unraisablehook
     sys.unraisablehook = lost.append
@@ -212,11 +213,11 @@ def lose_a_stop_signal(command: str) -> list:
     class ModuleLock:
         pass
     lock = ModuleLock()
-    ref = weakref.ref(lock, lambda _ref: signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None))
+    ref = weakref.ref(lock, lambda _ref: signal.getsignal(sig)(sig, None))
     try:
         del lock
     finally:
         sys.unraisablehook = before
-    stop = SystemExit if command in cli.STOPPED_WITH_SUCCESS else KeyboardInterrupt
+    stop = SystemExit if command in cli.STOPPED_WITH_SUCCESS and sig != signal.SIGINT else KeyboardInterrupt
     assert ref() is None and [type(u.exc_value) for u in lost] == [stop], lost
     return lost

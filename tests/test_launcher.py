@@ -924,7 +924,9 @@ def test_a_second_ctrl_c_does_not_cut_the_shutdown_short(run_in_process, tmp_pat
     assert err.count("still stopping") == 1, err
     assert err.strip().splitlines()[-1] == \
         f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
-    assert signal.getsignal(signal.SIGINT) is before      # restored
+    # restored: the handler the launcher found, main()'s own where Ctrl-C had Python's
+    assert signal.getsignal(signal.SIGINT) is (cli.interrupt_noted if before is signal.default_int_handler
+                                               else before)
 
 
 
@@ -1485,6 +1487,64 @@ def test_a_stop_lost_while_train_or_run_loaded_interrupts_it_before_it_starts(co
     import importlib
     monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
     monkeypatch.setattr(cli, "inline_config_files", lambda args: lose_a_stop_signal(command))
+    started = []
+    monkeypatch.setattr(importlib.import_module(module), entry, lambda args: started.append(args) or 0)
+    assert main([command, "--out", str(tmp_path / "run")]) == 130
+    assert started == []
+    assert capsys.readouterr().err.strip() == "pscnn: interrupted"
+
+
+@pytest.mark.parametrize("command, argv", [("train", ["--out", "{out}"]),
+                                           ("server", ["--bind", "tcp://127.0.0.1:1", "--out", "{out}"]),
+                                           ("worker", ["--server", "tcp://127.0.0.1:1"])])
+def test_ctrl_c_while_a_c_extension_is_imported_interrupts_the_command_without_a_traceback(
+        command, argv, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while numpy loads (a command's first second): Python's KeyboardInterrupt, raised inside
+    numpy's import of datetime, came out as numpy's ImportError ("Importing the numpy C-extensions
+    failed"), a traceback and exit status 1.  Now it is what a Ctrl-C a moment later is: "pscnn:
+    interrupted", 130.  The import is stood for as in the SIGTERM test above."""
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+
+    def import_a_c_extension(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)      # handled here, at the next bytecode
+            time.sleep(1)                            # (a sleep returns early for a signal's exception)
+        except BaseException:
+            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+        raise AssertionError("the SIGINT was not handled")
+    monkeypatch.setattr(cli, "inline_config_files", import_a_c_extension)
+    assert main([command, *(arg.format(out=tmp_path / "run") for arg in argv)]) == 130
+    assert capsys.readouterr().err.strip() == "pscnn: interrupted"
+
+
+def test_ctrl_c_while_the_command_line_is_parsed_interrupts_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while the parser is built (pscnn bench's modules load then: a tenth of a second) came
+    out of main() as a KeyboardInterrupt, a traceback."""
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+    real_build_parser = cli.build_parser
+
+    def interrupted_build_parser():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return real_build_parser()
+    monkeypatch.setattr(cli, "build_parser", interrupted_build_parser)
+    try:
+        code = main(["status", "--server", "tcp://127.0.0.1:1"])
+    except KeyboardInterrupt:
+        code = "KeyboardInterrupt out of main()"
+    assert code == 130
+    assert capsys.readouterr().err.strip() == "pscnn: interrupted"
+
+
+@pytest.mark.parametrize("command, module, entry", [("train", "cnn_core.training", "train_from_args"),
+                                                     ("run", "pscnn.launcher", "run_from_args")])
+def test_a_ctrl_c_lost_while_train_or_run_loaded_interrupts_it_before_it_starts(command, module, entry, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A Ctrl-C whose KeyboardInterrupt was lost as a module loaded (see the SIGTERM test above): the
+    command trained, or started its whole run, as if no Ctrl-C had come."""
+    import importlib
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+    monkeypatch.setattr(cli, "inline_config_files", lambda args: lose_a_stop_signal(command, signal.SIGINT))
     started = []
     monkeypatch.setattr(importlib.import_module(module), entry, lambda args: started.append(args) or 0)
     assert main([command, "--out", str(tmp_path / "run")]) == 130
