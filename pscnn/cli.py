@@ -974,11 +974,15 @@ OUT_OF_MEMORY_ADVICE = {"worker": "a smaller model, or a smaller --batch-size gi
                         "evaluator": "a smaller model needs less (the evaluator runs 1,000 test images at a time)"}
 
 
-def main(argv=None) -> int:
+def main(argv=None, signals_before=()) -> int:
+    """``signals_before``: the signals that came before it, while this module loaded (see
+    pscnn.__main__, the console script): they come again once its handlers are set."""
     stop_on_signals()       # first of all: a stop from now on is noted (see stop_on_signals)
     stop_with_launcher()
     command = None          # not known until the command line is parsed
     try:
+        for signum in signals_before:
+            signal.raise_signal(signum)     # its handler runs before this returns
         # parsed in here: a Ctrl-C while the parser is built (pscnn bench's modules load) is an interrupt too
         args = parse_args(argv)
         command = args.command
@@ -1086,8 +1090,9 @@ def stop_on_signals(command: str | None = None) -> None:
         del _stops_noted[:]
         del _stops_raised[:]
         try:
-            # not where Ctrl-C is ignored (SIG_IGN: a command started in the background by a shell)
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            # Not where Ctrl-C is ignored (SIG_IGN: a command started in the background by a shell) or
+            # kills (SIG_DFL); a Python handler, Python's own or the console script's, it replaces.
+            if callable(signal.getsignal(signal.SIGINT)):
                 signal.signal(signal.SIGINT, interrupt_noted)
         except ValueError:              # main() called off the main thread (tests): no handlers
             return

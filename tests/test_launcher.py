@@ -32,7 +32,7 @@ from pscnn import cli, launcher
 from pscnn.cli import CliError, main, parse_args
 from pscnn.launcher import LocalCluster, RunOutputs
 from worker.client import BadReply
-from helpers import NoProcesses, StillRunning, error_line, lose_a_stop_signal
+from helpers import NoProcesses, StillRunning, error_line, lose_a_stop_signal, popen_taking_ctrl_c
 
 SUMMARY = {"status": "complete", "mode": "sync", "workers": 1, "epochs": 1, "test_accuracy": 0.9, "test_loss": 0.3,
            "updates": 4, "samples_applied": 256, "train_images_per_second": 1000.0, "train_seconds": 0.3,
@@ -924,9 +924,8 @@ def test_a_second_ctrl_c_does_not_cut_the_shutdown_short(run_in_process, tmp_pat
     assert err.count("still stopping") == 1, err
     assert err.strip().splitlines()[-1] == \
         f"pscnn run: stopped. Continue with the same command plus --resume (run folder {tmp_path / 'run'})", err
-    # restored: the handler the launcher found, main()'s own where Ctrl-C had Python's
-    assert signal.getsignal(signal.SIGINT) is (cli.interrupt_noted if before is signal.default_int_handler
-                                               else before)
+    # restored: the handler the launcher found, main()'s own where Ctrl-C had a Python handler
+    assert signal.getsignal(signal.SIGINT) is (cli.interrupt_noted if callable(before) else before)
 
 
 
@@ -1550,6 +1549,44 @@ def test_a_ctrl_c_lost_while_train_or_run_loaded_interrupts_it_before_it_starts(
     assert main([command, "--out", str(tmp_path / "run")]) == 130
     assert started == []
     assert capsys.readouterr().err.strip() == "pscnn: interrupted"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as the console script's entry point (pyproject.toml's) runs: the import of pscnn.cli is
+# signalled from inside it, by an import hook ahead of the others.
+SIGNALLED_AS_PSCNN_CLI_LOADS = """
+import importlib.abc, os, sys
+class SignalAsPscnnCliLoads(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pscnn.cli":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), {sig})
+        return None
+sys.meta_path.insert(0, SignalAsPscnnCliLoads())
+sys.argv = ["pscnn", "train", "--out", {out!r}]
+from {module} import {function}
+sys.exit({function}())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_console_script_loads_pscnn_cli_interrupts_without_a_traceback(sig, tmp_path):
+    """Ctrl-C or SIGTERM while the console script imported pscnn.cli (argparse, json, logging, ...: a
+    tenth of a second on a busy machine), before main() set its handlers: a KeyboardInterrupt
+    traceback, or a kill (-15).  The console script notes them now, and main() takes them up:
+    `pscnn train` interrupted, 130, before it loads anything."""
+    entry = re.search(r'^pscnn = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    code = SIGNALLED_AS_PSCNN_CLI_LOADS.format(sig=int(sig), out=str(tmp_path / "run"), module=entry[1],
+                                               function=entry[2])
+    proc = popen_taking_ctrl_c([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, err.strip()) == (130, "pscnn: interrupted")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------ found by the audit, fixed
