@@ -1141,9 +1141,10 @@ def raise_lost_stop(command: str) -> None:
 
 
 def interrupt_noted(signum, frame):
-    """Ctrl-C's handler from the start of :func:`main`: Python's KeyboardInterrupt, noted.  Raised
-    while numpy loads, it came out as numpy's ImportError (see main), a traceback and exit status 1,
-    or was lost in importlib's weakref callback (see :func:`stop_raised`): the note tells."""
+    """Ctrl-C's handler from the start of :func:`main` (and the end of pscnn run's, for every stop
+    signal): Python's KeyboardInterrupt, noted.  Raised while numpy loads, it came out as numpy's
+    ImportError (see main), a traceback and exit status 1, or was lost in importlib's weakref
+    callback (see :func:`stop_raised`): the note tells."""
     _stops_raised.append(signum)
     raise KeyboardInterrupt
 

@@ -35,7 +35,7 @@ from cnn_core.text import for_count
 from cnn_core.memory import check_memory_fits
 from cnn_core.training import classes_scored, format_number, per_class_text
 from pscnn import curve
-from pscnn.cli import STOP_SIGNALS, ignored_signal
+from pscnn.cli import STOP_SIGNALS, ignored_signal, interrupt_noted, raise_lost_stop
 from pscnn.protocol import one_line
 from server.config import config_from_args
 from server.resume import (CHECKPOINT_NAME, checkpoint_version, resume_advice, summary_after_checkpoint,
@@ -650,9 +650,10 @@ def _interrupt(signum, frame):
     """pscnn run's Ctrl-C and STOP_SIGNALS handler: the first one interrupts (KeyboardInterrupt, whence
     _interrupted stops every child).  It silences the others before it raises: a second signal pending
     with it (SIGTERM and SIGHUP together, as systemd sends them) raised again as _interrupted began,
-    and the cluster's close() SIGKILLed every child, the server before its checkpoint."""
+    and the cluster's close() SIGKILLed every child, the server before its checkpoint.  Noted, as a
+    KeyboardInterrupt lost in a ``__del__`` (see _follow) leaves the run deaf to every later signal."""
     _on_stop_signals(ignored_signal)   # one that came with it, or comes after
-    raise KeyboardInterrupt
+    interrupt_noted(signum, frame)
 
 
 def _still_stopping(signum, frame):
@@ -793,6 +794,10 @@ def _follow(cluster: LocalCluster, bar) -> int:
     hint_after = round_wait_hint_after(cluster.peer_timeout)
     done_before, progress_at = None, time.monotonic()   # batches done at the last answer, when that count last moved
     while server.poll() is None:
+        # An interrupt raised in a zmq socket's __del__ (each status poll drops some, here in the main
+        # thread) was printed as "Exception ignored" and lost: the run went on to its end, deaf to the
+        # signals _interrupt silenced.  Taken up here, at the next poll.
+        raise_lost_stop("run")
         workers_gone = bool(workers) and all(p.poll() is not None for p in workers)
         evaluator_left = evaluator is not None and evaluator.poll() == 0
         try:

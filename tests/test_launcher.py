@@ -1271,6 +1271,34 @@ def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed_with_no_start_
     assert (bar.n, bar.initial) == (500, 408)
 
 
+def test_an_interrupt_lost_while_pscnn_run_follows_its_server_is_taken_up_at_the_next_poll(stand_ins, monkeypatch):
+    """pscnn run's handler (_interrupt) silences every stop signal, then raises KeyboardInterrupt.
+    Raised inside a zmq socket's __del__, which each status poll runs in the launcher's main thread,
+    the exception was lost ("Exception ignored"), and pscnn run followed the run to its end, deaf
+    to every later Ctrl-C, SIGTERM and SIGHUP.  Now the next poll takes it up: the run is interrupted."""
+    import weakref
+    lost, answers = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lost.append)
+
+    class Socket:                       # its __del__ as pyzmq's: Python code the handler can run in
+        pass
+
+    def status(timeout=1.0):
+        answers.append(1)
+        if len(answers) == 1:
+            sock = Socket()
+            ref = weakref.ref(sock, lambda _ref: launcher._interrupt(signal.SIGINT, None))
+            del sock
+            assert ref() is None and [type(u.exc_value) for u in lost] == [KeyboardInterrupt]
+        if len(answers) == 3:
+            stand_ins.end(0)            # the run's end (the old code got there)
+        return {"started": True, "batches_total": 40, "batches_done": 7, "done": False, "loss": None}
+    stand_ins.status = status
+    with pytest.raises(KeyboardInterrupt):
+        launcher._follow(stand_ins, Bar())
+    assert len(answers) == 1
+
+
 def test_follow_stops_the_run_when_every_worker_left_before_the_end(stand_ins, capsys):
     """Every worker gone while the server says training is not done: the run is stopped, the
     server first (it checkpoints), and _follow returns 1."""
