@@ -605,6 +605,31 @@ def test_a_client_whose_stop_was_lost_while_it_loaded_exits_0_without_joining(ro
         assert run_evaluator(endpoint, name="e0", give_up_after=1.0, nice=0) == 0
 
 
+def test_a_worker_stopped_as_it_made_its_socket_exits_0_and_does_not_hang():
+    """A stop signal's SystemExit raised while a worker made its first socket (inside pyzmq's
+    Context.socket, or a monitor's), before the socket was stored: the socket stayed open, held by
+    a frame of the exception's traceback, and the goodbye's ctx.term() waited for it forever (1 of
+    25 workers SIGTERMed 0.02-0.6 s in hung until SIGKILL, later SIGTERMs being ignored).  The stop
+    is raised here where it came, after the socket was made."""
+    code = ("import logging, sys, zmq\nfrom worker.client import Client\nfrom worker.trainer import run_trainer\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "def stopped_with_a_socket_made(self, max_message_bytes):\n"
+            "    sock = self.ctx.socket(zmq.DEALER)     # stored nowhere yet\n"
+            "    raise SystemExit(0)                    # the stop signal's (pscnn.cli.stop_on_signals)\n"
+            "Client._dealer = stopped_with_a_socket_made\n"
+            f"sys.exit(run_trainer('tcp://127.0.0.1:{free_port()}', name='w0', give_up_after=5.0, compute_ms=1.0))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        out = "still running after 60 s"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped by a signal; the server had not answered our hello yet" in out, out[-2000:]
+
+
 def test_a_child_whose_launcher_is_already_gone_stops_at_once(tmp_path):
     """A child started by a launcher that died before the child asked to follow it (its parent is
     no longer that pid) stops itself at once (SIGTERM) instead of running on unwatched; the
