@@ -531,6 +531,7 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
     Raises DivergenceError, with the model back at its last finite weights,
     when a loss or an update is not finite.
     """
+    from pscnn.cli import raise_lost_stop  # noqa: PLC0415  (argparse only; no import cycle at load)
     xp = model.xp
     bar = tqdm(total=len(x), desc=f"epoch {epoch}/{cfg['epochs']}", unit="img", file=sys.stderr,
                disable=None if progress else True, dynamic_ncols=True, leave=True)
@@ -541,6 +542,9 @@ def _train_epoch(model, optimizer, writer: RunWriter, x, y, cfg: dict, epoch: in
     start = time.perf_counter()
     try:
         for batch, (xb, yb) in enumerate(iterate_batches(x, y, cfg["batch_size"], cfg["seed"], epoch - 1)):
+            # A Ctrl-C or stop signal whose KeyboardInterrupt was lost (pscnn.cli.stop_raised) as the run
+            # set up: pscnn train trained to its end (1 of 25 Ctrl-Cs 0-2 s in), deaf to later stop signals
+            raise_lost_stop("train")
             xb, yb = xp.asarray(xb), xp.asarray(yb)
             model.reseed((cfg["seed"], epoch - 1, batch))     # dropout masks as a pscnn trainer draws them
             last_good.save(prog.step)

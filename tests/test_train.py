@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ from cnn_core.model import build_model
 from cnn_core.runlog import read_metrics
 from cnn_core import memory, training
 from cnn_core.training import DivergenceError, default_config, format_report, train
-from helpers import exit_error_line, one_line_naming, popen_taking_ctrl_c
+from helpers import exit_error_line, lose_a_stop_signal, one_line_naming, popen_taking_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = os.environ.get("MNIST_DIR")
@@ -766,6 +767,25 @@ def test_a_run_folder_that_cannot_be_made_where_it_is_made_is_a_one_line_error(t
     with pytest.raises(RunLogError) as caught:
         make_folder(blocker / "run")
     one_line_naming(caught.value, blocker / "run", "cannot write: Not a directory")
+
+
+@needs_real_mnist
+def test_a_ctrl_c_lost_as_the_run_set_up_interrupts_it_before_its_first_update(tmp_path, no_plots, monkeypatch):
+    """A Ctrl-C whose KeyboardInterrupt was lost after pscnn train had loaded (raised in a weakref
+    callback, or cleared by C code: 1 of 25 Ctrl-Cs 0-2 s in): it trained to its end, exit 0.  Now
+    its first update takes it up: an interrupted run, with nothing trained."""
+    real_load_mnist = training.load_mnist
+
+    def load_mnist_and_lose_a_ctrl_c(split, *args, **kwargs):
+        data = real_load_mnist(split, *args, **kwargs)
+        if split == "test":             # the last of the setup
+            lose_a_stop_signal("train", signal.SIGINT)
+        return data
+    monkeypatch.setattr(training, "load_mnist", load_mnist_and_lose_a_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path), progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["updates"] == 0
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP"])
