@@ -175,7 +175,9 @@ class LocalCluster:
         except OSError as exc:          # e.g. a folder there: one line, not a traceback
             raise RunLogError(f"{self.logs / f'{name}.log'}: cannot write: {exc.strerror or exc}") from None
         self._files.append(fh)
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "pscnn.cli", *argv], stdout=fh,
+        # -m pscnn, the console script's module: it notes a stop that comes while pscnn.cli loads
+        # (-m pscnn.cli had no handler then, and a server stopped as pscnn run started was killed, -15)
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "pscnn", *argv], stdout=fh,
                                 stderr=subprocess.STDOUT, env=self.env,
                                 start_new_session=True)   # Ctrl-C reaches only the launcher
         self.procs[name] = proc

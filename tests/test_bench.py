@@ -731,7 +731,7 @@ def test_server_bench_server_that_dies_is_one_line_with_its_last_log_line(tmp_pa
     real_popen = subprocess.Popen
 
     def popen(cmd, *args, **kwargs):
-        if "server" in cmd:             # `python -m pscnn.cli server ...`, not the synthetic clients
+        if "server" in cmd:             # `python -m pscnn server ...`, not the synthetic clients
             cmd = [sys.executable, "-c", "import sys; print('starting'); print('bind: Address already in use');"
                                          " sys.exit(3)"]
         return real_popen(cmd, *args, **kwargs)

@@ -442,7 +442,7 @@ def _alive(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return state != "Z" and b"pscnn.cli" in cmdline
+    return state != "Z" and b"-m\0pscnn" in cmdline       # python -m pscnn ..., a child of pscnn run
 
 
 @pytest.mark.slow

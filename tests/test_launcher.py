@@ -136,7 +136,7 @@ class FakePopen:
 
 
 def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_launcher(tmp_path, monkeypatch):
-    """Each child is `python -m pscnn.cli ...`, in a session of its own (Ctrl-C in the terminal
+    """Each child is `python -m pscnn ...`, in a session of its own (Ctrl-C in the terminal
     reaches the launcher alone, which stops the server first), with the launcher's pid to follow
     and its output in logs/<name>.log."""
     FakePopen.started = []
@@ -144,7 +144,7 @@ def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_laun
     with LocalCluster(tmp_path / "run") as cluster:
         cluster.start_server(["--mode", "sync"])
     [child] = FakePopen.started
-    assert child.argv[:3] == [sys.executable, "-m", "pscnn.cli"]
+    assert child.argv[:3] == [sys.executable, "-m", "pscnn"]
     # port 0: the server binds a free one itself, and writes which to its --endpoint-file
     assert child.argv[3:7] == ["server", "--bind", "tcp://127.0.0.1:0",
                                f"--endpoint-file={tmp_path / 'run' / 'logs' / 'server.endpoint'}"]
@@ -1580,9 +1580,9 @@ def test_a_ctrl_c_lost_while_train_or_run_loaded_interrupts_it_before_it_starts(
 
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as the console script's entry point (pyproject.toml's) runs: the import of pscnn.cli is
-# signalled from inside it, by an import hook ahead of the others.
-SIGNALLED_AS_PSCNN_CLI_LOADS = """
+# An import hook ahead of the others that signals the process ({sig}) as it imports pscnn.cli: the
+# module the console script loads once its handlers are set.
+SIGNAL_AS_PSCNN_CLI_LOADS = """
 import importlib.abc, os, sys
 class SignalAsPscnnCliLoads(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -1591,7 +1591,9 @@ class SignalAsPscnnCliLoads(importlib.abc.MetaPathFinder):
             os.kill(os.getpid(), {sig})
         return None
 sys.meta_path.insert(0, SignalAsPscnnCliLoads())
-sys.argv = ["pscnn", "train", "--out", {out!r}]
+"""
+# Run as the console script's entry point (pyproject.toml's) runs, with that hook.
+SIGNALLED_AS_PSCNN_CLI_LOADS = SIGNAL_AS_PSCNN_CLI_LOADS + """sys.argv = ["pscnn", "train", "--out", {out!r}]
 from {module} import {function}
 sys.exit({function}())
 """
@@ -1615,6 +1617,26 @@ def test_a_signal_while_the_console_script_loads_pscnn_cli_interrupts_without_a_
         proc.wait()
     assert (proc.returncode, err.strip()) == (130, "pscnn: interrupted")
     assert not (tmp_path / "run").exists()
+
+
+
+def test_a_local_clusters_child_stopped_as_it_loads_pscnn_cli_stops_as_a_started_one_does(tmp_path):
+    """pscnn run's children ran ``python -m pscnn.cli``, which has no handler until pscnn.cli has
+    loaded: a SIGTERM from the launcher (a pscnn run stopped as it started) in that tenth of a
+    second killed the server (-15) before its checkpoint and its log's last line.  They run the
+    console script's module now (``python -m pscnn``), which notes the stop and hands it to main():
+    the server exits 0, as when it is stopped serving."""
+    site = tmp_path / "site"            # a sitecustomize: the child inherits PYTHONPATH
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SIGNAL_AS_PSCNN_CLI_LOADS.format(sig=int(signal.SIGTERM)))
+    cluster = LocalCluster(tmp_path / "run")
+    cluster.env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), cluster.env.get("PYTHONPATH", "")])
+    with cluster:
+        proc = cluster.start("server", ["server", "--bind", "tcp://127.0.0.1:0", "--out", str(tmp_path / "run")])
+        code = proc.wait(timeout=120)
+    log = (tmp_path / "run" / "logs" / "server.log").read_text()
+    assert code == 0, log
+    assert "Traceback" not in log
 
 
 # ------------------------------------------------ found by the audit, fixed

@@ -194,7 +194,7 @@ def measure(kind: str, n: int, args, env: dict, profile: Path | None = None) -> 
             client_keys_folder = tmp / "keys" / "clients"
             status_keys = client_keys(client_keys_folder)
         if server_kind:
-            argv = ["-m", "pscnn.cli", "server", "--bind", endpoint, *pscnn_server_flags(args, tmp / "run", n),
+            argv = ["-m", "pscnn", "server", "--bind", endpoint, *pscnn_server_flags(args, tmp / "run", n),
                     *(["--keys", str(tmp / "keys" / "server")] if kind == "curve" else [])]
             if profile is not None:
                 argv = ["-m", "cProfile", "-o", str(profile), *argv]
