@@ -19,7 +19,7 @@ from cnn_core.text import for_count
 from pscnn.launcher import LocalCluster, flag_with, query_status, wait_for
 
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, bench_env, last_line, process_failed,
-                     proc_cpu_seconds, server_failed, step_records)
+                     proc_cpu_seconds, step_records)
 
 BIG_EPOCHS = 100_000            # a run that never ends within a benchmark window
 
@@ -79,8 +79,7 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
         wait_for(lambda: server.poll() is not None or query_status(cluster.endpoint, 0.5), startup_timeout,
                  what="the server to answer", on_fail=lambda: cluster.log_tail("server"))
         if server.poll() is not None:
-            raise server_failed("the server", server.returncode, cluster.log_tail("server"), cluster.endpoint,
-                                cluster.logs)
+            raise process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
         flags = worker_flags(threads, compute_ms, mnist_dir, overlap=overlap and mode == "async",
                              check_memory=check_memory)
         for i in range(workers):
@@ -88,9 +87,8 @@ def measure_point(out: Path, *, mode: str, workers: int, batch: int, seconds: fl
 
         def check_running():
             dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
-            if "server" in dead:        # a port taken by another server, which answered the status requests
-                raise server_failed("the server", server.returncode, cluster.log_tail("server"),
-                                    cluster.endpoint, cluster.logs)
+            if "server" in dead:        # named first: the workers may have exited for its going
+                raise process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
             if dead:
                 raise process_failed(dead[0], cluster.procs[dead[0]].returncode, cluster.log_tail(dead[0]),
                                      cluster.logs)

@@ -328,8 +328,10 @@ def process_failed(what: str, code, log_text: str, logs: Path | None = None) -> 
                       + (f" (logs in {logs})" if logs is not None else ""))
 
 
-# Ports a measurement tries: pscnn.launcher.free_port() finds one free, but another process may
-# take it before the measurement's server binds it; the measurement then runs again on another.
+# Ports a measurement that picks its port tries (pscnn bench server's servers, torch DDP's rank 0):
+# pscnn.launcher.free_port() finds one free, but another process may take it before the measurement's
+# server binds it; the measurement then runs again on another.  A LocalCluster's server binds a free
+# port itself (LocalCluster.start_server), so scaling's and time-to-accuracy's runs need no retry.
 PORT_ATTEMPTS = 3
 
 

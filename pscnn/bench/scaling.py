@@ -170,12 +170,11 @@ def run(args) -> int:
                          + (f" c={pt['compute_ms']:g}ms" if synthetic else ""))
                 bar.set_postfix_str(f"trial {trial + 1}: {label}")
                 try:
-                    res = on_a_free_port(lambda: measure_point(
+                    res = measure_point(
                         out / POINTS / point_folder(pt, trial, synthetic), seconds=args.seconds,
                         warmup=args.warmup, threads=args.threads, model=args.model, lr=args.lr, mnist_dir=mnist_dir,
                         keep_openblas=args.keep_openblas_env, keep_logs=args.keep_logs, overlap=args.overlap,
-                        server_extra=ssp_flags(pt["mode"], bound), check_memory=not args.no_memory_check, **pt),
-                        NAME, label)
+                        server_extra=ssp_flags(pt["mode"], bound), check_memory=not args.no_memory_check, **pt)
                 except failures as exc:     # one failed point must not lose the others
                     res = point_failed(NAME, label, exc)
                 rows.append({"trial": trial, **pt, "kind": "pscnn", **res})

@@ -29,9 +29,9 @@ from pscnn.cli import (DEFAULT_LR, DEFAULT_STALENESS, MEMORY_CHECK_HELP, MODES, 
 
 from .common import (BenchError, Interruption, OptionError, add_output_flags, check_mnist, check_out,
                      check_server_flags, checking_options, cores, data_files, description, eval_records, fmt, fresh_output_folder,
-                     interrupted_status, machine_info, measurement_failures, median, on_a_free_port, one_line,
+                     interrupted_status, machine_info, measurement_failures, median, one_line,
                      parse_list, print_table, print_written, process_failed, progress, pyplot, remove_if_empty,
-                     save_figure, server_failed, step_records, write_outputs)
+                     save_figure, step_records, write_outputs)
 
 NAME = "time_to_accuracy"
 # What a run writes into --out (the plot with matplotlib, without --no-plots), and the folder of each
@@ -102,8 +102,7 @@ def run(args) -> int:
             bar.set_postfix_str(f"trial {trial + 1}: {mode} N={n}")
             label = f"{mode} N={n}" + (f" t{trial}" if args.trials > 1 else "")
             try:
-                row, curve = on_a_free_port(lambda: run_one(out / RUNS / f"{mode}-n{n}-t{trial}", mode, n, args,
-                                                            mnist_dir, bar), "time-to-accuracy", label)
+                row, curve = run_one(out / RUNS / f"{mode}-n{n}-t{trial}", mode, n, args, mnist_dir, bar)
             except failures as exc:     # a failed run must not lose the others; the exit status says it
                 row, curve = {"reached": False, "best_accuracy": None, "error": one_line(exc)}, []
                 print(f"\npscnn bench time-to-accuracy: {label}: {row['error']}", file=sys.stderr)
@@ -176,8 +175,7 @@ def _failure(cluster, server, n: int) -> BenchError | None:
     hiccup; with a worker gone, the run is no longer one of ``n`` workers).  None while it can;
     a server that exited with 0 finished."""
     if server.poll() not in (None, 0):
-        return server_failed("the server", server.returncode, cluster.log_tail("server"), cluster.endpoint,
-                             cluster.logs)
+        return process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
     failed = [name for name in cluster.procs
               if name.startswith("worker") and cluster.procs[name].poll() not in (None, 0)]
     if failed:
@@ -211,8 +209,7 @@ def run_one(folder: Path, mode: str, n: int, args, mnist_dir, bar) -> tuple[dict
         wait_for(lambda: server.poll() is not None or query_status(cluster.endpoint, 0.5), 120,
                  what="the server", on_fail=lambda: cluster.log_tail("server"))
         if server.poll() is not None:           # exited before it answered: nothing to measure
-            raise server_failed("the server", server.returncode, cluster.log_tail("server"), cluster.endpoint,
-                                cluster.logs)
+            raise process_failed("the server", server.returncode, cluster.log_tail("server"), cluster.logs)
         wflags = worker_flags(args.threads, None, mnist_dir, check_memory=not args.no_memory_check)
         for i in range(n):
             cluster.start_worker(f"worker-{i}", wflags)
