@@ -633,6 +633,37 @@ def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
     assert_unchanged(server, before)
 
 
+
+def _without(metrics: dict, key: str) -> dict:
+    return {k: v for k, v in metrics.items() if k != key}
+
+
+def _as_float32(metrics: dict) -> dict:
+    """``metrics`` with each rate rounded to float32, as an evaluator scoring in float32 would send them."""
+    rates = {key: [float(np.float32(rate)) for rate in metrics[key]]
+             for key in ("per_class_accuracy", "precision", "recall")}
+    return {**metrics, **rates, "test_accuracy": float(np.float32(metrics["test_accuracy"]))}
+
+
+@pytest.mark.parametrize("change, problem", [
+    # one test image off of MNIST's 10,000: a rate moves in steps of 1e-4
+    (lambda m: {**m, "test_accuracy": 0.9813},
+     "test_accuracy 0.9813 is not the confusion matrix's (9812 of 10000 right: 0.9812)"),
+    (lambda m: {**m, "test_accuracy": 0.9},             # below the matrix's, as well as above it
+     "test_accuracy 0.9 is not the confusion matrix's (9812 of 10000 right: 0.9812)"),
+    # a rate left out spares none of those after it
+    (lambda m: {**_without(m, "per_class_accuracy"), "recall": m["recall"][:9] + [0.5]},
+     "recall of class 9 is 0.5, but the confusion matrix gives 0.982"),
+    (lambda m: {"test_accuracy": 0.5, "count": 2.5},     # in range, but not a count of images
+     "count must be an integer in [1, 10000] (test images scored, of MNIST's 10000)"),
+    (_as_float32, None),                                # float32 rounding is no disagreement
+], ids=["one-image-more", "fewer", "after-one-left-out", "count-not-whole", "float32"])
+def test_an_eval_reports_rates_are_its_confusion_matrixs_to_one_test_image(change, problem):
+    """The figures of an evaluator's report (server.eval_report.metrics_problem) must be those its
+    confusion matrix gives, within float32's rounding and closer than one test image in 10,000."""
+    from server.eval_report import metrics_problem
+    assert metrics_problem(change(_good_metrics(accuracy=0.9812, count=10_000)), 10) == problem
+
 def test_a_flood_of_eval_reports_keeps_one_record_per_version(tmp_path):
     """The evaluation history (memory, every checkpoint, summary.json) grows with training, not with
     reports: a version already recorded is acknowledged, not recorded again.  The history the
