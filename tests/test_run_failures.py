@@ -630,6 +630,33 @@ def test_a_worker_stopped_as_it_made_its_socket_exits_0_and_does_not_hang():
     assert "stopped by a signal; the server had not answered our hello yet" in out, out[-2000:]
 
 
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+def test_a_client_whose_stop_was_lost_while_it_set_up_leaves_before_it_works(role, mnist_file_names, monkeypatch):
+    """A stop lost after the client joined, while it built its model and loaded its data (the modules
+    those load, a GPU's among them, load then): it leaves then, before its first request, as a stop
+    then does (exit 0).  The server's welcome and the setup are stood in for; the first request
+    after the setup fails the test."""
+    from types import SimpleNamespace
+
+    from worker import evaluator, trainer
+    welcome = SimpleNamespace(body={"model": {}, "run": {}})
+    monkeypatch.setattr(trainer.Client, "connect", lambda self: welcome)
+
+    def requested(self, *args, **kwargs):
+        raise AssertionError("the client worked on after its stop")
+    monkeypatch.setattr(trainer.Client, "request", requested)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    if role == "worker":
+        monkeypatch.setattr(trainer.Trainer, "setup", lambda self, welcome: lose_a_stop_signal(role))
+        monkeypatch.setattr(trainer.Trainer, "work", lambda self: requested(self))
+        assert trainer.run_trainer(endpoint, name="w0", give_up_after=1.0, compute_ms=1.0) == 0
+    else:
+        monkeypatch.setattr(evaluator, "model_from_welcome", lambda spec, device: None)
+        monkeypatch.setattr(evaluator, "_test_set", lambda run, limit, mnist_dir: SimpleNamespace(x=None, y=None))
+        monkeypatch.setattr(evaluator, "check_model_fits", lambda model, x, y: lose_a_stop_signal(role))
+        assert evaluator.run_evaluator(endpoint, name="e0", give_up_after=1.0, nice=0) == 0
+
+
 def test_a_child_whose_launcher_is_already_gone_stops_at_once(tmp_path):
     """A child started by a launcher that died before the child asked to follow it (its parent is
     no longer that pid) stops itself at once (SIGTERM) instead of running on unwatched; the
