@@ -1766,6 +1766,18 @@ def test_connect_again_keeps_one_heartbeat_thread_and_close_stops_it_and_says_by
     assert bye.body["reason"] == "done"
 
 
+def test_a_closed_client_whose_heartbeats_went_terminates_its_context(router, clients):
+    """close() terminates the client's own context (P.own_context) once its heartbeat thread has
+    ended, as it does for a client without heartbeats: left to the exit, the context's I/O thread
+    handed zero-copy frames back as the interpreter went down, and libzmq aborted (exit -6)."""
+    server = router(lambda rid, msg, accepted: [WELCOME] if msg.type == P.HELLO else [ACK])
+    client = clients(server.endpoint, heartbeat=True)
+    client.connect()
+    heartbeats = client._hb_thread
+    client.close()
+    assert heartbeats is not None and not heartbeats.is_alive()
+    assert client.ctx.closed
+
 def test_a_long_silence_is_one_log_line_not_one_per_reconnect(sim, caplog):
     """A server down for the whole --give-up-after (600 s) made a worker log "no answer ...;
     reconnecting" every max_backoff_s: 120 lines saying the same.  The first says it, the rest
