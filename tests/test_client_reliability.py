@@ -1576,6 +1576,17 @@ def test_a_curve_client_of_a_plain_server_whose_refusal_zeromq_did_not_report_is
     assert len(probes) == 1
 
 
+
+def test_a_curve_clients_probe_that_got_no_answer_is_not_taken_for_a_peer_that_closed(tmp_path, monkeypatch, caplog):
+    """A probe that heard nothing in its time (a silent peer, or no time left) says nothing of a peer
+    that closes connections before its greeting (a proxy whose server is down): that is a close seen."""
+    watch, probes, _ = _curve_watch(tmp_path, monkeypatch, None)
+    with caplog.at_level(logging.WARNING, logger="pscnn.curve"):
+        for _ in range(curve.SILENT_FAILURES_LIMIT):
+            assert not _handshake_failed_without_a_reason(watch)
+    assert len(probes) == 1
+    assert "closed before the CURVE handshake began" not in caplog.text
+
 CURVE_GREETING = curve.ZMTP_PROBE[:10] + b"\x03\x01" + b"CURVE".ljust(20, b"\0") + bytes(32)
 
 
@@ -1666,6 +1677,121 @@ def test_a_curve_clients_greeting_probe_serves_its_silent_failures_too(tmp_path,
     with pytest.raises(curve.HandshakeFailed, match="failed 3 times in a row: the server could not read our hello"):
         _handshake_failed_without_a_reason(watch)
     assert len(probes) == 1
+
+
+def refusal_event(kind: int, value: int) -> list[bytes]:
+    """A socket monitor's event of a handshake refused for a reason (``value``: ZeroMQ's error code)."""
+    return [struct.pack("=hi", kind, value), ENDPOINT.encode()]
+
+
+def _greetings_sent(monkeypatch, watch: curve.HandshakeWatch, greeting: bytes | None) -> tuple[list, SimNet]:
+    """What ``watch`` sends on greeting probes of its own (each answered ``greeting``), on a simulated
+    monitor and clock (the SimNet's)."""
+    watch.monitor = SimMonitor()
+    net = SimNet(100)
+    monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
+    ours = []
+    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=curve.ZMTP_PROBE:
+                        ours.append(sent) or greeting)
+    return ours, net
+
+
+def test_a_plain_client_whose_refusal_zeromq_reported_tells_the_server_once_asking_nothing(monkeypatch):
+    """ZeroMQ reported a CURVE server's refusal of a plain client: the client knows, and asks no greeting;
+    it sends the server one plain greeting, for its log, however often ZeroMQ reports the refusal
+    (on each reconnect) and it is told it."""
+    watch = curve.HandshakeWatch(ENDPOINT, None)
+    sent, net = _greetings_sent(monkeypatch, watch, CURVE_GREETING)
+    watch.sock, watch.watched_at = object(), net.monotonic()
+    net.advance(2 * curve.PROBE_AFTER_S)      # long enough for a probe, were one wanted
+    for _ in range(2):
+        watch.monitor.events.append(refusal_event(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                                  zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH))
+        with pytest.raises(curve.HandshakeFailed, match=f"^{ENDPOINT} requires CURVE authentication"):
+            watch.check()
+        assert sent == [curve.ZMTP_NULL_GREETING]
+
+
+@pytest.mark.parametrize("kind, value, said", [
+    (zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400, "refused this client's CURVE key"),
+    (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, "does not use CURVE")],
+    ids=["its-key", "plain-server"])
+def test_a_curve_client_refused_sends_the_server_no_plain_greeting(tmp_path, monkeypatch, kind, value, said):
+    """A plain greeting would put a plain client refused in the server's log: only a plain client
+    refused by a CURVE server sends one, not a client with keys refused for its key or by a plain server."""
+    curve.make_keys(tmp_path / "keys", ["client-0"])
+    watch = curve.HandshakeWatch(ENDPOINT, curve.client_keys(tmp_path / "keys" / "client-0"))
+    sent, _ = _greetings_sent(monkeypatch, watch, PLAIN_GREETING)
+    watch.monitor.events.append(refusal_event(kind, value))
+    with pytest.raises(curve.HandshakeFailed, match=said):
+        watch.check()
+    assert sent == []
+
+
+def test_a_plain_client_gives_its_new_socket_time_for_a_handshake_before_it_asks_a_greeting(monkeypatch):
+    """PROBE_AFTER_S counts from when the socket was watched, not from the watch's making:
+    a socket watched long after (a reconnect) is not probed at once."""
+    watch = curve.HandshakeWatch(ENDPOINT, None)
+    sent, net = _greetings_sent(monkeypatch, watch, CURVE_GREETING)
+    watch.monitor = None                        # watch() gives it the socket's own
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)               # never connected: no handshake
+    try:
+        net.advance(10 * curve.GREETING_PROBE_EVERY_S)
+        watch.watch(sock)
+        net.advance(curve.PROBE_AFTER_S / 2)
+        assert not watch.check() and sent == []
+        net.advance(curve.PROBE_AFTER_S / 2)
+        with pytest.raises(curve.HandshakeFailed, match="requires CURVE authentication"):
+            watch.check()
+        assert sent == [curve.ZMTP_PROBE, curve.ZMTP_NULL_GREETING]
+    finally:
+        watch.close()
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_a_plain_watch_without_a_socket_asks_no_greeting(monkeypatch):
+    """No socket watched (none yet, or the last one closed before the next): no handshake is awaited,
+    so none is overdue, however long it waits."""
+    watch = curve.HandshakeWatch(ENDPOINT, None)
+    sent, net = _greetings_sent(monkeypatch, watch, CURVE_GREETING)
+    net.advance(10 * curve.GREETING_PROBE_EVERY_S)
+    assert not watch.check() and sent == []
+
+
+def test_a_greeting_has_a_mechanism_once_its_whole_mechanism_field_came():
+    """The mechanism is bytes 12-31 of a ZMTP 3 greeting: one cut anywhere before byte 32 names none,
+    as does a greeting of an older major version (byte 10), which has no mechanism; the plain
+    greeting a refused plain client sends names NULL."""
+    assert curve.greeting_mechanism(CURVE_GREETING[:32]) == b"CURVE"
+    assert curve.greeting_mechanism(CURVE_GREETING[:31]) is None
+    for major in (0, 1, 2):
+        assert curve.greeting_mechanism(CURVE_GREETING[:10] + bytes([major]) + CURVE_GREETING[11:]) is None, major
+    assert curve.greeting_mechanism(curve.ZMTP_NULL_GREETING) == b"NULL"
+    assert len(curve.ZMTP_NULL_GREETING) == 64
+
+
+@pytest.mark.parametrize("end", ["deadline", "reset"])
+def test_the_part_of_a_greeting_that_came_before_the_probes_end_is_what_it_read(end):
+    """The greeting probe reads up to a whole greeting until its deadline or the peer's close: what
+    came before either is what it brings (its signature start tells a ZeroMQ peer), even when the
+    deadline had passed as it came (a slow lookup or connection took the time), or a reset followed."""
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname()) as conn:
+        peer, _ = listener.accept()
+        with peer:
+            peer.sendall(CURVE_GREETING[:12])
+            if end == "reset":
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()                    # a reset, after the bytes (ordered on the connection)
+                deadline = time.monotonic() + 30.0      # a bound: the reset comes first
+            else:
+                with selectors.DefaultSelector() as arrived:      # the bytes are there (one segment)
+                    arrived.register(conn, selectors.EVENT_READ)
+                    assert arrived.select(30.0)
+                deadline = time.monotonic() - 1.0
+            assert curve._received(conn, curve.ZMTP_GREETING_BYTES, deadline) == CURVE_GREETING[:12]
 
 
 def test_a_plain_client_whose_handshake_succeeded_asks_no_greeting(monkeypatch):
@@ -1764,6 +1890,7 @@ def test_connect_again_keeps_one_heartbeat_thread_and_close_stops_it_and_says_by
     assert sock.closed and client.sock is None
     (bye,) = [m for _, m in server.of_type(P.BYE)]
     assert bye.body["reason"] == "done"
+
 
 
 def test_a_closed_client_whose_heartbeats_went_terminates_its_context(router, clients):
