@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from pscnn.names import name_problem
 
@@ -978,6 +979,7 @@ def main(argv=None, signals_before=()) -> int:
     """``signals_before``: the signals that came before it, while this module loaded (see
     pscnn.__main__, the console script): they come again once its handlers are set."""
     stop_on_signals()       # first of all: a stop from now on is noted (see stop_on_signals)
+    restore_unraisablehook = unprint_lost_stops()
     stop_with_launcher()
     command = None          # not known until the command line is parsed
     try:
@@ -1032,6 +1034,8 @@ def main(argv=None, signals_before=()) -> int:
             print(f"pscnn: error: out of memory: {str(exc) or 'an allocation failed'}; {advice}", file=sys.stderr)
             return 1
         raise
+    finally:
+        restore_unraisablehook()        # main() in-process (tests): the hook it found
 
 
 PR_SET_PDEATHSIG = 1                    # <linux/prctl.h>
@@ -1102,8 +1106,7 @@ def stop_on_signals(command: str | None = None) -> None:
             _stops_noted.append(signum)
             return
         ignore_stop_signals()
-        _stops_raised.append(signum)
-        raise _stop_exception(command, signum)
+        _raise_noted(signum, _stop_exception(command, signum))
     for sig in STOP_SIGNALS:
         try:
             signal.signal(sig, stop)
@@ -1145,8 +1148,43 @@ def interrupt_noted(signum, frame):
     signal): Python's KeyboardInterrupt, noted.  Raised while numpy loads, it came out as numpy's
     ImportError (see main), a traceback and exit status 1, or was lost in importlib's weakref
     callback (see :func:`stop_raised`): the note tells."""
+    _raise_noted(signum, KeyboardInterrupt())
+
+
+def _raise_noted(signum: int, stop: BaseException):
+    """Raise ``stop``, a stop signal's or Ctrl-C's exception, noted (:func:`stop_raised`): the one
+    place pscnn's stop handlers raise, which tells :func:`unprint_lost_stops` their exceptions."""
     _stops_raised.append(signum)
-    raise KeyboardInterrupt
+    raise stop
+
+
+def unprint_lost_stops():
+    """Have ``sys.unraisablehook`` leave unprinted the stops that pscnn's handlers raised where Python
+    could not raise them (see :func:`stop_raised`), and hand it everything else; returns what restores
+    the hook it found.  Python printed "Exception ignored in: <function _ModuleLock...>" and a
+    traceback ending in KeyboardInterrupt above "pscnn: interrupted", for what was a plain Ctrl-C
+    that the command took up (:func:`raise_lost_stop`).  Off the main thread (:func:`main` in
+    tests' threads), where no handler of pscnn's runs, it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _raised_by_stop_handler(unraisable.exc_traceback):
+            previous(unraisable)
+    sys.unraisablehook = hook
+
+    def restore():
+        if sys.unraisablehook is hook:  # else set since by someone who restores theirs
+            sys.unraisablehook = previous
+    return restore
+
+
+def _raised_by_stop_handler(traceback) -> bool:
+    """Whether the exception of ``traceback`` was raised by :func:`_raise_noted`."""
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_code is _raise_noted.__code__
 
 
 def ignore_stop_signals() -> None:
@@ -1209,17 +1247,21 @@ def _dispatch(args) -> int:
         return run_from_args(args)
     if cmd == "download":
         from cnn_core.data import download_mnist  # noqa: PLC0415
+        raise_lost_stop(cmd)
         # Absolute: what it prints is for MNIST_DIR, read from other folders too.
         print(download_mnist(args.dir, progress=not args.no_progress).absolute())
         return 0
     if cmd == "status":
         from worker.client import status_from_args  # noqa: PLC0415
+        raise_lost_stop(cmd)
         return status_from_args(args)
     if cmd == "keys":
         from pscnn.curve import keys_from_args  # noqa: PLC0415
+        raise_lost_stop(cmd)
         return keys_from_args(args)
     if cmd == "bench":
         from pscnn.bench import run_bench_from_args  # noqa: PLC0415
+        raise_lost_stop(cmd)
         return run_bench_from_args(args)
     raise CliError(f"unknown command {cmd!r}")
 

@@ -1579,6 +1579,53 @@ def test_a_ctrl_c_lost_while_train_or_run_loaded_interrupts_it_before_it_starts(
     assert capsys.readouterr().err.strip() == "pscnn: interrupted"
 
 
+
+def run_in_a_weakref_callback(callback):
+    """Run ``callback`` in a weakref callback, as importlib's module locks end (see lose_a_stop_signal):
+    what it raises cannot be raised, and goes to sys.unraisablehook."""
+    import weakref
+    module_lock = type("ModuleLock", (), {})()
+    ref = weakref.ref(module_lock, lambda _ref: callback())
+    del module_lock
+    assert ref() is None
+
+
+def raise_value_error():
+    raise ValueError("a lost error that is not a stop")
+
+
+@pytest.mark.parametrize("command, sig, module, entry, argv", [
+    ("train", signal.SIGINT, "cnn_core.training", "train_from_args", ["--out", "{tmp}/run"]),
+    ("run", signal.SIGTERM, "pscnn.launcher", "run_from_args", ["--out", "{tmp}/run"]),
+    ("server", signal.SIGTERM, "server.server", "serve_from_args", ["--bind", "tcp://127.0.0.1:1", "--out", "{tmp}/run"]),
+    ("keys", signal.SIGINT, "pscnn.curve", "keys_from_args", ["{tmp}/keys"])])
+def test_a_stop_lost_as_a_command_loaded_prints_no_traceback_but_other_lost_errors_do(
+        command, sig, module, entry, argv, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C or stop signal whose exception was lost in a weakref callback (see
+    lose_a_stop_signal) is taken up, but Python printed it first: "Exception ignored in: ...", a
+    traceback ending in KeyboardInterrupt (or a server's SystemExit: 0), above "pscnn:
+    interrupted"; pscnn keys (download, status, bench) went on as if no Ctrl-C had come.  Now
+    main()'s sys.unraisablehook leaves those unprinted, each command takes its stop up; an exception lost
+    there that is not a stop still reaches the hook main() found, and that hook is back after."""
+    import importlib
+    monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
+    reached = []
+    monkeypatch.setattr(sys, "unraisablehook", reached.append)
+
+    def lose_a_stop_and_an_error(args):
+        run_in_a_weakref_callback(lambda: signal.raise_signal(sig))
+        run_in_a_weakref_callback(raise_value_error)
+    monkeypatch.setattr(cli, "inline_config_files", lose_a_stop_and_an_error)
+    started = []
+    monkeypatch.setattr(importlib.import_module(module), entry,
+                        lambda args: 0 if cli.stop_raised() and command == "server" else started.append(args) or 0)
+    assert main([command, *(arg.format(tmp=tmp_path) for arg in argv)]) == (0 if command == "server" else 130)
+    assert started == []
+    assert [type(u.exc_value) for u in reached] == [ValueError]
+    assert sys.unraisablehook == reached.append
+    assert capsys.readouterr().err.strip() == ("" if command == "server" else "pscnn: interrupted")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 # An import hook ahead of the others that signals the process ({sig}) as it imports pscnn.cli: the
 # module the console script loads once its handlers are set.
