@@ -437,8 +437,10 @@ def bind(socket, endpoint: str) -> None:
 
     An ``ipc://`` path where another process listens is refused: ZeroMQ would
     unlink its socket file and take the address over silently (TCP says "in use").
+    An abstract name (``ipc://@NAME``), which ZeroMQ refuses itself, gets the same words.
     """
-    if endpoint.startswith("ipc://") and _unix_socket_listening(endpoint[len("ipc://"):]):
+    unix_address = ipc_path(endpoint)
+    if unix_address is not None and _unix_socket_listening(unix_address):
         raise EndpointError(f"cannot bind {endpoint}: another process is listening there")
     try:
         _allow_ipv6(socket, endpoint)
@@ -463,7 +465,8 @@ def _allow_ipv6(socket, endpoint: str) -> None:
 
 
 def _unix_socket_listening(path: str) -> bool:
-    """Whether a process accepts connections on the Unix socket ``path`` (a stale file: no)."""
+    """Whether a process accepts connections on the Unix socket ``path`` (a stale file: no), as
+    :func:`ipc_path` gives it."""
     import socket as pysocket  # noqa: PLC0415  (only for ipc:// endpoints)
     probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
     probe.settimeout(1.0)

@@ -462,6 +462,30 @@ def test_an_ipc_endpoint_in_use_is_refused_and_a_stale_one_is_taken(tmp_path):
         second.close(0)
 
 
+def test_an_abstract_ipc_name_in_use_is_refused_as_a_path_is_and_no_file_of_its_name_counts(tmp_path, monkeypatch):
+    """bind probed ipc://@NAME (Linux's abstract namespace, see P.ipc_path) as the file "@NAME" in the
+    working folder: a second server on the name got ZeroMQ's "Address already in use", not the
+    path's words, and a Unix socket file called "@NAME" there, where another process listened,
+    refused a name that nobody held."""
+    import socket as pysocket
+    ctx = zmq.Context.instance()
+    name = f"pscnn-test-{tmp_path.name}"
+    endpoint = f"ipc://@{name}"
+    first, second = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    decoy = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        monkeypatch.chdir(tmp_path)
+        decoy.bind(f"@{name}")                   # a file in the working folder, not the abstract name
+        decoy.listen()
+        P.bind(first, endpoint)
+        with pytest.raises(P.EndpointError, match=rf"^cannot bind {re.escape(endpoint)}: another process is listening there$"):
+            P.bind(second, endpoint)
+    finally:
+        first.close(0)
+        second.close(0)
+        decoy.close()
+
+
 def test_bind_and_connect_errors_are_one_line_naming_the_endpoint():
     ctx = zmq.Context.instance()
     first, second = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
