@@ -242,12 +242,13 @@ def train(config: dict, progress: bool = True, check_memory: bool = True) -> dic
     log.info("%s model (%s parameters) on %s; %s training %s x %d %s = %d %s of %d; %s test %s; run folder %s",
              _model_name(cfg["model"]), f"{model.num_parameters():,}", cfg["device"], f"{len(x_train):,}",
              for_count(len(x_train), "image"), cfg["epochs"], for_count(cfg["epochs"], "epoch"), planned_updates,
-             for_count(planned_updates, "update"), cfg["batch_size"], f"{len(x_test):,}",
-             for_count(len(x_test), "image"), out_dir)
+             for_count(planned_updates, "update"), effective_batch_size(cfg["batch_size"], num_train),
+             f"{len(x_test):,}", for_count(len(x_test), "image"), out_dir)
     # A run id as a server's start records carry: a distributed run's checkpoint.npz left in this folder is
     # then refused by a later `--resume` here (it took it for the folder's run, and overwrote these results).
     writer.log("start", run_id=new_run_id(), model=_model_name(cfg["model"]), parameters=model.num_parameters(),
-               train_samples=len(x_train), test_samples=len(x_test), batch_size=cfg["batch_size"],
+               train_samples=len(x_train), test_samples=len(x_test),
+               batch_size=effective_batch_size(cfg["batch_size"], num_train),
                epochs=cfg["epochs"], planned_updates=planned_updates, device=cfg["device"])
 
     # On a GPU the test set is copied over once, not at every evaluation (a no-op on the CPU).
@@ -397,9 +398,15 @@ def check_model_fits_mnist(model) -> None:
                         f"values, but MNIST has {NUM_CLASSES} classes: the output width must be {NUM_CLASSES}")
 
 
+def effective_batch_size(batch_size: int, num_samples: int) -> int:
+    """The images an update takes, as the summary and the logs say it: no more than the training set."""
+    return min(batch_size, num_samples)
+
+
 def check_batches_fit(model, num_samples: int, batch_size: int) -> None:
     """ConfigError, naming the remedy, unless the model can train on every batch of an epoch of
-    ``num_samples`` images in batches of ``batch_size`` (the last one may be shorter).
+    ``num_samples`` images in batches of ``batch_size`` (the last one may be shorter); a warning
+    for a batch larger than the training set, which trains as one batch of it (:func:`effective_batch_size`).
 
     A BatchNorm that sees 1x1 maps cannot train on one image: with a last batch of one
     (``--train-limit 65 --batch-size 64``) :func:`train` and the distributed workers stopped
@@ -421,6 +428,11 @@ def check_batches_fit(model, num_samples: int, batch_size: int) -> None:
         raise ConfigError(f"{exc}: an epoch of {num_samples} training images in batches of {batch_size} ends "
                           f"with a batch of {last}; use --batch-size {other} or --train-limit {num_samples - last}"
                           ) from None
+    if batch_size > num_samples:
+        # Not refused (the default 64 over a smoke run's --train-limit 32 is no mistake), but said: it
+        # trained silently as full-batch, its summary recording the batch asked for.
+        log.warning("--batch-size %d exceeds the %s training images: every update takes all %s of them, "
+                    "one batch an epoch (full-batch training)", batch_size, f"{num_samples:,}", f"{num_samples:,}")
 
 
 def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict | None, last: dict | None,
@@ -454,7 +466,7 @@ def _summary(cfg: dict, model, prog: _Progress, train_samples: int, result: dict
         "model": cfg["model"],
         "parameters": model.num_parameters(),
         "optimizer": cfg["optimizer"],
-        "batch_size": cfg["batch_size"],
+        "batch_size": effective_batch_size(cfg["batch_size"], train_samples),   # config's: as given
         "device": cfg["device"],
         "seed": cfg["seed"],
         "threads": cfg["threads"],

@@ -72,7 +72,7 @@ from cnn_core.model import resolve_spec
 from cnn_core.runlog import (TIMELINE_PARTS, RunLogError, RunWriter, new_run_id, push_spans, read_metrics,
                              without_lost_updates)
 from cnn_core.text import for_count
-from cnn_core.training import check_batches_fit, check_model_fits_mnist
+from cnn_core.training import check_batches_fit, check_model_fits_mnist, effective_batch_size
 from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import MODES, ignore_stop_signals, stop_raised
@@ -391,7 +391,8 @@ class ParameterServer:
                  f" (CURVE: {keys} authorized client {for_count(keys, 'key')})" if self.keys else "", self.cfg.mode,
                  f" (staleness {self.cfg.staleness})" if self.cfg.mode == "ssp" else "",
                  self.cfg.epochs, for_count(self.cfg.epochs, "epoch"), self.work.batches_per_epoch,
-                 for_count(self.work.batches_per_epoch, "batch", "batches"), self.cfg.batch_size,
+                 for_count(self.work.batches_per_epoch, "batch", "batches"),
+                 effective_batch_size(self.cfg.batch_size, self.num_samples),
                  self.cfg.model if isinstance(self.cfg.model, str) else "custom",
                  f"{self.store.model.num_parameters():,}", self.store.optimizer.config()["name"])
         if self._resumed_text:
@@ -1545,7 +1546,8 @@ class ParameterServer:
             "wall_seconds": round(self._wall_clock(now), 3),
             "train_seconds": round(train_s, 3),
             "train_images_per_second": self.samples_applied / train_s if train_s > 0 else 0.0,
-            "batch_size": self.cfg.batch_size, "model": self.cfg.model, "optimizer": self.store.optimizer.config(),
+            "batch_size": effective_batch_size(self.cfg.batch_size, self.num_samples),   # config's: as given
+            "model": self.cfg.model, "optimizer": self.store.optimizer.config(),
             "rejected_messages": dict(self.rejected), "lease_requeues": self.work.requeued_total,
             "peers_dropped": dict(sorted(self.drops.items())),
             "worker_seconds": self.worker_seconds,

@@ -2010,6 +2010,29 @@ def test_run_no_memory_check_skips_its_check_and_its_workers(run_in_process, mon
     assert code == 1 and len(RecordingCluster.made) == 1, "refused before a second cluster started"
 
 
+FULL_BATCH_WARNING = ("--batch-size 1000000 exceeds the 640 training images: every update takes all 640 of them, "
+                      "one batch an epoch (full-batch training)")
+
+
+def test_a_batch_larger_than_the_training_set_is_said_once_and_the_summary_records_the_batch_trained(
+        tmp_path, mnist_dir, caplog):
+    """pscnn run (its server too) with --batch-size 1000000 --train-limit 640 trained silently as
+    full-batch, each epoch one batch of 640, and its summary.json and the server's log said batches of
+    1000000.  A warning now says so (once here, once in the server's log), and the summary records
+    the batch of 640 it trained; its config, the flag as given."""
+    import logging
+    out = tmp_path / "run"
+    code = main(["run", "--workers", "1", "--model", "light", "--batch-size", "1000000", "--train-limit", "640",
+                 "--test-limit", "100", "--no-evaluator", "--no-progress", "--mnist-dir", mnist_dir, "--out", str(out)])
+    assert code == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--batch-size" in r.getMessage()]
+    assert said == [FULL_BATCH_WARNING]
+    server_log = (out / "logs" / "server.log").read_text()
+    assert server_log.count(FULL_BATCH_WARNING) == 1 and " 1 epoch x 1 batch of 640, " in server_log, server_log
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["batch_size"], summary["config"]["batch_size"], summary["updates"]) == (640, 1000000, 1)
+
+
 def test_pscnn_run_draws_no_progress_bar_into_a_pipe(tmp_path, mnist_dir, capsys):
     """Without --no-progress, `pscnn run > run.log 2>&1` filled the log with the bar's redraws, one line
     of carriage returns, where pscnn train's bar is drawn only on a terminal."""

@@ -931,6 +931,25 @@ def test_batches_a_batchnorm_on_1x1_maps_cannot_train_on_are_refused_at_the_star
 
 
 @needs_real_mnist
+def test_a_batch_larger_than_the_training_set_is_said_and_recorded_as_the_batch_trained(tmp_path):
+    """`pscnn train --batch-size 1000000 --train-limit 640` trained silently as full-batch (one batch
+    of 640 an epoch), its summary.json, start record and report saying a batch of 1000000.  Now one
+    warning line says so, and they say 640; config.json keeps the flag as given."""
+    out = tmp_path / "run"
+    proc = pscnn_train(["--model", "light", "--batch-size", "1000000", "--train-limit", "640", "--test-limit", "100",
+                        "--epochs", "2", "--no-progress", "--out", str(out)], env=clean_env(MNIST_DIR=REAL_MNIST))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line.split(" WARNING train: ", 1)[1] for line in proc.stderr.splitlines() if " WARNING " in line]
+    assert warnings == ["--batch-size 1000000 exceeds the 640 training images: every update takes all 640 of them, "
+                        "one batch an epoch (full-batch training)"]
+    assert "light model, sgd lr 0.02, batch 640, 2 epochs (2 updates)" in proc.stdout, proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["batch_size"], summary["config"]["batch_size"], summary["updates"]) == (640, 1000000, 2)
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 1000000
+    assert [r["batch_size"] for r in read_metrics(out) if r["kind"] == "start"] == [640]
+
+
+@needs_real_mnist
 @pytest.mark.parametrize("unwritable", ["model.npz", "summary.json", "everywhere"])
 def test_results_that_cannot_be_written_at_the_end_go_to_a_temporary_folder(tmp_path, no_plots, monkeypatch,
                                                                             capsys, unwritable):
