@@ -788,6 +788,24 @@ def test_a_ctrl_c_lost_as_the_run_set_up_interrupts_it_before_its_first_update(t
     assert summary["status"] == "interrupted" and summary["updates"] == 0
 
 
+
+@needs_real_mnist
+def test_a_stop_signal_lost_as_the_run_set_up_interrupts_it_as_a_ctrl_c_does(tmp_path, no_plots, monkeypatch):
+    """A SIGTERM lost the same way: pscnn train ends interrupted (KeyboardInterrupt, 130), as its
+    stop signals do, not with the SystemExit(0) a stopped server, worker or evaluator exits with."""
+    real_load_mnist = training.load_mnist
+
+    def load_mnist_and_lose_a_sigterm(split, *args, **kwargs):
+        data = real_load_mnist(split, *args, **kwargs)
+        if split == "test":             # the last of the setup
+            lose_a_stop_signal("train", signal.SIGTERM)
+        return data
+    monkeypatch.setattr(training, "load_mnist", load_mnist_and_lose_a_sigterm)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path), progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["updates"] == 0
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how, mnist_dir):
     """SIGTERM and SIGHUP (the terminal closed) killed `pscnn train` silently: now, as Ctrl-C,
