@@ -605,6 +605,21 @@ def test_a_client_whose_stop_was_lost_while_it_loaded_exits_0_without_joining(ro
         assert run_evaluator(endpoint, name="e0", give_up_after=1.0, nice=0) == 0
 
 
+
+@pytest.mark.parametrize("role", ["worker", "evaluator"])
+def test_a_client_whose_ctrl_c_was_lost_while_it_loaded_is_interrupted_without_joining(role, mnist_file_names):
+    """A Ctrl-C, not a stop signal, lost as the client loaded: taken up, it is an interrupt (the CLI's
+    130), not the stop signal's exit 0 that a supervisor would take for a clean stop."""
+    from worker.evaluator import run_evaluator
+    from worker.trainer import run_trainer
+    lose_a_stop_signal(role, signal.SIGINT)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(KeyboardInterrupt):
+        if role == "worker":
+            run_trainer(endpoint, name="w0", give_up_after=1.0, compute_ms=1.0)
+        else:
+            run_evaluator(endpoint, name="e0", give_up_after=1.0, nice=0)
+
 def test_a_worker_stopped_as_it_made_its_socket_exits_0_and_does_not_hang():
     """A stop signal's SystemExit raised while a worker made its first socket (inside pyzmq's
     Context.socket, or a monitor's), before the socket was stored: the socket stayed open, held by
