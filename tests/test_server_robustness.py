@@ -893,6 +893,13 @@ def in_process(tmp_path):
         s.close()
 
 
+
+def test_a_server_bound_to_a_port_of_its_own_keeps_its_bind_as_written(in_process):
+    """Only --bind's port 0 becomes the address the server got (the log's listening line, config.json):
+    a port given stays as written, its host too (localhost, not libzmq's 127.0.0.1)."""
+    bind = f"tcp://localhost:{free_port()}"
+    assert in_process(bind=bind).srv.cfg.bind == bind
+
 def test_a_message_that_trips_a_server_bug_costs_that_message_only(in_process, monkeypatch, caplog):
     """The last line of defence: whatever escapes validation is logged in one line, answered
     with an error, and the server goes on (in-process, with a handler made to fail)."""
