@@ -249,6 +249,12 @@ def test_the_greeting_probe_reads_a_unix_sockets_server_too(tmp_path, monkeypatc
             sock.close(linger=0)
 
 
+
+def test_the_greeting_probe_of_an_endpoint_neither_tcp_nor_ipc_reads_nothing():
+    """An inproc:// endpoint (a Client in the same process) has no socket of the operating system's to
+    connect to: no greeting (None, as from a silent peer), not a TypeError out of the client's check."""
+    assert curve.HandshakeWatch("inproc://pscnn-test", None)._greeting(deadline=math.inf) is None
+
 @pytest.fixture
 def http_server():
     """An HTTP server (the standard library's) on a free port of 127.0.0.1: another service where a pscnn
@@ -298,6 +304,25 @@ def test_a_curve_server_in_another_process_sees_each_plain_client_it_refused(key
             server.kill()
         server.communicate(timeout=10)
 
+
+
+def test_a_curve_server_over_ipc_sees_each_plain_client_it_refused_too(keys, tmp_path):
+    """The same over a Unix socket: the plain greeting that tells the server of its refusal goes on the
+    ipc:// endpoint's socket, not the probe that only asks the server's greeting (which the server never
+    reads a mechanism from, and so never logs)."""
+    endpoint = _endpoint("ipc", tmp_path)
+    server = _curve_router_process(keys, endpoint)
+    try:
+        for _ in range(10):
+            with pytest.raises(curve.HandshakeFailed, match="requires CURVE authentication"):
+                query_status(endpoint, 2.0)
+            server.stdin.write("report\n")
+            server.stdin.flush()
+            assert int(server.stdout.readline()) >= 1, "a plain client refused without the server's knowing"
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.communicate(timeout=10)
 
 def test_the_greeting_probe_reads_a_servers_mechanism_without_sending_it_ours(keys):
     """What tells a plain server from one that cannot read our hello: each one's greeting names its
