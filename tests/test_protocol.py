@@ -486,6 +486,16 @@ def test_an_abstract_ipc_name_in_use_is_refused_as_a_path_is_and_no_file_of_its_
         decoy.close()
 
 
+def test_an_ipc_endpoints_unix_socket_address_is_its_path_and_an_abstract_names_starts_with_a_nul():
+    """What the greeting probe connects to for an ipc:// endpoint: its path, as written; libzmq's
+    ipc://@NAME is NAME in Linux's abstract namespace, whose address starts with a NUL byte in the
+    place of the @.  No other scheme has one."""
+    assert P.ipc_path("ipc:///tmp/pscnn.ipc") == "/tmp/pscnn.ipc"
+    assert P.ipc_path("ipc://runs/pscnn.ipc") == "runs/pscnn.ipc"
+    assert P.ipc_path("ipc://@pscnn-server") == "\0pscnn-server"
+    assert P.ipc_path("tcp://127.0.0.1:5555") is None and P.ipc_path("inproc://pscnn") is None
+
+
 def test_bind_and_connect_errors_are_one_line_naming_the_endpoint():
     ctx = zmq.Context.instance()
     first, second = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
