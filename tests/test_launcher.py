@@ -153,6 +153,21 @@ def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_laun
     assert child.kwargs["stdout"].name == str(tmp_path / "run" / "logs" / "server.log")
 
 
+def test_a_server_start_does_not_take_an_earlier_starts_endpoint_file_for_its_own(tmp_path, monkeypatch):
+    """An endpoint file left by an earlier start (a server killed before the launcher read it) names a port
+    that server had: read as this start's, it sent the clients there.  This start's server exits before it
+    listens (FakePopen's exit status 0, at once): no endpoint is known, not the earlier one."""
+    FakePopen.started = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    stale = tmp_path / "run" / "logs" / "server.endpoint"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("tcp://127.0.0.1:4242\n")
+    with LocalCluster(tmp_path / "run") as cluster:
+        cluster.start_server([])
+        assert (cluster.port, cluster.endpoint) == (None, None)
+        assert cluster.status() is None
+    assert not stale.exists()
+
 def earlier_server_log(tmp_path, monkeypatch):
     """server.log of a run folder whose earlier server left a line in it; children started by FakePopen."""
     FakePopen.started = []
