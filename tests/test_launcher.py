@@ -153,6 +153,7 @@ def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_laun
     assert child.kwargs["stdout"].name == str(tmp_path / "run" / "logs" / "server.log")
 
 
+
 def test_a_server_start_does_not_take_an_earlier_starts_endpoint_file_for_its_own(tmp_path, monkeypatch):
     """An endpoint file left by an earlier start (a server killed before the launcher read it) names a port
     that server had: read as this start's, it sent the clients there.  This start's server exits before it
@@ -1681,6 +1682,40 @@ def test_a_signal_while_the_console_script_loads_pscnn_cli_interrupts_without_a_
     assert not (tmp_path / "run").exists()
 
 
+
+
+
+def test_a_sighup_while_the_console_script_loads_pscnn_cli_interrupts_without_a_traceback(tmp_path):
+    """SIGHUP (the terminal closed) is a stop signal as SIGTERM is: noted by the console script while
+    pscnn.cli loads, not a kill (-1) before main() has set its handlers."""
+    entry = re.search(r'^pscnn = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    code = SIGNALLED_AS_PSCNN_CLI_LOADS.format(sig=int(signal.SIGHUP), out=str(tmp_path / "run"), module=entry[1],
+                                               function=entry[2])
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, err.strip()) == (130, "pscnn: interrupted")
+    assert not (tmp_path / "run").exists()
+
+def test_the_console_script_leaves_ctrl_c_ignored_where_its_shell_ignores_it(monkeypatch):
+    """A command a non-interactive shell starts in the background has Ctrl-C ignored (SIG_IGN): the
+    terminal's Ctrl-C is for the job in the foreground.  The console script's handler, set for that
+    signal too before pscnn.cli loads, made it callable, main() took it for Python's own and put its
+    interrupt in its place: the background server was interrupted with the foreground job."""
+    from pscnn import __main__ as console_script
+    seen = []
+
+    def cli_main(argv=None, signals_before=()):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return 0
+    monkeypatch.setattr(cli, "main", cli_main)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # (the conftest fixture restores the test run's)
+    assert console_script.main() == 0
+    assert seen == [signal.SIG_IGN]
 
 def test_a_local_clusters_child_stopped_as_it_loads_pscnn_cli_stops_as_a_started_one_does(tmp_path):
     """pscnn run's children ran ``python -m pscnn.cli``, which has no handler until pscnn.cli has
