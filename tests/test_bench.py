@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -1967,3 +1968,21 @@ def test_the_benches_hand_no_memory_check_to_their_workers(switch, checked, tmp_
     for flags in started:
         worker = parse_args(["worker", "--server", "tcp://127.0.0.1:1", *flags], {})
         assert worker.no_memory_check is not checked, flags
+
+
+def test_a_time_to_accuracy_run_whose_server_finished_has_not_failed():
+    """_failure tells a run that cannot measure from one that ended: a server that exited 0 finished
+    its run (the last evaluation is still to be read), one that exited otherwise failed it, named first."""
+    from pscnn.bench.tta import _failure
+
+    class Exited:
+        def __init__(self, code):
+            self.returncode = code
+
+        def poll(self):
+            return self.returncode
+    cluster = SimpleNamespace(procs={"worker-0": Exited(None), "evaluator": Exited(None)}, logs=None,
+                              log_tail=lambda name: f"{name}'s last line")
+    assert _failure(cluster, Exited(None), 1) is None
+    assert _failure(cluster, Exited(0), 1) is None
+    assert str(_failure(cluster, Exited(1), 1)) == "the server exited with 1: server's last line"
