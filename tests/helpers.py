@@ -72,7 +72,8 @@ def popen_taking_ctrl_c(argv: list, **kwargs) -> subprocess.Popen:
 
 
 def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str) -> str:
-    """Ctrl-C (SIGINT) on ``proc`` once ``predicate()`` holds; its stderr.  Killed if anything fails."""
+    """Ctrl-C (SIGINT) on ``proc`` once ``predicate()`` holds; its stderr.  Killed if anything fails.
+    ``proc``: started by :func:`popen_taking_ctrl_c`, else a test run in the background never stops it."""
     try:
         wait_for(predicate, timeout, what, interval=0.05)
         proc.send_signal(signal.SIGINT)

@@ -20,7 +20,7 @@ import pytest
 
 from cnn_core.model import Model
 
-from helpers import counted_model_builds, error_line, exit_error_line, interrupt_when
+from helpers import counted_model_builds, error_line, exit_error_line, interrupt_when, popen_taking_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -541,8 +541,8 @@ def test_engine_benchmark_batches_stop_at_mnists_sizes(argv, needle):
 
 def test_engine_benchmark_interrupted_says_so_in_one_line():
     """Ctrl-C during `make bench` ended in a KeyboardInterrupt traceback."""
-    proc = subprocess.Popen([sys.executable, "benchmarks/bench_engine.py", "--trials", "1000", "--no-torch"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = popen_taking_ctrl_c([sys.executable, "benchmarks/bench_engine.py", "--trials", "1000", "--no-torch"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
 
     def measuring() -> bool:                    # its progress bar: "trials: ..."
@@ -618,9 +618,9 @@ def test_benchmark_scripts_refuse_an_abbreviated_flag(argv):
 
 def test_gpu_check_interrupted_says_so_in_one_line():
     """Ctrl-C during benchmarks/gpu_check.py ended in a KeyboardInterrupt traceback."""
-    proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--cpu-dry-run", "--no-torch",
-                             "--trials", "100000"], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_taking_ctrl_c([sys.executable, "benchmarks/gpu_check.py", "--cpu-dry-run", "--no-torch",
+                                "--trials", "100000"], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
 
     def running() -> bool:                      # its first lines: "python ..., numpy ...", "CPU DRY RUN: ..."

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import assert_training_goes_on, assert_training_had_not_finished, interrupt_when
+from helpers import assert_training_goes_on, assert_training_had_not_finished, interrupt_when, popen_taking_ctrl_c
 from pscnn.launcher import free_port, print_report, query_status, wait_for
 from worker.client import DroppedByServer
 from test_run_failures import children_left_running
@@ -357,8 +357,8 @@ def test_an_interrupted_and_resumed_sync_run_ends_where_an_uninterrupted_one_doe
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     pscnn_cli(*flags, "--out", whole)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(stopped), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_taking_ctrl_c([sys.executable, "-m", "pscnn.cli", *flags, "--out", str(stopped), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def some_rounds_done():
         status = query_status(f"tcp://127.0.0.1:{port}", timeout=0.5)
@@ -417,7 +417,7 @@ def test_pscnn_run_without_evaluator_scores_the_final_weights_at_once(tmp_path, 
 def test_pscnn_run_interrupted_stops_every_child(tmp_path, mnist_dir):
     """Ctrl-C (SIGINT) on `pscnn run`: every child stops, the server checkpoints, exit 130."""
     out, port = tmp_path / "run", free_port()
-    proc = subprocess.Popen(
+    proc = popen_taking_ctrl_c(
         [sys.executable, "-m", "pscnn.cli", "run", "--workers", "2", "--mode", "async", "--model", "light",
          "--train-limit", "6000", "--epochs", "20", "--mnist-dir", mnist_dir, "--out", str(out),
          "--no-progress", "--checkpoint-every", "0", "--port", str(port)],
