@@ -108,6 +108,7 @@ CONTRIBUTORS_MEMORY = 4096
 # count in summary.json's peers_dropped, and in pscnn run's report.
 DROPPED_FOR_NAN = "dropped for NaN or Inf pushes"
 
+
 def check_model_travels(spec: dict, arrays) -> None:
     """SpecError unless the messages that carry a model fit the protocol: the welcome (``spec``) and
     a task (``arrays``: every parameter and state array, by name; ParameterStore.snapshot()).

@@ -85,7 +85,6 @@ def interrupt_when(proc: subprocess.Popen, predicate, timeout: float, what: str)
     return err
 
 
-
 def raced(action: str, how_far: str) -> str:
     """Why a test whose ``action`` must come mid-run fails when the run got to its end first."""
     return (f"the run raced the test to its end: {how_far} by the time the test {action}, which must come "

@@ -1051,6 +1051,7 @@ def test_the_server_table_has_echo_columns_only_with_the_echo(echo, tmp_path, mo
     assert ("echo rt/s" in header and header.rstrip().endswith("server/echo")) if echo else "echo" not in header, \
         header
 
+
 def test_the_server_bench_needs_no_mnist_whatever_mnist_dir_says(tmp_path, monkeypatch, capsys):
     """Its servers read the test set at their start where MNIST_DIR is set (pscnn server does, to score
     the final weights), which none of them ever scores: a MNIST_DIR without it failed every point,
@@ -1769,6 +1770,7 @@ def test_a_server_bench_client_that_never_cycles_fails_its_point(script, error, 
     (row,) = json.loads((out / "server.json").read_text())["rows"]
     assert row["error"] == error
     assert f"pscnn bench server: trial 1, pscnn x 1 client: {error}" in capsys.readouterr().err
+
 
 def failed_point_error(kind: str) -> Exception:
     """What one measurement may raise besides RuntimeError: a PscnnError (``kind`` "foreign service",

@@ -154,7 +154,6 @@ def test_bad_flags_get_one_line_naming_the_flag(argv, needle, capsys):
                starts=f"pscnn {' '.join(argv[:2] if argv[0] == 'bench' else argv[:1])}: error: ")
 
 
-
 @pytest.mark.parametrize("argv, needle", [
     (["server", "--bind", "tcp://127.0.0.1:65536"], "'tcp://127.0.0.1:65536': the port must be a number, 0-65535"),
     (["worker", "--server", "tcp://localhost:65536"], "'tcp://localhost:65536': the port must be a number, 1-65535")])
@@ -165,6 +164,7 @@ def test_the_port_after_the_last_one_is_refused(argv, needle, capsys):
         main(argv)
     assert exc.value.code == 2
     error_line(capsys.readouterr().err, needle, starts=f"pscnn {argv[0]}: error: ")
+
 
 @pytest.mark.parametrize("command, role", [("worker", "trainer"), ("evaluator", "evaluator")])
 def test_a_clients_name_help_gives_its_own_default(command, role, capsys):

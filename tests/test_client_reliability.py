@@ -552,7 +552,6 @@ def test_a_stale_reply_read_late_is_skipped_and_the_next_wait_is_never_negative(
     assert all(t >= 0 for t in net.polls), net.polls
 
 
-
 class EndlessInbox(list):
     """A SimSocket's inbox that never runs dry: ``frames`` again after each message read."""
 
@@ -696,7 +695,6 @@ def test_heartbeats_go_at_the_period_the_server_asked_for(sim):
     assert client._closing.waits == [1.5, 1.5, 1.5] and len(answers) == len(net.sent) == 2
     assert client.heard_at > 0, "an answered heartbeat did not count"
     assert net.sockets[0].closed
-
 
 
 def test_a_server_streaming_heartbeat_answers_does_not_keep_the_heartbeat_thread_reading(sim):
@@ -1576,7 +1574,6 @@ def test_a_curve_client_of_a_plain_server_whose_refusal_zeromq_did_not_report_is
     assert len(probes) == 1
 
 
-
 def test_a_curve_clients_probe_that_got_no_answer_is_not_taken_for_a_peer_that_closed(tmp_path, monkeypatch, caplog):
     """A probe that heard nothing in its time (a silent peer, or no time left) says nothing of a peer
     that closes connections before its greeting (a proxy whose server is down): that is a close seen."""
@@ -1601,13 +1598,8 @@ def test_a_plain_client_of_a_curve_server_whose_refusal_zeromq_did_not_report_is
     A socket that has made no handshake for PROBE_AFTER_S asks the peer's greeting: CURVE is
     the refusal; anything else is left to the retries, and asked again only once per period."""
     watch = curve.HandshakeWatch(ENDPOINT, None)
-    watch.sock, watch.monitor = object(), SimMonitor()
-    net = SimNet(100)
-    monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
-    probes = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=curve.ZMTP_PROBE:
-                        probes.append(sent) or greeting)
-    watch.watched_at = net.monotonic()
+    probes, net = _greetings_sent(monkeypatch, watch, greeting)
+    watch.sock, watch.watched_at = object(), net.monotonic()
     net.advance(curve.PROBE_AFTER_S / 2)
     assert not watch.check() and probes == []           # not yet: a handshake takes a moment
     net.advance(curve.PROBE_AFTER_S / 2)
@@ -1635,13 +1627,9 @@ def test_a_query_with_less_time_than_the_probes_wait_asks_the_greeting_at_half_i
     --timeout 0.3 never did, and said "no answer" of a CURVE server 8 times in 16 between two processes.
     With a deadline closer than twice that, it asks at half the time to the deadline."""
     watch = curve.HandshakeWatch(ENDPOINT, None)
-    watch.sock, watch.monitor = object(), SimMonitor()
-    net = SimNet(100)
-    monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
     timeouts = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=curve.ZMTP_PROBE:
-                        timeouts.append(timeout) or CURVE_GREETING)
-    watch.watched_at = net.monotonic()
+    _, net = _greetings_sent(monkeypatch, watch, CURVE_GREETING, timeouts)
+    watch.sock, watch.watched_at = object(), net.monotonic()
     deadline = watch.watched_at + curve.PROBE_AFTER_S / 2
     net.advance(curve.PROBE_AFTER_S / 8)
     assert not watch.check(deadline) and timeouts == []        # a handshake takes a moment
@@ -1684,15 +1672,21 @@ def refusal_event(kind: int, value: int) -> list[bytes]:
     return [struct.pack("=hi", kind, value), ENDPOINT.encode()]
 
 
-def _greetings_sent(monkeypatch, watch: curve.HandshakeWatch, greeting: bytes | None) -> tuple[list, SimNet]:
+def _greetings_sent(monkeypatch, watch: curve.HandshakeWatch, greeting: bytes | None,
+                    timeouts: list | None = None) -> tuple[list, SimNet]:
     """What ``watch`` sends on greeting probes of its own (each answered ``greeting``), on a simulated
-    monitor and clock (the SimNet's)."""
+    monitor and clock (the SimNet's); ``timeouts``: a list that gets each probe's timeout."""
     watch.monitor = SimMonitor()
     net = SimNet(100)
     monkeypatch.setattr(curve, "time", SimpleNamespace(monotonic=net.monotonic))
     ours = []
-    monkeypatch.setattr(curve, "peer_greeting", lambda host, port, timeout=None, sent=curve.ZMTP_PROBE:
-                        ours.append(sent) or greeting)
+
+    def probe(host, port, timeout=None, sent=curve.ZMTP_PROBE):
+        ours.append(sent)
+        if timeouts is not None:
+            timeouts.append(timeout)
+        return greeting
+    monkeypatch.setattr(curve, "peer_greeting", probe)
     return ours, net
 
 
@@ -1892,7 +1886,6 @@ def test_connect_again_keeps_one_heartbeat_thread_and_close_stops_it_and_says_by
     assert bye.body["reason"] == "done"
 
 
-
 def test_a_closed_client_whose_heartbeats_went_terminates_its_context(router, clients):
     """close() terminates the client's own context (P.own_context) once its heartbeat thread has
     ended, as it does for a client without heartbeats: left to the exit, the context's I/O thread
@@ -1904,6 +1897,7 @@ def test_a_closed_client_whose_heartbeats_went_terminates_its_context(router, cl
     client.close()
     assert heartbeats is not None and not heartbeats.is_alive()
     assert client.ctx.closed
+
 
 def test_a_long_silence_is_one_log_line_not_one_per_reconnect(sim, caplog):
     """A server down for the whole --give-up-after (600 s) made a worker log "no answer ...;

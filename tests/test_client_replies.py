@@ -936,6 +936,7 @@ from zmq.utils.garbage import gc
 from pscnn import protocol as P
 from worker.client import Client
 
+
 def threads():
     # by id: libzmq names its threads (ZMQbg/IO/0, ZMQbg/Reaper) from inside them, later than it starts them
     return sorted(int(task) for task in os.listdir("/proc/self/task"))

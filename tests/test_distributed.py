@@ -414,6 +414,7 @@ def test_pscnn_run_without_evaluator_scores_the_final_weights_at_once(tmp_path, 
     assert summary["evaluations"][-1]["version"] == summary["updates"]        # the final weights
     assert {p.name for p in (out / "logs").iterdir()} == {"server.log", "worker-0.log"}
 
+
 def test_pscnn_run_interrupted_stops_every_child(tmp_path, mnist_dir):
     """Ctrl-C (SIGINT) on `pscnn run`: every child stops, the server checkpoints, exit 130."""
     out, port = tmp_path / "run", free_port()

@@ -153,7 +153,6 @@ def test_a_local_cluster_starts_each_child_in_its_own_session_following_the_laun
     assert child.kwargs["stdout"].name == str(tmp_path / "run" / "logs" / "server.log")
 
 
-
 def test_a_server_start_does_not_take_an_earlier_starts_endpoint_file_for_its_own(tmp_path, monkeypatch):
     """An endpoint file left by an earlier start (a server killed before the launcher read it) names a port
     that server had: read as this start's, it sent the clients there.  This start's server exits before it
@@ -168,6 +167,7 @@ def test_a_server_start_does_not_take_an_earlier_starts_endpoint_file_for_its_ow
         assert (cluster.port, cluster.endpoint) == (None, None)
         assert cluster.status() is None
     assert not stale.exists()
+
 
 def earlier_server_log(tmp_path, monkeypatch):
     """server.log of a run folder whose earlier server left a line in it; children started by FakePopen."""
@@ -944,7 +944,6 @@ def test_a_second_ctrl_c_does_not_cut_the_shutdown_short(run_in_process, tmp_pat
     assert signal.getsignal(signal.SIGINT) is (cli.interrupt_noted if callable(before) else before)
 
 
-
 def stop_signals_at_once(*signals) -> None:
     """Send ``signals`` to this thread (the main one) so that they are pending together, as
     systemd's stop (SIGTERM, then SIGHUP at once) or a closed terminal with a kill makes them:
@@ -1484,6 +1483,20 @@ def test_stop_signals_at_once_stop_a_command_once_and_print_no_traceback(command
     assert not unraisable, [str(u.exc_value) for u in unraisable]
 
 
+def signalled_in_a_c_extensions_import(sig: int):
+    """What a command does first once it is known (cli.inline_config_files), standing for an import
+    of a C extension that signal ``sig`` comes during: such an import (numpy's of datetime,
+    PyCapsule_Import) raises ImportError for whatever it meets, the signal's exception too."""
+    def import_a_c_extension(args):
+        try:
+            os.kill(os.getpid(), sig)                # handled here, at the next bytecode
+            time.sleep(1)                            # (a sleep returns early for a signal's exception)
+        except BaseException:
+            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+        raise AssertionError(f"signal {sig} was not handled")
+    return import_a_c_extension
+
+
 @pytest.mark.parametrize("command, argv, code, err", [
     ("server", ["--bind", "tcp://127.0.0.1:1"], 0, ""),
     ("run", ["--no-progress"], 130, "pscnn: interrupted")])
@@ -1495,15 +1508,7 @@ def test_a_stop_signal_while_a_c_extension_is_imported_stops_the_command_without
     advice on broken installs, a traceback and exit status 1.  Such an import, stood for here by
     what the command does first once it is known, raises ImportError for whatever it meets."""
     monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
-
-    def import_a_c_extension(args):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)     # handled here, at the next bytecode
-            time.sleep(1)                            # (a sleep returns early for a signal's exception)
-        except BaseException:
-            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
-        raise AssertionError("the SIGTERM was not handled")
-    monkeypatch.setattr(cli, "inline_config_files", import_a_c_extension)
+    monkeypatch.setattr(cli, "inline_config_files", signalled_in_a_c_extensions_import(signal.SIGTERM))
     assert main([command, "--out", str(tmp_path / "run"), *argv]) == code
     assert capsys.readouterr().err.strip() == err
 
@@ -1547,15 +1552,7 @@ def test_ctrl_c_while_a_c_extension_is_imported_interrupts_the_command_without_a
     failed"), a traceback and exit status 1.  Now it is what a Ctrl-C a moment later is: "pscnn:
     interrupted", 130.  The import is stood for as in the SIGTERM test above."""
     monkeypatch.setattr(cli, "stop_with_launcher", lambda *a: None)
-
-    def import_a_c_extension(args):
-        try:
-            os.kill(os.getpid(), signal.SIGINT)      # handled here, at the next bytecode
-            time.sleep(1)                            # (a sleep returns early for a signal's exception)
-        except BaseException:
-            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
-        raise AssertionError("the SIGINT was not handled")
-    monkeypatch.setattr(cli, "inline_config_files", import_a_c_extension)
+    monkeypatch.setattr(cli, "inline_config_files", signalled_in_a_c_extensions_import(signal.SIGINT))
     assert main([command, *(arg.format(out=tmp_path / "run") for arg in argv)]) == 130
     assert capsys.readouterr().err.strip() == "pscnn: interrupted"
 
@@ -1593,7 +1590,6 @@ def test_a_ctrl_c_lost_while_train_or_run_loaded_interrupts_it_before_it_starts(
     assert main([command, "--out", str(tmp_path / "run")]) == 130
     assert started == []
     assert capsys.readouterr().err.strip() == "pscnn: interrupted"
-
 
 
 def run_in_a_weakref_callback(callback):
@@ -1662,12 +1658,12 @@ sys.exit({function}())
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_the_console_script_loads_pscnn_cli_interrupts_without_a_traceback(sig, tmp_path):
-    """Ctrl-C or SIGTERM while the console script imported pscnn.cli (argparse, json, logging, ...: a
-    tenth of a second on a busy machine), before main() set its handlers: a KeyboardInterrupt
-    traceback, or a kill (-15).  The console script notes them now, and main() takes them up:
-    `pscnn train` interrupted, 130, before it loads anything."""
+    """Ctrl-C, SIGTERM or SIGHUP (the terminal closed) while the console script imported pscnn.cli
+    (argparse, json, logging, ...: a tenth of a second on a busy machine), before main() set its
+    handlers: a KeyboardInterrupt traceback, or a kill (-15, -1).  The console script notes them
+    now, and main() takes them up: `pscnn train` interrupted, 130, before it loads anything."""
     entry = re.search(r'^pscnn = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M)
     code = SIGNALLED_AS_PSCNN_CLI_LOADS.format(sig=int(sig), out=str(tmp_path / "run"), module=entry[1],
                                                function=entry[2])
@@ -1681,25 +1677,6 @@ def test_a_signal_while_the_console_script_loads_pscnn_cli_interrupts_without_a_
     assert (proc.returncode, err.strip()) == (130, "pscnn: interrupted")
     assert not (tmp_path / "run").exists()
 
-
-
-
-
-def test_a_sighup_while_the_console_script_loads_pscnn_cli_interrupts_without_a_traceback(tmp_path):
-    """SIGHUP (the terminal closed) is a stop signal as SIGTERM is: noted by the console script while
-    pscnn.cli loads, not a kill (-1) before main() has set its handlers."""
-    entry = re.search(r'^pscnn = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.M)
-    code = SIGNALLED_AS_PSCNN_CLI_LOADS.format(sig=int(signal.SIGHUP), out=str(tmp_path / "run"), module=entry[1],
-                                               function=entry[2])
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        err = proc.communicate(timeout=60)[1]
-    finally:
-        proc.kill()
-        proc.wait()
-    assert (proc.returncode, err.strip()) == (130, "pscnn: interrupted")
-    assert not (tmp_path / "run").exists()
 
 def test_the_console_script_leaves_ctrl_c_ignored_where_its_shell_ignores_it(monkeypatch):
     """A command a non-interactive shell starts in the background has Ctrl-C ignored (SIG_IGN): the
@@ -1716,6 +1693,7 @@ def test_the_console_script_leaves_ctrl_c_ignored_where_its_shell_ignores_it(mon
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # (the conftest fixture restores the test run's)
     assert console_script.main() == 0
     assert seen == [signal.SIG_IGN]
+
 
 def test_a_local_clusters_child_stopped_as_it_loads_pscnn_cli_stops_as_a_started_one_does(tmp_path):
     """pscnn run's children ran ``python -m pscnn.cli``, which has no handler until pscnn.cli has

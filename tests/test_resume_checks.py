@@ -966,7 +966,6 @@ def test_auto_resume_continues_an_unfinished_run(run, server_cli, caplog):
     assert warnings(caplog) == []
 
 
-
 def test_auto_resume_continuing_a_run_still_tells_its_endpoint(run, server_cli, tmp_path):
     """--endpoint-file with --auto-resume: the server that continues the run is the one that writes where
     it listens (whoever started it waits for that file); the continuing server was built without it."""
@@ -974,6 +973,7 @@ def test_auto_resume_continuing_a_run_still_tells_its_endpoint(run, server_cli, 
     code, lines, srv = server_cli(run, "--auto-resume", "--endpoint-file", str(told))
     assert code == 0 and srv is not None and srv.cfg.resume, lines
     assert Path(srv.endpoint_file) == told
+
 
 @pytest.mark.parametrize("folder", ["empty", "finished"])
 def test_auto_resume_starts_a_new_run_where_there_is_none_unfinished(folder, finished, server_cli, tmp_path):

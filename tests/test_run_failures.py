@@ -605,7 +605,6 @@ def test_a_client_whose_stop_was_lost_while_it_loaded_exits_0_without_joining(ro
         assert run_evaluator(endpoint, name="e0", give_up_after=1.0, nice=0) == 0
 
 
-
 @pytest.mark.parametrize("role", ["worker", "evaluator"])
 def test_a_client_whose_ctrl_c_was_lost_while_it_loaded_is_interrupted_without_joining(role, mnist_file_names):
     """A Ctrl-C, not a stop signal, lost as the client loaded: taken up, it is an interrupt (the CLI's
@@ -619,6 +618,7 @@ def test_a_client_whose_ctrl_c_was_lost_while_it_loaded_is_interrupted_without_j
             run_trainer(endpoint, name="w0", give_up_after=1.0, compute_ms=1.0)
         else:
             run_evaluator(endpoint, name="e0", give_up_after=1.0, nice=0)
+
 
 def test_a_worker_stopped_as_it_made_its_socket_exits_0_and_does_not_hang():
     """A stop signal's SystemExit raised while a worker made its first socket (inside pyzmq's
@@ -762,6 +762,7 @@ def assert_stopped_cleanly(proc: subprocess.Popen, command: str) -> None:
 # of its heavy imports, before MNIST is read or a socket opened.
 SIGTERM_AT_NUMPY = '''
 import importlib.abc, os, signal, sys
+
 
 class SigtermAtImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

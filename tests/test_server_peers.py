@@ -93,7 +93,6 @@ def test_one_connection_saying_hello_under_new_ids_holds_one_place(in_process):
     assert (srv.drops["replaced"], srv.drops["rejoined"]) == (3, 1)      # summary.json's peers_dropped
 
 
-
 def test_a_peer_whose_hello_has_no_name_goes_by_its_id(in_process):
     """A hello's name is optional: a peer without one goes by its id, in the peer table and in the
     reason its connection's next hello, under another id, gives for replacing it."""
@@ -106,6 +105,7 @@ def test_a_peer_whose_hello_has_no_name_goes_by_its_id(in_process):
     assert server.call(raw, P.HELLO, {"role": "trainer"}).type == P.WELCOME
     assert srv.peers["made-up-0"].name == "made-up-0"
     assert srv.dropped[first].why == "replaced (its connection said hello as made-up-0)"
+
 
 def _counted(lines: list[str], logged: str, what: str) -> tuple[int, list[int]]:
     """(lines containing ``logged``, the N of each "N more <what>(s) in the last S s" summary)."""

@@ -135,7 +135,6 @@ class Raw:
         self.recv(1.0)
 
 
-
 def push_body(task: P.Message, **over) -> dict:
     b = task.body
     return {"epoch": b["epoch"], "batch": b["batch"], "lease": b["lease"], "base_version": b["version"],
@@ -144,6 +143,7 @@ def push_body(task: P.Message, **over) -> dict:
 
 def grads_like(weights: dict, value: float = 1e-3) -> dict:
     return {k: np.full(v.shape, value, dtype=v.dtype) for k, v in weights.items()}
+
 
 def train_to_stop(endpoint: str) -> None:
     """A trainer that works and pushes small gradients until the server at ``endpoint`` says stop."""
@@ -633,7 +633,6 @@ def test_hostile_eval_reports_are_rejected_and_keep_the_server_up(server):
     assert_unchanged(server, before)
 
 
-
 def _without(metrics: dict, key: str) -> dict:
     return {k: v for k, v in metrics.items() if k != key}
 
@@ -663,6 +662,7 @@ def test_an_eval_reports_rates_are_its_confusion_matrixs_to_one_test_image(chang
     confusion matrix gives, within float32's rounding and closer than one test image in 10,000."""
     from server.eval_report import metrics_problem
     assert metrics_problem(change(_good_metrics(accuracy=0.9812, count=10_000)), 10) == problem
+
 
 def test_a_flood_of_eval_reports_keeps_one_record_per_version(tmp_path):
     """The evaluation history (memory, every checkpoint, summary.json) grows with training, not with
@@ -893,12 +893,12 @@ def in_process(tmp_path):
         s.close()
 
 
-
 def test_a_server_bound_to_a_port_of_its_own_keeps_its_bind_as_written(in_process):
     """Only --bind's port 0 becomes the address the server got (the log's listening line, config.json):
     a port given stays as written, its host too (localhost, not libzmq's 127.0.0.1)."""
     bind = f"tcp://localhost:{free_port()}"
     assert in_process(bind=bind).srv.cfg.bind == bind
+
 
 def test_a_message_that_trips_a_server_bug_costs_that_message_only(in_process, monkeypatch, caplog):
     """The last line of defence: whatever escapes validation is logged in one line, answered
@@ -1885,6 +1885,7 @@ def test_a_stop_while_the_server_scores_the_final_weights_checkpoints_for_resume
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["updates"] == 10 and summary["test_samples"] == 100
 
+
 def test_an_evaluation_is_timed_when_its_weights_were_pulled_not_when_its_score_came_back(in_process):
     """The history (summary.json's evaluations and time to accuracy, the eval lines' train_seconds)
     took the training clock when a report arrived: an evaluator that pulled the untrained weights
@@ -2527,7 +2528,6 @@ def test_a_second_server_on_a_port_in_use_exits_with_one_line_and_the_first_serv
     server.status()
 
 
-
 def test_pscnn_run_on_a_port_in_use_is_one_line_before_anything_starts(tmp_path, mnist_file_names):
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -2576,7 +2576,6 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, mnist_file_names
     assert "Traceback" not in run.stderr
 
 
-
 def test_a_trainer_that_exits_when_told_the_run_is_over_is_not_declared_dead(tmp_path):
     """Trainers exit on STOP without a bye; while the server waits for the final evaluation,
     their silence is expected, not a death to warn about."""
@@ -2592,6 +2591,7 @@ def test_a_trainer_that_exits_when_told_the_run_is_over_is_not_declared_dead(tmp
         assert "declared dead" not in s.log_path.read_text()
     finally:
         s.close()
+
 
 def test_a_lease_pushed_after_its_worker_was_declared_dead_is_not_applied_twice(tmp_path):
     s = Server(tmp_path, ["--peer-timeout", "1"])
@@ -2892,6 +2892,7 @@ def test_the_start_timeout_runs_from_the_first_trainer_still_waiting_not_one_tha
     task_b = b.recv(0.5)[0]
     assert task_b.type == task_c.type == P.TASK and server.srv.started
 
+
 def test_the_status_says_how_long_the_start_barrier_can_hold(in_process):
     """A worker at the barrier could say only "or its --start-timeout after the first of them
     asked", not how long that was: the status gives the seconds left, and null when no one waits."""
@@ -2932,6 +2933,7 @@ def test_a_server_stopped_at_the_start_barrier_does_not_count_that_time_against_
         assert "starting with" not in s.log_path.read_text()
     finally:
         s.close()
+
 
 def test_a_sync_trainer_that_finds_the_epoch_draining_is_parked_until_the_round_closes(tmp_path):
     """3 batches an epoch, 2 trainers: the round {2} has one member; the other trainer
@@ -3530,6 +3532,7 @@ def test_a_sync_trainer_back_while_its_earlier_push_waits_in_the_round_gets_work
     assert later_a.type == P.TASK and later_a.body["version"] == 1, later_a
     assert later_a.body["batch"] not in (task_a.body["batch"], task_b.body["batch"])
 
+
 def test_a_sync_push_whose_lease_expired_counts_while_its_round_is_open(in_process):
     """A sync trainer slower than --lease-timeout was told "stale round" at every push, its
     batch leased to it again: with one trainer the run never applied a batch (in async a late
@@ -3555,6 +3558,7 @@ def test_a_sync_push_whose_lease_expired_counts_while_its_round_is_open(in_proce
     assert server.srv.work.leases[task_b.body["batch"]].worker == b.wid
     assert server.srv.sync_round.members == {a.wid: (stale.body["epoch"], stale.body["batch"]),
                                         b.wid: (task_b.body["epoch"], task_b.body["batch"])}
+
 
 def test_the_training_clock_starts_with_the_first_batch_handed_out(in_process):
     """Throughput and time to accuracy counted from the server's start, the workers' loading of

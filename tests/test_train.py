@@ -770,41 +770,26 @@ def test_a_run_folder_that_cannot_be_made_where_it_is_made_is_a_one_line_error(t
 
 
 @needs_real_mnist
-def test_a_ctrl_c_lost_as_the_run_set_up_interrupts_it_before_its_first_update(tmp_path, no_plots, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_lost_as_the_run_set_up_interrupts_it_before_its_first_update(tmp_path, no_plots, monkeypatch, sig):
     """A Ctrl-C whose KeyboardInterrupt was lost after pscnn train had loaded (raised in a weakref
     callback, or cleared by C code: 1 of 25 Ctrl-Cs 0-2 s in): it trained to its end, exit 0.  Now
-    its first update takes it up: an interrupted run, with nothing trained."""
+    its first update takes it up: an interrupted run, with nothing trained.  A SIGTERM lost the same
+    way ends it interrupted too (KeyboardInterrupt, 130), as its stop signals do, not with the
+    SystemExit(0) a stopped server, worker or evaluator exits with."""
     real_load_mnist = training.load_mnist
 
-    def load_mnist_and_lose_a_ctrl_c(split, *args, **kwargs):
+    def load_mnist_and_lose_a_stop(split, *args, **kwargs):
         data = real_load_mnist(split, *args, **kwargs)
         if split == "test":             # the last of the setup
-            lose_a_stop_signal("train", signal.SIGINT)
+            lose_a_stop_signal("train", sig)
         return data
-    monkeypatch.setattr(training, "load_mnist", load_mnist_and_lose_a_ctrl_c)
+    monkeypatch.setattr(training, "load_mnist", load_mnist_and_lose_a_stop)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(tmp_path), progress=False)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["updates"] == 0
 
-
-
-@needs_real_mnist
-def test_a_stop_signal_lost_as_the_run_set_up_interrupts_it_as_a_ctrl_c_does(tmp_path, no_plots, monkeypatch):
-    """A SIGTERM lost the same way: pscnn train ends interrupted (KeyboardInterrupt, 130), as its
-    stop signals do, not with the SystemExit(0) a stopped server, worker or evaluator exits with."""
-    real_load_mnist = training.load_mnist
-
-    def load_mnist_and_lose_a_sigterm(split, *args, **kwargs):
-        data = real_load_mnist(split, *args, **kwargs)
-        if split == "test":             # the last of the setup
-            lose_a_stop_signal("train", signal.SIGTERM)
-        return data
-    monkeypatch.setattr(training, "load_mnist", load_mnist_and_lose_a_sigterm)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path), progress=False)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["updates"] == 0
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_terminated_training_ends_as_an_interrupted_one(tmp_path, how, mnist_dir):
