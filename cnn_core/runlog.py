@@ -727,6 +727,8 @@ def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False, percent=
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
         return
     xs, ys = zip(*sorted(points))
+    if len(points) == 1:
+        marker = marker or "o"                # a line through one point draws nothing: an empty panel
     ax.plot(xs, ys, marker=marker, markersize=4 if marker else None)
     if log_y and min(ys) > 0 and max(ys) / min(ys) > 20:
         ax.set_yscale("log")                  # a loss falling over decades: linear would hide the tail

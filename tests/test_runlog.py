@@ -464,6 +464,20 @@ def test_one_evaluation_plots_on_sensible_axes(tmp_path):
         assert 98.63 < ax.get_ylim()[1] <= 100.5
 
 
+def test_a_loss_curve_of_one_point_shows_the_point(tmp_path):
+    """A run of one logged loss (pscnn train --train-limit 3200 --epochs 1: 50 updates, one step
+    record at --log-every 50) drew a line through one point, which is nothing: an empty panel
+    with axes from update 48 to 52 and no word of why; the point is drawn as a marker."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path, {}) as writer:
+        writer.log("step", step=50, loss=1.35)
+        writer.log("epoch", epoch=1, step=50, test_accuracy=0.822, seconds=0.29)
+    ax_loss = runlog._draw_learning_curves(figure.Figure, tmp_path).axes[0]
+    (line,) = ax_loss.lines
+    assert list(line.get_xdata()) == [50.0] and list(line.get_ydata()) == [1.35]
+    assert line.get_marker() not in (None, "None", "", " ") and line.get_markersize() > 0
+
+
 def test_accuracy_vs_time_of_a_distributed_run_is_on_the_training_clock(tmp_path):
     """The report's time to accuracy and summary.json's evaluations count from the first batch
     (train_seconds); the plot drew the eval records' run clock, from the server's start, the
