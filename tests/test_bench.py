@@ -357,6 +357,52 @@ def test_the_time_split_plots_labels_do_not_overlap(computes, batches, tmp_path,
     assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
 
 
+def _log_axis_labels(ax) -> list[str]:
+    """The labels a drawn log y axis shows, major and minor ticks, those inside the axes."""
+    low, high = ax.get_ylim()
+    return [label.get_text() for tick in ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+            for label in (tick.label1,) if tick.get_visible() and label.get_text() and low <= tick.get_loc() <= high]
+
+
+@pytest.mark.parametrize("latencies", [((0.55, 0.86, 0.24, 0.34), (1.99, 4.60, 0.70, 1.97)),    # under a decade
+                                       ((2.2, 2.8, 0.9, 1.2), (120.0, 150.0, 66.0, 120.0))])      # over two
+def test_the_latency_plot_writes_its_ticks_as_plain_milliseconds(latencies, tmp_path, monkeypatch):
+    """Over less than a decade (a 2-client run: 0.24-4.6 ms) every tick read as a power of ten,
+    "3x10^-1 ... 4x10^0": hard to read projected; the ticks are plain numbers, as few as before."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import pscnn.bench.server_bench as server_bench
+    figures = {}
+    monkeypatch.setattr(server_bench, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"clients": n, "pscnn_cycles_per_second": 1500.0, "echo_cycles_per_second": 4000.0,
+                "pscnn_latency_p50_ms": p50, "pscnn_latency_p99_ms": p99, "echo_latency_p50_ms": e50,
+                "echo_latency_p99_ms": e99} for n, (p50, p99, e50, e99) in zip((1, 4), latencies)]
+    server_bench.plot(summary, tmp_path)
+    fig = figures["server_capacity.png"]
+    fig.canvas.draw()
+    labels = _log_axis_labels(fig.axes[1])
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert 2 <= len(labels) <= 12, labels
+    assert all(re.fullmatch(r"[0-9,]+(\.[0-9]+)?", text) for text in labels), labels
+
+
+def test_the_synthetic_throughput_plot_writes_its_ticks_as_plain_numbers(tmp_path, monkeypatch):
+    """--compute-ms's throughput is on a log axis; its ticks read "10^4", or "6x10^3" within a decade."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import pscnn.bench.scaling as scaling
+    figures = {}
+    monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"mode": "async", "workers": n, "batch": 64, "compute_ms": 10.0, "oversubscribed": False,
+                "images_per_second": ips, "efficiency": 0.9, "baseline_images_per_second": 6400.0}
+               for n, ips in ((1, 3900.0), (2, 6900.0))]
+    scaling.plot(summary, tmp_path, ncores=2, synthetic=True)
+    fig = figures["scaling_throughput.png"]
+    fig.canvas.draw()
+    labels = _log_axis_labels(fig.axes[0])
+    plt.close("all")
+    assert 2 <= len(labels) <= 12, labels
+    assert all(re.fullmatch(r"[0-9,]+(\.[0-9]+)?", text) for text in labels), labels
+
+
 def test_parse_list_and_outputs(tmp_path):
     from pscnn.bench.common import parse_list, percentile, write_outputs
     assert parse_list("1, 2,4") == [1, 2, 4]

@@ -521,6 +521,24 @@ def pyplot():
         return None
 
 
+def plain_log_ticks(axis) -> None:
+    """Label a log ``axis`` (set to log first) as plain numbers: 0.6, 2, 1,000, not 6x10^-1.
+
+    The ticks matplotlib labels stay its own (a minor tick only over less than a decade), so a
+    range of decades is not crowded; only the wording changes: over less than a decade it wrote
+    every tick as a power of ten, "3x10^0, 4x10^0", hard to read across a room.
+    """
+    from matplotlib.ticker import LogFormatterSciNotation  # noqa: PLC0415  (only reached when pyplot() succeeded)
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            if not super().__call__(x, pos):      # a tick matplotlib leaves unlabelled
+                return ""
+            return f"{x:,.0f}" if x >= 1 and x == round(x) else f"{x:g}"
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write and close a matplotlib figure; returns ``path``."""
     import matplotlib.pyplot as plt  # noqa: PLC0415  (only reached when pyplot() succeeded)

@@ -39,8 +39,8 @@ from pscnn.cli import (DEFAULT_STALENESS, MEMORY_CHECK_HELP, MODES, _path, add_s
 from .common import (THROUGHPUT_LR, THROUGHPUT_MOMENTUM, BenchError, Interruption, OptionError, add_output_flags,
                      check_measured, check_mnist, check_out, check_server_flags, checking_options, cores, data_files,
                      description, fmt, fresh_output_folder, interrupted_status, machine_info, measurement_failures,
-                     median, on_a_free_port, parse_list, point_failed, print_table, print_written, process_failed,
-                     progress, pyplot, reference_limit, remove_if_empty, save_figure, write_outputs)
+                     median, on_a_free_port, parse_list, plain_log_ticks, point_failed, print_table, print_written,
+                     process_failed, progress, pyplot, reference_limit, remove_if_empty, save_figure, write_outputs)
 
 NAME = "scaling"
 # What a run writes into --out (the plots with matplotlib, without --no-plots), and the folder of
@@ -490,6 +490,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
                                              else " (dotted: model)"))
     if synthetic:                       # the ideal lines span orders of magnitude
         ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
     else:
         ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)

@@ -33,8 +33,8 @@ from .common import (MAX_BENCH_PEERS, BenchError, Interruption, OptionError, add
                      bench_peers, busy_fraction, check_measured, check_out, check_server_flags, checking_options, cores,
                      data_files, description, fmt, fresh_output_folder, interrupted_status, last_line,
                      machine_cpu_ticks, machine_info, measurement_failures, median, on_a_free_port, parse_list,
-                     percentile, point_failed, print_table, print_written, proc_cpu_seconds, process_failed, progress,
-                     pyplot, save_figure, server_failed, write_outputs)
+                     percentile, plain_log_ticks, point_failed, print_table, print_written, proc_cpu_seconds,
+                     process_failed, progress, pyplot, save_figure, server_failed, write_outputs)
 from .synth import CLIENTS_CYCLING, ECHO_LISTENING
 
 NAME = "server"
@@ -487,6 +487,7 @@ def plot(summary, out: Path) -> list[Path]:
                     label=f"{kind} p99")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
     ax.set_xticks(xs)
     ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("synthetic clients")
