@@ -205,6 +205,31 @@ def test_split_from_log_window_and_staleness(tmp_path):
     assert out["staleness_max"] == 2
 
 
+@pytest.mark.parametrize("trials", [1, 2])
+def test_tta_plot_gives_each_configuration_one_colour_in_both_panels(trials, tmp_path, monkeypatch):
+    """The bars were blue for sync and orange for every other mode while the curves took colours in
+    turn: orange was "sync N=2" on the left and async on the right, and ssp's bars were async's."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from matplotlib.colors import to_rgba
+
+    import pscnn.bench.tta as tta
+    figures = {}
+    monkeypatch.setattr(tta, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    configs = [(mode, n) for mode in ("sync", "async", "ssp") for n in (1, 2)]
+    summary = [{"mode": mode, "workers": n, "seconds_to_target": 10.0 * n} for mode, n in configs]
+    curves = {f"{mode} N={n}" + (f" t{t}" if trials > 1 else ""): [[0.0, 0, 0, 0.1], [10.0 * n, 640, 10, 0.95]]
+              for t in range(trials) for mode, n in configs}
+    tta.plot(summary, curves, tmp_path, target=0.9)
+    curves_ax, bars_ax = figures["time_to_accuracy.png"].axes
+    line_colours = {line.get_label(): to_rgba(line.get_color()) for line in curves_ax.lines}
+    bar_colours = [patch.get_facecolor() for patch in bars_ax.patches]
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert len(set(bar_colours)) == len(configs)
+    for (mode, n), bar in zip(configs, bar_colours):
+        for t in range(trials):
+            assert line_colours[f"{mode} N={n}" + (f" t{t}" if trials > 1 else "")] == bar, (mode, n, t)
+
+
 def test_tta_analysis_uses_version_times():
     from pscnn.bench.tta import analyse
     steps = [{"kind": "step", "seconds": 10.0 + v, "version": v, "samples": 64, "epoch": 0} for v in range(1, 21)]

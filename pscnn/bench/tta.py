@@ -363,10 +363,19 @@ def plot(summary, curves, out: Path, target: float) -> list[Path]:
     if plt is None:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), dpi=90)
+    # One colour per configuration, the same in both panels: the bars were blue for sync and orange
+    # for every other mode, while the curves took the colours in turn, so orange was "sync N=2"
+    # on the left and "async" on the right, and async and ssp bars looked alike.
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {f"{s['mode']} N={s['workers']}": cycle[i % len(cycle)] for i, s in enumerate(summary)}
+
+    def colour(label: str):
+        """The colour of a curve's configuration: its label is "MODE N=n", then " tT" with --trials."""
+        return colours.get(label) or colours.get(label.rsplit(" t", 1)[0])
     ax = axes[0]
     for label, curve in curves.items():
         if curve:
-            ax.plot([c[0] for c in curve], [c[3] for c in curve], ".-", label=label)
+            ax.plot([c[0] for c in curve], [c[3] for c in curve], ".-", label=label, color=colour(label))
     ax.axhline(target, color="0.3", ls="--", lw=1, label=f"target {target}")
     accs = [c[3] for cv in curves.values() for c in cv]
     if accs:
@@ -379,8 +388,7 @@ def plot(summary, curves, out: Path, target: float) -> list[Path]:
     ax = axes[1]
     labels = [f"{s['mode']}\nN={s['workers']}" for s in summary]
     vals = [s["seconds_to_target"] or 0.0 for s in summary]
-    bars = ax.bar(range(len(summary)), vals, color=["tab:blue" if s["mode"] == "sync" else "tab:orange"
-                                                    for s in summary])
+    bars = ax.bar(range(len(summary)), vals, color=[colours[f"{s['mode']} N={s['workers']}"] for s in summary])
     for b, s in zip(bars, summary):
         if s["seconds_to_target"] is None:
             ax.text(b.get_x() + b.get_width() / 2, 0, "not\nreached", ha="center", va="bottom", fontsize=7)
