@@ -704,9 +704,13 @@ def _draw_learning_curves(Figure, out_dir: Path):
 
     # Fixed margins instead of a layout engine: constrained layout costs more
     # than the drawing itself, and these figures have a known shape.
-    fig = Figure(figsize=(15, 4.2))
+    title = run_title(out_dir)
+    fig = Figure(figsize=(15, 4.6 if title else 4.2))
     ax_loss, ax_step, ax_time = fig.subplots(1, 3)
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13 * 4.2 / 4.6 if title else 0.13,
+                        top=0.85 if title else 0.92, wspace=0.22)
+    if title:
+        fig.suptitle(title, fontsize=11)
     _curve(ax_loss, loss, "update", "training loss", "Training loss", log_y=True)
     _curve(ax_step, acc_by_step, "update", "test accuracy (%)", "Test accuracy vs updates", marker="o",
            percent=True)
@@ -775,15 +779,20 @@ def _draw_confusion_matrix(Figure, out_dir: Path):
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"confusion_matrix in {summary_path} is not square: shape {cm.shape}")
     k = cm.shape[0]
-    fig = Figure(figsize=(1.6 + 0.62 * k, 0.9 + 0.62 * k))
+    title = run_title(out_dir)
+    height = 0.9 + 0.62 * k + (0.3 if title else 0.0)
+    fig = Figure(figsize=(1.6 + 0.62 * k, height))
     ax = fig.subplots()
-    fig.subplots_adjust(left=0.09, right=0.8, bottom=0.09, top=0.93)
+    top = 1 - (0.75 if title else 0.45) / height          # inches above the matrix: its title, the run's
+    fig.subplots_adjust(left=0.09, right=0.8, bottom=0.09, top=top)
+    if title:
+        fig.suptitle(title, fontsize=10)
     # Colour by row fraction, not raw count: classes differ in size, and the
     # question a confusion matrix answers is "where do class i's samples go".
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows != 0)
     image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
-    cax = fig.add_axes((0.83, 0.09, 0.025, 0.84))
+    cax = fig.add_axes((0.83, 0.09, 0.025, top - 0.09))
     fig.colorbar(image, cax=cax, label="fraction of the true class")
     for i in range(k):
         for j in range(k):
@@ -1037,10 +1046,38 @@ def _draw_timeline(Figure, out_dir: Path, max_workers: int = 16, cycles_shown: i
     return fig
 
 
-def _summary_field(out_dir: Path, key: str):
+def _summary(out_dir: Path) -> dict | None:
     try:
         with open(out_dir / SUMMARY_FILE, encoding="utf-8") as fh:
             summary = json.load(fh)
     except (OSError, ValueError):
         return None
-    return summary.get(key) if isinstance(summary, dict) else None
+    return summary if isinstance(summary, dict) else None
+
+
+def _summary_field(out_dir: Path, key: str):
+    summary = _summary(out_dir)
+    return summary.get(key) if summary is not None else None
+
+
+def run_title(out_dir: Path) -> str | None:
+    """Which run a plot is of, from its summary.json: ``async-run: mode async, 2 workers, model
+    light``, ``train2: pscnn train, model light``, then the status of a run that did not complete
+    (``diverged``, ``interrupted``).  Without it a sync and an async run's curves, shown side by
+    side, looked alike.  None where there is no summary.json to read."""
+    summary = _summary(out_dir)
+    if summary is None:
+        return None
+    mode, workers, model, status = (summary.get(key) for key in ("mode", "workers", "model", "status"))
+    if isinstance(mode, str):
+        bound = summary.get("staleness_bound")
+        parts = [f"mode {mode}" + (f" (staleness bound {bound})" if mode == "ssp" and is_number(bound) else "")]
+        if isinstance(workers, int):
+            parts.append(f"{workers} {for_count(workers, 'worker')}")
+    else:
+        parts = ["pscnn train"]
+    if isinstance(model, str):
+        parts.append(f"model {model}")
+    if isinstance(status, str) and status != "complete":
+        parts.append(status)
+    return f"{Path(out_dir).resolve().name}: " + ", ".join(parts)

@@ -478,6 +478,31 @@ def test_a_loss_curve_of_one_point_shows_the_point(tmp_path):
     assert line.get_marker() not in (None, "None", "", " ") and line.get_markersize() > 0
 
 
+@pytest.mark.parametrize("summary, title", [
+    ({"mode": "sync", "workers": 2, "model": "light", "status": "complete"}, "mode sync, 2 workers, model light"),
+    ({"mode": "ssp", "staleness_bound": 2, "workers": 1, "model": "seed", "status": "complete"},
+     "mode ssp (staleness bound 2), 1 worker, model seed"),
+    ({"model": "light", "status": "interrupted"}, "pscnn train, model light, interrupted"),
+])
+def test_the_curves_and_the_confusion_matrix_say_which_run_they_are_of(summary, title, tmp_path):
+    """A sync and an async run's learning_curves.png (or confusion_matrix.png), shown side by side,
+    looked alike: nothing on them named the run, its mode, workers or model, or that it was cut short."""
+    figure = pytest.importorskip("matplotlib.figure")
+    run = tmp_path / "run-a"
+    with RunWriter(run, {}) as writer:
+        writer.log("step", step=1, loss=2.0)
+        writer.log("eval", version=1, test_accuracy=0.5, seconds=0.1)
+        writer.write_summary({**summary, "test_accuracy": 0.5, "confusion_matrix": [[1, 1], [0, 2]]})
+    for draw in (runlog._draw_learning_curves, runlog._draw_confusion_matrix):
+        fig = draw(figure.Figure, run)
+        assert fig.get_suptitle() == f"run-a: {title}", draw.__name__
+        fig.canvas.draw()                   # the run's title and the axes' titles apart, inside the figure
+        height = fig.get_window_extent().height
+        suptitle = fig._suptitle.get_window_extent()
+        assert suptitle.y1 <= height and all(suptitle.y0 > ax.title.get_window_extent().y1 for ax in fig.axes
+                                             if ax.get_title()), draw.__name__
+
+
 def test_accuracy_vs_time_of_a_distributed_run_is_on_the_training_clock(tmp_path):
     """The report's time to accuracy and summary.json's evaluations count from the first batch
     (train_seconds); the plot drew the eval records' run clock, from the server's start, the
