@@ -321,6 +321,35 @@ def test_the_efficiency_plot_shows_every_point(tmp_path, monkeypatch):
     assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 1.35
 
 
+@pytest.mark.parametrize("synthetic", [True, False])
+def test_the_scaling_line_plots_legends_are_beside_their_lines_not_over_them(synthetic, tmp_path, monkeypatch):
+    """--compute-ms 2,10 --workers 1,2,4: the throughput legend's seven entries filled the upper
+    left corner, over the 2 ms ideal line at 1 and 2 workers; no corner is free of lines with
+    several series, so the legend is drawn right of the axes, inside the figure."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import pscnn.bench.scaling as scaling
+    figures = {}
+    monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    computes = (2.0, 10.0) if synthetic else (None,)
+    summary = [{"mode": mode, "workers": n, "batch": 64, "compute_ms": c, "oversubscribed": n > 2,
+                "images_per_second": 3000.0 * n, "efficiency": 0.5, "cpu_efficiency": 0.7,
+                "model_images_per_second": 3500.0 * n,
+                "baseline_images_per_second": 64000.0 / c if synthetic else 6400.0}
+               for c in computes for mode in ("sync", "async") for n in (1, 2, 4)]
+    scaling.plot(summary, tmp_path, ncores=2, synthetic=synthetic)
+    try:
+        for name in ("scaling_throughput.png", "scaling_efficiency.png"):
+            fig = figures[name]
+            fig.tight_layout()              # as save_figure does
+            fig.canvas.draw()
+            (ax,) = fig.axes
+            axes_box, legend_box = ax.get_window_extent(), ax.get_legend().get_window_extent()
+            assert legend_box.x0 >= axes_box.x1 and legend_box.x1 <= fig.get_window_extent().x1, name
+            assert axes_box.width / fig.dpi >= 5.0, name        # inches: the lines keep their room
+    finally:
+        plt.close("all")                # save_figure, which closes them, is replaced
+
+
 @pytest.mark.parametrize("synthetic, computes, batches, ideals", [
     (True, (2.0, 10.0), (64,), ["ideal: N x a worker that only sleeps 2 ms",
                                 "ideal: N x a worker that only sleeps 10 ms"]),

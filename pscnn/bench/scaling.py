@@ -437,6 +437,11 @@ def _label(mode, batch, c, synthetic, nb: int, overlap: bool = False) -> str:
     return text
 
 
+# inches: the throughput and efficiency plots' axes (as wide as before their legends moved beside
+# them) and the legend's column
+LINE_PLOT_WIDTH = 9.5
+
+
 def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
     plt = pyplot()
     if plt is None:
@@ -460,8 +465,13 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_xticks(sorted({s["workers"] for s in summary}))
         ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
 
+    def legend_beside(ax):
+        """The legend right of the axes, not in them: with several modes, batches or --compute-ms
+        there is no free corner, and it was drawn over the lines (a synthetic run's ideal lines)."""
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
     # ---- throughput vs workers, with the ideal linear line
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+    fig, ax = plt.subplots(figsize=(LINE_PLOT_WIDTH, 4.2), dpi=90)
     shade(ax)
     ideal_done = set()
     for i, ((mode, b, c), pts) in enumerate(series):
@@ -493,13 +503,13 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         plain_log_ticks(ax.yaxis)
     else:
         ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
+    legend_beside(ax)
     ax.grid(alpha=0.3)
     paths.append(save_figure(fig, out / THROUGHPUT_PLOT))
 
     # ---- efficiency
     if any(s.get("efficiency") is not None for s in summary):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+        fig, ax = plt.subplots(figsize=(LINE_PLOT_WIDTH, 4.2), dpi=90)
         shade(ax)
         for i, ((mode, b, c), pts) in enumerate(series):
             pts = [p for p in pts if p.get("efficiency") is not None]
@@ -521,7 +531,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         top = max(s.get(k) or 0.0 for s in summary for k in ("efficiency", "cpu_efficiency"))
         ax.set_ylim(0, max(1.15, 1.05 * top))
         ax.set_title("Scaling efficiency")
-        ax.legend(fontsize=7)
+        legend_beside(ax)
         ax.grid(alpha=0.3)
         paths.append(save_figure(fig, out / EFFICIENCY_PLOT))
 
