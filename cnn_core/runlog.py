@@ -728,7 +728,9 @@ def _curve(ax, points, xlabel, ylabel, title, marker=None, log_y=False, percent=
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if not points:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        # why: an interrupted pscnn train's first epoch, scored only at its end, said just "no data"
+        ax.text(0.5, 0.5, "no test evaluation in this run" if percent else "no training loss logged in this run",
+                ha="center", va="center", transform=ax.transAxes, color="gray")
         return
     xs, ys = zip(*sorted(points))
     if len(points) == 1:

@@ -503,6 +503,23 @@ def test_the_curves_and_the_confusion_matrix_say_which_run_they_are_of(summary, 
                                              if ax.get_title()), draw.__name__
 
 
+def test_a_panel_with_nothing_to_draw_says_what_the_run_did_not_log(tmp_path):
+    """pscnn train interrupted in its first epoch (scored only at an epoch's end) drew two accuracy
+    panels that said "no data"; they say there was no test evaluation, as the loss panel of a
+    run with no step record says no loss was logged."""
+    figure = pytest.importorskip("matplotlib.figure")
+    with RunWriter(tmp_path / "interrupted", {}) as writer:
+        writer.log("step", step=50, loss=1.3)
+        writer.log("step", step=100, loss=0.6)
+    fig = runlog._draw_learning_curves(figure.Figure, tmp_path / "interrupted")
+    assert [[t.get_text() for t in ax.texts] for ax in fig.axes] == [
+        [], ["no test evaluation in this run"], ["no test evaluation in this run"]]
+    with RunWriter(tmp_path / "unlogged", {}) as writer:
+        writer.log("epoch", epoch=1, step=10, test_accuracy=0.5, seconds=0.1)
+    loss_ax = runlog._draw_learning_curves(figure.Figure, tmp_path / "unlogged").axes[0]
+    assert [t.get_text() for t in loss_ax.texts] == ["no training loss logged in this run"]
+
+
 def test_accuracy_vs_time_of_a_distributed_run_is_on_the_training_clock(tmp_path):
     """The report's time to accuracy and summary.json's evaluations count from the first batch
     (train_seconds); the plot drew the eval records' run clock, from the server's start, the
