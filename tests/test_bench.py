@@ -230,6 +230,22 @@ def test_tta_plot_gives_each_configuration_one_colour_in_both_panels(trials, tmp
             assert line_colours[f"{mode} N={n}" + (f" t{t}" if trials > 1 else "")] == bar, (mode, n, t)
 
 
+def test_tta_plot_of_runs_none_of_which_reached_the_target_has_no_negative_seconds(tmp_path, monkeypatch):
+    """Every bar "not reached", all of height 0: the seconds axis ran from -0.05 to 0.05."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import pscnn.bench.tta as tta
+    figures = {}
+    monkeypatch.setattr(tta, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"mode": "async", "workers": n, "seconds_to_target": None} for n in (1, 2)]
+    curves = {f"async N={n}": [[0.0, 0, 0, 0.1], [0.5 * n, 640, 10, 0.6]] for n in (1, 2)}
+    tta.plot(summary, curves, tmp_path, target=0.99)
+    bars_ax = figures["time_to_accuracy.png"].axes[1]
+    limits, texts = bars_ax.get_ylim(), [t.get_text() for t in bars_ax.texts]
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert limits[0] == 0 and limits[1] > 0
+    assert texts == ["not\nreached", "not\nreached"]
+
+
 def test_tta_analysis_uses_version_times():
     from pscnn.bench.tta import analyse
     steps = [{"kind": "step", "seconds": 10.0 + v, "version": v, "samples": 64, "epoch": 0} for v in range(1, 21)]

@@ -394,6 +394,8 @@ def plot(summary, curves, out: Path, target: float) -> list[Path]:
             ax.text(b.get_x() + b.get_width() / 2, 0, "not\nreached", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(summary)))
     ax.set_xticklabels(labels, fontsize=7)
+    if not any(vals):                   # no run reached it: matplotlib centred the axis on 0, from -0.05 s
+        ax.set_ylim(0, 1)
     ax.set_ylabel(f"seconds to {target} test accuracy")
     ax.set_title("Time to accuracy")
     ax.grid(alpha=0.3, axis="y")
