@@ -337,6 +337,22 @@ def test_the_efficiency_plot_shows_every_point(tmp_path, monkeypatch):
     assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 1.35
 
 
+def test_the_throughput_plot_of_one_worker_count_shows_its_ideal(tmp_path, monkeypatch):
+    """--workers 1: the ideal, a dashed line through one point, drew nothing, though the legend named it."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import pscnn.bench.scaling as scaling
+    figures = {}
+    monkeypatch.setattr(scaling, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"mode": "sync", "workers": 1, "batch": 64, "compute_ms": None, "oversubscribed": False,
+                "images_per_second": 6165.0, "efficiency": 0.46, "baseline_images_per_second": 13479.0}]
+    scaling.plot(summary, tmp_path, ncores=2, synthetic=False)
+    (ideal,) = [line for line in figures["scaling_throughput.png"].axes[0].lines
+                if line.get_label().startswith("ideal")]
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert list(ideal.get_ydata()) == [13479.0]
+    assert ideal.get_marker() not in (None, "None", "", " ") and ideal.get_markersize() > 0
+
+
 @pytest.mark.parametrize("synthetic", [True, False])
 def test_the_scaling_line_plots_legends_are_beside_their_lines_not_over_them(synthetic, tmp_path, monkeypatch):
     """--compute-ms 2,10 --workers 1,2,4: the throughput legend's seven entries filled the upper

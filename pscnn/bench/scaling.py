@@ -490,6 +490,8 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
             # sleeps, one line per --compute-ms, each named (one unnamed grey line each, before)
             ideal = f"a worker that only sleeps {c:g} ms" if synthetic else "single process"
             ax.plot(ns, [n * base for n in ns], "--", color="0.4", lw=1,
+                    # one worker count: a dashed line through one point draws nothing
+                    marker="_" if len(ns) == 1 else None, markersize=16, markeredgewidth=2,
                     label=f"ideal: N x {ideal}" + (f" b{b}" if nb > 1 else ""))
         if pts[0].get("ddp_images_per_second") is not None and mode == "sync":
             ax.plot(xs, [p.get("ddp_images_per_second") for p in pts], "s-.", color="tab:purple",
