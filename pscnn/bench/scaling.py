@@ -542,8 +542,9 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
     if pts:
         labels = [f"{_label(p['mode'], p['batch'], p['compute_ms'], synthetic, nb, p.get('overlap'))}\nN={p['workers']}"
                   f"{'*' if p['oversubscribed'] else ''}" for p in pts]
-        # inches: room under each bar for its label (~0.05 in a character at 6 pt); upright past 16
-        width = len(pts) * (0.06 * max(len(line) for text in labels for line in text.split("\n")) + 0.15) + 1.5
+        # inches: room under each bar for its label (~0.08 in a character at 8 pt); upright past 16.
+        # 8 pt, not 6: 6 pt labels (7 pixels high at 90 dpi) could not be read projected.
+        width = len(pts) * (0.08 * max(len(line) for text in labels for line in text.split("\n")) + 0.15) + 1.5
         fig, ax = plt.subplots(figsize=(min(16.0, max(6.4, width)), 4.2), dpi=90)
         xs = list(range(len(pts)))
         bottom = [0.0] * len(pts)
@@ -554,7 +555,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
             ax.bar(xs, vals, bottom=bottom, color=col, label=name, width=0.7)
             bottom = [a + v for a, v in zip(bottom, vals)]
         ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=6, rotation=90 if width > 16.0 else 0)
+        ax.set_xticklabels(labels, fontsize=8, rotation=90 if width > 16.0 else 0)
         # a bar of several trials is the median of their windows' means, as the table's columns are
         several = any((p.get("trials") or 0) > 1 for p in pts)
         ax.set_ylabel("ms per step (window mean, median of trials)" if several
