@@ -246,6 +246,38 @@ def test_tta_plot_of_runs_none_of_which_reached_the_target_has_no_negative_secon
     assert texts == ["not\nreached", "not\nreached"]
 
 
+def test_each_bench_plot_says_what_it_measured_above_its_panels(tmp_path, monkeypatch):
+    """Shown alone, "Server capacity", "Throughput vs workers" or "Time to accuracy" said nothing of
+    the model, the batch, the mode or optimizer, or how many trials: only the terminal's table did."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from argparse import Namespace
+
+    import pscnn.bench.scaling as scaling
+    import pscnn.bench.server_bench as server_bench
+    import pscnn.bench.tta as tta
+    figures = {}
+    for module in (scaling, server_bench, tta):
+        monkeypatch.setattr(module, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    server_args = Namespace(model="light", mode="async", optimizer="sgd", trials=1)
+    server_bench.plot([{"clients": 1, "pscnn_cycles_per_second": 1439.0, "pscnn_latency_p50_ms": 0.55,
+                        "pscnn_latency_p99_ms": 0.86}], tmp_path, server_bench.setting(106792, server_args))
+    scaling_args = Namespace(model="light", compute_ms=None, batch="64", seconds=2.0, trials=1)
+    scaling.plot([{"mode": "sync", "workers": n, "batch": 64, "compute_ms": None, "oversubscribed": False,
+                   "images_per_second": 6000.0 * n, "efficiency": 0.5, "baseline_images_per_second": 12000.0,
+                   "step_compute_ms": 7.7, "comm_ms": 2.3, "wait_ms": 0.0} for n in (1, 2)],
+                 tmp_path, 2, False, scaling.setting(scaling_args, 2))
+    tta_args = Namespace(model="light", batch=64, test_limit=500, optimizer="auto", momentum=None, trials=1)
+    tta.plot([{"mode": "sync", "workers": 1, "seconds_to_target": 1.2}], {"sync N=1": [[0.0, 0, 0, 0.1], [1.2, 6400, 100, 0.93]]},
+             tmp_path, 0.9, tta.setting(tta_args, ["sync"]))
+    titles = {name: fig.get_suptitle() for name, fig in figures.items()}
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert titles["server_capacity.png"].startswith("light model, 0.11 MB each way; mode async, optimizer sgd; "
+                                                    "medians of 1 trial, ")
+    for name in ("scaling_throughput.png", "scaling_efficiency.png", "scaling_time_split.png"):
+        assert titles[name].startswith("model light, batch 64; 2 s windows, medians of 1 trial; 2 cores"), name
+    assert titles["time_to_accuracy.png"] == "model light, batch 64, 500 test images, optimizer auto: sgd for sync; 1 trial"
+
+
 def test_tta_analysis_uses_version_times():
     from pscnn.bench.tta import analyse
     steps = [{"kind": "step", "seconds": 10.0 + v, "version": v, "samples": 64, "epoch": 0} for v in range(1, 21)]

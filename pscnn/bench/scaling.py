@@ -208,7 +208,7 @@ def run(args) -> int:
     if stop.happened:
         return interrupted_status(NAME, len(rows), len(points) * args.trials, csv_path, json_path)
     check_measured(rows, csv_path)
-    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic),
+    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, ncores, synthetic, setting(args, ncores)),
                   [out / SUMMARY_FILE])
     return 0
 
@@ -442,10 +442,22 @@ def _label(mode, batch, c, synthetic, nb: int, overlap: bool = False) -> str:
 LINE_PLOT_WIDTH = 9.5
 
 
-def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
+def setting(args, ncores: int) -> str:
+    """What the plots measured, above each: shown alone, a figure said nothing of the model or batch."""
+    workers = f"synthetic workers (--compute-ms {args.compute_ms})" if args.compute_ms else f"model {args.model}"
+    return (f"{workers}, batch {args.batch}; {args.seconds:g} s windows, medians of {args.trials} "
+            f"{for_count(args.trials, 'trial')}; {ncores} cores")
+
+
+def plot(summary, out: Path, ncores: int, synthetic: bool, title: str = "") -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
+
+    def save(fig, name: str) -> Path:
+        if title:
+            fig.suptitle(title, fontsize=9)
+        return save_figure(fig, out / name)
     nb = len({s["batch"] for s in summary})
     maxn = max(s["workers"] for s in summary)
     logx = maxn >= 8
@@ -507,7 +519,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_ylim(bottom=0)
     legend_beside(ax)
     ax.grid(alpha=0.3)
-    paths.append(save_figure(fig, out / THROUGHPUT_PLOT))
+    paths.append(save(fig, THROUGHPUT_PLOT))
 
     # ---- efficiency
     if any(s.get("efficiency") is not None for s in summary):
@@ -535,7 +547,7 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_title("Scaling efficiency")
         legend_beside(ax)
         ax.grid(alpha=0.3)
-        paths.append(save_figure(fig, out / EFFICIENCY_PLOT))
+        paths.append(save(fig, EFFICIENCY_PLOT))
 
     # ---- per-step time split, stacked bars
     pts = [s for s in summary if s.get("comm_ms") is not None]
@@ -564,5 +576,5 @@ def plot(summary, out: Path, ncores: int, synthetic: bool) -> list[Path]:
         ax.set_ylim(0, max(bottom) * 1.25 if max(bottom) > 0 else 1)
         ax.legend(fontsize=7, ncol=3, loc="upper center")
         ax.grid(alpha=0.3, axis="y")
-        paths.append(save_figure(fig, out / TIME_SPLIT_PLOT))
+        paths.append(save(fig, TIME_SPLIT_PLOT))
     return paths

@@ -136,7 +136,7 @@ def run(args) -> int:
         print(f"\nserver profile ({args.profile} {for_count(args.profile, 'client')}, cProfile, top by own time):\n"
               f"{profile_text}")
     # (an earlier run's profile files were removed at the start: those there are this run's)
-    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out),
+    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, out, setting(meta["payload_bytes"], args)),
                   [path for path in (out / PROFILE_TEXT, out / PROFILE_DATA) if path.exists()])
     return 0
 
@@ -460,12 +460,20 @@ def report(summary, machine, payload, args) -> None:
                       f"left out: {s[f'{kind}_failed']} failed")
 
 
-def plot(summary, out: Path) -> list[Path]:
+def setting(payload, args) -> str:
+    """What the plot measured, above it: a figure shown alone said "Server capacity" of what."""
+    return (f"{args.model} model, {(payload or 0) / 1e6:.2f} MB each way; mode {args.mode}, optimizer {args.optimizer}; "
+            f"medians of {args.trials} {for_count(args.trials, 'trial')}, {cores()} cores")
+
+
+def plot(summary, out: Path, title: str = "") -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
     xs = [s["clients"] for s in summary]
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=90)
+    if title:
+        fig.suptitle(title, fontsize=9)
     ax = axes[0]
     ax.plot(xs, [s.get("pscnn_cycles_per_second") for s in summary], "o-", label="pscnn server (push + pull)")
     if any(s.get("echo_cycles_per_second") for s in summary):

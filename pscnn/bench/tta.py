@@ -126,7 +126,8 @@ def run(args) -> int:
     if failed:                          # a run whose processes failed measured nothing
         raise BenchError(f"{len(failed)} of {len(rows)} {for_count(len(rows), 'run')} failed (rows in {csv_path}); "
                          f"the first, {failed[0]['mode']} N={failed[0]['workers']}: {failed[0]['error']}")
-    print_written(csv_path, json_path, [] if args.no_plots else plot(summary, curves, out, args.target))
+    print_written(csv_path, json_path,
+                  [] if args.no_plots else plot(summary, curves, out, args.target, setting(args, modes)))
     return 0
 
 
@@ -358,11 +359,21 @@ def report(summary, args, machine) -> None:
               "trial, not the ratio of the seconds column's medians")
 
 
-def plot(summary, curves, out: Path, target: float) -> list[Path]:
+def setting(args, modes) -> str:
+    """What the plot measured, above it: shown alone, it said nothing of the model, data or optimizer."""
+    from cnn_core.data import MNIST_FILES  # noqa: PLC0415
+    test_images = MNIST_FILES["test-images"]["count"]
+    return (f"model {args.model}, batch {args.batch}, {min(args.test_limit or test_images, test_images):,} test images, "
+            f"{_optimizer_text(args, modes)}; {args.trials} {for_count(args.trials, 'trial')}")
+
+
+def plot(summary, curves, out: Path, target: float, title: str = "") -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), dpi=90)
+    if title:
+        fig.suptitle(title, fontsize=9)
     # One colour per configuration, the same in both panels: the bars were blue for sync and orange
     # for every other mode, while the curves took the colours in turn, so orange was "sync N=2"
     # on the left and "async" on the right, and async and ssp bars looked alike.
