@@ -278,6 +278,34 @@ def test_each_bench_plot_says_what_it_measured_above_its_panels(tmp_path, monkey
     assert titles["time_to_accuracy.png"] == "model light, batch 64, 500 test images, optimizer auto: sgd for sync; 1 trial"
 
 
+def test_tta_plot_zooms_on_the_accuracies_reached_not_the_untrained_models(tmp_path, monkeypatch):
+    """docs/img/time_to_accuracy_099.png: every run's first evaluation (the untrained model, 0.07)
+    set the axis' bottom, and the runs' 0.93-0.99, the part that says which reached 0.99 first,
+    were a few pixels at its top. The axis spans the later evaluations; a run that stays low
+    still sets it (as an async run stuck at 0.11 did). The legend, over the curves there, is beside them."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import pscnn.bench.tta as tta
+    figures = {}
+    monkeypatch.setattr(tta, "save_figure", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    summary = [{"mode": "sync", "workers": n, "seconds_to_target": None} for n in (1, 2)]
+    converging = {f"sync N={n}": [[0.0, 0, 0, 0.07], [12.0, 9000, 140, 0.93 + 0.02 * n], [60.0, 45000, 700, 0.985]]
+                  for n in (1, 2)}
+    tta.plot(summary, converging, tmp_path, target=0.99)
+    fig = figures.pop("time_to_accuracy.png")
+    zoomed = fig.axes[0].get_ylim()
+    fig.tight_layout()                  # as save_figure does
+    fig.canvas.draw()
+    # zoomed in, the curves fill every corner: the legend stands beside them, clear of the bars' panel
+    curves_box, legend_box = fig.axes[0].get_window_extent(), fig.axes[0].get_legend().get_window_extent()
+    assert curves_box.x1 <= legend_box.x0 and legend_box.x1 <= fig.axes[1].get_tightbbox().x0
+    stuck = {**converging, "sync N=2": [[0.0, 0, 0, 0.07], [12.0, 9000, 140, 0.11]]}
+    tta.plot(summary, stuck, tmp_path, target=0.99)
+    whole = figures["time_to_accuracy.png"].axes[0].get_ylim()
+    plt.close("all")                    # save_figure, which closes them, is replaced
+    assert 0.9 <= zoomed[0] <= 0.95 and zoomed[1] >= 0.99
+    assert whole[0] <= 0.11
+
+
 def test_tta_analysis_uses_version_times():
     from pscnn.bench.tta import analyse
     steps = [{"kind": "step", "seconds": 10.0 + v, "version": v, "samples": 64, "epoch": 0} for v in range(1, 21)]
