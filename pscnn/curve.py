@@ -298,10 +298,14 @@ def secure_client(sock, keys: ClientKeys | None) -> None:
 USER_ID = "User-Id"
 
 
-def sender_key(frame) -> str:
-    """The Z85 public key (text) whose holder sent ``frame``, a zmq.Frame received (copy=False) on a
-    CURVE server's socket: each connection's, as its handshake proved it."""
-    return frame.get(USER_ID)
+def sender_key(frames) -> str:
+    """The Z85 public key (text) whose holder sent ``frames``, a message a CURVE server's ROUTER received
+    (copy=False; the routing id first): each connection's, as its handshake proved it.
+
+    Read from the first frame past the routing id: libzmq before 4.3.5 (pyzmq 25's wheels, and the
+    pyzmq of a system libzmq 4.3.4) gave the routing id frame of a message polled first no metadata
+    at all, and reading it raised ZMQError (EINVAL)."""
+    return frames[1].get(USER_ID)
 
 
 class AuthorizedKeys:

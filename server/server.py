@@ -538,7 +538,7 @@ class ParameterServer:
         if msg.type == P.STATUS:
             self._send(rid, P.Message(P.STATUS, body={"progress": self.progress()}))
             return
-        key = curve.sender_key(frames[0]) if self.keys is not None else None
+        key = curve.sender_key(frames) if self.keys is not None else None
         if msg.type == P.HELLO:
             self._on_hello(rid, msg, now, key)
             return

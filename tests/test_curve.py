@@ -24,7 +24,7 @@ from pscnn import curve
 from pscnn import protocol as P
 from pscnn.cli import main
 from pscnn.launcher import LocalCluster, free_port, local_endpoint, make_run_keys, wait_for
-from test_server_robustness import Raw, grads_like, push_body
+from test_server_robustness import InProcess, Raw, grads_like, push_body
 from worker.client import Client, query_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -510,6 +510,33 @@ def test_a_worker_id_is_bound_to_the_curve_key_it_joined_with(tmp_path):
         for r in raws:
             r.close()
         cluster.close()
+
+
+def test_a_curve_server_reads_the_senders_key_past_the_routing_id(tmp_path, monkeypatch):
+    """libzmq before 4.3.5 (pyzmq 25, pyproject's floor) gives the routing id frame of a message
+    the server polled for no metadata: the server read the sender's key from it, got ZMQError, and
+    answered every authorized worker's hello with internal_error.  Here the routing id frame is
+    made as that libzmq gives it, whatever libzmq this machine has."""
+    keys = tmp_path / "keys"
+    curve.make_keys(keys, ["client-0"])
+    server = InProcess(tmp_path / "run", keys=str(keys / "server"))
+    raw = Raw(server.endpoint, keys=curve.client_keys(keys / "client-0"))
+    handle = server.srv._on_frames_guarded
+
+    def routing_id_without_metadata(frames):
+        bare = zmq.Frame(frames[0].bytes)
+        with pytest.raises(zmq.ZMQError):
+            bare.get(curve.USER_ID)
+        handle([bare, *frames[1:]])
+    monkeypatch.setattr(server.srv, "_on_frames_guarded", routing_id_without_metadata)
+    try:
+        reply = server.call(raw, P.HELLO, {"role": "trainer", "name": raw.wid})
+        assert reply.type == P.WELCOME, reply
+        assert server.srv.peers[raw.wid].key == curve.client_keys(keys / "client-0").public.decode()
+    finally:
+        raw.close()
+        server.srv._stop_curve()
+        server.close()
 
 
 def test_a_key_holder_connecting_under_a_trainers_worker_id_does_not_get_its_replies(tmp_path):
