@@ -578,14 +578,19 @@ def test_accuracy_values_close_together_are_not_written_over_each_other(tmp_path
         assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), (ax.get_title(), [t.get_text() for t in ax.texts])
 
 
-def test_make_plots_without_matplotlib_returns_empty(tmp_path, monkeypatch):
+def test_make_plots_without_matplotlib_returns_empty_and_says_why_in_one_line(tmp_path, monkeypatch, caplog):
+    """Without matplotlib (a plain `pip install pscnn`) the run folder lacked the plots the README
+    lists, and nothing at INFO said why."""
     run = make_run(tmp_path)
     # A None entry in sys.modules makes "import matplotlib..." raise ImportError.
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert make_plots(run) == []
+    with caplog.at_level(logging.INFO, logger="cnn_core.runlog"):
+        assert make_plots(run) == []
     assert not (run / "learning_curves.png").exists()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert said == ["no plots: matplotlib is not installed (install pscnn's plot extra)"], said
 
 
 def test_make_plots_never_raises(tmp_path, caplog):
