@@ -851,7 +851,9 @@ class BatchNorm2D(Layer):
         if not need_dx:
             return None, grads
         # dx = gamma*inv_std * (dout - mean(dout) - xhat * mean(dout*xhat)), means over (N,H,W)
-        m = dout.shape[0] * dout.shape[1] * dout.shape[2]
+        # of dout's dtype: numpy < 2 made float32 / a Python int >= 65536 float64 (a batch of 84 at 28x28),
+        # and dx, in float64, doubled the step's memory from here down
+        m = dout.dtype.type(dout.shape[0] * dout.shape[1] * dout.shape[2])
         dx = dout - grads["bias"] / m - xhat * (grads["weight"] / m)
         dx *= gamma * inv_std
         return dx, grads

@@ -787,6 +787,17 @@ def test_batchnorm_eval_uses_running_stats():
         layer.backward(np.ones_like(out), cache)
 
 
+def test_batchnorm_backward_keeps_float32_over_65536_values_per_channel():
+    """dx came back float64 under numpy < 2 (pyproject allows 1.24) once a channel held 65,536
+    values or more (here 84 images of 28x28): float32 / a Python int that large promoted to
+    float64, and the rest of the backward pass ran in float64 at twice the memory."""
+    layer = built(BatchNorm2D(), (28, 28, 1), dtype=np.float32)
+    x = np.random.default_rng(3).standard_normal((84, 28, 28, 1)).astype(np.float32)
+    out, cache = layer.forward(x, train=True)
+    dx, grads = layer.backward(np.ones_like(out), cache)
+    assert dx.dtype == np.float32 and {g.dtype for g in grads.values()} == {np.dtype(np.float32)}
+
+
 def test_batchnorm_refuses_any_negative_running_variance():
     layer = BatchNorm2D()
     assert "negative variance" in layer.state_problem("running_var", np.array([1.0, -1e-3]))
