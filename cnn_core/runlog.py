@@ -559,7 +559,7 @@ def make_plots(out_dir) -> list[Path]:
         from matplotlib.figure import Figure  # noqa: PLC0415  (optional dependency)
     except ImportError:
         # one line, or a run folder short of the plots the README lists would leave the user guessing why
-        log.info("no plots: matplotlib is not installed (install pscnn's plot extra)")
+        log.info("no plots: matplotlib is not installed (pip install matplotlib, pscnn's plot extra)")
         return []
     except Exception as exc:  # noqa: BLE001  (a broken install must not fail the run)
         log.warning("matplotlib cannot be imported (%s: %s); no plots", type(exc).__name__, exc)

@@ -1582,7 +1582,7 @@ def test_the_last_line_names_only_the_plots_this_run_made(tmp_path, monkeypatch,
         m.setitem(sys.modules, "matplotlib", None)           # not installed: its import fails
         assert main([*argv, "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "matplotlib is not installed; no plots" in captured.err
+    assert "matplotlib is not installed; no plots (pip install matplotlib, pscnn's plot extra)" in captured.err
     assert captured.out.strip().splitlines()[-1] == \
         f"wrote {out / 'scaling.csv'}, {out / 'scaling.json'}, scaling-summary.json"
     assert not list(out.glob("*.png"))

@@ -590,7 +590,7 @@ def test_make_plots_without_matplotlib_returns_empty_and_says_why_in_one_line(tm
         assert make_plots(run) == []
     assert not (run / "learning_curves.png").exists()
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
-    assert said == ["no plots: matplotlib is not installed (install pscnn's plot extra)"], said
+    assert said == ["no plots: matplotlib is not installed (pip install matplotlib, pscnn's plot extra)"], said
 
 
 def test_make_plots_never_raises(tmp_path, caplog):

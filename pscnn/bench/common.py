@@ -517,7 +517,8 @@ def pyplot():
         import matplotlib.pyplot as plt  # noqa: PLC0415
         return plt
     except ImportError:
-        print("pscnn bench: matplotlib is not installed; no plots (pip install matplotlib)", file=sys.stderr)
+        print("pscnn bench: matplotlib is not installed; no plots (pip install matplotlib, pscnn's plot extra)",
+              file=sys.stderr)
         return None
 
 
