@@ -52,6 +52,7 @@ __all__ = [
     "read_idx",
     "download_file",
     "download_mnist",
+    "download_from_args",
     "default_cache_dir",
     "resolve_mnist_dir",
     "load_mnist",
@@ -621,6 +622,13 @@ def download_mnist(
         download_file([base + info["filename"] for base in bases], dest, info["md5"],
                       retries=retries, timeout=timeout, progress=progress, backoff=backoff, size=_content_size(info))
     return folder
+
+
+def download_from_args(args) -> int:
+    """``pscnn download``: fetch and verify MNIST, and print its folder, absolute: what it prints is
+    for MNIST_DIR, read from other folders too."""
+    print(download_mnist(args.dir, progress=not args.no_progress).absolute())
+    return 0
 
 
 def _content_size(info: dict) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import difflib
+import importlib
 import ipaddress
 import json
 import logging
@@ -1219,51 +1220,37 @@ def _ignore_stop_signals_at_exit() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+# Each command's entry point, (module, function): imported only for the command run (numpy and
+# ZeroMQ are a second of the start), and called with the parsed flags.
+COMMANDS = {
+    "train": ("cnn_core.training", "train_from_args"),
+    "server": ("server.server", "serve_from_args"),
+    "worker": ("worker.trainer", "run_trainer_from_args"),
+    "evaluator": ("worker.evaluator", "run_evaluator_from_args"),
+    "run": ("pscnn.launcher", "run_from_args"),
+    "download": ("cnn_core.data", "download_from_args"),
+    "status": ("worker.client", "status_from_args"),
+    "keys": ("pscnn.curve", "keys_from_args"),
+    "bench": ("pscnn.bench", "run_bench_from_args"),
+}
+LOGGING_COMMANDS = ("train", "server", "worker", "evaluator", "run")     # log lines, at --log-level
+
+
 def _dispatch(args) -> int:
     from cnn_core.backend import tune_host_allocator  # noqa: PLC0415
     tune_host_allocator()
     cmd = args.command
-    if cmd == "train":
-        setup_logging(args.log_level, "train")
-        from cnn_core.training import train_from_args  # noqa: PLC0415
+    if cmd not in COMMANDS:
+        raise CliError(f"unknown command {cmd!r}")
+    if cmd in LOGGING_COMMANDS:
+        setup_logging(args.log_level, cmd)
+    module, function = COMMANDS[cmd]
+    entry = getattr(importlib.import_module(module), function)
+    # A stop lost while the entry point's modules loaded is taken up here, before the command works.
+    # The server, workers and evaluator take theirs up where they start serving or connect.
+    if cmd not in STOPPED_WITH_SUCCESS:
         raise_lost_stop(cmd)
-        return train_from_args(args)
-    if cmd == "server":
-        setup_logging(args.log_level, "server")
-        from server.server import serve_from_args  # noqa: PLC0415
-        return serve_from_args(args)
-    if cmd == "worker":
-        setup_logging(args.log_level, "worker")
-        from worker.trainer import run_trainer_from_args  # noqa: PLC0415
-        return run_trainer_from_args(args)
-    if cmd == "evaluator":
-        setup_logging(args.log_level, "evaluator")
-        from worker.evaluator import run_evaluator_from_args  # noqa: PLC0415
-        return run_evaluator_from_args(args)
-    if cmd == "run":
-        setup_logging(args.log_level, "run")
-        from pscnn.launcher import run_from_args  # noqa: PLC0415
-        raise_lost_stop(cmd)
-        return run_from_args(args)
-    if cmd == "download":
-        from cnn_core.data import download_mnist  # noqa: PLC0415
-        raise_lost_stop(cmd)
-        # Absolute: what it prints is for MNIST_DIR, read from other folders too.
-        print(download_mnist(args.dir, progress=not args.no_progress).absolute())
-        return 0
-    if cmd == "status":
-        from worker.client import status_from_args  # noqa: PLC0415
-        raise_lost_stop(cmd)
-        return status_from_args(args)
-    if cmd == "keys":
-        from pscnn.curve import keys_from_args  # noqa: PLC0415
-        raise_lost_stop(cmd)
-        return keys_from_args(args)
-    if cmd == "bench":
-        from pscnn.bench import run_bench_from_args  # noqa: PLC0415
-        raise_lost_stop(cmd)
-        return run_bench_from_args(args)
-    raise CliError(f"unknown command {cmd!r}")
+    return entry(args)
 
 
 if __name__ == "__main__":

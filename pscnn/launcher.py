@@ -36,7 +36,7 @@ from cnn_core.memory import check_memory_fits
 from cnn_core.training import classes_scored, format_number, per_class_text
 from pscnn import curve
 from pscnn.cli import STOP_SIGNALS, ignored_signal, interrupt_noted, raise_lost_stop
-from pscnn.protocol import one_line
+from pscnn.protocol import one_line, tcp_address
 from server.config import config_from_args
 from server.resume import (CHECKPOINT_NAME, checkpoint_version, resume_advice, summary_after_checkpoint,
                            unfinished_run_warning)
@@ -203,7 +203,7 @@ class LocalCluster:
                                   f"(see {self.logs / f'{name}.log'})")
             time.sleep(0.02)
         if told.exists():
-            self.port = int(told.read_text().strip().rpartition(":")[2])
+            self.port = int(tcp_address(told.read_text().strip())[1])
             self.endpoint = local_endpoint(self.port)
             told.unlink()
         return proc

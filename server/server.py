@@ -327,8 +327,8 @@ class ParameterServer:
         configure_router(self.sock, P.max_frame_bytes(self.store.push_bytes), self.cfg.peer_timeout)
         try:
             P.bind(self.sock, self.cfg.bind)
-            port = self.cfg.bind.rpartition(":")[2]
-            if self.cfg.bind.startswith("tcp://") and port.isdigit() and int(port) == 0:
+            address = P.tcp_address(self.cfg.bind)
+            if address is not None and int(address[1]) == 0:
                 # the port it got, in its log line and config.json ("the address it listened on")
                 self.cfg = replace(self.cfg, bind=self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
             if self.endpoint_file is not None:
